@@ -1,7 +1,7 @@
 """Evaluation for codelm: the field's code metrics as published, and models compared side by side.
 
 Metrics take lists of strings (predictions, references). Tasks (``--tasks``): lm, line,
-completion, method, docstring, refactor, and pass@k (samples run in ``sandbox.py``) on passk's
+completion, method, docstring, refactor, and pass@k (samples run in ``codelm.sandbox``) on passk's
 problems or HumanEval as bigcode-evaluation-harness runs it. Every model of
 ``--models`` is scored on the same examples; results are written after each model, so the same
 command with the same ``--out-dir`` resumes. ``--prompt TEXT`` streams each model's completion.
@@ -56,7 +56,7 @@ from codelm.models.generation import (
 from codelm.runs import checkpoint, rundir
 from codelm.runtime import hub, process, settings
 from codelm.runtime.process import progress_bar
-from sandbox import (
+from codelm.sandbox.runner import (
     MIN_MEMORY_MB,
     SandboxConfig,
     SandboxResult,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sacrebleu  # noqa: E402
 
 import eval as ev  # noqa: E402
-from sandbox import SandboxConfig, run_python  # noqa: E402
+from codelm.sandbox.runner import SandboxConfig, run_python  # noqa: E402
 
 
 def _pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:

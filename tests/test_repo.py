@@ -126,12 +126,14 @@ TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokeni
                                      "codelm.tokenization.source")
 BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
 GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
+BOOTSTRAP, RUNNER, SANDBOX_COMMAND = ("codelm.sandbox.bootstrap", "codelm.sandbox.runner",
+                                      "codelm.sandbox.__main__")
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 BELOW_FLOOR_3 = TOKENIZATION | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
     "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record", "plan", "build",
-    "finish", "sandbox", GGUF_WRITER}
+    "finish", BOOTSTRAP, RUNNER, GGUF_WRITER}
 MAY_IMPORT = {
     PROCESS: set(),
     SETTINGS: set(),
@@ -172,7 +174,9 @@ MAY_IMPORT = {
               "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
     "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, "pretrained", "lora", GGUF_WRITER,
                "dataset", GENERATION, "tokenizer", "trainer", "record", "build"},
-    "sandbox": {PROCESS, SETTINGS},
+    BOOTSTRAP: set(),
+    RUNNER: {PROCESS, BOOTSTRAP},
+    SANDBOX_COMMAND: {PROCESS, SETTINGS, RUNNER},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},
     "hyperparam_tune": {PROCESS, SETTINGS, RUNDIR, "trainingmanager"},
@@ -376,7 +380,10 @@ def test_the_package_installs_every_top_level_module():
 
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
            "scraping/__main__.py", "tokenizer.py", "architecture.py", "pretrained.py", "lora.py",
-           "sandbox.py", "codelm/gguf/__main__.py"]
+           "codelm/sandbox/__main__.py", "codelm/gguf/__main__.py"]
+# Run as a script but no command: the program each sandboxed run starts, isolated (-I -S -B),
+# which imports the standard library alone (tests/test_sandbox.py)
+SANDBOX_BOOTSTRAP = "codelm/sandbox/bootstrap.py"
 
 
 def test_every_script_guards_its_start_up_and_runs_main_through_process():
@@ -385,7 +392,7 @@ def test_every_script_guards_its_start_up_and_runs_main_through_process():
     found = [*ROOT.glob("*.py"), *ROOT.glob("scraping/*.py"), *ROOT.glob("codelm/**/*.py")]
     scripts = {p.relative_to(ROOT).as_posix() for p in found
                if 'if __name__ == "__main__":' in p.read_text()}
-    assert scripts == set(SCRIPTS)
+    assert scripts == {*SCRIPTS, SANDBOX_BOOTSTRAP}
     for script in SCRIPTS:
         body = ast.parse((ROOT / script).read_text()).body
         body = body[1:] if isinstance(body[0], ast.Expr) else body  # the docstring
@@ -408,7 +415,7 @@ MISTAKES = [
     ("codelm/gguf/__main__.py RUN out.gguf --outtype q4", "invalid choice: 'q4'"),
     ("pretrained.py x", "required: out"),
     ("lora.py adapter out --dtype", "--dtype: expected one argument"),
-    ("sandbox.py --timeout-s soon", "invalid float value: 'soon'"),
+    ("codelm/sandbox/__main__.py --timeout-s soon", "invalid float value: 'soon'"),
 ]
 
 

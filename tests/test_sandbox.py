@@ -1,7 +1,8 @@
-"""sandbox.py: limits hold, nothing escapes the working directory, the evaluator survives."""
+"""codelm.sandbox: limits hold, nothing escapes the working directory, the evaluator survives."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -19,18 +20,26 @@ from types import SimpleNamespace
 import pytest
 from procs import exited
 
-import sandbox
-from sandbox import (
-    SandboxConfig,
-    TrustedTest,
-    kill_running,
-    plain_decode,
-    plain_encode,
-    run_python,
-)
+from codelm.sandbox import __main__ as command
+from codelm.sandbox import bootstrap, runner
+from codelm.sandbox.bootstrap import plain_decode, plain_encode
+from codelm.sandbox.runner import SandboxConfig, TrustedTest, kill_running, run_python
 
 FAST = SandboxConfig(timeout_s=3.0, memory_mb=256)
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_bootstrap_imports_the_standard_library_alone():
+    """A run starts the bootstrap isolated (-I -S -B) from its control directory, where neither
+    the project nor site-packages is on the path: every import in it, at any depth, is the
+    standard library's."""
+    tree = ast.parse(runner.BOOTSTRAP.read_text())
+    imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert all(getattr(node, "level", 0) == 0 for node in imports)
+    names = {alias.name if isinstance(node, ast.Import) else node.module
+             for node in imports for alias in node.names}
+    outside = {name for name in names if name.split(".")[0] not in sys.stdlib_module_names}
+    assert names and not outside, sorted(outside)
 
 
 def test_plain_program_passes_and_output_is_captured():
@@ -227,10 +236,10 @@ def _evaluate_elsewhere(sources: list[str], landlock_cap: int) -> list[str]:
     an older kernel. The evaluator must survive them all."""
     script = (
         "import json, sys\n"
-        "import sandbox\n"
-        f"sandbox._LANDLOCK_ABI_CAP = {landlock_cap}\n"
+        "from codelm.sandbox import runner\n"
+        f"runner._LANDLOCK_ABI_CAP = {landlock_cap}\n"
         "for source in json.loads(sys.argv[1]):\n"
-        "    r = sandbox.run_python(source, sandbox.SandboxConfig(timeout_s=3.0, memory_mb=256))\n"
+        "    r = runner.run_python(source, runner.SandboxConfig(timeout_s=3.0, memory_mb=256))\n"
         "    print(r.status, (r.stderr.strip().splitlines() or [''])[-1], flush=True)\n"
     )
     evaluator = subprocess.run([sys.executable, "-c", script, json.dumps(sources)], cwd=ROOT,
@@ -274,9 +283,10 @@ def _filter_alone(probe: str) -> list[str]:
     """The output of ``probe`` run under the bootstrap's seccomp filter alone (no audit hook,
     no limits) in a plain child process; ``OTHER`` is this process's pid, ``attempt(name, f)``
     prints whether ``f()`` was allowed or refused."""
-    definitions = sandbox._BOOTSTRAP[: sandbox._BOOTSTRAP.rindex("EXIT_MEMORY =")]
-    program = definitions + textwrap.dedent("""
-        import ctypes
+    program = textwrap.dedent(f"""
+        import ctypes, os, resource, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from codelm.sandbox.bootstrap import _seccomp
         if not _seccomp(ctypes, ctypes.CDLL(None)):
             sys.exit(77)
         OTHER = int(sys.argv[1])
@@ -357,17 +367,23 @@ def test_kernel_filter_allows_threads_but_no_process_program_or_network():
                      "exec refused"]
 
 
-def _without_guard(monkeypatch) -> None:
-    """Runs as if the sample had defeated the audit hook wholesale: the hook is never installed."""
+def _without_guard(monkeypatch, tmp_path: Path) -> None:
+    """Runs as if the sample had defeated the audit hook wholesale: the hook is never installed
+    (runs start a copy of the bootstrap without the line that installs it)."""
     hooked = "    sys.addaudithook(guard)\n"
-    assert hooked in sandbox._BOOTSTRAP
-    monkeypatch.setattr(sandbox, "_BOOTSTRAP", sandbox._BOOTSTRAP.replace(hooked, ""))
+    source = runner.BOOTSTRAP.read_text()
+    assert source.count(hooked) == 1
+    hookless = tmp_path / "hookless" / "bootstrap.py"
+    hookless.parent.mkdir()
+    hookless.write_text(source.replace(hooked, ""))
+    monkeypatch.setattr(runner, "BOOTSTRAP", hookless)
 
 
-def test_kernel_refuses_processes_network_memfd_and_limits_when_the_hook_is_fooled(monkeypatch):
+def test_kernel_refuses_processes_network_memfd_and_limits_when_the_hook_is_fooled(tmp_path,
+                                                                                     monkeypatch):
     if not run_python("pass", FAST).seccomp:
         pytest.skip("no seccomp filter on this machine; only the in-process guard is active")
-    _without_guard(monkeypatch)
+    _without_guard(monkeypatch, tmp_path)
     program = textwrap.dedent("""
         import _imp, importlib.util, os, resource, socket, sys
         posix = _imp.create_builtin(importlib.util.find_spec('posix'))  # the original memfd
@@ -394,7 +410,7 @@ def test_kernel_refuses_processes_network_memfd_and_limits_when_the_hook_is_fool
     result = run_python(program, FAST)
     assert result.passed, result.stderr
     assert result.stdout.splitlines() == [f"{name} refused" for name in (
-        "fork", "udp", "memfd", "setrlimit", "exec")] + [f"fds {(sandbox.MAX_FDS,) * 2}"]
+        "fork", "udp", "memfd", "setrlimit", "exec")] + [f"fds {(bootstrap.MAX_FDS,) * 2}"]
 
 
 @pytest.mark.parametrize("module", ["_posixsubprocess", "_ctypes"])
@@ -420,7 +436,7 @@ def test_a_root_evaluators_sample_runs_unprivileged():
         pytest.skip("the evaluator is not root: its samples run as its own user")
     result = run_python("import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n", FAST)
     assert result.passed, result.stderr
-    assert result.stdout == f"{sandbox.SAMPLE_UID} {sandbox.SAMPLE_GID} []\n"
+    assert result.stdout == f"{runner.SAMPLE_UID} {runner.SAMPLE_GID} []\n"
     assert result.capabilities == 0  # effective, permitted, inheritable, bounding and ambient
 
 
@@ -441,9 +457,9 @@ def test_evaluators_environment_is_out_of_reach_when_the_hook_is_fooled(landlock
     )
     script = (
         "import ctypes, sys\n"
-        "import sandbox\n"
-        f"sandbox._LANDLOCK_ABI_CAP = {landlock_cap}\n"
-        f"r = sandbox.run_python({sample!r}, sandbox.SandboxConfig(timeout_s=3.0))\n"
+        "from codelm.sandbox import runner\n"
+        f"runner._LANDLOCK_ABI_CAP = {landlock_cap}\n"
+        f"r = runner.run_python({sample!r}, runner.SandboxConfig(timeout_s=3.0))\n"
         "print(r.status, r.stdout, r.stderr)\n"
         "print('dumpable', ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))\n"  # PR_GET_DUMPABLE
     )
@@ -465,18 +481,18 @@ def test_a_non_root_evaluator_is_undumpable_from_its_first_run_on(monkeypatch):
         prctl=lambda *args: calls.append(args)))
     for euid, expected in ((0, []), (1000, [(4, 0, 0, 0, 0)])):
         monkeypatch.setattr(os, "geteuid", lambda euid=euid: euid)
-        sandbox._hide_evaluator.cache_clear()
-        sandbox._hide_evaluator()
-        sandbox._hide_evaluator()  # once per process
+        runner._hide_evaluator.cache_clear()
+        runner._hide_evaluator()
+        runner._hide_evaluator()  # once per process
         assert calls == expected
-    sandbox._hide_evaluator.cache_clear()
+    runner._hide_evaluator.cache_clear()
 
 
 def test_disk_use_of_a_directory_removed_meanwhile_is_nothing(tmp_path):
     """A sample may remove a directory while it is measured: that part holds nothing, no error."""
     (tmp_path / "kept").write_bytes(bytes(5000))
-    assert sandbox._disk_use(tmp_path / "gone", 10) == (0, 0)
-    used, entries = sandbox._disk_use(tmp_path, 10)
+    assert runner._disk_use(tmp_path / "gone", 10) == (0, 0)
+    used, entries = runner._disk_use(tmp_path, 10)
     assert entries == 1 and used >= 5000
 
 
@@ -533,7 +549,7 @@ def test_completion_token_is_in_no_frame_the_program_runs_beneath():
 def test_without_landlock_c_level_writers_stay_inside(tmp_path, monkeypatch, attempt):
     # The documented fallback (no Landlock: old kernels, gVisor, seccomp profiles): only the
     # audit hook guards, and these write from C without an open() it sees.
-    monkeypatch.setattr(sandbox, "_LANDLOCK_ABI_CAP", 0)
+    monkeypatch.setattr(runner, "_LANDLOCK_ABI_CAP", 0)
     result = run_python(f"TARGET = {str(tmp_path / 'outside')!r}\n{attempt}", FAST)
     assert not result.landlock and result.status == "failed", result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -541,7 +557,7 @@ def test_without_landlock_c_level_writers_stay_inside(tmp_path, monkeypatch, att
 
 @pytest.mark.parametrize("landlock_cap", [None, 0])
 def test_c_level_writers_work_inside_the_working_directory(monkeypatch, landlock_cap):
-    monkeypatch.setattr(sandbox, "_LANDLOCK_ABI_CAP", landlock_cap)
+    monkeypatch.setattr(runner, "_LANDLOCK_ABI_CAP", landlock_cap)
     program = (
         "import dbm, os, sqlite3\n"
         "c = sqlite3.connect('a.db')\n"
@@ -568,8 +584,8 @@ def test_sample_dies_with_its_evaluator_and_a_later_run_removes_its_directory(mo
     # sample with it, and the directory it could not remove goes at the next evaluator's run.
     run = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)"
     evaluator = subprocess.Popen(
-        [sys.executable, "-c", f"import sandbox\nsandbox.run_python({run!r}, "
-         "sandbox.SandboxConfig(timeout_s=60))"], cwd=ROOT)
+        [sys.executable, "-c", f"from codelm.sandbox import runner\nrunner.run_python({run!r}, "
+         "runner.SandboxConfig(timeout_s=60))"], cwd=ROOT)
     sample = directory = None
     try:
         deadline = time.monotonic() + 10
@@ -591,7 +607,7 @@ def test_sample_dies_with_its_evaluator_and_a_later_run_removes_its_directory(mo
         if sample is not None and not exited(sample):
             os.kill(sample, signal.SIGKILL)
     assert directory.exists()
-    sandbox._remove_dead_runs.cache_clear()  # as in a new evaluator process
+    runner._remove_dead_runs.cache_clear()  # as in a new evaluator process
     assert run_python("pass", FAST).passed
     assert not directory.exists()
 
@@ -607,7 +623,7 @@ def test_the_samples_own_limits_are_the_configs():
     assert result.passed, result.stderr
     assert result.stdout.splitlines() == [
         "CPU 4 5", f"AS {200 * 2**20} {200 * 2**20}", f"FSIZE {3 * 2**20} {3 * 2**20}",
-        "CORE 0 0", f"NOFILE {sandbox.MAX_FDS} {sandbox.MAX_FDS}"]
+        "CORE 0 0", f"NOFILE {bootstrap.MAX_FDS} {bootstrap.MAX_FDS}"]
 
 
 def test_a_sample_its_cpu_limit_stops_is_a_timeout():
@@ -658,7 +674,7 @@ def test_the_sample_runs_as_main_with_only_its_own_argv():
 def test_a_working_directory_the_evaluator_cannot_list_is_over_budget(monkeypatch):
     """A sample of a non-root evaluator can make part of its directory unreadable to it: what
     cannot be measured is not allowed to grow (status disk), rather than escaping the budget."""
-    monkeypatch.setattr(sandbox, "_disk_use", lambda directory, max_files: None)
+    monkeypatch.setattr(runner, "_disk_use", lambda directory, max_files: None)
     result = run_python("import time\ntime.sleep(30)", FAST)
     assert result.status == "disk" and result.duration_s < 2.0
 
@@ -683,30 +699,30 @@ def test_max_files_is_the_number_of_entries_allowed():
 
 def test_a_memory_error_the_program_left_uncaught_exits_with_exit_memory():
     result = run_python("x = bytearray(10 ** 11)", SandboxConfig(timeout_s=10.0, memory_mb=256))
-    assert result.status == "memory" and result.returncode == sandbox.EXIT_MEMORY
+    assert result.status == "memory" and result.returncode == bootstrap.EXIT_MEMORY
 
 
 def test_cli_runs_a_file_and_says_how_it_ended(tmp_path, capsys):
-    """`python sandbox.py FILE`: the program's output, then one status line; exit 0 only if it
+    """`python -m codelm.sandbox FILE`: the program's output, then one status line; exit 0 only if it
     passed; a write outside its directory fails it and leaves nothing there."""
     ok = tmp_path / "ok.py"
     ok.write_text("print(sum(range(10)))\n")
-    assert sandbox.main([str(ok)]) == 0
+    assert command.main([str(ok)]) == 0
     out, err = capsys.readouterr()
     assert out == "45\n" and re.fullmatch(r"sandbox: passed \(exit code 0\) in [\d.]+ s; .+\n", err)
     outside = tmp_path / "outside.txt"
     bad = tmp_path / "bad.py"
     bad.write_text(f"open({str(outside)!r}, 'w').write('x')\n")
-    assert sandbox.main([str(bad), "--timeout-s", "10"]) == 1
+    assert command.main([str(bad), "--timeout-s", "10"]) == 1
     err = capsys.readouterr().err
     assert "PermissionError" in err and "sandbox: failed (exit code 1)" in err
     assert re.search(r" s, not run to its end; [a-z, ]+\n\Z", err)
     assert not outside.exists()
-    assert sandbox.main([str(ok), "--timeout-s", "0"]) == 2
+    assert command.main([str(ok), "--timeout-s", "0"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert all(w in err for w in ("--timeout-s 0.0", "positive number of seconds")), err
-    assert sandbox.main([str(tmp_path / "none.py")]) == 2
+    assert command.main([str(tmp_path / "none.py")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert f"{tmp_path / 'none.py'}: No such file" in err, err
@@ -722,7 +738,7 @@ def test_cli_refuses_limits_no_program_could_run_under_and_a_non_utf8_file(tmp_p
     latin1 = tmp_path / "latin1.py"
     latin1.write_bytes(b"x = '\xe9'\n")
     for args, error in [
-        ([str(ok), "--memory-mb", "8"], f"--memory-mb 8: must be >= {sandbox.MIN_MEMORY_MB}: a "
+        ([str(ok), "--memory-mb", "8"], f"--memory-mb 8: must be >= {runner.MIN_MEMORY_MB}: a "
                                          "Python interpreter needs that much"),
         ([str(ok), "--timeout-s", "inf"], "--timeout-s inf: must be a positive number of seconds"),
         ([str(ok), "--file-mb", "0"], "--file-mb 0: must be >= 1: stderr is a file too, every "
@@ -732,7 +748,7 @@ def test_cli_refuses_limits_no_program_could_run_under_and_a_non_utf8_file(tmp_p
         ([str(ok), "--max-files", "-1"], "--max-files -1: must be >= 0"),
         ([str(latin1)], f"{latin1}: not UTF-8 text (invalid continuation byte)"),
     ]:
-        assert sandbox.main(args) == 2
+        assert command.main(args) == 2
         assert capsys.readouterr() == ("", f"error: {error}\n")
 
 
@@ -747,7 +763,7 @@ def test_a_sample_reads_no_file_outside_what_it_needs(tmp_path, monkeypatch, gua
     # repository, the system's files and the evaluator's environment; each read is echoed.
     _needs_landlock()
     if not guarded:  # the kernel alone, as if the sample had defeated the audit hook
-        _without_guard(monkeypatch)
+        _without_guard(monkeypatch, tmp_path)
     (tmp_path / "open.txt").write_text("TOPSECRET-open")
     (tmp_path / "key.pem").write_text("TOPSECRET-key")
     (tmp_path / "key.pem").chmod(0o600)
@@ -774,16 +790,16 @@ def test_a_confined_sample_still_has_the_standard_library():
     result = run_python(program, FAST)
     assert result.passed, result.stderr
     assert result.stdout == "2d7116 0.25 lzma\nown dir import\n"
-    assert sandbox.confinement() is None
+    assert runner.confinement() is None
 
 
 def test_without_landlock_confinement_says_why(monkeypatch):
-    monkeypatch.setattr(sandbox, "_LANDLOCK_ABI_CAP", 0)
-    sandbox.confinement.cache_clear()
+    monkeypatch.setattr(runner, "_LANDLOCK_ABI_CAP", 0)
+    runner.confinement.cache_clear()
     try:
-        why = sandbox.confinement()
+        why = runner.confinement()
     finally:
-        sandbox.confinement.cache_clear()
+        runner.confinement.cache_clear()
     assert "Landlock" in why and "read" in why
 
 
@@ -805,7 +821,7 @@ FAKE_PASSES = {
     "the bootstrap run again": "import os, sys\n"
     "if not getattr(sys, 'again', False):\n"
     "    sys.again = True\n"
-    "    sys._getframe(1).f_globals['_main']()\n"
+    "    sys._getframe(1).f_globals['main']()\n"
     "os._exit(0)\n",
     "os._exit before the test": "import os\nos._exit(0)\nassert 1 == 2\n",
     "sys.exit before the test": "import sys\nsys.exit(0)\nassert 1 == 2\n",
@@ -830,7 +846,7 @@ def test_a_program_cannot_fake_a_pass(attack):
 def test_the_command_line_never_calls_an_unfinished_run_passed(tmp_path, capsys):
     program = tmp_path / "early.py"
     program.write_text("import os\nos._exit(0)\nassert 1 == 2\n")
-    assert sandbox.main([str(program)]) == 1
+    assert command.main([str(program)]) == 1
     assert "sandbox: failed (exit code 0)" in capsys.readouterr().err
 
 
@@ -925,9 +941,7 @@ def test_a_function_named_as_a_builtin_is_the_candidates_own():
 def test_without_landlock_the_tests_process_is_out_of_the_candidates_reach(monkeypatch):
     """Without Landlock, a candidate opening /proc/<test's pid>/mem through a dir_fd (which
     the audit hook cannot see) is refused: the test's process is not dumpable."""
-    import sandbox
-
-    monkeypatch.setattr(sandbox, "_LANDLOCK_ABI_CAP", 0)
+    monkeypatch.setattr(runner, "_LANDLOCK_ABI_CAP", 0)
     program = (
         "import os\n"
         "up = '../' * len([c for c in os.path.realpath('.').split('/') if c])\n"

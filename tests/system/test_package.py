@@ -31,7 +31,7 @@ def test_the_console_scripts_run_from_another_directory(tmp_path, editable):
     subprocess.run(install, check=True, capture_output=True, timeout=600)
     bin_dir = python.parent
     for script in ("codelm-train", "codelm-eval", "codelm-tune", "codelm-data", "codelm-scrape",
-                   "codelm-recipe", "codelm-export-gguf"):
+                   "codelm-recipe", "codelm-sandbox", "codelm-export-gguf"):
         run = subprocess.run([bin_dir / script, "--help"], capture_output=True, text=True,
                              cwd=tmp_path, timeout=300)
         assert run.returncode == 0 and "usage:" in run.stdout, (script, run.stderr)

