@@ -23,10 +23,10 @@ from torch.utils.data import Dataset, Subset
 
 import lora
 import plan
-import pretrained
 from architecture import SHORT_DTYPES, Transformer
 from batches import Batches, example_lengths
 from codelm.gguf import writer
+from codelm.models import pretrained
 from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import (
     PATH_KEYS,

@@ -42,9 +42,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 import build
 import lora
-import pretrained
 import trainconfig
 from architecture import SHORT_DTYPES
+from codelm.models import pretrained
 from codelm.models.generation import (
     FUNCTION_STOPS,
     MIN_TEMPERATURE,

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pretrained
 from architecture import Transformer
 from codelm import kernels
+from codelm.models import pretrained
 from codelm.runtime import hub, process, settings
 
 # init_adapter's adapter_config.json -> the TrainConfig keys it sets (by LoRAConfig's names).

@@ -20,9 +20,9 @@ from typing import NamedTuple
 import torch
 
 import lora
-import pretrained
 from architecture import Transformer
 from codelm.gguf import writer
+from codelm.models import pretrained
 from codelm.runs import rundir
 from codelm.runtime import hub, settings
 from codelm.runtime.settings import setting

@@ -1011,7 +1011,7 @@ def tiny_models(tmp_path_factory):
     from tiny_hf import save_tiny_hf
 
     import lora
-    import pretrained
+    from codelm.models import pretrained
     from tokenizer import CodeTokenizer
 
     root = tmp_path_factory.mktemp("tiny_models")
@@ -2326,7 +2326,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     import torch
     from safetensors.torch import save_file
 
-    import pretrained
+    from codelm.models import pretrained
 
     cfg = trainconfig.TrainConfig(preset="tiny")
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from test_architecture import gen
 from test_pretrained import _ids
 from tiny_hf import MODERN, WINDOW, save_tiny_hf, tiny_checkpoints
 
-import pretrained
+from codelm.models import pretrained
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

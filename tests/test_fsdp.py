@@ -162,7 +162,7 @@ def test_lora_on_a_sharded_base_trains_as_one_process_and_exports_what_peft_load
     from peft import PeftModel
 
     import lora
-    import pretrained
+    from codelm.models import pretrained
 
     base = tiny_llama(tmp_path)
     common = dict(init_from=str(base), lora_r=4, lora_alpha=8.0,
@@ -197,7 +197,7 @@ def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
     """``base`` with each Linear that a QLoRA run quantizes replaced by its dequantized weights,
     saved as an HF checkpoint: the base a QLoRA adapter trained on, for PEFT."""
     import lora
-    import pretrained
+    from codelm.models import pretrained
 
     model = pretrained.load(base, device="cpu")
     lora.quantize_base(model, bits=bits)
@@ -249,7 +249,7 @@ def test_qlora_on_a_sharded_nf4_base_trains_as_one_process_and_exports_what_peft
     from peft import PeftModel
 
     import lora
-    import pretrained
+    from codelm.models import pretrained
 
     base = tiny_llama(tmp_path)
     common = dict(init_from=str(base), lora_r=4, lora_alpha=8.0, quantize_bits=4,

@@ -22,11 +22,11 @@ from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
 
 import dataset
 import plan
-import pretrained
 import trainconfig
 from architecture import PRESETS, Transformer
 from codelm.gguf import __main__ as export_gguf
 from codelm.gguf import writer as gguf_writer
+from codelm.models import pretrained
 from tokenizer import CodeTokenizer, load_tokenizer
 
 gguf = pytest.importorskip("gguf")

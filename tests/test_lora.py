@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from tiny_hf import save_tiny_hf, tiny_hf_config, tiny_hf_model
 
 import lora
-import pretrained
 from architecture import PRESETS, Transformer
 from codelm import kernels
+from codelm.models import pretrained
 from lora import (
     LoRAConfig,
     LoRALinear,

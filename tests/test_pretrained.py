@@ -11,9 +11,9 @@ import torch
 from test_architecture import gen, gen_stream
 from tiny_hf import FAMILIES, save_tiny_hf, tiny_checkpoints, tiny_hf_model
 
-import pretrained
 import trainconfig
 from architecture import PRESETS, ModelConfig, Transformer
+from codelm.models import pretrained
 from codelm.runtime import hub
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -664,7 +664,7 @@ def test_load_imports_no_symbolic_machinery(checkpoints, family):
     import sys
 
     path = checkpoints[family][0]
-    code = ("import sys, torch; import pretrained; "
+    code = ("import sys, torch; from codelm.models import pretrained; "
             f"m = pretrained.load({str(path)!r}); m(torch.tensor([[3, 4]])); "
             "print('sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -1225,9 +1225,10 @@ def test_export_with_a_shard_limit_below_every_tensor_writes_no_empty_shard(chec
 
 def test_cli_converts_a_bin_checkpoint_that_transformers_loads_alike(checkpoints, tmp_path,
                                                                       capsys):
-    """`python pretrained.py SRC OUT`: a pytorch_model.bin CodeGen checkpoint (the Hub's form of
-    CodeGen-350M-mono) becomes sharded safetensors with the tokenizer files beside it; the logits
-    of transformers loading OUT are those of transformers loading SRC, in the dtype asked."""
+    """`python -m codelm.models.pretrained SRC OUT`: a pytorch_model.bin CodeGen checkpoint (the
+    Hub's form of CodeGen-350M-mono) becomes sharded safetensors with the tokenizer files beside
+    it; the logits of transformers loading OUT are those of transformers loading SRC, in the
+    dtype asked."""
     import transformers
 
     path, hf, _ = checkpoints["codegen"]

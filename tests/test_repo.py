@@ -120,6 +120,7 @@ PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.sett
                                   "codelm.runtime.distributed")
 HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
 KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
+PRETRAINED = "codelm.models.pretrained"
 RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
                                 "codelm.runs.trackers")
 TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokenization.batching",
@@ -129,7 +130,7 @@ GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 BELOW_FLOOR_3 = TOKENIZATION | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
-    "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
+    "architecture", GENERATION, "optim", "scraping", PRETRAINED, "lora", "dataset",
     "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record", "plan", "build",
     "finish", "sandbox", GGUF_WRITER}
 MAY_IMPORT = {
@@ -152,9 +153,9 @@ MAY_IMPORT = {
     GENERATION: {"architecture", KERNELS},
     "optim": set(),
     "scraping": {PROCESS, SETTINGS},
-    "pretrained": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture"},
-    "lora": {PROCESS, SETTINGS, HUB, "architecture", "pretrained"},
-    GGUF_WRITER: {PROCESS, "architecture", BPE, "pretrained", "lora"},
+    PRETRAINED: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture"},
+    "lora": {PROCESS, SETTINGS, HUB, "architecture", PRETRAINED},
+    GGUF_WRITER: {PROCESS, "architecture", BPE, PRETRAINED, "lora"},
     "dataconfig": {PROCESS},
     "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
                 "dataconfig", KERNELS},
@@ -164,13 +165,13 @@ MAY_IMPORT = {
     "trainer": {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, "optim",
                 "trainconfig"},
     "record": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
-    "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", "pretrained", "lora",
+    "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", PRETRAINED, "lora",
              GGUF_WRITER, "trainconfig"},
     "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
               TOKENIZER_FILES,
-              "pretrained", "lora", GGUF_WRITER, "dataconfig", "dataset", "batches",
+              PRETRAINED, "lora", GGUF_WRITER, "dataconfig", "dataset", "batches",
               "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
-    "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, "pretrained", "lora", GGUF_WRITER,
+    "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER,
                "dataset", GENERATION, "tokenizer", "trainer", "record", "build"},
     "sandbox": {PROCESS, SETTINGS},
     "trainingmanager": BELOW_FLOOR_3,
@@ -375,8 +376,8 @@ def test_the_package_installs_every_top_level_module():
 
 
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
-           "scraping/__main__.py", "tokenizer.py", "architecture.py", "pretrained.py", "lora.py",
-           "sandbox.py", "codelm/gguf/__main__.py"]
+           "scraping/__main__.py", "tokenizer.py", "architecture.py", "lora.py", "sandbox.py",
+           "codelm/gguf/__main__.py", "codelm/models/pretrained.py"]
 
 
 def test_every_script_guards_its_start_up_and_runs_main_through_process():
@@ -406,18 +407,19 @@ MISTAKES = [
     ("tokenizer.py", "required: tokenizer"),
     ("architecture.py --presets", "unknown flag --presets"),
     ("codelm/gguf/__main__.py RUN out.gguf --outtype q4", "invalid choice: 'q4'"),
-    ("pretrained.py x", "required: out"),
+    ("codelm/models/pretrained.py x", "required: out"),
     ("lora.py adapter out --dtype", "--dtype: expected one argument"),
     ("sandbox.py --timeout-s soon", "invalid float value: 'soon'"),
 ]
 
 
 def _command(script: str) -> list[str]:
-    """The arguments after ``python`` that run ``script`` (a package's __main__ through -m,
-    which puts the working directory, ROOT, first on the path)."""
+    """The arguments after ``python`` that run ``script`` (a module of a package through -m,
+    which puts the working directory, ROOT, first on the path; a package's __main__ by the
+    package's name)."""
     name, *args = script.split()
-    if name.endswith("/__main__.py"):
-        return ["-m", ".".join(name.split("/")[:-1]), *args]
+    if "/" in name:
+        return ["-m", ".".join(Path(name).with_suffix("").parts).removesuffix(".__main__"), *args]
     return [str(ROOT / name), *args]
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 import lora
-import pretrained
 from architecture import ModelConfig, Transformer, rope_inv_freq
+from codelm.models import pretrained
 from codelm.runtime import process
 from codelm.tokenization.bpe import (
     GPT2_PATTERN,

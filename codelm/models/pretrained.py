@@ -1099,6 +1099,7 @@ def copy_hf_companions(tokenizer: str | None, init_from: str | None, tok, out: P
 
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
+        prog="python -m codelm.models.pretrained",
         description="Convert a local HF checkpoint codelm loads (safetensors or .bin, sharded or "
         "not) into a new safetensors directory in the family's HF layout, cast to --dtype; "
         "'python -m codelm.gguf --help': write one as GGUF for llama.cpp and Ollama.")
