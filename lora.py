@@ -26,7 +26,7 @@ from torch import nn
 
 from architecture import Transformer
 from codelm import kernels
-from codelm.models import pretrained
+from codelm.models import families, pretrained
 from codelm.runtime import hub, process, settings
 
 # init_adapter's adapter_config.json -> the TrainConfig keys it sets (by LoRAConfig's names).
@@ -523,7 +523,7 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str,
     """target -> the adapter-file module names it selects (HF names, else codelm names); each
     must select something, or under ``peft_rules`` (HF names only) at least one. ALL_LINEAR
     selects what PEFT's shorthand does: by last name, every Linear but the output layer."""
-    names = pretrained.hf_module_slots(model.cfg)
+    names = families.hf_module_slots(model.cfg)
     if targets in (ALL_LINEAR, [ALL_LINEAR]):
         targets = _leaf_names(n for n, (path, _) in names.items() if path != "lm_head"
                               and isinstance(model.get_submodule(path), (nn.Linear, QuantLinear)))
@@ -580,7 +580,7 @@ def _check_model(model: nn.Module, caller: str) -> None:
 
 
 def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -> LoRAReport:
-    names = pretrained.hf_module_slots(model.cfg)
+    names = families.hf_module_slots(model.cfg)
     chosen = list(dict.fromkeys(n for hits in resolved.values() for n in hits))
     for name in chosen:  # (an embedding's slot is always its whole table: no rows to check)
         path, _ = names[name]
@@ -621,7 +621,7 @@ def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
     adapted = {name for _, m in lora_modules(model) for name in getattr(m, "names", {}).values()}
     adapted |= {m.name for _, m in lora_modules(model) if isinstance(m, LoRAEmbedding)}
     saved, holders = {}, {}
-    for name, (path, rows) in pretrained.hf_module_slots(model.cfg).items():
+    for name, (path, rows) in families.hf_module_slots(model.cfg).items():
         module = model.get_submodule(path)
         module = getattr(module, "base", module)
         whole = bool(cfg.modules_to_save) and _matches(cfg.modules_to_save, name)
@@ -747,7 +747,7 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def _target_spec(model: nn.Module, written: set[str]) -> list[str] | str:
     """Leaf names when PEFT's suffix rule selects exactly the written modules, else an exact regex."""
     leaves = sorted(_leaf_names(written))
-    selected = {n for n in pretrained.hf_module_slots(model.cfg) if _matches(leaves, n)}
+    selected = {n for n in families.hf_module_slots(model.cfg) if _matches(leaves, n)}
     return leaves if selected == written else "|".join(re.escape(n) for n in sorted(written))
 
 
@@ -947,7 +947,7 @@ def _base_layers(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path
                  ) -> dict[str, tuple[str, torch.Tensor, torch.Tensor | None]]:
     """The file's base-tensor keys (an adapted embedding's or head's weight, PEFT's biases and
     modules_to_save) -> the codelm path, the model tensor the key names, and its rows there."""
-    slots = pretrained.hf_module_slots(model.cfg)
+    slots = families.hf_module_slots(model.cfg)
     out = {}
     for key in tensors:
         m = _KEY_RE.match(key)

@@ -21,8 +21,7 @@ import torch
 
 import lora
 from architecture import Transformer
-from codelm.gguf import writer
-from codelm.models import pretrained
+from codelm.models import families
 from codelm.runs import rundir
 from codelm.runtime import hub, settings
 from codelm.runtime.settings import setting
@@ -171,12 +170,12 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
                              f"adapter on, set init_adapter ({where_set('init_adapter')}) to "
                              f"{cfg.init_from}")
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
-            context = pretrained.read_config(path)[0].block_size
+            context = families.read_config(path)[0].block_size
             need(cfg.block_size <= context, "block_size",
                  f"longer than the context of {named('init_from')}, {context} positions")
         if cfg.export_gguf is not None:  # the tokenizer: build.check_gguf_export
             try:
-                writer.check_architecture(pretrained.read_config(path)[0])
+                families.check_architecture(families.read_config(path)[0])
             except ValueError as e:
                 raise ValueError(f"{named('export_gguf')}: {named('init_from')}: {e}; or set "
                                  "export_gguf none") from None
@@ -186,7 +185,7 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
                                  else cfg, 1, None, None)
             if cfg.export:  # else it trains to the end and fails writing export/
                 try:
-                    pretrained.hf_config(shape, torch.float32)
+                    families.hf_config(shape, torch.float32)
                 except ValueError as e:
                     raise ValueError(f"{e}; to train it without an HF export: "
                                      f"{settings.off_switch('export', where_set)}") from None

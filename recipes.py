@@ -127,7 +127,7 @@ def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_d
 def check_family(model_dir: str, preset: str | None) -> None:
     """Refuse a checkpoint of another family than the recipe's ``preset`` (its LoRA targets)."""
     from architecture import PRESETS
-    from codelm.models.pretrained import read_config
+    from codelm.models.families import read_config
 
     config = Path(model_dir) / rundir.HF_CONFIG
     if preset not in PRESETS or not config.is_file():

@@ -26,7 +26,7 @@ import trainconfig
 from architecture import PRESETS, Transformer
 from codelm.gguf import __main__ as export_gguf
 from codelm.gguf import writer as gguf_writer
-from codelm.models import pretrained
+from codelm.models import families, pretrained
 from tokenizer import CodeTokenizer, load_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -571,4 +571,4 @@ def test_export_gguf_is_refused_before_training_naming_the_setting(checkpoints, 
 def test_the_runs_choices_are_the_writers_outtypes():
     flag = next(a for a in trainconfig.build_parser()._actions
                 if "--export-gguf" in a.option_strings)
-    assert [c for c in flag.choices if c is not None] == list(gguf_writer.OUTTYPES)
+    assert [c for c in flag.choices if c is not None] == list(families.OUTTYPES)

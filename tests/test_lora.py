@@ -20,7 +20,7 @@ from tiny_hf import save_tiny_hf, tiny_hf_config, tiny_hf_model
 import lora
 from architecture import PRESETS, Transformer
 from codelm import kernels
-from codelm.models import pretrained
+from codelm.models import families, pretrained
 from lora import (
     LoRAConfig,
     LoRALinear,
@@ -309,7 +309,7 @@ def test_targeted_modules_are_the_modules_peft_and_apply_lora_adapt(tmp_path, fa
     apply_lora adapts (codelm names too); targets that select nothing are an error."""
     hf, model, _ = _pair(family, tmp_path)
     with torch.device("meta"):
-        meta = Transformer(pretrained.read_config(tmp_path / "hf")[0])
+        meta = Transformer(families.read_config(tmp_path / "hf")[0])
     peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(dict(
         r=4, alpha=8, target_modules=peft_targets)))
     peft_adapted = {n.removeprefix(lora.PEFT_PREFIX) for n, m in peft_model.named_modules()
@@ -1328,12 +1328,12 @@ def test_an_adapter_directory_without_weights_is_an_error_naming_it(tmp_path):
 def test_every_embedding_slot_covers_its_whole_table():
     """_attach adapts an Embedding as a whole (LoRAEmbedding has no rows): it relies on no family
     mapping an HF embedding to part of one, which this checks for every family."""
-    for family in pretrained.TABLES:
+    for family in families.TABLES:
         for overrides in ({}, {"multi_query": False}) if family == "gpt_bigcode" else ({},):
             hf = tiny_hf_config(family, **overrides).to_dict()
-            cfg = pretrained.TABLES[family].read_config(hf)
+            cfg = families.TABLES[family].read_config(hf)
             model = Transformer(cfg)
-            slots = {name: slot for name, slot in pretrained.hf_module_slots(cfg).items()
+            slots = {name: slot for name, slot in families.hf_module_slots(cfg).items()
                      if isinstance(model.get_submodule(slot.path), torch.nn.Embedding)}
             assert slots and all(slot.rows is None for slot in slots.values()), family
 

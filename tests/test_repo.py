@@ -120,7 +120,7 @@ PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.sett
                                   "codelm.runtime.distributed")
 HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
 KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
-PRETRAINED = "codelm.models.pretrained"
+FAMILIES, PRETRAINED = "codelm.models.families", "codelm.models.pretrained"
 RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
                                 "codelm.runs.trackers")
 TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokenization.batching",
@@ -130,7 +130,7 @@ GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 BELOW_FLOOR_3 = TOKENIZATION | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
-    "architecture", GENERATION, "optim", "scraping", PRETRAINED, "lora", "dataset",
+    "architecture", GENERATION, "optim", "scraping", FAMILIES, PRETRAINED, "lora", "dataset",
     "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record", "plan", "build",
     "finish", "sandbox", GGUF_WRITER}
 MAY_IMPORT = {
@@ -153,9 +153,10 @@ MAY_IMPORT = {
     GENERATION: {"architecture", KERNELS},
     "optim": set(),
     "scraping": {PROCESS, SETTINGS},
-    PRETRAINED: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture"},
-    "lora": {PROCESS, SETTINGS, HUB, "architecture", PRETRAINED},
-    GGUF_WRITER: {PROCESS, "architecture", BPE, PRETRAINED, "lora"},
+    FAMILIES: {SETTINGS, RUNDIR, "architecture"},
+    PRETRAINED: {PROCESS, SETTINGS, HUB, "architecture", FAMILIES, TOKENIZER_FILES, BPE},
+    "lora": {PROCESS, SETTINGS, HUB, "architecture", FAMILIES, PRETRAINED},
+    GGUF_WRITER: {PROCESS, "architecture", BPE, FAMILIES, PRETRAINED, "lora"},
     "dataconfig": {PROCESS},
     "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
                 "dataconfig", KERNELS},
@@ -165,8 +166,8 @@ MAY_IMPORT = {
     "trainer": {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, "optim",
                 "trainconfig"},
     "record": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
-    "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", PRETRAINED, "lora",
-             GGUF_WRITER, "trainconfig"},
+    "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, "lora",
+             "trainconfig"},
     "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
               TOKENIZER_FILES,
               PRETRAINED, "lora", GGUF_WRITER, "dataconfig", "dataset", "batches",
