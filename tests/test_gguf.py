@@ -452,7 +452,8 @@ def test_llama_cpp_picks_codelms_top_token_on_most_positions(name, outtype, leas
 
 def test_an_adapter_is_merged_into_its_base_before_writing(checkpoints, tmp_path):
     """BASE+ADAPTER (as eval.py takes it) exports the merged weights: q rows carry the update."""
-    from lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+    from codelm.models.adapter_config import LoRAConfig
+    from lora import apply_lora, merge_lora, save_adapter
 
     model = pretrained.load(checkpoints["llama"])
     apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))

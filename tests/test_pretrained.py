@@ -13,7 +13,7 @@ from tiny_hf import FAMILIES, save_tiny_hf, tiny_checkpoints, tiny_hf_model
 
 import trainconfig
 from architecture import PRESETS, ModelConfig, Transformer
-from codelm.models import families, pretrained
+from codelm.models import adapter_config, families, pretrained, quantize
 from codelm.runtime import hub
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -292,11 +292,11 @@ def test_export_refuses_a_quantized_or_wrapped_model(checkpoints, tmp_path):
     import lora
 
     quantized = pretrained.load(checkpoints["llama"][0])
-    lora.quantize_base(quantized, 8)
+    quantize.quantize_base(quantized, 8)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv .*QuantLinear.*full-precision"):
         pretrained.save(quantized, tmp_path / "q")
     wrapped = pretrained.load(checkpoints["llama"][0])
-    lora.apply_lora(wrapped, lora.LoRAConfig(target_modules=["o_proj"]))
+    lora.apply_lora(wrapped, adapter_config.LoRAConfig(target_modules=["o_proj"]))
     with pytest.raises(ValueError, match=r"blocks.0.attn.proj is a LoRALinear.*merge_and_export"):
         pretrained.save(wrapped, tmp_path / "w")
     assert not (tmp_path / "q").exists() and not (tmp_path / "w").exists()
@@ -336,7 +336,7 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
     assert (run / "config.json").read_text() == train_config
     adapter = tmp_path / "adapter"
     wrapped = pretrained.load(checkpoints["llama"][0])
-    lora.apply_lora(wrapped, lora.LoRAConfig(r=2))
+    lora.apply_lora(wrapped, adapter_config.LoRAConfig(r=2))
     lora.save_adapter(wrapped, adapter)
     with pytest.raises(ValueError) as e:
         pretrained.save(model, adapter)

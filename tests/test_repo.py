@@ -121,6 +121,7 @@ PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.sett
 HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
 KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
 FAMILIES, PRETRAINED = "codelm.models.families", "codelm.models.pretrained"
+QUANTIZE, ADAPTER_CONFIG = "codelm.models.quantize", "codelm.models.adapter_config"
 RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
                                 "codelm.runs.trackers")
 TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokenization.batching",
@@ -130,9 +131,9 @@ GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 BELOW_FLOOR_3 = TOKENIZATION | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
-    "architecture", GENERATION, "optim", "scraping", FAMILIES, PRETRAINED, "lora", "dataset",
-    "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record", "plan", "build",
-    "finish", "sandbox", GGUF_WRITER}
+    "architecture", GENERATION, "optim", "scraping", FAMILIES, PRETRAINED, QUANTIZE,
+    ADAPTER_CONFIG, "lora", "dataset", "dataconfig", "batches", "trainconfig", DISTRIBUTED,
+    "trainer", "record", "plan", "build", "finish", "sandbox", GGUF_WRITER}
 MAY_IMPORT = {
     PROCESS: set(),
     SETTINGS: set(),
@@ -155,7 +156,10 @@ MAY_IMPORT = {
     "scraping": {PROCESS, SETTINGS},
     FAMILIES: {SETTINGS, RUNDIR, "architecture"},
     PRETRAINED: {PROCESS, SETTINGS, HUB, "architecture", FAMILIES, TOKENIZER_FILES, BPE},
-    "lora": {PROCESS, SETTINGS, HUB, "architecture", FAMILIES, PRETRAINED},
+    QUANTIZE: set(),
+    ADAPTER_CONFIG: {SETTINGS, HUB},
+    "lora": {PROCESS, SETTINGS, "architecture", KERNELS, FAMILIES, PRETRAINED, QUANTIZE,
+             ADAPTER_CONFIG},
     GGUF_WRITER: {PROCESS, "architecture", BPE, FAMILIES, PRETRAINED, "lora"},
     "dataconfig": {PROCESS},
     "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
@@ -166,11 +170,12 @@ MAY_IMPORT = {
     "trainer": {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, "optim",
                 "trainconfig"},
     "record": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
-    "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, "lora",
+    "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
              "trainconfig"},
     "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
               TOKENIZER_FILES,
-              PRETRAINED, "lora", GGUF_WRITER, "dataconfig", "dataset", "batches",
+              PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", GGUF_WRITER, "dataconfig", "dataset",
+              "batches",
               "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
     "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER,
                "dataset", GENERATION, "tokenizer", "trainer", "record", "build"},

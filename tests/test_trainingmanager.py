@@ -33,7 +33,7 @@ import trainingmanager as tm
 from architecture import SHORT_DTYPES
 from batches import Batches, BatchOrder
 from codelm import kernels
-from codelm.models import generation
+from codelm.models import adapter_config, generation, quantize
 from codelm.runs import checkpoint, rundir, trackers
 from codelm.runtime import distributed, process, rng, settings
 from dataset import collate, stdlib_files, supervised_example
@@ -225,7 +225,8 @@ def test_lora_on_an_fp16_base_scales_the_loss_at_any_precision():
         model = Transformer(cfg)
         model.load_state_dict(base)
         model.to(SHORT_DTYPES[base_dtype])
-        lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8, target_modules=["qkv", "proj"]))
+        config = adapter_config.LoRAConfig(r=4, alpha=8, target_modules=["qkv", "proj"])
+        lora.apply_lora(model, config)
         torch.manual_seed(2)
         for p in model.parameters():
             if p.requires_grad:
@@ -3432,7 +3433,7 @@ def test_lora_settings_reach_the_adapter_and_the_merged_export_has_the_tokenizer
     model = build.build_model(dataclasses.replace(cfg, quantize_bits=8), tok)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
-    assert any(isinstance(m, lora.QuantLinear) for m in model.modules())
+    assert any(isinstance(m, quantize.QuantLinear) for m in model.modules())
     modules = [m for _, m in lora.lora_modules(model)]
     assert modules
     for m in modules:
