@@ -4,7 +4,7 @@ from-scratch models of the research path.
 The families differ only in flags of `ModelConfig`; `Transformer` is the one model class. Every op
 is plain PyTorch; a function marked `@kernels.faster(...)` runs a faster equivalent from
 codelm/kernels.py (on by default). Generation lives in codelm/models/generation.py; HF checkpoints
-are read and written by pretrained.py.
+are read and written by codelm/models/pretrained.py.
 """
 
 from __future__ import annotations

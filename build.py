@@ -23,10 +23,10 @@ from torch.utils.data import Dataset, Subset
 
 import lora
 import plan
-import pretrained
 from architecture import SHORT_DTYPES, Transformer
 from batches import Batches, example_lengths
 from codelm.gguf import writer
+from codelm.models import adapter_config, pretrained, quantize
 from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import (
     PATH_KEYS,
@@ -141,7 +141,7 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
         model.to(base_dtype)
     if cfg.lora_r > 0:
         if cfg.quantize_bits:
-            lora.quantize_base(model, bits=cfg.quantize_bits)
+            quantize.quantize_base(model, bits=cfg.quantize_bits)
         if cfg.init_adapter is not None and adapter_copy is not None:  # the weights: the run's
             lora.apply_adapter_layout(model, adapter_copy.parent, adapter_copy.name)
         elif cfg.init_adapter is not None:  # its own config (with_init_adapter read it)
@@ -152,8 +152,8 @@ def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
                     "it: save the merged base (PEFT: unload().save_pretrained), use --init-from")
             lora.load_adapter(model, cfg.init_adapter)
         else:
-            lora.apply_lora(model, lora.LoRAConfig(**{  # no lora_targets: LoRAConfig's default
-                name: getattr(cfg, key) for name, key in lora.ADAPTER_KEYS.items()
+            lora.apply_lora(model, adapter_config.LoRAConfig(**{  # no lora_targets: its default
+                name: getattr(cfg, key) for name, key in adapter_config.ADAPTER_KEYS.items()
                 if key != "lora_targets" or cfg.lora_targets}))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = cfg.offload_activations
@@ -217,7 +217,7 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
     first = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that continues
     if cfg.init_adapter is not None and adapter_copy is None:
         first[run_dir / rundir.INIT_ADAPTER_COPY] = (
-            Path(cfg.init_adapter) / lora.ADAPTER_CONFIG).read_bytes()
+            Path(cfg.init_adapter) / adapter_config.ADAPTER_CONFIG).read_bytes()
     check_lora_export(cfg, model)
     check_gguf_export(cfg, model, data.tok)
     if dist.enabled:  # same init everywhere, but each rank its own dropout stream
@@ -488,7 +488,7 @@ def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Dat
 def announce(run: Run) -> None:
     """The run's first line, and the warnings about its settings."""
     cfg, trainer, batches, planned = run.cfg, run.trainer, run.data.batches, run.state.max_steps
-    n_params = lora.parameter_count(trainer.raw_model)
+    n_params = quantize.parameter_count(trainer.raw_model)
     n_train = sum(p.numel() for p in trainer.params)
     n = batches.examples_per_epoch
     if batches.windows_at_every_token:

@@ -42,9 +42,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 import build
 import lora
-import pretrained
 import trainconfig
 from architecture import SHORT_DTYPES
+from codelm.models import adapter_config, pretrained, quantize
 from codelm.models.generation import (
     FUNCTION_STOPS,
     MIN_TEMPERATURE,
@@ -990,7 +990,7 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
     export = run_dir / rundir.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
-    adapter = (export / lora.ADAPTER_CONFIG).is_file()
+    adapter = (export / adapter_config.ADAPTER_CONFIG).is_file()
     if stale := rundir.stale_export(run_dir):
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
     elif (adapter or (export / rundir.HF_CONFIG).is_file()) and _intact(export):
@@ -1018,7 +1018,7 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
         checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
                                       str(weights), adapter_only)
     if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
-        model = lora.cast_model(model, SHORT_DTYPES[dtype])
+        model = quantize.cast_model(model, SHORT_DTYPES[dtype])
     return model.to(device), tok_dir, config, _run_weights(run_dir, weights_dir)
 
 
@@ -1051,12 +1051,13 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if not path.is_dir():
         raise ValueError(f"{where} {path} is not a directory")
     run_config = run_weights = None
-    if adapter_spec or (path / lora.ADAPTER_CONFIG).is_file():
+    if adapter_spec or (path / adapter_config.ADAPTER_CONFIG).is_file():
         adapter = hub.checkpoint_dir(adapter_spec, where) if adapter_spec else path
-        if not (adapter / lora.ADAPTER_CONFIG).is_file():
-            raise ValueError(f"{where} {adapter} holds no {lora.ADAPTER_CONFIG}"
-                             f"{lora.adapters_below(adapter)}")
-        base = path if adapter_spec else lora.adapter_base(path, "name the base as BASE+ADAPTER")
+        if not (adapter / adapter_config.ADAPTER_CONFIG).is_file():
+            raise ValueError(f"{where} {adapter} holds no {adapter_config.ADAPTER_CONFIG}"
+                             f"{adapter_config.adapters_below(adapter)}")
+        base = path if adapter_spec else adapter_config.adapter_base(
+            path, "name the base as BASE+ADAPTER")
         model = _load_hf(base, device, dtype, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
     elif rundir.is_run_dir(path):

@@ -16,10 +16,9 @@ from safetensors.torch import load_file
 
 import build
 import lora
-import pretrained
 from build import Run
 from codelm.gguf import writer
-from codelm.models import generation
+from codelm.models import generation, pretrained
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
 from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically

@@ -1,5 +1,6 @@
-"""LoRA for codelm, file-compatible with PEFT (q/k/v are rows of one fused module), merge, and
-a quantized base (int8 or NF4) for QLoRA."""
+"""LoRA for codelm, file-compatible with PEFT (q/k/v are rows of one fused module): the LoRA and
+DoRA layers, targeting, merge, adapter files and the merge command; a quantized base for QLoRA
+is codelm.models.quantize's, an adapter's names and settings codelm.models.adapter_config's."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -24,59 +25,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pretrained
 from architecture import Transformer
 from codelm import kernels
-from codelm.runtime import hub, process, settings
+from codelm.models import families, pretrained
+from codelm.models.adapter_config import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LEGACY_WEIGHTS,
+    UNSUPPORTED_PEFT_KEYS,
+    LoRAConfig,
+    adapter_base,
+    read_adapter_config,
+)
+from codelm.models.quantize import QuantLinear, parameter_count, set_submodule, shared_parameters
+from codelm.runtime import process, settings
 
-# init_adapter's adapter_config.json -> the TrainConfig keys it sets (by LoRAConfig's names).
-ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
-                "use_dora": "lora_dora", "bias": "lora_bias",
-                "modules_to_save": "lora_modules_to_save",
-                "target_modules": "lora_targets"}
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-LEGACY_WEIGHTS = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 # The version of codelm's adapter files, in the weights' safetensors metadata (PEFT's have none).
 FORMAT_KEY, FORMAT_VERSION = "codelm_format_version", "1"
 
-# PEFT adapter_config.json keys codelm cannot honour, with the value that means "feature unused".
-_UNSUPPORTED_PEFT_KEYS = {
-    "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-    "layers_pattern": None, "lora_bias": False, "fan_in_fan_out": False,
-    "target_parameters": None, "exclude_modules": None, "layer_replication": None,
-    "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
-    "use_bdlora": None, "kasa_config": None, "monteclora_config": None, "arrow_config": None,
-    "ensure_weight_tying": False,
-}
-# init_lora_weights values under which PEFT rewrites the base weights when it loads the adapter.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 # An adapter file's key: an adapter tensor, or a base tensor it trained (bias, modules_to_save).
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\."
                      r"(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
                      r"|lora_magnitude_vector|(?:base_layer\.)?weight|(?:base_layer\.)?bias)$")
-
-
-@dataclass
-class LoRAConfig:
-    """PEFT's LoraConfig fields under plain names, checked where they enter. ``target_modules``:
-    names matching a module name or its dotted suffix, or one regular expression (PEFT's rules)."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: ["qkv", "attn.proj"])
-    bias: str = "none"  # PEFT's: also train and save the adapted modules' biases, or all biases
-    modules_to_save: list[str] | None = None  # PEFT's: modules trained whole and saved
-    use_rslora: bool = False
-    use_dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output row
-
-    @property
-    def scale(self) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised scaling)."""
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 @dataclass
@@ -87,161 +58,6 @@ class LoRAReport:
     modules: list[str]
     trainable_params: int
     total_params: int
-
-
-# ----------------------------------------------------------------------------- quantized base
-
-def nf4_levels() -> torch.Tensor:
-    """The 16 NormalFloat4 levels of QLoRA, built by the paper's recipe: 8 positive and 7
-    negative quantiles of N(0, 1), and zero, scaled to [-1, 1]."""
-    offset, ndtri = 0.9677083, torch.special.ndtri  # ndtri: N(0, 1)'s quantile function
-    positive = ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
-    negative = -ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
-    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
-    return (levels / levels.abs().max()).float()
-
-
-NF4_BLOCK = 64
-
-
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=False)
-
-
-class _DequantLinear(torch.autograd.Function):
-    """x @ W.T with W dequantized in forward and again in backward: no full-precision W is kept."""
-
-    @staticmethod
-    def forward(ctx, x, module):
-        ctx.module = module
-        return F.linear(x, module.dequantize(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return grad_out @ ctx.module.dequantize(grad_out.dtype), None
-
-
-class QuantLinear(nn.Module):
-    """A frozen Linear whose weight is stored as int8 (per output row absmax) or NF4 (absmax per
-    block of 64 consecutive weights, two 4-bit codes per byte) and dequantized on each call.
-    The codes (``qweight``) and scales are frozen parameters, one row per output row (int8) or
-    block (NF4): FSDP shards parameters along their rows, so each rank holds 1/N of them."""
-
-    def __init__(self, linear: nn.Linear, bits: int):
-        super().__init__()
-        assert bits in (4, 8) and not linear.weight.is_meta, (bits, linear.weight.device)
-        self.bits, self.in_features, self.out_features = bits, linear.in_features, linear.out_features
-        self.weight_dtype = linear.weight.dtype
-        w = linear.weight.detach().float()
-        if bits == 8:
-            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-            self.qweight = _frozen(torch.round(w / scale[:, None]).to(torch.int8))
-            self.scale = _frozen(scale)
-        else:
-            flat = w.flatten()
-            flat = F.pad(flat, (0, (-flat.numel()) % NF4_BLOCK)).view(-1, NF4_BLOCK)
-            absmax = flat.abs().amax(dim=1).clamp_min(1e-12)
-            levels = nf4_levels().to(w.device)
-            codes = torch.bucketize(flat / absmax[:, None], (levels[1:] + levels[:-1]) / 2)
-            packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
-            self.qweight = _frozen(packed.to(torch.uint8))
-            self.scale = _frozen(absmax)
-            # Byte -> its two levels, so dequantizing is one gather.
-            byte = torch.arange(256, device=w.device)
-            self.register_buffer("pairs", torch.stack((levels[byte >> 4], levels[byte & 15]), -1),
-                                 persistent=False)
-        self.bias = None
-        if linear.bias is not None:
-            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The full weight (out, in) in ``dtype`` (default: the dtype it was quantized from)."""
-        if self.bits == 8:
-            w = self.qweight.float() * self.scale[:, None]
-        else:
-            w = self.pairs[self.qweight.int()].flatten(1) * self.scale[:, None]
-            w = w.flatten()[: self.out_features * self.in_features]
-        return w.view(self.out_features, self.in_features).to(dtype or self.weight_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        out = _DequantLinear.apply(x, self)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
-
-    def extra_repr(self) -> str:
-        kind = "int8" if self.bits == 8 else "nf4"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
-
-
-@dataclass
-class QuantReport:
-    """Bytes of the quantized Linear weights, of the same weights in bf16, and of the model."""
-
-    bits: int
-    modules: list[str]
-    quantized_bytes: int
-    bf16_bytes: int
-    model_bytes: int
-
-    @property
-    def ratio(self) -> float:
-        return self.quantized_bytes / max(self.bf16_bytes, 1)
-
-
-def _quantized(model: nn.Module) -> list[QuantLinear]:
-    return [q for q in model.modules() if isinstance(q, QuantLinear)]
-
-
-def quantized_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The codes and scales of every quantized Linear (not its bias)."""
-    return [p for q in _quantized(model) for p in (q.qweight, q.scale)]
-
-
-def parameter_count(model: nn.Module) -> int:
-    """The model's parameters as PEFT counts them: a quantized Linear's as the weights it holds."""
-    quantized = {id(p) for p in quantized_parameters(model)}
-    return (sum(p.numel() for p in model.parameters() if id(p) not in quantized)
-            + sum(q.in_features * q.out_features for q in _quantized(model)))
-
-
-def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``model.to(dtype)`` for its base weights only: adapters stay fp32, and a quantized base
-    keeps its scales and levels (cast, they would change the weights) and dequantizes to dtype."""
-    kept = [(p, p.data) for name, p in model.named_parameters() if ".lora_" in name]
-    kept += [(p, p.data) for p in quantized_parameters(model)]
-    levels = [(q, q.pairs) for q in _quantized(model) if q.bits == 4]
-    model.to(dtype)
-    for p, data in kept:
-        p.data = data
-    for q, pairs in levels:
-        q.pairs = pairs
-    for q in _quantized(model):
-        q.weight_dtype = dtype
-    return model
-
-
-def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_head",)) -> QuantReport:
-    """Replace every frozen-base ``nn.Linear`` (also those under LoRA) by a ``QuantLinear``,
-    except ``skip`` (as bitsandbytes, the head) and weights tied to another module."""
-    tied = _shared_parameters(model)
-    names, quant_bytes, bf16_bytes = [], 0, 0
-    for path, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or id(module.weight) in tied:
-            continue
-        name = path.removesuffix(".base")
-        if any(name == s or name.endswith("." + s) for s in skip):
-            continue
-        quantized = QuantLinear(module, bits)
-        _set_submodule(model, path, quantized)
-        names.append(name)
-        quant_bytes += quantized.qweight.nbytes + quantized.scale.nbytes
-        bf16_bytes += 2 * module.weight.numel()
-    if not names:
-        raise ValueError("quantize_base: the model has no nn.Linear to quantize (already quantized?)")
-    quantized_params = {id(p) for p in quantized_parameters(model)}
-    rest = 2 * sum(p.numel() for p in model.parameters() if id(p) not in quantized_params)
-    return QuantReport(bits, names, quant_bytes, bf16_bytes, quant_bytes + rest)
 
 
 # ----------------------------------------------------------------------------- LoRA layers
@@ -500,11 +316,6 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbed
 
 # ----------------------------------------------------------------------------- targeting
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def _matches(target: list[str] | str, name: str) -> bool:
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
@@ -523,7 +334,7 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str,
     """target -> the adapter-file module names it selects (HF names, else codelm names); each
     must select something, or under ``peft_rules`` (HF names only) at least one. ALL_LINEAR
     selects what PEFT's shorthand does: by last name, every Linear but the output layer."""
-    names = pretrained.hf_module_slots(model.cfg)
+    names = families.hf_module_slots(model.cfg)
     if targets in (ALL_LINEAR, [ALL_LINEAR]):
         targets = _leaf_names(n for n, (path, _) in names.items() if path != "lm_head"
                               and isinstance(model.get_submodule(path), (nn.Linear, QuantLinear)))
@@ -580,7 +391,7 @@ def _check_model(model: nn.Module, caller: str) -> None:
 
 
 def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -> LoRAReport:
-    names = pretrained.hf_module_slots(model.cfg)
+    names = families.hf_module_slots(model.cfg)
     chosen = list(dict.fromkeys(n for hits in resolved.values() for n in hits))
     for name in chosen:  # (an embedding's slot is always its whole table: no rows to check)
         path, _ = names[name]
@@ -597,11 +408,11 @@ def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -
         path, rows = names[name]
         module = model.get_submodule(path)
         if isinstance(module, nn.Embedding):
-            _set_submodule(model, path, LoRAEmbedding(module, cfg.r, cfg.scale, name))
+            set_submodule(model, path, LoRAEmbedding(module, cfg.r, cfg.scale, name))
             continue
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, cfg.r, cfg.scale, cfg.dropout, cfg.use_dora)
-            _set_submodule(model, path, module)
+            set_submodule(model, path, module)
         module.add_adapter(name.rsplit(".", 1)[-1], name, rows)
     for _, module in lora_modules(model):
         module.train(model.training)  # new layers join an eval-mode model in eval mode
@@ -621,7 +432,7 @@ def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
     adapted = {name for _, m in lora_modules(model) for name in getattr(m, "names", {}).values()}
     adapted |= {m.name for _, m in lora_modules(model) if isinstance(m, LoRAEmbedding)}
     saved, holders = {}, {}
-    for name, (path, rows) in pretrained.hf_module_slots(model.cfg).items():
+    for name, (path, rows) in families.hf_module_slots(model.cfg).items():
         module = model.get_submodule(path)
         module = getattr(module, "base", module)
         whole = bool(cfg.modules_to_save) and _matches(cfg.modules_to_save, name)
@@ -648,7 +459,7 @@ def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
 def _detach(model: nn.Module, trainable: dict[str, bool]) -> None:
     """Undo ``_attach``: the base modules back in place, ``requires_grad`` as it was."""
     for path, module in list(lora_modules(model)):
-        _set_submodule(model, path, module.base)
+        set_submodule(model, path, module.base)
     for name, p in model.named_parameters():
         p.requires_grad_(trainable[name])
     del model.lora_config
@@ -665,17 +476,9 @@ def _report(model: nn.Module, resolved: dict[str, list[str]]) -> LoRAReport:
 
 # ----------------------------------------------------------------------------- merge
 
-def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
-    """id -> names of every parameter that more than one module holds (tied weights)."""
-    uses: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        uses.setdefault(id(p), []).append(name)
-    return {key: names for key, names in uses.items() if len(names) > 1}
-
-
 def tied_targets(model: nn.Module) -> dict[str, list[str]]:
     """LoRA modules whose base weight another module shares -> that weight's names."""
-    tied = _shared_parameters(model)
+    tied = shared_parameters(model)
     weights = ((path, getattr(module.base, "weight", None))  # a QuantLinear base: never tied
                for path, module in lora_modules(model))
     return {path: tied[id(w)] for path, w in weights if w is not None and id(w) in tied}
@@ -711,12 +514,12 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
     merge_lora(model)
     wrapped = list(lora_modules(model))
     for path, module in wrapped:
-        _set_submodule(model, path, module.base)
+        set_submodule(model, path, module.base)
     try:
         yield model
     finally:
         for path, module in wrapped:
-            _set_submodule(model, path, module)
+            set_submodule(model, path, module)
 
 
 def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
@@ -747,7 +550,7 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def _target_spec(model: nn.Module, written: set[str]) -> list[str] | str:
     """Leaf names when PEFT's suffix rule selects exactly the written modules, else an exact regex."""
     leaves = sorted(_leaf_names(written))
-    selected = {n for n in pretrained.hf_module_slots(model.cfg) if _matches(leaves, n)}
+    selected = {n for n in families.hf_module_slots(model.cfg) if _matches(leaves, n)}
     return leaves if selected == written else "|".join(re.escape(n) for n in sorted(written))
 
 
@@ -774,7 +577,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         "target_modules": _target_spec(model, written), "bias": cfg.bias,
         "modules_to_save": cfg.modules_to_save,
         "use_rslora": cfg.use_rslora, "init_lora_weights": True, "inference_mode": True,
-        **_UNSUPPORTED_PEFT_KEYS, "use_dora": cfg.use_dora,
+        **UNSUPPORTED_PEFT_KEYS, "use_dora": cfg.use_dora,
     }
     out.mkdir(parents=True, exist_ok=True)
     # As a set (config last, as save_pretrained): a failed save leaves the last adapter whole.
@@ -784,88 +587,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         out / ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True) + "\n",
     })
     return out
-
-
-def _unused(value: object, unused: object) -> bool:
-    """PEFT writes a feature's absence as null, false, {} or [] (by type: 0 is layer 0)."""
-    return (value is None or value is False or value in ({}, [])
-            or (type(value) is type(unused) and value == unused))
-
-
-def adapters_below(path: Path) -> str:
-    """" (RUN/export holds one)": for a directory given where an adapter's is wanted."""
-    inside = sorted(p.parent for p in path.glob(f"*/{ADAPTER_CONFIG}"))
-    return f" ({', '.join(map(str, inside))} holds one)" if inside else ""
-
-
-def _is_targets(value: object) -> bool:
-    """A non-empty list of module names, or one regular expression: PEFT's two forms."""
-    if isinstance(value, str):
-        try:
-            return re.compile(value) is not None
-        except re.error:
-            return False
-    return isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value)
-
-
-# adapter_config.json key -> (LoRAConfig field, value when absent, test of the value, its words)
-_PEFT_FIELDS = {
-    "r": ("r", None, lambda v: settings.is_number(v, int) and v > 0, "a positive integer"),
-    "lora_alpha": ("alpha", None, lambda v: settings.is_number(v) and math.isfinite(v) and v != 0,
-                   "a finite number other than 0"),
-    "lora_dropout": ("dropout", 0.0, lambda v: settings.is_number(v) and 0 <= v < 1,
-                     "a number in [0, 1)"),
-    "target_modules": ("target_modules", None, _is_targets,
-                       "a list of module names or one valid regular expression"),
-    "bias": ("bias", "none", lambda v: v in ("none", "lora_only", "all"),
-             "'none', 'lora_only' or 'all'"),
-    "modules_to_save": ("modules_to_save", None, lambda v: v is None or (
-        isinstance(v, list) and all(isinstance(m, str) for m in v)), "a list of module names"),
-    "use_rslora": ("use_rslora", False, lambda v: isinstance(v, bool), "true/false"),
-    "use_dora": ("use_dora", False, lambda v: isinstance(v, bool), "true/false"),
-}
-
-
-def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> LoRAConfig:
-    """The LoRAConfig of an adapter directory, refusing what codelm cannot honour: the one check
-    of every adapter_config.json read (``config_name``: a run's copy has its own name)."""
-    path = Path(path)
-    file = path / config_name
-    if not file.is_file():
-        raise ValueError(f"{file}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
-                         f"{ADAPTER_WEIGHTS}{adapters_below(path)}")
-    raw = settings.read_json_object(file, "adapter config")
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{file}: peft_type {raw['peft_type']!r} is not LORA")
-    for key, unused in _UNSUPPORTED_PEFT_KEYS.items():
-        if not _unused(raw.get(key, unused), unused):
-            raise ValueError(f"{file}: {key}={raw[key]!r} is not supported by codelm's LoRA")
-    init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: convert it to a "
-                         "plain LoRA adapter with PEFT's path_initial_model_for_weight_conversion")
-    values = {}
-    for key, (name, absent, fits, words) in _PEFT_FIELDS.items():
-        values[name] = raw.get(key, absent)
-        if not fits(values[name]):
-            raise ValueError(f"{file}: {key}={values[name]!r}: must be {words}")
-    return LoRAConfig(**values)
-
-
-def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTER_CONFIG
-                 ) -> Path:
-    """The base model an adapter's config names (a directory or a cached hub id); ``remedy``
-    ends the error otherwise."""
-    file = Path(adapter_dir) / config_name
-    base = settings.read_json_object(file, "adapter config").get("base_model_name_or_path")
-    try:
-        path = hub.checkpoint_dir(base, f"{file}: base_model_name_or_path") if base else None
-    except ValueError as e:
-        raise ValueError(f"{e}; or {remedy}") from None
-    if path is None or not path.is_dir():
-        raise ValueError(f"{file}: base_model_name_or_path {base!r} is not a local directory; "
-                         f"{remedy}")
-    return path
 
 
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -947,7 +668,7 @@ def _base_layers(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path
                  ) -> dict[str, tuple[str, torch.Tensor, torch.Tensor | None]]:
     """The file's base-tensor keys (an adapted embedding's or head's weight, PEFT's biases and
     modules_to_save) -> the codelm path, the model tensor the key names, and its rows there."""
-    slots = pretrained.hf_module_slots(model.cfg)
+    slots = families.hf_module_slots(model.cfg)
     out = {}
     for key in tensors:
         m = _KEY_RE.match(key)

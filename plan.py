@@ -19,10 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-import lora
-import pretrained
 from architecture import Transformer
-from codelm.gguf import writer
+from codelm.models import adapter_config, families, quantize
 from codelm.runs import rundir
 from codelm.runtime import hub, settings
 from codelm.runtime.settings import setting
@@ -107,16 +105,16 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     if cfg.init_adapter is None:
         return cfg
     path = hub.checkpoint_dir(cfg.init_adapter, setting(cfg, "init_adapter", where_set))
-    config_name = lora.ADAPTER_CONFIG
+    config_name = adapter_config.ADAPTER_CONFIG
     copy = rundir.adapter_copy(cfg.resume) if cfg.resume else None
     if copy is not None:  # a continued run reads its own copy of the adapter's config
         path, config_name = copy.parent, copy.name
     if not path.is_dir():
         raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory")
-    adapter = lora.read_adapter_config(path, config_name)
-    theirs = {key: getattr(adapter, name) for name, key in lora.ADAPTER_KEYS.items()}
-    base = cfg.init_from or str(lora.adapter_base(path, "name the base with --init-from",
-                                                  config_name))
+    adapter = adapter_config.read_adapter_config(path, config_name)
+    theirs = {key: getattr(adapter, name) for name, key in adapter_config.ADAPTER_KEYS.items()}
+    base = cfg.init_from or str(adapter_config.adapter_base(
+        path, "name the base with --init-from", config_name))
 
     def agrees(key: str, mine) -> bool:
         if key != "lora_targets":
@@ -164,19 +162,21 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
         path = hub.checkpoint_dir(cfg.init_from, named("init_from"))
         if not path.is_dir():
             raise ValueError(f"{named('init_from')}: not a directory")
-        if (path / lora.ADAPTER_CONFIG).is_file() and not (path / rundir.HF_CONFIG).is_file():
-            raise ValueError(f"{named('init_from')}: a LoRA adapter ({lora.ADAPTER_CONFIG}), not "
+        if ((path / adapter_config.ADAPTER_CONFIG).is_file()
+                and not (path / rundir.HF_CONFIG).is_file()):
+            raise ValueError(f"{named('init_from')}: a LoRA adapter "
+                             f"({adapter_config.ADAPTER_CONFIG}), not "
                              "a model: use its base, or the merged model (a run with "
                              "--export-merged writes it to export/merged); to train that "
                              f"adapter on, set init_adapter ({where_set('init_adapter')}) to "
                              f"{cfg.init_from}")
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
-            context = pretrained.read_config(path)[0].block_size
+            context = families.read_config(path)[0].block_size
             need(cfg.block_size <= context, "block_size",
                  f"longer than the context of {named('init_from')}, {context} positions")
         if cfg.export_gguf is not None:  # the tokenizer: build.check_gguf_export
             try:
-                writer.check_architecture(pretrained.read_config(path)[0])
+                families.check_architecture(families.read_config(path)[0])
             except ValueError as e:
                 raise ValueError(f"{named('export_gguf')}: {named('init_from')}: {e}; or set "
                                  "export_gguf none") from None
@@ -186,7 +186,7 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
                                  else cfg, 1, None, None)
             if cfg.export:  # else it trains to the end and fails writing export/
                 try:
-                    pretrained.hf_config(shape, torch.float32)
+                    families.hf_config(shape, torch.float32)
                 except ValueError as e:
                     raise ValueError(f"{e}; to train it without an HF export: "
                                      f"{settings.off_switch('export', where_set)}") from None
@@ -497,7 +497,7 @@ def step_cost(model: torch.nn.Module, block_size: int, batch_size: int, grad_acc
         powers = torch.tensor([[1.0, n, n * n] for n in lengths], dtype=torch.float64)
         c, a, b = torch.linalg.solve(powers, torch.tensor(saved, dtype=torch.float64)).tolist()
         per_sequence = max(c, 0.0) + max(a, 0.0) * block_size + max(b, 0.0) * block_size**2
-    params = lora.parameter_count(model)  # a quantized base counts its weights, not its codes
+    params = quantize.parameter_count(model)  # a quantized base counts its weights, not its codes
     width = model.cfg.n_layer * model.cfg.n_embd
     ratio = step_flops(params, width, block_size) / step_flops(params, width, longest)
     return StepCost(per_sequence * batch_size, measured_s * ratio * batch_size * grad_accum)

@@ -127,7 +127,7 @@ def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_d
 def check_family(model_dir: str, preset: str | None) -> None:
     """Refuse a checkpoint of another family than the recipe's ``preset`` (its LoRA targets)."""
     from architecture import PRESETS
-    from pretrained import read_config
+    from codelm.models.families import read_config
 
     config = Path(model_dir) / rundir.HF_CONFIG
     if preset not in PRESETS or not config.is_file():
@@ -272,8 +272,8 @@ def write_smoke_data(task: str, scratch: bool, out: Path) -> tuple[list[str], li
 
 def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0) -> Path:
     """A random toy-size HF checkpoint of the preset's family, with a BPE tokenizer of ``texts``."""
-    import pretrained
     from architecture import PRESETS, Transformer
+    from codelm.models import pretrained
     from codelm.tokenization.bpe import BPETokenizer
 
     base = PRESETS[preset]
@@ -356,7 +356,7 @@ def smoke_eval_values(values: dict) -> dict:
 def check_adapter_round_trip(base_dir: Path, export: Path) -> float:
     """The largest logit difference between the saved adapter on a fresh base and the merge."""
     import lora
-    import pretrained
+    from codelm.models import pretrained
 
     model = pretrained.load(base_dir, dtype=torch.float32)
     lora.load_adapter(model, export)

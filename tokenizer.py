@@ -458,7 +458,8 @@ def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
     raise ValueError(f"{path}: neither a HF tokenizer.json (no 'model' key) nor a codelm tokenizer file")
 
 
-# PEFT's adapter config (lora.ADAPTER_CONFIG: this floor imports nothing else of codelm).
+# PEFT's adapter config (codelm.models.adapter_config.ADAPTER_CONFIG: this floor imports nothing
+# else of codelm).
 _ADAPTER_CONFIG = "adapter_config.json"
 
 

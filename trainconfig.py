@@ -164,7 +164,7 @@ _CHOICES = {
     "base_dtype": tuple(SHORT_DTYPES),
     "lora_bias": ("none", "lora_only", "all"),
     "strategy": STRATEGIES,
-    "export_gguf": ("f32", "f16", "bf16", "q8_0"),  # codelm.gguf.writer.OUTTYPES
+    "export_gguf": ("f32", "f16", "bf16", "q8_0"),  # codelm.models.families.OUTTYPES
 }
 
 

@@ -138,7 +138,7 @@ def peak(device: torch.device) -> float:
 def load_codelm(ckpt: Path, device: torch.device, offload: bool = False):
     """codelm's model with the adapter and checkpointing on; its loss of a batch."""
     import lora
-    import pretrained
+    from codelm.models import pretrained
 
     model = pretrained.load(ckpt / "model").to(device)
     lora.load_adapter(model, ckpt / "adapter")

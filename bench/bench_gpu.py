@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bench_model import NanoLlama, _hf_llama, copy_hf_llama_weights  # noqa: E402
 
 import architecture  # noqa: E402
-import pretrained  # noqa: E402
 from architecture import PRESETS, Transformer  # noqa: E402
 from codelm import kernels  # noqa: E402
+from codelm.models import pretrained  # noqa: E402
 from codelm.models.generation import GenerationConfig, generate  # noqa: E402
 
 SECTIONS = ("parity", "kernels", "train", "ablate", "generate", "load", "checks")

@@ -33,9 +33,11 @@ import torch.nn.functional as F  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from tiny_hf import tiny_hf_model  # noqa: E402
 
-import pretrained  # noqa: E402
 from architecture import PRESETS, Transformer  # noqa: E402
-from lora import LoRAConfig, apply_lora, quantize_base  # noqa: E402
+from codelm.models import pretrained  # noqa: E402
+from codelm.models.adapter_config import LoRAConfig  # noqa: E402
+from codelm.models.quantize import quantize_base  # noqa: E402
+from lora import apply_lora  # noqa: E402
 
 # Each family with the LoRA setting of the seed project built on it (seed 002's Phi recipe is
 # QLoRA; its speed is measured here on a full-precision base, which PEFT can also run on CPU).

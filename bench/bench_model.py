@@ -76,7 +76,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 def make_checkpoint(path: Path) -> None:
     """A Llama-3.2-1B-shaped checkpoint of random bf16 weights, written by codelm in HF layout."""
-    import pretrained
+    from codelm.models import pretrained
 
     if (path / "config.json").exists():
         return

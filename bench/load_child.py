@@ -27,7 +27,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     if lib == "codelm":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import pretrained
+        from codelm.models import pretrained
 
         load = pretrained.load
     else:

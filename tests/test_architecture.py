@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pretrained
 from architecture import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
+from codelm.models import pretrained
 from codelm.models.generation import GenerationConfig, generate, stream
 
 SMALL = dict(vocab_size=96, block_size=64, n_layer=2, n_embd=64, mlp_hidden=96)

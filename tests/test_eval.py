@@ -17,6 +17,7 @@ from rapidfuzz import fuzz
 import build
 import eval as ev
 import trainconfig
+from codelm.models import adapter_config, quantize
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
 from codelm.runtime import distributed, process
@@ -1011,7 +1012,7 @@ def tiny_models(tmp_path_factory):
     from tiny_hf import save_tiny_hf
 
     import lora
-    import pretrained
+    from codelm.models import pretrained
     from tokenizer import CodeTokenizer
 
     root = tmp_path_factory.mktemp("tiny_models")
@@ -1026,7 +1027,7 @@ def tiny_models(tmp_path_factory):
                  eos_token_id=tok.eos_id)
     tok.save(base)
     model = pretrained.load(base, dtype=torch.float32)
-    lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8))
+    lora.apply_lora(model, adapter_config.LoRAConfig(r=4, alpha=8))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -2326,7 +2327,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     import torch
     from safetensors.torch import save_file
 
-    import pretrained
+    from codelm.models import pretrained
 
     cfg = trainconfig.TrainConfig(preset="tiny")
     torch.manual_seed(0)
@@ -3503,7 +3504,6 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     import torch
     from safetensors.torch import save_file
 
-    import lora
 
     m = tiny_models
     cfg = trainconfig.TrainConfig(init_from=str(m["base"]), lora_r=4, quantize_bits=bits)
@@ -3519,9 +3519,9 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1}))
     loaded = ev.load_model(str(run), "cpu", dtype="bf16").model
     want = {n: q.dequantize(torch.float32).to(torch.bfloat16)
-            for n, q in trained.named_modules() if isinstance(q, lora.QuantLinear)}
+            for n, q in trained.named_modules() if isinstance(q, quantize.QuantLinear)}
     got = {n: q.dequantize(torch.bfloat16) for n, q in loaded.named_modules()  # as forward
-           if isinstance(q, lora.QuantLinear)}
+           if isinstance(q, quantize.QuantLinear)}
     assert want and got.keys() == want.keys()
     assert all(torch.equal(got[n], w) for n, w in want.items())
     for name, p in loaded.named_parameters():  # adapters in fp32, as trained and as export/'s

@@ -11,7 +11,7 @@ from test_architecture import gen
 from test_pretrained import _ids
 from tiny_hf import MODERN, WINDOW, save_tiny_hf, tiny_checkpoints
 
-import pretrained
+from codelm.models import families, pretrained
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -152,4 +152,4 @@ def test_unsupported_rope_scaling_is_one_line_naming_the_file(tmp_path, rope, me
     values["rope_scaling"] = rope
     config.write_text(json.dumps(values))
     with pytest.raises(ValueError, match=rf"config\.json: {message}"):
-        pretrained.read_config(tmp_path)
+        families.read_config(tmp_path)

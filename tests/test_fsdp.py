@@ -162,7 +162,7 @@ def test_lora_on_a_sharded_base_trains_as_one_process_and_exports_what_peft_load
     from peft import PeftModel
 
     import lora
-    import pretrained
+    from codelm.models import pretrained
 
     base = tiny_llama(tmp_path)
     common = dict(init_from=str(base), lora_r=4, lora_alpha=8.0,
@@ -196,13 +196,12 @@ def test_lora_on_a_sharded_base_trains_as_one_process_and_exports_what_peft_load
 def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
     """``base`` with each Linear that a QLoRA run quantizes replaced by its dequantized weights,
     saved as an HF checkpoint: the base a QLoRA adapter trained on, for PEFT."""
-    import lora
-    import pretrained
+    from codelm.models import pretrained, quantize
 
     model = pretrained.load(base, device="cpu")
-    lora.quantize_base(model, bits=bits)
+    quantize.quantize_base(model, bits=bits)
     for path, q in list(model.named_modules()):
-        if isinstance(q, lora.QuantLinear):
+        if isinstance(q, quantize.QuantLinear):
             linear = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
             linear.weight.data = q.dequantize(torch.float32)
             if q.bias is not None:
@@ -217,16 +216,17 @@ def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
 QUANTIZED_BYTES = r"""
 import json, sys
 import torch
-import build, lora, trainconfig
+import build, trainconfig
+from codelm.models import quantize
 from codelm.runtime import distributed
 
 cfg = trainconfig.TrainConfig(**json.loads(open(sys.argv[1]).read()))
 dist = distributed.this_process()
 distributed.join(dist, torch.device("cpu"))
 model = build.build_model(cfg, type("Tok", (), {"vocab_size": 8})())
-whole = sum(p.nbytes for p in lora.quantized_parameters(model))
+whole = sum(p.nbytes for p in quantize.quantized_parameters(model))
 distributed.shard(model, "bf16")
-held = sum(p.to_local().nbytes for p in lora.quantized_parameters(model))
+held = sum(p.to_local().nbytes for p in quantize.quantized_parameters(model))
 seen = {}
 qkv = model.blocks[0].attn.qkv
 qkv.register_forward_pre_hook(lambda m, args: seen.update(lora=str(m.lora_A["q_proj"].dtype)))
@@ -249,7 +249,7 @@ def test_qlora_on_a_sharded_nf4_base_trains_as_one_process_and_exports_what_peft
     from peft import PeftModel
 
     import lora
-    import pretrained
+    from codelm.models import pretrained, quantize
 
     base = tiny_llama(tmp_path)
     common = dict(init_from=str(base), lora_r=4, lora_alpha=8.0, quantize_bits=4,
@@ -281,7 +281,7 @@ def test_qlora_on_a_sharded_nf4_base_trains_as_one_process_and_exports_what_peft
         "torch.bfloat16", "torch.uint8", "torch.float32")  # the scales gathered as stored
 
     model = pretrained.load(base, device="cpu")
-    lora.quantize_base(model, bits=4)
+    quantize.quantize_base(model, bits=4)
     lora.load_adapter(model, run / rundir.EXPORT_DIR)
     dequantized = transformers.AutoModelForCausalLM.from_pretrained(
         _dequantized_base(base, 4, tmp_path / "dequantized"))

@@ -10,9 +10,8 @@ import pytest
 import torch
 from test_architecture import SHAPES, _ids, _model, _spy_sdpa, gen, gen_stream
 
-import pretrained
 from architecture import Transformer
-from codelm.models import generation
+from codelm.models import generation, pretrained
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -22,11 +22,11 @@ from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
 
 import dataset
 import plan
-import pretrained
 import trainconfig
 from architecture import PRESETS, Transformer
 from codelm.gguf import __main__ as export_gguf
 from codelm.gguf import writer as gguf_writer
+from codelm.models import families, pretrained
 from tokenizer import CodeTokenizer, load_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -452,7 +452,8 @@ def test_llama_cpp_picks_codelms_top_token_on_most_positions(name, outtype, leas
 
 def test_an_adapter_is_merged_into_its_base_before_writing(checkpoints, tmp_path):
     """BASE+ADAPTER (as eval.py takes it) exports the merged weights: q rows carry the update."""
-    from lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+    from codelm.models.adapter_config import LoRAConfig
+    from lora import apply_lora, merge_lora, save_adapter
 
     model = pretrained.load(checkpoints["llama"])
     apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
@@ -571,4 +572,4 @@ def test_export_gguf_is_refused_before_training_naming_the_setting(checkpoints, 
 def test_the_runs_choices_are_the_writers_outtypes():
     flag = next(a for a in trainconfig.build_parser()._actions
                 if "--export-gguf" in a.option_strings)
-    assert [c for c in flag.choices if c is not None] == list(gguf_writer.OUTTYPES)
+    assert [c for c in flag.choices if c is not None] == list(families.OUTTYPES)

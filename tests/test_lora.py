@@ -18,19 +18,18 @@ from safetensors.torch import load_file, save_file
 from tiny_hf import save_tiny_hf, tiny_hf_config, tiny_hf_model
 
 import lora
-import pretrained
 from architecture import PRESETS, Transformer
 from codelm import kernels
+from codelm.models import adapter_config, families, pretrained, quantize
+from codelm.models.adapter_config import LoRAConfig
+from codelm.models.quantize import QuantLinear, quantize_base
 from lora import (
-    LoRAConfig,
     LoRALinear,
-    QuantLinear,
     apply_lora,
     load_adapter,
     lora_modules,
     merge_and_export,
     merge_lora,
-    quantize_base,
     save_adapter,
     unmerge_lora,
 )
@@ -309,7 +308,7 @@ def test_targeted_modules_are_the_modules_peft_and_apply_lora_adapt(tmp_path, fa
     apply_lora adapts (codelm names too); targets that select nothing are an error."""
     hf, model, _ = _pair(family, tmp_path)
     with torch.device("meta"):
-        meta = Transformer(pretrained.read_config(tmp_path / "hf")[0])
+        meta = Transformer(families.read_config(tmp_path / "hf")[0])
     peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(dict(
         r=4, alpha=8, target_modules=peft_targets)))
     peft_adapted = {n.removeprefix(lora.PEFT_PREFIX) for n, m in peft_model.named_modules()
@@ -338,10 +337,10 @@ def test_apply_adapter_layout_from_a_renamed_config_is_where_peft_puts_the_adapt
     peft_model.save_pretrained(tmp_path / "peft")
     run = tmp_path / "run"
     run.mkdir()
-    config = json.loads((tmp_path / "peft" / lora.ADAPTER_CONFIG).read_text())
+    config = json.loads((tmp_path / "peft" / adapter_config.ADAPTER_CONFIG).read_text())
     (run / "copy.json").write_text(json.dumps({**config,
                                                "base_model_name_or_path": str(tmp_path / "hf")}))
-    assert lora.adapter_base(run, "", "copy.json") == tmp_path / "hf"
+    assert adapter_config.adapter_base(run, "", "copy.json") == tmp_path / "hf"
     loaded = pretrained.load(tmp_path / "hf")
     expected = load_adapter(loaded, tmp_path / "peft")
     report = lora.apply_adapter_layout(model, run, "copy.json")
@@ -356,7 +355,8 @@ def test_apply_adapter_layout_from_a_renamed_config_is_where_peft_puts_the_adapt
     with pytest.raises(ValueError, match=r"^apply_adapter_layout works on codelm's Transformer"):
         lora.apply_adapter_layout(hf, run, "copy.json")
     fresh = pretrained.load(tmp_path / "hf")
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(run / lora.ADAPTER_CONFIG))}: not "):
+    config_file = run / adapter_config.ADAPTER_CONFIG
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(config_file))}: not "):
         lora.apply_adapter_layout(fresh, run)
     (run / "none.json").write_text(json.dumps({**config, "target_modules": ["nowhere"]}))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(run / 'none.json'))}: LoRA target"):
@@ -388,12 +388,13 @@ def test_adapters_peft_reads_differently_are_refused(tmp_path, key, value):
 
 
 def test_contracts_list_exactly_the_adapter_options_codelm_refuses():
-    """docs/contracts.md's list of refused adapter_config.json keys is lora.py's, not a copy
-    that drifts: every key read_adapter_config refuses, and no other."""
+    """docs/contracts.md's list of refused adapter_config.json keys is adapter_config's, not a
+    copy that drifts: every key read_adapter_config refuses, and no other."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "contracts.md").read_text("utf-8")
     listed = text.split("leave one unset): ", 1)[1].split("\nmerge_lora(", 1)[0]
-    assert {key.strip(" #\n") for key in listed.split(",")} == set(lora._UNSUPPORTED_PEFT_KEYS)
-    assert all(f" {init}" in text for init in lora._BASE_REWRITING_INITS)
+    refused = set(adapter_config.UNSUPPORTED_PEFT_KEYS)
+    assert {key.strip(" #\n") for key in listed.split(",")} == refused
+    assert all(f" {init}" in text for init in adapter_config._BASE_REWRITING_INITS)
 
 # Real shapes, built on the meta device (no memory): transformers configs typed from the
 # published checkpoints' config.json, codelm's from its presets.
@@ -601,7 +602,7 @@ def test_adapter_file_errors_name_the_file(tmp_path):
 
 def _drop_one_lora_B(adapter_dir) -> tuple[Path, str]:
     """Rewrite the adapter's weights without one lora_B tensor; return the file and that key."""
-    file = adapter_dir / lora.ADAPTER_WEIGHTS
+    file = adapter_dir / adapter_config.ADAPTER_WEIGHTS
     tensors = load_file(file)
     dropped = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     assert dropped in tensors
@@ -691,8 +692,8 @@ def test_a_failed_save_leaves_the_earlier_adapter_whole(tmp_path):
     _train(model, steps=2)
     _, other, _ = _pair("phi", tmp_path / "other")
     apply_lora(other, LoRAConfig(**{**setting, "r": 2 * setting["r"]}))
-    limit = len(before[lora.ADAPTER_WEIGHTS]) // 2
-    assert limit > len(before[lora.ADAPTER_CONFIG])
+    limit = len(before[adapter_config.ADAPTER_WEIGHTS]) // 2
+    assert limit > len(before[adapter_config.ADAPTER_CONFIG])
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails (EFBIG)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
@@ -708,7 +709,7 @@ def test_a_failed_save_leaves_the_earlier_adapter_whole(tmp_path):
     torch.testing.assert_close(_logits(fresh, ids), saved, atol=0, rtol=0)
     save_adapter(other, tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(before)
-    assert lora.read_adapter_config(tmp_path / "a").r == 2 * setting["r"]
+    assert adapter_config.read_adapter_config(tmp_path / "a").r == 2 * setting["r"]
 
 
 def test_partial_suffix_target_is_saved_exactly(tmp_path):
@@ -768,7 +769,8 @@ NF4_PUBLISHED = [  # the NF4 table as published with QLoRA (bitsandbytes)
 
 
 def test_nf4_levels_are_qloras():
-    torch.testing.assert_close(lora.nf4_levels(), torch.tensor(NF4_PUBLISHED), atol=1e-6, rtol=0)
+    torch.testing.assert_close(quantize.nf4_levels(), torch.tensor(NF4_PUBLISHED), atol=1e-6,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -1040,10 +1042,10 @@ def _saved_adapter(tmp_path):
 
 def _edit_adapter(adapter_dir, config=None, tensors=None):
     if config is not None:
-        file = adapter_dir / lora.ADAPTER_CONFIG
+        file = adapter_dir / adapter_config.ADAPTER_CONFIG
         file.write_text(json.dumps({**json.loads(file.read_text()), **config}))
     if tensors is not None:
-        file = adapter_dir / lora.ADAPTER_WEIGHTS
+        file = adapter_dir / adapter_config.ADAPTER_WEIGHTS
         save_file(tensors(load_file(file)), file)
 
 
@@ -1063,7 +1065,7 @@ def test_adapter_tensors_of_the_wrong_shape_or_name_are_refused(tmp_path):
     of another module or vocabulary must be errors naming the file, not a TypeError or a copy."""
     _, fresh = _saved_adapter(tmp_path)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    good = load_file(tmp_path / "a" / lora.ADAPTER_WEIGHTS)
+    good = load_file(tmp_path / "a" / adapter_config.ADAPTER_WEIGHTS)
     cases = [
         ({key: good[key][:1]}, rf"{key}' has shape \(1, 64\), the model expects \(4, 64\)"),
         ({"base_model.model.model.layers.0.scale": torch.ones(1)},
@@ -1086,8 +1088,8 @@ def test_safetensors_adapter_weights_are_preferred_over_a_pickled_copy(tmp_path)
     """PEFT reads adapter_model.safetensors when both are present (an old .bin left beside it)."""
     model, fresh = _saved_adapter(tmp_path)
     stale = {k: torch.zeros_like(v) for k, v in
-             load_file(tmp_path / "a" / lora.ADAPTER_WEIGHTS).items()}
-    torch.save(stale, tmp_path / "a" / lora.LEGACY_WEIGHTS)
+             load_file(tmp_path / "a" / adapter_config.ADAPTER_WEIGHTS).items()}
+    torch.save(stale, tmp_path / "a" / adapter_config.LEGACY_WEIGHTS)
     load_adapter(fresh, tmp_path / "a")
     ids = _ids(3)
     torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids), atol=0, rtol=0)
@@ -1177,12 +1179,12 @@ def test_damaged_or_non_dict_legacy_adapter_bin_is_an_error_naming_the_file(tmp_
     """An old PEFT adapter_model.bin: not torch's text advising weights_only=False (which runs
     any code in the file), nor a TypeError from matching a tensor as a key name."""
     _, fresh = _saved_adapter(tmp_path)
-    good = load_file(tmp_path / "a" / lora.ADAPTER_WEIGHTS)
-    (tmp_path / "a" / lora.ADAPTER_WEIGHTS).unlink()
-    write(tmp_path / "a" / lora.LEGACY_WEIGHTS, good)
+    good = load_file(tmp_path / "a" / adapter_config.ADAPTER_WEIGHTS)
+    (tmp_path / "a" / adapter_config.ADAPTER_WEIGHTS).unlink()
+    write(tmp_path / "a" / adapter_config.LEGACY_WEIGHTS, good)
     with pytest.raises(ValueError) as e:
         load_adapter(fresh, tmp_path / "a")
-    assert str(e.value) == f"{tmp_path / 'a' / lora.LEGACY_WEIGHTS}: {message}"
+    assert str(e.value) == f"{tmp_path / 'a' / adapter_config.LEGACY_WEIGHTS}: {message}"
     assert not list(lora_modules(fresh)) and all(p.requires_grad for p in fresh.parameters())
 
 
@@ -1193,9 +1195,9 @@ def test_save_adapter_records_a_path_base_as_a_string(tmp_path):
     hf_dir = tmp_path / "hf"
     apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
     save_adapter(model, tmp_path / "a", base_model_name_or_path=hf_dir)
-    config = json.loads((tmp_path / "a" / lora.ADAPTER_CONFIG).read_text())
+    config = json.loads((tmp_path / "a" / adapter_config.ADAPTER_CONFIG).read_text())
     assert config["base_model_name_or_path"] == str(hf_dir)
-    assert lora.adapter_base(tmp_path / "a", "") == hf_dir
+    assert adapter_config.adapter_base(tmp_path / "a", "") == hf_dir
 
 
 def test_training_through_merged_adapters_says_to_unmerge_first(tmp_path):
@@ -1231,7 +1233,7 @@ def test_one_string_target_explains_that_it_is_a_full_name_regex(tmp_path):
     with pytest.raises(ValueError) as e:
         load_adapter(fresh, tmp_path / "a")
     said = str(e.value)
-    assert said.startswith(f"{tmp_path / 'a' / lora.ADAPTER_CONFIG}: "), said
+    assert said.startswith(f"{tmp_path / 'a' / adapter_config.ADAPTER_CONFIG}: "), said
     assert all(w in said for w in explained), said
     assert not list(lora_modules(fresh))
 
@@ -1259,7 +1261,7 @@ def test_cli_takes_the_bases_tokenizer_files_when_the_adapter_has_none(tmp_path,
     (tmp_path / "hf" / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
     apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["fc1"]))
     save_adapter(model, tmp_path / "named")
-    assert lora.adapter_base(tmp_path / "named", "") == tmp_path / "hf"
+    assert adapter_config.adapter_base(tmp_path / "named", "") == tmp_path / "hf"
     assert lora.main([str(tmp_path / "named"), str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"model": "the base\'s"}'
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
@@ -1319,7 +1321,7 @@ def test_a_base_layer_tensor_of_a_fused_modules_rows_loads_where_peft_puts_it(tm
 
 def test_an_adapter_directory_without_weights_is_an_error_naming_it(tmp_path):
     _, fresh = _saved_adapter(tmp_path)
-    (tmp_path / "a" / lora.ADAPTER_WEIGHTS).unlink()
+    (tmp_path / "a" / adapter_config.ADAPTER_WEIGHTS).unlink()
     with pytest.raises(ValueError, match=r"a: no adapter_model\.safetensors.*adapter_model\.bin"):
         load_adapter(fresh, tmp_path / "a")
     assert not list(lora_modules(fresh))
@@ -1328,12 +1330,12 @@ def test_an_adapter_directory_without_weights_is_an_error_naming_it(tmp_path):
 def test_every_embedding_slot_covers_its_whole_table():
     """_attach adapts an Embedding as a whole (LoRAEmbedding has no rows): it relies on no family
     mapping an HF embedding to part of one, which this checks for every family."""
-    for family in pretrained.TABLES:
+    for family in families.TABLES:
         for overrides in ({}, {"multi_query": False}) if family == "gpt_bigcode" else ({},):
             hf = tiny_hf_config(family, **overrides).to_dict()
-            cfg = pretrained.TABLES[family].read_config(hf)
+            cfg = families.TABLES[family].read_config(hf)
             model = Transformer(cfg)
-            slots = {name: slot for name, slot in pretrained.hf_module_slots(cfg).items()
+            slots = {name: slot for name, slot in families.hf_module_slots(cfg).items()
                      if isinstance(model.get_submodule(slot.path), torch.nn.Embedding)}
             assert slots and all(slot.rows is None for slot in slots.values()), family
 
@@ -1345,7 +1347,7 @@ def test_every_embedding_slot_covers_its_whole_table():
 ])
 def test_an_adapter_of_another_format_version_is_refused(tmp_path, metadata, refused):
     _, fresh = _saved_adapter(tmp_path)
-    weights = tmp_path / "a" / lora.ADAPTER_WEIGHTS
+    weights = tmp_path / "a" / adapter_config.ADAPTER_WEIGHTS
     with open(weights, "rb") as f:
         assert json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"][
             lora.FORMAT_KEY] == lora.FORMAT_VERSION  # what save_adapter writes

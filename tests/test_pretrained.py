@@ -11,9 +11,9 @@ import torch
 from test_architecture import gen, gen_stream
 from tiny_hf import FAMILIES, save_tiny_hf, tiny_checkpoints, tiny_hf_model
 
-import pretrained
 import trainconfig
 from architecture import PRESETS, ModelConfig, Transformer
+from codelm.models import adapter_config, families, pretrained, quantize
 from codelm.runtime import hub
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -266,7 +266,7 @@ def test_failed_export_leaves_the_earlier_one_whole_and_no_temp(checkpoints, tmp
     pretrained.save(model, tmp_path, max_shard_bytes=max_shard_bytes)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     other = Transformer(dataclasses.replace(model.cfg, n_layer=1))
-    last = list(pretrained._param_plan(other, pretrained.TABLES["phi"]))[-1]
+    last = list(pretrained._param_plan(other, families.TABLES["phi"]))[-1]
     module, attr = last.rsplit(".", 1)
     meta = torch.empty_like(other.get_parameter(last), device="meta")
     setattr(other.get_submodule(module), attr, torch.nn.Parameter(meta))
@@ -292,11 +292,11 @@ def test_export_refuses_a_quantized_or_wrapped_model(checkpoints, tmp_path):
     import lora
 
     quantized = pretrained.load(checkpoints["llama"][0])
-    lora.quantize_base(quantized, 8)
+    quantize.quantize_base(quantized, 8)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv .*QuantLinear.*full-precision"):
         pretrained.save(quantized, tmp_path / "q")
     wrapped = pretrained.load(checkpoints["llama"][0])
-    lora.apply_lora(wrapped, lora.LoRAConfig(target_modules=["o_proj"]))
+    lora.apply_lora(wrapped, adapter_config.LoRAConfig(target_modules=["o_proj"]))
     with pytest.raises(ValueError, match=r"blocks.0.attn.proj is a LoRALinear.*merge_and_export"):
         pretrained.save(wrapped, tmp_path / "w")
     assert not (tmp_path / "q").exists() and not (tmp_path / "w").exists()
@@ -336,7 +336,7 @@ def test_save_refuses_a_run_directory_or_an_adapter_directory(checkpoints, tmp_p
     assert (run / "config.json").read_text() == train_config
     adapter = tmp_path / "adapter"
     wrapped = pretrained.load(checkpoints["llama"][0])
-    lora.apply_lora(wrapped, lora.LoRAConfig(r=2))
+    lora.apply_lora(wrapped, adapter_config.LoRAConfig(r=2))
     lora.save_adapter(wrapped, adapter)
     with pytest.raises(ValueError) as e:
         pretrained.save(model, adapter)
@@ -664,7 +664,7 @@ def test_load_imports_no_symbolic_machinery(checkpoints, family):
     import sys
 
     path = checkpoints[family][0]
-    code = ("import sys, torch; import pretrained; "
+    code = ("import sys, torch; from codelm.models import pretrained; "
             f"m = pretrained.load({str(path)!r}); m(torch.tensor([[3, 4]])); "
             "print('sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -685,7 +685,7 @@ def test_default_dtype_follows_the_checkpoint(tmp_path, stored, loaded):
 def test_hf_module_slots_map_outputs_onto_codelm_rows(checkpoints, family):
     """Each HF module's output equals the slot's rows of the codelm module's output."""
     _, hf, model = checkpoints[family]
-    slots = pretrained.hf_module_slots(model.cfg)
+    slots = families.hf_module_slots(model.cfg)
     hf_modules = dict(hf.named_modules())
     modules = dict(model.named_modules())
     linear = [n for n, m in hf_modules.items() if isinstance(m, torch.nn.Linear)]
@@ -711,14 +711,14 @@ def test_real_presets_match_transformers_shapes(name):
     import transformers
 
     cfg = PRESETS[name]
-    hf_cfg = pretrained.hf_config(cfg, torch.bfloat16)
+    hf_cfg = families.hf_config(cfg, torch.bfloat16)
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(**hf_cfg))
         model = Transformer(cfg)
     assert model.num_parameters() == hf.num_parameters()
     hf_shapes = {n: tuple(p.shape) for n, p in hf.named_parameters()}
-    for name_, slot in pretrained.hf_module_slots(cfg).items():
+    for name_, slot in families.hf_module_slots(cfg).items():
         w = dict(model.named_parameters(remove_duplicate=False))[f"{slot.path}.weight"]
         rows = w.shape[0] if slot.rows is None else len(slot.rows)
         if f"{name_}.weight" in hf_shapes:
@@ -762,7 +762,7 @@ def test_a_field_absent_from_config_json_means_what_it_means_to_transformers(che
         except (ValueError, KeyError):  # transformers refuses the config (model_type)
             continue
         try:
-            ours = pretrained.read_config(d)[0]
+            ours = families.read_config(d)[0]
         except ValueError as e:
             ours = e
         if not changed and ours == base_ours:
@@ -1225,9 +1225,10 @@ def test_export_with_a_shard_limit_below_every_tensor_writes_no_empty_shard(chec
 
 def test_cli_converts_a_bin_checkpoint_that_transformers_loads_alike(checkpoints, tmp_path,
                                                                       capsys):
-    """`python pretrained.py SRC OUT`: a pytorch_model.bin CodeGen checkpoint (the Hub's form of
-    CodeGen-350M-mono) becomes sharded safetensors with the tokenizer files beside it; the logits
-    of transformers loading OUT are those of transformers loading SRC, in the dtype asked."""
+    """`python -m codelm.models.pretrained SRC OUT`: a pytorch_model.bin CodeGen checkpoint (the
+    Hub's form of CodeGen-350M-mono) becomes sharded safetensors with the tokenizer files beside
+    it; the logits of transformers loading OUT are those of transformers loading SRC, in the
+    dtype asked."""
     import transformers
 
     path, hf, _ = checkpoints["codegen"]
@@ -1288,7 +1289,7 @@ def test_presets_table_counts_parameters_as_transformers_does(name, capsys):
     assert [row[0] for row in cells] == list(PRESETS)
     row = cells[list(PRESETS).index(name)]
     shown = dataclasses.replace(PRESETS[name], vocab_size=int(row[-2]))
-    hf_cfg = transformers.AutoConfig.for_model(**pretrained.hf_config(shown, torch.float32))
+    hf_cfg = transformers.AutoConfig.for_model(**families.hf_config(shown, torch.float32))
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     assert row[-1] == f"{hf.num_parameters():,}"

@@ -65,7 +65,7 @@ def _ids(vocab_size: int) -> torch.Tensor:
 def test_recipe_smoke_end_to_end(name, tmp_path, monkeypatch, capsys):
     import transformers
 
-    import pretrained
+    from codelm.models import pretrained
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     code = recipes.main([str(CONFIGS / f"{name}.json"), "--smoke", "--out-dir", str(tmp_path),
@@ -977,8 +977,8 @@ def test_smoke_eval_limits_cap_the_recipes_values_and_keep_smaller_ones():
 def test_the_tiny_checkpoint_keeps_the_familys_attention_sharing(tmp_path, preset):
     """Multi-query stays multi-query (one key/value head), grouped-query stays grouped (fewer
     than the heads), full stays full: the smoke run exercises the family's attention."""
-    import pretrained
     from architecture import PRESETS
+    from codelm.models import pretrained
 
     texts = [t for _, t in recipes._stdlib_texts(6000, 4)]
     base = PRESETS[preset]
@@ -1057,7 +1057,7 @@ def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is
 def test_refactotron_evaluates_in_fp32_on_cuda_as_its_seed_did(monkeypatch, tmp_path):
     """Seed 000's fix 3 (fp32 evaluation: fp16 gives a NaN validation loss): the refactotron
     recipe loads its models in fp32 on CUDA too, not eval.py's bf16/fp16 (fp16 on the seed's T4)."""
-    import pretrained
+    from codelm.models import pretrained
 
     cfg = ev.config_from_dict(json.loads((CONFIGS / "refactotron.json").read_text())["eval"])
     asked = []

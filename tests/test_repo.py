@@ -120,6 +120,8 @@ PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.sett
                                   "codelm.runtime.distributed")
 HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
 KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
+FAMILIES, PRETRAINED = "codelm.models.families", "codelm.models.pretrained"
+QUANTIZE, ADAPTER_CONFIG = "codelm.models.quantize", "codelm.models.adapter_config"
 RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
                                 "codelm.runs.trackers")
 TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokenization.batching",
@@ -131,9 +133,9 @@ BOOTSTRAP, RUNNER, SANDBOX_COMMAND = ("codelm.sandbox.bootstrap", "codelm.sandbo
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 BELOW_FLOOR_3 = TOKENIZATION | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
-    "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
-    "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record", "plan", "build",
-    "finish", BOOTSTRAP, RUNNER, GGUF_WRITER}
+    "architecture", GENERATION, "optim", "scraping", FAMILIES, PRETRAINED, QUANTIZE,
+    ADAPTER_CONFIG, "lora", "dataset", "dataconfig", "batches", "trainconfig", DISTRIBUTED,
+    "trainer", "record", "plan", "build", "finish", BOOTSTRAP, RUNNER, GGUF_WRITER}
 MAY_IMPORT = {
     PROCESS: set(),
     SETTINGS: set(),
@@ -154,9 +156,13 @@ MAY_IMPORT = {
     GENERATION: {"architecture", KERNELS},
     "optim": set(),
     "scraping": {PROCESS, SETTINGS},
-    "pretrained": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture"},
-    "lora": {PROCESS, SETTINGS, HUB, "architecture", "pretrained"},
-    GGUF_WRITER: {PROCESS, "architecture", BPE, "pretrained", "lora"},
+    FAMILIES: {SETTINGS, RUNDIR, "architecture"},
+    PRETRAINED: {PROCESS, SETTINGS, HUB, "architecture", FAMILIES, TOKENIZER_FILES, BPE},
+    QUANTIZE: set(),
+    ADAPTER_CONFIG: {SETTINGS, HUB},
+    "lora": {PROCESS, SETTINGS, "architecture", KERNELS, FAMILIES, PRETRAINED, QUANTIZE,
+             ADAPTER_CONFIG},
+    GGUF_WRITER: {PROCESS, "architecture", BPE, FAMILIES, PRETRAINED, "lora"},
     "dataconfig": {PROCESS},
     "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
                 "dataconfig", KERNELS},
@@ -166,13 +172,14 @@ MAY_IMPORT = {
     "trainer": {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, "optim",
                 "trainconfig"},
     "record": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
-    "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", "pretrained", "lora",
-             GGUF_WRITER, "trainconfig"},
+    "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
+             "trainconfig"},
     "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
               TOKENIZER_FILES,
-              "pretrained", "lora", GGUF_WRITER, "dataconfig", "dataset", "batches",
+              PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", GGUF_WRITER, "dataconfig", "dataset",
+              "batches",
               "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
-    "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, "pretrained", "lora", GGUF_WRITER,
+    "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER,
                "dataset", GENERATION, "tokenizer", "trainer", "record", "build"},
     BOOTSTRAP: set(),
     RUNNER: {PROCESS, BOOTSTRAP},
@@ -379,8 +386,8 @@ def test_the_package_installs_every_top_level_module():
 
 
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
-           "scraping/__main__.py", "tokenizer.py", "architecture.py", "pretrained.py", "lora.py",
-           "codelm/sandbox/__main__.py", "codelm/gguf/__main__.py"]
+           "scraping/__main__.py", "tokenizer.py", "architecture.py", "lora.py",
+           "codelm/sandbox/__main__.py", "codelm/gguf/__main__.py", "codelm/models/pretrained.py"]
 # Run as a script but no command: the program each sandboxed run starts, isolated (-I -S -B),
 # which imports the standard library alone (tests/test_sandbox.py)
 SANDBOX_BOOTSTRAP = "codelm/sandbox/bootstrap.py"
@@ -413,18 +420,19 @@ MISTAKES = [
     ("tokenizer.py", "required: tokenizer"),
     ("architecture.py --presets", "unknown flag --presets"),
     ("codelm/gguf/__main__.py RUN out.gguf --outtype q4", "invalid choice: 'q4'"),
-    ("pretrained.py x", "required: out"),
+    ("codelm/models/pretrained.py x", "required: out"),
     ("lora.py adapter out --dtype", "--dtype: expected one argument"),
     ("codelm/sandbox/__main__.py --timeout-s soon", "invalid float value: 'soon'"),
 ]
 
 
 def _command(script: str) -> list[str]:
-    """The arguments after ``python`` that run ``script`` (a package's __main__ through -m,
-    which puts the working directory, ROOT, first on the path)."""
+    """The arguments after ``python`` that run ``script`` (a module of a package through -m,
+    which puts the working directory, ROOT, first on the path; a package's __main__ by the
+    package's name)."""
     name, *args = script.split()
-    if name.endswith("/__main__.py"):
-        return ["-m", ".".join(name.split("/")[:-1]), *args]
+    if "/" in name:
+        return ["-m", ".".join(Path(name).with_suffix("").parts).removesuffix(".__main__"), *args]
     return [str(ROOT / name), *args]
 
 

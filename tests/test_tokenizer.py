@@ -1880,8 +1880,8 @@ def test_legitimate_model_and_tokenizer_pairs_pass_silently(role_tokenizers, tmp
     import dataclasses
     import shutil
 
-    import pretrained
     from architecture import PRESETS, Transformer
+    from codelm.models import pretrained
 
     llama3, gpt2 = role_tokenizers["llama3"], role_tokenizers["gpt2"]
     guessed = tmp_path / "guessed"  # no tokenizer_config.json: eos guessed as <|end_of_text|>

@@ -131,7 +131,7 @@ def save_tiny_hf(family: str, path: Path, seed: int = 0, **overrides):
 
 def tiny_checkpoints(names, tmp_path_factory) -> dict:
     """name -> (HF directory, transformers model, codelm model loaded from the directory)."""
-    import pretrained
+    from codelm.models import pretrained
 
     out = {}
     for name in names:
@@ -309,8 +309,8 @@ def save_tiny_adapter(root: Path, alpha: float = 4) -> tuple[Path, Path]:
     import dataclasses
 
     import lora
-    import pretrained
     from architecture import PRESETS, Transformer
+    from codelm.models import adapter_config, pretrained
     from tokenizer import CodeTokenizer
 
     tok = CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1)
@@ -318,7 +318,7 @@ def save_tiny_adapter(root: Path, alpha: float = 4) -> tuple[Path, Path]:
                                             bos_id=tok.bos_id, eos_id=tok.eos_id))
     base, adapter = Path(root) / "base", Path(root) / "adapter"
     pretrained.save(model, base)
-    lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=alpha))
+    lora.apply_lora(model, adapter_config.LoRAConfig(r=2, alpha=alpha))
     lora.save_adapter(model, adapter, base_model_name_or_path=str(base))
     return base, adapter
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import eval as evaluation
 from codelm.gguf import writer
+from codelm.models import families
 from codelm.runtime import process, settings
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "whose config names its base, or BASE+ADAPTER; an Ollama Modelfile goes beside it.")
     parser.add_argument("source", help="the model (RUN_OR_DIR)")
     parser.add_argument("out", help="the file to write, NAME.gguf")
-    parser.add_argument("--outtype", choices=writer.OUTTYPES, default="f16",
+    parser.add_argument("--outtype", choices=families.OUTTYPES, default="f16",
                         help="tensor type of the matrices (default: f16); vectors stay f32")
     parser.add_argument("--tokenizer", default=None,
                         help="a tokenizer.json (or its directory) where the source has none")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -22,8 +21,9 @@ import numpy as np
 import torch
 
 import lora
-import pretrained
-from architecture import ModelConfig, Transformer, rope_inv_freq
+from architecture import Transformer, rope_inv_freq
+from codelm.models import pretrained
+from codelm.models.families import GGUF_FAMILIES, GgufFamily, check_architecture, context_length
 from codelm.runtime import process
 from codelm.tokenization.bpe import (
     GPT2_PATTERN,
@@ -34,29 +34,6 @@ from codelm.tokenization.bpe import (
     BPETokenizer,
 )
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-
-
-@dataclass(frozen=True)
-class GgufFamily:
-    arch: str  # llama.cpp's architecture name
-    permute_qk: bool = False  # llama.cpp rotates pairs (0,1),(2,3): HF's half-split q/k rows move
-    sliding: bool = False  # llama.cpp honours a sliding window (else every layer sees it all)
-
-
-# codelm family -> llama.cpp architecture (CodeGen has none).
-GGUF_FAMILIES = {
-    "llama": GgufFamily("llama", permute_qk=True),
-    "mistral": GgufFamily("llama", permute_qk=True),
-    "qwen2": GgufFamily("qwen2"),
-    "qwen3": GgufFamily("qwen3"),
-    "starcoder2": GgufFamily("starcoder2"),
-    "gpt_bigcode": GgufFamily("starcoder"),
-    "phi": GgufFamily("phi2"),
-    "phi3": GgufFamily("phi3"),
-    "gemma": GgufFamily("gemma"),
-    "gemma2": GgufFamily("gemma2", sliding=True),
-}
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback: <0x0A>
 # The pre-tokenizer (llama.cpp's tokenizer.ggml.pre) of each Split regex codelm reads.
 PRE_TOKENIZERS = {GPT2_PATTERN: "gpt-2", STARCODER_PATTERN: "starcoder",
@@ -67,23 +44,6 @@ def check_exportable(model: Transformer, tok) -> None:
     """Refuse, naming the reason, a model llama.cpp would run differently."""
     check_architecture(model.cfg)
     _tokenizer_kind(tok)
-
-
-def check_architecture(cfg: ModelConfig) -> None:
-    """Refuse, naming the reason, an architecture llama.cpp lacks or computes differently: known
-    from the model's config alone, before its weights or tokenizer are read."""
-    if cfg.family not in GGUF_FAMILIES:
-        raise ValueError(f"family {cfg.family!r}: llama.cpp has no architecture for it; GGUF "
-                         f"export covers {', '.join(sorted(GGUF_FAMILIES))} (use the HF export "
-                         "with transformers, or vLLM)")
-    scaling = (cfg.rope_scaling or {}).get("rope_type")
-    if scaling not in (None, "linear", "llama3", "yarn") or (
-            scaling == "llama3" and not GGUF_FAMILIES[cfg.family].permute_qk):
-        raise ValueError(f"rope_scaling {scaling!r}: llama.cpp's {GGUF_FAMILIES[cfg.family].arch}"
-                         " has no such scaling")
-    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-9:
-        raise ValueError(f"attention scale {cfg.attn_scale:g} (not 1/sqrt(head_dim)): llama.cpp "
-                         "derives the scale from head_dim")
 
 
 def _tokenizer_kind(tok) -> str:
@@ -155,15 +115,6 @@ def _space_prefix(spec: dict) -> bool:
         raise ValueError("tokenizer: SentencePiece-style BPE that keeps spaces: llama.cpp's "
                          "SentencePiece tokenizer reads them as \u2581")
     return prefix
-
-
-def context_length(cfg: ModelConfig, family: GgufFamily) -> int:
-    """The context over which llama.cpp computes what codelm does: an architecture that ignores
-    a sliding window agrees with it only up to the window's length."""
-    windowed = any(cfg.slides(layer) for layer in range(cfg.n_layer))
-    if windowed and not family.sliding:
-        return min(cfg.block_size, cfg.sliding_window)
-    return cfg.block_size
 
 
 def _metadata(writer, cfg, family: GgufFamily) -> None:

@@ -184,8 +184,9 @@ def shard(model: nn.Module, precision: str) -> None:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
-    # A quantized Linear (lora.QuantLinear: integer codes, fp32 scales) is a group of its own,
-    # gathered as stored: cast to bf16, its scales would round, and every weight with them.
+    # A quantized Linear (codelm.models.quantize.QuantLinear: integer codes, fp32 scales) is a
+    # group of its own, gathered as stored: cast to bf16, its scales would round, and every
+    # weight with them.
     for module in model.modules():
         if hasattr(module, "qweight"):
             fully_shard(module, mp_policy=MixedPrecisionPolicy())

@@ -1,40 +1,19 @@
-"""HF checkpoints <-> codelm `Transformer`: one name table per family (read by loading,
-exporting and LoRA targeting), and load/save that never hold two copies of the weights."""
+"""The families codelm reads and writes, by name: each one's HF module names and config.json
+keys (read by loading, exporting and LoRA targeting), and its llama.cpp architecture (GGUF
+export)."""
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # first: the imports below load torch for seconds
-    from codelm.runtime import process
-
-    process.quiet_start_up_stops()
-
-import contextlib
-import json
-import shutil
-import sys
-import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
-from functools import partial
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from architecture import (
-    FAMILIES,
-    ROPE_SCALING_KEYS,
-    SHORT_DTYPES,
-    YARN_DEFAULTS,
-    ModelConfig,
-    Transformer,
-    cuda_half_dtype,
-    rope_inv_freq,
-)
+from architecture import FAMILIES, ROPE_SCALING_KEYS, YARN_DEFAULTS, ModelConfig
 from codelm.runs import rundir
-from codelm.runtime import process, settings
-from codelm.runtime.hub import checkpoint_dir
+from codelm.runtime import settings
 
 # --------------------------------------------------------------------------- tables
 
@@ -612,7 +591,7 @@ class ModuleSlot(NamedTuple):  # unpacks as (path, rows)
     rows: torch.Tensor | None
 
 
-def _expand(table: FamilyTable, cfg: ModelConfig) -> dict[str, tuple[str, str | None]]:
+def expand(table: FamilyTable, cfg: ModelConfig) -> dict[str, tuple[str, str | None]]:
     """HF module name -> (codelm module path, part), with layer templates expanded."""
     expanded = {}
     for hf, (path, part) in table.modules.items():
@@ -625,148 +604,16 @@ def _expand(table: FamilyTable, cfg: ModelConfig) -> dict[str, tuple[str, str | 
 def hf_module_slots(cfg: ModelConfig) -> dict[str, ModuleSlot]:
     """Every HF module name of cfg.family -> the codelm module and rows it corresponds to."""
     slots = {}
-    for hf, (path, part) in _expand(TABLES[cfg.family], cfg).items():
+    for hf, (path, part) in expand(TABLES[cfg.family], cfg).items():
         if cfg.parallel_residual and path.endswith("norm_2"):  # one norm feeds both branches
             continue
         slots[hf] = ModuleSlot(path, part_rows(cfg, part))
     return slots
 
 
-def _param_plan(model: Transformer, table: FamilyTable):
-    """codelm parameter -> [(HF tensor name, rows)], for every parameter of the model."""
-    cfg = model.cfg
-    params = dict(model.named_parameters(remove_duplicate=False))
-    modules = dict(model.named_modules(remove_duplicate=False))
-    plan: dict[str, list[tuple[str, torch.Tensor | None]]] = {}
-    for hf, (path, part) in _expand(table, cfg).items():
-        if path in modules and f"{path}.weight" not in params:
-            raise ValueError(f"{path} is a {type(modules[path]).__name__} without a full-precision "
-                             "weight: export LoRA with lora.merge_and_export or save_adapter")
-        rows = part_rows(cfg, part)
-        for suffix in ("weight", "bias"):
-            name = f"{path}.{suffix}"
-            if name in params:
-                plan.setdefault(name, []).append((f"{hf}.{suffix}", rows))
-    assert set(plan) == set(params), set(params) - set(plan)  # hf_config checked the layout
-    return plan
+# ------------------------------------------------------------------------- config.json
 
-
-# ------------------------------------------------------------------------- readers
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-class SafetensorsFile:
-    """A safetensors file (checked by safetensors): tensors as copy-on-write views of its map,
-    or read into a given buffer, so no page is both mapped and copied."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self._file = safe_open(path, "pt")
-        except SafetensorError as e:
-            raise ValueError(f"{path}: truncated or corrupt safetensors file ({e})") from None
-        self.metadata = self._file.metadata() or {}
-        with open(path, "rb") as f:  # the offsets, for read_into
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        self.entries: dict[str, int] = {}  # tensor name -> where its data starts
-        for name, e in header.items():
-            if e["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which codelm "
-                                 f"does not load (supported: {', '.join(SAFETENSORS_DTYPES)})")
-            self.entries[name] = 8 + n + e["data_offsets"][0]
-
-    def view(self, name: str) -> torch.Tensor:
-        return self._file.get_tensor(name)
-
-    def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read the tensor into a contiguous CPU tensor of its dtype (through the page cache)."""
-        with open(self.path, "rb") as f:
-            f.seek(self.entries[name])
-            f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
-
-
-def read_bin(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a pickled weights file, read with weights_only (a pickle runs code)."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True,
-                        mmap=zipfile.is_zipfile(path))  # the pre-zip format cannot be mapped
-    except Exception as e:  # zip/pickle errors of a damaged file come in many types
-        raise ValueError(f"{path}: truncated or corrupt weights file ({type(e).__name__})"
-                         ) from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                           for k, v in sd.items()):
-        raise ValueError(f"{path}: expected a state dict (names -> tensors)")
-    return sd
-
-
-# A checkpoint's weights, in the order the loader looks for them.
-MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                      "pytorch_model.bin.index.json")
-
-
-class TensorSource:
-    """Name -> tensor over one or several files (safetensors, sharded, or pytorch .bin)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}  # safetensors': views of the (unread) map
-        self.files: dict[str, SafetensorsFile] = {}  # the safetensors file of a name
-        self.origin: dict[str, Path] = {}  # the file each tensor is in (for messages)
-        found = next((directory / f for f in MODEL_WEIGHT_FILES if (directory / f).exists()), None)
-        if found is None:
-            raise ValueError(f"{directory}: no weights (model.safetensors, "
-                             "model.safetensors.index.json, pytorch_model.bin or its index)")
-        for path in self._shards(found) if found.name.endswith(".index.json") else [found]:
-            if path.suffix == ".safetensors":
-                f = SafetensorsFile(path)
-                self.files.update(dict.fromkeys(f.entries, f))
-                tensors = {name: f.view(name) for name in f.entries}
-            else:
-                tensors = read_bin(path)
-            self.tensors.update(tensors)
-            self.origin.update(dict.fromkeys(tensors, path))
-
-    @staticmethod
-    def _shards(index: Path) -> list[Path]:
-        weight_map = settings.read_json_object(index, "shard index")["weight_map"]
-        shards = [index.parent / f for f in dict.fromkeys(weight_map.values())]
-        if missing := [str(s) for s in shards if not s.exists()]:
-            raise ValueError(f"{index}: shard files missing: {missing}")
-        return shards
-
-    def whole(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The tensor in dtype on device: the view of the file map when nothing changes, else
-        read into new memory, so no page is both mapped and copied."""
-        t = self.tensors[name]
-        if name in self.files and (t.dtype != dtype or device.type != "cpu"):
-            t = torch.empty_like(t)
-            self.files[name].read_into(name, t)
-        return t.to(device=device, dtype=dtype)
-
-    def fill(self, name: str, out: torch.Tensor) -> None:
-        """Copy the tensor into `out` (a contiguous slice of a fused parameter)."""
-        dtype = self.tensors[name].dtype
-        if name in self.files and dtype == out.dtype and out.device.type == "cpu":
-            self.files[name].read_into(name, out)
-        else:
-            out.copy_(self.whole(name, dtype, torch.device("cpu")))
-
-
-# --------------------------------------------------------------------------- load
-
-def _listing(names) -> str:
-    names = sorted(names)
-    more = f" ... and {len(names) - 20} more" if len(names) > 20 else ""
-    return ", ".join(names[:20]) + more
-
-
-def _is_run_config(hf: dict) -> bool:
+def is_run_config(hf: dict) -> bool:
     """Whether a config.json is a codelm run's TrainConfig (the run's, best/'s, a checkpoint's)."""
     return hf.get("model_type") is None and {"preset", "lr", "max_steps"} <= hf.keys()
 
@@ -778,7 +625,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         raise ValueError(f"{path}: not found (is {directory} an HF checkpoint directory?)")
     hf = settings.read_json_object(path, "model config")
     model_type = hf.get("model_type")
-    if _is_run_config(hf):
+    if is_run_config(hf):
         run = Path(directory)  # or its best/ or one of its checkpoints: the run's weight files
         if any((run / f).is_file() for f in (rundir.MODEL_FILE, rundir.ADAPTER_FILE)):
             run = run.parent.parent if run.parent.name == rundir.CHECKPOINTS_DIR else run.parent
@@ -799,133 +646,6 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _config_dtype(hf: dict) -> torch.dtype | None:
-    """config.json's ``dtype`` (transformers 5) or ``torch_dtype`` (older), if it names one."""
-    name = hf.get("dtype") or hf.get("torch_dtype")
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    return dtype if isinstance(dtype, torch.dtype) else None
-
-
-def _auto_dtype(hf: dict, device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return cuda_half_dtype(device)
-    dtype = _config_dtype(hf)  # fp16 arithmetic on CPU is slow and overflows where bf16 does not
-    return dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
-
-
-def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
-                     source: TensorSource) -> torch.dtype | None:
-    """The `dtype` argument as a torch dtype; "auto": the config's, else the first float tensor's."""
-    resolved = dtype
-    if dtype == "auto":
-        found = (t.dtype for t in source.tensors.values())
-        resolved = _config_dtype(hf) or next((d for d in found if d.is_floating_point),
-                                             torch.float32)
-    elif isinstance(dtype, str):
-        resolved = SHORT_DTYPES.get(dtype, getattr(torch, dtype, None))
-    if dtype is not None and not (isinstance(resolved, torch.dtype)
-                                  and resolved.is_floating_point):
-        raise ValueError(f"dtype={dtype!r}: expected a floating-point torch dtype, its name "
-                         f"('bfloat16', 'float16', 'float32', or 'bf16', 'fp16', 'fp32'), or "
-                         f"'auto' (the checkpoint's dtype)")
-    return resolved
-
-
-def _tie_as_the_file_says(cfg: ModelConfig, table: FamilyTable, source: TensorSource,
-                           dtype: torch.dtype) -> ModelConfig:
-    """transformers' rule: a tied config whose head differs from the embeddings loads untied."""
-    weights = {path: f"{hf}.weight" for hf, (path, _) in table.modules.items()}
-    head, embeddings = weights["lm_head"], weights["wte"]
-    if not (cfg.tie_embeddings and {head, embeddings} <= source.tensors.keys()):
-        return cfg  # a head alone is the tied pair (`load`); no tensor at all is missing
-    cpu = torch.device("cpu")
-    if source.tensors[head].shape == source.tensors[embeddings].shape and torch.equal(
-            source.whole(head, dtype, cpu), source.whole(embeddings, dtype, cpu)):
-        return cfg
-    print(f"warning: {source.origin[head]}: {head} differs from {embeddings}, but the config "
-          "ties them; loading them untied, as transformers does", file=sys.stderr)
-    return replace(cfg, tie_embeddings=False)
-
-
-def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
-                  source: TensorSource) -> tuple[Transformer, dict]:
-    """The meta-device model of cfg and its `_param_plan`, checked against the file's tensors."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    plan = _param_plan(model, table)
-    present = set(source.tensors)
-    if cfg.tie_embeddings:
-        head = plan.pop("lm_head.weight")
-        if not present & {name for name, _ in plan["wte.weight"]} and head[0][0] in present:
-            # the tied pair saved under the head's name: transformers loads it into both
-            plan["wte.weight"] = head
-    params = dict(model.named_parameters(remove_duplicate=False))
-    expected = {hf_name for parts in plan.values() for hf_name, _ in parts}
-    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    if missing := expected - present:
-        raise ValueError(f"{directory}: missing tensors: {_listing(missing)}")
-    if unexpected := {n for n in present - expected - optional
-                      if not n.endswith(table.ignored_suffixes)}:
-        raise ValueError(f"{directory}: unexpected tensors: {_listing(unexpected)}")
-    for name, parts in plan.items():
-        for hf_name, rows in parts:
-            shape = tuple(params[name].shape)
-            want = shape if rows is None else (len(rows),) + shape[1:]
-            found = tuple(source.tensors[hf_name].shape)
-            if found != want:
-                raise ValueError(f"{directory}: shape mismatch for {hf_name}: expected {want} "
-                                 f"(from config.json), found {found}")
-    return model, plan
-
-
-def load(directory: str | Path, dtype: torch.dtype | str | None = None,
-         device: torch.device | str | None = None) -> Transformer:
-    """A `Transformer` from an HF checkpoint (a directory or a hub id), checked before the model
-    exists."""
-    directory = checkpoint_dir(directory)
-    if not directory.is_dir():
-        raise ValueError(f"{directory}: not a directory")
-    if (directory / process.MANIFEST_FILE).exists() and (
-            problem := process.manifest_problem(directory)):  # written by codelm: checked
-        raise ValueError(f"{directory}: {problem}: the checkpoint is damaged; use an intact copy")
-    cfg, hf = read_config(directory)
-    table = TABLES[cfg.family]
-    device = torch.device(device if device is not None else "cpu")
-    source = TensorSource(directory)
-    dtype = _requested_dtype(dtype, hf, source) or _auto_dtype(hf, device)
-    model, plan = _checked_plan(directory, cfg, table, source)
-    untied = _tie_as_the_file_says(cfg, table, source, dtype)
-    if untied is not cfg:
-        cfg = untied
-        model, plan = _checked_plan(directory, cfg, table, source)
-    params = dict(model.named_parameters(remove_duplicate=False))
-
-    state = {}
-    for name, parts in plan.items():
-        if len(parts) == 1 and parts[0][1] is None:
-            state[name] = source.whole(parts[0][0], dtype, device)
-            continue
-        out = torch.empty(params[name].shape, dtype=dtype, device=device)
-        for hf_name, rows in parts:
-            if rows is not None and bool((rows.diff() == 1).all()):
-                source.fill(hf_name, out[int(rows[0]):int(rows[-1]) + 1])
-            else:
-                out[rows.to(device)] = source.whole(hf_name, dtype, device)
-        state[name] = out
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["wte.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    if model.rope is not None:
-        # computed, not moved: to_empty on a meta buffer imports sympy (+65 MiB RSS)
-        model.rope.inv_freq = rope_inv_freq(cfg, device=device)
-    model.name_or_path = str(directory)
-    return model.eval()
-
-
-# --------------------------------------------------------------------------- save
-
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """The HF config.json of cfg; refuses a config the family cannot express."""
     table = TABLES[cfg.family]
@@ -945,181 +665,55 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return out
 
 
-def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under their HF names, in the family's layout (a tied head once)."""
-    plan = _param_plan(model, TABLES[model.cfg.family])
-    if model.cfg.tie_embeddings:
-        plan.pop("lm_head.weight")
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tensors: dict[str, torch.Tensor] = {}
-    for name, parts in plan.items():
-        p = params[name].detach()
-        for hf_name, rows in parts:
-            tensors[hf_name] = p if rows is None else p[rows.to(p.device)]
-    return tensors
+# ------------------------------------------------------------------------- llama.cpp
+
+# The tensor types a GGUF export writes the matrices in (--outtype, --export-gguf).
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-def save(model: Transformer, directory: str | Path, max_shard_bytes: float = 5 * 2**30) -> None:
-    """Write config.json + model.safetensors (or shards + index) in the family's HF layout, all
-    files in full before any replaces the last save's (config.json last)."""
-    directory = Path(directory)
-    check_output_dir(directory, "save_pretrained")
-    config = hf_config(model.cfg, model.wte.weight.dtype)
-    files = _weight_files(hf_tensors(model), max_shard_bytes)
-    files["config.json"] = json.dumps(config, indent=2) + "\n"
-    directory.mkdir(parents=True, exist_ok=True)
-    process.write_atomic_files({directory / name: data for name, data in files.items()})
-    # The last save's weight files go: a single file left beside new shards would load instead.
-    for pattern in ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model*.bin",
-                    "model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        for stale in directory.glob(pattern):
-            if stale.name not in files:
-                stale.unlink()
+@dataclass(frozen=True)
+class GgufFamily:
+    arch: str  # llama.cpp's architecture name
+    permute_qk: bool = False  # llama.cpp rotates pairs (0,1),(2,3): HF's half-split q/k rows move
+    sliding: bool = False  # llama.cpp honours a sliding window (else every layer sees it all)
 
 
-def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> None:
-    """Refuse, before any work, a directory that holds a run's TrainConfig, or a model beside
-    an ``adapter`` (or back)."""
-    config = directory / "config.json"
-    try:
-        is_run = config.is_file() and _is_run_config(settings.read_json_object(config))
-    except ValueError:  # an unreadable config.json is replaced, as any other
-        is_run = False
-    model = next((f for f in MODEL_WEIGHT_FILES if (directory / f).is_file()), None)
-    if is_run:
-        held = f"{config} is a codelm run's TrainConfig"
-    elif adapter and model is not None:
-        held = f"{directory} holds a model ({model}), which transformers would load no longer"
-    elif not adapter and (directory / "adapter_config.json").is_file():
-        held = f"{directory} holds a LoRA adapter, which transformers would load instead"
-    else:
-        return
-    raise ValueError(f"{writer}: {held}; save into another directory")
+# codelm family -> llama.cpp architecture (CodeGen has none).
+GGUF_FAMILIES = {
+    "llama": GgufFamily("llama", permute_qk=True),
+    "mistral": GgufFamily("llama", permute_qk=True),
+    "qwen2": GgufFamily("qwen2"),
+    "qwen3": GgufFamily("qwen3"),
+    "starcoder2": GgufFamily("starcoder2"),
+    "gpt_bigcode": GgufFamily("starcoder"),
+    "phi": GgufFamily("phi2"),
+    "phi3": GgufFamily("phi3"),
+    "gemma": GgufFamily("gemma"),
+    "gemma2": GgufFamily("gemma2", sliding=True),
+}
 
 
-def _weight_files(tensors: dict[str, torch.Tensor],
-                  max_shard_bytes: float) -> dict[str, process.FileContent]:
-    """File name -> content (a streaming writer): model.safetensors, or shards of at most
-    max_shard_bytes (or one tensor) and their index, split as transformers splits them."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
-    files = {f: partial(write_safetensors, tensors={n: tensors[n] for n in names})
-             for f, names in split.filename_to_tensors.items()}
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        files["model.safetensors.index.json"] = json.dumps(index, indent=2) + "\n"
-    return files
-
-
-def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> None:
-    """safetensors layout (8-byte header length, JSON header padded to 8, raw data), streamed."""
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    for name, t in tensors.items():
-        n = t.nbytes
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    for t in tensors.values():
-        t = t.detach().to("cpu").contiguous()
-        if t.numel():
-            f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+def check_architecture(cfg: ModelConfig) -> None:
+    """Refuse, naming the reason, an architecture llama.cpp lacks or computes differently: known
+    from the model's config alone, before its weights or tokenizer are read."""
+    if cfg.family not in GGUF_FAMILIES:
+        raise ValueError(f"family {cfg.family!r}: llama.cpp has no architecture for it; GGUF "
+                         f"export covers {', '.join(sorted(GGUF_FAMILIES))} (use the HF export "
+                         "with transformers, or vLLM)")
+    scaling = (cfg.rope_scaling or {}).get("rope_type")
+    if scaling not in (None, "linear", "llama3", "yarn") or (
+            scaling == "llama3" and not GGUF_FAMILIES[cfg.family].permute_qk):
+        raise ValueError(f"rope_scaling {scaling!r}: llama.cpp's {GGUF_FAMILIES[cfg.family].arch}"
+                         " has no such scaling")
+    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-9:
+        raise ValueError(f"attention scale {cfg.attn_scale:g} (not 1/sqrt(head_dim)): llama.cpp "
+                         "derives the scale from head_dim")
 
 
-# --------------------------------------------------------------------------- new checkpoints
-
-# The tokenizer and generation files that travel with a checkpoint's weights.
-HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
-GENERATION_CONFIG = "generation_config.json"
-COMPANION_FILES = ("tokenizer.json", *HF_TOKENIZER_FILES, "vocab.json", "merges.txt",
-                   "added_tokens.json", GENERATION_CONFIG)
-
-
-def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
-                      companions: str | Path, generation_from: str | Path | None = None) -> Path:
-    """Write the new directory ``out`` whole or not at all: the model (``save_weights``) and the
-    COMPANION_FILES of ``companions`` (generation_config.json of ``generation_from`` if given)."""
-    out = Path(out)
-    if out.exists():
-        raise ValueError(f"{out} already exists: name a new directory")
-
-    def build(tmp: Path) -> None:
-        save_weights(tmp)
-        for name in COMPANION_FILES:
-            source = Path(generation_from if name == GENERATION_CONFIG and generation_from
-                          else companions)
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
-        process.write_manifest(tmp)
-
-    if not process.write_dir_atomically(out, build, replace=False):
-        raise ValueError(f"{out} was written by another process meanwhile; name a new directory")
-    return out
-
-
-def copy_hf_companions(tokenizer: str | None, init_from: str | None, tok, out: Path,
-                       weights: bool) -> None:
-    """Copy into a run's export the HF files beside its tokenizer (``tokenizer``, else
-    ``init_from``'s, when it is the run's ``tok``) and ``init_from``'s generation config."""
-    from codelm.tokenization.bpe import BPETokenizer
-    from codelm.tokenization.files import tokenizer_path
-
-    def holds_runs_tokenizer(directory: str | None) -> bool:
-        with contextlib.suppress(OSError, ValueError):
-            return directory is not None and isinstance(tok, BPETokenizer) and json.loads(
-                tokenizer_path(directory).read_text("utf-8")) == tok.spec
-        return False
-
-    source = tokenizer if tokenizer is not None else init_from
-    if holds_runs_tokenizer(source):
-        where = tokenizer_path(source).parent
-        for name in HF_TOKENIZER_FILES:
-            if (where / name).is_file():
-                shutil.copyfile(where / name, out / name)
-        config = out / HF_TOKENIZER_FILES[0]
-        if (where / config.name).is_file():
-            written = json.loads(config.read_text("utf-8"))
-            written["tokenizer_class"] = "PreTrainedTokenizerFast"  # tok.save's
-            for role in ("bos", "eos", "pad"):  # a role codelm guessed (the run trained with it)
-                i = getattr(tok, f"{role}_id")
-                if f"{role}_token" not in written and i is not None:
-                    written[f"{role}_token"] = tok.id_to_token(i)
-            config.write_text(json.dumps(written, ensure_ascii=False, indent=2), "utf-8")
-    generation = Path(init_from or "") / GENERATION_CONFIG
-    if (weights and init_from is not None and generation.is_file()
-            and (tokenizer is None or holds_runs_tokenizer(init_from))):
-        shutil.copyfile(generation, out / GENERATION_CONFIG)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = settings.ArgumentParser(
-        description="Convert a local HF checkpoint codelm loads (safetensors or .bin, sharded or "
-        "not) into a new safetensors directory in the family's HF layout, cast to --dtype; "
-        "'python -m codelm.gguf --help': write one as GGUF for llama.cpp and Ollama.")
-    parser.add_argument("checkpoint", help="the checkpoint directory")
-    parser.add_argument("out", help="the new directory (must not exist)")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (the checkpoint's own) | bf16 | fp16 | fp32 (default: auto)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0,
-                        help="shard size limit (default: 5.0; inf: one file)")
-    args = parser.parse_args(argv)
-
-    def convert() -> None:
-        if not args.max_shard_gb > 0:
-            raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
-        model = load(args.checkpoint, dtype=args.dtype)
-        shard = args.max_shard_gb * 2**30  # inf: one file
-        export_checkpoint(args.out, partial(save, model, max_shard_bytes=shard), args.checkpoint)
-        print(f"wrote {args.out} ({model.cfg.family}, {model.wte.weight.dtype})")
-
-    return process.run_tool(convert, "interrupted: nothing written")
-
-
-if __name__ == "__main__":
-    sys.exit(process.run_main(main))
+def context_length(cfg: ModelConfig, family: GgufFamily) -> int:
+    """The context over which llama.cpp computes what codelm does: an architecture that ignores
+    a sliding window agrees with it only up to the window's length."""
+    windowed = any(cfg.slides(layer) for layer in range(cfg.n_layer))
+    if windowed and not family.sliding:
+        return min(cfg.block_size, cfg.sliding_window)
+    return cfg.block_size

@@ -1,0 +1,136 @@
+"""A LoRA adapter's files and settings: their names, ``LoRAConfig`` (PEFT's LoraConfig under plain
+names), and the one check of an adapter_config.json (``read_adapter_config``), which refuses
+what codelm's LoRA does not compute as PEFT does."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from codelm.runtime import hub, settings
+
+# init_adapter's adapter_config.json -> the TrainConfig keys it sets (by LoRAConfig's names).
+ADAPTER_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                "use_dora": "lora_dora", "bias": "lora_bias",
+                "modules_to_save": "lora_modules_to_save",
+                "target_modules": "lora_targets"}
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
+
+# PEFT adapter_config.json keys codelm cannot honour, with the value that means "feature unused".
+UNSUPPORTED_PEFT_KEYS = {
+    "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+    "layers_pattern": None, "lora_bias": False, "fan_in_fan_out": False,
+    "target_parameters": None, "exclude_modules": None, "layer_replication": None,
+    "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
+    "use_bdlora": None, "kasa_config": None, "monteclora_config": None, "arrow_config": None,
+    "ensure_weight_tying": False,
+}
+# init_lora_weights values under which PEFT rewrites the base weights when it loads the adapter.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+@dataclass
+class LoRAConfig:
+    """PEFT's LoraConfig fields under plain names, checked where they enter. ``target_modules``:
+    names matching a module name or its dotted suffix, or one regular expression (PEFT's rules)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["qkv", "attn.proj"])
+    bias: str = "none"  # PEFT's: also train and save the adapted modules' biases, or all biases
+    modules_to_save: list[str] | None = None  # PEFT's: modules trained whole and saved
+    use_rslora: bool = False
+    use_dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output row
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised scaling)."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _unused(value: object, unused: object) -> bool:
+    """PEFT writes a feature's absence as null, false, {} or [] (by type: 0 is layer 0)."""
+    return (value is None or value is False or value in ({}, [])
+            or (type(value) is type(unused) and value == unused))
+
+
+def adapters_below(path: Path) -> str:
+    """" (RUN/export holds one)": for a directory given where an adapter's is wanted."""
+    inside = sorted(p.parent for p in path.glob(f"*/{ADAPTER_CONFIG}"))
+    return f" ({', '.join(map(str, inside))} holds one)" if inside else ""
+
+
+def _is_targets(value: object) -> bool:
+    """A non-empty list of module names, or one regular expression: PEFT's two forms."""
+    if isinstance(value, str):
+        try:
+            return re.compile(value) is not None
+        except re.error:
+            return False
+    return isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value)
+
+
+# adapter_config.json key -> (LoRAConfig field, value when absent, test of the value, its words)
+_PEFT_FIELDS = {
+    "r": ("r", None, lambda v: settings.is_number(v, int) and v > 0, "a positive integer"),
+    "lora_alpha": ("alpha", None, lambda v: settings.is_number(v) and math.isfinite(v) and v != 0,
+                   "a finite number other than 0"),
+    "lora_dropout": ("dropout", 0.0, lambda v: settings.is_number(v) and 0 <= v < 1,
+                     "a number in [0, 1)"),
+    "target_modules": ("target_modules", None, _is_targets,
+                       "a list of module names or one valid regular expression"),
+    "bias": ("bias", "none", lambda v: v in ("none", "lora_only", "all"),
+             "'none', 'lora_only' or 'all'"),
+    "modules_to_save": ("modules_to_save", None, lambda v: v is None or (
+        isinstance(v, list) and all(isinstance(m, str) for m in v)), "a list of module names"),
+    "use_rslora": ("use_rslora", False, lambda v: isinstance(v, bool), "true/false"),
+    "use_dora": ("use_dora", False, lambda v: isinstance(v, bool), "true/false"),
+}
+
+
+def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> LoRAConfig:
+    """The LoRAConfig of an adapter directory, refusing what codelm cannot honour: the one check
+    of every adapter_config.json read (``config_name``: a run's copy has its own name)."""
+    path = Path(path)
+    file = path / config_name
+    if not file.is_file():
+        raise ValueError(f"{file}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
+                         f"{ADAPTER_WEIGHTS}{adapters_below(path)}")
+    raw = settings.read_json_object(file, "adapter config")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{file}: peft_type {raw['peft_type']!r} is not LORA")
+    for key, unused in UNSUPPORTED_PEFT_KEYS.items():
+        if not _unused(raw.get(key, unused), unused):
+            raise ValueError(f"{file}: {key}={raw[key]!r} is not supported by codelm's LoRA")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: convert it to a "
+                         "plain LoRA adapter with PEFT's path_initial_model_for_weight_conversion")
+    values = {}
+    for key, (name, absent, fits, words) in _PEFT_FIELDS.items():
+        values[name] = raw.get(key, absent)
+        if not fits(values[name]):
+            raise ValueError(f"{file}: {key}={values[name]!r}: must be {words}")
+    return LoRAConfig(**values)
+
+
+def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTER_CONFIG
+                 ) -> Path:
+    """The base model an adapter's config names (a directory or a cached hub id); ``remedy``
+    ends the error otherwise."""
+    file = Path(adapter_dir) / config_name
+    base = settings.read_json_object(file, "adapter config").get("base_model_name_or_path")
+    try:
+        path = hub.checkpoint_dir(base, f"{file}: base_model_name_or_path") if base else None
+    except ValueError as e:
+        raise ValueError(f"{e}; or {remedy}") from None
+    if path is None or not path.is_dir():
+        raise ValueError(f"{file}: base_model_name_or_path {base!r} is not a local directory; "
+                         f"{remedy}")
+    return path
