@@ -40,6 +40,7 @@ from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
 from codelm.runtime.settings import setting
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.files import TOKENIZER_FILE, tokenizer_path
+from codelm.trainconfig import TrainConfig, data_config, default_block_size, model_config
 from dataconfig import DataConfig
 from dataset import (
     SamplePrompt,
@@ -51,7 +52,6 @@ from dataset import (
 from plan import MAX_EPOCHS, BudgetClock, Probe
 from record import RunRecord
 from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is
-from trainconfig import TrainConfig, data_config, default_block_size, model_config
 from trainer import Trainer, autocast, checked_precision
 
 

@@ -43,8 +43,8 @@ from torch.nn.utils.rnn import pad_sequence
 import build
 import lora
 import pretrained
-import trainconfig
 from architecture import SHORT_DTYPES
+from codelm import trainconfig
 from codelm.models.generation import (
     FUNCTION_STOPS,
     MIN_TEMPERATURE,

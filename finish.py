@@ -31,8 +31,8 @@ from trainer import perplexity
 
 if typing.TYPE_CHECKING:
     from codelm.tokenization.bpe import BPETokenizer
+    from codelm.trainconfig import TrainConfig
     from tokenizer import CodeTokenizer
-    from trainconfig import TrainConfig
 
 
 def export_run(run: Run) -> tuple[Path | None, str | None]:

@@ -45,14 +45,14 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 import plan
-import trainconfig
 import trainingmanager
+from codelm import trainconfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.process import progress_bar
+from codelm.trainconfig import TrainConfig
 from record import NonFiniteLossError
-from trainconfig import TrainConfig
 
 ROOT = Path(__file__).resolve().parent
 SPACES_DIR = settings.bundled("configs", "search_spaces")

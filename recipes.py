@@ -26,8 +26,8 @@ import torch
 
 import eval as ev
 import plan
-import trainconfig
 import trainingmanager as tm
+from codelm import trainconfig
 from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.hub import checkpoint_dir

@@ -29,7 +29,7 @@ from codelm.runtime.process import duration, progress_bar
 from codelm.runtime.rng import rng_state
 
 if typing.TYPE_CHECKING:
-    from trainconfig import TrainConfig
+    from codelm.trainconfig import TrainConfig
     from trainer import StepStats, Trainer
 
 

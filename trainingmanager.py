@@ -44,9 +44,8 @@ from codelm.runtime import distributed, process, settings
 from codelm.runtime.distributed import Dist, RankZeroFailed, resolve_device
 from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything
-from plan import BUDGET_LADDER, BudgetClock, parse_config
-from record import NonFiniteLossError, Progress, divergence_causes
-from trainconfig import (
+from codelm.trainconfig import (
+    BUDGET_LADDER,
     OVERFIT_STEPS,
     TrainConfig,
     build_parser,
@@ -54,6 +53,8 @@ from trainconfig import (
     model_config,
     overfit_settings,
 )
+from plan import BudgetClock, parse_config
+from record import NonFiniteLossError, Progress, divergence_causes
 from trainer import STOP_SIGNALS, StepAbandoned, StepStats, StopSignals, Trainer, perplexity
 
 OVERFIT_CORPUS = settings.bundled("data", "overfit")

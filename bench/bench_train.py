@@ -36,7 +36,7 @@ import trainingmanager as tm  # noqa: E402
 from batches import Batches  # noqa: E402
 from codelm.runs import rundir  # noqa: E402
 from codelm.runtime.distributed import Dist, resolve_device  # noqa: E402
-from trainconfig import TrainConfig  # noqa: E402
+from codelm.trainconfig import TrainConfig  # noqa: E402
 from trainer import Trainer, autocast  # noqa: E402
 
 WARMUP = 2

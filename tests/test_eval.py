@@ -16,7 +16,7 @@ from rapidfuzz import fuzz
 
 import build
 import eval as ev
-import trainconfig
+from codelm import trainconfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
 from codelm.runtime import distributed, process

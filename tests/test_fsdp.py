@@ -28,8 +28,8 @@ from test_trainingmanager import (
 )
 
 import plan
-import trainconfig
 import trainingmanager as tm
+from codelm import trainconfig
 from codelm.runs import checkpoint, rundir
 from codelm.runtime import distributed
 
@@ -217,7 +217,8 @@ def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
 QUANTIZED_BYTES = r"""
 import json, sys
 import torch
-import build, lora, trainconfig
+import build, lora
+from codelm import trainconfig
 from codelm.runtime import distributed
 
 cfg = trainconfig.TrainConfig(**json.loads(open(sys.argv[1]).read()))

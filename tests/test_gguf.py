@@ -23,8 +23,8 @@ from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
 import dataset
 import plan
 import pretrained
-import trainconfig
 from architecture import PRESETS, Transformer
+from codelm import trainconfig
 from codelm.gguf import __main__ as export_gguf
 from codelm.gguf import writer as gguf_writer
 from tokenizer import CodeTokenizer, load_tokenizer

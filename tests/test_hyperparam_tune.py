@@ -31,9 +31,9 @@ from tiny_hf import save_tiny_hf
 import hyperparam_tune
 import plan
 import record
-import trainconfig
 import trainer
 import trainingmanager
+from codelm import trainconfig
 from codelm.runs import rundir
 from codelm.runtime import process
 from dataset import DataError, stdlib_files, stdlib_root

@@ -12,8 +12,8 @@ from test_architecture import gen, gen_stream
 from tiny_hf import FAMILIES, save_tiny_hf, tiny_checkpoints, tiny_hf_model
 
 import pretrained
-import trainconfig
 from architecture import PRESETS, ModelConfig, Transformer
+from codelm import trainconfig
 from codelm.runtime import hub
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -25,8 +25,8 @@ from procs import popen, signal_when
 import eval as ev
 import plan
 import recipes
-import trainconfig
 import trainingmanager as tm
+from codelm import trainconfig
 from codelm.runs import rundir
 from codelm.runtime import settings
 

@@ -126,11 +126,12 @@ TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokeni
                                      "codelm.tokenization.source")
 BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
 GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
+TRAINCONFIG = "codelm.trainconfig"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 BELOW_FLOOR_3 = TOKENIZATION | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
-    "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record", "plan", "build",
+    "dataconfig", "batches", TRAINCONFIG, DISTRIBUTED, "trainer", "record", "plan", "build",
     "finish", "sandbox", GGUF_WRITER}
 MAY_IMPORT = {
     PROCESS: set(),
@@ -159,17 +160,16 @@ MAY_IMPORT = {
     "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
                 "dataconfig", KERNELS},
     "batches": {"dataset", KERNELS},
-    "trainconfig": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", "optim",
-                    "dataconfig"},
+    TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", "dataconfig"},
     "trainer": {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, "optim",
-                "trainconfig"},
+                TRAINCONFIG},
     "record": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", "pretrained", "lora",
-             GGUF_WRITER, "trainconfig"},
+             GGUF_WRITER, TRAINCONFIG},
     "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
               TOKENIZER_FILES,
               "pretrained", "lora", GGUF_WRITER, "dataconfig", "dataset", "batches",
-              "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
+              TRAINCONFIG, DISTRIBUTED, "trainer", "record", "plan"},
     "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, "pretrained", "lora", GGUF_WRITER,
                "dataset", GENERATION, "tokenizer", "trainer", "record", "build"},
     "sandbox": {PROCESS, SETTINGS},

@@ -27,12 +27,11 @@ import dataset
 import finish
 import plan
 import record
-import trainconfig
 import trainer as trainer_module
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
 from batches import Batches, BatchOrder
-from codelm import kernels
+from codelm import kernels, trainconfig
 from codelm.models import generation
 from codelm.runs import checkpoint, rundir, trackers
 from codelm.runtime import distributed, process, rng, settings
@@ -1301,7 +1300,7 @@ def test_preset_auto_refuses_a_block_beyond_the_machine_before_timing_a_rung_unl
                               lr=None, warmup_steps=None)
     assert tm.main(["--config", fixed, "--force"]) == 0
     captured = capsys.readouterr()
-    smallest = plan.BUDGET_LADDER[0]["preset"]
+    smallest = trainconfig.BUDGET_LADDER[0]["preset"]
     assert f"preset auto: {smallest}" in captured.out and "untimed" in captured.out
     assert "warning: block_size 32 x batch_size 4" in captured.err
     saved = json.loads((tmp_path / "runs" / "forced" / "config.json").read_text())
@@ -1682,7 +1681,7 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
         short = 1.0 if cfg.batch_size < 8 else 0.25  # in bf16 too
         return plan.Probe(100 * cfg.batch_size // 2, rates[cfg.batch_size] * speed * short)
 
-    monkeypatch.setattr(plan, "BUDGET_LADDER", ladder)
+    monkeypatch.setattr(trainconfig, "BUDGET_LADDER", ladder)
     monkeypatch.setattr(build, "measure_speed", probe)
     monkeypatch.setattr(build, "time_a_step", lambda *args: (0.5, 2.0))
     monkeypatch.setattr(build, "budget_left", lambda cfg, created: 12.0)

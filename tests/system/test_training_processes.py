@@ -37,9 +37,9 @@ from test_trainingmanager import (
 
 import build
 import plan
-import trainconfig
 import trainer as trainer_module
 import trainingmanager as tm
+from codelm import trainconfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir, trackers
 from codelm.runtime import distributed, process
