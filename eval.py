@@ -40,7 +40,6 @@ import torch
 from rapidfuzz.distance import Indel
 from torch.nn.utils.rnn import pad_sequence
 
-import build
 import lora
 import pretrained
 from architecture import SHORT_DTYPES
@@ -56,6 +55,7 @@ from codelm.models.generation import (
 from codelm.runs import checkpoint, rundir
 from codelm.runtime import hub, process, settings
 from codelm.runtime.process import progress_bar
+from codelm.training import build
 from sandbox import (
     MIN_MEMORY_MB,
     SandboxConfig,

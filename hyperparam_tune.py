@@ -44,7 +44,6 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimi
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-import plan
 import trainingmanager
 from codelm import trainconfig
 from codelm.runs import checkpoint as checkpoint_module
@@ -52,7 +51,8 @@ from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.process import progress_bar
 from codelm.trainconfig import TrainConfig
-from record import NonFiniteLossError
+from codelm.training import plan
+from codelm.training.record import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parent
 SPACES_DIR = settings.bundled("configs", "search_spaces")

@@ -90,7 +90,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; None: epochs, else time_budget_min's
     epochs: float | None = None  # the run's length in passes over the data (not with max_steps)
     optimizer: str | None = None  # adamw | muon (Muon on the blocks' matrices, AdamW on the
-    #   rest: optim.py); None: preset auto's choice, else adamw
+    #   rest: codelm.training.optim); None: preset auto's choice, else adamw
     lr: float | None = None  # peak learning rate; None: preset auto's choice, else 1e-3
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     warmup_steps: int | None = None  # linear warmup, then the decay; None: 2% of a budgeted

@@ -27,11 +27,11 @@ from test_trainingmanager import (
     write_config,
 )
 
-import plan
 import trainingmanager as tm
 from codelm import trainconfig
 from codelm.runs import checkpoint, rundir
 from codelm.runtime import distributed
+from codelm.training import plan
 
 assets = test_trainingmanager.assets  # the fixtures: a small corpus and its tokenizer,
 one_thread = test_trainingmanager.one_thread  # one thread for bit-exact comparisons
@@ -217,7 +217,8 @@ def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
 QUANTIZED_BYTES = r"""
 import json, sys
 import torch
-import build, lora
+import lora
+from codelm.training import build
 from codelm import trainconfig
 from codelm.runtime import distributed
 

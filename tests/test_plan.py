@@ -1,12 +1,12 @@
-"""plan.py: preset auto's measures of the machine and the time budget's clock."""
+"""codelm.training.plan: preset auto's measures of the machine and the time budget's clock."""
 
 import subprocess
 import sys
 
 import pytest
 
-import plan
 from codelm import trainconfig
+from codelm.training import plan
 
 
 def test_the_budget_clock_starts_the_decay_by_the_clock_or_at_the_data_s_end():

@@ -127,12 +127,16 @@ TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokeni
 BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
 GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 TRAINCONFIG = "codelm.trainconfig"
+PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build",
+                                 "codelm.training.trainer", "codelm.training.batches")
+RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
+                         "codelm.training.optim")
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 BELOW_FLOOR_3 = TOKENIZATION | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
-    "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
-    "dataconfig", "batches", TRAINCONFIG, DISTRIBUTED, "trainer", "record", "plan", "build",
-    "finish", "sandbox", GGUF_WRITER}
+    "architecture", GENERATION, OPTIM, "scraping", "pretrained", "lora", "dataset",
+    "dataconfig", BATCHES, TRAINCONFIG, DISTRIBUTED, TRAINER, RECORD, PLAN, BUILD,
+    FINISH, "sandbox", GGUF_WRITER}
 MAY_IMPORT = {
     PROCESS: set(),
     SETTINGS: set(),
@@ -151,7 +155,7 @@ MAY_IMPORT = {
     KERNELS: set(),
     "architecture": {KERNELS},
     GENERATION: {"architecture", KERNELS},
-    "optim": set(),
+    OPTIM: set(),
     "scraping": {PROCESS, SETTINGS},
     "pretrained": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture"},
     "lora": {PROCESS, SETTINGS, HUB, "architecture", "pretrained"},
@@ -159,19 +163,17 @@ MAY_IMPORT = {
     "dataconfig": {PROCESS},
     "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
                 "dataconfig", KERNELS},
-    "batches": {"dataset", KERNELS},
+    BATCHES: {"dataset", KERNELS},
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", "dataconfig"},
-    "trainer": {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, "optim",
-                TRAINCONFIG},
-    "record": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
-    "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", "pretrained", "lora",
-             GGUF_WRITER, TRAINCONFIG},
-    "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
-              TOKENIZER_FILES,
-              "pretrained", "lora", GGUF_WRITER, "dataconfig", "dataset", "batches",
-              TRAINCONFIG, DISTRIBUTED, "trainer", "record", "plan"},
-    "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, "pretrained", "lora", GGUF_WRITER,
-               "dataset", GENERATION, "tokenizer", "trainer", "record", "build"},
+    TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
+    RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
+    PLAN: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", "pretrained", "lora", GGUF_WRITER,
+           TRAINCONFIG},
+    BUILD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
+            TOKENIZER_FILES, "pretrained", "lora", GGUF_WRITER, "dataconfig", "dataset", BATCHES,
+            TRAINCONFIG, DISTRIBUTED, TRAINER, RECORD, PLAN},
+    FINISH: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, "pretrained", "lora", GGUF_WRITER,
+             "dataset", GENERATION, "tokenizer", TRAINER, RECORD, BUILD},
     "sandbox": {PROCESS, SETTINGS},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},

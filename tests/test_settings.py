@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import plan
 from codelm import trainconfig
 from codelm.runtime import settings
+from codelm.training import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

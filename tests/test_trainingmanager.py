@@ -22,19 +22,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import build
 import dataset
-import finish
-import plan
-import record
-import trainer as trainer_module
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
-from batches import Batches, BatchOrder
 from codelm import kernels, trainconfig
 from codelm.models import generation
 from codelm.runs import checkpoint, rundir, trackers
 from codelm.runtime import distributed, process, rng, settings
+from codelm.training import build, finish, plan, record
+from codelm.training import trainer as trainer_module
+from codelm.training.batches import Batches, BatchOrder
 from dataset import collate, stdlib_files, supervised_example
 from tokenizer import CodeTokenizer, load_tokenizer
 
@@ -856,7 +853,7 @@ def test_labels_that_are_not_the_next_tokens_stop_the_run(assets, tmp_path, monk
 KILLER = r"""
 import os, signal, sys
 import torch
-import trainer as trainer_module
+from codelm.training import trainer as trainer_module
 import trainingmanager as tm
 
 mode, at = sys.argv[1], int(sys.argv[2])
@@ -4285,7 +4282,7 @@ def test_muon_steps_as_torchs_own_adamw_and_muon_side_by_side():
     embedding, the head and the vectors, one schedule over both: the same weights, bit for bit,
     as the two torch optimizers stepped separately."""
     from architecture import PRESETS, Transformer
-    from optim import build_optimizer
+    from codelm.training.optim import build_optimizer
 
     torch.manual_seed(0)
     ours = Transformer(dataclasses.replace(PRESETS["tiny"], tie_embeddings=False))

@@ -23,7 +23,7 @@ from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
 from codelm.runtime.process import progress_bar
 from codelm.runtime.settings import setting
 from codelm.trainconfig import TrainConfig
-from optim import build_optimizer
+from codelm.training.optim import build_optimizer
 
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
 # A stop that a step has not acted on this long after it came (one of its operations runs on) is

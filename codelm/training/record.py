@@ -30,7 +30,7 @@ from codelm.runtime.rng import rng_state
 
 if typing.TYPE_CHECKING:
     from codelm.trainconfig import TrainConfig
-    from trainer import StepStats, Trainer
+    from codelm.training.trainer import StepStats, Trainer
 
 
 class NonFiniteLossError(RuntimeError):
