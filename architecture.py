@@ -199,7 +199,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Set vocab_size to the tokenizer's on a copy: dataclasses.replace(preset, vocab_size=n).
     "tiny": ModelConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
                     n_embd=64, mlp_hidden=176, tie_embeddings=True),
-    # The small rungs of plan.BUDGET_LADDER, named layers x width.
+    # The small rungs of trainconfig.BUDGET_LADDER, named layers x width.
     "code-3x128": ModelConfig(block_size=256, n_layer=3, n_head=4, n_embd=128, mlp_hidden=352,
                               tie_embeddings=True),
     "code-4x160": ModelConfig(block_size=256, n_layer=4, n_head=5, n_embd=160, mlp_hidden=448,

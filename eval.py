@@ -40,10 +40,9 @@ import torch
 from rapidfuzz.distance import Indel
 from torch.nn.utils.rnn import pad_sequence
 
-import build
 import lora
-import trainconfig
 from architecture import SHORT_DTYPES
+from codelm import trainconfig
 from codelm.models import adapter_config, pretrained, quantize
 from codelm.models.generation import (
     FUNCTION_STOPS,
@@ -65,6 +64,7 @@ from codelm.sandbox.runner import (
     kill_running,
     run_python,
 )
+from codelm.training import build
 
 if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a task needs them
     from codelm.tokenization.bpe import BPETokenizer

@@ -44,15 +44,15 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimi
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-import plan
-import trainconfig
 import trainingmanager
+from codelm import trainconfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.process import progress_bar
-from record import NonFiniteLossError
-from trainconfig import TrainConfig
+from codelm.trainconfig import TrainConfig
+from codelm.training import plan
+from codelm.training.record import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parent
 SPACES_DIR = settings.bundled("configs", "search_spaces")

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 import eval as ev
-import plan
-import trainconfig
 import trainingmanager as tm
+from codelm import trainconfig
 from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.hub import checkpoint_dir
+from codelm.training import plan
 from scraping import is_git_source
 
 # --------------------------------------------------------------------------------------- recipes

@@ -1,11 +1,11 @@
 """Training for codelm: one loop (``train``) for from-scratch, fine-tuning and LoRA runs.
 
-``train`` reads top to bottom: the plan (plan.py: preset auto, hub ids, an init_adapter's
-settings), the build (build.py: run directory, data, model, trainer, a resumed checkpoint), the
-step loop (Trainer.train_step: forward, loss, backward, clip, optimizer step), evaluation and
-checkpoints at their intervals (record.py), and the end (finish.py: the export). A non-finite
-loss stops the run naming the last good checkpoint; checkpoints continue bit-exactly;
-``--overfit`` is the debugging ritual as a command."""
+``train`` reads top to bottom (codelm.training's modules): the plan (plan: preset auto, hub
+ids, an init_adapter's settings), the build (build: run directory, data, model, trainer, a
+resumed checkpoint), the step loop (Trainer.train_step: forward, loss, backward, clip, optimizer
+step), evaluation and checkpoints at their intervals (record), and the end (finish: the
+export). A non-finite loss stops the run naming the last good checkpoint; checkpoints continue
+bit-exactly; ``--overfit`` is the debugging ritual as a command."""
 
 from __future__ import annotations
 
@@ -30,12 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import build
-import finish
-import plan
 from architecture import Transformer
-from batches import Where
-from build import Run
 from codelm.models.generation import GenerationConfig, generate
 from codelm.runs import rundir
 from codelm.runs.checkpoint import StepStart
@@ -44,9 +39,8 @@ from codelm.runtime import distributed, process, settings
 from codelm.runtime.distributed import Dist, RankZeroFailed, resolve_device
 from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything
-from plan import BUDGET_LADDER, BudgetClock, parse_config
-from record import NonFiniteLossError, Progress, divergence_causes
-from trainconfig import (
+from codelm.trainconfig import (
+    BUDGET_LADDER,
     OVERFIT_STEPS,
     TrainConfig,
     build_parser,
@@ -54,7 +48,19 @@ from trainconfig import (
     model_config,
     overfit_settings,
 )
-from trainer import STOP_SIGNALS, StepAbandoned, StepStats, StopSignals, Trainer, perplexity
+from codelm.training import build, finish, plan
+from codelm.training.batches import Where
+from codelm.training.build import Run
+from codelm.training.plan import BudgetClock, parse_config
+from codelm.training.record import NonFiniteLossError, Progress, divergence_causes
+from codelm.training.trainer import (
+    STOP_SIGNALS,
+    StepAbandoned,
+    StepStats,
+    StopSignals,
+    Trainer,
+    perplexity,
+)
 
 OVERFIT_CORPUS = settings.bundled("data", "overfit")
 OVERFIT_LOSS = 0.05  # "memorised": the --overfit and --overfit-batches target

@@ -184,7 +184,7 @@ def packed_rows(args, vocab: int) -> list[list[Example]]:
     """The packing part's steps: the examples of one of codelm's packed rows each."""
     from bench_packing import function_lengths
 
-    from batches import first_fit_rows
+    from codelm.training.batches import first_fit_rows
 
     lengths = function_lengths(args.seq)
     generator = torch.Generator().manual_seed(0)

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from architecture import PRESETS, Transformer  # noqa: E402
 from codelm.runtime import distributed, settings  # noqa: E402
-from optim import build_optimizer  # noqa: E402
+from codelm.training.optim import build_optimizer  # noqa: E402
 
 
 @dataclass

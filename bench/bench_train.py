@@ -31,13 +31,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import build  # noqa: E402
 import trainingmanager as tm  # noqa: E402
-from batches import Batches  # noqa: E402
 from codelm.runs import rundir  # noqa: E402
 from codelm.runtime.distributed import Dist, resolve_device  # noqa: E402
-from trainconfig import TrainConfig  # noqa: E402
-from trainer import Trainer, autocast  # noqa: E402
+from codelm.trainconfig import TrainConfig  # noqa: E402
+from codelm.training import build  # noqa: E402
+from codelm.training.batches import Batches  # noqa: E402
+from codelm.training.trainer import Trainer, autocast  # noqa: E402
 
 WARMUP = 2
 

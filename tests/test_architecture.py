@@ -397,8 +397,8 @@ def test_the_presets_table_counts_from_scratch_presets_at_the_default_runs_vocab
     default run's (a CodeTokenizer's specials and bytes, and tokenizer_max_vocab pieces), which
     the run's own announcement reaches, or at --vocab-size; it says which vocabulary it used."""
     import architecture
+    from codelm.trainconfig import TrainConfig
     from tokenizer import CODE_SPECIAL_TOKENS
-    from trainconfig import TrainConfig
 
     assert architecture.DEFAULT_RUN_VOCAB == (len(CODE_SPECIAL_TOKENS) + 256
                                               + TrainConfig().tokenizer_max_vocab)

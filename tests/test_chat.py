@@ -11,8 +11,8 @@ from test_tokenizer_families import CHATML_TEMPLATE
 from tiny_hf import save_tiny_hf, train_family_tokenizer
 
 import dataset
-import trainconfig
 from architecture import IGNORE_INDEX
+from codelm import trainconfig
 from dataconfig import DataConfig
 from tokenizer import load_tokenizer
 

@@ -14,13 +14,13 @@ import pytest
 import sacrebleu
 from rapidfuzz import fuzz
 
-import build
 import eval as ev
-import trainconfig
+from codelm import trainconfig
 from codelm.models import adapter_config, quantize
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
 from codelm.runtime import distributed, process
+from codelm.training import build
 
 WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", "i", "in",
          "range(n):", "print(i)", "'s'", "None", "==", "(", ")", "a_b", "Foo", "éλ", "\t", "\n"]

@@ -27,11 +27,11 @@ from test_trainingmanager import (
     write_config,
 )
 
-import plan
-import trainconfig
 import trainingmanager as tm
+from codelm import trainconfig
 from codelm.runs import checkpoint, rundir
 from codelm.runtime import distributed
+from codelm.training import plan
 
 assets = test_trainingmanager.assets  # the fixtures: a small corpus and its tokenizer,
 one_thread = test_trainingmanager.one_thread  # one thread for bit-exact comparisons
@@ -216,8 +216,9 @@ def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
 QUANTIZED_BYTES = r"""
 import json, sys
 import torch
-import build, trainconfig
+from codelm import trainconfig
 from codelm.models import quantize
+from codelm.training import build
 from codelm.runtime import distributed
 
 cfg = trainconfig.TrainConfig(**json.loads(open(sys.argv[1]).read()))

@@ -21,12 +21,12 @@ import torch
 from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
 
 import dataset
-import plan
-import trainconfig
 from architecture import PRESETS, Transformer
+from codelm import trainconfig
 from codelm.gguf import __main__ as export_gguf
 from codelm.gguf import writer as gguf_writer
 from codelm.models import families, pretrained
+from codelm.training import plan
 from tokenizer import CodeTokenizer, load_tokenizer
 
 gguf = pytest.importorskip("gguf")

@@ -29,13 +29,11 @@ from procs import popen, signal_when
 from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
-import plan
-import record
-import trainconfig
-import trainer
 import trainingmanager
+from codelm import trainconfig
 from codelm.runs import rundir
 from codelm.runtime import process
+from codelm.training import plan, record, trainer
 from dataset import DataError, stdlib_files, stdlib_root
 from tokenizer import CodeTokenizer
 
@@ -1542,7 +1540,8 @@ def test_storage_that_is_another_file_is_refused_untouched(tmp_path, corpus, cap
 
 FAKE_TRAIN = """
 import sys
-import hyperparam_tune, record, trainingmanager
+import hyperparam_tune, trainingmanager
+from codelm.training import record
 def train(cfg, on_eval=None, resume_hint=None, **_):
     raise {error}
 trainingmanager.train = train

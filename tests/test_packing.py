@@ -82,7 +82,7 @@ def test_a_packed_batchs_loss_and_gradients_are_the_unpacked_batchs(checkpoints,
 def test_first_fit_rows_hold_every_example_once_within_the_row():
     """The packer places each example once, in the first open row with room for it (over a
     seeded shuffle), never past the row's capacity; the same seed gives the same rows."""
-    from batches import OPEN_ROWS, first_fit_rows
+    from codelm.training.batches import OPEN_ROWS, first_fit_rows
 
     generator = torch.Generator().manual_seed(3)
     lengths = torch.randint(1, 64, (500,), generator=generator).tolist()
@@ -105,7 +105,7 @@ def test_first_fit_rows_hold_every_example_once_within_the_row():
 def test_a_packed_row_is_its_examples_one_after_another():
     import numpy as np
 
-    from batches import PackedExamples
+    from codelm.training.batches import PackedExamples
     from dataset import SupervisedExamples, collate
 
     seqs = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
@@ -131,7 +131,7 @@ def test_lm_windows_keep_each_file_to_itself(checkpoints, tmp_path):
     the model gives a file's tokens the logits they have from the file's own start."""
     import numpy as np
 
-    from batches import DocumentWindows
+    from codelm.training.batches import DocumentWindows
     from dataset import LMWindows
 
     eos = 2
@@ -152,7 +152,7 @@ def test_lm_windows_keep_each_file_to_itself(checkpoints, tmp_path):
 def test_packing_is_on_by_default_where_a_row_holds_two_examples_or_more():
     import numpy as np
 
-    import build
+    from codelm.training import build
     from dataset import SupervisedExamples
 
     def examples(lengths: list[int]) -> SupervisedExamples:

@@ -1,11 +1,12 @@
-"""plan.py: preset auto's measures of the machine and the time budget's clock."""
+"""codelm.training.plan: preset auto's measures of the machine and the time budget's clock."""
 
 import subprocess
 import sys
 
 import pytest
 
-import plan
+from codelm import trainconfig
+from codelm.training import plan
 
 
 def test_the_budget_clock_starts_the_decay_by_the_clock_or_at_the_data_s_end():
@@ -25,7 +26,7 @@ def test_the_budget_clock_starts_the_decay_by_the_clock_or_at_the_data_s_end():
 def test_fit_budget_plans_the_steps_and_a_clock_unless_the_data_ends_first():
     """A budget the data outlasts gets a clock for its decay; one that would train past
     MAX_EPOCHS ends on its plan, with no clock."""
-    from trainconfig import TrainConfig
+    from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
     sized, clock, train_s = plan.fit_budget(cfg, now=1000.0, seconds_left=100.0, step_s=1.0,
@@ -96,7 +97,7 @@ def test_a_block_size_whose_steps_cannot_fit_the_budget_or_memory_is_refused():
 
     import torch
 
-    from trainconfig import TrainConfig
+    from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", block_size=100_000, batch_size=4, max_steps=None)
     cost = plan.step_cost(_tiny_model(), 100_000, cfg.batch_size, 1, torch.device("cpu"),
@@ -117,7 +118,7 @@ def test_a_step_beyond_the_machine_is_refused_in_every_run_unless_forced():
     with its time and memory, and trains."""
     import dataclasses
 
-    from trainconfig import TrainConfig
+    from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", block_size=100_000, batch_size=4, max_steps=12)
     too_long = plan.StepCost(activation_bytes=2**30, seconds=2 * plan.MAX_STEP_S)
@@ -144,7 +145,7 @@ def test_a_short_block_is_measured_as_it_is_and_passes():
 
     import torch
 
-    from trainconfig import TrainConfig
+    from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", block_size=64, batch_size=4)
     cost = plan.step_cost(_tiny_model(), 64, 4, 1, torch.device("cpu"), contextlib.nullcontext)
@@ -162,11 +163,11 @@ def _auto_plan(monkeypatch, first_step_s: float, force: bool = False):
     """plan_run's preset auto over a ladder of one model at batches 1, 2 and 4, each rung's
     step faked at ``first_step_s`` a sequence; returns (its choice, the batches measured
     on short sequences, the batches timed)."""
-    from trainconfig import TrainConfig
+    from codelm.trainconfig import TrainConfig
 
     ladder = tuple({"preset": "tiny", "block_size": 32, "batch_size": b, "lr": 1e-3}
                    for b in (1, 2, 4))
-    monkeypatch.setattr(plan, "BUDGET_LADDER", ladder)
+    monkeypatch.setattr(trainconfig, "BUDGET_LADDER", ladder)
     measured, timed = [], []
 
     def measure(cfg):
@@ -213,7 +214,7 @@ def test_a_larger_rung_s_step_is_predicted_from_the_first_by_its_flops_and_width
     and activations; a longer block grows the seconds faster than the tokens (attention)."""
     import dataclasses
 
-    from trainconfig import TrainConfig
+    from codelm.trainconfig import TrainConfig
 
     small = TrainConfig(preset="tiny", block_size=64, batch_size=2, grad_accum=1)
     measured = plan.StepCost(activation_bytes=1000.0, seconds=1.0)
@@ -229,10 +230,10 @@ def test_a_first_rung_beyond_the_limits_on_a_busy_cpu_is_measured_again_once_it_
     """A budgeted CPU run whose first rung measures beyond the limits while the CPU is busy
     waits for quiet and measures it again: a load that passes does not refuse the run, and the
     rungs are timed after the wait, not before."""
-    from trainconfig import TrainConfig
+    from codelm.trainconfig import TrainConfig
 
     ladder = ({"preset": "tiny", "block_size": 32, "batch_size": 1, "lr": 1e-3},)
-    monkeypatch.setattr(plan, "BUDGET_LADDER", ladder)
+    monkeypatch.setattr(trainconfig, "BUDGET_LADDER", ladder)
     events = []
     steps_s = iter([400.0, 1.0])  # under the load, then on the settled machine
 

@@ -11,8 +11,8 @@ import torch
 from test_architecture import gen, gen_stream
 from tiny_hf import FAMILIES, save_tiny_hf, tiny_checkpoints, tiny_hf_model
 
-import trainconfig
 from architecture import PRESETS, ModelConfig, Transformer
+from codelm import trainconfig
 from codelm.models import adapter_config, families, pretrained, quantize
 from codelm.runtime import hub
 

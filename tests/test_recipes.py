@@ -23,12 +23,12 @@ import torch
 from procs import popen, signal_when
 
 import eval as ev
-import plan
 import recipes
-import trainconfig
 import trainingmanager as tm
+from codelm import trainconfig
 from codelm.runs import rundir
 from codelm.runtime import settings
+from codelm.training import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

@@ -130,12 +130,17 @@ BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
 GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 BOOTSTRAP, RUNNER, SANDBOX_COMMAND = ("codelm.sandbox.bootstrap", "codelm.sandbox.runner",
                                       "codelm.sandbox.__main__")
+TRAINCONFIG = "codelm.trainconfig"
+PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build",
+                                 "codelm.training.trainer", "codelm.training.batches")
+RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
+                         "codelm.training.optim")
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 BELOW_FLOOR_3 = TOKENIZATION | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
-    "architecture", GENERATION, "optim", "scraping", FAMILIES, PRETRAINED, QUANTIZE,
-    ADAPTER_CONFIG, "lora", "dataset", "dataconfig", "batches", "trainconfig", DISTRIBUTED,
-    "trainer", "record", "plan", "build", "finish", BOOTSTRAP, RUNNER, GGUF_WRITER}
+    "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
+    ADAPTER_CONFIG, "lora", "dataset", "dataconfig", BATCHES, TRAINCONFIG, DISTRIBUTED,
+    TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER}
 MAY_IMPORT = {
     PROCESS: set(),
     SETTINGS: set(),
@@ -154,7 +159,7 @@ MAY_IMPORT = {
     KERNELS: set(),
     "architecture": {KERNELS},
     GENERATION: {"architecture", KERNELS},
-    "optim": set(),
+    OPTIM: set(),
     "scraping": {PROCESS, SETTINGS},
     FAMILIES: {SETTINGS, RUNDIR, "architecture"},
     PRETRAINED: {PROCESS, SETTINGS, HUB, "architecture", FAMILIES, TOKENIZER_FILES, BPE},
@@ -166,21 +171,17 @@ MAY_IMPORT = {
     "dataconfig": {PROCESS},
     "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
                 "dataconfig", KERNELS},
-    "batches": {"dataset", KERNELS},
-    "trainconfig": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", "optim",
-                    "dataconfig"},
-    "trainer": {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, "optim",
-                "trainconfig"},
-    "record": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
-    "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
-             "trainconfig"},
-    "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
-              TOKENIZER_FILES,
-              PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", GGUF_WRITER, "dataconfig", "dataset",
-              "batches",
-              "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
-    "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER,
-               "dataset", GENERATION, "tokenizer", "trainer", "record", "build"},
+    BATCHES: {"dataset", KERNELS},
+    TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", "dataconfig"},
+    TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
+    RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
+    PLAN: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
+           TRAINCONFIG},
+    BUILD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
+            TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", GGUF_WRITER,
+            "dataconfig", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED, TRAINER, RECORD, PLAN},
+    FINISH: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER,
+             "dataset", GENERATION, "tokenizer", TRAINER, RECORD, BUILD},
     BOOTSTRAP: set(),
     RUNNER: {PROCESS, BOOTSTRAP},
     SANDBOX_COMMAND: {PROCESS, SETTINGS, RUNNER},

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import plan
-import trainconfig
+from codelm import trainconfig
 from codelm.runtime import settings
+from codelm.training import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,7 +254,7 @@ def test_an_unknown_flag_is_one_line_naming_the_closest_flags(capsys):
 
 
 def test_hugging_face_trainer_spellings_are_aliases_of_the_codelm_flags():
-    import trainconfig
+    from codelm import trainconfig
 
     hf = plan.parse_config([
         "--learning_rate", "2e-3", "--per_device_train_batch_size", "3",

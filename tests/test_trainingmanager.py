@@ -22,20 +22,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import build
 import dataset
-import finish
-import plan
-import record
-import trainconfig
-import trainer as trainer_module
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
-from batches import Batches, BatchOrder
-from codelm import kernels
+from codelm import kernels, trainconfig
 from codelm.models import adapter_config, generation, quantize
 from codelm.runs import checkpoint, rundir, trackers
 from codelm.runtime import distributed, process, rng, settings
+from codelm.training import build, finish, plan, record
+from codelm.training import trainer as trainer_module
+from codelm.training.batches import Batches, BatchOrder
 from dataset import collate, stdlib_files, supervised_example
 from tokenizer import CodeTokenizer, load_tokenizer
 
@@ -858,7 +854,7 @@ def test_labels_that_are_not_the_next_tokens_stop_the_run(assets, tmp_path, monk
 KILLER = r"""
 import os, signal, sys
 import torch
-import trainer as trainer_module
+from codelm.training import trainer as trainer_module
 import trainingmanager as tm
 
 mode, at = sys.argv[1], int(sys.argv[2])
@@ -1302,7 +1298,7 @@ def test_preset_auto_refuses_a_block_beyond_the_machine_before_timing_a_rung_unl
                               lr=None, warmup_steps=None)
     assert tm.main(["--config", fixed, "--force"]) == 0
     captured = capsys.readouterr()
-    smallest = plan.BUDGET_LADDER[0]["preset"]
+    smallest = trainconfig.BUDGET_LADDER[0]["preset"]
     assert f"preset auto: {smallest}" in captured.out and "untimed" in captured.out
     assert "warning: block_size 32 x batch_size 4" in captured.err
     saved = json.loads((tmp_path / "runs" / "forced" / "config.json").read_text())
@@ -1683,7 +1679,7 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
         short = 1.0 if cfg.batch_size < 8 else 0.25  # in bf16 too
         return plan.Probe(100 * cfg.batch_size // 2, rates[cfg.batch_size] * speed * short)
 
-    monkeypatch.setattr(plan, "BUDGET_LADDER", ladder)
+    monkeypatch.setattr(trainconfig, "BUDGET_LADDER", ladder)
     monkeypatch.setattr(build, "measure_speed", probe)
     monkeypatch.setattr(build, "time_a_step", lambda *args: (0.5, 2.0))
     monkeypatch.setattr(build, "budget_left", lambda cfg, created: 12.0)
@@ -4287,7 +4283,7 @@ def test_muon_steps_as_torchs_own_adamw_and_muon_side_by_side():
     embedding, the head and the vectors, one schedule over both: the same weights, bit for bit,
     as the two torch optimizers stepped separately."""
     from architecture import PRESETS, Transformer
-    from optim import build_optimizer
+    from codelm.training.optim import build_optimizer
 
     torch.manual_seed(0)
     ours = Transformer(dataclasses.replace(PRESETS["tiny"], tie_embeddings=False))

@@ -1,7 +1,7 @@
 """GGUF export: a model (LoRA merged) written as one .gguf file that llama.cpp, Ollama and LM
 Studio run, its tokenizer inside, with an Ollama Modelfile beside it (``save``). The command
 line, which loads any model eval.py loads, is codelm.gguf's (``python -m codelm.gguf``); a run's
-``--export-gguf`` writes export/model.gguf through ``save`` (finish.py).
+``--export-gguf`` writes export/model.gguf through ``save`` (codelm.training.finish).
 
 Written through ``gguf``, llama.cpp's own writer: its tensor-name tables map the HF names,
 the metadata keys are llama.cpp's, and LoRA adapters are merged first. q4 and the other k-quants

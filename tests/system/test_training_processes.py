@@ -35,14 +35,13 @@ from test_trainingmanager import (
     write_config,
 )
 
-import build
-import plan
-import trainconfig
-import trainer as trainer_module
 import trainingmanager as tm
+from codelm import trainconfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir, trackers
 from codelm.runtime import distributed, process
+from codelm.training import build, plan
+from codelm.training import trainer as trainer_module
 from tokenizer import CodeTokenizer, load_tokenizer
 
 
@@ -195,7 +194,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bit_exact(assets, tmp_
 STUCK_IN_A_STEP = r"""
 import sys, threading
 from pathlib import Path
-import trainer
+from codelm.training import trainer
 import trainingmanager as tm
 
 ready, at = Path(sys.argv[1]), int(sys.argv[2])

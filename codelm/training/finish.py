@@ -14,9 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-import build
 import lora
-from build import Run
 from codelm.gguf import writer
 from codelm.models import generation, pretrained
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
@@ -24,14 +22,16 @@ from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
 from codelm.runs.rundir import best_step
 from codelm.runtime import distributed
+from codelm.training import build
+from codelm.training.build import Run
+from codelm.training.record import NonFiniteLossError
+from codelm.training.trainer import perplexity
 from dataset import SamplePrompt, encode_prompts, prompt_prefix, reads_special_tokens
-from record import NonFiniteLossError
-from trainer import perplexity
 
 if typing.TYPE_CHECKING:
     from codelm.tokenization.bpe import BPETokenizer
+    from codelm.trainconfig import TrainConfig
     from tokenizer import CodeTokenizer
-    from trainconfig import TrainConfig
 
 
 def export_run(run: Run) -> tuple[Path | None, str | None]:

@@ -22,9 +22,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
 import lora
-import plan
 from architecture import SHORT_DTYPES, Transformer
-from batches import Batches, example_lengths
 from codelm.gguf import writer
 from codelm.models import adapter_config, pretrained, quantize
 from codelm.runs import checkpoint, rundir
@@ -40,6 +38,12 @@ from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
 from codelm.runtime.settings import setting
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.files import TOKENIZER_FILE, tokenizer_path
+from codelm.trainconfig import TrainConfig, data_config, default_block_size, model_config
+from codelm.training import plan
+from codelm.training.batches import Batches, example_lengths
+from codelm.training.plan import MAX_EPOCHS, BudgetClock, Probe
+from codelm.training.record import RunRecord
+from codelm.training.trainer import Trainer, autocast, checked_precision
 from dataconfig import DataConfig
 from dataset import (
     SamplePrompt,
@@ -48,11 +52,7 @@ from dataset import (
     publish_cache_entry,
     tokenizer_cache_dir,
 )
-from plan import MAX_EPOCHS, BudgetClock, Probe
-from record import RunRecord
 from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is
-from trainconfig import TrainConfig, data_config, default_block_size, model_config
-from trainer import Trainer, autocast, checked_precision
 
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
@@ -71,7 +71,7 @@ def check_lora_export(cfg: TrainConfig, model: nn.Module,
 def check_gguf_export(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | BPETokenizer,
                       where_set: Callable[[str], str] = settings.flag_of) -> None:
     """Refuse, before training, an export_gguf of a model or tokenizer llama.cpp cannot run
-    (plan.py refuses what the checkpoint's config already shows, before the data)."""
+    (plan refuses what the checkpoint's config already shows, before the data)."""
     if cfg.export_gguf is None:
         return
     try:

@@ -4,8 +4,6 @@ and AdamW on the rest (embeddings, LM head, norms, biases), seen as one optimize
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "muon")
-
 
 def build_optimizer(model: nn.Module, params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
     """``cfg.optimizer``'s over ``params``, weight decay on matrices only (norms and biases keep

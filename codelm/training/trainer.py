@@ -22,8 +22,8 @@ from codelm.runtime import distributed, process
 from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
 from codelm.runtime.process import progress_bar
 from codelm.runtime.settings import setting
-from optim import build_optimizer
-from trainconfig import TrainConfig
+from codelm.trainconfig import TrainConfig
+from codelm.training.optim import build_optimizer
 
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
 # A stop that a step has not acted on this long after it came (one of its operations runs on) is

@@ -29,8 +29,8 @@ from codelm.runtime.process import duration, progress_bar
 from codelm.runtime.rng import rng_state
 
 if typing.TYPE_CHECKING:
-    from trainconfig import TrainConfig
-    from trainer import StepStats, Trainer
+    from codelm.trainconfig import TrainConfig
+    from codelm.training.trainer import StepStats, Trainer
 
 
 class NonFiniteLossError(RuntimeError):

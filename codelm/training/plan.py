@@ -20,11 +20,12 @@ from typing import NamedTuple
 import torch
 
 from architecture import Transformer
+from codelm import trainconfig
 from codelm.models import adapter_config, families, quantize
 from codelm.runs import rundir
 from codelm.runtime import hub, settings
 from codelm.runtime.settings import setting
-from trainconfig import (
+from codelm.trainconfig import (
     LOADED_MODEL_OPTIONS,
     MODEL_SHAPE_KEYS,
     OVERFIT_STEPS,
@@ -33,8 +34,9 @@ from trainconfig import (
     model_config,
     read_config,
     where_set_of,
+    with_rung,
 )
-from trainconfig import validate_config as validate_values
+from codelm.trainconfig import validate_config as validate_values
 
 # ---- The settings, checked together and against the files they name ----
 
@@ -57,7 +59,7 @@ def with_overfit_batches_plan(cfg: TrainConfig, typed: Collection[str]) -> Train
     stderr."""
     chosen, said = {}, []
     if cfg.preset == "auto" and cfg.init_from is None and cfg.init_adapter is None:
-        cfg = with_rung(cfg, BUDGET_LADDER[0])
+        cfg = with_rung(cfg, trainconfig.BUDGET_LADDER[0])
         said.append(f"{cfg.preset} (preset auto's smallest, untimed; --preset sets it)")
     if cfg.max_steps is None and cfg.epochs is None:
         chosen["max_steps"] = OVERFIT_STEPS
@@ -182,8 +184,9 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
                                  "export_gguf none") from None
     else:  # the preset, the shape and model_options, checked before the data is prepared
         try:
-            shape = model_config(with_rung(cfg, BUDGET_LADDER[0]) if cfg.preset == "auto"
-                                 else cfg, 1, None, None)
+            smallest = trainconfig.BUDGET_LADDER[0]
+            shape = model_config(with_rung(cfg, smallest) if cfg.preset == "auto" else cfg, 1,
+                                 None, None)
             if cfg.export:  # else it trains to the end and fails writing export/
                 try:
                     families.hf_config(shape, torch.float32)
@@ -198,19 +201,8 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
 
 # ---- Preset auto's ladder, and what settings left unset take ----
 
-# Preset auto: the from-scratch models a time budget chooses from, smallest first, each with the
-# context, batch and peak learning rate the budget sweep found best for it (docs/benchmarks.md;
-# code-4x192's lr and optimizer measured again in bf16: 3e-3, and Muon, beat 1.5e-3 and AdamW).
-# A budget takes the largest model that still trains on TOKENS_PER_PARAM tokens per parameter
-# in its minutes on the machine it runs on (each step time measured there).
-BUDGET_LADDER = (
-    {"preset": "code-3x128", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
-    {"preset": "code-4x160", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
-    {"preset": "code-4x192", "block_size": 256, "batch_size": 16, "lr": 3e-3, "optimizer": "muon"},
-    {"preset": "code-6x256", "block_size": 512, "batch_size": 16, "lr": 1e-3},
-    {"preset": "llama-14m", "block_size": 512, "batch_size": 16, "lr": 1e-3},
-    {"preset": "llama-60m", "block_size": 1024, "batch_size": 32, "lr": 6e-4},
-)
+# Preset auto (trainconfig.BUDGET_LADDER) takes the largest model that still trains on
+# TOKENS_PER_PARAM tokens per parameter in its minutes on the machine it runs on.
 TOKENS_PER_PARAM = 3.5  # 2 idle cores clear it for code-4x192 with room: a slow start keeps it
 WARMUP_SHARE = 0.02  # a budgeted run's warmup, as a share of its steps
 
@@ -222,13 +214,6 @@ FALLBACKS = {"batch_size": 4, "lr": 1e-3, "optimizer": "adamw"}
 # for the decay).
 LONG_RUN_WARMUP = 50
 SHORT_RUN_WARMUP_SHARE = 0.1
-
-
-def with_rung(cfg: TrainConfig, rung: dict) -> TrainConfig:
-    """``cfg`` on a BUDGET_LADDER rung: its preset, and its values where ``cfg`` leaves them
-    unset."""
-    unset = {k: v for k, v in rung.items() if k == "preset" or getattr(cfg, k) is None}
-    return replace(cfg, **unset)
 
 
 def with_fallbacks(cfg: TrainConfig) -> TrainConfig:
@@ -323,7 +308,7 @@ def auto_rung(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
     budgeted = cfg.max_steps is None and cfg.epochs is None  # not a sweep's fixed steps
     seconds_left = seconds if budgeted else None
     waits = budgeted and device_type == "cpu" and not distributed  # the machine, not a load
-    first = with_fallbacks(with_rung(cfg, BUDGET_LADDER[0]))
+    first = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[0]))
     measured = measure(first)
     refusal = step_refusal(measured.cost, measured.free_bytes, seconds_left)
     if refusal is not None and waits:  # a load that passes must not refuse the run
@@ -374,7 +359,7 @@ def untimed_first_rung(cfg: TrainConfig, refusal: str, device_type: str,
     that rung, untimed (a step of it takes too long to time), on a CPU in fp32."""
     if cfg.precision == "auto" and device_type == "cpu":
         cfg = replace(cfg, precision="fp32")
-    chosen = with_fallbacks(with_rung(cfg, BUDGET_LADDER[0]))
+    chosen = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[0]))
     if announce:
         print(f"preset auto: {chosen.preset} ({millions(model_shape(chosen).params)} "
               f"parameters, context {chosen.block_size}), batch {chosen.batch_size}, lr "
@@ -391,15 +376,16 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
     whose step is beyond the machine (not ``within``) is not timed, nor any above it; the
     first rung is within."""
     if cfg.precision == "auto" and device_type == "cpu":
-        timed = within(with_fallbacks(with_rung(cfg, BUDGET_LADDER[PRECISION_RUNG])))
+        precision_rung = trainconfig.BUDGET_LADDER[PRECISION_RUNG]
+        timed = within(with_fallbacks(with_rung(cfg, precision_rung)))
         cfg = replace(cfg, precision=cpu_precision(cfg, probe) if timed else "fp32")
 
     def fits(measured: Probe) -> bool:
         return measured.tokens_per_s * seconds * TRAIN_SHARE >= TOKENS_PER_PARAM * measured.params
 
-    chosen = with_fallbacks(with_rung(cfg, BUDGET_LADDER[0]))
+    chosen = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[0]))
     chosen_probe = probe(chosen)
-    for rung in BUDGET_LADDER[1:]:
+    for rung in trainconfig.BUDGET_LADDER[1:]:
         candidate = with_fallbacks(with_rung(cfg, rung))
         if not within(candidate):
             break
@@ -422,7 +408,7 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
 def cpu_precision(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe]) -> str:
     """bf16 autocast where this CPU computes it natively (measured on the rung PRECISION_RUNG,
     at least CPU_BF16_SPEEDUP times fp32's tokens a second): the budget then buys more tokens."""
-    rung = with_fallbacks(with_rung(cfg, BUDGET_LADDER[PRECISION_RUNG]))
+    rung = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[PRECISION_RUNG]))
     fp32 = probe(replace(rung, precision="fp32")).tokens_per_s
     bf16 = probe(replace(rung, precision="bf16")).tokens_per_s
     return "bf16" if bf16 >= CPU_BF16_SPEEDUP * fp32 else "fp32"

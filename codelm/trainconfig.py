@@ -1,6 +1,7 @@
 """``TrainConfig``: every setting of a run, read from flags, a ``--config`` file or a resumed
-run's config.json (``read_config``), and the checks of its values (``validate_config``).
-It builds nothing: plan.py checks the settings against the files they name, build.py builds."""
+run's config.json (``read_config``), the checks of its values (``validate_config``), and
+preset auto's ladder of models (``BUDGET_LADDER``). It builds nothing: codelm.training.plan
+checks the settings against the files they name, codelm.training.build builds."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from codelm.runtime import settings
 from codelm.runtime.distributed import STRATEGIES
 from codelm.runtime.settings import setting
 from dataconfig import DataConfig
-from optim import OPTIMIZERS
 
 
 @dataclass
@@ -90,7 +90,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; None: epochs, else time_budget_min's
     epochs: float | None = None  # the run's length in passes over the data (not with max_steps)
     optimizer: str | None = None  # adamw | muon (Muon on the blocks' matrices, AdamW on the
-    #   rest: optim.py); None: preset auto's choice, else adamw
+    #   rest: codelm.training.optim); None: preset auto's choice, else adamw
     lr: float | None = None  # peak learning rate; None: preset auto's choice, else 1e-3
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     warmup_steps: int | None = None  # linear warmup, then the decay; None: 2% of a budgeted
@@ -156,6 +156,9 @@ class TrainConfig:
         return f"{model}-{self.task}"
 
 
+# The optimizers a run trains with (codelm.training.optim builds them).
+OPTIMIZERS = ("adamw", "muon")
+
 _CHOICES = {
     "optimizer": OPTIMIZERS,
     "precision": ("auto", "fp32", "bf16", "fp16"),
@@ -218,7 +221,8 @@ class ReadConfig(NamedTuple):
 
 def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags, each
-    value of its type (plan.parse_config checks them together and against the files)."""
+    value of its type (codelm.training.plan.parse_config checks them together and against the
+    files)."""
     args = vars(build_parser().parse_args(argv))
     check_options(args)  # the flags'; load_config_file checks the --config file's
     config = args.pop("config", None)
@@ -467,6 +471,28 @@ def _check_model_options(options: dict, where: str) -> None:
                              "--tokenizer-max-vocab)")
         if problem := settings.type_error(hints[key], value):
             raise ValueError(f"{where}: key {key!r} {problem}")
+
+
+# Preset auto: the from-scratch models a time budget chooses from, smallest first, each with the
+# context, batch and peak learning rate the budget sweep found best for it (docs/benchmarks.md;
+# code-4x192's lr and optimizer measured again in bf16: 3e-3, and Muon, beat 1.5e-3 and AdamW).
+# A budget takes the largest model that still trains on plan.TOKENS_PER_PARAM tokens per
+# parameter in its minutes on the machine it runs on (each step time measured there).
+BUDGET_LADDER = (
+    {"preset": "code-3x128", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
+    {"preset": "code-4x160", "block_size": 256, "batch_size": 8, "lr": 1.5e-3},
+    {"preset": "code-4x192", "block_size": 256, "batch_size": 16, "lr": 3e-3, "optimizer": "muon"},
+    {"preset": "code-6x256", "block_size": 512, "batch_size": 16, "lr": 1e-3},
+    {"preset": "llama-14m", "block_size": 512, "batch_size": 16, "lr": 1e-3},
+    {"preset": "llama-60m", "block_size": 1024, "batch_size": 32, "lr": 6e-4},
+)
+
+
+def with_rung(cfg: TrainConfig, rung: dict) -> TrainConfig:
+    """``cfg`` on a BUDGET_LADDER rung: its preset, and its values where ``cfg`` leaves them
+    unset."""
+    unset = {k: v for k, v in rung.items() if k == "preset" or getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **unset)
 
 
 # TrainConfig keys that override a preset's ModelConfig (from-scratch models).
