@@ -26,6 +26,10 @@ import plan
 import pretrained
 from architecture import SHORT_DTYPES, Transformer
 from batches import Batches, example_lengths
+from codelm.data.cache import make_cache_dir, publish_cache_entry
+from codelm.data.config import DataConfig
+from codelm.data.encoding import tokenizer_cache_dir
+from codelm.data.examples import SamplePrompt
 from codelm.gguf import writer
 from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import (
@@ -40,14 +44,7 @@ from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
 from codelm.runtime.settings import setting
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.files import TOKENIZER_FILE, tokenizer_path
-from dataconfig import DataConfig
-from dataset import (
-    SamplePrompt,
-    make_cache_dir,
-    prepare,
-    publish_cache_entry,
-    tokenizer_cache_dir,
-)
+from dataset import prepare
 from plan import MAX_EPOCHS, BudgetClock, Probe
 from record import RunRecord
 from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is

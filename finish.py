@@ -18,6 +18,8 @@ import build
 import lora
 import pretrained
 from build import Run
+from codelm.data.encoding import encode_prompts, prompt_prefix, reads_special_tokens
+from codelm.data.examples import SamplePrompt
 from codelm.gguf import writer
 from codelm.models import generation
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
@@ -25,7 +27,6 @@ from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
 from codelm.runs.rundir import best_step
 from codelm.runtime import distributed
-from dataset import SamplePrompt, encode_prompts, prompt_prefix, reads_special_tokens
 from record import NonFiniteLossError
 from trainer import perplexity
 

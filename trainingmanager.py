@@ -36,6 +36,7 @@ import plan
 from architecture import Transformer
 from batches import Where
 from build import Run
+from codelm.data.datasets import collate
 from codelm.models.generation import GenerationConfig, generate
 from codelm.runs import rundir
 from codelm.runs.checkpoint import StepStart
@@ -348,7 +349,6 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
                 clock: Callable[[], float] = time.monotonic) -> tuple[bool, str]:
     """Memorise ``data/overfit``, then reproduce each file from its first line: (passed, report).
     A line on stdout at least every OVERFIT_LINE_S seconds of ``clock`` says how it goes."""
-    from dataset import collate
     from tokenizer import CodeTokenizer, decode_generated
 
     started = time.perf_counter()

@@ -30,8 +30,9 @@ import torch  # noqa: E402
 
 from architecture import IGNORE_INDEX, PRESETS, Transformer  # noqa: E402
 from batches import PackedExamples  # noqa: E402
+from codelm.data.datasets import collate  # noqa: E402
+from codelm.data.sources import stdlib_files  # noqa: E402
 from codelm.runtime import settings  # noqa: E402
-from dataset import collate, stdlib_files  # noqa: E402
 
 
 @dataclass

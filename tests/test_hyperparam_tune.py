@@ -34,9 +34,10 @@ import record
 import trainconfig
 import trainer
 import trainingmanager
+from codelm.data.config import DataError
+from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.runs import rundir
 from codelm.runtime import process
-from dataset import DataError, stdlib_files, stdlib_root
 from tokenizer import CodeTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

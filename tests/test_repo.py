@@ -127,10 +127,17 @@ TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokeni
 BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
 GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
-BELOW_FLOOR_3 = TOKENIZATION | {
+DATA_CONFIG, DATA_CACHE = "codelm.data.config", "codelm.data.cache"
+DATA_SOURCES, CLEANING = "codelm.data.sources", "codelm.data.cleaning"
+DEDUPE, SHARDS = "codelm.data.dedupe", "codelm.data.shards"
+SPLITS, EXAMPLES = "codelm.data.splits", "codelm.data.examples"
+ENCODING, DATASETS = "codelm.data.encoding", "codelm.data.datasets"
+DATA = {DATA_CONFIG, DATA_CACHE, DATA_SOURCES, CLEANING, DEDUPE, SHARDS, SPLITS, EXAMPLES, ENCODING,
+        DATASETS}
+BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
-    "dataconfig", "batches", "trainconfig", DISTRIBUTED, "trainer", "record", "plan", "build",
+    "batches", "trainconfig", DISTRIBUTED, "trainer", "record", "plan", "build",
     "finish", "sandbox", GGUF_WRITER}
 MAY_IMPORT = {
     PROCESS: set(),
@@ -155,23 +162,32 @@ MAY_IMPORT = {
     "pretrained": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture"},
     "lora": {PROCESS, SETTINGS, HUB, "architecture", "pretrained"},
     GGUF_WRITER: {PROCESS, "architecture", BPE, "pretrained", "lora"},
-    "dataconfig": {PROCESS},
-    "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
-                "dataconfig", KERNELS},
-    "batches": {"dataset", KERNELS},
+    DATA_CONFIG: {PROCESS},
+    DATA_CACHE: {PROCESS},
+    DATA_SOURCES: {SETTINGS, HUB, "scraping", DATA_CONFIG},
+    CLEANING: {SOURCE, "scraping", DATA_SOURCES},
+    DEDUPE: {DATA_SOURCES},
+    SHARDS: {PROCESS, DATA_CONFIG, DATA_SOURCES, CLEANING, DEDUPE, DATA_CACHE},
+    SPLITS: {DATA_CONFIG, DATA_SOURCES, SHARDS, DATA_CACHE},
+    EXAMPLES: {PROCESS, SOURCE, BPE, DATA_CONFIG, DATA_SOURCES},
+    ENCODING: {PROCESS, BATCHING, BPE, KERNELS, "tokenizer", DATA_CONFIG, DATA_CACHE, EXAMPLES,
+               SPLITS},
+    DATASETS: {KERNELS, EXAMPLES},
+    "dataset": {PROCESS, SETTINGS, BATCHING, BPE, KERNELS, "tokenizer"} | DATA,
+    "batches": {DATASETS, KERNELS},
     "trainconfig": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", "optim",
-                    "dataconfig"},
+                    DATA_CONFIG},
     "trainer": {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, "optim",
                 "trainconfig"},
     "record": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     "plan": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", "pretrained", "lora",
              GGUF_WRITER, "trainconfig"},
     "build": {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
-              TOKENIZER_FILES,
-              "pretrained", "lora", GGUF_WRITER, "dataconfig", "dataset", "batches",
-              "trainconfig", DISTRIBUTED, "trainer", "record", "plan"},
+              TOKENIZER_FILES, "pretrained", "lora", GGUF_WRITER, DATA_CONFIG, DATA_CACHE, ENCODING,
+              EXAMPLES, "dataset", "batches", "trainconfig", DISTRIBUTED, "trainer", "record",
+              "plan"},
     "finish": {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, "pretrained", "lora", GGUF_WRITER,
-               "dataset", GENERATION, "tokenizer", "trainer", "record", "build"},
+               ENCODING, EXAMPLES, GENERATION, "tokenizer", "trainer", "record", "build"},
     "sandbox": {PROCESS, SETTINGS},
     "trainingmanager": BELOW_FLOOR_3,
     "eval": BELOW_FLOOR_3 | {"trainingmanager"},
