@@ -43,6 +43,32 @@ from torch.nn.utils.rnn import pad_sequence
 import lora
 from architecture import SHORT_DTYPES
 from codelm import trainconfig
+from codelm.data.config import DOCSTRING_PROMPTS, DataConfig
+from codelm.data.datasets import collate
+from codelm.data.encoding import (
+    RUN_READ_TEXT,
+    encode_prompts,
+    encode_text,
+    fim_prompt,
+    fit_prompt,
+    packed_document,
+    prompt_prefix,
+    reads_special_tokens,
+    supervised_example,
+    tokenize_examples,
+    tokenizer_fingerprint,
+    window_pairs,
+    without_stripping,
+)
+from codelm.data.examples import (
+    Example,
+    docstring_examples,
+    line_completion_examples,
+    method_examples,
+    refactor_example,
+)
+from codelm.data.sources import Doc, json_object, jsonl_lines
+from codelm.data.splits import corpus_key, load_corpus
 from codelm.models import adapter_config, pretrained, quantize
 from codelm.models.generation import (
     FUNCTION_STOPS,
@@ -66,9 +92,8 @@ from codelm.sandbox.runner import (
 )
 from codelm.training import build
 
-if TYPE_CHECKING:  # annotations only: eval loads dataset and tokenizer where a task needs them
+if TYPE_CHECKING:  # annotations only: eval loads tokenizer where a task needs it
     from codelm.tokenization.bpe import BPETokenizer
-    from dataset import DataConfig, Doc
     from tokenizer import CodeTokenizer
 
 # ---- Metrics ------------------------------------------------------------------------------
@@ -492,8 +517,6 @@ def _problem_records(path: str | Path, form: str) -> list[tuple[str, dict]]:
     """("file:line" or "file: row N", record) of a JSONL file (gzip, bz2 or xz compressed or
     not), a parquet file, or a directory or Hugging Face dataset id holding the split
     (``problem_file``); a file that does not read is one line naming it."""
-    import dataset as ds
-
     path = problem_file(path, form)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -501,8 +524,8 @@ def _problem_records(path: str | Path, form: str) -> list[tuple[str, dict]]:
         with settings.reading(path, "problems file"):
             rows = pq.read_table(path).to_pylist()
         return [(f"{path}: row {i}", row) for i, row in enumerate(rows, start=1)]
-    return [(where, ds.json_object(raw, where))
-            for _, where, raw in ds.jsonl_lines(path, "problems file")]
+    return [(where, json_object(raw, where))
+            for _, where, raw in jsonl_lines(path, "problems file")]
 
 
 def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
@@ -735,7 +758,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
     #   completion | method | docstring | refactor | passk | humaneval | humaneval-plus |
     #   mbpp | mbpp-plus | fim | codexglue-method
-    data: list[str] | None = None  # dataset.DataConfig sources; None: a run's own, else the stdlib
+    data: list[str] | None = None  # DataConfig sources; None: a run's own, else the stdlib
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
     split: str = "test"  # train | val | test
     limit: int | None = None  # examples per generation task (None: 100); benchmark tasks
@@ -781,8 +804,6 @@ class EvalConfig:
 
     def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
         """Refuse impossible settings, naming each key, its value and where the user set it."""
-        from dataset import DOCSTRING_PROMPTS, DataConfig
-
         named = partial(settings.setting, self, where_set=where_set)
         greedy = self.temperature == 0
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
@@ -1099,15 +1120,11 @@ def shared_context(models: Sequence[LoadedModel]) -> int:
 
 def _prompt_start(lm: LoadedModel) -> list[int]:
     """A prompt is formatted as the model saw text in training (a base checkpoint: bare)."""
-    from dataset import prompt_prefix
-
     return prompt_prefix(lm.tokenizer, lm.run_config.get("task", "lm") if lm.run_config else None)
 
 
 def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
     """Whether prompts' special-token text reads as the tokens (None: a model without a run)."""
-    from dataset import reads_special_tokens
-
     if "pair_special_tokens" in cfg.data_options:
         return bool(cfg.data_options["pair_special_tokens"])
     if not (run := lm.run_config):
@@ -1118,8 +1135,6 @@ def _pair_special_tokens(lm: LoadedModel, cfg: EvalConfig) -> bool | None:
 
 def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
     """Each prompt's ids, special-token text read as the model learned it."""
-    from dataset import RUN_READ_TEXT, encode_prompts
-
     why = ("--data-options sets pair_special_tokens false"  # the user's choice, for a base too
            if "pair_special_tokens" in cfg.data_options else RUN_READ_TEXT)
     return encode_prompts(lm.tokenizer, prompts, _pair_special_tokens(lm, cfg),
@@ -1132,8 +1147,6 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
     """Loss (the model's training loss), perplexity and next-token accuracy (0-1) over
     block-size windows of the texts packed as dataset.py packs a split: on a run's val split,
     its val_loss and val_accuracy."""
-    from dataset import encode_text, packed_document
-
     tok = lm.tokenizer
     context = _context(lm, cfg)
     want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
@@ -1155,9 +1168,7 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: EvalConfig) -> dict:
 
 def _summed_loss(lm: LoadedModel, examples: Sequence[dict], cfg: EvalConfig, desc: str
                  ) -> tuple[float, float, float]:
-    """(summed loss, correct next tokens, scored tokens) of ``dataset.collate`` batches."""
-    from dataset import collate
-
+    """(summed loss, correct next tokens, scored tokens) of ``collate`` batches."""
     device = next(lm.model.parameters()).device
     total = correct = count = 0.0
     with progress_bar(total=len(examples), desc=f"{lm.label} {desc}", unit="example",
@@ -1179,14 +1190,12 @@ def _training_ids(lm: LoadedModel, examples: Sequence[TaskExample], cfg: EvalCon
                   data_cfg=None) -> list[tuple[list[int], list[int], tuple[int, int]]]:
     """(prompt ids, completion ids, code span) of each example as dataset.py tokenizes it for
     training, special-token text read as ``lm``'s run (or ``cfg.data_options``) read it."""
-    import dataset as ds
-
-    data_cfg = replace(data_cfg or ds.DataConfig(), block_size=_context(lm, cfg), progress=False)
+    data_cfg = replace(data_cfg or DataConfig(), block_size=_context(lm, cfg), progress=False)
     if (reads := _pair_special_tokens(lm, cfg)) is not None:
         data_cfg = replace(data_cfg, pair_special_tokens=reads)
-    pairs = [ds.Example(e.head, e.reference, e.body, e.tail, e.body_tokens, pair=e.pair)
+    pairs = [Example(e.head, e.reference, e.body, e.tail, e.body_tokens, pair=e.pair)
              for e in examples]
-    return ds.tokenize_examples(pairs, lm.tokenizer, data_cfg, "tokenize")
+    return tokenize_examples(pairs, lm.tokenizer, data_cfg, "tokenize")
 
 
 @torch.no_grad()
@@ -1194,14 +1203,12 @@ def score_supervised(lm: LoadedModel, examples: Sequence[TaskExample], cfg: Eval
                      data_cfg: DataConfig | None = None) -> float:
     """Mean loss of each reference completion (EOS included) given its prompt, as dataset.py's
     training example of the pair: the validation loss a supervised run logs on these examples."""
-    import dataset as ds
-
     tok = lm.tokenizer
-    data_cfg = data_cfg or ds.DataConfig()
+    data_cfg = data_cfg or DataConfig()
     eos = [tok.eos_id] if tok.eos_id is not None and data_cfg.add_eos else []
     start = _prompt_start(lm)
-    examples = [ds.supervised_example(p, c + eos, _context(lm, cfg), data_cfg.max_completion_tokens,
-                                      data_cfg.max_prompt_tokens, span, start)
+    examples = [supervised_example(p, c + eos, _context(lm, cfg), data_cfg.max_completion_tokens,
+                                   data_cfg.max_prompt_tokens, span, start)
                 for p, c, span in _training_ids(lm, examples, cfg, data_cfg)]
     total, _, count = _summed_loss(lm, examples, cfg, "reference loss")
     if count == 0:
@@ -1215,7 +1222,6 @@ def _generation(lm: LoadedModel, cfg: EvalConfig,
                 ) -> tuple[GenerationConfig, list[int], list[list[int]]]:
     """The GenerationConfig of ``cfg``, the EOS ids, and each prompt's ids after
     ``_prompt_start``, cut (code first) to leave room for the new tokens."""
-    from dataset import fit_prompt
     from tokenizer import generation_eos_ids
 
     tok, model = lm.tokenizer, lm.model
@@ -1346,8 +1352,6 @@ class TaskExample:
     pair: bool = False  # a pair record's: its special-token text read as dataset.py read it
 
     def prompt(self, tok: CodeTokenizer | BPETokenizer) -> str:
-        from dataset import encode_text
-
         body = self.body
         if self.body_tokens is not None:
             body = tok.decode(encode_text(tok, body)[: self.body_tokens])
@@ -1356,8 +1360,6 @@ class TaskExample:
 
 def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
     """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
-    from dataset import corpus_key
-
     configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / rundir.CONFIG_FILE))
                for m in models if m.run_config}
     if cfg.data is None and len({corpus_key(c) for c in configs.values()}) > 1:
@@ -1369,8 +1371,6 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
 
 def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"
                    ) -> DataConfig:
-    from dataset import DataConfig
-
     run = run or {}
     known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
     options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
@@ -1387,31 +1387,29 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
                    tok: CodeTokenizer | BPETokenizer | None = None,
                    data_cfg: DataConfig | None = None) -> list[TaskExample]:
     """The first ``cfg.limit`` (default GENERATION_EXAMPLES) examples of a generation task,
-    built by dataset.py's builders as training built them (``data_cfg``'s docstring targets,
+    built by codelm.data.examples' builders as training built them (``data_cfg``'s docstring targets,
     minimum and code length)."""
-    import dataset as ds
-
     limit = GENERATION_EXAMPLES if cfg.limit is None else cfg.limit
 
-    data_cfg = data_cfg or ds.DataConfig()
+    data_cfg = data_cfg or DataConfig()
     min_tokens = data_cfg.docstring_min_tokens
     out: list[TaskExample] = []
     for doc in docs:
         if task == "refactor" and doc.target is not None:
-            e = ds.refactor_example(doc)
+            e = refactor_example(doc)
             out.append(TaskExample(doc.id, e.completion, e.head, e.body, e.tail, pair=e.pair))
         elif task == "completion" and doc.target is None:
             out += completion_examples(doc, tok, data_cfg, cfg)
         elif task not in ("refactor", "completion") and doc.target is None and doc.is_python:
             if task == "line":
-                built = ds.line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
+                built = line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
             elif task == "method":
-                built = ds.method_examples(doc)
+                built = method_examples(doc)
             else:
-                built = ds.docstring_examples(doc, data_cfg.docstring_targets, variant,
-                                              data_cfg.docstring_code_tokens)
+                built = docstring_examples(doc, data_cfg.docstring_targets, variant,
+                                           data_cfg.docstring_code_tokens)
                 if min_tokens and tok is not None:
-                    built = [e for e in built if len(ds.encode_text(tok, e.completion)) >= min_tokens]
+                    built = [e for e in built if len(encode_text(tok, e.completion)) >= min_tokens]
             out += [TaskExample(f"{doc.id}#{j}", e.completion, e.head, e.body, e.tail,
                                 e.body_budget) for j, e in enumerate(built)]
         if len(out) >= limit:
@@ -1426,10 +1424,8 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: EvalConfig, variant: str
 def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig,
                         cfg: EvalConfig) -> list[TaskExample]:
     """``cfg.lines_per_file`` of a file's training windows, chosen by a seeded draw."""
-    import dataset as ds
-
     assert tok is not None, "the completion task cuts token windows"
-    pairs = list(ds.window_pairs(ds.encode_text(tok, doc.text), data_cfg))  # the training windows
+    pairs = list(window_pairs(encode_text(tok, doc.text), data_cfg))  # the training windows
     rng = random.Random(f"{cfg.seed}\0{doc.id}")
     chosen = sorted(rng.sample(range(len(pairs)), min(cfg.lines_per_file, len(pairs))))
     return [TaskExample(f"{doc.id}#{j}", tok.decode(pairs[j][1]), tok.decode(pairs[j][0]))
@@ -1534,7 +1530,6 @@ def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: EvalConfig
     with the canonical middle, as bigcode-evaluation-harness's santacoder_fim scores it: EM over
     all problems and EM_<language> over each language's (0-100)."""
     from codelm.tokenization.bpe import FIM_TOKENS
-    from dataset import fim_prompt, without_stripping
 
     tok = lm.tokenizer
     if None in (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id):
@@ -1674,8 +1669,6 @@ _PER_TOKEN = ("/loss", "/perplexity", "/token_accuracy")  # figures per token of
 
 def _tokenizer_note(models: Sequence[LoadedModel]) -> str:
     """A note for the table when the models' tokenizers differ ("" when they share one)."""
-    from dataset import tokenizer_fingerprint
-
     groups: dict[str, list[str]] = {}
     for lm in models:
         groups.setdefault(tokenizer_fingerprint(lm.tokenizer), []).append(lm.label)
@@ -1769,8 +1762,6 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
 def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
               progress: EvalProgress, remedy: str, replace_other_weights: bool) -> dict:
     """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
-    from dataset import load_corpus
-
     benchmarks = load_benchmarks(cfg)
     problems = benchmarks.problems
     models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
@@ -1938,11 +1929,10 @@ def _finished_models(out: Path, results: dict, remedy: str,
         return [], []
     if old["examples_digest"] != results["examples_digest"]:
         raise _other_evaluation(path, "the examples (the data changed)", remedy)
-    import dataset as ds
 
     done = {row["model"] for row in old["rows"]}
-    records = [r for _, where, raw in ds.jsonl_lines(out / "predictions.jsonl")
-               if (r := ds.json_object(raw, where)).get("model") in done]
+    records = [r for _, where, raw in jsonl_lines(out / "predictions.jsonl")
+               if (r := json_object(raw, where)).get("model") in done]
     return old["rows"], records
 
 

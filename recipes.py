@@ -27,6 +27,7 @@ import torch
 import eval as ev
 import trainingmanager as tm
 from codelm import trainconfig
+from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.hub import checkpoint_dir
@@ -184,8 +185,6 @@ SMOKE_LICENSE = ("// Copyright 2010-2024 JetBrains s.r.o. Use of this source cod
 
 def _stdlib_texts(max_bytes: int, count: int | None, must_have=None) -> list[tuple[str, str]]:
     """(relative path, text) of up to ``count`` small stdlib files in a fixed order."""
-    from dataset import stdlib_files, stdlib_root
-
     root = stdlib_root()
     out = []
     for path in stdlib_files():

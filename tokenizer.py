@@ -22,7 +22,6 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import NamedTuple
 
 import regex
 
@@ -414,30 +413,6 @@ def _check_code_hf_sections(spec: dict, source: str) -> None:
                 "truncation and padding to null" if part in ("truncation", "padding") else "")
         raise ValueError(f"{source}: a WordPiece model whose {part} is not codelm's: HF would "
                          f"give other ids or text{hint}")
-
-
-class ChatTurn(NamedTuple):
-    """One assistant turn of a conversation, as text."""
-
-    prompt: str  # the conversation before it, rendered with the generation prompt
-    answer: str  # the assistant's text, up to the template's end-of-turn marker
-
-
-def chat_turns(tok: BPETokenizer, messages: Sequence[dict]) -> list[ChatTurn]:
-    """Each assistant turn of a conversation: what generation is prompted with, and what it is
-    to answer (the whitespace after the end-of-turn marker is the template's glue)."""
-    turns = []
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
-        turn = tok.apply_chat_template(messages[: i + 1])
-        if not turn.startswith(prompt):
-            raise ValueError("chat_template: the text before an assistant turn is not a prefix "
-                             "of the conversation's text: the assistant's tokens cannot be told "
-                             "apart")
-        turns.append(ChatTurn(prompt, turn[len(prompt):].rstrip()))
-    return turns
 
 
 def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from architecture import Transformer
+from codelm.data.datasets import collate
 from codelm.models.generation import GenerationConfig, generate
 from codelm.runs import rundir
 from codelm.runs.checkpoint import StepStart
@@ -354,7 +355,6 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
                 clock: Callable[[], float] = time.monotonic) -> tuple[bool, str]:
     """Memorise ``data/overfit``, then reproduce each file from its first line: (passed, report).
     A line on stdout at least every OVERFIT_LINE_S seconds of ``clock`` says how it goes."""
-    from dataset import collate
     from tokenizer import CodeTokenizer, decode_generated
 
     started = time.perf_counter()

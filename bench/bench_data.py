@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
+from codelm.data.config import DataConfig  # noqa: E402
+from codelm.data.sources import stdlib_root  # noqa: E402
+from codelm.data.splits import load_corpus  # noqa: E402
 from tokenizer import CodeTokenizer  # noqa: E402
 
 
@@ -38,8 +41,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
 
-        def config(cache: str, workers: int) -> dataset.DataConfig:
-            return dataset.DataConfig(
+        def config(cache: str, workers: int) -> DataConfig:
+            return DataConfig(
                 task="lm",
                 block_size=args.block_size,
                 autopep8=args.autopep8,
@@ -64,7 +67,7 @@ def main() -> None:
         for workers in args.workers:
             cfg = config(f"w{workers}", workers)
             start = time.perf_counter()
-            dataset.load_corpus(cfg)
+            load_corpus(cfg)
             cleaned = time.perf_counter()
             data = dataset.prepare(cfg, tok)
             done = time.perf_counter()
@@ -80,12 +83,12 @@ def main() -> None:
                 print(f"speedup, {workers} workers vs 1: {totals[1] / totals[workers]:.2f}x")
 
         if not args.autopep8:  # autopep8 is slow: time it on one stdlib package instead
-            sample = dataset.stdlib_root() / "email"
+            sample = stdlib_root() / "email"
             for workers in args.workers:
                 cfg = config(f"pep8-{workers}", workers)
                 cfg.sources, cfg.autopep8 = [str(sample)], True
                 start = time.perf_counter()
-                corpus = dataset.load_corpus(cfg)
+                corpus = load_corpus(cfg)
                 took = time.perf_counter() - start
                 mb = corpus.stats["read"]["bytes"] / 1e6
                 print(
@@ -104,8 +107,9 @@ def main() -> None:
         )
         code = (
             "import sys, time; t = time.perf_counter(); sys.path.insert(0, sys.argv[1]); "
-            "import dataset; from tokenizer import load_tokenizer; "
-            "cfg = dataset.DataConfig(task='lm', block_size=int(sys.argv[3]), "
+            "import dataset; from codelm.data.config import DataConfig; "
+            "from tokenizer import load_tokenizer; "
+            "cfg = DataConfig(task='lm', block_size=int(sys.argv[3]), "
             "autopep8=sys.argv[5] == '1', num_workers=int(sys.argv[4]), cache_dir=sys.argv[2], "
             "progress=False); d = dataset.prepare(cfg, load_tokenizer(sys.argv[6])); "
             "assert d.stats['cache_hit']; print(time.perf_counter() - t)"

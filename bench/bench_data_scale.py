@@ -31,10 +31,11 @@ CHILD = """
 import inspect, json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import dataset
+from codelm.data.config import DataConfig
 from tokenizer import CodeTokenizer
 start = time.perf_counter()
-cfg = dataset.DataConfig(sources=[sys.argv[2]], cache_dir=sys.argv[3], num_workers=int(sys.argv[4]),
-                         progress=False)
+cfg = DataConfig(sources=[sys.argv[2]], cache_dir=sys.argv[3], num_workers=int(sys.argv[4]),
+                 progress=False)
 texts = dataset.prepare(cfg, None)
 # A commit whose CodeTokenizer.train counts pieces in one process takes no num_workers.
 workers = {"num_workers": cfg.num_workers} if "num_workers" in inspect.signature(

@@ -24,7 +24,7 @@ from codelm.sandbox.runner import SandboxConfig, run_python  # noqa: E402
 
 def _pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Code-like lines from the stdlib, each paired with a lightly mutated copy."""
-    from dataset import stdlib_files
+    from codelm.data.sources import stdlib_files
 
     rng = random.Random(seed)
     lines = [line.strip() for f in stdlib_files()[:200]

@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from architecture import IGNORE_INDEX, PRESETS, Transformer  # noqa: E402
+from codelm.data.datasets import collate  # noqa: E402
+from codelm.data.sources import stdlib_files  # noqa: E402
 from codelm.runtime import settings  # noqa: E402
 from codelm.training.batches import PackedExamples  # noqa: E402
-from dataset import collate, stdlib_files  # noqa: E402
 
 
 @dataclass

@@ -4,7 +4,7 @@
 
 Writes a parquet file of about ``--gb`` GB of code records (the stdlib's files, repeated under
 distinct paths so that exact dedupe keeps one copy of each), then, in a fresh process, runs
-``dataset.load_corpus`` on it (read, dedupe, clean, split) and reports the file size, the time,
+``load_corpus`` on it (read, dedupe, clean, split) and reports the file size, the time,
 the kept documents and the process's peak RSS (``VmHWM``) beside that of the same process
 loading only the stdlib copy once: what reading the big file adds.
 """
@@ -25,10 +25,11 @@ sys.path.insert(0, str(ROOT))
 CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
-import dataset
-cfg = dataset.DataConfig(sources=[{source!r}], cache_dir={cache!r}, progress=False)
+from codelm.data.config import DataConfig
+from codelm.data.splits import load_corpus
+cfg = DataConfig(sources=[{source!r}], cache_dir={cache!r}, progress=False)
 start = time.perf_counter()
-corpus = dataset.load_corpus(cfg)
+corpus = load_corpus(cfg)
 seconds = time.perf_counter() - start
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({{"seconds": seconds, "docs": len(corpus.train) + len(corpus.val)
@@ -63,11 +64,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0, help="the file's size (default: 2)")
     args = parser.parse_args()
-    import dataset
+    from codelm.data.sources import stdlib_files, stdlib_root
 
-    root = dataset.stdlib_root()
+    root = stdlib_root()
     texts = [(p.relative_to(root).as_posix(), p.read_text("utf-8", "replace"))
-             for p in dataset.stdlib_files() if p.stat().st_size < 200_000]
+             for p in stdlib_files() if p.stat().st_size < 200_000]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dataset  # noqa: E402
+from codelm.data.sources import stdlib_files  # noqa: E402
 from codelm.runtime import settings  # noqa: E402
 from codelm.tokenization.bpe import PRETOKENIZER_STYLES  # noqa: E402
 from tokenizer import CodeTokenizer, load_tokenizer  # noqa: E402
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(cfg.styles.split(",")) - set(STYLES)
     if unknown:
         parser.exit(2, f"error: unknown styles {sorted(unknown)}; choose from {STYLES}\n")
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in dataset.stdlib_files()]
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()]
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     print(
         f"corpus: {len(texts)} stdlib files, {mb:.1f} MB; {os.cpu_count()} CPUs; "

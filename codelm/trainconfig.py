@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig
+from codelm.data.config import DataConfig
 from codelm.runs import rundir
 from codelm.runs.checkpoint import check_run_paths, is_sharded
 from codelm.runs.trackers import TRACKERS
 from codelm.runtime import settings
 from codelm.runtime.distributed import STRATEGIES
 from codelm.runtime.settings import setting
-from dataconfig import DataConfig
 
 
 @dataclass

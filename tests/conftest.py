@@ -50,7 +50,7 @@ def email_with_drops(tmp_path) -> Path:
     too small and one too large: drops before cleaning and in it."""
     import shutil
 
-    from dataset import stdlib_root
+    from codelm.data.sources import stdlib_root
 
     email = stdlib_root() / "email"
     src = tmp_path / "src"

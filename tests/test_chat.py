@@ -13,7 +13,8 @@ from tiny_hf import save_tiny_hf, train_family_tokenizer
 import dataset
 from architecture import IGNORE_INDEX
 from codelm import trainconfig
-from dataconfig import DataConfig
+from codelm.data.config import DataConfig
+from codelm.data.sources import stdlib_files
 from tokenizer import load_tokenizer
 
 CONVERSATIONS = [
@@ -29,7 +30,7 @@ CONVERSATIONS = [
 def instruct(tmp_path_factory):
     """A tiny Qwen2.5-Coder-Instruct-shaped checkpoint: ChatML template, <|im_end|> its eos."""
     root = tmp_path_factory.mktemp("instruct")
-    texts = [p.read_text("utf-8", "replace") for p in dataset.stdlib_files()[::60]]
+    texts = [p.read_text("utf-8", "replace") for p in stdlib_files()[::60]]
     hf_tok = train_family_tokenizer("qwen2", texts, root / "tokenizer.json")
     (root / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE}))

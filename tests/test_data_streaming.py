@@ -16,8 +16,14 @@ import pytest
 import test_chat
 
 import dataset
+from codelm.data import shards
+from codelm.data.config import DataConfig
+from codelm.data.encoding import packed_document
+from codelm.data.sources import stdlib_root
+from codelm.data.splits import corpus_key, load_corpus
+from codelm.runtime import process
 from codelm.tokenization.batching import BatchEncoder
-from dataset import DataConfig, prepare, stdlib_root
+from dataset import prepare
 from tokenizer import CodeTokenizer, load_tokenizer
 
 EMAIL = stdlib_root() / "email"  # 29 real stdlib files, about 380 KB
@@ -45,9 +51,9 @@ def entry_bytes(path: Path) -> dict[str, bytes]:
 
 def small_shards(monkeypatch, docs: int = 4, chars: int = 40_000) -> None:
     """Shards of a few documents, and cleaning workers started after the first 50 KB."""
-    monkeypatch.setattr(dataset, "SHARD_DOCS", docs)
+    monkeypatch.setattr(shards, "SHARD_DOCS", docs)
     monkeypatch.setattr(dataset, "TOKEN_SHARD_CHARS", chars)
-    monkeypatch.setattr(dataset, "POOL_AFTER_BYTES", 50_000)
+    monkeypatch.setattr(shards, "POOL_AFTER_BYTES", 50_000)
 
 
 def test_one_and_two_workers_and_any_shard_size_write_the_same_bytes(tmp_path, source, tokenizer,
@@ -58,7 +64,7 @@ def test_one_and_two_workers_and_any_shard_size_write_the_same_bytes(tmp_path, s
     small_shards(monkeypatch)
     one = prepare(config(tmp_path / "one", source, num_workers=1), tokenizer)
     two = prepare(config(tmp_path / "two", source, num_workers=2), tokenizer)
-    corpus = {name: dataset.load_corpus(config(tmp_path / name, source))
+    corpus = {name: load_corpus(config(tmp_path / name, source))
               for name in ("whole", "one", "two")}
     corpus_dirs = {name: Path(c.train.path).parent for name, c in corpus.items()}
     assert entry_bytes(corpus_dirs["one"]) == entry_bytes(corpus_dirs["two"]) == entry_bytes(
@@ -71,7 +77,7 @@ def test_one_and_two_workers_and_any_shard_size_write_the_same_bytes(tmp_path, s
     for split in ("train", "val", "test"):
         texts = corpus["one"].texts(split)
         expected = [t for text in texts
-                    for t in dataset.packed_document(tokenizer, tokenizer.encode(text))]
+                    for t in packed_document(tokenizer, tokenizer.encode(text))]
         got = np.fromfile(one.cache_path / f"{split}.bin", dtype=one.stats["task"]["dtype"])
         assert got.tolist() == expected
     assert not list(tmp_path.glob("*/*.shards"))  # the shards go once the entry is published
@@ -81,9 +87,9 @@ class Interrupted(Exception):
     pass
 
 
-def interrupt_after(monkeypatch, name: str, n: int) -> list:
-    """Make ``dataset.<name>`` raise on its call number ``n + 1``; the calls' first arguments."""
-    real = getattr(dataset, name)
+def interrupt_after(monkeypatch, module, name: str, n: int) -> list:
+    """Make ``module.<name>`` raise on its call number ``n + 1``; the calls' first arguments."""
+    real = getattr(module, name)
     calls: list = []
 
     def counted(*args, **kwargs):
@@ -92,7 +98,7 @@ def interrupt_after(monkeypatch, name: str, n: int) -> list:
         calls.append(args[1] if name == "_write_shard" else args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dataset, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -101,12 +107,12 @@ def test_an_interrupted_corpus_build_continues_after_its_whole_shards(tmp_path, 
     """Stopped after 3 shards, the next build writes only the shards after them (the first are
     the same files, untouched), and its entry and counts equal an uninterrupted build's."""
     small_shards(monkeypatch)
-    reference = dataset.load_corpus(config(tmp_path / "ref", source, num_workers=2))
+    reference = load_corpus(config(tmp_path / "ref", source, num_workers=2))
     c = config(tmp_path / "cache", source, num_workers=2)
-    real = dataset._write_shard
-    interrupt_after(monkeypatch, "_write_shard", 3)
+    real = shards._write_shard
+    interrupt_after(monkeypatch, shards, "_write_shard", 3)
     with pytest.raises(Interrupted):
-        dataset.load_corpus(c)
+        load_corpus(c)
     work = next((tmp_path / "cache").glob("corpus-*.shards"))
     assert sorted(p.name for p in work.glob("*.json")) == [
         "shard-00000.json", "shard-00001.json", "shard-00002.json"]
@@ -120,8 +126,8 @@ def test_an_interrupted_corpus_build_continues_after_its_whole_shards(tmp_path, 
         written.append(shard.index)
         return real(directory, shard)
 
-    monkeypatch.setattr(dataset, "_write_shard", check_and_write)
-    corpus = dataset.load_corpus(c)
+    monkeypatch.setattr(shards, "_write_shard", check_and_write)
+    corpus = load_corpus(c)
     assert written[0] == 3 and len(written) > 3
     assert entry_bytes(Path(corpus.train.path).parent) == entry_bytes(
         Path(reference.train.path).parent)
@@ -158,7 +164,7 @@ def test_an_interrupted_lm_build_continues_after_its_whole_token_shards(tmp_path
     monkeypatch.setattr(BatchEncoder, "arrays",
                         lambda self, t, **kw: counted.append(len(t)) or real(self, t, **kw))
     data = prepare(c, tokenizer)
-    n_texts = sum(len(getattr(dataset.load_corpus(c), s)) for s in ("train", "val", "test"))
+    n_texts = sum(len(getattr(load_corpus(c), s)) for s in ("train", "val", "test"))
     assert sum(counted) == n_texts - texts  # the whole shards' texts are not encoded again
     assert entry_bytes(data.cache_path) == entry_bytes(reference.cache_path)
 
@@ -177,11 +183,11 @@ def test_memory_follows_the_shard_not_the_corpus(tmp_path, monkeypatch):
     all in this process) stay near a shard's size, far below the corpus's 6 MB."""
     src = synthetic_corpus(tmp_path / "src", 300, 20_000)
     corpus_bytes = sum(p.stat().st_size for p in src.iterdir())
-    monkeypatch.setattr(dataset, "SHARD_DOCS", 10)  # about 200 KB a shard
+    monkeypatch.setattr(shards, "SHARD_DOCS", 10)  # about 200 KB a shard
     tracemalloc.start()
     try:
-        corpus = dataset.load_corpus(config(tmp_path / "cache", src, num_workers=1,
-                                            **dataset_whole()))
+        corpus = load_corpus(config(tmp_path / "cache", src, num_workers=1,
+                                    **dataset_whole()))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -198,21 +204,23 @@ import sys, threading
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import dataset
+from codelm.data import shards
+from codelm.data.config import DataConfig
 from codelm.runtime import process
 from tokenizer import load_tokenizer
 stage, source, cache, tokenizer, ready = sys.argv[2:7]
-dataset.SHARD_DOCS, dataset.TOKEN_SHARD_CHARS, dataset.POOL_AFTER_BYTES = 4, 40_000, 50_000
-cfg = dataset.DataConfig(sources=[source], cache_dir=cache, num_workers=2, progress=False)
+shards.SHARD_DOCS, dataset.TOKEN_SHARD_CHARS, shards.POOL_AFTER_BYTES = 4, 40_000, 50_000
+cfg = DataConfig(sources=[source], cache_dir=cache, num_workers=2, progress=False)
 if stage == "tokens":
     dataset.prepare(cfg, None)  # the whole corpus first: the kill comes while tokenizing
 real = process.write_atomic_files
-shards = []
+cut = []
 
 def write_then_wait(files):
     # The third shard is cut between its files' renames; then the process waits for its kill.
     if Path(next(iter(files))).name.startswith("shard-" if stage == "corpus" else "train-"):
-        shards.append(files)
-        if len(shards) == 3:
+        cut.append(files)
+        if len(cut) == 3:
             real(dict([next(iter(files.items()))]))
             Path(ready).touch()
             threading.Event().wait()
@@ -255,7 +263,7 @@ def test_a_build_killed_with_sigkill_continues_after_its_whole_shards(tmp_path, 
 
     kept = whole_shards()
     written = []
-    real = dataset.process.write_atomic_files
+    real = process.write_atomic_files
 
     def check_and_write(files):
         name = Path(next(iter(files))).name
@@ -264,12 +272,12 @@ def test_a_build_killed_with_sigkill_continues_after_its_whole_shards(tmp_path, 
             written.append(name)
         real(files)
 
-    monkeypatch.setattr(dataset.process, "write_atomic_files", check_and_write)
+    monkeypatch.setattr(process, "write_atomic_files", check_and_write)
     data = prepare(config(tmp_path / "cache", source, num_workers=2), tokenizer)
     assert written[0].split(".")[0].endswith("00002")
     assert entry_bytes(data.cache_path) == entry_bytes(reference.cache_path)
-    corpus_dir = Path(dataset.load_corpus(config(tmp_path / "cache", source)).train.path).parent
-    reference_dir = Path(dataset.load_corpus(config(tmp_path / "ref", source)).train.path).parent
+    corpus_dir = Path(load_corpus(config(tmp_path / "cache", source)).train.path).parent
+    reference_dir = Path(load_corpus(config(tmp_path / "ref", source)).train.path).parent
     assert entry_bytes(corpus_dir) == entry_bytes(reference_dir)
     assert not work.exists()  # published: the shards go
     assert kept and len(kept) == (6 if stage == "corpus" else 4)
@@ -280,13 +288,15 @@ import sys, threading
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import dataset
+from codelm.data import shards
+from codelm.data.config import DataConfig
 from codelm.runtime import process
 from tokenizer import load_tokenizer
 stage, source, cache, tokenizer, ready = sys.argv[2:7]
-dataset.SHARD_DOCS, dataset.TOKEN_SHARD_CHARS, dataset.POOL_AFTER_BYTES = 4, 40_000, 50_000
+shards.SHARD_DOCS, dataset.TOKEN_SHARD_CHARS, shards.POOL_AFTER_BYTES = 4, 40_000, 50_000
 task = "lm" if stage == "corpus" else stage
-cfg = dataset.DataConfig(sources=[source], cache_dir=cache, task=task, num_workers=2,
-                         progress=False)
+cfg = DataConfig(sources=[source], cache_dir=cache, task=task, num_workers=2,
+                 progress=False)
 real = process.write_dir_atomically
 
 def publish_then_wait(target, build, replace=True):
@@ -334,7 +344,7 @@ def test_the_shards_a_kill_left_beside_a_published_entry_go_with_the_next_run(
     assert child.returncode == -signal.SIGKILL
     orphan = next(cache.glob(f"{stage}-*.shards"))
     assert orphan.with_suffix("").is_dir() and any(orphan.iterdir())  # published, shards left
-    _, host, ns, _ = dataset.process.owner_tag().split("@")
+    _, host, ns, _ = process.owner_tag().split("@")
     cut_short = cache / f".{orphan.name}.tmp-{child.pid}@{host}@{ns}@ab12"  # the dead child's
     shutil.copytree(orphan, cut_short)
 
@@ -343,18 +353,19 @@ def test_the_shards_a_kill_left_beside_a_published_entry_go_with_the_next_run(
     assert not orphan.exists() and not cut_short.exists()
 
     other = config(cache, source, task=task, seed=1)  # another key, interrupted before publishing
-    writer = "_write_shard" if stage == "corpus" else "_write_task_shard"
-    real = getattr(dataset, writer)
-    interrupt_after(monkeypatch, writer, 2)
+    module, writer = ((shards, "_write_shard") if stage == "corpus"
+                      else (dataset, "_write_task_shard"))
+    real = getattr(module, writer)
+    interrupt_after(monkeypatch, module, writer, 2)
     with pytest.raises(Interrupted):
         prepare(other, use)
-    monkeypatch.setattr(dataset, writer, real)
+    monkeypatch.setattr(module, writer, real)
     unpublished = next(cache.glob("*.shards"))
     assert not unpublished.with_suffix("").exists()
     kept = files_of(unpublished)
     assert prepare(config(cache, source, task=task), use).stats["cache_hit"]
     assert files_of(unpublished) == kept
-    written = interrupt_after(monkeypatch, writer, 10**6)
+    written = interrupt_after(monkeypatch, module, writer, 10**6)
     prepare(other, use)
     first = written[0].index if stage == "corpus" else written[0].name
     assert first in (2, "train-00002.bin", "train-00002.npz")
@@ -372,21 +383,21 @@ def test_the_shards_of_a_build_under_way_stay_until_its_process_is_gone(tmp_path
 
     small_shards(monkeypatch)
     c = config(tmp_path / "cache", source)
-    entry = tmp_path / "cache" / f"corpus-{dataset.corpus_key(c)}"
+    entry = tmp_path / "cache" / f"corpus-{corpus_key(c)}"
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True).stdout)
-    _, host, ns, _ = dataset.process.owner_tag().split("@")
+    _, host, ns, _ = process.owner_tag().split("@")
     mark = f".{entry.name}.shards.tmp-{{}}@{host}@{ns}@building-ab12"
     live = entry.parent / mark.format(os.getppid())
     entry.parent.mkdir()
     live.touch()
 
-    assert not dataset.load_corpus(c).stats["cache_hit"]
-    shards = entry.with_name(f"{entry.name}.shards")
-    assert entry.is_dir() and any(shards.glob("shard-*.json"))  # left to the live builder
-    assert dataset.load_corpus(c).stats["cache_hit"] and shards.is_dir()
+    assert not load_corpus(c).stats["cache_hit"]
+    work = entry.with_name(f"{entry.name}.shards")
+    assert entry.is_dir() and any(work.glob("shard-*.json"))  # left to the live builder
+    assert load_corpus(c).stats["cache_hit"] and work.is_dir()
     live.rename(entry.parent / mark.format(dead))
-    assert dataset.load_corpus(c).stats["cache_hit"]
+    assert load_corpus(c).stats["cache_hit"]
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
 
 
@@ -415,7 +426,7 @@ def test_data_workers_default_to_every_usable_core_and_one_in_a_daemon(tmp_path,
 
     monkeypatch.setattr(multiprocessing.context.ForkContext, "Pool", no_pool)
     src = synthetic_corpus(tmp_path / "src", 20, 2_000)
-    corpus = dataset.load_corpus(config(tmp_path / "cache", src, num_workers=2))
+    corpus = load_corpus(config(tmp_path / "cache", src, num_workers=2))
     assert corpus.stats["kept"]["files"] == 20
 
 
@@ -527,9 +538,9 @@ def test_an_interrupted_supervised_build_continues_after_its_whole_shards(tmp_pa
     assert reference.stats["task"]["events"]["val"] == {"skipped_same_as_train": 1}
     monkeypatch.setattr(dataset, "TOKEN_SHARD_CHARS", 200)  # 2 files a shard
     c = config(tmp_path / "cache", train, **options)
-    assert dataset.load_corpus(c).train[0].id.endswith("m00.py")  # in the first train shard
+    assert load_corpus(c).train[0].id.endswith("m00.py")  # in the first train shard
     real = dataset._write_example_shard
-    interrupt_after(monkeypatch, "_write_example_shard", 2)
+    interrupt_after(monkeypatch, dataset, "_write_example_shard", 2)
     with pytest.raises(Interrupted):
         prepare(c, tokenizer)
     work = next((tmp_path / "cache").glob("method-*.shards"))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tokenize
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +22,52 @@ import pytest
 import torch
 from procs import popen, signal_when
 
-import dataconfig
 import dataset
-from codelm.runtime import process, settings
-from codelm.tokenization.source import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
-from dataset import (
+from codelm.data import cleaning, encoding, shards
+from codelm.data.cleaning import (
+    clean_one,
+    longest_literal,
+    redact_secrets,
+    strip_license_header,
+)
+from codelm.data.config import (
+    _RUNTIME_FIELDS,
     DOCSTRING_PROMPTS,
     REFACTOR_TEMPLATE,
     DataConfig,
     DataError,
-    collate,
-    prepare,
-    stdlib_files,
-    stdlib_root,
-    supervised_example,
 )
-from tokenizer import CodeTokenizer
+from codelm.data.datasets import LMWindows, collate
+from codelm.data.dedupe import minhash, near_duplicates, shingles
+from codelm.data.encoding import (
+    _fit_fim_context,
+    encode_prompts,
+    fim_pairs,
+    fit_prompt,
+    prompt_prefix,
+    supervised_example,
+    tokenize_examples,
+    tokenizer_cache_dir,
+    window_pairs,
+)
+from codelm.data.examples import (
+    Example,
+    docstring_examples,
+    held_out_prompt,
+    line_completion_examples,
+    method_examples,
+)
+from codelm.data.shards import clean_corpus
+from codelm.data.sources import Doc, iter_sources, jsonl_lines, stdlib_files, stdlib_root
+from codelm.data.splits import assign_splits, corpus_key, load_corpus, split_corpus
+from codelm.runtime import process, settings
+from codelm.tokenization.source import (
+    PYTHON_PARSE_ERRORS,
+    docstring_statement,
+    strip_comments_and_docstrings,
+)
+from dataset import prepare
+from tokenizer import ENCODING_VERSION, CodeTokenizer
 
 EMAIL = stdlib_root() / "email"  # 29 real stdlib files, about 380 KB
 
@@ -140,12 +171,12 @@ def test_directory_source_follows_links_to_files_and_reads_extensions_in_any_cas
     (blobs / "b1").write_text("def g():\n    return 2\n")
     (src / "link.py").symlink_to(Path("..") / "blobs" / "b1")
     (src / "dangling.py").symlink_to(tmp_path / "gone.py")
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], strip_docstrings=True,
-                                     min_lines=1))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(src)], strip_docstrings=True,
+                             min_lines=1))
     docs = {d.id: d.text for d in corpus.train + corpus.val + corpus.test}
     assert docs == {"snapshot/B.PY": "def f():\n    return 1\n",  # cleaned as Python
                     "snapshot/link.py": "def g():\n    return 2\n"}
-    assert dataset.Doc("src/B.PY", "x = 1\n").is_python
+    assert Doc("src/B.PY", "x = 1\n").is_python
 
 
 def test_cleaning_counts_every_drop_by_reason(tmp_path):
@@ -164,7 +195,7 @@ def test_cleaning_counts_every_drop_by_reason(tmp_path):
         "#!/usr/bin/env python\n# Copyright (c) 2020 Someone\n# Licensed under the MIT License.\n"
         "\nimport os\nprint(os.sep)\n"
     )
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=10_000))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=10_000))
     stats = corpus.stats
     assert stats["read"]["files"] == 9
     assert stats["dropped"] == {
@@ -195,12 +226,12 @@ def test_a_file_over_max_bytes_is_dropped_unread(tmp_path, monkeypatch):
         return read(path)
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=130))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=130))
     assert corpus.stats["dropped"] == {"too_large": 2} and corpus.stats["read"]["files"] == 3
     scraped = write_jsonl(tmp_path / "s.jsonl", [{"repo": "u/r", "path": "crlf.py",
                                                  "text": "x = 1\r\n" * 20}])
-    stats = dataset.load_corpus(cfg(tmp_path, sources=[str(src), str(scraped)],
-                                    max_bytes=130)).stats
+    stats = load_corpus(cfg(tmp_path, sources=[str(src), str(scraped)],
+                            max_bytes=130)).stats
     assert stats["dropped"] == {"too_large": 3}
 
 
@@ -210,10 +241,10 @@ def test_a_file_of_exactly_max_bytes_is_kept(tmp_path):
     src.mkdir()
     (src / "a.py").write_text((EMAIL / "charset.py").read_text("utf-8"))
     size = (src / "a.py").stat().st_size
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=size))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=size))
     assert [d.id for d in docs] == ["src/a.py"] and stats["dropped"] == {}
     with pytest.raises(DataError, match="dropped {'too_large': 1}"):
-        dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=size - 1))
+        clean_corpus(cfg(tmp_path, sources=[str(src)], max_bytes=size - 1))
 
 
 @pytest.mark.parametrize("limit, size, past", [
@@ -238,10 +269,10 @@ def test_a_file_exactly_at_a_cleaning_limit_is_kept(tmp_path, limit, size, past)
         tokens = tokenize.generate_tokens(io.StringIO(text).readline)
         assert max(len(t.string) for t in tokens if t.type == tokenize.STRING) == size
     (src / "a.py").write_text(text)
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], **{limit: size}))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)], **{limit: size}))
     assert [d.id for d in docs] == ["src/a.py"] and stats["dropped"] == {}
     with pytest.raises(DataError, match="no data left"):
-        dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], **{limit: past}))
+        clean_corpus(cfg(tmp_path, sources=[str(src)], **{limit: past}))
 
 
 def test_min_lines_counts_lines_of_code_not_blank_lines(tmp_path):
@@ -251,7 +282,7 @@ def test_min_lines_counts_lines_of_code_not_blank_lines(tmp_path):
     src.mkdir()
     (src / "one.py").write_text("x = 1\n\n\n\n")
     (src / "two.py").write_text("x = 1\n\ny = 2\n")
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], min_lines=2))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)], min_lines=2))
     assert [d.id for d in docs] == ["src/two.py"]
     assert stats["dropped"] == {"too_few_lines": 1}
 
@@ -265,10 +296,10 @@ def test_a_utf8_bom_is_removed_and_the_file_still_parses(tmp_path):
     code = 'def f(x):\n    """Doc."""\n    return x\n'
     (src / "bom.py").write_bytes(b"\xef\xbb\xbf" + code.encode())
     (src / "ok.py").write_text("x = 1\ny = 2\n")
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], **WHOLE))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(src)], **WHOLE))
     expected = (src / "bom.py").read_text(encoding="utf-8-sig")
     assert {d.id: d.text for d in corpus.train}["src/bom.py"] == expected
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], strip_docstrings=True))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)], strip_docstrings=True))
     assert "syntax_error" not in stats["dropped"]
     assert ast.parse({d.id: d.text for d in docs}["src/bom.py"])
 
@@ -280,7 +311,7 @@ def test_old_mac_line_ends_become_newlines(tmp_path):
     src.mkdir()
     (src / "mac.py").write_bytes(b"x = 1\ry = 2\r")
     (src / "dos.py").write_bytes(b"z = 3\r\nw = 4\r\n")
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)]))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)]))
     expected = {}
     for p in src.iterdir():
         with open(p, encoding="utf-8") as f:  # newline=None: universal newlines
@@ -296,7 +327,7 @@ def test_a_pair_with_a_blank_prompt_or_a_blank_target_is_dropped(tmp_path):
         {"input": " \n", "output": "    return 1\n"},
         {"input": "def g(x):\n", "output": "  \n"},
         {"prompt": "def h(x):\n", "completion": ""}])
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
     assert [(d.text, d.target) for d in docs] == [("def f(x):\n", "    return x\n")]
     assert stats["dropped"] == {"empty_pair": 3}
 
@@ -310,9 +341,9 @@ def test_python_only_cleaning_leaves_other_languages_as_they_are(tmp_path):
               "    val x=a+b  // sum\n    return x\n}\n")
     (src / "Add.kt").write_text(kotlin)
     (src / "b.py").write_text("import os\ndef f( a ):\n  return a  # the same\n")
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], extensions=[".kt", ".py"],
-                                           strip_comments=True, strip_docstrings=True,
-                                           autopep8=True))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)], extensions=[".kt", ".py"],
+                                   strip_comments=True, strip_docstrings=True,
+                                   autopep8=True))
     texts = {d.id: d.text for d in docs}
     assert texts["kt/Add.kt"] == kotlin and stats["dropped"] == {}
     assert texts["kt/b.py"] == "import os\n\n\ndef f(a):\n    return a\n"  # Python is rewritten
@@ -327,7 +358,7 @@ def test_pairs_with_one_prompt_and_different_targets_are_all_kept(tmp_path):
                {"input": "def add(a, b):\n", "output": "    return a + b\n"},  # a copy
                {"input": "def plus(a, b):\n", "output": "    return a + b\n"}]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
     distinct = list(dict.fromkeys((r["input"], r["output"]) for r in records))
     assert [(d.text, d.target) for d in docs] == distinct
     assert stats["dropped"] == {"duplicate": len(records) - len(distinct)}
@@ -339,7 +370,7 @@ def test_the_bytes_read_and_kept_of_pairs_count_their_targets(tmp_path):
     records = [{"input": "x = 1\n", "output": "y = 2  # \u00e9\n" * 50},
                {"prompt": "def f():\n", "completion": "    return 1\n"}]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
     size = sum(len("".join(r.values()).encode("utf-8")) for r in records)
     assert len(docs) == 2 and stats["read"]["bytes"] == stats["kept"]["bytes"] == size
 
@@ -352,9 +383,9 @@ def test_near_dedupe_compares_pairs_with_their_targets(tmp_path):
     a = "\n".join(f"    total_{i} = values[{i}] * {i}" for i in range(30))
     b = "\n".join(f"    acc{i} += other({i}, values)" for i in range(30))
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"input": prompt, "output": t} for t in (a, b)])
-    sa, sb = (dataset.shingles(prompt + "\n" + t) for t in (a, b))
+    sa, sb = (shingles(prompt + "\n" + t) for t in (a, b))
     assert len(sa & sb) / len(sa | sb) < 0.5
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)], near_dedupe=True))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(pairs)], near_dedupe=True))
     assert len(docs) == 2 and not any(stats["dropped"].values())
 
 
@@ -363,7 +394,7 @@ def test_blank_lines_in_a_jsonl_source_are_skipped(tmp_path):
     JSON" error."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"input": "a", "output": "b"}, "", "  ", {"input": "c", "output": "d"}, ""])
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
     assert [(d.text, d.target) for d in docs] == [("a", "b"), ("c", "d")]
     assert stats["dropped"] == {}
 
@@ -374,7 +405,7 @@ def test_scraper_record_ids_are_repo_slash_path(tmp_path):
     scraped = write_jsonl(tmp_path / "scraped.jsonl", [
         {"repo": "u/a", "path": "setup.py", "text": "x = 1\ny = 2\n"},
         {"repo": "u/b", "path": "setup.py", "text": "z = 3\nw = 4\n"}])
-    docs, _ = dataset.clean_corpus(cfg(tmp_path, sources=[str(scraped)]))
+    docs, _ = clean_corpus(cfg(tmp_path, sources=[str(scraped)]))
     assert sorted(d.id for d in docs) == ["u/a/setup.py", "u/b/setup.py"]
 
 
@@ -383,7 +414,7 @@ def test_seed_002s_file_text_records_are_code_documents(tmp_path):
     code = "def f(x):\n    return x + 1\n"
     raw = write_jsonl(tmp_path / "raw.jsonl", [{"file_text": code}, {"file_text": code + "#\n"},
                                                {"text": code + "##\n", "file_text": "x = 1\n"}])
-    docs, _ = dataset.clean_corpus(cfg(tmp_path, sources=[str(raw)]))
+    docs, _ = clean_corpus(cfg(tmp_path, sources=[str(raw)]))
     assert sorted((d.id, d.text) for d in docs) == [("raw.jsonl:1", code),
                                                     ("raw.jsonl:2", code + "#\n"),
                                                     ("raw.jsonl:3", code + "##\n")]  # text first
@@ -415,7 +446,7 @@ ODD_BREAKS = (
 def without_docstrings(tree: ast.AST) -> str:
     """ast.dump of a tree with every docstring removed (``pass`` where it was alone)."""
     for node in ast.walk(tree):
-        if isinstance(node, (*DOCUMENTED, ast.Module)) and dataset.docstring_statement(node):
+        if isinstance(node, (*DOCUMENTED, ast.Module)) and docstring_statement(node):
             node.body = node.body[1:] or [ast.Pass()]
     return ast.dump(tree)
 
@@ -428,9 +459,9 @@ def test_cleaning_keeps_python_lines_at_odd_line_breaks(tmp_path):
     src.mkdir()
     (src / "odd.py").write_text(ODD_BREAKS, encoding="utf-8")
     (src / "ok.py").write_text("x = 1\ny = 2\n")
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], strip_comments=True,
-                                     strip_docstrings=True, train_frac=1.0, val_frac=0.0,
-                                     test_frac=0.0))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(src)], strip_comments=True,
+                             strip_docstrings=True, train_frac=1.0, val_frac=0.0,
+                             test_frac=0.0))
     assert corpus.stats["dropped"] == {}
     stripped = {d.id: d.text for d in corpus.train}["src/odd.py"]
     assert without_docstrings(ast.parse(stripped)) == without_docstrings(ast.parse(ODD_BREAKS))
@@ -453,15 +484,15 @@ def test_long_literal_counts_real_literals_not_quotes_in_comments(tmp_path):
     }
     for name, text in files.items():
         (src / name).write_text(text)
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], extensions=[".py", ".kt"],
-                                     train_frac=1.0, val_frac=0.0, test_frac=0.0))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(src)], extensions=[".py", ".kt"],
+                             train_frac=1.0, val_frac=0.0, test_frac=0.0))
     assert sorted(d.id for d in corpus.train) == [
         "src/comment.kt", "src/comment.py", "src/unclosed.py"]
     assert corpus.stats["dropped"] == {"long_literal": 3}
     for name in ("comment.py", "string.py"):
         tokens = tokenize.generate_tokens(io.StringIO(files[name]).readline)
         longest = max(len(t.string) for t in tokens if t.type in (tokenize.STRING, tokenize.NUMBER))
-        assert dataset.longest_literal(files[name], python=True) == longest
+        assert longest_literal(files[name], python=True) == longest
 
 
 def test_a_long_docstring_is_no_long_literal(tmp_path):
@@ -479,7 +510,7 @@ def test_a_long_docstring_is_no_long_literal(tmp_path):
     literals = [t for t in tokens if t.type in (tokenize.STRING, tokenize.NUMBER)]
     assert max(len(t.string) for t in literals if t.start[0] == t.end[0]) <= 400
     assert max(len(t.string) for t in literals) > 400  # the docstring
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)]))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)]))
     assert [d.id for d in docs] == ["src/a.py"] and stats["dropped"] == {}
 
 
@@ -487,21 +518,21 @@ def test_license_header_forms():
     kotlin = (
         "/*\n * Copyright 2010-2024 JetBrains s.r.o.\n * Apache 2.0 license.\n */\n\npackage a\n"
     )
-    assert dataset.strip_license_header(kotlin) == ("package a\n", True)
+    assert strip_license_header(kotlin) == ("package a\n", True)
     slashes = "// SPDX-License-Identifier: MIT\n// (c) me\nfun f() = 1\n"
-    assert dataset.strip_license_header(slashes) == ("fun f() = 1\n", True)
+    assert strip_license_header(slashes) == ("fun f() = 1\n", True)
     plain = "# A helpful comment about the code\nx = 1\n"
-    assert dataset.strip_license_header(plain) == (plain, False)
+    assert strip_license_header(plain) == (plain, False)
 
 
 def test_code_after_a_licence_comments_closing_on_its_line_is_kept():
     """Removing a licence comment keeps the code after its closing */ on the same line (a
     package declaration, a minified file's code): the comment goes, not the whole line."""
     one_line = "/* Copyright 2020 Foo, MIT license */ package com.foo\n\nfun main() {}\n"
-    assert dataset.strip_license_header(one_line) == (
+    assert strip_license_header(one_line) == (
         "package com.foo\n\nfun main() {}\n", True)
     block = "/*\n * Copyright 2020 Foo\n * SPDX-License-Identifier: MIT\n */ package a\nx\n"
-    assert dataset.strip_license_header(block) == ("package a\nx\n", True)
+    assert strip_license_header(block) == ("package a\nx\n", True)
 
 
 def test_a_licence_header_after_shebang_and_coding_line_keeps_both():
@@ -509,7 +540,7 @@ def test_a_licence_header_after_shebang_and_coding_line_keeps_both():
     and it is no part of the licence header (both lines are kept, not line 1 alone)."""
     text = ("#!/usr/bin/env python\n# -*- coding: utf-8 -*-\n# Copyright 2020 Someone\n"
             "# Licensed under the MIT License.\n\nimport os\n")
-    assert dataset.strip_license_header(text) == (
+    assert strip_license_header(text) == (
         "#!/usr/bin/env python\n# -*- coding: utf-8 -*-\nimport os\n", True)
 
 
@@ -529,7 +560,7 @@ def test_strip_comments_and_docstrings_on_stdlib_file():
     original = ast.parse(source)
     for node in ast.walk(original):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and dataset.docstring_statement(node) is not None:
+        if isinstance(body, list) and docstring_statement(node) is not None:
             node.body = body[1:] or [ast.Pass()]
     assert ast.dump(original) == ast.dump(tree)
 
@@ -547,7 +578,7 @@ def test_deeply_nested_file_is_dropped_as_a_syntax_error_not_a_crash(tmp_path, t
     (src / "deep.py").write_text(deep + "    return x\n")
     whole = dict(sources=[str(src)], train_frac=1.0, val_frac=0.0, test_frac=0.0)
     for option in ("strip_comments", "strip_docstrings"):
-        corpus = dataset.load_corpus(cfg(tmp_path, **whole, **{option: True}))
+        corpus = load_corpus(cfg(tmp_path, **whole, **{option: True}))
         assert corpus.stats["dropped"] == {"syntax_error": 1}
         assert [d.id for d in corpus.train] == ["src/good.py"]
     for task in ("docstring", "method"):  # kept by cleaning, skipped (and counted) by the task
@@ -560,7 +591,7 @@ def test_autopep8_formats(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "ugly.py").write_text("import os\ndef f( a,b ):\n  return a+b\nx=f(1,2)\n")
-    corpus = dataset.load_corpus(
+    corpus = load_corpus(
         cfg(tmp_path, sources=[str(src)], autopep8=True, val_frac=0, test_frac=0, train_frac=1)
     )
     assert corpus.train[0].text == "import os\n\n\ndef f(a, b):\n    return a+b\n\n\nx = f(1, 2)\n"
@@ -571,8 +602,8 @@ def test_near_duplicates_found_exact_ones_kept_apart(tmp_path):
     base = (EMAIL / "charset.py").read_text("utf-8")
     variant = base.replace("def get_body_encoding", "def body_encoding_of", 1)
     other = (EMAIL / "utils.py").read_text("utf-8")
-    assert dataset.near_duplicates([base, other, variant]) == {2}
-    assert dataset.near_duplicates([base, other]) == set()
+    assert near_duplicates([base, other, variant]) == {2}
+    assert near_duplicates([base, other]) == set()
 
 
 def test_near_dedupe_drops_the_near_copy_from_the_corpus(tmp_path):
@@ -587,14 +618,14 @@ def test_near_dedupe_drops_the_near_copy_from_the_corpus(tmp_path):
         (src / name).write_text(text)
 
     def jaccard(x: str, y: str) -> float:
-        sx, sy = dataset.shingles(texts[x]), dataset.shingles(texts[y])
+        sx, sy = shingles(texts[x]), shingles(texts[y])
         return len(sx & sy) / len(sx | sy)
 
     assert jaccard("a.py", "b.py") > 0.85 > max(jaccard("a.py", "c.py"), jaccard("b.py", "c.py"))
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], near_dedupe=True))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)], near_dedupe=True))
     assert [d.id for d in docs] == ["src/a.py", "src/c.py"]
     assert stats["dropped"] == {"near_duplicate": 1} and stats["kept"]["files"] == 2
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)]))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)]))
     assert len(docs) == 3 and stats["dropped"] == {}  # off by default
 
 
@@ -603,7 +634,7 @@ def test_near_duplicates_at_threshold_one_drops_exact_copies():
     its allowed range) an identical copy, whose signatures agree everywhere, is dropped."""
     text = (EMAIL / "charset.py").read_text("utf-8")
     other = (EMAIL / "utils.py").read_text("utf-8")
-    assert dataset.near_duplicates([text, other, text], threshold=1.0) == {2}
+    assert near_duplicates([text, other, text], threshold=1.0) == {2}
 
 
 def test_a_text_near_only_a_dropped_near_copy_is_kept():
@@ -614,11 +645,11 @@ def test_a_text_near_only_a_dropped_near_copy_is_kept():
     a, b, c = ("\n".join(units[i : i + 4]) for i in range(3))
 
     def jaccard(x: str, y: str) -> float:
-        sx, sy = dataset.shingles(x), dataset.shingles(y)
+        sx, sy = shingles(x), shingles(y)
         return len(sx & sy) / len(sx | sy)
 
     assert min(jaccard(a, b), jaccard(b, c)) > 0.55 and jaccard(a, c) < 0.35
-    assert dataset.near_duplicates([a, b, c], threshold=0.45, num_perm=256) == {1}
+    assert near_duplicates([a, b, c], threshold=0.45, num_perm=256) == {1}
 
 
 # Real stdlib pairs: two codecs sharing boilerplate (Jaccard ~0.7), two unrelated files
@@ -637,18 +668,17 @@ def test_minhash_estimates_the_jaccard_of_real_files():
     root = stdlib_root()
     for a, b in MINHASH_PAIRS:
         ta, tb = (root / a).read_text("utf-8"), (root / b).read_text("utf-8")
-        sa, sb = dataset.shingles(ta), dataset.shingles(tb)
+        sa, sb = shingles(ta), shingles(tb)
         true = len(sa & sb) / len(sa | sb)
-        estimate = dataset.minhash(ta, num_perm=128).jaccard(dataset.minhash(tb, num_perm=128))
+        estimate = minhash(ta, num_perm=128).jaccard(minhash(tb, num_perm=128))
         assert abs(estimate - true) < 0.1, (a, b, true, estimate)
-    assert dataset.near_duplicates([(root / f).read_text("utf-8") for f in MINHASH_PAIRS[1]]) == set()
+    assert near_duplicates([(root / f).read_text("utf-8") for f in MINHASH_PAIRS[1]]) == set()
 
 
 def test_cleaning_streams_the_sources(tmp_path, monkeypatch):
     """A file is cleaned before the next is read: memory holds kept documents, never the whole
     raw corpus beside them."""
     read_so_far = []
-    iter_sources, clean_one = dataset._iter_sources, dataset._clean_one
 
     def counting_reader(*args):
         for raw in iter_sources(*args):
@@ -659,9 +689,9 @@ def test_cleaning_streams_the_sources(tmp_path, monkeypatch):
         assert read_so_far[-1] == work[0].id  # nothing read ahead
         return clean_one(work)
 
-    monkeypatch.setattr(dataset, "_iter_sources", counting_reader)
-    monkeypatch.setattr(dataset, "_clean_one", clean_and_check)
-    corpus = dataset.load_corpus(cfg(tmp_path))
+    monkeypatch.setattr(shards, "iter_sources", counting_reader)
+    monkeypatch.setattr(shards, "clean_one", clean_and_check)
+    corpus = load_corpus(cfg(tmp_path))
     assert corpus.stats["read"]["files"] == len(read_so_far) == len(stdlib_files(EMAIL))
 
 
@@ -669,8 +699,8 @@ def test_parallel_cleaning_matches_serial(tmp_path, email_with_drops):
     """Same documents, same order, same counts; drops happen both before cleaning (too large,
     a copy) and in it (too few lines, a copy once cleaned)."""
     src = email_with_drops
-    one = dataset.load_corpus(cfg(tmp_path / "a", sources=[str(src)], num_workers=1))
-    two = dataset.load_corpus(cfg(tmp_path / "b", sources=[str(src)], num_workers=2))
+    one = load_corpus(cfg(tmp_path / "a", sources=[str(src)], num_workers=1))
+    two = load_corpus(cfg(tmp_path / "b", sources=[str(src)], num_workers=2))
     assert [d.text for d in one.train] == [d.text for d in two.train]
     assert one.stats == two.stats
     assert one.stats["dropped"]["duplicate"] == 2 and one.stats["dropped"]["too_large"] == 1
@@ -682,7 +712,7 @@ def test_parallel_cleaning_matches_serial(tmp_path, email_with_drops):
 def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path):
     scraped = write_jsonl(tmp_path / "scraped.jsonl", scraped_records())
     c = cfg(tmp_path, sources=[str(scraped)], use_cache=False)
-    first = dataset.load_corpus(c)
+    first = load_corpus(c)
     repos = {s: {d.repo for d in getattr(first, s)} for s in ("train", "val", "test")}
     assert all(repos.values())
     assert not (
@@ -691,36 +721,36 @@ def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path):
         or repos["val"] & repos["test"]
     )
     assert first.stats["split_by"] == "repo"
-    second = dataset.load_corpus(c)
+    second = load_corpus(c)
     for s in ("train", "val", "test"):
         assert [d.id for d in getattr(first, s)] == [d.id for d in getattr(second, s)]
     # One repo cannot fill three splits: its files are split instead, still without overlap.
     one = write_jsonl(
         tmp_path / "one.jsonl", [r for r in scraped_records() if "email" in r["repo"]]
     )
-    single = dataset.load_corpus(cfg(tmp_path, sources=[str(one)]))
+    single = load_corpus(cfg(tmp_path, sources=[str(one)]))
     assert single.stats["split_by"] == "file"
     assert [len(single.train), len(single.val), len(single.test)] == [22, 3, 3]
 
 
 def test_split_by_file_has_no_file_in_two_splits_and_ignores_order(tmp_path):
-    corpus = dataset.load_corpus(cfg(tmp_path, split_by="file"))
+    corpus = load_corpus(cfg(tmp_path, split_by="file"))
     ids = [d.id for s in ("train", "val", "test") for d in getattr(corpus, s)]
     assert len(ids) == len(set(ids)) == corpus.stats["kept"]["files"]
     assert [len(corpus.train), len(corpus.val), len(corpus.test)] == [22, 3, 3]
     keys = sorted(ids)
-    a = dataset.assign_splits(keys)
-    assert a == dataset.assign_splits(list(reversed(keys)))
-    assert a != dataset.assign_splits(keys, seed=7)
+    a = assign_splits(keys)
+    assert a == assign_splits(list(reversed(keys)))
+    assert a != assign_splits(keys, seed=7)
 
 
 def test_three_keys_give_one_to_each_split():
     """assign_splits: "val and test each get at least one key when there are enough keys":
     three repos give one to each split (a three-repo corpus still has val and test); two
     stay in train."""
-    out = dataset.assign_splits(["a", "b", "c"], (0.8, 0.1, 0.1), seed=42)
+    out = assign_splits(["a", "b", "c"], (0.8, 0.1, 0.1), seed=42)
     assert sorted(out.values()) == ["test", "train", "val"]
-    out = dataset.assign_splits(["a", "b"], (0.8, 0.1, 0.1), seed=42)
+    out = assign_splits(["a", "b"], (0.8, 0.1, 0.1), seed=42)
     assert sorted(out.values()) == ["train", "train"]
 
 
@@ -728,10 +758,10 @@ def test_split_by_file_splits_a_repos_files_by_their_ids(tmp_path):
     """split_by="file" is per file even where the records name their repo (a repo's files
     land in several splits). Reference: assign_splits over the document ids."""
     scraped = write_jsonl(tmp_path / "scraped.jsonl", scraped_records())
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(scraped)], split_by="file"))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(scraped)], split_by="file"))
     assert corpus.stats["split_by"] == "file"
     got = {d.id: s for s in ("train", "val", "test") for d in getattr(corpus, s)}
-    assert got == dataset.assign_splits(got, (0.8, 0.1, 0.1), seed=42)
+    assert got == assign_splits(got, (0.8, 0.1, 0.1), seed=42)
     by_repo = {}
     for s in ("train", "val", "test"):
         for d in getattr(corpus, s):
@@ -741,26 +771,26 @@ def test_split_by_file_splits_a_repos_files_by_their_ids(tmp_path):
 
 def test_three_repos_are_split_by_repo_one_each():
     """Three repos are enough for three splits: the file fallback is for fewer repos."""
-    docs = [dataset.Doc(f"u/r{r}/m{i}.py", f"x = {r}{i}\n", repo=f"u/r{r}")
+    docs = [Doc(f"u/r{r}/m{i}.py", f"x = {r}{i}\n", repo=f"u/r{r}")
             for r in range(3) for i in range(4)]
-    out, unit = dataset.split_corpus(docs, DataConfig())
+    out, unit = split_corpus(docs, DataConfig())
     assert unit == "repo"
     assert sorted(len({d.repo for d in out[s]}) for s in ("train", "val", "test")) == [1, 1, 1]
     assert sorted(map(len, out.values())) == [4, 4, 4]
     two = [d for d in docs if d.repo != "u/r2"]
-    assert dataset.split_corpus(two, DataConfig())[1] == "file"
+    assert split_corpus(two, DataConfig())[1] == "file"
 
 
-def _repo_docs(files_per_repo: dict[str, int]) -> list[dataset.Doc]:
+def _repo_docs(files_per_repo: dict[str, int]) -> list[Doc]:
     """Documents of equal size, ``files_per_repo[repo]`` of each repo, distinct texts."""
-    return [dataset.Doc(f"{repo}/m{i}.py", f"def f{i}():\n    return {i!r}\n" * 20 + f"# {repo}\n",
-                        repo=repo)
+    return [Doc(f"{repo}/m{i}.py", f"def f{i}():\n    return {i!r}\n" * 20 + f"# {repo}\n",
+                repo=repo)
             for repo, n in files_per_repo.items() for i in range(n)]
 
 
 def test_a_split_by_repo_near_its_fractions(capsys):
     """Twenty repos of one size: 16 / 2 / 2 repos are the 80 / 10 / 10 asked."""
-    out, unit = dataset.split_corpus(_repo_docs({f"u/r{r}": 3 for r in range(20)}), DataConfig())
+    out, unit = split_corpus(_repo_docs({f"u/r{r}": 3 for r in range(20)}), DataConfig())
     assert unit == "repo" and [len(out[s]) for s in ("train", "val", "test")] == [48, 6, 6]
     assert capsys.readouterr().err == ""
 
@@ -785,18 +815,18 @@ def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training
 
     all_train = cfg(tmp_path, task="refactor", sources=[str(train)], val_sources=[str(val)],
                     train_frac=0.9, val_frac=0.1, test_frac=0.0)
-    corpus = dataset.load_corpus(all_train)
-    assert outputs(corpus.val) == outputs(dataset.Doc("", "", target=p["output"])
+    corpus = load_corpus(all_train)
+    assert outputs(corpus.val) == outputs(Doc("", "", target=p["output"])
                                           for p in pairs[30:40])
     assert len(corpus.train) == 30 and not corpus.test
     assert not {d.target for d in corpus.train} & {d.target for d in corpus.val}
     assert corpus.stats["dropped"]["duplicate"] == 2
     # Default fractions: the train file also gives the test split (10% of its documents).
-    split = dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
-                                    val_sources=[str(val)]))
+    split = load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                            val_sources=[str(val)]))
     assert len(split.val) == 10 and (len(split.train), len(split.test)) == (27, 3)
-    both = dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
-                                   val_sources=[str(val)], test_sources=[str(test)]))
+    both = load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                           val_sources=[str(val)], test_sources=[str(test)]))
     assert outputs(both.test) == sorted(p["output"] for p in pairs[:5])
     assert len(both.train) == 25 and len(both.val) == 10
     # The same file as train and validation data, and a validation file cleaning empties.
@@ -805,8 +835,8 @@ def test_predefined_val_and_test_files_are_those_splits_and_stay_out_of_training
             val_sources=[str(tmp_path / "." / "train.jsonl")]).validate()
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"input": " ", "output": "x"}])
     with pytest.raises(DataError, match=r"val_sources .* left no val documents .*empty_pair"):
-        dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
-                                val_sources=[str(empty)]))
+        load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                        val_sources=[str(empty)]))
 
 
 def test_max_docs_reads_at_most_n_documents_of_each_role(tmp_path):
@@ -816,8 +846,8 @@ def test_max_docs_reads_at_most_n_documents_of_each_role(tmp_path):
                for i in range(33)]
     val = write_jsonl(tmp_path / "val.jsonl", records[:30])
     test = write_jsonl(tmp_path / "test.jsonl", records[30:])
-    corpus = dataset.load_corpus(cfg(tmp_path, val_sources=[str(val)], test_sources=[str(test)],
-                                     max_docs=20))
+    corpus = load_corpus(cfg(tmp_path, val_sources=[str(val)], test_sources=[str(test)],
+                             max_docs=20))
     assert corpus.stats["read"]["files"] == 20 + 20 + 3
     assert len(corpus.val) == 20 and len(corpus.test) == 3
     assert len(corpus.train) + sum(corpus.stats["dropped"].values()) == 20  # all from sources
@@ -829,9 +859,9 @@ def test_a_copy_of_a_val_document_leaves_sources_even_without_dedupe(tmp_path):
               "output": f"def f{i}(x):\n    return x + {i}\n"} for i in range(6)]
     train = write_jsonl(tmp_path / "train.jsonl", pairs + pairs[:1])  # pairs[0] twice
     val = write_jsonl(tmp_path / "validation.jsonl", pairs[2:4])
-    corpus = dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
-                                     val_sources=[str(val)], dedupe=False, train_frac=1.0,
-                                     val_frac=0.0, test_frac=0.0))
+    corpus = load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                             val_sources=[str(val)], dedupe=False, train_frac=1.0,
+                             val_frac=0.0, test_frac=0.0))
     assert sorted(d.target for d in corpus.val) == [p["output"] for p in pairs[2:4]]
     assert sorted(d.target for d in corpus.train) == sorted(
         p["output"] for p in pairs[:2] + pairs[4:] + pairs[:1])
@@ -846,9 +876,9 @@ def test_a_document_in_val_and_test_sources_stays_in_val_only_without_dedupe(tmp
     train = write_jsonl(tmp_path / "train.jsonl", pairs[:4])
     val = write_jsonl(tmp_path / "validation.jsonl", pairs[4:6] + pairs[4:5])  # one twice
     test = write_jsonl(tmp_path / "test.jsonl", pairs[5:8])
-    corpus = dataset.load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
-                                     val_sources=[str(val)], test_sources=[str(test)],
-                                     dedupe=False))
+    corpus = load_corpus(cfg(tmp_path, task="refactor", sources=[str(train)],
+                             val_sources=[str(val)], test_sources=[str(test)],
+                             dedupe=False))
     outputs = [p["output"] for p in pairs]
     assert sorted(d.target for d in corpus.val) == sorted(outputs[4:6] + outputs[4:5])
     assert sorted(d.target for d in corpus.test) == outputs[6:8]
@@ -868,15 +898,16 @@ def test_git_lfs_pointers_are_dropped_as_the_collectors_drop_them(tmp_path):
         {"repo": "u/r", "path": "weights.py", "text": pointer},
         {"repo": "u/r", "path": "ok.py", "text": "def ok():\n    return 2\n"}])
     for source in (src, scraped):
-        corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(source)], min_lines=1,
-                                         train_frac=1.0, val_frac=0.0, test_frac=0.0))
+        corpus = load_corpus(cfg(tmp_path, sources=[str(source)], min_lines=1,
+                                 train_frac=1.0, val_frac=0.0, test_frac=0.0))
         assert len(corpus.train) == 1 and corpus.stats["dropped"] == {"lfs_pointer": 1}
 
 
 def test_split_is_the_same_in_another_process_and_hash_seed():
     keys = [f"repo{i}/file.py" for i in range(50)]
-    here = dataset.assign_splits(keys)
-    code = f"import json, dataset; print(json.dumps(dataset.assign_splits({keys!r})))"
+    here = assign_splits(keys)
+    code = ("import json; from codelm.data.splits import assign_splits; "
+            f"print(json.dumps(assign_splits({keys!r})))")
     env = {
         **os.environ,
         "PYTHONHASHSEED": "12345",
@@ -926,12 +957,12 @@ def test_supervised_example_start_is_kept_within_the_context():
 def test_fit_prompt_cuts_only_what_does_not_fit():
     prompt = list(range(10))
     for room in (10, 11, 19, 100):  # room for all of it (between 1x and 2x too, not only the tail)
-        assert dataset.fit_prompt(prompt, room) == prompt
-        assert dataset.fit_prompt(prompt, room, (2, 8)) == prompt
-    assert dataset.fit_prompt(prompt, 6) == prompt[4:]
-    assert dataset.fit_prompt(prompt, 6, (2, 8)) == [0, 1, 2, 3, 8, 9]  # the code's end first
-    assert dataset.fit_prompt(prompt, 3, (2, 8)) == [1, 8, 9]  # then the left end
-    assert dataset.fit_prompt(prompt, 0) == []
+        assert fit_prompt(prompt, room) == prompt
+        assert fit_prompt(prompt, room, (2, 8)) == prompt
+    assert fit_prompt(prompt, 6) == prompt[4:]
+    assert fit_prompt(prompt, 6, (2, 8)) == [0, 1, 2, 3, 8, 9]  # the code's end first
+    assert fit_prompt(prompt, 3, (2, 8)) == [1, 8, 9]  # then the left end
+    assert fit_prompt(prompt, 0) == []
 
 
 def test_collate_pads_right_with_pad_id_and_ignored_labels():
@@ -956,11 +987,11 @@ def test_lm_windows_of_a_split_shorter_than_a_block_and_their_bounds(tmp_path):
     tokens = list(range(100, 110))
     path = tmp_path / "t.bin"
     np.asarray(tokens, dtype=np.uint16).tofile(path)
-    short = dataset.LMWindows(path, "uint16", len(tokens), block_size=64, stride=1)
+    short = LMWindows(path, "uint16", len(tokens), block_size=64, stride=1)
     assert len(short) == 1
     assert short[0]["input_ids"].tolist() == tokens[:-1]
     assert short[0]["labels"].tolist() == tokens[1:]
-    seq = dataset.LMWindows(path, "uint16", len(tokens), block_size=4, stride=4)
+    seq = LMWindows(path, "uint16", len(tokens), block_size=4, stride=4)
     assert len(seq) == 3
     assert [t for i in range(3) for t in seq[i]["labels"].tolist()] == tokens[1:]
     for ds in (short, seq):
@@ -994,7 +1025,7 @@ def test_data_preparation_without_bars_says_where_each_stage_is(tmp_path, tok, m
 
 def test_lm_packs_files_with_eos_and_windows_tile_the_split(tmp_path, tok):
     data = prepare(cfg(tmp_path, task="lm", block_size=64), tok)
-    corpus = dataset.load_corpus(cfg(tmp_path))
+    corpus = load_corpus(cfg(tmp_path))
     for split in ("train", "val", "test"):
         ds = getattr(data, split)
         expected = [t for text in corpus.texts(split) for t in tok.encode(text) + [tok.eos_id]]
@@ -1016,7 +1047,7 @@ def test_window_completion_pairs_are_contiguous_file_tokens(tmp_path, tok):
     data = prepare(
         cfg(tmp_path, task="completion", window_prompt_tokens=40, window_completion_tokens=12), tok
     )
-    corpus = dataset.load_corpus(cfg(tmp_path))
+    corpus = load_corpus(cfg(tmp_path))
     files = [tok.encode(t) for t in corpus.texts("train")]
     assert len(data.train) > 100
     for i in (0, 5, len(data.train) // 2, len(data.train) - 1):
@@ -1033,10 +1064,10 @@ def test_default_windows_do_not_overlap_and_a_short_file_still_gives_one():
     positions."""
     c = DataConfig(window_prompt_tokens=4, window_completion_tokens=2)
     ids = list(range(20))
-    assert list(dataset.window_pairs(ids, c)) == [
+    assert list(window_pairs(ids, c)) == [
         (ids[0:4], ids[4:6]), (ids[6:10], ids[10:12]), (ids[12:16], ids[16:18])]
     short = DataConfig(window_prompt_tokens=100, window_completion_tokens=3)
-    assert list(dataset.window_pairs(ids[:10], short)) == [(ids[:7], ids[7:10])]
+    assert list(window_pairs(ids[:10], short)) == [(ids[:7], ids[7:10])]
 
 
 def _contains(haystack: list[int], needle: list[int]) -> bool:
@@ -1076,8 +1107,8 @@ def test_method_task_signature_and_docstring_to_body(tmp_path, tok):
 
 def test_a_method_prompt_too_long_loses_its_docstring_end_not_its_signature(tmp_path, tok):
     """A prompt cut from the left would train 'docstring fragment -> body', with no name."""
-    doc = dataset.Doc("nested.py", NESTED_STRINGS)
-    [e] = dataset.method_examples(doc)  # eval.py's prompts too: one rule
+    doc = Doc("nested.py", NESTED_STRINGS)
+    [e] = method_examples(doc)  # eval.py's prompts too: one rule
     assert e.head.startswith("def render(") and e.body.lstrip().startswith('"""')
     assert e.prompt == e.head + e.body and e.prompt.rstrip().endswith('"""')
     data = prepare(cfg(tmp_path, task="method", block_size=96), tok)
@@ -1151,7 +1182,7 @@ def cleaned_dump(node: ast.AST) -> str:
     """ast.dump with every docstring as ast.get_docstring reads it (cleaned; trailing whitespace,
     which cleaning keeps where no line after the first has text, dropped)."""
     for n in ast.walk(node):
-        if isinstance(n, DOCUMENTED) and (ds := dataset.docstring_statement(n)):
+        if isinstance(n, DOCUMENTED) and (ds := docstring_statement(n)):
             ds.value.value = ast.get_docstring(n).rstrip()
     return ast.dump(node)
 
@@ -1162,10 +1193,10 @@ def test_docstring_targets_end_in_text_and_prompts_name_the_kind():
     text = ('class Outer:\n    """Summary of a class.\n    """\n\n'
             '    def add(self, a, b):\n        """Add two numbers.\n        """\n'
             '        return a + b\n')
-    doc = dataset.Doc("m.py", text)
-    simple = {e.completion: e.head for e in dataset.docstring_examples(doc, "both", "simple", 99)}
+    doc = Doc("m.py", text)
+    simple = {e.completion: e.head for e in docstring_examples(doc, "both", "simple", 99)}
     assert simple == {"Summary of a class.": "Class ", "Add two numbers.": "Function "}
-    [verbose] = dataset.docstring_examples(doc, "function", "verbose", 99)
+    [verbose] = docstring_examples(doc, "function", "verbose", 99)
     assert verbose.head == ("Your task is to write a docstring that summarizes the following "
                             "Python function.\nFunction add:\n")
 
@@ -1184,26 +1215,26 @@ def test_method_and_docstring_examples_are_the_source_defs():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, DOCUMENTED):
                 whole.setdefault(node.name, set()).add(cleaned_dump(node))
-                if dataset.docstring_statement(node):
+                if docstring_statement(node):
                     body, node.body = node.body, node.body[1:] or [ast.Pass()]
                     without.setdefault(node.name, set()).add(cleaned_dump(node))
                     node.body = body
-        doc = dataset.Doc(name, text)
-        for e in dataset.method_examples(doc):
+        doc = Doc(name, text)
+        for e in method_examples(doc):
             fn = ast.parse(e.prompt + e.completion).body[0]
             assert cleaned_dump(fn) in whole[fn.name], (name, fn.name)
             n_methods += 1
-        for e in dataset.docstring_examples(doc, "both", "simple", 400):
+        for e in docstring_examples(doc, "both", "simple", 400):
             node = ast.parse(e.body).body[0]
             assert cleaned_dump(node) in without[node.name], (name, node.name)
             assert e.completion in docstrings
             n_docstrings += 1
     assert n_methods > 100 and n_docstrings > 100
-    [render] = dataset.method_examples(dataset.Doc("nested.py", NESTED_STRINGS))
+    [render] = method_examples(Doc("nested.py", NESTED_STRINGS))
     namespace: dict = {}
     exec(render.prompt + render.completion, namespace)
     assert namespace["render"](None) == "Title\n  - item one\n\n            SELECT 1\n        "
-    lines = dataset.line_completion_examples(dataset.Doc("odd.py", ODD_BREAKS), 100, seed=0)
+    lines = line_completion_examples(Doc("odd.py", ODD_BREAKS), 100, seed=0)
     assert len(lines) == sum(1 for line in ODD_BREAKS.split("\n")[1:] if line.strip())
     for e in lines:
         assert e.head.endswith("\n") and ODD_BREAKS.startswith(e.head + e.completion + "\n")
@@ -1230,16 +1261,16 @@ CONTINUED = (
 def test_a_docstring_continued_by_a_backslash_keeps_its_value():
     """The method task's prompt and the docstring task's code hold each docstring exactly as
     the source does, also where a backslash joins one of its lines to the next."""
-    doc = dataset.Doc("continued.py", CONTINUED)
+    doc = Doc("continued.py", CONTINUED)
     source = {n.name: ast.get_docstring(n) for n in ast.walk(ast.parse(CONTINUED))
               if isinstance(n, ast.FunctionDef)}
     assert source["one"] == "Return one,         always."
-    examples = {e.head.split("(")[0]: e for e in dataset.method_examples(doc)}
+    examples = {e.head.split("(")[0]: e for e in method_examples(doc)}
     for name, docstring in source.items():
         fn = ast.parse(examples[f"def {name}"].prompt + examples[f"def {name}"].completion).body[0]
         assert ast.get_docstring(fn) == docstring
     assert "\n    one.\"\"\"" in examples["def slash"].prompt  # an escaped backslash joins nothing
-    [cls] = dataset.docstring_examples(doc, "class", "simple", 400)
+    [cls] = docstring_examples(doc, "class", "simple", 400)
     methods = ast.parse(cls.body).body[0].body
     assert {fn.name: ast.get_docstring(fn) for fn in methods} == source
 
@@ -1261,8 +1292,8 @@ def test_a_prompt_too_long_loses_code_not_its_instruction(tmp_path, tok):
                            docstring_prompt=style, docstring_min_tokens=5, **whole, **limits), tok)
         expected = {}
         for p in sorted(src.iterdir()):
-            for e in dataset.docstring_examples(dataset.Doc(p.name, p.read_text()), "class",
-                                                style, 400):
+            for e in docstring_examples(Doc(p.name, p.read_text()), "class",
+                                style, 400):
                 parts = [tok.encode(part) for part in (e.head, e.body, e.tail)]
                 expected[tuple(tok.encode(e.completion) + [tok.eos_id])] = parts
         assert len(data.train) == len(expected) == 3
@@ -1390,8 +1421,8 @@ def test_fim_prompts_cut_to_max_prompt_tokens_keep_their_sentinels(tmp_path, tok
         around_middle = tok.decode(prompt[1:s] + completion[:-1] + prompt[s + 1 : -1])
         assert any(around_middle in t for t in texts)
     assert n_fim > 100
-    assert dataset._fit_fim_context([1, 2, 3, 4], [5, 6, 7], 7) == ([3, 4], [5, 6])
-    assert dataset._fit_fim_context([1], [5, 6, 7, 8], 7) == ([1], [5, 6, 7])
+    assert _fit_fim_context([1, 2, 3, 4], [5, 6, 7], 7) == ([3, 4], [5, 6])
+    assert _fit_fim_context([1], [5, 6, 7, 8], 7) == ([1], [5, 6, 7])
     with pytest.raises(DataError, match="max_prompt_tokens=2 leaves no room for the 3 sentinels"):
         prepare(cfg(tmp_path, task="fim", max_prompt_tokens=2), tok)
 
@@ -1403,7 +1434,7 @@ def test_fim_decisions_are_drawn_per_document(tok):
     c = DataConfig(task="fim", fim_rate=0.5, block_size=64)
     ids = list(range(10, 30))  # one chunk
     psm = sum(bool(prompt) for i in range(200)
-              for prompt, _ in dataset._fim_pairs([(ids, f"src/file_{i}.py")], tok, c)[0])
+              for prompt, _ in fim_pairs([(ids, f"src/file_{i}.py")], tok, c)[0])
     assert 60 <= psm <= 140
 
 
@@ -1423,7 +1454,7 @@ def starcoder_tok(tmp_path_factory):
 
 def check_fim_pairs_against_hf(hf, tok, text: str, doc_id: str, block_size: int,
                                fim_rate: float = 1.0) -> Counter:
-    """Checks dataset._fim_pairs of one file against HF: chunks of block_size + 1 - 4 of HF's
+    """Checks fim_pairs of one file against HF: chunks of block_size + 1 - 4 of HF's
     ids of the whole file; a plain chunk is those ids; a PSM chunk's text (from HF's character
     offsets, so a cut inside a character takes all of it) is prefix + middle + suffix, each of
     them HF's encoding of its text alone, the prompt cut by ids only so that the example fits
@@ -1434,7 +1465,7 @@ def check_fim_pairs_against_hf(hf, tok, text: str, doc_id: str, block_size: int,
     ids, starts = enc.ids, [o[0] for o in enc.offsets] + [len(text)]
     size = block_size + 1 - 4
     chunks = [s for s in range(0, len(ids), size) if len(ids[s : s + size]) >= 2]
-    pairs = dataset._fim_pairs([(ids, doc_id)], tok, c)[0]
+    pairs = fim_pairs([(ids, doc_id)], tok, c)[0]
     assert len(pairs) == len(chunks)
     seen = Counter()
     for s, (prompt, middle) in zip(chunks, pairs):
@@ -1521,7 +1552,7 @@ def test_line_completion_targets_are_drawn_per_document():
     one line among 49 agree with probability 49**-29."""
     text = "".join(f"x{i} = {i}\n" for i in range(50))
     chosen = {e.head.count("\n") for i in range(30)
-              for e in dataset.line_completion_examples(dataset.Doc(f"m{i}.py", text), 1, seed=0)}
+              for e in line_completion_examples(Doc(f"m{i}.py", text), 1, seed=0)}
     assert len(chosen) > 1
 
 
@@ -1530,7 +1561,7 @@ def test_a_docstring_sharing_its_line_with_code_makes_no_docstring_example():
     so the class's code in the prompt would not be the source's: no example."""
     text = ('class A:\n    """Holds x."""; x = 1\n\n    def get(self):\n'
             '        """Return x."""\n        return self.x\n')
-    examples = dataset.docstring_examples(dataset.Doc("a.py", text), "both", "simple", 400)
+    examples = docstring_examples(Doc("a.py", text), "both", "simple", 400)
     assert [e.completion for e in examples] == ["Return x."]
 
 
@@ -1605,7 +1636,7 @@ def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path):
     assert tok.eos_id == hf.token_to_id("<|endoftext|>")
 
     data = prepare(cfg(tmp_path, task="lm", block_size=64), tok)
-    corpus = dataset.load_corpus(cfg(tmp_path))
+    corpus = load_corpus(cfg(tmp_path))
     eos = hf.token_to_id("<|endoftext|>")
     reference = [t for text in corpus.texts("val")
                  for t in hf.encode(text, add_special_tokens=False).ids + [eos]]
@@ -1633,11 +1664,11 @@ def test_llama3_text_starts_with_its_bos_as_transformers_encodes_it(tmp_path):
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
     bos, eos = hf.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>"])
     assert tok.template_prefix == [bos] and tok.eos_id == eos
-    assert dataset.prompt_prefix(tok, "lm") == [eos, bos]
-    assert dataset.prompt_prefix(tok, "completion") == dataset.prompt_prefix(tok, None) == [bos]
+    assert prompt_prefix(tok, "lm") == [eos, bos]
+    assert prompt_prefix(tok, "completion") == prompt_prefix(tok, None) == [bos]
 
     data = prepare(cfg(tmp_path, task="lm", block_size=64), tok)
-    corpus = dataset.load_corpus(cfg(tmp_path))
+    corpus = load_corpus(cfg(tmp_path))
     reference = [t for text in corpus.texts("val") for t in hf(text)["input_ids"] + [eos]]
     assert reference[0] == bos and data.val.tokens.tolist() == reference
 
@@ -1676,7 +1707,7 @@ def test_special_token_text_in_a_document_is_text(tmp_path):
             text + '\nEOS, FIM = "<|endoftext|>", "<fim_prefix>{p}<fim_suffix>{s}<fim_middle>"\n')
     options = dict(sources=[str(src)], block_size=64)
     data = prepare(cfg(tmp_path, task="lm", **options), tok)
-    corpus = dataset.load_corpus(cfg(tmp_path, **options))
+    corpus = load_corpus(cfg(tmp_path, **options))
     hf.encode_special_tokens = True
     reference = [t for text in corpus.texts("train")
                  for t in hf.encode(text, add_special_tokens=False).ids + [tok.eos_id]]
@@ -1822,30 +1853,30 @@ def test_user_prompts_read_special_token_text_as_their_model_learned_it(tmp_path
     chat = hf.apply_chat_template([{"role": "user", "content": "scale by 2"}], tokenize=False)
     code = "def f(x):\n    return x\n"
     prompts = [chat, "no template<|eot_id|>here", code]
-    start = dataset.prompt_prefix(tok, None)
+    start = prompt_prefix(tok, None)
     assert start == [hf.bos_token_id] and chat.startswith(hf.bos_token)
 
-    base = [start + ids for ids in dataset.encode_prompts(tok, prompts)]
+    base = [start + ids for ids in encode_prompts(tok, prompts)]
     assert base == [hf(p)["input_ids"] for p in prompts]
     assert base[0][:2] == [hf.bos_token_id] * 2  # transformers gives two
 
-    read = dataset.encode_prompts(tok, prompts, True)
+    read = encode_prompts(tok, prompts, True)
     assert [start + ids for ids in read] == [
         hf(p, add_special_tokens=not p.startswith(hf.bos_token))["input_ids"] for p in prompts]
-    pairs = [dataset.Example(p, "x", pair=True) for p in prompts]
-    trained = dataset.tokenize_examples(
+    pairs = [Example(p, "x", pair=True) for p in prompts]
+    trained = tokenize_examples(
         pairs, tok, cfg(tmp_path, task="refactor", pair_special_tokens=True), "tokenize")
     assert read == [ids for ids, _, _ in trained]
     assert capsys.readouterr().err == ""
 
-    text = dataset.encode_prompts(tok, prompts, False, " (REMEDY)")
+    text = encode_prompts(tok, prompts, False, " (REMEDY)")
     assert [start + ids for ids in text] == [
         hf(p, split_special_tokens=True)["input_ids"] for p in prompts]
     err = capsys.readouterr().err
     assert err.count("note:") == 1 and err.endswith(" (REMEDY)\n")
     assert "2 prompt(s) hold the text of special token(s) of the tokenizer " \
            "(<|begin_of_text|>, <|eot_id|>)" in err
-    assert dataset.encode_prompts(tok, [code], False) == [text[2]]
+    assert encode_prompts(tok, [code], False) == [text[2]]
     assert capsys.readouterr().err == ""
 
 
@@ -1855,7 +1886,7 @@ def test_the_prompts_note_counts_a_repeated_prompt_once(tmp_path, capsys):
     prompt counts."""
     tok, _ = _instruct_tokenizers(tmp_path)
     prompts = ["def f(x):\n"] + ["a<|eot_id|>"] * 20 + ["b<|eot_id|>"]
-    dataset.encode_prompts(tok, prompts, False)
+    encode_prompts(tok, prompts, False)
     assert "note: 2 prompt(s) hold the text of special token(s) of the tokenizer (<|eot_id|>)" \
         in capsys.readouterr().err
 
@@ -1869,8 +1900,8 @@ def test_a_pair_prompts_read_bos_moves_its_body_span_with_it(tmp_path):
                                   tokenize=False)[: -len("<|eot_id|>")] + "\n"
     body, tail = "def f(x):\n    return x\n", "<|eot_id|>"
     assert head.startswith(hf.bos_token)
-    [(ids, _, (start, end))] = dataset.tokenize_examples(
-        [dataset.Example(head, "y", body, tail, pair=True)], tok,
+    [(ids, _, (start, end))] = tokenize_examples(
+        [Example(head, "y", body, tail, pair=True)], tok,
         cfg(tmp_path, task="refactor", pair_special_tokens=True), "tokenize")
     head_ids = hf(head, add_special_tokens=False)["input_ids"][1:]  # less its BOS
     body_ids = hf(body, add_special_tokens=False)["input_ids"]
@@ -1897,15 +1928,15 @@ def test_a_prompt_loses_a_two_token_template_prefix_only_whole(tmp_path):
                                       special_tokens=[(t, hf_tok.token_to_id(t)) for t in pair])])
     hf_tok.save(str(path / "tokenizer.json"))
     tok, hf = load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
-    start = dataset.prompt_prefix(tok, None)
+    start = prompt_prefix(tok, None)
     assert start == tok.template_prefix == hf.convert_tokens_to_ids(pair)
     prompts = [pair[0] + "x = 1", "".join(pair) + "x = 1", pair[1] + "x", "x = 1"]
-    read = dataset.encode_prompts(tok, prompts, True)
+    read = encode_prompts(tok, prompts, True)
     assert [start + ids for ids in read] == [
         hf(p, add_special_tokens=not p.startswith("".join(pair)))["input_ids"] for p in prompts]
-    trained = dataset.tokenize_examples([dataset.Example(p, "x", pair=True) for p in prompts],
-                                        tok, cfg(tmp_path, task="refactor",
-                                                 pair_special_tokens=True), "tokenize")
+    trained = tokenize_examples([Example(p, "x", pair=True) for p in prompts],
+                        tok, cfg(tmp_path, task="refactor",
+                                 pair_special_tokens=True), "tokenize")
     assert [ids for ids, _, _ in trained] == read
 
 
@@ -1921,17 +1952,17 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, workers):
     )
     with pytest.raises(DataError, match=r"data\.jsonl:3: malformed JSON at column 11: "
                                         r"Expecting value"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(bad)], num_workers=workers))
+        load_corpus(cfg(tmp_path, sources=[str(bad)], num_workers=workers))
     wrong = write_jsonl(tmp_path / "keys.jsonl", [{"code": "x"}])
     with pytest.raises(DataError, match=r"keys\.jsonl:1: record has none of the keys"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(wrong)], num_workers=workers))
+        load_corpus(cfg(tmp_path, sources=[str(wrong)], num_workers=workers))
     wrong = write_jsonl(tmp_path / "file_text.jsonl", [{"file_text": 3}])
     with pytest.raises(DataError, match=r"file_text\.jsonl:1: key 'file_text' must be a string"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(wrong)], num_workers=workers))
+        load_corpus(cfg(tmp_path, sources=[str(wrong)], num_workers=workers))
     recs = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)] + ["[1, 2]", "{bad"]
     mixed = write_jsonl(tmp_path / "mixed.jsonl", recs)
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(mixed)], skip_bad=True,
-                                     num_workers=workers))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(mixed)], skip_bad=True,
+                             num_workers=workers))
     assert corpus.stats["dropped"]["bad_jsonl_line"] == 2
     assert corpus.stats["kept"]["files"] == 10
 
@@ -1943,7 +1974,7 @@ def test_a_jsonl_line_cut_short_is_named_at_its_end_not_on_a_second_line(tmp_pat
     bad = write_jsonl(tmp_path / "cut.jsonl", [{"input": "a", "output": "b"}, cut])
     with pytest.raises(DataError, match=rf"cut\.jsonl:2: .*column {len(cut) + 1} "
                                         r"\(the end of the line\).*--skip-bad"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(bad)]))
+        load_corpus(cfg(tmp_path, sources=[str(bad)]))
 
 
 def test_jsonl_nested_too_deeply_for_json_is_a_malformed_line(tmp_path, capsys):
@@ -1951,8 +1982,8 @@ def test_jsonl_nested_too_deeply_for_json_is_a_malformed_line(tmp_path, capsys):
     deep = write_jsonl(tmp_path / "deep.jsonl", [
         {"repo": "u/r", "path": "a.py", "text": "x = 1\ny = 2\n"}, "[" * 100_000 + "]" * 100_000])
     with pytest.raises(DataError, match=r"deep\.jsonl:2: malformed JSON \(maximum recursion depth"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(deep)]))
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(deep)], skip_bad=True))
+        load_corpus(cfg(tmp_path, sources=[str(deep)]))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(deep)], skip_bad=True))
     assert corpus.stats["dropped"] == {"bad_jsonl_line": 1} and corpus.stats["kept"]["files"] == 1
     assert dataset.main(["--sources", str(deep), "--cache-dir", str(tmp_path), "--no-progress"]) == 2
     assert "deep.jsonl:2: malformed JSON" in capsys.readouterr().err
@@ -1964,22 +1995,22 @@ def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
     (src / "ok.py").write_text("x = 1\ny = 2\n")
     with open(os.path.join(os.fsencode(src), b"\xff\xfe.py"), "wb") as f:
         f.write(b"x = 1\nz = 3\n")
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(src)]))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(src)]))
     assert corpus.stats["dropped"] == {"not_utf8_name": 1}
     assert [d.id for d in corpus.train + corpus.val + corpus.test] == ["src/ok.py"]
     good = {"repo": "u/r", "path": "a.py", "text": "x = 1\ny = 2\n"}
     for key, value in (("text", 'y = "\ud83d"\nz = 1\n'), ("path", "\udcff.py")):
         bad = write_jsonl(tmp_path / f"{key}.jsonl", [good, {**good, key: value}])
         with pytest.raises(DataError, match=rf"{key}\.jsonl:2: key '{key}' holds a lone surrogate"):
-            dataset.load_corpus(cfg(tmp_path, sources=[str(bad)]))
-        corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(bad)], skip_bad=True))
+            load_corpus(cfg(tmp_path, sources=[str(bad)]))
+        corpus = load_corpus(cfg(tmp_path, sources=[str(bad)], skip_bad=True))
         assert corpus.stats["dropped"] == {"bad_jsonl_line": 1}
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"input": "a\ud800", "output": "b"}])
     with pytest.raises(DataError, match=r"pairs\.jsonl:1: key 'input'"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(pairs)]))
+        load_corpus(cfg(tmp_path, sources=[str(pairs)]))
     seed_002 = write_jsonl(tmp_path / "seed_002.jsonl", [{"file_text": 'y = "\ud83d"\n'}])
     with pytest.raises(DataError, match=r"seed_002\.jsonl:1: key 'file_text' holds a lone"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(seed_002)]))
+        load_corpus(cfg(tmp_path, sources=[str(seed_002)]))
 
 
 def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
@@ -2014,9 +2045,9 @@ def test_empty_corpus_and_missing_source_are_clear_errors(tmp_path):
     empty.mkdir()
     (empty / "a.py").write_text("")
     with pytest.raises(DataError, match="no data left after cleaning"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(empty)]))
+        load_corpus(cfg(tmp_path, sources=[str(empty)]))
     with pytest.raises(DataError, match="data source not found: .*nowhere"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(tmp_path / "nowhere")]))
+        load_corpus(cfg(tmp_path, sources=[str(tmp_path / "nowhere")]))
     with pytest.raises(DataError, match="DataConfig.task"):
         cfg(tmp_path, task="translate").validate()
 
@@ -2032,14 +2063,14 @@ def test_sources_that_only_copy_val_documents_say_why_train_is_empty(tmp_path):
     val = write_jsonl(tmp_path / "val.jsonl",
                       [{"repo": "u/r", "path": n, "text": t} for n, t in texts.items()])
     with pytest.raises(DataError) as info:
-        dataset.load_corpus(cfg(tmp_path, sources=[str(src)], val_sources=[str(val)]))
+        load_corpus(cfg(tmp_path, sources=[str(src)], val_sources=[str(val)]))
     said = str(info.value)
     assert all(w in said for w in (f"sources {[str(src)]}", "no train documents", "'val': 3",
                                    "'duplicate': 3", "add data",
                                    "must not also be a training source")), said
     with pytest.raises(DataError, match=r"left no train documents .*dropped: none\); add data$"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(src)], train_frac=0.0, val_frac=0.5,
-                                test_frac=0.5))
+        load_corpus(cfg(tmp_path, sources=[str(src)], train_frac=0.0, val_frac=0.5,
+                        test_frac=0.5))
 
 
 def test_pairs_under_the_lm_task_get_one_note_per_source(tmp_path, tok, capsys):
@@ -2092,16 +2123,16 @@ def test_use_cache_false_rebuilds_and_replaces_a_damaged_entry(tmp_path, tok):
     for name in ("charset.py", "quoprimime.py", "base64mime.py"):
         (src / name).write_text((EMAIL / name).read_text("utf-8"))
     c = cfg(tmp_path, sources=[str(src)], task="lm", block_size=32, **WHOLE)
-    corpus = dataset.load_corpus(c)
+    corpus = load_corpus(c)
     data = prepare(c, tok)
     assert len(corpus.train) == 3
     texts, tokens = corpus.texts("train"), data.train.tokens.tolist()
     (Path(c.cache_dir) / f"corpus-{corpus.key}" / "train.jsonl").write_text("")
     bin_path = data.cache_path / "train.bin"
     bin_path.write_bytes(bytes(bin_path.stat().st_size))
-    rebuilt = dataset.load_corpus(dataclasses.replace(c, use_cache=False))
+    rebuilt = load_corpus(dataclasses.replace(c, use_cache=False))
     assert rebuilt.stats["cache_hit"] is False and rebuilt.texts("train") == texts
-    assert dataset.load_corpus(c).texts("train") == texts
+    assert load_corpus(c).texts("train") == texts
     again = prepare(dataclasses.replace(c, use_cache=False), tok)
     assert again.stats["cache_hit"] is False and again.train.tokens.tolist() == tokens
     assert prepare(c, tok).train.tokens.tolist() == tokens
@@ -2114,12 +2145,12 @@ def test_an_edited_source_file_of_the_same_size_is_read_again(tmp_path):
     src.mkdir()
     (src / "a.py").write_text("x = 1\ny = 2\n")
     (src / "b.py").write_text("z = 3\nw = 4\n")
-    first = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], **WHOLE))
+    first = load_corpus(cfg(tmp_path, sources=[str(src)], **WHOLE))
     assert {d.id: d.text for d in first.train}["src/a.py"] == "x = 1\ny = 2\n"
     st = (src / "a.py").stat()
     (src / "a.py").write_text("x = 7\ny = 2\n")
     os.utime(src / "a.py", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    second = dataset.load_corpus(cfg(tmp_path, sources=[str(src)], **WHOLE))
+    second = load_corpus(cfg(tmp_path, sources=[str(src)], **WHOLE))
     assert second.stats["cache_hit"] is False
     assert {d.id: d.text for d in second.train}["src/a.py"] == "x = 7\ny = 2\n"
 
@@ -2130,11 +2161,11 @@ def test_records_appended_to_a_jsonl_source_are_read(tmp_path):
     records = [{"repo": "u/a", "path": "a.py", "text": "x = 1\ny = 2\n"},
                {"repo": "u/b", "path": "b.py", "text": "z = 3\nw = 4\n"}]
     scraped = write_jsonl(tmp_path / "scraped.jsonl", records[:1])
-    first = dataset.load_corpus(cfg(tmp_path, sources=[str(scraped)], **WHOLE))
+    first = load_corpus(cfg(tmp_path, sources=[str(scraped)], **WHOLE))
     assert [d.id for d in first.train] == ["u/a/a.py"]
     with open(scraped, "a", encoding="utf-8") as f:
         f.write(json.dumps(records[1]) + "\n")
-    second = dataset.load_corpus(cfg(tmp_path, sources=[str(scraped)], **WHOLE))
+    second = load_corpus(cfg(tmp_path, sources=[str(scraped)], **WHOLE))
     assert sorted(d.id for d in second.train) == ["u/a/a.py", "u/b/b.py"]
 
 
@@ -2143,13 +2174,13 @@ def test_a_jsonl_source_edited_in_place_to_the_same_size_is_read_again(tmp_path)
     alone: a record fixed in place (same byte count) must not serve the old text."""
     scraped = write_jsonl(tmp_path / "scraped.jsonl",
                           [{"repo": "u/a", "path": "a.py", "text": "x = 1\ny = 2\n"}])
-    first = dataset.load_corpus(cfg(tmp_path, sources=[str(scraped)], **WHOLE))
+    first = load_corpus(cfg(tmp_path, sources=[str(scraped)], **WHOLE))
     assert [d.text for d in first.train] == ["x = 1\ny = 2\n"]
     st = scraped.stat()
     write_jsonl(scraped, [{"repo": "u/a", "path": "a.py", "text": "x = 7\ny = 2\n"}])
     os.utime(scraped, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert scraped.stat().st_size == st.st_size
-    second = dataset.load_corpus(cfg(tmp_path, sources=[str(scraped)], **WHOLE))
+    second = load_corpus(cfg(tmp_path, sources=[str(scraped)], **WHOLE))
     assert second.stats["cache_hit"] is False
     assert [d.text for d in second.train] == ["x = 7\ny = 2\n"]
 
@@ -2160,7 +2191,7 @@ def test_a_file_source_that_is_not_jsonl_is_refused_by_name(tmp_path):
     single = tmp_path / "a.py"
     single.write_text("x = 1\ny = 2\n")
     with pytest.raises(DataError, match=r"a\.py: a file source must be JSONL"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(single)]))
+        load_corpus(cfg(tmp_path, sources=[str(single)]))
 
 
 def _dead_pid() -> int:
@@ -2180,7 +2211,7 @@ def test_a_build_removes_what_dead_builders_of_this_machine_left(tmp_path):
             f".corpus-x.tmp-{dead}@{host}@{ns}1@abcd"]  # another PID namespace's (a container)
     for name in left + kept:
         (cache / name).mkdir(parents=True)
-    corpus = dataset.load_corpus(cfg(tmp_path))
+    corpus = load_corpus(cfg(tmp_path))
     entries = sorted(p.name for p in cache.iterdir())
     assert entries == sorted([*kept, f"corpus-{corpus.key}"])
 
@@ -2198,7 +2229,7 @@ def test_a_published_cache_entry_is_on_disk_before_its_name(tmp_path, monkeypatc
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", record)
-    corpus = dataset.load_corpus(cfg(tmp_path))
+    corpus = load_corpus(cfg(tmp_path))
     cache = (tmp_path / "cache").resolve()
     entry = cache / f"corpus-{corpus.key}"
     [tmp] = {Path(p).parent for p in synced if Path(p).name == "stats.json"}
@@ -2226,16 +2257,16 @@ def test_a_full_disk_under_the_cache_names_the_cache_dir_and_codelm_cache(tmp_pa
 
 
 def test_an_interrupted_corpus_write_leaves_no_temp_dir(tmp_path, monkeypatch):
-    real_asdict = dataset.asdict
+    real_asdict = asdict
 
     def interrupted(obj):
-        if isinstance(obj, dataset.Doc):  # the corpus is being written
+        if isinstance(obj, Doc):  # the corpus is being written
             raise KeyboardInterrupt
         return real_asdict(obj)
 
-    monkeypatch.setattr(dataset, "asdict", interrupted)
+    monkeypatch.setattr(shards, "asdict", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        dataset.load_corpus(cfg(tmp_path))
+        load_corpus(cfg(tmp_path))
     cache = tmp_path / "cache"
     assert not cache.exists() or list(cache.iterdir()) == []
 
@@ -2322,7 +2353,7 @@ def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
     from dataclasses import fields, replace
 
     for f in fields(DataConfig):
-        if f.name in dataconfig._RUNTIME_FIELDS:
+        if f.name in _RUNTIME_FIELDS:
             continue
         value = getattr(base, f.name)
         if f.name in changed:
@@ -2336,7 +2367,7 @@ def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
             task = task_of.get(f.name, "lm")
             before = replace(base, task=task)
         after = replace(before, **{f.name: new})
-        keys = (dataset.corpus_key, dataset._task_options)
+        keys = (corpus_key, dataset._task_options)
         assert any(k(before) != k(after) for k in keys), f.name
 
 
@@ -2345,14 +2376,14 @@ def test_the_trained_tokenizer_cache_is_keyed_by_the_encoding_version(tmp_path, 
     (ENCODING_VERSION) the vocabulary is retrained, not reused from the cache while the token
     files are rebuilt."""
     base = cfg(tmp_path)
-    before = dataset.tokenizer_cache_dir(base, 10, 8000)
+    before = tokenizer_cache_dir(base, 10, 8000)
     assert before.parent == Path(base.cache_dir) and before.name.startswith("tokenizer-")
-    assert dataset.tokenizer_cache_dir(base, 10, 8000) == before
-    assert dataset.tokenizer_cache_dir(base, 2, 8000) != before
-    assert dataset.tokenizer_cache_dir(base, 10, None) != before
-    assert dataset.tokenizer_cache_dir(cfg(tmp_path, strip_comments=True), 10, 8000) != before
-    monkeypatch.setattr(dataset, "ENCODING_VERSION", dataset.ENCODING_VERSION + "-other")
-    assert dataset.tokenizer_cache_dir(base, 10, 8000) != before
+    assert tokenizer_cache_dir(base, 10, 8000) == before
+    assert tokenizer_cache_dir(base, 2, 8000) != before
+    assert tokenizer_cache_dir(base, 10, None) != before
+    assert tokenizer_cache_dir(cfg(tmp_path, strip_comments=True), 10, 8000) != before
+    monkeypatch.setattr(encoding, "ENCODING_VERSION", ENCODING_VERSION + "-other")
+    assert tokenizer_cache_dir(base, 10, 8000) != before
 
 
 def test_kotlin_sources_lose_copyright_and_long_literals(tmp_path, tok):
@@ -2376,7 +2407,7 @@ def test_kotlin_sources_lose_copyright_and_long_literals(tmp_path, tok):
         window_prompt_tokens=8,
         window_completion_tokens=4,
     )
-    corpus = dataset.load_corpus(c)
+    corpus = load_corpus(c)
     assert corpus.stats["read"]["files"] == 13
     assert corpus.stats["dropped"] == {"long_literal": 1}
     assert corpus.stats["modified"] == {"license_header_removed": 12}
@@ -2387,9 +2418,9 @@ def test_kotlin_sources_lose_copyright_and_long_literals(tmp_path, tok):
 
 def test_tokenizer_free_pass_gives_split_texts(tmp_path):
     data = prepare(cfg(tmp_path), None)
-    corpus = dataset.load_corpus(cfg(tmp_path))
+    corpus = load_corpus(cfg(tmp_path))
     assert list(data.train) == corpus.texts("train") and len(data.val) == len(corpus.val)
-    originals = {dataset.strip_license_header(t)[0] for t in email_texts().values()}
+    originals = {strip_license_header(t)[0] for t in email_texts().values()}
     assert set(data.train) <= originals
     sample = prepare(cfg(tmp_path, max_docs=5), None)
     assert sample.stats["corpus"]["read"]["files"] == 5
@@ -2514,7 +2545,7 @@ def test_a_decorated_method_prompt_keeps_decorators_and_signature_in_its_head():
            "          b):\n"
            '        """Add them.\n\n        Long text.\n        """\n'
            "        return a + b\n")
-    (e,) = dataset.method_examples(dataset.Doc("m.py", src))
+    (e,) = method_examples(Doc("m.py", src))
     assert e.head == "@staticmethod\n@functools.cache\ndef f(a,\n      b):\n"
     assert e.body == '    """Add them.\n\n    Long text.\n    """\n'
     assert e.completion == "    return a + b"
@@ -2531,7 +2562,7 @@ def test_fim_parts_of_a_comment_stripping_tokenizer_keep_their_text():
     for i, text in enumerate(texts):
         ids = tok.encode(text)
         assert tok.decode(ids) == text and len(ids) < 40  # nothing stripped, one chunk
-        ((prompt, middle),) = dataset._fim_pairs([(ids, f"strip_{i}.py")], tok, c)[0]
+        ((prompt, middle),) = fim_pairs([(ids, f"strip_{i}.py")], tok, c)[0]
         k = prompt.index(tok.fim_suffix_id)
         parts = (tok.decode(prompt[1:k]), tok.decode(middle), tok.decode(prompt[k + 1 : -1]))
         assert "".join(parts) == text, parts
@@ -2580,7 +2611,7 @@ def test_credentials_become_placeholders_and_templates_stay_code():
             f'TOKEN = "ghp_{"a1B2" * 9}"\n'
             'HOOK = "https://hooks.slack.com/services/T000/B000/XXXXXXXX"  # xoxb-1234-5678-abcdef\n'
             'DB = "postgres://admin:hunter2@db.internal:5432/app"\n')
-    redacted, n = dataset.redact_secrets(text)
+    redacted, n = redact_secrets(text)
     assert n == 8
     assert redacted == (
         'KEY = """-----BEGIN RSA PRIVATE KEY-----<PRIVATE_KEY>-----END RSA PRIVATE KEY-----"""\n'
@@ -2590,12 +2621,12 @@ def test_credentials_become_placeholders_and_templates_stay_code():
         'TOKEN = "<GITHUB_TOKEN>"\n'
         'HOOK = "<SLACK_TOKEN>"  # <SLACK_TOKEN>\n'
         'DB = "postgres://admin:<PASSWORD>@db.internal:5432/app"\n')
-    assert dataset.redact_secrets(redacted) == (redacted, 0)
+    assert redact_secrets(redacted) == (redacted, 0)
     # code that builds a key or a URL from parts is left as it is
     code = ('pem = "-----BEGIN PRIVATE KEY-----\\n" + body + "\\n-----END PRIVATE KEY-----"\n'
             'url = "postgres://%s:%s@%s" % (user, pw, host)\n'
             'url = f"postgres://{user}:{pw}@{host}"\nurl = "redis://user:$PASSWORD@host"\n')
-    assert dataset.redact_secrets(code) == (code, 0)
+    assert redact_secrets(code) == (code, 0)
 
 
 @pytest.mark.parametrize("code", [
@@ -2611,7 +2642,7 @@ def test_masks_placeholders_and_url_syntax_are_not_credentials(code):
     """Seen over site-packages and the stdlib: a mask string that code substitutes, a URL
     syntax's brackets and documentation's placeholder passwords and AWS example keys are left
     alone (not the mask turned into '***:<PASSWORD>@', a test's URL away from its assertion)."""
-    assert dataset.redact_secrets(code) == (code, 0)
+    assert redact_secrets(code) == (code, 0)
 
 
 def test_email_redaction_leaves_matrix_products_and_git_remotes_alone():
@@ -2619,8 +2650,8 @@ def test_email_redaction_leaves_matrix_products_and_git_remotes_alone():
     '<EMAIL>()' calls), and a git@github.com:owner/repo remote as it is."""
     code = ("scores = q@k.transpose(-2, -1)\nassert_allclose(A, L@D@L.conjugate().T)\n"
             "REMOTE = 'git@github.com:owner/repo.git'\n")
-    assert dataset.EMAIL.sub("<EMAIL>", code) == code
-    assert dataset.EMAIL.sub("<EMAIL>", "# by ann@example.com.\n") == "# by <EMAIL>.\n"
+    assert cleaning.EMAIL.sub("<EMAIL>", code) == code
+    assert cleaning.EMAIL.sub("<EMAIL>", "# by ann@example.com.\n") == "# by <EMAIL>.\n"
 
 
 def test_cleaning_redacts_credentials_by_default_and_emails_when_asked(tmp_path):
@@ -2631,7 +2662,7 @@ def test_cleaning_redacts_credentials_by_default_and_emails_when_asked(tmp_path)
     texts = {}
     for name, options in {"default": {}, "off": {"redact_secrets": False},
                           "emails": {"redact_emails": True}}.items():
-        docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], **options))
+        docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)], **options))
         texts[name] = next(d.text for d in docs if d.id.endswith("settings.py"))
         texts[name, "modified"] = stats["modified"]
     assert texts["default"] == '# by ann@example.com\nTOKEN = "<GITHUB_TOKEN>"\n'
@@ -2648,12 +2679,12 @@ def test_pair_records_are_redacted_as_documents_are(tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"input": f'token = "{key}"  # ann@example.com\n', "output": f'TOKEN = "{key}"\n'},
         {"prompt": "x = 1\n", "completion": "y = 2\n"}])
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)], redact_emails=True))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(pairs)], redact_emails=True))
     assert [(d.text, d.target) for d in docs] == [
         ('token = "<GITHUB_TOKEN>"  # <EMAIL>\n', 'TOKEN = "<GITHUB_TOKEN>"\n'),
         ("x = 1\n", "y = 2\n")]
     assert stats["modified"] == {"emails_redacted": 1, "secrets_redacted": 1}
-    docs, stats = dataset.clean_corpus(cfg(tmp_path, sources=[str(pairs)], redact_secrets=False))
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(pairs)], redact_secrets=False))
     assert key in docs[0].text and key in docs[0].target and stats["modified"] == {}
 
 
@@ -2672,13 +2703,13 @@ def test_pair_records_are_redacted_as_documents_are(tmp_path):
 def test_each_token_kind_is_redacted_alone_in_a_text(secret, placeholder):
     """Each kind in a text that holds no other (a text is searched only for the patterns
     whose marker strings it holds): the token's documented prefix is that marker."""
-    assert dataset.redact_secrets(f'TOKEN = "{secret}"\n') == (f'TOKEN = "{placeholder}"\n', 1)
+    assert redact_secrets(f'TOKEN = "{secret}"\n') == (f'TOKEN = "{placeholder}"\n', 1)
 
 
 def test_an_env_file_aws_secret_in_capitals_is_redacted():
     """.env and shell files spell it AWS_SECRET_ACCESS_KEY, in capitals."""
     text = "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
-    assert dataset.redact_secrets(text) == (
+    assert redact_secrets(text) == (
         "AWS_SECRET_ACCESS_KEY=<AWS_SECRET_ACCESS_KEY>\n", 1)
 
 
@@ -2688,7 +2719,7 @@ def test_near_miss_credentials_are_not_redacted():
     text = ('ID = "AKIAIOSFODNN7QWERTYUX"\n'
             'aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEYX"\n'
             '"""-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----"""\n')
-    assert dataset.redact_secrets(text) == (text, 0)
+    assert redact_secrets(text) == (text, 0)
 
 
 def test_each_key_of_a_pem_chain_is_redacted_on_its_own():
@@ -2696,27 +2727,27 @@ def test_each_key_of_a_pem_chain_is_redacted_on_its_own():
     text = "".join(f"-----BEGIN PRIVATE KEY-----\n{body * 64}\n-----END PRIVATE KEY-----\n"
                    for body in "AB")
     key = "-----BEGIN PRIVATE KEY-----<PRIVATE_KEY>-----END PRIVATE KEY-----\n"
-    assert dataset.redact_secrets(text) == (key * 2, 2)
+    assert redact_secrets(text) == (key * 2, 2)
 
 
 def test_a_private_keys_body_of_sixteen_characters_is_redacted_and_shorter_is_not():
     begin, end = "-----BEGIN EC PRIVATE KEY-----", "-----END EC PRIVATE KEY-----"
-    assert dataset.redact_secrets(begin + "A" * 16 + end) == (begin + "<PRIVATE_KEY>" + end, 1)
-    assert dataset.redact_secrets(begin + "A" * 15 + end) == (begin + "A" * 15 + end, 0)
+    assert redact_secrets(begin + "A" * 16 + end) == (begin + "<PRIVATE_KEY>" + end, 1)
+    assert redact_secrets(begin + "A" * 15 + end) == (begin + "A" * 15 + end, 0)
 
 
 def test_a_private_key_with_a_quote_inside_is_not_redacted():
     """The body stops at a quote: code joining a key's parts is code, not a credential."""
     text = '-----BEGIN PRIVATE KEY-----' + "A" * 20 + "'" + "B" * 20 + '-----END PRIVATE KEY-----'
-    assert dataset.redact_secrets(text) == (text, 0)
-    assert dataset.redact_secrets(text.replace("'", '"')) == (text.replace("'", '"'), 0)
+    assert redact_secrets(text) == (text, 0)
+    assert redact_secrets(text.replace("'", '"')) == (text.replace("'", '"'), 0)
 
 
 def test_an_email_address_on_a_subdomain_is_redacted_whole(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.py").write_text('# ann.lee@mail.example.co.uk\nx = 1\n')
-    docs, _ = dataset.clean_corpus(cfg(tmp_path, sources=[str(src)], redact_emails=True))
+    docs, _ = clean_corpus(cfg(tmp_path, sources=[str(src)], redact_emails=True))
     assert [d.text for d in docs] == ["# <EMAIL>\nx = 1\n"]
 
 
@@ -2775,7 +2806,7 @@ def test_a_damaged_parquet_or_arrow_file_is_an_error_naming_it(tmp_path, damage)
         data = file.read_bytes()
         file.write_bytes(b"not a table at all" if damage == "garbage" else data[: len(data) // 2])
         with pytest.raises(DataError, match=f"{re.escape(str(file))}: cannot read the"):
-            dataset.load_corpus(cfg(tmp_path, sources=[str(source)]))
+            load_corpus(cfg(tmp_path, sources=[str(source)]))
 
 
 def _code_lines(count: int = 200) -> bytes:
@@ -2865,10 +2896,10 @@ def test_a_jsonl_source_compressed_with_gzip_bz2_or_xz_reads_as_the_plain_one(tm
     import lzma
 
     plain = _written(tmp_path / "plain.jsonl", _code_lines(5))
-    want = [raw for _, _, raw in dataset.jsonl_lines(plain)]
+    want = [raw for _, _, raw in jsonl_lines(plain)]
     for compress in (gzip.compress, bz2.compress, lzma.compress):
         packed = _written(tmp_path / f"{compress.__module__}.jsonl", compress(plain.read_bytes()))
-        assert [raw for _, _, raw in dataset.jsonl_lines(packed)] == want
+        assert [raw for _, _, raw in jsonl_lines(packed)] == want
 
 
 def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_path):
@@ -2880,18 +2911,18 @@ def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_
     parquet = tmp_path / "code.parquet"
     pq.write_table(pa.table({"content": texts, "repo": ["r1", "r2", "r3"],
                              "path": ["a.py", "b.py", "c.py"]}), parquet)
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)], text_column="content",
-                                     **WHOLE))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(parquet)], text_column="content",
+                             **WHOLE))
     assert sorted(d.id for d in corpus.train) == ["r1/a.py", "r2/b.py", "r3/c.py"]
     with pytest.raises(DataError, match=r"code\.parquet: no column 'text'.*content, repo, path"
                                         r".*text_column"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)], text_column="text"))
+        load_corpus(cfg(tmp_path, sources=[str(parquet)], text_column="text"))
     with pytest.raises(DataError, match=r"code.parquet: row 1: record has none of the keys"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)]))
+        load_corpus(cfg(tmp_path, sources=[str(parquet)]))
     pq.write_table(pa.table({"text": [texts[0], None, texts[2]]}), parquet)
     with pytest.raises(DataError, match=r"code.parquet: row 2: key 'text' must be a string"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)]))
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(parquet)], skip_bad=True, **WHOLE))
+        load_corpus(cfg(tmp_path, sources=[str(parquet)]))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(parquet)], skip_bad=True, **WHOLE))
     assert len(corpus.train) == 2 and corpus.stats["dropped"] == {"bad_record": 1}
     splits = tmp_path / "splits"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts}),
@@ -2899,8 +2930,8 @@ def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_
                          ).save_to_disk(str(splits))
     with pytest.raises(DataError, match=r"a datasets DatasetDict \(splits \['test', 'train'\]\); "
                                         r"name one split's directory"):
-        dataset.load_corpus(cfg(tmp_path, sources=[str(splits)]))
-    corpus = dataset.load_corpus(cfg(tmp_path, sources=[str(splits / "train")], **WHOLE))
+        load_corpus(cfg(tmp_path, sources=[str(splits)]))
+    corpus = load_corpus(cfg(tmp_path, sources=[str(splits / "train")], **WHOLE))
     assert len(corpus.train) == 3
     with pytest.raises(DataError, match="set text_column .* or input_column and output_column"):
         cfg(tmp_path, text_column="a", input_column="b", output_column="c").validate()
@@ -2921,27 +2952,27 @@ def test_a_hugging_face_dataset_id_reads_its_train_split_from_the_hub_cache(tmp_
                                  "output": [p["output"] for p in pairs]}),
                        repo / f"{split}-00000-of-00001.parquet")
     hub_cache(offline_hub, "org/pairs", tmp_path / "repo", repo_type="dataset")
-    corpus = dataset.load_corpus(cfg(tmp_path, task="refactor", sources=["org/pairs"], **WHOLE))
-    direct = dataset.load_corpus(cfg(tmp_path, task="refactor", **WHOLE,
-                                     sources=[str(repo / "train-00000-of-00001.parquet")]))
+    corpus = load_corpus(cfg(tmp_path, task="refactor", sources=["org/pairs"], **WHOLE))
+    direct = load_corpus(cfg(tmp_path, task="refactor", **WHOLE,
+                             sources=[str(repo / "train-00000-of-00001.parquet")]))
     assert sorted(d.target for d in corpus.train) == sorted(d.target for d in direct.train)
     assert len(corpus.train) == 20
     with pytest.raises(DataError, match=r"org/missing: no such directory, and no Hugging Face "
                                         r"snapshot.*--repo-type dataset"):
-        dataset.load_corpus(cfg(tmp_path, sources=["org/missing"]))
+        load_corpus(cfg(tmp_path, sources=["org/missing"]))
 
 
 def test_the_held_out_sample_prompt_is_in_the_tasks_format(tmp_path):
     """lm: the header and docstring of the first top-level function with one (code that ends
     with the function), else the first function's header; refactor: a pair's prompt (ending with
     the output)."""
-    bare = dataset.Doc("b.py", "def main():\n    main()\n")
-    doc = dataset.Doc("a.py", 'import os\n\n\n@cache\ndef area(r):\n    """Of a circle."""\n'
-                      "    return 3.14 * r * r\n\n\ndef one(): return 1\n")
-    assert dataset.held_out_prompt([bare, doc], cfg(tmp_path)) == (
+    bare = Doc("b.py", "def main():\n    main()\n")
+    doc = Doc("a.py", 'import os\n\n\n@cache\ndef area(r):\n    """Of a circle."""\n'
+              "    return 3.14 * r * r\n\n\ndef one(): return 1\n")
+    assert held_out_prompt([bare, doc], cfg(tmp_path)) == (
         '@cache\ndef area(r):\n    """Of a circle."""\n', True)
-    assert dataset.held_out_prompt([bare], cfg(tmp_path)) == ("def main():\n", True)
-    pair = dataset.Doc("p.jsonl:1", "x = 1\n", target="x = 1  # one\n")
-    prompt, code = dataset.held_out_prompt([doc, pair], cfg(tmp_path, task="refactor"))
-    assert prompt == dataset.REFACTOR_TEMPLATE.format(input="x = 1\n") and not code
-    assert dataset.held_out_prompt([pair], cfg(tmp_path)) is None
+    assert held_out_prompt([bare], cfg(tmp_path)) == ("def main():\n", True)
+    pair = Doc("p.jsonl:1", "x = 1\n", target="x = 1  # one\n")
+    prompt, code = held_out_prompt([doc, pair], cfg(tmp_path, task="refactor"))
+    assert prompt == REFACTOR_TEMPLATE.format(input="x = 1\n") and not code
+    assert held_out_prompt([pair], cfg(tmp_path)) is None

@@ -16,6 +16,10 @@ from rapidfuzz import fuzz
 
 import eval as ev
 from codelm import trainconfig
+from codelm.data.config import REFACTOR_TEMPLATE, DataConfig
+from codelm.data.encoding import fim_prompt, window_pairs
+from codelm.data.sources import Doc
+from codelm.data.splits import Corpus, corpus_key, load_corpus
 from codelm.models import adapter_config, quantize
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
@@ -1185,14 +1189,12 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     import transformers
     from tiny_hf import save_tiny_llama3_instruct
 
-    import dataset
-
     base = tmp_path / "instruct"
     save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
     hf_tok = transformers.AutoTokenizer.from_pretrained(base)
     prompt = hf_tok.apply_chat_template([{"role": "user", "content": "class Stack:"}],
                                         tokenize=False)
-    doc = dataset.Doc("chat.jsonl:1", prompt, target="pass<|eot_id|>", raw_pair=True)
+    doc = Doc("chat.jsonl:1", prompt, target="pass<|eot_id|>", raw_pair=True)
     examples = ev.build_examples("refactor", [doc], ev.EvalConfig(limit=1))
     monkeypatch.setattr(ev, "semantic_similarity", lambda preds, refs, progress=True: 0.0)
     lm = ev.load_model(base, torch.device("cpu"))
@@ -1203,7 +1205,7 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     options = {"pair_special_tokens": True}
     run = dataclasses.replace(lm, run_config={"task": "refactor", "data_options": options})
     metrics, _ = ev.run_generation_task(run, "refactor", examples, cfg,
-                                        data_cfg=dataset.DataConfig())
+                                        data_cfg=DataConfig())
 
     ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
     assert seen[0] == ids and ids.count(hf_tok.bos_token_id) == 1
@@ -1217,13 +1219,13 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     assert metrics["loss"] == pytest.approx(float(reference), abs=1e-4)
 
     as_text = hf_tok(prompt, split_special_tokens=True)["input_ids"]  # BOS, then text
-    ev.run_generation_task(lm, "refactor", examples, cfg, data_cfg=dataset.DataConfig())
+    ev.run_generation_task(lm, "refactor", examples, cfg, data_cfg=DataConfig())
     off = dataclasses.replace(cfg, data_options={"pair_special_tokens": False})
-    ev.run_generation_task(run, "refactor", examples, off, data_cfg=dataset.DataConfig())
+    ev.run_generation_task(run, "refactor", examples, off, data_cfg=DataConfig())
     assert seen[1] == seen[2] == as_text != ids
     lm_run = dataclasses.replace(lm, run_config={"task": "lm", "data_options": options})
     ev.run_generation_task(lm_run, "refactor", examples, cfg,  # eval's data_cfg reads them
-                           data_cfg=dataset.DataConfig(**options))
+                           data_cfg=DataConfig(**options))
     assert seen[3] == [hf_tok.eos_token_id] + as_text  # an lm run packed its pairs as text
 
 
@@ -1544,8 +1546,6 @@ def test_lm_score_and_completion_windows_read_special_token_text_as_text(tmp_pat
     import transformers
     from tiny_hf import save_tiny_llama3_instruct
 
-    import dataset as ds
-
     base = tmp_path / "instruct"
     save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
     hf_tok = transformers.AutoTokenizer.from_pretrained(base)
@@ -1558,13 +1558,13 @@ def test_lm_score_and_completion_windows_read_special_token_text_as_text(tmp_pat
     as_text = hf_tok(text, split_special_tokens=True)["input_ids"]
     assert seen == [as_text] and hf_tok.convert_tokens_to_ids("<|eot_id|>") not in as_text
 
-    data_cfg = ds.DataConfig(window_prompt_tokens=6, window_completion_tokens=3)
-    examples = ev.build_examples("completion", [ds.Doc("end.py", text)],
+    data_cfg = DataConfig(window_prompt_tokens=6, window_completion_tokens=3)
+    examples = ev.build_examples("completion", [Doc("end.py", text)],
                                  ev.EvalConfig(lines_per_file=1000, limit=1000),
                                  tok=lm.tokenizer, data_cfg=data_cfg)
     ids = hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert [(e.head, e.reference) for e in examples] == [
-        (hf_tok.decode(p), hf_tok.decode(c)) for p, c in ds.window_pairs(ids, data_cfg)]
+        (hf_tok.decode(p), hf_tok.decode(c)) for p, c in window_pairs(ids, data_cfg)]
 
 
 def test_docstring_min_tokens_and_body_cut_read_special_token_text_as_text(tmp_path):
@@ -1574,7 +1574,6 @@ def test_docstring_min_tokens_and_body_cut_read_special_token_text_as_text(tmp_p
     import transformers
     from tiny_hf import save_tiny_llama3_instruct
 
-    import dataset as ds
     from tokenizer import load_tokenizer
 
     base = tmp_path / "instruct"
@@ -1584,11 +1583,11 @@ def test_docstring_min_tokens_and_body_cut_read_special_token_text_as_text(tmp_p
     def as_text(text: str) -> list[int]:
         return hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    doc = ds.Doc("turns.py", 'def end(turn):\n    """Close a turn with <|eot_id|><|eot_id|>."""\n'
-                             "    return turn\n")
+    doc = Doc("turns.py", 'def end(turn):\n    """Close a turn with <|eot_id|><|eot_id|>."""\n'
+                          "    return turn\n")
 
     def docstrings(min_tokens: int) -> list[str]:
-        data_cfg = ds.DataConfig(docstring_targets="function", docstring_min_tokens=min_tokens)
+        data_cfg = DataConfig(docstring_targets="function", docstring_min_tokens=min_tokens)
         return [e.reference for e in ev.build_examples("docstring", [doc], ev.EvalConfig(),
                                                        tok=tok, data_cfg=data_cfg)]
 
@@ -1606,17 +1605,15 @@ def test_docstring_min_tokens_and_body_cut_read_special_token_text_as_text(tmp_p
 
 def test_lm_task_scores_a_pair_document_with_its_target(tiny_models, monkeypatch):
     """A prompt/completion record is scored as the corpus gives its text (prompt, newline,
-    completion: dataset.Corpus.texts), not its prompt alone."""
+    completion: Corpus.texts), not its prompt alone."""
     import torch
 
-    import dataset as ds
-
-    docs = [ds.Doc("a.py", "x = 1\n"), ds.Doc("p.jsonl:1", "Refactor: y=2", target="y = 2")]
+    docs = [Doc("a.py", "x = 1\n"), Doc("p.jsonl:1", "Refactor: y=2", target="y = 2")]
     seen = []
     monkeypatch.setattr(ev, "score_lm", lambda lm, texts, cfg: seen.append(list(texts)) or {})
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     ev._evaluate_model(lm, ev.EvalConfig(tasks=["lm"], progress=False), docs, {}, [])
-    assert seen == [ds.Corpus([], [], docs, {}, "").texts("test")]
+    assert seen == [Corpus([], [], docs, {}, "").texts("test")]
     assert seen[0][1] == "Refactor: y=2\ny = 2"
 
 
@@ -1986,23 +1983,22 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
 def test_docstring_examples_follow_the_corpus_data_options(tiny_models):
     """Eval's docstring examples are those training chose (the run's or dataset's targets and
     minimum length), so generation metrics and the reference loss match the val split's."""
-    import dataset as ds
     from tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_models["base"])
-    docs = [ds.Doc(p.name, p.read_text()) for p in sorted(tiny_models["code"].iterdir())[:2]]
+    docs = [Doc(p.name, p.read_text()) for p in sorted(tiny_models["code"].iterdir())[:2]]
 
     def references(data_cfg) -> set:
         cfg = ev.EvalConfig(limit=100)
         return {e.reference for e in ev.build_examples("docstring", docs, cfg, tok=tok,
                                                         data_cfg=data_cfg)}
 
-    both = ds.DataConfig(docstring_targets="both")
-    every = references(ds.DataConfig(docstring_targets="both", docstring_min_tokens=0))
+    both = DataConfig(docstring_targets="both")
+    every = references(DataConfig(docstring_targets="both", docstring_min_tokens=0))
     long_enough = {r for r in every if len(tok.encode(r)) >= 20}
     assert long_enough and every - long_enough  # the corpus has docstrings on both sides of 20
     assert references(both) == long_enough  # DataConfig's default minimum, 20
-    assert references(ds.DataConfig()) == {r for r in long_enough if "bank account" in r}
+    assert references(DataConfig()) == {r for r in long_enough if "bank account" in r}
 
 
 def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monkeypatch,
@@ -2025,7 +2021,6 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
     monkeypatch.setattr(ev, "generate_texts", fake_generate)
     monkeypatch.setattr(ev, "semantic_similarity", no_minilm)
     cfg = ev.EvalConfig(data=[str(pairs)], limit=50)
-    from dataset import DataConfig, load_corpus
 
     docs = load_corpus(DataConfig(sources=[str(pairs)], progress=False)).test
     examples = ev.build_examples("refactor", docs, cfg)
@@ -2048,10 +2043,8 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
 def test_generation_tasks_take_exactly_limit_examples_from_python_files(tiny_models):
     """--limit caps the examples even where one file gives several; line, method and docstring
     examples come from Python files only (a Kotlin file is no source of Python methods)."""
-    import dataset as ds
-
     text = CLASS_SOURCE.format(i=0)
-    docs = [ds.Doc("Account.kt", text), ds.Doc("account.py", text), ds.Doc("more.py", text)]
+    docs = [Doc("Account.kt", text), Doc("account.py", text), Doc("more.py", text)]
     for task in ("line", "method"):
         for limit in (1, 3):
             cfg = ev.EvalConfig(limit=limit, lines_per_file=2)
@@ -2065,12 +2058,11 @@ def test_generation_tasks_take_exactly_limit_examples_from_python_files(tiny_mod
 def test_completion_examples_are_windows_of_the_file_as_training_cuts_them(tiny_models):
     """Seed 002's pairs: a window of window_prompt_tokens tokens is the prompt, the next
     window_completion_tokens the reference; --lines-per-file of them per file."""
-    import dataset as ds
     from tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_models["base"])
-    doc = ds.Doc("account.py", CLASS_SOURCE.format(i=0))
-    data_cfg = ds.DataConfig(window_prompt_tokens=20, window_completion_tokens=8)
+    doc = Doc("account.py", CLASS_SOURCE.format(i=0))
+    data_cfg = DataConfig(window_prompt_tokens=20, window_completion_tokens=8)
     cfg = ev.EvalConfig(lines_per_file=3, limit=10)
     examples = ev.build_examples("completion", [doc], cfg, tok=tok, data_cfg=data_cfg)
     assert len(examples) == 3
@@ -2461,8 +2453,6 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
 
     import torch
 
-    import dataset
-
     dirs = {}
     for name in ("train", "valid", "test"):
         dirs[name] = tmp_path / name
@@ -2474,7 +2464,7 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
                            run_config=dataclasses.asdict(run))
     ours = ev.corpus_config(ev.EvalConfig(), [model])
     assert (ours.val_sources, ours.test_sources) == ([str(dirs["valid"])], [str(dirs["test"])])
-    assert dataset.corpus_key(ours) == dataset.corpus_key(trainconfig.data_config(run, 64))
+    assert corpus_key(ours) == corpus_key(trainconfig.data_config(run, 64))
     other = ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model])
     assert other.val_sources == other.test_sources == []
     # Runs split differently share no held-out split: not every model scored on the first run's.
@@ -3095,13 +3085,11 @@ def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path)
 
 
 def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models, monkeypatch):
-    """Cut as training cuts it (dataset.fit_prompt): it lost its left end, the instruction."""
+    """Cut as training cuts it (fit_prompt): it lost its left end, the instruction."""
     import torch
 
-    import dataset
-
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
-    head, tail = dataset.REFACTOR_TEMPLATE.split("{input}")
+    head, tail = REFACTOR_TEMPLATE.split("{input}")
     code = "".join(f"x = {i}\n" for i in range(300))
     seen = []
 
@@ -3122,7 +3110,7 @@ def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models, mo
     assert 60 < len(seen[1]) < 120 and lm.tokenizer.decode(seen[1]) == short.prompt(None)
     # The run's own prompt limit (its data options) holds in eval too.
     ev.run_generation_task(lm, "refactor", [short], cfg,
-                           data_cfg=dataset.DataConfig(max_prompt_tokens=70))
+                           data_cfg=DataConfig(max_prompt_tokens=70))
     assert len(seen[2]) == 70 and lm.tokenizer.decode(seen[2]).startswith(head)
 
 
@@ -3130,14 +3118,12 @@ def test_reference_loss_scores_the_eos_only_when_training_did(tiny_models):
     import torch
     import torch.nn.functional as F
 
-    import dataset
-
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     tok = lm.tokenizer
     example = ev.TaskExample("r", "return 1", "def f():\n    ")
     cfg = ev.EvalConfig(progress=False)
     for add_eos in (True, False):
-        got = ev.score_supervised(lm, [example], cfg, dataset.DataConfig(add_eos=add_eos))
+        got = ev.score_supervised(lm, [example], cfg, DataConfig(add_eos=add_eos))
         prompt = tok.encode(example.head)
         target = tok.encode(example.reference) + ([tok.eos_id] if add_eos else [])
         with torch.no_grad():
@@ -3154,8 +3140,6 @@ def test_reference_loss_of_several_examples_is_a_per_token_mean_as_transformers(
     import torch.nn.functional as F
     import transformers
 
-    import dataset
-
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     tok = lm.tokenizer
     examples = [ev.TaskExample("a", "return 1", "def f():\n    "),
@@ -3163,7 +3147,7 @@ def test_reference_loss_of_several_examples_is_a_per_token_mean_as_transformers(
                                                                       "    "),
                 ev.TaskExample("c", "x", "y = ")]
     got = ev.score_supervised(lm, examples, ev.EvalConfig(batch_size=2, progress=False),
-                              dataset.DataConfig(add_eos=True))
+                              DataConfig(add_eos=True))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
     sums, counts = [], []
     with torch.no_grad():
@@ -3202,8 +3186,6 @@ def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models,
     changes nothing but would keep CUDA's SDPA off its fused causal kernels (flash)."""
     import torch
 
-    import dataset
-
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     texts = [(tiny_models["code"] / f"module_{i}.py").read_text() for i in (1, 2)]
     examples = [ev.TaskExample("a", "return 1", "def f():\n    "),
@@ -3222,7 +3204,7 @@ def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models,
         assert not bool(masks[-1].all())
         return lm_scores, supervised
 
-    real_collate, forward = dataset.collate, lm.model.forward
+    real_collate, forward = ev.collate, lm.model.forward
 
     def collate(examples, *args, **kwargs):  # and the padding mask of the batch
         batch = real_collate(examples, *args, **kwargs)
@@ -3234,7 +3216,7 @@ def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models,
         passed.append(attention_mask)
         return forward(input_ids, attention_mask=attention_mask, **kwargs)
 
-    monkeypatch.setattr(dataset, "collate", collate)
+    monkeypatch.setattr(ev, "collate", collate)
     monkeypatch.setattr(lm.model, "forward", spy)
     without = scores()
     assert passed and all(m is None for m in passed)
@@ -3867,7 +3849,6 @@ def test_fim_prompts_are_the_familys_tokens_as_hf_encodes_the_harness_prompt(
     (PREFIX prefix SUFFIX suffix MIDDLE) spelled in the family's own FIM tokens."""
     from tokenizers import Tokenizer
 
-    from dataset import fim_prompt
     from tokenizer import load_tokenizer
 
     file = _fim_tokenizer(style, tmp_path / style)

@@ -20,9 +20,9 @@ import pytest
 import torch
 from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
 
-import dataset
 from architecture import PRESETS, Transformer
 from codelm import trainconfig
+from codelm.data.sources import stdlib_files
 from codelm.gguf import __main__ as export_gguf
 from codelm.gguf import writer as gguf_writer
 from codelm.models import families, pretrained
@@ -59,7 +59,7 @@ CASES = {**BYTE_LEVEL, **SENTENCEPIECE}
 
 
 def _texts() -> list[str]:
-    return [p.read_text("utf-8", "replace") for p in dataset.stdlib_files()[::40]]
+    return [p.read_text("utf-8", "replace") for p in stdlib_files()[::40]]
 
 
 def make_checkpoint(case: Case, path: Path, texts: list[str]) -> Path:
@@ -393,7 +393,7 @@ def _llama(llama_cpp, path: Path):
 
 
 def _held_out(chars: int) -> list[str]:
-    return [p.read_text("utf-8", "replace")[:chars] for p in dataset.stdlib_files()[7::97]]
+    return [p.read_text("utf-8", "replace")[:chars] for p in stdlib_files()[7::97]]
 
 
 @pytest.mark.slow
@@ -479,7 +479,7 @@ def test_an_adapter_is_merged_into_its_base_before_writing(checkpoints, tmp_path
 def _corpus(path: Path) -> Path:
     """A few small stdlib files: data for a short run."""
     path.mkdir()
-    files = [f for f in dataset.stdlib_files() if 1500 < f.stat().st_size < 5000][:12]
+    files = [f for f in stdlib_files() if 1500 < f.stat().st_size < 5000][:12]
     for i, f in enumerate(files):
         shutil.copy(f, path / f"f{i:03d}.py")
     return path

@@ -31,10 +31,11 @@ from tiny_hf import save_tiny_hf
 import hyperparam_tune
 import trainingmanager
 from codelm import trainconfig
+from codelm.data.config import DataError
+from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.runs import rundir
 from codelm.runtime import process
 from codelm.training import plan, record, trainer
-from dataset import DataError, stdlib_files, stdlib_root
 from tokenizer import CodeTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ import torch
 from tiny_hf import FAMILIES, MODERN, WINDOW, tiny_checkpoints
 
 from architecture import IGNORE_INDEX, document_positions
+from codelm.data.datasets import LMWindows, SupervisedExamples, collate
 
 NAMES = FAMILIES + MODERN
 LENGTHS = [9, WINDOW + 12, 5, 23]  # one example longer than the sliding window
@@ -106,7 +107,6 @@ def test_a_packed_row_is_its_examples_one_after_another():
     import numpy as np
 
     from codelm.training.batches import PackedExamples
-    from dataset import SupervisedExamples, collate
 
     seqs = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
     examples = SupervisedExamples.__new__(SupervisedExamples)  # three examples, in memory
@@ -132,7 +132,6 @@ def test_lm_windows_keep_each_file_to_itself(checkpoints, tmp_path):
     import numpy as np
 
     from codelm.training.batches import DocumentWindows
-    from dataset import LMWindows
 
     eos = 2
     tokens = np.array([7, 8, 9, eos, 10, 11, 12, 13, eos, 14, 15, 16], dtype=np.uint16)
@@ -153,7 +152,6 @@ def test_packing_is_on_by_default_where_a_row_holds_two_examples_or_more():
     import numpy as np
 
     from codelm.training import build
-    from dataset import SupervisedExamples
 
     def examples(lengths: list[int]) -> SupervisedExamples:
         made = SupervisedExamples.__new__(SupervisedExamples)

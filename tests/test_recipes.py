@@ -26,6 +26,8 @@ import eval as ev
 import recipes
 import trainingmanager as tm
 from codelm import trainconfig
+from codelm.data.config import DataConfig
+from codelm.data.sources import Doc, stdlib_files, stdlib_root
 from codelm.runs import rundir
 from codelm.runtime import settings
 from codelm.training import plan
@@ -186,8 +188,6 @@ sys.exit(recipes.main(sys.argv[1:]))
 def test_interrupted_evaluation_says_the_training_is_saved(tmp_path, sig, code):
     """Ctrl-C or SIGTERM once training is done: one line saying how to finish the evaluation
     (--resume does not train again), and 130 / 143."""
-    from dataset import stdlib_files, stdlib_root
-
     data = tmp_path / "data"
     for path in [p for p in stdlib_files() if 2_000 < p.stat().st_size < 6_000][:16]:
         (data / path.relative_to(stdlib_root())).parent.mkdir(parents=True, exist_ok=True)
@@ -320,8 +320,6 @@ def test_refactor_loss_equals_transformers_teacher_forced_loss(tiny_starcoder):
 
 
 def test_completion_task_uses_the_training_windows(tiny_starcoder):
-    from dataset import DataConfig, Doc
-
     base, texts = tiny_starcoder
     tok = ev.load_model(str(base), torch.device("cpu")).tokenizer
     doc = Doc("pkg/mod.kt", texts[0])
@@ -634,8 +632,6 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
 
 def _tiny_recipe(tmp_path: Path, eval_section: dict, **train) -> Path:
     """A recipe that trains a toy model for 2 steps on 16 small stdlib files (seconds)."""
-    from dataset import stdlib_files, stdlib_root
-
     data = tmp_path / "data"
     for path in [p for p in stdlib_files() if 2_000 < p.stat().st_size < 6_000][:16]:
         target = data / path.relative_to(stdlib_root())

@@ -19,6 +19,7 @@ from fake_github import DEFAULT_FAULTS, FakeGitHub, FakeRepo, blob_sha, fake_cor
 from procs import popen, signal_when
 
 import scraping.github
+from codelm.data.sources import _source_listing
 from codelm.runtime import process
 from scraping import (
     GitHubClient,
@@ -1389,8 +1390,6 @@ def test_a_multi_word_language_is_one_search_term(tmp_path):
 def test_local_skips_the_directories_dataset_skips(tmp_path):
     """A virtualenv's packages are not collected (nor stamped with --license), as dataset.py's
     reader of the same directory skips them."""
-    import dataset
-
     src = tmp_path / "proj"
     for rel in ("app/main.py", ".venv/lib/python3.11/site-packages/req/api.py",
                 "node_modules/pkg/setup.py", "app/__pycache__/m.py", "lib/site-packages/x.py",
@@ -1400,7 +1399,7 @@ def test_local_skips_the_directories_dataset_skips(tmp_path):
     out = tmp_path / "out.jsonl"
     collect_local(LocalConfig(sources=[str(src)], out=str(out), license="MIT", progress=False))
     assert [r["path"] for r in read_jsonl(out)] == ["app/main.py"]
-    listing = dataset._source_listing(str(src), [".py"])
+    listing = _source_listing(str(src), [".py"])
     assert [p.relative_to(listing.root).as_posix() for p in listing.files] == ["app/main.py"]
 
 
@@ -1408,8 +1407,6 @@ def test_local_and_dataset_walk_a_tree_alike(tmp_path):
     """dataset.py and ``scraping local`` match extensions alike (``B.PY`` in both): one corpus
     from one directory. The one difference is deliberate: a link to a file is read
     in the user's own directory (dataset.py), never out of a clone (scraping local)."""
-    import dataset
-
     src = tmp_path / "proj"
     for rel in ("a.py", "B.PY", "z.py", "pkg/x.py", "notes.md", ".venv/lib/v.py"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -1419,7 +1416,7 @@ def test_local_and_dataset_walk_a_tree_alike(tmp_path):
     out = tmp_path / "out.jsonl"
     summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
     scraped = [r["path"] for r in read_jsonl(out)]
-    listing = dataset._source_listing(str(src), [".py"])
+    listing = _source_listing(str(src), [".py"])
     assert [p.relative_to(listing.root).as_posix() for p in listing.files] == sorted(scraped + ["link.py"])
     assert scraped == ["B.PY", "a.py", "pkg/x.py", "z.py"]  # sorted by path, not dir by dir
     assert summary.files["symlink"] == 1 and summary.files["extension"] == 1
@@ -1429,8 +1426,6 @@ def test_a_git_work_tree_gives_what_its_clone_gives(tmp_path):
     """A checkout walked as a directory skips its ignored files, as its clone does: no build/lib
     copies (kept under those paths, the sources dropped as their duplicates), no
     local_settings.py of secrets."""
-    import dataset
-
     src = tmp_path / "proj"
     for rel in ("pkg/a.py", "build/lib/pkg/b.py", "local_settings.py", "new.py", ".gitignore"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -1443,7 +1438,7 @@ def test_a_git_work_tree_gives_what_its_clone_gives(tmp_path):
     summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
     assert [r["path"] for r in read_jsonl(out)] == ["new.py", "pkg/a.py"]  # new work stays
     assert summary.files["gitignored"] == 2
-    listing = dataset._source_listing(str(src), [".py"])
+    listing = _source_listing(str(src), [".py"])
     assert [p.relative_to(listing.root).as_posix() for p in listing.files] == ["new.py", "pkg/a.py"]
 
 

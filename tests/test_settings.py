@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from codelm import trainconfig
+from codelm.data.config import DataConfig
 from codelm.runtime import settings
 from codelm.training import plan
 
@@ -195,7 +196,6 @@ def test_help_comes_from_the_field_comments_grouped_by_section():
 
 def test_every_flag_of_the_scripts_explains_itself():
     import hyperparam_tune
-    from dataset import DataConfig
     from eval import EvalConfig
     from recipes import RecipeOptions
     from scraping import GitHubConfig, LocalConfig

@@ -39,9 +39,15 @@ from tokenizers import (
     trainers,
 )
 
-import dataset
+from codelm.data import encoding
+from codelm.data.encoding import tokenizer_fingerprint
+from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.tokenization.bpe import BYTE_TO_UNICODE, PRETOKENIZER_STYLES, BPETokenizer
-from codelm.tokenization.source import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
+from codelm.tokenization.source import (
+    PYTHON_PARSE_ERRORS,
+    docstring_statement,
+    strip_comments_and_docstrings,
+)
 from tokenizer import (
     ENCODING_VERSION,
     MAX_PIECE_CHARS,
@@ -53,10 +59,10 @@ from tokenizer import (
 
 @pytest.fixture(scope="session")
 def stdlib_texts() -> list[tuple[str, str]]:
-    root = dataset.stdlib_root()
+    root = stdlib_root()
     return [
         (p.relative_to(root).as_posix(), p.read_text(encoding="utf-8", errors="replace"))
-        for p in dataset.stdlib_files()
+        for p in stdlib_files()
     ]
 
 
@@ -1034,10 +1040,10 @@ def test_encoding_version_names_regex_and_keys_the_dataset_cache(code_tok, monke
     """Ids depend on the installed `regex` too (its Unicode tables: U+0295 is Ll before Unicode
     16, Lo after), so dataset's token-file key includes ENCODING_VERSION."""
     assert regex.__version__ in ENCODING_VERSION
-    before = dataset.tokenizer_fingerprint(code_tok)
-    assert dataset.tokenizer_fingerprint(code_tok) == before
-    monkeypatch.setattr(dataset, "ENCODING_VERSION", ENCODING_VERSION + "-other")
-    assert dataset.tokenizer_fingerprint(code_tok) != before
+    before = tokenizer_fingerprint(code_tok)
+    assert tokenizer_fingerprint(code_tok) == before
+    monkeypatch.setattr(encoding, "ENCODING_VERSION", ENCODING_VERSION + "-other")
+    assert tokenizer_fingerprint(code_tok) != before
 
 
 @pytest.mark.parametrize("specials", [("<pad>",), (), ("<|endoftext|>", "<pad>"), ("<eos>",)])
@@ -1342,7 +1348,7 @@ def test_strip_at_line_breaks_python_does_not_count():
     reference = ast.parse(source)
     documented = ast.Module | ast.ClassDef | ast.FunctionDef
     for node in ast.walk(reference):
-        if isinstance(node, documented) and dataset.docstring_statement(node):
+        if isinstance(node, documented) and docstring_statement(node):
             node.body = node.body[1:] or [ast.Pass()]
     stripped = strip_comments_and_docstrings(source, strict=True)
     assert ast.dump(ast.parse(stripped)) == ast.dump(reference)

@@ -11,9 +11,10 @@ import pytest
 from test_tokenizer import EDGE_CASES, _first_mismatch, _hf_ids
 from tiny_hf import FAMILY_TOKENIZER_STYLES, QWEN2_SPECIALS, train_family_tokenizer
 
-import dataset
+from codelm.data.examples import chat_turns
+from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.tokenization.bpe import BPETokenizer
-from tokenizer import chat_turns, decode_generated, load_tokenizer
+from tokenizer import decode_generated, load_tokenizer
 
 JAVASCRIPT = '''import { readFile } from "node:fs/promises";
 
@@ -69,7 +70,7 @@ FAMILY_EDGE_CASES = [
 @pytest.fixture(scope="module")
 def family_tokenizers(tmp_path_factory) -> dict:
     """style -> (HF tokenizer, codelm's BPETokenizer of the same tokenizer.json)."""
-    texts = [p.read_text("utf-8", "replace") for p in dataset.stdlib_files()[::25]]
+    texts = [p.read_text("utf-8", "replace") for p in stdlib_files()[::25]]
     out = {}
     for style in FAMILY_TOKENIZER_STYLES:
         path = tmp_path_factory.mktemp(style) / "tokenizer.json"
@@ -80,8 +81,8 @@ def family_tokenizers(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def held_out() -> list[tuple[str, str]]:
     """Python files the tokenizers were not trained on, and the JavaScript and C sources."""
-    root = dataset.stdlib_root()
-    files = dataset.stdlib_files()[7::25]
+    root = stdlib_root()
+    files = stdlib_files()[7::25]
     python = [(p.relative_to(root).as_posix(), p.read_text("utf-8", "replace")) for p in files]
     return [*python, ("javascript", JAVASCRIPT), ("c", C_SOURCE)]
 

@@ -26,14 +26,17 @@ import dataset
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
 from codelm import kernels, trainconfig
+from codelm.data import encoding
+from codelm.data.datasets import LMWindows, collate
+from codelm.data.encoding import supervised_example, tokenizer_cache_dir
+from codelm.data.sources import stdlib_files
 from codelm.models import adapter_config, generation, quantize
 from codelm.runs import checkpoint, rundir, trackers
 from codelm.runtime import distributed, process, rng, settings
 from codelm.training import build, finish, plan, record
 from codelm.training import trainer as trainer_module
 from codelm.training.batches import Batches, BatchOrder
-from dataset import collate, stdlib_files, supervised_example
-from tokenizer import CodeTokenizer, load_tokenizer
+from tokenizer import ENCODING_VERSION, CodeTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -767,7 +770,7 @@ def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypa
     cfg = tiny_cfg(assets, tmp_path, tokenizer=None,
                    data_options={"cache_dir": str(tmp_path / "cache"), "progress": False})
     dcfg = trainconfig.data_config(cfg, cfg.block_size)
-    cached = dataset.tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
+    cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
     train = CodeTokenizer.train
 
     def train_while_another_run_caches(*args, **kwargs):
@@ -794,7 +797,7 @@ def test_a_new_encoding_version_trains_a_new_tokenizer(assets, tmp_path, monkeyp
     build.load_or_train_tokenizer(cfg, dcfg)
     build.load_or_train_tokenizer(cfg, dcfg)  # a cache hit
     assert len(list(cache.glob("tokenizer-*"))) == 1
-    monkeypatch.setattr(dataset, "ENCODING_VERSION", dataset.ENCODING_VERSION + "-other")
+    monkeypatch.setattr(encoding, "ENCODING_VERSION", ENCODING_VERSION + "-other")
     build.load_or_train_tokenizer(cfg, dcfg)
     assert len(list(cache.glob("tokenizer-*"))) == 2
 
@@ -809,7 +812,7 @@ def test_a_resume_on_data_built_anew_says_it_is_not_the_runs(assets, tmp_path, m
     run = tm.train(cfg).run_dir
     tm.train(dataclasses.replace(cfg, resume=str(run), max_steps=6))
     assert "training data" not in capsys.readouterr().err
-    monkeypatch.setattr(dataset, "ENCODING_VERSION", dataset.ENCODING_VERSION + "-other")
+    monkeypatch.setattr(encoding, "ENCODING_VERSION", ENCODING_VERSION + "-other")
     tm.train(dataclasses.replace(cfg, resume=str(run), max_steps=8))
     err = capsys.readouterr().err
     assert "warning: the training data is not the one run trained on (entry " in err
@@ -840,7 +843,7 @@ def test_labels_that_are_not_the_next_tokens_stop_the_run(assets, tmp_path, monk
         chunk = torch.from_numpy(self.tokens[i : i + self.block_size].astype("int64"))
         return {"input_ids": chunk, "labels": chunk.clone()}
 
-    monkeypatch.setattr(dataset.LMWindows, "__getitem__", unshifted)
+    monkeypatch.setattr(LMWindows, "__getitem__", unshifted)
     cfg = tiny_cfg(assets, tmp_path, overfit_batches=1, max_steps=5)
     with pytest.raises(ValueError, match=r"train example 0: its labels are not the next input "):
         tm.train(cfg)

@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from codelm.data.datasets import SupervisedExamples, collate
 from codelm.kernels import IGNORE_INDEX
-from dataset import SupervisedExamples, collate
 
 
 class Where(typing.NamedTuple):
@@ -203,7 +203,7 @@ class PackedExamples(Dataset):
 
 
 class DocumentWindows(Dataset):
-    """lm windows (dataset.LMWindows, or a Subset of them) whose files keep to themselves:
+    """lm windows (LMWindows, or a Subset of them) whose files keep to themselves:
     a document starts after every EOS, and nothing is counted at an EOS (the next file's first
     token is not the file's to predict)."""
 

@@ -23,6 +23,10 @@ from torch.utils.data import Dataset, Subset
 
 import lora
 from architecture import SHORT_DTYPES, Transformer
+from codelm.data.cache import make_cache_dir, publish_cache_entry
+from codelm.data.config import DataConfig
+from codelm.data.encoding import tokenizer_cache_dir
+from codelm.data.examples import SamplePrompt
 from codelm.gguf import writer
 from codelm.models import adapter_config, pretrained, quantize
 from codelm.runs import checkpoint, rundir
@@ -44,14 +48,7 @@ from codelm.training.batches import Batches, example_lengths
 from codelm.training.plan import MAX_EPOCHS, BudgetClock, Probe
 from codelm.training.record import RunRecord
 from codelm.training.trainer import Trainer, autocast, checked_precision
-from dataconfig import DataConfig
-from dataset import (
-    SamplePrompt,
-    make_cache_dir,
-    prepare,
-    publish_cache_entry,
-    tokenizer_cache_dir,
-)
+from dataset import prepare
 from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is
 
 

@@ -15,6 +15,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import lora
+from codelm.data.encoding import encode_prompts, prompt_prefix, reads_special_tokens
+from codelm.data.examples import SamplePrompt
 from codelm.gguf import writer
 from codelm.models import generation, pretrained
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
@@ -26,7 +28,6 @@ from codelm.training import build
 from codelm.training.build import Run
 from codelm.training.record import NonFiniteLossError
 from codelm.training.trainer import perplexity
-from dataset import SamplePrompt, encode_prompts, prompt_prefix, reads_special_tokens
 
 if typing.TYPE_CHECKING:
     from codelm.tokenization.bpe import BPETokenizer

@@ -1,6 +1,5 @@
 """``DataConfig``: everything that decides what ``dataset.prepare`` builds, as data, with its
-checks. Kept apart from dataset.py so that configs (trainconfig.py) read it without the data
-pipeline."""
+checks. It imports none of the data pipeline, so that configs (trainconfig.py) read it alone."""
 
 from __future__ import annotations
 
@@ -115,7 +114,7 @@ class DataConfig:
         for name, minimum in _MINIMUMS.items():
             if (value := getattr(self, name)) is not None and value < minimum:
                 raise DataError(f"DataConfig.{name} must be >= {minimum}, got {value}")
-        for name, allowed in _CHOICES.items():
+        for name, allowed in CHOICES.items():
             if (value := getattr(self, name)) not in allowed:
                 raise DataError(f"DataConfig.{name}: {value!r} is not one of {list(allowed)}")
         fracs = (self.train_frac, self.val_frac, self.test_frac)
@@ -153,7 +152,7 @@ _MINIMUMS = {
     "docstring_min_tokens": 0, "docstring_code_tokens": 0,
 }  # fmt: skip
 
-_CHOICES = {
+CHOICES = {
     "task": TASKS,
     "split_by": ("repo", "file"),
     "completion_style": ("window", "line"),
@@ -162,10 +161,11 @@ _CHOICES = {
 }
 
 
-# Which fields key which cache; the rest are task options (see _task_options) or runtime knobs.
+# Which fields key which cache; the rest are task options (dataset._task_options) or runtime
+# knobs.
 _RUNTIME_FIELDS = frozenset({"cache_dir", "use_cache", "num_workers", "progress"})
-_SPLIT_FIELDS = frozenset({"train_frac", "val_frac", "test_frac", "seed", "split_by"})
-_CLEANING_FIELDS = frozenset(
+SPLIT_FIELDS = frozenset({"train_frac", "val_frac", "test_frac", "seed", "split_by"})
+CLEANING_FIELDS = frozenset(
     {
         "sources", "val_sources", "test_sources", "extensions", "dedupe", "near_dedupe", "near_dedupe_threshold", "autopep8",
         "strip_license", "strip_comments", "strip_docstrings", "redact_secrets", "redact_emails", "min_bytes",

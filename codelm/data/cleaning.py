@@ -1,0 +1,192 @@
+"""Cleaning one document (``clean_one``): decoding, licence headers, credentials and e-mails
+redacted, comment and docstring stripping, autopep8, and the size, line and literal limits."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import tokenize
+from dataclasses import replace
+
+from codelm.data.sources import Doc
+from codelm.tokenization.source import (
+    PYTHON_PARSE_ERRORS,
+    source_lines,
+    strip_comments_and_docstrings,
+)
+from scraping.common import decode_source
+
+_LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|spdx-license|all rights reserved", re.I)
+_ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
+# A quoted one-line literal or, outside one, a `//` or `#` comment start; a number.
+_STRING_OR_COMMENT = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|//|#")
+_NUMBER_LITERAL = re.compile(r"(?<![\w.])\d[\w.]*")
+# Python tokens that are literals (Python 3.12 splits f-strings: their text is FSTRING_MIDDLE).
+_LITERAL_TOKENS = {tokenize.STRING, tokenize.NUMBER, getattr(tokenize, "FSTRING_MIDDLE", -1)}
+
+
+def strip_license_header(text: str) -> tuple[str, bool]:
+    """Remove a leading comment block that mentions copyright/licence (``#``, ``//`` or
+    ``/* */``), keeping a shebang and an encoding line. Returns (text, removed)."""
+    lines = source_lines(text, keepends=True)
+    keep: list[str] = []
+    i = 0
+    while i < min(2, len(lines)) and ((i == 0 and lines[i].startswith("#!"))
+                                      or _ENCODING_LINE.match(lines[i])):
+        keep.append(lines[i])
+        i += 1
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    start = i
+    rest = []  # code after the closing */ on its line (`/* (c) X, MIT */ package a`): kept
+    if i < len(lines) and lines[i].lstrip().startswith("/*"):
+        while i < len(lines) and "*/" not in lines[i]:
+            i += 1
+        if i < len(lines) and (after := lines[i].partition("*/")[2].lstrip(" \t")).strip():
+            rest = [after]
+        i += 1
+    else:
+        marker = "#" if lines[i : i + 1] and lines[i].lstrip().startswith("#") else "//"
+        while i < len(lines) and lines[i].lstrip().startswith(marker):
+            i += 1
+    block = "".join(lines[start:i])
+    if i == start or not _LICENSE_WORDS.search(block):
+        return text, False
+    while not rest and i < len(lines) and not lines[i].strip():
+        i += 1
+    return "".join(keep + rest + lines[i:]), True
+
+
+# Credential shapes specific enough to redact in code without false hits: (pattern, placeholder,
+# markers; a text holding none of the markers is not searched, which keeps the scan fast).
+SECRET_PATTERNS: tuple[tuple[re.Pattern, str, tuple[str, ...]], ...] = (
+    (re.compile(r"(-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY)-----)"
+                r"(?:[A-Za-z0-9+/=\s:,.-]|\\[nr]){16,}?(-----END \2-----)"),
+     r"\1<PRIVATE_KEY>\3", ("PRIVATE KEY-----",)),
+    (re.compile(r"\b(?:AKIA|ASIA)(?![0-9A-Z]{0,9}EXAMPLE)[0-9A-Z]{16}\b"), "<AWS_ACCESS_KEY_ID>",
+     ("AKIA", "ASIA")),  # not AWS's documentation ones (AKIAIOSFODNN7EXAMPLE): no one's key
+    (re.compile(r"(?i)(aws_?secret_?(?:access_?)?key\W{1,6})[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"),
+     r"\1<AWS_SECRET_ACCESS_KEY>", ("secret", "SECRET", "Secret")),
+    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{80,})\b"),
+     "<GITHUB_TOKEN>", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
+    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}|\bhttps://hooks\.slack\.com/services/"
+                r"[A-Za-z0-9/]+"), "<SLACK_TOKEN>", ("xox", "hooks.slack.com")),
+    (re.compile(r"(://(?<=[A-Za-z0-9+.-]://)[^\s:@/\"'{}<>\[\]]+:)"
+                r"(?![%$]|(?i:\*+|x+|p|pass|passwd|password|pwd|secret|token|tiger)@)"
+                r"[^\s:@/\"'{}<>\[\]]+@"),
+     r"\1<PASSWORD>@", ("://",)),  # not a %s or $VAR a template fills in, a mask (***) or a
+    #   documentation's placeholder (user:pass, scott:tiger); no [ ] (a syntax's "[user:pw@]")
+)
+# Not a matrix product calling a method (q@k.transpose(-2, -1)) nor git's user@host:path.
+EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
+                   r"(?!\(|:[\w~/])")
+
+
+def redact_secrets(text: str) -> tuple[str, int]:
+    """Replace each credential SECRET_PATTERNS finds with its placeholder (a private key keeps its
+    BEGIN/END lines, a URL its user). Returns (text, credentials replaced)."""
+    total = 0
+    for pattern, placeholder, markers in SECRET_PATTERNS:
+        if any(marker in text for marker in markers):
+            text, n = pattern.subn(placeholder, text)
+            total += n
+    return text, total
+
+
+def longest_literal(text: str, at_least: int = 0, python: bool = False) -> int:
+    """Length of the longest one-line string literal or number (exact above ``at_least``); Python
+    through ``tokenize``, other text by a pattern that stops at a comment."""
+    lines = [line for line in source_lines(text) if len(line) > at_least]
+    if lines and python:
+        with contextlib.suppress(*PYTHON_PARSE_ERRORS):
+            tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+            return max((len(t.string) for t in tokens
+                        if t.type in _LITERAL_TOKENS and t.start[0] == t.end[0]), default=0)
+    longest = 0
+    for line in lines:
+        code = line
+        for m in _STRING_OR_COMMENT.finditer(line):
+            if m.group() in ("//", "#"):
+                code = line[: m.start()]
+                break
+            longest = max(longest, len(m.group()))
+        longest = max([longest] + [len(m.group()) for m in _NUMBER_LITERAL.finditer(code)])
+    return longest
+
+
+def _autopep8(text: str) -> tuple[str, str | None]:
+    """autopep8's formatting, and the modification: ``autopep8_changed``, ``autopep8_failed`` or
+    None. No time limit: a file autopep8 takes minutes over stalls the build."""
+    import autopep8
+
+    try:
+        fixed = autopep8.fix_code(text)
+    except Exception:  # autopep8 itself fails on some odd files; keep them as they are
+        return text, "autopep8_failed"
+    return fixed, "autopep8_changed" if fixed != text else None
+
+
+def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
+    """``texts`` (a document, or a pair's two) with credentials (and e-mails) replaced; the mods."""
+    mods = []
+    if opt["redact_secrets"]:
+        texts, counts = zip(*map(redact_secrets, texts))
+        if any(counts):
+            mods.append("secrets_redacted")
+    if opt["redact_emails"] and any("@" in t for t in texts):
+        texts, counts = zip(*(EMAIL.subn("<EMAIL>", t) for t in texts))
+        if any(counts):
+            mods.append("emails_redacted")
+    return list(texts), mods
+
+
+def clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]]:
+    """Clean one document. Returns (doc or None, drop reason, list of modifications)."""
+    raw, opt = args
+    mods: list[str] = []
+    if raw.target is not None:  # a pair: checked and redacted, never otherwise rewritten
+        if not raw.text.strip() or not raw.target.strip():
+            return None, "empty_pair", mods
+        (prompt, target), mods = _redact([raw.text, raw.target], opt)
+        return replace(raw, text=prompt, target=target), None, mods
+    if raw.chat:  # a conversation: its messages redacted, never otherwise rewritten
+        messages = raw.messages
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            return None, "empty_chat", mods
+        contents, mods = _redact([m["content"] for m in messages], opt)
+        redacted = [{**m, "content": c} for m, c in zip(messages, contents)]
+        return replace(raw, text=json.dumps(redacted, ensure_ascii=False)), None, mods
+    text, reason = decode_source(raw.text)
+    if text is None:
+        return None, reason, mods
+    text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    if len(text.encode("utf-8")) < opt["min_bytes"]:
+        return None, "too_small", mods
+    if opt["strip_license"]:
+        text, removed = strip_license_header(text)
+        if removed:
+            mods.append("license_header_removed")
+    (text,), redacted = _redact([text], opt)
+    mods += redacted
+    is_python = raw.is_python  # pairs returned above
+    if is_python and (opt["strip_comments"] or opt["strip_docstrings"]):
+        try:
+            text = strip_comments_and_docstrings(text, opt["strip_comments"],
+                                                 opt["strip_docstrings"], strict=True)
+            mods.append("comments_or_docstrings_stripped")
+        except PYTHON_PARSE_ERRORS:
+            return None, "syntax_error", mods
+    if is_python and opt["autopep8"]:
+        text, changed = _autopep8(text)
+        mods += [changed] if changed else []
+    lines = source_lines(text)
+    if sum(map(bool, map(str.strip, lines))) < opt["min_lines"]:
+        return None, "too_few_lines", mods
+    if max(map(len, lines), default=0) > opt["max_line_length"]:
+        return None, "long_line", mods
+    limit = opt["max_literal_length"]
+    if longest_literal(text, limit, python=is_python) > limit:
+        return None, "long_literal", mods
+    return replace(raw, text=text), None, mods

@@ -1,0 +1,272 @@
+"""The supervised tasks' examples as text (``Example``: head, body, tail -> completion): line
+completion, method generation, docstrings, refactoring pairs and chat turns; and the held-out
+prompt of a run's end-of-run sample."""
+
+from __future__ import annotations
+
+import ast
+import random
+import tokenize
+import typing
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from codelm.data.config import DOCSTRING_PROMPTS, REFACTOR_TEMPLATE, DataConfig, DataError
+from codelm.data.sources import Doc
+from codelm.runtime.process import progress_bar
+from codelm.tokenization.bpe import BPETokenizer
+from codelm.tokenization.source import PYTHON_PARSE_ERRORS, docstring_statement, source_lines
+
+
+def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
+    """Whether code stands beside ``node`` on its first or last line (ast columns count bytes)."""
+    before = lines[node.lineno - 1].encode("utf-8")[: node.col_offset]
+    after = lines[node.end_lineno - 1].encode("utf-8")[node.end_col_offset :]
+    return bool(before.strip() or after.decode("utf-8", "replace").split("#")[0].strip())
+
+
+class SamplePrompt(typing.NamedTuple):
+    """A prompt for a sample completion, and whether its completion ends with its function."""
+
+    text: str
+    ends_function: bool
+
+
+@dataclass
+class Example:
+    """A supervised example before tokenization: prompt = head + body + tail; ``body`` (the code
+    inside an instruction, at most ``body_budget`` tokens) is what a long prompt loses first."""
+
+    head: str
+    completion: str
+    body: str = ""
+    tail: str = ""
+    body_budget: int | None = None
+    pair: bool = False  # from a pair record: ``pair_special_tokens`` reads its special tokens
+
+    @property
+    def prompt(self) -> str:
+        return self.head + self.body + self.tail
+
+
+_DOCUMENTED = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+class _Parsed(typing.NamedTuple):
+    tree: ast.Module
+    lines: list[str]  # numbered as ast numbers them (source_lines), without their ends
+    in_string: set[int]  # numbers of the lines that start inside a multi-line string literal
+
+
+def _parse(doc: Doc) -> _Parsed | None:
+    """A Python document parsed, or None when it does not parse."""
+    lines = source_lines(doc.text, keepends=True)
+    try:
+        tree = ast.parse(doc.text)
+        tokens = tokenize.generate_tokens(iter(lines).__next__)
+        in_string = {row for t in tokens for row in range(t.start[0] + 1, t.end[0] + 1)}
+    except PYTHON_PARSE_ERRORS:
+        return None
+    lines = [line.rstrip("\r\n") for line in lines]
+    for node in ast.walk(tree):
+        ds = docstring_statement(node) if isinstance(node, _DOCUMENTED) else None
+        if ds is not None and _docstring_can_move(ds, lines):
+            in_string -= set(range(ds.lineno + 1, ds.end_lineno + 1))
+    return _Parsed(tree, lines, in_string)
+
+
+def _docstring_can_move(ds: ast.Expr, lines: list[str]) -> bool:
+    """Whether a docstring's cleaned value survives dedenting its lines by its statement's
+    indentation: they are indented that far, and no backslash joins two (an odd run ends one)."""
+    inside = lines[ds.lineno : ds.end_lineno]
+    indented = all(len(line) - len(line.lstrip(" \t")) >= ds.col_offset or not line.strip()
+                   for line in inside)
+    return indented and not any((len(line) - len(line.rstrip("\\"))) % 2
+                                for line in lines[ds.lineno - 1 : ds.end_lineno - 1])
+
+
+def line_completion_examples(doc: Doc, n: int, seed: int) -> list[Example]:
+    """CodeXGLUE line completion: the file up to a line boundary -> the next (non-blank) line."""
+    lines = source_lines(doc.text, keepends=True)
+    candidates = [i for i in range(1, len(lines)) if lines[i].strip()]
+    rng = random.Random(f"{seed}\0{doc.id}")
+    chosen = sorted(rng.sample(candidates, min(n, len(candidates))))
+    return [Example("".join(lines[:i]), lines[i].rstrip("\n")) for i in chosen]
+
+
+def _dedent(parsed: _Parsed, first: int, last: int, indent: int) -> list[str]:
+    """Lines ``first``..``last`` moved ``indent`` columns left (at most their own whitespace);
+    lines inside a multi-line string keep theirs, so its value is kept."""
+    out = []
+    for row in range(first, last + 1):
+        line = parsed.lines[row - 1]
+        if row not in parsed.in_string:
+            line = line[min(indent, len(line) - len(line.lstrip(" \t\f"))) :]
+        out.append(line)
+    return out
+
+
+def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
+    """CodeXGLUE method generation: signature + docstring -> body; the docstring is the
+    example's ``body``, so a long prompt loses the end of its docstring, not its signature."""
+    parsed = parsed or _parse(doc)
+    if parsed is None:
+        return []
+    out = []
+    for node in ast.walk(parsed.tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        ds = docstring_statement(node)
+        if (ds is None or len(node.body) < 2 or ds.lineno == node.lineno
+                or node.body[1].lineno <= ds.end_lineno):
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        head = _dedent(parsed, start, ds.end_lineno, node.col_offset)
+        body = _dedent(parsed, ds.end_lineno + 1, node.end_lineno, node.col_offset)
+        if not "".join(body).strip():
+            continue
+        n_sig = ds.lineno - start  # the decorator and def lines before the docstring
+        sig, docstring = ("".join(line + "\n" for line in part)
+                          for part in (head[:n_sig], head[n_sig:]))
+        out.append(Example(sig, "\n".join(body).rstrip(), body=docstring))
+    return out
+
+
+def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
+                       parsed: _Parsed | None = None) -> list[Example]:
+    """A class (or function) with its docstring removed -> the docstring."""
+    parsed = parsed or _parse(doc)
+    if parsed is None:
+        return []
+    kinds = {"class": ast.ClassDef, "function": _DOCUMENTED[1:], "both": _DOCUMENTED}[targets]
+    out = []
+    for node in ast.walk(parsed.tree):
+        if not isinstance(node, kinds):
+            continue
+        ds = docstring_statement(node)
+        if ds is None or ds.lineno == node.lineno or _shares_line(parsed.lines, ds):
+            continue
+        # strip: Python < 3.13 keeps a last line of indentation before the closing quotes
+        docstring = (ast.get_docstring(node, clean=True) or "").strip()
+        if not docstring:
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        indent = node.col_offset
+        code = _dedent(parsed, start, ds.lineno - 1, indent)
+        if len(node.body) == 1:
+            code.append(" " * (ds.col_offset - indent) + "pass")
+        code += _dedent(parsed, ds.end_lineno + 1, node.end_lineno, indent)
+        source = "\n".join(code)
+        template = DOCSTRING_PROMPTS[prompt]
+        if not isinstance(node, ast.ClassDef):  # a function's prompt names a function
+            template = template.replace("Class", "Function").replace(" class.", " function.")
+        head, tail = template.replace("{class_name}", node.name).split("{source_code}")
+        out.append(Example(head, docstring, body=source, tail=tail, body_budget=code_tokens))
+    return out
+
+
+def refactor_example(doc: Doc) -> Example:
+    """A pair through REFACTOR_TEMPLATE (the input as the body); prompt/completion ones verbatim."""
+    if doc.raw_pair:
+        return Example(doc.text, doc.target, pair=True)
+    head, tail = REFACTOR_TEMPLATE.split("{input}")
+    return Example(head, doc.target, body=doc.text, tail=tail, pair=True)
+
+
+def examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
+    if cfg.task == "refactor":
+        if doc.target is None:
+            raise DataError(
+                f"the refactor task needs JSONL pair records {{'input', 'output'}}; the data holds "
+                f"code files (e.g. {doc.id}: a directory's file or a scraper's {{'text'}} record)")
+        return [refactor_example(doc)]
+    if doc.target is not None:  # pairs in any other task: used as given
+        return [Example(doc.text, doc.target, pair=True)]
+    if cfg.task == "completion":
+        return line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
+    if not doc.is_python:  # method and docstring targets come from Python files only
+        return []
+    parsed = _parse(doc)
+    if parsed is None:
+        events["skipped_syntax_error_file"] += 1
+        return []
+    if cfg.task == "method":
+        return method_examples(doc, parsed)
+    if cfg.task == "docstring":
+        return docstring_examples(doc, cfg.docstring_targets, cfg.docstring_prompt,
+                                  cfg.docstring_code_tokens, parsed)
+    raise AssertionError(cfg.task)
+
+
+def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> SamplePrompt | None:
+    """An end-of-run sample's prompt from held-out documents (a pair task's first example, else
+    the first top-level function with a docstring, its header and docstring, else the first
+    function's header), and whether its completion ends with its function."""
+    header = None
+    if cfg.task == "chat":  # its prompts need the tokenizer's template
+        return None
+    for doc in docs:
+        if cfg.task not in ("lm", "fim", "completion"):
+            if doc.target or cfg.task != "refactor":
+                if examples := examples_for(doc, cfg, Counter()):
+                    return SamplePrompt(examples[0].prompt, cfg.task == "method")
+            continue
+        parsed = _parse(doc) if doc.is_python else None  # is_python: not a pair
+        for fn in parsed.tree.body if parsed else []:
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            docstring = docstring_statement(fn)
+            end = docstring.end_lineno if docstring else fn.body[0].lineno - 1
+            if end >= fn.lineno:  # not a one-line `def f(): ...`
+                start = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
+                text = "\n".join(parsed.lines[start - 1 : end]) + "\n"
+                if docstring:
+                    return SamplePrompt(text, True)
+                header = header or text
+    return None if header is None else SamplePrompt(header, True)
+
+
+class ChatTurn(typing.NamedTuple):
+    """One assistant turn of a conversation, as text."""
+
+    prompt: str  # the conversation before it, rendered with the generation prompt
+    answer: str  # the assistant's text, up to the template's end-of-turn marker
+
+
+def chat_turns(tok: BPETokenizer, messages: Sequence[dict]) -> list[ChatTurn]:
+    """Each assistant turn of a conversation: what generation is prompted with, and what it is
+    to answer (the whitespace after the end-of-turn marker is the template's glue)."""
+    turns = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
+        turn = tok.apply_chat_template(messages[: i + 1])
+        if not turn.startswith(prompt):
+            raise ValueError("chat_template: the text before an assistant turn is not a prefix "
+                             "of the conversation's text: the assistant's tokens cannot be told "
+                             "apart")
+        turns.append(ChatTurn(prompt, turn[len(prompt):].rstrip()))
+    return turns
+
+
+def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str) -> list[Example]:
+    """One example an assistant turn of each conversation (``chat_turns``): the
+    conversation before it, rendered with the model's chat template, then the answer."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("the chat task needs the tokenizer of an instruct model, whose "
+                        "tokenizer_config.json holds a chat_template (--init-from, --tokenizer)")
+    examples = []
+    for doc in progress_bar(docs, desc=f"chat {split}", enabled=cfg.progress):
+        if not doc.chat:
+            raise DataError(f"the chat task needs JSONL conversation records {{'messages': "
+                            f"[{{'role', 'content'}}, ...]}}; the data holds {doc.id}, which is "
+                            "not one")
+        try:
+            turns = chat_turns(tokenizer, doc.messages)
+        except ValueError as e:  # the template's own error (raise_exception, an unknown role)
+            raise DataError(f"{doc.id}: {e}") from None
+        for turn in turns:
+            examples.append(Example(turn.prompt, turn.answer, pair=True))
+    return examples

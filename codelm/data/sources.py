@@ -1,0 +1,305 @@
+"""The data sources and their documents: the standard library, directories of code files,
+JSONL, parquet, a datasets directory or a Hugging Face dataset id, each read as ``Doc``s
+(``iter_sources``), and what a cache key knows of them (``sources_fingerprint``)."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import json
+import lzma
+import sysconfig
+import typing
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from codelm.data.config import DataConfig, DataError
+from codelm.runtime import hub, settings
+from scraping.common import has_extension, is_utf8, source_files
+
+
+def stdlib_root() -> Path:
+    """Directory holding this interpreter's standard-library sources."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """Every ``.py`` file of the standard library (not site-packages), sorted by relative path."""
+    root = Path(root) if root is not None else stdlib_root()
+    return source_files(root, (".py",))
+
+
+@dataclass
+class Doc:
+    """One unit of the corpus: a code file, or a prompt/completion pair (``target`` set)."""
+
+    id: str  # unique, stable: "repo/path", a file path, or "file.jsonl:line"
+    text: str  # before cleaning as read: bytes, or None for a file over max_bytes (unread)
+    repo: str | None = None
+    target: str | None = None  # the completion of a pair; None for code files
+    raw_pair: bool = False  # a {"prompt","completion"} pair: used verbatim, no template
+    split: str | None = None  # "val"/"test" from val_sources/test_sources; None: by fraction
+    chat: bool = False  # a conversation: ``text`` holds its messages as JSON
+
+    @property
+    def is_python(self) -> bool:
+        return self.target is None and not self.chat and has_extension(self.id, (".py",))
+
+    @property
+    def messages(self) -> list[dict]:
+        """A conversation's [{"role", "content"}, ...]."""
+        return json.loads(self.text)
+
+
+class SourceFiles(typing.NamedTuple):
+    """A data source's files: record files, or code files named relative to ``root``."""
+
+    records: bool  # JSONL, parquet, a datasets directory or a Hugging Face dataset id
+    root: Path | None  # code: the directory its files' names are relative to
+    files: list[Path]  # deterministic order
+
+
+def _source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
+    """The files of ``source``: its records (``_record_files``), or its code files (of
+    ``extensions``: the stdlib, or a directory)."""
+    records = _record_files(source)
+    if records is not None:
+        return SourceFiles(records=True, root=None, files=records)
+    if source == "stdlib":
+        return SourceFiles(records=False, root=stdlib_root(), files=stdlib_files())
+    root = Path(source).expanduser()
+    # The user's own directory: links to files are read (an HF hub snapshot's point into blobs/).
+    files = source_files(root, extensions, follow_symlinks=True)
+    return SourceFiles(records=False, root=root, files=files)
+
+
+def _record_files(source: str) -> list[Path] | None:
+    """The files of a record source (JSONL, parquet, a datasets ``save_to_disk`` directory, a
+    Hugging Face dataset id: its train split's files, or all); None for code (stdlib, a folder).
+    A source that is none of these is refused here, naming the fix."""
+    if source == "stdlib":
+        return None
+    if hub.is_hub_id(source):  # not a local path
+        try:
+            snapshot = hub.checkpoint_dir(source, "data source", repo_type="dataset")
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".parquet", ".jsonl"))
+        return [p for p in files if "train" in p.relative_to(snapshot).as_posix()] or files
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data source not found: {source}")
+    if path.is_file():
+        if path.suffix not in (".jsonl", ".parquet"):
+            raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl) or "
+                            "parquet (*.parquet)")
+        return [path]
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise DataError(f"data source {source}: a datasets DatasetDict (splits {splits}); name "
+                        f"one split's directory, e.g. {path / (splits or ['train'])[0]}")
+    if not (path / "state.json").is_file():
+        return None
+    state = settings.read_json_object(path / "state.json", "datasets state")
+    files = state.get("_data_files")
+    if not (isinstance(files, list) and all(
+            isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files)):
+        raise DataError(f"{path / 'state.json'}: no '_data_files' list of {{filename}}, as "
+                        "datasets' save_to_disk writes it; save the dataset again")
+    return [path / f["filename"] for f in files]
+
+
+def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
+    """The code or pair records of a JSONL, parquet or datasets Arrow file, as documents."""
+    rows = jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
+    for number, where, record in rows:
+        try:
+            record = json_object(record, where) if isinstance(record, bytes) else record
+            doc = _record_to_doc(record, cfg, f"{path.name}:{number}", where)
+        except DataError as exc:
+            if not cfg.skip_bad:
+                raise DataError(f"{exc} (skip such records with --skip-bad, or the data "
+                                "option skip_bad)") from None
+            counts["bad_jsonl_line" if path.suffix == ".jsonl" else "bad_record"] += 1
+            continue
+        yield doc
+
+
+# A compressed file's first bytes, and how to open it: gzip, bz2, xz.
+COMPRESSED_MAGIC = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+
+
+def jsonl_lines(path: Path, what: str = "JSONL file") -> Iterator[tuple[int, str, bytes]]:
+    """(line number, "file:line", its bytes) of each non-blank line; ``json_object`` reads one.
+    A gzip, bz2 or xz file (its bytes say so, whatever its name) is read decompressed; one that
+    does not read or decompress is a DataError naming it (``what``) and the lines read."""
+    with settings.reading(path, what, DataError) as place:
+        with open(path, "rb") as f:
+            head = f.read(max(map(len, COMPRESSED_MAGIC)))
+        opener = next((o for magic, o in COMPRESSED_MAGIC.items() if head.startswith(magic)), open)
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                place.count = lineno
+                if raw.strip():  # rstrip: else an error at the line's end is json's "line 2"
+                    yield lineno, f"{path}:{lineno}", raw.rstrip(b"\r\n")
+
+
+def _table_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
+    """A parquet or datasets Arrow file's rows, streamed a batch at a time, the named columns;
+    a damaged file is a DataError naming it and the rows read."""
+    kind = "parquet" if file.suffix == ".parquet" else "Arrow"
+    with settings.reading(file, f"{kind} file", DataError, "row") as place:
+        for number, where, row in _arrow_rows(file, cfg):
+            place.count = number
+            yield number, where, row
+
+
+def _arrow_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if file.suffix == ".parquet":
+        table = pq.ParquetFile(file, pre_buffer=False)  # pre-buffering holds every row group
+        names = table.schema_arrow.names
+    else:  # datasets' Arrow stream files, memory-mapped
+        table = pa.ipc.open_stream(pa.memory_map(str(file)))
+        names = table.schema.names
+    named = _named_columns(cfg)
+    if missing := [c for c in named if c not in names]:
+        raise DataError(f"{file}: no column {missing[0]!r} (its columns: {', '.join(names)}); "
+                        "set the data options text_column, or input_column and output_column")
+    if file.suffix == ".parquet":
+        wanted = [*named, *(c for c in ("repo", "path") if c in names)] if named else None
+        table = table.iter_batches(batch_size=64, columns=wanted)
+    rows = (row for batch in table for row in batch.to_pylist())
+    for number, row in enumerate(rows, start=1):
+        yield number, f"{file}: row {number}", row
+
+
+def _named_columns(cfg: DataConfig) -> list[str]:
+    return [c for c in (cfg.text_column, cfg.input_column, cfg.output_column) if c]
+
+
+# A code record's text: the scrapers' key, then that of some published corpora.
+TEXT_KEYS = ("text", "file_text")
+
+
+def json_object(raw: bytes, where: str) -> dict:
+    """One JSONL line's object; a DataError names ``where`` (file:line) and the column."""
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        end = " (the end of the line)" if exc.pos >= len(exc.doc) else ""
+        raise DataError(f"{where}: malformed JSON at column {exc.pos + 1}{end}: {exc.msg}") from None
+    except (UnicodeDecodeError, RecursionError) as exc:  # json recurses once per nesting level
+        raise DataError(f"{where}: malformed JSON ({exc})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
+    """One record's Doc (``name``: its id without a path); a DataError names ``where``, the key."""
+    if named := _named_columns(cfg):  # the columns the data options name, as codelm's keys
+        if missing := [c for c in named if c not in rec]:
+            raise DataError(f"{where}: no key {missing[0]!r}, which the data options name")
+        rec = ({"text": rec[named[0]], "repo": rec.get("repo"), "path": rec.get("path")}
+               if cfg.text_column else {"input": rec[named[0]], "output": rec[named[1]]})
+    # Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates).
+    for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
+        if isinstance(rec.get(key), str) and not is_utf8(rec[key]):
+            raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
+    if "messages" in rec:
+        return Doc(name, json.dumps(_checked_messages(rec["messages"], where),
+                                    ensure_ascii=False), chat=True)
+    for a, b in (("input", "output"), ("prompt", "completion")):
+        if a in rec or b in rec:
+            if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
+                raise DataError(f"{where}: a pair needs string keys {a!r} and {b!r}")
+            return Doc(name, rec[a], target=rec[b], raw_pair=a == "prompt")
+    key = next((k for k in TEXT_KEYS if k in rec), None)
+    if key is None:
+        raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
+                        "'input'/'output', 'prompt'/'completion'")
+    if not isinstance(rec[key], str):
+        raise DataError(f"{where}: key {key!r} must be a string")
+    repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
+    rel = rec.get("path") if isinstance(rec.get("path"), str) else name
+    return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
+
+
+def _checked_messages(messages: object, where: str) -> list[dict]:
+    """A conversation record's messages: [{"role": str, "content": str}, ...] with an
+    assistant's turn (what the chat task trains on); a DataError names ``where``."""
+    if not (isinstance(messages, list) and messages):
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and "
+                            "'content'")
+        if not is_utf8(message["content"]):
+            raise DataError(f"{where}: messages[{i}] holds a lone surrogate (not valid UTF-8)")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no 'assistant' message: nothing for the chat task to learn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[Doc]:
+    """Every document of every source, at most ``max_docs`` per role, counting each source's
+    pair records in ``pairs``. A file over ``max_bytes`` is left unread (``text`` None)."""
+    taken: Counter = Counter()  # documents yielded per role
+    for i, (split, source) in enumerate(cfg.sources_by_split()):
+        listing = _source_listing(source, cfg.extensions)
+        if listing.records:
+            docs = (doc for f in listing.files for doc in _read_records(f, cfg, counts))
+        else:
+            docs = _read_files(source, listing, cfg, counts)
+        for raw in docs:
+            if cfg.max_docs is not None and taken[split] >= cfg.max_docs:
+                break
+            taken[split] += 1
+            if raw.target is not None:
+                pairs[i] += 1
+            raw.split = split
+            yield raw
+
+
+def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Counter
+                ) -> Iterator[Doc]:
+    prefix = "stdlib" if source == "stdlib" else listing.root.name
+    for p in listing.files:
+        doc_id = f"{prefix}/{p.relative_to(listing.root).as_posix()}"
+        if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
+            counts["not_utf8_name"] += 1
+            continue
+        yield Doc(doc_id, p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None)
+
+
+def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
+    """What the cache key knows of the sources: every file's path, size and mtime."""
+    out = []
+    for source in sources:
+        # Every build computes its key first: sources are checked here.
+        listing = _source_listing(source, extensions)
+        if listing.records:
+            out += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
+                    for f in listing.files]
+            continue
+        names = hashlib.sha256()
+        for p in listing.files:
+            st = p.stat()
+            entry = f"{p.relative_to(listing.root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            names.update(entry.encode("utf-8", "surrogateescape"))  # a non-UTF-8 name: its bytes
+        where = source if source == "stdlib" else str(listing.root.resolve())
+        out.append([where, names.hexdigest()])
+    return out
+
+
+def plain_text(doc: Doc) -> str:
+    if doc.chat:
+        return "\n".join(m["content"] for m in doc.messages)
+    return doc.text if doc.target is None else doc.text + "\n" + doc.target
