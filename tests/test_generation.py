@@ -21,7 +21,7 @@ def test_kv_cache_decode_equals_full_forward(shape):
     idx = _ids(2, 40)
     full = model(idx)
     prompt, total = 24, idx.shape[1]
-    caches = generation._new_caches(model, 2, total)
+    caches = generation.new_caches(model, 2, total)
     last, key_valid, pos = generation._prefill(model, idx[:, :prompt], None, caches)
     steps = [last]
     for t in range(prompt, total - 1):

@@ -162,7 +162,7 @@ def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
     return 0  # never emitted: a lone row ends generation when it stops, and beams need EOS to end
 
 
-def _cache_dtype(model: Transformer) -> torch.dtype:
+def cache_dtype(model: Transformer) -> torch.dtype:
     """The dtype the qkv projection returns: autocast's when it is on for the device (so
     decoding sees the keys and values forward computes), else the weights'."""
     p = model.wte.weight
@@ -171,9 +171,9 @@ def _cache_dtype(model: Transformer) -> torch.dtype:
     return p.dtype
 
 
-def _new_caches(model: Transformer, batch: int, length: int) -> list[LayerCache]:
+def new_caches(model: Transformer, batch: int, length: int) -> list[LayerCache]:
     shape = (batch, model.cfg.n_kv_head, length, model.cfg.head_dim)
-    p, dtype = model.wte.weight, _cache_dtype(model)
+    p, dtype = model.wte.weight, cache_dtype(model)
     return [(p.new_zeros(shape, dtype=dtype), p.new_zeros(shape, dtype=dtype))
             for _ in model.blocks]
 
@@ -193,10 +193,10 @@ def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCach
     held = _HELD.get(model)
     k = held[0][0] if held else None
     if k is not None and (k.shape[0], k.shape[2], k.dtype, k.device) == (
-            batch, length, _cache_dtype(model), model.wte.weight.device):
+            batch, length, cache_dtype(model), model.wte.weight.device):
         torch._foreach_zero_([t for pair in held for t in pair])
     else:
-        _HELD[model] = held = _new_caches(model, batch, length)
+        _HELD[model] = held = new_caches(model, batch, length)
         for t in (t for pair in held for t in pair):
             torch._dynamo.mark_static_address(t)
     _BUSY.add(model)
@@ -241,7 +241,7 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     kernels.decode_layout(model, not (cfg.compile or model.training))
     graphs = cfg.compile and idx.device.type == "cuda"
     slot = torch.tensor([T], device=idx.device)  # advanced on the device: no copy a step
-    caches = _graph_caches(model, B, T + n) if graphs else _new_caches(model, B, T + n)
+    caches = _graph_caches(model, B, T + n) if graphs else new_caches(model, B, T + n)
     try:
         logits, key_valid, pos = _prefill(model, idx, attention_mask, caches)
         for i in range(n):
@@ -284,7 +284,7 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     closed = [False] * B
     base = (torch.arange(B, device=dev) * K)[:, None]
     kernels.decode_layout(model, not model.training)  # training wants row-major weights
-    caches = _new_caches(model, B * K, T + n)
+    caches = new_caches(model, B * K, T + n)
     logits, key_valid, pos = _prefill(model, idx.repeat_interleave(K, dim=0), mask, caches)
     for i in range(n):
         logp = torch.log_softmax(logits.float(), dim=-1)
