@@ -420,8 +420,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 # One layer's preallocated (keys, values), each (B, n_kv_head, length, head_dim), written in place
-# at the decode step's slots (codelm/models/generation.py).
+# at the decode step's slots (codelm/models/generation.py, codelm/models/engine.py).
 LayerCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def write_cache(cache: LayerCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write this step's keys and values k, v (B, n_kv_head, T, head_dim) into ``cache`` at
+    ``slots``: (T,) the same slots in every row; (B, T) each row its own (a continuous batch,
+    whose rows are at different lengths)."""
+    if slots.dim() == 1:
+        cache[0].index_copy_(2, slots, k)
+        cache[1].index_copy_(2, slots, v)
+        return
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    cache[0][rows, :, slots] = k.transpose(1, 2)  # (B, T, n_kv_head, head_dim) at [row, :, slot]
+    cache[1][rows, :, slots] = v.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -447,8 +460,7 @@ class Attention(nn.Module):
             qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=2)
         q, k, v = split_heads(qkv, rope, cfg.n_head, cfg.n_kv_head, cfg.rope_interleaved)
         if cache is not None:
-            cache[0].index_copy_(2, slots, k)
-            cache[1].index_copy_(2, slots, v)
+            write_cache(cache, slots, k, v)
             if mask is not None:  # no mask: a prompt without padding, which needs only its
                 k, v = cache      # own keys, causally
         y = attention(q, k, v, mask, cfg.attn_dropout if self.training else 0.0,
@@ -527,10 +539,12 @@ def padded_mask(attention_mask: torch.Tensor, q_slots: torch.Tensor, length: int
 def window_mask(mask: torch.Tensor | None, q_slots: torch.Tensor, length: int,
                 window: int) -> torch.Tensor:
     """``mask`` (None: causal over ``length`` keys) with keys ``window`` or more slots before
-    each query hidden: a sliding layer's mask, as transformers slides it (over cache slots)."""
+    each query hidden: a sliding layer's mask, as transformers slides it (over cache slots).
+    q_slots: (Tq,) the queries' slots, or (B, Tq) each row's own."""
     k_slots = torch.arange(length, device=q_slots.device)
-    near = (k_slots <= q_slots[:, None]) & (k_slots > q_slots[:, None] - window)
-    return near[None, None] if mask is None else mask & near
+    near = (k_slots <= q_slots[..., None]) & (k_slots > q_slots[..., None] - window)
+    near = near[None, None] if q_slots.dim() == 1 else near[:, None]  # (B or 1, 1, Tq, length)
+    return near if mask is None else mask & near
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ from codelm.data.examples import (
 from codelm.data.sources import Doc, json_object, jsonl_lines
 from codelm.data.splits import corpus_key, load_corpus
 from codelm.models import adapter_config, pretrained, quantize
+from codelm.models.engine import Engine
 from codelm.models.generation import (
     FUNCTION_STOPS,
     MIN_TEMPERATURE,
@@ -1272,6 +1273,8 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
         lm, cfg, prompt_ids, max_prompt_tokens, num_beams=cfg.num_beams,
         stop=(list(stops) or None) if cfg.num_beams == 1 else None, decode=text)
     device = next(model.parameters()).device
+    if cfg.num_beams == 1 and not cfg.compile:
+        return _engine_texts(lm, encoded, gen, eos, cfg, stops, text, desc)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     with progress_bar(total=len(order), desc=f"{lm.label} {desc}", unit="prompt",
@@ -1288,6 +1291,35 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: EvalConfig,
                 ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
                 outputs[i] = truncate_at_stops(text(ids), stops)
             bar.update(len(rows))
+    return outputs
+
+
+def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConfig,
+                  eos: list[int], cfg: EvalConfig, stops: Sequence[str],
+                  text: Callable[[list[int]], str], desc: str) -> list[str]:
+    """``generate_texts`` through the continuous-batching engine (cfg.batch_size slots): prompt
+    i samples with its own generator, seeded cfg.seed + i, so its text does not depend on the
+    batch it ran in."""
+    engine = Engine(lm.model, cfg.batch_size, max_len=_context(lm, cfg))
+    device = next(lm.model.parameters()).device
+    order = []
+    for i, ids in enumerate(encoded):
+        generator = None
+        if gen.temperature > 0:
+            generator = torch.Generator(device).manual_seed((cfg.seed + i) % 2**64)
+        order.append(engine.add(ids, replace(gen, generator=generator)))
+    new: dict[int, list[int]] = {request: [] for request in order}
+    with progress_bar(total=len(order), desc=f"{lm.label} {desc}", unit="prompt",
+                      enabled=cfg.progress, leave=False) as bar:
+        for event in engine.run():
+            new[event.request].append(event.token)
+            if event.finished is not None:
+                bar.update(1)
+    outputs = []
+    for request in order:
+        ids = new[request]
+        ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
+        outputs.append(truncate_at_stops(text(ids), stops))
     return outputs
 
 

@@ -9,6 +9,7 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import sacrebleu
@@ -28,6 +29,27 @@ from codelm.training import build
 
 WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", "i", "in",
          "range(n):", "print(i)", "'s'", "None", "==", "(", ")", "a_b", "Foo", "éλ", "\t", "\n"]
+
+
+class _Prompted(NamedTuple):
+    ids: list[int]
+    max_new_tokens: int
+
+
+def _engine_prompts(monkeypatch) -> list[_Prompted]:
+    """Each prompt eval hands the sampling engine, with its token budget, in order (the
+    requests still run)."""
+    from codelm.models.engine import Engine
+
+    seen = []
+    add = Engine.add
+
+    def recording(self, prompt, cfg, *args, **kwargs):
+        seen.append(_Prompted(list(prompt), cfg.max_new_tokens))
+        return add(self, prompt, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "add", recording)
+    return seen
 
 
 def _random_text(rng: random.Random, max_words: int = 30) -> str:
@@ -1106,12 +1128,11 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
         new = new[: new.index(tok.eos_id)]
     assert capsys.readouterr().out == f"{prompt}{tok.decode(new)}\n"
 
-    seen = []
-    monkeypatch.setattr(ev, "generate", lambda model, idx, *a, **k: seen.append(idx) or idx)
+    seen = _engine_prompts(monkeypatch)
     cfg = ev.EvalConfig(max_new_tokens=4, progress=False)
     lm = ev.load_model(base, torch.device("cpu"))
     ev.generate_texts(lm, [prompt], cfg)
-    assert seen[0].tolist() == ids.tolist()
+    assert seen[0].ids == ids[0].tolist()
     example = ev.TaskExample("e", "x = 1\n", prompt)
     loss = ev.score_supervised(lm, [example], cfg)
     full = torch.cat([ids, hf_tok("x = 1\n", add_special_tokens=False, return_tensors="pt")[
@@ -1198,9 +1219,7 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     examples = ev.build_examples("refactor", [doc], ev.EvalConfig(limit=1))
     monkeypatch.setattr(ev, "semantic_similarity", lambda preds, refs, progress=True: 0.0)
     lm = ev.load_model(base, torch.device("cpu"))
-    seen = []
-    monkeypatch.setattr(ev, "generate", lambda model, idx, *a, **k: seen.append(idx[0].tolist())
-                        or idx)
+    seen = _engine_prompts(monkeypatch)
     cfg = ev.EvalConfig(max_new_tokens=4, progress=False, reference_loss=True)
     options = {"pair_special_tokens": True}
     run = dataclasses.replace(lm, run_config={"task": "refactor", "data_options": options})
@@ -1208,7 +1227,7 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
                                         data_cfg=DataConfig())
 
     ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
-    assert seen[0] == ids and ids.count(hf_tok.bos_token_id) == 1
+    assert seen[0].ids == ids and ids.count(hf_tok.bos_token_id) == 1
     assert hf_tok.convert_tokens_to_ids("<|eot_id|>") in ids
     full = torch.tensor([ids + hf_tok("pass<|eot_id|>", add_special_tokens=False)["input_ids"]
                          + [hf_tok.eos_token_id]])
@@ -1222,11 +1241,11 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     ev.run_generation_task(lm, "refactor", examples, cfg, data_cfg=DataConfig())
     off = dataclasses.replace(cfg, data_options={"pair_special_tokens": False})
     ev.run_generation_task(run, "refactor", examples, off, data_cfg=DataConfig())
-    assert seen[1] == seen[2] == as_text != ids
+    assert seen[1].ids == seen[2].ids == as_text != ids
     lm_run = dataclasses.replace(lm, run_config={"task": "lm", "data_options": options})
     ev.run_generation_task(lm_run, "refactor", examples, cfg,  # eval's data_cfg reads them
                            data_cfg=DataConfig(**options))
-    assert seen[3] == [hf_tok.eos_token_id] + as_text  # an lm run packed its pairs as text
+    assert seen[3].ids == [hf_tok.eos_token_id] + as_text  # an lm run packed its pairs as text
 
 
 @pytest.mark.parametrize("trained", ["base", "base as text", "pair_special_tokens", "text", "lm"])
@@ -1292,13 +1311,12 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
         assert streamed[1].tolist() == [lm_eos + hf_tok(prompt, add_special_tokens=False)[
             "input_ids"]]
 
-    seen = []
-    monkeypatch.setattr(ev, "generate", lambda model, idx, *a, **k: seen.append(idx) or idx)
+    seen = _engine_prompts(monkeypatch)
     lm = ev.load_model(model, torch.device("cpu"))
     data_options = {"pair_special_tokens": False} if options else {}
     ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=4, progress=False,
                                                   data_options=data_options))
-    assert seen[0].tolist() == [want]
+    assert seen[0].ids == want
 
 
 def test_generation_eos_ids_keep_special_config_ids_only():
@@ -1662,26 +1680,22 @@ def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_m
     import torch
 
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
-    seen = []
-
-    def generate(model, idx, cfg, attention_mask=None):
-        seen.append((idx.shape[1], cfg.max_new_tokens))
-        return idx
+    seen = _engine_prompts(monkeypatch)
+    streamed = []
 
     def stream(model, idx, cfg, attention_mask=None):
-        seen.append((idx.shape[1], cfg.max_new_tokens))
+        streamed.append((idx.shape[1], cfg.max_new_tokens))
         return iter(())
 
-    monkeypatch.setattr(ev, "generate", generate)
     monkeypatch.setattr(ev, "stream", stream)
     prompt = "total = 1\n" * 40
     capped = ev.EvalConfig(block_size=32, max_new_tokens=100, progress=False)
     ev.generate_texts(lm, [prompt], capped)
     ev.stream_completion(lm, prompt, capped, lambda text: None)
-    assert seen == [(16, 16), (16, 16)]
+    assert [(len(p.ids), p.max_new_tokens) for p in seen] == [(16, 16)] and streamed == [(16, 16)]
     ev.generate_texts(lm, [prompt], ev.EvalConfig(block_size=32, max_new_tokens=4,
                                                   progress=False))
-    assert seen[2] == (28, 4)
+    assert (len(seen[1].ids), seen[1].max_new_tokens) == (28, 4)
 
 
 def test_sampled_generation_is_reproducible_by_seed(tiny_models):
@@ -3091,27 +3105,21 @@ def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models, mo
     lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
     head, tail = REFACTOR_TEMPLATE.split("{input}")
     code = "".join(f"x = {i}\n" for i in range(300))
-    seen = []
-
-    def generate(model, idx, *args, **kwargs):
-        seen.append(idx[0].tolist())
-        return idx
-
-    monkeypatch.setattr(ev, "generate", generate)
+    seen = _engine_prompts(monkeypatch)
     cfg = ev.EvalConfig(block_size=128, max_new_tokens=8, progress=False)
     ev.run_generation_task(lm, "refactor", [ev.TaskExample("r", "x = 1", head, code, tail)], cfg)
-    prompt = lm.tokenizer.decode(seen[0])
-    assert len(seen[0]) == 128 - 8
+    prompt = lm.tokenizer.decode(seen[0].ids)
+    assert len(seen[0].ids) == 128 - 8
     assert prompt.startswith(head) and prompt.endswith(tail), prompt
     assert "x = 0\n" in prompt and "x = 299" not in prompt
     # A prompt that fits is kept whole (one of 60-120 tokens too, not only its tail).
     short = ev.TaskExample("s", "x = 1", head, code[:40], tail)
     ev.run_generation_task(lm, "refactor", [short], cfg)
-    assert 60 < len(seen[1]) < 120 and lm.tokenizer.decode(seen[1]) == short.prompt(None)
+    assert 60 < len(seen[1].ids) < 120 and lm.tokenizer.decode(seen[1].ids) == short.prompt(None)
     # The run's own prompt limit (its data options) holds in eval too.
     ev.run_generation_task(lm, "refactor", [short], cfg,
                            data_cfg=DataConfig(max_prompt_tokens=70))
-    assert len(seen[2]) == 70 and lm.tokenizer.decode(seen[2]).startswith(head)
+    assert len(seen[2].ids) == 70 and lm.tokenizer.decode(seen[2].ids).startswith(head)
 
 
 def test_reference_loss_scores_the_eos_only_when_training_did(tiny_models):

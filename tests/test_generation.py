@@ -20,7 +20,7 @@ def test_kv_cache_decode_equals_full_forward(shape):
     idx = _ids(2, 40)
     full = model(idx)
     prompt, total = 24, idx.shape[1]
-    caches = generation._new_caches(model, 2, total)
+    caches = generation.new_caches(model, 2, total)
     last, key_valid, pos = generation._prefill(model, idx[:, :prompt], None, caches)
     steps = [last]
     for t in range(prompt, total - 1):
@@ -776,3 +776,88 @@ def test_a_second_graph_decode_on_one_model_is_refused_until_the_first_ends():
     with pytest.raises(RuntimeError, match=r"already running.*unfinished stream.*close it"):
         generation._graph_caches(model, 1, 256)
     generation._graph_caches(copy.deepcopy(model), 1, 256)
+
+
+# ---------------------------------------------------------------------- drafted decoding
+def _forwards(monkeypatch, of=None):
+    """The lengths of the chunks fed to the blocks of model ``of`` (None: any), in order."""
+    fed = []
+    real = Transformer.run_blocks
+
+    def counting(self, idx, *args, **kwargs):
+        if of is None or self is of:
+            fed.append(idx.shape[1])
+        return real(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "run_blocks", counting)
+    return fed
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])
+def test_prompt_lookup_gives_greedys_tokens_and_transformers_in_fewer_forwards(
+        hf_dirs, family, monkeypatch):
+    """Prompts that repeat themselves: drafts copied from the text are checked in one forward
+    each, the tokens those of plain greedy decoding and of transformers'
+    generate(prompt_lookup_num_tokens=...)."""
+    path, hf = hf_dirs[family]
+    model = pretrained.load(path).eval()
+    forwards = 0
+    for seed in range(3):
+        unit = _ids(1, 6, seed=seed, vocab=256)
+        idx = unit.repeat(1, 4)
+        plain = gen(model, idx, 30)
+        ref = _hf_generate(hf, idx, 30, prompt_lookup_num_tokens=5)
+        fed = _forwards(monkeypatch)
+        looked = gen(model, idx, 30, prompt_lookup=5)
+        monkeypatch.undo()
+        assert torch.equal(looked, plain) and torch.equal(looked, ref)
+        forwards += len(fed)
+    assert forwards < 3 * 30  # some drafts held: fewer forwards than tokens
+
+
+def test_a_draft_model_gives_greedys_tokens_and_transformers(hf_dirs, tmp_path, monkeypatch):
+    from tiny_hf import save_tiny_hf
+
+    path, hf = hf_dirs["llama"]
+    model = pretrained.load(path).eval()
+    small = save_tiny_hf("llama", tmp_path, seed=1, initializer_range=0.2, num_hidden_layers=1)
+    draft = pretrained.load(tmp_path).eval()
+    idx = _ids(1, 12, seed=4, vocab=256)
+    plain = gen(model, idx, 25)
+    ref = _hf_generate(hf, idx, 25, assistant_model=small)
+    assert torch.equal(gen(model, idx, 25, draft_model=draft, draft_tokens=4), plain)
+    assert torch.equal(plain, ref)
+    itself = pretrained.load(path).eval()
+    fed = _forwards(monkeypatch, of=model)
+    assert torch.equal(gen(model, idx, 25, draft_model=itself, draft_tokens=4), plain)
+    assert fed == [12, 5, 5, 5, 5, 4]  # the prompt, then drafts of 4 (3 at the end), all held
+
+
+def test_drafted_decoding_stops_where_greedy_stops(hf_dirs):
+    path, _ = hf_dirs["llama"]
+    model = pretrained.load(path).eval()
+    idx = _ids(1, 6, seed=0, vocab=256).repeat(1, 3)
+    free = gen(model, idx, 20)[0, 18:].tolist()
+    eos = free[7]
+    want = gen(model, idx, 20, eos_id=eos)
+    assert torch.equal(gen(model, idx, 20, eos_id=eos, prompt_lookup=4), want)
+    stop = free[3:5]
+    want = gen(model, idx, 20, stop=[stop])
+    assert torch.equal(gen(model, idx, 20, stop=[stop], prompt_lookup=4), want)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(prompt_lookup=3, temperature=0.7), "drafted decoding .* is greedy"),
+    (dict(prompt_lookup=3, num_beams=2), "drafted decoding .* is greedy"),
+    (dict(prompt_lookup=-1), "prompt_lookup must be >= 0"),
+    (dict(draft_tokens=0), "draft_tokens must be >= 1"),
+])
+def test_drafted_decoding_arguments_are_checked(kw, message):
+    with pytest.raises(ValueError, match=message):
+        generation.GenerationConfig(8, **kw)
+
+
+def test_drafted_decoding_takes_one_unpadded_row():
+    model = _model("llama")
+    with pytest.raises(ValueError, match="one unpadded prompt"):
+        gen(model, _ids(2, 5), 4, prompt_lookup=3)

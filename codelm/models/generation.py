@@ -40,7 +40,11 @@ class GenerationConfig:
     eos_id: an id or ids ending a row. stop: a string, an id, or a list of strings, ids and id
     sequences ending a row, matched in the generated tokens only (strings need `decode`, e.g.
     tokenizer.decode). pad_id fills finished rows (default: the first EOS id). compile: the
-    decode step compiled (on CUDA a CUDA graph, one such generation at a time per model)."""
+    decode step compiled (on CUDA a CUDA graph, one such generation at a time per model).
+    Greedy, one row: prompt_lookup > 0 drafts that many tokens a step from the text so far
+    (transformers' prompt_lookup_num_tokens), draft_model drafts draft_tokens a step (a smaller
+    model of the same vocabulary, transformers' assistant_model); the model checks a draft in
+    one forward and keeps what it would have chosen itself, so the tokens are greedy's."""
 
     max_new_tokens: int
     temperature: float = 0.0
@@ -54,6 +58,9 @@ class GenerationConfig:
     decode: Callable[[list[int]], str] | None = None
     generator: torch.Generator | None = None
     compile: bool = False
+    prompt_lookup: int = 0
+    draft_model: Transformer | None = None
+    draft_tokens: int = 5
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _index(self.max_new_tokens, "max_new_tokens")
@@ -80,6 +87,7 @@ class GenerationConfig:
         _need(not strings or self.decode is not None,
               f"stop strings {strings} need decode= (e.g. tokenizer.decode)")
         _need(self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
+        self._check_drafts()
         if self.num_beams > 1:
             _need(t == 0 and top_k is None and top_p is None and not self.stop,
                   "beam search is deterministic: leave temperature, top_k, top_p and stop unset")
@@ -87,6 +95,27 @@ class GenerationConfig:
             _need(isinstance(self.length_penalty, numbers.Real)
                   and math.isfinite(self.length_penalty),
                   f"length_penalty must be a finite number, got {self.length_penalty!r}")
+
+
+    def _check_drafts(self) -> None:
+        self.prompt_lookup = _index(self.prompt_lookup, "prompt_lookup")
+        self.draft_tokens = _index(self.draft_tokens, "draft_tokens")
+        _need(self.prompt_lookup >= 0, f"prompt_lookup must be >= 0, got {self.prompt_lookup}")
+        _need(self.draft_tokens >= 1, f"draft_tokens must be >= 1, got {self.draft_tokens}")
+        if not self.drafts:
+            return
+        _need(not (self.prompt_lookup and self.draft_model is not None),
+              "prompt_lookup and draft_model both draft tokens: pass one of the two")
+        _need(self.draft_model is None or isinstance(self.draft_model, Transformer),
+              f"draft_model must be a codelm Transformer, got {type(self.draft_model).__name__}")
+        _need(self.temperature == 0 and self.num_beams == 1 and not self.compile,
+              "drafted decoding (prompt_lookup, draft_model) is greedy: leave temperature, "
+              "num_beams and compile unset")
+
+    @property
+    def drafts(self) -> bool:
+        """Whether a draft (prompt lookup or a draft model) proposes tokens to check."""
+        return self.prompt_lookup > 0 or self.draft_model is not None
 
 
 def generate(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
@@ -100,6 +129,8 @@ def generate(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
     with torch.inference_mode():
         if cfg.num_beams > 1:
             out = _beam_search(model, idx, cfg, attention_mask)
+        elif cfg.drafts:
+            out = _drafted(model, idx, cfg, attention_mask)
         else:
             new = [tok[:, None] for tok in _steps(model, idx, cfg, attention_mask)]
             out = torch.cat((idx, *new), dim=1)
@@ -162,7 +193,7 @@ def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
     return 0  # never emitted: a lone row ends generation when it stops, and beams need EOS to end
 
 
-def _cache_dtype(model: Transformer) -> torch.dtype:
+def cache_dtype(model: Transformer) -> torch.dtype:
     """The dtype the qkv projection returns: autocast's when it is on for the device (so
     decoding sees the keys and values forward computes), else the weights'."""
     p = model.wte.weight
@@ -171,9 +202,9 @@ def _cache_dtype(model: Transformer) -> torch.dtype:
     return p.dtype
 
 
-def _new_caches(model: Transformer, batch: int, length: int) -> list[LayerCache]:
+def new_caches(model: Transformer, batch: int, length: int) -> list[LayerCache]:
     shape = (batch, model.cfg.n_kv_head, length, model.cfg.head_dim)
-    p, dtype = model.wte.weight, _cache_dtype(model)
+    p, dtype = model.wte.weight, cache_dtype(model)
     return [(p.new_zeros(shape, dtype=dtype), p.new_zeros(shape, dtype=dtype))
             for _ in model.blocks]
 
@@ -193,10 +224,10 @@ def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCach
     held = _HELD.get(model)
     k = held[0][0] if held else None
     if k is not None and (k.shape[0], k.shape[2], k.dtype, k.device) == (
-            batch, length, _cache_dtype(model), model.wte.weight.device):
+            batch, length, cache_dtype(model), model.wte.weight.device):
         torch._foreach_zero_([t for pair in held for t in pair])
     else:
-        _HELD[model] = held = _new_caches(model, batch, length)
+        _HELD[model] = held = new_caches(model, batch, length)
         for t in (t for pair in held for t in pair):
             torch._dynamo.mark_static_address(t)
     _BUSY.add(model)
@@ -241,7 +272,7 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     kernels.decode_layout(model, not (cfg.compile or model.training))
     graphs = cfg.compile and idx.device.type == "cuda"
     slot = torch.tensor([T], device=idx.device)  # advanced on the device: no copy a step
-    caches = _graph_caches(model, B, T + n) if graphs else _new_caches(model, B, T + n)
+    caches = _graph_caches(model, B, T + n) if graphs else new_caches(model, B, T + n)
     try:
         logits, key_valid, pos = _prefill(model, idx, attention_mask, caches)
         for i in range(n):
@@ -284,7 +315,7 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     closed = [False] * B
     base = (torch.arange(B, device=dev) * K)[:, None]
     kernels.decode_layout(model, not model.training)  # training wants row-major weights
-    caches = _new_caches(model, B * K, T + n)
+    caches = new_caches(model, B * K, T + n)
     logits, key_valid, pos = _prefill(model, idx.repeat_interleave(K, dim=0), mask, caches)
     for i in range(n):
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -324,6 +355,110 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     best = [max(hyps, key=lambda h: h[0])[1] for hyps in done]
     # as wide as the longest returned hypothesis, as HF and the greedy path
     return torch.cat((idx, pad_sequence(best, batch_first=True, padding_value=fill)), dim=1)
+
+
+# --------------------------------------------------------------------------- drafted decoding
+def _drafted(model: Transformer, idx, cfg: GenerationConfig, attention_mask) -> torch.Tensor:
+    """Greedy decoding of one row whose drafts (prompt lookup or a draft model) are checked a
+    draft at a time: the model's choices after the draft's first k tokens, in one forward; the
+    draft's tokens it agrees with are kept, then its own next one."""
+    _prepare(model, idx, cfg, attention_mask)
+    _need(idx.shape[0] == 1 and (attention_mask is None or bool(attention_mask.all())),
+          "drafted decoding (prompt_lookup, draft_model) continues one unpadded prompt: "
+          "batch them one at a time")
+    if cfg.draft_model is not None:
+        _need(cfg.draft_model.cfg.vocab_size == model.cfg.vocab_size,
+              f"the draft model's vocabulary ({cfg.draft_model.cfg.vocab_size}) differs from "
+              f"the model's ({model.cfg.vocab_size}): a draft must share the tokenizer")
+        draft = _DraftModel(cfg.draft_model, idx.shape[1] + cfg.max_new_tokens)
+    seq = idx[0].tolist()
+    T, n = len(seq), cfg.max_new_tokens
+    if n == 0:
+        return idx
+    kernels.decode_layout(model, not model.training)
+    caches = new_caches(model, 1, T + n)
+    logits, _, _ = _prefill(model, idx, None, caches)
+    token = int(logits.argmax(dim=-1))
+    new: list[int] = []
+    while True:
+        new.append(token)
+        if _ends(new, cfg):
+            break
+        room = n - len(new) - 1  # the model's own next token comes after the draft
+        proposed = (_lookup_draft(seq + new, min(cfg.prompt_lookup, room), cfg.eos_id)
+                    if cfg.prompt_lookup else draft.propose(seq + new, min(cfg.draft_tokens, room)))
+        chosen = _check_draft(model, token, proposed, T + len(new) - 1, caches)
+        kept = next((i for i, (a, b) in enumerate(zip(proposed, chosen)) if a != b),
+                    len(proposed))
+        for token in proposed[:kept]:
+            new.append(token)
+            if _ends(new, cfg):
+                return torch.cat((idx, idx.new_tensor([new])), dim=1)
+        token = chosen[kept]
+    return torch.cat((idx, idx.new_tensor([new])), dim=1)
+
+
+def _check_draft(model: Transformer, last: int, proposed: list[int], at: int,
+                 caches: list[LayerCache]) -> list[int]:
+    """The model's greedy choice after ``last`` (at position ``at``) and after each proposed
+    token, in one forward that writes their keys to the cache."""
+    fed = torch.tensor([[last, *proposed]], device=caches[0][0].device)
+    slots = torch.arange(at, at + fed.shape[1], device=fed.device)
+    keys = torch.arange(caches[0][0].shape[2], device=fed.device)
+    mask = (keys <= slots[:, None])[None, None]
+    x = model.run_blocks(fed, slots[None], mask, slots, caches)
+    return model.logits(x[0]).argmax(dim=-1).tolist()
+
+
+def _lookup_draft(seq: list[int], k: int, eos: list[int], ngram: int = 2) -> list[int]:
+    """Prompt lookup as transformers drafts: the tokens after the first earlier occurrence of
+    the text's last ``ngram`` (then fewer) tokens, at most k, cut before an EOS id."""
+    for size in range(min(ngram, len(seq) - 1), 0, -1):
+        tail = seq[-size:]
+        for start in range(len(seq) - size):
+            if seq[start : start + size] == tail:
+                draft = seq[start + size : start + size + k]
+                if draft:
+                    cut = next((i for i, t in enumerate(draft) if t in eos), len(draft))
+                    return draft[:cut]
+    return []
+
+
+class _DraftModel:
+    """A draft model's greedy proposals, its cache kept in step with the text: a proposal feeds
+    what changed since its last one, then decodes k tokens."""
+
+    def __init__(self, model: Transformer, length: int) -> None:
+        self.model = model
+        self.caches = new_caches(model, 1, length)
+        self.cached: list[int] = []  # the tokens whose keys the cache holds, by position
+        kernels.decode_layout(model, not model.training)
+
+    def propose(self, seq: list[int], k: int) -> list[int]:
+        if k == 0:
+            return []
+        same = next((i for i, (a, b) in enumerate(zip(self.cached, seq)) if a != b),
+                    min(len(self.cached), len(seq)))
+        token = _check_draft(self.model, seq[same], seq[same + 1 :], same, self.caches)[-1]
+        self.cached = list(seq)
+        proposed = [token]
+        while len(proposed) < k:
+            token = _check_draft(self.model, token, [], len(self.cached), self.caches)[0]
+            self.cached.append(proposed[-1])
+            proposed.append(token)
+        return proposed
+
+
+def _ends(new: list[int], cfg: GenerationConfig) -> bool:
+    """Whether the generated ``new`` tokens end here: an EOS id, a stop, or max_new_tokens."""
+    if new[-1] in cfg.eos_id or len(new) == cfg.max_new_tokens:
+        return True
+    for stop in cfg.stop:
+        if isinstance(stop, str) and stop in cfg.decode(new):
+            return True
+        if not isinstance(stop, str) and new[-len(stop):] == stop:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------- sampling

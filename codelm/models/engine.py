@@ -1,0 +1,257 @@
+"""Continuous batching: requests join the running batch when a slot frees and leave it when they
+finish, so a batch never waits for its longest row and a new prompt never waits for a batch.
+
+    engine = Engine(model, slots=16)
+    for prompt in prompts:
+        engine.add(prompt, GenerationConfig(256, temperature=0.8, top_p=0.95, eos_id=eos,
+                                             generator=torch.Generator().manual_seed(seed)))
+    for event in engine.run():  # until every request has finished
+        print(event.request, event.token, event.finished)
+
+Each slot is a row of one preallocated KV cache, written from position 0 by its own request: a
+row's keys are its own, and its attention never sees another's. Each request brings its own
+GenerationConfig (temperature, top-k, top-p, EOS and stop ids and strings, max_new_tokens) and its
+own generator, so its tokens do not depend on what else runs beside it: greedy rows give
+`generation.generate`'s tokens, and sampled rows draw what `generate` draws at batch 1 with the
+same generator. Requests with the same prompt, admitted together (the n samples of a problem),
+share one prefill.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from architecture import Transformer
+from codelm import kernels
+from codelm.models.generation import GenerationConfig, new_caches, sampling_logits
+
+# The attended cache length is the longest running row's rounded up to a multiple of this: a
+# step reads the keys the rows have, not the whole cache, and shapes change seldom.
+CACHE_STEP = 64
+
+
+@dataclass
+class Token:
+    """One request's next token. finished: None while the request runs; "stop" (an EOS id, a
+    stop id sequence or a stop string ended it) or "length" (max_new_tokens) with its last token.
+    logprob and top_logprobs ((id, log-prob) pairs, likeliest first): of the model's own
+    distribution, where the request asked for them (`Engine.add(..., logprobs=k)`)."""
+
+    request: int
+    token: int
+    finished: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class _Request:
+    """A request waiting for a slot or running in one."""
+
+    id: int
+    prompt: list[int]
+    cfg: GenerationConfig
+    generator: torch.Generator | None
+    logprobs: int | None
+    generated: list[int] = field(default_factory=list)
+    slot: int = -1
+
+
+class Engine:
+    """A pool of ``slots`` sequences decoded together, each up to ``max_len`` tokens (default the
+    model's context), fed from a queue of requests. `add` queues one; `step` admits what fits
+    and decodes one token of every running request; `run` steps until all have finished."""
+
+    def __init__(self, model: Transformer, slots: int = 8, max_len: int | None = None) -> None:
+        block = model.cfg.block_size
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if max_len is not None and not 1 <= max_len <= block:
+            raise ValueError(f"max_len must be in [1, block_size={block}], got {max_len}")
+        self.model = model
+        self.max_len = max_len or block
+        self.device = model.wte.weight.device
+        self.caches = new_caches(model, slots, self.max_len)
+        self.rows: list[_Request | None] = [None] * slots
+        self.waiting: deque[_Request] = deque()
+        self.ids = itertools.count()
+
+    # ------------------------------------------------------------------------ requests
+    def add(self, prompt: Sequence[int], cfg: GenerationConfig, logprobs: int | None = None
+            ) -> int:
+        """Queue a request: continue ``prompt`` (token ids) as ``cfg`` says. Returns its id.
+        Without a generator, a sampled request draws its own from torch's global seed."""
+        prompt = [int(t) for t in prompt]
+        vocab = self.model.cfg.vocab_size
+        if cfg.num_beams != 1 or cfg.compile:
+            raise ValueError("the engine samples and decodes greedily; beam search and the "
+                             "compiled step run through generation.generate")
+        if not prompt:
+            raise ValueError("the prompt is empty: a request continues at least one token")
+        if cfg.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1: a request asks for a token or more")
+        if not all(0 <= t < vocab for t in prompt):
+            raise ValueError(f"the prompt holds token ids outside [0, vocab_size={vocab})")
+        if len(prompt) + cfg.max_new_tokens > self.max_len + 1:
+            raise ValueError(f"prompt length {len(prompt)} + max_new_tokens {cfg.max_new_tokens} "
+                             f"exceeds the context length {self.max_len} + 1")
+        stop_ids = [i for s in cfg.stop if not isinstance(s, str) for i in s]
+        if not all(0 <= i < vocab for i in [*cfg.eos_id, *stop_ids]):
+            raise ValueError(f"an EOS or stop id is outside the vocabulary [0, {vocab})")
+        generator = cfg.generator
+        if generator is None and cfg.temperature > 0:
+            seed = int(torch.randint(2**62, (), dtype=torch.long))
+            generator = torch.Generator(self.device).manual_seed(seed)
+        request = _Request(next(self.ids), prompt, cfg, generator, logprobs)
+        self.waiting.append(request)
+        return request.id
+
+    def cancel(self, request: int) -> None:
+        """Drop a request, queued or running (its client went away); its slot frees now."""
+        self.waiting = deque(r for r in self.waiting if r.id != request)
+        for slot, row in enumerate(self.rows):
+            if row is not None and row.id == request:
+                self.rows[slot] = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is running or waiting."""
+        return bool(self.waiting) or any(row is not None for row in self.rows)
+
+    # ------------------------------------------------------------------------- stepping
+    def run(self) -> Iterator[Token]:
+        """Step until every request (those added meanwhile too) has finished."""
+        while self.busy:
+            yield from self.step()
+
+    def step(self) -> list[Token]:
+        """Admit the waiting requests that fit (their first token), then one token of every
+        request that was running."""
+        with torch.inference_mode():
+            kernels.decode_layout(self.model, not self.model.training)
+            running = [row for row in self.rows if row is not None]
+            events = self._decode(running) if running else []
+            events += self._admit()
+        return events
+
+    def _admit(self) -> list[Token]:
+        """Prefill waiting requests into free slots, in order; requests with one prompt share
+        its prefill. Returns each admitted request's first token."""
+        events: list[Token] = []
+        free = [slot for slot, row in enumerate(self.rows) if row is None]
+        while self.waiting and free:
+            first = self.waiting.popleft()
+            group = [first]
+            for other in list(self.waiting):
+                if len(group) == len(free):
+                    break
+                if other.prompt == first.prompt:
+                    self.waiting.remove(other)
+                    group.append(other)
+            slots, free = free[: len(group)], free[len(group):]
+            logits = self._prefill(first.prompt, slots)
+            for request, slot in zip(group, slots):
+                request.slot = slot
+                self.rows[slot] = request
+            events += self._pick(group, logits.expand(len(group), -1))
+        return events
+
+    def _prefill(self, prompt: list[int], slots: list[int]) -> torch.Tensor:
+        """Run ``prompt`` into the first slot's cache row, copy its keys and values to the other
+        slots; the logits (1, V) of its last position."""
+        T = len(prompt)
+        first = slots[0]
+        idx = torch.tensor([prompt], device=self.device)
+        steps = torch.arange(T, device=self.device)
+        row = [(k[first : first + 1], v[first : first + 1]) for k, v in self.caches]
+        x = self.model.run_blocks(idx, steps[None], None, steps, row)
+        for k, v in self.caches:
+            for slot in slots[1:]:
+                k[slot, :, :T] = k[first, :, :T]
+                v[slot, :, :T] = v[first, :, :T]
+        return self.model.logits(x[:, -1])
+
+    def _decode(self, running: list[_Request]) -> list[Token]:
+        """Feed each running request's last token at its own position; pick the next ones."""
+        rows = max(r.slot for r in running) + 1  # the slots up to the last one in use
+        fed = torch.zeros(rows, 1, dtype=torch.long)
+        pos = torch.zeros(rows, 1, dtype=torch.long)
+        for r in running:
+            fed[r.slot, 0] = r.generated[-1]
+            pos[r.slot, 0] = len(r.prompt) + len(r.generated) - 1
+        fed, pos = fed.to(self.device), pos.to(self.device)
+        length = min(-(-(int(pos.max()) + 1) // CACHE_STEP) * CACHE_STEP, self.max_len)
+        caches = [(k[:rows, :, :length], v[:rows, :, :length]) for k, v in self.caches]
+        keys = torch.arange(length, device=self.device)
+        mask = (keys <= pos)[:, None, None, :]  # (rows, 1, 1, length): a row's own keys so far
+        x = self.model.run_blocks(fed, pos, mask, pos, caches)
+        logits = self.model.logits(x[:, -1])
+        return self._pick(running, logits[[r.slot for r in running]])
+
+    def _pick(self, requests: list[_Request], logits: torch.Tensor) -> list[Token]:
+        """Each request's next token from its row of ``logits`` (len(requests), V); a request
+        that finishes leaves its slot."""
+        greedy = logits.argmax(dim=-1).tolist()
+        events = []
+        for i, request in enumerate(requests):
+            cfg = request.cfg
+            if cfg.temperature == 0.0:
+                token = greedy[i]
+            else:
+                probs = sampling_logits(logits[i : i + 1], cfg.temperature, cfg.top_k,
+                                        cfg.top_p).softmax(dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=request.generator))
+            request.generated.append(token)
+            event = Token(request.id, token, _finished(request))
+            if request.logprobs is not None:
+                event.logprob, event.top_logprobs = _logprobs(logits[i], token, request.logprobs)
+            if event.finished is not None:
+                self.rows[request.slot] = None
+            events.append(event)
+        return events
+
+
+def _finished(request: _Request) -> str | None:
+    """Why the request ends with its last token, or None."""
+    cfg, generated = request.cfg, request.generated
+    if generated[-1] in cfg.eos_id:
+        return "stop"
+    for stop in cfg.stop:
+        if isinstance(stop, str):
+            if stop in cfg.decode(generated):
+                return "stop"
+        elif generated[-len(stop):] == stop:
+            return "stop"
+    if len(generated) == cfg.max_new_tokens:
+        return "length"
+    return None
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int
+              ) -> tuple[float, list[tuple[int, float]]]:
+    """The log-prob of ``token`` and the ``top`` likeliest (id, log-prob) under ``logits`` (V,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = logp.topk(top) if top else None
+    pairs = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))
+    return float(logp[token]), pairs
+
+
+def generate_all(model: Transformer, prompts: Sequence[Sequence[int]],
+                 cfgs: GenerationConfig | Sequence[GenerationConfig], slots: int = 8
+                 ) -> list[list[int]]:
+    """Each prompt's new tokens (up to and with its EOS or stop), decoded through one engine of
+    ``slots`` rows; ``cfgs``: one config for all prompts or one each."""
+    if isinstance(cfgs, GenerationConfig):
+        cfgs = [cfgs] * len(prompts)
+    longest = max((len(p) + c.max_new_tokens for p, c in zip(prompts, cfgs)), default=1)
+    engine = Engine(model, slots, max_len=min(model.cfg.block_size, max(longest - 1, 1)))
+    order = [engine.add(prompt, cfg) for prompt, cfg in zip(prompts, cfgs)]
+    out: dict[int, list[int]] = {request: [] for request in order}
+    for event in engine.run():
+        out[event.request].append(event.token)
+    return [out[request] for request in order]

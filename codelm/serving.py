@@ -1,0 +1,620 @@
+"""An OpenAI-compatible server over the sampling engine: any client that speaks the OpenAI API
+(the `openai` package, editor plugins, agents, evaluation harnesses) can talk to a codelm model.
+
+    serve([ServedModel(...)], host="127.0.0.1", port=8000)  # eval.py --serve --models DIR
+
+GET /v1/models; POST /v1/completions and /v1/chat/completions (the tokenizer's chat template),
+streamed as server-sent events or whole; n, stop, max_tokens, temperature, top_p, seed, logprobs
+(top_logprobs), echo (completions), usage counts. Requests from concurrent clients share one
+engine per model, each model's steps run on one thread. A bad request gets OpenAI's error JSON
+and a 4xx status; with an API key, a request without it gets 401. SIGTERM (or Ctrl-C) finishes
+the requests in flight, then the server exits.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from architecture import Transformer
+from codelm.models.engine import Engine, Token
+from codelm.models.generation import GenerationConfig, truncate_at_stops
+from tokenizer import decode_generated, generation_eos_ids
+
+# How often the console line tells what the server did (seconds).
+REPORT_EVERY_S = 10.0
+# OpenAI's limits on the lists a request may give.
+MAX_STOPS = 4
+MAX_LOGPROBS = 5
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class ServedModel:
+    """A model the server answers for. ``encode``: a completion prompt's ids, as eval prompts
+    the model (its start tokens included); ``decode``: generated ids' text; ``chat_prompt``: a
+    conversation's ids with the generation prompt, None where the tokenizer has no chat
+    template; ``token_text``: an id's own text (logprobs name tokens by it)."""
+
+    name: str
+    model: Transformer
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    token_text: Callable[[int], str]
+    eos_ids: list[int]
+    chat_prompt: Callable[[list[dict]], list[int]] | None = None
+
+
+def served_model(name: str, model: Transformer, tokenizer,
+                 encode: Callable[[str], list[int]] | None = None) -> ServedModel:
+    """A ServedModel of a model and its codelm tokenizer (tokenizer.load_tokenizer's): prompts
+    encoded by ``encode`` (default the tokenizer's own), chat where it has a template."""
+    def chat_prompt(messages: list[dict]) -> list[int]:
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, True))
+
+    has_chat = getattr(tokenizer, "chat_template", None) is not None
+    return ServedModel(name, model, encode or tokenizer.encode,
+                       lambda ids: decode_generated(tokenizer, ids),
+                       lambda i: decode_generated(tokenizer, [i]),
+                       generation_eos_ids(tokenizer, model.cfg.eos_id, model.name_or_path),
+                       chat_prompt if has_chat else None)
+
+
+class ApiError(Exception):
+    """A request the server refuses: OpenAI's error JSON with ``status``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param,
+                          "code": self.code}}
+
+
+# -------------------------------------------------------------------------------- engine thread
+@dataclass
+class _Submitted:
+    """A request handed to the engine thread; its tokens go to ``events`` as (choice, Token)."""
+
+    prompt: list[int]
+    cfg: GenerationConfig
+    logprobs: int | None
+    events: queue.Queue
+    choice: int
+    id: int = -1
+
+
+class EngineThread:
+    """One model's engine, stepped on its own thread; handlers submit requests and read their
+    tokens from a queue each."""
+
+    def __init__(self, served: ServedModel, slots: int) -> None:
+        self.served = served
+        self.engine = Engine(served.model, slots)
+        self.inbox: queue.Queue = queue.Queue()
+        self.requests: dict[int, _Submitted] = {}
+        self.tokens = 0  # generated, for the console line
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name=f"engine {served.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt: list[int], cfg: GenerationConfig, logprobs: int | None,
+               events: queue.Queue, choice: int) -> _Submitted:
+        """Queue a request; its tokens will come to ``events`` as (choice, Token)."""
+        request = _Submitted(prompt, cfg, logprobs, events, choice)
+        self.inbox.put(("add", request))
+        return request
+
+    def cancel(self, request: _Submitted) -> None:
+        self.inbox.put(("cancel", request))
+
+    def stop(self) -> None:
+        self.inbox.put(("stop", None))
+        self.thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            block = not self.engine.busy
+            try:
+                while True:
+                    command, request = self.inbox.get(block=block)
+                    block = False
+                    if command == "stop":
+                        return
+                    self._take(command, request)
+            except queue.Empty:
+                pass
+            try:
+                events = self.engine.step()
+            except Exception as e:  # the model failed: every request in flight hears it
+                for request in self.requests.values():
+                    request.events.put((request.choice, e))
+                self.requests.clear()
+                self.engine = Engine(self.served.model, len(self.engine.rows))
+                continue
+            for event in events:
+                self.tokens += 1
+                request = self.requests[event.request]
+                request.events.put((request.choice, event))
+                if event.finished is not None:
+                    del self.requests[event.request]
+
+    def _take(self, command: str, request: _Submitted) -> None:
+        if command == "add":
+            try:
+                request.id = self.engine.add(request.prompt, request.cfg, request.logprobs)
+            except ValueError as e:  # checked before it came here: a model's own limit
+                request.events.put((request.choice, e))
+                return
+            self.requests[request.id] = request
+        elif request.id in self.requests:
+            self.engine.cancel(request.id)
+            del self.requests[request.id]
+
+
+# ------------------------------------------------------------------------------------ requests
+@dataclass
+class _Params:
+    """A request's sampling settings, checked."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float | None
+    n: int
+    stop: list[str]
+    seed: int | None
+    logprobs: int | None
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+def _number(body: dict, key: str, default, kind, low=None, high=None):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ApiError(400, f"'{key}' must be an integer, got {value!r}", key)
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ApiError(400, f"'{key}' must be a number, got {value!r}", key)
+    if low is not None and value < low or high is not None and value > high:
+        raise ApiError(400, f"'{key}' must be in [{low}, {high}], got {value!r}", key)
+    return value
+
+
+def _params(body: dict, chat: bool, room: int) -> _Params:
+    """The sampling settings of a request body; ``room``: the most new tokens its prompt
+    leaves in the model's context."""
+    default_tokens = room if chat else 16
+    max_tokens = _number(body, "max_completion_tokens" if chat and "max_completion_tokens"
+                         in body else "max_tokens", default_tokens, int, 1)
+    if max_tokens > room:
+        raise ApiError(400, f"max_tokens {max_tokens} is past the model's context: the prompt "
+                       f"leaves room for {room} new tokens", "max_tokens",
+                       "context_length_exceeded")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
+            and len(stop) <= MAX_STOPS):
+        raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOPS} non-empty "
+                       "strings", "stop")
+    if chat:
+        logprobs = (_number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
+                    if body.get("logprobs") else None)
+    else:
+        logprobs = _number(body, "logprobs", None, int, 0, MAX_LOGPROBS)
+    echo = bool(body.get("echo")) and not chat
+    if echo and logprobs is not None:
+        raise ApiError(400, "'echo' with 'logprobs' (the prompt's own log-probs) is not served; "
+                       "ask for one of the two", "echo")
+    temperature = _number(body, "temperature", 1.0, float, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, float, 0.0, 1.0)
+    if top_p == 0:
+        raise ApiError(400, "'top_p' must be > 0", "top_p")
+    options = body.get("stream_options") or {}
+    return _Params(max_tokens, float(temperature), None if top_p == 1 else float(top_p),
+                   _number(body, "n", 1, int, 1, 128), stop, _number(body, "seed", None, int),
+                   logprobs, bool(body.get("stream")), bool(options.get("include_usage")), echo)
+
+
+def _generation(params: _Params, served: ServedModel, choice: int) -> GenerationConfig:
+    generator = None
+    if params.seed is not None and params.temperature > 0:
+        generator = torch.Generator(served.model.wte.weight.device)
+        generator.manual_seed(params.seed + choice)  # choice i of n: its own stream
+    return GenerationConfig(params.max_tokens, temperature=params.temperature,
+                            top_p=params.top_p if params.temperature > 0 else None,
+                            eos_id=served.eos_ids or None, stop=params.stop or None,
+                            decode=served.decode, generator=generator)
+
+
+class _Choice:
+    """One choice's tokens as they come, and its text: the text before an EOS, cut where a stop
+    string begins (as eval cuts); `new_text` gives what can be sent so far, never text a stop
+    string could still take back."""
+
+    def __init__(self, served: ServedModel, stops: list[str]) -> None:
+        self.served, self.stops = served, stops
+        self.ids: list[int] = []
+        self.events: list[Token] = []
+        self.sent = 0
+        self.finish: str | None = None
+
+    def add(self, event: Token) -> None:
+        self.events.append(event)
+        if event.token not in self.served.eos_ids:
+            self.ids.append(event.token)
+        self.finish = event.finished
+
+    def text(self) -> str:
+        return truncate_at_stops(self.served.decode(self.ids), self.stops)
+
+    def new_text(self) -> str:
+        text = self.text()
+        if self.finish is None:
+            text = text.rstrip("\ufffd")  # an unfinished UTF-8 character
+            for stop in self.stops:  # the end of the text may start a stop string
+                for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:k]):
+                        text = text[:-k]
+                        break
+        if len(text) <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent :], len(text)
+        return piece
+
+
+def _completion_logprobs(served: ServedModel, events: list[Token], chat: bool) -> dict:
+    """OpenAI's logprobs object of a choice's tokens (completions' or chat's form)."""
+    text = served.token_text
+    if chat:
+        return {"content": [{"token": text(e.token), "logprob": e.logprob,
+                             "bytes": list(text(e.token).encode()),
+                             "top_logprobs": [{"token": text(t), "logprob": lp,
+                                               "bytes": list(text(t).encode())}
+                                              for t, lp in e.top_logprobs]} for e in events]}
+    offsets, at = [], 0
+    for e in events:
+        offsets.append(at)
+        at += len(text(e.token))
+    return {"tokens": [text(e.token) for e in events],
+            "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [{text(t): lp for t, lp in e.top_logprobs} for e in events],
+            "text_offset": offsets}
+
+
+# -------------------------------------------------------------------------------------- handler
+class _Handler(BaseHTTPRequestHandler):
+    """The API's routes; ``self.server`` is the `_Server` that holds the engines."""
+
+    server: _Server
+    error_content_type = "application/json"
+
+    def log_message(self, format: str, *args) -> None:  # the console line tells the traffic
+        return
+
+    def do_GET(self) -> None:
+        self._route(self._get)
+
+    def do_POST(self) -> None:
+        self._route(self._post)
+
+    def _get(self) -> None:
+        if self.path.rstrip("/") != "/v1/models":
+            self._not_found()
+        self._send_json(200, self._models())
+
+    def _post(self) -> None:
+        path = self.path.rstrip("/")
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            self._not_found()
+        self._answer(chat=path == "/v1/chat/completions")
+
+    def _route(self, answer: Callable[[], None]) -> None:
+        try:
+            key = self.server.api_key
+            if key is not None and self.headers.get("Authorization") != f"Bearer {key}":
+                raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
+                               "KEY' with the server's --api-key", None, "invalid_api_key")
+            answer()
+        except ApiError as e:
+            self._send_json(e.status, e.body())
+        except (BrokenPipeError, ConnectionResetError):  # the client went away
+            pass
+
+    def _not_found(self) -> None:
+        raise ApiError(404, f"no route {self.command} {self.path}: the server answers "
+                       "GET /v1/models, POST /v1/completions and /v1/chat/completions")
+
+    def _models(self) -> dict:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.server.started, "owned_by": "codelm"}
+            for name in self.server.engines]}
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def _answer(self, chat: bool) -> None:
+        body = self._body()
+        name = body.get("model")
+        engines = self.server.engines
+        if name not in engines:
+            raise ApiError(404, f"model {name!r} is not served here; served: "
+                           f"{', '.join(engines)}", "model", "model_not_found")
+        engine = engines[name]
+        served = engine.served
+        prompts = _chat_prompt(served, body) if chat else _completion_prompts(served, body)
+        room = served.model.cfg.block_size + 1 - max(len(p) for p in prompts)
+        if room < 1:
+            raise ApiError(400, f"the prompt fills the model's context of "
+                           f"{served.model.cfg.block_size} tokens", "messages" if chat else
+                           "prompt", "context_length_exceeded")
+        params = _params(body, chat, room)
+        reply = _Reply(self, engine, prompts, params, chat, name)
+        reply.run()
+
+    def _send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _completion_prompts(served: ServedModel, body: dict) -> list[list[int]]:
+    """The ids of a completion request's prompt(s): a string, a list of strings, a list of
+    ids, or a list of lists of ids."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        prompt = [prompt]
+    if not (isinstance(prompt, list) and prompt):
+        raise ApiError(400, "'prompt' must be a string, a list of strings or a list of token "
+                       "ids", "prompt")
+    out = []
+    vocab = served.model.cfg.vocab_size
+    for p in prompt:
+        if isinstance(p, str):
+            out.append(served.encode(p))
+        elif isinstance(p, list) and p and all(isinstance(t, int) and 0 <= t < vocab for t in p):
+            out.append(list(p))
+        else:
+            raise ApiError(400, f"'prompt': each prompt is a string or a list of token ids in "
+                           f"[0, {vocab})", "prompt")
+    if not all(out):
+        raise ApiError(400, "'prompt' is empty: a completion continues at least one token",
+                       "prompt")
+    return out
+
+
+def _chat_prompt(served: ServedModel, body: dict) -> list[list[int]]:
+    messages = body.get("messages")
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)):
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects",
+                       "messages")
+    if served.chat_prompt is None:
+        raise ApiError(400, f"model {served.name!r} has no chat template (its tokenizer has "
+                       "none): use /v1/completions", "messages", "no_chat_template")
+    try:
+        return [served.chat_prompt(messages)]
+    except ValueError as e:
+        raise ApiError(400, f"the chat template cannot render these messages: {e}",
+                       "messages") from None
+
+
+class _Reply:
+    """One request's choices, sent whole or streamed as they come."""
+
+    def __init__(self, handler: _Handler, engine: EngineThread, prompts: list[list[int]],
+                 params: _Params, chat: bool, name: str) -> None:
+        self.handler, self.engine, self.params, self.chat = handler, engine, params, chat
+        self.prompts = prompts
+        self.served = engine.served
+        self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                     "created": int(time.time()), "model": name}
+        self.events: queue.Queue = queue.Queue()
+        self.choices = [_Choice(self.served, params.stop)
+                        for _ in range(len(prompts) * params.n)]
+        self.submitted: list[_Submitted] = []
+
+    def run(self) -> None:
+        n = self.params.n
+        for index in range(len(self.choices)):
+            cfg = _generation(self.params, self.served, index % n)
+            self.submitted.append(self.engine.submit(self.prompts[index // n], cfg,
+                                                     self.params.logprobs, self.events, index))
+        try:
+            if self.params.stream:
+                self._stream()
+            else:
+                for _ in self._tokens():
+                    pass
+                self.handler._send_json(200, self._whole())
+        finally:
+            for request in self.submitted:  # those still running: the client went away
+                self.engine.cancel(request)
+            self.handler.server.count(len(self.choices))
+
+    def _tokens(self) -> Iterator[int]:
+        """Take each choice's tokens as they come, until every choice has finished; yields the
+        index of the choice that grew."""
+        open_choices = len(self.choices)
+        while open_choices:
+            index, event = self.events.get()
+            if isinstance(event, Exception):
+                raise ApiError(500, f"generation failed: {event}")
+            choice = self.choices[index]
+            choice.add(event)
+            if event.finished is not None:
+                open_choices -= 1
+            yield index
+
+    def _usage(self) -> dict:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(len(c.events) for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def _whole(self) -> dict:
+        choices = []
+        for index, choice in enumerate(self.choices):
+            logprobs = None
+            if self.params.logprobs is not None:
+                logprobs = _completion_logprobs(self.served, choice.events, self.chat)
+            text = choice.text()
+            if self.chat:
+                entry = {"message": {"role": "assistant", "content": text}}
+            else:
+                prompt = self.prompts[index // self.params.n]
+                echo = self.served.decode(prompt) if self.params.echo else ""
+                entry = {"text": echo + text}
+            choices.append({"index": index, **entry, "logprobs": logprobs,
+                            "finish_reason": choice.finish})
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self.head, "object": kind, "choices": choices, "usage": self._usage()}
+
+    def _stream(self) -> None:
+        handler = self.handler
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Cache-Control", "no-cache")
+        handler.end_headers()
+        if self.chat:
+            for index in range(len(self.choices)):
+                self._send([{"index": index, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}])
+        elif self.params.echo:
+            for index in range(len(self.choices)):
+                prompt = self.served.decode(self.prompts[index // self.params.n])
+                self._send([{"index": index, "text": prompt, "logprobs": None,
+                             "finish_reason": None}])
+        for index in self._tokens():
+            choice = self.choices[index]
+            piece = choice.new_text()
+            if piece or choice.finish is not None:
+                self._send([self._chunk(index, piece, choice)])
+        if self.params.include_usage:
+            self._send([], usage=self._usage())
+        handler.wfile.write(b"data: [DONE]\n\n")
+        handler.wfile.flush()
+
+    def _chunk(self, index: int, piece: str, choice: _Choice) -> dict:
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = _completion_logprobs(self.served, choice.events[-1:], self.chat)
+        text = {"delta": {"content": piece}} if self.chat else {"text": piece}
+        return {"index": index, **text, "logprobs": logprobs, "finish_reason": choice.finish}
+
+    def _send(self, choices: list[dict], usage: dict | None = None) -> None:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        chunk = {**self.head, "object": kind, "choices": choices}
+        if self.params.include_usage:
+            chunk["usage"] = usage
+        self.handler.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.handler.wfile.flush()
+
+
+# --------------------------------------------------------------------------------------- server
+class _Server(ThreadingHTTPServer):
+    """The HTTP server and the engines it answers with; handler threads are joined on close, so
+    the requests in flight finish before the server ends."""
+
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, address: tuple[str, int], engines: dict[str, EngineThread],
+                 api_key: str | None) -> None:
+        super().__init__(address, _Handler)
+        self.engines = engines
+        self.api_key = api_key
+        self.started = int(time.time())
+        self.answered = 0
+        self.lock = threading.Lock()
+
+    def count(self, choices: int) -> None:
+        with self.lock:
+            self.answered += choices
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+
+def make_server(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
+                api_key: str | None = None, slots: int = 8) -> _Server:
+    """A server bound to ``host:port`` (port 0: a free one), its engines running; serve with
+    ``serve_forever()``, end with `shutdown()` then `close_server(server)`."""
+    engines = {m.name: EngineThread(m, slots) for m in models}
+    return _Server((host, port), engines, api_key)
+
+
+def close_server(server: _Server) -> None:
+    """Wait for the requests in flight, then stop the engines."""
+    server.server_close()
+    for engine in server.engines.values():
+        engine.stop()
+
+
+def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, slots: int = 8) -> int:
+    """Serve until SIGTERM or Ctrl-C, then finish the requests in flight; returns 0."""
+    server = make_server(models, host, port, api_key, slots)
+    stopping = threading.Event()
+
+    def stop(signum, frame) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    reporter = threading.Thread(target=_report, args=(server, stopping), daemon=True)
+    print(f"serving {', '.join(server.engines)} on {server.url} ({slots} slots each"
+          f"{', API key required' if api_key else ''}); Ctrl-C or SIGTERM stops", flush=True)
+    reporter.start()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        close_server(server)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(f"stopped after {server.answered} completions", flush=True)
+    return 0
+
+
+def _report(server: _Server, stopping: threading.Event) -> None:
+    """Every REPORT_EVERY_S: completions answered, tokens generated, tokens/s, while any came."""
+    last_tokens, last_time = 0, time.monotonic()
+    while not stopping.wait(REPORT_EVERY_S):
+        tokens = sum(e.tokens for e in server.engines.values())
+        now = time.monotonic()
+        if tokens != last_tokens:
+            rate = (tokens - last_tokens) / (now - last_time)
+            print(f"served {server.answered} completions, {tokens:,} tokens, {rate:,.0f} "
+                  f"tokens/s", file=sys.stderr, flush=True)
+        last_tokens, last_time = tokens, now

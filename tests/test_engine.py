@@ -1,0 +1,179 @@
+"""The continuous-batching engine: requests that join and leave a running batch get the tokens
+generation.generate (and transformers' generate) gives each alone, greedy and sampled, with EOS,
+stop ids and stop strings; a request's tokens do not depend on what runs beside it."""
+
+import dataclasses
+
+import pretrained
+import pytest
+import torch
+from test_architecture import SHAPES, _ids, _model, gen
+from test_generation import _hf_generate, hf_dirs  # noqa: F401  (a fixture)
+
+from architecture import Transformer
+from codelm.models.engine import Engine, generate_all
+from codelm.models.generation import GenerationConfig
+
+
+def _alone(model, prompt, n, **kw):
+    """generate's new tokens for one prompt at batch 1, up to and with its EOS."""
+    out = gen(model, torch.tensor([prompt]), n, **kw)[0, len(prompt):].tolist()
+    eos = kw.get("eos_id")
+    if eos is not None and eos in out:
+        out = out[: out.index(eos) + 1]
+    return out
+
+
+def _prompts(count, vocab=96):
+    """Prompts of different lengths, each its own."""
+    return [_ids(1, 3 + (7 * i) % 19, seed=i, vocab=vocab)[0].tolist() for i in range(count)]
+
+
+def _with_window(shape):
+    model = _model(shape)
+    model.cfg.sliding_window = 6  # every layer slides: keys 6 or more slots back are hidden
+    return model
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, "sliding"])
+def test_greedy_requests_joining_a_running_batch_get_their_tokens_alone(shape):
+    """Ten prompts of different lengths and budgets through three slots: each joins when a slot
+    frees, and decodes exactly what generate decodes for it at batch 1."""
+    model = _with_window("llama") if shape == "sliding" else _model(shape)
+    prompts = _prompts(10)
+    budgets = [4 + (5 * i) % 17 for i in range(10)]
+    cfgs = [GenerationConfig(n) for n in budgets]
+    got = generate_all(model, prompts, cfgs, slots=3)
+    for prompt, n, tokens in zip(prompts, budgets, got):
+        assert tokens == _alone(model, prompt, n)
+
+
+def test_greedy_equals_transformers_generate(hf_dirs):  # noqa: F811
+    for family in ("gpt_bigcode", "llama"):
+        path, hf = hf_dirs[family]
+        model = pretrained.load(path).eval()
+        prompts = _prompts(6, vocab=256)
+        got = generate_all(model, prompts, GenerationConfig(12), slots=4)
+        for prompt, tokens in zip(prompts, got):
+            ref = _hf_generate(hf, torch.tensor([prompt]), 12)[0, len(prompt):].tolist()
+            assert tokens == ref, family
+
+
+def test_a_sampled_request_draws_what_generate_draws_with_its_generator():
+    """Each request's own generator: its samples equal generate's at batch 1 with a generator
+    of the same seed, whether it runs alone or among others with other settings."""
+    model = _model("llama")
+    prompts = _prompts(6)
+    settings = [dict(temperature=0.8), dict(temperature=1.2, top_k=20),
+                dict(temperature=0.7, top_p=0.9), dict(), dict(temperature=1.0, top_k=5,
+                                                               top_p=0.8), dict(temperature=0.9)]
+
+    def cfg(i):
+        g = torch.Generator().manual_seed(100 + i)
+        return GenerationConfig(15, generator=g, **settings[i])
+
+    crowd = generate_all(model, prompts, [cfg(i) for i in range(6)], slots=4)
+    for i, prompt in enumerate(prompts):
+        g = torch.Generator().manual_seed(100 + i)
+        assert crowd[i] == _alone(model, prompt, 15, generator=g, **settings[i]), i
+        assert generate_all(model, [prompt], cfg(i), slots=1) == [crowd[i]]
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_differ_by_seed(monkeypatch):
+    model = _model("llama")
+    prompt = _prompts(1)[0]
+    runs = []
+    real = Transformer.run_blocks
+
+    def counting(self, idx, *args, **kwargs):
+        runs.append(idx.shape)
+        return real(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "run_blocks", counting)
+    cfgs = [GenerationConfig(10, temperature=1.0, generator=torch.Generator().manual_seed(s))
+            for s in range(4)]
+    got = generate_all(model, [prompt] * 4, cfgs, slots=4)
+    prefills = [shape for shape in runs if shape[1] > 1]
+    assert prefills == [torch.Size([1, len(prompt)])]  # one prefill for the four samples
+    assert len({tuple(t) for t in got}) > 1
+    for seed, tokens in enumerate(got):
+        g = torch.Generator().manual_seed(seed)
+        assert tokens == _alone(model, prompt, 10, temperature=1.0, generator=g)
+
+
+def test_eos_stop_ids_and_stop_strings_end_a_request_as_generate_ends_it():
+    model = _model("codegen")
+    prompts = _prompts(5)
+    free = [_alone(model, p, 20) for p in prompts]
+    eos = free[0][6]  # a token the first prompt emits, so at least one row ends on it
+    stop_ids = free[1][3:5]
+    decode = " ".join
+    words = [str(t) for t in free[2]]
+    stop_text = f"{words[4]} {words[5]}"
+    decode_ids = lambda ids: decode(str(t) for t in ids)  # noqa: E731
+    cfgs = [GenerationConfig(20, eos_id=eos), GenerationConfig(20, stop=[stop_ids]),
+            GenerationConfig(20, stop=stop_text, decode=decode_ids), GenerationConfig(20),
+            GenerationConfig(20, eos_id=eos)]
+    engine = Engine(model, slots=2)
+    ids = [engine.add(p, c) for p, c in zip(prompts, cfgs)]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    reasons = {}
+    for event in engine.run():
+        tokens[event.request].append(event.token)
+        if event.finished:
+            reasons[event.request] = event.finished
+    assert tokens[ids[0]] == free[0][: free[0].index(eos) + 1] and reasons[ids[0]] == "stop"
+    ends = next(n for n in range(2, 21) if free[1][n - 2 : n] == stop_ids)
+    assert tokens[ids[1]] == free[1][:ends] and reasons[ids[1]] == "stop"
+    cut = next(n for n in range(1, 21) if stop_text in decode_ids(free[2][:n]))
+    assert tokens[ids[2]] == free[2][:cut] and reasons[ids[2]] == "stop"
+    assert tokens[ids[3]] == free[3] and reasons[ids[3]] == "length"
+    for i in range(3):
+        ref = _alone(model, prompts[i], 20, **{k: v for k, v in dataclasses.asdict(
+            cfgs[i]).items() if k in ("eos_id", "stop", "decode") and v})
+        assert tokens[ids[i]][: len(ref)] == ref[: len(tokens[ids[i]])]
+
+
+def test_logprobs_are_the_models_own_distribution():
+    model = _model("llama")
+    prompt = _prompts(1)[0]
+    engine = Engine(model, slots=2)
+    engine.add(prompt, GenerationConfig(3), logprobs=4)
+    events = list(engine.run())
+    idx = torch.tensor([prompt + [e.token for e in events]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(idx)[0].float(), dim=-1)
+    for i, event in enumerate(events):
+        row = logp[len(prompt) - 1 + i]
+        assert abs(event.logprob - float(row[event.token])) < 1e-4
+        top = row.topk(4)
+        assert [t for t, _ in event.top_logprobs] == top.indices.tolist()
+        assert event.top_logprobs[0][0] == event.token  # greedy: the likeliest
+
+
+def test_a_cancelled_request_frees_its_slot_for_the_next():
+    model = _model("llama")
+    prompts = _prompts(2)
+    engine = Engine(model, slots=1)
+    first = engine.add(prompts[0], GenerationConfig(30))
+    second = engine.add(prompts[1], GenerationConfig(5))
+    assert [e.request for e in engine.step()] == [first]
+    engine.cancel(first)
+    rest = list(engine.run())
+    assert {e.request for e in rest} == {second}
+    assert [e.token for e in rest] == _alone(model, prompts[1], 5)
+
+
+@pytest.mark.parametrize("prompt, cfg, message", [
+    ([], GenerationConfig(4), "prompt is empty"),
+    ([1] * 60, GenerationConfig(8), "exceeds the context length 64"),
+    ([1, 200], GenerationConfig(4), "outside"),
+    ([1, 2], GenerationConfig(4, num_beams=2), "beam search"),
+    ([1, 2], GenerationConfig(0), "max_new_tokens must be >= 1"),
+    ([1, 2], GenerationConfig(4, eos_id=500), "outside the vocabulary"),
+])
+def test_a_request_the_engine_cannot_run_is_refused_when_added(prompt, cfg, message):
+    engine = Engine(_model("llama"), slots=1)
+    with pytest.raises(ValueError, match=message):
+        engine.add(prompt, cfg)
+    assert not engine.busy

@@ -1,0 +1,229 @@
+"""The OpenAI-compatible server, driven by the real `openai` client over loopback: completions
+and chat completions equal codelm's own greedy generation, streams equal whole answers, seeded
+choices repeat, stops cut as eval cuts, concurrent clients share the engine, bad requests get
+OpenAI's error JSON while the server keeps serving, and SIGTERM ends a stream cleanly."""
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pretrained
+import pytest
+import torch
+from test_chat import instruct  # noqa: F401  (a fixture: a tiny ChatML instruct checkpoint)
+
+from codelm.models.generation import GenerationConfig, generate, truncate_at_stops
+from codelm.serving import close_server, make_server, served_model
+from tokenizer import decode_generated, load_tokenizer
+
+PROMPTS = ["def add(a, b):\n", "import os\n\nclass Path", "for i in range(10):", "# sort a list\n",
+           "x = [", "while True:\n    ", "def main():\n    print(", "return self."]
+
+
+@pytest.fixture(scope="module")
+def loaded(instruct):  # noqa: F811
+    root, _ = instruct
+    model = pretrained.load(root).eval()
+    return model, load_tokenizer(root)
+
+
+def _start(loaded, **kwargs):
+    model, tok = loaded
+    server = make_server([served_model("tiny", model, tok)], port=0, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    return server, thread
+
+
+def _stop(server, thread):
+    server.shutdown()
+    thread.join()
+    close_server(server)
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    server, thread = _start(loaded, slots=4)
+    yield server
+    _stop(server, thread)
+
+
+def _client(server, key="none"):
+    return openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=120)
+
+
+def _greedy(loaded, ids, n, stops=()):
+    """codelm's own greedy continuation of ``ids``: its text up to EOS, cut at the stops."""
+    model, tok = loaded
+    eos = served_model("tiny", model, tok).eos_ids
+    out = generate(model, torch.tensor([ids]), GenerationConfig(n, eos_id=eos))[0, len(ids):]
+    new = out.tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+    return truncate_at_stops(decode_generated(tok, new), stops), len(out)
+
+
+def test_a_completion_equals_codelms_greedy_generation(server, loaded):
+    client = _client(server)
+    tok = loaded[1]
+    for prompt in PROMPTS[:3]:
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=12,
+                                        temperature=0)
+        text, count = _greedy(loaded, tok.encode(prompt), 12)
+        assert got.choices[0].text == text
+        assert got.usage.prompt_tokens == len(tok.encode(prompt))
+        assert got.usage.completion_tokens == count
+        assert got.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_chat_completion_follows_the_template_and_equals_greedy_generation(server, loaded):
+    client = _client(server)
+    tok = loaded[1]
+    messages = [{"role": "system", "content": "You write Python."},
+                {"role": "user", "content": "Write a function that adds two numbers."}]
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                         temperature=0)
+    ids = tok.encode(tok.apply_chat_template(messages, True))
+    assert got.choices[0].message.content == _greedy(loaded, ids, 10)[0]
+    assert got.choices[0].message.role == "assistant"
+    assert got.usage.prompt_tokens == len(ids)
+
+
+def test_a_stream_concatenates_to_the_whole_answer(server):
+    client = _client(server)
+    for stop in (None, ["\n"]):
+        kwargs = dict(model="tiny", prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=stop)
+        whole = client.completions.create(**kwargs).choices[0]
+        chunks = list(client.completions.create(stream=True, **kwargs))
+        assert "".join(c.choices[0].text for c in chunks) == whole.text
+        assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+    messages = [{"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=15,
+                                           temperature=0).choices[0].message.content
+    chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=15,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, usage = [], None
+    for chunk in chunks:
+        pieces += [c.delta.content or "" for c in chunk.choices]
+        usage = chunk.usage or usage
+    assert "".join(pieces) == whole
+    assert usage.completion_tokens >= 1
+
+
+def test_n_seeded_choices_differ_and_repeat(server):
+    client = _client(server)
+    kwargs = dict(model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=1.0, n=4, seed=7)
+    first = [c.text for c in client.completions.create(**kwargs).choices]
+    again = [c.text for c in client.completions.create(**kwargs).choices]
+    assert len(first) == 4 and first == again
+    assert len(set(first)) > 1
+
+
+def test_stop_cuts_as_eval_cuts(server, loaded):
+    client = _client(server)
+    tok = loaded[1]
+    free, _ = _greedy(loaded, tok.encode(PROMPTS[2]), 24)
+    stop = next(free[i:i + 2] for i in range(3, len(free) - 2) if free[i:i + 2].strip())
+    got = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=24,
+                                    temperature=0, stop=[stop])
+    assert got.choices[0].text == truncate_at_stops(free, [stop])
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_name_the_chosen_tokens(server):
+    client = _client(server)
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=5,
+                                    temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 5
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(logprob, abs=1e-5)
+        assert top[token] == pytest.approx(logprob, abs=1e-5)  # greedy: the likeliest
+
+
+def test_sixteen_concurrent_clients_are_all_answered_correctly(server, loaded):
+    tok = loaded[1]
+    want = {p: _greedy(loaded, tok.encode(p), 16)[0] for p in PROMPTS}
+
+    def ask(i):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        got = _client(server).completions.create(model="tiny", prompt=prompt, max_tokens=16,
+                                                 temperature=0)
+        return prompt, got.choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert all(text == want[prompt] for prompt, text in answers)
+
+
+def _post(server, path, data: bytes, headers=None):
+    request = urllib.request.Request(server.url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, loaded):
+    status, body = _post(server, "/completions", b"{not json")
+    assert status == 400 and "not JSON" in body["error"]["message"]
+    client = _client(server)
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.completions.create(model="other", prompt="x", max_tokens=2)
+    block = loaded[0].cfg.block_size
+    with pytest.raises(openai.BadRequestError, match="past the model's context"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=block + 5)
+    status, body = _post(server, "/completions", json.dumps(
+        {"model": "tiny", "prompt": "x", "temperature": "hot"}).encode())
+    assert status == 400 and body["error"]["param"] == "temperature"
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_an_api_key_is_required_when_set(loaded):
+    server, thread = _start(loaded, slots=1, api_key="sesame")
+    try:
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            _client(server, "wrong").models.list()
+        assert _client(server, "sesame").completions.create(model="tiny", prompt="x",
+                                                            max_tokens=1).choices
+    finally:
+        _stop(server, thread)
+
+
+SERVE = """
+import sys
+import pretrained
+from codelm.serving import serve, served_model
+from tokenizer import load_tokenizer
+root = sys.argv[1]
+model = pretrained.load(root).eval()
+sys.exit(serve([served_model("tiny", model, load_tokenizer(root))], port=0, slots=2))
+"""
+
+
+def test_sigterm_during_a_stream_ends_it_cleanly_and_exits_zero(instruct):  # noqa: F811
+    root, _ = instruct
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" on ")[1].split()[0]
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+        stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=40,
+                                           temperature=0, stream=True)
+        chunks = [next(iter(stream))]
+        proc.send_signal(15)
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+        proc.wait()
