@@ -69,6 +69,8 @@ from codelm.data.examples import (
 )
 from codelm.data.sources import Doc, json_object, jsonl_lines
 from codelm.data.splits import corpus_key, load_corpus
+from codelm.endpoints import Endpoint, Sampling, is_endpoint, model_name, parse_endpoint
+from codelm.endpoints import complete as complete_at
 from codelm.models import adapter_config, pretrained, quantize
 from codelm.models.engine import Engine
 from codelm.models.generation import (
@@ -91,6 +93,7 @@ from codelm.sandbox.runner import (
     kill_running,
     run_python,
 )
+from codelm.serving import serve, served_model
 from codelm.training import build
 
 if TYPE_CHECKING:  # annotations only: eval loads tokenizer where a task needs it
@@ -802,6 +805,11 @@ class EvalConfig:
     # output
     out_dir: str | None = None  # default: runs_dir/eval/eval-<timestamp> (apart from the runs)
     progress: bool = True  # progress bars
+    # serving (instead of evaluating)
+    serve: bool = False  # serve the models over an OpenAI-compatible API (codelm/serving.py)
+    host: str = "127.0.0.1"  # the address served (loopback: this machine alone)
+    port: int = 8000  # the port served (0: a free one, printed)
+    api_key: str | None = None  # requests must send "Authorization: Bearer API_KEY"
 
     def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
         """Refuse impossible settings, naming each key, its value and where the user set it."""
@@ -859,6 +867,14 @@ class EvalConfig:
             ("load_generations", self.load_generations is None or not self.models,
              f"scores a file's generations, not a model's: leave {named('models')} empty"),
             ("problems", (problems_why := self._problems_error(named)) is None, problems_why),
+            ("port", 0 <= self.port <= 65535, "must be in [0, 65535] (0: a free one)"),
+            ("models", not (endpoints := [m for m in self.models if is_endpoint(m)]) or (
+                len(endpoints) == len(self.models) and set(self.tasks) <= set(PASSK_TASKS)
+                and not self.serve),
+             f"an endpoint (openai:URL) is scored on pass@k tasks ({', '.join(PASSK_TASKS)}), "
+             "beside other endpoints only, and is not served again"),
+            ("serve", not self.serve or self.load_generations is None and self.prompt is None,
+             f"serves models: leave {named('load_generations')} and {named('prompt')} unset"),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -1352,6 +1368,25 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
     return text
 
 
+def serve_models(cfg: EvalConfig) -> int:
+    """``--serve``: the models over an OpenAI-compatible API until SIGTERM or Ctrl-C, each
+    prompt encoded as the tasks prompt it, ``cfg.batch_size`` sequences decoded at once."""
+    device = _device(cfg.device)
+    served = []
+    seen: Counter = Counter()
+    for spec in model_specs(cfg):
+        lm = load_model(spec, device, cfg.tokenizer, cfg.dtype)
+        lm.label = _unique_label(lm.label, seen)
+        served.append(served_model(lm.label, lm.model, lm.tokenizer,
+                                   partial(_served_prompt, lm, cfg)))
+    return serve(served, cfg.host, cfg.port, cfg.api_key, cfg.batch_size)
+
+
+def _served_prompt(lm: LoadedModel, cfg: EvalConfig, text: str) -> list[int]:
+    """A served completion prompt's ids: as generate_texts encodes one."""
+    return _prompt_start(lm) + _prompt_ids(lm, [text], cfg)[0]
+
+
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
     """``--prompt``: each model's completion of it, printed as it comes; returned by label."""
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -1778,6 +1813,8 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     try:
         if cfg.load_generations is not None:
             results = _evaluate_generations(cfg, out)
+        elif any(is_endpoint(spec) for spec in specs):
+            results = _evaluate_endpoints(cfg, [parse_endpoint(spec) for spec in specs], out)
         else:
             results = _evaluate(cfg, device, specs, progress,
                                 remedy or f"name another --out-dir, or remove {out} to start "
@@ -1869,6 +1906,51 @@ def _evaluate_generations(cfg: EvalConfig, out: Path) -> dict:
         raise ValueError(f"{out} holds another evaluation's results: name another --out-dir")
     _save(out, results, records)
     return results
+
+
+def _evaluate_endpoints(cfg: EvalConfig, endpoints: Sequence[Endpoint], out: Path) -> dict:
+    """OpenAI-compatible endpoints' samples of each pass@k task, scored in the sandbox as a
+    model's are; one row an endpoint, saved once all have run."""
+    benchmarks = load_benchmarks(cfg)
+    rows, records = [], []
+    seen: Counter = Counter()
+    for endpoint in endpoints:
+        label = _unique_label(endpoint.label, seen)
+        metrics = {}
+        for task in cfg.tasks:
+            problems = prompted_problems(task, benchmarks.problems[task])
+            samples = _endpoint_samples(endpoint, label, task, problems, cfg)
+            task_metrics, task_records = score_passk(label, task, problems, samples, cfg)
+            metrics.update({f"{task}/{key}": value for key, value in task_metrics.items()})
+            records += task_records
+        rows.append({"model": label, "source": endpoint.url, "prompt": None, "metrics": metrics})
+    if (out / "results.json").exists():
+        raise ValueError(f"{out} holds another evaluation's results: name another --out-dir")
+    results = {"format_version": FORMAT_VERSION, "complete": True, "pending": [],
+               "config": asdict(cfg),
+               "models": [{"label": row["model"], "source": row["source"]} for row in rows],
+               "problems": _problem_paths(benchmarks.files),
+               "examples": {task: len(benchmarks.problems[task]) for task in cfg.tasks},
+               "tests_in_the_candidates_interpreter": shared_interpreter_tests(
+                   benchmarks.problems),
+               "rows": rows, "table": markdown_table(rows)}
+    _save(out, results, records)
+    return results
+
+
+def _endpoint_samples(endpoint: Endpoint, label: str, task: str, problems: Sequence[dict],
+                      cfg: EvalConfig) -> list[list[str]]:
+    """cfg.num_samples completions of each problem from the endpoint, cfg.batch_size requests
+    in flight, each cut at the task's stops as a local model's are."""
+    stops = PASSK_TASKS[task].stops
+    model = model_name(endpoint)
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.num_samples,
+                        cfg.seed, tuple(stops))
+    with ThreadPoolExecutor(max_workers=cfg.batch_size) as pool:
+        asked = pool.map(lambda p: complete_at(endpoint, model, p["prompt"], sampling), problems)
+        texts = list(progress_bar(asked, total=len(problems), desc=f"{label} {task}",
+                                  unit="problem", enabled=cfg.progress, leave=False))
+    return [[truncate_at_stops(text, stops) for text in group] for group in texts]
 
 
 # results.json's format, and the definitions of the metrics in it: another is never resumed.
@@ -2102,6 +2184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if cfg.prompt is not None:
                 complete(cfg)
                 return 0
+            if cfg.serve:
+                return serve_models(cfg)
             results = evaluate(cfg, progress)
     except KeyboardInterrupt as stop:
         return _stopped(progress, "interrupted", process.interrupted_exit_code(stop))

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(BenchConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
-                            default=f.default, help=HELP[f.name])
+                            default=f.default, help=f"{HELP[f.name]} (default: %(default)s)")
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     torch.set_num_threads(cfg.threads)
     ours, hf = models()

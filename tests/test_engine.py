@@ -4,13 +4,13 @@ stop ids and stop strings; a request's tokens do not depend on what runs beside 
 
 import dataclasses
 
-import pretrained
 import pytest
 import torch
 from test_architecture import SHAPES, _ids, _model, gen
 from test_generation import _hf_generate, hf_dirs  # noqa: F401  (a fixture)
 
 from architecture import Transformer
+from codelm.models import pretrained
 from codelm.models.engine import Engine, generate_all
 from codelm.models.generation import GenerationConfig
 

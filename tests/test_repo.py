@@ -120,6 +120,7 @@ PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.sett
                                   "codelm.runtime.distributed")
 HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
 KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
+ENGINE, SERVING, ENDPOINTS = "codelm.models.engine", "codelm.serving", "codelm.endpoints"
 FAMILIES, PRETRAINED = "codelm.models.families", "codelm.models.pretrained"
 QUANTIZE, ADAPTER_CONFIG = "codelm.models.quantize", "codelm.models.adapter_config"
 RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
@@ -147,9 +148,11 @@ BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
-    TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER}
+    TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER, ENGINE, SERVING,
+    ENDPOINTS}
 MAY_IMPORT = {
     PROCESS: set(),
+    ENDPOINTS: set(),
     SETTINGS: set(),
     DISTRIBUTED: set(),
     HUB: set(),
@@ -166,6 +169,7 @@ MAY_IMPORT = {
     KERNELS: set(),
     "architecture": {KERNELS},
     GENERATION: {"architecture", KERNELS},
+    ENGINE: {"architecture", KERNELS, GENERATION},
     OPTIM: set(),
     "scraping": {PROCESS, SETTINGS},
     FAMILIES: {SETTINGS, RUNDIR, "architecture"},
@@ -199,6 +203,7 @@ MAY_IMPORT = {
             DISTRIBUTED, TRAINER, RECORD, PLAN},
     FINISH: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER, ENCODING,
              EXAMPLES, GENERATION, "tokenizer", TRAINER, RECORD, BUILD},
+    SERVING: {"architecture", ENGINE, GENERATION, "tokenizer"},
     BOOTSTRAP: set(),
     RUNNER: {PROCESS, BOOTSTRAP},
     SANDBOX_COMMAND: {PROCESS, SETTINGS, RUNNER},

@@ -12,11 +12,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
-import pretrained
 import pytest
 import torch
 from test_chat import instruct  # noqa: F401  (a fixture: a tiny ChatML instruct checkpoint)
 
+from codelm.models import pretrained
 from codelm.models.generation import GenerationConfig, generate, truncate_at_stops
 from codelm.serving import close_server, make_server, served_model
 from tokenizer import decode_generated, load_tokenizer
@@ -200,7 +200,7 @@ def test_an_api_key_is_required_when_set(loaded):
 
 SERVE = """
 import sys
-import pretrained
+from codelm.models import pretrained
 from codelm.serving import serve, served_model
 from tokenizer import load_tokenizer
 root = sys.argv[1]
@@ -227,3 +227,29 @@ def test_sigterm_during_a_stream_ends_it_cleanly_and_exits_zero(instruct):  # no
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_eval_scores_codelms_own_server_as_it_scores_the_model(instruct, tmp_path):  # noqa: F811
+    """eval.py --serve, then eval.py --models x=openai:URL: the endpoint's greedy completions
+    and pass@1 equal those of eval.py --models DIR."""
+    import eval as ev
+
+    root, _ = instruct
+    proc = subprocess.Popen([sys.executable, "eval.py", "--serve", "--models", f"tiny={root}",
+                             "--port", "0", "--batch-size", "3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split(" on ")[1].split()[0]
+        common = ["--tasks", "humaneval", "--limit", "4", "--max-new-tokens", "24",
+                  "--no-progress", "--runs-dir", str(tmp_path / "runs")]
+        assert ev.main(["--models", f"x=openai:{url}", "--out-dir", str(tmp_path / "a"),
+                        *common]) == 0
+        assert ev.main(["--models", f"x={root}", "--out-dir", str(tmp_path / "b"), *common]) == 0
+    finally:
+        proc.send_signal(15)
+        assert proc.wait(timeout=120) == 0
+    served, local = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    assert served["rows"][0]["metrics"] == local["rows"][0]["metrics"]
+    predictions = [[json.loads(line)["prediction"] for line in
+                    (tmp_path / d / "predictions.jsonl").read_text().splitlines()] for d in "ab"]
+    assert predictions[0] == predictions[1] and any(predictions[0])

@@ -1,0 +1,103 @@
+"""Sampling from an OpenAI-compatible endpoint (codelm's own server, vLLM, SGLang, llama.cpp's
+server): eval scores the completions in its own sandbox, as it scores a local model's.
+
+    endpoint = parse_endpoint("x=openai:http://127.0.0.1:8000/v1#tiny")
+    texts = complete(endpoint, "def add(a, b):\\n", Sampling(max_tokens=128, n=4, seed=0))
+
+Standard library only: no client package is needed to score an endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+# A model spec naming an endpoint: [LABEL=]openai:URL[#MODEL]
+PREFIX = "openai:"
+TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An endpoint's label (the results' row), base URL (…/v1) and model name (None: the
+    first the endpoint lists)."""
+
+    label: str
+    url: str
+    model: str | None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One completion request's settings: OpenAI's names, temperature 0 greedy."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float | None = None
+    n: int = 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def is_endpoint(spec: str) -> bool:
+    """Whether a model spec names an endpoint rather than a model directory."""
+    return PREFIX in spec.partition("=")[2] or spec.startswith(PREFIX)
+
+
+def parse_endpoint(spec: str) -> Endpoint:
+    """``[LABEL=]openai:URL[#MODEL]`` as an Endpoint (label default: the model name, else the
+    URL's host and port)."""
+    label, _, rest = spec.partition("=") if not spec.startswith(PREFIX) else ("", "", spec)
+    url, _, model = rest[len(PREFIX):].partition("#")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"EvalConfig.models {spec!r}: an endpoint is openai:http://HOST:PORT/v1"
+                         "[#MODEL]")
+    url = url.rstrip("/")
+    return Endpoint(label or model or url.split("//", 1)[1].split("/", 1)[0], url, model or None)
+
+
+def _request(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode("utf-8", "replace")
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise ValueError(f"{url}: HTTP {e.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ValueError(f"{url}: cannot reach the endpoint ({reason})") from None
+
+
+def model_name(endpoint: Endpoint) -> str:
+    """The model the endpoint is asked for: its own, else the first it lists."""
+    if endpoint.model is not None:
+        return endpoint.model
+    listed = _request(f"{endpoint.url}/models").get("data") or []
+    if not listed:
+        raise ValueError(f"{endpoint.url}/models lists no model: name one as URL#MODEL")
+    return listed[0]["id"]
+
+
+def complete(endpoint: Endpoint, model: str, prompt: str, sampling: Sampling) -> list[str]:
+    """``sampling.n`` completions of ``prompt`` (the text after it), in the endpoint's order."""
+    body = {"model": model, "prompt": prompt, "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature, "n": sampling.n}
+    if sampling.top_p is not None:
+        body["top_p"] = sampling.top_p
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    choices = _request(f"{endpoint.url}/completions", body).get("choices") or []
+    if len(choices) != sampling.n:
+        raise ValueError(f"{endpoint.url}/completions gave {len(choices)} choices, asked for "
+                         f"{sampling.n}")
+    return [c["text"] for c in sorted(choices, key=lambda c: c.get("index", 0))]
