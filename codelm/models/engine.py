@@ -196,16 +196,9 @@ class Engine:
     def _pick(self, requests: list[_Request], logits: torch.Tensor) -> list[Token]:
         """Each request's next token from its row of ``logits`` (len(requests), V); a request
         that finishes leaves its slot."""
-        greedy = logits.argmax(dim=-1).tolist()
+        tokens = _next_tokens(requests, logits)
         events = []
-        for i, request in enumerate(requests):
-            cfg = request.cfg
-            if cfg.temperature == 0.0:
-                token = greedy[i]
-            else:
-                probs = sampling_logits(logits[i : i + 1], cfg.temperature, cfg.top_k,
-                                        cfg.top_p).softmax(dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=request.generator))
+        for i, (request, token) in enumerate(zip(requests, tokens)):
             request.generated.append(token)
             event = Token(request.id, token, _finished(request))
             if request.logprobs is not None:
@@ -214,6 +207,24 @@ class Engine:
                 self.rows[request.slot] = None
             events.append(event)
         return events
+
+
+def _next_tokens(requests: list[_Request], logits: torch.Tensor) -> list[int]:
+    """The argmax of the greedy requests' rows; a sample of the others' filtered softmax, each
+    drawn with the request's own generator (the filtering of rows with the same settings done
+    at once: row by row, the same values)."""
+    tokens = logits.argmax(dim=-1).tolist()
+    settings: dict[tuple, list[int]] = {}
+    for i, request in enumerate(requests):
+        cfg = request.cfg
+        if cfg.temperature > 0:
+            settings.setdefault((cfg.temperature, cfg.top_k, cfg.top_p), []).append(i)
+    for (temperature, top_k, top_p), rows in settings.items():
+        probs = sampling_logits(logits[rows], temperature, top_k, top_p).softmax(dim=-1)
+        for row, i in enumerate(rows):
+            drawn = torch.multinomial(probs[row : row + 1], 1, generator=requests[i].generator)
+            tokens[i] = int(drawn)
+    return tokens
 
 
 def _finished(request: _Request) -> str | None:
