@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         cfg, s, trainer, batches, record = (run.cfg, run.state, run.trainer, run.data.batches,
                                             run.record)
         record.open_log(s.step if cfg.resume else None, cfg.report_to)
-        progress = Progress(s.max_steps, s.step, cfg.progress, dist.main)
+        progress = Progress(s, cfg.progress, dist.main)
         signals = StopSignals(trainer.droppable, ends_process)
         result = TrainResult(record.run_dir, s.best_val_loss, s.step)
         clock, stop = run.clock, None
@@ -116,14 +116,13 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             if dist.main:
                 build.announce(run)
             result.early_stopped = s.out_of_patience(cfg.early_stop_patience)
-            while s.step < trainer.max_steps and not result.early_stopped:
+            while s.step < s.max_steps and not result.early_stopped:
                 at_start = None  # where a step that a stop may drop begins
                 if trainer.droppable:
                     at_start = StepStart(batches.order.state_dict(), rng_state(device))
                 micro_batches, where = batches.next_step()
-                if clock is not None and _decay_due(clock, s.step, progress, dist):
-                    _start_decay(run, clock, progress)
-                    clock = None
+                if clock is not None:
+                    clock = _follow_clock(run, clock, progress)
                 # Only a stop watcher keeps the take-over: a local holding the run would keep a DDP
                 # model alive past the group's end (below).
                 stop_in_step = signals.for_step(
@@ -199,7 +198,7 @@ def _evaluate(run: Run, progress: Progress, on_eval: Callable[[int, dict], None]
                         "diverged", s.step, causes)
     improved = s.note_evaluation(loss, run.cfg.early_stop_min_delta)
     record.log_evaluation(s, metrics, run.data.batches.epoch(s.step))
-    progress.eval_line(s, metrics)
+    progress.eval_line(metrics)
     if improved:
         # Never best/ without a checkpoint: a kill between them would leave nothing to resume.
         if record.last_saved_step < 0:
@@ -228,23 +227,35 @@ def _decay_due(clock: BudgetClock, step: int, progress: Progress, dist: Dist) ->
     return distributed.broadcast(clock.decay_due(step, time.perf_counter()), dist)
 
 
+def _follow_clock(run: Run, clock: BudgetClock, progress: Progress) -> BudgetClock | None:
+    """A budgeted run's length before the step: in its stable phase the clock's
+    (``BudgetClock.stable_length``), fixed when the clock starts the decay; the clock while the
+    stable phase lasts, else None."""
+    s = run.state
+    if _decay_due(clock, s.step, progress, run.trainer.dist):
+        _start_decay(run, clock, progress)
+        return None
+    s.max_steps = clock.stable_length(s.step, s.max_steps)
+    return clock
+
+
 def _start_decay(run: Run, clock: BudgetClock, progress: Progress) -> None:
     """A budgeted run at its decay's start: the decay takes the steps that fit in the time left
-    at the rate measured so far (evaluations included), and config.json records the length,
-    which reproduces the run (the lr is the peak's until the decay starts, whatever the length)."""
+    at the rate measured so far (evaluations included), which fixes the run's length, and
+    config.json records it, which reproduces the run (the lr is the peak's until the decay
+    starts, whatever the length)."""
     s, trainer = run.state, run.trainer
     now = time.perf_counter()
     step_s = (now - progress.started) / max(1, s.step - progress.first_step)
     decay = distributed.broadcast(clock.decay_steps(s.step, now, step_s), trainer.dist)
-    planned = s.max_steps
-    trainer.max_steps = s.max_steps = s.step + decay
+    s.max_steps = s.step + decay
     trainer.decay_steps = decay
-    progress.replan(s.max_steps)
     run.record.write_config(dataclasses.replace(run.cfg, max_steps=s.max_steps,
                                                 decay_steps=decay))
     if trainer.dist.main:
         print(f"the decay starts at step {s.step}: {step_s:.3f} s a step so far -> decay_steps "
-              f"{decay}, max_steps {s.max_steps} (planned {planned}; recorded in config.json)")
+              f"{decay}, max_steps {s.max_steps} (planned {run.cfg.max_steps}; recorded in "
+              "config.json)")
 
 
 def _drop_step(run: Run, at_start: StepStart, stop: str, progress: Progress) -> None:

@@ -1663,6 +1663,43 @@ def test_a_time_budget_larger_than_the_data_ends_after_max_epochs(assets, tmp_pa
     assert f"{plan.MAX_EPOCHS} epochs of the training data end the run" in out and "--data" in out
     assert "the decay starts" not in out
 
+def test_a_budgeted_run_stopped_past_its_plan_resumes_to_the_length_it_records(
+        assets, tmp_path, monkeypatch, capsys):
+    """A machine faster than its measure (2 s a step measured, 1 s on a fake clock) takes a
+    budgeted run past its planned steps before the clock starts the decay. Its length there is
+    the step plus decay_steps, with the lr at its peak: stopped (--max-time-s), the stop's line,
+    config.json and the checkpoint name that one length, and the resume (--resume alone, no
+    clock) decays from where it stopped and ends there."""
+    _one_second_a_step(monkeypatch)
+    monkeypatch.setattr(build, "time_a_step", lambda *args: (2.0, 1.0))
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 60.0)
+    cfg = tiny_cfg(assets, tmp_path, name="past", time_budget_min=1.0, max_steps=None,
+                   warmup_steps=None, eval_every=None, save_every=None, max_time_s=30.0)
+    first = tm.train(cfg)
+    out = capsys.readouterr().out
+    run = first.run_dir
+    saved = json.loads((run / "config.json").read_text())
+    planned = int(re.search(r"-> max_steps (\d+)", out).group(1))
+    length = first.step + saved["decay_steps"]
+    assert first.stopped_by_budget and first.step > planned and "the decay starts at" not in out
+    assert f"reached at step {first.step}/{length}: the run is not finished" in out
+    last = rundir.list_checkpoints(run)[-1]
+    assert last.name == f"step-{first.step}"
+    assert (saved["max_steps"], json.loads((last / "config.json").read_text())["max_steps"],
+            checkpoint.read_state(last).max_steps) == (length, length, length)
+    assert set(_train_lrs(run).values()) == {saved["lr"]}  # no warmup: the peak throughout
+    resumed = tm.train(plan.parse_config(["--resume", str(run)]))
+    out = capsys.readouterr().out
+    assert resumed.step == length and not resumed.stopped_by_budget
+    assert f", {length} steps (" in out and "planned" not in out
+    lrs = _train_lrs(run)
+    for step in range(first.step + 1, length + 1):
+        factor = trainer_module.lr_factor(step - 1, saved["warmup_steps"], length,
+                                          saved["min_lr_ratio"], saved["decay_steps"])
+        assert lrs[step] == pytest.approx(saved["lr"] * factor, rel=1e-12)
+    assert lrs[first.step + 1] == saved["lr"] > lrs[length]
+
+
 def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps_it(
         assets, tmp_path, monkeypatch, capsys):
     """Preset auto probes BUDGET_LADDER's rungs, smallest first, and takes the largest that sees
@@ -1957,7 +1994,8 @@ def test_the_progress_bar_shows_the_epoch_its_metrics_line_logs():
     lines, postfix = [], {}
     kept = record.RunRecord(rundir.ClaimedDir(Path("run")), distributed.Dist(), False, 1, "", False)
     kept.log = types.SimpleNamespace(write=lambda step, kind, values: lines.append(values))
-    progress = record.Progress(10, 5, enabled=False, main=False)
+    progress = record.Progress(checkpoint.RunState(step=5, max_steps=10), enabled=False,
+                               main=False)
     progress.bar = types.SimpleNamespace(set_postfix=lambda **kw: postfix.update(kw))
     run = types.SimpleNamespace(state=checkpoint.RunState(step=5), record=kept, trainer=trainer,
                                 data=types.SimpleNamespace(batches=batches))
@@ -3040,6 +3078,11 @@ def test_resume_refuses_a_name_or_out_dir_of_another_run(assets, tmp_path, capsy
 def _train_steps(run_dir: Path) -> list[int]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [m["step"] for m in map(json.loads, lines) if m["kind"] == "train"]
+
+
+def _train_lrs(run_dir: Path) -> dict[int, float]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["lr"] for m in map(json.loads, lines) if m["kind"] == "train"}
 
 
 def _train_losses(run_dir: Path) -> dict[int, float]:

@@ -177,7 +177,7 @@ class Run(NamedTuple):
     data: Data
     trainer: Trainer
     record: RunRecord
-    state: RunState  # the step loop's own: a checkpoint's, continued
+    state: RunState  # the step loop's own (a checkpoint's, continued); max_steps: the run's length
     clock: BudgetClock | None  # a new budgeted run's: its decay starts by the clock
 
 
@@ -225,15 +225,13 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
     clock = None
     if budgeted:  # a new run on a budget: sized here, once
         cfg, clock = size_to_budget(cfg, model, data.batches, device, dist, created)
-    max_steps = cfg.max_steps if cfg.epochs is None else data.batches.steps_for(cfg.epochs)
+    length = plan.run_length(cfg, data.batches.steps_for)
     if cfg.warmup_steps is None:  # a new run of fixed length: sized with its steps, known here
-        cfg = with_warmup(cfg, max_steps, dist.main)
-    if clock is not None:  # the stable phase lasts until the clock starts the decay
-        max_steps = clock.last_step
-    trainer = Trainer(model, cfg, device, dist, max_steps,
-                      torch.tensor(data.tok.token_byte_lengths()))
-    state = RunState(precision=trainer.precision, max_steps=cfg.max_steps or max_steps,
+        cfg = with_warmup(cfg, length, dist.main)
+    state = RunState(precision=checked_precision(cfg, device), max_steps=length,
                      data=data.data_id)
+    trainer = Trainer(model, cfg, device, dist, torch.tensor(data.tok.token_byte_lengths()),
+                      state)
     trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
     record = RunRecord(claimed, dist, trainable_only, cfg.keep_last, hint, restarts)
     if checkpoints:
@@ -344,7 +342,7 @@ def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
     vocab = plan.probe_vocab(cfg)
     model = Transformer(model_config(cfg, vocab, None, None))
     trainer = Trainer(model, dataclasses.replace(cfg, warmup_steps=0, compile=False), device,
-                      max_steps=10**9)
+                      state=RunState(max_steps=10**9))
     ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     step_s = plan.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum), 2.0)
@@ -409,7 +407,7 @@ def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: to
     warm-up steps; the RNG state is restored, so the run draws what it would have drawn."""
     saved = rng_state(device)
     probe = Trainer(copy.deepcopy(model), dataclasses.replace(cfg, warmup_steps=0), device, dist,
-                    max_steps=10**9)
+                    state=RunState(max_steps=10**9))
     own = copy.copy(batches)  # an order of its own: the run's starts at its beginning
     own.order = copy.deepcopy(batches.order)
 
@@ -464,9 +462,10 @@ def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Dat
               f"{dist.world}: each process's random streams (dropout) start from the seed, so "
               "this resume is not bit-exact")
     planned, trained_on = state.max_steps, state.data
-    steps = trainer.max_steps
+    steps = trainer.run_state.max_steps  # the run's length: its settings', not the checkpoint's
     state = dataclasses.replace(state, max_steps=steps, data=data.data_id, optimizer={},
                                 scheduler={}, scaler={}, rng=[], weights={})
+    trainer.run_state = state  # the schedule follows the continued run
     record.last_saved_step = state.step
     record.resumed_from = path
     if state.step > steps:  # validate_config checks max_steps; epochs needs the data

@@ -228,6 +228,14 @@ def warmup_for(steps: int) -> int:
     return min(LONG_RUN_WARMUP, int(round(SHORT_RUN_WARMUP_SHARE * steps, 6)))
 
 
+def run_length(cfg: TrainConfig, steps_for: Callable[[float], int]) -> int:
+    """The steps a run takes by its settings: max_steps (a budgeted run's, as fit_budget sized
+    it), else those that train its epochs (``steps_for``: Batches.steps_for). The run's state
+    holds it (RunState.max_steps), the one length its loop, schedule and records read; a
+    budgeted run's clock moves it (BudgetClock)."""
+    return cfg.max_steps if cfg.epochs is None else steps_for(cfg.epochs)
+
+
 # ---- Preset auto: the largest rung the machine trains well in the budget ----
 
 # The share of preset auto's budget it expects to train in (the data is yet to be prepared).
@@ -643,6 +651,14 @@ class BudgetClock:
 
     def decay_due(self, step: int, now: float) -> bool:
         return now >= self.decay_at or step >= self.last_step - self.planned_decay
+
+    def stable_length(self, step: int, length: int) -> int:
+        """The run's length at ``step`` of its stable phase: ``length`` (its plan at first), or,
+        once the next step would fall in that length's decay, the end of a decay of
+        ``planned_decay`` steps from the next step: the lr holds its peak until the clock
+        starts the decay, and a stop before then resumes (without the clock) to decay from
+        where it stopped."""
+        return max(length, step + 1 + self.planned_decay)
 
     def decay_steps(self, step: int, now: float, step_s: float) -> int:
         """The decay's length from ``step``: the steps that fit the time left, at most to

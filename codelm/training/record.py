@@ -70,10 +70,22 @@ class RunRecord:
                      ) -> None:
         """config.json from ``cfg`` (after the files ``first``, all written atomically)."""
         self.config = {**dataclasses.asdict(cfg), "name": self.run_dir.name, "resume": None}
+        self._write_config(first)
+
+    def _write_config(self, first: dict[Path, bytes | str] | None = None) -> None:
         if self.dist.main:
             files = {**(first or {}), self.run_dir / rundir.CONFIG_FILE:
                      json.dumps(self.config, indent=1)}
             process.write_atomic_files(files)
+
+    def follow_length(self, max_steps: int) -> None:
+        """config.json's max_steps follows the run's length, ``max_steps`` (RunState's), where
+        it sets the length (an epochs run's holds None): a budgeted run's moves before its
+        decay starts, and a resume continues with the length its checkpoint records."""
+        if self.config.get("max_steps") in (None, max_steps):
+            return
+        self.config["max_steps"] = max_steps
+        self._write_config()
 
     def open_log(self, resume_step: int | None, report_to: typing.Sequence[str]) -> None:
         """metrics.jsonl: a new run's anew; a resumed run's goes on from ``resume_step``."""
@@ -101,6 +113,7 @@ class RunRecord:
         """Checkpoint this step (collective: every rank contributes its RNG state, ``rng`` or
         its state now)."""
         rng = all_gather(rng_state(trainer.device) if rng is None else rng, self.dist)
+        self.follow_length(state.max_steps)  # the checkpoint's config.json, and the run's
         if trainer.sharded:  # every rank writes its shards
             self._write_sharded(dataclasses.replace(state, rng=rng, order=order,
                                                     **trainer.state_dict()), trainer)
@@ -221,24 +234,22 @@ class Progress:
     --no-progress) a line per logged step; a line per evaluation with the time left. Tokens a
     second count training time only (``paused`` leaves out evaluation and saving)."""
 
-    def __init__(self, planned_steps: int, step: int, enabled: bool, main: bool) -> None:
+    def __init__(self, state: RunState, enabled: bool, main: bool) -> None:
         self.main = main
-        self.planned_steps = planned_steps
-        self.bar = progress_bar(total=planned_steps, initial=step, desc="train", unit="step",
-                                enabled=main and enabled, lines=False, dynamic_ncols=True)
+        self.state = state  # the run's: its step, and its length (max_steps), which may move
+        self.bar = progress_bar(total=state.max_steps, initial=state.step, desc="train",
+                                unit="step", enabled=main and enabled, lines=False,
+                                dynamic_ncols=True)
         self.lines = main and self.bar.disable
         self.started = time.perf_counter()
-        self.first_step = step  # this process's first: the ETA counts from here
+        self.first_step = state.step  # this process's first: the ETA counts from here
         self.window_start = self.started
         self.window_tokens = 0
         self.tok_s = 0.0  # the last logged throughput
 
-    def replan(self, planned_steps: int) -> None:
-        self.planned_steps = planned_steps
-        self.bar.total = planned_steps
-
     def step_done(self, tokens: int) -> None:
         self.window_tokens += tokens
+        self.bar.total = self.state.max_steps
         self.bar.update(1)
 
     def step_line(self, step: int, stats: StepStats, epoch: float) -> float:
@@ -251,19 +262,20 @@ class Progress:
         self.bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
                              tok_s=f"{self.tok_s:.0f}", refresh=False)
         if self.lines:
-            print(f"step {step}/{self.planned_steps} | loss {stats.loss:.4f} | lr "
+            print(f"step {step}/{self.state.max_steps} | loss {stats.loss:.4f} | lr "
                   f"{stats.lr:.2e} | {self.tok_s:,.0f} tok/s | epoch {epoch:.2f}", flush=True)
         return self.tok_s
 
-    def eval_line(self, state: RunState, metrics: dict) -> None:
+    def eval_line(self, metrics: dict) -> None:
         """Where the run is, how it does, how long it takes."""
         if not self.main:
             return
+        state = self.state
         elapsed = time.perf_counter() - self.started
-        eta = elapsed / max(state.step - self.first_step, 1) * (self.planned_steps - state.step)
+        eta = elapsed / max(state.step - self.first_step, 1) * (state.max_steps - state.step)
         train = "" if state.train_loss is None else f"train loss {state.train_loss:.4f} | "
         bpb = f" ({metrics['val_bpb']:.3f} bits/byte)" if "val_bpb" in metrics else ""
-        self.say(f"eval step {state.step}/{self.planned_steps} | {train}val loss "
+        self.say(f"eval step {state.step}/{state.max_steps} | {train}val loss "
                  f"{metrics['val_loss']:.4f}{bpb} | ppl {metrics['val_ppl']:.2f} | acc "
                  f"{metrics['val_accuracy']:.3f} | {self.tok_s:,.0f} tok/s | elapsed "
                  f"{duration(elapsed)} | ETA {duration(eta)}")

@@ -105,8 +105,8 @@ class Trainer:
     """Model, optimizer, schedule and loss scaler: one training step, one evaluation."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
-                 dist: Dist | None = None, max_steps: int | None = None,
-                 token_bytes: torch.Tensor | None = None):
+                 dist: Dist | None = None, token_bytes: torch.Tensor | None = None,
+                 state: RunState | None = None):
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
 
         self.precision = checked_precision(cfg, device)
@@ -121,11 +121,13 @@ class Trainer:
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         assert self.params, "the model has no trainable parameters"
         self.optimizer = build_optimizer(self.raw_model, self.params, cfg)
-        # the schedule's length: a budgeted run sets both anew when its decay starts
-        self.max_steps = max_steps if max_steps is not None else cfg.max_steps
+        # The schedule's length is the run's: its state's max_steps, which a budgeted run's
+        # clock moves (and decay_steps, set when the decay starts); a trainer outside a run
+        # schedules over cfg.max_steps.
+        self.run_state = state if state is not None else RunState(max_steps=cfg.max_steps)
         self.decay_steps = cfg.decay_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, cfg.warmup_steps, self.max_steps, cfg.min_lr_ratio, self.decay_steps))
+            s, cfg.warmup_steps, self.run_state.max_steps, cfg.min_lr_ratio, self.decay_steps))
         # Loss scaling wherever the backward runs in fp16: fp16 autocast, or a frozen fp16 base
         # under LoRA whatever the precision (its small per-token gradients would underflow).
         self.scaler = torch.amp.GradScaler(
