@@ -14,7 +14,6 @@ Example: python bench/bench_drafts.py --threads 2. Figures go to docs/benchmarks
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -31,29 +30,21 @@ import eval as ev  # noqa: E402
 from codelm.data.config import REFACTOR_TEMPLATE  # noqa: E402
 from codelm.data.encoding import prompt_prefix  # noqa: E402
 from codelm.models.generation import GenerationConfig, generate  # noqa: E402
+from codelm.runtime import settings  # noqa: E402
 from recipes import write_smoke_data  # noqa: E402
 
 
 @dataclass
 class BenchConfig:
-    threads: int = 2
-    run: str = ""
-    work: str = "/tmp/codelm_bench/drafts"
-    steps: int = 400
-    pairs: int = 24
-    new_tokens: int = 160
-    lookup: int = 10
+    threads: int = 2  # torch threads
+    run: str = ""  # a run trained on refactor pairs (empty: train one under --work)
+    work: str = "/tmp/codelm_bench/drafts"  # where the pairs and the trained run go
+    steps: int = 400  # training steps of the run trained here
+    pairs: int = 24  # validation pairs decoded
+    new_tokens: int = 160  # most new tokens per pair
+    lookup: int = 10  # prompt lookup's draft tokens a step
 
 
-HELP = {
-    "threads": "torch threads",
-    "run": "a run trained on refactor pairs (empty: train one under --work)",
-    "work": "where the pairs and the trained run go",
-    "steps": "training steps of the run trained here",
-    "pairs": "validation pairs decoded",
-    "new_tokens": "most new tokens per pair",
-    "lookup": "prompt lookup's draft tokens a step",
-}
 
 
 def trained_run(cfg: BenchConfig) -> Path:
@@ -85,10 +76,9 @@ def validation_prompts(lm, cfg: BenchConfig) -> list[list[int]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(BenchConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
-                            default=f.default, help=f"{HELP[f.name]} (default: %(default)s)")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    settings.add_config_flags(parser, BenchConfig)
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     torch.set_num_threads(cfg.threads)
     lm = ev.load_model(str(trained_run(cfg)), "cpu")
