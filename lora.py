@@ -95,6 +95,7 @@ class LoRALinear(nn.Module):
         self._place: dict[str, AdapterPlace] = {}
         self._segments: list[str | int] | None = []
         self.merged = False
+        self.enabled = True  # off: the base layer alone (adapters_off)
 
     @property
     def in_features(self) -> int:
@@ -200,7 +201,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if _skips_merged(self) or not self.lora_A:
+        if not self.enabled or _skips_merged(self) or not self.lora_A:
             return out
         keys = list(self.lora_A.keys())
         p = self.dropout if self.training else 0.0
@@ -278,6 +279,7 @@ class LoRAEmbedding(nn.Module):
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, device=device))
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=device))
         self.merged = False
+        self.enabled = True  # off: the base embedding alone (adapters_off)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -285,7 +287,7 @@ class LoRAEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
-        if _skips_merged(self):
+        if not self.enabled or _skips_merged(self):
             return out
         h = F.embedding(ids, self.lora_embedding_A.t(), padding_idx=self.base.padding_idx)
         return out + (F.linear(h, self.lora_embedding_B) * self.scale).to(out.dtype)
@@ -520,6 +522,33 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for path, module in wrapped:
             set_submodule(model, path, module)
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The model as its base inside the block: every LoRA layer leaves its update out (PEFT's
+    ``disable_adapter``), on the same weights, nothing copied. Refused where the base is not
+    the one loaded: adapters merged into it, or base tensors the adapter trains (bias,
+    modules_to_save)."""
+    layers = [module for _, module in lora_modules(model)]
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to switch off")
+    if any(module.merged for module in layers):
+        raise ValueError("the LoRA adapters are merged into the base weights: call "
+                         "lora.unmerge_lora(model) before switching them off")
+    cfg = model.lora_config
+    if cfg.bias != "none" or cfg.modules_to_save:
+        raise ValueError(f"the adapter trains base tensors (bias {cfg.bias!r}, modules_to_save "
+                         f"{cfg.modules_to_save}): with it off the model is not its base; "
+                         "train with bias 'none' and no modules_to_save")
+    before = [module.enabled for module in layers]
+    for module in layers:
+        module.enabled = False
+    try:
+        yield model
+    finally:
+        for module, enabled in zip(layers, before):
+            module.enabled = enabled
 
 
 def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
