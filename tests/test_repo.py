@@ -136,7 +136,7 @@ PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build"
                                  "codelm.training.trainer", "codelm.training.batches")
 RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
                          "codelm.training.optim")
-GRPO = "codelm.training.grpo"
+GRPO, PREFERENCE = "codelm.training.grpo", "codelm.training.preference"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 DATA_CONFIG, DATA_CACHE = "codelm.data.config", "codelm.data.cache"
 DATA_SOURCES, CLEANING = "codelm.data.sources", "codelm.data.cleaning"
@@ -150,7 +150,7 @@ BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER, ENGINE, SERVING,
-    ENDPOINTS, GRPO}
+    ENDPOINTS, GRPO, PREFERENCE}
 MAY_IMPORT = {
     PROCESS: set(),
     ENDPOINTS: set(),
@@ -197,6 +197,7 @@ MAY_IMPORT = {
     TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
     RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     GRPO: {"architecture", "lora", KERNELS},
+    PREFERENCE: {"architecture", "lora", KERNELS, GRPO},
     PLAN: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
            TRAINCONFIG},
     BUILD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,

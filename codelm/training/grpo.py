@@ -122,24 +122,32 @@ def completion_mask(lengths: torch.Tensor, truncated: torch.Tensor, width: int,
 # ----------------------------------------------------------------------------- log-probs
 
 def completion_logps(model: Transformer, ids: torch.Tensor, completion_mask: torch.Tensor,
-                     prompt_mask: torch.Tensor | None = None, temperature: float = 1.0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     prompt_mask: torch.Tensor | None = None, temperature: float = 1.0,
+                     with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs, entropies), each (N, C), of the completions that end each row of ``ids``
-    (N, P + C): each completion token's log-prob, and the entropy of the distribution it was
-    drawn from, under the model's logits divided by ``temperature``, through the model's own
-    forward; 0 where ``completion_mask`` (N, C) is 0. ``prompt_mask`` (N, P): the prompts'
-    real tokens, for left-padded prompts. The entropies carry no gradient."""
+    (N, P + C): each completion token's log-prob (its logit less its row's logsumexp, as TRL's
+    selective_log_softmax takes it), and the entropy of the distribution it was drawn from,
+    under the model's logits divided by ``temperature``, through the model's own forward; 0
+    where ``completion_mask`` (N, C) is 0. ``prompt_mask`` (N, P): the prompts' real tokens,
+    for left-padded prompts. The entropies carry no gradient; with_entropy False: None in their
+    place, and no vocabulary-wide temporaries beyond the logsumexp's."""
     width = completion_mask.shape[1]
     attention = None
     if prompt_mask is not None:
         attention = torch.cat([prompt_mask, completion_mask], dim=1)
-    logits = model(ids, attention_mask=attention)[:, -width - 1:-1]  # the ones predicting them
-    logprobs = (logits.float() / temperature).log_softmax(dim=-1)
-    logps = logprobs.gather(-1, ids[:, -width:, None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+    logits = model(ids, attention_mask=attention)[:, -width - 1:-1].float()  # predicting them
+    if temperature != 1.0:
+        logits = logits / temperature
+    normalizer = logits.logsumexp(dim=-1)
+    logps = logits.gather(-1, ids[:, -width:, None]).squeeze(-1) - normalizer
     keep = completion_mask.bool()
-    return logps.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0)
+    logps = logps.masked_fill(~keep, 0.0)
+    if not with_entropy:
+        return logps, None
+    with torch.no_grad():
+        logprobs = logits - normalizer[..., None]
+        entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+    return logps, entropy.masked_fill(~keep, 0.0)
 
 
 @torch.no_grad()
@@ -154,8 +162,10 @@ def reference_logps(model: Transformer, ids: torch.Tensor, completion_mask: torc
             raise ValueError("beta > 0 needs a reference model: train LoRA (its base is the "
                              "reference) or pass the starting model as reference")
         with lora.adapters_off(model):
-            return completion_logps(model, ids, completion_mask, prompt_mask, temperature)[0]
-    return completion_logps(reference, ids, completion_mask, prompt_mask, temperature)[0]
+            return completion_logps(model, ids, completion_mask, prompt_mask, temperature,
+                                    with_entropy=False)[0]
+    return completion_logps(reference, ids, completion_mask, prompt_mask, temperature,
+                            with_entropy=False)[0]
 
 
 # ----------------------------------------------------------------------------- the loss
