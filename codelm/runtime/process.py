@@ -40,7 +40,8 @@ def worker_pool(processes: int, initializer: Callable | None = None,
     stop. See ``_worker_start`` for its workers' signals."""
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pool = ctx.Pool(processes, initializer=_worker_start, initargs=(initializer, initargs))
+    with _stop_signals_blocked():  # the workers (and the pool's threads) start with them blocked
+        pool = ctx.Pool(processes, initializer=_worker_start, initargs=(initializer, initargs))
     try:
         yield pool
     except BaseException:
@@ -52,15 +53,39 @@ def worker_pool(processes: int, initializer: Callable | None = None,
         pool.join()
 
 
+# The signals that stop a script: a pool's workers start with them blocked.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Within: this thread holds the stop signals pending (a process forked here inherits the
+    block). Where the platform has no signal masks, nothing."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
     """A pool worker's signals: SIGTERM at its default, so the pool's terminate ends the worker
     wherever it waits (a Python handler inherited from the parent misses a signal that lands
     between a lock's quick try and its blocking wait, and the pool then waits for ever); Ctrl-C
     and a hangup, which reach the whole process group, ignored: the parent takes them and ends
-    the pool. (A worker whose parent is gone ends by itself: it reads the end of its queue.)"""
+    the pool. The worker was forked with them blocked: a SIGTERM sent while the fork still
+    returns (a pool terminated at once, on a busy machine) would be caught by the parent's
+    handler and its flag cleared by Python's after-fork reset, lost; blocked, it waits for
+    these dispositions and is delivered on the unblock. (A worker whose parent is gone ends by
+    itself: it reads the end of its queue.)"""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     if initializer is not None:
         initializer(*initargs)
 
