@@ -179,6 +179,33 @@ def test_pool_workers_take_sigterm_at_its_default_and_leave_stops_of_the_group_t
     assert set(seen) == {(signal.SIG_DFL, signal.SIG_IGN, signal.SIG_IGN)}
 
 
+def _blocked_at_start(path: Path, real_start):
+    """A pool worker's start that first writes which stop signals the worker was forked with
+    blocked."""
+    def start(initializer, initargs):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        path.write_text(" ".join(sorted(signal.Signals(s).name for s in blocked)))
+        real_start(initializer, initargs)
+    return start
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks")
+def test_pool_workers_are_forked_with_the_stop_signals_blocked(tmp_path, monkeypatch):
+    """A SIGTERM that reaches a worker while its fork still returns would be caught by the
+    parent's handler and cleared by Python's after-fork reset: lost, and the pool's terminate
+    would wait for the worker for ever. Workers start with the stop signals blocked, unblocked
+    once SIGTERM is at its default (then a pending one ends them); the parent's mask is
+    unchanged."""
+    marker = tmp_path / "blocked"
+    monkeypatch.setattr(process, "_worker_start", _blocked_at_start(marker, process._worker_start))
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with process.worker_pool(1) as pool:
+        blocked_in_worker = pool.apply(signal.pthread_sigmask, (signal.SIG_BLOCK, []))
+    assert marker.read_text() == "SIGHUP SIGINT SIGTERM"
+    assert not {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} & set(blocked_in_worker)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
 def _mark_then_sleep(path: Path) -> None:
     import time
 
