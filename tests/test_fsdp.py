@@ -216,15 +216,14 @@ def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
 QUANTIZED_BYTES = r"""
 import json, sys
 import torch
-from codelm import trainconfig
+from codelm import loading, trainconfig
 from codelm.models import quantize
-from codelm.training import build
 from codelm.runtime import distributed
 
 cfg = trainconfig.TrainConfig(**json.loads(open(sys.argv[1]).read()))
 dist = distributed.this_process()
 distributed.join(dist, torch.device("cpu"))
-model = build.build_model(cfg, type("Tok", (), {"vocab_size": 8})())
+model = loading.build_model(cfg, type("Tok", (), {"vocab_size": 8})())
 whole = sum(p.nbytes for p in quantize.quantized_parameters(model))
 distributed.shard(model, "bf16")
 held = sum(p.to_local().nbytes for p in quantize.quantized_parameters(model))

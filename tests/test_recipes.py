@@ -25,7 +25,7 @@ from procs import popen, signal_when
 import eval as ev
 import recipes
 import trainingmanager as tm
-from codelm import trainconfig
+from codelm import loading, trainconfig
 from codelm.data.config import DataConfig
 from codelm.data.sources import Doc, stdlib_files, stdlib_root
 from codelm.runs import rundir
@@ -173,6 +173,7 @@ import sys, time
 from pathlib import Path
 from types import SimpleNamespace
 import eval as ev
+from codelm import loading
 import recipes
 def evaluate(cfg, progress=None, remedy=None, replace_other_weights=False):
     Path(cfg.out_dir).mkdir(parents=True)
@@ -300,7 +301,7 @@ def test_refactor_loss_equals_transformers_teacher_forced_loss(tiny_starcoder):
     import transformers
 
     base, _ = tiny_starcoder
-    lm = ev.load_model(str(base), torch.device("cpu"))
+    lm = loading.load_model(str(base), torch.device("cpu"))
     tok = lm.tokenizer
     prompts = ["### Refactor the following Python code to improve quality:\n\nx = 1\n",
                "def f(a):\n    return a\n"]
@@ -321,7 +322,7 @@ def test_refactor_loss_equals_transformers_teacher_forced_loss(tiny_starcoder):
 
 def test_completion_task_uses_the_training_windows(tiny_starcoder):
     base, texts = tiny_starcoder
-    tok = ev.load_model(str(base), torch.device("cpu")).tokenizer
+    tok = loading.load_model(str(base), torch.device("cpu")).tokenizer
     doc = Doc("pkg/mod.kt", texts[0])
     cfg = ev.EvalConfig(lines_per_file=3, progress=False)
     data_cfg = DataConfig(window_prompt_tokens=20, window_completion_tokens=7)
@@ -1059,7 +1060,7 @@ def test_refactotron_evaluates_in_fp32_on_cuda_as_its_seed_did(monkeypatch, tmp_
     asked = []
     monkeypatch.setattr(pretrained, "load",
                         lambda path, dtype=None, device=None: asked.append(dtype))
-    ev._load_hf(tmp_path, torch.device("cuda"), cfg.dtype)
+    loading._load_hf(tmp_path, torch.device("cuda"), cfg.dtype)
     assert asked == ["fp32"]
 
 

@@ -131,11 +131,12 @@ BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
 GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 BOOTSTRAP, RUNNER, SANDBOX_COMMAND = ("codelm.sandbox.bootstrap", "codelm.sandbox.runner",
                                       "codelm.sandbox.__main__")
-TRAINCONFIG = "codelm.trainconfig"
+TRAINCONFIG, LOADING = "codelm.trainconfig", "codelm.loading"
 PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build",
                                  "codelm.training.trainer", "codelm.training.batches")
 RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
                          "codelm.training.optim")
+TRAINING = {PLAN, BUILD, TRAINER, BATCHES, RECORD, FINISH, OPTIM}
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 DATA_CONFIG, DATA_CACHE = "codelm.data.config", "codelm.data.cache"
 DATA_SOURCES, CLEANING = "codelm.data.sources", "codelm.data.cleaning"
@@ -193,6 +194,14 @@ MAY_IMPORT = {
     "dataset": {PROCESS, SETTINGS, BATCHING, BPE, KERNELS, "tokenizer"} | DATA,
     BATCHES: {DATASETS, KERNELS},
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", DATA_CONFIG},
+    LOADING: {PROCESS, SETTINGS, HUB, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
+              TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", TRAINCONFIG},
+    SERVING: {"architecture", ENGINE, GENERATION, "tokenizer"},
+    BOOTSTRAP: set(),
+    RUNNER: {PROCESS, BOOTSTRAP},
+    SANDBOX_COMMAND: {PROCESS, SETTINGS, RUNNER},
+    "eval": BELOW_FLOOR_3 - TRAINING | {LOADING},
+    GGUF_COMMAND: {PROCESS, SETTINGS, FAMILIES, GGUF_WRITER, LOADING},
     TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
     RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     PLAN: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
@@ -200,18 +209,12 @@ MAY_IMPORT = {
     BUILD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
             TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", GGUF_WRITER,
             DATA_CONFIG, DATA_CACHE, ENCODING, EXAMPLES, "dataset", BATCHES, TRAINCONFIG,
-            DISTRIBUTED, TRAINER, RECORD, PLAN},
+            DISTRIBUTED, TRAINER, RECORD, PLAN, LOADING},
     FINISH: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER, ENCODING,
-             EXAMPLES, GENERATION, "tokenizer", TRAINER, RECORD, BUILD},
-    SERVING: {"architecture", ENGINE, GENERATION, "tokenizer"},
-    BOOTSTRAP: set(),
-    RUNNER: {PROCESS, BOOTSTRAP},
-    SANDBOX_COMMAND: {PROCESS, SETTINGS, RUNNER},
-    "trainingmanager": BELOW_FLOOR_3,
-    "eval": BELOW_FLOOR_3 | {"trainingmanager"},
+             EXAMPLES, GENERATION, "tokenizer", TRAINER, RECORD, BUILD, LOADING, "eval"},
+    "trainingmanager": BELOW_FLOOR_3 | {LOADING, "eval"},
     "hyperparam_tune": {PROCESS, SETTINGS, RUNDIR, "trainingmanager"},
-    "recipes": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
-    GGUF_COMMAND: BELOW_FLOOR_3 | {"trainingmanager", "eval"},
+    "recipes": BELOW_FLOOR_3 | {LOADING, "trainingmanager", "eval"},
 }
 
 # Imports each module fresh (the project's modules dropped from sys.modules in between; torch

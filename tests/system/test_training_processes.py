@@ -36,7 +36,7 @@ from test_trainingmanager import (
 )
 
 import trainingmanager as tm
-from codelm import trainconfig
+from codelm import loading, trainconfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir, trackers
 from codelm.runtime import distributed, process
@@ -618,12 +618,12 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
     told(*nothing, unsaid="--resume")
     assert not run.exists()
     monkeypatch.setattr(build, "prepare", prepare)
-    build_model = build.build_model
-    monkeypatch.setattr(build, "build_model", ctrl_c)  # after the run's tokenizer is written
+    build_model = loading.build_model
+    monkeypatch.setattr(loading, "build_model", ctrl_c)  # after the run's tokenizer is written
     assert tm.main(["--config", config]) == 130
     told(*nothing, unsaid="--resume")
     assert not run.exists()  # a default timestamped name would leave one dead directory each
-    monkeypatch.setattr(build, "build_model", build_model)
+    monkeypatch.setattr(loading, "build_model", build_model)
     assert tm.main(["--config", config]) == 0
 
     monkeypatch.setattr(build, "prepare", ctrl_c)  # a resume's: the run's checkpoints are kept
@@ -668,7 +668,7 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", Recorded)
     cfg = trainconfig.TrainConfig(init_from=str(tiny_llama(tmp_path)), lora_r=4, quantize_bits=4,
                                   block_size=16)
-    models = [build.build_model(cfg, types.SimpleNamespace(vocab_size=8)) for _ in range(2)]
+    models = [loading.build_model(cfg, types.SimpleNamespace(vocab_size=8)) for _ in range(2)]
     buffers = [dict(m.named_buffers()) for m in models]
     assert {n.rsplit(".", 1)[-1].split("_")[0] for n in buffers[0]} == {
         "inv", "rows", "order", "pairs"}
