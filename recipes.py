@@ -28,6 +28,8 @@ import eval as ev
 import trainingmanager as tm
 from codelm import trainconfig
 from codelm.data.sources import stdlib_files, stdlib_root
+from codelm.evaluation.config import EvalConfig, config_from_dict
+from codelm.evaluation.results import check_settings_unchanged
 from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.hub import checkpoint_dir
@@ -63,9 +65,9 @@ def check_sections(recipe: Recipe, note: str = "", sets: Sequence[str] = ()) -> 
     """Both sections' keys and value types; ``note`` and ``sets``: as ``--set`` changed them."""
     where = f"{recipe.path} (train section{note})"
     trainconfig.config_from_dict(recipe.train, where)
-    ev.config_from_dict(recipe.eval, f"{recipe.path} (eval section{note})",
-                        partial(where_in_recipe, recipe.path, section="eval",
-                                typed=set_train_keys(sets, "eval")))
+    config_from_dict(recipe.eval, f"{recipe.path} (eval section{note})",
+                     partial(where_in_recipe, recipe.path, section="eval",
+                             typed=set_train_keys(sets, "eval")))
 
 
 # EvalConfig keys recipes.py sets itself or does not use, and what to do instead.
@@ -346,7 +348,7 @@ def smoke_eval_values(values: dict) -> dict:
     """The recipe's eval section on a handful of examples (same tasks, metrics and decoding)."""
     out = dict(values)
     for key, cap in SMOKE_EVAL_LIMITS.items():
-        value = values.get(key, getattr(ev.EvalConfig, key))  # else the field's default
+        value = values.get(key, getattr(EvalConfig, key))  # else the field's default
         out[key] = cap if value is None else min(value, cap)
     return out
 
@@ -465,7 +467,7 @@ class TrainedRunInterrupted(KeyboardInterrupt):
 
 
 def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: trainconfig.TrainConfig, run_dir: Path,
-                own_run: str, own_base: str) -> ev.EvalConfig:
+                own_run: str, own_base: str) -> EvalConfig:
     """The recipe's eval section for ``run_dir``: its own run and base named are this run's."""
     values = smoke_eval_values(recipe.eval) if opts.smoke else dict(recipe.eval)
     placeholders = {own_run: str(run_dir)}
@@ -475,9 +477,9 @@ def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: trainconfig.TrainConfi
                   out_dir=str(run_dir / rundir.EVAL_DIR), device=opts.device, progress=opts.progress)
     own = {"device": "--device", **({k: "--smoke" for k in SMOKE_EVAL_LIMITS} if opts.smoke
                                      else {})}
-    return ev.config_from_dict(values, f"{opts.recipe} (eval section)",
-                               partial(where_in_recipe, opts.recipe, section="eval",
-                                       typed=set_train_keys(opts.set, "eval"), own=own))
+    return config_from_dict(values, f"{opts.recipe} (eval section)",
+                            partial(where_in_recipe, opts.recipe, section="eval",
+                                    typed=set_train_keys(opts.set, "eval"), own=own))
 
 
 def _with_flags(values: dict, opts: RecipeOptions) -> dict:
@@ -570,7 +572,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     eval_remedy = (f"remove {out_dir / name / rundir.EVAL_DIR}, then run the same command with "
                    "--resume to evaluate the run again")
     if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
-        ev.check_settings_unchanged(
+        check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
     result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
     report = RecipeResult(result.run_dir, result, None, train_losses(result.run_dir),

@@ -302,6 +302,7 @@ def test_a_diverged_fsdp_run_names_its_sharded_checkpoint_which_eval_scores_as_o
     with no best/ or export/ to score, reads that checkpoint's shards in one process and scores
     it as it scores one process's step 4."""
     import eval as ev
+    from codelm.evaluation.config import EvalConfig
 
     common = dict(init_from=str(tiny_llama(tmp_path)), lora_r=4, lora_alpha=8.0,
                   quantize_bits=4, lora_targets=["q_proj", "v_proj"], max_steps=10,
@@ -323,7 +324,7 @@ def test_a_diverged_fsdp_run_names_its_sharded_checkpoint_which_eval_scores_as_o
         assert not (run / rundir.BEST_DIR).exists() and not (run / rundir.EXPORT_DIR).exists()
     scored = {}
     for name, run in runs.items():
-        result = ev.evaluate(ev.EvalConfig(models=[str(run)], tasks=["lm"], lm_windows=8,
+        result = ev.evaluate(EvalConfig(models=[str(run)], tasks=["lm"], lm_windows=8,
                                            out_dir=str(tmp_path / f"eval-{name}"),
                                            device="cpu", progress=False))
         (row,) = result["rows"]

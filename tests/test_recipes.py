@@ -27,7 +27,11 @@ import recipes
 import trainingmanager as tm
 from codelm import loading, trainconfig
 from codelm.data.config import DataConfig
+from codelm.data.examples import Example
 from codelm.data.sources import Doc, stdlib_files, stdlib_root
+from codelm.evaluation import scoring
+from codelm.evaluation.config import EvalConfig, config_from_dict, parse_config
+from codelm.evaluation.tasks import text as text_task
 from codelm.runs import rundir
 from codelm.runtime import settings
 from codelm.training import plan
@@ -173,7 +177,6 @@ import sys, time
 from pathlib import Path
 from types import SimpleNamespace
 import eval as ev
-from codelm import loading
 import recipes
 def evaluate(cfg, progress=None, remedy=None, replace_other_weights=False):
     Path(cfg.out_dir).mkdir(parents=True)
@@ -246,7 +249,7 @@ def test_every_recipe_validates_and_eval_config_reads_its_section(tmp_path, caps
         recipe = recipes.load_recipe(CONFIGS / f"{name}.json")
         assert json.loads((CONFIGS / f"{name}.json").read_text())["_seed"]
         assert recipe.train["name"] == name
-        cfg = ev.parse_config(["--config", str(CONFIGS / f"{name}.json")])
+        cfg = parse_config(["--config", str(CONFIGS / f"{name}.json")])
         assert cfg.tasks == recipe.eval["tasks"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train": {"lr": 1e-3}, "eval": {"taks": ["lm"], "_note": 1}}))
@@ -306,8 +309,8 @@ def test_refactor_loss_equals_transformers_teacher_forced_loss(tiny_starcoder):
     prompts = ["### Refactor the following Python code to improve quality:\n\nx = 1\n",
                "def f(a):\n    return a\n"]
     refs = ["x = 1", "def f(a): return a"]
-    examples = [ev.TaskExample(str(i), r, p) for i, (p, r) in enumerate(zip(prompts, refs))]
-    got = ev.score_supervised(lm, examples, ev.EvalConfig(batch_size=2, progress=False))
+    examples = [Example(p, r, id=str(i)) for i, (p, r) in enumerate(zip(prompts, refs))]
+    got = scoring.score_supervised(lm, examples, EvalConfig(batch_size=2, progress=False))
     hf = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
     total = count = 0.0
     with torch.no_grad():
@@ -324,14 +327,14 @@ def test_completion_task_uses_the_training_windows(tiny_starcoder):
     base, texts = tiny_starcoder
     tok = loading.load_model(str(base), torch.device("cpu")).tokenizer
     doc = Doc("pkg/mod.kt", texts[0])
-    cfg = ev.EvalConfig(lines_per_file=3, progress=False)
+    cfg = EvalConfig(lines_per_file=3, progress=False)
     data_cfg = DataConfig(window_prompt_tokens=20, window_completion_tokens=7)
-    examples = ev.completion_examples(doc, tok, data_cfg, cfg)
+    examples = text_task.completion_examples(doc, tok, data_cfg, cfg)
     assert len(examples) == 3 and len({e.id for e in examples}) == 3
     for e in examples:
-        assert e.head + e.reference in doc.text and e.reference.strip()
+        assert e.head + e.completion in doc.text and e.completion.strip()
         assert len(tok.encode(e.head)) <= 21
-    assert examples == ev.completion_examples(doc, tok, data_cfg, cfg)  # seeded choice
+    assert examples == text_task.completion_examples(doc, tok, data_cfg, cfg)  # seeded choice
 
 
 def test_set_overrides_and_eval_model_placeholders(tmp_path, capsys):
@@ -963,7 +966,7 @@ def test_smoke_sizes_only_shrink_the_recipes_batch_and_need_no_cuda(tmp_path):
 
 
 def test_smoke_eval_limits_cap_the_recipes_values_and_keep_smaller_ones():
-    defaults = {f.name: f.default for f in dataclasses.fields(ev.EvalConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
     values = recipes.smoke_eval_values({"tasks": ["lm"], "limit": 2, "max_new_tokens": 256})
     expected = {key: cap if defaults[key] is None else min(defaults[key], cap)
                 for key, cap in recipes.SMOKE_EVAL_LIMITS.items()}
@@ -1056,7 +1059,7 @@ def test_refactotron_evaluates_in_fp32_on_cuda_as_its_seed_did(monkeypatch, tmp_
     recipe loads its models in fp32 on CUDA too, not eval.py's bf16/fp16 (fp16 on the seed's T4)."""
     from codelm.models import pretrained
 
-    cfg = ev.config_from_dict(json.loads((CONFIGS / "refactotron.json").read_text())["eval"])
+    cfg = config_from_dict(json.loads((CONFIGS / "refactotron.json").read_text())["eval"])
     asked = []
     monkeypatch.setattr(pretrained, "load",
                         lambda path, dtype=None, device=None: asked.append(dtype))

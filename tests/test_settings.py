@@ -196,7 +196,7 @@ def test_help_comes_from_the_field_comments_grouped_by_section():
 
 def test_every_flag_of_the_scripts_explains_itself():
     import hyperparam_tune
-    from eval import EvalConfig
+    from codelm.evaluation.config import EvalConfig
     from recipes import RecipeOptions
     from scraping import GitHubConfig, LocalConfig
 

@@ -2271,7 +2271,7 @@ def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path, dor
     assert config["base_model_name_or_path"] == str(base.resolve())
     assert config["use_dora"] is dora
     ours = loading.build_model(dataclasses.replace(cfg, lora_r=0, lora_dora=False),
-                          load_tokenizer(export))
+                               load_tokenizer(export))
     lora.load_adapter(ours, export)
     ids = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
@@ -2302,7 +2302,7 @@ def test_init_from_a_hub_id_trains_lora_and_exports_an_adapter_peft_loads(assets
     run = Path(cfg.out_dir) / "run"
     assert json.loads((run / "config.json").read_text())["init_from"] == str(snapshot)
     ours = loading.build_model(dataclasses.replace(cfg, init_from=str(snapshot), lora_r=0),
-                          load_tokenizer(run / "export"))
+                               load_tokenizer(run / "export"))
     lora.load_adapter(ours, run / "export")
     ids = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
@@ -2399,11 +2399,11 @@ def test_dropout_flag_sets_residual_dropout_and_model_options_attention_dropout(
     base = tmp_path / "base"
     save_tiny_hf("llama", base, vocab_size=512, attention_dropout=0.05)
     model = loading.build_model(trainconfig.TrainConfig(init_from=str(base), dropout=0.15),
-                           load_tokenizer(assets["tokenizer"]))
+                                load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.dropout, model.cfg.attn_dropout) == (0.15, 0.05)
     save_tiny_hf("phi", tmp_path / "phi", vocab_size=512, embd_pdrop=0.1, resid_pdrop=0.1)
-    model = loading.build_model(trainconfig.TrainConfig(init_from=str(tmp_path / "phi"), dropout=0.0),
-                           load_tokenizer(assets["tokenizer"]))
+    cfg = trainconfig.TrainConfig(init_from=str(tmp_path / "phi"), dropout=0.0)
+    model = loading.build_model(cfg, load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.embedding_dropout, model.cfg.dropout) == (0.0, 0.0)
 
 
