@@ -6,7 +6,7 @@
                   equal. The output copies its input, which is where prompt lookup pays.
 
 Without --run, a small model is trained first (python trainingmanager.py --task refactor on
-pairs written by recipes.py's smoke data; a few minutes on two cores) under --work.
+pairs written by codelm.recipes' smoke data; a few minutes on two cores) under --work.
 
 Example: python bench/bench_drafts.py --threads 2. Figures go to docs/benchmarks.md (## Engine).
 """
@@ -31,7 +31,7 @@ from codelm import loading  # noqa: E402
 from codelm.data.config import REFACTOR_TEMPLATE  # noqa: E402
 from codelm.data.encoding import prompt_prefix  # noqa: E402
 from codelm.models.generation import GenerationConfig, generate  # noqa: E402
-from recipes import write_smoke_data  # noqa: E402
+from codelm.recipes import write_smoke_data  # noqa: E402
 
 
 @dataclass

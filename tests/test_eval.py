@@ -2765,7 +2765,7 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
 
 
 def test_early_settings_check_refuses_what_evaluate_would_and_not_what_it_resolves(tmp_path):
-    """recipes.py checks a resumed run's eval settings before resuming it: a changed setting is
+    """codelm.recipes checks a resumed run's eval settings before resuming it: a changed setting is
     refused as evaluate refuses it, but a setting left None (resolved from the models and data,
     e.g. block_size) is not compared with the resolved value saved."""
     import json

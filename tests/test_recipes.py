@@ -23,9 +23,8 @@ import torch
 from procs import popen, signal_when
 
 import eval as ev
-import recipes
 import trainingmanager as tm
-from codelm import loading, trainconfig
+from codelm import loading, recipes, trainconfig
 from codelm.data.config import DataConfig
 from codelm.data.examples import Example
 from codelm.data.sources import Doc, stdlib_files, stdlib_root
@@ -177,7 +176,7 @@ import sys, time
 from pathlib import Path
 from types import SimpleNamespace
 import eval as ev
-import recipes
+from codelm import recipes
 def evaluate(cfg, progress=None, remedy=None, replace_other_weights=False):
     Path(cfg.out_dir).mkdir(parents=True)
     (Path(cfg.out_dir) / "started").write_text("")
@@ -559,7 +558,7 @@ def test_a_stopped_smoke_run_says_it_starts_again_not_that_it_continues(tmp_path
                          "--no-progress"]) == 143
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("interrupted") and asked == [True], err
-    assert all(w in err for w in ("start it again", "same recipes.py command",
+    assert all(w in err for w in ("start it again", "same `python -m codelm.recipes` command",
                                   "--smoke run is not resumed")), err
     assert "--resume" not in err and "continue with" not in err, err
 
@@ -603,7 +602,8 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
     train = tm.TrainResult(tmp_path, 5.0, 41, best_step=41, stopped_by_budget=True)
     report = recipes.RecipeResult(tmp_path, train, None, [9.0, 8.0])
     assert ("time budget (train.max_time_s) reached at step 41: the run is not finished; "
-            "continue with the same recipes.py command plus --resume") in recipes.summary(report)
+            "continue with the same `python -m codelm.recipes` command plus --resume") in (
+                recipes.summary(report))
 
     data = tmp_path / "data"
     data.mkdir()
@@ -631,7 +631,8 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
     assert recipes.main(flags) == 143
     told(*nothing, unsaid="--resume")
     assert recipes.main(flags) == 143
-    told("continue with", "same recipes.py command", "--resume", unsaid="nothing to resume")
+    told("continue with", "same `python -m codelm.recipes` command", "--resume",
+         unsaid="nothing to resume")
 
 
 def _tiny_recipe(tmp_path: Path, eval_section: dict, **train) -> Path:
@@ -740,7 +741,7 @@ def test_resume_that_trains_on_evaluates_again_and_keeps_the_earlier_evaluation(
 
 def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
         tiny_starcoder, tmp_path, monkeypatch, capsys):
-    """The eval's refusal says to remove <run>/eval, not "name another --out-dir": recipes.py's
+    """The eval's refusal says to remove <run>/eval, not "name another --out-dir": codelm.recipes'
     --out-dir is where the runs are (another one trains another run), and the evaluation always
     goes to <run>/eval.
     The refusal comes before the run is resumed (which would export it again), not after."""
@@ -773,7 +774,7 @@ def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
 ], ids=["out_dir", "device", "progress", "prompt"])
 def test_eval_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeypatch, capsys,
                                                                key, value, instead):
-    """recipes.py sets eval.out_dir, eval.device and eval.progress itself and does not use
+    """codelm.recipes sets eval.out_dir, eval.device and eval.progress itself and does not use
     eval.prompt, so a recipe's own (in its section or --set eval.out_dir=../x) is refused, not
     silently overwritten or ignored."""
     trained: list = []
@@ -782,11 +783,11 @@ def test_eval_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeyp
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
     assert recipes.main([str(recipe), *flags, "--set", f"eval.{key}={value}"]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: --set eval.{key}={value}: recipes.py {instead}")
+        f"error: --set eval.{key}={value}: python -m codelm.recipes {instead}")
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], key: json.loads(value)})
     assert recipes.main([str(recipe), *flags]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: {recipe}: the eval section's {key}: recipes.py {instead}")
+        f"error: {recipe}: the eval section's {key}: python -m codelm.recipes {instead}")
     assert trained == []
 
 
@@ -1026,7 +1027,7 @@ def test_a_stop_while_the_flags_are_read_is_told_not_a_traceback(monkeypatch, ca
 def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is_refused(
         tmp_path, capsys, monkeypatch):
     """--set train.lora_alpha=16 (the default) beside an init_adapter of alpha 4 would train
-    silently with 4; trainingmanager.py --config on the same recipe refuses it, and recipes.py
+    silently with 4; trainingmanager.py --config on the same recipe refuses it, and codelm.recipes
     reads the recipe's keys and --set as given too, before training."""
     from tiny_hf import save_tiny_adapter
 

@@ -249,7 +249,7 @@ MAY_IMPORT = {
              EXAMPLES, GENERATION, "tokenizer", TRAINER, RECORD, BUILD, LOADING, "eval"},
     "trainingmanager": BELOW_FLOOR_3 | {LOADING, "eval"},
     "hyperparam_tune": {PROCESS, SETTINGS, RUNDIR, "trainingmanager"},
-    "recipes": BELOW_FLOOR_3 | {LOADING, EVAL_CONFIG, RESULTS, "trainingmanager", "eval"},
+    "codelm.recipes": BELOW_FLOOR_3 | {LOADING, EVAL_CONFIG, RESULTS, "trainingmanager", "eval"},
 }
 
 # Imports each module fresh (the project's modules dropped from sys.modules in between; torch
@@ -446,7 +446,7 @@ def test_the_package_installs_every_top_level_module():
     assert packages == {".".join(p.parent.relative_to(ROOT).parts) for p in found}
 
 
-SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
+SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "codelm/recipes.py",
            "scraping/__main__.py", "tokenizer.py", "architecture.py", "lora.py",
            "codelm/sandbox/__main__.py", "codelm/gguf/__main__.py", "codelm/models/pretrained.py"]
 # Run as a script but no command: the program each sandboxed run starts, isolated (-I -S -B),
@@ -476,7 +476,7 @@ MISTAKES = [
     ("eval.py --print-config xml", "invalid choice: 'xml'"),
     ("dataset.py --block-size", "--block-size: expected one argument"),
     ("hyperparam_tune.py --pruner best", "invalid choice: 'best'"),
-    ("recipes.py", "required: recipe"),
+    ("codelm/recipes.py", "required: recipe"),
     ("scraping/__main__.py github --max-repos x", "invalid int value: 'x'"),
     ("tokenizer.py", "required: tokenizer"),
     ("architecture.py --presets", "unknown flag --presets"),

@@ -1774,7 +1774,7 @@ def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
 
 def test_recipe_resume_refuses_a_lora_rank_change_and_hints_its_own_flag(assets, tmp_path,
                                                                         capsys):
-    import recipes
+    from codelm import recipes
 
     train = dataclasses.asdict(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2))
     for key in ("out_dir", "name", "resume", "device", "progress"):
@@ -1785,7 +1785,7 @@ def test_recipe_resume_refuses_a_lora_rank_change_and_hints_its_own_flag(assets,
     assert recipes.main(flags) == 0
     capsys.readouterr()
     assert recipes.main(flags) == 2
-    assert "continue it with the same recipes.py command plus --resume" in (
+    assert "continue it with the same `python -m codelm.recipes` command plus --resume" in (
         capsys.readouterr().err)
     assert recipes.main([*flags, "--resume", "--set", "train.lora_r=4"]) == 2
     err = capsys.readouterr().err

@@ -446,7 +446,7 @@ def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp
 
 def test_a_run_its_caller_restarts_says_so_on_a_stop_not_that_a_checkpoint_waits(
         assets, tmp_path, capsys, monkeypatch):
-    """A run its caller restarts (recipes.py --smoke) says on a stop to start it again, not
+    """A run its caller restarts (codelm.recipes --smoke) says on a stop to start it again, not
     "checkpoint saved; continue with", which the restart would contradict."""
     sigterm_at_step(monkeypatch, 2)
     result = tm.train(tiny_cfg(assets, tmp_path), resume_hint="the same command", restarts=True)
@@ -761,7 +761,7 @@ def test_a_stop_the_loop_did_not_act_on_is_passed_on_not_lost(assets, tmp_path, 
     """SIGTERM during a step, then on_eval pruning the trial ("error"), or SIGTERM after the
     loop's last look ("late", as its log closes): the stop reaches the caller's handler (here
     interrupt_on_sigterm's), not lost behind the error or a finished run, so a sweep does not
-    go on to its next trial, nor recipes.py to its evaluation."""
+    go on to its next trial, nor codelm.recipes to its evaluation."""
 
     def prune(step, metrics):
         raise _Pruned
