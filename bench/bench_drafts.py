@@ -6,7 +6,7 @@
                   equal. The output copies its input, which is where prompt lookup pays.
 
 Without --run, a small model is trained first (python trainingmanager.py --task refactor on
-pairs written by recipes.py's smoke data; a few minutes on two cores) under --work.
+pairs written by codelm.recipes' smoke data; a few minutes on two cores) under --work.
 
 Example: python bench/bench_drafts.py --threads 2. Figures go to docs/benchmarks.md (## Engine).
 """
@@ -26,12 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import eval as ev  # noqa: E402
+from codelm import loading  # noqa: E402
 from codelm.data.config import REFACTOR_TEMPLATE  # noqa: E402
 from codelm.data.encoding import prompt_prefix  # noqa: E402
 from codelm.models.generation import GenerationConfig, generate  # noqa: E402
+from codelm.recipes import write_smoke_data  # noqa: E402
 from codelm.runtime import settings  # noqa: E402
-from recipes import write_smoke_data  # noqa: E402
 
 
 @dataclass
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     settings.add_config_flags(parser, BenchConfig)
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     torch.set_num_threads(cfg.threads)
-    lm = ev.load_model(str(trained_run(cfg)), "cpu")
+    lm = loading.load_model(str(trained_run(cfg)), "cpu")
     model = lm.model.eval()
     eos = lm.tokenizer.eos_id
     prompts = [p for p in validation_prompts(lm, cfg)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sacrebleu  # noqa: E402
 
-import eval as ev  # noqa: E402
+from codelm.evaluation import metrics as eval_metrics  # noqa: E402
 from codelm.sandbox.runner import SandboxConfig, run_python  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     preds, refs = _pairs(args.pairs)
     # chrF, ROUGE-L and edit similarity are the libraries' own: nothing to compare
     rows = [
-        ("BLEU vs sacrebleu BLEU", lambda: ev.codexglue_bleu(preds, refs),
+        ("BLEU vs sacrebleu BLEU", lambda: eval_metrics.codexglue_bleu(preds, refs),
          lambda: sacrebleu.metrics.BLEU(tokenize="none", smooth_method="add-k")
          .corpus_score(preds, [refs])),
     ]

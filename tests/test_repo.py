@@ -131,7 +131,18 @@ BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
 GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 BOOTSTRAP, RUNNER, SANDBOX_COMMAND = ("codelm.sandbox.bootstrap", "codelm.sandbox.runner",
                                       "codelm.sandbox.__main__")
-TRAINCONFIG = "codelm.trainconfig"
+TRAINCONFIG, LOADING = "codelm.trainconfig", "codelm.loading"
+EVAL_CONFIG, METRICS, SCORING = ("codelm.evaluation.config", "codelm.evaluation.metrics",
+                                 "codelm.evaluation.scoring")
+EVAL_CORPUS, RESULTS = "codelm.evaluation.corpus", "codelm.evaluation.results"
+PROBLEMS, PASSK, REGISTRY = ("codelm.evaluation.tasks.problems", "codelm.evaluation.tasks.passk",
+                             "codelm.evaluation.tasks.registry")
+LM_TASK, TEXT_TASK, FIM_TASK, CODEXGLUE_TASK = (f"codelm.evaluation.tasks.{name}" for name in (
+    "lm", "text", "fim", "codexglue"))
+HUMANEVAL, HUMANEVAL_PLUS, MBPP, MBPP_PLUS = (f"codelm.evaluation.tasks.{name}" for name in (
+    "humaneval", "humaneval_plus", "mbpp", "mbpp_plus"))
+TASK_MODULES = {LM_TASK, TEXT_TASK, FIM_TASK, CODEXGLUE_TASK, HUMANEVAL, HUMANEVAL_PLUS, MBPP,
+                MBPP_PLUS}
 PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build",
                                  "codelm.training.trainer", "codelm.training.batches")
 RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
@@ -151,6 +162,10 @@ BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER, ENGINE, SERVING,
     ENDPOINTS, GRPO, PREFERENCE}
+# What a task module may import: the data's examples and encoding, a loaded model, the sandbox,
+# the metrics and scoring, the problems files and pass@k.
+TASK_FLOOR = {PROCESS, SETTINGS, GENERATION, RUNNER, "tokenizer", BPE, SOURCE, DATA_CONFIG,
+              DATA_SOURCES, EXAMPLES, ENCODING, LOADING, METRICS, SCORING, PROBLEMS, PASSK}
 MAY_IMPORT = {
     PROCESS: set(),
     ENDPOINTS: set(),
@@ -194,6 +209,34 @@ MAY_IMPORT = {
     "dataset": {PROCESS, SETTINGS, BATCHING, BPE, KERNELS, "tokenizer"} | DATA,
     BATCHES: {DATASETS, KERNELS},
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", DATA_CONFIG},
+    LOADING: {PROCESS, SETTINGS, HUB, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
+              TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", TRAINCONFIG},
+    SERVING: {"architecture", ENGINE, GENERATION, "tokenizer"},
+    BOOTSTRAP: set(),
+    RUNNER: {PROCESS, BOOTSTRAP},
+    SANDBOX_COMMAND: {PROCESS, SETTINGS, RUNNER},
+    METRICS: set(),
+    SCORING: {PROCESS, "tokenizer", BPE, DATA_CONFIG, DATASETS, ENCODING, EXAMPLES, LOADING,
+              ENGINE, GENERATION},
+    PROBLEMS: {SETTINGS, HUB, DATA_SOURCES},
+    PASSK: {PROCESS, SETTINGS, GENERATION, RUNNER, DATA_CONFIG, LOADING, METRICS, SCORING,
+            PROBLEMS},
+    LM_TASK: TASK_FLOOR,
+    TEXT_TASK: TASK_FLOOR,
+    FIM_TASK: TASK_FLOOR,
+    CODEXGLUE_TASK: TASK_FLOOR | {TEXT_TASK},
+    HUMANEVAL: TASK_FLOOR,
+    HUMANEVAL_PLUS: TASK_FLOOR | {HUMANEVAL},
+    MBPP: TASK_FLOOR,
+    MBPP_PLUS: TASK_FLOOR | {MBPP},
+    REGISTRY: {RUNNER, PROBLEMS, PASSK} | TASK_MODULES,
+    EVAL_CONFIG: {SETTINGS, DATA_CONFIG, ENDPOINTS, GENERATION, RUNNER, PROBLEMS, REGISTRY},
+    EVAL_CORPUS: {SETTINGS, RUNDIR, CHECKPOINT, DATA_CONFIG, DATA_SOURCES, SPLITS, LOADING,
+                  EVAL_CONFIG},
+    RESULTS: {PROCESS, SETTINGS, DATA_SOURCES, EXAMPLES, ENCODING, LOADING, EVAL_CONFIG, REGISTRY},
+    "eval": {PROCESS, SETTINGS, RUNDIR, GENERATION, SERVING, ENDPOINTS, DATA_CONFIG, DATA_SOURCES,
+             LOADING, EVAL_CONFIG, EVAL_CORPUS, RESULTS, SCORING, PASSK, REGISTRY},
+    GGUF_COMMAND: {PROCESS, SETTINGS, FAMILIES, GGUF_WRITER, LOADING},
     TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
     RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     GRPO: {"architecture", "lora", KERNELS},
@@ -203,18 +246,12 @@ MAY_IMPORT = {
     BUILD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
             TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", GGUF_WRITER,
             DATA_CONFIG, DATA_CACHE, ENCODING, EXAMPLES, "dataset", BATCHES, TRAINCONFIG,
-            DISTRIBUTED, TRAINER, RECORD, PLAN},
+            DISTRIBUTED, TRAINER, RECORD, PLAN, LOADING},
     FINISH: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER, ENCODING,
-             EXAMPLES, GENERATION, "tokenizer", TRAINER, RECORD, BUILD},
-    SERVING: {"architecture", ENGINE, GENERATION, "tokenizer"},
-    BOOTSTRAP: set(),
-    RUNNER: {PROCESS, BOOTSTRAP},
-    SANDBOX_COMMAND: {PROCESS, SETTINGS, RUNNER},
-    "trainingmanager": BELOW_FLOOR_3,
-    "eval": BELOW_FLOOR_3 | {"trainingmanager"},
+             EXAMPLES, GENERATION, "tokenizer", TRAINER, RECORD, BUILD, LOADING, "eval"},
+    "trainingmanager": BELOW_FLOOR_3 | {LOADING, "eval"},
     "hyperparam_tune": {PROCESS, SETTINGS, RUNDIR, "trainingmanager"},
-    "recipes": BELOW_FLOOR_3 | {"trainingmanager", "eval"},
-    GGUF_COMMAND: BELOW_FLOOR_3 | {"trainingmanager", "eval"},
+    "codelm.recipes": BELOW_FLOOR_3 | {LOADING, EVAL_CONFIG, RESULTS, "trainingmanager", "eval"},
 }
 
 # Imports each module fresh (the project's modules dropped from sys.modules in between; torch
@@ -411,7 +448,7 @@ def test_the_package_installs_every_top_level_module():
     assert packages == {".".join(p.parent.relative_to(ROOT).parts) for p in found}
 
 
-SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
+SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "codelm/recipes.py",
            "scraping/__main__.py", "tokenizer.py", "architecture.py", "lora.py",
            "codelm/sandbox/__main__.py", "codelm/gguf/__main__.py", "codelm/models/pretrained.py"]
 # Run as a script but no command: the program each sandboxed run starts, isolated (-I -S -B),
@@ -441,7 +478,7 @@ MISTAKES = [
     ("eval.py --print-config xml", "invalid choice: 'xml'"),
     ("dataset.py --block-size", "--block-size: expected one argument"),
     ("hyperparam_tune.py --pruner best", "invalid choice: 'best'"),
-    ("recipes.py", "required: recipe"),
+    ("codelm/recipes.py", "required: recipe"),
     ("scraping/__main__.py github --max-repos x", "invalid int value: 'x'"),
     ("tokenizer.py", "required: tokenizer"),
     ("architecture.py --presets", "unknown flag --presets"),

@@ -196,8 +196,8 @@ def test_help_comes_from_the_field_comments_grouped_by_section():
 
 def test_every_flag_of_the_scripts_explains_itself():
     import hyperparam_tune
-    from eval import EvalConfig
-    from recipes import RecipeOptions
+    from codelm.evaluation.config import EvalConfig
+    from codelm.recipes import RecipeOptions
     from scraping import GitHubConfig, LocalConfig
 
     for cls in (trainconfig.TrainConfig, EvalConfig, hyperparam_tune.TuneConfig, DataConfig,
@@ -216,7 +216,7 @@ class Operands:
 
 
 def test_operands_required_flags_and_repeated_flags():
-    """What recipes.py (positional recipe, repeatable --set) and python -m scraping (positional
+    """What codelm.recipes (positional recipe, repeatable --set) and python -m scraping (positional
     sources, required --out, help and choices in field metadata) read their flags with."""
     parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     settings.add_config_flags(parser, Operands, positional=("files",))

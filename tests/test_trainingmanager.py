@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 import dataset
 import trainingmanager as tm
 from architecture import SHORT_DTYPES
-from codelm import kernels, trainconfig
+from codelm import kernels, loading, trainconfig
 from codelm.data import encoding
 from codelm.data.datasets import LMWindows, collate
 from codelm.data.encoding import supervised_example, tokenizer_cache_dir
@@ -581,7 +581,7 @@ def test_injected_nan_stops_loudly_and_keeps_the_last_good_checkpoint(assets, tm
     assert "checkpoints/step-4" in message
     run = Path(cfg.out_dir) / "run"
     assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4"]
-    model = build.build_model(cfg, build.load_or_train_tokenizer(cfg, None))
+    model = loading.build_model(cfg, build.load_or_train_tokenizer(cfg, None))
     state = checkpoint.load(run / "checkpoints" / "step-4", model, False)
     assert state.step == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -992,7 +992,7 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
     for dtype in ("fp32", "bf16"):
         cfg = tiny_cfg(assets, tmp_path, name=dtype, base_dtype=dtype, export=dtype == "bf16",
                        export_merged=True, **common)
-        model = build.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+        model = loading.build_model(cfg, load_tokenizer(assets["tokenizer"]))
         kinds = {p.dtype for n, p in model.named_parameters() if "lora" not in n}
         assert kinds == {SHORT_DTYPES[dtype]}
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
@@ -1028,7 +1028,7 @@ def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets,
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base), lora_r=4,
                    model_options={"attn_dropout": 0.25, "embd_dropout": 0.0})
     plan.validate_config(cfg)
-    model = build.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+    model = loading.build_model(cfg, load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.attn_dropout, model.cfg.embd_dropout) == (0.25, 0.0)
     for options, message in (
             ({"n_layer": 7, "bogus": 1}, "model_options (--model-options): bogus, n_layer: the "
@@ -1356,7 +1356,7 @@ def test_a_nonfinite_checkpoint_with_a_valid_manifest_is_set_aside_and_refused_b
     """Weights holding NaN, written with a manifest that matches them: the resume sets that
     checkpoint aside naming the tensor and continues from the one before; eval.py refuses the
     weights in one line."""
-    import eval as evaluation
+    from codelm import loading
 
     config = _tiny_config_file(assets, tmp_path, max_steps=8)
     assert tm.main(["--config", config]) == 0
@@ -1386,7 +1386,7 @@ def test_a_nonfinite_checkpoint_with_a_valid_manifest_is_set_aside_and_refused_b
 
     checkpoint.write_dir_atomically(run / rundir.BEST_DIR, write_best)
     with pytest.raises(ValueError, match=f"{name} holds inf or NaN"):
-        evaluation.load_model(run, "cpu")
+        loading.load_model(run, "cpu")
 
 
 def _rewrite_checkpoint(path: Path, state_change=None, weights_step: str | None = None) -> None:
@@ -1578,7 +1578,7 @@ def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, cap
 
 def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkeypatch):
     tok = load_tokenizer(assets["tokenizer"])
-    model = build.build_model(tiny_cfg(assets, tmp_path), tok)
+    model = loading.build_model(tiny_cfg(assets, tmp_path), tok)
     seen = []
 
     def generate(model, idx, cfg, attention_mask=None):
@@ -1740,7 +1740,7 @@ def test_the_sample_stops_where_its_function_ends(assets, tmp_path, monkeypatch)
     from codelm.models import generation
 
     tok = load_tokenizer(assets["tokenizer"])
-    model = build.build_model(tiny_cfg(assets, tmp_path), tok)
+    model = loading.build_model(tiny_cfg(assets, tmp_path), tok)
     more = tok.encode("    return 1\ndef g():\n    pass\n")
 
     def generate(model, idx, cfg, attention_mask=None):
@@ -1801,8 +1801,8 @@ def test_the_end_of_run_sample_follows_the_runs_pair_special_tokens(assets, tmp_
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
     tok = load_tokenizer(assets["tokenizer"])
-    small = build.build_model(tiny_cfg(assets, tmp_path), tok)
-    wide = build.build_model(tiny_cfg(assets, tmp_path, n_embd=96), tok)
+    small = loading.build_model(tiny_cfg(assets, tmp_path), tok)
+    wide = loading.build_model(tiny_cfg(assets, tmp_path, n_embd=96), tok)
     with pytest.raises(ValueError, match=r"src\.safetensors: .*wte\.weight.*\(\d+, 64\).*"
                                          r"\(\d+, 96\)"):
         checkpoint.load_model_tensors(wide, checkpoint.model_tensors(small, False),
@@ -1811,7 +1811,7 @@ def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
 
 def test_recipe_resume_refuses_a_lora_rank_change_and_hints_its_own_flag(assets, tmp_path,
                                                                         capsys):
-    import recipes
+    from codelm import recipes
 
     train = dataclasses.asdict(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2))
     for key in ("out_dir", "name", "resume", "device", "progress"):
@@ -1822,7 +1822,7 @@ def test_recipe_resume_refuses_a_lora_rank_change_and_hints_its_own_flag(assets,
     assert recipes.main(flags) == 0
     capsys.readouterr()
     assert recipes.main(flags) == 2
-    assert "continue it with the same recipes.py command plus --resume" in (
+    assert "continue it with the same `python -m codelm.recipes` command plus --resume" in (
         capsys.readouterr().err)
     assert recipes.main([*flags, "--resume", "--set", "train.lora_r=4"]) == 2
     err = capsys.readouterr().err
@@ -2308,8 +2308,8 @@ def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path, dor
     config = json.loads((export / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base.resolve())
     assert config["use_dora"] is dora
-    ours = build.build_model(dataclasses.replace(cfg, lora_r=0, lora_dora=False),
-                          load_tokenizer(export))
+    ours = loading.build_model(dataclasses.replace(cfg, lora_r=0, lora_dora=False),
+                               load_tokenizer(export))
     lora.load_adapter(ours, export)
     ids = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
@@ -2339,8 +2339,8 @@ def test_init_from_a_hub_id_trains_lora_and_exports_an_adapter_peft_loads(assets
     assert tm.main(["--config", str(config), "--init-from", "org/tiny"]) == 0
     run = Path(cfg.out_dir) / "run"
     assert json.loads((run / "config.json").read_text())["init_from"] == str(snapshot)
-    ours = build.build_model(dataclasses.replace(cfg, init_from=str(snapshot), lora_r=0),
-                          load_tokenizer(run / "export"))
+    ours = loading.build_model(dataclasses.replace(cfg, init_from=str(snapshot), lora_r=0),
+                               load_tokenizer(run / "export"))
     lora.load_adapter(ours, run / "export")
     ids = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
@@ -2436,12 +2436,12 @@ def test_dropout_flag_sets_residual_dropout_and_model_options_attention_dropout(
     assert trainconfig.model_config(both, 64, None, None).attn_dropout == 0.1
     base = tmp_path / "base"
     save_tiny_hf("llama", base, vocab_size=512, attention_dropout=0.05)
-    model = build.build_model(trainconfig.TrainConfig(init_from=str(base), dropout=0.15),
-                           load_tokenizer(assets["tokenizer"]))
+    model = loading.build_model(trainconfig.TrainConfig(init_from=str(base), dropout=0.15),
+                                load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.dropout, model.cfg.attn_dropout) == (0.15, 0.05)
     save_tiny_hf("phi", tmp_path / "phi", vocab_size=512, embd_pdrop=0.1, resid_pdrop=0.1)
-    model = build.build_model(trainconfig.TrainConfig(init_from=str(tmp_path / "phi"), dropout=0.0),
-                           load_tokenizer(assets["tokenizer"]))
+    cfg = trainconfig.TrainConfig(init_from=str(tmp_path / "phi"), dropout=0.0)
+    model = loading.build_model(cfg, load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.embedding_dropout, model.cfg.dropout) == (0.0, 0.0)
 
 
@@ -2629,7 +2629,7 @@ def test_init_adapter_starts_from_a_peft_adapter_as_peft_computes_it(assets, tmp
     cfg = plan.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft")))
     assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
             sorted(cfg.lora_targets)) == (str(base), 4, 8.0, 0.05, ["q_proj", "v_proj"])
-    model = build.build_model(cfg, load_tokenizer(assets["tokenizer"])).eval()
+    model = loading.build_model(cfg, load_tokenizer(assets["tokenizer"])).eval()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == peft_model.get_nb_trainable_parameters()[0]
     ids = torch.randint(0, 512, (2, 16))
@@ -2660,7 +2660,7 @@ def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_ba
     assert all(0 < (start[k] - end[k]).abs().max() < 0.01 for k in start if "lora_B" in k)
     assert all((start[k] - end[k]).abs().max() < 0.01 for k in start)
     run_cfg = trainconfig.config_from_dict(json.loads((run / rundir.CONFIG_FILE).read_text()))
-    ours = build.build_model(run_cfg, load_tokenizer(run))
+    ours = loading.build_model(run_cfg, load_tokenizer(run))
     checkpoint.load_model_tensors(ours, load_file(run / rundir.BEST_DIR / rundir.ADAPTER_FILE),
                                   "best", True)
     peft_model = PeftModel.from_pretrained(
@@ -2688,11 +2688,11 @@ def test_init_adapter_whose_base_layer_differs_from_the_base_is_refused(assets, 
                    ).save_pretrained(tmp_path / "changed")
     tok = load_tokenizer(assets["tokenizer"])
     cfg = plan.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "same")))
-    build.build_model(cfg, tok)  # the base's own embedding, as PEFT saves it by default: taken
+    loading.build_model(cfg, tok)  # the base's own embedding, as PEFT saves it by default: taken
     cfg = plan.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "changed")))
     with pytest.raises(ValueError, match=r"base_model\.model\.model\.embed_tokens\.base_layer"
                        r"\.weight .*differs from the base's.*export would lose"):
-        build.build_model(cfg, tok)
+        loading.build_model(cfg, tok)
 
 
 def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone(
@@ -2701,7 +2701,7 @@ def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone
     adapter directory changes nothing: a resume (--resume, as the command line reads it) trains
     on as the same resume rebuilt from the adapter directory (a run without the copy gets
     one) does, and eval.py's model of its best/ computes the same logits."""
-    import eval as ev
+    from codelm import loading
 
     base = tiny_llama(tmp_path)
     _peft_adapter(base, tmp_path / "peft")
@@ -2717,7 +2717,7 @@ def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone
 
     def resumed_and_scored(run_dir: Path) -> tuple[tm.TrainResult, torch.Tensor]:
         result = tm.train(plan.parse_config(["--resume", str(run_dir), "--max-steps", "3"]))
-        model = ev._load_run(run_dir, torch.device("cpu"))[0]
+        model = loading._load_run(run_dir, torch.device("cpu"))[0]
         with torch.no_grad():
             return result, model.eval()(ids)
 
@@ -2927,7 +2927,7 @@ def test_a_resume_of_a_run_with_weights_takes_the_adapter_settings_from_its_copy
 def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path, capsys):
     """export/ records which best/ step it holds: a resume with --no-export that finds a new best
     leaves export/ at the old best, and eval.py scores best/, not that stale export."""
-    import eval as ev
+    from codelm import loading
 
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, export=True)
     run = tm.train(cfg).run_dir
@@ -2938,7 +2938,7 @@ def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path
     best = json.loads((run / "best" / "metrics.json").read_text())["step"]
     assert best > exported  # the loss kept falling
     capsys.readouterr()
-    loaded = ev.load_model(str(run), torch.device("cpu")).model
+    loaded = loading.load_model(str(run), torch.device("cpu")).model
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("note: "), err
     assert all(w in err for w in (f"{run / 'export'} is not used", f"step {exported}",
@@ -3472,7 +3472,7 @@ def test_lora_settings_reach_the_adapter_and_the_merged_export_has_the_tokenizer
     assert load_tokenizer(export / "merged").encode(text) == tok.encode(text)
     hf = transformers.AutoTokenizer.from_pretrained(export / "merged")
     assert hf(text)["input_ids"] == tok.encode(text)
-    model = build.build_model(dataclasses.replace(cfg, quantize_bits=8), tok)
+    model = loading.build_model(dataclasses.replace(cfg, quantize_bits=8), tok)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
     assert any(isinstance(m, quantize.QuantLinear) for m in model.modules())

@@ -178,6 +178,14 @@ def encode_text(tokenizer: CodeTokenizer | BPETokenizer, text: str) -> list[int]
     return tokenizer.encode(text, split_special_tokens=True)
 
 
+def fitted_prompt(example: Example, tokenizer: CodeTokenizer | BPETokenizer) -> str:
+    """``example``'s prompt as text, its body cut to ``body_budget`` tokens (``encode_text``'s)."""
+    body = example.body
+    if example.body_budget is not None:
+        body = tokenizer.decode(encode_text(tokenizer, body)[: example.body_budget])
+    return example.head + body + example.tail
+
+
 def packed_document(tokenizer: CodeTokenizer | BPETokenizer, ids: Sequence[int]) -> list[int]:
     """A file's ids as the lm task packs them: the template start, the file, EOS."""
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]  # eval.py scores without one

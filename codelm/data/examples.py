@@ -36,7 +36,8 @@ class SamplePrompt(typing.NamedTuple):
 @dataclass
 class Example:
     """A supervised example before tokenization: prompt = head + body + tail; ``body`` (the code
-    inside an instruction, at most ``body_budget`` tokens) is what a long prompt loses first."""
+    inside an instruction, at most ``body_budget`` tokens) is what a long prompt loses first.
+    ``id`` names an evaluated example in eval.py's predictions (its document's id, #N)."""
 
     head: str
     completion: str
@@ -44,6 +45,7 @@ class Example:
     tail: str = ""
     body_budget: int | None = None
     pair: bool = False  # from a pair record: ``pair_special_tokens`` reads its special tokens
+    id: str = ""
 
     @property
     def prompt(self) -> str:

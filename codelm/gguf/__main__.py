@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-import eval as evaluation
+from codelm import loading
 from codelm.gguf import writer
 from codelm.models import families
 from codelm.runtime import process, settings
@@ -33,8 +33,8 @@ def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise ValueError(f"{out}: cannot write into {out.parent} (permission denied); name a "
                          "directory you can write")
-    loaded = evaluation.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
-                                   what="export-gguf")
+    loaded = loading.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
+                                what="export-gguf")
     writer.check_exportable(loaded.model, loaded.tokenizer)
     return writer.save(loaded.model, loaded.tokenizer, out, outtype, name=loaded.label)
 

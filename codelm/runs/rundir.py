@@ -31,7 +31,7 @@ BEST_METRICS = "metrics.json"  # in best/: {"step": the step of its weights, **v
 EXPORT_DIR = "export"  # HF model + tokenizer, or a LoRA run's adapter (PEFT layout)
 MERGED_DIR = "merged"  # in export/: a LoRA run's merged model (export_merged)
 GGUF_FILE = "model.gguf"  # in export/: the model as GGUF (export_gguf), its Ollama Modelfile beside
-EVAL_DIR = "eval"  # recipes.py's evaluation of the run
+EVAL_DIR = "eval"  # codelm.recipes' evaluation of the run
 FINAL_EVAL_DIR = "final_eval"  # the final evaluation of a from-scratch code model (eval.py's)
 HF_CONFIG = "config.json"  # an HF model directory's config (export/, an init_from)
 

@@ -22,13 +22,14 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
 import lora
-from architecture import SHORT_DTYPES, Transformer
+from architecture import Transformer
+from codelm import loading
 from codelm.data.cache import make_cache_dir, publish_cache_entry
 from codelm.data.config import DataConfig
 from codelm.data.encoding import tokenizer_cache_dir
 from codelm.data.examples import SamplePrompt
 from codelm.gguf import writer
-from codelm.models import adapter_config, pretrained, quantize
+from codelm.models import adapter_config, quantize
 from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import (
     PATH_KEYS,
@@ -118,45 +119,6 @@ def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig, saved: Path | No
     return tok
 
 
-def build_model(cfg: TrainConfig, tok: CodeTokenizer | BPETokenizer,
-                adapter_copy: Path | None = None) -> nn.Module:
-    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
-    ``adapter_copy``: a continued run's copy of its init_adapter's config (rundir.adapter_copy),
-    which gives the LoRA layout."""
-    base_dtype = SHORT_DTYPES[cfg.base_dtype]
-    if cfg.init_from is not None:
-        model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
-        if tok.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
-                             f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
-        if cfg.dropout is not None:  # embeddings and residual branches, as from scratch
-            model.cfg.dropout = model.cfg.embd_dropout = cfg.dropout
-        for key, value in cfg.model_options.items():  # LOADED_MODEL_OPTIONS: read live
-            setattr(model.cfg, key, value)
-    else:
-        model = Transformer(model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
-        model.to(base_dtype)
-    if cfg.lora_r > 0:
-        if cfg.quantize_bits:
-            quantize.quantize_base(model, bits=cfg.quantize_bits)
-        if cfg.init_adapter is not None and adapter_copy is not None:  # the weights: the run's
-            lora.apply_adapter_layout(model, adapter_copy.parent, adapter_copy.name)
-        elif cfg.init_adapter is not None:  # its own config (with_init_adapter read it)
-            if changed := lora.changed_base_tensors(model, cfg.init_adapter):
-                raise ValueError(
-                    f"init_adapter {cfg.init_adapter}: its {changed[0]} (of {len(changed)}) "
-                    f"differs from the base's, {cfg.init_from}; a resume and the export would lose "
-                    "it: save the merged base (PEFT: unload().save_pretrained), use --init-from")
-            lora.load_adapter(model, cfg.init_adapter)
-        else:
-            lora.apply_lora(model, adapter_config.LoRAConfig(**{  # no lora_targets: its default
-                name: getattr(cfg, key) for name, key in adapter_config.ADAPTER_KEYS.items()
-                if key != "lora_targets" or cfg.lora_targets}))
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.offload_activations = cfg.offload_activations
-    return model
-
-
 # ---- The run: its directory claimed, then data, model and trainer, restored if continued ----
 
 class Data(NamedTuple):
@@ -210,7 +172,7 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
     seed_everything(cfg.seed)  # right before the init: whatever the data's preparation drew
     # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
     adapter_copy = rundir.adapter_copy(run_dir) if checkpoints else None
-    model = build_model(cfg, data.tok, adapter_copy)
+    model = loading.build_model(cfg, data.tok, adapter_copy)
     first = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that continues
     if cfg.init_adapter is not None and adapter_copy is None:
         first[run_dir / rundir.INIT_ADAPTER_COPY] = (

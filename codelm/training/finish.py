@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+import eval as evaluation
 import lora
+from codelm import loading
 from codelm.data.encoding import encode_prompts, prompt_prefix, reads_special_tokens
 from codelm.data.examples import SamplePrompt
 from codelm.gguf import writer
@@ -24,7 +26,6 @@ from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
 from codelm.runs.rundir import best_step
 from codelm.runtime import distributed
-from codelm.training import build
 from codelm.training.build import Run
 from codelm.training.record import NonFiniteLossError
 from codelm.training.trainer import perplexity
@@ -113,7 +114,7 @@ def unsharded_copy(run: Run) -> nn.Module | None:
     tensors = checkpoint.gathered_tensors(run.trainer.raw_model, trainable_only=False)
     if not run.record.dist.main:
         return None
-    model = build.build_model(run.cfg, run.data.tok, rundir.adapter_copy(run.record.run_dir))
+    model = loading.build_model(run.cfg, run.data.tok, rundir.adapter_copy(run.record.run_dir))
     load_model_tensors(model, tensors, "the gathered model", trainable_only=False)
     return model
 
@@ -152,8 +153,6 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
 def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
     """A finished run scored as ``python eval.py --tasks line method`` scores it (the test split),
     printed with its ``last`` validation metrics; an evaluation that cannot run is only noted."""
-    import eval as evaluation
-
     out = run_dir / rundir.FINAL_EVAL_DIR
     cfg = evaluation.EvalConfig(models=[str(run_dir)], tasks=["line", "method"],
                                 out_dir=str(out), progress=False, device=device)

@@ -36,7 +36,7 @@ from test_trainingmanager import (
 )
 
 import trainingmanager as tm
-from codelm import trainconfig
+from codelm import loading, trainconfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir, trackers
 from codelm.runtime import distributed, process
@@ -446,7 +446,7 @@ def test_a_stop_signal_saves_and_exits_non_zero_with_the_resume_hint(assets, tmp
 
 def test_a_run_its_caller_restarts_says_so_on_a_stop_not_that_a_checkpoint_waits(
         assets, tmp_path, capsys, monkeypatch):
-    """A run its caller restarts (recipes.py --smoke) says on a stop to start it again, not
+    """A run its caller restarts (codelm.recipes --smoke) says on a stop to start it again, not
     "checkpoint saved; continue with", which the restart would contradict."""
     sigterm_at_step(monkeypatch, 2)
     result = tm.train(tiny_cfg(assets, tmp_path), resume_hint="the same command", restarts=True)
@@ -618,12 +618,12 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
     told(*nothing, unsaid="--resume")
     assert not run.exists()
     monkeypatch.setattr(build, "prepare", prepare)
-    build_model = build.build_model
-    monkeypatch.setattr(build, "build_model", ctrl_c)  # after the run's tokenizer is written
+    build_model = loading.build_model
+    monkeypatch.setattr(loading, "build_model", ctrl_c)  # after the run's tokenizer is written
     assert tm.main(["--config", config]) == 130
     told(*nothing, unsaid="--resume")
     assert not run.exists()  # a default timestamped name would leave one dead directory each
-    monkeypatch.setattr(build, "build_model", build_model)
+    monkeypatch.setattr(loading, "build_model", build_model)
     assert tm.main(["--config", config]) == 0
 
     monkeypatch.setattr(build, "prepare", ctrl_c)  # a resume's: the run's checkpoints are kept
@@ -668,7 +668,7 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", Recorded)
     cfg = trainconfig.TrainConfig(init_from=str(tiny_llama(tmp_path)), lora_r=4, quantize_bits=4,
                                   block_size=16)
-    models = [build.build_model(cfg, types.SimpleNamespace(vocab_size=8)) for _ in range(2)]
+    models = [loading.build_model(cfg, types.SimpleNamespace(vocab_size=8)) for _ in range(2)]
     buffers = [dict(m.named_buffers()) for m in models]
     assert {n.rsplit(".", 1)[-1].split("_")[0] for n in buffers[0]} == {
         "inv", "rows", "order", "pairs"}
@@ -761,7 +761,7 @@ def test_a_stop_the_loop_did_not_act_on_is_passed_on_not_lost(assets, tmp_path, 
     """SIGTERM during a step, then on_eval pruning the trial ("error"), or SIGTERM after the
     loop's last look ("late", as its log closes): the stop reaches the caller's handler (here
     interrupt_on_sigterm's), not lost behind the error or a finished run, so a sweep does not
-    go on to its next trial, nor recipes.py to its evaluation."""
+    go on to its next trial, nor codelm.recipes to its evaluation."""
 
     def prune(step, metrics):
         raise _Pruned

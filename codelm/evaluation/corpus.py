@@ -1,0 +1,48 @@
+"""The corpus an evaluation's text tasks score: the runs' own data (so their held-out split) unless
+``--data`` names other, as a DataConfig; and its split's documents loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from codelm.data.config import DataConfig
+from codelm.data.sources import Doc
+from codelm.data.splits import corpus_key, load_corpus
+from codelm.evaluation.config import EvalConfig
+from codelm.loading import LoadedModel
+from codelm.runs import checkpoint, rundir
+from codelm.runtime import settings
+
+
+def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
+    """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
+    configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / rundir.CONFIG_FILE))
+               for m in models if m.run_config}
+    if cfg.data is None and len({corpus_key(c) for c in configs.values()}) > 1:
+        raise ValueError(f"the runs {', '.join(configs)} were trained on different corpora or "
+                         "splits, so no split is held out from all of them; name the data every "
+                         "model is scored on with --data (and --data-options)")
+    return next(iter(configs.values())) if configs else _corpus_config(cfg, None)
+
+
+def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"
+                   ) -> DataConfig:
+    run = run or {}
+    known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
+    options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
+    if run and cfg.data is None:  # the run's predefined splits shape its split too
+        checkpoint.check_run_paths(run, ["data", "val_data", "test_data"], run_source)
+        options.update(val_sources=list(run.get("val_data") or []),
+                       test_sources=list(run.get("test_data") or []))
+    options.update(cfg.data_options, sources=list(cfg.data or run.get("data") or ["stdlib"]),
+                   progress=cfg.progress)
+    return settings.config_from_dict(DataConfig, options, "data_options")  # errors name the key
+
+
+def split_documents(cfg: EvalConfig, models: Sequence[LoadedModel]
+                    ) -> tuple[list[Doc], DataConfig]:
+    """The documents of ``cfg.split`` of the corpus scored, and its DataConfig."""
+    data_cfg = corpus_config(cfg, models)
+    return getattr(load_corpus(data_cfg), cfg.split), data_cfg

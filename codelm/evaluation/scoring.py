@@ -1,0 +1,265 @@
+"""A model's prompts encoded and completed, and its losses summed, as the evaluation settings
+say (``Scoring``: EvalConfig's fields of those names): the context a model is scored with, each
+prompt's ids as training tokenized them, completions generated (the continuous-batching engine,
+or batches for beams and compiled decoding) or streamed, and the loss of reference completions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from codelm.data.config import DataConfig
+from codelm.data.datasets import collate
+from codelm.data.encoding import (
+    RUN_READ_TEXT,
+    encode_prompts,
+    fit_prompt,
+    prompt_prefix,
+    reads_special_tokens,
+    supervised_example,
+    tokenize_examples,
+)
+from codelm.data.examples import Example
+from codelm.loading import LoadedModel
+from codelm.models.engine import Engine
+from codelm.models.generation import GenerationConfig, generate, stream, truncate_at_stops
+from codelm.runtime.process import progress_bar
+from tokenizer import decode_generated, generation_eos_ids
+
+
+class Scoring(Protocol):
+    """What scoring reads of an evaluation's settings (EvalConfig has each)."""
+
+    block_size: int | None
+    data_options: dict
+    max_new_tokens: int
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    num_beams: int
+    compile: bool
+    seed: int
+    batch_size: int
+    progress: bool
+
+
+def context(lm: LoadedModel, cfg: Scoring) -> int:
+    """The context a model is scored and prompted with: cfg's, but never past its positions."""
+    return min(cfg.block_size or lm.model.cfg.block_size, lm.model.cfg.block_size)
+
+
+def shared_context(models: Sequence[LoadedModel]) -> int:
+    """One context for every compared model: the smallest, a run's being its training one."""
+    return min(min(lm.model.cfg.block_size, (lm.run_config or {}).get("block_size") or
+                   lm.model.cfg.block_size) for lm in models)
+
+
+def prompt_start(lm: LoadedModel) -> list[int]:
+    """A prompt is formatted as the model saw text in training (a base checkpoint: bare)."""
+    return prompt_prefix(lm.tokenizer, lm.run_config.get("task", "lm") if lm.run_config else None)
+
+
+def _pair_special_tokens(lm: LoadedModel, cfg: Scoring) -> bool | None:
+    """Whether prompts' special-token text reads as the tokens (None: a model without a run)."""
+    if "pair_special_tokens" in cfg.data_options:
+        return bool(cfg.data_options["pair_special_tokens"])
+    if not (run := lm.run_config):
+        return None
+    return reads_special_tokens(run.get("task", "lm"),
+                                (run.get("data_options") or {}).get("pair_special_tokens"))
+
+
+def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring) -> list[list[int]]:
+    """Each prompt's ids, special-token text read as the model learned it."""
+    why = ("--data-options sets pair_special_tokens false"  # the user's choice, for a base too
+           if "pair_special_tokens" in cfg.data_options else RUN_READ_TEXT)
+    return encode_prompts(lm.tokenizer, prompts, _pair_special_tokens(lm, cfg),
+                          " (eval.py --data-options '{\"pair_special_tokens\": true}' reads them "
+                          "as the tokens)", why)
+
+
+def summed_loss(lm: LoadedModel, examples: Sequence[dict], cfg: Scoring, desc: str
+                ) -> tuple[float, float, float]:
+    """(summed loss, correct next tokens, scored tokens) of ``collate`` batches."""
+    device = next(lm.model.parameters()).device
+    total = correct = count = 0.0
+    with progress_bar(total=len(examples), desc=f"{lm.label} {desc}", unit="example",
+                      enabled=cfg.progress, leave=False) as bar:
+        for i in range(0, len(examples), cfg.batch_size):
+            batch = collate(examples[i : i + cfg.batch_size], lm.tokenizer.pad_id)
+            # No mask (collate pads right): SDPA may use its fused causal kernels (flash on CUDA)
+            labels = batch["labels"].to(device)
+            loss, right = lm.model(batch["input_ids"].to(device), targets=labels,
+                                   reduction="sum", count_correct=True)
+            total += float(loss)
+            correct += float(right)
+            count += float((labels != -100).sum())
+            bar.update(len(labels))
+    return total, correct, count
+
+
+def training_ids(lm: LoadedModel, examples: Sequence[Example], cfg: Scoring,
+                 data_cfg: DataConfig | None = None
+                 ) -> list[tuple[list[int], list[int], tuple[int, int]]]:
+    """(prompt ids, completion ids, code span) of each example as dataset.py tokenizes it for
+    training, special-token text read as ``lm``'s run (or ``cfg.data_options``) read it."""
+    data_cfg = replace(data_cfg or DataConfig(), block_size=context(lm, cfg), progress=False)
+    if (reads := _pair_special_tokens(lm, cfg)) is not None:
+        data_cfg = replace(data_cfg, pair_special_tokens=reads)
+    return tokenize_examples(list(examples), lm.tokenizer, data_cfg, "tokenize")
+
+
+@torch.no_grad()
+def score_supervised(lm: LoadedModel, examples: Sequence[Example], cfg: Scoring,
+                     data_cfg: DataConfig | None = None) -> float:
+    """Mean loss of each reference completion (EOS included) given its prompt, as dataset.py's
+    training example of the pair: the validation loss a supervised run logs on these examples."""
+    tok = lm.tokenizer
+    data_cfg = data_cfg or DataConfig()
+    eos = [tok.eos_id] if tok.eos_id is not None and data_cfg.add_eos else []
+    start = prompt_start(lm)
+    examples = [supervised_example(p, c + eos, context(lm, cfg), data_cfg.max_completion_tokens,
+                                   data_cfg.max_prompt_tokens, span, start)
+                for p, c, span in training_ids(lm, examples, cfg, data_cfg)]
+    total, _, count = summed_loss(lm, examples, cfg, "reference loss")
+    if count == 0:
+        raise ValueError("no reference tokens to score")
+    return total / count
+
+
+def _generation(lm: LoadedModel, cfg: Scoring,
+                prompt_ids: Sequence[tuple[list[int], tuple[int, int]]],
+                max_prompt_tokens: int | None = None, **options
+                ) -> tuple[GenerationConfig, list[int], list[list[int]]]:
+    """The GenerationConfig of ``cfg``, the EOS ids, and each prompt's ids after
+    ``prompt_start``, cut (code first) to leave room for the new tokens."""
+    tok, model = lm.tokenizer, lm.model
+    eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
+    new_tokens = _new_tokens(lm, cfg)
+    start = prompt_start(lm)
+    room = prompt_room(lm, cfg)
+    if max_prompt_tokens is not None:
+        room = min(room, max_prompt_tokens)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    gen = GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, eos_id=eos or None, generator=generator,
+                           pad_id=tok.pad_id if tok.pad_id is not None else (eos or [0])[0],
+                           compile=cfg.compile, **options)
+    return gen, eos, [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
+
+
+def _new_tokens(lm: LoadedModel, cfg: Scoring) -> int:
+    """The tokens a completion may have: max_new_tokens, at most half the model's context."""
+    return min(cfg.max_new_tokens, context(lm, cfg) // 2)
+
+
+def prompt_room(lm: LoadedModel, cfg: Scoring) -> int:
+    """The tokens a prompt may have after ``prompt_start``, leaving room for the completion."""
+    return context(lm, cfg) - _new_tokens(lm, cfg) - len(prompt_start(lm))
+
+
+@torch.no_grad()
+def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
+                   stops: Sequence[str] = (), desc: str = "generate",
+                   prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
+                   max_prompt_tokens: int | None = None, skip_blank_lines: bool = False
+                   ) -> list[str]:
+    """Continue each prompt (greedy, beams or sampled) in left-padded batches, up to EOS or the
+    first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
+    tokenized them; ``max_prompt_tokens``: the run's own prompt limit; ``skip_blank_lines``: the
+    text starts at its first non-blank character (a stop before it does not count)."""
+    tok, model = lm.tokenizer, lm.model
+
+    def text(ids: list[int]) -> str:
+        decoded = decode_generated(tok, ids)
+        return decoded.lstrip() if skip_blank_lines else decoded
+    if prompt_ids is None:
+        prompt_ids = [(ids, (0, 0)) for ids in _prompt_ids(lm, prompts, cfg)]
+    gen, eos, encoded = _generation(
+        lm, cfg, prompt_ids, max_prompt_tokens, num_beams=cfg.num_beams,
+        stop=(list(stops) or None) if cfg.num_beams == 1 else None, decode=text)
+    device = next(model.parameters()).device
+    if cfg.num_beams == 1 and not cfg.compile:
+        return _engine_texts(lm, encoded, gen, eos, cfg, stops, text, desc)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    outputs: list[str] = [""] * len(encoded)
+    with progress_bar(total=len(order), desc=f"{lm.label} {desc}", unit="prompt",
+                      enabled=cfg.progress, leave=False) as bar:
+        for start in range(0, len(order), cfg.batch_size):
+            rows = order[start : start + cfg.batch_size]
+            batch = [torch.tensor(encoded[i]) for i in rows]
+            idx = pad_sequence(batch, True, gen.pad_id, padding_side="left")
+            mask = pad_sequence([torch.ones_like(p, dtype=torch.bool) for p in batch], True,
+                                padding_side="left")
+            out = generate(model, idx.to(device), gen, attention_mask=mask.to(device))
+            for b, i in enumerate(rows):
+                ids = out[b, idx.shape[1] :].tolist()
+                ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
+                outputs[i] = truncate_at_stops(text(ids), stops)
+            bar.update(len(rows))
+    return outputs
+
+
+def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConfig,
+                  eos: list[int], cfg: Scoring, stops: Sequence[str],
+                  text: Callable[[list[int]], str], desc: str) -> list[str]:
+    """``generate_texts`` through the continuous-batching engine (cfg.batch_size slots): prompt
+    i samples with its own generator, seeded cfg.seed + i, so its text does not depend on the
+    batch it ran in."""
+    engine = Engine(lm.model, cfg.batch_size, max_len=context(lm, cfg))
+    device = next(lm.model.parameters()).device
+    order = []
+    for i, ids in enumerate(encoded):
+        generator = None
+        if gen.temperature > 0:
+            generator = torch.Generator(device).manual_seed((cfg.seed + i) % 2**64)
+        order.append(engine.add(ids, replace(gen, generator=generator)))
+    new: dict[int, list[int]] = {request: [] for request in order}
+    with progress_bar(total=len(order), desc=f"{lm.label} {desc}", unit="prompt",
+                      enabled=cfg.progress, leave=False) as bar:
+        for event in engine.run():
+            new[event.request].append(event.token)
+            if event.finished is not None:
+                bar.update(1)
+    outputs = []
+    for request in order:
+        ids = new[request]
+        ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
+        outputs.append(truncate_at_stops(text(ids), stops))
+    return outputs
+
+
+@torch.no_grad()
+def stream_completion(lm: LoadedModel, prompt: str, cfg: Scoring,
+                      write: Callable[[str], object]) -> str:
+    """Continue ``prompt`` as ``generate_texts`` does, handing ``write`` the new text token by
+    token; return the whole completion."""
+    if cfg.num_beams > 1:  # a beam's text is known only once the search ends
+        (text,) = generate_texts(lm, [prompt], replace(cfg, progress=False))
+        write(text)
+        return text
+    (prompt_ids,) = _prompt_ids(lm, [prompt], cfg)
+    gen, eos, (ids,) = _generation(lm, cfg, [(prompt_ids, (0, 0))])
+    new: list[int] = []
+    shown = ""
+    for step in stream(lm.model, torch.tensor([ids], device=next(lm.model.parameters()).device),
+                       gen):
+        if int(step[0]) in eos:
+            break
+        new.append(int(step[0]))
+        text = decode_generated(lm.tokenizer, new)
+        if text.startswith(shown) and not text.endswith("\ufffd"):  # else a character's bytes
+            write(text[len(shown) :])                                # are still coming
+            shown = text
+    text = decode_generated(lm.tokenizer, new)
+    write(text[len(shown) :] if text.startswith(shown) else f"\n{text}")
+    return text
+
+
+def served_prompt(lm: LoadedModel, cfg: Scoring, text: str) -> list[int]:
+    """A served completion prompt's ids: as generate_texts encodes one."""
+    return prompt_start(lm) + _prompt_ids(lm, [text], cfg)[0]

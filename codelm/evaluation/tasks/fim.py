@@ -1,0 +1,90 @@
+"""Fill-in-the-middle: SantaCoder's FIM task (its Hugging Face dataset) as
+bigcode-evaluation-harness's ``santacoder_fim`` prompts and scores it, in the model's own FIM
+tokens: exact match of the generated middle, over all problems and per language."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from codelm.data.config import DataConfig
+from codelm.data.encoding import fim_prompt, without_stripping
+from codelm.evaluation import scoring
+from codelm.evaluation.scoring import Scoring
+from codelm.evaluation.tasks.problems import problem_records
+from codelm.loading import LoadedModel
+from codelm.tokenization.bpe import FIM_TOKENS
+
+FIM_DATASET = "bigcode/santacoder-fim-task"  # the harness's santacoder_fim data
+FIM_KEYS = ("prompt", "suffix", "canonical_solution")  # prefix, suffix and middle
+SPLIT_FILES = ("**/*.parquet",)  # where a dataset snapshot holds the problems
+KIND = "benchmark"
+
+
+class Limited(Protocol):
+    limit: int | None  # the first problems of the file (None: all)
+
+
+def load_fim_problems(path: str | Path, limit: int | None = None) -> list[dict]:
+    """SantaCoder's FIM task records as bigcode-evaluation-harness's santacoder_fim reads them:
+    ``prompt`` the prefix, ``suffix``, ``canonical_solution`` the middle, ``language``."""
+    problems = []
+    for where, record in problem_records(path, SPLIT_FILES, "fim"):
+        if missing := [k for k in FIM_KEYS if not isinstance(record.get(k), str)]:
+            raise ValueError(f"{where}: missing string field(s) {missing}")
+        problems.append({"id": str(record.get("name") or where),
+                         "language": str(record.get("language") or "unknown"),
+                         "prefix": record["prompt"], "suffix": record["suffix"],
+                         "middle": record["canonical_solution"]})
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    return problems[:limit]
+
+
+def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: Scoring
+            ) -> tuple[dict, list[dict]]:
+    """Each problem's middle generated from a prefix-suffix-middle prompt in the model's own FIM
+    tokens (prefix and suffix encoded apart, as training encodes them), up to EOS; exact match
+    with the canonical middle, as bigcode-evaluation-harness's santacoder_fim scores it: EM over
+    all problems and EM_<language> over each language's (0-100)."""
+    tok = lm.tokenizer
+    if None in (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id):
+        spellings = ", ".join("/".join(spelling) for spelling in FIM_TOKENS)
+        raise ValueError(f"--tasks fim: the tokenizer of {lm.label} has no fill-in-the-middle "
+                         f"tokens (one of {spellings}); evaluate a model trained with them")
+    plain = without_stripping(tok)
+    room = scoring.prompt_room(lm, cfg)
+    ids = []
+    for problem in problems:
+        prompt = fim_prompt(tok, plain.encode(problem["prefix"]), plain.encode(problem["suffix"]),
+                            room)
+        ids.append((prompt, (0, 0)))
+    middles = scoring.generate_texts(lm, [p["prefix"] for p in problems], cfg, desc="fim",
+                                     prompt_ids=ids)
+    records = []
+    for problem, middle in zip(problems, middles):
+        records.append({"model": lm.label, "task": "fim", "variant": None, "id": problem["id"],
+                        "language": problem["language"], "prompt_tail": problem["prefix"][-300:],
+                        "reference": problem["middle"], "prediction": middle,
+                        "exact": middle == problem["middle"]})
+    metrics = {"EM": 100.0 * sum(r["exact"] for r in records) / len(records)}
+    for language in sorted({r["language"] for r in records}):
+        mine = [r["exact"] for r in records if r["language"] == language]
+        metrics[f"EM_{language}"] = 100.0 * sum(mine) / len(mine)
+    return metrics, records
+
+
+def source() -> str:
+    """The FIM task's problems where ``--problems`` names none: its Hugging Face dataset id."""
+    return FIM_DATASET
+
+
+def load(file: Path, cfg: Limited) -> list[dict]:
+    return load_fim_problems(file, cfg.limit)
+
+
+def run(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: Scoring,
+        variant: str | None = None, data_cfg: DataConfig | None = None
+        ) -> tuple[dict, list[dict]]:
+    return run_fim(lm, problems, cfg)

@@ -1,0 +1,32 @@
+"""HumanEval+ (EvalPlus's Hugging Face dataset, whose test runs every input) as
+bigcode-evaluation-harness's ``humanevalplus`` prompts and stops it; its tests compare floats
+with numpy, as EvalPlus's harness does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from codelm.data.config import DataConfig
+from codelm.evaluation.tasks import passk
+from codelm.evaluation.tasks.humaneval import HARNESS_STOPS
+from codelm.evaluation.tasks.passk import EVALPLUS_DATASETS, PasskSettings, PasskTask
+from codelm.loading import LoadedModel
+
+PASSK = PasskTask("humaneval-plus", HARNESS_STOPS, strip_prompt=True, packages=("numpy",))
+KIND = "benchmark"
+
+
+def source() -> str:
+    """HumanEval+'s problems where ``--problems`` names none: EvalPlus's dataset id."""
+    return EVALPLUS_DATASETS["humaneval-plus"]
+
+
+def load(file: Path, cfg: PasskSettings) -> list[dict]:
+    return passk.task_problems(file, cfg, PASSK)
+
+
+def run(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: PasskSettings,
+        variant: str | None = None, data_cfg: DataConfig | None = None
+        ) -> tuple[dict, list[dict]]:
+    return passk.run_passk(lm, PASSK, problems, cfg)

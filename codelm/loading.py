@@ -1,0 +1,244 @@
+"""Any model codelm scores, loaded: an HF checkpoint directory or hub id, a codelm run (its
+export, best/ or latest checkpoint), an adapter whose config names its base, or BASE+ADAPTER
+(``load_model``); and a run's model built from its TrainConfig (``build_model``), from scratch
+or from ``init_from``, with its quantized base and LoRA."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import lora
+from architecture import SHORT_DTYPES, Transformer
+from codelm import trainconfig
+from codelm.models import adapter_config, pretrained, quantize
+from codelm.runs import checkpoint, rundir
+from codelm.runtime import hub, process, settings
+from codelm.tokenization.bpe import BPETokenizer
+from codelm.tokenization.files import tokenizer_path
+from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is
+
+
+@dataclass
+class LoadedModel:
+    label: str
+    source: str
+    model: torch.nn.Module
+    tokenizer: object
+    run_config: dict | None = None  # the TrainConfig of a codelm run
+    run_weights: dict | None = None  # which of a codelm run's weights were loaded (_run_weights)
+
+
+def device_named(name: str) -> torch.device:
+    """The torch device of ``EvalConfig.device``; one this machine lacks is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(f"EvalConfig.device={name!r}: " + (
+            f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count
+            else "CUDA is not available on this machine (use cpu or auto)"))
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"EvalConfig.device={name!r}: MPS is not available on this machine")
+    return device
+
+
+def _load_hf(path: Path, device: torch.device, dtype: str | None = None,
+             adapter: Path | None = None) -> torch.nn.Module:
+    """An HF model directory (fp32 on CPU unless ``dtype``), with ``adapter`` loaded on it."""
+    dtype = dtype or (torch.float32 if device.type == "cpu" else None)
+    model = pretrained.load(path, dtype=dtype, device=device)
+    if adapter is not None:
+        lora.load_adapter(model, adapter)
+    return model
+
+
+def _run_base(run_dir: Path, config: dict) -> str:
+    """A run's ``init_from`` base (a path not found names config.json and the key)."""
+    checkpoint.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
+    return config["init_from"]
+
+
+def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
+    """The run dir's tokenizer, else its export's, else ``--tokenizer``'s."""
+    export = run_dir / rundir.EXPORT_DIR
+    for directory in (run_dir, export):
+        if (directory / "tokenizer.json").is_file():
+            return directory
+    if override is not None:
+        return Path(override)
+    nor = f", nor {export / 'tokenizer.json'}" if export.is_dir() else ""
+    raise ValueError(f"{run_dir / 'tokenizer.json'}: not found{nor}; pass --tokenizer with the "
+                     "tokenizer the run trained with")
+
+
+def _run_weights(run_dir: Path, weights: Path) -> dict:
+    """What results.json records of a run's scored weights: where, their step, still training."""
+    record = weights / rundir.EXPORT_RECORD
+    if weights.name == rundir.EXPORT_DIR and record.is_file():
+        step = settings.read_json_object(record, "export record").get("best_step")
+    elif weights.name in (rundir.EXPORT_DIR, rundir.BEST_DIR):
+        step = rundir.best_step(run_dir)
+    else:
+        step = rundir.checkpoint_step(weights)
+    lock = run_dir / rundir.LOCK_FILE
+    training = rundir.lock_is_held(lock)
+    where = f"{weights.relative_to(run_dir).as_posix()}/"
+    if training:
+        print(f"note: {run_dir} is still training ({rundir.lock_holder(lock) or 'another process'}"
+              f"): scoring {where}, its weights of step {step} (results.json records the step)",
+              file=sys.stderr)
+    elif weights.parent.name == rundir.CHECKPOINTS_DIR:
+        print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
+              f"evaluation): scoring its latest checkpoint, {weights}", file=sys.stderr)
+    return {"weights": where, "step": step, "still_training": training}
+
+
+def _intact(weights_dir: Path) -> bool:
+    """Whether a run's weights directory holds the bytes its manifest recorded (a warning if not)."""
+    if problem := process.manifest_problem(weights_dir):
+        print(f"warning: {weights_dir}: {problem}; not scored", file=sys.stderr)
+    return problem is None
+
+
+def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
+              dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
+    """A run's model (its export while that holds best/, else best/ or the latest checkpoint),
+    its tokenizer's directory, config and ``_run_weights``."""
+    config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
+    export = run_dir / rundir.EXPORT_DIR
+    tok_dir = _run_tokenizer(run_dir, tokenizer)
+    adapter = (export / adapter_config.ADAPTER_CONFIG).is_file()
+    if stale := rundir.stale_export(run_dir):
+        print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
+    elif (adapter or (export / rundir.HF_CONFIG).is_file()) and _intact(export):
+        base = Path(_run_base(run_dir, config)) if adapter else export
+        model = _load_hf(base, device, dtype, export if adapter else None)
+        return model, tok_dir, config, _run_weights(run_dir, export)
+    cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
+    if cfg.init_from:
+        cfg = replace(cfg, init_from=_run_base(run_dir, config))
+    best = run_dir / rundir.BEST_DIR
+    candidates = [best] * best.is_dir() + rundir.list_checkpoints(run_dir)[::-1]
+    weights_dir = next((c for c in candidates if _intact(c)), None)
+    if weights_dir is None:
+        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no intact "
+                         f"{rundir.BEST_DIR}/ or checkpoint to score")
+    # an init_adapter run's LoRA layout comes from the run's own copy
+    model = build_model(cfg, load_tokenizer(tok_dir), rundir.adapter_copy(run_dir))
+    if checkpoint.is_sharded(weights_dir):  # --strategy fsdp's: this process reads every shard
+        adapter_only = cfg.lora_r > 0 and cfg.init_from is not None  # as the run saved them
+        checkpoint.load_sharded_weights(weights_dir, model, adapter_only)
+    else:
+        adapter_only = (weights_dir / rundir.ADAPTER_FILE).is_file()
+        weights = weights_dir / checkpoint.weights_file(adapter_only)
+        file = pretrained.SafetensorsFile(weights)  # a truncated file is an error naming it
+        checkpoint.load_model_tensors(model, {name: file.view(name) for name in file.entries},
+                                      str(weights), adapter_only)
+    if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
+        model = quantize.cast_model(model, SHORT_DTYPES[dtype])
+    return model.to(device), tok_dir, config, _run_weights(run_dir, weights_dir)
+
+
+def _split_adapter(path_spec: str) -> tuple[str, str]:
+    """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
+    if not Path(path_spec).is_dir():
+        for plus in (i for i, ch in enumerate(path_spec) if ch == "+"):
+            if Path(path_spec[:plus]).is_dir() or hub.is_hub_id(path_spec[:plus]):
+                return path_spec[:plus], path_spec[plus + 1 :]
+    return path_spec, ""
+
+
+def load_model(spec: str | os.PathLike, device: torch.device | str,
+               tokenizer: str | None = None, dtype: str | None = None,
+               what: str | None = None) -> LoadedModel:
+    """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir, an adapter whose config
+    names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's; ``what``:
+    where the spec was given, for errors (default: EvalConfig.models)."""
+    spec = os.fspath(spec)
+    device = device_named(device) if isinstance(device, str) else device
+    label, sep, path_spec = spec.partition("=")
+    if not sep or not label or "/" in label:  # no label given: "=" belongs to the path
+        label, path_spec = "", spec
+    base_spec, adapter_spec = _split_adapter(path_spec)
+    where = f"{what or 'EvalConfig.models'} {spec!r}:"
+    path = hub.checkpoint_dir(base_spec, where)
+    if not path.is_dir():
+        raise ValueError(f"{where} {path} is not a directory")
+    run_config = run_weights = None
+    if adapter_spec or (path / adapter_config.ADAPTER_CONFIG).is_file():
+        adapter = hub.checkpoint_dir(adapter_spec, where) if adapter_spec else path
+        if not (adapter / adapter_config.ADAPTER_CONFIG).is_file():
+            raise ValueError(f"{where} {adapter} holds no {adapter_config.ADAPTER_CONFIG}"
+                             f"{adapter_config.adapters_below(adapter)}")
+        base = path if adapter_spec else adapter_config.adapter_base(
+            path, "name the base as BASE+ADAPTER")
+        model = _load_hf(base, device, dtype, adapter)
+        tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
+    elif rundir.is_run_dir(path):
+        model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype)
+    elif (no_weights := rundir.no_weights_yet(path)) is not None:
+        raise ValueError(f"{where} {no_weights}")
+    else:
+        model = _load_hf(path, device, dtype)
+        tok_dir = path
+    if tokenizer is None and not (Path(tok_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"{where} no tokenizer.json in {tok_dir}"
+                         f"{where_tokenizer_is(tok_dir)}; pass --tokenizer")
+    if bad := checkpoint.nonfinite_tensor(model.state_dict()):
+        raise ValueError(f"{where} {bad} holds inf or NaN: the model diverged; score a "
+                         "checkpoint with finite weights")
+    tok = load_tokenizer(tokenizer or tok_dir)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{where} the tokenizer has {tok.vocab_size} tokens, the model only "
+                         f"{model.cfg.vocab_size} embeddings")
+    # a checkpoint with a tokenizer from elsewhere; a run's own is the one it trained with
+    if model.name_or_path is not None and (run_config is None or tokenizer is not None):
+        check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
+    name = label or Path(adapter_spec or base_spec).name
+    return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights)
+
+
+def build_model(cfg: trainconfig.TrainConfig, tok: CodeTokenizer | BPETokenizer,
+                adapter_copy: Path | None = None) -> nn.Module:
+    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
+    ``adapter_copy``: a continued run's copy of its init_adapter's config (rundir.adapter_copy),
+    which gives the LoRA layout."""
+    base_dtype = SHORT_DTYPES[cfg.base_dtype]
+    if cfg.init_from is not None:
+        model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
+                             f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
+        if cfg.dropout is not None:  # embeddings and residual branches, as from scratch
+            model.cfg.dropout = model.cfg.embd_dropout = cfg.dropout
+        for key, value in cfg.model_options.items():  # LOADED_MODEL_OPTIONS: read live
+            setattr(model.cfg, key, value)
+    else:
+        model = Transformer(trainconfig.model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
+        model.to(base_dtype)
+    if cfg.lora_r > 0:
+        if cfg.quantize_bits:
+            quantize.quantize_base(model, bits=cfg.quantize_bits)
+        if cfg.init_adapter is not None and adapter_copy is not None:  # the weights: the run's
+            lora.apply_adapter_layout(model, adapter_copy.parent, adapter_copy.name)
+        elif cfg.init_adapter is not None:  # its own config (with_init_adapter read it)
+            if changed := lora.changed_base_tensors(model, cfg.init_adapter):
+                raise ValueError(
+                    f"init_adapter {cfg.init_adapter}: its {changed[0]} (of {len(changed)}) "
+                    f"differs from the base's, {cfg.init_from}; a resume and the export would lose "
+                    "it: save the merged base (PEFT: unload().save_pretrained), use --init-from")
+            lora.load_adapter(model, cfg.init_adapter)
+        else:
+            lora.apply_lora(model, adapter_config.LoRAConfig(**{  # no lora_targets: its default
+                name: getattr(cfg, key) for name, key in adapter_config.ADAPTER_KEYS.items()
+                if key != "lora_targets" or cfg.lora_targets}))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.offload_activations = cfg.offload_activations
+    return model
