@@ -436,6 +436,19 @@ def test_readme_layout_names_every_module():
     assert modules <= named, sorted(modules - named)
 
 
+# The modules a researcher opens first, named by the project's users: the root holds them alone,
+# and everything that serves them lives in the codelm package.
+NAMED_ROOT_MODULES = {"architecture", "tokenizer", "lora", "dataset", "trainingmanager",
+                      "hyperparam_tune", "eval"}
+
+
+def test_the_root_holds_the_named_modules_and_two_packages_alone():
+    """``pip install .`` puts these names in site-packages: the seven named modules, codelm and
+    scraping, and nothing a user's own ``settings.py`` or PyPA's ``build`` could collide with."""
+    assert {p.stem for p in ROOT.glob("*.py")} == NAMED_ROOT_MODULES
+    assert {p.parent.name for p in ROOT.glob("*/__init__.py")} == {"codelm", "scraping"}
+
+
 def test_the_package_installs_every_top_level_module():
     """pyproject's py-modules lists every top-level module and its packages every package
     (codelm's sub-packages included): ``pip install .`` (and the console scripts it makes) import
