@@ -57,8 +57,8 @@ def _rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with a hand-written backward: fwd + bwd take ~2.2x less time on CPU than
-    autograd through the composite ops (one pass per term instead of one per primitive)."""
+    """RMSNorm with a hand-written backward: one pass per term instead of autograd's one per
+    primitive of the composite ops (its speed on CPU: docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -91,8 +91,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- dropout
-# Dropout draws 16-bit integers, four from each 64-bit random word: on CPU ~3x faster than a
-# float draw per element. p is rounded to a multiple of 1/65536 (0.1 -> 0.0999908) and the kept
+# Dropout draws 16-bit integers, four from each 64-bit random word, where torch draws a float
+# per element (the speed: docs/benchmarks.md). p is rounded to a multiple of 1/65536 (0.1 -> 0.0999908) and the kept
 # values are scaled by 1 / (1 - that rate), so each value's expectation is kept exactly.
 DROP_LEVELS = 2**16
 
@@ -448,7 +448,7 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
 @torch.inference_mode(False)  # generation calls this in inference mode; training needs
 @torch.no_grad()                # ordinary weight tensors afterwards
 def decode_layout(model: nn.Module, on: bool) -> None:
-    """On CPU, decoding streams tall fp32 weights about twice as fast column-major. On: those
+    """On CPU, decoding streams tall fp32 weights faster column-major. On: those
     Linear weights are re-laid out in place (same values and shape, swapped strides) until
     training resumes or `state_dict()` is read. CUDA: left as is."""
     if on == model.__dict__.get("_decode_layout", False) or on and (
@@ -496,7 +496,7 @@ def _addmm_one_row(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta
 
 def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
     """Inductor, with batch-1 CPU matmuls as multiply-and-sum: one fused reduction kernel per
-    Linear, which reads row-major weights faster than aten's gemv (about 2x a decode step)."""
+    Linear, which reads row-major weights faster than aten's gemv."""
     from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
