@@ -136,21 +136,22 @@ PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build"
                                  "codelm.training.trainer", "codelm.training.batches")
 RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
                          "codelm.training.optim")
-GRPO = "codelm.training.grpo"
+GRPO, REWARDS = "codelm.training.grpo", "codelm.training.rewards"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 DATA_CONFIG, DATA_CACHE = "codelm.data.config", "codelm.data.cache"
 DATA_SOURCES, CLEANING = "codelm.data.sources", "codelm.data.cleaning"
 DEDUPE, SHARDS = "codelm.data.dedupe", "codelm.data.shards"
 SPLITS, EXAMPLES = "codelm.data.splits", "codelm.data.examples"
 ENCODING, DATASETS = "codelm.data.encoding", "codelm.data.datasets"
+PROBLEMS = "codelm.data.problems"
 DATA = {DATA_CONFIG, DATA_CACHE, DATA_SOURCES, CLEANING, DEDUPE, SHARDS, SPLITS, EXAMPLES, ENCODING,
-        DATASETS}
+        DATASETS, PROBLEMS}
 BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER, ENGINE, SERVING,
-    ENDPOINTS, GRPO}
+    ENDPOINTS, GRPO, REWARDS}
 MAY_IMPORT = {
     PROCESS: set(),
     ENDPOINTS: set(),
@@ -191,12 +192,14 @@ MAY_IMPORT = {
     ENCODING: {PROCESS, BATCHING, BPE, KERNELS, "tokenizer", DATA_CONFIG, DATA_CACHE, EXAMPLES,
                SPLITS},
     DATASETS: {KERNELS, EXAMPLES},
+    PROBLEMS: {PROCESS, SETTINGS},
     "dataset": {PROCESS, SETTINGS, BATCHING, BPE, KERNELS, "tokenizer"} | DATA,
     BATCHES: {DATASETS, KERNELS},
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", DATA_CONFIG},
     TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
     RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     GRPO: {"architecture", "lora", KERNELS},
+    REWARDS: {SETTINGS, RUNNER},
     PLAN: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
            TRAINCONFIG},
     BUILD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
@@ -412,7 +415,8 @@ def test_the_package_installs_every_top_level_module():
 
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "recipes.py",
            "scraping/__main__.py", "tokenizer.py", "architecture.py", "lora.py",
-           "codelm/sandbox/__main__.py", "codelm/gguf/__main__.py", "codelm/models/pretrained.py"]
+           "codelm/sandbox/__main__.py", "codelm/gguf/__main__.py", "codelm/models/pretrained.py",
+           "codelm/data/problems.py"]
 # Run as a script but no command: the program each sandboxed run starts, isolated (-I -S -B),
 # which imports the standard library alone (tests/test_sandbox.py)
 SANDBOX_BOOTSTRAP = "codelm/sandbox/bootstrap.py"
@@ -448,6 +452,7 @@ MISTAKES = [
     ("codelm/models/pretrained.py x", "required: out"),
     ("lora.py adapter out --dtype", "--dtype: expected one argument"),
     ("codelm/sandbox/__main__.py --timeout-s soon", "invalid float value: 'soon'"),
+    ("codelm/data/problems.py --n some --out x.jsonl", "invalid int value: 'some'"),
 ]
 
 
