@@ -148,20 +148,22 @@ PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build"
 RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
                          "codelm.training.optim")
 GRPO, PREFERENCE = "codelm.training.grpo", "codelm.training.preference"
+REWARDS = "codelm.training.rewards"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
 DATA_CONFIG, DATA_CACHE = "codelm.data.config", "codelm.data.cache"
 DATA_SOURCES, CLEANING = "codelm.data.sources", "codelm.data.cleaning"
 DEDUPE, SHARDS = "codelm.data.dedupe", "codelm.data.shards"
 SPLITS, EXAMPLES = "codelm.data.splits", "codelm.data.examples"
 ENCODING, DATASETS = "codelm.data.encoding", "codelm.data.datasets"
+GENERATED_PROBLEMS = "codelm.data.problems"
 DATA = {DATA_CONFIG, DATA_CACHE, DATA_SOURCES, CLEANING, DEDUPE, SHARDS, SPLITS, EXAMPLES, ENCODING,
-        DATASETS}
+        DATASETS, GENERATED_PROBLEMS}
 BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER, ENGINE, SERVING,
-    ENDPOINTS, GRPO, PREFERENCE}
+    ENDPOINTS, GRPO, PREFERENCE, REWARDS}
 # What a task module may import: the data's examples and encoding, a loaded model, the sandbox,
 # the metrics and scoring, the problems files and pass@k.
 TASK_FLOOR = {PROCESS, SETTINGS, GENERATION, RUNNER, "tokenizer", BPE, SOURCE, DATA_CONFIG,
@@ -206,6 +208,7 @@ MAY_IMPORT = {
     ENCODING: {PROCESS, BATCHING, BPE, KERNELS, "tokenizer", DATA_CONFIG, DATA_CACHE, EXAMPLES,
                SPLITS},
     DATASETS: {KERNELS, EXAMPLES},
+    GENERATED_PROBLEMS: {PROCESS, SETTINGS},
     "dataset": {PROCESS, SETTINGS, BATCHING, BPE, KERNELS, "tokenizer"} | DATA,
     BATCHES: {DATASETS, KERNELS},
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", DATA_CONFIG},
@@ -241,6 +244,7 @@ MAY_IMPORT = {
     RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     GRPO: {"architecture", "lora", KERNELS},
     PREFERENCE: {"architecture", "lora", KERNELS, GRPO},
+    REWARDS: {SETTINGS, RUNNER},
     PLAN: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
            TRAINCONFIG},
     BUILD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
@@ -463,7 +467,8 @@ def test_the_package_installs_every_top_level_module():
 
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "codelm/recipes.py",
            "scraping/__main__.py", "tokenizer.py", "architecture.py", "lora.py",
-           "codelm/sandbox/__main__.py", "codelm/gguf/__main__.py", "codelm/models/pretrained.py"]
+           "codelm/sandbox/__main__.py", "codelm/gguf/__main__.py", "codelm/models/pretrained.py",
+           "codelm/data/problems.py"]
 # Run as a script but no command: the program each sandboxed run starts, isolated (-I -S -B),
 # which imports the standard library alone (tests/test_sandbox.py)
 SANDBOX_BOOTSTRAP = "codelm/sandbox/bootstrap.py"
@@ -499,6 +504,7 @@ MISTAKES = [
     ("codelm/models/pretrained.py x", "required: out"),
     ("lora.py adapter out --dtype", "--dtype: expected one argument"),
     ("codelm/sandbox/__main__.py --timeout-s soon", "invalid float value: 'soon'"),
+    ("codelm/data/problems.py --n some --out x.jsonl", "invalid int value: 'some'"),
 ]
 
 

