@@ -4183,11 +4183,27 @@ def test_evalplus_problems_run_their_extra_tests_with_numpy_in_the_trusted_inter
         base_only = "    return 0.5 if number == 3.5 else round(number % 1.0, 2)\n"
     else:
         assert problems[0]["prompt"] == _bigcode_mbpp_prompt(MBPP_RECORDS[1])
-        assert problems[0]["test"].startswith("\nimport numpy as np")
+        assert problems[0]["test"] == passk.SAME_SHAPE_ALLCLOSE + "\n" + records[0]["test"]
         base_only = "def reverse_words(s):\n    return ' '.join(reversed(s.split(' ')))\n"
     results = passk.run_checks([(problems[1 if task == "humaneval-plus" else 0], base_only)],
                             sandbox, 1, "base only", progress=False)
     assert results[0].status == "failed"
+
+
+def test_an_evalplus_result_of_another_shape_fails_numpys_tolerance():
+    """EvalPlus's tests compare floats with numpy's assert_allclose, which broadcasts: an empty
+    list would hold against any expected float. The tests as codelm reads them (HumanEval+'s and
+    MBPP+'s) check shapes first: `[]` and `[0.5]` fail where 0.5 is expected, 0.5 passes."""
+    task = registry.PASSK_TASKS["humaneval-plus"]
+    problem = task.read(_humaneval_plus_records()[0], "humaneval-plus")
+    assert problem["test"].startswith(passk.SAME_SHAPE_ALLCLOSE)
+    problem = {**problem, "prompt": "def half():\n", "entry_point": "half",
+               "test": problem["test"] + "\n\ndef check(candidate):\n"
+                                         "    assertion(candidate(), 0.5, 0)\n"}
+    sandbox = passk.task_sandbox(EvalConfig(timeout_s=20.0), task)
+    for result, passes in (("[]", False), ("[0.5]", False), ("0.5", True), ("0.5000001", True)):
+        done = passk.run_check(problem, f"    return {result}\n", sandbox)
+        assert done.passed == passes, (result, done.stderr)
 
 
 @pytest.mark.parametrize("benchmark", ["passk", "humaneval", "humaneval-plus", "mbpp",

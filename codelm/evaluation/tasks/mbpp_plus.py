@@ -18,7 +18,8 @@ KIND = "benchmark"
 
 def _mbpp_plus_problem(record: dict, where: str) -> dict:
     """An MBPP+ record (EvalPlus: task_id, prompt the description, code, test_list, test the
-    whole test) as the harness's ``mbppplus`` prompts and runs it: MBPP's prompt, then ``test``."""
+    whole test) as the harness's ``mbppplus`` prompts and runs it: MBPP's prompt, then ``test``,
+    its float comparisons checking shapes first."""
     tests = record.get("test_list")
     if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
         raise ValueError(f"{where}: test_list must be a non-empty list of strings")
@@ -26,10 +27,12 @@ def _mbpp_plus_problem(record: dict, where: str) -> dict:
         raise ValueError(f"{where}: missing string field(s) {missing}")
     if not settings.is_number(record.get("task_id"), int):
         raise ValueError(f"{where}: task_id must be MBPP's integer id")
-    return {"task_id": f"Mbpp/{record['task_id']}",
-            "prompt": f'"""\n{record["prompt"]}\n{tests[0]}\n"""\n',
-            "canonical_solution": record["code"], "test": "\n" + record["test"],
-            "entry_point": None, "functions": tested_definitions(record["code"], record["test"])}
+    problem = {"task_id": f"Mbpp/{record['task_id']}",
+               "prompt": f'"""\n{record["prompt"]}\n{tests[0]}\n"""\n',
+               "canonical_solution": record["code"], "test": "\n" + record["test"],
+               "entry_point": None,
+               "functions": tested_definitions(record["code"], record["test"])}
+    return passk.with_shapes_checked(problem)
 
 
 PASSK = PasskTask("mbpp-plus", MBPP_STOPS, strip_prompt=False, read=_mbpp_plus_problem,

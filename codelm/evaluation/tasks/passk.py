@@ -38,7 +38,7 @@ PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
 EVALPLUS_DATASETS = {"humaneval-plus": "evalplus/humanevalplus", "mbpp-plus": "evalplus/mbppplus"}
 
 
-def _humaneval_problem(record: dict, where: str) -> dict:
+def humaneval_problem(record: dict, where: str) -> dict:
     """A HumanEval-shaped record (task_id, prompt, entry_point, test: strings) as it is."""
     if missing := [k for k in PROBLEM_KEYS if not isinstance(record.get(k), str)]:
         raise ValueError(f"{where}: missing string field(s) {missing}")
@@ -47,6 +47,29 @@ def _humaneval_problem(record: dict, where: str) -> dict:
                          "test is HumanEval's alone: use EvalPlus's Hugging Face dataset "
                          f"({EVALPLUS_DATASETS['humaneval-plus']}), whose test runs every input")
     return record
+
+
+# EvalPlus's tests compare floats with numpy's assert_allclose, which broadcasts: an empty list
+# holds against any expected float (nothing is compared), so a bare `return []` would pass. Put
+# before such a test, it has a result match the expected value's shape first.
+SAME_SHAPE_ALLCLOSE = """import numpy as _numpy
+
+_numpy_assert_allclose = _numpy.testing.assert_allclose
+
+
+def _same_shape_assert_allclose(actual, desired, *args, **kwargs):
+    if _numpy.shape(actual) != _numpy.shape(desired):
+        raise AssertionError(f"shape {_numpy.shape(actual)} != {_numpy.shape(desired)}")
+    _numpy_assert_allclose(actual, desired, *args, **kwargs)
+
+
+_numpy.testing.assert_allclose = _same_shape_assert_allclose
+"""
+
+
+def with_shapes_checked(problem: dict) -> dict:
+    """An EvalPlus problem whose test checks a result's shape before numpy's tolerance."""
+    return {**problem, "test": SAME_SHAPE_ALLCLOSE + problem["test"]}
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,7 @@ class PasskTask:
     name: str
     stops: tuple[str, ...]
     strip_prompt: bool
-    read: Callable[[dict, str], dict | None] = _humaneval_problem  # a record, where it is
+    read: Callable[[dict, str], dict | None] = humaneval_problem  # a record, where it is
     split_files: tuple[str, ...] = ("**/test-*.parquet",)  # where a dataset snapshot holds the
     #   split read (problem_file), first match first
     packages: tuple[str, ...] = ()  # what its tests import besides the standard library
