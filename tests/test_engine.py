@@ -101,6 +101,31 @@ def test_samples_of_one_prompt_share_its_prefill_and_differ_by_seed(monkeypatch)
         assert tokens == _alone(model, prompt, 10, temperature=1.0, generator=g)
 
 
+def test_a_sample_admitted_beside_a_running_one_of_its_prompt_copies_its_keys(monkeypatch):
+    """Two slots, five samples of one prompt of different lengths: the later ones join as
+    slots free, beside a running sample of the same prompt whose keys they copy. One prefill
+    in all, and each sample's tokens are generate's with its generator."""
+    model = _model("llama")
+    prompt = _prompts(2)[1]
+    runs = []
+    real = Transformer.run_blocks
+
+    def counting(self, idx, *args, **kwargs):
+        runs.append(idx.shape)
+        return real(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "run_blocks", counting)
+    budgets = [3, 9, 5, 7, 4]
+    cfgs = [GenerationConfig(n, temperature=0.9, generator=torch.Generator().manual_seed(s))
+            for s, n in enumerate(budgets)]
+    got = generate_all(model, [prompt] * 5, cfgs, slots=2)
+    assert [shape for shape in runs if shape[1] > 1] == [torch.Size([1, len(prompt)])]
+    monkeypatch.undo()
+    for seed, (n, tokens) in enumerate(zip(budgets, got)):
+        g = torch.Generator().manual_seed(seed)
+        assert tokens == _alone(model, prompt, n, temperature=0.9, generator=g)
+
+
 def test_eos_stop_ids_and_stop_strings_end_a_request_as_generate_ends_it():
     model = _model("codegen")
     prompts = _prompts(5)

@@ -13,8 +13,8 @@ row's keys are its own, and its attention never sees another's. Each request bri
 GenerationConfig (temperature, top-k, top-p, EOS and stop ids and strings, max_new_tokens) and its
 own generator, so its tokens do not depend on what else runs beside it: greedy rows give
 `generation.generate`'s tokens, and sampled rows draw what `generate` draws at batch 1 with the
-same generator. Requests with the same prompt, admitted together (the n samples of a problem),
-share one prefill.
+same generator. Requests with the same prompt (the n samples of a problem) share one prefill:
+admitted together, or later beside one still running, whose prompt keys they copy.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class _Request:
     logprobs: int | None
     generated: list[int] = field(default_factory=list)
     slot: int = -1
+    prompt_logits: torch.Tensor | None = None  # (1, V) after the prompt, once prefilled
 
 
 class Engine:
@@ -133,7 +134,7 @@ class Engine:
         """Admit the waiting requests that fit (their first token), then one token of every
         request that was running."""
         with torch.inference_mode():
-            kernels.decode_layout(self.model, not self.model.training)
+            kernels.decode_layout(self.model, False)  # several rows read row-major weights best
             running = [row for row in self.rows if row is not None]
             events = self._decode(running) if running else []
             events += self._admit()
@@ -157,24 +158,33 @@ class Engine:
             logits = self._prefill(first.prompt, slots)
             for request, slot in zip(group, slots):
                 request.slot = slot
+                request.prompt_logits = logits
                 self.rows[slot] = request
             events += self._pick(group, logits.expand(len(group), -1))
         return events
 
     def _prefill(self, prompt: list[int], slots: list[int]) -> torch.Tensor:
-        """Run ``prompt`` into the first slot's cache row, copy its keys and values to the other
-        slots; the logits (1, V) of its last position."""
+        """``prompt``'s keys and values in the slots' cache rows, and the logits (1, V) of its
+        last position: copied from a running request of the same prompt (a sample of the same
+        problem admitted later), else run into the first slot and copied to the others."""
         T = len(prompt)
-        first = slots[0]
-        idx = torch.tensor([prompt], device=self.device)
-        steps = torch.arange(T, device=self.device)
-        row = [(k[first : first + 1], v[first : first + 1]) for k, v in self.caches]
-        x = self.model.run_blocks(idx, steps[None], None, steps, row)
+        source = next((row for row in self.rows if row is not None and row.prompt == prompt),
+                      None)
+        if source is None:
+            first = slots[0]
+            idx = torch.tensor([prompt], device=self.device)
+            steps = torch.arange(T, device=self.device)
+            row = [(k[first : first + 1], v[first : first + 1]) for k, v in self.caches]
+            x = self.model.run_blocks(idx, steps[None], None, steps, row)
+            logits = self.model.logits(x[:, -1])
+        else:
+            first, logits = source.slot, source.prompt_logits
         for k, v in self.caches:
-            for slot in slots[1:]:
-                k[slot, :, :T] = k[first, :, :T]
-                v[slot, :, :T] = v[first, :, :T]
-        return self.model.logits(x[:, -1])
+            for slot in slots:
+                if slot != first:
+                    k[slot, :, :T] = k[first, :, :T]
+                    v[slot, :, :T] = v[first, :, :T]
+        return logits
 
     def _decode(self, running: list[_Request]) -> list[Token]:
         """Feed each running request's last token at its own position; pick the next ones."""
