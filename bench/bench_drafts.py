@@ -6,7 +6,8 @@
                   equal. The output copies its input, which is where prompt lookup pays.
 
 Without --run, a small model is trained first (python trainingmanager.py --task refactor on
-pairs written by codelm.recipes' smoke data; a few minutes on two cores) under --work.
+standard-library pairs of codelm.recipes.refactor_pairs; a few minutes on two cores) under
+--work.
 
 Example: python bench/bench_drafts.py --threads 2. Figures go to docs/benchmarks.md (## Engine).
 """
@@ -30,7 +31,7 @@ from codelm import loading  # noqa: E402
 from codelm.data.config import REFACTOR_TEMPLATE  # noqa: E402
 from codelm.data.encoding import prompt_prefix  # noqa: E402
 from codelm.models.generation import GenerationConfig, generate  # noqa: E402
-from codelm.recipes import write_smoke_data  # noqa: E402
+from codelm.recipes import refactor_pairs  # noqa: E402
 from codelm.runtime import settings  # noqa: E402
 
 
@@ -40,6 +41,7 @@ class BenchConfig:
     run: str = ""  # a run trained on refactor pairs (empty: train one under --work)
     work: str = "/tmp/codelm_bench/drafts"  # where the pairs and the trained run go
     steps: int = 400  # training steps of the run trained here
+    train_pairs: int = 1500  # refactor pairs it trains on (the decoded ones held out)
     pairs: int = 24  # validation pairs decoded
     new_tokens: int = 160  # most new tokens per pair
     lookup: int = 10  # prompt lookup's draft tokens a step
@@ -55,7 +57,12 @@ def trained_run(cfg: BenchConfig) -> Path:
     run = work / "runs" / "refactor-bench"
     if (run / "best").is_dir() or (run / "config.json").is_file():
         return run
-    sources, _ = write_smoke_data("refactor", True, work / "data")
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    pairs = refactor_pairs(cfg.train_pairs + cfg.pairs)
+    (data / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[: -cfg.pairs]))
+    (data / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[-cfg.pairs:]))
+    sources = [str(data / "pairs.jsonl")]
     command = [sys.executable, "trainingmanager.py", "--task", "refactor", "--data", *sources,
                "--preset", "code-4x160", "--block-size", "512", "--max-steps", str(cfg.steps),
                "--batch-size", "8", "--lr", "3e-3", "--out-dir", str(work / "runs"),
@@ -66,9 +73,9 @@ def trained_run(cfg: BenchConfig) -> Path:
 
 
 def validation_prompts(lm, cfg: BenchConfig) -> list[list[int]]:
-    """The refactor prompts of the smoke pairs (their last ones, which the run held out)."""
+    """The refactor prompts of the held-out pairs (never trained on)."""
     pairs = [json.loads(line) for line in
-             (Path(cfg.work) / "data" / "pairs.jsonl").read_text().splitlines()]
+             (Path(cfg.work) / "data" / "val.jsonl").read_text().splitlines()]
     head, tail = REFACTOR_TEMPLATE.split("{input}")
     start = prompt_prefix(lm.tokenizer, "refactor")
     return [start + lm.tokenizer.encode(head + p["input"] + tail) for p in pairs[-cfg.pairs:]]

@@ -212,7 +212,7 @@ def _has_class_docstring(text: str) -> bool:
                for n in ast.walk(tree))
 
 
-def _refactor_pairs(count: int) -> list[dict]:
+def refactor_pairs(count: int) -> list[dict]:
     """Stdlib functions with their docstrings and comments -> the same code without them."""
     from codelm.tokenization.source import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
 
@@ -245,7 +245,7 @@ def write_smoke_data(task: str, scratch: bool, out: Path) -> tuple[list[str], li
 
     out.mkdir(parents=True, exist_ok=True)
     if task == "refactor":
-        pairs = _refactor_pairs(160)
+        pairs = refactor_pairs(160)
         file = out / "pairs.jsonl"
         file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         return [str(file)], [p["input"] + "\n" + p["output"] for p in pairs]
