@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import heapq
 import os
-import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import chain
@@ -18,7 +17,10 @@ import regex
 
 from codelm.tokenization.batching import BatchEncodeMixin, checked_ids
 from codelm.tokenization.chat import chat_template_from_config, render_chat, roles_from_config
+from codelm.tokenization.cuts import SafeCuts, longest_first
 from codelm.tokenization.files import read_json, tokenizer_path, write_tokenizer
+from codelm.tokenization.merges import Merges
+from codelm.tokenization.normalization import normalize
 
 # The pre-tokenizer regexes of the supported tokenizer.json styles (HF writes the first as its
 # ByteLevel default and ships the last inside Llama-3's Split).
@@ -163,6 +165,27 @@ def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
     return before, after
 
 
+def _merge_pairs(merges: object, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """The (first, second) tokens of each merge, in rank order: "a b" or ["a", "b"], two
+    vocabulary tokens whose concatenation is one."""
+    _expect(isinstance(merges, list), "model", "merges must be a list")
+    try:
+        pairs = [merge.split(" ") if isinstance(merge, str) else merge for merge in merges]
+        if all(first + second in vocab and first in vocab and second in vocab
+               for first, second in pairs):
+            return [(first, second) for first, second in pairs]
+    except (TypeError, ValueError):  # not a pair of strings
+        pass
+    for rank, merge in enumerate(merges):
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(parts, list) and len(parts) == 2
+                and all(isinstance(p, str) and p in vocab for p in parts)
+                and parts[0] + parts[1] in vocab):
+            raise _Unsupported(f"model: merge #{rank} {merge!r} is not two vocabulary tokens "
+                               "whose concatenation is in the vocabulary")
+    raise AssertionError("unreachable")
+
+
 def post_processor_ids(spec: object) -> tuple[list[int], list[int]]:
     """Ids the post_processor puts before and after every text (ByteLevel changes only offsets);
     a Sequence may hold one TemplateProcessing (HF tokenizers applies only the first of two)."""
@@ -222,7 +245,7 @@ class _Normalizer:
     def __call__(self, text: str) -> str:
         for kind, *args in self.steps:
             if kind == "form":
-                text = unicodedata.normalize(args[0], text)
+                text = normalize(args[0], text)
             elif kind == "prepend":
                 text = args[0] + text if text else text  # HF prepends to non-empty text only
             else:
@@ -239,15 +262,11 @@ class _SentencePieces:
     """Pieces of SentencePiece-style text (no byte-level mapping). Metaspace: spaces become
     ``replacement``, which is prepended (``prepend_scheme`` always, or first: to the text's first
     segment only), and with ``split`` every ▁ starts a piece. Otherwise (or with no
-    pre-tokenizer) the segment is one word, cut where no token of the vocabulary can span the
-    cut, so that the ids are the same and the pieces can be cached: between runs of letters,
-    digits and other characters (each with the ▁ before it) where every token is one such run,
-    as SentencePiece's training splits by script and digit; else before each ▁ run where no
-    token has ▁ after another character."""
+    pre-tokenizer) the segment is one BPE word, cut where no token of the vocabulary crosses the
+    cut in this text (``SafeCuts``), so that the ids are the same and the pieces can be cached."""
 
-    def __init__(self, spec: dict | None, merges: Iterable[tuple[str, str]],
-                 spaces_replaced: bool = False):
-        """``merges``: the model's, whose results are every token BPE can make of characters;
+    def __init__(self, spec: dict | None, made: Iterable[str], spaces_replaced: bool = False):
+        """``made``: the tokens the merges make, every token BPE can make of characters;
         ``spaces_replaced``: the normalizer leaves no space, so Gemma's Split after each space
         (its tokenizer.json's pre-tokenizer) splits nothing."""
         if spaces_replaced and spec == _SPLIT_AFTER_SPACES:
@@ -267,18 +286,10 @@ class _SentencePieces:
                     f"Metaspace prepend_scheme {self.prepend!r}")
             split = bool(spec.get("split", True))
         mark = regex.escape(self.replacement)
-        runs = regex.compile(rf"{mark}*[\p{{L}}\p{{M}}]+|{mark}*\p{{N}}|{mark}*[^\p{{L}}\p{{M}}\p{{N}}"
-                             rf"{mark}]+|{mark}+")
-        joined = regex.compile(rf"[^{mark}]{mark}")  # a token gluing ▁ after a character
-        made = [first + second for first, second in merges]
-        if split:
-            self._pieces = regex.compile(rf"{mark}[^{mark}]*|[^{mark}]+")
-        elif all(runs.fullmatch(token) for token in made):
-            self._pieces = runs
-        elif not any(joined.search(token) for token in made):
-            self._pieces = regex.compile(rf"{mark}*[^{mark}]+|{mark}+")
+        if split:  # HF's own pieces: no token crosses them
+            self._cut = SafeCuts(regex.compile(rf"{mark}[^{mark}]*|[^{mark}]+"), ())
         else:
-            self._pieces = None  # the whole segment, one word
+            self._cut = _word_cuts(self.replacement, set(made))
 
     def __call__(self, text: str, first: bool) -> list[str]:
         """``first``: the segment starts the text (no added token before it)."""
@@ -287,9 +298,32 @@ class _SentencePieces:
             wanted = self.prepend == "always" or (self.prepend == "first" and first)
             if wanted and not text.startswith(self.replacement):
                 text = self.replacement + text
-        if self._pieces is None:
+        if self._cut is None:
             return [text] if text else []
-        return self._pieces.findall(text)
+        return self._cut(text)
+
+
+# A cut pattern serves where at most this share of the merged tokens can cross its cuts: each of
+# those is looked for in the text, and where one is found its cuts are joined.
+_MAX_SPANNING_SHARE = 0.01
+
+
+def _word_cuts(space: str, made: set[str]) -> SafeCuts | None:
+    """Cuts of a SentencePiece word (``made``: the tokens the merges make): between runs of
+    letters, digits and other characters, each with the ▁ (``space``) before it, as
+    SentencePiece's training splits text by script and digit (556 of the 236,339 tokens Gemma
+    3's merges make cross such a cut, as ``²,``); else before each run of ▁; None (no cut)
+    where too many tokens cross either."""
+    mark = regex.escape(space)
+    runs = regex.compile(rf"{mark}*[\p{{L}}\p{{M}}]+|{mark}*\p{{N}}|{mark}*[^\p{{L}}\p{{M}}\p{{N}}"
+                         rf"{mark}]+|{mark}+")
+    spaces = regex.compile(rf"{mark}*[^{mark}]+|{mark}+")
+    for pattern in (runs, spaces):
+        # A token that is one piece of the pattern crosses none of its cuts in any text.
+        spanning = [token for token in made if not pattern.fullmatch(token)]
+        if len(spanning) <= _MAX_SPANNING_SHARE * len(made):
+            return SafeCuts(pattern, spanning, common=space)
+    return None
 
 
 class _Decoding(NamedTuple):
@@ -397,21 +431,15 @@ class BPETokenizer(BatchEncodeMixin):
         for key in ("continuing_subword_prefix", "end_of_word_suffix"):
             _expect(model.get(key) in (None, ""), "model", f"BPE {key}={model.get(key)!r}")
         vocab = model.get("vocab")
-        _expect(isinstance(vocab, dict) and all(isinstance(k, str) and isinstance(v, int) and v >= 0
-                                                for k, v in vocab.items()),
+        _expect(isinstance(vocab, dict) and set(map(type, vocab)) <= {str}
+                and set(map(type, vocab.values())) <= {int} and min(vocab.values(), default=0) >= 0,
                 "model", "vocab must map token strings to non-negative integer ids")
         self._vocab: dict[str, int] = vocab
-        self._ranks: dict[tuple[str, str], int] = {}
-        merges = model.get("merges", [])
-        _expect(isinstance(merges, list), "model", "merges must be a list")
-        for rank, merge in enumerate(merges):
-            parts = merge.split(" ") if isinstance(merge, str) else merge
-            if not (isinstance(parts, list) and len(parts) == 2
-                    and all(isinstance(p, str) and p in vocab for p in parts)
-                    and parts[0] + parts[1] in vocab):
-                raise _Unsupported(f"model: merge #{rank} {merge!r} is not two vocabulary tokens "
-                                   "whose concatenation is in the vocabulary")
-            self._ranks[(parts[0], parts[1])] = rank
+        pairs = _merge_pairs(model.get("merges", []), vocab)
+        made = [first + second for first, second in pairs]
+        self._merges = Merges([vocab[first] for first, _ in pairs],
+                              [vocab[second] for _, second in pairs],
+                              list(map(vocab.__getitem__, made)), max(vocab.values(), default=-1) + 1)
         self._ignore_merges = bool(model.get("ignore_merges", False))
         unk = model.get("unk_token")
         _expect(unk is None or unk in vocab, "model", f"unk_token {unk!r} not in the vocabulary")
@@ -419,7 +447,7 @@ class BPETokenizer(BatchEncodeMixin):
         self._fuse_unk = bool(model.get("fuse_unk", False))
 
         self._decoding = _decoding(spec.get("decoder"))
-        self._build_pieces(spec.get("pre_tokenizer"))
+        self._build_pieces(spec.get("pre_tokenizer"), made)
         self._prefix_ids, self._suffix_ids = post_processor_ids(spec.get("post_processor"))
         self._build_added(spec.get("added_tokens") or [])
 
@@ -428,14 +456,24 @@ class BPETokenizer(BatchEncodeMixin):
         _expect(size <= 2 * n_tokens + 1024, "model",
                 f"ids up to {size - 1} for {n_tokens} tokens (not dense)")
         self._id_to_token: list[str | None] = [None] * size
-        self._id_to_bytes: list[bytes] = [b""] * size
         for token, i in chain(vocab.items(), self._added_ids.items()):
             self._id_to_token[i] = token
-            self._id_to_bytes[i] = _token_bytes(token, self._decoding)
 
-    def _build_pieces(self, pre_tokenizer: dict | None) -> None:
+    @functools.cached_property
+    def _id_to_bytes(self) -> list[bytes]:
+        """The bytes each id decodes to (built at the first decode: 262,144 for Gemma 3)."""
+        decoding = self._decoding
+        return [b"" if token is None else _token_bytes(token, decoding)
+                for token in self._id_to_token]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._id_to_token)
+
+    def _build_pieces(self, pre_tokenizer: dict | None, made: list[str]) -> None:
         """The pre-tokenizer: byte-level (its regex, then each byte as a character) or
-        SentencePiece-style (the text as normalized, unknown characters as <0xNN> bytes)."""
+        SentencePiece-style (the text as normalized, unknown characters as <0xNN> bytes);
+        ``made``: the tokens the merges make."""
         byte_level = self._decoding.byte_level
         self.pattern = None
         if byte_level:
@@ -447,7 +485,7 @@ class BPETokenizer(BatchEncodeMixin):
                 raise _Unsupported(f"pre_tokenizer: Split regex does not compile: {e}") from None
         else:
             spaces_replaced = self._normalize is not None and self._normalize.replaces(" ")
-            self._pretokenize = _SentencePieces(pre_tokenizer, self._ranks, spaces_replaced)
+            self._pretokenize = _SentencePieces(pre_tokenizer, made, spaces_replaced)
 
     def _build_added(self, added: list) -> None:
         """Added tokens with the ids HF gives them (it ignores the JSON ``id``): a vocabulary
@@ -480,7 +518,7 @@ class BPETokenizer(BatchEncodeMixin):
         self._added_res = []
         for normalized in (False, True):
             contents = [c for c, f in self._added.items() if f["normalized"] == normalized]
-            self._added_res.append(_longest_first(contents) if contents else None)
+            self._added_res.append(longest_first(contents) if contents else None)
 
     def _resolve_roles(self, roles: dict) -> dict[str, int | None]:
         resolved = {}
@@ -513,7 +551,7 @@ class BPETokenizer(BatchEncodeMixin):
         normalizer = {"type": "NFC"} if pretokenizer == "qwen2" else None
         normalize = _Normalizer(normalizer) if normalizer is not None else str
         pieces = _Pretokenizer(*_pretokenizer_pattern(pre_tokenizer))
-        specials_re = _longest_first(special_tokens) if special_tokens else None
+        specials_re = longest_first(special_tokens) if special_tokens else None
         counts: Counter[str] = Counter()
         for text in texts:
             for segment in specials_re.split(text) if specials_re else (text,):
@@ -569,60 +607,36 @@ class BPETokenizer(BatchEncodeMixin):
         return render_chat(self.chat_template, messages, add_generation_prompt,
                            **names, unk_token=unk)
 
-    def _bpe(self, symbols: list[str | None]) -> list[str | None]:
-        """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: HF's order,
-        (rank, position) from a heap over a linked list. (A None symbol is in no pair.)"""
-        ranks = self._ranks
-        n = len(symbols)
-        prev = list(range(-1, n - 1))
-        nxt = [*range(1, n), -1]
-        heap = [(ranks[pair], i, *pair) for i, pair in enumerate(zip(symbols, symbols[1:]))
-                if pair in ranks]
-        heapq.heapify(heap)
-        while heap:
-            _, i, first, second = heapq.heappop(heap)
-            j = nxt[i]
-            # Symbols only grow, so an unchanged pair of strings means the entry is current.
-            if j == -1 or symbols[i] != first or symbols[j] != second:
-                continue
-            symbols[i] = first + second
-            symbols[j] = ""
-            nxt[i] = nxt[j]
-            if nxt[j] != -1:
-                prev[nxt[j]] = i
-            for left, right in ((prev[i], i), (i, nxt[i])):
-                if left != -1 and right != -1:
-                    if (rank := ranks.get((symbols[left], symbols[right]))) is not None:
-                        heapq.heappush(heap, (rank, left, symbols[left], symbols[right]))
-        return [s for s in symbols if s != ""]  # "": merged into its left neighbour
-
     def _encode_piece(self, piece: str) -> list[int]:
         word = _byte_level(piece) if self._decoding.byte_level else piece
         vocab = self._vocab
         if self._ignore_merges and (i := vocab.get(word)) is not None:
             return [i]
-        if any(c not in vocab for c in word):
+        ids = list(map(vocab.get, word))
+        if None in ids:
             return self._encode_with_unknown(word)
-        return [vocab[s] for s in self._bpe(list(word))]
+        return self._merges(ids)
 
     def _encode_with_unknown(self, word: str) -> list[int]:
         """As HF: a character missing from the vocabulary becomes its UTF-8 bytes' <0xNN>
-        tokens (byte_fallback, where they all exist), else unk_token (consecutive ones fused
-        with fuse_unk), else it is dropped (its neighbours merge as one word). No merge
+        tokens (byte_fallback, where they all exist; a lone surrogate's as Python's
+        surrogatepass spells it, which HF's str cannot hold), else unk_token (consecutive ones
+        fused with fuse_unk), else it is dropped (its neighbours merge as one word). No merge
         crosses an unk_token."""
         vocab = self._vocab
-        symbols: list[str | None] = []  # None: an unk_token
+        unk = self._merges.no_pair  # in no pair, until it becomes unk_token's id
+        ids: list[int] = []
         for c in word:
-            if c in vocab:
-                symbols.append(c)
+            if (i := vocab.get(c)) is not None:
+                ids.append(i)
                 continue
-            fallback = [f"<0x{b:02X}>" for b in c.encode("utf-8")] if self._byte_fallback else []
-            if fallback and all(t in vocab for t in fallback):
-                symbols.extend(fallback)
-            elif self._unk_id is not None and not (self._fuse_unk and symbols
-                                                   and symbols[-1] is None):
-                symbols.append(None)
-        return [self._unk_id if s is None else vocab[s] for s in self._bpe(symbols)]
+            spelled = c.encode("utf-8", "surrogatepass") if self._byte_fallback else b""
+            fallback = [vocab.get(f"<0x{b:02X}>") for b in spelled]
+            if fallback and None not in fallback:
+                ids += fallback
+            elif self._unk_id is not None and not (self._fuse_unk and ids and ids[-1] == unk):
+                ids.append(unk)
+        return [self._unk_id if i == unk else i for i in self._merges(ids)]
 
     def _split_added(self, text: str, level: int = 0, plain_special: bool = False
                      ) -> list[tuple[str, int | None]]:
@@ -772,11 +786,6 @@ def _byte_level_bytes(token: str) -> bytes:
 _WORD_CHAR = regex.compile(r"\w")
 _SPACES = regex.compile(r"\s*")
 _SPACES_BEFORE = regex.compile(r"\s*", regex.REVERSE)  # matched backwards from endpos
-
-
-def _longest_first(tokens: Iterable[str]) -> regex.Pattern:
-    """A regex finding ``tokens`` leftmost-longest, as HF finds added tokens."""
-    return regex.compile("|".join(map(regex.escape, sorted(tokens, key=len, reverse=True))))
 
 
 def _byte_level(piece: str) -> str:
