@@ -29,10 +29,10 @@ from codelm.tokenization.bpe import (
     GPT2_PATTERN,
     LLAMA3_PATTERN,
     QWEN2_PATTERN,
-    SPIECE_SPACE,
     STARCODER_PATTERN,
     BPETokenizer,
 )
+from codelm.tokenization.spiece import SPIECE_SPACE
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 

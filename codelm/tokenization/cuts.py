@@ -3,7 +3,7 @@ BPE token can cross the cut (``SafeCuts``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import regex
 
@@ -54,10 +54,17 @@ class SafeCuts:
         spanning = set(spanning)
         self._pieces = pattern
         self._spanning = longest_first(spanning) if spanning else None
-        self._clues = _clues(spanning, common) if spanning else None
+        self._clues = _Clues(spanning, common) if spanning else None
+
+    def for_text(self, text: str) -> Callable[[str], list[str]]:
+        """This call for the parts of ``text``: the pattern's findall where no spanning token
+        can be in it."""
+        if self._clues is None or not self._clues.in_text(text):
+            return self._pieces.findall
+        return self
 
     def __call__(self, text: str) -> list[str]:
-        if self._clues is None or self._clues.search(text) is None:
+        if self._clues is None or not self._clues.in_text(text):
             return self._pieces.findall(text)
         # The longest spanning token at each position: no cut strictly inside one.
         covers = [m.span() for m in self._spanning.finditer(text, overlapped=True)]
@@ -74,18 +81,30 @@ class SafeCuts:
         return pieces
 
 
-def _clues(tokens: set[str], common: str) -> regex.Pattern:
-    """A regex that matches in every text holding one of ``tokens``, and seldom elsewhere (a
-    search as fast as a character class's): each token is looked for by its highest code point
-    outside ``common`` where that is not ASCII (rare in code, and in most text), else whole."""
-    clues, whole = set(), []
-    for token in tokens:
-        clue = max((c for c in token if c not in common), default="\0")
-        if clue.isascii():
-            whole.append(token)
-        else:
-            clues.add(clue)
-    found = ["[" + "".join(map(regex.escape, sorted(clues))) + "]"] if clues else []
-    if whole:
-        found.append(longest_first(whole).pattern)
-    return regex.compile("|".join(found))
+class _Clues:
+    """Whether a text may hold one of some tokens, quicker than looking for them: each token
+    is looked for by its highest code point outside ``common`` where that is not ASCII (rare in
+    code, and in most text), else whole."""
+
+    def __init__(self, tokens: set[str], common: str):
+        chars, whole = set(), []
+        for token in tokens:
+            clue = max((c for c in token if c not in common), default="\0")
+            if clue.isascii():
+                whole.append(token)
+            else:
+                chars.add(clue)
+        self._common = common
+        self._chars = regex.compile("[" + "".join(map(regex.escape, sorted(chars))) + "]"
+                                    ) if chars else None
+        self._whole = longest_first(whole) if whole else None
+
+    def in_text(self, text: str) -> bool:
+        if self._whole is not None and self._whole.search(text):
+            return True
+        if self._chars is None:
+            return False
+        for char in self._common:
+            text = text.replace(char, "")
+        # isascii reads a flag of the string: no clue (none is ASCII) in most code
+        return not text.isascii() and self._chars.search(text) is not None
