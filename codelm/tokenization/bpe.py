@@ -16,6 +16,7 @@ from typing import NamedTuple
 import regex
 
 from codelm.tokenization import compiled
+from codelm.tokenization.added import AddedTokens
 from codelm.tokenization.batching import BatchEncodeMixin, checked_ids
 from codelm.tokenization.chat import chat_template_from_config, render_chat, roles_from_config
 from codelm.tokenization.compiled import ModelTables
@@ -275,14 +276,6 @@ class _Normalizer:
         return text
 
 
-class _QuickSplit(NamedTuple):
-    """BPETokenizer._quick_split's way of cutting a text at its added tokens."""
-
-    replacements: list[tuple[str, str]]  # the normalizer's, applied to the whole text
-    absent: str  # characters the text must not hold for the split to serve
-    split: regex.Pattern | None  # the added tokens, kept in split's parts by a group
-
-
 class _Decoding(NamedTuple):
     """How a tokenizer.json decoder turns tokens into text."""
 
@@ -416,8 +409,10 @@ class BPETokenizer(BatchEncodeMixin):
             fuse_unk=bool(model.get("fuse_unk", False)))
         self.model_tables = self._build_pieces(spec.get("pre_tokenizer"), merges, made, tables)
         self._prefix_ids, self._suffix_ids = post_processor_ids(spec.get("post_processor"))
-        self._build_added(spec.get("added_tokens") or [])
-        self._quick = self._quick_split()
+        replacements = self._normalize.replacements() if self._normalize is not None else []
+        added = AddedTokens(spec.get("added_tokens") or [], vocab, self._normalize, replacements)
+        self._added_tokens = added
+        self._added_ids, self._added, self._special_ids = added.ids, added.flags, added.special_ids
 
         size = max(max(vocab.values(), default=-1), max(self._added_ids.values(), default=-1)) + 1
         n_tokens = len(vocab) + len(self._added_ids)  # a file's ids size the tables made below
@@ -465,39 +460,6 @@ class BPETokenizer(BatchEncodeMixin):
         if order is not None:
             self._space_runs = SpaceRuns(space, vocab[space], order)
         return ModelTables(vocab, merges, self._pretokenize.cuts, order)
-
-    def _build_added(self, added: list) -> None:
-        """Added tokens with the ids HF gives them (it ignores the JSON ``id``): a vocabulary
-        token keeps its id, any other gets the next one past the vocabulary and added ids."""
-        expect(isinstance(added, list), "added_tokens", "must be a list")
-        self._added_ids: dict[str, int] = {}
-        self._added: dict[str, dict] = {}
-        flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
-        for entry in added:
-            expect(isinstance(entry, dict) and isinstance(entry.get("content"), str)
-                    and isinstance(entry.get("id"), int),
-                    "added_tokens", f"entry {entry!r} needs a string 'content' and an integer 'id'")
-            content = entry["content"]
-            if not content:
-                continue
-            entry_flags = {f: bool(entry.get(f, f == "normalized")) for f in flags}
-            if content in self._added:
-                # HF merges such repeats in ways that depend on the flags; only exact ones pass.
-                expect(self._added[content] == entry_flags, "added_tokens",
-                        f"entry {entry!r} repeats {content!r} with other flags")
-                continue
-            i = self._vocab.get(content)
-            if i is None:
-                i = max(max(self._added_ids.values(), default=-1) + 1, len(self._vocab))
-            self._added_ids[content] = i
-            self._added[content] = entry_flags
-        self._special_ids = {self._added_ids[c] for c, f in self._added.items() if f["special"]}
-        # HF matches tokens that are not normalized first, in the text, then the normalized
-        # ones in the normalized gaps.
-        self._added_res = []
-        for normalized in (False, True):
-            contents = [c for c, f in self._added.items() if f["normalized"] == normalized]
-            self._added_res.append(longest_first(contents) if contents else None)
 
     def _resolve_roles(self, roles: dict) -> dict[str, int | None]:
         resolved = {}
@@ -617,73 +579,12 @@ class BPETokenizer(BatchEncodeMixin):
                 return ids
         return self._encode_word(piece)
 
-    def _split_added(self, text: str, level: int = 0, plain_special: bool = False
-                     ) -> list[tuple[str, int | None]]:
-        """(segment, added-token id or None) covering ``text``, the way HF finds added tokens,
-        the segments between them normalized; ``plain_special``: special ones are left in the
-        text (HF's encode_special_tokens)."""
-        if level == 1 and self._normalize is not None:
-            text = self._normalize(text)
-        if level == len(self._added_res):
-            return [(text, None)] if text else []
-        if self._added_res[level] is None:
-            return self._split_added(text, level + 1, plain_special)
-        out: list[tuple[str, int | None]] = []
-        start_offset = 0
-        for m in self._added_res[level].finditer(text):
-            start, stop = m.span()
-            content = m.group()
-            flags = self._added[content]
-            if plain_special and flags["special"]:
-                continue
-            if flags["single_word"] and (_WORD_CHAR.match(text[start - 1 : start])
-                                         or _WORD_CHAR.match(text[stop : stop + 1])):
-                continue
-            if flags["lstrip"]:  # the spaces before it, but none a previous token took
-                start = max(_SPACES_BEFORE.match(text, 0, start).start(), start_offset)
-            if flags["rstrip"]:
-                stop = _SPACES.match(text, stop).end()
-            if start >= stop:  # the previous rstrip token took this match: HF drops it
-                continue
-            if start_offset < start:
-                out.extend(self._split_added(text[start_offset:start], level + 1, plain_special))
-            out.append((text[start:stop], self._added_ids[content]))
-            start_offset = stop
-        if start_offset < len(text):
-            out.extend(self._split_added(text[start_offset:], level + 1, plain_special))
-        return out
-
-    def _quick_split(self) -> _QuickSplit | None:
-        """encode's one-pass way where it gives _split_added's segments (else None): no added
-        token has lstrip, rstrip or single_word, all are matched alike (all normalized, or
-        none), and the normalizer only replaces characters, so the whole text is normalized
-        at once and cut at its added tokens by one split. Tokens matched as written may hold
-        no character the normalizer replaces, and one holding a character it writes is left
-        out: it cannot occur in a text without that character (which _quick_ids checks)."""
-        added = self._added
-        if any(f["lstrip"] or f["rstrip"] or f["single_word"] for f in added.values()):
-            return None
-        replacements = [] if self._normalize is None else self._normalize.replacements()
-        if replacements is None or len({f["normalized"] for f in added.values()}) > 1:
-            return None
-        written = "".join(new for _, new in replacements)
-        tokens = list(added)
-        as_written = bool(added) and not next(iter(added.values()))["normalized"]
-        if as_written:
-            if any(old in token for token in tokens for old, _ in replacements):
-                return None
-            tokens = [t for t in tokens if not any(c in t for c in written)]
-        split = regex.compile(f"({longest_first(tokens).pattern})") if tokens else None
-        return _QuickSplit(replacements, written if as_written else "", split)
-
     def _quick_ids(self, text: str) -> list[int] | None:
-        """encode's ids by _quick_split's way, or None where it does not serve this text."""
-        quick = self._quick
-        if quick is None or any(c in text for c in quick.absent):
+        """encode's ids by AddedTokens.quick_parts' way, or None where it does not serve."""
+        quick = self._added_tokens.quick_parts(text)
+        if quick is None:
             return None
-        for old, new in quick.replacements:
-            text = text.replace(old, new)
-        parts = quick.split.split(text) if quick.split is not None else [text]
+        text, parts = quick
         gaps, added = parts[::2], parts[1::2]  # text, added token, text, ..., text
         cache = self._cache.__getitem__
         ids = list(chain.from_iterable(map(cache, self._pretokenize(gaps[0], True)))) if gaps[0] else []
@@ -701,7 +602,7 @@ class BPETokenizer(BatchEncodeMixin):
         ids = None if split_special_tokens else self._quick_ids(text)
         if ids is None:
             ids = []
-            segments = self._split_added(text, plain_special=split_special_tokens)
+            segments = self._added_tokens.segments(text, plain_special=split_special_tokens)
             for n, (segment, token_id) in enumerate(segments):
                 if token_id is None:
                     pieces = self._pretokenize(segment, n == 0)
@@ -802,12 +703,6 @@ def _byte_level_bytes(token: str) -> bytes:
         return bytes(map(UNICODE_TO_BYTE.__getitem__, token))
     except KeyError:
         return token.encode("utf-8")
-
-
-# Rust's regex \w and \s (Unicode), which HF uses for single_word and lstrip/rstrip.
-_WORD_CHAR = regex.compile(r"\w")
-_SPACES = regex.compile(r"\s*")
-_SPACES_BEFORE = regex.compile(r"\s*", regex.REVERSE)  # matched backwards from endpos
 
 
 def _byte_level(piece: str) -> str:
