@@ -50,7 +50,7 @@ class SentencePieces:
         self.cuts = cuts_for(self.replacement, split)
         self._cut = None
         if self.cuts is not None:
-            pattern = _cut_pattern(self.cuts.pattern, self.replacement)
+            pattern = cut_pattern(self.cuts.pattern, self.replacement)
             self._cut = SafeCuts(pattern, self.cuts.spanning, common=self.replacement)
 
     def __call__(self, text: str, first: bool) -> list[str]:
@@ -78,14 +78,14 @@ _MAX_SPANNING_SHARE = 0.01
 
 
 class WordCuts(NamedTuple):
-    """Where a SentencePiece segment is cut: ``pattern`` (a name of ``_cut_pattern``) and the
+    """Where a SentencePiece segment is cut: ``pattern`` (a name of ``cut_pattern``) and the
     merged tokens that can cross its cuts."""
 
     pattern: str
     spanning: list[str]
 
 
-def _cut_pattern(name: str, space: str) -> regex.Pattern:
+def cut_pattern(name: str, space: str) -> regex.Pattern:
     mark = regex.escape(space)
     if name == "split":  # Metaspace's own pieces: every ▁ starts one
         return regex.compile(rf"{mark}[^{mark}]*|[^{mark}]+")
@@ -108,7 +108,7 @@ def word_cuts(space: str, made: Iterable[str], split: bool) -> WordCuts | None:
     made = set(made)
     for name in ("runs", "spaces"):
         # A token that is one piece of the pattern crosses none of its cuts in any text.
-        pattern = _cut_pattern(name, space)
+        pattern = cut_pattern(name, space)
         spanning = [token for token in made if not pattern.fullmatch(token)]
         if len(spanning) <= _MAX_SPANNING_SHARE * len(made):
             return WordCuts(name, spanning)
