@@ -224,6 +224,10 @@ def test_sentencepiece_text_is_cut_only_where_no_token_can_span_the_cut(family_t
     gemma3 = family_tokenizers["gemma3"][1]._pretokenize
     assert gemma3("\u2581name.x(f(1)\u2581+", False) == [
         "\u2581name.", "x", "(", "f(", "1)\u2581+"]
+    # its added runs of newlines: in a text with no other added token, pieces of their own
+    assert family_tokenizers["gemma3"][1]._added_tokens.run_chars == "\n"
+    assert gemma3.whole("x\n\n\u2581y(\n") == ["x", "\n\n", "\u2581y", "(", "\n"]
+    assert gemma3.whole("f(1)\n") is None  # "1)" may cross a cut: the segments' way
 
 
 def test_qwen2_special_tokens_and_nfc(family_tokenizers):

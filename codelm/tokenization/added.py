@@ -66,6 +66,7 @@ class AddedTokens:
             contents = [c for c, f in self.flags.items() if f["normalized"] == normalized]
             self._found.append(longest_first(contents) if contents else None)
         self._quick = self._quick_split(replacements)
+        self.run_chars, self._others = self._runs_of_one_character()
 
     def segments(self, text: str, plain_special: bool = False, level: int = 0
                  ) -> list[tuple[str, int | None]]:
@@ -127,12 +128,42 @@ class AddedTokens:
         split = regex.compile(f"({longest_first(tokens).pattern})") if tokens else None
         return _QuickSplit(replacements, written if as_written else "", split)
 
-    def quick_parts(self, text: str) -> tuple[str, list[str]] | None:
-        """(``text`` normalized, its parts: text, added token, text, ..., text), or None where
-        the one-pass way does not serve this text (then ``segments`` does)."""
+    def _runs_of_one_character(self) -> tuple[str, regex.Pattern | None]:
+        """(``run_chars``, the other tokens of the one-pass way): characters every run of
+        which HF cuts into added tokens (there is one for each length up to some n, as Gemma's
+        newlines and tabs) and no other added token holds; such a run never reaches the
+        model, so a run of them can be a piece of its own (``run_ids`` gives its ids)."""
+        if self._quick is None or self._quick.split is None:
+            return "", None
+        tokens = [t for t in self.flags if not any(c in t for c in self._quick.absent)]
+        runs = {t for t in tokens if len(set(t)) == 1}
+        run_chars = "".join(sorted(
+            c for c in {t[0] for t in runs}
+            if {c * n for n in range(1, len(max((t for t in runs if t[0] == c), key=len)) + 1)}
+            <= runs and not any(c in t for t in tokens if t[0] != c or t not in runs)
+            and not any(c == old or c in new for old, new in self._quick.replacements)))
+        others = [t for t in tokens if not (t in runs and t[0] in run_chars)]
+        return run_chars, longest_first(others) if others else None
+
+    def run_ids(self, run: str) -> list[int]:
+        """The ids of a run of one of ``run_chars``: its added tokens, longest first."""
+        return [i for _, i in self.segments(run)]
+
+    def quick_text(self, text: str) -> str | None:
+        """``text`` normalized for the one-pass way (``parts``), or None where that does not
+        serve this text (then ``segments`` does)."""
         quick = self._quick
         if quick is None or any(c in text for c in quick.absent):
             return None
         for old, new in quick.replacements:
             text = text.replace(old, new)
-        return text, quick.split.split(text) if quick.split is not None else [text]
+        return text
+
+    def only_runs(self, text: str) -> bool:
+        """Whether no added token is in ``quick_text``'s text but runs of ``run_chars``."""
+        return bool(self.run_chars) and (self._others is None or self._others.search(text) is None)
+
+    def parts(self, text: str) -> list[str]:
+        """``quick_text``'s text cut at its added tokens: text, added token, ..., text."""
+        split = self._quick.split
+        return split.split(text) if split is not None else [text]

@@ -413,6 +413,8 @@ class BPETokenizer(BatchEncodeMixin):
         added = AddedTokens(spec.get("added_tokens") or [], vocab, self._normalize, replacements)
         self._added_tokens = added
         self._added_ids, self._added, self._special_ids = added.ids, added.flags, added.special_ids
+        if not self._decoding.byte_level:
+            self._pretokenize.keep_apart(added.run_chars)
 
         size = max(max(vocab.values(), default=-1), max(self._added_ids.values(), default=-1)) + 1
         n_tokens = len(vocab) + len(self._added_ids)  # a file's ids size the tables made below
@@ -573,6 +575,9 @@ class BPETokenizer(BatchEncodeMixin):
                            **names, unk_token=unk)
 
     def _encode_piece(self, piece: str) -> list[int]:
+        run_chars = self._added_tokens.run_chars
+        if run_chars and piece[0] in run_chars and not piece.strip(run_chars):
+            return self._added_tokens.run_ids(piece)  # SentencePieces.whole's run of one
         if self._space_runs is not None:
             ids = self._space_runs(piece, self._cache.__getitem__)
             if ids is not None:
@@ -580,13 +585,18 @@ class BPETokenizer(BatchEncodeMixin):
         return self._encode_word(piece)
 
     def _quick_ids(self, text: str) -> list[int] | None:
-        """encode's ids by AddedTokens.quick_parts' way, or None where it does not serve."""
-        quick = self._added_tokens.quick_parts(text)
-        if quick is None:
+        """encode's ids by AddedTokens' one-pass way, or None where it does not serve."""
+        added_tokens = self._added_tokens
+        text = added_tokens.quick_text(text)
+        if text is None:
             return None
-        text, parts = quick
-        gaps, added = parts[::2], parts[1::2]  # text, added token, text, ..., text
         cache = self._cache.__getitem__
+        if added_tokens.only_runs(text):  # as Gemma's newlines: pieces of their own
+            pieces = self._pretokenize.whole(text)
+            if pieces is not None:
+                return list(chain.from_iterable(map(cache, pieces)))
+        parts = added_tokens.parts(text)
+        gaps, added = parts[::2], parts[1::2]  # text, added token, text, ..., text
         ids = list(chain.from_iterable(map(cache, self._pretokenize(gaps[0], True)))) if gaps[0] else []
         pieces = self._pretokenize.pieces_for(text)  # of the gaps after the first
         for token, gap in zip(added, gaps[1:]):

@@ -50,7 +50,8 @@ def digest(path: Path) -> str | None:
     return sha.hexdigest()
 
 
-def _kept(digest: str) -> Path:
+def kept_path(digest: str) -> Path:
+    """Where the compiled form of the file of ``digest`` is kept."""
     return settings.cache_root() / "tokenizers" / f"{digest}.bpe"
 
 
@@ -58,7 +59,7 @@ def load(digest: str) -> tuple[dict, ModelTables] | None:
     """(the tokenizer.json less its model's vocab and merges, its ModelTables) as kept for the
     file of ``digest``; None where none is kept, or it is damaged or of another format."""
     try:
-        data = _kept(digest).read_bytes()
+        data = kept_path(digest).read_bytes()
     except OSError:
         return None
     try:
@@ -104,7 +105,7 @@ def store(digest: str, spec: dict, tables: ModelTables) -> None:
     # surrogatepass: a token may hold a lone surrogate (JSON can spell one); json.loads reads
     # bytes back with it
     head = json.dumps(header, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    path = _kept(digest)
+    path = kept_path(digest)
     temp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,22 @@ class SentencePieces:
         if self.cuts is not None:
             pattern = cut_pattern(self.cuts.pattern, self.replacement)
             self._cut = SafeCuts(pattern, self.cuts.spanning, common=self.replacement)
+        self._apart: regex.Pattern | None = None
+
+    def keep_apart(self, chars: str) -> None:
+        """Let ``whole`` cut a text's runs of ``chars`` into pieces of their own: characters no
+        cut class holds but the other characters' (runs of them are added tokens)."""
+        others = regex.compile(rf"[^\p{{L}}\p{{M}}\p{{N}}{regex.escape(self.replacement)}]")
+        if chars and not self.metaspace and self._cut is not None and all(map(others.match, chars)):
+            self._apart = cut_pattern(self.cuts.pattern, self.replacement, apart=chars)
+
+    def whole(self, text: str) -> list[str] | None:
+        """The pieces of a whole normalized text, its runs of ``keep_apart``'s characters
+        pieces of their own; None where this way does not serve (a spanning token may be in
+        the text)."""
+        if self._apart is None or self._cut.for_text(text) is self._cut:
+            return None
+        return self._apart.findall(text)
 
     def __call__(self, text: str, first: bool) -> list[str]:
         """``first``: the segment starts the text (no added token before it)."""
@@ -85,15 +101,19 @@ class WordCuts(NamedTuple):
     spanning: list[str]
 
 
-def cut_pattern(name: str, space: str) -> regex.Pattern:
+def cut_pattern(name: str, space: str, apart: str = "") -> regex.Pattern:
+    """The pattern ``name`` for ▁ = ``space``; ``apart``: characters of the other class whose
+    runs are pieces of their own (the pattern's pieces of a text without them are the same)."""
     mark = regex.escape(space)
+    runs_apart = f"[{regex.escape(apart)}]+|" if apart else ""
+    rest = mark + regex.escape(apart)
     if name == "split":  # Metaspace's own pieces: every ▁ starts one
-        return regex.compile(rf"{mark}[^{mark}]*|[^{mark}]+")
+        return regex.compile(rf"{runs_apart}{mark}[^{rest}]*|[^{rest}]+")
     if name == "runs":
-        return regex.compile(rf"{mark}*(?:[\p{{L}}\p{{M}}]+|\p{{N}}|[^\p{{L}}\p{{M}}\p{{N}}{mark}]+)"
-                             rf"|{mark}+")
+        return regex.compile(rf"{runs_apart}{mark}*(?:[\p{{L}}\p{{M}}]+|\p{{N}}"
+                             rf"|[^\p{{L}}\p{{M}}\p{{N}}{rest}]+)|{mark}+")
     assert name == "spaces", name
-    return regex.compile(rf"{mark}*[^{mark}]+|{mark}+")
+    return regex.compile(rf"{runs_apart}{mark}*[^{rest}]+|{mark}+")
 
 
 def word_cuts(space: str, made: Iterable[str], split: bool) -> WordCuts | None:
