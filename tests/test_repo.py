@@ -125,10 +125,15 @@ RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
 TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokenization.batching",
                                      "codelm.tokenization.source")
 BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
+UNICODE9, NORMALIZATION, CUTS = ("codelm.tokenization.unicode9",
+                                 "codelm.tokenization.normalization", "codelm.tokenization.cuts")
+MERGES, SPIECE, ADDED, COMPILED = ("codelm.tokenization.merges", "codelm.tokenization.spiece",
+                                   "codelm.tokenization.added", "codelm.tokenization.compiled")
 GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 BOOTSTRAP, RUNNER, SANDBOX_COMMAND = ("codelm.sandbox.bootstrap", "codelm.sandbox.runner",
                                       "codelm.sandbox.__main__")
-TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
+TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT, UNICODE9, NORMALIZATION, CUTS, MERGES,
+                SPIECE, ADDED, COMPILED}
 BELOW_FLOOR_3 = TOKENIZATION | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, "optim", "scraping", "pretrained", "lora", "dataset",
@@ -147,7 +152,14 @@ MAY_IMPORT = {
     BATCHING: {PROCESS},
     SOURCE: set(),
     CHAT: {TOKENIZER_FILES},
-    BPE: {TOKENIZER_FILES, BATCHING, CHAT},
+    UNICODE9: set(),
+    NORMALIZATION: {UNICODE9},
+    CUTS: set(),
+    MERGES: set(),
+    SPIECE: {CUTS, TOKENIZER_FILES},
+    ADDED: {CUTS, TOKENIZER_FILES},
+    COMPILED: {SETTINGS, MERGES, SPIECE},
+    BPE: {TOKENIZER_FILES, BATCHING, CHAT, NORMALIZATION, CUTS, MERGES, SPIECE, ADDED, COMPILED},
     "tokenizer": {PROCESS, SETTINGS} | TOKENIZATION,
     KERNELS: set(),
     "architecture": {KERNELS},
@@ -156,8 +168,8 @@ MAY_IMPORT = {
     "scraping": {PROCESS, SETTINGS},
     "pretrained": {PROCESS, SETTINGS, HUB, RUNDIR, "architecture"},
     "lora": {PROCESS, SETTINGS, HUB, "architecture", "pretrained"},
-    GGUF_WRITER: {PROCESS, "architecture", BPE, "pretrained", "lora"},
-    "dataconfig": {PROCESS},
+    GGUF_WRITER: {PROCESS, "architecture", BPE, SPIECE, "pretrained", "lora"},
+    "dataconfig": {PROCESS, SETTINGS},
     "dataset": {PROCESS, SETTINGS, HUB, "tokenizer", SOURCE, BATCHING, BPE, "scraping",
                 "dataconfig", KERNELS},
     "batches": {"dataset", KERNELS},

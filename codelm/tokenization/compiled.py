@@ -6,6 +6,7 @@ read), named by the SHA-256 of the tokenizer.json it was made from, which it rep
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 from codelm.runtime import settings
+from codelm.tokenization import merges, spiece
 from codelm.tokenization.merges import Merges
 from codelm.tokenization.spiece import WordCuts
 
 # Files smaller than this are read from their JSON each time (a few tenths of a second at most).
 CACHED_FROM_BYTES = 4 << 20
-_FORMAT = 1  # one more where the kept form, or what is derived from a file, changes
+_FORMAT = 1  # one more where the kept form changes
 _MAGIC = b"codelm compiled tokenizer\n"
 
 
@@ -50,6 +52,17 @@ def digest(path: Path) -> str | None:
     return sha.hexdigest()
 
 
+@functools.cache
+def _code() -> str:
+    """The SHA-256 of the code that derives the kept tables: a form kept by other code is
+    made again."""
+    sha = hashlib.sha256()
+    for module in (sys.modules[__name__], merges, spiece):
+        with contextlib.suppress(OSError, TypeError):
+            sha.update(Path(module.__file__).read_bytes())
+    return sha.hexdigest()
+
+
 def kept_path(digest: str) -> Path:
     """Where the compiled form of the file of ``digest`` is kept."""
     return settings.cache_root() / "tokenizers" / f"{digest}.bpe"
@@ -74,8 +87,8 @@ def _parsed(data: bytes, digest: str) -> tuple[dict, ModelTables] | None:
     start = len(_MAGIC) + 8
     end = start + int.from_bytes(data[len(_MAGIC) : start], "little")
     header = json.loads(data[start:end])
-    if (header["format"], header["source"], header["byteorder"]) != (_FORMAT, digest,
-                                                                      sys.byteorder):
+    if (header["format"], header["source"], header["byteorder"], header["code"]) != (
+            _FORMAT, digest, sys.byteorder, _code()):
         return None
     arrays = []
     for length in header["lengths"]:
@@ -97,7 +110,7 @@ def store(digest: str, spec: dict, tables: ModelTables) -> None:
     model = {key: value for key, value in spec["model"].items() if key not in ("vocab", "merges")}
     arrays = [array("q", tables.vocab.values()), array("q", tables.merges.table.keys()),
               array("q", tables.merges.table.values())]
-    header = {"format": _FORMAT, "source": digest, "byteorder": sys.byteorder,
+    header = {"format": _FORMAT, "source": digest, "byteorder": sys.byteorder, "code": _code(),
               "spec": {**spec, "model": model}, "tokens": list(tables.vocab),
               "size": tables.merges.no_pair, "space_runs": tables.space_runs,
               "word_cuts": list(tables.word_cuts) if tables.word_cuts is not None else None,
