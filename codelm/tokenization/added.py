@@ -136,13 +136,14 @@ class AddedTokens:
         if self._quick is None or self._quick.split is None:
             return "", None
         tokens = [t for t in self.flags if not any(c in t for c in self._quick.absent)]
-        runs = {t for t in tokens if len(set(t)) == 1}
-        run_chars = "".join(sorted(
-            c for c in {t[0] for t in runs}
-            if {c * n for n in range(1, len(max((t for t in runs if t[0] == c), key=len)) + 1)}
-            <= runs and not any(c in t for t in tokens if t[0] != c or t not in runs)
-            and not any(c == old or c in new for old, new in self._quick.replacements)))
-        others = [t for t in tokens if not (t in runs and t[0] in run_chars)]
+        replaced = "".join(old + new for old, new in self._quick.replacements)
+        run_chars = ""
+        for char in sorted({t[0] for t in tokens if t == t[0] * len(t)} - set(replaced)):
+            runs = {t for t in tokens if t == char * len(t)}
+            every_length = {char * n for n in range(1, max(map(len, runs)) + 1)} == runs
+            if every_length and not any(char in t for t in tokens if t not in runs):
+                run_chars += char
+        others = [t for t in tokens if not (t[0] in run_chars and t == t[0] * len(t))]
         return run_chars, longest_first(others) if others else None
 
     def run_ids(self, run: str) -> list[int]:

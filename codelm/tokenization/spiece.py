@@ -142,9 +142,9 @@ class SpaceRuns:
     before another character, and either
 
     - every merge making a token of ▁ alone ranks before every merge making one of ▁ and
-      other characters (Gemma): the run merges first, on its own (B = BPE), so BPE(▁^k w) is
-      BPE(▁^k) then BPE(w), or, where that run ends in a lone ▁, which may yet merge with the
-      word, BPE(▁^k) less that ▁ then BPE(▁w); or
+      other characters (Gemma): the run merges first, on its own, so BPE(▁^k w) is BPE(▁^k)
+      then BPE(w), or, where the run's BPE ends in a lone ▁ (which may yet merge with the
+      word), BPE(▁^k) less that ▁, then BPE(▁w); or
     - every merge making a token of ▁ alone ranks after every other merge (Llama-2): the word
       merges first, with the ▁ before it, so BPE(▁^k w) is BPE(▁^(k-1)) then BPE(▁w), or,
       where BPE(▁w) leaves that ▁ alone, BPE(▁^k) then the rest of BPE(▁w).
