@@ -3,6 +3,7 @@ BPE token can cross the cut (``SafeCuts``)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 
 import regex
@@ -48,24 +49,33 @@ class SafeCuts:
     crosses in this text is crossed by no merge: BPE on the pieces one by one gives the ids of
     BPE on the whole text, and each piece's ids can be cached."""
 
-    def __init__(self, pattern: regex.Pattern, spanning: Iterable[str], common: str = ""):
+    def __init__(self, pattern: regex.Pattern, spanning: Iterable[str], common: str = "",
+                 ascii_pattern: re.Pattern | None = None):
         """``common``: characters too frequent to look for a spanning token by (▁, which
-        stands for every space)."""
+        stands for every space); ``ascii_pattern``: ``pattern``'s pieces of a text of ASCII
+        and ``common`` characters alone, found quicker."""
         spanning = set(spanning)
         self._pieces = pattern
+        self._ascii_pieces = ascii_pattern or pattern
+        self._common = common
         self._spanning = longest_first(spanning) if spanning else None
         self._clues = _Clues(spanning, common) if spanning else None
 
     def for_text(self, text: str) -> Callable[[str], list[str]]:
-        """This call for the parts of ``text``: the pattern's findall where no spanning token
-        can be in it."""
-        if self._clues is None or not self._clues.in_text(text):
-            return self._pieces.findall
-        return self
+        """This call for the parts of ``text``: a findall where no spanning token can be in
+        it, the ASCII pattern's where the text is ASCII but ``common``."""
+        rest = text
+        for char in self._common:
+            rest = rest.replace(char, "")
+        plain = rest.isascii()  # a flag of the string, read at once
+        if self._clues is not None and self._clues.in_text(text, plain):
+            return self
+        return self._ascii_pieces.findall if plain else self._pieces.findall
 
     def __call__(self, text: str) -> list[str]:
-        if self._clues is None or not self._clues.in_text(text):
-            return self._pieces.findall(text)
+        findall = self.for_text(text)
+        if findall is not self:
+            return findall(text)
         # The longest spanning token at each position: no cut strictly inside one.
         covers = [m.span() for m in self._spanning.finditer(text, overlapped=True)]
         pieces: list[str] = []
@@ -94,17 +104,13 @@ class _Clues:
                 whole.append(token)
             else:
                 chars.add(clue)
-        self._common = common
         self._chars = regex.compile("[" + "".join(map(regex.escape, sorted(chars))) + "]"
                                     ) if chars else None
         self._whole = longest_first(whole) if whole else None
 
-    def in_text(self, text: str) -> bool:
+    def in_text(self, text: str, plain: bool) -> bool:
+        """``plain``: the text is ASCII but ``common`` characters, so it holds no clue
+        character (none is ASCII), as most code."""
         if self._whole is not None and self._whole.search(text):
             return True
-        if self._chars is None:
-            return False
-        for char in self._common:
-            text = text.replace(char, "")
-        # isascii reads a flag of the string: no clue (none is ASCII) in most code
-        return not text.isascii() and self._chars.search(text) is not None
+        return not plain and self._chars is not None and self._chars.search(text) is not None

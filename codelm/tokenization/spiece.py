@@ -4,6 +4,7 @@ cut where no token of the vocabulary crosses the cut, and the runs of ▁ before
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
@@ -50,24 +51,28 @@ class SentencePieces:
         self.cuts = cuts_for(self.replacement, split)
         self._cut = None
         if self.cuts is not None:
-            pattern = cut_pattern(self.cuts.pattern, self.replacement)
-            self._cut = SafeCuts(pattern, self.cuts.spanning, common=self.replacement)
-        self._apart: regex.Pattern | None = None
+            name, space = self.cuts.pattern, self.replacement
+            self._cut = SafeCuts(cut_pattern(name, space), self.cuts.spanning, common=space,
+                                 ascii_pattern=cut_pattern(name, space, ascii=True))
+        self._apart: SafeCuts | None = None
 
     def keep_apart(self, chars: str) -> None:
         """Let ``whole`` cut a text's runs of ``chars`` into pieces of their own: characters no
         cut class holds but the other characters' (runs of them are added tokens)."""
         others = regex.compile(rf"[^\p{{L}}\p{{M}}\p{{N}}{regex.escape(self.replacement)}]")
         if chars and not self.metaspace and self._cut is not None and all(map(others.match, chars)):
-            self._apart = cut_pattern(self.cuts.pattern, self.replacement, apart=chars)
+            name, space = self.cuts.pattern, self.replacement
+            self._apart = SafeCuts(cut_pattern(name, space, chars), self.cuts.spanning, space,
+                                   cut_pattern(name, space, chars, ascii=True))
 
     def whole(self, text: str) -> list[str] | None:
         """The pieces of a whole normalized text, its runs of ``keep_apart``'s characters
         pieces of their own; None where this way does not serve (a spanning token may be in
         the text)."""
-        if self._apart is None or self._cut.for_text(text) is self._cut:
+        if self._apart is None:
             return None
-        return self._apart.findall(text)
+        findall = self._apart.for_text(text)
+        return None if findall is self._apart else findall(text)
 
     def __call__(self, text: str, first: bool) -> list[str]:
         """``first``: the segment starts the text (no added token before it)."""
@@ -101,19 +106,23 @@ class WordCuts(NamedTuple):
     spanning: list[str]
 
 
-def cut_pattern(name: str, space: str, apart: str = "") -> regex.Pattern:
+def cut_pattern(name: str, space: str, apart: str = "", ascii: bool = False
+                ) -> regex.Pattern | re.Pattern:
     """The pattern ``name`` for ▁ = ``space``; ``apart``: characters of the other class whose
-    runs are pieces of their own (the pattern's pieces of a text without them are the same)."""
-    mark = regex.escape(space)
-    runs_apart = f"[{regex.escape(apart)}]+|" if apart else ""
-    rest = mark + regex.escape(apart)
+    runs are pieces of their own (the pattern's pieces of a text without them are the same);
+    ``ascii``: the same pieces of a text of ASCII and ▁ alone, by Python's re (twice as quick)."""
+    engine = re if ascii else regex
+    letters, digits = ("A-Za-z", "0-9") if ascii else (r"\p{L}\p{M}", r"\p{N}")
+    mark = engine.escape(space)
+    runs_apart = f"[{engine.escape(apart)}]+|" if apart else ""
+    rest = mark + engine.escape(apart)
     if name == "split":  # Metaspace's own pieces: every ▁ starts one
-        return regex.compile(rf"{runs_apart}{mark}[^{rest}]*|[^{rest}]+")
+        return engine.compile(rf"{runs_apart}{mark}[^{rest}]*|[^{rest}]+")
     if name == "runs":
-        return regex.compile(rf"{runs_apart}{mark}*(?:[\p{{L}}\p{{M}}]+|\p{{N}}"
-                             rf"|[^\p{{L}}\p{{M}}\p{{N}}{rest}]+)|{mark}+")
+        return engine.compile(rf"{runs_apart}{mark}*(?:[{letters}]+|[{digits}]"
+                              rf"|[^{letters}{digits}{rest}]+)|{mark}+")
     assert name == "spaces", name
-    return regex.compile(rf"{runs_apart}{mark}*[^{rest}]+|{mark}+")
+    return engine.compile(rf"{runs_apart}{mark}*[^{rest}]+|{mark}+")
 
 
 def word_cuts(space: str, made: Iterable[str], split: bool) -> WordCuts | None:
