@@ -91,10 +91,10 @@ def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
     expect(isinstance(steps, list) and all(isinstance(s, dict) for s in steps), where, "Sequence")
     kinds = [s.get("type") for s in steps]
     expect(kinds in (["ByteLevel"], ["Digits", "ByteLevel"], ["Split", "ByteLevel"]), where,
-            f"{kinds} (codelm reads a ByteLevel, alone or after Digits or a Split)")
+           f"{kinds} (codelm reads a ByteLevel, alone or after Digits or a Split)")
     *first, byte_level = steps
     expect(not byte_level.get("add_prefix_space", False), where,
-            "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)")
+           "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)")
     use_regex = byte_level.get("use_regex", True)
     if not first:
         expect(use_regex, where, "ByteLevel(use_regex=false) on its own")
@@ -105,7 +105,7 @@ def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
         return (STARCODER_PATTERN if individual else _DIGIT_RUNS_PATTERN), False
     split = first[0]
     expect(not use_regex, where,
-            "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
+           "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
     expect(split.get("behavior") == "Isolated", where, f"Split behavior {split.get('behavior')!r}")
     expect(not split.get("invert", False), where, "Split with invert=true")
     pattern = split.get("pattern")
@@ -239,12 +239,12 @@ class _Normalizer:
         elif kind == "Replace":
             pattern = spec.get("pattern")
             expect(isinstance(pattern, dict) and isinstance(pattern.get("String"), str)
-                    and isinstance(spec.get("content"), str), "normalizer",
-                    f"Replace {spec!r} (codelm replaces a plain String only)")
+                   and isinstance(spec.get("content"), str), "normalizer",
+                   f"Replace {spec!r} (codelm replaces a plain String only)")
             self.steps.append(("replace", pattern["String"], spec["content"]))
         else:
             raise Unsupported(f"unsupported normalizer: {kind!r} (codelm reads NFC, NFD, NFKC, "
-                               "NFKD, Prepend, Replace and Sequences of them)")
+                              "NFKD, Prepend, Replace and Sequences of them)")
 
     def replacements(self) -> list[tuple[str, str]] | None:
         """The steps as (character, text) replacements, where every step replaces one
@@ -308,7 +308,7 @@ def _decoding(spec: object) -> _Decoding:
             strip = "text" if step["start"] == 1 else None
         else:
             raise Unsupported(f"unsupported decoder: {step!r} (codelm reads ByteLevel, Metaspace, "
-                               "and Replace to a space, ByteFallback, Fuse, then Strip)")
+                              "and Replace to a space, ByteFallback, Fuse, then Strip)")
     return _Decoding(False, space, byte_fallback, strip)
 
 
@@ -412,7 +412,7 @@ class BPETokenizer(BatchEncodeMixin):
         size = max(max(vocab.values(), default=-1), max(self._added_ids.values(), default=-1)) + 1
         n_tokens = len(vocab) + len(self._added_ids)  # a file's ids size the tables made below
         expect(size <= 2 * n_tokens + 1024, "model",
-                f"ids up to {size - 1} for {n_tokens} tokens (not dense)")
+               f"ids up to {size - 1} for {n_tokens} tokens (not dense)")
         self._id_to_token: list[str | None] = [None] * size
         for token, i in chain(vocab.items(), self._added_ids.items()):
             self._id_to_token[i] = token

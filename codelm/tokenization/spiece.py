@@ -38,15 +38,15 @@ class SentencePieces:
         self.replacement, self.prepend, split = SPIECE_SPACE, "never", False
         if spec is not None:
             expect(spec.get("type") == "Metaspace", "pre_tokenizer",
-                    f"{spec.get('type')!r} (a BPE without ByteLevel reads Metaspace, none, or "
-                    "Gemma's Split after spaces the normalizer replaced)")
+                   f"{spec.get('type')!r} (a BPE without ByteLevel reads Metaspace, none, or "
+                   "Gemma's Split after spaces the normalizer replaced)")
             self.replacement = spec.get("replacement", SPIECE_SPACE)
             expect(isinstance(self.replacement, str) and len(self.replacement) == 1,
-                    "pre_tokenizer", f"Metaspace replacement {self.replacement!r}")
+                   "pre_tokenizer", f"Metaspace replacement {self.replacement!r}")
             legacy = "always" if spec.get("add_prefix_space", True) else "never"
             self.prepend = spec.get("prepend_scheme", legacy)
             expect(self.prepend in ("always", "first", "never"), "pre_tokenizer",
-                    f"Metaspace prepend_scheme {self.prepend!r}")
+                   f"Metaspace prepend_scheme {self.prepend!r}")
             split = bool(spec.get("split", True))
         self.cuts = cuts_for(self.replacement, split)
         self._cut = None
