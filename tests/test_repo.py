@@ -128,6 +128,10 @@ RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
 TOKENIZER_FILES, BATCHING, SOURCE = ("codelm.tokenization.files", "codelm.tokenization.batching",
                                      "codelm.tokenization.source")
 BPE, CHAT = "codelm.tokenization.bpe", "codelm.tokenization.chat"
+UNICODE9, NORMALIZATION, CUTS = ("codelm.tokenization.unicode9",
+                                 "codelm.tokenization.normalization", "codelm.tokenization.cuts")
+MERGES, SPIECE, ADDED, COMPILED = ("codelm.tokenization.merges", "codelm.tokenization.spiece",
+                                   "codelm.tokenization.added", "codelm.tokenization.compiled")
 GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 BOOTSTRAP, RUNNER, SANDBOX_COMMAND = ("codelm.sandbox.bootstrap", "codelm.sandbox.runner",
                                       "codelm.sandbox.__main__")
@@ -149,7 +153,8 @@ RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
                          "codelm.training.optim")
 GRPO, PREFERENCE = "codelm.training.grpo", "codelm.training.preference"
 REWARDS = "codelm.training.rewards"
-TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT}
+TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT, UNICODE9, NORMALIZATION, CUTS, MERGES,
+                SPIECE, ADDED, COMPILED}
 DATA_CONFIG, DATA_CACHE = "codelm.data.config", "codelm.data.cache"
 DATA_SOURCES, CLEANING = "codelm.data.sources", "codelm.data.cleaning"
 DEDUPE, SHARDS = "codelm.data.dedupe", "codelm.data.shards"
@@ -182,7 +187,14 @@ MAY_IMPORT = {
     BATCHING: {PROCESS},
     SOURCE: set(),
     CHAT: {TOKENIZER_FILES},
-    BPE: {TOKENIZER_FILES, BATCHING, CHAT},
+    UNICODE9: set(),
+    NORMALIZATION: {UNICODE9},
+    CUTS: set(),
+    MERGES: set(),
+    SPIECE: {CUTS, TOKENIZER_FILES},
+    ADDED: {CUTS, TOKENIZER_FILES},
+    COMPILED: {SETTINGS, MERGES, SPIECE},
+    BPE: {TOKENIZER_FILES, BATCHING, CHAT, NORMALIZATION, CUTS, MERGES, SPIECE, ADDED, COMPILED},
     "tokenizer": {PROCESS, SETTINGS} | TOKENIZATION,
     KERNELS: set(),
     "architecture": {KERNELS},
@@ -196,8 +208,8 @@ MAY_IMPORT = {
     ADAPTER_CONFIG: {SETTINGS, HUB},
     "lora": {PROCESS, SETTINGS, "architecture", KERNELS, FAMILIES, PRETRAINED, QUANTIZE,
              ADAPTER_CONFIG},
-    GGUF_WRITER: {PROCESS, "architecture", BPE, FAMILIES, PRETRAINED, "lora"},
-    DATA_CONFIG: {PROCESS},
+    GGUF_WRITER: {PROCESS, "architecture", BPE, SPIECE, FAMILIES, PRETRAINED, "lora"},
+    DATA_CONFIG: {PROCESS, SETTINGS},
     DATA_CACHE: {PROCESS},
     DATA_SOURCES: {SETTINGS, HUB, "scraping", DATA_CONFIG},
     CLEANING: {SOURCE, "scraping", DATA_SOURCES},

@@ -19,6 +19,7 @@ from collections import Counter
 
 import pytest
 import regex
+from edge_corpus import edge_texts
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tiny_hf import (
@@ -210,6 +211,19 @@ def test_parity_edge_cases(style, references, stdlib_texts):
     for text, ids in zip(texts, got):  # Qwen2's text comes back as its NFC normalizer made it
         assert ours.decode(ids) == (unicodedata.normalize("NFC", text) if style == "qwen2"
                                     else text)
+
+
+@pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
+def test_ids_equal_hf_on_the_edge_corpus(style, references):
+    """Every general category, combining sequences, emoji ZWJ sequences and whitespace runs
+    (tests/edge_corpus.py), with and without the template's special tokens."""
+    _, hf, ours = references[style]
+    texts = edge_texts()
+    names = [repr(t[:40]) for t in texts]
+    for add in (False, True):
+        ref = _hf_ids(hf, texts, add_special_tokens=add)
+        got = [ours.encode(t, add_special_tokens=add) for t in texts]
+        assert _first_mismatch(names, got, ref) is None, _first_mismatch(names, got, ref)
 
 
 @pytest.mark.parametrize("style", PRETOKENIZER_STYLES)

@@ -4,16 +4,21 @@ SentencePiece BPE with byte fallback, as Llama-2/CodeLlama/Mistral/Phi-3 write i
 Replace to U+2581) and in its Metaspace form: the same ids on Python, JavaScript, C and edge
 strings, the same decoded text, and decode(encode(x)) == x where HF's round-trips."""
 
+import itertools
 import json
 import pickle
+import random
+import unicodedata
 
 import pytest
+from edge_corpus import LONE_SURROGATES, edge_texts
 from test_tokenizer import EDGE_CASES, _first_mismatch, _hf_ids
 from tiny_hf import FAMILY_TOKENIZER_STYLES, QWEN2_SPECIALS, train_family_tokenizer
 
 from codelm.data.examples import chat_turns
 from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.tokenization.bpe import BPETokenizer
+from codelm.tokenization.spiece import cut_pattern
 from tokenizer import decode_generated, load_tokenizer
 
 JAVASCRIPT = '''import { readFile } from "node:fs/promises";
@@ -118,6 +123,68 @@ def test_ids_and_text_equal_hf_on_edge_strings(style, family_tokenizers):
     assert round_trips > len(FAMILY_EDGE_CASES) // 2
 
 
+@pytest.mark.parametrize("style", FAMILY_TOKENIZER_STYLES)
+def test_ids_equal_hf_on_the_edge_corpus(style, family_tokenizers):
+    """Every general category, combining sequences (NKo's marks among them: Python's Unicode
+    reorders them, HF's 9.0 does not), emoji ZWJ sequences and whitespace runs, with and
+    without the template's special tokens."""
+    hf, ours = family_tokenizers[style]
+    texts = edge_texts()
+    names = [repr(t[:40]) for t in texts]
+    for add in (False, True):
+        ref = _hf_ids(hf, texts, add_special_tokens=add)
+        got = [ours.encode(t, add_special_tokens=add) for t in texts]
+        assert _first_mismatch(names, got, ref) is None, _first_mismatch(names, got, ref)
+
+
+@pytest.mark.parametrize("style", ["qwen2", "spm", "gemma3"])
+def test_a_lone_surrogate_is_its_surrogatepass_bytes(style, family_tokenizers):
+    """HF's str cannot hold one (it raises TypeError); codelm encodes the bytes Python's
+    surrogatepass writes (byte-level tokens, or <0xNN> by byte fallback), which decode to one
+    U+FFFD each, as HF decodes those bytes."""
+    hf, ours = family_tokenizers[style]
+    for text in LONE_SURROGATES:
+        with pytest.raises(TypeError):
+            hf.encode(text)
+        ids = ours.encode(text)
+        lossy = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False) == lossy
+
+
+def test_normalization_is_hfs_unicode_9_on_every_code_point_it_can_change():
+    """NFC, NFD, NFKC and NFKD as HF's normalizers (Unicode 9.0.0's tables) on each code point
+    Python's tables decompose, give a combining class or assign after 9.0, alone and among
+    marks; Python's own unicodedata differs on some (U+07FD, U+1AC1, U+11938, ...)."""
+    from tokenizers import normalizers
+
+    from codelm.tokenization.normalization import normalize
+    from codelm.tokenization.unicode9 import UNASSIGNED_IN_UNICODE_9
+
+    later = {cp for first, last in UNASSIGNED_IN_UNICODE_9 for cp in range(first, last + 1)}
+    changing = [chr(cp) for cp in range(0x110000) if not 0xD800 <= cp < 0xE000 and (
+        unicodedata.combining(chr(cp)) or unicodedata.decomposition(chr(cp))
+        or (cp in later and unicodedata.category(chr(cp)) != "Cn"))]
+    texts = ["".join(f"a{c}\u0301\u0327{c}\u07f3" for c in changing[i : i + 200])
+             for i in range(0, len(changing), 200)]
+    python_differs = 0
+    for form in ("NFC", "NFD", "NFKC", "NFKD"):
+        hf = getattr(normalizers, form)()
+        for text in texts:
+            assert normalize(form, text) == hf.normalize_str(text), form
+            python_differs += unicodedata.normalize(form, text) != hf.normalize_str(text)
+    assert python_differs > 0  # the case this guards: Python 3.10+ is past Unicode 9.0
+
+
+def test_space_runs_before_a_word_come_from_the_pieces_after_them(family_tokenizers):
+    """Indentation: BPE(▁^k w) from BPE(▁w), BPE(w) and the run's, where the merges of ▁ runs
+    rank first (Gemma 3) or last (Llama-2); the same ids as HF for every k."""
+    for style, run_first in (("gemma3", True), ("spm", False)):
+        hf, ours = family_tokenizers[style]
+        assert ours._space_runs is not None and ours._space_runs._run_first is run_first
+        texts = [" " * k + word for k in range(40) for word in ("return x", "self", "1", "(")]
+        assert [ours.encode(t) for t in texts] == _hf_ids(hf, texts), style
+
+
 @pytest.mark.parametrize("style", ["spm", "spm-words", "metaspace"])
 def test_byte_fallback_spells_unknown_characters_as_hf_does(style, family_tokenizers):
     """Emoji and CJK are not in the 120-character alphabet: their UTF-8 bytes as <0xNN>."""
@@ -154,6 +221,15 @@ def test_sentencepiece_text_is_cut_only_where_no_token_can_span_the_cut(family_t
     assert cut["spm"] == ["\u2581\u2581return", "\u2581self", ".", "x", "(", "1", ")"]
     assert cut["spm-words"] == ["\u2581\u2581return", "\u2581self.x(1)"]
     assert cut["metaspace"] == [text]
+    # Gemma 3's vocabulary: a few tokens cross runs ("e.", "f(", "1)", ")▁"); where one is in
+    # the text, the cuts it crosses are joined
+    gemma3 = family_tokenizers["gemma3"][1]._pretokenize
+    assert gemma3("\u2581name.x(f(1)\u2581+", False) == [
+        "\u2581name.", "x", "(", "f(", "1)\u2581+"]
+    # its added runs of newlines: in a text with no other added token, pieces of their own
+    assert family_tokenizers["gemma3"][1]._added_tokens.run_chars == "\n"
+    assert gemma3.whole("x\n\n\u2581y(\n") == ["x", "\n\n", "\u2581y", "(", "\n"]
+    assert gemma3.whole("f(1)\n") is None  # "1)" may cross a cut: the segments' way
 
 
 def test_qwen2_special_tokens_and_nfc(family_tokenizers):
@@ -162,6 +238,9 @@ def test_qwen2_special_tokens_and_nfc(family_tokenizers):
         assert ours.token_to_id(token) == hf.token_to_id(token)
     decomposed = "cafe\u0301"
     assert ours.encode(decomposed) == ours.encode("caf\u00e9") == hf.encode(decomposed).ids
+    nko = "\u07ca\u07f3\u07fd\u07eb"  # U+07FD: Unicode 11, so no reordering in HF's 9.0
+    assert ours.encode(nko) == hf.encode(nko).ids
+    assert ours.decode(ours.encode(nko)) == nko != unicodedata.normalize("NFC", nko)
 
 
 def test_pickled_or_in_workers_the_tokenizers_encode_alike(family_tokenizers, held_out):
@@ -292,3 +371,67 @@ def test_a_template_error_is_one_line_naming_the_chat_template(chat_tokenizers):
     plain.chat_template = None
     with pytest.raises(ValueError, match=r"no chat_template"):
         plain.apply_chat_template(CONVERSATIONS[0])
+
+
+@pytest.mark.parametrize("name", ["runs", "spaces", "split"])
+def test_a_token_one_piece_of_a_cut_pattern_crosses_none_of_its_cuts(name):
+    """SafeCuts' premise, on every text of up to 6 characters of an alphabet of each class:
+    wherever a token that the pattern matches whole occurs, no cut of the pattern falls
+    inside it."""
+    pattern = cut_pattern(name, "\u2581")
+    alphabet = "\u2581ab\u03011\u00b2,("
+    tokens = ["".join(t) for n in range(2, 4) for t in itertools.product(alphabet, repeat=n)]
+    whole = [t for t in tokens if pattern.fullmatch(t)]
+    assert 0 < len(whole) < len(tokens)
+    for n in range(1, 7):
+        for text in map("".join, itertools.product(alphabet, repeat=n)):
+            cuts = {m.end() for m in pattern.finditer(text)}
+            for token in whole:
+                start = text.find(token)
+                while start != -1:
+                    assert not any(start < cut < start + len(token) for cut in cuts), (text, token)
+                    start = text.find(token, start + 1)
+
+
+def test_a_big_tokenizer_json_is_read_from_its_kept_compiled_form(family_tokenizers, held_out,
+                                                                  tmp_path, monkeypatch):
+    """A tokenizer.json of compiled.CACHED_FROM_BYTES or more is kept compiled in the cache,
+    named by its SHA-256, and read from there the next time: the same ids, vocabulary and
+    spec; a damaged kept form, or another file, is read from its JSON again."""
+    from codelm.tokenization import compiled
+
+    monkeypatch.setattr(compiled, "CACHED_FROM_BYTES", 0)
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    hf, _ = family_tokenizers["gemma3"]
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    assert BPETokenizer.from_kept(path) is None
+    first = load_tokenizer(path)  # from the JSON; keeps the compiled form
+    (kept,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    second = load_tokenizer(path)
+    assert second._spec is None  # read from the kept form
+    texts = [t for _, t in held_out[:4]] + edge_texts()
+    ids = [second.encode(t) for t in texts]
+    assert ids == [first.encode(t) for t in texts] == _hf_ids(hf, texts)
+    assert [second.decode(i) for i in ids] == [first.decode(i) for i in ids]
+    assert second.vocab_size == first.vocab_size and second.bos_id == first.bos_id
+    assert pickle.loads(pickle.dumps(second)).encode(texts[0]) == ids[0]
+    assert second.spec == json.loads(path.read_text("utf-8"))
+    kept.write_bytes(kept.read_bytes()[:-8])
+    assert BPETokenizer.from_kept(path) is None
+    path.write_text(path.read_text("utf-8") + "\n", "utf-8")  # another file
+    assert BPETokenizer.from_kept(path) is None
+    assert load_tokenizer(path).encode(texts[0]) == ids[0]
+
+
+@pytest.mark.parametrize("name", ["runs", "spaces", "split"])
+@pytest.mark.parametrize("apart", ["", "\n\t"])
+def test_the_ascii_cut_pattern_cuts_ascii_text_as_the_unicode_one(name, apart):
+    """A text of ASCII and ▁ alone is cut by Python's re with ASCII classes (twice as quick):
+    the same pieces as the regex module's Unicode classes."""
+    unicode, ascii = (cut_pattern(name, "\u2581", apart, ascii=a) for a in (False, True))
+    rng = random.Random(0)
+    alphabet = "\u2581\u2581\u2581 aZ_09.(\n\t\r\x00\x7f~"
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        assert ascii.findall(text) == unicode.findall(text), repr(text)

@@ -8,6 +8,7 @@ LoRA, recipe, tokenizer and dataset tests.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -209,10 +210,13 @@ SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
 # BPE), SentencePiece BPE with byte fallback as Llama-2, CodeLlama, Mistral v0.1 and Phi-3 ship
 # it (Prepend and Replace to U+2581, no pre-tokenizer), and the Metaspace form of the same. The
 # vocabularies: "spm" as SentencePiece trains one (each token one run of letters, digits or
-# other characters, after its spaces), "spm-words" with punctuation glued to words (each token
-# after its spaces), "metaspace" with tokens across spaces; "gemma" as transformers writes Gemma's
-# and CodeGemma's (Replace alone, a Split after spaces, no Strip).
-FAMILY_TOKENIZER_STYLES = ("qwen2", "spm", "spm-words", "metaspace", "gemma")
+# other characters, after its spaces), its merges of ▁ runs last as in Llama-2's file,
+# "spm-words" with punctuation glued to words (each token after its spaces), "metaspace" with
+# tokens across spaces; "gemma" as transformers writes Gemma's and CodeGemma's (Replace alone, a
+# Split after spaces, no Strip); "gemma3" as Gemma 3's file: that, its merges of ▁ runs first, a
+# few merges across runs of letters, digits and other characters (as its "²," and ">▁</"), and
+# its added tokens (runs of newlines and of ▁ matched as written, HTML tags, unused ones).
+FAMILY_TOKENIZER_STYLES = ("qwen2", "spm", "spm-words", "metaspace", "gemma", "gemma3")
 SPIECE_RUNS = r"▁*[\p{L}\p{M}]+|▁*\p{N}|▁*[^\p{L}\p{M}\p{N}▁]+|▁+"
 
 
@@ -245,7 +249,7 @@ def train_family_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(pieces), behavior="isolated")
         tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    elif style == "gemma":
+    elif style in ("gemma", "gemma3"):
         tok.normalizer = normalizers.Replace(" ", "\u2581")
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(SPIECE_RUNS), behavior="isolated")
         tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
@@ -261,7 +265,7 @@ def train_family_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
     tok.train_from_iterator(texts, trainer)
     # The 256 byte tokens join the vocabulary (not added tokens), as in Llama-2's file.
     spec = json.loads(tok.to_str())
-    if style == "gemma":  # transformers' GemmaConverter writes this pre-tokenizer
+    if style in ("gemma", "gemma3"):  # transformers' GemmaConverter writes this pre-tokenizer
         spec["pre_tokenizer"] = {"type": "Split", "pattern": {"String": " "},
                                  "behavior": "MergedWithPrevious", "invert": False}
     elif style != "metaspace":
@@ -269,11 +273,39 @@ def train_family_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
     vocab = spec["model"]["vocab"]
     for b in range(256):
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    if style == "spm":
+        _runs_of_spaces_merge(spec["model"], first=False)
+    elif style == "gemma3":
+        _runs_of_spaces_merge(spec["model"], first=True)
+        for pair in GEMMA3_CROSSING_MERGES:
+            vocab.setdefault("".join(pair), len(vocab))
+        runs = sum(set("".join(m)) == {"\u2581"} for m in spec["model"]["merges"])
+        spec["model"]["merges"][runs:runs] = [list(pair) for pair in GEMMA3_CROSSING_MERGES]
     tok = Tokenizer.from_str(json.dumps(spec))
+    if style == "gemma3":
+        tok.add_special_tokens([AddedToken(t, normalized=False)
+                                for t in ("<start_of_turn>", "<end_of_turn>")])
+        tok.add_tokens([AddedToken(t, normalized=False) for t in GEMMA3_ADDED])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A",
                                                        special_tokens=[("<s>", 1)])
     tok.save(str(path))
     return tok
+
+
+# Merges right after those of ▁ runs in the "gemma3" style, each across a cut between runs of letters, digits and other
+# characters (the last glues a ▁ after another character), and its added tokens.
+GEMMA3_CROSSING_MERGES = [("1", ")"), ("f", "("), (")", "\u2581"), ("e", ".")]
+GEMMA3_ADDED = ["\n" * n for n in range(1, 32)] + ["\u2581" * n for n in range(2, 32)] + [
+    "<table>", "<tr>", "</td>", "[multimodal]", *(f"<unused{n}>" for n in range(100))]
+
+
+def _runs_of_spaces_merge(model: dict, first: bool) -> None:
+    """Move the merges that make runs of ▁ first (Gemma 3's file) or last (Llama-2's), and drop
+    those that make ▁▁ before another character (neither file has such a token)."""
+    merges = [m for m in model["merges"] if not re.search("\u2581\u2581[^\u2581]", "".join(m))]
+    runs = [m for m in merges if set("".join(m)) == {"\u2581"}]
+    rest = [m for m in merges if set("".join(m)) != {"\u2581"}]
+    model["merges"] = runs + rest if first else rest + runs
 
 
 LLAMA3_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"

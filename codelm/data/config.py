@@ -3,11 +3,10 @@ checks. It imports none of the data pipeline, so that configs (trainconfig.py) r
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codelm.runtime import process
+from codelm.runtime import process, settings
 
 # The sentinel tokens of a fim prompt (prefix, suffix, middle).
 FIM_SENTINELS = 3
@@ -31,8 +30,7 @@ class DataError(ValueError):
 
 
 def _default_cache_dir() -> str:
-    # An empty CODELM_CACHE (`CODELM_CACHE= cmd`) is unset, not the current directory.
-    return str(Path(os.environ.get("CODELM_CACHE") or "~/.cache/codelm").expanduser() / "data")
+    return str(settings.cache_root() / "data")
 
 
 @dataclass

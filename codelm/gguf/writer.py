@@ -29,10 +29,10 @@ from codelm.tokenization.bpe import (
     GPT2_PATTERN,
     LLAMA3_PATTERN,
     QWEN2_PATTERN,
-    SPIECE_SPACE,
     STARCODER_PATTERN,
     BPETokenizer,
 )
+from codelm.tokenization.spiece import SPIECE_SPACE
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback: <0x0A>
 # The pre-tokenizer (llama.cpp's tokenizer.ggml.pre) of each Split regex codelm reads.

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import re
 import sys
 import tokenize
@@ -31,6 +32,12 @@ def _field_type(hint: Any) -> tuple[Any, bool]:
         rest = [a for a in args if a is not type(None)]
         return rest[0], len(rest) < len(args)
     return hint, False
+
+
+def cache_root() -> Path:
+    """Where codelm keeps what it can make again: ``CODELM_CACHE``, else ~/.cache/codelm (an
+    empty ``CODELM_CACHE``, as in ``CODELM_CACHE= cmd``, is unset, not the current directory)."""
+    return Path(os.environ.get("CODELM_CACHE") or "~/.cache/codelm").expanduser()
 
 
 def bundled(*parts: str) -> Path:

@@ -6,19 +6,32 @@ from __future__ import annotations
 
 import functools
 import heapq
+import operator
 import os
-import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
 import regex
 
+from codelm.tokenization import compiled
+from codelm.tokenization.added import AddedTokens
 from codelm.tokenization.batching import BatchEncodeMixin, checked_ids
 from codelm.tokenization.chat import chat_template_from_config, render_chat, roles_from_config
-from codelm.tokenization.files import read_json, tokenizer_path, write_tokenizer
+from codelm.tokenization.compiled import ModelTables
+from codelm.tokenization.cuts import longest_first
+from codelm.tokenization.files import (
+    Unsupported,
+    expect,
+    read_json,
+    tokenizer_path,
+    write_tokenizer,
+)
+from codelm.tokenization.merges import Merges, WordEncoder
+from codelm.tokenization.normalization import normalize
+from codelm.tokenization.spiece import SPIECE_SPACE, SentencePieces, SpaceRuns, word_cuts
 
 # The pre-tokenizer regexes of the supported tokenizer.json styles (HF writes the first as its
 # ByteLevel default and ships the last inside Llama-3's Split).
@@ -70,46 +83,37 @@ def _pretokenizer_json(style: str) -> dict:
     raise ValueError(f"unknown pre-tokenizer style {style!r}; choose one of {PRETOKENIZER_STYLES}")
 
 
-class _Unsupported(ValueError):
-    pass
-
-
-def _expect(cond: bool, where: str, what: str) -> None:
-    if not cond:
-        raise _Unsupported(f"unsupported {where}: {what}")
-
-
 def _pretokenizer_pattern(spec: dict | None) -> tuple[str, bool]:
     """(regex, isolated gaps possible) for a supported tokenizer.json pre_tokenizer."""
     where = "pre_tokenizer"
-    _expect(isinstance(spec, dict), where, f"{spec!r} (a byte-level BPE needs a ByteLevel one)")
+    expect(isinstance(spec, dict), where, f"{spec!r} (a byte-level BPE needs a ByteLevel one)")
     steps = spec.get("pretokenizers") if spec.get("type") == "Sequence" else [spec]
-    _expect(isinstance(steps, list) and all(isinstance(s, dict) for s in steps), where, "Sequence")
+    expect(isinstance(steps, list) and all(isinstance(s, dict) for s in steps), where, "Sequence")
     kinds = [s.get("type") for s in steps]
-    _expect(kinds in (["ByteLevel"], ["Digits", "ByteLevel"], ["Split", "ByteLevel"]), where,
-            f"{kinds} (codelm reads a ByteLevel, alone or after Digits or a Split)")
+    expect(kinds in (["ByteLevel"], ["Digits", "ByteLevel"], ["Split", "ByteLevel"]), where,
+           f"{kinds} (codelm reads a ByteLevel, alone or after Digits or a Split)")
     *first, byte_level = steps
-    _expect(not byte_level.get("add_prefix_space", False), where,
-            "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)")
+    expect(not byte_level.get("add_prefix_space", False), where,
+           "ByteLevel with add_prefix_space=true (codelm reads add_prefix_space=false only)")
     use_regex = byte_level.get("use_regex", True)
     if not first:
-        _expect(use_regex, where, "ByteLevel(use_regex=false) on its own")
+        expect(use_regex, where, "ByteLevel(use_regex=false) on its own")
         return GPT2_PATTERN, False
     if kinds[0] == "Digits":
-        _expect(use_regex, where, "Digits then ByteLevel(use_regex=false)")
+        expect(use_regex, where, "Digits then ByteLevel(use_regex=false)")
         individual = first[0].get("individual_digits", False)
         return (STARCODER_PATTERN if individual else _DIGIT_RUNS_PATTERN), False
     split = first[0]
-    _expect(not use_regex, where,
-            "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
-    _expect(split.get("behavior") == "Isolated", where, f"Split behavior {split.get('behavior')!r}")
-    _expect(not split.get("invert", False), where, "Split with invert=true")
+    expect(not use_regex, where,
+           "Split then ByteLevel(use_regex=true) (Llama-3 style has use_regex=false)")
+    expect(split.get("behavior") == "Isolated", where, f"Split behavior {split.get('behavior')!r}")
+    expect(not split.get("invert", False), where, "Split with invert=true")
     pattern = split.get("pattern")
-    _expect(isinstance(pattern, dict) and len(pattern) == 1, where, f"Split pattern {pattern!r}")
+    expect(isinstance(pattern, dict) and len(pattern) == 1, where, f"Split pattern {pattern!r}")
     if isinstance(pattern.get("Regex"), str):
         _check_split_regex(pattern["Regex"])
         return pattern["Regex"], True
-    _expect(isinstance(pattern.get("String"), str), where, f"Split pattern {pattern!r}")
+    expect(isinstance(pattern.get("String"), str), where, f"Split pattern {pattern!r}")
     return regex.escape(pattern["String"]), True
 
 
@@ -133,7 +137,7 @@ def _check_split_regex(pattern: str) -> None:
     """Refuse a Split regex that Oniguruma (HF) and Python ``regex`` could read differently."""
     end = _SAME_SYNTAX.match(pattern).end()
     if end < len(pattern):
-        raise _Unsupported(
+        raise Unsupported(
             f"pre_tokenizer: Split regex {pattern!r} uses {pattern[end : end + 20]!r}, which "
             "codelm refuses: Oniguruma (run by HF) and Python regex (run here) do not read it "
             "the same way")
@@ -143,24 +147,52 @@ def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
     """Ids a TemplateProcessing ``single`` template puts before and after the sequence."""
     single = spec.get("single")
     specials = spec.get("special_tokens", {})
-    _expect(isinstance(single, list) and isinstance(specials, dict), where, "TemplateProcessing")
+    expect(isinstance(single, list) and isinstance(specials, dict), where, "TemplateProcessing")
     before, after, seen_sequence = [], [], False
     for item in single:
-        _expect(isinstance(item, dict) and len(item) == 1, where, f"template item {item!r}")
+        expect(isinstance(item, dict) and len(item) == 1, where, f"template item {item!r}")
         ((kind, body),) = item.items()
         if kind == "Sequence":
-            _expect(body.get("id") == "A" and not seen_sequence, where, f"template item {item!r}")
+            expect(body.get("id") == "A" and not seen_sequence, where, f"template item {item!r}")
             seen_sequence = True
         elif kind == "SpecialToken":
             token = specials.get(body.get("id"))
-            _expect(isinstance(token, dict), where, f"special token {body.get('id')!r} undefined")
+            expect(isinstance(token, dict), where, f"special token {body.get('id')!r} undefined")
             ids = token.get("ids")
-            _expect(isinstance(ids, list) and all(isinstance(i, int) for i in ids), where, "ids")
+            expect(isinstance(ids, list) and all(isinstance(i, int) for i in ids), where, "ids")
             (after if seen_sequence else before).extend(ids)
         else:
-            raise _Unsupported(f"unsupported {where}: template item {kind!r}")
-    _expect(seen_sequence, where, "single template without the sequence $A")
+            raise Unsupported(f"unsupported {where}: template item {kind!r}")
+    expect(seen_sequence, where, "single template without the sequence $A")
     return before, after
+
+
+def _read_model(model: dict) -> tuple[dict[str, int], Merges, list[str]]:
+    """A BPE model's vocab, its merges, and the tokens they make (in rank order). A merge is
+    "a b" or ["a", "b"]: two vocabulary tokens whose concatenation is one."""
+    vocab = model.get("vocab")
+    expect(isinstance(vocab, dict) and set(map(type, vocab)) <= {str}
+           and set(map(type, vocab.values())) <= {int} and min(vocab.values(), default=0) >= 0,
+           "model", "vocab must map token strings to non-negative integer ids")
+    merges = model.get("merges", [])
+    expect(isinstance(merges, list), "model", "merges must be a list")
+    try:  # a pass in C over each field (Llama-3 has 280,147 merges)
+        pairs = [merge.split(" ") if isinstance(merge, str) else merge for merge in merges]
+        if set(map(len, pairs)) <= {2}:
+            firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
+            made = list(map(operator.add, firsts, seconds))
+            ids = [list(map(vocab.__getitem__, tokens)) for tokens in (firsts, seconds, made)]
+            return vocab, Merges.from_pairs(*ids, max(vocab.values(), default=-1) + 1), made
+    except (KeyError, TypeError):  # not two vocabulary tokens: which one, below
+        pass
+    for rank, merge in enumerate(merges):
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(parts, list) and len(parts) == 2
+                and all(isinstance(p, str) and p in vocab for p in parts)
+                and parts[0] + parts[1] in vocab):
+            raise Unsupported(f"model: merge #{rank} {merge!r} is not two vocabulary tokens "
+                              "whose concatenation is in the vocabulary")
+    raise AssertionError("unreachable: every merge passed")
 
 
 def post_processor_ids(spec: object) -> tuple[list[int], list[int]]:
@@ -169,18 +201,17 @@ def post_processor_ids(spec: object) -> tuple[list[int], list[int]]:
     if spec is None:
         return [], []
     where = "post_processor"
-    _expect(isinstance(spec, dict), where, repr(spec))
+    expect(isinstance(spec, dict), where, repr(spec))
     steps = (spec.get("processors") or []) if spec.get("type") == "Sequence" else [spec]
     kinds = [step.get("type") if isinstance(step, dict) else step for step in steps]
-    _expect(all(k in ("ByteLevel", "TemplateProcessing") for k in kinds), where, f"type {kinds}")
+    expect(all(k in ("ByteLevel", "TemplateProcessing") for k in kinds), where, f"type {kinds}")
     templates = [step for step in steps if step["type"] == "TemplateProcessing"]
-    _expect(len(templates) < 2, where, f"a Sequence of {len(templates)} TemplateProcessing steps")
+    expect(len(templates) < 2, where, f"a Sequence of {len(templates)} TemplateProcessing steps")
     return _template_ids(templates[0], where) if templates else ([], [])
 
 
 # ---- tokenizer.json beyond byte-level BPE: normalizers, SentencePiece-style pieces, decoders
 
-SPIECE_SPACE = "\u2581"  # "▁": SentencePiece's space, in Llama-2, Gemma and Mistral tokens
 _UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 _BYTE_TOKEN = regex.compile(r"<0x([0-9A-F]{2})>")  # a byte-fallback token: <0x0A>
 
@@ -194,26 +225,34 @@ class _Normalizer:
         self._add(spec)
 
     def _add(self, spec: object) -> None:
-        _expect(isinstance(spec, dict), "normalizer", repr(spec)[:200])
+        expect(isinstance(spec, dict), "normalizer", repr(spec)[:200])
         kind = spec.get("type")
         if kind == "Sequence":
-            _expect(isinstance(spec.get("normalizers"), list), "normalizer", "Sequence")
+            expect(isinstance(spec.get("normalizers"), list), "normalizer", "Sequence")
             for step in spec["normalizers"]:
                 self._add(step)
         elif kind in _UNICODE_FORMS:
             self.steps.append(("form", kind))
         elif kind == "Prepend":
-            _expect(isinstance(spec.get("prepend"), str), "normalizer", f"Prepend {spec!r}")
+            expect(isinstance(spec.get("prepend"), str), "normalizer", f"Prepend {spec!r}")
             self.steps.append(("prepend", spec["prepend"]))
         elif kind == "Replace":
             pattern = spec.get("pattern")
-            _expect(isinstance(pattern, dict) and isinstance(pattern.get("String"), str)
-                    and isinstance(spec.get("content"), str), "normalizer",
-                    f"Replace {spec!r} (codelm replaces a plain String only)")
+            expect(isinstance(pattern, dict) and isinstance(pattern.get("String"), str)
+                   and isinstance(spec.get("content"), str), "normalizer",
+                   f"Replace {spec!r} (codelm replaces a plain String only)")
             self.steps.append(("replace", pattern["String"], spec["content"]))
         else:
-            raise _Unsupported(f"unsupported normalizer: {kind!r} (codelm reads NFC, NFD, NFKC, "
-                               "NFKD, Prepend, Replace and Sequences of them)")
+            raise Unsupported(f"unsupported normalizer: {kind!r} (codelm reads NFC, NFD, NFKC, "
+                              "NFKD, Prepend, Replace and Sequences of them)")
+
+    def replacements(self) -> list[tuple[str, str]] | None:
+        """The steps as (character, text) replacements, where every step replaces one
+        character (Gemma's space by ▁), else None: then normalizing a whole text is normalizing
+        its parts one by one."""
+        if not all(step[0] == "replace" and len(step[1]) == 1 for step in self.steps):
+            return None
+        return [(old, new) for _, old, new in self.steps]
 
     def replaces(self, old: str) -> bool:
         """Whether no ``old`` is left in the normalized text (a Replace of it)."""
@@ -222,74 +261,12 @@ class _Normalizer:
     def __call__(self, text: str) -> str:
         for kind, *args in self.steps:
             if kind == "form":
-                text = unicodedata.normalize(args[0], text)
+                text = normalize(args[0], text)
             elif kind == "prepend":
                 text = args[0] + text if text else text  # HF prepends to non-empty text only
             else:
                 text = text.replace(args[0], args[1])
         return text
-
-
-# Gemma's pre-tokenizer (after a normalizer that replaces every space with U+2581).
-_SPLIT_AFTER_SPACES = {"type": "Split", "pattern": {"String": " "},
-                       "behavior": "MergedWithPrevious", "invert": False}
-
-
-class _SentencePieces:
-    """Pieces of SentencePiece-style text (no byte-level mapping). Metaspace: spaces become
-    ``replacement``, which is prepended (``prepend_scheme`` always, or first: to the text's first
-    segment only), and with ``split`` every ▁ starts a piece. Otherwise (or with no
-    pre-tokenizer) the segment is one word, cut where no token of the vocabulary can span the
-    cut, so that the ids are the same and the pieces can be cached: between runs of letters,
-    digits and other characters (each with the ▁ before it) where every token is one such run,
-    as SentencePiece's training splits by script and digit; else before each ▁ run where no
-    token has ▁ after another character."""
-
-    def __init__(self, spec: dict | None, merges: Iterable[tuple[str, str]],
-                 spaces_replaced: bool = False):
-        """``merges``: the model's, whose results are every token BPE can make of characters;
-        ``spaces_replaced``: the normalizer leaves no space, so Gemma's Split after each space
-        (its tokenizer.json's pre-tokenizer) splits nothing."""
-        if spaces_replaced and spec == _SPLIT_AFTER_SPACES:
-            spec = None
-        self.metaspace = spec is not None
-        self.replacement, self.prepend, split = SPIECE_SPACE, "never", False
-        if spec is not None:
-            _expect(spec.get("type") == "Metaspace", "pre_tokenizer",
-                    f"{spec.get('type')!r} (a BPE without ByteLevel reads Metaspace, none, or "
-                    "Gemma's Split after spaces the normalizer replaced)")
-            self.replacement = spec.get("replacement", SPIECE_SPACE)
-            _expect(isinstance(self.replacement, str) and len(self.replacement) == 1,
-                    "pre_tokenizer", f"Metaspace replacement {self.replacement!r}")
-            legacy = "always" if spec.get("add_prefix_space", True) else "never"
-            self.prepend = spec.get("prepend_scheme", legacy)
-            _expect(self.prepend in ("always", "first", "never"), "pre_tokenizer",
-                    f"Metaspace prepend_scheme {self.prepend!r}")
-            split = bool(spec.get("split", True))
-        mark = regex.escape(self.replacement)
-        runs = regex.compile(rf"{mark}*[\p{{L}}\p{{M}}]+|{mark}*\p{{N}}|{mark}*[^\p{{L}}\p{{M}}\p{{N}}"
-                             rf"{mark}]+|{mark}+")
-        joined = regex.compile(rf"[^{mark}]{mark}")  # a token gluing ▁ after a character
-        made = [first + second for first, second in merges]
-        if split:
-            self._pieces = regex.compile(rf"{mark}[^{mark}]*|[^{mark}]+")
-        elif all(runs.fullmatch(token) for token in made):
-            self._pieces = runs
-        elif not any(joined.search(token) for token in made):
-            self._pieces = regex.compile(rf"{mark}*[^{mark}]+|{mark}+")
-        else:
-            self._pieces = None  # the whole segment, one word
-
-    def __call__(self, text: str, first: bool) -> list[str]:
-        """``first``: the segment starts the text (no added token before it)."""
-        if self.metaspace:
-            text = text.replace(" ", self.replacement)
-            wanted = self.prepend == "always" or (self.prepend == "first" and first)
-            if wanted and not text.startswith(self.replacement):
-                text = self.replacement + text
-        if self._pieces is None:
-            return [text] if text else []
-        return self._pieces.findall(text)
 
 
 class _Decoding(NamedTuple):
@@ -306,17 +283,17 @@ def _decoding(spec: object) -> _Decoding:
     """The _Decoding of a supported decoder: ByteLevel, Metaspace, or Llama-2's Sequence of
     Replace(▁ -> space), ByteFallback, Fuse and Strip(one leading space)."""
     where = "decoder"
-    _expect(isinstance(spec, dict), where, repr(spec)[:200])
+    expect(isinstance(spec, dict), where, repr(spec)[:200])
     if spec.get("type") == "ByteLevel":
         return _Decoding(True, None, False, None)
     steps = spec.get("decoders") if spec.get("type") == "Sequence" else [spec]
-    _expect(isinstance(steps, list) and all(isinstance(d, dict) for d in steps), where, "Sequence")
+    expect(isinstance(steps, list) and all(isinstance(d, dict) for d in steps), where, "Sequence")
     space, byte_fallback, strip, fused = None, False, None, False
     for step in steps:
         kind = step.get("type")
         if kind == "Replace" and step.get("content") == " ":
             space = (step.get("pattern") or {}).get("String")
-            _expect(isinstance(space, str) and len(space) == 1, where, f"Replace {step!r}")
+            expect(isinstance(space, str) and len(space) == 1, where, f"Replace {step!r}")
         elif kind == "Metaspace":
             space = step.get("replacement", SPIECE_SPACE)
             scheme = step.get("prepend_scheme", "always" if step.get("add_prefix_space", True)
@@ -327,11 +304,11 @@ def _decoding(spec: object) -> _Decoding:
         elif kind == "Fuse":
             fused = True
         elif kind == "Strip" and fused and step.get("content") == " " and step.get("stop") == 0:
-            _expect(step.get("start") in (0, 1), where, f"Strip {step!r}")
+            expect(step.get("start") in (0, 1), where, f"Strip {step!r}")
             strip = "text" if step["start"] == 1 else None
         else:
-            raise _Unsupported(f"unsupported decoder: {step!r} (codelm reads ByteLevel, Metaspace, "
-                               "and Replace to a space, ByteFallback, Fuse, then Strip)")
+            raise Unsupported(f"unsupported decoder: {step!r} (codelm reads ByteLevel, Metaspace, "
+                              "and Replace to a space, ByteFallback, Fuse, then Strip)")
     return _Decoding(False, space, byte_fallback, strip)
 
 
@@ -372,115 +349,112 @@ class BPETokenizer(BatchEncodeMixin):
     """Byte-level BPE with the ids of HF ``tokenizers`` for the tokenizer.json files it accepts;
     bos/eos/pad from the template, a tokenizer_config.json beside the file, or the usual names."""
 
-    def __init__(self, spec: dict, source: str = "<tokenizer.json>", roles: dict | None = None):
+    def __init__(self, spec: dict, source: str = "<tokenizer.json>", roles: dict | None = None,
+                 tables: ModelTables | None = None):
+        """``tables``: the model's, kept in the cache (``compiled.load``; ``spec`` then lacks
+        the model's vocab and merges)."""
         self.source = source
         try:
-            self._build(spec)
-        except _Unsupported as e:
+            self._build(spec, tables)
+        except Unsupported as e:
             raise ValueError(f"{source}: {e}") from None
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{source}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
-        self.spec = spec
+        self._spec = spec if tables is None else None
         self._roles = self._resolve_roles(roles or {})
         self.chat_template: str | None = None  # an instruct model's (tokenizer_config.json)
 
-    def _build(self, spec: dict) -> None:
+    @property
+    def spec(self) -> dict:
+        """The tokenizer.json (read from ``source`` again where the tokenizer was read from its
+        kept compiled form)."""
+        if self._spec is None:
+            self._spec = read_json(Path(self.source))
+        return self._spec
+
+    def _build(self, spec: dict, tables: ModelTables | None) -> None:
         for key in ("truncation", "padding"):
-            _expect(spec.get(key) is None, key, repr(spec.get(key))[:200])
+            expect(spec.get(key) is None, key, repr(spec.get(key))[:200])
         normalizer = spec.get("normalizer")
         self._normalize = _Normalizer(normalizer) if normalizer is not None else None
         model = spec.get("model")
-        _expect(isinstance(model, dict), "model", "missing")
-        _expect(model.get("type", "BPE") == "BPE", "model", f"type {model.get('type')!r}")
-        _expect(model.get("dropout") in (None, 0, 0.0), "model", "BPE dropout")
+        expect(isinstance(model, dict), "model", "missing")
+        expect(model.get("type", "BPE") == "BPE", "model", f"type {model.get('type')!r}")
+        expect(model.get("dropout") in (None, 0, 0.0), "model", "BPE dropout")
         self._byte_fallback = bool(model.get("byte_fallback", False))
         for key in ("continuing_subword_prefix", "end_of_word_suffix"):
-            _expect(model.get(key) in (None, ""), "model", f"BPE {key}={model.get(key)!r}")
-        vocab = model.get("vocab")
-        _expect(isinstance(vocab, dict) and all(isinstance(k, str) and isinstance(v, int) and v >= 0
-                                                for k, v in vocab.items()),
-                "model", "vocab must map token strings to non-negative integer ids")
+            expect(model.get(key) in (None, ""), "model", f"BPE {key}={model.get(key)!r}")
+        if tables is None:
+            vocab, merges, made = _read_model(model)
+        else:
+            vocab, merges, made = tables.vocab, tables.merges, None
         self._vocab: dict[str, int] = vocab
-        self._ranks: dict[tuple[str, str], int] = {}
-        merges = model.get("merges", [])
-        _expect(isinstance(merges, list), "model", "merges must be a list")
-        for rank, merge in enumerate(merges):
-            parts = merge.split(" ") if isinstance(merge, str) else merge
-            if not (isinstance(parts, list) and len(parts) == 2
-                    and all(isinstance(p, str) and p in vocab for p in parts)
-                    and parts[0] + parts[1] in vocab):
-                raise _Unsupported(f"model: merge #{rank} {merge!r} is not two vocabulary tokens "
-                                   "whose concatenation is in the vocabulary")
-            self._ranks[(parts[0], parts[1])] = rank
-        self._ignore_merges = bool(model.get("ignore_merges", False))
         unk = model.get("unk_token")
-        _expect(unk is None or unk in vocab, "model", f"unk_token {unk!r} not in the vocabulary")
+        expect(unk is None or unk in vocab, "model", f"unk_token {unk!r} not in the vocabulary")
         self._unk_id = vocab[unk] if unk is not None else None
-        self._fuse_unk = bool(model.get("fuse_unk", False))
 
         self._decoding = _decoding(spec.get("decoder"))
-        self._build_pieces(spec.get("pre_tokenizer"))
+        byte_level = self._decoding.byte_level
+        self._encode_word = WordEncoder(
+            vocab, merges, _byte_level if byte_level else str,
+            ignore_merges=bool(model.get("ignore_merges", False)),
+            byte_fallback=self._byte_fallback, unk_id=self._unk_id,
+            fuse_unk=bool(model.get("fuse_unk", False)))
+        self.model_tables = self._build_pieces(spec.get("pre_tokenizer"), merges, made, tables)
         self._prefix_ids, self._suffix_ids = post_processor_ids(spec.get("post_processor"))
-        self._build_added(spec.get("added_tokens") or [])
+        replacements = self._normalize.replacements() if self._normalize is not None else []
+        added = AddedTokens(spec.get("added_tokens") or [], vocab, self._normalize, replacements)
+        self._added_tokens = added
+        self._added_ids, self._added, self._special_ids = added.ids, added.flags, added.special_ids
+        if not self._decoding.byte_level:
+            self._pretokenize.keep_apart(added.run_chars)
 
         size = max(max(vocab.values(), default=-1), max(self._added_ids.values(), default=-1)) + 1
         n_tokens = len(vocab) + len(self._added_ids)  # a file's ids size the tables made below
-        _expect(size <= 2 * n_tokens + 1024, "model",
-                f"ids up to {size - 1} for {n_tokens} tokens (not dense)")
+        expect(size <= 2 * n_tokens + 1024, "model",
+               f"ids up to {size - 1} for {n_tokens} tokens (not dense)")
         self._id_to_token: list[str | None] = [None] * size
-        self._id_to_bytes: list[bytes] = [b""] * size
         for token, i in chain(vocab.items(), self._added_ids.items()):
             self._id_to_token[i] = token
-            self._id_to_bytes[i] = _token_bytes(token, self._decoding)
 
-    def _build_pieces(self, pre_tokenizer: dict | None) -> None:
+    @functools.cached_property
+    def _id_to_bytes(self) -> list[bytes]:
+        """The bytes each id decodes to (built at the first decode: 262,144 for Gemma 3)."""
+        decoding = self._decoding
+        return [b"" if token is None else _token_bytes(token, decoding)
+                for token in self._id_to_token]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._id_to_token)
+
+    def _build_pieces(self, pre_tokenizer: dict | None, merges: Merges, made: list[str] | None,
+                      tables: ModelTables | None) -> ModelTables:
         """The pre-tokenizer: byte-level (its regex, then each byte as a character) or
-        SentencePiece-style (the text as normalized, unknown characters as <0xNN> bytes)."""
-        byte_level = self._decoding.byte_level
+        SentencePiece-style (the text as normalized, unknown characters as <0xNN> bytes);
+        ``made``: the tokens the merges make, where ``tables`` are not given. The model's
+        tables, with what the merged tokens decide (or decided) for SentencePiece text."""
+        vocab = self._vocab
         self.pattern = None
-        if byte_level:
-            _expect(not self._byte_fallback, "model", "BPE byte_fallback=true with ByteLevel")
+        self._space_runs = None
+        if self._decoding.byte_level:
+            expect(not self._byte_fallback, "model", "BPE byte_fallback=true with ByteLevel")
             self.pattern, isolated = _pretokenizer_pattern(pre_tokenizer)
             try:
                 self._pretokenize = _Pretokenizer(self.pattern, isolated)
             except regex.error as e:
-                raise _Unsupported(f"pre_tokenizer: Split regex does not compile: {e}") from None
-        else:
-            spaces_replaced = self._normalize is not None and self._normalize.replaces(" ")
-            self._pretokenize = _SentencePieces(pre_tokenizer, self._ranks, spaces_replaced)
-
-    def _build_added(self, added: list) -> None:
-        """Added tokens with the ids HF gives them (it ignores the JSON ``id``): a vocabulary
-        token keeps its id, any other gets the next one past the vocabulary and added ids."""
-        _expect(isinstance(added, list), "added_tokens", "must be a list")
-        self._added_ids: dict[str, int] = {}
-        self._added: dict[str, dict] = {}
-        flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
-        for entry in added:
-            _expect(isinstance(entry, dict) and isinstance(entry.get("content"), str)
-                    and isinstance(entry.get("id"), int),
-                    "added_tokens", f"entry {entry!r} needs a string 'content' and an integer 'id'")
-            content = entry["content"]
-            if not content:
-                continue
-            entry_flags = {f: bool(entry.get(f, f == "normalized")) for f in flags}
-            if content in self._added:
-                # HF merges such repeats in ways that depend on the flags; only exact ones pass.
-                _expect(self._added[content] == entry_flags, "added_tokens",
-                        f"entry {entry!r} repeats {content!r} with other flags")
-                continue
-            i = self._vocab.get(content)
-            if i is None:
-                i = max(max(self._added_ids.values(), default=-1) + 1, len(self._vocab))
-            self._added_ids[content] = i
-            self._added[content] = entry_flags
-        self._special_ids = {self._added_ids[c] for c, f in self._added.items() if f["special"]}
-        # HF matches tokens that are not normalized first, in the text, then the normalized
-        # ones in the normalized gaps.
-        self._added_res = []
-        for normalized in (False, True):
-            contents = [c for c, f in self._added.items() if f["normalized"] == normalized]
-            self._added_res.append(_longest_first(contents) if contents else None)
+                raise Unsupported(f"pre_tokenizer: Split regex does not compile: {e}") from None
+            return ModelTables(vocab, merges, None, None)
+        spaces_replaced = self._normalize is not None and self._normalize.replaces(" ")
+        self._pretokenize = SentencePieces(
+            pre_tokenizer, lambda space, split: (tables.word_cuts if tables is not None
+                                                 else word_cuts(space, made, split)),
+            spaces_replaced)
+        space = self._pretokenize.replacement
+        order = tables.space_runs if tables is not None else SpaceRuns.order(space, vocab, made)
+        if order is not None:
+            self._space_runs = SpaceRuns(space, vocab[space], order)
+        return ModelTables(vocab, merges, self._pretokenize.cuts, order)
 
     def _resolve_roles(self, roles: dict) -> dict[str, int | None]:
         resolved = {}
@@ -513,7 +487,7 @@ class BPETokenizer(BatchEncodeMixin):
         normalizer = {"type": "NFC"} if pretokenizer == "qwen2" else None
         normalize = _Normalizer(normalizer) if normalizer is not None else str
         pieces = _Pretokenizer(*_pretokenizer_pattern(pre_tokenizer))
-        specials_re = _longest_first(special_tokens) if special_tokens else None
+        specials_re = longest_first(special_tokens) if special_tokens else None
         counts: Counter[str] = Counter()
         for text in texts:
             for segment in specials_re.split(text) if specials_re else (text,):
@@ -536,13 +510,37 @@ class BPETokenizer(BatchEncodeMixin):
         return cls(spec, f"<BPETokenizer.train {pretokenizer}>")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, roles: dict | None = None) -> BPETokenizer:
-        """Read a tokenizer.json; ``roles`` {"bos"/"eos"/"pad": token or None} override guesses."""
+    def from_file(cls, path: str | os.PathLike, roles: dict | None = None,
+                  spec: dict | None = None) -> BPETokenizer:
+        """Read a tokenizer.json (``spec``: its JSON, where read already); ``roles``
+        {"bos"/"eos"/"pad": token or None} override guesses. A big file's compiled form is kept
+        in the cache (``compiled``), and read in its place the next time."""
         path = tokenizer_path(path)
-        spec = read_json(path)
-        tok = cls(spec, str(path), roles_from_config(path.parent) if roles is None else roles)
+        tok = None if spec is not None else cls.from_kept(path, roles)
+        if tok is None:
+            digest = compiled.digest(path)
+            tok = cls(read_json(path) if spec is None else spec, str(path), cls._roles_of(path, roles))
+            if digest is not None:
+                compiled.store(digest, tok.spec, tok.model_tables)
+            tok.chat_template = chat_template_from_config(path.parent)
+        return tok
+
+    @classmethod
+    def from_kept(cls, path: Path, roles: dict | None = None) -> BPETokenizer | None:
+        """The tokenizer.json at ``path`` from its compiled form in the cache; None where none
+        is kept (a small file, or one not read before)."""
+        digest = compiled.digest(path)
+        kept = compiled.load(digest) if digest is not None else None
+        if kept is None:
+            return None
+        spec, tables = kept
+        tok = cls(spec, str(path), cls._roles_of(path, roles), tables)
         tok.chat_template = chat_template_from_config(path.parent)
-        return tok  # (load_tokenizer reads it as this does)
+        return tok
+
+    @staticmethod
+    def _roles_of(path: Path, roles: dict | None) -> dict:
+        return roles_from_config(path.parent) if roles is None else roles
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
@@ -569,109 +567,51 @@ class BPETokenizer(BatchEncodeMixin):
         return render_chat(self.chat_template, messages, add_generation_prompt,
                            **names, unk_token=unk)
 
-    def _bpe(self, symbols: list[str | None]) -> list[str | None]:
-        """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: HF's order,
-        (rank, position) from a heap over a linked list. (A None symbol is in no pair.)"""
-        ranks = self._ranks
-        n = len(symbols)
-        prev = list(range(-1, n - 1))
-        nxt = [*range(1, n), -1]
-        heap = [(ranks[pair], i, *pair) for i, pair in enumerate(zip(symbols, symbols[1:]))
-                if pair in ranks]
-        heapq.heapify(heap)
-        while heap:
-            _, i, first, second = heapq.heappop(heap)
-            j = nxt[i]
-            # Symbols only grow, so an unchanged pair of strings means the entry is current.
-            if j == -1 or symbols[i] != first or symbols[j] != second:
-                continue
-            symbols[i] = first + second
-            symbols[j] = ""
-            nxt[i] = nxt[j]
-            if nxt[j] != -1:
-                prev[nxt[j]] = i
-            for left, right in ((prev[i], i), (i, nxt[i])):
-                if left != -1 and right != -1:
-                    if (rank := ranks.get((symbols[left], symbols[right]))) is not None:
-                        heapq.heappush(heap, (rank, left, symbols[left], symbols[right]))
-        return [s for s in symbols if s != ""]  # "": merged into its left neighbour
-
     def _encode_piece(self, piece: str) -> list[int]:
-        word = _byte_level(piece) if self._decoding.byte_level else piece
-        vocab = self._vocab
-        if self._ignore_merges and (i := vocab.get(word)) is not None:
-            return [i]
-        if any(c not in vocab for c in word):
-            return self._encode_with_unknown(word)
-        return [vocab[s] for s in self._bpe(list(word))]
+        run_chars = self._added_tokens.run_chars
+        if run_chars and piece[0] in run_chars and not piece.strip(run_chars):
+            return self._added_tokens.run_ids(piece)  # SentencePieces.whole's run of one
+        if self._space_runs is not None:
+            ids = self._space_runs(piece, self._cache.__getitem__)
+            if ids is not None:
+                return ids
+        return self._encode_word(piece)
 
-    def _encode_with_unknown(self, word: str) -> list[int]:
-        """As HF: a character missing from the vocabulary becomes its UTF-8 bytes' <0xNN>
-        tokens (byte_fallback, where they all exist), else unk_token (consecutive ones fused
-        with fuse_unk), else it is dropped (its neighbours merge as one word). No merge
-        crosses an unk_token."""
-        vocab = self._vocab
-        symbols: list[str | None] = []  # None: an unk_token
-        for c in word:
-            if c in vocab:
-                symbols.append(c)
-                continue
-            fallback = [f"<0x{b:02X}>" for b in c.encode("utf-8")] if self._byte_fallback else []
-            if fallback and all(t in vocab for t in fallback):
-                symbols.extend(fallback)
-            elif self._unk_id is not None and not (self._fuse_unk and symbols
-                                                   and symbols[-1] is None):
-                symbols.append(None)
-        return [self._unk_id if s is None else vocab[s] for s in self._bpe(symbols)]
-
-    def _split_added(self, text: str, level: int = 0, plain_special: bool = False
-                     ) -> list[tuple[str, int | None]]:
-        """(segment, added-token id or None) covering ``text``, the way HF finds added tokens,
-        the segments between them normalized; ``plain_special``: special ones are left in the
-        text (HF's encode_special_tokens)."""
-        if level == 1 and self._normalize is not None:
-            text = self._normalize(text)
-        if level == len(self._added_res):
-            return [(text, None)] if text else []
-        if self._added_res[level] is None:
-            return self._split_added(text, level + 1, plain_special)
-        out: list[tuple[str, int | None]] = []
-        start_offset = 0
-        for m in self._added_res[level].finditer(text):
-            start, stop = m.span()
-            content = m.group()
-            flags = self._added[content]
-            if plain_special and flags["special"]:
-                continue
-            if flags["single_word"] and (_WORD_CHAR.match(text[start - 1 : start])
-                                         or _WORD_CHAR.match(text[stop : stop + 1])):
-                continue
-            if flags["lstrip"]:  # the spaces before it, but none a previous token took
-                start = max(_SPACES_BEFORE.match(text, 0, start).start(), start_offset)
-            if flags["rstrip"]:
-                stop = _SPACES.match(text, stop).end()
-            if start >= stop:  # the previous rstrip token took this match: HF drops it
-                continue
-            if start_offset < start:
-                out.extend(self._split_added(text[start_offset:start], level + 1, plain_special))
-            out.append((text[start:stop], self._added_ids[content]))
-            start_offset = stop
-        if start_offset < len(text):
-            out.extend(self._split_added(text[start_offset:], level + 1, plain_special))
-        return out
+    def _quick_ids(self, text: str) -> list[int] | None:
+        """encode's ids by AddedTokens' one-pass way, or None where it does not serve."""
+        added_tokens = self._added_tokens
+        text = added_tokens.quick_text(text)
+        if text is None:
+            return None
+        cache = self._cache.__getitem__
+        if added_tokens.only_runs(text):  # as Gemma's newlines: pieces of their own
+            pieces = self._pretokenize.whole(text)
+            if pieces is not None:
+                return list(chain.from_iterable(map(cache, pieces)))
+        parts = added_tokens.parts(text)
+        gaps, added = parts[::2], parts[1::2]  # text, added token, text, ..., text
+        ids = list(chain.from_iterable(map(cache, self._pretokenize(gaps[0], True)))) if gaps[0] else []
+        pieces = self._pretokenize.pieces_for(text)  # of the gaps after the first
+        for token, gap in zip(added, gaps[1:]):
+            ids.append(self._added_ids[token])
+            if gap:
+                ids += chain.from_iterable(map(cache, pieces(gap)))
+        return ids
 
     def encode(self, text: str, add_special_tokens: bool = False,
                split_special_tokens: bool = False) -> list[int]:
         """HF ``Tokenizer.encode(text, add_special_tokens).ids``; ``split_special_tokens``: a
         special token's text is text (HF's ``encode_special_tokens``)."""
-        ids = []
-        segments = self._split_added(text, plain_special=split_special_tokens)
-        for n, (segment, token_id) in enumerate(segments):
-            if token_id is None:
-                pieces = self._pretokenize(segment, n == 0)
-                ids += chain.from_iterable(map(self._cache.__getitem__, pieces))
-            else:
-                ids.append(token_id)
+        ids = None if split_special_tokens else self._quick_ids(text)
+        if ids is None:
+            ids = []
+            segments = self._added_tokens.segments(text, plain_special=split_special_tokens)
+            for n, (segment, token_id) in enumerate(segments):
+                if token_id is None:
+                    pieces = self._pretokenize(segment, n == 0)
+                    ids += chain.from_iterable(map(self._cache.__getitem__, pieces))
+                else:
+                    ids.append(token_id)
         if add_special_tokens and (self._prefix_ids or self._suffix_ids):
             ids = [*self._prefix_ids, *ids, *self._suffix_ids]
         return ids
@@ -768,17 +708,6 @@ def _byte_level_bytes(token: str) -> bytes:
         return token.encode("utf-8")
 
 
-# Rust's regex \w and \s (Unicode), which HF uses for single_word and lstrip/rstrip.
-_WORD_CHAR = regex.compile(r"\w")
-_SPACES = regex.compile(r"\s*")
-_SPACES_BEFORE = regex.compile(r"\s*", regex.REVERSE)  # matched backwards from endpos
-
-
-def _longest_first(tokens: Iterable[str]) -> regex.Pattern:
-    """A regex finding ``tokens`` leftmost-longest, as HF finds added tokens."""
-    return regex.compile("|".join(map(regex.escape, sorted(tokens, key=len, reverse=True))))
-
-
 def _byte_level(piece: str) -> str:
     return piece.encode("utf-8", "surrogatepass").decode("latin-1").translate(BYTE_TO_UNICODE)
 
@@ -793,6 +722,10 @@ class _Pretokenizer:
                          else lambda text: [m.group() for m in compiled.finditer(text)])
         self._finditer = compiled.finditer
         self._isolated = isolated
+
+    def pieces_for(self, text: str) -> Callable[[str], list[str]]:
+        """The pieces of parts of ``text``."""
+        return self
 
     def __call__(self, text: str, first: bool = False) -> list[str]:
         """``first`` (whether the text starts the encoded text) does not change these pieces."""

@@ -1,5 +1,6 @@
 """The tokenizer file: where a path names it, reading it, writing it (beside its
-tokenizer_config.json), and a JSON value shown short in a refusal."""
+tokenizer_config.json), the refusal of a component codelm does not read, and a JSON value shown
+short in a refusal."""
 
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ def write_tokenizer(path: str | os.PathLike, data: dict, indent: int, config: di
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
         config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), "utf-8")
     return path
+
+
+class Unsupported(ValueError):
+    """A tokenizer.json component codelm does not read."""
+
+
+def expect(cond: bool, where: str, what: str) -> None:
+    """Refuse the component ``where`` (``what`` it holds) unless ``cond``."""
+    if not cond:
+        raise Unsupported(f"unsupported {where}: {what}")
 
 
 def shown_json(value: object, limit: int = 60) -> str:
