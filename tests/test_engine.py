@@ -79,9 +79,8 @@ def test_a_sampled_request_draws_what_generate_draws_with_its_generator():
         assert generate_all(model, [prompt], cfg(i), slots=1) == [crowd[i]]
 
 
-def test_samples_of_one_prompt_share_its_prefill_and_differ_by_seed(monkeypatch):
-    model = _model("llama")
-    prompt = _prompts(1)[0]
+def _fed_shapes(monkeypatch) -> list[torch.Size]:
+    """The shape of every chunk of ids fed to a model's blocks, in order."""
     runs = []
     real = Transformer.run_blocks
 
@@ -90,6 +89,13 @@ def test_samples_of_one_prompt_share_its_prefill_and_differ_by_seed(monkeypatch)
         return real(self, idx, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "run_blocks", counting)
+    return runs
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_differ_by_seed(monkeypatch):
+    model = _model("llama")
+    prompt = _prompts(1)[0]
+    runs = _fed_shapes(monkeypatch)
     cfgs = [GenerationConfig(10, temperature=1.0, generator=torch.Generator().manual_seed(s))
             for s in range(4)]
     got = generate_all(model, [prompt] * 4, cfgs, slots=4)
@@ -107,14 +113,7 @@ def test_a_sample_admitted_beside_a_running_one_of_its_prompt_copies_its_keys(mo
     in all, and each sample's tokens are generate's with its generator."""
     model = _model("llama")
     prompt = _prompts(2)[1]
-    runs = []
-    real = Transformer.run_blocks
-
-    def counting(self, idx, *args, **kwargs):
-        runs.append(idx.shape)
-        return real(self, idx, *args, **kwargs)
-
-    monkeypatch.setattr(Transformer, "run_blocks", counting)
+    runs = _fed_shapes(monkeypatch)
     budgets = [3, 9, 5, 7, 4]
     cfgs = [GenerationConfig(n, temperature=0.9, generator=torch.Generator().manual_seed(s))
             for s, n in enumerate(budgets)]
