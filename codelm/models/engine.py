@@ -28,7 +28,12 @@ import torch
 
 from architecture import Transformer
 from codelm import kernels
-from codelm.models.generation import GenerationConfig, new_caches, sampling_logits
+from codelm.models.generation import (
+    GenerationConfig,
+    finish_reason,
+    new_caches,
+    sampling_logits,
+)
 
 # The attended cache length is the longest running row's rounded up to a multiple of this: a
 # step reads the keys the rows have, not the whole cache, and shapes change seldom.
@@ -210,7 +215,7 @@ class Engine:
         events = []
         for i, (request, token) in enumerate(zip(requests, tokens)):
             request.generated.append(token)
-            event = Token(request.id, token, _finished(request))
+            event = Token(request.id, token, finish_reason(request.generated, request.cfg))
             if request.logprobs is not None:
                 event.logprob, event.top_logprobs = _logprobs(logits[i], token, request.logprobs)
             if event.finished is not None:
@@ -235,22 +240,6 @@ def _next_tokens(requests: list[_Request], logits: torch.Tensor) -> list[int]:
             drawn = torch.multinomial(probs[row : row + 1], 1, generator=requests[i].generator)
             tokens[i] = int(drawn)
     return tokens
-
-
-def _finished(request: _Request) -> str | None:
-    """Why the request ends with its last token, or None."""
-    cfg, generated = request.cfg, request.generated
-    if generated[-1] in cfg.eos_id:
-        return "stop"
-    for stop in cfg.stop:
-        if isinstance(stop, str):
-            if stop in cfg.decode(generated):
-                return "stop"
-        elif generated[-len(stop):] == stop:
-            return "stop"
-    if len(generated) == cfg.max_new_tokens:
-        return "length"
-    return None
 
 
 def _logprobs(logits: torch.Tensor, token: int, top: int

@@ -382,7 +382,7 @@ def _drafted(model: Transformer, idx, cfg: GenerationConfig, attention_mask) -> 
     new: list[int] = []
     while True:
         new.append(token)
-        if _ends(new, cfg):
+        if finish_reason(new, cfg) is not None:
             break
         room = n - len(new) - 1  # the model's own next token comes after the draft
         proposed = (_lookup_draft(seq + new, min(cfg.prompt_lookup, room), cfg.eos_id)
@@ -392,7 +392,7 @@ def _drafted(model: Transformer, idx, cfg: GenerationConfig, attention_mask) -> 
                     len(proposed))
         for token in proposed[:kept]:
             new.append(token)
-            if _ends(new, cfg):
+            if finish_reason(new, cfg) is not None:
                 return torch.cat((idx, idx.new_tensor([new])), dim=1)
         token = chosen[kept]
     return torch.cat((idx, idx.new_tensor([new])), dim=1)
@@ -449,16 +449,20 @@ class _DraftModel:
         return proposed
 
 
-def _ends(new: list[int], cfg: GenerationConfig) -> bool:
-    """Whether the generated ``new`` tokens end here: an EOS id, a stop, or max_new_tokens."""
-    if new[-1] in cfg.eos_id or len(new) == cfg.max_new_tokens:
-        return True
+def finish_reason(new: list[int], cfg: GenerationConfig) -> str | None:
+    """Why the generated ``new`` tokens end with the last: "stop" (an EOS id, a stop id sequence
+    or a stop string), "length" (max_new_tokens); None while they go on."""
+    if new[-1] in cfg.eos_id:
+        return "stop"
     for stop in cfg.stop:
-        if isinstance(stop, str) and stop in cfg.decode(new):
-            return True
-        if not isinstance(stop, str) and new[-len(stop):] == stop:
-            return True
-    return False
+        if isinstance(stop, str):
+            if stop in cfg.decode(new):
+                return "stop"
+        elif new[-len(stop):] == stop:
+            return "stop"
+    if len(new) == cfg.max_new_tokens:
+        return "length"
+    return None
 
 
 # ---------------------------------------------------------------------------------- sampling
