@@ -98,13 +98,13 @@ def peak_tflops(name: str, override: float | None) -> float | None:
 # ---------------------------------------------------------------------------- parity
 
 def bench_parity(args) -> dict:
-    from tiny_hf import FAMILIES, save_tiny_hf
+    from tiny_hf import FAMILIES, MODERN, save_tiny_hf
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     res = {}
     print(f"\nparity  (tiny random HF models on {DEV}; batch 2 x full context)")
-    for family in FAMILIES:
+    for family in FAMILIES + MODERN:
         with tempfile.TemporaryDirectory() as d:
             hf = save_tiny_hf(family, Path(d)).to(DEV)
             ours = pretrained.load(d, dtype=torch.float32, device=DEV).eval()
@@ -125,7 +125,7 @@ def bench_parity(args) -> dict:
         same = bool(torch.equal(hf_out, ours_out))
         res[family] = {"fp32_max_abs": fp32, "bf16_max_abs": ours_bf16,
                        "hf_bf16_max_abs": hf_bf16, "generate_equal": same}
-        print(f"  {family:12s} fp32 {fp32:.2e} (<= 1e-4: {fp32 <= 1e-4})   bf16 {ours_bf16:.2e} "
+        print(f"  {family:14s} fp32 {fp32:.2e} (<= 1e-4: {fp32 <= 1e-4})   bf16 {ours_bf16:.2e} "
               f"(HF's own bf16: {hf_bf16:.2e})   greedy 32 tokens, left-padded batch equal: {same}")
     return res
 
@@ -164,6 +164,7 @@ def bench_train(args) -> dict:
     torch.manual_seed(0)
     builders = {"codelm": lambda: Transformer(c), "nanoGPT-style": lambda: NanoLlama(c),
                 "HF Llama": lambda: _hf_llama(c)}
+    builders = {name: build for name, build in builders.items() if name in args.train_models.split(",")}
     x = torch.randint(0, c.vocab_size, (B, T), device=DEV)
     y = torch.randint(0, c.vocab_size, (B, T), device=DEV)
     losses = {
@@ -177,7 +178,8 @@ def bench_train(args) -> dict:
     print(f"\ntrain  bf16 autocast, fused AdamW, batch {B}x{T}, {args.steps} timed steps "
           f"(median of {args.rounds} rounds); MFU against {peak} TFLOP/s")
     for compiled in (False, True):
-        n_params = _time_training(compiled, builders, losses, m_raw, res, args, peak)
+        if ("compiled" if compiled else "eager") in args.train_modes.split(","):
+            n_params = _time_training(compiled, builders, losses, m_raw, res, args, peak)
     res["n_params"] = n_params
     print(f"  ({n_params / 1e6:.1f}M parameters)")
     return res
@@ -221,6 +223,8 @@ def _time_training(compiled: bool, builders: dict, losses: dict, m_raw: dict, re
         print(f"  {name + tag:24s} {tps:9.0f} tokens/s  MFU {100 * mfu:5.1f}%  step "
               f"{s * 1e3:6.1f} ms  peak memory {mem[name]:5.1f} GiB")
     for ref in ("nanoGPT-style", "HF Llama"):
+        if "codelm" not in models or ref not in models:
+            continue
         print(f"  codelm{tag} / {ref}{tag}: "
               f"{res['codelm' + tag]['tokens_s'] / res[ref + tag]['tokens_s']:.3f}")
     m_raw.clear()
@@ -442,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt-dir", default="/tmp/codelm_bench/llama-3.2-1b-bf16",
                         help="load: where the random checkpoint is written once and reused "
                         "(default: %(default)s)")
+    parser.add_argument("--train-models", default="codelm,nanoGPT-style,HF Llama",
+                        help="train: comma-separated models (default: %(default)s)")
+    parser.add_argument("--train-modes", default="eager,compiled",
+                        help="train: eager, compiled or both (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true",
                         help="run every section on the CPU at toy sizes (checks the script)")
     parser.add_argument("--peak-tflops", type=float, default=None,
