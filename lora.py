@@ -205,7 +205,11 @@ class LoRALinear(nn.Module):
             return out
         keys = list(self.lora_A.keys())
         p = self.dropout if self.training else 0.0
-        if p:  # a mask per adapter, as PEFT's modules each draw one
+        if p and self.magnitude is None and torch.compiler.is_compiling():
+            # torch's dropout, which a compiled graph draws itself (a seed drawn here would be a
+            # Python int the graph is specialized on: a recompilation every call)
+            hs = [F.linear(F.dropout(x, p), self.lora_A[k]) for k in keys]
+        elif p:  # a mask per adapter, as PEFT's modules each draw one
             seeds = [kernels.dropout_seed() for _ in keys]
             hs = [dropped_linear(x, self.lora_A[k], p, seed) for k, seed in zip(keys, seeds)]
         else:

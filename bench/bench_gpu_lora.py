@@ -9,7 +9,8 @@ bitsandbytes where they install, in one run (needs a CUDA GPU; --dry-run checks 
            fp16   fp32 weights under fp16 autocast with a GradScaler (the seeds' T4 recipe)
            bf16   bf16 base weights (adapters fp32) under bf16 autocast
          Liger: transformers + PEFT with Liger's kernels patched in (bf16), where Liger has them
-         for the family.
+         for the family. --compiled families: codelm under torch.compile too (bf16), as
+         ``--compile`` trains.
   nf4    Phi-1.5's shape on a 4-bit NF4 base (bf16 compute): codelm's quantize_base against
          bitsandbytes' Linear4bit, the same step.
   long   Llama-3.2-1B with LoRA at 8,192 and 16,384 tokens, bf16 base, gradient checkpointing:
@@ -66,6 +67,7 @@ class Setting:
     compute_dtype: torch.dtype
     checkpointing: bool = False
     offload: bool = False
+    compiled: bool = False  # codelm: torch.compile(model), as --compile trains
     seq: int = 1024
     accumulation: int = 8
 
@@ -151,10 +153,12 @@ def load_codelm(ckpt: Path, setting: Setting, quantize_bits: int = 0) -> tuple[t
     lora.load_adapter(model, ckpt / "adapter")
     model.gradient_checkpointing = setting.checkpointing
     model.offload_activations = setting.offload
+    trained = torch.compile(model) if setting.compiled else model
 
     def loss_of(ids: torch.Tensor) -> torch.Tensor:
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
-        return model(ids, labels)
+        # the eval-mode loss runs eagerly (a compiled eval graph would be a second compilation)
+        return (trained if model.training else model)(ids, labels)
 
     return model, loss_of
 
@@ -276,12 +280,12 @@ def bench_lora(args) -> dict:
         print(f"  {family} ({MODELS[family][0]})", flush=True)
         with tempfile.TemporaryDirectory(prefix=f"gpu-lora-{family}-") as tmp:
             make_checkpoint(family, Path(tmp), args.layers)
-            table[family] = lora_family(family, Path(tmp), args.steps)
+            table[family] = lora_family(family, Path(tmp), args.steps, args.compiled)
     print_lora_table(table)
     return table
 
 
-def lora_family(family: str, ckpt: Path, steps: int) -> dict:
+def lora_family(family: str, ckpt: Path, steps: int, compiled_families: list[str]) -> dict:
     """Every library in every setting on one family's checkpoint."""
     vocab = MODELS[family][1]["vocab_size"]
     out: dict = {}
@@ -290,6 +294,10 @@ def lora_family(family: str, ckpt: Path, steps: int) -> dict:
                                              setting, vocab, steps)
         out[f"codelm {setting.name}"] = measured("codelm", partial(load_codelm, ckpt, setting),
                                                  setting, vocab, steps)
+    if family in compiled_families:
+        setting = dataclasses.replace(BF16, compiled=True)
+        out["codelm bf16 compiled"] = measured("codelm compiled", partial(load_codelm, ckpt, setting),
+                                               setting, vocab, steps)
     reason = liger_reason(family)
     if reason:
         out["liger bf16"] = reason
@@ -373,6 +381,10 @@ def print_lora_table(table: dict) -> None:
                   f"{ratios(out[f'codelm {name}'], out[f'hf {name}'])} | {liger} |")
         print(f"| {MODELS[family][0]} | codelm bf16 / HF fp16 (each as run) | | | "
               f"{ratios(out['codelm bf16'], out['hf fp16'])} | |")
+        if "codelm bf16 compiled" in out:
+            ours = out["codelm bf16 compiled"]
+            print(f"| {MODELS[family][0]} | bf16, codelm compiled | {cell(out['hf bf16'])} | "
+                  f"{cell(ours)} | {ratios(ours, out['hf bf16'])} | |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated sections: {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--families", nargs="+", default=list(MODELS), choices=list(MODELS),
                         help="lora: the seeds' models (default: all five)")
+    parser.add_argument("--compiled", nargs="*", default=["llama"], choices=list(MODELS),
+                        help="lora: families also timed with codelm compiled (bf16; default: "
+                             "llama)")
     parser.add_argument("--steps", type=int, default=2,
                         help="timed optimizer steps after one warm-up (default: 2)")
     parser.add_argument("--layers", type=int, default=None,

@@ -147,7 +147,11 @@ DROP_CHUNK_BYTES = 2**21
 
 
 def _row_chunks(x: torch.Tensor) -> Iterator[slice]:
-    """Slices of x's rows (x 2-D) of about DROP_CHUNK_BYTES each."""
+    """Slices of x's rows (x 2-D) of about DROP_CHUNK_BYTES each; on a GPU all rows at once
+    (there a step is bound by kernel launches, and memory is not paged in)."""
+    if x.is_cuda:
+        yield slice(None)
+        return
     step = max(1, DROP_CHUNK_BYTES // (x.shape[1] * x.element_size()))
     for start in range(0, x.shape[0], step):
         yield slice(start, start + step)
@@ -171,7 +175,7 @@ class _DroppedLinearFunction(torch.autograd.Function):
         w_t = weight.to(dt).t()
         out = torch.empty(rows.shape[0], weight.shape[0], dtype=dt, device=x.device)
         for part in _row_chunks(rows):
-            dropped_rows = torch.where(drops[part], 0.0, rows[part].to(dt))
+            dropped_rows = rows[part].to(dt).masked_fill(drops[part], 0.0)
             torch.mm(dropped_rows, w_t, out=out[part])
         return out.mul_(ctx.scale).view(*x.shape[:-1], weight.shape[0])
 
@@ -190,7 +194,7 @@ class _DroppedLinearFunction(torch.autograd.Function):
             grad_rows = grad.reshape(-1, grad.shape[-1])
             grad_weight = torch.zeros_like(weight)
             for part in _row_chunks(rows):
-                dropped_rows = torch.where(drops[part], 0.0, rows[part].to(ctx.dtype))
+                dropped_rows = rows[part].to(ctx.dtype).masked_fill(drops[part], 0.0)
                 grad_weight += (grad_rows[part].t() @ dropped_rows).to(weight.dtype)
         return grad_x, grad_weight, None, None
 

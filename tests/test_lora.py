@@ -1359,3 +1359,28 @@ def test_an_adapter_of_another_format_version_is_refused(tmp_path, metadata, ref
         load_adapter(fresh, tmp_path / "a")
     assert all(w in str(e.value) for w in (str(weights), "format_version 2", "not 1"))
     assert not list(lora_modules(fresh))
+
+
+@pytest.mark.slow
+def test_a_compiled_model_with_lora_dropout_trains_without_recompiling():
+    """Under torch.compile the adapters' dropout is drawn inside the graph: steps after the
+    first reuse its compilation (no seed baked into the graph), and the loss falls."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"])
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.1))
+    model.train()
+    compiled = torch.compile(model)
+    ids = _ids(T=32)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(4):
+            loss = compiled(ids, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
