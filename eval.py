@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from codelm.evaluation.results import (
     unique_label,
 )
 from codelm.evaluation.tasks import passk, registry
+from codelm.evaluation.tasks.registry import TaskSettings
 from codelm.loading import LoadedModel
 from codelm.models.generation import truncate_at_stops
 from codelm.runs import rundir
@@ -154,13 +155,16 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
                          f"({err.strerror})") from None
     progress = progress or EvalProgress()
     progress.out_dir = out
+    # what the tasks read, apart: no task sees a model, output or serving setting
+    settings = TaskSettings(**{f.name: getattr(cfg, f.name) for f in fields(TaskSettings)})
     try:
         if cfg.load_generations is not None:
-            results = _evaluate_generations(cfg, out)
+            results = _evaluate_generations(cfg, settings, out)
         elif any(is_endpoint(spec) for spec in specs):
-            results = _evaluate_endpoints(cfg, [parse_endpoint(spec) for spec in specs], out)
+            results = _evaluate_endpoints(cfg, settings, [parse_endpoint(spec) for spec in specs],
+                                          out)
         else:
-            results = _evaluate(cfg, device, specs, progress,
+            results = _evaluate(cfg, settings, device, specs, progress,
                                 remedy or f"name another --out-dir, or remove {out} to start "
                                 "over", replace_other_weights)
     except BaseException:
@@ -172,10 +176,12 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     return results
 
 
-def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
-              progress: EvalProgress, remedy: str, replace_other_weights: bool) -> dict:
-    """The work of ``evaluate``: load, build the examples, then each model in turn, saved."""
-    benchmarks = registry.load_benchmarks(cfg)
+def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
+              specs: Sequence[str], progress: EvalProgress, remedy: str,
+              replace_other_weights: bool) -> dict:
+    """The work of ``evaluate``: load, build the examples, then each model in turn, saved;
+    ``settings``: what the tasks read of ``cfg``."""
+    benchmarks = registry.load_benchmarks(settings)
     problems = benchmarks.problems
     models = [loading.load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
     seen: Counter = Counter()
@@ -183,7 +189,8 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
         lm.label = unique_label(lm.label, seen)
     if cfg.block_size is None:  # results.json records the context used
         cfg = replace(cfg, block_size=scoring.shared_context(models))
-    docs, data_cfg, items = _corpus_items(cfg, models)
+        settings = replace(settings, block_size=cfg.block_size)
+    docs, data_cfg, items = _corpus_items(settings, models)
     examples = {(task, variant): built for (task, variant), built in items.items()
                 if registry.TASKS[task].KIND == "examples"}
     counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
@@ -207,7 +214,7 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
         if lm.label in progress.saved:
             continue
         progress.running = lm.label
-        model_rows, model_records = _evaluate_model(lm, cfg, items, data_cfg)
+        model_rows, model_records = _evaluate_model(lm, settings, items, data_cfg)
         rows += model_rows
         records += model_records
         pending = progress.models[progress.models.index(lm.label) + 1 :]
@@ -222,16 +229,17 @@ def _evaluate(cfg: EvalConfig, device: torch.device, specs: Sequence[str],
     return results
 
 
-def _evaluate_generations(cfg: EvalConfig, out: Path) -> dict:
+def _evaluate_generations(cfg: EvalConfig, settings: TaskSettings, out: Path) -> dict:
     """``--load-generations``: the file's generations of its pass@k task scored, one row named
-    after the file, saved as a model's results are."""
-    task = cfg.tasks[0]
+    after the file, saved as a model's results are; ``settings``: what the tasks read of
+    ``cfg``."""
+    task = settings.tasks[0]
     passk_task = registry.PASSK_TASKS[task]
-    benchmarks = registry.load_benchmarks(cfg)
+    benchmarks = registry.load_benchmarks(settings)
     problems = passk.prompted_problems(passk_task, benchmarks.problems[task])
-    samples = passk.read_generations(cfg.load_generations, passk_task, problems, cfg.num_samples)
     file = Path(cfg.load_generations)
-    metrics, records = passk.score_passk(file.stem, passk_task, problems, samples, cfg)
+    samples = passk.read_generations(file, passk_task, problems, settings.num_samples)
+    metrics, records = passk.score_passk(file.stem, passk_task, problems, samples, settings)
     row = {"model": file.stem, "source": str(file.resolve()), "prompt": None,
            "metrics": {f"{task}/{key}": value for key, value in metrics.items()}}
     results = {"format_version": FORMAT_VERSION, "complete": True, "pending": [],
@@ -249,21 +257,23 @@ def _evaluate_generations(cfg: EvalConfig, out: Path) -> dict:
     return results
 
 
-def _evaluate_endpoints(cfg: EvalConfig, endpoints: Sequence[Endpoint], out: Path) -> dict:
+def _evaluate_endpoints(cfg: EvalConfig, settings: TaskSettings, endpoints: Sequence[Endpoint],
+                        out: Path) -> dict:
     """OpenAI-compatible endpoints' samples of each pass@k task, scored in the sandbox as a
-    model's are; one row an endpoint, saved once all have run."""
-    benchmarks = registry.load_benchmarks(cfg)
+    model's are; one row an endpoint, saved once all have run; ``settings``: what the tasks
+    read of ``cfg``."""
+    benchmarks = registry.load_benchmarks(settings)
     rows, records = [], []
     seen: Counter = Counter()
     for endpoint in endpoints:
         label = unique_label(endpoint.label, seen)
         metrics = {}
-        for task in cfg.tasks:
+        for task in settings.tasks:
             passk_task = registry.PASSK_TASKS[task]
             problems = passk.prompted_problems(passk_task, benchmarks.problems[task])
-            samples = _endpoint_samples(endpoint, label, passk_task, problems, cfg)
+            samples = _endpoint_samples(endpoint, label, passk_task, problems, settings)
             task_metrics, task_records = passk.score_passk(label, passk_task, problems, samples,
-                                                           cfg)
+                                                           settings)
             metrics.update({f"{task}/{key}": value for key, value in task_metrics.items()})
             records += task_records
         rows.append({"model": label, "source": endpoint.url, "prompt": None, "metrics": metrics})
@@ -273,7 +283,7 @@ def _evaluate_endpoints(cfg: EvalConfig, endpoints: Sequence[Endpoint], out: Pat
                "config": asdict(cfg),
                "models": [{"label": row["model"], "source": row["source"]} for row in rows],
                "problems": problem_paths(benchmarks.files),
-               "examples": {task: len(benchmarks.problems[task]) for task in cfg.tasks},
+               "examples": {task: len(benchmarks.problems[task]) for task in settings.tasks},
                "tests_in_the_candidates_interpreter": passk.shared_interpreter_tests(
                    benchmarks.problems),
                "rows": rows, "table": markdown_table(rows)}
@@ -282,7 +292,7 @@ def _evaluate_endpoints(cfg: EvalConfig, endpoints: Sequence[Endpoint], out: Pat
 
 
 def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTask,
-                      problems: Sequence[dict], cfg: EvalConfig) -> list[list[str]]:
+                      problems: Sequence[dict], cfg: TaskSettings) -> list[list[str]]:
     """cfg.num_samples completions of each problem from the endpoint, cfg.batch_size requests
     in flight, each cut at the task's stops as a local model's are."""
     stops = passk_task.stops
@@ -296,7 +306,7 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
     return [[truncate_at_stops(text, stops) for text in group] for group in texts]
 
 
-def _corpus_items(cfg: EvalConfig, models: Sequence[LoadedModel]
+def _corpus_items(cfg: TaskSettings, models: Sequence[LoadedModel]
                   ) -> tuple[list[Doc], DataConfig | None, dict[tuple[str, str | None], list]]:
     """The split's documents, the corpus's DataConfig (None: no task reads the corpus), and
     each corpus task's items by (task, variant), the variants (docstring prompts) last."""
@@ -311,7 +321,7 @@ def _corpus_items(cfg: EvalConfig, models: Sequence[LoadedModel]
     return docs, data_cfg, dict(sorted(items.items(), key=lambda item: item[0][1] is not None))
 
 
-def _evaluate_model(lm: LoadedModel, cfg: EvalConfig, items: dict[tuple[str, str | None], list],
+def _evaluate_model(lm: LoadedModel, cfg: TaskSettings, items: dict[tuple[str, str | None], list],
                     data_cfg: DataConfig | None) -> tuple[list[dict], list[dict]]:
     """One model's table rows (one per docstring prompt variant) and prediction records: each
     task's ``run`` on its items, a variant's metrics in that variant's row alone."""

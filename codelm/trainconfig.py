@@ -488,13 +488,6 @@ BUDGET_LADDER = (
 )
 
 
-def with_rung(cfg: TrainConfig, rung: dict) -> TrainConfig:
-    """``cfg`` on a BUDGET_LADDER rung: its preset, and its values where ``cfg`` leaves them
-    unset."""
-    unset = {k: v for k, v in rung.items() if k == "preset" or getattr(cfg, k) is None}
-    return dataclasses.replace(cfg, **unset)
-
-
 # TrainConfig keys that override a preset's ModelConfig (from-scratch models).
 MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "dropout")
 

@@ -1658,10 +1658,29 @@ def test_lm_task_scores_a_pair_document_with_its_target(tiny_models, monkeypatch
     monkeypatch.setattr(lm_task, "score_lm", lambda lm, texts, cfg: seen.append(list(texts)) or {})
     lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
     cfg = EvalConfig(tasks=["lm"], progress=False)
-    items = lm_task.items("lm", docs, cfg, lm.tokenizer, DataConfig())
-    ev._evaluate_model(lm, cfg, {("lm", variant): texts for variant, texts in items.items()}, None)
+    settings = registry.TaskSettings(**{f.name: getattr(cfg, f.name)
+                                        for f in dataclasses.fields(registry.TaskSettings)})
+    items = lm_task.items("lm", docs, settings, lm.tokenizer, DataConfig())
+    ev._evaluate_model(lm, settings, {("lm", variant): texts for variant, texts in items.items()},
+                       None)
     assert seen == [Corpus([], [], docs, {}, "").texts("test")]
     assert seen[0][1] == "Refactor: y=2\ny = 2"
+
+
+def test_task_settings_hold_what_every_task_reads_of_eval_config():
+    """TaskSettings is built of EvalConfig's fields of its names, and has every setting the
+    tasks, the benchmarks' loading and the corpus read (their protocols): none of a model,
+    output or serving."""
+    config_fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
+    settings_fields = {f.name: f for f in dataclasses.fields(registry.TaskSettings)}
+    assert set(settings_fields) <= set(config_fields)
+    read = set()
+    for protocol in (registry.Selection, text_task.TextSettings, lm_task.LmSettings,
+                     fim_task.Limited, eval_corpus.CorpusSettings):
+        read |= {name for klass in protocol.__mro__ for name in vars(klass).get(
+            "__annotations__", {})}
+    assert read == set(settings_fields)
+    assert not {"models", "out_dir", "serve", "device", "dtype", "tokenizer"} & set(settings_fields)
 
 
 def test_token_accuracy_is_a_fraction_in_the_table_as_in_training():

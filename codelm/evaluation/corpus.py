@@ -6,17 +6,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import Protocol
 
 from codelm.data.config import DataConfig
 from codelm.data.sources import Doc
 from codelm.data.splits import corpus_key, load_corpus
-from codelm.evaluation.config import EvalConfig
 from codelm.loading import LoadedModel
 from codelm.runs import checkpoint, rundir
 from codelm.runtime import settings
 
 
-def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
+class CorpusSettings(Protocol):
+    """What choosing and loading the corpus reads of an evaluation's settings (EvalConfig and
+    TaskSettings have each)."""
+
+    data: list[str] | None
+    data_options: dict
+    split: str
+    progress: bool
+
+
+def corpus_config(cfg: CorpusSettings, models: Sequence[LoadedModel]) -> DataConfig:
     """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
     configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / rundir.CONFIG_FILE))
                for m in models if m.run_config}
@@ -27,7 +37,7 @@ def corpus_config(cfg: EvalConfig, models: Sequence[LoadedModel]) -> DataConfig:
     return next(iter(configs.values())) if configs else _corpus_config(cfg, None)
 
 
-def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run config"
+def _corpus_config(cfg: CorpusSettings, run: dict | None, run_source: str = "run config"
                    ) -> DataConfig:
     run = run or {}
     known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
@@ -41,7 +51,7 @@ def _corpus_config(cfg: EvalConfig, run: dict | None, run_source: str = "run con
     return settings.config_from_dict(DataConfig, options, "data_options")  # errors name the key
 
 
-def split_documents(cfg: EvalConfig, models: Sequence[LoadedModel]
+def split_documents(cfg: CorpusSettings, models: Sequence[LoadedModel]
                     ) -> tuple[list[Doc], DataConfig]:
     """The documents of ``cfg.split`` of the corpus scored, and its DataConfig."""
     data_cfg = corpus_config(cfg, models)

@@ -34,7 +34,6 @@ from codelm.trainconfig import (
     model_config,
     read_config,
     where_set_of,
-    with_rung,
 )
 from codelm.trainconfig import validate_config as validate_values
 
@@ -214,6 +213,13 @@ FALLBACKS = {"batch_size": 4, "lr": 1e-3, "optimizer": "adamw"}
 # for the decay).
 LONG_RUN_WARMUP = 50
 SHORT_RUN_WARMUP_SHARE = 0.1
+
+
+def with_rung(cfg: TrainConfig, rung: dict) -> TrainConfig:
+    """``cfg`` on a BUDGET_LADDER rung: its preset, and its values where ``cfg`` leaves them
+    unset."""
+    unset = {k: v for k, v in rung.items() if k == "preset" or getattr(cfg, k) is None}
+    return replace(cfg, **unset)
 
 
 def with_fallbacks(cfg: TrainConfig) -> TrainConfig:

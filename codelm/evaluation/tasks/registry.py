@@ -11,6 +11,7 @@ benchmark is a module and its line here."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -44,6 +45,41 @@ class Selection(PasskSettings, Protocol):
     tasks: list[str]
     problems: list[str]
     sandbox_may_read_all_files: bool
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What the tasks, their benchmarks' loading and the corpus they score read of an
+    evaluation's settings: EvalConfig's fields of these names (documented there), and no model,
+    output or serving setting. It has every field of Selection, the tasks' settings protocols
+    and evaluation.corpus's CorpusSettings."""
+
+    tasks: list[str]
+    problems: list[str]
+    sandbox_may_read_all_files: bool
+    data: list[str] | None
+    data_options: dict
+    split: str
+    limit: int | None
+    lines_per_file: int
+    lm_windows: int | None
+    block_size: int | None
+    docstring_prompts: list[str]
+    reference_loss: bool
+    max_new_tokens: int
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    num_beams: int
+    num_samples: int
+    pass_k: list[int]
+    batch_size: int
+    compile: bool
+    seed: int
+    timeout_s: float
+    memory_mb: int
+    workers: int
+    progress: bool
 
 
 def problem_tasks(entries: Sequence[str]) -> list[str]:
