@@ -300,7 +300,7 @@ def _corpus_items(cfg: EvalConfig, models: Sequence[LoadedModel]
                   ) -> tuple[list[Doc], DataConfig | None, dict[tuple[str, str | None], list]]:
     """The split's documents, the corpus's DataConfig (None: no task reads the corpus), and
     each corpus task's items by (task, variant), the variants (docstring prompts) last."""
-    tasks = [task for task in cfg.tasks if registry.TASKS[task].KIND != "benchmark"]
+    tasks = [task for task in cfg.tasks if registry.TASKS[task].KIND in ("text", "examples")]
     if not tasks:
         return [], None, {}
     docs, data_cfg = corpus.split_documents(cfg, models)
