@@ -281,3 +281,75 @@ def test_repository_tokens_are_the_ids_hf_gives_starcoder2s_format(tmp_path):
     text = ("<repo_name>proj<file_sep>pkg/extra.py\n" + EXTRA + "<file_sep>pkg/util.py\n" + UTIL
             + "<file_sep>pkg/core.py\n" + prefix)
     assert composed.ids == hf.encode(text, add_special_tokens=False).ids
+
+
+# ---- The project-completion evaluation task ------------------------------------------------------
+
+@pytest.fixture
+def tiny_model(tmp_path) -> Path:
+    """A tiny llama with a code tokenizer trained on the repository's files."""
+    from tiny_hf import save_tiny_hf
+
+    tok = _tokenizer()
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                 eos_token_id=tok.eos_id)
+    tok.save(base)
+    return base
+
+
+def test_eval_scores_every_category_under_every_composer_without_leaks(repo, tiny_model,
+                                                                       tmp_path, monkeypatch):
+    """eval.py --tasks project-completion --data REPO: per composer, its perplexity and EM/ES
+    per category (LCA's: stripped lines equal; fuzz ratio), the chosen composer's repeated;
+    no prompt the model sees holds a later line or commit."""
+    from rapidfuzz import fuzz
+
+    import eval as ev
+    from codelm.models.engine import Engine
+
+    seen = []
+    add = Engine.add
+
+    def recording(self, prompt, cfg, *args, **kwargs):
+        seen.append(list(prompt))
+        return add(self, prompt, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "add", recording)
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_model), "--tasks", "project-completion", "--data",
+                    str(repo), "--limit", "3", "--lines-per-file", "2", "--max-new-tokens", "4",
+                    "--block-size", "512", "--no-progress", "--device", "cpu",
+                    "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["rows"][0]["metrics"]
+    for composer in ("empty", "path_distance", "imports", "bm25"):
+        assert metrics[f"project-completion/{composer}/perplexity"] > 1
+        for category in history.CATEGORIES:
+            assert 0 <= metrics[f"project-completion/{composer}/EM_{category}"] <= 100
+            assert 0 <= metrics[f"project-completion/{composer}/ES_{category}"] <= 100
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    chosen = next(r for r in records if r.get("id") == "composer")["chosen"]
+    assert metrics["project-completion/chosen/EM"] == metrics[f"project-completion/{chosen}/EM"]
+    lines = [r for r in records if r.get("category")]
+    for r in lines:  # LCA's scores of each line: stripped lines equal, fuzzywuzzy's ratio
+        assert r["exact"] == (r["prediction"].strip() == r["reference"].strip())
+        assert r["edit_sim"] == round(fuzz.ratio(r["prediction"], r["reference"]))
+    for composer, category in [("bm25", "inproject"), ("empty", "random")]:  # a file's mean,
+        per_case: dict[str, list[bool]] = {}                              # then the files'
+        for r in lines:
+            if r["composer"] == composer and r["category"] == category:
+                per_case.setdefault(r["case"], []).append(r["exact"])
+        means = [100 * sum(v) / len(v) for v in per_case.values()]
+        assert metrics[f"project-completion/{composer}/EM_{category}"] == pytest.approx(
+            sum(means) / len(means))
+    tok = _tokenizer()
+    assert len(seen) == len(lines)
+    assert not [ids for ids in seen if "MARKER" in tok.decode(ids)]
+
+
+def test_eval_refuses_project_completion_without_repositories(capsys):
+    import eval as ev
+
+    assert ev.main(["--tasks", "project-completion"]) == 2
+    assert "--data REPO_DIR" in capsys.readouterr().err

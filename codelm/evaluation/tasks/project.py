@@ -89,6 +89,7 @@ def _encode(lm: LoadedModel, text: str) -> list[int]:
 
 # ---- Perplexity per composer --------------------------------------------------------------------
 
+@torch.no_grad()
 def composer_perplexity(lm: LoadedModel, cases: Sequence[dict], composers: Sequence[str],
                         cfg: ProjectSettings, indexes: dict) -> dict[str, float]:
     """Each composer's perplexity of the completion files: the loss of a file's tokens (its
