@@ -353,3 +353,73 @@ def test_eval_refuses_project_completion_without_repositories(capsys):
 
     assert ev.main(["--tasks", "project-completion"]) == 2
     assert "--data REPO_DIR" in capsys.readouterr().err
+
+
+# ---- The project training task -------------------------------------------------------------------
+
+def _docs(files: dict[str, str], repo: str | None = None, prefix: str = "") -> list:
+    from codelm.data.sources import Doc
+
+    return [Doc(f"{repo or prefix}/{path}", text, repo=repo) for path, text in files.items()]
+
+
+def test_project_examples_are_repository_sequences_then_completion_prompts():
+    """Per repository: its text in the composer's order (the first file last) cut in pieces
+    trained as text, then per file its drawn lines, each prompted with the repository's other
+    files and the lines before it; a repository never sees another's files."""
+    from codelm.data.config import DataConfig
+    from codelm.data.project import project_pairs
+
+    tok = _tokenizer()
+    one = {"pkg/core.py": CORE_TEXT, "pkg/util.py": UTIL}
+    two = {"lib/extra.py": EXTRA}
+    docs = _docs(one, prefix="one") + _docs(two, repo="two")
+    cfg = DataConfig(task="project", lines_per_file=2, seed=3)
+    pairs = project_pairs(docs, tok, cfg, 4096)
+    text_pieces = [tok.decode(c) for p, c, _, _ in pairs if not p]
+    assert text_pieces == ["# repository: one\n# pkg/util.py\n" + UTIL + "# pkg/core.py\n"
+                           + CORE_TEXT, "# repository: two\n# lib/extra.py\n" + EXTRA]
+    prompts = [(tok.decode(p), tok.decode(c)) for p, c, _, _ in pairs if p]
+    assert len(prompts) == 2 + 2 + 1  # core, util, extra (one line after its first)
+    for prompt, completion in prompts:
+        assert completion.startswith("\n") and completion.strip()
+        own = "pkg/core.py" if prompt.startswith("# repository: one\n# pkg/util.py") else None
+        if own:  # the other file as context, then this file's lines up to the completion
+            before = prompt.split("# pkg/core.py\n", 1)[1]
+            assert (before + completion) in CORE_TEXT and CORE_TEXT.startswith(before)
+        if prompt.startswith("# repository: one"):
+            assert "MARKER_COMMITTED" not in prompt  # repository two's file
+    assert all(not ends for _, _, ends, _ in pairs)
+
+
+def test_project_pieces_fit_the_block():
+    from codelm.data.config import DataConfig
+    from codelm.data.project import project_pairs
+
+    tok = _tokenizer()
+    cfg = DataConfig(task="project", lines_per_file=3)
+    pairs = project_pairs(_docs({"pkg/core.py": CORE_TEXT, "pkg/util.py": UTIL}, prefix="r"),
+                          tok, cfg, 48)
+    assert pairs and all(len(p) + len(c) <= 48 for p, c, _, _ in pairs)
+
+
+def test_trainingmanager_trains_the_project_task_on_repositories(repo, tmp_path):
+    """python trainingmanager.py --task project --data DIR DIR: trains on packed repository
+    sequences and completion examples (--packing: several in a row)."""
+    import trainingmanager as tm
+
+    other = tmp_path / "other"
+    (other / "lib").mkdir(parents=True)
+    (other / "lib" / "a.py").write_text(UTIL * 3)
+    (other / "lib" / "b.py").write_text(CORE_TEXT * 2)
+    (tmp_path / "tok").mkdir()
+    _tokenizer().save(tmp_path / "tok")
+    out = tmp_path / "runs"
+    assert tm.main(["--task", "project", "--data", str(repo), str(other), "--preset", "tiny",
+                    "--tokenizer", str(tmp_path / "tok"),
+                    "--block-size", "64", "--batch-size", "2", "--max-steps", "2", "--packing",
+                    "--no-progress", "--no-export", "--out-dir", str(out), "--name", "p",
+                    "--data-options", json.dumps({"cache_dir": str(tmp_path / "cache"),
+                                                  "lines_per_file": 2})]) == 0
+    metrics = [json.loads(line) for line in (out / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m for m in metrics)

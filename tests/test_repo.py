@@ -161,9 +161,10 @@ DEDUPE, SHARDS = "codelm.data.dedupe", "codelm.data.shards"
 SPLITS, EXAMPLES = "codelm.data.splits", "codelm.data.examples"
 ENCODING, DATASETS = "codelm.data.encoding", "codelm.data.datasets"
 GENERATED_PROBLEMS = "codelm.data.problems"
-COMPOSERS, HISTORY = "codelm.data.composers", "codelm.data.history"
+COMPOSERS, HISTORY, PROJECT = ("codelm.data.composers", "codelm.data.history",
+                              "codelm.data.project")
 DATA = {DATA_CONFIG, DATA_CACHE, DATA_SOURCES, CLEANING, DEDUPE, SHARDS, SPLITS, EXAMPLES, ENCODING,
-        DATASETS, GENERATED_PROBLEMS, COMPOSERS, HISTORY}
+        DATASETS, GENERATED_PROBLEMS, COMPOSERS, HISTORY, PROJECT}
 BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
@@ -224,6 +225,7 @@ MAY_IMPORT = {
     GENERATED_PROBLEMS: {PROCESS, SETTINGS},
     COMPOSERS: {BPE, "tokenizer"},
     HISTORY: set(),
+    PROJECT: {COMPOSERS, DATA_CONFIG, DATA_SOURCES},
     "dataset": {PROCESS, SETTINGS, BATCHING, BPE, KERNELS, "tokenizer"} | DATA,
     BATCHES: {DATASETS, KERNELS},
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", DATA_CONFIG},
