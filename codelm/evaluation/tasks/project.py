@@ -201,7 +201,26 @@ def run_project(lm: LoadedModel, cases: Sequence[dict], cfg: ProjectSettings
                     if k.startswith(f"{chosen}/")})
     records.append({"model": lm.label, "task": "project-completion", "variant": None,
                     "id": "composer", "perplexity": perplexity, "chosen": chosen})
+    print(category_table(metrics, composers, lm.label), file=sys.stderr)
     return metrics, records
+
+
+def category_table(metrics: dict[str, float], composers: Sequence[str], label: str) -> str:
+    """A model's exact match (edit similarity) per composer and line category, as markdown."""
+    columns = [*CATEGORIES, "all"]
+    lines = [f"project-completion, {label}: EM (ES) by line category",
+             "| composer | perplexity | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for composer in composers:
+        cells = []
+        for category in columns:
+            suffix = "" if category == "all" else f"_{category}"
+            em = metrics.get(f"{composer}/EM{suffix}")
+            es = metrics.get(f"{composer}/ES{suffix}")
+            cells.append("n/a" if em is None else f"{em:.1f} ({es:.1f})")
+        perplexity = metrics[f"{composer}/perplexity"]
+        lines.append(f"| {composer} | {perplexity:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run(lm: LoadedModel, task: str, cases: Sequence[dict], cfg: ProjectSettings,
