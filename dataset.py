@@ -65,6 +65,7 @@ from codelm.data.encoding import (
     window_pairs,
 )
 from codelm.data.examples import Example, SamplePrompt, chat_examples, examples_for, held_out_prompt
+from codelm.data.project import project_pairs
 from codelm.data.shards import SHARD_FORMAT_VERSION
 from codelm.data.sources import Doc, plain_text
 from codelm.data.splits import Corpus, Texts, corpus_key, load_corpus
@@ -95,6 +96,8 @@ def _task_options(cfg: DataConfig) -> dict:
                     prompt=DOCSTRING_PROMPTS[cfg.docstring_prompt])
     if cfg.task == "refactor":
         opts.update(template=REFACTOR_TEMPLATE)
+    if cfg.task == "project":
+        opts.update(composer=cfg.project_composer, lines_per_file=cfg.lines_per_file)
     if cfg.task == "fim":
         # fim_cut: bump when the PSM cut changes the ids (rebuilds the fim entries only)
         opts.update(fim_rate=cfg.fim_rate, fim_cut=3)
@@ -244,6 +247,10 @@ def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Co
             pairs = [(p, c, bool(p), (0, 0)) for file_pairs in files for p, c in file_pairs]
         else:
             pairs = [(p, c, False, (0, 0)) for ids in encoded for p, c in window_pairs(ids, cfg)]
+        examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
+    elif cfg.task == "project":
+        room = cfg.block_size - len(prompt_prefix(tokenizer, cfg.task))
+        pairs = project_pairs(docs, tokenizer, cfg, room)
         examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
     elif cfg.task == "chat":
         examples = chat_examples(docs, tokenizer, cfg, s)

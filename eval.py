@@ -3,7 +3,8 @@
 Tasks (``--tasks``, codelm.evaluation.tasks' registry): lm, line, completion, method, docstring,
 refactor on the corpus's split, and the benchmarks: pass@k (samples run in ``codelm.sandbox``) on
 passk's problems, HumanEval(+) and MBPP(+) as bigcode-evaluation-harness runs them, FIM and
-CodeXGLUE method generation. Every model of ``--models`` is scored on the same examples; results
+CodeXGLUE method generation, and Long Code Arena's project-level completion on a git history
+(project-completion). Every model of ``--models`` is scored on the same examples; results
 are written after each model, so the same command with the same ``--out-dir`` resumes.
 ``--prompt TEXT`` streams each model's completion; ``--serve`` serves the models over the OpenAI
 API; ``--models x=openai:URL`` scores an endpoint's pass@k.
@@ -310,7 +311,7 @@ def _corpus_items(cfg: TaskSettings, models: Sequence[LoadedModel]
                   ) -> tuple[list[Doc], DataConfig | None, dict[tuple[str, str | None], list]]:
     """The split's documents, the corpus's DataConfig (None: no task reads the corpus), and
     each corpus task's items by (task, variant), the variants (docstring prompts) last."""
-    tasks = [task for task in cfg.tasks if registry.TASKS[task].KIND != "benchmark"]
+    tasks = [task for task in cfg.tasks if registry.TASKS[task].KIND in ("text", "examples")]
     if not tasks:
         return [], None, {}
     docs, data_cfg = corpus.split_documents(cfg, models)

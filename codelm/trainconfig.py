@@ -74,7 +74,7 @@ class TrainConfig:
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
     #   adapters stay fp32); fp16 turns on loss scaling
     # data (dataset.py): task and sources (None: the Python standard library)
-    task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat
+    task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat | project
     data: list[str] | None = None  # "stdlib", directories, scraper, pair or conversation JSONL
     val_data: list[str] | None = None  # predefined validation files (None: split from data)
     test_data: list[str] | None = None  # predefined test files (None: split from data)

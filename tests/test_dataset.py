@@ -2331,6 +2331,7 @@ def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
         "max_prompt_tokens": "method",
         "max_completion_tokens": "method",
         "pair_special_tokens": "refactor",
+        "project_composer": "project",
     }
     changed = {
         "sources": [str(EMAIL), "stdlib"],
@@ -2349,6 +2350,7 @@ def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
         "text_column": "content",
         "input_column": "before",
         "output_column": "after",
+        "project_composer": "bm25",
     }
     from dataclasses import fields, replace
 

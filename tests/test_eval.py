@@ -3360,14 +3360,17 @@ def _stopped_in_model_b(tiny_models, tmp_path, monkeypatch) -> tuple[list[str], 
 
 
 def test_every_task_module_has_what_the_evaluation_calls():
-    """registry.TASKS: each task's module has its KIND, its items (a corpus task) or its source
-    and problems (a benchmark), and run; a pass@k task's PasskTask carries the task's name."""
+    """registry.TASKS: each task's module has its KIND, its items (a corpus task), its source
+    and problems (a benchmark) or its repositories' cases, and run; a pass@k task's PasskTask
+    carries the task's name."""
     for name, module in registry.TASKS.items():
-        assert module.KIND in ("text", "examples", "benchmark"), name
+        assert module.KIND in ("text", "examples", "benchmark", "repository"), name
         assert callable(module.run), name
         if module.KIND == "benchmark":
             assert callable(module.source) and callable(module.load), name
             assert getattr(module, "PASSK", None) or module.SPLIT_FILES, name
+        elif module.KIND == "repository":
+            assert callable(module.load_repositories), name
         else:
             assert callable(module.items), name
     assert {name: task.name for name, task in registry.PASSK_TASKS.items()} == {

@@ -141,12 +141,12 @@ EVAL_CONFIG, METRICS, SCORING = ("codelm.evaluation.config", "codelm.evaluation.
 EVAL_CORPUS, RESULTS = "codelm.evaluation.corpus", "codelm.evaluation.results"
 PROBLEMS, PASSK, REGISTRY = ("codelm.evaluation.tasks.problems", "codelm.evaluation.tasks.passk",
                              "codelm.evaluation.tasks.registry")
-LM_TASK, TEXT_TASK, FIM_TASK, CODEXGLUE_TASK = (f"codelm.evaluation.tasks.{name}" for name in (
-    "lm", "text", "fim", "codexglue"))
+LM_TASK, TEXT_TASK, FIM_TASK, CODEXGLUE_TASK, PROJECT_TASK = (
+    f"codelm.evaluation.tasks.{name}" for name in ("lm", "text", "fim", "codexglue", "project"))
 HUMANEVAL, HUMANEVAL_PLUS, MBPP, MBPP_PLUS = (f"codelm.evaluation.tasks.{name}" for name in (
     "humaneval", "humaneval_plus", "mbpp", "mbpp_plus"))
 TASK_MODULES = {LM_TASK, TEXT_TASK, FIM_TASK, CODEXGLUE_TASK, HUMANEVAL, HUMANEVAL_PLUS, MBPP,
-                MBPP_PLUS}
+                MBPP_PLUS, PROJECT_TASK}
 PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build",
                                  "codelm.training.trainer", "codelm.training.batches")
 RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
@@ -161,8 +161,10 @@ DEDUPE, SHARDS = "codelm.data.dedupe", "codelm.data.shards"
 SPLITS, EXAMPLES = "codelm.data.splits", "codelm.data.examples"
 ENCODING, DATASETS = "codelm.data.encoding", "codelm.data.datasets"
 GENERATED_PROBLEMS = "codelm.data.problems"
+COMPOSERS, HISTORY, PROJECT = ("codelm.data.composers", "codelm.data.history",
+                              "codelm.data.project")
 DATA = {DATA_CONFIG, DATA_CACHE, DATA_SOURCES, CLEANING, DEDUPE, SHARDS, SPLITS, EXAMPLES, ENCODING,
-        DATASETS, GENERATED_PROBLEMS}
+        DATASETS, GENERATED_PROBLEMS, COMPOSERS, HISTORY, PROJECT}
 BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
@@ -221,6 +223,9 @@ MAY_IMPORT = {
                SPLITS},
     DATASETS: {KERNELS, EXAMPLES},
     GENERATED_PROBLEMS: {PROCESS, SETTINGS},
+    COMPOSERS: {BPE, "tokenizer"},
+    HISTORY: set(),
+    PROJECT: {COMPOSERS, DATA_CONFIG, DATA_SOURCES},
     "dataset": {PROCESS, SETTINGS, BATCHING, BPE, KERNELS, "tokenizer"} | DATA,
     BATCHES: {DATASETS, KERNELS},
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", DATA_CONFIG},
@@ -240,12 +245,14 @@ MAY_IMPORT = {
     TEXT_TASK: TASK_FLOOR,
     FIM_TASK: TASK_FLOOR,
     CODEXGLUE_TASK: TASK_FLOOR | {TEXT_TASK},
+    PROJECT_TASK: TASK_FLOOR | {COMPOSERS, HISTORY},
     HUMANEVAL: TASK_FLOOR,
     HUMANEVAL_PLUS: TASK_FLOOR | {HUMANEVAL},
     MBPP: TASK_FLOOR,
     MBPP_PLUS: TASK_FLOOR | {MBPP},
     REGISTRY: {RUNNER, PROBLEMS, PASSK} | TASK_MODULES,
-    EVAL_CONFIG: {SETTINGS, DATA_CONFIG, ENDPOINTS, GENERATION, RUNNER, PROBLEMS, REGISTRY},
+    EVAL_CONFIG: {SETTINGS, DATA_CONFIG, COMPOSERS, ENDPOINTS, GENERATION, RUNNER, PROBLEMS,
+                  REGISTRY},
     EVAL_CORPUS: {SETTINGS, RUNDIR, CHECKPOINT, DATA_CONFIG, DATA_SOURCES, SPLITS, LOADING,
                   EVAL_CONFIG},
     RESULTS: {PROCESS, SETTINGS, DATA_SOURCES, EXAMPLES, ENCODING, LOADING, EVAL_CONFIG, REGISTRY},

@@ -11,7 +11,9 @@ from codelm.runtime import process, settings
 # The sentinel tokens of a fim prompt (prefix, suffix, middle).
 FIM_SENTINELS = 3
 
-TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim", "chat")
+TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim", "chat", "project")
+# The project task's composers (codelm.data.composers.COMPOSERS less "empty").
+PROJECT_COMPOSERS = ("path_distance", "imports", "bm25")
 SPLITS = ("train", "val", "test")
 
 REFACTOR_TEMPLATE = "### Refactor the following Python code to improve quality:\n\n{input}\n"
@@ -38,7 +40,7 @@ class DataConfig:
     """Everything that decides what ``prepare`` builds; all but the runtime knobs key the cache."""
 
     # task and sources
-    task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat
+    task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat | project
     sources: list[str] = field(default_factory=lambda: ["stdlib"])  # "stdlib", a directory, a
     #   JSONL of code ({repo, path, text} or {"file_text"}), of pairs ({input, output} or
     #   {prompt, completion}) or of conversations ({"messages": [{role, content}, ...]})
@@ -82,7 +84,9 @@ class DataConfig:
     window_prompt_tokens: int = 100  # window completion: tokens of context
     window_completion_tokens: int = 35  # window completion: tokens to complete
     window_stride: int | None = None  # default: prompt + completion tokens (no overlap)
-    lines_per_file: int = 5  # line completion targets sampled per file
+    lines_per_file: int = 5  # line completion targets sampled per file (project: too)
+    project_composer: str = "path_distance"  # project: the composer that orders repositories
+    #   and composes completion examples' contexts (path_distance | imports | bm25)
     docstring_targets: str = "class"  # "class", "function" or "both"
     docstring_min_tokens: int = 20  # shorter docstrings make no example
     docstring_code_tokens: int = 400  # the code shown with a docstring target, at most
@@ -156,6 +160,7 @@ CHOICES = {
     "completion_style": ("window", "line"),
     "docstring_targets": ("class", "function", "both"),
     "docstring_prompt": tuple(DOCSTRING_PROMPTS),
+    "project_composer": PROJECT_COMPOSERS,
 }
 
 

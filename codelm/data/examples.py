@@ -209,7 +209,7 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> SamplePrompt | None
     if cfg.task == "chat":  # its prompts need the tokenizer's template
         return None
     for doc in docs:
-        if cfg.task not in ("lm", "fim", "completion"):
+        if cfg.task not in ("lm", "fim", "completion", "project"):
             if doc.target or cfg.task != "refactor":
                 if examples := examples_for(doc, cfg, Counter()):
                     return SamplePrompt(examples[0].prompt, cfg.task == "method")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
+from codelm.data.composers import COMPOSERS
 from codelm.data.config import DOCSTRING_PROMPTS, DataConfig
 from codelm.endpoints import is_endpoint
 from codelm.evaluation.tasks.problems import problems_entry
@@ -37,13 +38,18 @@ class EvalConfig:
     # tasks and data
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
     #   completion | method | docstring | refactor | passk | humaneval | humaneval-plus |
-    #   mbpp | mbpp-plus | fim | codexglue-method
-    data: list[str] | None = None  # DataConfig sources; None: a run's own, else the stdlib
+    #   mbpp | mbpp-plus | fim | codexglue-method | project-completion
+    data: list[str] | None = None  # DataConfig sources; None: a run's own, else the stdlib;
+    #   project-completion: the git repositories whose history it completes
+    composers: list[str] = field(default_factory=lambda: ["path_distance", "imports", "bm25"])
+    #   project-completion: the context composers compared with no context (empty)
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
     split: str = "test"  # train | val | test
     limit: int | None = None  # examples per generation task (None: 100); benchmark tasks
-    #   (pass@k, fim): the first problems of the file (None: all)
-    lines_per_file: int = 1  # line / window completion targets sampled per file
+    #   (pass@k, fim): the first problems of the file (None: all); project-completion:
+    #   completion files per repository (None: 100)
+    lines_per_file: int = 1  # line / window completion targets sampled per file;
+    #   project-completion: lines drawn per line category and file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
     #   the models', a run's being its training block_size); a shorter model uses its own
@@ -144,6 +150,11 @@ class EvalConfig:
              f"scores a file's generations, not a model's: leave {named('models')} empty"),
             ("problems", (problems_why := self._problems_error(named)) is None, problems_why),
             ("port", 0 <= self.port <= 65535, "must be in [0, 65535] (0: a free one)"),
+            ("composers", bool(self.composers) and set(self.composers) <= set(COMPOSERS),
+             f"choose from {', '.join(COMPOSERS)}"),
+            ("data", "project-completion" not in self.tasks or bool(self.data),
+             "project-completion completes the history of git repositories: give "
+             "--data REPO_DIR [REPO_DIR ...]"),
             ("models", not (endpoints := [m for m in self.models if is_endpoint(m)]) or (
                 len(endpoints) == len(self.models) and set(self.tasks) <= set(PASSK_TASKS)
                 and not self.serve),

@@ -3,8 +3,10 @@ benchmarks and which pass@k, where each benchmark's problems are (``--problems``
 source) and the problems loaded.
 
 A task module has ``KIND``: "text" (it scores the corpus split's text), "examples" (examples
-built from the split's documents, ``items``) or "benchmark" (a benchmark's problems: its
-default ``source()``, ``SPLIT_FILES`` or, pass@k, ``PASSK``, and ``load(file, cfg)``); every
+built from the split's documents, ``items``), "benchmark" (a benchmark's problems: its
+default ``source()``, ``SPLIT_FILES`` or, pass@k, ``PASSK``, and ``load(file, cfg)``) or
+"repository" (cases read from the git repositories of ``--data``, ``load_repositories(cfg)``,
+loaded with the benchmarks' problems); every
 task module has ``run(lm, task, items, cfg, variant, data_cfg) -> (metrics, records)``. Adding a
 benchmark is a module and its line here."""
 
@@ -24,6 +26,7 @@ from codelm.evaluation.tasks import (
     mbpp,
     mbpp_plus,
     passk,
+    project,
     text,
 )
 from codelm.evaluation.tasks.passk import PasskSettings, PasskTask
@@ -33,7 +36,7 @@ from codelm.sandbox.runner import confinement
 TASKS = {"lm": lm, "line": text, "completion": text, "method": text, "docstring": text,
          "refactor": text, "passk": passk, "humaneval": humaneval,
          "humaneval-plus": humaneval_plus, "mbpp": mbpp, "mbpp-plus": mbpp_plus, "fim": fim,
-         "codexglue-method": codexglue}
+         "codexglue-method": codexglue, "project-completion": project}
 BENCHMARK_TASKS = tuple(name for name, task in TASKS.items() if task.KIND == "benchmark")
 PASSK_TASKS: dict[str, PasskTask] = {name: task.PASSK for name, task in TASKS.items()
                                      if hasattr(task, "PASSK")}
@@ -45,6 +48,7 @@ class Selection(PasskSettings, Protocol):
     tasks: list[str]
     problems: list[str]
     sandbox_may_read_all_files: bool
+    data: list[str] | None
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,8 @@ def problem_files(cfg: Selection) -> dict[str, Path]:
 
 
 class Benchmarks(NamedTuple):
-    """The problems of each benchmark task, and the file each task's were read from."""
+    """The problems of each benchmark task (and the cases of each repository task), and the
+    file each benchmark task's were read from."""
 
     problems: dict[str, list[dict]]
     files: dict[str, Path]
@@ -135,4 +140,7 @@ def load_benchmarks(cfg: Selection) -> Benchmarks:
                          "read this machine's files (keys, tokens). Run it where the kernel has "
                          "Landlock, or pass --sandbox-may-read-all-files to take that risk")
     files = problem_files(cfg)
-    return Benchmarks({task: TASKS[task].load(file, cfg) for task, file in files.items()}, files)
+    problems = {task: TASKS[task].load(file, cfg) for task, file in files.items()}
+    problems.update({task: TASKS[task].load_repositories(cfg) for task in cfg.tasks
+                     if TASKS[task].KIND == "repository"})
+    return Benchmarks(problems, files)

@@ -1,0 +1,320 @@
+"""Project context for code completion, as Long Code Arena's project-level completion composes it:
+files of the repository snapshot before the completion file, least relevant first, so that the
+most relevant file sits nearest the completion point, within a token budget.
+
+``RepositoryIndex`` is built once per snapshot (paths, identifiers, the import graph's module
+names; a file's tokens are encoded the first time a context takes it). A composer ranks the
+snapshot's files for one completion file, most relevant first (``COMPOSERS``): ``empty`` (no
+project context: the file's prefix alone, LCA's zero-context baseline), ``path_distance`` (LCA's
+path distance), ``imports`` (the files the prefix imports, then its directory's, then the rest
+by path distance) and ``bm25`` (Okapi BM25, Lucene's form, over identifiers, the prefix's as the
+query). ``compose`` fills the budget in the model's repository format (``repo_format``): its
+``<repo_name>`` / ``<file_sep>`` tokens where the tokenizer has them (StarCoder2's, Qwen2.5-
+Coder's spellings), a path comment before each file otherwise. The completion file itself never
+enters its context: a composer sees the snapshot and the prefix, nothing after it."""
+
+from __future__ import annotations
+
+import keyword
+import math
+import posixpath
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from codelm.tokenization.bpe import BPETokenizer
+from tokenizer import CodeTokenizer
+
+# Each family's spelling of its repository tokens (repository name, file separator): StarCoder2
+# writes <repo_name>NAME<file_sep>PATH\nCODE..., Qwen2.5-Coder puts a newline after the name
+# and after each file.
+REPO_TOKENS = (("<repo_name>", "<file_sep>", ""), ("<|repo_name|>", "<|file_sep|>", "\n"))
+# Extensions whose path header is a // comment (others: #).
+SLASH_COMMENTS = frozenset({".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".java", ".kt", ".kts",
+                            ".js", ".jsx", ".ts", ".tsx", ".go", ".rs", ".swift", ".cs",
+                            ".scala", ".dart", ".php", ".m", ".groovy", ".zig"})
+BM25_K1 = 1.5  # Lucene's defaults
+BM25_B = 0.75
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist)
+_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+\(?([\w., \t]*)"
+                     r"|import[ \t]+([\w., \t]+))", re.M)
+
+Tokenizer = CodeTokenizer | BPETokenizer
+
+
+def identifiers(text: str) -> list[str]:
+    """The identifiers of a text (keywords left out): the terms BM25 matches on."""
+    return [word for word in _IDENTIFIER.findall(text) if word not in _KEYWORDS]
+
+
+@dataclass(frozen=True)
+class RepoFormat:
+    """How a repository is written for a model: its repository tokens' ids (None: a path
+    comment before each file), and the text after a repository's name and after a file."""
+
+    repo_id: int | None
+    file_id: int | None
+    after: str = ""  # after the repository's name and after each file's code
+
+    @property
+    def tokens(self) -> bool:
+        return self.repo_id is not None
+
+
+def repo_format(tok: Tokenizer) -> RepoFormat:
+    """The tokenizer's repository tokens (REPO_TOKENS, the first family it holds both of), else
+    the path-comment format."""
+    for repo, file, after in REPO_TOKENS:
+        repo_id, file_id = _special_id(tok, repo), _special_id(tok, file)
+        if repo_id is not None and file_id is not None:
+            return RepoFormat(repo_id, file_id, after)
+    return RepoFormat(None, None, "\n")
+
+
+def _special_id(tok: Tokenizer, token: str) -> int | None:
+    """The id of ``token`` where the tokenizer holds it as a special token."""
+    i = tok.token_to_id(token)
+    return i if i is not None and tok.is_special(i) else None
+
+
+def _comment(path: str) -> str:
+    return "//" if posixpath.splitext(path)[1].lower() in SLASH_COMMENTS else "#"
+
+
+def _encode(tok: Tokenizer, text: str) -> list[int]:
+    """A text's ids as data building encodes a document (a special token's text is text)."""
+    return tok.encode(text, split_special_tokens=True)
+
+
+class RepositoryIndex:
+    """What composing reads of one repository snapshot (path -> text), built once: its paths,
+    each file's identifiers for BM25, the module names its Python files answer to, and each
+    file's ids in the repository format (encoded when a context first takes it)."""
+
+    def __init__(self, name: str, files: Mapping[str, str], tok: Tokenizer,
+                 ids_cache: dict[str, list[int]] | None = None):
+        self.name = name
+        self.tok = tok
+        self.format = repo_format(tok)
+        self.paths = sorted(files)
+        self.texts = [files[p] for p in self.paths]
+        self.position = {p: i for i, p in enumerate(self.paths)}
+        self.parts = [tuple(p.split("/")) for p in self.paths]
+        self._ids = ids_cache if ids_cache is not None else {}
+        self._bm25 = _Bm25([identifiers(text) for text in self.texts])
+        self.modules: dict[str, list[int]] = {}
+        for i, path in enumerate(self.paths):
+            for module in _module_names(path):
+                self.modules.setdefault(module, []).append(i)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def header_ids(self) -> list[int]:
+        """The ids that open a repository: its name after the repository token, or a comment."""
+        fmt = self.format
+        if fmt.tokens:
+            return [fmt.repo_id, *_encode(self.tok, self.name + fmt.after)]
+        return _encode(self.tok, f"# repository: {self.name}\n")
+
+    def _opened(self, path: str, text: str) -> list[int]:
+        """A file's separator token, then its path line and ``text`` encoded as one text (a
+        path comment in the plain format)."""
+        fmt = self.format
+        if fmt.tokens:
+            return [fmt.file_id, *_encode(self.tok, f"{path}\n{text}")]
+        return _encode(self.tok, f"{_comment(path)} {path}\n{text}")
+
+    def opening_ids(self, path: str) -> list[int]:
+        """The ids before a file's code: the file separator and its path, or a path comment."""
+        return self._opened(path, "")
+
+    def file_ids(self, i: int) -> list[int]:
+        """File ``i`` in the repository format: its opening, its code, what follows a file."""
+        path, text = self.paths[i], self.texts[i]
+        key = f"{path}\0{text}"
+        ids = self._ids.get(key)
+        if ids is None:
+            after = self.format.after
+            ids = self._opened(path, text + (after if not text.endswith(after) else ""))
+            self._ids[key] = ids
+        return ids
+
+    def bm25_scores(self, query: Sequence[str]) -> np.ndarray:
+        """Each file's BM25 score for the query terms."""
+        return self._bm25.scores(query)
+
+
+def _module_names(path: str) -> list[str]:
+    """The dotted names a Python file is imported by: its module path and each shorter tail of
+    it (``src/pkg/mod.py``: src.pkg.mod, pkg.mod, mod), a package by its directory's."""
+    stem, ext = posixpath.splitext(path)
+    if ext != ".py":
+        return []
+    parts = stem.split("/")
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return [".".join(parts[i:]) for i in range(len(parts)) if parts[i:]]
+
+
+class _Bm25:
+    """Okapi BM25 in Lucene's form: idf = ln(1 + (N - df + 0.5) / (df + 0.5)), a term's weight
+    tf / (tf + k1 (1 - b + b |d| / avgdl)); postings as arrays, so that a query costs its
+    terms' postings, not the corpus."""
+
+    def __init__(self, docs: Sequence[Sequence[str]]):
+        self.n = len(docs)
+        lengths = np.array([len(d) for d in docs], np.float64)
+        average = float(lengths.mean()) if self.n and lengths.sum() else 1.0
+        self.norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths / average)
+        postings: dict[str, tuple[list[int], list[int]]] = {}
+        for i, doc in enumerate(docs):
+            for term, tf in Counter(doc).items():
+                entry = postings.setdefault(term, ([], []))
+                entry[0].append(i)
+                entry[1].append(tf)
+        self.postings = {term: (np.array(rows, np.int64), np.array(tfs, np.float64))
+                         for term, (rows, tfs) in postings.items()}
+
+    def scores(self, query: Sequence[str]) -> np.ndarray:
+        out = np.zeros(self.n)
+        for term in query:
+            if term not in self.postings:
+                continue
+            rows, tf = self.postings[term]
+            idf = math.log(1 + (self.n - len(rows) + 0.5) / (len(rows) + 0.5))
+            out[rows] += idf * tf / (tf + self.norm[rows])
+        return out
+
+
+# ---- Composers: the snapshot's files ranked for one completion file, most relevant first ----
+
+def path_distance(a: str, b: str) -> int:
+    """LCA's path distance: the steps from ``a``'s directory up to the deepest directory both
+    paths share, plus those down to ``b``."""
+    parts_a, parts_b = a.split("/"), b.split("/")
+    common = 0
+    for x, y in zip(parts_a, parts_b):
+        if x != y:
+            break
+        common += 1
+    return (len(parts_a) - common - 1) + (len(parts_b) - common - 1)
+
+
+def _others(index: RepositoryIndex, path: str) -> list[int]:
+    """Every file of the snapshot but the completion file itself."""
+    return [i for i, p in enumerate(index.paths) if p != path]
+
+
+def rank_empty(index: RepositoryIndex, path: str, prefix: str) -> list[int]:
+    """No project context."""
+    return []
+
+
+def rank_path_distance(index: RepositoryIndex, path: str, prefix: str) -> list[int]:
+    """The nearest files by ``path_distance`` first; a tie keeps the paths' order."""
+    return sorted(_others(index, path), key=lambda i: path_distance(path, index.paths[i]))
+
+
+def imported_modules(prefix: str, path: str) -> list[str]:
+    """The dotted modules a Python prefix imports, relative imports resolved against ``path``'s
+    package; ``from a import b`` names both a and a.b (b may be a module)."""
+    package = posixpath.dirname(path).split("/") if posixpath.dirname(path) else []
+    found = []
+    for match in _IMPORT.finditer(prefix):
+        source, names, plain = match.groups()
+        if plain is not None:
+            found += [name.split()[0] for name in plain.split(",") if name.strip()]
+            continue
+        dots = len(source) - len(source.lstrip("."))
+        base = source[dots:]
+        if dots:
+            above = package[: len(package) - (dots - 1)] if dots - 1 <= len(package) else []
+            base = ".".join([*above, base] if base else above)
+        if base:
+            found.append(base)
+        for name in names.split(","):
+            name = name.split()[0] if name.split() else ""
+            if name and name != "*":
+                found.append(f"{base}.{name}" if base else name)
+    return found
+
+
+def rank_imports(index: RepositoryIndex, path: str, prefix: str) -> list[int]:
+    """The files the prefix imports (by module name, in import order), then the files of the
+    completion file's directory, then the rest by path distance."""
+    others = set(_others(index, path))
+    imported: list[int] = []
+    for module in imported_modules(prefix, path) if path.endswith(".py") else []:
+        imported += [i for i in index.modules.get(module, []) if i in others]
+    imported = list(dict.fromkeys(imported))
+    directory = posixpath.dirname(path)
+    taken = set(imported)
+    near = [i for i in sorted(others - taken) if posixpath.dirname(index.paths[i]) == directory]
+    taken.update(near)
+    rest = sorted(others - taken, key=lambda i: (path_distance(path, index.paths[i]), i))
+    return imported + near + rest
+
+
+def rank_bm25(index: RepositoryIndex, path: str, prefix: str) -> list[int]:
+    """The files by their BM25 score for the prefix's identifiers; files that match none of
+    them follow by path distance."""
+    scores = index.bm25_scores(identifiers(prefix))
+    others = _others(index, path)
+    matched = sorted((i for i in others if scores[i] > 0), key=lambda i: (-scores[i], i))
+    rest = sorted((i for i in others if scores[i] <= 0),
+                  key=lambda i: (path_distance(path, index.paths[i]), i))
+    return matched + rest
+
+
+Rank = Callable[[RepositoryIndex, str, str], list[int]]
+COMPOSERS: dict[str, Rank] = {"empty": rank_empty, "path_distance": rank_path_distance,
+                              "imports": rank_imports, "bm25": rank_bm25}
+
+
+@dataclass
+class Composed:
+    """A composed prompt: its ids (context, then the completion file's opening and prefix), the
+    context's files in prompt order, and where the completion file's prefix starts."""
+
+    ids: list[int]
+    files: list[str]
+    prefix_start: int
+
+
+def compose(index: RepositoryIndex, composer: str, path: str, prefix: str,
+            prefix_ids: Sequence[int], budget: int) -> Composed:
+    """The prompt of ``composer`` for completing ``path`` after ``prefix`` (``prefix_ids`` its
+    ids), at most ``budget`` tokens: the repository's opening, the ranked files least relevant
+    first (the last one taken cut at its left, as LCA crops a context), the completion file's
+    opening and its prefix. ``empty`` gives the prefix alone."""
+    if composer == "empty":
+        if len(prefix_ids) > budget:
+            raise ValueError(_too_small(budget, len(prefix_ids), path))
+        return Composed(list(prefix_ids), [], 0)
+    head, opening = index.header_ids(), index.opening_ids(path)
+    room = budget - len(head) - len(opening) - len(prefix_ids)
+    if room < 0:
+        raise ValueError(_too_small(budget, budget - room, path))
+    chosen: list[list[int]] = []
+    files: list[str] = []
+    for i in COMPOSERS[composer](index, path, prefix):
+        if room <= 0:
+            break
+        ids = index.file_ids(i)
+        chosen.append(ids[-room:] if len(ids) > room else ids)
+        files.append(index.paths[i])
+        room -= len(chosen[-1])
+    context = [t for ids in reversed(chosen) for t in ids]
+    ids = [*head, *context, *opening, *prefix_ids]
+    return Composed(ids, files[::-1], len(ids) - len(prefix_ids))
+
+
+def _too_small(budget: int, needed: int, path: str) -> str:
+    return (f"context budget {budget} tokens is smaller than the prefix of {path} ({needed} "
+            "tokens with its opening): give a larger budget or a shorter prefix")

@@ -1,0 +1,287 @@
+"""Project-level completion cases from a git repository's history, as Long Code Arena builds its
+project-level code completion data: a commit that adds a file gives the file to complete, the
+snapshot of the commit's parent is the repository around it, and the file's lines are sorted into
+LCA's categories (``line_categories``, the dataset card's definitions, in its order):
+
+- committed: the line names a function or class declared in the other files the commit adds;
+- inproject: else, one declared in the snapshot;
+- infile: else, one declared in the completion file;
+- common: else, one of LCA's common names (``COMMON_NAMES``: main, get, __init__, ...);
+- non_informative: else, a line too short or too long, a comment, an import or a print;
+- random: drawn from the lines that are none of these.
+
+A line "names" an identifier it uses: a definition's own name on its ``def``/``class`` line does
+not count (the name is new there). Declarations are the ``def`` and ``class`` names at any depth
+(Python's ast; a keyword pattern for other languages or files that do not parse)."""
+
+from __future__ import annotations
+
+import ast
+import io
+import random
+import re
+import subprocess
+import tokenize
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# LCA's list of common API names (lca-baselines, project_level_code_completion/eval).
+COMMON_NAMES = frozenset({
+    "index", "__init__", "__getitem__", "__len__", "__iter__", "main", "train", "run", "update",
+    "reset", "forward", "__str__", "__repr__", "__call__", "delete", "save", "Migration", "Meta",
+    "get", "__eq__", "setup", "load", "start", "setUp", "create", "tearDown", "test", "execute",
+    "post", "Solution", "findDecision"})
+CATEGORIES = ("committed", "inproject", "infile", "common", "non_informative", "random")
+# A line is non-informative below/above these lengths (stripped characters).
+SHORT_LINE, LONG_LINE = 5, 150
+# Snapshot files of other extensions than the completion files' join the repository under this
+# size (characters), as LCA's datapoints take non-Python files; dot-files and licenses never.
+OTHER_FILE_CHARS = 16_000
+MAX_FILE_BYTES = 1_000_000
+
+_DECLARATION = re.compile(r"\b(?:def|class|fun|func|function|fn|struct|interface|trait|enum|"
+                          r"object|type)\s+([A-Za-z_]\w*)")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_PY_DECLARATION = re.compile(r"^\s*(?:async\s+)?(?:def|class)\s+([A-Za-z_]\w*)")
+_NON_INFORMATIVE = re.compile(r"(#|//|/\*|import\b|from\s+\S+\s+import\b|print\s*\()")
+
+
+# ---- Line categories ---------------------------------------------------------------------------
+
+def declared_names(text: str, path: str = "x.py") -> set[str]:
+    """The names of the functions and classes a file declares, at any depth."""
+    if path.endswith(".py"):
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            pass
+        else:
+            return {node.name for node in ast.walk(tree)
+                    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
+    return set(_DECLARATION.findall(text))
+
+
+def line_names(text: str, path: str = "x.py") -> list[set[str]]:
+    """The identifiers each line of a file uses (its strings and comments left out for Python
+    that tokenizes), less the name a ``def``/``class`` on that line declares."""
+    lines = text.split("\n")
+    found: list[set[str]] = [set() for _ in lines]
+    tokenized = False
+    if path.endswith(".py"):
+        try:
+            for token in tokenize.generate_tokens(io.StringIO(text).readline):
+                if token.type == tokenize.NAME and token.start[0] - 1 < len(lines):
+                    found[token.start[0] - 1].add(token.string)
+            tokenized = True
+        except (tokenize.TokenError, SyntaxError, ValueError):
+            found = [set() for _ in lines]
+    if not tokenized:
+        found = [set(_NAME.findall(line.split("#")[0].split("//")[0])) for line in lines]
+    declaration = _PY_DECLARATION if path.endswith(".py") else _DECLARATION
+    for names, line in zip(found, lines):
+        names.difference_update(declaration.findall(line))
+    return found
+
+
+def non_informative(line: str) -> bool:
+    """LCA's non-informative line: too short or too long, a comment, an import or a print."""
+    stripped = line.strip()
+    return (len(stripped) < SHORT_LINE or len(stripped) > LONG_LINE
+            or _NON_INFORMATIVE.match(stripped) is not None)
+
+
+def line_categories(text: str, path: str, snapshot: dict[str, str], committed: dict[str, str]
+                    ) -> dict[str, list[int]]:
+    """Every non-blank line of the completion file after its first (0-based numbers: a line
+    to complete has a prefix) by its LCA category (``CATEGORIES``; ``random``: all the lines of
+    no other category, before any draw)."""
+    committed_names = set().union(*(declared_names(t, p) for p, t in committed.items()))
+    project_names = set().union(*(declared_names(t, p) for p, t in snapshot.items()))
+    file_names = declared_names(text, path)
+    out: dict[str, list[int]] = {name: [] for name in CATEGORIES}
+    lines = text.split("\n")
+    for number, (line, names) in enumerate(zip(lines, line_names(text, path))):
+        if not line.strip() or number == 0:
+            continue
+        if names & committed_names:
+            category = "committed"
+        elif names & project_names:
+            category = "inproject"
+        elif names & file_names:
+            category = "infile"
+        elif names & COMMON_NAMES:
+            category = "common"
+        elif non_informative(line):
+            category = "non_informative"
+        else:
+            category = "random"
+        out[category].append(number)
+    return out
+
+
+def sample_lines(categories: dict[str, list[int]], per_category: int, seed: int | str
+                 ) -> dict[str, list[int]]:
+    """At most ``per_category`` lines of each category, drawn with a seeded generator, sorted."""
+    out = {}
+    for name, numbers in categories.items():
+        rng = random.Random(f"{seed}\0{name}")
+        out[name] = sorted(rng.sample(numbers, min(per_category, len(numbers))))
+    return out
+
+
+# ---- Git history -------------------------------------------------------------------------------
+
+@dataclass
+class CompletionCase:
+    """One file a commit adds: the file to complete, the parent's snapshot (path -> text) and
+    the other files the commit adds; its lines by category (``line_categories``)."""
+
+    repo: str
+    commit: str
+    parent: str
+    path: str
+    text: str
+    snapshot: dict[str, str]
+    committed: dict[str, str]
+    lines: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.repo}@{self.commit[:12]}:{self.path}"
+
+
+class GitRepo:
+    """A git repository read through the ``git`` command: its commits and blobs (each blob's
+    text read once)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ValueError(f"{root}: no such directory; give a git repository's directory")
+        done = subprocess.run(["git", "-C", str(self.root), "rev-parse", "--git-dir"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ValueError(f"{root}: not a git repository (git rev-parse finds none); give "
+                             "the directory of a git clone")
+        self.name = self.root.resolve().name
+        self._blobs: dict[str, str | None] = {}
+
+    def _git(self, *args: str) -> bytes:
+        done = subprocess.run(["git", "-C", str(self.root), "-c", "core.quotepath=off", *args],
+                              capture_output=True)
+        if done.returncode != 0:
+            raise ValueError(f"{self.root}: git {args[0]} failed: "
+                             f"{done.stderr.decode(errors='replace').strip()}")
+        return done.stdout
+
+    def adding_commits(self) -> Iterable[tuple[str, str, list[str]]]:
+        """(commit, its parent, the paths it adds) of each commit with one parent that adds
+        files, newest first."""
+        out = self._git("log", "--no-merges", "--diff-filter=A", "--name-only",
+                        "--format=%x01%H %P").decode("utf-8", "surrogateescape")
+        for block in out.split("\x01")[1:]:
+            head, *paths = block.split("\n")
+            shas = head.split()
+            if len(shas) == 2 and (added := [p for p in paths if p.strip()]):
+                yield shas[0], shas[1], added
+
+    def tree(self, commit: str) -> dict[str, tuple[str, int]]:
+        """path -> (blob sha, size) of every file of a commit's tree."""
+        out = self._git("ls-tree", "-r", "-l", "-z", "--full-tree", commit)
+        files = {}
+        for entry in out.split(b"\0"):
+            if not entry:
+                continue
+            meta, _, path = entry.partition(b"\t")
+            _, kind, sha, size = meta.split()
+            if kind == b"blob" and size != b"-":
+                files[path.decode("utf-8", "surrogateescape")] = (sha.decode(), int(size))
+        return files
+
+    def texts(self, shas: Sequence[str]) -> dict[str, str | None]:
+        """sha -> text of each blob (None: not UTF-8 text), read in one ``git cat-file``."""
+        missing = [sha for sha in dict.fromkeys(shas) if sha not in self._blobs]
+        if missing:
+            done = subprocess.run(["git", "-C", str(self.root), "cat-file", "--batch"],
+                                  input="".join(f"{sha}\n" for sha in missing).encode(),
+                                  capture_output=True, check=True)
+            data, at = done.stdout, 0
+            for sha in missing:
+                header_end = data.index(b"\n", at)
+                size = int(data[at:header_end].split()[2])
+                blob = data[header_end + 1 : header_end + 1 + size]
+                at = header_end + 1 + size + 1
+                try:
+                    text = blob.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = None
+                self._blobs[sha] = None if text is None or "\0" in text else text
+        return {sha: self._blobs[sha] for sha in shas}
+
+
+def _in_snapshot(path: str, size: int, extensions: Sequence[str]) -> bool | None:
+    """Whether a file joins a snapshot: one of ``extensions``, or a small other text file
+    (None: decided by its length) that is no dot-file and no license."""
+    if size > MAX_FILE_BYTES:
+        return False
+    if path.endswith(tuple(extensions)):
+        return True
+    if path.startswith(".") or "license" in path.lower():
+        return False
+    return None
+
+
+def snapshot(repo: GitRepo, commit: str, extensions: Sequence[str]) -> dict[str, str]:
+    """The repository at ``commit`` as LCA's datapoints hold it: its files of ``extensions``,
+    and its other text files under OTHER_FILE_CHARS (no dot-files, no licenses)."""
+    tree = repo.tree(commit)
+    wanted = {p: entry for p, entry in tree.items()
+              if _in_snapshot(p, entry[1], extensions) is not False}
+    texts = repo.texts([sha for sha, _ in wanted.values()])
+    files = {}
+    for path, (sha, _) in wanted.items():
+        text = texts[sha]
+        if text is None:
+            continue
+        if _in_snapshot(path, len(text), extensions) or len(text) < OTHER_FILE_CHARS:
+            files[path] = text
+    return files
+
+
+def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
+                     per_category: int, seed: int, min_lines: int = 10) -> list[CompletionCase]:
+    """Up to ``limit`` completion cases of a repository, newest commit first: each file of
+    ``extensions`` (at least ``min_lines`` lines) a commit adds, its parent's snapshot, the
+    commit's other added files, and ``per_category`` lines of each category drawn."""
+    repo = GitRepo(root)
+    cases: list[CompletionCase] = []
+    commits = 0
+    for commit, parent, added in repo.adding_commits():
+        commits += 1
+        wanted = [p for p in added if p.endswith(tuple(extensions))]
+        if not wanted:
+            continue
+        tree = repo.tree(commit)
+        added_files = {p: tree[p][0] for p in added if p in tree and tree[p][1] <= MAX_FILE_BYTES}
+        texts = repo.texts(list(added_files.values()))
+        added_texts = {p: texts[sha] for p, sha in added_files.items() if texts[sha] is not None}
+        parent_files: dict[str, str] | None = None
+        for path in wanted:
+            text = added_texts.get(path)
+            if text is None or len(text.split("\n")) < min_lines:
+                continue
+            if parent_files is None:
+                parent_files = snapshot(repo, parent, extensions)
+            committed = {p: t for p, t in added_texts.items() if p != path}
+            case = CompletionCase(repo.name, commit, parent, path, text, parent_files, committed)
+            categories = line_categories(text, path, parent_files, committed)
+            case.lines = sample_lines(categories, per_category, f"{seed}\0{case.id}")
+            cases.append(case)
+            if len(cases) >= limit:
+                return cases
+    if not cases:
+        raise ValueError(f"{root}: no commit adds a file of {', '.join(extensions)} with "
+                         f"{min_lines}+ lines and a parent ({commits} adding commits read); "
+                         "give a repository with such history, or other extensions")
+    return cases

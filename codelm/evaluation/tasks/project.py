@@ -1,0 +1,230 @@
+"""Project-level code completion, Long Code Arena's method, on any git repository's history
+(``--tasks project-completion --data REPO_DIR``): the files commits add (newest first), each
+completed line by line with the snapshot of the commit's parent as the project.
+
+For each completion file and composer (codelm.data.composers): the perplexity of the file given
+the composed context, and the composer with the lowest one is the one chosen (LCA's choice); for
+each of its lines drawn per category (codelm.data.history: committed, inproject, infile, common,
+non_informative, random), the line generated greedily after the file's prefix, under each
+composer's context and without (``empty``). Exact match (stripped lines equal, as LCA's
+``evaluate`` exact_match scores them) and edit similarity (fuzzywuzzy's ratio, 0-100) are
+averaged over a file's lines of a category, then over files, as LCA aggregates them."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from codelm.data.composers import Composed, RepositoryIndex, compose
+from codelm.data.config import DataConfig
+from codelm.data.history import CATEGORIES, GitRepo, completion_cases, snapshot
+from codelm.evaluation import scoring
+from codelm.evaluation.metrics import fuzz_ratio
+from codelm.evaluation.scoring import Scoring
+from codelm.kernels import IGNORE_INDEX
+from codelm.loading import LoadedModel
+
+KIND = "repository"  # completion cases read from the git repositories of --data
+CASES = 100  # completion files per repository where --limit is not given
+LINE_NEW_TOKENS = 64  # a line of code takes at most this many new tokens
+
+
+class ProjectSettings(Scoring, Protocol):
+    """What the task reads of an evaluation's settings (EvalConfig has each)."""
+
+    data: list[str] | None
+    limit: int | None
+    lines_per_file: int
+    composers: list[str]
+
+
+def extensions(cfg: ProjectSettings) -> list[str]:
+    """The completion files' extensions: ``--data-options`` extensions, else DataConfig's."""
+    return list(cfg.data_options.get("extensions") or DataConfig().extensions)
+
+
+def load_repositories(cfg: ProjectSettings) -> list[dict]:
+    """The completion cases of every repository of ``cfg.data``: up to ``cfg.limit`` (default
+    CASES) each, ``cfg.lines_per_file`` lines drawn per category; each case as a record (its
+    commit, parent, file and lines: what the scores are of)."""
+    records = []
+    for root in cfg.data or []:
+        for case in completion_cases(root, extensions(cfg), cfg.limit or CASES,
+                                     cfg.lines_per_file, cfg.seed):
+            records.append({"id": case.id, "repo_dir": str(Path(root).resolve()),
+                            "repo": case.repo, "commit": case.commit,
+                            "parent": case.parent, "path": case.path,
+                            "text": case.text, "lines": case.lines})
+    return records
+
+
+@lru_cache(maxsize=16)
+def _repo(root: str) -> GitRepo:
+    """One GitRepo a directory: its blobs are read once however many cases and models."""
+    return GitRepo(root)
+
+
+@lru_cache(maxsize=4)
+def _snapshot(root: str, parent: str, exts: tuple[str, ...]) -> dict[str, str]:
+    return snapshot(_repo(root), parent, exts)
+
+
+def _index(case: dict, lm: LoadedModel, exts: tuple[str, ...], ids_cache: dict
+           ) -> RepositoryIndex:
+    files = _snapshot(case["repo_dir"], case["parent"], exts)
+    return RepositoryIndex(case["repo"], files, lm.tokenizer, ids_cache)
+
+
+def _encode(lm: LoadedModel, text: str) -> list[int]:
+    return lm.tokenizer.encode(text, split_special_tokens=True)
+
+
+# ---- Perplexity per composer --------------------------------------------------------------------
+
+@torch.no_grad()
+def composer_perplexity(lm: LoadedModel, cases: Sequence[dict], composers: Sequence[str],
+                        cfg: ProjectSettings, indexes: dict) -> dict[str, float]:
+    """Each composer's perplexity of the completion files: the loss of a file's tokens (its
+    first half-context of them, less its first token, the same for every composer) after the
+    composed context, as LCA scores a composer (its ranking reads the whole file, as LCA's
+    composers do; the prompt holds only the scored tokens of it)."""
+    start = scoring.prompt_start(lm)
+    context = scoring.context(lm, cfg)
+    out = {}
+    for composer in composers:
+        windows = []
+        for case in cases:
+            file_ids = _encode(lm, case["text"])[: max(2, context // 2)]
+            composed = compose(indexes[case["id"]], composer, case["path"], case["text"],
+                               file_ids, context + 1 - len(start))
+            windows.append(_scored_window(start, composed))
+        total, _, count = scoring.summed_loss(lm, windows, cfg, f"perplexity {composer}")
+        out[composer] = math.exp(min(total / count, 700.0))
+    return out
+
+
+def _scored_window(start: list[int], composed: Composed) -> dict[str, torch.Tensor]:
+    """Inputs and labels of a composed file: only the file's tokens after its first count."""
+    ids = torch.tensor([*start, *composed.ids])
+    labels = ids[1:].clone()
+    first_scored = len(start) + composed.prefix_start + 1  # the file's second token
+    labels[: first_scored - 1] = IGNORE_INDEX
+    return {"input_ids": ids[:-1], "labels": labels}
+
+
+# ---- Line completion ----------------------------------------------------------------------------
+
+def line_prompts(lm: LoadedModel, case: dict, index: RepositoryIndex, composers: Sequence[str],
+                 budget: int) -> list[dict]:
+    """One prompt per (line drawn, composer): the file's prefix (the lines before the line; its
+    left end cut so that every composer shows the same prefix tokens) after the composed
+    context."""
+    lines = case["text"].split("\n")
+    overhead = len(index.header_ids()) + len(index.opening_ids(case["path"]))
+    prompts = []
+    for category in CATEGORIES:
+        for number in case["lines"].get(category, []):
+            prefix = "\n".join(lines[:number])
+            prefix_ids = _encode(lm, prefix)
+            prefix_ids = prefix_ids[max(0, len(prefix_ids) - (budget - overhead)):]
+            for composer in composers:
+                composed = compose(index, composer, case["path"], prefix, prefix_ids, budget)
+                prompts.append({"case": case["id"], "category": category, "line": number,
+                                "composer": composer, "ids": composed.ids,
+                                "files": composed.files, "reference": lines[number]})
+    return prompts
+
+
+def _aggregate(records: Sequence[dict], composers: Sequence[str]) -> dict[str, float]:
+    """EM and edit similarity per composer and category (and over all lines): a file's mean
+    over its lines, then the mean over files, as LCA aggregates."""
+    per_file: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for record in records:
+        for category in (record["category"], "all"):
+            per_file[(record["composer"], category, record["case"])].append(record)
+    metrics = {}
+    for composer in composers:
+        for category in (*CATEGORIES, "all"):
+            files = [rows for (c, k, _), rows in per_file.items()
+                     if c == composer and k == category]
+            if not files:
+                continue
+            suffix = "" if category == "all" else f"_{category}"
+            for name, key in (("EM", "exact"), ("ES", "edit_sim")):
+                means = [sum(r[key] for r in rows) / len(rows) for rows in files]
+                metrics[f"{composer}/{name}{suffix}"] = sum(means) / len(means)
+    return metrics
+
+
+def run_project(lm: LoadedModel, cases: Sequence[dict], cfg: ProjectSettings
+                ) -> tuple[dict, list[dict]]:
+    """Perplexity per composer, the chosen one's name on stderr and in the records, and EM/ES
+    per composer and category: ``<composer>/EM_<category>``; ``chosen/...`` repeats the
+    chosen composer's."""
+    composers = list(dict.fromkeys(["empty", *cfg.composers]))
+    exts = tuple(extensions(cfg))
+    ids_cache: dict = {}
+    indexes = {case["id"]: _index(case, lm, exts, ids_cache) for case in cases}
+    perplexity = composer_perplexity(lm, cases, composers, cfg, indexes)
+    chosen = min((c for c in composers if c != "empty"), key=perplexity.__getitem__,
+                 default="empty")
+    print(f"project-completion: {lm.label}: composer by lowest perplexity: {chosen} "
+          f"({', '.join(f'{c} {p:.3f}' for c, p in perplexity.items())})", file=sys.stderr)
+    line_cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, LINE_NEW_TOKENS))
+    budget = scoring.prompt_room(lm, line_cfg)
+    prompts = [p for case in cases
+               for p in line_prompts(lm, case, indexes[case["id"]], composers, budget)]
+    texts = scoring.generate_texts(lm, [""] * len(prompts), line_cfg, ("\n",),
+                                   desc="project-completion",
+                                   prompt_ids=[(p["ids"], (0, 0)) for p in prompts],
+                                   skip_blank_lines=True)
+    records = []
+    for prompt, text in zip(prompts, texts):
+        prediction, reference = text.strip(), prompt["reference"].strip()
+        records.append({"model": lm.label, "task": "project-completion", "variant": None,
+                        "id": f"{prompt['case']}#{prompt['line']}", "case": prompt["case"],
+                        "category": prompt["category"], "composer": prompt["composer"],
+                        "context_files": prompt["files"], "reference": reference,
+                        "prediction": prediction, "exact": prediction == reference,
+                        "edit_sim": fuzz_ratio(prediction, reference)})
+    metrics = {f"{c}/perplexity": p for c, p in perplexity.items()}
+    metrics.update(_aggregate(records, composers))
+    metrics.update({f"chosen/{k.split('/', 1)[1]}": v for k, v in list(metrics.items())
+                    if k.startswith(f"{chosen}/")})
+    records.append({"model": lm.label, "task": "project-completion", "variant": None,
+                    "id": "composer", "perplexity": perplexity, "chosen": chosen})
+    print(category_table(metrics, composers, lm.label), file=sys.stderr)
+    return metrics, records
+
+
+def category_table(metrics: dict[str, float], composers: Sequence[str], label: str) -> str:
+    """A model's exact match (edit similarity) per composer and line category, as markdown."""
+    columns = [*CATEGORIES, "all"]
+    lines = [f"project-completion, {label}: EM (ES) by line category",
+             "| composer | perplexity | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for composer in composers:
+        cells = []
+        for category in columns:
+            suffix = "" if category == "all" else f"_{category}"
+            em = metrics.get(f"{composer}/EM{suffix}")
+            es = metrics.get(f"{composer}/ES{suffix}")
+            cells.append("n/a" if em is None else f"{em:.1f} ({es:.1f})")
+        perplexity = metrics[f"{composer}/perplexity"]
+        lines.append(f"| {composer} | {perplexity:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(lm: LoadedModel, task: str, cases: Sequence[dict], cfg: ProjectSettings,
+        variant: str | None = None, data_cfg: DataConfig | None = None
+        ) -> tuple[dict, list[dict]]:
+    return run_project(lm, cases, cfg)
+

@@ -1,0 +1,425 @@
+"""Project-level completion: the context composers, Long Code Arena's line categories on a git
+history, the project-completion evaluation task, and the project training task."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from codelm.data import composers as comp
+from codelm.data import history
+from tokenizer import CODE_SPECIAL_TOKENS, CodeTokenizer
+
+UTIL = '''def helper(x):
+    return x * 2
+
+
+class Base:
+    def get(self, key):
+        return key
+'''
+EXTRA = '''def fresh_api():
+    return 41  # MARKER_COMMITTED
+'''
+# The completion file, each line's LCA category by hand (its first line has no prefix: none).
+CORE = [
+    ('"""Core of the package."""', None),
+    ("from pkg.util import helper", "inproject"),  # helper: declared in the snapshot
+    ("import os", "non_informative"),  # an import
+    ("", None),
+    ("", None),
+    ("def local_fn(y):", "random"),  # its own name does not count; y is declared nowhere
+    ("    return helper(y) + 1", "inproject"),
+    ("", None),
+    ("", None),
+    ("class Thing(Base):", "inproject"),  # Base: the snapshot's
+    ("    def run(self):", "random"),  # run is common, but this line declares it
+    ("        total = fresh_api() + helper(1)", "committed"),  # committed wins over inproject
+    ("        value = local_fn(total)", "infile"),  # local_fn: declared in this file
+    ("        # a comment on the value", "non_informative"),
+    ("        counter = len(os.sep) * 2", "random"),
+    ("        self.update(value, counter)", "common"),  # update: LCA's common name
+    ("        pass", "non_informative"),  # shorter than 5 characters
+    ("        return self.get(value)  # MARKER_FUTURE", "inproject"),  # get: Base.get
+]
+CORE_TEXT = "\n".join(line for line, _ in CORE) + "\n"
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def _commit(repo: Path, files: dict[str, str], message: str) -> None:
+    for path, text in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message)
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A history: the package's start; a commit adding core.py (the completion file) and
+    extra.py; a later commit whose file and change must never reach a context."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    _git(root, "init", "-q")
+    _commit(root, {"pkg/util.py": UTIL, "pkg/__init__.py": 'print("hi")\n',
+                   "docs/notes.md": "helper doubles its argument\n"}, "start")
+    _commit(root, {"pkg/core.py": CORE_TEXT, "pkg/extra.py": EXTRA}, "core")
+    _commit(root, {"pkg/later.py": "SECRET = 'MARKER_LATER'\n",
+                   "pkg/util.py": UTIL + "# MARKER_LATER_EDIT\n"}, "later")
+    return root
+
+
+def _core_case(repo: Path, per_category: int = 100) -> history.CompletionCase:
+    cases = history.completion_cases(repo, [".py"], 10, per_category, 0, min_lines=10)
+    (case,) = [c for c in cases if c.path == "pkg/core.py"]
+    return case
+
+
+def test_line_categories_are_long_code_arenas_on_hand_written_lines(repo):
+    """Every category present, each line where LCA's definitions put it: committed before
+    inproject before infile before common, then non-informative, the rest random."""
+    case = _core_case(repo)
+    expected: dict[str, list[int]] = {name: [] for name in history.CATEGORIES}
+    for number, (_, category) in enumerate(CORE):
+        if category is not None:
+            expected[category].append(number)
+    assert case.lines == expected
+    assert all(case.lines[name] for name in history.CATEGORIES)
+    assert sorted(case.snapshot) == ["docs/notes.md", "pkg/__init__.py", "pkg/util.py"]
+    assert case.snapshot["pkg/util.py"] == UTIL  # the parent's, not the later edit
+    assert sorted(case.committed) == ["pkg/extra.py"]
+
+
+def test_lines_are_drawn_per_category_with_the_seed(repo):
+    """At most N lines of each category, the same draw for the same seed."""
+    first = _core_case(repo, per_category=1)
+    again = _core_case(repo, per_category=1)
+    assert first.lines == again.lines
+    assert all(len(lines) == 1 for lines in first.lines.values())
+
+
+def test_a_directory_without_git_and_a_history_without_adding_commits_are_one_line(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(ValueError, match="not a git repository"):
+        history.completion_cases(plain, [".py"], 5, 1, 0)
+    bare = tmp_path / "one"
+    bare.mkdir()
+    _git(bare, "init", "-q")
+    _commit(bare, {"a.py": "x = 1\n" * 20}, "root only")  # a root commit has no parent
+    with pytest.raises(ValueError, match="no commit adds a file") as caught:
+        history.completion_cases(bare, [".py"], 5, 1, 0)
+    assert "\n" not in str(caught.value)
+
+
+# ---- Composers ----------------------------------------------------------------------------------
+
+def _tokenizer(*extra: str) -> CodeTokenizer:
+    texts = [UTIL, EXTRA, CORE_TEXT]
+    return CodeTokenizer.train(texts, min_freq=1, special_tokens=CODE_SPECIAL_TOKENS + extra)
+
+
+def test_path_distance_is_lcas():
+    """LCA's distance: up from the first path's directory to the shared one, down to the
+    other file."""
+    assert comp.path_distance("a/b/c.py", "a/b/d.py") == 0
+    assert comp.path_distance("a/b/c.py", "a/e.py") == 1
+    assert comp.path_distance("a/e.py", "a/b/c.py") == 1
+    assert comp.path_distance("a/b/c.py", "x/y/z.py") == 4
+    assert comp.path_distance("c.py", "d.py") == 0
+
+
+def test_bm25_scores_equal_bm25s_lucene():
+    """The index's BM25 equals bm25s' Lucene BM25 (k1 1.5, b 0.75) on random documents."""
+    import bm25s
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(40)]
+    docs = [[rng.choice(words) for _ in range(rng.randint(1, 60))] for _ in range(50)]
+    files = {f"f{i}.py": " ".join(doc) for i, doc in enumerate(docs)}
+    index = comp.RepositoryIndex("r", files, _tokenizer())
+    reference = bm25s.BM25(method="lucene", k1=comp.BM25_K1, b=comp.BM25_B)
+    reference.index([files[p].split() for p in index.paths], show_progress=False)
+    for _ in range(5):
+        query = [rng.choice(words) for _ in range(rng.randint(1, 8))]
+        ours = index.bm25_scores(query)
+        assert ours == pytest.approx(reference.get_scores(query), rel=1e-5, abs=1e-6)
+
+
+def test_composers_rank_the_files_each_says_and_never_the_completion_file():
+    files = {"pkg/core.py": "old", "pkg/models.py": "class Model: pass\n",
+             "pkg/sub/deep.py": "def unrelated(): pass\n", "other/io.py": "def reader(): pass\n",
+             "pkg/views.py": "def render(model): pass\n"}
+    index = comp.RepositoryIndex("r", files, _tokenizer())
+    prefix = "from other.io import reader\nimport pkg.sub.deep\nx = render(Model())\n"
+    ranked = {name: [index.paths[i] for i in rank(index, "pkg/core.py", prefix)]
+              for name, rank in comp.COMPOSERS.items()}
+    assert ranked["empty"] == []
+    assert ranked["path_distance"] == ["pkg/models.py", "pkg/views.py", "pkg/sub/deep.py",
+                                       "other/io.py"]
+    assert ranked["imports"] == ["other/io.py", "pkg/sub/deep.py", "pkg/models.py",
+                                 "pkg/views.py"]
+    # bm25: Model matches the shorter file best, render the longer; the rest by path distance
+    assert [index.paths[i] for i in comp.rank_bm25(index, "pkg/core.py", "x = render(Model())")
+            ] == ["pkg/models.py", "pkg/views.py", "pkg/sub/deep.py", "other/io.py"]
+    assert all("pkg/core.py" not in order for order in ranked.values())
+
+
+def test_relative_imports_resolve_against_the_completion_files_package():
+    assert comp.imported_modules("from . import a\nfrom ..b import c\n", "x/y/m.py") == [
+        "x.y", "x.y.a", "x.b", "x.b.c"]
+
+
+def test_compose_writes_starcoder2s_repository_format_most_relevant_file_last():
+    """With <repo_name>/<file_sep>: StarCoder2's layout, text for text; the most relevant file
+    nearest the prefix; the whole prompt within the budget."""
+    tok = _tokenizer("<repo_name>", "<file_sep>")
+    files = {"pkg/util.py": UTIL, "docs/notes.md": "notes\n"}
+    index = comp.RepositoryIndex("proj", files, tok)
+    prefix = "from pkg.util import helper\n"
+    composed = comp.compose(index, "path_distance", "pkg/core.py", prefix, tok.encode(prefix),
+                            10_000)
+    expected = ("<repo_name>proj<file_sep>docs/notes.md\nnotes\n<file_sep>pkg/util.py\n" + UTIL
+                + "<file_sep>pkg/core.py\n" + prefix)
+    assert tok.decode(composed.ids) == expected
+    assert composed.files == ["docs/notes.md", "pkg/util.py"]
+    plain = comp.RepositoryIndex("proj", files, _tokenizer())
+    text = _tokenizer().decode(comp.compose(plain, "path_distance", "pkg/core.py", prefix,
+                                            _tokenizer().encode(prefix), 10_000).ids)
+    assert text == ("# repository: proj\n# docs/notes.md\nnotes\n# pkg/util.py\n" + UTIL
+                    + "# pkg/core.py\n" + prefix)
+
+
+def test_compose_fills_the_budget_cutting_the_least_relevant_file_at_its_left():
+    tok = _tokenizer()
+    files = {"pkg/util.py": UTIL, "far/away/file.py": EXTRA * 20}
+    index = comp.RepositoryIndex("proj", files, tok)
+    prefix = "x = helper(2)"
+    ids = tok.encode(prefix)
+    budget = len(index.header_ids()) + len(index.opening_ids("pkg/core.py")) + len(ids) + len(
+        index.file_ids(index.position["pkg/util.py"])) + 7
+    composed = comp.compose(index, "path_distance", "pkg/core.py", prefix, ids, budget)
+    assert len(composed.ids) == budget
+    assert composed.files == ["far/away/file.py", "pkg/util.py"]
+    far = index.file_ids(index.position["far/away/file.py"])
+    assert composed.ids[len(index.header_ids()):][:7] == far[-7:]
+
+
+def test_a_budget_smaller_than_the_prefix_is_one_line():
+    tok = _tokenizer()
+    index = comp.RepositoryIndex("proj", {"pkg/util.py": UTIL}, tok)
+    ids = tok.encode(CORE_TEXT)
+    for composer in comp.COMPOSERS:
+        with pytest.raises(ValueError, match="smaller than the prefix") as caught:
+            comp.compose(index, composer, "pkg/core.py", CORE_TEXT, ids, len(ids) - 1)
+        assert "\n" not in str(caught.value)
+
+
+def test_no_prompt_holds_the_completion_files_future_or_a_later_commit(repo):
+    """For every line of the completion file and every composer, the prompt holds neither a
+    later line of the file, nor a file or change of a later commit, nor the files the same
+    commit adds."""
+    case = _core_case(repo)
+    tok = _tokenizer()
+    index = comp.RepositoryIndex(case.repo, case.snapshot, tok)
+    lines = case.text.split("\n")
+    last = next(i for i, line in enumerate(lines) if "MARKER_FUTURE" in line)
+    for number in range(1, last + 1):  # up to the line holding the file's marker
+        prefix = "\n".join(lines[:number])
+        for composer in comp.COMPOSERS:
+            text = tok.decode(comp.compose(index, composer, case.path, prefix, tok.encode(prefix),
+                                           4096).ids)
+            assert "MARKER" not in text, (composer, number)
+            assert text.endswith(prefix)
+
+
+@pytest.mark.parametrize("files", [10, 200])
+def test_the_index_is_built_once_and_composes_every_file(files):
+    """Composing reads the index only: a file's ids are encoded once whatever the calls."""
+    tok = _tokenizer()
+    snapshot = {f"d{i % 7}/m{i}.py": f"def f{i}(x):\n    return helper(x) + {i}\n"
+                for i in range(files)}
+    cache: dict = {}
+    index = comp.RepositoryIndex("r", snapshot, tok, cache)
+    first = comp.compose(index, "bm25", "d0/new.py", "f3(1)", tok.encode("f3(1)"), 300)
+    size = len(cache)
+    again = comp.compose(index, "bm25", "d0/new.py", "f3(1)", tok.encode("f3(1)"), 300)
+    assert first.ids == again.ids and len(cache) == size
+    assert first.files[-1] == "d3/m3.py"  # the file declaring f3 nearest the prefix
+
+
+def test_records_of_a_case_name_its_commit_and_lines(repo):
+    case = _core_case(repo)
+    assert json.loads(json.dumps(case.lines)) == case.lines
+    assert case.id.startswith("proj@") and case.id.endswith(":pkg/core.py")
+
+
+def test_repository_tokens_are_the_ids_hf_gives_starcoder2s_format(tmp_path):
+    """With a StarCoder-family HF tokenizer holding <repo_name> and <file_sep>: the composed
+    ids are HF tokenizers' encoding of the StarCoder2 repository text."""
+    from tiny_hf import train_hf_tokenizer
+    from tokenizers import AddedToken
+
+    from tokenizer import load_tokenizer
+
+    hf = train_hf_tokenizer("starcoder", [UTIL, EXTRA, CORE_TEXT] * 5, tmp_path / "t.json")
+    hf.add_special_tokens([AddedToken("<repo_name>", special=True),
+                           AddedToken("<file_sep>", special=True)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    index = comp.RepositoryIndex("proj", {"pkg/util.py": UTIL, "pkg/extra.py": EXTRA}, tok)
+    prefix = '"""Core."""\nfrom pkg.util import helper'
+    composed = comp.compose(index, "imports", "pkg/core.py", prefix,
+                            tok.encode(prefix, split_special_tokens=True), 10_000)
+    text = ("<repo_name>proj<file_sep>pkg/extra.py\n" + EXTRA + "<file_sep>pkg/util.py\n" + UTIL
+            + "<file_sep>pkg/core.py\n" + prefix)
+    assert composed.ids == hf.encode(text, add_special_tokens=False).ids
+
+
+# ---- The project-completion evaluation task ------------------------------------------------------
+
+@pytest.fixture
+def tiny_model(tmp_path) -> Path:
+    """A tiny llama with a code tokenizer trained on the repository's files."""
+    from tiny_hf import save_tiny_hf
+
+    tok = _tokenizer()
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                 eos_token_id=tok.eos_id)
+    tok.save(base)
+    return base
+
+
+def test_eval_scores_every_category_under_every_composer_without_leaks(repo, tiny_model,
+                                                                       tmp_path, monkeypatch):
+    """eval.py --tasks project-completion --data REPO: per composer, its perplexity and EM/ES
+    per category (LCA's: stripped lines equal; fuzz ratio), the chosen composer's repeated;
+    no prompt the model sees holds a later line or commit."""
+    from rapidfuzz import fuzz
+
+    import eval as ev
+    from codelm.models.engine import Engine
+
+    seen = []
+    add = Engine.add
+
+    def recording(self, prompt, cfg, *args, **kwargs):
+        seen.append(list(prompt))
+        return add(self, prompt, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "add", recording)
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_model), "--tasks", "project-completion", "--data",
+                    str(repo), "--limit", "3", "--lines-per-file", "2", "--max-new-tokens", "4",
+                    "--block-size", "512", "--no-progress", "--device", "cpu",
+                    "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["rows"][0]["metrics"]
+    for composer in ("empty", "path_distance", "imports", "bm25"):
+        assert metrics[f"project-completion/{composer}/perplexity"] > 1
+        for category in history.CATEGORIES:
+            assert 0 <= metrics[f"project-completion/{composer}/EM_{category}"] <= 100
+            assert 0 <= metrics[f"project-completion/{composer}/ES_{category}"] <= 100
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    chosen = next(r for r in records if r.get("id") == "composer")["chosen"]
+    assert metrics["project-completion/chosen/EM"] == metrics[f"project-completion/{chosen}/EM"]
+    lines = [r for r in records if r.get("category")]
+    for r in lines:  # LCA's scores of each line: stripped lines equal, fuzzywuzzy's ratio
+        assert r["exact"] == (r["prediction"].strip() == r["reference"].strip())
+        assert r["edit_sim"] == round(fuzz.ratio(r["prediction"], r["reference"]))
+    for composer, category in [("bm25", "inproject"), ("empty", "random")]:  # a file's mean,
+        per_case: dict[str, list[bool]] = {}                              # then the files'
+        for r in lines:
+            if r["composer"] == composer and r["category"] == category:
+                per_case.setdefault(r["case"], []).append(r["exact"])
+        means = [100 * sum(v) / len(v) for v in per_case.values()]
+        assert metrics[f"project-completion/{composer}/EM_{category}"] == pytest.approx(
+            sum(means) / len(means))
+    tok = _tokenizer()
+    assert len(seen) == len(lines)
+    assert not [ids for ids in seen if "MARKER" in tok.decode(ids)]
+
+
+def test_eval_refuses_project_completion_without_repositories(capsys):
+    import eval as ev
+
+    assert ev.main(["--tasks", "project-completion"]) == 2
+    assert "--data REPO_DIR" in capsys.readouterr().err
+
+
+# ---- The project training task -------------------------------------------------------------------
+
+def _docs(files: dict[str, str], repo: str | None = None, prefix: str = "") -> list:
+    from codelm.data.sources import Doc
+
+    return [Doc(f"{repo or prefix}/{path}", text, repo=repo) for path, text in files.items()]
+
+
+def test_project_examples_are_repository_sequences_then_completion_prompts():
+    """Per repository: its text in the composer's order (the first file last) cut in pieces
+    trained as text, then per file its drawn lines, each prompted with the repository's other
+    files and the lines before it; a repository never sees another's files."""
+    from codelm.data.config import DataConfig
+    from codelm.data.project import project_pairs
+
+    tok = _tokenizer()
+    one = {"pkg/core.py": CORE_TEXT, "pkg/util.py": UTIL}
+    two = {"lib/extra.py": EXTRA}
+    docs = _docs(one, prefix="one") + _docs(two, repo="two")
+    cfg = DataConfig(task="project", lines_per_file=2, seed=3)
+    pairs = project_pairs(docs, tok, cfg, 4096)
+    text_pieces = [tok.decode(c) for p, c, _, _ in pairs if not p]
+    assert text_pieces == ["# repository: one\n# pkg/util.py\n" + UTIL + "# pkg/core.py\n"
+                           + CORE_TEXT, "# repository: two\n# lib/extra.py\n" + EXTRA]
+    prompts = [(tok.decode(p), tok.decode(c)) for p, c, _, _ in pairs if p]
+    assert len(prompts) == 2 + 2 + 1  # core, util, extra (one line after its first)
+    for prompt, completion in prompts:
+        assert completion.startswith("\n") and completion.strip()
+        own = "pkg/core.py" if prompt.startswith("# repository: one\n# pkg/util.py") else None
+        if own:  # the other file as context, then this file's lines up to the completion
+            before = prompt.split("# pkg/core.py\n", 1)[1]
+            assert (before + completion) in CORE_TEXT and CORE_TEXT.startswith(before)
+        if prompt.startswith("# repository: one"):
+            assert "MARKER_COMMITTED" not in prompt  # repository two's file
+    assert all(not ends for _, _, ends, _ in pairs)
+
+
+def test_project_pieces_fit_the_block():
+    from codelm.data.config import DataConfig
+    from codelm.data.project import project_pairs
+
+    tok = _tokenizer()
+    cfg = DataConfig(task="project", lines_per_file=3)
+    pairs = project_pairs(_docs({"pkg/core.py": CORE_TEXT, "pkg/util.py": UTIL}, prefix="r"),
+                          tok, cfg, 48)
+    assert pairs and all(len(p) + len(c) <= 48 for p, c, _, _ in pairs)
+
+
+def test_trainingmanager_trains_the_project_task_on_repositories(repo, tmp_path):
+    """python trainingmanager.py --task project --data DIR DIR: trains on packed repository
+    sequences and completion examples (--packing: several in a row)."""
+    import trainingmanager as tm
+
+    other = tmp_path / "other"
+    (other / "lib").mkdir(parents=True)
+    (other / "lib" / "a.py").write_text(UTIL * 3)
+    (other / "lib" / "b.py").write_text(CORE_TEXT * 2)
+    (tmp_path / "tok").mkdir()
+    _tokenizer().save(tmp_path / "tok")
+    out = tmp_path / "runs"
+    assert tm.main(["--task", "project", "--data", str(repo), str(other), "--preset", "tiny",
+                    "--tokenizer", str(tmp_path / "tok"),
+                    "--block-size", "64", "--batch-size", "2", "--max-steps", "2", "--packing",
+                    "--no-progress", "--no-export", "--out-dir", str(out), "--name", "p",
+                    "--data-options", json.dumps({"cache_dir": str(tmp_path / "cache"),
+                                                  "lines_per_file": 2})]) == 0
+    metrics = [json.loads(line) for line in (out / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m for m in metrics)
