@@ -45,6 +45,7 @@ from codelm.evaluation.tasks import lm as lm_task
 from codelm.evaluation.tasks import mbpp as mbpp_task
 from codelm.evaluation.tasks import mbpp_plus as mbpp_plus_task
 from codelm.evaluation.tasks import passk, registry
+from codelm.evaluation.tasks import project as project_task
 from codelm.evaluation.tasks import text as text_task
 from codelm.models import adapter_config, quantize
 from codelm.models.generation import FUNCTION_STOPS, truncate_at_stops
@@ -1676,7 +1677,8 @@ def test_task_settings_hold_what_every_task_reads_of_eval_config():
     assert set(settings_fields) <= set(config_fields)
     read = set()
     for protocol in (registry.Selection, text_task.TextSettings, lm_task.LmSettings,
-                     fim_task.Limited, eval_corpus.CorpusSettings):
+                     fim_task.Limited, project_task.ProjectSettings,
+                     eval_corpus.CorpusSettings):
         read |= {name for klass in protocol.__mro__ for name in vars(klass).get(
             "__annotations__", {})}
     assert read == set(settings_fields)

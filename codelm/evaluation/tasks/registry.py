@@ -84,6 +84,7 @@ class TaskSettings:
     memory_mb: int
     workers: int
     progress: bool
+    composers: list[str]
 
 
 def problem_tasks(entries: Sequence[str]) -> list[str]:
