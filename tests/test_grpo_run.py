@@ -172,6 +172,23 @@ def test_a_lora_run_takes_its_base_as_the_kl_reference(assets, tmp_path):
     assert train[0]["kl"] == 0.0 and train[-1]["kl"] > 0.0
 
 
+def test_a_full_fine_tune_keeps_a_frozen_copy_as_the_kl_reference(assets, tmp_path):
+    """grpo_beta > 0 training every weight: the reference is the starting model, frozen apart
+    from the policy, which moves away from it."""
+    cfg = grpo_cfg(assets, tmp_path, grpo_beta=0.1, lr=3e-2)
+    tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
+    problems = [problem(i) for i in range(2)]
+    model = pretrained.load(assets["model"], device="cpu")
+    trainer = rollout.GRPOTrainer(model, cfg, torch.device("cpu"), tok, False, problems)
+    reference = trainer.reference
+    assert reference is not None and reference is not model
+    assert not any(p.requires_grad for p in reference.parameters())
+    start = {n: p.clone() for n, p in reference.named_parameters()}
+    kls = [trainer.train_step(problems).extra["kl"] for _ in range(3)]
+    assert kls[0] == 0.0 and kls[-1] > 0.0
+    assert all(torch.equal(start[n], p) for n, p in reference.named_parameters())
+
+
 def test_partial_credit_counts_the_asserts_that_hold_and_no_exploit_earns_any():
     """A generated problem's ten asserts: the solution earns 1, a half-right body 0.5; an
     early exit, a forged count and every exploit of the corpus earn 0."""
@@ -289,18 +306,18 @@ import os, signal, sys
 from codelm.training import rollout
 import trainingmanager as tm
 
-phase, at = sys.argv[1], int(sys.argv[2])
+phase, at, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
 original = getattr(rollout.GRPOTrainer, phase)
 calls = [0]
 
 def killed(self, *args, **kwargs):
     calls[0] += 1
     if calls[0] == at:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
     return original(self, *args, **kwargs)
 
 setattr(rollout.GRPOTrainer, phase, killed)
-sys.exit(tm.main(sys.argv[3:]))
+sys.exit(tm.main(sys.argv[4:]))
 """
 
 
@@ -325,13 +342,35 @@ def test_kill_9_then_resume_ends_on_the_uninterrupted_runs_weights(assets, tmp_p
     cfg = grpo_cfg(assets, tmp_path, name="killed", max_steps=5, eval_every=5)
     config = tmp_path / "killed.json"
     config.write_text(json.dumps(dataclasses.asdict(cfg)))
-    proc = subprocess.run([sys.executable, "-c", KILLER, phase, "4", "--config", str(config)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", KILLER, phase, "4", "SIGKILL", "--config",
+                           str(config)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     run = Path(cfg.out_dir) / "killed"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
     assert tm.main(["--resume", str(run)]) == 0
     resumed = load_file(run / "checkpoints" / "step-5" / "model.safetensors")
     assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+@pytest.mark.slow
+def test_sigterm_during_sampling_drops_the_step_and_resumes_bit_exactly(assets, tmp_path,
+                                                                         straight):
+    """SIGTERM as step 4 starts sampling: the step is dropped before any update, a checkpoint
+    of step 3 keeps the step's start, and --resume ends on the straight run's weights."""
+    cfg = grpo_cfg(assets, tmp_path, name="stopped", max_steps=5, eval_every=5)
+    config = tmp_path / "stopped.json"
+    config.write_text(json.dumps(dataclasses.asdict(cfg)))
+    proc = subprocess.run([sys.executable, "-c", KILLER, "sample", "4", "SIGTERM", "--config",
+                           str(config)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "step 4 dropped mid-way, not applied" in proc.stdout
+    run = Path(cfg.out_dir) / "stopped"
+    assert (run / "checkpoints" / "step-3").is_dir()
+    assert tm.main(["--resume", str(run)]) == 0
+    resumed = load_file(run / "checkpoints" / "step-5" / "model.safetensors")
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
