@@ -60,7 +60,7 @@ from codelm.training.trainer import (
     StepStats,
     StopSignals,
     Trainer,
-    perplexity,
+    best_quality,
 )
 
 OVERFIT_CORPUS = settings.bundled("data", "overfit")
@@ -568,9 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if has_final_eval(cfg) and result.export_dir is not None:
         finish.final_quality(result.run_dir, result.val_metrics, cfg.device)
     if result.best_val_loss is not None:
-        print(f"best validation loss {result.best_val_loss:.4f} (perplexity "
-              f"{perplexity(result.best_val_loss):.2f}) at step {result.best_step}; run dir "
-              f"{result.run_dir}")
+        print(f"{best_quality(cfg.task, result.best_val_loss)} at step {result.best_step}; run "
+              f"dir {result.run_dir}")
     return 0
 
 

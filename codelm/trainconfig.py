@@ -74,11 +74,32 @@ class TrainConfig:
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
     #   adapters stay fp32); fp16 turns on loss scaling
     # data (dataset.py): task and sources (None: the Python standard library)
-    task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat | project
+    task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat | project |
+    #   grpo
     data: list[str] | None = None  # "stdlib", directories, scraper, pair or conversation JSONL
     val_data: list[str] | None = None  # predefined validation files (None: split from data)
     test_data: list[str] | None = None  # predefined test files (None: split from data)
     data_options: dict = field(default_factory=dict)  # further DataConfig fields for the task
+    # GRPO (task grpo: codelm.training.rollout): G samples a problem, rewarded by its test
+    problems: str | None = None  # task grpo: the problems sampled for (HumanEval-format JSONL)
+    val_problems: str | None = None  # task grpo: held-out problems whose greedy pass@1 each
+    #   evaluation scores (None: the first eval_examples of problems)
+    num_generations: int = 8  # G: completions sampled a problem, compared within their group
+    grpo_loss_type: str = "dapo"  # grpo | dr_grpo | dapo | bnpo | cispo (TRL's loss_type)
+    grpo_beta: float = 0.0  # the KL term's weight (TRL's beta); the reference is the starting
+    #   model (under LoRA its base with the adapters off; else a frozen copy)
+    epsilon_low: float = 0.2  # the ratio clipped below at 1 - epsilon_low (TRL's epsilon)
+    epsilon_high: float | None = None  # ... above at 1 + epsilon_high (None: epsilon_low;
+    #   cispo: the ratio's cap, e.g. 5.0)
+    scale_rewards: str = "group"  # group | batch | none: advantages over the reward spread
+    mask_truncated: bool = False  # completions cut at max_completion_tokens count for nothing
+    max_completion_tokens: int = 128  # new tokens a sampled completion may have
+    temperature: float = 1.0  # sampling temperature (the loss's log-probs are at it too)
+    partial_credit: bool = False  # reward: the share of the test's asserts that pass (else 1
+    #   for a pass, 0 for a fail)
+    shuffle_rewards: bool = False  # control arm: the rewards permuted within each step's batch
+    reward_workers: int = 2  # sandboxed tests run at once
+    reward_timeout_s: float = 5.0  # a test's wall-clock limit in the sandbox
     # optimisation
     batch_size: int | None = None  # sequences per micro-batch (per process); None: preset auto's
     #   choice, else 4
@@ -168,6 +189,8 @@ _CHOICES = {
     "lora_bias": ("none", "lora_only", "all"),
     "strategy": STRATEGIES,
     "export_gguf": ("f32", "f16", "bf16", "q8_0"),  # codelm.models.families.OUTTYPES
+    "grpo_loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo"),  # grpo.LOSS_TYPES
+    "scale_rewards": ("group", "batch", "none"),  # grpo.SCALE_REWARDS
 }
 
 
@@ -353,6 +376,7 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
          f"llama.cpp cannot run: set tokenizer ({where_set('tokenizer')}) to an HF BPE "
          "tokenizer.json, or set export_gguf none")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
+    check_grpo(cfg, named)
     check_run_name(cfg.name, named("name"))
     if cfg.resume is None:
         return
@@ -371,6 +395,55 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         step = max(map(rundir.checkpoint_step, rundir.list_checkpoints(run)), default=0)
         need(step <= cfg.max_steps, "max_steps", f"below the step of the checkpoint it resumes "
              f"from ({step}); a resume can only extend its run: set max_steps to {step} or more")
+
+
+GRPO_TASK = "grpo"  # reinforcement learning from the problems' tests (codelm.training.rollout)
+# Keys that mean something only to task grpo: set for another task, they are refused.
+GRPO_KEYS = ("problems", "val_problems", "num_generations", "grpo_loss_type", "grpo_beta",
+             "epsilon_low", "epsilon_high", "scale_rewards", "mask_truncated",
+             "max_completion_tokens", "temperature", "partial_credit", "shuffle_rewards",
+             "reward_workers", "reward_timeout_s")
+
+
+def check_grpo(cfg: TrainConfig, named: Callable[[str], str]) -> None:
+    """Task grpo's settings; the GRPO settings refused under any other task."""
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{named(key)}: {why}")
+
+    if cfg.task != GRPO_TASK:
+        if given := [named(k) for k in GRPO_KEYS if getattr(cfg, k) != getattr(TrainConfig, k)]:
+            raise ValueError(f"{', '.join(given)}: GRPO settings, but {named('task')} is not "
+                             f"{GRPO_TASK}: set task {GRPO_TASK}, or drop them")
+        return
+    need(cfg.problems is not None, "problems", "task grpo samples completions of problems and "
+         "rewards them by their tests: set problems to a HumanEval-format JSONL (python -m "
+         "codelm.data.problems --n 200 --seed 0 --out FILE writes one)")
+    need(cfg.num_generations >= 2, "num_generations", "GRPO compares each completion with the "
+         "others of its problem: set 2 or more (8 is usual)")
+    need(cfg.max_steps is not None or cfg.epochs is not None, "max_steps",
+         "unset, and so is epochs: task grpo has no time budget (a step's time depends on what "
+         "the model writes): set max_steps or epochs")
+    need(cfg.data is None and not cfg.val_data and not cfg.test_data, "data",
+         "task grpo trains on problems, not data: drop data, val_data and test_data (set "
+         "problems and val_problems)")
+    need(not cfg.overfit_batches, "overfit_batches", "a supervised check: task grpo has none")
+    need(int(os.environ.get("WORLD_SIZE", "1")) <= 1, "task",
+         "task grpo runs on one process: start it without torchrun")
+    need(0 <= cfg.epsilon_low < 1, "epsilon_low", "must be in [0, 1): the ratio's lower clip "
+         "is 1 - epsilon_low")
+    need(cfg.epsilon_high is None or cfg.epsilon_high >= 0, "epsilon_high", "must be >= 0")
+    high = cfg.epsilon_low if cfg.epsilon_high is None else cfg.epsilon_high
+    need(cfg.grpo_loss_type != "cispo" or high >= 1, "epsilon_high",
+         "loss cispo caps the ratio at epsilon_high (below 1 it caps every on-policy token): "
+         "set it to eps_max, e.g. 5.0")
+    ranges = ((("grpo_beta",), lambda v: v >= 0, "must be >= 0"),
+              (("max_completion_tokens", "reward_workers"), lambda v: v >= 1, "must be >= 1"),
+              (("temperature", "reward_timeout_s"), lambda v: v > 0, "must be > 0"))
+    for keys, test, why in ranges:
+        for key in keys:
+            need(test(getattr(cfg, key)), key, why)
 
 
 def check_strategy(cfg: TrainConfig, named: Callable[[str], str]) -> None:

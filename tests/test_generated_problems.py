@@ -94,6 +94,16 @@ def test_the_command_writes_a_file_evals_pass_at_k_reads(tmp_path, capsys):
     assert all(problem.get("trusted", True) for problem in loaded)
 
 
+def test_the_command_writes_supervised_pairs_of_the_same_problems(tmp_path, capsys):
+    """--pairs: each problem as {prompt, completion}, its canonical solution the completion
+    (trainingmanager.py --task completion --data FILE reads them as pairs)."""
+    out = tmp_path / "sft.jsonl"
+    assert generated.main(["--n", "5", "--seed", "2", "--pairs", "--out", str(out)]) == 0
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert pairs == [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
+                     for p in generate_problems(5, 2)]
+
+
 def test_a_seed_out_of_range_or_too_many_problems_is_one_message(monkeypatch):
     """A seed outside 0..SEEDS-1, a negative n, or more problems than the seed's set holds: a
     ValueError that says what to do."""

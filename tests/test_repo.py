@@ -152,7 +152,7 @@ PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build"
 RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
                          "codelm.training.optim")
 GRPO, PREFERENCE = "codelm.training.grpo", "codelm.training.preference"
-REWARDS = "codelm.training.rewards"
+REWARDS, ROLLOUT = "codelm.training.rewards", "codelm.training.rollout"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT, UNICODE9, NORMALIZATION, CUTS, MERGES,
                 SPIECE, ADDED, COMPILED}
 DATA_CONFIG, DATA_CACHE = "codelm.data.config", "codelm.data.cache"
@@ -170,7 +170,7 @@ BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER, ENGINE, SERVING,
-    ENDPOINTS, GRPO, PREFERENCE, REWARDS}
+    ENDPOINTS, GRPO, PREFERENCE, REWARDS, ROLLOUT}
 # What a task module may import: the data's examples and encoding, a loaded model, the sandbox,
 # the metrics and scoring, the problems files and pass@k.
 TASK_FLOOR = {PROCESS, SETTINGS, GENERATION, RUNNER, "tokenizer", BPE, SOURCE, DATA_CONFIG,
@@ -264,12 +264,15 @@ MAY_IMPORT = {
     GRPO: {"architecture", "lora", KERNELS},
     PREFERENCE: {"architecture", "lora", KERNELS, GRPO},
     REWARDS: {SETTINGS, RUNNER},
+    ROLLOUT: {PROCESS, SETTINGS, "architecture", "lora", "tokenizer", ENCODING, PASSK, ENGINE,
+              GENERATION, CHECKPOINT, DISTRIBUTED, RUNNER, TRAINCONFIG, GRPO, REWARDS, BATCHES,
+              TRAINER},
     PLAN: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
            TRAINCONFIG},
     BUILD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
             TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", GGUF_WRITER,
             DATA_CONFIG, DATA_CACHE, ENCODING, EXAMPLES, "dataset", BATCHES, TRAINCONFIG,
-            DISTRIBUTED, TRAINER, RECORD, PLAN, LOADING},
+            DISTRIBUTED, TRAINER, RECORD, PLAN, LOADING, ROLLOUT},
     FINISH: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER, ENCODING,
              EXAMPLES, GENERATION, "tokenizer", TRAINER, RECORD, BUILD, LOADING, "eval"},
     "trainingmanager": BELOW_FLOOR_3 | {LOADING, "eval"},

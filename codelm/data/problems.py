@@ -3,6 +3,7 @@ inferred from the input/output examples of its docstring, in HumanEval's format 
 prompt, entry_point, canonical_solution, test), as eval.py's pass@k and the GRPO reward read it.
 
     python -m codelm.data.problems --n 500 --seed 0 --out train.jsonl
+    python -m codelm.data.problems --n 500 --seed 0 --pairs --out sft.jsonl  # SFT pairs
     python eval.py --tasks passk --problems passk=heldout.jsonl ...
 
 A seed (0 to SEEDS - 1) names a set: the same seed gives the same problems, and two seeds share
@@ -305,10 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help=f"which set, 0 to {SEEDS - 1}: sets share no function (default: 0)")
     parser.add_argument("--out", required=True, help="the JSONL file written")
+    parser.add_argument("--pairs", action="store_true",
+                        help="write {prompt, completion} pairs (the canonical solution the "
+                        "completion), supervised training data: trainingmanager.py --task "
+                        "completion --data FILE")
     args = parser.parse_args(argv)
 
     def write() -> None:
         problems = generate_problems(args.n, args.seed)
+        if args.pairs:
+            problems = [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
+                        for p in problems]
         process.write_atomic(args.out, "".join(json.dumps(p) + "\n" for p in problems))
         print(f"wrote {len(problems)} problems of seed {args.seed} to {args.out}")
 

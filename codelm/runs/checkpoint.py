@@ -543,7 +543,8 @@ RESUME_DATA_OPTIONS_MAY_CHANGE = ("cache_dir", "use_cache", "num_workers", "prog
 
 # Config keys that hold paths: a run's config.json holds them absolute, so that eval.py and
 # --resume find them from any directory. "stdlib" is a data source's name, not a path.
-PATH_KEYS = ("init_from", "init_adapter", "tokenizer", "data", "val_data", "test_data")
+PATH_KEYS = ("init_from", "init_adapter", "tokenizer", "data", "val_data", "test_data",
+             "problems", "val_problems")
 
 
 def _is_path(key: str, item) -> bool:

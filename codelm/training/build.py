@@ -43,8 +43,14 @@ from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
 from codelm.runtime.settings import setting
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.files import TOKENIZER_FILE, tokenizer_path
-from codelm.trainconfig import TrainConfig, data_config, default_block_size, model_config
-from codelm.training import plan
+from codelm.trainconfig import (
+    GRPO_TASK,
+    TrainConfig,
+    data_config,
+    default_block_size,
+    model_config,
+)
+from codelm.training import plan, rollout
 from codelm.training.batches import Batches, example_lengths
 from codelm.training.plan import MAX_EPOCHS, BudgetClock, Probe
 from codelm.training.record import RunRecord
@@ -182,8 +188,9 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
     if dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + dist.rank)
     budgeted = cfg.max_steps is None and cfg.epochs is None
-    check_step_cost(cfg, model, data.dcfg.block_size, device, dist,
-                    budget_left(cfg, created) if budgeted else None)
+    if cfg.task != GRPO_TASK:  # a GRPO step's cost is its sampling's, which its completions set
+        check_step_cost(cfg, model, data.dcfg.block_size, device, dist,
+                        budget_left(cfg, created) if budgeted else None)
     clock = None
     if budgeted:  # a new run on a budget: sized here, once
         cfg, clock = size_to_budget(cfg, model, data.batches, device, dist, created)
@@ -192,8 +199,12 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
         cfg = with_warmup(cfg, length, dist.main)
     state = RunState(precision=checked_precision(cfg, device), max_steps=length,
                      data=data.data_id)
-    trainer = Trainer(model, cfg, device, dist, torch.tensor(data.tok.token_byte_lengths()),
-                      state)
+    if cfg.task == GRPO_TASK:
+        trainer = rollout.GRPOTrainer(model, cfg, device, data.tok, data.dcfg.pair_special_tokens,
+                                      data.batches.train + data.batches.val, dist, state)
+    else:
+        trainer = Trainer(model, cfg, device, dist, torch.tensor(data.tok.token_byte_lengths()),
+                          state)
     trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
     record = RunRecord(claimed, dist, trainable_only, cfg.keep_last, hint, restarts)
     if checkpoints:
@@ -240,6 +251,8 @@ def run_config(cfg: TrainConfig, claimed: rundir.ClaimedDir, hint: str
 def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_tok: bool) -> Data:
     """Tokenizer and batches: rank 0 fills the caches, the others read them. ``own_tok``: a
     continued run reads the tokenizer it saved."""
+    if cfg.task == GRPO_TASK:
+        return prepare_problems(cfg, claimed, own_tok)
     dcfg = data_config(cfg, cfg.block_size or default_block_size(cfg))
     if dcfg.use_cache:
         make_cache_dir(dcfg.cache_dir, "data_options.cache_dir"
@@ -282,6 +295,27 @@ def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_t
     data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
                "train_examples": len(splits.train)}
     return Data(tok, dcfg, batches, splits.sample_prompt, data_id)
+
+
+def prepare_problems(cfg: TrainConfig, claimed: rundir.ClaimedDir, own_tok: bool) -> Data:
+    """Task grpo's tokenizer (given, the model's, or the run's own) and problems (checked:
+    rollout.problem_batches); one process."""
+    saved_tok = claimed.path / TOKENIZER_FILE
+    own_tok = own_tok and saved_tok.is_file()
+    if not own_tok and cfg.tokenizer is None and cfg.init_from is None:
+        raise ValueError(f"{setting(cfg, 'task')}: samples from a model that writes code: set "
+                         "init_from (a pretrained or fine-tuned model), or tokenizer for a model "
+                         "from scratch")
+    dcfg = DataConfig(task="completion", sources=[cfg.problems],
+                      block_size=cfg.block_size or default_block_size(cfg),
+                      **{"progress": cfg.progress, **cfg.data_options})
+    tok = load_or_train_tokenizer(cfg, dcfg, saved_tok if own_tok else None)
+    batches = rollout.problem_batches(cfg)
+    if not own_tok:
+        claimed.wrote_tokenizer = True
+        tok.save(claimed.path)
+    sample = SamplePrompt(batches.val[0]["prompt"], True)
+    return Data(tok, dcfg, batches, sample, rollout.data_id(cfg, batches))
 
 
 def packing_pays(packing: bool | None, examples: Dataset, block_size: int) -> bool:

@@ -28,7 +28,7 @@ from codelm.runs.rundir import best_step
 from codelm.runtime import distributed
 from codelm.training.build import Run
 from codelm.training.record import NonFiniteLossError
-from codelm.training.trainer import perplexity
+from codelm.training.trainer import best_quality
 
 if typing.TYPE_CHECKING:
     from codelm.tokenization.bpe import BPETokenizer
@@ -90,8 +90,7 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
 
     write_dir_atomically(export, write)
     best_loss = run.state.best_val_loss
-    print(f"exported to {export} (best validation loss {best_loss:.4f}, perplexity "
-          f"{perplexity(best_loss):.2f})")
+    print(f"exported to {export} ({best_quality(cfg.task, best_loss)})")
     if cfg.export_gguf is not None:
         print(writer.ollama_hint(export / rundir.GGUF_FILE, cfg.export_gguf))
     return export, sample

@@ -99,7 +99,7 @@ class RunRecord:
                   "memory_mb": memory_mb(trainer.device), "epoch": epoch}
         if trainer.scaler.is_enabled():
             values["loss_scale"] = trainer.scaler.get_scale()
-        self.log.write(state.step, "train", values)
+        self.log.write(state.step, "train", {**values, **(stats.extra or {})})
 
     def log_evaluation(self, state: RunState, metrics: dict, epoch: float) -> None:
         self.log.write(state.step, "val", {**metrics, "best_val_loss": state.best_val_loss,
@@ -229,6 +229,12 @@ def divergence_causes(lr: float, precision: str, injected: bool) -> list[str]:
     return causes
 
 
+# A task's own step metrics (StepStats.extra) that the console line shows; all go to
+# metrics.jsonl and the trackers.
+CONSOLE_EXTRA = ("reward_mean", "pass_rate", "hack_rate", "kl", "completion_length",
+                 "samples_per_s")
+
+
 class Progress:
     """The console's view of the step loop: a progress bar on a terminal, else (a log file,
     --no-progress) a line per logged step; a line per evaluation with the time left. Tokens a
@@ -262,8 +268,11 @@ class Progress:
         self.bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
                              tok_s=f"{self.tok_s:.0f}", refresh=False)
         if self.lines:
+            extra = "".join(f" | {key} {value:.4g}" for key, value in (stats.extra or {}).items()
+                            if key in CONSOLE_EXTRA)
             print(f"step {step}/{self.state.max_steps} | loss {stats.loss:.4f} | lr "
-                  f"{stats.lr:.2e} | {self.tok_s:,.0f} tok/s | epoch {epoch:.2f}", flush=True)
+                  f"{stats.lr:.2e} | {self.tok_s:,.0f} tok/s | epoch {epoch:.2f}{extra}",
+                  flush=True)
         return self.tok_s
 
     def eval_line(self, metrics: dict) -> None:
@@ -275,10 +284,13 @@ class Progress:
         eta = elapsed / max(state.step - self.first_step, 1) * (state.max_steps - state.step)
         train = "" if state.train_loss is None else f"train loss {state.train_loss:.4f} | "
         bpb = f" ({metrics['val_bpb']:.3f} bits/byte)" if "val_bpb" in metrics else ""
-        self.say(f"eval step {state.step}/{state.max_steps} | {train}val loss "
-                 f"{metrics['val_loss']:.4f}{bpb} | ppl {metrics['val_ppl']:.2f} | acc "
-                 f"{metrics['val_accuracy']:.3f} | {self.tok_s:,.0f} tok/s | elapsed "
-                 f"{duration(elapsed)} | ETA {duration(eta)}")
+        if "val_pass@1" in metrics:  # task grpo: val_loss is the share failed
+            quality = f"val pass@1 {metrics['val_pass@1']:.3f}"
+        else:
+            quality = (f"val loss {metrics['val_loss']:.4f}{bpb} | ppl {metrics['val_ppl']:.2f} "
+                       f"| acc {metrics['val_accuracy']:.3f}")
+        self.say(f"eval step {state.step}/{state.max_steps} | {train}{quality} | "
+                 f"{self.tok_s:,.0f} tok/s | elapsed {duration(elapsed)} | ETA {duration(eta)}")
 
     def say(self, line: str) -> None:
         """A line on stdout from rank 0, above the bar."""

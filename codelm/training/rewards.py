@@ -13,12 +13,21 @@ interpreter and any other apart. The reward marks each problem itself, so a prob
 evaluator would test in the candidate's interpreter (one whose canonical solution needs that)
 earns nothing here: ``check_problems`` names them.
 
+With partial credit a completion's reward is the share of its test's assertions that hold
+(``partial_rewards``): each assertion of the test's ``check`` (or, without one, of the test
+itself) counted in the trusted interpreter, which prints the count behind a marker drawn afresh
+for each batch; the candidate never sees the test or the marker, so it cannot print a count
+of its own.
+
 The exploit corpus (``data/exploits/``) holds one attack a file; ``exploit_completion`` writes
 one as a model would for a given problem.
 """
 
 from __future__ import annotations
 
+import ast
+import re
+import secrets
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,6 +59,70 @@ def rewards(jobs: Sequence[Job], check: Check, sandbox: SandboxConfig, workers: 
     """1.0 for each completion whose test passes apart from it, else 0.0."""
     return [1.0 if result.passed else 0.0
             for result in verdicts(jobs, check, sandbox, workers)]
+
+
+def partial_rewards(jobs: Sequence[Job], check: Check, sandbox: SandboxConfig, workers: int = 1
+                    ) -> list[float]:
+    """Each completion's share of its test's assertions that hold, the test apart from it
+    (``counting_test``); 0.0 where the run did not end (a timeout, a crash before its functions
+    were defined) or the count is not found."""
+    marker = f"codelm-credit-{secrets.token_hex(16)}:"
+    counted = [(counting_problem(problem, marker), completion) for problem, completion in jobs]
+    results = verdicts(counted, check, sandbox, workers)
+    return [credit(result, marker, problem["test"] != original["test"])
+            for result, (problem, _), (original, _) in zip(results, counted, jobs)]
+
+
+COUNTER = "_codelm_passed"  # the counting test's tally (a one-item list)
+
+
+def counting_problem(problem: dict, marker: str) -> dict:
+    """``problem`` with its test counting its assertions (``counting_test``)."""
+    return {**problem, "test": counting_test(problem["test"], problem["entry_point"] is not None,
+                                             marker)}
+
+
+def counting_test(test: str, in_check: bool, marker: str) -> str:
+    """``test`` with each assertion at the top of ``check``'s body (``in_check``), else of the
+    test itself, counted rather than raised, and the count printed last as ``marker`` then
+    "passed/total"; a test with no such assertion is unchanged (it passes or fails whole)."""
+    tree = ast.parse(test)
+    owner = tree
+    if in_check:
+        owner = next((node for node in tree.body
+                      if isinstance(node, ast.FunctionDef) and node.name == "check"), None)
+        if owner is None:
+            return test
+    total = sum(isinstance(node, ast.Assert) for node in owner.body)
+    if total == 0:
+        return test
+    counted = ast.parse(f"try:\n    pass\nexcept Exception:\n    pass\nelse:\n"
+                        f"    {COUNTER}[0] += 1\n").body[0]
+    body = []
+    for node in owner.body:
+        if isinstance(node, ast.Assert):
+            wrapped = ast.parse(ast.unparse(counted)).body[0]
+            wrapped.body = [node]
+            node = wrapped
+        body.append(node)
+    body += ast.parse(f"print({marker!r} + str({COUNTER}[0]) + '/{total}', flush=True)").body
+    owner.body = body
+    tree.body[:0] = ast.parse(f"{COUNTER} = [0]").body
+    return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
+
+
+def credit(result: SandboxResult, marker: str, counted: bool) -> float:
+    """The share that a ``counted`` test's run printed behind ``marker`` (the last such line),
+    0.0 where the run did not end or printed none; a test left whole: 1.0 for a pass."""
+    if not result.passed:
+        return 0.0
+    if not counted:
+        return 1.0
+    counts = re.findall(re.escape(marker) + r"(\d+)/(\d+)", result.stdout)
+    if not counts:
+        return 0.0
+    passed, total = counts[-1]
+    return min(int(passed), int(total)) / int(total)
 
 
 def hacks(jobs: Sequence[Job], rewards: Sequence[float], check: Check, sandbox: SandboxConfig,

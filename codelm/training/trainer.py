@@ -22,7 +22,7 @@ from codelm.runtime import distributed, process
 from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
 from codelm.runtime.process import progress_bar
 from codelm.runtime.settings import setting
-from codelm.trainconfig import TrainConfig
+from codelm.trainconfig import GRPO_TASK, TrainConfig
 from codelm.training.optim import build_optimizer
 
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
@@ -79,6 +79,14 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
 
 
+def best_quality(task: str, loss: float) -> str:
+    """The best evaluation as the run's last lines say it: its loss and perplexity, or task
+    grpo's pass@1 (its val_loss is the share of held-out problems failed)."""
+    if task == GRPO_TASK:
+        return f"best validation pass@1 {1.0 - loss:.3f}"
+    return f"best validation loss {loss:.4f} (perplexity {perplexity(loss):.2f})"
+
+
 class StepAbandoned(Exception):
     """A stop signal came mid-step: the step was dropped before its update, nothing applied."""
 
@@ -99,6 +107,7 @@ class StepStats:
     lr: float  # the learning rate this step used (the scheduler has moved on by the time it logs)
     skipped: bool = False  # the fp16 scaler skipped the update (inf/NaN gradients)
     nonfinite: str | None = None  # "loss" or "gradient": the step was not applied
+    extra: dict | None = None  # a task's own metrics of the step (GRPO's rewards, timings)
 
 
 class Trainer:
@@ -209,12 +218,17 @@ class Trainer:
                         loss = loss * float("nan")
                     self.scaler.scale(loss * weight).backward()
                 loss_sum += loss.detach().float()
+        loss_sum = all_reduce_sum(loss_sum, self.dist)
+        return self.update(loss_sum / n_tokens.clamp(min=1.0), n_positions)
+
+    def update(self, loss: torch.Tensor, n_positions: torch.Tensor) -> StepStats:
+        """The optimizer step on the gradients the step's backward left: unscaled, clipped,
+        applied unless the ``loss`` (the step's, detached) or their norm is not finite."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        loss_sum = all_reduce_sum(loss_sum, self.dist)
         loss, norm, positions = torch.stack(
-            [loss_sum / n_tokens.clamp(min=1.0), grad_norm.float(), n_positions]).tolist()
+            [loss.float(), grad_norm.float(), n_positions.float()]).tolist()
         positions = int(positions)
         lr = self.optimizer.param_groups[0]["lr"]
         if not math.isfinite(loss) or (not math.isfinite(norm) and not self.scaler.is_enabled()):

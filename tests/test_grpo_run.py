@@ -1,0 +1,376 @@
+"""Task grpo in trainingmanager's one loop: a tiny model, fine-tuned to answer 1 or 2 where its
+problems' tests want 1, sampled, rewarded by the sandboxed tests and updated; the metrics each
+step logs, micro-batches that give one batch's gradient (codelm.training.grpo's TRL loss), the
+reward of partial credit and the control arm's shuffle, the bad inputs refused in one line, and
+kill -9 during sampling, verdicts or the update, then --resume, ending bit-exactly on an
+uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import trainingmanager as tm
+from codelm import trainconfig
+from codelm.data.problems import generate_problems
+from codelm.evaluation.tasks.passk import run_check
+from codelm.models import pretrained
+from codelm.sandbox import runner
+from codelm.sandbox.runner import SandboxConfig
+from codelm.training import grpo, rewards, rollout
+from tokenizer import CodeTokenizer, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+METRICS = ("loss", "grad_norm", "reward_mean", "reward_std", "pass_rate", "equal_reward_groups",
+           "completion_length", "truncated", "hack_rate", "entropy", "clip_ratio", "sampling_s",
+           "verdicts_s", "update_s", "samples_per_s", "verdicts_per_s")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bit-exact comparisons between processes need the same reduction order: one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def problem(i: int, answer: int = 1) -> dict:
+    """Function f{i} returning ``answer``: the prompt ends at ``return``."""
+    return {"task_id": f"easy/{i}", "prompt": f"def f{i}(x):\n    return ",
+            "entry_point": f"f{i}", "canonical_solution": f"{answer}\n",
+            "test": f"def check(candidate):\n    assert candidate(0) == {answer}\n"}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny model fine-tuned to complete ``return `` with 1 or 2 (half each), and problems
+    whose tests want 1: its samples earn differing rewards, so GRPO has something to learn."""
+    root = tmp_path_factory.mktemp("grpo")
+    pairs = [{"prompt": problem(i)["prompt"], "completion": f"{1 + (i + j) % 2}\n"}
+             for i in range(8) for j in range(6)]
+    data = write_jsonl(root / "pairs.jsonl", pairs)
+    texts = [p["prompt"] + p["completion"] for p in pairs] + ["def f(x):\n    return 3\n"] * 3
+    tok = CodeTokenizer.train(texts, min_freq=1)
+    tok.save(root)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sft = tm.train(trainconfig.TrainConfig(
+        task="completion", data=[data], tokenizer=str(root / "tokenizer.json"), preset="tiny",
+        block_size=32, batch_size=8, packing=False, max_steps=40, lr=3e-3, warmup_steps=2,
+        eval_every=40,
+        progress=False, out_dir=str(root / "runs"), name="sft", final_eval=False,
+        sample_tokens=4, report_to=["none"],
+        data_options={"cache_dir": str(root / "cache"), "progress": False}))
+    torch.set_num_threads(before)
+    return {"model": str(sft.export_dir), "root": root,
+            "train": write_jsonl(root / "train.jsonl", [problem(i) for i in range(6)]),
+            "val": write_jsonl(root / "val.jsonl", [problem(i) for i in range(6, 8)])}
+
+
+def grpo_cfg(assets, tmp_path, **overrides) -> trainconfig.TrainConfig:
+    values = dict(task="grpo", init_from=assets["model"], problems=assets["train"],
+                  val_problems=assets["val"], num_generations=4, batch_size=2, max_steps=4,
+                  max_completion_tokens=4, lr=1e-3, warmup_steps=0, eval_every=4, log_every=1,
+                  save_every=2, keep_last=5, progress=False, export=False,
+                  out_dir=str(tmp_path / "runs"), name="run", report_to=["none"])
+    values.update(overrides)
+    return trainconfig.TrainConfig(**values)
+
+
+def logged(run_dir: Path, kind: str) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [entry for entry in map(json.loads, lines) if entry["kind"] == kind]
+
+
+def test_a_grpo_run_samples_scores_and_logs_each_step(assets, tmp_path, capsys):
+    """Each step's line holds the rewards, pass rate, KL-free loss metrics, timings and
+    throughput; the samples differ in reward, so the loss moves the weights; an evaluation
+    scores the held-out problems' greedy pass@1."""
+    result = tm.train(grpo_cfg(assets, tmp_path))
+    train = logged(result.run_dir, "train")
+    assert [entry["step"] for entry in train] == [1, 2, 3, 4]
+    for entry in train:
+        assert set(METRICS) <= entry.keys(), set(METRICS) - entry.keys()
+        assert 0.0 <= entry["reward_mean"] <= 1.0 and entry["hack_rate"] == 0.0
+    assert any(entry["reward_std"] > 0 and entry["loss"] != 0 for entry in train)
+    (val,) = logged(result.run_dir, "val")
+    assert val["val_pass@1"] in (0.0, 0.5, 1.0) and val["val_loss"] == 1.0 - val["val_pass@1"]
+    out = capsys.readouterr().out
+    assert "| reward_mean " in out and "val pass@1 " in out
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_reward_and_the_shuffled_control_does_not(assets, tmp_path):
+    """The same run's compute with the rewards shuffled within each batch: the real rewards
+    rise over the run, the control's do not rise as far."""
+    common = dict(max_steps=16, eval_every=16, save_every=16, batch_size=3, num_generations=8)
+    real = logged(tm.train(grpo_cfg(assets, tmp_path, name="real", **common)).run_dir, "train")
+    control = logged(tm.train(grpo_cfg(assets, tmp_path, name="control", shuffle_rewards=True,
+                                       **common)).run_dir, "train")
+
+    def late(entries: list[dict]) -> float:
+        return sum(e["reward_mean"] for e in entries[-4:]) / 4
+
+    early = sum(e["reward_mean"] for e in real[:4]) / 4
+    assert late(real) > early + 0.2
+    assert late(real) > late(control) + 0.2
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_micro_batches_give_the_whole_batchs_loss_and_gradient(assets, tmp_path, loss_type):
+    """grad_accum 3 over a step's completions: the summed loss and the gradients equal
+    grpo.policy_loss's (TRL's) on the whole batch at once."""
+    high = 5.0 if loss_type == "cispo" else None
+    cfg = grpo_cfg(assets, tmp_path, grpo_loss_type=loss_type, epsilon_high=high, grad_accum=3,
+                   num_generations=3, warmup_steps=0, max_steps=10)
+    tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
+    model = pretrained.load(assets["model"], device="cpu")
+    problems = [problem(i) for i in range(2)]
+    trainer = rollout.GRPOTrainer(model, cfg, torch.device("cpu"), tok, False, problems)
+    completions = trainer.sample(problems, 1)
+    earned = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    loss, _, metrics = trainer.backward(completions, rollout.Scored(earned, earned, [False] * 6,
+                                                                    6), False)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    batch = rollout.completion_batch(completions, torch.device("cpu"),
+                                     trainer.loss_cfg.mask_truncated_completions)
+    logps, entropy = grpo.completion_logps(model, batch.ids, batch.completion_mask,
+                                           batch.prompt_mask, trainer.loss_cfg.temperature)
+    advantages = grpo.group_advantages(earned, 3, cfg.scale_rewards)
+    whole, theirs = grpo.policy_loss(logps, None, None, advantages, batch.completion_mask,
+                                     trainer.loss_cfg, entropy=entropy)
+    whole.backward()
+    assert abs(float(loss) - float(whole.detach())) < 1e-6
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5)
+    assert abs(metrics["entropy"] - float(theirs["entropy"])) < 1e-5
+
+
+def test_a_lora_run_takes_its_base_as_the_kl_reference(assets, tmp_path):
+    """grpo_beta > 0 under LoRA: no second model; the KL to the base is 0 before the first
+    update and positive after it."""
+    result = tm.train(grpo_cfg(assets, tmp_path, lora_r=4, lora_alpha=8.0, grpo_beta=0.1,
+                               max_steps=3, eval_every=3, save_every=3, lr=3e-2))
+    train = logged(result.run_dir, "train")
+    assert train[0]["kl"] == 0.0 and train[-1]["kl"] > 0.0
+
+
+def test_a_full_fine_tune_keeps_a_frozen_copy_as_the_kl_reference(assets, tmp_path):
+    """grpo_beta > 0 training every weight: the reference is the starting model, frozen apart
+    from the policy, which moves away from it."""
+    cfg = grpo_cfg(assets, tmp_path, grpo_beta=0.1, lr=3e-2)
+    tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
+    problems = [problem(i) for i in range(2)]
+    model = pretrained.load(assets["model"], device="cpu")
+    trainer = rollout.GRPOTrainer(model, cfg, torch.device("cpu"), tok, False, problems)
+    reference = trainer.reference
+    assert reference is not None and reference is not model
+    assert not any(p.requires_grad for p in reference.parameters())
+    start = {n: p.clone() for n, p in reference.named_parameters()}
+    kls = [trainer.train_step(problems).extra["kl"] for _ in range(3)]
+    assert kls[0] == 0.0 and kls[-1] > 0.0
+    assert all(torch.equal(start[n], p) for n, p in reference.named_parameters())
+
+
+def test_partial_credit_counts_the_asserts_that_hold_and_no_exploit_earns_any():
+    """A generated problem's ten asserts: the solution earns 1, a half-right body 0.5; an
+    early exit, a forged count and every exploit of the corpus earn 0."""
+    (generated,) = generate_problems(1, 0)
+    assert generated["canonical_solution"] == "    for _ in range(2):\n        x = 3 * x\n    return x\n"
+    jobs = [(generated, generated["canonical_solution"]),
+            (generated, "    return 9 * x if x < 10 else 0\n"),  # 5 of its 10 inputs are < 10
+            (generated, "    import sys\n    sys.exit(0)\n"),
+            (generated, "    print('codelm-credit-0:10/10')\n    return 0\n")]
+    jobs += [(generated, rewards.exploit_completion(generated, source))
+             for source in rewards.exploits().values()]
+    earned = rewards.partial_rewards(jobs, run_check, SandboxConfig(timeout_s=2.0), workers=2)
+    assert earned[:4] == [1.0, 0.5, 0.0, 0.0]
+    assert len(earned[4:]) >= 25 and set(earned[4:]) == {0.0}
+
+
+def test_a_test_with_no_assert_at_its_top_passes_or_fails_whole():
+    test = "def check(candidate):\n    for x in range(3):\n        assert candidate(x) == x\n"
+    assert rewards.counting_test(test, True, "M:") == test
+    counted = rewards.counting_test("assert f(1) == 1\nassert f(2) == 2\n", False, "M:")
+    assert counted.count("_codelm_passed[0] += 1") == 2 and "'/2'" in counted
+
+
+def test_the_control_arm_permutes_the_rewards_within_the_step(assets, tmp_path):
+    """shuffle_rewards: the loss sees the step's rewards permuted (the same ones, drawn from the
+    run's seed and the step); the logged rewards stay the true ones."""
+    cfg = grpo_cfg(assets, tmp_path, shuffle_rewards=True, num_generations=8)
+    tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
+    problems = [problem(i) for i in range(2)]
+    trainer = rollout.GRPOTrainer(pretrained.load(assets["model"], device="cpu"), cfg,
+                                  torch.device("cpu"), tok, False, problems)
+    completions = trainer.sample(problems, 1)
+    first = trainer.score(problems, completions, 1)
+    again = trainer.score(problems, completions, 1)
+    assert torch.equal(first.rewards, again.rewards)
+    assert sorted(first.rewards.tolist()) == sorted(first.true_rewards.tolist())
+    orders = {tuple(trainer.score(problems, completions, step).rewards.tolist())
+              for step in range(1, 6)}
+    assert len(orders) > 1
+
+
+# ---- Bad input: one line naming the fix ----
+
+def fails(argv: list[str], capsys) -> str:
+    assert tm.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ")
+    return err[-1]
+
+
+def grpo_argv(assets, tmp_path, *more: str, model: tuple[str, ...] | None = None,
+              length: tuple[str, ...] = ("--max-steps", "2")) -> list[str]:
+    model = ("--init-from", assets["model"]) if model is None else model
+    return ["--task", "grpo", *model, "--problems", assets["train"], *length, "--batch-size",
+            "2", "--num-generations", "2", "--max-completion-tokens", "4", "--no-progress",
+            "--no-export", "--report-to", "none", "--out-dir", str(tmp_path / "runs"), *more]
+
+
+def test_a_group_of_one_is_refused(assets, tmp_path, capsys):
+    line = fails(grpo_argv(assets, tmp_path, "--num-generations", "1"), capsys)
+    assert "num_generations (1, --num-generations)" in line and "2 or more" in line
+
+
+def test_grpo_settings_need_task_grpo_and_a_length(assets, tmp_path, capsys):
+    line = fails(["--num-generations", "4", "--partial-credit", "--max-steps", "1"], capsys)
+    assert "num_generations" in line and "partial_credit" in line and "set task grpo" in line
+    assert "set max_steps or epochs" in fails(grpo_argv(assets, tmp_path, length=()), capsys)
+
+
+def test_a_problem_whose_solution_fails_its_test_is_refused_before_training(assets, tmp_path,
+                                                                            capsys):
+    broken = {**problem(9), "canonical_solution": "2\n"}
+    path = write_jsonl(tmp_path / "broken.jsonl", [problem(0), broken])
+    argv = grpo_argv(assets, tmp_path, "--problems", path)
+    line = fails(argv, capsys)
+    assert f"problems ({path!r}, --problems)" in line and "easy/9" in line
+    assert "canonical solutions fail" in line and "fix or drop them" in line
+    assert not list((tmp_path / "runs").glob("*/checkpoints"))
+
+
+def test_a_tokenizer_without_an_end_of_text_token_is_refused(assets, tmp_path, capsys):
+    texts = [problem(i)["prompt"] + "1\n" for i in range(8)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    model = ("--preset", "tiny", "--tokenizer", str(tmp_path / "tok" / "tokenizer.json"))
+    line = fails(grpo_argv(assets, tmp_path, model=model), capsys)
+    assert "no end-of-text token" in line and "use a tokenizer with an EOS token" in line
+
+
+def test_rewards_equal_in_every_group_are_named_with_the_fix(assets, tmp_path, capsys):
+    """Problems wanting 3, which the model never writes: every reward 0, warned once."""
+    path = write_jsonl(tmp_path / "threes.jsonl", [problem(i, answer=3) for i in range(4)])
+    assert tm.main(grpo_argv(assets, tmp_path, "--problems", path)) == 0
+    err = capsys.readouterr().err
+    assert err.count("equal rewards for 2 step(s) in a row") == 1
+    assert "the model solves none" in err and "partial_credit" in err
+
+
+def test_a_sandbox_that_cannot_confine_is_refused(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(runner, "confinement", lambda: "this kernel offers no Landlock")
+    line = fails(grpo_argv(assets, tmp_path), capsys)
+    assert "cannot confine" in line and "no Landlock" in line and "Landlock (5.13+)" in line
+
+
+# ---- kill -9 during sampling, verdicts or the update; then --resume ----
+
+KILLER = r"""
+import os, signal, sys
+from codelm.training import rollout
+import trainingmanager as tm
+
+phase, at, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
+original = getattr(rollout.GRPOTrainer, phase)
+calls = [0]
+
+def killed(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), sig)
+    return original(self, *args, **kwargs)
+
+setattr(rollout.GRPOTrainer, phase, killed)
+sys.exit(tm.main(sys.argv[4:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory):
+    """An uninterrupted run of 5 steps: its final weights."""
+    tmp = tmp_path_factory.mktemp("straight")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    result = tm.train(grpo_cfg(assets, tmp, name="straight", max_steps=5, eval_every=5))
+    torch.set_num_threads(before)
+    return load_file(result.run_dir / "checkpoints" / "step-5" / "model.safetensors")
+
+
+@pytest.mark.parametrize("phase", [
+    "sample", pytest.param("score", marks=pytest.mark.slow),
+    pytest.param("backward", marks=pytest.mark.slow)])
+def test_kill_9_then_resume_ends_on_the_uninterrupted_runs_weights(assets, tmp_path, straight,
+                                                                   phase):
+    """SIGKILL inside step 4's sampling, verdicts or update (the checkpoint of step 2 the last):
+    --resume replays steps 3 to 5, sampling what the straight run sampled."""
+    cfg = grpo_cfg(assets, tmp_path, name="killed", max_steps=5, eval_every=5)
+    config = tmp_path / "killed.json"
+    config.write_text(json.dumps(dataclasses.asdict(cfg)))
+    proc = subprocess.run([sys.executable, "-c", KILLER, phase, "4", "SIGKILL", "--config",
+                           str(config)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run = Path(cfg.out_dir) / "killed"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    assert tm.main(["--resume", str(run)]) == 0
+    resumed = load_file(run / "checkpoints" / "step-5" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+@pytest.mark.slow
+def test_sigterm_during_sampling_drops_the_step_and_resumes_bit_exactly(assets, tmp_path,
+                                                                         straight):
+    """SIGTERM as step 4 starts sampling: the step is dropped before any update, a checkpoint
+    of step 3 keeps the step's start, and --resume ends on the straight run's weights."""
+    cfg = grpo_cfg(assets, tmp_path, name="stopped", max_steps=5, eval_every=5)
+    config = tmp_path / "stopped.json"
+    config.write_text(json.dumps(dataclasses.asdict(cfg)))
+    proc = subprocess.run([sys.executable, "-c", KILLER, "sample", "4", "SIGTERM", "--config",
+                           str(config)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "step 4 dropped mid-way, not applied" in proc.stdout
+    run = Path(cfg.out_dir) / "stopped"
+    assert (run / "checkpoints" / "step-3").is_dir()
+    assert tm.main(["--resume", str(run)]) == 0
+    resumed = load_file(run / "checkpoints" / "step-5" / "model.safetensors")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
