@@ -238,6 +238,14 @@ def _paired_trainer(cls, **attributes) -> SimpleNamespace:
     return trainer
 
 
+def _logits_model(logits: torch.Tensor) -> SimpleNamespace:
+    """A stand-in for a Transformer whose blocks hand back ``logits`` and whose final norm and
+    head pass them on: token_logps then reads the same logits TRL's stub gives."""
+    return SimpleNamespace(run_blocks=lambda ids, positions, mask: logits,
+                           norm_f=lambda x: x, lm_head=lambda x: x,
+                           cfg=SimpleNamespace(logit_softcap=None))
+
+
 def _logits_case(cfg: PreferenceConfig, trainer: SimpleNamespace, cls, seed: int) -> None:
     """The whole path from the logits: TRL's forward, log-probs, NLL and loss against
     token_logps and pair_loss through a model that hands back the same logits. The logits put
@@ -253,7 +261,7 @@ def _logits_case(cfg: PreferenceConfig, trainer: SimpleNamespace, cls, seed: int
     theirs, logged = cls.get_batch_loss_metrics(trainer, stub, batch)
 
     ours_leaf = logits.clone().requires_grad_(True)
-    model = lambda ids, attention_mask=None: ours_leaf  # noqa: E731
+    model = _logits_model(ours_leaf)
     logps = preference.token_logps(model, ids, attention)
     ours, metrics = preference.pair_loss(logps, attention, completion, cfg)
     _check(ours, theirs, ours_leaf, theirs_leaf, metrics, logged)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import lora
 from architecture import Transformer
-from codelm.training import grpo
+from codelm import kernels
+from codelm.kernels import IGNORE_INDEX
 
 METHODS = ("dpo", "kto", "orpo", "simpo")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -86,10 +87,26 @@ def _positive(name: str, value: float) -> None:
 
 def token_logps(model: Transformer, ids: torch.Tensor, attention_mask: torch.Tensor
                 ) -> torch.Tensor:
-    """(N, L - 1): the log-prob of each of ``ids[:, 1:]`` (N, L) given the tokens before it,
-    through the model's own forward (grpo.completion_logps over the whole row); 0 at pads."""
-    return grpo.completion_logps(model, ids, attention_mask[:, 1:], attention_mask[:, :1],
-                                 with_entropy=False)[0]
+    """(N, L - 1): the log-prob of each of ``ids[:, 1:]`` (N, L, right-padded) given the tokens
+    before it, under the model's blocks and head (``head_logps``: the whole logits never held,
+    so a step over the pairs holds what a supervised step over the same rows holds); 0 at pads."""
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+    hidden = model.norm_f(model.run_blocks(ids, positions, None))[:, :-1]
+    labels = ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+    return head_logps(hidden, model.lm_head, labels, model.cfg.logit_softcap)
+
+
+@kernels.faster(kernels.head_token_logps)
+def head_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+               cap: float | None = None) -> torch.Tensor:
+    """log_softmax(head(hidden))[label] in fp32 at each position of ``hidden`` (..., D) (the
+    logit less its row's logsumexp, as TRL's selective_log_softmax), 0 where ``labels`` is
+    IGNORE_INDEX; ``cap``: the logits soft-capped first (Gemma 2)."""
+    logits = head(hidden).float()
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    picked = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (picked - logits.logsumexp(-1)).masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
 def sequence_logps(logps: torch.Tensor, completion_mask: torch.Tensor,
