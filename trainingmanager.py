@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from architecture import Transformer
+from codelm.data.config import PREFERENCE_TASKS
 from codelm.data.datasets import collate
 from codelm.models.generation import GenerationConfig, generate
 from codelm.runs import rundir
@@ -568,8 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if has_final_eval(cfg) and result.export_dir is not None:
         finish.final_quality(result.run_dir, result.val_metrics, cfg.device)
     if result.best_val_loss is not None:
-        print(f"best validation loss {result.best_val_loss:.4f} (perplexity "
-              f"{perplexity(result.best_val_loss):.2f}) at step {result.best_step}; run dir "
+        ppl = ("" if cfg.task in PREFERENCE_TASKS  # a preference loss is no token's NLL
+               else f" (perplexity {perplexity(result.best_val_loss):.2f})")
+        print(f"best validation loss {result.best_val_loss:.4f}{ppl} at step {result.best_step}; run dir "
               f"{result.run_dir}")
     return 0
 

@@ -26,6 +26,7 @@ from tiny_hf import save_tiny_hf
 from trl import DPOTrainer, KTOTrainer
 
 import lora
+from architecture import head_logps
 from codelm.models import pretrained
 from codelm.models.adapter_config import LoRAConfig
 from codelm.training import preference
@@ -238,12 +239,14 @@ def _paired_trainer(cls, **attributes) -> SimpleNamespace:
     return trainer
 
 
-def _logits_model(logits: torch.Tensor) -> SimpleNamespace:
-    """A stand-in for a Transformer whose blocks hand back ``logits`` and whose final norm and
-    head pass them on: token_logps then reads the same logits TRL's stub gives."""
-    return SimpleNamespace(run_blocks=lambda ids, positions, mask: logits,
-                           norm_f=lambda x: x, lm_head=lambda x: x,
-                           cfg=SimpleNamespace(logit_softcap=None))
+def _logits_model(logits: torch.Tensor):
+    """A stand-in for a Transformer whose forward has ``logits`` (over every row's tokens) and
+    an identity head: token_logps then reads the same logits TRL's stub gives."""
+    def forward(ids, labels, token_logps):
+        assert token_logps
+        return head_logps(logits[:, :ids.shape[1]], lambda x: x, labels)
+
+    return forward
 
 
 def _logits_case(cfg: PreferenceConfig, trainer: SimpleNamespace, cls, seed: int) -> None:

@@ -152,6 +152,8 @@ PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build"
 RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
                          "codelm.training.optim")
 GRPO, PREFERENCE = "codelm.training.grpo", "codelm.training.preference"
+PREFERENCE_BATCHES, PREFERENCE_RUN = ("codelm.training.preference_batches",
+                                      "codelm.training.preference_run")
 REWARDS = "codelm.training.rewards"
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT, UNICODE9, NORMALIZATION, CUTS, MERGES,
                 SPIECE, ADDED, COMPILED}
@@ -160,15 +162,15 @@ DATA_SOURCES, CLEANING = "codelm.data.sources", "codelm.data.cleaning"
 DEDUPE, SHARDS = "codelm.data.dedupe", "codelm.data.shards"
 SPLITS, EXAMPLES = "codelm.data.splits", "codelm.data.examples"
 ENCODING, DATASETS = "codelm.data.encoding", "codelm.data.datasets"
-GENERATED_PROBLEMS = "codelm.data.problems"
+GENERATED_PROBLEMS, PREFERENCE_DATA = "codelm.data.problems", "codelm.data.preferences"
 DATA = {DATA_CONFIG, DATA_CACHE, DATA_SOURCES, CLEANING, DEDUPE, SHARDS, SPLITS, EXAMPLES, ENCODING,
-        DATASETS, GENERATED_PROBLEMS}
+        DATASETS, GENERATED_PROBLEMS, PREFERENCE_DATA}
 BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER, ENGINE, SERVING,
-    ENDPOINTS, GRPO, PREFERENCE, REWARDS}
+    ENDPOINTS, GRPO, PREFERENCE, REWARDS, PREFERENCE_BATCHES, PREFERENCE_RUN}
 # What a task module may import: the data's examples and encoding, a loaded model, the sandbox,
 # the metrics and scoring, the problems files and pass@k.
 TASK_FLOOR = {PROCESS, SETTINGS, GENERATION, RUNNER, "tokenizer", BPE, SOURCE, DATA_CONFIG,
@@ -221,6 +223,7 @@ MAY_IMPORT = {
                SPLITS},
     DATASETS: {KERNELS, EXAMPLES},
     GENERATED_PROBLEMS: {PROCESS, SETTINGS},
+    PREFERENCE_DATA: {"tokenizer", BPE, "scraping", DATA_CONFIG, DATA_SOURCES},
     "dataset": {PROCESS, SETTINGS, BATCHING, BPE, KERNELS, "tokenizer"} | DATA,
     BATCHES: {DATASETS, KERNELS},
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", DATA_CONFIG},
@@ -255,14 +258,17 @@ MAY_IMPORT = {
     TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
     RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     GRPO: {"architecture", "lora", KERNELS},
-    PREFERENCE: {"architecture", "lora", KERNELS, GRPO},
+    PREFERENCE: {"architecture", "lora", KERNELS, GRPO, DATA_CONFIG},
     REWARDS: {SETTINGS, RUNNER},
     PLAN: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
-           TRAINCONFIG},
+           TRAINCONFIG, DATA_CONFIG, PREFERENCE},
+    PREFERENCE_BATCHES: {PREFERENCE_DATA, BATCHES},
+    PREFERENCE_RUN: {PROCESS, "lora", DATA_CONFIG, EXAMPLES, PREFERENCE_DATA, DISTRIBUTED,
+                     TRAINCONFIG, PREFERENCE, PREFERENCE_BATCHES, TRAINER},
     BUILD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
             TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", GGUF_WRITER,
             DATA_CONFIG, DATA_CACHE, ENCODING, EXAMPLES, "dataset", BATCHES, TRAINCONFIG,
-            DISTRIBUTED, TRAINER, RECORD, PLAN, LOADING},
+            DISTRIBUTED, TRAINER, RECORD, PLAN, LOADING, PREFERENCE_RUN},
     FINISH: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER, ENCODING,
              EXAMPLES, GENERATION, "tokenizer", TRAINER, RECORD, BUILD, LOADING, "eval"},
     "trainingmanager": BELOW_FLOOR_3 | {LOADING, "eval"},

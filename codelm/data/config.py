@@ -12,6 +12,8 @@ from codelm.runtime import process, settings
 FIM_SENTINELS = 3
 
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim", "chat")
+# The preference tasks (codelm.data.preferences reads their data, not ``prepare``).
+PREFERENCE_TASKS = ("dpo", "kto", "orpo", "simpo")
 SPLITS = ("train", "val", "test")
 
 REFACTOR_TEMPLATE = "### Refactor the following Python code to improve quality:\n\n{input}\n"

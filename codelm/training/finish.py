@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import eval as evaluation
 import lora
 from codelm import loading
+from codelm.data.config import PREFERENCE_TASKS
 from codelm.data.encoding import encode_prompts, prompt_prefix, reads_special_tokens
 from codelm.data.examples import SamplePrompt
 from codelm.gguf import writer
@@ -90,8 +91,8 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
 
     write_dir_atomically(export, write)
     best_loss = run.state.best_val_loss
-    print(f"exported to {export} (best validation loss {best_loss:.4f}, perplexity "
-          f"{perplexity(best_loss):.2f})")
+    ppl = "" if cfg.task in PREFERENCE_TASKS else f", perplexity {perplexity(best_loss):.2f}"
+    print(f"exported to {export} (best validation loss {best_loss:.4f}{ppl})")
     if cfg.export_gguf is not None:
         print(writer.ollama_hint(export / rundir.GGUF_FILE, cfg.export_gguf))
     return export, sample

@@ -96,7 +96,7 @@ class RunRecord:
         """The train line of this step (metrics.jsonl, the trackers)."""
         values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                   "tokens_per_s": tok_s, "tokens_seen": state.tokens_seen,
-                  "memory_mb": memory_mb(trainer.device), "epoch": epoch}
+                  "memory_mb": memory_mb(trainer.device), "epoch": epoch, **stats.metrics}
         if trainer.scaler.is_enabled():
             values["loss_scale"] = trainer.scaler.get_scale()
         self.log.write(state.step, "train", values)
@@ -229,6 +229,12 @@ def divergence_causes(lr: float, precision: str, injected: bool) -> list[str]:
     return causes
 
 
+# A step's own metrics (StepStats.metrics) the console shows, by the name it shows them under:
+# the preference tasks' implicit-reward accuracy and margin, and the policy's log-probs.
+CONSOLE_METRICS = {"rewards/accuracies": "acc", "rewards/margins": "margin",
+                   "logps/chosen": "logp_chosen", "logps/rejected": "logp_rejected"}
+
+
 class Progress:
     """The console's view of the step loop: a progress bar on a terminal, else (a log file,
     --no-progress) a line per logged step; a line per evaluation with the time left. Tokens a
@@ -259,10 +265,13 @@ class Progress:
         self.tok_s = self.window_tokens / max(now - self.window_start, 1e-9)
         self.window_start = now
         self.window_tokens = 0
-        self.bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
-                             tok_s=f"{self.tok_s:.0f}", refresh=False)
+        shown = {CONSOLE_METRICS[k]: f"{v:.3f}" for k, v in stats.metrics.items()
+                 if k in CONSOLE_METRICS}
+        self.bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", **shown,
+                             lr=f"{stats.lr:.2e}", tok_s=f"{self.tok_s:.0f}", refresh=False)
         if self.lines:
-            print(f"step {step}/{self.state.max_steps} | loss {stats.loss:.4f} | lr "
+            extra = "".join(f" | {name} {value}" for name, value in shown.items())
+            print(f"step {step}/{self.state.max_steps} | loss {stats.loss:.4f}{extra} | lr "
                   f"{stats.lr:.2e} | {self.tok_s:,.0f} tok/s | epoch {epoch:.2f}", flush=True)
         return self.tok_s
 
@@ -275,10 +284,13 @@ class Progress:
         eta = elapsed / max(state.step - self.first_step, 1) * (state.max_steps - state.step)
         train = "" if state.train_loss is None else f"train loss {state.train_loss:.4f} | "
         bpb = f" ({metrics['val_bpb']:.3f} bits/byte)" if "val_bpb" in metrics else ""
+        ppl = f" | ppl {metrics['val_ppl']:.2f}" if "val_ppl" in metrics else ""
+        acc = f" | acc {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
+        margin = metrics.get("val_rewards/margins")
+        margin = f" | margin {margin:.3f}" if margin is not None else ""
         self.say(f"eval step {state.step}/{state.max_steps} | {train}val loss "
-                 f"{metrics['val_loss']:.4f}{bpb} | ppl {metrics['val_ppl']:.2f} | acc "
-                 f"{metrics['val_accuracy']:.3f} | {self.tok_s:,.0f} tok/s | elapsed "
-                 f"{duration(elapsed)} | ETA {duration(eta)}")
+                 f"{metrics['val_loss']:.4f}{bpb}{ppl}{acc}{margin} | {self.tok_s:,.0f} tok/s "
+                 f"| elapsed {duration(elapsed)} | ETA {duration(eta)}")
 
     def say(self, line: str) -> None:
         """A line on stdout from rank 0, above the bar."""

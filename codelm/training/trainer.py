@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -99,6 +99,7 @@ class StepStats:
     lr: float  # the learning rate this step used (the scheduler has moved on by the time it logs)
     skipped: bool = False  # the fp16 scaler skipped the update (inf/NaN gradients)
     nonfinite: str | None = None  # "loss" or "gradient": the step was not applied
+    metrics: dict = field(default_factory=dict)  # a task's own (preference rewards), logged
 
 
 class Trainer:
@@ -209,12 +210,18 @@ class Trainer:
                         loss = loss * float("nan")
                     self.scaler.scale(loss * weight).backward()
                 loss_sum += loss.detach().float()
+        loss_sum = all_reduce_sum(loss_sum, self.dist)
+        return self._update(loss_sum / n_tokens.clamp(min=1.0), n_positions)
+
+    def _update(self, loss: torch.Tensor, n_positions: torch.Tensor) -> StepStats:
+        """The step's update from the gradients its micro-batches left: unscaled, clipped and
+        applied, unless the loss (the whole step's, reduced over the ranks) or the gradient is
+        not finite; the schedule moved on."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        loss_sum = all_reduce_sum(loss_sum, self.dist)
         loss, norm, positions = torch.stack(
-            [loss_sum / n_tokens.clamp(min=1.0), grad_norm.float(), n_positions]).tolist()
+            [loss.float(), grad_norm.float(), n_positions.float()]).tolist()
         positions = int(positions)
         lr = self.optimizer.param_groups[0]["lr"]
         if not math.isfinite(loss) or (not math.isfinite(norm) and not self.scaler.is_enabled()):
