@@ -5,12 +5,14 @@ unpair_preference_dataset makes them). Each field is plain text, or conversation
 {"role", "content"} messages, rendered by the tokenizer's chat template as TRL renders them (the
 prompt with the generation prompt, a completion as the text the whole conversation adds after
 it). Read from JSONL, parquet, a datasets ``save_to_disk`` directory or a cached Hugging Face
-dataset id (``read_preferences``), then encoded for a block of tokens (``encode_preferences``):
-each record is checked where it enters, a bad one refused in one line naming its file and line."""
+dataset id (``read_preferences``), then tokenized as TRL 1.16's trainers tokenize them and cut
+to a block of tokens (``encode_preferences``): each record is checked where it enters, a bad one
+refused in one line naming its file and line."""
 
 from __future__ import annotations
 
 import random
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -80,7 +82,7 @@ def read_preferences(sources: Sequence[str], unpaired: bool, cfg: DataConfig
             if cfg.max_docs is not None and len(records) >= cfg.max_docs:
                 return records[:cfg.max_docs]
     if skipped:
-        print(f"skip_bad: {skipped} bad preference record(s) skipped")
+        print(f"skip_bad: {skipped} bad preference record(s) skipped", file=sys.stderr)
     if not records:
         raise DataError(f"data {', '.join(sources)}: no preference records")
     return records
@@ -177,37 +179,30 @@ def split_records(records: Sequence[PreferenceRecord], val_frac: float, seed: in
 # ---- Encoding ----
 
 def encode_preferences(records: Sequence[PreferenceRecord], tok: CodeTokenizer | BPETokenizer,
-                       block_size: int, add_eos: bool = True
-                       ) -> tuple[list[Preference], Counter]:
+                       block_size: int) -> tuple[list[Preference], Counter]:
     """Each record's ids (``encode_record``), its completions cut to fit ``block_size`` tokens
     after the prompt; and the events counted (completions cut)."""
     events: Counter = Counter()
-    return [encode_record(r, tok, block_size, add_eos, events) for r in records], events
+    return [encode_record(r, tok, block_size, events) for r in records], events
 
 
 def encode_record(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer, block_size: int,
-                  add_eos: bool, events: Counter) -> Preference:
-    """The prompt after the template's start, each completion with EOS (as TRL's DPO adds it),
-    cut to the block; a DataError where the prompt leaves no room, or where the cut leaves a
-    pair's two the same."""
-    prompt_text, completion_texts = render(record, tok)
-    reads_specials = record.conversational  # a template's markers are its special tokens
-    prompt = tok.encode(prompt_text, split_special_tokens=not reads_specials)
-    prefix = tok.template_prefix
-    if prompt[:len(prefix)] != list(prefix):  # a template may write the start itself
-        prompt = [*prefix, *prompt]
+                  events: Counter) -> Preference:
+    """A record's ids as TRL 1.16's DPO and KTO trainers tokenize it (``tokenized``), each
+    completion cut to the ``block_size`` tokens the row may hold (``events``
+    completion_truncated counts the cuts); a DataError where the prompt leaves no room, or where
+    the cut leaves a pair's two the same."""
+    prompt, completions = tokenized(record, tok)
     room = block_size - len(prompt)
     if room < 1:
         raise DataError(f"{record.where}: the prompt is {len(prompt)} tokens, and block_size "
                         f"{block_size} leaves no room for a completion: raise --block-size, or "
                         "shorten the prompt")
-    completions = []
-    for text in completion_texts:
-        ids = tok.encode(text, split_special_tokens=not reads_specials)
-        if add_eos and tok.eos_id is not None and ids[-1:] != [tok.eos_id]:
-            ids.append(tok.eos_id)
-        events["completion_truncated"] += len(ids) > room
-        completions.append(ids[:room])
+    if not all(completions):
+        raise DataError(f"{record.where}: a completion adds no token to the prompt's: drop "
+                        "the record")
+    events["completion_truncated"] += sum(len(ids) > room for ids in completions)
+    completions = [ids[:room] for ids in completions]
     if len(completions) == 2 and completions[0] == completions[1]:
         raise DataError(f"{record.where}: 'chosen' and 'rejected' are the same in the "
                         f"{room} tokens block_size {block_size} leaves after the prompt: raise "
@@ -215,26 +210,48 @@ def encode_record(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer, b
     return Preference(prompt, tuple(completions), record.label)
 
 
-def render(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer
-           ) -> tuple[str, list[str]]:
-    """The prompt's text and each completion's: plain records as they are; a conversation
-    through the chat template, the prompt with the generation prompt and each completion the
-    text the whole conversation adds after it (TRL's maybe_apply_chat_template)."""
+def tokenized(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer
+              ) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, each completion's ids) as TRL tokenizes them: plain text as
+    ``tokenizer(text)`` reads it (the template's start first, special tokens' text as the
+    tokens), each completion ended with EOS; a conversation rendered by the chat template (the
+    prompt with the generation prompt, no EOS added: the template ends the turn). The prompt
+    and each prompt + completion are tokenized whole, and the completions start where the
+    prompt's ids and theirs first differ."""
+    if record.conversational:
+        if getattr(tok, "chat_template", None) is None:
+            raise DataError(f"{record.where}: conversational records need the tokenizer of an "
+                            "instruct model, whose tokenizer_config.json holds a chat_template "
+                            "(--init-from, --tokenizer)")
+        if record.prompt[-1]["role"] not in ("user", "tool"):
+            raise DataError(f"{record.where}: the prompt ends with a {record.prompt[-1]['role']} "
+                            "message: it must end with the user's (or a tool's), which the "
+                            "completions answer")
+        try:
+            prompt = tok.encode(tok.apply_chat_template(record.prompt,
+                                                        add_generation_prompt=True))
+            wholes = [tok.encode(tok.apply_chat_template(record.prompt + completion))
+                      for completion in record.completions]
+        except ValueError as e:  # the template's own error (raise_exception, an unknown role)
+            raise DataError(f"{record.where}: {e}") from None
+    else:
+        eos = [] if tok.eos_id is None else [tok.eos_id]
+        prompt = [*tok.template_prefix, *tok.encode(record.prompt)]
+        wholes = []
+        for completion in record.completions:
+            ids = [*tok.template_prefix, *tok.encode(record.prompt + completion)]
+            wholes.append(ids if ids[-1:] == eos else ids + eos)
+    shared = min(_common_prefix(prompt, whole) for whole in wholes)
+    return prompt[:shared], [whole[shared:] for whole in wholes]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def prompt_text(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer) -> str:
+    """The text a model is prompted with for ``record``: plain, or rendered by the chat
+    template with the generation prompt."""
     if not record.conversational:
-        return record.prompt, list(record.completions)
-    if getattr(tok, "chat_template", None) is None:
-        raise DataError(f"{record.where}: conversational records need the tokenizer of an "
-                        "instruct model, whose tokenizer_config.json holds a chat_template "
-                        "(--init-from, --tokenizer)")
-    if record.prompt[-1]["role"] == "assistant":
-        raise DataError(f"{record.where}: the prompt ends with an assistant message: the "
-                        "completions are the assistant's answer to it")
-    try:
-        prompt = tok.apply_chat_template(record.prompt, add_generation_prompt=True)
-        wholes = [tok.apply_chat_template(record.prompt + c) for c in record.completions]
-    except ValueError as e:  # the template's own error (raise_exception, an unknown role)
-        raise DataError(f"{record.where}: {e}") from None
-    if not all(whole.startswith(prompt) for whole in wholes):
-        raise DataError(f"{record.where}: chat_template: the prompt's text is not a prefix of "
-                        "the conversation's: the completion's tokens cannot be told apart")
-    return prompt, [whole[len(prompt):] for whole in wholes]
+        return record.prompt
+    return tok.apply_chat_template(record.prompt, add_generation_prompt=True)

@@ -54,7 +54,7 @@ METRICS = {"dpo": PAIR_METRICS, "orpo": (*PAIR_METRICS, "nll_loss", "log_odds_ra
 
 
 class PreferenceData(NamedTuple):
-    dcfg: DataConfig  # the data options read (val_frac, seed, skip_bad, max_docs, add_eos)
+    dcfg: DataConfig  # the data options read (val_frac, seed, skip_bad, max_docs)
     batches: PreferenceBatches
     sample_prompt: SamplePrompt | None  # the first validation prompt (plain records)
     data_id: dict  # what checkpoints record of the data
@@ -72,8 +72,8 @@ def prepare(cfg: TrainConfig, tok, block_size: int, dist: Dist) -> PreferenceDat
         train, val = records, read_preferences(cfg.val_data, unpaired, dcfg)
     else:
         train, val = split_records(records, dcfg.val_frac, dcfg.seed)
-    train_set, events = encode_preferences(train, tok, block_size, dcfg.add_eos)
-    val_set, val_events = encode_preferences(val, tok, block_size, dcfg.add_eos)
+    train_set, events = encode_preferences(train, tok, block_size)
+    val_set, val_events = encode_preferences(val, tok, block_size)
     cut = events["completion_truncated"] + val_events["completion_truncated"]
     if cut and dist.main:
         print(f"note: {cut} completion(s) cut to fit block_size {block_size} after their "
