@@ -177,3 +177,57 @@ def test_the_validation_split_is_seeded_and_keeps_a_records_two_halves_together(
     assert split_records(records, 0.1, seed=3) == (train, val)
     with pytest.raises(DataError, match="too few to hold out a validation split"):
         split_records(records[:2], 0.1, seed=3)
+
+
+def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):
+    """`eval.py --preference-pairs` on scored samples of the bundled problems (a generations
+    file: the sandbox runs each with its test): a problem with passing and failing samples gives
+    pairs (distinct programs, passing over failing, the verdicts with them), one that always
+    passes or always fails gives none and is counted; an exploit's program (cut where the
+    function ends, as every sample is) fails; the files read back as preference data."""
+    import eval as ev
+    from codelm.evaluation.tasks import passk
+    from codelm.models.generation import truncate_at_stops
+    from codelm.training import rewards
+
+    problems = passk.load_problems()[:3]
+    right = [p["prompt"] + p["canonical_solution"] for p in problems]
+    wrong = [p["prompt"] + "    return None\n" for p in problems]
+    cheat = problems[0]["prompt"] + rewards.exploit_completion(
+        problems[0], rewards.exploits()["equal_to_everything"])
+    generations = [[right[0], right[0] + "\n", wrong[0], cheat],  # 2 pairs
+                   [right[1]] * 4,  # all pass
+                   [wrong[2], wrong[2] + "\n", wrong[2], wrong[2]]]  # all fail
+    file = tmp_path / "generations.json"
+    file.write_text(json.dumps(generations))
+    out = tmp_path / "pairs" / "out.jsonl"
+    assert ev.main(["--tasks", "passk", "--limit", "3", "--load-generations", str(file),
+                    "--num-samples", "4", "--out-dir", str(tmp_path / "eval"), "--no-progress",
+                    "--preference-pairs", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert (f"preference pairs: 2 pairs from 1 of 3 problems in {out}; no pair from 1 whose "
+            "samples all passed and 1 whose samples all failed; 7 labelled completions (kto) in "
+            f"{tmp_path / 'pairs' / 'out.kto.jsonl'}") in said
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    prompt = problems[0]["prompt"]
+    cut = truncate_at_stops(cheat[len(prompt):], passk.PASSK.stops)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        (right[0][len(prompt):], wrong[0][len(prompt):]), ((right[0] + "\n")[len(prompt):], cut)]
+    assert {(p["task_id"], p["task"], p["chosen_status"], p["rejected_status"])
+            for p in pairs} == {(problems[0]["task_id"], "passk", "passed", "failed")}
+    labelled = [json.loads(line) for line in (tmp_path / "pairs" / "out.kto.jsonl").read_text()
+                .splitlines()]
+    assert [r["label"] for r in labelled] == [True, True, False, False, True, False, False]
+    cfg = DataConfig(progress=False)
+    assert len(read_preferences([str(out)], False, cfg)) == 2
+    assert len(read_preferences([str(tmp_path / "pairs" / "out.kto.jsonl")], True, cfg)) == 7
+
+
+def test_preference_pairs_need_a_pass_at_k_task_sampled_twice():
+    from codelm.evaluation.config import parse_config
+
+    with pytest.raises(ValueError, match=r"^preference_pairs \('p.jsonl', --preference-pairs\): "
+                                         "pairs a pass@k task's samples"):
+        parse_config(["--tasks", "lm", "--preference-pairs", "p.jsonl"])
+    with pytest.raises(ValueError, match="with num_samples .* of 2 or more"):
+        parse_config(["--tasks", "passk", "--preference-pairs", "p.jsonl"])

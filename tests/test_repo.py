@@ -139,6 +139,7 @@ TRAINCONFIG, LOADING = "codelm.trainconfig", "codelm.loading"
 EVAL_CONFIG, METRICS, SCORING = ("codelm.evaluation.config", "codelm.evaluation.metrics",
                                  "codelm.evaluation.scoring")
 EVAL_CORPUS, RESULTS = "codelm.evaluation.corpus", "codelm.evaluation.results"
+PREFERENCE_PAIRS = "codelm.evaluation.preference_pairs"
 PROBLEMS, PASSK, REGISTRY = ("codelm.evaluation.tasks.problems", "codelm.evaluation.tasks.passk",
                              "codelm.evaluation.tasks.registry")
 LM_TASK, TEXT_TASK, FIM_TASK, CODEXGLUE_TASK = (f"codelm.evaluation.tasks.{name}" for name in (
@@ -252,8 +253,10 @@ MAY_IMPORT = {
     EVAL_CORPUS: {SETTINGS, RUNDIR, CHECKPOINT, DATA_CONFIG, DATA_SOURCES, SPLITS, LOADING,
                   EVAL_CONFIG},
     RESULTS: {PROCESS, SETTINGS, DATA_SOURCES, EXAMPLES, ENCODING, LOADING, EVAL_CONFIG, REGISTRY},
+    PREFERENCE_PAIRS: {PROCESS},
     "eval": {PROCESS, SETTINGS, RUNDIR, GENERATION, SERVING, ENDPOINTS, DATA_CONFIG, DATA_SOURCES,
-             LOADING, EVAL_CONFIG, EVAL_CORPUS, RESULTS, SCORING, PASSK, REGISTRY},
+             LOADING, EVAL_CONFIG, EVAL_CORPUS, RESULTS, SCORING, PASSK, REGISTRY,
+             PREFERENCE_PAIRS},
     GGUF_COMMAND: {PROCESS, SETTINGS, FAMILIES, GGUF_WRITER, LOADING},
     TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
     RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
