@@ -462,9 +462,13 @@ class _HeadLogprobsFunction(torch.autograd.Function):
             for s in range(0, h.shape[0], step):
                 z = None  # the previous chunk goes before the next is formed
                 z = _chunk_logits(h[s:s + step], w, b, acc)
-                normalizers[s:s + step] = z.logsumexp(-1)
-                logps[s:s + step] = z.gather(-1, labels[s:s + step, None].clamp(min=0))[:, 0]
-        logps = torch.where(labels != IGNORE_INDEX, logps - normalizers, 0.0)
+                top = z.amax(-1, keepdim=True)
+                z.sub_(top)  # in place, as the loss's chunks: no second (rows, V) temporary
+                picked = z.gather(-1, labels[s:s + step, None].clamp(min=0))[:, 0]
+                log_sum = z.exp_().sum(-1).log_()
+                logps[s:s + step] = picked - log_sum
+                normalizers[s:s + step] = log_sum + top[:, 0]
+        logps = torch.where(labels != IGNORE_INDEX, logps, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels, normalizers)
         ctx.dtypes = (dt, acc)
         return logps
