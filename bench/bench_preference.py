@@ -12,8 +12,10 @@ model, the AdamW moments of the adapters), measured apart:
   head (architecture.head_logps);
 - DPO, whole logits: the same loss with the (2B, L, V) logits formed (the plain head), the
   way TRL's and GRPO's log-probs take them.
-Peak = the device's peak allocation during the step (CUDA's allocator; on the CPU, in a child
-process each, its resident-set peak). Ratio = DPO's peak / SFT's (target <= 1.05).
+Peak = the device's peak allocation during the step (CUDA's allocator: the resident model and
+moments included), or on the CPU the peak of the step's own allocations above what it started
+with (the profiler's record of each allocation and free). Ratio = DPO's peak / SFT's (target
+<= 1.05). The whole-logits row runs in a child process (it replaces the head's op).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -95,8 +96,23 @@ def measure(name: str, args) -> float:
         step(name, model, batch, args.bf16)
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated())
-    step(name, model, batch, args.bf16)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    return cpu_peak(lambda: step(name, model, batch, args.bf16))
+
+
+def cpu_peak(run) -> float:
+    """The peak of the bytes ``run`` holds allocated at once on the CPU above what it started
+    with: its allocations and frees in order, as the profiler records them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                     if e.self_cpu_memory_usage)
+    held = peak = 0
+    for _, change in changes:
+        held += change
+        peak = max(peak, held)
+    return float(peak)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     peaks = {}
     for name in STEPS:
-        if args.device.type == "cuda" and name != "dpo-whole-logits":
+        if name != "dpo-whole-logits":
             peaks[name] = measure(name, args)
-            torch.cuda.empty_cache()
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()
             continue
         child = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--only",
                                 name], capture_output=True, text=True, check=True)
@@ -127,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     shape = (f"{args.pairs} pairs x 2 rows of {args.prompt}+{args.completion} tokens, "
              f"{args.layers}x{args.width}, vocab {args.vocab}, LoRA r16, "
              f"{'bf16' if args.bf16 else 'fp32'}, {args.device.type}")
-    print(f"| step | peak memory (GiB) | / LoRA SFT |  ({shape})")
+    print(f"| step | peak memory (MiB) | / LoRA SFT |  ({shape})")
     print("|---|---|---|")
     for name in STEPS:
-        print(f"| {name} | {peaks[name] / 2**30:.2f} | {peaks[name] / peaks['sft']:.3f}x |")
+        print(f"| {name} | {peaks[name] / 2**20:,.1f} | {peaks[name] / peaks['sft']:.3f}x |")
     return 0
 
 
