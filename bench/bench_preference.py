@@ -117,14 +117,20 @@ def cpu_peak(run) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--prompt", type=int, default=256)
-    parser.add_argument("--completion", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=128256)  # Llama-3's
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda where there is one)")
+    parser.add_argument("--pairs", type=int, default=8, help="pairs a step (default: 8)")
+    parser.add_argument("--prompt", type=int, default=256,
+                        help="prompt tokens a row (default: 256)")
+    parser.add_argument("--completion", type=int, default=256,
+                        help="completion tokens a row (default: 256)")
+    parser.add_argument("--layers", type=int, default=8, help="blocks (default: 8)")
+    parser.add_argument("--width", type=int, default=1024,
+                        help="model width, a multiple of 256 (default: 1024)")
+    parser.add_argument("--vocab", type=int, default=128256,
+                        help="vocabulary (default: 128256, Llama-3's)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="fp32 instead of bf16 autocast (default: bf16)")
     parser.add_argument("--only", choices=STEPS, help=argparse.SUPPRESS)  # a CPU child's step
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
