@@ -377,3 +377,21 @@ def test_bad_settings_are_refused_in_one_line(settings, message):
 def test_only_dpo_and_kto_need_a_reference():
     assert [PreferenceConfig(method=m).needs_reference for m in preference.METHODS] == [
         True, True, False, False]
+
+
+def test_token_logps_of_a_model_are_the_log_softmax_of_its_logits(tmp_path):
+    """Through the model's forward (the chunked head: no whole logits) each next token's
+    log-prob and the gradients equal log_softmax of the whole logits the model gives."""
+    save_tiny_hf("llama", tmp_path / "hf")
+    model = pretrained.load(tmp_path / "hf").eval()
+    _, ids, attention, completion = _pairs(torch.Generator().manual_seed(3))
+    ours = preference.token_logps(model, ids, attention)
+    (ours * torch.linspace(-1, 1, ours.numel()).view_as(ours)).sum().backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids).float()[:, :-1]
+    plain = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0] * attention[:, 1:]
+    (plain * torch.linspace(-1, 1, plain.numel()).view_as(plain)).sum().backward()
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
