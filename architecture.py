@@ -591,6 +591,20 @@ def head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
     return loss, ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
 
 
+@kernels.faster(kernels.head_token_logps)
+def head_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+               cap: float | None = None) -> torch.Tensor:
+    """log_softmax(head(hidden))[label] in fp32 at each position of ``hidden`` (..., C) (the
+    logit less its row's logsumexp, as TRL's selective_log_softmax), 0 where ``labels`` is
+    IGNORE_INDEX; ``cap``: the logits soft-capped first. The fused op never forms the whole
+    logits (kernels.head_token_logps)."""
+    logits = head(hidden).float()
+    if cap is not None:
+        logits = softcap(logits, cap)
+    picked = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (picked - logits.logsumexp(-1)).masked_fill(labels == IGNORE_INDEX, 0.0)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -698,14 +712,16 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, reduction: str = "mean",
                 label_smoothing: float = 0.0, grad_scale: torch.Tensor | float | None = None,
-                count_correct: bool = False, document_ids: torch.Tensor | None = None):
+                count_correct: bool = False, document_ids: torch.Tensor | None = None,
+                token_logps: bool = False):
         """Logits (B, T, V) of the token ids idx (B, T); attention_mask (B, T), True = real
         token, for left-padded batches (right padding needs none: attention is causal);
         document_ids (B, T) for packed rows: each run of equal ids a document of its own, its
         positions from 0 and its tokens seeing only each other. With targets (B, T)
         (IGNORE_INDEX where nothing is counted), the next-token cross-entropy instead (see
         head_loss), never forming the whole logits: the mean over counted tokens, or their
-        sum; with count_correct, (loss, how many are the top logit)."""
+        sum; with count_correct, (loss, how many are the top logit); with token_logps, each
+        target's log-prob (B, T) instead, 0 where nothing is counted (head_logps)."""
         B, T = idx.shape
         assert T <= self.cfg.block_size, f"sequence length {T} > block_size {self.cfg.block_size}"
         assert attention_mask is None or document_ids is None, "padding or packing, not both"
@@ -721,6 +737,8 @@ class Transformer(nn.Module):
         if targets is None:
             return self.logits(x)
         x = self.norm_f(x)
+        if token_logps:
+            return head_logps(x, self.lm_head, targets, self.cfg.logit_softcap)
         # a (time, batch) batch of the same size would be a silently wrong loss
         assert targets.shape == idx.shape and reduction in ("mean", "sum")
         count = (targets != IGNORE_INDEX).sum() if reduction == "mean" else None

@@ -37,6 +37,7 @@ from codelm.endpoints import Endpoint, Sampling, is_endpoint, model_name, parse_
 from codelm.endpoints import complete as complete_at
 from codelm.evaluation import corpus, scoring
 from codelm.evaluation.config import EvalConfig, build_parser, parse_config
+from codelm.evaluation.preference_pairs import write_preference_data
 from codelm.evaluation.results import (
     FORMAT_VERSION,
     examples_digest,
@@ -394,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for task, path in results["problems"].items():  # which file each benchmark's scores are of
         print(f"{task} problems: {path}")
     print(f"results: {results['out_dir']}/results.json, predictions.jsonl, table.md")
+    if cfg.preference_pairs is not None:
+        print(write_preference_data(cfg.preference_pairs, Path(results["out_dir"]),
+                                    [t for t in cfg.tasks if t in registry.PASSK_TASKS]))
     return 0
 
 

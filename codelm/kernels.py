@@ -448,6 +448,89 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
         return _head_cross_entropy(*args[:5], (False,) * 3, count_correct)[:2]
 
 
+class _HeadLogprobsFunction(torch.autograd.Function):
+    """The LM head and each row's log-prob of its label as one op, chunk by chunk: the (N, V)
+    logits are never held whole; the backward forms each chunk's logits again (the gradient of a
+    log-prob is only known once the loss of whole sequences is: DPO's, KTO's)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels):
+        dt = _matmul_dtype(hidden)
+        acc = torch.promote_types(dt, torch.float32)
+        h, w = hidden.to(dt), weight.to(dt)
+        b = bias.to(dt) if bias is not None else None
+        logps = torch.zeros(h.shape[0], dtype=acc, device=h.device)
+        normalizers = torch.zeros(h.shape[0], dtype=acc, device=h.device)
+        step = _loss_chunk_rows(w.shape[0], h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], step):
+                z = None  # the previous chunk goes before the next is formed
+                z = _chunk_logits(h[s:s + step], w, b, acc)
+                top = z.amax(-1, keepdim=True)
+                z.sub_(top)  # in place, as the loss's chunks: no second (rows, V) temporary
+                picked = z.gather(-1, labels[s:s + step, None].clamp(min=0))[:, 0]
+                log_sum = z.exp_().sum(-1).log_()
+                logps[s:s + step] = picked - log_sum
+                normalizers[s:s + step] = log_sum + top[:, 0]
+        logps = torch.where(labels != IGNORE_INDEX, logps, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, labels, normalizers)
+        ctx.dtypes = (dt, acc)
+        return logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        hidden, weight, bias, labels, normalizers = ctx.saved_tensors
+        dt, acc = ctx.dtypes
+        want = ctx.needs_input_grad[:3]
+        h, w = hidden.to(dt), weight.to(dt)
+        b = bias.to(dt) if bias is not None else None
+        weights = torch.where(labels != IGNORE_INDEX, grad.to(acc), 0.0)
+        gh = torch.empty(h.shape, dtype=dt, device=h.device) if want[0] else None
+        gw = torch.zeros(w.shape, dtype=dt, device=h.device) if want[1] else None
+        gb = torch.zeros(w.shape[0], dtype=acc, device=h.device) if want[2] else None
+        step = _loss_chunk_rows(w.shape[0], h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], step):
+                z = g = None
+                hc, gc = h[s:s + step], weights[s:s + step]
+                z = _chunk_logits(hc, w, b, acc)
+                # d logp / dz = onehot - softmax, times the incoming gradient of each row
+                z.sub_(normalizers[s:s + step, None]).exp_().mul_(-gc[:, None])
+                rows = torch.arange(len(gc), device=h.device)
+                z[rows, labels[s:s + step].clamp(min=0)] += gc
+                g = z.to(dt)
+                if gh is not None:
+                    torch.mm(g, w, out=gh[s:s + step])
+                if gw is not None:
+                    gw.addmm_(g.t(), hc)
+                if gb is not None:
+                    gb += z.sum(0)
+        out = [None if t is None else t.to(like.dtype)
+               for t, like in zip((gh, gw, gb), (hidden, weight, bias))]
+        return *out, None
+
+
+def _chunk_logits(hc: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                  acc: torch.dtype) -> torch.Tensor:
+    return (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).to(acc)
+
+
+def head_token_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                     cap: float | None = None):
+    """log_softmax(head(hidden))[label] (fp32) of each position of ``hidden`` (..., D), 0 where
+    ``labels`` (...) is IGNORE_INDEX, never forming the whole logits (``_HeadLogprobsFunction``);
+    for a plain nn.Linear head without a soft cap, else PLAIN."""
+    if cap is not None or type(head) is not nn.Linear:
+        return PLAIN
+    if torch.compiler.is_compiling():  # a compiled model's head runs eagerly, outside the graph
+        return torch.compiler.disable(head_token_logps)(hidden, head, labels, cap)
+    shape = labels.shape
+    logps = _HeadLogprobsFunction.apply(hidden.flatten(0, -2), head.weight, head.bias,
+                                        labels.flatten())
+    return logps.view(shape)
+
+
 # ---------------------------------------------------------------------- CPU decode layout
 @torch.inference_mode(False)  # generation calls this in inference mode; training needs
 @torch.no_grad()                # ordinary weight tensors afterwards

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig
-from codelm.data.config import DataConfig
+from codelm.data.config import PREFERENCE_TASKS, DataConfig
 from codelm.runs import rundir
 from codelm.runs.checkpoint import check_run_paths, is_sharded
 from codelm.runs.trackers import TRACKERS
@@ -74,8 +74,9 @@ class TrainConfig:
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
     #   adapters stay fp32); fp16 turns on loss scaling
     # data (dataset.py): task and sources (None: the Python standard library)
-    task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat | project |
-    #   grpo
+    task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat | project;
+    #   grpo (reinforcement learning from problems' tests); or preference tuning on TRL's
+    #   preference records: dpo | kto | orpo | simpo
     data: list[str] | None = None  # "stdlib", directories, scraper, pair or conversation JSONL
     val_data: list[str] | None = None  # predefined validation files (None: split from data)
     test_data: list[str] | None = None  # predefined test files (None: split from data)
@@ -124,7 +125,8 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW's second-moment decay
     adam_eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float = 1.0  # 0: no clipping (the norm is still logged)
-    label_smoothing: float = 0.0  # training only; validation reports the true NLL
+    label_smoothing: float = 0.0  # training only; validation reports the true NLL; dpo
+    #   (pref_loss_type robust) and simpo: the chance a pair's label is flipped (TRL's)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs with native bf16, fp16
     #   on older ones such as the T4, fp32 on CPU; preset auto: bf16 on a CPU measured faster in it)
     eval_precision: str = "fp32"  # fp32 (no autocast) | same (as training)
@@ -137,6 +139,15 @@ class TrainConfig:
     strategy: str = "ddp"  # under torchrun: ddp (every process holds the whole model and
     #   optimizer) | fsdp (FSDP2: each holds 1/N of the weights, gradients and optimizer state;
     #   sharded checkpoints)
+    # preference tuning (task dpo, kto, orpo, simpo: TRL 1.16's losses, their defaults)
+    pref_beta: float = 0.1  # dpo, kto: how far the policy may stray from the reference (ipo:
+    #   its tau); simpo: the reward's scale (2.0 to 2.5 in the paper)
+    pref_loss_type: str = "sigmoid"  # dpo's loss: sigmoid | ipo | hinge | robust
+    kto_desirable_weight: float = 1.0  # kto: the weight of a desirable completion's loss
+    kto_undesirable_weight: float = 1.0  # kto: the weight of an undesirable one's loss
+    orpo_lambda: float = 0.1  # orpo: the odds-ratio term's weight beside the chosen's NLL
+    simpo_gamma: float = 0.5  # simpo: the target margin of the rewards
+    cpo_alpha: float = 0.0  # simpo: the weight of the chosen completions' NLL (CPO's term)
     # evaluation, logging, checkpoints
     eval_every: int = 175  # steps between evaluations (none before warmup_steps; one at the end)
     eval_examples: int | None = 80  # the validation split's first examples scored at each
@@ -187,6 +198,7 @@ _CHOICES = {
     "quantize_bits": (0, 4, 8),
     "base_dtype": tuple(SHORT_DTYPES),
     "lora_bias": ("none", "lora_only", "all"),
+    "pref_loss_type": ("sigmoid", "ipo", "hinge", "robust"),  # preference.DPO_LOSS_TYPES
     "strategy": STRATEGIES,
     "export_gguf": ("f32", "f16", "bf16", "q8_0"),  # codelm.models.families.OUTTYPES
     "grpo_loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo"),  # grpo.LOSS_TYPES
@@ -369,6 +381,7 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         raise ValueError(f"{', '.join(lora_only)}: LoRA settings, but {named('lora_r')} trains "
                          "every weight: set lora_r > 0, or drop them")
     check_strategy(cfg, named)
+    check_preference_task(cfg, named)
     need(cfg.export_gguf is None or cfg.export, "export_gguf",
          f"writes into export/, and {named('export')} is off: turn it on, or set export_gguf none")
     need(cfg.export_gguf is None or cfg.init_from is not None or cfg.tokenizer is not None,
@@ -444,6 +457,35 @@ def check_grpo(cfg: TrainConfig, named: Callable[[str], str]) -> None:
     for keys, test, why in ranges:
         for key in keys:
             need(test(getattr(cfg, key)), key, why)
+
+
+# Keys that mean something only to a preference task: set under another task, refused.
+PREFERENCE_ONLY_KEYS = ("pref_beta", "pref_loss_type", "kto_desirable_weight",
+                        "kto_undesirable_weight", "orpo_lambda", "simpo_gamma", "cpo_alpha")
+
+
+def check_preference_task(cfg: TrainConfig, named: Callable[[str], str]) -> None:
+    """A preference task's needs (its data, a tokenizer, no packing); its settings under no
+    other task. Its loss settings together: codelm.training.plan (preference.config_of)."""
+    if cfg.task not in PREFERENCE_TASKS:
+        if given := [named(k) for k in PREFERENCE_ONLY_KEYS
+                     if getattr(cfg, k) != getattr(TrainConfig, k)]:
+            raise ValueError(f"{', '.join(given)}: preference settings, but {named('task')} "
+                             f"is not one of {', '.join(PREFERENCE_TASKS)}: drop them")
+        return
+    if not cfg.data:
+        raise ValueError(f"{named('task')}: trains on preference records (TRL's prompt, chosen, "
+                         "rejected; kto: prompt, completion, label): name them with --data "
+                         "FILE.jsonl (or parquet, a datasets directory, a dataset id)")
+    if cfg.init_from is None and cfg.tokenizer is None:
+        raise ValueError(f"{named('task')}: tunes a model's preferences: set init_from (the "
+                         "model, its tokenizer with it), or tokenizer for a model from scratch")
+    if cfg.packing:
+        raise ValueError(f"{named('packing')}: the {cfg.task} task pads each pair in its batch "
+                         "(its rows are scored one by one): drop packing")
+    if cfg.test_data:
+        raise ValueError(f"{named('test_data')}: the {cfg.task} task has no test split: "
+                         "score the export with eval.py")
 
 
 def check_strategy(cfg: TrainConfig, named: Callable[[str], str]) -> None:

@@ -184,7 +184,7 @@ def test_a_full_fine_tune_keeps_a_frozen_copy_as_the_kl_reference(assets, tmp_pa
     assert reference is not None and reference is not model
     assert not any(p.requires_grad for p in reference.parameters())
     start = {n: p.clone() for n, p in reference.named_parameters()}
-    kls = [trainer.train_step(problems).extra["kl"] for _ in range(3)]
+    kls = [trainer.train_step(problems).metrics["kl"] for _ in range(3)]
     assert kls[0] == 0.0 and kls[-1] > 0.0
     assert all(torch.equal(start[n], p) for n, p in reference.named_parameters())
 

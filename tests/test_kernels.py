@@ -301,6 +301,74 @@ def test_fused_head_loss_never_forms_the_whole_logits():
     assert hidden.grad is not None and head.weight.grad is not None
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_head_logps_equal_log_softmax_of_the_logits(bias, monkeypatch):
+    """Each position's log-prob of its label, and the gradients of hidden, weight and bias under
+    a weighting of every position, against log_softmax of the whole logits in fp64, over chunks
+    that do not divide the rows, with ignored positions (0, no gradient)."""
+    monkeypatch.setattr(kernels, "_loss_chunk_rows", lambda vocab, device: 7)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(12, 50, bias=bias).double()
+    hidden = torch.randn(3, 10, 12, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 10))
+    labels[0, :4] = -100
+    labels[2, 9] = -100
+    weights = torch.randn(3, 10, dtype=torch.float64)
+    logps = kernels.head_token_logps(hidden, head, labels)
+    (logps * weights).sum().backward()
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    fused = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    plain = head(hidden).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    plain = plain.masked_fill(labels == -100, 0.0)
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(logps, plain, rtol=1e-12, atol=1e-14)
+    assert logps[0, :4].eq(0).all()
+    for got, p in zip(fused, params):
+        torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_fused_head_logps_never_form_the_whole_logits():
+    """Forward and backward form the logits a chunk at a time."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    head = torch.nn.Linear(16, 8192)
+    hidden = torch.randn(4, 512, 16, requires_grad=True)  # 2048 rows: 4 chunks of 512
+    labels = torch.randint(0, 8192, (4, 512))
+    with Largest():
+        kernels.head_token_logps(hidden, head, labels).sum().backward()
+    assert 0 < Largest.numel <= 2048 * 8192 // 4
+    assert hidden.grad is not None and head.weight.grad is not None
+
+
+def test_fused_head_logps_under_bf16_autocast_match_the_plain_head():
+    """Under bf16 autocast the head's matmul runs in bf16 as the plain head's does, the
+    log-softmax in fp32; a LoRA or soft-capped head is left to the plain op (PLAIN)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 64)
+    hidden = torch.randn(2, 8, 16)
+    labels = torch.randint(0, 64, (2, 8))
+    with torch.autocast("cpu", torch.bfloat16):
+        fused = kernels.head_token_logps(hidden, head, labels)
+        logits = head(hidden).float()
+    plain = logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert fused.dtype == torch.float32
+    assert kernels.head_token_logps(hidden, head, labels, cap=30.0) is kernels.PLAIN
+    assert kernels.head_token_logps(hidden, torch.nn.Sequential(head), labels) is kernels.PLAIN
+
+
 def test_fused_head_loss_trains_a_tied_model_like_the_logits_loss():
     """Whole-model gradients (tied embedding + head, bias-free and biased heads) equal those of
     F.cross_entropy on the logits; a frozen head gets no gradient and costs no weight matmul."""

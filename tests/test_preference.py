@@ -26,6 +26,7 @@ from tiny_hf import save_tiny_hf
 from trl import DPOTrainer, KTOTrainer
 
 import lora
+from architecture import head_logps
 from codelm.models import pretrained
 from codelm.models.adapter_config import LoRAConfig
 from codelm.training import preference
@@ -238,6 +239,16 @@ def _paired_trainer(cls, **attributes) -> SimpleNamespace:
     return trainer
 
 
+def _logits_model(logits: torch.Tensor):
+    """A stand-in for a Transformer whose forward has ``logits`` (over every row's tokens) and
+    an identity head: token_logps then reads the same logits TRL's stub gives."""
+    def forward(ids, labels, token_logps):
+        assert token_logps
+        return head_logps(logits[:, :ids.shape[1]], lambda x: x, labels)
+
+    return forward
+
+
 def _logits_case(cfg: PreferenceConfig, trainer: SimpleNamespace, cls, seed: int) -> None:
     """The whole path from the logits: TRL's forward, log-probs, NLL and loss against
     token_logps and pair_loss through a model that hands back the same logits. The logits put
@@ -253,7 +264,7 @@ def _logits_case(cfg: PreferenceConfig, trainer: SimpleNamespace, cls, seed: int
     theirs, logged = cls.get_batch_loss_metrics(trainer, stub, batch)
 
     ours_leaf = logits.clone().requires_grad_(True)
-    model = lambda ids, attention_mask=None: ours_leaf  # noqa: E731
+    model = _logits_model(ours_leaf)
     logps = preference.token_logps(model, ids, attention)
     ours, metrics = preference.pair_loss(logps, attention, completion, cfg)
     _check(ours, theirs, ours_leaf, theirs_leaf, metrics, logged)
@@ -366,3 +377,21 @@ def test_bad_settings_are_refused_in_one_line(settings, message):
 def test_only_dpo_and_kto_need_a_reference():
     assert [PreferenceConfig(method=m).needs_reference for m in preference.METHODS] == [
         True, True, False, False]
+
+
+def test_token_logps_of_a_model_are_the_log_softmax_of_its_logits(tmp_path):
+    """Through the model's forward (the chunked head: no whole logits) each next token's
+    log-prob and the gradients equal log_softmax of the whole logits the model gives."""
+    save_tiny_hf("llama", tmp_path / "hf")
+    model = pretrained.load(tmp_path / "hf").eval()
+    _, ids, attention, completion = _pairs(torch.Generator().manual_seed(3))
+    ours = preference.token_logps(model, ids, attention)
+    (ours * torch.linspace(-1, 1, ours.numel()).view_as(ours)).sum().backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids).float()[:, :-1]
+    plain = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0] * attention[:, 1:]
+    (plain * torch.linspace(-1, 1, plain.numel()).view_as(plain)).sum().backward()
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -139,6 +139,7 @@ TRAINCONFIG, LOADING = "codelm.trainconfig", "codelm.loading"
 EVAL_CONFIG, METRICS, SCORING = ("codelm.evaluation.config", "codelm.evaluation.metrics",
                                  "codelm.evaluation.scoring")
 EVAL_CORPUS, RESULTS = "codelm.evaluation.corpus", "codelm.evaluation.results"
+PREFERENCE_PAIRS = "codelm.evaluation.preference_pairs"
 PROBLEMS, PASSK, REGISTRY = ("codelm.evaluation.tasks.problems", "codelm.evaluation.tasks.passk",
                              "codelm.evaluation.tasks.registry")
 LM_TASK, TEXT_TASK, FIM_TASK, CODEXGLUE_TASK, PROJECT_TASK = (
@@ -153,6 +154,8 @@ RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
                          "codelm.training.optim")
 GRPO, PREFERENCE = "codelm.training.grpo", "codelm.training.preference"
 REWARDS, ROLLOUT = "codelm.training.rewards", "codelm.training.rollout"
+PREFERENCE_BATCHES, PREFERENCE_RUN = ("codelm.training.preference_batches",
+                                      "codelm.training.preference_run")
 TOKENIZATION = {TOKENIZER_FILES, BATCHING, SOURCE, BPE, CHAT, UNICODE9, NORMALIZATION, CUTS, MERGES,
                 SPIECE, ADDED, COMPILED}
 DATA_CONFIG, DATA_CACHE = "codelm.data.config", "codelm.data.cache"
@@ -160,17 +163,17 @@ DATA_SOURCES, CLEANING = "codelm.data.sources", "codelm.data.cleaning"
 DEDUPE, SHARDS = "codelm.data.dedupe", "codelm.data.shards"
 SPLITS, EXAMPLES = "codelm.data.splits", "codelm.data.examples"
 ENCODING, DATASETS = "codelm.data.encoding", "codelm.data.datasets"
-GENERATED_PROBLEMS = "codelm.data.problems"
+GENERATED_PROBLEMS, PREFERENCE_DATA = "codelm.data.problems", "codelm.data.preferences"
 COMPOSERS, HISTORY, PROJECT = ("codelm.data.composers", "codelm.data.history",
                               "codelm.data.project")
 DATA = {DATA_CONFIG, DATA_CACHE, DATA_SOURCES, CLEANING, DEDUPE, SHARDS, SPLITS, EXAMPLES, ENCODING,
-        DATASETS, GENERATED_PROBLEMS, COMPOSERS, HISTORY, PROJECT}
+        DATASETS, GENERATED_PROBLEMS, PREFERENCE_DATA, COMPOSERS, HISTORY, PROJECT}
 BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER, ENGINE, SERVING,
-    ENDPOINTS, GRPO, PREFERENCE, REWARDS, ROLLOUT}
+    ENDPOINTS, GRPO, PREFERENCE, REWARDS, ROLLOUT, PREFERENCE_BATCHES, PREFERENCE_RUN}
 # What a task module may import: the data's examples and encoding, a loaded model, the sandbox,
 # the metrics and scoring, the problems files and pass@k.
 TASK_FLOOR = {PROCESS, SETTINGS, GENERATION, RUNNER, "tokenizer", BPE, SOURCE, DATA_CONFIG,
@@ -226,6 +229,7 @@ MAY_IMPORT = {
     COMPOSERS: {BPE, "tokenizer"},
     HISTORY: set(),
     PROJECT: {COMPOSERS, DATA_CONFIG, DATA_SOURCES},
+    PREFERENCE_DATA: {"tokenizer", BPE, "scraping", DATA_CONFIG, DATA_SOURCES},
     "dataset": {PROCESS, SETTINGS, BATCHING, BPE, KERNELS, "tokenizer"} | DATA,
     BATCHES: {DATASETS, KERNELS},
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", DATA_CONFIG},
@@ -256,23 +260,28 @@ MAY_IMPORT = {
     EVAL_CORPUS: {SETTINGS, RUNDIR, CHECKPOINT, DATA_CONFIG, DATA_SOURCES, SPLITS, LOADING,
                   EVAL_CONFIG},
     RESULTS: {PROCESS, SETTINGS, DATA_SOURCES, EXAMPLES, ENCODING, LOADING, EVAL_CONFIG, REGISTRY},
+    PREFERENCE_PAIRS: {PROCESS},
     "eval": {PROCESS, SETTINGS, RUNDIR, GENERATION, SERVING, ENDPOINTS, DATA_CONFIG, DATA_SOURCES,
-             LOADING, EVAL_CONFIG, EVAL_CORPUS, RESULTS, SCORING, PASSK, REGISTRY},
+             LOADING, EVAL_CONFIG, EVAL_CORPUS, RESULTS, SCORING, PASSK, REGISTRY,
+             PREFERENCE_PAIRS},
     GGUF_COMMAND: {PROCESS, SETTINGS, FAMILIES, GGUF_WRITER, LOADING},
     TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
     RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     GRPO: {"architecture", "lora", KERNELS},
-    PREFERENCE: {"architecture", "lora", KERNELS, GRPO},
+    PREFERENCE: {"architecture", "lora", KERNELS, GRPO, DATA_CONFIG},
     REWARDS: {SETTINGS, RUNNER},
     ROLLOUT: {PROCESS, SETTINGS, "architecture", "lora", "tokenizer", ENCODING, PASSK, ENGINE,
               GENERATION, CHECKPOINT, DISTRIBUTED, RUNNER, TRAINCONFIG, GRPO, REWARDS, BATCHES,
               TRAINER},
     PLAN: {PROCESS, SETTINGS, HUB, RUNDIR, "architecture", FAMILIES, QUANTIZE, ADAPTER_CONFIG,
-           TRAINCONFIG},
+           TRAINCONFIG, DATA_CONFIG, PREFERENCE},
+    PREFERENCE_BATCHES: {PREFERENCE_DATA, BATCHES},
+    PREFERENCE_RUN: {PROCESS, "lora", DATA_CONFIG, EXAMPLES, PREFERENCE_DATA, DISTRIBUTED,
+                     TRAINCONFIG, PREFERENCE, PREFERENCE_BATCHES, TRAINER},
     BUILD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
             TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", GGUF_WRITER,
             DATA_CONFIG, DATA_CACHE, ENCODING, EXAMPLES, "dataset", BATCHES, TRAINCONFIG,
-            DISTRIBUTED, TRAINER, RECORD, PLAN, LOADING, ROLLOUT},
+            DISTRIBUTED, TRAINER, RECORD, PLAN, LOADING, ROLLOUT, PREFERENCE_RUN},
     FINISH: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, PRETRAINED, "lora", GGUF_WRITER, ENCODING,
              EXAMPLES, GENERATION, "tokenizer", TRAINER, RECORD, BUILD, LOADING, "eval"},
     "trainingmanager": BELOW_FLOOR_3 | {LOADING, "eval"},

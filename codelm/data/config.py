@@ -14,6 +14,8 @@ FIM_SENTINELS = 3
 TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim", "chat", "project")
 # The project task's composers (codelm.data.composers.COMPOSERS less "empty").
 PROJECT_COMPOSERS = ("path_distance", "imports", "bm25")
+# The preference tasks (codelm.data.preferences reads their data, not ``prepare``).
+PREFERENCE_TASKS = ("dpo", "kto", "orpo", "simpo")
 SPLITS = ("train", "val", "test")
 
 REFACTOR_TEMPLATE = "### Refactor the following Python code to improve quality:\n\n{input}\n"

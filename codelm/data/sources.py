@@ -63,9 +63,9 @@ class SourceFiles(typing.NamedTuple):
 
 
 def _source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
-    """The files of ``source``: its records (``_record_files``), or its code files (of
+    """The files of ``source``: its records (``record_files``), or its code files (of
     ``extensions``: the stdlib, or a directory)."""
-    records = _record_files(source)
+    records = record_files(source)
     if records is not None:
         return SourceFiles(records=True, root=None, files=records)
     if source == "stdlib":
@@ -76,7 +76,7 @@ def _source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
     return SourceFiles(records=False, root=root, files=files)
 
 
-def _record_files(source: str) -> list[Path] | None:
+def record_files(source: str) -> list[Path] | None:
     """The files of a record source (JSONL, parquet, a datasets ``save_to_disk`` directory, a
     Hugging Face dataset id: its train split's files, or all); None for code (stdlib, a folder).
     A source that is none of these is refused here, naming the fix."""
@@ -114,7 +114,7 @@ def _record_files(source: str) -> list[Path] | None:
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
     """The code or pair records of a JSONL, parquet or datasets Arrow file, as documents."""
-    rows = jsonl_lines(path) if path.suffix == ".jsonl" else _table_rows(path, cfg)
+    rows = jsonl_lines(path) if path.suffix == ".jsonl" else table_rows(path, cfg)
     for number, where, record in rows:
         try:
             record = json_object(record, where) if isinstance(record, bytes) else record
@@ -147,7 +147,7 @@ def jsonl_lines(path: Path, what: str = "JSONL file") -> Iterator[tuple[int, str
                     yield lineno, f"{path}:{lineno}", raw.rstrip(b"\r\n")
 
 
-def _table_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
+def table_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
     """A parquet or datasets Arrow file's rows, streamed a batch at a time, the named columns;
     a damaged file is a DataError naming it and the rows read."""
     kind = "parquet" if file.suffix == ".parquet" else "Arrow"

@@ -86,6 +86,9 @@ class EvalConfig:
     sandbox_may_read_all_files: bool = False  # run pass@k where the sandbox cannot confine reads
     # output
     out_dir: str | None = None  # default: runs_dir/eval/eval-<timestamp> (apart from the runs)
+    preference_pairs: str | None = None  # also write the pass@k samples as preference data:
+    #   this JSONL gets chosen (passed) / rejected (failed) pairs of each problem with their
+    #   verdicts, OUT.kto.jsonl every distinct sample labelled (trainingmanager.py --task dpo)
     progress: bool = True  # progress bars
     # serving (instead of evaluating)
     serve: bool = False  # serve the models over an OpenAI-compatible API (codelm/serving.py)
@@ -160,6 +163,11 @@ class EvalConfig:
                 and not self.serve),
              f"an endpoint (openai:URL) is scored on pass@k tasks ({', '.join(PASSK_TASKS)}), "
              "beside other endpoints only, and is not served again"),
+            ("preference_pairs", self.preference_pairs is None or (
+                any(task in PASSK_TASKS for task in self.tasks) and self.num_samples >= 2
+                and not self.serve and self.prompt is None),
+             f"pairs a pass@k task's samples: name one in {named('tasks')} "
+             f"({', '.join(PASSK_TASKS)}), with {named('num_samples')} of 2 or more"),
             ("serve", not self.serve or self.load_generations is None and self.prompt is None,
              f"serves models: leave {named('load_generations')} and {named('prompt')} unset"),
         ]

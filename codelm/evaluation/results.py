@@ -121,7 +121,7 @@ def examples_digest(docs: Sequence, examples: dict, problems: dict[str, list[dic
 
 # Settings that say where results go or how they are computed, not what they are.
 _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batch_size",
-                   "sandbox_may_read_all_files", "compile")
+                   "sandbox_may_read_all_files", "compile", "preference_pairs")
 
 
 def _saved_results(path: Path, config: dict, remedy: str, skip_unset: bool = False

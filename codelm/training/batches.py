@@ -70,7 +70,10 @@ class Batches:
     first ``eval_examples`` (0: all), split between the ranks. With ``pack_into`` (tokens), the
     training examples are packed into rows of that many (``PackedExamples``), and a batch holds
     ``batch_size`` rows; with ``files_apart`` (EOS's id), lm windows keep their files apart
-    (``DocumentWindows``), in training and validation."""
+    (``DocumentWindows``), in training and validation. ``collate`` makes a batch of items (a
+    subclass's items its own)."""
+
+    collate = staticmethod(collate)
 
     def __init__(self, train: Dataset, val: Dataset, pad_id: int, batch_size: int,
                  grad_accum: int, seed: int, eval_examples: int = 0, rank: int = 0,
@@ -96,7 +99,7 @@ class Batches:
         first = None
         for _ in range(self.grad_accum):
             ids, where = self.order.next()
-            micro_batches.append(collate([self.train[i] for i in ids], self.pad_id))
+            micro_batches.append(self.collate([self.train[i] for i in ids], self.pad_id))
             if first is None:
                 first = where
         return micro_batches, first
@@ -109,7 +112,7 @@ class Batches:
         def batches() -> Iterator[dict]:
             for start in starts:
                 end = min(start + self.batch_size, n)
-                yield collate([self.val[i] for i in range(start, end)], self.pad_id)
+                yield self.collate([self.val[i] for i in range(start, end)], self.pad_id)
 
         return batches(), len(starts)
 

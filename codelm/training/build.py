@@ -25,7 +25,7 @@ import lora
 from architecture import Transformer
 from codelm import loading
 from codelm.data.cache import make_cache_dir, publish_cache_entry
-from codelm.data.config import DataConfig
+from codelm.data.config import PREFERENCE_TASKS, DataConfig
 from codelm.data.encoding import tokenizer_cache_dir
 from codelm.data.examples import SamplePrompt
 from codelm.gguf import writer
@@ -50,7 +50,7 @@ from codelm.trainconfig import (
     default_block_size,
     model_config,
 )
-from codelm.training import plan, rollout
+from codelm.training import plan, preference_run, rollout
 from codelm.training.batches import Batches, example_lengths
 from codelm.training.plan import MAX_EPOCHS, BudgetClock, Probe
 from codelm.training.record import RunRecord
@@ -185,12 +185,16 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
             Path(cfg.init_adapter) / adapter_config.ADAPTER_CONFIG).read_bytes()
     check_lora_export(cfg, model)
     check_gguf_export(cfg, model, data.tok)
+    if cfg.task in PREFERENCE_TASKS:  # of the starting weights, before any step
+        first.update(preference_run.attach_reference(cfg, model.to(device), data.batches,
+                                                     run_dir, device, bool(checkpoints)))
     if dist.enabled:  # same init everywhere, but each rank its own dropout stream
         seed_everything(cfg.seed + dist.rank)
     budgeted = cfg.max_steps is None and cfg.epochs is None
     if cfg.task != GRPO_TASK:  # a GRPO step's cost is its sampling's, which its completions set
-        check_step_cost(cfg, model, data.dcfg.block_size, device, dist,
-                        budget_left(cfg, created) if budgeted else None)
+        rows = 2 * cfg.batch_size if cfg.task in PREFERENCE_TASKS else cfg.batch_size  # 2 a pair
+        check_step_cost(dataclasses.replace(cfg, batch_size=rows), model, data.dcfg.block_size,
+                        device, dist, budget_left(cfg, created) if budgeted else None)
     clock = None
     if budgeted:  # a new run on a budget: sized here, once
         cfg, clock = size_to_budget(cfg, model, data.batches, device, dist, created)
@@ -203,8 +207,8 @@ def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: tor
         trainer = rollout.GRPOTrainer(model, cfg, device, data.tok, data.dcfg.pair_special_tokens,
                                       data.batches.train + data.batches.val, dist, state)
     else:
-        trainer = Trainer(model, cfg, device, dist, torch.tensor(data.tok.token_byte_lengths()),
-                          state)
+        trainer = trainer_type(cfg)(model, cfg, device, dist,
+                                    torch.tensor(data.tok.token_byte_lengths()), state)
     trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
     record = RunRecord(claimed, dist, trainable_only, cfg.keep_last, hint, restarts)
     if checkpoints:
@@ -253,6 +257,8 @@ def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_t
     continued run reads the tokenizer it saved."""
     if cfg.task == GRPO_TASK:
         return prepare_problems(cfg, claimed, own_tok)
+    if cfg.task in PREFERENCE_TASKS:
+        return prepare_preference_data(cfg, claimed, dist, own_tok)
     dcfg = data_config(cfg, cfg.block_size or default_block_size(cfg))
     if dcfg.use_cache:
         make_cache_dir(dcfg.cache_dir, "data_options.cache_dir"
@@ -316,6 +322,26 @@ def prepare_problems(cfg: TrainConfig, claimed: rundir.ClaimedDir, own_tok: bool
         tok.save(claimed.path)
     sample = SamplePrompt(batches.val[0]["prompt"], True)
     return Data(tok, dcfg, batches, sample, rollout.data_id(cfg, batches))
+
+
+def prepare_preference_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist,
+                            own_tok: bool) -> Data:
+    """A preference task's tokenizer (the given one, or the model's) and batches of its
+    records (preference_run.prepare)."""
+    saved_tok = claimed.path / TOKENIZER_FILE
+    own_tok = own_tok and saved_tok.is_file()
+    tok = load_or_train_tokenizer(cfg, DataConfig(), saved_tok if own_tok else None)
+    block_size = cfg.block_size or default_block_size(cfg)
+    prepared = preference_run.prepare(cfg, tok, block_size, dist)
+    if dist.main and not own_tok:  # once the data is known good
+        claimed.wrote_tokenizer = True
+        tok.save(claimed.path)
+    return Data(tok, prepared.dcfg, prepared.batches, prepared.sample_prompt, prepared.data_id)
+
+
+def trainer_type(cfg: TrainConfig) -> type[Trainer]:
+    """The trainer of ``cfg.task``: a preference task's loss, or the next-token loss."""
+    return preference_run.PreferenceTrainer if cfg.task in PREFERENCE_TASKS else Trainer
 
 
 def packing_pays(packing: bool | None, examples: Dataset, block_size: int) -> bool:
@@ -402,8 +428,8 @@ def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: to
     """Seconds a step and a whole evaluation take, timed on a copy of the model after three
     warm-up steps; the RNG state is restored, so the run draws what it would have drawn."""
     saved = rng_state(device)
-    probe = Trainer(copy.deepcopy(model), dataclasses.replace(cfg, warmup_steps=0), device, dist,
-                    state=RunState(max_steps=10**9))
+    probe = trainer_type(cfg)(copy.deepcopy(model), dataclasses.replace(cfg, warmup_steps=0),
+                              device, dist, state=RunState(max_steps=10**9))
     own = copy.copy(batches)  # an order of its own: the run's starts at its beginning
     own.order = copy.deepcopy(batches.order)
 

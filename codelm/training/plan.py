@@ -21,6 +21,7 @@ import torch
 
 from architecture import Transformer
 from codelm import trainconfig
+from codelm.data.config import PREFERENCE_TASKS
 from codelm.models import adapter_config, families, quantize
 from codelm.runs import rundir
 from codelm.runtime import hub, settings
@@ -36,6 +37,7 @@ from codelm.trainconfig import (
     where_set_of,
 )
 from codelm.trainconfig import validate_config as validate_values
+from codelm.training import preference
 
 # ---- The settings, checked together and against the files they name ----
 
@@ -79,6 +81,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     source. ``typed``: keys given explicitly (a --lora-* flag at its default differs too)."""
     resolved = with_init_adapter(cfg, typed, where_set)
     validate_values(resolved, where_set)
+    if resolved.task in PREFERENCE_TASKS:  # the loss's settings together, as the loss takes them
+        preference.config_of(resolved, lambda key: setting(resolved, key, where_set))
     check_model_source(resolved, where_set)
 
 

@@ -11,6 +11,7 @@ row its prompt then its completion, right-padded: ``ids`` (2B, L), ``attention_m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 
 import lora
 from architecture import Transformer
-from codelm.training import grpo
+from codelm.data.config import PREFERENCE_TASKS
+from codelm.kernels import IGNORE_INDEX
 
-METHODS = ("dpo", "kto", "orpo", "simpo")
+METHODS = PREFERENCE_TASKS
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 REFERENCED = ("dpo", "kto")  # ORPO and SimPO need no reference model
 
@@ -72,6 +74,30 @@ class PreferenceConfig:
         return self.method in REFERENCED
 
 
+# A run's settings (TrainConfig's keys) of each PreferenceConfig field.
+RUN_KEYS = {"beta": "pref_beta", "loss_type": "pref_loss_type",
+            "label_smoothing": "label_smoothing", "desirable_weight": "kto_desirable_weight",
+            "undesirable_weight": "kto_undesirable_weight", "orpo_lambda": "orpo_lambda",
+            "simpo_gamma": "simpo_gamma", "cpo_alpha": "cpo_alpha"}
+
+
+def config_of(run: object, named: Callable[[str], str] | None = None) -> PreferenceConfig:
+    """The PreferenceConfig of a run's settings (a TrainConfig: its task the method, RUN_KEYS
+    the rest); an error names the setting at fault by ``named`` (its key, value and where it
+    was set), which starts the message."""
+    values = {field: getattr(run, key) for field, key in RUN_KEYS.items()}
+    try:
+        return PreferenceConfig(method=run.task, **values)
+    except ValueError as e:
+        message = str(e)
+        field = next((f for f in RUN_KEYS if message.startswith(f"{f} ")), None)
+        if field is None or named is None:
+            raise
+        value = getattr(run, RUN_KEYS[field])
+        rest = message.removeprefix(f"{field} {value!r}").removeprefix(f"{field} {value}")
+        raise ValueError(f"{named(RUN_KEYS[field])}{rest} (task {run.task})") from None
+
+
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} {value!r}: must be one of {', '.join(allowed)}")
@@ -86,10 +112,12 @@ def _positive(name: str, value: float) -> None:
 
 def token_logps(model: Transformer, ids: torch.Tensor, attention_mask: torch.Tensor
                 ) -> torch.Tensor:
-    """(N, L - 1): the log-prob of each of ``ids[:, 1:]`` (N, L) given the tokens before it,
-    through the model's own forward (grpo.completion_logps over the whole row); 0 at pads."""
-    return grpo.completion_logps(model, ids, attention_mask[:, 1:], attention_mask[:, :1],
-                                 with_entropy=False)[0]
+    """(N, L - 1): the log-prob of each of ``ids[:, 1:]`` (N, L, right-padded) given the tokens
+    before it, through the model's forward (architecture.head_logps: the whole logits never
+    held, so a step over pairs holds what a supervised step over the same rows holds); 0 at
+    pads."""
+    labels = ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+    return model(ids[:, :-1], labels, token_logps=True)
 
 
 def sequence_logps(logps: torch.Tensor, completion_mask: torch.Tensor,
@@ -132,6 +160,27 @@ def reference_sequence_logps(model: Transformer, ids: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- the losses
+
+def batch_loss(model: Transformer, batch: dict, cfg: PreferenceConfig
+               ) -> tuple[torch.Tensor, dict]:
+    """The loss of one collated batch (codelm.training.preference_batches: ids, attention_mask,
+    completion_mask, and ref_logps, desirable where they belong) by ``cfg.method``, and its
+    metrics: pairs by pair_loss; KTO's completions by kto_loss, the KL rows (its second half)
+    through the policy without gradient, as TRL computes them."""
+    ids, attention, completion = batch["ids"], batch["attention_mask"], batch["completion_mask"]
+    ref = batch.get("ref_logps")
+    if cfg.needs_reference and ref is None:
+        raise ValueError(f"{cfg.method} compares with the reference: the batch holds no "
+                         "ref_logps (reference_sequence_logps of its rows)")
+    if cfg.method != "kto":
+        return pair_loss(token_logps(model, ids, attention), attention, completion, cfg, ref)
+    n = len(ids) // 2
+    logps = sequence_logps(token_logps(model, ids[:n], attention[:n]), completion[:n])
+    with torch.no_grad():
+        kl_logps = sequence_logps(token_logps(model, ids[n:], attention[n:]), completion[n:])
+    ref_logps, ref_kl_logps = ref.chunk(2)
+    return kto_loss(logps, ref_logps, batch["desirable"], kl_logps, ref_kl_logps, cfg)
+
 
 def pair_loss(logps: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
               cfg: PreferenceConfig, ref_logps: torch.Tensor | None = None

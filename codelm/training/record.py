@@ -96,10 +96,10 @@ class RunRecord:
         """The train line of this step (metrics.jsonl, the trackers)."""
         values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                   "tokens_per_s": tok_s, "tokens_seen": state.tokens_seen,
-                  "memory_mb": memory_mb(trainer.device), "epoch": epoch}
+                  "memory_mb": memory_mb(trainer.device), "epoch": epoch, **stats.metrics}
         if trainer.scaler.is_enabled():
             values["loss_scale"] = trainer.scaler.get_scale()
-        self.log.write(state.step, "train", {**values, **(stats.extra or {})})
+        self.log.write(state.step, "train", values)
 
     def log_evaluation(self, state: RunState, metrics: dict, epoch: float) -> None:
         self.log.write(state.step, "val", {**metrics, "best_val_loss": state.best_val_loss,
@@ -229,10 +229,14 @@ def divergence_causes(lr: float, precision: str, injected: bool) -> list[str]:
     return causes
 
 
-# A task's own step metrics (StepStats.extra) that the console line shows; all go to
-# metrics.jsonl and the trackers.
-CONSOLE_EXTRA = ("reward_mean", "pass_rate", "hack_rate", "kl", "completion_length",
-                 "samples_per_s")
+# A step's own metrics (StepStats.metrics) the console shows, by the name it shows them under:
+# GRPO's rewards, pass and hack rates, KL, length and throughput; the preference tasks'
+# implicit-reward accuracy and margin, and the policy's log-probs. All go to metrics.jsonl
+# and the trackers.
+CONSOLE_METRICS = {"reward_mean": "reward", "pass_rate": "pass_rate", "hack_rate": "hack_rate",
+                   "kl": "kl", "completion_length": "length", "samples_per_s": "samples/s",
+                   "rewards/accuracies": "acc", "rewards/margins": "margin",
+                   "logps/chosen": "logp_chosen", "logps/rejected": "logp_rejected"}
 
 
 class Progress:
@@ -265,14 +269,14 @@ class Progress:
         self.tok_s = self.window_tokens / max(now - self.window_start, 1e-9)
         self.window_start = now
         self.window_tokens = 0
-        self.bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
-                             tok_s=f"{self.tok_s:.0f}", refresh=False)
+        shown = {CONSOLE_METRICS[k]: f"{v:.3f}" for k, v in stats.metrics.items()
+                 if k in CONSOLE_METRICS}
+        self.bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.4f}", **shown,
+                             lr=f"{stats.lr:.2e}", tok_s=f"{self.tok_s:.0f}", refresh=False)
         if self.lines:
-            extra = "".join(f" | {key} {value:.4g}" for key, value in (stats.extra or {}).items()
-                            if key in CONSOLE_EXTRA)
-            print(f"step {step}/{self.state.max_steps} | loss {stats.loss:.4f} | lr "
-                  f"{stats.lr:.2e} | {self.tok_s:,.0f} tok/s | epoch {epoch:.2f}{extra}",
-                  flush=True)
+            extra = "".join(f" | {name} {value}" for name, value in shown.items())
+            print(f"step {step}/{self.state.max_steps} | loss {stats.loss:.4f}{extra} | lr "
+                  f"{stats.lr:.2e} | {self.tok_s:,.0f} tok/s | epoch {epoch:.2f}", flush=True)
         return self.tok_s
 
     def eval_line(self, metrics: dict) -> None:
@@ -287,8 +291,11 @@ class Progress:
         if "val_pass@1" in metrics:  # task grpo: val_loss is the share failed
             quality = f"val pass@1 {metrics['val_pass@1']:.3f}"
         else:
-            quality = (f"val loss {metrics['val_loss']:.4f}{bpb} | ppl {metrics['val_ppl']:.2f} "
-                       f"| acc {metrics['val_accuracy']:.3f}")
+            ppl = f" | ppl {metrics['val_ppl']:.2f}" if "val_ppl" in metrics else ""
+            acc = f" | acc {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
+            margin = metrics.get("val_rewards/margins")
+            margin = f" | margin {margin:.3f}" if margin is not None else ""
+            quality = f"val loss {metrics['val_loss']:.4f}{bpb}{ppl}{acc}{margin}"
         self.say(f"eval step {state.step}/{state.max_steps} | {train}{quality} | "
                  f"{self.tok_s:,.0f} tok/s | elapsed {duration(elapsed)} | ETA {duration(eta)}")
 

@@ -333,7 +333,7 @@ class GRPOTrainer(Trainer):
         stats = self.update(loss, positions)
         done = time.perf_counter()
         n = len(completions)
-        stats.extra = {
+        stats.metrics = {
             **self._reward_metrics(scored, completions), **metrics,
             "sampling_s": sampled - began, "verdicts_s": scored_at - sampled,
             "update_s": done - scored_at, "samples_per_s": n / max(sampled - began, 1e-9),

@@ -10,13 +10,14 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
+from codelm.data.config import PREFERENCE_TASKS
 from codelm.runs.checkpoint import RunState
 from codelm.runtime import distributed, process
 from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
@@ -80,10 +81,12 @@ def perplexity(loss: float) -> float:
 
 
 def best_quality(task: str, loss: float) -> str:
-    """The best evaluation as the run's last lines say it: its loss and perplexity, or task
-    grpo's pass@1 (its val_loss is the share of held-out problems failed)."""
+    """The best evaluation as the run's last lines say it: its loss and perplexity, task grpo's
+    pass@1 (its val_loss is the share of held-out problems failed), or a preference loss."""
     if task == GRPO_TASK:
         return f"best validation pass@1 {1.0 - loss:.3f}"
+    if task in PREFERENCE_TASKS:  # a preference loss is no token's NLL: no perplexity
+        return f"best validation loss {loss:.4f}"
     return f"best validation loss {loss:.4f} (perplexity {perplexity(loss):.2f})"
 
 
@@ -107,7 +110,8 @@ class StepStats:
     lr: float  # the learning rate this step used (the scheduler has moved on by the time it logs)
     skipped: bool = False  # the fp16 scaler skipped the update (inf/NaN gradients)
     nonfinite: str | None = None  # "loss" or "gradient": the step was not applied
-    extra: dict | None = None  # a task's own metrics of the step (GRPO's rewards, timings)
+    metrics: dict = field(default_factory=dict)  # a task's own of the step (GRPO's rewards and
+    #   timings, the preference rewards): logged
 
 
 class Trainer:

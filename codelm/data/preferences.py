@@ -1,0 +1,257 @@
+"""Preference data for the preference tasks, in TRL's formats: pairs {"prompt", "chosen",
+"rejected"} (dpo, orpo, simpo) and labelled completions {"prompt", "completion", "label"} (kto,
+which also takes pairs, each as a desirable and an undesirable completion, as TRL's
+unpair_preference_dataset makes them). Each field is plain text, or conversational: a list of
+{"role", "content"} messages, rendered by the tokenizer's chat template as TRL renders them (the
+prompt with the generation prompt, a completion as the text the whole conversation adds after
+it). Read from JSONL, parquet, a datasets ``save_to_disk`` directory or a cached Hugging Face
+dataset id (``read_preferences``), then tokenized as TRL 1.16's trainers tokenize them and cut
+to a block of tokens (``encode_preferences``): each record is checked where it enters, a bad one
+refused in one line naming its file and line."""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from codelm.data.config import DataConfig, DataError
+from codelm.data.sources import json_object, jsonl_lines, record_files, table_rows
+from codelm.tokenization.bpe import BPETokenizer
+from scraping.common import is_utf8
+from tokenizer import CodeTokenizer
+
+PAIRED = ("prompt", "chosen", "rejected")
+UNPAIRED = ("prompt", "completion", "label")
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One record as read: its prompt and completions, each a text or a list of messages;
+    ``completions`` (chosen, rejected) of a pair, or (completion,) with its KTO ``label``
+    (True: desirable)."""
+
+    where: str  # "file:line" (or "file: row N"), for the errors that follow it
+    prompt: str | list[dict]
+    completions: tuple[str | list[dict], ...]
+    label: bool | None = None
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass(frozen=True)
+class Preference:
+    """One record encoded: the prompt's ids (the template's start first) and each completion's
+    (EOS last), cut to fit the block; ``label`` as the record's."""
+
+    prompt: list[int]
+    completions: tuple[list[int], ...]
+    label: bool | None = None
+
+
+# ---- Reading ----
+
+def read_preferences(sources: Sequence[str], unpaired: bool, cfg: DataConfig
+                     ) -> list[PreferenceRecord]:
+    """Every record of ``sources``, checked (``check_record``); ``unpaired`` (kto): labelled
+    completions, a pair read as its two; else pairs. ``cfg``: skip_bad (count and drop a bad
+    record instead of refusing it) and max_docs (the first N records)."""
+    records: list[PreferenceRecord] = []
+    skipped = 0
+    for source in sources:
+        files = record_files(source)
+        if files is None:
+            raise DataError(f"data source {source}: the preference tasks read records (JSONL, "
+                            "parquet, a datasets directory or a Hugging Face dataset id), not "
+                            "a directory of code")
+        for where, raw in _raw_records(files, cfg):
+            try:
+                record = check_record(json_object(raw, where) if isinstance(raw, bytes)
+                                      else raw, where, unpaired)
+            except DataError:
+                if not cfg.skip_bad:
+                    raise
+                skipped += 1
+                continue
+            records += unpair(record) if unpaired and record.label is None else [record]
+            if cfg.max_docs is not None and len(records) >= cfg.max_docs:
+                return records[:cfg.max_docs]
+    if skipped:
+        print(f"skip_bad: {skipped} bad preference record(s) skipped", file=sys.stderr)
+    if not records:
+        raise DataError(f"data {', '.join(sources)}: no preference records")
+    return records
+
+
+def _raw_records(files: Sequence[Path], cfg: DataConfig) -> Iterator[tuple[str, bytes | dict]]:
+    for path in files:
+        if path.suffix == ".jsonl":
+            for _, where, raw in jsonl_lines(path):
+                yield where, raw
+        else:
+            for _, where, row in table_rows(path, cfg):
+                yield where, row
+
+
+def check_record(record: dict, where: str, unpaired: bool) -> PreferenceRecord:
+    """``record`` as a PreferenceRecord, or a DataError naming ``where`` and the field at fault:
+    a missing or mistyped field, an empty completion, a pair whose two are the same."""
+    is_pair = "chosen" in record or "rejected" in record
+    if not is_pair and not unpaired:
+        if "completion" in record and "label" in record:
+            raise DataError(f"{where}: a labelled completion (prompt, completion, label): the "
+                            "kto task trains on those; a pair needs prompt, chosen and rejected")
+    keys = PAIRED if is_pair or not unpaired else UNPAIRED
+    if missing := [key for key in keys if key not in record or record[key] is None]:
+        raise DataError(f"{where}: no {missing[0]!r} field (a record needs {', '.join(keys)}; "
+                        "TRL's format)")
+    prompt = _field(record, "prompt", where)
+    completions = tuple(_field(record, key, where) for key in keys[1:] if key != "label")
+    label = None
+    if not is_pair:
+        label = record["label"]
+        if not isinstance(label, bool):
+            raise DataError(f"{where}: 'label' must be true (desirable) or false, got "
+                            f"{label!r}")
+    for key, completion in zip(keys[1:], completions):
+        if isinstance(completion, list) != isinstance(prompt, list):
+            raise DataError(f"{where}: {key!r} and 'prompt' must both be text or both be "
+                            "lists of messages")
+        if not _text_of(completion).strip():
+            raise DataError(f"{where}: {key!r} is empty: a completion is what is preferred or "
+                            "not; drop the record")
+    if is_pair and completions[0] == completions[1]:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same: the pair teaches "
+                        "nothing; drop it")
+    return PreferenceRecord(where, prompt, completions, label)
+
+
+def _field(record: dict, key: str, where: str) -> str | list[dict]:
+    """A text field, or a conversation's messages [{role, content}, ...] (TRL's conversational
+    format), checked."""
+    value = record[key]
+    if isinstance(value, str):
+        if not is_utf8(value):
+            raise DataError(f"{where}: {key!r} holds a lone surrogate (not valid UTF-8)")
+        return value
+    if not (isinstance(value, list) and value):
+        raise DataError(f"{where}: {key!r} must be a string or a non-empty list of "
+                        "{role, content} messages")
+    for i, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: {key}[{i}] must be an object with string 'role' and "
+                            "'content'")
+        if not is_utf8(message["content"]):
+            raise DataError(f"{where}: {key}[{i}] holds a lone surrogate (not valid UTF-8)")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text_of(field: str | list[dict]) -> str:
+    return field if isinstance(field, str) else "".join(m["content"] for m in field)
+
+
+def unpair(record: PreferenceRecord) -> list[PreferenceRecord]:
+    """A pair as KTO's two labelled completions: the chosen desirable, the rejected not."""
+    chosen, rejected = record.completions
+    return [PreferenceRecord(record.where, record.prompt, (chosen,), True),
+            PreferenceRecord(record.where, record.prompt, (rejected,), False)]
+
+
+def split_records(records: Sequence[PreferenceRecord], val_frac: float, seed: int
+                  ) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """(train, validation): ``val_frac`` of the records (at least one, seeded) held out; the two
+    records of an unpaired pair stay together (one prompt: the same place in the file)."""
+    places = list(dict.fromkeys(r.where for r in records))
+    if len(places) < 2:
+        raise DataError(f"{len(places)} preference record(s): too few to hold out a validation "
+                        "split; add records or give --val-data")
+    held = set(random.Random(seed).sample(places, max(1, round(val_frac * len(places)))))
+    train = [r for r in records if r.where not in held]
+    return train, [r for r in records if r.where in held]
+
+
+# ---- Encoding ----
+
+def encode_preferences(records: Sequence[PreferenceRecord], tok: CodeTokenizer | BPETokenizer,
+                       block_size: int) -> tuple[list[Preference], Counter]:
+    """Each record's ids (``encode_record``), its completions cut to fit ``block_size`` tokens
+    after the prompt; and the events counted (completions cut)."""
+    events: Counter = Counter()
+    return [encode_record(r, tok, block_size, events) for r in records], events
+
+
+def encode_record(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer, block_size: int,
+                  events: Counter) -> Preference:
+    """A record's ids as TRL 1.16's DPO and KTO trainers tokenize it (``tokenized``), each
+    completion cut to the ``block_size`` tokens the row may hold (``events``
+    completion_truncated counts the cuts); a DataError where the prompt leaves no room, or where
+    the cut leaves a pair's two the same."""
+    prompt, completions = tokenized(record, tok)
+    room = block_size - len(prompt)
+    if room < 1:
+        raise DataError(f"{record.where}: the prompt is {len(prompt)} tokens, and block_size "
+                        f"{block_size} leaves no room for a completion: raise --block-size, or "
+                        "shorten the prompt")
+    if not all(completions):
+        raise DataError(f"{record.where}: a completion adds no token to the prompt's: drop "
+                        "the record")
+    events["completion_truncated"] += sum(len(ids) > room for ids in completions)
+    completions = [ids[:room] for ids in completions]
+    if len(completions) == 2 and completions[0] == completions[1]:
+        raise DataError(f"{record.where}: 'chosen' and 'rejected' are the same in the "
+                        f"{room} tokens block_size {block_size} leaves after the prompt: raise "
+                        "--block-size")
+    return Preference(prompt, tuple(completions), record.label)
+
+
+def tokenized(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer
+              ) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, each completion's ids) as TRL tokenizes them: plain text as
+    ``tokenizer(text)`` reads it (the template's start first, special tokens' text as the
+    tokens), each completion ended with EOS; a conversation rendered by the chat template (the
+    prompt with the generation prompt, no EOS added: the template ends the turn). The prompt
+    and each prompt + completion are tokenized whole, and the completions start where the
+    prompt's ids and theirs first differ."""
+    if record.conversational:
+        if getattr(tok, "chat_template", None) is None:
+            raise DataError(f"{record.where}: conversational records need the tokenizer of an "
+                            "instruct model, whose tokenizer_config.json holds a chat_template "
+                            "(--init-from, --tokenizer)")
+        if record.prompt[-1]["role"] not in ("user", "tool"):
+            raise DataError(f"{record.where}: the prompt ends with a {record.prompt[-1]['role']} "
+                            "message: it must end with the user's (or a tool's), which the "
+                            "completions answer")
+        try:
+            prompt = tok.encode(tok.apply_chat_template(record.prompt,
+                                                        add_generation_prompt=True))
+            wholes = [tok.encode(tok.apply_chat_template(record.prompt + completion))
+                      for completion in record.completions]
+        except ValueError as e:  # the template's own error (raise_exception, an unknown role)
+            raise DataError(f"{record.where}: {e}") from None
+    else:
+        eos = [] if tok.eos_id is None else [tok.eos_id]
+        prompt = [*tok.template_prefix, *tok.encode(record.prompt)]
+        wholes = []
+        for completion in record.completions:
+            ids = [*tok.template_prefix, *tok.encode(record.prompt + completion)]
+            wholes.append(ids if ids[-1:] == eos else ids + eos)
+    shared = min(_common_prefix(prompt, whole) for whole in wholes)
+    return prompt[:shared], [whole[shared:] for whole in wholes]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def prompt_text(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer) -> str:
+    """The text a model is prompted with for ``record``: plain, or rendered by the chat
+    template with the generation prompt."""
+    if not record.conversational:
+        return record.prompt
+    return tok.apply_chat_template(record.prompt, add_generation_prompt=True)

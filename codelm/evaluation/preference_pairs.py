@@ -1,0 +1,79 @@
+"""Preference data from execution: an evaluation's pass@k samples, each scored by its problem's
+test in the sandbox (the test apart from the candidate, so a program that games it earns no
+pass), written as training data for the preference tasks (``trainingmanager.py --task dpo``):
+chosen/rejected pairs, a passing program over a failing one of the same prompt, each with its
+verdicts; and KTO's labelled completions (every distinct sample, desirable where it passed).
+A problem whose samples all pass or all fail gives no pair, and is counted."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from codelm.runtime import process
+
+
+class PreferenceData(NamedTuple):
+    pairs: list[dict]  # {prompt, chosen, rejected, task, task_id, model, *_status}
+    labelled: list[dict]  # {prompt, completion, label, status, task, task_id, model}
+    counts: Counter  # problems: paired, all_passed, all_failed; pairs; labelled
+
+
+def preference_data(records: Iterable[dict], tasks: Sequence[str]) -> PreferenceData:
+    """The pairs and labelled completions of the prediction records (eval.py's
+    predictions.jsonl) of the pass@k ``tasks``, per model, task and problem: its distinct
+    passing programs, in sample order, each paired with a distinct failing one, as many pairs as
+    the fewer of the two."""
+    problems: dict[tuple[str, str, str], list[dict]] = {}
+    for record in records:
+        if record["task"] in tasks:
+            key = (record["model"], record["task"], record["id"])
+            problems.setdefault(key, []).append(record)
+    pairs, labelled, counts = [], [], Counter()
+    for (model, task, task_id), samples in problems.items():
+        distinct = list({r["prediction"]: r for r in samples}.values())
+        passed = [r for r in distinct if r["status"] == "passed"]
+        failed = [r for r in distinct if r["status"] != "passed"]
+        where = {"task": task, "task_id": task_id, "model": model}
+        for r in distinct:
+            labelled.append({"prompt": r["prompt"], "completion": r["prediction"],
+                             "label": r["status"] == "passed", "status": r["status"], **where})
+        if not failed:
+            counts["all_passed"] += 1
+            continue
+        if not passed:
+            counts["all_failed"] += 1
+            continue
+        counts["paired"] += 1
+        for good, bad in zip(passed, failed):
+            pairs.append({"prompt": good["prompt"], "chosen": good["prediction"],
+                          "rejected": bad["prediction"], **where,
+                          "chosen_status": good["status"], "rejected_status": bad["status"]})
+    counts["pairs"], counts["labelled"] = len(pairs), len(labelled)
+    return PreferenceData(pairs, labelled, counts)
+
+
+def labelled_path(path: Path) -> Path:
+    """Where the labelled completions go beside the pairs: OUT.jsonl -> OUT.kto.jsonl."""
+    return path.with_name(f"{path.stem}.kto{path.suffix or '.jsonl'}")
+
+
+def write_preference_data(path: str | Path, out_dir: Path, tasks: Sequence[str]) -> str:
+    """The pairs of the evaluation in ``out_dir`` (its predictions.jsonl) written to ``path``,
+    the labelled completions beside it (``labelled_path``); the summary line."""
+    path = Path(path)
+    lines = (out_dir / "predictions.jsonl").read_text("utf-8").splitlines()
+    data = preference_data(map(json.loads, lines), tasks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for file, rows in ((path, data.pairs), (labelled_path(path), data.labelled)):
+        process.write_atomic(file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                           for r in rows))
+    c = data.counts
+    total = c["paired"] + c["all_passed"] + c["all_failed"]
+    return (f"preference pairs: {c['pairs']} pairs from {c['paired']} of {total} problems in "
+            f"{path}; no pair from {c['all_passed']} whose samples all passed and "
+            f"{c['all_failed']} whose samples all failed; {c['labelled']} labelled completions "
+            f"(kto) in {labelled_path(path)}")

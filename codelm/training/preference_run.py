@@ -1,0 +1,251 @@
+"""The preference tasks (dpo, kto, orpo, simpo) in the one training loop: their records read,
+encoded and batched (``prepare``: codelm.data.preferences, codelm.training.preference_batches),
+the reference's log-probs computed once before the first step and kept in the run directory
+(``attach_reference``: the LoRA base with its adapters off, or a full fine-tune's starting
+weights: no second model in memory), and ``PreferenceTrainer``, whose step and evaluation take
+the preference loss (codelm.training.preference) where ``Trainer``'s take the next-token loss.
+The loop, checkpoints, records and export are the one run's."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+import lora
+from codelm.data.config import DataConfig
+from codelm.data.examples import SamplePrompt
+from codelm.data.preferences import (
+    Preference,
+    PreferenceRecord,
+    encode_preferences,
+    read_preferences,
+    split_records,
+)
+from codelm.runtime import distributed
+from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
+from codelm.runtime.process import progress_bar
+from codelm.trainconfig import TrainConfig
+from codelm.training import preference
+from codelm.training.preference_batches import (
+    PreferenceBatches,
+    PreferenceRows,
+    collate_preferences,
+)
+from codelm.training.trainer import StepStats, StepStop, Trainer, autocast, checked_precision
+
+REFERENCE_FILE = "reference_logps.pt"  # in the run directory: (n, 2) of each split's rows
+
+# The metrics each method's loss gives (TRL's names), averaged over a step's pairs.
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+METRICS = {"dpo": PAIR_METRICS, "orpo": (*PAIR_METRICS, "nll_loss", "log_odds_ratio",
+                                         "log_odds_chosen"),
+           "simpo": (*PAIR_METRICS, "nll_loss"),
+           "kto": ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                   "logps/chosen", "logps/rejected")}
+
+
+class PreferenceData(NamedTuple):
+    dcfg: DataConfig  # the data options read (val_frac, seed, skip_bad, max_docs)
+    batches: PreferenceBatches
+    sample_prompt: SamplePrompt | None  # the first validation prompt (plain records)
+    data_id: dict  # what checkpoints record of the data
+
+
+def prepare(cfg: TrainConfig, tok, block_size: int, dist: Dist) -> PreferenceData:
+    """The run's records (``--data``; validation ``--val-data``, else val_frac of them), encoded
+    for ``block_size`` and batched; what was cut is said."""
+    dcfg = DataConfig(sources=list(cfg.data), block_size=block_size,
+                      **{"progress": cfg.progress, **cfg.data_options})
+    dcfg.validate()
+    unpaired = cfg.task == "kto"
+    records = read_preferences(cfg.data, unpaired, dcfg)
+    if cfg.val_data:
+        train, val = records, read_preferences(cfg.val_data, unpaired, dcfg)
+    else:
+        train, val = split_records(records, dcfg.val_frac, dcfg.seed)
+    train_set, events = encode_preferences(train, tok, block_size)
+    val_set, val_events = encode_preferences(val, tok, block_size)
+    cut = events["completion_truncated"] + val_events["completion_truncated"]
+    if cut and dist.main:
+        print(f"note: {cut} completion(s) cut to fit block_size {block_size} after their "
+              "prompt (--block-size)", file=sys.stderr)
+    if cfg.overfit_batches:  # K fixed global batches; validation is the same items
+        chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
+        n = cfg.overfit_batches * cfg.batch_size * cfg.grad_accum * dist.world
+        train_set = val_set = [train_set[i] for i in chosen[:n].tolist()]
+    batches = PreferenceBatches(
+        PreferenceRows(train_set, block_size, unpaired), PreferenceRows(val_set, block_size,
+                                                                        unpaired),
+        tok.pad_id, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.eval_examples, dist.rank,
+        dist.world)
+    data_id = {"entry": f"{cfg.task}-{digest(train_set)}", "train_examples": len(train_set)}
+    return PreferenceData(dcfg, batches, sample_prompt(val), data_id)
+
+
+def digest(preferences: Sequence[Preference]) -> str:
+    """What tells encoded data apart: a hash of its ids and labels."""
+    h = hashlib.sha256()
+    for p in preferences:
+        h.update(repr((p.prompt, p.completions, p.label)).encode())
+    return h.hexdigest()[:16]
+
+
+def sample_prompt(records: Sequence[PreferenceRecord]) -> SamplePrompt | None:
+    """The end-of-run sample's prompt: the first plain validation record's."""
+    plain = next((r for r in records if not r.conversational), None)
+    return None if plain is None else SamplePrompt(plain.prompt, False)
+
+
+# ---- The reference: its log-probs of every row, once ----
+
+def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatches,
+                     run_dir: Path, device: torch.device, continued: bool
+                     ) -> dict[Path, bytes]:
+    """Give each split's rows their reference log-probs (dpo, kto): a continued run's from its
+    REFERENCE_FILE, else computed now from ``model`` (its starting weights; under LoRA with its
+    adapters off), returned as that file's bytes for the run to write with its config. Nothing
+    for orpo and simpo, which need no reference."""
+    if not preference.config_of(cfg).needs_reference:
+        return {}
+    path = run_dir / REFERENCE_FILE
+    if continued and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        batches.train.set_reference(saved["train"])
+        batches.val.set_reference(saved["val"])
+        return {}
+    precision = checked_precision(cfg, device)
+    is_lora = any(True for _ in lora.lora_modules(model))
+    for name, rows in (("train", batches.train), ("val", batches.val)):
+        rows.set_reference(reference_logps(model, rows, cfg.batch_size, device, precision,
+                                           is_lora, cfg.progress, name))
+    buffer = io.BytesIO()
+    torch.save({"train": batches.train.reference, "val": batches.val.reference}, buffer)
+    return {path: buffer.getvalue()}
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, rows: PreferenceRows, batch_size: int,
+                    device: torch.device, precision: str, is_lora: bool, progress: bool = False,
+                    split: str = "train") -> torch.Tensor:
+    """(n, 2): the summed completion log-probs of each item's two rows under the reference:
+    ``model`` in eval mode, its adapters off under LoRA, else ``model`` itself."""
+    was_training = model.training
+    model.eval()
+    out = []
+    starts = range(0, len(rows), batch_size)
+    for start in progress_bar(starts, desc=f"reference {split}", unit="batch", leave=False,
+                              enabled=progress):
+        items = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        batch = {k: v.to(device) for k, v in collate_preferences(items, 0).items()}
+        with autocast(device, precision):
+            logps = preference.reference_sequence_logps(
+                model, batch["ids"], batch["attention_mask"], batch["completion_mask"],
+                reference=None if is_lora else model)
+        out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+# ---- The step and the evaluation ----
+
+class PreferenceTrainer(Trainer):
+    """``Trainer`` whose step and evaluation take the preference loss of ``cfg.task``: a step's
+    micro-batches weighted by their pairs (so accumulation and DDP equal one big batch of
+    pairs), its metrics (``METRICS``) averaged the same way; the validation loss is the same
+    loss, its accuracy the implicit reward's."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
+                 dist: Dist | None = None, token_bytes: torch.Tensor | None = None,
+                 state=None):
+        super().__init__(model, cfg, device, dist, token_bytes, state)
+        self.preference = preference.config_of(cfg)
+        self.metric_names = METRICS[cfg.task]
+
+    def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
+                   stop: StepStop | None = None) -> StepStats:
+        self.model.train()
+        pairs = sum(len(b["ids"]) // 2 for b in micro_batches)
+        positions = sum(b["ids"].numel() for b in micro_batches)
+        n_pairs, n_positions = all_reduce_sum(
+            torch.tensor([float(pairs), float(positions)], device=self.device), self.dist)
+        sums = torch.zeros(1 + 2 * len(self.metric_names), device=self.device)
+        with self._droppable_step(stop):
+            for i, batch in enumerate(micro_batches):
+                batch = self._to_device(batch)
+                share = len(batch["ids"]) // 2 / n_pairs
+                last = i == len(micro_batches) - 1
+                sync = contextlib.nullcontext() if last else distributed.accumulating(self.model)
+                with sync:
+                    with autocast(self.device, self.precision):
+                        loss, metrics = preference.batch_loss(self.model, batch, self.preference)
+                    if inject_nan:
+                        loss = loss * float("nan")
+                    self.scaler.scale(loss * share * self.dist.world).backward()
+                sums += self._weighted(loss, metrics, share)
+        sums = all_reduce_sum(sums, self.dist)
+        stats = self.update(sums[0], n_positions)
+        stats.metrics = self._averaged(sums[1:])
+        return stats
+
+    def _weighted(self, loss: torch.Tensor, metrics: dict, share: torch.Tensor
+                  ) -> torch.Tensor:
+        """[loss, metric, its weight, ...] of one micro-batch, weighted by its ``share`` of the
+        pairs (a metric it lacks, KTO's of a batch of one label, weighs nothing)."""
+        row = [loss.detach().float() * share]
+        for name in self.metric_names:
+            if name in metrics:
+                row += [metrics[name].float() * share, share]
+            else:
+                row += [torch.zeros_like(share), torch.zeros_like(share)]
+        return torch.stack(row)
+
+    def _averaged(self, sums: torch.Tensor) -> dict:
+        values = sums.tolist()
+        return {name: values[2 * k] / values[2 * k + 1]
+                for k, name in enumerate(self.metric_names) if values[2 * k + 1] > 0}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None
+                 ) -> dict:
+        """The validation loss (the training loss, on the validation pairs, each batch weighted
+        by its pairs) and its metrics: val_accuracy the implicit reward's (where the method has
+        it), val_<metric> the rest."""
+        batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
+                               enabled=self.dist.main and self.cfg.progress, dynamic_ncols=True)
+        model = self.eval_model
+        was_training = model.training
+        model.eval()
+        precision = "fp32" if self.cfg.eval_precision == "fp32" else self.precision
+        sums = torch.zeros(1 + 2 * len(self.metric_names), device=self.device)
+        pairs = forwards = 0
+        for batch in batches:
+            forwards += 1
+            batch = self._to_device(batch)
+            with autocast(self.device, precision):
+                loss, metrics = preference.batch_loss(model, batch, self.preference)
+            n = len(batch["ids"]) // 2
+            sums += self._weighted(loss, metrics, torch.tensor(float(n), device=self.device))
+            pairs += n
+        if self.sharded:  # each forward gathers every block's shards: all ranks take part
+            idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            for _ in range(max(all_gather(forwards, self.dist)) - forwards):
+                model(idle)
+        model.train(was_training)
+        sums = all_reduce_sum(sums, self.dist)
+        n = all_reduce_sum(torch.tensor(float(pairs), device=self.device), self.dist).item()
+        assert n > 0, "the validation split holds pairs"
+        metrics = {"val_loss": sums[0].item() / n}
+        for name, value in self._averaged(sums[1:]).items():
+            key = "val_accuracy" if name == "rewards/accuracies" else f"val_{name}"
+            metrics[key] = value
+        metrics["val_pairs"] = int(n)
+        return metrics

@@ -1,0 +1,233 @@
+"""codelm.data.preferences: TRL's preference formats read from JSONL, parquet and a cached
+Hugging Face dataset, tokenized as TRL 1.16's DPOTrainer and KTOTrainer tokenize them (their own
+``_prepare_dataset``, called unbound on the same records with transformers' tokenizer of the
+same files), and each bad record refused in one line naming its file and line."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from tiny_hf import hub_cache, save_tiny_llama3_instruct
+
+from codelm.data.config import DataConfig, DataError
+from codelm.data.preferences import (
+    check_record,
+    encode_preferences,
+    read_preferences,
+    split_records,
+    tokenized,
+)
+from codelm.data.sources import stdlib_files
+from tokenizer import load_tokenizer
+
+PLAIN = {"prompt": "def add(a, b):\n    return", "chosen": " a + b\n", "rejected": " a - b\n"}
+CHAT = {"prompt": [{"role": "system", "content": "You write Python."},
+                   {"role": "user", "content": "Write add."}],
+        "chosen": [{"role": "assistant", "content": "def add(a, b):\n    return a + b"}],
+        "rejected": [{"role": "assistant", "content": "def add(a, b):\n    return a - b"}]}
+
+
+@pytest.fixture(scope="module")
+def instruct(tmp_path_factory) -> Path:
+    """A tiny Llama-3-Instruct-shaped checkpoint: its tokenizer reads <|eot_id|> as EOS and
+    holds a chat template."""
+    root = tmp_path_factory.mktemp("instruct")
+    texts = [p.read_text("utf-8", "replace") for p in stdlib_files()[::80]]
+    save_tiny_llama3_instruct(root, texts)
+    return root
+
+
+def _write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _trl_tokenized(trainer, records: list[dict], root: Path) -> list[dict]:
+    """TRL's own dataset preparation of ``records`` with transformers' tokenizer of ``root``."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(root)
+    this = SimpleNamespace(_tokenizer=hf, calculate_KL=False, desirable_weight=1.0,
+                           undesirable_weight=1.0)
+    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start",
+                           per_device_train_batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list(trainer._prepare_dataset(this, Dataset.from_list(records), hf, args, "eval"))
+
+
+@pytest.mark.parametrize("record", [PLAIN, CHAT, {**PLAIN, "chosen": " a + b<|eot_id|>"}],
+                         ids=["plain", "conversational", "ends-with-eos"])
+def test_pairs_tokenize_as_trls_dpo_trainer(record, instruct):
+    from trl import DPOTrainer
+
+    ours = tokenized(check_record(record, "x.jsonl:1", unpaired=False), load_tokenizer(instruct))
+    theirs = _trl_tokenized(DPOTrainer, [record], instruct)[0]
+    assert ours == (theirs["prompt_ids"], [theirs["chosen_ids"], theirs["rejected_ids"]])
+
+
+@pytest.mark.parametrize("records", [[{"prompt": PLAIN["prompt"], "completion": " a * b\n",
+                                       "label": False}],
+                                     [{"prompt": CHAT["prompt"], "completion": CHAT["chosen"],
+                                       "label": True}],
+                                     [PLAIN]], ids=["plain", "conversational", "pair"])
+def test_labelled_completions_tokenize_as_trls_kto_trainer(records, instruct, tmp_path):
+    """A pair read for kto is its two completions, desirable then not (TRL's
+    unpair_preference_dataset)."""
+    from trl import KTOTrainer
+
+    path = _write_jsonl(tmp_path / "kto.jsonl", records)
+    read = read_preferences([str(path)], True, DataConfig(progress=False))
+    ours, _ = encode_preferences(read, load_tokenizer(instruct), block_size=512)
+    theirs = _trl_tokenized(KTOTrainer, records, instruct)
+    assert [(p.prompt, p.completions[0], p.label) for p in ours] == [
+        (t["prompt_ids"], t["completion_ids"], t["label"]) for t in theirs]
+
+
+def test_parquet_and_a_cached_dataset_id_read_as_jsonl(tmp_path, offline_hub):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{**PLAIN, "chosen": f" a + b + {i}\n"} for i in range(5)]
+    jsonl = _write_jsonl(tmp_path / "pairs.jsonl", records)
+    table = tmp_path / "data"
+    table.mkdir()
+    pq.write_table(pa.Table.from_pylist(records), table / "train-00000.parquet")
+    hub_cache(offline_hub, "someone/pairs", table, repo_type="dataset")
+    cfg = DataConfig(progress=False)
+    read = [[(r.prompt, r.completions) for r in read_preferences([source], False, cfg)]
+            for source in (str(jsonl), str(table / "train-00000.parquet"), "someone/pairs")]
+    assert read[0] == read[1] == read[2] and len(read[0]) == 5
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "p", "chosen": "a"}, "no 'rejected' field"),
+    ({"chosen": "a", "rejected": "b"}, "no 'prompt' field"),
+    ({**PLAIN, "chosen": "  "}, "'chosen' is empty"),
+    ({**PLAIN, "rejected": ""}, "'rejected' is empty"),
+    ({**PLAIN, "rejected": PLAIN["chosen"]}, "'chosen' and 'rejected' are the same"),
+    ({**PLAIN, "chosen": 3}, "'chosen' must be a string or a non-empty list"),
+    ({**PLAIN, "chosen": CHAT["chosen"]}, "'chosen' and 'prompt' must both be text"),
+    ({"prompt": "p", "completion": "c", "label": True}, "a labelled completion"),
+])
+def test_a_bad_pair_is_refused_in_one_line_naming_file_and_line(record, message, tmp_path):
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, record])
+    with pytest.raises(DataError) as caught:
+        read_preferences([str(path)], False, DataConfig(progress=False))
+    assert str(caught.value).startswith(f"{path}:2: ") and message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "p", "completion": "c"}, "no 'label' field"),
+    ({"prompt": "p", "completion": "c", "label": 1}, "'label' must be true"),
+    ({"prompt": "p", "completion": "", "label": True}, "'completion' is empty"),
+])
+def test_a_bad_labelled_completion_is_refused_naming_its_line(record, message, tmp_path):
+    path = _write_jsonl(tmp_path / "kto.jsonl", [record])
+    with pytest.raises(DataError, match=rf"^{path}:1: .*{message}"):
+        read_preferences([str(path)], True, DataConfig(progress=False))
+
+
+def test_skip_bad_drops_bad_records_and_max_docs_keeps_the_first(tmp_path, capsys):
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, {"prompt": "p"}, PLAIN, PLAIN])
+    read = read_preferences([str(path)], False, DataConfig(skip_bad=True, progress=False))
+    assert [r.where for r in read] == [f"{path}:{n}" for n in (1, 3, 4)]
+    assert "1 bad preference record(s) skipped" in capsys.readouterr().err
+    assert len(read_preferences([str(path)], False, DataConfig(skip_bad=True, max_docs=2))) == 2
+
+
+def test_a_prompt_that_fills_the_block_is_refused_and_long_completions_cut(instruct, tmp_path):
+    tok = load_tokenizer(instruct)
+    long = check_record({**PLAIN, "prompt": "x = 1\n" * 40}, f"{tmp_path}/p.jsonl:7", False)
+    n = len(tokenized(long, tok)[0])
+    with pytest.raises(DataError) as caught:
+        encode_preferences([long], tok, block_size=n)
+    assert str(caught.value).startswith(f"{tmp_path}/p.jsonl:7: the prompt is {n} tokens")
+    assert "raise --block-size" in str(caught.value)
+    (kept,), events = encode_preferences([long], tok, block_size=n + 2)
+    assert [len(c) for c in kept.completions] == [2, 2] and events["completion_truncated"] == 2
+    with pytest.raises(DataError, match="'chosen' and 'rejected' are the same in the 1 tokens"):
+        encode_preferences([long], tok, block_size=n + 1)
+
+
+def test_conversations_need_a_chat_template_and_a_user_turn_last(instruct):
+    tok = load_tokenizer(instruct)
+    ends_with_assistant = check_record({**CHAT, "prompt": CHAT["prompt"] + CHAT["chosen"]},
+                                       "c.jsonl:3", False)
+    with pytest.raises(DataError, match="^c.jsonl:3: the prompt ends with a assistant message"):
+        tokenized(ends_with_assistant, tok)
+    tok.chat_template = None
+    with pytest.raises(DataError, match="^c.jsonl:3: conversational records need"):
+        tokenized(ends_with_assistant, tok)
+
+
+def test_the_validation_split_is_seeded_and_keeps_a_records_two_halves_together(tmp_path):
+    path = _write_jsonl(tmp_path / "pairs.jsonl",
+                        [{**PLAIN, "chosen": f" {i}\n"} for i in range(20)])
+    records = read_preferences([str(path)], True, DataConfig(progress=False))  # 40 halves
+    train, val = split_records(records, 0.1, seed=3)
+    assert len(val) == 4 and len(train) == 36
+    assert {r.where for r in train}.isdisjoint(r.where for r in val)
+    assert split_records(records, 0.1, seed=3) == (train, val)
+    with pytest.raises(DataError, match="too few to hold out a validation split"):
+        split_records(records[:2], 0.1, seed=3)
+
+
+def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):
+    """`eval.py --preference-pairs` on scored samples of the bundled problems (a generations
+    file: the sandbox runs each with its test): a problem with passing and failing samples gives
+    pairs (distinct programs, passing over failing, the verdicts with them), one that always
+    passes or always fails gives none and is counted; an exploit's program (cut where the
+    function ends, as every sample is) fails; the files read back as preference data."""
+    import eval as ev
+    from codelm.evaluation.tasks import passk
+    from codelm.models.generation import truncate_at_stops
+    from codelm.training import rewards
+
+    problems = passk.load_problems()[:3]
+    right = [p["prompt"] + p["canonical_solution"] for p in problems]
+    wrong = [p["prompt"] + "    return None\n" for p in problems]
+    cheat = problems[0]["prompt"] + rewards.exploit_completion(
+        problems[0], rewards.exploits()["equal_to_everything"])
+    generations = [[right[0], right[0] + "\n", wrong[0], cheat],  # 2 pairs
+                   [right[1]] * 4,  # all pass
+                   [wrong[2], wrong[2] + "\n", wrong[2], wrong[2]]]  # all fail
+    file = tmp_path / "generations.json"
+    file.write_text(json.dumps(generations))
+    out = tmp_path / "pairs" / "out.jsonl"
+    assert ev.main(["--tasks", "passk", "--limit", "3", "--load-generations", str(file),
+                    "--num-samples", "4", "--out-dir", str(tmp_path / "eval"), "--no-progress",
+                    "--preference-pairs", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert (f"preference pairs: 2 pairs from 1 of 3 problems in {out}; no pair from 1 whose "
+            "samples all passed and 1 whose samples all failed; 7 labelled completions (kto) in "
+            f"{tmp_path / 'pairs' / 'out.kto.jsonl'}") in said
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    prompt = problems[0]["prompt"]
+    cut = truncate_at_stops(cheat[len(prompt):], passk.PASSK.stops)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        (right[0][len(prompt):], wrong[0][len(prompt):]), ((right[0] + "\n")[len(prompt):], cut)]
+    assert {(p["task_id"], p["task"], p["chosen_status"], p["rejected_status"])
+            for p in pairs} == {(problems[0]["task_id"], "passk", "passed", "failed")}
+    labelled = [json.loads(line) for line in (tmp_path / "pairs" / "out.kto.jsonl").read_text()
+                .splitlines()]
+    assert [r["label"] for r in labelled] == [True, True, False, False, True, False, False]
+    cfg = DataConfig(progress=False)
+    assert len(read_preferences([str(out)], False, cfg)) == 2
+    assert len(read_preferences([str(tmp_path / "pairs" / "out.kto.jsonl")], True, cfg)) == 7
+
+
+def test_preference_pairs_need_a_pass_at_k_task_sampled_twice():
+    from codelm.evaluation.config import parse_config
+
+    with pytest.raises(ValueError, match=r"^preference_pairs \('p.jsonl', --preference-pairs\): "
+                                         "pairs a pass@k task's samples"):
+        parse_config(["--tasks", "lm", "--preference-pairs", "p.jsonl"])
+    with pytest.raises(ValueError, match="with num_samples .* of 2 or more"):
+        parse_config(["--tasks", "passk", "--preference-pairs", "p.jsonl"])

@@ -1,0 +1,177 @@
+"""The preference tasks in trainingmanager's one loop, on the CPU in seconds: a tiny model learns
+a toy preference (a sum over a difference) under each of dpo, kto, orpo and simpo, its rewards
+logged; the reference is the starting model (DPO's loss starts at log 2, TRL's value where the
+policy is the reference); a resumed run continues bit for bit; the settings are checked."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import trainingmanager as tm
+from codelm import trainconfig
+from codelm.data.sources import stdlib_files
+from codelm.runs import rundir
+from codelm.runtime.distributed import Dist
+from codelm.training import plan
+from tokenizer import CodeTokenizer, load_tokenizer
+
+NAMES = ["alpha", "beta", "gamma", "delta", "total", "count", "value", "item", "width", "size"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    """A CodeTokenizer trained on stdlib files, and a toy preference: each prompt a function
+    header, its chosen body the sum of its arguments, its rejected body their difference
+    (as pairs, and as labelled completions for kto)."""
+    root = tmp_path_factory.mktemp("pref")
+    files = [f for f in stdlib_files() if 1500 < f.stat().st_size < 5000][:40]
+    CodeTokenizer.train([f.read_text("utf-8") for f in files], min_freq=3,
+                        max_vocab=200).save(root)
+    rng = random.Random(0)
+    pairs, labelled = [], []
+    for i in range(64):
+        a, b = rng.sample(NAMES, 2)
+        prompt = f"def add_{i}({a}, {b}):\n    return"
+        pairs.append({"prompt": prompt, "chosen": f" {a} + {b}\n", "rejected": f" {a} - {b}\n"})
+        labelled.append({"prompt": prompt, "completion": f" {a} {'+-'[i % 2]} {b}\n",
+                         "label": i % 2 == 0})
+    for name, records in (("pairs", pairs), ("kto", labelled)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"tokenizer": str(root / "tokenizer.json"), "pairs": str(root / "pairs.jsonl"),
+            "kto": str(root / "kto.jsonl")}
+
+
+def pref_cfg(assets: dict, tmp_path: Path, task: str = "dpo", **overrides
+             ) -> trainconfig.TrainConfig:
+    values = dict(task=task, data=[assets["kto" if task == "kto" else "pairs"]],
+                  tokenizer=assets["tokenizer"], preset="tiny", block_size=48, batch_size=8,
+                  max_steps=24, warmup_steps=2, lr=3e-3, eval_every=12, eval_examples=None,
+                  log_every=1, progress=False, export=False, report_to=["none"],
+                  out_dir=str(tmp_path / "runs"), name=task, force=True,
+                  data_options={"progress": False})
+    values.update(overrides)
+    return trainconfig.TrainConfig(**values)
+
+
+def logged(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / rundir.METRICS_FILE).read_text().splitlines()
+    return [entry for entry in map(json.loads, lines) if entry["kind"] == kind]
+
+
+@pytest.mark.parametrize("task, overrides", [
+    ("dpo", {"pref_beta": 0.5}), ("kto", {}), ("orpo", {"orpo_lambda": 0.5}),
+    ("simpo", {"pref_beta": 2.0, "simpo_gamma": 0.5})])
+def test_each_preference_task_learns_a_toy_preference_in_the_one_loop(assets, tmp_path,
+                                                                      task, overrides):
+    result = tm.train(pref_cfg(assets, tmp_path, task, **overrides))
+    train, val = logged(result.run_dir, "train"), logged(result.run_dir, "val")
+    assert len(train) == 24 and len(val) == 2
+    assert train[-1]["loss"] < 0.8 * train[0]["loss"]
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(train[0])
+    if task != "kto":  # KTO's rewards have no accuracy (TRL logs none)
+        assert val[-1]["val_accuracy"] > 0.9 and "rewards/accuracies" in train[0]
+    assert (result.run_dir / "checkpoints" / "step-24").is_dir()
+
+
+def test_dpo_starts_at_log_2_with_the_starting_model_as_reference(assets, tmp_path, capsys):
+    """Before the first update the policy is its reference: every margin 0, the loss log 2
+    (TRL's sigmoid loss at a zero margin), the rewards 0; the console shows them."""
+    result = tm.train(pref_cfg(assets, tmp_path, max_steps=1, eval_every=1, lr=1e-9))
+    first = logged(result.run_dir, "train")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert logged(result.run_dir, "val")[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    out = capsys.readouterr().out
+    assert "step 1/1 | loss 0.6931 | acc 0.000 | margin 0.000 | logp_chosen" in out
+    # (after the step: margins of about 1e-9, whose signs make any accuracy)
+    assert re.search(r"val loss 0\.6931 \| acc \d\.\d{3} \| margin -?0\.000 \|", out)
+    assert "perplexity" not in out
+
+
+def test_lora_dpo_takes_the_base_with_adapters_off_as_reference(assets, tmp_path):
+    """A LoRA run on a pretrained base: the reference log-probs kept in the run are the base's
+    own (loaded apart), and the adapters learn the preference."""
+    from tiny_hf import save_tiny_hf
+
+    from codelm.models import pretrained
+    from codelm.training import preference_run
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)
+    cfg = pref_cfg(assets, tmp_path, init_from=str(base), lora_r=8, lora_alpha=16.0,
+                   pref_beta=0.5, lr=1e-2)
+    result = tm.train(cfg)
+    train = logged(result.run_dir, "train")
+    assert train[-1]["loss"] < 0.8 * train[0]["loss"]
+    kept = torch.load(result.run_dir / preference_run.REFERENCE_FILE, weights_only=True)
+    model = pretrained.load(base).eval()  # the data prepared as the run prepared it
+    data = preference_run.prepare(cfg, load_tokenizer(result.run_dir), 48, Dist())
+    rows = data.batches.val
+    expected = preference_run.reference_logps(model, rows, 4, torch.device("cpu"), "fp32",
+                                              is_lora=False)
+    torch.testing.assert_close(kept["val"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_resumed_dpo_run_continues_bit_for_bit(assets, tmp_path):
+    """6 steps straight, or 3 then a resume for 3 more (a constant learning rate): the same
+    weights; the resume reads the reference log-probs its run kept."""
+    common = dict(min_lr_ratio=1.0, warmup_steps=0, eval_every=3, save_every=3)
+    straight = tm.train(pref_cfg(assets, tmp_path, max_steps=6, name="straight", **common))
+    tm.train(pref_cfg(assets, tmp_path, max_steps=3, name="halves", **common))
+    halves = tmp_path / "runs" / "halves"
+    resumed = tm.train(pref_cfg(assets, tmp_path, max_steps=6, name="halves", resume=str(halves),
+                                **common))
+    assert resumed.step == 6
+    a = load_file(straight.run_dir / "checkpoints" / "step-6" / rundir.MODEL_FILE)
+    b = load_file(halves / "checkpoints" / "step-6" / rundir.MODEL_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "dpo", "--pref-beta", "0"], "pref_beta (0.0, --pref-beta): must be a finite "
+                                             "number > 0 (task dpo)"),
+    (["--task", "orpo", "--label-smoothing", "0.1"], "label_smoothing (0.1, --label-smoothing): "
+                                                      "orpo ignores it"),
+    (["--orpo-lambda", "0.5"], "orpo_lambda (0.5, --orpo-lambda): preference settings, but task "
+                               "('lm', --task) is not one of dpo, kto, orpo, simpo"),
+    (["--task", "kto", "--packing"], "packing (True, --packing): the kto task pads each pair"),
+])
+def test_bad_preference_settings_are_refused_naming_their_flag(assets, flags, message):
+    with pytest.raises(ValueError) as caught:
+        plan.parse_config(["--data", assets["pairs"], "--tokenizer", assets["tokenizer"],
+                           "--max-steps", "2", *flags])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_preference_task_needs_its_data_and_a_tokenizer(assets):
+    with pytest.raises(ValueError, match=r"^task \('dpo', --task\): trains on preference "
+                                         "records"):
+        plan.parse_config(["--task", "dpo", "--max-steps", "2"])
+    with pytest.raises(ValueError, match=r"^task \('simpo', --task\): tunes a model's"):
+        plan.parse_config(["--task", "simpo", "--data", assets["pairs"], "--max-steps", "2"])
+
+
+def test_a_bad_record_stops_the_command_in_one_line(assets, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    shutil.copy(assets["pairs"], data)
+    with data.open("a") as f:
+        f.write(json.dumps({"prompt": "def f():\n    return", "chosen": " 1\n",
+                            "rejected": " 1\n"}) + "\n")
+    code = tm.main(["--task", "dpo", "--data", str(data), "--tokenizer", assets["tokenizer"],
+                    "--preset", "tiny", "--max-steps", "2", "--out-dir", str(tmp_path / "runs"),
+                    "--no-progress", "--report-to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {data}:65: 'chosen' and 'rejected' are the same" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
