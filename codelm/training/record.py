@@ -233,8 +233,9 @@ def divergence_causes(lr: float, precision: str, injected: bool) -> list[str]:
 # GRPO's rewards, pass and hack rates, KL, length and throughput; the preference tasks'
 # implicit-reward accuracy and margin, and the policy's log-probs. All go to metrics.jsonl
 # and the trackers.
-CONSOLE_METRICS = {"reward_mean": "reward", "pass_rate": "pass_rate", "hack_rate": "hack_rate",
-                   "kl": "kl", "completion_length": "length", "samples_per_s": "samples/s",
+CONSOLE_METRICS = {"reward_mean": "reward_mean", "pass_rate": "pass_rate",
+                   "hack_rate": "hack_rate", "kl": "kl", "completion_length": "completion_length",
+                   "samples_per_s": "samples_per_s",
                    "rewards/accuracies": "acc", "rewards/margins": "margin",
                    "logps/chosen": "logp_chosen", "logps/rejected": "logp_rejected"}
 
