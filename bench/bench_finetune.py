@@ -94,7 +94,6 @@ SEED_LORA = {
 
 def make_checkpoint(family: str, layers: int | None, out: Path) -> None:
     """The family's random HF checkpoint and a PEFT adapter of its seed's setting, in ``out``."""
-    from peft import LoraConfig, get_peft_model
     from tiny_hf import tiny_hf_model
 
     _, shape = SHAPES[family]
@@ -102,13 +101,21 @@ def make_checkpoint(family: str, layers: int | None, out: Path) -> None:
         shape = {**shape, LAYER_KEY[family]: layers}
     model = tiny_hf_model(family, seed=0, **shape)
     model.save_pretrained(out / "model")
-    peft_model = get_peft_model(model, LoraConfig(**SEED_LORA[family]))
+    save_random_adapter(model, SEED_LORA[family], out / "adapter")
+
+
+def save_random_adapter(model, lora_settings: dict, out: Path) -> None:
+    """A PEFT adapter of ``lora_settings`` on ``model`` with B random too (so the update
+    counts), saved to ``out``."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(**lora_settings))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name or "lora_embedding_A" in name:
                 p.normal_(0, 0.02)
-    peft_model.save_pretrained(out / "adapter")
+    peft_model.save_pretrained(out)
 
 
 def memory_mib() -> tuple[float, float]:

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_finetune import SEED_LORA, SHAPES  # noqa: E402
+from bench_finetune import SEED_LORA, SHAPES, save_random_adapter  # noqa: E402
 from tiny_hf import tiny_hf_config  # noqa: E402
 
 SECTIONS = ("lora", "nf4", "long")
@@ -111,7 +111,6 @@ def make_checkpoint(family: str, out: Path, layers: int | None) -> None:
     """The family's real config with random weights (bf16 safetensors) in ``out``/model and a
     PEFT adapter of its seed's LoRA setting in ``out``/adapter."""
     import transformers
-    from peft import LoraConfig, get_peft_model
 
     overrides = dict(MODELS[family][1])
     if layers:
@@ -124,14 +123,8 @@ def make_checkpoint(family: str, out: Path, layers: int | None) -> None:
     with torch.device(DEV):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out / "model")
-    peft_model = get_peft_model(model, LoraConfig(**LORA[family]))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "lora_embedding_A" in name:
-                p.normal_(0, 0.02)
-    peft_model.save_pretrained(out / "adapter")
-    del model, peft_model
+    save_random_adapter(model, LORA[family], out / "adapter")
+    del model
     free_memory()
 
 

@@ -337,6 +337,21 @@ def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
 
 
+def _add_chunk_grads(z: torch.Tensor, dt: torch.dtype, w: torch.Tensor, hc: torch.Tensor,
+                    rows: slice, grads: tuple) -> None:
+    """One chunk's share of an LM head's gradients, from ``z`` (d loss / d logits of the chunk's
+    ``rows``, in the accumulation dtype): ``grads`` (hidden, weight, bias; None where not wanted)
+    get the rows' hidden gradient written, the weight's and bias' added."""
+    grad_hidden, grad_weight, grad_bias = grads
+    g = z.to(dt)
+    if grad_hidden is not None:
+        torch.mm(g, w, out=grad_hidden[rows])
+    if grad_weight is not None:
+        grad_weight.addmm_(g.t(), hc)
+    if grad_bias is not None:
+        grad_bias += z.sum(0)
+
+
 def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tuple,
                         count_correct: bool, grad_scale: torch.Tensor | float = 1.0):
     """Summed cross-entropy of hidden @ weight.T + bias, chunk by chunk, and in the same pass the
@@ -359,7 +374,7 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
     step = _loss_chunk_rows(vocab, dev)
     with torch.autocast(dev.type, enabled=False):
         for s in range(0, h.shape[0], step):
-            z = g = None  # the previous chunk goes before the next is formed: one chunk alive
+            z = None  # the previous chunk goes before the next is formed: one chunk alive
             hc, yc = h[s:s + step], labels[s:s + step]
             z = (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).to(acc)
             keep = yc != IGNORE_INDEX
@@ -384,13 +399,7 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
             z[rows, target] -= (1 - smoothing) * counted
             if smoothing:
                 z.sub_((smoothing / vocab) * counted[:, None])
-            g = z.to(dt)
-            if gh is not None:
-                torch.mm(g, w, out=gh[s:s + step])
-            if gw is not None:
-                gw.addmm_(g.t(), hc)
-            if gb is not None:
-                gb += z.sum(0)
+            _add_chunk_grads(z, dt, w, hc, slice(s, s + step), (gh, gw, gb))
     return total, correct, (gh, gw, gb)
 
 
@@ -492,20 +501,14 @@ class _HeadLogprobsFunction(torch.autograd.Function):
         step = _loss_chunk_rows(w.shape[0], h.device)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], step):
-                z = g = None
+                z = None  # the previous chunk goes first: one chunk alive
                 hc, gc = h[s:s + step], weights[s:s + step]
                 z = _chunk_logits(hc, w, b, acc)
                 # d logp / dz = onehot - softmax, times the incoming gradient of each row
                 z.sub_(normalizers[s:s + step, None]).exp_().mul_(-gc[:, None])
                 rows = torch.arange(len(gc), device=h.device)
                 z[rows, labels[s:s + step].clamp(min=0)] += gc
-                g = z.to(dt)
-                if gh is not None:
-                    torch.mm(g, w, out=gh[s:s + step])
-                if gw is not None:
-                    gw.addmm_(g.t(), hc)
-                if gb is not None:
-                    gb += z.sum(0)
+                _add_chunk_grads(z, dt, w, hc, slice(s, s + step), (gh, gw, gb))
         out = [None if t is None else t.to(like.dtype)
                for t, like in zip((gh, gw, gb), (hidden, weight, bias))]
         return *out, None

@@ -60,3 +60,12 @@ def email_with_drops(tmp_path) -> Path:
     (src / "short.py").write_text("x = 1\n")
     (src / "huge.py").write_text("x = 1\n" * 200_000)
     return src
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons between processes need the same reduction order: one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -36,13 +36,7 @@ METRICS = ("loss", "grad_norm", "reward_mean", "reward_std", "pass_rate", "equal
            "verdicts_s", "update_s", "samples_per_s", "verdicts_per_s")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-exact comparisons between processes need the same reduction order: one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-exact comparisons between processes
 
 
 def problem(i: int, answer: int = 1) -> dict:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_architecture import SHAPES, _ids, _model, _spy_sdpa, gen
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from architecture import Transformer, head_loss, split_heads
 from codelm import kernels
@@ -277,27 +278,29 @@ def test_fused_head_loss_equals_cross_entropy_of_the_logits(bias, smoothing, mon
                                    ref_loss, rtol=1e-12, atol=0)
 
 
+class LargestOutput(TorchDispatchMode):
+    """Records the largest tensor (in elements) any op outputs while it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
 def test_fused_head_loss_never_forms_the_whole_logits():
     """The point of fusing: no op in the training step's loss outputs an (N, V) tensor."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Largest.numel = max(Largest.numel, t.numel())
-            return out
-
     head = torch.nn.Linear(16, 8192)
     hidden = torch.randn(4, 512, 16, requires_grad=True)  # 2048 rows: 4 chunks of 512
     labels = torch.randint(0, 8192, (4, 512))
-    with Largest():
+    with LargestOutput() as largest:
         head_loss(hidden, head, labels)[0].backward()
-    assert 0 < Largest.numel <= 2048 * 8192 // 4
+    assert 0 < largest.numel <= 2048 * 8192 // 4
     assert hidden.grad is not None and head.weight.grad is not None
 
 
@@ -331,24 +334,13 @@ def test_fused_head_logps_equal_log_softmax_of_the_logits(bias, monkeypatch):
 
 def test_fused_head_logps_never_form_the_whole_logits():
     """Forward and backward form the logits a chunk at a time."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Largest.numel = max(Largest.numel, t.numel())
-            return out
 
     head = torch.nn.Linear(16, 8192)
     hidden = torch.randn(4, 512, 16, requires_grad=True)  # 2048 rows: 4 chunks of 512
     labels = torch.randint(0, 8192, (4, 512))
-    with Largest():
+    with LargestOutput() as largest:
         kernels.head_token_logps(hidden, head, labels).sum().backward()
-    assert 0 < Largest.numel <= 2048 * 8192 // 4
+    assert 0 < largest.numel <= 2048 * 8192 // 4
     assert hidden.grad is not None and head.weight.grad is not None
 
 
