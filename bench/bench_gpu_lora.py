@@ -158,11 +158,12 @@ def load_codelm(ckpt: Path, setting: Setting, quantize_bits: int = 0) -> tuple[t
 
 def load_hf(ckpt: Path, setting: Setting, liger: bool = False,
             bnb_4bit: bool = False) -> tuple[torch.nn.Module, LossOf]:
-    """transformers + PEFT (sdpa attention) with the adapter; its ``labels`` loss of a row."""
+    """transformers + PEFT with the adapter, in transformers' default attention (sdpa; eager for
+    CodeGen, which has no sdpa); its ``labels`` loss of a row."""
     import transformers
     from peft import PeftModel
 
-    kwargs: dict = dict(dtype=setting.base_dtype, attn_implementation="sdpa", device_map=DEV)
+    kwargs: dict = dict(dtype=setting.base_dtype, device_map=DEV)
     if bnb_4bit:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
