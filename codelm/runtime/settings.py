@@ -142,6 +142,16 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
     return cls(**checked)
 
 
+def fields_of(kind: type, config: Any, **given: Any) -> dict[str, Any]:
+    """The values of dataclass ``kind``'s fields: ``given``'s, the others ``config``'s of the
+    same names (``Kind(**fields_of(Kind, cfg))``: the part of a config one reader takes)."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    if unknown := set(given) - names:
+        raise TypeError(f"{kind.__name__} has no field {sorted(unknown)[0]!r}")
+    return {f.name: given[f.name] if f.name in given else getattr(config, f.name)
+            for f in dataclasses.fields(kind)}
+
+
 def read_json_object(path: str | Path, what: str = "file", strict: bool = False) -> dict:
     """The one JSON object a file holds (YAML for .yaml/.yml); failures name the file and line.
     ``strict`` (files users write): a key given twice is an error; other tools' files (HF

@@ -32,7 +32,7 @@ from codelm.data.preferences import (
 from codelm.runtime import distributed
 from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
 from codelm.runtime.process import progress_bar
-from codelm.trainconfig import TrainConfig
+from codelm.trainconfig import DataSettings, TrainConfig
 from codelm.training import preference
 from codelm.training.preference_batches import (
     PreferenceBatches,
@@ -60,7 +60,7 @@ class PreferenceData(NamedTuple):
     data_id: dict  # what checkpoints record of the data
 
 
-def prepare(cfg: TrainConfig, tok, block_size: int, dist: Dist) -> PreferenceData:
+def prepare(cfg: TrainConfig | DataSettings, tok, block_size: int, dist: Dist) -> PreferenceData:
     """The run's records (``--data``; validation ``--val-data``, else val_frac of them), encoded
     for ``block_size`` and batched; what was cut is said."""
     dcfg = DataConfig(sources=list(cfg.data), block_size=block_size,

@@ -36,7 +36,7 @@ from codelm.runtime.distributed import Dist
 from codelm.runtime.settings import setting
 from codelm.sandbox import runner
 from codelm.sandbox.runner import SandboxConfig
-from codelm.trainconfig import GRPO_TASK, TrainConfig
+from codelm.trainconfig import GRPO_TASK, DataSettings, TrainConfig
 from codelm.training import grpo, rewards
 from codelm.training.batches import BatchOrder, Where
 from codelm.training.trainer import StepStats, StepStop, Trainer, autocast
@@ -56,7 +56,7 @@ LOGGED = {"kl": "kl", "entropy": "entropy", "clip_ratio/region_mean": "clip_rati
 
 # ---- The problems: read, checked, and taken batch by batch ----
 
-def read_problems(path: str, key: str, cfg: TrainConfig) -> list[dict]:
+def read_problems(path: str, key: str, cfg: TrainConfig | DataSettings) -> list[dict]:
     """The problems of ``path`` (HumanEval-format JSONL, as eval.py's pass@k reads it), each
     with a canonical solution; ``key`` names the setting in errors."""
     if not Path(path).is_file():
@@ -80,11 +80,11 @@ def check_confinement() -> None:
                          "(5.13+), as a user who can drop capabilities")
 
 
-def reward_sandbox(cfg: TrainConfig) -> SandboxConfig:
+def reward_sandbox(cfg: TrainConfig | DataSettings) -> SandboxConfig:
     return SandboxConfig(timeout_s=cfg.reward_timeout_s)
 
 
-def checked_problems(cfg: TrainConfig, key: str) -> list[dict]:
+def checked_problems(cfg: TrainConfig | DataSettings, key: str) -> list[dict]:
     """``cfg``'s problems (``key``: problems or val_problems), each canonical solution passing
     its own test run apart from it."""
     problems = read_problems(getattr(cfg, key), key, cfg)
@@ -136,7 +136,7 @@ class ProblemBatches:
         return max(1, -int(-epochs * len(self.train) // self.batch_size))
 
 
-def problem_batches(cfg: TrainConfig) -> ProblemBatches:
+def problem_batches(cfg: TrainConfig | DataSettings) -> ProblemBatches:
     """Task grpo's problems, checked before anything is built: the sandbox confines, every
     canonical solution passes its test. Without val_problems, evaluations score the first
     eval_examples of the training problems (said)."""
@@ -151,7 +151,7 @@ def problem_batches(cfg: TrainConfig) -> ProblemBatches:
     return ProblemBatches(train, val, cfg.batch_size, cfg.seed, cfg.eval_examples)
 
 
-def data_id(cfg: TrainConfig, batches: ProblemBatches) -> dict:
+def data_id(batches: ProblemBatches) -> dict:
     """What a checkpoint records of the problems: their content's digest and count."""
     digest = hashlib.blake2b(digest_size=8)
     for problem in batches.train:
