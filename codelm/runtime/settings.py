@@ -144,12 +144,18 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
 
 def fields_of(kind: type, config: Any, **given: Any) -> dict[str, Any]:
     """The values of dataclass ``kind``'s fields: ``given``'s, the others ``config``'s of the
-    same names (``Kind(**fields_of(Kind, cfg))``: the part of a config one reader takes)."""
+    same names, where it has them, else their defaults (``Kind(**fields_of(Kind, cfg))``: the
+    part of a config one reader takes)."""
     names = {f.name for f in dataclasses.fields(kind)}
     if unknown := set(given) - names:
         raise TypeError(f"{kind.__name__} has no field {sorted(unknown)[0]!r}")
-    return {f.name: given[f.name] if f.name in given else getattr(config, f.name)
-            for f in dataclasses.fields(kind)}
+    values = {}
+    for f in dataclasses.fields(kind):
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif hasattr(config, f.name) or f.default is dataclasses.MISSING:
+            values[f.name] = getattr(config, f.name)
+    return values
 
 
 def read_json_object(path: str | Path, what: str = "file", strict: bool = False) -> dict:

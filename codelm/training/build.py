@@ -194,9 +194,10 @@ class Run:
                 self.data.tok.save(run_dir)
         seed_everything(cfg.seed)  # right before the init: whatever the data's preparation drew
         # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
-        self.model_settings = ModelSettings(**fields_of(
+        model_settings = ModelSettings(**fields_of(
             ModelSettings, cfg, adapter_copy=rundir.adapter_copy(run_dir) if checkpoints else None))
-        model = loading.build_model(self.model_settings, self.data.tok)
+        self.model_settings = model_settings
+        model = loading.build_model(model_settings, self.data.tok)
         first = self._check_model(cfg, model, run_dir, device, bool(checkpoints))
         if dist.enabled:  # same init everywhere, but each rank its own dropout stream
             seed_everything(cfg.seed + dist.rank)
