@@ -40,9 +40,11 @@ from codelm.runtime import distributed, process, settings
 from codelm.runtime.distributed import Dist, RankZeroFailed, resolve_device
 from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything
+from codelm.runtime.settings import fields_of
 from codelm.trainconfig import (
     BUDGET_LADDER,
     OVERFIT_STEPS,
+    StepSettings,
     TrainConfig,
     build_parser,
     has_final_eval,
@@ -383,7 +385,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
     seed_everything(ocfg.seed)
     model = Transformer(model_config(ocfg, tok.vocab_size, tok.bos_id, tok.eos_id))
     device = resolve_device(ocfg.device, Dist())
-    trainer = Trainer(model, ocfg, device)
+    trainer = Trainer(model, StepSettings(**fields_of(StepSettings, ocfg)), device)
     if problem := structure_diagnosis(trainer.raw_model, tok.vocab_size, block):
         return False, f"FAIL before training: diagnosis: {problem}"
 

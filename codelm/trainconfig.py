@@ -693,6 +693,57 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class StepSettings:
+    """What a trainer (codelm.training.trainer.Trainer: its optimizer, schedule, step and
+    evaluation) reads of its run's TrainConfig: the fields of these names, documented there
+    (``max_steps``: the schedule's length outside a run, whose RunState holds its own)."""
+
+    precision: str
+    strategy: str
+    compile: bool
+    base_dtype: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    adam_eps: float
+    max_steps: int | None
+    warmup_steps: int
+    decay_steps: int | None
+    min_lr_ratio: float
+    grad_clip: float
+    label_smoothing: float
+    eval_precision: str
+    progress: bool
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """What task grpo's trainer (codelm.training.rollout.GRPOTrainer: sampling, rewards, the
+    policy loss) reads of its run's TrainConfig beside its StepSettings: the fields of these
+    names, documented there."""
+
+    init_from: str | None
+    tokenizer: str | None
+    num_generations: int
+    max_completion_tokens: int
+    temperature: float
+    seed: int
+    grad_accum: int
+    grpo_loss_type: str
+    grpo_beta: float
+    epsilon_low: float
+    epsilon_high: float | None
+    scale_rewards: str
+    mask_truncated: bool
+    partial_credit: bool
+    shuffle_rewards: bool
+    reward_workers: int
+    reward_timeout_s: float
+
+
+@dataclass(frozen=True)
 class LoopSettings:
     """What the step loop (trainingmanager.train) reads of its run's TrainConfig, as the run
     trains with it (fallbacks filled, sized to its budget): the fields of these names,

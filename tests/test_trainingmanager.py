@@ -148,12 +148,12 @@ def assert_bit_equal(a: dict, b: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _ready(cfg: trainconfig.TrainConfig) -> trainconfig.TrainConfig:
-    """A config a Trainer takes as it is: a length, and the settings a run fills in."""
+def _ready(cfg: trainconfig.TrainConfig) -> trainconfig.StepSettings:
+    """What a Trainer takes of ``cfg``: a length, and the settings a run fills in."""
     cfg = plan.with_fallbacks(dataclasses.replace(cfg, max_steps=cfg.max_steps or 100))
     if cfg.warmup_steps is None:
         cfg = dataclasses.replace(cfg, warmup_steps=plan.warmup_for(cfg.max_steps))
-    return cfg
+    return trainconfig.StepSettings(**fields_of(trainconfig.StepSettings, cfg))
 
 
 def _trainer(cfg: trainconfig.TrainConfig, vocab: int = 64) -> trainer_module.Trainer:
@@ -334,7 +334,7 @@ def _plain_backward(model, ids, labels, smoothing=0.0, clip=float("inf")):
 def _worst_relative_error(trainer: trainer_module.Trainer, grads: dict[str, torch.Tensor]) -> float:
     """How far the gradient the step applied (Adam's first moment after one step is 0.1 x it)
     is from ``grads``: the largest |got - ref| / |ref| over the tensors."""
-    state, beta1 = trainer.optimizer.state, trainer.cfg.beta1
+    state, beta1 = trainer.optimizer.state, trainer.settings.beta1
     return max(float((state[p]["exp_avg"] / (1 - beta1) - grads[n]).norm() / grads[n].norm())
                for n, p in trainer.raw_model.named_parameters())
 

@@ -48,14 +48,16 @@ from codelm.trainconfig import (
     GRPO_TASK,
     DataSettings,
     ExportSettings,
+    GRPOSettings,
     LoopSettings,
     ModelSettings,
+    StepSettings,
     TrainConfig,
     data_config,
     default_block_size,
     model_config,
 )
-from codelm.training import plan, preference_run, rollout
+from codelm.training import plan, preference, preference_run, rollout
 from codelm.training.batches import Batches, example_lengths
 from codelm.training.plan import MAX_EPOCHS, BudgetClock, Probe
 from codelm.training.record import RunRecord
@@ -259,11 +261,14 @@ class Run:
                  ) -> Trainer:
         """The task's trainer of ``model``: GRPO's, a preference task's, or the next-token one."""
         data = self.data
-        if cfg.task == GRPO_TASK:
-            return rollout.GRPOTrainer(model, cfg, device, data.tok, data.dcfg.pair_special_tokens,
-                                       data.batches.train + data.batches.val, dist, self.state)
-        return trainer_type(cfg)(model, cfg, device, dist,
-                                 torch.tensor(data.tok.token_byte_lengths()), self.state)
+        if cfg.task != GRPO_TASK:
+            return task_trainer(cfg, model, device, dist,
+                                torch.tensor(data.tok.token_byte_lengths()), self.state)
+        step_settings = StepSettings(**fields_of(StepSettings, cfg))
+        grpo_settings = GRPOSettings(**fields_of(GRPOSettings, cfg))
+        return rollout.GRPOTrainer(model, step_settings, grpo_settings, device, data.tok,
+                                   data.dcfg.pair_special_tokens,
+                                   data.batches.train + data.batches.val, dist, self.state)
 
 
 def with_warmup(cfg: TrainConfig, steps: int, main: bool) -> TrainConfig:
@@ -385,9 +390,15 @@ def prepare_preference_data(settings: DataSettings, dist: Dist) -> Data:
                 not own_tok)
 
 
-def trainer_type(cfg: TrainConfig) -> type[Trainer]:
-    """The trainer of ``cfg.task``: a preference task's loss, or the next-token loss."""
-    return preference_run.PreferenceTrainer if cfg.task in PREFERENCE_TASKS else Trainer
+def task_trainer(cfg: TrainConfig, model: nn.Module, device: torch.device, dist: Dist,
+                 token_bytes: torch.Tensor | None, state: RunState) -> Trainer:
+    """The trainer of ``cfg.task`` (not grpo): a preference task's loss, or the next-token
+    loss."""
+    step_settings = StepSettings(**fields_of(StepSettings, cfg))
+    if cfg.task in PREFERENCE_TASKS:
+        return preference_run.PreferenceTrainer(model, step_settings, preference.config_of(cfg),
+                                                device, dist, token_bytes, state)
+    return Trainer(model, step_settings, device, dist, token_bytes, state)
 
 
 def packing_pays(packing: bool | None, examples: Dataset, block_size: int) -> bool:
@@ -409,8 +420,8 @@ def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
     preset auto's measure of the machine."""
     vocab = plan.probe_vocab(cfg)
     model = Transformer(model_config(cfg, vocab, None, None))
-    trainer = Trainer(model, dataclasses.replace(cfg, warmup_steps=0, compile=False), device,
-                      state=RunState(max_steps=10**9))
+    step_settings = StepSettings(**fields_of(StepSettings, cfg, warmup_steps=0, compile=False))
+    trainer = Trainer(model, step_settings, device, state=RunState(max_steps=10**9))
     ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     step_s = plan.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum), 2.0)
@@ -474,8 +485,8 @@ def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: to
     """Seconds a step and a whole evaluation take, timed on a copy of the model after three
     warm-up steps; the RNG state is restored, so the run draws what it would have drawn."""
     saved = rng_state(device)
-    probe = trainer_type(cfg)(copy.deepcopy(model), dataclasses.replace(cfg, warmup_steps=0),
-                              device, dist, state=RunState(max_steps=10**9))
+    probe = task_trainer(dataclasses.replace(cfg, warmup_steps=0), copy.deepcopy(model), device,
+                         dist, None, RunState(max_steps=10**9))
     own = copy.copy(batches)  # an order of its own: the run's starts at its beginning
     own.order = copy.deepcopy(batches.order)
 

@@ -684,7 +684,8 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
     assert_bit_equal(buffers[0], buffers[1])  # two ranks build the same buffers
     before = {n: b.clone() for n, b in buffers[0].items()}
     trainer_cfg = plan.with_fallbacks(dataclasses.replace(cfg, max_steps=10, warmup_steps=1))
-    trainer = trainer_module.Trainer(models[0], trainer_cfg, torch.device("cpu"),
+    step_settings = trainconfig.StepSettings(**fields_of(trainconfig.StepSettings, trainer_cfg))
+    trainer = trainer_module.Trainer(models[0], step_settings, torch.device("cpu"),
                                      distributed.Dist(rank=0, world=2))
     assert isinstance(trainer.model, Recorded) and built["forward_sync_buffers"] is False
     ids = torch.randint(0, 64, (2, 16))
