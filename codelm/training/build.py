@@ -1,8 +1,9 @@
 """A run's parts, each built through the module of its kind: its tokenizer (given, the pretrained
 model's, or trained on the data), its model (from scratch or from ``init_from``, then the
-quantized base and LoRA), and for ``trainingmanager.train`` the whole run (``build_run``): the
-run directory claimed, data, model and trainer built, a continued run restored, a budgeted run
-sized to its budget."""
+quantized base and LoRA), and for ``trainingmanager.train`` the whole run (``Run``, built by its
+constructor in its claimed directory): data, model and trainer built, a continued run restored,
+a budgeted run sized to its budget. The constructor is where a run's TrainConfig is taken
+apart: each part gets the settings it reads of it (codelm.trainconfig's *Settings)."""
 
 from __future__ import annotations
 
@@ -212,8 +213,9 @@ class Run:
         if checkpoints:
             self.state = restore(cfg, checkpoints, self.trainer, self.data, self.record)
         with main_first(dist):
-            if dist.main and cfg.resume:  # first: a damaged log refuses the resume before any
-                rundir.trim_metrics(run_dir / rundir.METRICS_FILE, self.state.step)  # rewrite
+            # first: a damaged log refuses the resume before any rewrite
+            if dist.main and cfg.resume:
+                rundir.trim_metrics(run_dir / rundir.METRICS_FILE, self.state.step)
             self.record.write_config(cfg, first)
         self.device = device
         self.loop = LoopSettings(**fields_of(LoopSettings, cfg))
