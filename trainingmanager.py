@@ -127,8 +127,8 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 stop_in_step = signals.for_step(
                     partial(_stop_at_once, run, at_start, result, signals, progress))
                 try:
-                    stats = trainer.train_step(micro_batches, loop.inject_nan_at_step == s.step + 1,
-                                               stop_in_step)
+                    injected = loop.inject_nan_at_step == s.step + 1
+                    stats = trainer.train_step(micro_batches, injected, stop_in_step)
                 except StepAbandoned:  # a stop mid-step: the checkpoint is of the step's start
                     stop = signals.reason
                     _drop_step(run, at_start, stop, progress)
@@ -293,7 +293,8 @@ def _nonfinite(run: Run, stats: StepStats, where: Where) -> None:
     last = where.position + batches.examples_per_step - 1
     place = (f"epoch {batches.epoch(step):.3g}, training {batches.unit} {where.position}..{last} of "
              f"shuffled pass {where.shuffle} of the data; the update was not applied")
-    causes = divergence_causes(stats.lr, run.trainer.precision, run.loop.inject_nan_at_step == step)
+    causes = divergence_causes(stats.lr, run.trainer.precision,
+                               run.loop.inject_nan_at_step == step)
     run.record.diverged(f"non-finite {stats.nonfinite} ({value}) at step {step}: {place}", step,
                         causes)
 

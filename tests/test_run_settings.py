@@ -130,7 +130,8 @@ def test_a_built_run_holds_no_train_config(tmp_path):
                       batch_size=2, max_steps=4, warmup_steps=1, lr=1e-3, eval_every=2,
                       eval_examples=2, progress=False, export=False, report_to=[],
                       out_dir=str(tmp_path / "runs"), name="run",
-                      data_options={"cache_dir": str(tmp_path / "cache"), "train_frac": 0.7, "val_frac": 0.2})
+                      data_options={"cache_dir": str(tmp_path / "cache"), "train_frac": 0.7,
+                                    "val_frac": 0.2})
     claimed = rundir.claim_run_dir(None, cfg.out_dir, cfg.name, cfg.run_stem, None,
                                    distributed.Dist())
     run = build.Run(cfg, claimed, distributed.Dist(), torch.device("cpu"), time.perf_counter(),

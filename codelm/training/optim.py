@@ -19,8 +19,8 @@ def build_optimizer(model: nn.Module, params: list[nn.Parameter], settings
     rest = [p for p in matrices if lookups is None or id(p) in lookups]
     adamw = torch.optim.AdamW(  # fused: one kernel, faster on CPU too
         [{"params": rest, "weight_decay": settings.weight_decay},
-         {"params": vectors, "weight_decay": 0.0}], lr=settings.lr, betas=(settings.beta1, settings.beta2),
-        eps=settings.adam_eps, fused=True)
+         {"params": vectors, "weight_decay": 0.0}], lr=settings.lr,
+        betas=(settings.beta1, settings.beta2), eps=settings.adam_eps, fused=True)
     return MuonAdamW(adamw, torch.optim.Muon(
         hidden, lr=settings.lr, weight_decay=settings.weight_decay, adjust_lr_fn="match_rms_adamw")
     ) if hidden else adamw

@@ -222,7 +222,8 @@ class PreferenceTrainer(Trainer):
         by its pairs) and its metrics: val_accuracy the implicit reward's (where the method has
         it), val_<metric> the rest."""
         batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
-                               enabled=self.dist.main and self.settings.progress, dynamic_ncols=True)
+                               enabled=self.dist.main and self.settings.progress,
+                               dynamic_ncols=True)
         model = self.eval_model
         was_training = model.training
         model.eval()

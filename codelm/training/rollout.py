@@ -310,8 +310,8 @@ class GRPOTrainer(Trainer):
                 with lora.adapters_off(self.raw_model):
                     pass
             except ValueError as e:
-                raise ValueError(f"{setting(self.grpo_settings, 'grpo_beta')} needs the base as the "
-                                 f"reference: {e}; or set grpo_beta 0") from None
+                raise ValueError(f"{setting(self.grpo_settings, 'grpo_beta')} needs the base as "
+                                 f"the reference: {e}; or set grpo_beta 0") from None
             return None
         reference = copy.deepcopy(self.raw_model).eval()
         reference.requires_grad_(False)
@@ -352,7 +352,8 @@ class GRPOTrainer(Trainer):
         model.eval()
         try:
             with autocast(self.device, self.precision):
-                return self.sampler.complete(model, problems, g, self.grpo_settings.temperature, seeds)
+                return self.sampler.complete(model, problems, g, self.grpo_settings.temperature,
+                                             seeds)
         finally:
             model.train(was_training)
 
@@ -365,11 +366,13 @@ class GRPOTrainer(Trainer):
         jobs = [(problems[i // g], c.text) for i, c in enumerate(completions)]
         score = rewards.partial_rewards if self.grpo_settings.partial_credit else rewards.rewards
         earned = score(jobs, run_check, self.sandbox, self.grpo_settings.reward_workers)
-        hacked = rewards.hacks(jobs, earned, run_check, self.sandbox, self.grpo_settings.reward_workers)
+        hacked = rewards.hacks(jobs, earned, run_check, self.sandbox,
+                               self.grpo_settings.reward_workers)
         true_rewards = torch.tensor(earned, dtype=torch.float32)
         given = true_rewards
         if self.grpo_settings.shuffle_rewards:
-            generator = torch.Generator().manual_seed(sample_seed(self.grpo_settings.seed, step, -1))
+            seed = sample_seed(self.grpo_settings.seed, step, -1)
+            generator = torch.Generator().manual_seed(seed)
             given = true_rewards[torch.randperm(len(earned), generator=generator)]
         runs = len(jobs) + sum(reward < 1.0 for reward in earned)
         return Scored(given, true_rewards, hacked, runs)
@@ -444,9 +447,9 @@ class GRPOTrainer(Trainer):
         else:
             fix = ("each problem's completions all pass or all fail: raise temperature or "
                    "num_generations")
-        print(f"warning: every problem's {self.grpo_settings.num_generations} completions have earned "
-              f"equal rewards for {due} step(s) in a row: their advantages are 0 and the run "
-              f"learns nothing; {fix}", file=sys.stderr)
+        print(f"warning: every problem's {self.grpo_settings.num_generations} completions have "
+              f"earned equal rewards for {due} step(s) in a row: their advantages are 0 and the "
+              f"run learns nothing; {fix}", file=sys.stderr)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None

@@ -255,7 +255,8 @@ class Trainer:
         """Validation loss, perplexity and token accuracy over all tokens, unsmoothed; with
         ``token_bytes``, bits per byte too (comparable across tokenizers)."""
         batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
-                               enabled=self.dist.main and self.settings.progress, dynamic_ncols=True)
+                               enabled=self.dist.main and self.settings.progress,
+                               dynamic_ncols=True)
         model = self.eval_model
         was_training = model.training
         model.eval()
