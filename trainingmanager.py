@@ -40,9 +40,11 @@ from codelm.runtime import distributed, process, settings
 from codelm.runtime.distributed import Dist, RankZeroFailed, resolve_device
 from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything
+from codelm.runtime.settings import fields_of
 from codelm.trainconfig import (
     BUDGET_LADDER,
     OVERFIT_STEPS,
+    StepSettings,
     TrainConfig,
     build_parser,
     has_final_eval,
@@ -104,18 +106,15 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         cfg = plan.plan_run(cfg, device.type, dist.enabled, dist.main, probe, measure)
         claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem,
                                        resume_hint, dist)
-        run = build.build_run(cfg, claimed, dist, device, created, resume_hint, restarts)
-        cfg, s, trainer, batches, record = (run.cfg, run.state, run.trainer, run.data.batches,
-                                            run.record)
-        record.open_log(s.step if cfg.resume else None, cfg.report_to)
-        progress = Progress(s, cfg.progress, dist.main)
+        run = Run(cfg, claimed, dist, device, created, resume_hint, restarts)
+        loop, s, trainer, batches, record = (run.loop, run.state, run.trainer, run.data.batches,
+                                             run.record)
+        progress = Progress(s, loop.progress, dist.main)
         signals = StopSignals(trainer.droppable, ends_process)
         result = TrainResult(record.run_dir, s.best_val_loss, s.step)
         clock, stop = run.clock, None
         try:
-            if dist.main:
-                build.announce(run)
-            result.early_stopped = s.out_of_patience(cfg.early_stop_patience)
+            result.early_stopped = s.out_of_patience(loop.early_stop_patience)
             while s.step < s.max_steps and not result.early_stopped:
                 at_start = None  # where a step that a stop may drop begins
                 if trainer.droppable:
@@ -128,8 +127,8 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 stop_in_step = signals.for_step(
                     partial(_stop_at_once, run, at_start, result, signals, progress))
                 try:
-                    stats = trainer.train_step(micro_batches, cfg.inject_nan_at_step == s.step + 1,
-                                               stop_in_step)
+                    injected = loop.inject_nan_at_step == s.step + 1
+                    stats = trainer.train_step(micro_batches, injected, stop_in_step)
                 except StepAbandoned:  # a stop mid-step: the checkpoint is of the step's start
                     stop = signals.reason
                     _drop_step(run, at_start, stop, progress)
@@ -140,21 +139,21 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 s.tokens_seen += stats.tokens
                 s.train_loss = stats.loss
                 progress.step_done(stats.tokens)
-                logged = s.step % cfg.log_every == 0 or s.step in (1, s.max_steps)
+                logged = s.step % loop.log_every == 0 or s.step in (1, s.max_steps)
                 if logged:
                     _log_step(run, stats, progress)
-                memorised = cfg.overfit_batches > 0 and stats.loss < OVERFIT_LOSS
+                memorised = loop.overfit_batches > 0 and stats.loss < OVERFIT_LOSS
                 with progress.paused():  # evaluation and saving are not training time
-                    if memorised or (s.step % cfg.eval_every == 0 and s.step >= cfg.warmup_steps):
+                    if memorised or (s.step % loop.eval_every == 0 and s.step >= loop.warmup_steps):
                         result.val_metrics = _evaluate(run, progress, on_eval)
                         result.early_stopped = _stops_early(run, progress)
-                    over_time = (cfg.max_time_s is not None
-                                 and time.perf_counter() - progress.started > cfg.max_time_s)
+                    over_time = (loop.max_time_s is not None
+                                 and time.perf_counter() - progress.started > loop.max_time_s)
                     stop = signals.stop_requested(dist, device, over_time)
                     ends = bool(stop or result.early_stopped or memorised)
                     if ends and not logged:  # the run's last step is always logged
                         _log_step(run, stats, progress)
-                    saves = s.step % (cfg.save_every or cfg.eval_every) == 0 or ends
+                    saves = s.step % (loop.save_every or loop.eval_every) == 0 or ends
                     if saves and not record.saved(s.step):
                         record.checkpoint(s, trainer, batches.order.state_dict())
                 if ends:
@@ -192,11 +191,11 @@ def _evaluate(run: Run, progress: Progress, on_eval: Callable[[int, dict], None]
     metrics = run.trainer.evaluate(*run.data.batches.validation())
     loss = metrics["val_loss"]
     if not math.isfinite(loss):  # the last update made the weights inf or NaN
-        causes = divergence_causes(run.cfg.lr, run.trainer.precision,
-                                   run.cfg.inject_nan_at_step == s.step)
+        causes = divergence_causes(run.loop.lr, run.trainer.precision,
+                                   run.loop.inject_nan_at_step == s.step)
         record.diverged(f"non-finite validation loss ({loss}) at step {s.step}: the weights "
                         "diverged", s.step, causes)
-    improved = s.note_evaluation(loss, run.cfg.early_stop_min_delta)
+    improved = s.note_evaluation(loss, run.loop.early_stop_min_delta)
     record.log_evaluation(s, metrics, run.data.batches.epoch(s.step))
     progress.eval_line(metrics)
     if improved:
@@ -210,11 +209,11 @@ def _evaluate(run: Run, progress: Progress, on_eval: Callable[[int, dict], None]
 
 
 def _stops_early(run: Run, progress: Progress) -> bool:
-    cfg, s = run.cfg, run.state
-    if not s.out_of_patience(cfg.early_stop_patience):
+    loop, s = run.loop, run.state
+    if not s.out_of_patience(loop.early_stop_patience):
         return False
-    progress.say(f"stopped early at step {s.step} of {s.max_steps}: {cfg.early_stop_patience} "
-                 f"evaluation(s) without a fall of more than {cfg.early_stop_min_delta:g} "
+    progress.say(f"stopped early at step {s.step} of {s.max_steps}: {loop.early_stop_patience} "
+                 f"evaluation(s) without a fall of more than {loop.early_stop_min_delta:g} "
                  "(--early-stop-patience, --early-stop-min-delta)")
     return True
 
@@ -250,11 +249,10 @@ def _start_decay(run: Run, clock: BudgetClock, progress: Progress) -> None:
     decay = distributed.broadcast(clock.decay_steps(s.step, now, step_s), trainer.dist)
     s.max_steps = s.step + decay
     trainer.decay_steps = decay
-    run.record.write_config(dataclasses.replace(run.cfg, max_steps=s.max_steps,
-                                                decay_steps=decay))
+    run.record.follow_decay(s.max_steps, decay)
     if trainer.dist.main:
         print(f"the decay starts at step {s.step}: {step_s:.3f} s a step so far -> decay_steps "
-              f"{decay}, max_steps {s.max_steps} (planned {run.cfg.max_steps}; recorded in "
+              f"{decay}, max_steps {s.max_steps} (planned {run.loop.max_steps}; recorded in "
               "config.json)")
 
 
@@ -295,7 +293,8 @@ def _nonfinite(run: Run, stats: StepStats, where: Where) -> None:
     last = where.position + batches.examples_per_step - 1
     place = (f"epoch {batches.epoch(step):.3g}, training {batches.unit} {where.position}..{last} of "
              f"shuffled pass {where.shuffle} of the data; the update was not applied")
-    causes = divergence_causes(stats.lr, run.trainer.precision, run.cfg.inject_nan_at_step == step)
+    causes = divergence_causes(stats.lr, run.trainer.precision,
+                               run.loop.inject_nan_at_step == step)
     run.record.diverged(f"non-finite {stats.nonfinite} ({value}) at step {step}: {place}", step,
                         causes)
 
@@ -303,7 +302,7 @@ def _nonfinite(run: Run, stats: StepStats, where: Where) -> None:
 def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
          progress: Progress, on_eval: Callable[[int, dict], None] | None) -> None:
     """After the loop: the last evaluation and checkpoint, the export, and what is left."""
-    cfg, s, record = run.cfg, run.state, run.record
+    loop, s, record = run.loop, run.state, run.record
     # The time budget ends the run as it would end, but says that it is not finished.
     result.stopped_by_budget = stop == "time budget" and s.step < s.max_steps
     if stop not in STOP_SIGNALS:
@@ -314,7 +313,7 @@ def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
         if evaluate or not record.saved(s.step):
             record.checkpoint(s, run.trainer, run.data.batches.order.state_dict())
         stop = signals.stop_requested(record.dist, run.device)  # one during that evaluation
-        if cfg.export and stop is None:
+        if loop.export and stop is None:
             result.export_dir, result.sample = finish.export_run(run)
             stop = signals.stop_requested(record.dist, run.device)
     if stop in STOP_SIGNALS:
@@ -329,7 +328,7 @@ def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
         saved = "" if record.restarts else "; checkpoint saved"
         exported = ("" if result.export_dir is None else
                     f"; export/ holds its best weights so far (step {s.best_step})")
-        print(f"time budget (--max-time-s {cfg.max_time_s:g}) reached at step "
+        print(f"time budget (--max-time-s {loop.max_time_s:g}) reached at step "
               f"{s.step}/{s.max_steps}: the run is not finished{saved}{exported}; "
               f"{record.what_next()}")
     result.step = s.step
@@ -387,7 +386,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
     seed_everything(ocfg.seed)
     model = Transformer(model_config(ocfg, tok.vocab_size, tok.bos_id, tok.eos_id))
     device = resolve_device(ocfg.device, Dist())
-    trainer = Trainer(model, ocfg, device)
+    trainer = Trainer(model, StepSettings(**fields_of(StepSettings, ocfg)), device)
     if problem := structure_diagnosis(trainer.raw_model, tok.vocab_size, block):
         return False, f"FAIL before training: diagnosis: {problem}"
 

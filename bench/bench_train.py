@@ -110,15 +110,17 @@ def main(argv=None) -> int:
                              log_every=10, out_dir=out, name="bench")
         setup = dataclasses.replace(cfg, name="bench-setup")
         claimed = rundir.claim_run_dir(None, out, setup.name, setup.run_stem, None, Dist())
-        run = build.build_run(setup, claimed, Dist(), resolve_device(cfg.device, Dist()),
-                              time.perf_counter(), None, True)
+        run = build.Run(setup, claimed, Dist(), resolve_device(cfg.device, Dist()),
+                        time.perf_counter(), None, True)
+        run.record.close()
         run.record.claimed.release()
+        ran = TrainConfig(**run.record.config)  # the settings the run trains with
         model_cfg, trainer = run.trainer.raw_model.cfg, run.trainer
         tokens = torch.from_numpy(run.data.batches.train.tokens[:4_000_000].astype("int64"))
         torch.manual_seed(0)
-        bare = BareLoop(Transformer(model_cfg), tokens, run.cfg, hf=False, trainer=trainer)
+        bare = BareLoop(Transformer(model_cfg), tokens, ran, hf=False, trainer=trainer)
         torch.manual_seed(0)
-        hf = BareLoop(hf_twin(dataclasses.replace(model_cfg)), tokens, run.cfg, hf=True,
+        hf = BareLoop(hf_twin(dataclasses.replace(model_cfg)), tokens, ran, hf=True,
                       trainer=trainer)
         tokens_per_step = cfg.batch_size * cfg.block_size
         print(f"{args.preset}: {trainer.raw_model.num_parameters() / 1e6:.1f}M parameters, "

@@ -19,6 +19,7 @@ from codelm import trainconfig
 from codelm.models import adapter_config, pretrained, quantize
 from codelm.runs import checkpoint, rundir
 from codelm.runtime import hub, process, settings
+from codelm.runtime.settings import fields_of
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.files import tokenizer_path
 from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is
@@ -131,7 +132,9 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
         raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no intact "
                          f"{rundir.BEST_DIR}/ or checkpoint to score")
     # an init_adapter run's LoRA layout comes from the run's own copy
-    model = build_model(cfg, load_tokenizer(tok_dir), rundir.adapter_copy(run_dir))
+    model_settings = trainconfig.ModelSettings(**fields_of(
+        trainconfig.ModelSettings, cfg, adapter_copy=rundir.adapter_copy(run_dir)))
+    model = build_model(model_settings, load_tokenizer(tok_dir))
     if checkpoint.is_sharded(weights_dir):  # --strategy fsdp's: this process reads every shard
         adapter_only = cfg.lora_r > 0 and cfg.init_from is not None  # as the run saved them
         checkpoint.load_sharded_weights(weights_dir, model, adapter_only)
@@ -205,40 +208,48 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights)
 
 
-def build_model(cfg: trainconfig.TrainConfig, tok: CodeTokenizer | BPETokenizer,
-                adapter_copy: Path | None = None) -> nn.Module:
-    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for.
-    ``adapter_copy``: a continued run's copy of its init_adapter's config (rundir.adapter_copy),
-    which gives the LoRA layout."""
-    base_dtype = SHORT_DTYPES[cfg.base_dtype]
-    if cfg.init_from is not None:
-        model = pretrained.load(cfg.init_from, dtype=base_dtype, device="cpu")
+def build_model(model_settings: trainconfig.ModelSettings, tok: CodeTokenizer | BPETokenizer
+                ) -> nn.Module:
+    """From scratch or from ``init_from``; then the quantized base and LoRA if asked for (an
+    init_adapter in the layout of ``model_settings.adapter_copy``, a continued run's copy)."""
+    base_dtype = SHORT_DTYPES[model_settings.base_dtype]
+    if model_settings.init_from is not None:
+        model = pretrained.load(model_settings.init_from, dtype=base_dtype, device="cpu")
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model at "
-                             f"{cfg.init_from} only {model.cfg.vocab_size} embeddings")
-        if cfg.dropout is not None:  # embeddings and residual branches, as from scratch
-            model.cfg.dropout = model.cfg.embd_dropout = cfg.dropout
-        for key, value in cfg.model_options.items():  # LOADED_MODEL_OPTIONS: read live
+                             f"{model_settings.init_from} only {model.cfg.vocab_size} embeddings")
+        if model_settings.dropout is not None:  # embeddings and residual branches, as from scratch
+            model.cfg.dropout = model.cfg.embd_dropout = model_settings.dropout
+        for key, value in model_settings.model_options.items():  # LOADED_MODEL_OPTIONS: read live
             setattr(model.cfg, key, value)
     else:
-        model = Transformer(trainconfig.model_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id))
+        model = Transformer(trainconfig.model_config(model_settings, tok.vocab_size, tok.bos_id,
+                                                     tok.eos_id))
         model.to(base_dtype)
-    if cfg.lora_r > 0:
-        if cfg.quantize_bits:
-            quantize.quantize_base(model, bits=cfg.quantize_bits)
-        if cfg.init_adapter is not None and adapter_copy is not None:  # the weights: the run's
-            lora.apply_adapter_layout(model, adapter_copy.parent, adapter_copy.name)
-        elif cfg.init_adapter is not None:  # its own config (with_init_adapter read it)
-            if changed := lora.changed_base_tensors(model, cfg.init_adapter):
-                raise ValueError(
-                    f"init_adapter {cfg.init_adapter}: its {changed[0]} (of {len(changed)}) "
-                    f"differs from the base's, {cfg.init_from}; a resume and the export would lose "
-                    "it: save the merged base (PEFT: unload().save_pretrained), use --init-from")
-            lora.load_adapter(model, cfg.init_adapter)
-        else:
-            lora.apply_lora(model, adapter_config.LoRAConfig(**{  # no lora_targets: its default
-                name: getattr(cfg, key) for name, key in adapter_config.ADAPTER_KEYS.items()
-                if key != "lora_targets" or cfg.lora_targets}))
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.offload_activations = cfg.offload_activations
+    if model_settings.lora_r > 0:
+        _add_lora(model, model_settings)
+    model.gradient_checkpointing = model_settings.gradient_checkpointing
+    model.offload_activations = model_settings.offload_activations
     return model
+
+
+def _add_lora(model: nn.Module, model_settings: trainconfig.ModelSettings) -> None:
+    """The quantized base and the adapters: the run's own layout, the init_adapter's, or new."""
+    if model_settings.quantize_bits:
+        quantize.quantize_base(model, bits=model_settings.quantize_bits)
+    layout = model_settings.adapter_copy
+    if model_settings.init_adapter is not None and layout is not None:  # the weights: the run's
+        lora.apply_adapter_layout(model, layout.parent, layout.name)
+    elif model_settings.init_adapter is not None:  # its own config (with_init_adapter read it)
+        if changed := lora.changed_base_tensors(model, model_settings.init_adapter):
+            raise ValueError(
+                f"init_adapter {model_settings.init_adapter}: its {changed[0]} (of {len(changed)}) "
+                f"differs from the base's, {model_settings.init_from}; a resume and the export "
+                "would lose it: save the merged base (PEFT: unload().save_pretrained), use "
+                "--init-from")
+        lora.load_adapter(model, model_settings.init_adapter)
+    else:
+        lora.apply_lora(model, adapter_config.LoRAConfig(**{  # no lora_targets: its default
+            name: getattr(model_settings, key) for name, key in adapter_config.ADAPTER_KEYS.items()
+            if key != "lora_targets" or model_settings.lora_targets}))
+

@@ -546,7 +546,7 @@ def has_final_eval(cfg: TrainConfig) -> bool:
     return cfg.final_eval and cfg.export and cfg.task == "lm" and cfg.lora_r == 0
 
 
-def default_block_size(cfg: TrainConfig) -> int:
+def default_block_size(cfg: TrainConfig | DataSettings) -> int:
     """The preset's context from scratch; with init_from its context, at most 1024."""
     if cfg.init_from is None:
         return PRESETS[cfg.preset].block_size  # validate_config checked the preset
@@ -556,7 +556,7 @@ def default_block_size(cfg: TrainConfig) -> int:
     return min(int(context), 1024)
 
 
-def data_config(cfg: TrainConfig, block_size: int) -> DataConfig:
+def data_config(cfg: TrainConfig | DataSettings, block_size: int) -> DataConfig:
     """The DataConfig of this run: task, sources and sequence length come from cfg."""
     options = {"progress": cfg.progress, **cfg.data_options}
     dcfg = DataConfig(task=cfg.task, sources=list(cfg.data or ["stdlib"]),
@@ -607,7 +607,7 @@ BUDGET_LADDER = (
 MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "mlp_hidden", "block_size", "dropout")
 
 
-def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
+def model_config(cfg: TrainConfig | ModelSettings, vocab_size: int, bos_id: int | None,
                  eos_id: int | None) -> ModelConfig:
     """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
     if cfg.preset not in PRESETS:
@@ -624,6 +624,159 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None,
         return ModelConfig(**values)
     except (TypeError, AttributeError, KeyError) as e:  # a malformed value the types let through
         raise ValueError(f"model_options {json.dumps(cfg.model_options)}: {e}") from None
+
+
+# ---- What a part of a run reads of it: its settings, taken once where a run is built ----
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What building a run's model reads of its TrainConfig (codelm.loading.build_model, with
+    ``model_config``): the fields of these names, documented there, and ``adapter_copy``, a
+    continued run's copy of its init_adapter's config (rundir.adapter_copy), which gives the
+    LoRA layout."""
+
+    preset: str
+    init_from: str | None
+    n_layer: int | None
+    n_head: int | None
+    n_embd: int | None
+    mlp_hidden: int | None
+    block_size: int | None
+    dropout: float | None
+    model_options: dict
+    base_dtype: str
+    quantize_bits: int
+    init_adapter: str | None
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_dora: bool
+    lora_bias: str
+    lora_modules_to_save: list[str] | None
+    lora_targets: list[str] | None
+    gradient_checkpointing: bool
+    offload_activations: bool
+    adapter_copy: Path | None = None
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What preparing a run's data reads of its TrainConfig (codelm.training.build's
+    prepare_data: the tokenizer, the examples or problems or preference records, the batches):
+    the fields of these names, documented there, and the run directory (``run_dir``), whose
+    tokenizer a continued run reads (``own_tokenizer``)."""
+
+    task: str
+    data: list[str] | None
+    val_data: list[str] | None
+    test_data: list[str] | None
+    data_options: dict
+    progress: bool
+    preset: str
+    init_from: str | None
+    block_size: int | None
+    tokenizer: str | None
+    tokenizer_min_freq: int
+    tokenizer_max_vocab: int | None
+    batch_size: int
+    grad_accum: int
+    seed: int
+    eval_examples: int | None
+    packing: bool | None
+    overfit_batches: int
+    problems: str | None
+    val_problems: str | None
+    reward_workers: int
+    reward_timeout_s: float
+    run_dir: Path
+    own_tokenizer: bool
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a trainer (codelm.training.trainer.Trainer: its optimizer, schedule, step and
+    evaluation) reads of its run's TrainConfig: the fields of these names, documented there
+    (``max_steps``: the schedule's length outside a run, whose RunState holds its own)."""
+
+    precision: str
+    strategy: str
+    compile: bool
+    base_dtype: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    adam_eps: float
+    max_steps: int | None
+    warmup_steps: int
+    decay_steps: int | None
+    min_lr_ratio: float
+    grad_clip: float
+    label_smoothing: float
+    eval_precision: str
+    progress: bool
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """What task grpo's trainer (codelm.training.rollout.GRPOTrainer: sampling, rewards, the
+    policy loss) reads of its run's TrainConfig beside its StepSettings: the fields of these
+    names, documented there."""
+
+    init_from: str | None
+    tokenizer: str | None
+    num_generations: int
+    max_completion_tokens: int
+    temperature: float
+    seed: int
+    grad_accum: int
+    grpo_loss_type: str
+    grpo_beta: float
+    epsilon_low: float
+    epsilon_high: float | None
+    scale_rewards: str
+    mask_truncated: bool
+    partial_credit: bool
+    shuffle_rewards: bool
+    reward_workers: int
+    reward_timeout_s: float
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the step loop (trainingmanager.train) reads of its run's TrainConfig, as the run
+    trains with it (fallbacks filled, sized to its budget): the fields of these names,
+    documented there (``max_steps``: as planned; the run's length is its RunState's)."""
+
+    log_every: int
+    eval_every: int
+    save_every: int | None
+    warmup_steps: int
+    max_steps: int | None
+    max_time_s: float | None
+    early_stop_patience: int
+    early_stop_min_delta: float
+    inject_nan_at_step: int | None
+    overfit_batches: int
+    lr: float
+    export: bool
+    progress: bool
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What the end of a run, its export (codelm.training.finish.export_run), reads of its
+    TrainConfig: the fields of these names, documented there."""
+
+    task: str
+    sample_prompt: str | None
+    sample_tokens: int
+    lora_r: int
+    init_from: str | None
+    tokenizer: str | None
+    export_merged: bool
+    export_gguf: str | None
 
 
 # The steps --overfit and --overfit-batches take where --max-steps leaves them unset: a check

@@ -52,10 +52,16 @@ from codelm.models.generation import FUNCTION_STOPS, truncate_at_stops
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
 from codelm.runtime import distributed, process
+from codelm.runtime.settings import fields_of
 from codelm.sandbox.runner import SandboxConfig
 
 WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", "i", "in",
          "range(n):", "print(i)", "'s'", "None", "==", "(", ")", "a_b", "Foo", "éλ", "\t", "\n"]
+
+
+def model_settings(cfg: trainconfig.TrainConfig) -> trainconfig.ModelSettings:
+    """What a run builds its model from (loading.build_model), of ``cfg``."""
+    return trainconfig.ModelSettings(**fields_of(trainconfig.ModelSettings, cfg))
 
 
 class _Prompted(NamedTuple):
@@ -2389,9 +2395,9 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
 
     cfg = trainconfig.TrainConfig(preset="tiny")
     torch.manual_seed(0)
-    old = loading.build_model(cfg, tiny_models["tok"])
+    old = loading.build_model(model_settings(cfg), tiny_models["tok"])
     torch.manual_seed(1)
-    new = loading.build_model(cfg, tiny_models["tok"])
+    new = loading.build_model(model_settings(cfg), tiny_models["tok"])
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -2838,7 +2844,7 @@ def test_a_truncated_run_checkpoint_is_an_error_naming_it(tiny_models, tmp_path,
     from safetensors.torch import save_file
 
     cfg = trainconfig.TrainConfig(preset="tiny")
-    model = loading.build_model(cfg, tiny_models["tok"])
+    model = loading.build_model(model_settings(cfg), tiny_models["tok"])
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -2930,7 +2936,7 @@ def test_a_sharded_checkpoint_is_scored_from_its_shards_in_one_process(tiny_mode
     (run / rundir.CONFIG_FILE).write_text(json.dumps(config))
     tiny_models["tok"].save(run)
     torch.manual_seed(1)
-    saved = loading.build_model(cfg, tiny_models["tok"])
+    saved = loading.build_model(model_settings(cfg), tiny_models["tok"])
     trained = [p for p in saved.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in trained:  # (LoRA's B starts at zero)
@@ -2965,7 +2971,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
     saved = {}
     for step in (10, 5):  # the latest by step, not by the order written
         torch.manual_seed(step)
-        saved[step] = loading.build_model(cfg, tiny_models["tok"])
+        saved[step] = loading.build_model(model_settings(cfg), tiny_models["tok"])
         checkpoint = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{step}"
         checkpoint.mkdir(parents=True)
         save_file(checkpoint_module.model_tensors(saved[step], False),
@@ -3014,7 +3020,7 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
     tiny_models["tok"].save(run)
-    model = loading.build_model(cfg, tiny_models["tok"])
+    model = loading.build_model(model_settings(cfg), tiny_models["tok"])
     save_file(checkpoint_module.model_tensors(model, False),
               run / rundir.BEST_DIR / rundir.MODEL_FILE)
     process.write_manifest(run / rundir.BEST_DIR)
@@ -3070,7 +3076,8 @@ def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_pat
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    save_file(checkpoint_module.model_tensors(loading.build_model(cfg, tiny_models["tok"]), False),
+    save_file(checkpoint_module.model_tensors(
+        loading.build_model(model_settings(cfg), tiny_models["tok"]), False),
               run / "best" / rundir.MODEL_FILE)
     process.write_manifest(run / "best")
     cpu = torch.device("cpu")
@@ -3616,7 +3623,7 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     m = tiny_models
     cfg = trainconfig.TrainConfig(init_from=str(m["base"]), lora_r=4, quantize_bits=bits)
     torch.manual_seed(0)
-    trained = loading.build_model(cfg, m["tok"])
+    trained = loading.build_model(model_settings(cfg), m["tok"])
     run = tmp_path / "qlora"
     (run / rundir.BEST_DIR).mkdir(parents=True)
     (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))

@@ -219,11 +219,13 @@ import torch
 from codelm import loading, trainconfig
 from codelm.models import quantize
 from codelm.runtime import distributed
+from codelm.runtime.settings import fields_of
 
 cfg = trainconfig.TrainConfig(**json.loads(open(sys.argv[1]).read()))
 dist = distributed.this_process()
 distributed.join(dist, torch.device("cpu"))
-model = loading.build_model(cfg, type("Tok", (), {"vocab_size": 8})())
+settings = trainconfig.ModelSettings(**fields_of(trainconfig.ModelSettings, cfg))
+model = loading.build_model(settings, type("Tok", (), {"vocab_size": 8})())
 whole = sum(p.nbytes for p in quantize.quantized_parameters(model))
 distributed.shard(model, "bf16")
 held = sum(p.to_local().nbytes for p in quantize.quantized_parameters(model))

@@ -24,6 +24,7 @@ from codelm import trainconfig
 from codelm.data.problems import generate_problems
 from codelm.evaluation.tasks.passk import run_check
 from codelm.models import pretrained
+from codelm.runtime.settings import fields_of
 from codelm.sandbox import runner
 from codelm.sandbox.runner import SandboxConfig
 from codelm.training import grpo, rewards, rollout
@@ -37,6 +38,15 @@ METRICS = ("loss", "grad_norm", "reward_mean", "reward_std", "pass_rate", "equal
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-exact comparisons between processes
+
+
+def grpo_trainer(model: torch.nn.Module, cfg: trainconfig.TrainConfig, tok, problems: list[dict]
+                 ) -> rollout.GRPOTrainer:
+    """Task grpo's trainer of ``model`` on the CPU, with the settings a run takes of ``cfg``."""
+    step_settings = trainconfig.StepSettings(**fields_of(trainconfig.StepSettings, cfg))
+    grpo_settings = trainconfig.GRPOSettings(**fields_of(trainconfig.GRPOSettings, cfg))
+    return rollout.GRPOTrainer(model, step_settings, grpo_settings, torch.device("cpu"), tok,
+                               False, problems)
 
 
 def problem(i: int, answer: int = 1) -> dict:
@@ -136,7 +146,7 @@ def test_micro_batches_give_the_whole_batchs_loss_and_gradient(assets, tmp_path,
     tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
     model = pretrained.load(assets["model"], device="cpu")
     problems = [problem(i) for i in range(2)]
-    trainer = rollout.GRPOTrainer(model, cfg, torch.device("cpu"), tok, False, problems)
+    trainer = grpo_trainer(model, cfg, tok, problems)
     completions = trainer.sample(problems, 1)
     earned = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
     loss, _, metrics = trainer.backward(completions, rollout.Scored(earned, earned, [False] * 6,
@@ -173,7 +183,7 @@ def test_a_full_fine_tune_keeps_a_frozen_copy_as_the_kl_reference(assets, tmp_pa
     tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
     problems = [problem(i) for i in range(2)]
     model = pretrained.load(assets["model"], device="cpu")
-    trainer = rollout.GRPOTrainer(model, cfg, torch.device("cpu"), tok, False, problems)
+    trainer = grpo_trainer(model, cfg, tok, problems)
     reference = trainer.reference
     assert reference is not None and reference is not model
     assert not any(p.requires_grad for p in reference.parameters())
@@ -212,8 +222,7 @@ def test_the_control_arm_permutes_the_rewards_within_the_step(assets, tmp_path):
     cfg = grpo_cfg(assets, tmp_path, shuffle_rewards=True, num_generations=8)
     tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
     problems = [problem(i) for i in range(2)]
-    trainer = rollout.GRPOTrainer(pretrained.load(assets["model"], device="cpu"), cfg,
-                                  torch.device("cpu"), tok, False, problems)
+    trainer = grpo_trainer(pretrained.load(assets["model"], device="cpu"), cfg, tok, problems)
     completions = trainer.sample(problems, 1)
     first = trainer.score(problems, completions, 1)
     again = trainer.score(problems, completions, 1)

@@ -33,6 +33,7 @@ from codelm.data.sources import stdlib_files
 from codelm.models import adapter_config, generation, quantize
 from codelm.runs import checkpoint, rundir, trackers
 from codelm.runtime import distributed, process, rng, settings
+from codelm.runtime.settings import fields_of
 from codelm.training import build, finish, plan, record
 from codelm.training import trainer as trainer_module
 from codelm.training.batches import Batches, BatchOrder
@@ -43,6 +44,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-exact comparisons between processes
+
+
+def model_settings(cfg: trainconfig.TrainConfig) -> trainconfig.ModelSettings:
+    """What a run builds its model from (loading.build_model), of ``cfg``."""
+    return trainconfig.ModelSettings(**fields_of(trainconfig.ModelSettings, cfg))
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +79,18 @@ def tiny_cfg(assets, tmp_path, **overrides) -> trainconfig.TrainConfig:
 
 
 def built_run(cfg: trainconfig.TrainConfig) -> build.Run:
-    """``build.build_run`` on the CPU, in a directory claimed as ``train`` claims it."""
+    """``build.Run`` on the CPU, in a directory claimed as ``train`` claims it (``closed``
+    releases it)."""
     claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem, None,
                                    distributed.Dist())
-    return build.build_run(cfg, claimed, distributed.Dist(), torch.device("cpu"),
-                           time.perf_counter(), None, False)
+    return build.Run(cfg, claimed, distributed.Dist(), torch.device("cpu"), time.perf_counter(),
+                     None, False)
+
+
+def closed(run: build.Run) -> None:
+    """Its log closed and its directory released, as ``train`` ends a run."""
+    run.record.close()
+    run.record.claimed.release()
 
 
 def tiny_llama(tmp_path: Path) -> Path:
@@ -129,12 +142,12 @@ def assert_bit_equal(a: dict, b: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _ready(cfg: trainconfig.TrainConfig) -> trainconfig.TrainConfig:
-    """A config a Trainer takes as it is: a length, and the settings a run fills in."""
+def _ready(cfg: trainconfig.TrainConfig) -> trainconfig.StepSettings:
+    """What a Trainer takes of ``cfg``: a length, and the settings a run fills in."""
     cfg = plan.with_fallbacks(dataclasses.replace(cfg, max_steps=cfg.max_steps or 100))
     if cfg.warmup_steps is None:
         cfg = dataclasses.replace(cfg, warmup_steps=plan.warmup_for(cfg.max_steps))
-    return cfg
+    return trainconfig.StepSettings(**fields_of(trainconfig.StepSettings, cfg))
 
 
 def _trainer(cfg: trainconfig.TrainConfig, vocab: int = 64) -> trainer_module.Trainer:
@@ -315,7 +328,7 @@ def _plain_backward(model, ids, labels, smoothing=0.0, clip=float("inf")):
 def _worst_relative_error(trainer: trainer_module.Trainer, grads: dict[str, torch.Tensor]) -> float:
     """How far the gradient the step applied (Adam's first moment after one step is 0.1 x it)
     is from ``grads``: the largest |got - ref| / |ref| over the tensors."""
-    state, beta1 = trainer.optimizer.state, trainer.cfg.beta1
+    state, beta1 = trainer.optimizer.state, trainer.settings.beta1
     return max(float((state[p]["exp_avg"] / (1 - beta1) - grads[n]).norm() / grads[n].norm())
                for n, p in trainer.raw_model.named_parameters())
 
@@ -575,7 +588,7 @@ def test_injected_nan_stops_loudly_and_keeps_the_last_good_checkpoint(assets, tm
     assert "checkpoints/step-4" in message
     run = Path(cfg.out_dir) / "run"
     assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4"]
-    model = loading.build_model(cfg, build.load_or_train_tokenizer(cfg, None))
+    model = loading.build_model(model_settings(cfg), build.load_or_train_tokenizer(cfg, None))
     state = checkpoint.load(run / "checkpoints" / "step-4", model, False)
     assert state.step == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -986,7 +999,7 @@ def test_lora_on_a_bf16_base_trains_like_the_fp32_base(assets, tmp_path):
     for dtype in ("fp32", "bf16"):
         cfg = tiny_cfg(assets, tmp_path, name=dtype, base_dtype=dtype, export=dtype == "bf16",
                        export_merged=True, **common)
-        model = loading.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+        model = loading.build_model(model_settings(cfg), load_tokenizer(assets["tokenizer"]))
         kinds = {p.dtype for n, p in model.named_parameters() if "lora" not in n}
         assert kinds == {SHORT_DTYPES[dtype]}
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
@@ -1022,7 +1035,7 @@ def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets,
     cfg = tiny_cfg(assets, tmp_path, init_from=str(base), lora_r=4,
                    model_options={"attn_dropout": 0.25, "embd_dropout": 0.0})
     plan.validate_config(cfg)
-    model = loading.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+    model = loading.build_model(model_settings(cfg), load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.attn_dropout, model.cfg.embd_dropout) == (0.25, 0.0)
     for options, message in (
             ({"n_layer": 7, "bogus": 1}, "model_options (--model-options): bogus, n_layer: the "
@@ -1572,7 +1585,7 @@ def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, cap
 
 def test_sample_prompt_is_formatted_as_the_task_trained(assets, tmp_path, monkeypatch):
     tok = load_tokenizer(assets["tokenizer"])
-    model = loading.build_model(tiny_cfg(assets, tmp_path), tok)
+    model = loading.build_model(model_settings(tiny_cfg(assets, tmp_path)), tok)
     seen = []
 
     def generate(model, idx, cfg, attention_mask=None):
@@ -1734,7 +1747,7 @@ def test_the_sample_stops_where_its_function_ends(assets, tmp_path, monkeypatch)
     from codelm.models import generation
 
     tok = load_tokenizer(assets["tokenizer"])
-    model = loading.build_model(tiny_cfg(assets, tmp_path), tok)
+    model = loading.build_model(model_settings(tiny_cfg(assets, tmp_path)), tok)
     more = tok.encode("    return 1\ndef g():\n    pass\n")
 
     def generate(model, idx, cfg, attention_mask=None):
@@ -1795,8 +1808,8 @@ def test_the_end_of_run_sample_follows_the_runs_pair_special_tokens(assets, tmp_
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
     tok = load_tokenizer(assets["tokenizer"])
-    small = loading.build_model(tiny_cfg(assets, tmp_path), tok)
-    wide = loading.build_model(tiny_cfg(assets, tmp_path, n_embd=96), tok)
+    small = loading.build_model(model_settings(tiny_cfg(assets, tmp_path)), tok)
+    wide = loading.build_model(model_settings(tiny_cfg(assets, tmp_path, n_embd=96)), tok)
     with pytest.raises(ValueError, match=r"src\.safetensors: .*wte\.weight.*\(\d+, 64\).*"
                                          r"\(\d+, 96\)"):
         checkpoint.load_model_tensors(wide, checkpoint.model_tensors(small, False),
@@ -1902,7 +1915,7 @@ def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp
                   max_steps=trainconfig.TrainConfig().max_steps)
     probe = built_run(tiny_cfg(assets, tmp_path, name="probe", **common))
     n = len(probe.data.batches.train)  # supervised pairs: an epoch is each of them once
-    probe.record.claimed.release()
+    closed(probe)
     steps, per_step = 5, 4 * 2  # batch_size x grad_accum
     epochs = (steps - 0.5) * per_step / n  # 4.5 steps' worth of examples
     cfg = tiny_cfg(assets, tmp_path, epochs=epochs, eval_every=steps, save_every=steps, **common)
@@ -2302,7 +2315,7 @@ def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path, dor
     config = json.loads((export / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base.resolve())
     assert config["use_dora"] is dora
-    ours = loading.build_model(dataclasses.replace(cfg, lora_r=0, lora_dora=False),
+    ours = loading.build_model(model_settings(dataclasses.replace(cfg, lora_r=0, lora_dora=False)),
                                load_tokenizer(export))
     lora.load_adapter(ours, export)
     ids = torch.randint(0, 512, (2, 16))
@@ -2333,7 +2346,8 @@ def test_init_from_a_hub_id_trains_lora_and_exports_an_adapter_peft_loads(assets
     assert tm.main(["--config", str(config), "--init-from", "org/tiny"]) == 0
     run = Path(cfg.out_dir) / "run"
     assert json.loads((run / "config.json").read_text())["init_from"] == str(snapshot)
-    ours = loading.build_model(dataclasses.replace(cfg, init_from=str(snapshot), lora_r=0),
+    ours = loading.build_model(
+        model_settings(dataclasses.replace(cfg, init_from=str(snapshot), lora_r=0)),
                                load_tokenizer(run / "export"))
     lora.load_adapter(ours, run / "export")
     ids = torch.randint(0, 512, (2, 16))
@@ -2430,12 +2444,13 @@ def test_dropout_flag_sets_residual_dropout_and_model_options_attention_dropout(
     assert trainconfig.model_config(both, 64, None, None).attn_dropout == 0.1
     base = tmp_path / "base"
     save_tiny_hf("llama", base, vocab_size=512, attention_dropout=0.05)
-    model = loading.build_model(trainconfig.TrainConfig(init_from=str(base), dropout=0.15),
+    model = loading.build_model(
+        model_settings(trainconfig.TrainConfig(init_from=str(base), dropout=0.15)),
                                 load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.dropout, model.cfg.attn_dropout) == (0.15, 0.05)
     save_tiny_hf("phi", tmp_path / "phi", vocab_size=512, embd_pdrop=0.1, resid_pdrop=0.1)
     cfg = trainconfig.TrainConfig(init_from=str(tmp_path / "phi"), dropout=0.0)
-    model = loading.build_model(cfg, load_tokenizer(assets["tokenizer"]))
+    model = loading.build_model(model_settings(cfg), load_tokenizer(assets["tokenizer"]))
     assert (model.cfg.embedding_dropout, model.cfg.dropout) == (0.0, 0.0)
 
 
@@ -2531,7 +2546,7 @@ def test_the_validation_examples_do_not_depend_on_batch_size_or_accumulation(ass
         examples.append([row[mask].tolist() for b in batches
                          for row, mask in zip(b["input_ids"], b["labels"] != kernels.IGNORE_INDEX)])
         losses.append(run.trainer.evaluate(batches)["val_loss"])
-        run.record.claimed.release()
+        closed(run)
     assert len(examples[0]) == 10 and examples[0] == examples[1] == examples[2]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) == pytest.approx(losses[2], rel=1e-6)
 
@@ -2623,7 +2638,7 @@ def test_init_adapter_starts_from_a_peft_adapter_as_peft_computes_it(assets, tmp
     cfg = plan.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft")))
     assert (cfg.init_from, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
             sorted(cfg.lora_targets)) == (str(base), 4, 8.0, 0.05, ["q_proj", "v_proj"])
-    model = loading.build_model(cfg, load_tokenizer(assets["tokenizer"])).eval()
+    model = loading.build_model(model_settings(cfg), load_tokenizer(assets["tokenizer"])).eval()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == peft_model.get_nb_trainable_parameters()[0]
     ids = torch.randint(0, 512, (2, 16))
@@ -2654,7 +2669,7 @@ def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_ba
     assert all(0 < (start[k] - end[k]).abs().max() < 0.01 for k in start if "lora_B" in k)
     assert all((start[k] - end[k]).abs().max() < 0.01 for k in start)
     run_cfg = trainconfig.config_from_dict(json.loads((run / rundir.CONFIG_FILE).read_text()))
-    ours = loading.build_model(run_cfg, load_tokenizer(run))
+    ours = loading.build_model(model_settings(run_cfg), load_tokenizer(run))
     checkpoint.load_model_tensors(ours, load_file(run / rundir.BEST_DIR / rundir.ADAPTER_FILE),
                                   "best", True)
     peft_model = PeftModel.from_pretrained(
@@ -2682,11 +2697,12 @@ def test_init_adapter_whose_base_layer_differs_from_the_base_is_refused(assets, 
                    ).save_pretrained(tmp_path / "changed")
     tok = load_tokenizer(assets["tokenizer"])
     cfg = plan.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "same")))
-    loading.build_model(cfg, tok)  # the base's own embedding, as PEFT saves it by default: taken
+    # the base's own embedding, as PEFT saves it by default: taken
+    loading.build_model(model_settings(cfg), tok)
     cfg = plan.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "changed")))
     with pytest.raises(ValueError, match=r"base_model\.model\.model\.embed_tokens\.base_layer"
                        r"\.weight .*differs from the base's.*export would lose"):
-        loading.build_model(cfg, tok)
+        loading.build_model(model_settings(cfg), tok)
 
 
 def test_an_init_adapter_run_resumes_and_evaluates_after_its_adapter_dir_is_gone(
@@ -3466,7 +3482,7 @@ def test_lora_settings_reach_the_adapter_and_the_merged_export_has_the_tokenizer
     assert load_tokenizer(export / "merged").encode(text) == tok.encode(text)
     hf = transformers.AutoTokenizer.from_pretrained(export / "merged")
     assert hf(text)["input_ids"] == tok.encode(text)
-    model = loading.build_model(dataclasses.replace(cfg, quantize_bits=8), tok)
+    model = loading.build_model(model_settings(dataclasses.replace(cfg, quantize_bits=8)), tok)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
     assert any(isinstance(m, quantize.QuantLinear) for m in model.modules())
@@ -3664,9 +3680,10 @@ def test_a_run_of_epochs_sizes_its_warmup_once_its_steps_are_known(assets, tmp_p
     """--epochs: the run's length follows from the data, and the warmup from the length."""
     run = built_run(tiny_cfg(assets, tmp_path, max_steps=None, epochs=0.05, warmup_steps=None))
     try:
-        assert run.cfg.warmup_steps == plan.warmup_for(run.state.max_steps)
+        assert run.record.config["warmup_steps"] == plan.warmup_for(run.state.max_steps)
+        assert run.loop.warmup_steps == run.record.config["warmup_steps"]
     finally:
-        run.record.claimed.release()
+        closed(run)
 
 
 @pytest.mark.parametrize("warmup, warned", [(50, True), (20, False)])
@@ -3674,11 +3691,8 @@ def test_evaluations_that_fall_inside_the_warmup_are_warned_of(assets, tmp_path,
                                                                warned):
     """No evaluation runs during the warmup: eval_every 20 under a warmup of 50 skips the
     evaluations at 20 and 40, which the run says before training, with the first it makes."""
-    run = built_run(tiny_cfg(assets, tmp_path, max_steps=60, eval_every=20, warmup_steps=warmup))
-    try:
-        build.announce(run)
-    finally:
-        run.record.claimed.release()
+    closed(built_run(tiny_cfg(assets, tmp_path, max_steps=60, eval_every=20,
+                              warmup_steps=warmup)))
     err = capsys.readouterr().err
     assert ("warning: eval_every (20, --eval-every) < warmup_steps (50, --warmup-steps): no "
             "evaluation runs during the warmup, so the first is at step 60" in err) == warned

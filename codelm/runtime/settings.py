@@ -142,6 +142,22 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
     return cls(**checked)
 
 
+def fields_of(kind: type, config: Any, **given: Any) -> dict[str, Any]:
+    """The values of dataclass ``kind``'s fields: ``given``'s, the others ``config``'s of the
+    same names, where it has them, else their defaults (``Kind(**fields_of(Kind, cfg))``: the
+    part of a config one reader takes)."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    if unknown := set(given) - names:
+        raise TypeError(f"{kind.__name__} has no field {sorted(unknown)[0]!r}")
+    values = {}
+    for f in dataclasses.fields(kind):
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif hasattr(config, f.name) or f.default is dataclasses.MISSING:
+            values[f.name] = getattr(config, f.name)
+    return values
+
+
 def read_json_object(path: str | Path, what: str = "file", strict: bool = False) -> dict:
     """The one JSON object a file holds (YAML for .yaml/.yml); failures name the file and line.
     ``strict`` (files users write): a key given twice is an error; other tools' files (HF

@@ -1,8 +1,9 @@
 """A run's parts, each built through the module of its kind: its tokenizer (given, the pretrained
 model's, or trained on the data), its model (from scratch or from ``init_from``, then the
-quantized base and LoRA), and for ``trainingmanager.train`` the whole run (``build_run``): the
-run directory claimed, data, model and trainer built, a continued run restored, a budgeted run
-sized to its budget."""
+quantized base and LoRA), and for ``trainingmanager.train`` the whole run (``Run``, built by its
+constructor in its claimed directory): data, model and trainer built, a continued run restored,
+a budgeted run sized to its budget. The constructor is where a run's TrainConfig is taken
+apart: each part gets the settings it reads of it (codelm.trainconfig's *Settings)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from architecture import Transformer
 from codelm import loading
 from codelm.data.cache import make_cache_dir, publish_cache_entry
 from codelm.data.config import PREFERENCE_TASKS, DataConfig
+from codelm.data.datasets import PreparedData
 from codelm.data.encoding import tokenizer_cache_dir
 from codelm.data.examples import SamplePrompt
 from codelm.gguf import writer
@@ -40,17 +42,23 @@ from codelm.runtime import settings
 from codelm.runtime.distributed import Dist, barrier, broadcast, main_first
 from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
-from codelm.runtime.settings import setting
+from codelm.runtime.settings import fields_of, setting
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.files import TOKENIZER_FILE, tokenizer_path
 from codelm.trainconfig import (
     GRPO_TASK,
+    DataSettings,
+    ExportSettings,
+    GRPOSettings,
+    LoopSettings,
+    ModelSettings,
+    StepSettings,
     TrainConfig,
     data_config,
     default_block_size,
     model_config,
 )
-from codelm.training import plan, preference_run, rollout
+from codelm.training import plan, preference, preference_run, rollout
 from codelm.training.batches import Batches, example_lengths
 from codelm.training.plan import MAX_EPOCHS, BudgetClock, Probe
 from codelm.training.record import RunRecord
@@ -85,8 +93,8 @@ def check_gguf_export(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | B
                          "none") from None
 
 
-def load_or_train_tokenizer(cfg: TrainConfig, dcfg: DataConfig, saved: Path | None = None
-                            ) -> CodeTokenizer | BPETokenizer:
+def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
+                            saved: Path | None = None) -> CodeTokenizer | BPETokenizer:
     """The run's ``saved`` tokenizer, the given one, the pretrained model's, or one trained (and
     cached) on the data."""
     if saved is not None:
@@ -135,89 +143,134 @@ class Data(NamedTuple):
     batches: Batches
     sample_prompt: SamplePrompt | None  # the held-out one data preparation picked
     data_id: dict
+    new_tokenizer: bool  # not the run's own: the run saves it in its directory
 
 
-class Run(NamedTuple):
-    """What ``build_run`` builds for the step loop."""
+class Run:
+    """A training run as the step loop drives it, built by its constructor from its
+    TrainConfig: the one place the run's config is taken apart. Each part holds what it reads
+    of it: the loop ``loop``, the export ``export``, the model ``model_settings``, the trainer
+    and the data theirs; config.json, the whole config as the run trains with it (sized to the
+    budget, fallbacks filled), is the record's."""
 
-    cfg: TrainConfig  # as config.json records it: sized to the budget, fallbacks filled
     device: torch.device
     data: Data
+    model_settings: ModelSettings  # as the model was built (finish rebuilds a sharded one)
     trainer: Trainer
     record: RunRecord
     state: RunState  # the step loop's own (a checkpoint's, continued); max_steps: the run's length
     clock: BudgetClock | None  # a new budgeted run's: its decay starts by the clock
+    loop: LoopSettings
+    export: ExportSettings
 
+    def __init__(self, cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist,
+                 device: torch.device, created: float, hint: str | None, restarts: bool) -> None:
+        """Build the run in its ``claimed`` directory (``created``: when the time budget
+        started); a failed or stopped build releases it, leaving no directory it made."""
+        try:
+            self._build(cfg, claimed, dist, device, created, hint or f"--resume {claimed.path}",
+                        restarts)
+        except BaseException as e:
+            claimed.drop_if_unused()
+            claimed.release()
+            if isinstance(e, KeyboardInterrupt) and not isinstance(e, rundir.RunInterrupted):
+                raise rundir.interrupted(e, claimed.path, hint, restarts) from None
+            raise
 
-def build_run(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: torch.device,
-              created: float, hint: str | None, restarts: bool) -> Run:
-    """Build the run in its ``claimed`` directory (``created``: when the time budget started); a
-    failed or stopped build releases it, leaving no directory it made."""
-    try:
-        return _build(cfg, claimed, dist, device, created, hint, restarts)
-    except BaseException as e:
-        claimed.drop_if_unused()
-        claimed.release()
-        if isinstance(e, KeyboardInterrupt) and not isinstance(e, rundir.RunInterrupted):
-            raise rundir.interrupted(e, claimed.path, hint, restarts) from None
-        raise
+    def _build(self, cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist,
+               device: torch.device, created: float, hint: str, restarts: bool) -> None:
+        run_dir = claimed.path
+        cfg, checkpoints = run_config(cfg, claimed, hint)
+        if cfg.strategy == "fsdp" and cfg.optimizer == "muon":  # preset auto's choice
+            raise ValueError(f"optimizer muon (preset {cfg.preset}'s) with "
+                             f"{setting(cfg, 'strategy')}: muon orthogonalizes whole matrices, "
+                             "fsdp holds shards: set --optimizer adamw")
+        if cfg.resume and not checkpoints and dist.main:
+            print(f"{run_dir}: no checkpoint yet; starting the run from the beginning")
+        data_settings = DataSettings(**fields_of(
+            DataSettings, cfg, run_dir=run_dir,
+            own_tokenizer=bool(cfg.resume) and claimed.holds_weights))
+        with main_first(dist):  # the others read the run's own tokenizer, or rank 0's just saved
+            self.data = prepare_data(data_settings, dist)
+            if self.data.new_tokenizer and dist.main:  # once the data is known good
+                claimed.wrote_tokenizer = True
+                self.data.tok.save(run_dir)
+        seed_everything(cfg.seed)  # right before the init: whatever the data's preparation drew
+        # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
+        model_settings = ModelSettings(**fields_of(
+            ModelSettings, cfg, adapter_copy=rundir.adapter_copy(run_dir) if checkpoints else None))
+        self.model_settings = model_settings
+        model = loading.build_model(model_settings, self.data.tok)
+        first = self._check_model(cfg, model, run_dir, device, bool(checkpoints))
+        if dist.enabled:  # same init everywhere, but each rank its own dropout stream
+            seed_everything(cfg.seed + dist.rank)
+        cfg, self.clock, length = self._size(cfg, model, device, dist, created)
+        self.state = RunState(precision=checked_precision(cfg, device), max_steps=length,
+                              data=self.data.data_id)
+        self.trainer = self._trainer(cfg, model, device, dist)
+        trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
+        self.record = RunRecord(claimed, dist, trainable_only, cfg.keep_last, hint, restarts)
+        if checkpoints:
+            self.state = restore(cfg, checkpoints, self.trainer, self.data, self.record)
+        with main_first(dist):
+            # first: a damaged log refuses the resume before any rewrite
+            if dist.main and cfg.resume:
+                rundir.trim_metrics(run_dir / rundir.METRICS_FILE, self.state.step)
+            self.record.write_config(cfg, first)
+        self.device = device
+        self.loop = LoopSettings(**fields_of(LoopSettings, cfg))
+        self.export = ExportSettings(**fields_of(ExportSettings, cfg))
+        if dist.main:
+            announce(self, cfg)
+        self.record.open_log(self.state.step if cfg.resume else None, cfg.report_to)
 
+    def _check_model(self, cfg: TrainConfig, model: nn.Module, run_dir: Path,
+                     device: torch.device, continued: bool) -> dict[Path, bytes]:
+        """Refuse what the model cannot export; a preference task's reference log-probs of the
+        starting weights. The files to write with config.json (first)."""
+        first = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that goes on
+        if cfg.init_adapter is not None and self.model_settings.adapter_copy is None:
+            first[run_dir / rundir.INIT_ADAPTER_COPY] = (
+                Path(cfg.init_adapter) / adapter_config.ADAPTER_CONFIG).read_bytes()
+        check_lora_export(cfg, model)
+        check_gguf_export(cfg, model, self.data.tok)
+        if cfg.task in PREFERENCE_TASKS:  # of the starting weights, before any step
+            first.update(preference_run.attach_reference(cfg, model.to(device),
+                                                         self.data.batches, run_dir, device,
+                                                         continued))
+        return first
 
-def _build(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, device: torch.device,
-           created: float, hint: str | None, restarts: bool) -> Run:
-    run_dir = claimed.path
-    hint = hint or f"--resume {run_dir}"
-    cfg, checkpoints = run_config(cfg, claimed, hint)
-    if cfg.strategy == "fsdp" and cfg.optimizer == "muon":  # preset auto's choice
-        raise ValueError(f"optimizer muon (preset {cfg.preset}'s) with {setting(cfg, 'strategy')}"
-                         ": muon orthogonalizes whole matrices, fsdp holds shards: set "
-                         "--optimizer adamw")
-    if cfg.resume and not checkpoints and dist.main:
-        print(f"{run_dir}: no checkpoint yet; starting the run from the beginning")
-    data = prepare_data(cfg, claimed, dist, own_tok=bool(cfg.resume) and claimed.holds_weights)
-    seed_everything(cfg.seed)  # right before the init: whatever the data's preparation drew
-    # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
-    adapter_copy = rundir.adapter_copy(run_dir) if checkpoints else None
-    model = loading.build_model(cfg, data.tok, adapter_copy)
-    first = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that continues
-    if cfg.init_adapter is not None and adapter_copy is None:
-        first[run_dir / rundir.INIT_ADAPTER_COPY] = (
-            Path(cfg.init_adapter) / adapter_config.ADAPTER_CONFIG).read_bytes()
-    check_lora_export(cfg, model)
-    check_gguf_export(cfg, model, data.tok)
-    if cfg.task in PREFERENCE_TASKS:  # of the starting weights, before any step
-        first.update(preference_run.attach_reference(cfg, model.to(device), data.batches,
-                                                     run_dir, device, bool(checkpoints)))
-    if dist.enabled:  # same init everywhere, but each rank its own dropout stream
-        seed_everything(cfg.seed + dist.rank)
-    budgeted = cfg.max_steps is None and cfg.epochs is None
-    if cfg.task != GRPO_TASK:  # a GRPO step's cost is its sampling's, which its completions set
-        rows = 2 * cfg.batch_size if cfg.task in PREFERENCE_TASKS else cfg.batch_size  # 2 a pair
-        check_step_cost(dataclasses.replace(cfg, batch_size=rows), model, data.dcfg.block_size,
-                        device, dist, budget_left(cfg, created) if budgeted else None)
-    clock = None
-    if budgeted:  # a new run on a budget: sized here, once
-        cfg, clock = size_to_budget(cfg, model, data.batches, device, dist, created)
-    length = plan.run_length(cfg, data.batches.steps_for)
-    if cfg.warmup_steps is None:  # a new run of fixed length: sized with its steps, known here
-        cfg = with_warmup(cfg, length, dist.main)
-    state = RunState(precision=checked_precision(cfg, device), max_steps=length,
-                     data=data.data_id)
-    if cfg.task == GRPO_TASK:
-        trainer = rollout.GRPOTrainer(model, cfg, device, data.tok, data.dcfg.pair_special_tokens,
-                                      data.batches.train + data.batches.val, dist, state)
-    else:
-        trainer = trainer_type(cfg)(model, cfg, device, dist,
-                                    torch.tensor(data.tok.token_byte_lengths()), state)
-    trainable_only = cfg.lora_r > 0 and cfg.init_from is not None
-    record = RunRecord(claimed, dist, trainable_only, cfg.keep_last, hint, restarts)
-    if checkpoints:
-        state = restore(cfg, checkpoints, trainer, data, record)
-    with main_first(dist):
-        if dist.main and cfg.resume:  # first: a damaged log refuses the resume before any rewrite
-            rundir.trim_metrics(run_dir / rundir.METRICS_FILE, state.step)
-        record.write_config(cfg, first)
-    return Run(cfg, device, data, trainer, record, state, clock)
+    def _size(self, cfg: TrainConfig, model: nn.Module, device: torch.device, dist: Dist,
+              created: float) -> tuple[TrainConfig, BudgetClock | None, int]:
+        """The step's cost checked; ``cfg`` sized to its time budget (a new budgeted run, once)
+        and given its warmup; its clock, and the run's length in steps."""
+        batches = self.data.batches
+        budgeted = cfg.max_steps is None and cfg.epochs is None
+        if cfg.task != GRPO_TASK:  # a GRPO step's cost is its sampling's, set by its completions
+            rows = 2 * cfg.batch_size if cfg.task in PREFERENCE_TASKS else cfg.batch_size  # a pair
+            check_step_cost(dataclasses.replace(cfg, batch_size=rows), model,
+                            self.data.dcfg.block_size, device, dist,
+                            budget_left(cfg, created) if budgeted else None)
+        clock = None
+        if budgeted:  # a new run on a budget: sized here, once
+            cfg, clock = size_to_budget(cfg, model, batches, device, dist, created)
+        length = plan.run_length(cfg, batches.steps_for)
+        if cfg.warmup_steps is None:  # a new run of fixed length: sized with its steps, known here
+            cfg = with_warmup(cfg, length, dist.main)
+        return cfg, clock, length
+
+    def _trainer(self, cfg: TrainConfig, model: nn.Module, device: torch.device, dist: Dist
+                 ) -> Trainer:
+        """The task's trainer of ``model``: GRPO's, a preference task's, or the next-token one."""
+        data = self.data
+        if cfg.task != GRPO_TASK:
+            return task_trainer(cfg, model, device, dist,
+                                torch.tensor(data.tok.token_byte_lengths()), self.state)
+        step_settings = StepSettings(**fields_of(StepSettings, cfg))
+        grpo_settings = GRPOSettings(**fields_of(GRPOSettings, cfg))
+        return rollout.GRPOTrainer(model, step_settings, grpo_settings, device, data.tok,
+                                   data.dcfg.pair_special_tokens,
+                                   data.batches.train + data.batches.val, dist, self.state)
 
 
 def with_warmup(cfg: TrainConfig, steps: int, main: bool) -> TrainConfig:
@@ -252,96 +305,102 @@ def run_config(cfg: TrainConfig, claimed: rundir.ClaimedDir, hint: str
     return dataclasses.replace(cfg, **kept), checkpoints
 
 
-def prepare_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist, own_tok: bool) -> Data:
-    """Tokenizer and batches: rank 0 fills the caches, the others read them. ``own_tok``: a
-    continued run reads the tokenizer it saved."""
-    if cfg.task == GRPO_TASK:
-        return prepare_problems(cfg, claimed, own_tok)
-    if cfg.task in PREFERENCE_TASKS:
-        return prepare_preference_data(cfg, claimed, dist, own_tok)
-    dcfg = data_config(cfg, cfg.block_size or default_block_size(cfg))
+def prepare_data(settings: DataSettings, dist: Dist) -> Data:
+    """Tokenizer and batches (rank 0 fills the caches: called rank 0 first, it leaves the
+    others to read them); a continued run (``settings.own_tokenizer``) reads the tokenizer it
+    saved, and another rank the one rank 0 saved."""
+    if settings.task == GRPO_TASK:
+        return prepare_problems(settings)
+    if settings.task in PREFERENCE_TASKS:
+        return prepare_preference_data(settings, dist)
+    dcfg = data_config(settings, settings.block_size or default_block_size(settings))
     if dcfg.use_cache:
         make_cache_dir(dcfg.cache_dir, "data_options.cache_dir"
-                       if "cache_dir" in cfg.data_options else None)
-    saved_tok = claimed.path / TOKENIZER_FILE
-    own_tok = own_tok and saved_tok.is_file()
-    with main_first(dist):  # the others read the run's own, or rank 0's just written
-        tok = load_or_train_tokenizer(cfg, dcfg, saved_tok if own_tok or not dist.main else None)
-        splits = prepare(dcfg, tok)
-        if dist.main and not own_tok:  # once the data is known good
-            claimed.wrote_tokenizer = True
-            tok.save(claimed.path)
+                       if "cache_dir" in settings.data_options else None)
+    saved_tok = settings.run_dir / TOKENIZER_FILE
+    own_tok = settings.own_tokenizer and saved_tok.is_file()
+    tok = load_or_train_tokenizer(settings, dcfg, saved_tok if own_tok or not dist.main else None)
+    splits = prepare(dcfg, tok)
     if len(splits.val) == 0:
         raise ValueError(f"the validation split of {dcfg.sources} is empty: add data or raise "
                          "val_frac of data_options (--data-options)")
-    if dist.main and cfg.val_data and not cfg.test_data and len(splits.test):
+    if dist.main and settings.val_data and not settings.test_data and len(splits.test):
         whole = round(dcfg.train_frac + dcfg.test_frac, 6)
         print(f"note: --data still holds out test_frac {dcfg.test_frac:g} as the test split; "
               f"--data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' trains on all "
               "of it", file=sys.stderr)
+    data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
+               "train_examples": len(splits.train)}
+    return Data(tok, dcfg, example_batches(settings, splits, tok, dcfg.block_size, dist),
+                splits.sample_prompt, data_id, not own_tok)
+
+
+def example_batches(settings: DataSettings, splits: PreparedData,
+                    tok: CodeTokenizer | BPETokenizer, block_size: int, dist: Dist) -> Batches:
+    """The batches of the examples of ``splits`` (``overfit_batches``: K fixed ones), packed
+    where that is asked for or pays."""
     train_set, val_set = splits.train, splits.val
-    if cfg.overfit_batches:  # K fixed global batches; validation is the same examples
-        generator = torch.Generator().manual_seed(cfg.seed)
-        n = cfg.overfit_batches * cfg.batch_size * cfg.grad_accum * dist.world
+    if settings.overfit_batches:  # K fixed global batches; validation is the same examples
+        generator = torch.Generator().manual_seed(settings.seed)
+        n = settings.overfit_batches * settings.batch_size * settings.grad_accum * dist.world
         chosen = torch.randperm(len(train_set), generator=generator)[:n].tolist()
         train_set = val_set = Subset(train_set, chosen)
-    lm_packing = bool(cfg.packing) and cfg.task == "lm"  # the windows are full rows: files apart
-    packing = cfg.task != "lm" and packing_pays(cfg.packing, train_set, dcfg.block_size)
-    batches = Batches(train_set, val_set, tok.pad_id, cfg.batch_size, cfg.grad_accum, cfg.seed,
-                      cfg.eval_examples, dist.rank, dist.world,
-                      pack_into=dcfg.block_size if packing else None,
+    task = settings.task
+    lm_packing = bool(settings.packing) and task == "lm"  # the windows are full rows: files apart
+    packing = task != "lm" and packing_pays(settings.packing, train_set, block_size)
+    batches = Batches(train_set, val_set, tok.pad_id, settings.batch_size, settings.grad_accum,
+                      settings.seed, settings.eval_examples, dist.rank, dist.world,
+                      pack_into=block_size if packing else None,
                       files_apart=tok.eos_id if lm_packing else None)
     if packing and dist.main:
         print(f"packing: {len(train_set)} training examples in {len(batches.train)} rows of "
-              f"{dcfg.block_size} tokens ({len(train_set) / len(batches.train):.1f} a row; "
+              f"{block_size} tokens ({len(train_set) / len(batches.train):.1f} a row; "
               "--no-packing pads each in its batch)")
-    elif cfg.task != "lm" and dist.main:
+    elif task != "lm" and dist.main:
         print(f"packing: off: the {len(train_set)} training examples padded in their batches "
               "(--packing packs them)")
-    data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
-               "train_examples": len(splits.train)}
-    return Data(tok, dcfg, batches, splits.sample_prompt, data_id)
+    return batches
 
 
-def prepare_problems(cfg: TrainConfig, claimed: rundir.ClaimedDir, own_tok: bool) -> Data:
+def prepare_problems(settings: DataSettings) -> Data:
     """Task grpo's tokenizer (given, the model's, or the run's own) and problems (checked:
     rollout.problem_batches); one process."""
-    saved_tok = claimed.path / TOKENIZER_FILE
-    own_tok = own_tok and saved_tok.is_file()
-    if not own_tok and cfg.tokenizer is None and cfg.init_from is None:
-        raise ValueError(f"{setting(cfg, 'task')}: samples from a model that writes code: set "
-                         "init_from (a pretrained or fine-tuned model), or tokenizer for a model "
-                         "from scratch")
-    dcfg = DataConfig(task="completion", sources=[cfg.problems],
-                      block_size=cfg.block_size or default_block_size(cfg),
-                      **{"progress": cfg.progress, **cfg.data_options})
-    tok = load_or_train_tokenizer(cfg, dcfg, saved_tok if own_tok else None)
-    batches = rollout.problem_batches(cfg)
-    if not own_tok:
-        claimed.wrote_tokenizer = True
-        tok.save(claimed.path)
+    saved_tok = settings.run_dir / TOKENIZER_FILE
+    own_tok = settings.own_tokenizer and saved_tok.is_file()
+    if not own_tok and settings.tokenizer is None and settings.init_from is None:
+        raise ValueError(f"{setting(settings, 'task')}: samples from a model that writes code: "
+                         "set init_from (a pretrained or fine-tuned model), or tokenizer for a "
+                         "model from scratch")
+    dcfg = DataConfig(task="completion", sources=[settings.problems],
+                      block_size=settings.block_size or default_block_size(settings),
+                      **{"progress": settings.progress, **settings.data_options})
+    tok = load_or_train_tokenizer(settings, dcfg, saved_tok if own_tok else None)
+    batches = rollout.problem_batches(settings)
     sample = SamplePrompt(batches.val[0]["prompt"], True)
-    return Data(tok, dcfg, batches, sample, rollout.data_id(cfg, batches))
+    return Data(tok, dcfg, batches, sample, rollout.data_id(batches), not own_tok)
 
 
-def prepare_preference_data(cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist,
-                            own_tok: bool) -> Data:
+def prepare_preference_data(settings: DataSettings, dist: Dist) -> Data:
     """A preference task's tokenizer (the given one, or the model's) and batches of its
     records (preference_run.prepare)."""
-    saved_tok = claimed.path / TOKENIZER_FILE
-    own_tok = own_tok and saved_tok.is_file()
-    tok = load_or_train_tokenizer(cfg, DataConfig(), saved_tok if own_tok else None)
-    block_size = cfg.block_size or default_block_size(cfg)
-    prepared = preference_run.prepare(cfg, tok, block_size, dist)
-    if dist.main and not own_tok:  # once the data is known good
-        claimed.wrote_tokenizer = True
-        tok.save(claimed.path)
-    return Data(tok, prepared.dcfg, prepared.batches, prepared.sample_prompt, prepared.data_id)
+    saved_tok = settings.run_dir / TOKENIZER_FILE
+    own_tok = settings.own_tokenizer and saved_tok.is_file()
+    tok = load_or_train_tokenizer(settings, DataConfig(), saved_tok if own_tok else None)
+    block_size = settings.block_size or default_block_size(settings)
+    prepared = preference_run.prepare(settings, tok, block_size, dist)
+    return Data(tok, prepared.dcfg, prepared.batches, prepared.sample_prompt, prepared.data_id,
+                not own_tok)
 
 
-def trainer_type(cfg: TrainConfig) -> type[Trainer]:
-    """The trainer of ``cfg.task``: a preference task's loss, or the next-token loss."""
-    return preference_run.PreferenceTrainer if cfg.task in PREFERENCE_TASKS else Trainer
+def task_trainer(cfg: TrainConfig, model: nn.Module, device: torch.device, dist: Dist,
+                 token_bytes: torch.Tensor | None, state: RunState) -> Trainer:
+    """The trainer of ``cfg.task`` (not grpo): a preference task's loss, or the next-token
+    loss."""
+    step_settings = StepSettings(**fields_of(StepSettings, cfg))
+    if cfg.task in PREFERENCE_TASKS:
+        return preference_run.PreferenceTrainer(model, step_settings, preference.config_of(cfg),
+                                                device, dist, token_bytes, state)
+    return Trainer(model, step_settings, device, dist, token_bytes, state)
 
 
 def packing_pays(packing: bool | None, examples: Dataset, block_size: int) -> bool:
@@ -363,8 +422,8 @@ def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
     preset auto's measure of the machine."""
     vocab = plan.probe_vocab(cfg)
     model = Transformer(model_config(cfg, vocab, None, None))
-    trainer = Trainer(model, dataclasses.replace(cfg, warmup_steps=0, compile=False), device,
-                      state=RunState(max_steps=10**9))
+    step_settings = StepSettings(**fields_of(StepSettings, cfg, warmup_steps=0, compile=False))
+    trainer = Trainer(model, step_settings, device, state=RunState(max_steps=10**9))
     ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     step_s = plan.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum), 2.0)
@@ -428,8 +487,8 @@ def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: to
     """Seconds a step and a whole evaluation take, timed on a copy of the model after three
     warm-up steps; the RNG state is restored, so the run draws what it would have drawn."""
     saved = rng_state(device)
-    probe = trainer_type(cfg)(copy.deepcopy(model), dataclasses.replace(cfg, warmup_steps=0),
-                              device, dist, state=RunState(max_steps=10**9))
+    probe = task_trainer(dataclasses.replace(cfg, warmup_steps=0), copy.deepcopy(model), device,
+                         dist, None, RunState(max_steps=10**9))
     own = copy.copy(batches)  # an order of its own: the run's starts at its beginning
     own.order = copy.deepcopy(batches.order)
 
@@ -503,9 +562,9 @@ def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Dat
     return state
 
 
-def announce(run: Run) -> None:
-    """The run's first line, and the warnings about its settings."""
-    cfg, trainer, batches, planned = run.cfg, run.trainer, run.data.batches, run.state.max_steps
+def announce(run: Run, cfg: TrainConfig) -> None:
+    """The first line of ``run``, and the warnings about its settings (``cfg``: as it trains)."""
+    trainer, batches, planned = run.trainer, run.data.batches, run.state.max_steps
     n_params = quantize.parameter_count(trainer.raw_model)
     n_train = sum(p.numel() for p in trainer.params)
     n = batches.examples_per_epoch

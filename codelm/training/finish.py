@@ -4,6 +4,7 @@ evaluation of the export."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import typing
 from collections.abc import Sequence
@@ -26,20 +27,20 @@ from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
 from codelm.runs.rundir import best_step
 from codelm.runtime import distributed
+from codelm.trainconfig import ExportSettings
 from codelm.training.build import Run
 from codelm.training.record import NonFiniteLossError
 from codelm.training.trainer import best_quality
 
 if typing.TYPE_CHECKING:
     from codelm.tokenization.bpe import BPETokenizer
-    from codelm.trainconfig import TrainConfig
     from tokenizer import CodeTokenizer
 
 
 def export_run(run: Run) -> tuple[Path | None, str | None]:
     """Best weights back in the model, a sample completion, the HF export (rank 0); the export's
     directory and the sample."""
-    cfg, model, tok, record = run.cfg, run.trainer.raw_model, run.data.tok, run.record
+    settings, model, tok, record = run.export, run.trainer.raw_model, run.data.tok, run.record
     run_dir = record.run_dir
     if distributed.is_sharded(model):
         model = unsharded_copy(run)
@@ -55,56 +56,57 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
     if bad := checkpoint.nonfinite_tensor(model.state_dict()):  # export/ holds finite weights
         raise NonFiniteLossError(f"{bad} holds inf or NaN: not exported", run.state.step)
     prompt = run.data.sample_prompt  # --sample-prompt, else the held-out one in the task's format
-    if cfg.sample_prompt is not None:
-        prompt = SamplePrompt(cfg.sample_prompt, cfg.task in ("lm", "fim", "completion", "method"))
+    if settings.sample_prompt is not None:
+        prompt = SamplePrompt(settings.sample_prompt,
+                              settings.task in ("lm", "fim", "completion", "method"))
     sample = None
     if prompt is not None and prompt.text:
         stops = FUNCTION_STOPS if prompt.ends_function else ()
-        sample = sample_completion(model, tok, prompt.text, cfg.sample_tokens, cfg.task,
+        sample = sample_completion(model, tok, prompt.text, settings.sample_tokens, settings.task,
                                    run.data.dcfg.pair_special_tokens, stops)
         print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
               f"{prompt.text}{sample}")
     export = run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:
-        if cfg.lora_r == 0:
+        if settings.lora_r == 0:
             pretrained.save(model, tmp)
         else:  # on init_from (validate_config): the adapter, naming that base
-            base = str(Path(cfg.init_from).resolve())  # as PEFT records it: loadable alone
+            base = str(Path(settings.init_from).resolve())  # as PEFT records it: loadable alone
             lora.save_adapter(model, tmp, base_model_name_or_path=base)
-            if cfg.export_merged:  # as `python lora.py` merges: into the base on disk, in the
-                # checkpoint's own dtype (a bf16 base: bf16, not the fp32 training copy)
-                merged = pretrained.load(cfg.init_from, dtype="auto", device="cpu")
+            if settings.export_merged:  # as `python lora.py` merges: into the base on disk, in
+                # the checkpoint's own dtype (a bf16 base: bf16, not the fp32 training copy)
+                merged = pretrained.load(settings.init_from, dtype="auto", device="cpu")
                 lora.load_adapter(merged, tmp)
                 lora.merge_and_export(merged, tmp / rundir.MERGED_DIR)
                 tok.save(tmp / rundir.MERGED_DIR)
-                pretrained.copy_hf_companions(cfg.tokenizer, cfg.init_from, tok,
+                pretrained.copy_hf_companions(settings.tokenizer, settings.init_from, tok,
                                                tmp / rundir.MERGED_DIR, weights=True)
         tok.save(tmp)
-        pretrained.copy_hf_companions(cfg.tokenizer, cfg.init_from, tok, tmp,
-                                      weights=cfg.lora_r == 0)
-        if cfg.export_gguf is not None:
-            write_gguf(cfg, model, tok, tmp, run_dir.name)
+        pretrained.copy_hf_companions(settings.tokenizer, settings.init_from, tok, tmp,
+                                      weights=settings.lora_r == 0)
+        if settings.export_gguf is not None:
+            write_gguf(settings, model, tok, tmp, run_dir.name)
         # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
         (tmp / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
 
     write_dir_atomically(export, write)
     best_loss = run.state.best_val_loss
-    print(f"exported to {export} ({best_quality(cfg.task, best_loss)})")
-    if cfg.export_gguf is not None:
-        print(writer.ollama_hint(export / rundir.GGUF_FILE, cfg.export_gguf))
+    print(f"exported to {export} ({best_quality(settings.task, best_loss)})")
+    if settings.export_gguf is not None:
+        print(writer.ollama_hint(export / rundir.GGUF_FILE, settings.export_gguf))
     return export, sample
 
 
-def write_gguf(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | BPETokenizer,
+def write_gguf(settings: ExportSettings, model: nn.Module, tok: CodeTokenizer | BPETokenizer,
                export: Path, name: str) -> Path:
     """``export``/model.gguf and its Modelfile, of the model the export holds: ``model`` itself,
     or under LoRA the adapter just written there merged into its base (fp32, on the CPU), as
     ``python -m codelm.gguf`` loads a LoRA run's export."""
-    if cfg.lora_r > 0:
-        model = pretrained.load(cfg.init_from, dtype="fp32", device="cpu")
+    if settings.lora_r > 0:
+        model = pretrained.load(settings.init_from, dtype="fp32", device="cpu")
         lora.load_adapter(model, export)
-    return writer.save(model, tok, export / rundir.GGUF_FILE, cfg.export_gguf, name)
+    return writer.save(model, tok, export / rundir.GGUF_FILE, settings.export_gguf, name)
 
 
 def unsharded_copy(run: Run) -> nn.Module | None:
@@ -113,7 +115,9 @@ def unsharded_copy(run: Run) -> nn.Module | None:
     tensors = checkpoint.gathered_tensors(run.trainer.raw_model, trainable_only=False)
     if not run.record.dist.main:
         return None
-    model = loading.build_model(run.cfg, run.data.tok, rundir.adapter_copy(run.record.run_dir))
+    built_as = dataclasses.replace(run.model_settings,
+                                   adapter_copy=rundir.adapter_copy(run.record.run_dir))
+    model = loading.build_model(built_as, run.data.tok)
     load_model_tensors(model, tensors, "the gathered model", trainable_only=False)
     return model
 

@@ -5,21 +5,24 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
-    """``cfg.optimizer``'s over ``params``, weight decay on matrices only (norms and biases keep
-    their scale). Muon's update is scaled to AdamW's RMS, so both take the same lr and decay."""
+def build_optimizer(model: nn.Module, params: list[nn.Parameter], settings
+                    ) -> torch.optim.Optimizer:
+    """``settings.optimizer``'s over ``params`` (a trainer's StepSettings: its optimizer, lr,
+    weight_decay, beta1, beta2 and adam_eps), weight decay on matrices only (norms and biases
+    keep their scale). Muon's update is scaled to AdamW's RMS, so both take the same lr and
+    decay."""
     matrices, vectors = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
     # Muon orthogonalizes a linear map's update: the embedding (a lookup) and the head stay AdamW.
     lookups = ({id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-               | {id(model.lm_head.weight)}) if cfg.optimizer == "muon" else None
+               | {id(model.lm_head.weight)}) if settings.optimizer == "muon" else None
     hidden = [p for p in matrices if lookups is not None and id(p) not in lookups]
     rest = [p for p in matrices if lookups is None or id(p) in lookups]
     adamw = torch.optim.AdamW(  # fused: one kernel, faster on CPU too
-        [{"params": rest, "weight_decay": cfg.weight_decay},
-         {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.adam_eps, fused=True)
+        [{"params": rest, "weight_decay": settings.weight_decay},
+         {"params": vectors, "weight_decay": 0.0}], lr=settings.lr,
+        betas=(settings.beta1, settings.beta2), eps=settings.adam_eps, fused=True)
     return MuonAdamW(adamw, torch.optim.Muon(
-        hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+        hidden, lr=settings.lr, weight_decay=settings.weight_decay, adjust_lr_fn="match_rms_adamw")
     ) if hidden else adamw
 
 

@@ -32,7 +32,7 @@ from codelm.data.preferences import (
 from codelm.runtime import distributed
 from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
 from codelm.runtime.process import progress_bar
-from codelm.trainconfig import TrainConfig
+from codelm.trainconfig import DataSettings, StepSettings, TrainConfig
 from codelm.training import preference
 from codelm.training.preference_batches import (
     PreferenceBatches,
@@ -60,7 +60,7 @@ class PreferenceData(NamedTuple):
     data_id: dict  # what checkpoints record of the data
 
 
-def prepare(cfg: TrainConfig, tok, block_size: int, dist: Dist) -> PreferenceData:
+def prepare(cfg: TrainConfig | DataSettings, tok, block_size: int, dist: Dist) -> PreferenceData:
     """The run's records (``--data``; validation ``--val-data``, else val_frac of them), encoded
     for ``block_size`` and batched; what was cut is said."""
     dcfg = DataConfig(sources=list(cfg.data), block_size=block_size,
@@ -158,17 +158,19 @@ def reference_logps(model: nn.Module, rows: PreferenceRows, batch_size: int,
 # ---- The step and the evaluation ----
 
 class PreferenceTrainer(Trainer):
-    """``Trainer`` whose step and evaluation take the preference loss of ``cfg.task``: a step's
+    """``Trainer`` whose step and evaluation take the preference loss of ``preference_config``
+    (preference.config_of a run's settings): a step's
     micro-batches weighted by their pairs (so accumulation and DDP equal one big batch of
     pairs), its metrics (``METRICS``) averaged the same way; the validation loss is the same
     loss, its accuracy the implicit reward's."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
+    def __init__(self, model: nn.Module, settings: StepSettings,
+                 preference_config: preference.PreferenceConfig, device: torch.device,
                  dist: Dist | None = None, token_bytes: torch.Tensor | None = None,
                  state=None):
-        super().__init__(model, cfg, device, dist, token_bytes, state)
-        self.preference = preference.config_of(cfg)
-        self.metric_names = METRICS[cfg.task]
+        super().__init__(model, settings, device, dist, token_bytes, state)
+        self.preference = preference_config
+        self.metric_names = METRICS[preference_config.method]
 
     def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
                    stop: StepStop | None = None) -> StepStats:
@@ -220,11 +222,12 @@ class PreferenceTrainer(Trainer):
         by its pairs) and its metrics: val_accuracy the implicit reward's (where the method has
         it), val_<metric> the rest."""
         batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
-                               enabled=self.dist.main and self.cfg.progress, dynamic_ncols=True)
+                               enabled=self.dist.main and self.settings.progress,
+                               dynamic_ncols=True)
         model = self.eval_model
         was_training = model.training
         model.eval()
-        precision = "fp32" if self.cfg.eval_precision == "fp32" else self.precision
+        precision = "fp32" if self.settings.eval_precision == "fp32" else self.precision
         sums = torch.zeros(1 + 2 * len(self.metric_names), device=self.device)
         pairs = forwards = 0
         for batch in batches:

@@ -87,6 +87,12 @@ class RunRecord:
         self.config["max_steps"] = max_steps
         self._write_config()
 
+    def follow_decay(self, max_steps: int, decay_steps: int) -> None:
+        """config.json once a budgeted run's decay starts: the length and the decay that start
+        fixes, with which it reproduces the run."""
+        self.config.update(max_steps=max_steps, decay_steps=decay_steps)
+        self._write_config()
+
     def open_log(self, resume_step: int | None, report_to: typing.Sequence[str]) -> None:
         """metrics.jsonl: a new run's anew; a resumed run's goes on from ``resume_step``."""
         self.log = RunLog(self.run_dir, self.dist.main, resume_step, self.config, report_to)

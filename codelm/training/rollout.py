@@ -36,7 +36,7 @@ from codelm.runtime.distributed import Dist
 from codelm.runtime.settings import setting
 from codelm.sandbox import runner
 from codelm.sandbox.runner import SandboxConfig
-from codelm.trainconfig import GRPO_TASK, TrainConfig
+from codelm.trainconfig import GRPO_TASK, DataSettings, GRPOSettings, StepSettings, TrainConfig
 from codelm.training import grpo, rewards
 from codelm.training.batches import BatchOrder, Where
 from codelm.training.trainer import StepStats, StepStop, Trainer, autocast
@@ -56,7 +56,7 @@ LOGGED = {"kl": "kl", "entropy": "entropy", "clip_ratio/region_mean": "clip_rati
 
 # ---- The problems: read, checked, and taken batch by batch ----
 
-def read_problems(path: str, key: str, cfg: TrainConfig) -> list[dict]:
+def read_problems(path: str, key: str, cfg: TrainConfig | DataSettings) -> list[dict]:
     """The problems of ``path`` (HumanEval-format JSONL, as eval.py's pass@k reads it), each
     with a canonical solution; ``key`` names the setting in errors."""
     if not Path(path).is_file():
@@ -80,11 +80,11 @@ def check_confinement() -> None:
                          "(5.13+), as a user who can drop capabilities")
 
 
-def reward_sandbox(cfg: TrainConfig) -> SandboxConfig:
+def reward_sandbox(cfg: TrainConfig | DataSettings | GRPOSettings) -> SandboxConfig:
     return SandboxConfig(timeout_s=cfg.reward_timeout_s)
 
 
-def checked_problems(cfg: TrainConfig, key: str) -> list[dict]:
+def checked_problems(cfg: TrainConfig | DataSettings, key: str) -> list[dict]:
     """``cfg``'s problems (``key``: problems or val_problems), each canonical solution passing
     its own test run apart from it."""
     problems = read_problems(getattr(cfg, key), key, cfg)
@@ -136,7 +136,7 @@ class ProblemBatches:
         return max(1, -int(-epochs * len(self.train) // self.batch_size))
 
 
-def problem_batches(cfg: TrainConfig) -> ProblemBatches:
+def problem_batches(cfg: TrainConfig | DataSettings) -> ProblemBatches:
     """Task grpo's problems, checked before anything is built: the sandbox confines, every
     canonical solution passes its test. Without val_problems, evaluations score the first
     eval_examples of the training problems (said)."""
@@ -151,7 +151,7 @@ def problem_batches(cfg: TrainConfig) -> ProblemBatches:
     return ProblemBatches(train, val, cfg.batch_size, cfg.seed, cfg.eval_examples)
 
 
-def data_id(cfg: TrainConfig, batches: ProblemBatches) -> dict:
+def data_id(batches: ProblemBatches) -> dict:
     """What a checkpoint records of the problems: their content's digest and count."""
     digest = hashlib.blake2b(digest_size=8)
     for problem in batches.train:
@@ -184,12 +184,12 @@ class Sampler:
     formatted and encoded as eval.py prompts the run's model (``prompt_prefix``), each
     completion ended by EOS or a stop string (STOPS) and cut there."""
 
-    def __init__(self, tok, eos: list[int], pair_special_tokens: bool, cfg: TrainConfig,
+    def __init__(self, tok, eos: list[int], pair_special_tokens: bool, settings: GRPOSettings,
                  context: int) -> None:
         self.tok = tok
         self.eos = eos
         self.reads_specials = reads_special_tokens(GRPO_TASK, pair_special_tokens)
-        self.cfg = cfg
+        self.settings = settings
         self.context = context
         self.prompts: dict[str, list[int]] = {}  # by task_id
 
@@ -200,10 +200,10 @@ class Sampler:
             (encoded,) = encode_prompts(self.tok, [problem["prompt"]], self.reads_specials)
             ids = prompt_prefix(self.tok, GRPO_TASK) + encoded
             room = self.context - len(ids)
-            if room < self.cfg.max_completion_tokens:
+            if room < self.settings.max_completion_tokens:
                 raise ValueError(f"problem {problem['task_id']}: its prompt takes {len(ids)} of "
                                  f"the model's {self.context} positions, leaving {room} for "
-                                 f"{setting(self.cfg, 'max_completion_tokens')}: lower it, or "
+                                 f"{setting(self.settings, 'max_completion_tokens')}: lower it, or "
                                  "drop the problem")
             self.prompts[problem["task_id"]] = ids
         return ids
@@ -216,7 +216,7 @@ class Sampler:
         """``per_problem`` completions of each problem, in order; sampled at ``temperature``
         with generator i seeded ``seeds[i]``, or greedy (temperature 0)."""
         prompts = [self.prompt_ids(problem) for problem in problems for _ in range(per_problem)]
-        new_tokens = self.cfg.max_completion_tokens
+        new_tokens = self.settings.max_completion_tokens
         longest = max(len(ids) for ids in prompts) + new_tokens - 1
         engine = Engine(model, len(prompts), max_len=min(self.context, longest))
         device = engine.device
@@ -243,10 +243,10 @@ class Sampler:
         return completions
 
 
-def check_stops(tok, eos: list[int], cfg: TrainConfig) -> None:
+def check_stops(tok, eos: list[int], settings: GRPOSettings) -> None:
     """The tokenizer must end a completion: an end-of-text token, and the stop strings written
     as themselves (a tokenizer that cannot write a newline never stops a function)."""
-    source = setting(cfg, "init_from" if cfg.init_from else "tokenizer")
+    source = setting(settings, "init_from" if settings.init_from else "tokenizer")
     if not eos:
         raise ValueError(f"the tokenizer of {source} has no end-of-text token: a sampled "
                          "completion could end only at max_completion_tokens; use a tokenizer "
@@ -278,38 +278,40 @@ class GRPOTrainer(Trainer):
     docstring); its evaluation is the held-out problems' greedy pass@1. ``problems``: every
     problem it will prompt with (each checked to leave max_completion_tokens room)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, tok,
-                 pair_special_tokens: bool, problems: Sequence[dict], dist: Dist | None = None,
-                 state: RunState | None = None) -> None:
-        super().__init__(model, cfg, device, dist, None, state)
+    def __init__(self, model: nn.Module, settings: StepSettings, grpo_settings: GRPOSettings,
+                 device: torch.device, tok, pair_special_tokens: bool, problems: Sequence[dict],
+                 dist: Dist | None = None, state: RunState | None = None) -> None:
+        super().__init__(model, settings, device, dist, None, state)
+        self.grpo_settings = grpo_settings
         raw = self.raw_model
-        eos = generation_eos_ids(tok, raw.cfg.eos_id, cfg.init_from)
-        check_stops(tok, eos, cfg)
-        self.sampler = Sampler(tok, eos, pair_special_tokens, cfg, raw.cfg.block_size)
+        eos = generation_eos_ids(tok, raw.cfg.eos_id, grpo_settings.init_from)
+        check_stops(tok, eos, grpo_settings)
+        self.sampler = Sampler(tok, eos, pair_special_tokens, grpo_settings, raw.cfg.block_size)
         for problem in problems:  # each prompt leaves its completions room: refused before a step
             self.sampler.prompt_ids(problem)
         self.loss_cfg = grpo.GRPOConfig(
-            loss_type=cfg.grpo_loss_type, scale_rewards=cfg.scale_rewards,
-            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.grpo_beta,
-            mask_truncated_completions=cfg.mask_truncated,
-            max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature)
+            loss_type=grpo_settings.grpo_loss_type, scale_rewards=grpo_settings.scale_rewards,
+            epsilon_low=grpo_settings.epsilon_low, epsilon_high=grpo_settings.epsilon_high,
+            beta=grpo_settings.grpo_beta, mask_truncated_completions=grpo_settings.mask_truncated,
+            max_completion_length=grpo_settings.max_completion_tokens,
+            temperature=grpo_settings.temperature)
         self.reference = self._reference()
-        self.sandbox = reward_sandbox(cfg)
+        self.sandbox = reward_sandbox(grpo_settings)
         self.silent_steps = 0  # steps in a row without a group whose rewards differ
 
     def _reference(self) -> nn.Module | None:
         """The KL term's reference: none without one (beta 0); under LoRA the base (adapters
         switched off, no copy); else a frozen copy of the starting model (the weights now,
         before a resume restores the trained ones)."""
-        if not self.cfg.grpo_beta:
+        if not self.grpo_settings.grpo_beta:
             return None
         if any(True for _ in lora.lora_modules(self.raw_model)):
             try:
                 with lora.adapters_off(self.raw_model):
                     pass
             except ValueError as e:
-                raise ValueError(f"{setting(self.cfg, 'grpo_beta')} needs the base as the "
-                                 f"reference: {e}; or set grpo_beta 0") from None
+                raise ValueError(f"{setting(self.grpo_settings, 'grpo_beta')} needs the base as "
+                                 f"the reference: {e}; or set grpo_beta 0") from None
             return None
         reference = copy.deepcopy(self.raw_model).eval()
         reference.requires_grad_(False)
@@ -343,14 +345,15 @@ class GRPOTrainer(Trainer):
 
     def sample(self, problems: Sequence[dict], step: int) -> list[Completion]:
         """num_generations completions of each problem, the model in eval mode."""
-        g = self.cfg.num_generations
-        seeds = [sample_seed(self.cfg.seed, step, i) for i in range(len(problems) * g)]
+        g = self.grpo_settings.num_generations
+        seeds = [sample_seed(self.grpo_settings.seed, step, i) for i in range(len(problems) * g)]
         model = self.raw_model
         was_training = model.training
         model.eval()
         try:
             with autocast(self.device, self.precision):
-                return self.sampler.complete(model, problems, g, self.cfg.temperature, seeds)
+                return self.sampler.complete(model, problems, g, self.grpo_settings.temperature,
+                                             seeds)
         finally:
             model.train(was_training)
 
@@ -359,15 +362,17 @@ class GRPOTrainer(Trainer):
         """Each completion's reward from its problem's test run apart from it, and which game
         the test (run again in their own interpreter); the control arm's rewards permuted
         within the batch by a generator of the run's seed and the step."""
-        g = self.cfg.num_generations
+        g = self.grpo_settings.num_generations
         jobs = [(problems[i // g], c.text) for i, c in enumerate(completions)]
-        score = rewards.partial_rewards if self.cfg.partial_credit else rewards.rewards
-        earned = score(jobs, run_check, self.sandbox, self.cfg.reward_workers)
-        hacked = rewards.hacks(jobs, earned, run_check, self.sandbox, self.cfg.reward_workers)
+        score = rewards.partial_rewards if self.grpo_settings.partial_credit else rewards.rewards
+        earned = score(jobs, run_check, self.sandbox, self.grpo_settings.reward_workers)
+        hacked = rewards.hacks(jobs, earned, run_check, self.sandbox,
+                               self.grpo_settings.reward_workers)
         true_rewards = torch.tensor(earned, dtype=torch.float32)
         given = true_rewards
-        if self.cfg.shuffle_rewards:
-            generator = torch.Generator().manual_seed(sample_seed(self.cfg.seed, step, -1))
+        if self.grpo_settings.shuffle_rewards:
+            seed = sample_seed(self.grpo_settings.seed, step, -1)
+            generator = torch.Generator().manual_seed(seed)
             given = true_rewards[torch.randperm(len(earned), generator=generator)]
         runs = len(jobs) + sum(reward < 1.0 for reward in earned)
         return Scored(given, true_rewards, hacked, runs)
@@ -377,16 +382,16 @@ class GRPOTrainer(Trainer):
         """The policy loss's gradients over grad_accum micro-batches of the completions, each
         weighted so that their sum is the whole batch's loss; (the loss, the positions
         computed, the loss's metrics)."""
-        cfg, lcfg = self.cfg, self.loss_cfg
+        settings, lcfg = self.grpo_settings, self.loss_cfg
         batch = completion_batch(completions, self.device, lcfg.mask_truncated_completions)
-        advantages = grpo.group_advantages(scored.rewards, cfg.num_generations,
-                                           cfg.scale_rewards).to(self.device)
+        advantages = grpo.group_advantages(scored.rewards, settings.num_generations,
+                                           settings.scale_rewards).to(self.device)
         rows = batch.ids.shape[0]
         tokens = batch.completion_mask.sum().clamp(min=1).float()
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
-        for chunk in torch.arange(rows).tensor_split(min(cfg.grad_accum, rows)):
+        for chunk in torch.arange(rows).tensor_split(min(settings.grad_accum, rows)):
             part = batch.rows(chunk)
             mask = part.completion_mask
             with autocast(self.device, self.precision):
@@ -414,7 +419,7 @@ class GRPOTrainer(Trainer):
         """The rewards a researcher watches: their mean and spread, the pass rate, the share of
         groups whose rewards are all equal, the completions' length, the hack rate."""
         true = scored.true_rewards
-        groups = scored.rewards.view(-1, self.cfg.num_generations)
+        groups = scored.rewards.view(-1, self.grpo_settings.num_generations)
         equal = (groups == groups[:, :1]).all(dim=1).float().mean()
         lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float32)
         return {"reward_mean": float(true.mean()), "reward_std": float(true.std()),
@@ -427,7 +432,7 @@ class GRPOTrainer(Trainer):
     def _warn_without_signal(self, scored: Scored) -> None:
         """Warn once when every group's rewards have been equal for NO_SIGNAL_STEPS steps in a
         row (or the whole of a shorter run): their advantages are 0, nothing is learned."""
-        groups = scored.rewards.view(-1, self.cfg.num_generations)
+        groups = scored.rewards.view(-1, self.grpo_settings.num_generations)
         silent = bool((groups == groups[:, :1]).all())
         self.silent_steps = self.silent_steps + 1 if silent else 0
         due = min(NO_SIGNAL_STEPS, self.run_state.max_steps)
@@ -442,9 +447,9 @@ class GRPOTrainer(Trainer):
         else:
             fix = ("each problem's completions all pass or all fail: raise temperature or "
                    "num_generations")
-        print(f"warning: every problem's {self.cfg.num_generations} completions have earned "
-              f"equal rewards for {due} step(s) in a row: their advantages are 0 and the run "
-              f"learns nothing; {fix}", file=sys.stderr)
+        print(f"warning: every problem's {self.grpo_settings.num_generations} completions have "
+              f"earned equal rewards for {due} step(s) in a row: their advantages are 0 and the "
+              f"run learns nothing; {fix}", file=sys.stderr)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None
@@ -462,7 +467,7 @@ class GRPOTrainer(Trainer):
         finally:
             model.train(was_training)
         jobs = [(problem, c.text) for problem, c in zip(problems, completions)]
-        passed = rewards.rewards(jobs, run_check, self.sandbox, self.cfg.reward_workers)
+        passed = rewards.rewards(jobs, run_check, self.sandbox, self.grpo_settings.reward_workers)
         share = sum(passed) / max(len(passed), 1)
         return {"val_loss": 1.0 - share, "val_pass@1": share, "val_problems": len(problems)}
 

@@ -23,7 +23,7 @@ from codelm.runtime import distributed, process
 from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
 from codelm.runtime.process import progress_bar
 from codelm.runtime.settings import setting
-from codelm.trainconfig import GRPO_TASK, TrainConfig
+from codelm.trainconfig import GRPO_TASK, StepSettings, TrainConfig
 from codelm.training.optim import build_optimizer
 
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
@@ -40,7 +40,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def checked_precision(cfg: TrainConfig, device: torch.device) -> str:
+def checked_precision(cfg: TrainConfig | StepSettings, device: torch.device) -> str:
     """``cfg.precision`` resolved for ``device``; bf16 on a GPU without it is refused."""
     precision = resolve_precision(cfg.precision, device)
     if precision == "fp16" and cfg.strategy == "fsdp":  # auto's choice on a GPU before Ampere
@@ -117,39 +117,40 @@ class StepStats:
 class Trainer:
     """Model, optimizer, schedule and loss scaler: one training step, one evaluation."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
+    def __init__(self, model: nn.Module, settings: StepSettings, device: torch.device,
                  dist: Dist | None = None, token_bytes: torch.Tensor | None = None,
                  state: RunState | None = None):
-        self.cfg, self.device, self.dist = cfg, device, dist or Dist()
+        self.settings, self.device, self.dist = settings, device, dist or Dist()
 
-        self.precision = checked_precision(cfg, device)
+        self.precision = checked_precision(settings, device)
         self.raw_model = model.to(device)
         # each id's UTF-8 bytes: the loss per byte
         self.token_bytes = None if token_bytes is None else token_bytes.to(device)
-        self.eval_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        self.eval_model = torch.compile(self.raw_model) if settings.compile else self.raw_model
         # The strategy's one decision (replicated or sharded), before the optimizer: sharding
         # replaces the parameters.
-        self.model = distributed.wrap(self.eval_model, cfg.strategy, self.dist, device,
+        self.model = distributed.wrap(self.eval_model, settings.strategy, self.dist, device,
                                       self.precision)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         assert self.params, "the model has no trainable parameters"
-        self.optimizer = build_optimizer(self.raw_model, self.params, cfg)
+        self.optimizer = build_optimizer(self.raw_model, self.params, settings)
         # The schedule's length is the run's: its state's max_steps, which a budgeted run's
         # clock moves (and decay_steps, set when the decay starts); a trainer outside a run
-        # schedules over cfg.max_steps.
-        self.run_state = state if state is not None else RunState(max_steps=cfg.max_steps)
-        self.decay_steps = cfg.decay_steps
+        # schedules over settings.max_steps.
+        self.run_state = state if state is not None else RunState(max_steps=settings.max_steps)
+        self.decay_steps = settings.decay_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, cfg.warmup_steps, self.run_state.max_steps, cfg.min_lr_ratio, self.decay_steps))
+            s, settings.warmup_steps, self.run_state.max_steps, settings.min_lr_ratio,
+            self.decay_steps))
         # Loss scaling wherever the backward runs in fp16: fp16 autocast, or a frozen fp16 base
         # under LoRA whatever the precision (its small per-token gradients would underflow).
         self.scaler = torch.amp.GradScaler(
-            device.type, enabled=self.precision == "fp16" or cfg.base_dtype == "fp16")
+            device.type, enabled=self.precision == "fp16" or settings.base_dtype == "fp16")
         self.skipped_in_a_row = 0  # fp16 overflow on every step is a diverged run
         # One process alone may drop a step mid-way: a stop is checked before each block's
         # attention and MLP, and once their backward is done.
         self.stop_pending: Callable[[], bool] | None = None  # set during a droppable step
-        self.droppable = not self.dist.enabled and not cfg.compile
+        self.droppable = not self.dist.enabled and not settings.compile
         if self.droppable:
             for block in getattr(self.raw_model, "blocks", ()):
                 block.attn.register_forward_pre_hook(self._check_stop)
@@ -215,7 +216,7 @@ class Trainer:
                         # Right-padded batches need no mask: causal attention never sees padding;
                         # packed rows keep each example to itself (document_ids).
                         loss = self.model(batch["input_ids"], batch["labels"], reduction="sum",
-                                          label_smoothing=self.cfg.label_smoothing,
+                                          label_smoothing=self.settings.label_smoothing,
                                           grad_scale=self.scaler.scale(weight),
                                           document_ids=batch.get("document_ids"))
                     if inject_nan:
@@ -229,7 +230,7 @@ class Trainer:
         """The optimizer step on the gradients the step's backward left: unscaled, clipped,
         applied unless the ``loss`` (the step's, detached) or their norm is not finite."""
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         loss, norm, positions = torch.stack(
             [loss.float(), grad_norm.float(), n_positions.float()]).tolist()
@@ -254,12 +255,13 @@ class Trainer:
         """Validation loss, perplexity and token accuracy over all tokens, unsmoothed; with
         ``token_bytes``, bits per byte too (comparable across tokenizers)."""
         batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
-                               enabled=self.dist.main and self.cfg.progress, dynamic_ncols=True)
+                               enabled=self.dist.main and self.settings.progress,
+                               dynamic_ncols=True)
         model = self.eval_model
         was_training = model.training
         model.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
-        precision = "fp32" if self.cfg.eval_precision == "fp32" else self.precision
+        precision = "fp32" if self.settings.eval_precision == "fp32" else self.precision
         forwards = 0
         for batch in batches:
             forwards += 1

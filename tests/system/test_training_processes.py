@@ -40,9 +40,15 @@ from codelm import loading, trainconfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir, trackers
 from codelm.runtime import distributed, process
+from codelm.runtime.settings import fields_of
 from codelm.training import build, plan
 from codelm.training import trainer as trainer_module
 from tokenizer import CodeTokenizer, load_tokenizer
+
+
+def model_settings(cfg: trainconfig.TrainConfig) -> trainconfig.ModelSettings:
+    """What a run builds its model from (loading.build_model), of ``cfg``."""
+    return trainconfig.ModelSettings(**fields_of(trainconfig.ModelSettings, cfg))
 
 
 def logged_epochs(run_dir: Path) -> list[tuple[int, str, float]]:
@@ -668,7 +674,8 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", Recorded)
     cfg = trainconfig.TrainConfig(init_from=str(tiny_llama(tmp_path)), lora_r=4, quantize_bits=4,
                                   block_size=16)
-    models = [loading.build_model(cfg, types.SimpleNamespace(vocab_size=8)) for _ in range(2)]
+    models = [loading.build_model(model_settings(cfg), types.SimpleNamespace(vocab_size=8))
+              for _ in range(2)]
     buffers = [dict(m.named_buffers()) for m in models]
     assert {n.rsplit(".", 1)[-1].split("_")[0] for n in buffers[0]} == {
         "inv", "rows", "order", "pairs"}
@@ -677,7 +684,8 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
     assert_bit_equal(buffers[0], buffers[1])  # two ranks build the same buffers
     before = {n: b.clone() for n, b in buffers[0].items()}
     trainer_cfg = plan.with_fallbacks(dataclasses.replace(cfg, max_steps=10, warmup_steps=1))
-    trainer = trainer_module.Trainer(models[0], trainer_cfg, torch.device("cpu"),
+    step_settings = trainconfig.StepSettings(**fields_of(trainconfig.StepSettings, trainer_cfg))
+    trainer = trainer_module.Trainer(models[0], step_settings, torch.device("cpu"),
                                      distributed.Dist(rank=0, world=2))
     assert isinstance(trainer.model, Recorded) and built["forward_sync_buffers"] is False
     ids = torch.randint(0, 64, (2, 16))
