@@ -34,7 +34,7 @@ from codelm.runtime import distributed
 from codelm.training import plan
 
 assets = test_trainingmanager.assets  # the fixtures: a small corpus and its tokenizer,
-one_thread = test_trainingmanager.one_thread  # one thread for bit-exact comparisons
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-exact comparisons between processes
 CPU_ENV = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # gloo ranks on the CPU
 # adam_eps 1e-6: with 1e-8, Adam turns gradients of ~1e-8 into lr-sized updates, so the rounding
 # of two correct reduction orders would show in the weights.

@@ -1,2 +1,9 @@
 # The training tests' fixtures, shared with the process tests here.
-from test_trainingmanager import assets, one_thread  # noqa: F401
+import pytest
+from test_trainingmanager import assets  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def one_thread_each(one_thread):
+    """Every process test here compares runs bit for bit: one thread (tests/conftest.py)."""
+    yield
