@@ -348,6 +348,22 @@ def test_eval_scores_every_category_under_every_composer_without_leaks(repo, tin
     assert not [ids for ids in seen if "MARKER" in tok.decode(ids)]
 
 
+def test_exact_match_is_a_percentage_averaged_per_file_then_over_files():
+    """EM is in percent as edit similarity is (and codelm's line task's EM): file A gets one of
+    its two lines, file B its one line: (50 + 100) / 2 = 75, not the lines' 2 / 3."""
+    from codelm.evaluation.tasks.project import _aggregate, category_table
+
+    rows = [("A", True, 100), ("A", False, 50), ("B", True, 100)]
+    records = [{"composer": "bm25", "category": "inproject", "case": case, "exact": exact,
+                "edit_sim": es} for case, exact, es in rows]
+    metrics = _aggregate(records, ["bm25"])
+    assert metrics["bm25/EM_inproject"] == pytest.approx(75.0)
+    assert metrics["bm25/ES_inproject"] == pytest.approx(87.5)
+    assert metrics["bm25/EM"] == pytest.approx(75.0)
+    table = category_table({**metrics, "bm25/perplexity": 3.0}, ["bm25"], "m")
+    assert "| bm25 | 3.000 | n/a | 75.0 (87.5) |" in table
+
+
 def test_eval_refuses_project_completion_without_repositories(capsys):
     import eval as ev
 
