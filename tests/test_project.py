@@ -348,6 +348,22 @@ def test_eval_scores_every_category_under_every_composer_without_leaks(repo, tin
     assert not [ids for ids in seen if "MARKER" in tok.decode(ids)]
 
 
+def test_exact_match_is_a_percentage_averaged_per_file_then_over_files():
+    """EM is in percent as edit similarity is (and codelm's line task's EM): file A gets one of
+    its two lines, file B its one line: (50 + 100) / 2 = 75, not the lines' 2 / 3."""
+    from codelm.evaluation.tasks.project import _aggregate, category_table
+
+    rows = [("A", True, 100), ("A", False, 50), ("B", True, 100)]
+    records = [{"composer": "bm25", "category": "inproject", "case": case, "exact": exact,
+                "edit_sim": es} for case, exact, es in rows]
+    metrics = _aggregate(records, ["bm25"])
+    assert metrics["bm25/EM_inproject"] == pytest.approx(75.0)
+    assert metrics["bm25/ES_inproject"] == pytest.approx(87.5)
+    assert metrics["bm25/EM"] == pytest.approx(75.0)
+    table = category_table({**metrics, "bm25/perplexity": 3.0}, ["bm25"], "m")
+    assert "| bm25 | 3.000 | n/a | 75.0 (87.5) |" in table
+
+
 def test_eval_refuses_project_completion_without_repositories(capsys):
     import eval as ev
 
@@ -366,7 +382,8 @@ def _docs(files: dict[str, str], repo: str | None = None, prefix: str = "") -> l
 def test_project_examples_are_repository_sequences_then_completion_prompts():
     """Per repository: its text in the composer's order (the first file last) cut in pieces
     trained as text, then per file its drawn lines, each prompted with the repository's other
-    files and the lines before it; a repository never sees another's files."""
+    files and the lines before it, completed by the line and the file's rest; a repository
+    never sees another's files."""
     from codelm.data.config import DataConfig
     from codelm.data.project import project_pairs
 
@@ -384,9 +401,9 @@ def test_project_examples_are_repository_sequences_then_completion_prompts():
     for prompt, completion in prompts:
         assert completion.startswith("\n") and completion.strip()
         own = "pkg/core.py" if prompt.startswith("# repository: one\n# pkg/util.py") else None
-        if own:  # the other file as context, then this file's lines up to the completion
-            before = prompt.split("# pkg/core.py\n", 1)[1]
-            assert (before + completion) in CORE_TEXT and CORE_TEXT.startswith(before)
+        if own:  # the other file as context, this file's lines up to the line, the rest of
+            before = prompt.split("# pkg/core.py\n", 1)[1]  # the file as the completion
+            assert before + completion == CORE_TEXT and before.count("\n") > 0
         if prompt.startswith("# repository: one"):
             assert "MARKER_COMMITTED" not in prompt  # repository two's file
     assert all(not ends for _, _, ends, _ in pairs)
@@ -399,8 +416,11 @@ def test_project_pieces_fit_the_block():
     tok = _tokenizer()
     cfg = DataConfig(task="project", lines_per_file=3)
     pairs = project_pairs(_docs({"pkg/core.py": CORE_TEXT, "pkg/util.py": UTIL}, prefix="r"),
-                          tok, cfg, 48)
-    assert pairs and all(len(p) + len(c) <= 48 for p, c, _, _ in pairs)
+                          tok, cfg, 96)
+    assert pairs and all(len(p) + len(c) <= 96 for p, c, _, _ in pairs)
+    completions = [c for p, c, _, _ in pairs if p]
+    assert completions and all(len(c) <= 48 for c in completions)  # half the room at most
+    assert any(tok.decode(c).count("\n") > 1 for c in completions)  # lines after the line
 
 
 def test_trainingmanager_trains_the_project_task_on_repositories(repo, tmp_path):

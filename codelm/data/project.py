@@ -10,8 +10,11 @@ each repository:
   file (least relevant first, that file last), in the model's repository format
   (codelm.data.composers), cut into block-size pieces trained as text (no prompt, no EOS);
 - per file, ``lines_per_file`` lines drawn (seeded; never a file's first line): the composed
-  context of the repository's other files and the file's lines before it as the prompt, a
-  newline and the line as the completion: the prompt eval.py's project-completion shows."""
+  context of the repository's other files and the file's lines before it as the prompt, the
+  prompt eval.py's project-completion shows; the completion a newline, the line and the lines
+  after it, up to half the example's tokens. eval.py stops a completion at its line's end, so
+  the later lines are the repository text after that prompt: each of their tokens is trained,
+  where a completion of the line alone would train a few tokens for a whole block's compute."""
 
 from __future__ import annotations
 
@@ -66,7 +69,8 @@ def repository_sequence(index: RepositoryIndex, composer: str, block_size: int) 
 def completion_pairs(index: RepositoryIndex, composer: str, cfg: DataConfig,
                      room: int) -> list[Pair]:
     """``cfg.lines_per_file`` line-completion examples of each file, each prompt (context and
-    prefix) within ``room`` tokens with its completion; the prefix keeps at most half of it."""
+    prefix) within ``room`` tokens with its completion (the line and the lines after it, at most
+    half of ``room``); the prefix keeps at most half of what the completion leaves."""
     tok = index.tok
     pairs = []
     for path, text in zip(index.paths, index.texts):
@@ -76,7 +80,8 @@ def completion_pairs(index: RepositoryIndex, composer: str, cfg: DataConfig,
         rng = random.Random(f"{cfg.seed}\0{index.name}\0{path}")
         for number in sorted(rng.sample(numbers, min(cfg.lines_per_file, len(numbers)))):
             prefix = "\n".join(lines[:number])
-            completion = tok.encode("\n" + lines[number], split_special_tokens=True)
+            rest = "\n" + "\n".join(lines[number:])
+            completion = tok.encode(rest, split_special_tokens=True)[: room // 2]
             budget = room - len(completion)
             prefix_ids = tok.encode(prefix, split_special_tokens=True)
             prefix_ids = prefix_ids[max(0, len(prefix_ids) - budget // 2) :]

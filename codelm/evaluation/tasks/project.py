@@ -8,7 +8,8 @@ each of its lines drawn per category (codelm.data.history: committed, inproject,
 non_informative, random), the line generated greedily after the file's prefix, under each
 composer's context and without (``empty``). Exact match (stripped lines equal, as LCA's
 ``evaluate`` exact_match scores them) and edit similarity (fuzzywuzzy's ratio, 0-100) are
-averaged over a file's lines of a category, then over files, as LCA aggregates them."""
+averaged over a file's lines of a category, then over files, as LCA aggregates them; both
+in percent."""
 
 from __future__ import annotations
 
@@ -144,8 +145,9 @@ def line_prompts(lm: LoadedModel, case: dict, index: RepositoryIndex, composers:
 
 
 def _aggregate(records: Sequence[dict], composers: Sequence[str]) -> dict[str, float]:
-    """EM and edit similarity per composer and category (and over all lines): a file's mean
-    over its lines, then the mean over files, as LCA aggregates."""
+    """EM and edit similarity per composer and category (and over all lines), both 0-100 as
+    codelm's other tasks report them: a file's mean over its lines, then the mean over files,
+    as LCA aggregates."""
     per_file: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for record in records:
         for category in (record["category"], "all"):
@@ -158,8 +160,8 @@ def _aggregate(records: Sequence[dict], composers: Sequence[str]) -> dict[str, f
             if not files:
                 continue
             suffix = "" if category == "all" else f"_{category}"
-            for name, key in (("EM", "exact"), ("ES", "edit_sim")):
-                means = [sum(r[key] for r in rows) / len(rows) for rows in files]
+            for name, key, scale in (("EM", "exact", 100.0), ("ES", "edit_sim", 1.0)):
+                means = [scale * sum(r[key] for r in rows) / len(rows) for rows in files]
                 metrics[f"{composer}/{name}{suffix}"] = sum(means) / len(means)
     return metrics
 
