@@ -102,6 +102,10 @@ def test_the_command_writes_supervised_pairs_of_the_same_problems(tmp_path, caps
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert pairs == [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
                      for p in generate_problems(5, 2)]
+    text = tmp_path / "lm.jsonl"
+    assert generated.main(["--n", "5", "--seed", "2", "--text", "--out", str(text)]) == 0
+    assert [json.loads(line) for line in text.read_text().splitlines()] == [
+        {"text": p["prompt"] + p["canonical_solution"]} for p in generate_problems(5, 2)]
 
 
 def test_a_seed_out_of_range_or_too_many_problems_is_one_message(monkeypatch):

@@ -4,6 +4,7 @@ prompt, entry_point, canonical_solution, test), as eval.py's pass@k and the GRPO
 
     python -m codelm.data.problems --n 500 --seed 0 --out train.jsonl
     python -m codelm.data.problems --n 500 --seed 0 --pairs --out sft.jsonl  # SFT pairs
+    python -m codelm.data.problems --n 500 --seed 0 --text --out lm.jsonl  # LM documents
     python eval.py --tasks passk --problems passk=heldout.jsonl ...
 
 A seed (0 to SEEDS - 1) names a set: the same seed gives the same problems, and two seeds share
@@ -325,13 +326,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="write {prompt, completion} pairs (the canonical solution the "
                         "completion), supervised training data: trainingmanager.py --task "
                         "completion --data FILE")
+    parser.add_argument("--text", action="store_true",
+                        help="write {text} documents (the prompt, then the canonical solution): "
+                        "language-model data, the docstring's examples trained on too "
+                        "(trainingmanager.py --task lm --data FILE)")
     args = parser.parse_args(argv)
+    if args.pairs and args.text:
+        parser.error("--pairs and --text: choose one")
 
     def write() -> None:
         problems = generate_problems(args.n, args.seed, args.forms)
         if args.pairs:
             problems = [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
                         for p in problems]
+        elif args.text:
+            problems = [{"text": p["prompt"] + p["canonical_solution"]} for p in problems]
         process.write_atomic(args.out, "".join(json.dumps(p) + "\n" for p in problems))
         print(f"wrote {len(problems)} problems of seed {args.seed} to {args.out}")
 
