@@ -102,6 +102,10 @@ def test_the_command_writes_supervised_pairs_of_the_same_problems(tmp_path, caps
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert pairs == [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
                      for p in generate_problems(5, 2)]
+    text = tmp_path / "lm.jsonl"
+    assert generated.main(["--n", "5", "--seed", "2", "--text", "--out", str(text)]) == 0
+    assert [json.loads(line) for line in text.read_text().splitlines()] == [
+        {"text": p["prompt"] + p["canonical_solution"]} for p in generate_problems(5, 2)]
 
 
 def test_a_seed_out_of_range_or_too_many_problems_is_one_message(monkeypatch):
@@ -114,3 +118,21 @@ def test_a_seed_out_of_range_or_too_many_problems_is_one_message(monkeypatch):
     monkeypatch.setattr(generated, "FORMS", {"wrap": generated.FORMS["wrap"]})
     with pytest.raises(ValueError, match=r"seed 0: only \d+ distinct problems .* ask for fewer"):
         generate_problems(50, 0)
+
+
+def test_forms_draws_those_forms_only_and_keeps_seeds_apart(tmp_path):
+    """--forms: every problem of the named forms, the same for the same seed and forms, two
+    seeds still sharing no function; an unknown form is one message naming the known ones."""
+    forms = ["sign_code", "in_range"]
+    problems = generate_problems(40, 4, forms)
+    assert {p["entry_point"] for p in problems} == set(forms)
+    assert problems == generate_problems(40, 4, forms)
+    other = {_outputs(p) for p in generate_problems(40, 5, forms)}
+    assert not {_outputs(p) for p in problems} & other
+    out = tmp_path / "few.jsonl"
+    assert generated.main(["--n", "10", "--seed", "4", "--forms", *forms, "--out", str(out)]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == problems[:10]
+    with pytest.raises(ValueError, match="forms squares: not a form .* name one or more of"):
+        generate_problems(5, 0, ["squares", "sign_code"])
+    with pytest.raises(ValueError, match=r"forms \(none\)"):
+        generate_problems(5, 0, [])

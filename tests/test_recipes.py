@@ -1127,3 +1127,22 @@ def test_a_recipes_eval_error_names_its_eval_section_or_set(tmp_path, capsys):
     assert recipes.main([str(recipe), *flags, "--set", "eval.num_samples=3"]) == 2
     assert capsys.readouterr().err.startswith("error: num_samples (3, --set eval.num_samples): ")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_execution_recipes_validate_and_start_from_the_supervised_run():
+    """configs/exec_*.json (docs/training.md's execution experiment): each recipe parses; the
+    GRPO and DPO arms start from one supervised export, score it beside themselves ("sft"), and
+    score the supervised recipe's held-out problems at its samples and temperature."""
+    sft = recipes.load_recipe(CONFIGS / "exec_sft.json")
+    assert sft.train["task"] == "completion"
+    starts = set()
+    for name, task in (("exec_grpo", "grpo"), ("exec_dpo", "dpo")):
+        recipe = recipes.load_recipe(CONFIGS / f"{name}.json")
+        assert recipe.train["task"] == task
+        starts.add(recipe.train["init_from"])
+        assert f"sft={recipe.train['init_from']}" in recipe.eval["models"]
+        cfg = parse_config(["--config", str(CONFIGS / f"{name}.json")])
+        assert cfg.problems == sft.eval["problems"]
+        assert (cfg.num_samples, cfg.temperature) == (sft.eval["num_samples"],
+                                                      sft.eval["temperature"])
+    assert len(starts) == 1 and starts.pop().endswith("/export")

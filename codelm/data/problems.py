@@ -4,6 +4,7 @@ prompt, entry_point, canonical_solution, test), as eval.py's pass@k and the GRPO
 
     python -m codelm.data.problems --n 500 --seed 0 --out train.jsonl
     python -m codelm.data.problems --n 500 --seed 0 --pairs --out sft.jsonl  # SFT pairs
+    python -m codelm.data.problems --n 500 --seed 0 --text --out lm.jsonl  # LM documents
     python eval.py --tasks passk --problems passk=heldout.jsonl ...
 
 A seed (0 to SEEDS - 1) names a set: the same seed gives the same problems, and two seeds share
@@ -12,6 +13,9 @@ trained on is a held-out set. Within a set no two problems compute the same func
 Each function is one of FORMS (arithmetic, a condition, a loop, digits) with drawn constants;
 its docstring shows 3 to 5 examples, which between them run every line of its body that any
 probe runs (each branch, a loop's body), and its test checks those and 6 more inputs.
+``--forms`` draws from some forms only: their difficulty differs (sign_code asks to copy the
+examples' outputs, scale_and_shift to solve for its constants), and so does a small model's
+pass rate.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import hashlib
 import json
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from codelm.runtime import process, settings
@@ -260,15 +264,22 @@ def _problem(task_id: str, name: str, body: list[str], done: _Behaviour,
             "canonical_solution": "".join(f"    {line}\n" for line in body), "test": test}
 
 
-def generate_problems(n: int, seed: int) -> list[dict]:
-    """``n`` problems of set ``seed`` (0 to SEEDS - 1), the same ones for the same seed; a
-    ValueError where the set holds fewer distinct functions."""
+def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None) -> list[dict]:
+    """``n`` problems of set ``seed`` (0 to SEEDS - 1), the same ones for the same seed and
+    ``forms`` (names of FORMS; None: all of them, drawn alike); a ValueError where the set holds
+    fewer distinct functions of those forms."""
+    if forms is not None:
+        unknown = sorted(set(forms) - set(FORMS))
+        if unknown or not forms:
+            raise ValueError(f"forms {', '.join(unknown) or '(none)'}: not a form of "
+                             f"codelm.data.problems; name one or more of "
+                             f"{', '.join(sorted(FORMS))}")
     if not 0 <= seed < SEEDS:
         raise ValueError(f"seed {seed}: must be 0 to {SEEDS - 1} (each seed a set of its own)")
     if n < 0:
         raise ValueError(f"n {n}: must be >= 0")
     rng = random.Random(seed)
-    names = sorted(FORMS)
+    names = sorted(FORMS if forms is None else set(forms))
     problems: list[dict] = []
     seen: set[tuple[int, ...]] = set()
     tried: set[tuple[str, ...]] = set()
@@ -277,7 +288,7 @@ def generate_problems(n: int, seed: int) -> list[dict]:
         attempts += 1
         if attempts > 1000 * (n + 100):
             raise ValueError(f"seed {seed}: only {len(problems)} distinct problems were found; "
-                             "ask for fewer")
+                             "ask for fewer, or name more forms")
         name = rng.choice(names)
         body = FORMS[name](rng)
         if (name, *body) in tried:
@@ -306,17 +317,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help=f"which set, 0 to {SEEDS - 1}: sets share no function (default: 0)")
     parser.add_argument("--out", required=True, help="the JSONL file written")
+    parser.add_argument("--forms", nargs="+", default=None, metavar="FORM",
+                        help="draw only these forms (the problems' difficulty: sign_code and "
+                        "in_range ask to copy constants from the examples, scale_and_shift or "
+                        "count_ones to infer them by arithmetic); default: all of "
+                        f"{', '.join(sorted(FORMS))}")
     parser.add_argument("--pairs", action="store_true",
                         help="write {prompt, completion} pairs (the canonical solution the "
                         "completion), supervised training data: trainingmanager.py --task "
                         "completion --data FILE")
+    parser.add_argument("--text", action="store_true",
+                        help="write {text} documents (the prompt, then the canonical solution): "
+                        "language-model data, the docstring's examples trained on too "
+                        "(trainingmanager.py --task lm --data FILE)")
     args = parser.parse_args(argv)
+    if args.pairs and args.text:
+        parser.error("--pairs and --text: choose one")
 
     def write() -> None:
-        problems = generate_problems(args.n, args.seed)
+        problems = generate_problems(args.n, args.seed, args.forms)
         if args.pairs:
             problems = [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
                         for p in problems]
+        elif args.text:
+            problems = [{"text": p["prompt"] + p["canonical_solution"]} for p in problems]
         process.write_atomic(args.out, "".join(json.dumps(p) + "\n" for p in problems))
         print(f"wrote {len(problems)} problems of seed {args.seed} to {args.out}")
 
