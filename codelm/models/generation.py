@@ -23,6 +23,8 @@ from torch.nn.utils.rnn import pad_sequence
 from architecture import LayerCache, Transformer, padded_mask, positions
 from codelm import kernels
 
+# An eager decode step attends the cache up to its longest row rounded up to a multiple of this.
+CACHE_STEP = 64
 # The CUDA-graph decode step's cache lengths are multiples of this (masked beyond the prompt
 # and its new tokens): one graph serves prompts of many lengths.
 GRAPH_CACHE_STEP = 256
@@ -258,6 +260,28 @@ def _step(model: Transformer, tok, pos, slot, key_valid, caches) -> torch.Tensor
     return model.logits(x[:, -1])
 
 
+class _Attended:
+    """The cache prefix a decode step attends: the slots written so far rounded up to a
+    multiple of CACHE_STEP (a step reads the keys the rows have, not the whole cache, and
+    shapes change seldom); ``fixed``: the whole cache (a compiled step's shapes stay)."""
+
+    def __init__(self, caches: list[LayerCache], key_valid: torch.Tensor, fixed: bool) -> None:
+        self.caches, self.key_valid, self.fixed = caches, key_valid, fixed
+        self.length = -1
+        self.views: tuple[torch.Tensor, list[LayerCache]] = (key_valid, caches)
+
+    def upto(self, slot: int) -> tuple[torch.Tensor, list[LayerCache]]:
+        """(key_valid, caches) over the prefix that holds ``slot``."""
+        if self.fixed:
+            return self.key_valid, self.caches
+        length = min(-(-(slot + 1) // CACHE_STEP) * CACHE_STEP, self.key_valid.shape[1])
+        if length != self.length:
+            self.length = length
+            self.views = (self.key_valid[:, :length],
+                          [(k[:, :, :length], v[:, :, :length]) for k, v in self.caches])
+        return self.views
+
+
 def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     fill = _prepare(model, idx, cfg, attention_mask)
     B, T = idx.shape
@@ -275,6 +299,7 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     caches = _graph_caches(model, B, T + n) if graphs else new_caches(model, B, T + n)
     try:
         logits, key_valid, pos = _prefill(model, idx, attention_mask, caches)
+        attended = _Attended(caches, key_valid, fixed=cfg.compile)
         for i in range(n):
             tok = _pick(logits, cfg)
             if track:
@@ -291,7 +316,7 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
                 return
             if graphs:  # a new graph iteration: the last one's logits have been read
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = step_fn(model, tok[:, None], pos, slot, key_valid, caches)
+            logits = step_fn(model, tok[:, None], pos, slot, *attended.upto(T + i))
             pos, slot = pos + 1, slot + 1
     finally:
         if graphs:
