@@ -88,6 +88,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             # beat the hand-written backward, which is for the CPU.
             return PLAIN
         return _RMSNormFunction.apply(x, weight, eps)
+    if x.dtype == weight.dtype == torch.float32 and not x.is_cuda:
+        return PLAIN  # torch's fused CPU kernel: the same values as the plain ops, one call
     # Without autograd, plain ops: Function.apply's cost a call shows in a decode step.
     return weight * _rms_normalize(x, eps)[0]
 

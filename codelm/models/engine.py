@@ -136,7 +136,9 @@ class Engine:
         """Admit the waiting requests that fit (their first token), then one token of every
         request that was running."""
         with torch.inference_mode():
-            kernels.decode_layout(self.model, True)
+            layout = not self.model.training  # training wants row-major weights
+            if self.waiting or layout != self.model.__dict__.get("_decode_layout", False):
+                kernels.decode_layout(self.model, layout)  # (packs refreshed as requests come)
             running = [row for row in self.rows if row is not None]
             events = self._decode(running) if running else []
             events += self._admit()
