@@ -145,7 +145,7 @@ def _linears(model: Transformer) -> list[torch.nn.Linear]:
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_packed_linears_equal_linear_and_follow_the_weights():
+def test_packed_linears_equal_linear_and_follow_the_weights(monkeypatch):
     """Several rows multiply by oneDNN's packed copy of a weight (decode_layout on), one row by
     the weight itself; a weight changed in place is never multiplied stale, and the next
     decode_layout packs it afresh. Reference: F.linear on the weight."""
@@ -154,8 +154,11 @@ def test_packed_linears_equal_linear_and_follow_the_weights():
     import architecture
 
     model = _model("llama")
-    gen(model, _ids(2, 6), 3)  # generate turns the decode layout on
     layers = _linears(model)
+    gen(model, _ids(2, 6), 3)  # generate turns the decode layout on: these weights are small
+    assert not any(layer in kernels._PACKS for layer in layers)
+    monkeypatch.setattr(kernels, "PACK_MIN_NUMEL", 0)
+    gen(model, _ids(2, 6), 3)
     assert all(layer in kernels._PACKS for layer in layers)
     rows, row = torch.randn(3, 5, 64), torch.randn(1, 1, 64)
     head = model.lm_head
@@ -189,9 +192,11 @@ def test_packed_linears_equal_linear_and_follow_the_weights():
 def test_packs_stay_within_their_byte_limit(monkeypatch):
     """A model whose Linear weights pass PACK_MAX_BYTES decodes with its weights alone (packs
     would double its memory), with the same tokens."""
+    monkeypatch.setattr(kernels, "PACK_MIN_NUMEL", 0)
     model = _model("llama")
     idx = _ids(2, 6)
     out = gen(model, idx, 4)
+    assert all(layer in kernels._PACKS for layer in _linears(model))
     model.train()
     model.eval()
     monkeypatch.setattr(kernels, "PACK_MAX_BYTES", 1000)
