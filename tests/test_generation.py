@@ -846,6 +846,24 @@ def test_prompt_lookup_gives_greedys_tokens_and_transformers_in_fewer_forwards(
     assert forwards < 3 * 30  # some drafts held: fewer forwards than tokens
 
 
+def test_prompt_lookup_drafts_what_transformers_drafts():
+    """The n-gram index drafts, text by text as it grows, what transformers' prompt lookup
+    candidate generator finds by scanning the text: the first earlier match, cut at EOS."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    g = torch.Generator().manual_seed(0)
+    eos = 3
+    for k in (1, 4, 10):
+        hf = PromptLookupCandidateGenerator(torch.tensor([eos]), num_output_tokens=k,
+                                            max_length=10**6)
+        text = torch.randint(0, 12, (60,), generator=g).tolist()
+        lookup = generation._PromptLookup(text[:2])
+        for end in range(2, len(text) + 1):
+            ref = hf.get_candidates(torch.tensor([text[:end]]))[0][0, end:].tolist()
+            assert lookup.draft(k, [eos]) == ref, (k, end)
+            lookup.extend(text[end : end + 1])
+
+
 def test_a_draft_model_gives_greedys_tokens_and_transformers(hf_dirs, tmp_path, monkeypatch):
     from tiny_hf import save_tiny_hf
 
