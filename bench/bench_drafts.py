@@ -9,7 +9,7 @@
 
 Without --run, a small model is trained first (python trainingmanager.py --task refactor on
 the standard-library pairs of codelm.recipes.refactor_pairs(methods=True), the decoded ones
-held out; about 20 minutes on two cores) under --work. The two sides alternate, prompt by
+held out; about 40 minutes on two busy cores) under --work. The two sides alternate, prompt by
 prompt, --repeats times; the min and median of each side's total are reported.
 
 Example: python bench/bench_drafts.py --threads 1. Figures go to docs/benchmarks.md (## Engine).
@@ -45,7 +45,8 @@ class BenchConfig:
     run: str = ""  # a run trained on refactor pairs (empty: train one under --work)
     work: str = "/tmp/codelm_bench/drafts"  # where the pairs and the trained run go
     preset: str = "code-4x160"  # the model trained here
-    steps: int = 2000  # training steps of the run trained here
+    steps: int = 700  # training steps of the run trained here
+    batch: int = 4  # its batch size (rows of 512 tokens)
     pairs: int = 24  # validation pairs decoded (the last ones, never trained on)
     new_tokens: int = 160  # most new tokens per pair
     lookup: int = 10  # prompt lookup's draft tokens a step
@@ -57,7 +58,7 @@ def trained_run(cfg: BenchConfig) -> Path:
     --work and reused by later runs of the same settings)."""
     if cfg.run:
         return Path(cfg.run)
-    name = f"refactor-{cfg.preset}-{cfg.steps}"
+    name = f"refactor-{cfg.preset}-{cfg.steps}x{cfg.batch}"
     run = work_dir(cfg) / name
     if (run / "best").is_dir():
         return run
@@ -68,7 +69,7 @@ def trained_run(cfg: BenchConfig) -> Path:
     (data / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[-cfg.pairs:]))
     command = [sys.executable, "trainingmanager.py", "--task", "refactor", "--data",
                str(data / "pairs.jsonl"), "--preset", cfg.preset, "--block-size", "512",
-               "--max-steps", str(cfg.steps), "--batch-size", "8", "--lr", "3e-3",
+               "--max-steps", str(cfg.steps), "--batch-size", str(cfg.batch), "--lr", "3e-3",
                "--eval-every", "250", "--out-dir", str(work_dir(cfg)), "--name", name,
                "--no-progress"]
     print("training:", " ".join(command), flush=True)

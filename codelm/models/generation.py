@@ -24,7 +24,7 @@ from architecture import LayerCache, Transformer, padded_mask, positions
 from codelm import kernels
 
 # An eager decode step attends the cache up to its longest row rounded up to a multiple of this.
-CACHE_STEP = 64
+CACHE_STEP = 16
 # The CUDA-graph decode step's cache lengths are multiples of this (masked beyond the prompt
 # and its new tokens): one graph serves prompts of many lengths.
 GRAPH_CACHE_STEP = 256
