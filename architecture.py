@@ -247,6 +247,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+@kernels.faster(kernels.linear)
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Linear layer (or what stands in for one: LoRA, a quantized layer) applied to x."""
+    return layer(x)
+
+
 @kernels.faster(kernels.dropout)
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p, training)
@@ -454,7 +460,7 @@ class Attention(nn.Module):
         None for plain causal attention; ``slots``: where ``cache`` takes this step's keys."""
         cfg = self.cfg
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim)
+        qkv = linear(self.qkv, x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim)
         if self.q_norm is not None:
             q, k, v = qkv.split((cfg.n_head, cfg.n_kv_head, cfg.n_kv_head), dim=2)
             qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=2)
@@ -465,7 +471,7 @@ class Attention(nn.Module):
                 k, v = cache      # own keys, causally
         y = attention(q, k, v, mask, cfg.attn_dropout if self.training else 0.0,
                       cfg.n_kv_head != cfg.n_head, cfg.attn_scale, cfg.attn_softcap)
-        return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+        return linear(self.proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
 class MLP(nn.Module):
@@ -488,12 +494,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
-            return self.proj(self.act(self.fc(x)))
+            return linear(self.proj, self.act(linear(self.fc, x)))
         if self.fused:
-            gate, up = self.fc(x).chunk(2, dim=-1)
+            gate, up = linear(self.fc, x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate(x), self.fc(x)
-        return self.proj(self.act(gate) * up)
+            gate, up = linear(self.gate, x), linear(self.fc, x)
+        return linear(self.proj, self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -704,7 +710,7 @@ class Transformer(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The next-token logits of the residual stream x after the last block."""
-        logits = self.lm_head(self.norm_f(x))
+        logits = linear(self.lm_head, self.norm_f(x))
         if self.cfg.logit_softcap is not None:
             logits = softcap(logits, self.cfg.logit_softcap)
         return logits

@@ -18,6 +18,7 @@ import hashlib
 import json
 import shutil
 import sys
+import textwrap
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -212,21 +213,23 @@ def _has_class_docstring(text: str) -> bool:
                for n in ast.walk(tree))
 
 
-def refactor_pairs(count: int) -> list[dict]:
-    """Stdlib functions with their docstrings and comments -> the same code without them."""
+def refactor_pairs(count: int, methods: bool = False) -> list[dict]:
+    """Stdlib functions with their docstrings and comments -> the same code without them: the
+    top-level functions of files up to 20 kB, or with ``methods`` every function of every
+    file (nested ones dedented), about 3,600 pairs."""
     from codelm.tokenization.source import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
 
     pairs = []
-    for _, text in _stdlib_texts(20000, None):
+    for _, text in _stdlib_texts(10**9 if methods else 20000, None):
         try:
             tree = ast.parse(text)
         except SyntaxError:
             continue
         lines = text.splitlines()
         for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or node.col_offset:
+            if not isinstance(node, ast.FunctionDef) or node.col_offset and not methods:
                 continue
-            source = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+            source = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno]))
             if not 120 <= len(source) <= 500 or not ast.get_docstring(node):
                 continue
             try:

@@ -513,6 +513,37 @@ def test_any_of_several_eos_ids_ends_a_row_and_the_first_one_fills_as_in_transfo
     assert torch.equal(gen(model, idx, 16, eos_id=eos), ref)
 
 
+def test_packed_weights_decode_what_transformers_decodes(hf_dirs, monkeypatch):
+    """Several rows (a left-padded batch, beam search, a prompt-lookup check, the engine's
+    slots) multiply by oneDNN's packed weights, every weight packed here: the greedy tokens
+    are transformers'."""
+    from codelm import kernels
+    from codelm.models.engine import generate_all
+
+    monkeypatch.setattr(kernels, "PACK_MIN_NUMEL", 0)
+    packed = []
+    multiply = kernels._packed_linear
+    monkeypatch.setattr(kernels, "_packed_linear",
+                        lambda *args: packed.append(1) or multiply(*args))
+    path, hf = hf_dirs["llama"]
+    model = pretrained.load(path).eval()
+    idx = _ids(3, 12, seed=5, vocab=256)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[1, :5] = False
+    ref = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=16, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    assert torch.equal(gen(model, idx, 16, attention_mask=mask), ref)
+    rows = [row[m].tolist() for row, m in zip(idx, mask)]
+    assert generate_all(model, rows, generation.GenerationConfig(16), slots=3) == ref[:, 12:].tolist()
+    beams = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=8, do_sample=False,
+                        num_beams=2, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(gen(model, idx, 8, num_beams=2, attention_mask=mask), beams)
+    repeating = torch.tensor([rows[0] * 3])
+    assert torch.equal(gen(model, repeating, 16, prompt_lookup=4),
+                       _hf_generate(hf, repeating, 16, prompt_lookup_num_tokens=4))
+    assert len(packed) > 100
+
+
 def test_left_padded_beam_search_matches_transformers_with_an_even_beam_count(hf_dirs):
     """Each row's beams take that row's mask. With 2 rows and 3 beams a mask tiled row after
     row (instead of repeated per row) still gives each row's first beam, the one every beam
@@ -813,6 +844,24 @@ def test_prompt_lookup_gives_greedys_tokens_and_transformers_in_fewer_forwards(
         assert torch.equal(looked, plain) and torch.equal(looked, ref)
         forwards += len(fed)
     assert forwards < 3 * 30  # some drafts held: fewer forwards than tokens
+
+
+def test_prompt_lookup_drafts_what_transformers_drafts():
+    """The n-gram index drafts, text by text as it grows, what transformers' prompt lookup
+    candidate generator finds by scanning the text: the first earlier match, cut at EOS."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    g = torch.Generator().manual_seed(0)
+    eos = 3
+    for k in (1, 4, 10):
+        hf = PromptLookupCandidateGenerator(torch.tensor([eos]), num_output_tokens=k,
+                                            max_length=10**6)
+        text = torch.randint(0, 12, (60,), generator=g).tolist()
+        lookup = generation._PromptLookup(text[:2])
+        for end in range(2, len(text) + 1):
+            ref = hf.get_candidates(torch.tensor([text[:end]]))[0][0, end:].tolist()
+            assert lookup.draft(k, [eos]) == ref, (k, end)
+            lookup.extend(text[end : end + 1])
 
 
 def test_a_draft_model_gives_greedys_tokens_and_transformers(hf_dirs, tmp_path, monkeypatch):

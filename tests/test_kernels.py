@@ -141,6 +141,70 @@ def test_decode_layout_stays_out_of_state_dict(tmp_path):
     assert model._decode_layout
 
 
+def _linears(model: Transformer) -> list[torch.nn.Linear]:
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_packed_linears_equal_linear_and_follow_the_weights(monkeypatch):
+    """Several rows multiply by oneDNN's packed copy of a weight (decode_layout on), one row by
+    the weight itself; a weight changed in place is never multiplied stale, and the next
+    decode_layout packs it afresh. Reference: F.linear on the weight."""
+    import copy
+
+    import architecture
+
+    model = _model("llama")
+    layers = _linears(model)
+    gen(model, _ids(2, 6), 3)  # generate turns the decode layout on: these weights are small
+    assert not any(layer in kernels._PACKS for layer in layers)
+    monkeypatch.setattr(kernels, "PACK_MIN_NUMEL", 0)
+    gen(model, _ids(2, 6), 3)
+    assert all(layer in kernels._PACKS for layer in layers)
+    rows, row = torch.randn(3, 5, 64), torch.randn(1, 1, 64)
+    head = model.lm_head
+    with torch.inference_mode():
+        out = kernels.linear(head, rows)
+        assert out is not kernels.PLAIN
+        torch.testing.assert_close(out, F.linear(rows, head.weight), rtol=0, atol=1e-5)
+        assert kernels.linear(head, row) is kernels.PLAIN  # one row: the column-major gemv
+        with torch.no_grad():
+            head.weight.mul_(2)  # (tied: the embedding too)
+        assert kernels.linear(head, rows) is kernels.PLAIN  # stale: the layer's own call
+        torch.testing.assert_close(architecture.linear(head, rows), F.linear(rows, head.weight))
+        kernels.decode_layout(model, True)
+        torch.testing.assert_close(kernels.linear(head, rows), F.linear(rows, head.weight),
+                                   rtol=0, atol=1e-5)
+    assert kernels.linear(head, rows) is kernels.PLAIN  # autograd: the layer's own call
+    calls = []
+    hook = head.register_forward_hook(lambda *args: calls.append(1))
+    with torch.inference_mode():
+        architecture.linear(head, rows)
+    hook.remove()
+    assert calls == [1]  # a hooked layer runs its own call
+    copy.deepcopy(model)  # the packs live beside the model, not in it
+    model.state_dict()
+    assert not any(layer in kernels._PACKS for layer in layers)
+    gen(model, _ids(2, 6), 3)
+    model.train()
+    assert not any(layer in kernels._PACKS for layer in layers)
+
+
+def test_packs_stay_within_their_byte_limit(monkeypatch):
+    """A model whose Linear weights pass PACK_MAX_BYTES decodes with its weights alone (packs
+    would double its memory), with the same tokens."""
+    monkeypatch.setattr(kernels, "PACK_MIN_NUMEL", 0)
+    model = _model("llama")
+    idx = _ids(2, 6)
+    out = gen(model, idx, 4)
+    assert all(layer in kernels._PACKS for layer in _linears(model))
+    model.train()
+    model.eval()
+    monkeypatch.setattr(kernels, "PACK_MAX_BYTES", 1000)
+    assert torch.equal(gen(model, idx, 4), out)
+    assert not any(layer in kernels._PACKS for layer in _linears(model))
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
                                         (torch.float64, 1e-12)])
 def test_one_row_matmul_rewrite_equals_linear(dtype, tol):

@@ -29,15 +29,12 @@ import torch
 from architecture import Transformer
 from codelm import kernels
 from codelm.models.generation import (
+    CACHE_STEP,
     GenerationConfig,
     finish_reason,
     new_caches,
     sampling_logits,
 )
-
-# The attended cache length is the longest running row's rounded up to a multiple of this: a
-# step reads the keys the rows have, not the whole cache, and shapes change seldom.
-CACHE_STEP = 64
 
 
 @dataclass
@@ -139,7 +136,9 @@ class Engine:
         """Admit the waiting requests that fit (their first token), then one token of every
         request that was running."""
         with torch.inference_mode():
-            kernels.decode_layout(self.model, False)  # several rows read row-major weights best
+            layout = not self.model.training  # training wants row-major weights
+            if self.waiting or layout != self.model.__dict__.get("_decode_layout", False):
+                kernels.decode_layout(self.model, layout)  # (packs refreshed as requests come)
             running = [row for row in self.rows if row is not None]
             events = self._decode(running) if running else []
             events += self._admit()

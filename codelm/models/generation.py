@@ -23,6 +23,8 @@ from torch.nn.utils.rnn import pad_sequence
 from architecture import LayerCache, Transformer, padded_mask, positions
 from codelm import kernels
 
+# An eager decode step attends the cache up to its longest row rounded up to a multiple of this.
+CACHE_STEP = 16
 # The CUDA-graph decode step's cache lengths are multiples of this (masked beyond the prompt
 # and its new tokens): one graph serves prompts of many lengths.
 GRAPH_CACHE_STEP = 256
@@ -258,6 +260,28 @@ def _step(model: Transformer, tok, pos, slot, key_valid, caches) -> torch.Tensor
     return model.logits(x[:, -1])
 
 
+class _Attended:
+    """The cache prefix a decode step attends: the slots written so far rounded up to a
+    multiple of CACHE_STEP (a step reads the keys the rows have, not the whole cache, and
+    shapes change seldom); ``fixed``: the whole cache (a compiled step's shapes stay)."""
+
+    def __init__(self, caches: list[LayerCache], key_valid: torch.Tensor, fixed: bool) -> None:
+        self.caches, self.key_valid, self.fixed = caches, key_valid, fixed
+        self.length = -1
+        self.views: tuple[torch.Tensor, list[LayerCache]] = (key_valid, caches)
+
+    def upto(self, slot: int) -> tuple[torch.Tensor, list[LayerCache]]:
+        """(key_valid, caches) over the prefix that holds ``slot``."""
+        if self.fixed:
+            return self.key_valid, self.caches
+        length = min(-(-(slot + 1) // CACHE_STEP) * CACHE_STEP, self.key_valid.shape[1])
+        if length != self.length:
+            self.length = length
+            self.views = (self.key_valid[:, :length],
+                          [(k[:, :, :length], v[:, :, :length]) for k, v in self.caches])
+        return self.views
+
+
 def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     fill = _prepare(model, idx, cfg, attention_mask)
     B, T = idx.shape
@@ -275,6 +299,7 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     caches = _graph_caches(model, B, T + n) if graphs else new_caches(model, B, T + n)
     try:
         logits, key_valid, pos = _prefill(model, idx, attention_mask, caches)
+        attended = _Attended(caches, key_valid, fixed=cfg.compile)
         for i in range(n):
             tok = _pick(logits, cfg)
             if track:
@@ -291,7 +316,7 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
                 return
             if graphs:  # a new graph iteration: the last one's logits have been read
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = step_fn(model, tok[:, None], pos, slot, key_valid, caches)
+            logits = step_fn(model, tok[:, None], pos, slot, *attended.upto(T + i))
             pos, slot = pos + 1, slot + 1
     finally:
         if graphs:
@@ -380,13 +405,15 @@ def _drafted(model: Transformer, idx, cfg: GenerationConfig, attention_mask) -> 
     logits, _, _ = _prefill(model, idx, None, caches)
     token = int(logits.argmax(dim=-1))
     new: list[int] = []
+    lookup = _PromptLookup(seq)
     while True:
         new.append(token)
+        lookup.extend(new[-1:])
         if finish_reason(new, cfg) is not None:
             break
         room = n - len(new) - 1  # the model's own next token comes after the draft
-        proposed = (_lookup_draft(seq + new, min(cfg.prompt_lookup, room), cfg.eos_id)
-                    if cfg.prompt_lookup else draft.propose(seq + new, min(cfg.draft_tokens, room)))
+        proposed = (lookup.draft(min(cfg.prompt_lookup, room), cfg.eos_id) if cfg.prompt_lookup
+                    else draft.propose(seq + new, min(cfg.draft_tokens, room)))
         chosen = _check_draft(model, token, proposed, T + len(new) - 1, caches)
         kept = next((i for i, (a, b) in enumerate(zip(proposed, chosen)) if a != b),
                     len(proposed))
@@ -394,6 +421,7 @@ def _drafted(model: Transformer, idx, cfg: GenerationConfig, attention_mask) -> 
             new.append(token)
             if finish_reason(new, cfg) is not None:
                 return torch.cat((idx, idx.new_tensor([new])), dim=1)
+        lookup.extend(proposed[:kept])
         token = chosen[kept]
     return torch.cat((idx, idx.new_tensor([new])), dim=1)
 
@@ -404,24 +432,44 @@ def _check_draft(model: Transformer, last: int, proposed: list[int], at: int,
     token, in one forward that writes their keys to the cache."""
     fed = torch.tensor([[last, *proposed]], device=caches[0][0].device)
     slots = torch.arange(at, at + fed.shape[1], device=fed.device)
-    keys = torch.arange(caches[0][0].shape[2], device=fed.device)
+    length = min(-(-(at + fed.shape[1]) // CACHE_STEP) * CACHE_STEP, caches[0][0].shape[2])
+    caches = [(k[:, :, :length], v[:, :, :length]) for k, v in caches]  # the keys written
+    keys = torch.arange(length, device=fed.device)
     mask = (keys <= slots[:, None])[None, None]
     x = model.run_blocks(fed, slots[None], mask, slots, caches)
     return model.logits(x[0]).argmax(dim=-1).tolist()
 
 
-def _lookup_draft(seq: list[int], k: int, eos: list[int], ngram: int = 2) -> list[int]:
+class _PromptLookup:
     """Prompt lookup as transformers drafts: the tokens after the first earlier occurrence of
-    the text's last ``ngram`` (then fewer) tokens, at most k, cut before an EOS id."""
-    for size in range(min(ngram, len(seq) - 1), 0, -1):
-        tail = seq[-size:]
-        for start in range(len(seq) - size):
-            if seq[start : start + size] == tail:
-                draft = seq[start + size : start + size + k]
-                if draft:
-                    cut = next((i for i, t in enumerate(draft) if t in eos), len(draft))
-                    return draft[:cut]
-    return []
+    the text's last ``ngram`` (then fewer) tokens, at most k, cut before an EOS id. The first
+    occurrence of every n-gram is indexed as the text grows: a draft costs a few dict
+    lookups, not a scan of the text."""
+
+    def __init__(self, text: list[int], ngram: int = 2) -> None:
+        self.text: list[int] = []
+        self.first: dict[tuple[int, ...], int] = {}  # n-gram -> where it first starts
+        self.ngram = ngram
+        self.extend(text)
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            self.text.append(token)
+            end = len(self.text)
+            for size in range(1, min(self.ngram, end) + 1):
+                self.first.setdefault(tuple(self.text[end - size :]), end - size)
+
+    def draft(self, k: int, eos: list[int]) -> list[int]:
+        text = self.text
+        if k == 0:
+            return []
+        for size in range(min(self.ngram, len(text) - 1), 0, -1):
+            start = self.first.get(tuple(text[-size:]))
+            if start is not None and start < len(text) - size:  # earlier than the tail itself
+                draft = text[start + size : start + size + k]
+                cut = next((i for i, t in enumerate(draft) if t in eos), len(draft))
+                return draft[:cut]
+        return []
 
 
 class _DraftModel:
