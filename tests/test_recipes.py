@@ -1130,19 +1130,26 @@ def test_a_recipes_eval_error_names_its_eval_section_or_set(tmp_path, capsys):
 
 
 def test_the_execution_recipes_validate_and_start_from_the_supervised_run():
-    """configs/exec_*.json (docs/training.md's execution experiment): each recipe parses; the
-    GRPO and DPO arms start from one supervised export, score it beside themselves ("sft"), and
-    score the supervised recipe's held-out problems at its samples and temperature."""
-    sft = recipes.load_recipe(CONFIGS / "exec_sft.json")
-    assert sft.train["task"] == "completion"
-    starts = set()
-    for name, task in (("exec_grpo", "grpo"), ("exec_dpo", "dpo")):
-        recipe = recipes.load_recipe(CONFIGS / f"{name}.json")
-        assert recipe.train["task"] == task
-        starts.add(recipe.train["init_from"])
-        assert f"sft={recipe.train['init_from']}" in recipe.eval["models"]
+    """configs/exec_*.json (docs/training.md's execution experiment): each recipe parses; each
+    supervised stage starts from the export of the one before; the GRPO arm, its control (the
+    same run with shuffled rewards) and the DPO arm start from the last stage's export, score it
+    beside themselves ("sft"), and score the held-out problems of the first stage at its samples
+    and temperature."""
+    chain = [recipes.load_recipe(CONFIGS / f"{name}.json")
+             for name in ("exec_sft", "exec_sft_more", "exec_sft_lm")]
+    for before, after in zip(chain, chain[1:]):
+        assert after.train["init_from"] == f"runs/{before.train['name']}/export"
+    start = f"runs/{chain[-1].train['name']}/export"
+    arms = {}
+    for name in ("exec_grpo", "exec_grpo_control", "exec_dpo"):
+        arms[name] = recipe = recipes.load_recipe(CONFIGS / f"{name}.json")
+        assert recipe.train["name"] == name
+        assert recipe.train["init_from"] == start
+        assert f"sft={start}" in recipe.eval["models"]
         cfg = parse_config(["--config", str(CONFIGS / f"{name}.json")])
-        assert cfg.problems == sft.eval["problems"]
-        assert (cfg.num_samples, cfg.temperature) == (sft.eval["num_samples"],
-                                                      sft.eval["temperature"])
-    assert len(starts) == 1 and starts.pop().endswith("/export")
+        assert cfg.problems == chain[0].eval["problems"]
+        assert (cfg.num_samples, cfg.temperature) == (chain[0].eval["num_samples"],
+                                                      chain[0].eval["temperature"])
+    control = dict(arms["exec_grpo_control"].train, name="exec_grpo")
+    assert control.pop("shuffle_rewards") is True
+    assert control == arms["exec_grpo"].train
