@@ -599,16 +599,27 @@ def head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
 
 @kernels.faster(kernels.head_token_logps)
 def head_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-               cap: float | None = None) -> torch.Tensor:
-    """log_softmax(head(hidden))[label] in fp32 at each position of ``hidden`` (..., C) (the
-    logit less its row's logsumexp, as TRL's selective_log_softmax), 0 where ``labels`` is
-    IGNORE_INDEX; ``cap``: the logits soft-capped first. The fused op never forms the whole
-    logits (kernels.head_token_logps)."""
+               cap: float | None = None, temperature: float = 1.0, with_entropy: bool = False):
+    """log_softmax(head(hidden) / temperature)[label] in fp32 at each position of ``hidden``
+    (..., C) (the logit less its row's logsumexp, as TRL's selective_log_softmax), 0 where
+    ``labels`` is IGNORE_INDEX; ``cap``: the logits soft-capped first. With ``with_entropy``,
+    (log-probs, entropies): each position's entropy of the same distribution too (no gradient,
+    0 where ignored). The fused op never forms the whole logits (kernels.head_token_logps)."""
     logits = head(hidden).float()
     if cap is not None:
         logits = softcap(logits, cap)
+    if temperature != 1.0:
+        logits = logits / temperature
+    ignored = labels == IGNORE_INDEX
+    normalizer = logits.logsumexp(-1)
     picked = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return (picked - logits.logsumexp(-1)).masked_fill(labels == IGNORE_INDEX, 0.0)
+    logps = (picked - normalizer).masked_fill(ignored, 0.0)
+    if not with_entropy:
+        return logps
+    with torch.no_grad():
+        logprobs = logits - normalizer[..., None]
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logps, entropy.masked_fill(ignored, 0.0)
 
 
 class Transformer(nn.Module):
@@ -719,7 +730,7 @@ class Transformer(nn.Module):
                 attention_mask: torch.Tensor | None = None, *, reduction: str = "mean",
                 label_smoothing: float = 0.0, grad_scale: torch.Tensor | float | None = None,
                 count_correct: bool = False, document_ids: torch.Tensor | None = None,
-                token_logps: bool = False):
+                token_logps: bool = False, temperature: float = 1.0, with_entropy: bool = False):
         """Logits (B, T, V) of the token ids idx (B, T); attention_mask (B, T), True = real
         token, for left-padded batches (right padding needs none: attention is causal);
         document_ids (B, T) for packed rows: each run of equal ids a document of its own, its
@@ -727,7 +738,8 @@ class Transformer(nn.Module):
         (IGNORE_INDEX where nothing is counted), the next-token cross-entropy instead (see
         head_loss), never forming the whole logits: the mean over counted tokens, or their
         sum; with count_correct, (loss, how many are the top logit); with token_logps, each
-        target's log-prob (B, T) instead, 0 where nothing is counted (head_logps)."""
+        target's log-prob (B, T) instead under the logits divided by temperature, 0 where
+        nothing is counted, and with with_entropy (log-probs, entropies) (head_logps)."""
         B, T = idx.shape
         assert T <= self.cfg.block_size, f"sequence length {T} > block_size {self.cfg.block_size}"
         assert attention_mask is None or document_ids is None, "padding or packing, not both"
@@ -744,7 +756,8 @@ class Transformer(nn.Module):
             return self.logits(x)
         x = self.norm_f(x)
         if token_logps:
-            return head_logps(x, self.lm_head, targets, self.cfg.logit_softcap)
+            return head_logps(x, self.lm_head, targets, self.cfg.logit_softcap, temperature,
+                              with_entropy)
         # a (time, batch) batch of the same size would be a silently wrong loss
         assert targets.shape == idx.shape and reduction in ("mean", "sum")
         count = (targets != IGNORE_INDEX).sum() if reduction == "mean" else None

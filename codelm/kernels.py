@@ -464,41 +464,55 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tens
 class _HeadLogprobsFunction(torch.autograd.Function):
     """The LM head and each row's log-prob of its label as one op, chunk by chunk: the (N, V)
     logits are never held whole; the backward forms each chunk's logits again (the gradient of a
-    log-prob is only known once the loss of whole sequences is: DPO's, KTO's)."""
+    log-prob is only known once the loss of whole sequences is: DPO's, KTO's, GRPO's). The
+    distribution is the softmax of the logits divided by ``temperature``; with ``with_entropy``
+    each row's entropy of it too, formed from the same chunk (no gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):
+    def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy):
         dt = _matmul_dtype(hidden)
         acc = torch.promote_types(dt, torch.float32)
         h, w = hidden.to(dt), weight.to(dt)
         b = bias.to(dt) if bias is not None else None
         logps = torch.zeros(h.shape[0], dtype=acc, device=h.device)
         normalizers = torch.zeros(h.shape[0], dtype=acc, device=h.device)
+        entropy = torch.zeros(h.shape[0], dtype=acc, device=h.device) if with_entropy else None
         step = _loss_chunk_rows(w.shape[0], h.device)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], step):
                 z = None  # the previous chunk goes before the next is formed
-                z = _chunk_logits(h[s:s + step], w, b, acc)
+                z = _chunk_logits(h[s:s + step], w, b, acc, temperature)
                 top = z.amax(-1, keepdim=True)
                 z.sub_(top)  # in place, as the loss's chunks: no second (rows, V) temporary
                 picked = z.gather(-1, labels[s:s + step, None].clamp(min=0))[:, 0]
-                log_sum = z.exp_().sum(-1).log_()
+                sumexp = z.exp_().sum(-1)
+                log_sum = sumexp.log()
                 logps[s:s + step] = picked - log_sum
                 normalizers[s:s + step] = log_sum + top[:, 0]
-        logps = torch.where(labels != IGNORE_INDEX, logps, 0.0)
+                if with_entropy:  # H = log S - sum(e log e) / S, e = exp(z - top), S = sum(e)
+                    entropy[s:s + step] = log_sum - z.xlogy_(z).sum(-1) / sumexp
+        kept = labels != IGNORE_INDEX
+        logps = torch.where(kept, logps, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels, normalizers)
-        ctx.dtypes = (dt, acc)
-        return logps
+        ctx.dtypes, ctx.temperature = (dt, acc), temperature
+        if not with_entropy:
+            return logps
+        entropy = torch.where(kept, entropy, 0.0)
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_):
         hidden, weight, bias, labels, normalizers = ctx.saved_tensors
         dt, acc = ctx.dtypes
+        temperature = ctx.temperature
         want = ctx.needs_input_grad[:3]
         h, w = hidden.to(dt), weight.to(dt)
         b = bias.to(dt) if bias is not None else None
         weights = torch.where(labels != IGNORE_INDEX, grad.to(acc), 0.0)
+        if temperature != 1.0:  # the logits' gradient is the scaled logits' over temperature
+            weights = weights / temperature
         gh = torch.empty(h.shape, dtype=dt, device=h.device) if want[0] else None
         gw = torch.zeros(w.shape, dtype=dt, device=h.device) if want[1] else None
         gb = torch.zeros(w.shape[0], dtype=acc, device=h.device) if want[2] else None
@@ -507,7 +521,7 @@ class _HeadLogprobsFunction(torch.autograd.Function):
             for s in range(0, h.shape[0], step):
                 z = None  # the previous chunk goes first: one chunk alive
                 hc, gc = h[s:s + step], weights[s:s + step]
-                z = _chunk_logits(hc, w, b, acc)
+                z = _chunk_logits(hc, w, b, acc, temperature)
                 # d logp / dz = onehot - softmax, times the incoming gradient of each row
                 z.sub_(normalizers[s:s + step, None]).exp_().mul_(-gc[:, None])
                 rows = torch.arange(len(gc), device=h.device)
@@ -515,27 +529,41 @@ class _HeadLogprobsFunction(torch.autograd.Function):
                 _add_chunk_grads(z, dt, w, hc, slice(s, s + step), (gh, gw, gb))
         out = [None if t is None else t.to(like.dtype)
                for t, like in zip((gh, gw, gb), (hidden, weight, bias))]
-        return *out, None
+        return *out, None, None, None
 
 
 def _chunk_logits(hc: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                  acc: torch.dtype) -> torch.Tensor:
-    return (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).to(acc)
+                  acc: torch.dtype, temperature: float = 1.0) -> torch.Tensor:
+    """One chunk's logits in the accumulation dtype, divided by ``temperature`` (in place)."""
+    z = (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).to(acc)
+    return z if temperature == 1.0 else z.div_(temperature)
 
 
 def head_token_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                     cap: float | None = None):
-    """log_softmax(head(hidden))[label] (fp32) of each position of ``hidden`` (..., D), 0 where
-    ``labels`` (...) is IGNORE_INDEX, never forming the whole logits (``_HeadLogprobsFunction``);
-    for a plain nn.Linear head without a soft cap, else PLAIN."""
+                     cap: float | None = None, temperature: float = 1.0,
+                     with_entropy: bool = False):
+    """log_softmax(head(hidden) / temperature)[label] (fp32) of each position of ``hidden``
+    (..., D), 0 where ``labels`` (...) is IGNORE_INDEX, never forming the whole logits
+    (``_HeadLogprobsFunction``); with ``with_entropy``, (log-probs, entropies), the entropies
+    of the same distributions (no gradient, 0 where ignored). Only the positions with a label
+    go through the head. For a plain nn.Linear head without a soft cap, else PLAIN."""
     if cap is not None or type(head) is not nn.Linear:
         return PLAIN
     if torch.compiler.is_compiling():  # a compiled model's head runs eagerly, outside the graph
-        return torch.compiler.disable(head_token_logps)(hidden, head, labels, cap)
+        return torch.compiler.disable(head_token_logps)(hidden, head, labels, cap, temperature,
+                                                        with_entropy)
     shape = labels.shape
-    logps = _HeadLogprobsFunction.apply(hidden.flatten(0, -2), head.weight, head.bias,
-                                        labels.flatten())
-    return logps.view(shape)
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    rows = (labels != IGNORE_INDEX).nonzero()[:, 0]
+    every = len(rows) == len(labels)  # no copy of the hidden states where every row counts
+    out = _HeadLogprobsFunction.apply(hidden if every else hidden[rows], head.weight, head.bias,
+                                      labels if every else labels[rows], temperature,
+                                      with_entropy)
+    outputs = out if with_entropy else (out,)
+    if not every:
+        outputs = [t.new_zeros(labels.shape).index_copy(0, rows, t) for t in outputs]
+    outputs = [t.view(shape) for t in outputs]
+    return tuple(outputs) if with_entropy else outputs[0]
 
 
 # ---------------------------------------------------------------------- CPU decode layout

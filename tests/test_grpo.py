@@ -26,6 +26,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 import lora
+from codelm import kernels
 from codelm.models import pretrained
 from codelm.models.adapter_config import LoRAConfig
 from codelm.training import grpo
@@ -250,18 +251,86 @@ def test_completion_logps_equal_trls_at_a_temperature(tmp_path):
     assert torch.allclose(entropy, expected_entropy, atol=1e-5, rtol=0)
 
 
-def test_the_lora_reference_is_the_base_without_a_second_model(tmp_path):
-    """With the adapters off the LoRA model scores as the base loaded on its own, bit for bit,
-    on the same parameters; after, the adapters are back and train."""
+def _whole_logits_logps(model, ids: torch.Tensor, completion_mask: torch.Tensor,
+                        prompt_mask: torch.Tensor, temperature: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The completions' log-probs and entropies from the whole (N, P + C, V) logits over
+    ``temperature``: log_softmax of every position, the completion tokens' entries picked."""
+    width = completion_mask.shape[1]
+    attention = torch.cat([prompt_mask, completion_mask], dim=1)
+    logits = model(ids, attention_mask=attention)[:, -width - 1:-1] / temperature
+    logprobs = logits.log_softmax(-1)
+    logps = logprobs.gather(-1, ids[:, -width:, None])[..., 0]
+    entropy = -(logprobs.exp() * logprobs).sum(-1).detach()
+    ignored = completion_mask == 0
+    return logps.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logps_through_the_chunked_head_equal_the_whole_logits(tmp_path, temperature,
+                                                                        monkeypatch):
+    """In float64, the head's logits formed 4 positions at a time (chunks across rows and
+    across a completion), left-padded prompts, right-padded completions: the log-probs, the
+    entropies and the gradient of the GRPO loss (clipped ratios, the KL term) equal those of
+    the whole logits, for every parameter, the LM head's included."""
     save_tiny_hf("llama", tmp_path / "hf")
-    base = pretrained.load(tmp_path / "hf").eval()
-    model = pretrained.load(tmp_path / "hf").eval()
+    model = pretrained.load(tmp_path / "hf").eval().double()
+    reference = pretrained.load(tmp_path / "hf").eval().double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(4)
+    ids, prompt_mask, completion_mask = _prompted(gen)
+    advantages = torch.randn(3, generator=gen, dtype=torch.float64)
+    cfg = GRPOConfig(loss_type="grpo", beta=0.04, temperature=temperature)
+    chunks = []
+    chunk_logits = kernels._chunk_logits
+    monkeypatch.setattr(kernels, "_loss_chunk_rows", lambda vocab, device: 4)
+    monkeypatch.setattr(kernels, "_chunk_logits",
+                        lambda *args: chunks.append(len(args[0])) or chunk_logits(*args))
+
+    def grads(logps_of) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        model.zero_grad()
+        logps, entropy = logps_of(model)
+        with torch.no_grad():
+            ref, _ = logps_of(reference)
+        old = logps.detach() + 0.3 * torch.randn(logps.shape, generator=gen.manual_seed(5),
+                                                 dtype=torch.float64)
+        loss, _ = grpo.policy_loss(logps, old, ref, advantages, completion_mask, cfg)
+        loss.backward()
+        return logps, entropy, ref, [p.grad.clone() for p in model.parameters()]
+
+    logps, entropy, ref, chunked = grads(
+        lambda m: grpo.completion_logps(m, ids, completion_mask, prompt_mask, temperature))
+    assert chunks and max(chunks) == 4  # the fused head ran, 10 completion tokens in chunks
+    expected = grads(lambda m: _whole_logits_logps(m, ids, completion_mask, prompt_mask,
+                                                   temperature))
+    torch.testing.assert_close(logps, expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy, expected[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(ref, expected[2], rtol=0, atol=1e-12)
+    assert logps[1, 2:].eq(0).all() and entropy[1, 2:].eq(0).all()
+    for got, want in zip(chunked, expected[3]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def lora_model(path):
+    """The tiny Llama with LoRA on attention and embeddings, the adapters moved off zero."""
+    model = pretrained.load(path).eval()
     lora.apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj",
                                                                      "embed_tokens"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or "lora_embedding_A" in name:
                 p.add_(0.5 * torch.randn_like(p))
+    return model
+
+
+def test_the_lora_reference_is_the_base_without_a_second_model(tmp_path):
+    """With the adapters off the LoRA model scores as the base loaded on its own, bit for bit,
+    on the same parameters; after, the adapters are back and train."""
+    save_tiny_hf("llama", tmp_path / "hf")
+    base = pretrained.load(tmp_path / "hf").eval()
+    model = lora_model(tmp_path / "hf")
     ids, prompt_mask, completion_mask = _prompted(torch.Generator().manual_seed(1))
     parameters = {id(p) for p in model.parameters()}
 

@@ -369,9 +369,12 @@ def test_fused_head_loss_never_forms_the_whole_logits():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_head_logps_equal_log_softmax_of_the_logits(bias, monkeypatch):
-    """Each position's log-prob of its label, and the gradients of hidden, weight and bias under
-    a weighting of every position, against log_softmax of the whole logits in fp64, over chunks
+@pytest.mark.parametrize("temperature, with_entropy", [(1.0, False), (0.7, True), (1.3, True)])
+def test_fused_head_logps_equal_log_softmax_of_the_logits(bias, temperature, with_entropy,
+                                                          monkeypatch):
+    """Each position's log-prob of its label under the logits over ``temperature`` (and the
+    entropy of that distribution), and the gradients of hidden, weight and bias under a
+    weighting of every position, against log_softmax of the whole logits in fp64, over chunks
     that do not divide the rows, with ignored positions (0, no gradient)."""
     monkeypatch.setattr(kernels, "_loss_chunk_rows", lambda vocab, device: 7)
     torch.manual_seed(0)
@@ -380,30 +383,40 @@ def test_fused_head_logps_equal_log_softmax_of_the_logits(bias, monkeypatch):
     labels = torch.randint(0, 50, (3, 10))
     labels[0, :4] = -100
     labels[2, 9] = -100
+    ignored = labels == -100
     weights = torch.randn(3, 10, dtype=torch.float64)
-    logps = kernels.head_token_logps(hidden, head, labels)
+    out = kernels.head_token_logps(hidden, head, labels, temperature=temperature,
+                                   with_entropy=with_entropy)
+    logps, entropy = out if with_entropy else (out, None)
     (logps * weights).sum().backward()
     params = [hidden, head.weight] + ([head.bias] if bias else [])
     fused = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    plain = head(hidden).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    plain = plain.masked_fill(labels == -100, 0.0)
+    logprobs = (head(hidden) / temperature).log_softmax(-1)
+    plain = logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(ignored, 0.0)
     (plain * weights).sum().backward()
     torch.testing.assert_close(logps, plain, rtol=1e-12, atol=1e-14)
     assert logps[0, :4].eq(0).all()
     for got, p in zip(fused, params):
         torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-14)
+    if with_entropy:
+        expected = -(logprobs.exp() * logprobs).sum(-1).masked_fill(ignored, 0.0)
+        torch.testing.assert_close(entropy, expected.detach(), rtol=1e-12, atol=1e-14)
+        assert not entropy.requires_grad
 
 
-def test_fused_head_logps_never_form_the_whole_logits():
-    """Forward and backward form the logits a chunk at a time."""
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_fused_head_logps_never_form_the_whole_logits(with_entropy):
+    """Forward and backward form the logits a chunk at a time, the entropies' too."""
 
     head = torch.nn.Linear(16, 8192)
     hidden = torch.randn(4, 512, 16, requires_grad=True)  # 2048 rows: 4 chunks of 512
     labels = torch.randint(0, 8192, (4, 512))
     with LargestOutput() as largest:
-        kernels.head_token_logps(hidden, head, labels).sum().backward()
+        out = kernels.head_token_logps(hidden, head, labels, temperature=0.8,
+                                       with_entropy=with_entropy)
+        (out[0] if with_entropy else out).sum().backward()
     assert 0 < largest.numel <= 2048 * 8192 // 4
     assert hidden.grad is not None and head.weight.grad is not None
 

@@ -22,13 +22,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_grpo import lora_model
 from tiny_hf import save_tiny_hf
 from trl import DPOTrainer, KTOTrainer
 
-import lora
 from architecture import head_logps
 from codelm.models import pretrained
-from codelm.models.adapter_config import LoRAConfig
 from codelm.training import preference
 from codelm.training.preference import PreferenceConfig
 
@@ -294,24 +293,12 @@ def test_simpo_equals_trls(beta, gamma, smoothing, cpo_alpha):
 
 # ----------------------------------------------------------------------------- the reference
 
-def _lora_model(path):
-    """The tiny Llama with LoRA on attention and embeddings, the adapters moved off zero."""
-    model = pretrained.load(path).eval()
-    lora.apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj",
-                                                                     "embed_tokens"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_A" in name:
-                p.add_(0.5 * torch.randn_like(p))
-    return model
-
-
 def test_the_lora_reference_is_the_base_without_a_second_model(tmp_path):
     """With the adapters off the LoRA model scores the pairs as the base loaded on its own, bit
     for bit, on the same parameters; after, the adapters are back and train."""
     save_tiny_hf("llama", tmp_path / "hf")
     base = pretrained.load(tmp_path / "hf").eval()
-    model = _lora_model(tmp_path / "hf")
+    model = lora_model(tmp_path / "hf")
     _, ids, attention, completion = _pairs(torch.Generator().manual_seed(1))
     parameters = {id(p) for p in model.parameters()}
 

@@ -13,6 +13,7 @@ import torch
 
 import lora
 from architecture import Transformer
+from codelm.kernels import IGNORE_INDEX
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo")
 CLIPPED = ("grpo", "dr_grpo", "dapo", "bnpo")  # PPO's clipped ratio (cispo clips the weight)
@@ -130,24 +131,21 @@ def completion_logps(model: Transformer, ids: torch.Tensor, completion_mask: tor
     under the model's logits divided by ``temperature``, through the model's own forward; 0
     where ``completion_mask`` (N, C) is 0. ``prompt_mask`` (N, P): the prompts' real tokens,
     for left-padded prompts. The entropies carry no gradient; with_entropy False: None in their
-    place, and no vocabulary-wide temporaries beyond the logsumexp's."""
+    place. The model's head (architecture.head_logps) forms the logits a chunk of positions at
+    a time, only at the completion tokens, so a step holds what a supervised step over the same
+    rows holds."""
     width = completion_mask.shape[1]
     attention = None
-    if prompt_mask is not None:
-        attention = torch.cat([prompt_mask, completion_mask], dim=1)
-    logits = model(ids, attention_mask=attention)[:, -width - 1:-1].float()  # predicting them
-    if temperature != 1.0:
-        logits = logits / temperature
-    normalizer = logits.logsumexp(dim=-1)
-    logps = logits.gather(-1, ids[:, -width:, None]).squeeze(-1) - normalizer
-    keep = completion_mask.bool()
-    logps = logps.masked_fill(~keep, 0.0)
+    if prompt_mask is not None:  # the last token predicts nothing: it goes with its mask
+        attention = torch.cat([prompt_mask, completion_mask], dim=1)[:, :-1]
+    targets = torch.full_like(ids[:, 1:], IGNORE_INDEX)
+    targets[:, -width:] = ids[:, -width:].masked_fill(completion_mask == 0, IGNORE_INDEX)
+    out = model(ids[:, :-1], targets, attention_mask=attention, token_logps=True,
+                temperature=temperature, with_entropy=with_entropy)
     if not with_entropy:
-        return logps, None
-    with torch.no_grad():
-        logprobs = logits - normalizer[..., None]
-        entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
-    return logps, entropy.masked_fill(~keep, 0.0)
+        return out[:, -width:], None
+    logps, entropy = out
+    return logps[:, -width:], entropy[:, -width:]
 
 
 @torch.no_grad()
