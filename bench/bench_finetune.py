@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from lora_peak import add_device_flag  # noqa: E402
 
 # The seeds' models: each real config's structural fields (base-model dropout off in both
 # libraries: only LoRA's dropout runs).
@@ -386,8 +387,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="speed runs per library, the libraries taking turns (default: 2)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (default: all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda where there is one)")
+    add_device_flag(parser)
     parser.add_argument("--offload", action="store_true",
                         help="both libraries hold the checkpointed inputs in pinned host memory "
                              "(CUDA)")

@@ -395,12 +395,12 @@ class GRPOTrainer(Trainer):
             part = batch.rows(chunk)
             mask = part.completion_mask
             with autocast(self.device, self.precision):
-                logps, entropy = grpo.completion_logps(self.model, part.ids, mask,
-                                                       part.prompt_mask, lcfg.temperature)
                 ref = None
-                if lcfg.beta:
+                if lcfg.beta:  # first, while the policy's forward holds nothing
                     ref = grpo.reference_logps(self.raw_model, part.ids, mask, part.prompt_mask,
                                                lcfg.temperature, self.reference)
+                logps, entropy = grpo.completion_logps(self.model, part.ids, mask,
+                                                       part.prompt_mask, lcfg.temperature)
                 loss, metrics = grpo.policy_loss(logps, None, ref, advantages[chunk], mask,
                                                  lcfg, num_items=tokens, entropy=entropy)
             loss = loss * chunk_weight(lcfg.loss_type, len(chunk), rows, mask.sum(), tokens)
