@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architecture import Transformer
+from architecture import Transformer, linear
 from codelm import kernels
 from codelm.models import families, pretrained
 from codelm.models.adapter_config import (
@@ -200,7 +200,7 @@ class LoRALinear(nn.Module):
         return (factor - 1) * base.to(update.dtype) + factor * update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = linear(self.base, x)  # (packed while decoding: architecture.linear)
         if not self.enabled or _skips_merged(self) or not self.lora_A:
             return out
         keys = list(self.lora_A.keys())
