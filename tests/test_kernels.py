@@ -205,6 +205,45 @@ def test_packs_stay_within_their_byte_limit(monkeypatch):
     assert not any(layer in kernels._PACKS for layer in _linears(model))
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_lora_decodes_through_packed_base_weights(monkeypatch):
+    """A LoRA model's base layers decode several rows by their packed copies, the adapter's
+    update added: the tokens of every layer's own call (kernels off); merging the adapter into
+    the base in place leaves no stale pack in use."""
+    import lora
+    from codelm.models.adapter_config import LoRAConfig
+
+    monkeypatch.setattr(kernels, "PACK_MIN_NUMEL", 0)
+    model = _model("llama")
+    lora.apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for _, module in lora.lora_modules(model):
+            for weight in module.lora_B.values():
+                weight.normal_(0, 0.5)
+    model.eval()
+    idx = _ids(3, 6)
+    used = []
+    multiply = kernels._packed_linear
+
+    def spy(x, packed, bias):
+        used.append(packed)
+        return multiply(x, packed, bias)
+
+    monkeypatch.setattr(kernels, "_packed_linear", spy)
+    packed = gen(model, idx, 6)
+    bases = [module.base for _, module in lora.lora_modules(model)]
+    used_ids = {id(p) for p in used}
+    assert bases and all(id(kernels._PACKS[base].packed) in used_ids for base in bases)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    plain = gen(model, idx, 6)
+    assert torch.equal(packed, plain)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    lora.merge_lora(model)
+    merged = gen(model, idx, 6)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert torch.equal(merged, gen(model, idx, 6))
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
                                         (torch.float64, 1e-12)])
 def test_one_row_matmul_rewrite_equals_linear(dtype, tol):
