@@ -630,7 +630,8 @@ def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     if not file.is_file():
         raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) found")
     f = pretrained.SafetensorsFile(file)
-    if (version := f.metadata.get(FORMAT_KEY, FORMAT_VERSION)) != FORMAT_VERSION:
+    version = f.metadata.get(FORMAT_KEY, FORMAT_VERSION)
+    if version != FORMAT_VERSION:
         raise ValueError(f"{file}: a codelm adapter of format_version {version}, not "
                          f"{FORMAT_VERSION}: load it with the codelm that wrote it")
     return file, {k: f.view(k) for k in f.entries}

@@ -138,9 +138,11 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
     problems: list[dict] = []
     first_seen: dict[str, str] = {}
     for where, record in problem_records(path, passk_task.split_files, passk_task.name):
-        if (problem := passk_task.read(record, where)) is None:
+        problem = passk_task.read(record, where)
+        if problem is None:
             continue
-        if (task_id := problem["task_id"]) in first_seen:  # pass@k counts samples per task_id
+        task_id = problem["task_id"]
+        if task_id in first_seen:  # pass@k counts samples per task_id
             raise ValueError(f"{where}: duplicate task_id {task_id!r} (first at "
                              f"{first_seen[task_id]})")
         first_seen[task_id] = where
