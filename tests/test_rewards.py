@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import evalplus_form
 import pytest
 
 from codelm.evaluation.tasks import humaneval, passk, registry
@@ -37,32 +38,8 @@ MBPP_RECORD = {
         "assert sort_matrix([[1, 2, 3], [-2, 4, -5], [1, -1, 1]])==[[-2, 4, -5], [1, -1, 1], "
         "[1, 2, 3]]"]}
 # EvalPlus's test form (HumanEval+): numpy's tolerance through its assertion helper
-PLUS_TEST = '''import numpy as np
-
-def is_floats(x) -> bool:
-    if isinstance(x, float):
-        return True
-    if isinstance(x, (list, tuple)):
-        return all(isinstance(i, float) for i in x)
-    if isinstance(x, np.ndarray):
-        return x.dtype == np.float64 or x.dtype == np.float32
-    return False
-
-def assertion(out, exp, atol):
-    exact_match = out == exp
-    if atol == 0 and is_floats(exp):
-        atol = 1e-6
-    if not exact_match and atol != 0:
-        np.testing.assert_allclose(out, exp, atol=atol)
-    else:
-        assert exact_match
-
-def check(candidate):
-    inputs = [[3.5], [1.33], [123.456], [7.25]]
-    results = [0.5, 0.33, 0.456, 0.25]
-    for inp, exp in zip(inputs, results):
-        assertion(candidate(*inp), exp, 0)
-'''
+PLUS_TEST = evalplus_form.humaneval_plus_test([[3.5], [1.33], [123.456], [7.25]],
+                                              [0.5, 0.33, 0.456, 0.25])
 
 
 @pytest.fixture(scope="module")
