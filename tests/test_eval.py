@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-import evalplus_form
+import problem_forms
 import pytest
 import sacrebleu
 import torch
@@ -4138,7 +4138,7 @@ def _humaneval_plus_records() -> list[dict]:
     records = []
     for task_id, (inputs, results) in tests.items():
         records.append({**problems[task_id],
-                        "test": evalplus_form.humaneval_plus_test(inputs, results)})
+                        "test": problem_forms.humaneval_plus_test(inputs, results)})
     return records
 
 
@@ -4156,7 +4156,7 @@ def _mbpp_plus_records() -> list[dict]:
         records.append({"task_id": record["task_id"], "prompt": record["text"],
                         "code": record["code"], "source_file": "mbpp.jsonl",
                         "test_imports": [], "test_list": record["test_list"],
-                        "test": evalplus_form.mbpp_plus_test(name, inputs, results)})
+                        "test": problem_forms.mbpp_plus_test(name, inputs, results)})
     return records
 
 
@@ -4235,14 +4235,7 @@ def test_a_test_that_needs_a_callable_argument_runs_in_the_candidates_interprete
     results.json names it."""
     import json
 
-    problems = [
-        {"task_id": "x/0", "prompt": "def apply(f, x):\n", "entry_point": "apply",
-         "canonical_solution": "    return f(x)\n",
-         "test": "def check(candidate):\n    assert candidate(lambda v: v + 1, 1) == 2\n"},
-        {"task_id": "x/1", "prompt": "def inc(x):\n", "entry_point": "inc",
-         "canonical_solution": "    return x + 1\n",
-         "test": "def check(candidate):\n    assert candidate(1) == 2\n"},
-    ]
+    problems = problem_forms.callable_argument_problems()
     file = _write_jsonl(tmp_path / "problems.jsonl", problems)
     loaded = passk.load_problems(file, SandboxConfig(timeout_s=10.0))
     assert [p.get("trusted", True) for p in loaded] == [False, True]

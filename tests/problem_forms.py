@@ -1,6 +1,7 @@
-"""EvalPlus's test form, as its Hugging Face datasets (evalplus/humanevalplus,
-evalplus/mbppplus) hold it in "test": numpy's float comparison, then every input, base and
-extra, against its expected result."""
+"""Problems in the forms the pass@k tests share (tests/test_eval.py, tests/test_rewards.py):
+EvalPlus's test form, as its Hugging Face datasets (evalplus/humanevalplus, evalplus/mbppplus)
+hold it in "test" (numpy's float comparison, then every input, base and extra, against its
+expected result), and a problem whose test cannot run apart from the candidate."""
 
 from __future__ import annotations
 
@@ -43,3 +44,16 @@ def humaneval_plus_test(inputs: list, results: list) -> str:
 def mbpp_plus_test(name: str, inputs: list, results: list) -> str:
     """MBPP+'s test: a whole program, the helpers and the loop calling the function ``name``."""
     return HELPERS + "[]\n" + input_loop(name, inputs, results)
+
+
+def callable_argument_problems() -> list[dict]:
+    """Two problems: one whose test passes the candidate a function (which does not cross as
+    plain data, so its test runs only in the candidate's interpreter), and a plain one."""
+    return [
+        {"task_id": "x/0", "prompt": "def apply(f, x):\n", "entry_point": "apply",
+         "canonical_solution": "    return f(x)\n",
+         "test": "def check(candidate):\n    assert candidate(lambda v: v + 1, 1) == 2\n"},
+        {"task_id": "x/1", "prompt": "def inc(x):\n", "entry_point": "inc",
+         "canonical_solution": "    return x + 1\n",
+         "test": "def check(candidate):\n    assert candidate(1) == 2\n"},
+    ]
