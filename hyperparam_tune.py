@@ -474,8 +474,10 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         {**recipe, **_trial_run(cfg, trial.number, resume)}, f"trial {trial.number}")
     # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change; a
     # GPU without bf16 refuses bf16).
-    if resume and train_cfg.precision == "auto" and (trained := recorded_precision(resume)):
-        train_cfg = dataclasses.replace(train_cfg, precision=trained)
+    if resume and train_cfg.precision == "auto":
+        trained = recorded_precision(resume)
+        if trained:
+            train_cfg = dataclasses.replace(train_cfg, precision=trained)
     run_dir = Path(train_cfg.out_dir) / train_cfg.name
     if resume is None and (run_dir / rundir.CONFIG_FILE).exists():  # not this study's
         raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architecture import Transformer
+from architecture import Transformer, linear
 from codelm import kernels
 from codelm.models import families, pretrained
 from codelm.models.adapter_config import (
@@ -200,7 +200,7 @@ class LoRALinear(nn.Module):
         return (factor - 1) * base.to(update.dtype) + factor * update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = linear(self.base, x)  # (packed while decoding: architecture.linear)
         if not self.enabled or _skips_merged(self) or not self.lora_A:
             return out
         keys = list(self.lora_A.keys())
@@ -630,7 +630,8 @@ def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     if not file.is_file():
         raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) found")
     f = pretrained.SafetensorsFile(file)
-    if (version := f.metadata.get(FORMAT_KEY, FORMAT_VERSION)) != FORMAT_VERSION:
+    version = f.metadata.get(FORMAT_KEY, FORMAT_VERSION)
+    if version != FORMAT_VERSION:
         raise ValueError(f"{file}: a codelm adapter of format_version {version}, not "
                          f"{FORMAT_VERSION}: load it with the codelm that wrote it")
     return file, {k: f.view(k) for k in f.entries}

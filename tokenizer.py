@@ -244,8 +244,10 @@ class CodeTokenizer(BatchEncodeMixin):
         i = self._special_id(token)
         if i is None:
             i = self._piece_to_id.get(token)
-        if i is None and (m := _BYTE_TOKEN_RE.fullmatch(token)):
-            i = self._byte_offset + int(m[1], 16)
+        if i is None:
+            byte = _BYTE_TOKEN_RE.fullmatch(token)
+            if byte:
+                i = self._byte_offset + int(byte[1], 16)
         return i
 
     def id_to_token(self, i: int) -> str:
@@ -349,7 +351,8 @@ class CodeTokenizer(BatchEncodeMixin):
         """Read codelm's own format (``to_dict``; one version, another is refused)."""
         if data.get("type") != CODE_TOKENIZER_TYPE:
             raise ValueError(f"{source}: not a codelm CodeTokenizer file (type={data.get('type')!r})")
-        if (version := data.get("format_version")) != CODE_TOKENIZER_FORMAT_VERSION:
+        version = data.get("format_version")
+        if version != CODE_TOKENIZER_FORMAT_VERSION:
             raise ValueError(f"{source}: CodeTokenizer format_version {version!r}; codelm reads "
                              f"format_version {CODE_TOKENIZER_FORMAT_VERSION} (train it again)")
         for key, kind in (("pieces", list), ("special_tokens", list), ("min_freq", int),

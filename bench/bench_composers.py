@@ -16,7 +16,6 @@ reference's time over each composer's cold time.
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -91,10 +90,7 @@ def lca_reference(files: dict[str, str], path: str, prefix: str, tok) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS)
-    settings.add_config_flags(parser, BenchConfig)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    cfg = settings.parse_config_flags(BenchConfig, argv, __doc__.split("\n\n")[0])
     files = synthetic_repository(cfg.files, cfg.seed)
     tok = CodeTokenizer.train(list(files.values())[:300], min_freq=2)
     targets = random.Random(cfg.seed).sample(sorted(files), cfg.completions)

@@ -17,7 +17,6 @@ Example: python bench/bench_drafts.py --threads 1. Figures go to docs/benchmarks
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -92,11 +91,7 @@ def validation_prompts(lm, cfg: BenchConfig) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
-    settings.add_config_flags(parser, BenchConfig)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    cfg = settings.parse_config_flags(BenchConfig, argv, __doc__)
     torch.set_num_threads(cfg.threads)
     lm = loading.load_model(str(trained_run(cfg)), "cpu")
     model = lm.model.eval()

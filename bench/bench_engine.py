@@ -18,7 +18,6 @@ Example: python bench/bench_engine.py --threads 2. Figures go to docs/benchmarks
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -194,13 +193,8 @@ def bench_greedy(cfg: BenchConfig, ours, hf, work: Problems) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
-    settings.add_config_flags(parser, BenchConfig)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
-    if cfg.clock not in CLOCKS:
-        parser.error(f"--clock: expected wall or cpu, got {cfg.clock!r}")
+    cfg = settings.parse_config_flags(BenchConfig, argv, __doc__,
+                                      choices={"clock": tuple(CLOCKS)})
     torch.set_num_threads(cfg.threads)
     ours, hf = models()
     work = problems(cfg, ours.cfg.vocab_size)

@@ -102,10 +102,7 @@ def rank_main(cfg: BenchConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS)
-    settings.add_config_flags(parser, BenchConfig)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    cfg = settings.parse_config_flags(BenchConfig, argv, __doc__.split("\n\n")[0])
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rank_main(cfg)
         return

@@ -30,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import sections  # noqa: E402  (bench/, the script folder, is on sys.path)
 from bench_model import NanoLlama, _hf_llama, copy_hf_llama_weights  # noqa: E402
 
 import architecture  # noqa: E402
@@ -456,11 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the GPU's dense bf16 peak for MFU (default: from the device name: "
                              + ", ".join(f"{k} {v}" for k, v in PEAK_BF16_TFLOPS.items()) + ")")
     args = parser.parse_args(argv)
-    only = SECTIONS if args.only == "all" else tuple(args.only.split(","))
-    unknown = [s for s in only if s not in SECTIONS]
-    if unknown:
-        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; expected "
-                     f"{', '.join(SECTIONS)} or all")
+    only = sections.chosen(parser, args.only, SECTIONS)
     global DEV
     if args.dry_run:
         DEV, args.device_name = "cpu", "cpu (dry run)"
@@ -476,20 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         args.cfg, args.small_cfg, args.new_tokens = GPU_CFG, PRESETS["llama-14m"], 128
         args.head_shape = (128256, 2048, 8192)
     print(f"torch {torch.__version__}, {args.device_name}")
-    sections = {"parity": bench_parity, "kernels": bench_kernels, "train": bench_train,
-                "ablate": bench_ablate,
-                "generate": bench_generate, "load": bench_load, "checks": bench_checks}
-    results, failed = {}, []
-    for name in only:
-        try:  # one section's failure is reported; the others still run
-            results[name] = sections[name](args)
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            failed.append(name)
-    print("\n" + json.dumps(results, default=float))
-    if failed:
-        print(f"failed sections: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    runners = {"parity": bench_parity, "kernels": bench_kernels, "train": bench_train,
+               "ablate": bench_ablate,
+               "generate": bench_generate, "load": bench_load, "checks": bench_checks}
+    return sections.run(runners, only, args, default=float)
 
 
 if __name__ == "__main__":

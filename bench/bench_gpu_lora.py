@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import sections  # noqa: E402
 from bench_finetune import SEED_LORA, SHAPES, save_random_adapter  # noqa: E402
 from tiny_hf import tiny_hf_config  # noqa: E402
 
@@ -381,6 +381,11 @@ def print_lora_table(table: dict) -> None:
                   f"{cell(ours)} | {ratios(ours, out['hf bf16'])} | |")
 
 
+def _as_json(o: object) -> object:
+    """A dataclass's fields, anything else its string."""
+    return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -400,11 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="the CPU at toy sizes: 2 blocks, short rows (checks the script)")
     args = parser.parse_args(argv)
-    only = SECTIONS if args.only == "all" else tuple(args.only.split(","))
-    unknown = [s for s in only if s not in SECTIONS]
-    if unknown:
-        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; expected "
-                     f"{', '.join(SECTIONS)} or all")
+    only = sections.chosen(parser, args.only, SECTIONS)
     global DEV, FP16, BF16
     if args.dry_run:
         DEV = "cpu"
@@ -417,19 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)"
     print(f"torch {torch.__version__}, {name}", flush=True)
-    sections = {"lora": bench_lora, "nf4": bench_nf4, "long": bench_long}
-    results, failed = {}, []
-    for section in only:
-        try:  # one section's failure is reported; the others still run
-            results[section] = sections[section](args)
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            failed.append(section)
-    print("\n" + json.dumps(results, default=lambda o: dataclasses.asdict(o)
-                            if dataclasses.is_dataclass(o) else str(o)))
-    if failed:
-        print(f"failed sections: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    runners = {"lora": bench_lora, "nf4": bench_nf4, "long": bench_long}
+    return sections.run(runners, only, args, default=_as_json)
 
 
 if __name__ == "__main__":

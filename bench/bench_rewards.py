@@ -12,7 +12,6 @@ reads (``--problems TASK=PATH`` as there: MBPP's and EvalPlus's need their datas
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import Counter
@@ -37,10 +36,7 @@ def _ended(statuses: Counter) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS)
-    settings.add_config_flags(parser, BenchConfig)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    cfg = settings.parse_config_flags(BenchConfig, argv, __doc__.split("\n\n")[0])
     from codelm.evaluation.config import EvalConfig
     from codelm.evaluation.tasks import passk, registry
     from codelm.training import rewards

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(summary.format(), file=sys.stderr)
         print(f"wrote {args['out']}", file=sys.stderr)
-        if not summary.files["kept"] and (skipped := sum(summary.files.values())):
+        skipped = sum(summary.files.values())
+        if not summary.files["kept"] and skipped:
             print(f"warning: no file kept ({skipped} skipped: reasons above); do the filters "
                   "(--extensions, --language, size limits) match the code you want?",
                   file=sys.stderr)

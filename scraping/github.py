@@ -188,7 +188,8 @@ def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.R
         if not next_url:
             break
         data, resp = client.get_json(next_url, valid=_is_search_page)
-    if len(found) < (wanted := min(data["total_count"], cap)):
+    wanted = min(data["total_count"], cap)
+    if len(found) < wanted:
         log.warning("search %s: %d of %d repos read (star counts changed while paging); a "
                     "re-run reads the rest", params["q"], len(found), wanted)
     return list(found.values())

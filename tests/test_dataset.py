@@ -1182,8 +1182,11 @@ def cleaned_dump(node: ast.AST) -> str:
     """ast.dump with every docstring as ast.get_docstring reads it (cleaned; trailing whitespace,
     which cleaning keeps where no line after the first has text, dropped)."""
     for n in ast.walk(node):
-        if isinstance(n, DOCUMENTED) and (ds := docstring_statement(n)):
-            ds.value.value = ast.get_docstring(n).rstrip()
+        if not isinstance(n, DOCUMENTED):
+            continue
+        statement = docstring_statement(n)
+        if statement:
+            statement.value.value = ast.get_docstring(n).rstrip()
     return ast.dump(node)
 
 

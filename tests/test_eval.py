@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+import problem_forms
 import pytest
 import sacrebleu
 import torch
@@ -4122,37 +4123,6 @@ def _benchmark_problem(benchmark: str, tmp_path: Path) -> dict:
     return passk.load_problems(passk.PROBLEMS_FILE, sandbox)[0]
 
 
-# EvalPlus's test form (its Hugging Face datasets' "test"): numpy's float comparison, then every
-# input, base and extra, against its expected result.
-EVALPLUS_HELPERS = """import numpy as np
-
-def is_floats(x) -> bool:
-    if isinstance(x, float):
-        return True
-    if isinstance(x, (list, tuple)):
-        return all(isinstance(i, float) for i in x)
-    if isinstance(x, np.ndarray):
-        return x.dtype == np.float64 or x.dtype == np.float32
-    return False
-
-
-def assertion(out, exp, atol):
-    exact_match = out == exp
-    if atol == 0 and is_floats(exp):
-        atol = 1e-6
-    if not exact_match and atol != 0:
-        np.testing.assert_allclose(out, exp, atol=atol)
-    else:
-        assert exact_match
-"""
-
-
-def _evalplus_loop(call: str, inputs: list, results: list) -> str:
-    return (f"inputs = {inputs!r}\nresults = {results!r}\n"
-            "for i, (inp, exp) in enumerate(zip(inputs, results)):\n"
-            f"    assertion({call}(*inp), exp, 0)\n")
-
-
 def _humaneval_plus_records() -> list[dict]:
     """HumanEval/0 and HumanEval/2 as evalplus/humanevalplus holds them: the prompt, entry point
     and canonical solution of HumanEval, the test EvalPlus's, with inputs beyond HumanEval's."""
@@ -4167,9 +4137,8 @@ def _humaneval_plus_records() -> list[dict]:
     }
     records = []
     for task_id, (inputs, results) in tests.items():
-        body = "    " + _evalplus_loop("candidate", inputs, results).replace("\n", "\n    ")
         records.append({**problems[task_id],
-                        "test": EVALPLUS_HELPERS + "\n\ndef check(candidate):\n" + body})
+                        "test": problem_forms.humaneval_plus_test(inputs, results)})
     return records
 
 
@@ -4187,7 +4156,7 @@ def _mbpp_plus_records() -> list[dict]:
         records.append({"task_id": record["task_id"], "prompt": record["text"],
                         "code": record["code"], "source_file": "mbpp.jsonl",
                         "test_imports": [], "test_list": record["test_list"],
-                        "test": EVALPLUS_HELPERS + "[]\n" + _evalplus_loop(name, inputs, results)})
+                        "test": problem_forms.mbpp_plus_test(name, inputs, results)})
     return records
 
 
@@ -4266,14 +4235,7 @@ def test_a_test_that_needs_a_callable_argument_runs_in_the_candidates_interprete
     results.json names it."""
     import json
 
-    problems = [
-        {"task_id": "x/0", "prompt": "def apply(f, x):\n", "entry_point": "apply",
-         "canonical_solution": "    return f(x)\n",
-         "test": "def check(candidate):\n    assert candidate(lambda v: v + 1, 1) == 2\n"},
-        {"task_id": "x/1", "prompt": "def inc(x):\n", "entry_point": "inc",
-         "canonical_solution": "    return x + 1\n",
-         "test": "def check(candidate):\n    assert candidate(1) == 2\n"},
-    ]
+    problems = problem_forms.callable_argument_problems()
     file = _write_jsonl(tmp_path / "problems.jsonl", problems)
     loaded = passk.load_problems(file, SandboxConfig(timeout_s=10.0))
     assert [p.get("trusted", True) for p in loaded] == [False, True]

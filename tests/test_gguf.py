@@ -527,7 +527,8 @@ def test_a_lora_run_with_export_gguf_writes_its_merged_weights_and_a_modelfile(c
         if hf_name == "lm_head.weight" and cfg_model.tie_embeddings:
             continue
         ours = got[names.get_name(hf_name, try_suffixes=(".weight", ".bias"))]
-        if (proj := hf_name.split(".")[-2]) in heads:  # llama.cpp's pairs back to HF's halves
+        proj = hf_name.split(".")[-2]
+        if proj in heads:  # llama.cpp's pairs back to HF's halves
             n = heads[proj]
             ours = ours.view(n, cfg_model.head_dim // 2, 2, -1).transpose(1, 2).reshape(ours.shape)
         torch.testing.assert_close(ours, tensor, rtol=0, atol=1e-6, msg=hf_name)

@@ -1,6 +1,8 @@
 """Each kernel against the plain PyTorch op it replaces (kernels.py), and the one switch."""
 
 
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,6 +207,45 @@ def test_packs_stay_within_their_byte_limit(monkeypatch):
     assert not any(layer in kernels._PACKS for layer in _linears(model))
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_lora_decodes_through_packed_base_weights(monkeypatch):
+    """A LoRA model's base layers decode several rows by their packed copies, the adapter's
+    update added: the tokens of every layer's own call (kernels off); merging the adapter into
+    the base in place leaves no stale pack in use."""
+    import lora
+    from codelm.models.adapter_config import LoRAConfig
+
+    monkeypatch.setattr(kernels, "PACK_MIN_NUMEL", 0)
+    model = _model("llama")
+    lora.apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for _, module in lora.lora_modules(model):
+            for weight in module.lora_B.values():
+                weight.normal_(0, 0.5)
+    model.eval()
+    idx = _ids(3, 6)
+    used = []
+    multiply = kernels._packed_linear
+
+    def spy(x, packed, bias):
+        used.append(packed)
+        return multiply(x, packed, bias)
+
+    monkeypatch.setattr(kernels, "_packed_linear", spy)
+    packed = gen(model, idx, 6)
+    bases = [module.base for _, module in lora.lora_modules(model)]
+    used_ids = {id(p) for p in used}
+    assert bases and all(id(kernels._PACKS[base].packed) in used_ids for base in bases)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    plain = gen(model, idx, 6)
+    assert torch.equal(packed, plain)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    lora.merge_lora(model)
+    merged = gen(model, idx, 6)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert torch.equal(merged, gen(model, idx, 6))
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
                                         (torch.float64, 1e-12)])
 def test_one_row_matmul_rewrite_equals_linear(dtype, tol):
@@ -311,12 +352,16 @@ def _unfused(hidden, labels, head, smoothing=0.0):
     return loss, ((logits.argmax(-1) == labels) & (labels != -100)).sum()
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_fused_head_loss_equals_cross_entropy_of_the_logits(bias, smoothing, monkeypatch):
-    """Loss, correct count and the gradients of hidden, weight and bias against F.cross_entropy
-    of the whole logits, in fp64, over chunks that do not divide the rows, with ignored rows."""
+class _HeadCase(NamedTuple):
+    head: torch.nn.Linear
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    params: list[torch.Tensor]  # what the gradients are compared of: hidden, weight, bias
 
+
+def _head_case(bias: bool, monkeypatch) -> _HeadCase:
+    """A seeded fp64 head (12 -> 50) over 3x10 positions, the first four and the last ignored
+    (-100), fused in chunks of 7 rows, which do not divide the 30."""
     monkeypatch.setattr(kernels, "_loss_chunk_rows", lambda vocab, device: 7)
     torch.manual_seed(0)
     head = torch.nn.Linear(12, 50, bias=bias).double()
@@ -324,21 +369,36 @@ def test_fused_head_loss_equals_cross_entropy_of_the_logits(bias, smoothing, mon
     labels = torch.randint(0, 50, (3, 10))
     labels[0, :4] = -100
     labels[2, 9] = -100
-    loss, correct = head_loss(hidden, head, labels, smoothing, True)
-    loss.backward(torch.tensor(0.3, dtype=torch.float64))
     params = [hidden, head.weight] + ([head.bias] if bias else [])
-    fused = [p.grad.clone() for p in params]
+    return _HeadCase(head, hidden, labels, params)
+
+
+def _taken_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of ``params``, cleared for the reference's backward."""
+    grads = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_head_loss_equals_cross_entropy_of_the_logits(bias, smoothing, monkeypatch):
+    """Loss, correct count and the gradients of hidden, weight and bias against F.cross_entropy
+    of the whole logits, in fp64, over chunks that do not divide the rows, with ignored rows."""
+    case = _head_case(bias, monkeypatch)
+    hidden, head, labels = case.hidden, case.head, case.labels
+    loss, correct = head_loss(hidden, head, labels, smoothing, True)
+    loss.backward(torch.tensor(0.3, dtype=torch.float64))
+    fused = _taken_grads(case.params)
     ref_loss, ref_correct = _unfused(hidden, labels, head, smoothing)
     (0.3 * ref_loss).backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     assert int(correct) == int(ref_correct) and not correct.requires_grad
-    for got, p in zip(fused, params):
+    for got, p in zip(fused, case.params):
         torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-14)
     with torch.no_grad():  # the autograd-free path
-        torch.testing.assert_close(head_loss(hidden, head, labels,
-                                                                   smoothing)[0],
+        torch.testing.assert_close(head_loss(hidden, head, labels, smoothing)[0],
                                    ref_loss, rtol=1e-12, atol=0)
 
 
@@ -376,29 +436,21 @@ def test_fused_head_logps_equal_log_softmax_of_the_logits(bias, temperature, wit
     entropy of that distribution), and the gradients of hidden, weight and bias under a
     weighting of every position, against log_softmax of the whole logits in fp64, over chunks
     that do not divide the rows, with ignored positions (0, no gradient)."""
-    monkeypatch.setattr(kernels, "_loss_chunk_rows", lambda vocab, device: 7)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(12, 50, bias=bias).double()
-    hidden = torch.randn(3, 10, 12, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 50, (3, 10))
-    labels[0, :4] = -100
-    labels[2, 9] = -100
+    case = _head_case(bias, monkeypatch)
+    hidden, head, labels = case.hidden, case.head, case.labels
     ignored = labels == -100
     weights = torch.randn(3, 10, dtype=torch.float64)
     out = kernels.head_token_logps(hidden, head, labels, temperature=temperature,
                                    with_entropy=with_entropy)
     logps, entropy = out if with_entropy else (out, None)
     (logps * weights).sum().backward()
-    params = [hidden, head.weight] + ([head.bias] if bias else [])
-    fused = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
+    fused = _taken_grads(case.params)
     logprobs = (head(hidden) / temperature).log_softmax(-1)
     plain = logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(ignored, 0.0)
     (plain * weights).sum().backward()
     torch.testing.assert_close(logps, plain, rtol=1e-12, atol=1e-14)
     assert logps[0, :4].eq(0).all()
-    for got, p in zip(fused, params):
+    for got, p in zip(fused, case.params):
         torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-14)
     if with_entropy:
         expected = -(logprobs.exp() * logprobs).sum(-1).masked_fill(ignored, 0.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import problem_forms
 import pytest
 
 from codelm.evaluation.tasks import humaneval, passk, registry
@@ -37,32 +38,8 @@ MBPP_RECORD = {
         "assert sort_matrix([[1, 2, 3], [-2, 4, -5], [1, -1, 1]])==[[-2, 4, -5], [1, -1, 1], "
         "[1, 2, 3]]"]}
 # EvalPlus's test form (HumanEval+): numpy's tolerance through its assertion helper
-PLUS_TEST = '''import numpy as np
-
-def is_floats(x) -> bool:
-    if isinstance(x, float):
-        return True
-    if isinstance(x, (list, tuple)):
-        return all(isinstance(i, float) for i in x)
-    if isinstance(x, np.ndarray):
-        return x.dtype == np.float64 or x.dtype == np.float32
-    return False
-
-def assertion(out, exp, atol):
-    exact_match = out == exp
-    if atol == 0 and is_floats(exp):
-        atol = 1e-6
-    if not exact_match and atol != 0:
-        np.testing.assert_allclose(out, exp, atol=atol)
-    else:
-        assert exact_match
-
-def check(candidate):
-    inputs = [[3.5], [1.33], [123.456], [7.25]]
-    results = [0.5, 0.33, 0.456, 0.25]
-    for inp, exp in zip(inputs, results):
-        assertion(candidate(*inp), exp, 0)
-'''
+PLUS_TEST = problem_forms.humaneval_plus_test([[3.5], [1.33], [123.456], [7.25]],
+                                              [0.5, 0.33, 0.456, 0.25])
 
 
 @pytest.fixture(scope="module")
@@ -190,13 +167,7 @@ def test_hacks_run_again_only_what_the_trusted_test_failed():
 def test_a_problem_whose_solution_needs_its_candidates_interpreter_is_named():
     """A test that passes the candidate a function cannot run apart from it: its canonical
     solution earns nothing, and check_problems says which problem and what to do."""
-    problems = [
-        {"task_id": "x/0", "prompt": "def apply(f, x):\n", "entry_point": "apply",
-         "canonical_solution": "    return f(x)\n",
-         "test": "def check(candidate):\n    assert candidate(lambda v: v + 1, 1) == 2\n"},
-        {"task_id": "x/1", "prompt": "def inc(x):\n", "entry_point": "inc",
-         "canonical_solution": "    return x + 1\n",
-         "test": "def check(candidate):\n    assert candidate(1) == 2\n"}]
+    problems = problem_forms.callable_argument_problems()
     with pytest.raises(ValueError, match=r"^1 of 2 problems' .* \(x/0\): fix or drop them"):
         rewards.check_problems(problems, passk.run_check, SANDBOX, workers=2)
     rewards.check_problems(problems[1:], passk.run_check, SANDBOX)

@@ -73,6 +73,8 @@ READERS = {
                                                             "self.settings"),
                    (trainer.Trainer.update, "self.settings"),
                    (trainer.Trainer.evaluate, "self.settings"),
+                   (trainer.Trainer._eval_batches, "self.settings"),
+                   (trainer.Trainer._eval_precision, "self.settings"),
                    (preference_run.PreferenceTrainer.evaluate, "self.settings"),
                    *[(method, "self.settings") for _, method in inspect.getmembers(
                        rollout.GRPOTrainer, inspect.isfunction)],

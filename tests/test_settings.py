@@ -61,6 +61,17 @@ def test_flags_mirror_fields_and_lists_take_both_forms():
     assert _parse([]) == Demo()
 
 
+def test_a_scripts_flags_alone_make_its_settings(capsys):
+    """parse_config_flags: the typed flags over the defaults, no config file; a value outside
+    the choices is argparse's usage error."""
+    cfg = settings.parse_config_flags(Demo, ["--steps", "3", "--mode", "b"], "A demo.", CHOICES)
+    assert cfg == Demo(steps=3, mode="b")
+    assert settings.parse_config_flags(Demo, [], "A demo.") == Demo()
+    with pytest.raises(SystemExit) as stop:
+        settings.parse_config_flags(Demo, ["--mode", "c"], "A demo.", CHOICES)
+    assert stop.value.code == 2 and "invalid choice: 'c'" in capsys.readouterr().err
+
+
 def test_file_then_flags_with_recipe_sections(tmp_path):
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"_seed": "doc", "train": {"steps": 3, "lr": 2, "_why": "x"},

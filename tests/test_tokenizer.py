@@ -28,16 +28,14 @@ from tiny_hf import (
     QWEN2_SPECIALS,
     STARCODER_SPECIALS,
     train_hf_tokenizer,
+    trained_bpe,
 )
 from tokenizers import (
     AddedToken,
     Regex,
     Tokenizer,
-    decoders,
-    models,
     pre_tokenizers,
     processors,
-    trainers,
 )
 
 from codelm.data import encoding
@@ -113,6 +111,18 @@ def _first_mismatch(names, ours, ref) -> str | None:
     return None
 
 
+def _assert_ids_equal_hf(hf: Tokenizer, ours, texts: list[str], add_special_tokens: bool = False,
+                         names: list[str] | None = None) -> list[list[int]]:
+    """``ours``' ids of each text, asserted equal to HF's; a mismatch names the text (by
+    ``names``, else its first 40 characters) and the first id that differs."""
+    names = [repr(t[:40]) for t in texts] if names is None else names
+    ref = _hf_ids(hf, texts, add_special_tokens=add_special_tokens)
+    got = [ours.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+    mismatch = _first_mismatch(names, got, ref)
+    assert mismatch is None, mismatch
+    return got
+
+
 # ---------------------------------------------------------------------------------------------
 # Parity with HF tokenizers
 # ---------------------------------------------------------------------------------------------
@@ -144,9 +154,7 @@ def test_parity_with_special_tokens(style, references, stdlib_texts):
     sample = stdlib_texts[::50]
     names = [n for n, _ in sample]
     texts = [t for _, t in sample]
-    ref = _hf_ids(hf, texts, add_special_tokens=True)
-    got = [ours.encode(t, add_special_tokens=True) for t in texts]
-    assert _first_mismatch(names, got, ref) is None, _first_mismatch(names, got, ref)
+    got = _assert_ids_equal_hf(hf, ours, texts, add_special_tokens=True, names=names)
     if style in ("gpt2", "qwen2"):
         assert got == [ours.encode(t) for t in texts]  # ByteLevel post-processor adds nothing
     else:
@@ -160,9 +168,7 @@ def test_parity_with_special_tokens(style, references, stdlib_texts):
         pieces = [text[: cut[0]], text[cut[0] : cut[1]], text[cut[1] :]]
         spliced.append(rng.choice(specials).join(pieces) + rng.choice(specials))
     for add in (False, True):
-        ref = _hf_ids(hf, spliced, add_special_tokens=add)
-        got = [ours.encode(t, add_special_tokens=add) for t in spliced]
-        assert _first_mismatch(names, got, ref) is None, _first_mismatch(names, got, ref)
+        _assert_ids_equal_hf(hf, ours, spliced, add_special_tokens=add, names=names)
 
 
 def _one_mb_line(stdlib_texts) -> str:
@@ -204,10 +210,7 @@ EDGE_CASES = [
 def test_parity_edge_cases(style, references, stdlib_texts):
     _, hf, ours = references[style]
     for add, texts in ((True, EDGE_CASES), (False, [*EDGE_CASES, _one_mb_line(stdlib_texts)])):
-        names = [repr(t[:40]) for t in texts]
-        ref = _hf_ids(hf, texts, add_special_tokens=add)
-        got = [ours.encode(t, add_special_tokens=add) for t in texts]
-        assert _first_mismatch(names, got, ref) is None, _first_mismatch(names, got, ref)
+        got = _assert_ids_equal_hf(hf, ours, texts, add_special_tokens=add)
     for text, ids in zip(texts, got):  # Qwen2's text comes back as its NFC normalizer made it
         assert ours.decode(ids) == (unicodedata.normalize("NFC", text) if style == "qwen2"
                                     else text)
@@ -218,12 +221,8 @@ def test_ids_equal_hf_on_the_edge_corpus(style, references):
     """Every general category, combining sequences, emoji ZWJ sequences and whitespace runs
     (tests/edge_corpus.py), with and without the template's special tokens."""
     _, hf, ours = references[style]
-    texts = edge_texts()
-    names = [repr(t[:40]) for t in texts]
     for add in (False, True):
-        ref = _hf_ids(hf, texts, add_special_tokens=add)
-        got = [ours.encode(t, add_special_tokens=add) for t in texts]
-        assert _first_mismatch(names, got, ref) is None, _first_mismatch(names, got, ref)
+        _assert_ids_equal_hf(hf, ours, edge_texts(), add_special_tokens=add)
 
 
 @pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
@@ -320,9 +319,7 @@ def test_merges_as_strings_and_added_token_flags(references, stdlib_texts, tmp_p
         *(t for _, t in stdlib_texts[::90]),
     ]
     for add in (False, True):
-        ref = _hf_ids(hf, texts, add_special_tokens=add)
-        got = [ours.encode(t, add_special_tokens=add) for t in texts]
-        assert _first_mismatch(texts, got, ref) is None, _first_mismatch(texts, got, ref)
+        _assert_ids_equal_hf(hf, ours, texts, add_special_tokens=add, names=texts)
 
 
 def test_lstrip_token_inside_the_previous_rstrip_whitespace_is_dropped(references, tmp_path):
@@ -447,22 +444,6 @@ def test_a_split_regex_with_groups_splits_at_its_matches_as_hf_does(references, 
     assert _first_mismatch(texts, [ours.encode(t) for t in texts], _hf_ids(hf, texts)) is None
 
 
-def _small_hf(pre, texts, alphabet=True, specials=("<|endoftext|>",), vocab_size=600,
-              min_frequency=0) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(specials),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if alphabet else [],
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                "use_regex": True}
 
@@ -552,7 +533,7 @@ def test_other_supported_pretokenizer_shapes(stdlib_texts, tmp_path):
     }
     texts = [t for _, t in stdlib_texts[3::150]] + EDGE_CASES
     for name, pre in shapes.items():
-        hf = _small_hf(pre, [t for _, t in stdlib_texts[::150]])
+        hf = trained_bpe(pre, [t for _, t in stdlib_texts[::150]])
         hf.save(str(tmp_path / f"{name}.json"))
         ours = load_tokenizer(tmp_path / f"{name}.json")
         ref = _hf_ids(hf, texts)
@@ -562,7 +543,7 @@ def test_other_supported_pretokenizer_shapes(stdlib_texts, tmp_path):
 def test_characters_missing_from_vocab_follow_hf(stdlib_texts, tmp_path):
     """Without the full byte alphabet HF drops unknown bytes, or maps them to unk_token."""
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf = _small_hf(pre, ["def f(x): return x + 1\n" * 20], alphabet=False, specials=["<unk>"])
+    hf = trained_bpe(pre, ["def f(x): return x + 1\n" * 20], alphabet=False, specials=["<unk>"])
     hf.save(str(tmp_path / "plain.json"))
     texts = ["def g(y): return 42 🙂 + é\n", "zzz", "", "🙂🙂 def"]
     spec = json.loads((tmp_path / "plain.json").read_text("utf-8"))
@@ -655,8 +636,8 @@ def test_bpe_training_min_frequency_boundary_as_hf(min_frequency, merged):
     BpeTrainer decides (ab twice; a|b after a space, z|q once)."""
     texts = ["ab ab zq"]
     ours = BPETokenizer.train(texts, 1000, min_frequency=min_frequency)
-    hf = _small_hf(pre_tokenizers.ByteLevel(add_prefix_space=False), texts, vocab_size=1000,
-                   min_frequency=min_frequency)
+    hf = trained_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), texts, vocab_size=1000,
+                     min_frequency=min_frequency)
     specials = {"<|endoftext|>"}
     ref = {t for t in hf.get_vocab() if len(t) > 1} - specials
     assert {t for t in ours.spec["model"]["vocab"] if len(t) > 1} - specials == ref == merged
@@ -710,9 +691,9 @@ def test_bpe_training_with_a_repeated_special_token_gives_dense_ids_hf_reads_ali
 def _hf_bpe_file(tmp_path, post_processor=None) -> tuple[Tokenizer, object]:
     """A small byte-level BPE trained by HF's BpeTrainer with specials <|endoftext|>, <a>, <b>
     and ``post_processor(hf)`` set, saved as tmp_path/tokenizer.json."""
-    hf = _small_hf(pre_tokenizers.ByteLevel(add_prefix_space=False),
-                   ["def f(x):\n    return x + 1\n"] * 20,
-                   specials=("<|endoftext|>", "<a>", "<b>"), vocab_size=400)
+    hf = trained_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
+                     ["def f(x):\n    return x + 1\n"] * 20,
+                     specials=("<|endoftext|>", "<a>", "<b>"), vocab_size=400)
     if post_processor is not None:
         hf.post_processor = post_processor(hf)
     path = tmp_path / "tokenizer.json"

@@ -12,7 +12,7 @@ import unicodedata
 
 import pytest
 from edge_corpus import LONE_SURROGATES, edge_texts
-from test_tokenizer import EDGE_CASES, _first_mismatch, _hf_ids
+from test_tokenizer import EDGE_CASES, _assert_ids_equal_hf, _first_mismatch, _hf_ids
 from tiny_hf import FAMILY_TOKENIZER_STYLES, QWEN2_SPECIALS, train_family_tokenizer
 
 from codelm.data.examples import chat_turns
@@ -107,11 +107,8 @@ def test_ids_equal_hf_on_held_out_code(style, family_tokenizers, held_out):
 @pytest.mark.parametrize("style", FAMILY_TOKENIZER_STYLES)
 def test_ids_and_text_equal_hf_on_edge_strings(style, family_tokenizers):
     hf, ours = family_tokenizers[style]
-    names = [repr(t[:40]) for t in FAMILY_EDGE_CASES]
     for add in (False, True):
-        got = [ours.encode(t, add_special_tokens=add) for t in FAMILY_EDGE_CASES]
-        ref = _hf_ids(hf, FAMILY_EDGE_CASES, add_special_tokens=add)
-        assert _first_mismatch(names, got, ref) is None, _first_mismatch(names, got, ref)
+        _assert_ids_equal_hf(hf, ours, FAMILY_EDGE_CASES, add_special_tokens=add)
     round_trips = 0
     for text in FAMILY_EDGE_CASES:
         ids = ours.encode(text)
@@ -129,12 +126,8 @@ def test_ids_equal_hf_on_the_edge_corpus(style, family_tokenizers):
     reorders them, HF's 9.0 does not), emoji ZWJ sequences and whitespace runs, with and
     without the template's special tokens."""
     hf, ours = family_tokenizers[style]
-    texts = edge_texts()
-    names = [repr(t[:40]) for t in texts]
     for add in (False, True):
-        ref = _hf_ids(hf, texts, add_special_tokens=add)
-        got = [ours.encode(t, add_special_tokens=add) for t in texts]
-        assert _first_mismatch(names, got, ref) is None, _first_mismatch(names, got, ref)
+        _assert_ids_equal_hf(hf, ours, edge_texts(), add_special_tokens=add)
 
 
 @pytest.mark.parametrize("style", ["qwen2", "spm", "gemma3"])

@@ -146,6 +146,25 @@ STARCODER_SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suf
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 
 
+def trained_bpe(pre, texts: list[str], specials=("<|endoftext|>",), vocab_size: int = 600,
+                min_frequency: int = 0, alphabet: bool = True, model=None) -> Tokenizer:
+    """A byte-level BPE tokenizer (``model``, else a plain BPE; ``pre`` its pre-tokenizer)
+    trained on ``texts`` by HF's own BpeTrainer: every byte in its alphabet unless
+    ``alphabet`` is False."""
+    tok = Tokenizer(models.BPE() if model is None else model)
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if alphabet else [],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
 def train_hf_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
     """A tokenizer.json in the shape the real models ship, trained by HF's own BpeTrainer."""
     if style == "qwen2":
@@ -164,16 +183,7 @@ def train_hf_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
         split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False)
         pre = pre_tokenizers.Sequence([split, byte_level])
         specials = LLAMA3_SPECIALS
-    tok = Tokenizer(model)
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=3000,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
+    tok = trained_bpe(pre, texts, specials, vocab_size=3000, model=model)
     if style == "gpt2":
         # CodeGen ships runs of spaces and tabs as added (normalized, non-special) tokens.
         tok.add_tokens([AddedToken(" " * n, normalized=True) for n in range(2, 9)])

@@ -64,8 +64,12 @@ def _builders(entry: Path, besides: Path | None = None) -> list[Path]:
         entries = list(entry.parent.iterdir())
     except OSError:  # no cache: no builder
         return []
-    return [path for path in entries if path != besides and (match := pattern.match(path.name))
-            and not process.owner_is_dead(match)]
+    building = []
+    for path in entries:
+        match = pattern.match(path.name)
+        if path != besides and match and not process.owner_is_dead(match):
+            building.append(path)
+    return building
 
 
 def remove_shards(entry: Path) -> None:

@@ -44,7 +44,8 @@ def strip_license_header(text: str) -> tuple[str, bool]:
     if i < len(lines) and lines[i].lstrip().startswith("/*"):
         while i < len(lines) and "*/" not in lines[i]:
             i += 1
-        if i < len(lines) and (after := lines[i].partition("*/")[2].lstrip(" \t")).strip():
+        after = lines[i].partition("*/")[2].lstrip(" \t") if i < len(lines) else ""
+        if after.strip():
             rest = [after]
         i += 1
     else:

@@ -116,10 +116,12 @@ class DataConfig:
     def validate(self) -> None:
         """What the field types cannot say (``settings.config_from_dict`` checks the types)."""
         for name, minimum in _MINIMUMS.items():
-            if (value := getattr(self, name)) is not None and value < minimum:
+            value = getattr(self, name)
+            if value is not None and value < minimum:
                 raise DataError(f"DataConfig.{name} must be >= {minimum}, got {value}")
         for name, allowed in CHOICES.items():
-            if (value := getattr(self, name)) not in allowed:
+            value = getattr(self, name)
+            if value not in allowed:
                 raise DataError(f"DataConfig.{name}: {value!r} is not one of {list(allowed)}")
         fracs = (self.train_frac, self.val_frac, self.test_frac)
         if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:

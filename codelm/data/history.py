@@ -183,7 +183,8 @@ class GitRepo:
         for block in out.split("\x01")[1:]:
             head, *paths = block.split("\n")
             shas = head.split()
-            if len(shas) == 2 and (added := [p for p in paths if p.strip()]):
+            added = [p for p in paths if p.strip()]
+            if len(shas) == 2 and added:
                 yield shas[0], shas[1], added
 
     def tree(self, commit: str) -> dict[str, tuple[str, int]]:

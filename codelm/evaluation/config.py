@@ -102,6 +102,8 @@ class EvalConfig:
         greedy = self.temperature == 0
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
         option = next((k for k in self.data_options if k not in known), None)
+        problems_why = self._problems_error(named)
+        endpoints = [m for m in self.models if is_endpoint(m)]
         checks = [
             ("tasks", bool(self.tasks) and set(self.tasks) <= set(TASKS),
              f"choose from {', '.join(TASKS)}"),
@@ -151,14 +153,14 @@ class EvalConfig:
              f"{', '.join(PASSK_TASKS)}"),
             ("load_generations", self.load_generations is None or not self.models,
              f"scores a file's generations, not a model's: leave {named('models')} empty"),
-            ("problems", (problems_why := self._problems_error(named)) is None, problems_why),
+            ("problems", problems_why is None, problems_why),
             ("port", 0 <= self.port <= 65535, "must be in [0, 65535] (0: a free one)"),
             ("composers", bool(self.composers) and set(self.composers) <= set(COMPOSERS),
              f"choose from {', '.join(COMPOSERS)}"),
             ("data", "project-completion" not in self.tasks or bool(self.data),
              "project-completion completes the history of git repositories: give "
              "--data REPO_DIR [REPO_DIR ...]"),
-            ("models", not (endpoints := [m for m in self.models if is_endpoint(m)]) or (
+            ("models", not endpoints or (
                 len(endpoints) == len(self.models) and set(self.tasks) <= set(PASSK_TASKS)
                 and not self.serve),
              f"an endpoint (openai:URL) is scored on pass@k tasks ({', '.join(PASSK_TASKS)}), "
@@ -229,7 +231,8 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     args = vars(build_parser().parse_args(argv))
     cfg = settings.resolve_config(EvalConfig, args, "eval", aliases=HARNESS_FLAGS)
     in_file = settings.read_config_file(args["config"], "eval")[0] if "config" in args else {}
-    if "tasks" not in args and "tasks" not in in_file and (named := problem_tasks(cfg.problems)):
+    named = problem_tasks(cfg.problems)
+    if "tasks" not in args and "tasks" not in in_file and named:
         cfg = replace(cfg, tasks=named)
     cfg.validate(settings.where_set_in(args, "eval"))
     return cfg

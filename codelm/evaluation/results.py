@@ -131,7 +131,8 @@ def _saved_results(path: Path, config: dict, remedy: str, skip_unset: bool = Fal
     if not path.is_file():
         return None
     old = settings.read_json_object(path, "evaluation results")
-    if (version := old.get("format_version")) != FORMAT_VERSION:
+    version = old.get("format_version")
+    if version != FORMAT_VERSION:
         raise _other_evaluation(path, f"format_version ({version!r} there, {FORMAT_VERSION} now)",
                                 remedy)
     if changed := [f"{key} ({old['config'].get(key)!r} there, {value!r} now)"
@@ -171,8 +172,11 @@ def finished_models(out: Path, results: dict, remedy: str,
         raise _other_evaluation(path, "the examples (the data changed)", remedy)
 
     done = {row["model"] for row in old["rows"]}
-    records = [r for _, where, raw in jsonl_lines(out / "predictions.jsonl")
-               if (r := json_object(raw, where)).get("model") in done]
+    records = []
+    for _, where, raw in jsonl_lines(out / "predictions.jsonl"):
+        record = json_object(raw, where)
+        if record.get("model") in done:
+            records.append(record)
     return old["rows"], records
 
 

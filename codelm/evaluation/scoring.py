@@ -67,7 +67,8 @@ def _pair_special_tokens(lm: LoadedModel, cfg: Scoring) -> bool | None:
     """Whether prompts' special-token text reads as the tokens (None: a model without a run)."""
     if "pair_special_tokens" in cfg.data_options:
         return bool(cfg.data_options["pair_special_tokens"])
-    if not (run := lm.run_config):
+    run = lm.run_config
+    if not run:
         return None
     return reads_special_tokens(run.get("task", "lm"),
                                 (run.get("data_options") or {}).get("pair_special_tokens"))

@@ -260,9 +260,11 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
     directory = checkpoint_dir(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory")
-    if (directory / process.MANIFEST_FILE).exists() and (
-            problem := process.manifest_problem(directory)):  # written by codelm: checked
-        raise ValueError(f"{directory}: {problem}: the checkpoint is damaged; use an intact copy")
+    if (directory / process.MANIFEST_FILE).exists():  # written by codelm: checked
+        problem = process.manifest_problem(directory)
+        if problem:
+            raise ValueError(f"{directory}: {problem}: the checkpoint is damaged; use an "
+                             "intact copy")
     cfg, hf = read_config(directory)
     table = TABLES[cfg.family]
     device = torch.device(device if device is not None else "cpu")

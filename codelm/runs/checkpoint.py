@@ -187,7 +187,8 @@ def read_state(path: Path, mmap: bool = False) -> RunState:
                       ) from None
     if not isinstance(raw, dict) or "format_version" not in raw:
         raise _broken(path, f"{STATE_FILE} holds no format_version")
-    if (version := raw.pop("format_version")) not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
+    version = raw.pop("format_version")
+    if version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
         raise ValueError(f"{path / STATE_FILE}: checkpoint format_version {version!r}, not "
                          f"{FORMAT_VERSION} (one file) or {SHARDED_FORMAT_VERSION} (sharded): "
                          "start a new run")

@@ -88,9 +88,11 @@ def _tracker_id(run_dir: Path, tracker: str, new: Callable[[], str | None]) -> s
     """The id ``tracker`` gave this run, or ``new()``'s, recorded."""
     path = run_dir / TRACKER_IDS
     ids = json.loads(path.read_text()) if path.is_file() else {}
-    if ids.get(tracker) is None and (made := new()) is not None:
-        ids[tracker] = made
-        process.write_atomic(path, json.dumps(ids))
+    if ids.get(tracker) is None:
+        made = new()
+        if made is not None:
+            ids[tracker] = made
+            process.write_atomic(path, json.dumps(ids))
     return ids.get(tracker)
 
 

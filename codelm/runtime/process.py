@@ -431,8 +431,12 @@ def _dead_owners(directory: str | Path, pattern: re.Pattern, every_owner_gone: b
         entries = list(Path(directory).iterdir())
     except OSError:  # no such directory yet, or unreadable: nothing of ours
         return []
-    return [(entry, match) for entry in entries if (match := pattern.match(entry.name))
-            and (every_owner_gone or owner_is_dead(match))]
+    orphaned = []
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match and (every_owner_gone or owner_is_dead(match)):
+            orphaned.append((entry, match))
+    return orphaned
 
 
 def _remove(entry: Path, remove_dir: Callable[[Path], None] | None = None) -> None:

@@ -537,6 +537,19 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
     return parser
 
 
+def parse_config_flags(cls: type, argv: Sequence[str] | None, description: str,
+                       choices: Mapping[str, Sequence] | None = None) -> Any:
+    """An instance of the dataclass ``cls`` from ``argv``'s flags alone (one a field,
+    ``add_config_flags``; no config file), the others its defaults: a script's settings (the
+    bench/ scripts'). ``description`` heads its help as written; a value outside ``choices`` is
+    a usage error."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    add_config_flags(parser, cls, choices)
+    return cls(**vars(parser.parse_args(argv)))
+
+
 def resolve_config(cls: type, args: Mapping[str, Any], section: str,
                    base: Mapping[str, Any] | None = None,
                    choices: Mapping[str, Sequence] | None = None,

@@ -316,8 +316,9 @@ def _token_bytes(token: str, decoding: _Decoding) -> bytes:
     """The bytes a token decodes to."""
     if decoding.byte_level:
         return _byte_level_bytes(token)
-    if decoding.byte_fallback and (m := _BYTE_TOKEN.fullmatch(token)):
-        return bytes([int(m[1], 16)])
+    byte = _BYTE_TOKEN.fullmatch(token) if decoding.byte_fallback else None
+    if byte:
+        return bytes([int(byte[1], 16)])
     if decoding.space is not None:
         token = token.replace(decoding.space, " ")
     return token.encode("utf-8")

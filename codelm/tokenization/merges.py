@@ -102,8 +102,8 @@ class WordEncoder:
     def __call__(self, piece: str) -> list[int]:
         word = self._prepare(piece)
         vocab = self._vocab
-        if self._ignore_merges and (i := vocab.get(word)) is not None:
-            return [i]
+        if self._ignore_merges and word in vocab:
+            return [vocab[word]]
         ids = list(map(vocab.get, word))
         if None in ids:
             return self._with_unknown(word)

@@ -28,8 +28,10 @@ def docstring_statement(node: ast.AST) -> ast.Expr | None:
 def _docstring_nodes(tree: ast.AST) -> Iterator[tuple[ast.Expr, bool]]:
     """(docstring statement, is it the only statement of its body) for every docstring."""
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-                and (first := docstring_statement(node)) is not None):
+        if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        first = docstring_statement(node)
+        if first is not None:
             yield first, len(node.body) == 1 and not isinstance(node, ast.Module)
 
 

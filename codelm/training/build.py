@@ -70,8 +70,10 @@ from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, wher
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
                       where_set: Callable[[str], str] = settings.flag_of) -> None:
     """Refuse, before training, an export that would merge a LoRA into a tied weight."""
-    if not (cfg.export and cfg.lora_r > 0 and cfg.export_merged
-            and (tied := lora.tied_targets(model))):
+    if not (cfg.export and cfg.lora_r > 0 and cfg.export_merged):
+        return
+    tied = lora.tied_targets(model)
+    if not tied:
         return
     path, names = next(iter(tied.items()))
     raise ValueError(f"{setting(cfg, 'export_merged', where_set)}: the LoRA target {path} "

@@ -97,7 +97,8 @@ def with_local_checkpoints(cfg: TrainConfig) -> TrainConfig:
     directory in the hub cache (fetched unless offline): config.json records that revision."""
     local = {}
     for key in ("init_from", "init_adapter"):
-        if (value := getattr(cfg, key)) is not None and hub.is_hub_id(value):
+        value = getattr(cfg, key)
+        if value is not None and hub.is_hub_id(value):
             local[key] = str(hub.checkpoint_dir(value, key))
             print(f"{key} {value}: {local[key]}", file=sys.stderr)
     return replace(cfg, **local)

@@ -30,7 +30,7 @@ from codelm.data.preferences import (
     split_records,
 )
 from codelm.runtime import distributed
-from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
+from codelm.runtime.distributed import Dist, all_reduce_sum
 from codelm.runtime.process import progress_bar
 from codelm.trainconfig import DataSettings, StepSettings, TrainConfig
 from codelm.training import preference
@@ -221,28 +221,14 @@ class PreferenceTrainer(Trainer):
         """The validation loss (the training loss, on the validation pairs, each batch weighted
         by its pairs) and its metrics: val_accuracy the implicit reward's (where the method has
         it), val_<metric> the rest."""
-        batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
-                               enabled=self.dist.main and self.settings.progress,
-                               dynamic_ncols=True)
-        model = self.eval_model
-        was_training = model.training
-        model.eval()
-        precision = "fp32" if self.settings.eval_precision == "fp32" else self.precision
         sums = torch.zeros(1 + 2 * len(self.metric_names), device=self.device)
-        pairs = forwards = 0
-        for batch in batches:
-            forwards += 1
-            batch = self._to_device(batch)
-            with autocast(self.device, precision):
-                loss, metrics = preference.batch_loss(model, batch, self.preference)
+        pairs = 0
+        for batch in self._eval_batches(batches, total):
+            with autocast(self.device, self._eval_precision()):
+                loss, metrics = preference.batch_loss(self.eval_model, batch, self.preference)
             n = len(batch["ids"]) // 2
             sums += self._weighted(loss, metrics, torch.tensor(float(n), device=self.device))
             pairs += n
-        if self.sharded:  # each forward gathers every block's shards: all ranks take part
-            idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-            for _ in range(max(all_gather(forwards, self.dist)) - forwards):
-                model(idle)
-        model.train(was_training)
         sums = all_reduce_sum(sums, self.dist)
         n = all_reduce_sum(torch.tensor(float(pairs), device=self.device), self.dist).item()
         assert n > 0, "the validation split holds pairs"

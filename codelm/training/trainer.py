@@ -250,24 +250,41 @@ class Trainer:
         diverged = "gradient" if self.skipped_in_a_row > MAX_SKIPPED_STEPS else None
         return StepStats(loss, norm, positions, lr, skipped=skipped, nonfinite=diverged)
 
-    @torch.no_grad()
-    def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
-        """Validation loss, perplexity and token accuracy over all tokens, unsmoothed; with
-        ``token_bytes``, bits per byte too (comparable across tokenizers)."""
+    def _eval_precision(self) -> str:
+        """The precision validation runs in: fp32 where eval_precision asks, else training's."""
+        return "fp32" if self.settings.eval_precision == "fp32" else self.precision
+
+    def _eval_batches(self, batches: Iterator[dict] | Sequence[dict], total: int | None
+                      ) -> Iterator[dict]:
+        """The validation batches on the device, under a progress bar, with the eval model in
+        eval mode until the last is done; a sharded model then runs idle forwards until this
+        rank has run as many as the rank with the most batches (each forward gathers every
+        block's shards: all ranks take part), and the model goes back to its mode."""
         batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
                                enabled=self.dist.main and self.settings.progress,
                                dynamic_ncols=True)
         model = self.eval_model
         was_training = model.training
         model.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
-        precision = "fp32" if self.settings.eval_precision == "fp32" else self.precision
         forwards = 0
         for batch in batches:
             forwards += 1
-            batch = self._to_device(batch)
+            yield self._to_device(batch)
+        if self.sharded:
+            idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            for _ in range(max(all_gather(forwards, self.dist)) - forwards):
+                model(idle)
+        model.train(was_training)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
+        """Validation loss, perplexity and token accuracy over all tokens, unsmoothed; with
+        ``token_bytes``, bits per byte too (comparable across tokenizers)."""
+        model = self.eval_model
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for batch in self._eval_batches(batches, total):
             labels = batch["labels"]
-            with autocast(self.device, precision):
+            with autocast(self.device, self._eval_precision()):
                 loss, correct = model(batch["input_ids"], labels, reduction="sum",
                                       count_correct=True, document_ids=batch.get("document_ids"))
             totals[0] += loss.double()
@@ -275,11 +292,6 @@ class Trainer:
             totals[2] += correct
             if self.token_bytes is not None:
                 totals[3] += self.token_bytes[labels[labels != IGNORE_INDEX]].sum()
-        if self.sharded:  # each forward gathers every block's shards: all ranks take part
-            idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-            for _ in range(max(all_gather(forwards, self.dist)) - forwards):
-                model(idle)
-        model.train(was_training)
         loss_sum, n, correct, n_bytes = all_reduce_sum(totals, self.dist).tolist()
         assert n > 0, "check_next_token_labels found labelled validation tokens"
         loss = loss_sum / n

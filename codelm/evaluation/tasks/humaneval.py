@@ -4,13 +4,9 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
 from pathlib import Path
 
-from codelm.data.config import DataConfig
-from codelm.evaluation.tasks import passk
-from codelm.evaluation.tasks.passk import PasskSettings, PasskTask
-from codelm.loading import LoadedModel
+from codelm.evaluation.tasks.passk import PasskTask
 
 # bigcode-evaluation-harness's stop sequences (bigcode_eval/tasks/humaneval.py)
 HARNESS_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>")
@@ -32,11 +28,5 @@ def source() -> Path:
     return humaneval_file()
 
 
-def load(file: Path, cfg: PasskSettings) -> list[dict]:
-    return passk.task_problems(file, cfg, PASSK)
-
-
-def run(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: PasskSettings,
-        variant: str | None = None, data_cfg: DataConfig | None = None
-        ) -> tuple[dict, list[dict]]:
-    return passk.run_passk(lm, PASSK, problems, cfg)
+load = PASSK.load
+run = PASSK.run

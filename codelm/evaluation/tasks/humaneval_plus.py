@@ -4,14 +4,9 @@ with numpy, as EvalPlus's harness does."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
-from codelm.data.config import DataConfig
 from codelm.evaluation.tasks import passk
 from codelm.evaluation.tasks.humaneval import HARNESS_STOPS
-from codelm.evaluation.tasks.passk import EVALPLUS_DATASETS, PasskSettings, PasskTask
-from codelm.loading import LoadedModel
+from codelm.evaluation.tasks.passk import EVALPLUS_DATASETS, PasskTask
 
 
 def _humaneval_plus_problem(record: dict, where: str) -> dict:
@@ -30,11 +25,5 @@ def source() -> str:
     return EVALPLUS_DATASETS["humaneval-plus"]
 
 
-def load(file: Path, cfg: PasskSettings) -> list[dict]:
-    return passk.task_problems(file, cfg, PASSK)
-
-
-def run(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: PasskSettings,
-        variant: str | None = None, data_cfg: DataConfig | None = None
-        ) -> tuple[dict, list[dict]]:
-    return passk.run_passk(lm, PASSK, problems, cfg)
+load = PASSK.load
+run = PASSK.run

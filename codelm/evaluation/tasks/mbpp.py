@@ -4,13 +4,8 @@ bigcode-evaluation-harness's ``mbpp`` prompts, stops and runs it."""
 from __future__ import annotations
 
 import ast
-from collections.abc import Sequence
-from pathlib import Path
 
-from codelm.data.config import DataConfig
-from codelm.evaluation.tasks import passk
-from codelm.evaluation.tasks.passk import PasskSettings, PasskTask
-from codelm.loading import LoadedModel
+from codelm.evaluation.tasks.passk import PasskTask
 from codelm.runtime import settings
 
 # bigcode-evaluation-harness's stop sequences (bigcode_eval/tasks/mbpp.py)
@@ -27,18 +22,25 @@ def _mbpp_problem(record: dict, where: str) -> dict | None:
     None for a record of another split."""
     if record.get("task_id") not in MBPP_TEST_IDS:
         return None
-    tests = record.get("test_list")
-    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
-        raise ValueError(f"{where}: test_list must be a non-empty list of strings")
-    if missing := [k for k in ("text", "code") if not isinstance(record.get(k), str)]:
-        raise ValueError(f"{where}: missing string field(s) {missing}")
-    if not settings.is_number(record.get("task_id"), int):
-        raise ValueError(f"{where}: task_id must be MBPP's integer id")
+    tests = checked_tests(record, where, ("text", "code"))
     test = "\n".join(tests)
     return {"task_id": f"MBPP/{record['task_id']}",
             "prompt": f'"""\n{record["text"]}\n{tests[0]}\n"""\n',
             "canonical_solution": record["code"], "test": test, "entry_point": None,
             "functions": tested_definitions(record["code"], test)}
+
+
+def checked_tests(record: dict, where: str, fields: tuple[str, ...]) -> list[str]:
+    """An MBPP record's test_list, its integer task_id and its string ``fields`` checked (MBPP's
+    records and EvalPlus's MBPP+ ones); what is wrong is one line naming ``where``."""
+    tests = record.get("test_list")
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+        raise ValueError(f"{where}: test_list must be a non-empty list of strings")
+    if missing := [k for k in fields if not isinstance(record.get(k), str)]:
+        raise ValueError(f"{where}: missing string field(s) {missing}")
+    if not settings.is_number(record.get("task_id"), int):
+        raise ValueError(f"{where}: task_id must be MBPP's integer id")
+    return tests
 
 
 def tested_definitions(code: str, test: str) -> list[str]:
@@ -63,11 +65,5 @@ def source() -> str:
     return MBPP_DATASET
 
 
-def load(file: Path, cfg: PasskSettings) -> list[dict]:
-    return passk.task_problems(file, cfg, PASSK)
-
-
-def run(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: PasskSettings,
-        variant: str | None = None, data_cfg: DataConfig | None = None
-        ) -> tuple[dict, list[dict]]:
-    return passk.run_passk(lm, PASSK, problems, cfg)
+load = PASSK.load
+run = PASSK.run

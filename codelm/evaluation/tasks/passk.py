@@ -89,6 +89,17 @@ class PasskTask:
     packages: tuple[str, ...] = ()  # what its tests import besides the standard library
     subset: str = ""  # which of a file's records are scored, where not all ("no problems" says)
 
+    def load(self, file: Path, cfg: PasskSettings) -> list[dict]:
+        """The task's problems of ``file`` (``task_problems``): its module's ``load``."""
+        return task_problems(file, cfg, self)
+
+    def run(self, lm: LoadedModel, task: str, problems: Sequence[dict], cfg: PasskSettings,
+            variant: str | None = None, data_cfg: DataConfig | None = None
+            ) -> tuple[dict, list[dict]]:
+        """The task's pass@k (``run_passk``): its module's ``run``, as registry.TASKS calls a
+        task's (the variant and the data settings are no pass@k task's)."""
+        return run_passk(lm, self, problems, cfg)
+
 
 class PasskSettings(Scoring, Protocol):
     """What pass@k reads of an evaluation's settings (EvalConfig has each)."""
@@ -138,9 +149,11 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
     problems: list[dict] = []
     first_seen: dict[str, str] = {}
     for where, record in problem_records(path, passk_task.split_files, passk_task.name):
-        if (problem := passk_task.read(record, where)) is None:
+        problem = passk_task.read(record, where)
+        if problem is None:
             continue
-        if (task_id := problem["task_id"]) in first_seen:  # pass@k counts samples per task_id
+        task_id = problem["task_id"]
+        if task_id in first_seen:  # pass@k counts samples per task_id
             raise ValueError(f"{where}: duplicate task_id {task_id!r} (first at "
                              f"{first_seen[task_id]})")
         first_seen[task_id] = where
@@ -350,13 +363,5 @@ def source() -> Path:
     return PROBLEMS_FILE
 
 
-def load(file: Path, cfg: PasskSettings) -> list[dict]:
-    """The passk task's problems of ``file`` (``task_problems``)."""
-    return task_problems(file, cfg, PASSK)
-
-
-def run(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: PasskSettings,
-        variant: str | None = None, data_cfg: DataConfig | None = None
-        ) -> tuple[dict, list[dict]]:
-    """The passk task's pass@k (``run_passk``)."""
-    return run_passk(lm, PASSK, problems, cfg)
+load = PASSK.load
+run = PASSK.run

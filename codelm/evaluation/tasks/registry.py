@@ -4,7 +4,8 @@ source) and the problems loaded.
 
 A task module has ``KIND``: "text" (it scores the corpus split's text), "examples" (examples
 built from the split's documents, ``items``), "benchmark" (a benchmark's problems: its
-default ``source()``, ``SPLIT_FILES`` or, pass@k, ``PASSK``, and ``load(file, cfg)``) or
+default ``source()``, ``SPLIT_FILES`` or, pass@k, ``PASSK``, and ``load(file, cfg)``; a pass@k
+task's ``load`` and ``run`` are its PasskTask's) or
 "repository" (cases read from the git repositories of ``--data``, ``load_repositories(cfg)``,
 loaded with the benchmarks' problems); every
 task module has ``run(lm, task, items, cfg, variant, data_cfg) -> (metrics, records)``. Adding a
