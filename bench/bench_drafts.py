@@ -178,7 +178,8 @@ def copying(lm, cases: list[tuple[list[int], dict]], config: GenerationConfig) -
             new = generate(model, torch.tensor([ids]), config)[0, len(ids):].tolist()
             forwards -= 1  # the prompt's
             tokens += len(new)
-            exact += lm.tokenizer.decode(new).strip() == pair["output"].strip()
+            text = lm.tokenizer.decode([t for t in new if t not in config.eos_id])
+            exact += text.strip() == pair["output"].strip()
     finally:
         del model.run_blocks
     kept = tokens - len(cases) - forwards  # a check gives the model's own token + those kept
