@@ -7,10 +7,15 @@
                   lookup pays; every drafted token kept is one the model's own greedy choice
                   agrees with.
 
-Without --run, a small model is trained first (python trainingmanager.py --task refactor on
-the standard-library pairs of codelm.recipes.refactor_pairs(methods=True), the decoded ones
-held out; about 40 minutes on two busy cores) under --work. The two sides alternate, prompt by
-prompt, --repeats times; the min and median of each side's total are reported.
+Without --run, a small model is trained first under --work, on one core about 50 minutes:
+python trainingmanager.py --task refactor --preset code-3x128 (1.2M parameters) --block-size
+512 --packing --batch-size 4 --lr 4e-3 --max-steps 3000 on
+codelm.recipes.refactor_pairs(every_function=True): every stdlib function of 120-800
+characters, tests included, with its docstrings and comments -> without them (33,600 pairs, 60%
+of them nothing to strip: pure copies, which teach the model to copy its input). The decoded
+pairs, the last --pairs of refactor_pairs(methods=True), are its validation split and are
+never trained on. The two sides alternate, prompt by prompt, --repeats times; the min and
+median of each side's total are reported.
 
 Example: python bench/bench_drafts.py --threads 1. Figures go to docs/benchmarks.md (## Engine).
 """
@@ -18,6 +23,7 @@ Example: python bench/bench_drafts.py --threads 1. Figures go to docs/benchmarks
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,9 +49,10 @@ class BenchConfig:
     threads: int = 2  # torch threads
     run: str = ""  # a run trained on refactor pairs (empty: train one under --work)
     work: str = "/tmp/codelm_bench/drafts"  # where the pairs and the trained run go
-    preset: str = "code-4x160"  # the model trained here
-    steps: int = 700  # training steps of the run trained here
-    batch: int = 4  # its batch size (rows of 512 tokens)
+    preset: str = "code-3x128"  # the model trained here
+    steps: int = 3000  # training steps of the run trained here
+    batch: int = 4  # its batch size (rows of 512 tokens, pairs packed)
+    lr: float = 4e-3  # its peak learning rate
     pairs: int = 24  # validation pairs decoded (the last ones, never trained on)
     new_tokens: int = 160  # most new tokens per pair
     lookup: int = 10  # prompt lookup's draft tokens a step
@@ -57,22 +64,28 @@ def trained_run(cfg: BenchConfig) -> Path:
     --work and reused by later runs of the same settings)."""
     if cfg.run:
         return Path(cfg.run)
-    name = f"refactor-{cfg.preset}-{cfg.steps}x{cfg.batch}"
+    name = f"refactor-copy-{cfg.preset}-{cfg.steps}x{cfg.batch}-lr{cfg.lr:g}"
     run = work_dir(cfg) / name
     if (run / "best").is_dir():
         return run
     data = work_dir(cfg) / "data"
     data.mkdir(parents=True, exist_ok=True)
-    pairs = refactor_pairs(10**6, methods=True)
-    (data / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[: -cfg.pairs]))
-    (data / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[-cfg.pairs:]))
-    command = [sys.executable, "trainingmanager.py", "--task", "refactor", "--data",
-               str(data / "pairs.jsonl"), "--preset", cfg.preset, "--block-size", "512",
-               "--max-steps", str(cfg.steps), "--batch-size", str(cfg.batch), "--lr", "3e-3",
-               "--eval-every", "250", "--out-dir", str(work_dir(cfg)), "--name", name,
-               "--no-progress"]
+    held_out = held_out_pairs(cfg)
+    seen = {p["input"] for p in held_out} | {p["output"] for p in held_out}
+    pairs = [p for p in refactor_pairs(10**6, every_function=True)
+             if p["input"] not in seen and p["output"] not in seen]
+    splits = {"train": pairs[: -cfg.pairs], "test": pairs[-cfg.pairs:]}
+    for split, records in splits.items():
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in records))
+    command = [sys.executable, "trainingmanager.py", "--task", "refactor",
+               "--data", str(data / "train.jsonl"), "--val-data", str(data / "val.jsonl"),
+               "--test-data", str(data / "test.jsonl"), "--preset", cfg.preset,
+               "--block-size", "512", "--packing", "--max-steps", str(cfg.steps),
+               "--batch-size", str(cfg.batch), "--lr", str(cfg.lr), "--eval-every", "250",
+               "--out-dir", str(work_dir(cfg)), "--name", name, "--no-progress"]
     print("training:", " ".join(command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
     return run
 
 
@@ -81,13 +94,22 @@ def work_dir(cfg: BenchConfig) -> Path:
     return Path(cfg.work) / f"held-out-{cfg.pairs}"
 
 
+def held_out_pairs(cfg: BenchConfig) -> list[dict]:
+    """The decoded pairs: the last --pairs of refactor_pairs(methods=True), kept in --work's
+    data/val.jsonl (the trained run's validation split)."""
+    file = work_dir(cfg) / "data" / "val.jsonl"
+    if not file.is_file():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        pairs = refactor_pairs(10**6, methods=True)[-cfg.pairs:]
+        file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return [json.loads(line) for line in file.read_text().splitlines()]
+
+
 def validation_prompts(lm, cfg: BenchConfig) -> list[list[int]]:
     """The refactor prompts of the held-out pairs (never trained on)."""
-    pairs = [json.loads(line) for line in
-             (work_dir(cfg) / "data" / "val.jsonl").read_text().splitlines()]
     head, tail = REFACTOR_TEMPLATE.split("{input}")
     start = prompt_prefix(lm.tokenizer, "refactor")
-    return [start + lm.tokenizer.encode(head + p["input"] + tail) for p in pairs[-cfg.pairs:]]
+    return [start + lm.tokenizer.encode(head + p["input"] + tail) for p in held_out_pairs(cfg)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,8 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     lm = loading.load_model(str(trained_run(cfg)), "cpu")
     model = lm.model.eval()
     eos = lm.tokenizer.eos_id
-    prompts = [p for p in validation_prompts(lm, cfg)
-               if len(p) + cfg.new_tokens <= model.cfg.block_size]
+    cases = [(ids, pair) for ids, pair in zip(validation_prompts(lm, cfg), held_out_pairs(cfg),
+                                              strict=True)
+             if len(ids) + cfg.new_tokens <= model.cfg.block_size]
+    prompts = [ids for ids, _ in cases]
     names = ("greedy", f"prompt lookup {cfg.lookup}")
     configs = {names[0]: GenerationConfig(cfg.new_tokens, eos_id=eos),
                names[1]: GenerationConfig(cfg.new_tokens, eos_id=eos, prompt_lookup=cfg.lookup)}
@@ -126,6 +150,37 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:18s} {tokens / best:8.1f} / {tokens / median:8.1f} tokens/s  "
               f"{min(base) / best:5.2f}x / {statistics.median(base) / median:5.2f}x greedy")
 
+    copying(lm, cases, configs[names[1]])
+
+
+def copying(lm, cases: list[tuple[list[int], dict]], config: GenerationConfig) -> None:
+    """Whether the model copies: its outputs equal to the pair's output (the input without its
+    docstrings and comments), and the forwards prompt lookup spent (one a check, after the
+    prompt's), counted in an untimed pass."""
+    model = lm.model
+    forwards = 0
+    original = model.run_blocks
+
+    def counted(*args, **kwargs):
+        nonlocal forwards
+        forwards += 1
+        return original(*args, **kwargs)
+
+    exact, tokens = 0, 0
+    model.run_blocks = counted
+    try:
+        for ids, pair in cases:
+            new = generate(model, torch.tensor([ids]), config)[0, len(ids):].tolist()
+            forwards -= 1  # the prompt's
+            tokens += len(new)
+            text = lm.tokenizer.decode([t for t in new if t not in config.eos_id])
+            exact += text.strip() == pair["output"].strip()
+    finally:
+        del model.run_blocks
+    kept = tokens - len(cases) - forwards  # a check gives the model's own token + those kept
+    print(f"  copying: {exact}/{len(cases)} outputs are the pair's output exactly; prompt "
+          f"lookup: {forwards} checks for {tokens} tokens ({tokens / max(forwards, 1):.2f} "
+          f"tokens a check), {kept} drafted tokens kept ({kept / max(tokens, 1):.0%})")
 
 if __name__ == "__main__":
     main()

@@ -187,13 +187,15 @@ SMOKE_LICENSE = ("// Copyright 2010-2024 JetBrains s.r.o. Use of this source cod
                  "// by the Apache 2.0 license that can be found in the LICENSE.txt file.\n\n")
 
 
-def _stdlib_texts(max_bytes: int, count: int | None, must_have=None) -> list[tuple[str, str]]:
-    """(relative path, text) of up to ``count`` small stdlib files in a fixed order."""
+def _stdlib_texts(max_bytes: int, count: int | None, must_have=None,
+                  tests: bool = False) -> list[tuple[str, str]]:
+    """(relative path, text) of up to ``count`` small stdlib files in a fixed order (the
+    stdlib's own tests only with ``tests``)."""
     root = stdlib_root()
     out = []
     for path in stdlib_files():
         rel = path.relative_to(root)
-        if path.stat().st_size > max_bytes or rel.parts[0] == "test":  # not the stdlib's tests
+        if path.stat().st_size > max_bytes or (rel.parts[0] == "test" and not tests):
             continue
         text = path.read_text("utf-8", errors="replace")
         if len(text.strip()) < 200 or (must_have is not None and not must_have(text)):
@@ -213,14 +215,19 @@ def _has_class_docstring(text: str) -> bool:
                for n in ast.walk(tree))
 
 
-def refactor_pairs(count: int, methods: bool = False) -> list[dict]:
+def refactor_pairs(count: int, methods: bool = False, every_function: bool = False) -> list[dict]:
     """Stdlib functions with their docstrings and comments -> the same code without them: the
     top-level functions of files up to 20 kB, or with ``methods`` every function of every
-    file (nested ones dedented), about 3,600 pairs."""
+    file (nested ones dedented), about 3,600 pairs. ``every_function`` (implies ``methods``)
+    also takes the stdlib's tests and functions with no docstring (the output is the input less
+    its comments, often the input itself), of 120-800 characters: about 35,000 pairs, mostly
+    copying, which is what a model must learn before it can refactor."""
     from codelm.tokenization.source import PYTHON_PARSE_ERRORS, strip_comments_and_docstrings
 
+    methods = methods or every_function
+    longest = 800 if every_function else 500
     pairs = []
-    for _, text in _stdlib_texts(10**9 if methods else 20000, None):
+    for _, text in _stdlib_texts(10**9 if methods else 20000, None, tests=every_function):
         try:
             tree = ast.parse(text)
         except SyntaxError:
@@ -230,7 +237,9 @@ def refactor_pairs(count: int, methods: bool = False) -> list[dict]:
             if not isinstance(node, ast.FunctionDef) or node.col_offset and not methods:
                 continue
             source = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno]))
-            if not 120 <= len(source) <= 500 or not ast.get_docstring(node):
+            if not 120 <= len(source) <= longest:
+                continue
+            if not every_function and not ast.get_docstring(node):
                 continue
             try:
                 clean = strip_comments_and_docstrings(source, strict=True).strip()

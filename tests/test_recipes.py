@@ -7,14 +7,17 @@ what the merged export gives in transformers, and that export must give codelm's
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1153,3 +1156,37 @@ def test_the_execution_recipes_validate_and_start_from_the_supervised_run():
     control = dict(arms["exec_grpo_control"].train, name="exec_grpo")
     assert control.pop("shuffle_rewards") is True
     assert control == arms["exec_grpo"].train
+
+
+def _without_docstrings(tree: ast.AST) -> str:
+    """The AST dump of ``tree`` with every docstring gone (a lone one left as ``pass``)."""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Module):
+            continue
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def test_refactor_pairs_of_every_function_strip_only_comments_and_docstrings():
+    pairs = recipes.refactor_pairs(300, every_function=True)
+    assert len(pairs) == 300
+    undocumented = 0
+    for pair in pairs:
+        source, clean = pair["input"], pair["output"]
+        assert 120 <= len(source) <= 800
+        tree = ast.parse(source)
+        documented = ast.get_docstring(tree.body[0]) is not None
+        undocumented += not documented
+        # the same program, docstrings aside (ast drops comments) ...
+        assert ast.dump(ast.parse(clean)) == _without_docstrings(tree)
+        # ... and no comment left (tokenize, independent of the stripper)
+        tokens = tokenize.generate_tokens(io.StringIO(clean).readline)
+        assert not [t for t in tokens if t.type == tokenize.COMMENT]
+        comments = [t for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                    if t.type == tokenize.COMMENT]
+        if not documented and not comments:
+            assert clean == source.strip()
+    assert undocumented > 50  # the pairs of plain copying, not only documented functions
