@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import random
 import re
 
 import pytest
@@ -136,3 +137,69 @@ def test_forms_draws_those_forms_only_and_keeps_seeds_apart(tmp_path):
         generate_problems(5, 0, ["squares", "sign_code"])
     with pytest.raises(ValueError, match=r"forms \(none\)"):
         generate_problems(5, 0, [])
+
+
+def _body_constants(solution: str) -> set[int]:
+    """The integers a canonical solution's body writes (a slice's step, ``[::-1]``, is syntax of
+    reversal rather than a drawn constant)."""
+    tree = ast.parse("def f(x):\n" + solution)
+    in_slices = {id(node) for slice_ in ast.walk(tree) if isinstance(slice_, ast.Slice)
+                 for node in ast.walk(slice_)}
+    return {abs(node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and type(node.value) is int
+            and id(node) not in in_slices}
+
+
+def test_described_problems_name_every_constant_and_pass_in_the_sandbox():
+    """--describe: the same functions, examples and tests as without it, the docstring's first
+    line the function in words, naming every integer of the body (in the body's order for the
+    drawn ones); one canonical solution of each form passes its test through the reward path."""
+    plain = generate_problems(400, 0)
+    described = generate_problems(400, 0, describe=True)
+    assert described == generate_problems(400, 0, describe=True)
+    assert generate_problems(20, 0, describe=True) == described[:20]
+    first = {}
+    for before, problem in zip(plain, described):
+        assert {k: v for k, v in before.items() if k != "prompt"} == {
+            k: v for k, v in problem.items() if k != "prompt"}
+        summary, examples = problem["prompt"].split("\n", 2)[1:]
+        assert before["prompt"].split("\n", 2)[2] == examples
+        assert summary.startswith('    """') and summary.endswith(".")
+        assert generated.INFER not in summary
+        words = {abs(int(number)) for number in re.findall(r"-?\d+", summary)}
+        missing = _body_constants(problem["canonical_solution"]) - words
+        assert not missing, (summary, problem["canonical_solution"])
+        first.setdefault(problem["entry_point"], problem)
+    assert set(first) == set(generated.FORMS)
+    rewards.check_problems(list(first.values()), passk.run_check, SandboxConfig(timeout_s=10.0),
+                           workers=2)
+
+
+@pytest.mark.parametrize(("form", "body", "words"), [
+    ("in_range", ["if 10 <= x <= 17:", "    return -19", "return -6"],
+     "If x is between 10 and 17 (inclusive), return -19; otherwise return -6."),
+    ("scale_and_shift", ["return -3 * x + 7"], "Return -3 times x plus 7."),
+    ("clamp", ["return max(-2, min(x, 9))"], "Return x, but at least -2 and at most 9."),
+    ("piecewise", ["if x > 4:", "    return -x - 2", "return 3 * x"],
+     "If x is greater than 4, return -x minus 2; otherwise return 3 times x."),
+])
+def test_a_description_writes_the_constants_in_the_bodys_order(form, body, words):
+    """The words of a drawn body are what a person would write, constants in the code's order:
+    found by drawing until that body comes up."""
+    rng = random.Random(0)
+    for _ in range(200_000):
+        drawn = generated.FORMS[form](rng)
+        if drawn.body == body:
+            assert drawn.words == words
+            return
+    pytest.fail(f"{body} not drawn")
+
+
+def test_the_command_writes_described_problems(tmp_path):
+    """--describe on the command line: the file generate_problems(..., describe=True) gives."""
+    out = tmp_path / "described.jsonl"
+    assert generated.main(["--n", "8", "--seed", "2", "--describe", "--forms", "in_range",
+                           "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == generate_problems(8, 2, ["in_range"], True)
+    assert "(inclusive), return" in json.loads(lines[0])["prompt"]

@@ -1139,7 +1139,7 @@ def test_the_execution_recipes_validate_and_start_from_the_supervised_run():
     beside themselves ("sft"), and score the held-out problems of the first stage at its samples
     and temperature."""
     chain = [recipes.load_recipe(CONFIGS / f"{name}.json")
-             for name in ("exec_sft", "exec_sft_more", "exec_sft_lm")]
+             for name in ("exec_sft", "exec_sft_more", "exec_sft_focus")]
     for before, after in zip(chain, chain[1:]):
         assert after.train["init_from"] == f"runs/{before.train['name']}/export"
     start = f"runs/{chain[-1].train['name']}/export"

@@ -5,6 +5,7 @@ prompt, entry_point, canonical_solution, test), as eval.py's pass@k and the GRPO
     python -m codelm.data.problems --n 500 --seed 0 --out train.jsonl
     python -m codelm.data.problems --n 500 --seed 0 --pairs --out sft.jsonl  # SFT pairs
     python -m codelm.data.problems --n 500 --seed 0 --text --out lm.jsonl  # LM documents
+    python -m codelm.data.problems --n 500 --seed 0 --describe --out d.jsonl  # in words too
     python eval.py --tasks passk --problems passk=heldout.jsonl ...
 
 A seed (0 to SEEDS - 1) names a set: the same seed gives the same problems, and two seeds share
@@ -15,7 +16,10 @@ its docstring shows 3 to 5 examples, which between them run every line of its bo
 probe runs (each branch, a loop's body), and its test checks those and 6 more inputs.
 ``--forms`` draws from some forms only: their difficulty differs (sign_code asks to copy the
 examples' outputs, scale_and_shift to solve for its constants), and so does a small model's
-pass rate.
+pass rate. The examples alone leave a function under-determined (in_range's bounds lie
+somewhere between two examples, and the test probes them); ``--describe`` states each function
+in words before its examples, as HumanEval's docstrings do, naming its constants in the order
+its code uses them, so the prompt determines the function.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ SEEDS = 16  # the sets: seeds 0 .. SEEDS - 1
 PROBES = tuple(range(-10, 31))  # the inputs a function is known by: its examples and tests
 EXAMPLE_INPUTS = range(-5, 21)  # where the docstring's examples come from
 MAX_OUTPUT = 10**6  # a larger output on a probe: the function is drawn again
+INFER = "Return an integer computed from x, as the examples show."  # the docstring without --describe
 
 
 def _signed(value: int, term: str = "") -> str:
@@ -58,132 +63,196 @@ def _times(value: int, term: str = "x") -> str:
     return f"{value} * {term}"
 
 
+def _plus(value: int, term: str = "") -> str:
+    """_signed in words: `` minus 3 times x``, `` plus x``, or nothing for 0."""
+    if value == 0:
+        return ""
+    sign = " minus " if value < 0 else " plus "
+    size = abs(value)
+    if not term:
+        return f"{sign}{size}"
+    return f"{sign}{term}" if size == 1 else f"{sign}{size} times {term}"
+
+
+def _by(value: int, term: str = "x") -> str:
+    """_times in words: ``3 times x``, ``x``, ``-x``."""
+    if value in (1, -1):
+        return term if value == 1 else f"-{term}"
+    return f"{value} times {term}"
+
+
+class _Drawn(NamedTuple):
+    """A function of a form: its body (lines, unindented) and the body in words, naming its
+    constants in the order the body uses them (what a small model copies, it copies in order)."""
+
+    body: list[str]
+    words: str
+
+
 def _nonzero(rng: random.Random, low: int, high: int, skip: tuple[int, ...] = (0,)) -> int:
     return rng.choice([value for value in range(low, high + 1) if value not in skip])
 
 
-def _scale_and_shift(rng: random.Random) -> list[str]:
+def _scale_and_shift(rng: random.Random) -> _Drawn:
     a, b = _nonzero(rng, -9, 9, (0, 1)), rng.randint(-20, 20)
-    return [f"return {_times(a)}{_signed(b)}"]
+    return _Drawn([f"return {_times(a)}{_signed(b)}"], f"Return {_by(a)}{_plus(b)}.")
 
 
-def _square_plus(rng: random.Random) -> list[str]:
+def _square_plus(rng: random.Random) -> _Drawn:
     a, b = rng.randint(-9, 9), rng.randint(-20, 20)
-    return [f"return x * x{_signed(a, 'x')}{_signed(b)}"]
+    return _Drawn([f"return x * x{_signed(a, 'x')}{_signed(b)}"],
+                  f"Return x times x{_plus(a, 'x')}{_plus(b)}.")
 
 
-def _wrap(rng: random.Random) -> list[str]:
+def _wrap(rng: random.Random) -> _Drawn:
     m = rng.randint(2, 12)
     a = rng.randint(0, m - 1)
-    return [f"return (x + {a}) % {m}" if a else f"return x % {m}"]
+    if a:
+        return _Drawn([f"return (x + {a}) % {m}"],
+                      f"Return the remainder of x plus {a}, divided by {m}.")
+    return _Drawn([f"return x % {m}"], f"Return the remainder of x divided by {m}.")
 
 
-def _divide_down(rng: random.Random) -> list[str]:
+def _divide_down(rng: random.Random) -> _Drawn:
     d, b = rng.randint(2, 9), rng.randint(-20, 20)
-    return [f"return x // {d}{_signed(b)}"]
+    return _Drawn([f"return x // {d}{_signed(b)}"],
+                  f"Return x divided by {d}, rounded down{_plus(b)}.")
 
 
-def _distance_from(rng: random.Random) -> list[str]:
+def _distance_from(rng: random.Random) -> _Drawn:
     a, k = rng.randint(-9, 20), rng.randint(1, 5)
     scale = f" * {k}" if k > 1 else ""
-    return [f"return abs(x{_signed(-a)}){scale}"]
+    times = f", times {k}" if k > 1 else ""
+    return _Drawn([f"return abs(x{_signed(-a)}){scale}"],
+                  f"Return the distance between x and {a}{times}.")
 
 
-def _bounded(rng: random.Random) -> list[str]:
+def _bounded(rng: random.Random) -> _Drawn:
     which, a, b = rng.choice(("max", "min")), rng.randint(-9, 20), rng.randint(-20, 20)
-    return [f"return {which}(x, {a}){_signed(b)}"]
+    larger = "larger" if which == "max" else "smaller"
+    return _Drawn([f"return {which}(x, {a}){_signed(b)}"],
+                  f"Return the {larger} of x and {a}{_plus(b)}.")
 
 
-def _clamp(rng: random.Random) -> list[str]:
+def _clamp(rng: random.Random) -> _Drawn:
     low = rng.randint(-9, 12)
     high = low + rng.randint(2, 18)
-    return [f"return max({low}, min(x, {high}))"]
+    return _Drawn([f"return max({low}, min(x, {high}))"],
+                  f"Return x, but at least {low} and at most {high}.")
 
 
-def _piecewise(rng: random.Random) -> list[str]:
+def _piecewise(rng: random.Random) -> _Drawn:
     t = rng.randint(-5, 15)
     a1, a2 = _nonzero(rng, -4, 4), _nonzero(rng, -4, 4)
     b1, b2 = rng.randint(-10, 10), rng.randint(-10, 10)
-    return [f"if x > {t}:", f"    return {_times(a1)}{_signed(b1)}",
-            f"return {_times(a2)}{_signed(b2)}"]
+    return _Drawn([f"if x > {t}:", f"    return {_times(a1)}{_signed(b1)}",
+                   f"return {_times(a2)}{_signed(b2)}"],
+                  f"If x is greater than {t}, return {_by(a1)}{_plus(b1)}; "
+                  f"otherwise return {_by(a2)}{_plus(b2)}.")
 
 
-def _even_odd(rng: random.Random) -> list[str]:
+def _even_odd(rng: random.Random) -> _Drawn:
     d, a, b = rng.randint(2, 3), rng.randint(2, 5), rng.randint(-9, 9)
-    return ["if x % 2 == 0:", f"    return x // {d}", f"return {_times(a)}{_signed(b)}"]
+    return _Drawn(["if x % 2 == 0:", f"    return x // {d}", f"return {_times(a)}{_signed(b)}"],
+                  f"If x divided by 2 leaves remainder 0, return x divided by {d}, rounded "
+                  f"down; otherwise return {_by(a)}{_plus(b)}.")
 
 
-def _replace_multiples(rng: random.Random) -> list[str]:
+def _replace_multiples(rng: random.Random) -> _Drawn:
     m, a = rng.randint(2, 9), rng.randint(-20, 20)
-    return [f"if x % {m} == 0:", f"    return {a}", "return x"]
+    return _Drawn([f"if x % {m} == 0:", f"    return {a}", "return x"],
+                  f"If x divided by {m} leaves remainder 0, return {a}; otherwise return x.")
 
 
-def _sum_up(rng: random.Random) -> list[str]:
+def _sum_up(rng: random.Random) -> _Drawn:
     k, c = rng.randint(1, 4), rng.randint(-5, 5)
     step = "i" if k == 1 else f"{k} * i"
-    return ["total = 0", "for i in range(x):", f"    total += {step}{_signed(c)}", "return total"]
+    return _Drawn(["total = 0", "for i in range(x):", f"    total += {step}{_signed(c)}",
+                   "return total"],
+                  f"Start a total at 0; for each i from 0 up to x - 1, add {_by(k, 'i')}"
+                  f"{_plus(c)} to it; return the total.")
 
 
-def _count_multiples(rng: random.Random) -> list[str]:
+def _count_multiples(rng: random.Random) -> _Drawn:
     m = rng.randint(2, 9)
     r = rng.randint(0, m - 1)
-    return ["count = 0", "for i in range(1, x + 1):", f"    if i % {m} == {r}:",
-            "        count += 1", "return count"]
+    return _Drawn(["count = 0", "for i in range(1, x + 1):", f"    if i % {m} == {r}:",
+                   "        count += 1", "return count"],
+                  f"Start a count at 0; for each i from 1 up to x, if i divided by {m} leaves "
+                  f"remainder {r}, add 1 to it; return the count.")
 
 
-def _digit_sum(rng: random.Random) -> list[str]:
+def _digit_sum(rng: random.Random) -> _Drawn:
     k, b = rng.randint(1, 4), rng.randint(-20, 20)
     scale = f"{k} * " if k > 1 else ""
-    return [f"return {scale}sum(int(d) for d in str(abs(x))){_signed(b)}"]
+    times = f"{k} times " if k > 1 else ""
+    return _Drawn([f"return {scale}sum(int(d) for d in str(abs(x))){_signed(b)}"],
+                  f"Return {times}the sum of the digits of x (its sign ignored){_plus(b)}.")
 
 
-def _digit_count(rng: random.Random) -> list[str]:
+def _digit_count(rng: random.Random) -> _Drawn:
     k, b = rng.randint(1, 9), rng.randint(-20, 20)
-    return [f"return len(str(abs(x))) * {k}{_signed(b)}"]
+    return _Drawn([f"return len(str(abs(x))) * {k}{_signed(b)}"],
+                  f"Return the number of digits of x (its sign ignored) times {k}{_plus(b)}.")
 
 
-def _halving_steps(rng: random.Random) -> list[str]:
+def _halving_steps(rng: random.Random) -> _Drawn:
     d, t = rng.randint(2, 5), rng.randint(0, 6)
-    return ["count = 0", f"while x > {t}:", f"    x = x // {d}", "    count += 1", "return count"]
+    return _Drawn(["count = 0", f"while x > {t}:", f"    x = x // {d}", "    count += 1",
+                   "return count"],
+                  f"Start a count at 0; while x is greater than {t}, divide x by {d}, rounded "
+                  f"down, and add 1 to the count; return the count.")
 
 
-def _repeat(rng: random.Random) -> list[str]:
+def _repeat(rng: random.Random) -> _Drawn:
     k, a, b = rng.randint(2, 3), rng.choice((-2, -1, 2, 3)), rng.randint(-5, 5)
-    return [f"for _ in range({k}):", f"    x = {_times(a)}{_signed(b)}", "return x"]
+    return _Drawn([f"for _ in range({k}):", f"    x = {_times(a)}{_signed(b)}", "return x"],
+                  f"Do this {k} times: set x to {_by(a)}{_plus(b)}; then return x.")
 
 
-def _sign_code(rng: random.Random) -> list[str]:
+def _sign_code(rng: random.Random) -> _Drawn:
     a, b, c = rng.sample(range(-20, 21), 3)
-    return ["if x < 0:", f"    return {a}", "if x == 0:", f"    return {b}", f"return {c}"]
+    return _Drawn(["if x < 0:", f"    return {a}", "if x == 0:", f"    return {b}",
+                   f"return {c}"],
+                  f"If x is less than 0, return {a}; if x equals 0, return {b}; "
+                  f"otherwise return {c}.")
 
 
-def _scaled_remainder(rng: random.Random) -> list[str]:
+def _scaled_remainder(rng: random.Random) -> _Drawn:
     a, m, b = rng.randint(2, 9), rng.randint(3, 13), rng.randint(-20, 20)
-    return [f"return (x * {a}) % {m}{_signed(b)}"]
+    return _Drawn([f"return (x * {a}) % {m}{_signed(b)}"],
+                  f"Return the remainder of x times {a}, divided by {m}{_plus(b)}.")
 
 
-def _reverse_digits(rng: random.Random) -> list[str]:
+def _reverse_digits(rng: random.Random) -> _Drawn:
     k, b = rng.randint(1, 3), rng.randint(-20, 20)
     scale = f" * {k}" if k > 1 else ""
-    return [f"return int(str(abs(x))[::-1]){scale}{_signed(b)}"]
+    times = f", times {k}" if k > 1 else ""
+    return _Drawn([f"return int(str(abs(x))[::-1]){scale}{_signed(b)}"],
+                  f"Return the number whose digits are those of x (its sign ignored) in "
+                  f"reverse{times}{_plus(b)}.")
 
 
-def _count_ones(rng: random.Random) -> list[str]:
+def _count_ones(rng: random.Random) -> _Drawn:
     k, b = rng.randint(1, 5), rng.randint(-20, 20)
     scale = f" * {k}" if k > 1 else ""
-    return [f'return bin(x).count("1"){scale}{_signed(b)}']
+    times = f", times {k}" if k > 1 else ""
+    return _Drawn([f'return bin(x).count("1"){scale}{_signed(b)}'],
+                  f"Return the number of 1 digits of x in binary{times}{_plus(b)}.")
 
 
-def _in_range(rng: random.Random) -> list[str]:
+def _in_range(rng: random.Random) -> _Drawn:
     low = rng.randint(-9, 20)
     high = low + rng.randint(1, 12)
     a, b = rng.sample(range(-20, 21), 2)
-    return [f"if {low} <= x <= {high}:", f"    return {a}", f"return {b}"]
+    return _Drawn([f"if {low} <= x <= {high}:", f"    return {a}", f"return {b}"],
+                  f"If x is between {low} and {high} (inclusive), return {a}; "
+                  f"otherwise return {b}.")
 
 
-# Each form: its entry point's name, and the body it draws (lines, unindented; no else, elif
-# or except line: _behaviour notes each line's run before it).
-FORMS: dict[str, Callable[[random.Random], list[str]]] = {
+# Each form: its entry point's name, and the function it draws (its body: no else, elif or
+# except line, for _behaviour notes each line's run before it).
+FORMS: dict[str, Callable[[random.Random], _Drawn]] = {
     "scale_and_shift": _scale_and_shift, "square_plus": _square_plus, "wrap": _wrap,
     "divide_down": _divide_down, "distance_from": _distance_from, "bounded": _bounded,
     "clamp": _clamp, "piecewise": _piecewise, "even_odd": _even_odd,
@@ -249,25 +318,30 @@ def _examples(done: _Behaviour, rng: random.Random) -> list[int] | None:
     return None
 
 
-def _problem(task_id: str, name: str, body: list[str], done: _Behaviour,
-             shown: list[int], rng: random.Random) -> dict:
-    """The problem in HumanEval's format: ``shown`` in the docstring, 6 more inputs in the test."""
+def _problem(task_id: str, name: str, drawn: _Drawn, done: _Behaviour, shown: list[int],
+             rng: random.Random, describe: bool) -> dict:
+    """The problem in HumanEval's format: ``shown`` in the docstring, 6 more inputs in the test;
+    ``describe``: the docstring's first line the function in words, else a request to infer it."""
     value = dict(zip(PROBES, done.outputs))
     tested = shown + rng.sample([x for x in PROBES if x not in shown], 6)
     examples = "".join(f"    >>> {name}({x})\n    {value[x]}\n" for x in shown)
+    summary = drawn.words if describe else INFER
     prompt = (f"def {name}(x: int) -> int:\n"
-              f'    """Return an integer computed from x, as the examples show.\n'
+              f'    """{summary}\n'
               f'{examples}    """\n')
     test = "def check(candidate):\n" + "".join(f"    assert candidate({x}) == {value[x]}\n"
                                                 for x in tested)
     return {"task_id": task_id, "prompt": prompt, "entry_point": name,
-            "canonical_solution": "".join(f"    {line}\n" for line in body), "test": test}
+            "canonical_solution": "".join(f"    {line}\n" for line in drawn.body), "test": test}
 
 
-def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None) -> list[dict]:
+def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None,
+                      describe: bool = False) -> list[dict]:
     """``n`` problems of set ``seed`` (0 to SEEDS - 1), the same ones for the same seed and
     ``forms`` (names of FORMS; None: all of them, drawn alike); a ValueError where the set holds
-    fewer distinct functions of those forms."""
+    fewer distinct functions of those forms. ``describe``: each docstring states its function
+    in words before the examples (the same functions, examples and tests), so that the prompt
+    determines the function, as HumanEval's do."""
     if forms is not None:
         unknown = sorted(set(forms) - set(FORMS))
         if unknown or not forms:
@@ -290,19 +364,19 @@ def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None) -> 
             raise ValueError(f"seed {seed}: only {len(problems)} distinct problems were found; "
                              "ask for fewer, or name more forms")
         name = rng.choice(names)
-        body = FORMS[name](rng)
-        if (name, *body) in tried:
+        drawn = FORMS[name](rng)
+        if (name, *drawn.body) in tried:
             continue
-        tried.add((name, *body))
-        done = _behaviour(name, body)
+        tried.add((name, *drawn.body))
+        done = _behaviour(name, drawn.body)
         if done is None or done.outputs in seen or seed_of(done.outputs) != seed:
             continue
         shown = _examples(done, rng)
         if shown is None:
             continue
         seen.add(done.outputs)
-        problems.append(_problem(f"generated-{seed}/{len(problems)}", name, body, done, shown,
-                                 rng))
+        problems.append(_problem(f"generated-{seed}/{len(problems)}", name, drawn, done, shown,
+                                 rng, describe))
     return problems
 
 
@@ -330,12 +404,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="write {text} documents (the prompt, then the canonical solution): "
                         "language-model data, the docstring's examples trained on too "
                         "(trainingmanager.py --task lm --data FILE)")
+    parser.add_argument("--describe", action="store_true",
+                        help="state each function in words in its docstring, before the "
+                        "examples, HumanEval-style: the prompt then determines the function "
+                        "(the same functions, examples and tests as without it)")
     args = parser.parse_args(argv)
     if args.pairs and args.text:
         parser.error("--pairs and --text: choose one")
 
     def write() -> None:
-        problems = generate_problems(args.n, args.seed, args.forms)
+        problems = generate_problems(args.n, args.seed, args.forms, args.describe)
         if args.pairs:
             problems = [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
                         for p in problems]
