@@ -45,40 +45,46 @@ MAX_OUTPUT = 10**6  # a larger output on a probe: the function is drawn again
 INFER = "Return an integer computed from x, as the examples show."  # the docstring without --describe
 
 
-def _signed(value: int, term: str = "") -> str:
-    """`` + value * term`` written as a person would: `` - 3 * x``, `` + x``, or nothing for 0."""
+class _Spelling(NamedTuple):
+    """How a sum and a product are written: as code, or in words."""
+
+    minus: str
+    plus: str
+    times: str
+
+
+CODE = _Spelling(" - ", " + ", " * ")
+WORDS = _Spelling(" minus ", " plus ", " times ")
+
+
+def _signed(value: int, term: str = "", spelling: _Spelling = CODE) -> str:
+    """`` + value * term`` written as a person would: `` - 3 * x``, `` + x``, or nothing for 0
+    (in WORDS: `` minus 3 times x``, `` plus x``)."""
     if value == 0:
         return ""
-    sign = " - " if value < 0 else " + "
+    sign = spelling.minus if value < 0 else spelling.plus
     size = abs(value)
     if not term:
         return f"{sign}{size}"
-    return f"{sign}{term}" if size == 1 else f"{sign}{size} * {term}"
+    return f"{sign}{term}" if size == 1 else f"{sign}{size}{spelling.times}{term}"
 
 
-def _times(value: int, term: str = "x") -> str:
-    """``value * term`` written as a person would: ``3 * x``, ``x``, ``-x``."""
+def _times(value: int, term: str = "x", spelling: _Spelling = CODE) -> str:
+    """``value * term`` written as a person would: ``3 * x``, ``x``, ``-x`` (in WORDS:
+    ``3 times x``)."""
     if value in (1, -1):
         return term if value == 1 else f"-{term}"
-    return f"{value} * {term}"
+    return f"{value}{spelling.times}{term}"
 
 
 def _plus(value: int, term: str = "") -> str:
-    """_signed in words: `` minus 3 times x``, `` plus x``, or nothing for 0."""
-    if value == 0:
-        return ""
-    sign = " minus " if value < 0 else " plus "
-    size = abs(value)
-    if not term:
-        return f"{sign}{size}"
-    return f"{sign}{term}" if size == 1 else f"{sign}{size} times {term}"
+    """_signed in words."""
+    return _signed(value, term, WORDS)
 
 
 def _by(value: int, term: str = "x") -> str:
-    """_times in words: ``3 times x``, ``x``, ``-x``."""
-    if value in (1, -1):
-        return term if value == 1 else f"-{term}"
-    return f"{value} times {term}"
+    """_times in words."""
+    return _times(value, term, WORDS)
 
 
 class _Drawn(NamedTuple):
