@@ -6,14 +6,17 @@
   greedy    the first --batch prompts at once, greedy: tokens/s of the engine and of
             generation.generate vs transformers' generate; the tokens are checked equal.
 
-The model is the llama-14m preset (fp32, random weights: tokens/s does not depend on them).
+The model is a preset (--preset, default llama-14m; fp32, random weights: tokens/s does not
+depend on them) on --device (auto: CUDA where there is one). Where transformers has continuous
+batching (`generate_batch` and its manager), its engine runs the same requests too, at most
+--batch at a time.
 A completion ends where a trained model's would stop: sample j of problem i has a length drawn
 once (seeded) around the token length of problem i's canonical solution (x 0.5 to 1.5, at most
 --new-tokens), the same for both: the engine's request asks for that many tokens; transformers'
 batch runs to its longest row's, its rows counted to their own. Prompts are tokenized by a
 byte-level BPE of the model's vocabulary trained on the standard library here.
 
-Example: python bench/bench_engine.py --threads 2. Figures go to docs/benchmarks.md (## Engine).
+Example: python bench/bench_engine.py --threads 2; on a GPU: --preset llama-60m --batch 64. Figures go to docs/benchmarks.md (## Engine).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class BenchConfig:
     only: str = "all"  # sampled | greedy | all
     repeats: int = 5  # greedy: timed runs of each side, alternating (min and median reported)
     clock: str = "wall"  # wall | cpu (process CPU time: at --threads 1, robust to shared cores)
+    preset: str = "llama-14m"  # architecture preset of both models
+    device: str = "auto"  # auto (CUDA where there is one) | cpu | cuda
 
 
 
@@ -91,13 +96,47 @@ def problems(cfg: BenchConfig, vocab: int) -> Problems:
     return Problems(prompts, lengths)
 
 
-def models(seed: int = 0):
-    """codelm's and transformers' llama-14m, the same random weights."""
+def models(preset: str = "llama-14m", device: str = "cpu", seed: int = 0):
+    """codelm's and transformers' model of ``preset``, the same random weights, on ``device``."""
     torch.manual_seed(seed)
-    hf = _hf_llama(PRESETS["llama-14m"]).eval()
-    ours = Transformer(PRESETS["llama-14m"]).eval()
+    hf = _hf_llama(PRESETS[preset]).eval()
+    ours = Transformer(PRESETS[preset]).eval()
     copy_hf_llama_weights(ours, hf)
-    return ours, hf
+    return ours.to(device), hf.to(device)
+
+
+def hf_continuous(hf, prompts: list[list[int]], lengths: list[int], slots: int,
+                  temperature: float) -> list[list[int]]:
+    """transformers' continuous batching (its manager, at most ``slots`` requests a batch): one
+    request per prompt, each asking for its own length; the tokens in request order."""
+    from transformers import GenerationConfig as HFGenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    sampling = {"do_sample": True, "top_k": 0, "temperature": temperature} if temperature else {
+        "do_sample": False}
+    config = HFGenerationConfig(max_new_tokens=max(lengths), eos_token_id=-1, pad_token_id=0,
+                                **sampling)
+    batching = ContinuousBatchingConfig(max_requests_per_batch=slots)
+    results = {}
+    with hf.continuous_batching_context_manager(generation_config=config, block=True, timeout=5,
+                                                continuous_batching_config=batching,
+                                                persistent_manager=True) as manager:
+        for i, (prompt, length) in enumerate(zip(prompts, lengths)):
+            manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=length)
+        while len(results) < len(prompts):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                results[result.request_id] = result.generated_tokens
+    return [results[f"r{i}"] for i in range(len(prompts))]
+
+
+def has_continuous_batching(hf) -> bool:
+    """Whether this transformers has the continuous-batching manager hf_continuous drives."""
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(hf, "continuous_batching_context_manager")
 
 
 def hf_sampled(hf, work: Problems, cfg: BenchConfig) -> int:
@@ -123,10 +162,18 @@ def engine_sampled(ours, work: Problems, cfg: BenchConfig) -> int:
     prompts, configs = [], []
     for i, (prompt, lengths) in enumerate(zip(work.prompts, work.lengths)):
         for s, length in enumerate(lengths):
-            g = torch.Generator().manual_seed(i * cfg.samples + s)
+            g = torch.Generator(ours.wte.weight.device).manual_seed(i * cfg.samples + s)
             prompts.append(prompt)
             configs.append(GenerationConfig(length, temperature=cfg.temperature, generator=g))
     out = generate_all(ours, prompts, configs, slots=cfg.batch)
+    return sum(len(tokens) for tokens in out)
+
+
+def hf_continuous_sampled(hf, work: Problems, cfg: BenchConfig) -> int:
+    """transformers' continuous batching over the same samples, each its own length."""
+    prompts = [prompt for prompt, group in zip(work.prompts, work.lengths) for _ in group]
+    lengths = [n for group in work.lengths for n in group]
+    out = hf_continuous(hf, prompts, lengths, cfg.batch, cfg.temperature)
     return sum(len(tokens) for tokens in out)
 
 
@@ -144,6 +191,12 @@ def bench_sampled(cfg: BenchConfig, ours, hf, work: Problems) -> None:
     ours_s, ours_tokens = timed(lambda: engine_sampled(ours, work, cfg))
     base = hf_tokens / hf_s
     print(f"  transformers generate  {base:8.1f} tokens/s  ({hf_tokens} tokens, {hf_s:.1f} s)")
+    if has_continuous_batching(hf):
+        hf_continuous_sampled(hf, work, cfg)  # warm-up: the manager and its graphs, kept
+        cb_s, cb_tokens = timed(lambda: hf_continuous_sampled(hf, work, cfg))
+        print(f"  transformers continuous {cb_tokens / cb_s:7.1f} tokens/s  ({cb_tokens} tokens, "
+              f"{cb_s:.1f} s)  {cb_tokens / cb_s / base:5.2f}x")
+        hf.destroy_cached_continuous_batching_manager()
     print(f"  codelm engine          {ours_tokens / ours_s:8.1f} tokens/s  ({ours_tokens} tokens, "
           f"{ours_s:.1f} s)  {ours_tokens / ours_s / base:5.2f}x")
 
@@ -153,9 +206,11 @@ def bench_greedy(cfg: BenchConfig, ours, hf, work: Problems) -> None:
     n = cfg.new_tokens
     print(f"\ngreedy  batch {len(rows)}, {n} new tokens (no EOS), {torch.get_num_threads()} "
           "threads")
+    device = ours.wte.weight.device
     padded = pad_sequence([torch.tensor(p) for p in rows], True, 0, padding_side="left")
     mask = pad_sequence([torch.ones(len(p), dtype=torch.bool) for p in rows], True,
                         padding_side="left")
+    padded, mask = padded.to(device), mask.to(device)
     width = padded.shape[1]
 
     def run_hf():
@@ -169,8 +224,13 @@ def bench_greedy(cfg: BenchConfig, ours, hf, work: Problems) -> None:
     def run_engine():
         return generate_all(ours, rows, GenerationConfig(n), slots=cfg.batch)
 
+    def run_continuous():
+        return hf_continuous(hf, rows, [n] * len(rows), cfg.batch, 0.0)
+
     runners = {"transformers generate": run_hf, "codelm generate": run_generate,
                "codelm engine": run_engine}
+    if has_continuous_batching(hf):
+        runners["transformers continuous"] = run_continuous
     ref = run_hf()  # warm-up, and the tokens every runner must equal
     same = {name: sum(a == b for a, b in zip(fn(), ref)) for name, fn in runners.items()}
     clock = CLOCKS[cfg.clock]
@@ -187,16 +247,23 @@ def bench_greedy(cfg: BenchConfig, ours, hf, work: Problems) -> None:
     ref_min, ref_median = min(times[names[0]]), statistics.median(times[names[0]])
     for name, ts in times.items():
         best, median = min(ts), statistics.median(ts)
-        print(f"  {name:22s} {tokens / best:8.1f} / {tokens / median:8.1f} tokens/s  "
+        print(f"  {name:23s} {tokens / best:8.1f} / {tokens / median:8.1f} tokens/s  "
               f"{ref_min / best:5.2f}x / {ref_median / median:5.2f}x  "
               f"rows equal to transformers': {same[name]}/{len(rows)}")
+    if "transformers continuous" in runners:
+        hf.destroy_cached_continuous_batching_manager()
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = settings.parse_config_flags(BenchConfig, argv, __doc__,
-                                      choices={"clock": tuple(CLOCKS)})
+                                      choices={"clock": tuple(CLOCKS), "preset": tuple(PRESETS),
+                                               "device": ("auto", "cpu", "cuda")})
     torch.set_num_threads(cfg.threads)
-    ours, hf = models()
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{cfg.preset} on {device}")
+    ours, hf = models(cfg.preset, device)
     work = problems(cfg, ours.cfg.vocab_size)
     with torch.inference_mode():
         if cfg.only in ("all", "greedy"):
