@@ -267,7 +267,7 @@ def test_the_head_loss_ignores_masked_positions():
 def test_offloaded_activations_leave_the_gpu_and_give_the_same_gradients():
     """With gradient checkpointing and offload_activations the blocks' saved inputs wait in host
     memory: the GPU holds less between forward and backward, the gradients are the same."""
-    cfg = dataclasses.replace(SHAPES["llama"], n_layer=4, dropout=0.1)
+    cfg = dataclasses.replace(SHAPES["llama"], n_layer=4, dropout=0.1, block_size=256)
     torch.manual_seed(0)
     model = Transformer(cfg).cuda().train()
     model.gradient_checkpointing = True
