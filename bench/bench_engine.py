@@ -118,7 +118,8 @@ def hf_continuous(hf, prompts: list[list[int]], lengths: list[int], slots: int,
                                 **sampling)
     batching = ContinuousBatchingConfig(max_requests_per_batch=slots)
     results = {}
-    with hf.continuous_batching_context_manager(generation_config=config, block=True, timeout=5,
+    # Its manager's thread runs outside inference mode: its tensors must not be inference tensors.
+    with torch.inference_mode(False), torch.no_grad(), hf.continuous_batching_context_manager(generation_config=config, block=True, timeout=5,
                                                 continuous_batching_config=batching,
                                                 persistent_manager=True) as manager:
         for i, (prompt, length) in enumerate(zip(prompts, lengths)):
@@ -147,8 +148,9 @@ def hf_sampled(hf, work: Problems, cfg: BenchConfig) -> int:
     for start in range(0, len(work.prompts), per_call):
         rows = [torch.tensor(p) for p in work.prompts[start : start + per_call]]
         lengths = [n for group in work.lengths[start : start + per_call] for n in group]
-        idx = pad_sequence(rows, True, 0, padding_side="left")
+        idx = pad_sequence(rows, True, 0, padding_side="left").to(hf.device)
         mask = pad_sequence([torch.ones_like(r) for r in rows], True, 0, padding_side="left")
+        mask = mask.to(hf.device)
         hf.generate(idx, attention_mask=mask, do_sample=True, top_k=0,
                     temperature=cfg.temperature, max_new_tokens=max(lengths),
                     min_new_tokens=max(lengths), num_return_sequences=cfg.samples,
@@ -232,7 +234,14 @@ def bench_greedy(cfg: BenchConfig, ours, hf, work: Problems) -> None:
     if has_continuous_batching(hf):
         runners["transformers continuous"] = run_continuous
     ref = run_hf()  # warm-up, and the tokens every runner must equal
-    same = {name: sum(a == b for a, b in zip(fn(), ref)) for name, fn in runners.items()}
+    same = {}
+    for name, fn in runners.items():
+        rows_out = fn()
+        same[name] = sum(a == b for a, b in zip(rows_out, ref))
+        if same[name] < len(rows):
+            a, b = next((a, b) for a, b in zip(rows_out, ref) if a != b)
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            print(f"  {name}: a row differs from token {first} of {len(b)} (its length {len(a)})")
     clock = CLOCKS[cfg.clock]
     times: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
