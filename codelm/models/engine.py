@@ -226,8 +226,8 @@ class Engine:
 def _next_tokens(requests: list[_Request], logits: torch.Tensor) -> list[int]:
     """The argmax of the greedy requests' rows; a sample of the others' filtered softmax, each
     drawn with the request's own generator (the filtering of rows with the same settings done
-    at once: row by row, the same values)."""
-    tokens = logits.argmax(dim=-1).tolist()
+    at once: row by row, the same values). The tokens are read back once, all together."""
+    tokens = logits.argmax(dim=-1)
     settings: dict[tuple, list[int]] = {}
     for i, request in enumerate(requests):
         cfg = request.cfg
@@ -237,8 +237,8 @@ def _next_tokens(requests: list[_Request], logits: torch.Tensor) -> list[int]:
         probs = sampling_logits(logits[rows], temperature, top_k, top_p).softmax(dim=-1)
         for row, i in enumerate(rows):
             drawn = torch.multinomial(probs[row : row + 1], 1, generator=requests[i].generator)
-            tokens[i] = int(drawn)
-    return tokens
+            tokens[i : i + 1] = drawn[0]
+    return tokens.tolist()
 
 
 def _logprobs(logits: torch.Tensor, token: int, top: int
