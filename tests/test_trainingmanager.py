@@ -421,6 +421,37 @@ def test_auto_precision_takes_the_gpus_native_half(monkeypatch, capability, half
             trainer_module.Trainer(model, _ready(cfg), cuda)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_step_waits_on_the_device_once_and_the_stop_check_never():
+    """One process: a training step reads the device back once (its loss and gradient norm,
+    which decide whether the update applies); the step's token counts go over without a wait
+    and the per-step stop check reads no device tensor, so the GPU is not idle meanwhile."""
+    import warnings
+
+    from architecture import Transformer
+
+    cfg = trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=32, warmup_steps=0)
+    torch.manual_seed(0)
+    model = Transformer(trainconfig.model_config(cfg, 64, None, None))
+    trainer = trainer_module.Trainer(model.cuda(), _ready(cfg), torch.device("cuda"))
+    ids = torch.randint(0, 64, (4, 33))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    trainer.train_step([batch])  # the first step's one-off work (the optimizer's state) apart
+    signals = trainer_module.StopSignals()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step([batch])
+            assert signals.stop_requested(distributed.Dist(), torch.device("cuda")) is None
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            signals.restore()
+    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) == 1, [str(w.message) for w in waits]
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     f = [trainer_module.lr_factor(s, 10, 110, 0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)

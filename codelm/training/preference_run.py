@@ -177,8 +177,7 @@ class PreferenceTrainer(Trainer):
         self.model.train()
         pairs = sum(len(b["ids"]) // 2 for b in micro_batches)
         positions = sum(b["ids"].numel() for b in micro_batches)
-        n_pairs, n_positions = all_reduce_sum(
-            torch.tensor([float(pairs), float(positions)], device=self.device), self.dist)
+        n_pairs, n_positions = self._step_counts(pairs, positions)
         sums = torch.zeros(1 + 2 * len(self.metric_names), device=self.device)
         with self._droppable_step(stop):
             for i, batch in enumerate(micro_batches):

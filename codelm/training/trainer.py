@@ -160,6 +160,14 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _step_counts(self, *counts: int) -> torch.Tensor:
+        """This step's ``counts`` (fp32, on the device) summed over the processes; one process's
+        go to the device without waiting for the work the device has queued."""
+        values = torch.tensor([float(count) for count in counts])
+        if self.dist.enabled:
+            return all_reduce_sum(values.to(self.device), self.dist)
+        return values.to(self.device, non_blocking=True)
+
     def _check_stop(self, module: nn.Module, args: tuple) -> None:
         """Before a module's forward, and once its backward is done: a pending stop drops the
         step."""
@@ -201,8 +209,7 @@ class Trainer:
         self.model.train()
         count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         positions = sum(b["input_ids"].numel() for b in micro_batches)
-        n_tokens, n_positions = all_reduce_sum(
-            torch.tensor([float(count), float(positions)], device=self.device), self.dist)
+        n_tokens, n_positions = self._step_counts(count, positions)
         weight = self.dist.world / n_tokens.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
         with self._droppable_step(stop):
@@ -380,9 +387,10 @@ class StopSignals:
                        ) -> str | None:
         """Why every rank stops now (collective): a signal any rank received, or the time
         budget (``over_time``)."""
-        flags = torch.tensor([self.reason is not None, over_time], dtype=torch.float32,
-                             device=device)
-        signalled, over_time = all_reduce_sum(flags, dist).tolist()
+        signalled = self.reason is not None
+        if dist.enabled:  # one process reads its own flags: no tensor, no wait on the device
+            flags = torch.tensor([signalled, over_time], dtype=torch.float32, device=device)
+            signalled, over_time = all_reduce_sum(flags, dist).tolist()
         if signalled:
             # Under way on every rank: this rank's own SIGTERM, coming later (a scheduler's to
             # each process, the watch of a killed torchrun), is a repeat and changes nothing.
