@@ -465,7 +465,7 @@ PREFERENCE_ONLY_KEYS = ("pref_beta", "pref_loss_type", "kto_desirable_weight",
 
 
 def check_preference_task(cfg: TrainConfig, named: Callable[[str], str]) -> None:
-    """A preference task's needs (its data, a tokenizer, no packing); its settings under no
+    """A preference task's needs (its data, a tokenizer; kto no packing); its settings under no
     other task. Its loss settings together: codelm.training.plan (preference.config_of)."""
     if cfg.task not in PREFERENCE_TASKS:
         if given := [named(k) for k in PREFERENCE_ONLY_KEYS
@@ -480,9 +480,10 @@ def check_preference_task(cfg: TrainConfig, named: Callable[[str], str]) -> None
     if cfg.init_from is None and cfg.tokenizer is None:
         raise ValueError(f"{named('task')}: tunes a model's preferences: set init_from (the "
                          "model, its tokenizer with it), or tokenizer for a model from scratch")
-    if cfg.packing:
-        raise ValueError(f"{named('packing')}: the {cfg.task} task pads each pair in its batch "
-                         "(its rows are scored one by one): drop packing")
+    if cfg.packing and cfg.task == "kto":
+        raise ValueError(f"{named('packing')}: the kto task reads its KL rows apart from its "
+                         "completions, so it pads each in its batch: drop packing (dpo, orpo "
+                         "and simpo pack)")
     if cfg.test_data:
         raise ValueError(f"{named('test_data')}: the {cfg.task} task has no test split: "
                          "score the export with eval.py")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,14 +111,40 @@ def _positive(name: str, value: float) -> None:
 
 # ----------------------------------------------------------------------------- log-probs
 
-def token_logps(model: Transformer, ids: torch.Tensor, attention_mask: torch.Tensor
-                ) -> torch.Tensor:
+PACKED_KEYS = ("packed_ids", "packed_labels", "document_ids", "packed_index")  # in a batch
+
+
+class PackedRows(NamedTuple):
+    """A batch's rows end to end in rows of ``width`` tokens, each attending to itself only
+    (codelm.training.preference_batches.pack_rows makes them)."""
+
+    ids: torch.Tensor  # (R, width): the rows' tokens, pad after the last
+    labels: torch.Tensor  # (R, width): the next token within the same row, else IGNORE_INDEX
+    document_ids: torch.Tensor  # (R, width): which row a token belongs to, -1 on the padding
+    index: torch.Tensor  # (N, L - 1): where token t + 1 of padded row n is predicted, in the
+    #   flattened (R, width - 1) outputs of the packed forward (0 beyond the row's end)
+
+
+def packed_rows(batch: dict) -> PackedRows | None:
+    """The batch's packed layout (collate_preferences with pack_into), else None."""
+    if PACKED_KEYS[0] not in batch:
+        return None
+    return PackedRows(*(batch[key] for key in PACKED_KEYS))
+
+
+def token_logps(model: Transformer, ids: torch.Tensor, attention_mask: torch.Tensor,
+                packed: PackedRows | None = None) -> torch.Tensor:
     """(N, L - 1): the log-prob of each of ``ids[:, 1:]`` (N, L, right-padded) given the tokens
     before it, through the model's forward (architecture.head_logps: the whole logits never
     held, so a step over pairs holds what a supervised step over the same rows holds); 0 at
-    pads."""
-    labels = ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
-    return model(ids[:, :-1], labels, token_logps=True)
+    pads. With ``packed`` (the same rows packed) the forward runs over the packed rows, each
+    row attending to itself, and the log-probs are read back in the padded layout."""
+    if packed is None:
+        labels = ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+        return model(ids[:, :-1], labels, token_logps=True)
+    logps = model(packed.ids[:, :-1], packed.labels[:, :-1], token_logps=True,
+                  document_ids=packed.document_ids[:, :-1])
+    return logps.flatten()[packed.index] * attention_mask[:, 1:].to(logps.dtype)
 
 
 def sequence_logps(logps: torch.Tensor, completion_mask: torch.Tensor,
@@ -145,18 +172,21 @@ def mean_nll(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reference_sequence_logps(model: Transformer, ids: torch.Tensor,
                              attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                             reference: Transformer | None = None) -> torch.Tensor:
-    """(N,): the completions' summed log-probs under the reference, for one batch of rows:
-    ``reference`` where given (a full fine-tune's frozen starting model), else the LoRA model's
-    base, its adapters switched off for the forward (no second model in memory). They do not
-    change as the policy trains, so a loop may compute them once per example and cache them."""
+                             reference: Transformer | None = None,
+                             packed: PackedRows | None = None) -> torch.Tensor:
+    """(N,): the completions' summed log-probs under the reference, for one batch of rows
+    (``packed``: as token_logps takes it): ``reference`` where given (a full fine-tune's frozen
+    starting model), else the LoRA model's base, its adapters switched off for the forward (no
+    second model in memory). They do not change as the policy trains, so a loop may compute
+    them once per example and cache them."""
     if reference is not None:
-        return sequence_logps(token_logps(reference, ids, attention_mask), completion_mask)
+        return sequence_logps(token_logps(reference, ids, attention_mask, packed),
+                              completion_mask)
     if not any(True for _ in lora.lora_modules(model)):
         raise ValueError("DPO and KTO need a reference model: train LoRA (its base is the "
                          "reference) or pass the starting model as reference")
     with lora.adapters_off(model):
-        return sequence_logps(token_logps(model, ids, attention_mask), completion_mask)
+        return sequence_logps(token_logps(model, ids, attention_mask, packed), completion_mask)
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -173,7 +203,8 @@ def batch_loss(model: Transformer, batch: dict, cfg: PreferenceConfig
         raise ValueError(f"{cfg.method} compares with the reference: the batch holds no "
                          "ref_logps (reference_sequence_logps of its rows)")
     if cfg.method != "kto":
-        return pair_loss(token_logps(model, ids, attention), attention, completion, cfg, ref)
+        logps = token_logps(model, ids, attention, packed_rows(batch))
+        return pair_loss(logps, attention, completion, cfg, ref)
     n = len(ids) // 2
     logps = sequence_logps(token_logps(model, ids[:n], attention[:n]), completion[:n])
     with torch.no_grad():

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import io
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,11 +34,7 @@ from codelm.runtime.distributed import Dist, all_reduce_sum
 from codelm.runtime.process import progress_bar
 from codelm.trainconfig import DataSettings, StepSettings, TrainConfig
 from codelm.training import preference
-from codelm.training.preference_batches import (
-    PreferenceBatches,
-    PreferenceRows,
-    collate_preferences,
-)
+from codelm.training.preference_batches import PreferenceBatches, PreferenceRows
 from codelm.training.trainer import StepStats, StepStop, Trainer, autocast, checked_precision
 
 REFERENCE_FILE = "reference_logps.pt"  # in the run directory: (n, 2) of each split's rows
@@ -86,7 +82,7 @@ def prepare(cfg: TrainConfig | DataSettings, tok, block_size: int, dist: Dist) -
         PreferenceRows(train_set, block_size, unpaired), PreferenceRows(val_set, block_size,
                                                                         unpaired),
         tok.pad_id, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.eval_examples, dist.rank,
-        dist.world)
+        dist.world, pack_into=block_size if cfg.packing else None)
     data_id = {"entry": f"{cfg.task}-{digest(train_set)}", "train_examples": len(train_set)}
     return PreferenceData(dcfg, batches, sample_prompt(val), data_id)
 
@@ -125,19 +121,20 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
     precision = checked_precision(cfg, device)
     is_lora = any(True for _ in lora.lora_modules(model))
     for name, rows in (("train", batches.train), ("val", batches.val)):
-        rows.set_reference(reference_logps(model, rows, cfg.batch_size, device, precision,
-                                           is_lora, cfg.progress, name))
+        rows.set_reference(reference_logps(model, rows, batches.collate, cfg.batch_size, device,
+                                           precision, is_lora, cfg.progress, name))
     buffer = io.BytesIO()
     torch.save({"train": batches.train.reference, "val": batches.val.reference}, buffer)
     return {path: buffer.getvalue()}
 
 
 @torch.no_grad()
-def reference_logps(model: nn.Module, rows: PreferenceRows, batch_size: int,
-                    device: torch.device, precision: str, is_lora: bool, progress: bool = False,
-                    split: str = "train") -> torch.Tensor:
+def reference_logps(model: nn.Module, rows: PreferenceRows, collate: Callable,
+                    batch_size: int, device: torch.device, precision: str, is_lora: bool,
+                    progress: bool = False, split: str = "train") -> torch.Tensor:
     """(n, 2): the summed completion log-probs of each item's two rows under the reference:
-    ``model`` in eval mode, its adapters off under LoRA, else ``model`` itself."""
+    ``model`` in eval mode, its adapters off under LoRA, else ``model`` itself; batches laid
+    out by ``collate`` (the run's: packed or not, as its steps are)."""
     was_training = model.training
     model.eval()
     out = []
@@ -145,11 +142,11 @@ def reference_logps(model: nn.Module, rows: PreferenceRows, batch_size: int,
     for start in progress_bar(starts, desc=f"reference {split}", unit="batch", leave=False,
                               enabled=progress):
         items = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        batch = {k: v.to(device) for k, v in collate_preferences(items, 0).items()}
+        batch = {k: v.to(device) for k, v in collate(items, 0).items()}
         with autocast(device, precision):
             logps = preference.reference_sequence_logps(
                 model, batch["ids"], batch["attention_mask"], batch["completion_mask"],
-                reference=None if is_lora else model)
+                reference=None if is_lora else model, packed=preference.packed_rows(batch))
         out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
     model.train(was_training)
     return torch.cat(out)
