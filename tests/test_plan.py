@@ -23,21 +23,26 @@ def test_the_budget_clock_starts_the_decay_by_the_clock_or_at_the_data_s_end():
     assert clock.decay_steps(step=500, now=100.0, step_s=0.5) == 1
 
 
-def test_fit_budget_plans_the_steps_and_a_clock_unless_the_data_ends_first():
+def test_fit_budget_plans_the_steps_and_a_clock_that_keeps_the_budget():
     """A budget the data outlasts gets a clock for its decay; one that would train past
-    MAX_EPOCHS ends on its plan, with no clock."""
+    MAX_EPOCHS ends on its plan, its decay at its planned step unless the clock comes first (a
+    machine slower than measured still ends within the budget)."""
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
-    sized, clock, train_s = plan.fit_budget(cfg, now=1000.0, seconds_left=100.0, step_s=1.0,
-                                            eval_s=1.0, data_steps=10**6)
+    sized, clock, train_s, _ = plan.fit_budget(cfg, now=1000.0, seconds_left=100.0, step_s=1.0,
+                                               eval_s=1.0, data_steps=10**6)
     assert train_s == pytest.approx(100.0 * (1 - plan.END_SHARE))
     assert sized.max_steps % plan.EVALS_IN_BUDGET == 0 and sized.time_budget_min is None
     assert clock.decay_at == pytest.approx(1000.0 + train_s * (1 - plan.DECAY_SHARE))
     assert clock.train_until == pytest.approx(1000.0 + train_s)
-    sized, clock, _ = plan.fit_budget(cfg, now=0.0, seconds_left=100.0, step_s=1.0, eval_s=1.0,
-                                      data_steps=40)
-    assert (sized.max_steps, clock) == (40, None)
+    sized, clock, train_s, data_bound = plan.fit_budget(cfg, now=0.0, seconds_left=100.0,
+                                                        step_s=1.0, eval_s=1.0, data_steps=40)
+    assert (sized.max_steps, clock.last_step, data_bound) == (40, 40, True)
+    decay_from = 40 - sized.decay_steps
+    assert not clock.decay_due(step=decay_from - 1, now=0.0)
+    assert clock.decay_due(step=decay_from, now=0.0)  # on its plan
+    assert clock.decay_due(step=1, now=train_s * (1 - plan.DECAY_SHARE))  # a slowed machine
 
 
 def test_a_step_time_is_the_fastest_window_so_a_passing_load_does_not_count():

@@ -1699,7 +1699,28 @@ def test_a_time_budget_larger_than_the_data_ends_after_max_epochs(assets, tmp_pa
     every = math.ceil(plan.MAX_EPOCHS * windows / cfg.batch_size) // plan.EVALS_IN_BUDGET
     assert (saved["max_steps"], saved["eval_every"], run.step) == (every * plan.EVALS_IN_BUDGET, every, every * plan.EVALS_IN_BUDGET)
     assert f"{plan.MAX_EPOCHS} epochs of the training data end the run" in out and "--data" in out
-    assert "the decay starts" not in out
+    assert "unless the machine slows" in out
+
+
+def test_a_data_bound_budget_on_a_slowed_machine_ends_within_its_budget(
+        assets, tmp_path, monkeypatch, capsys):
+    """A budget MAX_EPOCHS of the data would end first on the measured speed (0.1 s a step),
+    on a machine then ten times slower (1 s a step on a fake clock): the clock starts the
+    decay, and the run ends within its budget, short of its planned steps."""
+    _one_second_a_step(monkeypatch)
+    monkeypatch.setattr(build, "time_a_step", lambda *args: (0.1, 0.1))
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 100.0)
+    small = tmp_path / "small"
+    small.mkdir()
+    for f in sorted(Path(assets["corpus"]).iterdir())[:4]:
+        shutil.copy(f, small / f.name)
+    cfg = tiny_cfg(assets, tmp_path, data=[str(small)], name="slowed", time_budget_min=2.0,
+                   warmup_steps=None, max_steps=None, eval_every=None, save_every=None)
+    run = tm.train(cfg)
+    out = capsys.readouterr().out
+    planned = int(re.search(r"-> max_steps (\d+)", out).group(1))
+    assert "epochs of the training data end the run" in out and "the decay starts at" in out
+    assert run.step < planned and run.step <= 100 * (1 - plan.END_SHARE)
 
 def test_a_budgeted_run_stopped_past_its_plan_resumes_to_the_length_it_records(
         assets, tmp_path, monkeypatch, capsys):

@@ -471,11 +471,11 @@ def size_to_budget(cfg: TrainConfig, model: nn.Module, batches: Batches, device:
                              batches.steps_for(MAX_EPOCHS))
     sized = budget.cfg
     if dist.main:
-        if budget.clock is not None:
-            end = "the decay starts by the clock and is timed then"
-        else:
-            end = (f"{MAX_EPOCHS} epochs of the training data end the run before its budget: "
-                   "more data, --data, would use the rest")
+        end = "the decay starts by the clock and is timed then"
+        if budget.data_bound:
+            end = (f"{MAX_EPOCHS} epochs of the training data end the run before its budget "
+                   f"(more data, --data, would use the rest), unless the machine slows: then "
+                   f"{end}")
         print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
               f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {device.type} -> "
               f"max_steps {sized.max_steps}, eval_every {sized.eval_every}, warmup_steps "

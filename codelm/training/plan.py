@@ -680,8 +680,9 @@ class BudgetClock:
 
 class Budget(NamedTuple):
     cfg: TrainConfig  # with max_steps, eval_every, save_every, warmup_steps and decay_steps
-    clock: BudgetClock | None  # None: the data ends the run first, on its plan
+    clock: BudgetClock  # when the decay starts: by the clock, or at its planned step
     train_s: float  # seconds of training the budget gives
+    data_bound: bool  # MAX_EPOCHS of the data end the run before the budget would
 
 
 def fit_budget(cfg: TrainConfig, now: float, seconds_left: float, step_s: float, eval_s: float,
@@ -701,8 +702,8 @@ def fit_budget(cfg: TrainConfig, now: float, seconds_left: float, step_s: float,
     decay = cfg.decay_steps or max(1, int(DECAY_SHARE * steps))
     sized = replace(cfg, time_budget_min=None, max_steps=steps, eval_every=every,
                     save_every=every, warmup_steps=warmup, decay_steps=decay)
-    clock = None
-    if not data_bound:
-        clock = BudgetClock(decay_at=now + train_s * (1 - DECAY_SHARE), train_until=now + train_s,
-                            planned_decay=decay, last_step=max(steps, data_steps))
-    return Budget(sized, clock, train_s)
+    # A run the data ends keeps the clock too: where the machine slows, the decay starts by
+    # the clock and the run still ends within its budget.
+    clock = BudgetClock(decay_at=now + train_s * (1 - DECAY_SHARE), train_until=now + train_s,
+                        planned_decay=decay, last_step=steps if data_bound else data_steps)
+    return Budget(sized, clock, train_s, data_bound)
