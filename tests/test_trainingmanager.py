@@ -252,6 +252,7 @@ def test_step_counts_every_position_of_every_process(monkeypatch):
     """tokens_seen / tokens_per_s count what all processes computed: the sum of their batches,
     not this process's count times the number of processes."""
     trainer = _trainer(trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=16))
+    trainer.dist = distributed.Dist(rank=0, world=2)  # its collectives stood in for below
     others = 37.0  # the positions of the other process's (shorter) batches
 
     def all_reduce(t, dist):
