@@ -130,11 +130,12 @@ def _varied_pairs(n: int = 6, vocab: int = 64) -> list:
     from codelm.data.preferences import Preference
 
     g = torch.Generator().manual_seed(0)
+
+    def ids(length: int) -> list[int]:
+        return torch.randint(vocab, (length,), generator=g).tolist()
+
     pairs = []
     for i in range(n):
-        def ids(length):
-            return torch.randint(vocab, (length,), generator=g).tolist()
-
         pairs.append(Preference(ids(3 + i), (ids(2 + 3 * i % 7), ids(9 - i))))
     return pairs
 

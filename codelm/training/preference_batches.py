@@ -22,8 +22,9 @@ from codelm.training.preference import PACKED_KEYS, PackedRows
 
 
 def pack_rows(rows: Sequence[torch.Tensor], width: int, pad_id: int) -> PackedRows:
-    """``rows`` (each at most ``width`` tokens) packed first fit (batches.first_fit_rows, in
-    their order), and the map from the padded layout's predictions to the packed ones."""
+    """``rows`` (each at most ``width`` tokens) packed first fit (batches.first_fit_rows, in an
+    order seeded by 0: the same rows pack the same way), and the map from the padded layout's
+    predictions to the packed ones."""
     bins = first_fit_rows([len(row) for row in rows], width, seed=0)
     ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
