@@ -17,7 +17,8 @@ from codelm.models.generation import GenerationConfig
 
 def _alone(model, prompt, n, **kw):
     """generate's new tokens for one prompt at batch 1, up to and with its EOS."""
-    out = gen(model, torch.tensor([prompt]), n, **kw)[0, len(prompt):].tolist()
+    idx = torch.tensor([prompt], device=model.wte.weight.device)
+    out = gen(model, idx, n, **kw)[0, len(prompt):].tolist()
     eos = kw.get("eos_id")
     if eos is not None and eos in out:
         out = out[: out.index(eos) + 1]
@@ -201,3 +202,37 @@ def test_a_request_the_engine_cannot_run_is_refused_when_added(prompt, cfg, mess
     with pytest.raises(ValueError, match=message):
         engine.add(prompt, cfg)
     assert not engine.busy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_samples_equal_generates_and_a_decode_step_waits_on_the_device_once():
+    """On CUDA, each request's noise from its own CUDA generator gives generate's samples at
+    batch 1; a decode step of eight sampled rows reads the device back once (the tokens)."""
+    import warnings
+
+    model = _model("llama").cuda()
+    prompts = _prompts(8)
+
+    def cfg(i):
+        g = torch.Generator("cuda").manual_seed(200 + i)
+        return GenerationConfig(12, temperature=0.8, top_p=0.95, generator=g)
+
+    got = generate_all(model, prompts, [cfg(i) for i in range(8)], slots=8)
+    for i, prompt in enumerate(prompts):
+        g = torch.Generator("cuda").manual_seed(200 + i)
+        assert got[i] == _alone(model, prompt, 12, temperature=0.8, top_p=0.95, generator=g), i
+    engine = Engine(model, slots=8)
+    for i, prompt in enumerate(prompts):
+        engine.add(prompt, cfg(i))
+    engine.step()  # the prefills and first tokens apart
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            events = engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(events) == 8
+    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) == 1, [str(w.message) for w in waits]

@@ -191,21 +191,24 @@ class Engine:
         return logits
 
     def _decode(self, running: list[_Request]) -> list[Token]:
-        """Feed each running request's last token at its own position; pick the next ones."""
+        """Feed each running request's last token at its own position; pick the next ones. The
+        step's inputs are made on the host and go over without a wait on the device."""
         rows = max(r.slot for r in running) + 1  # the slots up to the last one in use
-        fed = torch.zeros(rows, 1, dtype=torch.long)
-        pos = torch.zeros(rows, 1, dtype=torch.long)
+        fed = [0] * rows
+        pos = [0] * rows
         for r in running:
-            fed[r.slot, 0] = r.generated[-1]
-            pos[r.slot, 0] = len(r.prompt) + len(r.generated) - 1
-        fed, pos = fed.to(self.device), pos.to(self.device)
-        length = min(-(-(int(pos.max()) + 1) // CACHE_STEP) * CACHE_STEP, self.max_len)
+            fed[r.slot] = r.generated[-1]
+            pos[r.slot] = len(r.prompt) + len(r.generated) - 1
+        length = min(-(-(max(pos) + 1) // CACHE_STEP) * CACHE_STEP, self.max_len)
+        fed_ids = _on_device(fed, self.device)[:, None]
+        positions = _on_device(pos, self.device)[:, None]
         caches = [(k[:rows, :, :length], v[:rows, :, :length]) for k, v in self.caches]
         keys = torch.arange(length, device=self.device)
-        mask = (keys <= pos)[:, None, None, :]  # (rows, 1, 1, length): a row's own keys so far
-        x = self.model.run_blocks(fed, pos, mask, pos, caches)
+        mask = (keys <= positions)[:, None, None, :]  # (rows, 1, 1, length): a row's own keys
+        x = self.model.run_blocks(fed_ids, positions, mask, positions, caches)
         logits = self.model.logits(x[:, -1])
-        return self._pick(running, logits[[r.slot for r in running]])
+        slots = _on_device([r.slot for r in running], self.device)
+        return self._pick(running, logits.index_select(0, slots))
 
     def _pick(self, requests: list[_Request], logits: torch.Tensor) -> list[Token]:
         """Each request's next token from its row of ``logits`` (len(requests), V); a request
@@ -225,20 +228,36 @@ class Engine:
 
 def _next_tokens(requests: list[_Request], logits: torch.Tensor) -> list[int]:
     """The argmax of the greedy requests' rows; a sample of the others' filtered softmax, each
-    drawn with the request's own generator (the filtering of rows with the same settings done
-    at once: row by row, the same values). The tokens are read back once, all together."""
-    tokens = logits.argmax(dim=-1)
+    drawn with the request's own generator. A draw is torch.multinomial's for one sample, the
+    argmax of probs / noise with noise ~ Exp(1) from the generator (so a request draws what
+    `generate` draws at batch 1), done for all rows at once: one launch a row (its noise), not
+    a multinomial's several and its check's wait on the device. The rows with the same settings
+    are filtered at once (row by row, the same values); the tokens are read back once."""
+    greedy = logits.argmax(dim=-1)
     settings: dict[tuple, list[int]] = {}
     for i, request in enumerate(requests):
         cfg = request.cfg
         if cfg.temperature > 0:
             settings.setdefault((cfg.temperature, cfg.top_k, cfg.top_p), []).append(i)
+    if not settings:
+        return greedy.tolist()
+    probs = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    noise = torch.ones_like(probs)  # a greedy row's draw is not read
     for (temperature, top_k, top_p), rows in settings.items():
-        probs = sampling_logits(logits[rows], temperature, top_k, top_p).softmax(dim=-1)
-        for row, i in enumerate(rows):
-            drawn = torch.multinomial(probs[row : row + 1], 1, generator=requests[i].generator)
-            tokens[i : i + 1] = drawn[0]
-    return tokens.tolist()
+        index = _on_device(rows, logits.device)
+        filtered = sampling_logits(logits.index_select(0, index), temperature, top_k, top_p)
+        probs.index_copy_(0, index, filtered.softmax(dim=-1))
+        for i in rows:
+            noise[i].exponential_(1, generator=requests[i].generator)
+    drawn = (probs / noise).argmax(dim=-1)
+    sampled = _on_device([request.cfg.temperature > 0 for request in requests], logits.device)
+    return torch.where(sampled, drawn, greedy).tolist()
+
+
+def _on_device(values: list, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on ``device``, copied without waiting for the work queued there
+    (an index made from a list would wait)."""
+    return torch.tensor(values).to(device, non_blocking=True)
 
 
 def _logprobs(logits: torch.Tensor, token: int, top: int
