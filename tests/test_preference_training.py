@@ -140,6 +140,27 @@ def _varied_pairs(n: int = 6, vocab: int = 64) -> list:
     return pairs
 
 
+def test_a_kto_rows_kl_completion_comes_from_another_prompt():
+    """KTO's KL row pairs a prompt with another prompt's completion (a mismatched pair); the two
+    labelled halves of one pair are neighbours, so the other half of the same prompt is
+    skipped. A file of one prompt takes its previous record's."""
+    from codelm.data.preferences import Preference
+    from codelm.training.preference_batches import PreferenceRows
+
+    unpaired = []  # as `unpair` lays a file's pairs out: each pair's chosen, then its rejected
+    for pair in _varied_pairs():
+        unpaired.append(Preference(pair.prompt, pair.completions[:1], True))
+        unpaired.append(Preference(pair.prompt, pair.completions[1:], False))
+    rows = PreferenceRows(unpaired, block_size=24, unpaired=True)
+    for i, preference in enumerate(unpaired):
+        completion, kl_completion = rows.completions(i)
+        assert completion == preference.completions[0]
+        others = [p.completions[0] for p in unpaired if p.prompt != preference.prompt]
+        assert kl_completion in others, i
+    one_prompt = [Preference([1, 2], ([3],), True), Preference([1, 2], ([4],), False)]
+    assert PreferenceRows(one_prompt, block_size=24, unpaired=True).completions(0)[1] == [4]
+
+
 def test_packed_rows_read_back_the_padded_rows_predictions():
     """Each padded row's next tokens are found, through the index, where the packed forward
     predicts them; no packed row is longer than its width."""

@@ -164,6 +164,29 @@ def test_hacks_run_again_only_what_the_trusted_test_failed():
     assert rewards.hack_rate([], [], check, SANDBOX) == 0.0
 
 
+def test_a_trusted_run_that_timed_out_is_not_counted_a_hack():
+    """A slow program whose trusted run passes its time limit (a process more than the run in
+    its own interpreter) earns 0 and is not run again: no hack; one whose trusted test failed
+    and that passes in its own interpreter is."""
+    calls = []
+
+    def check(problem: dict, completion: str, sandbox: SandboxConfig) -> SandboxResult:
+        calls.append((completion, problem["trusted"]))
+        if problem["trusted"]:
+            status = "timeout" if completion == "slow" else "failed"
+            return SandboxResult(status, None, "", "", 0.0, True, False)
+        return SandboxResult("passed", 0, "", "", 0.0, True, True)
+
+    problem = {"task_id": "t/0", "trusted": False}
+    jobs = [(problem, "slow"), (problem, "hack")]
+    scores = rewards.scores(jobs, check, SANDBOX)
+    assert scores == [rewards.Score(0.0, True), rewards.Score(0.0, False)]
+    calls.clear()
+    timed_out = [score.timed_out for score in scores]
+    assert rewards.hacks(jobs, [0.0, 0.0], check, SANDBOX, timed_out=timed_out) == [False, True]
+    assert calls == [("hack", False)]
+
+
 def test_a_problem_whose_solution_needs_its_candidates_interpreter_is_named():
     """A test that passes the candidate a function cannot run apart from it: its canonical
     solution earns nothing, and check_problems says which problem and what to do."""

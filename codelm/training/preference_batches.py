@@ -47,8 +47,10 @@ def pack_rows(rows: Sequence[torch.Tensor], width: int, pad_id: int) -> PackedRo
 class PreferenceRows(Dataset):
     """Encoded preferences as items of two rows each: a pair's (chosen, rejected), or, for
     labelled completions (``unpaired``), the completion and the KL row: its prompt with the
-    completion of the record before it (TRL's KTO pairs each prompt with the previous
-    completion), cut to ``block_size``. ``reference``: (n, 2) reference log-probs of the rows,
+    completion of the nearest record before it (cyclically) whose prompt differs, cut to
+    ``block_size``. TRL's KTO pairs each prompt with the previous completion of rows laid out
+    chosen-block then rejected-block; here the two halves of a pair are neighbours, so the
+    previous record alone would often be the same prompt's other completion. ``reference``: (n, 2) reference log-probs of the rows,
     once computed (``set_reference``)."""
 
     def __init__(self, preferences: Sequence[Preference], block_size: int, unpaired: bool):
@@ -66,8 +68,18 @@ class PreferenceRows(Dataset):
         if not self.unpaired:
             return preference.completions
         room = self.block_size - len(preference.prompt)
-        other = self.preferences[i - 1].completions[0][:room]
+        other = self.preferences[self._kl_partner(i)].completions[0][:room]
         return preference.completions[0], other
+
+    def _kl_partner(self, i: int) -> int:
+        """The nearest record before item ``i`` (cyclically) with another prompt; the one before
+        it where every record has ``i``'s prompt."""
+        prompt = self.preferences[i].prompt
+        for back in range(1, len(self.preferences)):
+            j = (i - back) % len(self.preferences)
+            if self.preferences[j].prompt != prompt:
+                return j
+        return (i - 1) % len(self.preferences)
 
     def __getitem__(self, i: int) -> dict:
         preference = self.preferences[i]

@@ -364,17 +364,19 @@ class GRPOTrainer(Trainer):
         within the batch by a generator of the run's seed and the step."""
         g = self.grpo_settings.num_generations
         jobs = [(problems[i // g], c.text) for i, c in enumerate(completions)]
-        score = rewards.partial_rewards if self.grpo_settings.partial_credit else rewards.rewards
-        earned = score(jobs, run_check, self.sandbox, self.grpo_settings.reward_workers)
-        hacked = rewards.hacks(jobs, earned, run_check, self.sandbox,
-                               self.grpo_settings.reward_workers)
+        workers = self.grpo_settings.reward_workers
+        scores = rewards.scores(jobs, run_check, self.sandbox, workers,
+                                partial=self.grpo_settings.partial_credit)
+        earned = [score.reward for score in scores]
+        timed_out = [score.timed_out for score in scores]
+        hacked = rewards.hacks(jobs, earned, run_check, self.sandbox, workers, timed_out)
         true_rewards = torch.tensor(earned, dtype=torch.float32)
         given = true_rewards
         if self.grpo_settings.shuffle_rewards:
             seed = sample_seed(self.grpo_settings.seed, step, -1)
             generator = torch.Generator().manual_seed(seed)
             given = true_rewards[torch.randperm(len(earned), generator=generator)]
-        runs = len(jobs) + sum(reward < 1.0 for reward in earned)
+        runs = len(jobs) + sum(score.reward < 1.0 and not score.timed_out for score in scores)
         return Scored(given, true_rewards, hacked, runs)
 
     def backward(self, completions: Sequence[Completion], scored: Scored, inject_nan: bool
