@@ -346,6 +346,21 @@ def test_the_lora_reference_is_the_base_without_a_second_model(tmp_path):
     assert torch.equal(given, expected)
 
 
+def test_the_lora_reference_scores_without_dropout_while_the_policy_trains(tmp_path):
+    """A policy training with dropout: its base reference scores as the base in eval mode, the
+    same on every call, and the policy is left training."""
+    save_tiny_hf("llama", tmp_path / "hf")
+    base = pretrained.load(tmp_path / "hf").eval()
+    model = lora_model(tmp_path / "hf").train()
+    model.cfg.dropout = 0.3
+    ids, prompt_mask, completion_mask = _prompted(torch.Generator().manual_seed(3))
+    expected, _ = grpo.completion_logps(base, ids, completion_mask, prompt_mask, 0.9)
+    for _ in range(2):
+        ref = grpo.reference_logps(model, ids, completion_mask, prompt_mask, temperature=0.9)
+        assert torch.equal(ref, expected)
+    assert model.training
+
+
 def test_a_reference_that_is_not_the_base_is_refused(tmp_path):
     save_tiny_hf("llama", tmp_path / "hf")
     model = pretrained.load(tmp_path / "hf").eval()

@@ -233,6 +233,19 @@ def test_the_control_arm_permutes_the_rewards_within_the_step(assets, tmp_path):
     assert len(orders) > 1
 
 
+def test_problems_of_one_task_id_in_two_files_are_each_sampled_from_their_own_prompt(assets):
+    """A training and a validation problem may share an id (files from two sources): each is
+    prompted with its own text."""
+    cfg = trainconfig.TrainConfig(task="grpo", problems=assets["train"], max_completion_tokens=8)
+    settings = trainconfig.GRPOSettings(**fields_of(trainconfig.GRPOSettings, cfg))
+    tok = load_tokenizer(assets["model"])
+    sampler = rollout.Sampler(tok, [tok.eos_id], False, settings, context=64)
+    train, val = problem(0), {**problem(1), "task_id": problem(0)["task_id"]}
+    assert sampler.prompt_ids(train) != sampler.prompt_ids(val)
+    assert sampler.prompt_ids(val) == rollout.Sampler(tok, [tok.eos_id], False, settings,
+                                                      64).prompt_ids(val)
+
+
 # ---- Bad input: one line naming the fix ----
 
 def fails(argv: list[str], capsys) -> str:
@@ -253,6 +266,14 @@ def grpo_argv(assets, tmp_path, *more: str, model: tuple[str, ...] | None = None
 def test_a_group_of_one_is_refused(assets, tmp_path, capsys):
     line = fails(grpo_argv(assets, tmp_path, "--num-generations", "1"), capsys)
     assert "num_generations (1, --num-generations)" in line and "2 or more" in line
+
+
+@pytest.mark.parametrize("flag, value", [("--grpo-beta", "inf"), ("--temperature", "inf"),
+                                         ("--reward-timeout-s", "nan")])
+def test_a_setting_that_is_not_a_finite_number_is_refused_by_its_flag(assets, tmp_path, capsys,
+                                                                      flag, value):
+    line = fails(grpo_argv(assets, tmp_path, flag, value), capsys)
+    assert f"{flag})" in line and "must be finite" in line
 
 
 def test_grpo_settings_need_task_grpo_and_a_length(assets, tmp_path, capsys):

@@ -168,9 +168,10 @@ def _kto_trainer(cfg: PreferenceConfig) -> SimpleNamespace:
 
 
 def _kto_case(cfg: PreferenceConfig, desirable: torch.Tensor, seed: int,
-              kl_shift: float = 0.0) -> None:
+              kl_shift: float = 0.0, other_kl: float | None = None) -> None:
     """N completions labelled ``desirable``; their mismatched KL pairs' reference log-probs
-    shifted by ``kl_shift`` (positive: a KL estimate below 0, clamped)."""
+    shifted by ``kl_shift`` (positive: a KL estimate below 0, clamped). ``other_kl``: a second
+    process's KL estimate, which TRL gathers and averages with this one's."""
     gen = torch.Generator().manual_seed(seed)
     n = desirable.numel()
     ids, attention, completion = _rows(n, gen)
@@ -188,6 +189,18 @@ def _kto_case(cfg: PreferenceConfig, desirable: torch.Tensor, seed: int,
 
     theirs_leaf = logps.clone().requires_grad_(True)
     trainer = _kto_trainer(cfg)
+    kl = None
+    if other_kl is not None:
+        mine = (kl_sums - ref_kl).mean()
+
+        def gather(t):
+            """The KL estimate from both processes; any other value this process's alone."""
+            if t.dtype == mine.dtype and t.shape == mine.shape and torch.allclose(t, mine):
+                return torch.stack([t, torch.tensor(other_kl)])
+            return t
+
+        trainer.accelerator.gather_for_metrics = gather
+        kl = (mine + other_kl) / 2
 
     def stub(input_ids, **kwargs):
         if input_ids is kl_ids:
@@ -198,7 +211,7 @@ def _kto_case(cfg: PreferenceConfig, desirable: torch.Tensor, seed: int,
 
     ours_leaf = logps.clone().requires_grad_(True)
     ours_logps = preference.sequence_logps(ours_leaf * attention[:, 1:], completion)
-    ours, metrics = preference.kto_loss(ours_logps, ref, desirable, kl_sums, ref_kl, cfg)
+    ours, metrics = preference.kto_loss(ours_logps, ref, desirable, kl_sums, ref_kl, cfg, kl)
     _check(ours, theirs, ours_leaf, theirs_leaf, metrics, _logged(trainer))
 
 
@@ -219,6 +232,14 @@ def test_kto_equals_trls(weights, beta, labels):
 def test_kto_clamps_a_negative_kl_estimate_as_trl():
     cfg = PreferenceConfig(method="kto", beta=0.3)
     _kto_case(cfg, torch.tensor([1, 0, 0, 1, 1, 0]).bool(), seed=5, kl_shift=5.0)
+
+
+@pytest.mark.parametrize("other_kl", [2.5, -40.0])
+def test_kto_averages_every_processs_kl_estimate_as_trl(other_kl):
+    """Two processes: the KL estimate is the mean of both processes' (TRL gathers them), then
+    clamped at 0 (the second case: the mean below 0)."""
+    cfg = PreferenceConfig(method="kto", beta=0.2)
+    _kto_case(cfg, torch.tensor([1, 0, 1, 0, 0, 1]).bool(), seed=6, other_kl=other_kl)
 
 
 # ----------------------------------------------------------------------------- ORPO and SimPO

@@ -140,6 +140,18 @@ def _varied_pairs(n: int = 6, vocab: int = 64) -> list:
     return pairs
 
 
+def _unpaired() -> list:
+    """_varied_pairs as KTO's labelled completions, laid out as `unpair` lays a file's pairs
+    out: each pair's chosen, then its rejected."""
+    from codelm.data.preferences import Preference
+
+    unpaired = []
+    for pair in _varied_pairs():
+        unpaired.append(Preference(pair.prompt, pair.completions[:1], True))
+        unpaired.append(Preference(pair.prompt, pair.completions[1:], False))
+    return unpaired
+
+
 def test_a_kto_rows_kl_completion_comes_from_another_prompt():
     """KTO's KL row pairs a prompt with another prompt's completion (a mismatched pair); the two
     labelled halves of one pair are neighbours, so the other half of the same prompt is
@@ -147,10 +159,7 @@ def test_a_kto_rows_kl_completion_comes_from_another_prompt():
     from codelm.data.preferences import Preference
     from codelm.training.preference_batches import PreferenceRows
 
-    unpaired = []  # as `unpair` lays a file's pairs out: each pair's chosen, then its rejected
-    for pair in _varied_pairs():
-        unpaired.append(Preference(pair.prompt, pair.completions[:1], True))
-        unpaired.append(Preference(pair.prompt, pair.completions[1:], False))
+    unpaired = _unpaired()
     rows = PreferenceRows(unpaired, block_size=24, unpaired=True)
     for i, preference in enumerate(unpaired):
         completion, kl_completion = rows.completions(i)
@@ -201,6 +210,28 @@ def test_packed_pairs_give_the_padded_pairs_loss_and_gradients(method):
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-6)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_kto_batch_takes_its_kl_estimate_over_every_process(monkeypatch):
+    """Under several processes a KTO batch's KL estimate is summed over them (a collective) and
+    averaged: its loss is kto_loss's with that mean."""
+    from architecture import PRESETS, Transformer
+    from codelm.runtime.distributed import Dist
+    from codelm.training import preference
+    from codelm.training.preference_batches import PreferenceRows, collate_preferences
+
+    rows = PreferenceRows(_unpaired(), block_size=24, unpaired=True)
+    batch = collate_preferences([rows[i] for i in range(len(rows))], 0)
+    batch["ref_logps"] = torch.full((len(batch["ids"]),), -1000.0)  # this process's KL > 0
+    cfg = preference.PreferenceConfig(method="kto", beta=0.1)
+    torch.manual_seed(0)
+    shape = dataclasses.replace(PRESETS["tiny"], vocab_size=64, block_size=24, dropout=0.0)
+    model = Transformer(shape).eval()
+    other = 7.0  # the other process's KL estimate
+    monkeypatch.setattr(preference, "all_reduce_sum", lambda t, dist: t + other)
+    _, alone = preference.batch_loss(model, batch, cfg)
+    _, together = preference.batch_loss(model, batch, cfg, Dist(rank=0, world=2))
+    assert together["kl"] == pytest.approx((float(alone["kl"]) + other) / 2)
 
 
 def test_a_packed_dpo_run_trains_on_the_same_reference(assets, tmp_path):

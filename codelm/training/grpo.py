@@ -154,14 +154,20 @@ def reference_logps(model: Transformer, ids: torch.Tensor, completion_mask: torc
                     reference: Transformer | None = None) -> torch.Tensor:
     """The completions' log-probs (as completion_logps) under the KL term's reference:
     ``reference`` where given (a full fine-tune's frozen starting model), else the LoRA model's
-    base, its adapters switched off for the forward (no second model in memory)."""
+    base, its adapters switched off for the forward (no second model in memory), without
+    dropout however the policy trains."""
     if reference is None:
         if not any(True for _ in lora.lora_modules(model)):
             raise ValueError("beta > 0 needs a reference model: train LoRA (its base is the "
                              "reference) or pass the starting model as reference")
-        with lora.adapters_off(model):
-            return completion_logps(model, ids, completion_mask, prompt_mask, temperature,
-                                    with_entropy=False)[0]
+        was_training = model.training
+        model.eval()  # no dropout: the base scores as the frozen copy of a full fine-tune does
+        try:
+            with lora.adapters_off(model):
+                return completion_logps(model, ids, completion_mask, prompt_mask, temperature,
+                                        with_entropy=False)[0]
+        finally:
+            model.train(was_training)
     return completion_logps(reference, ids, completion_mask, prompt_mask, temperature,
                             with_entropy=False)[0]
 

@@ -22,6 +22,7 @@ import lora
 from architecture import Transformer
 from codelm.data.config import PREFERENCE_TASKS
 from codelm.kernels import IGNORE_INDEX
+from codelm.runtime.distributed import Dist, all_reduce_sum
 
 METHODS = PREFERENCE_TASKS
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -191,12 +192,13 @@ def reference_sequence_logps(model: Transformer, ids: torch.Tensor,
 
 # ----------------------------------------------------------------------------- the losses
 
-def batch_loss(model: Transformer, batch: dict, cfg: PreferenceConfig
-               ) -> tuple[torch.Tensor, dict]:
+def batch_loss(model: Transformer, batch: dict, cfg: PreferenceConfig,
+               dist: Dist | None = None) -> tuple[torch.Tensor, dict]:
     """The loss of one collated batch (codelm.training.preference_batches: ids, attention_mask,
     completion_mask, and ref_logps, desirable where they belong) by ``cfg.method``, and its
     metrics: pairs by pair_loss; KTO's completions by kto_loss, the KL rows (its second half)
-    through the policy without gradient, as TRL computes them."""
+    through the policy without gradient, as TRL computes them, their KL estimate the mean of
+    every process's (``dist``; TRL gathers it)."""
     ids, attention, completion = batch["ids"], batch["attention_mask"], batch["completion_mask"]
     ref = batch.get("ref_logps")
     if cfg.needs_reference and ref is None:
@@ -210,7 +212,10 @@ def batch_loss(model: Transformer, batch: dict, cfg: PreferenceConfig
     with torch.no_grad():
         kl_logps = sequence_logps(token_logps(model, ids[n:], attention[n:]), completion[n:])
     ref_logps, ref_kl_logps = ref.chunk(2)
-    return kto_loss(logps, ref_logps, batch["desirable"], kl_logps, ref_kl_logps, cfg)
+    kl = (kl_logps - ref_kl_logps).mean()
+    if dist is not None and dist.enabled:
+        kl = all_reduce_sum(kl.clone(), dist) / dist.world
+    return kto_loss(logps, ref_logps, batch["desirable"], kl_logps, ref_kl_logps, cfg, kl)
 
 
 def pair_loss(logps: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
@@ -270,17 +275,20 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
 
 
 def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
-             kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, cfg: PreferenceConfig
-             ) -> tuple[torch.Tensor, dict]:
+             kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, cfg: PreferenceConfig,
+             kl: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """KTO's loss of N completions, each labelled desirable or not, and the metrics TRL logs
     (kl, rewards/chosen, logps/chosen for the desirable ones, .../rejected for the others,
     rewards/margins where both are in the batch). logps (N,): the policy's summed log-probs,
     with gradient; ref_logps (N,): the reference's; desirable (N,) bool. The KL estimate is the
     mean of ``kl_logps - ref_kl_logps`` (detached, at least 0): the policy's and reference's
     log-probs of mismatched pairs, each prompt with another row's completion (TRL pairs prompt
-    i with completion i - 1 of its batch)."""
+    i with completion i - 1 of its batch); ``kl``: that mean where it was taken over more
+    rows (every process's)."""
     desirable = desirable.bool()
-    kl = (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    if kl is None:
+        kl = (kl_logps - ref_kl_logps).mean()
+    kl = kl.detach().clamp(min=0)
     ratio = logps - ref_logps
     losses = torch.where(desirable,
                          cfg.desirable_weight * (1 - torch.sigmoid(cfg.beta * (ratio - kl))),

@@ -184,7 +184,8 @@ class PreferenceTrainer(Trainer):
                 sync = contextlib.nullcontext() if last else distributed.accumulating(self.model)
                 with sync:
                     with autocast(self.device, self.precision):
-                        loss, metrics = preference.batch_loss(self.model, batch, self.preference)
+                        loss, metrics = preference.batch_loss(self.model, batch, self.preference,
+                                                              self.dist)
                     if inject_nan:
                         loss = loss * float("nan")
                     self.scaler.scale(loss * share * self.dist.world).backward()

@@ -191,11 +191,11 @@ class Sampler:
         self.reads_specials = reads_special_tokens(GRPO_TASK, pair_special_tokens)
         self.settings = settings
         self.context = context
-        self.prompts: dict[str, list[int]] = {}  # by task_id
+        self.prompts: dict[str, list[int]] = {}  # by prompt text (ids may repeat across files)
 
     def prompt_ids(self, problem: dict) -> list[int]:
         """The ids a problem's prompt is sampled from; refused where the completion has no room."""
-        ids = self.prompts.get(problem["task_id"])
+        ids = self.prompts.get(problem["prompt"])
         if ids is None:
             (encoded,) = encode_prompts(self.tok, [problem["prompt"]], self.reads_specials)
             ids = prompt_prefix(self.tok, GRPO_TASK) + encoded
@@ -205,7 +205,7 @@ class Sampler:
                                  f"the model's {self.context} positions, leaving {room} for "
                                  f"{setting(self.settings, 'max_completion_tokens')}: lower it, or "
                                  "drop the problem")
-            self.prompts[problem["task_id"]] = ids
+            self.prompts[problem["prompt"]] = ids
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
