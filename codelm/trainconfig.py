@@ -726,6 +726,7 @@ class GRPOSettings:
     names, documented there."""
 
     init_from: str | None
+    init_adapter: str | None
     tokenizer: str | None
     num_generations: int
     max_completion_tokens: int

@@ -176,6 +176,18 @@ def test_a_lora_run_takes_its_base_as_the_kl_reference(assets, tmp_path):
     assert train[0]["kl"] == 0.0 and train[-1]["kl"] > 0.0
 
 
+def test_a_lora_run_from_an_adapter_takes_the_model_it_starts_from_as_the_kl_reference(
+        assets, tmp_path):
+    """--init-adapter with grpo_beta > 0: the reference is the base with that adapter (the
+    model the run starts from), not the bare base: the KL is 0 before the first update."""
+    from tiny_hf import save_random_adapter
+
+    adapter = save_random_adapter(Path(assets["model"]), tmp_path / "adapter")
+    result = tm.train(grpo_cfg(assets, tmp_path, init_adapter=str(adapter), grpo_beta=0.1,
+                               max_steps=1, eval_every=1, save_every=1))
+    assert logged(result.run_dir, "train")[0]["kl"] == 0.0
+
+
 def test_a_full_fine_tune_keeps_a_frozen_copy_as_the_kl_reference(assets, tmp_path):
     """grpo_beta > 0 training every weight: the reference is the starting model, frozen apart
     from the policy, which moves away from it."""

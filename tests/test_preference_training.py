@@ -121,8 +121,24 @@ def test_lora_dpo_takes_the_base_with_adapters_off_as_reference(assets, tmp_path
     rows = data.batches.val
     expected = preference_run.reference_logps(model, rows, data.batches.collate, 4,
                                               torch.device("cpu"), "fp32",
-                                              is_lora=False)
+                                              adapters_off=False)
     torch.testing.assert_close(kept["val"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_dpo_run_from_an_adapter_takes_the_model_it_starts_from_as_reference(
+        assets, tmp_path):
+    """--init-adapter: the reference is the base with that adapter (the model the run starts
+    from), not the bare base: before the first update every margin is 0 and the loss log 2."""
+    from tiny_hf import save_random_adapter, save_tiny_hf
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)
+    save_random_adapter(base, tmp_path / "adapter")
+    cfg = pref_cfg(assets, tmp_path, init_from=str(base), init_adapter=str(tmp_path / "adapter"),
+                   max_steps=1, eval_every=1, lr=1e-9)
+    first = logged(tm.train(cfg).run_dir, "train")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
 
 
 def _varied_pairs(n: int = 6, vocab: int = 64) -> list:

@@ -365,6 +365,23 @@ def save_tiny_adapter(root: Path, alpha: float = 4) -> tuple[Path, Path]:
     return base, adapter
 
 
+def save_random_adapter(base: Path, out: Path, seed: int = 0) -> Path:
+    """A LoRA adapter (rank 4 on q_proj and v_proj) of the HF checkpoint ``base``, its B drawn
+    at random so that it changes the logits, saved to ``out`` naming ``base``."""
+    import lora
+    from codelm.models import adapter_config, pretrained
+
+    model = pretrained.load(base)
+    lora.apply_lora(model, adapter_config.LoRAConfig(r=4, alpha=8,
+                                                     target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator))
+    return lora.save_adapter(model, out, base_model_name_or_path=str(base))
+
+
 def hub_cache(cache: Path, repo_id: str, files: Path, revision: str = "main",
               repo_type: str = "model") -> str:
     """Put the files of ``files`` into a Hugging Face hub cache (``HF_HUB_CACHE``) as the hub

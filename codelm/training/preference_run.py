@@ -108,8 +108,9 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
                      ) -> dict[Path, bytes]:
     """Give each split's rows their reference log-probs (dpo, kto): a continued run's from its
     REFERENCE_FILE, else computed now from ``model`` (its starting weights; under LoRA with its
-    adapters off), returned as that file's bytes for the run to write with its config. Nothing
-    for orpo and simpo, which need no reference."""
+    adapters off, unless the run starts from an adapter, init_adapter: then with it on, the
+    model the run starts from), returned as that file's bytes for the run to write with its
+    config. Nothing for orpo and simpo, which need no reference."""
     if not preference.config_of(cfg).needs_reference:
         return {}
     path = run_dir / REFERENCE_FILE
@@ -119,10 +120,10 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
         batches.val.set_reference(saved["val"])
         return {}
     precision = checked_precision(cfg, device)
-    is_lora = any(True for _ in lora.lora_modules(model))
+    adapters_off = cfg.init_adapter is None and any(True for _ in lora.lora_modules(model))
     for name, rows in (("train", batches.train), ("val", batches.val)):
         rows.set_reference(reference_logps(model, rows, batches.collate, cfg.batch_size, device,
-                                           precision, is_lora, cfg.progress, name))
+                                           precision, adapters_off, cfg.progress, name))
     buffer = io.BytesIO()
     torch.save({"train": batches.train.reference, "val": batches.val.reference}, buffer)
     return {path: buffer.getvalue()}
@@ -130,11 +131,11 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
 
 @torch.no_grad()
 def reference_logps(model: nn.Module, rows: PreferenceRows, collate: Callable,
-                    batch_size: int, device: torch.device, precision: str, is_lora: bool,
+                    batch_size: int, device: torch.device, precision: str, adapters_off: bool,
                     progress: bool = False, split: str = "train") -> torch.Tensor:
     """(n, 2): the summed completion log-probs of each item's two rows under the reference:
-    ``model`` in eval mode, its adapters off under LoRA, else ``model`` itself; batches laid
-    out by ``collate`` (the run's: packed or not, as its steps are)."""
+    ``model`` in eval mode, its LoRA adapters off (``adapters_off``), else ``model`` as it is;
+    batches laid out by ``collate`` (the run's: packed or not, as its steps are)."""
     was_training = model.training
     model.eval()
     out = []
@@ -146,7 +147,7 @@ def reference_logps(model: nn.Module, rows: PreferenceRows, collate: Callable,
         with autocast(device, precision):
             logps = preference.reference_sequence_logps(
                 model, batch["ids"], batch["attention_mask"], batch["completion_mask"],
-                reference=None if is_lora else model, packed=preference.packed_rows(batch))
+                reference=None if adapters_off else model, packed=preference.packed_rows(batch))
         out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
     model.train(was_training)
     return torch.cat(out)

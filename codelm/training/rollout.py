@@ -301,11 +301,13 @@ class GRPOTrainer(Trainer):
 
     def _reference(self) -> nn.Module | None:
         """The KL term's reference: none without one (beta 0); under LoRA the base (adapters
-        switched off, no copy); else a frozen copy of the starting model (the weights now,
-        before a resume restores the trained ones)."""
+        switched off, no copy); else, and where LoRA starts from an adapter (init_adapter), a
+        frozen copy of the starting model (the weights now, before a resume restores the
+        trained ones)."""
         if not self.grpo_settings.grpo_beta:
             return None
-        if any(True for _ in lora.lora_modules(self.raw_model)):
+        is_lora = any(True for _ in lora.lora_modules(self.raw_model))
+        if is_lora and self.grpo_settings.init_adapter is None:
             try:
                 with lora.adapters_off(self.raw_model):
                     pass
