@@ -2,14 +2,18 @@
 server): eval scores the completions in its own sandbox, as it scores a local model's.
 
     endpoint = parse_endpoint("x=openai:http://127.0.0.1:8000/v1#tiny")
-    texts = complete(endpoint, "def add(a, b):\\n", Sampling(max_tokens=128, n=4, seed=0))
+    texts = complete(endpoint, model_name(endpoint), "def add(a, b):\\n",
+                     Sampling(max_tokens=128, n=4, seed=0))
 
-Standard library only: no client package is needed to score an endpoint.
+An endpoint that asks for an API key (a server started with --api-key, a hosted one) gets
+$OPENAI_API_KEY as its bearer token. Standard library only: no client package is needed to
+score an endpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 # A model spec naming an endpoint: [LABEL=]openai:URL[#MODEL]
 PREFIX = "openai:"
 TIMEOUT_S = 600.0
+API_KEY_VARIABLE = "OPENAI_API_KEY"  # the environment variable an endpoint's key is read from
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,10 @@ def parse_endpoint(spec: str) -> Endpoint:
 
 def _request(url: str, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if key := os.environ.get(API_KEY_VARIABLE):
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as reply:
             return json.loads(reply.read())
@@ -70,6 +78,8 @@ def _request(url: str, body: dict | None = None) -> dict:
             detail = json.loads(detail)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             pass
+        if e.code == 401:
+            detail += f" (the key is read from ${API_KEY_VARIABLE})"
         raise ValueError(f"{url}: HTTP {e.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)

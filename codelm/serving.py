@@ -7,15 +7,20 @@ GET /v1/models; POST /v1/completions and /v1/chat/completions (the tokenizer's c
 streamed as server-sent events or whole; n, stop, max_tokens, temperature, top_p, seed, logprobs
 (top_logprobs), echo (completions), usage counts. Requests from concurrent clients share one
 engine per model, each model's steps run on one thread. A bad request gets OpenAI's error JSON
-and a 4xx status; with an API key, a request without it gets 401. SIGTERM (or Ctrl-C) finishes
-the requests in flight, then the server exits.
+and a 4xx status (a failure of the server's own, a 500; in a stream that has begun, an error
+event); with an API key, a request without it gets 401. A request whose client goes away is
+cancelled. SIGTERM (or Ctrl-C) finishes the requests in flight, then the server exits; a second
+one exits at once.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -28,11 +33,15 @@ import torch
 
 from architecture import Transformer
 from codelm.models.engine import Engine, Token
-from codelm.models.generation import GenerationConfig, truncate_at_stops
+from codelm.models.generation import MIN_TEMPERATURE, GenerationConfig, truncate_at_stops
 from tokenizer import decode_generated, generation_eos_ids
 
 # How often the console line tells what the server did (seconds).
 REPORT_EVERY_S = 10.0
+# How often a request waiting for its tokens checks that its client is still there (seconds).
+CLIENT_CHECK_S = 1.0
+# A connection that sends nothing for this long is closed (seconds).
+IDLE_TIMEOUT_S = 60.0
 # The limits on the lists a request may give: OpenAI's, but for stops (OpenAI takes 4; this
 # server takes more, as vLLM does: the HumanEval harness stops at 7 strings).
 MAX_STOPS = 16
@@ -116,6 +125,9 @@ class EngineThread:
     def submit(self, prompt: list[int], cfg: GenerationConfig, logprobs: int | None,
                events: queue.Queue, choice: int) -> _Submitted:
         """Queue a request; its tokens will come to ``events`` as (choice, Token)."""
+        if not self.thread.is_alive():
+            raise ApiError(503, f"model {self.served.name!r} cannot generate any more (its "
+                           "engine failed): restart the server", None, "engine_failed")
         request = _Submitted(prompt, cfg, logprobs, events, choice)
         self.inbox.put(("add", request))
         return request
@@ -128,43 +140,53 @@ class EngineThread:
         self.thread.join()
 
     def _loop(self) -> None:
-        while True:
-            block = not self.engine.busy
-            try:
-                while True:
-                    command, request = self.inbox.get(block=block)
-                    block = False
-                    if command == "stop":
-                        return
-                    self._take(command, request)
-            except queue.Empty:
-                pass
-            try:
-                events = self.engine.step()
-            except Exception as e:  # the model failed: every request in flight hears it
-                for request in self.requests.values():
-                    request.events.put((request.choice, e))
-                self.requests.clear()
-                self.engine = Engine(self.served.model, len(self.engine.rows))
-                continue
-            for event in events:
-                self.tokens += 1
-                request = self.requests[event.request]
-                request.events.put((request.choice, event))
-                if event.finished is not None:
-                    del self.requests[event.request]
+        while self._take_commands(block=not self.engine.busy):
+            self._step()
 
-    def _take(self, command: str, request: _Submitted) -> None:
-        if command == "add":
-            try:
-                request.id = self.engine.add(request.prompt, request.cfg, request.logprobs)
-            except ValueError as e:  # checked before it came here: a model's own limit
+    def _take_commands(self, block: bool) -> bool:
+        """Take the handlers' commands (waiting for one while the engine is idle); False once
+        told to stop."""
+        try:
+            while True:
+                command, request = self.inbox.get(block=block)
+                block = False
+                if command == "stop":
+                    return False
+                if command == "add":
+                    self._add(request)
+                elif self.requests.get(request.id) is request:  # not an earlier engine's id
+                    self.engine.cancel(request.id)
+                    del self.requests[request.id]
+        except queue.Empty:
+            return True
+
+    def _add(self, request: _Submitted) -> None:
+        try:
+            request.id = self.engine.add(request.prompt, request.cfg, request.logprobs)
+        except ValueError as e:  # checked before it came here: a model's own limit
+            request.events.put((request.choice, e))
+            return
+        self.requests[request.id] = request
+
+    def _step(self) -> None:
+        """One engine step; its tokens to their requests. A failure (out of memory, say) goes to
+        every request in flight, and a fresh engine takes the next ones."""
+        try:
+            events = self.engine.step()
+        except Exception as e:
+            for request in self.requests.values():
                 request.events.put((request.choice, e))
-                return
-            self.requests[request.id] = request
-        elif request.id in self.requests:
-            self.engine.cancel(request.id)
-            del self.requests[request.id]
+            self.requests.clear()
+            slots = len(self.engine.rows)
+            self.engine = None  # its caches freed before the next one's are made
+            self.engine = Engine(self.served.model, slots)
+            return
+        for event in events:
+            self.tokens += 1
+            request = self.requests[event.request]
+            request.events.put((request.choice, event))
+            if event.finished is not None:
+                del self.requests[event.request]
 
 
 # ------------------------------------------------------------------------------------ requests
@@ -227,17 +249,28 @@ def _params(body: dict, chat: bool, room: int) -> _Params:
     top_p = _number(body, "top_p", 1.0, float, 0.0, 1.0)
     if top_p == 0:
         raise ApiError(400, "'top_p' must be > 0", "top_p")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ApiError(400, f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}",
+                       "temperature")
     options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    seed = _number(body, "seed", None, int, -(2**63), 2**63 - 1)
     return _Params(max_tokens, float(temperature), None if top_p == 1 else float(top_p),
-                   _number(body, "n", 1, int, 1, 128), stop, _number(body, "seed", None, int),
-                   logprobs, bool(body.get("stream")), bool(options.get("include_usage")), echo)
+                   _number(body, "n", 1, int, 1, 128), stop, seed, logprobs,
+                   bool(body.get("stream")), bool(options.get("include_usage")), echo)
 
 
-def _generation(params: _Params, served: ServedModel, choice: int) -> GenerationConfig:
+def _choice_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of a request's n choices, drawn from its own: requests of other seeds share
+    none (``seed + i`` would give one request's second choice another's first)."""
+    return torch.randint(2**62, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _generation(params: _Params, served: ServedModel, seed: int | None) -> GenerationConfig:
     generator = None
-    if params.seed is not None and params.temperature > 0:
-        generator = torch.Generator(served.model.wte.weight.device)
-        generator.manual_seed(params.seed + choice)  # choice i of n: its own stream
+    if seed is not None and params.temperature > 0:
+        generator = torch.Generator(served.model.wte.weight.device).manual_seed(seed)
     return GenerationConfig(params.max_tokens, temperature=params.temperature,
                             top_p=params.top_p if params.temperature > 0 else None,
                             eos_id=served.eos_ids or None, stop=params.stop or None,
@@ -254,6 +287,7 @@ class _Choice:
         self.ids: list[int] = []
         self.events: list[Token] = []
         self.sent = 0
+        self.logged = 0  # tokens whose log-probs a chunk has carried
         self.finish: str | None = None
 
     def add(self, event: Token) -> None:
@@ -305,6 +339,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
     error_content_type = "application/json"
+    timeout = IDLE_TIMEOUT_S  # a connection that sends nothing is closed (and stops no exit)
 
     def log_message(self, format: str, *args) -> None:  # the console line tells the traffic
         return
@@ -327,16 +362,43 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(chat=path == "/v1/chat/completions")
 
     def _route(self, answer: Callable[[], None]) -> None:
+        """Answer a request; any failure as OpenAI's error JSON (in the stream, once it has
+        begun), the server serving on."""
+        self.streaming = False
         try:
             key = self.server.api_key
             if key is not None and self.headers.get("Authorization") != f"Bearer {key}":
                 raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
                                "KEY' with the server's --api-key", None, "invalid_api_key")
             answer()
-        except ApiError as e:
-            self._send_json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):  # the client went away
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client went away
             pass
+        except Exception as e:
+            if not isinstance(e, ApiError):
+                print(f"error: {self.command} {self.path}: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
+                e = ApiError(500, f"the server failed: {type(e).__name__}: {e}")
+            try:
+                self._send_error(e)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                pass
+
+    def _send_error(self, error: ApiError) -> None:
+        if not self.streaming:
+            self._send_json(error.status, error.body())
+            return
+        self.wfile.write(f"data: {json.dumps(error.body())}\n\n".encode())
+        self.wfile.flush()
+
+    def client_gone(self) -> bool:
+        """Whether the client has closed its connection (a read would return nothing)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _not_found(self) -> None:
         raise ApiError(404, f"no route {self.command} {self.path}: the server answers "
@@ -348,7 +410,10 @@ class _Handler(BaseHTTPRequestHandler):
             for name in self.server.engines]}
 
     def _body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            raise ApiError(400, f"the Content-Length header {length!r} is not a byte count")
+        length = int(length)
         try:
             body = json.loads(self.rfile.read(length) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -421,11 +486,27 @@ def _chat_prompt(served: ServedModel, body: dict) -> list[list[int]]:
     if served.chat_prompt is None:
         raise ApiError(400, f"model {served.name!r} has no chat template (its tokenizer has "
                        "none): use /v1/completions", "messages", "no_chat_template")
+    messages = [{**m, "content": _message_text(m.get("content"))} for m in messages]
     try:
         return [served.chat_prompt(messages)]
     except ValueError as e:
         raise ApiError(400, f"the chat template cannot render these messages: {e}",
                        "messages") from None
+
+
+def _message_text(content) -> str:
+    """A message's content as text: a string; null (an assistant's tool call) as empty; a
+    list of content parts, their text parts joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        if all(part.get("type") == "text" and isinstance(part.get("text"), str)
+               for part in content):
+            return "".join(part["text"] for part in content)
+    raise ApiError(400, "a message's 'content' must be a string or a list of text parts "
+                   "(this server reads text only)", "messages")
 
 
 class _Reply:
@@ -445,8 +526,9 @@ class _Reply:
 
     def run(self) -> None:
         n = self.params.n
+        seeds = [None] * n if self.params.seed is None else _choice_seeds(self.params.seed, n)
         for index in range(len(self.choices)):
-            cfg = _generation(self.params, self.served, index % n)
+            cfg = _generation(self.params, self.served, seeds[index % n])
             self.submitted.append(self.engine.submit(self.prompts[index // n], cfg,
                                                      self.params.logprobs, self.events, index))
         try:
@@ -465,8 +547,16 @@ class _Reply:
         """Take each choice's tokens as they come, until every choice has finished; yields the
         index of the choice that grew."""
         open_choices = len(self.choices)
+        checked = time.monotonic()
         while open_choices:
-            index, event = self.events.get()
+            if time.monotonic() - checked >= CLIENT_CHECK_S:
+                checked = time.monotonic()
+                if self.handler.client_gone():  # its choices are cancelled (run's finally)
+                    raise ConnectionResetError("the client closed its connection")
+            try:
+                index, event = self.events.get(timeout=CLIENT_CHECK_S)
+            except queue.Empty:
+                continue
             if isinstance(event, Exception):
                 raise ApiError(500, f"generation failed: {event}")
             choice = self.choices[index]
@@ -505,6 +595,7 @@ class _Reply:
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Cache-Control", "no-cache")
         handler.end_headers()
+        handler.streaming = True
         if self.chat:
             for index in range(len(self.choices)):
                 self._send([{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -526,8 +617,10 @@ class _Reply:
 
     def _chunk(self, index: int, piece: str, choice: _Choice) -> dict:
         logprobs = None
-        if self.params.logprobs is not None:
-            logprobs = _completion_logprobs(self.served, choice.events[-1:], self.chat)
+        if self.params.logprobs is not None:  # every token since the last chunk's
+            logprobs = _completion_logprobs(self.served, choice.events[choice.logged:],
+                                            self.chat)
+            choice.logged = len(choice.events)
         text = {"delta": {"content": piece}} if self.chat else {"text": piece}
         return {"index": index, **text, "logprobs": logprobs, "finish_reason": choice.finish}
 
@@ -589,9 +682,12 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
     stopping = threading.Event()
 
     def stop(signum, frame) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
+        if stopping.is_set():  # a second signal: the requests in flight are given up
+            print("stopped at once: the requests in flight are dropped", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
+        stopping.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     reporter = threading.Thread(target=_report, args=(server, stopping), daemon=True)

@@ -122,6 +122,24 @@ def test_n_seeded_choices_differ_and_repeat(server):
     again = [c.text for c in client.completions.create(**kwargs).choices]
     assert len(first) == 4 and first == again
     assert len(set(first)) > 1
+    others = [client.completions.create(**{**kwargs, "seed": 8 + i, "n": 1}).choices[0].text
+              for i in range(3)]
+    assert others != first[1:]  # another seed's choices are not this one's shifted
+
+
+def test_streamed_logprobs_cover_every_token_of_the_whole_answer(server):
+    """Chunks hold back text a stop string may take back; their log-probs still carry every
+    token, as the whole answer's do."""
+    client = _client(server)
+    kwargs = dict(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=1)
+    tokens = client.completions.create(**kwargs).choices[0].logprobs.tokens
+    held = next(token for token in tokens[2:] if token)
+    kwargs["stop"] = [held + "\x00"]  # never completed: the text ending in `held` is held back
+    whole = client.completions.create(**kwargs).choices[0].logprobs.tokens
+    assert whole == tokens
+    streamed = [token for chunk in client.completions.create(stream=True, **kwargs)
+                for token in chunk.choices[0].logprobs.tokens]
+    assert streamed == whole
 
 
 def test_stop_cuts_as_eval_cuts(server, loaded):
@@ -187,13 +205,144 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, loa
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
-def test_an_api_key_is_required_when_set(loaded):
+def test_odd_but_valid_requests_are_answered_and_bad_ones_refused_in_json(server):
+    """Chat content as a list of text parts reads as its text; a malformed Content-Length, a
+    temperature too small to sample and a seed past 64 bits get 400s, and the server serves
+    on."""
+    client = _client(server)
+    ask = dict(model="tiny", max_tokens=6, temperature=0)
+    text = client.chat.completions.create(messages=[{"role": "user", "content": "hi there"}],
+                                          **ask).choices[0].message.content
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi "},
+                                          {"type": "text", "text": "there"}]}]
+    assert client.chat.completions.create(messages=parts, **ask).choices[0].message.content == \
+        text
+    request = urllib.request.Request(f"{server.url}/completions", data=b"{}", method="POST",
+                                     headers={"Content-Length": "abc"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 400 and "Content-Length" in json.loads(
+        refused.value.read())["error"]["message"]
+    for bad in ({"temperature": 1e-12}, {"seed": 2**70}):
+        status, body = _post(server, "/completions", json.dumps(
+            {"model": "tiny", "prompt": "x", **bad}).encode())
+        assert status == 400 and body["error"]["param"] == next(iter(bad)), body
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+
+
+def test_a_failure_of_the_server_is_a_500_and_in_a_stream_an_error_event(loaded, monkeypatch):
+    """The model failing before the answer began: a 500 with OpenAI's error JSON; after a
+    stream began: an error event ends it. Either way the next request is answered."""
+    from codelm.models import engine
+
+    server, thread = _start(loaded, slots=2)
+    try:
+        client = _client(server)
+        real = engine.Engine._decode
+
+        def failing(self, running):
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(engine.Engine, "_decode", failing)
+        with pytest.raises(openai.InternalServerError, match="out of memory"):
+            client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8)
+        stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8,
+                                           stream=True)
+        with pytest.raises(openai.APIError, match="out of memory"):
+            list(stream)
+        monkeypatch.setattr(engine.Engine, "_decode", real)
+        assert client.completions.create(model="tiny", prompt="x", max_tokens=3).choices
+    finally:
+        _stop(server, thread)
+
+
+def test_a_cancel_from_before_an_engine_failure_leaves_the_next_request_alone(loaded,
+                                                                          monkeypatch):
+    """After a failure a fresh engine numbers its requests from 0 again: the failed request's
+    late cancel must not cancel the new request that took its number."""
+    import queue
+
+    from codelm.models import engine
+    from codelm.serving import EngineThread
+
+    model, tok = loaded
+    served = served_model("tiny", model, tok)
+    thread = EngineThread(served, slots=2)
+    try:
+        real = engine.Engine._decode
+
+        def failing(self, running):
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(engine.Engine, "_decode", failing)
+        first = queue.Queue()
+        failed = thread.submit(tok.encode(PROMPTS[0]), GenerationConfig(6), None, first, 0)
+        while not isinstance(first.get(timeout=60)[1], Exception):
+            pass
+        monkeypatch.setattr(engine.Engine, "_decode", real)
+        second = queue.Queue()
+        thread.submit(tok.encode(PROMPTS[1]), GenerationConfig(6), None, second, 0)
+        thread.cancel(failed)
+        tokens = [second.get(timeout=60)[1] for _ in range(6)]
+        assert tokens[-1].finished == "length"
+    finally:
+        thread.stop()
+
+
+def test_a_request_whose_client_goes_away_is_cancelled(monkeypatch):
+    """A client that sends a long request and closes its connection: its choice leaves the
+    engine long before its max_tokens (the handler checks the connection while it waits)."""
+    import dataclasses
+    import socket
+    import time
+
+    from architecture import PRESETS, Transformer
+    from codelm import serving
+    from tokenizer import CodeTokenizer
+
+    monkeypatch.setattr(serving, "CLIENT_CHECK_S", 0.02)
+    tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 20, min_freq=1)
+    shape = dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size, block_size=4096)
+    server, thread = _start((Transformer(shape).eval(), tok), slots=1)
+    engine = server.engines["tiny"]
+    engine.served.eos_ids = []  # nothing ends the request early
+
+    def wait_until(condition) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "def f", "max_tokens": 4000,
+                           "temperature": 1.0}).encode()
+        with socket.create_connection(server.server_address[:2]) as connection:
+            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                               % len(body) + body)
+            wait_until(lambda: engine.tokens > 0)  # admitted and running
+        wait_until(lambda: not engine.engine.busy and engine.inbox.empty())
+        assert engine.tokens < 4000
+    finally:
+        _stop(server, thread)
+
+
+def test_an_api_key_is_required_when_set(loaded, monkeypatch):
+    """A keyed server refuses a wrong key; eval's endpoint client sends $OPENAI_API_KEY."""
+    from codelm import endpoints
+
     server, thread = _start(loaded, slots=1, api_key="sesame")
     try:
         with pytest.raises(openai.AuthenticationError, match="API key"):
             _client(server, "wrong").models.list()
         assert _client(server, "sesame").completions.create(model="tiny", prompt="x",
                                                             max_tokens=1).choices
+        endpoint = endpoints.parse_endpoint(f"x=openai:{server.url}#tiny")
+        sampling = endpoints.Sampling(max_tokens=2)
+        monkeypatch.delenv(endpoints.API_KEY_VARIABLE, raising=False)
+        with pytest.raises(ValueError, match="HTTP 401.*OPENAI_API_KEY"):
+            endpoints.complete(endpoint, "tiny", "x", sampling)
+        monkeypatch.setenv(endpoints.API_KEY_VARIABLE, "sesame")
+        assert len(endpoints.complete(endpoint, "tiny", "x", sampling)) == 1
     finally:
         _stop(server, thread)
 
