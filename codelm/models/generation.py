@@ -502,12 +502,13 @@ def finish_reason(new: list[int], cfg: GenerationConfig) -> str | None:
     or a stop string), "length" (max_new_tokens); None while they go on."""
     if new[-1] in cfg.eos_id:
         return "stop"
-    for stop in cfg.stop:
-        if isinstance(stop, str):
-            if stop in cfg.decode(new):
-                return "stop"
-        elif new[-len(stop):] == stop:
+    strings = [stop for stop in cfg.stop if isinstance(stop, str)]
+    if strings:
+        text = cfg.decode(new)  # once for all the stop strings
+        if any(stop in text for stop in strings):
             return "stop"
+    if any(new[-len(stop):] == stop for stop in cfg.stop if not isinstance(stop, str)):
+        return "stop"
     if len(new) == cfg.max_new_tokens:
         return "length"
     return None
