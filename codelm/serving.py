@@ -214,7 +214,9 @@ def _number(body: dict, key: str, default, kind, low=None, high=None):
         raise ApiError(400, f"'{key}' must be an integer, got {value!r}", key)
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ApiError(400, f"'{key}' must be a number, got {value!r}", key)
-    if low is not None and value < low or high is not None and value > high:
+    if high is None and low is not None and value < low:
+        raise ApiError(400, f"'{key}' must be >= {low}, got {value!r}", key)
+    if high is not None and not low <= value <= high:
         raise ApiError(400, f"'{key}' must be in [{low}, {high}], got {value!r}", key)
     return value
 
@@ -426,6 +428,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         name = body.get("model")
         engines = self.server.engines
+        if not isinstance(name, str):
+            raise ApiError(400, f"'model' must name a served model: {', '.join(engines)}",
+                           "model")
         if name not in engines:
             raise ApiError(404, f"model {name!r} is not served here; served: "
                            f"{', '.join(engines)}", "model", "model_not_found")
@@ -456,7 +461,7 @@ def _completion_prompts(served: ServedModel, body: dict) -> list[list[int]]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
         prompt = [prompt]
     if not (isinstance(prompt, list) and prompt):
         raise ApiError(400, "'prompt' must be a string, a list of strings or a list of token "
@@ -466,7 +471,7 @@ def _completion_prompts(served: ServedModel, body: dict) -> list[list[int]]:
     for p in prompt:
         if isinstance(p, str):
             out.append(served.encode(p))
-        elif isinstance(p, list) and p and all(isinstance(t, int) and 0 <= t < vocab for t in p):
+        elif isinstance(p, list) and p and all(_is_id(t) and 0 <= t < vocab for t in p):
             out.append(list(p))
         else:
             raise ApiError(400, f"'prompt': each prompt is a string or a list of token ids in "
@@ -475,6 +480,11 @@ def _completion_prompts(served: ServedModel, body: dict) -> list[list[int]]:
         raise ApiError(400, "'prompt' is empty: a completion continues at least one token",
                        "prompt")
     return out
+
+
+def _is_id(value) -> bool:
+    """Whether a JSON value is a token id: an integer (true and false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _chat_prompt(served: ServedModel, body: dict) -> list[list[int]]:

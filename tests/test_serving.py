@@ -207,8 +207,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, loa
 
 def test_odd_but_valid_requests_are_answered_and_bad_ones_refused_in_json(server):
     """Chat content as a list of text parts reads as its text; a malformed Content-Length, a
-    temperature too small to sample and a seed past 64 bits get 400s, and the server serves
-    on."""
+    temperature too small to sample, a seed past 64 bits, booleans as token ids, no model and
+    no tokens to generate get 400s naming their key, and the server serves on."""
     client = _client(server)
     ask = dict(model="tiny", max_tokens=6, temperature=0)
     text = client.chat.completions.create(messages=[{"role": "user", "content": "hi there"}],
@@ -223,10 +223,12 @@ def test_odd_but_valid_requests_are_answered_and_bad_ones_refused_in_json(server
         urllib.request.urlopen(request, timeout=60)
     assert refused.value.code == 400 and "Content-Length" in json.loads(
         refused.value.read())["error"]["message"]
-    for bad in ({"temperature": 1e-12}, {"seed": 2**70}):
+    for bad in ({"temperature": 1e-12}, {"seed": 2**70}, {"prompt": [True, False]},
+                {"model": None}, {"max_tokens": 0}):
         status, body = _post(server, "/completions", json.dumps(
             {"model": "tiny", "prompt": "x", **bad}).encode())
         assert status == 400 and body["error"]["param"] == next(iter(bad)), body
+        assert "None" not in body["error"]["message"]
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
 
 
