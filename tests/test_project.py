@@ -97,6 +97,36 @@ def test_line_categories_are_long_code_arenas_on_hand_written_lines(repo):
     assert sorted(case.committed) == ["pkg/extra.py"]
 
 
+def test_prose_and_keywords_declare_no_name():
+    """A README's words ("type is", "function for") declare nothing, and no keyword is a name
+    even where the keyword pattern reads a file that does not parse: a line of keywords is
+    random, not inproject."""
+    prose = "The return type is a dict. Each object in the list is a helper function for parsing."
+    snapshot = {"README.md": prose, "old.py": "def broken(:\n  type is  # class in\n"}
+    text = "import os\n\ndef f(x):\n    if x is None:\n        return x in [1, 2]\n"
+    lines = history.line_categories(text, "pkg/f.py", snapshot, {})
+    assert lines["inproject"] == [] and lines["random"] == [2, 3, 4]
+    assert history.declared_names(prose, "README.md") == frozenset()
+
+
+def test_a_moved_or_copied_file_is_no_case_and_odd_paths_are_read(tmp_path):
+    """A file moved and edited (a rename, whatever diff.renames says) or copied whole is in
+    its parent's snapshot already: no case. A file whose name has a quote or a tab is one."""
+    root = tmp_path / "moves"
+    root.mkdir()
+    _git(root, "init", "-q")
+    _git(root, "config", "diff.renames", "false")
+    body = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(8))
+    _commit(root, {"pkg/old.py": body}, "start")
+    _git(root, "mv", "pkg/old.py", "pkg/new.py")
+    _commit(root, {"pkg/new.py": body + "# edited\n"}, "move")
+    _commit(root, {"pkg/copy.py": body + "# edited\n",
+                   'pkg/we"ird.py': body.replace("return", "return -"),
+                   "pkg/tab\tname.py": body.replace("+", "*")}, "copy")
+    cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
+    assert sorted(case.path for case in cases) == ["pkg/tab\tname.py", 'pkg/we"ird.py']
+
+
 def test_lines_are_drawn_per_category_with_the_seed(repo):
     """At most N lines of each category, the same draw for the same seed."""
     first = _core_case(repo, per_category=1)

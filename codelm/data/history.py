@@ -12,12 +12,17 @@ LCA's categories (``line_categories``, the dataset card's definitions, in its or
 
 A line "names" an identifier it uses: a definition's own name on its ``def``/``class`` line does
 not count (the name is new there). Declarations are the ``def`` and ``class`` names at any depth
-(Python's ast; a keyword pattern for other languages or files that do not parse)."""
+of the snapshot's source files (Python's ast; a keyword pattern, comments left out, for other
+languages and files that do not parse); prose (a README) declares nothing, and no keyword is a
+name. A file the commit adds that the parent already holds (moved, or copied whole) is no case:
+its answer would be in its own context."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import io
+import keyword
 import random
 import re
 import subprocess
@@ -40,6 +45,11 @@ SHORT_LINE, LONG_LINE = 5, 150
 OTHER_FILE_CHARS = 16_000
 MAX_FILE_BYTES = 1_000_000
 
+# Files whose declarations count: source code (prose and data files declare nothing).
+SOURCE_EXTENSIONS = (".py", ".pyi", ".kt", ".kts", ".java", ".scala", ".groovy", ".js", ".jsx",
+                     ".ts", ".tsx", ".go", ".rs", ".swift", ".c", ".h", ".cc", ".cpp", ".hpp",
+                     ".cs", ".rb", ".php", ".m", ".dart", ".lua")
+
 _DECLARATION = re.compile(r"\b(?:def|class|fun|func|function|fn|struct|interface|trait|enum|"
                           r"object|type)\s+([A-Za-z_]\w*)")
 _NAME = re.compile(r"[A-Za-z_]\w*")
@@ -49,17 +59,26 @@ _NON_INFORMATIVE = re.compile(r"(#|//|/\*|import\b|from\s+\S+\s+import\b|print\s
 
 # ---- Line categories ---------------------------------------------------------------------------
 
-def declared_names(text: str, path: str = "x.py") -> set[str]:
-    """The names of the functions and classes a file declares, at any depth."""
+@functools.lru_cache(maxsize=1 << 16)  # a history's snapshots share most of their files
+def declared_names(text: str, path: str = "x.py") -> frozenset[str]:
+    """The names of the functions and classes a source file declares, at any depth; none for
+    other files."""
+    if not path.endswith(SOURCE_EXTENSIONS):
+        return frozenset()
     if path.endswith(".py"):
         try:
             tree = ast.parse(text)
         except (SyntaxError, ValueError):
             pass
         else:
-            return {node.name for node in ast.walk(tree)
-                    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
-    return set(_DECLARATION.findall(text))
+            return frozenset(node.name for node in ast.walk(tree) if isinstance(
+                node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef))
+    code = "\n".join(_uncommented(line) for line in text.split("\n"))
+    return frozenset(name for name in _DECLARATION.findall(code) if not keyword.iskeyword(name))
+
+
+def _uncommented(line: str) -> str:
+    return line.split("#")[0].split("//")[0]
 
 
 def line_names(text: str, path: str = "x.py") -> list[set[str]]:
@@ -77,7 +96,7 @@ def line_names(text: str, path: str = "x.py") -> list[set[str]]:
         except (tokenize.TokenError, SyntaxError, ValueError):
             found = [set() for _ in lines]
     if not tokenized:
-        found = [set(_NAME.findall(line.split("#")[0].split("//")[0])) for line in lines]
+        found = [set(_NAME.findall(_uncommented(line))) for line in lines]
     declaration = _PY_DECLARATION if path.endswith(".py") else _DECLARATION
     for names, line in zip(found, lines):
         names.difference_update(declaration.findall(line))
@@ -177,13 +196,15 @@ class GitRepo:
 
     def adding_commits(self) -> Iterable[tuple[str, str, list[str]]]:
         """(commit, its parent, the paths it adds) of each commit with one parent that adds
-        files, newest first."""
-        out = self._git("log", "--no-merges", "--diff-filter=A", "--name-only",
-                        "--format=%x01%H %P").decode("utf-8", "surrogateescape")
+        files, newest first. A file moved (or moved and edited) is found as a rename, whatever
+        the user's git config says, so it is not an added file."""
+        out = self._git("log", "--no-merges", "--diff-filter=A", "--name-only", "-z",
+                        "--find-renames", "-l0", "--format=%x01%H %P"
+                        ).decode("utf-8", "surrogateescape")
         for block in out.split("\x01")[1:]:
-            head, *paths = block.split("\n")
+            head, _, names = block.partition("\0")
             shas = head.split()
-            added = [p for p in paths if p.strip()]
+            added = [p for p in names.lstrip("\n").split("\0") if p]
             if len(shas) == 2 and added:
                 yield shas[0], shas[1], added
 
@@ -233,10 +254,12 @@ def _in_snapshot(path: str, size: int, extensions: Sequence[str]) -> bool | None
     return None
 
 
-def snapshot(repo: GitRepo, commit: str, extensions: Sequence[str]) -> dict[str, str]:
+def snapshot(repo: GitRepo, commit: str, extensions: Sequence[str],
+             tree: dict[str, tuple[str, int]] | None = None) -> dict[str, str]:
     """The repository at ``commit`` as LCA's datapoints hold it: its files of ``extensions``,
-    and its other text files under OTHER_FILE_CHARS (no dot-files, no licenses)."""
-    tree = repo.tree(commit)
+    and its other text files under OTHER_FILE_CHARS (no dot-files, no licenses). ``tree``: the
+    commit's (``GitRepo.tree``), where it was read already."""
+    tree = repo.tree(commit) if tree is None else tree
     wanted = {p: entry for p, entry in tree.items()
               if _in_snapshot(p, entry[1], extensions) is not False}
     texts = repo.texts([sha for sha, _ in wanted.values()])
@@ -267,13 +290,18 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
         added_files = {p: tree[p][0] for p in added if p in tree and tree[p][1] <= MAX_FILE_BYTES}
         texts = repo.texts(list(added_files.values()))
         added_texts = {p: texts[sha] for p, sha in added_files.items() if texts[sha] is not None}
+        parent_tree: dict[str, tuple[str, int]] = {}
         parent_files: dict[str, str] | None = None
         for path in wanted:
             text = added_texts.get(path)
             if text is None or len(text.split("\n")) < min_lines:
                 continue
+            if not parent_tree:
+                parent_tree = repo.tree(parent)
+            if any(sha == added_files[path] for sha, _ in parent_tree.values()):
+                continue  # a copy of a file the parent holds
             if parent_files is None:
-                parent_files = snapshot(repo, parent, extensions)
+                parent_files = snapshot(repo, parent, extensions, parent_tree)
             committed = {p: t for p, t in added_texts.items() if p != path}
             case = CompletionCase(repo.name, commit, parent, path, text, parent_files, committed)
             categories = line_categories(text, path, parent_files, committed)
