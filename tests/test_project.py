@@ -378,6 +378,16 @@ def test_eval_scores_every_category_under_every_composer_without_leaks(repo, tin
     assert not [ids for ids in seen if "MARKER" in tok.decode(ids)]
 
 
+def test_a_line_is_scored_as_lca_scores_it():
+    """Exact match on the stripped lines; edit similarity on the lines as they are, so a line
+    with the right code at the wrong indentation matches exactly but is not 100 similar."""
+    from codelm.evaluation.tasks.project import line_scores
+
+    assert line_scores("x = 1", "    x = 1") == {"exact": True, "edit_sim": 71}
+    assert line_scores("    x = 2", "    x = 1")["edit_sim"] == 89
+    assert line_scores("    x = 1", "    x = 1") == {"exact": True, "edit_sim": 100}
+
+
 def test_exact_match_is_a_percentage_averaged_per_file_then_over_files():
     """EM is in percent as edit similarity is (and codelm's line task's EM): file A gets one of
     its two lines, file B its one line: (50 + 100) / 2 = 75, not the lines' 2 / 3."""

@@ -167,17 +167,20 @@ def prompt_room(lm: LoadedModel, cfg: Scoring) -> int:
 def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
                    stops: Sequence[str] = (), desc: str = "generate",
                    prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
-                   max_prompt_tokens: int | None = None, skip_blank_lines: bool = False
-                   ) -> list[str]:
+                   max_prompt_tokens: int | None = None, skip_blank_lines: bool = False,
+                   skip_newlines: bool = False) -> list[str]:
     """Continue each prompt (greedy, beams or sampled) in left-padded batches, up to EOS or the
     first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
     tokenized them; ``max_prompt_tokens``: the run's own prompt limit; ``skip_blank_lines``: the
-    text starts at its first non-blank character (a stop before it does not count)."""
+    text starts at its first non-blank character, ``skip_newlines`` after its leading newlines
+    (its indentation kept); a stop before that start does not count."""
     tok, model = lm.tokenizer, lm.model
 
     def text(ids: list[int]) -> str:
         decoded = decode_generated(tok, ids)
-        return decoded.lstrip() if skip_blank_lines else decoded
+        if skip_blank_lines:
+            return decoded.lstrip()
+        return decoded.lstrip("\n") if skip_newlines else decoded
     if prompt_ids is None:
         prompt_ids = [(ids, (0, 0)) for ids in _prompt_ids(lm, prompts, cfg)]
     gen, eos, encoded = _generation(

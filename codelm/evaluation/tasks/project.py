@@ -6,10 +6,12 @@ For each completion file and composer (codelm.data.composers): the perplexity of
 the composed context, and the composer with the lowest one is the one chosen (LCA's choice); for
 each of its lines drawn per category (codelm.data.history: committed, inproject, infile, common,
 non_informative, random), the line generated greedily after the file's prefix, under each
-composer's context and without (``empty``). Exact match (stripped lines equal, as LCA's
-``evaluate`` exact_match scores them) and edit similarity (fuzzywuzzy's ratio, 0-100) are
-averaged over a file's lines of a category, then over files, as LCA aggregates them; both
-in percent."""
+composer's context and without (``empty``). As LCA's line generator scores a line: the
+generated text after its leading newlines, up to the next newline, its indentation kept; exact
+match on the stripped lines (``evaluate``'s exact_match), edit similarity (fuzzywuzzy's ratio,
+0-100) on the lines as they are. Both are averaged over a file's lines of a category, then over
+files, as LCA aggregates exact match (its edit similarity's running sums carry over from one
+category to the next; here each category's is its own), in percent."""
 
 from __future__ import annotations
 
@@ -144,6 +146,13 @@ def line_prompts(lm: LoadedModel, case: dict, index: RepositoryIndex, composers:
     return prompts
 
 
+def line_scores(prediction: str, reference: str) -> dict:
+    """A generated line against the file's, as LCA scores it: exact match of the stripped
+    lines, edit similarity of the lines as they are (indentation counts)."""
+    return {"exact": prediction.strip() == reference.strip(),
+            "edit_sim": fuzz_ratio(prediction, reference)}
+
+
 def _aggregate(records: Sequence[dict], composers: Sequence[str]) -> dict[str, float]:
     """EM and edit similarity per composer and category (and over all lines), both 0-100 as
     codelm's other tasks report them: a file's mean over its lines, then the mean over files,
@@ -187,16 +196,15 @@ def run_project(lm: LoadedModel, cases: Sequence[dict], cfg: ProjectSettings
     texts = scoring.generate_texts(lm, [""] * len(prompts), line_cfg, ("\n",),
                                    desc="project-completion",
                                    prompt_ids=[(p["ids"], (0, 0)) for p in prompts],
-                                   skip_blank_lines=True)
+                                   skip_newlines=True)
     records = []
-    for prompt, text in zip(prompts, texts):
-        prediction, reference = text.strip(), prompt["reference"].strip()
+    for prompt, prediction in zip(prompts, texts):
+        reference = prompt["reference"]
         records.append({"model": lm.label, "task": "project-completion", "variant": None,
                         "id": f"{prompt['case']}#{prompt['line']}", "case": prompt["case"],
                         "category": prompt["category"], "composer": prompt["composer"],
                         "context_files": prompt["files"], "reference": reference,
-                        "prediction": prediction, "exact": prediction == reference,
-                        "edit_sim": fuzz_ratio(prediction, reference)})
+                        "prediction": prediction, **line_scores(prediction, reference)})
     metrics = {f"{c}/perplexity": p for c, p in perplexity.items()}
     metrics.update(_aggregate(records, composers))
     metrics.update({f"chosen/{k.split('/', 1)[1]}": v for k, v in list(metrics.items())
