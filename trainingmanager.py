@@ -113,6 +113,8 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         signals = StopSignals(trainer.droppable, ends_process)
         result = TrainResult(record.run_dir, s.best_val_loss, s.step)
         clock, stop = run.clock, None
+        # A budget's end: past it the run stops, a decay the machine slowed down cut short.
+        deadline = None if clock is None else clock.train_until
         try:
             result.early_stopped = s.out_of_patience(loop.early_stop_patience)
             while s.step < s.max_steps and not result.early_stopped:
@@ -147,8 +149,10 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                     if memorised or (s.step % loop.eval_every == 0 and s.step >= loop.warmup_steps):
                         result.val_metrics = _evaluate(run, progress, on_eval)
                         result.early_stopped = _stops_early(run, progress)
+                    now = time.perf_counter()
                     over_time = (loop.max_time_s is not None
-                                 and time.perf_counter() - progress.started > loop.max_time_s)
+                                 and now - progress.started > loop.max_time_s
+                                 or deadline is not None and now > deadline)
                     stop = signals.stop_requested(dist, device, over_time)
                     ends = bool(stop or result.early_stopped or memorised)
                     if ends and not logged:  # the run's last step is always logged
@@ -328,9 +332,10 @@ def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
         saved = "" if record.restarts else "; checkpoint saved"
         exported = ("" if result.export_dir is None else
                     f"; export/ holds its best weights so far (step {s.best_step})")
-        print(f"time budget (--max-time-s {loop.max_time_s:g}) reached at step "
-              f"{s.step}/{s.max_steps}: the run is not finished{saved}{exported}; "
-              f"{record.what_next()}")
+        limit = (f"--max-time-s {loop.max_time_s:g}" if loop.max_time_s is not None else
+                 "--time-budget-min, the machine slower than measured")
+        print(f"time budget ({limit}) reached at step {s.step}/{s.max_steps}: the run is not "
+              f"finished{saved}{exported}; {record.what_next()}")
     result.step = s.step
     result.best_val_loss = s.best_val_loss
     result.best_step = s.best_step

@@ -1723,6 +1723,23 @@ def test_a_data_bound_budget_on_a_slowed_machine_ends_within_its_budget(
     assert "epochs of the training data end the run" in out and "the decay starts at" in out
     assert run.step < planned and run.step <= 100 * (1 - plan.END_SHARE)
 
+def test_a_machine_that_slows_during_the_decay_still_ends_within_the_budget(
+        assets, tmp_path, monkeypatch, capsys):
+    """1 s a step as measured until the decay has started, then ten times slower (a fake
+    clock): the run stops at the end of the budget's training time, short of the length the
+    decay fixed, and says it is not finished."""
+    now = _one_second_a_step(monkeypatch, slower_after=80)
+    monkeypatch.setattr(build, "time_a_step", lambda *args: (1.0, 1.0))
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 100.0)
+    cfg = tiny_cfg(assets, tmp_path, name="slowing", time_budget_min=2.0, warmup_steps=None,
+                   max_steps=None, eval_every=None, save_every=None)
+    run = tm.train(cfg)
+    out = capsys.readouterr().out
+    fixed = int(re.search(r"the decay starts at step (\d+).*max_steps (\d+)", out).group(2))
+    assert run.stopped_by_budget and run.step < fixed
+    assert now[0] <= 100.0 and "--time-budget-min, the machine slower than measured" in out
+
+
 def test_a_budgeted_run_stopped_past_its_plan_resumes_to_the_length_it_records(
         assets, tmp_path, monkeypatch, capsys):
     """A machine faster than its measure (2 s a step measured, 1 s on a fake clock) takes a
@@ -3222,21 +3239,26 @@ def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
     assert _train_steps(run) == list(range(1, 9))
 
 
-def _one_second_a_step(monkeypatch) -> None:
-    """A fake clock for the trainer on which each training step takes 1 s."""
+def _one_second_a_step(monkeypatch, slower_after: int | None = None) -> list[float]:
+    """A fake clock for the trainer on which each training step takes 1 s (10 s after the
+    first ``slower_after`` steps); returns its time, a one-item list."""
     import types
 
     now = [0.0]
+    steps = [0]
     clock = types.SimpleNamespace(perf_counter=lambda: now[0], strftime=lambda fmt: "x")
     for module in (tm, build, record):
         monkeypatch.setattr(module, "time", clock)
     original = trainer_module.Trainer.train_step
 
     def timed(self, *args, **kwargs):
-        now[0] += 1.0
+        steps[0] += 1
+        slow = slower_after is not None and steps[0] > slower_after
+        now[0] += 10.0 if slow else 1.0
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", timed)
+    return now
 
 
 def test_a_time_budget_stop_says_the_run_is_not_finished(assets, tmp_path, monkeypatch, capsys):
