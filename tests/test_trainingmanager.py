@@ -2112,6 +2112,19 @@ def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, c
     assert (run / "config.json").read_bytes() == config  # the refused resume leaves it as it was
 
 
+def test_a_resume_drops_an_evaluation_its_checkpoint_does_not_hold(tmp_path):
+    """A run killed while rewriting its last checkpoint after the final evaluation resumes from
+    the checkpoint written before that evaluation: the evaluation runs again, so the line it
+    logged is dropped (and not doubled); the step's train line stays."""
+    metrics = tmp_path / "metrics.jsonl"
+    logged = [(3, "train"), (3, "val"), (4, "train"), (4, "val"), (5, "train")]
+    metrics.write_text("".join(json.dumps({"step": step, "kind": kind}) + "\n"
+                               for step, kind in logged))
+    rundir.trim_metrics(metrics, 4, evaluated=3)
+    kept = [(m["step"], m["kind"]) for m in map(json.loads, metrics.read_text().splitlines())]
+    assert kept == [(3, "train"), (3, "val"), (4, "train")]
+
+
 def test_resume_refuses_a_run_with_weights_but_no_checkpoint(assets, tmp_path, capsys):
     """checkpoints/ deleted (to free disk) but best/ and export/ kept: --resume must not train
     a new model from step 0 over them; it refuses, naming the export to start from."""

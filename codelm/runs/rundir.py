@@ -301,8 +301,10 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
 
 # ---- metrics.jsonl ----
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop what an interrupted run logged past the step its resume continues from."""
+def trim_metrics(path: Path, step: int, evaluated: int | None = None) -> None:
+    """Drop what an interrupted run logged past the step its resume continues from, and the
+    validation lines past ``evaluated`` (the last evaluation its checkpoint holds: one logged
+    at the resumed step whose checkpoint was not rewritten is run and logged again)."""
     if not path.exists():
         return
     lines = path.read_bytes().split(b"\n")
@@ -311,7 +313,10 @@ def trim_metrics(path: Path, step: int) -> None:
         if not raw.strip():
             continue
         try:  # JSONDecodeError and UnicodeDecodeError are ValueErrors; a list has no .get
-            later = json.loads(raw).get("step", 0) > step
+            entry = json.loads(raw)
+            at = entry.get("step", 0)
+            later = at > step or (evaluated is not None and entry.get("kind") == "val"
+                                  and at > evaluated)
         except (ValueError, AttributeError) as e:
             if number == len(lines):  # no newline after it: the write never finished
                 print(f"warning: {path}:{number}: dropping a torn last line", file=sys.stderr)

@@ -217,7 +217,8 @@ class Run:
         with main_first(dist):
             # first: a damaged log refuses the resume before any rewrite
             if dist.main and cfg.resume:
-                rundir.trim_metrics(run_dir / rundir.METRICS_FILE, self.state.step)
+                rundir.trim_metrics(run_dir / rundir.METRICS_FILE, self.state.step,
+                                    self.state.last_eval_step)
             self.record.write_config(cfg, first)
         self.device = device
         self.loop = LoopSettings(**fields_of(LoopSettings, cfg))
