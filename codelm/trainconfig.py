@@ -349,8 +349,10 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         need(importlib.util.find_spec(name) is not None, "report_to",
              f"{name} is not installed: pip install {name}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
-    need(cfg.decay_steps is None or cfg.max_steps is None or cfg.decay_steps <= cfg.max_steps,
-         "decay_steps", f"exceeds max_steps ({cfg.max_steps}): set at most the run's steps")
+    need(cfg.decay_steps is None or cfg.max_steps is None
+         or cfg.decay_steps <= cfg.max_steps - (cfg.warmup_steps or 0), "decay_steps",
+         f"exceeds max_steps ({cfg.max_steps}) less warmup_steps ({cfg.warmup_steps}): the "
+         "decay follows the warmup; set at most the steps between them")
     if cfg.max_steps is not None and cfg.epochs is not None:
         raise ValueError(f"{named('max_steps')} and {named('epochs')} both set the run's length: "
                          "unset one (--max-steps none, --epochs none)")

@@ -3905,6 +3905,8 @@ def test_a_budget_reached_on_the_last_step_is_a_finished_run(assets, tmp_path, m
     ({"label_smoothing": 1.0}, r"label_smoothing \(1\.0, --label-smoothing\): must be in \[0, 1\)"),
     ({"min_lr_ratio": 1.5}, r"min_lr_ratio \(1\.5, --min-lr-ratio\): must be in \[0, 1\]"),
     ({"max_steps": 10, "decay_steps": 11}, r"decay_steps \(11, --decay-steps\): exceeds max_steps"),
+    ({"max_steps": 100, "warmup_steps": 50, "decay_steps": 80},
+     r"decay_steps \(80, --decay-steps\): exceeds max_steps \(100\) less warmup_steps \(50\)"),
     ({"quantize_bits": 4}, r"quantize_bits \(4, --quantize-bits\): a quantized base is frozen"),
     ({"init_from": "/nonexistent", "n_layer": 2}, r"n_layer \(.*\): the shape .* cannot"),
     ({"init_from": "/nonexistent", "n_embd": 64}, r"n_embd \(.*\): the shape .* cannot"),
