@@ -194,6 +194,8 @@ class Engine:
         """Feed each running request's last token at its own position; pick the next ones. The
         step's inputs are made on the host and go over without a wait on the device."""
         rows = max(r.slot for r in running) + 1  # the slots up to the last one in use
+        # A free slot below it decodes token 0 at position 0 into its own cache row: a request
+        # admitted there later prefills that row from position 0, and its logits are not read.
         fed = [0] * rows
         pos = [0] * rows
         for r in running:
