@@ -545,6 +545,11 @@ def test_completion_token_is_in_no_frame_the_program_runs_beneath():
     "import dbm\nwith dbm.open(TARGET, 'c') as db:\n    db['k'] = 'v'",
     "import readline\nreadline.write_history_file(TARGET)",
     "import _posixshmem  # creates files in /dev/shm",
+    # a path relative to a directory's descriptor leads where the hook cannot see
+    "import os\nfd = os.open('.', os.O_RDONLY)\nos.close(os.open('x', os.O_WRONLY | os.O_CREAT, "
+    "dir_fd=fd))",
+    "import os\nfd = os.open('.', os.O_RDONLY)\nos.mkdir('d', dir_fd=fd)",
+    "import os\nopen('x', 'w').close()\nfd = os.open('.', os.O_RDONLY)\nos.remove('x', dir_fd=fd)",
 ])
 def test_without_landlock_c_level_writers_stay_inside(tmp_path, monkeypatch, attempt):
     # The documented fallback (no Landlock: old kernels, gVisor, seccomp profiles): only the

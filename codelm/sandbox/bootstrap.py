@@ -416,6 +416,9 @@ def _install_guard(workdir, landlock):
     path_events = {f"os.{name}": (0,) for name in (
         "chmod", "chown", "mkdir", "remove", "rmdir", "truncate", "utime", "chflags", "lchflags",
         "setxattr", "removexattr")} | {"os.link": (0, 1), "os.rename": (0, 1), "os.symlink": (1,)}
+    # the path events whose last argument is a dir_fd
+    with_dir_fd = {f"os.{name}" for name in ("chmod", "chown", "mkdir", "remove", "rmdir",
+                                             "utime", "symlink")}
     # commands that make a file send SIGIO (default action: terminate) to a given process
     sigio_owner = {"fcntl.fcntl": (8, 15), "fcntl.ioctl": (0x8901, 0x8902)}
 
@@ -465,7 +468,10 @@ def _install_guard(workdir, landlock):
             for i in path_events[event]:
                 if isinstance(args[i], int) or not inside(args[i]):
                     deny(f"{event} on {args[i]!r} (outside the working directory)")
+            # a path relative to a directory's descriptor: where it leads, the hook cannot see
             if event in ("os.link", "os.rename") and any(fd not in (None, -1) for fd in args[2:]):
+                deny(f"{event} with dir_fd")
+            if event in with_dir_fd and args[-1] not in (None, -1):
                 deny(f"{event} with dir_fd")
         elif event in denied or event.startswith("ctypes."):
             deny(event)
@@ -509,6 +515,15 @@ def _replace_unaudited(deny, inside):
                     (_signal, "pidfd_send_signal", refused("signal.pidfd_send_signal"))]
     replacements += [(posix, name, confined(name, getattr(posix, name)))
                      for name in ("mkfifo", "mknod") if hasattr(posix, name)]
+    opener = posix.open
+
+    def open_without_dir_fd(path, flags, mode=0o777, *, dir_fd=None):
+        """os.open; its audit event does not carry dir_fd, so a dir_fd is refused here."""
+        if dir_fd is not None:
+            deny(f"os.open of {path!r} with dir_fd")
+        return opener(path, flags, mode)
+
+    replacements.append((posix, "open", open_without_dir_fd))
     for module, name, replacement in replacements:
         for target in (module, os):
             if hasattr(target, name):
