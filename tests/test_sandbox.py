@@ -180,7 +180,10 @@ def test_environment_secrets_are_not_inherited(monkeypatch):
     assert direct.status == "failed" and "KeyError" in direct.stderr
     dump = run_python("import os\nprint(dict(os.environ))", FAST)
     assert dump.passed and "s3cr3t-value" not in dump.stdout
-    assert set(eval(dump.stdout)) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE"}
+    environ = eval(dump.stdout)
+    assert set(environ) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE", "OPENBLAS_NUM_THREADS",
+                            "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+    assert environ["OPENBLAS_NUM_THREADS"] == "1"  # no thread a core to exhaust RLIMIT_AS
     parent = run_python(
         "import os\nprint(open(f'/proc/{os.getppid()}/environ', 'rb').read())", FAST)
     assert parent.status == "failed" and "s3cr3t-value" not in parent.stdout

@@ -263,8 +263,11 @@ def run_python(source: str, config: SandboxConfig | None = None,
         if test is not None:
             fields = (test.prelude, test.test, tuple(test.functions), test.check)
             stdin += plain_encode(fields).encode("utf-8", "surrogatepass")
+        # One thread for BLAS and OpenMP: their pools start a thread a core, each holding its
+        # own memory, which RLIMIT_AS would run out of on a many-core machine.
         env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
-               "LANG": "C.UTF-8"}
+               "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
         command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
                    str(control_dir / "program.py"), plain_encode(limits)]
 
