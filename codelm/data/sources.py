@@ -280,19 +280,23 @@ def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Coun
 
 
 def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
-    """What the cache key knows of the sources: every file's path, size and mtime."""
+    """What the cache key knows of the sources: every file's path, size, mtime and ctime (an
+    edit whose copy tool sets the mtime back, as cp -p, rsync -a and tar do, still changes the
+    ctime, which no tool sets)."""
     out = []
     for source in sources:
         # Every build computes its key first: sources are checked here.
         listing = _source_listing(source, extensions)
         if listing.records:
-            out += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
-                    for f in listing.files]
+            for f in listing.files:
+                st = f.stat()
+                out.append([str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns])
             continue
         names = hashlib.sha256()
         for p in listing.files:
             st = p.stat()
-            entry = f"{p.relative_to(listing.root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            entry = (f"{p.relative_to(listing.root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}"
+                     f"\0{st.st_ctime_ns}\n")
             names.update(entry.encode("utf-8", "surrogateescape"))  # a non-UTF-8 name: its bytes
         where = source if source == "stdlib" else str(listing.root.resolve())
         out.append([where, names.hexdigest()])
