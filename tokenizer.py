@@ -18,7 +18,7 @@ import functools
 import itertools
 import os
 import sys
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import chain
 from pathlib import Path
@@ -116,13 +116,8 @@ def _piece_counts(texts: Iterable[str], strip_comments: bool, num_workers: int |
     counts: Counter[str] = Counter()
     count = functools.partial(_count_pieces, strip_comments=strip_comments)
     with process.worker_pool(workers) as pool:
-        pending: deque = deque()
-        for batch in chain(head, batches):
-            pending.append(pool.apply_async(count, (batch,)))
-            if len(pending) >= 2 * workers:
-                counts.update(pending.popleft().get())
-        while pending:
-            counts.update(pending.popleft().get())
+        for batch_counts in process.ordered_map(pool, count, chain(head, batches), 2 * workers):
+            counts.update(batch_counts)
     return counts
 
 

@@ -5,8 +5,12 @@ corpus. References: a build in one shard, a one-worker build, and the tokenizer'
 every text."""
 
 import ast
+import faulthandler
 import json
+import multiprocessing
+import os
 import shutil
+import signal
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -133,6 +137,42 @@ def test_an_interrupted_corpus_build_continues_after_its_whole_shards(tmp_path, 
         Path(reference.train.path).parent)
     assert {**corpus.stats, "cache_hit": None} == {**reference.stats, "cache_hit": None}
     assert not work.exists()
+
+
+def _killing_on(name: str, real):
+    """shards.clean_one that, in a worker, kills its own process on the document ``name`` (as
+    the out-of-memory killer would), else cleans."""
+    def clean(item):
+        if item[0].id.endswith(name) and multiprocessing.parent_process() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(item)
+    return clean
+
+
+def test_a_cleaning_worker_killed_mid_build_ends_the_build_with_one_error_and_a_rerun_finishes(
+        tmp_path, source, monkeypatch):
+    """A worker killed while it cleans (the out-of-memory killer, kill -9) loses its documents:
+    the build raises WorkerDied (an OSError: the script's one line) naming the signal, within
+    the watchdog's minutes, never waits for them; the whole shards before it are kept, and the
+    same build run again finishes with an uninterrupted build's entry."""
+    small_shards(monkeypatch)
+    reference = load_corpus(config(tmp_path / "ref", source, num_workers=2))
+    c = config(tmp_path / "cache", source, num_workers=2)
+    real = shards.clean_one
+    monkeypatch.setattr(shards, "clean_one", _killing_on("/quoprimime.py", real))
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang fails the test, never stalls it
+    try:
+        with pytest.raises(process.WorkerDied, match="SIGKILL") as died:
+            load_corpus(c)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert isinstance(died.value, OSError)
+    work = next((tmp_path / "cache").glob("corpus-*.shards"))
+    assert list(work.glob("shard-00000.json"))
+    monkeypatch.setattr(shards, "clean_one", real)
+    corpus = load_corpus(c)
+    assert entry_bytes(Path(corpus.train.path).parent) == entry_bytes(
+        Path(reference.train.path).parent)
 
 
 def test_an_interrupted_lm_build_continues_after_its_whole_token_shards(tmp_path, source,

@@ -10,11 +10,10 @@ import io
 import json
 import sys
 import tempfile
-import threading
 import time
 import typing
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -93,6 +92,12 @@ def _read_sources(cfg: DataConfig, seen_raw: dict[bytes, str | None], skip: int
     yield _Read(None, None, 0, dict(skipped), None, None, last=True)
 
 
+def _read_cost(item: _Read) -> int:
+    """What a document read costs while it waits to be cleaned: its bytes (many small files:
+    their objects count too)."""
+    return max(1024, item.size)
+
+
 def _clean_read(item: _Read, opt: dict) -> _Cleaned:
     """Clean one document read (in a worker): the document, or why it went, and its MinHash."""
     if item.doc is None:
@@ -102,42 +107,6 @@ def _clean_read(item: _Read, opt: dict) -> _Cleaned:
     return _Cleaned(item._replace(doc=None), doc, reason, mods, sig)
 
 
-class _InFlight:
-    """Bytes read and not yet cleaned, bounded: the reader waits while ``limit`` are out (a
-    worker pool's feeder reads as fast as it can otherwise, the whole corpus into its queue)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.held = 0
-        self.closed = False
-        self.changed = threading.Condition()
-
-    @staticmethod
-    def cost(item: _Read) -> int:
-        return max(1024, item.size)  # many small files: their objects count too
-
-    def take(self, items: Iterable[_Read]) -> Iterator[_Read]:
-        for item in items:
-            cost = self.cost(item)
-            with self.changed:
-                self.changed.wait_for(lambda cost=cost: self.closed or not self.held
-                                      or self.held + cost <= self.limit)
-                if self.closed:
-                    return
-                self.held += cost
-            yield item
-
-    def give(self, item: _Read) -> None:
-        with self.changed:
-            self.held -= self.cost(item)
-            self.changed.notify_all()
-
-    def close(self) -> None:
-        with self.changed:
-            self.closed = True
-            self.changed.notify_all()
-
-
 @contextlib.contextmanager
 def _cleaned_in_order(cfg: DataConfig, items: Iterator[_Read]) -> Iterator[Iterator[_Cleaned]]:
     """``items`` cleaned in their order: the first POOL_AFTER_BYTES as read, in this process (a
@@ -145,26 +114,21 @@ def _cleaned_in_order(cfg: DataConfig, items: Iterator[_Read]) -> Iterator[Itera
     of the consumer."""
     opt = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in CLEANING_FIELDS}
     clean = functools.partial(_clean_read, opt=opt)
-    window = _InFlight(IN_FLIGHT_BYTES)
     workers = cfg.workers
 
     def cleaned() -> Iterator[_Cleaned]:
         read = 0
         for item in items:
             yield clean(item)
-            read += window.cost(item)
+            read += _read_cost(item)
             if workers > 1 and read >= POOL_AFTER_BYTES:
                 break
         else:
             return
         chunksize = 1 if cfg.autopep8 else 16  # autopep8 files vary a lot in cost
         with process.worker_pool(workers) as pool:
-            try:
-                for result in pool.imap(clean, window.take(items), chunksize=chunksize):
-                    window.give(result.read)
-                    yield result
-            finally:
-                window.close()  # the feeder thread stops: the pool's ending joins it
+            yield from process.ordered_map(pool, clean, items, IN_FLIGHT_BYTES, _read_cost,
+                                           chunksize)
 
     results = cleaned()
     try:

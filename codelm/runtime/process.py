@@ -8,8 +8,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import shutil
@@ -20,7 +22,10 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import cache, partial
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, NoReturn
@@ -31,26 +36,93 @@ from typing import BinaryIO, NamedTuple, NoReturn
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+class WorkerDied(ChildProcessError):
+    """A pool's worker process ended in the middle of the work (killed: the out-of-memory
+    killer, kill -9; or crashed): the work it held is lost, so the pool's results cannot be
+    complete. An OSError, so a script reports it as one line."""
+
+
 @contextlib.contextmanager
 def worker_pool(processes: int, initializer: Callable | None = None,
-                initargs: tuple = ()) -> Iterator[multiprocessing.pool.Pool]:
-    """A multiprocessing Pool, forked where the platform can (its workers inherit the parent's
-    objects instead of unpickling them), ended on leaving: closed and joined after its work
-    (each worker takes its last task and exits), terminated and joined on an exception or a
-    stop. See ``_worker_start`` for its workers' signals."""
+                initargs: tuple = ()) -> Iterator[ProcessPoolExecutor]:
+    """A ProcessPoolExecutor of ``processes`` workers, forked where the platform can (they
+    inherit the parent's objects instead of unpickling them), ended on leaving: shut down after
+    its work (each worker takes its last task and exits), its workers terminated at once on an
+    exception or a stop. A worker that dies fails the pool's pending results: ``WorkerDied``
+    (a multiprocessing Pool would wait for them for ever). See ``_worker_start`` for the
+    workers' signals and their end with the parent."""
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with _stop_signals_blocked():  # the workers (and the pool's threads) start with them blocked
-        pool = ctx.Pool(processes, initializer=_worker_start, initargs=(initializer, initargs))
+    pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_start,
+                               initargs=(initializer, initargs))
+    with _stop_signals_blocked():  # the workers (and the pool's thread) start with them blocked
+        pool.submit(int)  # a forking pool starts every worker at its first task
+    workers = list(pool._processes.values())  # no public handle on them before Python 3.14
     try:
         yield pool
+    except BrokenProcessPool:
+        pool.shutdown(wait=True)
+        raise WorkerDied(_death_message(workers)) from None
     except BaseException:
-        pool.terminate()
+        for worker in workers:
+            worker.terminate()
         raise
-    else:
-        pool.close()
     finally:
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _death_message(workers: Sequence[multiprocessing.process.BaseProcess]) -> str:
+    """One line on a pool's dead worker: how it ended, and what to do."""
+    how = "ended abruptly"
+    for worker in workers:
+        code = worker.exitcode
+        if code is not None and code < 0 and -code != signal.SIGTERM:  # the pool ends the rest
+            how = f"was killed by {signal.Signals(-code).name}"
+            break
+        if code is not None and code > 0:
+            how = f"exited with code {code}"
+            break
+    return (f"a worker process {how} (out of memory? kill -9?) and its work is lost; run the "
+            f"same command again, with fewer workers if memory is short")
+
+
+def ordered_map(pool: Executor, function: Callable, items: Iterable, limit: int,
+                cost: Callable[[object], int] = lambda item: 1, chunksize: int = 1) -> Iterator:
+    """``function`` of each of ``items`` on ``pool``'s workers, the results in the items' order.
+    Items are taken as the results are consumed, ``chunksize`` a task, while the items out
+    (sent, their results not yet taken) cost under ``limit`` (a large item goes alone): a
+    corpus is never read whole into the pool's queue."""
+    out: deque[_Sent] = deque()
+    held = 0
+    for chunk in _chunks(items, chunksize):
+        chunk_cost = sum(map(cost, chunk))
+        out.append(_Sent(pool.submit(_map_chunk, function, chunk), chunk_cost))
+        held += chunk_cost
+        while out and held >= limit:
+            sent = out.popleft()
+            held -= sent.cost
+            yield from sent.future.result()
+    while out:
+        yield from out.popleft().future.result()
+
+
+class _Sent(NamedTuple):
+    """A task sent to a pool: its future, and what its items cost."""
+
+    future: Future
+    cost: int
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    """``items`` in lists of ``size`` (the last may be shorter)."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _map_chunk(function: Callable, chunk: list) -> list:
+    """``function`` of each item of a task's chunk (in a worker)."""
+    return [function(item) for item in chunk]
 
 
 # The signals that stop a script: a pool's workers start with them blocked.
@@ -79,15 +151,26 @@ def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
     the pool. The worker was forked with them blocked: a SIGTERM sent while the fork still
     returns (a pool terminated at once, on a busy machine) would be caught by the parent's
     handler and its flag cleared by Python's after-fork reset, lost; blocked, it waits for
-    these dispositions and is delivered on the unblock. (A worker whose parent is gone ends by
-    itself: it reads the end of its queue.)"""
+    these dispositions and is delivered on the unblock. A worker ends with its parent: kill -9
+    runs no cleanup in the parent, and the pool's queue, whose writing end the workers hold
+    too, would keep them waiting for ever."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_when_gone, args=(parent,), daemon=True,
+                         name="codelm-parent-watch").start()
     if initializer is not None:
         initializer(*initargs)
+
+
+def _exit_when_gone(parent: multiprocessing.process.BaseProcess) -> None:
+    """Wait until ``parent`` has ended (its sentinel reads the end), then end this process."""
+    multiprocessing.connection.wait([parent.sentinel])
+    os._exit(1)
 
 
 def usable_cores() -> int:

@@ -175,7 +175,7 @@ def test_pool_workers_take_sigterm_at_its_default_and_leave_stops_of_the_group_t
     default. Ctrl-C and a hangup reach the whole group: workers ignore them, the parent ends
     the pool."""
     with process.interrupt_on_sigterm(), process.worker_pool(2) as pool:
-        seen = pool.map(_signal_dispositions, range(4), chunksize=1)
+        seen = list(pool.map(_signal_dispositions, range(4)))
     assert set(seen) == {(signal.SIG_DFL, signal.SIG_IGN, signal.SIG_IGN)}
 
 
@@ -200,7 +200,7 @@ def test_pool_workers_are_forked_with_the_stop_signals_blocked(tmp_path, monkeyp
     monkeypatch.setattr(process, "_worker_start", _blocked_at_start(marker, process._worker_start))
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     with process.worker_pool(1) as pool:
-        blocked_in_worker = pool.apply(signal.pthread_sigmask, (signal.SIG_BLOCK, []))
+        blocked_in_worker = pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result()
     assert marker.read_text() == "SIGHUP SIGINT SIGTERM"
     assert not {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} & set(blocked_in_worker)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
@@ -219,17 +219,20 @@ def test_a_pool_is_joined_after_its_work_and_terminated_on_an_error(tmp_path):
     import time
 
     with process.worker_pool(2) as pool:
-        assert pool.map(abs, range(-3, 3)) == [3, 2, 1, 0, 1, 2]
-    assert [worker.exitcode for worker in pool._pool] == [0, 0]
+        assert list(pool.map(abs, range(-3, 3))) == [3, 2, 1, 0, 1, 2]
+        workers = list(pool._processes.values())
+    assert [worker.exitcode for worker in workers] == [0, 0]
     started = [tmp_path / "a", tmp_path / "b"]
     with pytest.raises(RuntimeError), process.worker_pool(2) as pool:
-        pool.map_async(_mark_then_sleep, started, chunksize=1)
+        for path in started:
+            pool.submit(_mark_then_sleep, path)
+        workers = list(pool._processes.values())
         deadline = time.monotonic() + 60
         while not all(path.exists() for path in started):  # both workers are in a task
             assert time.monotonic() < deadline
             time.sleep(0.01)
         raise RuntimeError("the consumer failed")
-    assert [worker.exitcode for worker in pool._pool] == [-signal.SIGTERM] * 2
+    assert [worker.exitcode for worker in workers] == [-signal.SIGTERM] * 2
 
 
 _POOLS_UNDER_LOAD = """
@@ -237,7 +240,7 @@ import sys
 from codelm.runtime import process
 
 def stop_early(pool):
-    for n in pool.imap(abs, range(1000), chunksize=4):
+    for n in process.ordered_map(pool, abs, range(1000), 8, chunksize=4):
         if n == 500:
             raise ValueError(n)
 
@@ -248,7 +251,7 @@ with process.interrupt_on_sigterm():  # the handlers a script's pools are starte
                 if round % 2:
                     stop_early(pool)
                 else:
-                    sum(pool.imap(abs, range(1000), chunksize=4))
+                    sum(process.ordered_map(pool, abs, range(1000), 8, chunksize=4))
         except ValueError:
             pass
 print("done", flush=True)
@@ -271,6 +274,62 @@ def test_pools_started_and_ended_many_times_under_cpu_burners_never_hang():
     assert done.returncode == 0 and done.stdout == "done\n", done.stderr
 
 
+_KILLED_WORKER = """
+import os, signal
+from codelm.runtime import process
+
+def work(n):
+    if n == 37:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+    return n
+
+try:
+    with process.worker_pool(2) as pool:
+        workers = list(pool._processes.values())
+        print(sum(process.ordered_map(pool, work, range(200), 8, chunksize=4)))
+except process.WorkerDied as died:
+    print(isinstance(died, OSError), sorted(w.exitcode for w in workers), flush=True)
+    print(died)
+"""
+
+
+def test_a_worker_killed_in_a_task_fails_the_pool_with_one_error_instead_of_a_wait():
+    """A killed worker's tasks never return: the pool's results raise WorkerDied (an OSError,
+    so a script prints its one line), naming the signal, and every worker is ended; the
+    script ends within a generous watchdog."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _KILLED_WORKER], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    handled, message = done.stdout.splitlines()
+    assert handled.startswith("True [") and f"-{signal.SIGKILL.value}" in handled
+    assert "None" not in handled
+    assert "SIGKILL" in message and "again" in message
+
+
+def _count_taken(items, taken: list):
+    for item in items:
+        taken.append(item)
+        yield item
+
+
+def test_ordered_map_keeps_the_order_and_takes_items_only_up_to_its_limit_ahead():
+    """Results come in the items' order; before the first result is taken, the items sent cost
+    the limit (here two chunks of four), not the whole input."""
+    taken: list[int] = []
+    with process.worker_pool(2) as pool:
+        results = process.ordered_map(pool, abs, _count_taken(range(0, -100, -1), taken), 8,
+                                      chunksize=4)
+        assert next(results) == 0
+        assert len(taken) == 8
+        assert list(results) == list(range(1, 100))
+        costly = process.ordered_map(pool, len, _count_taken(["a" * 5, "b", "c"], taken := []),
+                                     5, cost=len)
+        assert next(costly) == 5 and taken == ["a" * 5]  # a large item goes alone
+        assert list(costly) == [1, 1]
+
+
 _POOL_PARENT = """
 import os, sys, time
 from codelm.runtime import process
@@ -280,7 +339,7 @@ def pid(_):
     return os.getpid()
 
 with process.worker_pool(2) as pool:
-    print(*pool.map(pid, range(2), chunksize=1), flush=True)
+    print(*pool.map(pid, range(2)), flush=True)
     time.sleep(600)  # killed here
 """
 
