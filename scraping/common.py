@@ -20,7 +20,7 @@ from codelm.runtime import process
 # Licences that allow reuse with attribution only; ``--licenses permissive`` expands to these.
 PERMISSIVE_LICENSES = frozenset(
     {"MIT", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "ISC", "Unlicense", "0BSD", "Zlib",
-     "MIT-0", "BSL-1.0", "PSF-2.0", "CC0-1.0"}
+     "MIT-0", "BSL-1.0", "PSF-2.0", "CC0-1.0", "NCSA"}
 )
 
 # Every id GitHub reports as a repository's ``license.spdx_id`` (NOASSERTION: a licence file it

@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 # Top-level licence file names in any case (LICENSE.md, LICENSE-MIT, MIT-LICENSE, COPYING.LESSER,
-# ...); not code or data such as license.py.
-_LICENSE_FILE = re.compile(r"(?:[a-z0-9]+[-_])?(?:(?:un)?licen[cs]e|copying)(?:[-_.][a-z0-9-]+)*",
-                           re.IGNORECASE)
+# COPYRIGHT, ...), the names GitHub reads; not code or data such as license.py.
+_LICENSE_FILE = re.compile(
+    r"(?:[a-z0-9]+[-_])?(?:(?:un)?licen[cs]e|copying|copyright)(?:[-_.][a-z0-9-]+)*",
+    re.IGNORECASE)
 _NOT_LICENSE_SUFFIXES = frozenset(
     {".py", ".pyc", ".pyi", ".js", ".mjs", ".ts", ".go", ".rs", ".rb", ".java", ".kt", ".c",
      ".h", ".cpp", ".sh", ".json", ".toml", ".yaml", ".yml", ".xml", ".gz", ".zip"})
@@ -49,8 +50,10 @@ LICENSE_PHRASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("BSD-3-Clause-Clear", ("redistribution and use in source and binary forms",
                             "no express or implied licenses to any party s patent rights")),
     ("BSD-3-Clause", ("redistribution and use in source and binary forms",
-                      "neither the name of")),
+                      "endorse or promote products derived from this software")),
     ("BSD-2-Clause", ("redistribution and use in source and binary forms",)),
+    ("NCSA", ("permission is hereby granted free of charge to any person obtaining a copy",
+              "endorse or promote products derived from this software")),
     ("MIT", ("permission is hereby granted free of charge to any person obtaining a copy",
              "the above copyright notice and this permission notice shall be included")),
     ("MIT-0", ("permission is hereby granted free of charge to any person obtaining a copy",)),
@@ -62,15 +65,61 @@ LICENSE_PHRASES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# Before a licence's text a file may have its title, copyright lines (and the names under them)
+# and a short line naming the licence; of anything else at most PREAMBLE_WORDS words (GitHub
+# compares the whole file with the licence's text): more, a proprietary notice above a bundled
+# MIT text say, make the file a licence not recognised. Text after the licence is not read (a
+# project's licence before its bundled code's).
+PREAMBLE_WORDS = 10
+_NOTICE_WORDS = ("copyright", "all rights reserved", "spdx license identifier")
+_TITLE_WORDS = 16  # a line naming the licence ("The MIT License (MIT)") is at most this long
+_NAME_WORDS = 6  # a line under a copyright line of at most this many words: a name, an address
+
+
 def license_of_text(text: str) -> str:
-    """The SPDX id of a licence text (of several licences, the first), or ``NOASSERTION``."""
-    words = " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+    """The SPDX id of a licence text (of several licences, the first), or ``NOASSERTION``:
+    none found, or too many words of other text before it."""
+    lines = [_plain(line) for line in text.splitlines()]
+    words = " ".join(line for line in lines if line)
     found = []  # (where the licence's text starts, its row, its id)
     for row, (license_id, phrases) in enumerate(LICENSE_PHRASES):
         starts = [words.find(phrase) for phrase in phrases]
         if min(starts) >= 0:
             found.append((min(starts), row, license_id))
-    return min(found)[2] if found else "NOASSERTION"
+    if not found:
+        return "NOASSERTION"
+    start, _, license_id = min(found)
+    if _preamble_words(words[:start], lines) > PREAMBLE_WORDS:
+        return "NOASSERTION"
+    return license_id
+
+
+def _plain(line: str) -> str:
+    """A line lower-cased, its punctuation and white space runs as one space."""
+    return " ".join(re.findall(r"[a-z0-9]+", line.lower()))
+
+
+def _preamble_words(before: str, lines: list[str]) -> int:
+    """The words of ``before`` (the plain text before a licence, ``lines`` joined) on lines that
+    are neither copyright notices (nor names under them) nor short lines naming a licence."""
+    count = 0
+    left = len(before)
+    in_notice = False
+    for line in lines:
+        if left <= 0:
+            break
+        if not line:
+            in_notice = False
+            continue
+        part = line[:left]  # the licence may start inside this line
+        left -= len(line) + 1
+        size = len(part.split())
+        in_notice = (any(words in part for words in _NOTICE_WORDS)
+                     or in_notice and size <= _NAME_WORDS)
+        is_title = "licen" in part and size <= _TITLE_WORDS
+        if not (in_notice or is_title):
+            count += size
+    return count
 
 
 def detect_license(root: Path) -> str | None:

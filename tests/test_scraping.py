@@ -1186,8 +1186,14 @@ LICENCE_EXCERPTS = {
     "BSD-2-Clause": "Redistribution and use in source and binary forms, with or without\n"
                     "modification, are permitted provided that [...]\n",
     "BSD-3-Clause": "Redistribution and use in source and binary forms [...]\n3. Neither the "
-                    "name of the copyright holder nor [...]\nThis file's vendored code may "
-                    "be used under the GNU General Public License, version 3.\n",
+                    "name of the copyright holder nor the names of its contributors may be "
+                    "used to endorse or promote products derived from this software [...]\n"
+                    "This file's vendored code may be used under the GNU General Public "
+                    "License, version 3.\n",
+    "NCSA": "University of Illinois/NCSA Open Source License\n\nPermission is hereby granted, "
+            "free of charge, to any person obtaining a copy [...]\n* Neither the names of the "
+            "LLVM Team, nor the names of its contributors may be used to endorse or promote "
+            "products derived from this Software without specific prior written permission.\n",
     "BSD-4-Clause": "Redistribution and use in source and binary forms [...]\n3. All "
                     "advertising materials mentioning features or use of this software\n"
                     "[...]\n4. Neither the name of the copyright holder [...]\n",
@@ -1220,6 +1226,43 @@ def test_a_licence_text_is_named_by_its_distinctive_phrases(expected):
     """Texts quote each other (the GPL-3.0 names the AGPL and LGPL, the MPL-2.0 every GNU
     licence, BSD-3 holds BSD-2's words): each is named as itself, never as one it quotes."""
     assert license_of_text(LICENCE_EXCERPTS[expected]) == expected
+
+
+@pytest.mark.parametrize("preamble, expected", [
+    ("The MIT License (MIT)\n\nCopyright (c) 2015-2026 Jane Doe <jane@example.org>\n"
+     "                        and contributors\nAll rights reserved.\n\n", "MIT"),
+    ("SPDX-License-Identifier: MIT\nThis project is licensed under the terms of the MIT "
+     "license, as follows:\n\n", "MIT"),
+    ("Copyright 2026 Acme Corp. All rights reserved.\nThis software is proprietary and "
+     "confidential. Unauthorized copying of this file, via any medium, is strictly "
+     "prohibited.\n\nThird-party notices:\n\n", "NOASSERTION"),
+    ("A. HISTORY OF THE SOFTWARE\n\nThis program was created in the early 1990s at a "
+     "research institute as a successor of another language.\n\n", "NOASSERTION"),
+])
+def test_text_before_a_licence_other_than_its_title_and_copyright_makes_it_unrecognised(
+        preamble, expected):
+    """A title, copyright lines and a short line naming the licence may come before it; a
+    proprietary notice above a bundled MIT text is not the MIT licence (GitHub, which compares
+    the whole file, recognises neither)."""
+    assert license_of_text(preamble + LICENCE_EXCERPTS["MIT"]) == expected
+
+
+@pytest.mark.parametrize("clause", [
+    "3. Neither the name of the copyright holder nor the names of its contributors may be used "
+    "to endorse or promote products derived from this software without specific prior written "
+    "permission.",
+    "3. The name of the author may not be used to endorse or promote products derived from "
+    "this software without specific prior written permission.",
+    "* Neither the names of Foo Inc. nor the names of its\n  contributors may be used to "
+    "endorse or promote products derived from this software [...]",
+])
+def test_every_wording_of_bsd_3s_third_clause_is_bsd_3(clause):
+    """The clause that makes BSD-3 of BSD-2 has several wordings in real licence files; each
+    forbids using a name to endorse or promote products."""
+    text = ("Copyright (c) 2026, A. Author\nAll rights reserved.\n\nRedistribution and use in "
+            "source and binary forms, with or without\nmodification, are permitted [...]\n"
+            + clause + "\n")
+    assert license_of_text(text) == "BSD-3-Clause"
 
 
 @pytest.mark.parametrize("first, then", [("Apache-2.0", "MPL-2.0"), ("BSD-3-Clause", "GPL-3.0"),
@@ -1274,6 +1317,7 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
     ({"LICENSE.md": LICENCE_EXCERPTS["Apache-2.0"]}, "Apache-2.0"),
     ({"copying": LICENCE_EXCERPTS["GPL-3.0"]}, "GPL-3.0"),
     ({"UNLICENSE": LICENCE_EXCERPTS["Unlicense"]}, "Unlicense"),
+    ({"COPYRIGHT.txt": LICENCE_EXCERPTS["NCSA"]}, "NCSA"),
     ({"MIT-LICENSE": LICENCE_EXCERPTS["MIT"]}, "MIT"),
     ({"LICENSE.BSD": LICENCE_EXCERPTS["BSD-2-Clause"]}, "BSD-2-Clause"),
     ({"LICENSE": "Do as you please, but call me.\n"}, "NOASSERTION"),
@@ -1288,7 +1332,7 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
       "license_check.py": "x = 1\n", "LICENSE.JSON": LICENCE_EXCERPTS["MIT"],
       "docs/LICENSE": LICENCE_EXCERPTS["MIT"],
       "LICENSES/MIT.txt": LICENCE_EXCERPTS["MIT"], "README.md": LICENCE_EXCERPTS["MIT"]}, None),
-], ids=["LICENSE", "licence.txt", "LICENSE.md", "copying", "UNLICENSE", "MIT-LICENSE",
+], ids=["LICENSE", "licence.txt", "LICENSE.md", "copying", "UNLICENSE", "COPYRIGHT", "MIT-LICENSE",
         "LICENSE.BSD", "unknown", "GPL+LESSER", "dual", "agree", "not-a-licence-name",
         "none-at-top"])
 def test_a_trees_licence_is_read_from_its_top_level_licence_files(tmp_path, files, expected):
@@ -1545,8 +1589,9 @@ def test_a_licence_file_in_latin_1_is_read(tmp_path):
 
 
 def test_a_licence_text_is_read_up_to_256_kb(tmp_path):
-    """A licence after long notes is read; one past 256 KB (a generated file) is not."""
-    notes = "Notes on this project's history.\n" * 6000  # about 200 KB
+    """A licence after a long list of copyright holders is read; one past 256 KB (a generated
+    file) is not."""
+    notes = "Copyright (c) 2001 Contributor Number Seven\n" * 5000  # about 220 KB
     src = _tree(tmp_path / "src", {"LICENSE": notes + LICENCE_EXCERPTS["MIT"]})
     assert detect_license(src) == "MIT"
     _tree(src, {"LICENSE": notes * 2 + LICENCE_EXCERPTS["MIT"]})
