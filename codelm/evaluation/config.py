@@ -80,7 +80,8 @@ class EvalConfig:
     dtype: str | None = None  # fp32 | bf16 | fp16 (None: bf16 on CUDA, fp16 without bf16, fp32
     #   on CPU; a run's best/ as it trained); LoRA adapters stay fp32
     # sandbox
-    timeout_s: float = 5.0  # wall-clock limit of one sandboxed run
+    timeout_s: float | None = None  # wall-clock limit of one sandboxed run (None: the task's
+    #   harness's: HumanEval, MBPP and the bundled problems 3 s, HumanEval+ 20 s, MBPP+ 10 s)
     memory_mb: int = 1024  # memory limit of one sandboxed run
     workers: int = 2  # sandboxed runs in flight at once
     sandbox_may_read_all_files: bool = False  # run pass@k where the sandbox cannot confine reads
@@ -120,7 +121,8 @@ class EvalConfig:
              "must be >= 2 (a prompt token and a generated one) or null for the model's"),
             ("lm_windows", self.lm_windows is None or self.lm_windows >= 1,
              "must be >= 1, or null for the whole split"),
-            ("timeout_s", 0 < self.timeout_s < math.inf, "must be a positive number of seconds"),
+            ("timeout_s", self.timeout_s is None or 0 < self.timeout_s < math.inf,
+             "must be a positive number of seconds, or null for each task's harness limit"),
             ("memory_mb", self.memory_mb >= MIN_MEMORY_MB,
              f"must be >= {MIN_MEMORY_MB}: a Python interpreter running a test needs that much"),
             ("device", _DEVICE.fullmatch(self.device) is not None,

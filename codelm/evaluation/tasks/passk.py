@@ -88,6 +88,8 @@ class PasskTask:
     #   split read (problem_file), first match first
     packages: tuple[str, ...] = ()  # what its tests import besides the standard library
     subset: str = ""  # which of a file's records are scored, where not all ("no problems" says)
+    timeout_s: float = 3.0  # one run's limit where --timeout-s gives none: the harness's
+    #   (bigcode-evaluation-harness: HumanEval and MBPP 3 s, HumanEval+ 20 s, MBPP+ 10 s)
 
     def load(self, file: Path, cfg: PasskSettings) -> list[dict]:
         """The task's problems of ``file`` (``task_problems``): its module's ``load``."""
@@ -107,7 +109,7 @@ class PasskSettings(Scoring, Protocol):
     num_samples: int
     pass_k: list[int]
     limit: int | None
-    timeout_s: float
+    timeout_s: float | None
     memory_mb: int
     workers: int
 
@@ -214,8 +216,10 @@ def shared_interpreter_tests(problems: dict[str, list[dict]]) -> dict[str, list[
 
 
 def task_sandbox(cfg: PasskSettings, passk_task: PasskTask) -> SandboxConfig:
-    """The sandbox a pass@k task's runs get: the limits of ``cfg``, the packages it imports."""
-    return SandboxConfig(cfg.timeout_s, cfg.memory_mb, packages=passk_task.packages)
+    """The sandbox a pass@k task's runs get: the limits of ``cfg`` (its time limit, else the
+    task's), the packages it imports."""
+    timeout_s = passk_task.timeout_s if cfg.timeout_s is None else cfg.timeout_s
+    return SandboxConfig(timeout_s, cfg.memory_mb, packages=passk_task.packages)
 
 
 def task_problems(file: Path, cfg: PasskSettings, passk_task: PasskTask) -> list[dict]:

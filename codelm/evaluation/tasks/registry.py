@@ -81,7 +81,7 @@ class TaskSettings:
     batch_size: int
     compile: bool
     seed: int
-    timeout_s: float
+    timeout_s: float | None
     memory_mb: int
     workers: int
     progress: bool
