@@ -416,6 +416,20 @@ def test_kernel_refuses_processes_network_memfd_and_limits_when_the_hook_is_fool
         "fork", "udp", "memfd", "setrlimit", "exec")] + [f"fds {(bootstrap.MAX_FDS,) * 2}"]
 
 
+def test_a_denied_import_is_an_import_error_so_code_falling_back_without_it_goes_on():
+    """Where a harness runs, ctypes and subprocess are there; code that falls back where a
+    module is missing (numpy's ``try: import ctypes``) goes on here as there: a denied import
+    raises ImportError, naming the module, and the module is still never loaded."""
+    program = ("import sys\ntry:\n    import subprocess\nexcept ImportError as e:\n"
+               "    print('without', e.name)\nprint('subprocess' in sys.modules)\n")
+    result = run_python(program, FAST)
+    assert result.status == "passed", result.stderr
+    assert result.stdout.split() == ["without", "subprocess", "False"]
+    with_numpy = SandboxConfig(timeout_s=20.0, packages=("numpy",))
+    result = run_python("import numpy\nprint(numpy.arange(4).sum())\n", with_numpy)
+    assert result.status == "passed" and result.stdout.strip() == "6", result.stderr
+
+
 @pytest.mark.parametrize("module", ["_posixsubprocess", "_ctypes"])
 def test_a_denied_module_loaded_under_a_dotted_name_is_refused(module):
     # The "import" audit event names the spec; the loader finds PyInit_<last part of the name>.
