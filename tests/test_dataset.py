@@ -885,6 +885,31 @@ def test_a_document_in_val_and_test_sources_stays_in_val_only_without_dedupe(tmp
     assert corpus.stats["dropped"] == {"duplicate": 1}
 
 
+def test_copies_kept_without_dedupe_share_one_split_whatever_their_file_or_repo_draws(
+        tmp_path):
+    """dedupe=False keeps a file's copies; split by fraction, each copy goes where its first
+    copy went, as with split_by file and by repo: a test file's copy trained on would flatter
+    the test. Every copy is kept."""
+    records = []
+    for i in range(24):
+        text = f"def f{i}(x):\n    y = x * {i}\n    return y + {i}\n"
+        for repo in (f"u/r{i % 6}", f"u/r{(i + 1) % 6}"):  # six repos, each file in two
+            records.append({"repo": repo, "path": f"m{i}.py", "text": text, "license": "MIT"})
+    source = write_jsonl(tmp_path / "files.jsonl", records)
+    for split_by in ("file", "repo"):
+        corpus = load_corpus(cfg(tmp_path / split_by, sources=[str(source)], dedupe=False,
+                                 split_by=split_by, train_frac=0.5, val_frac=0.25,
+                                 test_frac=0.25, min_lines=1, min_bytes=0))
+        splits_of = {}
+        for split in ("train", "val", "test"):
+            for doc in getattr(corpus, split):
+                splits_of.setdefault(doc.text, set()).add(split)
+        assert len(splits_of) == 24 and all(len(s) == 1 for s in splits_of.values()), split_by
+        assert sum(corpus.stats["split"].values()) == 48, split_by
+        assert len({split for s in splits_of.values() for split in s}) > 1  # split at all
+        assert corpus.stats["split_by"] == split_by
+
+
 def test_git_lfs_pointers_are_dropped_as_the_collectors_drop_them(tmp_path):
     """A clone without git-lfs leaves 3-line pointer files where the content should be; they
     pass every other cleaning rule, so they are dropped by their shape, never trained on."""

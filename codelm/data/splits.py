@@ -15,12 +15,13 @@ from pathlib import Path
 
 from codelm.data.cache import building, hash_json, publish_cache_entry, sweep_cache
 from codelm.data.config import CLEANING_FIELDS, SPLIT_FIELDS, SPLITS, DataConfig, DataError
+from codelm.data.dedupe import doc_digest
 from codelm.data.shards import build_corpus_shards, corpus_stats, shard_docs
 from codelm.data.sources import Doc, plain_text, sources_fingerprint
 
 # The data cache's format version, a part of every cache key: bump it when cleaning or task
 # building changes what a cache holds.
-PIPELINE_VERSION = 12
+PIPELINE_VERSION = 13
 
 
 def split_key(doc: Doc, split_by: str) -> str:
@@ -181,6 +182,8 @@ def _publish_corpus(cfg: DataConfig, path: Path, work: Path) -> dict:
     which, unit = split_assignment(keys, cfg)
     routes = [k.split or which[split_key(k, unit)] for k in keys]
     del keys
+    if not cfg.dedupe:  # the copies it keeps: each in its first copy's split
+        routes = _copies_together(work, manifests, routes)
     stats["split"] = {s: routes.count(s) for s in SPLITS}
     stats["split_by"] = unit
     _check_splits(stats, cfg)
@@ -195,6 +198,18 @@ def _publish_corpus(cfg: DataConfig, path: Path, work: Path) -> dict:
 
     publish_cache_entry(path, write, replace=not cfg.use_cache)
     return stats
+
+
+def _copies_together(work: Path, manifests: Sequence[dict], routes: list[str]) -> list[str]:
+    """``routes`` (each kept document's split, in shard order) with every exact copy of a
+    document in its first copy's split, whatever its file or repo drew: with dedupe off no
+    text is in two splits either (a test file's copy trained on would flatter the test)."""
+    first: dict[bytes, str] = {}
+    together = []
+    for (line, _), route in zip(shard_docs(work, manifests), routes, strict=True):
+        digest = doc_digest(Doc(**json.loads(line)))
+        together.append(first.setdefault(digest, route))
+    return together
 
 
 def _corpus_at(path: Path, stats: dict, key: str) -> Corpus:
