@@ -143,16 +143,25 @@ def has_extension(path: str, extensions: Iterable[str]) -> bool:
 def walk_source_tree(root: Path, extensions: Iterable[str], follow_symlinks: bool = False
                      ) -> Iterator[tuple[str, Path, str | None]]:
     """(relative posix path, path, why it is skipped or None) of every file under ``root``,
-    sorted: the one walker of ``scraping local`` and dataset.py. Skipped: ``extension``,
-    ``gitignored`` (what a clone never holds), ``symlink`` (unless ``follow_symlinks``: a
-    cloned tree must not pull in outside files), ``not_a_file``."""
+    sorted: the one walker of ``scraping local`` and dataset.py. Skipped: ``extension``;
+    where ``root`` belongs to a git repository, what a clone of it never holds: ``gitignored``,
+    and ``nested_repo`` (a submodule or a repository cloned inside: another repository's code,
+    under its own licence); ``symlink`` (unless ``follow_symlinks``: a cloned tree must not
+    pull in outside files), ``not_a_file``."""
     extensions = tuple(extensions)
     files, work_trees = _tree_files(root)
-    ignored = {f"{top}/{rel}" if top else rel
-               for top in work_trees for rel in git_ignored_files(Path(root, top))}
+    if repository_top(root) is not None:
+        work_trees = list(dict.fromkeys(["", *work_trees]))
+    outermost = [tree for tree in work_trees
+                 if not any(_is_under(tree, other) for other in work_trees)]
+    nested = tuple(f"{tree}/" for tree in work_trees if tree not in outermost)
+    ignored = {f"{tree}/{rel}" if tree else rel
+               for tree in outermost for rel in git_ignored_files(Path(root, tree))}
     for rel, path in files:  # the extension first: it needs no system call
         if not has_extension(rel, extensions):
             yield rel, path, "extension"
+        elif nested and rel.startswith(nested):
+            yield rel, path, "nested_repo"
         elif not follow_symlinks and path.is_symlink():
             yield rel, path, "symlink"
         elif not path.is_file():  # a FIFO, a socket, a device
@@ -161,23 +170,55 @@ def walk_source_tree(root: Path, extensions: Iterable[str], follow_symlinks: boo
             yield rel, path, "gitignored" if rel in ignored else None
 
 
+def _is_under(tree: str, other: str) -> bool:
+    """Whether the relative directory ``tree`` lies inside ``other`` ("": the walked root)."""
+    return tree != other and (other == "" or tree.startswith(f"{other}/"))
+
+
+def repository_top(root: Path) -> Path | None:
+    """The top of the git work tree that ``root`` belongs to: ``root`` itself where it holds
+    ``.git``, or the nearest directory above holding one that tracks files under ``root``
+    (a directory that a repository above only contains, as a home directory's dotfiles
+    repository contains everything, is not its); None for none."""
+    root = Path(root).resolve()
+    if (root / ".git").exists():
+        return root
+    for top in root.parents:
+        if (top / ".git").exists():
+            tracked = _git(top, root, "ls-files", "-z", "--cached", "--", ".")
+            return top if tracked else None
+    return None
+
+
 def git_ignored_files(root: Path) -> frozenset[str]:
-    """Relative paths of the untracked files git ignores in the work tree ``root`` (empty when
-    it is none or git fails): a walked checkout gives the files a clone gives."""
-    if not (Path(root) / ".git").exists():
+    """Relative paths of the untracked files git ignores under ``root``, a git work tree or a
+    directory of one (``repository_top``; empty when it is none or git fails): a walked
+    checkout gives the files a clone gives."""
+    top = repository_top(root)
+    if top is None:
         return frozenset()
-    # No fsmonitor, and safe.directory: a checkout another user owns runs no command and is read.
-    cmd = ["git", "-c", "core.fsmonitor=false", "-c", f"safe.directory={Path(root).resolve()}",
-           "-C", str(root), "ls-files", "-z", "--others", "--ignored", "--exclude-standard"]
+    listed = _git(top, root, "ls-files", "-z", "--others", "--ignored", "--exclude-standard")
+    if listed is None:  # its ignored files are read as any other's
+        return frozenset()
+    return frozenset(os.fsdecode(rel) for rel in listed.split(b"\0") if rel)
+
+
+def _git(top: Path, where: Path, *args: str) -> bytes | None:
+    """The output of git ``args`` run in ``where`` (paths relative to it) of the work tree
+    ``top``, or None when git fails (a warning names why). No fsmonitor, and safe.directory:
+    a checkout another user owns runs no command and is read."""
+    cmd = ["git", "-c", "core.fsmonitor=false", "-c", f"safe.directory={top}",
+           "-C", str(where), *args]
     try:
         result = subprocess.run(cmd, capture_output=True, timeout=600)
-    except (OSError, subprocess.SubprocessError):
-        return frozenset()
-    if result.returncode != 0:  # its ignored files are read as any other's: say so
-        log.warning("%s: git could not list the files it ignores (%s); they are read too", root,
+    except (OSError, subprocess.SubprocessError) as error:
+        log.warning("%s: git failed (%s); its ignored files are read too", where, error)
+        return None
+    if result.returncode != 0:
+        log.warning("%s: git could not list the files it ignores (%s); they are read too", where,
                     os.fsdecode(result.stderr).strip().partition("\n")[0])
-        return frozenset()
-    return frozenset(os.fsdecode(rel) for rel in result.stdout.split(b"\0") if rel)
+        return None
+    return result.stdout
 
 
 def source_files(root: Path, extensions: Iterable[str], follow_symlinks: bool = False

@@ -81,17 +81,32 @@ def license_of_text(text: str) -> str:
     none found, or too many words of other text before it."""
     lines = [_plain(line) for line in text.splitlines()]
     words = " ".join(line for line in lines if line)
+    openings = _openings(words)
     found = []  # (where the licence's text starts, its row, its id)
     for row, (license_id, phrases) in enumerate(LICENSE_PHRASES):
         starts = [words.find(phrase) for phrase in phrases]
-        if min(starts) >= 0:
-            found.append((min(starts), row, license_id))
+        first, last = min(starts), max(starts)
+        # all its phrases in one licence's text: no licence opens between them (MIT's first
+        # phrase and a bundled BSD-3's clause are not NCSA)
+        if first >= 0 and not any(first < at <= last for at in openings):
+            found.append((first, row, license_id))
     if not found:
         return "NOASSERTION"
     start, _, license_id = min(found)
     if _preamble_words(words[:start], lines) > PREAMBLE_WORDS:
         return "NOASSERTION"
     return license_id
+
+
+def _openings(words: str) -> list[int]:
+    """Where each licence text in ``words`` opens: every place of a row's first phrase."""
+    places = set()
+    for opening in {phrases[0] for _, phrases in LICENSE_PHRASES}:
+        at = words.find(opening)
+        while at >= 0:
+            places.add(at)
+            at = words.find(opening, at + 1)
+    return sorted(places)
 
 
 def _plain(line: str) -> str:

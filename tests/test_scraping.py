@@ -1266,10 +1266,14 @@ def test_every_wording_of_bsd_3s_third_clause_is_bsd_3(clause):
 
 
 @pytest.mark.parametrize("first, then", [("Apache-2.0", "MPL-2.0"), ("BSD-3-Clause", "GPL-3.0"),
-                                         ("MIT", "LGPL-2.1"), ("BSD-2-Clause", "Apache-2.0")])
+                                         ("MIT", "LGPL-2.1"), ("BSD-2-Clause", "Apache-2.0"),
+                                         ("MIT", "BSD-3-Clause"), ("BSD-2-Clause", "BSD-3-Clause"),
+                                         ("BSD-2-Clause", "BSD-4-Clause"), ("NCSA", "MIT")])
 def test_a_licence_followed_by_its_bundled_codes_licences_is_the_first(first, then):
     """grpc's LICENSE is Apache-2.0 then MPL-2.0, scipy's and numpy's BSD-3-Clause then a
-    runtime's GPL-3.0: they read as the MPL and the GPL, the row earlier in the table."""
+    runtime's GPL-3.0: they read as the MPL and the GPL, the row earlier in the table. A row's
+    phrases count within one licence's text only: MIT's opening and a bundled BSD-3's clause
+    are not NCSA, nor BSD-2's opening and a bundled BSD-4's advertising clause BSD-4."""
     text = LICENCE_EXCERPTS[first] + "\n\nBundled code:\n\n" + LICENCE_EXCERPTS[then]
     assert license_of_text(text) == first
 
@@ -1494,15 +1498,45 @@ def _git_repo(root: Path, files: dict[str, str], commit: tuple[str, ...]) -> Pat
     return root
 
 
-def test_a_repository_inside_the_tree_has_its_own_ignored_files_skipped(tmp_path):
-    """A submodule (or a repository cloned inside another) is its own work tree: the outer
-    repository's git does not list what the inner one ignores, which is skipped all the same."""
+def test_a_repository_inside_a_repository_is_skipped_and_one_in_a_plain_directory_kept(
+        tmp_path):
+    """A submodule, or a repository cloned inside another, is another repository's code under
+    its own licence, which a clone of the outer one never holds: skipped as nested_repo. A
+    plain directory of clones is many repositories: each one's files are kept, less what it
+    ignores."""
     src = _git_repo(tmp_path / "proj", {"a.py": "x = 1\n", ".gitignore": "*.log\n"},
                     ("a.py", ".gitignore"))
     _git_repo(src / "vendor" / "lib", {"lib.py": "y = 1\n", ".gitignore": "gen/\n",
                                        "gen/secrets.py": "KEY = 1\n"}, ("lib.py", ".gitignore"))
-    kept = [rel for rel, _, skip in walk_source_tree(src, [".py"]) if skip is None]
-    assert kept == ["a.py", "vendor/lib/lib.py"]
+    reasons = {rel: skip for rel, _, skip in walk_source_tree(src, [".py"])}
+    assert reasons == {"a.py": None, ".gitignore": "extension",
+                       "vendor/lib/lib.py": "nested_repo", "vendor/lib/.gitignore": "extension",
+                       "vendor/lib/gen/secrets.py": "nested_repo"}
+    kept = [rel for rel, _, skip in walk_source_tree(tmp_path, [".py"]) if skip is None]
+    assert kept == ["proj/a.py"]  # tmp_path holds one clone, its own vendored one inside
+    (tmp_path / "other").mkdir()
+    _git_repo(tmp_path / "other" / "two", {"b.py": "z = 1\n", ".gitignore": "local.py\n",
+                                           "local.py": "KEY = 2\n"}, ("b.py", ".gitignore"))
+    kept = [rel for rel, _, skip in walk_source_tree(tmp_path, [".py"]) if skip is None]
+    assert kept == ["other/two/b.py", "proj/a.py"]
+
+
+def test_a_directory_of_a_repository_walked_alone_still_has_its_ignored_files_skipped(
+        tmp_path):
+    """A package directory of a checkout, given as the source, holds what the checkout
+    ignores (local settings, secrets) as the whole checkout does: skipped all the same. A
+    directory that a repository above only contains (a home directory's dotfiles repository
+    ignoring everything) is not that repository's."""
+    src = _git_repo(tmp_path / "proj", {"src/mod.py": "x = 1\n", ".gitignore": "settings.py\n",
+                                        "src/settings.py": "KEY = 1\n"},
+                    ("src/mod.py", ".gitignore"))
+    reasons = {rel: skip for rel, _, skip in walk_source_tree(src / "src", [".py"])}
+    assert reasons == {"mod.py": None, "settings.py": "gitignored"}
+    home = _git_repo(tmp_path / "home", {".gitignore": "*\n!.gitignore\n!.bashrc\n",
+                                         ".bashrc": "x\n"}, (".gitignore", ".bashrc"))
+    _tree(home / "code", {"a.py": "x = 1\n", "settings.py": "KEY = 1\n"})
+    kept = [rel for rel, _, skip in walk_source_tree(home / "code", [".py"]) if skip is None]
+    assert kept == ["a.py", "settings.py"]
 
 
 def test_a_checkout_another_user_owns_still_has_its_ignored_files_skipped(tmp_path, monkeypatch):
