@@ -1,8 +1,10 @@
 """An HTTP client for the GitHub REST API that honours rate limits and retries transient failures.
-The token travels only in the ``Authorization`` header, never in a URL, log line or message."""
+The token travels only in the ``Authorization`` header, never in a URL, log line or message, and
+only to the API's host and GitHub's raw host (``--raw-url`` may name any other)."""
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import random
 import threading
@@ -20,6 +22,8 @@ log = logging.getLogger("scraping")
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
 # GitHub asks clients to wait at least a minute after a secondary rate limit with no header.
 _SECONDARY_LIMIT_WAIT = 60.0
+# The hosts besides the API's that the token goes to (private repositories' raw files).
+_TOKEN_HOSTS = frozenset({"raw.githubusercontent.com"})
 
 
 class GitHubError(RuntimeError):
@@ -66,10 +70,20 @@ class GitHubClient:
             session = requests.Session()
             session.headers["User-Agent"] = "codelm-scraper"
             session.headers["X-GitHub-Api-Version"] = "2022-11-28"
-            if self._token:
-                session.headers["Authorization"] = f"Bearer {self._token}"
             self._local.session = session
         return session
+
+    def _headers(self, url: str, accept: str) -> dict[str, str]:
+        """A request's headers: the token only for the API's host (a GitHub Enterprise server
+        serves raw files there too) and GitHub's raw host over https; another --raw-url host
+        is a mirror that has no business with it."""
+        headers = {"Accept": accept}
+        parts, api = urlsplit(url), urlsplit(self.api_url)
+        to_github = ((parts.scheme, parts.netloc) == (api.scheme, api.netloc)
+                     or parts.scheme == "https" and parts.hostname in _TOKEN_HOSTS)
+        if self._token and to_github:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
 
     def _resource(self, url: str) -> str:
         """The rate-limit bucket a URL draws from (search has its own, smaller one)."""
@@ -103,14 +117,23 @@ class GitHubClient:
         with self._lock:
             self._blocked_until[resource] = max(self._blocked_until.get(resource, 0.0), until)
 
+    def _clock_ahead(self, resp: requests.Response) -> float:
+        """How far this machine's clock is ahead of GitHub's, by the response's ``Date`` (0
+        without one)."""
+        try:
+            sent = email.utils.parsedate_to_datetime(resp.headers.get("Date", "")).timestamp()
+        except (TypeError, ValueError):
+            return 0.0
+        return self._clock() - sent
+
     def _retry_delay(self, resource: str, resp: requests.Response, attempt: int) -> float | None:
         """Seconds to pause before retrying, or None when the response is final. A wait GitHub
         asks for is recorded for every thread: ``_wait_for`` waits it before the next request."""
         headers, status = resp.headers, resp.status_code
         reset, retry_after = headers.get("x-ratelimit-reset", ""), headers.get("retry-after", "")
         spent = headers.get("x-ratelimit-remaining") == "0" and reset.isdigit()
-        if spent:
-            self._block(resource, int(reset) + 1)  # one second of slack: whole seconds
+        if spent:  # the reset is on GitHub's clock: on this one, as far from now
+            self._block(resource, int(reset) + 1 + self._clock_ahead(resp))  # +1: whole seconds
         if status == 401:
             raise GitHubError(
                 f"GitHub refused the credentials (HTTP 401) for {resp.url}: "
@@ -121,7 +144,8 @@ class GitHubClient:
         if status in (403, 429) and spent:
             # A refusal at or after its own reset (the clocks disagree): waiting for the reset
             # would not pause at all, so back off instead of retrying in a burst.
-            return 0.0 if int(reset) + 1 > self._clock() else self._backoff_delay(attempt)
+            ahead = self._clock_ahead(resp)
+            return 0.0 if int(reset) + 1 + ahead > self._clock() else self._backoff_delay(attempt)
         if status == 429 or status in _RETRY_STATUSES:
             return self._backoff_delay(attempt)
         if status == 403 and "rate limit" in resp.text.lower():
@@ -141,7 +165,7 @@ class GitHubClient:
             try:
                 # Not streamed: the body is read here, so a connection dropped mid-body retries.
                 resp = self._session().get(
-                    url, params=params, headers={"Accept": accept}, timeout=self.timeout)
+                    url, params=params, headers=self._headers(url, accept), timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 delay, problem = self._backoff_delay(attempt), type(exc).__name__

@@ -573,10 +573,12 @@ class RateLimitedUntil(FakeGitHub):
         return super()._branch(h, repo, branch)
 
 
-@pytest.mark.parametrize("skew", [5.0, -600.0])
+@pytest.mark.parametrize("skew", [5.0, -600.0, -7200.0])
 def test_client_waits_out_a_rate_limit_whatever_the_clock_skew(skew):
     # GitHub's quota resets 1.5 s from now on its clock; the local clock is `skew` s off. A
-    # fast clock must not make the reset look past, sending every retry in the same millisecond.
+    # fast clock must not make the reset look past, sending every retry in the same millisecond;
+    # a slow one must not wait its lag on top (nor past --max-wait): the reset is measured
+    # against the response's Date.
     server = ServerTime(1_700_000_000.5)
     with RateLimitedUntil([FakeRepo("a/b", 500, "2020-01-01")], clock=server) as fake:
         fake.reset = 1_700_000_002
@@ -585,6 +587,7 @@ def test_client_waits_out_a_rate_limit_whatever_the_clock_skew(skew):
         assert client.get("/repos/a/b/branches/main").status_code == 200
         assert len(fake.requests) == len(server.calls) + 1  # a pause before every retry
     assert all(s >= 0.5 for s in server.calls) and server() >= fake.reset
+    assert sum(server.calls) < 10
 
 
 # --- local ---------------------------------------------------------------------------------------
@@ -891,6 +894,25 @@ def _cli_scrape(fake: FakeGitHub, out: Path, *flags: str) -> int:
     return main(["github", "--out", str(out), "--api-url", fake.api_url, "--raw-url",
                  fake.raw_url, "--since", RANGE[0], "--until", RANGE[1], "--min-bytes", "1",
                  "--backoff", "0", "--no-progress", *flags])
+
+
+def test_the_token_goes_to_githubs_hosts_and_never_to_a_raw_url_mirror(tmp_path, monkeypatch):
+    """--raw-url may name any host (a mirror, a cache): the token is GitHub's, so it goes to
+    the API's host alone (raw.githubusercontent.com too, over https); the mirror serves the
+    files without it."""
+    repos = _ranked_repos(2)
+    with FakeGitHub(repos, token=TOKEN) as api, FakeGitHub(repos) as mirror:
+        monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+        assert main(["github", "--out", str(tmp_path / "a.jsonl"), "--api-url", api.api_url,
+                     "--raw-url", mirror.raw_url, "--since", RANGE[0], "--until", RANGE[1],
+                     "--min-bytes", "1", "--backoff", "0", "--no-progress"]) == 0
+        assert len(read_jsonl(tmp_path / "a.jsonl")) == 2
+        assert api.auth_seen == {f"Bearer {TOKEN}"} and mirror.auth_seen == {None}
+        assert any("/raw/" in path for path in mirror.requests)
+    client = GitHubClient(token=TOKEN)
+    assert "Authorization" in client._headers("https://raw.githubusercontent.com/a/b/c/d.py", "*")
+    assert "Authorization" not in client._headers("http://raw.githubusercontent.com/a/b", "*")
+    assert "Authorization" not in client._headers("https://mirror.example/a/b/c/d.py", "*")
 
 
 def test_a_scrape_that_keeps_no_file_warns(tmp_path, capsys):
