@@ -37,6 +37,7 @@ SEARCH_CAP = 1000
 SERVER_ERROR = "server_error"
 # A repo whose branch, tree or file GitHub kept refusing (4xx) is not saved either.
 UNAVAILABLE = "unavailable"
+SLICE_READS = 3  # reads of a search slice that comes back short of its total
 # Downloads of a file (refused, or bytes that miss its blob SHA) before its repository is left
 # for the next run.
 DOWNLOAD_ATTEMPTS = 3
@@ -178,27 +179,40 @@ def search_repositories(client: GitHubClient, query: str, date_field: str, start
 def _read_slice(client: GitHubClient, params: dict, data: dict, resp: requests.Response,
                 cap: int) -> list[dict]:
     """Every repository of one search slice (at most ``cap``), deduplicated: all pages are read
-    at once, as star counts shift pages while a scrape runs (a repo moved meanwhile is missed,
-    said, and found by the next run)."""
+    at once, as star counts shift pages while a scrape runs; a read that comes back short (a
+    repo moved between pages) is read again, up to SLICE_READS reads, and one still short is
+    said (the next run finds the rest)."""
     found: dict[str, dict] = {}
-    while True:
-        for item in data["items"]:
-            found.setdefault(item["full_name"], item)
-        next_url = resp.links.get("next", {}).get("url")
-        if not next_url:
-            break
-        data, resp = client.get_json(next_url, valid=_is_search_page)
     wanted = min(data["total_count"], cap)
-    if len(found) < wanted:
-        log.warning("search %s: %d of %d repos read (star counts changed while paging); a "
-                    "re-run reads the rest", params["q"], len(found), wanted)
+    for read in range(SLICE_READS):
+        if read:
+            data, resp = client.get_json("/search/repositories", params=params,
+                                         valid=_is_search_page)
+        for page in _slice_pages(client, data, resp):
+            for item in page["items"]:
+                found.setdefault(item["full_name"], item)
+        if len(found) >= wanted:
+            break
+    else:
+        log.warning("search %s: %d of %d repos read in %d reads (star counts changed while "
+                    "paging); a re-run reads the rest", params["q"], len(found), wanted,
+                    SLICE_READS)
     return list(found.values())
 
 
-def _get_tree(client: GitHubClient, repo: str, sha: str, recursive: bool) -> dict | None:
-    """The tree, or None for GitHub's 409 of an empty repository. A tree named by SHA exists, so
-    another refusal (404, 403, 410, ...) is a replica behind: it is asked again after a pause,
-    and one that lasts raises NotServed. A refusal never makes a repository empty."""
+def _slice_pages(client: GitHubClient, data: dict, resp: requests.Response) -> Iterator[dict]:
+    """The pages of a search result, from its first (``data``, ``resp``) on."""
+    yield data
+    while next_url := resp.links.get("next", {}).get("url"):
+        data, resp = client.get_json(next_url, valid=_is_search_page)
+        yield data
+
+
+def _get_tree(client: GitHubClient, repo: str, sha: str, recursive: bool) -> dict:
+    """The tree. A tree named by SHA (of a commit a branch resolved to) exists, so a refusal
+    (404, 403, 409, 410, ...) is a replica behind: it is asked again after a pause, and one
+    that lasts raises NotServed. A refusal never makes a repository empty, nor a sub-tree
+    (``_branch_commit`` alone tells an empty repository)."""
     params = {"recursive": "1"} if recursive else None
     refused = []
     for attempt in range(LISTING_ATTEMPTS):
@@ -206,7 +220,7 @@ def _get_tree(client: GitHubClient, repo: str, sha: str, recursive: bool) -> dic
             client.pause(attempt - 1)
         tree, resp = client.get_reply(f"/repos/{repo}/git/trees/{sha}", params=params,
                                       valid=_is_tree)
-        if resp.status_code in (200, 409):
+        if resp.status_code == 200:
             return tree
         refused.append(str(resp.status_code))
     raise NotServed(f"tree {sha}: HTTP {', '.join(refused)}")
@@ -220,21 +234,21 @@ def _tree_files(entries: list[dict], prefix: str) -> list[TreeFile]:
 
 
 def list_repo_files(client: GitHubClient, repo: str, sha: str, prefix: str = ""
-                    ) -> list[TreeFile] | None:
+                    ) -> list[TreeFile]:
     """Every blob in the repo at commit ``sha`` (or in its sub-tree ``sha`` at ``prefix``), sorted
-    by path; None when there is no tree. Level by level where GitHub truncates the listing."""
+    by path. Level by level where GitHub truncates the listing."""
     tree = _get_tree(client, repo, sha, recursive=True)
-    if tree is None or not tree.get("truncated"):
-        return tree and sorted(_tree_files(tree["tree"], prefix))
+    if not tree.get("truncated"):
+        return sorted(_tree_files(tree["tree"], prefix))
     log.info("tree %s%s of %s is truncated: walking sub-trees", prefix, sha, repo)
-    level = _get_tree(client, repo, tree["sha"], recursive=False) or {"tree": []}
+    level = _get_tree(client, repo, tree["sha"], recursive=False)
     if level.get("truncated"):
         log.warning("tree %s%s of %s has too many entries even without recursion; "
                     "some files are missed", prefix, sha, repo)
     files = _tree_files(level["tree"], prefix)
     for entry in level["tree"]:
         if entry.get("type") == "tree" and entry["path"] not in EXCLUDED_DIRS:
-            files += list_repo_files(client, repo, entry["sha"], f"{prefix}{entry['path']}/") or []
+            files += list_repo_files(client, repo, entry["sha"], f"{prefix}{entry['path']}/")
     return sorted(files)
 
 
@@ -351,8 +365,6 @@ class GitHubScraper:
         if commit is None:
             return how, []
         tree = list_repo_files(self.client, name, commit)
-        if tree is None:
-            return "empty", []
         wanted = self._wanted(tree, store, files)
         records, refused = [], []
         for f, got in zip(wanted, pool.map(lambda f: self._download(name, commit, f), wanted)):

@@ -356,7 +356,7 @@ class FakeGitHub:
 
 
 # The refusals a fault can inject, with GitHub's message for each.
-_REFUSALS = {"403": "Forbidden", "404": "Not Found", "410": "Gone"}
+_REFUSALS = {"403": "Forbidden", "404": "Not Found", "409": "Conflict", "410": "Gone"}
 
 
 def _served(h: BaseHTTPRequestHandler, data: bytes) -> bytes:

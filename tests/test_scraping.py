@@ -219,6 +219,21 @@ def _ranked_repos(n: int = 9) -> list[FakeRepo]:
                      files={"m.py": f"x = {i}\n".encode() * 200}) for i in range(n)]
 
 
+def test_a_search_slice_read_short_is_read_again_and_no_repo_is_missed(tmp_path):
+    """o/r4 gains stars while the search's second page is asked for: it moves to the page
+    already read, and the slice comes back one short; it is read again, so one run scrapes
+    all nine."""
+    out = tmp_path / "out.jsonl"
+    repos = _ranked_repos()
+    with FakeGitHub(repos, max_per_page=3, star_changes=[("page=2", "o/r4", 5000)]) as fake:
+        summary = scrape_github(config(fake, out, min_bytes=1), make_client(fake))
+        assert fake.star_changes == []
+        first_pages = [r for r in fake.requests if "/search/" in r and "&page=" not in r]
+        assert len(first_pages) == 2
+    assert summary.repos["scraped"] == 9
+    assert sorted(r["repo"] for r in read_jsonl(out)) == [r.full_name for r in repos]
+
+
 @pytest.mark.parametrize("max_repos", [None, 2])
 def test_a_repo_that_gains_stars_mid_scrape_is_scraped_exactly_once(tmp_path, max_repos):
     # o/r3 gains stars while page 1 (o/r0..o/r2) is being scraped, so it moves to page 1; with
@@ -1000,12 +1015,13 @@ def _refused_at(place: str) -> tuple[str, str, bool]:
     }[place]
 
 
-@pytest.mark.parametrize("status", ["404", "403", "410"])
+@pytest.mark.parametrize("status", ["404", "403", "409", "410"])
 @pytest.mark.parametrize("place", ["raw", "blob", "tree", "subtree", "branch"])
 def test_a_single_refusal_of_content_at_a_commit_loses_no_file(tmp_path, place, status):
-    """Branches, trees and files are read at a fixed commit: a 404, 403 or 410 there is a replica
-    or cache behind far more often than a file gone. It is asked again after a pause (a file by
-    blob SHA, then raw), so every file is kept and no repository is taken for empty."""
+    """Branches, trees and files are read at a fixed commit: a 404, 403, 409 or 410 there is a
+    replica or cache behind far more often than a file gone (a 409 names an empty repository
+    only where its branch is not found). It is asked again after a pause (a file by blob SHA,
+    then raw), so every file is kept and no repository or sub-tree is taken for empty."""
     needle, _, raw = _refused_at(place)
     out = tmp_path / "code.jsonl"
     fake, summary, expected, sleep = run_scrape(out, [(needle, status)], raw=raw)
