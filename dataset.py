@@ -368,10 +368,11 @@ def _chunk_examples(docs: list[Doc], encoder: BatchEncoder, cfg: DataConfig, spl
     for prompt, completion, ends, code_span in _split_pairs(docs, tokenizer, cfg, split, events,
                                                             encoder):
         n_target = len(completion)
-        if ends and eos is not None:
+        if ends and eos is not None and completion[-1:] != [eos]:  # a pair may end with it
             completion = completion + [eos]
-        # A plain LM chunk of the fim task is not cut: its cut tokens would be in no example.
-        limit = cfg.max_completion_tokens if prompt or cfg.task != "fim" else None
+        # A plain LM chunk of the fim task, or a piece of the project task's repository
+        # sequences, is not cut: its cut tokens would be in no example.
+        limit = cfg.max_completion_tokens if prompt or cfg.task not in ("fim", "project") else None
         kept_prompt, kept_completion = truncate_pair(
             prompt, completion, cfg.block_size - len(start), limit, cfg.max_prompt_tokens,
             code_span)

@@ -1807,7 +1807,8 @@ def test_pair_special_tokens_encodes_chat_records_as_transformers_tokenizer_does
                                                                                 capsys):
     """The SFT recipe's records (prompt: apply_chat_template(..., tokenize=False), completion:
     answer + <|eot_id|>) train on the special ids with pair_special_tokens, as transformers'
-    tokenizer(prompt) + tokenizer(completion) + eos: a prompt holding the template's
+    tokenizer(prompt) + tokenizer(completion) + eos, the eos not doubled after a completion
+    that ends with it (TRL's SFT adds none then): a prompt holding the template's
     <|begin_of_text|> gets no second BOS, one without gets the BOS. Without the option the
     records are encoded as any record is (special-token text as text, the BOS placed once); the two
     builds are different cache entries, and only the one without the option notes the text."""
@@ -1822,8 +1823,10 @@ def test_pair_special_tokens_encodes_chat_records_as_transformers_tokenizer_does
 
     def reference(prompt: str, completion: str, **kw) -> list[int]:
         bos = not prompt.startswith(hf.bos_token) and not kw
-        return (hf(prompt, add_special_tokens=bos, **kw)["input_ids"]
-                + hf(completion, add_special_tokens=False, **kw)["input_ids"] + [hf.eos_token_id])
+        ids = (hf(prompt, add_special_tokens=bos, **kw)["input_ids"]
+               + hf(completion, add_special_tokens=False, **kw)["input_ids"])
+        # EOS ends it, once: as TRL's SFT, none after a completion that ends with it
+        return ids if ids[-1] == hf.eos_token_id else ids + [hf.eos_token_id]
 
     texts = [(r.get("prompt", r.get("input")), r.get("completion", r.get("output")))
              for r in records]
@@ -1866,7 +1869,7 @@ def test_pair_special_tokens_leaves_documents_text_and_lm_keys_alone(tmp_path):
     with_eot = [ids for ids in examples if eot in ids[:-1]]
     assert len(examples) > 2 and len(with_eot) == 1  # the pair's only
     assert with_eot[0] == (hf("<|begin_of_text|>q<|eot_id|>", add_special_tokens=False)[
-        "input_ids"] + hf("a<|eot_id|>", add_special_tokens=False)["input_ids"] + [eot])
+        "input_ids"] + hf("a<|eot_id|>", add_special_tokens=False)["input_ids"])  # one EOS
     lm = cfg(tmp_path, sources=[str(source)], task="lm")
     assert dataset._task_options(lm) == dataset._task_options(
         dataclasses.replace(lm, pair_special_tokens=True))

@@ -8,6 +8,7 @@ import random
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from codelm.data import composers as comp
@@ -461,6 +462,28 @@ def test_project_pieces_fit_the_block():
     completions = [c for p, c, _, _ in pairs if p]
     assert completions and all(len(c) <= 48 for c in completions)  # half the room at most
     assert any(tok.decode(c).count("\n") > 1 for c in completions)  # lines after the line
+
+
+def test_max_completion_tokens_cuts_completions_and_never_the_repository_text():
+    """max_completion_tokens bounds what a prompted example trains on; the repository
+    sequences (pieces with no prompt) are text trained whole: a cut piece's tokens would be
+    in no example. With a limit every piece's tokens stay, and completions are cut."""
+    import dataset
+    from codelm.data.config import DataConfig
+
+    tok = _tokenizer()
+    docs = _docs({"pkg/core.py": CORE_TEXT, "pkg/util.py": UTIL}, prefix="r")
+    kept = {}
+    for limit in (None, 4):
+        cfg = DataConfig(task="project", block_size=256, lines_per_file=2, progress=False,
+                         num_workers=1, max_completion_tokens=limit)
+        with tok.batch_encoder(1) as encoder:
+            examples, _ = dataset._chunk_examples(docs, encoder, cfg, "train", None)
+        lengths = np.diff(examples.offsets)
+        kept[limit] = (sum(n for n, p in zip(lengths, examples.prompt_lens) if p == 0),
+                       max(n - p for n, p in zip(lengths, examples.prompt_lens) if p))
+    assert kept[4][0] == kept[None][0]  # the repository text, whole
+    assert kept[4][1] <= 4 < kept[None][1]  # the completions, cut
 
 
 def test_trainingmanager_trains_the_project_task_on_repositories(repo, tmp_path):

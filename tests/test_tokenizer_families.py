@@ -428,3 +428,30 @@ def test_the_ascii_cut_pattern_cuts_ascii_text_as_the_unicode_one(name, apart):
     for _ in range(3000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
         assert ascii.findall(text) == unicode.findall(text), repr(text)
+
+
+@pytest.mark.parametrize("style", FAMILY_TOKENIZER_STYLES)
+def test_a_completion_is_encoded_as_it_continues_its_prompt_with_no_space_of_its_own(
+        style, family_tokenizers):
+    """A SentencePiece tokenizer starts every text it encodes with a space (Llama-2's Prepend,
+    Metaspace's prepend): a completion encoded alone would teach the model a space its text
+    does not have (a body line five spaces deep). Training's examples and the project task's
+    targets are encoded as continuations: the completion's ids decode, as a continuation, to
+    its text, and after a prompt ending in a newline they are those of HF's encoding of the
+    whole text."""
+    from codelm.data.config import DataConfig
+    from codelm.data.encoding import encode_continuation, tokenize_examples
+    from codelm.data.examples import Example
+
+    hf, ours = family_tokenizers[style]
+    cfg = DataConfig(task="completion", block_size=256, progress=False, num_workers=1)
+    for prompt, completion in [("def add(a, b):\n", "    return a + b"),
+                               ("x = [\n", "  1,\n  2]\n"), ("if ok:\n", "pass")]:
+        [(prompt_ids, completion_ids, _)] = tokenize_examples(
+            [Example(prompt, completion)], ours, cfg, "test")
+        assert ours.decode(completion_ids, continuation=True) == completion, style
+        whole = hf.encode(prompt + completion, add_special_tokens=False).ids
+        alone = hf.encode(prompt, add_special_tokens=False).ids
+        if whole[: len(alone)] == alone:  # no token crosses the prompt's end
+            assert completion_ids == whole[len(alone):], style
+        assert encode_continuation(ours, completion) == completion_ids, style

@@ -13,7 +13,7 @@ import random
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate, groupby
 from pathlib import Path
 
@@ -199,6 +199,43 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+# A continuation (a completion after its prompt) is encoded after this text and cut from it
+# where the tokenizer starts every encoded text with a space: no token merges with a newline.
+_ANCHOR = "\n"
+
+
+def continuation_anchor(tokenizer: CodeTokenizer | BPETokenizer) -> list[int] | None:
+    """The ids of _ANCHOR where ``tokenizer`` starts every text it encodes with a space
+    (SentencePiece's dummy prefix: Llama-2's Prepend normalizer, Metaspace's prepend), else
+    None. Encoded alone, a completion would start with a space its text does not have, one
+    that the prompt and completion encoded whole never hold."""
+    if tokenizer.decode(tokenizer.encode("a"), continuation=True) == "a":
+        return None
+    return tokenizer.encode(_ANCHOR)
+
+
+def continuation_ids(ids: list[int], anchor: list[int] | None,
+                     alone: Callable[[], list[int]]) -> list[int]:
+    """A continuation's ids from ``ids``, those of _ANCHOR + its text (or of its text where
+    ``anchor`` is None); ``alone()`` (its text encoded alone) where the anchor merged."""
+    if anchor is None:
+        return ids
+    if ids[: len(anchor)] == anchor:
+        return ids[len(anchor):]
+    return alone()
+
+
+def encode_continuation(tokenizer: CodeTokenizer | BPETokenizer, text: str,
+                        split_special_tokens: bool = True) -> list[int]:
+    """The ids of ``text`` as it continues another text (``continuation_anchor``)."""
+    anchor = continuation_anchor(tokenizer)
+    if anchor is None:
+        return tokenizer.encode(text, split_special_tokens=split_special_tokens)
+    ids = tokenizer.encode(_ANCHOR + text, split_special_tokens=split_special_tokens)
+    return continuation_ids(ids, anchor, lambda: tokenizer.encode(
+        text, split_special_tokens=split_special_tokens))
+
+
 def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer,
                       cfg: DataConfig, desc: str, encoder: BatchEncoder | None = None
                       ) -> list[tuple[list[int], list[int], tuple[int, int]]]:
@@ -209,6 +246,8 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
     # Text far beyond what can survive truncation is cut before tokenizing.
     chars = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
     reads = [(cfg.pair_special_tokens or cfg.task == "chat") and e.pair for e in examples]
+    anchor = continuation_anchor(tokenizer)
+    before = "" if anchor is None else _ANCHOR
     parts = []
     for e in examples:
         head, completion = e.head[-chars:], e.completion[:chars]
@@ -217,12 +256,14 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
             parts += [whole, head, e.tail] if e.body else [whole, "", ""]
         else:
             parts += [head, e.body[: _CHARS_PER_TOKEN_BOUND * e.body_budget], e.tail]
-        parts.append(completion)
+        parts.append(before + completion)
     ids = encode(tokenizer, parts, cfg, desc, [r for r in reads for _ in range(4)], encoder)
     prefix = tokenizer.template_prefix
     out = []
     for i, e in enumerate(examples):
         a, b, c, completion = ids[4 * i : 4 * i + 4]
+        completion = continuation_ids(completion, anchor, lambda i=i: encode(
+            tokenizer, [parts[4 * i + 3][len(before):]], cfg, desc, [reads[i]], encoder)[0])
         if e.body_budget is None:  # a: the whole prompt, b: its head, c: its tail
             start = _common_prefix(a, b)
             end = max(start, len(a) - _common_prefix(a[::-1], c[::-1])) if e.body else start

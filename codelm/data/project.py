@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 
 from codelm.data.composers import RepositoryIndex, Tokenizer, compose
 from codelm.data.config import DataConfig
+from codelm.data.encoding import encode_continuation
 from codelm.data.sources import Doc
 
 # (prompt ids, completion ids, EOS follows, the prompt's span truncation cuts first)
@@ -81,7 +82,7 @@ def completion_pairs(index: RepositoryIndex, composer: str, cfg: DataConfig,
         for number in sorted(rng.sample(numbers, min(cfg.lines_per_file, len(numbers)))):
             prefix = "\n".join(lines[:number])
             rest = "\n" + "\n".join(lines[number:])
-            completion = tok.encode(rest, split_special_tokens=True)[: room // 2]
+            completion = encode_continuation(tok, rest)[: room // 2]
             budget = room - len(completion)
             prefix_ids = tok.encode(prefix, split_special_tokens=True)
             prefix_ids = prefix_ids[max(0, len(prefix_ids) - budget // 2) :]
