@@ -4000,8 +4000,9 @@ def test_fim_prompts_are_the_familys_tokens_as_hf_encodes_the_harness_prompt(
 def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp_path,
                                                                            monkeypatch):
     """--tasks fim on the task's records (a JSONL file or its dataset's parquet directory):
-    a middle counts only when it is the canonical one exactly (a trailing space does not), as
-    the harness counts it; 3 of 4 overall, 2 of 3 py, 1 of 1 js."""
+    a middle counts when it is the canonical one up to surrounding whitespace (a trailing
+    newline or space is no miss), as the harness counts it (``g.strip() == reference.strip()``);
+    a middle of other text is; 3 of 4 overall, 2 of 3 py, 1 of 1 js."""
     import json
 
     import pyarrow as pa
@@ -4019,7 +4020,8 @@ def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp
                    tmp_path / "snapshot" / "data" / "train-00000-of-00001.parquet")
     assert fim_task.load_fim_problems(tmp_path / "snapshot") == fim_task.load_fim_problems(jsonl)
     answers = {r["prompt"]: r["canonical_solution"] for r in FIM_RECORDS}
-    answers["def square(x):\n"] += " "
+    answers["def square(x):\n"] = "    return x + x"
+    answers["for i in range(3):\n"] += "  \n"
     seen = []
 
     def generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None, **kw):

@@ -67,7 +67,8 @@ def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: Scoring
         records.append({"model": lm.label, "task": "fim", "variant": None, "id": problem["id"],
                         "language": problem["language"], "prompt_tail": problem["prefix"][-300:],
                         "reference": problem["middle"], "prediction": middle,
-                        "exact": middle == problem["middle"]})
+                        # the harness's match: equal but for surrounding whitespace
+                        "exact": middle.strip() == problem["middle"].strip()})
     metrics = {"EM": 100.0 * sum(r["exact"] for r in records) / len(records)}
     for language in sorted({r["language"] for r in records}):
         mine = [r["exact"] for r in records if r["language"] == language]
