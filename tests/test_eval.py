@@ -4038,6 +4038,26 @@ def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp
     assert len(seen) == 4 and all(ids[0] == fim_prefix for ids in seen)
 
 
+def test_a_dataset_split_of_several_shards_is_read_whole_in_order(tmp_path):
+    """The hub publishes a large split as train-00000-of-0000N.parquet, ...: every shard's
+    records are problems, in the shards' order, not the first shard's alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from codelm.evaluation.tasks import problems as problems_module
+
+    data = tmp_path / "snapshot" / "data"
+    data.mkdir(parents=True)
+    records = [dict(FIM_RECORDS[i % 4], name=f"p{i}") for i in range(6)]
+    for shard in range(2):
+        pq.write_table(pa.Table.from_pylist(records[3 * shard : 3 * shard + 3]),
+                       data / f"train-0000{shard}-of-00002.parquet")
+    loaded = fim_task.load_fim_problems(tmp_path / "snapshot")
+    assert [p["id"] for p in loaded] == [f"p{i}" for i in range(6)]
+    assert problems_module.problem_file(tmp_path / "snapshot", fim_task.SPLIT_FILES,
+                                        "fim") == tmp_path / "snapshot"
+
+
 def test_fim_needs_a_tokenizer_with_fim_tokens(tmp_path):
     import torch
     from tiny_hf import train_hf_tokenizer

@@ -33,19 +33,27 @@ def problems_entry(entry: str) -> ProblemsEntry:
 
 
 def problem_file(source: str | Path, split_files: Sequence[str], task: str) -> Path:
-    """The file ``task`` reads its problems from: ``source``, or, for a directory or a Hugging
+    """Where ``task`` reads its problems from: ``source``, or, for a directory or a Hugging
     Face dataset id (from the hub cache), the split in it (``split_files``: where a dataset
-    snapshot holds it, first match first)."""
+    snapshot holds it, first match first): its file, or the directory where the split is
+    several shards (``problem_records`` reads them all, in order)."""
     path = Path(source)
     if not path.exists() and hub.is_hub_id(str(path)):
         path = hub.checkpoint_dir(str(path), f"--problems {task}=", repo_type="dataset")
     if path.is_dir():
-        found = next((sorted(path.glob(p)) for p in split_files if any(path.glob(p))), [])
-        if not found:
-            raise ValueError(f"{path}: a directory without {' or '.join(split_files)} (the "
-                             "split of a dataset snapshot the task reads)")
-        path = found[0]
+        shards = split_shards(path, split_files)
+        return shards[0] if len(shards) == 1 else path
     return path
+
+
+def split_shards(directory: Path, split_files: Sequence[str]) -> list[Path]:
+    """The files of the split in a dataset snapshot ``directory``, in order: those of the first
+    of ``split_files`` that matches any."""
+    found = next((sorted(directory.glob(p)) for p in split_files if any(directory.glob(p))), [])
+    if not found:
+        raise ValueError(f"{directory}: a directory without {' or '.join(split_files)} (the "
+                         "split of a dataset snapshot the task reads)")
+    return found
 
 
 def problem_records(path: str | Path, split_files: Sequence[str], task: str
@@ -54,6 +62,15 @@ def problem_records(path: str | Path, split_files: Sequence[str], task: str
     not), a parquet file, or a directory or Hugging Face dataset id holding the split
     (``problem_file``); a file that does not read is one line naming it."""
     path = problem_file(path, split_files, task)
+    shards = split_shards(path, split_files) if path.is_dir() else [path]
+    records = []
+    for shard in shards:
+        records += _file_records(shard)
+    return records
+
+
+def _file_records(path: Path) -> list[tuple[str, dict]]:
+    """("file:line" or "file: row N", record) of one JSONL or parquet file."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
