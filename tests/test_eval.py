@@ -4393,3 +4393,24 @@ def test_an_evalplus_release_record_is_refused_naming_the_dataset_that_tests_it(
     file = _write_jsonl(tmp_path / "HumanEvalPlus.jsonl", [record])
     with pytest.raises(ValueError, match=r"EvalPlus release record .* \(evalplus/humanevalplus\)"):
         passk.load_problems(file)
+
+
+def test_sample_files_of_two_models_never_overwrite_each_other(tmp_path):
+    """A model ``coder`` on HumanEval and a model ``coder-humaneval`` on the bundled problems,
+    or labels that differ only where a file name holds ``_``: each (model, task) keeps its own
+    samples and generations files, the first as named, the later ones numbered."""
+    def record(model: str, task: str, status: str) -> dict:
+        return {"model": model, "task": task, "id": "HumanEval/0", "prompt": "def f():\n",
+                "prediction": "    return 1\n", "status": status}
+
+    records = [record("coder", "humaneval", "passed"), record("coder-humaneval", "passk", "failed"),
+               record("my model", "passk", "passed"), record("my_model", "passk", "failed")]
+    eval_results.save(tmp_path, {"table": ""}, records)
+    statuses = {}
+    for path in sorted(tmp_path.glob("samples-*.jsonl")):
+        [line] = path.read_text().splitlines()
+        statuses[path.name] = json.loads(line)["result"]
+    assert statuses == {"samples-coder-humaneval.jsonl": "passed",
+                        "samples-coder-humaneval-2.jsonl": "failed",
+                        "samples-my_model.jsonl": "passed", "samples-my_model-2.jsonl": "failed"}
+    assert len(list(tmp_path.glob("generations-*.json"))) == 4

