@@ -270,6 +270,17 @@ def test_code_to_text_bleu_equals_codexglues_evaluator(n, expected):
     assert code_to_text_bleu(preds, refs) == pytest.approx(expected, abs=1e-9)
 
 
+def test_code_to_text_bleu_splits_names_at_underscores_as_codexglues_evaluator():
+    """The evaluator's NIST normalization, after its punctuation split, splits every ``_``
+    (``max_value`` is three tokens): docstrings name snake_case identifiers. Expected: the
+    evaluator's bleu.py (smoothed BLEU-4, splitPuncts then normalize), on these three pairs."""
+    pairs = [("Return the max_value of the list.", "Returns the max_value in a list."),
+             ("Parse the config_file and return a dict.", "Parse config_file, return dict."),
+             ("Call __init__ of the base_class.", "Calls the base_class __init__.")]
+    preds, refs = zip(*pairs)
+    assert code_to_text_bleu(preds, refs) == pytest.approx(44.44471259583235, abs=1e-9)
+
+
 def test_code_to_text_bleu_is_sacrebleus_sentence_bleu_where_brevity_coincides():
     """Per pair, with a prediction at least as long as its reference and a word in common, the
     evaluator's BLEU is sacrebleu's add-1 sentence BLEU (the two brevity penalties differ only

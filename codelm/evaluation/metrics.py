@@ -54,7 +54,9 @@ def codexglue_bleu(preds: Sequence[str], refs: Sequence[str], max_order: int = 4
     return 100.0 * brevity_penalty * math.exp(log_precision / max_order)
 
 
-_WORD_OR_MARK = re.compile(r"\w+|[^\s\w]")
+# The evaluator's tokens: its splitPuncts (words, and each other mark), then its NIST
+# normalization, which of what is left splits off each underscore (max_value: max _ value).
+_WORD_OR_MARK = re.compile(r"[^\W_]+|_|[^\s\w]")
 
 
 def _smoothed_sentence_bleu(pred: Sequence[str], ref: Sequence[str], max_order: int = 4) -> float:
@@ -73,7 +75,7 @@ def _smoothed_sentence_bleu(pred: Sequence[str], ref: Sequence[str], max_order: 
 
 def code_to_text_bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
     """CodeXGLUE code-to-text BLEU x100 (the docstring leaderboard's): the mean smoothed sentence
-    BLEU-4 over pairs, lowercased, words and punctuation marks as tokens."""
+    BLEU-4 over pairs, lowercased, words, underscores and punctuation marks as tokens."""
     _check_pairs(preds, refs)
     tokens = [(_WORD_OR_MARK.findall(p.lower()), _WORD_OR_MARK.findall(r.lower()))
               for p, r in zip(preds, refs)]
