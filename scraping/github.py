@@ -33,7 +33,8 @@ log = logging.getLogger("scraping")
 
 # GitHub search returns at most this many results per query, whatever the total_count says.
 SEARCH_CAP = 1000
-# A repo GitHub fails to serve is not saved (the next run retries it); this many in a row stop.
+# A repo GitHub fails to serve is not saved (the next run retries it); this many in a row failing
+# with 5xx or dropped connections (not refusals: those are answers) stop the run.
 SERVER_ERROR = "server_error"
 # A repo whose branch, tree or file GitHub kept refusing (4xx) is not saved either.
 UNAVAILABLE = "unavailable"
@@ -339,8 +340,9 @@ class GitHubScraper:
         try:
             how, records = self._read_repo(item, store, pool, files)
         except (ServerError, NotServed) as exc:
-            self.summary.repos[SERVER_ERROR if isinstance(exc, ServerError) else UNAVAILABLE] += 1
-            self._failed_in_a_row += 1
+            failing = isinstance(exc, ServerError)  # a refusal is an answer: GitHub is up
+            self.summary.repos[SERVER_ERROR if failing else UNAVAILABLE] += 1
+            self._failed_in_a_row = self._failed_in_a_row + 1 if failing else 0
             if self._failed_in_a_row >= _FAILED_IN_A_ROW:
                 raise GitHubError(f"GitHub failed {_FAILED_IN_A_ROW} repos in a row; the "
                                   f"last: {exc}") from None

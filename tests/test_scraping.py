@@ -1151,6 +1151,20 @@ def test_failures_apart_from_each_other_are_no_outage(tmp_path):
     assert summary.repos["server_error"] == 5 and summary.repos["scraped"] == 4
 
 
+def test_repos_refused_for_good_are_no_outage_and_never_stall_a_rerun(tmp_path):
+    """Five repos in a row whose file GitHub refuses (404 by raw and by blob API, every try)
+    are answers, not GitHub down: each is left for the next run (unavailable) and the repos
+    ranked after them are scraped, by the first run and every run after it."""
+    bad = [f"o/r{i}" for i in range(1, 6)]
+    faults = [(f"/{repo}/", "404") for repo in bad for _ in range(40)]
+    out = tmp_path / "out.jsonl"
+    for _ in range(2):
+        with FakeGitHub(_ranked_repos(), faults=list(faults)) as fake:
+            summary = scrape_github(config(fake, out, min_bytes=1), make_client(fake, retries=0))
+        assert summary.repos["unavailable"] == 5
+    assert sorted({r["repo"] for r in read_jsonl(out)}) == ["o/r0", "o/r6", "o/r7", "o/r8"]
+
+
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
     """A second run on an output in use is refused: two runs appending to one output would write
     duplicates, and a resume would cut the file under the other's appends (a truncated JSON
