@@ -26,7 +26,7 @@ import time
 import typing
 from array import array
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from itertools import chain
 from pathlib import Path
@@ -65,7 +65,7 @@ from codelm.data.encoding import (
     window_pairs,
 )
 from codelm.data.examples import Example, SamplePrompt, chat_examples, examples_for, held_out_prompt
-from codelm.data.project import project_pairs
+from codelm.data.project import project_pairs, repository_name
 from codelm.data.shards import SHARD_FORMAT_VERSION
 from codelm.data.sources import Doc, plain_text
 from codelm.data.splits import Corpus, Texts, corpus_key, load_corpus
@@ -327,6 +327,18 @@ def _doc_chars(doc: Doc) -> int:
     return len(plain_text(doc))
 
 
+def _document_chunks(docs: Iterable[Doc], cfg: DataConfig) -> Iterator[list[Doc]]:
+    """Consecutive documents in chunks of about TOKEN_SHARD_CHARS characters; for the project
+    task each chunk ends where a repository does (its examples compose the whole repository,
+    so they never depend on where a shard ends)."""
+    if cfg.task != "project":
+        yield from text_batches(docs, TOKEN_SHARD_CHARS, _doc_chars)
+        return
+    runs = (list(run) for _, run in itertools.groupby(docs, key=repository_name))
+    for runs_chunk in text_batches(runs, TOKEN_SHARD_CHARS, lambda run: sum(map(_doc_chars, run))):
+        yield list(chain.from_iterable(runs_chunk))
+
+
 def _example_shards(docs: Sequence[Doc], encoder: BatchEncoder, cfg: DataConfig, work: Path,
                     split: str, in_train: np.ndarray | None) -> list[_TaskShard]:
     """One split's examples in shards of about TOKEN_SHARD_CHARS characters of documents under
@@ -340,7 +352,7 @@ def _example_shards(docs: Sequence[Doc], encoder: BatchEncoder, cfg: DataConfig,
     with progress_bar(total=len(docs), initial=skip, desc=f"{cfg.task} {split}", unit="doc",
                       enabled=cfg.progress) as bar:
         ordered = itertools.islice(_example_order(docs, cfg), skip, None)
-        for chunk in text_batches(ordered, TOKEN_SHARD_CHARS, _doc_chars):
+        for chunk in _document_chunks(ordered, cfg):
             examples, events = _chunk_examples(chunk, encoder, quiet, split, in_train)
             path = _task_shard_path(work, split, len(done), ".npz")
             done.append(_write_example_shard(path, examples, len(chunk), events))

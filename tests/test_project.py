@@ -486,6 +486,32 @@ def test_max_completion_tokens_cuts_completions_and_never_the_repository_text():
     assert kept[4][1] <= 4 < kept[None][1]  # the completions, cut
 
 
+def test_project_examples_never_depend_on_where_a_shard_ends(tmp_path, monkeypatch):
+    """Data preparation cuts a split into shards of documents; the project task composes each
+    repository whole, so a shard ends where a repository does: shards of any size give the
+    examples one shard gives."""
+    import json
+
+    import dataset
+    from codelm.data.config import DataConfig
+
+    texts = [CORE_TEXT, UTIL, EXTRA] * 3
+    source = tmp_path / "files.jsonl"
+    with open(source, "w") as f:
+        for k, text in enumerate(texts):
+            f.write(json.dumps({"repo": f"org/r{k // 5}", "path": f"pkg/m{k}.py",
+                                "text": f"# module {k}\n{text}"}) + "\n")
+    tok = _tokenizer()
+    built = {}
+    for chars in (10**9, 1500):
+        monkeypatch.setattr(dataset, "TOKEN_SHARD_CHARS", chars)
+        cfg = DataConfig(task="project", sources=[str(source)], block_size=256, min_lines=1,
+                         progress=False, num_workers=1, cache_dir=str(tmp_path / f"c{chars}"),
+                         train_frac=1.0, val_frac=0.0, test_frac=0.0, lines_per_file=2)
+        built[chars] = np.asarray(dataset.prepare(cfg, tok).train.ids).tobytes()
+    assert built[1500] == built[10**9]
+
+
 def test_trainingmanager_trains_the_project_task_on_repositories(repo, tmp_path):
     """python trainingmanager.py --task project --data DIR DIR: trains on packed repository
     sequences and completion examples (--packing: several in a row)."""
