@@ -2571,8 +2571,9 @@ def test_a_long_prompt_completion_pair_keeps_the_end_of_its_prompt(tmp_path, tok
 
 
 def test_a_decorated_method_prompt_keeps_decorators_and_signature_in_its_head():
-    """method_examples: head = decorators + every def line, body = the docstring (what a
-    too-long prompt loses first), so no signature line can be cut away."""
+    """method_examples: head = decorators + every def line, body = the docstring's text (what
+    a too-long prompt loses first), tail = its closing quotes' line, so no signature line can be
+    cut away."""
     src = ("class A:\n"
            "    @staticmethod\n"
            "    @functools.cache\n"
@@ -2582,7 +2583,7 @@ def test_a_decorated_method_prompt_keeps_decorators_and_signature_in_its_head():
            "        return a + b\n")
     (e,) = method_examples(Doc("m.py", src))
     assert e.head == "@staticmethod\n@functools.cache\ndef f(a,\n      b):\n"
-    assert e.body == '    """Add them.\n\n    Long text.\n    """\n'
+    assert e.body == '    """Add them.\n\n    Long text.\n' and e.tail == '    """\n'
     assert e.completion == "    return a + b"
 
 
@@ -3011,3 +3012,23 @@ def test_the_held_out_sample_prompt_is_in_the_tasks_format(tmp_path):
     prompt, code = held_out_prompt([doc, pair], cfg(tmp_path, task="refactor"))
     assert prompt == REFACTOR_TEMPLATE.format(input="x = 1\n") and not code
     assert held_out_prompt([pair], cfg(tmp_path)) is None
+
+
+def test_a_cut_method_prompt_keeps_its_docstrings_closing_quotes(tok):
+    """A long method prompt loses the end of its docstring's text first; the line of its
+    closing quotes stays, so the prompt is still a header with a closed docstring that the
+    body completes (never code written after an unfinished docstring)."""
+    from codelm.data.encoding import tokenize_examples, truncate_pair
+    from codelm.data.examples import method_examples
+
+    words = " ".join(f"word{i}" for i in range(300))
+    text = (f'def long_doc(x):\n    """{words[:60]}\n\n    {words}\n    """\n'
+            "    y = x + 1\n    return y\n")
+    [example] = method_examples(Doc("m.py", text))
+    assert example.tail == '    """\n'
+    cfg = DataConfig(task="method", block_size=64, progress=False, num_workers=1)
+    [(prompt, completion, span)] = tokenize_examples([example], tok, cfg, "test")
+    kept, _ = truncate_pair(prompt, completion, 64, None, None, span)
+    header = tok.decode(kept)
+    assert len(kept) < len(prompt) and header.startswith("def long_doc(x):")
+    ast.parse(header + "    pass\n")

@@ -131,7 +131,15 @@ def method_examples(doc: Doc, parsed: _Parsed | None = None) -> list[Example]:
         n_sig = ds.lineno - start  # the decorator and def lines before the docstring
         sig, docstring = ("".join(line + "\n" for line in part)
                           for part in (head[:n_sig], head[n_sig:]))
-        out.append(Example(sig, "\n".join(body).rstrip(), body=docstring))
+        # Cut, a docstring whose closing quotes have a line of their own loses the end of its
+        # text, never that line (the prompt stays a header with a closed docstring).
+        last = docstring.rstrip("\n").rpartition("\n")[2]
+        closing = len(docstring) - len(last) - 1 if last.strip() in ('"""', "'''") else None
+        if closing is None or closing <= 0:
+            out.append(Example(sig, "\n".join(body).rstrip(), body=docstring))
+        else:
+            out.append(Example(sig, "\n".join(body).rstrip(), body=docstring[:closing],
+                               tail=docstring[closing:]))
     return out
 
 
