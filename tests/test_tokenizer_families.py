@@ -455,3 +455,26 @@ def test_a_completion_is_encoded_as_it_continues_its_prompt_with_no_space_of_its
         if whole[: len(alone)] == alone:  # no token crosses the prompt's end
             assert completion_ids == whole[len(alone):], style
         assert encode_continuation(ours, completion) == completion_ids, style
+
+
+@pytest.mark.parametrize("style, token, texts", [
+    ("spm", "<sep>", ["a<sep>b", "<sep>b", "ab <sep> c", "x<sep>"]),
+    ("metaspace", "<sep>", ["a<sep>b", "<sep>b", "ab <sep> c"]),
+    ("gemma", "new line", ["a new line", "new line", "newline"]),
+    ("qwen2", "e\u0301", ["caf\u00e9", "cafe\u0301 au lait"])])
+def test_an_added_token_that_is_normalized_is_found_as_the_normalizer_writes_it(
+        style, token, texts, family_tokenizers, tmp_path):
+    """transformers' add_tokens writes a token with normalized=true: HF looks for it in the
+    normalized text as the normalizer writes it (Llama-2's Prepend makes <sep> "▁<sep>",
+    Gemma's Replace "new line" "new▁line", NFC e + U+0301 "é"); the ids are HF's."""
+    from tokenizers import AddedToken, Tokenizer
+
+    hf, _ = family_tokenizers[style]
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    added = Tokenizer.from_file(str(path))
+    added.add_tokens([AddedToken(token, normalized=True)])
+    added.save(str(path))
+    ours = load_tokenizer(path)
+    for text in texts:
+        assert ours.encode(text) == added.encode(text, add_special_tokens=False).ids, text

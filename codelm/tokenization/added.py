@@ -60,13 +60,22 @@ class AddedTokens:
         self.special_ids = {self.ids[c] for c, f in self.flags.items() if f["special"]}
         self._normalize = normalize
         # HF matches tokens that are not normalized first, in the text, then the normalized
-        # ones in the normalized gaps.
-        self._found = []
+        # ones in the normalized gaps, each as the normalizer writes it (Llama-2's Prepend
+        # makes <sep> "▁<sep>"): ``_contents`` maps what each level finds to the token.
+        self._found, self._contents = [], []
         for normalized in (False, True):
-            contents = [c for c, f in self.flags.items() if f["normalized"] == normalized]
-            self._found.append(longest_first(contents) if contents else None)
+            contents = {self._as_found(c) if normalized else c: c
+                        for c, f in self.flags.items() if f["normalized"] == normalized}
+            self._contents.append(contents)
+            self._found.append(longest_first(list(contents)) if contents else None)
+        self.found_ids = {found: self.ids[c] for level in self._contents
+                          for found, c in level.items()}
         self._quick = self._quick_split(replacements)
         self.run_chars, self._others = self._runs_of_one_character()
+
+    def _as_found(self, content: str) -> str:
+        """A normalized token's text as HF looks for it: normalized."""
+        return self._normalize(content) if self._normalize is not None else content
 
     def segments(self, text: str, plain_special: bool = False, level: int = 0
                  ) -> list[tuple[str, int | None]]:
@@ -83,7 +92,7 @@ class AddedTokens:
         start_offset = 0
         for m in self._found[level].finditer(text):
             start, stop = m.span()
-            content = m.group()
+            content = self._contents[level][m.group()]
             flags = self.flags[content]
             if plain_special and flags["special"]:
                 continue
@@ -125,6 +134,8 @@ class AddedTokens:
             if any(old in token for token in tokens for old, _ in replacements):
                 return None
             tokens = [t for t in tokens if not any(c in t for c in written)]
+        else:  # found in the normalized text as the normalizer writes them
+            tokens = list(self._contents[1])
         split = regex.compile(f"({longest_first(tokens).pattern})") if tokens else None
         return _QuickSplit(replacements, written if as_written else "", split)
 

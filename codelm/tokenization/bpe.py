@@ -594,7 +594,7 @@ class BPETokenizer(BatchEncodeMixin):
         ids = list(chain.from_iterable(map(cache, self._pretokenize(gaps[0], True)))) if gaps[0] else []
         pieces = self._pretokenize.pieces_for(text)  # of the gaps after the first
         for token, gap in zip(added, gaps[1:]):
-            ids.append(self._added_ids[token])
+            ids.append(added_tokens.found_ids[token])
             if gap:
                 ids += chain.from_iterable(map(cache, pieces(gap)))
         return ids
