@@ -323,9 +323,17 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbed
 # ----------------------------------------------------------------------------- targeting
 
 def _matches(target: list[str] | str, name: str) -> bool:
+    """PEFT's target_modules rule: a regex matching the whole name, or a name or dotted
+    suffix of one of the list's."""
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
     return any(name == t or name.endswith("." + t) for t in target)
+
+
+def _saved_whole(modules_to_save: list[str], name: str) -> bool:
+    """PEFT's modules_to_save rule: the name ends with one of the list's, as text (``norm``
+    names every layer norm, not the final norm alone)."""
+    return any(name.endswith(t) for t in modules_to_save)
 
 
 def _leaf_names(names) -> list[str]:
@@ -438,10 +446,16 @@ def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
     adapted = {name for _, m in lora_modules(model) for name in getattr(m, "names", {}).values()}
     adapted |= {m.name for _, m in lora_modules(model) if isinstance(m, LoRAEmbedding)}
     saved, holders = {}, {}
-    for name, (path, rows) in families.hf_module_slots(model.cfg).items():
+    slots = families.hf_module_slots(model.cfg)
+    unmatched = [t for t in cfg.modules_to_save or [] if not any(
+        _saved_whole([t], name) for name in slots)]
+    if unmatched:
+        raise ValueError(f"modules_to_save {unmatched}: no module of the model's ends with it "
+                         f"(its modules: {', '.join(_leaf_names(slots))}); name one of them")
+    for name, (path, rows) in slots.items():
         module = model.get_submodule(path)
         module = getattr(module, "base", module)
-        whole = bool(cfg.modules_to_save) and _matches(cfg.modules_to_save, name)
+        whole = bool(cfg.modules_to_save) and _saved_whole(cfg.modules_to_save, name)
         for attr in ("weight", "bias"):
             tensor = getattr(module, attr, None)
             if not isinstance(tensor, nn.Parameter):

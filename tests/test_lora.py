@@ -200,6 +200,7 @@ SAVED_BASE_CASES = [
     ("gpt_bigcode", dict(target_modules=["c_attn"], bias="lora_only")),
     ("gpt_bigcode", dict(target_modules=["c_attn"], bias="all")),  # layer norms' biases too
     ("gpt_bigcode", dict(target_modules=["c_attn"], modules_to_save=["c_fc"])),
+    ("llama", dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # every *norm, as PEFT
     ("phi", dict(target_modules=["q_proj", "k_proj", "v_proj"], bias="lora_only")),  # fused
     ("codegen", dict(target_modules=["qkv_proj"], bias="all")),  # permuted rows
 ]
@@ -230,6 +231,15 @@ def test_bias_and_modules_to_save_round_trip_with_peft(family, setting, tmp_path
     save_adapter(ours, tmp_path / "ours")
     theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
     torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), atol=1e-5, rtol=0)
+
+
+def test_a_modules_to_save_entry_that_names_no_module_is_refused(tmp_path):
+    """An entry no module name ends with would train nothing, and PEFT refuses the adapter:
+    one line naming it and the model's modules."""
+    save_tiny_hf("llama", tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"modules_to_save \['layer_norm'\].*input_layernorm"):
+        apply_lora(pretrained.load(tmp_path / "llama"),
+                   LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["layer_norm"]))
 
 
 def test_a_tensor_codelm_shares_is_trained_only_with_all_its_modules(tmp_path):
