@@ -1394,3 +1394,18 @@ def test_a_compiled_model_with_lora_dropout_trains_without_recompiling():
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_a_model_cast_to_bf16_keeps_every_adapter_tensor_fp32():
+    """cast_model (a run loaded in bf16) casts the base only: LoRA's matrices and DoRA's
+    magnitudes, trained, stay fp32 (a bf16 magnitude would lose its small updates)."""
+    from architecture import PRESETS, Transformer
+    from codelm.models.quantize import cast_model
+
+    model = Transformer(PRESETS["tiny"])
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["qkv"], use_dora=True))
+    cast_model(model, torch.bfloat16)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".magnitude." in n for n in trained)
+    assert set(trained.values()) == {torch.float32}, trained
+    assert {p.dtype for n, p in model.named_parameters() if not p.requires_grad} == {torch.bfloat16}

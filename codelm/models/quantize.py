@@ -128,7 +128,8 @@ def parameter_count(model: nn.Module) -> int:
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``model.to(dtype)`` for its base weights only: adapters stay fp32, and a quantized base
     keeps its scales and levels (cast, they would change the weights) and dequantizes to dtype."""
-    kept = [(p, p.data) for name, p in model.named_parameters() if ".lora_" in name]
+    kept = [(p, p.data) for name, p in model.named_parameters()
+            if ".lora_" in name or ".magnitude." in name]  # LoRA's matrices, DoRA's magnitudes
     kept += [(p, p.data) for p in quantized_parameters(model)]
     levels = [(q, q.pairs) for q in _quantized(model) if q.bits == 4]
     model.to(dtype)
