@@ -574,3 +574,26 @@ def test_the_runs_choices_are_the_writers_outtypes():
     flag = next(a for a in trainconfig.build_parser()._actions
                 if "--export-gguf" in a.option_strings)
     assert [c for c in flag.choices if c is not None] == list(families.OUTTYPES)
+
+
+@pytest.mark.parametrize("family, overrides, message", [
+    ("gpt_bigcode", dict(multi_query=False), r"4 key/value heads.*multi-query"),
+    ("gemma2", dict(attn_logit_softcapping=None, query_pre_attn_scalar=32), r"soft-capping.*always soft-caps"),
+    ("gemma2", dict(final_logit_softcapping=None, query_pre_attn_scalar=32), r"soft-capping.*always soft-caps"),
+    ("gemma2", dict(sliding_window=None, query_pre_attn_scalar=32), r"every other layer"),
+    ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 8.0,
+                                 "original_max_position_embeddings": 64}),
+     r"yarn with beta_fast=8.0.*factor and original context only"),
+])
+def test_a_model_llama_cpp_would_compute_otherwise_is_refused_before_writing(
+        family, overrides, message, tmp_path):
+    """llama.cpp's starcoder reads a multi-query fused qkv only, its gemma2 always soft-caps
+    (50 and 30 where the file names nothing) and slides every other layer, and its GGUF keys
+    carry YaRN's factor and original context only: a file of such a model would load and
+    compute another model, so the export refuses it, naming the setting."""
+    from tiny_hf import tiny_hf_config
+
+    tiny_hf_config(family, **overrides).save_pretrained(tmp_path)
+    cfg, _ = families.read_config(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        families.check_architecture(cfg)

@@ -440,8 +440,9 @@ def test_a_completion_is_encoded_as_it_continues_its_prompt_with_no_space_of_its
     its text, and after a prompt ending in a newline they are those of HF's encoding of the
     whole text."""
     from codelm.data.config import DataConfig
-    from codelm.data.encoding import encode_continuation, tokenize_examples
+    from codelm.data.encoding import tokenize_examples
     from codelm.data.examples import Example
+    from codelm.tokenization.batching import encode_continuation
 
     hf, ours = family_tokenizers[style]
     cfg = DataConfig(task="completion", block_size=256, progress=False, num_workers=1)

@@ -1809,7 +1809,10 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
         "tiny", 4, 2e-3, "bf16")
     again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), time_budget_min=None,
                                          max_steps=saved["max_steps"]))
-    assert again.step == first.step
+    resumed = json.loads((again.run_dir / "config.json").read_text())
+    assert (resumed["preset"], resumed["batch_size"], resumed["lr"], resumed["precision"]) == (
+        "tiny", 4, 2e-3, "bf16")
+    assert again.step == saved["max_steps"]  # where the first run ended, or its clock stopped it
 
 
 def test_the_sample_stops_where_its_function_ends(assets, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import random
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import accumulate, groupby
 from pathlib import Path
 
@@ -26,7 +26,12 @@ from codelm.data.examples import Example
 from codelm.data.splits import corpus_key
 from codelm.kernels import IGNORE_INDEX
 from codelm.runtime.process import progress_bar
-from codelm.tokenization.batching import BatchEncoder
+from codelm.tokenization.batching import (
+    CONTINUATION_ANCHOR,
+    BatchEncoder,
+    continuation_anchor,
+    continuation_ids,
+)
 from codelm.tokenization.bpe import BPETokenizer
 from tokenizer import ENCODING_VERSION, CodeTokenizer
 
@@ -199,43 +204,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-# A continuation (a completion after its prompt) is encoded after this text and cut from it
-# where the tokenizer starts every encoded text with a space: no token merges with a newline.
-_ANCHOR = "\n"
-
-
-def continuation_anchor(tokenizer: CodeTokenizer | BPETokenizer) -> list[int] | None:
-    """The ids of _ANCHOR where ``tokenizer`` starts every text it encodes with a space
-    (SentencePiece's dummy prefix: Llama-2's Prepend normalizer, Metaspace's prepend), else
-    None. Encoded alone, a completion would start with a space its text does not have, one
-    that the prompt and completion encoded whole never hold."""
-    if tokenizer.decode(tokenizer.encode("a"), continuation=True) == "a":
-        return None
-    return tokenizer.encode(_ANCHOR)
-
-
-def continuation_ids(ids: list[int], anchor: list[int] | None,
-                     alone: Callable[[], list[int]]) -> list[int]:
-    """A continuation's ids from ``ids``, those of _ANCHOR + its text (or of its text where
-    ``anchor`` is None); ``alone()`` (its text encoded alone) where the anchor merged."""
-    if anchor is None:
-        return ids
-    if ids[: len(anchor)] == anchor:
-        return ids[len(anchor):]
-    return alone()
-
-
-def encode_continuation(tokenizer: CodeTokenizer | BPETokenizer, text: str,
-                        split_special_tokens: bool = True) -> list[int]:
-    """The ids of ``text`` as it continues another text (``continuation_anchor``)."""
-    anchor = continuation_anchor(tokenizer)
-    if anchor is None:
-        return tokenizer.encode(text, split_special_tokens=split_special_tokens)
-    ids = tokenizer.encode(_ANCHOR + text, split_special_tokens=split_special_tokens)
-    return continuation_ids(ids, anchor, lambda: tokenizer.encode(
-        text, split_special_tokens=split_special_tokens))
-
-
 def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer,
                       cfg: DataConfig, desc: str, encoder: BatchEncoder | None = None
                       ) -> list[tuple[list[int], list[int], tuple[int, int]]]:
@@ -247,7 +215,7 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
     chars = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
     reads = [(cfg.pair_special_tokens or cfg.task == "chat") and e.pair for e in examples]
     anchor = continuation_anchor(tokenizer)
-    before = "" if anchor is None else _ANCHOR
+    before = "" if anchor is None else CONTINUATION_ANCHOR
     parts = []
     for e in examples:
         head, completion = e.head[-chars:], e.completion[:chars]

@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 
 from codelm.data.composers import RepositoryIndex, Tokenizer, compose
 from codelm.data.config import DataConfig
-from codelm.data.encoding import encode_continuation
 from codelm.data.sources import Doc
+from codelm.tokenization.batching import encode_continuation
 
 # (prompt ids, completion ids, EOS follows, the prompt's span truncation cuts first)
 Pair = tuple[list[int], list[int], bool, tuple[int, int]]

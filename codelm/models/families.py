@@ -708,6 +708,39 @@ def check_architecture(cfg: ModelConfig) -> None:
     if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-9:
         raise ValueError(f"attention scale {cfg.attn_scale:g} (not 1/sqrt(head_dim)): llama.cpp "
                          "derives the scale from head_dim")
+    if scaling == "yarn" and (changed := _yarn_options_changed(cfg.rope_scaling)):
+        raise ValueError(f"rope_scaling yarn with {changed}: llama.cpp's GGUF reads YaRN's "
+                         "factor and original context only")
+    if cfg.family == "gpt_bigcode" and cfg.n_kv_head != 1:
+        raise ValueError(f"GPTBigCode with {cfg.n_kv_head} key/value heads (multi_query false): "
+                         "llama.cpp's starcoder reads a multi-query model's fused qkv only")
+    if GGUF_FAMILIES[cfg.family].sliding:
+        _check_gemma2(cfg)
+
+
+# YaRN's options that llama.cpp's GGUF does not carry, at the values it assumes (transformers').
+_YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "attention_factor": None, "mscale": None,
+                  "mscale_all_dim": None, "truncate": True}
+
+
+def _yarn_options_changed(scaling: dict) -> str:
+    """The YaRN options of ``scaling`` set away from what llama.cpp assumes, as key=value."""
+    changed = [f"{key}={scaling[key]}" for key, default in _YARN_DEFAULTS.items()
+               if scaling.get(key, default) != default]
+    return ", ".join(changed)
+
+
+def _check_gemma2(cfg: ModelConfig) -> None:
+    """Refuse what llama.cpp's gemma2 computes otherwise: it always soft-caps (50 and 30 where
+    the file names no cap) and slides every other layer's attention, from the first."""
+    if cfg.attn_softcap is None or cfg.logit_softcap is None:
+        raise ValueError("Gemma 2 without attention or final logit soft-capping: llama.cpp's "
+                         "gemma2 always soft-caps")
+    alternating = [layer % 2 == 0 for layer in range(cfg.n_layer)]
+    if cfg.sliding_window is None or [cfg.slides(layer) for layer in range(cfg.n_layer)] != (
+            alternating):
+        raise ValueError("Gemma 2 whose sliding window is not on every other layer from the "
+                         "first: llama.cpp's gemma2 slides exactly those")
 
 
 def context_length(cfg: ModelConfig, family: GgufFamily) -> int:

@@ -178,3 +178,40 @@ def checked_ids(ids: object, vocab_size: int) -> list[int]:
         bad = [i for i in ids if not 0 <= i < vocab_size]
         raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
     return ids
+
+
+# A continuation (a completion after its prompt) is encoded after this text and cut from it
+# where the tokenizer starts every encoded text with a space: no token merges with a newline.
+CONTINUATION_ANCHOR = "\n"
+
+
+def continuation_anchor(tokenizer: BatchEncodeMixin) -> list[int] | None:
+    """The ids of CONTINUATION_ANCHOR where ``tokenizer`` starts every text it encodes with a
+    space (SentencePiece's dummy prefix: Llama-2's Prepend normalizer, Metaspace's prepend),
+    else None. Encoded alone, a completion would start with a space its text does not have, one
+    that the prompt and completion encoded whole never hold."""
+    if tokenizer.decode(tokenizer.encode("a"), continuation=True) == "a":
+        return None
+    return tokenizer.encode(CONTINUATION_ANCHOR)
+
+
+def continuation_ids(ids: list[int], anchor: list[int] | None,
+                     alone: Callable[[], list[int]]) -> list[int]:
+    """A continuation's ids from ``ids``, those of CONTINUATION_ANCHOR + its text (or of its text where
+    ``anchor`` is None); ``alone()`` (its text encoded alone) where the anchor merged."""
+    if anchor is None:
+        return ids
+    if ids[: len(anchor)] == anchor:
+        return ids[len(anchor):]
+    return alone()
+
+
+def encode_continuation(tokenizer: BatchEncodeMixin, text: str,
+                        split_special_tokens: bool = True) -> list[int]:
+    """The ids of ``text`` as it continues another text (``continuation_anchor``)."""
+    anchor = continuation_anchor(tokenizer)
+    if anchor is None:
+        return tokenizer.encode(text, split_special_tokens=split_special_tokens)
+    ids = tokenizer.encode(CONTINUATION_ANCHOR + text, split_special_tokens=split_special_tokens)
+    return continuation_ids(ids, anchor, lambda: tokenizer.encode(
+        text, split_special_tokens=split_special_tokens))
