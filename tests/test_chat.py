@@ -148,3 +148,26 @@ def test_a_chat_run_fine_tunes_an_instruct_model_on_its_conversations(instruct, 
     assert losses[-1] < 0.5 * losses[0], losses
     assert (result.run_dir / "export" / "config.json").is_file()
     assert torch.isfinite(torch.tensor(result.best_val_loss))
+
+
+@pytest.mark.parametrize("bos", ["absent", None, "<|endoftext|>"])
+def test_a_special_token_the_config_leaves_out_renders_as_nothing_as_in_transformers(
+        bos, instruct, tmp_path):
+    """A chat template may write {{ bos_token }}: transformers gives it the tokenizer_config's
+    token, and nothing where the config has none (null, or no key), never a token guessed
+    from the vocabulary nor the text None."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copy(instruct[0] / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+              "chat_template": "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}"
+                               "\n{{ m.content }}<|im_end|>\n{% endfor %}"}
+    if bos != "absent":
+        config["bos_token"] = bos
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}]
+    expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages,
+                                                                          tokenize=False)
+    assert load_tokenizer(tmp_path).apply_chat_template(messages) == expected

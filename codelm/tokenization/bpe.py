@@ -363,6 +363,8 @@ class BPETokenizer(BatchEncodeMixin):
             raise ValueError(f"{source}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
         self._spec = spec if tables is None else None
         self._roles = self._resolve_roles(roles or {})
+        # the roles tokenizer_config.json names: a chat template sees these only, as in transformers
+        self._named_roles = {role for role, name in (roles or {}).items() if name is not None}
         self.chat_template: str | None = None  # an instruct model's (tokenizer_config.json)
 
     @property
@@ -562,11 +564,11 @@ class BPETokenizer(BatchEncodeMixin):
             raise ValueError(f"{self.source}: no chat_template (tokenizer_config.json or "
                              "chat_template.jinja beside it): this is not an instruct model's "
                              "tokenizer")
-        names = {f"{role}_token": self.id_to_token(i) if i is not None else None
-                 for role, i in self._roles.items()}
-        unk = self.id_to_token(self._unk_id) if self._unk_id is not None else None
-        return render_chat(self.chat_template, messages, add_generation_prompt,
-                           **names, unk_token=unk)
+        names = {f"{role}_token": self.id_to_token(i) for role, i in self._roles.items()
+                 if i is not None and role in self._named_roles}
+        if self._unk_id is not None:
+            names["unk_token"] = self.id_to_token(self._unk_id)
+        return render_chat(self.chat_template, messages, add_generation_prompt, **names)
 
     def _encode_piece(self, piece: str) -> list[int]:
         run_chars = self._added_tokens.run_chars
