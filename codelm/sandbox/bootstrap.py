@@ -393,6 +393,8 @@ def _seccomp(ctypes, libc):
             and libc.prctl(22, ulong(2), ctypes.byref(program), ulong(0), ulong(0)) == 0)
 
 
+# A denied import raises ImportError, as a module not installed does: code that falls back
+# without the module (numpy without ctypes) goes on, as it would where the harness runs.
 def _install_guard(workdir, landlock):
     """The audit hook that keeps the program's writes (and, without Landlock, its C-level
     writers) in ``workdir`` and refuses processes, signals, sockets, raw memory and what reaches
@@ -477,8 +479,6 @@ def _install_guard(workdir, landlock):
             deny(event)
         elif event == "import" and (denied_imports & {args[0], args[0].rpartition(".")[2]}
                                     or args[0].startswith(("_test", "_xx"))):  # raw memory
-            # an ImportError, as for a module not installed: what falls back without it goes on
-            # (numpy without ctypes), as it would where the harness runs
             raise ImportError(f"sandbox: importing {args[0]} is not allowed", name=args[0])
         elif event == "import" and unavailable & {args[0], args[0].rpartition(".")[2]}:
             raise ModuleNotFoundError(f"sandbox: {args[0]} is not available", name=args[0])
