@@ -986,3 +986,14 @@ def test_without_landlock_the_tests_process_is_out_of_the_candidates_reach(monke
 def test_anything_but_plain_data_is_refused_when_decoded(text):
     with pytest.raises(ValueError):
         plain_decode(text)
+
+
+def test_the_command_takes_packages_as_a_list_of_names(tmp_path, capsys):
+    """--packages numpy (and numpy,json5 or several flags' items) names whole packages: the
+    program imports numpy; a name not installed is one line naming it."""
+    program = tmp_path / "uses_numpy.py"
+    program.write_text("import numpy\nprint(int(numpy.arange(4).sum()))\n")
+    assert command.main([str(program), "--packages", "numpy", "--timeout-s", "20"]) == 0
+    assert capsys.readouterr().out.strip() == "6"
+    assert command.main([str(program), "--packages", "numpy,not_a_package_here"]) == 2
+    assert "package 'not_a_package_here' is not installed" in capsys.readouterr().err

@@ -51,8 +51,14 @@ def _item_type(base: Any) -> Any:
     return (typing.get_args(base) or (str,))[0]
 
 
+def _is_sequence(base: Any) -> bool:
+    """Whether a field of type ``base`` holds items: a list, or a tuple of one item type."""
+    origin = typing.get_origin(base) or base
+    return origin is list or origin is tuple and typing.get_args(base)[1:] == (Ellipsis,)
+
+
 def _describe(base: Any) -> str:
-    if (typing.get_origin(base) or base) is list:
+    if _is_sequence(base):
         return "a list of " + {int: "integers", float: "numbers"}.get(_item_type(base), "strings")
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
              dict: "a JSON object"}
@@ -61,8 +67,9 @@ def _describe(base: Any) -> str:
 
 def _matches(base: Any, value: Any) -> bool:
     origin = typing.get_origin(base) or base
-    if origin is list:
-        return isinstance(value, list) and all(_matches(_item_type(base), v) for v in value)
+    if _is_sequence(base):
+        return isinstance(value, (list, tuple)) and all(_matches(_item_type(base), v)
+                                                        for v in value)
     if origin is bool:
         return isinstance(value, bool)
     if origin is int:
@@ -137,8 +144,11 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
         if value is not None and allowed is not None and value not in allowed:
             raise ValueError(f"{source}: key {key!r} must be one of {tuple(allowed)}, "
                              f"got {value!r}")
-        if value is not None and _field_type(hints[key])[0] is float:
+        base = _field_type(hints[key])[0]
+        if value is not None and base is float:
             checked[key] = float(value)
+        if value is not None and (typing.get_origin(base) or base) is tuple:
+            checked[key] = tuple(value)  # a JSON list or a flag's items
     return cls(**checked)
 
 
@@ -414,7 +424,7 @@ def _flag_kwargs(f: dataclasses.Field, base: Any, optional: bool,
         return {"action": argparse.BooleanOptionalAction}
     if origin is list and f.metadata.get("repeat"):  # JSON values hold commas: no splitting
         return {"action": "append", "type": _item_type(base)}
-    if origin is list:
+    if _is_sequence(base):
         return {"nargs": "+", "action": _list_flag(_item_type(base), optional), "metavar": "ITEM"}
     if origin is dict:
         return {"type": _or_none(_json_object) if optional else _json_object, "metavar": "JSON"}
