@@ -381,10 +381,13 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
     batch = collate([{"input_ids": torch.tensor(s[:-1]), "labels": torch.tensor(s[1:])}
                      for s in seqs], tok.pad_id)
     block = max(map(len, seqs))  # generation re-creates the whole sequence, final EOS included
+    small = cfg.preset == "auto"  # by default a 2 x 128 model; a named preset is its own shape
     ocfg = dataclasses.replace(
-        cfg, preset=BUDGET_LADDER[0]["preset"] if cfg.preset == "auto" else cfg.preset,
-        n_layer=cfg.n_layer or 2, n_head=cfg.n_head or 4, n_embd=cfg.n_embd or 128,
-        mlp_hidden=cfg.mlp_hidden or 256, block_size=block, dropout=0.0, lr=lr,
+        cfg, preset=BUDGET_LADDER[0]["preset"] if small else cfg.preset,
+        n_layer=cfg.n_layer or (2 if small else None), n_head=cfg.n_head or (4 if small else None),
+        n_embd=cfg.n_embd or (128 if small else None),
+        mlp_hidden=cfg.mlp_hidden or (256 if small else None), block_size=block, dropout=0.0,
+        lr=lr,
         warmup_steps=min(20, max_steps // 10), max_steps=max_steps, weight_decay=0.0, grad_accum=1,
         label_smoothing=0.0, lora_r=0, quantize_bits=0, init_from=None, compile=False,
     )

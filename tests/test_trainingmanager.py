@@ -2603,6 +2603,24 @@ def test_overfit_honours_max_steps_and_lr_and_refuses_what_it_cannot(capsys):
     assert "cannot honour init_from='x', lora_r=4" in err and "--overfit-batches" in err
 
 
+def test_overfit_builds_the_preset_it_is_given(capsys):
+    """--overfit --preset X checks X's model (the parameters it reports are X's), and without a
+    preset a small 2 x 128 model."""
+    import re
+
+    from architecture import PRESETS
+
+    def parameters(*flags: str) -> float:
+        tm.main(["--overfit", "--max-steps", "1", "--no-progress", *flags])
+        return float(re.search(r"([0-9.]+)M parameters", capsys.readouterr().out)[1])
+
+    small = parameters()
+    tiny = parameters("--preset", "tiny")
+    wide = parameters("--preset", "code-6x256")
+    assert small < wide and tiny < wide and tiny != small
+    assert PRESETS["code-6x256"].n_layer == 6
+
+
 def test_overfit_cut_short_by_max_steps_says_so_a_stalled_loss_does_not(monkeypatch, capsys):
     """A sound model given 30 steps is told to raise --max-steps, not diagnosed "inputs and
     targets disagree", which would send its user after a bug it does not have; a loss that
