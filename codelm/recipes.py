@@ -398,7 +398,7 @@ class RecipeOptions:
 
     recipe: str  # a recipe file, e.g. configs/refactotron.json
     smoke: bool = False  # tiny random checkpoint of the family + small stdlib sample
-    model: str | None = None  # local HF base model directory; default: train.init_from
+    model: str | None = None  # base model: a local HF directory or hub id; default: train.init_from
     data: list[str] | None = None  # JSONL files, directories or git URLs; default: train.data
     val_data: list[str] | None = None  # default: train.val_data, or with --data a split of it
     out_dir: str | None = None  # where runs go; default: runs/ (smoke: runs/smoke/)

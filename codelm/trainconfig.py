@@ -42,8 +42,8 @@ class TrainConfig:
     # model: from scratch (preset + overrides) or from a local HF checkpoint
     preset: str = "auto"  # architecture.PRESETS name (vocab_size follows the tokenizer); auto:
     #   the largest BUDGET_LADDER model this machine trains well in time_budget_min
-    init_from: str | None = None  # a local HF checkpoint directory (a run's export/ or, of a
-    #   LoRA run, its export/merged/)
+    init_from: str | None = None  # an HF checkpoint: a local directory (a run's export/ or, of
+    #   a LoRA run, its export/merged/) or a hub id (the local hub cache, else downloaded)
     n_layer: int | None = None  # overrides the preset (from-scratch models only)
     n_head: int | None = None  # n_kv_head follows it unless model_options sets it
     n_embd: int | None = None  # model width
