@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig
-from codelm.data.config import PREFERENCE_TASKS, DataConfig
+from codelm.data.config import PREFERENCE_TASKS, TASKS, DataConfig
 from codelm.runs import rundir
 from codelm.runs.checkpoint import check_run_paths, is_sharded
 from codelm.runs.trackers import TRACKERS
@@ -192,6 +192,7 @@ class TrainConfig:
 OPTIMIZERS = ("adamw", "muon")
 
 _CHOICES = {
+    "task": (*TASKS, "grpo", *PREFERENCE_TASKS),  # GRPO_TASK
     "optimizer": OPTIMIZERS,
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "eval_precision": ("fp32", "same"),

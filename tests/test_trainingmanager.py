@@ -4496,3 +4496,18 @@ def test_a_muon_run_resumes_bit_exactly_and_a_lora_run_refuses_it(assets, tmp_pa
     with pytest.raises(ValueError, match=r"optimizer.*muon.*LoRA.*adamw"):
         plan.validate_config(trainconfig.TrainConfig(optimizer="muon", lora_r=4,
                                                      init_from=str(tmp_path)))
+
+
+def test_a_task_typo_is_refused_at_once_naming_the_flag_and_the_tasks(tmp_path, capsys):
+    """--task lmm (or a config's "task": "lmm") is refused when the flags are read, before any
+    data, tokenizer or timing, naming --task and every task there is."""
+    with pytest.raises(SystemExit) as info:
+        tm.main(["--task", "lmm", "--max-steps", "2", "--out-dir", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--task" in err and "'lmm'" in err and "'lm'" in err and "'grpo'" in err
+    config = tmp_path / "run.json"
+    config.write_text('{"task": "lmm"}')
+    assert tm.main(["--config", str(config), "--out-dir", str(tmp_path)]) == 2
+    assert "'task' must be one of" in capsys.readouterr().err
+    assert not any(tmp_path.glob("runs*"))
