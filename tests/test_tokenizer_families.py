@@ -479,3 +479,23 @@ def test_an_added_token_that_is_normalized_is_found_as_the_normalizer_writes_it(
     ours = load_tokenizer(path)
     for text in texts:
         assert ours.encode(text) == added.encode(text, add_special_tokens=False).ids, text
+
+
+@pytest.mark.parametrize("style", ["metaspace", "spm"])
+def test_an_id_in_a_gap_of_the_vocabulary_decodes_to_nothing_as_in_hf(style, family_tokenizers,
+                                                                      tmp_path):
+    """A vocabulary whose ids leave a gap (an entry past its end): HF decodes an id of the gap
+    to nothing and strips the leading ▁ of the first real token, wherever the gap id is."""
+    from tokenizers import Tokenizer
+
+    hf, _ = family_tokenizers[style]
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    spec = json.loads(path.read_text())
+    size = max(spec["model"]["vocab"].values()) + 1
+    spec["model"]["vocab"]["zzzq"] = size + 5  # ids size .. size + 4 unused
+    path.write_text(json.dumps(spec))
+    theirs, ours = Tokenizer.from_file(str(path)), load_tokenizer(path)
+    word = ours.encode(" return")
+    for ids in ([size + 1, *word], [*word, size + 1], [size + 1]):
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False), ids

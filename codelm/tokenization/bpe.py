@@ -633,16 +633,21 @@ class BPETokenizer(BatchEncodeMixin):
         strip = None if continuation else self._decoding.strip
         parts: list[str] = []
         run = bytearray()  # consecutive byte-fallback tokens: one character, or U+FFFD each
-        for n, i in enumerate(ids):
+        first = True
+        for i in ids:
+            if self._id_to_token[i] is None:  # an id in a gap of the vocabulary: HF skips it
+                continue
             if i in self._byte_token_ids:
                 run += self._id_to_bytes[i]
+                first = False
                 continue
             parts.append(_fallback_text(run))
             run.clear()
-            if n == 0 and strip == "token":  # Metaspace drops every ▁ of the first token
+            if first and strip == "token":  # Metaspace drops every ▁ of the first token
                 parts.append(self._id_to_token[i].replace(self._decoding.space, ""))
             else:
                 parts.append(self._id_to_bytes[i].decode("utf-8"))
+            first = False
         parts.append(_fallback_text(run))
         text = "".join(parts)
         if strip == "text" and text.startswith(" "):  # Fuse, then Strip one leading space
