@@ -190,14 +190,20 @@ def _auto_plan(monkeypatch, first_step_s: float, force: bool = False):
     return chosen, measured, timed
 
 
-def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch):
+def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch, capsys):
     """The first rung's step measured at 100 s predicts the second's at 200 s and the third's
     at 400 s, beyond plan.MAX_STEP_S: its own measure confirms it, and it is never timed, for
-    the CPU's precision (fp32 then) nor for the ladder, which takes the second."""
+    the CPU's precision (fp32 then) nor for the ladder, which takes the second. Each rung
+    timed is a line before its timing (minutes on a busy CPU), then the choice."""
     chosen, measured, timed = _auto_plan(monkeypatch, first_step_s=100.0)
     assert (chosen.batch_size, chosen.precision) == (2, "fp32")
     assert 4 not in timed and timed == [1, 2]
     assert measured[0] == 1 and set(measured[1:]) == {4}
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("preset auto: timing")] == [
+        "preset auto: timing tiny (context 32, batch 1) on cpu",
+        "preset auto: timing tiny (context 32, batch 2) on cpu"]
+    assert lines[-1].startswith("preset auto: tiny")
 
 
 def test_preset_auto_refuses_a_first_rung_beyond_the_machine_untimed_unless_forced(

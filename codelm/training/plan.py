@@ -402,15 +402,21 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
     def fits(measured: Probe) -> bool:
         return measured.tokens_per_s * seconds * TRAIN_SHARE >= TOKENS_PER_PARAM * measured.params
 
+    def timed(candidate: TrainConfig) -> Probe:
+        if announce:  # a line a rung: timing one takes seconds to minutes on a busy CPU
+            print(f"preset auto: timing {candidate.preset} (context {candidate.block_size}, "
+                  f"batch {candidate.batch_size}) on {device_type}", flush=True)
+        return probe(candidate)
+
     chosen = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[0]))
-    chosen_probe = probe(chosen)
+    chosen_probe = timed(chosen)
     for rung in trainconfig.BUDGET_LADDER[1:]:
         candidate = with_fallbacks(with_rung(cfg, rung))
         if not within(candidate):
             break
-        measured = probe(candidate)
+        measured = timed(candidate)
         if not fits(measured):
-            measured = max(measured, probe(candidate), key=lambda p: p.tokens_per_s)
+            measured = max(measured, timed(candidate), key=lambda p: p.tokens_per_s)
         if not fits(measured):
             break
         chosen, chosen_probe = candidate, measured
