@@ -527,9 +527,11 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
             trial.set_user_attr(ATTR_STOPPED, True)
             trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
             if isinstance(e, (ValueError, OSError)):  # the configuration or a path
-                raise ValueError(f"trial {trial.number} {trial.params}: {e} (not counted; a "
-                                 "change to a parameter's type or choices needs another "
-                                 "--study-name)") from None
+                raise ValueError(f"trial {trial.number} {trial.params}: {e} (not counted; in a "
+                                 "sweep a trainingmanager flag named here is a key of "
+                                 "--train-config FILE or of the search space; a change to a "
+                                 "parameter's type or choices needs another --study-name)"
+                                 ) from None
             raise
         reason = f"out of memory: {e}"
     else:

@@ -1280,6 +1280,7 @@ def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, co
     err = capsys.readouterr().err
     assert err.startswith("error: trial 0 ") and "/gone" in err and "not counted" in err
     assert "choices needs another --study-name" in err  # a fixed space may not fit the study
+    assert "key of --train-config FILE or of the search space" in err  # not a sweep's flag
     assert err.count("\n") == 1 and "Traceback" not in err
 
     study = load_study(journal(tmp_path, "stop"), "stop")
