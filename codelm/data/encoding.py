@@ -29,7 +29,6 @@ from codelm.runtime.process import progress_bar
 from codelm.tokenization.batching import (
     CONTINUATION_ANCHOR,
     BatchEncoder,
-    continuation_anchor,
     continuation_ids,
 )
 from codelm.tokenization.bpe import BPETokenizer
@@ -214,7 +213,7 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
     # Text far beyond what can survive truncation is cut before tokenizing.
     chars = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
     reads = [(cfg.pair_special_tokens or cfg.task == "chat") and e.pair for e in examples]
-    anchor = continuation_anchor(tokenizer)
+    anchor = tokenizer.continuation_anchor
     before = "" if anchor is None else CONTINUATION_ANCHOR
     parts = []
     for e in examples:

@@ -94,6 +94,11 @@ class BatchEncoder:
         return [ids.tolist() for ids in arrays]
 
 
+# A continuation (a completion after its prompt) is encoded after this text and cut from it
+# where the tokenizer starts every encoded text with a space: no token merges with a newline.
+CONTINUATION_ANCHOR = "\n"
+
+
 class BatchEncodeMixin:
     """encode_batch over processes, decode, and the piece cache (never pickled)."""
 
@@ -139,6 +144,16 @@ class BatchEncodeMixin:
         return [0 if i in self._special_ids else len(b) for i, b in enumerate(self._id_to_bytes)]
 
     @functools.cached_property
+    def continuation_anchor(self) -> list[int] | None:
+        """The ids of CONTINUATION_ANCHOR where this tokenizer starts every text it encodes with a
+        space (SentencePiece's dummy prefix: Llama-2's Prepend normalizer, Metaspace's prepend),
+        else None. Encoded alone, a completion would start with a space its text does not have,
+        one that the prompt and completion encoded whole never hold."""
+        if self.decode(self.encode("a"), continuation=True) == "a":
+            return None
+        return self.encode(CONTINUATION_ANCHOR)
+
+    @functools.cached_property
     def _cache(self) -> _PieceCache:
         return _PieceCache(self._encode_piece)
 
@@ -180,25 +195,11 @@ def checked_ids(ids: object, vocab_size: int) -> list[int]:
     return ids
 
 
-# A continuation (a completion after its prompt) is encoded after this text and cut from it
-# where the tokenizer starts every encoded text with a space: no token merges with a newline.
-CONTINUATION_ANCHOR = "\n"
-
-
-def continuation_anchor(tokenizer: BatchEncodeMixin) -> list[int] | None:
-    """The ids of CONTINUATION_ANCHOR where ``tokenizer`` starts every text it encodes with a
-    space (SentencePiece's dummy prefix: Llama-2's Prepend normalizer, Metaspace's prepend),
-    else None. Encoded alone, a completion would start with a space its text does not have, one
-    that the prompt and completion encoded whole never hold."""
-    if tokenizer.decode(tokenizer.encode("a"), continuation=True) == "a":
-        return None
-    return tokenizer.encode(CONTINUATION_ANCHOR)
-
-
 def continuation_ids(ids: list[int], anchor: list[int] | None,
                      alone: Callable[[], list[int]]) -> list[int]:
-    """A continuation's ids from ``ids``, those of CONTINUATION_ANCHOR + its text (or of its text where
-    ``anchor`` is None); ``alone()`` (its text encoded alone) where the anchor merged."""
+    """A continuation's ids from ``ids``, those of CONTINUATION_ANCHOR + its text (or of its
+    text where ``anchor`` is None); ``alone()`` (its text encoded alone) where the anchor
+    merged."""
     if anchor is None:
         return ids
     if ids[: len(anchor)] == anchor:
@@ -209,7 +210,7 @@ def continuation_ids(ids: list[int], anchor: list[int] | None,
 def encode_continuation(tokenizer: BatchEncodeMixin, text: str,
                         split_special_tokens: bool = True) -> list[int]:
     """The ids of ``text`` as it continues another text (``continuation_anchor``)."""
-    anchor = continuation_anchor(tokenizer)
+    anchor = tokenizer.continuation_anchor
     if anchor is None:
         return tokenizer.encode(text, split_special_tokens=split_special_tokens)
     ids = tokenizer.encode(CONTINUATION_ANCHOR + text, split_special_tokens=split_special_tokens)
