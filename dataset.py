@@ -54,6 +54,7 @@ from codelm.data.config import (
 from codelm.data.datasets import LMWindows, PreparedData, SupervisedExamples
 from codelm.data.encoding import (
     encode,
+    ended,
     fim_pairs,
     prompt_prefix,
     reads_special_tokens,
@@ -380,8 +381,7 @@ def _chunk_examples(docs: list[Doc], encoder: BatchEncoder, cfg: DataConfig, spl
     for prompt, completion, ends, code_span in _split_pairs(docs, tokenizer, cfg, split, events,
                                                             encoder):
         n_target = len(completion)
-        if ends and eos is not None and completion[-1:] != [eos]:  # a pair may end with it
-            completion = completion + [eos]
+        completion = ended(completion, eos, ends)
         # A plain LM chunk of the fim task, or a piece of the project task's repository
         # sequences, is not cut: its cut tokens would be in no example.
         limit = cfg.max_completion_tokens if prompt or cfg.task not in ("fim", "project") else None

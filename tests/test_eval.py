@@ -20,7 +20,7 @@ from rapidfuzz import fuzz
 import eval as ev
 from codelm import loading, trainconfig
 from codelm.data.config import REFACTOR_TEMPLATE, DataConfig
-from codelm.data.encoding import fim_prompt, fitted_prompt, window_pairs
+from codelm.data.encoding import ended, fim_prompt, fitted_prompt, window_pairs
 from codelm.data.examples import Example
 from codelm.data.sources import Doc
 from codelm.data.splits import Corpus, corpus_key, load_corpus
@@ -1274,8 +1274,8 @@ def test_a_pair_special_tokens_run_is_prompted_and_scored_with_the_special_ids(t
     ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
     assert seen[0].ids == ids and ids.count(hf_tok.bos_token_id) == 1
     assert hf_tok.convert_tokens_to_ids("<|eot_id|>") in ids
-    full = torch.tensor([ids + hf_tok("pass<|eot_id|>", add_special_tokens=False)["input_ids"]
-                         + [hf_tok.eos_token_id]])
+    assert hf_tok.eos_token == "<|eot_id|>"  # the target ends with EOS: training adds no other
+    full = torch.tensor([ids + hf_tok("pass<|eot_id|>", add_special_tokens=False)["input_ids"]])
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     with torch.no_grad():
         logits = hf(full).logits[0, len(ids) - 1 : -1]
@@ -3213,6 +3213,37 @@ def test_reference_loss_scores_the_eos_only_when_training_did(tiny_models):
             logits = lm.model(torch.tensor([prompt + target[:-1]]))[0, len(prompt) - 1:]
         assert got == pytest.approx(float(F.cross_entropy(logits, torch.tensor(target))),
                                     abs=1e-5)
+
+
+def test_reference_loss_adds_no_eos_to_a_window_nor_a_second_one(tiny_models):
+    """Training adds EOS after a completion that ends its text, once; a window cut from a file
+    (the completion task's) gets none: the reference loss scores the same tokens as training
+    (reference: transformers' model and torch's cross_entropy)."""
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    tok = lm.tokenizer
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
+    window = Example("def f():\n    ", "return 1", id="w", ends=False)
+    data_cfg = DataConfig(add_eos=True)
+    windows = text_task.completion_examples(
+        Doc("g.py", "def g(x):\n    y = x + 1\n    return y * 2\n" * 8), tok,
+        DataConfig(block_size=16), EvalConfig(lines_per_file=1, progress=False))
+    assert [e.ends for e in windows] == [False]
+    prompt, target = tok.encode(window.head), tok.encode(window.completion)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + target[:-1]])).logits[0, len(prompt) - 1:]
+    expected = float(F.cross_entropy(logits, torch.tensor(target)))
+    got = scoring.score_supervised(lm, [window], EvalConfig(progress=False), data_cfg)
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert tok.eos_id not in target
+    # training's rule, shared: one EOS after a completion that ends its text, never two
+    assert ended(target, tok.eos_id, True) == target + [tok.eos_id]
+    assert ended(target + [tok.eos_id], tok.eos_id, True) == target + [tok.eos_id]
+    assert ended(target, tok.eos_id, False) == target
+    assert ended(target, None, True) == target
 
 
 def test_reference_loss_of_several_examples_is_a_per_token_mean_as_transformers(tiny_models):

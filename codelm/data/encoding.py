@@ -190,6 +190,14 @@ def fitted_prompt(example: Example, tokenizer: CodeTokenizer | BPETokenizer) -> 
     return example.head + body + example.tail
 
 
+def ended(completion_ids: list[int], eos_id: int | None, ends: bool) -> list[int]:
+    """The completion as training ends it: with EOS where it ends its text (a window cut from a
+    file does not) and EOS is added, unless it already ends with one."""
+    if ends and eos_id is not None and completion_ids[-1:] != [eos_id]:
+        return [*completion_ids, eos_id]
+    return completion_ids
+
+
 def packed_document(tokenizer: CodeTokenizer | BPETokenizer, ids: Sequence[int]) -> list[int]:
     """A file's ids as the lm task packs them: the template start, the file, EOS."""
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]  # eval.py scores without one

@@ -46,6 +46,7 @@ class Example:
     body_budget: int | None = None
     pair: bool = False  # from a pair record: ``pair_special_tokens`` reads its special tokens
     id: str = ""
+    ends: bool = True  # the completion ends its text (EOS follows it); a window's does not
 
     @property
     def prompt(self) -> str:

@@ -17,6 +17,7 @@ from codelm.data.datasets import collate
 from codelm.data.encoding import (
     RUN_READ_TEXT,
     encode_prompts,
+    ended,
     fit_prompt,
     prompt_prefix,
     reads_special_tokens,
@@ -117,16 +118,19 @@ def training_ids(lm: LoadedModel, examples: Sequence[Example], cfg: Scoring,
 @torch.no_grad()
 def score_supervised(lm: LoadedModel, examples: Sequence[Example], cfg: Scoring,
                      data_cfg: DataConfig | None = None) -> float:
-    """Mean loss of each reference completion (EOS included) given its prompt, as dataset.py's
-    training example of the pair: the validation loss a supervised run logs on these examples."""
-    tok = lm.tokenizer
+    """Mean loss of each reference completion (its EOS where training adds one) given its
+    prompt, as dataset.py's training example of the pair: the validation loss a supervised run
+    logs on these examples."""
     data_cfg = data_cfg or DataConfig()
-    eos = [tok.eos_id] if tok.eos_id is not None and data_cfg.add_eos else []
+    eos = lm.tokenizer.eos_id if data_cfg.add_eos else None
     start = prompt_start(lm)
-    examples = [supervised_example(p, c + eos, context(lm, cfg), data_cfg.max_completion_tokens,
-                                   data_cfg.max_prompt_tokens, span, start)
-                for p, c, span in training_ids(lm, examples, cfg, data_cfg)]
-    total, _, count = summed_loss(lm, examples, cfg, "reference loss")
+    scored = []
+    for example, (prompt, completion, span) in zip(examples,
+                                                   training_ids(lm, examples, cfg, data_cfg)):
+        scored.append(supervised_example(prompt, ended(completion, eos, example.ends),
+                                         context(lm, cfg), data_cfg.max_completion_tokens,
+                                         data_cfg.max_prompt_tokens, span, start))
+    total, _, count = summed_loss(lm, scored, cfg, "reference loss")
     if count == 0:
         raise ValueError("no reference tokens to score")
     return total / count

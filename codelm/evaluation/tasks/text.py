@@ -99,7 +99,8 @@ def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data
     pairs = list(window_pairs(encode_text(tok, doc.text), data_cfg))  # the training windows
     rng = random.Random(f"{cfg.seed}\0{doc.id}")
     chosen = sorted(rng.sample(range(len(pairs)), min(cfg.lines_per_file, len(pairs))))
-    return [Example(tok.decode(pairs[j][0]), tok.decode(pairs[j][1]), id=f"{doc.id}#{j}")
+    return [Example(tok.decode(pairs[j][0]), tok.decode(pairs[j][1]), id=f"{doc.id}#{j}",
+                    ends=False)
             for j in chosen]
 
 
