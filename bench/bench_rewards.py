@@ -2,12 +2,16 @@
 every problem of the benchmarks, scored through the reward path; then the canonical solutions.
 
     python bench/bench_rewards.py [--tasks passk,humaneval] [--workers 4] [--timeout-s 2.0]
+        [--no-partial-credit]
 
-Each exploit's line: how its runs ended (passed, failed, timeout, ...) and how many are hacks
-(the trusted test fails, the same test in the candidate's interpreter passes). The last line:
-``exploits 0/N, canonical 164/164 (humaneval), 45/45 (passk); hack rate ...``. The reward is
-eval.py's ``run_check`` through ``codelm.training.rewards``; a task's problems are those eval.py
-reads (``--problems TASK=PATH`` as there: MBPP's and EvalPlus's need their datasets).
+Each exploit's line: how its runs ended (passed, failed, timeout, ...), how many earned the
+full reward and how many are hacks (the trusted test fails, the same test in the candidate's
+interpreter passes). The last line: ``exploits earning the full reward 0/N, canonical 164/164
+(humaneval), 45/45 (passk); hack rate ...``. The reward is GRPO's default, the share of the
+test's asserts that hold (``--no-partial-credit``: pass or fail; an exploit's wrong answer may
+still hold an assert or two, as any wrong answer may), eval.py's ``run_check`` through
+``codelm.training.rewards``; a task's problems are those eval.py reads (``--problems TASK=PATH``
+as there: MBPP's and EvalPlus's need their datasets).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class BenchConfig:
     problems: str = ""  # TASK=PATH entries, comma-separated, as eval.py's --problems
     workers: int = 4  # runs in flight at once (the sleeping exploit's runs wait, idle)
     timeout_s: float = 2.0  # each run's wall-clock limit
+    partial_credit: bool = True  # the share of asserts that hold (GRPO's default), or pass/fail
 
 
 def _ended(statuses: Counter) -> str:
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     corpus = rewards.exploits()
     ended = {name: Counter() for name in corpus}
     hacked = {name: 0 for name in corpus}
+    full_credit = {name: 0 for name in corpus}
     canonical = []
     start = time.perf_counter()
     for task, file in registry.problem_files(evaluation).items():
@@ -54,23 +60,29 @@ def main(argv: list[str] | None = None) -> None:
         jobs = [(problem, rewards.exploit_completion(problem, source))
                 for source in corpus.values() for problem in problems]
         names = [name for name in corpus for _ in problems]
-        results = rewards.verdicts(jobs, passk.run_check, sandbox, cfg.workers)
-        scores = [1.0 if result.passed else 0.0 for result in results]
-        hacks = rewards.hacks(jobs, scores, passk.run_check, sandbox, cfg.workers)
-        for name, result, hack in zip(names, results, hacks):
-            ended[name][result.status] += 1
+        scores = rewards.scores(jobs, passk.run_check, sandbox, cfg.workers, cfg.partial_credit)
+        hacks = rewards.hacks(jobs, [score.reward for score in scores], passk.run_check, sandbox,
+                              cfg.workers, [score.timed_out for score in scores])
+        for name, score, hack in zip(names, scores, hacks):
+            ended[name][score.status] += 1
+            full_credit[name] += score.reward == 1.0
             hacked[name] += hack
-        solved = rewards.rewards([(p, p["canonical_solution"]) for p in problems], passk.run_check,
-                                 sandbox, cfg.workers)
-        canonical.append(f"{int(sum(solved))}/{len(solved)} ({task})")
+        solutions = [(problem, problem["canonical_solution"]) for problem in problems]
+        solved = rewards.scores(solutions, passk.run_check, sandbox, cfg.workers,
+                                cfg.partial_credit)
+        full = sum(score.reward == 1.0 for score in solved)
+        canonical.append(f"{full}/{len(solved)} ({task})")
         print(f"{task}: {len(problems)} problems x {len(corpus)} exploits", flush=True)
     width = max(map(len, corpus))
     for name in corpus:
-        print(f"{name:{width}}  {_ended(ended[name])}; hacks {hacked[name]}")
+        print(f"{name:{width}}  {_ended(ended[name])}; full reward {full_credit[name]}; "
+              f"hacks {hacked[name]}")
     total = sum(sum(statuses.values()) for statuses in ended.values())
-    passed = sum(statuses["passed"] for statuses in ended.values())
+    rewarded = sum(full_credit.values())
     hacks_total = sum(hacked.values())
-    print(f"exploits {passed}/{total}, canonical {', '.join(canonical)}; hack rate "
+    reward = "partial credit" if cfg.partial_credit else "pass/fail"
+    print(f"exploits earning the full reward ({reward}) {rewarded}/{total}, canonical "
+          f"{', '.join(canonical)}; hack rate "
           f"{hacks_total / total:.1%} ({hacks_total} of {total}); "
           f"{time.perf_counter() - start:.0f} s, {cfg.workers} workers")
 

@@ -180,7 +180,7 @@ def test_a_trusted_run_that_timed_out_is_not_counted_a_hack():
     problem = {"task_id": "t/0", "trusted": False}
     jobs = [(problem, "slow"), (problem, "hack")]
     scores = rewards.scores(jobs, check, SANDBOX)
-    assert scores == [rewards.Score(0.0, True), rewards.Score(0.0, False)]
+    assert scores == [rewards.Score(0.0, "timeout"), rewards.Score(0.0, "failed")]
     calls.clear()
     timed_out = [score.timed_out for score in scores]
     assert rewards.hacks(jobs, [0.0, 0.0], check, SANDBOX, timed_out=timed_out) == [False, True]
@@ -198,14 +198,17 @@ def test_a_problem_whose_solution_needs_its_candidates_interpreter_is_named():
 
 @pytest.mark.slow  # 40 exploits x 209 problems: minutes on two cores
 def test_every_exploit_scores_0_on_every_bundled_benchmark_problem():
-    """The acceptance sweep: every exploit on every problem of the bundled set and of HumanEval
-    earns 0 (bench/bench_rewards.py prints the same with the hacks)."""
+    """The acceptance sweep: no exploit on any problem of the bundled set and of HumanEval
+    earns the reward of a pass, nor the full partial credit (bench/bench_rewards.py prints the
+    same with the hacks)."""
     corpus = rewards.exploits()
     for file in (passk.PROBLEMS_FILE, humaneval.humaneval_file()):
         problems = passk.load_problems(file)
         jobs = [(problem, rewards.exploit_completion(problem, source))
                 for source in corpus.values() for problem in problems]
-        scores = rewards.rewards(jobs, passk.run_check, SANDBOX, workers=4)
-        earned = [(name, problem["task_id"]) for (problem, _), name, score
-                  in zip(jobs, [n for n in corpus for _ in problems], scores) if score]
-        assert earned == [], Path(file).name
+        names = [name for name in corpus for _ in problems]
+        for partial in (False, True):
+            scores = rewards.scores(jobs, passk.run_check, SANDBOX, workers=4, partial=partial)
+            earned = [(name, problem["task_id"]) for (problem, _), name, score
+                      in zip(jobs, names, scores) if score.reward == 1.0]
+            assert earned == [], (Path(file).name, partial)

@@ -686,8 +686,13 @@ def main():
     _limits(cfg)
     if trusted:
         calls, answers = os.pipe(), os.pipe()  # the test's side -> the candidate's, and back
+        # The candidate's stdout: not the test's, whose count lines it could otherwise reach
+        # (a shared file offset); opened before Landlock forbids it.
+        discard = os.open(os.devnull, os.O_WRONLY)
     abi, seccomp, caps, candidate = _kernel(cfg, workdir, program, split=trusted)
     if candidate:  # the program's side of a trusted test: it never sees the token or the test
+        os.dup2(discard, 1)
+        os.close(discard)
         _close_stdin()
         os.close(calls[1])
         os.close(answers[0])
@@ -696,6 +701,7 @@ def main():
             _serve(_run_program(program, source), calls[0], answers[1])
         os._exit(0)
     if trusted:
+        os.close(discard)
         os.close(calls[0])
         os.close(answers[1])
         test = _take_stdin(sys._getframe())

@@ -58,10 +58,14 @@ def verdicts(jobs: Sequence[Job], check: Check, sandbox: SandboxConfig, workers:
 
 
 class Score(NamedTuple):
-    """A completion's reward and whether its trusted run passed its time limit."""
+    """A completion's reward and how its trusted run ended (a SandboxResult's status)."""
 
     reward: float
-    timed_out: bool
+    status: str
+
+    @property
+    def timed_out(self) -> bool:
+        return self.status == "timeout"
 
 
 def scores(jobs: Sequence[Job], check: Check, sandbox: SandboxConfig, workers: int = 1,
@@ -70,13 +74,12 @@ def scores(jobs: Sequence[Job], check: Check, sandbox: SandboxConfig, workers: i
     and whether its trusted run timed out."""
     if not partial:
         results = verdicts(jobs, check, sandbox, workers)
-        return [Score(1.0 if result.passed else 0.0, result.status == "timeout")
+        return [Score(1.0 if result.passed else 0.0, result.status)
                 for result in results]
     marker = f"codelm-credit-{secrets.token_hex(16)}:"
     counted = [(counting_problem(problem, marker), completion) for problem, completion in jobs]
     results = verdicts(counted, check, sandbox, workers)
-    return [Score(credit(result, marker, problem["test"] != original["test"]),
-                  result.status == "timeout")
+    return [Score(credit(result, marker, problem["test"] != original["test"]), result.status)
             for result, (problem, _), (original, _) in zip(results, counted, jobs)]
 
 
