@@ -167,16 +167,20 @@ def test_conversations_need_a_chat_template_and_a_user_turn_last(instruct):
         tokenized(ends_with_assistant, tok)
 
 
-def test_the_validation_split_is_seeded_and_keeps_a_records_two_halves_together(tmp_path):
-    path = _write_jsonl(tmp_path / "pairs.jsonl",
-                        [{**PLAIN, "chosen": f" {i}\n"} for i in range(20)])
-    records = read_preferences([str(path)], True, DataConfig(progress=False))  # 40 halves
+def test_the_validation_split_is_seeded_and_holds_out_whole_prompts(tmp_path):
+    """Twenty prompts with two pairs each (as --preference-pairs writes several pairs of one
+    problem), read unpaired (80 halves): a tenth of the prompts is held out with all of their
+    records, so no validation prompt is trained on."""
+    rows = [{**PLAIN, "prompt": f"def f{i}():\n", "chosen": f" {i}{j}\n"}
+            for i in range(20) for j in range(2)]
+    records = read_preferences([str(_write_jsonl(tmp_path / "pairs.jsonl", rows))], True,
+                               DataConfig(progress=False))
     train, val = split_records(records, 0.1, seed=3)
-    assert len(val) == 4 and len(train) == 36
-    assert {r.where for r in train}.isdisjoint(r.where for r in val)
+    assert len(val) == 8 and len(train) == 72
+    assert {r.prompt for r in train}.isdisjoint(r.prompt for r in val)
     assert split_records(records, 0.1, seed=3) == (train, val)
     with pytest.raises(DataError, match="too few to hold out a validation split"):
-        split_records(records[:2], 0.1, seed=3)
+        split_records(records[:4], 0.1, seed=3)
 
 
 def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):
@@ -221,6 +225,24 @@ def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):
     cfg = DataConfig(progress=False)
     assert len(read_preferences([str(out)], False, cfg)) == 2
     assert len(read_preferences([str(tmp_path / "pairs" / "out.kto.jsonl")], True, cfg)) == 7
+
+
+def test_a_problem_whose_test_ran_in_the_candidates_interpreter_gives_no_data():
+    """Where a problem's test could only run in the candidate's interpreter, a passing program
+    may have gamed it: its samples give no pair and no labelled completion, and are counted."""
+    from codelm.evaluation.preference_pairs import preference_data
+
+    def record(task_id: str, prediction: str, status: str, trusted: bool) -> dict:
+        return {"model": "m", "task": "passk", "id": task_id, "prompt": "def f():\n",
+                "prediction": prediction, "status": status, "trusted": trusted}
+
+    records = [record("p/0", "hack", "passed", False), record("p/0", "honest", "failed", False),
+               record("p/1", "right", "passed", True), record("p/1", "wrong", "failed", True)]
+    data = preference_data(records, ["passk"])
+    assert [(p["task_id"], p["chosen"], p["rejected"]) for p in data.pairs] == [
+        ("p/1", "right", "wrong")]
+    assert {r["task_id"] for r in data.labelled} == {"p/1"}
+    assert data.counts["untrusted"] == 1 and data.counts["paired"] == 1
 
 
 def test_preference_pairs_need_a_pass_at_k_task_sampled_twice():

@@ -11,6 +11,7 @@ refused in one line naming its file and line."""
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from collections import Counter
@@ -165,15 +166,18 @@ def unpair(record: PreferenceRecord) -> list[PreferenceRecord]:
 
 def split_records(records: Sequence[PreferenceRecord], val_frac: float, seed: int
                   ) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
-    """(train, validation): ``val_frac`` of the records (at least one, seeded) held out; the two
-    records of an unpaired pair stay together (one prompt: the same place in the file)."""
-    places = list(dict.fromkeys(r.where for r in records))
-    if len(places) < 2:
-        raise DataError(f"{len(places)} preference record(s): too few to hold out a validation "
-                        "split; add records or give --val-data")
-    held = set(random.Random(seed).sample(places, max(1, round(val_frac * len(places)))))
-    train = [r for r in records if r.where not in held]
-    return train, [r for r in records if r.where in held]
+    """(train, validation): ``val_frac`` of the distinct prompts (at least one, seeded) held
+    out with every record of theirs, so that no validation prompt is trained on (several pairs
+    of one problem, an unpaired pair's two records)."""
+    keys = [json.dumps(r.prompt, sort_keys=True) for r in records]
+    prompts = list(dict.fromkeys(keys))
+    if len(prompts) < 2:
+        raise DataError(f"{len(records)} preference record(s) of {len(prompts)} distinct "
+                        "prompt(s): too few to hold out a validation split; add records or "
+                        "give --val-data")
+    held = set(random.Random(seed).sample(prompts, max(1, round(val_frac * len(prompts)))))
+    train = [r for r, key in zip(records, keys) if key not in held]
+    return train, [r for r, key in zip(records, keys) if key in held]
 
 
 # ---- Encoding ----

@@ -3,7 +3,8 @@ test in the sandbox (the test apart from the candidate, so a program that games 
 pass), written as training data for the preference tasks (``trainingmanager.py --task dpo``):
 chosen/rejected pairs, a passing program over a failing one of the same prompt, each with its
 verdicts; and KTO's labelled completions (every distinct sample, desirable where it passed).
-A problem whose samples all pass or all fail gives no pair, and is counted."""
+A problem whose samples all pass or all fail gives no pair, and is counted; so does one whose
+test ran in the candidate's interpreter (a program there can game it), which gives no data."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from codelm.runtime import process
 class PreferenceData(NamedTuple):
     pairs: list[dict]  # {prompt, chosen, rejected, task, task_id, model, *_status}
     labelled: list[dict]  # {prompt, completion, label, status, task, task_id, model}
-    counts: Counter  # problems: paired, all_passed, all_failed; pairs; labelled
+    counts: Counter  # problems: paired, all_passed, all_failed, untrusted; pairs; labelled
 
 
 def preference_data(records: Iterable[dict], tasks: Sequence[str]) -> PreferenceData:
@@ -34,6 +35,9 @@ def preference_data(records: Iterable[dict], tasks: Sequence[str]) -> Preference
             problems.setdefault(key, []).append(record)
     pairs, labelled, counts = [], [], Counter()
     for (model, task, task_id), samples in problems.items():
+        if not all(r.get("trusted", True) for r in samples):
+            counts["untrusted"] += 1
+            continue
         distinct = list({r["prediction"]: r for r in samples}.values())
         passed = [r for r in distinct if r["status"] == "passed"]
         failed = [r for r in distinct if r["status"] != "passed"]
@@ -72,8 +76,10 @@ def write_preference_data(path: str | Path, out_dir: Path, tasks: Sequence[str])
         process.write_atomic(file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                            for r in rows))
     c = data.counts
-    total = c["paired"] + c["all_passed"] + c["all_failed"]
+    total = c["paired"] + c["all_passed"] + c["all_failed"] + c["untrusted"]
+    untrusted = (f", nothing from {c['untrusted']} whose test ran in the candidate's interpreter"
+                 if c["untrusted"] else "")
     return (f"preference pairs: {c['pairs']} pairs from {c['paired']} of {total} problems in "
             f"{path}; no pair from {c['all_passed']} whose samples all passed and "
-            f"{c['all_failed']} whose samples all failed; {c['labelled']} labelled completions "
-            f"(kto) in {labelled_path(path)}")
+            f"{c['all_failed']} whose samples all failed{untrusted}; {c['labelled']} labelled "
+            f"completions (kto) in {labelled_path(path)}")

@@ -297,6 +297,7 @@ def score_passk(label: str, passk_task: PasskTask, problems: Sequence[dict],
         records.append({"model": label, "task": task, "variant": None,
                         "id": problem["task_id"], "prompt": problem["prompt"],
                         "prediction": completion, "status": result.status,
+                        "trusted": problem.get("trusted", True),  # the test apart from it
                         "stderr_tail": result.stderr[-500:]})
     metrics = {}
     for k in cfg.pass_k:
