@@ -1977,8 +1977,8 @@ def test_logged_lr_is_the_lr_the_step_used(assets, tmp_path):
 
 def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp_path, capsys):
     """With epochs set (max_steps left at its default), the run is ceil(epochs x examples /
-    examples per step) steps: the partial last step trains, as a DataLoader without drop_last
-    does. Its cosine decays over those steps: after warmup each logged lr is that of
+    examples per step) steps: the last step, part of an epoch's worth, trains whole. Its cosine
+    decays over those steps: after warmup each logged lr is that of
     transformers' cosine-with-min-lr schedule of that length (HF warms up from 0, codelm from
     1/warmup_steps, so warmup is left out). Scheduled over max_steps, an epochs run would stay
     near its peak lr."""
@@ -3947,11 +3947,25 @@ def test_validate_config_accepts_the_bounds(values):
     plan.validate_config(trainconfig.TrainConfig(**values))
 
 
+def test_every_example_of_each_pass_trains_once_when_the_batch_does_not_divide_it():
+    """Ten examples in global batches of 4 (2 ranks x 2): five batches are exactly two passes,
+    each of every example once, the batch that ends a pass filled from the next pass's order
+    (the reference: a DataLoader without drop_last sees each example once an epoch)."""
+    ranks = [BatchOrder(10, 2, seed=5, rank=r, world=2) for r in range(2)]
+    seen: list[int] = []
+    for _ in range(5):
+        for order in ranks:
+            indices, _ = order.next()
+            seen += indices
+    assert sorted(seen[:10]) == sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:]
+
+
 def test_batch_order_restored_in_a_later_epoch_continues_that_epochs_order():
     """A checkpoint taken in epoch 1 resumes on epoch 1's permutation, not epoch 0's."""
     order = BatchOrder(10, 4, seed=3)
     for _ in range(3):
-        order.next()  # the third batch starts epoch 1
+        order.next()  # the third batch ends epoch 0 and begins epoch 1
     restored = BatchOrder(10, 4, seed=3)
     restored.load_state_dict(order.state_dict())
     assert order.state_dict()["epoch"] == 1

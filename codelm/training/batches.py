@@ -25,7 +25,8 @@ class Where(typing.NamedTuple):
 
 class BatchOrder:
     """Global micro-batches of example indices; rank r takes its contiguous slice of each. Epoch
-    e's order is a permutation seeded by (seed, e): (epoch, position) is all a checkpoint keeps."""
+    e's order is a permutation seeded by (seed, e), and the batches run through the epochs'
+    orders one after another: (epoch, position) is all a checkpoint keeps."""
 
     def __init__(self, n_examples: int, micro_batch: int, seed: int, rank: int = 0,
                  world: int = 1, unit: str = "examples"):
@@ -53,15 +54,26 @@ class BatchOrder:
         self._perm = self._permutation(self.epoch)
 
     def next(self) -> tuple[list[int], Where]:
-        """This rank's indices for the next micro-batch, and where it is in the data."""
-        if self.pos + self.global_batch > self.n:
-            self.epoch += 1
-            self.pos = 0
-            self._perm = self._permutation(self.epoch)
+        """This rank's indices for the next micro-batch, and where it is in the data. Every
+        example of a pass is taken once: a global batch that ends a pass is filled from the
+        start of the next pass's order, so every batch has its full size."""
+        if self.pos == self.n:
+            self._next_pass()
         where = Where(self.epoch, self.pos)
-        start = self.pos + self.rank * self.micro_batch
-        self.pos += self.global_batch
-        return self._perm[start:start + self.micro_batch].tolist(), where
+        indices: list[int] = []
+        while len(indices) < self.global_batch:
+            if self.pos == self.n:
+                self._next_pass()
+            take = min(self.global_batch - len(indices), self.n - self.pos)
+            indices += self._perm[self.pos:self.pos + take].tolist()
+            self.pos += take
+        start = self.rank * self.micro_batch
+        return indices[start:start + self.micro_batch], where
+
+    def _next_pass(self) -> None:
+        self.epoch += 1
+        self.pos = 0
+        self._perm = self._permutation(self.epoch)
 
 
 class Batches:
