@@ -245,6 +245,10 @@ class CodeTokenizer(BatchEncodeMixin):
                 i = self._byte_offset + int(byte[1], 16)
         return i
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes id ``i`` decodes to (a byte token's: one byte of a character)."""
+        return self._id_to_bytes[i]
+
     def id_to_token(self, i: int) -> str:
         checked_ids([i], self.vocab_size)
         if i < self._byte_offset:
@@ -552,7 +556,7 @@ def _show_split(args) -> None:
         return
     width = len(str(tok.vocab_size - 1))
     for i in ids:
-        raw = tok._id_to_bytes[i]
+        raw = tok.token_bytes(i)
         try:
             shown = repr(raw.decode("utf-8"))
         except UnicodeDecodeError:  # part of a character: its bytes

@@ -15,6 +15,7 @@ one exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -28,6 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
 
 import torch
 
@@ -54,13 +56,15 @@ class ServedModel:
     """A model the server answers for. ``encode``: a completion prompt's ids, as eval prompts
     the model (its start tokens included); ``decode``: generated ids' text; ``chat_prompt``: a
     conversation's ids with the generation prompt, None where the tokenizer has no chat
-    template; ``token_text``: an id's own text (logprobs name tokens by it)."""
+    template; ``token_text``: an id's own text (logprobs name tokens by it); ``token_bytes``:
+    the bytes it decodes to (part of a character where it is)."""
 
     name: str
     model: Transformer
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
     token_text: Callable[[int], str]
+    token_bytes: Callable[[int], bytes]
     eos_ids: list[int]
     chat_prompt: Callable[[list[dict]], list[int]] | None = None
 
@@ -72,10 +76,13 @@ def served_model(name: str, model: Transformer, tokenizer,
     def chat_prompt(messages: list[dict]) -> list[int]:
         return tokenizer.encode(tokenizer.apply_chat_template(messages, True))
 
+    def token_bytes(i: int) -> bytes:  # an id past the tokenizer's decodes to nothing
+        return tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b""
+
     has_chat = getattr(tokenizer, "chat_template", None) is not None
     return ServedModel(name, model, encode or tokenizer.encode,
                        lambda ids: decode_generated(tokenizer, ids),
-                       lambda i: decode_generated(tokenizer, [i]),
+                       lambda i: decode_generated(tokenizer, [i]), token_bytes,
                        generation_eos_ids(tokenizer, model.cfg.eos_id, model.name_or_path),
                        chat_prompt if has_chat else None)
 
@@ -225,8 +232,9 @@ def _params(body: dict, chat: bool, room: int) -> _Params:
     """The sampling settings of a request body; ``room``: the most new tokens its prompt
     leaves in the model's context."""
     default_tokens = room if chat else 16
-    max_tokens = _number(body, "max_completion_tokens" if chat and "max_completion_tokens"
-                         in body else "max_tokens", default_tokens, int, 1)
+    newer = chat and body.get("max_completion_tokens") is not None  # null: not set
+    max_tokens = _number(body, "max_completion_tokens" if newer else "max_tokens",
+                         default_tokens, int, 1)
     if max_tokens > room:
         raise ApiError(400, f"max_tokens {max_tokens} is past the model's context: the prompt "
                        f"leaves room for {room} new tokens", "max_tokens",
@@ -290,6 +298,7 @@ class _Choice:
         self.events: list[Token] = []
         self.sent = 0
         self.logged = 0  # tokens whose log-probs a chunk has carried
+        self.logged_chars = 0  # their text's length: the next chunk's first text offset
         self.finish: str | None = None
 
     def add(self, event: Token) -> None:
@@ -316,16 +325,18 @@ class _Choice:
         return piece
 
 
-def _completion_logprobs(served: ServedModel, events: list[Token], chat: bool) -> dict:
-    """OpenAI's logprobs object of a choice's tokens (completions' or chat's form)."""
-    text = served.token_text
+def _completion_logprobs(served: ServedModel, events: list[Token], chat: bool, at: int = 0
+                         ) -> dict:
+    """OpenAI's logprobs object of a choice's tokens (completions' or chat's form); ``at``: the
+    text offset of the first (the length of the choice's text before it)."""
+    text, raw = served.token_text, served.token_bytes
     if chat:
         return {"content": [{"token": text(e.token), "logprob": e.logprob,
-                             "bytes": list(text(e.token).encode()),
+                             "bytes": list(raw(e.token)),
                              "top_logprobs": [{"token": text(t), "logprob": lp,
-                                               "bytes": list(text(t).encode())}
+                                               "bytes": list(raw(t))}
                                               for t, lp in e.top_logprobs]} for e in events]}
-    offsets, at = [], 0
+    offsets = []
     for e in events:
         offsets.append(at)
         at += len(text(e.token))
@@ -341,7 +352,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
     error_content_type = "application/json"
-    timeout = IDLE_TIMEOUT_S  # a connection that sends nothing is closed (and stops no exit)
+    timeout = IDLE_TIMEOUT_S  # a connection that sends nothing is closed
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.note_waiting(self.connection, True)
+
+    def parse_request(self) -> bool:  # a request line has come: the connection is busy
+        self.server.note_waiting(self.connection, False)
+        return super().parse_request()
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        if not self.server.note_waiting(self.connection, True):  # the server is closing
+            self.close_connection = True
+
+    def finish(self) -> None:
+        self.server.note_waiting(self.connection, False)
+        super().finish()
 
     def log_message(self, format: str, *args) -> None:  # the console line tells the traffic
         return
@@ -394,8 +422,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def client_gone(self) -> bool:
         """Whether the client has closed its connection (a read would return nothing)."""
-        readable, _, _ = select.select([self.connection], [], [], 0)
-        if not readable:
+        poller = select.poll()  # any descriptor number (select() takes those below 1024)
+        poller.register(self.connection, select.POLLIN)
+        if not poller.poll(0):
             return False
         try:
             return self.connection.recv(1, socket.MSG_PEEK) == b""
@@ -437,7 +466,7 @@ class _Handler(BaseHTTPRequestHandler):
         engine = engines[name]
         served = engine.served
         prompts = _chat_prompt(served, body) if chat else _completion_prompts(served, body)
-        room = served.model.cfg.block_size + 1 - max(len(p) for p in prompts)
+        room = served.model.cfg.block_size + 1 - max(len(p.ids) for p in prompts)
         if room < 1:
             raise ApiError(400, f"the prompt fills the model's context of "
                            f"{served.model.cfg.block_size} tokens", "messages" if chat else
@@ -455,9 +484,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def _completion_prompts(served: ServedModel, body: dict) -> list[list[int]]:
-    """The ids of a completion request's prompt(s): a string, a list of strings, a list of
-    ids, or a list of lists of ids."""
+class _Prompt(NamedTuple):
+    """A prompt's ids (its start tokens included) and its text as sent (``echo`` returns it)."""
+
+    ids: list[int]
+    text: str
+
+
+def _completion_prompts(served: ServedModel, body: dict) -> list[_Prompt]:
+    """A completion request's prompt(s): a string, a list of strings, a list of ids, or a list
+    of lists of ids."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -470,13 +506,13 @@ def _completion_prompts(served: ServedModel, body: dict) -> list[list[int]]:
     vocab = served.model.cfg.vocab_size
     for p in prompt:
         if isinstance(p, str):
-            out.append(served.encode(p))
+            out.append(_Prompt(served.encode(p), p))
         elif isinstance(p, list) and p and all(_is_id(t) and 0 <= t < vocab for t in p):
-            out.append(list(p))
+            out.append(_Prompt(list(p), served.decode(p)))
         else:
             raise ApiError(400, f"'prompt': each prompt is a string or a list of token ids in "
                            f"[0, {vocab})", "prompt")
-    if not all(out):
+    if not all(p.ids for p in out):
         raise ApiError(400, "'prompt' is empty: a completion continues at least one token",
                        "prompt")
     return out
@@ -487,7 +523,7 @@ def _is_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _chat_prompt(served: ServedModel, body: dict) -> list[list[int]]:
+def _chat_prompt(served: ServedModel, body: dict) -> list[_Prompt]:
     messages = body.get("messages")
     if not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)):
@@ -498,7 +534,7 @@ def _chat_prompt(served: ServedModel, body: dict) -> list[list[int]]:
                        "none): use /v1/completions", "messages", "no_chat_template")
     messages = [{**m, "content": _message_text(m.get("content"))} for m in messages]
     try:
-        return [served.chat_prompt(messages)]
+        return [_Prompt(served.chat_prompt(messages), "")]
     except ValueError as e:
         raise ApiError(400, f"the chat template cannot render these messages: {e}",
                        "messages") from None
@@ -522,7 +558,7 @@ def _message_text(content) -> str:
 class _Reply:
     """One request's choices, sent whole or streamed as they come."""
 
-    def __init__(self, handler: _Handler, engine: EngineThread, prompts: list[list[int]],
+    def __init__(self, handler: _Handler, engine: EngineThread, prompts: list[_Prompt],
                  params: _Params, chat: bool, name: str) -> None:
         self.handler, self.engine, self.params, self.chat = handler, engine, params, chat
         self.prompts = prompts
@@ -539,7 +575,7 @@ class _Reply:
         seeds = [None] * n if self.params.seed is None else _choice_seeds(self.params.seed, n)
         for index in range(len(self.choices)):
             cfg = _generation(self.params, self.served, seeds[index % n])
-            self.submitted.append(self.engine.submit(self.prompts[index // n], cfg,
+            self.submitted.append(self.engine.submit(self.prompts[index // n].ids, cfg,
                                                      self.params.logprobs, self.events, index))
         try:
             if self.params.stream:
@@ -576,7 +612,7 @@ class _Reply:
             yield index
 
     def _usage(self) -> dict:
-        prompt = sum(len(p) for p in self.prompts)
+        prompt = sum(len(p.ids) for p in self.prompts)
         completion = sum(len(c.events) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
@@ -591,8 +627,7 @@ class _Reply:
             if self.chat:
                 entry = {"message": {"role": "assistant", "content": text}}
             else:
-                prompt = self.prompts[index // self.params.n]
-                echo = self.served.decode(prompt) if self.params.echo else ""
+                echo = self.prompts[index // self.params.n].text if self.params.echo else ""
                 entry = {"text": echo + text}
             choices.append({"index": index, **entry, "logprobs": logprobs,
                             "finish_reason": choice.finish})
@@ -612,7 +647,7 @@ class _Reply:
                              "logprobs": None, "finish_reason": None}])
         elif self.params.echo:
             for index in range(len(self.choices)):
-                prompt = self.served.decode(self.prompts[index // self.params.n])
+                prompt = self.prompts[index // self.params.n].text
                 self._send([{"index": index, "text": prompt, "logprobs": None,
                              "finish_reason": None}])
         for index in self._tokens():
@@ -628,9 +663,10 @@ class _Reply:
     def _chunk(self, index: int, piece: str, choice: _Choice) -> dict:
         logprobs = None
         if self.params.logprobs is not None:  # every token since the last chunk's
-            logprobs = _completion_logprobs(self.served, choice.events[choice.logged:],
-                                            self.chat)
+            new = choice.events[choice.logged:]
+            logprobs = _completion_logprobs(self.served, new, self.chat, choice.logged_chars)
             choice.logged = len(choice.events)
+            choice.logged_chars += sum(len(self.served.token_text(e.token)) for e in new)
         text = {"delta": {"content": piece}} if self.chat else {"text": piece}
         return {"index": index, **text, "logprobs": logprobs, "finish_reason": choice.finish}
 
@@ -646,7 +682,8 @@ class _Reply:
 # --------------------------------------------------------------------------------------- server
 class _Server(ThreadingHTTPServer):
     """The HTTP server and the engines it answers with; handler threads are joined on close, so
-    the requests in flight finish before the server ends."""
+    the requests in flight finish before the server ends, and connections waiting for their
+    next request are closed then."""
 
     daemon_threads = False
     block_on_close = True
@@ -659,6 +696,29 @@ class _Server(ThreadingHTTPServer):
         self.started = int(time.time())
         self.answered = 0
         self.lock = threading.Lock()
+        self.waiting: set[socket.socket] = set()  # connections between requests
+        self.closing = False
+
+    def note_waiting(self, connection: socket.socket, waiting: bool) -> bool:
+        """Note whether ``connection`` waits for its next request; False once the server is
+        closing (no request is taken after the one in hand)."""
+        with self.lock:
+            if waiting and not self.closing:
+                self.waiting.add(connection)
+            else:
+                self.waiting.discard(connection)
+            return not self.closing
+
+    def close_waiting(self) -> None:
+        """Take no more requests: the connections waiting for one are closed for reading (their
+        handlers end now), the others after the request in hand."""
+        with self.lock:
+            self.closing = True
+            waiting = list(self.waiting)
+            self.waiting.clear()
+        for connection in waiting:
+            with contextlib.suppress(OSError):  # the client has closed it already
+                connection.shutdown(socket.SHUT_RD)
 
     def count(self, choices: int) -> None:
         with self.lock:
@@ -680,6 +740,7 @@ def make_server(models: list[ServedModel], host: str = "127.0.0.1", port: int = 
 
 def close_server(server: _Server) -> None:
     """Wait for the requests in flight, then stop the engines."""
+    server.close_waiting()
     server.server_close()
     for engine in server.engines.values():
         engine.stop()

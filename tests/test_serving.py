@@ -404,3 +404,122 @@ def test_eval_scores_codelms_own_server_as_it_scores_the_model(instruct, tmp_pat
     predictions = [[json.loads(line)["prediction"] for line in
                     (tmp_path / d / "predictions.jsonl").read_text().splitlines()] for d in "ab"]
     assert predictions[0] == predictions[1] and any(predictions[0])
+
+
+def test_streamed_text_offsets_run_on_as_the_whole_answers(server):
+    """A stream's chunks carry text offsets into the whole choice's text, the whole answer's
+    offsets, not each chunk's own from 0."""
+    client = _client(server)
+    kwargs = dict(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=1)
+    whole = client.completions.create(**kwargs).choices[0].logprobs.text_offset
+    streamed = [offset for chunk in client.completions.create(stream=True, **kwargs)
+                for offset in chunk.choices[0].logprobs.text_offset]
+    assert streamed == whole and len(set(whole)) > 1
+
+
+def test_chat_logprob_bytes_are_each_tokens_own_bytes(loaded):
+    """A token holding part of a UTF-8 character gives its own bytes (OpenAI's `bytes`: joined,
+    they rebuild the character), not those of U+FFFD."""
+    from codelm.models.engine import Token
+    from codelm.serving import _completion_logprobs
+
+    model, tok = loaded
+    served = served_model("tiny", model, tok)
+    ids = tok.encode("é 漢")
+    assert any(not _is_utf8(tok.token_bytes(i)) for i in ids)  # a character split in two
+    events = [Token(0, i, None, -1.0, [(i, -1.0)]) for i in ids]
+    content = _completion_logprobs(served, events, chat=True)["content"]
+    assert b"".join(bytes(entry["bytes"]) for entry in content) == "é 漢".encode()
+    assert [entry["top_logprobs"][0]["bytes"] for entry in content] == \
+        [entry["bytes"] for entry in content]
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_echo_returns_the_prompt_as_sent_without_the_start_tokens(loaded):
+    """Served as eval prompts a model (its start token first), `echo` gives back the prompt
+    text itself, whole and streamed."""
+    model, tok = loaded
+    start = tok.eos_id
+    served = served_model("tiny", model, tok, encode=lambda text: [start, *tok.encode(text)])
+    server = make_server([served], port=0, slots=1)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        client = _client(server)
+        kwargs = dict(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True)
+        whole = client.completions.create(**kwargs).choices[0].text
+        streamed = "".join(chunk.choices[0].text
+                           for chunk in client.completions.create(stream=True, **kwargs))
+        assert whole.startswith(PROMPTS[0]) and streamed == whole
+        assert tok.decode([start]) not in whole
+    finally:
+        _stop(server, thread)
+
+
+def test_a_null_max_completion_tokens_leaves_max_tokens_in_force(server):
+    """Clients that send unset fields as null: `max_completion_tokens: null` is not set."""
+    status, body = _post(server, "/chat/completions", json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+         "max_completion_tokens": None, "temperature": 0}).encode())
+    assert status == 200 and body["usage"]["completion_tokens"] <= 3
+
+
+def test_the_client_check_takes_a_connection_of_any_descriptor_number():
+    """A server holding over 1024 descriptors (many clients) still checks each connection:
+    select() refuses descriptors past 1023."""
+    import os
+    import resource
+    import socket
+    import types
+
+    from codelm.serving import _Handler
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    ours, theirs = socket.socketpair()
+    try:
+        high = socket.socket(fileno=os.dup2(ours.fileno(), 1100))
+        assert high.fileno() >= 1024
+        handler = types.SimpleNamespace(connection=high)
+        assert _Handler.client_gone(handler) is False
+        theirs.close()
+        assert _Handler.client_gone(handler) is True
+        high.close()
+    finally:
+        ours.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_closing_the_server_closes_a_connection_waiting_for_a_request(loaded):
+    """SIGTERM finishes the requests in flight; a client's connection with no request in it
+    yet is closed at once, not at the idle timeout."""
+    import socket
+    import time
+
+    from codelm import serving
+
+    server, thread = _start(loaded, slots=1)
+    connection = socket.create_connection(server.server_address[:2])
+    connection.settimeout(serving.IDLE_TIMEOUT_S / 2)
+    try:
+        deadline = time.monotonic() + 120
+        while not server.waiting:  # accepted: its handler waits for the request line
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.shutdown()
+        thread.join()
+        closer = threading.Thread(target=close_server, args=(server,))
+        closer.start()
+        assert connection.recv(1) == b""  # closed by the server, before the timeout
+        closer.join()
+    finally:
+        connection.close()
