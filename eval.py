@@ -33,7 +33,7 @@ import torch
 from codelm import loading
 from codelm.data.config import DataConfig
 from codelm.data.sources import Doc
-from codelm.endpoints import Endpoint, Sampling, is_endpoint, model_name, parse_endpoint
+from codelm.endpoints import Endpoint, Sampling, endpoint_model, is_endpoint, parse_endpoint
 from codelm.endpoints import complete as complete_at
 from codelm.evaluation import corpus, scoring
 from codelm.evaluation.config import EvalConfig, build_parser, parse_config
@@ -296,13 +296,23 @@ def _evaluate_endpoints(cfg: EvalConfig, settings: TaskSettings, endpoints: Sequ
 def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTask,
                       problems: Sequence[dict], cfg: TaskSettings) -> list[list[str]]:
     """cfg.num_samples completions of each problem from the endpoint, cfg.batch_size requests
-    in flight, each cut at the task's stops as a local model's are."""
+    in flight, each cut at the task's stops as a local model's are. As a local model samples
+    them: at most half the context new (where the endpoint lists its context), problem p's
+    sample j seeded cfg.seed + p x num_samples + j."""
     stops = passk_task.stops
-    model = model_name(endpoint)
-    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.num_samples,
-                        cfg.seed, tuple(stops))
+    model = endpoint_model(endpoint)
+    new_tokens = cfg.max_new_tokens
+    if model.context is not None:
+        new_tokens = min(new_tokens, min(cfg.block_size or model.context, model.context) // 2)
+    n = cfg.num_samples
+
+    def ask(index: int) -> list[str]:
+        sampling = Sampling(new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, n,
+                            cfg.seed + index * n, tuple(stops))
+        return complete_at(endpoint, model.name, problems[index]["prompt"], sampling)
+
     with ThreadPoolExecutor(max_workers=cfg.batch_size) as pool:
-        asked = pool.map(lambda p: complete_at(endpoint, model, p["prompt"], sampling), problems)
+        asked = pool.map(ask, range(len(problems)))
         texts = list(progress_bar(asked, total=len(problems), desc=f"{label} {passk_task.name}",
                                   unit="problem", enabled=cfg.progress, leave=False))
     return [[truncate_at_stops(text, stops) for text in group] for group in texts]

@@ -5,6 +5,9 @@ server): eval scores the completions in its own sandbox, as it scores a local mo
     texts = complete(endpoint, model_name(endpoint), "def add(a, b):\\n",
                      Sampling(max_tokens=128, n=4, seed=0))
 
+Choice i of a request seeded s is seeded s + i (codelm's server's rule), so a problem's samples
+asked at eval's seeds are the texts eval samples from the same model locally.
+
 An endpoint that asks for an API key (a server started with --api-key, a hosted one) gets
 $OPENAI_API_KEY as its bearer token. Standard library only: no client package is needed to
 score an endpoint.
@@ -16,11 +19,13 @@ import json
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 # A model spec naming an endpoint: [LABEL=]openai:URL[#MODEL]
 PREFIX = "openai:"
 TIMEOUT_S = 600.0
+MAX_CHOICES = 128  # the choices (n) one request asks for at most: codelm's server's limit
 API_KEY_VARIABLE = "OPENAI_API_KEY"  # the environment variable an endpoint's key is read from
 
 
@@ -41,6 +46,7 @@ class Sampling:
     max_tokens: int
     temperature: float = 0.0
     top_p: float | None = None
+    top_k: int | None = None  # vLLM's, SGLang's and llama.cpp's extension (and codelm's)
     n: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -86,22 +92,51 @@ def _request(url: str, body: dict | None = None) -> dict:
         raise ValueError(f"{url}: cannot reach the endpoint ({reason})") from None
 
 
+class EndpointModel(NamedTuple):
+    """The model an endpoint is asked for, and its context where the endpoint lists it
+    (vLLM's and codelm's ``max_model_len``)."""
+
+    name: str
+    context: int | None
+
+
+def endpoint_model(endpoint: Endpoint) -> EndpointModel:
+    """The endpoint's model: its own (``#MODEL``), else the first it lists."""
+    listed = _request(f"{endpoint.url}/models").get("data") or []
+    if endpoint.model is None and not listed:
+        raise ValueError(f"{endpoint.url}/models lists no model: name one as URL#MODEL")
+    name = endpoint.model or listed[0]["id"]
+    entry = next((m for m in listed if m.get("id") == name), {})
+    context = entry.get("max_model_len")
+    return EndpointModel(name, context if isinstance(context, int) and context > 0 else None)
+
+
 def model_name(endpoint: Endpoint) -> str:
     """The model the endpoint is asked for: its own, else the first it lists."""
     if endpoint.model is not None:
         return endpoint.model
-    listed = _request(f"{endpoint.url}/models").get("data") or []
-    if not listed:
-        raise ValueError(f"{endpoint.url}/models lists no model: name one as URL#MODEL")
-    return listed[0]["id"]
+    return endpoint_model(endpoint).name
 
 
 def complete(endpoint: Endpoint, model: str, prompt: str, sampling: Sampling) -> list[str]:
-    """``sampling.n`` completions of ``prompt`` (the text after it), in the endpoint's order."""
+    """``sampling.n`` completions of ``prompt`` (the text after it), in the endpoint's order,
+    asked MAX_CHOICES at a time (each request's seed the first of its choices')."""
+    texts: list[str] = []
+    for first in range(0, sampling.n, MAX_CHOICES):
+        seed = None if sampling.seed is None else sampling.seed + first
+        texts += _complete_once(endpoint, model, prompt, replace(
+            sampling, n=min(MAX_CHOICES, sampling.n - first), seed=seed))
+    return texts
+
+
+def _complete_once(endpoint: Endpoint, model: str, prompt: str, sampling: Sampling
+                   ) -> list[str]:
     body = {"model": model, "prompt": prompt, "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature, "n": sampling.n}
     if sampling.top_p is not None:
         body["top_p"] = sampling.top_p
+    if sampling.top_k is not None:
+        body["top_k"] = sampling.top_k
     if sampling.seed is not None:
         body["seed"] = sampling.seed
     if sampling.stop:

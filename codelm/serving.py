@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from architecture import Transformer
+from codelm.endpoints import MAX_CHOICES
 from codelm.models.engine import Engine, Token
 from codelm.models.generation import MIN_TEMPERATURE, GenerationConfig, truncate_at_stops
 from tokenizer import decode_generated, generation_eos_ids
@@ -204,6 +205,7 @@ class _Params:
     max_tokens: int
     temperature: float
     top_p: float | None
+    top_k: int | None
     n: int
     stop: list[str]
     seed: int | None
@@ -259,6 +261,7 @@ def _params(body: dict, chat: bool, room: int) -> _Params:
     top_p = _number(body, "top_p", 1.0, float, 0.0, 1.0)
     if top_p == 0:
         raise ApiError(400, "'top_p' must be > 0", "top_p")
+    top_k = _number(body, "top_k", -1, int, -1)  # vLLM's extension; -1 or 0: every token
     if 0 < temperature < MIN_TEMPERATURE:
         raise ApiError(400, f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}",
                        "temperature")
@@ -267,14 +270,15 @@ def _params(body: dict, chat: bool, room: int) -> _Params:
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
     seed = _number(body, "seed", None, int, -(2**63), 2**63 - 1)
     return _Params(max_tokens, float(temperature), None if top_p == 1 else float(top_p),
-                   _number(body, "n", 1, int, 1, 128), stop, seed, logprobs,
+                   top_k if top_k > 0 else None, _number(body, "n", 1, int, 1, MAX_CHOICES), stop, seed, logprobs,
                    bool(body.get("stream")), bool(options.get("include_usage")), echo)
 
 
 def _choice_seeds(seed: int, n: int) -> list[int]:
-    """The seeds of a request's n choices, drawn from its own: requests of other seeds share
-    none (``seed + i`` would give one request's second choice another's first)."""
-    return torch.randint(2**62, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    """The seeds of a request's n choices: choice i's is seed + i, as eval seeds a local
+    model's sample i (so an endpoint asked for a problem's samples at eval's seeds samples
+    eval's texts)."""
+    return [(seed + i) % 2**64 for i in range(n)]
 
 
 def _generation(params: _Params, served: ServedModel, seed: int | None) -> GenerationConfig:
@@ -283,6 +287,7 @@ def _generation(params: _Params, served: ServedModel, seed: int | None) -> Gener
         generator = torch.Generator(served.model.wte.weight.device).manual_seed(seed)
     return GenerationConfig(params.max_tokens, temperature=params.temperature,
                             top_p=params.top_p if params.temperature > 0 else None,
+                            top_k=params.top_k if params.temperature > 0 else None,
                             eos_id=served.eos_ids or None, stop=params.stop or None,
                             decode=served.decode, generator=generator)
 
@@ -437,8 +442,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _models(self) -> dict:
         return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.server.started, "owned_by": "codelm"}
-            for name in self.server.engines]}
+            {"id": name, "object": "model", "created": self.server.started, "owned_by": "codelm",
+             "max_model_len": engine.served.model.cfg.block_size}  # vLLM's field
+            for name, engine in self.server.engines.items()]}
 
     def _body(self) -> dict:
         length = self.headers.get("Content-Length") or "0"

@@ -122,9 +122,9 @@ def test_n_seeded_choices_differ_and_repeat(server):
     again = [c.text for c in client.completions.create(**kwargs).choices]
     assert len(first) == 4 and first == again
     assert len(set(first)) > 1
-    others = [client.completions.create(**{**kwargs, "seed": 8 + i, "n": 1}).choices[0].text
-              for i in range(3)]
-    assert others != first[1:]  # another seed's choices are not this one's shifted
+    alone = [client.completions.create(**{**kwargs, "seed": 7 + i, "n": 1}).choices[0].text
+             for i in range(4)]
+    assert alone == first  # choice i of seed s: seed s + i's (eval seeds sample i so)
 
 
 def test_streamed_logprobs_cover_every_token_of_the_whole_answer(server):
@@ -382,7 +382,8 @@ def test_sigterm_during_a_stream_ends_it_cleanly_and_exits_zero(instruct):  # no
 
 def test_eval_scores_codelms_own_server_as_it_scores_the_model(instruct, tmp_path):  # noqa: F811
     """eval.py --serve, then eval.py --models x=openai:URL: the endpoint's greedy completions
-    and pass@1 equal those of eval.py --models DIR."""
+    and pass@1 equal those of eval.py --models DIR, and so do its sampled ones (each problem's
+    samples asked at the seeds eval samples them with)."""
     import eval as ev
 
     root, _ = instruct
@@ -396,6 +397,11 @@ def test_eval_scores_codelms_own_server_as_it_scores_the_model(instruct, tmp_pat
         assert ev.main(["--models", f"x=openai:{url}", "--out-dir", str(tmp_path / "a"),
                         *common]) == 0
         assert ev.main(["--models", f"x={root}", "--out-dir", str(tmp_path / "b"), *common]) == 0
+        sampling = [*common, "--temperature", "0.8", "--num-samples", "3", "--seed", "5"]
+        assert ev.main(["--models", f"x=openai:{url}", "--out-dir", str(tmp_path / "c"),
+                        *sampling]) == 0
+        assert ev.main(["--models", f"x={root}", "--out-dir", str(tmp_path / "d"),
+                        *sampling]) == 0
     finally:
         proc.send_signal(15)
         assert proc.wait(timeout=120) == 0
@@ -404,6 +410,9 @@ def test_eval_scores_codelms_own_server_as_it_scores_the_model(instruct, tmp_pat
     predictions = [[json.loads(line)["prediction"] for line in
                     (tmp_path / d / "predictions.jsonl").read_text().splitlines()] for d in "ab"]
     assert predictions[0] == predictions[1] and any(predictions[0])
+    sampled = [[json.loads(line)["prediction"] for line in
+                (tmp_path / d / "predictions.jsonl").read_text().splitlines()] for d in "cd"]
+    assert sampled[0] == sampled[1] and len(set(sampled[0])) > 4  # sampled, and alike
 
 
 def test_streamed_text_offsets_run_on_as_the_whole_answers(server):
@@ -523,3 +532,59 @@ def test_closing_the_server_closes_a_connection_waiting_for_a_request(loaded):
         closer.join()
     finally:
         connection.close()
+
+
+def test_top_k_is_served_and_one_is_greedy(server, loaded):
+    """top_k (vLLM's extension, which eval sends): top_k 1 at temperature 1 is the greedy
+    text; -1 and 0 leave every token."""
+    client = _client(server)
+    kwargs = dict(model="tiny", prompt=PROMPTS[3], max_tokens=12)
+    greedy = client.completions.create(temperature=0, **kwargs).choices[0].text
+    top1 = client.completions.create(temperature=1.0, seed=3, extra_body={"top_k": 1},
+                                     **kwargs).choices[0].text
+    assert top1 == greedy
+    free = [client.completions.create(temperature=1.0, seed=3, extra_body=extra,
+                                      **kwargs).choices[0].text
+            for extra in ({}, {"top_k": -1}, {"top_k": 0})]
+    assert free[0] == free[1] == free[2]
+    status, body = _post(server, "/completions", json.dumps(
+        {"model": "tiny", "prompt": "x", "top_k": -2}).encode())
+    assert status == 400 and body["error"]["param"] == "top_k"
+
+
+def test_an_endpoint_is_asked_as_eval_samples_a_local_model(monkeypatch):
+    """eval asks an endpoint for each problem's samples with the local path's settings: new
+    tokens capped at half the listed context, top_k, problem p's samples from seed s + p x n;
+    n past MAX_CHOICES asked in requests of MAX_CHOICES, each seeded at its first choice."""
+    import eval as ev
+    from codelm import endpoints
+    from codelm.evaluation.config import EvalConfig
+    from codelm.evaluation.tasks import passk
+
+    asked = []
+
+    def request(url, body=None):
+        if body is None:
+            return {"data": [{"id": "m", "max_model_len": 256}]}
+        asked.append(body)
+        return {"choices": [{"index": i, "text": f"{body['seed'] + i}"}
+                            for i in range(body["n"])]}
+
+    monkeypatch.setattr(endpoints, "_request", request)
+    endpoint = endpoints.parse_endpoint("x=openai:http://h:1/v1")
+    problems = [{"prompt": "a"}, {"prompt": "b"}]
+    cfg = EvalConfig(max_new_tokens=500, temperature=0.8, top_k=7, num_samples=130, seed=5,
+                     batch_size=1, progress=False)
+    texts = ev._endpoint_samples(endpoint, "x", passk.PASSK, problems, cfg)
+    assert [(b["prompt"], b["n"], b["seed"], b["max_tokens"], b["top_k"]) for b in asked] == [
+        ("a", 128, 5, 128, 7), ("a", 2, 133, 128, 7),
+        ("b", 128, 135, 128, 7), ("b", 2, 263, 128, 7)]
+    assert texts[1][:2] == ["135", "136"] and texts[0][-1] == "134"
+
+
+def test_beam_search_is_refused_for_an_endpoint():
+    from codelm.evaluation.config import parse_config
+
+    with pytest.raises(ValueError, match=r"^num_beams \(2, --num-beams\): an endpoint .* local"):
+        parse_config(["--models", "x=openai:http://127.0.0.1:1/v1", "--tasks", "humaneval",
+                      "--num-beams", "2"])

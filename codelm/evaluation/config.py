@@ -138,6 +138,9 @@ class EvalConfig:
              f"every k must be in [1, {named('num_samples')}], and one given"),
             ("num_beams", self.num_beams == 1 or greedy,
              f"beam search is deterministic: {named('temperature')} must be 0 with num_beams > 1"),
+            ("num_beams", self.num_beams == 1 or not endpoints,
+             "an endpoint (openai:URL) is asked for samples or greedy completions: beam search "
+             "scores local models only"),
             ("compile", self.num_beams == 1 or not self.compile,
              "compiles the greedy and sampling decode step, not beam search: leave it off"),
             ("num_samples", not greedy or self.num_samples == 1
