@@ -3411,6 +3411,40 @@ def test_resume_keeps_the_best_validation_loss_so_best_is_not_overwritten(assets
     assert (best["step"], best["val_loss"]) == (4, 2.0)
 
 
+@pytest.mark.parametrize("losses, best_kept", [([3.0, 2.0, 1.0], True),
+                                                ([2.0, 3.0, 1.0], False)],
+                         ids=["checkpoint-is-best", "best-before-checkpoint"])
+def test_a_resume_keeps_no_best_from_past_its_checkpoint(assets, tmp_path, monkeypatch,
+                                                         losses, best_kept):
+    """Killed after best/ took step 6's weights and before step 6's checkpoint: resumed from
+    step 4 to end there, the run exports step 4's weights where step 4 was its best (best/
+    rewritten from the checkpoint), and its last weights, said so, where its best (step 2)
+    is no longer kept; never step 6's, which the resumed run did not reach."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    fake_val_losses(monkeypatch, losses)
+    cfg = tiny_cfg(assets, tmp_path, max_steps=6, eval_every=2, save_every=4, warmup_steps=0)
+    first = tm.train(cfg)
+    run_dir = first.run_dir
+    assert json.loads((run_dir / "best" / "metrics.json").read_text())["step"] == 6
+    shutil.rmtree(run_dir / "checkpoints" / "step-6")  # the kill came before it was written
+    step4 = load_file(run_dir / "checkpoints" / "step-4" / "model.safetensors")
+    result = tm.train(dataclasses.replace(cfg, resume=str(run_dir), max_steps=4, export=True))
+    assert result.step == 4 and result.best_step == (4 if best_kept else 2)
+    exported = json.loads((run_dir / "export" / rundir.EXPORT_RECORD).read_text())
+    best = run_dir / "best" / "metrics.json"
+    if best_kept:
+        metrics = json.loads(best.read_text())
+        assert (metrics["step"], metrics["val_loss"]) == (4, 2.0)
+        assert exported["best_step"] == 4
+        weights = load_file(run_dir / "best" / "model.safetensors")
+        assert all(torch.equal(weights[name], step4[name]) for name in step4)
+    else:
+        assert not best.exists() and exported["best_step"] is None
+
+
 def test_resume_keeps_early_stoppings_count(assets, tmp_path, monkeypatch):
     """Flat losses, patience 3, a resume after two evaluations without improvement: the run
     stops at the next one (step 4), not three evaluations later: patience does not restart at

@@ -59,6 +59,21 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
                   key=checkpoint_step)
 
 
+def evaluation_at(path: Path, step: int) -> dict | None:
+    """The metrics of the evaluation metrics.jsonl logs at ``step`` (as best/ keeps them), or
+    None where none is logged there."""
+    if not path.exists():
+        return None
+    found = None
+    for raw in path.read_text("utf-8").splitlines():
+        entry = json.loads(raw)
+        if entry.get("kind") == "val" and entry.get("step") == step:
+            found = entry
+    if found is None:
+        return None
+    return {k: v for k, v in found.items() if k not in ("step", "kind", "best_val_loss", "epoch")}
+
+
 def best_step(run_dir: Path) -> int | None:
     """The step whose weights a run's best/ holds (None: no best/ yet)."""
     path = Path(run_dir) / BEST_DIR / BEST_METRICS

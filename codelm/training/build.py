@@ -220,6 +220,8 @@ class Run:
                 rundir.trim_metrics(run_dir / rundir.METRICS_FILE, self.state.step,
                                     self.state.last_eval_step)
             self.record.write_config(cfg, first)
+        if checkpoints:
+            self.record.best_as_checkpointed(self.state, self.trainer.raw_model)
         self.device = device
         self.loop = LoopSettings(**fields_of(LoopSettings, cfg))
         self.export = ExportSettings(**fields_of(ExportSettings, cfg))

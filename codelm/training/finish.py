@@ -64,8 +64,9 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
         stops = FUNCTION_STOPS if prompt.ends_function else ()
         sample = sample_completion(model, tok, prompt.text, settings.sample_tokens, settings.task,
                                    run.data.dcfg.pair_special_tokens, stops)
-        print(f"sample completion (greedy, best checkpoint at step {run.state.best_step}):\n"
-              f"{prompt.text}{sample}")
+        weights = (f"best checkpoint at step {exported_step}" if exported_step is not None
+                   else f"the last weights, step {run.state.step}")
+        print(f"sample completion (greedy, {weights}):\n{prompt.text}{sample}")
     export = run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import resource
+import shutil
 import sys
 import time
 import typing
@@ -165,6 +166,31 @@ class RunRecord:
                 tensors = gathered if gathered is not None else model_tensors(
                     model, self.trainable_only)
                 self._write_best(step, metrics, tensors)
+
+    def best_as_checkpointed(self, state: RunState, model: torch.nn.Module) -> None:
+        """best/ as the resumed checkpoint (``state``, ``model`` its weights) knows it
+        (collective). One that an evaluation after the checkpoint wrote (the interrupted run's,
+        whose log lines are trimmed) is rewritten from the checkpoint's weights where they are
+        its best, else removed: best/ never holds weights the resumed run has not reached."""
+        written, metrics = None, None
+        if self.dist.main:  # read once: every rank acts on what the main one read
+            written = rundir.best_step(self.run_dir)
+            if state.best_step == state.step:
+                metrics = rundir.evaluation_at(self.run_dir / rundir.METRICS_FILE, state.step)
+        written, metrics = all_gather((written, metrics), self.dist)[0]
+        if written is None or written <= state.step:
+            return
+        if metrics is not None:
+            self.best(state.step, metrics, model)
+            what = f"rewritten from the checkpoint's weights, its best (step {state.step})"
+        else:
+            if self.dist.main:
+                shutil.rmtree(self.run_dir / rundir.BEST_DIR)
+            what = (f"removed (the checkpoint's best, step {state.best_step}, is not kept): "
+                    "the run exports its last weights unless it evaluates better")
+        if self.dist.main:
+            print(f"note: best/ held step {written}'s weights, past the checkpoint resumed "
+                  f"(step {state.step}): {what}")
 
     def _write_best(self, step: int, metrics: dict, tensors: dict) -> None:
         if bad := checkpoint.nonfinite_tensor(tensors):  # best/ holds finite weights only
