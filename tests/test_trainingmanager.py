@@ -4391,6 +4391,23 @@ def _wandb_records(path: Path) -> list:
     return records
 
 
+def test_wandb_without_a_login_is_one_line_naming_the_ways_out(assets, tmp_path, monkeypatch,
+                                                               capsys):
+    wandb = pytest.importorskip("wandb")
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc of a login
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    cfg = tiny_cfg(assets, tmp_path, max_steps=2, report_to=["wandb"])
+    try:
+        assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 2
+    finally:
+        wandb.teardown()  # W&B keeps its settings in the process: the next test sets its own
+    err = capsys.readouterr().err
+    assert "--report-to wandb" in err and "wandb login" in err and "WANDB_MODE=offline" in err
+    assert "Traceback" not in err
+
+
 def test_wandb_offline_gets_the_config_and_scalars_and_a_resume_continues_its_run(
         assets, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
@@ -4436,6 +4453,52 @@ def test_mlflow_gets_the_config_and_scalars_and_a_resume_continues_its_run(
         shutil.rmtree(run_dir / kept, ignore_errors=True)
     tm.train(cfg)
     assert json.loads((run_dir / "trackers.json").read_text())["mlflow"] != run_id
+
+
+@pytest.mark.parametrize("resumed_from", [10, 6])
+def test_trackers_hold_each_point_once_after_a_resume(assets, tmp_path, monkeypatch,
+                                                       resumed_from):
+    """Killed while step 10's checkpoint was written again with the run's last evaluation (its
+    first write, before it, kept): the resume evaluates step 10 again. Or resumed from step 6
+    (the later checkpoints lost): steps 7..10 run again. TensorBoard and MLflow hold each
+    step's point once, the steps metrics.jsonl holds."""
+    mlflow = pytest.importorskip("mlflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    real = record.RunRecord.checkpoint
+    steps = []
+
+    def killed_at_the_second_write_of_step_10(self, state, *args, **kwargs):
+        steps.append(state.step)
+        if steps.count(10) == 2:
+            raise KeyboardInterrupt  # the kill: nothing after it is written
+        return real(self, state, *args, **kwargs)
+
+    cfg = tiny_cfg(assets, tmp_path, max_steps=10, eval_every=6, save_every=2,
+                   report_to=["tensorboard", "mlflow"])
+    monkeypatch.setattr(record.RunRecord, "checkpoint", killed_at_the_second_write_of_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        tm.train(cfg)
+    monkeypatch.setattr(record.RunRecord, "checkpoint", real)
+    run_dir = tmp_path / "runs" / "run"
+    for later in (8, 10)[: 2 if resumed_from == 6 else 0]:
+        shutil.rmtree(run_dir / "checkpoints" / f"step-{later}")
+    tm.train(dataclasses.replace(cfg, resume=str(run_dir)))
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in lines if r["kind"] == "train"]
+    val_steps = [r["step"] for r in lines if r["kind"] == "val"]
+    assert train_steps == list(range(1, 11)) and val_steps == [6, 10]
+    events = EventAccumulator(str(run_dir / rundir.TB_DIR))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == train_steps
+    assert [e.step for e in events.Scalars("val/val_loss")] == val_steps
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    client = mlflow.MlflowClient(uri)
+    for key, want in (("train_loss", train_steps), ("val_val_loss", val_steps)):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == want
 
 
 def test_the_three_trackers_hold_the_same_series_and_config_across_a_resume(assets, tmp_path,

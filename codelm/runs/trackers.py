@@ -17,6 +17,9 @@ from codelm.runtime import process
 
 
 class _TensorBoard:
+    """TensorBoard's event files in the run directory; a resume purges the events past its
+    step and logs no point at or before it again (those it holds, as metrics.jsonl does)."""
+
     def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
@@ -24,6 +27,7 @@ class _TensorBoard:
         if resume_step is None:  # a new run: nothing of an attempt it replaces (rundir._lock_dir)
             shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
         self.path = run_dir / TB_DIR
+        self.resumed_at = resume_step
         self.writer = SummaryWriter(str(self.path),
                                     purge_step=None if resume_step is None else resume_step + 1)
         if resume_step is None:  # the config in the hparams plugin, beside the scalars
@@ -33,6 +37,8 @@ class _TensorBoard:
                 self.writer._get_file_writer().add_summary(summary)
 
     def log(self, step: int, scalars: dict) -> None:
+        if self.resumed_at is not None and step <= self.resumed_at:
+            return  # an evaluation at the resumed step, run again: its point is there
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
 
@@ -49,8 +55,13 @@ class _WandB:
 
         self.path = run_dir / "wandb"
         run_id = _tracker_id(run_dir, "wandb", lambda: uuid.uuid4().hex[:12])
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "codelm"), dir=run_dir,
-                              name=run_dir.name, id=run_id, resume="allow", config=config)
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "codelm"),
+                                  dir=run_dir, name=run_dir.name, id=run_id, resume="allow",
+                                  config=config)
+        except wandb.errors.UsageError as e:  # no API key: a login, or offline
+            raise ValueError(f"--report-to wandb: {e} (`wandb login`, WANDB_API_KEY, or "
+                             "WANDB_MODE=offline to keep the run in its directory)") from None
 
     def log(self, step: int, scalars: dict) -> None:
         self.run.log(scalars, step=step)
@@ -61,7 +72,8 @@ class _WandB:
 
 class _MLflow:
     """An MLflow run named after the run directory, at MLFLOW_TRACKING_URI (MLflow's default
-    else); a resume continues it (its id in the run directory)."""
+    else); a resume continues it (its id in the run directory), logging no point of a metric
+    at or before the last step the run holds of it (the interrupted attempt's, replayed)."""
 
     def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
         import mlflow
@@ -70,11 +82,23 @@ class _MLflow:
         saved = _tracker_id(run_dir, "mlflow", lambda: None)
         run = mlflow.start_run(run_id=saved, run_name=run_dir.name)
         _tracker_id(run_dir, "mlflow", lambda: run.info.run_id)
+        self.logged_through: dict[str, int] = {}  # metric -> the last step the run holds
         if saved is None:
             mlflow.log_params({k: json.dumps(v)[:6000] for k, v in config.items()})
+        else:
+            client = mlflow.MlflowClient()
+            for key in client.get_run(saved).data.metrics:
+                history = client.get_metric_history(saved, key)
+                self.logged_through[key] = max(point.step for point in history)
 
     def log(self, step: int, scalars: dict) -> None:
-        self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+        metrics = {}
+        for key, value in scalars.items():
+            name = key.replace("/", "_")
+            if step > self.logged_through.get(name, -1):
+                metrics[name] = value
+        if metrics:
+            self.mlflow.log_metrics(metrics, step=step)
 
     def close(self) -> None:
         self.mlflow.end_run()
