@@ -4456,3 +4456,16 @@ def test_sample_files_of_two_models_never_overwrite_each_other(tmp_path):
                         "samples-coder-humaneval-2.jsonl": "failed",
                         "samples-my_model.jsonl": "passed", "samples-my_model-2.jsonl": "failed"}
     assert len(list(tmp_path.glob("generations-*.json"))) == 4
+
+
+@pytest.mark.parametrize("options, message", [
+    ('{"split_by": "fil"}', r"split_by: 'fil' is not one of \['repo', 'file'\]"),
+    ('{"train_frac": 0.5}', "fractions must be >= 0 and sum to 1"),
+    ('{"nope": 1}', "unknown DataConfig key 'nope'")])
+def test_data_options_are_refused_as_training_refuses_them(options, message):
+    """eval.py reads the split as training made it: a data option's value training would
+    refuse is refused here too, in one line naming --data-options, not read otherwise."""
+    with pytest.raises(ValueError, match=r"^data_options \(.*--data-options\): .*" + message):
+        parse_config(["--data-options", options])
+    assert parse_config(["--data-options", '{"split_by": "file"}']).data_options == {
+        "split_by": "file"}

@@ -104,6 +104,7 @@ class EvalConfig:
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
         option = next((k for k in self.data_options if k not in known), None)
         problems_why = self._problems_error(named)
+        options_why = self._options_error() if option is None else None
         endpoints = [m for m in self.models if is_endpoint(m)]
         checks = [
             ("tasks", bool(self.tasks) and set(self.tasks) <= set(TASKS),
@@ -152,6 +153,7 @@ class EvalConfig:
              f"choose from {sorted(DOCSTRING_PROMPTS)}"),
             ("data_options", option is None, f"unknown DataConfig key {option!r}; "
              + settings.key_hint(option or "", known, "DataConfig")),
+            ("data_options", options_why is None, options_why),
             ("load_generations", self.load_generations is None or (
                 len(self.tasks) == 1 and self.tasks[0] in PASSK_TASKS),
              f"scores the generations of one pass@k task: set {named('tasks')} to one of "
@@ -181,6 +183,14 @@ class EvalConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ValueError(f"{named(key)}: {why}")
+
+    def _options_error(self) -> str | None:
+        """Why the data options' values are not DataConfig's (None: they are)."""
+        try:
+            settings.config_from_dict(DataConfig, dict(self.data_options), "data_options").validate()
+        except ValueError as e:
+            return str(e)
+        return None
 
     def _problems_error(self, named: Callable[[str], str]) -> str | None:
         """Why ``problems`` does not fit ``tasks`` (None: it does): each TASK= a benchmark task
