@@ -1371,7 +1371,7 @@ def test_error_empty_bin_or_one_keyed_by_non_names_says_what_it_holds(checkpoint
     assert str(e.value) == f"{tmp_path / 'pytorch_model.bin'}: {message}"
 
 
-def test_a_hub_id_loads_from_the_hub_cache_offline(tmp_path, offline_hub):
+def test_a_hub_id_loads_from_the_hub_cache_offline(tmp_path, offline_hub, monkeypatch):
     """`org/name[@revision]` resolves through huggingface_hub to the snapshot in the cache, as
     transformers resolves it: the same logits as the directory; one not cached is a clear error."""
     from tiny_hf import hub_cache
@@ -1387,3 +1387,7 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(tmp_path, offline_hub):
                                          r"hf download org/other"):
         pretrained.load("org/other")
     assert not hub.is_hub_id(tmp_path / "dir") and not hub.is_hub_id("a/b/c")
+    (tmp_path / "runs").mkdir()  # a mistyped local path is no hub id: not looked up there
+    monkeypatch.chdir(tmp_path)
+    assert not hub.is_hub_id("runs/mistyped") and hub.is_hub_id("org/mistyped")
+    assert hub.checkpoint_dir("runs/mistyped") == Path("runs/mistyped")

@@ -11,8 +11,12 @@ _NOT_PYTORCH = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.tflite", "*.gguf", "on
 
 
 def is_hub_id(spec: str | Path) -> bool:
-    """Whether ``spec`` names a Hugging Face repo (``org/name[@revision]``), not a local path."""
-    return not Path(spec).expanduser().exists() and _HUB_ID.fullmatch(str(spec)) is not None
+    """Whether ``spec`` names a Hugging Face repo (``org/name[@revision]``), not a local path:
+    one whose directory exists here (``runs/nme``, ``models/x``) is a path, mistyped or not."""
+    path = Path(spec).expanduser()
+    if path.exists() or path.parent.is_dir() and path.parent != Path("."):
+        return False
+    return _HUB_ID.fullmatch(str(spec)) is not None
 
 
 def checkpoint_dir(spec: str | Path, what: str = "checkpoint", repo_type: str = "model") -> Path:
