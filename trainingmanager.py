@@ -544,9 +544,11 @@ def report_run_error(e: Exception) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with process.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
-            cfg = parse_config(argv)
-            if settings.printed_config(build_parser(), argv, cfg):
+            # --print-config: the merged config, checked for its keys and types only (no
+            # checkpoint is looked for, no hub id fetched)
+            if settings.printed_config(build_parser(), argv, plan.read_config(argv)[0]):
                 return 0
+            cfg = parse_config(argv)
             if cfg.overfit:
                 passed, report = run_overfit(cfg, **overfit_settings(cfg))
                 print(report)

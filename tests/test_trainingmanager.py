@@ -4349,6 +4349,15 @@ def test_print_config_writes_a_config_file_that_reads_back_to_the_same_run(tmp_p
     assert plan.parse_config(["--config", str(printed)]) == plan.parse_config(argv)
 
 
+def test_print_config_looks_for_no_checkpoint(capsys, monkeypatch):
+    """--print-config prints and does nothing else: a hub id in init_from is not fetched (a
+    recipe naming one prints offline, before its model is downloaded)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--init-from", "org/not-downloaded", "--lora-r", "16", "--print-config", "json"]
+    assert tm.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["init_from"] == "org/not-downloaded"
+
+
 def test_tensorboard_holds_the_runs_hyperparameters(assets, tmp_path):
     """Read back with TensorBoard's own API: the hparams plugin's session holds the config."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
