@@ -4349,6 +4349,23 @@ def test_print_config_writes_a_config_file_that_reads_back_to_the_same_run(tmp_p
     assert plan.parse_config(["--config", str(printed)]) == plan.parse_config(argv)
 
 
+def test_a_resumed_run_that_exports_anew_is_evaluated_anew(assets, tmp_path, capsys):
+    """A finished run extended by --resume exports new weights: its final evaluation scores
+    them, replacing the one of the weights it had (not refusing it as another evaluation's)."""
+    cfg = tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, export=True)
+    assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 0
+    run_dir = Path(cfg.out_dir) / cfg.name
+    results = run_dir / rundir.FINAL_EVAL_DIR / "results.json"
+    first = json.loads(results.read_text())
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run_dir), "--max-steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "final evaluation (" in out and "no final evaluation" not in out
+    again = json.loads(results.read_text())
+    assert [m["step"] for m in first["models"]] == [2]
+    assert [m["step"] for m in again["models"]] == [4]
+
+
 def test_print_config_looks_for_no_checkpoint(capsys, monkeypatch):
     """--print-config prints and does nothing else: a hub id in init_from is not fetched (a
     recipe naming one prints offline, before its model is downloaded)."""

@@ -142,9 +142,13 @@ def _saved_results(path: Path, config: dict, remedy: str, skip_unset: bool = Fal
     return old
 
 
-def _other_evaluation(path: Path, differs: str, remedy: str) -> ValueError:
-    return ValueError(f"{path}: the results of a different evaluation (differs in {differs}); "
-                      f"{remedy}")
+class OtherEvaluation(ValueError):
+    """Results on disk of an evaluation other than the one asked for (settings, weights)."""
+
+
+def _other_evaluation(path: Path, differs: str, remedy: str) -> OtherEvaluation:
+    return OtherEvaluation(f"{path}: the results of a different evaluation (differs in "
+                           f"{differs}); {remedy}")
 
 
 def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:

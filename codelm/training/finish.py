@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import typing
 from collections.abc import Sequence
 from functools import partial
@@ -20,6 +21,7 @@ import lora
 from codelm import loading
 from codelm.data.encoding import encode_prompts, prompt_prefix, reads_special_tokens
 from codelm.data.examples import SamplePrompt
+from codelm.evaluation.results import OtherEvaluation
 from codelm.gguf import writer
 from codelm.models import generation, pretrained
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
@@ -161,7 +163,11 @@ def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
     cfg = evaluation.EvalConfig(models=[str(run_dir)], tasks=["line", "method"],
                                 out_dir=str(out), progress=False, device=device)
     try:
-        metrics = evaluation.evaluate(cfg)["rows"][0]["metrics"]
+        try:  # an interrupted final evaluation of these weights goes on where it stopped
+            metrics = evaluation.evaluate(cfg)["rows"][0]["metrics"]
+        except OtherEvaluation:  # of weights the run has since replaced (resumed, exported anew)
+            shutil.rmtree(out)
+            metrics = evaluation.evaluate(cfg)["rows"][0]["metrics"]
     except ValueError as e:
         print(f"note: no final evaluation: {e}")
         return None
