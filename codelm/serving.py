@@ -447,17 +447,44 @@ class _Handler(BaseHTTPRequestHandler):
             for name, engine in self.server.engines.items()]}
 
     def _body(self) -> dict:
-        length = self.headers.get("Content-Length") or "0"
-        if not length.isdigit():
-            raise ApiError(400, f"the Content-Length header {length!r} is not a byte count")
-        length = int(length)
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            data = self._chunked_body()
+        else:
+            length = self.headers.get("Content-Length") or "0"
+            if not length.isdigit():
+                raise ApiError(400, f"the Content-Length header {length!r} is not a byte count")
+            data = self.rfile.read(int(length))
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
+            body = json.loads(data or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not JSON: {e}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return body
+
+    def _chunked_body(self) -> bytes:
+        """A body sent in chunks (Transfer-Encoding: chunked): each a hex size line, then that
+        many bytes; a size of 0 ends it (after any trailer lines)."""
+        data = b""
+        while True:
+            line = self.rfile.readline(1024).split(b";")[0].strip()
+            try:
+                size = int(line, 16)
+            except ValueError:
+                raise ApiError(400, f"a chunk size {line[:20]!r} is not hexadecimal") from None
+            if size == 0:
+                while self.rfile.readline(1024).strip():
+                    pass
+                return data
+            data += self.rfile.read(size)
+            self.rfile.readline(8)  # the chunk's CRLF
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None
+                   ) -> None:
+        """http.server's own refusals (a method not served, a malformed request line) as
+        OpenAI's error JSON, as every other refusal."""
+        self.close_connection = True
+        self._send_json(code, ApiError(code, message or self.responses[code][0]).body())
 
     def _answer(self, chat: bool) -> None:
         body = self._body()

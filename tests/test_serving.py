@@ -588,3 +588,28 @@ def test_beam_search_is_refused_for_an_endpoint():
     with pytest.raises(ValueError, match=r"^num_beams \(2, --num-beams\): an endpoint .* local"):
         parse_config(["--models", "x=openai:http://127.0.0.1:1/v1", "--tasks", "humaneval",
                       "--num-beams", "2"])
+
+
+def test_a_method_not_served_and_a_chunked_body_get_json_answers(server):
+    """http.server's own refusal of a method is OpenAI's error JSON too; a body sent in chunks
+    (Transfer-Encoding: chunked, as httpx sends a streamed body) is read whole."""
+    import http.client
+
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=120)
+    try:
+        connection.request("DELETE", "/v1/models")
+        reply = connection.getresponse()
+        assert reply.status == 501 and reply.getheader("Content-Type") == "application/json"
+        assert "error" in json.loads(reply.read())
+    finally:
+        connection.close()
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2}).encode()
+    connection = http.client.HTTPConnection(host, port, timeout=120)
+    try:
+        connection.request("POST", "/v1/completions", body=iter([body[:7], body[7:]]),
+                           headers={"Content-Type": "application/json"}, encode_chunked=True)
+        reply = connection.getresponse()
+        assert reply.status == 200 and json.loads(reply.read())["choices"]
+    finally:
+        connection.close()
