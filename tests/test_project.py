@@ -108,6 +108,13 @@ def test_prose_and_keywords_declare_no_name():
     lines = history.line_categories(text, "pkg/f.py", snapshot, {})
     assert lines["inproject"] == [] and lines["random"] == [2, 3, 4]
     assert history.declared_names(prose, "README.md") == frozenset()
+    # where the keyword pattern reads a file (Python 2, Kotlin), its strings and comments do
+    # not declare either: only its code does
+    python2 = 'print "the type name of the object instance"\ndef describe(value):\n    pass\n'
+    kotlin = ("/** Wraps an object result.\n * @return the type value */\n"
+              'fun wrap(x: Int) = "a class name"\n// an object note\n')
+    assert history.declared_names(python2, "old.py") == {"describe"}
+    assert history.declared_names(kotlin, "Wrap.kt") == {"wrap"}
 
 
 def test_a_moved_or_copied_file_is_no_case_and_odd_paths_are_read(tmp_path):
@@ -126,6 +133,37 @@ def test_a_moved_or_copied_file_is_no_case_and_odd_paths_are_read(tmp_path):
                    "pkg/tab\tname.py": body.replace("+", "*")}, "copy")
     cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
     assert sorted(case.path for case in cases) == ["pkg/tab\tname.py", 'pkg/we"ird.py']
+
+
+def test_a_file_moved_off_a_name_that_gets_a_new_file_is_no_case(tmp_path):
+    """One commit moves (and edits) pkg/config.py to pkg/legacy.py and writes a new
+    pkg/config.py: git sees a change of config.py, not a rename, so legacy.py is found as a
+    copy of it, not an added file whose parent snapshot holds its whole text."""
+    root = tmp_path / "moves"
+    root.mkdir()
+    _git(root, "init", "-q")
+    body = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(10))
+    _commit(root, {"pkg/config.py": body}, "start")
+    _commit(root, {"pkg/legacy.py": body + "# kept\n",
+                   "pkg/config.py": "".join(f"V{i} = {i}\n" for i in range(12)),
+                   "pkg/fresh.py": body.replace("+", "*")}, "move")
+    cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
+    assert [case.path for case in cases] == ["pkg/fresh.py"]
+
+
+def test_a_path_that_is_not_utf8_is_left_out_and_the_rest_evaluated(tmp_path):
+    import os
+
+    root = tmp_path / "latin1"
+    root.mkdir()
+    _git(root, "init", "-q")
+    body = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(8))
+    _commit(root, {"pkg/base.py": body}, "start")
+    with open(os.path.join(bytes(root), b"pkg/caf\xe9.py"), "w") as f:
+        f.write(body.replace("+", "*"))
+    _commit(root, {"pkg/other.py": body.replace("+", "-")}, "add")
+    cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
+    assert [case.path for case in cases] == ["pkg/other.py"]
 
 
 def test_lines_are_drawn_per_category_with_the_seed(repo):
@@ -168,20 +206,27 @@ def test_path_distance_is_lcas():
 
 
 def test_bm25_scores_equal_bm25s_lucene():
-    """The index's BM25 equals bm25s' Lucene BM25 (k1 1.5, b 0.75) on random documents."""
+    """The index's BM25 equals bm25s' Lucene BM25 at Lucene's defaults (k1 1.2, b 0.75) on
+    random documents; files without a term (empty __init__.py files) are no documents to
+    Lucene (its docCount and average length leave them out) and score 0."""
     import bm25s
 
+    assert (comp.BM25_K1, comp.BM25_B) == (1.2, 0.75)  # Lucene's BM25Similarity()
     rng = random.Random(0)
     words = [f"w{i}" for i in range(40)]
     docs = [[rng.choice(words) for _ in range(rng.randint(1, 60))] for _ in range(50)]
     files = {f"f{i}.py": " ".join(doc) for i, doc in enumerate(docs)}
+    files |= {f"pkg{i}/__init__.py": "" for i in range(8)}
     index = comp.RepositoryIndex("r", files, _tokenizer())
+    with_terms = [i for i, path in enumerate(index.paths) if files[path]]
     reference = bm25s.BM25(method="lucene", k1=comp.BM25_K1, b=comp.BM25_B)
-    reference.index([files[p].split() for p in index.paths], show_progress=False)
+    reference.index([files[index.paths[i]].split() for i in with_terms], show_progress=False)
     for _ in range(5):
         query = [rng.choice(words) for _ in range(rng.randint(1, 8))]
         ours = index.bm25_scores(query)
-        assert ours == pytest.approx(reference.get_scores(query), rel=1e-5, abs=1e-6)
+        assert ours[with_terms] == pytest.approx(reference.get_scores(query), rel=1e-5,
+                                                 abs=1e-6)
+        assert not ours[[i for i in range(len(files)) if i not in with_terms]].any()
 
 
 def test_composers_rank_the_files_each_says_and_never_the_completion_file():
@@ -206,6 +251,16 @@ def test_composers_rank_the_files_each_says_and_never_the_completion_file():
 def test_relative_imports_resolve_against_the_completion_files_package():
     assert comp.imported_modules("from . import a\nfrom ..b import c\n", "x/y/m.py") == [
         "x.y", "x.y.a", "x.b", "x.b.c"]
+
+
+def test_a_parenthesized_import_over_several_lines_names_each_module():
+    """Black's form of a long import: every name of the list (its comments left out), and a
+    prefix that ends inside the list names those before its end."""
+    prefix = "from app.core import (\n    config,  # settings\n    security as sec,\n)\n"
+    assert comp.imported_modules(prefix, "app/main.py") == [
+        "app.core", "app.core.config", "app.core.security"]
+    assert comp.imported_modules("from app.core import (\n    config,\n", "app/main.py") == [
+        "app.core", "app.core.config"]
 
 
 def test_compose_writes_starcoder2s_repository_format_most_relevant_file_last():

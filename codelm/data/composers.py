@@ -36,13 +36,14 @@ REPO_TOKENS = (("<repo_name>", "<file_sep>", ""), ("<|repo_name|>", "<|file_sep|
 SLASH_COMMENTS = frozenset({".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".java", ".kt", ".kts",
                             ".js", ".jsx", ".ts", ".tsx", ".go", ".rs", ".swift", ".cs",
                             ".scala", ".dart", ".php", ".m", ".groovy", ".zig"})
-BM25_K1 = 1.5  # Lucene's defaults
+BM25_K1 = 1.2  # Lucene's defaults (BM25Similarity)
 BM25_B = 0.75
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist)
-_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+\(?([\w., \t]*)"
-                     r"|import[ \t]+([\w., \t]+))", re.M)
+# from SOURCE import NAMES (a parenthesized list may span lines), or import MODULES
+_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+"
+                     r"(?:\(([^)]*)\)?|([\w., \t]*))|import[ \t]+([\w., \t]+))", re.M)
 
 Tokenizer = CodeTokenizer | BPETokenizer
 
@@ -164,13 +165,15 @@ def _module_names(path: str) -> list[str]:
 
 class _Bm25:
     """Okapi BM25 in Lucene's form: idf = ln(1 + (N - df + 0.5) / (df + 0.5)), a term's weight
-    tf / (tf + k1 (1 - b + b |d| / avgdl)); postings as arrays, so that a query costs its
+    tf / (tf + k1 (1 - b + b |d| / avgdl)), N and avgdl over the documents with a term (Lucene's
+    docCount: an empty __init__.py is none); postings as arrays, so that a query costs its
     terms' postings, not the corpus."""
 
     def __init__(self, docs: Sequence[Sequence[str]]):
-        self.n = len(docs)
+        self.size = len(docs)
         lengths = np.array([len(d) for d in docs], np.float64)
-        average = float(lengths.mean()) if self.n and lengths.sum() else 1.0
+        self.n = int(np.count_nonzero(lengths))
+        average = float(lengths.sum()) / self.n if self.n else 1.0
         self.norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths / average)
         postings: dict[str, tuple[list[int], list[int]]] = {}
         for i, doc in enumerate(docs):
@@ -182,7 +185,7 @@ class _Bm25:
                          for term, (rows, tfs) in postings.items()}
 
     def scores(self, query: Sequence[str]) -> np.ndarray:
-        out = np.zeros(self.n)
+        out = np.zeros(self.size)
         for term in query:
             if term not in self.postings:
                 continue
@@ -227,7 +230,7 @@ def imported_modules(prefix: str, path: str) -> list[str]:
     package = posixpath.dirname(path).split("/") if posixpath.dirname(path) else []
     found = []
     for match in _IMPORT.finditer(prefix):
-        source, names, plain = match.groups()
+        source, listed, names, plain = match.groups()
         if plain is not None:
             found += [name.split()[0] for name in plain.split(",") if name.strip()]
             continue
@@ -238,6 +241,8 @@ def imported_modules(prefix: str, path: str) -> list[str]:
             base = ".".join([*above, base] if base else above)
         if base:
             found.append(base)
+        if listed is not None:  # a parenthesized list: its comments left out
+            names = ",".join(line.split("#")[0] for line in listed.split("\n"))
         for name in names.split(","):
             name = name.split()[0] if name.split() else ""
             if name and name != "*":

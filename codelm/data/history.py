@@ -53,6 +53,9 @@ SOURCE_EXTENSIONS = (".py", ".pyi", ".kt", ".kts", ".java", ".scala", ".groovy",
 _DECLARATION = re.compile(r"\b(?:def|class|fun|func|function|fn|struct|interface|trait|enum|"
                           r"object|type)\s+([A-Za-z_]\w*)")
 _NAME = re.compile(r"[A-Za-z_]\w*")
+# String literals (triple-quoted first) and comments (block, #, //), left to right.
+_STRINGS_AND_COMMENTS = re.compile(r'/\*[\s\S]*?\*/|"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\''
+                                   r'|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|#[^\n]*|//[^\n]*')
 _PY_DECLARATION = re.compile(r"^\s*(?:async\s+)?(?:def|class)\s+([A-Za-z_]\w*)")
 _NON_INFORMATIVE = re.compile(r"(#|//|/\*|import\b|from\s+\S+\s+import\b|print\s*\()")
 
@@ -73,7 +76,7 @@ def declared_names(text: str, path: str = "x.py") -> frozenset[str]:
         else:
             return frozenset(node.name for node in ast.walk(tree) if isinstance(
                 node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef))
-    code = "\n".join(_uncommented(line) for line in text.split("\n"))
+    code = _STRINGS_AND_COMMENTS.sub("", text)  # prose declares nothing
     return frozenset(name for name in _DECLARATION.findall(code) if not keyword.iskeyword(name))
 
 
@@ -170,6 +173,15 @@ class CompletionCase:
         return f"{self.repo}@{self.commit[:12]}:{self.path}"
 
 
+def _is_utf8(path: str) -> bool:
+    """Whether a path read with surrogateescape was UTF-8 (holds no escaped byte)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class GitRepo:
     """A git repository read through the ``git`` command: its commits and blobs (each blob's
     text read once)."""
@@ -196,15 +208,17 @@ class GitRepo:
 
     def adding_commits(self) -> Iterable[tuple[str, str, list[str]]]:
         """(commit, its parent, the paths it adds) of each commit with one parent that adds
-        files, newest first. A file moved (or moved and edited) is found as a rename, whatever
-        the user's git config says, so it is not an added file."""
+        files, newest first. A file moved (or moved and edited) is found as a rename, and one
+        copied (or copied and edited) from a file the commit changes (a file moved to a new
+        name whose old name gets a new file) as a copy, whatever the user's git config says,
+        so it is not an added file. A path that is not UTF-8 is left out."""
         out = self._git("log", "--no-merges", "--diff-filter=A", "--name-only", "-z",
-                        "--find-renames", "-l0", "--format=%x01%H %P"
+                        "--find-renames", "--find-copies", "-l0", "--format=%x01%H %P"
                         ).decode("utf-8", "surrogateescape")
         for block in out.split("\x01")[1:]:
             head, _, names = block.partition("\0")
             shas = head.split()
-            added = [p for p in names.lstrip("\n").split("\0") if p]
+            added = [p for p in names.lstrip("\n").split("\0") if p and _is_utf8(p)]
             if len(shas) == 2 and added:
                 yield shas[0], shas[1], added
 
