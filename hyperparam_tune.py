@@ -95,7 +95,7 @@ class TuneConfig:
     workers: int = 1  # worker processes on this machine
     heartbeat_interval: int = 30  # seconds between a trial's heartbeats (RDB storages)
     grace_period: int = 120  # seconds without a heartbeat before a trial is dead and requeued
-    max_retry: int = 2  # times a trial is queued again
+    max_retry: int = 2  # times a trial whose worker died is queued again (an interrupted one: always)
     worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
     # output
     progress: bool = True  # a progress bar over the trials
@@ -283,7 +283,7 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
             grace_period=cfg.grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(cfg.max_retry))
+            heartbeat_stale_trial_callback=QueueAgain(cfg.max_retry))
     except ImportError as e:
         missing = getattr(e.__cause__, "name", None) or e
         raise ValueError(f"--storage {url}: its database driver is not installed ({missing}); "
@@ -348,10 +348,27 @@ def _local_owner_alive(trial: FrozenTrial) -> bool | None:
     return True
 
 
+class QueueAgain:
+    """Optuna's RetryHeartbeatStaleTrialCallback (a failed trial queued again with its
+    parameters), its ``max_retry`` counting the times the trial's worker died: an interrupted
+    trial is always continued, however often it was interrupted."""
+
+    def __init__(self, max_retry: int | None):
+        self.max_retry = max_retry
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        attempts = {t.number: t for t in study.get_trials(deepcopy=False)}
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        deaths = sum(attempts[n].user_attrs.get(ATTR_REASON) != INTERRUPTED
+                     for n in history if n in attempts)
+        if self.max_retry is None or deaths <= self.max_retry:
+            RetryHeartbeatStaleTrialCallback()(study, trial)
+
+
 def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
                         cfg: TuneConfig) -> None:
     """Queue again interrupted trials, and fail and queue again those whose worker died."""
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
+    retry = QueueAgain(cfg.max_retry)
     trials = study.get_trials(deepcopy=False)
     retried = _retried_numbers(trials)
     for trial in trials:
@@ -645,6 +662,29 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
     return space, base
 
 
+def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]:
+    """What makes the space's trials unlike to compare: a batch sampled under one step budget
+    (a larger batch sees more data), and a block size or vocabulary sampled while validation
+    is a number of windows (another stretch of the split for each)."""
+    found = []
+    where = " with ".join(filter(None, (space.source, cfg.train_config)))
+    batch = [name for name in ("batch_size", "grad_accum") if name in space.params]
+    if batch and cfg.time_budget_min is None:
+        found.append(f"warning: {where}: params {', '.join(batch)}: under one step budget a "
+                     "trial of a larger batch sees more data and tends to win for that alone; "
+                     "fix it in base, or sweep under --time-budget-min")
+    shaped = [name for name in space.params if name == "block_size"
+              or name.startswith("tokenizer_")]
+    eval_examples = {**space.base, **base}.get("eval_examples", TrainConfig().eval_examples)
+    if shaped and eval_examples is not None:
+        found.append(f"warning: {where}: params {', '.join(shaped)} with eval_examples "
+                     f"{eval_examples}: each trial is ranked on its first {eval_examples} "
+                     "validation windows, another stretch of the split for another block size "
+                     "or vocabulary; eval_examples null ranks every trial on the whole "
+                     "split")
+    return found
+
+
 # TrainConfig keys that change how a trial is computed, not its result: a continued study may
 # change them.
 STUDY_MAY_CHANGE = ("device", "compile", "gradient_checkpointing", "offload_activations",
@@ -818,11 +858,19 @@ def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
 
 
 def absolute_sqlite(url: str | None) -> str | None:
-    """``sqlite:///x.db`` made absolute, so that every directory names the same database."""
+    """``sqlite:///x.db`` made absolute, so that every directory names the same database; an
+    in-memory database (each connection and worker its own, gone at the end) refused."""
     if url is None or not url.startswith("sqlite"):
         return url
-    parsed = sqlalchemy.engine.make_url(url)
-    if not parsed.database or parsed.database == ":memory:" or os.path.isabs(parsed.database):
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise ValueError(f"--storage {url}: not a database URL; an SQLite file is "
+                         "sqlite:///PATH.db") from None
+    if not parsed.database or parsed.database == ":memory:":
+        raise ValueError(f"--storage {url}: an in-memory database keeps no study (each worker "
+                         "would have its own); name a file: sqlite:///PATH.db")
+    if os.path.isabs(parsed.database):
         return url
     return parsed.set(database=os.path.abspath(parsed.database)).render_as_string(
         hide_password=False)
@@ -885,6 +933,9 @@ def tune(cfg: TuneConfig) -> int:
     study = open_study(cfg, storage)
     check_space_fits_study(cfg, space, study)
     check_study_settings(cfg, space, base, study)
+    if not cfg.worker:  # said once, by the sweep
+        for line in space_warnings(cfg, space, base):
+            print(line, file=sys.stderr)
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         process.exit_with_parent(int(os.environ.get(SWEEP_PID, os.getppid())))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))

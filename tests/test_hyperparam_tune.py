@@ -1806,3 +1806,46 @@ def test_a_sweep_setting_is_named_where_it_was_set(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(config) not in err, err  # the flag, not the file
     assert all(w in err for w in ("eval_every (0, --eval-every)", "at least 1")), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_interrupted_trial_is_always_queued_again_and_a_dead_one_max_retry_times():
+    """max_retry bounds the times a trial's worker dies; interrupting the same trial (a user's
+    stop, a preemption) any number of times continues it each time (Optuna's own callback
+    counts both, and would drop it at the third stop)."""
+    def attempts(reason: str, times: int) -> int:
+        study = optuna.create_study()
+        queue = hyperparam_tune.QueueAgain(max_retry=2)
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        for _ in range(times):
+            trial.set_user_attr(hyperparam_tune.ATTR_REASON, reason)
+            study.tell(trial, state=TrialState.FAIL)
+            queue(study, study.trials[trial.number])
+            if not [t for t in study.trials if t.state == TrialState.WAITING]:
+                return trial.number + 1
+            trial = study.ask()
+        return len(study.trials)
+
+    assert attempts(hyperparam_tune.INTERRUPTED, 5) == 6  # five stops, a sixth attempt
+    assert attempts("worker process died", 5) == 3  # the first, then 2 retries
+
+
+@pytest.mark.parametrize("url, words", [("sqlite://", "an in-memory database"),
+                                        ("sqlite:///:memory:", "an in-memory database"),
+                                        ("sqlite:/rel.db", "not a database URL")])
+def test_a_storage_url_that_keeps_no_study_is_one_line(url, words):
+    with pytest.raises(ValueError, match=f"--storage {re.escape(url)}: {words}"):
+        hyperparam_tune.parse_config(["--storage", url])
+
+
+def test_a_space_sampling_the_batch_or_the_validation_text_is_warned_of(tmp_path):
+    """Trials of another batch see more data a step; trials of another block size or
+    vocabulary, validated on a number of windows, are ranked on other text."""
+    space = hyperparam_tune.SearchSpace(
+        params={"batch_size": {"type": "categorical", "choices": [4, 8]},
+                "block_size": {"type": "categorical", "choices": [64, 128]}},
+        base={"eval_examples": 16}, source="s.json")
+    said = hyperparam_tune.space_warnings(hyperparam_tune.TuneConfig(), space, {})
+    assert len(said) == 2 and "batch_size" in said[0] and "eval_examples 16" in said[1]
+    whole = hyperparam_tune.space_warnings(
+        hyperparam_tune.TuneConfig(time_budget_min=5), space, {"eval_examples": None})
+    assert whole == []
