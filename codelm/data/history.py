@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scraping.common import is_utf8
+
 # LCA's list of common API names (lca-baselines, project_level_code_completion/eval).
 COMMON_NAMES = frozenset({
     "index", "__init__", "__getitem__", "__len__", "__iter__", "main", "train", "run", "update",
@@ -173,15 +175,6 @@ class CompletionCase:
         return f"{self.repo}@{self.commit[:12]}:{self.path}"
 
 
-def _is_utf8(path: str) -> bool:
-    """Whether a path read with surrogateescape was UTF-8 (holds no escaped byte)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 class GitRepo:
     """A git repository read through the ``git`` command: its commits and blobs (each blob's
     text read once)."""
@@ -218,7 +211,7 @@ class GitRepo:
         for block in out.split("\x01")[1:]:
             head, _, names = block.partition("\0")
             shas = head.split()
-            added = [p for p in names.lstrip("\n").split("\0") if p and _is_utf8(p)]
+            added = [p for p in names.lstrip("\n").split("\0") if p and is_utf8(p)]
             if len(shas) == 2 and added:
                 yield shas[0], shas[1], added
 
