@@ -261,3 +261,15 @@ def test_a_first_rung_beyond_the_limits_on_a_busy_cpu_is_measured_again_once_it_
                       precision="fp32")
     assert plan.plan_run(cfg, "cpu", False, False, probe, measure).batch_size == 1
     assert events == ["measured", "waited", "measured", "timed"]
+
+
+def test_a_budget_spent_before_training_says_so_not_to_shorten_the_step():
+    """Data preparation that takes the whole budget leaves no time to train: the refusal names
+    the budget, not the block size or batch (which change nothing there)."""
+    cost = plan.StepCost(activation_bytes=1.0, seconds=0.5)
+    spent = plan.step_refusal(cost, free_bytes=1e12, seconds_left=-3.0)
+    assert "spent before training" in spent and "--time-budget-min" in spent
+    assert "--block-size" not in spent
+    short = plan.step_refusal(cost, free_bytes=1e12, seconds_left=2.0)
+    assert "--block-size" in short and "left" in short
+    assert plan.step_refusal(cost, free_bytes=1e12, seconds_left=600.0) is None

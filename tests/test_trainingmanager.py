@@ -4648,3 +4648,4 @@ def test_a_task_typo_is_refused_at_once_naming_the_flag_and_the_tasks(tmp_path, 
     assert tm.main(["--config", str(config), "--out-dir", str(tmp_path)]) == 2
     assert "'task' must be one of" in capsys.readouterr().err
     assert not any(tmp_path.glob("runs*"))
+

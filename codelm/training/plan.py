@@ -606,6 +606,9 @@ def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) 
     if cost.seconds > MAX_STEP_S:
         return (f"{step}, more than the {_minutes(MAX_STEP_S)} a run's step may take "
                 f"(attention grows with the square of the length): {shorter}")
+    if seconds_left is not None and seconds_left <= 0:
+        return ("the time budget was spent before training (preparing the data, loading and "
+                "timing the model): raise --time-budget-min")
     if seconds_left is not None and cost.seconds * FEWEST_BUDGET_STEPS > seconds_left:
         return (f"{step}, and the time budget has {_minutes(seconds_left)} left, fewer than "
                 f"{FEWEST_BUDGET_STEPS} steps: {shorter}, or raise --time-budget-min")
