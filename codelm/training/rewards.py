@@ -109,7 +109,9 @@ def counting_problem(problem: dict, marker: str) -> dict:
 def counting_test(test: str, in_check: bool, marker: str) -> str:
     """``test`` with each assertion at the top of ``check``'s body (``in_check``), else of the
     test itself, counted rather than raised, and the count printed last as ``marker`` then
-    "passed/total"; a test with no such assertion is unchanged (it passes or fails whole)."""
+    "passed/total"; a test with no such assertion is unchanged (it passes or fails whole). An
+    assertion of constants alone (HumanEval's ``assert True, "..."``) holds whatever the
+    program does: it is no credit."""
     tree = ast.parse(test)
     owner = tree
     if in_check:
@@ -117,14 +119,14 @@ def counting_test(test: str, in_check: bool, marker: str) -> str:
                       if isinstance(node, ast.FunctionDef) and node.name == "check"), None)
         if owner is None:
             return test
-    total = sum(isinstance(node, ast.Assert) for node in owner.body)
+    total = sum(_counts(node) for node in owner.body)
     if total == 0:
         return test
     counted = ast.parse(f"try:\n    pass\nexcept Exception:\n    pass\nelse:\n"
                         f"    {COUNTER}[0] += 1\n").body[0]
     body = []
     for node in owner.body:
-        if isinstance(node, ast.Assert):
+        if _counts(node):
             wrapped = ast.parse(ast.unparse(counted)).body[0]
             wrapped.body = [node]
             node = wrapped
@@ -133,6 +135,12 @@ def counting_test(test: str, in_check: bool, marker: str) -> str:
     owner.body = body
     tree.body[:0] = ast.parse(f"{COUNTER} = [0]").body
     return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
+
+
+def _counts(node: ast.stmt) -> bool:
+    """Whether a statement is an assertion that reads a name (a result, the function)."""
+    return isinstance(node, ast.Assert) and any(isinstance(n, ast.Name)
+                                                for n in ast.walk(node.test))
 
 
 def credit(result: SandboxResult, marker: str, counted: bool) -> float:
