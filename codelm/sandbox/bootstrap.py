@@ -31,8 +31,10 @@ def plain_encode(value: object) -> str:
     """``value`` in a fixed text form that ``plain_decode`` reads: None, bool, int, float,
     complex, str, bytes, Fraction, Decimal, and lists, tuples, sets, frozensets and dicts of them,
     a dict's keys, values or items view, and an iterator (a generator, map, filter: its items,
-    read here, cross as an iterator over them). A subclass (a Counter, a namedtuple) crosses as
-    its base type; anything else is a TypeError."""
+    read here, cross as an iterator over them); a bytearray or memoryview as its bytes, a
+    UserList, UserDict, UserString, ChainMap or mapping proxy as what it wraps (each equal to
+    it). A subclass (a Counter, a namedtuple) crosses as its base type; anything else is a
+    TypeError."""
     out: list[str] = []
     _plain_parts(value, out)
     return "".join(out)
