@@ -844,6 +844,8 @@ def test_prompt_lookup_gives_greedys_tokens_and_transformers_in_fewer_forwards(
         assert torch.equal(looked, plain) and torch.equal(looked, ref)
         forwards += len(fed)
     assert forwards < 3 * 30  # some drafts held: fewer forwards than tokens
+    narrow = idx.int()  # int32 ids give the int64 tokens plain decoding gives them
+    assert gen(model, narrow, 4, prompt_lookup=5).dtype == gen(model, narrow, 4).dtype
 
 
 def test_prompt_lookup_drafts_what_transformers_drafts():

@@ -396,6 +396,7 @@ def _drafted(model: Transformer, idx, cfg: GenerationConfig, attention_mask) -> 
               f"the draft model's vocabulary ({cfg.draft_model.cfg.vocab_size}) differs from "
               f"the model's ({model.cfg.vocab_size}): a draft must share the tokenizer")
         draft = _DraftModel(cfg.draft_model, idx.shape[1] + cfg.max_new_tokens)
+    idx = idx.long()  # as every other decoding returns its tokens
     seq = idx[0].tolist()
     T, n = len(seq), cfg.max_new_tokens
     if n == 0:
