@@ -245,10 +245,6 @@ class CodeTokenizer(BatchEncodeMixin):
                 i = self._byte_offset + int(byte[1], 16)
         return i
 
-    def token_bytes(self, i: int) -> bytes:
-        """The bytes id ``i`` decodes to (a byte token's: one byte of a character)."""
-        return self._id_to_bytes[i]
-
     def id_to_token(self, i: int) -> str:
         checked_ids([i], self.vocab_size)
         if i < self._byte_offset:

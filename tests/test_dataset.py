@@ -1624,6 +1624,22 @@ def test_add_eos_false_leaves_completions_without_eos(tmp_path, tok):
         assert completions == sorted(tok.encode(r["output"]) + eos for r in records)
 
 
+def test_a_completion_of_long_tokens_that_fits_the_block_is_kept_whole(tmp_path):
+    """A completion of 5,000 characters in about 110 tokens (banner lines each a token of 100
+    characters) fits a block of 128 with its prompt: it is trained whole, its EOS after it
+    (text is cut before tokenizing only past what the tokenizer's longest token allows)."""
+    banner = "=" * 100 + "\n"
+    prompt, completion = "def show():\n", "print('a')\n" + banner * 50 + "print('b')\n"
+    long_tok = CodeTokenizer.train([prompt + completion] * 5 + ["x = 1\n"] * 5, min_freq=2)
+    assert long_tok.longest_token >= 100 and len(long_tok.encode(completion)) < 120
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"# {i}\n{prompt}",
+                                                    "completion": completion} for i in range(3)])
+    data = prepare(cfg(tmp_path, sources=[str(pairs)], task="completion", block_size=128,
+                       **WHOLE), long_tok)
+    assert prompt_and_completion(data.train[0])[1] == (long_tok.encode(completion)
+                                                       + [long_tok.eos_id])
+
+
 def test_docstring_min_tokens_keeps_a_docstring_of_exactly_that_many_tokens(tmp_path, tok):
     """"shorter docstrings make no example": one of exactly docstring_min_tokens is kept."""
     src = tmp_path / "src"

@@ -458,6 +458,30 @@ def test_a_completion_is_encoded_as_it_continues_its_prompt_with_no_space_of_its
         assert encode_continuation(ours, completion) == completion_ids, style
 
 
+@pytest.mark.parametrize("style", FAMILY_TOKENIZER_STYLES)
+def test_a_prompt_with_a_budgeted_body_is_the_tokenizers_ids_of_its_text(style,
+                                                                        family_tokenizers):
+    """The docstring task's prompt (a head, the code cut to its token budget, a tail) is
+    tokenized whole, as HF's tokenizer encodes the prompt's text: no SentencePiece space
+    before the code or the tail, no word split where the parts meet; the code's span is
+    where it lies, and the cut is fitted_prompt's."""
+    from codelm.data.config import DataConfig
+    from codelm.data.encoding import fitted_prompt, tokenize_examples
+    from codelm.data.examples import Example
+
+    hf, ours = family_tokenizers[style]
+    cfg = DataConfig(task="docstring", block_size=256, progress=False, num_workers=1)
+    code = "class Greeter:\n    def hello(self, name):\n        return 'hi ' + name\n"
+    for budget in (200, 7):
+        example = Example("Class ", "Says hello.", body=code, tail="\n\nDocstring:",
+                          body_budget=budget)
+        [(prompt_ids, _, (start, end))] = tokenize_examples([example], ours, cfg, "test")
+        text = fitted_prompt(example, ours)
+        assert prompt_ids == hf.encode(text, add_special_tokens=False).ids, (style, budget)
+        assert ours.decode(prompt_ids) == text
+        assert start > 0 and ours.decode(prompt_ids[start:end], continuation=True).strip() in code
+
+
 @pytest.mark.parametrize("style, token, texts", [
     ("spm", "<sep>", ["a<sep>b", "<sep>b", "ab <sep> c", "x<sep>"]),
     ("metaspace", "<sep>", ["a<sep>b", "<sep>b", "ab <sep> c"]),

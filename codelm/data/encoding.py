@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import random
@@ -204,9 +205,6 @@ def packed_document(tokenizer: CodeTokenizer | BPETokenizer, ids: Sequence[int])
     return [*tokenizer.template_prefix, *ids, *eos]
 
 
-_CHARS_PER_TOKEN_BOUND = 32
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -214,41 +212,56 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer,
                       cfg: DataConfig, desc: str, encoder: BatchEncoder | None = None
                       ) -> list[tuple[list[int], list[int], tuple[int, int]]]:
-    """(prompt ids, completion ids, the body's span in the prompt) of each example. A body with a
-    budget is tokenized apart, to be cut; otherwise the prompt is tokenized whole (as eval.py
-    does), its head and tail apart only to find the body's span. With ``pair_special_tokens`` a
-    pair reads special tokens' text as the tokens, and loses its own template prefix (one BOS)."""
+    """(prompt ids, completion ids, the body's span in the prompt) of each example. The prompt
+    is tokenized whole (as a tokenizer reads the text), a body with a budget first cut to it as
+    text (``fitted_prompt``'s cut); its head and tail apart only to find the body's span. With
+    ``pair_special_tokens`` a pair reads special tokens' text as the tokens, and loses its own
+    template prefix (one BOS)."""
     # Text far beyond what can survive truncation is cut before tokenizing.
-    chars = _CHARS_PER_TOKEN_BOUND * (cfg.block_size + 1)
+    chars = tokenizer.longest_token * (cfg.block_size + 1)
     reads = [(cfg.pair_special_tokens or cfg.task == "chat") and e.pair for e in examples]
+    examples = _bodies_cut(examples, tokenizer, cfg, desc, reads, encoder)
     anchor = tokenizer.continuation_anchor
     before = "" if anchor is None else CONTINUATION_ANCHOR
     parts = []
     for e in examples:
-        head, completion = e.head[-chars:], e.completion[:chars]
-        if e.body_budget is None:
-            whole = head + e.body[:chars] + e.tail
-            parts += [whole, head, e.tail] if e.body else [whole, "", ""]
-        else:
-            parts += [head, e.body[: _CHARS_PER_TOKEN_BOUND * e.body_budget], e.tail]
-        parts.append(before + completion)
+        head = e.head[-chars:]
+        whole = head + e.body[:chars] + e.tail
+        parts += [whole, head, e.tail] if e.body else [whole, "", ""]
+        parts.append(before + e.completion[:chars])
     ids = encode(tokenizer, parts, cfg, desc, [r for r in reads for _ in range(4)], encoder)
     prefix = tokenizer.template_prefix
     out = []
     for i, e in enumerate(examples):
-        a, b, c, completion = ids[4 * i : 4 * i + 4]
+        whole, head, tail, completion = ids[4 * i : 4 * i + 4]
         completion = continuation_ids(completion, anchor, lambda i=i: encode(
             tokenizer, [parts[4 * i + 3][len(before):]], cfg, desc, [reads[i]], encoder)[0])
-        if e.body_budget is None:  # a: the whole prompt, b: its head, c: its tail
-            start = _common_prefix(a, b)
-            end = max(start, len(a) - _common_prefix(a[::-1], c[::-1])) if e.body else start
-            # With pair_special_tokens the text's own BOS goes.
-            n = len(a) - len(_without_text_template_prefix(a, prefix)) if reads[i] else 0
-            out.append((a[n:], completion, (max(0, start - n), max(0, end - n))))
-        else:  # a: the head, b: the body, c: the tail
-            b = b[: e.body_budget]
-            out.append((a + b + c, completion, (len(a), len(a) + len(b))))
+        start = _common_prefix(whole, head)
+        end = start
+        if e.body:
+            end = max(start, len(whole) - _common_prefix(whole[::-1], tail[::-1]))
+        # With pair_special_tokens the text's own BOS goes.
+        n = len(whole) - len(_without_text_template_prefix(whole, prefix)) if reads[i] else 0
+        out.append((whole[n:], completion, (max(0, start - n), max(0, end - n))))
     return out
+
+
+def _bodies_cut(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer,
+                cfg: DataConfig, desc: str, reads: list[bool], encoder: BatchEncoder | None
+                ) -> list[Example]:
+    """The examples, each body with a token budget cut to it as text: the decoded first
+    ``body_budget`` ids of the body, as ``fitted_prompt`` cuts it."""
+    budgeted = [i for i, e in enumerate(examples) if e.body_budget is not None]
+    if not budgeted:
+        return examples
+    bodies = [examples[i].body[: tokenizer.longest_token * examples[i].body_budget]
+              for i in budgeted]
+    ids = encode(tokenizer, bodies, cfg, desc, [reads[i] for i in budgeted], encoder)
+    cut = list(examples)
+    for i, body in zip(budgeted, ids):
+        text = tokenizer.decode(body[: examples[i].body_budget])
+        cut[i] = dataclasses.replace(examples[i], body=text, body_budget=None)
+    return cut
 
 
 def window_pairs(ids: list[int], cfg: DataConfig) -> Iterator[tuple[list[int], list[int]]]:

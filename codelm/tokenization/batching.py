@@ -105,6 +105,16 @@ class BatchEncodeMixin:
     _id_to_bytes: list[bytes]
     _special_ids: Container[int]  # the ids that skip_special_tokens drops
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes id ``i`` decodes to: part of a character where the token is."""
+        return self._id_to_bytes[i]
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most bytes (so characters) a token decodes to: a text of n tokens is at most n
+        times as long."""
+        return max(map(len, self._id_to_bytes), default=1)
+
     def batch_encoder(self, num_workers: int | None = None) -> BatchEncoder:
         """A BatchEncoder of this tokenizer, for many batches on one pool of ``num_workers``
         processes (default: every core)."""

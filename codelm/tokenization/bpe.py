@@ -431,10 +431,6 @@ class BPETokenizer(BatchEncodeMixin):
     def vocab_size(self) -> int:
         return len(self._id_to_token)
 
-    def token_bytes(self, i: int) -> bytes:
-        """The bytes id ``i`` decodes to: part of a character where the token is."""
-        return self._id_to_bytes[i]
-
     def _build_pieces(self, pre_tokenizer: dict | None, merges: Merges, made: list[str] | None,
                       tables: ModelTables | None) -> ModelTables:
         """The pre-tokenizer: byte-level (its regex, then each byte as a character) or
