@@ -14,7 +14,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -343,11 +343,18 @@ def _leaf_names(names) -> list[str]:
 ALL_LINEAR = "all-linear"  # PEFT's target_modules shorthand
 
 
-def _resolve_targets(model: nn.Module, targets: list[str] | str,
-                     peft_rules: bool = False) -> dict[str, list[str]]:
+def _saved_not_adapted(modules_to_save: Sequence[str], name: str) -> bool:
+    """PEFT's rule: a module saved whole gets no adapter (a name that is one of
+    ``modules_to_save`` or ends with ``.`` and one, or holds one as a dotted part)."""
+    return any(re.fullmatch(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
+
+
+def _resolve_targets(model: nn.Module, targets: list[str] | str, peft_rules: bool = False,
+                     modules_to_save: Sequence[str] = ()) -> dict[str, list[str]]:
     """target -> the adapter-file module names it selects (HF names, else codelm names); each
     must select something, or under ``peft_rules`` (HF names only) at least one. ALL_LINEAR
-    selects what PEFT's shorthand does: by last name, every Linear but the output layer."""
+    selects what PEFT's shorthand does: by last name, every Linear but the output layer. A
+    module saved whole (``modules_to_save``) is left out, as PEFT leaves it."""
     names = families.hf_module_slots(model.cfg)
     if targets in (ALL_LINEAR, [ALL_LINEAR]):
         targets = _leaf_names(n for n, (path, _) in names.items() if path != "lm_head"
@@ -364,7 +371,7 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str,
         if not hits and not peft_rules:  # codelm's names select the HF modules inside them
             hits = [n for p in codelm_paths if _matches(spec, p) for n in by_path.get(p, [])]
         if hits:
-            resolved[target] = hits
+            resolved[target] = [n for n in hits if not _saved_not_adapted(modules_to_save, n)]
         else:
             missing.append(target)
     if missing and (not peft_rules or not resolved):
@@ -392,7 +399,8 @@ def targeted_modules(model: nn.Module, targets: list[str] | str,
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     """Freeze the model and add LoRA adapters on ``cfg.target_modules`` (checked first)."""
     _check_model(model, "apply_lora")
-    return _attach(model, cfg, _resolve_targets(model, cfg.target_modules))
+    return _attach(model, cfg, _resolve_targets(model, cfg.target_modules,
+                                                modules_to_save=cfg.modules_to_save or ()))
 
 
 def _check_model(model: nn.Module, caller: str) -> None:
@@ -673,7 +681,8 @@ def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
     _check_model(model, "apply_adapter_layout")
     cfg = read_adapter_config(adapter_dir, config_name)
     try:
-        return _attach(model, cfg, _resolve_targets(model, cfg.target_modules, peft_rules=True))
+        return _attach(model, cfg, _resolve_targets(model, cfg.target_modules, peft_rules=True,
+                                                    modules_to_save=cfg.modules_to_save or ()))
     except ValueError as e:
         raise ValueError(f"{Path(adapter_dir) / config_name}: {e}") from None
 

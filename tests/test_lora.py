@@ -203,6 +203,10 @@ SAVED_BASE_CASES = [
     ("llama", dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # every *norm, as PEFT
     ("phi", dict(target_modules=["q_proj", "k_proj", "v_proj"], bias="lora_only")),  # fused
     ("codegen", dict(target_modules=["qkv_proj"], bias="all")),  # permuted rows
+    # a target saved whole gets no adapter, as PEFT leaves it
+    ("phi", dict(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])),
+    ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"],
+                   modules_to_save=["down_proj"])),
 ]
 
 
