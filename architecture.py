@@ -96,6 +96,7 @@ class ModelConfig:
     bos_id: int | None = None  # written to the exported HF config
     eos_id: int | list[int] | None = None  # a list where the checkpoint has several (chat models)
     pad_id: int | None = None  # written to the exported HF config
+    pad_row_frozen: bool = False  # pad_id's embedding row gets no gradient (HF's padding_idx)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -631,7 +632,8 @@ class Transformer(nn.Module):
         # The directory pretrained.load read: lora.save_adapter records it as the adapter's base.
         self.name_or_path: str | None = None
         # _weight: nn.Embedding draws nothing (on meta, normal_ would import sympy, a large import).
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd,
+        frozen_row = cfg.pad_id if cfg.pad_row_frozen and cfg.pad_id is not None else None
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, padding_idx=frozen_row,
                                 _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
         self.wpe = (nn.Embedding(cfg.block_size, cfg.n_embd,
                                  _weight=torch.empty(cfg.block_size, cfg.n_embd))

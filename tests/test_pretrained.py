@@ -1391,3 +1391,18 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(tmp_path, offline_hub, monkey
     monkeypatch.chdir(tmp_path)
     assert not hub.is_hub_id("runs/mistyped") and hub.is_hub_id("org/mistyped")
     assert hub.checkpoint_dir("runs/mistyped") == Path("runs/mistyped")
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama", "gpt_bigcode"])
+def test_the_pad_tokens_embedding_row_trains_as_in_transformers(tmp_path, family):
+    """Where HF's embedding has padding_idx (Llama, Gemma, ...: pad_token_id's row gets no
+    gradient) so does codelm's; GPTBigCode's has none, and its pad row trains: the embedding's
+    gradient equals transformers' on a batch holding the pad token."""
+    hf = save_tiny_hf(family, tmp_path / "hf", pad_token_id=1).eval()  # no dropout
+    ours = pretrained.load(tmp_path / "hf")
+    ids = torch.tensor([[5, 1, 7, 1, 9, 3]])
+    hf(ids, labels=ids).loss.backward()
+    logits = ours(ids)
+    torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    expected = hf.get_input_embeddings().weight.grad
+    torch.testing.assert_close(ours.wte.weight.grad, expected, atol=1e-5, rtol=1e-4)

@@ -351,12 +351,19 @@ def _eos(hf: dict) -> int | list[int] | None:
     return (ids if len(ids) > 1 else ids[0]) if ids else None
 
 
+# The families whose HF embedding has no padding_idx: their pad_token_id's row trains too.
+_PAD_ROW_TRAINS = frozenset({"gpt_bigcode", "codegen"})
+
+
 def _shared(hf: dict, family: str, tie_default: bool = False) -> dict:
     """The ModelConfig fields every family reads alike."""
-    return dict(family=family, vocab_size=_get(hf, "vocab_size"), **_dropouts(hf, family),
+    pad_id = _get(hf, "pad_token_id", default=None)
+    vocab_size = _get(hf, "vocab_size")
+    return dict(family=family, vocab_size=vocab_size, **_dropouts(hf, family),
                 tie_embeddings=_get(hf, "tie_word_embeddings", kind=bool, default=tie_default),
-                bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf),
-                pad_id=_get(hf, "pad_token_id", default=None))
+                bos_id=_get(hf, "bos_token_id", default=None), eos_id=_eos(hf), pad_id=pad_id,
+                pad_row_frozen=(family not in _PAD_ROW_TRAINS and pad_id is not None
+                                and 0 <= pad_id < vocab_size))
 
 
 def _read_llama(hf: dict) -> ModelConfig:
