@@ -674,6 +674,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAReport:
     return report
 
 
+@torch.no_grad()
+def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Copy an adapter's weights into a model that has its layout (``apply_adapter_layout``'s,
+    or a copy of a model that ``load_adapter`` made)."""
+    _copy_adapter(model, *_read_weights(Path(adapter_dir)))
+
+
 def apply_adapter_layout(model: nn.Module, adapter_dir: str | Path,
                          config_name: str = ADAPTER_CONFIG) -> LoRAReport:
     """Freeze the model and add the adapters ``load_adapter`` would (where the adapter's config

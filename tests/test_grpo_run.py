@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,24 @@ def test_a_lora_run_from_an_adapter_takes_the_model_it_starts_from_as_the_kl_ref
     assert logged(result.run_dir, "train")[0]["kl"] == 0.0
 
 
+def test_a_resumed_run_from_an_adapter_keeps_that_adapter_as_the_kl_reference(assets,
+                                                                              tmp_path):
+    """Resumed, an --init-adapter run's model holds the adapter's layout until the checkpoint
+    restores the trained weights: its reference is still the base with the init adapter, so
+    the step after the resume logs the KL the uninterrupted run logged."""
+    from tiny_hf import save_random_adapter
+
+    adapter = save_random_adapter(Path(assets["model"]), tmp_path / "adapter")
+    cfg = grpo_cfg(assets, tmp_path, init_adapter=str(adapter), grpo_beta=0.5, max_steps=2,
+                   eval_every=2, save_every=1, lr=3e-2)
+    run_dir = tm.train(cfg).run_dir
+    uninterrupted = [line["kl"] for line in logged(run_dir, "train")]
+    shutil.rmtree(run_dir / "checkpoints" / "step-2")  # killed before step 2's checkpoint
+    tm.train(dataclasses.replace(cfg, resume=str(run_dir)))
+    assert [line["kl"] for line in logged(run_dir, "train")] == uninterrupted
+    assert uninterrupted[1] > 0.0
+
+
 def test_a_full_fine_tune_keeps_a_frozen_copy_as_the_kl_reference(assets, tmp_path):
     """grpo_beta > 0 training every weight: the reference is the starting model, frozen apart
     from the policy, which moves away from it."""
@@ -243,6 +262,33 @@ def test_the_control_arm_permutes_the_rewards_within_the_step(assets, tmp_path):
     orders = {tuple(trainer.score(problems, completions, step).rewards.tolist())
               for step in range(1, 6)}
     assert len(orders) > 1
+
+
+def test_the_reference_copy_holds_the_model_not_a_copy_of_the_trainer(assets, tmp_path):
+    """A full fine-tune's frozen reference is a copy of the model alone: its blocks' stop
+    hooks are the trainer's own (a stop during its forward is seen), no second trainer."""
+    cfg = grpo_cfg(assets, tmp_path, grpo_beta=0.1)
+    tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
+    trainer = grpo_trainer(pretrained.load(assets["model"], device="cpu"), cfg, tok,
+                           [problem(i) for i in range(2)])
+    owners = {id(hook.__self__) for module in trainer.reference.modules()
+              for hook in module._forward_pre_hooks.values() if hasattr(hook, "__self__")}
+    assert owners == {id(trainer)}
+
+
+def test_equal_reward_groups_counts_the_true_rewards_in_the_control_arm(assets, tmp_path):
+    """The share of problems whose G rewards are all equal is a property of the true rewards
+    (one problem always passing, one always failing: both equal), whatever permutation the
+    control arm's loss sees."""
+    cfg = grpo_cfg(assets, tmp_path, shuffle_rewards=True, num_generations=2)
+    tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
+    trainer = grpo_trainer(pretrained.load(assets["model"], device="cpu"), cfg, tok,
+                           [problem(i) for i in range(2)])
+    scored = rollout.Scored(rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                            true_rewards=torch.tensor([1.0, 1.0, 0.0, 0.0]),
+                            hacked=[False] * 4, runs=4)
+    completions = [rollout.Completion([1], [2], False, "x")] * 4
+    assert trainer._reward_metrics(scored, completions)["equal_reward_groups"] == 1.0
 
 
 def test_problems_of_one_task_id_in_two_files_are_each_sampled_from_their_own_prompt(assets):
@@ -327,6 +373,21 @@ def test_rewards_equal_in_every_group_are_named_with_the_fix(assets, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("equal rewards for 2 step(s) in a row") == 1
     assert "the model solves none" in err and "partial_credit" in err
+
+
+def test_a_resumed_run_without_signal_is_warned_too(assets, tmp_path, capsys):
+    """The warning counts the steps a process trains: resumed with 2 of 4 steps left, every
+    reward 0, the run is warned after those 2."""
+    path = write_jsonl(tmp_path / "threes.jsonl", [problem(i, answer=3) for i in range(4)])
+    argv = grpo_argv(assets, tmp_path, "--problems", path, "--save-every", "1", "--keep-last",
+                     "4", "--name", "r", length=("--max-steps", "4"))
+    assert tm.main(argv) == 0
+    assert "equal rewards for 4 step(s) in a row" in capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "r"
+    for step in (3, 4):  # killed after step 2's checkpoint
+        shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
+    assert tm.main(["--resume", str(run_dir), "--no-progress"]) == 0
+    assert "equal rewards for 2 step(s) in a row" in capsys.readouterr().err
 
 
 def test_a_sandbox_that_cannot_confine_is_refused(assets, tmp_path, capsys, monkeypatch):

@@ -298,12 +298,14 @@ class GRPOTrainer(Trainer):
         self.reference = self._reference()
         self.sandbox = reward_sandbox(grpo_settings)
         self.silent_steps = 0  # steps in a row without a group whose rewards differ
+        self.warn_after: int | None = None  # silent steps in a row that warn (at the first step)
 
     def _reference(self) -> nn.Module | None:
         """The KL term's reference: none without one (beta 0); under LoRA the base (adapters
         switched off, no copy); else, and where LoRA starts from an adapter (init_adapter), a
-        frozen copy of the starting model (the weights now, before a resume restores the
-        trained ones)."""
+        frozen copy of the starting model: the weights now, before a resume restores the
+        trained ones, the init adapter's loaded into it (a resumed model holds only its
+        layout)."""
         if not self.grpo_settings.grpo_beta:
             return None
         is_lora = any(True for _ in lora.lora_modules(self.raw_model))
@@ -315,7 +317,11 @@ class GRPOTrainer(Trainer):
                 raise ValueError(f"{setting(self.grpo_settings, 'grpo_beta')} needs the base as "
                                  f"the reference: {e}; or set grpo_beta 0") from None
             return None
-        reference = copy.deepcopy(self.raw_model).eval()
+        # The blocks' stop hooks are this trainer's methods: the copy's call this trainer too
+        # (the memo keeps deepcopy from copying the trainer, its optimizer and sampler).
+        reference = copy.deepcopy(self.raw_model, {id(self): self}).eval()
+        if self.grpo_settings.init_adapter is not None:
+            lora.load_adapter_weights(reference, self.grpo_settings.init_adapter)
         reference.requires_grad_(False)
         return reference
 
@@ -423,7 +429,7 @@ class GRPOTrainer(Trainer):
         """The rewards a researcher watches: their mean and spread, the pass rate, the share of
         groups whose rewards are all equal, the completions' length, the hack rate."""
         true = scored.true_rewards
-        groups = scored.rewards.view(-1, self.grpo_settings.num_generations)
+        groups = true.view(-1, self.grpo_settings.num_generations)
         equal = (groups == groups[:, :1]).all(dim=1).float().mean()
         lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float32)
         return {"reward_mean": float(true.mean()), "reward_std": float(true.std()),
@@ -435,11 +441,15 @@ class GRPOTrainer(Trainer):
 
     def _warn_without_signal(self, scored: Scored) -> None:
         """Warn once when every group's rewards have been equal for NO_SIGNAL_STEPS steps in a
-        row (or the whole of a shorter run): their advantages are 0, nothing is learned."""
-        groups = scored.rewards.view(-1, self.grpo_settings.num_generations)
+        row (or the whole of a shorter run, or of what a resumed run has left): their
+        advantages are 0, nothing is learned."""
+        if self.warn_after is None:  # the steps this process trains, this one included
+            self.warn_after = min(NO_SIGNAL_STEPS,
+                                  self.run_state.max_steps - self.run_state.step)
+        groups = scored.true_rewards.view(-1, self.grpo_settings.num_generations)
         silent = bool((groups == groups[:, :1]).all())
         self.silent_steps = self.silent_steps + 1 if silent else 0
-        due = min(NO_SIGNAL_STEPS, self.run_state.max_steps)
+        due = self.warn_after
         if self.silent_steps != due or not self.dist.main:
             return
         true = scored.true_rewards
