@@ -70,16 +70,21 @@ def model_specs(cfg: EvalConfig) -> list[str]:
 
 
 def latest_run(runs_dir: str | Path) -> Path:
-    """The most recently written run directory that holds a usable model."""
+    """The most recently written run directory that holds a model (export/ or best/); where
+    none does, the latest that holds a checkpoint (a run stopped before its first evaluation,
+    scored from its latest checkpoint, with a note)."""
     root = Path(runs_dir)
-    models = (rundir.EXPORT_DIR, rundir.BEST_DIR)
     runs = [p for p in (root.iterdir() if root.is_dir() else [])
-            if rundir.is_run_dir(p) and any((p / d).is_dir() for d in models)]
+            if rundir.is_run_dir(p) and rundir.holds_weights(p)]
     if not runs:
         raise ValueError(f"no trained model under {root}/: run `python trainingmanager.py` first, "
                          "or name models with --models")
-    return max(runs, key=lambda p: max((p / d).stat().st_mtime for d in models
-                                       if (p / d).exists()))
+    models = (rundir.EXPORT_DIR, rundir.BEST_DIR)
+    evaluated = [p for p in runs if any((p / d).is_dir() for d in models)]
+    if evaluated:
+        return max(evaluated, key=lambda p: max((p / d).stat().st_mtime for d in models
+                                                if (p / d).exists()))
+    return max(runs, key=lambda p: rundir.list_checkpoints(p)[-1].stat().st_mtime)
 
 
 def serve_models(cfg: EvalConfig) -> int:

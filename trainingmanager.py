@@ -575,7 +575,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report)
         return 0 if ok else 1
     if has_final_eval(cfg) and result.export_dir is not None:
-        finish.final_quality(result.run_dir, result.val_metrics, cfg.device)
+        try:
+            with process.interrupt_on_sigterm():
+                finish.final_quality(result.run_dir, result.val_metrics, cfg.device)
+        except KeyboardInterrupt as stop:
+            print(f"interrupted during the final evaluation; the run is trained and exported: "
+                  f"--resume {result.run_dir} evaluates it again", file=sys.stderr)
+            return process.interrupted_exit_code(stop)
     if result.best_val_loss is not None:
         print(f"{best_quality(cfg.task, result.best_val_loss)} at step {result.best_step}; run "
               f"dir {result.run_dir}")

@@ -206,6 +206,15 @@ def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch,
     assert lines[-1].startswith("preset auto: tiny")
 
 
+def test_preset_auto_says_it_times_the_cpus_precision_before_timing_it(monkeypatch, capsys):
+    """On a CPU the precision is timed first (bf16 against fp32, on one rung twice): a line
+    says so before the seconds it takes."""
+    _auto_plan(monkeypatch, first_step_s=0.01)
+    lines = capsys.readouterr().out.splitlines()
+    timing = [line for line in lines if line.startswith("preset auto: timing")]
+    assert timing[0].startswith("preset auto: timing bf16 against fp32 on ")
+
+
 def test_preset_auto_refuses_a_first_rung_beyond_the_machine_untimed_unless_forced(
         monkeypatch, capsys):
     """A first rung whose step is beyond plan.MAX_STEP_S refuses the run before any rung is

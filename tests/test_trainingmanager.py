@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -4364,6 +4365,22 @@ def test_a_resumed_run_that_exports_anew_is_evaluated_anew(assets, tmp_path, cap
     again = json.loads(results.read_text())
     assert [m["step"] for m in first["models"]] == [2]
     assert [m["step"] for m in again["models"]] == [4]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_during_the_final_evaluation_is_one_line_and_the_stops_exit_code(
+        assets, tmp_path, capsys, monkeypatch, sig, code):
+    """SIGTERM or Ctrl-C while the exported run is evaluated: one line saying how to evaluate
+    it again, exit 143 or 130, no traceback."""
+    def stopped(*args, **kwargs):
+        signal.raise_signal(sig)
+
+    monkeypatch.setattr(finish, "final_quality", stopped)
+    cfg = tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, export=True)
+    assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == code
+    err = capsys.readouterr().err
+    assert "interrupted during the final evaluation" in err and "--resume" in err
+    assert "Traceback" not in err
 
 
 def test_print_config_looks_for_no_checkpoint(capsys, monkeypatch):

@@ -397,6 +397,9 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
     if cfg.precision == "auto" and device_type == "cpu":
         precision_rung = trainconfig.BUDGET_LADDER[PRECISION_RUNG]
         timed = within(with_fallbacks(with_rung(cfg, precision_rung)))
+        if timed and announce:
+            print(f"preset auto: timing bf16 against fp32 on {precision_rung['preset']}",
+                  flush=True)
         cfg = replace(cfg, precision=cpu_precision(cfg, probe) if timed else "fp32")
 
     def fits(measured: Probe) -> bool:
@@ -610,8 +613,9 @@ def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) 
         return ("the time budget was spent before training (preparing the data, loading and "
                 "timing the model): raise --time-budget-min")
     if seconds_left is not None and cost.seconds * FEWEST_BUDGET_STEPS > seconds_left:
-        return (f"{step}, and the time budget has {_minutes(seconds_left)} left, fewer than "
-                f"{FEWEST_BUDGET_STEPS} steps: {shorter}, or raise --time-budget-min")
+        return (f"{step}, and the time budget has {_minutes(seconds_left)} left (what preparing "
+                f"the data and timing the model left of it), fewer than {FEWEST_BUDGET_STEPS} "
+                f"steps: raise --time-budget-min, or {shorter}")
     return None
 
 
