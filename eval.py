@@ -313,7 +313,7 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
 
     def ask(index: int) -> list[str]:
         sampling = Sampling(new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, n,
-                            cfg.seed + index * n, tuple(stops))
+                            (cfg.seed + index * n) % 2**64, tuple(stops))
         return complete_at(endpoint, model.name, problems[index]["prompt"], sampling)
 
     with ThreadPoolExecutor(max_workers=cfg.batch_size) as pool:

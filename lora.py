@@ -386,14 +386,19 @@ def _resolve_targets(model: nn.Module, targets: list[str] | str, peft_rules: boo
                          f"model. HF names: {', '.join(_leaf_names(adaptable))}; codelm names: "
                          f"{', '.join(_leaf_names(codelm_paths))} (or any dotted suffix of a full "
                          "module name, e.g. 'attn.proj')")
+    if resolved and not any(resolved.values()):
+        raise ValueError(f"LoRA target(s) {list(resolved)}: every module they select is saved "
+                         f"whole (modules_to_save {list(modules_to_save)}), which PEFT adapts "
+                         "not: no module would get an adapter; target others")
     return resolved
 
 
-def targeted_modules(model: nn.Module, targets: list[str] | str,
-                     peft_rules: bool = False) -> set[str]:
+def targeted_modules(model: nn.Module, targets: list[str] | str, peft_rules: bool = False,
+                     modules_to_save: Sequence[str] = ()) -> set[str]:
     """The adapter-file module names ``targets`` selects, as ``apply_lora`` (or under
     ``peft_rules``, ``load_adapter``) would: two spellings adapt the same modules when equal."""
-    return {n for hits in _resolve_targets(model, targets, peft_rules).values() for n in hits}
+    resolved = _resolve_targets(model, targets, peft_rules, modules_to_save)
+    return {n for hits in resolved.values() for n in hits}
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:

@@ -101,8 +101,14 @@ class EndpointModel(NamedTuple):
 
 
 def endpoint_model(endpoint: Endpoint) -> EndpointModel:
-    """The endpoint's model: its own (``#MODEL``), else the first it lists."""
-    listed = _request(f"{endpoint.url}/models").get("data") or []
+    """The endpoint's model: its own (``#MODEL``), else the first it lists; its context where
+    the listing gives it (an endpoint that lists none, named ``#MODEL``: unknown)."""
+    try:
+        listed = _request(f"{endpoint.url}/models").get("data") or []
+    except ValueError:
+        if endpoint.model is None:
+            raise
+        return EndpointModel(endpoint.model, None)
     if endpoint.model is None and not listed:
         raise ValueError(f"{endpoint.url}/models lists no model: name one as URL#MODEL")
     name = endpoint.model or listed[0]["id"]
@@ -123,7 +129,7 @@ def complete(endpoint: Endpoint, model: str, prompt: str, sampling: Sampling) ->
     asked MAX_CHOICES at a time (each request's seed the first of its choices')."""
     texts: list[str] = []
     for first in range(0, sampling.n, MAX_CHOICES):
-        seed = None if sampling.seed is None else sampling.seed + first
+        seed = None if sampling.seed is None else (sampling.seed + first) % 2**64
         texts += _complete_once(endpoint, model, prompt, replace(
             sampling, n=min(MAX_CHOICES, sampling.n - first), seed=seed))
     return texts

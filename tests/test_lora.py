@@ -237,6 +237,20 @@ def test_bias_and_modules_to_save_round_trip_with_peft(family, setting, tmp_path
     torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), atol=1e-5, rtol=0)
 
 
+def test_targets_all_saved_whole_are_refused_and_counted_as_apply_lora_counts(tmp_path):
+    """A target every module of which is saved whole would get no adapter (PEFT excludes saved
+    modules): refused in one line; beside another target, the saved module is left out, and
+    targeted_modules says what apply_lora adapts."""
+    save_tiny_hf("llama", tmp_path / "hf")
+    model = pretrained.load(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"every module they select is saved whole"):
+        apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["down_proj"],
+                                     modules_to_save=["down_proj"]))
+    chosen = lora.targeted_modules(model, ["q_proj", "down_proj"],
+                                   modules_to_save=["down_proj"])
+    assert chosen and all(name.endswith("q_proj") for name in chosen)
+
+
 def test_a_modules_to_save_entry_that_names_no_module_is_refused(tmp_path):
     """An entry no module name ends with would train nothing, and PEFT refuses the adapter:
     one line naming it and the model's modules."""

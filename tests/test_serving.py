@@ -3,6 +3,7 @@ and chat completions equal codelm's own greedy generation, streams equal whole a
 choices repeat, stops cut as eval cuts, concurrent clients share the engine, bad requests get
 OpenAI's error JSON while the server keeps serving, and SIGTERM ends a stream cleanly."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -580,6 +581,27 @@ def test_an_endpoint_is_asked_as_eval_samples_a_local_model(monkeypatch):
         ("a", 128, 5, 128, 7), ("a", 2, 133, 128, 7),
         ("b", 128, 135, 128, 7), ("b", 2, 263, 128, 7)]
     assert texts[1][:2] == ["135", "136"] and texts[0][-1] == "134"
+    asked.clear()  # seeds wrap at 64 bits, as a local model's do
+    ev._endpoint_samples(endpoint, "x", passk.PASSK, problems[:1],
+                         dataclasses.replace(cfg, seed=2**64 - 100))
+    assert [b["seed"] for b in asked] == [2**64 - 100, 28]
+
+
+def test_an_endpoint_that_lists_no_models_is_asked_for_the_model_it_was_named(monkeypatch):
+    """URL#MODEL needs no /models listing: an endpoint that serves none (404) is still
+    scored, its context unknown."""
+    from codelm import endpoints
+
+    def request(url, body=None):
+        if body is None:
+            raise ValueError(f"{url}: HTTP 404: not found")
+        return {"choices": [{"index": 0, "text": " pass"}]}
+
+    monkeypatch.setattr(endpoints, "_request", request)
+    named = endpoints.parse_endpoint("x=openai:http://h:1/v1#m")
+    assert endpoints.endpoint_model(named) == endpoints.EndpointModel("m", None)
+    with pytest.raises(ValueError, match="404"):
+        endpoints.endpoint_model(endpoints.parse_endpoint("x=openai:http://h:1/v1"))
 
 
 def test_beam_search_is_refused_for_an_endpoint():
