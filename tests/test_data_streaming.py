@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -139,11 +140,17 @@ def test_an_interrupted_corpus_build_continues_after_its_whole_shards(tmp_path, 
     assert not work.exists()
 
 
-def _killing_on(name: str, real):
+def _killing_on(name: str, real, cache: Path):
     """shards.clean_one that, in a worker, kills its own process on the document ``name`` (as
-    the out-of-memory killer would), else cleans."""
+    the out-of-memory killer would) once the build has written its first whole shard under
+    ``cache`` (waited for: the kill comes after a shard, whatever the workers' pace), else
+    cleans."""
     def clean(item):
         if item[0].id.endswith(name) and multiprocessing.parent_process() is not None:
+            deadline = time.monotonic() + 120
+            while (not any(cache.glob("corpus-*.shards/shard-00000.json"))
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
         return real(item)
     return clean
@@ -159,7 +166,8 @@ def test_a_cleaning_worker_killed_mid_build_ends_the_build_with_one_error_and_a_
     reference = load_corpus(config(tmp_path / "ref", source, num_workers=2))
     c = config(tmp_path / "cache", source, num_workers=2)
     real = shards.clean_one
-    monkeypatch.setattr(shards, "clean_one", _killing_on("/quoprimime.py", real))
+    monkeypatch.setattr(shards, "clean_one",
+                        _killing_on("/quoprimime.py", real, tmp_path / "cache"))
     faulthandler.dump_traceback_later(240, exit=True)  # a hang fails the test, never stalls it
     try:
         with pytest.raises(process.WorkerDied, match="SIGKILL") as died:
