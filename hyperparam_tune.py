@@ -95,7 +95,8 @@ class TuneConfig:
     workers: int = 1  # worker processes on this machine
     heartbeat_interval: int = 30  # seconds between a trial's heartbeats (RDB storages)
     grace_period: int = 120  # seconds without a heartbeat before a trial is dead and requeued
-    max_retry: int = 2  # times a trial whose worker died is queued again (an interrupted one: always)
+    max_retry: int = 2  # times a trial whose worker died is queued again (an interrupted one:
+    #   always)
     worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
     # output
     progress: bool = True  # a progress bar over the trials

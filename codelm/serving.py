@@ -270,7 +270,8 @@ def _params(body: dict, chat: bool, room: int) -> _Params:
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
     seed = _number(body, "seed", None, int, -(2**63), 2**64 - 1)  # signed or unsigned 64 bits
     return _Params(max_tokens, float(temperature), None if top_p == 1 else float(top_p),
-                   top_k if top_k > 0 else None, _number(body, "n", 1, int, 1, MAX_CHOICES), stop, seed, logprobs,
+                   top_k if top_k > 0 else None, _number(body, "n", 1, int, 1, MAX_CHOICES),
+                   stop, seed, logprobs,
                    bool(body.get("stream")), bool(options.get("include_usage")), echo)
 
 
