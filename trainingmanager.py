@@ -147,7 +147,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 memorised = loop.overfit_batches > 0 and stats.loss < OVERFIT_LOSS
                 with progress.paused():  # evaluation and saving are not training time
                     if memorised or (s.step % loop.eval_every == 0 and s.step >= loop.warmup_steps):
-                        result.val_metrics = _evaluate(run, progress, on_eval)
+                        result.val_metrics = _evaluate(run, progress, on_eval, memorised)
                         result.early_stopped = _stops_early(run, progress)
                     now = time.perf_counter()
                     over_time = (loop.max_time_s is not None
@@ -189,8 +189,10 @@ def _log_step(run: Run, stats: StepStats, progress: Progress) -> None:
     run.record.log_step(run.state, stats, tok_s, epoch, run.trainer)
 
 
-def _evaluate(run: Run, progress: Progress, on_eval: Callable[[int, dict], None] | None) -> dict:
-    """Evaluate; count it toward early stopping; keep best/; call ``on_eval``."""
+def _evaluate(run: Run, progress: Progress, on_eval: Callable[[int, dict], None] | None,
+              last: bool = False) -> dict:
+    """Evaluate; count it toward early stopping; keep best/; call ``on_eval``. ``last``: the
+    run ends after this evaluation (its console line shows no time left)."""
     s, record = run.state, run.record
     metrics = run.trainer.evaluate(*run.data.batches.validation())
     loss = metrics["val_loss"]
@@ -201,7 +203,7 @@ def _evaluate(run: Run, progress: Progress, on_eval: Callable[[int, dict], None]
                         "diverged", s.step, causes)
     improved = s.note_evaluation(loss, run.loop.early_stop_min_delta)
     record.log_evaluation(s, metrics, run.data.batches.epoch(s.step))
-    progress.eval_line(metrics)
+    progress.eval_line(metrics, last)
     if improved:
         # Never best/ without a checkpoint: a kill between them would leave nothing to resume.
         if record.last_saved_step < 0:

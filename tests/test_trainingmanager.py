@@ -655,12 +655,18 @@ def test_on_eval_exception_propagates_and_early_stopping(assets, tmp_path):
     assert result.early_stopped and result.step == 6
 
 
-def test_overfit_batches_memorises_real_batches(assets, tmp_path):
+def test_overfit_batches_memorises_real_batches(assets, tmp_path, capsys):
+    """The run stops at the step its batch is memorised; that evaluation's console line, the
+    run's last, estimates no time left."""
     cfg = tiny_cfg(assets, tmp_path, overfit_batches=1, max_steps=400, eval_every=1000,
                    lr=1e-2, warmup_steps=10, weight_decay=0.0)
     result = tm.train(cfg)
     assert result.train_loss < tm.OVERFIT_LOSS
     assert result.val_metrics["val_loss"] == pytest.approx(result.train_loss, abs=0.05)
+    assert result.step < 400
+    eval_lines = [line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("eval step")]
+    assert eval_lines and "elapsed" in eval_lines[-1] and "ETA" not in eval_lines[-1]
 
 
 def test_a_failed_directory_write_is_one_oserror_and_leaves_the_old_one(tmp_path):

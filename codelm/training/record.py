@@ -312,8 +312,9 @@ class Progress:
                   f"{stats.lr:.2e} | {self.tok_s:,.0f} tok/s | epoch {epoch:.2f}", flush=True)
         return self.tok_s
 
-    def eval_line(self, metrics: dict) -> None:
-        """Where the run is, how it does, how long it takes."""
+    def eval_line(self, metrics: dict, last: bool = False) -> None:
+        """Where the run is, how it does, how long it takes (``last``: the run ends after this
+        evaluation, so no time is left to estimate)."""
         if not self.main:
             return
         state = self.state
@@ -329,8 +330,9 @@ class Progress:
             margin = metrics.get("val_rewards/margins")
             margin = f" | margin {margin:.3f}" if margin is not None else ""
             quality = f"val loss {metrics['val_loss']:.4f}{bpb}{ppl}{acc}{margin}"
+        left = "" if last else f" | ETA {duration(eta)}"
         self.say(f"eval step {state.step}/{state.max_steps} | {train}{quality} | "
-                 f"{self.tok_s:,.0f} tok/s | elapsed {duration(elapsed)} | ETA {duration(eta)}")
+                 f"{self.tok_s:,.0f} tok/s | elapsed {duration(elapsed)}{left}")
 
     def say(self, line: str) -> None:
         """A line on stdout from rank 0, above the bar."""
