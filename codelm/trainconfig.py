@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -814,6 +815,22 @@ def overfit_settings(cfg: TrainConfig) -> dict:
 def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:
     """Where a key of this command line was set: its flag, its ``--config`` file, else the
     ``--resume`` run's config.json."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = vars(build_parser().parse_args(argv))
     resumed = args.get("resume") and f"{Path(args['resume']) / rundir.CONFIG_FILE} (--resume)"
-    return settings.where_set_in(args, "train", resumed)
+    return settings.where_set_in(args, "train", resumed, typed_spellings(argv))
+
+
+def typed_spellings(argv: Sequence[str]) -> dict[str, str]:
+    """The keys typed in another spelling than their own flag, and that spelling: lr ->
+    ``--learning_rate`` (HF Trainer's, HF_FLAGS), precision -> ``--bf16``."""
+    typed = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    spellings = {**HF_FLAGS, "precision": ["--fp16", "--bf16"]}
+    spelled = {}
+    for flag in typed:  # the last spelling typed is the one argparse kept
+        for key, aliases in spellings.items():
+            if flag in aliases:
+                spelled[key] = flag
+            elif flag == settings.flag_of(key):
+                spelled.pop(key, None)
+    return spelled

@@ -283,6 +283,19 @@ def test_hugging_face_trainer_spellings_are_aliases_of_the_codelm_flags():
     assert "learning_rate" not in trainconfig.build_parser().format_help()
 
 
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--learning_rate", "-1"], "lr (-1.0, --learning_rate): must be > 0"),
+    (["--per_device_train_batch_size=0"], "batch_size (0, --per_device_train_batch_size)"),
+    (["--learning_rate", "1", "--lr", "-1"], "lr (-1.0, --lr)"),  # the last one typed counts
+])
+def test_an_error_names_a_setting_as_the_command_line_spelled_it(argv, named):
+    """A value typed with HF Trainer's spelling is named with that spelling in its error, so the
+    user finds the flag they typed."""
+    with pytest.raises(ValueError) as err:
+        plan.parse_config(argv)
+    assert named in str(err.value)
+
+
 @pytest.mark.parametrize(("script", "text", "meant"), [
     ("trainingmanager", "learning_rate: 1.0e-3\n", "'lr'"),  # HF Trainer's name of the key
     ("trainingmanager", "max-steps: 3\n", "'max_steps'"),  # the flag's spelling

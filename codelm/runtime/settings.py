@@ -452,16 +452,17 @@ def off_switch(key: str, where_set: Callable[[str], str] = flag_of) -> str:
     return f"--no-{flag_of(key)[2:]}" if where == flag_of(key) else f"{key} false ({where})"
 
 
-def where_set_in(args: Mapping[str, Any], section: str, rest: str | None = None
-                 ) -> Callable[[str], str]:
-    """Where the user set field ``key``, for errors: its flag when typed, else the ``--config``
-    file when that sets it, else ``rest`` (a resumed run's config.json), else its flag."""
+def where_set_in(args: Mapping[str, Any], section: str, rest: str | None = None,
+                 spelled: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    """Where the user set field ``key``, for errors: its flag when typed (as ``spelled`` has
+    it where another spelling was typed: ``--learning_rate``), else the ``--config`` file when
+    that sets it, else ``rest`` (a resumed run's config.json), else its flag."""
     config = args.get("config")
     in_file = read_config_file(config, section)[0] if config is not None else {}
 
     def where(key: str) -> str:
         if key in args and key != "config":
-            return flag_of(key)
+            return (spelled or {}).get(key, flag_of(key))
         if key in in_file:
             return f"--config {config}"
         return rest or flag_of(key)
