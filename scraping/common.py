@@ -150,13 +150,16 @@ def walk_source_tree(root: Path, extensions: Iterable[str], follow_symlinks: boo
     pull in outside files), ``not_a_file``."""
     extensions = tuple(extensions)
     files, work_trees = _tree_files(root)
-    if repository_top(root) is not None:
+    top = repository_top(root)
+    if top is not None:
         work_trees = list(dict.fromkeys(["", *work_trees]))
     outermost = [tree for tree in work_trees
                  if not any(_is_under(tree, other) for other in work_trees)]
     nested = tuple(f"{tree}/" for tree in work_trees if tree not in outermost)
-    ignored = {f"{tree}/{rel}" if tree else rel
-               for tree in outermost for rel in git_ignored_files(Path(root, tree))}
+    ignored = set()
+    for tree in outermost:  # the walked root's repository is the one already found
+        listed = git_ignored_files(Path(root, tree), top if tree == "" else None)
+        ignored.update(f"{tree}/{rel}" if tree else rel for rel in listed)
     for rel, path in files:  # the extension first: it needs no system call
         if not has_extension(rel, extensions):
             yield rel, path, "extension"
@@ -190,11 +193,11 @@ def repository_top(root: Path) -> Path | None:
     return None
 
 
-def git_ignored_files(root: Path) -> frozenset[str]:
+def git_ignored_files(root: Path, top: Path | None = None) -> frozenset[str]:
     """Relative paths of the untracked files git ignores under ``root``, a git work tree or a
-    directory of one (``repository_top``; empty when it is none or git fails): a walked
-    checkout gives the files a clone gives."""
-    top = repository_top(root)
+    directory of one (``top``: its ``repository_top``, found here when not given; empty when
+    it is none or git fails): a walked checkout gives the files a clone gives."""
+    top = top or repository_top(root)
     if top is None:
         return frozenset()
     listed = _git(top, root, "ls-files", "-z", "--others", "--ignored", "--exclude-standard")

@@ -18,6 +18,7 @@ import pytest
 from fake_github import DEFAULT_FAULTS, FakeGitHub, FakeRepo, blob_sha, fake_corpus
 from procs import popen, signal_when
 
+import scraping.common as scraping_common
 import scraping.github
 from codelm.data.sources import _source_listing
 from codelm.runtime import process
@@ -1574,16 +1575,21 @@ def test_a_repository_inside_a_repository_is_skipped_and_one_in_a_plain_director
 
 
 def test_a_directory_of_a_repository_walked_alone_still_has_its_ignored_files_skipped(
-        tmp_path):
+        tmp_path, monkeypatch):
     """A package directory of a checkout, given as the source, holds what the checkout
     ignores (local settings, secrets) as the whole checkout does: skipped all the same. A
     directory that a repository above only contains (a home directory's dotfiles repository
-    ignoring everything) is not that repository's."""
+    ignoring everything) is not that repository's. The walk asks git once which repository
+    the directory belongs to."""
     src = _git_repo(tmp_path / "proj", {"src/mod.py": "x = 1\n", ".gitignore": "settings.py\n",
                                         "src/settings.py": "KEY = 1\n"},
                     ("src/mod.py", ".gitignore"))
+    calls = []
+    real_git = scraping_common._git
+    monkeypatch.setattr(scraping_common, "_git", lambda *a: calls.append(a[2:]) or real_git(*a))
     reasons = {rel: skip for rel, _, skip in walk_source_tree(src / "src", [".py"])}
     assert reasons == {"mod.py": None, "settings.py": "gitignored"}
+    assert len(calls) == 2  # is it a repository's (what it tracks), then what that ignores
     home = _git_repo(tmp_path / "home", {".gitignore": "*\n!.gitignore\n!.bashrc\n",
                                          ".bashrc": "x\n"}, (".gitignore", ".bashrc"))
     _tree(home / "code", {"a.py": "x = 1\n", "settings.py": "KEY = 1\n"})
