@@ -669,6 +669,15 @@ def test_overfit_batches_memorises_real_batches(assets, tmp_path, capsys):
     assert eval_lines and "elapsed" in eval_lines[-1] and "ETA" not in eval_lines[-1]
 
 
+def test_the_console_estimates_time_left_until_the_last_evaluation(assets, tmp_path, capsys):
+    """Every evaluation line but the one at the run's last step says how long the run has left."""
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=8, eval_every=4))
+    eval_lines = [line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("eval step")]
+    assert [("ETA" in line) for line in eval_lines] == [True, False]
+    assert eval_lines[-1].startswith("eval step 8/8") and "elapsed" in eval_lines[-1]
+
+
 def test_a_failed_directory_write_is_one_oserror_and_leaves_the_old_one(tmp_path):
     """A full disk makes torch.save / safetensors raise their own types: the run reports one
     line (an OSError naming the target), removes the half-written copy and keeps the old."""

@@ -313,8 +313,8 @@ class Progress:
         return self.tok_s
 
     def eval_line(self, metrics: dict, last: bool = False) -> None:
-        """Where the run is, how it does, how long it takes (``last``: the run ends after this
-        evaluation, so no time is left to estimate)."""
+        """Where the run is, how it does, how long it takes; no time left to estimate at the
+        run's last step, or where ``last`` says the run ends after this evaluation."""
         if not self.main:
             return
         state = self.state
@@ -330,7 +330,7 @@ class Progress:
             margin = metrics.get("val_rewards/margins")
             margin = f" | margin {margin:.3f}" if margin is not None else ""
             quality = f"val loss {metrics['val_loss']:.4f}{bpb}{ppl}{acc}{margin}"
-        left = "" if last else f" | ETA {duration(eta)}"
+        left = "" if last or state.step >= state.max_steps else f" | ETA {duration(eta)}"
         self.say(f"eval step {state.step}/{state.max_steps} | {train}{quality} | "
                  f"{self.tok_s:,.0f} tok/s | elapsed {duration(elapsed)}{left}")
 
