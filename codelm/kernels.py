@@ -96,14 +96,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- dropout
 # Dropout draws 16-bit integers, four from each 64-bit random word, where torch draws a float
-# per element (the speed: docs/benchmarks.md). p is rounded to a multiple of 1/65536 (0.1 -> 0.0999908) and the kept
-# values are scaled by 1 / (1 - that rate), so each value's expectation is kept exactly.
+# per element (the speed: docs/benchmarks.md). p is rounded to a multiple of 1/65536 (0.1 ->
+# 0.100006) and the kept values are scaled by 1 / (1 - that rate), so each value's expectation is
+# kept exactly.
 DROP_LEVELS = 2**16
 
 
 def drop_rate(p: float) -> float:
     """The probability dropout drops at: p rounded to a multiple of 1 / DROP_LEVELS."""
     return round(p * DROP_LEVELS) / DROP_LEVELS
+
+
+def keep_scale(p: float) -> float:
+    """What dropout multiplies a kept value by: 1 / (1 - drop_rate(p)); 0 where p rounds to 1
+    (every value dropped, zeros as torch's dropout at p = 1 gives)."""
+    rate = drop_rate(p)
+    return 1.0 / (1.0 - rate) if rate < 1 else 0.0
 
 
 def dropped(shape: torch.Size, p: float, device: torch.device,
@@ -123,7 +131,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.is_cuda:
         return PLAIN
-    return torch.where(dropped(x.shape, p, x.device), 0.0, x).mul_(1.0 / (1.0 - drop_rate(p)))
+    return torch.where(dropped(x.shape, p, x.device), 0.0, x).mul_(keep_scale(p))
 
 
 def dropout_seed() -> int:
@@ -141,7 +149,7 @@ def dropout_keep(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> to
     """The scaled keep mask (0 or 1 / (1 - drop_rate(p))) of dropout on ``x`` drawn from
     ``seed``."""
     keep = ~_seeded_drops(x, p, seed)
-    return keep.to(dtype).mul_(1.0 / (1.0 - drop_rate(p)))
+    return keep.to(dtype).mul_(keep_scale(p))
 
 
 # Rows of a dropped input formed at a time: ~2 MiB, which stays in cache for its matmul and is
@@ -173,7 +181,7 @@ class _DroppedLinearFunction(torch.autograd.Function):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.seed, ctx.dtype = p, seed, dt
-        ctx.scale = 1.0 / (1.0 - drop_rate(p))
+        ctx.scale = keep_scale(p)
         rows = x.reshape(-1, x.shape[-1])
         drops = _seeded_drops(x, p, seed).view(rows.shape)
         w_t = weight.to(dt).t()
@@ -304,7 +312,7 @@ def _flex_device(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def document_mask(document_ids: torch.Tensor, flex: bool):
+def document_mask(document_ids: torch.Tensor, flex: bool = False):
     """On a GPU (where ``flex``: no soft cap, no attention dropout, no window shorter than the
     row), FlexAttention's block mask of packed rows: the blocks a document's queries cannot see
     are skipped, not computed and masked as SDPA's boolean mask makes them."""
@@ -577,7 +585,9 @@ PACK_MIN_NUMEL = 2**17
 
 class _Pack(NamedTuple):
     """A Linear weight reordered for oneDNN, and the weight it was made from: its storage,
-    strides and version, so a weight changed or moved since is never multiplied stale."""
+    strides and version, so a weight changed by a torch op (in place or replaced) or moved
+    since is never multiplied stale. A write through ``weight.data`` bumps no version: turn
+    ``decode_layout`` off and on again after one."""
 
     packed: torch.Tensor
     key: tuple

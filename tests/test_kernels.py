@@ -688,6 +688,36 @@ def test_cpu_dropout_drops_p_and_scales_the_rest_as_torch():
     assert kernels.dropout(x, 0.25, False) is x and kernels.dropout(x, 0.0, True) is x
 
 
+@pytest.mark.parametrize("p", [1.0, 1 - 2**-18])
+def test_dropout_at_a_rate_that_rounds_to_one_drops_everything_as_torch(p):
+    """A rate that rounds to 1 (the draws' resolution is 2**-16) drops every value: zeros, as
+    torch's dropout at p = 1 gives, from each fast dropout; never a division by zero."""
+    from lora import dropped_linear
+
+    x = torch.randn(8, 16, requires_grad=True)
+    weight = torch.randn(4, 16)
+    seed = kernels.dropout_seed()
+    assert torch.equal(kernels.dropout(x, p, True), F.dropout(x, 1.0, True))
+    assert torch.equal(x * kernels.dropout_keep(x, p, seed, x.dtype), torch.zeros_like(x))
+    for op in (kernels.dropped_linear, dropped_linear.__wrapped__):
+        out = op(x, weight, p, seed)
+        out.sum().backward()
+        assert torch.equal(out, torch.zeros(8, 4)) and torch.equal(x.grad, torch.zeros_like(x))
+        x.grad = None
+
+
+def test_document_mask_takes_the_plain_functions_arguments(monkeypatch):
+    """The fast document mask is called with what the model's plain one takes (flex has its
+    default there too): the same mask, on or off."""
+    from architecture import document_mask
+
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    plain = document_mask.__wrapped__(ids)
+    assert torch.equal(document_mask(ids), plain)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert torch.equal(document_mask(ids), plain)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_dropped_linear_equals_autograd_through_the_materialized_mask(autocast):
     """The forward and both gradients equal autograd through x * mask @ A.T with the mask drawn
