@@ -60,8 +60,10 @@ def worker_pool(processes: int, initializer: Callable | None = None,
     workers = list(pool._processes.values())  # no public handle on them before Python 3.14
     try:
         yield pool
-    except BrokenProcessPool:
+    except BrokenProcessPool as broken:
         pool.shutdown(wait=True)
+        if broken.__cause__ is not None:  # a worker's result or error the parent cannot read:
+            raise  # its cause says which, and no worker died
         raise WorkerDied(_death_message(workers)) from None
     except BaseException:
         for worker in workers:
@@ -591,6 +593,8 @@ def write_dir_atomically(target: str | Path, build: Callable[[Path], object],
 
 def _publish(tmp: Path, target: Path, old: Path | None) -> bool:
     """Rename ``tmp`` to ``target``, an existing one moved to ``old`` first (None: kept, False)."""
+    if old is None and os.path.lexists(target):
+        return False  # kept: rename would replace an empty directory
     replaced = old is not None and os.path.lexists(target)
     if replaced:
         os.rename(target, old)
@@ -599,7 +603,8 @@ def _publish(tmp: Path, target: Path, old: Path | None) -> bool:
     except BaseException as err:
         if replaced and not _put_back(old, target):
             _remove(old)
-        if old is None and getattr(err, "errno", None) in (errno.ENOTEMPTY, errno.EEXIST):
+        if old is None and getattr(err, "errno", None) in (errno.ENOTEMPTY, errno.EEXIST,
+                                                          errno.ENOTDIR):
             return False  # another process published target first: its entry stays
         raise
     _fsync(target.parent)
@@ -788,7 +793,7 @@ class Heartbeat:
             tqdm.write(self.line(now), file=sys.stderr)  # above any bar shown
 
     def line(self, now: float) -> str:
-        count = f"{self.n:g}" if self.total is None else f"{self.n:g}/{self.total:g}"
+        count = _figure(self.n) if self.total is None else f"{_figure(self.n)}/{_figure(self.total)}"
         plural = "es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s"  # batches
         unit = "" if self.unit == "it" else f" {self.unit}{plural}"
         return f"{self.desc or 'working'}: {count}{unit}, {duration(now - self.started)}"
@@ -847,11 +852,16 @@ def file_digest(path: str | Path) -> str:
     return hasher.hexdigest()
 
 
+def _figure(n: float) -> str:
+    """A count as a reader reads it: 1234567, not 1.23457e+06; 2.5 where it has a fraction."""
+    return str(int(n)) if float(n).is_integer() else f"{n:.1f}"
+
+
 def write_manifest(directory: Path) -> None:
     """Record the size and digest of every file beneath ``directory`` in its manifest."""
     files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size,
                                                    "blake3": file_digest(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p != directory / MANIFEST_FILE}
     write_atomic(directory / MANIFEST_FILE, json.dumps({"format_version": 1, "files": files},
                                                        indent=1))
 

@@ -1,0 +1,72 @@
+"""codelm.runtime.process: what its pools report, its progress lines and its atomic writes."""
+
+import json
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+
+from codelm.runtime import process
+
+
+class PathError(Exception):
+    """An error whose constructor takes two arguments: pickled, it cannot be rebuilt."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+
+
+def _fails_unreadably(item: int) -> int:
+    if item == 2:
+        raise PathError("/data/f.py", "not UTF-8")
+    return item
+
+
+def test_a_worker_error_the_parent_cannot_rebuild_is_not_called_a_dead_worker():
+    """A worker that raised an error the parent fails to unpickle did not die: the pool's error
+    carries that cause, never WorkerDied's "out of memory? kill -9?"."""
+    with pytest.raises(BrokenProcessPool) as err:
+        with process.worker_pool(2) as pool:
+            list(process.ordered_map(pool, _fails_unreadably, range(6), limit=4))
+    assert not isinstance(err.value, process.WorkerDied)
+    assert "PathError" in repr(err.value.__cause__) or "PathError" in str(err.value.__cause__)
+
+
+def test_a_heartbeat_counts_in_plain_figures():
+    """Large counts read as numbers, not 1.23457e+06."""
+    beat = process.Heartbeat("tokenize train", total=5_000_000, unit="text", clock=lambda: 90.0)
+    beat.n = 1_234_567
+    assert beat.line(90.0).startswith("tokenize train: 1234567/5000000 texts")
+    beat.n = 2.5
+    assert "2.5/5000000" in beat.line(90.0)
+
+
+def test_a_manifest_records_a_nested_file_named_as_manifests_are(tmp_path):
+    """Only the directory's own manifest is left out of it: a sub-directory's manifest.json is
+    a file like any other, and a change to it is found."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"a")
+    (tmp_path / "sub" / process.MANIFEST_FILE).write_text("{}")
+    process.write_manifest(tmp_path)
+    listed = json.loads((tmp_path / process.MANIFEST_FILE).read_text())["files"]
+    assert sorted(listed) == ["a.bin", f"sub/{process.MANIFEST_FILE}"]
+    (tmp_path / "sub" / process.MANIFEST_FILE).write_text('{"x": 1}')
+    assert process.manifest_problem(tmp_path) is not None
+
+
+@pytest.mark.parametrize("existing", ["empty directory", "file"])
+def test_a_directory_written_without_replace_keeps_any_existing_target(tmp_path, existing):
+    """replace=False: the first publisher wins, whatever the target is (an empty directory,
+    which a rename would replace, or a file): False, the target as it was."""
+    target = tmp_path / "entry"
+    if existing == "file":
+        target.write_text("kept")
+    else:
+        target.mkdir()
+    published = process.write_dir_atomically(target, lambda d: (d / "f").write_text("new"),
+                                             replace=False)
+    assert published is False
+    if existing == "file":
+        assert target.read_text() == "kept"
+    else:
+        assert list(target.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
