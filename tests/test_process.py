@@ -31,6 +31,20 @@ def test_a_worker_error_the_parent_cannot_rebuild_is_not_called_a_dead_worker():
     assert "PathError" in repr(err.value.__cause__) or "PathError" in str(err.value.__cause__)
 
 
+def _no_tokenizer() -> None:
+    raise RuntimeError("tokenizer file missing")
+
+
+def test_a_worker_whose_initializer_raises_says_so_not_out_of_memory(capfd):
+    """A pool whose workers cannot start (their initializer raised) is reported as that, its
+    traceback on stderr; not as a worker killed for memory."""
+    with pytest.raises(process.WorkerDied) as err:
+        with process.worker_pool(1, _no_tokenizer) as pool:
+            list(process.ordered_map(pool, abs, range(4), limit=2))
+    assert "initializer raised" in str(err.value) and "out of memory" not in str(err.value)
+    assert "tokenizer file missing" in capfd.readouterr().err
+
+
 def test_a_heartbeat_counts_in_plain_figures():
     """Large counts read as numbers, not 1.23457e+06."""
     beat = process.Heartbeat("tokenize train", total=5_000_000, unit="text", clock=lambda: 90.0)

@@ -38,8 +38,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 class WorkerDied(ChildProcessError):
     """A pool's worker process ended in the middle of the work (killed: the out-of-memory
-    killer, kill -9; or crashed): the work it held is lost, so the pool's results cannot be
-    complete. An OSError, so a script reports it as one line."""
+    killer, kill -9; or crashed), or could not start (its initializer raised): the work it held
+    is lost, so the pool's results cannot be complete. An OSError, so a script reports it as one
+    line."""
 
 
 @contextlib.contextmanager
@@ -73,8 +74,15 @@ def worker_pool(processes: int, initializer: Callable | None = None,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# A pool worker's exit status where its initializer raised (the traceback is on stderr).
+INITIALIZER_FAILED = 77
+
+
 def _death_message(workers: Sequence[multiprocessing.process.BaseProcess]) -> str:
     """One line on a pool's dead worker: how it ended, and what to do."""
+    if any(worker.exitcode == INITIALIZER_FAILED for worker in workers):
+        return ("a worker process could not start: its initializer raised (the traceback "
+                "above); fix that cause, then run the same command again")
     how = "ended abruptly"
     for worker in workers:
         code = worker.exitcode
@@ -166,7 +174,12 @@ def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
         threading.Thread(target=_exit_when_gone, args=(parent,), daemon=True,
                          name="codelm-parent-watch").start()
     if initializer is not None:
-        initializer(*initargs)
+        try:
+            initializer(*initargs)
+        except BaseException:  # the pool would only see a worker gone
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(INITIALIZER_FAILED)
 
 
 def _exit_when_gone(parent: multiprocessing.process.BaseProcess) -> None:
