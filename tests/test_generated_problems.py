@@ -95,6 +95,20 @@ def test_the_command_writes_a_file_evals_pass_at_k_reads(tmp_path, capsys):
     assert all(problem.get("trusted", True) for problem in loaded)
 
 
+def test_the_command_counts_each_form_and_names_one_that_ran_out(tmp_path, capsys):
+    """Forms are drawn alike, but a seed holds few clamp functions: of 200 problems of two
+    forms, clamp has all 16 of seed 3's (17 cannot be made) and the output says so; sign_code,
+    with thousands, fills the rest and is not called out."""
+    out = tmp_path / "two.jsonl"
+    argv = ["--n", "200", "--seed", "3", "--forms", "sign_code", "clamp", "--out", str(out)]
+    assert generated.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sign_code 184," in printed
+    assert "clamp 16 (all this seed holds)" in printed
+    with pytest.raises(ValueError, match="only 16 distinct"):
+        generate_problems(17, 3, ["clamp"])
+
+
 def test_the_command_writes_supervised_pairs_of_the_same_problems(tmp_path, capsys):
     """--pairs: each problem as {prompt, completion}, its canonical solution the completion
     (trainingmanager.py --task completion --data FILE reads them as pairs)."""

@@ -33,6 +33,7 @@ import hashlib
 import json
 import random
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -386,6 +387,20 @@ def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None,
     return problems
 
 
+def form_counts(names: Sequence[str]) -> str:
+    """How many problems of each form, the most first. Forms are drawn alike, so a form far
+    below an even share (a quarter of it, where a share is 25 or more: chance alone almost
+    never) has run out: a seed holds few distinct functions of it (clamp, replace_multiples
+    about 20 each), and the rest of a large --n is the other forms."""
+    counts = Counter(names).most_common()
+    even_share = len(names) / max(len(counts), 1)
+    parts = []
+    for form, count in counts:
+        ran_out = even_share >= 25 and count < even_share / 4
+        parts.append(f"{form} {count}" + (" (all this seed holds)" if ran_out else ""))
+    return "by form: " + ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write a set of generated problems as JSONL, one problem a line."""
     parser = settings.ArgumentParser(
@@ -420,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         problems = generate_problems(args.n, args.seed, args.forms, args.describe)
+        names = [problem["entry_point"] for problem in problems]
         if args.pairs:
             problems = [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
                         for p in problems]
@@ -427,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             problems = [{"text": p["prompt"] + p["canonical_solution"]} for p in problems]
         process.write_atomic(args.out, "".join(json.dumps(p) + "\n" for p in problems))
         print(f"wrote {len(problems)} problems of seed {args.seed} to {args.out}")
+        print(form_counts(names))
 
     return process.run_tool(write, "interrupted: nothing written")
 
