@@ -109,6 +109,19 @@ def test_the_command_counts_each_form_and_names_one_that_ran_out(tmp_path, capsy
         generate_problems(17, 3, ["clamp"])
 
 
+def test_several_seeds_and_at_most_write_every_function_the_seeds_hold(tmp_path, capsys):
+    """--seed A B --at-most: each seed's problems in turn, as generate_problems makes them, and
+    where a seed holds fewer than --n of the forms, all it holds instead of an error."""
+    out = tmp_path / "small.jsonl"
+    argv = ["--n", "30", "--seed", "3", "4", "--forms", "clamp", "--at-most", "--out", str(out)]
+    assert generated.main(argv) == 0
+    assert f"wrote 42 problems of seeds 3 4 to {out}" in capsys.readouterr().out
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written == generate_problems(16, 3, ["clamp"]) + generate_problems(26, 4, ["clamp"])
+    with pytest.raises(ValueError, match="only 26 distinct"):
+        generate_problems(27, 4, ["clamp"])
+
+
 def test_the_command_writes_supervised_pairs_of_the_same_problems(tmp_path, capsys):
     """--pairs: each problem as {prompt, completion}, its canonical solution the completion
     (trainingmanager.py --task completion --data FILE reads them as pairs)."""

@@ -6,6 +6,7 @@ prompt, entry_point, canonical_solution, test), as eval.py's pass@k and the GRPO
     python -m codelm.data.problems --n 500 --seed 0 --pairs --out sft.jsonl  # SFT pairs
     python -m codelm.data.problems --n 500 --seed 0 --text --out lm.jsonl  # LM documents
     python -m codelm.data.problems --n 500 --seed 0 --describe --out d.jsonl  # in words too
+    python -m codelm.data.problems --n 100 --at-most --seed 4 5 6 --forms clamp --out c.jsonl
     python eval.py --tasks passk --problems passk=heldout.jsonl ...
 
 A seed (0 to SEEDS - 1) names a set: the same seed gives the same problems, and two seeds share
@@ -343,12 +344,13 @@ def _problem(task_id: str, name: str, drawn: _Drawn, done: _Behaviour, shown: li
 
 
 def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None,
-                      describe: bool = False) -> list[dict]:
+                      describe: bool = False, at_most: bool = False) -> list[dict]:
     """``n`` problems of set ``seed`` (0 to SEEDS - 1), the same ones for the same seed and
-    ``forms`` (names of FORMS; None: all of them, drawn alike); a ValueError where the set holds
-    fewer distinct functions of those forms. ``describe``: each docstring states its function
-    in words before the examples (the same functions, examples and tests), so that the prompt
-    determines the function, as HumanEval's do."""
+    ``forms`` (names of FORMS; None: all of them, drawn alike); where the set holds fewer
+    distinct functions of those forms, a ValueError, or with ``at_most`` the ones it holds.
+    ``describe``: each docstring states its function in words before the examples (the same
+    functions, examples and tests), so that the prompt determines the function, as
+    HumanEval's do."""
     if forms is not None:
         unknown = sorted(set(forms) - set(FORMS))
         if unknown or not forms:
@@ -368,8 +370,10 @@ def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None,
     while len(problems) < n:
         attempts += 1
         if attempts > 1000 * (n + 100):
+            if at_most:
+                break
             raise ValueError(f"seed {seed}: only {len(problems)} distinct problems were found; "
-                             "ask for fewer, or name more forms")
+                             "ask for fewer, name more forms, or --at-most")
         name = rng.choice(names)
         drawn = FORMS[name](rng)
         if (name, *drawn.body) in tried:
@@ -408,9 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Write generated execution problems (integer functions of one argument, "
         "inferred from the examples of their docstrings) as HumanEval-format JSONL: eval.py "
         "--tasks passk --problems passk=FILE scores a model on them.")
-    parser.add_argument("--n", type=int, required=True, help="how many problems")
-    parser.add_argument("--seed", type=int, default=0,
-                        help=f"which set, 0 to {SEEDS - 1}: sets share no function (default: 0)")
+    parser.add_argument("--n", type=int, required=True, help="how many problems of each seed")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
+                        help=f"which set, 0 to {SEEDS - 1}: sets share no function; several: "
+                        "--n of each, one after the other (default: 0)")
+    parser.add_argument("--at-most", action="store_true",
+                        help="where a seed holds fewer than --n distinct functions of --forms, "
+                        "write those (a seed holds about 20 of clamp or replace_multiples)")
     parser.add_argument("--out", required=True, help="the JSONL file written")
     parser.add_argument("--forms", nargs="+", default=None, metavar="FORM",
                         help="draw only these forms (the problems' difficulty: sign_code and "
@@ -434,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pairs and --text: choose one")
 
     def write() -> None:
-        problems = generate_problems(args.n, args.seed, args.forms, args.describe)
+        problems = []
+        for seed in args.seed:
+            problems += generate_problems(args.n, seed, args.forms, args.describe, args.at_most)
         names = [problem["entry_point"] for problem in problems]
         if args.pairs:
             problems = [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
@@ -442,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.text:
             problems = [{"text": p["prompt"] + p["canonical_solution"]} for p in problems]
         process.write_atomic(args.out, "".join(json.dumps(p) + "\n" for p in problems))
-        print(f"wrote {len(problems)} problems of seed {args.seed} to {args.out}")
+        seeds = " ".join(str(seed) for seed in args.seed)
+        print(f"wrote {len(problems)} problems of seed{'s' * (len(args.seed) > 1)} {seeds} "
+              f"to {args.out}")
         print(form_counts(names))
 
     return process.run_tool(write, "interrupted: nothing written")
