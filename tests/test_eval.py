@@ -3621,6 +3621,26 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
     eval_results.check_settings_unchanged(cfg, "remedy")
 
 
+def test_sampled_texts_through_the_compiled_path_do_not_depend_on_the_batch(tiny_models,
+                                                                            monkeypatch):
+    """Sampled through --compile's batched path, prompt i draws from its own generator seeded
+    seed + i, as the engine path does: the texts at batch 2 and at batch 1 equal the engine's
+    (the compiled step stood in by the eager one, so the draws are what is compared)."""
+    import torch
+
+    from codelm import kernels
+
+    monkeypatch.setattr(kernels, "compile_decode_step", lambda step, *args: step)
+    lm = loading.load_model(tiny_models["base"], torch.device("cpu"))
+    prompts = ["class Stack:\n    def push(self, ", "class Queue:\n", "def f(", "import os\n"]
+    cfg = EvalConfig(max_new_tokens=8, batch_size=2, temperature=1.0, progress=False)
+    engine = scoring.generate_texts(lm, prompts, cfg)
+    assert len(set(engine)) == len(prompts)
+    for batch_size in (2, 1):
+        compiled = dataclasses.replace(cfg, compile=True, batch_size=batch_size)
+        assert scoring.generate_texts(lm, prompts, compiled) == engine
+
+
 def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_path, capsys):
     """Beam search, which seed 001 needs, reaches generate through EvalConfig.num_beams
     (--num-beams) and gives transformers' beam-search texts."""

@@ -295,7 +295,7 @@ def test_sampling_and_generation_arguments_checked_up_front():
         (dict(top_p=0.9), "temperature=0 is greedy .*: pass temperature > 0 to sample"),
         (dict(top_k=5), "temperature=0 is greedy"),
         # torch's errors after the prefill / at the first step.
-        (dict(temperature=1.0, generator=42), "generator must be a torch.Generator, got 42"),
+        (dict(temperature=1.0, generator=42), "generator must be a torch.Generator or one a row, got 42"),
         (dict(stop="\n", decode="tokenizer"), "decode must be a callable such as tokenizer.decode"),
         # No generated token can equal them: every row would run to max_new_tokens.
         (dict(eos_id=96), re.escape("eos_id 96 is outside the model's vocabulary [0, 96)")),

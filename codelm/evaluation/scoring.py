@@ -203,13 +203,28 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
             idx = pad_sequence(batch, True, gen.pad_id, padding_side="left")
             mask = pad_sequence([torch.ones_like(p, dtype=torch.bool) for p in batch], True,
                                 padding_side="left")
-            out = generate(model, idx.to(device), gen, attention_mask=mask.to(device))
+            out = generate(model, idx.to(device), _row_seeded(gen, rows, cfg.seed, device),
+                           attention_mask=mask.to(device))
             for b, i in enumerate(rows):
                 ids = out[b, idx.shape[1] :].tolist()
                 ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
                 outputs[i] = truncate_at_stops(text(ids), stops)
             bar.update(len(rows))
     return outputs
+
+
+def _row_seeded(gen: GenerationConfig, rows: Sequence[int], seed: int,
+                device: torch.device) -> GenerationConfig:
+    """``gen`` sampling prompt i of ``rows`` with its own generator, seeded seed + i, as the
+    engine does: its text does not depend on the batch it ran in (greedy: ``gen`` itself)."""
+    if gen.temperature == 0:
+        return gen
+    return replace(gen, generator=[_prompt_generator(seed, i, device) for i in rows])
+
+
+def _prompt_generator(seed: int, prompt: int, device: torch.device) -> torch.Generator:
+    """The generator prompt number ``prompt`` samples with: seeded seed + prompt."""
+    return torch.Generator(device).manual_seed((seed + prompt) % 2**64)
 
 
 def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConfig,
@@ -224,7 +239,7 @@ def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConf
     for i, ids in enumerate(encoded):
         generator = None
         if gen.temperature > 0:
-            generator = torch.Generator(device).manual_seed((cfg.seed + i) % 2**64)
+            generator = _prompt_generator(cfg.seed, i, device)
         order.append(engine.add(ids, replace(gen, generator=generator)))
     new: dict[int, list[int]] = {request: [] for request in order}
     with progress_bar(total=len(order), desc=f"{lm.label} {desc}", unit="prompt",

@@ -58,7 +58,8 @@ class GenerationConfig:
     num_beams: int = 1
     length_penalty: float = 1.0
     decode: Callable[[list[int]], str] | None = None
-    generator: torch.Generator | None = None
+    # one for the batch, or one a row (a row then draws as it would alone, whatever its batch)
+    generator: torch.Generator | Sequence[torch.Generator] | None = None
     compile: bool = False
     prompt_lookup: int = 0
     draft_model: Transformer | None = None
@@ -78,8 +79,10 @@ class GenerationConfig:
         _need(t != 0 or top_k is None and top_p is None,
               "top_k and top_p filter what is sampled; temperature=0 is greedy (the argmax): "
               "pass temperature > 0 to sample")
-        _need(self.generator is None or isinstance(self.generator, torch.Generator),
-              f"generator must be a torch.Generator, got {self.generator!r}")
+        generators = (self.generator if isinstance(self.generator, (list, tuple))
+                      else [self.generator])
+        _need(all(g is None or isinstance(g, torch.Generator) for g in generators),
+              f"generator must be a torch.Generator or one a row, got {self.generator!r}")
         self.eos_id = [] if self.eos_id is None else _token_ids(self.eos_id, "eos_id")
         self.stop = _parse_stop(self.stop)
         self.pad_id = None if self.pad_id is None else _index(self.pad_id, "pad_id")
@@ -540,7 +543,12 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     if cfg.temperature == 0.0:
         return logits.argmax(dim=-1)
     probs = sampling_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=cfg.generator).squeeze(-1)
+    if not isinstance(cfg.generator, (list, tuple)):
+        return torch.multinomial(probs, 1, generator=cfg.generator).squeeze(-1)
+    rows = []
+    for row_probs, generator in zip(probs, cfg.generator, strict=True):
+        rows.append(torch.multinomial(row_probs, 1, generator=generator))
+    return torch.cat(rows)
 
 
 def _hit_stop(generated, stops, decode, finished) -> torch.Tensor:
