@@ -165,6 +165,8 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     # what the tasks read, apart: no task sees a model, output or serving setting
     settings = TaskSettings(**{f.name: getattr(cfg, f.name) for f in fields(TaskSettings)})
     try:
+        if cfg.load_generations is not None or any(is_endpoint(spec) for spec in specs):
+            _refuse_results(out)  # these save once, at the end: no results to resume
         if cfg.load_generations is not None:
             results = _evaluate_generations(cfg, settings, out)
         elif any(is_endpoint(spec) for spec in specs):
@@ -236,6 +238,13 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
     return results
 
 
+def _refuse_results(out: Path) -> None:
+    """Before any work: an --out-dir holding results is not written over."""
+    if (out / "results.json").exists():
+        raise ValueError(f"{out} holds an evaluation's results (results.json): name another "
+                         "--out-dir")
+
+
 def _evaluate_generations(cfg: EvalConfig, settings: TaskSettings, out: Path) -> dict:
     """``--load-generations``: the file's generations of its pass@k task scored, one row named
     after the file, saved as a model's results are; ``settings``: what the tasks read of
@@ -258,8 +267,6 @@ def _evaluate_generations(cfg: EvalConfig, settings: TaskSettings, out: Path) ->
                "tests_in_the_candidates_interpreter": passk.shared_interpreter_tests(
                    {task: problems}),
                "rows": [row], "table": markdown_table([row])}
-    if (out / "results.json").exists():
-        raise ValueError(f"{out} holds another evaluation's results: name another --out-dir")
     save(out, results, records)
     return results
 
@@ -284,8 +291,6 @@ def _evaluate_endpoints(cfg: EvalConfig, settings: TaskSettings, endpoints: Sequ
             metrics.update({f"{task}/{key}": value for key, value in task_metrics.items()})
             records += task_records
         rows.append({"model": label, "source": endpoint.url, "prompt": None, "metrics": metrics})
-    if (out / "results.json").exists():
-        raise ValueError(f"{out} holds another evaluation's results: name another --out-dir")
     results = {"format_version": FORMAT_VERSION, "complete": True, "pending": [],
                "config": asdict(cfg),
                "models": [{"label": row["model"], "source": row["source"]} for row in rows],

@@ -15,6 +15,7 @@ score an endpoint.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
@@ -70,6 +71,9 @@ def parse_endpoint(spec: str) -> Endpoint:
 
 
 def _request(url: str, body: dict | None = None) -> dict:
+    """The endpoint's JSON answer at ``url`` (a GET, or a POST of ``body``); a ValueError naming
+    the URL where it cannot be reached, answers late, with an HTTP error, with a broken or
+    non-JSON reply, or with an error object in place of an answer."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if key := os.environ.get(API_KEY_VARIABLE):
@@ -77,19 +81,43 @@ def _request(url: str, body: dict | None = None) -> dict:
     request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as reply:
-            return json.loads(reply.read())
+            raw = reply.read()
     except urllib.error.HTTPError as e:
-        detail = e.read().decode("utf-8", "replace")
-        try:
-            detail = json.loads(detail)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            pass
+        detail = _error_message(e.read())
         if e.code == 401:
             detail += f" (the key is read from ${API_KEY_VARIABLE})"
         raise ValueError(f"{url}: HTTP {e.code}: {detail}") from None
+    except TimeoutError:  # connected, then no reply in time
+        raise ValueError(f"{url}: no reply within {TIMEOUT_S:g} s (ask for fewer samples or "
+                         "tokens: --num-samples, --max-new-tokens)") from None
+    except http.client.HTTPException as e:
+        raise ValueError(f"{url}: a broken reply ({e!r})") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise ValueError(f"{url}: cannot reach the endpoint ({reason})") from None
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"{url}: the reply is not JSON ({raw[:80]!r})") from None
+    if not isinstance(answer, dict):
+        raise ValueError(f"{url}: the reply is not a JSON object ({raw[:80]!r})")
+    if "error" in answer:
+        raise ValueError(f"{url}: the endpoint answered with an error: {_error_message(raw)}")
+    return answer
+
+
+def _error_message(raw: bytes) -> str:
+    """The message of an OpenAI-style error body ({"error": {"message": ...}}, or vLLM's
+    {"message": ...}), else the body's text."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        return text
+    error = answer.get("error", answer) if isinstance(answer, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error) if isinstance(error, str) and error else text
 
 
 class EndpointModel(NamedTuple):
@@ -114,7 +142,8 @@ def endpoint_model(endpoint: Endpoint) -> EndpointModel:
     name = endpoint.model or listed[0]["id"]
     entry = next((m for m in listed if m.get("id") == name), {})
     context = entry.get("max_model_len")
-    return EndpointModel(name, context if isinstance(context, int) and context > 0 else None)
+    known = isinstance(context, int) and not isinstance(context, bool) and context > 0
+    return EndpointModel(name, context if known else None)
 
 
 def model_name(endpoint: Endpoint) -> str:

@@ -3403,6 +3403,16 @@ def test_two_models_whose_directories_share_a_name_are_both_evaluated(tiny_model
     assert evaluated == ["model", "model#2"]
 
 
+def test_labels_stay_distinct_when_one_is_spelled_like_a_numbered_one():
+    """A label given as m#2 beside two models named m: every row keeps a label of its own (a
+    shared one would merge their samples files and make resume skip one)."""
+    from collections import Counter
+
+    seen: Counter = Counter()
+    given = [eval_results.unique_label(label, seen) for label in ("m", "m", "m#2", "m")]
+    assert given == ["m", "m#2", "m#2#2", "m#3"]
+
+
 def _stopped_in_model_b(tiny_models, tmp_path, monkeypatch) -> tuple[list[str], Path]:
     """An evaluation of models a and b stopped (Ctrl-C) in b's generation: (argv, its
     predictions.jsonl)."""

@@ -635,3 +635,86 @@ def test_a_method_not_served_and_a_chunked_body_get_json_answers(server):
         assert reply.status == 200 and json.loads(reply.read())["choices"]
     finally:
         connection.close()
+
+
+class _OddEndpoint:
+    """A loopback endpoint that answers each POST as ``mode`` says: a cut-short body, an HTML
+    page, an error object with status 200, a 401 whose message is null, or no answer until
+    ``release`` is set."""
+
+    def __init__(self):
+        import http.server
+
+        self.mode = ""
+        self.release = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.mode == "silent":
+                    outer.release.wait()
+                    return
+                status, body, length = {
+                    "cut": (200, b'{"choices": [', 500),
+                    "html": (200, b"<html>sign in</html>", None),
+                    "error": (200, b'{"error": {"message": "prompt too long: 9000 > 4096"}}',
+                              None),
+                    "null401": (401, b'{"error": {"message": null}}', None),
+                }[outer.mode]
+                self.send_response(status)
+                self.send_header("Content-Length", str(length or len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_endpoints_odd_replies_are_one_line_errors_naming_its_url(monkeypatch):
+    """A reply cut short, one that is not JSON, an error object sent with status 200, a 401
+    without a message and no reply in time: each a ValueError naming the URL and what went
+    wrong (eval.py prints it as one line), never a traceback or a count of choices."""
+    from codelm import endpoints
+
+    odd = _OddEndpoint()
+    monkeypatch.setattr(endpoints, "TIMEOUT_S", 0.3)
+    endpoint = endpoints.parse_endpoint(f"x=openai:{odd.url}#m")
+    sampling = endpoints.Sampling(n=1, max_tokens=4, temperature=0.0)
+    expected = {"cut": "a broken reply .*IncompleteRead", "html": r"not JSON \(b'<html>",
+                "error": "answered with an error: prompt too long: 9000 > 4096",
+                "null401": r"HTTP 401: .*message.*OPENAI_API_KEY", "silent": "no reply within"}
+    try:
+        for mode, message in expected.items():
+            odd.mode = mode
+            with pytest.raises(ValueError, match=f"^{odd.url}/completions: .*{message}"):
+                endpoints.complete(endpoint, "m", "def f(", sampling)
+    finally:
+        odd.close()
+
+
+def test_an_out_dir_holding_results_is_refused_before_an_endpoint_is_asked(tmp_path,
+                                                                           monkeypatch, capsys):
+    """Scoring an endpoint saves once, at its end: an --out-dir that holds results is refused
+    before the first request, not after every sample is drawn and run."""
+    import eval as ev
+    from codelm import endpoints
+
+    asked = []
+    monkeypatch.setattr(endpoints, "_request", lambda url, body=None: asked.append(url))
+    (tmp_path / "results.json").write_text("{}")
+    argv = ["--models", "x=openai:http://127.0.0.1:1/v1", "--tasks", "humaneval", "--limit", "2",
+            "--out-dir", str(tmp_path), "--no-progress"]
+    assert ev.main(argv) == 2
+    assert "holds an evaluation's results" in capsys.readouterr().err
+    assert asked == []

@@ -27,9 +27,14 @@ from codelm.runtime import process, settings
 
 
 def unique_label(label: str, seen: Counter) -> str:
-    """label, or label#N for its Nth use (runs/a/export and runs/b/export are both "export")."""
-    seen[label] += 1
-    return label if seen[label] == 1 else f"{label}#{seen[label]}"
+    """label, or label#N with the first N from 2 not yet given (runs/a/export and runs/b/export
+    are both "export"; labels m, m, m#2 become m, m#2, m#2#2); ``seen``: the labels given."""
+    unique, n = label, 1
+    while seen[unique]:
+        n += 1
+        unique = f"{label}#{n}"
+    seen[unique] += 1
+    return unique
 
 
 _FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim")  # 0-1 scores, losses
