@@ -449,6 +449,14 @@ def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -
     return _report(model, resolved)
 
 
+def whole_saved_paths(model: nn.Module, modules_to_save: Sequence[str]) -> tuple[str, ...]:
+    """The paths of codelm's modules holding what PEFT's ``modules_to_save`` trains whole (a
+    QLoRA base keeps them unquantized: a quantized module cannot train)."""
+    slots = families.hf_module_slots(model.cfg)
+    paths = {path for name, (path, _) in slots.items() if _saved_whole(modules_to_save, name)}
+    return tuple(sorted(paths))
+
+
 def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
                         ) -> dict[str, tuple[nn.Parameter, torch.Tensor | None]]:
     """Adapter-file key -> (base parameter, rows) of what PEFT's ``bias`` and ``modules_to_save``
@@ -469,6 +477,9 @@ def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
         module = model.get_submodule(path)
         module = getattr(module, "base", module)
         whole = bool(cfg.modules_to_save) and _saved_whole(cfg.modules_to_save, name)
+        if whole and isinstance(module, QuantLinear):
+            raise ValueError(f"modules_to_save {name}: quantized with the base (QLoRA), it "
+                             "cannot train whole; leave it out, or train without quantize_bits")
         for attr in ("weight", "bias"):
             tensor = getattr(module, attr, None)
             if not isinstance(tensor, nn.Parameter):

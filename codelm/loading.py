@@ -235,8 +235,9 @@ def build_model(model_settings: trainconfig.ModelSettings, tok: CodeTokenizer | 
 
 def _add_lora(model: nn.Module, model_settings: trainconfig.ModelSettings) -> None:
     """The quantized base and the adapters: the run's own layout, the init_adapter's, or new."""
-    if model_settings.quantize_bits:
-        quantize.quantize_base(model, bits=model_settings.quantize_bits)
+    if model_settings.quantize_bits:  # what modules_to_save trains whole stays unquantized
+        kept = lora.whole_saved_paths(model, model_settings.lora_modules_to_save or ())
+        quantize.quantize_base(model, bits=model_settings.quantize_bits, skip=("lm_head", *kept))
     layout = model_settings.adapter_copy
     if model_settings.init_adapter is not None and layout is not None:  # the weights: the run's
         lora.apply_adapter_layout(model, layout.parent, layout.name)

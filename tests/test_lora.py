@@ -1046,6 +1046,37 @@ def test_quantize_base_skips_a_dotted_suffix_of_a_module_name(tmp_path):
         quantize_base(model, bits=8, skip=("lm_head", "mlp.proj"))
 
 
+def test_qlora_trains_a_module_saved_whole_in_full_precision(tmp_path):
+    """QLoRA with modules_to_save: the named module stays unquantized and trains whole, its
+    weights in the adapter file as without quantization; a module quantized before the adapter
+    is refused by name, not left untrained."""
+    from codelm import loading, trainconfig
+    from codelm.runtime.settings import fields_of
+
+    hf = tmp_path / "hf"
+    save_tiny_hf("llama", hf)
+    trained = {}
+    for bits in (0, 4):
+        cfg = trainconfig.TrainConfig(init_from=str(hf), lora_r=4, quantize_bits=bits,
+                                      lora_targets=["q_proj"], lora_modules_to_save=["down_proj"])
+        model = pretrained.load(hf)
+        loading._add_lora(model, trainconfig.ModelSettings(
+            **fields_of(trainconfig.ModelSettings, cfg)))
+        trained[bits] = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert type(model.blocks[0].mlp.proj) is torch.nn.Linear
+        save_adapter(model, tmp_path / f"adapter{bits}")
+    assert trained[4] == trained[0]
+    assert "blocks.1.mlp.proj.weight" in trained[4]
+    keys = [set(load_file(tmp_path / f"adapter{bits}" / "adapter_model.safetensors"))
+            for bits in (0, 4)]
+    assert keys[0] == keys[1] and any("down_proj" in key for key in keys[0])
+    model = pretrained.load(hf)
+    quantize_base(model, bits=4)
+    with pytest.raises(ValueError, match="modules_to_save .*down_proj.*quantized"):
+        apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"],
+                                     modules_to_save=["down_proj"]))
+
+
 def test_apply_lora_twice_and_save_without_adapters_are_refused(tmp_path):
     _, model, _ = _pair("llama", tmp_path)
     with pytest.raises(ValueError, match="the model has no LoRA adapters"):
