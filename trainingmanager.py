@@ -33,7 +33,7 @@ import torch.nn as nn
 from architecture import Transformer
 from codelm.data.datasets import collate
 from codelm.models.generation import GenerationConfig, generate
-from codelm.runs import rundir
+from codelm.runs import rundir, trackers
 from codelm.runs.checkpoint import StepStart
 from codelm.runs.rundir import RunInterrupted
 from codelm.runtime import distributed, process, settings
@@ -165,10 +165,11 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             _end(run, result, signals, stop, progress, on_eval)
         finally:
             progress.close()
-            record.close()
             # (a KeyboardInterrupt on its way out is a second Ctrl-C's: that stop is under way)
-            signals.restore(taken=result.interrupted is not None
-                            or isinstance(sys.exc_info()[1], KeyboardInterrupt))
+            stopped = (result.interrupted is not None
+                       or isinstance(sys.exc_info()[1], KeyboardInterrupt))
+            record.close(_outcome(stopped, failed=sys.exc_info()[1] is not None))
+            signals.restore(taken=stopped)
         return result
     except KeyboardInterrupt as stop:  # a second Ctrl-C: the step loop's checkpoint is skipped
         if isinstance(stop, RunInterrupted) or run is None:
@@ -286,9 +287,17 @@ def _stop_at_once(run: Run, at_start: StepStart, result: TrainResult, signals: S
         return report_run_error(e)
     finally:
         progress.close()
-        run.record.close()
+        run.record.close(trackers.KILLED)
         run.record.claimed.release()
     return process.interrupted_exit_code(stop)
+
+
+def _outcome(stopped: bool, failed: bool) -> str:
+    """How a run's attempt ended, as its trackers record it: stopped (resumable), failed or
+    finished."""
+    if stopped:
+        return trackers.KILLED
+    return trackers.FAILED if failed else trackers.FINISHED
 
 
 def _nonfinite(run: Run, stats: StepStats, where: Where) -> None:

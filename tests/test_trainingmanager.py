@@ -4514,6 +4514,31 @@ def test_mlflow_gets_the_config_and_scalars_and_a_resume_continues_its_run(
     assert json.loads((run_dir / "trackers.json").read_text())["mlflow"] != run_id
 
 
+def test_mlflow_records_how_an_attempt_ended_and_a_resume_without_a_checkpoint_starts_anew(
+        assets, tmp_path, monkeypatch):
+    """A run whose loss turns NaN before its first checkpoint: its MLflow run FAILED. Resumed
+    (no checkpoint: it starts over), a new MLflow run, its series the new attempt's alone,
+    FINISHED."""
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, lr=0.1, inject_nan_at_step=3,
+                   report_to=["mlflow"])
+    assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 1
+    run_dir = tmp_path / "runs" / "run"
+    failed = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(failed).info.status == "FAILED"
+    again = dataclasses.replace(cfg, resume=str(run_dir), lr=3e-3, inject_nan_at_step=None)
+    tm.train(again)
+    finished = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    assert finished != failed
+    assert client.get_run(finished).info.status == "FINISHED"
+    lr = [m.value for m in client.get_metric_history(finished, "train_lr")]
+    assert max(lr) == pytest.approx(3e-3)
+
+
 @pytest.mark.parametrize("resumed_from", [10, 6])
 def test_trackers_hold_each_point_once_after_a_resume(assets, tmp_path, monkeypatch,
                                                        resumed_from):

@@ -42,7 +42,7 @@ class _TensorBoard:
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
 
-    def close(self) -> None:
+    def close(self, outcome: str) -> None:
         self.writer.close()
 
 
@@ -66,8 +66,8 @@ class _WandB:
     def log(self, step: int, scalars: dict) -> None:
         self.run.log(scalars, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, outcome: str) -> None:
+        self.run.finish(exit_code=0 if outcome == FINISHED else 1)
 
 
 class _MLflow:
@@ -100,11 +100,13 @@ class _MLflow:
         if metrics:
             self.mlflow.log_metrics(metrics, step=step)
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, outcome: str) -> None:
+        self.mlflow.end_run(status=outcome)
 
 
 TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
+# How a run's attempt ended, in MLflow's words (W&B: exit code 0 or 1)
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 TRACKER_IDS = "trackers.json"  # each tracker's run id, so that a resume continues that run
 
 
@@ -156,7 +158,9 @@ class RunLog:
             self._failed = True
             raise OSError(e.errno, e.strerror, str(target)) from None
 
-    def close(self) -> None:
+    def close(self, outcome: str = FINISHED) -> None:
+        """The file and the trackers closed; ``outcome``: how the attempt ended (FINISHED,
+        FAILED: an error, KILLED: a stop it can resume from), as the trackers record it."""
         if self.file is not None:
             file, trackers, self.file, self.trackers = self.file, self.trackers, None, []
             # after a failed write, quietly: its error is already on its way out
@@ -165,4 +169,4 @@ class RunLog:
                     file.close()
                 finally:
                     for tracker in trackers:
-                        tracker.close()
+                        tracker.close(outcome)

@@ -227,7 +227,8 @@ class Run:
         self.export = ExportSettings(**fields_of(ExportSettings, cfg))
         if dist.main:
             announce(self, cfg)
-        self.record.open_log(self.state.step if cfg.resume else None, cfg.report_to)
+        # a resume with no checkpoint yet starts anew: so do its log and tracker runs
+        self.record.open_log(self.state.step if checkpoints else None, cfg.report_to)
 
     def _check_model(self, cfg: TrainConfig, model: nn.Module, run_dir: Path,
                      device: torch.device, continued: bool) -> dict[Path, bytes]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from codelm.runs import checkpoint, rundir
+from codelm.runs import checkpoint, rundir, trackers
 from codelm.runs.checkpoint import RunState, model_tensors, write_dir_atomically
 from codelm.runs.rundir import list_checkpoints
 from codelm.runs.trackers import RunLog
@@ -245,9 +245,10 @@ class RunRecord:
     def what_next(self) -> str:
         return rundir.what_next(self.hint, self.restarts)
 
-    def close(self) -> None:
+    def close(self, outcome: str = trackers.FINISHED) -> None:
+        """The log and trackers closed, ``outcome`` (trackers.FINISHED, FAILED, KILLED) recorded."""
         if self.log is not None:
-            self.log.close()
+            self.log.close(outcome)
 
 
 def divergence_causes(lr: float, precision: str, injected: bool) -> list[str]:
