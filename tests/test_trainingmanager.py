@@ -3619,6 +3619,25 @@ def test_export_holds_and_records_the_best_step_not_the_last(assets, tmp_path, m
         assert torch.equal(t, best[k]), k
 
 
+def test_best_weights_whose_bytes_differ_from_their_manifest_are_not_exported(
+        assets, tmp_path, capsys):
+    """best/ damaged after its manifest was written (one byte flipped): the export refuses it
+    by name, and export/ keeps the weights it held, rather than a manifest vouching for the
+    damage."""
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, warmup_steps=0, export=True)
+    run = tm.train(cfg).run_dir
+    held = (run / "export" / rundir.MODEL_FILE).read_bytes()
+    weights = run / "best" / rundir.MODEL_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    again = dataclasses.replace(cfg, resume=str(run))
+    assert tm.main(["--config", str(write_config(again, tmp_path / "c.json"))]) == 2
+    err = capsys.readouterr().err
+    assert "best" in err and "bytes differ" in err and "not exported" in err
+    assert (run / "export" / rundir.MODEL_FILE).read_bytes() == held
+
+
 def test_lora_settings_reach_the_adapter_and_the_merged_export_has_the_tokenizer(assets,
                                                                                 tmp_path):
     """lora_alpha, lora_dropout and lora_targets reach the model and PEFT's adapter_config

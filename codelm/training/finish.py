@@ -28,7 +28,7 @@ from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_
 from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
 from codelm.runs.rundir import best_step
-from codelm.runtime import distributed
+from codelm.runtime import distributed, process
 from codelm.trainconfig import ExportSettings
 from codelm.training.build import Run
 from codelm.training.record import NonFiniteLossError
@@ -51,6 +51,9 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
     best = run_dir / rundir.BEST_DIR / checkpoint.weights_file(record.trainable_only)
     exported_step = None
     if best.is_file():
+        if problem := process.manifest_problem(best.parent):  # never export weights unchecked
+            raise ValueError(f"{best.parent}: {problem}: not exported (rename it to "
+                             f"broken-best; --resume {run_dir} then exports the last weights)")
         load_model_tensors(model, load_file(best), str(best), record.trainable_only)
         exported_step = best_step(run_dir)
     if not record.dist.main:
