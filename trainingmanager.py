@@ -334,8 +334,10 @@ def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
     if stop in STOP_SIGNALS:
         result.interrupted = stop
         if record.dist.main and result.export_dir is not None:
-            print(f"\n{stop}: the run had finished (checkpoint and export at step {s.step}); "
-                  "stopping with the signal's exit code")
+            exported = rundir.exported_step(record.run_dir)
+            held = "the last weights" if exported is None else f"best/ of step {exported}"
+            print(f"\n{stop}: the run had finished (checkpoint at step {s.step}, export of "
+                  f"{held}); stopping with the signal's exit code")
         elif record.dist.main:
             saved = "stopped" if record.restarts else "checkpoint saved"
             print(f"\n{stop}: {saved} at step {s.step}; {record.what_next()}")

@@ -4402,6 +4402,27 @@ def test_a_resumed_run_that_exports_anew_is_evaluated_anew(assets, tmp_path, cap
     assert [m["step"] for m in again["models"]] == [4]
 
 
+def test_the_export_and_its_final_evaluation_name_the_weights_exported(assets, tmp_path,
+                                                                        capsys, monkeypatch):
+    """Validation losses 2.0 then 3.0: the export holds step 2's best/ weights, and the lines
+    about it give step 2's loss, not the last evaluation's."""
+    losses = iter([2.0, 3.0])
+
+    def evaluate(self, *args, **kwargs):
+        loss = next(losses)
+        return {"val_loss": loss, "val_bpb": loss / math.log(2), "val_ppl": math.exp(loss),
+                "val_accuracy": 0.0, "val_tokens": 1}
+
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, warmup_steps=0, export=True)
+    assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    exported = next(line for line in lines if line.startswith("exported to"))
+    assert "best validation loss 2.0000" in exported and "at step 2" in exported
+    final = next(line for line in lines if line.startswith("final evaluation"))
+    assert "val loss 2.0000" in final
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_stop_during_the_final_evaluation_is_one_line_and_the_stops_exit_code(
         assets, tmp_path, capsys, monkeypatch, sig, code):

@@ -80,12 +80,20 @@ def best_step(run_dir: Path) -> int | None:
     return settings.read_json_object(path, "best metrics").get("step") if path.is_file() else None
 
 
-def stale_export(run_dir: Path) -> str | None:
-    """Why a run's export/ does not hold its best/ weights, or None."""
+def exported_step(run_dir: Path) -> int | None:
+    """The step of the best/ weights a run's export/ holds (None: no export, or the last
+    weights, the run having no best/ then)."""
     record = Path(run_dir) / EXPORT_DIR / EXPORT_RECORD
     if not record.is_file():
         return None
-    exported = settings.read_json_object(record, "export record").get("best_step")
+    return settings.read_json_object(record, "export record").get("best_step")
+
+
+def stale_export(run_dir: Path) -> str | None:
+    """Why a run's export/ does not hold its best/ weights, or None."""
+    if not (Path(run_dir) / EXPORT_DIR / EXPORT_RECORD).is_file():
+        return None
+    exported = exported_step(run_dir)
     best = best_step(run_dir)
     if best is None or exported == best:
         return None

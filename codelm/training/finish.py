@@ -97,8 +97,12 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
         (tmp / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": exported_step}))
 
     write_dir_atomically(export, write)
-    best_loss = run.state.best_val_loss
-    print(f"exported to {export} ({best_quality(settings.task, best_loss)})")
+    if exported_step is None:
+        print(f"exported to {export}: the last weights, step {run.state.step}")
+    else:
+        best_loss = run.state.best_val_loss
+        print(f"exported to {export}: {best_quality(settings.task, best_loss)} at step "
+              f"{exported_step}")
     if settings.export_gguf is not None:
         print(writer.ollama_hint(export / rundir.GGUF_FILE, settings.export_gguf))
     return export, sample
@@ -160,8 +164,12 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
 
 
 def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
-    """A finished run scored as ``python eval.py --tasks line method`` scores it (the test split),
-    printed with its ``last`` validation metrics; an evaluation that cannot run is only noted."""
+    """A finished run's export scored as ``python eval.py --tasks line method`` scores it (the
+    test split), printed with the validation metrics of the weights it holds: best/'s step's,
+    else ``last`` (the last weights'); an evaluation that cannot run is only noted."""
+    step = rundir.exported_step(run_dir)
+    if step is not None:
+        last = rundir.evaluation_at(run_dir / rundir.METRICS_FILE, step)
     out = run_dir / rundir.FINAL_EVAL_DIR
     cfg = evaluation.EvalConfig(models=[str(run_dir)], tasks=["line", "method"],
                                 out_dir=str(out), progress=False, device=device)
