@@ -4625,6 +4625,38 @@ def test_trackers_hold_each_point_once_after_a_resume(assets, tmp_path, monkeypa
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == want
 
 
+def test_tensorboard_holds_an_evaluation_killed_before_it_reached_the_tracker(assets,
+                                                                              tmp_path,
+                                                                              monkeypatch):
+    """Killed after the last evaluation's line reached metrics.jsonl but not TensorBoard (its
+    writer is behind), the checkpoint of that step written before the evaluation: the resume
+    evaluates the step again and TensorBoard holds each point once, as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from codelm.runs import trackers
+
+    real = trackers._TensorBoard.log
+
+    def killed_at_the_last_evaluation(self, step, scalars):
+        if step == 10 and "val/val_loss" in scalars:
+            raise KeyboardInterrupt
+        return real(self, step, scalars)
+
+    cfg = tiny_cfg(assets, tmp_path, max_steps=10, eval_every=6, save_every=2,
+                   report_to=["tensorboard"])
+    monkeypatch.setattr(trackers._TensorBoard, "log", killed_at_the_last_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        tm.train(cfg)
+    monkeypatch.setattr(trackers._TensorBoard, "log", real)
+    run_dir = tmp_path / "runs" / "run"
+    tm.train(dataclasses.replace(cfg, resume=str(run_dir)))
+    assert _val_steps(run_dir) == [6, 10]
+    events = EventAccumulator(str(run_dir / rundir.TB_DIR))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/val_loss")] == [6, 10]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 11))
+
+
 def test_the_three_trackers_hold_the_same_series_and_config_across_a_resume(assets, tmp_path,
                                                                           monkeypatch):
     """--report-to tensorboard wandb mlflow: each read back by its own library holds the val

@@ -17,8 +17,9 @@ from codelm.runtime import process
 
 
 class _TensorBoard:
-    """TensorBoard's event files in the run directory; a resume purges the events past its
-    step and logs no point at or before it again (those it holds, as metrics.jsonl does)."""
+    """TensorBoard's event files in the run directory; a resume purges the events from its
+    step on and writes again the points metrics.jsonl (trimmed to the checkpoint) holds at that
+    step, so that an evaluation at the resumed step, run again, is there once."""
 
     def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
@@ -27,18 +28,20 @@ class _TensorBoard:
         if resume_step is None:  # a new run: nothing of an attempt it replaces (rundir._lock_dir)
             shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
         self.path = run_dir / TB_DIR
-        self.resumed_at = resume_step
-        self.writer = SummaryWriter(str(self.path),
-                                    purge_step=None if resume_step is None else resume_step + 1)
+        self.writer = SummaryWriter(str(self.path), purge_step=resume_step)
         if resume_step is None:  # the config in the hparams plugin, beside the scalars
             plain = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
                      for k, v in config.items()}
             for summary in hparams(plain, {"val/val_loss": 0.0, "train/loss": 0.0}):
                 self.writer._get_file_writer().add_summary(summary)
+            return
+        for line in (run_dir / METRICS_FILE).read_text("utf-8").splitlines():
+            entry = json.loads(line)
+            if entry["step"] == resume_step:
+                values = {k: v for k, v in entry.items() if k not in ("step", "kind")}
+                self.log(resume_step, scalars_of(entry["kind"], values))
 
     def log(self, step: int, scalars: dict) -> None:
-        if self.resumed_at is not None and step <= self.resumed_at:
-            return  # an evaluation at the resumed step, run again: its point is there
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
 
@@ -122,6 +125,13 @@ def _tracker_id(run_dir: Path, tracker: str, new: Callable[[], str | None]) -> s
     return ids.get(tracker)
 
 
+def scalars_of(kind: str, values: dict) -> dict:
+    """A metrics.jsonl line's values as the trackers take them: the finite numbers, each
+    named kind/key."""
+    return {f"{kind}/{k}": v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 class RunLog:
     """metrics.jsonl (one line per log step and per evaluation) and the trackers; rank 0 only."""
 
@@ -149,8 +159,7 @@ class RunLog:
         try:
             self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
             self.file.flush()
-            scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))
-                       and not isinstance(v, bool) and math.isfinite(v)}
+            scalars = scalars_of(kind, values)
             for tracker in self.trackers:
                 target = tracker.path
                 tracker.log(step, scalars)
