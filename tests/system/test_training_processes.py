@@ -781,9 +781,9 @@ def test_a_stop_the_loop_did_not_act_on_is_passed_on_not_lost(assets, tmp_path, 
     else:
         close = trackers.RunLog.close
 
-        def close_with_a_stop(self):
+        def close_with_a_stop(self, *args):
             os.kill(os.getpid(), signal.SIGTERM)
-            close(self)
+            close(self, *args)
 
         monkeypatch.setattr(trackers.RunLog, "close", close_with_a_stop)
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2)
