@@ -4435,6 +4435,31 @@ def test_codexglue_method_scores_as_its_evaluator_after_its_normalization(
     assert metrics["codexglue-method/BLEU"] == pytest.approx(expected_bleu)
 
 
+def test_a_codexglue_prompt_parses_whatever_its_docstring_ends_with(tmp_path):
+    """A docstring ending in a quote, in a backslash or holding \"\"\": the prompt built from it is
+    still a function's start that Python parses (a broken one would be continued instead)."""
+    import ast
+
+    from codelm.evaluation.tasks.codexglue import load_codexglue_methods
+
+    endings = ['Wrap s in "quotes"', "A path like C:\\", 'Holds """ inside', "Fine."]
+    records = [{**CODEXGLUE_METHODS[2], "id": str(i), "docstring": text}
+               for i, text in enumerate(endings)]
+    problems = load_codexglue_methods(_write_jsonl(tmp_path / "test.jsonl", records))
+    for problem, text in zip(problems, endings, strict=True):
+        function = ast.parse(problem["prompt"] + "    pass\n").body[0]
+        assert text.rstrip('\\"') in ast.get_docstring(function, clean=False)
+
+
+def test_a_comment_in_column_0_inside_a_generated_body_does_not_end_it():
+    """A commented-out line in column 0 may sit inside a function: the body ends at the next
+    unindented line that is code, without the comments just before it."""
+    clean = text_task._GENERATION["method"][1]
+    assert clean("    x = 1\n#    debug(x)\n    return x\n") == (
+        "    x = 1\n#    debug(x)\n    return x")
+    assert clean("    return x\n# the next one\ndef g():\n    pass") == "    return x"
+
+
 def test_the_harness_spellings_of_pass_at_k_settings_are_read():
     cfg = parse_config(["--tasks", "humaneval", "--n_samples", "20", "--k", "1,10",
                                     "--temperature", "0.8", "--top-p", "0.95"])

@@ -44,6 +44,21 @@ def _literal_code(normalized: str) -> str:
     return code
 
 
+def _docstring_body(text: str) -> str:
+    """``text`` as the inside of a triple-quoted docstring, as written in source: its \"\"\"
+    escaped, and a final quote or backslash too, which would end the literal early or escape
+    its closing quotes."""
+    body = text.replace('"""', '\\"""')
+    last_quote = body.endswith('"')
+    before = body[:-1] if last_quote else body
+    odd_backslashes = (len(before) - len(before.rstrip("\\"))) % 2 == 1
+    if last_quote and not odd_backslashes:  # (after an odd run the quote is escaped already)
+        return before + '\\"'
+    if not last_quote and odd_backslashes:  # they would escape the closing quotes
+        return body + "\\"
+    return body
+
+
 def load_codexglue_methods(path: str | Path, limit: int | None = None) -> list[dict]:
     """CodeXGLUE method generation's records (signature and body normalized, docstring, id),
     each prompted as the function it was: its signature and docstring."""
@@ -51,8 +66,7 @@ def load_codexglue_methods(path: str | Path, limit: int | None = None) -> list[d
     for where, record in problem_records(path, SPLIT_FILES, "codexglue-method"):
         if missing := [k for k in CODEXGLUE_METHOD_KEYS if not isinstance(record.get(k), str)]:
             raise ValueError(f"{where}: missing string field(s) {missing}")
-        docstring = record["docstring"].replace('"""', '\\"""')
-        prompt = f'{_literal_code(record["signature"])}\n    """{docstring}"""\n'
+        prompt = f'{_literal_code(record["signature"])}\n    """{_docstring_body(record["docstring"])}"""\n'
         problems.append({"id": str(record.get("id") or where), "prompt": prompt,
                          "reference": record["body"]})
     if not problems:

@@ -105,12 +105,19 @@ def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data
 
 
 def method_body(text: str) -> str:
-    """A generated body ends at the first non-blank line without indentation."""
+    """A generated body ends at the first non-blank line without indentation that is not a
+    comment (a comment in column 0 may sit inside a body); the comments in column 0 just
+    before that line are not the body's."""
     lines = text.split("\n")
+    end = len(lines)
     for i, line in enumerate(lines):
-        if i and line.strip() and not line[0].isspace():
-            return "\n".join(lines[:i]).rstrip()
-    return text.rstrip()
+        if i and line.strip() and not line[0].isspace() and not line.startswith("#"):
+            end = i
+            break
+    body = lines[:end]
+    while len(body) > 1 and (not body[-1].strip() or body[-1].startswith("#")):
+        body.pop()
+    return "\n".join(body).rstrip()
 
 
 # task -> (stop strings, post-processing of a generation, post-processing of a reference)
