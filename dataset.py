@@ -59,6 +59,7 @@ from codelm.data.encoding import (
     prompt_prefix,
     reads_special_tokens,
     special_token_text,
+    template_writes_start,
     token_dtype,
     tokenize_examples,
     tokenizer_fingerprint,
@@ -369,7 +370,7 @@ def _chunk_examples(docs: list[Doc], encoder: BatchEncoder, cfg: DataConfig, spl
     options say, and the events counted on them (examples skipped or truncated, by reason)."""
     tokenizer = encoder.tokenizer
     eos = tokenizer.eos_id if cfg.add_eos else None
-    start = prompt_prefix(tokenizer, cfg.task)
+    start = [] if template_writes_start(cfg.task) else prompt_prefix(tokenizer, cfg.task)
     events: Counter = Counter()
     special_text = special_token_text(tokenizer)
     if special_text is not None:

@@ -67,15 +67,15 @@ class ServedModel:
     token_text: Callable[[int], str]
     token_bytes: Callable[[int], bytes]
     eos_ids: list[int]
-    chat_prompt: Callable[[list[dict]], list[int]] | None = None
+    chat_prompt: Callable[[list[dict], list[dict] | None], list[int]] | None = None
 
 
 def served_model(name: str, model: Transformer, tokenizer,
                  encode: Callable[[str], list[int]] | None = None) -> ServedModel:
     """A ServedModel of a model and its codelm tokenizer (tokenizer.load_tokenizer's): prompts
     encoded by ``encode`` (default the tokenizer's own), chat where it has a template."""
-    def chat_prompt(messages: list[dict]) -> list[int]:
-        return tokenizer.encode(tokenizer.apply_chat_template(messages, True))
+    def chat_prompt(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, True, tools))
 
     def token_bytes(i: int) -> bytes:  # an id past the tokenizer's decodes to nothing
         return tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b""
@@ -566,9 +566,13 @@ def _chat_prompt(served: ServedModel, body: dict) -> list[_Prompt]:
     if served.chat_prompt is None:
         raise ApiError(400, f"model {served.name!r} has no chat template (its tokenizer has "
                        "none): use /v1/completions", "messages", "no_chat_template")
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(
+            isinstance(tool, dict) for tool in tools)):
+        raise ApiError(400, "'tools' must be a list of tool objects", "tools")
     messages = [{**m, "content": _message_text(m.get("content"))} for m in messages]
     try:
-        return [_Prompt(served.chat_prompt(messages), "")]
+        return [_Prompt(served.chat_prompt(messages, tools), "")]
     except ValueError as e:
         raise ApiError(400, f"the chat template cannot render these messages: {e}",
                        "messages") from None

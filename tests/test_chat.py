@@ -171,3 +171,96 @@ def test_a_special_token_the_config_leaves_out_renders_as_nothing_as_in_transfor
     expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages,
                                                                           tokenize=False)
     assert load_tokenizer(tmp_path).apply_chat_template(messages) == expected
+
+
+# Phi-3's template: no BOS of its own (its tokenizer's post-processor adds <s> to plain text),
+# each turn ended by <|end|> and a newline, the conversation by the end-of-text token.
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def phi3_tokenizer(tmp_path_factory):
+    """A Phi-3-shaped tokenizer.json (byte-level BPE, <s> added by TemplateProcessing) with its
+    tokenizer_config.json, as transformers loads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    root = tmp_path_factory.mktemp("phi3")
+    specials = ["<s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([json.dumps(m) for m in CONVERSATIONS] * 5, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+        "eos_token": "<|endoftext|>", "chat_template": PHI3_TEMPLATE}))
+    return root
+
+
+def test_a_template_without_a_bos_trains_on_its_text_alone_up_to_the_end_of_turn(
+        phi3_tokenizer, tmp_path):
+    """Phi-3's template writes no BOS, though its tokenizer adds one to plain text: a training
+    prompt is transformers' apply_chat_template(tokenize=True) ids, nothing added, and an
+    answer is trained up to its <|end|>, not on the newline and end-of-text the template
+    writes after the last turn."""
+    import transformers
+
+    hf = transformers.AutoTokenizer.from_pretrained(phi3_tokenizer)
+    tok = load_tokenizer(phi3_tokenizer)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS[:10]))
+    cfg = DataConfig(task="chat", sources=[str(data)], block_size=256, cache_dir=str(tmp_path),
+                     progress=False, split_by="file", min_bytes=0, min_lines=0,
+                     train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    prepared = dataset.prepare(cfg, tok)
+    expected = []
+    for messages in CONVERSATIONS[:10]:
+        for i in (1, 3):
+            prompt = hf.apply_chat_template(messages[:i], tokenize=True, return_dict=False,
+                                            add_generation_prompt=True)
+            answer = hf.encode(messages[i]["content"] + "<|end|>", add_special_tokens=False)
+            expected.append((list(prompt), answer))
+    found = []
+    for i in range(len(prepared.train)):
+        ids, labels = prepared.train[i]["input_ids"].tolist(), prepared.train[i]["labels"].tolist()
+        counted = [j for j, label in enumerate(labels) if label != IGNORE_INDEX]
+        found.append((ids[: counted[0] + 1], [labels[j] for j in counted]))
+    assert sorted(found) == sorted(expected)
+
+
+def test_the_server_offers_a_requests_tools_through_the_template(instruct):
+    """/v1/chat/completions' tools reach the chat template (a template that lists them renders
+    them), as transformers' apply_chat_template(tools=...) renders them."""
+    import transformers
+
+    from codelm.models import pretrained
+    from codelm.serving import served_model
+
+    root, _ = instruct
+    template = ("{% if tools %}{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}{% endif %}"
+                + CHATML_TEMPLATE)
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    shaped = root.parent / "instruct_tools"
+    shaped.mkdir(exist_ok=True)
+    (shaped / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
+    (shaped / "tokenizer_config.json").write_text(json.dumps({
+        **config, "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template}))
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    hf = transformers.AutoTokenizer.from_pretrained(shaped)
+    want = hf.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False,
+                                  add_generation_prompt=True)
+    served = served_model("m", pretrained.load(root), load_tokenizer(shaped))
+    assert served.chat_prompt(messages, tools) == list(want)
+    assert served.chat_prompt(messages, tools) != served.chat_prompt(messages, None)

@@ -134,6 +134,13 @@ def token_dtype(tokenizer) -> str:
     return "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
 
 
+def template_writes_start(task: str | None) -> bool:
+    """Whether a task's prompts are a chat template's text, which writes their start tokens
+    itself (a BOS or none): their ids are that text's as it reads, nothing added or taken
+    away, as transformers' apply_chat_template(tokenize=True) and the server encode them."""
+    return task == "chat"
+
+
 def prompt_prefix(tokenizer: CodeTokenizer | BPETokenizer, task: str | None) -> list[int]:
     """The ids before a prompt, as the model saw text in training: the template start (Llama-3's
     BOS), after an EOS for the lm task, which packs each file after one."""
@@ -241,7 +248,9 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
         if e.body:
             end = max(start, len(whole) - _common_prefix(whole[::-1], tail[::-1]))
         # With pair_special_tokens the text's own BOS goes.
-        n = len(whole) - len(_without_text_template_prefix(whole, prefix)) if reads[i] else 0
+        n = 0
+        if reads[i] and not template_writes_start(cfg.task):
+            n = len(whole) - len(_without_text_template_prefix(whole, prefix))
         out.append((whole[n:], completion, (max(0, start - n), max(0, end - n))))
     return out
 

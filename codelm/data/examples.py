@@ -247,7 +247,8 @@ class ChatTurn(typing.NamedTuple):
 
 def chat_turns(tok: BPETokenizer, messages: Sequence[dict]) -> list[ChatTurn]:
     """Each assistant turn of a conversation: what generation is prompted with, and what it is
-    to answer (the whitespace after the end-of-turn marker is the template's glue)."""
+    to answer (``chat_answer``)."""
+    markers = tok.matched_special_tokens
     turns = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
@@ -258,8 +259,30 @@ def chat_turns(tok: BPETokenizer, messages: Sequence[dict]) -> list[ChatTurn]:
             raise ValueError("chat_template: the text before an assistant turn is not a prefix "
                              "of the conversation's text: the assistant's tokens cannot be told "
                              "apart")
-        turns.append(ChatTurn(prompt, turn[len(prompt):].rstrip()))
+        content = message.get("content")
+        answer = chat_answer(turn[len(prompt):], content if isinstance(content, str) else "",
+                             markers)
+        turns.append(ChatTurn(prompt, answer))
     return turns
+
+
+def chat_answer(rendered: str, content: str, markers: Sequence[str]) -> str:
+    """What an assistant turn answers, of the text its template renders after the generation
+    prompt: up to the first end-of-turn marker (a special token's text, ``markers``) after its
+    ``content``, that marker included; what follows (a newline, a template's end-of-text) is
+    the template's glue or ending, not the answer's. Without a marker: the text, stripped."""
+    text = content.strip()
+    found = rendered.find(text)
+    start = found + len(text) if found >= 0 else 0
+    found_markers = []  # (where, -length, marker): the first, at one place the longest
+    for marker in markers:
+        at = rendered.find(marker, start)
+        if at >= 0:
+            found_markers.append((at, -len(marker), marker))
+    if not found_markers:
+        return rendered.rstrip()
+    at, _, marker = min(found_markers)
+    return rendered[: at + len(marker)]
 
 
 def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str) -> list[Example]:

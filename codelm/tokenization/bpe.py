@@ -555,11 +555,12 @@ class BPETokenizer(BatchEncodeMixin):
             config["chat_template"] = self.chat_template
         return write_tokenizer(path, self.spec, 2, config=config)
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False
-                            ) -> str:
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                            tools: Sequence[dict] | None = None) -> str:
         """The text of a conversation (``messages``: [{"role": ..., "content": ...}, ...]) as
         transformers' ``apply_chat_template(messages, tokenize=False)`` renders it with this
-        tokenizer's chat template; ``add_generation_prompt``: ends with the assistant's header."""
+        tokenizer's chat template; ``add_generation_prompt``: ends with the assistant's header;
+        ``tools``: the function definitions (JSON schemas) the template offers the model."""
         if self.chat_template is None:
             raise ValueError(f"{self.source}: no chat_template (tokenizer_config.json or "
                              "chat_template.jinja beside it): this is not an instruct model's "
@@ -568,7 +569,7 @@ class BPETokenizer(BatchEncodeMixin):
                  if i is not None and role in self._named_roles}
         if self._unk_id is not None:
             names["unk_token"] = self.id_to_token(self._unk_id)
-        return render_chat(self.chat_template, messages, add_generation_prompt, **names)
+        return render_chat(self.chat_template, messages, add_generation_prompt, tools, **names)
 
     def _encode_piece(self, piece: str) -> list[int]:
         run_chars = self._added_tokens.run_chars

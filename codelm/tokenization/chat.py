@@ -87,16 +87,17 @@ def _compiled_chat_template(template: str):
 
 
 def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: bool = False,
-                **special_tokens: str | None) -> str:
-    """``messages`` rendered by a chat ``template`` as transformers renders them (bos_token,
-    eos_token, ... given as ``special_tokens``; one that is None is left undefined, which
-    renders as nothing); the template's own errors are ValueErrors."""
+                tools: Sequence[dict] | None = None, **special_tokens: str | None) -> str:
+    """``messages`` rendered by a chat ``template`` as transformers renders them (``tools``:
+    the function definitions it offers the model; bos_token, eos_token, ... given as
+    ``special_tokens``; one that is None is left undefined, which renders as nothing); the
+    template's own errors are ValueErrors."""
     import jinja2
 
     defined = {name: token for name, token in special_tokens.items() if token is not None}
     try:
         return _compiled_chat_template(template).render(
-            messages=list(messages), tools=None, documents=None,
-            add_generation_prompt=add_generation_prompt, **defined)
+            messages=list(messages), tools=None if tools is None else list(tools),
+            documents=None, add_generation_prompt=add_generation_prompt, **defined)
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat_template: {e}") from None

@@ -19,7 +19,12 @@ from safetensors.torch import load_file
 import eval as evaluation
 import lora
 from codelm import loading
-from codelm.data.encoding import encode_prompts, prompt_prefix, reads_special_tokens
+from codelm.data.encoding import (
+    encode_prompts,
+    prompt_prefix,
+    reads_special_tokens,
+    template_writes_start,
+)
 from codelm.data.examples import SamplePrompt
 from codelm.evaluation.results import OtherEvaluation
 from codelm.gguf import writer
@@ -140,8 +145,12 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     from tokenizer import decode_generated, generation_eos_ids
 
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
-    (prompt_ids,) = encode_prompts(tok, [prompt], reads_special_tokens(task, pair_special_tokens))
-    ids = prompt_prefix(tok, task) + prompt_ids
+    if template_writes_start(task):  # a chat template's text, read as it is
+        ids = tok.encode(prompt)
+    else:
+        reads = reads_special_tokens(task, pair_special_tokens)
+        (prompt_ids,) = encode_prompts(tok, [prompt], reads)
+        ids = prompt_prefix(tok, task) + prompt_ids
     max_new_tokens = min(max_new_tokens, model.cfg.block_size - len(ids))
     if max_new_tokens <= 0:
         return ""
