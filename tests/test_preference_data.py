@@ -61,14 +61,51 @@ def _trl_tokenized(trainer, records: list[dict], root: Path) -> list[dict]:
         return list(trainer._prepare_dataset(this, Dataset.from_list(records), hf, args, "eval"))
 
 
-@pytest.mark.parametrize("record", [PLAIN, CHAT, {**PLAIN, "chosen": " a + b<|eot_id|>"}],
-                         ids=["plain", "conversational", "ends-with-eos"])
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                           "parameters": {"type": "object", "properties": {
+                                               "a": {"type": "number"}}}}}]
+
+
+@pytest.mark.parametrize("record", [PLAIN, CHAT, {**PLAIN, "chosen": " a + b<|eot_id|>"},
+                                    {**PLAIN, "rejected": ""}, {**PLAIN, "rejected": "\n"}],
+                         ids=["plain", "conversational", "ends-with-eos", "empty", "blank"])
 def test_pairs_tokenize_as_trls_dpo_trainer(record, instruct):
     from trl import DPOTrainer
 
     ours = tokenized(check_record(record, "x.jsonl:1", unpaired=False), load_tokenizer(instruct))
     theirs = _trl_tokenized(DPOTrainer, [record], instruct)[0]
     assert ours == (theirs["prompt_ids"], [theirs["chosen_ids"], theirs["rejected_ids"]])
+
+
+@pytest.fixture(scope="module")
+def instruct_with_tools(instruct, tmp_path_factory) -> Path:
+    """The instruct checkpoint's tokenizer, its chat template listing the tools first."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("instruct_tools")
+    for file in instruct.iterdir():
+        if file.is_file():
+            shutil.copy(file, root / file.name)
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if tools %}{% for tool in tools %}{{ tool | tojson }}\n"
+                               "{% endfor %}{% endif %}" + config["chat_template"])
+    (root / "tokenizer_config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.mark.parametrize("tools", [TOOLS, json.dumps(TOOLS)], ids=["list", "json-text"])
+def test_a_conversations_tools_reach_its_template_as_in_trl(tools, instruct_with_tools):
+    """TRL's tools field (a list, or its JSON text) is rendered by the chat template into the
+    prompt, as TRL's DPOTrainer renders it."""
+    from trl import DPOTrainer
+
+    record = {**CHAT, "tools": tools}
+    tok = load_tokenizer(instruct_with_tools)
+    ours = tokenized(check_record(record, "x.jsonl:1", unpaired=False), tok)
+    theirs = _trl_tokenized(DPOTrainer, [record], instruct_with_tools)[0]
+    assert ours == (theirs["prompt_ids"], [theirs["chosen_ids"], theirs["rejected_ids"]])
+    plain = tokenized(check_record(CHAT, "x.jsonl:1", unpaired=False), tok)
+    assert len(ours[0]) > len(plain[0])
 
 
 @pytest.mark.parametrize("records", [[{"prompt": PLAIN["prompt"], "completion": " a * b\n",
@@ -108,8 +145,6 @@ def test_parquet_and_a_cached_dataset_id_read_as_jsonl(tmp_path, offline_hub):
 @pytest.mark.parametrize("record, message", [
     ({"prompt": "p", "chosen": "a"}, "no 'rejected' field"),
     ({"chosen": "a", "rejected": "b"}, "no 'prompt' field"),
-    ({**PLAIN, "chosen": "  "}, "'chosen' is empty"),
-    ({**PLAIN, "rejected": ""}, "'rejected' is empty"),
     ({**PLAIN, "rejected": PLAIN["chosen"]}, "'chosen' and 'rejected' are the same"),
     ({**PLAIN, "chosen": 3}, "'chosen' must be a string or a non-empty list"),
     ({**PLAIN, "chosen": CHAT["chosen"]}, "'chosen' and 'prompt' must both be text"),
@@ -126,12 +161,25 @@ def test_a_bad_pair_is_refused_in_one_line_naming_file_and_line(record, message,
 @pytest.mark.parametrize("record, message", [
     ({"prompt": "p", "completion": "c"}, "no 'label' field"),
     ({"prompt": "p", "completion": "c", "label": 1}, "'label' must be true"),
-    ({"prompt": "p", "completion": "", "label": True}, "'completion' is empty"),
 ])
 def test_a_bad_labelled_completion_is_refused_naming_its_line(record, message, tmp_path):
     path = _write_jsonl(tmp_path / "kto.jsonl", [record])
     with pytest.raises(DataError, match=rf"^{path}:1: .*{message}"):
         read_preferences([str(path)], True, DataConfig(progress=False))
+
+
+def test_skip_bad_drops_the_records_encoding_refuses_too(instruct, tmp_path):
+    """A pair whose two are the same once cut to the block is refused by name, or with
+    skip_bad dropped and counted like a bad record."""
+    same_start = {**PLAIN, "chosen": " a + b + 1 + 2 + 3\n", "rejected": " a + b + 1 + 2 - 3\n"}
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, same_start])
+    tok = load_tokenizer(instruct)
+    read = read_preferences([str(path)], False, DataConfig(progress=False))
+    prompt = len(tokenized(read[0], tok)[0])
+    with pytest.raises(DataError, match=rf"^{path}:2: 'chosen' and 'rejected' are the same"):
+        encode_preferences(read, tok, block_size=prompt + 3)
+    kept, events = encode_preferences(read, tok, block_size=prompt + 3, skip_bad=True)
+    assert len(kept) == 1 and events["skipped"] == 1
 
 
 def test_skip_bad_drops_bad_records_and_max_docs_keeps_the_first(tmp_path, capsys):
@@ -243,6 +291,23 @@ def test_a_problem_whose_test_ran_in_the_candidates_interpreter_gives_no_data():
         ("p/1", "right", "wrong")]
     assert {r["task_id"] for r in data.labelled} == {"p/1"}
     assert data.counts["untrusted"] == 1 and data.counts["paired"] == 1
+
+
+def test_a_program_sampled_twice_is_passed_where_any_of_its_runs_passed():
+    """The same program sampled twice, passing once and timing out once (a busy machine): it is
+    a passing program, paired with the failing one, and labelled once; an empty sample is a
+    failing program like any other."""
+    from codelm.evaluation.preference_pairs import preference_data
+
+    def record(prediction: str, status: str) -> dict:
+        return {"model": "m", "task": "passk", "id": "p/0", "prompt": "def f():\n",
+                "prediction": prediction, "status": status, "trusted": True}
+
+    records = [record("right", "passed"), record("", "failed"), record("right", "timeout")]
+    data = preference_data(records, ["passk"])
+    assert [(p["chosen"], p["rejected"]) for p in data.pairs] == [("right", "")]
+    assert [(r["completion"], r["label"]) for r in data.labelled] == [("right", True),
+                                                                      ("", False)]
 
 
 def test_preference_pairs_need_a_pass_at_k_task_sampled_twice():

@@ -39,6 +39,7 @@ class PreferenceRecord:
     prompt: str | list[dict]
     completions: tuple[str | list[dict], ...]
     label: bool | None = None
+    tools: list[dict] | None = None  # a conversation's function definitions (TRL's field)
 
     @property
     def conversational(self) -> bool:
@@ -101,7 +102,7 @@ def _raw_records(files: Sequence[Path], cfg: DataConfig) -> Iterator[tuple[str, 
 
 def check_record(record: dict, where: str, unpaired: bool) -> PreferenceRecord:
     """``record`` as a PreferenceRecord, or a DataError naming ``where`` and the field at fault:
-    a missing or mistyped field, an empty completion, a pair whose two are the same."""
+    a missing or mistyped field, a pair whose two are the same."""
     is_pair = "chosen" in record or "rejected" in record
     if not is_pair and not unpaired:
         if "completion" in record and "label" in record:
@@ -119,17 +120,32 @@ def check_record(record: dict, where: str, unpaired: bool) -> PreferenceRecord:
         if not isinstance(label, bool):
             raise DataError(f"{where}: 'label' must be true (desirable) or false, got "
                             f"{label!r}")
-    for key, completion in zip(keys[1:], completions):
+    for key, completion in zip(keys[1:], completions):  # "" is a completion: EOS alone
         if isinstance(completion, list) != isinstance(prompt, list):
             raise DataError(f"{where}: {key!r} and 'prompt' must both be text or both be "
                             "lists of messages")
-        if not _text_of(completion).strip():
-            raise DataError(f"{where}: {key!r} is empty: a completion is what is preferred or "
-                            "not; drop the record")
     if is_pair and completions[0] == completions[1]:
         raise DataError(f"{where}: 'chosen' and 'rejected' are the same: the pair teaches "
                         "nothing; drop it")
-    return PreferenceRecord(where, prompt, completions, label)
+    return PreferenceRecord(where, prompt, completions, label, _tools(record, where))
+
+
+def _tools(record: dict, where: str) -> list[dict] | None:
+    """A record's ``tools`` (a list of function definitions, or its JSON text, as TRL reads
+    it), which its chat template renders; None where it has none."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise DataError(f"{where}: 'tools' is text that is not JSON") from None
+    if tools is not None and not (isinstance(tools, list)
+                                  and all(isinstance(tool, dict) for tool in tools)):
+        raise DataError(f"{where}: 'tools' must be a list of function definitions (objects)")
+    if tools and not isinstance(record.get("prompt"), list):
+        raise DataError(f"{where}: 'tools' goes with conversational records (a prompt of "
+                        "messages), which a chat template renders")
+    return tools
 
 
 def _field(record: dict, key: str, where: str) -> str | list[dict]:
@@ -160,8 +176,8 @@ def _text_of(field: str | list[dict]) -> str:
 def unpair(record: PreferenceRecord) -> list[PreferenceRecord]:
     """A pair as KTO's two labelled completions: the chosen desirable, the rejected not."""
     chosen, rejected = record.completions
-    return [PreferenceRecord(record.where, record.prompt, (chosen,), True),
-            PreferenceRecord(record.where, record.prompt, (rejected,), False)]
+    return [PreferenceRecord(record.where, record.prompt, (chosen,), True, record.tools),
+            PreferenceRecord(record.where, record.prompt, (rejected,), False, record.tools)]
 
 
 def split_records(records: Sequence[PreferenceRecord], val_frac: float, seed: int
@@ -183,11 +199,20 @@ def split_records(records: Sequence[PreferenceRecord], val_frac: float, seed: in
 # ---- Encoding ----
 
 def encode_preferences(records: Sequence[PreferenceRecord], tok: CodeTokenizer | BPETokenizer,
-                       block_size: int) -> tuple[list[Preference], Counter]:
+                       block_size: int, skip_bad: bool = False) -> tuple[list[Preference], Counter]:
     """Each record's ids (``encode_record``), its completions cut to fit ``block_size`` tokens
-    after the prompt; and the events counted (completions cut)."""
+    after the prompt; and the events counted (completions cut; with ``skip_bad`` the records
+    encoding refuses, dropped: ``skipped``)."""
     events: Counter = Counter()
-    return [encode_record(r, tok, block_size, events) for r in records], events
+    encoded = []
+    for record in records:
+        try:
+            encoded.append(encode_record(record, tok, block_size, events))
+        except DataError:
+            if not skip_bad:
+                raise
+            events["skipped"] += 1
+    return encoded, events
 
 
 def encode_record(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer, block_size: int,
@@ -232,9 +257,9 @@ def tokenized(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer
                             "message: it must end with the user's (or a tool's), which the "
                             "completions answer")
         try:
-            prompt = tok.encode(tok.apply_chat_template(record.prompt,
-                                                        add_generation_prompt=True))
-            wholes = [tok.encode(tok.apply_chat_template(record.prompt + completion))
+            prompt = tok.encode(tok.apply_chat_template(record.prompt, True, record.tools))
+            wholes = [tok.encode(tok.apply_chat_template(record.prompt + completion, False,
+                                                         record.tools))
                       for completion in record.completions]
         except ValueError as e:  # the template's own error (raise_exception, an unknown role)
             raise DataError(f"{record.where}: {e}") from None
@@ -258,4 +283,4 @@ def prompt_text(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer) -> 
     template with the generation prompt."""
     if not record.conversational:
         return record.prompt
-    return tok.apply_chat_template(record.prompt, add_generation_prompt=True)
+    return tok.apply_chat_template(record.prompt, True, record.tools)

@@ -38,7 +38,7 @@ def preference_data(records: Iterable[dict], tasks: Sequence[str]) -> Preference
         if not all(r.get("trusted", True) for r in samples):
             counts["untrusted"] += 1
             continue
-        distinct = list({r["prediction"]: r for r in samples}.values())
+        distinct = _verdicts(samples)
         passed = [r for r in distinct if r["status"] == "passed"]
         failed = [r for r in distinct if r["status"] != "passed"]
         where = {"task": task, "task_id": task_id, "model": model}
@@ -58,6 +58,18 @@ def preference_data(records: Iterable[dict], tasks: Sequence[str]) -> Preference
                           "chosen_status": good["status"], "rejected_status": bad["status"]})
     counts["pairs"], counts["labelled"] = len(pairs), len(labelled)
     return PreferenceData(pairs, labelled, counts)
+
+
+def _verdicts(samples: list[dict]) -> list[dict]:
+    """One record a distinct program, in the order of their first run: passed where any run of
+    it passed (a run that timed out on a busy machine does not make it wrong), else its first
+    run's."""
+    first: dict[str, dict] = {}
+    for sample in samples:
+        kept = first.setdefault(sample["prediction"], sample)
+        if sample["status"] == "passed" and kept["status"] != "passed":
+            first[sample["prediction"]] = {**kept, "status": "passed"}
+    return list(first.values())
 
 
 def labelled_path(path: Path) -> Path:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 import lora
-from codelm.data.config import DataConfig
+from codelm.data.config import DataConfig, DataError
 from codelm.data.examples import SamplePrompt
 from codelm.data.preferences import (
     Preference,
@@ -68,12 +68,19 @@ def prepare(cfg: TrainConfig | DataSettings, tok, block_size: int, dist: Dist) -
         train, val = records, read_preferences(cfg.val_data, unpaired, dcfg)
     else:
         train, val = split_records(records, dcfg.val_frac, dcfg.seed)
-    train_set, events = encode_preferences(train, tok, block_size)
-    val_set, val_events = encode_preferences(val, tok, block_size)
-    cut = events["completion_truncated"] + val_events["completion_truncated"]
-    if cut and dist.main:
-        print(f"note: {cut} completion(s) cut to fit block_size {block_size} after their "
-              "prompt (--block-size)", file=sys.stderr)
+    train_set, events = encode_preferences(train, tok, block_size, dcfg.skip_bad)
+    val_set, val_events = encode_preferences(val, tok, block_size, dcfg.skip_bad)
+    events += val_events
+    if events["completion_truncated"] and dist.main:
+        print(f"note: {events['completion_truncated']} completion(s) cut to fit block_size "
+              f"{block_size} after their prompt (--block-size)", file=sys.stderr)
+    if events["skipped"] and dist.main:
+        print(f"skip_bad: {events['skipped']} preference record(s) skipped as encoded for "
+              f"block_size {block_size}", file=sys.stderr)
+    for split, encoded in (("training", train_set), ("validation", val_set)):
+        if not encoded:
+            raise DataError(f"no {split} preference records are left once the bad ones are "
+                            "skipped (skip_bad)")
     if cfg.overfit_batches:  # K fixed global batches; validation is the same items
         chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
         n = cfg.overfit_batches * cfg.batch_size * cfg.grad_accum * dist.world
