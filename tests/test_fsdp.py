@@ -62,6 +62,11 @@ def _losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in map(json.loads, lines) if m["kind"] == "train"]
 
 
+def _val_losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / rundir.METRICS_FILE).read_text().splitlines()
+    return [m["val_loss"] for m in map(json.loads, lines) if m["kind"] == "val"]
+
+
 def _sharded(path: Path) -> dict:
     """A sharded checkpoint's model and optimizer tensors, whole (DCP's own reader)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -83,10 +88,11 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def test_fsdp_two_ranks_train_like_one_process_and_the_sharded_checkpoint_goes_on_in_one(
         assets, tmp_path):
-    """Two FSDP ranks of batch 2 against one process of batch 4: the same losses step by step,
-    and the sharded checkpoint of step 6 (each rank wrote its shards) continued by one process,
+    """Two FSDP ranks of batch 2 against one process of batch 4: the same losses step by step
+    (the validation's 3 batches dealt 2 and 1: the ranks still meet in every collective), and
+    the sharded checkpoint of step 6 (each rank wrote its shards) continued by one process,
     regrouped to batch 4, ends on the weights the one-process run reaches."""
-    common = dict(max_steps=6, eval_every=6, save_every=6, **COMMON)
+    common = dict(max_steps=6, eval_every=6, save_every=6, eval_examples=6, **COMMON)
     single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
     cfg = tiny_cfg(assets, tmp_path, name="fsdp", batch_size=2, strategy="fsdp", **common)
     run = _train_on_two_ranks(cfg, tmp_path)
@@ -95,6 +101,7 @@ def test_fsdp_two_ranks_train_like_one_process_and_the_sharded_checkpoint_goes_o
         ".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (step_6 / rundir.MODEL_FILE).exists()
     assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-5)
+    assert _val_losses(run) == pytest.approx(_val_losses(single.run_dir), rel=1e-5)
     # best/ holds the whole model, gathered to rank 0
     best, reference = load_file(run / rundir.BEST_DIR / rundir.MODEL_FILE), final_weights(
         single.run_dir, 6)

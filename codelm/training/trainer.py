@@ -266,7 +266,14 @@ class Trainer:
         """The validation batches on the device, under a progress bar, with the eval model in
         eval mode until the last is done; a sharded model then runs idle forwards until this
         rank has run as many as the rank with the most batches (each forward gathers every
-        block's shards: all ranks take part), and the model goes back to its mode."""
+        block's shards: all ranks take part; the most is agreed before the first forward, a
+        collective of its own), and the model goes back to its mode."""
+        most = 0
+        if self.sharded:
+            if total is None:
+                batches = list(batches)
+                total = len(batches)
+            most = max(all_gather(total, self.dist))
         batches = progress_bar(batches, total=total, desc="eval", unit="batch", leave=False,
                                enabled=self.dist.main and self.settings.progress,
                                dynamic_ncols=True)
@@ -279,7 +286,7 @@ class Trainer:
             yield self._to_device(batch)
         if self.sharded:
             idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-            for _ in range(max(all_gather(forwards, self.dist)) - forwards):
+            for _ in range(most - forwards):
                 model(idle)
         model.train(was_training)
 
