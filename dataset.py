@@ -59,6 +59,7 @@ from codelm.data.encoding import (
     prompt_prefix,
     reads_special_tokens,
     special_token_text,
+    template_start_length,
     template_writes_start,
     token_dtype,
     tokenize_examples,
@@ -383,19 +384,24 @@ def _chunk_examples(docs: list[Doc], encoder: BatchEncoder, cfg: DataConfig, spl
                                                             encoder):
         n_target = len(completion)
         completion = ended(completion, eos, ends)
+        head = start
+        if template_writes_start(cfg.task):  # its own start (a BOS) stays when history goes
+            own = template_start_length(prompt, tokenizer)
+            head, prompt = prompt[:own], prompt[own:]
+            code_span = (max(0, code_span[0] - own), max(0, code_span[1] - own))
         # A plain LM chunk of the fim task, or a piece of the project task's repository
         # sequences, is not cut: its cut tokens would be in no example.
         limit = cfg.max_completion_tokens if prompt or cfg.task not in ("fim", "project") else None
         kept_prompt, kept_completion = truncate_pair(
-            prompt, completion, cfg.block_size - len(start), limit, cfg.max_prompt_tokens,
+            prompt, completion, cfg.block_size - len(head), limit, cfg.max_prompt_tokens,
             code_span)
         if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
             events["skipped_empty_completion"] += 1
             continue
         events["prompt_truncated"] += len(kept_prompt) < len(prompt)
         events["completion_truncated"] += len(kept_completion) < len(completion)
-        seqs.append(start + kept_prompt + kept_completion)
-        prompt_lens.append(len(start) + len(kept_prompt))
+        seqs.append(head + kept_prompt + kept_completion)
+        prompt_lens.append(len(head) + len(kept_prompt))
     keys = np.array([_example_key(seq, n) for seq, n in zip(seqs, prompt_lens)], "S16")
     # Different files can hold the same code: such an example stays in train only.
     if in_train is not None:

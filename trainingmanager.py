@@ -115,6 +115,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         clock, stop = run.clock, None
         # A budget's end: past it the run stops, a decay the machine slowed down cut short.
         deadline = None if clock is None else clock.train_until
+        raised: BaseException | None = None  # what ends the loop, if anything does
         try:
             result.early_stopped = s.out_of_patience(loop.early_stop_patience)
             while s.step < s.max_steps and not result.early_stopped:
@@ -163,12 +164,14 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 if ends:
                     break
             _end(run, result, signals, stop, progress, on_eval)
+        except BaseException as error:
+            raised = error
+            raise
         finally:
             progress.close()
             # (a KeyboardInterrupt on its way out is a second Ctrl-C's: that stop is under way)
-            stopped = (result.interrupted is not None
-                       or isinstance(sys.exc_info()[1], KeyboardInterrupt))
-            record.close(_outcome(stopped, failed=sys.exc_info()[1] is not None))
+            stopped = result.interrupted is not None or isinstance(raised, KeyboardInterrupt)
+            record.close(_outcome(stopped, failed=raised is not None))
             signals.restore(taken=stopped)
         return result
     except KeyboardInterrupt as stop:  # a second Ctrl-C: the step loop's checkpoint is skipped

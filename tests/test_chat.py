@@ -264,3 +264,35 @@ def test_the_server_offers_a_requests_tools_through_the_template(instruct):
     served = served_model("m", pretrained.load(root), load_tokenizer(shaped))
     assert served.chat_prompt(messages, tools) == list(want)
     assert served.chat_prompt(messages, tools) != served.chat_prompt(messages, None)
+
+
+def test_a_long_history_loses_its_start_but_not_the_templates_bos(tmp_path):
+    """Llama-3's template writes <|begin_of_text|>: a conversation longer than the block loses
+    its oldest turns, never that first token (the model has seen every text start with it)."""
+    from tiny_hf import save_tiny_llama3_instruct
+
+    root = tmp_path / "llama3"
+    save_tiny_llama3_instruct(root, [p.read_text("utf-8", "replace") for p in stdlib_files()[::400]])
+    tok = load_tokenizer(root)
+    long_history = [turn for messages in CONVERSATIONS[:6] for turn in messages]
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"messages": long_history}) + "\n")
+    cfg = DataConfig(task="chat", sources=[str(data)], block_size=96, cache_dir=str(tmp_path),
+                     progress=False, split_by="file", min_bytes=0, min_lines=0,
+                     train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    prepared = dataset.prepare(cfg, tok)
+    starts = [prepared.train[i]["input_ids"][0].item() for i in range(len(prepared.train))]
+    assert len(starts) == 12 and set(starts) == {tok.bos_id}
+    assert prepared.stats["task"]["events"]["train"]["prompt_truncated"] >= 10
+
+
+def test_an_answer_ends_at_the_first_marker_after_its_text_and_a_tool_call_keeps_all():
+    """The answer is cut after the first end-of-turn marker that follows its content; a turn
+    whose content is empty (a tool call the template writes itself) keeps its whole text."""
+    from codelm.data.examples import chat_answer
+
+    phi3 = ["<|end|>", "<|endoftext|>", "<|user|>"]
+    assert chat_answer("Hello!\n<|end|>\n<|endoftext|>", "Hello!\n", phi3) == "Hello!\n<|end|>"
+    assert chat_answer("a <|user|> b<|end|>\n", "a <|user|> b", phi3) == "a <|user|> b<|end|>"
+    tool_call = '[TOOL_CALLS] [{"name": "get_weather"}]</s>'
+    assert chat_answer(tool_call, "", ["</s>", "[TOOL_CALLS]"]) == tool_call

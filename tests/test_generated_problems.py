@@ -120,6 +120,9 @@ def test_several_seeds_and_at_most_write_every_function_the_seeds_hold(tmp_path,
     assert written == generate_problems(16, 3, ["clamp"]) + generate_problems(26, 4, ["clamp"])
     with pytest.raises(ValueError, match="only 26 distinct"):
         generate_problems(27, 4, ["clamp"])
+    with pytest.raises(SystemExit) as refused:
+        generated.main([*argv[:3], "4", "4", *argv[5:]])
+    assert refused.value.code == 2 and "named twice" in capsys.readouterr().err
 
 
 def test_the_command_writes_supervised_pairs_of_the_same_problems(tmp_path, capsys):

@@ -141,6 +141,15 @@ def template_writes_start(task: str | None) -> bool:
     return task == "chat"
 
 
+def template_start_length(ids: Sequence[int], tokenizer: CodeTokenizer | BPETokenizer) -> int:
+    """How many of a template-written text's ``ids`` are its start, kept when a long prompt
+    loses its history: the tokenizer's template prefix, else a BOS, where the ids begin so."""
+    prefix = tokenizer.template_prefix
+    if prefix and list(ids[: len(prefix)]) == prefix:
+        return len(prefix)
+    return 1 if tokenizer.bos_id is not None and list(ids[:1]) == [tokenizer.bos_id] else 0
+
+
 def prompt_prefix(tokenizer: CodeTokenizer | BPETokenizer, task: str | None) -> list[int]:
     """The ids before a prompt, as the model saw text in training: the template start (Llama-3's
     BOS), after an EOS for the lm task, which packs each file after one."""

@@ -270,10 +270,14 @@ def chat_answer(rendered: str, content: str, markers: Sequence[str]) -> str:
     """What an assistant turn answers, of the text its template renders after the generation
     prompt: up to the first end-of-turn marker (a special token's text, ``markers``) after its
     ``content``, that marker included; what follows (a newline, a template's end-of-text) is
-    the template's glue or ending, not the answer's. Without a marker: the text, stripped."""
+    the template's glue or ending, not the answer's. Where the content is empty or not found
+    as it is (a tool call, a template that reshapes it), or no marker follows it: the text,
+    stripped."""
     text = content.strip()
-    found = rendered.find(text)
-    start = found + len(text) if found >= 0 else 0
+    found = rendered.find(text) if text else -1
+    if found < 0:
+        return rendered.rstrip()
+    start = found + len(text)
     found_markers = []  # (where, -length, marker): the first, at one place the longest
     for marker in markers:
         at = rendered.find(marker, start)

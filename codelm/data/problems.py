@@ -392,15 +392,17 @@ def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None,
 
 
 def form_counts(names: Sequence[str]) -> str:
-    """How many problems of each form, the most first. Forms are drawn alike, so a form far
-    below an even share (a quarter of it, where a share is 25 or more: chance alone almost
-    never) has run out: a seed holds few distinct functions of it (clamp, replace_multiples
-    about 20 each), and the rest of a large --n is the other forms."""
+    """How many problems of each form, the most first. Forms are drawn alike, so a form more
+    than 4 standard deviations below an even share (chance alone almost never) has run out: a
+    seed holds few distinct functions of it (clamp, replace_multiples about 20 each), and the
+    rest of a large --n is the other forms."""
     counts = Counter(names).most_common()
-    even_share = len(names) / max(len(counts), 1)
+    share = 1 / max(len(counts), 1)
+    mean = len(names) * share
+    spread = (len(names) * share * (1 - share)) ** 0.5
     parts = []
     for form, count in counts:
-        ran_out = even_share >= 25 and count < even_share / 4
+        ran_out = count < mean - 4 * spread
         parts.append(f"{form} {count}" + (" (all this seed holds)" if ran_out else ""))
     return "by form: " + ", ".join(parts)
 
@@ -440,12 +442,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pairs and args.text:
         parser.error("--pairs and --text: choose one")
+    if len(set(args.seed)) < len(args.seed):
+        parser.error("--seed: a seed named twice would write its problems twice")
 
     def write() -> None:
-        problems = []
+        problems, counts = [], []
         for seed in args.seed:
-            problems += generate_problems(args.n, seed, args.forms, args.describe, args.at_most)
-        names = [problem["entry_point"] for problem in problems]
+            made = generate_problems(args.n, seed, args.forms, args.describe, args.at_most)
+            problems += made
+            counts.append(f"seed {seed} " * (len(args.seed) > 1)
+                          + form_counts([problem["entry_point"] for problem in made]))
         if args.pairs:
             problems = [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
                         for p in problems]
@@ -455,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = " ".join(str(seed) for seed in args.seed)
         print(f"wrote {len(problems)} problems of seed{'s' * (len(args.seed) > 1)} {seeds} "
               f"to {args.out}")
-        print(form_counts(names))
+        print("\n".join(counts))
 
     return process.run_tool(write, "interrupted: nothing written")
 

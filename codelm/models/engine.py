@@ -107,6 +107,8 @@ class Engine:
         if not all(0 <= i < vocab for i in [*cfg.eos_id, *stop_ids]):
             raise ValueError(f"an EOS or stop id is outside the vocabulary [0, {vocab})")
         generator = cfg.generator
+        if isinstance(generator, (list, tuple)):
+            raise ValueError("a request samples with one generator, not one a row")
         if generator is None and cfg.temperature > 0:
             seed = int(torch.randint(2**62, (), dtype=torch.long))
             generator = torch.Generator(self.device).manual_seed(seed)

@@ -169,6 +169,9 @@ def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
     _need(0 <= lo <= hi < vocab, f"idx holds token ids outside [0, vocab_size={vocab}): min "
           f"{lo}, max {hi} (wrong tokenizer? -100 labels passed as ids?)")
     _need(T <= block, f"prompt length {T} exceeds the context length block_size={block}")
+    row_generators = cfg.generator if isinstance(cfg.generator, (list, tuple)) else None
+    _need(row_generators is None or len(row_generators) == B,
+          f"generator: one for the batch or one a row ({B}), got {len(row_generators or [])}")
     _need(T + cfg.max_new_tokens <= block + 1, f"prompt length {T} + max_new_tokens "
           f"{cfg.max_new_tokens} exceeds the context length block_size={block} + 1 (the last "
           "new token is never fed back)")

@@ -267,7 +267,8 @@ class Trainer:
         eval mode until the last is done; a sharded model then runs idle forwards until this
         rank has run as many as the rank with the most batches (each forward gathers every
         block's shards: all ranks take part; the most is agreed before the first forward, a
-        collective of its own), and the model goes back to its mode."""
+        collective of its own, from ``total``, which must be this rank's exact count of
+        ``batches``), and the model goes back to its mode."""
         most = 0
         if self.sharded:
             if total is None:

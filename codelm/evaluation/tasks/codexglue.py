@@ -4,6 +4,7 @@ as its evaluator scores it (edit similarity, BLEU)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -45,17 +46,20 @@ def _literal_code(normalized: str) -> str:
 
 
 def _docstring_body(text: str) -> str:
-    """``text`` as the inside of a triple-quoted docstring, as written in source: its \"\"\"
-    escaped, and a final quote or backslash too, which would end the literal early or escape
-    its closing quotes."""
-    body = text.replace('"""', '\\"""')
-    last_quote = body.endswith('"')
-    before = body[:-1] if last_quote else body
-    odd_backslashes = (len(before) - len(before.rstrip("\\"))) % 2 == 1
-    if last_quote and not odd_backslashes:  # (after an odd run the quote is escaped already)
-        return before + '\\"'
-    if not last_quote and odd_backslashes:  # they would escape the closing quotes
-        return body + "\\"
+    """``text`` as the inside of a triple-quoted docstring, as written in source: each quote of
+    a run of three or more, and a final one, escaped (where a backslash does not escape it
+    already), and a final odd run of backslashes doubled, so that no quote ends the literal
+    early and no backslash escapes its closing quotes."""
+    def escaped(match: re.Match) -> str:
+        slashes, quotes = match.group(1), match.group(2)
+        if len(quotes) < 3 and match.end() < len(text):
+            return match.group(0)
+        first = quotes[0] if len(slashes) % 2 else '\\"'  # after an odd run: escaped already
+        return slashes + first + '\\"' * (len(quotes) - 1)
+
+    body = re.sub(r'(\\*)("+)', escaped, text)
+    if (len(body) - len(body.rstrip("\\"))) % 2:
+        body += "\\"
     return body
 
 
@@ -66,7 +70,8 @@ def load_codexglue_methods(path: str | Path, limit: int | None = None) -> list[d
     for where, record in problem_records(path, SPLIT_FILES, "codexglue-method"):
         if missing := [k for k in CODEXGLUE_METHOD_KEYS if not isinstance(record.get(k), str)]:
             raise ValueError(f"{where}: missing string field(s) {missing}")
-        prompt = f'{_literal_code(record["signature"])}\n    """{_docstring_body(record["docstring"])}"""\n'
+        docstring = _docstring_body(record["docstring"])
+        prompt = f'{_literal_code(record["signature"])}\n    """{docstring}"""\n'
         problems.append({"id": str(record.get("id") or where), "prompt": prompt,
                          "reference": record["body"]})
     if not problems:
