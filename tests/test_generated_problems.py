@@ -115,14 +115,17 @@ def test_several_seeds_and_at_most_write_every_function_the_seeds_hold(tmp_path,
     out = tmp_path / "small.jsonl"
     argv = ["--n", "30", "--seed", "3", "4", "--forms", "clamp", "--at-most", "--out", str(out)]
     assert generated.main(argv) == 0
-    assert f"wrote 42 problems of seeds 3 4 to {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote 42 problems of seeds 3 4 to {out}" in printed
+    assert "seed 3 by form: clamp 16 (16 of --n 30: all it holds)" in printed
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert written == generate_problems(16, 3, ["clamp"]) + generate_problems(26, 4, ["clamp"])
     with pytest.raises(ValueError, match="only 26 distinct"):
         generate_problems(27, 4, ["clamp"])
-    with pytest.raises(SystemExit) as refused:
-        generated.main([*argv[:3], "4", "4", *argv[5:]])
-    assert refused.value.code == 2 and "named twice" in capsys.readouterr().err
+    for seeds, message in ((["4", "4"], "named twice"), (["4", "99"], "--seed 99: must be 0 to")):
+        with pytest.raises(SystemExit) as refused:
+            generated.main([*argv[:3], *seeds, *argv[5:]])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_the_command_writes_supervised_pairs_of_the_same_problems(tmp_path, capsys):

@@ -44,6 +44,9 @@ SEEDS = 16  # the sets: seeds 0 .. SEEDS - 1
 PROBES = tuple(range(-10, 31))  # the inputs a function is known by: its examples and tests
 EXAMPLE_INPUTS = range(-5, 21)  # where the docstring's examples come from
 MAX_OUTPUT = 10**6  # a larger output on a probe: the function is drawn again
+# Draws in a row that find no function not drawn before, after which the forms have none left
+# (a remaining one of a form of a few hundred would be missed about once in e^20 runs).
+EXHAUSTED_AFTER = 200_000
 INFER = "Return an integer computed from x, as the examples show."  # the docstring without --describe
 
 
@@ -366,10 +369,9 @@ def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None,
     problems: list[dict] = []
     seen: set[tuple[int, ...]] = set()
     tried: set[tuple[str, ...]] = set()
-    attempts = 0
+    repeats = 0  # draws in a row of a function drawn before
     while len(problems) < n:
-        attempts += 1
-        if attempts > 1000 * (n + 100):
+        if repeats > EXHAUSTED_AFTER:  # every function of these forms has been drawn
             if at_most:
                 break
             raise ValueError(f"seed {seed}: only {len(problems)} distinct problems were found; "
@@ -377,7 +379,9 @@ def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None,
         name = rng.choice(names)
         drawn = FORMS[name](rng)
         if (name, *drawn.body) in tried:
+            repeats += 1
             continue
+        repeats = 0
         tried.add((name, *drawn.body))
         done = _behaviour(name, drawn.body)
         if done is None or done.outputs in seen or seed_of(done.outputs) != seed:
@@ -404,7 +408,7 @@ def form_counts(names: Sequence[str]) -> str:
     for form, count in counts:
         ran_out = count < mean - 4 * spread
         parts.append(f"{form} {count}" + (" (all this seed holds)" if ran_out else ""))
-    return "by form: " + ", ".join(parts)
+    return "by form: " + (", ".join(parts) or "(none)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,14 +448,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pairs and --text: choose one")
     if len(set(args.seed)) < len(args.seed):
         parser.error("--seed: a seed named twice would write its problems twice")
+    if outside := [seed for seed in args.seed if not 0 <= seed < SEEDS]:
+        parser.error(f"--seed {outside[0]}: must be 0 to {SEEDS - 1} (each seed a set of its own)")
 
     def write() -> None:
         problems, counts = [], []
         for seed in args.seed:
             made = generate_problems(args.n, seed, args.forms, args.describe, args.at_most)
             problems += made
+            short = f" ({len(made)} of --n {args.n}: all it holds)" if len(made) < args.n else ""
             counts.append(f"seed {seed} " * (len(args.seed) > 1)
-                          + form_counts([problem["entry_point"] for problem in made]))
+                          + form_counts([problem["entry_point"] for problem in made]) + short)
         if args.pairs:
             problems = [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
                         for p in problems]
