@@ -1,6 +1,7 @@
 """codelm.runtime.process: what its pools report, its progress lines and its atomic writes."""
 
 import json
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
@@ -29,6 +30,32 @@ def test_a_worker_error_the_parent_cannot_rebuild_is_not_called_a_dead_worker():
             list(process.ordered_map(pool, _fails_unreadably, range(6), limit=4))
     assert not isinstance(err.value, process.WorkerDied)
     assert "PathError" in repr(err.value.__cause__) or "PathError" in str(err.value.__cause__)
+
+
+class _BrokenAfterOneTask:
+    """A pool whose first task failed for a reason its error carries, and which takes no more
+    (as a process pool does once its manager has seen the failure)."""
+
+    def __init__(self):
+        self.sent = 0
+
+    def submit(self, function, *args):
+        self.sent += 1
+        if self.sent > 1:
+            raise BrokenProcessPool("the pool is not usable anymore")
+        error = BrokenProcessPool("a task's result could not be read")
+        error.__cause__ = ValueError("PathError: the worker's own error")
+        future = Future()
+        future.set_exception(error)
+        return future
+
+
+def test_a_pool_that_broke_while_tasks_were_out_gives_the_first_tasks_error():
+    """A task sent after the pool broke meets a bare BrokenProcessPool; the map raises the
+    error of the task sent first instead, whose cause says what broke it."""
+    with pytest.raises(BrokenProcessPool) as err:
+        list(process.ordered_map(_BrokenAfterOneTask(), abs, range(6), limit=4))
+    assert "PathError" in str(err.value.__cause__)
 
 
 def _no_tokenizer() -> None:

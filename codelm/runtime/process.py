@@ -101,12 +101,20 @@ def ordered_map(pool: Executor, function: Callable, items: Iterable, limit: int,
     """``function`` of each of ``items`` on ``pool``'s workers, the results in the items' order.
     Items are taken as the results are consumed, ``chunksize`` a task, while the items out
     (sent, their results not yet taken) cost under ``limit`` (a large item goes alone): a
-    corpus is never read whole into the pool's queue."""
+    corpus is never read whole into the pool's queue. A pool that broke while items were out
+    raises the error of the first task sent, which says why (a worker's error the parent cannot
+    read), not the bare one a new task meets."""
     out: deque[_Sent] = deque()
     held = 0
     for chunk in _chunks(items, chunksize):
         chunk_cost = sum(map(cost, chunk))
-        out.append(_Sent(pool.submit(_map_chunk, function, chunk), chunk_cost))
+        try:
+            future = pool.submit(_map_chunk, function, chunk)
+        except BrokenProcessPool:
+            for sent in out:
+                sent.future.result()
+            raise
+        out.append(_Sent(future, chunk_cost))
         held += chunk_cost
         while out and held >= limit:
             sent = out.popleft()
