@@ -456,9 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seed:
             made = generate_problems(args.n, seed, args.forms, args.describe, args.at_most)
             problems += made
-            short = f" ({len(made)} of --n {args.n}: all it holds)" if len(made) < args.n else ""
-            counts.append(f"seed {seed} " * (len(args.seed) > 1)
-                          + form_counts([problem["entry_point"] for problem in made]) + short)
+            line = form_counts([problem["entry_point"] for problem in made])
+            if len(made) < args.n:
+                line += f" ({len(made)} of --n {args.n}: all it holds)"
+            if len(args.seed) > 1:
+                line = f"seed {seed} {line}"
+            counts.append(line)
         if args.pairs:
             problems = [{"prompt": p["prompt"], "completion": p["canonical_solution"]}
                         for p in problems]
