@@ -209,8 +209,10 @@ def git_ignored_files(root: Path, top: Path | None = None) -> frozenset[str]:
 def _git(top: Path, where: Path, *args: str) -> bytes | None:
     """The output of git ``args`` run in ``where`` (paths relative to it) of the work tree
     ``top``, or None when git fails (a warning names why). No fsmonitor, and safe.directory:
-    a checkout another user owns runs no command and is read."""
+    a checkout another user owns runs no command and is read. The user's global ignore file
+    is not read: a directory gives the same files on every machine."""
     cmd = ["git", "-c", "core.fsmonitor=false", "-c", f"safe.directory={top}",
+           "-c", f"core.excludesFile={os.devnull}",  # the repository's rules, not the user's
            "-C", str(where), *args]
     try:
         result = subprocess.run(cmd, capture_output=True, timeout=600)

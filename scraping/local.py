@@ -110,8 +110,10 @@ def collect_directory(root: Path, repo: str, file_filter: FileFilter, license_id
 
 def _source_key(source: str) -> tuple[str, Path | None]:
     """(the key a finished source is recorded under, its directory or None for a git URL)."""
-    if is_git_source(source):
+    if "://" in source or _SCP_LIKE.match(source):
         return redact_url(source), None
+    if is_git_source(source):  # a bare repository on disk: one key however its path is spelled
+        return Path(source).resolve().as_uri(), None
     if not Path(source).is_dir():
         raise ValueError(f"{source}: not a directory or a git URL")
     root = Path(source).resolve()

@@ -2949,9 +2949,30 @@ def test_a_jsonl_source_compressed_with_gzip_bz2_or_xz_reads_as_the_plain_one(tm
 
     plain = _written(tmp_path / "plain.jsonl", _code_lines(5))
     want = [raw for _, _, raw in jsonl_lines(plain)]
-    for compress in (gzip.compress, bz2.compress, lzma.compress):
+    for compress, suffix in ((gzip.compress, "gz"), (bz2.compress, "bz2"), (lzma.compress, "xz")):
         packed = _written(tmp_path / f"{compress.__module__}.jsonl", compress(plain.read_bytes()))
         assert [raw for _, _, raw in jsonl_lines(packed)] == want
+        named = _written(tmp_path / f"code.jsonl.{suffix}", compress(plain.read_bytes()))
+        corpus = load_corpus(cfg(tmp_path, sources=[str(named)], **WHOLE))
+        assert len(corpus.train) == 5
+
+
+def test_a_folder_gives_the_same_ids_and_split_however_its_path_is_spelled(tmp_path,
+                                                                            monkeypatch):
+    """The cache key knows a folder by its resolved path, so its documents' ids (and the split
+    drawn from them) go by that path's name too: ".", "proj/" and the absolute path agree."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for i in range(30):
+        (proj / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    ids = []
+    for where, spelled in ((proj, "."), (tmp_path, "proj/"), (tmp_path / "..", str(proj))):
+        monkeypatch.chdir(where)
+        corpus = load_corpus(cfg(tmp_path / f"cache{len(ids)}", sources=[spelled],
+                                 extensions=[".py"]))
+        ids.append((sorted(d.id for d in corpus.train), sorted(d.id for d in corpus.test)))
+    assert ids[0] == ids[1] == ids[2]
+    assert all(i.startswith("proj/") for i in ids[0][0])
 
 
 def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_path):

@@ -1607,6 +1607,43 @@ def test_a_checkout_another_user_owns_still_has_its_ignored_files_skipped(tmp_pa
     assert [rel for rel, _, skip in walk_source_tree(src, [".py"]) if skip is None] == ["a.py"]
 
 
+def test_a_users_global_git_ignore_file_does_not_change_what_a_checkout_gives(tmp_path,
+                                                                               monkeypatch):
+    """Only the repository's own rules (.gitignore, .git/info/exclude) decide what is skipped:
+    the same checkout gives the same files on every machine, whatever ~/.config/git/ignore
+    holds."""
+    src = _git_repo(tmp_path / "proj", {"a.py": "x = 1\n", "local_settings.py": "KEY = 1\n"},
+                    ("a.py",))
+    home = tmp_path / "home"
+    _tree(home, {".config/git/ignore": "local_settings.py\n"})
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    listed = subprocess.run(["git", "-C", str(src), "check-ignore", "local_settings.py"],
+                            capture_output=True)
+    assert listed.returncode == 0  # git itself, as configured, ignores it
+    kept = [rel for rel, _, skip in walk_source_tree(src, [".py"]) if skip is None]
+    assert kept == ["a.py", "local_settings.py"]
+
+
+def test_a_bare_repository_is_known_by_its_resolved_path_however_it_is_spelled(tmp_path,
+                                                                                monkeypatch):
+    """Two bare repositories both reached as ./repo.git from different folders are two
+    sources: each is collected, neither skipped as the other's already_done, and each record
+    names its repository by its file:// address."""
+    out = tmp_path / "out.jsonl"
+    for name in ("a", "b"):
+        work = _git_repo(tmp_path / name / "work", {f"{name}.py": f"{name} = 1\n"},
+                         (f"{name}.py",))
+        subprocess.run(["git", "clone", "-q", "--bare", str(work), str(tmp_path / name /
+                                                                        "repo.git")], check=True)
+        monkeypatch.chdir(tmp_path / name)
+        assert main(["local", "repo.git", "--out", str(out), "--no-progress"]) == 0
+    records = read_jsonl(out)
+    assert {r["path"]: r["repo"] for r in records} == {
+        "a.py": (tmp_path / "a" / "repo.git").as_uri(),
+        "b.py": (tmp_path / "b" / "repo.git").as_uri()}
+
+
 def test_is_git_source_is_public_api(tmp_path):
     """One rule for what is cloned, for callers outside scraping (recipes' --data)."""
     bare = tmp_path / "x.git"

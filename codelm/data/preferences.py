@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codelm.data.config import DataConfig, DataError
-from codelm.data.sources import json_object, jsonl_lines, record_files, table_rows
+from codelm.data.sources import is_jsonl, json_object, jsonl_lines, record_files, table_rows
 from codelm.tokenization.bpe import BPETokenizer
 from scraping.common import is_utf8
 from tokenizer import CodeTokenizer
@@ -92,7 +92,7 @@ def read_preferences(sources: Sequence[str], unpaired: bool, cfg: DataConfig
 
 def _raw_records(files: Sequence[Path], cfg: DataConfig) -> Iterator[tuple[str, bytes | dict]]:
     for path in files:
-        if path.suffix == ".jsonl":
+        if is_jsonl(path):
             for _, where, raw in jsonl_lines(path):
                 yield where, raw
         else:

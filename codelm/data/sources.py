@@ -87,15 +87,15 @@ def record_files(source: str) -> list[Path] | None:
             snapshot = hub.checkpoint_dir(source, "data source", repo_type="dataset")
         except ValueError as e:
             raise DataError(str(e)) from None
-        files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".parquet", ".jsonl"))
+        files = sorted(p for p in snapshot.rglob("*") if p.suffix == ".parquet" or is_jsonl(p))
         return [p for p in files if "train" in p.relative_to(snapshot).as_posix()] or files
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source not found: {source}")
     if path.is_file():
-        if path.suffix not in (".jsonl", ".parquet"):
-            raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl) or "
-                            "parquet (*.parquet)")
+        if path.suffix != ".parquet" and not is_jsonl(path):
+            raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl, or "
+                            "compressed: *.jsonl.gz, .bz2, .xz) or parquet (*.parquet)")
         return [path]
     if (path / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
@@ -114,7 +114,7 @@ def record_files(source: str) -> list[Path] | None:
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
     """The code or pair records of a JSONL, parquet or datasets Arrow file, as documents."""
-    rows = jsonl_lines(path) if path.suffix == ".jsonl" else table_rows(path, cfg)
+    rows = jsonl_lines(path) if is_jsonl(path) else table_rows(path, cfg)
     for number, where, record in rows:
         try:
             record = json_object(record, where) if isinstance(record, bytes) else record
@@ -123,9 +123,17 @@ def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]
             if not cfg.skip_bad:
                 raise DataError(f"{exc} (skip such records with --skip-bad, or the data "
                                 "option skip_bad)") from None
-            counts["bad_jsonl_line" if path.suffix == ".jsonl" else "bad_record"] += 1
+            counts["bad_jsonl_line" if is_jsonl(path) else "bad_record"] += 1
             continue
         yield doc
+
+
+# The names of a JSONL file, plain or compressed.
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.xz")
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.name.endswith(JSONL_SUFFIXES)
 
 
 # A compressed file's first bytes, and how to open it: gzip, bz2, xz.
@@ -270,7 +278,8 @@ def iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator
 
 def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Counter
                 ) -> Iterator[Doc]:
-    prefix = "stdlib" if source == "stdlib" else listing.root.name
+    # The name the cache key knows the folder by (its resolved path's), however it is spelled.
+    prefix = "stdlib" if source == "stdlib" else listing.root.resolve().name
     for p in listing.files:
         doc_id = f"{prefix}/{p.relative_to(listing.root).as_posix()}"
         if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
