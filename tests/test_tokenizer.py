@@ -333,6 +333,28 @@ def test_lstrip_token_inside_the_previous_rstrip_whitespace_is_dropped(reference
     assert [ours.encode(t) for t in texts] == _hf_ids(hf, texts)
 
 
+@pytest.mark.parametrize("tokens", [["€"], ["\n"], ["\n", "\n\n", "\n\n\n"]],
+                         ids=["euro", "newline", "newline-runs"])
+def test_added_tokens_of_one_character_on_a_byte_level_tokenizer_take_hfs_ids(tokens, tmp_path):
+    """An added token that is one character (or runs of one, as Gemma's newlines) on a
+    byte-level tokenizer: HF cuts every occurrence out before the regex; the ids are HF's, for
+    texts with and without it."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["hello world", "def f():\n    return 1\n"] * 10, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf.add_tokens([AddedToken(t, normalized=False) for t in tokens])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    texts = ["hello", "5€ and 6 €€", "a\n\n\n\nb \n x", " \n", "def f():\n    return 1\n"]
+    ref = _hf_ids(hf, texts)
+    assert [ours.encode(t) for t in texts] == ref
+    assert [ours.decode(ids) for ids in ref] == texts
+
+
 def test_added_token_ids_are_derived_as_hf_derives_them(references, tmp_path):
     """HF ignores the JSON ids: a content in the vocabulary keeps its id, others come next."""
     path, _, _ = references["gpt2"]
@@ -422,6 +444,16 @@ QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+
+@pytest.mark.parametrize("pattern", [r"\p{L}*|\s+|.", r"(?=\s)|\S+|\s"])
+def test_a_split_regex_that_can_match_the_empty_string_is_refused(pattern, references, tmp_path):
+    """Oniguruma steps one character past an empty match, leaving it a piece of its own, and
+    Python regex does not: such a regex is refused, naming it."""
+    path, _ = _with_split_regex(references, tmp_path, pattern)
+    with pytest.raises(ValueError, match="empty string") as info:
+        load_tokenizer(path)
+    assert str(path) in str(info.value)
 
 
 @pytest.mark.parametrize("pattern", [O200K_PATTERN, QWEN2_PATTERN, r"\p{N}{1,2}?|[]\d]|\D"])

@@ -491,7 +491,8 @@ def test_an_added_token_that_is_normalized_is_found_as_the_normalizer_writes_it(
         style, token, texts, family_tokenizers, tmp_path):
     """transformers' add_tokens writes a token with normalized=true: HF looks for it in the
     normalized text as the normalizer writes it (Llama-2's Prepend makes <sep> "▁<sep>",
-    Gemma's Replace "new line" "new▁line", NFC e + U+0301 "é"); the ids are HF's."""
+    Gemma's Replace "new line" "new▁line", NFC e + U+0301 "é"); the ids are HF's, and the
+    token decodes as HF decodes it, as normalized ("a <sep>b" keeps its space)."""
     from tokenizers import AddedToken, Tokenizer
 
     hf, _ = family_tokenizers[style]
@@ -502,7 +503,12 @@ def test_an_added_token_that_is_normalized_is_found_as_the_normalizer_writes_it(
     added.save(str(path))
     ours = load_tokenizer(path)
     for text in texts:
-        assert ours.encode(text) == added.encode(text, add_special_tokens=False).ids, text
+        ids = added.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == added.decode(ids, skip_special_tokens=False), text
+    i = added.token_to_id(token)
+    assert ours.id_to_token(i) == added.id_to_token(i)  # HF names it as normalized
+    assert ours.token_content(i) == token  # tokenizer_config.json names it as written
 
 
 @pytest.mark.parametrize("style", ["metaspace", "spm"])

@@ -444,7 +444,7 @@ def copy_hf_companions(tokenizer: str | None, init_from: str | None, tok, out: P
             for role in ("bos", "eos", "pad"):  # a role codelm guessed (the run trained with it)
                 i = getattr(tok, f"{role}_id")
                 if f"{role}_token" not in written and i is not None:
-                    written[f"{role}_token"] = tok.id_to_token(i)
+                    written[f"{role}_token"] = tok.token_content(i)
             config.write_text(json.dumps(written, ensure_ascii=False, indent=2), "utf-8")
     generation = Path(init_from or "") / GENERATION_CONFIG
     if (weights and init_from is not None and generation.is_file()

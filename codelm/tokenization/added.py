@@ -31,11 +31,13 @@ class AddedTokens:
     token keeps its id, any other gets the next one past the vocabulary and added ids: HF
     ignores the JSON ``id``), ``flags`` and ``special_ids``. ``normalize``: the normalizer
     (None: none), which HF applies to the text between added tokens; ``replacements``: its
-    steps where each replaces one character, else None."""
+    steps where each replaces one character, else None. ``runs_apart``: the pre-tokenizer can
+    keep runs of one character pieces of their own (SentencePiece's; a byte-level regex
+    cannot), so such runs of added tokens take the one-pass way."""
 
     def __init__(self, entries: object, vocab: dict[str, int],
                  normalize: Callable[[str], str] | None,
-                 replacements: list[tuple[str, str]] | None):
+                 replacements: list[tuple[str, str]] | None, runs_apart: bool = True):
         expect(isinstance(entries, list), "added_tokens", "must be a list")
         self.ids: dict[str, int] = {}
         self.flags: dict[str, dict] = {}
@@ -71,7 +73,12 @@ class AddedTokens:
         self.found_ids = {found: self.ids[c] for level in self._contents
                           for found, c in level.items()}
         self._quick = self._quick_split(replacements)
-        self.run_chars, self._others = self._runs_of_one_character()
+        self.run_chars, self._others = self._runs_of_one_character() if runs_apart else ("", None)
+
+    def spelled(self, content: str) -> str:
+        """An added token as HF names and decodes it: a normalized one as normalized (Llama-2's
+        Prepend makes <sep> "▁<sep>", which decodes as " <sep>")."""
+        return self._as_found(content) if self.flags[content]["normalized"] else content
 
     def _as_found(self, content: str) -> str:
         """A normalized token's text as HF looks for it: normalized."""

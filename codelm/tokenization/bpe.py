@@ -141,6 +141,20 @@ def _check_split_regex(pattern: str) -> None:
             f"pre_tokenizer: Split regex {pattern!r} uses {pattern[end : end + 20]!r}, which "
             "codelm refuses: Oniguruma (run by HF) and Python regex (run here) do not read it "
             "the same way")
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error:
+        return  # the pre-tokenizer's build names the error
+    for text in _EMPTY_MATCH_PROBES:
+        if any(match.start() == match.end() for match in compiled.finditer(text)):
+            raise Unsupported(
+                f"pre_tokenizer: Split regex {pattern!r} can match the empty string, which "
+                "codelm refuses: Oniguruma (run by HF) and Python regex (run here) step past "
+                "an empty match differently")
+
+
+# Texts on which a Split regex must match no empty string: letters, digits, spaces, newlines.
+_EMPTY_MATCH_PROBES = ("", "a", "0", " ", "\n", "a b", "x  y\n\n1", "é.:_")
 
 
 def _template_ids(spec: dict, where: str) -> tuple[list[int], list[int]]:
@@ -406,7 +420,8 @@ class BPETokenizer(BatchEncodeMixin):
         self.model_tables = self._build_pieces(spec.get("pre_tokenizer"), merges, made, tables)
         self._prefix_ids, self._suffix_ids = post_processor_ids(spec.get("post_processor"))
         replacements = self._normalize.replacements() if self._normalize is not None else []
-        added = AddedTokens(spec.get("added_tokens") or [], vocab, self._normalize, replacements)
+        added = AddedTokens(spec.get("added_tokens") or [], vocab, self._normalize, replacements,
+                            runs_apart=not byte_level)
         self._added_tokens = added
         self._added_ids, self._added, self._special_ids = added.ids, added.flags, added.special_ids
         if not self._decoding.byte_level:
@@ -417,8 +432,10 @@ class BPETokenizer(BatchEncodeMixin):
         expect(size <= 2 * n_tokens + 1024, "model",
                f"ids up to {size - 1} for {n_tokens} tokens (not dense)")
         self._id_to_token: list[str | None] = [None] * size
-        for token, i in chain(vocab.items(), self._added_ids.items()):
+        for token, i in vocab.items():
             self._id_to_token[i] = token
+        for content, i in self._added_ids.items():
+            self._id_to_token[i] = added.spelled(content)
 
     @functools.cached_property
     def _id_to_bytes(self) -> list[bytes]:
@@ -549,7 +566,7 @@ class BPETokenizer(BatchEncodeMixin):
         """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
         bos/eos/pad tokens and the chat template (unless one is there) for transformers'
         AutoTokenizer."""
-        config = {f"{role}_token": self.id_to_token(i) for role, i in self._roles.items()
+        config = {f"{role}_token": self.token_content(i) for role, i in self._roles.items()
                   if i is not None}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
@@ -565,10 +582,10 @@ class BPETokenizer(BatchEncodeMixin):
             raise ValueError(f"{self.source}: no chat_template (tokenizer_config.json or "
                              "chat_template.jinja beside it): this is not an instruct model's "
                              "tokenizer")
-        names = {f"{role}_token": self.id_to_token(i) for role, i in self._roles.items()
+        names = {f"{role}_token": self.token_content(i) for role, i in self._roles.items()
                  if i is not None and role in self._named_roles}
         if self._unk_id is not None:
-            names["unk_token"] = self.id_to_token(self._unk_id)
+            names["unk_token"] = self.token_content(self._unk_id)
         return render_chat(self.chat_template, messages, add_generation_prompt, tools, **names)
 
     def _encode_piece(self, piece: str) -> list[int]:
@@ -695,6 +712,16 @@ class BPETokenizer(BatchEncodeMixin):
 
     def id_to_token(self, i: int) -> str | None:
         return self._id_to_token[i] if 0 <= i < len(self._id_to_token) else None
+
+    def token_content(self, i: int) -> str | None:
+        """The token of id ``i`` as the tokenizer file writes it (an added token's content, not
+        its normalized spelling): what tokenizer_config.json and a chat template name."""
+        content = self._added_contents.get(i)
+        return content if content is not None else self.id_to_token(i)
+
+    @functools.cached_property
+    def _added_contents(self) -> dict[int, str]:
+        return {i: content for content, i in self._added_ids.items()}
 
     def __repr__(self) -> str:
         return f"BPETokenizer({self.source!r}, vocab_size={self.vocab_size})"
