@@ -265,9 +265,10 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     config = args.pop("config", None)
     given = load_config_file(config) if config is not None else {}
     resumed: dict = {}
-    if args.get("resume") and Path(args["resume"]).is_dir():  # else validate_config says so
-        check_resume_location(args, given, config)
-        run, saved = Path(args["resume"]), Path(args["resume"]) / rundir.CONFIG_FILE
+    resume = args["resume"] if args.get("resume") is not None else given.get("resume")
+    if resume and Path(resume).is_dir():  # else validate_config says so
+        check_resume_location(resume, args, given, config)
+        run, saved = Path(resume), Path(resume) / rundir.CONFIG_FILE
         if not saved.is_file():
             raise ValueError(f"--resume {run}: no {rundir.CONFIG_FILE}: not a run directory, or "
                              "its run is starting or stopped before writing it (nothing to "
@@ -277,14 +278,17 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
         owned = ("init_adapter",) if rundir.adapter_copy(run) else ()
         paths = ("init_from", "init_adapter", "data", "val_data", "test_data")
         check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}], str(saved))
-    cfg = settings.resolve_config(TrainConfig, args, "train", base={**resumed, **given},
+    base = {**resumed, **settings.updated_over(resumed, given)}
+    cfg = settings.resolve_config(TrainConfig, args, "train", base=base,
                                    choices=_CHOICES, aliases=HF_FLAGS)
     return ReadConfig(cfg, {*args, *given})
 
 
-def check_resume_location(args: dict, given: dict, config: str | None) -> None:
-    """A ``--name`` / ``--out-dir`` given beside ``--resume`` must name that run's directory."""
-    resume = Path(args["resume"]).expanduser()
+def check_resume_location(resume_given: str, args: dict, given: dict, config: str | None
+                          ) -> None:
+    """A ``--name`` / ``--out-dir`` given beside ``--resume`` (``resume_given``, the flag's or
+    the --config file's) must name that run's directory."""
+    resume = Path(resume_given).expanduser()
     values = {k: args[k] if args.get(k) is not None else given.get(k) for k in ("name", "out_dir")}
     named = (Path(values["out_dir"] or resume.parent).expanduser()
              / (values["name"] or resume.name))
@@ -293,8 +297,8 @@ def check_resume_location(args: dict, given: dict, config: str | None) -> None:
         return
     said = " ".join(f"{settings.flag_of(k)} {args[k]}" if args.get(k) is not None
                     else f"{k} {given[k]!r} in --config {config}" for k in set_by)
-    raise ValueError(f"--resume {args['resume']} continues that run, but {said} names another "
-                     f"run ({named}): drop {said} to continue {args['resume']}, or drop "
+    raise ValueError(f"--resume {resume_given} continues that run, but {said} names another "
+                     f"run ({named}): drop {said} to continue {resume_given}, or drop "
                      "--resume to start a new run there")
 
 

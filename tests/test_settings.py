@@ -81,6 +81,18 @@ def test_file_then_flags_with_recipe_sections(tmp_path):
                                                            float)
 
 
+def test_a_dict_flag_updates_the_files_dict_key_by_key(tmp_path):
+    """--options '{"b": 3}' over a file whose options hold a and b: a kept, b the flag's, as
+    a recipe's --set train.options.b=3 does; a run's own config (base) is updated alike."""
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"train": {"options": {"a": 1, "b": 2}, "extra": {"x": 1}}}))
+    cfg = _parse(["--config", str(recipe), "--options", '{"b": 3}'])
+    assert cfg.options == {"a": 1, "b": 3} and cfg.extra == {"x": 1}
+    args = {"config": str(recipe), "extra": {"y": 2}}
+    cfg = settings.resolve_config(Demo, args, "train", base={"extra": {"z": 0}, "steps": 4})
+    assert (cfg.extra, cfg.options, cfg.steps) == ({"z": 0, "x": 1, "y": 2}, {"a": 1, "b": 2}, 4)
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ({"stpes": 1}, r"c\.json: unknown key 'stpes'; did you mean 'steps'\?$"),
     ({"velocity": 1}, r"c\.json: unknown key 'velocity'; Demo keys are: extra, fast, "),

@@ -3565,6 +3565,27 @@ def _saved_run(tmp_path: Path) -> tuple[trainconfig.TrainConfig, Path]:
     return cfg, run
 
 
+def test_resume_in_a_config_file_reads_the_runs_settings_as_the_flag_does(tmp_path):
+    """Defaults < the resumed run's config.json < the --config file < flags, whether the run
+    is named by --resume or by the file's resume key; the file's data_options update the
+    run's key by key."""
+    cfg, run = _saved_run(tmp_path)
+    split = {"train_frac": 0.8, "val_frac": 0.1, "test_frac": 0.1}
+    write_config(dataclasses.replace(cfg, block_size=64, data_options=split),
+                 run / rundir.CONFIG_FILE)
+    path = tmp_path / "resume.json"
+    path.write_text(json.dumps({"resume": str(run), "max_steps": 20,
+                                "data_options": {"skip_bad": True}}))
+    by_file = trainconfig.read_config(["--config", str(path)]).cfg
+    by_flag = trainconfig.read_config(["--resume", str(run), "--max-steps", "20", "--data-options",
+                                       '{"skip_bad": true}']).cfg
+    assert by_file == by_flag
+    assert (by_file.preset, by_file.block_size, by_file.max_steps) == ("tiny", 64, 20)
+    assert by_file.data_options == {**split, "skip_bad": True}
+    with pytest.raises(ValueError, match=r"--name other names another run"):
+        trainconfig.read_config(["--config", str(path), "--name", "other"])
+
+
 @pytest.mark.parametrize("key", sorted(RESUME_MUST_REFUSE))
 def test_resume_refuses_a_change_of(tmp_path, key):
     """A changed seed, task, schedule or validation split is refused, naming the key."""

@@ -566,11 +566,23 @@ def resolve_config(cls: type, args: Mapping[str, Any], section: str,
                    choices: Mapping[str, Sequence] | None = None,
                    aliases: Mapping[str, Sequence[str]] | None = None) -> Any:
     """Defaults < ``base`` < the ``--config`` file (``args["config"]``) < the typed flags;
-    ``aliases`` as ``add_config_flags`` took them, for the hint at an unknown key."""
+    a dict flag (``--data-options``) updates the dict below it key by key, as ``--set
+    train.data_options.KEY`` does. ``aliases`` as ``add_config_flags`` took them, for the hint
+    at an unknown key."""
     values = dict(base or {})
     if args.get("config") is not None:
         file_values, source = read_config_file(args["config"], section)
         config_from_dict(cls, file_values, source, choices, aliases)  # errors name the file
-        values.update(file_values)
+        values.update(updated_over(values, file_values))
     flags = {k: v for k, v in args.items() if k not in ("config", "print_config")}
-    return config_from_dict(cls, {**values, **flags}, "command line", choices, aliases)
+    values.update(updated_over(values, flags))
+    return config_from_dict(cls, values, "command line", choices, aliases)
+
+
+def updated_over(below: Mapping[str, Any], above: Mapping[str, Any]) -> dict[str, Any]:
+    """``above``'s values, each dict merged over the dict ``below`` holds under its key."""
+    out = dict(above)
+    for key, value in above.items():
+        if isinstance(value, dict) and isinstance(below.get(key), dict):
+            out[key] = {**below[key], **value}
+    return out
