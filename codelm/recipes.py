@@ -251,8 +251,10 @@ def refactor_pairs(count: int, methods: bool = False, every_function: bool = Fal
     return pairs
 
 
-def write_smoke_data(task: str, scratch: bool, out: Path) -> tuple[list[str], list[str]]:
-    """A small sample shaped like the recipe's data: (sources, texts for the tokenizer)."""
+def write_smoke_data(task: str, scratch: bool, out: Path, suffix: str = ".py"
+                     ) -> tuple[list[str], list[str]]:
+    """A small sample shaped like the recipe's data: (sources, texts for the tokenizer);
+    ``suffix``: the file type a folder of code is read as (the recipe's first extension)."""
     from scraping.common import encode_records, git_blob_sha, make_record
 
     out.mkdir(parents=True, exist_ok=True)
@@ -268,10 +270,9 @@ def write_smoke_data(task: str, scratch: bool, out: Path) -> tuple[list[str], li
         file = out / "scrape.jsonl"
         file.write_bytes(encode_records(records))
         return [str(file)], [t for _, t in files]
-    suffix = ".kt" if task == "completion" else ".py"
     if task == "docstring":
         files = _stdlib_texts(12000, 40, _has_class_docstring)
-    elif task == "completion":  # stdlib code standing in for .kt files, some with a licence
+    elif task == "completion":  # stdlib code standing in for the recipe's, some with a licence
         files = [(rel, (SMOKE_LICENSE if i % 3 == 0 else "") + t)
                  for i, (rel, t) in enumerate(_stdlib_texts(6000, 40))]
     else:
@@ -331,14 +332,21 @@ def set_train_keys(settings: Sequence[str], section: str = "train") -> set[str]:
 def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[str] = ()
                        ) -> dict:
     """The recipe's train section at toy scale (same task, LoRA, quantization); --set keys kept."""
+    if "max_steps" in typed and values.get("max_steps") is None:
+        raise ValueError("--smoke runs a number of steps: give --smoke-steps N, not "
+                         "--set train.max_steps=null")
+    if "epochs" in typed and values.get("epochs") is not None:
+        raise ValueError("--smoke runs --smoke-steps steps: drop --set train.epochs (or give "
+                         "--set train.max_steps=N)")
     task, scratch = values.get("task", "lm"), values.get("init_from") is None
-    sources, texts = write_smoke_data(task, scratch, work / "data")
+    extensions = values.get("data_options", {}).get("extensions") or [".py"]
+    sources, texts = write_smoke_data(task, scratch, work / "data", extensions[0])
     steps = values["max_steps"] if "max_steps" in typed else steps
     sized = {"max_steps": steps, "epochs": None,
              "warmup_steps": 2, "eval_every": steps, "save_every": steps,
              "eval_examples": SMOKE_EVAL_LIMITS["limit"],  # eval's examples: the same loss
-             "batch_size": min(values.get("batch_size", 8), 4),
-             "grad_accum": min(values.get("grad_accum", 1), 2),
+             "batch_size": min(values.get("batch_size") or 8, 4),  # null: preset auto's
+             "grad_accum": min(values.get("grad_accum") or 1, 2),
              "block_size": SMOKE_BLOCK, "log_every": 1, "sample_tokens": 8,
              "lr": 3e-3 if scratch else 1e-2, "min_lr_ratio": 0.1,
              **(SMOKE_SHAPE if scratch else {})}
@@ -527,7 +535,8 @@ def _smoke_sized(values: dict, opts: RecipeOptions, run_dir: Path, typed: set[st
 
     if values.get("init_from") and values.get("preset") not in PRESETS:
         raise ValueError(f"{opts.recipe}: --smoke builds a tiny checkpoint of the family of "
-                         f"train.preset, which must name one of {sorted(PRESETS)}")
+                         f"train.preset, which must name one of {sorted(PRESETS)}: add "
+                         "--set train.preset=NAME")
     if opts.resume:
         raise ValueError("--smoke runs are not resumed; run it again")
     work = run_dir.parent / f"{run_dir.name}-smoke-inputs"  # rebuilt alike each time

@@ -1190,3 +1190,25 @@ def test_refactor_pairs_of_every_function_strip_only_comments_and_docstrings():
         if not documented and not comments:
             assert clean == source.strip()
     assert undocumented > 50  # the pairs of plain copying, not only documented functions
+
+
+def test_smoke_values_take_a_null_batch_size_and_the_recipes_file_type(tmp_path):
+    """A recipe whose batch_size is null (preset auto's) smokes at the smoke's own size, and
+    its folder of code is written with the recipe's first extension, which it reads."""
+    values = {"task": "completion", "batch_size": None, "grad_accum": None,
+              "data_options": {"extensions": [".py", ".pyi"]}}
+    sized = recipes.smoke_train_values(values, tmp_path, 5)
+    assert (sized["batch_size"], sized["grad_accum"], sized["max_steps"]) == (4, 1, 5)
+    code = Path(sized["data"][0])
+    assert {p.suffix for p in code.iterdir()} == {".py"}
+    kotlin = recipes.smoke_train_values({"task": "completion",
+                                         "data_options": {"extensions": [".kt"]}},
+                                        tmp_path / "kt", 5)
+    assert {p.suffix for p in Path(kotlin["data"][0]).iterdir()} == {".kt"}
+
+
+@pytest.mark.parametrize("typed, message", [({"max_steps": None}, "--smoke-steps"),
+                                            ({"epochs": 1}, "drop --set train.epochs")])
+def test_smoke_refuses_a_set_length_it_cannot_run_naming_the_flag(tmp_path, typed, message):
+    with pytest.raises(ValueError, match=message):
+        recipes.smoke_train_values({"task": "lm", **typed}, tmp_path, 5, typed=set(typed))
