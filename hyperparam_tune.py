@@ -683,6 +683,15 @@ def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]
                      "validation windows, another stretch of the split for another block size "
                      "or vocabulary; eval_examples null ranks every trial on the whole "
                      "split")
+    sweep = {**_budget(cfg), **_trial_run(cfg, 0)}
+    given = {**space.base, **base}
+    overridden = [f"{key} {given[key]!r} (a trial's: {sweep[key]!r})" for key in sorted(given)
+                  if key in sweep and key not in ("name", "out_dir")
+                  and given[key] != sweep[key]]
+    if overridden:
+        found.append(f"warning: {where}: {', '.join(overridden)}: the sweep sets these for "
+                     "every trial (its step budget: --max-steps, --eval-every or "
+                     "--time-budget-min), so the file's values are not used")
     return found
 
 

@@ -1849,3 +1849,19 @@ def test_a_space_sampling_the_batch_or_the_validation_text_is_warned_of(tmp_path
     whole = hyperparam_tune.space_warnings(
         hyperparam_tune.TuneConfig(time_budget_min=5), space, {"eval_examples": None})
     assert whole == []
+
+
+def test_a_train_config_setting_what_the_sweep_sets_is_warned_of(tmp_path):
+    """A --train-config (a run's config.json sets every key) whose step budget, checkpoints
+    or export differ from a trial's is told which of its values the sweep replaces; its name
+    and out_dir, always a trial's own, and values equal to the sweep's are not listed."""
+    space = hyperparam_tune.SearchSpace(params={"lr": {"type": "float", "low": 1e-4,
+                                                       "high": 1e-2}}, base={}, source="s.json")
+    train = {"max_steps": 1000, "eval_every": 50, "export": True, "name": "mine",
+             "out_dir": "runs", "keep_last": 1}
+    said = hyperparam_tune.space_warnings(hyperparam_tune.TuneConfig(max_steps=150), space,
+                                          train)
+    assert len(said) == 1
+    assert all(w in said[0] for w in ("max_steps 1000 (a trial's: 150)", "export True",
+                                      "eval_every 50", "--max-steps"))
+    assert not any(w in said[0] for w in ("keep_last", "name", "out_dir"))
