@@ -109,9 +109,10 @@ def _intact(weights_dir: Path) -> bool:
 
 
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
-              dtype: str | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
+              dtype: str | None = None, unquantized: bool = False
+              ) -> tuple[torch.nn.Module, Path, dict, dict]:
     """A run's model (its export while that holds best/, else best/ or the latest checkpoint),
-    its tokenizer's directory, config and ``_run_weights``."""
+    its tokenizer's directory, config and ``_run_weights``; ``unquantized``: load_model's."""
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
     export = run_dir / rundir.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
@@ -134,6 +135,8 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     # an init_adapter run's LoRA layout comes from the run's own copy
     model_settings = trainconfig.ModelSettings(**fields_of(
         trainconfig.ModelSettings, cfg, adapter_copy=rundir.adapter_copy(run_dir)))
+    if unquantized:
+        model_settings = replace(model_settings, quantize_bits=0)
     model = build_model(model_settings, load_tokenizer(tok_dir))
     if checkpoint.is_sharded(weights_dir):  # --strategy fsdp's: this process reads every shard
         adapter_only = cfg.lora_r > 0 and cfg.init_from is not None  # as the run saved them
@@ -160,10 +163,12 @@ def _split_adapter(path_spec: str) -> tuple[str, str]:
 
 def load_model(spec: str | os.PathLike, device: torch.device | str,
                tokenizer: str | None = None, dtype: str | None = None,
-               what: str | None = None) -> LoadedModel:
+               what: str | None = None, unquantized: bool = False) -> LoadedModel:
     """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir, an adapter whose config
     names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's; ``what``:
-    where the spec was given, for errors (default: EvalConfig.models)."""
+    where the spec was given, for errors (default: EvalConfig.models); ``unquantized``: a
+    QLoRA run's base as its checkpoint holds it, not quantized, so its adapter merges in (as
+    the run's export does)."""
     spec = os.fspath(spec)
     device = device_named(device) if isinstance(device, str) else device
     label, sep, path_spec = spec.partition("=")
@@ -185,7 +190,8 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         model = _load_hf(base, device, dtype, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
     elif rundir.is_run_dir(path):
-        model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype)
+        model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype,
+                                                            unquantized)
     elif (no_weights := rundir.no_weights_yet(path)) is not None:
         raise ValueError(f"{where} {no_weights}")
     else:

@@ -597,3 +597,62 @@ def test_a_model_llama_cpp_would_compute_otherwise_is_refused_before_writing(
     cfg, _ = families.read_config(tmp_path)
     with pytest.raises(ValueError, match=message):
         families.check_architecture(cfg)
+
+
+def test_an_instruct_models_chat_template_is_written_for_llama_cpp_and_ollama(tmp_path):
+    """The tokenizer's chat template goes under tokenizer.chat_template, as llama.cpp's
+    converter writes it (gguf's SpecialVocab reads the same template from the HF directory),
+    and the Modelfile names no TEMPLATE of its own, so that Ollama takes the GGUF's."""
+    from tiny_hf import save_tiny_llama3_instruct
+
+    save_tiny_llama3_instruct(tmp_path / "instruct", _texts()[:20])
+    out = export_gguf.export(str(tmp_path / "instruct"), tmp_path / "chat.gguf", "f32")
+    reader = gguf.GGUFReader(out)
+    want = gguf.SpecialVocab(tmp_path / "instruct").chat_template
+    assert want and _field(reader, gguf.Keys.Tokenizer.CHAT_TEMPLATE) == want
+    recipe = (tmp_path / "Modelfile").read_text()
+    assert recipe.startswith("FROM ./chat.gguf\n") and "TEMPLATE" not in recipe
+
+
+def test_a_path_with_a_space_is_quoted_in_the_modelfile_and_its_hint(checkpoints, tmp_path,
+                                                                     capsys):
+    """A FROM path holding a space is quoted (Ollama reads it whole), an export written again
+    rewrites its own Modelfile, and the printed command pastes into a shell."""
+    where = tmp_path / "sp ace"
+    where.mkdir()
+    for _ in range(2):
+        assert export_gguf.main([str(checkpoints["qwen2"]), str(where / "my model.gguf")]) == 0
+    assert _written(where) == ["Modelfile", "my model.gguf"]
+    assert (where / "Modelfile").read_text().startswith('FROM "./my model.gguf"\n')
+    said = capsys.readouterr().out
+    assert f"ollama create NAME -f '{where / 'Modelfile'}'" in said
+    assert "runs another" not in said
+
+
+def test_position_embeddings_stay_f32_as_llama_cpps_converter_keeps_them(checkpoints,
+                                                                          tmp_path):
+    reader = gguf.GGUFReader(_export(checkpoints["gpt_bigcode"], tmp_path, "q8_0"))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["position_embd.weight"] == "F32" and kinds["token_embd.weight"] == "Q8_0"
+
+
+def test_a_qlora_run_without_its_export_writes_the_adapter_merged_into_the_unquantized_base(
+        checkpoints, tmp_path):
+    """A QLoRA run stopped before its export: python -m codelm.gguf RUN loads best/'s adapter
+    onto the base as its checkpoint holds it (not quantized) and merges it, as the run's own
+    --export-gguf does: the tensors equal the export's model.gguf."""
+    import trainingmanager as tm
+
+    cfg = _run_config(tmp_path, init_from=str(checkpoints["llama"]), lora_r=4, lora_alpha=8.0,
+                      quantize_bits=4, export_gguf="f32")
+    plan.validate_config(cfg)
+    run = tm.train(cfg).run_dir
+    shutil.move(run / "export", tmp_path / "export")
+    out = export_gguf.export(str(run), tmp_path / "late.gguf", "f32")
+    got = {t.name: t.data.copy() for t in gguf.GGUFReader(out).tensors}
+    want = {t.name: t.data.copy() for t in gguf.GGUFReader(tmp_path / "export" / "model.gguf")
+            .tensors}
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(torch.from_numpy(got[name]), torch.from_numpy(tensor),
+                                   rtol=0, atol=1e-6, msg=name)

@@ -34,7 +34,7 @@ def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -
         raise ValueError(f"{out}: cannot write into {out.parent} (permission denied); name a "
                          "directory you can write")
     loaded = loading.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
-                                what="export-gguf")
+                                what="export-gguf", unquantized=True)
     writer.check_exportable(loaded.model, loaded.tokenizer)
     return writer.save(loaded.model, loaded.tokenizer, out, outtype, name=loaded.label)
 

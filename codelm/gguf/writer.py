@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 from functools import partial
 from pathlib import Path
 
@@ -215,6 +216,8 @@ def _vocabulary(writer, tok, vocab_size: int) -> None:
             writer.add_uint32(key, value)
     writer.add_add_bos_token(bool(tok.template_prefix))
     writer.add_add_eos_token(False)
+    if getattr(tok, "chat_template", None) is not None:  # llama.cpp and Ollama chat with it
+        writer.add_chat_template(tok.chat_template)
 
 
 def _permuted(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -251,11 +254,15 @@ def _arch_enum(arch: str):
     return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
 
 
-def _encoded(tensor: torch.Tensor, outtype: str):
-    """(data, raw dtype or None) of one tensor: vectors stay f32, as llama.cpp's converter
-    keeps them; a matrix whose rows do not fill q8_0's blocks of 32 is written f16."""
+# Matrices llama.cpp's converter keeps f32 whatever the outtype.
+KEPT_F32 = ("position_embd.weight",)
+
+
+def _encoded(name: str, tensor: torch.Tensor, outtype: str):
+    """(data, raw dtype or None) of one tensor: vectors and KEPT_F32 stay f32, as llama.cpp's
+    converter keeps them; a matrix whose rows do not fill q8_0's blocks of 32 is written f16."""
     data = tensor.numpy()
-    if data.ndim < 2 or outtype == "f32":
+    if data.ndim < 2 or outtype == "f32" or name in KEPT_F32:
         return data.astype(np.float32), None
     if outtype == "f16" or (outtype == "q8_0" and data.shape[-1] % 32):
         return data.astype(np.float16), None
@@ -298,7 +305,7 @@ def _write(writer, model: Transformer, tok, outtype: str, name: str) -> None:
     _vocabulary(writer, tok, model.cfg.vocab_size)
     with lora.merged(model):
         for tensor_name, tensor in gguf_tensors(model).items():
-            data, kind = _encoded(tensor, outtype)
+            data, kind = _encoded(tensor_name, tensor, outtype)
             writer.add_tensor(tensor_name, data, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -307,22 +314,36 @@ def _write(writer, model: Transformer, tok, outtype: str, name: str) -> None:
 
 def modelfile(gguf_file: Path, tok) -> str:
     """An Ollama Modelfile for the export: completion of the raw prompt, fill-in-the-middle in
-    the tokenizer's FIM tokens when Ollama passes a suffix, the end-of-text token as a stop."""
-    lines = [f"FROM ./{gguf_file.name}"]
+    the tokenizer's FIM tokens when Ollama passes a suffix, the end-of-text token as a stop; a
+    tokenizer with a chat template names no TEMPLATE, so that Ollama takes the GGUF's."""
+    lines = [f"FROM {_from_path(gguf_file)}"]
     fim = (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id)
-    if None not in fim:
-        prefix, suffix, middle = (tok.decode([i]) for i in fim)
-        lines.append(f'TEMPLATE """{{{{- if .Suffix }}}}{prefix}{{{{ .Prompt }}}}{suffix}'
-                     f'{{{{ .Suffix }}}}{middle}{{{{- else }}}}{{{{ .Prompt }}}}{{{{- end }}}}"""')
-    else:
-        lines.append('TEMPLATE """{{ .Prompt }}"""')
+    if getattr(tok, "chat_template", None) is None:
+        lines.append(_completion_template(tok, fim))
     stops = [i for i in (tok.eos_id, *fim) if i is not None]
     lines += [f'PARAMETER stop "{tok.decode([i])}"' for i in dict.fromkeys(stops)]
     return "\n".join(lines) + "\n"
 
 
+def _completion_template(tok, fim: tuple[int | None, ...]) -> str:
+    """The TEMPLATE line of a completion model: the raw prompt, or fill-in-the-middle in the
+    tokenizer's FIM tokens when Ollama passes a suffix."""
+    if None in fim:
+        return 'TEMPLATE """{{ .Prompt }}"""'
+    prefix, suffix, middle = (tok.decode([i]) for i in fim)
+    return (f'TEMPLATE """{{{{- if .Suffix }}}}{prefix}{{{{ .Prompt }}}}{suffix}'
+            f'{{{{ .Suffix }}}}{middle}{{{{- else }}}}{{{{ .Prompt }}}}{{{{- end }}}}"""')
+
+
 MODELFILE = "Modelfile"  # beside the .gguf: ollama create NAME -f Modelfile
-FROM_LINE = re.compile(r"^\s*FROM\s+(\S+)", re.IGNORECASE | re.MULTILINE)
+FROM_LINE = re.compile(r'^\s*FROM\s+(?:"([^"]*)"|(\S+))', re.IGNORECASE | re.MULTILINE)
+
+
+def _from_path(gguf_file: Path) -> str:
+    """The FROM line's path of ``gguf_file``, relative to the Modelfile; quoted where it holds
+    a space."""
+    path = f"./{gguf_file.name}"
+    return f'"{path}"' if any(c.isspace() for c in path) else path
 
 
 def modelfile_path(out: Path) -> Path:
@@ -341,7 +362,10 @@ def _runs(recipe: Path, out: Path) -> bool:
         found = FROM_LINE.search(recipe.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         return False
-    return found is not None and (recipe.parent / found[1]).resolve() == out.resolve()
+    if found is None:
+        return False
+    named = found[1] if found[1] is not None else found[2]  # quoted, or not
+    return (recipe.parent / named).resolve() == out.resolve()
 
 
 def save(model: Transformer, tok, out: Path, outtype: str, name: str = "codelm") -> Path:
@@ -363,4 +387,5 @@ def ollama_hint(out: Path, outtype: str) -> str:
     kept = ""
     if recipe.name != MODELFILE:
         kept = f" ({out.with_name(MODELFILE)} runs another file: left as it is)"
-    return f"wrote {out} ({outtype}) and {recipe}{kept}: ollama create NAME -f {recipe}"
+    return (f"wrote {out} ({outtype}) and {recipe}{kept}: ollama create NAME -f "
+            f"{shlex.quote(str(recipe))}")
