@@ -383,7 +383,6 @@ def _chunk_examples(docs: list[Doc], encoder: BatchEncoder, cfg: DataConfig, spl
     for prompt, completion, ends, code_span in _split_pairs(docs, tokenizer, cfg, split, events,
                                                             encoder):
         n_target = len(completion)
-        completion = ended(completion, eos, ends)
         head = start
         if template_writes_start(cfg.task):  # its own start (a BOS) stays when history goes
             own = template_start_length(prompt, tokenizer)
@@ -392,14 +391,16 @@ def _chunk_examples(docs: list[Doc], encoder: BatchEncoder, cfg: DataConfig, spl
         # A plain LM chunk of the fim task, or a piece of the project task's repository
         # sequences, is not cut: its cut tokens would be in no example.
         limit = cfg.max_completion_tokens if prompt or cfg.task not in ("fim", "project") else None
+        whole = ended(completion, eos, ends)
+        completion = ended(completion, eos, ends, limit)
         kept_prompt, kept_completion = truncate_pair(
-            prompt, completion, cfg.block_size - len(head), limit, cfg.max_prompt_tokens,
+            prompt, completion, cfg.block_size - len(head), None, cfg.max_prompt_tokens,
             code_span)
         if not kept_completion[:n_target]:  # nothing to learn (an EOS alone is no target)
             events["skipped_empty_completion"] += 1
             continue
         events["prompt_truncated"] += len(kept_prompt) < len(prompt)
-        events["completion_truncated"] += len(kept_completion) < len(completion)
+        events["completion_truncated"] += len(kept_completion) < len(whole)
         seqs.append(head + kept_prompt + kept_completion)
         prompt_lens.append(len(head) + len(kept_prompt))
     keys = np.array([_example_key(seq, n) for seq, n in zip(seqs, prompt_lens)], "S16")

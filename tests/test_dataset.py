@@ -1352,6 +1352,23 @@ def test_a_prompt_too_long_loses_code_not_its_instruction(tmp_path, tok):
             assert prompt == whole_prompt[short_input]
 
 
+def test_max_completion_tokens_counts_the_completions_own_tokens_not_its_eos(tmp_path, tok):
+    """A completion exactly max_completion_tokens long keeps its EOS (the model learns to stop
+    there) and is not counted as truncated; one token longer is cut there, without EOS."""
+    output = "y = 1\nz = 2\n"
+    n = len(tok.encode(output))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"input": "y=1\nz=2\n", "output": output}])
+    for limit, eos_kept in ((n, True), (n - 1, False)):
+        data = prepare(cfg(tmp_path / str(limit), sources=[str(pairs)], task="refactor",
+                           max_completion_tokens=limit, train_frac=1.0, val_frac=0.0,
+                           test_frac=0.0), tok)
+        _, completion = prompt_and_completion(data.train[0])
+        assert (completion[-1] == tok.eos_id) is eos_kept
+        assert len(completion) == n + 1 if eos_kept else len(completion) == n - 1
+        truncated = data.stats["task"]["events"]["train"].get("completion_truncated", 0)
+        assert truncated == (0 if eos_kept else 1)
+
+
 def test_val_and_test_hold_no_example_identical_to_a_train_example(tmp_path, tok):
     """Different files can hold the same function: its example stays in train only."""
     src = tmp_path / "src"
@@ -1423,8 +1440,8 @@ def test_fim_max_completion_tokens_bounds_middles_not_plain_chunks(tmp_path, tok
             prompt, completion = prompt_and_completion(data.train[i])
             if prompt[0] != tok.fim_prefix_id:  # a plain chunk: every token a target
                 plain[is_cut].append(data.train[i]["labels"].tolist())
-            elif is_cut:
-                assert len(completion) <= 8
+            elif is_cut:  # 8 of its own tokens, then an EOS where it is whole
+                assert len(completion) <= 8 or completion[8:] == [tok.eos_id]
     assert len(plain[True]) > 50 and plain[True] == plain[False]
     assert max(map(len, plain[True])) > 8
 

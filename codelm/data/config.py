@@ -81,7 +81,7 @@ class DataConfig:
     add_eos: bool = True  # EOS after each supervised completion
     max_prompt_tokens: int | None = None  # longer prompts lose the end of their code, then
     #   their left end (fim: keeps the three sentinels)
-    max_completion_tokens: int | None = None  # longer completions are cut (fim: the middles)
+    max_completion_tokens: int | None = None  # longer completions are cut there, without their EOS (fim: the middles)
     completion_style: str = "window"  # "window" or "line" (CodeXGLUE line completion)
     window_prompt_tokens: int = 100  # window completion: tokens of context
     window_completion_tokens: int = 35  # window completion: tokens to complete

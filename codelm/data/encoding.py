@@ -207,9 +207,14 @@ def fitted_prompt(example: Example, tokenizer: CodeTokenizer | BPETokenizer) -> 
     return example.head + body + example.tail
 
 
-def ended(completion_ids: list[int], eos_id: int | None, ends: bool) -> list[int]:
+def ended(completion_ids: list[int], eos_id: int | None, ends: bool,
+          max_completion_tokens: int | None = None) -> list[int]:
     """The completion as training ends it: with EOS where it ends its text (a window cut from a
-    file does not) and EOS is added, unless it already ends with one."""
+    file does not) and EOS is added, unless it already ends with one. One longer than
+    ``max_completion_tokens`` is cut there and gets no EOS (it does not end); the limit counts
+    the completion's own tokens, so one of exactly that length keeps its EOS."""
+    if max_completion_tokens is not None and len(completion_ids) > max_completion_tokens:
+        return list(completion_ids[:max_completion_tokens])
     if ends and eos_id is not None and completion_ids[-1:] != [eos_id]:
         return [*completion_ids, eos_id]
     return completion_ids

@@ -127,8 +127,8 @@ def score_supervised(lm: LoadedModel, examples: Sequence[Example], cfg: Scoring,
     scored = []
     for example, (prompt, completion, span) in zip(examples,
                                                    training_ids(lm, examples, cfg, data_cfg)):
-        scored.append(supervised_example(prompt, ended(completion, eos, example.ends),
-                                         context(lm, cfg), data_cfg.max_completion_tokens,
+        limited = ended(completion, eos, example.ends, data_cfg.max_completion_tokens)
+        scored.append(supervised_example(prompt, limited, context(lm, cfg), None,
                                          data_cfg.max_prompt_tokens, span, start))
     total, _, count = summed_loss(lm, scored, cfg, "reference loss")
     if count == 0:
