@@ -45,6 +45,19 @@ def test_fit_budget_plans_the_steps_and_a_clock_that_keeps_the_budget():
     assert clock.decay_due(step=1, now=train_s * (1 - plan.DECAY_SHARE))  # a slowed machine
 
 
+@pytest.mark.parametrize("data_steps", [1, 2, 3])
+def test_a_budget_the_data_ends_within_fewer_steps_than_its_evaluations_adds_none(data_steps):
+    """MAX_EPOCHS of a tiny split in 1 to 3 steps: the run takes those steps, each evaluated,
+    never more epochs than MAX_EPOCHS."""
+    from codelm.trainconfig import TrainConfig
+
+    cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
+    sized, clock, _, data_bound = plan.fit_budget(cfg, now=0.0, seconds_left=100.0, step_s=1.0,
+                                                  eval_s=1.0, data_steps=data_steps)
+    assert (sized.max_steps, sized.eval_every, clock.last_step, data_bound) == (
+        data_steps, 1, data_steps, True)
+
+
 def test_a_step_time_is_the_fastest_window_so_a_passing_load_does_not_count():
     """Five windows of steps, the first two slowed fiftyfold: the measure is a fast one's."""
     import time

@@ -710,7 +710,8 @@ def fit_budget(cfg: TrainConfig, now: float, seconds_left: float, step_s: float,
     if data_bound:  # the run ends early, on its plan
         steps = data_steps
     every = max(1, steps // EVALS_IN_BUDGET)
-    steps = every * EVALS_IN_BUDGET
+    if steps >= EVALS_IN_BUDGET:  # fewer steps: each one evaluated, none added
+        steps = every * EVALS_IN_BUDGET
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_SHARE * steps)
     decay = cfg.decay_steps or max(1, int(DECAY_SHARE * steps))
     sized = replace(cfg, time_budget_min=None, max_steps=steps, eval_every=every,
