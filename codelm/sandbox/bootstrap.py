@@ -29,9 +29,9 @@ MAX_FDS = 64  # RLIMIT_NOFILE: also bounds what a sample keeps outside RLIMIT_AS
 
 def plain_encode(value: object) -> str:
     """``value`` in a fixed text form that ``plain_decode`` reads: None, bool, int, float,
-    complex, str, bytes, Fraction, Decimal, and lists, tuples, sets, frozensets and dicts of them,
-    a dict's keys, values or items view, and an iterator (a generator, map, filter: its items,
-    read here, cross as an iterator over them); a bytearray or memoryview as its bytes, a
+    complex, str, bytes, Fraction, Decimal, a range, and lists, tuples, sets, frozensets, deques
+    and dicts of them, a dict's keys, values or items view, and an iterator (a generator, map,
+    filter: its items, read here, cross as an iterator over them); a bytearray or memoryview as its bytes, a
     UserList, UserDict, UserString, ChainMap or mapping proxy as what it wraps (each equal to
     it). A subclass (a Counter, a namedtuple) crosses as its base type; anything else is a
     TypeError."""
@@ -73,6 +73,10 @@ def _plain_parts(value: object, out: list[str]) -> None:
     elif isinstance(value, decimal.Decimal):
         text = str(decimal.Decimal.__str__(value))
         out.append(f"m{len(text)}:{text}")
+    elif isinstance(value, range):  # a range equals a range, not a list: it crosses as one
+        out.append("R3:")
+        for bound in (value.start, value.stop, value.step):
+            _plain_parts(bound, out)
     elif isinstance(value, tuple(_SEQUENCE_TAGS)):
         items = list(value)
         tag = next(tag for kind, tag in _SEQUENCE_TAGS.items() if isinstance(value, kind))
@@ -85,10 +89,11 @@ def _plain_parts(value: object, out: list[str]) -> None:
 
 
 # Containers by the tag their items cross under, the first type a value is an instance of.
-_SEQUENCE_TAGS = {list: "l", tuple: "t", frozenset: "f", set: "S",
+_SEQUENCE_TAGS = {list: "l", tuple: "t", frozenset: "f", set: "S", collections.deque: "Q",
                   collections.abc.KeysView: "K", collections.abc.ItemsView: "E",
                   collections.abc.ValuesView: "V", collections.abc.Iterator: "I"}
-_BUILT = {"l": list, "t": tuple, "S": set, "f": frozenset,
+_BUILT = {"l": list, "t": tuple, "S": set, "f": frozenset, "Q": collections.deque,
+          "R": lambda bounds: range(*bounds),
           "K": lambda items: dict.fromkeys(items).keys(),
           "E": lambda items: dict(items).items(),
           "V": lambda items: dict(enumerate(items)).values(),

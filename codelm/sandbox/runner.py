@@ -250,7 +250,9 @@ def run_python(source: str, config: SandboxConfig | None = None,
         workdir.mkdir()
         stdlib_mount.mkdir(mode=0o755)  # where the sample user reaches the interpreter
         shutil.copyfile(BOOTSTRAP, control_dir / "bootstrap.py")
-        (control_dir / "program.py").write_text(source, encoding="utf-8")
+        # A lone surrogate (JSON can carry one) goes as its bytes: Python then refuses the
+        # file as it refuses such source anywhere, and the run fails.
+        (control_dir / "program.py").write_bytes(source.encode("utf-8", "surrogatepass"))
         user = _sample_user(workdir)
         if user:  # it reaches its directory and reads its program (tracebacks), lists nothing
             os.chmod(control_dir, 0o711)

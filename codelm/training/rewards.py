@@ -102,31 +102,34 @@ COUNTER = "_codelm_passed"  # the counting test's tally (a one-item list)
 
 def counting_problem(problem: dict, marker: str) -> dict:
     """``problem`` with its test counting its assertions (``counting_test``)."""
-    return {**problem, "test": counting_test(problem["test"], problem["entry_point"] is not None,
-                                             marker)}
+    return {**problem, "test": counting_test(problem["test"], problem["entry_point"], marker)}
 
 
-def counting_test(test: str, in_check: bool, marker: str) -> str:
-    """``test`` with each assertion at the top of ``check``'s body (``in_check``), else of the
-    test itself, counted rather than raised, and the count printed last as ``marker`` then
-    "passed/total"; a test with no such assertion is unchanged (it passes or fails whole). An
-    assertion of constants alone (HumanEval's ``assert True, "..."``) holds whatever the
-    program does: it is no credit."""
+def counting_test(test: str, entry_point: str | None, marker: str) -> str:
+    """``test`` with each assertion at the top of ``check``'s body (with an ``entry_point``:
+    HumanEval's form), else of the test itself, counted rather than raised, and the count
+    printed last as ``marker`` then "passed/total"; a test with no such assertion is unchanged
+    (it passes or fails whole). An assertion that holds whatever the program does is no
+    credit: one of constants alone (HumanEval's ``assert True, "..."``), or one comparing the
+    candidate's result with itself (HumanEval/33's ``candidate(x) == sort_third(x)``, where
+    both names are the candidate)."""
     tree = ast.parse(test)
     owner = tree
+    in_check = entry_point is not None
     if in_check:
         owner = next((node for node in tree.body
                       if isinstance(node, ast.FunctionDef) and node.name == "check"), None)
         if owner is None:
             return test
-    total = sum(_counts(node) for node in owner.body)
+    counts = [_counts(node, entry_point) for node in owner.body]
+    total = sum(counts)
     if total == 0:
         return test
     counted = ast.parse(f"try:\n    pass\nexcept Exception:\n    pass\nelse:\n"
                         f"    {COUNTER}[0] += 1\n").body[0]
     body = []
-    for node in owner.body:
-        if _counts(node):
+    for node, count in zip(owner.body, counts):
+        if count:
             wrapped = ast.parse(ast.unparse(counted)).body[0]
             wrapped.body = [node]
             node = wrapped
@@ -137,10 +140,29 @@ def counting_test(test: str, in_check: bool, marker: str) -> str:
     return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
 
 
-def _counts(node: ast.stmt) -> bool:
-    """Whether a statement is an assertion that reads a name (a result, the function)."""
-    return isinstance(node, ast.Assert) and any(isinstance(n, ast.Name)
-                                                for n in ast.walk(node.test))
+def _counts(node: ast.stmt, entry_point: str | None) -> bool:
+    """Whether a statement is an assertion that reads a name (a result, the function) and does
+    not compare the candidate's result with itself."""
+    if not isinstance(node, ast.Assert):
+        return False
+    if not any(isinstance(n, ast.Name) for n in ast.walk(node.test)):
+        return False
+    return not _compares_with_itself(node.test, entry_point)
+
+
+def _compares_with_itself(test: ast.expr, entry_point: str | None) -> bool:
+    """Whether ``test`` is a comparison two of whose sides are the same expression once the
+    entry point is read as ``candidate`` (both are the program's function)."""
+    if not isinstance(test, ast.Compare):
+        return False
+    sides = [test.left, *test.comparators]
+    spelled = []
+    for side in sides:
+        text = ast.dump(side)
+        if entry_point is not None:
+            text = text.replace(f"Name(id={entry_point!r}", "Name(id='candidate'")
+        spelled.append(text)
+    return len(set(spelled)) < len(spelled)
 
 
 def credit(result: SandboxResult, marker: str, counted: bool) -> float:

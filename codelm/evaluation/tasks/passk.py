@@ -178,7 +178,9 @@ def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
     """Each problem's canonical_solution must pass its own test in the sandbox: with the test
     in a trusted interpreter (``run_check``), else, for a test that needs what does not cross
     as plain data (a callable argument, an argument changed in place), in the candidate's own
-    interpreter, where that problem's samples then run too (``trusted`` False)."""
+    interpreter, where that problem's samples then run too (``trusted`` False). Only a test
+    that fails apart moves there: one that runs out of time or memory apart, twice, is refused
+    (its samples' tests would run where a program can game them)."""
     jobs = [(p, p["canonical_solution"]) for p in problems
             if isinstance(p.get("canonical_solution"), str)]
     results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
@@ -187,7 +189,16 @@ def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
                                                                                   "failed")]
     if unsure:  # a timeout or a kill on a loaded machine: the same test apart, once more
         again = run_checks(unsure, sandbox, workers, "check problems", progress=False)
-        retried += [job for job, result in zip(unsure, again) if not result.passed]
+        for (problem, solution), result in zip(unsure, again):
+            if result.status == "failed":
+                retried.append((problem, solution))
+            elif not result.passed:
+                raise ValueError(
+                    f"{where[problem['task_id']]}: the canonical solution's test ends in "
+                    f"{result.status} with the test apart from it (each call crosses between "
+                    f"two interpreters), twice, within {sandbox.timeout_s:g} s and "
+                    f"{sandbox.memory_mb} MB: raise --timeout-s or --memory-mb, or run fewer "
+                    "--workers beside other work")
     if not retried:
         return
     for problem, _ in retried:
