@@ -1352,6 +1352,17 @@ def test_a_prompt_too_long_loses_code_not_its_instruction(tmp_path, tok):
             assert prompt == whole_prompt[short_input]
 
 
+def test_two_folders_of_one_name_are_refused_naming_both(tmp_path):
+    """A folder's documents are named by its name: alpha/src and beta/src would give files
+    of one name (one repository to the project task), so they are refused, naming both."""
+    for project in ("alpha", "beta"):
+        (tmp_path / project / "src").mkdir(parents=True)
+        (tmp_path / project / "src" / "util.py").write_text(f"def {project}():\n    pass\n")
+    sources = [str(tmp_path / "alpha" / "src"), str(tmp_path / "beta" / "src")]
+    with pytest.raises(DataError, match=r"alpha/src and .*beta/src are both folders named 'src'"):
+        load_corpus(cfg(tmp_path, sources=sources, extensions=[".py"]))
+
+
 def test_max_completion_tokens_counts_the_completions_own_tokens_not_its_eos(tmp_path, tok):
     """A completion exactly max_completion_tokens long keeps its EOS (the model learns to stop
     there) and is not counted as truncated; one token longer is cut there, without EOS."""

@@ -587,3 +587,42 @@ def test_trainingmanager_trains_the_project_task_on_repositories(repo, tmp_path)
                                                   "lines_per_file": 2})]) == 0
     metrics = [json.loads(line) for line in (out / "p" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m for m in metrics)
+
+
+def test_a_file_too_deep_for_the_parser_declares_its_names_by_the_patterns():
+    """A generated expression of thousands of terms makes ast.parse recurse too deep: its
+    declarations are read as a file that does not parse is read, and the history goes on."""
+    table = "TABLE = (" + " + ".join(f"'row{i}'" for i in range(3000)) + ")\n"
+    text = table + "def lookup(i):\n    return TABLE[i]\n"
+    assert history.declared_names(text, "gen/table.py") == {"lookup"}
+
+
+def test_a_string_holding_a_comment_mark_keeps_the_rest_of_its_line_in_other_languages():
+    """In Kotlin "#" and "//" inside a string are text: a line calling the project's function
+    after such a string is inproject, and the string's words are no names."""
+    snapshot = {"src/Net.kt": 'fun buildPath(id: Int): String = "p" + id\n'}
+    text = ('package app\nval link = "https://host/" + buildPath(7)\n'
+            'val tag = "#" + buildPath(8)\nval plain = buildPath(9)\n')
+    assert history.line_names(text, "src/App.kt")[1] == {"val", "link", "buildPath"}
+    lines = history.line_categories(text, "src/App.kt", snapshot, {})
+    assert lines["inproject"] == [1, 2, 3]
+
+
+def test_a_completion_file_opening_with_a_blank_line_is_scored(tmp_path, tiny_model):
+    """Its second line's prefix is empty: under the empty composer the prompt opens with BOS,
+    as LCA's baselines open an empty context, and every drawn line is scored."""
+    import eval as ev
+
+    root = tmp_path / "blank"
+    root.mkdir()
+    _git(root, "init", "-q")
+    _commit(root, {"a.py": "def helper(x):\n    return x\n"}, "start")
+    body = "\n" + "\n".join(f"value_{i} = helper({i})" for i in range(12)) + "\n"
+    _commit(root, {"b.py": body}, "add b")
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(tiny_model), "--tasks", "project-completion", "--data",
+                    str(root), "--lines-per-file", "20", "--max-new-tokens", "2",
+                    "--block-size", "256", "--no-progress", "--device", "cpu",
+                    "--out-dir", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert any(r.get("line") == 1 or r.get("id", "").endswith("#1") for r in records)

@@ -73,7 +73,7 @@ def declared_names(text: str, path: str = "x.py") -> frozenset[str]:
     if path.endswith(".py"):
         try:
             tree = ast.parse(text)
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # too deep: regexes
             pass
         else:
             return frozenset(node.name for node in ast.walk(tree) if isinstance(
@@ -82,13 +82,14 @@ def declared_names(text: str, path: str = "x.py") -> frozenset[str]:
     return frozenset(name for name in _DECLARATION.findall(code) if not keyword.iskeyword(name))
 
 
-def _uncommented(line: str) -> str:
-    return line.split("#")[0].split("//")[0]
+def _blanked(text: str) -> str:
+    """``text`` with its string literals and comments left out, each line where it was."""
+    return _STRINGS_AND_COMMENTS.sub(lambda match: "\n" * match.group().count("\n"), text)
 
 
 def line_names(text: str, path: str = "x.py") -> list[set[str]]:
-    """The identifiers each line of a file uses (its strings and comments left out for Python
-    that tokenizes), less the name a ``def``/``class`` on that line declares."""
+    """The identifiers each line of a file uses (its strings and comments left out), less the
+    name a ``def``/``class`` on that line declares."""
     lines = text.split("\n")
     found: list[set[str]] = [set() for _ in lines]
     tokenized = False
@@ -101,7 +102,7 @@ def line_names(text: str, path: str = "x.py") -> list[set[str]]:
         except (tokenize.TokenError, SyntaxError, ValueError):
             found = [set() for _ in lines]
     if not tokenized:
-        found = [set(_NAME.findall(_uncommented(line))) for line in lines]
+        found = [set(_NAME.findall(line)) for line in _blanked(text).split("\n")]
     declaration = _PY_DECLARATION if path.endswith(".py") else _DECLARATION
     for names, line in zip(found, lines):
         names.difference_update(declaration.findall(line))

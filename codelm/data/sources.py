@@ -293,9 +293,18 @@ def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> li
     edit whose copy tool sets the mtime back, as cp -p, rsync -a and tar do, still changes the
     ctime, which no tool sets)."""
     out = []
+    folders: dict[str, str] = {}  # a folder's documents are named by its name: one a name
     for source in sources:
         # Every build computes its key first: sources are checked here.
         listing = _source_listing(source, extensions)
+        if not listing.records and source != "stdlib":
+            name = listing.root.resolve().name
+            if name in folders:
+                raise DataError(f"data sources {folders[name]} and {source} are both folders "
+                                f"named {name!r}, whose files would share their names (and the "
+                                "project task would read them as one repository): give one "
+                                "through a link or copy of another name")
+            folders[name] = source
         if listing.records:
             for f in listing.files:
                 st = f.stat()

@@ -154,7 +154,17 @@ def _generation(lm: LoadedModel, cfg: Scoring,
                            top_p=cfg.top_p, eos_id=eos or None, generator=generator,
                            pad_id=tok.pad_id if tok.pad_id is not None else (eos or [0])[0],
                            compile=cfg.compile, **options)
-    return gen, eos, [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
+    prompts = [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
+    return gen, eos, [_opened(prompt, tok.bos_id, eos) for prompt in prompts]
+
+
+def _opened(prompt: list[int], bos_id: int | None, eos: list[int]) -> list[int]:
+    """A prompt of no token (a file's first line, blank, completed without context) opens with
+    BOS, else EOS, as lm-eval and LCA's baselines open an empty context."""
+    if prompt:
+        return prompt
+    opening = bos_id if bos_id is not None else next(iter(eos), None)
+    return [] if opening is None else [opening]
 
 
 def _new_tokens(lm: LoadedModel, cfg: Scoring) -> int:
