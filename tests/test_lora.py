@@ -401,10 +401,13 @@ def test_loading_into_a_model_with_adapters_is_refused(tmp_path):
 
 @pytest.mark.parametrize("key,value", [("init_lora_weights", "pissa_niter_4"),
                                        ("init_lora_weights", "olora"),
-                                       ("alora_invocation_tokens", [7, 8])])
+                                       ("init_lora_weights", "mica"),
+                                       ("alora_invocation_tokens", [7, 8]),
+                                       ("velora_config", {"num_groups": 4})])
 def test_adapters_peft_reads_differently_are_refused(tmp_path, key, value):
-    # PiSSA/OLoRA adapters change the base weights when PEFT loads them; aLoRA applies only
-    # after its invocation tokens. Loading them as plain LoRA would give other logits.
+    # PiSSA/OLoRA adapters change the base weights when PEFT loads them; MiCA trains A alone;
+    # aLoRA applies only after its invocation tokens; VeLoRA adds tensors of its own. Loading
+    # them as plain LoRA would give other logits or train other weights.
     _, model, setting = _pair("llama", tmp_path)
     apply_lora(model, LoRAConfig(**setting))
     save_adapter(model, tmp_path / "a")
@@ -413,6 +416,19 @@ def test_adapters_peft_reads_differently_are_refused(tmp_path, key, value):
     _, fresh, _ = _pair("llama", tmp_path / "other")
     with pytest.raises(ValueError, match=rf"adapter_config.json: {key}=.* not supported"):
         load_adapter(fresh, tmp_path / "a")
+
+
+def test_every_field_of_peft_lora_config_is_read_refused_or_known_to_change_nothing():
+    """A field PEFT adds later is neither read, refused nor ignored: this names it, so that
+    its meaning is decided before an adapter using it loads as a plain one."""
+    import dataclasses
+
+    import peft
+
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    known = (set(adapter_config._PEFT_FIELDS) | set(adapter_config.UNSUPPORTED_PEFT_KEYS)
+             | set(adapter_config.IGNORED_PEFT_KEYS))
+    assert fields - known == set()
 
 
 def test_contracts_list_exactly_the_adapter_options_codelm_refuses():

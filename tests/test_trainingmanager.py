@@ -2208,9 +2208,9 @@ def test_a_run_name_is_one_directory_name_not_a_path(name):
 def test_an_unwritable_data_cache_names_where_it_was_set(assets, tmp_path, capsys, monkeypatch):
     """The error names CODELM_CACHE where the user set it, not data_options.cache_dir, which
     the user never set."""
-    config = _tiny_config_file(assets, tmp_path)
+    config = _tiny_config_file(assets, tmp_path, data_options={"progress": False})
     monkeypatch.setenv("CODELM_CACHE", "/proc/nope")
-    assert tm.main(["--config", config, "--data-options", '{"progress": false}']) == 2
+    assert tm.main(["--config", config]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: /proc/nope/data: cannot create the data cache (")
     assert "CODELM_CACHE=/proc/nope puts it there; point CODELM_CACHE to a writable" in err

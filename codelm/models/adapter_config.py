@@ -28,9 +28,18 @@ UNSUPPORTED_PEFT_KEYS = {
     "target_parameters": None, "exclude_modules": None, "layer_replication": None,
     "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
     "use_bdlora": None, "kasa_config": None, "monteclora_config": None, "arrow_config": None,
-    "ensure_weight_tying": False,
+    "ensure_weight_tying": False, "velora_config": None,
 }
-# init_lora_weights values under which PEFT rewrites the base weights when it loads the adapter.
+# PEFT keys that change neither the loaded adapter's forward nor what trains: how it was made
+# (its initialization's settings, Megatron's layers), and the file's own metadata.
+IGNORED_PEFT_KEYS = (
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "megatron_config", "megatron_core", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "runtime_config",
+    "init_lora_weights")
+# init_lora_weights values that leave the base as it is and train A and B (PEFT's pissa,
+# olora, corda and loftq rewrite the base when it loads the adapter; mica freezes B).
+PLAIN_INITS = (True, False, "gaussian", "eva")
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
@@ -112,6 +121,9 @@ def read_adapter_config(path: str | Path, config_name: str = ADAPTER_CONFIG) -> 
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: convert it to a "
                          "plain LoRA adapter with PEFT's path_initial_model_for_weight_conversion")
+    if init not in PLAIN_INITS:
+        raise ValueError(f"{file}: init_lora_weights={init!r} is not supported by codelm's LoRA "
+                         f"(it trains adapters made with {', '.join(map(repr, PLAIN_INITS))})")
     values = {}
     for key, (name, absent, fits, words) in _PEFT_FIELDS.items():
         values[name] = raw.get(key, absent)
