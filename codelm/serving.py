@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -230,9 +231,26 @@ def _number(body: dict, key: str, default, kind, low=None, high=None):
     return value
 
 
+# OpenAI parameters that would change the text and are not served, with the values that
+# leave it as served: another value is refused, never ignored.
+UNSERVED = {"logit_bias": (None, {}), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
+            "suffix": (None, ""), "response_format": (None, {"type": "text"})}
+
+
+def _refuse_unserved(body: dict) -> None:
+    for key, served in UNSERVED.items():
+        if key in body and body[key] not in served:
+            raise ApiError(400, f"'{key}' is not served by codelm's server (its text would not "
+                           "be what was asked); leave it out", key)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise ApiError(400, "'best_of' is not served: ask for 'n' choices and pick", "best_of")
+
+
 def _params(body: dict, chat: bool, room: int) -> _Params:
     """The sampling settings of a request body; ``room``: the most new tokens its prompt
     leaves in the model's context."""
+    _refuse_unserved(body)
     default_tokens = room if chat else 16
     newer = chat and body.get("max_completion_tokens") is not None  # null: not set
     max_tokens = _number(body, "max_completion_tokens" if newer else "max_tokens",
@@ -387,9 +405,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(self._post)
 
     def _get(self) -> None:
-        if self.path.rstrip("/") != "/v1/models":
+        path = self.path.rstrip("/")
+        if path == "/v1/models":
+            self._send_json(200, self._models())
+            return
+        if not path.startswith("/v1/models/"):
             self._not_found()
-        self._send_json(200, self._models())
+        name = urllib.parse.unquote(path.removeprefix("/v1/models/"))
+        for model in self._models()["data"]:
+            if model["id"] == name:
+                self._send_json(200, model)
+                return
+        raise ApiError(404, f"model {name!r} is not served here; served: "
+                       f"{', '.join(self.server.engines)}", "model", "model_not_found")
 
     def _post(self) -> None:
         path = self.path.rstrip("/")
@@ -427,7 +455,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def client_gone(self) -> bool:
-        """Whether the client has closed its connection (a read would return nothing)."""
+        """Whether the client has closed its connection (a read would return nothing: a
+        client that shuts its side after the request is taken as gone, as nginx takes it)."""
         poller = select.poll()  # any descriptor number (select() takes those below 1024)
         poller.register(self.connection, select.POLLIN)
         if not poller.poll(0):
@@ -439,7 +468,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _not_found(self) -> None:
         raise ApiError(404, f"no route {self.command} {self.path}: the server answers "
-                       "GET /v1/models, POST /v1/completions and /v1/chat/completions")
+                       "GET /v1/models, GET /v1/models/ID, POST /v1/completions and "
+                       "/v1/chat/completions")
 
     def _models(self) -> dict:
         return {"object": "list", "data": [

@@ -233,6 +233,26 @@ def test_odd_but_valid_requests_are_answered_and_bad_ones_refused_in_json(server
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
 
 
+def test_parameters_not_served_are_refused_not_ignored_and_a_model_is_retrieved(server):
+    """logit_bias, penalties, best_of, suffix or a JSON response_format would change the text:
+    each set is a 400 naming it (their defaults pass); GET /v1/models/ID answers the openai
+    client's models.retrieve, an unknown ID a 404."""
+    client = _client(server)
+    for unserved in ({"logit_bias": {"5": 100}}, {"frequency_penalty": 0.5},
+                     {"presence_penalty": -1}, {"best_of": 3}, {"suffix": "x"},
+                     {"response_format": {"type": "json_object"}}):
+        status, body = _post(server, "/completions", json.dumps(
+            {"model": "tiny", "prompt": "x", "max_tokens": 2, **unserved}).encode())
+        assert status == 400 and body["error"]["param"] == next(iter(unserved)), body
+    defaults = {"logit_bias": {}, "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1}
+    status, body = _post(server, "/completions", json.dumps(
+        {"model": "tiny", "prompt": "x", "max_tokens": 2, **defaults}).encode())
+    assert status == 200 and body["choices"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.models.retrieve("other")
+
+
 def test_a_failure_of_the_server_is_a_500_and_in_a_stream_an_error_event(loaded, monkeypatch):
     """The model failing before the answer began: a 500 with OpenAI's error JSON; after a
     stream began: an error event ends it. Either way the next request is answered."""
