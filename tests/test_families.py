@@ -153,3 +153,33 @@ def test_unsupported_rope_scaling_is_one_line_naming_the_file(tmp_path, rope, me
     config.write_text(json.dumps(values))
     with pytest.raises(ValueError, match=rf"config\.json: {message}"):
         families.read_config(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "starcoder2", "phi3", "phi"])
+def test_an_explicit_head_dim_is_read_as_transformers_reads_it_and_written_back(tmp_path,
+                                                                                 family):
+    """head_dim 32 with 64 wide and 4 heads (q/k/v rows 128): transformers' attention reads it
+    (and Phi's rotary its share of it); codelm's logits equal transformers', and its export
+    loads there with the same logits."""
+    import transformers
+
+    save_tiny_hf(family, tmp_path, head_dim=32)
+    model = pretrained.load(tmp_path)
+    assert model.cfg.head_dim == 32 and model.cfg.n_embd // model.cfg.n_head != 32
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    idx = _ids(1, 40, seed=7)
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
+        pretrained.save(model, tmp_path / "out")
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        assert (model(idx) - back(idx).logits).abs().max().item() <= 1e-5
+
+
+def test_a_phi3_rope_scaling_transformers_refuses_is_refused(tmp_path):
+    """Phi3Config takes longrope alone (which codelm does not compute): linear or yarn on a
+    Phi-3 is refused in one line, never loaded and exported as a checkpoint transformers
+    cannot open."""
+    save_tiny_hf("phi3", tmp_path)
+    _edit_config(tmp_path, rope_parameters=None, rope_scaling={"type": "linear", "factor": 4.0})
+    with pytest.raises(ValueError, match=r"config\.json: rope scaling 'linear' .* phi3"):
+        families.read_config(tmp_path)

@@ -140,21 +140,22 @@ _GPT_LIKE = {"n_layer": (("n_layer", "num_hidden_layers"), _REQUIRED),
              "n_head": (("n_head", "num_attention_heads"), _REQUIRED),
              "mlp_hidden": (("n_inner",), lambda f: 4 * f["n_embd"]),
              "norm_eps": (("layer_norm_epsilon",), 1e-5)}
+# head_dim where config.json leaves it out: hidden size / heads (transformers' getattr default).
+_HEAD_DIM = {"head_dim": (("head_dim",), lambda f: f["n_embd"] // f["n_head"])}
 HF_FIELDS = {
-    "llama": {**_LLAMA_LIKE, "head_dim": (("head_dim",), lambda f: f["n_embd"] // f["n_head"]),
+    "llama": {**_LLAMA_LIKE, **_HEAD_DIM,
               "norm_eps": (("rms_norm_eps",), 1e-6), "qkv_bias": (("attention_bias",), False),
               "mlp_bias": (("mlp_bias",), False)},
-    "qwen2": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 32768),
+    "qwen2": {**_LLAMA_LIKE, **_HEAD_DIM, "block_size": (("max_position_embeddings",), 32768),
               "norm_eps": (("rms_norm_eps",), 1e-6)},
     "qwen3": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 32768),
               "head_dim": (("head_dim",), 128), "norm_eps": (("rms_norm_eps",), 1e-6),
               "qkv_bias": (("attention_bias",), False)},
-    "mistral": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 131072),
-                "head_dim": (("head_dim",), lambda f: f["n_embd"] // f["n_head"]),
+    "mistral": {**_LLAMA_LIKE, **_HEAD_DIM, "block_size": (("max_position_embeddings",), 131072),
                 "norm_eps": (("rms_norm_eps",), 1e-6)},
-    "starcoder2": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 4096),
+    "starcoder2": {**_LLAMA_LIKE, **_HEAD_DIM, "block_size": (("max_position_embeddings",), 4096),
                    "norm_eps": (("norm_epsilon",), 1e-5), "qkv_bias": (("use_bias",), True)},
-    "phi3": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 4096),
+    "phi3": {**_LLAMA_LIKE, **_HEAD_DIM, "block_size": (("max_position_embeddings",), 4096),
              "norm_eps": (("rms_norm_eps",), 1e-5)},
     "gemma": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 8192),
               "head_dim": (("head_dim",), 256), "norm_eps": (("rms_norm_eps",), 1e-6),
@@ -162,7 +163,7 @@ HF_FIELDS = {
     "gemma2": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 8192),
                "head_dim": (("head_dim",), 256), "norm_eps": (("rms_norm_eps",), 1e-6),
                "qkv_bias": (("attention_bias",), False)},
-    "phi": {**_LLAMA_LIKE, "norm_eps": (("layer_norm_eps",), 1e-5)},
+    "phi": {**_LLAMA_LIKE, **_HEAD_DIM, "norm_eps": (("layer_norm_eps",), 1e-5)},
     "codegen": {"block_size": (("n_positions", "max_position_embeddings"), 2048), **_GPT_LIKE,
                 "n_head": (("n_head", "num_attention_heads"), 16),
                 "rotary_dim": (("rotary_dim",), 64)},
@@ -413,9 +414,12 @@ def _read_phi3(hf: dict) -> ModelConfig:
     _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
     f = _fields(hf, "phi3")
     rope = _rope(hf)
+    if rope["rope_scaling"] is not None:  # Phi3Config takes longrope alone (refused by _rope)
+        raise ValueError(f"rope scaling {rope['rope_scaling']['rope_type']!r} cannot be "
+                         "honoured for phi3: transformers' Phi-3 takes longrope alone")
     return ModelConfig(**_shared(hf, "phi3"), **f, **_windows(hf, "phi3", f["n_layer"]),
                        norm="rmsnorm", mlp="swiglu", fused_gate_up=True, positions="rope",
-                       rotary_dim=int(f["n_embd"] // f["n_head"] * rope["partial"]),
+                       rotary_dim=int(f["head_dim"] * rope["partial"]),
                        rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"])
 
 
@@ -454,7 +458,7 @@ def _read_phi(hf: dict) -> ModelConfig:
         raise ValueError("rope scaling cannot be honoured for phi")
     return ModelConfig(
         **_shared(hf, "phi"), **f, norm="layernorm", mlp=_act(hf, "hidden_act", "gelu_new"),
-        positions="rope", rotary_dim=int(f["n_embd"] // f["n_head"] * rope["partial"]),
+        positions="rope", rotary_dim=int(f["head_dim"] * rope["partial"]),
         rope_theta=rope["rope_theta"], parallel_residual=True, qkv_bias=True,
         attn_proj_bias=True, mlp_bias=True, lm_head_bias=True)
 
