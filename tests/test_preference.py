@@ -42,10 +42,11 @@ OUTPUT_METRICS = {"logits/chosen", "logits/rejected", "entropy", "num_tokens",
                   "mean_token_accuracy"}  # of the model's raw output, not of the loss
 
 
-def _rows(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """n right-padded rows of a prompt (1 to 3 tokens) then a completion (1 to 5): ids,
-    attention mask and completion mask, (n, width) with one row at the full width."""
-    prompts = [int(torch.randint(1, 4, (), generator=gen)) for _ in range(n)]
+def _rows(n: int, gen: torch.Generator, min_prompt: int = 1
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n right-padded rows of a prompt (``min_prompt`` to 3 tokens) then a completion (1 to 5):
+    ids, attention mask and completion mask, (n, width) with one row at the full width."""
+    prompts = [int(torch.randint(min_prompt, 4, (), generator=gen)) for _ in range(n)]
     completions = [int(torch.randint(1, 6, (), generator=gen)) for _ in range(n)]
     completions[n // 2] = 5
     prompts[n // 2] = 3
@@ -64,10 +65,11 @@ def _padded(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
-def _pairs(gen: torch.Generator) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pairs(gen: torch.Generator, min_prompt: int = 1
+           ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """B pairs: TRL's ORPO/CPO batch (chosen_* and rejected_* apart), and the same rows as one
     batch of 2B (chosen then rejected, padded to one width): ids, attention and completion."""
-    chosen, rejected = _rows(B, gen), _rows(B, gen)
+    chosen, rejected = _rows(B, gen, min_prompt), _rows(B, gen, min_prompt)
     batch = {}
     for name, (ids, attention, completion) in (("chosen", chosen), ("rejected", rejected)):
         batch[f"{name}_input_ids"] = ids
@@ -269,13 +271,14 @@ def _logits_model(logits: torch.Tensor):
     return forward
 
 
-def _logits_case(cfg: PreferenceConfig, trainer: SimpleNamespace, cls, seed: int) -> None:
+def _logits_case(cfg: PreferenceConfig, trainer: SimpleNamespace, cls, seed: int,
+                 min_prompt: int = 1) -> None:
     """The whole path from the logits: TRL's forward, log-probs, NLL and loss against
     token_logps and pair_loss through a model that hands back the same logits. The logits put
     most of the mass on each row's next token, as a tuned model's do on its own samples: a mean
     NLL near 1, where float32 resolves 1e-6 (TRL's cross-entropy sums in another order)."""
     gen = torch.Generator().manual_seed(seed)
-    batch, ids, attention, completion = _pairs(gen)
+    batch, ids, attention, completion = _pairs(gen, min_prompt)
     logits = 2 * torch.randn(2 * B, ids.shape[1], VOCAB, generator=gen)
     logits[:, :-1].scatter_add_(-1, ids[:, 1:, None], torch.full(ids[:, 1:, None].shape, 4.0))
 
@@ -310,6 +313,19 @@ def test_simpo_equals_trls(beta, gamma, smoothing, cpo_alpha):
     trainer = _paired_trainer(CPOTrainer, loss_type="simpo", beta=beta, simpo_gamma=gamma,
                               label_smoothing=smoothing, cpo_alpha=cpo_alpha, alpha=0.0)
     _logits_case(cfg, trainer, CPOTrainer, seed=zlib.crc32(repr(cfg).encode()))
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo"])
+def test_a_completion_from_a_rows_first_token_is_averaged_as_trl_averages_it(method):
+    """An empty prompt (a tokenizer without BOS): the completion's first token, at position 0,
+    has no log-prob; the per-token mean divides by the tokens scored, as TRL's does."""
+    cfg = PreferenceConfig(method=method, beta=0.1 if method == "orpo" else 2.0)
+    cls = ORPOTrainer if method == "orpo" else CPOTrainer
+    options = {} if method == "orpo" else dict(loss_type="simpo", simpo_gamma=0.5,
+                                               label_smoothing=0.0, cpo_alpha=0.0, alpha=0.0)
+    trainer = _paired_trainer(cls, beta=cfg.beta if method == "simpo" else cfg.orpo_lambda,
+                              **options)
+    _logits_case(cfg, trainer, cls, seed=11, min_prompt=0)
 
 
 # ----------------------------------------------------------------------------- the reference

@@ -100,6 +100,24 @@ def test_dpo_starts_at_log_2_with_the_starting_model_as_reference(assets, tmp_pa
     assert "perplexity" not in out
 
 
+def test_a_model_with_dropout_trains_preferences_without_it_as_trl_does(assets, tmp_path):
+    """A StarCoder-style checkpoint carries dropout 0.1 (residual, embeddings, attention):
+    DPO switches every dropout off, as TRL's disable_dropout, so the first loss is log 2; a
+    dropout given (--dropout) is kept."""
+    from tiny_hf import save_tiny_hf
+
+    tok = load_tokenizer(assets["tokenizer"])
+    base = tmp_path / "bigcode"
+    save_tiny_hf("gpt_bigcode", base, vocab_size=tok.vocab_size, resid_pdrop=0.1,
+                 embd_pdrop=0.1, attn_pdrop=0.1)
+    cfg = pref_cfg(assets, tmp_path, max_steps=1, eval_every=1, lr=1e-9, preset=None,
+                   init_from=str(base), lora_r=4, lora_dropout=0.0)
+    first = logged(tm.train(cfg).run_dir, "train")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    kept = tm.train(dataclasses.replace(cfg, dropout=0.5, name="kept"))
+    assert logged(kept.run_dir, "train")[0]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_lora_dpo_takes_the_base_with_adapters_off_as_reference(assets, tmp_path):
     """A LoRA run on a pretrained base: the reference log-probs kept in the run are the base's
     own (loaded apart), and the adapters learn the preference."""

@@ -201,6 +201,8 @@ class Run:
         # Continued from a checkpoint, an init_adapter run reads its LoRA layout from its own copy.
         model_settings = ModelSettings(**fields_of(
             ModelSettings, cfg, adapter_copy=rundir.adapter_copy(run_dir) if checkpoints else None))
+        if cfg.task in PREFERENCE_TASKS:
+            model_settings = preference_run.without_dropout(model_settings)
         self.model_settings = model_settings
         model = loading.build_model(model_settings, self.data.tok)
         first = self._check_model(cfg, model, run_dir, device, bool(checkpoints))

@@ -151,11 +151,12 @@ def token_logps(model: Transformer, ids: torch.Tensor, attention_mask: torch.Ten
 def sequence_logps(logps: torch.Tensor, completion_mask: torch.Tensor,
                    average: bool = False) -> torch.Tensor:
     """(N,): the completions' log-probs, summed over their tokens, or their mean per token
-    (``average``: SimPO's and ORPO's length-normalized log-probs). ``logps`` (N, L - 1) from
-    token_logps, ``completion_mask`` (N, L) over the rows' tokens."""
+    scored (``average``: SimPO's and ORPO's length-normalized log-probs; a completion token at
+    a row's first position has no log-prob, and TRL's mean leaves it out too). ``logps``
+    (N, L - 1) from token_logps, ``completion_mask`` (N, L) over the rows' tokens."""
     mask = completion_mask[:, 1:].to(logps.dtype)
     summed = (logps * mask).sum(-1)
-    return summed / completion_lengths(completion_mask) if average else summed
+    return summed / mask.sum(-1).clamp(min=1.0) if average else summed
 
 
 def completion_lengths(completion_mask: torch.Tensor) -> torch.Tensor:

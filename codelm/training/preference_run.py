@@ -9,6 +9,7 @@ The loop, checkpoints, records and export are the one run's."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import sys
@@ -32,7 +33,7 @@ from codelm.data.preferences import (
 from codelm.runtime import distributed
 from codelm.runtime.distributed import Dist, all_reduce_sum
 from codelm.runtime.process import progress_bar
-from codelm.trainconfig import DataSettings, StepSettings, TrainConfig
+from codelm.trainconfig import DataSettings, ModelSettings, StepSettings, TrainConfig
 from codelm.training import preference
 from codelm.training.preference_batches import PreferenceBatches, PreferenceRows
 from codelm.training.trainer import StepStats, StepStop, Trainer, autocast, checked_precision
@@ -110,6 +111,15 @@ def sample_prompt(records: Sequence[PreferenceRecord]) -> SamplePrompt | None:
 
 # ---- The reference: its log-probs of every row, once ----
 
+def without_dropout(settings: ModelSettings) -> ModelSettings:
+    """The policy's settings with dropout 0 where no setting gives one (the model's own, a
+    checkpoint's attention dropout): TRL's preference trainers switch every dropout off
+    (disable_dropout), so that the policy's log-probs at the start equal the reference's."""
+    dropout = 0.0 if settings.dropout is None else settings.dropout
+    options = {"attn_dropout": 0.0, **settings.model_options}
+    return dataclasses.replace(settings, dropout=dropout, model_options=options)
+
+
 def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatches,
                      run_dir: Path, device: torch.device, continued: bool
                      ) -> dict[Path, bytes]:
@@ -166,8 +176,9 @@ class PreferenceTrainer(Trainer):
     """``Trainer`` whose step and evaluation take the preference loss of ``preference_config``
     (preference.config_of a run's settings): a step's
     micro-batches weighted by their pairs (so accumulation and DDP equal one big batch of
-    pairs), its metrics (``METRICS``) averaged the same way; the validation loss is the same
-    loss, its accuracy the implicit reward's."""
+    pairs for dpo, kto and simpo; ORPO's and cpo_alpha's NLL is each micro-batch's token mean,
+    weighted so, as TRL's accumulation takes it), its metrics (``METRICS``) averaged the same
+    way; the validation loss is the same loss, its accuracy the implicit reward's."""
 
     def __init__(self, model: nn.Module, settings: StepSettings,
                  preference_config: preference.PreferenceConfig, device: torch.device,
