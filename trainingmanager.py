@@ -83,23 +83,27 @@ class TrainResult:
     stopped_by_budget: bool = False  # max_time_s ended it before its last step (it can be resumed)
     export_dir: Path | None = None
     sample: str | None = None
+    claimed: rundir.ClaimedDir | None = None  # the run directory's lock, train(keep_claim=True)
+    #   hands it to its caller, which releases it (after the final evaluation)
 
 
 
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
           resume_hint: str | None = None, restarts: bool = False,
-          ends_process: bool = False) -> TrainResult:
+          ends_process: bool = False, keep_claim: bool = False) -> TrainResult:
     """Run (or continue, with ``cfg.resume``) one training run of a valid ``cfg``. ``on_eval(step,
     metrics)`` follows each evaluation (what it raises, e.g. optuna.TrialPruned, propagates once
     the run directory is consistent); ``resume_hint`` says "continue it with ..." in the caller's
     terms; ``restarts``: the caller runs it again from the start instead. ``ends_process``: the
     caller ends the process when the run returns (a command's main), so a stop that one long
-    operation of a step holds back may end it from another thread (``_stop_at_once``)."""
+    operation of a step holds back may end it from another thread (``_stop_at_once``).
+    ``keep_claim``: a run that returns keeps its directory locked, ``result.claimed``, for the
+    caller's work on it (the final evaluation); else the lock goes when the run ends."""
     dist = distributed.this_process()
     device = resolve_device(cfg.device, dist)
     owns_group = distributed.join(dist, device)
     created = time.perf_counter()  # a time budget counts from here
-    run = trainer = None
+    run = trainer = result = None
     try:
         probe = partial(build.measure_speed, device=device, dist=dist)
         measure = partial(build.measure_step_cost, device=device, dist=dist)
@@ -173,13 +177,15 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             stopped = result.interrupted is not None or isinstance(raised, KeyboardInterrupt)
             record.close(_outcome(stopped, failed=raised is not None))
             signals.restore(taken=stopped)
+        if keep_claim:
+            result.claimed = record.claimed
         return result
     except KeyboardInterrupt as stop:  # a second Ctrl-C: the step loop's checkpoint is skipped
         if isinstance(stop, RunInterrupted) or run is None:
             raise
         raise rundir.interrupted(stop, run.record.run_dir, resume_hint, restarts) from None
     finally:
-        if run is not None:
+        if run is not None and (result is None or result.claimed is None):
             run.record.claimed.release()
         del run, trainer  # the DDP or FSDP model goes before the group
         if owns_group:
@@ -569,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 passed, report = run_overfit(cfg, **overfit_settings(cfg))
                 print(report)
                 return 0 if passed else 1
-            result = train(cfg, ends_process=True)
+            result = train(cfg, ends_process=True, keep_claim=True)
     except RankZeroFailed:
         return 2
     except RUN_ERRORS as e:
@@ -582,6 +588,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted before the first checkpoint: nothing to resume; run the same "
                   "command again", file=sys.stderr)
         return process.interrupted_exit_code(stop)
+    try:
+        return _after_training(cfg, result)
+    finally:
+        result.claimed.release()
+
+
+def _after_training(cfg: TrainConfig, result: TrainResult) -> int:
+    """The end of a command's run, its directory still locked: the final evaluation and the
+    last lines; the exit code."""
     if result.interrupted:
         return process.interrupted_exit_code(result.interrupted)
     if not distributed.is_rank_zero():  # under torchrun rank 0 reports for all

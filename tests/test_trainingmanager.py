@@ -3553,7 +3553,7 @@ RESUME_MAY_CHANGE = {
     "keep_last": 3, "progress": True, "export": True, "export_merged": True,
     "sample_prompt": "x", "sample_tokens": 3, "device": "cpu", "compile": True,
     "gradient_checkpointing": True, "data_options": {"num_workers": 2}, "strategy": "fsdp",
-    "force": True,
+    "force": True, "final_eval": False, "export_gguf": "f16",
 }
 
 
@@ -4442,6 +4442,24 @@ def test_the_export_and_its_final_evaluation_name_the_weights_exported(assets, t
     assert "best validation loss 2.0000" in exported and "at step 2" in exported
     final = next(line for line in lines if line.startswith("final evaluation"))
     assert "val loss 2.0000" in final
+
+
+def test_the_run_directory_stays_locked_through_the_final_evaluation(assets, tmp_path,
+                                                                     monkeypatch):
+    """The final evaluation writes into the run directory: while it runs, a --resume of the run
+    from another process is refused as in use; once the command ends, it is free."""
+    claims = []
+
+    def final_quality(run_dir, *args, **kwargs):
+        with pytest.raises(rundir.RunDirTaken, match="in use"):
+            rundir.claim(str(run_dir), str(tmp_path), None, "run", None)
+        claims.append(run_dir)
+
+    monkeypatch.setattr(finish, "final_quality", final_quality)
+    cfg = tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, export=True)
+    assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 0
+    assert len(claims) == 1
+    rundir.claim(str(claims[0]), str(tmp_path), None, "run", None).release()
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -536,7 +536,8 @@ RESUME_MAY_CHANGE = (
     "max_steps", "epochs", "max_time_s", "decay_steps",  # how far it goes (the schedule follows)
     "early_stop_patience", "early_stop_min_delta",  # when it may stop early
     "eval_every", "log_every", "save_every", "keep_last", "progress", "report_to",  # reporting
-    "export", "export_merged", "sample_prompt", "sample_tokens",  # the end of the run
+    "export", "export_merged", "export_gguf", "final_eval", "sample_prompt",  # the end of the
+    "sample_tokens",  # run
     "inject_nan_at_step",  # fault injection (tests)
 )
 # data_options that change where and how fast the data is prepared, not what it is.

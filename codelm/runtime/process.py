@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import errno
 import itertools
 import json
@@ -613,9 +614,16 @@ def write_dir_atomically(target: str | Path, build: Callable[[Path], object],
 
 
 def _publish(tmp: Path, target: Path, old: Path | None) -> bool:
-    """Rename ``tmp`` to ``target``, an existing one moved to ``old`` first (None: kept, False)."""
+    """Rename ``tmp`` to ``target``, an existing one moved to ``old`` first (None: kept, False).
+    Where the system swaps two names at once (Linux), an existing ``target`` and ``tmp`` are
+    swapped: a kill at any moment leaves ``target`` whole, old or new (``tmp`` then holds the
+    old one, which its writer removes)."""
     if old is None and os.path.lexists(target):
         return False  # kept: rename would replace an empty directory
+    if old is not None and os.path.lexists(target) and _exchange(tmp, target):
+        _fsync(target.parent)
+        _remove(tmp)  # the old entry now (a link too, which rmtree leaves)
+        return True
     replaced = old is not None and os.path.lexists(target)
     if replaced:
         os.rename(target, old)
@@ -632,6 +640,33 @@ def _publish(tmp: Path, target: Path, old: Path | None) -> bool:
     if replaced:
         _remove(old)
     return True
+
+
+_RENAME_EXCHANGE = 2  # renameat2's flag: swap the two names
+_AT_FDCWD = -100  # paths relative to the working directory
+
+
+@cache
+def _renameat2() -> Callable | None:
+    """libc's renameat2 (Linux, glibc 2.28 or later), or None."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the entries ``a`` and ``b`` in one step; False where the system or the filesystem
+    cannot (then nothing moved)."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def is_disk_full(err: BaseException) -> bool:

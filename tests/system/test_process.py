@@ -490,13 +490,15 @@ def test_write_dir_atomically_replaces_or_lets_the_first_publisher_win(tmp_path)
 
 def test_replacing_a_directory_whose_new_copy_fails_to_land_puts_the_old_one_back(tmp_path,
                                                                                  monkeypatch):
-    """The old copy is moved aside, then the new one's rename fails (an I/O error, a Ctrl-C):
-    the old copy is back under its name and nothing else is left beside it."""
+    """Where no swap of two names is to be had: the old copy is moved aside, then the new one's
+    rename fails (an I/O error, a Ctrl-C): the old copy is back under its name and nothing else
+    is left beside it."""
     import errno
     import os
 
     target = tmp_path / "entry"
     process.write_dir_atomically(target, lambda d: (d / "a").write_text("old"))
+    monkeypatch.setattr(process, "_exchange", lambda a, b: False)
     rename = os.rename
 
     def failing(src, dst):
@@ -510,6 +512,27 @@ def test_replacing_a_directory_whose_new_copy_fails_to_land_puts_the_old_one_bac
             process.write_dir_atomically(target, lambda d: (d / "a").write_text("new"))
         assert (target / "a").read_text() == "old"
         assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
+def test_a_replaced_directory_is_swapped_in_one_step_so_no_moment_lacks_it(tmp_path,
+                                                                          monkeypatch):
+    """On Linux the new copy and the old trade names at once (renameat2 RENAME_EXCHANGE): a
+    kill at any moment leaves the target whole, old or new (no rename that moves the old copy
+    aside runs), and the old copy goes with the temporary."""
+    import os
+
+    if process._renameat2() is None:
+        pytest.skip("no renameat2 here")
+    target = tmp_path / "entry"
+    process.write_dir_atomically(target, lambda d: (d / "a").write_text("old"))
+
+    def no_rename(src, dst):
+        raise AssertionError(f"rename {src} -> {dst}: a moment without {target.name}")
+
+    monkeypatch.setattr(os, "rename", no_rename)
+    assert process.write_dir_atomically(target, lambda d: (d / "a").write_text("new"))
+    assert (target / "a").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]
 
 
 def test_recover_partial_writes_settles_dead_owners_only(tmp_path):
@@ -620,20 +643,29 @@ def test_write_atomic_files_renames_in_the_mappings_order(tmp_path, monkeypatch)
     assert landed == ["z.safetensors", "a.json", "m"]
 
 
-def test_replacing_a_directory_syncs_its_parent_after_the_rename(tmp_path, monkeypatch):
-    """Replacing an existing directory: the new copy's rename reaches the disk (its parent
-    directory is fsynced) before the old copy is removed."""
+@pytest.mark.parametrize("swaps", [True, False], ids=["swap", "two-renames"])
+def test_replacing_a_directory_syncs_its_parent_after_the_rename(tmp_path, monkeypatch, swaps):
+    """Replacing an existing directory: the new copy's rename (a swap of the two names where
+    the system has one, else two renames) reaches the disk (its parent directory is fsynced)
+    before the old copy is removed."""
     import os
 
     target = tmp_path / "out" / "entry"
     process.write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
     events: list[str] = []
-    fsync, rename = os.fsync, os.rename
+    fsync, rename, exchange = os.fsync, os.rename, process._exchange
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
         Path(os.readlink(f"/proc/self/fd/{fd}")).name), fsync(fd))[1])
     monkeypatch.setattr(os, "rename", lambda a, b: (events.append("rename"), rename(a, b))[1])
+    monkeypatch.setattr(process, "_exchange", lambda a, b: (
+        events.append("swap"), swaps and exchange(a, b))[1])
     process.write_dir_atomically(target, lambda d: (d / "a").write_text("2"))
-    assert events[-3:] == ["rename", "rename", "out"] and (target / "a").read_text() == "2"
+    if swaps and process._renameat2() is not None:
+        assert events[-2:] == ["swap", "out"]
+    else:
+        assert events[-3:] == ["rename", "rename", "out"]
+    assert (target / "a").read_text() == "2"
+    assert os.listdir(target.parent) == ["entry"]
 
 
 def test_write_dir_atomically_publishes_a_dangling_symlink_as_a_link(tmp_path):
