@@ -30,7 +30,7 @@ from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
 import trainingmanager
-from codelm import trainconfig
+from codelm import search_space, trainconfig
 from codelm.data.config import DataError
 from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.runs import rundir
@@ -776,7 +776,7 @@ def test_builtin_spaces_are_valid_trainingmanager_values():
         hyperparam_tune.check_before_trials(hyperparam_tune.TuneConfig(space="lora"))
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in hyperparam_tune.SPACES_DIR.glob("*.json")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in search_space.SPACES_DIR.glob("*.json")))
 def test_each_shipped_space_passes_the_checks_before_the_first_trial(tmp_path, name):
     """Every choice of a shipped space (a preset name, a range bound) is one the trainer takes."""
     space = hyperparam_tune.load_space(name)
@@ -796,7 +796,7 @@ def test_readme_example_space_passes_the_checks_before_the_first_trial(tmp_path)
     """configs/search_spaces/README.md's worked example is what a user copies: it passes every
     check the sweep makes before its first trial (no lora_targets sampled without lora_r), given
     what its `requires` names, and is refused without it."""
-    text = (hyperparam_tune.SPACES_DIR / "README.md").read_text("utf-8")
+    text = (search_space.SPACES_DIR / "README.md").read_text("utf-8")
     blocks = re.findall(r"```json\n(.*?)```", text, re.S)
     assert len(blocks) == 1, "one worked example"
     space = tmp_path / "example.json"
