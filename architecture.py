@@ -434,7 +434,9 @@ LayerCache = tuple[torch.Tensor, torch.Tensor]
 def write_cache(cache: LayerCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Write this step's keys and values k, v (B, n_kv_head, T, head_dim) into ``cache`` at
     ``slots``: (T,) the same slots in every row; (B, T) each row its own (a continuous batch,
-    whose rows are at different lengths)."""
+    whose rows are at different lengths). They are stored in the cache's dtype (under autocast
+    a query/key norm with fp32 weights hands back fp32 keys for a bf16 cache)."""
+    k, v = k.to(cache[0].dtype), v.to(cache[1].dtype)
     if slots.dim() == 1:
         cache[0].index_copy_(2, slots, k)
         cache[1].index_copy_(2, slots, v)

@@ -625,6 +625,8 @@ def decode_layout(model: nn.Module, on: bool) -> None:
             for p in model.parameters():
                 if not p.is_contiguous():
                     p.data = p.data.contiguous()
+                if p.grad is not None and not p.grad.is_contiguous():  # a backward in between
+                    p.grad = p.grad.contiguous()
         model._decode_layout = False
         return
     if not model.__dict__.get("_decode_layout", False):
@@ -632,7 +634,8 @@ def decode_layout(model: nn.Module, on: bool) -> None:
         # fp32 with more outputs than inputs, whose row-major rows are short dot products.
         for m in linears:
             w = m.weight
-            if w.shape[0] > w.shape[1] and w.is_contiguous():
+            # (a weight with a gradient is mid-step: its grad and optimizer state keep its layout)
+            if w.shape[0] > w.shape[1] and w.is_contiguous() and w.grad is None:
                 w.data = w.data.t().contiguous().t()  # (a tied weight: once, then strided)
         model._decode_layout = True
     _pack(linears)

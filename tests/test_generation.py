@@ -92,6 +92,18 @@ def test_generate_under_autocast_decodes_what_forward_computes():
             assert gen(model, idx, 6, num_beams=2).shape == (2, 16)
 
 
+def test_a_query_key_norm_model_decodes_under_autocast():
+    """Qwen3's query/key norms keep fp32 weights, so under autocast they hand back fp32 keys:
+    the bf16 cache stores them in its dtype, and each greedy token is forward's argmax."""
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(SHAPES["llama"], qk_norm=True)).eval()
+    idx = _ids(2, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gen(model, idx, 6)
+        logits = model(out[:, :-1])
+    assert torch.equal(out[:, 10:], logits[:, 9:].argmax(-1))
+
+
 def test_sampling_filters_and_seed():
     model = _model("llama")
     idx = _ids(1, 10).repeat(400, 1)

@@ -92,6 +92,37 @@ def test_decode_layout_keeps_values_and_training_gets_row_major_back():
     assert all(p.is_contiguous() for p in model.parameters())
 
 
+@pytest.mark.parametrize("order", ["step-before-train", "backward-in-eval"])
+def test_an_optimizer_step_after_decoding_is_the_step_without_it(order):
+    """A sample decoded in eval mode between a backward and the step (or before a backward in
+    eval mode) re-lays tall weights out column-major: the fused AdamW step still adds each
+    element's own update, equal to the same steps without the sample."""
+    from types import SimpleNamespace
+
+    from codelm.training.optim import build_optimizer
+
+    settings = SimpleNamespace(optimizer="adamw", lr=1e-2, weight_decay=0.0, beta1=0.9,
+                               beta2=0.95, adam_eps=1e-8)
+    idx = _ids(2, 10)
+    after = []
+    for sample in (True, False):
+        model = _model("llama")
+        optimizer = build_optimizer(model, list(model.parameters()), settings)
+        for _ in range(2):
+            if order == "backward-in-eval" and sample:
+                gen(model, idx, 2)
+            model.train(order == "step-before-train")
+            F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+            model.eval()
+            if order == "step-before-train" and sample:
+                gen(model, idx, 2)
+            model.train(order == "backward-in-eval")
+            optimizer.step()
+            optimizer.zero_grad()
+        after.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert [n for n in after[0] if not torch.equal(after[0][n], after[1][n])] == []
+
+
 def test_decode_layout_is_a_fixed_rule_not_a_timing_race(monkeypatch):
     """The layout changes the low bits of batch-1 logits, so a timing race must not choose it
     (which weights are re-laid out would vary with the machine's load). A fixed rule: fp32

@@ -21,9 +21,27 @@ def build_optimizer(model: nn.Module, params: list[nn.Parameter], settings
         [{"params": rest, "weight_decay": settings.weight_decay},
          {"params": vectors, "weight_decay": 0.0}], lr=settings.lr,
         betas=(settings.beta1, settings.beta2), eps=settings.adam_eps, fused=True)
+    adamw.register_step_pre_hook(_row_major)
     return MuonAdamW(adamw, torch.optim.Muon(
         hidden, lr=settings.lr, weight_decay=settings.weight_decay, adjust_lr_fn="match_rms_adamw")
     ) if hidden else adamw
+
+
+def _row_major(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Every parameter, gradient and state tensor row-major before a fused step, which walks
+    them element by element in memory order: CPU decoding lays tall weights out column-major
+    (kernels.decode_layout), and a step taken before training resumes would otherwise add one
+    element's update to another."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+            if p.grad is not None and not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and not value.is_contiguous():
+                    state[key] = value.contiguous()
 
 
 class MuonAdamW(torch.optim.Optimizer):
