@@ -4437,11 +4437,15 @@ def test_the_export_and_its_final_evaluation_name_the_weights_exported(assets, t
     monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
     cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, warmup_steps=0, export=True)
     assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    said = capsys.readouterr()
+    lines = said.out.splitlines()
     exported = next(line for line in lines if line.startswith("exported to"))
     assert "best validation loss 2.0000" in exported and "at step 2" in exported
     final = next(line for line in lines if line.startswith("final evaluation"))
     assert "val loss 2.0000" in final
+    assert "still training" not in said.err  # the run's own lock, held to its end
+    results = (tmp_path / "runs" / cfg.name / "final_eval" / "results.json").read_text()
+    assert '"still_training": false' in results
 
 
 def test_the_run_directory_stays_locked_through_the_final_evaluation(assets, tmp_path,

@@ -174,7 +174,11 @@ def lock_holder(lock: Path) -> str | None:
 
 
 def lock_is_held(lock: Path) -> bool:
-    """Whether a live run holds ``lock`` (a run directory's LOCK_FILE)."""
+    """Whether a live run of another process holds ``lock`` (a run directory's LOCK_FILE): this
+    process's own, a finished run it evaluates at its end, is no run in progress."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if lock.read_text().strip() == process.owner_tag():
+            return False
     with contextlib.suppress(OSError):  # no lock file, or a filesystem without locks
         fd = os.open(lock, os.O_RDONLY)
         try:
