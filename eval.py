@@ -97,7 +97,8 @@ def serve_models(cfg: EvalConfig) -> int:
         lm = loading.load_model(spec, device, cfg.tokenizer, cfg.dtype)
         lm.label = unique_label(lm.label, seen)
         served.append(served_model(lm.label, lm.model, lm.tokenizer,
-                                   partial(scoring.served_prompt, lm, cfg)))
+                                   partial(scoring.served_prompt, lm, cfg),
+                                   len(scoring.prompt_start(lm))))
     return serve(served, cfg.host, cfg.port, cfg.api_key, cfg.batch_size)
 
 
@@ -307,18 +308,20 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
                       problems: Sequence[dict], cfg: TaskSettings) -> list[list[str]]:
     """cfg.num_samples completions of each problem from the endpoint, cfg.batch_size requests
     in flight, each cut at the task's stops as a local model's are. As a local model samples
-    them: at most half the context new (where the endpoint lists its context), problem p's
-    sample j seeded cfg.seed + p x num_samples + j."""
+    them: at most half the context new and the prompt cut at its left to the rest (where the
+    endpoint lists its context: vLLM's truncate_prompt_tokens), problem p's sample j seeded
+    cfg.seed + p x num_samples + j."""
     stops = passk_task.stops
     model = endpoint_model(endpoint)
-    new_tokens = cfg.max_new_tokens
+    new_tokens, keep = cfg.max_new_tokens, None
     if model.context is not None:
         new_tokens = min(new_tokens, min(cfg.block_size or model.context, model.context) // 2)
+        keep = model.context - new_tokens
     n = cfg.num_samples
 
     def ask(index: int) -> list[str]:
         sampling = Sampling(new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, n,
-                            (cfg.seed + index * n) % 2**64, tuple(stops))
+                            (cfg.seed + index * n) % 2**64, tuple(stops), keep)
         return complete_at(endpoint, model.name, problems[index]["prompt"], sampling)
 
     with ThreadPoolExecutor(max_workers=cfg.batch_size) as pool:

@@ -51,6 +51,7 @@ class Sampling:
     n: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    truncate_prompt_tokens: int | None = None  # vLLM's (and codelm's): the prompt's last N kept
 
 
 def is_endpoint(spec: str) -> bool:
@@ -176,6 +177,8 @@ def _complete_once(endpoint: Endpoint, model: str, prompt: str, sampling: Sampli
         body["seed"] = sampling.seed
     if sampling.stop:
         body["stop"] = list(sampling.stop)
+    if sampling.truncate_prompt_tokens is not None:
+        body["truncate_prompt_tokens"] = sampling.truncate_prompt_tokens
     choices = _request(f"{endpoint.url}/completions", body).get("choices") or []
     if len(choices) != sampling.n:
         raise ValueError(f"{endpoint.url}/completions gave {len(choices)} choices, asked for "

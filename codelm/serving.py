@@ -69,12 +69,15 @@ class ServedModel:
     token_bytes: Callable[[int], bytes]
     eos_ids: list[int]
     chat_prompt: Callable[[list[dict], list[dict] | None], list[int]] | None = None
+    start: int = 0  # the tokens every encoded prompt opens with (a run's start), kept whole
 
 
 def served_model(name: str, model: Transformer, tokenizer,
-                 encode: Callable[[str], list[int]] | None = None) -> ServedModel:
+                 encode: Callable[[str], list[int]] | None = None, start: int = 0
+                 ) -> ServedModel:
     """A ServedModel of a model and its codelm tokenizer (tokenizer.load_tokenizer's): prompts
-    encoded by ``encode`` (default the tokenizer's own), chat where it has a template."""
+    encoded by ``encode`` (default the tokenizer's own; ``start``: the tokens it puts first),
+    chat where it has a template."""
     def chat_prompt(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return tokenizer.encode(tokenizer.apply_chat_template(messages, True, tools))
 
@@ -86,7 +89,7 @@ def served_model(name: str, model: Transformer, tokenizer,
                        lambda ids: decode_generated(tokenizer, ids),
                        lambda i: decode_generated(tokenizer, [i]), token_bytes,
                        generation_eos_ids(tokenizer, model.cfg.eos_id, model.name_or_path),
-                       chat_prompt if has_chat else None)
+                       chat_prompt if has_chat else None, start)
 
 
 class ApiError(Exception):
@@ -530,6 +533,9 @@ class _Handler(BaseHTTPRequestHandler):
         engine = engines[name]
         served = engine.served
         prompts = _chat_prompt(served, body) if chat else _completion_prompts(served, body)
+        keep = _number(body, "truncate_prompt_tokens", None, int, 1)  # vLLM's extension
+        if keep is not None:
+            prompts = [p._replace(ids=_left_cut(p.ids, keep, served.start)) for p in prompts]
         room = served.model.cfg.block_size + 1 - max(len(p.ids) for p in prompts)
         if room < 1:
             raise ApiError(400, f"the prompt fills the model's context of "
@@ -546,6 +552,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+def _left_cut(ids: list[int], keep: int, start: int) -> list[int]:
+    """``ids`` cut to their last ``keep`` tokens, as vLLM's truncate_prompt_tokens cuts them,
+    the ``start`` tokens every prompt opens with kept (as eval cuts a local model's prompt)."""
+    if len(ids) <= keep:
+        return ids
+    if keep <= start:
+        return ids[len(ids) - keep:]
+    return ids[:start] + ids[len(ids) - (keep - start):]
 
 
 class _Prompt(NamedTuple):

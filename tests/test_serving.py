@@ -35,7 +35,11 @@ def loaded(instruct):  # noqa: F811
 
 def _start(loaded, **kwargs):
     model, tok = loaded
-    server = make_server([served_model("tiny", model, tok)], port=0, **kwargs)
+    return _start_served(served_model("tiny", model, tok), **kwargs)
+
+
+def _start_served(served, **kwargs):
+    server = make_server([served], port=0, **kwargs)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     return server, thread
@@ -231,6 +235,31 @@ def test_odd_but_valid_requests_are_answered_and_bad_ones_refused_in_json(server
         assert status == 400 and body["error"]["param"] == next(iter(bad)), body
         assert "None" not in body["error"]["message"]
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+
+
+def test_a_prompt_cut_to_its_last_tokens_keeps_its_start_as_eval_cuts_it(loaded):
+    """truncate_prompt_tokens (vLLM's) keeps a prompt's last N tokens, its start tokens kept
+    whole: the completion equals greedy generation from the prompt cut so, and a prompt past
+    the context fits once cut."""
+    model, tok = loaded
+    start = [tok.eos_id]
+    served = served_model("tiny", model, tok, lambda text: start + tok.encode(text), 1)
+    server, thread = _start_served(served)
+    try:
+        text = "def f(x):\n    return x + 1\n" * 40
+        ids = start + tok.encode(text)
+        block = model.cfg.block_size
+        assert len(ids) > block
+        keep = block - 8
+        status, body = _post(server, "/completions", json.dumps(
+            {"model": "tiny", "prompt": text, "max_tokens": 8, "temperature": 0,
+             "truncate_prompt_tokens": keep}).encode())
+        assert status == 200, body
+        cut = start + ids[len(ids) - (keep - 1):]
+        assert body["choices"][0]["text"] == _greedy(loaded, cut, 8)[0]
+        assert body["usage"]["prompt_tokens"] == keep
+    finally:
+        _stop(server, thread)
 
 
 def test_parameters_not_served_are_refused_not_ignored_and_a_model_is_retrieved(server):
@@ -600,6 +629,7 @@ def test_an_endpoint_is_asked_as_eval_samples_a_local_model(monkeypatch):
     assert [(b["prompt"], b["n"], b["seed"], b["max_tokens"], b["top_k"]) for b in asked] == [
         ("a", 128, 5, 128, 7), ("a", 2, 133, 128, 7),
         ("b", 128, 135, 128, 7), ("b", 2, 263, 128, 7)]
+    assert {b["truncate_prompt_tokens"] for b in asked} == {256 - 128}  # the prompt's room
     assert texts[1][:2] == ["135", "136"] and texts[0][-1] == "134"
     asked.clear()  # seeds wrap at 64 bits, as a local model's do
     ev._endpoint_samples(endpoint, "x", passk.PASSK, problems[:1],
