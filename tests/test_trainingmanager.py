@@ -770,10 +770,12 @@ def test_a_stopped_directory_write_removes_its_half_written_copy(tmp_path):
 
 
 def test_a_directory_whose_replacement_failed_to_land_is_put_back(tmp_path, monkeypatch):
-    """The new copy's rename failing (another process wrote the target meanwhile, a full
-    directory) puts the old copy back, not leaving it aside as `.old-...` with no target."""
+    """Where no swap of two names is to be had: the new copy's rename failing (another process
+    wrote the target meanwhile, a full directory) puts the old copy back, not leaving it aside
+    as `.old-...` with no target."""
     target = tmp_path / "best"
     checkpoint.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+    monkeypatch.setattr(process, "_exchange", lambda a, b: False)
     rename = os.rename
 
     def failing(src, dst):
@@ -789,9 +791,10 @@ def test_a_directory_whose_replacement_failed_to_land_is_put_back(tmp_path, monk
 
 
 def test_a_writer_killed_between_its_renames_leaves_the_old_copy_for_the_next_write(tmp_path):
-    """SIGKILL after the old copy is moved aside but before the new one lands leaves
-    `.old-best-PID` with no best/: the next write beside it puts it back, outside a run
-    directory too, so that no later write of best/ deletes it (and a failing one loses both)."""
+    """Where no swap of two names is to be had: SIGKILL after the old copy is moved aside but
+    before the new one lands leaves `.old-best-PID` with no best/: the next write beside it
+    puts it back, outside a run directory too, so that no later write of best/ deletes it (and
+    a failing one loses both)."""
     import multiprocessing
     import signal
 
@@ -807,6 +810,7 @@ def test_a_writer_killed_between_its_renames_leaves_the_old_copy_for_the_next_wr
             rename(src, dst)
 
         os.rename = kill_on_landing
+        process._exchange = lambda a, b: False
         checkpoint.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("new"))
 
     child = multiprocessing.get_context("fork").Process(target=killed_writer)
@@ -4660,8 +4664,10 @@ def test_trackers_hold_each_point_once_after_a_resume(assets, tmp_path, monkeypa
     assert train_steps == list(range(1, 11)) and val_steps == [6, 10]
     events = EventAccumulator(str(run_dir / rundir.TB_DIR))
     events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == train_steps
-    assert [e.step for e in events.Scalars("val/val_loss")] == val_steps
+    # (sorted: TensorBoard reads its event files in name order, and two of one second, as in a
+    # test, sort by process and counter)
+    assert sorted(e.step for e in events.Scalars("train/loss")) == train_steps
+    assert sorted(e.step for e in events.Scalars("val/val_loss")) == val_steps
     run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
     client = mlflow.MlflowClient(uri)
     for key, want in (("train_loss", train_steps), ("val_val_loss", val_steps)):
