@@ -1823,10 +1823,15 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
     cfg = tiny_cfg(assets, tmp_path, name="auto", preset="auto", time_budget_min=1.0,
                    block_size=None, batch_size=None, lr=None, warmup_steps=None, max_steps=None)
     first = tm.train(cfg)
-    assert "preset auto: tiny" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "preset auto: tiny" in out
     saved = json.loads((first.run_dir / "config.json").read_text())
     assert (saved["preset"], saved["batch_size"], saved["lr"], saved["precision"]) == (
         "tiny", 4, 2e-3, "bf16")
+    pinned = re.search(r"pin it with (.*)$", out, re.M)[1].split()  # the flags reproduce it
+    assert trainconfig.read_config(pinned).cfg == dataclasses.replace(
+        trainconfig.TrainConfig(), preset="tiny", batch_size=4, lr=2e-3,
+        optimizer=saved["optimizer"] or "adamw", precision="bf16")
     again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), time_budget_min=None,
                                          max_steps=saved["max_steps"]))
     resumed = json.loads((again.run_dir / "config.json").read_text())

@@ -427,10 +427,16 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
         return chosen
     print(f"preset auto: {chosen.preset} ({millions(chosen_probe.params)} parameters, context "
           f"{chosen.block_size}), batch {chosen.batch_size}, lr {chosen.lr:g}, "
-          f"{chosen.precision}: the largest that sees {TOKENS_PER_PARAM} tokens a parameter in "
-          f"{cfg.time_budget_min:g} min on {device_type} "
-          f"({chosen_probe.tokens_per_s:,.0f} tokens/s measured)")
+          f"{chosen.optimizer or 'adamw'}, {chosen.precision}: the largest that sees "
+          f"{TOKENS_PER_PARAM} tokens a parameter in {cfg.time_budget_min:g} min on {device_type} "
+          f"({chosen_probe.tokens_per_s:,.0f} tokens/s measured); pin it with {pin_flags(chosen)}")
     return chosen
+
+
+def pin_flags(cfg: TrainConfig) -> str:
+    """The flags that take preset auto's choice without timing the machine again."""
+    return (f"--preset {cfg.preset} --batch-size {cfg.batch_size} --lr {cfg.lr:g} "
+            f"--optimizer {cfg.optimizer or 'adamw'} --precision {cfg.precision}")
 
 
 def cpu_precision(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe]) -> str:
