@@ -848,6 +848,11 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
     reporter = threading.Thread(target=_report, args=(server, stopping), daemon=True)
     print(f"serving {', '.join(server.engines)} on {server.url} ({slots} slots each"
           f"{', API key required' if api_key else ''}); Ctrl-C or SIGTERM stops", flush=True)
+    key = " -H 'Authorization: Bearer KEY'" if api_key else ""
+    example = json.dumps({"model": next(iter(server.engines)), "prompt": "def fib(n):",
+                          "max_tokens": 32, "temperature": 0})
+    print(f"try: curl {server.url}/completions -H 'Content-Type: application/json'{key} "
+          f"-d '{example}'", flush=True)
     reporter.start()
     try:
         server.serve_forever(poll_interval=0.2)
@@ -855,8 +860,12 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
         close_server(server)
         for s, handler in previous.items():
             signal.signal(s, handler)
-    print(f"stopped after {server.answered} completions", flush=True)
+    print(f"stopped after {_completions(server.answered)}", flush=True)
     return 0
+
+
+def _completions(count: int) -> str:
+    return f"{count} completion{'' if count == 1 else 's'}"
 
 
 def _report(server: _Server, stopping: threading.Event) -> None:
@@ -867,6 +876,6 @@ def _report(server: _Server, stopping: threading.Event) -> None:
         now = time.monotonic()
         if tokens != last_tokens:
             rate = (tokens - last_tokens) / (now - last_time)
-            print(f"served {server.answered} completions, {tokens:,} tokens, {rate:,.0f} "
-                  f"tokens/s", file=sys.stderr, flush=True)
+            print(f"served {_completions(server.answered)}, {tokens:,} tokens, {rate:,.0f} "
+                  f"tokens/s over the last {REPORT_EVERY_S:g} s", file=sys.stderr, flush=True)
         last_tokens, last_time = tokens, now

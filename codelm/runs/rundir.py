@@ -173,11 +173,16 @@ def lock_holder(lock: Path) -> str | None:
     return None
 
 
+# The lock files of the run directories this process holds (ClaimedDir): its own run, which
+# it may evaluate once trained (the final evaluation), is no run in progress elsewhere.
+_HELD_HERE: set[Path] = set()
+
+
 def lock_is_held(lock: Path) -> bool:
-    """Whether a live run of another process holds ``lock`` (a run directory's LOCK_FILE): this
-    process's own, a finished run it evaluates at its end, is no run in progress."""
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        if lock.read_text().strip() == process.owner_tag():
+    """Whether a live run of another claim than this process's holds ``lock`` (a run
+    directory's LOCK_FILE)."""
+    with contextlib.suppress(OSError):
+        if lock.resolve() in _HELD_HERE:
             return False
     with contextlib.suppress(OSError):  # no lock file, or a filesystem without locks
         fd = os.open(lock, os.O_RDONLY)
@@ -223,6 +228,7 @@ class ClaimedDir:
 
     def release(self) -> None:
         if self.lock is not None:
+            _HELD_HERE.discard((self.path / LOCK_FILE).resolve())
             os.close(self.lock)
             self.lock = None
 
@@ -307,6 +313,7 @@ def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
               "stops a second run under this name", file=sys.stderr)
     else:
         claimed.lock = fd
+        _HELD_HERE.add((run_dir / LOCK_FILE).resolve())
         with contextlib.suppress(OSError):  # who holds it (lock_holder); a full disk: still held
             os.ftruncate(fd, 0)
             os.write(fd, f"{process.owner_tag()}\n".encode())
