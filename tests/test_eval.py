@@ -2184,6 +2184,16 @@ def test_a_method_body_generated_without_its_first_indent_keeps_its_first_line()
     assert clean("\n    return 1\n  \ndef g():\n    pass") == "\n    return 1"
 
 
+def test_a_method_body_keeps_its_strings_and_bracketed_lines_in_column_0():
+    """A line of a string over several lines (SQL, a template) or of a bracketed expression may
+    start in column 0 inside the body: only a line that starts a statement there ends it."""
+    clean = text_task._GENERATION["method"][1]
+    sql = '    sql = """\nSELECT *\nFROM t\n"""\n    return sql.format(table)'
+    assert clean(sql + "\n\ndef g():\n    pass") == sql
+    call = "    x = f(\n1, 2)\n    return x"
+    assert clean(call + "\nclass C:\n    pass") == call
+
+
 def test_method_records_and_reference_loss_are_scored_as_the_table(tiny_models, monkeypatch):
     """A record's edit_sim is its pair's share of the table's (whitespace collapsed, as
     CodeXGLUE's method evaluator); --reference-loss adds the references' loss, first."""
@@ -4450,6 +4460,23 @@ def test_codexglue_method_scores_as_its_evaluator_after_its_normalization(
     assert edits[:2] == [100, 100] and edits[2] < 100
     expected_bleu = codexglue_bleu([r["prediction"] for r in records], refs)
     assert metrics["codexglue-method/BLEU"] == pytest.approx(expected_bleu)
+
+
+def test_a_generated_literal_is_kept_as_codexglues_literal_list_keeps_it():
+    """CodeXGLUE's preprocessing keeps the literals of py150's literals.json by value (7, 'name')
+    and writes others bare (1234): a wrong listed literal stays wrong, whatever the reference
+    holds, so it never scores as the reference's bare literal."""
+    from codelm.evaluation.metrics import codexglue_method_normalize
+    from codelm.evaluation.tasks import codexglue
+
+    listed = json.loads(codexglue.LITERALS_FILE.read_text("utf-8"))
+    assert (len(listed["str"]), len(listed["num"])) == (200, 30)
+    strings, numbers = set(listed["str"]), set(listed["num"])
+    for body, normalized in (("    return x * 7\n", "return x * <NUM_LIT:7><EOL>"),
+                             ("    return x * 1234\n", "return x * <NUM_LIT><EOL>"),
+                             ("    return 'name' + 'zz'\n", "return '<STR_LIT:name>' + '<STR_LIT>'<EOL>"),
+                             ("    return '\\n'\n", "return '<STR_LIT:\\n>'<EOL>")):
+        assert codexglue_method_normalize(body, strings, numbers) == normalized, body
 
 
 def test_a_codexglue_prompt_parses_whatever_its_docstring_ends_with(tmp_path):

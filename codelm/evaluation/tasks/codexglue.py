@@ -24,8 +24,12 @@ from codelm.evaluation.tasks.problems import problem_records
 from codelm.evaluation.tasks.text import GENERATION_EXAMPLES, method_body
 from codelm.loading import LoadedModel
 from codelm.models.generation import FUNCTION_STOPS
+from codelm.runtime import settings
 
 CODEXGLUE_METHOD_DATASET = "microsoft/codexglue_method_generation"  # its test.jsonl
+# The literals CodeXGLUE's data keeps by value (py150's literals.json, which its method
+# generation preprocessing reads): every other number or string is a bare <NUM_LIT>/<STR_LIT>.
+LITERALS_FILE = settings.bundled("data", "codexglue_literals.json")
 CODEXGLUE_METHOD_KEYS = ("signature", "body", "docstring")
 SPLIT_FILES = ("test.jsonl", "**/test.jsonl", "**/test-*.parquet")  # where a snapshot holds it
 KIND = "benchmark"
@@ -82,19 +86,17 @@ def load_codexglue_methods(path: str | Path, limit: int | None = None) -> list[d
 def run_codexglue_method(lm: LoadedModel, problems: Sequence[dict], cfg: Scoring
                          ) -> tuple[dict, list[dict]]:
     """Each method's body generated after its signature and docstring, up to the end of the
-    function; normalized as CodeXGLUE's data normalizes its references (literals kept where the
-    reference keeps them), then scored as CodeXGLUE's evaluator scores it: edit similarity of
+    function; normalized as CodeXGLUE's data normalizes its references (the literals it lists
+    kept, LITERALS_FILE), then scored as CodeXGLUE's evaluator scores it: edit similarity of
     the post-processed pair, BLEU of the normalized pair (0-100)."""
     raw = scoring.generate_texts(lm, [p["prompt"] for p in problems], cfg, FUNCTION_STOPS[:4],
                                  desc="codexglue-method")
+    listed = settings.read_json_object(LITERALS_FILE, "CodeXGLUE literals")
+    strings, numbers = set(listed["str"]), set(listed["num"])
     preds, refs = [], []
     for problem, text in zip(problems, raw):
-        reference = problem["reference"]
-        literals = LITERAL.findall(reference)  # (kind, value)
-        strings = {value for kind, value in literals if kind == "STR"}
-        numbers = {value for kind, value in literals if kind == "NUM"}
         preds.append(codexglue_method_normalize(method_body(text), strings, numbers))
-        refs.append(reference)
+        refs.append(problem["reference"])
     edits = [fuzz_ratio(codexglue_method_post_process(p), codexglue_method_post_process(r))
              for p, r in zip(preds, refs)]
     records = [{"model": lm.label, "task": "codexglue-method", "variant": None, "id": p["id"],

@@ -7,8 +7,11 @@ each task's generations are post-processed and scored as its benchmark scores th
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import random
 import sys
+import tokenize
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Protocol
@@ -106,18 +109,41 @@ def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data
 
 def method_body(text: str) -> str:
     """A generated body ends at the first non-blank line without indentation that is not a
-    comment (a comment in column 0 may sit inside a body); the comments in column 0 just
-    before that line are not the body's."""
+    comment (a comment in column 0 may sit inside a body) and starts a statement (a line of a
+    string or of a bracketed expression does not); the comments in column 0 just before that
+    line are not the body's."""
     lines = text.split("\n")
+    continued = _continuation_lines(text)
     end = len(lines)
     for i, line in enumerate(lines):
-        if i and line.strip() and not line[0].isspace() and not line.startswith("#"):
+        if (i and line.strip() and not line[0].isspace() and not line.startswith("#")
+                and i not in continued):
             end = i
             break
     body = lines[:end]
     while len(body) > 1 and (not body[-1].strip() or body[-1].startswith("#")):
         body.pop()
     return "\n".join(body).rstrip()
+
+
+def _continuation_lines(text: str) -> set[int]:
+    """The (0-based) lines of ``text`` that continue a statement begun above them: inside a
+    string over several lines, or inside brackets; as far as the text tokenizes (generated
+    code may end mid-statement)."""
+    continued: set[int] = set()
+    depth, row = 0, 0
+    with contextlib.suppress(tokenize.TokenError, SyntaxError):
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.start[0] != row:  # the first token of a line
+                row = token.start[0]
+                if depth > 0:
+                    continued.add(row - 1)
+            continued.update(range(token.start[0], token.end[0]))  # a string's later lines
+            if token.type == tokenize.OP and token.string in "([{":
+                depth += 1
+            elif token.type == tokenize.OP and token.string in ")]}":
+                depth = max(0, depth - 1)
+    return continued
 
 
 # task -> (stop strings, post-processing of a generation, post-processing of a reference)
