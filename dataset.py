@@ -559,13 +559,18 @@ def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:
 
 # --- CLI ---
 
+# trainingmanager.py's spellings of the sources, taken here too.
+TRAINING_SPELLINGS = {"sources": ["--data"], "val_sources": ["--val-data"],
+                      "test_sources": ["--test-data"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
         "it, and print counts per stage (JSON).", argument_default=argparse.SUPPRESS)
     parser.add_argument("--tokenizer",
                         help="tokenizer file/dir; without one only the cleaned corpus is built")
-    settings.add_config_flags(parser, DataConfig, CHOICES)
+    settings.add_config_flags(parser, DataConfig, CHOICES, aliases=TRAINING_SPELLINGS)
     flags = vars(parser.parse_args(argv))
     tokenizer_path = flags.pop("tokenizer", None)
 

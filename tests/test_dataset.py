@@ -1352,6 +1352,17 @@ def test_a_prompt_too_long_loses_code_not_its_instruction(tmp_path, tok):
             assert prompt == whole_prompt[short_input]
 
 
+def test_the_command_takes_trainingmanagers_spelling_of_the_sources(tmp_path, capsys):
+    """python dataset.py --data DIR (as trainingmanager.py spells it) prepares what --sources
+    DIR prepares: the second finds the first's corpus in the cache."""
+    base = ["--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    hits = []
+    for flag in ("--sources", "--data"):
+        assert dataset.main([flag, str(EMAIL), *base]) == 0
+        hits.append(json.loads(capsys.readouterr().out.split("\ncached at")[0])["cache_hit"])
+    assert hits == [False, True]
+
+
 def test_two_folders_of_one_name_are_refused_naming_both(tmp_path):
     """A folder's documents are named by its name: alpha/src and beta/src would give files
     of one name (one repository to the project task), so they are refused, naming both."""
