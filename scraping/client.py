@@ -146,10 +146,14 @@ class GitHubClient:
             # would not pause at all, so back off instead of retrying in a burst.
             ahead = self._clock_ahead(resp)
             return 0.0 if int(reset) + 1 + ahead > self._clock() else self._backoff_delay(attempt)
-        if status == 429 or status in _RETRY_STATUSES:
+        if status == 429 or (status == 403 and "rate limit" in resp.text.lower()):
+            # A secondary limit without a time: GitHub asks for a minute at least, of every
+            # thread (a request sent meanwhile is refused again), within --max-wait.
+            wait = max(_SECONDARY_LIMIT_WAIT, self._backoff_delay(attempt))
+            self._block(resource, self._clock() + wait)
+            return 0.0
+        if status in _RETRY_STATUSES:
             return self._backoff_delay(attempt)
-        if status == 403 and "rate limit" in resp.text.lower():
-            return max(_SECONDARY_LIMIT_WAIT, self._backoff_delay(attempt))
         return None
 
     def get(self, url: str, *, params: dict | None = None,

@@ -60,7 +60,8 @@ LICENSE_PHRASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ISC", ("distribute this software for any purpose with or without fee is hereby granted",
              "provided that the above copyright notice and this permission notice appear")),
     ("0BSD", ("distribute this software for any purpose with or without fee is hereby granted",)),
-    ("Zlib", ("altered source versions must be plainly marked as such",
+    ("Zlib", ("this software is provided as is without any express or implied warranty",
+              "altered source versions must be plainly marked as such",
               "this notice may not be removed or altered from any source distribution")),
 )
 
@@ -116,10 +117,11 @@ def _plain(line: str) -> str:
 
 def _preamble_words(before: str, lines: list[str]) -> int:
     """The words of ``before`` (the plain text before a licence, ``lines`` joined) on lines that
-    are neither copyright notices (nor names under them) nor short lines naming a licence."""
+    are neither copyright notices (nor names under them), short lines naming a licence, nor a
+    "Developed by:" block's short lines of names (NCSA's, blank lines between them)."""
     count = 0
     left = len(before)
-    in_notice = False
+    in_notice = developers = False
     for line in lines:
         if left <= 0:
             break
@@ -132,7 +134,9 @@ def _preamble_words(before: str, lines: list[str]) -> int:
         in_notice = (any(words in part for words in _NOTICE_WORDS)
                      or in_notice and size <= _NAME_WORDS)
         is_title = "licen" in part and size <= _TITLE_WORDS
-        if not (in_notice or is_title):
+        developers = part.startswith("developed by") or developers
+        named = developers and (part.startswith("developed by") or size <= _NAME_WORDS)
+        if not (in_notice or is_title or named):
             count += size
     return count
 
@@ -142,13 +146,17 @@ def detect_license(root: Path) -> str | None:
     null); the id its licence files agree on; the LGPL when they hold an LGPL and the GPL it
     adds its permissions to (COPYING and COPYING.LESSER); otherwise ``NOASSERTION``, as GitHub
     says of a licence it does not recognise, or of several (LICENSE-MIT and LICENSE-APACHE)."""
-    root, ids = Path(root).resolve(), set()
+    root, ids, notices = Path(root).resolve(), set(), set()
     for path in root.iterdir():  # a link is read only inside root: a clone's own licence
         if (not _LICENSE_FILE.fullmatch(path.name) or path.suffix.lower() in _NOT_LICENSE_SUFFIXES
                 or not path.is_file() or not path.resolve().is_relative_to(root)):
             continue
         with open(path, "rb") as f:
-            ids.add(license_of_text(f.read(_MAX_BYTES).decode("utf-8", errors="replace")))
+            found = license_of_text(f.read(_MAX_BYTES).decode("utf-8", errors="replace"))
+        # a COPYRIGHT file of notices beside a licence does not vote (GitHub's licensee)
+        copyright_only = path.name.lower().startswith("copyright") and found == "NOASSERTION"
+        (notices if copyright_only else ids).add(found)
+    ids = ids or notices
     if not ids:
         return None
     if ids & {"LGPL-2.1", "LGPL-3.0"}:

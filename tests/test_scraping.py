@@ -545,10 +545,34 @@ def test_a_secondary_limit_without_headers_waits_at_least_a_minute():
     so this path runs."""
     repo = FakeRepo("a/b", 500, "2020-01-01")
     with FakeGitHub([repo], faults=[("/branches/", "secondary_403_bare")]) as fake:
-        sleep = RecordingSleep()
-        assert make_client(fake, sleep).get("/repos/a/b/branches/main").status_code == 200
+        sleep, now = RecordingSleep(), time.time()
+        client = GitHubClient(fake.api_url, sleep=sleep, clock=lambda: now, rng=random.Random(0))
+        assert client.get("/repos/a/b/branches/main").status_code == 200
         assert fake.faults == []
     assert len(sleep.calls) == 1 and sleep.calls[0] >= 60.0
+
+
+@pytest.mark.parametrize("status", [403, 429])
+def test_a_secondary_limit_holds_every_thread_and_heeds_max_wait(status):
+    """A secondary limit with no retry-after (a 403 saying so, or a 429) is a wait of a minute
+    at least for every thread, recorded as GitHub's own waits are: another request waits it
+    out before it is sent, and a --max-wait below it stops the run, saying so."""
+    import requests
+
+    now = time.time()
+    refusal = requests.Response()
+    refusal.status_code = status
+    refusal._content = b'{"message": "You have exceeded a secondary rate limit."}'
+    client = GitHubClient("https://api.github.com", sleep=RecordingSleep(), clock=lambda: now,
+                          rng=random.Random(0))
+    assert client._retry_delay("core", refusal, 0) == 0.0
+    assert client._blocked_until["core"] >= now + 60.0
+    repo = FakeRepo("a/b", 500, "2020-01-01")
+    with FakeGitHub([repo], faults=[("/branches/", "secondary_403_bare")]) as fake:
+        short = GitHubClient(fake.api_url, max_wait=10.0, sleep=RecordingSleep(),
+                             clock=lambda: now, rng=random.Random(0))
+        with pytest.raises(GitHubError, match="more than --max-wait"):
+            short.get("/repos/a/b/branches/main")
 
 
 def test_a_wait_of_exactly_max_wait_is_waited():
@@ -1270,6 +1294,15 @@ LICENCE_EXCERPTS = {
                "the GNU General Public License, Version 2.0, the GNU Lesser General Public "
                "License, Version 2.1, the GNU Affero General Public License, Version 3.0\n",
     "Unlicense": "This is free and unencumbered software released into the public domain.\n",
+    "Zlib": "  zlib License\n  ------------\n\n  Copyright (C) 2010 - 2019 A. Author\n\n  This "
+            "software is provided 'as-is', without any express or implied\n  warranty.  In no "
+            "event will the authors be held liable for any damages\n  arising from the use of "
+            "this software.\n\n  Permission is granted to anyone to use this software for any "
+            "purpose,\n  [...] subject to the following restrictions:\n  1. The origin of this "
+            "software must not be misrepresented [...]\n  2. Altered source versions must be "
+            "plainly marked as such, and must not be\n     misrepresented as being the original "
+            "software.\n  3. This notice may not be removed or altered from any source "
+            "distribution.\n",
     "NOASSERTION": "Copyright 2026 A. Author. All rights reserved; ask before you use it.\n",
 }
 
@@ -1279,6 +1312,16 @@ def test_a_licence_text_is_named_by_its_distinctive_phrases(expected):
     """Texts quote each other (the GPL-3.0 names the AGPL and LGPL, the MPL-2.0 every GNU
     licence, BSD-3 holds BSD-2's words): each is named as itself, never as one it quotes."""
     assert license_of_text(LICENCE_EXCERPTS[expected]) == expected
+
+
+def test_ncsas_developed_by_block_is_no_preamble():
+    """NCSA's text names its developers in a block of short lines (blank lines between them)
+    before the permission: its title and that block are not a notice above the licence."""
+    text = ("University of Illinois/NCSA\nOpen Source License\n\nCopyright (c) 2003-2019 "
+            "University of Illinois at Urbana-Champaign.\nAll rights reserved.\n\nDeveloped "
+            "by:\n\n    LLVM Team\n\n    University of Illinois at Urbana-Champaign\n\n    "
+            "http://llvm.org\n\n" + LICENCE_EXCERPTS["NCSA"].split("\n\n", 1)[1])
+    assert license_of_text(text) == "NCSA"
 
 
 @pytest.mark.parametrize("preamble, expected", [
@@ -1383,6 +1426,8 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
     ({"LICENSE-MIT": LICENCE_EXCERPTS["MIT"],
       "LICENSE-APACHE-2.0.txt": LICENCE_EXCERPTS["Apache-2.0"]}, "NOASSERTION"),
     ({"LICENSE": LICENCE_EXCERPTS["MIT"], "COPYING": LICENCE_EXCERPTS["MIT"]}, "MIT"),
+    ({"LICENSE": LICENCE_EXCERPTS["MIT"], "COPYRIGHT": "Copyright (c) 2020 Jane Doe\n"}, "MIT"),
+    ({"COPYRIGHT": "Copyright (c) 2020 Jane Doe\n"}, "NOASSERTION"),
     ({"LICENSE": LICENCE_EXCERPTS["MIT"], "licenseheader.txt": "/* (c) ACME */\n",
       "LICENSES.md": "Third-party: see below.\n"}, "MIT"),
     ({"a.py": "x = 1\n", "license.py": LICENCE_EXCERPTS["MIT"],
@@ -1390,8 +1435,8 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
       "docs/LICENSE": LICENCE_EXCERPTS["MIT"],
       "LICENSES/MIT.txt": LICENCE_EXCERPTS["MIT"], "README.md": LICENCE_EXCERPTS["MIT"]}, None),
 ], ids=["LICENSE", "licence.txt", "LICENSE.md", "copying", "UNLICENSE", "COPYRIGHT", "MIT-LICENSE",
-        "LICENSE.BSD", "unknown", "GPL+LESSER", "dual", "agree", "not-a-licence-name",
-        "none-at-top"])
+        "LICENSE.BSD", "unknown", "GPL+LESSER", "dual", "agree", "notice-beside",
+        "notice-alone", "not-a-licence-name", "none-at-top"])
 def test_a_trees_licence_is_read_from_its_top_level_licence_files(tmp_path, files, expected):
     assert detect_license(_tree(tmp_path / "src", files)) == expected
 
