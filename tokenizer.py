@@ -164,6 +164,10 @@ class CodeTokenizer(BatchEncodeMixin):
         pieces counted on ``num_workers`` processes (default: every core)."""
         if min_freq < 1:
             raise ValueError(f"min_freq must be >= 1, got {min_freq}")
+        if max_vocab is not None and max_vocab < 0:
+            raise ValueError(f"max_vocab must be >= 0 (None: every piece kept), got {max_vocab}")
+        if isinstance(texts, str):
+            raise ValueError("CodeTokenizer.train expects texts (a list of str), got one str")
         counts = _piece_counts(texts, strip_comments, num_workers)
         for match in [m for m in counts if len(m) > MAX_PIECE_CHARS]:
             n = counts.pop(match)
@@ -533,7 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     given.add_argument("--file", help="a UTF-8 file whose text to split")
     parser.add_argument("--count", action="store_true", help="print only the number of tokens")
     parser.add_argument("--add-special-tokens", action="store_true",
-                        help="with the tokens the tokenizer's template adds (e.g. Llama-3's BOS)")
+                        help="with the tokens the tokenizer's template puts before a text, as "
+                        "a model is fed it (e.g. Llama-3's BOS; codelm's own tokenizer: none)")
     args = parser.parse_args(argv)
     return process.run_tool(lambda: _show_split(args))
 
@@ -546,7 +551,9 @@ def _show_split(args) -> None:
             text = Path(args.file).read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"{args.file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    ids = tok.encode(text, add_special_tokens=args.add_special_tokens)
+    ids = tok.encode(text)
+    if args.add_special_tokens:  # as a model is fed the text: its template's start before it
+        ids = [*tok.template_prefix, *ids]
     if args.count:
         print(len(ids))
         return

@@ -1789,6 +1789,33 @@ def test_cli_shows_hf_tokenizers_ids_and_each_tokens_text_or_bytes(references, t
     assert capsys.readouterr().out == f"{len(ids)}\n"
 
 
+def test_cli_special_tokens_are_the_templates_start_as_a_model_is_fed(references, code_tok,
+                                                                       tmp_path, capsys):
+    """--add-special-tokens shows what goes before a text as a model is fed it: Llama-3's BOS
+    (as transformers adds it), and for codelm's own tokenizer nothing (its HF export adds
+    none, and training puts none there)."""
+    import tokenizer
+
+    path, hf, _ = references["llama3"]
+    assert tokenizer.main([str(path), "--text", "def f", "--add-special-tokens", "--count"]) == 0
+    assert int(capsys.readouterr().out) == len(hf.encode("def f").ids)  # BOS included
+    code_tok.save(tmp_path / "code")
+    assert tokenizer.main([str(tmp_path / "code"), "--text", "def f", "--count"]) == 0
+    plain = capsys.readouterr().out
+    assert tokenizer.main([str(tmp_path / "code"), "--text", "def f", "--count",
+                           "--add-special-tokens"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_training_on_one_str_is_refused_not_split_into_characters():
+    with pytest.raises(ValueError, match="got one str"):
+        CodeTokenizer.train("def f(x):\n    return x\n" * 10, min_freq=1)
+    with pytest.raises(ValueError, match="got one str"):
+        BPETokenizer.train("def f(x):\n    return x\n" * 10, vocab_size=300)
+    with pytest.raises(ValueError, match="max_vocab must be >= 0"):
+        CodeTokenizer.train(["def f(x):\n"] * 10, min_freq=1, max_vocab=-1)
+
+
 def test_cli_errors_name_the_file(tmp_path, capsys):
     import tokenizer
 

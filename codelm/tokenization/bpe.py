@@ -499,6 +499,8 @@ class BPETokenizer(BatchEncodeMixin):
               ) -> BPETokenizer:
         """Learn a byte-level BPE (ids: specials, 256 bytes, then one per merge, the most frequent
         pair first, ties by text); ``save()`` writes a tokenizer.json HF loads as is."""
+        if isinstance(texts, str):
+            raise ValueError("BPETokenizer.train expects texts (a list of str), got one str")
         pre_tokenizer = _pretokenizer_json(pretokenizer)
         special_tokens = list(dict.fromkeys(special_tokens))
         if vocab_size < len(special_tokens) + len(BYTE_TO_UNICODE):
