@@ -2781,10 +2781,12 @@ def test_a_rerun_into_the_same_out_dir_evaluates_only_the_models_not_yet_saved(
     ("edited data", "the examples (the data changed)"),
     ("other format", f"format_version (0 there, {eval_results.FORMAT_VERSION} now)"),
     ("no format", f"format_version (None there, {eval_results.FORMAT_VERSION} now)"),
+    ("no config", "its keys: no config"),
+    ("no rows", "its keys: no rows"),
     (["--max-new-tokens", "9"], "max_new_tokens (6 there, 9 now)"),
     (["--block-size", "48"], "block_size (64 there, 48 now)"),
 ], ids=["limit", "seed", "retrained", "relabelled", "moved", "edited-data", "other-format",
-        "no-format", "max-new-tokens", "block-size"])
+        "no-format", "no-config", "no-rows", "max-new-tokens", "block-size"])
 def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_results(
         tiny_models, tmp_path, monkeypatch, capsys, change, differs):
     import json
@@ -2816,12 +2818,14 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
     elif change == "edited data":
         for file in code.iterdir():  # whichever of them the split holds
             file.write_text(file.read_text().replace("return", "return  "))
-    elif change in ("other format", "no format"):  # another results.json format: not resumed
+    elif change in ("other format", "no format", "no config", "no rows"):  # not resumed
         saved = json.loads(earlier["results.json"])
         if change == "other format":
             saved["format_version"] = 0
-        else:
+        elif change == "no format":
             del saved["format_version"]
+        else:
+            del saved[change.split()[1]]
         earlier["results.json"] = json.dumps(saved)
         (out / "results.json").write_text(earlier["results.json"])
     extra = change if isinstance(change, list) else []
@@ -2832,6 +2836,17 @@ def test_a_rerun_with_other_settings_models_or_data_is_refused_and_keeps_the_res
     assert all(w in err for w in ("different evaluation", f"differs in {differs}",
                                   "another --out-dir", f"remove {out}")), err
     assert {p.name: p.read_text() for p in out.iterdir()} == earlier
+
+
+def test_a_task_named_twice_is_refused_and_a_label_with_a_bar_keeps_the_table_whole(tmp_path):
+    """--tasks passk passk would run it twice, writing twice --num-samples samples a problem;
+    a label holding "|" would split its table row."""
+    with pytest.raises(ValueError, match="names a task twice"):
+        EvalConfig(tasks=["passk", "passk"]).validate()
+    table = eval_results.markdown_table([{"model": "a|b", "prompt": None,
+                                          "metrics": {"passk/pass@1": 0.5}}])
+    row = table.splitlines()[-1]
+    assert row.startswith("| a\\|b |") and row.count(" | ") == table.splitlines()[0].count(" | ")
 
 
 def test_early_settings_check_refuses_what_evaluate_would_and_not_what_it_resolves(tmp_path):

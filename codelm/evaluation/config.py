@@ -109,6 +109,8 @@ class EvalConfig:
         checks = [
             ("tasks", bool(self.tasks) and set(self.tasks) <= set(TASKS),
              f"choose from {', '.join(TASKS)}"),
+            ("tasks", len(set(self.tasks)) == len(self.tasks),
+             "names a task twice: name each once"),
             ("split", self.split in ("train", "val", "test"), "must be train, val or test"),
             *((key, getattr(self, key) >= 1, "must be >= 1") for key in (
                 "lines_per_file", "max_new_tokens", "num_samples", "batch_size", "workers",

@@ -69,7 +69,8 @@ def markdown_table(rows: Sequence[dict], note: str = "") -> str:
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["model"]] + ([row["prompt"] or "-"] if variants else [])
+        label = row["model"].replace("|", "\\|")  # markdown's cell separator, escaped
+        cells = [label] + ([row["prompt"] or "-"] if variants else [])
         cells += [cell(c, row["metrics"].get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     if note and any(c.endswith(_PER_TOKEN) for c in columns):
@@ -124,6 +125,16 @@ def examples_digest(docs: Sequence, examples: dict, problems: dict[str, list[dic
     return digest.hexdigest()
 
 
+# What a resumed results.json must hold, and of what type.
+RESULTS_KEYS = {"config": dict, "models": list, "examples_digest": str, "rows": list}
+
+
+def _check_keys(old: dict, keys: Sequence[str], path: Path, remedy: str) -> None:
+    """Refuse results without ``keys`` of their RESULTS_KEYS types: not eval.py's."""
+    if missing := [key for key in keys if not isinstance(old.get(key), RESULTS_KEYS[key])]:
+        raise _other_evaluation(path, f"its keys: no {', '.join(missing)}, as eval.py writes "
+                                "them", remedy)
+
 # Settings that say where results go or how they are computed, not what they are.
 _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batch_size",
                    "sandbox_may_read_all_files", "compile", "preference_pairs")
@@ -140,6 +151,7 @@ def _saved_results(path: Path, config: dict, remedy: str, skip_unset: bool = Fal
     if version != FORMAT_VERSION:
         raise _other_evaluation(path, f"format_version ({version!r} there, {FORMAT_VERSION} now)",
                                 remedy)
+    _check_keys(old, ("config",), path, remedy)
     if changed := [f"{key} ({old['config'].get(key)!r} there, {value!r} now)"
                    for key, value in config.items() if key not in _RESUME_IGNORES
                    and not (skip_unset and value is None) and old["config"].get(key) != value]:
@@ -168,6 +180,7 @@ def finished_models(out: Path, results: dict, remedy: str,
     path = out / "results.json"
     if (old := _saved_results(path, results["config"], remedy)) is None:
         return [], []
+    _check_keys(old, ("models", "examples_digest", "rows"), path, remedy)
     if not _same_models(old["models"], results["models"]):
         if not replace_other_weights:
             raise _other_evaluation(path, "the models (labels, paths or weights)", remedy)
