@@ -94,11 +94,10 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     """Run (or continue, with ``cfg.resume``) one training run of a valid ``cfg``. ``on_eval(step,
     metrics)`` follows each evaluation (what it raises, e.g. optuna.TrialPruned, propagates once
     the run directory is consistent); ``resume_hint`` says "continue it with ..." in the caller's
-    terms; ``restarts``: the caller runs it again from the start instead. ``ends_process``: the
-    caller ends the process when the run returns (a command's main), so a stop that one long
-    operation of a step holds back may end it from another thread (``_stop_at_once``).
-    ``keep_claim``: a run that returns keeps its directory locked, ``result.claimed``, for the
-    caller's work on it (the final evaluation); else the lock goes when the run ends."""
+    terms; ``restarts``: the caller runs it again from the start instead. ``ends_process``: a
+    command's main ends the process when the run returns, so a stop one long operation of a step
+    holds back may end it from another thread (``_stop_at_once``). ``keep_claim``: the directory
+    stays locked for the caller's work on it (``result.claimed``: the final evaluation)."""
     dist = distributed.this_process()
     device = resolve_device(cfg.device, dist)
     owns_group = distributed.join(dist, device)
@@ -177,8 +176,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             stopped = result.interrupted is not None or isinstance(raised, KeyboardInterrupt)
             record.close(_outcome(stopped, failed=raised is not None))
             signals.restore(taken=stopped)
-        if keep_claim:
-            result.claimed = record.claimed
+        result.claimed = record.claimed if keep_claim else None  # else released below
         return result
     except KeyboardInterrupt as stop:  # a second Ctrl-C: the step loop's checkpoint is skipped
         if isinstance(stop, RunInterrupted) or run is None:
