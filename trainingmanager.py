@@ -446,8 +446,8 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
         by_step = list(enumerate(losses, 1))
         trend = loss_trend(by_step)
         if trend == "flat":
-            why = ("the loss barely moved: gradients do not reach the weights (frozen or detached "
-                   "parameters, lr 0)")
+            why = (f"the loss barely moved: raise --lr ({lr:g}), or check that gradients reach "
+                   "the weights (frozen or detached parameters)")
         elif trend == "falling":  # too few steps (max_steps), not a stalled loss
             why = (f"the loss was still falling when its {steps} steps ran out: raise "
                    f"--max-steps to about {steps_to_memorise(by_step)} (--overfit's own is "
@@ -531,8 +531,10 @@ def overfit_batches_report(cfg: TrainConfig, result: TrainResult) -> tuple[bool,
         held = [f"--{key.replace('_', '-')} 0 (it is {ran[key]:g})"
                 for key in ("dropout", "label_smoothing", "weight_decay") if ran.get(key)]
         also = f", or {', '.join(held)}: they hold a training loss up" if held else ""
+        frozen = (", or add lm_head to --lora-targets (a frozen head's logits can hold the loss "
+                  "above the target once every token is right)" if ran.get("lora_r") else "")
         why = (f"the loss fell but stalled above the target: try a lower --lr ({ran['lr']:g})"
-               f"{also}; --overfit checks the model and the loss alone")
+               f"{also}{frozen}; --overfit checks the model and the loss alone")
     return False, f"{head}: not memorised: {why}"
 
 

@@ -17,7 +17,7 @@ pairs, the last --pairs of refactor_pairs(methods=True), are its validation spli
 never trained on. The two sides alternate, prompt by prompt, --repeats times; the min and
 median of each side's total are reported.
 
-Example: python bench/bench_drafts.py --threads 1. Figures go to docs/benchmarks.md (## Engine).
+Example: python bench/bench_drafts.py --threads 1. Figures go to docs/benchmarks.md (### Prompt lookup).
 """
 
 from __future__ import annotations

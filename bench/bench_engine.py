@@ -16,7 +16,7 @@ once (seeded) around the token length of problem i's canonical solution (x 0.5 t
 batch runs to its longest row's, its rows counted to their own. Prompts are tokenized by a
 byte-level BPE of the model's vocabulary trained on the standard library here.
 
-Example: python bench/bench_engine.py --threads 2; on a GPU: --preset llama-60m --batch 64. Figures go to docs/benchmarks.md (## Engine).
+Example: python bench/bench_engine.py --threads 2; on a GPU: --preset llama-60m --batch 64. Figures go to docs/benchmarks.md (## Sampling engine).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ into sampling, verdicts and update from its metrics.jsonl) and the peak GPU memo
 (torch.cuda.max_memory_allocated). --dry-run: a tiny Qwen2 on the CPU, which checks that the
 script runs and times nothing worth reading.
 
-Needs trl==1.16.0 and datasets. Figures go to docs/benchmarks.md (## GRPO step memory).
+Needs trl==1.16.0 and datasets. Its figure, measured on a GPU, goes to docs/benchmarks.md (## GRPO step memory).
 """
 
 from __future__ import annotations

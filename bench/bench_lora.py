@@ -36,7 +36,7 @@ from tiny_hf import tiny_hf_model  # noqa: E402
 from architecture import PRESETS, Transformer  # noqa: E402
 from codelm.models import pretrained  # noqa: E402
 from codelm.models.adapter_config import LoRAConfig  # noqa: E402
-from codelm.models.quantize import quantize_base  # noqa: E402
+from codelm.models.quantize import quantize_base, quantized_parameters  # noqa: E402
 from lora import apply_lora  # noqa: E402
 
 # Each family with the LoRA setting of the seed project built on it (seed 002's Phi recipe is
@@ -134,7 +134,9 @@ def bench_memory(args) -> None:
             torch.set_default_dtype(torch.float32)
         report = quantize_base(model, bits=bits, skip=skip)
         # Extrapolate to all blocks: what is outside the blocks (embeddings, head) stays as is.
-        block_rest = 2 * sum(p.numel() for p in model.blocks.parameters())  # norms, biases
+        quantized = {id(p) for p in quantized_parameters(model)}
+        block_rest = 2 * sum(p.numel() for p in model.blocks.parameters()  # norms, biases
+                             if id(p) not in quantized)
         outside = report.model_bytes - report.quantized_bytes - block_rest
         per_block = (block_rest + report.quantized_bytes) / cfg.n_layer
         per_block_bf16 = (block_rest + report.bf16_bytes) / cfg.n_layer

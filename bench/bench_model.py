@@ -9,7 +9,7 @@
             (eager and compiled decode step) vs transformers' generate.
 
 Example: python bench/bench_model.py --threads 2 (all three), or --only train.
-Figures go to docs/benchmarks.md (## Model).
+Figures go to docs/benchmarks.md (## Training step, ## Generation, ## Loading).
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ def function_lengths(block_size: int) -> list[int]:
     return lengths
 
 
-def example(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    ids = torch.randint(10, 4000, (n + 1,), generator=generator)
+def example(n: int, generator: torch.Generator, vocab_size: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(10, min(4000, vocab_size), (n + 1,), generator=generator)
     return {"input_ids": ids[:-1], "labels": ids[1:]}
 
 
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.threads)
     lengths = function_lengths(cfg.block_size)
     generator = torch.Generator().manual_seed(0)
-    examples = [example(n, generator) for n in lengths]
+    vocab_size = PRESETS[cfg.preset].vocab_size
+    examples = [example(n, generator, vocab_size) for n in lengths]
     packed_rows = PackedExamples(examples, cfg.block_size, seed=0)
     padded_batches, packed_batches = [], []
     order = torch.randperm(len(examples), generator=generator).tolist()

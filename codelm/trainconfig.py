@@ -813,7 +813,12 @@ def overfit_settings(cfg: TrainConfig) -> dict:
     if refused:
         raise ValueError(f"--overfit trains a small model on the bundled corpus: it cannot honour "
                          f"{', '.join(refused)}; --overfit-batches K memorises that setup's data")
-    return {"max_steps": cfg.max_steps or OVERFIT_STEPS, "lr": cfg.lr or 3e-3}
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"max_steps ({cfg.max_steps}, --max-steps): must be >= 1")
+    if cfg.lr is not None and not 0 < cfg.lr < math.inf:
+        raise ValueError(f"lr ({cfg.lr}, --lr): must be a finite number > 0")
+    return {"max_steps": OVERFIT_STEPS if cfg.max_steps is None else cfg.max_steps,
+            "lr": 3e-3 if cfg.lr is None else cfg.lr}
 
 
 def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:

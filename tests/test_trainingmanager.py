@@ -2621,6 +2621,10 @@ def test_overfit_honours_max_steps_and_lr_and_refuses_what_it_cannot(capsys):
     assert tm.main(["--overfit", "--max-steps", "3", "--lr", "1e-6", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAIL") and "in 3 steps" in out and "barely moved" in out
+    assert "raise --lr (1e-06)" in out
+    for flag, value in (("--lr", "0"), ("--lr", "nan"), ("--max-steps", "0")):  # never a PASS
+        assert tm.main(["--overfit", flag, value, "--no-progress"]) == 2
+        assert f"{flag}): must be" in capsys.readouterr().err
     tm.main(["--overfit", "--max-steps", "3", "--no-progress"])  # warmup fits in the 3 steps
     assert "barely moved" not in capsys.readouterr().out
     assert tm.main(["--overfit", "--lora-r", "4", "--init-from", "x", "--no-progress"]) == 2
@@ -4833,3 +4837,23 @@ def test_a_task_typo_is_refused_at_once_naming_the_flag_and_the_tasks(tmp_path, 
     assert "'task' must be one of" in capsys.readouterr().err
     assert not any(tmp_path.glob("runs*"))
 
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_a_stalled_lora_overfit_names_the_frozen_head(tmp_path, lora_r):
+    """--overfit-batches under LoRA whose loss stalls above the target (every token right, the
+    frozen head's logits too small to reach it) says to add lm_head to the targets; a full
+    fine-tune's verdict does not."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "kind": "train", "loss": 5.0 if s == 1 else 4.9} for s in range(1, 41)]
+    lines[1]["loss"] = 4.95  # fell a little, then stalled
+    for line in lines[2:]:
+        line["loss"] = 4.0
+    (run / rundir.METRICS_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    write_config(trainconfig.TrainConfig(lora_r=lora_r, lr=1e-3), run / rundir.CONFIG_FILE)
+    cfg = trainconfig.TrainConfig(overfit_batches=1)
+    result = tm.TrainResult(run_dir=run, best_val_loss=None, step=40, train_loss=4.0)
+    passed, verdict = tm.overfit_batches_report(cfg, result)
+    assert not passed and "stalled above the target" in verdict
+    assert ("lm_head to --lora-targets" in verdict) == bool(lora_r)
