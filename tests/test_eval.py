@@ -4197,6 +4197,46 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def test_the_lm_task_scores_a_conversation_as_the_lm_task_trains_on_it():
+    """A chat corpus under the lm task: its contents joined by newlines (sources.plain_text),
+    as training packs them, not the JSON of its messages."""
+    import json
+
+    from codelm.data.sources import Doc
+    from codelm.evaluation.tasks import lm as lm_task
+
+    messages = [{"role": "user", "content": "Write f."}, {"role": "assistant",
+                                                          "content": "def f(): pass"}]
+    docs = [Doc("c.jsonl:1", json.dumps(messages), chat=True), Doc("a.py", "x = 1\n"),
+            Doc("p.jsonl:1", "in", target="out")]
+    texts = lm_task.items("lm", docs, EvalConfig(), None, DataConfig())[None]
+    assert texts == ["Write f.\ndef f(): pass", "x = 1\n", "in\nout"]
+
+
+def test_fim_prompts_encode_their_parts_and_are_cut_as_training_does(tmp_path, monkeypatch):
+    """A FIM prompt's prefix and suffix are encoded as training encodes a FIM example's parts
+    (an end-of-text token's text stays text: no real EOS in the prompt), and the prompt is cut
+    to the run's max_prompt_tokens as training cut it."""
+    from tiny_hf import save_tiny_hf
+    from tokenizers import Tokenizer
+
+    from codelm.evaluation.tasks import fim
+
+    model_dir = tmp_path / "starcoder"
+    vocab = Tokenizer.from_file(str(_fim_tokenizer("starcoder", model_dir))).get_vocab_size()
+    save_tiny_hf("gpt_bigcode", model_dir, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+    lm = loading.load_model(str(model_dir), "cpu")
+    seen = []
+    monkeypatch.setattr(scoring, "generate_texts", lambda lm, texts, cfg, desc="", prompt_ids=(),
+                        **kw: seen.extend(ids for ids, _ in prompt_ids) or [""] * len(texts))
+    problem = {"id": "p", "language": "py", "middle": "x",
+               "prefix": 'SEP = "<|endoftext|>"\n' * 20, "suffix": "return SEP\n" * 20}
+    fim.run_fim(lm, [problem], EvalConfig(max_new_tokens=4))
+    assert lm.tokenizer.eos_id not in seen[0]
+    fim.run_fim(lm, [problem], EvalConfig(max_new_tokens=4), max_prompt_tokens=24)
+    assert len(seen[1]) == 24 and seen[1][0] == lm.tokenizer.fim_prefix_id
+
+
 def test_fim_generates_from_the_model_within_its_context(tmp_path):
     """A real run: prompts longer than the model's context are cut to leave the completion its
     room (the code next to the middle kept), and every problem gets a prediction."""

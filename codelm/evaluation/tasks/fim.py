@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from codelm.data.config import DataConfig
-from codelm.data.encoding import fim_prompt, without_stripping
+from codelm.data.encoding import encode_text, fim_prompt, without_stripping
 from codelm.evaluation import scoring
 from codelm.evaluation.scoring import Scoring
 from codelm.evaluation.tasks.problems import problem_records
@@ -42,12 +42,14 @@ def load_fim_problems(path: str | Path, limit: int | None = None) -> list[dict]:
     return problems[:limit]
 
 
-def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: Scoring
-            ) -> tuple[dict, list[dict]]:
+def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: Scoring,
+            max_prompt_tokens: int | None = None) -> tuple[dict, list[dict]]:
     """Each problem's middle generated from a prefix-suffix-middle prompt in the model's own FIM
     tokens (prefix and suffix encoded apart, as training encodes them), up to EOS; exact match
     with the canonical middle, as bigcode-evaluation-harness's santacoder_fim scores it: EM over
-    all problems and EM_<language> over each language's (0-100)."""
+    all problems and EM_<language> over each language's (0-100). Prefix and suffix are encoded
+    as training encodes a FIM example's parts (special tokens' text is text), the prompt cut to
+    the run's ``max_prompt_tokens`` as training cut it."""
     tok = lm.tokenizer
     if None in (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id):
         spellings = ", ".join("/".join(spelling) for spelling in FIM_TOKENS)
@@ -55,10 +57,12 @@ def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: Scoring
                          f"tokens (one of {spellings}); evaluate a model trained with them")
     plain = without_stripping(tok)
     room = scoring.prompt_room(lm, cfg)
+    if max_prompt_tokens is not None:
+        room = min(room, max_prompt_tokens)
     ids = []
     for problem in problems:
-        prompt = fim_prompt(tok, plain.encode(problem["prefix"]), plain.encode(problem["suffix"]),
-                            room)
+        prompt = fim_prompt(tok, encode_text(plain, problem["prefix"]),
+                            encode_text(plain, problem["suffix"]), room)
         ids.append((prompt, (0, 0)))
     middles = scoring.generate_texts(lm, [p["prefix"] for p in problems], cfg, desc="fim",
                                      prompt_ids=ids)
@@ -88,4 +92,5 @@ def load(file: Path, cfg: Limited) -> list[dict]:
 def run(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: Scoring,
         variant: str | None = None, data_cfg: DataConfig | None = None
         ) -> tuple[dict, list[dict]]:
-    return run_fim(lm, problems, cfg)
+    trained = ((lm.run_config or {}).get("data_options") or {}).get("max_prompt_tokens")
+    return run_fim(lm, problems, cfg, data_cfg.max_prompt_tokens if data_cfg else trained)

@@ -11,7 +11,7 @@ import torch
 
 from codelm.data.config import DataConfig
 from codelm.data.encoding import encode_text, packed_document
-from codelm.data.sources import Doc
+from codelm.data.sources import Doc, plain_text
 from codelm.evaluation import scoring
 from codelm.evaluation.scoring import Scoring
 from codelm.loading import LoadedModel
@@ -52,8 +52,9 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: LmSettings) -> dict:
 def items(task: str, docs: Sequence[Doc], cfg: LmSettings,
           tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig
           ) -> dict[str | None, list[str]]:
-    """The split's texts, a pair record's input and output as one."""
-    return {None: [d.text if d.target is None else d.text + "\n" + d.target for d in docs]}
+    """The split's texts as the lm task trains on them (``plain_text``: a pair record's input
+    and output as one, a conversation's contents, not its JSON)."""
+    return {None: [plain_text(d) for d in docs]}
 
 
 def run(lm: LoadedModel, task: str, texts: Sequence[str], cfg: LmSettings,
