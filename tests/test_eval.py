@@ -4197,6 +4197,22 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def test_the_docstring_task_prompts_as_the_run_was_trained_unless_told_otherwise():
+    """Without --docstring-prompts the docstring task takes the run's own docstring_prompt (a
+    run trained on the verbose template is asked in it); named variants are those."""
+    from codelm.data.sources import Doc
+
+    source = ('class Greeter:\n    """Say hello to whoever calls, by name."""\n\n'
+              '    def greet(self, name):\n        return "Hello " + name\n')
+    docs = [Doc("g.py", source)]
+    for trained, asked, variants in (("verbose", None, ["verbose"]),
+                                     ("simple", None, ["simple"]),
+                                     ("verbose", ["simple", "verbose"], ["simple", "verbose"])):
+        built = text_task.items("docstring", docs, EvalConfig(docstring_prompts=asked), None,
+                                DataConfig(docstring_prompt=trained))
+        assert list(built) == variants
+
+
 def test_the_lm_task_scores_a_conversation_as_the_lm_task_trains_on_it():
     """A chat corpus under the lm task: its contents joined by newlines (sources.plain_text),
     as training packs them, not the JSON of its messages."""

@@ -53,7 +53,8 @@ class EvalConfig:
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
     #   the models', a run's being its training block_size); a shorter model uses its own
-    docstring_prompts: list[str] = field(default_factory=lambda: ["simple"])  # prompt variants
+    docstring_prompts: list[str] | None = None  # docstring prompt variants (None: the one the
+    #   run trained with, its docstring_prompt data option; else simple)
     reference_loss: bool = False  # generation tasks: also the loss of the reference
     problems: list[str] = field(default_factory=list)  # TASK=PATH: a benchmark task's problems,
     #   TASK one of tasks (tasks unset: the tasks named here); a bare PATH: the one pass@k task
@@ -150,8 +151,8 @@ class EvalConfig:
              or self.load_generations is not None,
              f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
              "temperature > 0 for n > 1"),
-            ("docstring_prompts", bool(self.docstring_prompts)
-             and set(self.docstring_prompts) <= set(DOCSTRING_PROMPTS),
+            ("docstring_prompts", self.docstring_prompts is None or (
+                bool(self.docstring_prompts) and set(self.docstring_prompts) <= set(DOCSTRING_PROMPTS)),
              f"choose from {sorted(DOCSTRING_PROMPTS)}"),
             ("data_options", option is None, f"unknown DataConfig key {option!r}; "
              + settings.key_hint(option or "", known, "DataConfig")),

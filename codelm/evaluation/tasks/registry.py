@@ -69,7 +69,7 @@ class TaskSettings:
     lines_per_file: int
     lm_windows: int | None
     block_size: int | None
-    docstring_prompts: list[str]
+    docstring_prompts: list[str] | None
     reference_loss: bool
     max_new_tokens: int
     temperature: float

@@ -55,7 +55,7 @@ class TextSettings(Scoring, Protocol):
     limit: int | None
     lines_per_file: int
     split: str
-    docstring_prompts: list[str]
+    docstring_prompts: list[str] | None
     reference_loss: bool
 
 
@@ -234,9 +234,11 @@ def _body_parses(source: str) -> bool:
 def items(task: str, docs: Sequence[Doc], cfg: TextSettings,
           tok: CodeTokenizer | BPETokenizer | None, data_cfg: DataConfig
           ) -> dict[str | None, list[Example]]:
-    """``task``'s examples of the split's documents: the docstring task's by prompt variant, the
-    others' under None."""
-    variants = cfg.docstring_prompts if task == "docstring" else [None]
+    """``task``'s examples of the split's documents: the docstring task's by prompt variant
+    (those asked for, else the one the run trained with), the others' under None."""
+    variants = [None]
+    if task == "docstring":
+        variants = cfg.docstring_prompts or [data_cfg.docstring_prompt]
     return {v: build_examples(task, docs, cfg, v or "simple", tok, data_cfg) for v in variants}
 
 
