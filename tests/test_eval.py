@@ -4213,6 +4213,35 @@ def test_the_docstring_task_prompts_as_the_run_was_trained_unless_told_otherwise
         assert list(built) == variants
 
 
+def test_docstring_min_tokens_keeps_the_examples_training_keeps(tmp_path):
+    """docstring_min_tokens counts a docstring's tokens as training counts them (encoded after
+    its prompt; a SentencePiece tokenizer's dummy space at a text's start is no token there):
+    eval scores exactly the docstrings training kept."""
+    from tiny_hf import train_family_tokenizer
+
+    import dataset
+    from codelm.data.splits import load_corpus
+    from tokenizer import load_tokenizer
+
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(4):
+        (code / f"m{i}.py").write_text(CLASS_SOURCE.format(i=i))
+    texts = [p.read_text() for p in code.iterdir()]
+    train_family_tokenizer("spm", texts, tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    dcfg = DataConfig(sources=[str(code)], task="docstring", docstring_targets="both",
+                      docstring_min_tokens=12, train_frac=1.0, val_frac=0.0, test_frac=0.0,
+                      cache_dir=str(tmp_path / "cache"), progress=False, block_size=256)
+    data = dataset.prepare(dcfg, tok)
+    kept = len(data.train)
+    skipped = data.stats["task"]["events"]["train"].get("skipped_docstring_too_short", 0)
+    assert kept and skipped
+    built = text_task.items("docstring", load_corpus(dcfg).train,
+                            EvalConfig(tasks=["docstring"], limit=1000), tok, dcfg)
+    assert len(next(iter(built.values()))) == kept
+
+
 def test_the_lm_task_scores_a_conversation_as_the_lm_task_trains_on_it():
     """A chat corpus under the lm task: its contents joined by newlines (sources.plain_text),
     as training packs them, not the JSON of its messages."""

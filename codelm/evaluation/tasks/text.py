@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from codelm.data.config import DataConfig
-from codelm.data.encoding import encode_text, fitted_prompt, window_pairs
+from codelm.data.encoding import encode_text, fitted_prompt, tokenize_examples, window_pairs
 from codelm.data.examples import (
     Example,
     docstring_examples,
@@ -83,8 +83,11 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: TextSettings, variant: s
             else:
                 built = docstring_examples(doc, data_cfg.docstring_targets, variant,
                                            data_cfg.docstring_code_tokens)
-                if min_tokens and tok is not None:
-                    built = [e for e in built if len(encode_text(tok, e.completion)) >= min_tokens]
+                if min_tokens and tok is not None:  # counted as training counts them
+                    tokenized = tokenize_examples(built, tok, replace(data_cfg, progress=False),
+                                                  "docstring")
+                    built = [e for e, (_, completion, _) in zip(built, tokenized)
+                             if len(completion) >= min_tokens]
             out += [replace(e, id=f"{doc.id}#{j}") for j, e in enumerate(built)]
         if len(out) >= limit:
             break
