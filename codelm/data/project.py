@@ -10,8 +10,11 @@ each repository:
   file (least relevant first, that file last), in the model's repository format
   (codelm.data.composers), cut into block-size pieces trained as text (no prompt, no EOS);
 - per file, ``lines_per_file`` lines drawn (seeded; never a file's first line): the composed
-  context of the repository's other files and the file's lines before it as the prompt, the
-  prompt eval.py's project-completion shows; the completion a newline, the line and the lines
+  context of the repository's other files and the file's lines before it as the prompt, laid
+  out as eval.py's project-completion lays it out, but with the lines before it cut to half the
+  room the completion leaves so that the context always has the other half (eval gives them
+  all the room they take, as LCA cuts a prompt at its left); the completion a newline, the line
+  and the lines
   after it, up to half the example's tokens. eval.py stops a completion at its line's end, so
   the later lines are the repository text after that prompt: each of their tokens is trained,
   where a completion of the line alone would train a few tokens for a whole block's compute."""
