@@ -1170,6 +1170,21 @@ def test_safetensors_adapter_weights_are_preferred_over_a_pickled_copy(tmp_path)
     torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids), atol=0, rtol=0)
 
 
+def test_a_merged_checkpoint_keeps_the_bases_chat_template_and_sentencepiece_files(tmp_path):
+    """transformers 5 writes a chat template to chat_template.jinja, and a SentencePiece base
+    keeps tokenizer.model: both travel with the merged weights, as the tokenizer files do."""
+    save_tiny_hf("llama", tmp_path / "hf")
+    for name, text in (("tokenizer.json", '{"model": {}}'), ("chat_template.jinja", "{{ x }}"),
+                       ("tokenizer.model", "sp")):
+        (tmp_path / "hf" / name).write_text(text)
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    peft_model = get_peft_model(hf, _peft_config(dict(r=4, alpha=8, target_modules=["q_proj"])))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert lora.main([str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    for name in ("chat_template.jinja", "tokenizer.model", "tokenizer.json"):
+        assert (tmp_path / "merged" / name).read_text() == (tmp_path / "hf" / name).read_text()
+
+
 def test_cli_merges_a_peft_adapter_into_a_checkpoint_transformers_loads(tmp_path, capsys):
     """`python lora.py ADAPTER OUT`: the base named by the adapter's config, the adapter merged,
     written as a plain HF checkpoint with the adapter's tokenizer file: transformers loads it

@@ -11,6 +11,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import zipfile
@@ -392,11 +393,13 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor],
 
 # --------------------------------------------------------------------------- new checkpoints
 
-# The tokenizer and generation files that travel with a checkpoint's weights.
-HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+# The tokenizer and generation files that travel with a checkpoint's weights (transformers 5
+# writes a chat template to a file of its own).
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                      "chat_template.json")
 GENERATION_CONFIG = "generation_config.json"
 COMPANION_FILES = ("tokenizer.json", *HF_TOKENIZER_FILES, "vocab.json", "merges.txt",
-                   "added_tokens.json", GENERATION_CONFIG)
+                   "added_tokens.json", "tokenizer.model", "spiece.model", GENERATION_CONFIG)
 
 
 def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
@@ -404,7 +407,7 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
     """Write the new directory ``out`` whole or not at all: the model (``save_weights``) and the
     COMPANION_FILES of ``companions`` (generation_config.json of ``generation_from`` if given)."""
     out = Path(out)
-    if out.exists():
+    if os.path.lexists(out):  # a dangling link too
         raise ValueError(f"{out} already exists: name a new directory")
 
     def build(tmp: Path) -> None:
