@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -318,6 +318,37 @@ def check_run_name(name: str | None, what: str) -> None:
                          "otherwise")
 
 
+# (keys, test, why) of the settings' own ranges; a key left unset (None) passes.
+VALUE_RANGES = (
+    (("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
+      "decay_steps", "tokenizer_min_freq", "tokenizer_max_vocab", "inject_nan_at_step",
+      "save_every", "eval_examples"), lambda v: v >= 1, "must be >= 1"),
+    (("warmup_steps", "early_stop_patience", "sample_tokens", "weight_decay", "grad_clip",
+      "early_stop_min_delta", "lora_r", "overfit_batches"), lambda v: v >= 0, "must be >= 0"),
+    (("lr", "adam_eps", "epochs", "max_time_s", "time_budget_min"), lambda v: v > 0,
+     "must be > 0"),
+    (("beta1", "beta2", "label_smoothing", "dropout", "lora_dropout"), lambda v: 0 <= v < 1,
+     "must be in [0, 1)"),
+)
+
+
+def check_values(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of,
+                 only: Collection[str] | None = None) -> None:
+    """Each float finite ("inf" and "nan" parse as floats; nan fails every comparison) and each
+    value in its VALUE_RANGES range (``only``: these keys alone), naming the key, its value and
+    where it was set."""
+    keys = [f.name for f in dataclasses.fields(cfg) if only is None or f.name in only]
+    for key in keys:
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{setting(cfg, key, where_set)}: must be finite")
+    for keys, test, why in VALUE_RANGES:
+        for key in keys:
+            value = getattr(cfg, key)
+            if (only is None or key in only) and value is not None and not test(value):
+                raise ValueError(f"{setting(cfg, key, where_set)}: {why}")
+
+
 def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of
                     ) -> None:
     """Reject impossible settings, naming each key, its value and where it was set (an
@@ -330,24 +361,7 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         if not ok:
             raise ValueError(f"{named(key)}: {why}")
 
-    # "inf" and "nan" parse as floats: every float must be finite (nan fails every comparison).
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        need(not isinstance(value, float) or math.isfinite(value), f.name, "must be finite")
-    ranges = (  # (keys, test, why); a key left unset (None) passes
-        (("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
-          "decay_steps", "tokenizer_min_freq", "tokenizer_max_vocab", "inject_nan_at_step",
-          "save_every", "eval_examples"), lambda v: v >= 1, "must be >= 1"),
-        (("warmup_steps", "early_stop_patience", "sample_tokens", "weight_decay", "grad_clip",
-          "early_stop_min_delta", "lora_r", "overfit_batches"), lambda v: v >= 0, "must be >= 0"),
-        (("lr", "adam_eps", "epochs", "max_time_s", "time_budget_min"), lambda v: v > 0,
-         "must be > 0"),
-        (("beta1", "beta2", "label_smoothing", "dropout", "lora_dropout"), lambda v: 0 <= v < 1,
-         "must be in [0, 1)"),
-    )
-    for keys, test, why in ranges:
-        for key in keys:
-            need(getattr(cfg, key) is None or test(getattr(cfg, key)), key, why)
+    check_values(cfg, where_set)
     trackers = set(cfg.report_to)
     need(trackers <= set(TRACKERS) | {"none"} and not ("none" in trackers and len(
         trackers) > 1), "report_to", f"name trackers of {sorted(TRACKERS)}, or none alone")
@@ -813,10 +827,7 @@ def overfit_settings(cfg: TrainConfig) -> dict:
     if refused:
         raise ValueError(f"--overfit trains a small model on the bundled corpus: it cannot honour "
                          f"{', '.join(refused)}; --overfit-batches K memorises that setup's data")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ValueError(f"max_steps ({cfg.max_steps}, --max-steps): must be >= 1")
-    if cfg.lr is not None and not 0 < cfg.lr < math.inf:
-        raise ValueError(f"lr ({cfg.lr}, --lr): must be a finite number > 0")
+    check_values(cfg, only=("max_steps", "lr"))
     return {"max_steps": OVERFIT_STEPS if cfg.max_steps is None else cfg.max_steps,
             "lr": 3e-3 if cfg.lr is None else cfg.lr}
 
