@@ -72,6 +72,22 @@ def test_each_assistant_turn_is_an_example_trained_on_its_answer_alone(instruct,
         assert tok.token_to_id("<|im_start|>") in ids  # special tokens read as tokens
 
 
+def test_an_opening_assistant_greeting_is_context_not_an_example(instruct, tmp_path):
+    """ChatML reads messages[0]: a conversation that opens with the assistant's greeting has no
+    prompt before it (the template cannot render one), so the turns after it are the examples."""
+    root, _ = instruct
+    greeting = [{"role": "assistant", "content": "Hi, how can I help?"}, *CONVERSATIONS[0]]
+    data = tmp_path / "greeting.jsonl"
+    data.write_text(json.dumps({"messages": greeting}) + "\n")
+    tok, prepared = _prepare((root, data), tmp_path, train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    assert len(prepared.train) == 2
+    first = prepared.train[0]
+    counted = [i for i, label in enumerate(first["labels"].tolist()) if label != IGNORE_INDEX]
+    prompt = tok.decode(first["input_ids"].tolist()[: counted[0] + 1])
+    assert prompt == tok.apply_chat_template(greeting[:2], add_generation_prompt=True)
+    assert "Hi, how can I help?" in prompt
+
+
 # A template that writes no end-of-turn token: an answer is its message text alone.
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                   "{% if add_generation_prompt %}assistant: {% endif %}")
@@ -268,22 +284,26 @@ def test_the_server_offers_a_requests_tools_through_the_template(instruct):
 
 def test_a_long_history_loses_its_start_but_not_the_templates_bos(tmp_path):
     """Llama-3's template writes <|begin_of_text|>: a conversation longer than the block loses
-    its oldest turns, never that first token (the model has seen every text start with it)."""
+    its oldest turns, never that first token (the model has seen every text start with it),
+    however long the history (longer than the text tokenizing cuts before it reads it)."""
     from tiny_hf import save_tiny_llama3_instruct
 
     root = tmp_path / "llama3"
     save_tiny_llama3_instruct(root, [p.read_text("utf-8", "replace") for p in stdlib_files()[::400]])
     tok = load_tokenizer(root)
     long_history = [turn for messages in CONVERSATIONS[:6] for turn in messages]
+    longest = [turn for _ in range(7) for messages in CONVERSATIONS[:6] for turn in messages]
+    assert len(tok.apply_chat_template(longest)) > tok.longest_token * (96 + 1)
     data = tmp_path / "long.jsonl"
-    data.write_text(json.dumps({"messages": long_history}) + "\n")
+    data.write_text(json.dumps({"messages": long_history}) + "\n"
+                    + json.dumps({"messages": longest}) + "\n")
     cfg = DataConfig(task="chat", sources=[str(data)], block_size=96, cache_dir=str(tmp_path),
                      progress=False, split_by="file", min_bytes=0, min_lines=0,
                      train_frac=1.0, val_frac=0.0, test_frac=0.0)
     prepared = dataset.prepare(cfg, tok)
     starts = [prepared.train[i]["input_ids"][0].item() for i in range(len(prepared.train))]
-    assert len(starts) == 12 and set(starts) == {tok.bos_id}
-    assert prepared.stats["task"]["events"]["train"]["prompt_truncated"] >= 10
+    assert len(starts) == 12 + 7 * 12 and set(starts) == {tok.bos_id}
+    assert prepared.stats["task"]["events"]["train"]["prompt_truncated"] >= 10 + 7 * 12 - 2
 
 
 def test_an_answer_ends_at_the_first_marker_after_its_text_and_a_tool_call_keeps_all():

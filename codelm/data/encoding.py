@@ -244,9 +244,10 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
     examples = _bodies_cut(examples, tokenizer, cfg, desc, reads, encoder)
     anchor = tokenizer.continuation_anchor
     before = "" if anchor is None else CONTINUATION_ANCHOR
+    start_text = _template_start_text(tokenizer, cfg.task)
     parts = []
     for e in examples:
-        head = e.head[-chars:]
+        head = _head_cut(e.head, chars, start_text)
         whole = head + e.body[:chars] + e.tail
         parts += [whole, head, e.tail] if e.body else [whole, "", ""]
         parts.append(before + e.completion[:chars])
@@ -267,6 +268,22 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
             n = len(whole) - len(_without_text_template_prefix(whole, prefix))
         out.append((whole[n:], completion, (max(0, start - n), max(0, end - n))))
     return out
+
+
+def _template_start_text(tokenizer: CodeTokenizer | BPETokenizer, task: str | None) -> str:
+    """The text a template-written prompt opens with and truncation keeps (its BOS's), else ""."""
+    if not template_writes_start(task) or tokenizer.bos_id is None:
+        return ""
+    return tokenizer.token_content(tokenizer.bos_id) or ""
+
+
+def _head_cut(head: str, chars: int, start_text: str) -> str:
+    """A prompt's head within ``chars`` characters, its last ones (far more than truncation
+    keeps), after ``start_text`` where the head opens with it: the start truncation keeps."""
+    if len(head) <= chars:
+        return head
+    opening = start_text if start_text and head.startswith(start_text) else ""
+    return opening + head[-chars:]
 
 
 def _bodies_cut(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer,

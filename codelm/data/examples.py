@@ -246,12 +246,13 @@ class ChatTurn(typing.NamedTuple):
 
 
 def chat_turns(tok: BPETokenizer, messages: Sequence[dict]) -> list[ChatTurn]:
-    """Each assistant turn of a conversation: what generation is prompted with, and what it is
-    to answer (``chat_answer``)."""
+    """Each assistant turn of a conversation after its first message: what generation is
+    prompted with, and what it is to answer (``chat_answer``). A conversation's opening
+    assistant message (a greeting) follows nothing to be prompted by: the conversation only."""
     markers = tok.matched_special_tokens
     turns = []
     for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
+        if message.get("role") != "assistant" or i == 0:
             continue
         prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
         turn = tok.apply_chat_template(messages[: i + 1])
