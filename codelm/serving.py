@@ -234,10 +234,16 @@ def _number(body: dict, key: str, default, kind, low=None, high=None):
     return value
 
 
-# OpenAI parameters that would change the text and are not served, with the values that
-# leave it as served: another value is refused, never ignored.
+# OpenAI parameters, and vLLM's sampling extensions, that would change the text and are not
+# served, with the values that leave it as served: another value is refused, never ignored.
 UNSERVED = {"logit_bias": (None, {}), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
-            "suffix": (None, ""), "response_format": (None, {"type": "text"})}
+            "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+            "repetition_penalty": (None, 1), "min_p": (None, 0), "min_tokens": (None, 0),
+            "ignore_eos": (None, False), "stop_token_ids": (None, []),
+            "include_stop_str_in_output": (None, False), "use_beam_search": (None, False),
+            "allowed_token_ids": (None, []), "bad_words": (None, []),
+            "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+            "guided_grammar": (None,)}
 
 
 def _refuse_unserved(body: dict) -> None:

@@ -263,17 +263,23 @@ def test_a_prompt_cut_to_its_last_tokens_keeps_its_start_as_eval_cuts_it(loaded)
 
 
 def test_parameters_not_served_are_refused_not_ignored_and_a_model_is_retrieved(server):
-    """logit_bias, penalties, best_of, suffix or a JSON response_format would change the text:
-    each set is a 400 naming it (their defaults pass); GET /v1/models/ID answers the openai
-    client's models.retrieve, an unknown ID a 404."""
+    """logit_bias, penalties, best_of, suffix or a JSON response_format would change the text,
+    as would vLLM's sampling extensions a vLLM client sends (repetition_penalty, min_p,
+    stop_token_ids, ...): each set is a 400 naming it (their defaults pass); GET /v1/models/ID
+    answers the openai client's models.retrieve, an unknown ID a 404."""
     client = _client(server)
     for unserved in ({"logit_bias": {"5": 100}}, {"frequency_penalty": 0.5},
                      {"presence_penalty": -1}, {"best_of": 3}, {"suffix": "x"},
-                     {"response_format": {"type": "json_object"}}):
+                     {"response_format": {"type": "json_object"}},
+                     {"repetition_penalty": 1.2}, {"min_p": 0.1}, {"min_tokens": 3},
+                     {"ignore_eos": True}, {"stop_token_ids": [5]},
+                     {"guided_regex": "[a-z]+"}):
         status, body = _post(server, "/completions", json.dumps(
             {"model": "tiny", "prompt": "x", "max_tokens": 2, **unserved}).encode())
         assert status == 400 and body["error"]["param"] == next(iter(unserved)), body
-    defaults = {"logit_bias": {}, "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1}
+    defaults = {"logit_bias": {}, "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1,
+                "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "ignore_eos": False,
+                "stop_token_ids": []}
     status, body = _post(server, "/completions", json.dumps(
         {"model": "tiny", "prompt": "x", "max_tokens": 2, **defaults}).encode())
     assert status == 200 and body["choices"]
