@@ -370,6 +370,30 @@ def test_fsdp_in_bf16_follows_one_process_in_bf16(assets, tmp_path):
     assert {t.dtype for t in shards.values() if t.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.slow
+def test_ranks_with_uneven_validation_meet_in_kto_and_in_a_timed_runs_sizing(assets, tmp_path):
+    """KTO runs two forwards a validation batch (completions, then KL rows): the FSDP rank with
+    fewer batches runs as many idle ones (6 records in batches of 2: 2 and 1). A timed run sizes
+    itself on rank 0's clock and timing loop, and a rank holding no validation batch (4 records,
+    batch 4) times an evaluation too: both finish, every collective met."""
+    names = ["alpha", "beta", "gamma", "delta", "total", "count", "value", "item"]
+    records = [{"prompt": f"def add_{i}({names[i % 8]}, b):\n    return",
+                "completion": f" {names[i % 8]} {'+-'[i % 2]} b\n", "label": i % 2 == 0}
+               for i in range(64)]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kto = tiny_cfg(assets, tmp_path, name="kto", task="kto", data=[str(data)], block_size=48,
+                   batch_size=2, max_steps=4, eval_every=2, eval_examples=None, save_every=4,
+                   strategy="fsdp", device="cpu")
+    run = _train_on_two_ranks(kto, tmp_path)
+    assert len(_val_losses(run)) == 2
+    timed = tiny_cfg(assets, tmp_path, name="timed", strategy="ddp", max_steps=None,
+                     time_budget_min=0.3, eval_examples=4, device="cpu")
+    proc = _torchrun("trainingmanager.py", "--config", str(write_config(timed, tmp_path / "t.json")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "time budget 0.3 min" in proc.stdout + proc.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -70,6 +70,24 @@ def test_a_step_time_is_the_fastest_window_so_a_passing_load_does_not_count():
     assert plan.seconds_a_step(step, at_least_s=0.02) < 0.02
 
 
+def test_a_group_times_as_many_steps_as_rank_zero_decides():
+    """Timing steps are collectives in a group: each process steps again when rank 0's clock
+    says so (``agreed``), never by its own, so every process runs the same steps."""
+    said: list[bool] = []
+
+    def rank_zero(more: bool) -> bool:
+        said.append(more)
+        return more
+
+    steps_zero = []
+    plan.seconds_a_step(lambda: steps_zero.append(1), 0.01, rank_zero)
+    answers = iter(said)
+    steps_other = []
+    plan.seconds_a_step(lambda: steps_other.append(1), 10.0, lambda more: next(answers))
+    assert len(steps_other) == len(steps_zero) > 3 + plan.TIMING_WINDOWS
+    assert next(answers, None) is None
+
+
 def test_another_busy_process_is_seen_and_a_quiet_wait_is_bounded():
     """A busy loop beside this process is counted; waiting for quiet ends at its bound."""
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])

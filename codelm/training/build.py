@@ -39,7 +39,7 @@ from codelm.runs.checkpoint import (
     with_absolute_paths,
 )
 from codelm.runtime import settings
-from codelm.runtime.distributed import Dist, barrier, broadcast, main_first
+from codelm.runtime.distributed import Dist, all_gather, barrier, broadcast, main_first
 from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
 from codelm.runtime.settings import fields_of, setting
@@ -454,14 +454,16 @@ def measure_step_cost(cfg: TrainConfig, device: torch.device, dist: Dist) -> pla
 
 def check_step_cost(cfg: TrainConfig, model: nn.Module, block_size: int, device: torch.device,
                     dist: Dist, seconds_left: float | None) -> None:
-    """Before the first step: refuse one that cannot fit the memory free or the time budget
-    (``seconds_left``), and name one that takes long (rank 0's measure, for all)."""
+    """Before the first step: refuse one that cannot fit the memory free (on the fullest
+    device) or the time budget (``seconds_left``), and name one that takes long (rank 0's
+    measures, for all: every process refuses alike)."""
     precision = checked_precision(cfg, device)
     model = model.to(device)
     cost = plan.step_cost(model, block_size, cfg.batch_size, cfg.grad_accum, device,
                           partial(autocast, device, precision))
     cost = broadcast(cost, dist)
-    warning = plan.check_step_cost(cfg, cost, block_size, plan.free_memory(device), seconds_left)
+    free = min(all_gather(plan.free_memory(device), dist))  # the fullest device's
+    warning = plan.check_step_cost(cfg, cost, block_size, free, broadcast(seconds_left, dist))
     if warning and dist.main:
         print(warning, file=sys.stderr)
 
@@ -472,7 +474,7 @@ def size_to_budget(cfg: TrainConfig, model: nn.Module, batches: Batches, device:
     budget on this machine (plan.fit_budget), in place of the budget: config.json then
     reproduces the run. The decay's start is kept by the clock."""
     step_s, eval_s = broadcast(time_a_step(cfg, model, batches, device, dist), dist)
-    left = budget_left(cfg, created)
+    left = broadcast(budget_left(cfg, created), dist)  # one plan for every process
     budget = plan.fit_budget(cfg, time.perf_counter(), left, step_s, eval_s,
                              batches.steps_for(MAX_EPOCHS))
     sized = budget.cfg
@@ -504,10 +506,12 @@ def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: to
         micro_batches, _ = own.next_step()
         probe.train_step(micro_batches)
 
-    step_s = plan.seconds_a_step(step, min(10.0, cfg.time_budget_min))
+    step_s = plan.seconds_a_step(step, min(10.0, cfg.time_budget_min),
+                                 partial(broadcast, dist=dist))
     val, n = own.validation()
+    first = next(val, None)  # a process may hold no validation batch
     start = time.perf_counter()
-    probe.evaluate([next(val)], total=1)
+    probe.evaluate([] if first is None else [first], total=0 if first is None else 1)
     eval_s = (time.perf_counter() - start) * n
     set_rng_state(saved, device)
     return step_s, eval_s

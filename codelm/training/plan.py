@@ -270,16 +270,19 @@ class Probe(NamedTuple):
     tokens_per_s: float
 
 
-def seconds_a_step(step: Callable[[], object], at_least_s: float) -> float:
+def seconds_a_step(step: Callable[[], object], at_least_s: float,
+                   agreed: Callable[[bool], bool] = bool) -> float:
     """Seconds ``step`` takes on this machine: after 3 warm-up steps, the fastest of
-    TIMING_WINDOWS windows of at least ``at_least_s / TIMING_WINDOWS`` seconds (and one step)."""
+    TIMING_WINDOWS windows of at least ``at_least_s / TIMING_WINDOWS`` seconds (and one step).
+    ``agreed``: whether to step again, as every process of a group takes it (rank 0's answer
+    where the steps are collectives)."""
     for _ in range(3):  # warm-up: allocations, kernel selection
         step()
     fastest = math.inf
     for _ in range(TIMING_WINDOWS):
         steps = 0
         start = time.perf_counter()
-        while steps < 1 or time.perf_counter() - start < at_least_s / TIMING_WINDOWS:
+        while steps < 1 or agreed(time.perf_counter() - start < at_least_s / TIMING_WINDOWS):
             step()
             steps += 1
         fastest = min(fastest, (time.perf_counter() - start) / steps)

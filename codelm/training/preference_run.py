@@ -187,6 +187,8 @@ class PreferenceTrainer(Trainer):
         super().__init__(model, settings, device, dist, token_bytes, state)
         self.preference = preference_config
         self.metric_names = METRICS[preference_config.method]
+        if preference_config.method == "kto":  # its completions, then its KL rows
+            self.eval_forwards = 2
 
     def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
                    stop: StepStop | None = None) -> StepStats:

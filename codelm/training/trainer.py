@@ -156,6 +156,7 @@ class Trainer:
                 block.attn.register_forward_pre_hook(self._check_stop)
                 block.mlp.register_forward_pre_hook(self._check_stop)
         self.sharded = distributed.is_sharded(self.raw_model)
+        self.eval_forwards = 1  # the model's forwards a validation batch takes (idle ones too)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -265,10 +266,10 @@ class Trainer:
                       ) -> Iterator[dict]:
         """The validation batches on the device, under a progress bar, with the eval model in
         eval mode until the last is done; a sharded model then runs idle forwards until this
-        rank has run as many as the rank with the most batches (each forward gathers every
-        block's shards: all ranks take part; the most is agreed before the first forward, a
-        collective of its own, from ``total``, which must be this rank's exact count of
-        ``batches``), and the model goes back to its mode."""
+        rank has run as many as the rank with the most batches (``eval_forwards`` a batch: each
+        forward gathers every block's shards, so all ranks take part; the most is agreed before
+        the first forward, a collective of its own, from ``total``, which must be this rank's
+        exact count of ``batches``), and the model goes back to its mode."""
         most = 0
         if self.sharded:
             if total is None:
@@ -287,7 +288,7 @@ class Trainer:
             yield self._to_device(batch)
         if self.sharded:
             idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-            for _ in range(most - forwards):
+            for _ in range((most - forwards) * self.eval_forwards):
                 model(idle)
         model.train(was_training)
 
