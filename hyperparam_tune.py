@@ -4,6 +4,9 @@ Each trial trains a step budget and reports its validation losses to the pruner.
 journal file under ``runs/<study>/`` or any SQLAlchemy URL (several machines; heartbeats requeue
 a dead worker's trial). Re-running the command continues the study. Outputs in
 ``runs/<study>/``: best.json (a ready ``--config``), trials.csv, importances.json, trials/.
+Every choice and bound of the space is checked before the first trial; sampled values the
+trainer refuses together (an n_head that does not divide the n_embd drawn with it) fail their
+trial, naming why. A trial names its model (preset auto, which times the machine, is refused).
 """
 
 from __future__ import annotations
@@ -67,7 +70,10 @@ FORMAT_VERSION = 2
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
 # Completes the trainer's "checkpoint saved at step N; continue with ...".
 RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
-               "checkpoint")
+               "checkpoint where a signal stopped it")
+# The TrainConfig values a time budget sizes (plan.fit_budget), recorded in the run's config.json.
+BUDGET_SIZED = ("time_budget_min", "max_steps", "epochs", "eval_every", "save_every",
+                "warmup_steps", "decay_steps")
 
 
 @dataclass
@@ -87,7 +93,7 @@ class TuneConfig:
     #   steps sized to them (trials then differ in steps: use pruner none)
     # pruning (hopeless trials stop early)
     pruner: str = "median"  # median | hyperband | none
-    prune_startup_trials: int = 3  # median pruner: trials finished before any pruning
+    prune_startup_trials: int = 3  # median pruner: trials completed before any pruning
     prune_warmup_steps: int = 0  # median pruner: steps of a trial never pruned
     # storage and workers
     out_dir: str = "runs"  # the study's files go to <out_dir>/<study_name>/
@@ -364,8 +370,16 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     recipe = trial_recipe(cfg, space, base, trial)
     trial.set_user_attr(ATTR_CONFIG, recipe)
     resume, reported = interrupted_run(trial)
-    train_cfg = trainconfig.config_from_dict(
-        {**recipe, **_trial_run(cfg, trial.number, resume)}, f"trial {trial.number}")
+    values = {**recipe, **_trial_run(cfg, trial.number, resume)}
+    if resume and cfg.time_budget_min is not None:  # the run as its budget sized it
+        sized = json.loads((resume / rundir.CONFIG_FILE).read_text("utf-8"))
+        values.update({key: sized[key] for key in BUDGET_SIZED})
+    train_cfg = trainconfig.config_from_dict(values, f"trial {trial.number}")
+    if resume is None:  # each sampled value passed alone (check_before_trials); together?
+        try:
+            _check_trial(train_cfg, where_set(cfg, space, base))
+        except ValueError as e:
+            raise RefusedValues(str(e)) from None
     # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change; a
     # GPU without bf16 refuses bf16).
     if resume and train_cfg.precision == "auto":
@@ -380,6 +394,21 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     for step, value in sorted(reported.items()):
         trial.report(value, step)
     return train_cfg, min(reported.values(), default=math.inf)
+
+
+class RefusedValues(ValueError):
+    """The trainer refuses a trial's sampled values together (each passes alone)."""
+
+
+def _check_trial(train_cfg: TrainConfig, where_is: Callable[[str], str]) -> None:
+    """Refuse a trial the trainer would refuse: its settings, its model's shape."""
+    plan.validate_config(train_cfg, where_is)
+    if train_cfg.init_from is None:  # the vocabulary size (the tokenizer's) checks nothing
+        if train_cfg.preset == "auto":
+            raise ValueError(f"{settings.setting(train_cfg, 'preset', where_is)}: preset auto "
+                             "times the machine for each trial, whose models could then "
+                             "differ: set preset (python architecture.py lists them)")
+        trainconfig.model_config(train_cfg, 1, None, None)
 
 
 def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
@@ -410,6 +439,8 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         raise
     except optuna.TrialPruned:
         return TrialState.PRUNED, None
+    except RefusedValues as e:
+        reason = f"the trainer refuses these values together: {e}"
     except NonFiniteLossError as e:  # never continued: no resume advice in its reason
         reason = e.diagnosis
         if not reason.startswith("non-finite"):
@@ -433,6 +464,9 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         if result.interrupted:  # the trainer checkpointed and returned on a stop signal
             _mark_interrupted(trial)
             raise KeyboardInterrupt(result.interrupted)
+        if result.stopped_by_budget:
+            tqdm.write(f"trial {trial.number}: ranked at step {result.step}, where its time "
+                       "budget ended it (a sweep does not continue it)", file=sys.stderr)
         if not math.isfinite(best):  # no evaluation reported bits per byte: the loss
             best = result.best_val_loss if result.best_val_loss is not None else math.nan
         if math.isfinite(best):
@@ -522,13 +556,11 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
         values = {**space.base, **base, **params, **_budget(cfg), **_trial_run(cfg, 0)}
         train_cfg = trainconfig.config_from_dict(values, where)
         try:
-            plan.validate_config(train_cfg, where_is)
+            _check_trial(train_cfg, where_is)
             # lora_* values the sweep sets that differ from its init_adapter's are refused
             plan.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
                                               where_set=where_is)
             trainconfig.data_config(train_cfg, train_cfg.block_size or 256)
-            if train_cfg.init_from is None:  # the vocabulary size (the tokenizer's) checks nothing
-                trainconfig.model_config(train_cfg, 1, None, None)
         except ValueError as e:
             raise ValueError(f"{where}: {label}{e}") from None
         for key in ("data", "val_data", "test_data", "tokenizer"):

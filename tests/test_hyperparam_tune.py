@@ -1304,6 +1304,71 @@ def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, co
     assert rows[2].endswith("no reason recorded; not counted toward n_trials")
 
 
+def test_sampled_values_refused_together_fail_their_trial_and_the_sweep_goes_on(
+        tmp_path, corpus, capsys, monkeypatch):
+    """Each choice passes alone (checked before any trial); n_head 3 with n_embd 32 is refused
+    together (a width of 32 is not divisible by 3 heads): that trial FAILs naming why, never
+    trains, and counts as a trial, as a diverged one does; the other trials run."""
+    trained = []
+
+    def train(cfg, on_eval=None, resume_hint=None, **_):
+        trained.append((cfg.n_head, cfg.n_embd))
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    space = tiny_space(tmp_path, corpus, {"n_head": {"type": "categorical", "choices": [2, 3]},
+                                          "n_embd": {"type": "categorical", "choices": [48, 32]}})
+    argv = tune_args(tmp_path, space, study_name="together", n_trials=6, sampler_seed=0)
+    assert hyperparam_tune.main(argv) == 0
+    trials = load_study(journal(tmp_path, "together"), "together").get_trials()
+    refused = [t for t in trials if (t.params["n_head"], t.params["n_embd"]) == (3, 32)]
+    assert refused and all(t.state == TrialState.FAIL for t in refused)
+    assert "refuses these values together" in refused[0].user_attrs[hyperparam_tune.ATTR_REASON]
+    assert "n_embd" in refused[0].user_attrs[hyperparam_tune.ATTR_REASON]
+    assert (3, 32) not in trained and len(trained) == 6 - len(refused)
+    assert "failed with parameters" in capsys.readouterr().err
+
+
+def test_preset_auto_in_a_sweep_is_refused_naming_why(tmp_path, corpus, capsys):
+    """Preset auto would time the machine in each trial, whose models could then differ."""
+    space = json.loads(Path(tiny_space(tmp_path, corpus)).read_text())
+    del space["base"]["preset"]
+    (tmp_path / "auto.json").write_text(json.dumps(space))
+    assert hyperparam_tune.main(tune_args(tmp_path, str(tmp_path / "auto.json"))) == 2
+    err = capsys.readouterr().err
+    assert "preset auto times the machine for each trial" in err and "unknown preset" not in err
+
+
+def test_a_time_budget_trial_continues_as_its_budget_sized_it(tmp_path, corpus, monkeypatch,
+                                                              capsys):
+    """An interrupted trial of a --time-budget-min sweep continues its run with the steps its
+    budget sized (config.json's), which the trainer takes; a trial its budget ends is ranked
+    where it stopped, and said so."""
+    real, calls = trainingmanager.train, []
+
+    def train(cfg, on_eval=None, resume_hint=None, **_):
+        calls.append(cfg)
+        result = real(cfg, on_eval=on_eval, resume_hint=resume_hint)
+        if len(calls) == 1:
+            result.interrupted = "SIGTERM"
+        else:
+            result.stopped_by_budget = True
+        return result
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="budget", n_trials=1,
+                     time_budget_min=0.05, pruner="none")
+    assert hyperparam_tune.main(argv) == 143
+    sized = json.loads((Path(calls[0].out_dir) / calls[0].name / "config.json").read_text())
+    assert sized["time_budget_min"] is None and sized["max_steps"] > 0
+    assert hyperparam_tune.main(argv) == 0
+    assert calls[1].resume and calls[1].time_budget_min is None
+    assert calls[1].max_steps == sized["max_steps"]
+    (trial, rerun) = load_study(journal(tmp_path, "budget"), "budget").get_trials()
+    assert rerun.state == TrialState.COMPLETE
+    assert "where its time budget ended it" in capsys.readouterr().err
+
+
 def test_space_that_does_not_fit_the_study_is_refused_before_a_trial(tmp_path, corpus, capsys):
     space = tiny_space(tmp_path, corpus)
     study = optuna.create_study(study_name="kind", storage=journal(tmp_path, "kind"))
@@ -1685,7 +1750,8 @@ def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, c
                      train_config=train_config)
     assert hyperparam_tune.main(argv) == 0
     where = told[0]
-    assert all(w is where for w in told)
+    keys = ("warmup_steps", "max_steps", "grad_clip", "batch_size", "weight_decay")
+    assert len(told) > 1 and all([w(k) for k in keys] == [where(k) for k in keys] for w in told)
     space = hyperparam_tune.load_space(space_file)
     assert where("warmup_steps") == (f"the range of params.warmup_steps in {space.source} "
                                      "(now 4 to 5)")
