@@ -2593,6 +2593,34 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
     assert eval_corpus.corpus_config(named, [model, reseeded]) == other
 
 
+def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_path, capsys,
+                                                              monkeypatch):
+    """A run's checkpoints record the corpus it trained on: evaluating its held-out split after
+    its folder changed (a file removed moves others across the split's cuts) warns that the
+    split may hold files it trained on; unchanged, nothing is said."""
+    import trainingmanager as tm
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    code = tmp_path / "code"
+    shutil.copytree(tiny_models["code"], code)
+    cfg = trainconfig.TrainConfig(preset="tiny", data=[str(code)], max_steps=1, eval_every=1,
+                                  batch_size=2, warmup_steps=0, tokenizer_min_freq=2,
+                                  export=False, final_eval=False, out_dir=str(tmp_path / "runs"),
+                                  name="r", progress=False, report_to=["none"])
+    run = tm.train(cfg).run_dir
+    config = json.loads((run / rundir.CONFIG_FILE).read_text())
+    model = loading.LoadedModel("r", str(run), torch.nn.Linear(1, 1), None, run_config=config)
+    capsys.readouterr()
+    eval_corpus.corpus_config(EvalConfig(), [model])
+    assert "warning" not in capsys.readouterr().err
+    next(code.rglob("*.py")).unlink()
+    eval_corpus.corpus_config(EvalConfig(), [model])
+    err = capsys.readouterr().err
+    assert "r: its data changed after it trained" in err and "may hold files it trained on" in err
+    eval_corpus.corpus_config(EvalConfig(data=[str(code)]), [model])  # named data: no claim
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_data_options_given_to_eval_override_the_runs_own(tmp_path):
     """--data-options is applied over a run's data options (the help says so); the run's hold
     where it gives none."""

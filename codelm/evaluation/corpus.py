@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -30,11 +32,28 @@ def corpus_config(cfg: CorpusSettings, models: Sequence[LoadedModel]) -> DataCon
     """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
     configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / rundir.CONFIG_FILE))
                for m in models if m.run_config}
-    if cfg.data is None and len({corpus_key(c) for c in configs.values()}) > 1:
+    keys = {label: corpus_key(c) for label, c in configs.items()}
+    if cfg.data is None and len(set(keys.values())) > 1:
         raise ValueError(f"the runs {', '.join(configs)} were trained on different corpora or "
                          "splits, so no split is held out from all of them; name the data every "
                          "model is scored on with --data (and --data-options)")
+    if cfg.data is None:
+        for m in models:
+            if m.run_config and trained_corpus(Path(m.source)) not in (None, keys[m.label]):
+                print(f"warning: {m.label}: its data changed after it trained (files added, "
+                      "removed or edited, or other cleaning options): the "
+                      f"{getattr(cfg, 'split', 'held-out')} split may hold files it trained "
+                      "on", file=sys.stderr)
     return next(iter(configs.values())) if configs else _corpus_config(cfg, None)
+
+
+def trained_corpus(run_dir: Path) -> str | None:
+    """The corpus key a run's newest checkpoint trained on (None: not recorded)."""
+    for path in reversed(rundir.list_checkpoints(run_dir)):
+        with contextlib.suppress(checkpoint.CorruptCheckpointError):
+            data = checkpoint.read_state(path, mmap=True).data or {}
+            return data.get("corpus")
+    return None
 
 
 def _corpus_config(cfg: CorpusSettings, run: dict | None, run_source: str = "run config"

@@ -30,6 +30,7 @@ from codelm.data.config import PREFERENCE_TASKS, DataConfig
 from codelm.data.datasets import PreparedData
 from codelm.data.encoding import tokenizer_cache_dir
 from codelm.data.examples import SamplePrompt
+from codelm.data.splits import corpus_key
 from codelm.gguf import writer
 from codelm.models import adapter_config, quantize
 from codelm.runs import checkpoint, rundir
@@ -338,7 +339,7 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
               f"--data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' trains on all "
               "of it", file=sys.stderr)
     data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
-               "train_examples": len(splits.train)}
+               "train_examples": len(splits.train), "corpus": corpus_key(dcfg)}
     return Data(tok, dcfg, example_batches(settings, splits, tok, dcfg.block_size, dist),
                 splits.sample_prompt, data_id, not own_tok)
 
