@@ -42,6 +42,7 @@ from codelm.data.cache import (
     make_cache_dir,
     publish_cache_entry,
     sweep_cache,
+    usable_entry,
 )
 from codelm.data.config import (
     CHOICES,
@@ -495,7 +496,7 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
                       "task": _task_options(cfg)})
     path = Path(cfg.cache_dir) / f"{cfg.task}-{key}"
     sweep_cache(cfg.cache_dir)
-    cache_hit = cfg.use_cache and (path / "meta.json").exists()
+    cache_hit = cfg.use_cache and usable_entry(path, "meta.json")
     meta: dict = json.loads((path / "meta.json").read_text()) if cache_hit else {}
     if not cache_hit:
         corpus = load_corpus(cfg)
@@ -508,7 +509,7 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
                 meta["sample_prompt"] = held_out_prompt(held_out, cfg)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-            publish_cache_entry(path, write, replace=not cfg.use_cache)
+            publish_cache_entry(path, write, replace=not cfg.use_cache or path.exists())
     _note_pairs_as_text(cfg, meta)
     task = meta["task"]
     if cfg.task == "lm":

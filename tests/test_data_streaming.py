@@ -49,9 +49,10 @@ def config(cache: Path, src: Path, **kw) -> DataConfig:
 
 
 def entry_bytes(path: Path) -> dict[str, bytes]:
-    """Every file of a cache entry but its counts (meta.json, stats.json), by name."""
+    """Every file of a cache entry but its counts (meta.json, stats.json) and the manifest
+    that records them, by name."""
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())
-            if p.name not in ("meta.json", "stats.json")}
+            if p.name not in ("meta.json", "stats.json", "manifest.json")}
 
 
 def small_shards(monkeypatch, docs: int = 4, chars: int = 40_000) -> None:

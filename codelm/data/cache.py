@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -104,9 +105,27 @@ def sweep_cache(cache_dir: str | Path) -> None:
 def publish_cache_entry(final: Path, build: Callable[[Path], object],
                         replace: bool = False) -> None:
     """Build the cache entry ``final`` with ``process.write_dir_atomically`` (without
-    ``replace`` the first complete build stays); a full disk names the cache directory."""
+    ``replace`` the first complete build stays), its files' sizes and digests in its manifest;
+    a full disk names the cache directory."""
+
+    def build_recorded(tmp: Path) -> None:
+        build(tmp)
+        process.write_manifest(tmp)
+
     with cache_writes(final):
-        process.write_dir_atomically(final, build, replace=replace)
+        process.write_dir_atomically(final, build_recorded, replace=replace)
+
+
+def usable_entry(entry: Path, marker: str) -> bool:
+    """Whether the published cache entry ``entry`` (its ``marker`` file written last) can be
+    read as it is: each file the size its manifest recorded. One cut short or missing (a disk
+    that filled, a hand edit) is said and built again."""
+    if not (entry / marker).exists():
+        return False
+    problem = process.manifest_problem(entry, sizes_only=True)
+    if problem is not None:
+        print(f"note: data cache entry {entry}: {problem}; it is built again", file=sys.stderr)
+    return problem is None
 
 
 @contextlib.contextmanager

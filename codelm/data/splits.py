@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
-from codelm.data.cache import building, hash_json, publish_cache_entry, sweep_cache
+from codelm.data.cache import (
+    building,
+    hash_json,
+    publish_cache_entry,
+    sweep_cache,
+    usable_entry,
+)
 from codelm.data.config import CLEANING_FIELDS, SPLIT_FIELDS, SPLITS, DataConfig, DataError
 from codelm.data.dedupe import doc_digest
 from codelm.data.shards import build_corpus_shards, corpus_stats, shard_docs
@@ -164,18 +170,19 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     sweep_cache(cfg.cache_dir)
     key = corpus_key(cfg)
     path = Path(cfg.cache_dir) / f"corpus-{key}"
-    if cfg.use_cache and (path / "stats.json").exists():
+    if cfg.use_cache and usable_entry(path, "stats.json"):
         stats = json.loads((path / "stats.json").read_text())
         stats["cache_hit"] = True
         return _corpus_at(path, stats, key)
     with building(path, fresh=not cfg.use_cache) as work:
-        stats = _publish_corpus(cfg, path, work)
+        stats = _publish_corpus(cfg, path, work, replace=not cfg.use_cache or path.exists())
     stats["cache_hit"] = False
     return _corpus_at(path, stats, key)
 
 
-def _publish_corpus(cfg: DataConfig, path: Path, work: Path) -> dict:
-    """Build the corpus entry ``path`` through its shards under ``work``; its stats."""
+def _publish_corpus(cfg: DataConfig, path: Path, work: Path, replace: bool) -> dict:
+    """Build the corpus entry ``path`` through its shards under ``work`` (``replace``: over
+    the one there); its stats."""
     manifests = build_corpus_shards(cfg, work)
     stats = corpus_stats(manifests, cfg)
     keys = [DocKey(*k) for m in manifests for k in m["keys"]]
@@ -196,7 +203,7 @@ def _publish_corpus(cfg: DataConfig, path: Path, work: Path) -> dict:
                 out[split].write(line)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
 
-    publish_cache_entry(path, write, replace=not cfg.use_cache)
+    publish_cache_entry(path, write, replace=replace)
     return stats
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Subset
 import lora
 from architecture import Transformer
 from codelm import loading
-from codelm.data.cache import make_cache_dir, publish_cache_entry
+from codelm.data.cache import make_cache_dir, publish_cache_entry, usable_entry
 from codelm.data.config import PREFERENCE_TASKS, DataConfig
 from codelm.data.datasets import PreparedData
 from codelm.data.encoding import tokenizer_cache_dir
@@ -122,7 +122,7 @@ def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
         check_model_tokenizer(tok, own, cfg.init_from)
         return tok
     cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
-    if dcfg.use_cache and (cached / "tokenizer.json").is_file():
+    if dcfg.use_cache and usable_entry(cached, "tokenizer.json"):
         return load_tokenizer(cached)
 
     texts = prepare(dcfg, None).train
@@ -132,7 +132,7 @@ def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
                               num_workers=dcfg.workers)
     if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
         with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
-            publish_cache_entry(cached, tok.save)
+            publish_cache_entry(cached, tok.save, replace=cached.exists())
     return tok
 
 
