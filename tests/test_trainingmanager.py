@@ -2493,8 +2493,9 @@ def test_a_parquet_pair_file_and_a_datasets_directory_train_the_refactor_task(as
 
 
 def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_path):
-    """A merge into a tied embedding is refused before training, not failing after it and taking
-    the (valid) adapter export with it."""
+    """A merge into a tied embedding (a merged export, or GGUF's, written from the merged
+    weights) is refused before training, not failing after it and taking the (valid) adapter
+    export with it."""
     from tiny_hf import save_tiny_hf
 
     base = tmp_path / "base"
@@ -2506,6 +2507,11 @@ def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_pa
                                          r"target wte \(lora_targets \(.*\)\) .* tied.* or "
                                          r"train with --no-export-merged$"):
         tm.train(cfg)
+    assert not rundir.list_checkpoints(Path(cfg.out_dir) / "run")
+    gguf = dataclasses.replace(cfg, export_merged=False, export_gguf="f32")  # written merged
+    with pytest.raises(ValueError, match=r"export_gguf \('f32', --export-gguf\): .*LoRA target "
+                                         r"wte .* tied.* or train with export_gguf none$"):
+        tm.train(gguf)
     assert not rundir.list_checkpoints(Path(cfg.out_dir) / "run")
     assert tm.train(dataclasses.replace(cfg, export_merged=False)).export_dir is not None
 

@@ -70,17 +70,20 @@ from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, wher
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
                       where_set: Callable[[str], str] = settings.flag_of) -> None:
-    """Refuse, before training, an export that would merge a LoRA into a tied weight."""
-    if not (cfg.export and cfg.lora_r > 0 and cfg.export_merged):
+    """Refuse, before training, an export that would merge a LoRA into a tied weight (a
+    merged model, or GGUF's, which is written from the merged weights)."""
+    merging = "export_merged" if cfg.export_merged else "export_gguf"
+    if not (cfg.export and cfg.lora_r > 0 and (cfg.export_merged or cfg.export_gguf)):
         return
     tied = lora.tied_targets(model)
     if not tied:
         return
     path, names = next(iter(tied.items()))
-    raise ValueError(f"{setting(cfg, 'export_merged', where_set)}: the LoRA target {path} "
+    off = (settings.off_switch(merging, where_set) if merging == "export_merged" else
+           "export_gguf none")
+    raise ValueError(f"{setting(cfg, merging, where_set)}: the LoRA target {path} "
                      f"({setting(cfg, 'lora_targets', where_set)}) is tied to {names}, so it "
-                     f"cannot be merged: drop it from lora_targets, or train with "
-                     f"{settings.off_switch('export_merged', where_set)}")
+                     f"cannot be merged: drop it from lora_targets, or train with {off}")
 
 
 def check_gguf_export(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | BPETokenizer,
