@@ -38,7 +38,7 @@ from codelm.models.adapter_config import (
     read_adapter_config,
 )
 from codelm.models.quantize import QuantLinear, parameter_count, set_submodule, shared_parameters
-from codelm.runtime import process, settings
+from codelm.runtime import hub, process, settings
 
 PEFT_PREFIX = "base_model.model."
 # The version of codelm's adapter files, in the weights' safetensors metadata (PEFT's have none).
@@ -628,11 +628,15 @@ def _target_spec(model: nn.Module, written: set[str]) -> list[str] | str:
 def save_adapter(model: nn.Module, out_dir: str | Path,
                  base_model_name_or_path: str | Path | None = None) -> Path:
     """Write the adapters in PEFT's layout (adapter_config.json + adapter_model.safetensors),
-    recording the base (default: ``model.name_or_path``) as PEFT does."""
+    recording the base (default: ``model.name_or_path``) as PEFT does: a snapshot of the hub
+    cache by its repo id and commit (``revision``), which any machine's cache resolves."""
     cfg: LoRAConfig | None = getattr(model, "lora_config", None)
     if cfg is None:
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
+    revision = None
+    if base is not None and (snapshot := hub.snapshot_of(base)) is not None:
+        base, revision = snapshot
     out = Path(out_dir)
     pretrained.check_output_dir(out, "save_adapter", adapter=True)
     tensors = {PEFT_PREFIX + k: p.detach().float().cpu().contiguous()
@@ -644,6 +648,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None if base is None else os.fspath(base),
+        "revision": revision,
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": _target_spec(model, written), "bias": cfg.bias,
         "modules_to_save": cfg.modules_to_save,

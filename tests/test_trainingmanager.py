@@ -2440,9 +2440,12 @@ def test_lora_export_names_its_base_so_peft_loads_it_alone(assets, tmp_path, dor
 
 
 def test_init_from_a_hub_id_trains_lora_and_exports_an_adapter_peft_loads(assets, tmp_path,
-                                                                          offline_hub):
+                                                                          offline_hub,
+                                                                          monkeypatch):
     """--init-from org/name reads the base from the hub cache (offline); the run records the
-    snapshot it used, and PEFT loads the exported adapter on that base with equal logits."""
+    snapshot it used, and PEFT loads the exported adapter on that base with equal logits. The
+    adapter names its base by id and commit, as PEFT does: another machine's cache (here the
+    cache moved) resolves it, for PEFT and for codelm."""
     import transformers
     from peft import PeftModel
     from tiny_hf import hub_cache
@@ -2467,6 +2470,21 @@ def test_init_from_a_hub_id_trains_lora_and_exports_an_adapter_peft_loads(assets
         theirs = PeftModel.from_pretrained(base, run / "export").eval()
         torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids), atol=1e-5, rtol=1e-4)
     assert tm.main(["--config", str(config), "--init-from", "org/missing", "--name", "b"]) == 2
+    adapter = json.loads((run / "export" / "adapter_config.json").read_text())
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == ("org/tiny", commit)
+    from huggingface_hub import constants
+    from peft import AutoPeftModelForCausalLM
+
+    from codelm.models.adapter_config import adapter_base
+
+    other = tmp_path / "other_machine"
+    shutil.move(offline_hub.parent, other)
+    monkeypatch.setenv("HF_HOME", str(other))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(other / "hub"))
+    assert adapter_base(run / "export", "x") == other / "hub" / snapshot.relative_to(offline_hub)
+    with torch.no_grad():
+        moved = AutoPeftModelForCausalLM.from_pretrained(run / "export").eval()
+        torch.testing.assert_close(moved(ids).logits, ours(ids), atol=1e-5, rtol=1e-4)
 
 
 def test_a_parquet_pair_file_and_a_datasets_directory_train_the_refactor_task(assets, tmp_path):

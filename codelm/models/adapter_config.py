@@ -137,7 +137,11 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
     """The base model an adapter's config names (a directory or a cached hub id); ``remedy``
     ends the error otherwise."""
     file = Path(adapter_dir) / config_name
-    base = settings.read_json_object(file, "adapter config").get("base_model_name_or_path")
+    config = settings.read_json_object(file, "adapter config")
+    base = config.get("base_model_name_or_path")
+    revision = config.get("revision")
+    if base and revision and hub.is_hub_id(base) and "@" not in base:  # the commit it names
+        base = f"{base}@{revision}"
     try:
         path = hub.checkpoint_dir(base, f"{file}: base_model_name_or_path") if base else None
     except ValueError as e:

@@ -37,3 +37,13 @@ def checkpoint_dir(spec: str | Path, what: str = "checkpoint", repo_type: str = 
                          f"{repo} ({why}); download it (`hf download {repo}"
                          f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`) or give a "
                          "local directory") from None
+
+
+def snapshot_of(path: str | Path) -> tuple[str, str] | None:
+    """(repo id, commit) where ``path`` is a model's snapshot in the Hugging Face hub cache
+    (``.../models--ORG--NAME/snapshots/COMMIT``: the hub forbids "--" in names), else None."""
+    path = Path(path)
+    repo = path.parent.parent.name.split("--")
+    if path.parent.name != "snapshots" or len(repo) != 3 or repo[0] != "models":
+        return None
+    return f"{repo[1]}/{repo[2]}", path.name
