@@ -35,9 +35,13 @@ FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama", "qwen2", "qwen3", "mistral
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                        "original_max_position_embeddings")
 # rope_scaling's "rope_type" -> the keys it needs besides it ("dynamic" keeps the plain
-# frequencies inside the context, where transformers' dynamic NTK scaling changes nothing).
+# frequencies inside the context, where transformers' dynamic NTK scaling changes nothing;
+# "longrope": Phi-3's, per-frequency divisors, the long ones for a sequence past the original
+# context, and "attention_factor" optional).
 ROPE_SCALING_KEYS = {"llama3": LLAMA3_SCALING_KEYS, "linear": ("factor",),
-                     "dynamic": ("factor",), "yarn": ("factor", "original_max_position_embeddings")}
+                     "dynamic": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+                     "longrope": ("factor", "original_max_position_embeddings", "short_factor",
+                                  "long_factor")}
 # yarn's optional keys and their defaults (as transformers reads them).
 YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "mscale": None,
                  "mscale_all_dim": None, "truncate": True}
@@ -135,6 +139,10 @@ class ModelConfig:
                 raise bad("rope_scaling", f"rope_type must be one of {sorted(ROPE_SCALING_KEYS)}")
             if missing := [k for k in ROPE_SCALING_KEYS[rope_type] if k not in self.rope_scaling]:
                 raise bad("rope_scaling", f"{rope_type} scaling needs keys {missing}")
+            for key in ("short_factor", "long_factor"):
+                if key in self.rope_scaling and len(self.rope_scaling[key]) != self.rotary_dim // 2:
+                    raise bad("rope_scaling", f"{key} needs rotary_dim / 2 = "
+                              f"{self.rotary_dim // 2} values")
         if self.sliding_layers is not None and len(self.sliding_layers) != self.n_layer:
             raise bad("sliding_layers", f"needs one true/false for each of the {self.n_layer} "
                       "layers")
@@ -289,11 +297,32 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) ->
     scaling = cfg.rope_scaling or {"rope_type": "default"}
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "longrope":  # the short divisors; rope_long_inv_freq the long
+        return _longrope_inv_freq(cfg, scaling["short_factor"], device)
     if scaling["rope_type"] == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
     if scaling["rope_type"] == "yarn":
         return _yarn_inv_freq(inv_freq, cfg.rope_theta, scaling)
     return inv_freq  # default; dynamic inside the context
+
+
+def rope_long_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None
+                       ) -> torch.Tensor | None:
+    """LongRoPE's inverse frequencies for a sequence past the original context (None for the
+    other scalings)."""
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") != "longrope":
+        return None
+    return _longrope_inv_freq(cfg, scaling["long_factor"], device)
+
+
+def _longrope_inv_freq(cfg: ModelConfig, divisors: Sequence[float],
+                       device: torch.device | str | None) -> torch.Tensor:
+    """1 / (divisor * theta ** (2i / dim)), as transformers computes LongRoPE's (bit for bit)."""
+    dim = cfg.rotary_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (torch.tensor(divisors, dtype=torch.float32, device=device)
+                  * cfg.rope_theta ** exponents)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -329,8 +358,14 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, theta: float, scaling: dict) -> torch
 
 
 def rope_attention_factor(cfg: ModelConfig) -> float:
-    """What YaRN multiplies cos and sin by (so the scores by its square); 1 otherwise."""
+    """What YaRN and LongRoPE multiply cos and sin by (so the scores by its square); 1
+    otherwise."""
     scaling = cfg.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        if scaling.get("attention_factor") is not None:
+            return float(scaling["attention_factor"])
+        factor, context = scaling["factor"], scaling["original_max_position_embeddings"]
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(context))
     if scaling is None or scaling["rope_type"] != "yarn":
         return 1.0
     options = {**YARN_DEFAULTS, **scaling}
@@ -347,26 +382,41 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables computed per forward from positions, so left padding shifts them per row."""
+    """cos/sin tables computed per forward from positions, so left padding shifts them per row.
+    LongRoPE takes its long frequencies for a row whose positions pass the original context (as
+    transformers does for a batch's longest: per row, a row's do not depend on the others')."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         inv_freq = torch.empty(cfg.rotary_dim // 2)  # on the default device; values below
+        long_inv_freq = None
         if not inv_freq.is_meta:  # (on meta, pretrained.load: arange would import sympy)
             inv_freq = rope_inv_freq(cfg, device=inv_freq.device)
+            long_inv_freq = rope_long_inv_freq(cfg, device=inv_freq.device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+        self.long_from = (cfg.rope_scaling or {}).get("original_max_position_embeddings")
         self.attention_factor = rope_attention_factor(cfg)
 
     def _apply(self, fn, recurse=True):
         # Keep the frequencies exact in fp32 whatever `.to(dtype)`/`to_empty` does to buffers:
         # bf16 frequencies put the angle of position 1000 off by radians.
         super()._apply(fn, recurse)
-        self.inv_freq = rope_inv_freq(self.cfg, device=self.inv_freq.device)
+        self.set_frequencies(self.inv_freq.device)
         return self
 
+    def set_frequencies(self, device: torch.device | str) -> None:
+        """The inverse frequencies computed on ``device`` (fp32)."""
+        self.inv_freq = rope_inv_freq(self.cfg, device=device)
+        self.long_inv_freq = rope_long_inv_freq(self.cfg, device=device)
+
     def forward(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = (pos[..., None].float() * self.inv_freq)[:, :, None]  # (B, T, 1, rotary_dim / 2)
+        inv_freq = self.inv_freq
+        if self.long_inv_freq is not None:  # (B, 1, rotary_dim / 2): no host sync
+            past = pos.amax(dim=-1, keepdim=True)[..., None] >= self.long_from
+            inv_freq = torch.where(past, self.long_inv_freq, self.inv_freq)
+        freqs = (pos[..., None].float() * inv_freq)[:, :, None]  # (B, T, 1, rotary_dim / 2)
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor

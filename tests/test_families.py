@@ -51,6 +51,27 @@ def test_greedy_generation_matches_transformers_past_the_window(checkpoints, nam
     assert torch.equal(got, ref)
 
 
+def test_longrope_decoding_switches_where_transformers_recomputes_its_cache(checkpoints):
+    """Phi-4-mini's LongRoPE: a sequence past the original context (64 here) takes the long
+    frequencies; transformers recomputes the cache when decoding reaches it. Prompts of 20 to 70
+    tokens decoded through the engine (4 slots, prompts joining as others finish) and one at a
+    time equal transformers' greedy tokens, before, across and after the switch; beam search,
+    which does not recompute, refuses to cross it."""
+    from codelm.models.engine import generate_all
+    from codelm.models.generation import GenerationConfig, longrope_switch
+
+    _, hf, model = checkpoints["phi3"]
+    assert longrope_switch(model) == 64
+    prompts = [_ids(1, n, seed=n)[0].tolist() for n in (20, 50, 63, 64, 70)]
+    want = [_hf_greedy(hf, torch.tensor([p]), 30)[0, len(p):].tolist() for p in prompts]
+    assert generate_all(model, prompts, GenerationConfig(30), slots=4) == want
+    for prompt, new in zip(prompts, want):
+        assert gen(model, torch.tensor([prompt]), 30)[0, len(prompt):].tolist() == new
+    with pytest.raises(ValueError, match="LongRoPE frequencies switch at position 64"):
+        gen(model, torch.tensor([prompts[1]]), 30, num_beams=2, eos_id=[2])
+    assert gen(model, torch.tensor([prompts[0]]), 30, num_beams=2, eos_id=[2]).shape[1] <= 50
+
+
 @pytest.mark.parametrize("name", ["qwen2-window", "mistral", "gemma2"])
 def test_left_padded_generation_matches_transformers(checkpoints, name):
     """Padding counts toward the window as transformers counts it: in cache slots."""
@@ -140,8 +161,10 @@ def test_sliding_layers_are_read_as_transformers_lays_them_out(checkpoints):
 
 
 @pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "mrope", "mrope_section": [4, 2, 2]},
+     r"rope_type 'mrope' is not supported \(supported: default, llama3, linear"),
     ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
-     r"rope_type 'longrope' is not supported \(supported: default, llama3, linear"),
+     r"ModelConfig.rope_scaling=.*: short_factor needs rotary_dim / 2 = 8 values"),
     ({"rope_type": "linear"}, r"linear rope scaling lacks \['factor'\]"),
 ])
 def test_unsupported_rope_scaling_is_one_line_naming_the_file(tmp_path, rope, message):
@@ -163,7 +186,10 @@ def test_an_explicit_head_dim_is_read_as_transformers_reads_it_and_written_back(
     loads there with the same logits."""
     import transformers
 
-    save_tiny_hf(family, tmp_path, head_dim=32)
+    # (Phi3Config checks LongRoPE's factors against hidden_size / heads, its rotary against
+    # head_dim: no LongRoPE config has both; Phi-4-mini's head_dim is hidden_size / heads)
+    plain = {"rope_scaling": None} if family == "phi3" else {}
+    save_tiny_hf(family, tmp_path, head_dim=32, **plain)
     model = pretrained.load(tmp_path)
     assert model.cfg.head_dim == 32 and model.cfg.n_embd // model.cfg.n_head != 32
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -176,9 +202,8 @@ def test_an_explicit_head_dim_is_read_as_transformers_reads_it_and_written_back(
 
 
 def test_a_phi3_rope_scaling_transformers_refuses_is_refused(tmp_path):
-    """Phi3Config takes longrope alone (which codelm does not compute): linear or yarn on a
-    Phi-3 is refused in one line, never loaded and exported as a checkpoint transformers
-    cannot open."""
+    """Phi3Config takes longrope alone: linear or yarn on a Phi-3 is refused in one line, never
+    loaded and exported as a checkpoint transformers cannot open."""
     save_tiny_hf("phi3", tmp_path)
     _edit_config(tmp_path, rope_parameters=None, rope_scaling={"type": "linear", "factor": 4.0})
     with pytest.raises(ValueError, match=r"config\.json: rope scaling 'linear' .* phi3"):

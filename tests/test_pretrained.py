@@ -821,8 +821,8 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"qk_layernorm": True}, "qk_layernorm=True cannot be honoured"),
-    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0],
-                          "long_factor": [1.0]}}, "rope_type 'longrope' is not supported"),
+    ({"rope_parameters": {"rope_type": "mrope", "rope_theta": 1e4, "mrope_section": [1]}},
+     "rope_type 'mrope' is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},
      "rope scaling cannot be honoured for phi"),
     ({"hidden_act": "relu"}, "hidden_act='relu' is not supported"),

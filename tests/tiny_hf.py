@@ -91,9 +91,13 @@ def _modern_config(name: str):
     if name == "starcoder2":  # StarCoder2: LayerNorm, biases everywhere, GELU-tanh MLP, window
         return tf.Starcoder2Config, dict(shape, sliding_window=WINDOW, use_bias=True,
                                          hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
-    if name == "phi3":  # Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary; window
+    if name == "phi3":  # Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary, LongRoPE
+        # (its long factors past 64 positions, a quarter of the context); a window
+        longrope = {"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                    "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}
         return tf.Phi3Config, dict(shape, partial_rotary_factor=0.75, sliding_window=WINDOW,
-                                   pad_token_id=0)
+                                   pad_token_id=0, rope_scaling=longrope,
+                                   original_max_position_embeddings=64)
     if name == "gemma":  # CodeGemma 2B: multi-query attention, head_dim 32, tied
         return tf.GemmaConfig, dict(shape, num_key_value_heads=1, head_dim=32, pad_token_id=0)
     if name == "gemma2":  # Gemma 2: every other layer slides, soft caps, head_dim 32; caps

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import lora
-from architecture import Transformer, rope_inv_freq
+from architecture import Transformer, rope_attention_factor, rope_inv_freq
 from codelm.models import pretrained
 from codelm.models.families import GGUF_FAMILIES, GgufFamily, check_architecture, context_length
 from codelm.runtime import process
@@ -144,6 +144,9 @@ def _metadata(writer, cfg, family: GgufFamily) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(scaling["factor"])
         writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    elif scaling.get("rope_type") == "longrope":  # as llama.cpp's Phi-3 converter writes it
+        writer.add_rope_scaling_attn_factors(rope_attention_factor(cfg))
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     if family.sliding and cfg.sliding_window is not None:
         writer.add_sliding_window(cfg.sliding_window)
         writer.add_sliding_window_pattern([cfg.slides(layer) for layer in range(cfg.n_layer)])
@@ -247,6 +250,10 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     if (cfg.rope_scaling or {}).get("rope_type") == "llama3":  # per-frequency divisors
         plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
         tensors["rope_freqs.weight"] = plain / rope_inv_freq(cfg)
+    if (cfg.rope_scaling or {}).get("rope_type") == "longrope":  # its two sets of divisors
+        for kind in ("long", "short"):
+            tensors[f"rope_factors_{kind}.weight"] = torch.tensor(
+                cfg.rope_scaling[f"{kind}_factor"], dtype=torch.float32)
     return tensors
 
 

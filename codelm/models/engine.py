@@ -32,6 +32,7 @@ from codelm.models.generation import (
     CACHE_STEP,
     GenerationConfig,
     finish_reason,
+    longrope_switch,
     new_caches,
     sampling_logits,
 )
@@ -178,11 +179,7 @@ class Engine:
                       None)
         if source is None:
             first = slots[0]
-            idx = torch.tensor([prompt], device=self.device)
-            steps = torch.arange(T, device=self.device)
-            row = [(k[first : first + 1], v[first : first + 1]) for k, v in self.caches]
-            x = self.model.run_blocks(idx, steps[None], None, steps, row)
-            logits = self.model.logits(x[:, -1])
+            logits = self._run_row(prompt, first)
         else:
             first, logits = source.slot, source.prompt_logits
         for k, v in self.caches:
@@ -212,7 +209,20 @@ class Engine:
         x = self.model.run_blocks(fed_ids, positions, mask, positions, caches)
         logits = self.model.logits(x[:, -1])
         slots = _on_device([r.slot for r in running], self.device)
-        return self._pick(running, logits.index_select(0, slots))
+        logits = logits.index_select(0, slots)
+        switch = longrope_switch(self.model)
+        for i, r in enumerate(running):
+            if pos[r.slot] == switch:  # its keys again, the long way (generation._steps)
+                logits[i] = self._run_row([*r.prompt, *r.generated], r.slot)[0]
+        return self._pick(running, logits)
+
+    def _run_row(self, tokens: list[int], slot: int) -> torch.Tensor:
+        """``tokens`` run from position 0 into cache row ``slot``; the logits (1, V) of the
+        last."""
+        idx = torch.tensor([tokens], device=self.device)
+        steps = torch.arange(len(tokens), device=self.device)
+        row = [(k[slot : slot + 1], v[slot : slot + 1]) for k, v in self.caches]
+        return self.model.logits(self.model.run_blocks(idx, steps[None], None, steps, row)[:, -1])
 
     def _pick(self, requests: list[_Request], logits: torch.Tensor) -> list[Token]:
         """Each request's next token from its row of ``logits`` (len(requests), V); a request

@@ -262,15 +262,22 @@ def _rope_scaling(hf: dict, params: dict, rope_type: str) -> dict:
                          f"{', '.join(ROPE_SCALING_KEYS)})")
     src = dict(params)
     top = "original_max_position_embeddings"
-    if rope_type in ("llama3", "yarn"):  # transformers prefers the top-level key
+    if rope_type in ("llama3", "yarn", "longrope"):  # transformers prefers the top-level key
         src[top] = hf[top] if top in hf else src.get(top, hf.get("max_position_embeddings"))
-    if rope_type == "yarn" and src.get("factor") is None and src.get(top):
+    if rope_type in ("yarn", "longrope") and src.get("factor") is None and src.get(top):
         src["factor"] = _get(hf, "max_position_embeddings") / src[top]
     if missing := [k for k in ROPE_SCALING_KEYS[rope_type] if src.get(k) is None]:
         raise ValueError(f"{rope_type} rope scaling lacks {missing}")
     scaling = {"rope_type": rope_type}
     for key in ROPE_SCALING_KEYS[rope_type]:
-        scaling[key] = _typed(key, src[key], int if key == top else float)
+        if key in ("short_factor", "long_factor"):
+            if not isinstance(src[key], list):
+                raise ValueError(f"{key}={src[key]!r}: expected a list of numbers")
+            scaling[key] = [_typed(key, value, float) for value in src[key]]
+        else:
+            scaling[key] = _typed(key, src[key], int if key == top else float)
+    if rope_type == "longrope" and src.get("attention_factor") is not None:
+        scaling["attention_factor"] = _typed("attention_factor", src["attention_factor"], float)
     if rope_type == "yarn":
         for key in YARN_DEFAULTS:
             if src.get(key) is not None:
@@ -283,7 +290,24 @@ def _write_rope(c: ModelConfig, **extra) -> dict:
     rope = {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta,
             **extra}
     legacy = {k: v for k, v in rope.items() if k != "rope_theta"} if c.rope_scaling else None
+    if rope["rope_type"] == "longrope":
+        return {"rope_parameters": rope, "rope_theta": c.rope_theta, **_write_longrope(c, rope)}
     return {"rope_parameters": rope, "rope_theta": c.rope_theta, "rope_scaling": legacy}
+
+
+def _write_longrope(c: ModelConfig, rope: dict) -> dict:
+    """Phi-3's LongRoPE keys as its checkpoints write them: rope_scaling of its type and two
+    lists (transformers 4 refuses more; 5 reads it before rope_parameters), the factor and
+    attention factor beside them only where they differ from what the context lengths imply,
+    the original context at the top level."""
+    context = rope["original_max_position_embeddings"]
+    legacy = {"type": "longrope", "short_factor": rope["short_factor"],
+              "long_factor": rope["long_factor"]}
+    implied = {"factor": c.block_size / context, "attention_factor": None}
+    for key, value in implied.items():
+        if rope.get(key) is not None and rope[key] != value:
+            legacy[key] = rope[key]
+    return {"rope_scaling": legacy, "original_max_position_embeddings": context}
 
 
 def _full_rope(hf: dict, family: str) -> dict:
@@ -414,9 +438,10 @@ def _read_phi3(hf: dict) -> ModelConfig:
     _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
     f = _fields(hf, "phi3")
     rope = _rope(hf)
-    if rope["rope_scaling"] is not None:  # Phi3Config takes longrope alone (refused by _rope)
-        raise ValueError(f"rope scaling {rope['rope_scaling']['rope_type']!r} cannot be "
-                         "honoured for phi3: transformers' Phi-3 takes longrope alone")
+    scaling = rope["rope_scaling"]
+    if scaling is not None and scaling["rope_type"] != "longrope":
+        raise ValueError(f"rope scaling {scaling['rope_type']!r} cannot be honoured for phi3: "
+                         "transformers' Phi-3 takes longrope alone")
     return ModelConfig(**_shared(hf, "phi3"), **f, **_windows(hf, "phi3", f["n_layer"]),
                        norm="rmsnorm", mlp="swiglu", fused_gate_up=True, positions="rope",
                        rotary_dim=int(f["head_dim"] * rope["partial"]),
@@ -712,8 +737,9 @@ def check_architecture(cfg: ModelConfig) -> None:
                          f"export covers {', '.join(sorted(GGUF_FAMILIES))} (use the HF export "
                          "with transformers, or vLLM)")
     scaling = (cfg.rope_scaling or {}).get("rope_type")
-    if scaling not in (None, "linear", "llama3", "yarn") or (
-            scaling == "llama3" and not GGUF_FAMILIES[cfg.family].permute_qk):
+    if scaling not in (None, "linear", "llama3", "yarn", "longrope") or (
+            scaling == "llama3" and not GGUF_FAMILIES[cfg.family].permute_qk) or (
+            scaling == "longrope" and cfg.family != "phi3"):
         raise ValueError(f"rope_scaling {scaling!r}: llama.cpp's {GGUF_FAMILIES[cfg.family].arch}"
                          " has no such scaling")
     if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-9:

@@ -243,6 +243,24 @@ def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCach
 
 
 # ---------------------------------------------------------------------------------- decoding
+def longrope_switch(model: Transformer) -> int | None:
+    """The position whose token turns a LongRoPE model's sequence to its long frequencies
+    (Phi-3's original context), else None. Decoding that token, transformers recomputes the
+    cache from the start (keys rotated the long way); decoding here does the same."""
+    rope = model.rope
+    return None if rope is None or rope.long_inv_freq is None else rope.long_from
+
+
+def _check_no_switch(model: Transformer, length: int, cfg: GenerationConfig) -> None:
+    """Refuse a beam search or drafted decoding that would cross LongRoPE's switch."""
+    switch = longrope_switch(model)
+    if switch is not None and length <= switch < length + cfg.max_new_tokens - 1:
+        raise ValueError(f"the model's LongRoPE frequencies switch at position {switch}, inside "
+                         "this generation: beam search and drafted decoding do not recompute "
+                         "the cache there; decode plainly (num_beams 1, no drafts), or keep "
+                         f"prompt + max_new_tokens within {switch + 1}")
+
+
 def _prefill(model: Transformer, idx, attention_mask, caches):
     """Fill the cache with the prompt; return (last logits (B, V), key_valid (B, L), next pos)."""
     (B, T), length = idx.shape, caches[0][0].shape[2]
@@ -303,9 +321,12 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
     graphs = cfg.compile and idx.device.type == "cuda"
     slot = torch.tensor([T], device=idx.device)  # advanced on the device: no copy a step
     caches = _graph_caches(model, B, T + n) if graphs else new_caches(model, B, T + n)
+    switch = longrope_switch(model)
+    fed = [idx]  # for a LongRoPE model: the tokens so far, prefilled again at its switch
     try:
         logits, key_valid, pos = _prefill(model, idx, attention_mask, caches)
         attended = _Attended(caches, key_valid, fixed=cfg.compile)
+        refill_at = set() if switch is None else {switch - p for p in pos[:, 0].tolist()}
         for i in range(n):
             tok = _pick(logits, cfg)
             if track:
@@ -322,11 +343,27 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
                 return
             if graphs:  # a new graph iteration: the last one's logits have been read
                 torch.compiler.cudagraph_mark_step_begin()
+            if switch is not None:
+                fed.append(tok[:, None])
+            if i in refill_at:  # a row's token at the switch: its keys again, the long way
+                logits, key_valid, pos = _prefill(model, torch.cat(fed, dim=1),
+                                                  _grown(attention_mask, i + 1), caches)
+                attended = _Attended(caches, key_valid, fixed=cfg.compile)
+                slot = slot + 1
+                continue
             logits = step_fn(model, tok[:, None], pos, slot, *attended.upto(T + i))
             pos, slot = pos + 1, slot + 1
     finally:
         if graphs:
             _BUSY.discard(model)
+
+
+def _grown(attention_mask: torch.Tensor | None, new: int) -> torch.Tensor | None:
+    """A prompt's attention mask with ``new`` generated tokens after it."""
+    if attention_mask is None:
+        return None
+    ones = attention_mask.new_ones(attention_mask.shape[0], new)
+    return torch.cat((attention_mask, ones), dim=1)
 
 
 def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
@@ -335,6 +372,7 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     live beam can beat its K best finished ones. Scores: summed log-probs / length ** lp."""
     fill = _prepare(model, idx, cfg, attention_mask)  # before the beams expand the shapes
     B, T = idx.shape
+    _check_no_switch(model, T, cfg)
     K, n, dev, lp = cfg.num_beams, cfg.max_new_tokens, idx.device, cfg.length_penalty
     # (1 + #EOS) * K candidates a step: K live beams remain whichever EOS ids the top ones end with
     pool = max(2, 1 + len(cfg.eos_id)) * K
@@ -394,6 +432,7 @@ def _drafted(model: Transformer, idx, cfg: GenerationConfig, attention_mask) -> 
     draft at a time: the model's choices after the draft's first k tokens, in one forward; the
     draft's tokens it agrees with are kept, then its own next one."""
     _prepare(model, idx, cfg, attention_mask)
+    _check_no_switch(model, idx.shape[1], cfg)
     _need(idx.shape[0] == 1 and (attention_mask is None or bool(attention_mask.all())),
           "drafted decoding (prompt_lookup, draft_model) continues one unpadded prompt: "
           "batch them one at a time")

@@ -24,7 +24,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from architecture import SHORT_DTYPES, ModelConfig, Transformer, cuda_half_dtype, rope_inv_freq
+from architecture import SHORT_DTYPES, ModelConfig, Transformer, cuda_half_dtype
 from codelm.models.families import (
     TABLES,
     FamilyTable,
@@ -297,7 +297,7 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
         model.lm_head.weight = model.wte.weight
     if model.rope is not None:
         # computed, not moved: to_empty on a meta buffer imports sympy (+65 MiB RSS)
-        model.rope.inv_freq = rope_inv_freq(cfg, device=device)
+        model.rope.set_frequencies(device)
     model.name_or_path = str(directory)
     return model.eval()
 
