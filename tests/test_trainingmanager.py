@@ -4634,6 +4634,32 @@ def test_mlflow_gets_the_config_and_scalars_and_a_resume_continues_its_run(
     assert json.loads((run_dir / "trackers.json").read_text())["mlflow"] != run_id
 
 
+def test_mlflow_takes_any_metric_name_and_a_stops_thread_ends_its_run(tmp_path, monkeypatch):
+    """GRPO's val/val_pass@1 ("@" is no character of an MLflow name) is logged as
+    val_val_pass_at_1; the stop watcher's thread, closing the log as a stop ends the process,
+    ends the run KILLED (MLflow's active run is the main thread's)."""
+    import threading
+
+    mlflow = pytest.importorskip("mlflow")
+    from codelm.runs import trackers
+
+    uri = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    log = trackers.RunLog(tmp_path, True, None, {"lr": 1e-3}, ["mlflow"])
+    log.write(2, "val", {"val_pass@1": 0.5, "val_loss": 1.0})
+    watcher = threading.Thread(target=log.close, args=(trackers.KILLED,))
+    watcher.start()
+    watcher.join()
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]
+    client = mlflow.MlflowClient(uri)
+    try:
+        assert client.get_run(run_id).info.status == "KILLED"
+        assert [m.value for m in client.get_metric_history(run_id, "val_val_pass_at_1")] == [0.5]
+    finally:
+        mlflow.end_run()  # this process goes on (a stop's would exit)
+
+
 def test_mlflow_records_how_an_attempt_ended_and_a_resume_without_a_checkpoint_starts_anew(
         assets, tmp_path, monkeypatch):
     """A run whose loss turns NaN before its first checkpoint: its MLflow run FAILED. Resumed

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -84,6 +85,7 @@ class _MLflow:
         self.path, self.mlflow = run_dir, mlflow
         saved = _tracker_id(run_dir, "mlflow", lambda: None)
         run = mlflow.start_run(run_id=saved, run_name=run_dir.name)
+        self.run_id = run.info.run_id
         _tracker_id(run_dir, "mlflow", lambda: run.info.run_id)
         self.logged_through: dict[str, int] = {}  # metric -> the last step the run holds
         if saved is None:
@@ -97,14 +99,27 @@ class _MLflow:
     def log(self, step: int, scalars: dict) -> None:
         metrics = {}
         for key, value in scalars.items():
-            name = key.replace("/", "_")
+            name = mlflow_name(key)
             if step > self.logged_through.get(name, -1):
                 metrics[name] = value
         if metrics:
-            self.mlflow.log_metrics(metrics, step=step)
+            self.mlflow.log_metrics(metrics, step=step, run_id=self.run_id)
 
     def close(self, outcome: str) -> None:
-        self.mlflow.end_run(status=outcome)
+        """The run ended as ``outcome``, from any thread (MLflow's active run is per thread: a
+        stop's watcher thread ends it through the client)."""
+        active = self.mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            self.mlflow.end_run(status=outcome)
+        else:
+            self.mlflow.MlflowClient().set_terminated(self.run_id, status=outcome)
+
+
+def mlflow_name(key: str) -> str:
+    """A metric's name as MLflow takes it: "/" as "_" (kind_key), "@" as "_at_"
+    (val/pass@1: val_pass_at_1), and any other character MLflow refuses as "_"."""
+    name = key.replace("/", "_").replace("@", "_at_")
+    return re.sub(r"[^\w\-. :]", "_", name)
 
 
 TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
