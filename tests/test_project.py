@@ -117,6 +117,28 @@ def test_prose_and_keywords_declare_no_name():
     assert history.declared_names(kotlin, "Wrap.kt") == {"wrap"}
 
 
+def test_kotlin_and_go_declarations_and_lines_are_categorised_as_pythons_are():
+    """A Kotlin extension declares its function, not its receiver's type (`fun Int.isEven`:
+    isEven, not Int), generic ones past their type parameters, `enum class`/`fun interface`
+    their name; a Go method past its receiver. Their prints, packages and block-comment lines
+    are non-informative, as Python's are; `*a, b = xs` in Python is code."""
+    kotlin = ("class Box<T>(val v: T)\nfun <T> Box<T>.unwrap(): T = v\n"
+              "fun Int.isEven() = this % 2 == 0\nenum class Mode { A, B }\n"
+              "fun interface Validator { fun check(): Boolean }\nfun String?.slug() = this\n")
+    assert history.declared_names(kotlin, "Box.kt") == {
+        "Box", "unwrap", "isEven", "Mode", "Validator", "check", "slug"}
+    go = "type Repo struct{}\nfunc (r *Repo) Add(x int) int { return x }\nfunc New() *Repo {}\n"
+    assert history.declared_names(go, "repo.go") == {"Repo", "Add", "New"}
+    text = ("package app\n\nfun render(handle: String, n: Int): String {\n"
+            "    println(\"rendering $handle\")\n    val slug = handle.slug()\n"
+            "    /**\n     * The even ones.\n     */\n    return n.isEven().toString()\n}\n")
+    lines = history.line_categories(text, "app/Render.kt", {"Box.kt": kotlin}, {})
+    assert lines["inproject"] == [4, 8]  # slug(), isEven(); not "String" or "Int"
+    assert lines["non_informative"] == [3, 5, 6, 7, 9]  # println, /**, *, */, }
+    assert lines["random"] == [2]
+    assert not history.non_informative("*head, tail = items", "f.py")
+
+
 def test_a_moved_or_copied_file_is_no_case_and_odd_paths_are_read(tmp_path):
     """A file moved and edited (a rename, whatever diff.renames says) or copied whole is in
     its parent's snapshot already: no case. A file whose name has a quote or a tab is one."""

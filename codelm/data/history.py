@@ -52,14 +52,25 @@ SOURCE_EXTENSIONS = (".py", ".pyi", ".kt", ".kts", ".java", ".scala", ".groovy",
                      ".ts", ".tsx", ".go", ".rs", ".swift", ".c", ".h", ".cc", ".cpp", ".hpp",
                      ".cs", ".rb", ".php", ".m", ".dart", ".lua")
 
-_DECLARATION = re.compile(r"\b(?:def|class|fun|func|function|fn|struct|interface|trait|enum|"
-                          r"object|type)\s+([A-Za-z_]\w*)")
+# A declaration's name in other languages: after its keyword (not a keyword that follows it:
+# Kotlin's `enum class X`, `fun interface X`), past a Kotlin function's type parameters and
+# receiver (`fun <T> Box<T>.unwrap`) and a Go method's receiver (`func (r *Repo) Add`).
+_DECLARATION = re.compile(
+    r"\b(?:def|class|function|fn|struct|interface|trait|enum|object|type)\s+"
+    r"(?!(?:class|interface|object)\b)([A-Za-z_]\w*)"
+    r"|\bfun\s+(?!interface\b)(?:<[^>]*>\s*)?(?:[\w.]+(?:<[^>]*>)?\??\.)?([A-Za-z_]\w*)"
+    r"|\bfunc\s+(?:\([^)]*\)\s*)?([A-Za-z_]\w*)")
 _NAME = re.compile(r"[A-Za-z_]\w*")
 # String literals (triple-quoted first) and comments (block, #, //), left to right.
 _STRINGS_AND_COMMENTS = re.compile(r'/\*[\s\S]*?\*/|"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\''
                                    r'|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|#[^\n]*|//[^\n]*')
 _PY_DECLARATION = re.compile(r"^\s*(?:async\s+)?(?:def|class)\s+([A-Za-z_]\w*)")
 _NON_INFORMATIVE = re.compile(r"(#|//|/\*|import\b|from\s+\S+\s+import\b|print\s*\()")
+# The same kinds of line in other languages: a block comment's continuation, a package or
+# `use` line, and their prints (println, printf, System.out, console.log, fmt.Print, println!).
+_OTHER_NON_INFORMATIVE = re.compile(
+    r"(\*|package\b|use\s|(?:System\.(?:out|err)\.)?print(?:ln|f)?!?\s*\("
+    r"|console\.(?:log|error|warn|info|debug)\s*\(|fmt\.(?:Print|Fprint|Sprint)\w*\s*\()")
 
 
 # ---- Line categories ---------------------------------------------------------------------------
@@ -79,7 +90,13 @@ def declared_names(text: str, path: str = "x.py") -> frozenset[str]:
             return frozenset(node.name for node in ast.walk(tree) if isinstance(
                 node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef))
     code = _STRINGS_AND_COMMENTS.sub("", text)  # prose declares nothing
-    return frozenset(name for name in _DECLARATION.findall(code) if not keyword.iskeyword(name))
+    return frozenset(name for name in _declarations(code) if not keyword.iskeyword(name))
+
+
+def _declarations(code: str) -> list[str]:
+    """The names ``_DECLARATION`` finds in ``code``, in order."""
+    return [next(group for group in match.groups() if group is not None)
+            for match in _DECLARATION.finditer(code)]
 
 
 def _blanked(text: str) -> str:
@@ -103,16 +120,19 @@ def line_names(text: str, path: str = "x.py") -> list[set[str]]:
             found = [set() for _ in lines]
     if not tokenized:
         found = [set(_NAME.findall(line)) for line in _blanked(text).split("\n")]
-    declaration = _PY_DECLARATION if path.endswith(".py") else _DECLARATION
     for names, line in zip(found, lines):
-        names.difference_update(declaration.findall(line))
+        declared = (_PY_DECLARATION.findall(line) if path.endswith(".py")
+                    else _declarations(line))
+        names.difference_update(declared)
     return found
 
 
-def non_informative(line: str) -> bool:
-    """LCA's non-informative line: too short or too long, a comment, an import or a print."""
+def non_informative(line: str, path: str = "x.py") -> bool:
+    """LCA's non-informative line: too short or too long, a comment, an import or a print (in
+    another language than Python, its own comments, imports and prints too)."""
     stripped = line.strip()
-    return (len(stripped) < SHORT_LINE or len(stripped) > LONG_LINE
+    other = not path.endswith(".py") and _OTHER_NON_INFORMATIVE.match(stripped) is not None
+    return (len(stripped) < SHORT_LINE or len(stripped) > LONG_LINE or other
             or _NON_INFORMATIVE.match(stripped) is not None)
 
 
@@ -137,7 +157,7 @@ def line_categories(text: str, path: str, snapshot: dict[str, str], committed: d
             category = "infile"
         elif names & COMMON_NAMES:
             category = "common"
-        elif non_informative(line):
+        elif non_informative(line, path):
             category = "non_informative"
         else:
             category = "random"
