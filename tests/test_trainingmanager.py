@@ -4460,6 +4460,33 @@ def test_a_resumed_run_that_exports_anew_is_evaluated_anew(assets, tmp_path, cap
     assert [m["step"] for m in again["models"]] == [4]
 
 
+def test_a_kotlin_run_is_evaluated_on_its_lines(assets, tmp_path, capsys):
+    """A run on Kotlin files: its final evaluation completes their lines (line completion reads
+    any language, as training's completion examples do), without method's Python functions;
+    eval.py's method task says why a Kotlin split gives it nothing."""
+    kotlin = tmp_path / "kt"
+    kotlin.mkdir()
+    for i in range(30):
+        (kotlin / f"Shape{i}.kt").write_text(
+            f"package shapes\n\nclass Shape{i}(val side: Int) {{\n"
+            f"    fun area(): Int = side * side + {i}\n\n"
+            f"    fun describe(): String = \"shape {i} of area ${{area()}}\"\n}}\n")
+    options = {"cache_dir": assets["cache"], "progress": False, "extensions": [".kt"],
+               "split_by": "file"}
+    cfg = tiny_cfg(assets, tmp_path, data=[str(kotlin)], data_options=options, max_steps=2,
+                   eval_every=2, export=True)
+    assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 0
+    out = capsys.readouterr().out
+    assert "final evaluation (" in out and "line completion exact match" in out
+    assert "parse" not in out.split("final evaluation (")[1]
+    import eval as ev
+
+    run_dir = Path(cfg.out_dir) / cfg.name
+    assert ev.main(["--models", str(run_dir), "--tasks", "method"]) == 2
+    err = capsys.readouterr().err
+    assert "method targets come from Python (.py) files" in err and "other languages" in err
+
+
 def test_the_export_and_its_final_evaluation_name_the_weights_exported(assets, tmp_path,
                                                                         capsys, monkeypatch):
     """Validation losses 2.0 then 3.0: the export holds step 2's best/ weights, and the lines

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import eval as evaluation
 import lora
 from codelm import loading
+from codelm.data.config import DataConfig
 from codelm.data.encoding import (
     encode_prompts,
     prompt_prefix,
@@ -33,7 +34,7 @@ from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_
 from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
 from codelm.runs.rundir import best_step
-from codelm.runtime import distributed, process
+from codelm.runtime import distributed, process, settings
 from codelm.trainconfig import ExportSettings
 from codelm.training.build import Run
 from codelm.training.record import NonFiniteLossError
@@ -174,13 +175,17 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
 
 def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
     """A finished run's export scored as ``python eval.py --tasks line method`` scores it (the
-    test split), printed with the validation metrics of the weights it holds: best/'s step's,
-    else ``last`` (the last weights'); an evaluation that cannot run is only noted."""
+    test split; ``line`` alone where the run read no Python files, method's only source),
+    printed with the validation metrics of the weights it holds: best/'s step's, else ``last``
+    (the last weights'); an evaluation that cannot run is only noted."""
     step = rundir.exported_step(run_dir)
     if step is not None:
         last = rundir.evaluation_at(run_dir / rundir.METRICS_FILE, step)
     out = run_dir / rundir.FINAL_EVAL_DIR
-    cfg = evaluation.EvalConfig(models=[str(run_dir)], tasks=["line", "method"],
+    options = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config").get(
+        "data_options") or {}
+    python = ".py" in (options.get("extensions") or DataConfig().extensions)
+    cfg = evaluation.EvalConfig(models=[str(run_dir)], tasks=["line", "method"][: 1 + python],
                                 out_dir=str(out), progress=False, device=device)
     try:
         try:  # an interrupted final evaluation of these weights goes on where it stopped
@@ -193,9 +198,10 @@ def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
         return None
     val = "" if last is None else (f"val loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} "
                                    "bits/byte), ")
+    parses = ("" if "method/parses" not in metrics else
+              f"; function completions that parse {metrics['method/parses']:.0f}%")
     print(f"final evaluation ({out}): {val}line completion exact match {metrics['line/EM']:.1f}%, "
-          f"edit similarity {metrics['line/edit_sim']:.1f}; function completions that parse "
-          f"{metrics['method/parses']:.0f}%")
+          f"edit similarity {metrics['line/edit_sim']:.1f}{parses}")
     return metrics
 
 

@@ -70,15 +70,19 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: TextSettings, variant: s
     data_cfg = data_cfg or DataConfig()
     min_tokens = data_cfg.docstring_min_tokens
     out: list[Example] = []
+    other_languages = 0  # code files method and docstring cannot read (not Python)
     for doc in docs:
         if task == "refactor" and doc.target is not None:
             out.append(replace(refactor_example(doc), id=doc.id))
         elif task == "completion" and doc.target is None:
             out += completion_examples(doc, tok, data_cfg, cfg)
-        elif task not in ("refactor", "completion") and doc.target is None and doc.is_python:
-            if task == "line":
-                built = line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
-            elif task == "method":
+        elif task == "line" and doc.target is None:  # any language's lines, as training's
+            built = line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
+            out += [replace(e, id=f"{doc.id}#{j}") for j, e in enumerate(built)]
+        elif task in ("method", "docstring") and doc.target is None and not doc.is_python:
+            other_languages += 1
+        elif task in ("method", "docstring") and doc.target is None:
+            if task == "method":
                 built = method_examples(doc)
             else:
                 built = docstring_examples(doc, data_cfg.docstring_targets, variant,
@@ -94,6 +98,9 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: TextSettings, variant: s
     if not out:
         hint = ("the refactor task needs {input, output} pair records: pass --data FILE.jsonl"
                 if task == "refactor" else "choose other --data or --split")
+        if other_languages:
+            hint = (f"{task} targets come from Python (.py) files, and its {other_languages} "
+                    f"code files are of other languages; {hint}")
         raise ValueError(f"task {task!r}: no examples in the {cfg.split} split; {hint}")
     return out[:limit]
 
