@@ -566,6 +566,16 @@ def test_strip_comments_and_docstrings_on_stdlib_file():
     assert ast.dump(original) == ast.dump(tree)
 
 
+def test_python_cleaning_options_keep_other_languages_files_and_count_them():
+    """strip_comments, strip_docstrings and autopep8 read Python: a Kotlin file keeps its
+    comments, counted (not_python_kept_as_is) so that the corpus stats say so."""
+    kotlin = "package a\n\n/** KDoc of f. */\nfun f() = 1 // trailing comment\n"
+    options = asdict(DataConfig(strip_comments=True, strip_docstrings=True, min_bytes=0,
+                                min_lines=0))
+    kept, reason, mods = clean_one((Doc("A.kt", kotlin), options))
+    assert reason is None and kept.text == kotlin and mods == ["not_python_kept_as_is"]
+
+
 def test_deeply_nested_file_is_dropped_as_a_syntax_error_not_a_crash(tmp_path, tok):
     src = tmp_path / "src"
     src.mkdir()

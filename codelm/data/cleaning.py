@@ -182,6 +182,8 @@ def clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]
     if is_python and opt["autopep8"]:
         text, changed = _autopep8(text)
         mods += [changed] if changed else []
+    if not is_python and (opt["strip_comments"] or opt["strip_docstrings"] or opt["autopep8"]):
+        mods.append("not_python_kept_as_is")  # those options read Python alone: counted, said
     lines = source_lines(text)
     if sum(map(bool, map(str.strip, lines))) < opt["min_lines"]:
         return None, "too_few_lines", mods

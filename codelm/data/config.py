@@ -61,10 +61,10 @@ class DataConfig:
     dedupe: bool = True  # drop exact duplicates (a copy in another split always goes)
     near_dedupe: bool = False  # also drop near duplicates (MinHash)
     near_dedupe_threshold: float = 0.85  # Jaccard similarity above which files are duplicates
-    autopep8: bool = False  # reformat each file with autopep8
+    autopep8: bool = False  # reformat each Python file with autopep8
     strip_license: bool = True  # drop license header comments
-    strip_comments: bool = False  # drop comments
-    strip_docstrings: bool = False  # drop docstrings
+    strip_comments: bool = False  # drop Python files' comments (other languages keep theirs)
+    strip_docstrings: bool = False  # drop Python files' docstrings
     redact_secrets: bool = True  # credentials become placeholders such as <GITHUB_TOKEN>
     redact_emails: bool = False  # e-mail addresses become <EMAIL>
     min_bytes: int = 1  # smaller files are dropped
