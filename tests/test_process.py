@@ -111,3 +111,23 @@ def test_a_directory_written_without_replace_keeps_any_existing_target(tmp_path,
     else:
         assert list(target.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+
+
+def test_a_process_forked_after_its_parent_hashed_hashes_on_its_own_thread(tmp_path):
+    """BLAKE3's thread pool lives in the process that started it: a fork of a process that
+    hashed (a test worker, a data worker) hashes on one thread and finishes, with the same
+    digest, where waiting on the parent's pool would hang."""
+    import multiprocessing
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 40_000)  # 10 MB: BLAKE3 splits it across threads
+    digest = process.file_digest(path)
+    queue = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(
+        target=lambda: queue.put(process.file_digest(path)))
+    child.start()
+    try:
+        child.join(timeout=60)
+        assert child.exitcode == 0 and queue.get(timeout=5) == digest
+    finally:
+        child.kill()

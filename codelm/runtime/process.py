@@ -899,11 +899,20 @@ def _bar_class() -> type:
 MANIFEST_FILE = "manifest.json"  # each file's size and BLAKE3 digest, written last
 
 
+_THREADED_IN: int | None = None  # the process whose BLAKE3 thread pool runs (a fork has none)
+
+
 def file_digest(path: str | Path) -> str:
-    """The BLAKE3 digest of a file's bytes: multithreaded, at about file-read speed."""
+    """The BLAKE3 digest of a file's bytes: multithreaded, at about file-read speed; on one
+    thread in a process forked after its parent hashed (its parent's pool is not there: waiting
+    on it would hang)."""
     import blake3
 
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    global _THREADED_IN
+    if _THREADED_IN is None:
+        _THREADED_IN = os.getpid()
+    threads = blake3.blake3.AUTO if _THREADED_IN == os.getpid() else 1
+    hasher = blake3.blake3(max_threads=threads)
     hasher.update_mmap(path)
     return hasher.hexdigest()
 
