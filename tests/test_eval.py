@@ -2140,19 +2140,22 @@ def test_refactor_and_method_tasks_score_generations(tiny_models, tmp_path, monk
     assert metrics == {"BLEU": pytest.approx(100.0), "edit_sim": 100.0, "parses": 100.0}
 
 
-def test_generation_tasks_take_exactly_limit_examples_from_python_files(tiny_models):
-    """--limit caps the examples even where one file gives several; line, method and docstring
-    examples come from Python files only (a Kotlin file is no source of Python methods)."""
+def test_generation_tasks_take_exactly_limit_examples_from_the_files_they_read(tiny_models):
+    """--limit caps the examples even where one file gives several; method and docstring
+    examples come from Python files only (a Kotlin file is no source of Python methods), line
+    completion's from any code file, as training's completion examples."""
     text = CLASS_SOURCE.format(i=0)
     docs = [Doc("Account.kt", text), Doc("account.py", text), Doc("more.py", text)]
-    for task in ("line", "method"):
+    for task, files in (("line", {"Account.kt", "account.py"}),
+                        ("method", {"account.py", "more.py"})):
         for limit in (1, 3):
             cfg = EvalConfig(limit=limit, lines_per_file=2)
             examples = text_task.build_examples(task, docs, cfg)
             assert len(examples) == limit
-            assert {e.id.split("#")[0] for e in examples} <= {"account.py", "more.py"}
-    with pytest.raises(ValueError, match="task 'line': no examples in the test split"):
-        text_task.build_examples("line", docs[:1], EvalConfig())
+            assert {e.id.split("#")[0] for e in examples} <= files
+    assert text_task.build_examples("line", docs[:1], EvalConfig())
+    with pytest.raises(ValueError, match="task 'method': no examples in the test split"):
+        text_task.build_examples("method", docs[:1], EvalConfig())
 
 
 def test_completion_examples_are_windows_of_the_file_as_training_cuts_them(tiny_models):

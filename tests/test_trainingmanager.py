@@ -28,6 +28,7 @@ import trainingmanager as tm
 from architecture import SHORT_DTYPES
 from codelm import kernels, loading, trainconfig
 from codelm.data import encoding
+from codelm.data.cache import publish_cache_entry
 from codelm.data.datasets import LMWindows, collate
 from codelm.data.encoding import supervised_example, tokenizer_cache_dir
 from codelm.data.sources import stdlib_files
@@ -834,9 +835,11 @@ def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypa
 
     def train_while_another_run_caches(*args, **kwargs):
         tok = train(*args, **kwargs)
-        cached.mkdir(parents=True)  # the other run's entry, published meanwhile
-        tok.save(cached)
-        (cached / "first").write_text("")
+        def publish(entry):  # the other run's entry, published meanwhile
+            tok.save(entry)
+            (entry / "first").write_text("")
+
+        publish_cache_entry(cached, publish)
         return tok
 
     monkeypatch.setattr(CodeTokenizer, "train", staticmethod(train_while_another_run_caches))

@@ -174,8 +174,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         stats = json.loads((path / "stats.json").read_text())
         stats["cache_hit"] = True
         return _corpus_at(path, stats, key)
+    replace = not cfg.use_cache or path.exists()  # an entry there now is a broken one
     with building(path, fresh=not cfg.use_cache) as work:
-        stats = _publish_corpus(cfg, path, work, replace=not cfg.use_cache or path.exists())
+        stats = _publish_corpus(cfg, path, work, replace)
     stats["cache_hit"] = False
     return _corpus_at(path, stats, key)
 

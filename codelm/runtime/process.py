@@ -949,8 +949,10 @@ def manifest_problem(directory: Path, names: Sequence[str] | None = None,
             return f"{name}: not in {MANIFEST_FILE}"
         if not path.is_file():
             return f"{name}: missing"
-        if path.stat().st_size != want.get("bytes"):
-            return f"{name}: {path.stat().st_size} bytes, {MANIFEST_FILE} recorded {want.get('bytes')}"
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            return (f"{name}: its bytes differ from those {MANIFEST_FILE} recorded ({size} "
+                    f"bytes, not {want.get('bytes')})")
         if not sizes_only and file_digest(path) != want.get("blake3"):
             return f"{name}: its bytes differ from those {MANIFEST_FILE} recorded"
     return None
