@@ -70,6 +70,33 @@ def test_longrope_decoding_switches_where_transformers_recomputes_its_cache(chec
     with pytest.raises(ValueError, match="LongRoPE frequencies switch at position 64"):
         gen(model, torch.tensor([prompts[1]]), 30, num_beams=2, eos_id=[2])
     assert gen(model, torch.tensor([prompts[0]]), 30, num_beams=2, eos_id=[2]).shape[1] <= 50
+    padded = torch.tensor([prompts[4], [0] * 20 + prompts[1]])  # the 50-token row crosses
+    mask = torch.ones_like(padded, dtype=torch.bool)
+    mask[1, :20] = False
+    with pytest.raises(ValueError, match="LongRoPE frequencies switch at position 64"):
+        gen(model, padded, 30, attention_mask=mask, num_beams=2, eos_id=[2])
+
+
+def test_a_sample_joining_after_its_twin_passed_longrope_switch_is_prefilled_anew(checkpoints):
+    """Samples of one prompt share its prefill, unless the running one has passed the switch
+    (its row recomputed the long way, prompt keys too): a sample admitted then is the same,
+    log-prob for log-prob, as one admitted with it."""
+    from codelm.models.engine import Engine
+    from codelm.models.generation import GenerationConfig
+
+    model = checkpoints["phi3"][2]
+    prompt = _ids(1, 60, seed=9)[0].tolist()
+
+    def logprobs(late: bool) -> list[float]:
+        engine = Engine(model, slots=2)
+        engine.add(prompt, GenerationConfig(30), logprobs=1)
+        steps = 10 if late else 0  # 10 steps: the first request is past position 64
+        events = [event for _ in range(steps) for event in engine.step()]
+        second = engine.add(prompt, GenerationConfig(8), logprobs=1)
+        events += list(engine.run())
+        return [event.logprob for event in events if event.request == second]
+
+    assert logprobs(late=True) == pytest.approx(logprobs(late=False), abs=1e-5)
 
 
 @pytest.mark.parametrize("name", ["qwen2-window", "mistral", "gemma2"])

@@ -137,6 +137,9 @@ def test_kotlin_and_go_declarations_and_lines_are_categorised_as_pythons_are():
     assert lines["non_informative"] == [3, 5, 6, 7, 9]  # println, /**, *, */, }
     assert lines["random"] == [2]
     assert not history.non_informative("*head, tail = items", "f.py")
+    assert not history.non_informative("*out = value + offset;", "buf.go")  # a pointer's
+    assert history.declared_names("fun <T : Comparable<T>> List<T>.top(): T = max()\n",
+                                  "Top.kt") == {"top"}
 
 
 def test_a_moved_or_copied_file_is_no_case_and_odd_paths_are_read(tmp_path):

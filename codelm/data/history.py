@@ -58,7 +58,8 @@ SOURCE_EXTENSIONS = (".py", ".pyi", ".kt", ".kts", ".java", ".scala", ".groovy",
 _DECLARATION = re.compile(
     r"\b(?:def|class|function|fn|struct|interface|trait|enum|object|type)\s+"
     r"(?!(?:class|interface|object)\b)([A-Za-z_]\w*)"
-    r"|\bfun\s+(?!interface\b)(?:<[^>]*>\s*)?(?:[\w.]+(?:<[^>]*>)?\??\.)?([A-Za-z_]\w*)"
+    r"|\bfun\s+(?!interface\b)(?:<(?:[^<>]|<[^<>]*>)*>\s*)?"
+    r"(?:[\w.]+(?:<(?:[^<>]|<[^<>]*>)*>)?\??\.)?([A-Za-z_]\w*)"
     r"|\bfunc\s+(?:\([^)]*\)\s*)?([A-Za-z_]\w*)")
 _NAME = re.compile(r"[A-Za-z_]\w*")
 # String literals (triple-quoted first) and comments (block, #, //), left to right.
@@ -69,7 +70,7 @@ _NON_INFORMATIVE = re.compile(r"(#|//|/\*|import\b|from\s+\S+\s+import\b|print\s
 # The same kinds of line in other languages: a block comment's continuation, a package or
 # `use` line, and their prints (println, printf, System.out, console.log, fmt.Print, println!).
 _OTHER_NON_INFORMATIVE = re.compile(
-    r"(\*|package\b|use\s|(?:System\.(?:out|err)\.)?print(?:ln|f)?!?\s*\("
+    r"(\*(?:\s|/|$)|package\b|use\s|(?:System\.(?:out|err)\.)?print(?:ln|f)?!?\s*\("
     r"|console\.(?:log|error|warn|info|debug)\s*\(|fmt\.(?:Print|Fprint|Sprint)\w*\s*\()")
 
 

@@ -63,6 +63,7 @@ class _Request:
     logprobs: int | None
     generated: list[int] = field(default_factory=list)
     slot: int = -1
+    refilled: bool = False  # its row run again past LongRoPE's switch: its prompt keys too
     prompt_logits: torch.Tensor | None = None  # (1, V) after the prompt, once prefilled
 
 
@@ -175,8 +176,8 @@ class Engine:
         last position: copied from a running request of the same prompt (a sample of the same
         problem admitted later), else run into the first slot and copied to the others."""
         T = len(prompt)
-        source = next((row for row in self.rows if row is not None and row.prompt == prompt),
-                      None)
+        source = next((row for row in self.rows if row is not None and row.prompt == prompt
+                       and not row.refilled), None)
         if source is None:
             first = slots[0]
             logits = self._run_row(prompt, first)
@@ -214,6 +215,7 @@ class Engine:
         for i, r in enumerate(running):
             if pos[r.slot] == switch:  # its keys again, the long way (generation._steps)
                 logits[i] = self._run_row([*r.prompt, *r.generated], r.slot)[0]
+                r.refilled = True
         return self._pick(running, logits)
 
     def _run_row(self, tokens: list[int], slot: int) -> torch.Tensor:

@@ -251,10 +251,16 @@ def longrope_switch(model: Transformer) -> int | None:
     return None if rope is None or rope.long_inv_freq is None else rope.long_from
 
 
-def _check_no_switch(model: Transformer, length: int, cfg: GenerationConfig) -> None:
-    """Refuse a beam search or drafted decoding that would cross LongRoPE's switch."""
+def _check_no_switch(model: Transformer, idx: torch.Tensor, attention_mask: torch.Tensor | None,
+                     cfg: GenerationConfig) -> None:
+    """Refuse a beam search or drafted decoding whose rows (each its own length) would cross
+    LongRoPE's switch."""
     switch = longrope_switch(model)
-    if switch is not None and length <= switch < length + cfg.max_new_tokens - 1:
+    if switch is None:
+        return
+    lengths = ([idx.shape[1]] * idx.shape[0] if attention_mask is None
+               else attention_mask.sum(dim=1).tolist())
+    if any(length <= switch < length + cfg.max_new_tokens - 1 for length in lengths):
         raise ValueError(f"the model's LongRoPE frequencies switch at position {switch}, inside "
                          "this generation: beam search and drafted decoding do not recompute "
                          "the cache there; decode plainly (num_beams 1, no drafts), or keep "
@@ -372,7 +378,7 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
     live beam can beat its K best finished ones. Scores: summed log-probs / length ** lp."""
     fill = _prepare(model, idx, cfg, attention_mask)  # before the beams expand the shapes
     B, T = idx.shape
-    _check_no_switch(model, T, cfg)
+    _check_no_switch(model, idx, attention_mask, cfg)
     K, n, dev, lp = cfg.num_beams, cfg.max_new_tokens, idx.device, cfg.length_penalty
     # (1 + #EOS) * K candidates a step: K live beams remain whichever EOS ids the top ones end with
     pool = max(2, 1 + len(cfg.eos_id)) * K
@@ -432,7 +438,7 @@ def _drafted(model: Transformer, idx, cfg: GenerationConfig, attention_mask) -> 
     draft at a time: the model's choices after the draft's first k tokens, in one forward; the
     draft's tokens it agrees with are kept, then its own next one."""
     _prepare(model, idx, cfg, attention_mask)
-    _check_no_switch(model, idx.shape[1], cfg)
+    _check_no_switch(model, idx, attention_mask, cfg)
     _need(idx.shape[0] == 1 and (attention_mask is None or bool(attention_mask.all())),
           "drafted decoding (prompt_lookup, draft_model) continues one unpadded prompt: "
           "batch them one at a time")
