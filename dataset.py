@@ -497,7 +497,6 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     path = Path(cfg.cache_dir) / f"{cfg.task}-{key}"
     sweep_cache(cfg.cache_dir)
     cache_hit = cfg.use_cache and usable_entry(path, "meta.json")
-    replace = not cfg.use_cache or (not cache_hit and path.exists())  # over a broken entry
     meta: dict = json.loads((path / "meta.json").read_text()) if cache_hit else {}
     if not cache_hit:
         corpus = load_corpus(cfg)
@@ -510,7 +509,7 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
                 meta["sample_prompt"] = held_out_prompt(held_out, cfg)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-            publish_cache_entry(path, write, replace=replace)
+            publish_cache_entry(path, write, replace=not cfg.use_cache, marker="meta.json")
     _note_pairs_as_text(cfg, meta)
     task = meta["task"]
     if cfg.task == "lm":

@@ -102,27 +102,37 @@ def sweep_cache(cache_dir: str | Path) -> None:
             remove_shards(entry)
 
 
-def publish_cache_entry(final: Path, build: Callable[[Path], object],
-                        replace: bool = False) -> None:
-    """Build the cache entry ``final`` with ``process.write_dir_atomically`` (without
-    ``replace`` the first complete build stays), its files' sizes and digests in its manifest;
-    a full disk names the cache directory."""
+def publish_cache_entry(final: Path, build: Callable[[Path], object], replace: bool = False,
+                        marker: str | None = None) -> None:
+    """Build the cache entry ``final`` with ``process.write_dir_atomically``, its files' sizes
+    and digests in its manifest; a full disk names the cache directory. Without ``replace`` the
+    first complete build stays (another process may be reading it), unless the entry there is
+    broken (``entry_problem`` of its ``marker`` file)."""
 
     def build_recorded(tmp: Path) -> None:
         build(tmp)
         process.write_manifest(tmp)
 
+    if marker is not None and final.exists() and entry_problem(final, marker) is not None:
+        replace = True
     with cache_writes(final):
         process.write_dir_atomically(final, build_recorded, replace=replace)
 
 
-def usable_entry(entry: Path, marker: str) -> bool:
-    """Whether the published cache entry ``entry`` (its ``marker`` file written last) can be
-    read as it is: each file the size its manifest recorded. One cut short or missing (a disk
-    that filled, a hand edit) is said and built again."""
+def entry_problem(entry: Path, marker: str) -> str | None:
+    """Why the published cache entry ``entry`` (its ``marker`` file written last) cannot be
+    read as it is (a file missing or not the size its manifest recorded), or None."""
     if not (entry / marker).exists():
+        return f"no {marker}"
+    return process.manifest_problem(entry, sizes_only=True)
+
+
+def usable_entry(entry: Path, marker: str) -> bool:
+    """Whether the cache entry ``entry`` is there and readable (``entry_problem``); one cut
+    short or missing a file (a disk that filled, a hand edit) is said, and built again."""
+    if not entry.exists():
         return False
-    problem = process.manifest_problem(entry, sizes_only=True)
+    problem = entry_problem(entry, marker)
     if problem is not None:
         print(f"note: data cache entry {entry}: {problem}; it is built again", file=sys.stderr)
     return problem is None

@@ -174,16 +174,14 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         stats = json.loads((path / "stats.json").read_text())
         stats["cache_hit"] = True
         return _corpus_at(path, stats, key)
-    replace = not cfg.use_cache or path.exists()  # an entry there now is a broken one
     with building(path, fresh=not cfg.use_cache) as work:
-        stats = _publish_corpus(cfg, path, work, replace)
+        stats = _publish_corpus(cfg, path, work)
     stats["cache_hit"] = False
     return _corpus_at(path, stats, key)
 
 
-def _publish_corpus(cfg: DataConfig, path: Path, work: Path, replace: bool) -> dict:
-    """Build the corpus entry ``path`` through its shards under ``work`` (``replace``: over
-    the one there); its stats."""
+def _publish_corpus(cfg: DataConfig, path: Path, work: Path) -> dict:
+    """Build the corpus entry ``path`` through its shards under ``work``; its stats."""
     manifests = build_corpus_shards(cfg, work)
     stats = corpus_stats(manifests, cfg)
     keys = [DocKey(*k) for m in manifests for k in m["keys"]]
@@ -204,7 +202,7 @@ def _publish_corpus(cfg: DataConfig, path: Path, work: Path, replace: bool) -> d
                 out[split].write(line)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
 
-    publish_cache_entry(path, write, replace=replace)
+    publish_cache_entry(path, write, replace=not cfg.use_cache, marker="stats.json")
     return stats
 
 

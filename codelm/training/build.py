@@ -127,7 +127,6 @@ def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
     cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
     if dcfg.use_cache and usable_entry(cached, "tokenizer.json"):
         return load_tokenizer(cached)
-    broken = cached.exists()  # (an entry another run publishes meanwhile is kept)
 
     texts = prepare(dcfg, None).train
     tok = CodeTokenizer.train(progress_bar(texts, desc="train tokenizer", unit="text",
@@ -136,7 +135,7 @@ def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
                               num_workers=dcfg.workers)
     if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
         with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
-            publish_cache_entry(cached, tok.save, replace=broken)
+            publish_cache_entry(cached, tok.save, marker="tokenizer.json")
     return tok
 
 
