@@ -4487,7 +4487,20 @@ def test_a_kotlin_run_is_evaluated_on_its_lines(assets, tmp_path, capsys):
     run_dir = Path(cfg.out_dir) / cfg.name
     assert ev.main(["--models", str(run_dir), "--tasks", "method"]) == 2
     err = capsys.readouterr().err
-    assert "method targets come from Python (.py) files" in err and "other languages" in err
+    assert "method targets come from Python files" in err and "other languages" in err
+
+
+def test_a_run_on_text_records_is_evaluated_on_their_lines(assets, tmp_path, capsys):
+    """JSONL text records name no .py file, so method finds no function in them: the final
+    evaluation completes their lines alone, not nothing."""
+    records = tmp_path / "code.jsonl"
+    texts = [p.read_text("utf-8") for p in sorted(Path(assets["corpus"]).iterdir())]
+    records.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    cfg = tiny_cfg(assets, tmp_path, data=[str(records)], max_steps=2, eval_every=2,
+                   export=True)
+    assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 0
+    out = capsys.readouterr().out
+    assert "final evaluation (" in out and "no final evaluation" not in out
 
 
 def test_the_export_and_its_final_evaluation_name_the_weights_exported(assets, tmp_path,

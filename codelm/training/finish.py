@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 import eval as evaluation
 import lora
 from codelm import loading
-from codelm.data.config import DataConfig
 from codelm.data.encoding import (
     encode_prompts,
     prompt_prefix,
@@ -34,7 +33,7 @@ from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_
 from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
 from codelm.runs.rundir import best_step
-from codelm.runtime import distributed, process, settings
+from codelm.runtime import distributed, process
 from codelm.trainconfig import ExportSettings
 from codelm.training.build import Run
 from codelm.training.record import NonFiniteLossError
@@ -173,26 +172,35 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     return truncate_at_stops(text, stops)
 
 
+def _evaluated(run_dir: Path, tasks: list[str], out: Path, device: str) -> dict:
+    """The run's export scored on ``tasks`` into ``out``: an interrupted evaluation of these
+    weights goes on where it stopped, one of weights the run has since replaced (resumed,
+    exported anew) is done again."""
+    cfg = evaluation.EvalConfig(models=[str(run_dir)], tasks=tasks, out_dir=str(out),
+                                progress=False, device=device)
+    try:
+        return evaluation.evaluate(cfg)["rows"][0]["metrics"]
+    except OtherEvaluation:
+        shutil.rmtree(out)
+        return evaluation.evaluate(cfg)["rows"][0]["metrics"]
+
+
 def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
     """A finished run's export scored as ``python eval.py --tasks line method`` scores it (the
-    test split; ``line`` alone where the run read no Python files, method's only source),
+    test split; ``line`` alone where the split holds no Python file, method's only source),
     printed with the validation metrics of the weights it holds: best/'s step's, else ``last``
     (the last weights'); an evaluation that cannot run is only noted."""
     step = rundir.exported_step(run_dir)
     if step is not None:
         last = rundir.evaluation_at(run_dir / rundir.METRICS_FILE, step)
     out = run_dir / rundir.FINAL_EVAL_DIR
-    options = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config").get(
-        "data_options") or {}
-    python = ".py" in (options.get("extensions") or DataConfig().extensions)
-    cfg = evaluation.EvalConfig(models=[str(run_dir)], tasks=["line", "method"][: 1 + python],
-                                out_dir=str(out), progress=False, device=device)
     try:
-        try:  # an interrupted final evaluation of these weights goes on where it stopped
-            metrics = evaluation.evaluate(cfg)["rows"][0]["metrics"]
-        except OtherEvaluation:  # of weights the run has since replaced (resumed, exported anew)
-            shutil.rmtree(out)
-            metrics = evaluation.evaluate(cfg)["rows"][0]["metrics"]
+        try:
+            metrics = _evaluated(run_dir, ["line", "method"], out, device)
+        except ValueError as e:
+            if not str(e).startswith("task 'method': no examples"):
+                raise
+            metrics = _evaluated(run_dir, ["line"], out, device)  # other languages' files
     except ValueError as e:
         print(f"note: no final evaluation: {e}")
         return None

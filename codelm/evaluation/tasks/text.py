@@ -99,8 +99,8 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: TextSettings, variant: s
         hint = ("the refactor task needs {input, output} pair records: pass --data FILE.jsonl"
                 if task == "refactor" else "choose other --data or --split")
         if other_languages:
-            hint = (f"{task} targets come from Python (.py) files, and its {other_languages} "
-                    f"code files are of other languages; {hint}")
+            hint = (f"{task} targets come from Python files (named .py), and {other_languages} "
+                    f"of its code files are not (other languages, or text records); {hint}")
         raise ValueError(f"task {task!r}: no examples in the {cfg.split} split; {hint}")
     return out[:limit]
 
