@@ -243,7 +243,10 @@ UNSERVED = {"logit_bias": (None, {}), "frequency_penalty": (None, 0), "presence_
             "include_stop_str_in_output": (None, False), "use_beam_search": (None, False),
             "allowed_token_ids": (None, []), "bad_words": (None, []),
             "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-            "guided_grammar": (None,)}
+            "guided_grammar": (None,), "structured_outputs": (None,), "length_penalty": (None, 1),
+            "logits_processors": (None, []), "add_generation_prompt": (None, True),
+            "continue_final_message": (None, False), "chat_template": (None,),
+            "chat_template_kwargs": (None, {})}
 
 
 def _refuse_unserved(body: dict) -> None:

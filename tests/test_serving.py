@@ -273,7 +273,7 @@ def test_parameters_not_served_are_refused_not_ignored_and_a_model_is_retrieved(
                      {"response_format": {"type": "json_object"}},
                      {"repetition_penalty": 1.2}, {"min_p": 0.1}, {"min_tokens": 3},
                      {"ignore_eos": True}, {"stop_token_ids": [5]},
-                     {"guided_regex": "[a-z]+"}):
+                     {"guided_regex": "[a-z]+"}, {"continue_final_message": True}):
         status, body = _post(server, "/completions", json.dumps(
             {"model": "tiny", "prompt": "x", "max_tokens": 2, **unserved}).encode())
         assert status == 400 and body["error"]["param"] == next(iter(unserved)), body
