@@ -73,11 +73,12 @@ class ServedModel:
 
 
 def served_model(name: str, model: Transformer, tokenizer,
-                 encode: Callable[[str], list[int]] | None = None, start: int = 0
-                 ) -> ServedModel:
+                 encode: Callable[[str], list[int]] | None = None, start: int = 0,
+                 eos_ids: list[int] | None = None) -> ServedModel:
     """A ServedModel of a model and its codelm tokenizer (tokenizer.load_tokenizer's): prompts
     encoded by ``encode`` (default the tokenizer's own; ``start``: the tokens it puts first),
-    chat where it has a template."""
+    chat where it has a template; ``eos_ids``: the ids that end a text (default
+    ``generation_eos_ids``)."""
     def chat_prompt(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return tokenizer.encode(tokenizer.apply_chat_template(messages, True, tools))
 
@@ -88,7 +89,8 @@ def served_model(name: str, model: Transformer, tokenizer,
     return ServedModel(name, model, encode or tokenizer.encode,
                        lambda ids: decode_generated(tokenizer, ids),
                        lambda i: decode_generated(tokenizer, [i]), token_bytes,
-                       generation_eos_ids(tokenizer, model.cfg.eos_id, model.name_or_path),
+                       eos_ids or generation_eos_ids(tokenizer, model.cfg.eos_id,
+                                                     model.name_or_path),
                        chat_prompt if has_chat else None, start)
 
 

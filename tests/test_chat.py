@@ -316,3 +316,33 @@ def test_an_answer_ends_at_the_first_marker_after_its_text_and_a_tool_call_keeps
     assert chat_answer("a <|user|> b<|end|>\n", "a <|user|> b", phi3) == "a <|user|> b<|end|>"
     tool_call = '[TOOL_CALLS] [{"name": "get_weather"}]</s>'
     assert chat_answer(tool_call, "", ["</s>", "[TOOL_CALLS]"]) == tool_call
+
+
+def test_a_chat_run_stops_at_the_end_of_turn_its_answers_were_trained_to_end_with(
+        instruct, tmp_path):
+    """A base checkpoint's tokenizer (eos <|endoftext|>) with ChatML's template: chat training
+    ends each answer at <|im_end|>, so eval, the server and the run's sample stop there too
+    (not at EOS alone: the text would run on into the next turn); a model not trained on
+    conversations keeps its EOS ids alone, as transformers' generate."""
+    import shutil
+
+    from codelm import loading
+    from codelm.data.examples import end_of_turn_ids
+    from codelm.evaluation import scoring
+
+    root, _ = instruct
+    base = tmp_path / "base"
+    shutil.copytree(root, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                            "eos_token": "<|endoftext|>"}))
+    tok = load_tokenizer(base)
+    end = tok.token_to_id("<|im_end|>")
+    assert end_of_turn_ids(tok) == [end] and tok.eos_id != end
+    model = torch.nn.Linear(1, 1)
+    model.cfg = type("Cfg", (), {"eos_id": None})()
+    model.name_or_path = None
+    chat = loading.LoadedModel("c", "runs/c", model, tok, run_config={"task": "chat"})
+    plain = loading.LoadedModel("p", "runs/p", model, tok, run_config={"task": "completion"})
+    assert scoring.stop_ids(chat) == [tok.eos_id, end]
+    assert scoring.stop_ids(plain) == [tok.eos_id]

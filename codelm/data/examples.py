@@ -267,6 +267,22 @@ def chat_turns(tok: BPETokenizer, messages: Sequence[dict]) -> list[ChatTurn]:
     return turns
 
 
+def end_of_turn_ids(tok) -> list[int]:
+    """The id of the special token that ends an assistant turn in the tokenizer's chat
+    template (as ``chat_turns`` cuts an answer there: what a chat run learns to end with);
+    none without a template or such a token."""
+    if getattr(tok, "chat_template", None) is None:
+        return []
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        [turn] = chat_turns(tok, probe)
+    except ValueError:  # a template that refuses the probe ends nothing here
+        return []
+    ends = [m for m in tok.matched_special_tokens if turn.answer.endswith(m)]
+    ids = [tok.token_to_id(m) for m in ends]
+    return [i for i in ids if i is not None]
+
+
 def chat_answer(rendered: str, content: str, markers: Sequence[str]) -> str:
     """What an assistant turn answers, of the text its template renders after the generation
     prompt: up to the first end-of-turn marker (a special token's text, ``markers``) after its

@@ -24,7 +24,7 @@ from codelm.data.encoding import (
     supervised_example,
     tokenize_examples,
 )
-from codelm.data.examples import Example
+from codelm.data.examples import Example, end_of_turn_ids
 from codelm.loading import LoadedModel
 from codelm.models.engine import Engine
 from codelm.models.generation import GenerationConfig, generate, stream, truncate_at_stops
@@ -136,6 +136,15 @@ def score_supervised(lm: LoadedModel, examples: Sequence[Example], cfg: Scoring,
     return total / count
 
 
+def stop_ids(lm: LoadedModel) -> list[int]:
+    """The ids that end a model's generated text (``generation_eos_ids``), and for a chat
+    run the template's end-of-turn token, which its answers were trained to end with."""
+    eos = generation_eos_ids(lm.tokenizer, lm.model.cfg.eos_id, lm.model.name_or_path)
+    if (lm.run_config or {}).get("task") == "chat":
+        eos = list(dict.fromkeys([*eos, *end_of_turn_ids(lm.tokenizer)]))
+    return eos
+
+
 def _generation(lm: LoadedModel, cfg: Scoring,
                 prompt_ids: Sequence[tuple[list[int], tuple[int, int]]],
                 max_prompt_tokens: int | None = None, **options
@@ -143,7 +152,7 @@ def _generation(lm: LoadedModel, cfg: Scoring,
     """The GenerationConfig of ``cfg``, the EOS ids, and each prompt's ids after
     ``prompt_start``, cut (code first) to leave room for the new tokens."""
     tok, model = lm.tokenizer, lm.model
-    eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
+    eos = stop_ids(lm)
     new_tokens = _new_tokens(lm, cfg)
     start = prompt_start(lm)
     room = prompt_room(lm, cfg)

@@ -25,7 +25,7 @@ from codelm.data.encoding import (
     reads_special_tokens,
     template_writes_start,
 )
-from codelm.data.examples import SamplePrompt
+from codelm.data.examples import SamplePrompt, end_of_turn_ids
 from codelm.evaluation.results import OtherEvaluation
 from codelm.gguf import writer
 from codelm.models import generation, pretrained
@@ -145,6 +145,8 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     from tokenizer import decode_generated, generation_eos_ids
 
     eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
+    if task == "chat":  # its answers end with the template's end-of-turn token
+        eos = list(dict.fromkeys([*eos, *end_of_turn_ids(tok)]))
     if template_writes_start(task):  # a chat template's text, read as it is
         ids = tok.encode(prompt)
     else:
