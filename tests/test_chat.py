@@ -339,6 +339,9 @@ def test_a_chat_run_stops_at_the_end_of_turn_its_answers_were_trained_to_end_wit
     tok = load_tokenizer(base)
     end = tok.token_to_id("<|im_end|>")
     assert end_of_turn_ids(tok) == [end] and tok.eos_id != end
+    for name in ("config.json", "generation_config.json"):  # a base model's: EOS alone
+        values = json.loads((base / name).read_text())
+        (base / name).write_text(json.dumps({**values, "eos_token_id": tok.eos_id}))
     model = torch.nn.Linear(1, 1)
     model.cfg = type("Cfg", (), {"eos_id": None})()
     model.name_or_path = None
@@ -346,3 +349,17 @@ def test_a_chat_run_stops_at_the_end_of_turn_its_answers_were_trained_to_end_wit
     plain = loading.LoadedModel("p", "runs/p", model, tok, run_config={"task": "completion"})
     assert scoring.stop_ids(chat) == [tok.eos_id, end]
     assert scoring.stop_ids(plain) == [tok.eos_id]
+    import transformers
+
+    import trainingmanager as tm
+
+    _, data = instruct
+    cfg = trainconfig.TrainConfig(task="chat", init_from=str(base), data=[str(data)],
+                                  block_size=128, batch_size=8, max_steps=2, warmup_steps=0,
+                                  eval_every=2, out_dir=str(tmp_path / "runs"), name="chat",
+                                  progress=False, precision="fp32", sample_tokens=0,
+                                  data_options={"split_by": "file", "min_bytes": 0,
+                                                "min_lines": 0, "cache_dir": str(tmp_path / "c")})
+    export = tm.train(cfg).run_dir / "export"  # transformers' generate stops there as well
+    eos = transformers.GenerationConfig.from_pretrained(export).eos_token_id
+    assert end in (eos if isinstance(eos, list) else [eos])

@@ -96,6 +96,8 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
         tok.save(tmp)
         pretrained.copy_hf_companions(settings.tokenizer, settings.init_from, tok, tmp,
                                       weights=settings.lora_r == 0)
+        if settings.task == "chat" and settings.lora_r == 0:
+            stop_at_end_of_turn(tok, tmp)
         if settings.export_gguf is not None:
             write_gguf(settings, model, tok, tmp, run_dir.name)
         # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
@@ -172,6 +174,21 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
             break
     text = decode_generated(tok, new[:end])
     return truncate_at_stops(text, stops)
+
+
+def stop_at_end_of_turn(tok: CodeTokenizer | BPETokenizer, directory: Path) -> None:
+    """A chat run's exported model: its generation_config.json's eos_token_id lists the
+    template's end-of-turn token beside the EOS (as Qwen2.5-Instruct's lists <|im_end|>), so
+    that transformers' generate and vLLM stop where the run's answers end."""
+    ends = end_of_turn_ids(tok)
+    if not ends:
+        return
+    path = directory / pretrained.GENERATION_CONFIG
+    config = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    eos = config.get("eos_token_id", tok.eos_id)
+    listed = eos if isinstance(eos, list) else [eos]
+    config["eos_token_id"] = [i for i in dict.fromkeys([*listed, *ends]) if i is not None]
+    path.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
 
 
 def _evaluated(run_dir: Path, tasks: list[str], out: Path, device: str) -> dict:
