@@ -3,6 +3,7 @@ per assistant turn, prompted as generation is (the model's chat template with it
 prompt, rendered as transformers renders it) and trained on the answer alone; a run fine-tunes
 an instruct checkpoint on them."""
 
+import dataclasses
 import json
 
 import pytest
@@ -363,3 +364,10 @@ def test_a_chat_run_stops_at_the_end_of_turn_its_answers_were_trained_to_end_wit
     export = tm.train(cfg).run_dir / "export"  # transformers' generate stops there as well
     eos = transformers.GenerationConfig.from_pretrained(export).eos_token_id
     assert end in (eos if isinstance(eos, list) else [eos])
+    lora = dataclasses.replace(cfg, name="lora", lora_r=4, export_merged=True)
+    merged = tm.train(lora).run_dir / "export" / "merged"  # a LoRA run's merged model too
+    eos = transformers.GenerationConfig.from_pretrained(merged).eos_token_id
+    assert end in (eos if isinstance(eos, list) else [eos])
+    from codelm.runtime import process
+
+    assert process.manifest_problem(merged.parent) is None  # the manifest holds the rewrite

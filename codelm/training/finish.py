@@ -93,6 +93,8 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
                 tok.save(tmp / rundir.MERGED_DIR)
                 pretrained.copy_hf_companions(settings.tokenizer, settings.init_from, tok,
                                                tmp / rundir.MERGED_DIR, weights=True)
+                if settings.task == "chat":
+                    stop_at_end_of_turn(tok, tmp / rundir.MERGED_DIR)
         tok.save(tmp)
         pretrained.copy_hf_companions(settings.tokenizer, settings.init_from, tok, tmp,
                                       weights=settings.lora_r == 0)
