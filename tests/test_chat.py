@@ -371,3 +371,22 @@ def test_a_chat_run_stops_at_the_end_of_turn_its_answers_were_trained_to_end_wit
     from codelm.runtime import process
 
     assert process.manifest_problem(merged.parent) is None  # the manifest holds the rewrite
+
+
+def test_an_export_without_a_generation_config_gets_the_models_ids_and_the_end_of_turn(
+        instruct, tmp_path):
+    """No generation_config.json beside the weights (a base without one, a tokenizer from
+    elsewhere): the one written holds config.json's bos, eos and pad ids, as transformers
+    derives them, and the end-of-turn token after the EOS."""
+    import transformers
+
+    from codelm.training.finish import stop_at_end_of_turn
+
+    root, _ = instruct
+    tok = load_tokenizer(root)
+    end = tok.token_to_id("<|im_end|>")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 0, "pad_token_id": 3}))
+    stop_at_end_of_turn(tok, tmp_path)
+    written = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert (written.bos_token_id, written.eos_token_id, written.pad_token_id) == (1, [0, end], 3)

@@ -140,6 +140,10 @@ def test_kotlin_and_go_declarations_and_lines_are_categorised_as_pythons_are():
     assert not history.non_informative("*out = value + offset;", "buf.go")  # a pointer's
     assert history.declared_names("fun <T : Comparable<T>> List<T>.top(): T = max()\n",
                                   "Top.kt") == {"top"}
+    assert history.declared_names("fun Map<String, Map<String, List<Int>>>.deep() = 1\n",
+                                  "Deep.kt") == {"deep"}
+    continued = "val total = base\n    * factor + offset\nval next = total\n"
+    assert history.line_categories(continued, "T.kt", {}, {})["random"] == [1, 2]
 
 
 def test_a_moved_or_copied_file_is_no_case_and_odd_paths_are_read(tmp_path):

@@ -106,8 +106,8 @@ def publish_cache_entry(final: Path, build: Callable[[Path], object], replace: b
                         marker: str | None = None) -> None:
     """Build the cache entry ``final`` with ``process.write_dir_atomically``, its files' sizes
     and digests in its manifest; a full disk names the cache directory. Without ``replace`` the
-    first complete build stays (another process may be reading it), unless the entry there is
-    broken (``entry_problem`` of its ``marker`` file)."""
+    first complete build stays (another process may be reading it), unless the entry there as
+    the build starts is broken (``entry_problem`` of its ``marker`` file)."""
 
     def build_recorded(tmp: Path) -> None:
         build(tmp)

@@ -52,14 +52,16 @@ SOURCE_EXTENSIONS = (".py", ".pyi", ".kt", ".kts", ".java", ".scala", ".groovy",
                      ".ts", ".tsx", ".go", ".rs", ".swift", ".c", ".h", ".cc", ".cpp", ".hpp",
                      ".cs", ".rb", ".php", ".m", ".dart", ".lua")
 
+# Type arguments, nested up to three deep (`<K, V : Map<K, List<V>>>`).
+_TYPE_ARGS = r"<(?:[^<>]|<(?:[^<>]|<[^<>]*>)*>)*>"
 # A declaration's name in other languages: after its keyword (not a keyword that follows it:
 # Kotlin's `enum class X`, `fun interface X`), past a Kotlin function's type parameters and
 # receiver (`fun <T> Box<T>.unwrap`) and a Go method's receiver (`func (r *Repo) Add`).
 _DECLARATION = re.compile(
     r"\b(?:def|class|function|fn|struct|interface|trait|enum|object|type)\s+"
     r"(?!(?:class|interface|object)\b)([A-Za-z_]\w*)"
-    r"|\bfun\s+(?!interface\b)(?:<(?:[^<>]|<[^<>]*>)*>\s*)?"
-    r"(?:[\w.]+(?:<(?:[^<>]|<[^<>]*>)*>)?\??\.)?([A-Za-z_]\w*)"
+    r"|\bfun\s+(?!interface\b)(?:" + _TYPE_ARGS + r"\s*)?"
+    r"(?:[\w.]+(?:" + _TYPE_ARGS + r")?\??\.)?([A-Za-z_]\w*)"
     r"|\bfunc\s+(?:\([^)]*\)\s*)?([A-Za-z_]\w*)")
 _NAME = re.compile(r"[A-Za-z_]\w*")
 # String literals (triple-quoted first) and comments (block, #, //), left to right.
@@ -67,10 +69,11 @@ _STRINGS_AND_COMMENTS = re.compile(r'/\*[\s\S]*?\*/|"""[\s\S]*?"""|\'\'\'[\s\S]*
                                    r'|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|#[^\n]*|//[^\n]*')
 _PY_DECLARATION = re.compile(r"^\s*(?:async\s+)?(?:def|class)\s+([A-Za-z_]\w*)")
 _NON_INFORMATIVE = re.compile(r"(#|//|/\*|import\b|from\s+\S+\s+import\b|print\s*\()")
-# The same kinds of line in other languages: a block comment's continuation, a package or
-# `use` line, and their prints (println, printf, System.out, console.log, fmt.Print, println!).
+# The same kinds of line in other languages: a package or `use` line, and their prints
+# (println, printf, System.out, console.log, fmt.Print, println!); a line wholly inside a block
+# comment is one too (line_categories).
 _OTHER_NON_INFORMATIVE = re.compile(
-    r"(\*(?:\s|/|$)|package\b|use\s|(?:System\.(?:out|err)\.)?print(?:ln|f)?!?\s*\("
+    r"(package\s|use\s|(?:System\.(?:out|err)\.)?print(?:ln|f)?!?\s*\("
     r"|console\.(?:log|error|warn|info|debug)\s*\(|fmt\.(?:Print|Fprint|Sprint)\w*\s*\()")
 
 
@@ -147,6 +150,10 @@ def line_categories(text: str, path: str, snapshot: dict[str, str], committed: d
     file_names = declared_names(text, path)
     out: dict[str, list[int]] = {name: [] for name in CATEGORIES}
     lines = text.split("\n")
+    # other languages' lines wholly inside a comment (or a string): a block comment's lines
+    prose = [False] * len(lines) if path.endswith(".py") else [
+        bool(line.strip()) and not code.strip()
+        for line, code in zip(lines, _blanked(text).split("\n"))]
     for number, (line, names) in enumerate(zip(lines, line_names(text, path))):
         if not line.strip() or number == 0:
             continue
@@ -158,7 +165,7 @@ def line_categories(text: str, path: str, snapshot: dict[str, str], committed: d
             category = "infile"
         elif names & COMMON_NAMES:
             category = "common"
-        elif non_informative(line, path):
+        elif non_informative(line, path) or prose[number]:
             category = "non_informative"
         else:
             category = "random"

@@ -186,8 +186,13 @@ def stop_at_end_of_turn(tok: CodeTokenizer | BPETokenizer, directory: Path) -> N
     if not ends:
         return
     path = directory / pretrained.GENERATION_CONFIG
-    config = json.loads(path.read_text("utf-8")) if path.is_file() else {}
-    eos = config.get("eos_token_id", tok.eos_id)
+    if path.is_file():
+        config = json.loads(path.read_text("utf-8"))
+    else:  # as transformers' GenerationConfig.from_model_config takes the model's ids
+        model = json.loads((directory / rundir.HF_CONFIG).read_text("utf-8"))
+        config = {key: model[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if model.get(key) is not None}
+    eos = config.get("eos_token_id")
     listed = eos if isinstance(eos, list) else [eos]
     config["eos_token_id"] = [i for i in dict.fromkeys([*listed, *ends]) if i is not None]
     path.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
@@ -208,7 +213,8 @@ def _evaluated(run_dir: Path, tasks: list[str], out: Path, device: str) -> dict:
 
 def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
     """A finished run's export scored as ``python eval.py --tasks line method`` scores it (the
-    test split; ``line`` alone where the split holds no Python file, method's only source),
+    test split; ``line`` alone where method finds no Python function in it: other languages'
+    files, text records, scripts),
     printed with the validation metrics of the weights it holds: best/'s step's, else ``last``
     (the last weights'); an evaluation that cannot run is only noted."""
     step = rundir.exported_step(run_dir)
