@@ -142,6 +142,29 @@ def test_parquet_and_a_cached_dataset_id_read_as_jsonl(tmp_path, offline_hub):
     assert read[0] == read[1] == read[2] and len(read[0]) == 5
 
 
+def test_a_cached_dataset_id_reads_its_train_split_not_train_prefs_or_train_sft(
+        tmp_path, offline_hub):
+    """UltraFeedback-binarized's layout: train_prefs, train_sft and test_prefs are splits of
+    their own, so a dataset with a split named train reads that one; one without (only
+    train_prefs, train_sft) is refused naming its files, not read as their union."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, splits in (("with/train", ("train", "train_prefs", "test_prefs")),
+                         ("without/train", ("train_prefs", "train_sft"))):
+        table = tmp_path / name
+        (table / "data").mkdir(parents=True)
+        for split in splits:
+            pq.write_table(pa.Table.from_pylist([{**PLAIN, "prompt": f"{split} p"}]),
+                           table / "data" / f"{split}-00000-of-00001.parquet")
+        hub_cache(offline_hub, name, table, repo_type="dataset")
+    cfg = DataConfig(progress=False)
+    read = read_preferences(["with/train"], False, cfg)
+    assert [r.prompt for r in read] == ["train p"]
+    with pytest.raises(DataError, match="no split named train .*train_prefs"):
+        read_preferences(["without/train"], False, cfg)
+
+
 @pytest.mark.parametrize("record, message", [
     ({"prompt": "p", "chosen": "a"}, "no 'rejected' field"),
     ({"chosen": "a", "rejected": "b"}, "no 'prompt' field"),
@@ -310,8 +333,27 @@ def test_a_program_sampled_twice_is_passed_where_any_of_its_runs_passed():
                                                                       ("", False)]
 
 
+def test_a_definite_failure_is_rejected_before_a_program_that_timed_out():
+    """A timeout may be a slow machine's, not the program's: a pair's rejected program is a
+    failed one where the problem has one, before one that ran out of time."""
+    from codelm.evaluation.preference_pairs import labelled_path, preference_data
+
+    def record(prediction: str, status: str) -> dict:
+        return {"model": "m", "task": "passk", "id": "p/0", "prompt": "def f():\n",
+                "prediction": prediction, "status": status, "trusted": True}
+
+    records = [record("slow", "timeout"), record("wrong", "failed"), record("right", "passed")]
+    data = preference_data(records, ["passk"])
+    assert [(p["chosen"], p["rejected"]) for p in data.pairs] == [("right", "wrong")]
+    assert labelled_path(Path("out/pairs.jsonl")) == Path("out/pairs.kto.jsonl")
+
+
 def test_preference_pairs_need_a_pass_at_k_task_sampled_twice():
     from codelm.evaluation.config import parse_config
+
+    with pytest.raises(ValueError, match="written as JSONL: name a file ending in .jsonl"):
+        parse_config(["--tasks", "passk", "--num-samples", "2", "--temperature", "0.8",
+                      "--preference-pairs", "p.jsonl.gz"])
 
     with pytest.raises(ValueError, match=r"^preference_pairs \('p.jsonl', --preference-pairs\): "
                                          "pairs a pass@k task's samples"):

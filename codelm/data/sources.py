@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import re
 import sysconfig
 import typing
 from collections import Counter
@@ -19,6 +20,10 @@ from pathlib import Path
 from codelm.data.config import DataConfig, DataError
 from codelm.runtime import hub, settings
 from scraping.common import has_extension, is_utf8, source_files
+
+# The hub's name of a train split's data files (train-00000-of-00001.parquet, data/train.jsonl,
+# train/...): "train" whole, not train_prefs or train_sft, which are splits of their own.
+_TRAIN_SPLIT = re.compile(r"(?:^|/)train(?:[-.]|/)")
 
 
 def stdlib_root() -> Path:
@@ -88,7 +93,12 @@ def record_files(source: str) -> list[Path] | None:
         except ValueError as e:
             raise DataError(str(e)) from None
         files = sorted(p for p in snapshot.rglob("*") if p.suffix == ".parquet" or is_jsonl(p))
-        return [p for p in files if "train" in p.relative_to(snapshot).as_posix()] or files
+        names = [p.relative_to(snapshot).as_posix() for p in files]
+        train = [p for p, name in zip(files, names) if _TRAIN_SPLIT.search(name)]
+        if not train and any("train" in name for name in names):  # train_prefs, train_sft...
+            raise DataError(f"data source {source}: no split named train among its files "
+                            f"({', '.join(names[:6])}); name the files of the split you mean")
+        return train or files
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source not found: {source}")

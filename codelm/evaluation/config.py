@@ -180,6 +180,9 @@ class EvalConfig:
                 and not self.serve and self.prompt is None),
              f"pairs a pass@k task's samples: name one in {named('tasks')} "
              f"({', '.join(PASSK_TASKS)}), with {named('num_samples')} of 2 or more"),
+            ("preference_pairs", self.preference_pairs is None
+             or self.preference_pairs.endswith(".jsonl"),
+             "is written as JSONL: name a file ending in .jsonl"),
             ("serve", not self.serve or self.load_generations is None and self.prompt is None,
              f"serves models: leave {named('load_generations')} and {named('prompt')} unset"),
         ]

@@ -40,7 +40,8 @@ def preference_data(records: Iterable[dict], tasks: Sequence[str]) -> Preference
             continue
         distinct = _verdicts(samples)
         passed = [r for r in distinct if r["status"] == "passed"]
-        failed = [r for r in distinct if r["status"] != "passed"]
+        failed = sorted((r for r in distinct if r["status"] != "passed"),  # definite first: a
+                        key=lambda r: r["status"] != "failed")  # timeout may be a slow machine's
         where = {"task": task, "task_id": task_id, "model": model}
         for r in distinct:
             labelled.append({"prompt": r["prompt"], "completion": r["prediction"],
@@ -74,7 +75,7 @@ def _verdicts(samples: list[dict]) -> list[dict]:
 
 def labelled_path(path: Path) -> Path:
     """Where the labelled completions go beside the pairs: OUT.jsonl -> OUT.kto.jsonl."""
-    return path.with_name(f"{path.stem}.kto{path.suffix or '.jsonl'}")
+    return path.with_name(f"{path.name.removesuffix('.jsonl')}.kto.jsonl")
 
 
 def write_preference_data(path: str | Path, out_dir: Path, tasks: Sequence[str]) -> str:
