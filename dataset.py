@@ -321,7 +321,14 @@ def _encodes_files(cfg: DataConfig) -> bool:
 
 def _example_order(docs: Sequence[Doc], cfg: DataConfig) -> Iterator[Doc]:
     """A split's documents in the order of their examples: ``_split_pairs`` of consecutive runs
-    of them, joined, are ``_split_pairs`` of the whole split."""
+    of them, joined, are ``_split_pairs`` of the whole split; for the project task each
+    repository's files together, in the order of its first (two sources may each hold some of
+    a repository's files: a scraper's file a language)."""
+    if cfg.task == "project":
+        by_repository: dict[str, list[int]] = {}
+        for i, doc in enumerate(docs):
+            by_repository.setdefault(repository_name(doc), []).append(i)
+        return (docs[i] for indices in by_repository.values() for i in indices)
     if not _encodes_files(cfg):
         return iter(docs)
     return chain((d for d in docs if d.target is None), (d for d in docs if d.target is not None))

@@ -136,6 +136,11 @@ def collect_local(cfg: LocalConfig) -> Summary:
                          "would be skipped")
     out, state = output_paths(cfg.out, cfg.state)
     sources = [(source, *_source_key(source)) for source in cfg.sources]  # all checked up front
+    names = [root.name for _, _, root in sources if root is not None]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"two directories named {twice[0]}: a directory's name is the repo of "
+                         "its records, so the two would be read as one repository; collect them "
+                         "apart (another --out) or rename one")
     settings = {"extensions": list(file_filter.extensions), "min_bytes": cfg.min_bytes,
                 "max_bytes": cfg.max_bytes, "branch": cfg.branch,
                 "license": license_id or LICENSE_FROM_FILES,

@@ -596,6 +596,38 @@ def test_project_examples_never_depend_on_where_a_shard_ends(tmp_path, monkeypat
     assert built[1500] == built[10**9]
 
 
+def test_a_repositorys_records_in_two_sources_are_composed_as_one_repository(tmp_path):
+    """A scraper's file a language (or an unsorted dataset) holds some of a repository's
+    files each: the project task gathers them, so the repository's sequence and contexts hold
+    all of them, as one source of them in order gives; a Kotlin repository's header is a //
+    comment."""
+    import json
+
+    import dataset
+    from codelm.data.config import DataConfig
+
+    rows = [("org/a", "pkg/core.py", CORE_TEXT), ("org/b", "Main.kt", "fun main() = 1\n" * 3),
+            ("org/a", "pkg/util.py", UTIL), ("org/b", "Util.kt", "fun util() = 2\n" * 3)]
+    split = {"py": [r for r in rows if r[1].endswith(".py")],
+             "kt": [r for r in rows if r[1].endswith(".kt")], "one": sorted(rows)}
+    for name, records in split.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"repo": r, "path": p, "text": t}) + "\n" for r, p, t in records))
+    tok = _tokenizer()
+
+    def built(*names: str) -> bytes:
+        cfg = DataConfig(task="project", sources=[str(tmp_path / f"{n}.jsonl") for n in names],
+                         block_size=256, min_lines=1, progress=False, num_workers=1,
+                         cache_dir=str(tmp_path / "-".join(names)), train_frac=1.0,
+                         val_frac=0.0, test_frac=0.0, lines_per_file=2, dedupe=False)
+        return dataset.prepare(cfg, tok)
+
+    spread, whole = built("py", "kt"), built("one")
+    assert np.asarray(spread.train.ids).tobytes() == np.asarray(whole.train.ids).tobytes()
+    text = tok.decode(np.asarray(whole.train.ids).tolist())
+    assert "// repository: org/b" in text and "# repository: org/a" in text
+
+
 def test_trainingmanager_trains_the_project_task_on_repositories(repo, tmp_path):
     """python trainingmanager.py --task project --data DIR DIR: trains on packed repository
     sequences and completion examples (--packing: several in a row)."""

@@ -667,6 +667,19 @@ def test_local_directory(tmp_path):
     assert summary.files["duplicate_sha"] == 1 and summary.files["extension"] == 1
 
 
+def test_two_local_directories_of_one_name_are_refused_before_any_is_read(tmp_path):
+    """A directory's name is the repo of its records: two folders named alike would be read
+    as one repository by --task project, so collecting them together is refused, naming it."""
+    for parent in ("a", "b"):
+        _source_tree(tmp_path / parent / "proj")
+    out = tmp_path / "local.jsonl"
+    with pytest.raises(ValueError, match="two directories named proj"):
+        collect_local(LocalConfig(sources=[str(tmp_path / "a" / "proj"),
+                                           str(tmp_path / "b" / "proj")], out=str(out),
+                                  extensions=["kt"], license="MIT", progress=False))
+    assert not out.exists()
+
+
 def test_local_git_url_is_shallow_cloned_and_removed(tmp_path, capsys):
     work = tmp_path / "work"
     work.mkdir()

@@ -34,8 +34,10 @@ from tokenizer import CodeTokenizer
 REPO_TOKENS = (("<repo_name>", "<file_sep>", ""), ("<|repo_name|>", "<|file_sep|>", "\n"))
 # Extensions whose path header is a // comment (others: #).
 SLASH_COMMENTS = frozenset({".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".java", ".kt", ".kts",
-                            ".js", ".jsx", ".ts", ".tsx", ".go", ".rs", ".swift", ".cs",
-                            ".scala", ".dart", ".php", ".m", ".groovy", ".zig"})
+                            ".js", ".jsx", ".mjs", ".cjs", ".ts", ".tsx", ".go", ".rs",
+                            ".swift", ".cs", ".scala", ".dart", ".php", ".m", ".groovy", ".zig",
+                            ".cu", ".proto"})
+DASH_COMMENTS = frozenset({".lua", ".sql", ".hs"})  # comments that open with --
 BM25_K1 = 1.2  # Lucene's defaults (BM25Similarity)
 BM25_B = 0.75
 
@@ -84,7 +86,10 @@ def _special_id(tok: Tokenizer, token: str) -> int | None:
 
 
 def _comment(path: str) -> str:
-    return "//" if posixpath.splitext(path)[1].lower() in SLASH_COMMENTS else "#"
+    extension = posixpath.splitext(path)[1].lower()
+    if extension in DASH_COMMENTS:
+        return "--"
+    return "//" if extension in SLASH_COMMENTS else "#"
 
 
 def _encode(tok: Tokenizer, text: str) -> list[int]:
@@ -108,6 +113,8 @@ class RepositoryIndex:
         self.parts = [tuple(p.split("/")) for p in self.paths]
         self._ids = ids_cache if ids_cache is not None else {}
         self._bm25 = _Bm25([identifiers(text) for text in self.texts])
+        comments = Counter(_comment(path) for path in self.paths)  # its files' own, the most
+        self.comment = comments.most_common(1)[0][0] if comments else "#"
         self.modules: dict[str, list[int]] = {}
         for i, path in enumerate(self.paths):
             for module in _module_names(path):
@@ -121,7 +128,7 @@ class RepositoryIndex:
         fmt = self.format
         if fmt.tokens:
             return [fmt.repo_id, *_encode(self.tok, self.name + fmt.after)]
-        return _encode(self.tok, f"# repository: {self.name}\n")
+        return _encode(self.tok, f"{self.comment} repository: {self.name}\n")
 
     def _opened(self, path: str, text: str) -> list[int]:
         """A file's separator token, then its path line and ``text`` encoded as one text (a
