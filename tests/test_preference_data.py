@@ -316,17 +316,19 @@ def test_a_problem_whose_test_ran_in_the_candidates_interpreter_gives_no_data():
     assert data.counts["untrusted"] == 1 and data.counts["paired"] == 1
 
 
+def _sample(prediction: str, status: str) -> dict:
+    """A pass@k prediction record of problem p/0, as eval.py writes one."""
+    return {"model": "m", "task": "passk", "id": "p/0", "prompt": "def f():\n",
+            "prediction": prediction, "status": status, "trusted": True}
+
+
 def test_a_program_sampled_twice_is_passed_where_any_of_its_runs_passed():
     """The same program sampled twice, passing once and timing out once (a busy machine): it is
     a passing program, paired with the failing one, and labelled once; an empty sample is a
     failing program like any other."""
     from codelm.evaluation.preference_pairs import preference_data
 
-    def record(prediction: str, status: str) -> dict:
-        return {"model": "m", "task": "passk", "id": "p/0", "prompt": "def f():\n",
-                "prediction": prediction, "status": status, "trusted": True}
-
-    records = [record("right", "passed"), record("", "failed"), record("right", "timeout")]
+    records = [_sample("right", "passed"), _sample("", "failed"), _sample("right", "timeout")]
     data = preference_data(records, ["passk"])
     assert [(p["chosen"], p["rejected"]) for p in data.pairs] == [("right", "")]
     assert [(r["completion"], r["label"]) for r in data.labelled] == [("right", True),
@@ -338,11 +340,7 @@ def test_a_definite_failure_is_rejected_before_a_program_that_timed_out():
     failed one where the problem has one, before one that ran out of time."""
     from codelm.evaluation.preference_pairs import labelled_path, preference_data
 
-    def record(prediction: str, status: str) -> dict:
-        return {"model": "m", "task": "passk", "id": "p/0", "prompt": "def f():\n",
-                "prediction": prediction, "status": status, "trusted": True}
-
-    records = [record("slow", "timeout"), record("wrong", "failed"), record("right", "passed")]
+    records = [_sample("slow", "timeout"), _sample("wrong", "failed"), _sample("right", "passed")]
     data = preference_data(records, ["passk"])
     assert [(p["chosen"], p["rejected"]) for p in data.pairs] == [("right", "wrong")]
     assert labelled_path(Path("out/pairs.jsonl")) == Path("out/pairs.kto.jsonl")
