@@ -93,6 +93,31 @@ def instruct_with_tools(instruct, tmp_path_factory) -> Path:
     return root
 
 
+def test_a_messages_other_keys_reach_its_template_as_in_trl(instruct, tmp_path):
+    """A message is given to the chat template whole, as TRL gives it: its name, an assistant
+    turn's tool_calls (its content null or empty) render as the template writes them."""
+    import shutil
+
+    from trl import DPOTrainer
+
+    root = tmp_path / "named"
+    shutil.copytree(instruct, root)
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}"
+        "{% if m.name %} ({{ m.name }}){% endif %}: {{ m['content'] or '' }}"
+        "{% for call in m.tool_calls or [] %}<call>{{ call.function.name }}</call>{% endfor %}"
+        "<|eot_id|>{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    (root / "tokenizer_config.json").write_text(json.dumps(config))
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    record = {"prompt": [{"role": "user", "content": "Add.", "name": "bob"}],
+              "chosen": [{"role": "assistant", "content": None, "tool_calls": [call]}],
+              "rejected": [{"role": "assistant", "content": "I cannot."}]}
+    ours = tokenized(check_record(record, "x.jsonl:1", unpaired=False), load_tokenizer(root))
+    theirs = _trl_tokenized(DPOTrainer, [record], root)[0]
+    assert ours == (theirs["prompt_ids"], [theirs["chosen_ids"], theirs["rejected_ids"]])
+
+
 @pytest.mark.parametrize("tools", [TOOLS, json.dumps(TOOLS)], ids=["list", "json-text"])
 def test_a_conversations_tools_reach_its_template_as_in_trl(tools, instruct_with_tools):
     """TRL's tools field (a list, or its JSON text) is rendered by the chat template into the

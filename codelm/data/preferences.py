@@ -149,8 +149,9 @@ def _tools(record: dict, where: str) -> list[dict] | None:
 
 
 def _field(record: dict, key: str, where: str) -> str | list[dict]:
-    """A text field, or a conversation's messages [{role, content}, ...] (TRL's conversational
-    format), checked."""
+    """A text field, or a conversation's messages [{role, content, ...}, ...] (TRL's
+    conversational format: each message as it is, its other keys (name, tool_calls) for the
+    chat template, its content text or null), checked."""
     value = record[key]
     if isinstance(value, str):
         if not is_utf8(value):
@@ -161,16 +162,16 @@ def _field(record: dict, key: str, where: str) -> str | list[dict]:
                         "{role, content} messages")
     for i, message in enumerate(value):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise DataError(f"{where}: {key}[{i}] must be an object with string 'role' and "
-                            "'content'")
-        if not is_utf8(message["content"]):
+                and isinstance(message.get("content", ""), str | None)):
+            raise DataError(f"{where}: {key}[{i}] must be an object with a string 'role' and "
+                            "a string (or null) 'content'")
+        if not is_utf8(json.dumps(message, ensure_ascii=False)):
             raise DataError(f"{where}: {key}[{i}] holds a lone surrogate (not valid UTF-8)")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return [dict(message) for message in value]
 
 
 def _text_of(field: str | list[dict]) -> str:
-    return field if isinstance(field, str) else "".join(m["content"] for m in field)
+    return field if isinstance(field, str) else "".join(m.get("content") or "" for m in field)
 
 
 def unpair(record: PreferenceRecord) -> list[PreferenceRecord]:
