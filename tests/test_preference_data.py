@@ -93,6 +93,27 @@ def instruct_with_tools(instruct, tmp_path_factory) -> Path:
     return root
 
 
+IMPLICIT = [{"chosen": "def add(a, b): return a + b", "rejected": "def add(a, b): return a - b"},
+            {"chosen": [CHAT["prompt"][1], CHAT["chosen"][0]],
+             "rejected": [CHAT["prompt"][1], CHAT["rejected"][0]]}]
+
+
+@pytest.mark.parametrize("record", IMPLICIT, ids=["plain", "conversational"])
+def test_a_pair_without_a_prompt_is_split_where_trl_splits_it(record, instruct):
+    """TRL's implicit-prompt pairs: the prompt is where chosen and rejected first differ (a
+    text's space left to the completions, a conversation's shared turns), as TRL's
+    extract_prompt reads them, and the ids are DPOTrainer's."""
+    from trl import DPOTrainer
+    from trl.data_utils import extract_prompt
+
+    from codelm.data.preferences import implicit_prompt
+
+    assert implicit_prompt(record["chosen"], record["rejected"]) == extract_prompt(record)
+    ours = tokenized(check_record(record, "x.jsonl:1", unpaired=False), load_tokenizer(instruct))
+    theirs = _trl_tokenized(DPOTrainer, [record], instruct)[0]
+    assert ours == (theirs["prompt_ids"], [theirs["chosen_ids"], theirs["rejected_ids"]])
+
+
 def test_a_messages_other_keys_reach_its_template_as_in_trl(instruct, tmp_path):
     """A message is given to the chat template whole, as TRL gives it: its name, an assistant
     turn's tool_calls (its content null or empty) render as the template writes them."""
@@ -192,7 +213,11 @@ def test_a_cached_dataset_id_reads_its_train_split_not_train_prefs_or_train_sft(
 
 @pytest.mark.parametrize("record, message", [
     ({"prompt": "p", "chosen": "a"}, "no 'rejected' field"),
-    ({"chosen": "a", "rejected": "b"}, "no 'prompt' field"),
+    ({"chosen": "a"}, "no 'rejected' field"),
+    ({"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user",
+                                                                  "content": "b"}]},
+     "'prompt' must be a string or a non-empty list"),  # no message shared: no prompt
+    ({"chosen": 3, "rejected": "b"}, "no 'prompt' field"),
     ({**PLAIN, "rejected": PLAIN["chosen"]}, "'chosen' and 'rejected' are the same"),
     ({**PLAIN, "chosen": 3}, "'chosen' must be a string or a non-empty list"),
     ({**PLAIN, "chosen": CHAT["chosen"]}, "'chosen' and 'prompt' must both be text"),

@@ -109,9 +109,15 @@ def check_record(record: dict, where: str, unpaired: bool) -> PreferenceRecord:
             raise DataError(f"{where}: a labelled completion (prompt, completion, label): the "
                             "kto task trains on those; a pair needs prompt, chosen and rejected")
     keys = PAIRED if is_pair or not unpaired else UNPAIRED
-    if missing := [key for key in keys if key not in record or record[key] is None]:
+    required = keys[1:] if is_pair else keys  # a pair's prompt may be implicit (TRL's)
+    if missing := [key for key in required if key not in record or record[key] is None]:
         raise DataError(f"{where}: no {missing[0]!r} field (a record needs {', '.join(keys)}; "
                         "TRL's format)")
+    if is_pair and record.get("prompt") is None:
+        if not all(isinstance(record[key], str | list) and record[key] for key in required):
+            raise DataError(f"{where}: no 'prompt' field, and 'chosen' and 'rejected' are not "
+                            "texts or messages that begin with one")
+        record = {**record, **implicit_prompt(record["chosen"], record["rejected"])}
     prompt = _field(record, "prompt", where)
     completions = tuple(_field(record, key, where) for key in keys[1:] if key != "label")
     label = None
@@ -128,6 +134,20 @@ def check_record(record: dict, where: str, unpaired: bool) -> PreferenceRecord:
         raise DataError(f"{where}: 'chosen' and 'rejected' are the same: the pair teaches "
                         "nothing; drop it")
     return PreferenceRecord(where, prompt, completions, label, _tools(record, where))
+
+
+def implicit_prompt(chosen: str | list, rejected: str | list) -> dict:
+    """A pair without a prompt as TRL's ``extract_prompt`` reads it: the prompt is where the
+    two (texts, or lists of messages) first differ (a text's space before it left to the
+    completions; two of which one begins the other share all but the shorter's last item),
+    the completions what follows."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
 
 
 def _tools(record: dict, where: str) -> list[dict] | None:
