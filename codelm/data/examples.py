@@ -267,6 +267,14 @@ def chat_turns(tok: BPETokenizer, messages: Sequence[dict]) -> list[ChatTurn]:
     return turns
 
 
+def stop_ids_of(tok, eos_ids: Sequence[int], task: str | None) -> list[int]:
+    """``eos_ids``, and for the chat task the template's end-of-turn token (``end_of_turn_ids``),
+    which its answers are trained to end with."""
+    if task != "chat":
+        return list(eos_ids)
+    return list(dict.fromkeys([*eos_ids, *end_of_turn_ids(tok)]))
+
+
 def end_of_turn_ids(tok) -> list[int]:
     """The id of the special token that ends an assistant turn in the tokenizer's chat
     template (as ``chat_turns`` cuts an answer there: what a chat run learns to end with);

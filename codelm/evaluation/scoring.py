@@ -24,7 +24,7 @@ from codelm.data.encoding import (
     supervised_example,
     tokenize_examples,
 )
-from codelm.data.examples import Example, end_of_turn_ids
+from codelm.data.examples import Example, stop_ids_of
 from codelm.loading import LoadedModel
 from codelm.models.engine import Engine
 from codelm.models.generation import GenerationConfig, generate, stream, truncate_at_stops
@@ -140,9 +140,7 @@ def stop_ids(lm: LoadedModel) -> list[int]:
     """The ids that end a model's generated text (``generation_eos_ids``), and for a chat
     run the template's end-of-turn token, which its answers were trained to end with."""
     eos = generation_eos_ids(lm.tokenizer, lm.model.cfg.eos_id, lm.model.name_or_path)
-    if (lm.run_config or {}).get("task") == "chat":
-        eos = list(dict.fromkeys([*eos, *end_of_turn_ids(lm.tokenizer)]))
-    return eos
+    return stop_ids_of(lm.tokenizer, eos, (lm.run_config or {}).get("task"))
 
 
 def _generation(lm: LoadedModel, cfg: Scoring,

@@ -25,8 +25,9 @@ from codelm.data.encoding import (
     reads_special_tokens,
     template_writes_start,
 )
-from codelm.data.examples import SamplePrompt, end_of_turn_ids
+from codelm.data.examples import SamplePrompt, end_of_turn_ids, stop_ids_of
 from codelm.evaluation.results import OtherEvaluation
+from codelm.evaluation.tasks.text import NoExamples
 from codelm.gguf import writer
 from codelm.models import generation, pretrained
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
@@ -148,9 +149,7 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
     at the first of ``stops`` (eval's decoding)."""
     from tokenizer import decode_generated, generation_eos_ids
 
-    eos = generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path)
-    if task == "chat":  # its answers end with the template's end-of-turn token
-        eos = list(dict.fromkeys([*eos, *end_of_turn_ids(tok)]))
+    eos = stop_ids_of(tok, generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path), task)
     if template_writes_start(task):  # a chat template's text, read as it is
         ids = tok.encode(prompt)
     else:
@@ -214,9 +213,9 @@ def _evaluated(run_dir: Path, tasks: list[str], out: Path, device: str) -> dict:
 def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
     """A finished run's export scored as ``python eval.py --tasks line method`` scores it (the
     test split; ``line`` alone where method finds no Python function in it: other languages'
-    files, text records, scripts),
-    printed with the validation metrics of the weights it holds: best/'s step's, else ``last``
-    (the last weights'); an evaluation that cannot run is only noted."""
+    files, text records, scripts), printed with the validation metrics of the weights it
+    holds: best/'s step's, else ``last`` (the last weights'); an evaluation that cannot run
+    is only noted."""
     step = rundir.exported_step(run_dir)
     if step is not None:
         last = rundir.evaluation_at(run_dir / rundir.METRICS_FILE, step)
@@ -224,8 +223,8 @@ def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
     try:
         try:
             metrics = _evaluated(run_dir, ["line", "method"], out, device)
-        except ValueError as e:
-            if not str(e).startswith("task 'method': no examples"):
+        except NoExamples as e:
+            if e.task != "method":
                 raise
             metrics = _evaluated(run_dir, ["line"], out, device)  # other languages' files
     except ValueError as e:

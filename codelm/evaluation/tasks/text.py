@@ -59,6 +59,14 @@ class TextSettings(Scoring, Protocol):
     reference_loss: bool
 
 
+class NoExamples(ValueError):
+    """A generation task's split holds no example of it (``task`` names the task)."""
+
+    def __init__(self, task: str, message: str) -> None:
+        super().__init__(message)
+        self.task = task
+
+
 def build_examples(task: str, docs: Sequence[Doc], cfg: TextSettings, variant: str = "simple",
                    tok: CodeTokenizer | BPETokenizer | None = None,
                    data_cfg: DataConfig | None = None) -> list[Example]:
@@ -101,7 +109,7 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: TextSettings, variant: s
         if other_languages:
             hint = (f"{task} targets come from Python files (named .py), and {other_languages} "
                     f"of its code files are not (other languages, or text records); {hint}")
-        raise ValueError(f"task {task!r}: no examples in the {cfg.split} split; {hint}")
+        raise NoExamples(task, f"task {task!r}: no examples in the {cfg.split} split; {hint}")
     return out[:limit]
 
 
