@@ -194,6 +194,10 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
     benchmarks = registry.load_benchmarks(settings)
     problems = benchmarks.problems
     models = [loading.load_model(spec, device, cfg.tokenizer, cfg.dtype) for spec in specs]
+    if cfg.chat and (base := next((lm for lm in models
+                                   if getattr(lm.tokenizer, "chat_template", None) is None), None)):
+        raise ValueError(f"--chat prompts through a chat template; {base.label}'s tokenizer has "
+                         "none (a base model): evaluate it without --chat")
     seen: Counter = Counter()
     for lm in models:
         lm.label = unique_label(lm.label, seen)

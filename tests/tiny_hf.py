@@ -326,11 +326,12 @@ LLAMA3_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id
                         "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}")
 
 
-def save_tiny_llama3_instruct(path: Path, texts: list[str], seed: int = 0):
+def save_tiny_llama3_instruct(path: Path, texts: list[str], seed: int = 0, **overrides):
     """A Llama-3.2-1B-Instruct-shaped checkpoint in ``path``: tokenizer_config.json as the Hub's
     (bos <|begin_of_text|>, eos <|eot_id|>, a chat_template, model_max_length 131072), config.json
     and generation_config.json with eos_token_id [<|end_of_text|>, <|eot_id|>] (the real list adds
-    <|eom_id|>) and the sampling defaults; return (model, HF tokenizer, that eos list)."""
+    <|eom_id|>) and the sampling defaults; ``overrides``: config fields; return (model, HF
+    tokenizer, that eos list)."""
     from transformers import GenerationConfig
 
     path = Path(path)
@@ -343,7 +344,7 @@ def save_tiny_llama3_instruct(path: Path, texts: list[str], seed: int = 0):
     bos = tok.token_to_id("<|begin_of_text|>")
     eos = [tok.token_to_id("<|end_of_text|>"), tok.token_to_id("<|eot_id|>")]
     model = save_tiny_hf("llama", path, seed=seed, vocab_size=tok.get_vocab_size(),
-                         bos_token_id=bos, eos_token_id=eos)
+                         bos_token_id=bos, eos_token_id=eos, **overrides)
     GenerationConfig(bos_token_id=bos, eos_token_id=eos, do_sample=True, temperature=0.6,
                      top_p=0.9).save_pretrained(path)
     return model, tok, eos

@@ -72,6 +72,9 @@ class EvalConfig:
     top_p: float | None = None  # nucleus sampling (temperature > 0)
     top_k: int | None = None  # sample from the k likeliest tokens (temperature > 0)
     num_beams: int = 1  # > 1: beam search (temperature 0); stop strings cut each finished beam
+    chat: bool = False  # pass@k tasks: prompt instruct models as EvalPlus does (the problem in
+    #   a chat turn, the answer's code block opened for them), each answer's program as its
+    #   sanitizer keeps it run alone (docs/evaluation.md)
     num_samples: int = 1  # pass@k: samples per problem (n)
     pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
     batch_size: int = 8  # prompts generated or windows scored at once
@@ -183,6 +186,13 @@ class EvalConfig:
             ("preference_pairs", self.preference_pairs is None
              or self.preference_pairs.endswith(".jsonl"),
              "is written as JSONL: name a file ending in .jsonl"),
+            ("chat", not self.chat or set(self.tasks) <= set(PASSK_TASKS),
+             f"prompts instruct models on pass@k tasks: set {named('tasks')} to some of "
+             f"{', '.join(PASSK_TASKS)}"),
+            ("chat", not self.chat or (self.load_generations is None and self.prompt is None
+                                       and not self.serve and not endpoints),
+             f"prompts local models' chat templates: leave {named('load_generations')}, "
+             f"{named('prompt')}, {named('serve')} and endpoints (openai:URL) unset"),
             ("serve", not self.serve or self.load_generations is None and self.prompt is None,
              f"serves models: leave {named('load_generations')} and {named('prompt')} unset"),
         ]

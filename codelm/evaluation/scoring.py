@@ -145,15 +145,17 @@ def stop_ids(lm: LoadedModel) -> list[int]:
 
 def _generation(lm: LoadedModel, cfg: Scoring,
                 prompt_ids: Sequence[tuple[list[int], tuple[int, int]]],
-                max_prompt_tokens: int | None = None, **options
+                max_prompt_tokens: int | None = None, chat: bool = False, **options
                 ) -> tuple[GenerationConfig, list[int], list[list[int]]]:
     """The GenerationConfig of ``cfg``, the EOS ids, and each prompt's ids after
-    ``prompt_start``, cut (code first) to leave room for the new tokens."""
+    ``prompt_start``, cut (code first) to leave room for the new tokens. ``chat``: the prompts
+    are a chat template's renderings, whole (no start before them), and the template's end of
+    turn also stops."""
     tok, model = lm.tokenizer, lm.model
-    eos = stop_ids(lm)
+    eos = stop_ids_of(tok, stop_ids(lm), "chat") if chat else stop_ids(lm)
     new_tokens = _new_tokens(lm, cfg)
-    start = prompt_start(lm)
-    room = prompt_room(lm, cfg)
+    start = [] if chat else prompt_start(lm)
+    room = context(lm, cfg) - new_tokens - len(start)
     if max_prompt_tokens is not None:
         room = min(room, max_prompt_tokens)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
@@ -189,12 +191,13 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
                    stops: Sequence[str] = (), desc: str = "generate",
                    prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
                    max_prompt_tokens: int | None = None, skip_blank_lines: bool = False,
-                   skip_newlines: bool = False) -> list[str]:
+                   skip_newlines: bool = False, chat: bool = False) -> list[str]:
     """Continue each prompt (greedy, beams or sampled) in left-padded batches, up to EOS or the
     first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
     tokenized them; ``max_prompt_tokens``: the run's own prompt limit; ``skip_blank_lines``: the
     text starts at its first non-blank character, ``skip_newlines`` after its leading newlines
-    (its indentation kept); a stop before that start does not count."""
+    (its indentation kept); a stop before that start does not count; ``chat``: ``prompts``
+    are a chat template's renderings (``_generation``)."""
     tok, model = lm.tokenizer, lm.model
 
     def text(ids: list[int]) -> str:
@@ -202,10 +205,12 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
         if skip_blank_lines:
             return decoded.lstrip()
         return decoded.lstrip("\n") if skip_newlines else decoded
-    if prompt_ids is None:
+    if chat:  # the template's special-token text is its tokens, as the server reads it
+        prompt_ids = [(tok.encode(prompt), (0, 0)) for prompt in prompts]
+    elif prompt_ids is None:
         prompt_ids = [(ids, (0, 0)) for ids in _prompt_ids(lm, prompts, cfg)]
     gen, eos, encoded = _generation(
-        lm, cfg, prompt_ids, max_prompt_tokens, num_beams=cfg.num_beams,
+        lm, cfg, prompt_ids, max_prompt_tokens, chat, num_beams=cfg.num_beams,
         stop=(list(stops) or None) if cfg.num_beams == 1 else None, decode=text)
     device = next(model.parameters()).device
     if cfg.num_beams == 1 and not cfg.compile:

