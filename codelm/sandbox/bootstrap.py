@@ -755,6 +755,7 @@ def main():
         os.close(calls[1])
         os.close(answers[0])
         _install_guard(workdir, abi > 0)
+        sys.path += [parent for parent, _ in cfg["packages"]]  # what the program may import
         if _receive(calls[0]) is not None:  # the test's side has written its line first
             _serve(_run_program(program, source), calls[0], answers[1])
         os._exit(0)
@@ -767,7 +768,7 @@ def main():
     sys.stderr.flush()
     if not trusted:  # the test's side runs only the trusted test (which may import packages)
         _install_guard(workdir, abi > 0)
-    sys.path += [parent for parent, _ in cfg["packages"]]  # what the test may import
+    sys.path += [parent for parent, _ in cfg["packages"]]  # what the test (and program) may import
     if trusted:
         _send(calls[1], "go")
         _run_trusted_test(plain_decode(test), calls[1], answers[0])

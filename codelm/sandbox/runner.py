@@ -70,7 +70,7 @@ class SandboxConfig:
     max_output_chars: int = 20_000  # tail of stdout/stderr kept in the result
     disk_mb: int = 64  # all it keeps in its working directory; killed past it (status "disk")
     max_files: int = 10_000  # files and directories there; killed past it (status "disk")
-    packages: tuple[str, ...] = ()  # installed packages a test may import (numpy: EvalPlus's)
+    packages: tuple[str, ...] = ()  # installed packages the program and its test may import
 
 
 @dataclass

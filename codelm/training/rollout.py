@@ -28,7 +28,7 @@ import torch.nn as nn
 
 import lora
 from codelm.data.encoding import encode_prompts, prompt_prefix, reads_special_tokens
-from codelm.evaluation.tasks.passk import load_problems, run_check
+from codelm.evaluation.tasks.passk import PASSK, load_problems, run_check
 from codelm.models.engine import Engine
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
 from codelm.runs.checkpoint import RunState
@@ -81,7 +81,8 @@ def check_confinement() -> None:
 
 
 def reward_sandbox(cfg: TrainConfig | DataSettings | GRPOSettings) -> SandboxConfig:
-    return SandboxConfig(timeout_s=cfg.reward_timeout_s)
+    """The sandbox a sample's reward runs in: eval's pass@k tasks' (numpy importable)."""
+    return SandboxConfig(timeout_s=cfg.reward_timeout_s, packages=PASSK.packages)
 
 
 def checked_problems(cfg: TrainConfig | DataSettings, key: str) -> list[dict]:

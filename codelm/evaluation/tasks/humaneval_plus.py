@@ -16,7 +16,7 @@ def _humaneval_plus_problem(record: dict, where: str) -> dict:
 
 
 PASSK = PasskTask("humaneval-plus", HARNESS_STOPS, strip_prompt=True,
-                  read=_humaneval_plus_problem, packages=("numpy",), timeout_s=20.0)
+                  read=_humaneval_plus_problem, timeout_s=20.0)
 KIND = "benchmark"
 
 

@@ -24,7 +24,7 @@ def _mbpp_plus_problem(record: dict, where: str) -> dict:
 
 
 PASSK = PasskTask("mbpp-plus", MBPP_STOPS, strip_prompt=False, read=_mbpp_plus_problem,
-                  packages=("numpy",), timeout_s=10.0)
+                  timeout_s=10.0)
 
 
 def source() -> str:

