@@ -259,4 +259,8 @@ def _add_lora(model: nn.Module, model_settings: trainconfig.ModelSettings) -> No
         lora.apply_lora(model, adapter_config.LoRAConfig(**{  # no lora_targets: its default
             name: getattr(model_settings, key) for name, key in adapter_config.ADAPTER_KEYS.items()
             if key != "lora_targets" or model_settings.lora_targets}))
+    if model_settings.init_adapter is not None:  # dropout, a training-time setting: the run's
+        for _, module in lora.lora_modules(model):  # (plan.with_init_adapter chose it)
+            if isinstance(module, lora.LoRALinear):
+                module.dropout = model_settings.lora_dropout
 

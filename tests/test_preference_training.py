@@ -100,6 +100,21 @@ def test_dpo_starts_at_log_2_with_the_starting_model_as_reference(assets, tmp_pa
     assert "perplexity" not in out
 
 
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_a_bf16_run_validates_against_a_reference_of_the_validation_precision(assets, tmp_path,
+                                                                            task):
+    """Training in bf16 and validating in fp32 (eval_precision's default), a policy equal to its
+    reference validates at zero rewards: the validation rows' reference log-probs are computed
+    in the precision validation runs in, as TRL evaluates under the autocast of its reference."""
+    result = tm.train(pref_cfg(assets, tmp_path, task, max_steps=1, eval_every=1, lr=1e-12,
+                               precision="bf16"))
+    [val] = logged(result.run_dir, "val")
+    rewards = {key: value for key, value in val.items() if key.startswith("val_rewards/")}
+    assert rewards and all(abs(value) < 1e-6 for value in rewards.values()), rewards
+    if task == "dpo":
+        assert val["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_a_model_with_dropout_trains_preferences_without_it_as_trl_does(assets, tmp_path):
     """A StarCoder-style checkpoint carries dropout 0.1 (residual, embeddings, attention):
     DPO switches every dropout off, as TRL's disable_dropout, so the first loss is log 2; a
@@ -152,11 +167,20 @@ def test_a_lora_dpo_run_from_an_adapter_takes_the_model_it_starts_from_as_refere
     base = tmp_path / "base"
     save_tiny_hf("llama", base, vocab_size=512)
     save_random_adapter(base, tmp_path / "adapter")
+    adapter_file = tmp_path / "adapter" / "adapter_config.json"
+    # PEFT saves its training-time lora_dropout (0.05-0.1 in the wild): DPO switches it off too
+    adapter_file.write_text(json.dumps({**json.loads(adapter_file.read_text()),
+                                        "lora_dropout": 0.1}))
     cfg = pref_cfg(assets, tmp_path, init_from=str(base), init_adapter=str(tmp_path / "adapter"),
                    max_steps=1, eval_every=1, lr=1e-9)
     first = logged(tm.train(cfg).run_dir, "train")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert plan.with_init_adapter(cfg).lora_dropout == 0.0
+    assert plan.with_init_adapter(dataclasses.replace(cfg, task="lm")).lora_dropout == 0.1
+    given = dataclasses.replace(cfg, lora_dropout=0.2)  # a training-time setting: taken
+    assert plan.with_init_adapter(given).lora_dropout == 0.2
+    plan.validate_config(given)
 
 
 def _varied_pairs(n: int = 6, vocab: int = 64) -> list:

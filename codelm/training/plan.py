@@ -107,7 +107,10 @@ def with_local_checkpoints(cfg: TrainConfig) -> TrainConfig:
 def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
                       where_set: Callable[[str], str] = settings.flag_of) -> TrainConfig:
     """``cfg`` with the LoRA settings (and, without ``init_from``, the base) of its
-    ``init_adapter``; a setting given (not the default, or typed) that differs is an error."""
+    ``init_adapter``; a setting given (not the default, or typed) that differs is an error, but
+    for lora_dropout, a training-time setting the adapter's weights do not hold: a given one is
+    taken, else the adapter's, but 0 for a preference task (TRL's disable_dropout: the policy
+    starts equal to its reference)."""
     if cfg.init_adapter is None:
         return cfg
     path = hub.checkpoint_dir(cfg.init_adapter, setting(cfg, "init_adapter", where_set))
@@ -128,17 +131,24 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
         # none (every run's config.json holds it) takes the adapter's; else the same names
         return mine is None or (isinstance(theirs[key], list) and set(mine) == set(theirs[key]))
 
+    def given(key: str) -> bool:
+        return getattr(cfg, key) != getattr(TrainConfig, key) or key in typed
+
     if differ := [f"{setting(cfg, key, where_set)} (the adapter's: {theirs[key]!r})"
-                  for key in theirs if (getattr(cfg, key) != getattr(TrainConfig, key)
-                                        or key in typed) and not agrees(key, getattr(cfg, key))]:
+                  for key in theirs if key != "lora_dropout" and given(key)
+                  and not agrees(key, getattr(cfg, key))]:
         raise ValueError(f"{'; '.join(differ)}: {setting(cfg, 'init_adapter', where_set)} "
                          f"fixes these ({path / config_name}): drop those settings to train the "
                          "adapter on as it is")
     targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
     #   lists names), and build_model's load_adapter reads it there
+    dropout = float(theirs["lora_dropout"])
+    if given("lora_dropout"):
+        dropout = cfg.lora_dropout
+    elif cfg.task in PREFERENCE_TASKS:
+        dropout = 0.0
     return dataclasses.replace(cfg, init_from=base, **{
-        **theirs, "lora_alpha": float(theirs["lora_alpha"]),
-        "lora_dropout": float(theirs["lora_dropout"]),
+        **theirs, "lora_alpha": float(theirs["lora_alpha"]), "lora_dropout": dropout,
         "lora_targets": cfg.lora_targets or (targets if isinstance(targets, list) else None)})
 
 

@@ -127,7 +127,9 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
     REFERENCE_FILE, else computed now from ``model`` (its starting weights; under LoRA with its
     adapters off, unless the run starts from an adapter, init_adapter: then with it on, the
     model the run starts from), returned as that file's bytes for the run to write with its
-    config. Nothing for orpo and simpo, which need no reference."""
+    config; the validation rows' in the precision validation runs in (eval_precision), so that
+    a policy equal to its reference validates at a zero margin. Nothing for orpo and simpo,
+    which need no reference."""
     if not preference.config_of(cfg).needs_reference:
         return {}
     path = run_dir / REFERENCE_FILE
@@ -137,10 +139,12 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
         batches.val.set_reference(saved["val"])
         return {}
     precision = checked_precision(cfg, device)
+    validated = "fp32" if cfg.eval_precision == "fp32" else precision  # as the trainer validates
     adapters_off = cfg.init_adapter is None and any(True for _ in lora.lora_modules(model))
-    for name, rows in (("train", batches.train), ("val", batches.val)):
+    for name, rows, rows_precision in (("train", batches.train, precision),
+                                       ("val", batches.val, validated)):
         rows.set_reference(reference_logps(model, rows, batches.collate, cfg.batch_size, device,
-                                           precision, adapters_off, cfg.progress, name))
+                                           rows_precision, adapters_off, cfg.progress, name))
     buffer = io.BytesIO()
     torch.save({"train": batches.train.reference, "val": batches.val.reference}, buffer)
     return {path: buffer.getvalue()}
