@@ -35,7 +35,7 @@ from codelm.data.config import DataConfig
 from codelm.data.sources import Doc
 from codelm.endpoints import Endpoint, Sampling, endpoint_model, is_endpoint, parse_endpoint
 from codelm.endpoints import complete as complete_at
-from codelm.evaluation import corpus, scoring
+from codelm.evaluation import corpus, instruct, scoring
 from codelm.evaluation.config import EvalConfig, build_parser, parse_config
 from codelm.evaluation.preference_pairs import write_preference_data
 from codelm.evaluation.results import (
@@ -289,7 +289,12 @@ def _evaluate_endpoints(cfg: EvalConfig, settings: TaskSettings, endpoints: Sequ
         metrics = {}
         for task in settings.tasks:
             passk_task = registry.PASSK_TASKS[task]
-            problems = passk.prompted_problems(passk_task, benchmarks.problems[task])
+            problems = benchmarks.problems[task]
+            if settings.chat:  # EvalPlus's request of a chat endpoint: a message, no stops
+                problems = [{**p, "chat_prompt": instruct.endpoint_message(p["prompt"])}
+                            for p in problems]
+            else:
+                problems = passk.prompted_problems(passk_task, problems)
             samples = _endpoint_samples(endpoint, label, passk_task, problems, settings)
             task_metrics, task_records = passk.score_passk(label, passk_task, problems, samples,
                                                            settings)
@@ -315,18 +320,20 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
     them: at most half the context new and the prompt cut at its left to the rest (where the
     endpoint lists its context: vLLM's truncate_prompt_tokens), problem p's sample j seeded
     cfg.seed + p x num_samples + j."""
-    stops = passk_task.stops
+    stops = () if cfg.chat else passk_task.stops
     model = endpoint_model(endpoint)
     new_tokens, keep = cfg.max_new_tokens, None
     if model.context is not None:
         new_tokens = min(new_tokens, min(cfg.block_size or model.context, model.context) // 2)
-        keep = model.context - new_tokens
+        keep = None if cfg.chat else model.context - new_tokens
     n = cfg.num_samples
 
     def ask(index: int) -> list[str]:
         sampling = Sampling(new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, n,
                             (cfg.seed + index * n) % 2**64, tuple(stops), keep)
-        return complete_at(endpoint, model.name, problems[index]["prompt"], sampling)
+        problem = problems[index]
+        return complete_at(endpoint, model.name, problem.get("chat_prompt", problem["prompt"]),
+                           sampling, cfg.chat)
 
     with ThreadPoolExecutor(max_workers=cfg.batch_size) as pool:
         asked = pool.map(ask, range(len(problems)))

@@ -154,21 +154,27 @@ def model_name(endpoint: Endpoint) -> str:
     return endpoint_model(endpoint).name
 
 
-def complete(endpoint: Endpoint, model: str, prompt: str, sampling: Sampling) -> list[str]:
+def complete(endpoint: Endpoint, model: str, prompt: str, sampling: Sampling,
+             chat: bool = False) -> list[str]:
     """``sampling.n`` completions of ``prompt`` (the text after it), in the endpoint's order,
-    asked MAX_CHOICES at a time (each request's seed the first of its choices')."""
+    asked MAX_CHOICES at a time (each request's seed the first of its choices'); ``chat``: the
+    answers to ``prompt`` as a user's message (/v1/chat/completions)."""
     texts: list[str] = []
     for first in range(0, sampling.n, MAX_CHOICES):
         seed = None if sampling.seed is None else (sampling.seed + first) % 2**64
         texts += _complete_once(endpoint, model, prompt, replace(
-            sampling, n=min(MAX_CHOICES, sampling.n - first), seed=seed))
+            sampling, n=min(MAX_CHOICES, sampling.n - first), seed=seed), chat)
     return texts
 
 
-def _complete_once(endpoint: Endpoint, model: str, prompt: str, sampling: Sampling
-                   ) -> list[str]:
-    body = {"model": model, "prompt": prompt, "max_tokens": sampling.max_tokens,
+def _complete_once(endpoint: Endpoint, model: str, prompt: str, sampling: Sampling,
+                   chat: bool) -> list[str]:
+    body = {"model": model, "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature, "n": sampling.n}
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     if sampling.top_p is not None:
         body["top_p"] = sampling.top_p
     if sampling.top_k is not None:
@@ -179,8 +185,12 @@ def _complete_once(endpoint: Endpoint, model: str, prompt: str, sampling: Sampli
         body["stop"] = list(sampling.stop)
     if sampling.truncate_prompt_tokens is not None:
         body["truncate_prompt_tokens"] = sampling.truncate_prompt_tokens
-    choices = _request(f"{endpoint.url}/completions", body).get("choices") or []
+    path = "/chat/completions" if chat else "/completions"
+    choices = _request(f"{endpoint.url}{path}", body).get("choices") or []
     if len(choices) != sampling.n:
-        raise ValueError(f"{endpoint.url}/completions gave {len(choices)} choices, asked for "
+        raise ValueError(f"{endpoint.url}{path} gave {len(choices)} choices, asked for "
                          f"{sampling.n}")
-    return [c["text"] for c in sorted(choices, key=lambda c: c.get("index", 0))]
+    ordered = sorted(choices, key=lambda c: c.get("index", 0))
+    if chat:  # a refusal or a tool call answers no content: an empty answer
+        return [(c.get("message") or {}).get("content") or "" for c in ordered]
+    return [c["text"] for c in ordered]

@@ -191,7 +191,7 @@ def test_chat_generation_continues_the_prompt_as_transformers_generate(tmp_path)
 @pytest.mark.parametrize("flags, words", [
     (["--tasks", "line"], ("chat", "pass@k")),
     (["--tasks", "humaneval", "--prompt", "def f"], ("chat", "prompt")),
-    (["--tasks", "humaneval", "--models", "openai:http://127.0.0.1:1/v1"], ("chat", "endpoint")),
+    (["--tasks", "humaneval", "--serve"], ("chat", "serve")),
 ])
 def test_chat_is_refused_where_it_does_not_apply(flags, words):
     with pytest.raises(ValueError) as err:

@@ -774,3 +774,35 @@ def test_an_out_dir_holding_results_is_refused_before_an_endpoint_is_asked(tmp_p
     assert ev.main(argv) == 2
     assert "holds an evaluation's results" in capsys.readouterr().err
     assert asked == []
+
+
+def test_eval_chat_asks_an_endpoint_as_evalplus_asks_one(server, tmp_path):
+    """eval.py --chat --models x=openai:URL asks each problem as EvalPlus's OpenAI decoder does
+    (one user message: the instruction, then the problem in a python block; no stop strings):
+    the answers are the endpoint's own chat answers, and the programs run are their sanitized
+    code, alone."""
+    import eval as ev
+    from codelm.evaluation import instruct
+
+    problems = [{"task_id": f"t/{n}", "prompt": f'def c():\n    """Return {n}."""\n',
+                 "entry_point": "c",
+                 "test": f"def check(candidate):\n    assert candidate() == {n}\n"}
+                for n in (1, 2)]
+    file = tmp_path / "problems.jsonl"
+    file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    out = tmp_path / "out"
+    assert ev.main(["--models", f"x=openai:{server.url}#tiny", "--tasks", "passk", "--problems",
+                    str(file), "--chat", "--max-new-tokens", "12", "--out-dir", str(out),
+                    "--no-progress", "--workers", "1"]) == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    client = _client(server)
+    for problem, record in zip(problems, records, strict=True):
+        message = ("Please provide a self-contained Python script that solves the following "
+                   f"problem in a markdown code block:\n```python\n{problem['prompt'].strip()}"
+                   "\n```")
+        assert record["prompt"] == message
+        answer = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": message}], max_tokens=12,
+            temperature=0, seed=0).choices[0].message.content
+        assert record["prediction"] == answer and answer
+        assert record["solution"] == instruct.sanitize(answer, "c")

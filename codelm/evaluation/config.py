@@ -190,9 +190,9 @@ class EvalConfig:
              f"prompts instruct models on pass@k tasks: set {named('tasks')} to some of "
              f"{', '.join(PASSK_TASKS)}"),
             ("chat", not self.chat or (self.load_generations is None and self.prompt is None
-                                       and not self.serve and not endpoints),
-             f"prompts local models' chat templates: leave {named('load_generations')}, "
-             f"{named('prompt')}, {named('serve')} and endpoints (openai:URL) unset"),
+                                       and not self.serve),
+             f"prompts models' chat templates: leave {named('load_generations')}, "
+             f"{named('prompt')} and {named('serve')} unset"),
             ("serve", not self.serve or self.load_generations is None and self.prompt is None,
              f"serves models: leave {named('load_generations')} and {named('prompt')} unset"),
         ]

@@ -44,6 +44,13 @@ def chat_prompt(tokenizer, problem_prompt: str) -> str:
     return rendered.split(_SPLITTER)[0]
 
 
+def endpoint_message(problem_prompt: str) -> str:
+    """The user message an OpenAI-compatible endpoint is asked for a problem's answer (EvalPlus's
+    ``OpenAIChatDecoder``: the instruction, then the problem in a ``python`` block; the API
+    opens no assistant turn for the model)."""
+    return f"{INSTRUCTION_PREFIX}\n```python\n{problem_prompt.strip()}\n```"
+
+
 def answer_text(generated: str) -> str:
     """A generated answer as EvalPlus reads it: tabs as four spaces (the stop strings are cut)."""
     return generated.replace("\t", "    ")
