@@ -139,6 +139,7 @@ TRAINCONFIG, LOADING = "codelm.trainconfig", "codelm.loading"
 EVAL_CONFIG, METRICS, SCORING = ("codelm.evaluation.config", "codelm.evaluation.metrics",
                                  "codelm.evaluation.scoring")
 EVAL_CORPUS, RESULTS = "codelm.evaluation.corpus", "codelm.evaluation.results"
+INSTRUCT = "codelm.evaluation.instruct"
 PREFERENCE_PAIRS = "codelm.evaluation.preference_pairs"
 PROBLEMS, PASSK, REGISTRY = ("codelm.evaluation.tasks.problems", "codelm.evaluation.tasks.passk",
                              "codelm.evaluation.tasks.registry")
@@ -240,10 +241,11 @@ MAY_IMPORT = {
     RUNNER: {PROCESS, BOOTSTRAP},
     SANDBOX_COMMAND: {PROCESS, SETTINGS, RUNNER},
     METRICS: set(),
+    INSTRUCT: set(),
     SCORING: {PROCESS, "tokenizer", BPE, DATA_CONFIG, DATASETS, ENCODING, EXAMPLES, LOADING,
               ENGINE, GENERATION},
     PROBLEMS: {SETTINGS, HUB, DATA_SOURCES},
-    PASSK: {PROCESS, SETTINGS, GENERATION, RUNNER, DATA_CONFIG, LOADING, METRICS, SCORING,
+    PASSK: {PROCESS, SETTINGS, GENERATION, RUNNER, DATA_CONFIG, LOADING, METRICS, INSTRUCT, SCORING,
             PROBLEMS},
     LM_TASK: TASK_FLOOR,
     TEXT_TASK: TASK_FLOOR,
@@ -262,7 +264,7 @@ MAY_IMPORT = {
     RESULTS: {PROCESS, SETTINGS, DATA_SOURCES, EXAMPLES, ENCODING, LOADING, EVAL_CONFIG, REGISTRY},
     PREFERENCE_PAIRS: {PROCESS},
     "eval": {PROCESS, SETTINGS, RUNDIR, GENERATION, SERVING, ENDPOINTS, DATA_CONFIG, DATA_SOURCES,
-             LOADING, EVAL_CONFIG, EVAL_CORPUS, RESULTS, SCORING, PASSK, REGISTRY,
+             LOADING, INSTRUCT, EVAL_CONFIG, EVAL_CORPUS, RESULTS, SCORING, PASSK, REGISTRY,
              PREFERENCE_PAIRS},
     GGUF_COMMAND: {PROCESS, SETTINGS, FAMILIES, GGUF_WRITER, LOADING},
     TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
