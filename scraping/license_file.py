@@ -65,6 +65,13 @@ LICENSE_PHRASES: tuple[tuple[str, tuple[str, ...]], ...] = (
               "this notice may not be removed or altered from any source distribution")),
 )
 
+# The rows found by the licence's title alone: a title counts where it heads a line (a
+# licence's text opens with it), not where a line mentions it ("assets/x.json: CC0 1.0
+# Universal" above a GPL's text).
+TITLE_ROWS = frozenset({"GFDL-1.3", "LGPL-3.0", "LGPL-2.1", "NOASSERTION", "GPL-3.0", "GPL-2.0",
+                        "EPL-2.0", "EPL-1.0", "EUPL-1.2", "BSL-1.0", "Artistic-2.0", "CC0-1.0",
+                        "WTFPL", "PSF-2.0"})
+
 
 # Before a licence's text a file may have its title, copyright lines (and the names under them)
 # and a short line naming the licence; of anything else at most PREAMBLE_WORDS words (GitHub
@@ -83,9 +90,13 @@ def license_of_text(text: str) -> str:
     lines = [_plain(line) for line in text.splitlines()]
     words = " ".join(line for line in lines if line)
     openings = _openings(words)
+    heads = _line_heads(lines)
     found = []  # (where the licence's text starts, its row, its id)
     for row, (license_id, phrases) in enumerate(LICENSE_PHRASES):
-        starts = [words.find(phrase) for phrase in phrases]
+        if license_id in TITLE_ROWS:
+            starts = [next((at for at in _places(words, phrases[0]) if at in heads), -1)]
+        else:
+            starts = [words.find(phrase) for phrase in phrases]
         first, last = min(starts), max(starts)
         # all its phrases in one licence's text: no licence opens between them (MIT's first
         # phrase and a bundled BSD-3's clause are not NCSA)
@@ -103,11 +114,38 @@ def _openings(words: str) -> list[int]:
     """Where each licence text in ``words`` opens: every place of a row's first phrase."""
     places = set()
     for opening in {phrases[0] for _, phrases in LICENSE_PHRASES}:
-        at = words.find(opening)
-        while at >= 0:
-            places.add(at)
-            at = words.find(opening, at + 1)
+        places.update(_places(words, opening))
     return sorted(places)
+
+
+def _places(words: str, phrase: str) -> list[int]:
+    """Every place of ``phrase`` in ``words``."""
+    places = []
+    at = words.find(phrase)
+    while at >= 0:
+        places.append(at)
+        at = words.find(phrase, at + 1)
+    return places
+
+
+def _line_heads(lines: list[str]) -> set[int]:
+    """The places in the joined words of ``lines`` (their plain text) where a title may stand
+    at the head of its line: the line's start, or after a leading "the" or "gnu" ("GNU GENERAL
+    PUBLIC LICENSE"), not after other words ("palette.json: CC0 1.0 Universal" mentions one)."""
+    heads = set()
+    at = 0
+    for line in lines:
+        if not line:
+            continue
+        heads.add(at)
+        lead = 0
+        for word in line.split()[:2]:
+            if word not in ("the", "gnu"):
+                break
+            lead += len(word) + 1
+            heads.add(at + lead)
+        at += len(line) + 1
+    return heads
 
 
 def _plain(line: str) -> str:

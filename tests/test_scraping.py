@@ -1387,6 +1387,19 @@ def test_a_licence_followed_by_its_bundled_codes_licences_is_the_first(first, th
     assert license_of_text(text) == first
 
 
+@pytest.mark.parametrize("mention", ["Except assets/palette.json: CC0 1.0 Universal.",
+                                     "docs/ are under the Eclipse Public License v 2.0 too",
+                                     "* vendor/boost: Boost Software License - Version 1.0"])
+def test_a_licence_title_mentioned_inside_a_line_does_not_name_the_file(mention):
+    """A note above a project's licence that mentions another's title (a bundled asset's) is
+    no licence text: the GPL after it is the file's licence; the title heading its own line
+    names it."""
+    gpl = LICENCE_EXCERPTS["GPL-3.0"]
+    assert license_of_text(f"Licensed under the GPL version 3, below.\n{mention}\n\n{gpl}") == (
+        "GPL-3.0")
+    assert license_of_text(f"CC0 1.0 Universal\n\n{gpl}") == "CC0-1.0"
+
+
 # Debian's base-files copies of licence texts (file name -> id), read when the machine has them.
 COMMON_LICENSES = Path("/usr/share/common-licenses")
 DEBIAN_TEXTS = {"Apache-2.0": "Apache-2.0", "BSD": "BSD-3-Clause", "CC0-1.0": "CC0-1.0",
