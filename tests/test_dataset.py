@@ -522,9 +522,32 @@ def test_license_header_forms():
     )
     assert strip_license_header(kotlin) == ("package a\n", True)
     slashes = "// SPDX-License-Identifier: MIT\n// (c) me\nfun f() = 1\n"
-    assert strip_license_header(slashes) == ("fun f() = 1\n", True)
+    assert strip_license_header(slashes, "//") == ("fun f() = 1\n", True)
     plain = "# A helpful comment about the code\nx = 1\n"
     assert strip_license_header(plain) == (plain, False)
+
+
+def test_a_c_or_csharp_files_hash_lines_are_code_not_a_licence_comment(tmp_path):
+    """In C, C++ and C# a line opening with # is a preprocessor line (an include guard named
+    LICENSE_H, ``#region License``), never a comment: cleaning keeps it, so the file still
+    compiles; the same file's // licence comment is removed, and Python's # one."""
+    c_source = ("#ifndef LICENSE_CHECK_H\n#define LICENSE_CHECK_H\n#include <stdio.h>\n"
+                "int licensed(void) { return printf(\"ok\\n\"); }\n#endif\n")
+    csharp = "#region License\n// Copyright (c) 2007 Someone\n#endregion\n\nclass A {}\n"
+    other_c = c_source.replace("licensed", "granted")  # not a copy (dedupe keeps one)
+    commented = "// Copyright 2020 Someone\n// Licensed under the MIT License.\n" + other_c
+    python = "# Copyright 2020 Someone\n# Licensed under the MIT License.\nimport os\n"
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, text in (("check.c", c_source), ("A.cs", csharp), ("commented.c", commented),
+                       ("a.py", python)):
+        (src / name).write_text(text)
+    docs, _ = clean_corpus(cfg(tmp_path, sources=[str(src)], extensions=[".c", ".cs", ".py"],
+                               min_bytes=0, min_lines=0))
+    texts = {d.id.split("/")[-1]: d.text for d in docs}
+    assert texts["check.c"] == c_source and texts["A.cs"] == csharp
+    assert texts["commented.c"] == other_c
+    assert texts["a.py"] == "import os\n"
 
 
 def test_code_after_a_licence_comments_closing_on_its_line_is_kept():

@@ -13,6 +13,7 @@ from dataclasses import replace
 from codelm.data.sources import Doc
 from codelm.tokenization.source import (
     PYTHON_PARSE_ERRORS,
+    line_comment,
     source_lines,
     strip_comments_and_docstrings,
 )
@@ -27,9 +28,10 @@ _NUMBER_LITERAL = re.compile(r"(?<![\w.])\d[\w.]*")
 _LITERAL_TOKENS = {tokenize.STRING, tokenize.NUMBER, getattr(tokenize, "FSTRING_MIDDLE", -1)}
 
 
-def strip_license_header(text: str) -> tuple[str, bool]:
-    """Remove a leading comment block that mentions copyright/licence (``#``, ``//`` or
-    ``/* */``), keeping a shebang and an encoding line. Returns (text, removed)."""
+def strip_license_header(text: str, comment: str = "#") -> tuple[str, bool]:
+    """Remove a leading comment block that mentions copyright/licence (``/* */``, or lines
+    opening with ``comment``, the language's line-comment marker: a C file's ``#include``
+    lines are code), keeping a shebang and an encoding line. Returns (text, removed)."""
     lines = source_lines(text, keepends=True)
     keep: list[str] = []
     i = 0
@@ -49,8 +51,7 @@ def strip_license_header(text: str) -> tuple[str, bool]:
             rest = [after]
         i += 1
     else:
-        marker = "#" if lines[i : i + 1] and lines[i].lstrip().startswith("#") else "//"
-        while i < len(lines) and lines[i].lstrip().startswith(marker):
+        while i < len(lines) and lines[i].lstrip().startswith(comment):
             i += 1
     block = "".join(lines[start:i])
     if i == start or not _LICENSE_WORDS.search(block):
@@ -166,7 +167,7 @@ def clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]
     if len(text.encode("utf-8")) < opt["min_bytes"]:
         return None, "too_small", mods
     if opt["strip_license"]:
-        text, removed = strip_license_header(text)
+        text, removed = strip_license_header(text, line_comment(raw.id))
         if removed:
             mods.append("license_header_removed")
     (text,), redacted = _redact([text], opt)

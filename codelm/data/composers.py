@@ -26,18 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from codelm.tokenization.bpe import BPETokenizer
+from codelm.tokenization.source import line_comment
 from tokenizer import CodeTokenizer
 
 # Each family's spelling of its repository tokens (repository name, file separator): StarCoder2
 # writes <repo_name>NAME<file_sep>PATH\nCODE..., Qwen2.5-Coder puts a newline after the name
 # and after each file.
 REPO_TOKENS = (("<repo_name>", "<file_sep>", ""), ("<|repo_name|>", "<|file_sep|>", "\n"))
-# Extensions whose path header is a // comment (others: #).
-SLASH_COMMENTS = frozenset({".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".java", ".kt", ".kts",
-                            ".js", ".jsx", ".mjs", ".cjs", ".ts", ".tsx", ".go", ".rs",
-                            ".swift", ".cs", ".scala", ".dart", ".php", ".m", ".groovy", ".zig",
-                            ".cu", ".proto"})
-DASH_COMMENTS = frozenset({".lua", ".sql", ".hs"})  # comments that open with --
 BM25_K1 = 1.2  # Lucene's defaults (BM25Similarity)
 BM25_B = 0.75
 
@@ -85,13 +80,6 @@ def _special_id(tok: Tokenizer, token: str) -> int | None:
     return i if i is not None and tok.is_special(i) else None
 
 
-def _comment(path: str) -> str:
-    extension = posixpath.splitext(path)[1].lower()
-    if extension in DASH_COMMENTS:
-        return "--"
-    return "//" if extension in SLASH_COMMENTS else "#"
-
-
 def _encode(tok: Tokenizer, text: str) -> list[int]:
     """A text's ids as data building encodes a document (a special token's text is text)."""
     return tok.encode(text, split_special_tokens=True)
@@ -113,7 +101,7 @@ class RepositoryIndex:
         self.parts = [tuple(p.split("/")) for p in self.paths]
         self._ids = ids_cache if ids_cache is not None else {}
         self._bm25 = _Bm25([identifiers(text) for text in self.texts])
-        comments = Counter(_comment(path) for path in self.paths)  # its files' own, the most
+        comments = Counter(line_comment(path) for path in self.paths)  # its files' own, the most
         self.comment = comments.most_common(1)[0][0] if comments else "#"
         self.modules: dict[str, list[int]] = {}
         for i, path in enumerate(self.paths):
@@ -136,7 +124,7 @@ class RepositoryIndex:
         fmt = self.format
         if fmt.tokens:
             return [fmt.file_id, *_encode(self.tok, f"{path}\n{text}")]
-        return _encode(self.tok, f"{_comment(path)} {path}\n{text}")
+        return _encode(self.tok, f"{line_comment(path)} {path}\n{text}")
 
     def opening_ids(self, path: str) -> list[int]:
         """The ids before a file's code: the file separator and its path, or a path comment."""

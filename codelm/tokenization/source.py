@@ -1,11 +1,29 @@
-"""Python comment and docstring stripping, with Python's own tokenize and ast (never regexes)."""
+"""Python comment and docstring stripping, with Python's own tokenize and ast (never regexes);
+each language's line-comment marker."""
 
 from __future__ import annotations
 
 import ast
 import io
+import posixpath
 import tokenize
 from collections.abc import Iterator
+
+# Extensions whose line comments open with // (where # opens a preprocessor line or an
+# attribute, never a comment) and with --; the others' with #.
+SLASH_COMMENTS = frozenset({".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".java", ".kt", ".kts",
+                            ".js", ".jsx", ".mjs", ".cjs", ".ts", ".tsx", ".go", ".rs",
+                            ".swift", ".cs", ".scala", ".dart", ".php", ".m", ".groovy", ".zig",
+                            ".cu", ".proto"})
+DASH_COMMENTS = frozenset({".lua", ".sql", ".hs"})
+
+
+def line_comment(path: str) -> str:
+    """The marker that opens a line comment in the language of ``path``'s extension."""
+    extension = posixpath.splitext(path)[1].lower()
+    if extension in DASH_COMMENTS:
+        return "--"
+    return "//" if extension in SLASH_COMMENTS else "#"
 
 # What parsing or tokenizing untrusted Python text can raise.
 PYTHON_PARSE_ERRORS = (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError)
