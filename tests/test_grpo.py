@@ -198,6 +198,72 @@ def test_a_token_count_beyond_the_batch_divides_as_trls(loss_type):
 
 
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_accumulated_micro_batches_equal_trls(loss_type, beta):
+    """A generation batch over 2 accumulated micro-batches of unequal token counts: the sum of
+    the weighted micro-batch losses (rollout.chunk_weight) and its gradient equal TRL's
+    accumulated _compute_loss (each divided by its accumulation steps; dapo and cispo by the
+    whole batch's tokens), and the logged metrics its mean of the micro-batches' values."""
+    from codelm.training import rollout
+
+    accumulation = 2
+    cfg = GRPOConfig(loss_type=loss_type, beta=beta, max_completion_length=10,
+                     epsilon_high=5.0 if loss_type == "cispo" else 0.28)
+    gen = torch.Generator().manual_seed(11)
+    n = 2 * G
+    completions, _ = _completions(n, gen)
+    completions[0] = [EOS]  # the first micro-batch's tokens fewer than the second's
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    inputs = _trl_scored(cfg, completions, rewards)
+    mask = inputs["completion_mask"]
+    logps = -3 * torch.rand(n, WIDTH, generator=gen)
+    old = logps + 0.3 * torch.randn(n, WIDTH, generator=gen)
+    ref = logps + 0.2 * torch.randn(n, WIDTH, generator=gen)
+    entropy = 2 * torch.rand(n, WIDTH, generator=gen)
+    chunks = torch.arange(n).tensor_split(accumulation)
+    assert mask[chunks[0]].sum() != mask[chunks[1]].sum()
+
+    theirs_logps = logps.clone().requires_grad_(True)
+    theirs_total, theirs_logged = 0.0, defaultdict(list)
+    for chunk in chunks:
+        trainer = _trainer(cfg, len(chunk))
+        trainer.current_gradient_accumulation_steps = accumulation
+        trainer.args.steps_per_generation = accumulation
+        part_logps = theirs_logps[chunk]
+        trainer._get_per_token_logps_and_entropies = (
+            lambda *args, lp=part_logps, c=chunk, **kw: (lp, entropy[c], None))
+        part = {key: value[chunk] if torch.is_tensor(value) and value.dim() and len(value) == n
+                else value for key, value in inputs.items()}
+        part.update(old_per_token_logps=old[chunk], ref_per_token_logps=ref[chunk])
+        loss = GRPOTrainer._compute_loss(trainer, None, part)
+        loss.backward()
+        theirs_total += loss.item()
+        for name, values in trainer._metrics["train"].items():
+            theirs_logged[name] += values
+
+    ours_logps = logps.clone().requires_grad_(True)
+    advantages = grpo.group_advantages(rewards, G, cfg.scale_rewards)
+    tokens = mask.sum().clamp(min=1).float()
+    ours_total, logged = 0.0, []
+    for chunk in chunks:
+        loss, metrics = grpo.policy_loss(ours_logps[chunk], old[chunk], ref[chunk],
+                                         advantages[chunk], mask[chunk], cfg, num_items=tokens,
+                                         entropy=entropy[chunk])
+        loss = loss * rollout.chunk_weight(loss_type, len(chunk), n)
+        loss.backward()
+        ours_total += loss.item()
+        logged.append(metrics)
+    assert abs(ours_total - theirs_total) <= 1e-6, (ours_total, theirs_total)
+    assert torch.allclose(ours_logps.grad, theirs_logps.grad, rtol=0, atol=1e-5)
+    means = rollout.micro_batch_means(logged)
+    for ours_name, name in (("entropy", "entropy"), ("kl", "kl"),
+                            ("clip_ratio_low", "clip_ratio/low_mean")):
+        if name in theirs_logged:
+            values = theirs_logged[name]
+            assert abs(means[ours_name] - sum(values) / len(values)) <= 1e-6, name
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 def test_on_policy_the_loss_equals_trls(loss_type):
     """No old log-probs (one update per generation): the ratio is 1 and still carries the
     gradient, as TRL's detached copy does."""

@@ -139,8 +139,9 @@ def test_grpo_raises_the_reward_and_the_shuffled_control_does_not(assets, tmp_pa
 
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 def test_micro_batches_give_the_whole_batchs_loss_and_gradient(assets, tmp_path, loss_type):
-    """grad_accum 3 over a step's completions: the summed loss and the gradients equal
-    grpo.policy_loss's (TRL's) on the whole batch at once."""
+    """grad_accum 3 over a step's completions of a real model: the summed loss and the
+    gradients equal grpo.policy_loss's (TRL's) on the whole batch at once (bnpo: the mean of
+    the micro-batches' own, TRL's local normalization), the entropy the mean of theirs."""
     high = 5.0 if loss_type == "cispo" else None
     cfg = grpo_cfg(assets, tmp_path, grpo_loss_type=loss_type, epsilon_high=high, grad_accum=3,
                    num_generations=3, warmup_steps=0, max_steps=10)
@@ -159,13 +160,21 @@ def test_micro_batches_give_the_whole_batchs_loss_and_gradient(assets, tmp_path,
     logps, entropy = grpo.completion_logps(model, batch.ids, batch.completion_mask,
                                            batch.prompt_mask, trainer.loss_cfg.temperature)
     advantages = grpo.group_advantages(earned, 3, cfg.scale_rewards)
-    whole, theirs = grpo.policy_loss(logps, None, None, advantages, batch.completion_mask,
-                                     trainer.loss_cfg, entropy=entropy)
+    mask = batch.completion_mask
+    chunks = torch.arange(6).tensor_split(3)
+    parts = [grpo.policy_loss(logps[c], None, None, advantages[c], mask[c], trainer.loss_cfg,
+                              num_items=mask.sum().clamp(min=1).float(), entropy=entropy[c])
+             for c in chunks]
+    if loss_type == "bnpo":
+        whole = sum(part_loss for part_loss, _ in parts) / 3
+    else:
+        whole = grpo.policy_loss(logps, None, None, advantages, mask, trainer.loss_cfg)[0]
     whole.backward()
     assert abs(float(loss) - float(whole.detach())) < 1e-6
     for name, param in model.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5)
-    assert abs(metrics["entropy"] - float(theirs["entropy"])) < 1e-5
+    entropies = [float(part_metrics["entropy"]) for _, part_metrics in parts]
+    assert abs(metrics["entropy"] - sum(entropies) / 3) < 1e-5
 
 
 def test_a_lora_run_takes_its_base_as_the_kl_reference(assets, tmp_path):

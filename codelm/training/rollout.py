@@ -391,8 +391,9 @@ class GRPOTrainer(Trainer):
     def backward(self, completions: Sequence[Completion], scored: Scored, inject_nan: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The policy loss's gradients over grad_accum micro-batches of the completions, each
-        weighted so that their sum is the whole batch's loss; (the loss, the positions
-        computed, the loss's metrics)."""
+        weighted as TRL weighs its accumulated micro-batches (``chunk_weight``); (the loss, the
+        positions computed, the loss's metrics: each the mean of the micro-batches' values, as
+        TRL logs them)."""
         settings, lcfg = self.grpo_settings, self.loss_cfg
         batch = completion_batch(completions, self.device, lcfg.mask_truncated_completions)
         advantages = grpo.group_advantages(scored.rewards, settings.num_generations,
@@ -401,7 +402,7 @@ class GRPOTrainer(Trainer):
         tokens = batch.completion_mask.sum().clamp(min=1).float()
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
-        sums: dict[str, torch.Tensor] = {}
+        logged: list[dict[str, torch.Tensor]] = []
         for chunk in torch.arange(rows).tensor_split(min(settings.grad_accum, rows)):
             part = batch.rows(chunk)
             mask = part.completion_mask
@@ -414,17 +415,14 @@ class GRPOTrainer(Trainer):
                                                        part.prompt_mask, lcfg.temperature)
                 loss, metrics = grpo.policy_loss(logps, None, ref, advantages[chunk], mask,
                                                  lcfg, num_items=tokens, entropy=entropy)
-            loss = loss * chunk_weight(lcfg.loss_type, len(chunk), rows, mask.sum(), tokens)
+            loss = loss * chunk_weight(lcfg.loss_type, len(chunk), rows)
             if inject_nan:
                 loss = loss * float("nan")
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
-            share = mask.sum() / tokens
-            for key, value in metrics.items():
-                if key in LOGGED:  # token means: weighted by the micro-batch's tokens
-                    sums[LOGGED[key]] = sums.get(LOGGED[key], 0.0) + value.float() * share
+            logged.append(metrics)
         positions = torch.tensor(float(batch.ids.numel()), device=self.device)
-        return loss_sum, positions, {key: float(value) for key, value in sums.items()}
+        return loss_sum, positions, micro_batch_means(logged)
 
     def _reward_metrics(self, scored: Scored, completions: Sequence[Completion]) -> dict:
         """The rewards a researcher watches: their mean and spread, the pass rate, the share of
@@ -487,16 +485,25 @@ class GRPOTrainer(Trainer):
         return {"val_loss": 1.0 - share, "val_pass@1": share, "val_problems": len(problems)}
 
 
-def chunk_weight(loss_type: str, rows: int, all_rows: int, tokens: torch.Tensor,
-                 all_tokens: torch.Tensor) -> torch.Tensor | float:
-    """What a micro-batch's policy_loss is multiplied by so that the micro-batches' sum is the
-    whole batch's: its share of the rows (grpo, dr_grpo: means over completions), of the
-    tokens (bnpo: a mean over tokens), or 1 (dapo, cispo: sums over the batch's tokens)."""
-    if loss_type in ("grpo", "dr_grpo"):
+def chunk_weight(loss_type: str, rows: int, all_rows: int) -> float:
+    """What a micro-batch's policy_loss is multiplied by, as TRL divides it by the accumulation
+    steps: its share of the rows (grpo, dr_grpo: means over completions, whose sum is the
+    whole batch's; bnpo: its own tokens' mean, TRL's normalization over the local batch), or 1
+    (dapo, cispo: sums over the whole batch's tokens)."""
+    if loss_type in ("grpo", "dr_grpo", "bnpo"):
         return rows / all_rows
-    if loss_type == "bnpo":
-        return tokens.float() / all_tokens
     return 1.0
+
+
+def micro_batch_means(logged: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The loss's metrics of a step (LOGGED's, under their logged names): the mean of each over
+    the micro-batches, as TRL logs the values it appends once a micro-batch."""
+    values: dict[str, list[float]] = {}
+    for metrics in logged:
+        for key, value in metrics.items():
+            if key in LOGGED:
+                values.setdefault(LOGGED[key], []).append(float(value))
+    return {key: sum(found) / len(found) for key, found in values.items()}
 
 
 @dataclass
