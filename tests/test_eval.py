@@ -1996,6 +1996,16 @@ def test_a_completion_may_import_numpy_as_in_the_harnesses_environments(trusted)
     assert passk.run_check(problem, completion, sandbox).passed
     wrong = completion.replace("np.mean(numbers)", "0")
     assert not passk.run_check(problem, wrong, sandbox).passed
+    # a numpy scalar result crosses to the trusted test as the number it is (np.int64(42) == 42
+    # in the harness's own assert), np.bool_ as a bool
+    forty_two = {**FORTY_TWO, "trusted": trusted}
+    assert passk.run_check(forty_two, "    import numpy as np\n    return np.int64(42)\n",
+                           sandbox).passed
+    assert not passk.run_check(forty_two, "    import numpy as np\n    return np.int64(41)\n",
+                               sandbox).passed
+    truth = {**forty_two, "test": "def check(candidate):\n    assert candidate() == True\n"}
+    assert passk.run_check(truth, "    import numpy as np\n    return np.bool_(1 < 2)\n",
+                           sandbox).passed
 
 
 def _humaneval_problem(task_id: str) -> dict:
