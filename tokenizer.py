@@ -479,10 +479,12 @@ def generation_eos_ids(tok: CodeTokenizer | BPETokenizer, model_eos: object,
     return [i for i in ids if i is not None]
 
 
-def decode_generated(tok: CodeTokenizer | BPETokenizer, ids: Iterable[int]) -> str:
-    """Text of generated ``ids``; as in transformers, ids past the tokenizer decode to nothing."""
+def decode_generated(tok: CodeTokenizer | BPETokenizer, ids: Iterable[int],
+                     skip_special_tokens: bool = False) -> str:
+    """Text of generated ``ids``; as in transformers, ids past the tokenizer decode to nothing
+    (``skip_special_tokens``: so do special tokens)."""
     n = tok.vocab_size
-    return tok.decode([i for i in ids if i < n], continuation=True)
+    return tok.decode([i for i in ids if i < n], skip_special_tokens, continuation=True)
 
 
 def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:

@@ -70,6 +70,11 @@ HAND_WRITTEN = [
     ("Explanation first.\n\n\ndef f(x):\n\n    return x\n\n\n\nThat is all.\n", "f"),
     ("def f(x):\n\treturn x\n", "f"),
     ("def f(x):\n    '''\n    doc\n\n    more\n    '''\n    return x\n\n\n```\nprose\n", "f"),
+    ("def f(x):\n    return helper(x)\nobj.attr = helper\ndef helper(x):\n    return x+1\n", "f"),
+    ("def f(x):\n    return g(x)\na, b = g\nself.x: int = g\nd[k] = f\ndef g(x):\n    return x\n", "f"),
+    ("def f(x):\n    from os import path\n    match x:\n        case P(name=n):\n"
+     "            return n\n        case {'k': m, **rest}:\n            return m\n"
+     "    return path\npath = 1\nos = 2\nname = 3\nrest = 4\n", "f"),
 ]
 
 

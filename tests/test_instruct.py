@@ -154,7 +154,8 @@ def _instruct_model(tmp_path):
 def test_chat_generation_continues_the_prompt_as_transformers_generate(tmp_path):
     """--chat's greedy answer is transformers' greedy generate of the chat prompt's ids (the
     template's tokens, one BOS: transformers' apply_chat_template(tokenize=True)), stopped at
-    the generation config's EOS list and cut at EvalPlus's stops."""
+    the generation config's EOS list, decoded without special tokens (the model is made to
+    write its BOS first) and cut at EvalPlus's stops."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -162,15 +163,21 @@ def test_chat_generation_continues_the_prompt_as_transformers_generate(tmp_path)
     from codelm.models.generation import truncate_at_stops
 
     directory = _instruct_model(tmp_path)
+    hf_tok = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with gzip.open(humaneval_file(), "rt") as lines:
+        problems = [json.loads(line) for line in lines][:2]
+    first = hf_tok(instruct.chat_prompt(_codelm_tokenizer(directory), problems[0]["prompt"]),
+                   add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():  # its BOS row twice its first answer token's: BOS comes first
+        head = model.lm_head.weight
+        head[hf_tok.bos_token_id] = 2 * head[int(model(first).logits[0, -1].argmax())]
+    model.save_pretrained(directory)
     out = tmp_path / "out"
     assert ev.main(["--models", str(directory), "--tasks", "humaneval", "--limit", "2", "--chat",
                     "--max-new-tokens", "24", "--out-dir", str(out), "--no-progress",
                     "--workers", "1"]) == 0
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    hf_tok = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
-    with gzip.open(humaneval_file(), "rt") as lines:
-        problems = [json.loads(line) for line in lines][:2]
     for problem, record in zip(problems, records, strict=True):
         question = (f"{instruct.INSTRUCTION_PREFIX}\n```\n{problem['prompt'].strip()}\n```\n")
         rendered = hf_tok.apply_chat_template(
@@ -181,11 +188,19 @@ def test_chat_generation_continues_the_prompt_as_transformers_generate(tmp_path)
         ids = hf_tok(record["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
         assert ids[0].tolist().count(hf_tok.bos_token_id) == 1
         generated = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+        if problem is problems[0]:
+            assert int(generated[0]) == hf_tok.bos_token_id
         text = hf_tok.decode(generated, skip_special_tokens=True)
         assert record["prediction"] == truncate_at_stops(text, instruct.CHAT_STOPS)
         assert len(set(record["prediction"])) > 5  # a text, not one token repeated
         assert record["solution"] == instruct.sanitize(record["prediction"],
                                                        problem["entry_point"])
+
+
+def _codelm_tokenizer(directory):
+    from tokenizer import load_tokenizer
+
+    return load_tokenizer(directory)
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -213,3 +228,24 @@ def test_chat_refuses_a_model_without_a_chat_template(tmp_path):
         ev.evaluate(parse_config(["--models", str(base), "--tasks", "humaneval", "--limit", "1",
                                   "--chat", "--out-dir", str(tmp_path / "out"),
                                   "--no-progress"]))
+
+
+def test_an_mbpp_answer_keeps_what_the_tested_function_reaches():
+    """MBPP's problems name no entry point: an answer's program keeps what the function its
+    test calls reaches (EvalPlus's MBPP+ entry point), not what a class the test also builds
+    reaches."""
+    from codelm.evaluation.tasks import mbpp, passk
+
+    code = ("class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n\n"
+            "def dist(p):\n    return (p.x ** 2 + p.y ** 2) ** 0.5\n")
+    record = {"task_id": 11, "text": "Write a function for a point's distance from 0.",
+              "code": code, "test_list": ["assert dist(Point(3, 4)) == 5"]}
+    problem = mbpp.PASSK.read(record, "mbpp.jsonl:1")
+    assert problem["functions"] == ["Point", "dist"]
+    answer = f"Here it is:\n```python\n{code}\ndef unused():\n    return 1\n```\n"
+    [chat] = passk.chat_problems([problem], ["(the chat prompt)"])
+    cfg = parse_config(["--tasks", "mbpp", "--chat", "--workers", "1", "--no-progress",
+                        "--timeout-s", "10"])
+    _, [record] = passk.score_passk("m", mbpp.PASSK, [chat], [[answer]], cfg)
+    assert record["solution"] == instruct.sanitize(answer, "dist")
+    assert "def dist" in record["solution"] and "unused" not in record["solution"]

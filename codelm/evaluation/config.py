@@ -22,6 +22,8 @@ from codelm.sandbox.runner import MIN_MEMORY_MB
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 # bigcode-evaluation-harness's spellings of pass@k's settings, read as codelm's.
+NEW_TOKENS = 128  # a completion's new tokens where max_new_tokens is not given
+CHAT_NEW_TOKENS = 768  # an instruct model's answer's (--chat): EvalPlus's max_new_tokens
 HARNESS_FLAGS = {"num_samples": ("--n-samples", "--n_samples"), "pass_k": ("--k",),
                  "load_generations": ("--load-generations-path", "--load_generations_path")}
 
@@ -67,7 +69,8 @@ class EvalConfig:
     #   also spelt --load_generations_path, as the harness does
     # generation
     prompt: str | None = None  # stream each model's completion of this text instead of the tasks
-    max_new_tokens: int = 128  # per generated completion
+    max_new_tokens: int | None = None  # per generated completion (None: 128; with chat 768,
+    #   EvalPlus's: an instruct model writes the whole function, its docstring too)
     temperature: float = 0.0  # 0: greedy
     top_p: float | None = None  # nucleus sampling (temperature > 0)
     top_k: int | None = None  # sample from the k likeliest tokens (temperature > 0)
@@ -100,6 +103,10 @@ class EvalConfig:
     host: str = "127.0.0.1"  # the address served (loopback: this machine alone)
     port: int = 8000  # the port served (0: a free one, printed)
     api_key: str | None = None  # requests must send "Authorization: Bearer API_KEY"
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is None:  # one number from here on, which results.json records
+            self.max_new_tokens = CHAT_NEW_TOKENS if self.chat else NEW_TOKENS
 
     def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
         """Refuse impossible settings, naming each key, its value and where the user set it."""

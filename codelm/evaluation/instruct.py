@@ -121,17 +121,29 @@ def _identifiers(node: ast.AST) -> Iterator[str]:
             yield child.name
         elif isinstance(child, (ast.MatchAs, ast.MatchStar)) and child.name is not None:
             yield child.name
+        elif isinstance(child, ast.ImportFrom) and child.module is not None:
+            yield from child.module.split(".")
+        elif isinstance(child, ast.MatchClass):
+            yield from child.kwd_attrs
+        elif isinstance(child, ast.MatchMapping) and child.rest is not None:
+            yield child.rest
 
 
 def _definition_name(node: ast.stmt) -> str | None:
     """The name a top-level node defines where it is a kind EvalPlus keeps: a class, a function
-    (neither decorated) or an assignment (its first target's name, None for another target);
-    "" for a node of another kind."""
+    (neither decorated) or an assignment (its first target's name; for another target the
+    value's where it is a bare name, else None); "" for a node of another kind."""
     if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
         return "" if node.decorator_list else node.name
     if isinstance(node, (ast.Assign, ast.AnnAssign)):
-        target = node.targets[0] if isinstance(node, ast.Assign) else node.target
-        return target.id if isinstance(target, ast.Name) else None
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        if isinstance(targets[0], ast.Name):
+            return targets[0].id
+        # tree-sitter names it by the assignment's first identifier child: the value where it
+        # is a bare name (`obj.x = helper`, `a, b = helper`), as EvalPlus reads it
+        if len(targets) == 1 and isinstance(node.value, ast.Name):
+            return node.value.id
+        return None
     return ""
 
 

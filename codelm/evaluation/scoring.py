@@ -197,11 +197,12 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
     tokenized them; ``max_prompt_tokens``: the run's own prompt limit; ``skip_blank_lines``: the
     text starts at its first non-blank character, ``skip_newlines`` after its leading newlines
     (its indentation kept); a stop before that start does not count; ``chat``: ``prompts``
-    are a chat template's renderings (``_generation``)."""
+    are a chat template's renderings (``_generation``), and the answers' text has no special
+    token (EvalPlus decodes with skip_special_tokens)."""
     tok, model = lm.tokenizer, lm.model
 
     def text(ids: list[int]) -> str:
-        decoded = decode_generated(tok, ids)
+        decoded = decode_generated(tok, ids, skip_special_tokens=chat)  # chat: as EvalPlus reads
         if skip_blank_lines:
             return decoded.lstrip()
         return decoded.lstrip("\n") if skip_newlines else decoded

@@ -301,10 +301,24 @@ def run_passk(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
     return score_passk(lm.label, passk_task, problems, samples, cfg)
 
 
-def chat_problems(tokenizer, problems: Sequence[dict]) -> list[dict]:
-    """The problems with the chat prompt an instruct model gets (``instruct.chat_prompt``)."""
-    return [{**problem, "chat_prompt": instruct.chat_prompt(tokenizer, problem["prompt"])}
-            for problem in problems]
+def chat_problems(problems: Sequence[dict], prompts: Sequence[str]) -> list[dict]:
+    """The problems with the chat prompt an instruct model gets for each, and the function
+    its answer's sanitized program keeps what reaches (``_chat_entry``)."""
+    return [{**problem, "chat_prompt": prompt, "chat_entry": _chat_entry(problem)}
+            for problem, prompt in zip(problems, prompts, strict=True)]
+
+
+def _chat_entry(problem: dict) -> str | None:
+    """The function an answer must define: the entry point, else (MBPP) the first function of
+    the canonical solution that its test uses (EvalPlus's MBPP+ entry point), else None."""
+    if problem["entry_point"] is not None:
+        return problem["entry_point"]
+    functions = problem.get("functions") or []
+    with contextlib.suppress(SyntaxError, ValueError):
+        defined = {node.name for node in ast.parse(problem.get("canonical_solution") or "").body
+                   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        functions = [name for name in functions if name in defined] or functions
+    return next(iter(functions), None)
 
 
 def run_chat(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
@@ -312,7 +326,8 @@ def run_chat(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
     """n answers per problem from an instruct model, prompted and cut as EvalPlus prompts and
     cuts them (``instruct``); each answer's program, as EvalPlus sanitizes it, run alone in the
     sandbox; unbiased pass@k."""
-    problems = chat_problems(lm.tokenizer, problems)
+    problems = chat_problems(problems, [instruct.chat_prompt(lm.tokenizer, problem["prompt"])
+                                        for problem in problems])
     n = cfg.num_samples
     prompts = [p["chat_prompt"] for p in problems for _ in range(n)]
     answers = scoring.generate_texts(lm, prompts, cfg, instruct.CHAT_STOPS,
@@ -326,8 +341,7 @@ def _program(problem: dict, completion: str) -> str:
     sanitizes it for the function its test calls; a completion as it is (after the prompt)."""
     if "chat_prompt" not in problem:
         return completion
-    entry = problem["entry_point"] or next(iter(problem.get("functions") or []), None)
-    return instruct.sanitize(instruct.answer_text(completion), entry)
+    return instruct.sanitize(instruct.answer_text(completion), problem["chat_entry"])
 
 
 def score_passk(label: str, passk_task: PasskTask, problems: Sequence[dict],
