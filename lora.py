@@ -208,6 +208,7 @@ class LoRALinear(nn.Module):
         if p and self.magnitude is None and torch.compiler.is_compiling():
             # torch's dropout, which a compiled graph draws itself (a seed drawn here would be a
             # Python int the graph is specialized on: a recompilation every call)
+            x = x.to(self.lora_A[keys[0]].dtype)  # in the adapters' dtype, as the others
             hs = [F.linear(F.dropout(x, p), self.lora_A[k]) for k in keys]
         elif p:  # a mask per adapter, as PEFT's modules each draw one
             seeds = [kernels.dropout_seed() for _ in keys]

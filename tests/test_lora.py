@@ -1452,14 +1452,20 @@ def test_an_adapter_of_another_format_version_is_refused(tmp_path, metadata, ref
 
 
 @pytest.mark.slow
-def test_a_compiled_model_with_lora_dropout_trains_without_recompiling():
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_model_with_lora_dropout_trains_without_recompiling(base_dtype):
     """Under torch.compile the adapters' dropout is drawn inside the graph: steps after the
-    first reuse its compilation (no seed baked into the graph), and the loss falls."""
+    first reuse its compilation (no seed baked into the graph), and the loss falls; on a bf16
+    base (--base-dtype bf16, no autocast) the dropped-out input is cast to the fp32 adapters'
+    dtype, as uncompiled."""
     import torch._dynamo
+
+    from codelm.models.quantize import cast_model
 
     torch.manual_seed(0)
     model = Transformer(PRESETS["tiny"])
     apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.1))
+    cast_model(model, base_dtype)
     model.train()
     compiled = torch.compile(model)
     ids = _ids(T=32)
