@@ -4162,19 +4162,23 @@ FIM_RECORDS = [
 ]
 DEEPSEEK_FIM = ["<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>",
                 "<\uff5cfim\u2581end\uff5c>"]
+SANTACODER_FIM = ["<fim-prefix>", "<fim-suffix>", "<fim-middle>"]
 
 
 def _fim_tokenizer(style: str, path: Path) -> Path:
-    """A tokenizer.json of StarCoder's, Qwen2.5-Coder's or DeepSeek-Coder's FIM spelling."""
+    """A tokenizer.json of StarCoder's, Qwen2.5-Coder's, DeepSeek-Coder's or SantaCoder's FIM
+    spelling."""
     from tiny_hf import train_hf_tokenizer
     from tokenizers import AddedToken
 
     texts = [r["prompt"] + r["canonical_solution"] + r["suffix"] for r in FIM_RECORDS] * 20
     file = path / "tokenizer.json"
     path.mkdir(parents=True, exist_ok=True)
-    tok = train_hf_tokenizer("gpt2" if style == "deepseek" else style, texts, file)
-    if style == "deepseek":
-        tok.add_special_tokens([AddedToken(t, special=True) for t in DEEPSEEK_FIM])
+    tok = train_hf_tokenizer("gpt2" if style in ("deepseek", "santacoder") else style, texts,
+                             file)
+    if style in ("deepseek", "santacoder"):
+        spelling = DEEPSEEK_FIM if style == "deepseek" else SANTACODER_FIM
+        tok.add_special_tokens([AddedToken(t, special=True) for t in spelling])
         tok.save(str(file))
     return file
 
@@ -4183,6 +4187,7 @@ def _fim_tokenizer(style: str, path: Path) -> Path:
     ("starcoder", ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]),
     ("qwen2", ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]),
     ("deepseek", DEEPSEEK_FIM),
+    ("santacoder", SANTACODER_FIM),  # the harness's santacoder_fim default spelling
 ])
 def test_fim_prompts_are_the_familys_tokens_as_hf_encodes_the_harness_prompt(
         tmp_path, style, spelling):
@@ -4229,6 +4234,8 @@ def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp
     seen = []
 
     def generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None, **kw):
+        # the harness's santacoder_fim stop words, and starcoder_fim's <file_sep>
+        assert set(stops) == {"<|endoftext|>", "<|filename|>", "<file_sep>"}
         seen.extend(ids for ids, _ in prompt_ids)
         return [answers[prefix] for prefix in prompts]
 
@@ -4358,8 +4365,9 @@ def test_fim_prompts_encode_their_parts_and_are_cut_as_training_does(tmp_path, m
     save_tiny_hf("gpt_bigcode", model_dir, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
     lm = loading.load_model(str(model_dir), "cpu")
     seen = []
-    monkeypatch.setattr(scoring, "generate_texts", lambda lm, texts, cfg, desc="", prompt_ids=(),
-                        **kw: seen.extend(ids for ids, _ in prompt_ids) or [""] * len(texts))
+    monkeypatch.setattr(scoring, "generate_texts", lambda lm, texts, cfg, stops=(), desc="",
+                        prompt_ids=(), **kw: seen.extend(ids for ids, _ in prompt_ids)
+                        or [""] * len(texts))
     problem = {"id": "p", "language": "py", "middle": "x",
                "prefix": 'SEP = "<|endoftext|>"\n' * 20, "suffix": "return SEP\n" * 20}
     fim.run_fim(lm, [problem], EvalConfig(max_new_tokens=4))

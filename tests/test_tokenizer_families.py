@@ -266,6 +266,7 @@ def test_an_unsupported_normalizer_is_one_line_naming_it(normalizer, message, fa
     ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, CodeGemma
     ("<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>",  # DeepSeek-Coder
      "<\uff5cfim\u2581end\uff5c>"),
+    ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),  # SantaCoder
 ])
 def test_each_familys_fim_markers_are_found(markers):
     """The FIM task and generation use the model's own markers, whatever the family spells."""

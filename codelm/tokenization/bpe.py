@@ -352,7 +352,8 @@ class FimTokens(NamedTuple):
 FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
               ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
               ("<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>",
-               "<\uff5cfim\u2581end\uff5c>"))
+               "<\uff5cfim\u2581end\uff5c>"),
+              ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"))  # SantaCoder's
 
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>")

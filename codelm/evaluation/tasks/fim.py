@@ -17,6 +17,9 @@ from codelm.loading import LoadedModel
 from codelm.tokenization.bpe import FIM_TOKENS
 
 FIM_DATASET = "bigcode/santacoder-fim-task"  # the harness's santacoder_fim data
+# The harness's stop words (santacoder_fim's, and starcoder_fim's <file_sep>): a middle ends
+# where the model starts another file
+HARNESS_STOPS = ("<|endoftext|>", "<|filename|>", "<file_sep>")
 FIM_KEYS = ("prompt", "suffix", "canonical_solution")  # prefix, suffix and middle
 SPLIT_FILES = ("**/*.parquet",)  # where a dataset snapshot holds the problems
 KIND = "benchmark"
@@ -45,7 +48,8 @@ def load_fim_problems(path: str | Path, limit: int | None = None) -> list[dict]:
 def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: Scoring,
             max_prompt_tokens: int | None = None) -> tuple[dict, list[dict]]:
     """Each problem's middle generated from a prefix-suffix-middle prompt in the model's own FIM
-    tokens (prefix and suffix encoded apart, as training encodes them), up to EOS; exact match
+    tokens (prefix and suffix encoded apart, as training encodes them), up to EOS or the
+    harness's stop words (HARNESS_STOPS); exact match
     with the canonical middle, as bigcode-evaluation-harness's santacoder_fim scores it: EM over
     all problems and EM_<language> over each language's (0-100). Prefix and suffix are encoded
     as training encodes a FIM example's parts (special tokens' text is text), the prompt cut to
@@ -64,8 +68,8 @@ def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: Scoring,
         prompt = fim_prompt(tok, encode_text(plain, problem["prefix"]),
                             encode_text(plain, problem["suffix"]), room)
         ids.append((prompt, (0, 0)))
-    middles = scoring.generate_texts(lm, [p["prefix"] for p in problems], cfg, desc="fim",
-                                     prompt_ids=ids)
+    middles = scoring.generate_texts(lm, [p["prefix"] for p in problems], cfg, HARNESS_STOPS,
+                                     desc="fim", prompt_ids=ids)
     records = []
     for problem, middle in zip(problems, middles):
         records.append({"model": lm.label, "task": "fim", "variant": None, "id": problem["id"],
