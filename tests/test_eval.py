@@ -2661,6 +2661,36 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_lm_task_on_a_runs_val_split_is_its_val_loss(tmp_path, monkeypatch, packing):
+    """eval.py's lm task on a run's whole val split gives the val loss and token count the run
+    logged: with --packing its files keep to themselves (no attention across an EOS, nothing
+    counted at one), as the run trained and validated."""
+    import trainingmanager as tm
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    code = tmp_path / "code"  # small files: the val split's windows hold several
+    code.mkdir()
+    for i in range(80):
+        (code / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n")
+    cfg = trainconfig.TrainConfig(preset="tiny", data=[str(code)], max_steps=1,
+                                  eval_every=1, batch_size=2, warmup_steps=0,
+                                  tokenizer_min_freq=2, block_size=128, packing=packing,
+                                  data_options={"min_bytes": 0, "min_lines": 0},
+                                  eval_examples=None, export=False, final_eval=False,
+                                  out_dir=str(tmp_path / "runs"), name="r", progress=False,
+                                  report_to=["none"])
+    run = tm.train(cfg).run_dir
+    [val] = [e for e in map(json.loads, (run / rundir.METRICS_FILE).read_text().splitlines())
+             if e["kind"] == "val"]
+    out = tmp_path / "out"
+    assert ev.main(["--models", str(run), "--tasks", "lm", "--split", "val", "--lm-windows",
+                    "none", "--out-dir", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
+    assert metrics["lm/tokens"] == val["val_tokens"]
+    assert metrics["lm/loss"] == pytest.approx(val["val_loss"], abs=1e-5)
+
+
 def test_data_options_given_to_eval_override_the_runs_own(tmp_path):
     """--data-options is applied over a run's data options (the help says so); the run's hold
     where it gives none."""

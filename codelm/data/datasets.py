@@ -101,6 +101,17 @@ def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
     return batch
 
 
+def files_apart(window: dict[str, torch.Tensor], eos_id: int) -> dict[str, torch.Tensor]:
+    """An lm window (input_ids, labels) whose files keep to themselves, as an lm run with
+    packing trains and validates on them: a document starts after every EOS (document_ids),
+    and nothing is counted at an EOS (the next file's first token is not the file's to
+    predict)."""
+    ends = window["input_ids"] == eos_id
+    labels = window["labels"].clone()
+    labels[ends] = IGNORE_INDEX
+    return {**window, "labels": labels, "document_ids": ends.long().cumsum(0) - ends.long()}
+
+
 @dataclass
 class PreparedData:
     """The three splits of one task: Datasets, or without a tokenizer texts (to train one on)."""

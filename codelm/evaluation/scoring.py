@@ -95,8 +95,10 @@ def summed_loss(lm: LoadedModel, examples: Sequence[dict], cfg: Scoring, desc: s
             batch = collate(examples[i : i + cfg.batch_size], lm.tokenizer.pad_id)
             # No mask (collate pads right): SDPA may use its fused causal kernels (flash on CUDA)
             labels = batch["labels"].to(device)
+            documents = batch.get("document_ids")  # windows whose files keep apart
             loss, right = lm.model(batch["input_ids"].to(device), targets=labels,
-                                   reduction="sum", count_correct=True)
+                                   reduction="sum", count_correct=True,
+                                   document_ids=None if documents is None else documents.to(device))
             total += float(loss)
             correct += float(right)
             count += float((labels != -100).sum())

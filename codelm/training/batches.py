@@ -11,8 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from codelm.data.datasets import SupervisedExamples, collate
-from codelm.kernels import IGNORE_INDEX
+from codelm.data.datasets import SupervisedExamples, collate, files_apart
 
 
 class Where(typing.NamedTuple):
@@ -234,8 +233,4 @@ class DocumentWindows(Dataset):
         return len(self.windows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = self.windows[i]
-        ends = item["input_ids"] == self.eos_id
-        item["labels"][ends] = IGNORE_INDEX
-        item["document_ids"] = ends.long().cumsum(0) - ends.long()  # an EOS ends its document
-        return item
+        return files_apart(self.windows[i], self.eos_id)

@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from codelm.data.config import DataConfig
+from codelm.data.datasets import files_apart
 from codelm.data.encoding import encode_text, packed_document
 from codelm.data.sources import Doc, plain_text
 from codelm.evaluation import scoring
@@ -28,8 +29,8 @@ class LmSettings(Scoring, Protocol):
 @torch.no_grad()
 def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: LmSettings) -> dict:
     """Loss (the model's training loss), perplexity and next-token accuracy (0-1) over
-    block-size windows of the texts packed as dataset.py packs a split: on a run's val split,
-    its val_loss and val_accuracy."""
+    block-size windows of the texts packed as dataset.py packs a split (a packing lm run's
+    files kept apart, as it trained): on a run's val split, its val_loss and val_accuracy."""
     tok = lm.tokenizer
     context = scoring.context(lm, cfg)
     want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
@@ -43,10 +44,21 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: LmSettings) -> dict:
     if not chunks:
         raise ValueError("the lm task found no text to score in the chosen split")
     windows = [{"input_ids": chunk[:-1], "labels": chunk[1:]} for chunk in chunks]
+    if (eos := _apart_at(lm)) is not None:
+        windows = [files_apart(window, eos) for window in windows]
     total, correct, count = scoring.summed_loss(lm, windows, cfg, "lm")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "token_accuracy": correct / count, "tokens": int(count)}
+
+
+def _apart_at(lm: LoadedModel) -> int | None:
+    """The EOS after which a run's files keep to themselves (an lm run with packing trained
+    and validated so: encoding.files_apart), else None."""
+    run = lm.run_config or {}
+    if run.get("task", "lm") != "lm" or not run.get("packing"):
+        return None
+    return lm.tokenizer.eos_id
 
 
 def items(task: str, docs: Sequence[Doc], cfg: LmSettings,
