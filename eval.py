@@ -291,8 +291,8 @@ def _evaluate_endpoints(cfg: EvalConfig, settings: TaskSettings, endpoints: Sequ
             passk_task = registry.PASSK_TASKS[task]
             problems = benchmarks.problems[task]
             if settings.chat:  # EvalPlus's request of a chat endpoint: a message, no stops
-                problems = passk.chat_problems(problems, [instruct.endpoint_message(p["prompt"])
-                                                          for p in problems])
+                messages = [instruct.endpoint_message(p["prompt"]) for p in problems]
+                problems = passk.chat_problems(problems, messages, messages, "")
             else:
                 problems = passk.prompted_problems(passk_task, problems)
             samples = _endpoint_samples(endpoint, label, passk_task, problems, settings)

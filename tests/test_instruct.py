@@ -243,9 +243,57 @@ def test_an_mbpp_answer_keeps_what_the_tested_function_reaches():
     problem = mbpp.PASSK.read(record, "mbpp.jsonl:1")
     assert problem["functions"] == ["Point", "dist"]
     answer = f"Here it is:\n```python\n{code}\ndef unused():\n    return 1\n```\n"
-    [chat] = passk.chat_problems([problem], ["(the chat prompt)"])
+    [chat] = passk.chat_problems([problem], ["(the chat prompt)"], ["(its question)"], "")
     cfg = parse_config(["--tasks", "mbpp", "--chat", "--workers", "1", "--no-progress",
                         "--timeout-s", "10"])
     _, [record] = passk.score_passk("m", mbpp.PASSK, [chat], [[answer]], cfg)
     assert record["solution"] == instruct.sanitize(answer, "dist")
     assert "def dist" in record["solution"] and "unused" not in record["solution"]
+
+
+def test_chat_samples_become_conversational_preference_pairs(tmp_path, monkeypatch):
+    """--chat --preference-pairs writes each pair as a conversation (TRL's conversational
+    format): the user's question, the assistant's answer as the model wrote it after the text
+    that opened it; the pairs read back as preference data and tokenize as TRL's DPOTrainer
+    tokenizes them."""
+    from test_preference_data import _trl_tokenized
+    from trl import DPOTrainer
+
+    from codelm.data.config import DataConfig
+    from codelm.data.preferences import check_record, read_preferences, tokenized
+    from codelm.evaluation.tasks.humaneval import humaneval_file
+    from tokenizer import load_tokenizer
+
+    with gzip.open(humaneval_file(), "rt") as lines:
+        problems = [json.loads(line) for line in lines][:2]
+    right = [p["prompt"] + p["canonical_solution"] + "```\n" for p in problems]
+    wrong = [p["prompt"] + "    return None\n" for p in problems]
+
+    def answered(lm, prompts, cfg, stops, desc="", chat=False, **kwargs):
+        return [right[0], wrong[0], right[1], wrong[1]]
+
+    monkeypatch.setattr(scoring, "generate_texts", answered)
+    directory = _instruct_model(tmp_path)
+    out = tmp_path / "pairs.jsonl"
+    assert ev.main(["--models", str(directory), "--tasks", "humaneval", "--limit", "2", "--chat",
+                    "--num-samples", "2", "--temperature", "0.8", "--out-dir",
+                    str(tmp_path / "eval"), "--no-progress", "--workers", "1",
+                    "--preference-pairs", str(out)]) == 0
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    opening = ("Below is a Python script with a self-contained function that solves the problem "
+               "and passes corresponding tests:\n```python\n")
+    assert [pair["prompt"] for pair in pairs] == [
+        [{"role": "user", "content": "Please provide a self-contained Python script that solves "
+          f"the following problem in a markdown code block:\n```\n{p['prompt'].strip()}\n```\n"}]
+        for p in problems]
+    assert [pair["chosen"] for pair in pairs] == [
+        [{"role": "assistant", "content": opening + answer}] for answer in right]
+    assert [pair["rejected"][0]["content"] for pair in pairs] == [opening + w for w in wrong]
+    assert len(read_preferences([str(out)], False, DataConfig(progress=False))) == 2
+    tok = load_tokenizer(directory)
+    trl_fields = ("prompt", "chosen", "rejected")
+    for pair in pairs:
+        record = {key: pair[key] for key in trl_fields}
+        ours = tokenized(check_record(record, "pairs.jsonl:1", unpaired=False), tok)
+        theirs = _trl_tokenized(DPOTrainer, [record], directory)[0]
+        assert ours == (theirs["prompt_ids"], [theirs["chosen_ids"], theirs["rejected_ids"]])

@@ -29,13 +29,22 @@ CHAT_STOPS = ("<|endoftext|>", "<|endofmask|>", "</s>", "\nif __name__", "\ndef 
 _SPLITTER = "-[[]]-this-is-really-our-highest-priority-[[]]-"  # EvalPlus's
 
 
+ANSWER_OPENING = f"{RESPONSE_PREFIX}\n```python\n"  # what opens the answer for the model
+
+
+def question(problem_prompt: str) -> str:
+    """The user's message asking for a problem's program: the instruction, the problem fenced
+    (EvalPlus's)."""
+    return f"{INSTRUCTION_PREFIX}\n```\n{problem_prompt.strip()}\n```\n"
+
+
 def chat_prompt(tokenizer, problem_prompt: str) -> str:
     """The text an instruct model is prompted with for a problem: the chat template's rendering
-    of the instruction with the problem fenced, and of the assistant's answer up to its opened
-    ``python`` block (EvalPlus's ``make_raw_chat_prompt``). ``tokenizer`` has a chat template."""
-    question = f"{INSTRUCTION_PREFIX}\n```\n{problem_prompt.strip()}\n```\n"
-    answer = f"{RESPONSE_PREFIX}\n```python\n{_SPLITTER}\n```\n"
-    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    of the ``question`` and of the assistant's answer up to its opened ``python`` block
+    (EvalPlus's ``make_raw_chat_prompt``). ``tokenizer`` has a chat template."""
+    answer = f"{ANSWER_OPENING}{_SPLITTER}\n```\n"
+    messages = [{"role": "user", "content": question(problem_prompt)},
+                {"role": "assistant", "content": answer}]
     rendered = tokenizer.apply_chat_template(messages)
     if _SPLITTER not in rendered:
         raise ValueError(f"{tokenizer.source}: its chat template does not render the "

@@ -44,7 +44,7 @@ def preference_data(records: Iterable[dict], tasks: Sequence[str]) -> Preference
                         key=lambda r: r["status"] != "failed")  # timeout may be a slow machine's
         where = {"task": task, "task_id": task_id, "model": model}
         for r in distinct:
-            labelled.append({"prompt": r["prompt"], "completion": r["prediction"],
+            labelled.append({"prompt": _prompt(r), "completion": _completion(r),
                              "label": r["status"] == "passed", "status": r["status"], **where})
         if not failed:
             counts["all_passed"] += 1
@@ -54,11 +54,25 @@ def preference_data(records: Iterable[dict], tasks: Sequence[str]) -> Preference
             continue
         counts["paired"] += 1
         for good, bad in zip(passed, failed):
-            pairs.append({"prompt": good["prompt"], "chosen": good["prediction"],
-                          "rejected": bad["prediction"], **where,
+            pairs.append({"prompt": _prompt(good), "chosen": _completion(good),
+                          "rejected": _completion(bad), **where,
                           "chosen_status": good["status"], "rejected_status": bad["status"]})
     counts["pairs"], counts["labelled"] = len(pairs), len(labelled)
     return PreferenceData(pairs, labelled, counts)
+
+
+def _prompt(record: dict) -> str | list[dict]:
+    """A sample's prompt as preference data: its text, or an instruct model's (``--chat``)
+    conversation, which training renders with the model's chat template (TRL's format)."""
+    return record.get("messages", record["prompt"])
+
+
+def _completion(record: dict) -> str | list[dict]:
+    """A sample's completion as preference data: its text, or an instruct model's answer as the
+    assistant's message (what opened it for the model, then what it wrote)."""
+    if "messages" not in record:
+        return record["prediction"]
+    return [{"role": "assistant", "content": record["answer_opening"] + record["prediction"]}]
 
 
 def _verdicts(samples: list[dict]) -> list[dict]:

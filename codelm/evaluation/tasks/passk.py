@@ -301,11 +301,15 @@ def run_passk(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
     return score_passk(lm.label, passk_task, problems, samples, cfg)
 
 
-def chat_problems(problems: Sequence[dict], prompts: Sequence[str]) -> list[dict]:
-    """The problems with the chat prompt an instruct model gets for each, and the function
-    its answer's sanitized program keeps what reaches (``_chat_entry``)."""
-    return [{**problem, "chat_prompt": prompt, "chat_entry": _chat_entry(problem)}
-            for problem, prompt in zip(problems, prompts, strict=True)]
+def chat_problems(problems: Sequence[dict], prompts: Sequence[str], questions: Sequence[str],
+                  opening: str) -> list[dict]:
+    """The problems with the chat prompt an instruct model gets for each (the text generation
+    continues), the conversation it is (the user's question; ``opening``: the text that opens
+    the answer for the model), and the function its answer's sanitized program keeps what
+    reaches (``_chat_entry``)."""
+    return [{**problem, "chat_prompt": prompt, "chat_entry": _chat_entry(problem),
+             "messages": [{"role": "user", "content": question}], "answer_opening": opening}
+            for problem, prompt, question in zip(problems, prompts, questions, strict=True)]
 
 
 def _chat_entry(problem: dict) -> str | None:
@@ -326,8 +330,10 @@ def run_chat(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
     """n answers per problem from an instruct model, prompted and cut as EvalPlus prompts and
     cuts them (``instruct``); each answer's program, as EvalPlus sanitizes it, run alone in the
     sandbox; unbiased pass@k."""
-    problems = chat_problems(problems, [instruct.chat_prompt(lm.tokenizer, problem["prompt"])
-                                        for problem in problems])
+    problems = chat_problems(problems,
+                             [instruct.chat_prompt(lm.tokenizer, p["prompt"]) for p in problems],
+                             [instruct.question(p["prompt"]) for p in problems],
+                             instruct.ANSWER_OPENING)
     n = cfg.num_samples
     prompts = [p["chat_prompt"] for p in problems for _ in range(n)]
     answers = scoring.generate_texts(lm, prompts, cfg, instruct.CHAT_STOPS,
@@ -364,8 +370,9 @@ def score_passk(label: str, passk_task: PasskTask, problems: Sequence[dict],
                   "prediction": answer, "status": result.status,
                   "trusted": problem.get("trusted", True),  # the test apart from it
                   "stderr_tail": result.stderr[-500:]}
-        if "chat_prompt" in problem:
-            record["solution"] = program
+        if "chat_prompt" in problem:  # the program run, and the conversation it answers
+            record.update(solution=program, messages=problem["messages"],
+                          answer_opening=problem["answer_opening"])
         records.append(record)
     metrics = {}
     for k in cfg.pass_k:
