@@ -2653,6 +2653,21 @@ def test_an_empty_jsonl_source_is_named_as_holding_nothing(tmp_path, tok):
         prepare(cfg(tmp_path, sources=[str(empty)]), tok)
 
 
+def test_a_folder_of_other_code_is_named_with_the_extensions_that_read_it(tmp_path, tok):
+    """A Kotlin project given to a run that reads .py files: the error names the code the
+    folder holds and the data option that reads it."""
+    project = tmp_path / "kotlin"
+    (project / "src").mkdir(parents=True)
+    for i in range(3):
+        (project / "src" / f"A{i}.kt").write_text(f"fun f{i}() = {i}\n")
+    (project / "build.gradle.kts").write_text("plugins {}\n")
+    with pytest.raises(DataError) as err:
+        prepare(cfg(tmp_path, sources=[str(project)]), tok)
+    message = str(err.value)
+    assert "hold no files with extensions ['.py']" in message
+    assert "3 .kt" in message and '--data-options \'{"extensions": [".kt", ".kts"]}\'' in message
+
+
 def test_refactor_on_code_files_says_it_needs_pairs(tmp_path, tok):
     """Scraper records or a directory given to the refactor task: the error says what the data
     holds and what the task needs, naming a file of it."""

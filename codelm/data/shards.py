@@ -355,7 +355,8 @@ def corpus_stats(manifests: Sequence[dict], cfg: DataConfig) -> dict:
     }
     if not kept["files"] and not read["files"]:
         raise DataError(f"sources {cfg.sources} hold no files with extensions {cfg.extensions} "
-                        "and no JSONL records (an empty .jsonl: a scrape that kept nothing?)")
+                        "and no JSONL records (an empty .jsonl: a scrape that kept nothing?)"
+                        + _extensions_hint(cfg.sources))
     if not kept["files"]:
         raise DataError(f"no data left after cleaning sources {cfg.sources}: read "
                         f"{read['files']} files/records, dropped {stats['dropped'] or 'none'}; "
@@ -363,6 +364,33 @@ def corpus_stats(manifests: Sequence[dict], cfg: DataConfig) -> dict:
                         "size/line/literal limits")
     return stats
 
+
+
+_SOURCE_SUFFIXES = frozenset({".py", ".kt", ".kts", ".java", ".js", ".ts", ".tsx", ".jsx", ".go",
+                              ".rs", ".c", ".h", ".cc", ".cpp", ".hpp", ".cs", ".rb", ".php",
+                              ".swift", ".scala", ".lua", ".sql", ".sh", ".r", ".jl", ".dart"})
+
+
+def _extensions_hint(sources: Sequence[str], most: int = 10_000) -> str:
+    """What code the source directories hold instead (their commonest source extensions among
+    the first ``most`` files), and how to read it; "" where they hold none."""
+    found: Counter = Counter()
+    for source in sources:
+        root = Path(source)
+        if not root.is_dir():
+            continue
+        for n, path in enumerate(root.rglob("*")):
+            if n >= most:
+                break
+            if path.suffix.lower() in _SOURCE_SUFFIXES and path.is_file():
+                found[path.suffix.lower()] += 1
+    if not found:
+        return ""
+    extensions = [extension for extension, _ in found.most_common(3)]
+    listed = ", ".join(f"{found[e]} {e}" for e in extensions)
+    return (f"; they hold {listed} files: read them with --data-options "
+            f"'{{\"extensions\": {json.dumps(extensions)}}}' (dataset.py: --extensions "
+            f"{' '.join(extensions)})")
 
 def shard_docs(work: Path, manifests: Sequence[dict]) -> Iterator[tuple[str, list]]:
     """(JSONL line, [id, repo, given split]) of every kept document of the shards, in order."""
