@@ -4951,3 +4951,26 @@ def test_a_stalled_lora_overfit_names_the_frozen_head(tmp_path, lora_r):
     passed, verdict = tm.overfit_batches_report(cfg, result)
     assert not passed and "stalled above the target" in verdict
     assert ("lm_head to --lora-targets" in verdict) == bool(lora_r)
+
+
+def test_a_new_default_named_run_names_the_latest_one_that_stopped_short(tmp_path, capsys):
+    """The same default command after a Ctrl-C starts a new run (default names carry the time):
+    a note names the latest run of that name that stopped before its max_steps and how to
+    continue it; after a run that finished, nothing is said."""
+    def earlier(name: str, step: int) -> Path:
+        run = tmp_path / name
+        (run / rundir.CHECKPOINTS_DIR / f"step-{step}").mkdir(parents=True)
+        (run / rundir.CONFIG_FILE).write_text(json.dumps({"max_steps": 100}))
+        return run
+
+    earlier("tiny-lm-20260101-000000", 100)
+    stopped = earlier("tiny-lm-20260102-000000", 40)
+    claimed = rundir.claim(None, str(tmp_path), None, "tiny-lm", None)
+    claimed.release()
+    out = capsys.readouterr().out
+    assert f"{stopped} stopped at step 40 of 100" in out and f"--resume {stopped}" in out
+    earlier("tiny-lm-20260103-000000", 100)  # the latest finished: nothing to say
+    rundir.claim(None, str(tmp_path), None, "tiny-lm", None).release()
+    named = rundir.claim(None, str(tmp_path), "mine", "tiny-lm", None)  # a name the user gave
+    named.release()
+    assert "stopped at step" not in capsys.readouterr().out

@@ -276,11 +276,42 @@ def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: s
         candidates += [Path(out_dir) / f"{stamped}-{n}" for n in range(2, 1000)]
     for run_dir in candidates:
         try:
-            return _lock_dir(run_dir, not resume, hint)
+            claimed = _lock_dir(run_dir, not resume, hint)
         except RunDirTaken:
             if len(candidates) == 1:  # a directory the user named
                 raise
+            continue
+        if not resume and not name and (earlier := _stopped_short(Path(out_dir), stem, run_dir)):
+            print(f"note: {earlier.run} stopped at step {earlier.step} of {earlier.of}: "
+                  f"--resume {earlier.run} continues it; this is a new run, {run_dir.name}")
+        return claimed
     raise ValueError(f"{out_dir}: no free run name {stamped}-N; choose one with --name")
+
+
+@dataclass(frozen=True)
+class StoppedRun:
+    run: Path
+    step: int  # its last checkpoint's
+    of: int  # its max_steps
+
+
+def _stopped_short(out_dir: Path, stem: str, new: Path) -> StoppedRun | None:
+    """The latest other run named ``stem``-<timestamp> under ``out_dir`` where its last
+    checkpoint stops short of its max_steps (a run stopped with Ctrl-C, then the same command
+    run again); None where the latest such run finished or none holds a checkpoint."""
+    named = re.compile(re.escape(stem) + r"-\d{8}-\d{6}(?:-\d+)?")
+    runs = sorted(p for p in out_dir.iterdir() if p != new and named.fullmatch(p.name))
+    for run in reversed(runs):  # the latest first: the names sort by their time
+        checkpoints = list_checkpoints(run)
+        if not checkpoints or not (run / CONFIG_FILE).is_file():
+            continue
+        with contextlib.suppress(ValueError, OSError):
+            planned = json.loads((run / CONFIG_FILE).read_text("utf-8")).get("max_steps")
+            step = checkpoint_step(checkpoints[-1])
+            if settings.is_number(planned, int) and step < planned:
+                return StoppedRun(run, step, planned)
+        return None
+    return None
 
 
 def _lock_dir(run_dir: Path, new: bool, hint: str | None) -> ClaimedDir:
