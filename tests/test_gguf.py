@@ -342,6 +342,9 @@ def test_bad_input_is_one_line_naming_what_and_why(checkpoints, tmp_path, capsys
         normalizer={"type": "Sequence", "normalizers": [{"type": "NFKC"}, spec["normalizer"]]}))
     no_bytes = _with_tokenizer(checkpoints["mistral"], tmp_path / "no_bytes",
                                lambda spec: spec["model"].update(byte_fallback=False))
+    # a byte-level BPE with a normalizer llama.cpp's BPE would not apply (Qwen2's NFC it takes)
+    byte_nfkc = _with_tokenizer(checkpoints["qwen2"], tmp_path / "byte_nfkc",
+                                lambda spec: spec.update(normalizer={"type": "NFKC"}))
     capsys.readouterr()
     cases = [
         ([str(codegen), str(tmp_path / "a.gguf")], r"family 'codegen'.*no architecture"),
@@ -350,6 +353,7 @@ def test_bad_input_is_one_line_naming_what_and_why(checkpoints, tmp_path, capsys
         ([str(tmp_path / "missing"), str(tmp_path / "a.gguf")], r"export-gguf .*missing"),
         ([str(nfkc), str(tmp_path / "a.gguf")], r"normalizer step NFKC.*spaces"),
         ([str(no_bytes), str(tmp_path / "a.gguf")], r"without byte_fallback.*<0xNN>"),
+        ([str(byte_nfkc), str(tmp_path / "a.gguf")], r"normalizer step NFKC.*byte-level"),
     ]
     for argv, message in cases:
         assert export_gguf.main(argv) == 2

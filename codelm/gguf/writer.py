@@ -49,8 +49,9 @@ def check_exportable(model: Transformer, tok) -> None:
 
 def _tokenizer_kind(tok) -> str:
     """llama.cpp's tokenizer model for ``tok``: "gpt2" (byte-level BPE, its merges and a
-    pre-tokenizer llama.cpp knows by name) or "llama" (SentencePiece-style BPE: spaces as ▁,
-    <0xNN> byte fallback); anything else is refused, naming why."""
+    pre-tokenizer llama.cpp knows by name, no normalizer but Qwen2's NFC) or "llama"
+    (SentencePiece-style BPE: spaces as ▁, <0xNN> byte fallback); anything else is refused,
+    naming why."""
     if not isinstance(tok, BPETokenizer):
         raise ValueError(
             f"tokenizer {type(tok).__name__}: GGUF export writes HF BPE tokenizers "
@@ -63,6 +64,10 @@ def _tokenizer_kind(tok) -> str:
     if _pre_tokenizer(tok) is None:
         raise ValueError("tokenizer: its pre-tokenizer regex is none of llama.cpp's (gpt-2, "
                          "starcoder, llama-bpe, qwen2)")
+    for step in _normalizer_steps(tok.spec.get("normalizer")):
+        if step["type"] != "NFC":  # Qwen2's NFC: llama.cpp's converter writes it as this does
+            raise ValueError(f"tokenizer: normalizer step {step['type']}: llama.cpp's byte-level "
+                             "BPE applies no normalizer, so it would tokenize text differently")
     return "gpt2"
 
 
