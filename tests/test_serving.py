@@ -782,7 +782,7 @@ def test_eval_chat_asks_an_endpoint_as_evalplus_asks_one(server, tmp_path):
     the answers are the endpoint's own chat answers, and the programs run are their sanitized
     code, alone."""
     import eval as ev
-    from codelm.evaluation import instruct
+    from codelm.evaluation.instruct import sanitize
 
     problems = [{"task_id": f"t/{n}", "prompt": f'def c():\n    """Return {n}."""\n',
                  "entry_point": "c",
@@ -805,4 +805,4 @@ def test_eval_chat_asks_an_endpoint_as_evalplus_asks_one(server, tmp_path):
             model="tiny", messages=[{"role": "user", "content": message}], max_tokens=12,
             temperature=0, seed=0).choices[0].message.content
         assert record["prediction"] == answer and answer
-        assert record["solution"] == instruct.sanitize(answer, "c")
+        assert record["solution"] == sanitize(answer, "c")
