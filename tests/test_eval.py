@@ -3645,6 +3645,26 @@ def test_a_resume_keeps_only_the_predictions_of_the_saved_models(tiny_models, tm
     assert sum(r["model"] == "b" for r in records) == n
 
 
+def test_results_written_before_a_setting_existed_resume_at_its_default(tiny_models, tmp_path,
+                                                                        monkeypatch):
+    """results.json of an evaluation stopped before a newer setting existed (its config without
+    the key) resumes with that setting at its default; at another value it is another
+    evaluation."""
+    import json
+
+    argv, preds = _stopped_in_model_b(tiny_models, tmp_path, monkeypatch)
+    results_file = preds.parent / "results.json"
+    saved = json.loads(results_file.read_text())
+    del saved["config"]["chat"]  # as written before --chat
+    results_file.write_text(json.dumps(saved))
+    monkeypatch.setattr(scoring, "generate_texts", _record_models([]))
+    assert ev.main(argv) == 0
+    saved["config"]["chat"] = True
+    results_file.write_text(json.dumps(saved))
+    with pytest.raises(eval_results.OtherEvaluation, match=r"chat \(True there, False now\)"):
+        eval_results.check_settings_unchanged(parse_config(argv), "remedy")
+
+
 def test_a_resume_over_a_damaged_predictions_file_names_its_line_and_the_remedy(
         tiny_models, tmp_path, monkeypatch, capsys):
     """A line of predictions.jsonl that is no JSON (a hand edit, a damaged copy) is an error

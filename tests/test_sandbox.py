@@ -437,6 +437,27 @@ def test_a_denied_import_is_an_import_error_so_code_falling_back_without_it_goes
     assert result.status == "passed" and result.stdout.strip() == "6", result.stderr
 
 
+def test_a_named_package_is_importable_and_no_other_installed_beside_it():
+    """packages=("numpy",) makes numpy importable, on both sides of a trusted test, and not the
+    other packages installed in its directory (site-packages is not on the path)."""
+    import importlib.util
+
+    beside = next(name for name in ("tqdm", "yaml", "regex", "safetensors")
+                  if importlib.util.find_spec(name) is not None)
+    with_numpy = SandboxConfig(timeout_s=20.0, packages=("numpy",))
+    program = (f"try:\n    import {beside}\nexcept ImportError:\n    print('no {beside}')\n"
+               "import numpy\nprint(numpy.arange(4).sum())\n")
+    result = run_python(program, with_numpy)
+    assert result.status == "passed", result.stderr
+    assert result.stdout.split("\n")[:2] == [f"no {beside}", "6"]
+    test = TrustedTest("", f"try:\n    import {beside}\nexcept ImportError:\n    pass\n"
+                       f"else:\n    raise AssertionError('{beside} importable')\n"
+                       "def check(candidate):\n    assert candidate() == 6\n", ("f",), "f")
+    source = (f"def f():\n    try:\n        import {beside}\n    except ImportError:\n"
+              "        import numpy\n        return numpy.arange(4).sum()\n")
+    assert run_python(source, with_numpy, test).passed
+
+
 @pytest.mark.parametrize("module", ["_posixsubprocess", "_ctypes"])
 def test_a_denied_module_loaded_under_a_dotted_name_is_refused(module):
     # The "import" audit event names the spec; the loader finds PyInit_<last part of the name>.

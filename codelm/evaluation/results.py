@@ -12,7 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
@@ -152,11 +152,15 @@ def _saved_results(path: Path, config: dict, remedy: str, skip_unset: bool = Fal
         raise _other_evaluation(path, f"format_version ({version!r} there, {FORMAT_VERSION} now)",
                                 remedy)
     _check_keys(old, ("config",), path, remedy)
-    if changed := [f"{key} ({old['config'].get(key)!r} there, {value!r} now)"
+    saved = {**_DEFAULTS, **old["config"]}  # a setting newer than the file: its default there
+    if changed := [f"{key} ({saved.get(key)!r} there, {value!r} now)"
                    for key, value in config.items() if key not in _RESUME_IGNORES
-                   and not (skip_unset and value is None) and old["config"].get(key) != value]:
+                   and not (skip_unset and value is None) and saved.get(key) != value]:
         raise _other_evaluation(path, "; ".join(changed), remedy)
     return old
+
+
+_DEFAULTS = {f.name: f.default for f in fields(EvalConfig) if f.default is not MISSING}
 
 
 class OtherEvaluation(ValueError):

@@ -3,7 +3,7 @@ the plain data both sides of a run speak.
 
 codelm.sandbox.runner copies this file into the run's control directory and starts it there,
 isolated: no site-packages, no project module on its path, so it imports the standard library
-alone. It reads the completion token (and a trusted test) from stdin, sets the run's rlimits,
+and the installed packages its settings name (numpy for the pass@k tasks) alone. It reads the completion token (and a trusted test) from stdin, sets the run's rlimits,
 gives up root and every capability, confines the process with Landlock and a seccomp filter
 (forking first for a trusted test), installs the audit hook, runs the program as ``__main__``,
 and on its end raises the event whose hook writes the completion marker. ``plain_encode`` and
@@ -437,6 +437,27 @@ def _seccomp(ctypes, libc):
             and libc.prctl(22, ulong(2), ctypes.byref(program), ulong(0), ulong(0)) == 0)
 
 
+def _importable(packages):
+    """Make the named installed packages importable (``packages``: [directory on sys.path,
+    [the package's directories]] each), and no other of their directory's: a finder of those
+    names there, not the directory on sys.path. Without Landlock this keeps careless code from
+    importing what else is installed (a C extension's writes raise no audit event); hostile code
+    is Landlock's to stop."""
+    import importlib.machinery
+
+    where = {os.path.basename(directories[0]): parent for parent, directories in packages}
+    find = importlib.machinery.PathFinder.find_spec
+
+    class InstalledPackages:
+        @staticmethod
+        def find_spec(fullname, path=None, target=None):
+            if path is not None or fullname not in where:  # a submodule: its package's path
+                return None
+            return find(fullname, [where[fullname]])
+
+    sys.meta_path.append(InstalledPackages)
+
+
 # A denied import raises ImportError, as a module not installed does: code that falls back
 # without the module (numpy without ctypes) goes on, as it would where the harness runs.
 def _install_guard(workdir, landlock):
@@ -764,7 +785,7 @@ def main():
         os.close(calls[1])
         os.close(answers[0])
         _install_guard(workdir, abi > 0)
-        sys.path += [parent for parent, _ in cfg["packages"]]  # what the program may import
+        _importable(cfg["packages"])  # what the program may import
         if _receive(calls[0]) is not None:  # the test's side has written its line first
             _serve(_run_program(program, source), calls[0], answers[1])
         os._exit(0)
@@ -777,7 +798,7 @@ def main():
     sys.stderr.flush()
     if not trusted:  # the test's side runs only the trusted test (which may import packages)
         _install_guard(workdir, abi > 0)
-    sys.path += [parent for parent, _ in cfg["packages"]]  # what the test (and program) may import
+    _importable(cfg["packages"])  # what the test (and program) may import
     if trusted:
         _send(calls[1], "go")
         _run_trusted_test(plain_decode(test), calls[1], answers[0])
