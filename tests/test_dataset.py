@@ -548,6 +548,14 @@ def test_a_c_or_csharp_files_hash_lines_are_code_not_a_licence_comment(tmp_path)
     assert texts["check.c"] == c_source and texts["A.cs"] == csharp
     assert texts["commented.c"] == other_c
     assert texts["a.py"] == "import os\n"
+    # a file of no known language (a JSONL record's id, .vue): its first line says which
+    from codelm.data.cleaning import clean_one
+    from codelm.data.config import CLEANING_FIELDS
+
+    options = {key: getattr(DataConfig(), key) for key in CLEANING_FIELDS}
+    for doc_id in ("corpus.jsonl:7", "app/widget.vue"):
+        doc, _, modified = clean_one((Doc(doc_id, commented), options))
+        assert "license_header_removed" in modified and doc.text == other_c, doc_id
 
 
 def test_code_after_a_licence_comments_closing_on_its_line_is_kept():

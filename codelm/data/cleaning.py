@@ -28,10 +28,11 @@ _NUMBER_LITERAL = re.compile(r"(?<![\w.])\d[\w.]*")
 _LITERAL_TOKENS = {tokenize.STRING, tokenize.NUMBER, getattr(tokenize, "FSTRING_MIDDLE", -1)}
 
 
-def strip_license_header(text: str, comment: str = "#") -> tuple[str, bool]:
+def strip_license_header(text: str, comment: str | None = "#") -> tuple[str, bool]:
     """Remove a leading comment block that mentions copyright/licence (``/* */``, or lines
     opening with ``comment``, the language's line-comment marker: a C file's ``#include``
-    lines are code), keeping a shebang and an encoding line. Returns (text, removed)."""
+    lines are code; None, a file of no known language: ``#`` where its first line opens with
+    one, else ``//``), keeping a shebang and an encoding line. Returns (text, removed)."""
     lines = source_lines(text, keepends=True)
     keep: list[str] = []
     i = 0
@@ -51,6 +52,8 @@ def strip_license_header(text: str, comment: str = "#") -> tuple[str, bool]:
             rest = [after]
         i += 1
     else:
+        if comment is None:
+            comment = "#" if lines[i : i + 1] and lines[i].lstrip().startswith("#") else "//"
         while i < len(lines) and lines[i].lstrip().startswith(comment):
             i += 1
     block = "".join(lines[start:i])
@@ -167,7 +170,7 @@ def clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]
     if len(text.encode("utf-8")) < opt["min_bytes"]:
         return None, "too_small", mods
     if opt["strip_license"]:
-        text, removed = strip_license_header(text, line_comment(raw.id))
+        text, removed = strip_license_header(text, line_comment(raw.id, unknown=None))
         if removed:
             mods.append("license_header_removed")
     (text,), redacted = _redact([text], opt)

@@ -10,20 +10,26 @@ import tokenize
 from collections.abc import Iterator
 
 # Extensions whose line comments open with // (where # opens a preprocessor line or an
-# attribute, never a comment) and with --; the others' with #.
+# attribute, never a comment), with -- and with #.
 SLASH_COMMENTS = frozenset({".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".java", ".kt", ".kts",
                             ".js", ".jsx", ".mjs", ".cjs", ".ts", ".tsx", ".go", ".rs",
                             ".swift", ".cs", ".scala", ".dart", ".php", ".m", ".groovy", ".zig",
                             ".cu", ".proto"})
 DASH_COMMENTS = frozenset({".lua", ".sql", ".hs"})
+HASH_COMMENTS = frozenset({".py", ".pyi", ".pyx", ".sh", ".bash", ".zsh", ".rb", ".pl", ".pm",
+                           ".r", ".jl", ".yaml", ".yml", ".toml", ".ex", ".exs", ".nim", ".cr",
+                           ".ps1", ".tcl", ".cmake", ".mk", ".awk"})
 
 
-def line_comment(path: str) -> str:
-    """The marker that opens a line comment in the language of ``path``'s extension."""
+def line_comment(path: str, unknown: str | None = "#") -> str | None:
+    """The marker that opens a line comment in the language of ``path``'s extension;
+    ``unknown`` for an extension of none of these tables (a JSONL record's id)."""
     extension = posixpath.splitext(path)[1].lower()
     if extension in DASH_COMMENTS:
         return "--"
-    return "//" if extension in SLASH_COMMENTS else "#"
+    if extension in SLASH_COMMENTS:
+        return "//"
+    return "#" if extension in HASH_COMMENTS else unknown
 
 # What parsing or tokenizing untrusted Python text can raise.
 PYTHON_PARSE_ERRORS = (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError)
