@@ -2006,6 +2006,10 @@ def test_a_completion_may_import_numpy_as_in_the_harnesses_environments(trusted)
     truth = {**forty_two, "test": "def check(candidate):\n    assert candidate() == True\n"}
     assert passk.run_check(truth, "    import numpy as np\n    return np.bool_(1 < 2)\n",
                            sandbox).passed
+    half = {**forty_two, "test": "def check(candidate):\n    assert candidate() == 21.5\n"}
+    for kind in ("float32", "longdouble", "clongdouble"):  # a long double's item() is itself
+        assert passk.run_check(half, f"    import numpy as np\n    return np.{kind}(43) / 2\n",
+                               sandbox).passed, kind
 
 
 def _humaneval_problem(task_id: str) -> dict:

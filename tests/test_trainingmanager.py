@@ -4956,7 +4956,8 @@ def test_a_stalled_lora_overfit_names_the_frozen_head(tmp_path, lora_r):
 def test_a_new_default_named_run_names_the_latest_one_that_stopped_short(tmp_path, capsys):
     """The same default command after a Ctrl-C starts a new run (default names carry the time):
     a note names the latest run of that name that stopped before its max_steps and how to
-    continue it; after a run that finished, nothing is said."""
+    continue it; after a run that finished, or stopped early (its export written), nothing is
+    said."""
     def earlier(name: str, step: int) -> Path:
         run = tmp_path / name
         (run / rundir.CHECKPOINTS_DIR / f"step-{step}").mkdir(parents=True)
@@ -4969,7 +4970,10 @@ def test_a_new_default_named_run_names_the_latest_one_that_stopped_short(tmp_pat
     claimed.release()
     out = capsys.readouterr().out
     assert f"{stopped} stopped at step 40 of 100" in out and f"--resume {stopped}" in out
-    earlier("tiny-lm-20260103-000000", 100)  # the latest finished: nothing to say
+    early = earlier("tiny-lm-20260103-000000", 60)  # stopped early: it wrote its export
+    (early / rundir.EXPORT_DIR).mkdir()
+    rundir.claim(None, str(tmp_path), None, "tiny-lm", None).release()
+    earlier("tiny-lm-20260104-000000", 100)  # the latest finished: nothing to say
     rundir.claim(None, str(tmp_path), None, "tiny-lm", None).release()
     named = rundir.claim(None, str(tmp_path), "mine", "tiny-lm", None)  # a name the user gave
     named.release()

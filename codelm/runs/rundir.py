@@ -296,15 +296,18 @@ class StoppedRun:
 
 
 def _stopped_short(out_dir: Path, stem: str, new: Path) -> StoppedRun | None:
-    """The latest other run named ``stem``-<timestamp> under ``out_dir`` where its last
-    checkpoint stops short of its max_steps (a run stopped with Ctrl-C, then the same command
-    run again); None where the latest such run finished or none holds a checkpoint."""
+    """The latest other run named ``stem``-<timestamp> under ``out_dir`` that stopped before its
+    end (a run stopped with Ctrl-C, then the same command run again): its last checkpoint short
+    of its max_steps, and neither its export nor its final evaluation written (a run that stops
+    early writes them); None where the latest such run ended or none holds a checkpoint."""
     named = re.compile(re.escape(stem) + r"-\d{8}-\d{6}(?:-\d+)?")
     runs = sorted(p for p in out_dir.iterdir() if p != new and named.fullmatch(p.name))
     for run in reversed(runs):  # the latest first: the names sort by their time
         checkpoints = list_checkpoints(run)
         if not checkpoints or not (run / CONFIG_FILE).is_file():
             continue
+        if (run / EXPORT_DIR).is_dir() or (run / FINAL_EVAL_DIR).is_dir():
+            return None
         with contextlib.suppress(ValueError, OSError):
             planned = json.loads((run / CONFIG_FILE).read_text("utf-8")).get("max_steps")
             step = checkpoint_step(checkpoints[-1])

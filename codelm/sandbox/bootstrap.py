@@ -84,10 +84,21 @@ def _plain_parts(value: object, out: list[str]) -> None:
         for item in items:
             _plain_parts(item, out)
     elif _is_numpy_scalar(value):  # np.int64(6) crosses as 6, as a harness's test compares it
-        _plain_parts(value.item(), out)
+        _plain_parts(_numpy_item(value), out)
     else:
         raise TypeError(f"a {type(value).__name__} is not plain data (it does not cross to the "
                         "test)")
+
+
+def _numpy_item(value):
+    """A numpy scalar's Python value: its item(), and a long double's (whose item() is itself)
+    the nearest float or complex."""
+    item = value.item()
+    if not _is_numpy_scalar(item):
+        return item
+    if isinstance(item, sys.modules["numpy"].complexfloating):
+        return complex(item)
+    return float(item)
 
 
 def _is_numpy_scalar(value: object) -> bool:
