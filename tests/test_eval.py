@@ -4039,6 +4039,10 @@ def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path,
                     "--num-samples", "10", "--out-dir", str(tmp_path / "all"), "--no-progress",
                     "--workers", "1"]) == 0
     assert "generations scored" not in capsys.readouterr().err
+    # problems of 5 and 2 generations: 2 of each is what can be scored alike; of 5 and 1, none
+    assert passk.generations_left_note("g.json", 1, 2, 5).endswith(
+        "(problems have 2 to 5): --num-samples 2 scores 2 of each")
+    assert passk.generations_left_note("g.json", 1, 1, 5).endswith("(problems have 1 to 5)")
 
 
 @pytest.mark.parametrize(("content", "words"), [

@@ -413,11 +413,22 @@ def read_generations(path: str | Path, passk_task: PasskTask, problems: Sequence
     if unprompted:
         print(unprompted_warning(path, passk_task, unprompted, len(problems) * n),
               file=sys.stderr)
-    most = max(len(group) for group in generations[: len(problems)])
-    if most > n:  # as the harness keeps its --n_samples first
-        print(f"note: {path}: the first {n} of each problem's generations scored (up to {most} "
-              f"a problem): --num-samples {most} scores them all", file=sys.stderr)
+    sizes = [len(group) for group in generations[: len(problems)]]
+    if max(sizes) > n:  # as the harness keeps its --n_samples first
+        print(generations_left_note(path, n, min(sizes), max(sizes)), file=sys.stderr)
     return completions
+
+
+def generations_left_note(path: str | Path, n: int, fewest: int, most: int) -> str:
+    """The note on a file's generations past the ``n`` scored of each problem (``fewest`` to
+    ``most`` a problem), with the --num-samples that scores more of them, where one does."""
+    note = f"note: {path}: the first {n} of each problem's generations scored"
+    if fewest == most:
+        return f"{note}: --num-samples {most} scores them all"
+    if fewest > n:
+        return (f"{note} (problems have {fewest} to {most}): --num-samples {fewest} scores "
+                f"{fewest} of each")
+    return f"{note} (problems have {fewest} to {most})"
 
 
 def unprompted_warning(path: str | Path, passk_task: PasskTask,
