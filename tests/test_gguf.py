@@ -618,6 +618,34 @@ def test_an_instruct_models_chat_template_is_written_for_llama_cpp_and_ollama(tm
     assert recipe.startswith("FROM ./chat.gguf\n") and "TEMPLATE" not in recipe
 
 
+def test_named_chat_templates_are_written_as_llama_cpps_converter_writes_them(tmp_path):
+    """tokenizer_config.json's list of named templates (default and tool_use, as Hermes and
+    Command-R ship): every one goes into the GGUF as gguf-py writes the list llama.cpp's
+    converter reads (SpecialVocab): tokenizer.chat_template, tokenizer.chat_template.tool_use
+    and tokenizer.chat_templates."""
+    from tiny_hf import save_tiny_llama3_instruct
+
+    directory = tmp_path / "instruct"
+    save_tiny_llama3_instruct(directory, _texts()[:20])
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    tool_use = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}{{ tools }}"
+    config["chat_template"] = [{"name": "default", "template": config["chat_template"]},
+                               {"name": "tool_use", "template": tool_use}]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = gguf.GGUFReader(export_gguf.export(str(directory), tmp_path / "chat.gguf", "f32"))
+    reference = gguf.GGUFWriter(tmp_path / "reference.gguf", "llama")
+    gguf.SpecialVocab(directory).add_to_gguf(reference)
+    reference.write_header_to_file()
+    reference.write_kv_data_to_file()
+    reference.close()
+    theirs = gguf.GGUFReader(tmp_path / "reference.gguf")
+    keys = [gguf.Keys.Tokenizer.CHAT_TEMPLATE, gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(
+        name="tool_use")]
+    for key in keys:
+        assert _field(ours, key) == _field(theirs, key) and _field(ours, key)
+    assert _field(ours, gguf.Keys.Tokenizer.CHAT_TEMPLATES) == ["tool_use"]
+
+
 def test_a_path_with_a_space_is_quoted_in_the_modelfile_and_its_hint(checkpoints, tmp_path,
                                                                      capsys):
     """A FROM path holding a space is quoted (Ollama reads it whole), an export written again

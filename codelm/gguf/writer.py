@@ -33,6 +33,7 @@ from codelm.tokenization.bpe import (
     STARCODER_PATTERN,
     BPETokenizer,
 )
+from codelm.tokenization.chat import named_chat_templates
 from codelm.tokenization.spiece import SPIECE_SPACE
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback: <0x0A>
@@ -225,7 +226,9 @@ def _vocabulary(writer, tok, vocab_size: int) -> None:
     writer.add_add_bos_token(bool(tok.template_prefix))
     writer.add_add_eos_token(False)
     if getattr(tok, "chat_template", None) is not None:  # llama.cpp and Ollama chat with it
-        writer.add_chat_template(tok.chat_template)
+        source = Path(tok.source)  # the tokenizer.json read: its directory lists tool_use's too
+        named = named_chat_templates(source.parent) if source.is_file() else None
+        writer.add_chat_template(named or tok.chat_template)
 
 
 def _permuted(weight: torch.Tensor, heads: int) -> torch.Tensor:

@@ -45,6 +45,20 @@ def chat_template_from_config(directory: Path) -> str | None:
     return template
 
 
+def named_chat_templates(directory: Path) -> list[dict] | None:
+    """tokenizer_config.json's named chat templates ([{"name", "template"}, ...] as it lists
+    them: "default", "tool_use", ...), each of which llama.cpp's converter writes; None where
+    the directory gives one template or none."""
+    config = directory / "tokenizer_config.json"
+    if (directory / "chat_template.jinja").is_file() or not config.is_file():
+        return None
+    template = read_json(config).get("chat_template")
+    if not isinstance(template, list):
+        return None
+    return [t for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)
+            and isinstance(t.get("template"), str)]
+
+
 # ---- Chat templates: an instruct model's conversations, rendered as transformers renders them
 
 @functools.lru_cache(maxsize=8)
