@@ -337,6 +337,37 @@ def test_chat_templates_render_as_transformers_renders_them(chat_tokenizers, nam
                                            add_generation_prompt=prompt))
 
 
+TOOL_USE_TEMPLATE = ("{%- for message in messages %}<|im_start|>{{ message.role }}\n"
+                     "{{ message.content }}<|im_end|>\n{%- endfor %}"
+                     "{%- for tool in tools %}<tools>{{ tool | tojson }}</tools>{%- endfor %}"
+                     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+def test_a_request_with_tools_renders_the_named_tool_use_template_as_transformers(
+        family_tokenizers, tmp_path):
+    """tokenizer_config.json's named templates (default and tool_use, as Hermes and Command-R
+    ship): with tools the tool_use one renders, without them the default, as transformers
+    chooses; both survive the tokenizer's save."""
+    from transformers import AutoTokenizer
+
+    hf, _ = family_tokenizers["qwen2"]
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast",
+         "chat_template": [{"name": "default", "template": CHATML_TEMPLATE},
+                           {"name": "tool_use", "template": TOOL_USE_TEMPLATE}]}))
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    saved = tmp_path / "saved"
+    load_tokenizer(tmp_path).save(saved)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    messages = CONVERSATIONS[0][:1]
+    for ours in (load_tokenizer(tmp_path), load_tokenizer(saved)):
+        for given in (None, tools):
+            assert ours.apply_chat_template(messages, True, given) == theirs.apply_chat_template(
+                messages, tools=given, tokenize=False, add_generation_prompt=True)
+    assert "<tools>" in load_tokenizer(saved).apply_chat_template(messages, True, tools)
+
+
 @pytest.mark.parametrize("name", ["chatml", "llama3"])
 def test_chat_turns_are_the_generation_prompt_then_the_answer_and_its_end_marker(
         chat_tokenizers, name):

@@ -19,7 +19,12 @@ import regex
 from codelm.tokenization import compiled
 from codelm.tokenization.added import AddedTokens
 from codelm.tokenization.batching import BatchEncodeMixin, checked_ids
-from codelm.tokenization.chat import chat_template_from_config, render_chat, roles_from_config
+from codelm.tokenization.chat import (
+    chat_template_from_config,
+    named_chat_templates,
+    render_chat,
+    roles_from_config,
+)
 from codelm.tokenization.compiled import ModelTables
 from codelm.tokenization.cuts import longest_first
 from codelm.tokenization.files import (
@@ -381,6 +386,7 @@ class BPETokenizer(BatchEncodeMixin):
         # the roles tokenizer_config.json names: a chat template sees these only, as in transformers
         self._named_roles = {role for role, name in (roles or {}).items() if name is not None}
         self.chat_template: str | None = None  # an instruct model's (tokenizer_config.json)
+        self.tool_use_template: str | None = None  # its named "tool_use" one, where it lists one
 
     @property
     def spec(self) -> dict:
@@ -545,8 +551,15 @@ class BPETokenizer(BatchEncodeMixin):
             tok = cls(read_json(path) if spec is None else spec, str(path), cls._roles_of(path, roles))
             if digest is not None:
                 compiled.store(digest, tok.spec, tok.model_tables)
-            tok.chat_template = chat_template_from_config(path.parent)
+            tok.read_chat_templates(path.parent)
         return tok
+
+    def read_chat_templates(self, directory: Path) -> None:
+        """The chat templates transformers reads in ``directory``: the default, and the named
+        "tool_use" one where tokenizer_config.json lists it (used when a request has tools)."""
+        self.chat_template = chat_template_from_config(directory)
+        named = {t["name"]: t["template"] for t in named_chat_templates(directory) or []}
+        self.tool_use_template = named.get("tool_use")
 
     @classmethod
     def from_kept(cls, path: Path, roles: dict | None = None) -> BPETokenizer | None:
@@ -558,7 +571,7 @@ class BPETokenizer(BatchEncodeMixin):
             return None
         spec, tables = kept
         tok = cls(spec, str(path), cls._roles_of(path, roles), tables)
-        tok.chat_template = chat_template_from_config(path.parent)
+        tok.read_chat_templates(path.parent)
         return tok
 
     @staticmethod
@@ -573,6 +586,9 @@ class BPETokenizer(BatchEncodeMixin):
                   if i is not None}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
+        if self.chat_template is not None and self.tool_use_template is not None:
+            config["chat_template"] = [{"name": "default", "template": self.chat_template},
+                                       {"name": "tool_use", "template": self.tool_use_template}]
         return write_tokenizer(path, self.spec, 2, config=config)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
@@ -580,7 +596,8 @@ class BPETokenizer(BatchEncodeMixin):
         """The text of a conversation (``messages``: [{"role": ..., "content": ...}, ...]) as
         transformers' ``apply_chat_template(messages, tokenize=False)`` renders it with this
         tokenizer's chat template; ``add_generation_prompt``: ends with the assistant's header;
-        ``tools``: the function definitions (JSON schemas) the template offers the model."""
+        ``tools``: the function definitions (JSON schemas) the template offers the model (its
+        "tool_use" template where it has one, as transformers chooses it)."""
         if self.chat_template is None:
             raise ValueError(f"{self.source}: no chat_template (tokenizer_config.json or "
                              "chat_template.jinja beside it): this is not an instruct model's "
@@ -589,7 +606,10 @@ class BPETokenizer(BatchEncodeMixin):
                  if i is not None and role in self._named_roles}
         if self._unk_id is not None:
             names["unk_token"] = self.token_content(self._unk_id)
-        return render_chat(self.chat_template, messages, add_generation_prompt, tools, **names)
+        template = self.chat_template
+        if tools is not None and self.tool_use_template is not None:
+            template = self.tool_use_template
+        return render_chat(template, messages, add_generation_prompt, tools, **names)
 
     def _encode_piece(self, piece: str) -> list[int]:
         run_chars = self._added_tokens.run_chars
