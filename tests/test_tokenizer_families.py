@@ -347,7 +347,8 @@ def test_a_request_with_tools_renders_the_named_tool_use_template_as_transformer
         family_tokenizers, tmp_path):
     """tokenizer_config.json's named templates (default and tool_use, as Hermes and Command-R
     ship): with tools the tool_use one renders, without them the default, as transformers
-    chooses; both survive the tokenizer's save."""
+    chooses, read from the list or from transformers' saved layout; both survive the
+    tokenizer's save."""
     from transformers import AutoTokenizer
 
     hf, _ = family_tokenizers["qwen2"]
@@ -359,9 +360,13 @@ def test_a_request_with_tools_renders_the_named_tool_use_template_as_transformer
     theirs = AutoTokenizer.from_pretrained(tmp_path)
     saved = tmp_path / "saved"
     load_tokenizer(tmp_path).save(saved)
+    theirs.save_pretrained(tmp_path / "hf_saved")  # chat_template.jinja and
+    #   additional_chat_templates/tool_use.jinja, transformers' own layout
+    assert (tmp_path / "hf_saved" / "additional_chat_templates" / "tool_use.jinja").is_file()
     tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
     messages = CONVERSATIONS[0][:1]
-    for ours in (load_tokenizer(tmp_path), load_tokenizer(saved)):
+    for ours in (load_tokenizer(tmp_path), load_tokenizer(saved),
+                 load_tokenizer(tmp_path / "hf_saved")):
         for given in (None, tools):
             assert ours.apply_chat_template(messages, True, given) == theirs.apply_chat_template(
                 messages, tools=given, tokenize=False, add_generation_prompt=True)

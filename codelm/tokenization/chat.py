@@ -46,11 +46,19 @@ def chat_template_from_config(directory: Path) -> str | None:
 
 
 def named_chat_templates(directory: Path) -> list[dict] | None:
-    """tokenizer_config.json's named chat templates ([{"name", "template"}, ...] as it lists
-    them: "default", "tool_use", ...), each of which llama.cpp's converter writes; None where
-    the directory gives one template or none."""
+    """The named chat templates beside a tokenizer ([{"name", "template"}, ...]: "default",
+    "tool_use", ...), each of which llama.cpp's converter writes: transformers' saved layout
+    (chat_template.jinja the default, additional_chat_templates/NAME.jinja the others), else
+    tokenizer_config.json's list; None where the directory gives one template or none."""
     config = directory / "tokenizer_config.json"
-    if (directory / "chat_template.jinja").is_file() or not config.is_file():
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        others = sorted((directory / "additional_chat_templates").glob("*.jinja"))
+        if not others:
+            return None
+        return [{"name": "default", "template": jinja_file.read_text("utf-8")}] + [
+            {"name": path.stem, "template": path.read_text("utf-8")} for path in others]
+    if not config.is_file():
         return None
     template = read_json(config).get("chat_template")
     if not isinstance(template, list):
