@@ -157,7 +157,7 @@ def _generation(lm: LoadedModel, cfg: Scoring,
     eos = stop_ids_of(tok, stop_ids(lm), "chat") if chat else stop_ids(lm)
     new_tokens = _new_tokens(lm, cfg)
     start = [] if chat else prompt_start(lm)
-    room = context(lm, cfg) - new_tokens - len(start)
+    room = prompt_room(lm, cfg, start)
     if max_prompt_tokens is not None:
         room = min(room, max_prompt_tokens)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
@@ -183,9 +183,11 @@ def _new_tokens(lm: LoadedModel, cfg: Scoring) -> int:
     return min(cfg.max_new_tokens, context(lm, cfg) // 2)
 
 
-def prompt_room(lm: LoadedModel, cfg: Scoring) -> int:
-    """The tokens a prompt may have after ``prompt_start``, leaving room for the completion."""
-    return context(lm, cfg) - _new_tokens(lm, cfg) - len(prompt_start(lm))
+def prompt_room(lm: LoadedModel, cfg: Scoring, start: Sequence[int] | None = None) -> int:
+    """The tokens a prompt may have after ``start`` (default ``prompt_start``), leaving room
+    for the completion."""
+    start = prompt_start(lm) if start is None else start
+    return context(lm, cfg) - _new_tokens(lm, cfg) - len(start)
 
 
 @torch.no_grad()
