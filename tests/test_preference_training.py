@@ -324,6 +324,36 @@ def test_a_resumed_dpo_run_continues_bit_for_bit(assets, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_on_other_pairs_computes_their_reference_and_refuses_a_damaged_file(
+        assets, tmp_path, capsys):
+    """The reference log-probs a run kept are of the pairs it trained on: a resume on edited
+    pairs (the same count) computes those of the new pairs from the starting weights, as a
+    new run on them would; a damaged reference file stops the resume naming it."""
+    from codelm.training import preference_run
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(Path(assets["pairs"]).read_text())
+    common = dict(data=[str(pairs)], max_steps=2, eval_every=2, warmup_steps=0)
+    run = tm.train(pref_cfg(assets, tmp_path, name="run", **common)).run_dir
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    for record in records:
+        record["rejected"] = record["rejected"].replace(" - ", " * ")
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    fresh = tm.train(pref_cfg(assets, tmp_path, name="fresh", **common))
+    tm.train(pref_cfg(assets, tmp_path, name="run", resume=str(run), **dict(common, max_steps=3)))
+    assert "reference log-probs of other preference data" in capsys.readouterr().err
+    kept = torch.load(run / preference_run.REFERENCE_FILE, weights_only=True)
+    expected = torch.load(fresh.run_dir / preference_run.REFERENCE_FILE, weights_only=True)
+    assert torch.equal(kept["train"], expected["train"])
+    assert torch.equal(kept["val"], expected["val"])
+
+    reference = run / preference_run.REFERENCE_FILE
+    reference.write_bytes(reference.read_bytes()[: reference.stat().st_size // 2])
+    with pytest.raises(ValueError, match="reference_logps.pt: not a readable reference"):
+        tm.train(pref_cfg(assets, tmp_path, name="run", resume=str(run),
+                          **dict(common, max_steps=4)))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--task", "dpo", "--pref-beta", "0"], "pref_beta (0.0, --pref-beta): must be a finite "
                                              "number > 0 (task dpo)"),

@@ -133,11 +133,15 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
     if not preference.config_of(cfg).needs_reference:
         return {}
     path = run_dir / REFERENCE_FILE
+    data = f"{digest(batches.train.preferences)}-{digest(batches.val.preferences)}"
     if continued and path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        batches.train.set_reference(saved["train"])
-        batches.val.set_reference(saved["val"])
-        return {}
+        saved = saved_reference(path)
+        if saved["data"] == data:
+            batches.train.set_reference(saved["train"])
+            batches.val.set_reference(saved["val"])
+            return {}
+        print(f"note: {path} holds the reference log-probs of other preference data: computed "
+              "again from the starting weights", file=sys.stderr)
     precision = checked_precision(cfg, device)
     validated = "fp32" if cfg.eval_precision == "fp32" else precision  # as the trainer validates
     adapters_off = cfg.init_adapter is None and any(True for _ in lora.lora_modules(model))
@@ -146,8 +150,23 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
         rows.set_reference(reference_logps(model, rows, batches.collate, cfg.batch_size, device,
                                            rows_precision, adapters_off, cfg.progress, name))
     buffer = io.BytesIO()
-    torch.save({"train": batches.train.reference, "val": batches.val.reference}, buffer)
+    torch.save({"train": batches.train.reference, "val": batches.val.reference, "data": data},
+               buffer)
     return {path: buffer.getvalue()}
+
+
+def saved_reference(path: Path) -> dict:
+    """REFERENCE_FILE's splits and the digest of the data they were computed on ("data": None
+    where the file names none); a damaged file is refused, naming the fix."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's zip and unpickling errors have no common type
+        raise ValueError(f"{path}: not a readable reference log-probs file ({e}); delete it and "
+                         "--resume computes it again from the starting weights") from None
+    if not isinstance(saved, dict) or not {"train", "val"} <= saved.keys():
+        raise ValueError(f"{path}: not a reference log-probs file (no train and val log-probs); "
+                         "delete it and --resume computes it again from the starting weights")
+    return {"data": None, **saved}
 
 
 @torch.no_grad()
