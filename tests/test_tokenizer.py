@@ -799,6 +799,13 @@ def test_a_null_role_in_tokenizer_config_is_no_such_token_as_in_transformers(tmp
     ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (
         auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (None, None, hf.token_to_id("<a>"))
+    copy = tmp_path / "copy"  # a run's own copy reads back the same roles, and so does transformers
+    copy.mkdir()
+    ours.save(copy)
+    reread, auto_copy = load_tokenizer(copy), AutoTokenizer.from_pretrained(str(copy))
+    assert (reread.bos_id, reread.eos_id, reread.pad_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+    assert (auto_copy.bos_token_id, auto_copy.eos_token_id) == (None, None)
+    assert tokenizer_fingerprint(reread) == tokenizer_fingerprint(ours)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<a>"}))
     guessed = load_tokenizer(tmp_path)
     assert (guessed.bos_id, guessed.eos_id) == (hf.token_to_id("<b>"), hf.token_to_id("<|endoftext|>"))

@@ -580,10 +580,11 @@ class BPETokenizer(BatchEncodeMixin):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer.json; into a directory, with a tokenizer_config.json naming the
-        bos/eos/pad tokens and the chat template (unless one is there) for transformers'
+        bos/eos/pad tokens (null: none, as Qwen's bos_token, so that the copy reads back the
+        same roles) and the chat template (unless one is there) for transformers'
         AutoTokenizer."""
-        config = {f"{role}_token": self.token_content(i) for role, i in self._roles.items()
-                  if i is not None}
+        config = {f"{role}_token": None if i is None else self.token_content(i)
+                  for role, i in self._roles.items()}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         if self.chat_template is not None and self.tool_use_template is not None:
