@@ -550,7 +550,7 @@ def _show_split(args) -> None:
     text = args.text
     if args.file is not None:
         try:
-            text = Path(args.file).read_text(encoding="utf-8")
+            text = Path(args.file).read_bytes().decode("utf-8")  # its \r\n as they are
         except UnicodeDecodeError as err:
             raise ValueError(f"{args.file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     ids = tok.encode(text)

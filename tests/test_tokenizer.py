@@ -1772,15 +1772,16 @@ def test_a_codelm_form_file_repeating_a_piece_or_special_token_is_an_error_namin
 
 def test_cli_shows_hf_tokenizers_ids_and_each_tokens_text_or_bytes(references, tmp_path, capsys):
     """`python tokenizer.py TOK --file F`: one line per token, id then its text as a literal
-    (bytes for part of a character), ids as HF tokenizers gives them; then the count."""
+    (bytes for part of a character), ids as HF tokenizers gives them (of the file's text as it
+    is, its \r\n and \r too); then the count."""
     import ast
 
     import tokenizer
 
     path, hf, _ = references["gpt2"]
-    text = 'def f(x):\n    return "héllo €" + x  # ok\n'
+    text = 'def f(x):\r\n    return "héllo €" + x  # ok\r\ny = 1\rz = 2\n'
     source = tmp_path / "f.py"
-    source.write_text(text, encoding="utf-8")
+    source.write_bytes(text.encode("utf-8"))
     assert tokenizer.main([str(path.parent), "--file", str(source)]) == 0
     *lines, summary = capsys.readouterr().out.splitlines()
     ids = [int(line.split()[0]) for line in lines]
