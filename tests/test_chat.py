@@ -109,6 +109,59 @@ def test_an_answer_without_an_end_of_turn_token_is_trained_to_end_with_eos(instr
         assert tok.decode(counted[:-1]).startswith(("def square_", "def cube_"))
 
 
+# Qwen2.5-Instruct's way with tools: listed in a system turn, a call as <tool_call> JSON.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n{% for tool in tools %}{{ tool | tojson }}\n"
+    "{% endfor %}<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{{ m.content or '' }}{% for call in m.tool_calls or [] %}<tool_call>\n"
+    "{{ call.function | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+@pytest.mark.parametrize("content", ["", None, "Let me look."], ids=["empty", "null", "text"])
+def test_a_tool_call_turn_is_trained_with_the_tools_as_transformers_renders_them(
+        content, instruct, tmp_path):
+    """A record's tools and an assistant turn's tool_calls reach the chat template, as TRL gives
+    them to it: the prompts list the tools as transformers' apply_chat_template(tools=...)
+    renders them, and the tool call is an answer, up to its end-of-turn marker."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    root = tmp_path / "tools"
+    shutil.copytree(instruct[0], root)
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    (root / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                            "chat_template": TOOLS_TEMPLATE}))
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": content, "tool_calls": [CALL]},
+                {"role": "tool", "content": "22C"},
+                {"role": "assistant", "content": "It is 22C in Paris."}]
+    data = tmp_path / "calls.jsonl"
+    data.write_text(json.dumps({"messages": messages, "tools": TOOLS}) + "\n")
+    cfg = DataConfig(task="chat", sources=[str(data)], block_size=256, cache_dir=str(tmp_path),
+                     progress=False, split_by="file", min_bytes=0, min_lines=0,
+                     train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    tok = load_tokenizer(root)
+    prepared = dataset.prepare(cfg, tok)
+    hf = AutoTokenizer.from_pretrained(str(root))
+    assert len(prepared.train) == 2
+    for example, end in zip((prepared.train[i] for i in range(2)), (2, 4)):
+        ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
+        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        prompt = hf.apply_chat_template(messages[: end - 1], tools=TOOLS,
+                                        add_generation_prompt=True, tokenize=False)
+        whole = hf.apply_chat_template(messages[:end], tools=TOOLS, tokenize=False)
+        answer = whole[len(prompt):].removesuffix("\n")  # the template's glue after the turn
+        assert tok.decode(ids[: first + 1]) == prompt
+        assert tok.decode([label for label in labels if label != IGNORE_INDEX]) == answer
+    call_answer = [label for label in prepared.train[0]["labels"].tolist() if label != IGNORE_INDEX]
+    assert '"name": "get_weather"' in tok.decode(call_answer)
+
+
 def test_a_template_error_names_the_conversation_line(instruct, tmp_path):
     root, data = instruct
     bad = tmp_path / "tool.jsonl"
@@ -136,7 +189,9 @@ def test_code_files_or_a_template_less_tokenizer_are_refused_naming_the_fix(inst
 
 @pytest.mark.parametrize("record, message", [
     ({"messages": []}, r"'messages' must be a non-empty list"),
-    ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object with string 'role'"),
+    ({"messages": [{"role": "user", "content": 3}]},
+     r"messages\[0\] must be an object with a string 'role' and a string \(or null\) 'content'"),
+    ({"messages": CONVERSATIONS[0], "tools": {"name": "f"}}, r"'tools' must be a list"),
     ({"messages": [{"role": "user", "content": "hi"}]}, r"no 'assistant' message"),
 ])
 def test_a_malformed_conversation_is_refused_naming_its_line(record, message, tmp_path):

@@ -147,6 +147,12 @@ def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
     return list(texts), mods
 
 
+def _answers(message: dict) -> bool:
+    """Whether ``message`` is an assistant turn with something to learn: text or a tool call."""
+    text = message.get("content") or ""
+    return message["role"] == "assistant" and bool(text.strip() or message.get("tool_calls"))
+
+
 def clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]]:
     """Clean one document. Returns (doc or None, drop reason, list of modifications)."""
     raw, opt = args
@@ -156,12 +162,15 @@ def clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]
             return None, "empty_pair", mods
         (prompt, target), mods = _redact([raw.text, raw.target], opt)
         return replace(raw, text=prompt, target=target), None, mods
-    if raw.chat:  # a conversation: its messages redacted, never otherwise rewritten
+    if raw.chat:  # a conversation: its messages' texts redacted, never otherwise rewritten
         messages = raw.messages
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        if not any(_answers(m) for m in messages):
             return None, "empty_chat", mods
-        contents, mods = _redact([m["content"] for m in messages], opt)
-        redacted = [{**m, "content": c} for m, c in zip(messages, contents)]
+        contents, mods = _redact([m.get("content") or "" for m in messages], opt)
+        redacted = []
+        for message, content in zip(messages, contents):
+            has_text = isinstance(message.get("content"), str)  # else a tool call's null
+            redacted.append({**message, "content": content} if has_text else message)
         return replace(raw, text=json.dumps(redacted, ensure_ascii=False)), None, mods
     text, reason = decode_source(raw.text)
     if text is None:

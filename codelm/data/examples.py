@@ -245,24 +245,27 @@ class ChatTurn(typing.NamedTuple):
     answer: str  # the assistant's text, up to the template's end-of-turn marker
 
 
-def chat_turns(tok: BPETokenizer, messages: Sequence[dict]) -> list[ChatTurn]:
+def chat_turns(tok: BPETokenizer, messages: Sequence[dict],
+               tools: Sequence[dict] | None = None) -> list[ChatTurn]:
     """Each assistant turn of a conversation after its first message: what generation is
-    prompted with, and what it is to answer (``chat_answer``). A conversation's opening
-    assistant message (a greeting) follows nothing to be prompted by: the conversation only."""
+    prompted with (``tools``, the functions offered, rendered by the template), and what it is
+    to answer (``chat_answer``; a tool call too). A conversation's opening assistant message (a
+    greeting) follows nothing to be prompted by: the conversation only."""
     markers = tok.matched_special_tokens
     turns = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant" or i == 0:
             continue
-        prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
-        turn = tok.apply_chat_template(messages[: i + 1])
+        prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
+        turn = tok.apply_chat_template(messages[: i + 1], tools=tools)
         if not turn.startswith(prompt):
             raise ValueError("chat_template: the text before an assistant turn is not a prefix "
                              "of the conversation's text: the assistant's tokens cannot be told "
                              "apart")
         content = message.get("content")
-        answer = chat_answer(turn[len(prompt):], content if isinstance(content, str) else "",
-                             markers)
+        if not isinstance(content, str) or message.get("tool_calls"):
+            content = ""  # the template writes the call: the turn's whole text is the answer
+        answer = chat_answer(turn[len(prompt):], content, markers)
         turns.append(ChatTurn(prompt, answer))
     return turns
 
@@ -327,7 +330,7 @@ def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str) -> li
                             f"[{{'role', 'content'}}, ...]}}; the data holds {doc.id}, which is "
                             "not one")
         try:
-            turns = chat_turns(tokenizer, doc.messages)
+            turns = chat_turns(tokenizer, doc.messages, doc.tools)
         except ValueError as e:  # the template's own error (raise_exception, an unknown role)
             raise DataError(f"{doc.id}: {e}") from None
         for turn in turns:

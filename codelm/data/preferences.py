@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codelm.data.config import DataConfig, DataError
-from codelm.data.sources import is_jsonl, json_object, jsonl_lines, record_files, table_rows
+from codelm.data.sources import (
+    checked_messages,
+    checked_tools,
+    is_jsonl,
+    json_object,
+    jsonl_lines,
+    record_files,
+    table_rows,
+)
 from codelm.tokenization.bpe import BPETokenizer
 from scraping.common import is_utf8
 from tokenizer import CodeTokenizer
@@ -151,17 +159,8 @@ def implicit_prompt(chosen: str | list, rejected: str | list) -> dict:
 
 
 def _tools(record: dict, where: str) -> list[dict] | None:
-    """A record's ``tools`` (a list of function definitions, or its JSON text, as TRL reads
-    it), which its chat template renders; None where it has none."""
-    tools = record.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except ValueError:
-            raise DataError(f"{where}: 'tools' is text that is not JSON") from None
-    if tools is not None and not (isinstance(tools, list)
-                                  and all(isinstance(tool, dict) for tool in tools)):
-        raise DataError(f"{where}: 'tools' must be a list of function definitions (objects)")
+    """A record's ``tools`` (``checked_tools``), for conversational records alone."""
+    tools = checked_tools(record, where)
     if tools and not isinstance(record.get("prompt"), list):
         raise DataError(f"{where}: 'tools' goes with conversational records (a prompt of "
                         "messages), which a chat template renders")
@@ -169,9 +168,7 @@ def _tools(record: dict, where: str) -> list[dict] | None:
 
 
 def _field(record: dict, key: str, where: str) -> str | list[dict]:
-    """A text field, or a conversation's messages [{role, content, ...}, ...] (TRL's
-    conversational format: each message as it is, its other keys (name, tool_calls) for the
-    chat template, its content text or null), checked."""
+    """A text field, or a conversation's messages (``checked_messages``)."""
     value = record[key]
     if isinstance(value, str):
         if not is_utf8(value):
@@ -180,14 +177,7 @@ def _field(record: dict, key: str, where: str) -> str | list[dict]:
     if not (isinstance(value, list) and value):
         raise DataError(f"{where}: {key!r} must be a string or a non-empty list of "
                         "{role, content} messages")
-    for i, message in enumerate(value):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content", ""), str | None)):
-            raise DataError(f"{where}: {key}[{i}] must be an object with a string 'role' and "
-                            "a string (or null) 'content'")
-        if not is_utf8(json.dumps(message, ensure_ascii=False)):
-            raise DataError(f"{where}: {key}[{i}] holds a lone surrogate (not valid UTF-8)")
-    return [dict(message) for message in value]
+    return checked_messages(value, key, where)
 
 
 def _text_of(field: str | list[dict]) -> str:

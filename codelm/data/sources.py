@@ -48,6 +48,7 @@ class Doc:
     raw_pair: bool = False  # a {"prompt","completion"} pair: used verbatim, no template
     split: str | None = None  # "val"/"test" from val_sources/test_sources; None: by fraction
     chat: bool = False  # a conversation: ``text`` holds its messages as JSON
+    tools: list[dict] | None = None  # a conversation's function definitions (TRL's field)
 
     @property
     def is_python(self) -> bool:
@@ -55,7 +56,7 @@ class Doc:
 
     @property
     def messages(self) -> list[dict]:
-        """A conversation's [{"role", "content"}, ...]."""
+        """A conversation's [{"role", "content", ...}, ...]."""
         return json.loads(self.text)
 
 
@@ -231,8 +232,11 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
         if isinstance(rec.get(key), str) and not is_utf8(rec[key]):
             raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
     if "messages" in rec:
-        return Doc(name, json.dumps(_checked_messages(rec["messages"], where),
-                                    ensure_ascii=False), chat=True)
+        messages = checked_messages(rec["messages"], "messages", where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: no 'assistant' message: nothing for the chat task to learn")
+        return Doc(name, json.dumps(messages, ensure_ascii=False), chat=True,
+                   tools=checked_tools(rec, where))
     for a, b in (("input", "output"), ("prompt", "completion")):
         if a in rec or b in rec:
             if not (isinstance(rec.get(a), str) and isinstance(rec.get(b), str)):
@@ -249,21 +253,35 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
     return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
 
 
-def _checked_messages(messages: object, where: str) -> list[dict]:
-    """A conversation record's messages: [{"role": str, "content": str}, ...] with an
-    assistant's turn (what the chat task trains on); a DataError names ``where``."""
+def checked_messages(messages: object, key: str, where: str) -> list[dict]:
+    """A conversation's messages [{role, content, ...}, ...] (TRL's conversational format: each
+    message as it is, its other keys (name, tool_calls) for the chat template, its content text
+    or null); a DataError names ``where`` and ``key``."""
     if not (isinstance(messages, list) and messages):
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        raise DataError(f"{where}: {key!r} must be a non-empty list of {{role, content}} messages")
     for i, message in enumerate(messages):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and "
-                            "'content'")
-        if not is_utf8(message["content"]):
-            raise DataError(f"{where}: messages[{i}] holds a lone surrogate (not valid UTF-8)")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no 'assistant' message: nothing for the chat task to learn")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+                and isinstance(message.get("content", ""), str | None)):
+            raise DataError(f"{where}: {key}[{i}] must be an object with a string 'role' and "
+                            "a string (or null) 'content'")
+        if not is_utf8(json.dumps(message, ensure_ascii=False)):
+            raise DataError(f"{where}: {key}[{i}] holds a lone surrogate (not valid UTF-8)")
+    return [dict(message) for message in messages]
+
+
+def checked_tools(record: dict, where: str) -> list[dict] | None:
+    """A conversation record's ``tools`` (a list of function definitions, or its JSON text, as
+    TRL reads it), which its chat template renders; None where it has none."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise DataError(f"{where}: 'tools' is text that is not JSON") from None
+    if tools is not None and not (isinstance(tools, list)
+                                  and all(isinstance(tool, dict) for tool in tools)):
+        raise DataError(f"{where}: 'tools' must be a list of function definitions (objects)")
+    return tools
 
 
 def iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator[Doc]:
@@ -333,5 +351,5 @@ def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> li
 
 def plain_text(doc: Doc) -> str:
     if doc.chat:
-        return "\n".join(m["content"] for m in doc.messages)
+        return "\n".join(m.get("content") or "" for m in doc.messages)
     return doc.text if doc.target is None else doc.text + "\n" + doc.target
