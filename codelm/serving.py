@@ -248,7 +248,11 @@ UNSERVED = {"logit_bias": (None, {}), "frequency_penalty": (None, 0), "presence_
             "guided_grammar": (None,), "structured_outputs": (None,), "length_penalty": (None, 1),
             "logits_processors": (None, []), "add_generation_prompt": (None, True),
             "continue_final_message": (None, False), "chat_template": (None,),
-            "chat_template_kwargs": (None, {})}
+            "chat_template_kwargs": (None, {}), "parallel_tool_calls": (None, True)}
+# A chat request's tool_choice: "auto" (its tools in the prompt, a call in the answer's text as
+# the template teaches it) or "none" (its tools left out of the prompt, as vLLM leaves them);
+# a call that "required" or a named function would force is not.
+TOOL_CHOICES = (None, "auto", "none")
 
 
 def _refuse_unserved(body: dict) -> None:
@@ -627,6 +631,13 @@ def _chat_prompt(served: ServedModel, body: dict) -> list[_Prompt]:
     if tools is not None and not (isinstance(tools, list) and all(
             isinstance(tool, dict) for tool in tools)):
         raise ApiError(400, "'tools' must be a list of tool objects", "tools")
+    choice = body.get("tool_choice")
+    if choice not in TOOL_CHOICES:
+        raise ApiError(400, f"'tool_choice' {json.dumps(choice)} is not served (a call is what "
+                       "the model writes in its answer, not forced): 'auto' or 'none'",
+                       "tool_choice")
+    if choice == "none":
+        tools = None
     messages = [{**m, "content": _message_text(m.get("content"))} for m in messages]
     try:
         return [_Prompt(served.chat_prompt(messages, tools), "")]

@@ -98,6 +98,34 @@ def test_a_chat_completion_follows_the_template_and_equals_greedy_generation(ser
     assert got.usage.prompt_tokens == len(ids)
 
 
+def test_tool_choice_auto_or_none_is_served_and_a_forced_call_refused(server, loaded,
+                                                                     monkeypatch):
+    """tools reach the template under tool_choice "auto" (or none given); "none" leaves them out
+    of the prompt, as vLLM does; "required", a named function or parallel_tool_calls false
+    would force what the answer holds: a 400 naming the parameter."""
+    from test_chat import TOOLS, TOOLS_TEMPLATE
+
+    tok = loaded[1]
+    monkeypatch.setattr(tok, "chat_template", TOOLS_TEMPLATE)
+    client = _client(server)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    with_tools = tok.encode(tok.apply_chat_template(messages, True, TOOLS))
+    without = tok.encode(tok.apply_chat_template(messages, True))
+    for choice, prompt in ((None, with_tools), ("auto", with_tools), ("none", without)):
+        extra = {} if choice is None else {"tool_choice": choice}
+        got = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS,
+                                             max_tokens=4, temperature=0, **extra)
+        assert got.usage.prompt_tokens == len(prompt)
+        assert got.choices[0].message.content == _greedy(loaded, prompt, 4)[0]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for unserved in ({"tool_choice": "required"}, {"tool_choice": named},
+                     {"parallel_tool_calls": False}):
+        status, body = _post(server, "/chat/completions", json.dumps(
+            {"model": "tiny", "messages": messages, "tools": TOOLS, "max_tokens": 2,
+             **unserved}).encode())
+        assert status == 400 and body["error"]["param"] == next(iter(unserved)), body
+
+
 def test_a_stream_concatenates_to_the_whole_answer(server):
     client = _client(server)
     for stop in (None, ["\n"]):
