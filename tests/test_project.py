@@ -277,6 +277,42 @@ def test_composers_rank_the_files_each_says_and_never_the_completion_file():
     assert all("pkg/core.py" not in order for order in ranked.values())
 
 
+def test_kotlin_and_java_imports_rank_the_files_declaring_what_they_import():
+    """Kotlin's and Java's imports name a package's declarations, not files: a class by its
+    file or the file declaring it, a top-level function or property by the file declaring it,
+    a wildcard by every file of its package, a member by its class's file, an alias by what
+    it names; names outside the repository (the standard library's) match nothing."""
+    files = {
+        "app/src/main/kotlin/com/acme/App.kt": "old",
+        "app/src/main/kotlin/com/acme/model/User.kt": (
+            "package com.acme.model\n\n@Serializable\ndata class User(val name: String)\n"),
+        "app/src/main/kotlin/com/acme/model/Order.kt": "package com.acme.model\nclass Order\n",
+        "app/src/main/kotlin/com/acme/util/Strings.kt": (
+            "package com.acme.util\n\nfun String.slug(): String = lowercase()\n"
+            "internal val separator = \"-\"\n"),
+        "app/src/main/kotlin/com/acme/db/Repo.kt": (
+            "package com.acme.db\n\ninterface Repo {\n    fun save()\n}\n"
+            "object Tables {\n    const val USERS = \"users\"\n}\n"),
+        "lib/src/main/java/org/acme/Codec.java": (
+            "package org.acme;\n\npublic final class Codec {\n  public static int encode() "
+            "{ return 1; }\n}\n"),
+        "app/src/main/kotlin/com/acme/Other.kt": "package com.acme\nclass Other\n",
+    }
+    index = comp.RepositoryIndex("r", files, _tokenizer())
+    prefix = ("package com.acme\n\nimport com.acme.util.slug\nimport com.acme.db.Tables.USERS\n"
+              "import org.acme.Codec as C\nimport com.acme.model.*\nimport kotlin.math.max\n")
+    ranked = [index.paths[i] for i in comp.rank_imports(index, "app/src/main/kotlin/com/acme/App.kt",
+                                                        prefix)]
+    assert ranked[:5] == ["app/src/main/kotlin/com/acme/util/Strings.kt",
+                          "app/src/main/kotlin/com/acme/db/Repo.kt",
+                          "lib/src/main/java/org/acme/Codec.java",
+                          "app/src/main/kotlin/com/acme/model/Order.kt",
+                          "app/src/main/kotlin/com/acme/model/User.kt"]
+    assert ranked[5] == "app/src/main/kotlin/com/acme/Other.kt"  # then its directory's
+    java = "package org.acme.web;\nimport static org.acme.Codec.encode;\nimport org.acme.*;\n"
+    assert comp.jvm_imports(java) == ["org.acme.Codec.encode", "org.acme"]
+
+
 def test_relative_imports_resolve_against_the_completion_files_package():
     assert comp.imported_modules("from . import a\nfrom ..b import c\n", "x/y/m.py") == [
         "x.y", "x.y.a", "x.b", "x.b.c"]

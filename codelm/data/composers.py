@@ -6,8 +6,8 @@ most relevant file sits nearest the completion point, within a token budget.
 names; a file's tokens are encoded the first time a context takes it). A composer ranks the
 snapshot's files for one completion file, most relevant first (``COMPOSERS``): ``empty`` (no
 project context: the file's prefix alone, LCA's zero-context baseline), ``path_distance`` (LCA's
-path distance), ``imports`` (the files the prefix imports, then its directory's, then the rest
-by path distance) and ``bm25`` (Okapi BM25, Lucene's form, over identifiers, the prefix's as the
+path distance), ``imports`` (the files the prefix imports: Python's modules, Kotlin's and Java's
+declarations; then its directory's, then the rest by path distance) and ``bm25`` (Okapi BM25, Lucene's form, over identifiers, the prefix's as the
 query). ``compose`` fills the budget in the model's repository format (``repo_format``): its
 ``<repo_name>`` / ``<file_sep>`` tokens where the tokenizer has them (StarCoder2's, Qwen2.5-
 Coder's spellings), a path comment before each file otherwise. The completion file itself never
@@ -41,6 +41,18 @@ _KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist)
 # from SOURCE import NAMES (a parenthesized list may span lines), or import MODULES
 _IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+"
                      r"(?:\(([^)]*)\)?|([\w., \t]*))|import[ \t]+([\w., \t]+))", re.M)
+# Kotlin and Java: a file's package, its imports (import a.b.C, a.b.*, a.b.f as g; Java's import
+# static a.B.m) and the names its top level declares (at a line's start: not a member's)
+JVM_EXTENSIONS = (".kt", ".kts", ".java")
+_PACKAGE = re.compile(r"^[ \t]*package[ \t]+([\w.]+)", re.M)
+_JVM_IMPORT = re.compile(r"^[ \t]*import[ \t]+(?:static[ \t]+)?([\w.]+?)(?:\.\*)?[ \t]*(?:;|$|as[ \t])",
+                         re.M)
+_MODIFIER = (r"(?:(?:public|internal|private|protected|open|abstract|sealed|data|enum|annotation|"
+             r"inline|value|expect|actual|final|static|suspend|operator|infix|tailrec|const|"
+             r"external|strictfp)[ \t]+)*")
+_JVM_DECLARATION = re.compile(
+    rf"^(?:@\w+(?:\([^)\n]*\))?[ \t]+)*{_MODIFIER}(?:class|interface|object|fun|val|var|typealias|record|@interface)[ \t]+"
+    r"(?:<[^>\n]*>[ \t]*)?(?:[\w.]+(?:<[^>\n]*>)?\??\.)?(\w+)", re.M)
 
 Tokenizer = CodeTokenizer | BPETokenizer
 
@@ -104,8 +116,8 @@ class RepositoryIndex:
         comments = Counter(line_comment(path) for path in self.paths)  # its files' own, the most
         self.comment = comments.most_common(1)[0][0] if comments else "#"
         self.modules: dict[str, list[int]] = {}
-        for i, path in enumerate(self.paths):
-            for module in _module_names(path):
+        for i, (path, text) in enumerate(zip(self.paths, self.texts)):
+            for module in _module_names(path) + _jvm_names(path, text):
                 self.modules.setdefault(module, []).append(i)
 
     def __len__(self) -> int:
@@ -156,6 +168,46 @@ def _module_names(path: str) -> list[str]:
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return [".".join(parts[i:]) for i in range(len(parts)) if parts[i:]]
+
+
+def _jvm_names(path: str, text: str) -> list[str]:
+    """The names a Kotlin or Java file is imported by: its package (a wildcard import's), and
+    the package's name of its file stem and of each name its top level declares (a class, an
+    object, a function, a property, a type alias)."""
+    if not path.endswith(JVM_EXTENSIONS):
+        return []
+    package = _PACKAGE.search(text)
+    prefix = f"{package.group(1)}." if package else ""
+    stem = posixpath.splitext(posixpath.basename(path))[0]
+    declared = dict.fromkeys([stem, *_JVM_DECLARATION.findall(text)])
+    names = [f"{prefix}{name}" for name in declared]
+    return [package.group(1), *names] if package else names
+
+
+def jvm_imports(prefix: str) -> list[str]:
+    """The names a Kotlin or Java prefix imports, in order: a.b.C of ``import a.b.C`` (or of
+    ``import a.b.C as D``), a.b of ``import a.b.*``."""
+    return [match.group(1) for match in _JVM_IMPORT.finditer(prefix)]
+
+
+def _imported_files(index: RepositoryIndex, path: str, prefix: str) -> list[int]:
+    """The files the prefix imports, in import order: a Python module by its dotted name; a
+    Kotlin or Java name by the file declaring it, else by its longest enclosing name a file
+    answers to (a member of a class, a package's)."""
+    if path.endswith(".py"):
+        modules = imported_modules(prefix, path)
+        return [i for module in modules for i in index.modules.get(module, [])]
+    if not path.endswith(JVM_EXTENSIONS):
+        return []
+    files = []
+    for name in jvm_imports(prefix):
+        parts = name.split(".")
+        for end in range(len(parts), 0, -1):
+            found = index.modules.get(".".join(parts[:end]))
+            if found:
+                files += found
+                break
+    return files
 
 
 class _Bm25:
@@ -249,10 +301,7 @@ def rank_imports(index: RepositoryIndex, path: str, prefix: str) -> list[int]:
     """The files the prefix imports (by module name, in import order), then the files of the
     completion file's directory, then the rest by path distance."""
     others = set(_others(index, path))
-    imported: list[int] = []
-    for module in imported_modules(prefix, path) if path.endswith(".py") else []:
-        imported += [i for i in index.modules.get(module, []) if i in others]
-    imported = list(dict.fromkeys(imported))
+    imported = [i for i in dict.fromkeys(_imported_files(index, path, prefix)) if i in others]
     directory = posixpath.dirname(path)
     taken = set(imported)
     near = [i for i in sorted(others - taken) if posixpath.dirname(index.paths[i]) == directory]
