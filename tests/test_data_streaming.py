@@ -450,6 +450,25 @@ def test_the_shards_of_a_build_under_way_stay_until_its_process_is_gone(tmp_path
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
 
 
+def test_a_fresh_build_leaves_the_shards_of_a_live_build_of_the_same_data(tmp_path, source,
+                                                                          monkeypatch):
+    """use_cache False removes an earlier build's shards first, but never those another live
+    process is building from (the same inputs): that build would lose its files mid-way."""
+    import os
+
+    small_shards(monkeypatch)
+    c = config(tmp_path / "cache", source, use_cache=False)
+    entry = tmp_path / "cache" / f"corpus-{corpus_key(c)}"
+    _, host, ns, _ = process.owner_tag().split("@")
+    entry.parent.mkdir()
+    (entry.parent / f".{entry.name}.shards.tmp-{os.getppid()}@{host}@{ns}@building-ab12").touch()
+    work = entry.with_name(f"{entry.name}.shards")
+    work.mkdir()
+    (work / "in-use").write_text("the live build's")
+    load_corpus(c)
+    assert (work / "in-use").read_text() == "the live build's"
+
+
 def _workers_in_a_daemon(queue) -> None:
     queue.put(DataConfig(sources=["stdlib"]).workers)
 

@@ -39,7 +39,8 @@ def shards_dir(entry: Path) -> Path:
 @contextlib.contextmanager
 def building(entry: Path, fresh: bool) -> Iterator[Path]:
     """Within: this process builds the cache entry ``entry`` through its shards directory
-    (yielded; ``fresh``: an earlier build's shards removed first), marked as under way. Once
+    (yielded; ``fresh``: an earlier build's shards removed first, unless another live process
+    builds them now: its shards are of the same inputs), marked as under way. Once
     the body has published the entry its shards go, unless another live process builds it too
     (which removes them when done); an interrupted body keeps them for the next build."""
     marker = process.partial_path(shards_dir(entry), "tmp", _BUILDING + os.urandom(4).hex())
@@ -47,7 +48,7 @@ def building(entry: Path, fresh: bool) -> Iterator[Path]:
         entry.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     try:
-        if fresh:
+        if fresh and not _builders(entry, besides=marker):  # never a live build's shards
             remove_shards(entry)
         yield shards_dir(entry)
         if not _builders(entry, besides=marker):
