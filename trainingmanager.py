@@ -598,6 +598,9 @@ def _after_training(cfg: TrainConfig, result: TrainResult) -> int:
     """The end of a command's run, its directory still locked: the final evaluation and the
     last lines; the exit code."""
     if result.interrupted:
+        if has_final_eval(cfg) and result.export_dir is not None and distributed.is_rank_zero():
+            print(f"final evaluation not run: --resume {result.run_dir} runs it",
+                  file=sys.stderr)
         return process.interrupted_exit_code(result.interrupted)
     if not distributed.is_rank_zero():  # under torchrun rank 0 reports for all
         return 0

@@ -4563,6 +4563,26 @@ def test_a_stop_during_the_final_evaluation_is_one_line_and_the_stops_exit_code(
     assert "Traceback" not in err
 
 
+def test_a_stop_during_the_export_says_the_final_evaluation_is_left_to_a_resume(
+        assets, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the run exports: the export is finished and kept, the final evaluation
+    not run, and the lines say so and how to run it."""
+    export_run = finish.export_run
+    evaluated = []
+
+    def stopped_while_exporting(run):
+        signal.raise_signal(signal.SIGINT)
+        return export_run(run)
+
+    monkeypatch.setattr(finish, "export_run", stopped_while_exporting)
+    monkeypatch.setattr(finish, "final_quality", lambda *args, **kwargs: evaluated.append(1))
+    cfg = tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, export=True)
+    assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 130
+    captured = capsys.readouterr()
+    assert "the run had finished" in captured.out and not evaluated
+    assert "final evaluation not run" in captured.err and "--resume" in captured.err
+
+
 def test_print_config_looks_for_no_checkpoint(capsys, monkeypatch):
     """--print-config prints and does nothing else: a hub id in init_from is not fetched (a
     recipe naming one prints offline, before its model is downloaded)."""
