@@ -19,6 +19,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
 import contextlib
 import hashlib
+import itertools
 import sys
 import time
 from collections import Counter
@@ -144,6 +145,21 @@ class EvalProgress:
                 f"({', '.join(self.saved)}) saved in {self.out_dir}{rest}")
 
 
+def _new_default_dir(parent: Path) -> Path:
+    """A directory of this evaluation's own under ``parent``, named by the time it starts
+    (eval-YYYYmmdd-HHMMSS, then -2, -3, ...: two evaluations started in one second each get
+    theirs)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stem = time.strftime("eval-%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        out = parent / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+
+
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
              remedy: str | None = None, replace_other_weights: bool = False) -> dict:
     """Evaluate every model of ``cfg`` on the same examples, saving after each model. ``remedy``
@@ -153,14 +169,17 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     device, specs = None, []
     if cfg.load_generations is None:  # errors before out_dir is made
         device, specs = loading.device_named(cfg.device), model_specs(cfg)
-    out = Path(cfg.out_dir or Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
-               / time.strftime("eval-%Y%m%d-%H%M%S"))
-    created = not out.exists()
+    default_parent = Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    created = out is None or not out.exists()
     try:  # before any model runs: a bad --out-dir must not cost the evaluation's results
-        out.mkdir(parents=True, exist_ok=True)
+        if out is None:
+            out = _new_default_dir(default_parent)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"EvalConfig.out_dir={str(out)!r}: cannot create the output directory "
-                         f"({err.strerror})") from None
+        raise ValueError(f"EvalConfig.out_dir={str(out or default_parent)!r}: cannot create the "
+                         f"output directory ({err.strerror})") from None
     progress = progress or EvalProgress()
     progress.out_dir = out
     # what the tasks read, apart: no task sees a model, output or serving setting

@@ -4826,3 +4826,15 @@ def test_data_options_are_refused_as_training_refuses_them(options, message):
         parse_config(["--data-options", options])
     assert parse_config(["--data-options", '{"split_by": "file"}']).data_options == {
         "split_by": "file"}
+
+
+def test_evaluations_started_in_one_second_each_get_their_own_default_directory(tmp_path,
+                                                                                monkeypatch):
+    """The default out-dir is named by the second an evaluation starts: a second one started
+    in the same second gets eval-...-2, never the first one's results.json."""
+    import eval as ev
+
+    monkeypatch.setattr(ev.time, "strftime", lambda pattern: "eval-20260101-000000")
+    first = ev._new_default_dir(tmp_path / "eval")
+    second = ev._new_default_dir(tmp_path / "eval")
+    assert (first.name, second.name) == ("eval-20260101-000000", "eval-20260101-000000-2")
