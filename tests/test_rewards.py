@@ -189,9 +189,11 @@ def test_a_trusted_run_that_timed_out_is_not_counted_a_hack():
 
 def test_a_problem_whose_solution_needs_its_candidates_interpreter_is_named():
     """A test that passes the candidate a function cannot run apart from it: its canonical
-    solution earns nothing, and check_problems says which problem and what to do."""
+    solution earns nothing, and check_problems says which problem, how its run ended (the
+    error's last line) and what to do."""
     problems = problem_forms.callable_argument_problems()
-    with pytest.raises(ValueError, match=r"^1 of 2 problems' .* \(x/0\): fix or drop them"):
+    with pytest.raises(ValueError, match=r"^1 of 2 problems' .* \(x/0: failed, \w*Error: .*\): "
+                                         r"fix or drop them"):
         rewards.check_problems(problems, passk.run_check, SANDBOX, workers=2)
     rewards.check_problems(problems[1:], passk.run_check, SANDBOX)
 

