@@ -18,8 +18,10 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
     process.quiet_start_up_stops()
 
 import contextlib
+import fcntl
 import hashlib
 import itertools
+import os
 import sys
 import time
 from collections import Counter
@@ -185,6 +187,13 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     # what the tasks read, apart: no task sees a model, output or serving setting
     settings = TaskSettings(**{f.name: getattr(cfg, f.name) for f in fields(TaskSettings)})
     try:
+        lock = _lock_out_dir(out)
+    except ValueError:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    try:
         if cfg.load_generations is not None or any(is_endpoint(spec) for spec in specs):
             _refuse_results(out)  # these save once, at the end: no results to resume
         if cfg.load_generations is not None:
@@ -199,10 +208,42 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
+                (out / OUT_DIR_LOCK).unlink()
                 out.rmdir()  # only if still empty: no empty eval-* directory behind a failure
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     results["out_dir"] = str(out)
     return results
+
+
+OUT_DIR_LOCK = ".lock"  # held (flock) by the evaluation writing an out-dir; holds its owner
+
+
+def _lock_out_dir(out: Path) -> int | None:
+    """The out-dir's lock, held while this evaluation writes there (None on a filesystem
+    without locks): a second evaluation of the same out-dir is refused, naming the first,
+    before either's results.json could be written over."""
+    lock = out / OUT_DIR_LOCK
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ValueError(f"{lock}: cannot lock the output directory ({err.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        who = rundir.lock_holder(lock) or "another evaluation"
+        raise ValueError(f"{out} is in use by another evaluation ({who}): wait for it to end, "
+                         "or name another --out-dir") from None
+    except OSError:  # a filesystem without locks: unguarded
+        os.close(fd)
+        return None
+    with contextlib.suppress(OSError):  # who holds it (lock_holder)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{process.owner_tag()}\n".encode())
+    return fd
 
 
 def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,

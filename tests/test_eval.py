@@ -4838,3 +4838,17 @@ def test_evaluations_started_in_one_second_each_get_their_own_default_directory(
     first = ev._new_default_dir(tmp_path / "eval")
     second = ev._new_default_dir(tmp_path / "eval")
     assert (first.name, second.name) == ("eval-20260101-000000", "eval-20260101-000000-2")
+
+
+def test_a_second_evaluation_of_one_out_dir_is_refused_naming_the_first(tmp_path):
+    """An evaluation holds its out-dir's lock while it writes there: another one of the same
+    out-dir stops before any work, naming the process; once the first ends, it may go on."""
+    import os
+
+    import eval as ev
+
+    held = ev._lock_out_dir(tmp_path)
+    with pytest.raises(ValueError, match=rf"in use by another evaluation \(process {os.getpid()}"):
+        ev._lock_out_dir(tmp_path)
+    os.close(held)
+    os.close(ev._lock_out_dir(tmp_path))

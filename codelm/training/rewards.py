@@ -166,8 +166,10 @@ def _compares_with_itself(test: ast.expr, entry_point: str | None) -> bool:
 
 
 def credit(result: SandboxResult, marker: str, counted: bool) -> float:
-    """The share that a ``counted`` test's run printed behind ``marker`` (the last such line),
-    0.0 where the run did not end or printed none; a test left whole: 1.0 for a pass."""
+    """The share that a ``counted`` test's run printed behind ``marker`` (the least of its
+    lines: a test run again on values alone, where a call changed its arguments, prints
+    one more), 0.0 where the run did not end or printed none; a test left whole: 1.0 for a
+    pass."""
     if not result.passed:
         return 0.0
     if not counted:
@@ -175,8 +177,7 @@ def credit(result: SandboxResult, marker: str, counted: bool) -> float:
     counts = re.findall(re.escape(marker) + r"(\d+)/(\d+)", result.stdout)
     if not counts:
         return 0.0
-    passed, total = counts[-1]
-    return min(int(passed), int(total)) / int(total)
+    return min(min(int(passed), int(total)) / int(total) for passed, total in counts)
 
 
 def hacks(jobs: Sequence[Job], rewards: Sequence[float], check: Check, sandbox: SandboxConfig,
