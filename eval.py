@@ -208,7 +208,6 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
-                (out / OUT_DIR_LOCK).unlink()
                 out.rmdir()  # only if still empty: no empty eval-* directory behind a failure
         raise
     finally:
@@ -218,31 +217,23 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     return results
 
 
-OUT_DIR_LOCK = ".lock"  # held (flock) by the evaluation writing an out-dir; holds its owner
-
-
 def _lock_out_dir(out: Path) -> int | None:
-    """The out-dir's lock, held while this evaluation writes there (None on a filesystem
-    without locks): a second evaluation of the same out-dir is refused, naming the first,
-    before either's results.json could be written over."""
-    lock = out / OUT_DIR_LOCK
+    """The out-dir's lock (flock on the directory itself: no file left there), held while this
+    evaluation writes there (None on a filesystem without such locks): a second evaluation of
+    the same out-dir is refused before either's results.json could be written over."""
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as err:
-        raise ValueError(f"{lock}: cannot lock the output directory ({err.strerror})") from None
+        raise ValueError(f"{out}: cannot lock the output directory ({err.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        who = rundir.lock_holder(lock) or "another evaluation"
-        raise ValueError(f"{out} is in use by another evaluation ({who}): wait for it to end, "
-                         "or name another --out-dir") from None
-    except OSError:  # a filesystem without locks: unguarded
+        raise ValueError(f"{out} is in use by another evaluation: wait for it to end, or name "
+                         "another --out-dir") from None
+    except OSError:  # a filesystem without locks on directories (NFS): unguarded
         os.close(fd)
         return None
-    with contextlib.suppress(OSError):  # who holds it (lock_holder)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{process.owner_tag()}\n".encode())
     return fd
 
 
