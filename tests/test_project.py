@@ -311,6 +311,12 @@ def test_kotlin_and_java_imports_rank_the_files_declaring_what_they_import():
     assert ranked[5] == "app/src/main/kotlin/com/acme/Other.kt"  # then its directory's
     java = "package org.acme.web;\nimport static org.acme.Codec.encode;\nimport org.acme.*;\n"
     assert comp.jvm_imports(java) == ["org.acme.Codec.encode", "org.acme"]
+    commented = "import com.acme.util.Greeter // greets\nimport com.acme.A /* a */\n"
+    assert comp.jvm_imports(commented) == ["com.acme.util.Greeter", "com.acme.A"]
+    util = ("package com.acme.util\n\nfun interface Action {\n    fun run()\n}\n"
+            "fun <K, V> Map<K, List<V>>.flat(): List<V> = values.flatten()\n")
+    assert comp._jvm_names("Util.kt", util) == ["com.acme.util", "com.acme.util.Util",
+                                                "com.acme.util.Action", "com.acme.util.flat"]
 
 
 def test_relative_imports_resolve_against_the_completion_files_package():

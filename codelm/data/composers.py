@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from codelm.data import history
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.source import line_comment
 from tokenizer import CodeTokenizer
@@ -41,18 +42,12 @@ _KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist)
 # from SOURCE import NAMES (a parenthesized list may span lines), or import MODULES
 _IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+"
                      r"(?:\(([^)]*)\)?|([\w., \t]*))|import[ \t]+([\w., \t]+))", re.M)
-# Kotlin and Java: a file's package, its imports (import a.b.C, a.b.*, a.b.f as g; Java's import
-# static a.B.m) and the names its top level declares (at a line's start: not a member's)
+# Kotlin and Java: a file's package, and its imports (import a.b.C, a.b.*, a.b.f as g, a comment
+# after it; Java's import static a.B.m)
 JVM_EXTENSIONS = (".kt", ".kts", ".java")
 _PACKAGE = re.compile(r"^[ \t]*package[ \t]+([\w.]+)", re.M)
-_JVM_IMPORT = re.compile(r"^[ \t]*import[ \t]+(?:static[ \t]+)?([\w.]+?)(?:\.\*)?[ \t]*(?:;|$|as[ \t])",
-                         re.M)
-_MODIFIER = (r"(?:(?:public|internal|private|protected|open|abstract|sealed|data|enum|annotation|"
-             r"inline|value|expect|actual|final|static|suspend|operator|infix|tailrec|const|"
-             r"external|strictfp)[ \t]+)*")
-_JVM_DECLARATION = re.compile(
-    rf"^(?:@\w+(?:\([^)\n]*\))?[ \t]+)*{_MODIFIER}(?:class|interface|object|fun|val|var|typealias|record|@interface)[ \t]+"
-    r"(?:<[^>\n]*>[ \t]*)?(?:[\w.]+(?:<[^>\n]*>)?\??\.)?(\w+)", re.M)
+_JVM_IMPORT = re.compile(r"^[ \t]*import[ \t]+(?:static[ \t]+)?([\w.]+?)(?:\.\*)?[ \t]*"
+                         r"(?:;|$|as[ \t]|//|/\*)", re.M)
 
 Tokenizer = CodeTokenizer | BPETokenizer
 
@@ -179,8 +174,9 @@ def _jvm_names(path: str, text: str) -> list[str]:
     package = _PACKAGE.search(text)
     prefix = f"{package.group(1)}." if package else ""
     stem = posixpath.splitext(posixpath.basename(path))[0]
-    declared = dict.fromkeys([stem, *_JVM_DECLARATION.findall(text)])
-    names = [f"{prefix}{name}" for name in declared]
+    top_level = "\n".join(line for line in text.splitlines() if line[:1].strip())  # not indented
+    declared = [stem, *sorted(history.declared_names(top_level, path))]
+    names = [f"{prefix}{name}" for name in dict.fromkeys(declared)]
     return [package.group(1), *names] if package else names
 
 
