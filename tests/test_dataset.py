@@ -527,6 +527,34 @@ def test_license_header_forms():
     assert strip_license_header(plain) == (plain, False)
 
 
+def test_every_leading_licence_block_goes_and_a_documentation_comment_stays():
+    """Licence blocks one after another (a /* */ notice, then an SPDX line; a // header in two
+    paragraphs) all go, up to the first comment that mentions none; Kotlin's nested comments
+    close where they nest; a /** */ block a declaration follows at once documents it: kept."""
+    spdx = ("/*\n * Copyright 2024 Acme\n */\n// SPDX-License-Identifier: Apache-2.0\n\n"
+            "// Helpers for strings.\npackage a\n")
+    assert strip_license_header(spdx, "//") == ("// Helpers for strings.\npackage a\n", True)
+    paragraphs = ("// Copyright 2024 Acme\n\n// Licensed under the Apache License 2.0;\n"
+                  "// https://www.apache.org/licenses/LICENSE-2.0\n\nfun f() = 1\n")
+    assert strip_license_header(paragraphs, "//") == ("fun f() = 1\n", True)
+    nested = ("/*\n * Copyright 2024 Acme /* see NOTICE */\n * Licensed under MIT.\n */\n"
+              "package a\n")
+    assert strip_license_header(nested, "//", nested=True) == ("package a\n", True)
+    kdoc = "/** Checks each file's license header. */\nclass LicenseHeaderCheck\n"
+    assert strip_license_header(kdoc, "//") == (kdoc, False)
+    javadoc_notice = "/**\n * Copyright 2024 Acme. MIT license.\n */\npackage a;\n"
+    assert strip_license_header(javadoc_notice, "//") == ("package a;\n", True)
+
+
+def test_a_kotlin_raw_strings_length_is_its_whole_text():
+    """A one-line raw string (three double quotes each side) holding quotes is one literal, as
+    a Python file's triple-quoted string is: a long one is a long literal."""
+    payload = '{"id": 1, "data": "' + "x" * 600 + '"}'
+    quotes = '"' * 3
+    line = f"val payload = {quotes}{payload}{quotes}\n"
+    assert longest_literal(line) == len(payload) + 6
+
+
 def test_a_c_or_csharp_files_hash_lines_are_code_not_a_licence_comment(tmp_path):
     """In C, C++ and C# a line opening with # is a preprocessor line (an include guard named
     LICENSE_H, ``#region License``), never a comment: cleaning keeps it, so the file still

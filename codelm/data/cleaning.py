@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import posixpath
 import re
 import tokenize
 from dataclasses import replace
 
 from codelm.data.sources import Doc
 from codelm.tokenization.source import (
+    NESTED_BLOCK_COMMENTS,
     PYTHON_PARSE_ERRORS,
     line_comment,
     source_lines,
@@ -21,18 +23,24 @@ from scraping.common import decode_source
 
 _LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|spdx-license|all rights reserved", re.I)
 _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
-# A quoted one-line literal or, outside one, a `//` or `#` comment start; a number.
-_STRING_OR_COMMENT = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|//|#")
+# A quoted one-line literal (a raw string """...""" first: the quotes inside are its text) or,
+# outside one, a `//` or `#` comment start; a number.
+_STRING_OR_COMMENT = re.compile(r'"""(?:(?!""").)*"""'
+                                r"|\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|//|#")
 _NUMBER_LITERAL = re.compile(r"(?<![\w.])\d[\w.]*")
 # Python tokens that are literals (Python 3.12 splits f-strings: their text is FSTRING_MIDDLE).
 _LITERAL_TOKENS = {tokenize.STRING, tokenize.NUMBER, getattr(tokenize, "FSTRING_MIDDLE", -1)}
 
 
-def strip_license_header(text: str, comment: str | None = "#") -> tuple[str, bool]:
-    """Remove a leading comment block that mentions copyright/licence (``/* */``, or lines
-    opening with ``comment``, the language's line-comment marker: a C file's ``#include``
-    lines are code; None, a file of no known language: ``#`` where its first line opens with
-    one, else ``//``), keeping a shebang and an encoding line. Returns (text, removed)."""
+def strip_license_header(text: str, comment: str | None = "#", nested: bool = False
+                         ) -> tuple[str, bool]:
+    """Remove the leading comment blocks that mention copyright/licence (``/* */``, nested where
+    the language nests them, or lines opening with ``comment``, the language's line-comment
+    marker: a C file's ``#include`` lines are code; None, a file of no known language: ``#``
+    where its first comment line opens with one, else ``//``), one after another across blank
+    lines, up to the first that mentions none; a ``/** */`` block a declaration follows at once
+    is that declaration's documentation, kept. A shebang and an encoding line stay. Returns
+    (text, removed)."""
     lines = source_lines(text, keepends=True)
     keep: list[str] = []
     i = 0
@@ -40,28 +48,62 @@ def strip_license_header(text: str, comment: str | None = "#") -> tuple[str, boo
                                       or _ENCODING_LINE.match(lines[i])):
         keep.append(lines[i])
         i += 1
+    if comment is None:
+        first = _past_blank_lines(lines, i)
+        comment = "#" if lines[first : first + 1] and lines[first].lstrip().startswith("#") else "//"
+    removed = False
+    rest: list[str] = []  # code after the closing */ on its line (`/* (c) X, MIT */ package a`)
+    while not rest:
+        start = _past_blank_lines(lines, i)
+        end, rest = _comment_block(lines, start, comment, nested)
+        block = "".join(lines[start:end])
+        if end == start or not _LICENSE_WORDS.search(block) or _documents(lines, start, end):
+            rest = []
+            break
+        removed = True
+        i = end
+    if not removed:
+        return text, False
+    if not rest:
+        i = _past_blank_lines(lines, i)
+    return "".join(keep + rest + lines[i:]), True
+
+
+def _past_blank_lines(lines: list[str], i: int) -> int:
     while i < len(lines) and not lines[i].strip():
         i += 1
-    start = i
-    rest = []  # code after the closing */ on its line (`/* (c) X, MIT */ package a`): kept
+    return i
+
+
+def _comment_block(lines: list[str], i: int, comment: str, nested: bool
+                   ) -> tuple[int, list[str]]:
+    """Where the comment block opening at line ``i`` ends (the line after it; ``i`` for none),
+    and the code after a ``*/`` on its last line."""
     if i < len(lines) and lines[i].lstrip().startswith("/*"):
-        while i < len(lines) and "*/" not in lines[i]:
-            i += 1
-        after = lines[i].partition("*/")[2].lstrip(" \t") if i < len(lines) else ""
-        if after.strip():
-            rest = [after]
+        depth = 0
+        for j in range(i, len(lines)):
+            for match in re.finditer(r"/\*|\*/", lines[j]):
+                if match.group() == "/*" and (nested or depth == 0):
+                    depth += 1
+                elif match.group() == "*/":
+                    depth -= 1
+                    if depth == 0:
+                        after = lines[j][match.end():].lstrip(" \t")
+                        return j + 1, [after] if after.strip() else []
+        return len(lines), []
+    while i < len(lines) and lines[i].lstrip().startswith(comment):
         i += 1
-    else:
-        if comment is None:
-            comment = "#" if lines[i : i + 1] and lines[i].lstrip().startswith("#") else "//"
-        while i < len(lines) and lines[i].lstrip().startswith(comment):
-            i += 1
-    block = "".join(lines[start:i])
-    if i == start or not _LICENSE_WORDS.search(block):
-        return text, False
-    while not rest and i < len(lines) and not lines[i].strip():
-        i += 1
-    return "".join(keep + rest + lines[i:]), True
+    return i, []
+
+
+def _documents(lines: list[str], start: int, end: int) -> bool:
+    """Whether the block of lines [start, end) is a ``/** */`` documentation comment of the
+    declaration right after it (no blank line, package or import between)."""
+    if not lines[start].lstrip().startswith("/**") or end >= len(lines):
+        return False
+    after = lines[end].lstrip()
+    return bool(after.strip()) and not after.startswith(("package", "import", "@file:", "/*",
+                                                          "//", "#"))
 
 
 # Credential shapes specific enough to redact in code without false hits: (pattern, placeholder,
@@ -179,7 +221,8 @@ def clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]
     if len(text.encode("utf-8")) < opt["min_bytes"]:
         return None, "too_small", mods
     if opt["strip_license"]:
-        text, removed = strip_license_header(text, line_comment(raw.id, unknown=None))
+        nested = posixpath.splitext(raw.id)[1].lower() in NESTED_BLOCK_COMMENTS
+        text, removed = strip_license_header(text, line_comment(raw.id, unknown=None), nested)
         if removed:
             mods.append("license_header_removed")
     (text,), redacted = _redact([text], opt)

@@ -16,6 +16,8 @@ SLASH_COMMENTS = frozenset({".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".java", 
                             ".swift", ".cs", ".scala", ".dart", ".php", ".m", ".groovy", ".zig",
                             ".cu", ".proto"})
 DASH_COMMENTS = frozenset({".lua", ".sql", ".hs"})
+# Languages whose block comments nest (`/* a /* b */ still a comment */`).
+NESTED_BLOCK_COMMENTS = frozenset({".kt", ".kts", ".scala", ".swift", ".rs", ".dart"})
 HASH_COMMENTS = frozenset({".py", ".pyi", ".pyx", ".sh", ".bash", ".zsh", ".rb", ".pl", ".pm",
                            ".r", ".jl", ".yaml", ".yml", ".toml", ".ex", ".exs", ".nim", ".cr",
                            ".ps1", ".tcl", ".cmake", ".mk", ".awk"})
