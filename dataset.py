@@ -294,8 +294,12 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, wor
                                   Counter())
             meta["events"][s] = {k: v for k, v in sorted(events.items()) if v}
     if meta["examples"]["train"] == 0:
+        other_languages = meta["events"]["train"].get("not_python_file", 0)
+        hint = ("check the sources and task options" if not other_languages else
+                f"{cfg.task} targets come from Python files (named .py), and {other_languages} "
+                "of them are not: train this language with --task lm, fim or completion")
         raise DataError(f"task {cfg.task!r} built no training examples from {len(corpus.train)} "
-                        "train documents; check the sources and task options")
+                        f"train documents; {hint}")
     return meta
 
 

@@ -1777,6 +1777,10 @@ def test_method_task_reads_targets_from_python_files_only(tmp_path, tok):
                        **WHOLE), tok)
     assert len(data.train) == 1
     assert "skipped_syntax_error_file" not in data.stats["task"]["events"].get("train", {})
+    (src / "m.py").unlink()  # Kotlin alone: the error names the cause and the tasks that fit
+    with pytest.raises(DataError, match=r"method targets come from Python files .* --task lm"):
+        prepare(cfg(tmp_path, sources=[str(src)], extensions=[".kt"], task="method", **WHOLE),
+                tok)
 
 
 def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path):

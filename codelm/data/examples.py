@@ -197,6 +197,7 @@ def examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
     if cfg.task == "completion":
         return line_completion_examples(doc, cfg.lines_per_file, cfg.seed)
     if not doc.is_python:  # method and docstring targets come from Python files only
+        events["not_python_file"] += 1
         return []
     parsed = _parse(doc)
     if parsed is None:
