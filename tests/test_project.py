@@ -144,6 +144,11 @@ def test_kotlin_and_go_declarations_and_lines_are_categorised_as_pythons_are():
                                   "Deep.kt") == {"deep"}
     continued = "val total = base\n    * factor + offset\nval next = total\n"
     assert history.line_categories(continued, "T.kt", {}, {})["random"] == [1, 2]
+    # a string template's code is code: its names count (the template's text does not)
+    templated = ('package app\n\nfun show(n: Int): String {\n'
+                 '    val label = "even: ${n.isEven()} of $n"\n    return "slug Box"\n}\n')
+    lines = history.line_categories(templated, "app/Show.kt", {"Box.kt": kotlin}, {})
+    assert lines["inproject"] == [3] and 4 not in lines["inproject"]
 
 
 def test_a_moved_or_copied_file_is_no_case_and_odd_paths_are_read(tmp_path):

@@ -67,6 +67,10 @@ _NAME = re.compile(r"[A-Za-z_]\w*")
 # String literals (triple-quoted first) and comments (block, #, //), left to right.
 _STRINGS_AND_COMMENTS = re.compile(r'/\*[\s\S]*?\*/|"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\''
                                    r'|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|#[^\n]*|//[^\n]*')
+# Languages whose string literals hold code, and that code: ${expression} (one level of
+# braces inside) or $name.
+TEMPLATE_EXTENSIONS = (".kt", ".kts", ".groovy", ".scala", ".dart")
+_TEMPLATE = re.compile(r"\$\{((?:[^{}]|\{[^{}]*\})*)\}|\$([A-Za-z_]\w*)")
 _PY_DECLARATION = re.compile(r"^\s*(?:async\s+)?(?:def|class)\s+([A-Za-z_]\w*)")
 _NON_INFORMATIVE = re.compile(r"(#|//|/\*|import\b|from\s+\S+\s+import\b|print\s*\()")
 # The same kinds of line in other languages: a package or `use` line, and their prints
@@ -103,9 +107,19 @@ def _declarations(code: str) -> list[str]:
             for match in _DECLARATION.finditer(code)]
 
 
-def _blanked(text: str) -> str:
-    """``text`` with its string literals and comments left out, each line where it was."""
-    return _STRINGS_AND_COMMENTS.sub(lambda match: "\n" * match.group().count("\n"), text)
+def _blanked(text: str, path: str = "x.py") -> str:
+    """``text`` with its string literals and comments left out, each line where it was; in a
+    language with string templates (Kotlin's "${a.b()} $c"), the code of a template stays."""
+    templates = path.endswith(TEMPLATE_EXTENSIONS)
+
+    def blank(match: re.Match) -> str:
+        literal = match.group()
+        code = ""
+        if templates and literal.startswith('"'):
+            code = " ".join(expr or name for expr, name in _TEMPLATE.findall(literal))
+        return code + "\n" * literal.count("\n")
+
+    return _STRINGS_AND_COMMENTS.sub(blank, text)
 
 
 def line_names(text: str, path: str = "x.py") -> list[set[str]]:
@@ -123,7 +137,7 @@ def line_names(text: str, path: str = "x.py") -> list[set[str]]:
         except (tokenize.TokenError, SyntaxError, ValueError):
             found = [set() for _ in lines]
     if not tokenized:
-        found = [set(_NAME.findall(line)) for line in _blanked(text).split("\n")]
+        found = [set(_NAME.findall(line)) for line in _blanked(text, path).split("\n")]
     for names, line in zip(found, lines):
         declared = (_PY_DECLARATION.findall(line) if path.endswith(".py")
                     else _declarations(line))
@@ -153,7 +167,7 @@ def line_categories(text: str, path: str, snapshot: dict[str, str], committed: d
     # other languages' lines wholly inside a comment (or a string): a block comment's lines
     prose = [False] * len(lines) if path.endswith(".py") else [
         bool(line.strip()) and not code.strip()
-        for line, code in zip(lines, _blanked(text).split("\n"))]
+        for line, code in zip(lines, _blanked(text, path).split("\n"))]
     for number, (line, names) in enumerate(zip(lines, line_names(text, path))):
         if not line.strip() or number == 0:
             continue
