@@ -841,8 +841,9 @@ def _update(old, new):
     references to them see the change too): True where done, False for the caller to put
     ``new`` in its place (a tuple whose items changed, a number, another kind)."""
     if isinstance(old, list) and type(new) is list:
-        if len(old) != len(new):
-            old[:] = new
+        kinds = _container_kinds()
+        if len(old) != len(new) or not any(isinstance(item, kinds) for item in old):
+            old[:] = new  # (its items are values: no reference to them to keep)
             return True
         for i, item in enumerate(new):
             if not _update(old[i], item):
@@ -895,26 +896,30 @@ def _equal(a, b):
 _CONTAINERS = (list, dict, set, collections.deque, tuple)
 
 
+def _container_kinds():
+    """The types ``_update`` changes in place or walks: _CONTAINERS, and numpy's arrays where
+    numpy is loaded."""
+    numpy = sys.modules.get("numpy")
+    return _CONTAINERS + (numpy.ndarray,) if numpy is not None else _CONTAINERS
+
+
 def _aliased(values):
     """Whether a mutable container is reached twice among ``values`` (and the items of their
     containers)."""
+    kinds = _container_kinds()
     seen = set()
     stack = list(values)
     while stack:
         value = stack.pop()
-        if _is_numpy_array(value):
-            if id(value) in seen:
-                return True
-            seen.add(id(value))
-        if not isinstance(value, _CONTAINERS):
+        if not isinstance(value, kinds):
             continue
         if not isinstance(value, tuple):
             if id(value) in seen:
                 return True
             seen.add(id(value))
-        items = value.values() if isinstance(value, dict) else value
-        stack.extend(item for item in items
-                     if isinstance(item, _CONTAINERS) or _is_numpy_array(item))
+        if isinstance(value, _CONTAINERS):  # an array's items are numbers
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend(item for item in items if isinstance(item, kinds))
     return False
 
 
