@@ -135,6 +135,7 @@ MERGES, SPIECE, ADDED, COMPILED = ("codelm.tokenization.merges", "codelm.tokeniz
 GGUF_WRITER, GGUF_COMMAND = "codelm.gguf.writer", "codelm.gguf.__main__"
 BOOTSTRAP, RUNNER, SANDBOX_COMMAND = ("codelm.sandbox.bootstrap", "codelm.sandbox.runner",
                                       "codelm.sandbox.__main__")
+CROSSING = "codelm.sandbox.crossing"
 TRAINCONFIG, LOADING = "codelm.trainconfig", "codelm.loading"
 EVAL_CONFIG, METRICS, SCORING = ("codelm.evaluation.config", "codelm.evaluation.metrics",
                                  "codelm.evaluation.scoring")
@@ -173,8 +174,8 @@ BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
-    TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, RUNNER, GGUF_WRITER, ENGINE, SERVING,
-    ENDPOINTS, GRPO, PREFERENCE, REWARDS, ROLLOUT, PREFERENCE_BATCHES, PREFERENCE_RUN}
+    TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, CROSSING, RUNNER, GGUF_WRITER, ENGINE,
+    SERVING, ENDPOINTS, GRPO, PREFERENCE, REWARDS, ROLLOUT, PREFERENCE_BATCHES, PREFERENCE_RUN}
 # What a task module may import: the data's examples and encoding, a loaded model, the sandbox,
 # the metrics and scoring, the problems files and pass@k.
 TASK_FLOOR = {PROCESS, SETTINGS, GENERATION, RUNNER, "tokenizer", BPE, SOURCE, DATA_CONFIG,
@@ -227,7 +228,7 @@ MAY_IMPORT = {
                SPLITS},
     DATASETS: {KERNELS, EXAMPLES},
     GENERATED_PROBLEMS: {PROCESS, SETTINGS},
-    COMPOSERS: {BPE, "tokenizer"},
+    COMPOSERS: {BPE, "tokenizer", HISTORY},
     HISTORY: {"scraping"},
     PROJECT: {COMPOSERS, DATA_CONFIG, DATA_SOURCES},
     PREFERENCE_DATA: {"tokenizer", BPE, "scraping", DATA_CONFIG, DATA_SOURCES},
@@ -238,7 +239,8 @@ MAY_IMPORT = {
               TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", TRAINCONFIG},
     SERVING: {"architecture", ENDPOINTS, ENGINE, GENERATION, "tokenizer"},
     BOOTSTRAP: set(),
-    RUNNER: {PROCESS, BOOTSTRAP},
+    CROSSING: set(),
+    RUNNER: {PROCESS, BOOTSTRAP, CROSSING},
     SANDBOX_COMMAND: {PROCESS, SETTINGS, RUNNER},
     METRICS: set(),
     INSTRUCT: set(),

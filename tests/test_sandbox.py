@@ -22,18 +22,19 @@ from procs import exited
 
 from codelm.sandbox import __main__ as command
 from codelm.sandbox import bootstrap, runner
-from codelm.sandbox.bootstrap import plain_decode, plain_encode
+from codelm.sandbox.crossing import plain_decode, plain_encode
 from codelm.sandbox.runner import SandboxConfig, TrustedTest, kill_running, run_python
 
 FAST = SandboxConfig(timeout_s=3.0, memory_mb=256)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_bootstrap_imports_the_standard_library_alone():
+@pytest.mark.parametrize("path", [runner.BOOTSTRAP, runner.CROSSING], ids=lambda p: p.name)
+def test_the_bootstrap_imports_the_standard_library_alone(path):
     """A run starts the bootstrap isolated (-I -S -B) from its control directory, where neither
-    the project nor site-packages is on the path: every import in it, at any depth, is the
-    standard library's."""
-    tree = ast.parse(runner.BOOTSTRAP.read_text())
+    the project nor site-packages is on the path: every import in it and in the crossing it
+    loads from beside itself, at any depth, is the standard library's."""
+    tree = ast.parse(path.read_text())
     imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert all(getattr(node, "level", 0) == 0 for node in imports)
     names = {alias.name if isinstance(node, ast.Import) else node.module

@@ -50,14 +50,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codelm.runtime import process
-from codelm.sandbox import bootstrap
-from codelm.sandbox.bootstrap import EXIT_MEMORY, plain_encode
+from codelm.sandbox import bootstrap, crossing
+from codelm.sandbox.bootstrap import EXIT_MEMORY
+from codelm.sandbox.crossing import plain_encode
 
 MIN_MEMORY_MB = 64  # the interpreter alone maps about 15 MB before any test
 SAMPLE_UID = SAMPLE_GID = 65534  # nobody: who a root evaluator's samples run as
 _DISK_POLL_S = 0.1  # how often a run's working directory is measured
 _LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest ABI to use
 BOOTSTRAP = Path(bootstrap.__file__)  # the program a run starts, copied into its control directory
+CROSSING = Path(crossing.__file__)  # what it loads from beside itself there
 
 
 @dataclass
@@ -250,13 +252,14 @@ def run_python(source: str, config: SandboxConfig | None = None,
         workdir.mkdir()
         stdlib_mount.mkdir(mode=0o755)  # where the sample user reaches the interpreter
         shutil.copyfile(BOOTSTRAP, control_dir / "bootstrap.py")
+        shutil.copyfile(CROSSING, control_dir / "crossing.py")
         # A lone surrogate (JSON can carry one) goes as its bytes: Python then refuses the
         # file as it refuses such source anywhere, and the run fails.
         (control_dir / "program.py").write_bytes(source.encode("utf-8", "surrogatepass"))
         user = _sample_user(workdir)
         if user:  # it reaches its directory and reads its program (tracebacks), lists nothing
             os.chmod(control_dir, 0o711)
-            for name in ("bootstrap.py", "program.py"):
+            for name in ("bootstrap.py", "crossing.py", "program.py"):
                 os.chmod(control_dir / name, 0o644)
         limits = {"cpu_s": math.ceil(cfg.timeout_s) + 1, "memory_bytes": cfg.memory_mb * 2**20,
                   "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
