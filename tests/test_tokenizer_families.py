@@ -8,6 +8,8 @@ import itertools
 import json
 import pickle
 import random
+import subprocess
+import sys
 import unicodedata
 
 import pytest
@@ -452,6 +454,49 @@ def test_a_big_tokenizer_json_is_read_from_its_kept_compiled_form(family_tokeniz
     path.write_text(path.read_text("utf-8") + "\n", "utf-8")  # another file
     assert BPETokenizer.from_kept(path) is None
     assert load_tokenizer(path).encode(texts[0]) == ids[0]
+
+
+def test_storing_the_compiled_form_leaves_no_temporary_file(family_tokenizers, tmp_path,
+                                                           monkeypatch):
+    """A store stopped mid-write (Ctrl-C) removes its temporary file, and the next store removes
+    what a killed writer left (named as the project's partial writes are, by their owner)."""
+    from codelm.runtime import process
+    from codelm.tokenization import compiled
+
+    monkeypatch.setattr(compiled, "CACHED_FROM_BYTES", 0)
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    hf, _ = family_tokenizers["qwen2"]
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    cache = tmp_path / "cache" / "tokenizers"
+    cache.mkdir(parents=True)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead = int(finished.stdout)  # a writer that has ended
+    _, host, ns, _ = process.owner_tag().split("@")
+    left = cache / f".x.bpe.tmp-{dead}@{host}@{ns}@-ab12"
+    left.write_bytes(b"half a file")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compiled.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_tokenizer(path)
+    assert list(cache.iterdir()) == []  # the killed writer's file and its own both gone
+
+
+def test_a_long_piece_is_encoded_each_time_not_kept(family_tokenizers):
+    """The piece cache keeps short pieces (code repeats its words), never a long one: distinct
+    blobs would otherwise hold memory without bound."""
+    from codelm.tokenization import batching
+
+    hf, _ = family_tokenizers["qwen2"]
+    tok = BPETokenizer(json.loads(hf.to_str()), "qwen2")
+    blob = "".join(random.Random(0).choice("abcdefgh") for _ in range(4000))
+    assert tok.encode(f"x = {blob}") == hf.encode(f"x = {blob}", add_special_tokens=False).ids
+    assert blob not in tok._cache and "x" in tok._cache
+    assert batching._MAX_CACHED_PIECE_CHARS < len(blob)
 
 
 @pytest.mark.parametrize("name", ["runs", "spaces", "split"])

@@ -17,19 +17,25 @@ from codelm.runtime import process
 _MIN_PARALLEL_CHARS = 1 << 20
 # Distinct pieces remembered per tokenizer; code repeats its words, so this is rarely reached.
 _MAX_CACHE_ENTRIES = 1 << 20
+# A longer piece (a blob, a minified line) is encoded each time, not kept: a million of them
+# would hold gigabytes.
+_MAX_CACHED_PIECE_CHARS = 256
 
 
 class _PieceCache(dict):
-    """Piece -> token ids; a miss computes the ids once (code repeats its words)."""
+    """Piece -> token ids; a miss computes the ids once (code repeats its words), kept where
+    the piece is short."""
 
     def __init__(self, encode_piece):
         super().__init__()
         self._encode_piece = encode_piece
 
     def __missing__(self, piece: str) -> tuple[int, ...]:
+        ids = tuple(self._encode_piece(piece))  # tuples chain a little faster than lists
+        if len(piece) > _MAX_CACHED_PIECE_CHARS:
+            return ids
         if len(self) >= _MAX_CACHE_ENTRIES:
             self.clear()
-        ids = tuple(self._encode_piece(piece))  # tuples chain a little faster than lists
         self[piece] = ids
         return ids
 

@@ -10,13 +10,13 @@ import functools
 import hashlib
 import json
 import os
+import secrets
 import sys
-import tempfile
 from array import array
 from pathlib import Path
 from typing import NamedTuple
 
-from codelm.runtime import settings
+from codelm.runtime import process, settings
 from codelm.tokenization import merges, spiece
 from codelm.tokenization.merges import Merges
 from codelm.tokenization.spiece import WordCuts
@@ -119,17 +119,17 @@ def store(digest: str, spec: dict, tables: ModelTables) -> None:
     # bytes back with it
     head = json.dumps(header, ensure_ascii=False).encode("utf-8", "surrogatepass")
     path = kept_path(digest)
-    temp = None
+    temp = process.partial_path(path, "tmp", f"-{secrets.token_hex(4)}")  # (threads too)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp",
-                                         delete=False) as f:
-            temp = f.name
+        process.recover_partial_writes(path.parent)  # what killed writers left
+        with open(temp, "wb") as f:
             f.write(_MAGIC + len(head).to_bytes(8, "little") + head)
             for a in arrays:
                 f.write(a.tobytes())
         os.replace(temp, path)  # whole or not at all, for a reader at the same time
-    except OSError:
-        if temp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        if not isinstance(e, OSError):  # a full disk only costs the next load its speed
+            raise
