@@ -249,9 +249,9 @@ UNSERVED = {"logit_bias": (None, {}), "frequency_penalty": (None, 0), "presence_
             "logits_processors": (None, []), "add_generation_prompt": (None, True),
             "continue_final_message": (None, False), "chat_template": (None,),
             "chat_template_kwargs": (None, {}), "parallel_tool_calls": (None, True)}
-# A chat request's tool_choice: "auto" (its tools in the prompt, a call in the answer's text as
-# the template teaches it) or "none" (its tools left out of the prompt, as vLLM leaves them);
-# a call that "required" or a named function would force is not.
+# A chat request's tool_choice: "auto" or "none" (its tools in the prompt either way, as vLLM
+# renders them by default; a call is what the answer's text holds, as the template teaches it);
+# a call that "required" or a named function would force is not served.
 TOOL_CHOICES = (None, "auto", "none")
 
 
@@ -636,8 +636,6 @@ def _chat_prompt(served: ServedModel, body: dict) -> list[_Prompt]:
         raise ApiError(400, f"'tool_choice' {json.dumps(choice)} is not served (a call is what "
                        "the model writes in its answer, not forced): 'auto' or 'none'",
                        "tool_choice")
-    if choice == "none":
-        tools = None
     messages = [{**m, "content": _message_text(m.get("content"))} for m in messages]
     try:
         return [_Prompt(served.chat_prompt(messages, tools), "")]

@@ -162,6 +162,23 @@ def test_a_tool_call_turn_is_trained_with_the_tools_as_transformers_renders_them
     assert '"name": "get_weather"' in tok.decode(call_answer)
 
 
+def test_one_conversation_offered_other_tools_is_no_duplicate(instruct, tmp_path):
+    """Exact dedupe compares a conversation with its tools: the same messages offered other
+    tools are another example, kept."""
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "It is 22C in Paris."}]
+    other = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "name": "get_time"}}]
+    data = tmp_path / "offers.jsonl"
+    data.write_text("".join(json.dumps({"messages": messages, "tools": tools}) + "\n"
+                            for tools in (TOOLS, other, TOOLS)))
+    cfg = DataConfig(task="chat", sources=[str(data)], block_size=256, cache_dir=str(tmp_path),
+                     progress=False, split_by="file", min_bytes=0, min_lines=0,
+                     train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    from codelm.data.splits import load_corpus
+
+    assert len(load_corpus(cfg).train) == 2  # the third repeats the first
+
+
 def test_a_template_error_names_the_conversation_line(instruct, tmp_path):
     root, data = instruct
     bad = tmp_path / "tool.jsonl"

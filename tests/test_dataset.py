@@ -544,6 +544,16 @@ def test_every_leading_licence_block_goes_and_a_documentation_comment_stays():
     assert strip_license_header(kdoc, "//") == (kdoc, False)
     javadoc_notice = "/**\n * Copyright 2024 Acme. MIT license.\n */\npackage a;\n"
     assert strip_license_header(javadoc_notice, "//") == ("package a;\n", True)
+    # after the header, a comment that only mentions a licence is the code's own: kept
+    documented = ("# Copyright 2024 Acme\n# SPDX-License-Identifier: MIT\n\n"
+                  "# Reads each package's license field.\nimport os\n")
+    assert strip_license_header(documented) == (
+        "# Reads each package's license field.\nimport os\n", True)
+    # a /** */ notice right before code is a notice, not that code's documentation
+    assert strip_license_header("/** @license Copyright Google LLC. */\n'use strict';\n",
+                                "//") == ("'use strict';\n", True)
+    assert strip_license_header("/** Copyright 2024 Acme. */\npublic class A {}\n", "//") == (
+        "public class A {}\n", True)
 
 
 def test_a_kotlin_raw_strings_length_is_its_whole_text():

@@ -314,6 +314,11 @@ def test_kotlin_and_java_imports_rank_the_files_declaring_what_they_import():
                           "app/src/main/kotlin/com/acme/model/Order.kt",
                           "app/src/main/kotlin/com/acme/model/User.kt"]
     assert ranked[5] == "app/src/main/kotlin/com/acme/Other.kt"  # then its directory's
+    mixed = {"backend/app.py": "old", "backend/models.py": "class User: pass\n",
+             "android/models/User.kt": "package models\nclass User\n"}
+    mixed_index = comp.RepositoryIndex("r", mixed, _tokenizer())
+    order = comp.rank_imports(mixed_index, "backend/app.py", "from models import User\n")
+    assert mixed_index.paths[order[0]] == "backend/models.py"  # each language its own names
     java = "package org.acme.web;\nimport static org.acme.Codec.encode;\nimport org.acme.*;\n"
     assert comp.jvm_imports(java) == ["org.acme.Codec.encode", "org.acme"]
     commented = "import com.acme.util.Greeter // greets\nimport com.acme.A /* a */\n"

@@ -22,6 +22,11 @@ from codelm.tokenization.source import (
 from scraping.common import decode_source
 
 _LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|spdx-license|all rights reserved", re.I)
+# What only a notice says (not a comment that mentions a licence field): the blocks after a
+# header's first are removed, and a /** */ block counts as one, where they say it.
+_NOTICE = re.compile(r"copyright|\(c\)|©|spdx-license-identifier|licen[cs]ed under|"
+                     r"all rights reserved|@license|permission is hereby granted|"
+                     r"without warrant(?:y|ies)|licenses?/|license, version", re.I)
 _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
 # A quoted one-line literal (a raw string """...""" first: the quotes inside are its text) or,
 # outside one, a `//` or `#` comment start; a number.
@@ -37,9 +42,10 @@ def strip_license_header(text: str, comment: str | None = "#", nested: bool = Fa
     """Remove the leading comment blocks that mention copyright/licence (``/* */``, nested where
     the language nests them, or lines opening with ``comment``, the language's line-comment
     marker: a C file's ``#include`` lines are code; None, a file of no known language: ``#``
-    where its first comment line opens with one, else ``//``), one after another across blank
-    lines, up to the first that mentions none; a ``/** */`` block a declaration follows at once
-    is that declaration's documentation, kept. A shebang and an encoding line stay. Returns
+    where its first comment line opens with one, else ``//``): the first, then each after it
+    (across blank lines) that is a notice too (``_NOTICE``: copyright, SPDX, "licensed
+    under", ...; not a comment that mentions a licence); a ``/** */`` block a declaration
+    follows at once, and no notice, is that declaration's documentation, kept. A shebang and an encoding line stay. Returns
     (text, removed)."""
     lines = source_lines(text, keepends=True)
     keep: list[str] = []
@@ -57,7 +63,8 @@ def strip_license_header(text: str, comment: str | None = "#", nested: bool = Fa
         start = _past_blank_lines(lines, i)
         end, rest = _comment_block(lines, start, comment, nested)
         block = "".join(lines[start:end])
-        if end == start or not _LICENSE_WORDS.search(block) or _documents(lines, start, end):
+        words = _NOTICE if removed else _LICENSE_WORDS  # the first block, then notices alone
+        if end == start or not words.search(block) or _documents(lines, start, end, block):
             rest = []
             break
         removed = True
@@ -96,10 +103,10 @@ def _comment_block(lines: list[str], i: int, comment: str, nested: bool
     return i, []
 
 
-def _documents(lines: list[str], start: int, end: int) -> bool:
+def _documents(lines: list[str], start: int, end: int, block: str) -> bool:
     """Whether the block of lines [start, end) is a ``/** */`` documentation comment of the
-    declaration right after it (no blank line, package or import between)."""
-    if not lines[start].lstrip().startswith("/**") or end >= len(lines):
+    declaration right after it (no blank line, package or import between), not a notice."""
+    if not lines[start].lstrip().startswith("/**") or end >= len(lines) or _NOTICE.search(block):
         return False
     after = lines[end].lstrip()
     return bool(after.strip()) and not after.startswith(("package", "import", "@file:", "/*",

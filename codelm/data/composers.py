@@ -110,10 +110,13 @@ class RepositoryIndex:
         self._bm25 = _Bm25([identifiers(text) for text in self.texts])
         comments = Counter(line_comment(path) for path in self.paths)  # its files' own, the most
         self.comment = comments.most_common(1)[0][0] if comments else "#"
-        self.modules: dict[str, list[int]] = {}
+        self.modules: dict[str, list[int]] = {}  # Python's dotted module names
+        self.jvm_names: dict[str, list[int]] = {}  # Kotlin's and Java's qualified names
         for i, (path, text) in enumerate(zip(self.paths, self.texts)):
-            for module in _module_names(path) + _jvm_names(path, text):
+            for module in _module_names(path):
                 self.modules.setdefault(module, []).append(i)
+            for name in _jvm_names(path, text):
+                self.jvm_names.setdefault(name, []).append(i)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -199,7 +202,7 @@ def _imported_files(index: RepositoryIndex, path: str, prefix: str) -> list[int]
     for name in jvm_imports(prefix):
         parts = name.split(".")
         for end in range(len(parts), 0, -1):
-            found = index.modules.get(".".join(parts[:end]))
+            found = index.jvm_names.get(".".join(parts[:end]))
             if found:
                 files += found
                 break

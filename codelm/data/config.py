@@ -62,8 +62,8 @@ class DataConfig:
     near_dedupe: bool = False  # also drop near duplicates (MinHash)
     near_dedupe_threshold: float = 0.85  # Jaccard similarity above which files are duplicates
     autopep8: bool = False  # reformat each Python file with autopep8
-    strip_license: bool = True  # drop a licence header: the first comment block (/* */ or the
-    #   language's own line comments: #, // or --) mentioning copyright or a licence
+    strip_license: bool = True  # drop a licence header: the leading comment blocks (/* */ or
+    #   the language's own line comments: #, // or --) of a copyright or licence notice
     strip_comments: bool = False  # drop Python files' comments (other languages keep theirs)
     strip_docstrings: bool = False  # drop Python files' docstrings
     redact_secrets: bool = True  # credentials become placeholders such as <GITHUB_TOKEN>

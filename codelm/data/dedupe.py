@@ -4,6 +4,7 @@ MinHash signatures with an LSH index for near copies (``NearDuplicateIndex``).""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import typing
 from collections.abc import Sequence
@@ -21,10 +22,13 @@ def stored(data: bytes | str) -> bytes:
 
 
 def doc_digest(doc: Doc) -> bytes:
-    """The SHA-256 of a document as stored (a pair's target too): what exact dedupe compares."""
+    """The SHA-256 of a document as stored (a pair's target, a conversation's tools too): what
+    exact dedupe compares."""
     h = hashlib.sha256(stored(doc.text))
     if doc.target is not None:
         h.update(b"\0target\0" + stored(doc.target))
+    if doc.tools is not None:
+        h.update(b"\0tools\0" + stored(json.dumps(doc.tools, sort_keys=True)))
     return h.digest()
 
 
