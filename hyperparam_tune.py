@@ -182,11 +182,17 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
         pruner = optuna.pruners.NopPruner()
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
                                 pruner=pruner, load_if_exists=True)
-    seed = cfg.sampler_seed
-    if seed is not None:  # reproducible, yet a distinct stream per worker and per restart
-        seed = (seed + 1000 * cfg.worker + len(study.get_trials(deepcopy=False))) % 2**32
-    study.sampler = optuna.samplers.TPESampler(seed=seed)
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed)  # reseeded per trial
     return study
+
+
+def _seed_for_next_trial(study: optuna.Study, seed: int | None) -> None:
+    """With --sampler-seed, the sampler's stream for the trial about to be asked: the seed
+    plus that trial's number, unique in the study (asked under the claim lock), so every worker
+    and every command joining the study draws its own, reproducibly."""
+    if seed is not None:  # (TPE keeps no state but its random stream: the trials are stored)
+        number = len(study.get_trials(deepcopy=False))
+        study.sampler = optuna.samplers.TPESampler(seed=(seed + number) % 2**32)
 
 
 def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
@@ -495,6 +501,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 return
             trial = None
             if finished + running < cfg.n_trials or waiting:
+                _seed_for_next_trial(study, cfg.sampler_seed)
                 trial = study.ask(space.distributions())  # a queued retry first
                 # A retried trial arrives with its predecessor's attributes: make them this run's
                 # before other workers (which judge RUNNING trials by their worker) look at it.
@@ -856,7 +863,7 @@ def tune(cfg: TuneConfig) -> int:
             print(line, file=sys.stderr)
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         process.exit_with_parent(int(os.environ.get(SWEEP_PID, os.getppid())))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+        torch.set_num_threads(max(1, process.usable_cores() // cfg.workers))
         run_worker(cfg, study, storage, space, base)
         return 0  # the parent judges the study (and writes best.json)
     bar = progress_bar(total=cfg.n_trials, initial=min(study_progress(study)[0], cfg.n_trials),

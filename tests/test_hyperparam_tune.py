@@ -1020,18 +1020,25 @@ def test_counts_and_intervals_below_their_least_are_refused(key, value, least):
         hyperparam_tune.config_from_dict({key: value}, "tune.json")
 
 
-def test_each_worker_draws_its_own_reproducible_stream(tmp_path):
-    """--sampler-seed: a worker of one seed samples the same in every sweep (reproducible),
-    and two workers of one seed sample differently (else they would run the same trials)."""
+def test_each_trial_draws_its_own_reproducible_stream(tmp_path):
+    """--sampler-seed: the sampler is seeded with the seed plus the number of the trial it is
+    about to ask, so a study samples the same in every sweep (reproducible), and workers or
+    commands joining one study, which ask in turn under its claim lock, never draw one
+    stream twice (they would run the same trials)."""
     lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
 
-    def first_lr(name: str, worker: int) -> float:
+    def lrs(name: str, trials: int) -> list[float]:
         cfg = hyperparam_tune.config_from_dict({"out_dir": str(tmp_path), "study_name": name,
-                                                "sampler_seed": 7, "worker": worker})
+                                                "sampler_seed": 7})
         study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
-        return study.ask({"lr": lr}).params["lr"]
+        drawn = []
+        for _ in range(trials):
+            hyperparam_tune._seed_for_next_trial(study, cfg.sampler_seed)
+            drawn.append(study.ask({"lr": lr}).params["lr"])
+        return drawn
 
-    assert first_lr("a", 1) == first_lr("b", 1) != first_lr("c", 2)
+    first, again = lrs("a", 3), lrs("b", 3)
+    assert first == again and len(set(first)) == 3
 
 
 def test_a_live_worker_of_another_user_is_alive(monkeypatch):
@@ -1318,7 +1325,7 @@ def test_sampled_values_refused_together_fail_their_trial_and_the_sweep_goes_on(
     monkeypatch.setattr(trainingmanager, "train", train)
     space = tiny_space(tmp_path, corpus, {"n_head": {"type": "categorical", "choices": [2, 3]},
                                           "n_embd": {"type": "categorical", "choices": [48, 32]}})
-    argv = tune_args(tmp_path, space, study_name="together", n_trials=6, sampler_seed=0)
+    argv = tune_args(tmp_path, space, study_name="together", n_trials=6, sampler_seed=1)
     assert hyperparam_tune.main(argv) == 0
     trials = load_study(journal(tmp_path, "together"), "together").get_trials()
     refused = [t for t in trials if (t.params["n_head"], t.params["n_embd"]) == (3, 32)]
@@ -1931,3 +1938,13 @@ def test_a_train_config_setting_what_the_sweep_sets_is_warned_of(tmp_path):
     assert all(w in said[0] for w in ("max_steps 1000 (a trial's: 150)", "export True",
                                       "eval_every 50", "--max-steps"))
     assert not any(w in said[0] for w in ("keep_last", "name", "out_dir"))
+
+
+def test_a_recipe_s_tune_section_is_read_beside_its_train_section(tmp_path):
+    """A recipe holds one section per script: hyperparam_tune.py reads its "tune" one (the
+    training settings beside it are trainingmanager.py's)."""
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"tune": {"n_trials": 3, "study_name": "from-recipe"},
+                                  "train": {"max_steps": 5}, "_note": "both"}))
+    cfg = hyperparam_tune.parse_config(["--config", str(recipe)])
+    assert (cfg.n_trials, cfg.study_name) == (3, "from-recipe")

@@ -19,8 +19,9 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# Top-level keys of a recipe (configs/*.json): one section per script that reads it.
-RECIPE_SECTIONS = ("train", "eval")
+# Top-level keys of a recipe (configs/*.json): one section per script that reads it
+# (trainingmanager.py, eval.py, hyperparam_tune.py).
+RECIPE_SECTIONS = ("train", "eval", "tune")
 
 # What an Optional field's flag reads as None (any case): ``--eval-examples none``.
 NONE_WORDS = ("none", "null")
