@@ -18,7 +18,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
     process.quiet_start_up_stops()
 
 import contextlib
-import fcntl
+import errno
 import hashlib
 import itertools
 import os
@@ -222,18 +222,14 @@ def _lock_out_dir(out: Path) -> int | None:
     evaluation writes there (None on a filesystem without such locks): a second evaluation of
     the same out-dir is refused before either's results.json could be written over."""
     try:
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        fd = process.locked_fd(out, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as err:
+        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):  # NFS: unguarded
+            return None
         raise ValueError(f"{out}: cannot lock the output directory ({err.strerror})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    if fd is None:
         raise ValueError(f"{out} is in use by another evaluation: wait for it to end, or name "
-                         "another --out-dir") from None
-    except OSError:  # a filesystem without locks on directories (NFS): unguarded
-        os.close(fd)
-        return None
+                         "another --out-dir")
     return fd
 
 

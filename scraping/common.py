@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import fcntl
 import hashlib
 import json
 import logging
@@ -348,13 +347,10 @@ class ResumableOutput:
 
     def _lock(self) -> int:
         """Open (creating it empty) and lock the output, which is only ever cut and appended to."""
-        fd = os.open(self.out, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = process.locked_fd(self.out, os.O_RDWR | os.O_CREAT)
+        if fd is None:
             raise ValueError(f"{self.out} is being written by another run (same --out); wait "
-                             "for it to end, or choose another --out") from None
+                             "for it to end, or choose another --out")
         return fd
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ import atexit
 import contextlib
 import ctypes
 import errno
+import fcntl
 import itertools
 import json
 import multiprocessing
@@ -510,6 +511,22 @@ def _pid_namespace() -> str:
         return str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:  # no /proc (macOS): PIDs are machine-wide
         return ""
+
+
+def locked_fd(path: str | Path, flags: int, mode: int = 0o644) -> int | None:
+    """``path`` opened with ``flags`` and locked exclusively (flock), held until the descriptor
+    closes (or the process dies); None where another holds the lock. An OSError where the file
+    cannot be opened or its filesystem has no such locks (NFS)."""
+    fd = os.open(path, flags, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def owner_tag() -> str:
