@@ -137,7 +137,7 @@ def test_a_recipe_shaped_config_refuses_unknown_top_level_keys(tmp_path):
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"_note": "doc", "train": {"steps": 3}, "eval": {}, "lr": 5}))
     with pytest.raises(ValueError, match=r"r\.json: unknown top-level key\(s\) \['lr'\]; a "
-                                         r"recipe has 'train', 'eval' and '_'-prefixed notes"):
+                                         r"recipe has 'train', 'eval', 'tune' and '_'-prefixed"):
         _parse(["--config", str(recipe)])
 
 
