@@ -1996,8 +1996,8 @@ def test_a_completion_may_import_numpy_as_in_the_harnesses_environments(trusted)
     assert passk.run_check(problem, completion, sandbox).passed
     wrong = completion.replace("np.mean(numbers)", "0")
     assert not passk.run_check(problem, wrong, sandbox).passed
-    # a numpy scalar result crosses to the trusted test as the number it is (np.int64(42) == 42
-    # in the harness's own assert), np.bool_ as a bool
+    # a numpy scalar result crosses to the trusted test as itself (np.int64(42) == 42 in the
+    # harness's own assert; np.bool_ equal to True, yet not True)
     forty_two = {**FORTY_TWO, "trusted": trusted}
     assert passk.run_check(forty_two, "    import numpy as np\n    return np.int64(42)\n",
                            sandbox).passed
@@ -2006,6 +2006,9 @@ def test_a_completion_may_import_numpy_as_in_the_harnesses_environments(trusted)
     truth = {**forty_two, "test": "def check(candidate):\n    assert candidate() == True\n"}
     assert passk.run_check(truth, "    import numpy as np\n    return np.bool_(1 < 2)\n",
                            sandbox).passed
+    same = {**forty_two, "test": "def check(candidate):\n    assert candidate() is True\n"}
+    assert not passk.run_check(same, "    import numpy as np\n    return np.bool_(1 < 2)\n",
+                               sandbox).passed  # an np.bool_ is no True, as in the harness
     half = {**forty_two, "test": "def check(candidate):\n    assert candidate() == 21.5\n"}
     for kind in ("float32", "longdouble", "clongdouble"):  # a long double's item() is itself
         assert passk.run_check(half, f"    import numpy as np\n    return np.{kind}(43) / 2\n",

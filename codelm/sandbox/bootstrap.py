@@ -319,19 +319,22 @@ def _importable(packages):
 
 # A denied import raises ImportError, as a module not installed does: code that falls back
 # without the module (numpy without ctypes) goes on, as it would where the harness runs.
-def _install_guard(workdir, landlock):
+def _install_guard(workdir, landlock, holds_hook=True):
     """The audit hook that keeps the program's writes (and, without Landlock, its C-level
-    writers) in ``workdir`` and refuses processes, signals, sockets, raw memory and what reaches
-    the completion hook; every table and helper it uses is its own closure's."""
+    writers) in ``workdir`` and refuses processes, signals, sockets, raw memory and, in a
+    process that ``holds_hook`` (the completion hook), what reaches it; every table and helper
+    it uses is its own closure's. A trusted test's program runs in a process of its own that
+    holds neither the hook nor the test: there tracing and gc's scans stay (doctest, profilers),
+    as in the harness."""
     realpath, isdir, fsdecode, getpid = os.path.realpath, os.path.isdir, os.fsdecode, os.getpid
     prefix = workdir + os.sep
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     denied = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
               "os.kill", "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn",
-              "socket.__new__", "os.chroot", "resource.setrlimit",
-              # what reaches the completion hook's cell, or skips lines of the test
-              "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace",
-              "sys.setprofile"}
+              "socket.__new__", "os.chroot", "resource.setrlimit"}
+    if holds_hook:  # what reaches the completion hook's cell, or skips lines of the test
+        denied |= {"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace",
+                   "sys.setprofile"}
     # posix and _signal again would bring back the functions replaced below; a dotted name's
     # last part counts too ("x._posixsubprocess" is the real C module)
     denied_imports = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
@@ -496,13 +499,15 @@ def _crossing():
     return module
 
 
-def _run_program(program, source):
-    """The sample as __main__, as under `python program.py`; its namespace."""
+def _run_program(program, source, as_main):
+    """The sample as __main__, as under `python program.py` (``as_main``), else as a module of
+    another name, as a harness execs it; its namespace."""
     sys.argv = [program]
     code = compile(source, program, "exec")
-    module = types.ModuleType("__main__")
+    name = "__main__" if as_main else "__candidate__"
+    module = types.ModuleType(name)
     module.__file__, module.__builtins__ = program, builtins
-    sys.modules["__main__"] = module
+    sys.modules[name] = module
     try:
         exec(code, module.__dict__)
     except MemoryError:
@@ -534,10 +539,11 @@ def main():
         _close_stdin()
         os.close(calls[1])
         os.close(answers[0])
-        _install_guard(workdir, abi > 0)
+        _install_guard(workdir, abi > 0, holds_hook=False)
         _importable(cfg["packages"])  # what the program may import
         if crossing.receive(calls[0]) is not None:  # the test's side has written its line first
-            crossing.serve(_run_program(program, source), calls[0], answers[1])
+            crossing.serve(_run_program(program, source, cfg["as_main"]), calls[0],
+                           answers[1])
         os._exit(0)
     if trusted:
         os.close(discard)
@@ -553,7 +559,7 @@ def main():
         crossing.send(calls[1], "go")
         crossing.run_trusted_test(crossing.plain_decode(test), calls[1], answers[0])
     else:
-        _run_program(program, source)
+        _run_program(program, source, cfg["as_main"])
     sys.stdout.flush()
     sys.stderr.flush()
     sys.audit("sandbox.completed")

@@ -22,8 +22,8 @@ import types
 
 def plain_encode(value: object) -> str:
     """``value`` in a fixed text form that ``plain_decode`` reads: None, bool, int, float,
-    complex, str, bytes, Fraction, Decimal, a range, a numpy scalar (as its item()), a numpy
-    array of numbers or bools (as one, its dtype and shape kept), and lists, tuples, sets,
+    complex, str, bytes, Fraction, Decimal, a range, a numpy scalar or array of numbers or bools
+    (as one, its dtype and shape kept; another numpy scalar as its item()), and lists, tuples, sets,
     frozensets, deques, dicts and OrderedDicts of them, a dict's keys, values or items view,
     and an iterator (a generator, map, filter: its items, read here, cross as an iterator over
     them); a bytearray or memoryview as its bytes, a UserList, UserDict, UserString, ChainMap or
@@ -84,7 +84,10 @@ def _plain_parts(value: object, out: list[str], read: bool = True) -> None:
         out.append(f"{tag}{len(items)}:")
         for item in items:
             _plain_parts(item, out, read)
-    elif _is_numpy_scalar(value):  # np.int64(6) crosses as 6, as a harness's test compares it
+    elif _is_numpy_scalar(value) and value.dtype.kind in _ARRAY_KINDS:  # as itself: np.bool_
+        out.append("Z")  # is no `True` (`is True` fails as in the harness), np.int64(6) == 6
+        _plain_parts((value.dtype.str, _numpy_item(value)), out, read)
+    elif _is_numpy_scalar(value):  # another kind (np.str_): as its item()
         _plain_parts(_numpy_item(value), out, read)
     elif _is_numpy_array(value):  # its dtype, shape and items, built as an array again
         if value.dtype.kind not in _ARRAY_KINDS:
@@ -144,7 +147,8 @@ def _numpy_item(value):
 
 def _is_numpy_scalar(value: object) -> bool:
     """Whether ``value`` is a numpy scalar (np.int64, np.bool_, ...; numpy imported already):
-    it crosses as its ``item()``, which must be plain data in turn."""
+    one of numbers or bools crosses as itself, another as its ``item()``, which must be plain
+    data in turn."""
     numpy = sys.modules.get("numpy")
     return numpy is not None and isinstance(value, getattr(numpy, "generic", ()))
 
@@ -193,6 +197,11 @@ def _plain_value(text: str, at: int) -> tuple[object, int]:
     if tag == "A":
         parts, end = _plain_value(text, at + 1)
         return _numpy_array(parts), end
+    if tag == "Z":  # a numpy scalar: the one item of an array of its dtype
+        parts, end = _plain_value(text, at + 1)
+        if not (type(parts) is tuple and len(parts) == 2):
+            raise ValueError("not plain data: a malformed numpy scalar")
+        return _numpy_array((parts[0], (1,), [parts[1]]))[0], end
     if tag not in ("s", "b", "m", "D", "O", "Y", "G", *_BUILT):
         raise ValueError(f"not plain data at {at}")
     colon = text.index(":", at + 1)

@@ -238,10 +238,12 @@ class TrustedTest:
 
 
 def run_python(source: str, config: SandboxConfig | None = None,
-               test: TrustedTest | None = None) -> SandboxResult:
+               test: TrustedTest | None = None, as_main: bool = True) -> SandboxResult:
     """Execute ``source`` under the limits of ``config``; never raises for what it does. With
     ``test``, the run passes when that test, in its own confined process, passes against the
-    functions ``source`` defines."""
+    functions ``source`` defines. ``as_main``: the program runs as ``__main__`` (as `python
+    program.py`), else as a module of another name (as the harnesses exec a program: its
+    `if __name__ == "__main__":` block does not run)."""
     cfg = config or SandboxConfig()
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
@@ -265,7 +267,8 @@ def run_python(source: str, config: SandboxConfig | None = None,
                   "file_bytes": cfg.file_mb * 2**20, "landlock_cap": _LANDLOCK_ABI_CAP,
                   "parent_pid": os.getpid(),  # the sample dies with this process
                   "user": user, "stdlib_mount": str(stdlib_mount),
-                  "trusted_test": test is not None, "packages": _package_dirs(cfg.packages)}
+                  "trusted_test": test is not None, "packages": _package_dirs(cfg.packages),
+                  "as_main": as_main}
         stdin = token.encode() + b"\n"
         if test is not None:
             fields = (test.prelude, test.test, tuple(test.functions), test.check)

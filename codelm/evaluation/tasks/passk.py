@@ -257,11 +257,11 @@ def run_check(problem: dict, completion: str, config: SandboxConfig | None = Non
         entry = problem["entry_point"]
         functions = problem.get("functions") or ([entry] if entry is not None else [])
         test = TrustedTest(problem["prompt"], problem["test"], tuple(functions), entry)
-        return run_python(program, config, test)
+        return run_python(program, config, test, as_main=False)
     program += f"\n{problem['test']}\n"
     if problem["entry_point"] is not None:
         program += f"check({problem['entry_point']})\n"
-    return run_python(program, config)
+    return run_python(program, config, as_main=False)  # as the harnesses exec it
 
 
 def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
