@@ -242,8 +242,8 @@ def run_python(source: str, config: SandboxConfig | None = None,
     """Execute ``source`` under the limits of ``config``; never raises for what it does. With
     ``test``, the run passes when that test, in its own confined process, passes against the
     functions ``source`` defines. ``as_main``: the program runs as ``__main__`` (as `python
-    program.py`), else as a module of another name (as the harnesses exec a program: its
-    `if __name__ == "__main__":` block does not run)."""
+    program.py`), else as a module of another name (as the harnesses exec a program: a block
+    guarded by ``__name__ == "__main__"`` does not run)."""
     cfg = config or SandboxConfig()
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
