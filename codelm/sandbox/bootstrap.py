@@ -317,24 +317,29 @@ def _importable(packages):
     sys.meta_path.append(InstalledPackages)
 
 
+# Audit events the guard refuses: processes, signals, sockets, always; and in a process that
+# holds the completion hook, what reaches the hook's cell or skips lines of the test (a trusted
+# test's program runs in a process of its own that holds neither: there doctest and profilers
+# trace, as in the harness).
+_DENIED_EVENTS = frozenset({
+    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
+    "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn", "socket.__new__",
+    "os.chroot", "resource.setrlimit"})
+_REACHING_THE_HOOK = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents",
+                                "sys.settrace", "sys.setprofile"})
+
+
 # A denied import raises ImportError, as a module not installed does: code that falls back
 # without the module (numpy without ctypes) goes on, as it would where the harness runs.
 def _install_guard(workdir, landlock, holds_hook=True):
     """The audit hook that keeps the program's writes (and, without Landlock, its C-level
-    writers) in ``workdir`` and refuses processes, signals, sockets, raw memory and, in a
-    process that ``holds_hook`` (the completion hook), what reaches it; every table and helper
-    it uses is its own closure's. A trusted test's program runs in a process of its own that
-    holds neither the hook nor the test: there tracing and gc's scans stay (doctest, profilers),
-    as in the harness."""
+    writers) in ``workdir`` and refuses processes, signals, sockets, raw memory and, where the
+    process ``holds_hook``, what reaches it; every table and helper it uses is its own
+    closure's (made here, before the program runs)."""
     realpath, isdir, fsdecode, getpid = os.path.realpath, os.path.isdir, os.fsdecode, os.getpid
     prefix = workdir + os.sep
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    denied = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-              "os.kill", "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn",
-              "socket.__new__", "os.chroot", "resource.setrlimit"}
-    if holds_hook:  # what reaches the completion hook's cell, or skips lines of the test
-        denied |= {"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace",
-                   "sys.setprofile"}
+    denied = set(_DENIED_EVENTS | _REACHING_THE_HOOK if holds_hook else _DENIED_EVENTS)
     # posix and _signal again would bring back the functions replaced below; a dotted name's
     # last part counts too ("x._posixsubprocess" is the real C module)
     denied_imports = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
