@@ -20,10 +20,8 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 import contextlib
 import errno
 import hashlib
-import itertools
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -148,18 +146,16 @@ class EvalProgress:
 
 
 def _new_default_dir(parent: Path) -> Path:
-    """A directory of this evaluation's own under ``parent``, named by the time it starts
-    (eval-YYYYmmdd-HHMMSS, then -2, -3, ...: two evaluations started in one second each get
-    theirs)."""
+    """A directory of this evaluation's own under ``parent``: the first of ``eval-<time>``,
+    ``-2``, ``-3``, ... not there yet (two evaluations started in one second each get theirs)."""
     parent.mkdir(parents=True, exist_ok=True)
-    stem = time.strftime("eval-%Y%m%d-%H%M%S")
-    for n in itertools.count(1):
-        out = parent / (stem if n == 1 else f"{stem}-{n}")
+    for out in rundir.stamped_names(parent, "eval"):
         try:
             out.mkdir()
             return out
         except FileExistsError:
             continue
+    raise ValueError(f"{parent}: no free eval-<time>-N directory; name one with --out-dir")
 
 
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,

@@ -4836,8 +4836,9 @@ def test_evaluations_started_in_one_second_each_get_their_own_default_directory(
     """The default out-dir is named by the second an evaluation starts: a second one started
     in the same second gets eval-...-2, never the first one's results.json."""
     import eval as ev
+    from codelm.runs import rundir as runs
 
-    monkeypatch.setattr(ev.time, "strftime", lambda pattern: "eval-20260101-000000")
+    monkeypatch.setattr(runs.time, "strftime", lambda pattern: "20260101-000000")
     first = ev._new_default_dir(tmp_path / "eval")
     second = ev._new_default_dir(tmp_path / "eval")
     assert (first.name, second.name) == ("eval-20260101-000000", "eval-20260101-000000-2")

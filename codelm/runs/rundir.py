@@ -271,9 +271,7 @@ def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: s
     elif name:
         candidates = [Path(out_dir) / name]
     else:
-        stamped = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        candidates = [Path(out_dir) / stamped]
-        candidates += [Path(out_dir) / f"{stamped}-{n}" for n in range(2, 1000)]
+        candidates = stamped_names(Path(out_dir), stem)
     for run_dir in candidates:
         try:
             claimed = _lock_dir(run_dir, not resume, hint)
@@ -285,7 +283,14 @@ def claim(resume: str | None, out_dir: str, name: str | None, stem: str, hint: s
             print(f"note: {earlier.run} stopped at step {earlier.step} of {earlier.of}: "
                   f"--resume {earlier.run} continues it; this is a new run, {run_dir.name}")
         return claimed
-    raise ValueError(f"{out_dir}: no free run name {stamped}-N; choose one with --name")
+    raise ValueError(f"{out_dir}: no free run name {candidates[0].name}-N; choose one with --name")
+
+
+def stamped_names(parent: Path, stem: str) -> list[Path]:
+    """The names a new directory of ``stem`` under ``parent`` takes, the first free one:
+    ``stem``-<timestamp>, then -2, -3, ... (several started in one second)."""
+    stamped = parent / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return [stamped] + [stamped.with_name(f"{stamped.name}-{n}") for n in range(2, 1000)]
 
 
 @dataclass(frozen=True)
