@@ -525,6 +525,17 @@ def test_license_header_forms():
     assert strip_license_header(slashes, "//") == ("fun f() = 1\n", True)
     plain = "# A helpful comment about the code\nx = 1\n"
     assert strip_license_header(plain) == (plain, False)
+    # a comment that mentions a licence is no notice: the code's own, kept
+    for mention in ("# License keys: issue and revoke them per customer\n# (checked against "
+                    "the licence server).\nfrom fastapi import APIRouter\n",
+                    "# Check the user's licence before serving the model\nimport fastapi\n"):
+        assert strip_license_header(mention) == (mention, False)
+    for notice in ("# Author: A. Author <a@example.org>\n# License: BSD 3 clause\n",
+                   "// Use of this source code is governed by a BSD-style license that can be\n"
+                   "// found in the LICENSE file.\n",
+                   "# This program is free software: you can redistribute it and/or modify\n"):
+        marker = "#" if notice.startswith("#") else "//"
+        assert strip_license_header(notice + "\nx = 1\n", marker) == ("x = 1\n", True), notice
 
 
 def test_every_leading_licence_block_goes_and_a_documentation_comment_stays():

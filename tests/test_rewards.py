@@ -97,9 +97,9 @@ def test_no_exploit_earns_a_reward_on_any_benchmarks_form(benchmarks):
             corpus, rewards.hacks(jobs, scores, passk.run_check, sandbox, workers=4)) if hack}
     for task in ("passk", "humaneval", "mbpp"):
         assert ALWAYS_HACKS <= hacked[task], task
-    # numpy does not import in the candidate's guarded interpreter; a fake one planted in
-    # sys.modules does, but lacks the numpy.shape the shape check calls: nothing passes there
-    assert hacked["humaneval-plus"] == set()
+    # HumanEval+'s test imports numpy in the candidate's interpreter too, where an object equal
+    # to everything passes its comparisons
+    assert "equal_to_everything" in hacked["humaneval-plus"]
     rate = sum(map(len, hacked.values())) / (len(corpus) * len(benchmarks))
     assert rate > 0.05
 

@@ -345,7 +345,8 @@ def test_kernel_filter_keeps_signals_to_the_sample_and_limits_as_they_are():
 
 def test_kernel_filter_allows_threads_but_no_process_program_or_network():
     # Each refusal is harmless where it is not made: the child exits at once, a socket is only
-    # created, and the exec (last) would end the probe with its output incomplete.
+    # created, and the exec (last) would end the probe with its output incomplete. A connected
+    # pair of Unix sockets (asyncio's self-pipe) reaches nothing outside the process.
     lines = _filter_alone("""
         import socket
         from concurrent.futures import ThreadPoolExecutor
@@ -368,12 +369,14 @@ def test_kernel_filter_allows_threads_but_no_process_program_or_network():
         for family in ("AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"):
             attempt(family, lambda: socket.socket(getattr(socket, family)).close())
         attempt("socketpair", lambda: [end.close() for end in socket.socketpair()])
+        attempt("socketpair AF_INET", lambda: socket.socketpair(socket.AF_INET))
         attempt("memfd_create", lambda: os.close(os.memfd_create("m")))
         attempt("exec", lambda: os.execv(sys.executable, [sys.executable, "-c", "pass"]))
     """)
     assert lines == ["threads 285", "fork refused", "posix_spawn refused",
                      "clone3 [Errno 38] clone3", "AF_INET refused", "AF_INET6 refused",
-                     "AF_NETLINK refused", "AF_UNIX refused", "socketpair refused",
+                     "AF_NETLINK refused", "AF_UNIX refused", "socketpair allowed",
+                     "socketpair AF_INET refused",
                      "memfd_create refused",
                      "exec refused"]
 
@@ -425,17 +428,54 @@ def test_kernel_refuses_processes_network_memfd_and_limits_when_the_hook_is_fool
 
 
 def test_a_denied_import_is_an_import_error_so_code_falling_back_without_it_goes_on():
-    """Where a harness runs, ctypes and subprocess are there; code that falls back where a
-    module is missing (numpy's ``try: import ctypes``) goes on here as there: a denied import
-    raises ImportError, naming the module, and the module is still never loaded."""
-    program = ("import sys\ntry:\n    import subprocess\nexcept ImportError as e:\n"
-               "    print('without', e.name)\nprint('subprocess' in sys.modules)\n")
+    """Where a harness runs, ctypes is there; code that falls back where a module is missing
+    (numpy's ``try: import ctypes``) goes on here as there: a denied import raises ImportError,
+    naming the module, and the module is still never loaded."""
+    program = ("import sys\ntry:\n    import ctypes\nexcept ImportError as e:\n"
+               "    print('without', e.name)\nprint('ctypes' in sys.modules)\n")
     result = run_python(program, FAST)
     assert result.status == "passed", result.stderr
-    assert result.stdout.split() == ["without", "subprocess", "False"]
+    assert result.stdout.split() == ["without", "ctypes", "False"]
     with_numpy = SandboxConfig(timeout_s=20.0, packages=("numpy",))
     result = run_python("import numpy\nprint(numpy.arange(4).sum())\n", with_numpy)
     assert result.status == "passed" and result.stdout.strip() == "6", result.stderr
+
+
+def test_asyncio_runs_and_subprocess_imports_but_starts_no_process():
+    """As where the harness runs, a program may import subprocess and multiprocessing (asyncio
+    imports subprocess) and run an event loop; starting a process fails, through either."""
+    program = textwrap.dedent("""
+        import asyncio, multiprocessing, subprocess
+
+        async def double(x):
+            await asyncio.sleep(0)
+            return 2 * x
+
+        async def main():
+            print(await asyncio.gather(double(1), double(2)))
+            try:
+                await asyncio.create_subprocess_exec("true")
+            except PermissionError as e:
+                print("refused", e)
+
+        asyncio.run(main())
+        for start in (lambda: subprocess.run(["true"]),
+                      lambda: multiprocessing.Process(target=print).start()):
+            try:
+                start()
+            except PermissionError as e:
+                print("refused", e)
+    """)
+    result = run_python(program, FAST)
+    assert result.passed, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "[2, 4]"
+    assert ["subprocess.Popen" in lines[1], "subprocess.Popen" in lines[2],
+            "os.fork" in lines[3]] == [True, True, True], lines
+    test = TrustedTest("", "def check(candidate):\n    assert candidate(3) == 6\n", ("f",), "f")
+    source = ("import asyncio\n\nasync def twice(x):\n    return 2 * x\n\n"
+              "def f(x):\n    return asyncio.run(twice(x))\n")
+    assert run_python(source, FAST, test).passed
 
 
 def test_a_named_package_is_importable_and_no_other_installed_beside_it():

@@ -21,12 +21,13 @@ from codelm.tokenization.source import (
 )
 from scraping.common import decode_source
 
-_LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|spdx-license|all rights reserved", re.I)
-# What only a notice says (not a comment that mentions a licence field): the blocks after a
-# header's first are removed, and a /** */ block counts as one, where they say it.
-_NOTICE = re.compile(r"copyright|\(c\)|©|spdx-license-identifier|licen[cs]ed under|"
+# What only a notice says (not a comment that mentions a licence, "# License keys: ..."): the
+# leading blocks that say it are removed, and a /** */ block counts as one where it says it.
+_NOTICE = re.compile(r"copyright|\(c\)|©|spdx-license-identifier|licen[cs]ed (?:under|to)|"
                      r"all rights reserved|@license|permission is hereby granted|"
-                     r"without warrant(?:y|ies)|licenses?/|license, version", re.I)
+                     r"without warrant(?:y|ies)|licenses?/|license, version|free software|"
+                     r"governed by an? [\w-]+ licen[cs]e|under the terms of|"
+                     r"^[^\w\n]*licen[cs]e\s*:", re.I | re.M)  # the last: a "License: MIT" line
 _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
 # A quoted one-line literal (a raw string """...""" first: the quotes inside are its text) or,
 # outside one, a `//` or `#` comment start; a number.
@@ -39,14 +40,14 @@ _LITERAL_TOKENS = {tokenize.STRING, tokenize.NUMBER, getattr(tokenize, "FSTRING_
 
 def strip_license_header(text: str, comment: str | None = "#", nested: bool = False
                          ) -> tuple[str, bool]:
-    """Remove the leading comment blocks that mention copyright/licence (``/* */``, nested where
-    the language nests them, or lines opening with ``comment``, the language's line-comment
-    marker: a C file's ``#include`` lines are code; None, a file of no known language: ``#``
-    where its first comment line opens with one, else ``//``): the first, then each after it
-    (across blank lines) that is a notice too (``_NOTICE``: copyright, SPDX, "licensed
-    under", ...; not a comment that mentions a licence); a ``/** */`` block a declaration
-    follows at once, and no notice, is that declaration's documentation, kept. A shebang and an encoding line stay. Returns
-    (text, removed)."""
+    """Remove the leading comment blocks that are copyright/licence notices (``/* */``, nested
+    where the language nests them, or lines opening with ``comment``, the language's
+    line-comment marker: a C file's ``#include`` lines are code; None, a file of no known
+    language: ``#`` where its first comment line opens with one, else ``//``), one after
+    another across blank lines, up to the first that is no notice (``_NOTICE``: copyright,
+    SPDX, "licensed under", a "License:" line, ...; not a comment that mentions a licence); a
+    ``/** */`` block a declaration follows at once, and no notice, is that declaration's
+    documentation, kept. A shebang and an encoding line stay. Returns (text, removed)."""
     lines = source_lines(text, keepends=True)
     keep: list[str] = []
     i = 0
@@ -63,8 +64,7 @@ def strip_license_header(text: str, comment: str | None = "#", nested: bool = Fa
         start = _past_blank_lines(lines, i)
         end, rest = _comment_block(lines, start, comment, nested)
         block = "".join(lines[start:end])
-        words = _NOTICE if removed else _LICENSE_WORDS  # the first block, then notices alone
-        if end == start or not words.search(block) or _documents(lines, start, end, block):
+        if end == start or not _NOTICE.search(block) or _documents(lines, start, end, block):
             rest = []
             break
         removed = True

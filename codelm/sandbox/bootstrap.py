@@ -232,8 +232,9 @@ _SECCOMP_ARCH = {
 
 
 def _seccomp(ctypes, libc):
-    """Signals only to this process, threads but no process, no exec, socket, memfd (outside
-    RLIMIT_AS), rlimit change, ptrace or io_uring; the rest allowed. Returns whether it is on."""
+    """Signals only to this process, threads but no process, no exec, socket (a connected pair
+    of Unix sockets, which reach nothing else, is allowed), memfd (outside RLIMIT_AS), rlimit
+    change, ptrace or io_uring; the rest allowed. Returns whether it is on."""
     machine = os.uname().machine
     if machine not in _SECCOMP_ARCH or sys.byteorder != "little":
         return False
@@ -255,10 +256,11 @@ def _seccomp(ctypes, libc):
               ("fcntl", [(arg(1), (8, 15))], eperm, allow),  # F_SETOWN, F_SETOWN_EX
               ("ioctl", [(arg(1), (0x8901, 0x8902))], eperm, allow),  # FIOSETOWN, SIOCSPGRP
               ("clone", [(arg(0), 0x10000)], allow, eperm),  # CLONE_THREAD: threads only
-              ("clone3", [], enosys, None)]  # flags out of reach: glibc falls back to clone
+              ("clone3", [], enosys, None),  # flags out of reach: glibc falls back to clone
+              ("socketpair", [(arg(0), (1,))], allow, eperm)]  # AF_UNIX: asyncio's self-pipe
     rules += [(name, [], eperm, None) for name in
               ("tkill", "pidfd_send_signal", "pidfd_open", "fork", "vfork", "execve",
-               "execveat", "socket", "socketpair", "memfd_create", "setrlimit", "ptrace",
+               "execveat", "socket", "memfd_create", "setrlimit", "ptrace",
                "process_vm_readv", "process_vm_writev", "io_uring_setup", "unshare",
                "open_by_handle_at")
               if name in nr]
@@ -331,19 +333,19 @@ _REACHING_THE_HOOK = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_re
 
 # A denied import raises ImportError, as a module not installed does: code that falls back
 # without the module (numpy without ctypes) goes on, as it would where the harness runs.
-def _install_guard(workdir, landlock, holds_hook=True):
+def _install_guard(workdir, landlock, seccomp, holds_hook=True):
     """The audit hook that keeps the program's writes (and, without Landlock, its C-level
-    writers) in ``workdir`` and refuses processes, signals, sockets, raw memory and, where the
-    process ``holds_hook``, what reaches it; every table and helper it uses is its own
-    closure's (made here, before the program runs)."""
+    writers) in ``workdir`` and refuses processes, signals, sockets (a Unix socket object where
+    ``seccomp`` lets no socket but a connected pair be made), raw memory and, where the process
+    ``holds_hook``, what reaches it; every table and helper it uses is its own closure's (made
+    here, before the program runs)."""
     realpath, isdir, fsdecode, getpid = os.path.realpath, os.path.isdir, os.fsdecode, os.getpid
     prefix = workdir + os.sep
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     denied = set(_DENIED_EVENTS | _REACHING_THE_HOOK if holds_hook else _DENIED_EVENTS)
     # posix and _signal again would bring back the functions replaced below; a dotted name's
     # last part counts too ("x._posixsubprocess" is the real C module)
-    denied_imports = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
-                      "posix", "_signal"}
+    denied_imports = {"ctypes", "_ctypes", "_posixsubprocess", "posix", "_signal"}
     # C modules that write with no audit event: "not installed", so dbm falls back to dbm.dumb
     unavailable = {"_dbm", "_gdbm", "_posixshmem", "_multiprocessing", "readline"}
     # event -> indices of path arguments that must stay inside the working directory
@@ -407,6 +409,8 @@ def _install_guard(workdir, landlock, holds_hook=True):
                 deny(f"{event} with dir_fd")
             if event in with_dir_fd and args[-1] not in (None, -1):
                 deny(f"{event} with dir_fd")
+        elif event == "socket.__new__" and seccomp and args[1] == 1:  # AF_UNIX
+            return
         elif event in denied or event.startswith("ctypes."):
             deny(event)
         elif event == "import" and (denied_imports & {args[0], args[0].rpartition(".")[2]}
@@ -442,6 +446,12 @@ def _replace_unaudited(deny, inside):
             return make(path, *args, **kwargs)
         return make_inside
 
+    # subprocess (which asyncio imports) loads _posixsubprocess, whose fork_exec raises no audit
+    # event: a stand-in refuses it, so that subprocess and multiprocessing import, as where the
+    # harness runs, and starting a process fails (its own audit events are refused)
+    stand_in = types.ModuleType("_posixsubprocess")
+    stand_in.fork_exec = refused("_posixsubprocess.fork_exec")
+    sys.modules["_posixsubprocess"] = stand_in
     import _signal
     import posix
     replacements = [(posix, "pidfd_open", refused("os.pidfd_open")),
@@ -544,7 +554,7 @@ def main():
         _close_stdin()
         os.close(calls[1])
         os.close(answers[0])
-        _install_guard(workdir, abi > 0, holds_hook=False)
+        _install_guard(workdir, abi > 0, seccomp, holds_hook=False)
         _importable(cfg["packages"])  # what the program may import
         if crossing.receive(calls[0]) is not None:  # the test's side has written its line first
             crossing.serve(_run_program(program, source, cfg["as_main"]), calls[0],
@@ -558,7 +568,7 @@ def main():
     sys.stderr.write(f"sandbox: landlock={abi} seccomp={int(seccomp)} caps={caps:x}\n")
     sys.stderr.flush()
     if not trusted:  # the test's side runs only the trusted test (which may import packages)
-        _install_guard(workdir, abi > 0)
+        _install_guard(workdir, abi > 0, seccomp)
     _importable(cfg["packages"])  # what the test (and program) may import
     if trusted:
         crossing.send(calls[1], "go")

@@ -4,7 +4,8 @@ A run gets its own process group, killed at the wall-clock limit and with the ev
 a polled disk budget, a fresh working directory, ``nobody`` as its user under root, and no
 capability in any set. Landlock lets it read only the interpreter's standard library, the shared
 libraries the interpreter maps, its program and its working directory, and write only there;
-a seccomp filter and a Python audit hook refuse processes, exec, sockets and signals.
+a seccomp filter and a Python audit hook refuse processes, exec, sockets (a connected pair of
+Unix sockets, which asyncio's event loop makes, reaches nothing else and is allowed) and signals.
 ``confinement()`` says whether this machine gives that; without Landlock, reads are not confined
 (the audit hook then guards writes alone) and ``eval.py`` runs pass@k only when told to.
 
