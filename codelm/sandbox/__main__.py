@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("timeout-s", 0 < cfg.timeout_s < math.inf, "a positive number of seconds"),
                 ("memory-mb", cfg.memory_mb >= MIN_MEMORY_MB,
                  f">= {MIN_MEMORY_MB}: a Python interpreter needs that much"),
-                ("file-mb", cfg.file_mb >= 1, ">= 1: stderr is a file too, every program failed "
-                 "with no output"),
+                ("file-mb", cfg.file_mb >= 0, ">= 0"),
                 ("max-output-chars", cfg.max_output_chars >= 0, ">= 0"),
                 ("disk-mb", cfg.disk_mb >= 0, ">= 0"), ("max-files", cfg.max_files >= 0, ">= 0")):
             if not ok:

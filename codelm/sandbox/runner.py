@@ -58,6 +58,7 @@ from codelm.sandbox.crossing import plain_encode
 MIN_MEMORY_MB = 64  # the interpreter alone maps about 15 MB before any test
 SAMPLE_UID = SAMPLE_GID = 65534  # nobody: who a root evaluator's samples run as
 _DISK_POLL_S = 0.1  # how often a run's working directory is measured
+_DRAIN_JOIN_S = 10.0  # the longest wait for a killed run's output pipes to end
 _LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest ABI to use
 BOOTSTRAP = Path(bootstrap.__file__)  # the program a run starts, copied into its control directory
 CROSSING = Path(crossing.__file__)  # what it loads from beside itself there
@@ -69,7 +70,7 @@ class SandboxConfig:
 
     timeout_s: float = 5.0  # wall clock; the process group is killed at this point
     memory_mb: int = 1024  # address-space limit (RLIMIT_AS)
-    file_mb: int = 16  # largest file it may write, stdout/stderr included (RLIMIT_FSIZE)
+    file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE); stdout/stderr are pipes
     max_output_chars: int = 20_000  # tail of stdout/stderr kept in the result
     disk_mb: int = 64  # all it keeps in its working directory; killed past it (status "disk")
     max_files: int = 10_000  # files and directories there; killed past it (status "disk")
@@ -96,12 +97,43 @@ class SandboxResult:
         return self.status == "passed"
 
 
-def _tail(path: Path, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[str, bool]:
+class _Drain(threading.Thread):
+    """Reads a run's stdout or stderr pipe to its end (then closes it), keeping its first line
+    (up to 200 bytes) and its last ``keep`` bytes: a pipe is no file, so the run writes as much
+    as it likes, as into the harness's swallowed output, and the evaluator holds a bounded tail."""
+
+    def __init__(self, fd: int, keep: int) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.keep = fd, keep
+        self.head = b""  # the first 200 bytes
+        self.tail = bytearray()
+        self.size = 0  # bytes read in all
+
+    def run(self) -> None:
+        try:
+            while chunk := os.read(self.fd, 1 << 16):
+                if self.size < 200:
+                    self.head += chunk[: 200 - self.size]
+                self.size += len(chunk)
+                self.tail += chunk
+                if len(self.tail) > 2 * self.keep + (1 << 16):
+                    del self.tail[: len(self.tail) - self.keep]
+        finally:
+            os.close(self.fd)
+
+    @property
+    def first_line(self) -> bytes:
+        """The first line, up to 200 bytes (a longer one cut there)."""
+        end = self.head.find(b"\n")
+        return self.head[: end + 1] if end >= 0 else self.head
+
+
+def _tail(drain: _Drain, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[str, bool]:
     """The last ``limit`` characters past ``skip`` bytes, and whether ``marker`` (cut out) was there."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(size - limit * 4 - len(marker), skip))
-        data = f.read()
+    data = bytes(drain.tail[len(drain.tail) - min(len(drain.tail), limit * 4 + len(marker)):])
+    read_before = drain.size - len(data)
+    if read_before < skip:
+        data = data[skip - read_before:]
     at = data.rfind(marker) if marker else -1
     if at >= 0:
         data = data[:at] + data[at + len(marker):]
@@ -282,39 +314,31 @@ def run_python(source: str, config: SandboxConfig | None = None,
         command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
                    str(control_dir / "program.py"), plain_encode(limits)]
 
-        def private(path: str, flags: int) -> int:
-            fd = os.open(path, flags, 0o600)
-            if user:  # also reopened through /dev/stdout
-                os.fchown(fd, *user)
-            return fd
-
-        with open(control_dir / "stdout", "wb", opener=private) as out, \
-                open(control_dir / "stderr", "wb", opener=private) as err:
-            start = time.monotonic()
-            proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
-                                    stdout=out, stderr=err, start_new_session=True)
+        marker = f"\nsandbox: completed {token}\n".encode()
+        start = time.monotonic()
+        proc, out, err = _start(command, workdir, env, user, cfg.max_output_chars * 4 + len(marker))
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc.pid)
+        try:
+            with contextlib.suppress(OSError):  # an interpreter dead at startup: its status
+                proc.stdin.write(stdin)  # the bootstrap reads it before the program runs
+                proc.stdin.close()
+            stopped = _wait(proc, start + cfg.timeout_s, workdir, cfg)
+        finally:  # at the timeout, on an interrupt, and whatever it left running
+            _kill_group(proc.pid)
+            proc.wait()
             with _RUNNING_LOCK:
-                _RUNNING.add(proc.pid)
-            try:
-                with contextlib.suppress(OSError):  # an interpreter dead at startup: its status
-                    proc.stdin.write(stdin)  # the bootstrap reads it before the program runs
-                    proc.stdin.close()
-                stopped = _wait(proc, start + cfg.timeout_s, workdir, cfg)
-            finally:  # at the timeout, on an interrupt, and whatever it left running
-                _kill_group(proc.pid)
-                proc.wait()
-                with _RUNNING_LOCK:
-                    _RUNNING.discard(proc.pid)
-            duration = time.monotonic() - start
-        stdout, _ = _tail(control_dir / "stdout", cfg.max_output_chars)
-        with open(control_dir / "stderr", "rb") as f:  # the bootstrap's line comes first
-            line = f.readline(200)
+                _RUNNING.discard(proc.pid)
+            for drain in (out, err):  # the group is dead: its pipes end
+                drain.join(_DRAIN_JOIN_S)
+        duration = time.monotonic() - start
+        stdout, _ = _tail(out, cfg.max_output_chars)
+        line = err.first_line  # the bootstrap's line comes first
         header = re.fullmatch(rb"sandbox: landlock=(\d+) seccomp=(\d) caps=([0-9a-f]+)\n", line)
         landlock, seccomp = (header[1] != b"0", header[2] == b"1") if header else (False, False)
         capabilities = int(header[3], 16) if header else -1
-        stderr, completed = _tail(control_dir / "stderr", cfg.max_output_chars,
-                                  skip=len(line) if header else 0,
-                                  marker=f"\nsandbox: completed {token}\n".encode())
+        stderr, completed = _tail(err, cfg.max_output_chars, skip=len(line) if header else 0,
+                                  marker=marker)
     finally:
         _remove(control_dir)
     code = proc.returncode
@@ -324,6 +348,30 @@ def run_python(source: str, config: SandboxConfig | None = None,
     status = stopped or _status(code, completed, memory)
     return SandboxResult(status, code, stdout, stderr, duration, landlock, completed, seccomp,
                          capabilities)
+
+
+def _start(command: list[str], workdir: Path, env: dict[str, str], user: list[int] | None,
+           keep: int) -> tuple[subprocess.Popen, _Drain, _Drain]:
+    """Start a run, its own process group's leader, its stdout and stderr pipes read by drains
+    keeping ``keep`` bytes of each."""
+    pipes = [os.pipe(), os.pipe()]
+    try:
+        for _, write_end in pipes:
+            if user:  # also reopened through /dev/stdout
+                os.fchown(write_end, *user)
+        proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
+                                stdout=pipes[0][1], stderr=pipes[1][1], start_new_session=True)
+    except BaseException:
+        for read_end, _ in pipes:
+            os.close(read_end)
+        raise
+    finally:
+        for _, write_end in pipes:
+            os.close(write_end)
+    drains = [_Drain(read_end, keep) for read_end, _ in pipes]
+    for drain in drains:
+        drain.start()
+    return proc, drains[0], drains[1]
 
 
 def _package_dirs(names: Sequence[str]) -> list[list]:
