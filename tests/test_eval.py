@@ -2223,10 +2223,34 @@ def test_completion_examples_are_windows_of_the_file_as_training_cuts_them(tiny_
     assert again == examples
 
 
+def _prediction(task: str, generated: str) -> str:
+    """A task's prediction from a model's text, as generate_texts and the task compose them."""
+    spec = text_task._GENERATION[task]
+    return spec.clean_pred(truncate_at_stops((spec.start or str)(generated), spec.stops))
+
+
+def test_a_docstring_written_in_its_quotes_is_its_text():
+    """A base model may open the docstring with triple quotes: its text is what follows them,
+    up to the closing ones, scored as the reference it equals."""
+    reference = "Raised when Queue.get_nowait() is called on an empty Queue."
+    for generated in (f' """{reference}"""\n', f"\n    '''{reference}\n    '''", reference):
+        assert _prediction("docstring", generated) == reference, generated
+        assert text_task._generation_metrics("docstring", [reference], [reference])["chrF"] == 100
+
+
+def test_a_refactored_program_keeps_its_own_section_comments():
+    """The refactor task stops where a model starts the template's next example, not at a
+    "###" comment of the refactored program."""
+    program = "import os\n\n### Helpers\n\ndef load(p):\n    return open(p).read()"
+    assert _prediction("refactor", program + "\n") == program
+    header = REFACTOR_TEMPLATE.partition("\n")[0]
+    assert _prediction("refactor", f"{program}\n{header}\n\nx = 1\n") == program
+
+
 def test_a_method_body_generated_without_its_first_indent_keeps_its_first_line():
     """A method prompt may end inside the body's indentation, so the first generated line has
     none: only a later unindented line ends the body."""
-    clean = text_task._GENERATION["method"][1]
+    clean = text_task._GENERATION["method"].clean_pred
     assert clean("return self.balance\n\nx = 1") == "return self.balance"
     assert clean("\n    return 1\n  \ndef g():\n    pass") == "\n    return 1"
 
@@ -2234,7 +2258,7 @@ def test_a_method_body_generated_without_its_first_indent_keeps_its_first_line()
 def test_a_method_body_keeps_its_strings_and_bracketed_lines_in_column_0():
     """A line of a string over several lines (SQL, a template) or of a bracketed expression may
     start in column 0 inside the body: only a line that starts a statement there ends it."""
-    clean = text_task._GENERATION["method"][1]
+    clean = text_task._GENERATION["method"].clean_pred
     sql = '    sql = """\nSELECT *\nFROM t\n"""\n    return sql.format(table)'
     assert clean(sql + "\n\ndef g():\n    pass") == sql
     call = "    x = f(\n1, 2)\n    return x"
@@ -4755,7 +4779,7 @@ def test_a_codexglue_prompt_parses_whatever_its_docstring_ends_with(tmp_path):
 def test_a_comment_in_column_0_inside_a_generated_body_does_not_end_it():
     """A commented-out line in column 0 may sit inside a function: the body ends at the next
     unindented line that is code, without the comments just before it."""
-    clean = text_task._GENERATION["method"][1]
+    clean = text_task._GENERATION["method"].clean_pred
     assert clean("    x = 1\n#    debug(x)\n    return x\n") == (
         "    x = 1\n#    debug(x)\n    return x")
     assert clean("    return x\n# the next one\ndef g():\n    pass") == "    return x"

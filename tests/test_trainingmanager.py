@@ -2513,6 +2513,22 @@ def test_a_parquet_pair_file_and_a_datasets_directory_train_the_refactor_task(as
         assert result.step == 4 and math.isfinite(result.best_val_loss), name
 
 
+def test_a_run_names_the_records_its_data_dropped_and_why(assets, tmp_path, capsys):
+    """Nothing is dropped in silence: a run's console names how many records were kept of
+    those read, each drop's reason with its count, and the splits."""
+    pairs = [{"input": f"def f{i}(x):\n    y = x + {i}\n    return y\n",
+              "output": f"def f{i}(x):\n    return x + {i}\n"} for i in range(40)]
+    pairs += [{"input": f"def g{i}(x):\n    return x\n", "output": ""} for i in range(3)]
+    pairs += pairs[:2]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tm.train(tiny_cfg(assets, tmp_path, task="refactor", data=[str(data)], max_steps=1,
+                      block_size=48))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data:"))
+    assert "40 of 45" in line and "empty_pair 3" in line and "duplicate 2" in line, line
+    assert "split train" in line
+
+
 def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_path):
     """A merge into a tied embedding (a merged export, or GGUF's, written from the merged
     weights) is refused before training, not failing after it and taking the (valid) adapter

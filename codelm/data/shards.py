@@ -365,6 +365,14 @@ def corpus_stats(manifests: Sequence[dict], cfg: DataConfig) -> dict:
     return stats
 
 
+def describe_corpus(stats: dict) -> str:
+    """One line of a corpus's counts (``corpus_stats``): read, kept, each drop's reason, the
+    splits."""
+    dropped = ", ".join(f"{reason} {n}" for reason, n in stats["dropped"].items() if n)
+    splits = ", ".join(f"{split} {n}" for split, n in stats["split"].items())
+    return (f"{stats['kept']['files']} of {stats['read']['files']} files/records kept "
+            f"(dropped: {dropped or 'none'}); split {splits}")
+
 
 _SOURCE_SUFFIXES = frozenset({".py", ".kt", ".kts", ".java", ".js", ".ts", ".tsx", ".jsx", ".go",
                               ".rs", ".c", ".h", ".cc", ".cpp", ".hpp", ".cs", ".rb", ".php",

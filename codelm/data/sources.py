@@ -132,8 +132,8 @@ def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]
             doc = _record_to_doc(record, cfg, f"{path.name}:{number}", where)
         except DataError as exc:
             if not cfg.skip_bad:
-                raise DataError(f"{exc} (skip such records with --skip-bad, or the data "
-                                "option skip_bad)") from None
+                raise DataError(f"{exc} (to skip such records and count them: --data-options "
+                                "'{\"skip_bad\": true}', dataset.py's --skip-bad)") from None
             counts["bad_jsonl_line" if is_jsonl(path) else "bad_record"] += 1
             continue
         yield doc

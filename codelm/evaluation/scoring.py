@@ -194,22 +194,19 @@ def prompt_room(lm: LoadedModel, cfg: Scoring, start: Sequence[int] | None = Non
 def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
                    stops: Sequence[str] = (), desc: str = "generate",
                    prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
-                   max_prompt_tokens: int | None = None, skip_blank_lines: bool = False,
-                   skip_newlines: bool = False, chat: bool = False) -> list[str]:
+                   max_prompt_tokens: int | None = None,
+                   start: Callable[[str], str] | None = None, chat: bool = False) -> list[str]:
     """Continue each prompt (greedy, beams or sampled) in left-padded batches, up to EOS or the
     first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
-    tokenized them; ``max_prompt_tokens``: the run's own prompt limit; ``skip_blank_lines``: the
-    text starts at its first non-blank character, ``skip_newlines`` after its leading newlines
-    (its indentation kept); a stop before that start does not count; ``chat``: ``prompts``
-    are a chat template's renderings (``_generation``), and the answers' text has no special
-    token (EvalPlus decodes with skip_special_tokens)."""
+    tokenized them; ``max_prompt_tokens``: the run's own prompt limit; ``start``: the answer
+    within the decoded text (past its leading blank lines, say): a stop before it does not
+    count; ``chat``: ``prompts`` are a chat template's renderings (``_generation``), and the
+    answers' text has no special token (EvalPlus decodes with skip_special_tokens)."""
     tok, model = lm.tokenizer, lm.model
 
     def text(ids: list[int]) -> str:
         decoded = decode_generated(tok, ids, skip_special_tokens=chat)  # chat: as EvalPlus reads
-        if skip_blank_lines:
-            return decoded.lstrip()
-        return decoded.lstrip("\n") if skip_newlines else decoded
+        return start(decoded) if start else decoded
     if chat:  # the template's special-token text is its tokens, as the server reads it
         prompt_ids = [(tok.encode(prompt), (0, 0)) for prompt in prompts]
     elif prompt_ids is None:

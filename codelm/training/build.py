@@ -30,6 +30,7 @@ from codelm.data.config import PREFERENCE_TASKS, DataConfig
 from codelm.data.datasets import PreparedData
 from codelm.data.encoding import tokenizer_cache_dir
 from codelm.data.examples import SamplePrompt
+from codelm.data.shards import describe_corpus
 from codelm.data.splits import corpus_key
 from codelm.gguf import writer
 from codelm.models import adapter_config, quantize
@@ -333,6 +334,8 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
     own_tok = settings.own_tokenizer and saved_tok.is_file()
     tok = load_or_train_tokenizer(settings, dcfg, saved_tok if own_tok or not dist.main else None)
     splits = prepare(dcfg, tok)
+    if dist.main:
+        print(f"data: {describe_corpus(splits.stats['corpus'])}")
     if len(splits.val) == 0:
         raise ValueError(f"the validation split of {dcfg.sources} is empty: add data or raise "
                          "val_frac of data_options (--data-options)")

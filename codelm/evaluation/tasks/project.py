@@ -196,7 +196,7 @@ def run_project(lm: LoadedModel, cases: Sequence[dict], cfg: ProjectSettings
     texts = scoring.generate_texts(lm, [""] * len(prompts), line_cfg, ("\n",),
                                    desc="project-completion",
                                    prompt_ids=[(p["ids"], (0, 0)) for p in prompts],
-                                   skip_newlines=True)
+                                   start=lambda text: text.lstrip("\n"))  # indentation kept
     records = []
     for prompt, prediction in zip(prompts, texts):
         reference = prompt["reference"]

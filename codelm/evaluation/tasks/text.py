@@ -12,11 +12,11 @@ import io
 import random
 import sys
 import tokenize
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from codelm.data.config import DataConfig
+from codelm.data.config import REFACTOR_TEMPLATE, DataConfig
 from codelm.data.encoding import encode_text, fitted_prompt, tokenize_examples, window_pairs
 from codelm.data.examples import (
     Example,
@@ -164,15 +164,36 @@ def _continuation_lines(text: str) -> set[int]:
     return continued
 
 
-# task -> (stop strings, post-processing of a generation, post-processing of a reference)
+class Generation(NamedTuple):
+    """How a task's answers are generated and compared: the stop strings, where the answer
+    starts in the decoded text (a stop before it does not count), and the post-processing of a
+    prediction and of a reference."""
+
+    stops: tuple[str, ...]
+    start: Callable[[str], str] | None
+    clean_pred: Callable[[str], str]
+    clean_ref: Callable[[str], str]
+
+
+def _past_opening_quotes(text: str) -> str:
+    """A docstring's text: past its leading blanks and the opening triple quotes a model may
+    write (the closing ones are then its stop)."""
+    text = text.lstrip()
+    return text[3:] if text.startswith(('"""', "'''")) else text
+
+
+# The refactor template's own header: a base model that goes on writes its next example there
+# (a "### Section" comment in a refactored program is the program's own).
+_NEXT_REFACTOR = "\n" + REFACTOR_TEMPLATE.partition("\n")[0]
+
 _GENERATION = {
-    "line": (("\n",), lambda t: codexglue_post_process(t.strip()),
-             lambda r: codexglue_post_process(r.strip())),
-    "method": (FUNCTION_STOPS[:4], method_body, lambda r: r.rstrip()),
-    "docstring": (('"""', "'''", "\nclass ", "\ndef "),
-                  lambda t: t.split('"""')[0].split("'''")[0].strip(), lambda r: r.strip()),
-    "refactor": (("\n###",), lambda t: t.strip(), lambda r: r.strip()),
-    "completion": ((), lambda t: t.strip(), lambda r: r.strip()),
+    "line": Generation(("\n",), str.lstrip, lambda t: codexglue_post_process(t.strip()),
+                       lambda r: codexglue_post_process(r.strip())),
+    "method": Generation(FUNCTION_STOPS[:4], None, method_body, str.rstrip),
+    "docstring": Generation(('"""', "'''", "\nclass ", "\ndef "), _past_opening_quotes,
+                            str.strip, str.strip),
+    "refactor": Generation((_NEXT_REFACTOR,), None, str.strip, str.strip),
+    "completion": Generation((), None, str.strip, str.strip),
 }
 
 
@@ -209,14 +230,14 @@ def _generation_metrics(task: str, preds: list[str], refs: list[str],
 def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[Example],
                         cfg: TextSettings, variant: str | None = None,
                         data_cfg: DataConfig | None = None) -> tuple[dict, list[dict]]:
-    stops, clean_pred, clean_ref = _GENERATION[task]
+    stops, start, clean_pred, clean_ref = _GENERATION[task]
     prompts = [fitted_prompt(e, lm.tokenizer) for e in examples]
     trained = scoring.training_ids(lm, examples, cfg, data_cfg)
     ids = [(prompt, span) for prompt, _, span in trained]
     if task == "line":  # its reference is the next line that is not blank: so is its prediction
         cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, LINE_NEW_TOKENS))
     raw = scoring.generate_texts(
-        lm, prompts, cfg, stops, desc=task, prompt_ids=ids, skip_blank_lines=task == "line",
+        lm, prompts, cfg, stops, desc=task, prompt_ids=ids, start=start,
         max_prompt_tokens=data_cfg.max_prompt_tokens if data_cfg else None)
     preds = [clean_pred(t) for t in raw]
     refs = [clean_ref(e.completion) for e in examples]
