@@ -1549,6 +1549,30 @@ def test_models_with_different_tokenizers_get_a_note_under_the_table(tiny_models
     assert eval_results.markdown_table(rows, note).endswith(f"\n\n{note}")
 
 
+def test_a_held_out_file_scores_whole_with_split_all_and_a_split_of_it_is_named(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    """--data names a file no run split: its test split is a cut of it, said on stderr with
+    the counts and fractions; --split all scores every record."""
+    import json
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    pairs = tmp_path / "held_out.jsonl"
+    pairs.write_text("".join(json.dumps({"input": f"def f{i}(x):\n    y = x + {i}\n    return y\n",
+                                         "output": f"def f{i}(x):\n    return x + {i}\n"}) + "\n"
+                             for i in range(20)))
+    common = ["--models", str(tiny_models["base"]), "--tasks", "refactor", "--data", str(pairs),
+              "--limit", "50", "--max-new-tokens", "4", "--no-progress"]
+    assert ev.main([*common, "--out-dir", str(tmp_path / "cut")]) == 0
+    note = next(line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("note: scoring the test split"))
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())["examples"]["refactor"]
+    assert f"{cut} of 20 documents" in note and "test_frac 0.1" in note and "--split all" in note
+    assert ev.main([*common, "--split", "all", "--out-dir", str(tmp_path / "all")]) == 0
+    assert json.loads((tmp_path / "all" / "results.json").read_text())["examples"] == {
+        "refactor": 20}
+    assert "note: scoring" not in capsys.readouterr().err
+
+
 def test_results_record_the_context_each_model_was_scored_with(tiny_models, tmp_path,
                                                               monkeypatch, capsys):
     """--block-size past a model's context is clamped to it: results.json records the 32 tokens

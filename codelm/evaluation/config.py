@@ -46,7 +46,7 @@ class EvalConfig:
     composers: list[str] = field(default_factory=lambda: ["path_distance", "imports", "bm25"])
     #   project-completion: the context composers compared with no context (empty)
     data_options: dict = field(default_factory=dict)  # DataConfig fields over the run's
-    split: str = "test"  # train | val | test
+    split: str = "test"  # train | val | test, or all: every document of the data, unsplit
     limit: int | None = None  # examples per generation task (None: 100); benchmark tasks
     #   (pass@k, fim): the first problems of the file (None: all); project-completion:
     #   completion files per repository (None: 100)
@@ -122,7 +122,8 @@ class EvalConfig:
              f"choose from {', '.join(TASKS)}"),
             ("tasks", len(set(self.tasks)) == len(self.tasks),
              "names a task twice: name each once"),
-            ("split", self.split in ("train", "val", "test"), "must be train, val or test"),
+            ("split", self.split in ("train", "val", "test", "all"),
+             "must be train, val, test or all"),
             *((key, getattr(self, key) >= 1, "must be >= 1") for key in (
                 "lines_per_file", "max_new_tokens", "num_samples", "batch_size", "workers",
                 "num_beams")),

@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Protocol
 
-from codelm.data.config import DataConfig
+from codelm.data.config import SPLITS, DataConfig
 from codelm.data.sources import Doc
 from codelm.data.splits import corpus_key, load_corpus
 from codelm.loading import LoadedModel
@@ -71,7 +71,22 @@ def _corpus_config(cfg: CorpusSettings, run: dict | None, run_source: str = "run
 
 
 def split_documents(cfg: CorpusSettings, models: Sequence[LoadedModel]
-                    ) -> tuple[list[Doc], DataConfig]:
-    """The documents of ``cfg.split`` of the corpus scored, and its DataConfig."""
+                    ) -> tuple[Sequence[Doc], DataConfig]:
+    """The documents of ``cfg.split`` of the corpus scored (``all``: every one), and its
+    DataConfig. Where no run's own split is scored, a note says which part of the data is."""
     data_cfg = corpus_config(cfg, models)
-    return getattr(load_corpus(data_cfg), cfg.split), data_cfg
+    corpus = load_corpus(data_cfg)
+    if cfg.split == "all":
+        if any(m.run_config for m in models):
+            print("note: --split all scores every document, those the runs trained on too",
+                  file=sys.stderr)
+        return [doc for split in SPLITS for doc in getattr(corpus, split)], data_cfg
+    docs = getattr(corpus, cfg.split)
+    if cfg.data is not None or not any(m.run_config for m in models):
+        unit = corpus.stats["split_by"]
+        print(f"note: scoring the {cfg.split} split of {', '.join(data_cfg.sources)}: "
+              f"{len(docs)} of {sum(corpus.stats['split'].values())} documents (train_frac "
+              f"{data_cfg.train_frac:g}, val_frac {data_cfg.val_frac:g}, test_frac "
+              f"{data_cfg.test_frac:g} by {unit}, seed {data_cfg.seed}; --split all scores "
+              "every document)", file=sys.stderr)
+    return docs, data_cfg
