@@ -3576,6 +3576,16 @@ def test_weight_fingerprint_tells_a_retrained_bf16_model_apart():
         torch.set_num_threads(threads)
 
 
+def test_a_runs_weights_of_another_step_are_another_model():
+    """A resumed run's export of a later step is evaluated again, though a few small updates
+    left its weight norms within rounding of the old ones."""
+    scored = {"label": "m", "source": "runs/r", "weight_norms": [10.0, 2.0], "weights": "export/",
+              "step": 4, "still_training": False}
+    assert eval_results._same_models([scored], [dict(scored)])
+    assert not eval_results._same_models([scored], [{**scored, "step": 8}])
+    assert not eval_results._same_models([scored], [{**scored, "weights": "best/"}])
+
+
 def test_two_models_whose_directories_share_a_name_are_both_evaluated(tiny_models, tmp_path,
                                                                      monkeypatch):
     """runs/a/best vs runs/b/best: unlabelled models named alike get distinct labels (name,

@@ -207,9 +207,12 @@ def finished_models(out: Path, results: dict, remedy: str,
 
 
 def _same_models(old: list[dict], new: list[dict]) -> bool:
-    """Same labels and sources in order, and weight norms equal to float rounding."""
+    """Same labels and sources in order, a run's same weights (directory and training step: a
+    resumed run's few small updates move the norms less than rounding), and weight norms equal
+    to float rounding."""
     return len(old) == len(new) and all(
         a["label"] == b["label"] and a["source"] == b["source"]
+        and a.get("weights") == b.get("weights") and a.get("step") == b.get("step")
         and all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(a["weight_norms"], b["weight_norms"]))
         for a, b in zip(old, new))
 
