@@ -68,7 +68,14 @@ from codelm.data.encoding import (
     truncate_pair,
     window_pairs,
 )
-from codelm.data.examples import Example, SamplePrompt, chat_examples, examples_for, held_out_prompt
+from codelm.data.examples import (
+    REFACTOR_HEADER,
+    Example,
+    SamplePrompt,
+    chat_examples,
+    examples_for,
+    held_out_prompt,
+)
 from codelm.data.project import project_pairs, repository_name
 from codelm.data.shards import SHARD_FORMAT_VERSION
 from codelm.data.sources import Doc, plain_text
@@ -549,6 +556,12 @@ def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
             print(f"note: {source} holds {n} input/output pairs; the lm task trains on each as "
                   "plain text (input, newline, output; the loss on both): another task, e.g. "
                   "--task refactor, trains on the output only", file=sys.stderr)
+    headed = sum(events.get("input_holds_refactor_header", 0)
+                 for events in meta["task"].get("events", {}).values())
+    if headed:
+        print(f"note: {headed} refactor input(s) open with the template's header "
+              f"({REFACTOR_HEADER!r}), which the template writes before each input: they hold "
+              "it twice; an input is the code alone", file=sys.stderr)
     n = sum(events.get("pair_holds_special_token_text", 0)
             for events in meta["task"].get("events", {}).values())
     if n and not cfg.pair_special_tokens:

@@ -2529,6 +2529,23 @@ def test_a_run_names_the_records_its_data_dropped_and_why(assets, tmp_path, caps
     assert "split train" in line
 
 
+def test_refactor_inputs_that_hold_the_templates_header_are_named(assets, tmp_path, capsys):
+    """An input written with the template's header (the seed's inference prompt) would hold it
+    twice: a note counts them."""
+    from codelm.data.examples import REFACTOR_HEADER
+
+    pairs = [{"input": f"{REFACTOR_HEADER}\n\ndef f{i}(x):\n    y = x + {i}\n    return y\n",
+              "output": f"def f{i}(x):\n    return x + {i}\n"} for i in range(30)]
+    pairs += [{"input": f"def g{i}(x):\n    y = x * {i}\n    return y\n",
+               "output": f"def g{i}(x):\n    return x * {i}\n"} for i in range(10)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tm.train(tiny_cfg(assets, tmp_path, task="refactor", data=[str(data)], max_steps=1,
+                      block_size=48))
+    note = next(line for line in capsys.readouterr().err.splitlines() if "header" in line)
+    assert note.startswith("note: 30 refactor input(s)") and "twice" in note, note
+
+
 def test_a_merge_into_a_tied_embedding_is_refused_before_training(assets, tmp_path):
     """A merge into a tied embedding (a merged export, or GGUF's, written from the merged
     weights) is refused before training, not failing after it and taking the (valid) adapter

@@ -177,6 +177,10 @@ def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
     return out
 
 
+# The template's first line: an input that opens with it gets it twice
+REFACTOR_HEADER = REFACTOR_TEMPLATE.partition("\n")[0]
+
+
 def refactor_example(doc: Doc) -> Example:
     """A pair through REFACTOR_TEMPLATE (the input as the body); prompt/completion ones verbatim."""
     if doc.raw_pair:
@@ -191,6 +195,8 @@ def examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
             raise DataError(
                 f"the refactor task needs JSONL pair records {{'input', 'output'}}; the data holds "
                 f"code files (e.g. {doc.id}: a directory's file or a scraper's {{'text'}} record)")
+        if not doc.raw_pair and doc.text.lstrip().startswith(REFACTOR_HEADER):
+            events["input_holds_refactor_header"] += 1
         return [refactor_example(doc)]
     if doc.target is not None:  # pairs in any other task: used as given
         return [Example(doc.text, doc.target, pair=True)]
