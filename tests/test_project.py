@@ -710,6 +710,20 @@ def test_a_file_too_deep_for_the_parser_declares_its_names_by_the_patterns():
     assert history.declared_names(text, "gen/table.py") == {"lookup"}
 
 
+def test_a_name_in_an_f_string_counts_as_python_3_12_tokenizes_it():
+    """Python 3.12's tokenizer gives an f-string's expressions as names; an older one gives the
+    f-string as one string: each line's names are the same under both (a call of the project's
+    function inside an f-string makes the line inproject), and a plain string's braces are
+    text."""
+    snapshot = {"app/util.py": "def render(x):\n    return str(x)\n"}
+    text = ('import sys\nmsg = f"page: {render(sys.argv)}"\nbody = f"""\n  {render(1):>{width}}"""\n'
+            'note = "{render}"\n')
+    names = history.line_names(text, "app/main.py")
+    assert names[1] == {"msg", "render", "sys", "argv"}
+    assert names[3] == {"render", "width"} and names[4] == {"note"}
+    assert history.line_categories(text, "app/main.py", snapshot, {})["inproject"] == [1, 3]
+
+
 def test_a_string_holding_a_comment_mark_keeps_the_rest_of_its_line_in_other_languages():
     """In Kotlin "#" and "//" inside a string are text: a line calling the project's function
     after such a string is inproject, and the string's words are no names."""

@@ -133,6 +133,9 @@ def line_names(text: str, path: str = "x.py") -> list[set[str]]:
             for token in tokenize.generate_tokens(io.StringIO(text).readline):
                 if token.type == tokenize.NAME and token.start[0] - 1 < len(lines):
                     found[token.start[0] - 1].add(token.string)
+                elif token.type == tokenize.STRING:  # an f-string, before Python 3.12
+                    for line, name in _f_string_names(token.string):
+                        found[token.start[0] - 2 + line].add(name)
             tokenized = True
         except (tokenize.TokenError, SyntaxError, ValueError):
             found = [set() for _ in lines]
@@ -143,6 +146,26 @@ def line_names(text: str, path: str = "x.py") -> list[set[str]]:
                     else _declarations(line))
         names.difference_update(declared)
     return found
+
+
+def _f_string_names(literal: str) -> list[tuple[int, str]]:
+    """The identifiers of an f-string's expressions, each with its line in the literal (from
+    1): what Python 3.12's tokenizer gives as NAME tokens (keywords aside), where an older
+    one gives the f-string as one STRING token; none for another string."""
+    if "f" not in literal[: literal.find(literal[-1])].lower():
+        return []
+    try:
+        tree = ast.parse(literal, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return []
+    names = []
+    for node in ast.walk(tree):
+        name = (node.id if isinstance(node, ast.Name) else node.attr
+                if isinstance(node, ast.Attribute) else node.arg
+                if isinstance(node, ast.keyword | ast.arg) else None)
+        if name is not None:
+            names.append((node.lineno, name))
+    return names
 
 
 def non_informative(line: str, path: str = "x.py") -> bool:
