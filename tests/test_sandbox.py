@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -381,13 +382,15 @@ def test_kernel_filter_allows_threads_but_no_process_program_or_network():
             attempt(family, lambda: socket.socket(getattr(socket, family)).close())
         attempt("socketpair", lambda: [end.close() for end in socket.socketpair()])
         attempt("socketpair AF_INET", lambda: socket.socketpair(socket.AF_INET))
+        attempt("socketpair SOCK_DGRAM",
+                lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM))
         attempt("memfd_create", lambda: os.close(os.memfd_create("m")))
         attempt("exec", lambda: os.execv(sys.executable, [sys.executable, "-c", "pass"]))
     """)
     assert lines == ["threads 285", "fork refused", "posix_spawn refused",
                      "clone3 [Errno 38] clone3", "AF_INET refused", "AF_INET6 refused",
                      "AF_NETLINK refused", "AF_UNIX refused", "socketpair allowed",
-                     "socketpair AF_INET refused",
+                     "socketpair AF_INET refused", "socketpair SOCK_DGRAM refused",
                      "memfd_create refused",
                      "exec refused"]
 
@@ -487,6 +490,93 @@ def test_asyncio_runs_and_subprocess_imports_but_starts_no_process():
     source = ("import asyncio\n\nasync def twice(x):\n    return 2 * x\n\n"
               "def f(x):\n    return asyncio.run(twice(x))\n")
     assert run_python(source, FAST, test).passed
+
+
+def test_a_unix_socket_pair_sends_nothing_elsewhere(tmp_path):
+    """The pair asyncio makes talks to itself: an address elsewhere (a Unix socket outside the
+    sandbox), another bind or connect, and descriptors sent are refused."""
+    outside = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    outside.bind(str(tmp_path / "outside.sock"))
+    os.chmod(tmp_path, 0o755)
+    os.chmod(tmp_path / "outside.sock", 0o777)
+    outside.setblocking(False)
+    try:
+        program = textwrap.dedent(f"""
+            import socket
+            a, b = socket.socketpair()
+            a.send(b"x")
+            print(b.recv(1))
+            path = {str(tmp_path / "outside.sock")!r}
+            for name, attempt in [
+                ("sendto", lambda: a.sendto(b"hello", path)),
+                ("connect", lambda: a.connect(path)),
+                ("bind", lambda: a.bind("here.sock")),
+                ("sendmsg", lambda: a.sendmsg([b"fds"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                          bytes(4))])),
+            ]:
+                try:
+                    attempt()
+                    print(name, "allowed")
+                except OSError as e:
+                    print(name, "refused" if "not allowed" in str(e) else e)
+        """)
+        result = run_python(program, FAST)
+        assert result.passed, result.stderr
+        assert result.stdout.splitlines() == ["b'x'", "sendto refused", "connect refused",
+                                              "bind refused", "sendmsg refused"]
+        with pytest.raises(BlockingIOError):
+            outside.recv(100)
+    finally:
+        outside.close()
+
+
+def test_a_killed_runs_output_is_read_for_a_grace_period_not_until_its_pipe_ends():
+    """A pipe a dead run's descriptor still holds open (sent elsewhere) ends its reading after
+    the grace period, the output read so far kept, so the run ends with its timeout."""
+    read_end, write_end = os.pipe()
+    try:
+        drain = runner._Drain(read_end, keep=100)
+        drain.start()
+        os.write(write_end, b"first line\nlast words")
+        drain.stop_at = time.monotonic() + 0.2
+        drain.join(timeout=5)
+        assert not drain.is_alive()
+        assert drain.first_line == b"first line\n" and bytes(drain.tail).endswith(b"last words")
+    finally:
+        os.close(write_end)
+
+
+def test_a_module_name_holding_a_nul_is_refused():
+    """The loader reads a C extension's init function from the name cut at a NUL: a denied
+    module under "_posixsubprocess\\0x" is still refused."""
+    import importlib.util
+
+    origin = importlib.util.find_spec("_posixsubprocess").origin
+    if not os.path.isfile(origin):
+        pytest.skip("_posixsubprocess is built into this interpreter")
+    program = ("import importlib.util\n"
+               f"spec = importlib.util.spec_from_file_location('_posixsubprocess\\0x', {origin!r})\n"
+               "print(importlib.util.module_from_spec(spec).fork_exec)\n")
+    result = run_python(program, FAST)
+    assert result.status == "failed" and "not allowed" in result.stderr, result.stdout
+
+
+def test_a_machine_without_the_seccomp_filter_is_not_confined(tmp_path, monkeypatch):
+    """Where the kernel filter is off (an architecture it has no table for), processes and
+    sockets rest on the audit hook alone: confinement() says so, and eval's pass@k and GRPO
+    refuse as they do without Landlock."""
+    source = runner.BOOTSTRAP.read_text()
+    filtered = "    machine = os.uname().machine\n"
+    assert source.count(filtered) == 1
+    unfiltered = tmp_path / "unfiltered" / "bootstrap.py"
+    unfiltered.parent.mkdir()
+    unfiltered.write_text(source.replace(filtered, "    return False\n" + filtered))
+    monkeypatch.setattr(runner, "BOOTSTRAP", unfiltered)
+    runner.confinement.cache_clear()
+    try:
+        assert "no seccomp filter" in (runner.confinement() or "")
+    finally:
+        runner.confinement.cache_clear()
 
 
 def test_a_named_package_is_importable_and_no_other_installed_beside_it():
@@ -923,6 +1013,16 @@ FAKE_PASSES = {
     "if not getattr(sys, 'again', False):\n"
     "    sys.again = True\n"
     "    sys._getframe(1).f_globals['main']()\n"
+    "os._exit(0)\n",
+    "the hook's sys swapped in the bootstrap's globals": "import os, sys\n"
+    "caller = sys._getframe(1)\nmain, names = caller.f_back, caller.f_globals\n"
+    "real = names['sys']\n"
+    "class Fake:\n"
+    "    def __getattr__(self, name):\n"
+    "        return getattr(real, name)\n"
+    "    def _getframe(self, depth=0):\n"
+    "        return main\n"
+    "names['sys'] = Fake()\nreal.audit('sandbox.completed')\nnames['sys'] = real\n"
     "os._exit(0)\n",
     "os._exit before the test": "import os\nos._exit(0)\nassert 1 == 2\n",
     "sys.exit before the test": "import sys\nsys.exit(0)\nassert 1 == 2\n",

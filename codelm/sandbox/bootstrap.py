@@ -233,8 +233,8 @@ _SECCOMP_ARCH = {
 
 def _seccomp(ctypes, libc):
     """Signals only to this process, threads but no process, no exec, socket (a connected pair
-    of Unix sockets, which reach nothing else, is allowed), memfd (outside RLIMIT_AS), rlimit
-    change, ptrace or io_uring; the rest allowed. Returns whether it is on."""
+    of Unix stream sockets, which reach nothing else, is allowed), memfd (outside RLIMIT_AS),
+    rlimit change, ptrace or io_uring; the rest allowed. Returns whether it is on."""
     machine = os.uname().machine
     if machine not in _SECCOMP_ARCH or sys.byteorder != "little":
         return False
@@ -257,7 +257,10 @@ def _seccomp(ctypes, libc):
               ("ioctl", [(arg(1), (0x8901, 0x8902))], eperm, allow),  # FIOSETOWN, SIOCSPGRP
               ("clone", [(arg(0), 0x10000)], allow, eperm),  # CLONE_THREAD: threads only
               ("clone3", [], enosys, None),  # flags out of reach: glibc falls back to clone
-              ("socketpair", [(arg(0), (1,))], allow, eperm)]  # AF_UNIX: asyncio's self-pipe
+              # a connected pair of Unix stream sockets (asyncio's self-pipe), with or
+              # without SOCK_NONBLOCK and SOCK_CLOEXEC: a datagram one could send elsewhere
+              ("socketpair", [(arg(0), (1,)), (arg(1), (1, 0x801, 0x80001, 0x80801))],
+               allow, eperm)]
     rules += [(name, [], eperm, None) for name in
               ("tkill", "pidfd_send_signal", "pidfd_open", "fork", "vfork", "execve",
                "execveat", "socket", "memfd_create", "setrlimit", "ptrace",
@@ -326,7 +329,10 @@ def _importable(packages):
 _DENIED_EVENTS = frozenset({
     "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
     "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn", "socket.__new__",
-    "os.chroot", "resource.setrlimit"})
+    "os.chroot", "resource.setrlimit",
+    # a Unix socket pair's: an address elsewhere, or descriptors sent (which could keep the
+    # run's output pipes open past its end)
+    "socket.bind", "socket.connect", "socket.sendto", "socket.sendmsg"})
 _REACHING_THE_HOOK = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents",
                                 "sys.settrace", "sys.setprofile"})
 
@@ -414,6 +420,7 @@ def _install_guard(workdir, landlock, seccomp, holds_hook=True):
         elif event in denied or event.startswith("ctypes."):
             deny(event)
         elif event == "import" and (denied_imports & {args[0], args[0].rpartition(".")[2]}
+                                    or "\0" in args[0]  # C cuts the name there
                                     or args[0].startswith(("_test", "_xx"))):  # raw memory
             raise ImportError(f"sandbox: importing {args[0]} is not allowed", name=args[0])
         elif event == "import" and unavailable & {args[0], args[0].rpartition(".")[2]}:
@@ -495,11 +502,12 @@ def _completion_hook(token, main_frame):
     ``main_frame`` (the bootstrap, after the program) raises "sandbox.completed"."""
     marker = f"\nsandbox: completed {token}\n".encode()
     done = []
+    caller, write = sys._getframe, os.write  # its own: the program can reach this module's
 
     def hook(event, args):
-        if event == "sandbox.completed" and not done and sys._getframe(1) is main_frame:
+        if event == "sandbox.completed" and not done and caller(1) is main_frame:
             done.append(True)
-            os.write(2, marker)
+            write(2, marker)
     sys.addaudithook(hook)
 
 

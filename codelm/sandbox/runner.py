@@ -5,7 +5,8 @@ a polled disk budget, a fresh working directory, ``nobody`` as its user under ro
 capability in any set. Landlock lets it read only the interpreter's standard library, the shared
 libraries the interpreter maps, its program and its working directory, and write only there;
 a seccomp filter and a Python audit hook refuse processes, exec, sockets (a connected pair of
-Unix sockets, which asyncio's event loop makes, reaches nothing else and is allowed) and signals.
+Unix stream sockets, which asyncio's event loop makes, is allowed: it may not bind, connect or
+send elsewhere, or send descriptors) and signals.
 ``confinement()`` says whether this machine gives that; without Landlock, reads are not confined
 (the audit hook then guards writes alone) and ``eval.py`` runs pass@k only when told to.
 
@@ -58,7 +59,8 @@ from codelm.sandbox.crossing import plain_encode
 MIN_MEMORY_MB = 64  # the interpreter alone maps about 15 MB before any test
 SAMPLE_UID = SAMPLE_GID = 65534  # nobody: who a root evaluator's samples run as
 _DISK_POLL_S = 0.1  # how often a run's working directory is measured
-_DRAIN_JOIN_S = 10.0  # the longest wait for a killed run's output pipes to end
+_DRAIN_GRACE_S = 1.0  # how long a killed run's output is read on, should its pipes stay open
+_DRAIN_POLL_S = 0.05  # how often a drain waiting on a pipe looks at its deadline
 _LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest ABI to use
 BOOTSTRAP = Path(bootstrap.__file__)  # the program a run starts, copied into its control directory
 CROSSING = Path(crossing.__file__)  # what it loads from beside itself there
@@ -98,7 +100,8 @@ class SandboxResult:
 
 
 class _Drain(threading.Thread):
-    """Reads a run's stdout or stderr pipe to its end (then closes it), keeping its first line
+    """Reads a run's stdout or stderr pipe to its end, or to ``stop_at`` once the run is dead
+    (a descriptor it sent away could hold the pipe open), then closes it; keeps its first line
     (up to 200 bytes) and its last ``keep`` bytes: a pipe is no file, so the run writes as much
     as it likes, as into the harness's swallowed output, and the evaluator holds a bounded tail."""
 
@@ -108,10 +111,16 @@ class _Drain(threading.Thread):
         self.head = b""  # the first 200 bytes
         self.tail = bytearray()
         self.size = 0  # bytes read in all
+        self.stop_at: float | None = None  # set when the run is dead
 
     def run(self) -> None:
         try:
-            while chunk := os.read(self.fd, 1 << 16):
+            while self.stop_at is None or time.monotonic() < self.stop_at:
+                if not select.select([self.fd], [], [], _DRAIN_POLL_S)[0]:
+                    continue
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    break
                 if self.size < 200:
                     self.head += chunk[: 200 - self.size]
                 self.size += len(chunk)
@@ -329,8 +338,10 @@ def run_python(source: str, config: SandboxConfig | None = None,
             proc.wait()
             with _RUNNING_LOCK:
                 _RUNNING.discard(proc.pid)
-            for drain in (out, err):  # the group is dead: its pipes end
-                drain.join(_DRAIN_JOIN_S)
+            for drain in (out, err):  # the group is dead: its pipes end, or are let go
+                drain.stop_at = time.monotonic() + _DRAIN_GRACE_S
+            for drain in (out, err):
+                drain.join()
         duration = time.monotonic() - start
         stdout, _ = _tail(out, cfg.max_output_chars)
         line = err.first_line  # the bootstrap's line comes first
@@ -408,14 +419,18 @@ def _status(code: int, completed: bool, memory: bool) -> str:
 
 @functools.cache
 def confinement() -> str | None:
-    """Why runs here are not confined as the module promises (Landlock confines reads, no
-    capability is left under root), or None; one probe run, cached."""
+    """Why runs here are not confined as the module promises (Landlock confines reads, the
+    seccomp filter processes and sockets, no capability is left under root), or None; one
+    probe run, cached."""
     probe = run_python("pass", SandboxConfig(timeout_s=30))
     if not probe.passed:
         tail = [line for line in probe.stderr.splitlines() if line.strip()][-1:]
         return f"a sandboxed run of `pass` fails here ({': '.join([probe.status, *tail])})"
     if not probe.landlock:
         return "this kernel offers no Landlock, so a sample could read any file this user can"
+    if not probe.seccomp:
+        return (f"no seccomp filter here ({os.uname().machine}), so a sample's processes and "
+                "sockets are refused by Python's audit hook alone, which native code passes")
     if os.geteuid() == 0 and probe.capabilities != 0:
         return f"the sample keeps capabilities {probe.capabilities:#x}"
     return None

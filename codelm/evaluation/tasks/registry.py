@@ -140,8 +140,9 @@ def load_benchmarks(cfg: Selection) -> Benchmarks:
     passk_tasks = [task for task in cfg.tasks if task in PASSK_TASKS]
     if passk_tasks and not cfg.sandbox_may_read_all_files and (why := confinement()):
         raise ValueError(f"--tasks {','.join(passk_tasks)}: {why}; generated code run here could "
-                         "read this machine's files (keys, tokens). Run it where the kernel has "
-                         "Landlock, or pass --sandbox-may-read-all-files to take that risk")
+                         "read this machine's files (keys, tokens) or reach past the sandbox. "
+                         "Run it where the kernel has Landlock and a seccomp filter (x86-64, "
+                         "arm64), or pass --sandbox-may-read-all-files to take that risk")
     files = problem_files(cfg)
     problems = {task: TASKS[task].load(file, cfg) for task, file in files.items()}
     problems.update({task: TASKS[task].load_repositories(cfg) for task in cfg.tasks
