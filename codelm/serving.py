@@ -38,6 +38,7 @@ from architecture import Transformer
 from codelm.endpoints import MAX_CHOICES
 from codelm.models.engine import Engine, Token
 from codelm.models.generation import MIN_TEMPERATURE, GenerationConfig, truncate_at_stops
+from codelm.tool_calls import CallStream, ToolCall, read_calls, writes_calls
 from tokenizer import decode_generated, generation_eos_ids
 
 # How often the console line tells what the server did (seconds).
@@ -59,7 +60,8 @@ class ServedModel:
     the model (its start tokens included); ``decode``: generated ids' text; ``chat_prompt``: a
     conversation's ids with the generation prompt, None where the tokenizer has no chat
     template; ``token_text``: an id's own text (logprobs name tokens by it); ``token_bytes``:
-    the bytes it decodes to (part of a character where it is)."""
+    the bytes it decodes to (part of a character where it is); ``reads_calls``: its template
+    teaches Hermes tool calls, read from its answers into ``tool_calls``."""
 
     name: str
     model: Transformer
@@ -70,6 +72,7 @@ class ServedModel:
     eos_ids: list[int]
     chat_prompt: Callable[[list[dict], list[dict] | None], list[int]] | None = None
     start: int = 0  # the tokens every encoded prompt opens with (a run's start), kept whole
+    reads_calls: bool = False
 
 
 def served_model(name: str, model: Transformer, tokenizer,
@@ -85,13 +88,14 @@ def served_model(name: str, model: Transformer, tokenizer,
     def token_bytes(i: int) -> bytes:  # an id past the tokenizer's decodes to nothing
         return tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b""
 
-    has_chat = getattr(tokenizer, "chat_template", None) is not None
+    template = getattr(tokenizer, "chat_template", None)
     return ServedModel(name, model, encode or tokenizer.encode,
                        lambda ids: decode_generated(tokenizer, ids),
                        lambda i: decode_generated(tokenizer, [i]), token_bytes,
                        eos_ids or generation_eos_ids(tokenizer, model.cfg.eos_id,
                                                      model.name_or_path),
-                       chat_prompt if has_chat else None, start)
+                       chat_prompt if template is not None else None, start,
+                       writes_calls(template))
 
 
 class ApiError(Exception):
@@ -250,8 +254,9 @@ UNSERVED = {"logit_bias": (None, {}), "frequency_penalty": (None, 0), "presence_
             "continue_final_message": (None, False), "chat_template": (None,),
             "chat_template_kwargs": (None, {}), "parallel_tool_calls": (None, True)}
 # A chat request's tool_choice: "auto" or "none" (its tools in the prompt either way, as vLLM
-# renders them by default; a call is what the answer's text holds, as the template teaches it);
-# a call that "required" or a named function would force is not served.
+# renders them by default; a call is what the answer holds, as the template teaches it, read
+# into tool_calls under "auto" where the template teaches Hermes calls); a call that "required"
+# or a named function would force is not served.
 TOOL_CHOICES = (None, "auto", "none")
 
 
@@ -286,10 +291,12 @@ def _params(body: dict, chat: bool, room: int) -> _Params:
                        "strings", "stop")
     if chat:
         logprobs = (_number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
-                    if body.get("logprobs") else None)
+                    if _flag(body, "logprobs") else None)
+        if logprobs is None and body.get("top_logprobs") is not None:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     else:
         logprobs = _number(body, "logprobs", None, int, 0, MAX_LOGPROBS)
-    echo = bool(body.get("echo")) and not chat
+    echo = _flag(body, "echo") and not chat
     if echo and logprobs is not None:
         raise ApiError(400, "'echo' with 'logprobs' (the prompt's own log-probs) is not served; "
                        "ask for one of the two", "echo")
@@ -304,11 +311,22 @@ def _params(body: dict, chat: bool, room: int) -> _Params:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    stream = _flag(body, "stream")
+    if options and not stream:
+        raise ApiError(400, "'stream_options' is for a stream: set 'stream': true",
+                       "stream_options")
     seed = _number(body, "seed", None, int, -(2**63), 2**64 - 1)  # signed or unsigned 64 bits
     return _Params(max_tokens, float(temperature), None if top_p == 1 else float(top_p),
                    top_k if top_k > 0 else None, _number(body, "n", 1, int, 1, MAX_CHOICES),
-                   stop, seed, logprobs,
-                   bool(body.get("stream")), bool(options.get("include_usage")), echo)
+                   stop, seed, logprobs, stream, _flag(options, "include_usage"), echo)
+
+
+def _flag(body: dict, key: str) -> bool:
+    """A boolean field (absent or null: false); another value is refused, as the API does."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{key}' must be true or false, not {json.dumps(value)}", key)
+    return bool(value)
 
 
 def _choice_seeds(seed: int, n: int) -> list[int]:
@@ -395,6 +413,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     error_content_type = "application/json"
     timeout = IDLE_TIMEOUT_S  # a connection that sends nothing is closed
+    protocol_version = "HTTP/1.1"  # a connection is kept for the next request (not a stream's)
 
     def setup(self) -> None:
         super().setup()
@@ -423,7 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(self._post)
 
     def _get(self) -> None:
-        path = self.path.rstrip("/")
+        path = _route_path(self.path)
         if path == "/v1/models":
             self._send_json(200, self._models())
             return
@@ -438,7 +457,7 @@ class _Handler(BaseHTTPRequestHandler):
                        f"{', '.join(self.server.engines)}", "model", "model_not_found")
 
     def _post(self) -> None:
-        path = self.path.rstrip("/")
+        path = _route_path(self.path)
         if path not in ("/v1/completions", "/v1/chat/completions"):
             self._not_found()
         self._answer(chat=path == "/v1/chat/completions")
@@ -456,6 +475,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client went away
             pass
         except Exception as e:
+            self.close_connection = True  # its body may be unread: no next request from it
             if not isinstance(e, ApiError):
                 print(f"error: {self.command} {self.path}: {type(e).__name__}: {e}",
                       file=sys.stderr, flush=True)
@@ -469,7 +489,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.streaming:
             self._send_json(error.status, error.body())
             return
-        self.wfile.write(f"data: {json.dumps(error.body())}\n\n".encode())
+        self.wfile.write(f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode())
         self.wfile.flush()
 
     def client_gone(self) -> bool:
@@ -557,7 +577,10 @@ class _Handler(BaseHTTPRequestHandler):
                            f"{served.model.cfg.block_size} tokens", "messages" if chat else
                            "prompt", "context_length_exceeded")
         params = _params(body, chat, room)
-        reply = _Reply(self, engine, prompts, params, chat, name)
+        # tool calls read where the request offers tools its model's template taught
+        calls = (chat and served.reads_calls and bool(body.get("tools"))
+                 and body.get("tool_choice") != "none")
+        reply = _Reply(self, engine, prompts, params, chat, name, calls)
         reply.run()
 
     def _send_json(self, status: int, body: dict) -> None:
@@ -567,6 +590,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+def _route_path(target: str) -> str:
+    """A request target's path, its query (an Azure client's api-version) aside."""
+    return urllib.parse.urlsplit(target).path.rstrip("/")
 
 
 def _left_cut(ids: list[int], keep: int, start: int) -> list[int]:
@@ -636,7 +664,7 @@ def _chat_prompt(served: ServedModel, body: dict) -> list[_Prompt]:
         raise ApiError(400, f"'tool_choice' {json.dumps(choice)} is not served (a call is what "
                        "the model writes in its answer, not forced): 'auto' or 'none'",
                        "tool_choice")
-    messages = [{**m, "content": _message_text(m.get("content"))} for m in messages]
+    messages = [_template_message(m) for m in messages]
     try:
         return [_Prompt(served.chat_prompt(messages, tools), "")]
     except ValueError as e:
@@ -644,9 +672,31 @@ def _chat_prompt(served: ServedModel, body: dict) -> list[_Prompt]:
                        "messages") from None
 
 
+def _template_message(message: dict) -> dict:
+    """A message as a chat template reads it (as vLLM gives it one): its content as text, and
+    a tool call's arguments, JSON text on the wire, as the object they spell."""
+    out = {**message, "content": _message_text(message.get("content"))}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        out["tool_calls"] = [_arguments_read(call) for call in calls]
+    return out
+
+
+def _arguments_read(call) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not (isinstance(function, dict) and isinstance(function.get("arguments"), str)):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        raise ApiError(400, f"a tool call's 'arguments' {function['arguments'][:40]!r} is not "
+                       "JSON text", "messages") from None
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
 def _message_text(content) -> str:
     """A message's content as text: a string; null (an assistant's tool call) as empty; a
-    list of content parts, their text parts joined."""
+    list of content parts, their text parts joined by newlines (as vLLM joins them)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -654,24 +704,27 @@ def _message_text(content) -> str:
     if isinstance(content, list) and all(isinstance(part, dict) for part in content):
         if all(part.get("type") == "text" and isinstance(part.get("text"), str)
                for part in content):
-            return "".join(part["text"] for part in content)
+            return "\n".join(part["text"] for part in content)
     raise ApiError(400, "a message's 'content' must be a string or a list of text parts "
                    "(this server reads text only)", "messages")
 
 
 class _Reply:
-    """One request's choices, sent whole or streamed as they come."""
+    """One request's choices, sent whole or streamed as they come; with ``calls``, a chat
+    answer's Hermes tool calls come as its message's ``tool_calls``."""
 
     def __init__(self, handler: _Handler, engine: EngineThread, prompts: list[_Prompt],
-                 params: _Params, chat: bool, name: str) -> None:
+                 params: _Params, chat: bool, name: str, calls: bool = False) -> None:
         self.handler, self.engine, self.params, self.chat = handler, engine, params, chat
         self.prompts = prompts
+        self.calls = calls
         self.served = engine.served
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                      "created": int(time.time()), "model": name}
         self.events: queue.Queue = queue.Queue()
         self.choices = [_Choice(self.served, params.stop)
                         for _ in range(len(prompts) * params.n)]
+        self.call_streams = [CallStream() for _ in self.choices]
         self.submitted: list[_Submitted] = []
 
     def run(self) -> None:
@@ -728,13 +781,21 @@ class _Reply:
             if self.params.logprobs is not None:
                 logprobs = _completion_logprobs(self.served, choice.events, self.chat)
             text = choice.text()
+            finish = choice.finish
             if self.chat:
-                entry = {"message": {"role": "assistant", "content": text}}
+                message = {"role": "assistant", "content": text}
+                if self.calls:
+                    content, calls = read_calls(text)
+                    message["content"] = content
+                    if calls:
+                        message["tool_calls"] = [_tool_call(call) for call in calls]
+                        finish = "tool_calls"
+                entry = {"message": message}
             else:
                 echo = self.prompts[index // self.params.n].text if self.params.echo else ""
                 entry = {"text": echo + text}
             choices.append({"index": index, **entry, "logprobs": logprobs,
-                            "finish_reason": choice.finish})
+                            "finish_reason": finish})
         kind = "chat.completion" if self.chat else "text_completion"
         return {**self.head, "object": kind, "choices": choices, "usage": self._usage()}
 
@@ -743,6 +804,8 @@ class _Reply:
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Cache-Control", "no-cache")
+        handler.send_header("Connection", "close")  # its end is the connection's
+        handler.close_connection = True
         handler.end_headers()
         handler.streaming = True
         if self.chat:
@@ -757,14 +820,36 @@ class _Reply:
         for index in self._tokens():
             choice = self.choices[index]
             piece = choice.new_text()
-            if piece or choice.finish is not None:
-                self._send([self._chunk(index, piece, choice)])
+            if self.calls:
+                self._stream_calls(index, piece, choice)
+            elif piece or choice.finish is not None:
+                self._send([self._chunk(index, piece, choice, choice.finish)])
         if self.params.include_usage:
             self._send([], usage=self._usage())
         handler.wfile.write(b"data: [DONE]\n\n")
         handler.wfile.flush()
 
-    def _chunk(self, index: int, piece: str, choice: _Choice) -> dict:
+    def _stream_calls(self, index: int, piece: str, choice: _Choice) -> None:
+        """A streamed answer whose tool calls are read: its content as it becomes certain,
+        each call in a chunk of its own, then its end (finish_reason tool_calls where it
+        called)."""
+        stream = self.call_streams[index]
+        content, calls = stream.feed(piece)
+        if choice.finish is not None:
+            rest, last = stream.finish()
+            content, calls = content + rest, calls + last
+        if content:
+            self._send([self._chunk(index, content, choice, None)])
+        first = stream.calls - len(calls)
+        for number, call in enumerate(calls, first):
+            delta = {"tool_calls": [{"index": number, **_tool_call(call)}]}
+            self._send([{"index": index, "delta": delta, "logprobs": None,
+                         "finish_reason": None}])
+        if choice.finish is not None:
+            finish = "tool_calls" if stream.calls else choice.finish
+            self._send([self._chunk(index, "", choice, finish)])
+
+    def _chunk(self, index: int, piece: str, choice: _Choice, finish: str | None) -> dict:
         logprobs = None
         if self.params.logprobs is not None:  # every token since the last chunk's
             new = choice.events[choice.logged:]
@@ -772,7 +857,7 @@ class _Reply:
             choice.logged = len(choice.events)
             choice.logged_chars += sum(len(self.served.token_text(e.token)) for e in new)
         text = {"delta": {"content": piece}} if self.chat else {"text": piece}
-        return {"index": index, **text, "logprobs": logprobs, "finish_reason": choice.finish}
+        return {"index": index, **text, "logprobs": logprobs, "finish_reason": finish}
 
     def _send(self, choices: list[dict], usage: dict | None = None) -> None:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -783,6 +868,12 @@ class _Reply:
         self.handler.wfile.flush()
 
 
+def _tool_call(call: ToolCall) -> dict:
+    """A call as the API gives one (its id unique, as OpenAI's and vLLM's)."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
 # --------------------------------------------------------------------------------------- server
 class _Server(ThreadingHTTPServer):
     """The HTTP server and the engines it answers with; handler threads are joined on close, so
@@ -791,9 +882,12 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = False
     block_on_close = True
+    request_queue_size = socket.SOMAXCONN  # a burst of clients waits, none dropped
 
     def __init__(self, address: tuple[str, int], engines: dict[str, EngineThread],
                  api_key: str | None) -> None:
+        if ":" in address[0]:  # an IPv6 address
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.engines = engines
         self.api_key = api_key
@@ -831,7 +925,7 @@ class _Server(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
 def make_server(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,

@@ -1212,3 +1212,14 @@ def test_smoke_values_take_a_null_batch_size_and_the_recipes_file_type(tmp_path)
 def test_smoke_refuses_a_set_length_it_cannot_run_naming_the_flag(tmp_path, typed, message):
     with pytest.raises(ValueError, match=message):
         recipes.smoke_train_values({"task": "lm", **typed}, tmp_path, 5, typed=set(typed))
+
+
+def test_the_refactor_recipes_sample_prompt_is_laid_out_as_training_lays_one_out():
+    """The end-of-run sample prompts the model as training did: the template around an input
+    that ends its last line, as a file's text does."""
+    from codelm.data.config import REFACTOR_TEMPLATE
+
+    prompt = json.loads((CONFIGS / "refactotron.json").read_text())["train"]["sample_prompt"]
+    head, tail = REFACTOR_TEMPLATE.split("{input}")
+    code = prompt[len(head): len(prompt) - len(tail)]
+    assert prompt == head + code + tail and code.endswith("\n") and not code.endswith("\n\n")

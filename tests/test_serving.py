@@ -126,6 +126,66 @@ def test_tool_choice_auto_or_none_is_served_and_a_forced_call_refused(server, lo
         assert status == 400 and body["error"]["param"] == next(iter(unserved)), body
 
 
+def test_a_hermes_tool_call_in_the_answer_comes_as_tool_calls(loaded, monkeypatch):
+    """Where the template teaches Hermes calls and the request offers tools, the answer's
+    <tool_call> block comes as the message's tool_calls (finish_reason tool_calls), whole and
+    streamed, as vLLM's hermes parser gives it; tool_choice "none" or no tools: the text."""
+    from test_chat import TOOLS, TOOLS_TEMPLATE
+
+    from codelm.models import engine
+
+    model, tok = loaded
+    monkeypatch.setattr(tok, "chat_template", TOOLS_TEMPLATE)
+    answer = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    script = tok.encode(answer)
+    assert decode_generated(tok, script) == answer
+    eos = served_model("tiny", model, tok).eos_ids[0]
+
+    def scripted(requests, logits):  # the answer, then the end of the turn
+        return [script[len(r.generated)] if len(r.generated) < len(script) else eos
+                for r in requests]
+
+    monkeypatch.setattr(engine, "_next_tokens", scripted)
+    server, thread = _start(loaded, slots=2)
+    try:
+        client = _client(server)
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        asked = dict(model="tiny", messages=messages, tools=TOOLS, max_tokens=len(script) + 4)
+        got = client.chat.completions.create(**asked).choices[0]
+        assert got.finish_reason == "tool_calls" and got.message.content is None
+        [call] = got.message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+        calls, content, finish = {}, "", None
+        for chunk in client.chat.completions.create(**asked, stream=True):
+            delta = chunk.choices[0].delta
+            content += delta.content or ""
+            for part in delta.tool_calls or []:
+                calls[part.index] = part.function
+            finish = chunk.choices[0].finish_reason or finish
+        assert (content, finish, list(calls)) == ("", "tool_calls", [0])
+        assert calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {
+            "city": "Paris"}
+        for unread in ({"tool_choice": "none"}, {"tools": None}):
+            got = client.chat.completions.create(**{**asked, **unread}).choices[0]
+            assert got.message.content == answer and not got.message.tool_calls
+            assert got.finish_reason == "stop"
+        # the call sent back: its arguments, JSON text on the wire, reach the template as the
+        # object they spell (as vLLM gives them)
+        followed = [*messages, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {
+                "name": "get_weather", "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
+        rendered = [*messages, {"role": "assistant", "content": "", "tool_calls": [
+            {"id": call.id, "type": "function", "function": {
+                "name": "get_weather", "arguments": {"city": "Paris"}}}]}, followed[-1]]
+        got = client.chat.completions.create(**{**asked, "messages": followed})
+        assert got.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(
+            rendered, True, TOOLS)))
+    finally:
+        _stop(server, thread)
+
+
 def test_a_stream_concatenates_to_the_whole_answer(server):
     client = _client(server)
     for stop in (None, ["\n"]):
@@ -212,6 +272,13 @@ def test_sixteen_concurrent_clients_are_all_answered_correctly(server, loaded):
     assert all(text == want[prompt] for prompt, text in answers)
 
 
+def _post_text(server, path, data: bytes) -> tuple[int, str]:
+    request = urllib.request.Request(server.url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return answer.status, answer.read().decode()
+
+
 def _post(server, path, data: bytes, headers=None):
     request = urllib.request.Request(server.url + path, data=data, method="POST",
                                      headers={"Content-Type": "application/json", **(headers or {})})
@@ -239,14 +306,17 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, loa
 
 
 def test_odd_but_valid_requests_are_answered_and_bad_ones_refused_in_json(server):
-    """Chat content as a list of text parts reads as its text; a malformed Content-Length, a
-    temperature too small to sample, a seed past 64 bits, booleans as token ids, no model and
-    no tokens to generate get 400s naming their key, and the server serves on."""
+    """Chat content as a list of text parts reads as its texts joined by newlines (as vLLM
+    joins them); a malformed Content-Length, a temperature too small to sample, a seed past 64
+    bits, booleans as token ids, a string where a boolean goes, top_logprobs without logprobs,
+    stream_options without a stream, no model and no tokens to generate get 400s naming their
+    key, and the server serves on; a query in the URL (an Azure client's api-version) leaves
+    the route as it is."""
     client = _client(server)
     ask = dict(model="tiny", max_tokens=6, temperature=0)
-    text = client.chat.completions.create(messages=[{"role": "user", "content": "hi there"}],
+    text = client.chat.completions.create(messages=[{"role": "user", "content": "hi\nthere"}],
                                           **ask).choices[0].message.content
-    parts = [{"role": "user", "content": [{"type": "text", "text": "hi "},
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"},
                                           {"type": "text", "text": "there"}]}]
     assert client.chat.completions.create(messages=parts, **ask).choices[0].message.content == \
         text
@@ -257,12 +327,21 @@ def test_odd_but_valid_requests_are_answered_and_bad_ones_refused_in_json(server
     assert refused.value.code == 400 and "Content-Length" in json.loads(
         refused.value.read())["error"]["message"]
     for bad in ({"temperature": 1e-12}, {"seed": 2**70}, {"prompt": [True, False]},
-                {"model": None}, {"max_tokens": 0}):
+                {"model": None}, {"max_tokens": 0}, {"stream": "false"}, {"echo": "no"},
+                {"stream_options": {"include_usage": True}}):
         status, body = _post(server, "/completions", json.dumps(
             {"model": "tiny", "prompt": "x", **bad}).encode())
         assert status == 400 and body["error"]["param"] == next(iter(bad)), body
         assert "None" not in body["error"]["message"]
+    for bad in ({"logprobs": "false"}, {"top_logprobs": 2}):
+        status, body = _post(server, "/chat/completions", json.dumps(
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **bad}).encode())
+        assert status == 400 and body["error"]["param"] == next(iter(bad)), body
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    azure = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0,
+                          default_query={"api-version": "2024-06-01"})
+    assert [m.id for m in azure.models.list()] == ["tiny"]
+    assert azure.completions.create(model="tiny", prompt="x", max_tokens=2).choices
 
 
 def test_a_prompt_cut_to_its_last_tokens_keeps_its_start_as_eval_cuts_it(loaded):
@@ -336,6 +415,9 @@ def test_a_failure_of_the_server_is_a_500_and_in_a_stream_an_error_event(loaded,
                                            stream=True)
         with pytest.raises(openai.APIError, match="out of memory"):
             list(stream)
+        status, text = _post_text(server, "/completions", json.dumps(
+            {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 8, "stream": True}).encode())
+        assert status == 200 and "out of memory" in text and text.endswith("data: [DONE]\n\n")
         monkeypatch.setattr(engine.Engine, "_decode", real)
         assert client.completions.create(model="tiny", prompt="x", max_tokens=3).choices
     finally:
@@ -834,3 +916,48 @@ def test_eval_chat_asks_an_endpoint_as_evalplus_asks_one(server, tmp_path):
             temperature=0, seed=0).choices[0].message.content
         assert record["prediction"] == answer and answer
         assert record["solution"] == sanitize(answer, "c")
+
+
+def test_an_ipv6_host_is_served_and_a_burst_of_clients_waits_in_the_backlog(loaded):
+    """--host ::1 binds IPv6; the listen backlog is the system's largest, so a burst of new
+    connections queues instead of falling into SYN retries."""
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    model, tok = loaded
+    try:
+        server = make_server([served_model("tiny", model, tok)], host="::1", port=0)
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        assert server.url.startswith("http://[::1]:")
+        assert server.request_queue_size == socket.SOMAXCONN
+        assert [m.id for m in _client(server).models.list()] == ["tiny"]
+    finally:
+        _stop(server, thread)
+
+
+def test_a_connection_is_kept_for_the_next_request(server):
+    """HTTP/1.1 keep-alive, as uvicorn serves vLLM: two requests on one connection are both
+    answered; a stream ends its connection with its last event."""
+    import http.client
+
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        for _ in range(2):
+            connection.request("GET", "/v1/models")
+            answer = connection.getresponse()
+            assert answer.status == 200 and answer.version == 11
+            assert json.loads(answer.read())["data"][0]["id"] == "tiny"
+        body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": True})
+        connection.request("POST", "/v1/completions", body,
+                           {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        assert answer.read().decode().endswith("data: [DONE]\n\n")
+        assert answer.getheader("Connection") == "close"
+    finally:
+        connection.close()

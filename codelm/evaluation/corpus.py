@@ -84,9 +84,9 @@ def split_documents(cfg: CorpusSettings, models: Sequence[LoadedModel]
     docs = getattr(corpus, cfg.split)
     if cfg.data is not None or not any(m.run_config for m in models):
         unit = corpus.stats["split_by"]
-        print(f"note: scoring the {cfg.split} split of {', '.join(data_cfg.sources)}: "
+        print(f"data: scoring the {cfg.split} split of {', '.join(data_cfg.sources)}: "
               f"{len(docs)} of {sum(corpus.stats['split'].values())} documents (train_frac "
               f"{data_cfg.train_frac:g}, val_frac {data_cfg.val_frac:g}, test_frac "
               f"{data_cfg.test_frac:g} by {unit}, seed {data_cfg.seed}; --split all scores "
-              "every document)", file=sys.stderr)
+              "every document)")
     return docs, data_cfg

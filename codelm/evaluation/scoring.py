@@ -221,8 +221,8 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
     outputs: list[str] = [""] * len(encoded)
     with progress_bar(total=len(order), desc=f"{lm.label} {desc}", unit="prompt",
                       enabled=cfg.progress, leave=False) as bar:
-        for start in range(0, len(order), cfg.batch_size):
-            rows = order[start : start + cfg.batch_size]
+        for first in range(0, len(order), cfg.batch_size):
+            rows = order[first : first + cfg.batch_size]
             batch = [torch.tensor(encoded[i]) for i in rows]
             idx = pad_sequence(batch, True, gen.pad_id, padding_side="left")
             mask = pad_sequence([torch.ones_like(p, dtype=torch.bool) for p in batch], True,
