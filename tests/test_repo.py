@@ -121,6 +121,7 @@ PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.sett
 HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
 KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
 ENGINE, SERVING, ENDPOINTS = "codelm.models.engine", "codelm.serving", "codelm.endpoints"
+TOOL_CALLS = "codelm.tool_calls"
 FAMILIES, PRETRAINED = "codelm.models.families", "codelm.models.pretrained"
 QUANTIZE, ADAPTER_CONFIG = "codelm.models.quantize", "codelm.models.adapter_config"
 RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
@@ -175,7 +176,8 @@ BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, CROSSING, RUNNER, GGUF_WRITER, ENGINE,
-    SERVING, ENDPOINTS, GRPO, PREFERENCE, REWARDS, ROLLOUT, PREFERENCE_BATCHES, PREFERENCE_RUN}
+    SERVING, ENDPOINTS, TOOL_CALLS, GRPO, PREFERENCE, REWARDS, ROLLOUT, PREFERENCE_BATCHES,
+    PREFERENCE_RUN}
 # What a task module may import: the data's examples and encoding, a loaded model, the sandbox,
 # the metrics and scoring, the problems files and pass@k.
 TASK_FLOOR = {PROCESS, SETTINGS, GENERATION, RUNNER, "tokenizer", BPE, SOURCE, DATA_CONFIG,
@@ -183,6 +185,7 @@ TASK_FLOOR = {PROCESS, SETTINGS, GENERATION, RUNNER, "tokenizer", BPE, SOURCE, D
 MAY_IMPORT = {
     PROCESS: set(),
     ENDPOINTS: set(),
+    TOOL_CALLS: set(),
     SETTINGS: set(),
     DISTRIBUTED: set(),
     HUB: set(),
@@ -237,7 +240,7 @@ MAY_IMPORT = {
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", DATA_CONFIG},
     LOADING: {PROCESS, SETTINGS, HUB, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
               TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", TRAINCONFIG},
-    SERVING: {"architecture", ENDPOINTS, ENGINE, GENERATION, "tokenizer"},
+    SERVING: {"architecture", ENDPOINTS, ENGINE, GENERATION, TOOL_CALLS, "tokenizer"},
     BOOTSTRAP: set(),
     CROSSING: set(),
     RUNNER: {PROCESS, BOOTSTRAP, CROSSING},
