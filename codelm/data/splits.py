@@ -21,7 +21,7 @@ from codelm.data.cache import (
     usable_entry,
 )
 from codelm.data.config import CLEANING_FIELDS, SPLIT_FIELDS, SPLITS, DataConfig, DataError
-from codelm.data.dedupe import doc_digest
+from codelm.data.dedupe import doc_digest, minhash_version
 from codelm.data.shards import build_corpus_shards, corpus_stats, shard_docs
 from codelm.data.sources import Doc, plain_text, sources_fingerprint
 
@@ -160,6 +160,8 @@ def corpus_key(cfg: DataConfig) -> str:
     opts = {k: v for k, v in asdict(cfg).items() if k in CLEANING_FIELDS | SPLIT_FIELDS}
     for name in ("sources", "val_sources", "test_sources"):
         opts[name] = sources_fingerprint(getattr(cfg, name), cfg.extensions)
+    if cfg.near_dedupe:  # its signatures are datasketch's hashes: another major, other values
+        opts["minhash"] = minhash_version()
     return hash_json({"v": PIPELINE_VERSION, "corpus": opts})
 
 
