@@ -54,10 +54,11 @@ from codelm.evaluation.tasks import passk, registry
 from codelm.evaluation.tasks.registry import TaskSettings
 from codelm.loading import LoadedModel
 from codelm.models.generation import truncate_at_stops
+from codelm.openai_api import served_model
 from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.process import progress_bar
-from codelm.serving import serve, served_model
+from codelm.serving import serve
 
 # ---- Models, served or completing a prompt -------------------------------------------------
 

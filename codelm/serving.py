@@ -30,16 +30,23 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import NamedTuple
 
-import torch
-
-from architecture import Transformer
-from codelm.endpoints import MAX_CHOICES
 from codelm.models.engine import Engine, Token
-from codelm.models.generation import MIN_TEMPERATURE, GenerationConfig, truncate_at_stops
-from codelm.tool_calls import CallStream, ToolCall, read_calls, writes_calls
-from tokenizer import decode_generated, generation_eos_ids
+from codelm.models.generation import GenerationConfig, truncate_at_stops
+from codelm.openai_api import (
+    ApiError,
+    Params,
+    Prompt,
+    ServedModel,
+    chat_prompts,
+    choice_seeds,
+    completion_prompts,
+    generation_config,
+    left_cut,
+    number_field,
+    read_params,
+)
+from codelm.tool_calls import CallStream, ToolCall, read_calls
 
 # How often the console line tells what the server did (seconds).
 REPORT_EVERY_S = 10.0
@@ -47,69 +54,8 @@ REPORT_EVERY_S = 10.0
 CLIENT_CHECK_S = 1.0
 # A connection that sends nothing for this long is closed (seconds).
 IDLE_TIMEOUT_S = 60.0
-# The limits on the lists a request may give: OpenAI's, but for stops (OpenAI takes 4; this
-# server takes more, as vLLM does: the HumanEval harness stops at 7 strings).
-MAX_STOPS = 16
-MAX_LOGPROBS = 5
-MAX_TOP_LOGPROBS = 20
 
 
-@dataclass
-class ServedModel:
-    """A model the server answers for. ``encode``: a completion prompt's ids, as eval prompts
-    the model (its start tokens included); ``decode``: generated ids' text; ``chat_prompt``: a
-    conversation's ids with the generation prompt, None where the tokenizer has no chat
-    template; ``token_text``: an id's own text (logprobs name tokens by it); ``token_bytes``:
-    the bytes it decodes to (part of a character where it is); ``reads_calls``: its template
-    teaches Hermes tool calls, read from its answers into ``tool_calls``."""
-
-    name: str
-    model: Transformer
-    encode: Callable[[str], list[int]]
-    decode: Callable[[list[int]], str]
-    token_text: Callable[[int], str]
-    token_bytes: Callable[[int], bytes]
-    eos_ids: list[int]
-    chat_prompt: Callable[[list[dict], list[dict] | None], list[int]] | None = None
-    start: int = 0  # the tokens every encoded prompt opens with (a run's start), kept whole
-    reads_calls: bool = False
-
-
-def served_model(name: str, model: Transformer, tokenizer,
-                 encode: Callable[[str], list[int]] | None = None, start: int = 0,
-                 eos_ids: list[int] | None = None) -> ServedModel:
-    """A ServedModel of a model and its codelm tokenizer (tokenizer.load_tokenizer's): prompts
-    encoded by ``encode`` (default the tokenizer's own; ``start``: the tokens it puts first),
-    chat where it has a template; ``eos_ids``: the ids that end a text (default
-    ``generation_eos_ids``)."""
-    def chat_prompt(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return tokenizer.encode(tokenizer.apply_chat_template(messages, True, tools))
-
-    def token_bytes(i: int) -> bytes:  # an id past the tokenizer's decodes to nothing
-        return tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b""
-
-    template = getattr(tokenizer, "chat_template", None)
-    return ServedModel(name, model, encode or tokenizer.encode,
-                       lambda ids: decode_generated(tokenizer, ids),
-                       lambda i: decode_generated(tokenizer, [i]), token_bytes,
-                       eos_ids or generation_eos_ids(tokenizer, model.cfg.eos_id,
-                                                     model.name_or_path),
-                       chat_prompt if template is not None else None, start,
-                       writes_calls(template))
-
-
-class ApiError(Exception):
-    """A request the server refuses: OpenAI's error JSON with ``status``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param,
-                          "code": self.code}}
 
 
 # -------------------------------------------------------------------------------- engine thread
@@ -207,144 +153,6 @@ class EngineThread:
                 del self.requests[event.request]
 
 
-# ------------------------------------------------------------------------------------ requests
-@dataclass
-class _Params:
-    """A request's sampling settings, checked."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float | None
-    top_k: int | None
-    n: int
-    stop: list[str]
-    seed: int | None
-    logprobs: int | None
-    stream: bool
-    include_usage: bool
-    echo: bool
-
-
-def _number(body: dict, key: str, default, kind, low=None, high=None):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ApiError(400, f"'{key}' must be an integer, got {value!r}", key)
-    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ApiError(400, f"'{key}' must be a number, got {value!r}", key)
-    if high is None and low is not None and value < low:
-        raise ApiError(400, f"'{key}' must be >= {low}, got {value!r}", key)
-    if high is not None and not low <= value <= high:
-        raise ApiError(400, f"'{key}' must be in [{low}, {high}], got {value!r}", key)
-    return value
-
-
-# OpenAI parameters, and vLLM's sampling extensions, that would change the text and are not
-# served, with the values that leave it as served: another value is refused, never ignored.
-UNSERVED = {"logit_bias": (None, {}), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
-            "suffix": (None, ""), "response_format": (None, {"type": "text"}),
-            "repetition_penalty": (None, 1), "min_p": (None, 0), "min_tokens": (None, 0),
-            "ignore_eos": (None, False), "stop_token_ids": (None, []),
-            "include_stop_str_in_output": (None, False), "use_beam_search": (None, False),
-            "allowed_token_ids": (None, []), "bad_words": (None, []),
-            "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-            "guided_grammar": (None,), "structured_outputs": (None,), "length_penalty": (None, 1),
-            "logits_processors": (None, []), "add_generation_prompt": (None, True),
-            "continue_final_message": (None, False), "chat_template": (None,),
-            "chat_template_kwargs": (None, {}), "parallel_tool_calls": (None, True)}
-# A chat request's tool_choice: "auto" or "none" (its tools in the prompt either way, as vLLM
-# renders them by default; a call is what the answer holds, as the template teaches it, read
-# into tool_calls under "auto" where the template teaches Hermes calls); a call that "required"
-# or a named function would force is not served.
-TOOL_CHOICES = (None, "auto", "none")
-
-
-def _refuse_unserved(body: dict) -> None:
-    for key, served in UNSERVED.items():
-        if key in body and body[key] not in served:
-            raise ApiError(400, f"'{key}' is not served by codelm's server (its text would not "
-                           "be what was asked); leave it out", key)
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != body.get("n", 1):
-        raise ApiError(400, "'best_of' is not served: ask for 'n' choices and pick", "best_of")
-
-
-def _params(body: dict, chat: bool, room: int) -> _Params:
-    """The sampling settings of a request body; ``room``: the most new tokens its prompt
-    leaves in the model's context."""
-    _refuse_unserved(body)
-    default_tokens = room if chat else 16
-    newer = chat and body.get("max_completion_tokens") is not None  # null: not set
-    max_tokens = _number(body, "max_completion_tokens" if newer else "max_tokens",
-                         default_tokens, int, 1)
-    if max_tokens > room:
-        raise ApiError(400, f"max_tokens {max_tokens} is past the model's context: the prompt "
-                       f"leaves room for {room} new tokens", "max_tokens",
-                       "context_length_exceeded")
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
-            and len(stop) <= MAX_STOPS):
-        raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOPS} non-empty "
-                       "strings", "stop")
-    if chat:
-        logprobs = (_number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
-                    if _flag(body, "logprobs") else None)
-        if logprobs is None and body.get("top_logprobs") is not None:
-            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    else:
-        logprobs = _number(body, "logprobs", None, int, 0, MAX_LOGPROBS)
-    echo = _flag(body, "echo") and not chat
-    if echo and logprobs is not None:
-        raise ApiError(400, "'echo' with 'logprobs' (the prompt's own log-probs) is not served; "
-                       "ask for one of the two", "echo")
-    temperature = _number(body, "temperature", 1.0, float, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, float, 0.0, 1.0)
-    if top_p == 0:
-        raise ApiError(400, "'top_p' must be > 0", "top_p")
-    top_k = _number(body, "top_k", -1, int, -1)  # vLLM's extension; -1 or 0: every token
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise ApiError(400, f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}",
-                       "temperature")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    stream = _flag(body, "stream")
-    if options and not stream:
-        raise ApiError(400, "'stream_options' is for a stream: set 'stream': true",
-                       "stream_options")
-    seed = _number(body, "seed", None, int, -(2**63), 2**64 - 1)  # signed or unsigned 64 bits
-    return _Params(max_tokens, float(temperature), None if top_p == 1 else float(top_p),
-                   top_k if top_k > 0 else None, _number(body, "n", 1, int, 1, MAX_CHOICES),
-                   stop, seed, logprobs, stream, _flag(options, "include_usage"), echo)
-
-
-def _flag(body: dict, key: str) -> bool:
-    """A boolean field (absent or null: false); another value is refused, as the API does."""
-    value = body.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise ApiError(400, f"'{key}' must be true or false, not {json.dumps(value)}", key)
-    return bool(value)
-
-
-def _choice_seeds(seed: int, n: int) -> list[int]:
-    """The seeds of a request's n choices: choice i's is seed + i, as eval seeds a local
-    model's sample i (so an endpoint asked for a problem's samples at eval's seeds samples
-    eval's texts)."""
-    return [(seed + i) % 2**64 for i in range(n)]
-
-
-def _generation(params: _Params, served: ServedModel, seed: int | None) -> GenerationConfig:
-    generator = None
-    if seed is not None and params.temperature > 0:
-        generator = torch.Generator(served.model.wte.weight.device).manual_seed(seed)
-    return GenerationConfig(params.max_tokens, temperature=params.temperature,
-                            top_p=params.top_p if params.temperature > 0 else None,
-                            top_k=params.top_k if params.temperature > 0 else None,
-                            eos_id=served.eos_ids or None, stop=params.stop or None,
-                            decode=served.decode, generator=generator)
 
 
 class _Choice:
@@ -567,16 +375,16 @@ class _Handler(BaseHTTPRequestHandler):
                            f"{', '.join(engines)}", "model", "model_not_found")
         engine = engines[name]
         served = engine.served
-        prompts = _chat_prompt(served, body) if chat else _completion_prompts(served, body)
-        keep = _number(body, "truncate_prompt_tokens", None, int, 1)  # vLLM's extension
+        prompts = chat_prompts(served, body) if chat else completion_prompts(served, body)
+        keep = number_field(body, "truncate_prompt_tokens", None, int, 1)  # vLLM's extension
         if keep is not None:
-            prompts = [p._replace(ids=_left_cut(p.ids, keep, served.start)) for p in prompts]
+            prompts = [p._replace(ids=left_cut(p.ids, keep, served.start)) for p in prompts]
         room = served.model.cfg.block_size + 1 - max(len(p.ids) for p in prompts)
         if room < 1:
             raise ApiError(400, f"the prompt fills the model's context of "
                            f"{served.model.cfg.block_size} tokens", "messages" if chat else
                            "prompt", "context_length_exceeded")
-        params = _params(body, chat, room)
+        params = read_params(body, chat, room)
         # tool calls read where the request offers tools its model's template taught
         calls = (chat and served.reads_calls and bool(body.get("tools"))
                  and body.get("tool_choice") != "none")
@@ -597,124 +405,14 @@ def _route_path(target: str) -> str:
     return urllib.parse.urlsplit(target).path.rstrip("/")
 
 
-def _left_cut(ids: list[int], keep: int, start: int) -> list[int]:
-    """``ids`` cut to their last ``keep`` tokens, as vLLM's truncate_prompt_tokens cuts them,
-    the ``start`` tokens every prompt opens with kept (as eval cuts a local model's prompt)."""
-    if len(ids) <= keep:
-        return ids
-    if keep <= start:
-        return ids[len(ids) - keep:]
-    return ids[:start] + ids[len(ids) - (keep - start):]
-
-
-class _Prompt(NamedTuple):
-    """A prompt's ids (its start tokens included) and its text as sent (``echo`` returns it)."""
-
-    ids: list[int]
-    text: str
-
-
-def _completion_prompts(served: ServedModel, body: dict) -> list[_Prompt]:
-    """A completion request's prompt(s): a string, a list of strings, a list of ids, or a list
-    of lists of ids."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
-        prompt = [prompt]
-    if not (isinstance(prompt, list) and prompt):
-        raise ApiError(400, "'prompt' must be a string, a list of strings or a list of token "
-                       "ids", "prompt")
-    out = []
-    vocab = served.model.cfg.vocab_size
-    for p in prompt:
-        if isinstance(p, str):
-            out.append(_Prompt(served.encode(p), p))
-        elif isinstance(p, list) and p and all(_is_id(t) and 0 <= t < vocab for t in p):
-            out.append(_Prompt(list(p), served.decode(p)))
-        else:
-            raise ApiError(400, f"'prompt': each prompt is a string or a list of token ids in "
-                           f"[0, {vocab})", "prompt")
-    if not all(p.ids for p in out):
-        raise ApiError(400, "'prompt' is empty: a completion continues at least one token",
-                       "prompt")
-    return out
-
-
-def _is_id(value) -> bool:
-    """Whether a JSON value is a token id: an integer (true and false are not)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _chat_prompt(served: ServedModel, body: dict) -> list[_Prompt]:
-    messages = body.get("messages")
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)):
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects",
-                       "messages")
-    if served.chat_prompt is None:
-        raise ApiError(400, f"model {served.name!r} has no chat template (its tokenizer has "
-                       "none): use /v1/completions", "messages", "no_chat_template")
-    tools = body.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(
-            isinstance(tool, dict) for tool in tools)):
-        raise ApiError(400, "'tools' must be a list of tool objects", "tools")
-    choice = body.get("tool_choice")
-    if choice not in TOOL_CHOICES:
-        raise ApiError(400, f"'tool_choice' {json.dumps(choice)} is not served (a call is what "
-                       "the model writes in its answer, not forced): 'auto' or 'none'",
-                       "tool_choice")
-    messages = [_template_message(m) for m in messages]
-    try:
-        return [_Prompt(served.chat_prompt(messages, tools), "")]
-    except ValueError as e:
-        raise ApiError(400, f"the chat template cannot render these messages: {e}",
-                       "messages") from None
-
-
-def _template_message(message: dict) -> dict:
-    """A message as a chat template reads it (as vLLM gives it one): its content as text, and
-    a tool call's arguments, JSON text on the wire, as the object they spell."""
-    out = {**message, "content": _message_text(message.get("content"))}
-    calls = message.get("tool_calls")
-    if isinstance(calls, list):
-        out["tool_calls"] = [_arguments_read(call) for call in calls]
-    return out
-
-
-def _arguments_read(call) -> dict:
-    function = call.get("function") if isinstance(call, dict) else None
-    if not (isinstance(function, dict) and isinstance(function.get("arguments"), str)):
-        return call
-    try:
-        arguments = json.loads(function["arguments"])
-    except json.JSONDecodeError:
-        raise ApiError(400, f"a tool call's 'arguments' {function['arguments'][:40]!r} is not "
-                       "JSON text", "messages") from None
-    return {**call, "function": {**function, "arguments": arguments}}
-
-
-def _message_text(content) -> str:
-    """A message's content as text: a string; null (an assistant's tool call) as empty; a
-    list of content parts, their text parts joined by newlines (as vLLM joins them)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
-        if all(part.get("type") == "text" and isinstance(part.get("text"), str)
-               for part in content):
-            return "\n".join(part["text"] for part in content)
-    raise ApiError(400, "a message's 'content' must be a string or a list of text parts "
-                   "(this server reads text only)", "messages")
 
 
 class _Reply:
     """One request's choices, sent whole or streamed as they come; with ``calls``, a chat
     answer's Hermes tool calls come as its message's ``tool_calls``."""
 
-    def __init__(self, handler: _Handler, engine: EngineThread, prompts: list[_Prompt],
-                 params: _Params, chat: bool, name: str, calls: bool = False) -> None:
+    def __init__(self, handler: _Handler, engine: EngineThread, prompts: list[Prompt],
+                 params: Params, chat: bool, name: str, calls: bool = False) -> None:
         self.handler, self.engine, self.params, self.chat = handler, engine, params, chat
         self.prompts = prompts
         self.calls = calls
@@ -729,9 +427,9 @@ class _Reply:
 
     def run(self) -> None:
         n = self.params.n
-        seeds = [None] * n if self.params.seed is None else _choice_seeds(self.params.seed, n)
+        seeds = [None] * n if self.params.seed is None else choice_seeds(self.params.seed, n)
         for index in range(len(self.choices)):
-            cfg = _generation(self.params, self.served, seeds[index % n])
+            cfg = generation_config(self.params, self.served, seeds[index % n])
             self.submitted.append(self.engine.submit(self.prompts[index // n].ids, cfg,
                                                      self.params.logprobs, self.events, index))
         try:

@@ -333,7 +333,7 @@ def test_the_server_offers_a_requests_tools_through_the_template(instruct):
     import transformers
 
     from codelm.models import pretrained
-    from codelm.serving import served_model
+    from codelm.openai_api import served_model
 
     root, _ = instruct
     template = ("{% if tools %}{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}{% endif %}"

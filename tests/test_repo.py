@@ -121,7 +121,7 @@ PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.sett
 HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
 KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
 ENGINE, SERVING, ENDPOINTS = "codelm.models.engine", "codelm.serving", "codelm.endpoints"
-TOOL_CALLS = "codelm.tool_calls"
+TOOL_CALLS, OPENAI_API = "codelm.tool_calls", "codelm.openai_api"
 FAMILIES, PRETRAINED = "codelm.models.families", "codelm.models.pretrained"
 QUANTIZE, ADAPTER_CONFIG = "codelm.models.quantize", "codelm.models.adapter_config"
 RUNDIR, CHECKPOINT, TRACKERS = ("codelm.runs.rundir", "codelm.runs.checkpoint",
@@ -176,7 +176,7 @@ BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, CROSSING, RUNNER, GGUF_WRITER, ENGINE,
-    SERVING, ENDPOINTS, TOOL_CALLS, GRPO, PREFERENCE, REWARDS, ROLLOUT, PREFERENCE_BATCHES,
+    SERVING, OPENAI_API, ENDPOINTS, TOOL_CALLS, GRPO, PREFERENCE, REWARDS, ROLLOUT, PREFERENCE_BATCHES,
     PREFERENCE_RUN}
 # What a task module may import: the data's examples and encoding, a loaded model, the sandbox,
 # the metrics and scoring, the problems files and pass@k.
@@ -240,7 +240,8 @@ MAY_IMPORT = {
     TRAINCONFIG: {PROCESS, SETTINGS, RUNDIR, CHECKPOINT, TRACKERS, "architecture", DATA_CONFIG},
     LOADING: {PROCESS, SETTINGS, HUB, RUNDIR, CHECKPOINT, "architecture", "tokenizer", BPE,
               TOKENIZER_FILES, PRETRAINED, QUANTIZE, ADAPTER_CONFIG, "lora", TRAINCONFIG},
-    SERVING: {"architecture", ENDPOINTS, ENGINE, GENERATION, TOOL_CALLS, "tokenizer"},
+    OPENAI_API: {"architecture", ENDPOINTS, GENERATION, TOOL_CALLS, "tokenizer"},
+    SERVING: {ENGINE, GENERATION, OPENAI_API, TOOL_CALLS},
     BOOTSTRAP: set(),
     CROSSING: set(),
     RUNNER: {PROCESS, BOOTSTRAP, CROSSING},

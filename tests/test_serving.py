@@ -19,7 +19,8 @@ from test_chat import instruct  # noqa: F401  (a fixture: a tiny ChatML instruct
 
 from codelm.models import pretrained
 from codelm.models.generation import GenerationConfig, generate, truncate_at_stops
-from codelm.serving import close_server, make_server, served_model
+from codelm.openai_api import served_model
+from codelm.serving import close_server, make_server
 from tokenizer import decode_generated, load_tokenizer
 
 PROMPTS = ["def add(a, b):\n", "import os\n\nclass Path", "for i in range(10):", "# sort a list\n",
@@ -518,7 +519,8 @@ def test_an_api_key_is_required_when_set(loaded, monkeypatch):
 SERVE = """
 import sys
 from codelm.models import pretrained
-from codelm.serving import serve, served_model
+from codelm.openai_api import served_model
+from codelm.serving import serve
 from tokenizer import load_tokenizer
 root = sys.argv[1]
 model = pretrained.load(root).eval()
