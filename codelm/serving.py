@@ -274,6 +274,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Answer a request; any failure as OpenAI's error JSON (in the stream, once it has
         begun), the server serving on."""
         self.streaming = False
+        if self.command == "GET" and (self.headers.get("Content-Length", "0") != "0" or
+                                      "chunked" in self.headers.get("Transfer-Encoding", "")):
+            self.close_connection = True  # a body no route reads: not the next request
         try:
             key = self.server.api_key
             if key is not None and self.headers.get("Authorization") != f"Bearer {key}":
@@ -396,6 +399,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:  # the client is told, as http.server's own errors tell it
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -528,23 +533,22 @@ class _Reply:
         handler.wfile.flush()
 
     def _stream_calls(self, index: int, piece: str, choice: _Choice) -> None:
-        """A streamed answer whose tool calls are read: its content as it becomes certain,
-        each call in a chunk of its own, then its end (finish_reason tool_calls where it
-        called)."""
+        """A streamed answer whose tool calls are read: its content as it becomes certain; at
+        its end, each call in a chunk of its own, then the end (finish_reason tool_calls where
+        it called), as the whole answer reads."""
         stream = self.call_streams[index]
-        content, calls = stream.feed(piece)
+        content, calls = stream.feed(piece), []
         if choice.finish is not None:
-            rest, last = stream.finish()
-            content, calls = content + rest, calls + last
+            rest, calls = stream.finish()
+            content += rest
         if content:
             self._send([self._chunk(index, content, choice, None)])
-        first = stream.calls - len(calls)
-        for number, call in enumerate(calls, first):
+        for number, call in enumerate(calls):
             delta = {"tool_calls": [{"index": number, **_tool_call(call)}]}
             self._send([{"index": index, "delta": delta, "logprobs": None,
                          "finish_reason": None}])
         if choice.finish is not None:
-            finish = "tool_calls" if stream.calls else choice.finish
+            finish = "tool_calls" if calls else choice.finish
             self._send([self._chunk(index, "", choice, finish)])
 
     def _chunk(self, index: int, piece: str, choice: _Choice, finish: str | None) -> dict:

@@ -56,51 +56,33 @@ def read_calls(answer: str) -> tuple[str | None, list[ToolCall]]:
 
 
 class CallStream:
-    """A streamed answer's content pieces and calls as they become certain: text that may
-    still open a call (a prefix of ``<tool_call>`` at its end) waits for the next piece; a
-    call's text waits for its closing tag. Once a call has come, later text is not content
-    (as ``read_calls`` keeps only the text before the first call)."""
+    """A streamed answer read as ``read_calls`` reads it whole: its text before any
+    ``<tool_call>`` goes out as it comes (a prefix of the tag at its end waits for the next
+    piece); from the tag on, the answer is held, and its end decides, as ``read_calls``
+    decides, whether the rest is calls or text (a later block that is no call, or a call cut
+    short, leaves the answer text)."""
 
     def __init__(self) -> None:
-        self.pending = ""
-        self.calls = 0  # calls sent
+        self.answer = ""
+        self.sent = 0  # characters of the answer sent as content
 
-    def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
-        """The content and the calls that ``piece`` makes certain."""
-        self.pending += piece
-        content, calls = "", []
-        while True:
-            start = self.pending.find(OPEN)
-            if start < 0:
-                keep = _open_prefix(self.pending)
-                if not self.calls:
-                    content += self.pending[: len(self.pending) - keep]
-                self.pending = self.pending[len(self.pending) - keep:]
-                return content, calls
-            if not self.calls:
-                content += self.pending[:start]
-            self.pending = self.pending[start:]
-            end = self.pending.find(CLOSE)
-            if end < 0:
-                return content, calls
-            call = _call(self.pending[len(OPEN):end])
-            if call is None:  # no call: the block is text (vLLM's stream sends it on too)
-                content += self.pending[: end + len(CLOSE)]
-            else:
-                calls.append(call)
-                self.calls += 1
-            self.pending = self.pending[end + len(CLOSE):]
+    def feed(self, piece: str) -> str:
+        """The content that ``piece`` makes certain."""
+        self.answer += piece
+        end = self.answer.find(OPEN)
+        if end < 0:
+            end = len(self.answer) - _open_prefix(self.answer)
+        content = self.answer[self.sent:end]
+        self.sent = max(self.sent, end)
+        return content
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """At the answer's end: a last call open (cut before its closing tag), or the text
-        held back."""
-        held, self.pending = self.pending, ""
-        if held.startswith(OPEN):
-            call = _call(held[len(OPEN):])
-            if call is not None:
-                self.calls += 1
-                return "", [call]
-        return ("" if self.calls else held), []
+        """At the answer's end: its calls, or the text held back."""
+        _, calls = read_calls(self.answer)
+        if calls:
+            return "", calls
+        rest, self.sent = self.answer[self.sent:], len(self.answer)
+        return rest, []
 
 
 def _open_prefix(text: str) -> int:

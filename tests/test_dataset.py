@@ -529,12 +529,22 @@ def test_license_header_forms():
     # a comment that mentions a licence is no notice: the code's own, kept
     for mention in ("# License keys: issue and revoke them per customer\n# (checked against "
                     "the licence server).\nfrom fastapi import APIRouter\n",
-                    "# Check the user's licence before serving the model\nimport fastapi\n"):
+                    "# Check the user's licence before serving the model\nimport fastapi\n",
+                    "# Pay out under the terms of the contract\nx = 1\n"):
         assert strip_license_header(mention) == (mention, False)
     for notice in ("# Author: A. Author <a@example.org>\n# License: BSD 3 clause\n",
                    "// Use of this source code is governed by a BSD-style license that can be\n"
                    "// found in the LICENSE file.\n",
-                   "# This program is free software: you can redistribute it and/or modify\n"):
+                   "# This program is free software: you can redistribute it and/or modify\n",
+                   "# This Source Code Form is subject to the terms of the Mozilla Public\n"
+                   "# License, v. 2.0. If a copy of the MPL was not distributed with this\n",
+                   "# Distributed under the same license as SciPy itself.\n",
+                   "# Released under the MIT License.\n",
+                   "// Use of this source code is governed by the MIT license.\n",
+                   "# This is free and unencumbered software released into the public domain.\n",
+                   "# Copied from CPython 3.9, under PSF-License 2.0.\n",
+                   "# From pysparklines (BSD License).\n",
+                   "# For license information, see LICENSE.TXT\n"):
         marker = "#" if notice.startswith("#") else "//"
         assert strip_license_header(notice + "\nx = 1\n", marker) == ("x = 1\n", True), notice
 

@@ -722,6 +722,9 @@ def test_a_name_in_an_f_string_counts_as_python_3_12_tokenizes_it():
     assert names[1] == {"msg", "render", "sys", "argv"}
     assert names[3] == {"render", "width"} and names[4] == {"note"}
     assert history.line_categories(text, "app/main.py", snapshot, {})["inproject"] == [1, 3]
+    # a lone CR inside a triple-quoted f-string ends no line (lines split at LF)
+    assert history.line_names('x = f"""a\rb{y}"""\n', "a.py") == [{"x", "y"}, set()]
+    assert history.line_names('x = f"""a\r\r\r{y}"""', "a.py") == [{"x", "y"}]
 
 
 def test_a_string_holding_a_comment_mark_keeps_the_rest_of_its_line_in_other_languages():

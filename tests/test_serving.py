@@ -944,7 +944,8 @@ def test_an_ipv6_host_is_served_and_a_burst_of_clients_waits_in_the_backlog(load
 
 def test_a_connection_is_kept_for_the_next_request(server):
     """HTTP/1.1 keep-alive, as uvicorn serves vLLM: two requests on one connection are both
-    answered; a stream ends its connection with its last event."""
+    answered; a stream, an error (its body may be unread) and a GET with a body end their
+    connection, and say so (Connection: close), so a client opens a new one."""
     import http.client
 
     host, port = server.server_address[:2]
@@ -955,6 +956,15 @@ def test_a_connection_is_kept_for_the_next_request(server):
             answer = connection.getresponse()
             assert answer.status == 200 and answer.version == 11
             assert json.loads(answer.read())["data"][0]["id"] == "tiny"
+        for method, path, sent in (("GET", "/v1/models/nope", None), ("POST", "/v1/nope", b"{}"),
+                                   ("GET", "/v1/models", b'{"x": 1}')):
+            connection.request(method, path, sent)
+            answer = connection.getresponse()
+            answer.read()
+            assert answer.getheader("Connection") == "close", (method, path)
+            connection.request("GET", "/v1/models")  # http.client opens a new connection
+            answer = connection.getresponse()
+            assert answer.status == 200 and json.loads(answer.read())["data"]
         body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": True})
         connection.request("POST", "/v1/completions", body,
                            {"Content-Type": "application/json"})

@@ -24,28 +24,32 @@ ARGUMENTS = json.dumps({"city": "Zürich", "unit": "celsius"}, ensure_ascii=Fals
     ('<tool_call>["a list"]</tool_call>', '<tool_call>["a list"]</tool_call>', []),
     # arguments as the model wrote them, re-serialized; none given: an empty object
     ('<tool_call>{"name": "ping"}</tool_call>', None, [ToolCall("ping", "{}")]),
+    # a call, then a block that is none, or a second call cut short: the answer is text
+    ('<tool_call>{"name": "a"}</tool_call><tool_call>not json</tool_call>',
+     '<tool_call>{"name": "a"}</tool_call><tool_call>not json</tool_call>', []),
+    ('<tool_call>{"name": "a"}</tool_call>\n<tool_call>\n{"name": "b", "argum',
+     '<tool_call>{"name": "a"}</tool_call>\n<tool_call>\n{"name": "b", "argum', []),
 ])
 def test_an_answers_calls_and_content_are_read_as_the_hermes_parser_reads_them(
         answer, content, calls):
     assert read_calls(answer) == (content, calls)
     for size in (1, 2, 3, 7, len(answer)):  # the same, streamed in pieces of each size
         stream = CallStream()
-        streamed, got = "", []
-        for start in range(0, len(answer), size):
-            text, new = stream.feed(answer[start:start + size])
-            streamed += text
-            got += new
-        text, new = stream.finish()
-        streamed += text
-        got += new
-        assert (streamed or None, got) == (content, calls), size
+        streamed = "".join(stream.feed(answer[start:start + size])
+                           for start in range(0, len(answer), size))
+        text, got = stream.finish()
+        assert (streamed + text or None, got) == (content, calls), size
 
 
 def test_a_stream_holds_back_only_what_may_still_open_a_call():
-    """Text that cannot begin a call goes on at once; "<tool" waits for the next piece."""
+    """Text that cannot begin a call goes on at once; "<tool" waits for the next piece, and
+    from "<tool_call>" on the answer waits for its end."""
     stream = CallStream()
-    assert stream.feed("x < y and <tool") == ("x < y and ", [])
-    assert stream.feed("box>") == ("<toolbox>", [])
+    assert stream.feed("x < y and <tool") == "x < y and "
+    assert stream.feed("box>") == "<toolbox>"
+    assert stream.feed(" <tool_call>{") == " "
+    assert stream.feed('"name": "f"}</tool_call>') == ""
+    assert stream.finish() == ("", [ToolCall("f", "{}")])
 
 
 def test_a_template_that_teaches_the_calls_is_told_apart():

@@ -23,11 +23,15 @@ from scraping.common import decode_source
 
 # What only a notice says (not a comment that mentions a licence, "# License keys: ..."): the
 # leading blocks that say it are removed, and a /** */ block counts as one where it says it.
-_NOTICE = re.compile(r"copyright|\(c\)|©|spdx-license-identifier|licen[cs]ed (?:under|to)|"
-                     r"all rights reserved|@license|permission is hereby granted|"
-                     r"without warrant(?:y|ies)|licenses?/|license, version|free software|"
-                     r"governed by an? [\w-]+ licen[cs]e|under the terms of|"
-                     r"^[^\w\n]*licen[cs]e\s*:", re.I | re.M)  # the last: a "License: MIT" line
+_NOTICE = re.compile(
+    r"copyright|\(c\)|©|spdx-license-identifier|licen[cs]ed (?:under|to)|all rights reserved|"
+    r"@license|permission is hereby granted|without warrant(?:y|ies)|licenses?/|"
+    r"licen[cs]e,? (?:v(?:ersion)?\.? ?)?\d|free software|free and unencumbered|unlicense|"
+    r"mozilla public licen[cs]e|this source code form is subject|for licen[cs]e information|"
+    r"governed by (?:an? |the )?[\w.-]+(?: [\w.-]+)? licen[cs]e|licen[cs]e\.(?:txt|md|rst)\b|"
+    r"(?:distributed|released|available|provided|published) under\b[^\n]{0,60}licen[cs]e|"
+    r"under the terms of\b[^\n]{0,60}licen[cs]e|\([\w .-]*licen[cs]e\)|"
+    r"^[^\w\n]*licen[cs]e\s*:", re.I | re.M)  # the last: a "License: MIT" line
 _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
 # A quoted one-line literal (a raw string """...""" first: the quotes inside are its text) or,
 # outside one, a `//` or `#` comment start; a number.

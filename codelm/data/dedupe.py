@@ -80,7 +80,8 @@ class NearDuplicateIndex:
     under the threshold's margin though a file meets hundreds of similar ones (64 values, 0.05,
     drop files of true Jaccard 0.75 at 0.85). The bands are as long as a pair at the threshold
     still shares one (``_band_rows``). Signatures are rows of one uint32 array, a band a dict
-    of its values' bytes: a kept file costs about 2 KB, not a MinHash object."""
+    of its values' bytes: a kept file costs about 4 KB at 0.85 (6 KB at 0.7, 10 KB at 0.5),
+    not a MinHash object."""
 
     NUM_PERM = 256  # values per signature, unless given
 

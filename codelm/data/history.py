@@ -135,7 +135,8 @@ def line_names(text: str, path: str = "x.py") -> list[set[str]]:
                     found[token.start[0] - 1].add(token.string)
                 elif token.type == tokenize.STRING:  # an f-string, before Python 3.12
                     for line, name in _f_string_names(token.string):
-                        found[token.start[0] - 2 + line].add(name)
+                        if token.start[0] - 2 + line < len(lines):
+                            found[token.start[0] - 2 + line].add(name)
             tokenized = True
         except (tokenize.TokenError, SyntaxError, ValueError):
             found = [set() for _ in lines]
@@ -154,8 +155,8 @@ def _f_string_names(literal: str) -> list[tuple[int, str]]:
     one gives the f-string as one STRING token; none for another string."""
     if "f" not in literal[: literal.find(literal[-1])].lower():
         return []
-    try:
-        tree = ast.parse(literal, mode="eval")
+    try:  # a lone CR ends no line here (lines split at LF), as it does for the parser
+        tree = ast.parse(literal.replace("\r\n", "\n").replace("\r", " "), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return []
     names = []
