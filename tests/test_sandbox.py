@@ -1419,3 +1419,22 @@ def test_the_command_takes_packages_as_a_list_of_names(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "6"
     assert command.main([str(program), "--packages", "numpy,not_a_package_here"]) == 2
     assert "package 'not_a_package_here' is not installed" in capsys.readouterr().err
+
+
+def test_an_evaluator_holding_a_thousand_descriptors_still_runs_samples():
+    """A busy evaluator (a server's connections, open shards) may hand a run descriptors
+    numbered past 1024, which select() cannot wait on: a run still passes."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this process may hold {hard} descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        result = run_python("print('ok')", FAST)
+        assert result.passed and result.stdout == "ok\n", result
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

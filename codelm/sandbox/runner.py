@@ -116,7 +116,7 @@ class _Drain(threading.Thread):
     def run(self) -> None:
         try:
             while self.stop_at is None or time.monotonic() < self.stop_at:
-                if not select.select([self.fd], [], [], _DRAIN_POLL_S)[0]:
+                if not _readable(self.fd, _DRAIN_POLL_S):
                     continue
                 chunk = os.read(self.fd, 1 << 16)
                 if not chunk:
@@ -135,6 +135,14 @@ class _Drain(threading.Thread):
         """The first line, up to 200 bytes (a longer one cut there)."""
         end = self.head.find(b"\n")
         return self.head[: end + 1] if end >= 0 else self.head
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` has something to read (or its end) within ``timeout`` seconds; poll, not
+    select, so a descriptor numbered past 1024 in a busy evaluator is waited on too."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(math.ceil(timeout * 1000)))
 
 
 def _tail(drain: _Drain, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[str, bool]:
@@ -253,7 +261,7 @@ def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxCo
 def _ended(proc: subprocess.Popen, pidfd: int | None, timeout: float) -> bool:
     """Whether the run ended within ``timeout`` seconds (reaped if so)."""
     if pidfd is not None:
-        if not select.select([pidfd], [], [], timeout)[0]:
+        if not _readable(pidfd, timeout):
             return False
         proc.wait()
         return True
