@@ -845,8 +845,10 @@ def presets_table(scratch_vocab: int = DEFAULT_RUN_VOCAB) -> str:
     rows.append("")
     rows.append(f"parameters: every weight once (a tied embedding and LM head once) at the vocab "
                 f"shown; {', '.join(FROM_SCRATCH)} take their run's tokenizer's vocabulary, "
-                f"counted here at {scratch_vocab:,} (the default run's: --vocab-size N counts "
-                "them at N); the others keep their checkpoints'.")
+                f"counted here at {scratch_vocab:,}" + (
+                    " (the default run's; --vocab-size N counts them at N)"
+                    if scratch_vocab == DEFAULT_RUN_VOCAB else " (--vocab-size)")
+                + "; the others keep their checkpoints'.")
     return "\n".join(rows)
 
 

@@ -692,6 +692,7 @@ def _report(server: _Server, stopping: threading.Event) -> None:
         now = time.monotonic()
         if tokens != last_tokens:
             rate = (tokens - last_tokens) / (now - last_time)
-            print(f"served {_completions(server.answered)}, {tokens:,} tokens, {rate:,.0f} "
-                  f"tokens/s over the last {REPORT_EVERY_S:g} s", file=sys.stderr, flush=True)
+            print(f"served {_completions(server.answered)} and {tokens:,} tokens in all; "
+                  f"{rate:,.0f} tokens/s over the last {REPORT_EVERY_S:g} s", file=sys.stderr,
+                  flush=True)
         last_tokens, last_time = tokens, now

@@ -82,8 +82,9 @@ def test_every_form_appears_and_every_canonical_solution_passes_in_the_sandbox()
 def test_the_command_writes_a_file_evals_pass_at_k_reads(tmp_path, capsys):
     """`python -m codelm.data.problems --n N --seed S --out FILE` writes JSONL that eval.py's
     loader reads as --problems passk=FILE, each canonical solution passing its test apart from
-    the candidate (none needs the candidate's interpreter)."""
-    out = tmp_path / "heldout.jsonl"
+    the candidate (none needs the candidate's interpreter); its folder is made (the docs'
+    data/exec/ is no folder of a fresh clone)."""
+    out = tmp_path / "exec" / "heldout.jsonl"
     assert generated.main(["--n", "40", "--seed", "5", "--out", str(out)]) == 0
     assert f"wrote 40 problems of seed 5 to {out}" in capsys.readouterr().out
     lines = out.read_text().splitlines()

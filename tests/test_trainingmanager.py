@@ -2515,17 +2515,20 @@ def test_a_parquet_pair_file_and_a_datasets_directory_train_the_refactor_task(as
 
 def test_a_run_names_the_records_its_data_dropped_and_why(assets, tmp_path, capsys):
     """Nothing is dropped in silence: a run's console names how many records were kept of
-    those read, each drop's reason with its count, and the splits."""
+    those read (the malformed ones skip_bad skips too), each drop's reason with its count, and
+    the splits."""
     pairs = [{"input": f"def f{i}(x):\n    y = x + {i}\n    return y\n",
               "output": f"def f{i}(x):\n    return x + {i}\n"} for i in range(40)]
     pairs += [{"input": f"def g{i}(x):\n    return x\n", "output": ""} for i in range(3)]
     pairs += pairs[:2]
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs) + "{not json\n[1, 2]\n")
+    options = {"cache_dir": assets["cache"], "progress": False, "skip_bad": True}
     tm.train(tiny_cfg(assets, tmp_path, task="refactor", data=[str(data)], max_steps=1,
-                      block_size=48))
+                      block_size=48, data_options=options))
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data:"))
-    assert "40 of 45" in line and "empty_pair 3" in line and "duplicate 2" in line, line
+    assert "40 of 47" in line and "empty_pair 3" in line and "duplicate 2" in line, line
+    assert "bad_jsonl_line 2" in line
     assert "split train" in line
 
 

@@ -36,6 +36,7 @@ import random
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 from codelm.runtime import process, settings
@@ -467,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                         for p in problems]
         elif args.text:
             problems = [{"text": p["prompt"] + p["canonical_solution"]} for p in problems]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         process.write_atomic(args.out, "".join(json.dumps(p) + "\n" for p in problems))
         seeds = " ".join(str(seed) for seed in args.seed)
         print(f"wrote {len(problems)} problems of seed{'s' * (len(args.seed) > 1)} {seeds} "

@@ -366,11 +366,12 @@ def corpus_stats(manifests: Sequence[dict], cfg: DataConfig) -> dict:
 
 
 def describe_corpus(stats: dict) -> str:
-    """One line of a corpus's counts (``corpus_stats``): read, kept, each drop's reason, the
-    splits."""
+    """One line of a corpus's counts (``corpus_stats``): kept of all read (a record skipped as
+    malformed, ``skip_bad``, too), each drop's reason, the splits."""
     dropped = ", ".join(f"{reason} {n}" for reason, n in stats["dropped"].items() if n)
     splits = ", ".join(f"{split} {n}" for split, n in stats["split"].items())
-    return (f"{stats['kept']['files']} of {stats['read']['files']} files/records kept "
+    kept = stats["kept"]["files"]
+    return (f"{kept} of {kept + sum(stats['dropped'].values())} files/records kept "
             f"(dropped: {dropped or 'none'}); split {splits}")
 
 

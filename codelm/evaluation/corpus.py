@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from codelm.data.config import SPLITS, DataConfig
+from codelm.data.shards import describe_corpus
 from codelm.data.sources import Doc
 from codelm.data.splits import corpus_key, load_corpus
 from codelm.loading import LoadedModel
@@ -76,13 +77,16 @@ def split_documents(cfg: CorpusSettings, models: Sequence[LoadedModel]
     DataConfig. Where no run's own split is scored, a note says which part of the data is."""
     data_cfg = corpus_config(cfg, models)
     corpus = load_corpus(data_cfg)
+    runs_own = cfg.data is None and any(m.run_config for m in models)
+    if not runs_own:
+        print(f"data: {describe_corpus(corpus.stats)}")
     if cfg.split == "all":
-        if any(m.run_config for m in models):
+        if runs_own:
             print("note: --split all scores every document, those the runs trained on too",
                   file=sys.stderr)
         return [doc for split in SPLITS for doc in getattr(corpus, split)], data_cfg
     docs = getattr(corpus, cfg.split)
-    if cfg.data is not None or not any(m.run_config for m in models):
+    if not runs_own:
         unit = corpus.stats["split_by"]
         print(f"data: scoring the {cfg.split} split of {', '.join(data_cfg.sources)}: "
               f"{len(docs)} of {sum(corpus.stats['split'].values())} documents (train_frac "

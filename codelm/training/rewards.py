@@ -107,21 +107,24 @@ def counting_problem(problem: dict, marker: str) -> dict:
 
 def counting_test(test: str, entry_point: str | None, marker: str) -> str:
     """``test`` with each assertion at the top of ``check``'s body (with an ``entry_point``:
-    HumanEval's form), else of the test itself, counted rather than raised, and the count
-    printed last as ``marker`` then "passed/total"; a test with no such assertion is unchanged
-    (it passes or fails whole). An assertion that holds whatever the program does is no
-    credit: one of constants alone (HumanEval's ``assert True, "..."``), or one comparing the
-    candidate's result with itself (HumanEval/33's ``candidate(x) == sort_third(x)``, where
-    both names are the candidate)."""
+    HumanEval's form; the last ``check`` defined, the one called), else of the test itself,
+    counted rather than raised, and the count printed as ``marker`` then "passed/total" however
+    the body ends (its ``return True`` too); a test with no such assertion is unchanged (it
+    passes or fails whole). An assertion after the body's first ``return`` never runs and is
+    not counted; nor is one that holds whatever the program does: one of constants alone
+    (HumanEval's ``assert True, "..."``), or one comparing the candidate's result with itself
+    (HumanEval/33's ``candidate(x) == sort_third(x)``, where both names are the candidate)."""
     tree = ast.parse(test)
     owner = tree
-    in_check = entry_point is not None
-    if in_check:
-        owner = next((node for node in tree.body
-                      if isinstance(node, ast.FunctionDef) and node.name == "check"), None)
-        if owner is None:
+    if entry_point is not None:
+        checks = [node for node in tree.body
+                  if isinstance(node, ast.FunctionDef) and node.name == "check"]
+        if not checks:
             return test
-    counts = [_counts(node, entry_point) for node in owner.body]
+        owner = checks[-1]
+    live = next((i for i, node in enumerate(owner.body) if isinstance(node, ast.Return)),
+                len(owner.body))
+    counts = [i < live and _counts(node, entry_point) for i, node in enumerate(owner.body)]
     total = sum(counts)
     if total == 0:
         return test
@@ -134,8 +137,11 @@ def counting_test(test: str, entry_point: str | None, marker: str) -> str:
             wrapped.body = [node]
             node = wrapped
         body.append(node)
-    body += ast.parse(f"print({marker!r} + str({COUNTER}[0]) + '/{total}', flush=True)").body
-    owner.body = body
+    reported = ast.parse("try:\n    pass\nfinally:\n    pass\n").body[0]
+    reported.body = body
+    reported.finalbody = ast.parse(
+        f"print({marker!r} + str({COUNTER}[0]) + '/{total}', flush=True)").body
+    owner.body = [reported]
     tree.body[:0] = ast.parse(f"{COUNTER} = [0]").body
     return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
 

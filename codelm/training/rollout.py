@@ -454,7 +454,8 @@ class GRPOTrainer(Trainer):
         true = scored.true_rewards
         if bool((true == 0).all()):
             fix = ("the model solves none: start from a model fine-tuned on such problems "
-                   "(SFT), use easier problems, or set partial_credit")
+                   "(SFT), use easier problems" + (
+                       "" if self.grpo_settings.partial_credit else ", or set partial_credit"))
         elif bool((true == true[0]).all()):
             fix = "every completion earns the same: use harder problems"
         else:
