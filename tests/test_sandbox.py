@@ -1188,7 +1188,11 @@ ARGUMENT_CASES = [(_problem("sorted_copy", """\
       "next(it)\nreturn it"),
     (_problem("total", """\
     assert candidate(np.array([1, 2, 3])) == 6
-"""), "return sum(int(x) for x in args[0])"),
+"""), "return sum(int(x) for x in args[0])")] + [
+    (_problem("squares", """\
+    assert list(candidate(3)) == [0, 1, 4] and candidate(2).typecode == "i"
+"""), body) for body in ("import array\nreturn array.array('i', (i * i for i in range(args[0])))",
+                         "import array\nreturn array.array('d', (i * i for i in range(args[0])))")] + [
     ({"task_id": "t/running", "prompt": "def running(*args):\n", "entry_point": "running",
       "test": "def check(candidate):\n    assert list(candidate([1, 2, 3])) == [1, 3, 6]\n"},
      "import numpy\nreturn numpy.cumsum(args[0])")]

@@ -8,6 +8,7 @@ control directory, isolated as it is: the standard library alone (and numpy, by 
 an array crosses).
 """
 
+import array
 import builtins
 import collections.abc
 import decimal
@@ -22,8 +23,9 @@ import types
 
 def plain_encode(value: object) -> str:
     """``value`` in a fixed text form that ``plain_decode`` reads: None, bool, int, float,
-    complex, str, bytes, Fraction, Decimal, a range, a numpy scalar or array of numbers or bools
-    (as one, its dtype and shape kept; another numpy scalar as its item()), and lists, tuples, sets,
+    complex, str, bytes, Fraction, Decimal, a range, an array.array (as one, its typecode kept),
+    a numpy scalar or array of numbers or bools (as one, its dtype and shape kept; another numpy
+    scalar as its item()), and lists, tuples, sets,
     frozensets, deques, dicts and OrderedDicts of them, a dict's keys, values or items view,
     and an iterator (a generator, map, filter: its items, read here, cross as an iterator over
     them); a bytearray or memoryview as its bytes, a UserList, UserDict, UserString, ChainMap or
@@ -72,6 +74,9 @@ def _plain_parts(value: object, out: list[str], read: bool = True) -> None:
     elif isinstance(value, decimal.Decimal):
         text = str(decimal.Decimal.__str__(value))
         out.append(f"m{len(text)}:{text}")
+    elif isinstance(value, array.array):  # equal to arrays alone: it crosses as one
+        out.append("W")
+        _plain_parts((value.typecode, value.tolist()), out, read)
     elif isinstance(value, range):  # a range equals a range, not a list: it crosses as one
         out.append("R3:")
         for bound in (value.start, value.stop, value.step):
@@ -197,6 +202,12 @@ def _plain_value(text: str, at: int) -> tuple[object, int]:
     if tag == "A":
         parts, end = _plain_value(text, at + 1)
         return _numpy_array(parts), end
+    if tag == "W":  # an array.array: its typecode and items
+        parts, end = _plain_value(text, at + 1)
+        if not (type(parts) is tuple and len(parts) == 2 and parts[0] in array.typecodes
+                and type(parts[1]) is list):
+            raise ValueError("not plain data: a malformed array.array")
+        return array.array(*parts), end
     if tag == "Z":  # a numpy scalar: the one item of an array of its dtype
         parts, end = _plain_value(text, at + 1)
         if not (type(parts) is tuple and len(parts) == 2):
