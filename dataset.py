@@ -556,19 +556,22 @@ def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
             print(f"note: {source} holds {n} input/output pairs; the lm task trains on each as "
                   "plain text (input, newline, output; the loss on both): another task, e.g. "
                   "--task refactor, trains on the output only", file=sys.stderr)
-    headed = sum(events.get("input_holds_refactor_header", 0)
-                 for events in meta["task"].get("events", {}).values())
+    headed = _event_total(meta, "input_holds_refactor_header")
     if headed:
         print(f"note: {headed} refactor input(s) open with the template's header "
               f"({REFACTOR_HEADER!r}), which the template writes before each input: they hold "
               "it twice; an input is the code alone", file=sys.stderr)
-    n = sum(events.get("pair_holds_special_token_text", 0)
-            for events in meta["task"].get("events", {}).values())
+    n = _event_total(meta, "pair_holds_special_token_text")
     if n and not cfg.pair_special_tokens:
         print(f"note: {n} input/output pair(s) hold the text of a special token of the tokenizer "
               "(e.g. <|eot_id|>), encoded as text: to read it as the token, as transformers' "
               "tokenizer(text) does, use --pair-special-tokens or --data-options "
               "'{\"pair_special_tokens\": true}'", file=sys.stderr)
+
+
+def _event_total(meta: dict, event: str) -> int:
+    """How often ``event`` was counted over the splits' builds (a cache entry's meta)."""
+    return sum(events.get(event, 0) for events in meta["task"].get("events", {}).values())
 
 
 def check_next_token_labels(examples: Dataset, split: str, n: int = 8) -> None:

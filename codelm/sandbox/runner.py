@@ -333,7 +333,7 @@ def run_python(source: str, config: SandboxConfig | None = None,
 
         marker = f"\nsandbox: completed {token}\n".encode()
         start = time.monotonic()
-        proc, out, err = _start(command, workdir, env, user, cfg.max_output_chars * 4 + len(marker))
+        proc, out, err = _start(command, workdir, env, cfg.max_output_chars * 4 + len(marker))
         with _RUNNING_LOCK:
             _RUNNING.add(proc.pid)
         try:
@@ -369,15 +369,13 @@ def run_python(source: str, config: SandboxConfig | None = None,
                          capabilities)
 
 
-def _start(command: list[str], workdir: Path, env: dict[str, str], user: list[int] | None,
-           keep: int) -> tuple[subprocess.Popen, _Drain, _Drain]:
+def _start(command: list[str], workdir: Path, env: dict[str, str], keep: int
+           ) -> tuple[subprocess.Popen, _Drain, _Drain]:
     """Start a run, its own process group's leader, its stdout and stderr pipes read by drains
-    keeping ``keep`` bytes of each."""
+    keeping ``keep`` bytes of each (written through the descriptors it inherits: reopened
+    through /dev/stdout they are outside its directory, refused)."""
     pipes = [os.pipe(), os.pipe()]
     try:
-        for _, write_end in pipes:
-            if user:  # also reopened through /dev/stdout
-                os.fchown(write_end, *user)
         proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
                                 stdout=pipes[0][1], stderr=pipes[1][1], start_new_session=True)
     except BaseException:

@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import NamedTuple, Protocol
 
-from codelm.data.config import REFACTOR_TEMPLATE, DataConfig
+from codelm.data.config import DataConfig
 from codelm.data.encoding import encode_text, fitted_prompt, tokenize_examples, window_pairs
 from codelm.data.examples import (
+    REFACTOR_HEADER,
     Example,
     docstring_examples,
     line_completion_examples,
@@ -182,17 +183,15 @@ def _past_opening_quotes(text: str) -> str:
     return text[3:] if text.startswith(('"""', "'''")) else text
 
 
-# The refactor template's own header: a base model that goes on writes its next example there
-# (a "### Section" comment in a refactored program is the program's own).
-_NEXT_REFACTOR = "\n" + REFACTOR_TEMPLATE.partition("\n")[0]
-
 _GENERATION = {
     "line": Generation(("\n",), str.lstrip, lambda t: codexglue_post_process(t.strip()),
                        lambda r: codexglue_post_process(r.strip())),
     "method": Generation(FUNCTION_STOPS[:4], None, method_body, str.rstrip),
     "docstring": Generation(('"""', "'''", "\nclass ", "\ndef "), _past_opening_quotes,
                             str.strip, str.strip),
-    "refactor": Generation((_NEXT_REFACTOR,), None, str.strip, str.strip),
+    # a base model that goes on writes the template's next header (a "### Section" comment
+    # in a refactored program is the program's own)
+    "refactor": Generation(("\n" + REFACTOR_HEADER,), None, str.strip, str.strip),
     "completion": Generation((), None, str.strip, str.strip),
 }
 
