@@ -16,6 +16,8 @@ once (seeded) around the token length of problem i's canonical solution (x 0.5 t
 batch runs to its longest row's, its rows counted to their own. Prompts are tokenized by a
 byte-level BPE of the model's vocabulary trained on the standard library here.
 
+--compile adds the engine with its decode step compiled (a CUDA graph on CUDA; compiled in a
+warm-up run first).
 Example: python bench/bench_engine.py --threads 2; on a GPU: --preset llama-60m --batch 64. Figures go to docs/benchmarks.md (## Sampling engine).
 """
 
@@ -59,6 +61,7 @@ class BenchConfig:
     clock: str = "wall"  # wall | cpu (process CPU time: at --threads 1, robust to shared cores)
     preset: str = "llama-14m"  # architecture preset of both models
     device: str = "auto"  # auto (CUDA where there is one) | cpu | cuda
+    compile: bool = False  # also the engine with its step compiled (a CUDA graph on CUDA)
 
 
 
@@ -159,7 +162,7 @@ def hf_sampled(hf, work: Problems, cfg: BenchConfig) -> int:
     return total
 
 
-def engine_sampled(ours, work: Problems, cfg: BenchConfig) -> int:
+def engine_sampled(ours, work: Problems, cfg: BenchConfig, compile: bool = False) -> int:
     """The engine over the same samples, each request asking for its own length."""
     prompts, configs = [], []
     for i, (prompt, lengths) in enumerate(zip(work.prompts, work.lengths)):
@@ -167,7 +170,7 @@ def engine_sampled(ours, work: Problems, cfg: BenchConfig) -> int:
             g = torch.Generator(ours.wte.weight.device).manual_seed(i * cfg.samples + s)
             prompts.append(prompt)
             configs.append(GenerationConfig(length, temperature=cfg.temperature, generator=g))
-    out = generate_all(ours, prompts, configs, slots=cfg.batch)
+    out = generate_all(ours, prompts, configs, slots=cfg.batch, compile=compile)
     return sum(len(tokens) for tokens in out)
 
 
@@ -201,6 +204,12 @@ def bench_sampled(cfg: BenchConfig, ours, hf, work: Problems) -> None:
         hf.destroy_cached_continuous_batching_manager()
     print(f"  codelm engine          {ours_tokens / ours_s:8.1f} tokens/s  ({ours_tokens} tokens, "
           f"{ours_s:.1f} s)  {ours_tokens / ours_s / base:5.2f}x")
+    if cfg.compile:  # compiled once (warm-up: two problems), then timed
+        warm_s, _ = timed(lambda: engine_sampled(ours, Problems(work.prompts[:2],
+                                                                work.lengths[:2]), cfg, True))
+        c_s, c_tokens = timed(lambda: engine_sampled(ours, work, cfg, True))
+        print(f"  codelm engine compiled {c_tokens / c_s:8.1f} tokens/s  ({c_tokens} tokens, "
+              f"{c_s:.1f} s)  {c_tokens / c_s / base:5.2f}x  (warm-up {warm_s:.1f} s)")
 
 
 def bench_greedy(cfg: BenchConfig, ours, hf, work: Problems) -> None:
@@ -226,11 +235,16 @@ def bench_greedy(cfg: BenchConfig, ours, hf, work: Problems) -> None:
     def run_engine():
         return generate_all(ours, rows, GenerationConfig(n), slots=cfg.batch)
 
+    def run_compiled():
+        return generate_all(ours, rows, GenerationConfig(n), slots=cfg.batch, compile=True)
+
     def run_continuous():
         return hf_continuous(hf, rows, [n] * len(rows), cfg.batch, 0.0)
 
     runners = {"transformers generate": run_hf, "codelm generate": run_generate,
                "codelm engine": run_engine}
+    if cfg.compile:
+        runners["codelm engine compiled"] = run_compiled
     if has_continuous_batching(hf):
         runners["transformers continuous"] = run_continuous
     ref = run_hf()  # warm-up, and the tokens every runner must equal

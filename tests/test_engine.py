@@ -80,6 +80,46 @@ def test_a_sampled_request_draws_what_generate_draws_with_its_generator():
         assert generate_all(model, [prompt], cfg(i), slots=1) == [crowd[i]]
 
 
+def _joining_requests(device: str = "cpu") -> tuple[list[list[int]], list[GenerationConfig]]:
+    """Ten prompts of different lengths and budgets, greedy and sampled (each its own seeded
+    generator on ``device``), an EOS id among them: more requests than slots, so they join."""
+    prompts = _prompts(10)
+    cfgs = []
+    for i in range(10):
+        sampled = dict(temperature=0.9, top_p=0.95) if i % 2 else {}
+        generator = torch.Generator(device).manual_seed(300 + i)
+        cfgs.append(GenerationConfig(4 + (5 * i) % 17, eos_id=7 if i % 3 == 0 else None,
+                                     generator=generator, **sampled))
+    return prompts, cfgs
+
+
+def test_the_compiled_engine_decodes_what_the_eager_one_decodes():
+    """The decode step compiled over the whole pool (every slot, the whole cache) gives the
+    eager engine's tokens, greedy and sampled, as requests join and leave three slots."""
+    model = _model("llama")
+    prompts, cfgs = _joining_requests()
+    eager = generate_all(model, prompts, cfgs, slots=3)
+    prompts, cfgs = _joining_requests()  # the generators afresh
+    assert generate_all(model, prompts, cfgs, slots=3, compile=True) == eager
+    for prompt, cfg, tokens in zip(prompts[::2], cfgs[::2], eager[::2]):  # the greedy ones
+        assert tokens == _alone(model, prompt, cfg.max_new_tokens, eos_id=cfg.eos_id[0]
+                                if cfg.eos_id else None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", ["llama", "gpt_bigcode"])
+def test_cuda_graph_engine_decodes_what_the_eager_one_decodes(shape):
+    """On CUDA the compiled engine's step is one CUDA graph replay: its tokens equal the eager
+    engine's, greedy and sampled, as requests join and leave; a second engine of the same
+    model decodes the same."""
+    model = _model(shape).cuda()
+    prompts, cfgs = _joining_requests("cuda")
+    eager = generate_all(model, prompts, cfgs, slots=3)
+    for _ in range(2):
+        prompts, cfgs = _joining_requests("cuda")
+        assert generate_all(model, prompts, cfgs, slots=3, compile=True) == eager
+
+
 def _fed_shapes(monkeypatch) -> list[torch.Size]:
     """The shape of every chunk of ids fed to a model's blocks, in order."""
     runs = []

@@ -3821,13 +3821,14 @@ def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
 
 @pytest.mark.slow  # torch.compile; test_generation checks the compiled decode in the quick suite
 def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, monkeypatch):
-    """--compile reaches generate and stream (on CUDA: the CUDA-graph decode): a LoRA-tuned
+    """--compile reaches the engine and stream (on CUDA: the CUDA-graph decode): a LoRA-tuned
     model's batch of prompts of different lengths and its streamed --prompt give the eager
     texts; refused with beam search; a resumed evaluation does not count it as a new one."""
     import json
 
     import torch
 
+    from codelm.models.engine import Engine
 
     m = tiny_models
     tuned = f"{m['base']}+{m['adapter']}"
@@ -3836,17 +3837,22 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
     lm = loading.load_model(tuned, torch.device("cpu"))
     want = scoring.generate_texts(lm, prompts, cfg)
     compiled = []
-    for name in ("generate", "stream"):
-        real = getattr(scoring, name)
-        monkeypatch.setattr(scoring, name,
-                            lambda model, idx, cfg, attention_mask=None, _real=real: (
-                                compiled.append(cfg.compile)
-                                or _real(model, idx, cfg, attention_mask)))
+
+    def engine(*args, compile=False, **kwargs):
+        compiled.append(compile)
+        return Engine(*args, compile=compile, **kwargs)
+
+    def stream(model, idx, cfg, attention_mask=None, _real=scoring.stream):
+        compiled.append(cfg.compile)
+        return _real(model, idx, cfg, attention_mask)
+
+    monkeypatch.setattr(scoring, "Engine", engine)
+    monkeypatch.setattr(scoring, "stream", stream)
     assert scoring.generate_texts(lm, prompts, dataclasses.replace(cfg, compile=True)) == want
     assert ev.main(["--models", tuned, "--prompt", prompts[0], "--max-new-tokens", "10",
                     "--compile", "--runs-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"{prompts[0]}{want[0]}\n"
-    assert compiled == [True, True, True]  # two batches, one stream
+    assert compiled == [True, True]  # the engine's batch, the stream
     with pytest.raises(ValueError, match=r"^compile \(True, --compile\): compiles the greedy"):
         config_from_dict({"compile": True, "num_beams": 2})
     saved = {"format_version": eval_results.FORMAT_VERSION,
@@ -3856,11 +3862,11 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
     eval_results.check_settings_unchanged(cfg, "remedy")
 
 
-def test_sampled_texts_through_the_compiled_path_do_not_depend_on_the_batch(tiny_models,
-                                                                            monkeypatch):
-    """Sampled through --compile's batched path, prompt i draws from its own generator seeded
-    seed + i, as the engine path does: the texts at batch 2 and at batch 1 equal the engine's
-    (the compiled step stood in by the eager one, so the draws are what is compared)."""
+def test_sampled_texts_through_the_compiled_engine_do_not_depend_on_the_batch(tiny_models,
+                                                                              monkeypatch):
+    """Sampled through --compile's engine, prompt i draws from its own generator seeded
+    seed + i: the texts at 2 slots and at 1 equal the eager engine's (the compiled step stood in
+    by the eager one, so the draws are what is compared)."""
     import torch
 
     from codelm import kernels

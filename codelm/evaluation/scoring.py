@@ -1,7 +1,7 @@
 """A model's prompts encoded and completed, and its losses summed, as the evaluation settings
 say (``Scoring``: EvalConfig's fields of those names): the context a model is scored with, each
 prompt's ids as training tokenized them, completions generated (the continuous-batching engine,
-or batches for beams and compiled decoding) or streamed, and the loss of reference completions."""
+or batches for beam search) or streamed, and the loss of reference completions."""
 
 from __future__ import annotations
 
@@ -196,8 +196,8 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
                    prompt_ids: Sequence[tuple[list[int], tuple[int, int]]] | None = None,
                    max_prompt_tokens: int | None = None,
                    start: Callable[[str], str] | None = None, chat: bool = False) -> list[str]:
-    """Continue each prompt (greedy, beams or sampled) in left-padded batches, up to EOS or the
-    first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
+    """Continue each prompt (greedy or sampled through the engine, beam search in left-padded
+    batches), up to EOS or the first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
     tokenized them; ``max_prompt_tokens``: the run's own prompt limit; ``start``: the answer
     within the decoded text (past its leading blank lines, say): a stop before it does not
     count; ``chat``: ``prompts`` are a chat template's renderings (``_generation``), and the
@@ -215,7 +215,7 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
         lm, cfg, prompt_ids, max_prompt_tokens, chat, num_beams=cfg.num_beams,
         stop=(list(stops) or None) if cfg.num_beams == 1 else None, decode=text)
     device = next(model.parameters()).device
-    if cfg.num_beams == 1 and not cfg.compile:
+    if cfg.num_beams == 1:
         return _engine_texts(lm, encoded, gen, eos, cfg, stops, text, desc)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
@@ -227,23 +227,13 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
             idx = pad_sequence(batch, True, gen.pad_id, padding_side="left")
             mask = pad_sequence([torch.ones_like(p, dtype=torch.bool) for p in batch], True,
                                 padding_side="left")
-            out = generate(model, idx.to(device), _row_seeded(gen, rows, cfg.seed, device),
-                           attention_mask=mask.to(device))
+            out = generate(model, idx.to(device), gen, attention_mask=mask.to(device))
             for b, i in enumerate(rows):
                 ids = out[b, idx.shape[1] :].tolist()
                 ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
                 outputs[i] = truncate_at_stops(text(ids), stops)
             bar.update(len(rows))
     return outputs
-
-
-def _row_seeded(gen: GenerationConfig, rows: Sequence[int], seed: int,
-                device: torch.device) -> GenerationConfig:
-    """``gen`` sampling prompt i of ``rows`` with its own generator, seeded seed + i, as the
-    engine does: its text does not depend on the batch it ran in (greedy: ``gen`` itself)."""
-    if gen.temperature == 0:
-        return gen
-    return replace(gen, generator=[_prompt_generator(seed, i, device) for i in rows])
 
 
 def _prompt_generator(seed: int, prompt: int, device: torch.device) -> torch.Generator:
@@ -254,17 +244,17 @@ def _prompt_generator(seed: int, prompt: int, device: torch.device) -> torch.Gen
 def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConfig,
                   eos: list[int], cfg: Scoring, stops: Sequence[str],
                   text: Callable[[list[int]], str], desc: str) -> list[str]:
-    """``generate_texts`` through the continuous-batching engine (cfg.batch_size slots): prompt
-    i samples with its own generator, seeded cfg.seed + i, so its text does not depend on the
-    batch it ran in."""
-    engine = Engine(lm.model, cfg.batch_size, max_len=context(lm, cfg))
+    """``generate_texts`` through the continuous-batching engine (cfg.batch_size slots, its step
+    compiled where cfg.compile asks): prompt i samples with its own generator, seeded
+    cfg.seed + i, so its text does not depend on the batch it ran in."""
+    engine = Engine(lm.model, cfg.batch_size, max_len=context(lm, cfg), compile=cfg.compile)
     device = next(lm.model.parameters()).device
     order = []
     for i, ids in enumerate(encoded):
         generator = None
         if gen.temperature > 0:
             generator = _prompt_generator(cfg.seed, i, device)
-        order.append(engine.add(ids, replace(gen, generator=generator)))
+        order.append(engine.add(ids, replace(gen, generator=generator, compile=False)))
     new: dict[int, list[int]] = {request: [] for request in order}
     with progress_bar(total=len(order), desc=f"{lm.label} {desc}", unit="prompt",
                       enabled=cfg.progress, leave=False) as bar:

@@ -15,6 +15,10 @@ own generator, so its tokens do not depend on what else runs beside it: greedy r
 `generation.generate`'s tokens, and sampled rows draw what `generate` draws at batch 1 with the
 same generator. Requests with the same prompt (the n samples of a problem) share one prefill:
 admitted together, or later beside one still running, whose prompt keys they copy.
+
+``Engine(model, slots, compile=True)`` compiles the decode step over the whole pool (every slot,
+the whole cache, so its shapes never change): on CUDA one CUDA graph replayed a token, not the
+~15 launches a layer that bind a small model's step to the host.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from architecture import Transformer
+from architecture import LayerCache, Transformer
 from codelm import kernels
 from codelm.models.generation import (
     CACHE_STEP,
@@ -70,9 +74,11 @@ class _Request:
 class Engine:
     """A pool of ``slots`` sequences decoded together, each up to ``max_len`` tokens (default the
     model's context), fed from a queue of requests. `add` queues one; `step` admits what fits
-    and decodes one token of every running request; `run` steps until all have finished."""
+    and decodes one token of every running request; `run` steps until all have finished.
+    ``compile``: the decode step compiled over the whole pool (a CUDA graph on CUDA)."""
 
-    def __init__(self, model: Transformer, slots: int = 8, max_len: int | None = None) -> None:
+    def __init__(self, model: Transformer, slots: int = 8, max_len: int | None = None,
+                 compile: bool = False) -> None:
         block = model.cfg.block_size
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -82,6 +88,13 @@ class Engine:
         self.max_len = max_len or block
         self.device = model.wte.weight.device
         self.caches = new_caches(model, slots, self.max_len)
+        self.compiled = compile
+        self.decode_step = decode_step
+        if compile:  # a graph replays fixed addresses: the caches stay where they are
+            for tensor in (t for pair in self.caches for t in pair):
+                torch._dynamo.mark_static_address(tensor)
+            self.decode_step = kernels.compile_decode_step(decode_step, self.device.type,
+                                                           kernels.ENABLED)
         self.rows: list[_Request | None] = [None] * slots
         self.waiting: deque[_Request] = deque()
         self.ids = itertools.count()
@@ -140,7 +153,8 @@ class Engine:
         """Admit the waiting requests that fit (their first token), then one token of every
         request that was running."""
         with torch.inference_mode():
-            layout = not self.model.training  # training wants row-major weights
+            # training and the compiled step want row-major weights
+            layout = not (self.model.training or self.compiled)
             if self.waiting or layout != self.model.__dict__.get("_decode_layout", False):
                 kernels.decode_layout(self.model, layout)  # (packs refreshed as requests come)
             running = [row for row in self.rows if row is not None]
@@ -194,6 +208,8 @@ class Engine:
         """Feed each running request's last token at its own position; pick the next ones. The
         step's inputs are made on the host and go over without a wait on the device."""
         rows = max(r.slot for r in running) + 1  # the slots up to the last one in use
+        if self.compiled:  # the whole pool: the compiled step's shapes stay
+            rows = len(self.rows)
         # A free slot below it decodes token 0 at position 0 into its own cache row: a request
         # admitted there later prefills that row from position 0, and its logits are not read.
         fed = [0] * rows
@@ -201,14 +217,15 @@ class Engine:
         for r in running:
             fed[r.slot] = r.generated[-1]
             pos[r.slot] = len(r.prompt) + len(r.generated) - 1
-        length = min(-(-(max(pos) + 1) // CACHE_STEP) * CACHE_STEP, self.max_len)
+        caches = self.caches
+        if not self.compiled:  # the rows in use and the keys they have, rounded up
+            length = min(-(-(max(pos) + 1) // CACHE_STEP) * CACHE_STEP, self.max_len)
+            caches = [(k[:rows, :, :length], v[:rows, :, :length]) for k, v in self.caches]
         fed_ids = _on_device(fed, self.device)[:, None]
         positions = _on_device(pos, self.device)[:, None]
-        caches = [(k[:rows, :, :length], v[:rows, :, :length]) for k, v in self.caches]
-        keys = torch.arange(length, device=self.device)
-        mask = (keys <= positions)[:, None, None, :]  # (rows, 1, 1, length): a row's own keys
-        x = self.model.run_blocks(fed_ids, positions, mask, positions, caches)
-        logits = self.model.logits(x[:, -1])
+        if self.compiled and self.device.type == "cuda":  # the last replay's logits were read
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.decode_step(self.model, fed_ids, positions, caches)
         slots = _on_device([r.slot for r in running], self.device)
         logits = logits.index_select(0, slots)
         switch = longrope_switch(self.model)
@@ -240,6 +257,16 @@ class Engine:
                 self.rows[request.slot] = None
             events.append(event)
         return events
+
+
+def decode_step(model: Transformer, fed_ids: torch.Tensor, positions: torch.Tensor,
+                caches: list[LayerCache]) -> torch.Tensor:
+    """One token of every row: fed_ids and positions (rows, 1), each row at its own position
+    in its own cache row, attending its keys up to there. Returns the logits (rows, V)."""
+    keys = torch.arange(caches[0][0].shape[2], device=fed_ids.device)
+    mask = (keys <= positions)[:, None, None, :]  # (rows, 1, 1, length): a row's own keys
+    x = model.run_blocks(fed_ids, positions, mask, positions, caches)
+    return model.logits(x[:, -1])
 
 
 def _next_tokens(requests: list[_Request], logits: torch.Tensor) -> list[int]:
@@ -286,14 +313,16 @@ def _logprobs(logits: torch.Tensor, token: int, top: int
 
 
 def generate_all(model: Transformer, prompts: Sequence[Sequence[int]],
-                 cfgs: GenerationConfig | Sequence[GenerationConfig], slots: int = 8
-                 ) -> list[list[int]]:
+                 cfgs: GenerationConfig | Sequence[GenerationConfig], slots: int = 8,
+                 compile: bool = False) -> list[list[int]]:
     """Each prompt's new tokens (up to and with its EOS or stop), decoded through one engine of
-    ``slots`` rows; ``cfgs``: one config for all prompts or one each."""
+    ``slots`` rows (``compile``: its step compiled); ``cfgs``: one config for all prompts or
+    one each."""
     if isinstance(cfgs, GenerationConfig):
         cfgs = [cfgs] * len(prompts)
     longest = max((len(p) + c.max_new_tokens for p, c in zip(prompts, cfgs)), default=1)
-    engine = Engine(model, slots, max_len=min(model.cfg.block_size, max(longest - 1, 1)))
+    engine = Engine(model, slots, max_len=min(model.cfg.block_size, max(longest - 1, 1)),
+                    compile=compile)
     order = [engine.add(prompt, cfg) for prompt, cfg in zip(prompts, cfgs)]
     out: dict[int, list[int]] = {request: [] for request in order}
     for event in engine.run():
