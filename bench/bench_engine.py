@@ -17,7 +17,7 @@ batch runs to its longest row's, its rows counted to their own. Prompts are toke
 byte-level BPE of the model's vocabulary trained on the standard library here.
 
 --compile adds the engine with its decode step compiled (a CUDA graph on CUDA; compiled in a
-warm-up run first).
+warm-up run of the same requests first: a pool of another length compiles anew).
 Example: python bench/bench_engine.py --threads 2; on a GPU: --preset llama-60m --batch 64. Figures go to docs/benchmarks.md (## Sampling engine).
 """
 
@@ -204,9 +204,8 @@ def bench_sampled(cfg: BenchConfig, ours, hf, work: Problems) -> None:
         hf.destroy_cached_continuous_batching_manager()
     print(f"  codelm engine          {ours_tokens / ours_s:8.1f} tokens/s  ({ours_tokens} tokens, "
           f"{ours_s:.1f} s)  {ours_tokens / ours_s / base:5.2f}x")
-    if cfg.compile:  # compiled once (warm-up: two problems), then timed
-        warm_s, _ = timed(lambda: engine_sampled(ours, Problems(work.prompts[:2],
-                                                                work.lengths[:2]), cfg, True))
+    if cfg.compile:  # compiled and its graph recorded in a warm-up of the same work, then timed
+        warm_s, _ = timed(lambda: engine_sampled(ours, work, cfg, True))
         c_s, c_tokens = timed(lambda: engine_sampled(ours, work, cfg, True))
         print(f"  codelm engine compiled {c_tokens / c_s:8.1f} tokens/s  ({c_tokens} tokens, "
               f"{c_s:.1f} s)  {c_tokens / c_s / base:5.2f}x  (warm-up {warm_s:.1f} s)")

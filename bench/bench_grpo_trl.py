@@ -10,7 +10,8 @@ LoRA r16 (alpha 32) on q/k/v/o, `--problems-per-step` generated problems a step
 (codelm.data.problems, --describe) with G = `--generations` completions each, up to
 `--completion-tokens` new tokens at temperature 1.0 (a random model never ends a completion
 early: every completion runs to the limit on both sides), the dapo loss without a KL term, one
-update per batch of samples, AdamW, bf16. The reward is the same function for both: codelm's
+update per batch of samples, AdamW, bf16, activations recomputed in the backward (gradient
+checkpointing: TRL's GRPOConfig default, so codelm's run is given it too). The reward is the same function for both: codelm's
 sandboxed test (`rewards.rewards` through eval's `run_check`, `--workers` at once); codelm's
 step also runs the failed programs again to count hacks (its hack rate), which TRL has no
 counterpart of.
@@ -175,7 +176,7 @@ def run_codelm(cfg: BenchConfig, ckpt: Path, problems_file: Path, out: Path) -> 
         warmup_steps=0, grpo_loss_type="dapo", grpo_beta=0.0, temperature=1.0,
         lora_r=16, lora_alpha=32.0, lora_targets=TARGETS,
         base_dtype="fp32" if cfg.dry_run else "bf16", reward_workers=cfg.workers,
-        eval_every=cfg.steps + 1, log_every=1, export=False, progress=False,
+        gradient_checkpointing=trl_checkpoints(), eval_every=cfg.steps + 1, log_every=1, export=False, progress=False,
         report_to=["none"], out_dir=str(out), name="codelm", device="cpu" if cfg.dry_run else "auto")
     reset_peak()
     result = tm.train(run_cfg)
@@ -186,6 +187,13 @@ def run_codelm(cfg: BenchConfig, ckpt: Path, problems_file: Path, out: Path) -> 
     return {"step_s": [sum(entry[part] for part in parts) for entry in steps],
             "parts": {part: [entry[part] for entry in steps] for part in parts},
             "peak_gib": peak}
+
+
+def trl_checkpoints() -> bool:
+    """Whether TRL's GRPOConfig recomputes activations in the backward by default."""
+    from trl import GRPOConfig
+
+    return GRPOConfig.__dataclass_fields__["gradient_checkpointing"].default
 
 
 def synchronize() -> None:

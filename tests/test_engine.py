@@ -274,5 +274,5 @@ def test_cuda_samples_equal_generates_and_a_decode_step_waits_on_the_device_once
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert len(events) == 8
-    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    waits = [w for w in caught if "called a synchronizing" in str(w.message)]
     assert len(waits) == 1, [str(w.message) for w in waits]
