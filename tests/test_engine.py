@@ -234,6 +234,7 @@ def test_a_cancelled_request_frees_its_slot_for_the_next():
     ([1] * 60, GenerationConfig(8), "exceeds the context length 64"),
     ([1, 200], GenerationConfig(4), "outside"),
     ([1, 2], GenerationConfig(4, num_beams=2), "beam search"),
+    ([1, 2], GenerationConfig(4, compile=True), r"Engine\(\.\.\., compile=True\)"),
     ([1, 2], GenerationConfig(0), "max_new_tokens must be >= 1"),
     ([1, 2], GenerationConfig(4, eos_id=500), "outside the vocabulary"),
 ])

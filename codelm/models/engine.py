@@ -106,9 +106,12 @@ class Engine:
         Without a generator, a sampled request draws its own from torch's global seed."""
         prompt = [int(t) for t in prompt]
         vocab = self.model.cfg.vocab_size
-        if cfg.num_beams != 1 or cfg.compile:
-            raise ValueError("the engine samples and decodes greedily; beam search and the "
-                             "compiled step run through generation.generate")
+        if cfg.num_beams != 1:
+            raise ValueError("the engine samples and decodes greedily; beam search runs "
+                             "through generation.generate")
+        if cfg.compile:
+            raise ValueError("a request's compile=True: the engine's step is compiled for all "
+                             "its requests, with Engine(..., compile=True)")
         if not prompt:
             raise ValueError("the prompt is empty: a request continues at least one token")
         if cfg.max_new_tokens < 1:
