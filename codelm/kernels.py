@@ -714,11 +714,19 @@ def _decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         return compile_fx(gm, example_inputs, decompositions=table)
 
 
+# Each model shape, dtype and pool shape is a version of a process's one compiled decode step:
+# past dynamo's default of 8 (eval --compile over many checkpoints) a fullgraph compile stops.
+DECODE_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def compile_decode_step(step: Callable, device_type: str, enabled: bool) -> Callable:
     """torch.compile of a decode step, once per device type and value of ENABLED (`enabled`): on
     CUDA a CUDA graph (one replay, not ~15 launches a layer); on CPU inductor, with the one-row
-    matmul rewrite when enabled."""
+    matmul rewrite when enabled. Up to DECODE_RECOMPILE_LIMIT versions of it."""
     if device_type == "cuda":
-        return torch.compile(step, fullgraph=True, mode="reduce-overhead")
-    return torch.compile(step, fullgraph=True, backend=_decode_backend if enabled else "inductor")
+        compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    else:
+        compiled = torch.compile(step, fullgraph=True,
+                                 backend=_decode_backend if enabled else "inductor")
+    return torch._dynamo.config.patch(recompile_limit=DECODE_RECOMPILE_LIMIT)(compiled)

@@ -106,6 +106,23 @@ def test_the_compiled_engine_decodes_what_the_eager_one_decodes():
                                 if cfg.eos_id else None)
 
 
+@pytest.mark.slow  # ten compilations
+def test_ten_model_shapes_compile_in_one_process():
+    """Each model shape is a version of the process's one compiled decode step: ten of them (eval
+    --compile over ten checkpoints) compile past dynamo's default limit of eight, and each
+    decodes what the eager engine does."""
+    import dataclasses
+
+    from test_architecture import SHAPES
+
+    for n_layer in range(1, 11):
+        torch.manual_seed(n_layer)
+        model = Transformer(dataclasses.replace(SHAPES["llama"], n_layer=n_layer)).eval()
+        eager = generate_all(model, [[5, 6, 7]], GenerationConfig(4), slots=2)
+        assert generate_all(model, [[5, 6, 7]], GenerationConfig(4), slots=2,
+                            compile=True) == eager, n_layer
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape", ["llama", "gpt_bigcode"])
 def test_cuda_graph_engine_decodes_what_the_eager_one_decodes(shape):
