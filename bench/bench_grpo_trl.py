@@ -1,6 +1,6 @@
 """A GRPO step on a GPU: codelm's `--task grpo` against TRL 1.16's GRPOTrainer, same work.
 
-    python bench/bench_grpo_trl.py [--steps 3] [--tokenizer DIR] [--dry-run]
+    python bench/bench_grpo_trl.py [--steps 3] [--tokenizer DIR] [--compile] [--dry-run]
 
 The model is Qwen2.5-Coder-0.5B's shape (24 layers, width 896, 14 query and 2 key-value heads,
 SwiGLU 4864, vocabulary 151,936, tied embeddings) with random bf16 weights, saved once as an HF
@@ -63,6 +63,7 @@ class BenchConfig:
     workers: int = 8  # sandbox runs at once (the reward)
     tokenizer: str = ""  # a saved tokenizer directory of the model's vocabulary (else trained)
     out: str = "/tmp/codelm_bench/grpo_trl"  # checkpoint, problems and run directories
+    compile: bool = False  # codelm's run with --compile (on a GPU, sampling through a CUDA graph)
     dry_run: bool = False  # a tiny model on the CPU: the script runs, the times mean nothing
 
 
@@ -176,7 +177,8 @@ def run_codelm(cfg: BenchConfig, ckpt: Path, problems_file: Path, out: Path) -> 
         warmup_steps=0, grpo_loss_type="dapo", grpo_beta=0.0, temperature=1.0,
         lora_r=16, lora_alpha=32.0, lora_targets=TARGETS,
         base_dtype="fp32" if cfg.dry_run else "bf16", reward_workers=cfg.workers,
-        gradient_checkpointing=trl_checkpoints(), eval_every=cfg.steps + 1, log_every=1, export=False, progress=False,
+        gradient_checkpointing=trl_checkpoints(), compile=cfg.compile, eval_every=cfg.steps + 1,
+        log_every=1, export=False, progress=False,
         report_to=["none"], out_dir=str(out), name="codelm", device="cpu" if cfg.dry_run else "auto")
     reset_peak()
     result = tm.train(run_cfg)

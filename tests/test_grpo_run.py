@@ -313,6 +313,36 @@ def test_problems_of_one_task_id_in_two_files_are_each_sampled_from_their_own_pr
                                                       64).prompt_ids(val)
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs CUDA"))])
+def test_a_compiled_sampler_keeps_one_engine_and_samples_what_an_eager_one_does(assets, device):
+    """With compile, one engine serves the whole run (its compiled step kept, sized to the first
+    call): after the weights change in place (as an optimizer step changes them), its sampled
+    and greedy completions still equal those of an engine made for the call, for calls of as
+    many completions as its slots, fewer and more."""
+    cfg = trainconfig.TrainConfig(task="grpo", problems=assets["train"], max_completion_tokens=8)
+    settings = trainconfig.GRPOSettings(**fields_of(trainconfig.GRPOSettings, cfg))
+    tok = load_tokenizer(assets["model"])
+    model = pretrained.load(assets["model"], device=device).eval()
+    eager = rollout.Sampler(tok, [tok.eos_id], False, settings, context=64)
+    compiled = rollout.Sampler(tok, [tok.eos_id], False, settings, context=64, compile=True)
+    problems = [problem(i) for i in range(3)]
+    for sampler in (eager, compiled):
+        for p in problems:  # as GRPOTrainer registers every problem's prompt first
+            sampler.prompt_ids(p)
+    for round in range(2):
+        calls = [(problems[:2], 3, 1.0, list(range(6))),  # the first: six slots
+                 (problems, 1, 0.0, None),  # fewer completions than slots, greedy
+                 (problems, 3, 1.0, list(range(10, 19)))]  # more than slots
+        for call in calls:
+            assert compiled.complete(model, *call) == eager.complete(model, *call), round
+        assert len(compiled.engine.rows) == 6
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(1.5)
+
+
 # ---- Bad input: one line naming the fix ----
 
 def fails(argv: list[str], capsys) -> str:

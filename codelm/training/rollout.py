@@ -183,16 +183,22 @@ class Completion:
 class Sampler:
     """Completions of problems' prompts through the continuous-batching engine: each prompt
     formatted and encoded as eval.py prompts the run's model (``prompt_prefix``), each
-    completion ended by EOS or a stop string (STOPS) and cut there."""
+    completion ended by EOS or a stop string (STOPS) and cut there. ``compile``: one engine
+    for the whole run, its decode step compiled (on CUDA a CUDA graph, recorded once: the
+    weights the optimizer updates in place are read where they are), as many slots as the
+    first call's completions and room for the longest prompt of all; else an engine a call,
+    sized to it."""
 
     def __init__(self, tok, eos: list[int], pair_special_tokens: bool, settings: GRPOSettings,
-                 context: int) -> None:
+                 context: int, compile: bool = False) -> None:
         self.tok = tok
         self.eos = eos
         self.reads_specials = reads_special_tokens(GRPO_TASK, pair_special_tokens)
         self.settings = settings
         self.context = context
         self.prompts: dict[str, list[int]] = {}  # by prompt text (ids may repeat across files)
+        self.compile = compile
+        self.engine: Engine | None = None  # the run's one engine, with compile
 
     def prompt_ids(self, problem: dict) -> list[int]:
         """The ids a problem's prompt is sampled from; refused where the completion has no room."""
@@ -218,8 +224,7 @@ class Sampler:
         with generator i seeded ``seeds[i]``, or greedy (temperature 0)."""
         prompts = [self.prompt_ids(problem) for problem in problems for _ in range(per_problem)]
         new_tokens = self.settings.max_completion_tokens
-        longest = max(len(ids) for ids in prompts) + new_tokens - 1
-        engine = Engine(model, len(prompts), max_len=min(self.context, longest))
+        engine = self._engine(model, prompts)
         device = engine.device
         order = []
         for i, ids in enumerate(prompts):
@@ -242,6 +247,19 @@ class Sampler:
             text = truncate_at_stops(self.decode(kept), STOPS)
             completions.append(Completion(prompt, ids, finished[request] == "length", text))
         return completions
+
+
+    def _engine(self, model: nn.Module, prompts: list[list[int]]) -> Engine:
+        """The engine that completes ``prompts``: a new one sized to them, or the run's one."""
+        new_tokens = self.settings.max_completion_tokens
+        if not self.compile:
+            longest = max(len(ids) for ids in prompts) + new_tokens - 1
+            return Engine(model, len(prompts), max_len=min(self.context, longest))
+        if self.engine is None:
+            longest = max(len(ids) for ids in self.prompts.values()) + new_tokens - 1
+            self.engine = Engine(model, len(prompts), max_len=min(self.context, longest),
+                                 compile=True)
+        return self.engine
 
 
 def check_stops(tok, eos: list[int], settings: GRPOSettings) -> None:
@@ -287,7 +305,9 @@ class GRPOTrainer(Trainer):
         raw = self.raw_model
         eos = generation_eos_ids(tok, raw.cfg.eos_id, grpo_settings.init_from)
         check_stops(tok, eos, grpo_settings)
-        self.sampler = Sampler(tok, eos, pair_special_tokens, grpo_settings, raw.cfg.block_size)
+        # On a GPU, --compile also runs the sampling engine's step as a CUDA graph.
+        self.sampler = Sampler(tok, eos, pair_special_tokens, grpo_settings, raw.cfg.block_size,
+                               compile=settings.compile and device.type == "cuda")
         for problem in problems:  # each prompt leaves its completions room: refused before a step
             self.sampler.prompt_ids(problem)
         self.loss_cfg = grpo.GRPOConfig(
