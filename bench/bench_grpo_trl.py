@@ -63,7 +63,8 @@ class BenchConfig:
     workers: int = 8  # sandbox runs at once (the reward)
     tokenizer: str = ""  # a saved tokenizer directory of the model's vocabulary (else trained)
     out: str = "/tmp/codelm_bench/grpo_trl"  # checkpoint, problems and run directories
-    compile: bool = False  # codelm's run with --compile (on a GPU, sampling through a CUDA graph)
+    compile: bool = False  # codelm's run with --compile (on a GPU, sampling through a CUDA graph;
+    #   the update compiles again at the first new completion length: give --steps 4 or more)
     dry_run: bool = False  # a tiny model on the CPU: the script runs, the times mean nothing
 
 
