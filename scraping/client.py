@@ -7,6 +7,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,19 @@ _SECONDARY_LIMIT_WAIT = 60.0
 # The hosts besides the API's that the token goes to (private repositories' raw files).
 _TOKEN_HOSTS = frozenset({"raw.githubusercontent.com"})
 
+
+def connection_problem(exc: BaseException) -> str:
+    """A failed connection as its innermost cause tells it: a host that does not resolve or
+    refuses the connection named as such (the machine's network, DNS or proxy to check)."""
+    cause = exc
+    while (inner := cause.__cause__ or cause.__context__) is not None:
+        cause = inner
+    name = type(exc).__name__
+    if isinstance(cause, socket.gaierror):
+        return f"{name}: the host name does not resolve (no network, or no DNS?)"
+    if isinstance(cause, ConnectionRefusedError):
+        return f"{name}: the host refused the connection (a proxy or firewall?)"
+    return name if cause is exc else f"{name}: {type(cause).__name__}"
 
 class GitHubError(RuntimeError):
     """A request that kept failing after every retry, or that GitHub refused for good."""
@@ -172,7 +186,7 @@ class GitHubClient:
                     url, params=params, headers=self._headers(url, accept), timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
-                delay, problem = self._backoff_delay(attempt), type(exc).__name__
+                delay, problem = self._backoff_delay(attempt), connection_problem(exc)
                 server_failed = True
             else:
                 delay = self._retry_delay(resource, resp, attempt)

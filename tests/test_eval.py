@@ -2224,6 +2224,11 @@ def test_generation_tasks_take_exactly_limit_examples_from_the_files_they_read(t
     assert text_task.build_examples("line", docs[:1], EvalConfig())
     with pytest.raises(ValueError, match="task 'method': no examples in the test split"):
         text_task.build_examples("method", docs[:1], EvalConfig())
+    stripped = [Doc("plain.py", "def f(x):\n    return x + 1\n")]  # its docstring stripped
+    for task in ("method", "docstring"):
+        with pytest.raises(ValueError, match=r"no examples.*strip_docstrings.*--data-options"):
+            text_task.build_examples(task, stripped, EvalConfig(),
+                                     data_cfg=DataConfig(strip_docstrings=True))
 
 
 def test_completion_examples_are_windows_of_the_file_as_training_cuts_them(tiny_models):

@@ -320,13 +320,15 @@ def test_a_compiled_sampler_keeps_one_engine_and_samples_what_an_eager_one_does(
     """With compile, one engine serves the whole run (its compiled step kept, sized to the first
     call): after the weights change in place (as an optimizer step changes them), its sampled
     and greedy completions still equal those of an engine made for the call, for calls of as
-    many completions as its slots, fewer and more."""
+    many completions as its slots, fewer and more; another model, or a prompt longer than any
+    before, gets an engine of its own."""
     cfg = trainconfig.TrainConfig(task="grpo", problems=assets["train"], max_completion_tokens=8)
     settings = trainconfig.GRPOSettings(**fields_of(trainconfig.GRPOSettings, cfg))
     tok = load_tokenizer(assets["model"])
     model = pretrained.load(assets["model"], device=device).eval()
-    eager = rollout.Sampler(tok, [tok.eos_id], False, settings, context=64)
-    compiled = rollout.Sampler(tok, [tok.eos_id], False, settings, context=64, compile=True)
+    context = model.cfg.block_size
+    eager = rollout.Sampler(tok, [tok.eos_id], False, settings, context)
+    compiled = rollout.Sampler(tok, [tok.eos_id], False, settings, context, compile=True)
     problems = [problem(i) for i in range(3)]
     for sampler in (eager, compiled):
         for p in problems:  # as GRPOTrainer registers every problem's prompt first
@@ -341,6 +343,12 @@ def test_a_compiled_sampler_keeps_one_engine_and_samples_what_an_eager_one_does(
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.mul_(1.5)
+    longer = {**problem(7), "prompt": "def f7(x):\n    y = x\n    return "}
+    other = pretrained.load(assets["model"], device=device).eval()  # another model, as loaded
+    for call in [([longer], 2, 1.0, [3, 4]), (problems, 1, 0.0, None)]:  # a longer prompt
+        assert compiled.complete(other, *call) == eager.complete(other, *call)
+    assert compiled.engine.model is other and compiled.engine.max_len == min(
+        context, len(compiled.prompt_ids(longer)) + settings.max_completion_tokens - 1)
 
 
 # ---- Bad input: one line naming the fix ----

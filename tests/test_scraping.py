@@ -539,6 +539,28 @@ def test_connections_dropped_on_every_retry_are_a_server_error():
         assert fake.faults == []
 
 
+def test_an_unreachable_host_is_named_by_its_cause():
+    """A connection that fails everywhere says why, from the innermost cause: a refused port
+    as refused (a local port nothing listens on), a name that does not resolve as such."""
+    import socket
+
+    import requests
+
+    from scraping.client import connection_problem
+
+    client = GitHubClient("http://127.0.0.1:9", sleep=RecordingSleep(), retries=0)
+    with pytest.raises(ServerError, match=r"ConnectionError: the host refused the connection"):
+        client.get("/repos/a/b")
+    try:
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except socket.gaierror as unresolved:
+            raise requests.ConnectionError("Max retries exceeded") from unresolved
+    except requests.ConnectionError as error:
+        assert "does not resolve (no network, or no DNS?)" in connection_problem(error)
+    assert connection_problem(requests.Timeout()) == "Timeout"
+
+
 def test_a_secondary_limit_without_headers_waits_at_least_a_minute():
     """GitHub's rule: after a secondary rate limit with no retry-after, wait at least a minute,
     not only the backoff (about a second). The fake's secondary_403_bare sends no retry-after,

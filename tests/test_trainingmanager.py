@@ -4538,6 +4538,7 @@ def test_a_run_on_text_records_is_evaluated_on_their_lines(assets, tmp_path, cap
     assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 0
     out = capsys.readouterr().out
     assert "final evaluation (" in out and "no final evaluation" not in out
+    assert "note: line completion alone: task 'method'" in out
 
 
 def test_the_export_and_its_final_evaluation_name_the_weights_exported(assets, tmp_path,

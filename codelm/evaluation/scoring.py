@@ -247,7 +247,9 @@ def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConf
     """``generate_texts`` through the continuous-batching engine (cfg.batch_size slots, its step
     compiled where cfg.compile asks): prompt i samples with its own generator, seeded
     cfg.seed + i, so its text does not depend on the batch it ran in."""
-    engine = Engine(lm.model, cfg.batch_size, max_len=context(lm, cfg), compile=cfg.compile)
+    longest = max(len(ids) for ids in encoded) + gen.max_new_tokens - 1
+    engine = Engine(lm.model, cfg.batch_size, max_len=max(1, min(context(lm, cfg), longest)),
+                    compile=cfg.compile)
     device = next(lm.model.parameters()).device
     order = []
     for i, ids in enumerate(encoded):

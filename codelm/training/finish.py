@@ -212,8 +212,8 @@ def _evaluated(run_dir: Path, tasks: list[str], out: Path, device: str) -> dict:
 
 def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
     """A finished run's export scored as ``python eval.py --tasks line method`` scores it (the
-    test split; ``line`` alone where method finds no Python function in it: other languages'
-    files, text records, scripts), printed with the validation metrics of the weights it
+    test split; ``line`` alone, noted, where method finds no function in it: other languages'
+    files, text records, scripts, docstrings stripped), printed with the validation metrics of the weights it
     holds: best/'s step's, else ``last`` (the last weights'); an evaluation that cannot run
     is only noted."""
     step = rundir.exported_step(run_dir)
@@ -226,7 +226,8 @@ def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
         except NoExamples as e:
             if e.task != "method":
                 raise
-            metrics = _evaluated(run_dir, ["line"], out, device)  # other languages' files
+            print(f"note: line completion alone: {e}")
+            metrics = _evaluated(run_dir, ["line"], out, device)
     except ValueError as e:
         print(f"note: no final evaluation: {e}")
         return None

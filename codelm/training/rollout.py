@@ -186,8 +186,8 @@ class Sampler:
     completion ended by EOS or a stop string (STOPS) and cut there. ``compile``: one engine
     for the whole run, its decode step compiled (on CUDA a CUDA graph, recorded once: the
     weights the optimizer updates in place are read where they are), as many slots as the
-    first call's completions and room for the longest prompt of all; else an engine a call,
-    sized to it."""
+    first call's completions and room for the longest prompt registered (``prompt_ids``; made
+    anew for another model or a longer prompt); else an engine a call, sized to it."""
 
     def __init__(self, tok, eos: list[int], pair_special_tokens: bool, settings: GRPOSettings,
                  context: int, compile: bool = False) -> None:
@@ -248,17 +248,19 @@ class Sampler:
             completions.append(Completion(prompt, ids, finished[request] == "length", text))
         return completions
 
-
     def _engine(self, model: nn.Module, prompts: list[list[int]]) -> Engine:
         """The engine that completes ``prompts``: a new one sized to them, or the run's one."""
         new_tokens = self.settings.max_completion_tokens
         if not self.compile:
-            longest = max(len(ids) for ids in prompts) + new_tokens - 1
-            return Engine(model, len(prompts), max_len=min(self.context, longest))
-        if self.engine is None:
-            longest = max(len(ids) for ids in self.prompts.values()) + new_tokens - 1
-            self.engine = Engine(model, len(prompts), max_len=min(self.context, longest),
-                                 compile=True)
+            longest = max(len(ids) for ids in prompts)
+            return Engine(model, len(prompts), max_len=min(self.context, longest + new_tokens - 1))
+        # The call's prompts are registered (prompt_ids): room for the longest registered holds them.
+        longest = max(len(ids) for ids in self.prompts.values())
+        max_len = min(self.context, longest + new_tokens - 1)
+        engine = self.engine
+        if engine is None or engine.model is not model or engine.max_len < max_len:
+            self.engine = None  # its caches freed before the next one's are made
+            self.engine = Engine(model, len(prompts), max_len=max_len, compile=True)
         return self.engine
 
 

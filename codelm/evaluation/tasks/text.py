@@ -110,6 +110,10 @@ def build_examples(task: str, docs: Sequence[Doc], cfg: TextSettings, variant: s
         if other_languages:
             hint = (f"{task} targets come from Python files (named .py), and {other_languages} "
                     f"of its code files are not (other languages, or text records); {hint}")
+        elif task in ("method", "docstring") and data_cfg.strip_docstrings:
+            hint = (f"{task} targets are functions with their docstrings, which this data's "
+                    "cleaning strips (strip_docstrings): score them on it unstripped, --data-"
+                    """options '{"strip_docstrings": false}'""")
         raise NoExamples(task, f"task {task!r}: no examples in the {cfg.split} split; {hint}")
     return out[:limit]
 
