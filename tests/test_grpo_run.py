@@ -351,6 +351,22 @@ def test_a_compiled_sampler_keeps_one_engine_and_samples_what_an_eager_one_does(
         context, len(compiled.prompt_ids(longer)) + settings.max_completion_tokens - 1)
 
 
+def test_a_prompt_too_long_for_its_completions_names_the_fix_that_can_work(assets):
+    """A prompt that leaves its completions too little room is refused before a step: where
+    some room is left, lowering max_completion_tokens is the fix; where the prompt alone fills
+    the context, only dropping it or a longer-context model can be."""
+    cfg = trainconfig.TrainConfig(task="grpo", problems=assets["train"], max_completion_tokens=8)
+    settings = trainconfig.GRPOSettings(**fields_of(trainconfig.GRPOSettings, cfg))
+    tok = load_tokenizer(assets["model"])
+    length = len(rollout.Sampler(tok, [tok.eos_id], False, settings, 64).prompt_ids(problem(0)))
+    with pytest.raises(ValueError, match=r"leaving 4 for max_completion_tokens .*lower it"):
+        rollout.Sampler(tok, [tok.eos_id], False, settings, length + 4).prompt_ids(problem(0))
+    for context in (length, length - 1):
+        with pytest.raises(ValueError, match=r"no room for a completion: drop the problem, or "
+                                             r"start from a model of a longer context"):
+            rollout.Sampler(tok, [tok.eos_id], False, settings, context).prompt_ids(problem(0))
+
+
 # ---- Bad input: one line naming the fix ----
 
 def fails(argv: list[str], capsys) -> str:

@@ -207,6 +207,11 @@ class Sampler:
             (encoded,) = encode_prompts(self.tok, [problem["prompt"]], self.reads_specials)
             ids = prompt_prefix(self.tok, GRPO_TASK) + encoded
             room = self.context - len(ids)
+            if room < 1:
+                raise ValueError(f"problem {problem['task_id']}: its prompt takes {len(ids)} "
+                                 f"positions and the model has {self.context}, no room for a "
+                                 "completion: drop the problem, or start from a model of a longer "
+                                 "context")
             if room < self.settings.max_completion_tokens:
                 raise ValueError(f"problem {problem['task_id']}: its prompt takes {len(ids)} of "
                                  f"the model's {self.context} positions, leaving {room} for "
