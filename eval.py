@@ -361,15 +361,18 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
                       problems: Sequence[dict], cfg: TaskSettings) -> list[list[str]]:
     """cfg.num_samples completions of each problem from the endpoint, cfg.batch_size requests
     in flight, each cut at the task's stops as a local model's are. As a local model samples
-    them: at most half the context new and the prompt cut at its left to the rest (where the
-    endpoint lists its context: vLLM's truncate_prompt_tokens), problem p's sample j seeded
-    cfg.seed + p x num_samples + j."""
+    them: at most half the context (--block-size, at most the one the endpoint lists) new and
+    the prompt cut at its left to the rest (vLLM's truncate_prompt_tokens), problem p's sample j
+    seeded cfg.seed + p x num_samples + j."""
     stops = () if cfg.chat else passk_task.stops
     model = endpoint_model(endpoint)
     new_tokens, keep = cfg.max_new_tokens, None
-    if model.context is not None:
-        new_tokens = min(new_tokens, min(cfg.block_size or model.context, model.context) // 2)
-        keep = None if cfg.chat else model.context - new_tokens
+    context = cfg.block_size or model.context  # the scoring context
+    if model.context is not None and context is not None:
+        context = min(context, model.context)
+    if context is not None:
+        new_tokens = min(new_tokens, context // 2)
+        keep = None if cfg.chat else context - new_tokens
     n = cfg.num_samples
 
     def ask(index: int) -> list[str]:

