@@ -111,6 +111,11 @@ def test_fsdp_two_ranks_train_like_one_process_and_the_sharded_checkpoint_goes_o
 
     with pytest.raises(ValueError, match=r"global batch of 8 .* this run's is 4"):
         tm.train(dataclasses.replace(cfg, resume=str(run), strategy="ddp", max_steps=9))
+    whole = _torchrun("trainingmanager.py", "--resume", str(single.run_dir), "--strategy",
+                      "fsdp", "--max-steps", "9")  # one process's checkpoint
+    assert whole.returncode != 0
+    assert "step-6 is a whole checkpoint (one process's or --strategy ddp's): continue it with " \
+           "--strategy ddp" in whole.stdout + whole.stderr, (whole.stdout + whole.stderr)[:1500]
     tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4,
                       **{**common, "max_steps": 9}, resume=str(single.run_dir)))
     tm.train(dataclasses.replace(cfg, resume=str(run), strategy="ddp", batch_size=4,

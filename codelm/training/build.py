@@ -545,6 +545,10 @@ def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Dat
                        record: RunRecord) -> RunState:
     """Continue from checkpoint ``path``: weights, optimizer, RNG, data position, progress."""
     dist, device = record.dist, trainer.device
+    if trainer.sharded and not checkpoint.is_sharded(path):
+        raise ValueError(f"{path} is a whole checkpoint (one process's or --strategy ddp's): "
+                         "continue it with --strategy ddp; --strategy fsdp continues sharded "
+                         "ones")
     if checkpoint.is_sharded(path):  # the model and the optimizer's moments, from their shards
         state = checkpoint.load_sharded(path, trainer.raw_model, trainer.optimizer,
                                         record.trainable_only, dist)
