@@ -104,9 +104,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     created = time.perf_counter()  # a time budget counts from here
     run = trainer = result = None
     try:
-        probe = partial(build.measure_speed, device=device, dist=dist)
-        measure = partial(build.measure_step_cost, device=device, dist=dist)
-        cfg = plan.plan_run(cfg, device.type, dist.enabled, dist.main, probe, measure)
+        cfg = _planned(cfg, device, dist)
         claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem,
                                        resume_hint, dist)
         run = Run(cfg, claimed, dist, device, created, resume_hint, restarts)
@@ -185,9 +183,28 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     finally:
         if run is not None and (result is None or result.claimed is None):
             run.record.claimed.release()
+        run_dir = None if run is None else run.record.run_dir
         del run, trainer  # the DDP or FSDP model goes before the group
         if owns_group:
-            distributed.leave()
+            _leave_group(run_dir, resume_hint, restarts)
+
+
+def _planned(cfg: TrainConfig, device: torch.device, dist: Dist) -> TrainConfig:
+    """``cfg`` planned for this machine (plan.plan_run), measuring its speed where it asks."""
+    probe = partial(build.measure_speed, device=device, dist=dist)
+    measure = partial(build.measure_step_cost, device=device, dist=dist)
+    return plan.plan_run(cfg, device.type, dist.enabled, dist.main, probe, measure)
+
+
+def _leave_group(run_dir: Path | None, resume_hint: str | None, restarts: bool) -> None:
+    """Leave the job's process group. torchrun stops the other ranks when one dies: a stop
+    that lands while leaving says how to continue the run, as one in the loop does."""
+    try:
+        distributed.leave()
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, RunInterrupted):
+            raise
+        raise rundir.interrupted(stop, run_dir, resume_hint, restarts) from None
 
 
 def _log_step(run: Run, stats: StepStats, progress: Progress) -> None:
@@ -557,7 +574,7 @@ RUN_ERRORS = (NonFiniteLossError, ValueError, OSError)  # reported as one line, 
 
 def report_run_error(e: Exception) -> int:
     """Print one of RUN_ERRORS (rank 0 only); exit code 1 for a diverged run, else 2."""
-    if distributed.is_rank_zero():
+    if process.is_rank_zero():
         print(f"error: {process.os_error_message(e) if isinstance(e, OSError) else e}",
               file=sys.stderr)
     return 1 if isinstance(e, NonFiniteLossError) else 2
@@ -581,10 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RUN_ERRORS as e:
         return report_run_error(e)
     except KeyboardInterrupt as stop:
-        if distributed.is_rank_zero() and getattr(stop, "resume", None) is not None:
+        if process.is_rank_zero() and getattr(stop, "resume", None) is not None:
             print(f"interrupted; the checkpoints written are kept: continue with {stop.resume}",
                   file=sys.stderr)
-        elif distributed.is_rank_zero():
+        elif process.is_rank_zero():
             print("interrupted before the first checkpoint: nothing to resume; run the same "
                   "command again", file=sys.stderr)
         return process.interrupted_exit_code(stop)
@@ -598,11 +615,11 @@ def _after_training(cfg: TrainConfig, result: TrainResult) -> int:
     """The end of a command's run, its directory still locked: the final evaluation and the
     last lines; the exit code."""
     if result.interrupted:
-        if has_final_eval(cfg) and result.export_dir is not None and distributed.is_rank_zero():
+        if has_final_eval(cfg) and result.export_dir is not None and process.is_rank_zero():
             print(f"final evaluation not run: --resume {result.run_dir} runs it",
                   file=sys.stderr)
         return process.interrupted_exit_code(result.interrupted)
-    if not distributed.is_rank_zero():  # under torchrun rank 0 reports for all
+    if not process.is_rank_zero():  # under torchrun rank 0 reports for all
         return 0
     if cfg.overfit_batches:
         ok, report = overfit_batches_report(cfg, result)

@@ -276,6 +276,17 @@ def test_an_unknown_flag_is_one_line_naming_the_closest_flags(capsys):
     assert "--help lists the flags" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--max-stpes", "5"], ["--lr", "abc"]])
+def test_a_flag_error_is_said_once_for_a_torchrun_job(argv, capsys, monkeypatch):
+    """Every rank of a torchrun job exits 2 on a bad flag; rank 0 alone says why."""
+    for rank, says in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            plan.parse_config(argv)
+        assert stop.value.code == 2
+        assert ("error: " in capsys.readouterr().err) == says, rank
+
+
 def test_hugging_face_trainer_spellings_are_aliases_of_the_codelm_flags():
     from codelm import trainconfig
 

@@ -451,8 +451,39 @@ def test_a_cuda_step_waits_on_the_device_once_and_the_stop_check_never():
         finally:
             torch.cuda.set_sync_debug_mode("default")
             signals.restore()
-    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    waits = [w for w in caught if "called a synchronizing" in str(w.message)]
     assert len(waits) == 1, [str(w.message) for w in waits]
+
+
+def test_a_stop_while_leaving_the_process_group_says_how_to_continue(tmp_path, monkeypatch):
+    """torchrun stops a job's other ranks when one dies: a stop that lands while a rank leaves
+    the group is raised as a stop of the run, naming its --resume where it has a checkpoint."""
+    def stopped():
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(distributed, "leave", stopped)
+    (tmp_path / rundir.CHECKPOINTS_DIR / "step-5").mkdir(parents=True)
+    with pytest.raises(rundir.RunInterrupted) as stop:
+        tm._leave_group(tmp_path, None, False)
+    assert stop.value.resume == f"--resume {tmp_path}" and stop.value.args == ("SIGTERM",)
+    with pytest.raises(rundir.RunInterrupted) as stop:
+        tm._leave_group(None, None, False)
+    assert stop.value.resume is None
+
+
+def test_a_stop_is_announced_once_for_a_torchrun_job(capfd, monkeypatch):
+    """Every rank of a torchrun job gets its launcher's signal; rank 0 alone says so."""
+    import signal
+
+    for rank, says in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        signals = trainer_module.StopSignals()
+        try:
+            signals._handle(signal.SIGTERM, None)
+        finally:
+            signals.restore()
+            process.forget_stop()
+        assert ("SIGTERM: stopping at" in capfd.readouterr().err) == says, rank
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -104,11 +104,6 @@ def leave() -> None:
     td.destroy_process_group()
 
 
-def is_rank_zero() -> bool:
-    """Whether this process reports for the job (readable before ``join``)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def broadcast(value, dist: Dist):
     """Rank 0's ``value`` on every rank."""
     box = [value]

@@ -389,10 +389,16 @@ def quiet_start_up_stops(quiet: bool = False) -> None:
             _START_UP_REPLACED[sig] = signal.signal(sig, handler)
 
 
+def is_rank_zero() -> bool:
+    """Whether this process reports for its job: not one of torchrun's ranks past the first
+    (readable before the process group is joined)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _stopped_while_starting(quiet: bool, signum: int, frame) -> None:
     """``os._exit``: a SystemExit raised into an import can be swallowed by an extension's init
     (torch's of numpy) or abort it from C++. Nothing is written yet."""
-    if not quiet:
+    if not quiet and is_rank_zero():
         with contextlib.suppress(OSError, ValueError):  # closed, hung up: the exit still comes
             sys.stderr.write("interrupted while starting: nothing was written\n")
             sys.stderr.flush()

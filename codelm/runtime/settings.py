@@ -19,6 +19,8 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from codelm.runtime import process
+
 # Top-level keys of a recipe (configs/*.json): one section per script that reads it
 # (trainingmanager.py, eval.py, hyperparam_tune.py).
 RECIPE_SECTIONS = ("train", "eval", "tune")
@@ -484,13 +486,17 @@ class ArgumentParser(argparse.ArgumentParser):
         message = " ".join(message.split())  # one line, whatever a type's error holds
         unknown = re.match(r"unrecognized arguments: (-\S+)", message)
         if unknown is None:
-            self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+            self._refuse(f"{message} (--help lists the flags)")
         flag = unknown[1].split("=")[0]
         flags = self._flags()
         close = difflib.get_close_matches(flag, sorted(flags), n=3, cutoff=0.6)
         close = list(dict.fromkeys(flags[c] for c in close))  # an alias's match: its flag
         hint = f"did you mean {' or '.join(close)}?" if close else "--help lists the flags"
-        self.exit(2, f"{self.prog}: error: unknown flag {flag}: {hint}\n")
+        self._refuse(f"unknown flag {flag}: {hint}")
+
+    def _refuse(self, message: str) -> typing.NoReturn:
+        """Exit 2; the error said by one process of a torchrun job (rank 0), not once a rank."""
+        self.exit(2, f"{self.prog}: error: {message}\n" if process.is_rank_zero() else None)
 
     def _flags(self) -> dict[str, str]:
         """The --flags of this parser and its subcommands' (a subcommand's unknown flag is

@@ -367,8 +367,9 @@ class StopSignals:
             where = ("the next layer's attention or MLP (or the end of an evaluation under "
                      "way)" if self.mid_step else "the end of this step or evaluation")
             message = f"\n{self.reason}: stopping at {where}, then saving a checkpoint\n"
-            with contextlib.suppress(OSError):  # to fd 2: a print could land inside another's
-                os.write(2, message.encode())
+            if process.is_rank_zero():  # under torchrun rank 0 reports for all
+                with contextlib.suppress(OSError):  # to fd 2: a print could land in another's
+                    os.write(2, message.encode())
         elif signum == signal.SIGINT:  # stop now: exit code 130, whatever the first one was
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
