@@ -19,8 +19,6 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from codelm.runtime import process
-
 # Top-level keys of a recipe (configs/*.json): one section per script that reads it
 # (trainingmanager.py, eval.py, hyperparam_tune.py).
 RECIPE_SECTIONS = ("train", "eval", "tune")
@@ -495,8 +493,11 @@ class ArgumentParser(argparse.ArgumentParser):
         self._refuse(f"unknown flag {flag}: {hint}")
 
     def _refuse(self, message: str) -> typing.NoReturn:
-        """Exit 2; the error said by one process of a torchrun job (rank 0), not once a rank."""
-        self.exit(2, f"{self.prog}: error: {message}\n" if process.is_rank_zero() else None)
+        """Exit 2; the error said by one process of a torchrun job (rank 0), not once a rank
+        (torchrun's RANK, as process.is_rank_zero reads it: settings imports nothing of the
+        project)."""
+        said = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message}\n" if said else None)
 
     def _flags(self) -> dict[str, str]:
         """The --flags of this parser and its subcommands' (a subcommand's unknown flag is
