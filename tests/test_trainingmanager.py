@@ -3109,6 +3109,16 @@ def test_init_adapter_given_a_file_is_refused_as_not_a_directory(tmp_path):
         plan.validate_config(trainconfig.TrainConfig(init_adapter=str(file)))
 
 
+def test_data_sources_that_are_no_paths_are_kept_as_given(tmp_path, monkeypatch):
+    """--data's paths are kept absolute; "stdlib", a Hugging Face dataset id and a URL are
+    names, not paths under the working directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "code").mkdir()
+    given = ["code", "stdlib", "bigcode/the-stack-smol", "https://github.com/psf/requests"]
+    cfg = checkpoint.with_absolute_paths(trainconfig.TrainConfig(data=given))
+    assert cfg.data == [str(tmp_path / "code"), *given[1:]]
+
+
 def test_init_adapter_is_a_run_path_saved_absolute_and_checked_on_resume(tmp_path, monkeypatch):
     """Like --init-from, --init-adapter is kept absolute in config.json (eval.py and --resume
     from elsewhere find it), and a resume whose adapter has gone names it at once."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from codelm.data.config import DataConfig, DataError
 from codelm.runtime import hub, settings
 from scraping.common import has_extension, is_utf8, source_files
+from scraping.local import is_git_source
 
 # The hub's name of a train split's data files (train-00000-of-00001.parquet, data/train.jsonl,
 # train/...): "train" whole, not train_prefs or train_sft, which are splits of their own.
@@ -100,6 +101,10 @@ def record_files(source: str) -> list[Path] | None:
             raise DataError(f"data source {source}: no split named train among its files "
                             f"({', '.join(names[:6])}); name the files of the split you mean")
         return train or files
+    if is_git_source(source):  # a URL or a bare repository: no files to walk
+        raise DataError(f"data source {source}: a git repository is read from a checkout, or "
+                        f"collected first: python -m scraping local {source} --out FILE.jsonl, "
+                        "then --data FILE.jsonl")
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source not found: {source}")
@@ -244,8 +249,11 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
             return Doc(name, rec[a], target=rec[b], raw_pair=a == "prompt")
     key = next((k for k in TEXT_KEYS if k in rec), None)
     if key is None:
+        keys = ", ".join(repr(k) for k in list(rec)[:8])
         raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
-                        "'input'/'output', 'prompt'/'completion'")
+                        f"'input'/'output', 'prompt'/'completion' (it has {keys}): name its "
+                        "text column with the data option text_column (dataset.py "
+                        "--text-column), or input_column/output_column")
     if not isinstance(rec[key], str):
         raise DataError(f"{where}: key {key!r} must be a string")
     repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None

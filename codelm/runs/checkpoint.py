@@ -28,7 +28,7 @@ from codelm.runs.rundir import (
     checkpoint_step,
     list_checkpoints,
 )
-from codelm.runtime import process, settings
+from codelm.runtime import hub, process, settings
 from codelm.runtime.distributed import Dist, RankZeroFailed, all_gather, broadcast
 
 if TYPE_CHECKING:
@@ -550,8 +550,12 @@ PATH_KEYS = ("init_from", "init_adapter", "tokenizer", "data", "val_data", "test
 
 
 def _is_path(key: str, item) -> bool:
-    """Whether an item of a PATH_KEYS value names a file ("stdlib" as a data source does not)."""
-    return isinstance(item, str) and not (key.endswith("data") and item == "stdlib")
+    """Whether an item of a PATH_KEYS value names a file (a data source "stdlib", a Hugging
+    Face dataset id or a URL does not)."""
+    if not isinstance(item, str):
+        return False
+    return not (key.endswith("data") and (item == "stdlib" or hub.is_hub_id(item)
+                                          or "://" in item))
 
 
 def _map_paths(key: str, value, fn: Callable[[Path], Path]):
