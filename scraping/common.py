@@ -139,14 +139,15 @@ def has_extension(path: str, extensions: Iterable[str]) -> bool:
     return path.lower().endswith(tuple(e.lower() for e in extensions))
 
 
-def walk_source_tree(root: Path, extensions: Iterable[str], follow_symlinks: bool = False
+def walk_source_tree(root: Path, extensions: Iterable[str], links_within: Path | None = None
                      ) -> Iterator[tuple[str, Path, str | None]]:
     """(relative posix path, path, why it is skipped or None) of every file under ``root``,
     sorted: the one walker of ``scraping local`` and dataset.py. Skipped: ``extension``;
     where ``root`` belongs to a git repository, what a clone of it never holds: ``gitignored``,
     and ``nested_repo`` (a submodule or a repository cloned inside: another repository's code,
-    under its own licence); ``symlink`` (unless ``follow_symlinks``: a cloned tree must not
-    pull in outside files), ``not_a_file``."""
+    under its own licence); ``symlink`` (a link that does not resolve inside ``links_within``,
+    resolved; None: every link: a cloned tree must not pull in outside files),
+    ``not_a_file``."""
     extensions = tuple(extensions)
     files, work_trees = _tree_files(root)
     top = repository_top(root)
@@ -164,12 +165,17 @@ def walk_source_tree(root: Path, extensions: Iterable[str], follow_symlinks: boo
             yield rel, path, "extension"
         elif nested and rel.startswith(nested):
             yield rel, path, "nested_repo"
-        elif not follow_symlinks and path.is_symlink():
+        elif path.is_symlink() and not _resolves_within(path, links_within):
             yield rel, path, "symlink"
         elif not path.is_file():  # a FIFO, a socket, a device
             yield rel, path, "not_a_file"
         else:
             yield rel, path, "gitignored" if rel in ignored else None
+
+
+def _resolves_within(link: Path, scope: Path | None) -> bool:
+    """Whether ``link`` points, through every link on the way, inside ``scope`` (resolved)."""
+    return scope is not None and link.resolve().is_relative_to(scope)
 
 
 def _is_under(tree: str, other: str) -> bool:
@@ -225,10 +231,10 @@ def _git(top: Path, where: Path, *args: str) -> bytes | None:
     return result.stdout
 
 
-def source_files(root: Path, extensions: Iterable[str], follow_symlinks: bool = False
+def source_files(root: Path, extensions: Iterable[str], links_within: Path | None = None
                  ) -> list[Path]:
     """The files of ``root`` that ``walk_source_tree`` keeps, in its order."""
-    return [path for _, path, skip in walk_source_tree(root, extensions, follow_symlinks)
+    return [path for _, path, skip in walk_source_tree(root, extensions, links_within)
             if skip is None]
 
 

@@ -162,22 +162,33 @@ def test_stdlib_files_skip_site_packages_and_pycache(tmp_path):
 
 
 def test_directory_source_follows_links_to_files_and_reads_extensions_in_any_case(tmp_path):
-    """Extensions match in any case (``B.PY`` is read), and a directory of links to files (an HF
-    hub snapshot, whose files point into its blobs/) is not empty: the user's own directory is
-    read through its links."""
-    src = tmp_path / "snapshot"
-    blobs = tmp_path / "blobs"
-    src.mkdir()
+    """Extensions match in any case (``B.PY`` is read); a directory's links to its own files are
+    read, and so are an HF hub snapshot's (its files point into its repository's blobs/); a
+    link out of the directory (a cloned repository's to a file elsewhere: a secret) is not."""
+    repo = tmp_path / "datasets--org--name"
+    src = repo / "snapshots" / "abc123"
+    blobs = repo / "blobs"
+    src.mkdir(parents=True)
     blobs.mkdir()
     (src / "B.PY").write_text('def f():\n    """Say one."""\n    return 1\n')
     (blobs / "b1").write_text("def g():\n    return 2\n")
-    (src / "link.py").symlink_to(Path("..") / "blobs" / "b1")
+    (src / "link.py").symlink_to(Path("..") / ".." / "blobs" / "b1")
+    (src / "same.py").symlink_to("B.PY")
     (src / "dangling.py").symlink_to(tmp_path / "gone.py")
+    (tmp_path / "secret.txt").write_text("TOKEN = 'outside'\n")
+    (src / "settings.py").symlink_to(Path("..") / ".." / ".." / "secret.txt")
     corpus = load_corpus(cfg(tmp_path, sources=[str(src)], strip_docstrings=True,
-                             min_lines=1))
+                             min_lines=1, dedupe=False))
     docs = {d.id: d.text for d in corpus.train + corpus.val + corpus.test}
-    assert docs == {"snapshot/B.PY": "def f():\n    return 1\n",  # cleaned as Python
-                    "snapshot/link.py": "def g():\n    return 2\n"}
+    assert docs == {"abc123/B.PY": "def f():\n    return 1\n",  # cleaned as Python
+                    "abc123/link.py": "def g():\n    return 2\n",
+                    "abc123/same.py": "def f():\n    return 1\n"}
+    cloned = tmp_path / "clone"  # not a snapshot: its links stay inside it
+    cloned.mkdir()
+    (cloned / "a.py").write_text("def h():\n    return 3\n")
+    (cloned / "settings.py").symlink_to(tmp_path / "secret.txt")
+    corpus = load_corpus(cfg(tmp_path, sources=[str(cloned)], min_lines=1))
+    assert [d.id for d in corpus.train + corpus.val + corpus.test] == ["clone/a.py"]
     assert Doc("src/B.PY", "x = 1\n").is_python
 
 

@@ -1599,21 +1599,24 @@ def test_local_skips_the_directories_dataset_skips(tmp_path):
 
 def test_local_and_dataset_walk_a_tree_alike(tmp_path):
     """dataset.py and ``scraping local`` match extensions alike (``B.PY`` in both): one corpus
-    from one directory. The one difference is deliberate: a link to a file is read
-    in the user's own directory (dataset.py), never out of a clone (scraping local)."""
+    from one directory. The one difference is deliberate: a link to a file inside the user's
+    own directory is read (dataset.py), never out of a clone (scraping local); a link out of
+    the directory is read by neither."""
     src = tmp_path / "proj"
     for rel in ("a.py", "B.PY", "z.py", "pkg/x.py", "notes.md", ".venv/lib/v.py"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(f"# {rel}\nx = 1\n")
     (tmp_path / "outside.py").write_text("secret = 1\n")
     (src / "link.py").symlink_to(tmp_path / "outside.py")
+    (src / "inside.py").symlink_to("pkg/x.py")
     out = tmp_path / "out.jsonl"
     summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
     scraped = [r["path"] for r in read_jsonl(out)]
     listing = _source_listing(str(src), [".py"])
-    assert [p.relative_to(listing.root).as_posix() for p in listing.files] == sorted(scraped + ["link.py"])
+    walked = [p.relative_to(listing.root).as_posix() for p in listing.files]
+    assert walked == sorted(scraped + ["inside.py"])
     assert scraped == ["B.PY", "a.py", "pkg/x.py", "z.py"]  # sorted by path, not dir by dir
-    assert summary.files["symlink"] == 1 and summary.files["extension"] == 1
+    assert summary.files["symlink"] == 2 and summary.files["extension"] == 1
 
 
 def test_a_git_work_tree_gives_what_its_clone_gives(tmp_path):

@@ -78,9 +78,18 @@ def _source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
     if source == "stdlib":
         return SourceFiles(records=False, root=stdlib_root(), files=stdlib_files())
     root = Path(source).expanduser()
-    # The user's own directory: links to files are read (an HF hub snapshot's point into blobs/).
-    files = source_files(root, extensions, follow_symlinks=True)
+    files = source_files(root, extensions, links_within=link_scope(root))
     return SourceFiles(records=False, root=root, files=files)
+
+
+def link_scope(root: Path) -> Path:
+    """Where the links of a source directory may point and be read: inside it, or inside the
+    repository folder of a Hugging Face hub snapshot (snapshots/<revision>/, whose files link
+    into blobs/); a link out of it (a cloned repository's to a file elsewhere) is skipped."""
+    resolved = root.resolve()
+    if resolved.parent.name == "snapshots":
+        return resolved.parent.parent
+    return resolved
 
 
 def record_files(source: str) -> list[Path] | None:
