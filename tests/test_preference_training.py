@@ -133,6 +133,25 @@ def test_a_model_with_dropout_trains_preferences_without_it_as_trl_does(assets, 
     assert logged(kept.run_dir, "train")[0]["loss"] != pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_skip_bad_holds_out_validation_from_the_records_it_keeps(assets, tmp_path, capsys):
+    """With skip_bad, the records encoding refuses (a prompt longer than the block) leave before
+    the split: whichever prompt the seed holds out, validation holds a good record."""
+    from codelm.training import preference_run
+
+    good = [json.loads(line) for line in Path(assets["pairs"]).read_text().splitlines()[:3]]
+    long = [{"prompt": f"def f{i}():\n    return" + " x" * 200, "chosen": " 1\n",
+             "rejected": " 2\n"} for i in range(3)]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in good + long))
+    tok = load_tokenizer(assets["tokenizer"])
+    for seed in range(6):
+        cfg = pref_cfg(assets, tmp_path, data=[str(data)], batch_size=1,
+                       data_options={"progress": False, "skip_bad": True, "seed": seed})
+        prepared = preference_run.prepare(cfg, tok, 48, Dist())
+        assert (len(prepared.batches.train), len(prepared.batches.val)) == (2, 1), seed
+        assert "skip_bad: 3 preference record(s) skipped" in capsys.readouterr().err
+
+
 def test_lora_dpo_takes_the_base_with_adapters_off_as_reference(assets, tmp_path):
     """A LoRA run on a pretrained base: the reference log-probs kept in the run are the base's
     own (loaded apart), and the adapters learn the preference."""

@@ -226,6 +226,20 @@ def encode_preferences(records: Sequence[PreferenceRecord], tok: CodeTokenizer |
     return encoded, events
 
 
+def encodable(records: Sequence[PreferenceRecord], tok: CodeTokenizer | BPETokenizer,
+              block_size: int) -> tuple[list[PreferenceRecord], int]:
+    """The records that encode for ``block_size`` (``encode_record`` refuses none of them), and
+    how many do not: skip_bad's, before a split holds out a prompt."""
+    kept = []
+    for record in records:
+        try:
+            encode_record(record, tok, block_size, Counter())
+        except DataError:
+            continue
+        kept.append(record)
+    return kept, len(records) - len(kept)
+
+
 def encode_record(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer, block_size: int,
                   events: Counter) -> Preference:
     """A record's ids as TRL 1.16's DPO and KTO trainers tokenize it (``tokenized``), each

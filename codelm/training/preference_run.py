@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +27,7 @@ from codelm.data.examples import SamplePrompt
 from codelm.data.preferences import (
     Preference,
     PreferenceRecord,
+    encodable,
     encode_preferences,
     read_preferences,
     split_records,
@@ -64,14 +66,24 @@ def prepare(cfg: TrainConfig | DataSettings, tok, block_size: int, dist: Dist) -
                       **{"progress": cfg.progress, **cfg.data_options})
     dcfg.validate()
     unpaired = cfg.task == "kto"
-    records = read_preferences(cfg.data, unpaired, dcfg)
+    skipped: Counter = Counter()
+
+    def read(paths: Sequence[str]) -> list[PreferenceRecord]:
+        """``paths``' records; with skip_bad those that encode (counted as skipped else)."""
+        records = read_preferences(paths, unpaired, dcfg)
+        if dcfg.skip_bad:
+            records, dropped = encodable(records, tok, block_size)
+            skipped["skipped"] += dropped
+        return records
+
+    records = read(cfg.data)
     if cfg.val_data:
-        train, val = records, read_preferences(cfg.val_data, unpaired, dcfg)
+        train, val = records, read(cfg.val_data)
     else:
         train, val = split_records(records, dcfg.val_frac, dcfg.seed)
-    train_set, events = encode_preferences(train, tok, block_size, dcfg.skip_bad)
-    val_set, val_events = encode_preferences(val, tok, block_size, dcfg.skip_bad)
-    events += val_events
+    train_set, events = encode_preferences(train, tok, block_size)
+    val_set, val_events = encode_preferences(val, tok, block_size)
+    events += val_events + skipped
     if events["completion_truncated"] and dist.main:
         print(f"note: {events['completion_truncated']} completion(s) cut to fit block_size "
               f"{block_size} after their prompt (--block-size)", file=sys.stderr)
