@@ -2194,6 +2194,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, workers):
                              num_workers=workers))
     assert corpus.stats["dropped"]["bad_jsonl_line"] == 2
     assert corpus.stats["kept"]["files"] == 10
+    assert corpus.stats["read"]["files"] == 12  # what was read: kept + dropped
 
 
 def test_a_jsonl_line_cut_short_is_named_at_its_end_not_on_a_second_line(tmp_path):
@@ -2226,6 +2227,7 @@ def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
         f.write(b"x = 1\nz = 3\n")
     corpus = load_corpus(cfg(tmp_path, sources=[str(src)]))
     assert corpus.stats["dropped"] == {"not_utf8_name": 1}
+    assert corpus.stats["read"]["files"] == 2 and corpus.stats["kept"]["files"] == 1
     assert [d.id for d in corpus.train + corpus.val + corpus.test] == ["src/ok.py"]
     good = {"repo": "u/r", "path": "a.py", "text": "x = 1\ny = 2\n"}
     for key, value in (("text", 'y = "\ud83d"\nz = 1\n'), ("path", "\udcff.py")):

@@ -166,6 +166,7 @@ class _Shard:
         self.inputs += 1
         self.last = read.last
         self.dropped.update(read.skipped)
+        self.files += sum(read.skipped.values())  # read and skipped: read = kept + dropped
         if read.last:
             return
         self.files += 1

@@ -27,7 +27,7 @@ from codelm.data.sources import Doc, plain_text, sources_fingerprint
 
 # The data cache's format version, a part of every cache key: bump it when cleaning or task
 # building changes what a cache holds.
-PIPELINE_VERSION = 21
+PIPELINE_VERSION = 22
 
 
 def split_key(doc: Doc, split_by: str) -> str:
