@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ class _TensorBoard:
         if resume_step is None:  # a new run: nothing of an attempt it replaces (rundir._lock_dir)
             shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
         self.path = run_dir / TB_DIR
+        if resume_step is not None:
+            _after_the_newest_event_file(self.path)
         self.writer = SummaryWriter(str(self.path), purge_step=resume_step)
         if resume_step is None:  # the config in the hparams plugin, beside the scalars
             plain = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
@@ -48,6 +51,19 @@ class _TensorBoard:
 
     def close(self, outcome: str) -> None:
         self.writer.close()
+
+
+def _after_the_newest_event_file(path: Path) -> None:
+    """Wait, where needed, into the second after the newest event file's: TensorBoard reads a
+    directory's event files in name order (the second each was made, then host, process id
+    and a counter, compared as text), and a resume's purge holds for the files read before
+    its own only."""
+    made = [int(found[1]) for file in path.glob("events.out.tfevents.*")
+            if (found := re.match(r"events\.out\.tfevents\.(\d+)\.", file.name))]
+    if made:
+        wait = max(made) + 1 - time.time()
+        if wait > 0:
+            time.sleep(wait)
 
 
 class _WandB:
