@@ -26,7 +26,7 @@ from codelm.data.encoding import (
 )
 from codelm.data.examples import Example, stop_ids_of
 from codelm.loading import LoadedModel
-from codelm.models.engine import Engine
+from codelm.models.engine import Engine, pool_length
 from codelm.models.generation import GenerationConfig, generate, stream, truncate_at_stops
 from codelm.runtime.process import progress_bar
 from tokenizer import decode_generated, generation_eos_ids
@@ -197,8 +197,8 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
                    max_prompt_tokens: int | None = None,
                    start: Callable[[str], str] | None = None, chat: bool = False) -> list[str]:
     """Continue each prompt (greedy or sampled through the engine, beam search in left-padded
-    batches), up to EOS or the first stop string (cut off). ``prompt_ids``: each prompt's ids and code span as training
-    tokenized them; ``max_prompt_tokens``: the run's own prompt limit; ``start``: the answer
+    batches), up to EOS or the first stop string (cut off). ``prompt_ids``: each prompt's ids
+    and code span as training tokenized them; ``max_prompt_tokens``: the run's own prompt limit; ``start``: the answer
     within the decoded text (past its leading blank lines, say): a stop before it does not
     count; ``chat``: ``prompts`` are a chat template's renderings (``_generation``), and the
     answers' text has no special token (EvalPlus decodes with skip_special_tokens)."""
@@ -247,8 +247,8 @@ def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConf
     """``generate_texts`` through the continuous-batching engine (cfg.batch_size slots, its step
     compiled where cfg.compile asks): prompt i samples with its own generator, seeded
     cfg.seed + i, so its text does not depend on the batch it ran in."""
-    longest = max(len(ids) for ids in encoded) + gen.max_new_tokens - 1
-    engine = Engine(lm.model, cfg.batch_size, max_len=max(1, min(context(lm, cfg), longest)),
+    longest = max(len(ids) for ids in encoded) + gen.max_new_tokens
+    engine = Engine(lm.model, cfg.batch_size, max_len=pool_length(longest, context(lm, cfg)),
                     compile=cfg.compile)
     device = next(lm.model.parameters()).device
     order = []

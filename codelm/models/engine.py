@@ -315,6 +315,12 @@ def _logprobs(logits: torch.Tensor, token: int, top: int
     return float(logp[token]), pairs
 
 
+def pool_length(longest_request: int, context: int) -> int:
+    """The positions a pool needs for requests of at most ``longest_request`` tokens (a prompt
+    and its new tokens; the last new token is never fed back), within ``context``."""
+    return max(1, min(context, longest_request - 1))
+
+
 def generate_all(model: Transformer, prompts: Sequence[Sequence[int]],
                  cfgs: GenerationConfig | Sequence[GenerationConfig], slots: int = 8,
                  compile: bool = False) -> list[list[int]]:
@@ -324,7 +330,7 @@ def generate_all(model: Transformer, prompts: Sequence[Sequence[int]],
     if isinstance(cfgs, GenerationConfig):
         cfgs = [cfgs] * len(prompts)
     longest = max((len(p) + c.max_new_tokens for p, c in zip(prompts, cfgs)), default=1)
-    engine = Engine(model, slots, max_len=min(model.cfg.block_size, max(longest - 1, 1)),
+    engine = Engine(model, slots, max_len=pool_length(longest, model.cfg.block_size),
                     compile=compile)
     order = [engine.add(prompt, cfg) for prompt, cfg in zip(prompts, cfgs)]
     out: dict[int, list[int]] = {request: [] for request in order}

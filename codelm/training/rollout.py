@@ -29,7 +29,7 @@ import torch.nn as nn
 import lora
 from codelm.data.encoding import encode_prompts, prompt_prefix, reads_special_tokens
 from codelm.evaluation.tasks.passk import PASSK, load_problems, run_check
-from codelm.models.engine import Engine
+from codelm.models.engine import Engine, pool_length
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
 from codelm.runs.checkpoint import RunState
 from codelm.runtime.distributed import Dist
@@ -257,11 +257,11 @@ class Sampler:
         """The engine that completes ``prompts``: a new one sized to them, or the run's one."""
         new_tokens = self.settings.max_completion_tokens
         if not self.compile:
-            longest = max(len(ids) for ids in prompts)
-            return Engine(model, len(prompts), max_len=min(self.context, longest + new_tokens - 1))
+            longest = max(len(ids) for ids in prompts) + new_tokens
+            return Engine(model, len(prompts), max_len=pool_length(longest, self.context))
         # The call's prompts are registered (prompt_ids): room for the longest registered holds them.
-        longest = max(len(ids) for ids in self.prompts.values())
-        max_len = min(self.context, longest + new_tokens - 1)
+        longest = max(len(ids) for ids in self.prompts.values()) + new_tokens
+        max_len = pool_length(longest, self.context)
         engine = self.engine
         if engine is None or engine.model is not model or engine.max_len < max_len:
             self.engine = None  # its caches freed before the next one's are made
