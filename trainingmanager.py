@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -59,10 +60,12 @@ from codelm.training.record import NonFiniteLossError, Progress, divergence_caus
 from codelm.training.trainer import (
     STOP_SIGNALS,
     StepAbandoned,
+    StepFigures,
     StepStats,
     StopSignals,
     Trainer,
     best_quality,
+    read_steps,
 )
 
 OVERFIT_CORPUS = settings.bundled("data", "overfit")
@@ -132,36 +135,15 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                     partial(_stop_at_once, run, at_start, result, signals, progress))
                 try:
                     injected = loop.inject_nan_at_step == s.step + 1
-                    stats = trainer.train_step(micro_batches, injected, stop_in_step)
+                    figures = trainer.train_step(micro_batches, injected, stop_in_step)
                 except StepAbandoned:  # a stop mid-step: the checkpoint is of the step's start
                     stop = signals.reason
                     _drop_step(run, at_start, stop, progress)
                     break
-                if stats.nonfinite:
-                    _nonfinite(run, stats, where)
                 s.step += 1
-                s.tokens_seen += stats.tokens
-                s.train_loss = stats.loss
-                progress.step_done(stats.tokens)
-                logged = s.step % loop.log_every == 0 or s.step in (1, s.max_steps)
-                if logged:
-                    _log_step(run, stats, progress)
-                memorised = loop.overfit_batches > 0 and stats.loss < OVERFIT_LOSS
-                with progress.paused():  # evaluation and saving are not training time
-                    if memorised or (s.step % loop.eval_every == 0 and s.step >= loop.warmup_steps):
-                        result.val_metrics = _evaluate(run, progress, on_eval, memorised)
-                        result.early_stopped = _stops_early(run, progress)
-                    now = time.perf_counter()
-                    over_time = (loop.max_time_s is not None
-                                 and now - progress.started > loop.max_time_s
-                                 or deadline is not None and now > deadline)
-                    stop = signals.stop_requested(dist, device, over_time)
-                    ends = bool(stop or result.early_stopped or memorised)
-                    if ends and not logged:  # the run's last step is always logged
-                        _log_step(run, stats, progress)
-                    saves = s.step % (loop.save_every or loop.eval_every) == 0 or ends
-                    if saves and not record.saved(s.step):
-                        record.checkpoint(s, trainer, batches.order.state_dict())
+                run.unread.append(UnreadStep(s.step, where, figures))
+                progress.step_done()
+                stop, ends = _after_step(run, result, signals, progress, on_eval, deadline)
                 if ends:
                     break
             _end(run, result, signals, stop, progress, on_eval)
@@ -205,6 +187,66 @@ def _leave_group(run_dir: Path | None, resume_hint: str | None, restarts: bool) 
         if isinstance(stop, RunInterrupted):
             raise
         raise rundir.interrupted(stop, run_dir, resume_hint, restarts) from None
+
+
+def _after_step(run: Run, result: TrainResult, signals: StopSignals, progress: Progress,
+                on_eval: Callable[[int, dict], None] | None, deadline: float | None
+                ) -> tuple[str | None, bool]:
+    """What follows a step: its train line, the evaluation, the stop check and the checkpoint
+    where they are due; the steps' figures read back only there (and each step under
+    --overfit-batches, whose loss ends the run). The stop asked for, and whether the run ends."""
+    loop, s, record = run.loop, run.state, run.record
+    logged = s.step % loop.log_every == 0 or s.step in (1, s.max_steps)
+    evaluates = s.step % loop.eval_every == 0 and s.step >= loop.warmup_steps
+    saves = s.step % (loop.save_every or loop.eval_every) == 0
+    stats = None
+    if logged or evaluates or saves or loop.overfit_batches > 0:
+        stats = _settle(run, progress)
+    if logged:
+        _log_step(run, stats, progress)
+    memorised = loop.overfit_batches > 0 and stats.loss < OVERFIT_LOSS
+    with progress.paused():  # evaluation and saving are not training time
+        if memorised or evaluates:
+            result.val_metrics = _evaluate(run, progress, on_eval, memorised)
+            result.early_stopped = _stops_early(run, progress)
+        now = time.perf_counter()
+        over_time = (loop.max_time_s is not None and now - progress.started > loop.max_time_s
+                     or deadline is not None and now > deadline)
+        stop = signals.stop_requested(record.dist, run.device, over_time)
+        ends = bool(stop or result.early_stopped or memorised)
+        if ends and not logged:  # the run's last step is always logged
+            if stats is None:
+                stats = _settle(run, progress)
+            _log_step(run, stats, progress)
+        if (saves or ends) and not record.saved(s.step):
+            record.checkpoint(s, run.trainer, run.data.batches.order.state_dict())
+    return stop, ends
+
+
+class UnreadStep(NamedTuple):
+    """A step whose figures the loop has not read back from the device."""
+
+    step: int
+    where: Where  # its data
+    figures: StepFigures
+
+
+def _settle(run: Run, progress: Progress) -> StepStats | None:
+    """The figures of the steps not read yet, read back at one wait for the device into the
+    run's state (its tokens seen, the last loss) in their order; a non-finite one stops the run.
+    The last one's StepStats; None where every step was read."""
+    unread, run.unread = run.unread, []
+    if not unread:
+        return None
+    s = run.state
+    stats = read_steps([step.figures for step in unread])
+    for step, step_stats in zip(unread, stats):
+        if step_stats.nonfinite:
+            _nonfinite(run, step_stats, step.step, step.where)
+        s.tokens_seen += step_stats.tokens
+        s.train_loss = step_stats.loss
+        progress.tokens_done(step_stats.tokens)
+    return stats[-1]
 
 
 def _log_step(run: Run, stats: StepStats, progress: Progress) -> None:
@@ -291,6 +333,7 @@ def _drop_step(run: Run, at_start: StepStart, stop: str, progress: Progress) -> 
     """A step dropped for a stop: a checkpoint of the step before it with the data order and
     RNG of the dropped step's start, so a resume runs it exactly as it would have run."""
     s = run.state
+    _settle(run, progress)
     if not run.record.saved(s.step):
         run.record.checkpoint(s, run.trainer, at_start.order, at_start.rng)
     progress.say(f"{stop}: step {s.step + 1} dropped mid-way, not applied")
@@ -324,9 +367,9 @@ def _outcome(stopped: bool, failed: bool) -> str:
     return trackers.FAILED if failed else trackers.FINISHED
 
 
-def _nonfinite(run: Run, stats: StepStats, where: Where) -> None:
-    """Stop the run on a non-finite loss or gradient: where in the data, causes, how to go on."""
-    step = run.state.step + 1
+def _nonfinite(run: Run, stats: StepStats, step: int, where: Where) -> None:
+    """Stop the run on a non-finite loss or gradient at ``step``: where in the data, causes, how
+    to go on."""
     batches = run.data.batches
     value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
     last = where.position + batches.examples_per_step - 1
@@ -342,6 +385,7 @@ def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
          progress: Progress, on_eval: Callable[[int, dict], None] | None) -> None:
     """After the loop: the last evaluation and checkpoint, the export, and what is left."""
     loop, s, record = run.loop, run.state, run.record
+    _settle(run, progress)
     # The time budget ends the run as it would end, but says that it is not finished.
     result.stopped_by_budget = stop == "time budget" and s.step < s.max_steps
     if stop not in STOP_SIGNALS:
@@ -440,7 +484,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
     with progress_bar(total=max_steps, desc="overfit", unit="step", enabled=cfg.progress,
                       lines=False) as bar:  # its own lines say the loss
         for _ in range(max_steps):
-            stats = trainer.train_step([batch])
+            stats = trainer.train_step([batch]).read()
             if stats.nonfinite:
                 return False, (f"FAIL: diagnosis: non-finite {stats.nonfinite} at step "
                                f"{len(losses) + 1} on a tiny clean corpus: a numerical bug in the "

@@ -87,7 +87,7 @@ READERS = {
                        rollout.Sampler, inspect.isfunction)], (rollout.reward_sandbox, "cfg")],
     LoopSettings: [(tm.train, "loop"), *[(function, "run.loop") for function in (
         tm._evaluate, tm._start_decay, tm._nonfinite)], (tm._stops_early, "loop"),
-                   (tm._end, "loop")],
+                   (tm._end, "loop"), (tm._after_step, "loop")],
     ExportSettings: [(finish.export_run, "settings"), (finish.write_gguf, "settings")],
 }
 

@@ -152,6 +152,11 @@ def _ready(cfg: trainconfig.TrainConfig) -> trainconfig.StepSettings:
     return trainconfig.StepSettings(**fields_of(trainconfig.StepSettings, cfg))
 
 
+def _figures(loss: float) -> trainer_module.StepFigures:
+    """A scripted step's figures: ``loss``, gradient norm 1 over one position, lr 1e-3."""
+    return trainer_module.StepFigures(torch.tensor([loss, 1.0, 1.0]), 1e-3)
+
+
 def _trainer(cfg: trainconfig.TrainConfig, vocab: int = 64) -> trainer_module.Trainer:
     from architecture import Transformer
 
@@ -175,8 +180,8 @@ def test_accumulation_equals_one_big_batch_and_validation_equals_training_loss(t
 
     one, accumulated = _trainer(cfg), _trainer(cfg)
     val = one.evaluate([big])
-    stats_one = one.train_step([big])
-    stats_acc = accumulated.train_step(micro)
+    stats_one = one.train_step([big]).read()
+    stats_acc = accumulated.train_step(micro).read()
     assert val["val_loss"] == pytest.approx(stats_one.loss, rel=1e-6)
     assert stats_acc.loss == pytest.approx(stats_one.loss, rel=1e-6)
     assert stats_acc.grad_norm == pytest.approx(stats_one.grad_norm, rel=1e-5)
@@ -196,6 +201,35 @@ def test_accumulation_equals_one_big_batch_and_validation_equals_training_loss(t
     assert abs(float(naive) - stats_one.loss) > 1e-3
 
 
+def test_a_nonfinite_step_is_skipped_on_the_device_and_reads_as_nonfinite():
+    """Fused AdamW takes the step's verdict as torch's found_inf: a NaN step leaves every
+    weight, moment and step count as it was with no read of the device, its figures read as a
+    non-finite loss, and the next step is the one a trainer that never saw it takes. Muon's
+    part takes no found_inf: a step with Muon reads its figures before it is applied."""
+    cfg = trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=16, warmup_steps=0,
+                                  optimizer="adamw", min_lr_ratio=1.0)
+    batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
+    torch.manual_seed(0)
+    skipped = _trainer(cfg)
+    torch.manual_seed(0)
+    clean = _trainer(cfg)
+    assert skipped.skips_on_device
+    for trainer in (skipped, clean):
+        trainer.train_step([batch]).read()
+    weights = [p.detach().clone() for p in skipped.params]
+    moments = [skipped.optimizer.state[p]["exp_avg"].clone() for p in skipped.params]
+    figures = skipped.train_step([batch], inject_nan=True)
+    assert all(torch.equal(a, b) for a, b in zip(weights, skipped.params))
+    assert all(torch.equal(skipped.optimizer.state[p]["exp_avg"], m)
+               for p, m in zip(skipped.params, moments))
+    assert all(int(skipped.optimizer.state[p]["step"]) == 1 for p in skipped.params)
+    assert figures.read().nonfinite == "loss"
+    for trainer in (skipped, clean):
+        trainer.train_step([batch]).read()
+    assert all(torch.equal(a, b) for a, b in zip(skipped.params, clean.params))
+    assert not _trainer(dataclasses.replace(cfg, optimizer="muon")).skips_on_device
+
+
 def test_fp16_overflow_is_skipped_by_the_scaler_not_applied():
     """fp16 + GradScaler: an overflowing step changes no weight, halves the scale, and training
     goes on; bf16 and fp16 runs train without a scaler error."""
@@ -204,11 +238,11 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_applied():
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
     batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
     before = [p.detach().clone() for p in trainer.params]
-    stats = trainer.train_step([batch])
+    stats = trainer.train_step([batch]).read()
     assert stats.skipped and stats.nonfinite is None and trainer.scaler.get_scale() == 2.0**59
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
     for _ in range(60):
-        if not trainer.train_step([batch]).skipped:
+        if not trainer.train_step([batch]).read().skipped:
             break
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.params))
 
@@ -263,7 +297,7 @@ def test_step_counts_every_position_of_every_process(monkeypatch):
     monkeypatch.setattr(trainer_module, "all_reduce_sum", all_reduce)
     micro = [{"input_ids": torch.randint(0, 64, (2, n)), "labels": torch.randint(0, 64, (2, n))}
              for n in (16, 9)]
-    assert trainer.train_step(micro).tokens == 2 * 16 + 2 * 9 + others
+    assert trainer.train_step(micro).read().tokens == 2 * 16 + 2 * 9 + others
 
 
 def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypatch):
@@ -296,7 +330,7 @@ def test_fp16_step_runs_the_head_fused_with_the_unfused_heads_gradients(monkeypa
         return real(*args)
 
     monkeypatch.setattr(kernels, "_head_cross_entropy", spy)
-    stats = trainer.train_step([{"input_ids": ids, "labels": labels}])
+    stats = trainer.train_step([{"input_ids": ids, "labels": labels}]).read()
     assert scales == [pytest.approx(float(scale) / count)] and not stats.skipped
     assert stats.loss == pytest.approx(loss.item() / count, rel=1e-4)
     for n, p in model.named_parameters():
@@ -351,7 +385,7 @@ def test_grad_clip_clips_the_unscaled_gradient_as_torch_does(precision, tol):
     ids, labels = _shifted_batch()
     _, norm, clipped = _plain_backward(trainer.raw_model, ids, labels, clip=clip)
     assert norm > 2 * clip  # the clip acts
-    stats = trainer.train_step([{"input_ids": ids, "labels": labels}])
+    stats = trainer.train_step([{"input_ids": ids, "labels": labels}]).read()
     assert not stats.skipped and stats.grad_norm == pytest.approx(norm, rel=tol / 10)
     assert _worst_relative_error(trainer, clipped) < tol
 
@@ -367,7 +401,7 @@ def test_training_loss_and_gradient_use_label_smoothing_as_torch_cross_entropy()
     ids, labels = _shifted_batch()
     loss, _, grads = _plain_backward(trainer.raw_model, ids, labels, smoothing=0.1)
     assert abs(loss - _plain_backward(trainer.raw_model, ids, labels)[0]) > 1e-3
-    stats = trainer.train_step([{"input_ids": ids, "labels": labels}])
+    stats = trainer.train_step([{"input_ids": ids, "labels": labels}]).read()
     assert stats.loss == pytest.approx(loss, rel=1e-6)
     assert _worst_relative_error(trainer, grads) < 1e-5
 
@@ -425,34 +459,39 @@ def test_auto_precision_takes_the_gpus_native_half(monkeypatch, capability, half
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_cuda_step_waits_on_the_device_once_and_the_stop_check_never():
-    """One process: a training step reads the device back once (its loss and gradient norm,
-    which decide whether the update applies); the step's token counts go over without a wait
-    and the per-step stop check reads no device tensor, so the GPU is not idle meanwhile."""
+def test_a_cuda_step_waits_on_the_device_only_when_read_and_the_stop_check_never():
+    """One process: a training step queues its work (its token counts go over without a wait,
+    fused AdamW skips a non-finite step on the device) and reading its figures back is its one
+    wait; the per-step stop check reads no device tensor. So the host queues steps ahead and the
+    GPU is not idle between logged steps."""
     import warnings
 
     from architecture import Transformer
 
-    cfg = trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=32, warmup_steps=0)
+    cfg = trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=32, warmup_steps=0,
+                                  optimizer="adamw")
     torch.manual_seed(0)
     model = Transformer(trainconfig.model_config(cfg, 64, None, None))
     trainer = trainer_module.Trainer(model.cuda(), _ready(cfg), torch.device("cuda"))
     ids = torch.randint(0, 64, (4, 33))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    trainer.train_step([batch])  # the first step's one-off work (the optimizer's state) apart
+    trainer.train_step([batch]).read()  # the first step's one-off work (the optimizer's state)
     signals = trainer_module.StopSignals()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            trainer.train_step([batch])
+            steps = [trainer.train_step([batch]) for _ in range(3)]
             assert signals.stop_requested(distributed.Dist(), torch.device("cuda")) is None
+            queued = sum("called a synchronizing" in str(w.message) for w in caught)
+            stats = trainer_module.read_steps(steps)
         finally:
             torch.cuda.set_sync_debug_mode("default")
             signals.restore()
     waits = [w for w in caught if "called a synchronizing" in str(w.message)]
-    assert len(waits) == 1, [str(w.message) for w in waits]
+    assert len(waits) == 1 and queued == 0, [str(w.message) for w in caught]
+    assert all(s.nonfinite is None and s.tokens == 4 * 32 for s in stats)
 
 
 def test_a_stop_while_leaving_the_process_group_says_how_to_continue(tmp_path, monkeypatch):
@@ -659,6 +698,48 @@ def test_injected_nan_stops_loudly_and_keeps_the_last_good_checkpoint(assets, tm
     assert all(torch.isfinite(p).all() for p in model.parameters())
     errors = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert errors[-1]["kind"] == "error" and errors[-1]["step"] == 7
+
+
+def test_a_nan_between_logged_steps_stops_the_run_at_the_next_read_naming_its_step(
+        assets, tmp_path):
+    """The loop reads steps' figures back at logged, evaluated and saved steps only: a NaN at
+    step 6 (log every 5, save every 4) is found at step 8, before its checkpoint is written; the
+    error names step 6 and its data, and the last good checkpoint is step 4's."""
+    cfg = tiny_cfg(assets, tmp_path, inject_nan_at_step=6, log_every=5, save_every=4,
+                   eval_every=100, max_steps=12)
+    with pytest.raises(record.NonFiniteLossError) as info:
+        tm.train(cfg)
+    message = str(info.value)
+    assert "non-finite loss (nan) at step 6: epoch" in message, message
+    assert "checkpoints/step-4" in message
+    run = Path(cfg.out_dir) / "run"
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4"]
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["kind"], m["step"]) for m in logged] == [("train", 1), ("train", 5),
+                                                        ("error", 6)]
+
+
+def test_steps_read_at_log_steps_give_the_run_reading_every_step(assets, tmp_path,
+                                                                 monkeypatch):
+    """Reading the figures back every step or only at logged and saved steps (here the logged
+    ones: 1, 5 and the last) trains the same run: the same weights, tokens seen and last loss
+    in the last checkpoint."""
+    states, reads = [], []
+    real = tm.read_steps
+    monkeypatch.setattr(tm, "read_steps", lambda steps: reads.append(len(steps)) or real(steps))
+    for log_every in (1, 5):
+        cfg = tiny_cfg(assets, tmp_path, log_every=log_every, max_steps=7, save_every=100,
+                       eval_every=100, name=f"log{log_every}")
+        reads.clear()
+        tm.train(cfg)
+        model = loading.build_model(model_settings(cfg), build.load_or_train_tokenizer(cfg, None))
+        state = checkpoint.load(Path(cfg.out_dir) / cfg.name / "checkpoints" / "step-7", model,
+                                False)
+        states.append((state.tokens_seen, state.train_loss, model.state_dict()))
+    assert reads == [1, 4, 2]  # log every 5: steps 1, 5 and 7, the last
+    (tokens_1, loss_1, weights_1), (tokens_5, loss_5, weights_5) = states
+    assert tokens_1 == tokens_5 > 0 and loss_1 == loss_5
+    assert all(torch.equal(weights_1[k], weights_5[k]) for k in weights_1)
 
 
 def test_on_eval_exception_propagates_and_early_stopping(assets, tmp_path):
@@ -2754,7 +2835,7 @@ def test_overfit_cut_short_by_max_steps_says_so_a_stalled_loss_does_not(monkeypa
     assert "disagree" not in out
     losses = iter([6.0, 5.0, 4.0, *[3.0] * 37])
     monkeypatch.setattr(trainer_module.Trainer, "train_step",
-                        lambda self, batches: trainer_module.StepStats(next(losses), 1.0, 1, 1e-3))
+                        lambda self, batches: _figures(next(losses)))
     assert tm.main(["--overfit", "--max-steps", "40", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "stalled above the target" in out and "still falling" not in out
@@ -4110,7 +4191,7 @@ def test_overfit_batches_fail_says_what_to_try(assets, tmp_path, monkeypatch, ca
         scripted = iter(losses)
         monkeypatch.setattr(trainer_module.Trainer, "train_step",
                             lambda self, *a, losses=scripted, **k:
-                            trainer_module.StepStats(next(losses), 1.0, 1, 1e-3))
+                            _figures(next(losses)))
         assert tm.main(["--config", config]) == 1
         out = capsys.readouterr().out.splitlines()[-1]
         assert re.search(told, out) and "raise --max-steps" not in out, out

@@ -169,6 +169,7 @@ class Run:
     clock: BudgetClock | None  # a new budgeted run's: its decay starts by the clock
     loop: LoopSettings
     export: ExportSettings
+    unread: list  # steps whose figures the loop has not read back (trainingmanager._settle)
 
     def __init__(self, cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist,
                  device: torch.device, created: float, hint: str | None, restarts: bool) -> None:
@@ -231,6 +232,7 @@ class Run:
             self.record.best_as_checkpointed(self.state, self.trainer.raw_model)
         self.device = device
         self.loop = LoopSettings(**fields_of(LoopSettings, cfg))
+        self.unread = []
         self.export = ExportSettings(**fields_of(ExportSettings, cfg))
         if dist.main:
             announce(self, cfg)

@@ -38,7 +38,7 @@ from codelm.runtime.process import progress_bar
 from codelm.trainconfig import DataSettings, ModelSettings, StepSettings, TrainConfig
 from codelm.training import preference
 from codelm.training.preference_batches import PreferenceBatches, PreferenceRows
-from codelm.training.trainer import StepStats, StepStop, Trainer, autocast, checked_precision
+from codelm.training.trainer import StepFigures, StepStop, Trainer, autocast, checked_precision
 
 REFERENCE_FILE = "reference_logps.pt"  # in the run directory: (n, 2) of each split's rows
 
@@ -226,7 +226,7 @@ class PreferenceTrainer(Trainer):
             self.eval_forwards = 2
 
     def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
-                   stop: StepStop | None = None) -> StepStats:
+                   stop: StepStop | None = None) -> StepFigures:
         self.model.train()
         pairs = sum(len(b["ids"]) // 2 for b in micro_batches)
         positions = sum(b["ids"].numel() for b in micro_batches)

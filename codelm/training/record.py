@@ -291,10 +291,14 @@ class Progress:
         self.window_tokens = 0
         self.tok_s = 0.0  # the last logged throughput
 
-    def step_done(self, tokens: int) -> None:
-        self.window_tokens += tokens
+    def step_done(self) -> None:
         self.bar.total = self.state.max_steps
         self.bar.update(1)
+
+    def tokens_done(self, tokens: int) -> None:
+        """Tokens of steps done, counted once their figures are read (trainingmanager._settle):
+        before the logged step that shows their rate."""
+        self.window_tokens += tokens
 
     def step_line(self, step: int, stats: StepStats, epoch: float) -> float:
         """The bar's figures (or the console line) of a logged step; its tokens a second since

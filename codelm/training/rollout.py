@@ -39,7 +39,7 @@ from codelm.sandbox.runner import SandboxConfig
 from codelm.trainconfig import GRPO_TASK, DataSettings, GRPOSettings, StepSettings, TrainConfig
 from codelm.training import grpo, rewards
 from codelm.training.batches import BatchOrder, Where
-from codelm.training.trainer import StepStats, StepStop, Trainer, autocast
+from codelm.training.trainer import StepFigures, StepStop, Trainer, autocast
 from tokenizer import decode_generated, generation_eos_ids
 
 STOPS = FUNCTION_STOPS  # a completion ends with its function, as eval's pass@k cuts it
@@ -354,7 +354,7 @@ class GRPOTrainer(Trainer):
         return reference
 
     def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
-                   stop: StepStop | None = None) -> StepStats:
+                   stop: StepStop | None = None) -> StepFigures:
         """One GRPO step on ``micro_batches`` (this step's problems): sample, score, update. A
         stop that ``stop`` reports before the update raises StepAbandoned (nothing applied)."""
         problems = list(micro_batches)

@@ -90,6 +90,14 @@ def best_quality(task: str, loss: float) -> str:
     return f"best validation loss {loss:.4f} (perplexity {perplexity(loss):.2f})"
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, queued behind the work there: to a GPU from pinned memory (from
+    pageable memory the driver may wait for the work queued before the copy)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 class StepAbandoned(Exception):
     """A stop signal came mid-step: the step was dropped before its update, nothing applied."""
 
@@ -112,6 +120,38 @@ class StepStats:
     nonfinite: str | None = None  # "loss" or "gradient": the step was not applied
     metrics: dict = field(default_factory=dict)  # a task's own of the step (GRPO's rewards and
     #   timings, the preference rewards): logged
+
+
+@dataclass
+class StepFigures:
+    """A step's figures as the device holds them once its update is queued. Read back when they
+    are needed (``read``, or ``read_steps`` for many at one wait), so the host queues the next
+    step while the device still runs this one."""
+
+    values: torch.Tensor  # the loss, gradient norm and input positions (fp32, on the device)
+    lr: float
+    loss_scaled: bool = False  # an fp16 loss scaler's: an infinite norm is its to skip
+    skipped: bool = False  # the scaler skipped the update
+    diverged: bool = False  # the scaler skipped more than MAX_SKIPPED_STEPS in a row
+    metrics: dict = field(default_factory=dict)  # as StepStats.metrics
+
+    def read(self) -> StepStats:
+        return read_steps([self])[0]
+
+
+def read_steps(steps: Sequence[StepFigures]) -> list[StepStats]:
+    """Each step's StepStats, the figures of all read back from the device at once."""
+    rows = torch.stack([step.values for step in steps]).tolist()
+    return [_stats(step, *row) for step, row in zip(steps, rows)]
+
+
+def _stats(step: StepFigures, loss: float, norm: float, positions: float) -> StepStats:
+    nonfinite = None
+    if not math.isfinite(loss):
+        nonfinite = "loss"
+    elif not math.isfinite(norm) and not step.loss_scaled or step.diverged:
+        nonfinite = "gradient"
+    return StepStats(loss, norm, int(positions), step.lr, step.skipped, nonfinite, step.metrics)
 
 
 class Trainer:
@@ -156,18 +196,18 @@ class Trainer:
                 block.attn.register_forward_pre_hook(self._check_stop)
                 block.mlp.register_forward_pre_hook(self._check_stop)
         self.sharded = distributed.is_sharded(self.raw_model)
+        # The optimizer takes torch's found_inf (fused AdamW): it skips a step on the device.
+        self.skips_on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
         self.eval_forwards = 1  # the model's forwards a validation batch takes (idle ones too)
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: to_device(v, self.device) for k, v in batch.items()}
 
     def _step_counts(self, *counts: int) -> torch.Tensor:
-        """This step's ``counts`` (fp32, on the device) summed over the processes; one process's
-        go to the device without waiting for the work the device has queued."""
-        values = torch.tensor([float(count) for count in counts])
-        if self.dist.enabled:
-            return all_reduce_sum(values.to(self.device), self.dist)
-        return values.to(self.device, non_blocking=True)
+        """This step's ``counts`` (fp32, on the device, queued behind its work) summed over the
+        processes."""
+        values = to_device(torch.tensor([float(count) for count in counts]), self.device)
+        return all_reduce_sum(values, self.dist)
 
     def _check_stop(self, module: nn.Module, args: tuple) -> None:
         """Before a module's forward, and once its backward is done: a pending stop drops the
@@ -201,12 +241,12 @@ class Trainer:
             self.stop_pending = None
 
     def train_step(self, micro_batches: Sequence[dict], inject_nan: bool = False,
-                   stop: StepStop | None = None) -> StepStats:
+                   stop: StepStop | None = None) -> StepFigures:
         """One optimizer step over ``micro_batches`` (this rank's share of the global batch). Each
         summed loss is divided by the whole global step's token count, so accumulation (and the
         average of DDP or FSDP, undone by the world-size factor) gives exactly one big batch's
-        gradient. A stop that ``stop`` reports mid-step raises StepAbandoned (one process
-        alone)."""
+        gradient. Its figures stay on the device until read (``StepFigures.read``). A stop that
+        ``stop`` reports mid-step raises StepAbandoned (one process alone)."""
         self.model.train()
         count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         positions = sum(b["input_ids"].numel() for b in micro_batches)
@@ -234,29 +274,45 @@ class Trainer:
         loss_sum = all_reduce_sum(loss_sum, self.dist)
         return self.update(loss_sum / n_tokens.clamp(min=1.0), n_positions)
 
-    def update(self, loss: torch.Tensor, n_positions: torch.Tensor) -> StepStats:
+    def update(self, loss: torch.Tensor, n_positions: torch.Tensor) -> StepFigures:
         """The optimizer step on the gradients the step's backward left: unscaled, clipped,
-        applied unless the ``loss`` (the step's, detached) or their norm is not finite."""
+        applied unless the ``loss`` (the step's, detached) or their norm is not finite. Fused
+        AdamW skips a non-finite step on the device (torch's ``found_inf``, as loss scaling
+        uses it), so nothing waits for the device; a loss scaler or Muon reads the figures
+        back to decide."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        loss, norm, positions = torch.stack(
-            [loss.float(), grad_norm.float(), n_positions.float()]).tolist()
-        positions = int(positions)
+        values = torch.stack([loss.float(), grad_norm.float(), n_positions.float()]).detach()
         lr = self.optimizer.param_groups[0]["lr"]
-        if not math.isfinite(loss) or (not math.isfinite(norm) and not self.scaler.is_enabled()):
-            self.optimizer.zero_grad(set_to_none=True)
-            return StepStats(loss, norm, positions, lr, nonfinite="loss" if not math.isfinite(loss)
-                             else "gradient")
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        if self.scaler.is_enabled() or not self.skips_on_device:
+            return self._update_read(values, lr)
+        self.optimizer.found_inf = (~values[:2].isfinite().all()).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
-        diverged = "gradient" if self.skipped_in_a_row > MAX_SKIPPED_STEPS else None
-        return StepStats(loss, norm, positions, lr, skipped=skipped, nonfinite=diverged)
+        return StepFigures(values, lr)
+
+    def _update_read(self, values: torch.Tensor, lr: float) -> StepFigures:
+        """``update`` where the figures are read back first: a non-finite step is not taken,
+        and the fp16 scaler's skips are counted."""
+        figures = StepFigures(values, lr, loss_scaled=self.scaler.is_enabled())
+        loss, norm, _ = values.tolist()
+        if not math.isfinite(loss) or (not math.isfinite(norm) and not figures.loss_scaled):
+            self.optimizer.zero_grad(set_to_none=True)
+            return figures
+        scale_before = self.scaler.get_scale() if figures.loss_scaled else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        figures.skipped = figures.loss_scaled and self.scaler.get_scale() < scale_before
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if figures.skipped else 0
+        figures.diverged = self.skipped_in_a_row > MAX_SKIPPED_STEPS
+        return figures
 
     def _eval_precision(self) -> str:
         """The precision validation runs in: fp32 where eval_precision asks, else training's."""
