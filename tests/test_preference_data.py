@@ -16,6 +16,7 @@ from tiny_hf import hub_cache, save_tiny_llama3_instruct
 from codelm.data.config import DataConfig, DataError
 from codelm.data.preferences import (
     check_record,
+    encodable,
     encode_preferences,
     read_preferences,
     split_records,
@@ -251,8 +252,8 @@ def test_skip_bad_drops_the_records_encoding_refuses_too(instruct, tmp_path):
     prompt = len(tokenized(read[0], tok)[0])
     with pytest.raises(DataError, match=rf"^{path}:2: 'chosen' and 'rejected' are the same"):
         encode_preferences(read, tok, block_size=prompt + 3)
-    kept, events = encode_preferences(read, tok, block_size=prompt + 3, skip_bad=True)
-    assert len(kept) == 1 and events["skipped"] == 1
+    kept, dropped = encodable(read, tok, block_size=prompt + 3)
+    assert kept == read[:1] and dropped == 1
 
 
 def test_skip_bad_drops_bad_records_and_max_docs_keeps_the_first(tmp_path, capsys):

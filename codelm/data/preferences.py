@@ -210,19 +210,12 @@ def split_records(records: Sequence[PreferenceRecord], val_frac: float, seed: in
 # ---- Encoding ----
 
 def encode_preferences(records: Sequence[PreferenceRecord], tok: CodeTokenizer | BPETokenizer,
-                       block_size: int, skip_bad: bool = False) -> tuple[list[Preference], Counter]:
+                       block_size: int) -> tuple[list[Preference], Counter]:
     """Each record's ids (``encode_record``), its completions cut to fit ``block_size`` tokens
-    after the prompt; and the events counted (completions cut; with ``skip_bad`` the records
-    encoding refuses, dropped: ``skipped``)."""
+    after the prompt; and the events counted (completions cut). skip_bad drops the records
+    encoding refuses before the split (``encodable``)."""
     events: Counter = Counter()
-    encoded = []
-    for record in records:
-        try:
-            encoded.append(encode_record(record, tok, block_size, events))
-        except DataError:
-            if not skip_bad:
-                raise
-            events["skipped"] += 1
+    encoded = [encode_record(record, tok, block_size, events) for record in records]
     return encoded, events
 
 
