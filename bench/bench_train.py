@@ -2,18 +2,20 @@
 
 Three loops over the same prepared stdlib ``lm`` data, batch x block tokens per step, AdamW,
 gradient clipping, on the trainer's device in its precision (fp32 on a CPU; on a GPU bf16
-autocast, each step waited for), all in one process and interleaved step by step (so load from
-other processes hits them alike):
+autocast), all in one process and interleaved block by block (so load from other processes hits
+them alike):
 - ``bare``: a nanoGPT-style step on codelm's model (random windows straight from the token file);
 - ``hf``: the same bare step on ``transformers``' LlamaForCausalLM of the same shape;
-- ``manager``: one iteration of ``trainingmanager.train``'s loop on its own codelm model: fetch
-  and collate the batch, token-weighted loss, clip, step, schedule, metrics/TensorBoard, tqdm,
-  signal checks. Measured from the end of the bare steps of one iteration to the start of the
-  next, so it holds exactly one manager iteration.
-Medians over the steps after two warm-up steps are reported, and the share of the manager's
-time spent fetching and collating data.
+- ``manager``: ``trainingmanager.train``'s loop on its own codelm model: fetch and collate the
+  batch, token-weighted loss, clip, step, schedule, metrics/TensorBoard (a line every 10
+  steps), tqdm, signal checks.
+Each loop runs ``--block`` steps (10, the run's logging interval) between waits for the device,
+as a run reads its figures back at logged steps only: a manager block is timed from the end of
+the bare blocks before it to the device's end of its last step. Medians of the blocks' times a
+step after one warm-up block are reported, and the share of the manager's time spent fetching
+and collating data.
 
-    python bench/bench_train.py [--steps 12] [--preset llama-14m] [--threads N]
+    python bench/bench_train.py [--steps 20] [--block 10] [--preset llama-14m] [--threads N]
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from codelm.training import build  # noqa: E402
 from codelm.training.batches import Batches  # noqa: E402
 from codelm.training.trainer import Trainer, autocast  # noqa: E402
 
-WARMUP = 2
+WARMUP_BLOCKS = 1
 
 
 class BareLoop:
@@ -70,8 +72,19 @@ class BareLoop:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":  # (the manager's step waits for its loss too)
-            torch.cuda.synchronize(self.device)
+
+    def block(self, steps: int) -> float:
+        """Seconds a step of ``steps`` steps, the device's work included."""
+        began = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        wait_for(self.device)
+        return (time.perf_counter() - began) / steps
+
+
+def wait_for(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def hf_twin(model_cfg):
@@ -88,7 +101,10 @@ def hf_twin(model_cfg):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per loop (default: 12)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed steps per loop, rounded up to whole blocks (default: 20)")
+    parser.add_argument("--block", type=int, default=10,
+                        help="steps a loop runs between waits for the device (default: 10)")
     # A fixed model: preset auto would choose anew in the managed run, on a machine busy
     # with the bench's own setup, and compare another model against the bare loops.
     parser.add_argument("--preset", default="llama-14m",
@@ -104,10 +120,12 @@ def main(argv=None) -> int:
     from architecture import Transformer
 
     with tempfile.TemporaryDirectory() as out:
+        blocks = -(-args.steps // args.block)
         cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size,
-                             block_size=args.block_size, max_steps=args.steps + WARMUP + 1,
-                             eval_every=10**9, eval_examples=args.batch_size, save_every=10**9, export=False,
-                             log_every=10, out_dir=out, name="bench")
+                          block_size=args.block_size,
+                          max_steps=(blocks + WARMUP_BLOCKS) * args.block + 1,
+                          eval_every=10**9, eval_examples=args.batch_size, save_every=10**9,
+                          export=False, log_every=10, out_dir=out, name="bench")
         setup = dataclasses.replace(cfg, name="bench-setup")
         claimed = rundir.claim_run_dir(None, out, setup.name, setup.run_stem, None, Dist())
         run = build.Run(setup, claimed, Dist(), resolve_device(cfg.device, Dist()),
@@ -130,7 +148,8 @@ def main(argv=None) -> int:
         times: dict[str, list[float]] = {"bare": [], "hf": [], "manager": []}
         data_time: list[float] = []
         fetch, manager_step = Batches.next_step, Trainer.train_step
-        last_exit = [None]
+        steps_taken = [0]
+        block_began = [None]
 
         def timed_fetch(self):
             t = time.perf_counter()
@@ -139,22 +158,22 @@ def main(argv=None) -> int:
             return batch
 
         def interleaved_step(self, *a, **k):
-            now = time.perf_counter()
-            if last_exit[0] is not None:
-                times["manager"].append(now - last_exit[0])
-            for name, loop in (("bare", bare), ("hf", hf)):
-                t = time.perf_counter()
-                loop.step()
-                times[name].append(time.perf_counter() - t)
-            last_exit[0] = time.perf_counter()
+            if steps_taken[0] % args.block == 0:  # a manager block done: the bare blocks
+                wait_for(trainer.device)
+                if block_began[0] is not None:
+                    times["manager"].append((time.perf_counter() - block_began[0]) / args.block)
+                times["bare"].append(bare.block(args.block))
+                times["hf"].append(hf.block(args.block))
+                block_began[0] = time.perf_counter()
+            steps_taken[0] += 1
             return manager_step(self, *a, **k)
 
         Batches.next_step = timed_fetch
         Trainer.train_step = interleaved_step
         tm.train(cfg)
 
-    med = {n: statistics.median(v[WARMUP:]) for n, v in times.items()}
-    data = statistics.median(data_time[WARMUP + 1:])
+    med = {n: statistics.median(v[WARMUP_BLOCKS:]) for n, v in times.items()}
+    data = statistics.median(data_time[WARMUP_BLOCKS * args.block:])
     print("\n| loop | s/step (median) | tokens/s | vs bare |")
     print("| --- | --- | --- | --- |")
     for n in ("bare", "manager", "hf"):
