@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -60,10 +59,10 @@ from codelm.training.record import NonFiniteLossError, Progress, divergence_caus
 from codelm.training.trainer import (
     STOP_SIGNALS,
     StepAbandoned,
-    StepFigures,
     StepStats,
     StopSignals,
     Trainer,
+    UnreadStep,
     best_quality,
     read_steps,
 )
@@ -221,14 +220,6 @@ def _after_step(run: Run, result: TrainResult, signals: StopSignals, progress: P
         if (saves or ends) and not record.saved(s.step):
             record.checkpoint(s, run.trainer, run.data.batches.order.state_dict())
     return stop, ends
-
-
-class UnreadStep(NamedTuple):
-    """A step whose figures the loop has not read back from the device."""
-
-    step: int
-    where: Where  # its data
-    figures: StepFigures
 
 
 def _settle(run: Run, progress: Progress) -> StepStats | None:

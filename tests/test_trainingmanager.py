@@ -700,13 +700,17 @@ def test_injected_nan_stops_loudly_and_keeps_the_last_good_checkpoint(assets, tm
     assert errors[-1]["kind"] == "error" and errors[-1]["step"] == 7
 
 
+@pytest.mark.parametrize("optimizer, precision", [("adamw", "fp32"), ("muon", "fp32"),
+                                                  ("adamw", "fp16")])
 def test_a_nan_between_logged_steps_stops_the_run_at_the_next_read_naming_its_step(
-        assets, tmp_path):
+        assets, tmp_path, optimizer, precision):
     """The loop reads steps' figures back at logged, evaluated and saved steps only: a NaN at
     step 6 (log every 5, save every 4) is found at step 8, before its checkpoint is written; the
-    error names step 6 and its data, and the last good checkpoint is step 4's."""
+    error names step 6 and its data, and the last good checkpoint is step 4's. Alike where the
+    step is skipped on the device (fused AdamW) and where it is read first (Muon, fp16's loss
+    scaler, which takes the steps after it)."""
     cfg = tiny_cfg(assets, tmp_path, inject_nan_at_step=6, log_every=5, save_every=4,
-                   eval_every=100, max_steps=12)
+                   eval_every=100, max_steps=12, optimizer=optimizer, precision=precision)
     with pytest.raises(record.NonFiniteLossError) as info:
         tm.train(cfg)
     message = str(info.value)

@@ -64,7 +64,7 @@ from codelm.training import plan, preference, preference_run, rollout
 from codelm.training.batches import Batches, example_lengths
 from codelm.training.plan import MAX_EPOCHS, BudgetClock, Probe
 from codelm.training.record import RunRecord
-from codelm.training.trainer import Trainer, autocast, checked_precision
+from codelm.training.trainer import Trainer, UnreadStep, autocast, checked_precision
 from dataset import prepare
 from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is
 
@@ -169,7 +169,7 @@ class Run:
     clock: BudgetClock | None  # a new budgeted run's: its decay starts by the clock
     loop: LoopSettings
     export: ExportSettings
-    unread: list  # steps whose figures the loop has not read back (trainingmanager._settle)
+    unread: list[UnreadStep]  # the loop reads them back at its own steps (_settle)
 
     def __init__(self, cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist,
                  device: torch.device, created: float, hint: str | None, restarts: bool) -> None:
@@ -443,7 +443,8 @@ def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
     trainer = Trainer(model, step_settings, device, state=RunState(max_steps=10**9))
     ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    step_s = plan.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum), 2.0)
+    step_s = plan.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum).read(),
+                                 2.0)
     tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * dist.world
     params = sum(p.numel() for p in model.parameters())
     return broadcast(Probe(params, tokens / step_s), dist)
@@ -511,9 +512,9 @@ def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: to
     own = copy.copy(batches)  # an order of its own: the run's starts at its beginning
     own.order = copy.deepcopy(batches.order)
 
-    def step() -> None:
+    def step() -> None:  # read back: the step's device work is timed too
         micro_batches, _ = own.next_step()
-        probe.train_step(micro_batches)
+        probe.train_step(micro_batches).read()
 
     step_s = plan.seconds_a_step(step, min(10.0, cfg.time_budget_min),
                                  partial(broadcast, dist=dist))

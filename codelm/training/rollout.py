@@ -369,6 +369,7 @@ class GRPOTrainer(Trainer):
             self._stop_if_pending()
             loss, positions, metrics = self.backward(completions, scored, inject_nan)
         stats = self.update(loss, positions)
+        stats.read()  # waited for: update_s holds the update's device work
         done = time.perf_counter()
         n = len(completions)
         stats.metrics = {

@@ -24,6 +24,7 @@ from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
 from codelm.runtime.process import progress_bar
 from codelm.runtime.settings import setting
 from codelm.trainconfig import GRPO_TASK, StepSettings, TrainConfig
+from codelm.training.batches import Where
 from codelm.training.optim import build_optimizer
 
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
@@ -139,6 +140,14 @@ class StepFigures:
         return read_steps([self])[0]
 
 
+class UnreadStep(NamedTuple):
+    """A step of the run whose figures the loop has not read back from the device."""
+
+    step: int
+    where: Where  # its data
+    figures: StepFigures
+
+
 def read_steps(steps: Sequence[StepFigures]) -> list[StepStats]:
     """Each step's StepStats, the figures of all read back from the device at once."""
     rows = torch.stack([step.values for step in steps]).tolist()
@@ -149,7 +158,7 @@ def _stats(step: StepFigures, loss: float, norm: float, positions: float) -> Ste
     nonfinite = None
     if not math.isfinite(loss):
         nonfinite = "loss"
-    elif not math.isfinite(norm) and not step.loss_scaled or step.diverged:
+    elif (not math.isfinite(norm) and not step.loss_scaled) or step.diverged:
         nonfinite = "gradient"
     return StepStats(loss, norm, int(positions), step.lr, step.skipped, nonfinite, step.metrics)
 
@@ -303,6 +312,8 @@ class Trainer:
         loss, norm, _ = values.tolist()
         if not math.isfinite(loss) or (not math.isfinite(norm) and not figures.loss_scaled):
             self.optimizer.zero_grad(set_to_none=True)
+            if figures.loss_scaled:  # the scaler's unscale_ is closed, so a next step may unscale
+                self.scaler.update()
             return figures
         scale_before = self.scaler.get_scale() if figures.loss_scaled else 1.0
         self.scaler.step(self.optimizer)
