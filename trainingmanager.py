@@ -53,7 +53,7 @@ from codelm.trainconfig import (
 )
 from codelm.training import build, finish, plan
 from codelm.training.batches import Where
-from codelm.training.build import Run
+from codelm.training.build import Run, UnreadStep
 from codelm.training.plan import BudgetClock, parse_config
 from codelm.training.record import NonFiniteLossError, Progress, divergence_causes
 from codelm.training.trainer import (
@@ -62,7 +62,6 @@ from codelm.training.trainer import (
     StepStats,
     StopSignals,
     Trainer,
-    UnreadStep,
     best_quality,
     read_steps,
 )

@@ -61,10 +61,10 @@ from codelm.trainconfig import (
     model_config,
 )
 from codelm.training import plan, preference, preference_run, rollout
-from codelm.training.batches import Batches, example_lengths
+from codelm.training.batches import Batches, Where, example_lengths
 from codelm.training.plan import MAX_EPOCHS, BudgetClock, Probe
 from codelm.training.record import RunRecord
-from codelm.training.trainer import Trainer, UnreadStep, autocast, checked_precision
+from codelm.training.trainer import StepFigures, Trainer, autocast, checked_precision
 from dataset import prepare
 from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is
 
@@ -151,6 +151,14 @@ class Data(NamedTuple):
     sample_prompt: SamplePrompt | None  # the held-out one data preparation picked
     data_id: dict
     new_tokenizer: bool  # not the run's own: the run saves it in its directory
+
+
+class UnreadStep(NamedTuple):
+    """A step of the run whose figures the loop has not read back from the device."""
+
+    step: int
+    where: Where  # its data
+    figures: StepFigures
 
 
 class Run:

@@ -24,7 +24,6 @@ from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
 from codelm.runtime.process import progress_bar
 from codelm.runtime.settings import setting
 from codelm.trainconfig import GRPO_TASK, StepSettings, TrainConfig
-from codelm.training.batches import Where
 from codelm.training.optim import build_optimizer
 
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
@@ -138,14 +137,6 @@ class StepFigures:
 
     def read(self) -> StepStats:
         return read_steps([self])[0]
-
-
-class UnreadStep(NamedTuple):
-    """A step of the run whose figures the loop has not read back from the device."""
-
-    step: int
-    where: Where  # its data
-    figures: StepFigures
 
 
 def read_steps(steps: Sequence[StepFigures]) -> list[StepStats]:
