@@ -211,12 +211,13 @@ def _after_step(run: Run, result: TrainResult, signals: StopSignals, progress: P
         over_time = (loop.max_time_s is not None and now - progress.started > loop.max_time_s
                      or deadline is not None and now > deadline)
         stop = signals.stop_requested(record.dist, run.device, over_time)
-        ends = bool(stop or result.early_stopped or memorised)
-        if ends and not logged:  # the run's last step is always logged
-            if stats is None:
-                stats = _settle(run, progress)
-            _log_step(run, stats, progress)
-        if (saves or ends) and not record.saved(s.step):
+    ends = bool(stop or result.early_stopped or memorised)
+    if ends and not logged:  # the run's last step is always logged
+        if stats is None:  # the wait for the steps still queued is training time
+            stats = _settle(run, progress)
+        _log_step(run, stats, progress)
+    if (saves or ends) and not record.saved(s.step):
+        with progress.paused():
             record.checkpoint(s, run.trainer, run.data.batches.order.state_dict())
     return stop, ends
 

@@ -9,13 +9,14 @@ them alike):
 - ``manager``: ``trainingmanager.train``'s loop on its own codelm model: fetch and collate the
   batch, token-weighted loss, clip, step, schedule, metrics/TensorBoard (a line every 10
   steps), tqdm, signal checks.
-Each loop runs ``--block`` steps (10, the run's logging interval) between waits for the device,
-as a run reads its figures back at logged steps only: a manager block is timed from the end of
-the bare blocks before it to the device's end of its last step. Medians of the blocks' times a
-step after one warm-up block are reported, and the share of the manager's time spent fetching
-and collating data.
+Each loop runs ``--block`` steps between waits for the device (the managed run logs, so reads
+its figures back, once a block), copying its batches from pinned memory. A manager block is
+timed from the end of the bare blocks before it to the wait before its next block: its steps,
+what follows each (the logged step's read and line), the next block's batch fetches, and the
+device's end of its work. Medians of the blocks' times a step after one warm-up block are
+reported, and the share of the manager's time spent fetching and collating data.
 
-    python bench/bench_train.py [--steps 20] [--block 10] [--preset llama-14m] [--threads N]
+    python bench/bench_train.py [--steps 30] [--block 10] [--preset llama-14m] [--threads N]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from codelm.runtime.distributed import Dist, resolve_device  # noqa: E402
 from codelm.trainconfig import TrainConfig  # noqa: E402
 from codelm.training import build  # noqa: E402
 from codelm.training.batches import Batches  # noqa: E402
-from codelm.training.trainer import Trainer, autocast  # noqa: E402
+from codelm.training.trainer import Trainer, autocast, to_device  # noqa: E402
 
 WARMUP_BLOCKS = 1
 
@@ -62,7 +63,7 @@ class BareLoop:
         ix = torch.randint(len(self.tokens) - T - 1, (B,), generator=self.gen)
         x = torch.stack([self.tokens[i:i + T] for i in ix])
         y = torch.stack([self.tokens[i + 1:i + T + 1] for i in ix])
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = to_device(x, self.device), to_device(y, self.device)
         with autocast(self.device, self.precision):
             if self.hf:
                 loss = F.cross_entropy(self.model(x).logits.flatten(0, 1).float(), y.flatten())
@@ -101,10 +102,11 @@ def hf_twin(model_cfg):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20,
-                        help="timed steps per loop, rounded up to whole blocks (default: 20)")
+    parser.add_argument("--steps", type=int, default=30,
+                        help="timed steps per loop, rounded up to whole blocks (default: 30)")
     parser.add_argument("--block", type=int, default=10,
-                        help="steps a loop runs between waits for the device (default: 10)")
+                        help="steps a loop runs between waits for the device, the managed run's "
+                             "logging interval (default: 10)")
     # A fixed model: preset auto would choose anew in the managed run, on a machine busy
     # with the bench's own setup, and compare another model against the bare loops.
     parser.add_argument("--preset", default="llama-14m",
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
                           block_size=args.block_size,
                           max_steps=(blocks + WARMUP_BLOCKS) * args.block + 1,
                           eval_every=10**9, eval_examples=args.batch_size, save_every=10**9,
-                          export=False, log_every=10, out_dir=out, name="bench")
+                          export=False, log_every=args.block, out_dir=out, name="bench")
         setup = dataclasses.replace(cfg, name="bench-setup")
         claimed = rundir.claim_run_dir(None, out, setup.name, setup.run_stem, None, Dist())
         run = build.Run(setup, claimed, Dist(), resolve_device(cfg.device, Dist()),
@@ -157,13 +159,16 @@ def main(argv=None) -> int:
             data_time.append(time.perf_counter() - t)
             return batch
 
+        timed_steps = (blocks + WARMUP_BLOCKS) * args.block  # the last step runs untimed
+
         def interleaved_step(self, *a, **k):
             if steps_taken[0] % args.block == 0:  # a manager block done: the bare blocks
                 wait_for(trainer.device)
                 if block_began[0] is not None:
                     times["manager"].append((time.perf_counter() - block_began[0]) / args.block)
-                times["bare"].append(bare.block(args.block))
-                times["hf"].append(hf.block(args.block))
+                if steps_taken[0] < timed_steps:  # a manager block follows
+                    times["bare"].append(bare.block(args.block))
+                    times["hf"].append(hf.block(args.block))
                 block_began[0] = time.perf_counter()
             steps_taken[0] += 1
             return manager_step(self, *a, **k)
@@ -173,7 +178,9 @@ def main(argv=None) -> int:
         tm.train(cfg)
 
     med = {n: statistics.median(v[WARMUP_BLOCKS:]) for n, v in times.items()}
-    data = statistics.median(data_time[WARMUP_BLOCKS * args.block:])
+    # a timed block's interval holds the fetches of its steps after its first and of the next
+    # block's first step: from step block + 2's on
+    data = statistics.median(data_time[WARMUP_BLOCKS * args.block + 1:])
     print("\n| loop | s/step (median) | tokens/s | vs bare |")
     print("| --- | --- | --- | --- |")
     for n in ("bare", "manager", "hf"):

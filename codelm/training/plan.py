@@ -599,6 +599,8 @@ def _forward_backward(model: torch.nn.Module, n: int, device: torch.device,
                       autocast: Callable[[], AbstractContextManager]) -> None:
     _loss(model, n, device, autocast).backward()
     model.zero_grad(set_to_none=True)
+    if device.type == "cuda":  # timed: the GPU's work, not its launch
+        torch.cuda.synchronize(device)
 
 
 def free_memory(device: torch.device) -> float:
