@@ -519,7 +519,7 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     if not cache_hit:
         corpus = load_corpus(cfg)
         build = _build_lm if cfg.task == "lm" else _build_supervised
-        with building(path, fresh=not cfg.use_cache) as work:
+        with building(path, fresh=not cfg.use_cache, final_errors=(DataError,)) as work:
 
             def write(tmp: Path) -> None:
                 meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp, work))

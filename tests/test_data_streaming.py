@@ -421,6 +421,37 @@ def test_the_shards_a_kill_left_beside_a_published_entry_go_with_the_next_run(
     assert not list(cache.glob("*shards*"))
 
 
+def test_a_build_that_fails_on_its_data_and_shards_untouched_for_a_week_leave_nothing(
+        tmp_path, monkeypatch):
+    """A build that stops at a bad record (a DataError: the same inputs fail the same way, and
+    the corrected ones have another key) removes its shards; an unfinished build's shards that
+    no build has added to for SHARDS_KEPT_DAYS go with the next lookup of the cache, and
+    fresher ones stay for their build to continue."""
+    from codelm.data import cache as data_cache
+    from codelm.data.config import DataError
+
+    small_shards(monkeypatch, docs=2)
+    records = tmp_path / "code.jsonl"
+    good = [json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) for i in range(9)]
+    records.write_text("\n".join([*good, "{not json", *good[:2]]) + "\n")
+    store = tmp_path / "cache"
+    with pytest.raises(DataError, match="code.jsonl:10"):
+        load_corpus(config(store, records, min_lines=1))
+    assert not list(store.glob("*shards*"))
+
+    interrupt_after(monkeypatch, shards, "_write_shard", 2)
+    with pytest.raises(Interrupted):
+        load_corpus(config(store, records, min_lines=1, skip_bad=True))
+    stale = next(store.glob("corpus-*.shards"))
+    fresh = stale.with_name("corpus-" + "0" * 24 + ".shards")
+    shutil.copytree(stale, fresh)
+    week_ago = time.time() - (data_cache.SHARDS_KEPT_DAYS + 1) * 86400
+    for path in (*stale.iterdir(), stale):
+        os.utime(path, (week_ago, week_ago))
+    data_cache.sweep_cache(store)
+    assert not stale.exists() and fresh.exists()
+
+
 def test_the_shards_of_a_build_under_way_stay_until_its_process_is_gone(tmp_path, source,
                                                                          monkeypatch):
     """Another live process building the same entry (marked beside its shards): the build that

@@ -189,6 +189,7 @@ def test_directory_source_follows_links_to_files_and_reads_extensions_in_any_cas
     (cloned / "settings.py").symlink_to(tmp_path / "secret.txt")
     corpus = load_corpus(cfg(tmp_path, sources=[str(cloned)], min_lines=1))
     assert [d.id for d in corpus.train + corpus.val + corpus.test] == ["clone/a.py"]
+    assert corpus.stats["read"]["files"] == 2 and corpus.stats["dropped"] == {"symlink": 1}
     assert Doc("src/B.PY", "x = 1\n").is_python
 
 
@@ -3111,9 +3112,10 @@ def _not_utf8_parquet(path: Path) -> Path:
 
 
 def _stateless_datasets_dir(path: Path) -> Path:
-    """A directory with a datasets state.json that lists no data files."""
+    """A datasets save_to_disk directory whose state.json lists no data files."""
     path.mkdir()
     (path / "state.json").write_text("{}")
+    (path / "dataset_info.json").write_text("{}")
     return path / "state.json"
 
 
@@ -3256,6 +3258,67 @@ def test_a_hugging_face_dataset_id_reads_its_train_split_from_the_hub_cache(tmp_
     with pytest.raises(DataError, match=r"org/missing: no such directory, and no Hugging Face "
                                         r"snapshot.*--repo-type dataset"):
         load_corpus(cfg(tmp_path, sources=["org/missing"]))
+
+
+def _hub_dataset(offline_hub, tmp_path: Path, name: str, files: dict[str, str]) -> str:
+    """A cached snapshot of dataset repo ``org/name`` holding ``files`` (path: text)."""
+    from tiny_hf import hub_cache
+
+    repo = tmp_path / f"repo-{name}"
+    for path, text in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    hub_cache(offline_hub, f"org/{name}", repo, repo_type="dataset")
+    return f"org/{name}"
+
+
+def _code_records(*names: str) -> str:
+    return "".join(json.dumps({"text": f"def {n}():\n    return 1\n"}) + "\n" for n in names)
+
+
+def test_a_hub_datasets_train_split_is_found_by_the_hubs_own_file_naming(tmp_path, offline_hub):
+    """A hub dataset's train files are those datasets' default split patterns name train
+    ("train" or "training" between separators: train_0.jsonl, python-train.jsonl), never
+    train_prefs; a snapshot of no parquet or JSONL file, or of other splits alone, is refused
+    naming its files and its snapshot."""
+    numbered = _hub_dataset(offline_hub, tmp_path, "numbered", {
+        "data/train_0.jsonl": _code_records("a", "b"), "data/train_1.jsonl": _code_records("c"),
+        "data/test_0.jsonl": _code_records("t")})
+    prefixed = _hub_dataset(offline_hub, tmp_path, "prefixed", {
+        "data/python-train.jsonl": _code_records("p", "q"),
+        "data/python-test.jsonl": _code_records("t")})
+    for source, kept in ((numbered, 3), (prefixed, 2)):
+        corpus = load_corpus(cfg(tmp_path, sources=[source], min_lines=1, **WHOLE))
+        assert len(corpus.train) == kept, source
+    prefs = _hub_dataset(offline_hub, tmp_path, "prefs", {
+        "data/train_prefs-0.jsonl": _code_records("a"), "data/test_prefs-0.jsonl": _code_records("b")})
+    with pytest.raises(DataError, match=r"org/prefs: no split named train .*train_prefs-0.jsonl.*"
+                                        r"snapshot, .*snapshots"):
+        load_corpus(cfg(tmp_path, sources=[prefs]))
+    other = _hub_dataset(offline_hub, tmp_path, "other", {"data/train.json": "[]",
+                                                          "data/train.csv": "content\n"})
+    with pytest.raises(DataError, match=r"org/other: no parquet or JSONL file .*data/train.csv, "
+                                        r"data/train.json.*convert"):
+        load_corpus(cfg(tmp_path, sources=[other]))
+
+
+def test_a_folder_with_a_state_json_of_its_own_is_read_as_code(tmp_path):
+    """A datasets save_to_disk directory holds state.json and dataset_info.json; a folder of
+    code with a state.json of its own (an app's) is read as code."""
+    src = tmp_path / "app"
+    src.mkdir()
+    (src / "state.json").write_text('{"counter": 3}')
+    (src / "main.py").write_text("def main():\n    return 1\n")
+    corpus = load_corpus(cfg(tmp_path, sources=[str(src)], min_lines=1, **WHOLE))
+    assert [d.id for d in corpus.train] == ["app/main.py"]
+
+
+def test_one_folder_given_twice_is_refused_as_the_same_folder(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("def a():\n    return 1\n")
+    with pytest.raises(DataError, match=r"src and .*src/ are the same folder: give it once"):
+        load_corpus(cfg(tmp_path, sources=[str(src), f"{src}/"]))
 
 
 def test_the_held_out_sample_prompt_is_in_the_tasks_format(tmp_path):

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +30,9 @@ _SHARDS_OF = re.compile(r"(?P<entry>[a-z]+-[0-9a-f]{24})\.shards")
 # (``.ENTRY.shards.tmp-<owner tag>building-...``): a later writer removes it once that process
 # has died, and until then no other process removes the shards.
 _BUILDING = "building-"
+# An unfinished build's shards no build has added to for this long are removed: nothing asks
+# for its key any more (the sources or options changed), or its continuation is that far off.
+SHARDS_KEPT_DAYS = 7
 
 
 def shards_dir(entry: Path) -> Path:
@@ -37,12 +41,14 @@ def shards_dir(entry: Path) -> Path:
 
 
 @contextlib.contextmanager
-def building(entry: Path, fresh: bool) -> Iterator[Path]:
+def building(entry: Path, fresh: bool, final_errors: tuple[type[Exception], ...] = ()
+             ) -> Iterator[Path]:
     """Within: this process builds the cache entry ``entry`` through its shards directory
     (yielded; ``fresh``: an earlier build's shards removed first, unless another live process
     builds them now: its shards are of the same inputs), marked as under way. Once
     the body has published the entry its shards go, unless another live process builds it too
-    (which removes them when done); an interrupted body keeps them for the next build."""
+    (which removes them when done); an interrupted body keeps them for the next build, one
+    stopped by ``final_errors`` (the inputs' own: the same inputs fail the same way) does not."""
     marker = process.partial_path(shards_dir(entry), "tmp", _BUILDING + os.urandom(4).hex())
     with cache_writes(entry):
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +59,10 @@ def building(entry: Path, fresh: bool) -> Iterator[Path]:
         yield shards_dir(entry)
         if not _builders(entry, besides=marker):
             remove_shards(entry)
+    except final_errors:  # no build continues these shards
+        if not _builders(entry, besides=marker):
+            remove_shards(entry)
+        raise
     finally:
         marker.unlink(missing_ok=True)
 
@@ -89,8 +99,10 @@ def remove_shards(entry: Path) -> None:
 
 def sweep_cache(cache_dir: str | Path) -> None:
     """Remove what killed builds left in the data cache: the temporaries and markers of dead
-    writers, and the shards of every published entry that no live process builds. The shards
-    of an entry not published are kept: its next build continues after them."""
+    writers, and the shards that no live process builds of every published entry, and of an
+    entry not published whose shards no build has added to for SHARDS_KEPT_DAYS (its inputs or
+    options changed since, so its key is no longer asked for). Other shards of an entry not
+    published are kept: its next build continues after them."""
     process.recover_partial_writes(cache_dir)
     try:
         names = [path.name for path in Path(cache_dir).iterdir()]
@@ -98,9 +110,23 @@ def sweep_cache(cache_dir: str | Path) -> None:
         return
     for name in names:
         match = _SHARDS_OF.fullmatch(name)
-        entry = Path(cache_dir) / match["entry"] if match else None
-        if entry is not None and entry.is_dir() and not _builders(entry):
+        if match is None:
+            continue
+        entry = Path(cache_dir) / match["entry"]
+        if not (entry.is_dir() or _untouched_for(shards_dir(entry), SHARDS_KEPT_DAYS)):
+            continue
+        if not _builders(entry):
             remove_shards(entry)
+
+
+def _untouched_for(directory: Path, days: float) -> bool:
+    """Whether nothing in ``directory`` (its newest file, or itself) changed for ``days``."""
+    try:
+        newest = max([directory.stat().st_mtime,
+                      *(path.stat().st_mtime for path in directory.iterdir())])
+    except OSError:  # gone meanwhile
+        return False
+    return time.time() - newest > days * 86400
 
 
 def publish_cache_entry(final: Path, build: Callable[[Path], object], replace: bool = False,

@@ -19,12 +19,14 @@ from pathlib import Path
 
 from codelm.data.config import DataConfig, DataError
 from codelm.runtime import hub, settings
-from scraping.common import has_extension, is_utf8, source_files
+from scraping.common import has_extension, is_utf8, source_files, walk_source_tree
 from scraping.local import is_git_source
 
-# The hub's name of a train split's data files (train-00000-of-00001.parquet, data/train.jsonl,
-# train/...): "train" whole, not train_prefs or train_sft, which are splits of their own.
-_TRAIN_SPLIT = re.compile(r"(?:^|/)train(?:[-.]|/)")
+# The hub's name of a train split's data files, as datasets' default split patterns read it:
+# "train" or "training" between separators (train-00000-of-00001.parquet, data/train.jsonl,
+# train_0.jsonl, python-train.jsonl, train/...), not train_prefs or train_sft, which are splits
+# of their own.
+_TRAIN_SPLIT = re.compile(r"(?:^|[-._ 0-9/])train(?:ing)?(?:[-. 0-9/]|_[0-9]|$)")
 
 
 def stdlib_root() -> Path:
@@ -67,6 +69,8 @@ class SourceFiles(typing.NamedTuple):
     records: bool  # JSONL, parquet, a datasets directory or a Hugging Face dataset id
     root: Path | None  # code: the directory its files' names are relative to
     files: list[Path]  # deterministic order
+    skipped: Counter  # code: files of its extensions left unread, by the walker's reason
+    #   (symlink, not_a_file, gitignored, nested_repo)
 
 
 def _source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
@@ -74,12 +78,18 @@ def _source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
     ``extensions``: the stdlib, or a directory)."""
     records = record_files(source)
     if records is not None:
-        return SourceFiles(records=True, root=None, files=records)
+        return SourceFiles(records=True, root=None, files=records, skipped=Counter())
     if source == "stdlib":
-        return SourceFiles(records=False, root=stdlib_root(), files=stdlib_files())
+        return SourceFiles(records=False, root=stdlib_root(), files=stdlib_files(),
+                           skipped=Counter())
     root = Path(source).expanduser()
-    files = source_files(root, extensions, links_within=link_scope(root))
-    return SourceFiles(records=False, root=root, files=files)
+    files, skipped = [], Counter()
+    for _, path, skip in walk_source_tree(root, extensions, links_within=link_scope(root)):
+        if skip is None:
+            files.append(path)
+        elif skip != "extension":  # another language's file is not this source's
+            skipped[skip] += 1
+    return SourceFiles(records=False, root=root, files=files, skipped=skipped)
 
 
 def link_scope(root: Path) -> Path:
@@ -103,13 +113,7 @@ def record_files(source: str) -> list[Path] | None:
             snapshot = hub.checkpoint_dir(source, "data source", repo_type="dataset")
         except ValueError as e:
             raise DataError(str(e)) from None
-        files = sorted(p for p in snapshot.rglob("*") if p.suffix == ".parquet" or is_jsonl(p))
-        names = [p.relative_to(snapshot).as_posix() for p in files]
-        train = [p for p, name in zip(files, names) if _TRAIN_SPLIT.search(name)]
-        if not train and any("train" in name for name in names):  # train_prefs, train_sft...
-            raise DataError(f"data source {source}: no split named train among its files "
-                            f"({', '.join(names[:6])}); name the files of the split you mean")
-        return train or files
+        return _hub_files(source, snapshot)
     if is_git_source(source):  # a URL or a bare repository: no files to walk
         raise DataError(f"data source {source}: a git repository is read from a checkout, or "
                         f"collected first: python -m scraping local {source} --out FILE.jsonl, "
@@ -126,8 +130,8 @@ def record_files(source: str) -> list[Path] | None:
         splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
         raise DataError(f"data source {source}: a datasets DatasetDict (splits {splits}); name "
                         f"one split's directory, e.g. {path / (splits or ['train'])[0]}")
-    if not (path / "state.json").is_file():
-        return None
+    if not ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
+        return None  # code (save_to_disk writes both)
     state = settings.read_json_object(path / "state.json", "datasets state")
     files = state.get("_data_files")
     if not (isinstance(files, list) and all(
@@ -135,6 +139,25 @@ def record_files(source: str) -> list[Path] | None:
         raise DataError(f"{path / 'state.json'}: no '_data_files' list of {{filename}}, as "
                         "datasets' save_to_disk writes it; save the dataset again")
     return [path / f["filename"] for f in files]
+
+
+def _hub_files(source: str, snapshot: Path) -> list[Path]:
+    """The parquet and JSONL files of a hub dataset's ``snapshot``: its train split's, or all;
+    refused where it holds none, or splits of other names alone."""
+    files = sorted(p for p in snapshot.rglob("*") if p.suffix == ".parquet" or is_jsonl(p))
+    names = [p.relative_to(snapshot).as_posix() for p in files]
+    if not files:
+        found = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
+                       if p.is_file())
+        raise DataError(f"data source {source}: no parquet or JSONL file in its snapshot "
+                        f"{snapshot} (it holds {', '.join(found[:6]) or 'no file'}); codelm "
+                        "reads parquet and JSON Lines (*.jsonl): convert the files and pass them")
+    train = [p for p, name in zip(files, names) if _TRAIN_SPLIT.search(name)]
+    if not train and any("train" in name for name in names):  # train_prefs, train_sft...
+        raise DataError(f"data source {source}: no split named train among its files "
+                        f"({', '.join(names[:6])}); pass the files of the split you mean from "
+                        f"its snapshot, {snapshot}")
+    return train or files
 
 
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
@@ -325,12 +348,17 @@ def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Coun
                 ) -> Iterator[Doc]:
     # The name the cache key knows the folder by (its resolved path's), however it is spelled.
     prefix = "stdlib" if source == "stdlib" else listing.root.resolve().name
+    counts.update(listing.skipped)
     for p in listing.files:
         doc_id = f"{prefix}/{p.relative_to(listing.root).as_posix()}"
         if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
             counts["not_utf8_name"] += 1
             continue
         yield Doc(doc_id, p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None)
+
+
+def _same_folder(source: str, other: str) -> bool:
+    return Path(source).expanduser().resolve() == Path(other).expanduser().resolve()
 
 
 def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
@@ -344,6 +372,9 @@ def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> li
         listing = _source_listing(source, extensions)
         if not listing.records and source != "stdlib":
             name = listing.root.resolve().name
+            if name in folders and _same_folder(folders[name], source):
+                raise DataError(f"data sources {folders[name]} and {source} are the same folder: "
+                                "give it once")
             if name in folders:
                 raise DataError(f"data sources {folders[name]} and {source} are both folders "
                                 f"named {name!r}, whose files would share their names (and the "

@@ -27,7 +27,7 @@ from codelm.data.sources import Doc, plain_text, sources_fingerprint
 
 # The data cache's format version, a part of every cache key: bump it when cleaning or task
 # building changes what a cache holds.
-PIPELINE_VERSION = 22
+PIPELINE_VERSION = 23
 
 
 def split_key(doc: Doc, split_by: str) -> str:
@@ -176,7 +176,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         stats = json.loads((path / "stats.json").read_text())
         stats["cache_hit"] = True
         return _corpus_at(path, stats, key)
-    with building(path, fresh=not cfg.use_cache) as work:
+    with building(path, fresh=not cfg.use_cache, final_errors=(DataError,)) as work:
         stats = _publish_corpus(cfg, path, work)
     stats["cache_hit"] = False
     return _corpus_at(path, stats, key)
