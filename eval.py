@@ -100,7 +100,8 @@ def serve_models(cfg: EvalConfig) -> int:
         lm.label = unique_label(lm.label, seen)
         served.append(served_model(lm.label, lm.model, lm.tokenizer,
                                    partial(scoring.served_prompt, lm, cfg),
-                                   len(scoring.prompt_start(lm)), scoring.stop_ids(lm)))
+                                   len(scoring.prompt_start(lm)), scoring.stop_ids(lm),
+                                   scoring.chat_stop_ids(lm)))
     return serve(served, cfg.host, cfg.port, cfg.api_key, cfg.batch_size)
 
 

@@ -41,6 +41,7 @@ class ServedModel:
     token_text: Callable[[int], str]
     token_bytes: Callable[[int], bytes]
     eos_ids: list[int]
+    chat_eos_ids: list[int]  # those that end a chat answer: eos_ids and the template's end of turn
     chat_prompt: Callable[[list[dict], list[dict] | None], list[int]] | None = None
     start: int = 0  # the tokens every encoded prompt opens with (a run's start), kept whole
     reads_calls: bool = False
@@ -48,11 +49,14 @@ class ServedModel:
 
 def served_model(name: str, model: Transformer, tokenizer,
                  encode: Callable[[str], list[int]] | None = None, start: int = 0,
-                 eos_ids: list[int] | None = None) -> ServedModel:
+                 eos_ids: list[int] | None = None, chat_eos_ids: list[int] | None = None
+                 ) -> ServedModel:
     """A ServedModel of a model and its codelm tokenizer (tokenizer.load_tokenizer's): prompts
     encoded by ``encode`` (default the tokenizer's own; ``start``: the tokens it puts first),
     chat where it has a template; ``eos_ids``: the ids that end a text (default
-    ``generation_eos_ids``)."""
+    ``generation_eos_ids``); ``chat_eos_ids``: those that end a chat answer (default
+    ``eos_ids``; eval.py's add the template's end-of-turn token,
+    ``scoring.chat_stop_ids``)."""
     def chat_prompt(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return tokenizer.encode(tokenizer.apply_chat_template(messages, True, tools))
 
@@ -60,11 +64,11 @@ def served_model(name: str, model: Transformer, tokenizer,
         return tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b""
 
     template = getattr(tokenizer, "chat_template", None)
+    eos_ids = eos_ids or generation_eos_ids(tokenizer, model.cfg.eos_id, model.name_or_path)
     return ServedModel(name, model, encode or tokenizer.encode,
                        lambda ids: decode_generated(tokenizer, ids),
                        lambda i: decode_generated(tokenizer, [i]), token_bytes,
-                       eos_ids or generation_eos_ids(tokenizer, model.cfg.eos_id,
-                                                     model.name_or_path),
+                       eos_ids, chat_eos_ids or eos_ids,
                        chat_prompt if template is not None else None, start,
                        writes_calls(template))
 
@@ -211,14 +215,17 @@ def choice_seeds(seed: int, n: int) -> list[int]:
     return [(seed + i) % 2**64 for i in range(n)]
 
 
-def generation_config(params: Params, served: ServedModel, seed: int | None) -> GenerationConfig:
+def generation_config(params: Params, served: ServedModel, seed: int | None, chat: bool
+                      ) -> GenerationConfig:
+    """A request's GenerationConfig: a chat answer also ends at its template's end of turn."""
+    eos_ids = served.chat_eos_ids if chat else served.eos_ids
     generator = None
     if seed is not None and params.temperature > 0:
         generator = torch.Generator(served.model.wte.weight.device).manual_seed(seed)
     return GenerationConfig(params.max_tokens, temperature=params.temperature,
                             top_p=params.top_p if params.temperature > 0 else None,
                             top_k=params.top_k if params.temperature > 0 else None,
-                            eos_id=served.eos_ids or None, stop=params.stop or None,
+                            eos_id=eos_ids or None, stop=params.stop or None,
                             decode=served.decode, generator=generator)
 
 

@@ -160,8 +160,8 @@ class _Choice:
     string begins (as eval cuts); `new_text` gives what can be sent so far, never text a stop
     string could still take back."""
 
-    def __init__(self, served: ServedModel, stops: list[str]) -> None:
-        self.served, self.stops = served, stops
+    def __init__(self, served: ServedModel, stops: list[str], eos_ids: list[int]) -> None:
+        self.served, self.stops, self.eos_ids = served, stops, eos_ids
         self.ids: list[int] = []
         self.events: list[Token] = []
         self.sent = 0
@@ -171,7 +171,7 @@ class _Choice:
 
     def add(self, event: Token) -> None:
         self.events.append(event)
-        if event.token not in self.served.eos_ids:
+        if event.token not in self.eos_ids:
             self.ids.append(event.token)
         self.finish = event.finished
 
@@ -425,7 +425,8 @@ class _Reply:
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                      "created": int(time.time()), "model": name}
         self.events: queue.Queue = queue.Queue()
-        self.choices = [_Choice(self.served, params.stop)
+        eos_ids = self.served.chat_eos_ids if chat else self.served.eos_ids
+        self.choices = [_Choice(self.served, params.stop, eos_ids)
                         for _ in range(len(prompts) * params.n)]
         self.call_streams = [CallStream() for _ in self.choices]
         self.submitted: list[_Submitted] = []
@@ -434,7 +435,7 @@ class _Reply:
         n = self.params.n
         seeds = [None] * n if self.params.seed is None else choice_seeds(self.params.seed, n)
         for index in range(len(self.choices)):
-            cfg = generation_config(self.params, self.served, seeds[index % n])
+            cfg = generation_config(self.params, self.served, seeds[index % n], self.chat)
             self.submitted.append(self.engine.submit(self.prompts[index // n].ids, cfg,
                                                      self.params.logprobs, self.events, index))
         try:

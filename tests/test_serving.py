@@ -127,6 +127,50 @@ def test_tool_choice_auto_or_none_is_served_and_a_forced_call_refused(server, lo
         assert status == 400 and body["error"]["param"] == next(iter(unserved)), body
 
 
+def test_a_chat_answer_ends_at_the_templates_end_of_turn_where_eos_is_another_token(
+        instruct, tmp_path, monkeypatch):  # noqa: F811
+    """A base checkpoint whose EOS is <|endoftext|> and whose ChatML template ends a turn with
+    <|im_end|>, served as eval.py --serve serves it: a chat answer ends at <|im_end|> (as eval's
+    own chat scoring stops there), a completion runs on past it."""
+    import shutil
+
+    import eval as eval_module
+    from codelm.models import engine
+
+    root = tmp_path / "base"
+    shutil.copytree(instruct[0], root)
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    (root / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                            "eos_token": "<|endoftext|>"}))
+    tok = load_tokenizer(root)
+    for name in ("config.json", "generation_config.json"):
+        hf_config = json.loads((root / name).read_text())
+        hf_config["eos_token_id"] = tok.token_to_id("<|endoftext|>")
+        (root / name).write_text(json.dumps(hf_config))
+    answer = tok.encode("def f(): pass")
+    script = [*answer, tok.token_to_id("<|im_end|>"), *tok.encode("\nmore")]
+
+    def scripted(requests, logits):
+        return [script[min(len(r.generated), len(script) - 1)] for r in requests]
+
+    monkeypatch.setattr(engine, "_next_tokens", scripted)
+    served = []
+    monkeypatch.setattr(eval_module, "serve", lambda models, *args: served.extend(models) or 0)
+    assert eval_module.main(["--serve", "--models", str(root), "--device", "cpu"]) == 0
+    server, thread = _start_served(served[0], slots=2)
+    try:
+        client = _client(server)
+        chat = client.chat.completions.create(
+            model=served[0].name, messages=[{"role": "user", "content": "Write f."}],
+            max_tokens=len(script)).choices[0]
+        assert (chat.message.content, chat.finish_reason) == ("def f(): pass", "stop")
+        completion = client.completions.create(model=served[0].name, prompt="x",
+                                                max_tokens=len(script)).choices[0]
+        assert completion.text.startswith("def f(): pass") and "more" in completion.text
+    finally:
+        _stop(server, thread)
+
+
 def test_a_hermes_tool_call_in_the_answer_comes_as_tool_calls(loaded, monkeypatch):
     """Where the template teaches Hermes calls and the request offers tools, the answer's
     <tool_call> block comes as the message's tool_calls (finish_reason tool_calls), whole and

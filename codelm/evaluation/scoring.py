@@ -145,6 +145,11 @@ def stop_ids(lm: LoadedModel) -> list[int]:
     return stop_ids_of(lm.tokenizer, eos, (lm.run_config or {}).get("task"))
 
 
+def chat_stop_ids(lm: LoadedModel) -> list[int]:
+    """The ids that end a chat answer: ``stop_ids`` and the template's end-of-turn token."""
+    return stop_ids_of(lm.tokenizer, stop_ids(lm), "chat")
+
+
 def _generation(lm: LoadedModel, cfg: Scoring,
                 prompt_ids: Sequence[tuple[list[int], tuple[int, int]]],
                 max_prompt_tokens: int | None = None, chat: bool = False, **options
@@ -154,7 +159,7 @@ def _generation(lm: LoadedModel, cfg: Scoring,
     are a chat template's renderings, whole (no start before them), and the template's end of
     turn also stops."""
     tok, model = lm.tokenizer, lm.model
-    eos = stop_ids_of(tok, stop_ids(lm), "chat") if chat else stop_ids(lm)
+    eos = chat_stop_ids(lm) if chat else stop_ids(lm)
     new_tokens = _new_tokens(lm, cfg)
     start = [] if chat else prompt_start(lm)
     room = prompt_room(lm, cfg, start)
