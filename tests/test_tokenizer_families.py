@@ -611,3 +611,26 @@ def test_an_id_in_a_gap_of_the_vocabulary_decodes_to_nothing_as_in_hf(style, fam
     word = ours.encode(" return")
     for ids in ([size + 1, *word], [*word, size + 1], [size + 1]):
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False), ids
+
+
+@pytest.mark.parametrize("style", FAMILY_TOKENIZER_STYLES)
+def test_a_stop_string_is_found_at_the_token_the_whole_texts_check_finds_it(
+        style, family_tokenizers):
+    """generation.finish_reason decodes only the text's end to look for a stop string: for
+    every prefix of generated ids (texts' own ids, and random ids that split characters into
+    bytes), it stops exactly where a check of the whole decoded text first finds a stop."""
+    from codelm.models.generation import GenerationConfig, finish_reason
+
+    _, tok = family_tokenizers[style]
+    stops = ["\n\n", "é中", "# end", " return", "\ufffd\ufffd"]
+    cfg = GenerationConfig(10**6, stop=stops, decode=lambda ids: decode_generated(tok, ids))
+    rng = random.Random(0)
+    pieces = ["def f(x):\n", "    return x", " é", "中文", "# end", "\n", "\n\n", "😀", "  ",
+              "ñ", "x = 1", "\u00a0"]
+    sequences = [tok.encode("".join(rng.choice(pieces) for _ in range(30))) for _ in range(40)]
+    sequences += [[rng.randrange(tok.vocab_size) for _ in range(60)] for _ in range(40)]
+    for ids in sequences:
+        whole = next((n for n in range(1, len(ids) + 1)
+                      if any(stop in cfg.decode(ids[:n]) for stop in stops)), None)
+        ends = next((n for n in range(1, len(ids) + 1) if finish_reason(ids[:n], cfg)), None)
+        assert ends == whole, (ids, whole, ends)

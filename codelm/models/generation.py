@@ -31,6 +31,9 @@ GRAPH_CACHE_STEP = 256
 # Below it, fp32 logits / temperature overflow to inf and the softmax is NaN (transformers fails
 # there too, inside multinomial); above, such a temperature samples the argmax anyway.
 MIN_TEMPERATURE = 1e-10
+# Characters a text decoded from a cut of ids may differ from the whole's at its start
+# (a split character's replacement marks, a dropped leading space), with room to spare.
+CUT_MARGIN = 8
 # HumanEval's stop sequences: a function's completion ends where top-level code starts again.
 FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\nassert ")
 
@@ -556,14 +559,31 @@ def finish_reason(new: list[int], cfg: GenerationConfig) -> str | None:
         return "stop"
     strings = [stop for stop in cfg.stop if isinstance(stop, str)]
     if strings:
-        text = cfg.decode(new)  # once for all the stop strings
-        if any(stop in text for stop in strings):
+        # A stop string the text holds now and did not a token before ends in the last token's
+        # text, or in a character that token completes: the text's end decides, decoded once
+        # for all the stop strings (decoding it all each token grows with the answer).
+        reach = max(len(stop) for stop in strings) + len(cfg.decode(new[-1:])) + 3
+        if any(stop in _text_end(new, cfg.decode, reach) for stop in strings):
             return "stop"
     if any(new[-len(stop):] == stop for stop in cfg.stop if not isinstance(stop, str)):
         return "stop"
     if len(new) == cfg.max_new_tokens:
         return "length"
     return None
+
+
+def _text_end(ids: list[int], decode: Callable[[list[int]], str], chars: int) -> str:
+    """The last ``chars`` characters of ``decode(ids)``, decoding only enough of the last ids:
+    a text decoded from a cut differs from the whole's only in its first characters (a
+    character whose bytes the cut splits, a leading space the decoder drops), so the cut's
+    text must run ``CUT_MARGIN`` characters past them."""
+    count = chars + CUT_MARGIN
+    while count < len(ids):
+        text = decode(ids[-count:])
+        if len(text) >= chars + CUT_MARGIN:
+            return text[-chars:]
+        count *= 2
+    return decode(ids)[-chars:]
 
 
 # ---------------------------------------------------------------------------------- sampling
