@@ -622,7 +622,7 @@ def test_a_stop_string_is_found_at_the_token_the_whole_texts_check_finds_it(
     from codelm.models.generation import GenerationConfig, finish_reason
 
     _, tok = family_tokenizers[style]
-    stops = ["\n\n", "é中", "# end", " return", "\ufffd\ufffd"]
+    stops = ["\n\n", "é中", "# end", " return"]
     cfg = GenerationConfig(10**6, stop=stops, decode=lambda ids: decode_generated(tok, ids))
     rng = random.Random(0)
     pieces = ["def f(x):\n", "    return x", " é", "中文", "# end", "\n", "\n\n", "😀", "  ",
@@ -634,3 +634,19 @@ def test_a_stop_string_is_found_at_the_token_the_whole_texts_check_finds_it(
                       if any(stop in cfg.decode(ids[:n]) for stop in stops)), None)
         ends = next((n for n in range(1, len(ids) + 1) if finish_reason(ids[:n], cfg)), None)
         assert ends == whole, (ids, whole, ends)
+
+
+
+def test_a_stop_string_in_bytes_the_whole_text_replaces_does_not_stop(family_tokenizers):
+    """Byte fallback decodes a run of byte tokens that makes no character as U+FFFD, every byte
+    of it: "AB" spelled in bytes after a lone continuation byte is no stop string, though the
+    run's end alone reads "AB"; the same run without that byte stops."""
+    from codelm.models.generation import GenerationConfig, finish_reason
+
+    _, tok = family_tokenizers["spm"]
+    cfg = GenerationConfig(10**6, stop=["AB"], decode=lambda ids: decode_generated(tok, ids))
+    a, b, lone = (tok.token_to_id(f"<0x{byte:02X}>") for byte in (0x41, 0x42, 0x80))
+    run = [a] * 20 + [b]
+    assert cfg.decode([lone, *run]) == "\ufffd" * 22
+    assert finish_reason([lone, *run], cfg) is None
+    assert finish_reason(run, cfg) == "stop"

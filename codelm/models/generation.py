@@ -563,8 +563,12 @@ def finish_reason(new: list[int], cfg: GenerationConfig) -> str | None:
         # text, or in a character that token completes: the text's end decides, decoded once
         # for all the stop strings (decoding it all each token grows with the answer).
         reach = max(len(stop) for stop in strings) + len(cfg.decode(new[-1:])) + 3
-        if any(stop in _text_end(new, cfg.decode, reach) for stop in strings):
-            return "stop"
+        end = _text_end(new, cfg.decode, reach)
+        # The whole text confirms a stop its end shows: bytes that make no character are
+        # grouped as the whole answer groups them (a stop holding U+FFFD is always checked so).
+        if any(stop in end or "\ufffd" in stop for stop in strings):
+            if any(stop in cfg.decode(new) for stop in strings):
+                return "stop"
     if any(new[-len(stop):] == stop for stop in cfg.stop if not isinstance(stop, str)):
         return "stop"
     if len(new) == cfg.max_new_tokens:
@@ -574,9 +578,11 @@ def finish_reason(new: list[int], cfg: GenerationConfig) -> str | None:
 
 def _text_end(ids: list[int], decode: Callable[[list[int]], str], chars: int) -> str:
     """The last ``chars`` characters of ``decode(ids)``, decoding only enough of the last ids:
-    a text decoded from a cut differs from the whole's only in its first characters (a
-    character whose bytes the cut splits, a leading space the decoder drops), so the cut's
-    text must run ``CUT_MARGIN`` characters past them."""
+    a text decoded from a cut differs from the whole's in its first characters (a character
+    whose bytes the cut splits, a leading space the decoder drops), so the cut's text runs
+    ``CUT_MARGIN`` characters past them; and, where byte tokens that make no character run
+    across the cut, in characters the whole shows as U+FFFD (byte fallback replaces such a
+    run's every byte), which the caller checks against the whole."""
     count = chars + CUT_MARGIN
     while count < len(ids):
         text = decode(ids[-count:])
