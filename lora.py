@@ -788,6 +788,20 @@ def changed_base_tensors(model: nn.Module, adapter_dir: str | Path) -> list[str]
 
 # ----------------------------------------------------------------------------- command line
 
+def tokenizer_size(path: Path) -> int | None:
+    """How many ids a tokenizer.json gives out (its vocabulary's and its added tokens'); None
+    where there is none, or it lists no id."""
+    if not path.is_file():
+        return None
+    tokenizer = settings.read_json_object(path, "tokenizer")
+    model = tokenizer.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
+    ids += [token["id"] for token in tokenizer.get("added_tokens") or []
+            if isinstance(token, dict) and isinstance(token.get("id"), int)]
+    return max(ids) + 1 if ids else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
         description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write a "
@@ -807,6 +821,11 @@ def main(argv: list[str] | None = None) -> int:
         model = pretrained.load(base, dtype=args.dtype)
         report = load_adapter(model, adapter)
         tokenizer_dir = adapter if (adapter / "tokenizer.json").is_file() else base
+        tokens = tokenizer_size(tokenizer_dir / "tokenizer.json")
+        if tokens is not None and tokens > model.cfg.vocab_size:
+            raise ValueError(f"{tokenizer_dir / 'tokenizer.json'} has {tokens} tokens, {base} only "
+                             f"{model.cfg.vocab_size} embeddings: the adapter was trained on "
+                             "another base; name that one with --base")
         pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir,
                                      generation_from=base)
         # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).

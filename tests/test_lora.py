@@ -1242,6 +1242,27 @@ def test_cli_without_a_local_base_asks_for_base_and_writes_nothing(tmp_path, cap
                                   f"{tmp_path / 'adapter'} holds one")), err
 
 
+def test_cli_refuses_a_base_whose_embeddings_the_adapters_tokenizer_overruns(tmp_path, capsys):
+    """An adapter's tokenizer (the one it trained with) over a --base of fewer embeddings is
+    another base's: refused in one line naming both sizes, nothing written; the tokenizer's
+    ids count its vocabulary and added tokens."""
+    hf, model, _ = _pair("llama", tmp_path)
+    apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["q_proj"]))
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, base_model_name_or_path=str(tmp_path / "hf"))
+    vocab = hf.config.vocab_size
+    (adapter / "tokenizer.json").write_text(json.dumps({
+        "model": {"vocab": {f"t{i}": i for i in range(vocab)}},
+        "added_tokens": [{"id": vocab + 4, "content": "<|extra|>"}]}))
+    assert lora.tokenizer_size(adapter / "tokenizer.json") == vocab + 5
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert lora.main([str(adapter), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"has {vocab + 5} tokens" in err, err
+    assert f"only {vocab} embeddings" in err and "--base" in err and not out.exists()
+
+
 def test_apply_lora_and_load_adapter_refuse_a_foreign_model(tmp_path):
     """A transformers model: a ValueError naming what is wanted, before anything is frozen."""
     _, model, _ = _pair("llama", tmp_path)
