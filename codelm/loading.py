@@ -256,9 +256,7 @@ def _add_lora(model: nn.Module, model_settings: trainconfig.ModelSettings) -> No
                 "--init-from")
         lora.load_adapter(model, model_settings.init_adapter)
     else:
-        lora.apply_lora(model, adapter_config.LoRAConfig(**{  # no lora_targets: its default
-            name: getattr(model_settings, key) for name, key in adapter_config.ADAPTER_KEYS.items()
-            if key != "lora_targets" or model_settings.lora_targets}))
+        lora.apply_lora(model, adapter_config.lora_config(model_settings))
     if model_settings.init_adapter is not None:  # dropout, a training-time setting: the run's
         for _, module in lora.lora_modules(model):  # (plan.with_init_adapter chose it)
             if isinstance(module, lora.LoRALinear):

@@ -3355,6 +3355,23 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     assert rundir.list_checkpoints(run)[-1].name == "step-3"
 
 
+def test_lora_targets_that_match_nothing_are_refused_before_the_data(assets, tmp_path,
+                                                                     capsys):
+    """The adapters a LoRA run adds are added to its base's shape on the meta device as the
+    config is checked: a target that matches no module, or DoRA on an embedding, is refused
+    in one line before any data is read, and no run directory is made."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
+    base = tiny_llama(tmp_path)
+    capsys.readouterr()
+    for wrong, said in ((["--lora-targets", "nowhere"], "['nowhere'] match no module"),
+                        (["--lora-targets", "embed_tokens", "--lora-dora"], "embed_tokens")):
+        assert tm.main(["--config", config, "--lora-r", "4", "--init-from", str(base),
+                        *wrong]) == 2
+        out, err = capsys.readouterr()
+        assert len(err.splitlines()) == 1 and said in err, err
+        assert "data:" not in out and not (tmp_path / "runs" / "run").exists(), out
+
+
 def test_resume_of_a_checkpoint_or_best_dir_is_refused_naming_the_run(assets, tmp_path, capsys):
     """--resume RUN/checkpoints/step-N (or RUN/best) is refused, naming RUN, and the directory
     is left as it was: no whole new run is trained inside it."""

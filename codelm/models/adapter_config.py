@@ -63,6 +63,13 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+def lora_config(settings) -> LoRAConfig:
+    """The LoRAConfig of a run's settings (a TrainConfig or its ModelSettings: lora_r,
+    lora_alpha, ...); without lora_targets, LoRAConfig's default targets."""
+    return LoRAConfig(**{name: getattr(settings, key) for name, key in ADAPTER_KEYS.items()
+                         if key != "lora_targets" or settings.lora_targets})
+
+
 def _unused(value: object, unused: object) -> bool:
     """PEFT writes a feature's absence as null, false, {} or [] (by type: 0 is layer 0)."""
     return (value is None or value is False or value in ({}, [])

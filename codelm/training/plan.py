@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+import lora
 from architecture import Transformer
 from codelm import trainconfig
 from codelm.data.config import PREFERENCE_TASKS
@@ -152,6 +153,15 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
         "lora_targets": cfg.lora_targets or (targets if isinstance(targets, list) else None)})
 
 
+def check_lora_targets(cfg: TrainConfig, model_cfg) -> None:
+    """The adapters the run adds, added to the checkpoint's shape on the meta device (no
+    weights): a target that matches no module, or DoRA where it cannot go, is refused before
+    the data is prepared, as the build would refuse it after."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    lora.apply_lora(model, adapter_config.lora_config(cfg))
+
+
 def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of
                        ) -> None:
     """The model's settings against what they name: a loaded checkpoint (its directory, its
@@ -196,6 +206,8 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
             except ValueError as e:
                 raise ValueError(f"{named('export_gguf')}: {named('init_from')}: {e}; or set "
                                  "export_gguf none") from None
+        if cfg.lora_r and cfg.init_adapter is None:  # its targets, before the data
+            check_lora_targets(cfg, families.read_config(path)[0])
     else:  # the preset, the shape and model_options, checked before the data is prepared
         try:
             smallest = trainconfig.BUDGET_LADDER[0]
