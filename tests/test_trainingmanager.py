@@ -551,9 +551,10 @@ def test_warmup_stable_decay_holds_the_peak_then_decays_as_one_minus_sqrt():
 def test_config_file_with_cli_overrides_and_clear_errors(tmp_path, capsys):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lr": 0.002, "lora_targets": ["q_proj"], "batch_size": 3}))
-    cfg = plan.parse_config(["--config", str(path), "--lr", "0.5", "--lora-targets", "a,b",
-                             "--init-from", str(tiny_llama(tmp_path)), "--lora-r", "4"])
-    assert (cfg.lr, cfg.batch_size, cfg.lora_targets) == (0.5, 3, ["a", "b"])
+    cfg = plan.parse_config(["--config", str(path), "--lr", "0.5", "--lora-targets",
+                             "k_proj,v_proj", "--init-from", str(tiny_llama(tmp_path)),
+                             "--lora-r", "4"])
+    assert (cfg.lr, cfg.batch_size, cfg.lora_targets) == (0.5, 3, ["k_proj", "v_proj"])
 
     path.write_text(json.dumps({"lr": 0.002, "learning_rate": 1}))
     with pytest.raises(ValueError, match=r"c\.json: unknown key 'learning_rate'"):
@@ -2871,6 +2872,11 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_directory(assets, tm
     assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == []
 
 
+# The family of each bundled recipe's base, by a part of its hub id.
+RECIPE_FAMILIES = {"Llama": "llama", "codegen": "codegen", "phi-1_5": "phi", "Qwen2.5": "qwen2",
+                   "starcoder": "gpt_bigcode", "exec": "llama"}
+
+
 def test_lora_settings_without_lora_r_are_refused(capsys, tmp_path):
     """--lora-alpha, --lora-dropout, --lora-targets or --export-merged without --lora-r would run
     a full fine-tune of every weight that silently ignores them: refused; every bundled recipe
@@ -2893,9 +2899,20 @@ def test_lora_settings_without_lora_r_are_refused(capsys, tmp_path):
                                   "lora_dropout (0.1, --lora-dropout)",
                                   "export_merged (True, --export-merged)", "lora_r (0, --lora-r)",
                                   "set lora_r > 0", "drop them")), err
-    for recipe in sorted((ROOT / "configs").glob("*.json")):  # their bases are not here
+    bases = {"llama": base}  # their bases are not here: a tiny one of each's family
+    for recipe in sorted((ROOT / "configs").glob("*.json")):
         cfg = trainconfig.config_from_dict(trainconfig.load_config_file(recipe), str(recipe))
-        plan.validate_config(dataclasses.replace(cfg, init_from=cfg.init_from and str(base)))
+        stand_in = None
+        if cfg.init_from is not None:
+            family = next(family for key, family in RECIPE_FAMILIES.items()
+                          if key in cfg.init_from)
+            if family not in bases:
+                bases[family] = tmp_path / family
+                context = "n_positions" if family in ("gpt_bigcode", "codegen") else (
+                    "max_position_embeddings")
+                save_tiny_hf(family, bases[family], **{context: 1024})
+            stand_in = str(bases[family])
+        plan.validate_config(dataclasses.replace(cfg, init_from=stand_in))
 
 
 def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
