@@ -46,6 +46,10 @@ class ServedModel:
     start: int = 0  # the tokens every encoded prompt opens with (a run's start), kept whole
     reads_calls: bool = False
 
+    def ending_ids(self, chat: bool) -> list[int]:
+        """The ids that end an answer: a chat answer's, or a completion's."""
+        return self.chat_eos_ids if chat else self.eos_ids
+
 
 def served_model(name: str, model: Transformer, tokenizer,
                  encode: Callable[[str], list[int]] | None = None, start: int = 0,
@@ -218,7 +222,7 @@ def choice_seeds(seed: int, n: int) -> list[int]:
 def generation_config(params: Params, served: ServedModel, seed: int | None, chat: bool
                       ) -> GenerationConfig:
     """A request's GenerationConfig: a chat answer also ends at its template's end of turn."""
-    eos_ids = served.chat_eos_ids if chat else served.eos_ids
+    eos_ids = served.ending_ids(chat)
     generator = None
     if seed is not None and params.temperature > 0:
         generator = torch.Generator(served.model.wte.weight.device).manual_seed(seed)

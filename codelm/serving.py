@@ -425,8 +425,7 @@ class _Reply:
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                      "created": int(time.time()), "model": name}
         self.events: queue.Queue = queue.Queue()
-        eos_ids = self.served.chat_eos_ids if chat else self.served.eos_ids
-        self.choices = [_Choice(self.served, params.stop, eos_ids)
+        self.choices = [_Choice(self.served, params.stop, self.served.ending_ids(chat))
                         for _ in range(len(prompts) * params.n)]
         self.call_streams = [CallStream() for _ in self.choices]
         self.submitted: list[_Submitted] = []

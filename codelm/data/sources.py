@@ -357,30 +357,28 @@ def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Coun
         yield Doc(doc_id, p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None)
 
 
-def _same_folder(source: str, other: str) -> bool:
-    return Path(source).expanduser().resolve() == Path(other).expanduser().resolve()
-
-
 def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
     """What the cache key knows of the sources: every file's path, size, mtime and ctime (an
     edit whose copy tool sets the mtime back, as cp -p, rsync -a and tar do, still changes the
     ctime, which no tool sets)."""
     out = []
-    folders: dict[str, str] = {}  # a folder's documents are named by its name: one a name
+    # a folder's documents are named by its name: one a name (the source given, its path)
+    folders: dict[str, tuple[str, Path]] = {}
     for source in sources:
         # Every build computes its key first: sources are checked here.
         listing = _source_listing(source, extensions)
         if not listing.records and source != "stdlib":
-            name = listing.root.resolve().name
-            if name in folders and _same_folder(folders[name], source):
-                raise DataError(f"data sources {folders[name]} and {source} are the same folder: "
-                                "give it once")
-            if name in folders:
-                raise DataError(f"data sources {folders[name]} and {source} are both folders "
-                                f"named {name!r}, whose files would share their names (and the "
-                                "project task would read them as one repository): give one "
+            root = listing.root.resolve()
+            if root.name in folders:
+                given, path = folders[root.name]
+                if path == root:
+                    raise DataError(f"data sources {given} and {source} are the same folder: "
+                                    "give it once")
+                raise DataError(f"data sources {given} and {source} are both folders "
+                                f"named {root.name!r}, whose files would share their names (and "
+                                "the project task would read them as one repository): give one "
                                 "through a link or copy of another name")
-            folders[name] = source
+            folders[root.name] = (source, root)
         if listing.records:
             for f in listing.files:
                 st = f.stat()
