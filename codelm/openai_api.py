@@ -32,7 +32,9 @@ class ServedModel:
     conversation's ids with the generation prompt, None where the tokenizer has no chat
     template; ``token_text``: an id's own text (logprobs name tokens by it); ``token_bytes``:
     the bytes it decodes to (part of a character where it is); ``reads_calls``: its template
-    teaches Hermes tool calls, read from its answers into ``tool_calls``."""
+    teaches Hermes tool calls, read from its answers into ``tool_calls``; ``joining_ids``: the
+    ids whose text the ids after them can change (byte-fallback tokens: a run of them decodes
+    as one)."""
 
     name: str
     model: Transformer
@@ -45,6 +47,7 @@ class ServedModel:
     chat_prompt: Callable[[list[dict], list[dict] | None], list[int]] | None = None
     start: int = 0  # the tokens every encoded prompt opens with (a run's start), kept whole
     reads_calls: bool = False
+    joining_ids: frozenset[int] = frozenset()
 
     def ending_ids(self, chat: bool) -> list[int]:
         """The ids that end an answer: a chat answer's, or a completion's."""
@@ -74,7 +77,7 @@ def served_model(name: str, model: Transformer, tokenizer,
                        lambda i: decode_generated(tokenizer, [i]), token_bytes,
                        eos_ids, chat_eos_ids or eos_ids,
                        chat_prompt if template is not None else None, start,
-                       writes_calls(template))
+                       writes_calls(template), getattr(tokenizer, "byte_fallback_ids", frozenset()))
 
 
 class ApiError(Exception):

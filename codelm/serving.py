@@ -157,14 +157,17 @@ class EngineThread:
 
 class _Choice:
     """One choice's tokens as they come, and its text: the text before an EOS, cut where a stop
-    string begins (as eval cuts); `new_text` gives what can be sent so far, never text a stop
-    string could still take back."""
+    string begins (as eval cuts). `new_text` gives what can be sent so far, never text a stop
+    string or a later token could still take back; each call decodes only the tokens since the
+    last settled one, so a stream's decoding grows with its length, not its square."""
 
     def __init__(self, served: ServedModel, stops: list[str], eos_ids: list[int]) -> None:
         self.served, self.stops, self.eos_ids = served, stops, eos_ids
         self.ids: list[int] = []
         self.events: list[Token] = []
-        self.sent = 0
+        self.settled = 0  # ids whose text no later id can change, their text in `unsent` or sent
+        self.unsent = ""  # settled text not sent yet: what a stop string may still begin
+        self.stopped = False  # a stop string has ended the text
         self.logged = 0  # tokens whose log-probs a chunk has carried
         self.logged_chars = 0  # their text's length: the next chunk's first text offset
         self.finish: str | None = None
@@ -179,18 +182,52 @@ class _Choice:
         return truncate_at_stops(self.served.decode(self.ids), self.stops)
 
     def new_text(self) -> str:
-        text = self.text()
-        if self.finish is None:
-            text = text.rstrip("\ufffd")  # an unfinished UTF-8 character
-            for stop in self.stops:  # the end of the text may start a stop string
-                for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:k]):
-                        text = text[:-k]
-                        break
-        if len(text) <= self.sent:
+        if self.stopped:
             return ""
-        piece, self.sent = text[self.sent :], len(text)
-        return piece
+        self._settle()
+        text = self.unsent
+        cut = _first_stop(text, self.stops)
+        if cut is not None:
+            self.stopped = True
+            text = text[:cut]
+        elif self.finish is None:  # the end of the text may begin a stop string
+            text = text[:_stop_start(text, self.stops)]
+        self.unsent = self.unsent[len(text):]
+        return text
+
+    def _settle(self) -> None:
+        """Move the text of the ids since the last settled one into `unsent`, where no later id
+        can change it: not while the last is in a byte-fallback run, decodes to nothing (the run
+        may go on through it) or ends an unfinished UTF-8 character, unless the choice has
+        finished."""
+        window = self.served.decode(self.ids[self.settled :])
+        if self.finish is None:
+            if not self.ids or self.ids[-1] in self.served.joining_ids:
+                return
+            if not self.served.token_text(self.ids[-1]):  # an id that decodes to nothing
+                return
+            if window.endswith("\ufffd"):
+                return
+        self.unsent += window
+        self.settled = len(self.ids)
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string in ``text`` begins, None where none does."""
+    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+    return min(found, default=None)
+
+
+def _stop_start(text: str, stops: list[str]) -> int:
+    """Where the end of ``text`` that begins some stop string begins (len(text) where none
+    does): the text from there may yet become a stop."""
+    start = len(text)
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):  # the longest first
+            if text.endswith(stop[:k]):
+                start = min(start, len(text) - k)
+                break
+    return start
 
 
 def _completion_logprobs(served: ServedModel, events: list[Token], chat: bool, at: int = 0

@@ -5,6 +5,7 @@ OpenAI's error JSON while the server keeps serving, and SIGTERM ends a stream cl
 
 import dataclasses
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -16,11 +17,14 @@ import openai
 import pytest
 import torch
 from test_chat import instruct  # noqa: F401  (a fixture: a tiny ChatML instruct checkpoint)
+from tiny_hf import train_family_tokenizer
 
+from codelm.data.sources import stdlib_files
 from codelm.models import pretrained
+from codelm.models.engine import Token
 from codelm.models.generation import GenerationConfig, generate, truncate_at_stops
 from codelm.openai_api import served_model
-from codelm.serving import close_server, make_server
+from codelm.serving import _Choice, close_server, make_server
 from tokenizer import decode_generated, load_tokenizer
 
 PROMPTS = ["def add(a, b):\n", "import os\n\nclass Path", "for i in range(10):", "# sort a list\n",
@@ -1021,3 +1025,72 @@ def test_a_connection_is_kept_for_the_next_request(server):
         assert answer.getheader("Connection") == "close"
     finally:
         connection.close()
+
+
+@pytest.fixture(scope="module")
+def stream_tokenizers(tmp_path_factory) -> dict:
+    """style -> a codelm tokenizer: "spm" (byte fallback, <0xNN> runs) and "qwen2" (byte-level)."""
+    texts = [p.read_text("utf-8", "replace") for p in stdlib_files()[::400]]
+    texts.append("é 漢 naïve — ✓")
+    out = {}
+    for style in ("spm", "qwen2"):
+        path = tmp_path_factory.mktemp(style) / "tokenizer.json"
+        train_family_tokenizer(style, texts, path)
+        out[style] = load_tokenizer(path)
+    return out
+
+
+def _random_ids(tok, rng: random.Random, n: int) -> list[int]:
+    """Ids of code, with runs of bytes between them: whole characters, cut ones, invalid ones."""
+    code = tok.encode("def naïve(x):\n    return x  # 漢 é\n\n" * 4)
+    byte_ids = sorted(getattr(tok, "byte_fallback_ids", ())) or None
+    ids: list[int] = []
+    while len(ids) < n:
+        if byte_ids and rng.random() < 0.3:
+            ids += [byte_ids[b] for b in rng.choice([b"\xe2\x82\xac", b"\xc3", b"\xff", b"A\xc3\xa9"])]
+        elif rng.random() < 0.2:
+            ids.append(rng.randrange(tok.vocab_size))
+        else:
+            start = rng.randrange(len(code))
+            ids += code[start : start + rng.randrange(1, 6)]
+    return ids[:n]
+
+
+@pytest.mark.parametrize("style", ["spm", "qwen2"])
+def test_streamed_pieces_join_to_the_whole_text_through_byte_runs_and_stops(stream_tokenizers,
+                                                                             style):
+    """However tokens split characters (byte-fallback runs a later byte makes invalid, UTF-8 cut
+    between byte-level tokens) and wherever a stop string falls, the pieces a stream sends join
+    to the whole answer's text, and no piece is sent that a later token takes back."""
+    tok = stream_tokenizers[style]
+    eos = tok.eos_id if tok.eos_id is not None else tok.vocab_size - 1
+    rng = random.Random(0)
+    for trial in range(200):
+        stops = rng.choice([[], ["\n\n"], ["return", "漢"], ["é"], ["x)\n", "# "]])
+        choice = _Choice(served_model("t", None, tok, eos_ids=[eos]), stops, [eos])
+        ids = _random_ids(tok, rng, rng.randrange(1, 60))
+        pieces = []
+        for position, token in enumerate(ids):
+            last = position == len(ids) - 1
+            choice.add(Token(0, token, "length" if last else None))
+            pieces.append(choice.new_text())
+            assert "".join(pieces) == choice.text()[: len("".join(pieces))], (trial, ids)
+        assert "".join(pieces) == choice.text(), (trial, ids)
+
+
+def test_a_long_stream_decodes_each_token_a_bounded_number_of_times(stream_tokenizers):
+    """A stream decodes the tokens since its last settled one, not its whole answer, at each
+    token: 2,000 tokens cost a few thousand token decodes, not two million."""
+    tok = stream_tokenizers["spm"]
+    served = served_model("t", None, tok, eos_ids=[tok.eos_id])
+    decoded = []
+    served = dataclasses.replace(served, decode=lambda ids: decoded.append(len(ids)) or
+                                 decode_generated(tok, ids))
+    choice = _Choice(served, ["\n\n\n\n"], [tok.eos_id])
+    ids = (tok.encode("def naïve(x):\n    return x  # 漢 é\n") * 200)[:2000]
+    sent = []
+    for position, token in enumerate(ids):
+        choice.add(Token(0, token, "length" if position == len(ids) - 1 else None))
+        sent.append(choice.new_text())
+    assert "".join(sent) == choice.text()
+    assert sum(decoded) < 4 * len(ids)

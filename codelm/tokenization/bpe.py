@@ -679,7 +679,7 @@ class BPETokenizer(BatchEncodeMixin):
         for i in ids:
             if self._id_to_token[i] is None:  # an id in a gap of the vocabulary: HF skips it
                 continue
-            if i in self._byte_token_ids:
+            if i in self.byte_fallback_ids:
                 run += self._id_to_bytes[i]
                 first = False
                 continue
@@ -697,7 +697,7 @@ class BPETokenizer(BatchEncodeMixin):
         return text
 
     @functools.cached_property
-    def _byte_token_ids(self) -> frozenset[int]:
+    def byte_fallback_ids(self) -> frozenset[int]:
         """Ids of the <0xNN> tokens the decoder reads as bytes."""
         if not self._decoding.byte_fallback:
             return frozenset()
