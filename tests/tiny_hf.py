@@ -291,6 +291,7 @@ def train_family_tokenizer(style: str, texts: list[str], path) -> Tokenizer:
         _runs_of_spaces_merge(spec["model"], first=False)
     elif style == "gemma3":
         _runs_of_spaces_merge(spec["model"], first=True)
+        vocab = spec["model"]["vocab"]  # renumbered
         for pair in GEMMA3_CROSSING_MERGES:
             vocab.setdefault("".join(pair), len(vocab))
         runs = sum(set("".join(m)) == {"\u2581"} for m in spec["model"]["merges"])
@@ -315,8 +316,13 @@ GEMMA3_ADDED = ["\n" * n for n in range(1, 32)] + ["\u2581" * n for n in range(2
 
 def _runs_of_spaces_merge(model: dict, first: bool) -> None:
     """Move the merges that make runs of ▁ first (Gemma 3's file) or last (Llama-2's), and drop
-    those that make ▁▁ before another character (neither file has such a token)."""
-    merges = [m for m in model["merges"] if not re.search("\u2581\u2581[^\u2581]", "".join(m))]
+    those that make ▁▁ before another character with the tokens they make (neither file has
+    such a token; SentencePiece, and llama.cpp after it, would join any two pieces whose text
+    is a token), the rest renumbered in their order."""
+    crossing = re.compile("\u2581\u2581[^\u2581]")
+    merges = [m for m in model["merges"] if not crossing.search("".join(m))]
+    kept = [t for t in sorted(model["vocab"], key=model["vocab"].get) if not crossing.search(t)]
+    model["vocab"] = {token: i for i, token in enumerate(kept)}
     runs = [m for m in merges if set("".join(m)) == {"\u2581"}]
     rest = [m for m in merges if set("".join(m)) != {"\u2581"}]
     model["merges"] = runs + rest if first else rest + runs
