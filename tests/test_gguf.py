@@ -174,6 +174,25 @@ def test_a_sentencepiece_vocabulary_has_byte_tokens_scores_in_merge_order_and_it
     assert _field(reader, "tokenizer.ggml.add_bos_token") is True
 
 
+def test_a_token_no_merge_makes_is_named_in_a_warning(checkpoints, tmp_path, capsys):
+    """llama.cpp's SPM tokenizer joins any two pieces whose text is a token, HF only the pairs its
+    merges list: an export of a vocabulary holding a token no merge makes says so, naming it;
+    a vocabulary whose every token a merge makes exports without a word."""
+    _export(checkpoints["mistral"], tmp_path)
+    assert "warning" not in capsys.readouterr().err
+    changed = tmp_path / "changed"
+    shutil.copytree(checkpoints["mistral"], changed)
+    spec = json.loads((changed / "tokenizer.json").read_text())
+    merge = spec["model"]["merges"].pop()
+    token = "".join(merge.split(" ") if isinstance(merge, str) else merge)
+    (changed / "tokenizer.json").write_text(json.dumps(spec))
+    assert gguf_writer.unmade_tokens(spec) == [token]
+    (tmp_path / "out").mkdir()
+    _export(changed, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "no merge makes 1" in err and repr(token) in err and "llama.cpp" in err
+
+
 def test_llama_tensors_hold_the_weights_with_q_and_k_rows_interleaved(checkpoints, tmp_path):
     """llama.cpp's llama rotates neighbouring pairs: q and k rows go from HF's halves to pairs,
     every other tensor is the HF weight as it is; the tied head is not written twice; the

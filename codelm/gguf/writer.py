@@ -14,6 +14,7 @@ import dataclasses
 import os
 import re
 import shlex
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -196,6 +197,22 @@ def _merge_scores(spec: dict, vocab_size: int) -> list[float]:
     return scores
 
 
+def unmade_tokens(spec: dict) -> list[str]:
+    """A SentencePiece-style tokenizer.json's tokens of two characters or more that no merge
+    makes (nor byte fallback, nor an added token): HF never gives them, while llama.cpp's SPM
+    tokenizer joins any two pieces whose text is a token."""
+    merges = spec["model"].get("merges", [])
+    made = {merge.replace(" ", "") if isinstance(merge, str) else "".join(merge)
+            for merge in merges}
+    added = {added["content"] for added in spec.get("added_tokens") or []}
+    unmade = []
+    for token in spec["model"]["vocab"]:
+        if len(token) < 2 or token in made or token in added or BYTE_TOKEN.fullmatch(token):
+            continue
+        unmade.append(token)
+    return unmade
+
+
 def _vocabulary(writer, tok, vocab_size: int) -> None:
     """The tokenizer in llama.cpp's terms: tokens, types, then merges and the pre-tokenizer
     (byte-level BPE) or scores and the space prefix (SentencePiece-style), and the special and
@@ -211,6 +228,12 @@ def _vocabulary(writer, tok, vocab_size: int) -> None:
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     else:
         writer.add_tokenizer_pre("default")
+        unmade = unmade_tokens(tok.spec)
+        if unmade:
+            print(f"gguf: warning: no merge makes {len(unmade)} of the tokenizer's tokens (such "
+                  f"as {', '.join(map(repr, unmade[:3]))}); llama.cpp joins any two pieces whose "
+                  "text is a token, so its ids may differ from HF's on text holding them",
+                  file=sys.stderr)
         writer.add_token_scores(_merge_scores(tok.spec, vocab_size))
         writer.add_add_space_prefix(_space_prefix(tok.spec))
     unk = tok.spec["model"].get("unk_token")
