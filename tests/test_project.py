@@ -151,6 +151,21 @@ def test_kotlin_and_go_declarations_and_lines_are_categorised_as_pythons_are():
     assert lines["inproject"] == [3] and 4 not in lines["inproject"]
 
 
+def test_a_docstrings_lines_are_non_informative_as_a_block_comments_are():
+    """The prose of a Python docstring and of a Kotlin KDoc falls in one category: a line wholly
+    inside a string or a comment is non-informative; the code after it is not."""
+    python = ('def scale(value):\n    """Scale a measured value by the configured factor.\n\n'
+              '    The factor comes from the settings module and is applied once.\n    """\n'
+              '    return value * factor_of(value)\n')
+    kotlin = ('fun scale(value: Int): Int {\n    /**\n     * Scale a measured value by the '
+              'configured factor.\n     *\n     * The factor comes from the settings module and '
+              'is applied once.\n     */\n    return value * factorOf(value)\n}\n')
+    py_lines = history.line_categories(python, "m.py", {}, {})
+    kt_lines = history.line_categories(kotlin, "M.kt", {}, {})
+    assert py_lines["non_informative"] == [1, 3, 4] and py_lines["random"] == [5]
+    assert kt_lines["non_informative"] == [1, 2, 3, 4, 5, 7] and kt_lines["random"] == [6]
+
+
 def test_a_moved_or_copied_file_is_no_case_and_odd_paths_are_read(tmp_path):
     """A file moved and edited (a rename, whatever diff.renames says) or copied whole is in
     its parent's snapshot already: no case. A file whose name has a quote or a tab is one."""
@@ -185,8 +200,13 @@ def test_a_file_moved_off_a_name_that_gets_a_new_file_is_no_case(tmp_path):
     assert [case.path for case in cases] == ["pkg/fresh.py"]
 
 
-def test_a_path_that_is_not_utf8_is_left_out_and_the_rest_evaluated(tmp_path):
+def test_a_path_that_is_not_utf8_is_left_out_and_the_rest_evaluated(tmp_path, monkeypatch):
+    """A file whose name is not UTF-8 is no case and in no snapshot (its name could be neither
+    prompted nor saved); a repository given as ~/DIR is read and recorded where it is."""
     import os
+    from types import SimpleNamespace
+
+    from codelm.evaluation.tasks.project import load_repositories
 
     root = tmp_path / "latin1"
     root.mkdir()
@@ -196,8 +216,15 @@ def test_a_path_that_is_not_utf8_is_left_out_and_the_rest_evaluated(tmp_path):
     with open(os.path.join(bytes(root), b"pkg/caf\xe9.py"), "w") as f:
         f.write(body.replace("+", "*"))
     _commit(root, {"pkg/other.py": body.replace("+", "-")}, "add")
+    _commit(root, {"pkg/last.py": body.replace("+", "%")}, "last")
     cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
-    assert [case.path for case in cases] == ["pkg/other.py"]
+    assert [case.path for case in cases] == ["pkg/last.py", "pkg/other.py"]
+    assert sorted(cases[0].snapshot) == ["pkg/base.py", "pkg/other.py"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = SimpleNamespace(data=["~/latin1"], limit=None, lines_per_file=2, seed=0,
+                               data_options={"extensions": [".py"]})
+    records = load_repositories(settings)
+    assert {r["repo_dir"] for r in records} == {str(root.resolve())}
 
 
 def test_lines_are_drawn_per_category_with_the_seed(repo):

@@ -7,7 +7,8 @@ LCA's categories (``line_categories``, the dataset card's definitions, in its or
 - inproject: else, one declared in the snapshot;
 - infile: else, one declared in the completion file;
 - common: else, one of LCA's common names (``COMMON_NAMES``: main, get, __init__, ...);
-- non_informative: else, a line too short or too long, a comment, an import or a print;
+- non_informative: else, a line too short or too long, a comment, an import or a print (a
+  line wholly inside a comment or a string: a block comment's or a docstring's);
 - random: drawn from the lines that are none of these.
 
 A line "names" an identifier it uses: a definition's own name on its ``def``/``class`` line does
@@ -188,10 +189,9 @@ def line_categories(text: str, path: str, snapshot: dict[str, str], committed: d
     file_names = declared_names(text, path)
     out: dict[str, list[int]] = {name: [] for name in CATEGORIES}
     lines = text.split("\n")
-    # other languages' lines wholly inside a comment (or a string): a block comment's lines
-    prose = [False] * len(lines) if path.endswith(".py") else [
-        bool(line.strip()) and not code.strip()
-        for line, code in zip(lines, _blanked(text, path).split("\n"))]
+    # lines wholly inside a comment or a string: a block comment's, a docstring's
+    prose = [bool(line.strip()) and not code.strip()
+             for line, code in zip(lines, _blanked(text, path).split("\n"))]
     for number, (line, names) in enumerate(zip(lines, line_names(text, path))):
         if not line.strip() or number == 0:
             continue
@@ -283,7 +283,8 @@ class GitRepo:
                 yield shas[0], shas[1], added
 
     def tree(self, commit: str) -> dict[str, tuple[str, int]]:
-        """path -> (blob sha, size) of every file of a commit's tree."""
+        """path -> (blob sha, size) of every file of a commit's tree (a path that is not
+        UTF-8 left out, as ``adding_commits`` leaves it out)."""
         out = self._git("ls-tree", "-r", "-l", "-z", "--full-tree", commit)
         files = {}
         for entry in out.split(b"\0"):
@@ -291,8 +292,9 @@ class GitRepo:
                 continue
             meta, _, path = entry.partition(b"\t")
             _, kind, sha, size = meta.split()
-            if kind == b"blob" and size != b"-":
-                files[path.decode("utf-8", "surrogateescape")] = (sha.decode(), int(size))
+            name = path.decode("utf-8", "surrogateescape")
+            if kind == b"blob" and size != b"-" and is_utf8(name):
+                files[name] = (sha.decode(), int(size))
         return files
 
     def texts(self, shas: Sequence[str]) -> dict[str, str | None]:

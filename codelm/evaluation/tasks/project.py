@@ -62,7 +62,7 @@ def load_repositories(cfg: ProjectSettings) -> list[dict]:
     for root in cfg.data or []:
         for case in completion_cases(root, extensions(cfg), cfg.limit or CASES,
                                      cfg.lines_per_file, cfg.seed):
-            records.append({"id": case.id, "repo_dir": str(Path(root).resolve()),
+            records.append({"id": case.id, "repo_dir": str(Path(root).expanduser().resolve()),
                             "repo": case.repo, "commit": case.commit,
                             "parent": case.parent, "path": case.path,
                             "text": case.text, "lines": case.lines})
