@@ -77,6 +77,11 @@ def repo(tmp_path) -> Path:
     return root
 
 
+def _functions(name: str) -> str:
+    """A file of ten functions of its own: no other file's copy."""
+    return "".join(f"def {name}_{i}(x):\n    return {name}_step(x, {i})\n" for i in range(10))
+
+
 def _core_case(repo: Path, per_category: int = 100) -> history.CompletionCase:
     cases = history.completion_cases(repo, [".py"], 10, per_category, 0, min_lines=10)
     (case,) = [c for c in cases if c.path == "pkg/core.py"]
@@ -178,10 +183,30 @@ def test_a_moved_or_copied_file_is_no_case_and_odd_paths_are_read(tmp_path):
     _git(root, "mv", "pkg/old.py", "pkg/new.py")
     _commit(root, {"pkg/new.py": body + "# edited\n"}, "move")
     _commit(root, {"pkg/copy.py": body + "# edited\n",
-                   'pkg/we"ird.py': body.replace("return", "return -"),
-                   "pkg/tab\tname.py": body.replace("+", "*")}, "copy")
+                   'pkg/we"ird.py': _functions("weird"),
+                   "pkg/tab\tname.py": _functions("tab")}, "copy")
     cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
     assert sorted(case.path for case in cases) == ["pkg/tab\tname.py", 'pkg/we"ird.py']
+
+
+def test_a_file_copied_from_an_unchanged_file_and_edited_is_no_case(tmp_path):
+    """A commit copies a file it leaves as it is and edits the copy (git finds copies only of
+    the files a commit changes): the parent's snapshot holds most of its answer, so it is no
+    case; a new file of the same commit is one."""
+    root = tmp_path / "copies"
+    root.mkdir()
+    _git(root, "init", "-q")
+    views = "".join(f"def view_{i}(request):\n    return render(request, 'page_{i}.html')\n"
+                    for i in range(10))
+    _commit(root, {"app/views.py": views}, "start")
+    edited = views.replace("view_3", "admin_view_3").replace("page_7", "admin_7")
+    fresh = "".join(f"def handler_{i}(event):\n    return dispatch(event, {i} * {i})\n"
+                    for i in range(10))
+    _commit(root, {"app/admin_views.py": edited, "app/handlers.py": fresh}, "copy")
+    cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
+    assert [case.path for case in cases] == ["app/handlers.py"]
+    assert history.copied_from(edited, {"app/views.py": views}) == "app/views.py"
+    assert history.copied_from(fresh, {"app/views.py": views}) is None
 
 
 def test_a_file_moved_off_a_name_that_gets_a_new_file_is_no_case(tmp_path):
@@ -195,7 +220,7 @@ def test_a_file_moved_off_a_name_that_gets_a_new_file_is_no_case(tmp_path):
     _commit(root, {"pkg/config.py": body}, "start")
     _commit(root, {"pkg/legacy.py": body + "# kept\n",
                    "pkg/config.py": "".join(f"V{i} = {i}\n" for i in range(12)),
-                   "pkg/fresh.py": body.replace("+", "*")}, "move")
+                   "pkg/fresh.py": _functions("fresh")}, "move")
     cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
     assert [case.path for case in cases] == ["pkg/fresh.py"]
 
@@ -214,9 +239,9 @@ def test_a_path_that_is_not_utf8_is_left_out_and_the_rest_evaluated(tmp_path, mo
     body = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(8))
     _commit(root, {"pkg/base.py": body}, "start")
     with open(os.path.join(bytes(root), b"pkg/caf\xe9.py"), "w") as f:
-        f.write(body.replace("+", "*"))
-    _commit(root, {"pkg/other.py": body.replace("+", "-")}, "add")
-    _commit(root, {"pkg/last.py": body.replace("+", "%")}, "last")
+        f.write(_functions("cafe"))
+    _commit(root, {"pkg/other.py": _functions("other")}, "add")
+    _commit(root, {"pkg/last.py": _functions("last")}, "last")
     cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
     assert [case.path for case in cases] == ["pkg/last.py", "pkg/other.py"]
     assert sorted(cases[0].snapshot) == ["pkg/base.py", "pkg/other.py"]

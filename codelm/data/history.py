@@ -15,8 +15,9 @@ A line "names" an identifier it uses: a definition's own name on its ``def``/``c
 not count (the name is new there). Declarations are the ``def`` and ``class`` names at any depth
 of the snapshot's source files (Python's ast; a keyword pattern, comments left out, for other
 languages and files that do not parse); prose (a README) declares nothing, and no keyword is a
-name. A file the commit adds that the parent already holds (moved, or copied whole) is no case:
-its answer would be in its own context."""
+name. A file the commit adds that the parent already holds (moved, or copied whole), or that shares
+half its lines with one file the parent holds (copied and edited), is no case: its answer would
+be in its own context."""
 
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ SHORT_LINE, LONG_LINE = 5, 150
 # size (characters), as LCA's datapoints take non-Python files; dot-files and licenses never.
 OTHER_FILE_CHARS = 16_000
 MAX_FILE_BYTES = 1_000_000
+# A file the commit adds sharing this share of its lines with one file of the parent is a copy
+# of it (git's default similarity for a copy): its answer would be in its own context.
+COPIED_SHARE = 0.5
 
 # Files whose declarations count: source code (prose and data files declare nothing).
 SOURCE_EXTENSIONS = (".py", ".pyi", ".kt", ".kts", ".java", ".scala", ".groovy", ".js", ".jsx",
@@ -349,6 +353,24 @@ def snapshot(repo: GitRepo, commit: str, extensions: Sequence[str],
     return files
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _long_lines(text: str) -> frozenset[str]:
+    """A text's distinct stripped lines of SHORT_LINE characters or more: those that tell one
+    file from another."""
+    stripped = (line.strip() for line in text.split("\n"))
+    return frozenset(line for line in stripped if len(line) >= SHORT_LINE)
+
+
+def copied_from(text: str, parent_files: dict[str, str]) -> str | None:
+    """The file of the parent that ``text`` is a copy of, edited or not (COPIED_SHARE of its
+    long lines are that file's), None where it is none's."""
+    lines = _long_lines(text)
+    for path, other in parent_files.items():
+        if lines and len(lines & _long_lines(other)) >= COPIED_SHARE * len(lines):
+            return path
+    return None
+
+
 def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
                      per_category: int, seed: int, min_lines: int = 10) -> list[CompletionCase]:
     """Up to ``limit`` completion cases of a repository, newest commit first: each file of
@@ -378,6 +400,8 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
                 continue  # a copy of a file the parent holds
             if parent_files is None:
                 parent_files = snapshot(repo, parent, extensions, parent_tree)
+            if copied_from(text, parent_files) is not None:
+                continue  # a copy of a file the parent holds, edited
             committed = {p: t for p, t in added_texts.items() if p != path}
             case = CompletionCase(repo.name, commit, parent, path, text, parent_files, committed)
             categories = line_categories(text, path, parent_files, committed)
