@@ -852,6 +852,25 @@ def test_the_output_limit_counts_the_programs_own_stderr_only(limit, written):
     assert result.stdout == ("1\n"[-limit:] if limit else "")
 
 
+@pytest.mark.parametrize("limit", [0, 120])
+def test_a_run_that_writes_after_its_end_is_still_completed(limit):
+    """The end of a program is seen as its stderr streams past, not looked for in the tail kept:
+    a thread logging 3,000 lines once the module ends, or an atexit handler's one character,
+    pushes the marker out of any tail, and the run still passed, completed."""
+    logging_thread = ("import sys, threading\n"
+                      "def log():\n"
+                      "    for i in range(3000):\n"
+                      "        print(f'worker log line {i:05d}', file=sys.stderr)\n"
+                      "threading.Thread(target=log).start()\n"
+                      "assert sum(range(10)) == 45\n")
+    at_exit = "import atexit, sys\natexit.register(lambda: sys.stderr.write('.'))\n"
+    cfg = dataclasses.replace(FAST, max_output_chars=limit)
+    for program in (logging_thread, at_exit):
+        result = run_python(program, cfg)
+        assert result.passed and result.completed, result
+    assert run_python("import sys\nsys.exit(0)\n", cfg).completed is False
+
+
 def test_the_sample_runs_as_main_with_only_its_own_argv():
     """As under `python program.py`: the `if __name__ == "__main__":` block of generated code
     runs, __file__ is set, and sys.argv holds the program alone (not the bootstrap's settings)."""

@@ -103,14 +103,17 @@ class _Drain(threading.Thread):
     """Reads a run's stdout or stderr pipe to its end, or to ``stop_at`` once the run is dead
     (a descriptor it sent away could hold the pipe open), then closes it; keeps its first line
     (up to 200 bytes) and its last ``keep`` bytes: a pipe is no file, so the run writes as much
-    as it likes, as into the harness's swallowed output, and the evaluator holds a bounded tail."""
+    as it likes, as into the harness's swallowed output, and the evaluator holds a bounded tail.
+    ``found``: whether ``marker`` came anywhere in the stream, however much came after it."""
 
-    def __init__(self, fd: int, keep: int) -> None:
+    def __init__(self, fd: int, keep: int, marker: bytes = b"") -> None:
         super().__init__(daemon=True)
-        self.fd, self.keep = fd, keep
+        self.fd, self.keep, self.marker = fd, keep, marker
         self.head = b""  # the first 200 bytes
         self.tail = bytearray()
         self.size = 0  # bytes read in all
+        self.found = False
+        self._carry = b""  # the last bytes read: the start of a marker a chunk cuts
         self.stop_at: float | None = None  # set when the run is dead
 
     def run(self) -> None:
@@ -123,12 +126,20 @@ class _Drain(threading.Thread):
                     break
                 if self.size < 200:
                     self.head += chunk[: 200 - self.size]
+                self._look_for_marker(chunk)
                 self.size += len(chunk)
                 self.tail += chunk
                 if len(self.tail) > 2 * self.keep + (1 << 16):
                     del self.tail[: len(self.tail) - self.keep]
         finally:
             os.close(self.fd)
+
+    def _look_for_marker(self, chunk: bytes) -> None:
+        if not self.marker or self.found:
+            return
+        window = self._carry + chunk
+        self.found = self.marker in window
+        self._carry = window[len(window) - min(len(window), len(self.marker) - 1):]
 
     @property
     def first_line(self) -> bytes:
@@ -145,8 +156,9 @@ def _readable(fd: int, timeout: float) -> bool:
     return bool(poller.poll(math.ceil(timeout * 1000)))
 
 
-def _tail(drain: _Drain, limit: int, skip: int = 0, marker: bytes = b"") -> tuple[str, bool]:
-    """The last ``limit`` characters past ``skip`` bytes, and whether ``marker`` (cut out) was there."""
+def _tail(drain: _Drain, limit: int, skip: int = 0) -> str:
+    """The last ``limit`` characters past ``skip`` bytes, the drain's marker cut out."""
+    marker = drain.marker
     data = bytes(drain.tail[len(drain.tail) - min(len(drain.tail), limit * 4 + len(marker)):])
     read_before = drain.size - len(data)
     if read_before < skip:
@@ -154,7 +166,7 @@ def _tail(drain: _Drain, limit: int, skip: int = 0, marker: bytes = b"") -> tupl
     at = data.rfind(marker) if marker else -1
     if at >= 0:
         data = data[:at] + data[at + len(marker):]
-    return (data.decode("utf-8", errors="replace")[-limit:] if limit > 0 else ""), at >= 0
+    return data.decode("utf-8", errors="replace")[-limit:] if limit > 0 else ""
 
 
 def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
@@ -333,7 +345,8 @@ def run_python(source: str, config: SandboxConfig | None = None,
 
         marker = f"\nsandbox: completed {token}\n".encode()
         start = time.monotonic()
-        proc, out, err = _start(command, workdir, env, cfg.max_output_chars * 4 + len(marker))
+        proc, out, err = _start(command, workdir, env, cfg.max_output_chars * 4 + len(marker),
+                                marker)
         with _RUNNING_LOCK:
             _RUNNING.add(proc.pid)
         try:
@@ -351,13 +364,13 @@ def run_python(source: str, config: SandboxConfig | None = None,
             for drain in (out, err):
                 drain.join()
         duration = time.monotonic() - start
-        stdout, _ = _tail(out, cfg.max_output_chars)
+        stdout = _tail(out, cfg.max_output_chars)
         line = err.first_line  # the bootstrap's line comes first
         header = re.fullmatch(rb"sandbox: landlock=(\d+) seccomp=(\d) caps=([0-9a-f]+)\n", line)
         landlock, seccomp = (header[1] != b"0", header[2] == b"1") if header else (False, False)
         capabilities = int(header[3], 16) if header else -1
-        stderr, completed = _tail(err, cfg.max_output_chars, skip=len(line) if header else 0,
-                                  marker=marker)
+        stderr = _tail(err, cfg.max_output_chars, skip=len(line) if header else 0)
+        completed = err.found
     finally:
         _remove(control_dir)
     code = proc.returncode
@@ -369,11 +382,12 @@ def run_python(source: str, config: SandboxConfig | None = None,
                          capabilities)
 
 
-def _start(command: list[str], workdir: Path, env: dict[str, str], keep: int
+def _start(command: list[str], workdir: Path, env: dict[str, str], keep: int, marker: bytes
            ) -> tuple[subprocess.Popen, _Drain, _Drain]:
     """Start a run, its own process group's leader, its stdout and stderr pipes read by drains
-    keeping ``keep`` bytes of each (written through the descriptors it inherits: reopened
-    through /dev/stdout they are outside its directory, refused)."""
+    keeping ``keep`` bytes of each, the stderr one watching for ``marker`` (written through
+    the descriptors it inherits: reopened through /dev/stdout they are outside its directory,
+    refused)."""
     pipes = [os.pipe(), os.pipe()]
     try:
         proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE,
@@ -385,7 +399,7 @@ def _start(command: list[str], workdir: Path, env: dict[str, str], keep: int
     finally:
         for _, write_end in pipes:
             os.close(write_end)
-    drains = [_Drain(read_end, keep) for read_end, _ in pipes]
+    drains = [_Drain(pipes[0][0], keep), _Drain(pipes[1][0], keep, marker)]
     for drain in drains:
         drain.start()
     return proc, drains[0], drains[1]
