@@ -22,7 +22,7 @@ from codelm import trainconfig
 from codelm.data.sources import stdlib_files
 from codelm.runs import rundir
 from codelm.runtime.distributed import Dist
-from codelm.training import plan
+from codelm.training import plan, preference_run
 from tokenizer import CodeTokenizer, load_tokenizer
 
 NAMES = ["alpha", "beta", "gamma", "delta", "total", "count", "value", "item", "width", "size"]
@@ -309,6 +309,43 @@ def test_a_kto_batch_takes_its_kl_estimate_over_every_process(monkeypatch):
     _, alone = preference.batch_loss(model, batch, cfg)
     _, together = preference.batch_loss(model, batch, cfg, Dist(rank=0, world=2))
     assert together["kl"] == pytest.approx((float(alone["kl"]) + other) / 2)
+
+
+def test_a_resumed_run_from_an_adapter_computes_its_reference_again_from_that_adapter(
+        assets, tmp_path, capsys):
+    """A resume whose reference log-probs are to be computed again (its pairs edited, or the
+    file deleted) scores the model the run started from, base + init adapter, as a fresh run
+    does, not the adapter's bare layout; with the adapter gone it is refused, naming it."""
+    from tiny_hf import save_random_adapter, save_tiny_hf
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)
+    save_random_adapter(base, tmp_path / "adapter")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(Path(assets["pairs"]).read_text())
+    common = dict(data=[str(pairs)], max_steps=2, eval_every=2, warmup_steps=0,
+                  init_from=str(base), init_adapter=str(tmp_path / "adapter"))
+    run = tm.train(pref_cfg(assets, tmp_path, name="run", **common)).run_dir
+    path = run / preference_run.REFERENCE_FILE
+    started = torch.load(path, weights_only=True)
+    path.unlink()
+    tm.train(pref_cfg(assets, tmp_path, name="run", resume=str(run), **dict(common, max_steps=3)))
+    again = torch.load(path, weights_only=True)
+    assert torch.allclose(again["train"], started["train"], atol=1e-5)
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    for record in records:
+        record["rejected"] = record["rejected"].replace(" - ", " * ")
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    fresh = tm.train(pref_cfg(assets, tmp_path, name="fresh", **common)).run_dir
+    tm.train(pref_cfg(assets, tmp_path, name="run", resume=str(run), **dict(common, max_steps=4)))
+    resumed = torch.load(path, weights_only=True)
+    expected = torch.load(fresh / preference_run.REFERENCE_FILE, weights_only=True)
+    assert torch.allclose(resumed["train"], expected["train"], atol=1e-5)
+    path.unlink()
+    shutil.rmtree(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="init_adapter .* gone"):
+        tm.train(pref_cfg(assets, tmp_path, name="run", resume=str(run),
+                          **dict(common, max_steps=5)))
 
 
 def test_a_packed_dpo_run_trains_on_the_same_reference(assets, tmp_path):

@@ -32,6 +32,7 @@ from codelm.data.preferences import (
     read_preferences,
     split_records,
 )
+from codelm.models import adapter_config
 from codelm.runtime import distributed
 from codelm.runtime.distributed import Dist, all_reduce_sum
 from codelm.runtime.process import progress_bar
@@ -154,6 +155,9 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
             return {}
         print(f"note: {path} holds the reference log-probs of other preference data: computed "
               "again from the starting weights", file=sys.stderr)
+    if continued and cfg.init_adapter is not None:  # a resumed model holds its layout alone
+        _check_starting_adapter(cfg.init_adapter, path)
+        lora.load_adapter_weights(model, cfg.init_adapter)
     precision = checked_precision(cfg, device)
     validated = "fp32" if cfg.eval_precision == "fp32" else precision  # as the trainer validates
     adapters_off = cfg.init_adapter is None and any(True for _ in lora.lora_modules(model))
@@ -165,6 +169,14 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
     torch.save({"train": batches.train.reference, "val": batches.val.reference, "data": data},
                buffer)
     return {path: buffer.getvalue()}
+
+
+def _check_starting_adapter(init_adapter: str, path: Path) -> None:
+    """Refuse a reference to compute again from the starting adapter where it is gone."""
+    if not (Path(init_adapter) / adapter_config.ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{path}: the reference log-probs are to be computed again from the "
+                         f"model the run started from, and its init_adapter {init_adapter} is "
+                         "gone: put it back there, or start a new run")
 
 
 def saved_reference(path: Path) -> dict:
