@@ -303,6 +303,8 @@ def test_the_validation_split_is_seeded_and_holds_out_whole_prompts(tmp_path):
     assert split_records(records, 0.1, seed=3) == (train, val)
     with pytest.raises(DataError, match="too few to hold out a validation split"):
         split_records(records[:4], 0.1, seed=3)
+    with pytest.raises(DataError, match="val_frac 0.8 of 2 distinct prompts .* every one"):
+        split_records(records[:8], 0.8, seed=3)
 
 
 def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):

@@ -177,6 +177,33 @@ def test_lora_dpo_takes_the_base_with_adapters_off_as_reference(assets, tmp_path
     torch.testing.assert_close(kept["val"], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("adapter", [{"lora_modules_to_save": ["embed_tokens", "lm_head"]},
+                                     {"lora_bias": "all"}])
+def test_lora_dpo_training_base_tensors_takes_its_starting_model_as_reference(assets, tmp_path,
+                                                                            adapter):
+    """An adapter that trains base tensors (modules_to_save, bias) cannot be switched off; the
+    reference is the model before any update, which is its base: every margin starts at 0,
+    the loss at log 2, and the reference log-probs are the base's loaded apart."""
+    from tiny_hf import save_tiny_hf
+
+    from codelm.models import pretrained
+
+    base = tmp_path / "base"
+    save_tiny_hf("llama", base, vocab_size=512)
+    cfg = pref_cfg(assets, tmp_path, init_from=str(base), lora_r=8, lora_alpha=16.0,
+                   max_steps=1, eval_every=1, lr=1e-9, **adapter)
+    result = tm.train(cfg)
+    first = logged(result.run_dir, "train")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    kept = torch.load(result.run_dir / preference_run.REFERENCE_FILE, weights_only=True)
+    data = preference_run.prepare(cfg, load_tokenizer(result.run_dir), 48, Dist())
+    expected = preference_run.reference_logps(pretrained.load(base).eval(), data.batches.val,
+                                              data.batches.collate, 4, torch.device("cpu"),
+                                              "fp32", adapters_off=False)
+    torch.testing.assert_close(kept["val"], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_lora_dpo_run_from_an_adapter_takes_the_model_it_starts_from_as_reference(
         assets, tmp_path):
     """--init-adapter: the reference is the base with that adapter (the model the run starts

@@ -202,7 +202,12 @@ def split_records(records: Sequence[PreferenceRecord], val_frac: float, seed: in
         raise DataError(f"{len(records)} preference record(s) of {len(prompts)} distinct "
                         "prompt(s): too few to hold out a validation split; add records or "
                         "give --val-data")
-    held = set(random.Random(seed).sample(prompts, max(1, round(val_frac * len(prompts)))))
+    n_held = max(1, round(val_frac * len(prompts)))
+    if n_held == len(prompts):
+        raise DataError(f"val_frac {val_frac} of {len(prompts)} distinct prompts holds out every "
+                        "one, leaving none to train on: lower val_frac (--data-options) or give "
+                        "--val-data")
+    held = set(random.Random(seed).sample(prompts, n_held))
     train = [r for r, key in zip(records, keys) if key not in held]
     return train, [r for r, key in zip(records, keys) if key in held]
 

@@ -160,7 +160,12 @@ def attach_reference(cfg: TrainConfig, model: nn.Module, batches: PreferenceBatc
         lora.load_adapter_weights(model, cfg.init_adapter)
     precision = checked_precision(cfg, device)
     validated = "fp32" if cfg.eval_precision == "fp32" else precision  # as the trainer validates
-    adapters_off = cfg.init_adapter is None and any(True for _ in lora.lora_modules(model))
+    # Before any update a LoRA model is its base (B is zero): switched off where it can be,
+    # else (an adapter training base tensors: bias, modules_to_save) scored as it is.
+    lora_config = getattr(model, "lora_config", None)
+    trains_base = lora_config is not None and (lora_config.bias != "none"
+                                               or bool(lora_config.modules_to_save))
+    adapters_off = cfg.init_adapter is None and lora_config is not None and not trains_base
     for name, rows, rows_precision in (("train", batches.train, precision),
                                        ("val", batches.val, validated)):
         rows.set_reference(reference_logps(model, rows, batches.collate, cfg.batch_size, device,
