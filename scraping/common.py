@@ -147,9 +147,14 @@ def walk_source_tree(root: Path, extensions: Iterable[str], links_within: Path |
     and ``nested_repo`` (a submodule or a repository cloned inside: another repository's code,
     under its own licence); ``symlink`` (a link that does not resolve inside ``links_within``,
     resolved; None: every link: a cloned tree must not pull in outside files),
-    ``not_a_file``."""
+    ``not_a_file``; a directory that cannot be listed comes as one entry, ``unreadable`` (its
+    files unknown), with a warning naming it."""
     extensions = tuple(extensions)
-    files, work_trees = _tree_files(root)
+    files, work_trees, unreadable = _tree_files(root)
+    for rel, path in unreadable:
+        log.warning("%s: cannot list this directory (permission denied?); its files are left out",
+                    path)
+        yield rel, path, "unreadable"
     top = repository_top(root)
     if top is not None:
         work_trees = list(dict.fromkeys(["", *work_trees]))
@@ -238,11 +243,17 @@ def source_files(root: Path, extensions: Iterable[str], links_within: Path | Non
             if skip is None]
 
 
-def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
-    """Every non-directory entry under root, sorted by relative path, and the relative paths of
-    the git work trees met ("" for root; a submodule's ``.git`` is a file)."""
-    found, work_trees = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str], list[tuple[str, Path]]]:
+    """Every non-directory entry under root, sorted by relative path; the relative paths of
+    the git work trees met ("" for root; a submodule's ``.git`` is a file); the directories
+    that could not be listed (relative path, path)."""
+    found, work_trees, unreadable = [], [], []
+
+    def note(error: OSError) -> None:
+        path = Path(error.filename)
+        unreadable.append((path.relative_to(root).as_posix(), path))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=note):
         if ".git" in dirnames or ".git" in filenames:
             top = Path(dirpath).relative_to(root).as_posix()
             work_trees.append("" if top == "." else top)
@@ -250,7 +261,7 @@ def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
         for name in filenames:
             path = Path(dirpath, name)
             found.append((path.relative_to(root).as_posix(), path))
-    return sorted(found, key=lambda entry: entry[0]), work_trees
+    return sorted(found, key=lambda entry: entry[0]), work_trees, sorted(unreadable)
 
 
 def decode_source(data: bytes | str) -> tuple[str | None, str | None]:

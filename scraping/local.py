@@ -23,6 +23,7 @@ from scraping.common import (
     git_blob_sha,
     is_utf8,
     license_allowed,
+    log,
     make_record,
     output_paths,
     redact_url,
@@ -89,11 +90,15 @@ def collect_directory(root: Path, repo: str, file_filter: FileFilter, license_id
         if not is_utf8(rel):
             summary.files["not_utf8_name"] += 1
             continue
-        reason = reason or file_filter.reject_reason(rel, path.stat().st_size)
+        try:
+            reason = reason or file_filter.reject_reason(rel, path.stat().st_size)
+            data = b"" if reason else path.read_bytes()
+        except OSError as e:
+            log.warning("%s: cannot read it (%s); left out", path, e.strerror or e)
+            reason = "unreadable"
         if reason:
             summary.files[reason] += 1
             continue
-        data = path.read_bytes()
         text, reason = decode_source(data)
         sha = git_blob_sha(data)
         if text is not None and sha in seen:

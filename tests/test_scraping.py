@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import date, datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
@@ -930,6 +931,50 @@ def test_local_skips_names_that_are_not_utf8(tmp_path):
     summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
     assert [r["path"] for r in read_jsonl(out)] == ["ok.py"]
     assert summary.files["not_utf8_name"] == 1 and summary.files["kept"] == 1
+
+
+def _unreadable(monkeypatch, files: list[Path], directories: list[Path]) -> None:
+    """Reading ``files`` and listing ``directories`` fail as they do without the permission
+    (the tests may run as root, whom chmod does not stop)."""
+    read_bytes, scandir = Path.read_bytes, os.scandir
+
+    def guarded_read(self):
+        if self in files:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    def guarded_scandir(path="."):
+        if Path(path) in directories:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(Path, "read_bytes", guarded_read)
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+
+
+def test_an_unreadable_file_or_directory_is_counted_and_named_and_the_rest_collected(
+        tmp_path, monkeypatch, caplog):
+    """A file that cannot be read and a directory that cannot be listed are left out, counted
+    (``unreadable``) and named in a warning; the run goes on with the rest of the source, and
+    dataset.py's reading of the same folder counts them alike."""
+    src = tmp_path / "proj"
+    for rel in ("a.py", "secret.py", "pkg/b.py", "open/c.py"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(f"# {rel}\nx = 1\n")
+    _unreadable(monkeypatch, [src / "secret.py"], [src / "pkg"])
+    out = tmp_path / "out.jsonl"
+    with caplog.at_level(logging.WARNING, logger="scraping"):
+        summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
+    assert [r["path"] for r in read_jsonl(out)] == ["a.py", "open/c.py"]
+    assert summary.files["unreadable"] == 2 and summary.files["kept"] == 2
+    assert str(src / "secret.py") in caplog.text and str(src / "pkg") in caplog.text
+    from codelm.data.config import DataConfig
+    from codelm.data.sources import iter_sources
+
+    counts = Counter()
+    docs = list(iter_sources(DataConfig(sources=[str(src)], progress=False), counts, [0]))
+    assert sorted(doc.id for doc in docs) == ["proj/a.py", "proj/open/c.py"]
+    assert counts["unreadable"] == 2
 
 
 def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path, capsys):

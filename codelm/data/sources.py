@@ -354,7 +354,12 @@ def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Coun
         if not is_utf8(doc_id):  # os.walk spells undecodable name bytes as surrogates
             counts["not_utf8_name"] += 1
             continue
-        yield Doc(doc_id, p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None)
+        try:
+            data = p.read_bytes() if p.stat().st_size <= cfg.max_bytes else None
+        except OSError:  # removed meanwhile, or no permission to read it
+            counts["unreadable"] += 1
+            continue
+        yield Doc(doc_id, data)
 
 
 def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
