@@ -600,6 +600,21 @@ def test_a_named_package_is_importable_and_no_other_installed_beside_it():
     assert run_python(source, with_numpy, test).passed
 
 
+def test_a_named_module_of_one_file_and_a_package_with_bundled_libraries_are_importable():
+    """packages may name a module of one file (typing_extensions.py), and a package whose wheel
+    bundles its libraries under its distribution's name (PIL's pillow.libs) runs, confined, as
+    it runs outside the sandbox (pillow comes with tensorboard)."""
+    program = "import typing_extensions\nprint(typing_extensions.Literal['a'])\n"
+    result = run_python(program, SandboxConfig(timeout_s=20.0, packages=("typing_extensions",)))
+    assert result.passed and "Literal['a']" in result.stdout, result.stderr
+    (_, _, paths), = runner._package_dirs(["typing_extensions"])
+    assert paths[0].endswith("typing_extensions.py")
+    program = "from PIL import Image\nprint(Image.new('RGB', (4, 3)).size)\n"
+    result = run_python(program, SandboxConfig(timeout_s=20.0, memory_mb=1024,
+                                               packages=("PIL",)))
+    assert result.passed and result.stdout == "(4, 3)\n", result.stderr
+
+
 @pytest.mark.parametrize("module", ["_posixsubprocess", "_ctypes"])
 def test_a_denied_module_loaded_under_a_dotted_name_is_refused(module):
     # The "import" audit event names the spec; the loader finds PyInit_<last part of the name>.

@@ -196,8 +196,9 @@ def _landlock(ctypes, libc, workdir, program, cap, packages):
             return 0
         rules = [(workdir, read | write), (program, read_file), (os.devnull, read_file | write_file)]
         rules += [(path, read) for path in _read_roots()]
-        for parent, directories in packages:
-            rules += [(parent, 1 << 3)] + [(path, read) for path in directories]  # READ_DIR
+        for _, parent, paths in packages:  # a directory's tree, or a module's file
+            rules += [(parent, 1 << 3)]  # READ_DIR
+            rules += [(path, read if os.path.isdir(path) else read & ~(1 << 3)) for path in paths]
         rules += [(path, read_file) for path in ("/dev/urandom", "/dev/zero", "/etc/ld.so.cache")
                   if os.path.exists(path)]
         ok = True
@@ -302,14 +303,14 @@ def _seccomp(ctypes, libc):
 
 
 def _importable(packages):
-    """Make the named installed packages importable (``packages``: [directory on sys.path,
-    [the package's directories]] each), and no other of their directory's: a finder of those
+    """Make the named installed packages importable (``packages``: [name, directory on
+    sys.path, [its paths]] each), and no other of their directory's: a finder of those
     names there, not the directory on sys.path. Without Landlock this keeps careless code from
     importing what else is installed (a C extension's writes raise no audit event); hostile code
     is Landlock's to stop."""
     import importlib.machinery
 
-    where = {os.path.basename(directories[0]): parent for parent, directories in packages}
+    where = {name: parent for name, parent, _ in packages}
     find = importlib.machinery.PathFinder.find_spec
 
     class InstalledPackages:

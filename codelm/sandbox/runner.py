@@ -76,7 +76,7 @@ class SandboxConfig:
     max_output_chars: int = 20_000  # tail of stdout/stderr kept in the result
     disk_mb: int = 64  # all it keeps in its working directory; killed past it (status "disk")
     max_files: int = 10_000  # files and directories there; killed past it (status "disk")
-    packages: tuple[str, ...] = ()  # installed packages the program and its test may import
+    packages: tuple[str, ...] = ()  # installed modules (packages or one file) both sides may import
 
 
 @dataclass
@@ -406,22 +406,35 @@ def _start(command: list[str], workdir: Path, env: dict[str, str], keep: int, ma
 
 
 def _package_dirs(names: Sequence[str]) -> list[list]:
-    """[directory on sys.path, [the package's directories]] of each installed package: its own
-    and its bundled libraries' (numpy.libs); refused when it is not installed."""
+    """[name, directory on sys.path, [its paths]] of each installed module: a package's
+    directory or a module's file, and the libraries its wheel bundles beside it (numpy.libs;
+    pillow.libs for PIL: named after the distribution); refused when it is not installed."""
     import importlib.util
 
     found = []
     for name in names:
         spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
+        if spec is not None and spec.submodule_search_locations:
+            own = Path(spec.submodule_search_locations[0]).resolve()
+        elif spec is not None and spec.has_location and spec.origin:
+            own = Path(spec.origin).resolve()  # one file: six.py, typing_extensions.py
+        else:
             raise ValueError(f"sandbox: package {name!r} is not installed here")
-        package = Path(spec.submodule_search_locations[0]).resolve()
-        directories = [str(package)]
-        libs = package.parent / f"{name}.libs"
-        if libs.is_dir():
-            directories.append(str(libs.resolve()))
-        found.append([str(package.parent), directories])
+        paths = [str(own)]
+        for distribution in _distributions().get(name, [name]):
+            libs = own.parent / f"{distribution.replace('-', '_')}.libs"
+            if libs.is_dir() and str(libs.resolve()) not in paths:
+                paths.append(str(libs.resolve()))
+        found.append([name, str(own.parent), paths])
     return found
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    """Each installed top-level module's distributions (PIL: pillow)."""
+    import importlib.metadata
+
+    return importlib.metadata.packages_distributions()
 
 
 def _status(code: int, completed: bool, memory: bool) -> str:
