@@ -156,6 +156,41 @@ def test_kotlin_and_go_declarations_and_lines_are_categorised_as_pythons_are():
     assert lines["inproject"] == [3] and 4 not in lines["inproject"]
 
 
+def test_methods_without_a_keyword_are_declared_in_c_family_languages():
+    """Java's, C#'s, C's, C++'s and TypeScript's methods and functions have no keyword: each is
+    found by its return type (or its body's brace), so a call to a project's method is
+    inproject, as a Python one is; control statements, calls and `new X(...) {` declare
+    nothing, and a declaration's own line does not name it."""
+    java = ("package app;\n\npublic class Repository {\n"
+            "    public Repository(String name) {\n        super(name);\n    }\n"
+            "    @Override\n"
+            "    public static <T> List<T> sortRows(List<T> rows, Comparator<T> cmp) "
+            "throws IOException {\n"
+            "        if (rows.isEmpty()) {\n            return rows;\n        }\n"
+            "        new Thread(runner) {\n        };\n        return rows;\n    }\n"
+            "    int countRows(String table)\n    {\n        return 0;\n    }\n"
+            "    void saveEntity(Entity entity) { store(entity); }\n}\n")
+    assert history.declared_names(java, "Repository.java") == {
+        "Repository", "sortRows", "countRows", "saveEntity"}
+    c = ("static int count_rows(const char *name)\n{\n    while (1) { break; }\n"
+         "    return strlen(name);\n}\nunsigned long hash_of(const char *s) { return 0; }\n")
+    assert history.declared_names(c, "rows.c") == {"count_rows", "hash_of"}
+    cpp = "std::vector<int> Repo::load(const std::string& name) const {\n    return {};\n}\n"
+    assert history.declared_names(cpp, "repo.cpp") == {"load"}
+    cs = "public async Task<int> CountRowsAsync(string table)\n{\n    return 0;\n}\n"
+    assert history.declared_names(cs, "Repo.cs") == {"CountRowsAsync"}
+    ts = ("export class Store {\n  async saveAll(items: Item[]): Promise<void> {\n"
+          "    doThing(items)\n  }\n}\ndescribe(\"store\", () => {\n  run(x)\n})\n")
+    assert history.declared_names(ts, "store.ts") == {"Store", "saveAll"}
+    user = ("package app;\n\nclass Service {\n    void handle(Entity entity) {\n"
+            "        Repository repo = Repository.open(\"main\");\n"
+            "        repo.saveEntity(entity);\n        int total = repo.countRows(\"users\");\n"
+            "        int twice = total * 2 + entity.size();\n    }\n}\n")
+    lines = history.line_categories(user, "app/Service.java", {"Repository.java": java}, {})
+    assert lines["inproject"] == [4, 5, 6]
+    assert lines["random"] == [2, 3, 7]  # class Service, handle(...): declared on their line
+
+
 def test_a_docstrings_lines_are_non_informative_as_a_block_comments_are():
     """The prose of a Python docstring and of a Kotlin KDoc falls in one category: a line wholly
     inside a string or a comment is non-informative; the code after it is not."""

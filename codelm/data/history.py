@@ -14,7 +14,8 @@ LCA's categories (``line_categories``, the dataset card's definitions, in its or
 A line "names" an identifier it uses: a definition's own name on its ``def``/``class`` line does
 not count (the name is new there). Declarations are the ``def`` and ``class`` names at any depth
 of the snapshot's source files (Python's ast; a keyword pattern, comments left out, for other
-languages and files that do not parse); prose (a README) declares nothing, and no keyword is a
+languages and files that do not parse, and in C-family languages a method's return type or
+body); prose (a README) declares nothing, and no keyword is a
 name. A file the commit adds that the parent already holds (moved, or copied whole), or that shares
 half its lines with one file the parent holds (copied and edited), is no case: its answer would
 be in its own context."""
@@ -68,6 +69,29 @@ _DECLARATION = re.compile(
     r"|\bfun\s+(?!interface\b)(?:" + _TYPE_ARGS + r"\s*)?"
     r"(?:[\w.]+(?:" + _TYPE_ARGS + r")?\??\.)?([A-Za-z_]\w*)"
     r"|\bfunc\s+(?:\([^)]*\)\s*)?([A-Za-z_]\w*)")
+# Languages whose methods and functions have no keyword (`public int count(String t) {`,
+# `static int count(const char *t)`, TypeScript's `async save(e: E): Promise<void> {`).
+C_FAMILY_EXTENSIONS = (".java", ".cs", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".jsx", ".ts",
+                       ".tsx", ".dart", ".groovy")
+_C_MODIFIERS = ("public|private|protected|internal|static|final|abstract|synchronized|native|"
+                "virtual|override|sealed|async|extern|inline|const|constexpr|unsafe|default|open|"
+                "partial|readonly|strictfp|unsigned|signed|long|short|struct|enum|volatile|"
+                "register|export")
+_C_TYPE = r"[A-Za-z_][\w.:]*(?:" + _TYPE_ARGS + r")?(?:\[\])*\??"
+# A method or function: at a line's start, annotations and modifiers, type parameters, a return
+# type (none for constructors and TypeScript's or JavaScript's class methods), a name (C++'s
+# Class::name), its parameters, then what may come before its body; `{` or the line's end.
+_C_DECLARATION = re.compile(
+    r"^[ \t]*(?:@[\w.]+(?:\([^()]*\))?\s+)*(?:(?:" + _C_MODIFIERS + r")\s+)*"
+    r"(?:" + _TYPE_ARGS + r"\s*)?(?:(" + _C_TYPE + r")(?:\s*[*&]+\s*|\s+))?"
+    r"(?:[A-Za-z_]\w*::)*([A-Za-z_]\w*)\s*\((?:[^;{}()]|\([^;{}()]*\))*\)"
+    r"[ \t]*(?:const\b[ \t]*)?(?:throws\s+[\w.,\s]+?)?(?::[ \t]*[^;{}=\n]+)?(?:async\b)?"
+    r"\s*?(\{|$)", re.MULTILINE)
+# What takes a name's place before parentheses without declaring it, and no return type.
+_NOT_DECLARED = frozenset({"if", "for", "while", "switch", "catch", "return", "else", "do", "try",
+                           "using", "lock", "foreach", "synchronized", "sizeof", "typeof", "new",
+                           "delete", "throw", "function", "await", "yield", "case", "super",
+                           "this", "assert", "with", "when"})
 _NAME = re.compile(r"[A-Za-z_]\w*")
 # String literals (triple-quoted first) and comments (block, #, //), left to right.
 _STRINGS_AND_COMMENTS = re.compile(r'/\*[\s\S]*?\*/|"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\''
@@ -103,13 +127,22 @@ def declared_names(text: str, path: str = "x.py") -> frozenset[str]:
             return frozenset(node.name for node in ast.walk(tree) if isinstance(
                 node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef))
     code = _STRINGS_AND_COMMENTS.sub("", text)  # prose declares nothing
-    return frozenset(name for name in _declarations(code) if not keyword.iskeyword(name))
+    return frozenset(name for name in _declarations(code, path) if not keyword.iskeyword(name))
 
 
-def _declarations(code: str) -> list[str]:
-    """The names ``_DECLARATION`` finds in ``code``, in order."""
-    return [next(group for group in match.groups() if group is not None)
-            for match in _DECLARATION.finditer(code)]
+def _declarations(code: str, path: str) -> list[str]:
+    """The names ``_DECLARATION`` finds in ``code``, and in a C-family language's its methods
+    and functions (``_C_DECLARATION``: typed, or with their body's brace)."""
+    names = [next(group for group in match.groups() if group is not None)
+             for match in _DECLARATION.finditer(code)]
+    if path.endswith(C_FAMILY_EXTENSIONS):
+        for match in _C_DECLARATION.finditer(code):
+            return_type, name, opens = match.groups()
+            if name in _NOT_DECLARED or return_type in _NOT_DECLARED:
+                continue
+            if return_type is not None or opens == "{":
+                names.append(name)
+    return names
 
 
 def _blanked(text: str, path: str = "x.py") -> str:
@@ -149,7 +182,7 @@ def line_names(text: str, path: str = "x.py") -> list[set[str]]:
         found = [set(_NAME.findall(line)) for line in _blanked(text, path).split("\n")]
     for names, line in zip(found, lines):
         declared = (_PY_DECLARATION.findall(line) if path.endswith(".py")
-                    else _declarations(line))
+                    else _declarations(line, path))
         names.difference_update(declared)
     return found
 
