@@ -787,6 +787,59 @@ def test_an_added_token_with_empty_content_takes_no_id_as_in_hf():
     assert [ours.encode(t) for t in texts] == _hf_ids(hf, texts)
 
 
+def test_special_tokens_map_gives_the_roles_as_transformers_reads_it(tmp_path):
+    """A checkpoint saved before transformers 4.34 names its roles in special_tokens_map.json:
+    where tokenizer_config.json lists no added_tokens_decoder, the map's roles win (over the
+    config's and the name guess), for the ids and the chat template alike; with an
+    added_tokens_decoder the map is not read."""
+    from transformers import AutoTokenizer
+
+    _hf_bpe_file(tmp_path)
+    template = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+                "{{ eos_token }}{% endfor %}")
+    config = {"chat_template": template, "eos_token": "<|endoftext|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<a>", "eos_token": {"content": "<b>", "lstrip": False}}))
+    ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "user", "content": "hi"}]
+    assert (ours.bos_id, ours.eos_id) == (auto.bos_token_id, auto.eos_token_id) == (
+        ours.token_to_id("<a>"), ours.token_to_id("<b>"))
+    assert ours.apply_chat_template(messages) == auto.apply_chat_template(
+        messages, tokenize=False) == "<a>[user]hi<b>"
+    decoder = {str(ours.token_to_id("<|endoftext|>")): {
+        "content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False,
+        "single_word": False, "special": True}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "added_tokens_decoder": decoder}))
+    ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ours.eos_id == auto.eos_token_id == ours.token_to_id("<|endoftext|>")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": 7}))
+    with pytest.raises(ValueError, match="special_tokens_map.json: eos_token must be a token"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "thinking", "reasoning"])
+def test_a_messages_reasoning_renders_under_each_name_transformers_takes(tmp_path, field):
+    """A Qwen3-style template reads message.reasoning_content, a gpt-oss one message.thinking:
+    reasoning given under any of transformers' three names renders in either, as
+    transformers renders it, so a trace in OpenAI's `reasoning` field is not dropped."""
+    from transformers import AutoTokenizer
+
+    _hf_bpe_file(tmp_path)
+    template = ("{% for m in messages %}<a>{{ m.role }}\n{% if m.reasoning_content %}<think>"
+                "{{ m.reasoning_content }}</think>{% endif %}{% if m.thinking %}[{{ m.thinking }}]"
+                "{% endif %}{{ m.content }}<b>\n{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    messages = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4", field: "add two and two"}]
+    ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    rendered = ours.apply_chat_template(messages)
+    assert rendered == auto.apply_chat_template(messages, tokenize=False)
+    assert "<think>add two and two</think>[add two and two]4" in rendered
+
+
 def test_a_null_role_in_tokenizer_config_is_no_such_token_as_in_transformers(tmp_path):
     """transformers reads eos_token: null as no EOS; the name guess (<|endoftext|>) is only for
     a role the file does not name."""

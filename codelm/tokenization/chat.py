@@ -12,17 +12,27 @@ from codelm.tokenization.files import read_json, shown_json
 
 
 def roles_from_config(directory: Path) -> dict:
-    """bos/eos/pad names from a tokenizer_config.json beside the file (null: none; absent: guess)."""
+    """bos/eos/pad names from a tokenizer_config.json beside the file (null: none; absent:
+    guess), and from special_tokens_map.json where the config lists no added_tokens_decoder
+    (the layout transformers wrote before 4.34, whose map then wins, as transformers reads it)."""
     config = directory / "tokenizer_config.json"
     data = read_json(config) if config.is_file() else {}
+    where = {f"{role}_token": config for role in ("bos", "eos", "pad")}
+    special_map = directory / "special_tokens_map.json"
+    if "added_tokens_decoder" not in data and special_map.is_file():
+        mapped = read_json(special_map)
+        for key in where:
+            if key in mapped:
+                data = {**data, key: mapped[key]}
+                where[key] = special_map
     roles = {role: data[f"{role}_token"] for role in ("bos", "eos", "pad")
              if f"{role}_token" in data}
     for role, value in roles.items():
         if isinstance(value, dict) and isinstance(value.get("content"), str):
             roles[role] = value = value["content"]  # an AddedToken as transformers writes it
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"{config}: {role}_token must be a token string, an AddedToken "
-                             f"object (its content a string) or null for none, got "
+            raise ValueError(f"{where[f'{role}_token']}: {role}_token must be a token string, an "
+                             f"AddedToken object (its content a string) or null for none, got "
                              f"{shown_json(value)}")
     return roles
 
@@ -108,6 +118,22 @@ def _compiled_chat_template(template: str):
         raise ValueError(f"chat_template: line {e.lineno}: {e.message}") from None
 
 
+# A message's reasoning by transformers' names for it, the first given first: it fills
+# reasoning_content (Qwen3's templates read it) and thinking (gpt-oss's), as transformers does.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _with_reasoning_names(message: dict) -> dict:
+    """``message`` with its reasoning under both names the templates read, as transformers
+    renders it (a message's own thinking kept)."""
+    if not isinstance(message, dict):
+        return message
+    given = [message[key] for key in REASONING_FIELDS if message.get(key) is not None]
+    if not given:
+        return message
+    return {"thinking": given[0], **message, "reasoning_content": given[0]}
+
+
 def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: bool = False,
                 tools: Sequence[dict] | None = None, **special_tokens: str | None) -> str:
     """``messages`` rendered by a chat ``template`` as transformers renders them (``tools``:
@@ -119,7 +145,8 @@ def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: 
     defined = {name: token for name, token in special_tokens.items() if token is not None}
     try:
         return _compiled_chat_template(template).render(
-            messages=list(messages), tools=None if tools is None else list(tools),
+            messages=[_with_reasoning_names(message) for message in messages],
+            tools=None if tools is None else list(tools),
             documents=None, add_generation_prompt=add_generation_prompt, **defined)
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat_template: {e}") from None
