@@ -180,8 +180,15 @@ def test_methods_without_a_keyword_are_declared_in_c_family_languages():
     cs = "public async Task<int> CountRowsAsync(string table)\n{\n    return 0;\n}\n"
     assert history.declared_names(cs, "Repo.cs") == {"CountRowsAsync"}
     ts = ("export class Store {\n  async saveAll(items: Item[]): Promise<void> {\n"
-          "    doThing(items)\n  }\n}\ndescribe(\"store\", () => {\n  run(x)\n})\n")
-    assert history.declared_names(ts, "store.ts") == {"Store", "saveAll"}
+          "    doThing(items)\n  }\n  get<T>(key: string): T {\n    return x\n  }\n}\n"
+          "describe(\"store\", () => {\n  run(x)\n})\n")
+    assert history.declared_names(ts, "store.ts") == {"Store", "saveAll", "get"}
+    generic = "class Cache {\n  public T Get<T>(string key) {\n    return default;\n  }\n}\n"
+    assert history.declared_names(generic, "Cache.cs") == {"Cache", "Get"}
+    # Groovy is not read so: `retry(3) {` is a call with a closure, `println render(t)` a call
+    groovy = "class Job {\n    def run() {\n        retry(3) {\n            go()\n        }\n" \
+             "        println render(template)\n    }\n}\n"
+    assert history.declared_names(groovy, "Job.groovy") == {"Job", "run"}
     user = ("package app;\n\nclass Service {\n    void handle(Entity entity) {\n"
             "        Repository repo = Repository.open(\"main\");\n"
             "        repo.saveEntity(entity);\n        int total = repo.countRows(\"users\");\n"
@@ -242,6 +249,14 @@ def test_a_file_copied_from_an_unchanged_file_and_edited_is_no_case(tmp_path):
     assert [case.path for case in cases] == ["app/handlers.py"]
     assert history.copied_from(edited, {"app/views.py": views}) == "app/views.py"
     assert history.copied_from(fresh, {"app/views.py": views}) is None
+    # a new file sharing its licence header and imports with a larger one is no copy of it,
+    # as git measures a copy against the larger file
+    header = "".join(f"# Licensed under the Apache License, line {i} of the notice\n"
+                     for i in range(8)) + "import os\nimport sys\n"
+    small = header + "".join(f"def price_{i}(item):\n    return item.cost * {i}\n"
+                             for i in range(3))
+    large = header + views
+    assert history.copied_from(small, {"app/views.py": large}) is None
 
 
 def test_a_file_moved_off_a_name_that_gets_a_new_file_is_no_case(tmp_path):

@@ -17,7 +17,8 @@ of the snapshot's source files (Python's ast; a keyword pattern, comments left o
 languages and files that do not parse, and in C-family languages a method's return type or
 body); prose (a README) declares nothing, and no keyword is a
 name. A file the commit adds that the parent already holds (moved, or copied whole), or that shares
-half its lines with one file the parent holds (copied and edited), is no case: its answer would
+half the lines of the larger of the two with one file the parent holds (copied and edited), is
+no case: its answer would
 be in its own context."""
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ SHORT_LINE, LONG_LINE = 5, 150
 # size (characters), as LCA's datapoints take non-Python files; dot-files and licenses never.
 OTHER_FILE_CHARS = 16_000
 MAX_FILE_BYTES = 1_000_000
-# A file the commit adds sharing this share of its lines with one file of the parent is a copy
-# of it (git's default similarity for a copy): its answer would be in its own context.
+# A file the commit adds and a file of the parent sharing this share of the larger one's lines:
+# a copy (git's default similarity, of the larger file); its answer would be in its context.
 COPIED_SHARE = 0.5
 
 # Files whose declarations count: source code (prose and data files declare nothing).
@@ -72,21 +73,21 @@ _DECLARATION = re.compile(
 # Languages whose methods and functions have no keyword (`public int count(String t) {`,
 # `static int count(const char *t)`, TypeScript's `async save(e: E): Promise<void> {`).
 C_FAMILY_EXTENSIONS = (".java", ".cs", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".jsx", ".ts",
-                       ".tsx", ".dart", ".groovy")
+                       ".tsx", ".dart")
 _C_MODIFIERS = ("public|private|protected|internal|static|final|abstract|synchronized|native|"
                 "virtual|override|sealed|async|extern|inline|const|constexpr|unsafe|default|open|"
                 "partial|readonly|strictfp|unsigned|signed|long|short|struct|enum|volatile|"
                 "register|export")
 _C_TYPE = r"[A-Za-z_][\w.:]*(?:" + _TYPE_ARGS + r")?(?:\[\])*\??"
-# A method or function: at a line's start, annotations and modifiers, type parameters, a return
-# type (none for constructors and TypeScript's or JavaScript's class methods), a name (C++'s
-# Class::name), its parameters, then what may come before its body; `{` or the line's end.
+# A method or function's head up to its parameters: at a line's start, annotations and
+# modifiers, type parameters, a return type (none for constructors and TypeScript's or
+# JavaScript's class methods), a name (C++'s Class::name, C#'s Get<T>), its parameters. What
+# follows them is read by ``_body_follows``.
 _C_DECLARATION = re.compile(
     r"^[ \t]*(?:@[\w.]+(?:\([^()]*\))?\s+)*(?:(?:" + _C_MODIFIERS + r")\s+)*"
     r"(?:" + _TYPE_ARGS + r"\s*)?(?:(" + _C_TYPE + r")(?:\s*[*&]+\s*|\s+))?"
-    r"(?:[A-Za-z_]\w*::)*([A-Za-z_]\w*)\s*\((?:[^;{}()]|\([^;{}()]*\))*\)"
-    r"[ \t]*(?:const\b[ \t]*)?(?:throws\s+[\w.,\s]+?)?(?::[ \t]*[^;{}=\n]+)?(?:async\b)?"
-    r"\s*?(\{|$)", re.MULTILINE)
+    r"(?:[A-Za-z_]\w*::)*([A-Za-z_]\w*)\s*(?:" + _TYPE_ARGS + r"\s*)?"
+    r"\((?:[^;{}()]|\([^;{}()]*\))*\)", re.MULTILINE)
 # What takes a name's place before parentheses without declaring it, and no return type.
 _NOT_DECLARED = frozenset({"if", "for", "while", "switch", "catch", "return", "else", "do", "try",
                            "using", "lock", "foreach", "synchronized", "sizeof", "typeof", "new",
@@ -132,17 +133,45 @@ def declared_names(text: str, path: str = "x.py") -> frozenset[str]:
 
 def _declarations(code: str, path: str) -> list[str]:
     """The names ``_DECLARATION`` finds in ``code``, and in a C-family language's its methods
-    and functions (``_C_DECLARATION``: typed, or with their body's brace)."""
+    and functions (``_C_DECLARATION``: typed and at their line's end, or with their body)."""
     names = [next(group for group in match.groups() if group is not None)
              for match in _DECLARATION.finditer(code)]
     if path.endswith(C_FAMILY_EXTENSIONS):
         for match in _C_DECLARATION.finditer(code):
-            return_type, name, opens = match.groups()
+            return_type, name = match.groups()
             if name in _NOT_DECLARED or return_type in _NOT_DECLARED:
                 continue
-            if return_type is not None or opens == "{":
+            follows = _body_follows(code, match.end())
+            if follows == "{" or (follows == "" and return_type is not None):
                 names.append(name)
     return names
+
+
+_SUFFIX_WORDS = ("const", "async", "override", "noexcept")
+
+
+def _body_follows(code: str, at: int) -> str | None:
+    """What follows a declaration's parameters at ``at``: "{" where its body opens (on its
+    line or the next: a brace of its own), "" where its line ends there; None where anything
+    else does (a call's `;`, an operator). Passed over: const, async, a Java throws clause and
+    a TypeScript return type (`: Promise<T>`)."""
+    end = code.find("\n", at)
+    end = len(code) if end < 0 else end
+    rest = code[at:end].strip()
+    for word in _SUFFIX_WORDS:
+        if rest.startswith(word) and not rest[len(word):len(word) + 1].isidentifier():
+            rest = rest[len(word):].lstrip()
+    if rest.startswith(("throws ", ":")):  # up to the body's brace, with no statement between
+        brace = rest.find("{")
+        head = rest if brace < 0 else rest[:brace]
+        if any(mark in head for mark in ";=()"):
+            return None
+        rest = "" if brace < 0 else rest[brace:]
+    if rest.startswith("{"):
+        return "{"
+    if rest:
+        return None
+    return "{" if code[end:].lstrip().startswith("{") else ""
 
 
 def _blanked(text: str, path: str = "x.py") -> str:
@@ -395,11 +424,14 @@ def _long_lines(text: str) -> frozenset[str]:
 
 
 def copied_from(text: str, parent_files: dict[str, str]) -> str | None:
-    """The file of the parent that ``text`` is a copy of, edited or not (COPIED_SHARE of its
-    long lines are that file's), None where it is none's."""
+    """The file of the parent that ``text`` is a copy of, edited or not (COPIED_SHARE of the
+    long lines of the larger of the two are in both, as git measures a copy), None where it is
+    none's."""
     lines = _long_lines(text)
     for path, other in parent_files.items():
-        if lines and len(lines & _long_lines(other)) >= COPIED_SHARE * len(lines):
+        other_lines = _long_lines(other)
+        larger = max(len(lines), len(other_lines))
+        if lines and len(lines & other_lines) >= COPIED_SHARE * larger:
             return path
     return None
 
