@@ -151,10 +151,6 @@ def walk_source_tree(root: Path, extensions: Iterable[str], links_within: Path |
     files unknown), with a warning naming it."""
     extensions = tuple(extensions)
     files, work_trees, unreadable = _tree_files(root)
-    for rel, path in unreadable:
-        log.warning("%s: cannot list this directory (permission denied?); its files are left out",
-                    path)
-        yield rel, path, "unreadable"
     top = repository_top(root)
     if top is not None:
         work_trees = list(dict.fromkeys(["", *work_trees]))
@@ -165,6 +161,13 @@ def walk_source_tree(root: Path, extensions: Iterable[str], links_within: Path |
     for tree in outermost:  # the walked root's repository is the one already found
         listed = git_ignored_files(Path(root, tree), top if tree == "" else None)
         ignored.update(f"{tree}/{rel}" if tree else rel for rel in listed)
+    if unreadable and top is not None:  # what a clone never holds is no loss
+        unreadable = _not_ignored(unreadable, root, top)
+    for rel, path in unreadable:
+        if not (nested and f"{rel}/".startswith(nested)):
+            log.warning("%s: cannot list this directory (permission denied?); its files are "
+                        "left out", path)
+            yield rel, path, "unreadable"
     for rel, path in files:  # the extension first: it needs no system call
         if not has_extension(rel, extensions):
             yield rel, path, "extension"
@@ -216,7 +219,17 @@ def git_ignored_files(root: Path, top: Path | None = None) -> frozenset[str]:
     return frozenset(os.fsdecode(rel) for rel in listed.split(b"\0") if rel)
 
 
-def _git(top: Path, where: Path, *args: str) -> bytes | None:
+def _not_ignored(directories: list[tuple[str, Path]], root: Path, top: Path
+                 ) -> list[tuple[str, Path]]:
+    """Those of ``directories`` (relative to ``root``) that git does not ignore."""
+    relative = "\0".join(rel for rel, _ in directories).encode()
+    listed = _git(top, root, "check-ignore", "-z", "--stdin", stdin=relative, ok=(0, 1))
+    ignored = {os.fsdecode(rel) for rel in (listed or b"").split(b"\0") if rel}
+    return [(rel, path) for rel, path in directories if rel not in ignored]
+
+
+def _git(top: Path, where: Path, *args: str, stdin: bytes | None = None,
+         ok: tuple[int, ...] = (0,)) -> bytes | None:
     """The output of git ``args`` run in ``where`` (paths relative to it) of the work tree
     ``top``, or None when git fails (a warning names why). No fsmonitor, and safe.directory:
     a checkout another user owns runs no command and is read. The user's global ignore file
@@ -225,11 +238,11 @@ def _git(top: Path, where: Path, *args: str) -> bytes | None:
            "-c", f"core.excludesFile={os.devnull}",  # the repository's rules, not the user's
            "-C", str(where), *args]
     try:
-        result = subprocess.run(cmd, capture_output=True, timeout=600)
+        result = subprocess.run(cmd, input=stdin, capture_output=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as error:
         log.warning("%s: git failed (%s); its ignored files are read too", where, error)
         return None
-    if result.returncode != 0:
+    if result.returncode not in ok:
         log.warning("%s: git could not list the files it ignores (%s); they are read too", where,
                     os.fsdecode(result.stderr).strip().partition("\n")[0])
         return None

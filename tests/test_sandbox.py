@@ -609,6 +609,8 @@ def test_a_named_module_of_one_file_and_a_package_with_bundled_libraries_are_imp
     assert result.passed and "Literal['a']" in result.stdout, result.stderr
     (_, _, paths), = runner._package_dirs(["typing_extensions"])
     assert paths[0].endswith("typing_extensions.py")
+    with pytest.raises(ValueError, match="top-level modules, not 'PIL.Image': name 'PIL'"):
+        runner._package_dirs(["PIL.Image"])
     program = "from PIL import Image\nprint(Image.new('RGB', (4, 3)).size)\n"
     result = run_python(program, SandboxConfig(timeout_s=20.0, memory_mb=1024,
                                                packages=("PIL",)))

@@ -977,6 +977,23 @@ def test_an_unreadable_file_or_directory_is_counted_and_named_and_the_rest_colle
     assert counts["unreadable"] == 2
 
 
+def test_an_unreadable_directory_git_ignores_is_no_loss(tmp_path, monkeypatch, caplog):
+    """In a checkout, a directory its .gitignore names (a database volume owned by another
+    user) is what a clone never holds: not listing it is neither counted nor warned about."""
+    src = tmp_path / "proj"
+    for rel in ("a.py", "db-data/dump.py", "pkg/b.py", ".gitignore"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("db-data/\n" if rel == ".gitignore" else f"# {rel}\nx = 1\n")
+    subprocess.run(["git", "init", "-q"], cwd=src, check=True)
+    _unreadable(monkeypatch, [], [src / "db-data", src / "pkg"])
+    out = tmp_path / "out.jsonl"
+    with caplog.at_level(logging.WARNING, logger="scraping"):
+        summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
+    assert [r["path"] for r in read_jsonl(out)] == ["a.py"]
+    assert summary.files["unreadable"] == 1
+    assert str(src / "pkg") in caplog.text and "db-data" not in caplog.text
+
+
 def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path, capsys):
     src = tmp_path / "repo"
     src.mkdir()

@@ -413,6 +413,9 @@ def _package_dirs(names: Sequence[str]) -> list[list]:
 
     found = []
     for name in names:
+        if not name.isidentifier():  # PIL.Image: its top-level module is what is imported
+            raise ValueError(f"sandbox: packages takes top-level modules, not {name!r}: name "
+                             f"{name.partition('.')[0]!r}")
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
             own = Path(spec.submodule_search_locations[0]).resolve()
