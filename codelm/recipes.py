@@ -60,6 +60,8 @@ def load_recipe(path: str | Path) -> Recipe:
     check_sections(recipe)
     for key in recipe.eval:
         check_eval_key(key, f"{path}: the eval section's {key}")
+    for key in recipe.train:
+        check_train_key(key, f"{path}: the train section's {key}")
     return recipe
 
 
@@ -82,10 +84,24 @@ OWN_EVAL_KEYS = {
 }
 
 
+# TrainConfig keys the recipe command sets itself, and the flag to use instead.
+OWN_TRAIN_KEYS = {
+    "device": "sets train.device itself: use --device (evaluation's too)",
+    "progress": "sets train.progress itself: use --no-progress (evaluation's too)",
+    "resume": "sets train.resume itself: use --resume (it resumes <out-dir>/<name>)",
+}
+
+
 def check_eval_key(key: str, where: str) -> None:
     """Refuse an eval key the recipe command sets itself or does not use (``OWN_EVAL_KEYS``)."""
     if key in OWN_EVAL_KEYS:
         raise ValueError(f"{where}: python -m codelm.recipes {OWN_EVAL_KEYS[key]}")
+
+
+def check_train_key(key: str, where: str) -> None:
+    """Refuse a train key the recipe command sets itself (``OWN_TRAIN_KEYS``)."""
+    if key in OWN_TRAIN_KEYS:
+        raise ValueError(f"{where}: python -m codelm.recipes {OWN_TRAIN_KEYS[key]}")
 
 
 def apply_setting(recipe: Recipe, setting: str) -> None:
@@ -100,6 +116,8 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
         value = text
     if parts[0] == "eval":
         check_eval_key(parts[1], f"--set {setting}")
+    else:
+        check_train_key(parts[1], f"--set {setting}")
     target = getattr(recipe, parts[0])
     for part in parts[1:-1]:
         target = target.setdefault(part, {})
@@ -566,7 +584,8 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     name = opts.name or values.get("name") or Path(opts.recipe).stem
     trainconfig.check_run_name(name, f"--name {name}" if opts.name
                                else f"{opts.recipe}: train.name {name}")
-    out_dir = Path(opts.out_dir or ("runs/smoke" if opts.smoke else values.get("out_dir", "runs")))
+    smoke_dir = "runs/smoke" if opts.smoke and "out_dir" not in typed else None  # a --set's kept
+    out_dir = Path(opts.out_dir or smoke_dir or values.get("out_dir", "runs"))
     values.update(name=name, out_dir=str(out_dir), device=opts.device, progress=opts.progress,
                   resume=str(out_dir / name) if opts.resume else None)
     values = _with_flags(values, opts)

@@ -794,6 +794,42 @@ def test_eval_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeyp
     assert trained == []
 
 
+@pytest.mark.parametrize("key, value, instead", [
+    ("device", '"cpu"', "sets train.device itself: use --device"),
+    ("progress", "false", "sets train.progress itself: use --no-progress"),
+    ("resume", '"runs/x"', "sets train.resume itself: use --resume"),
+], ids=["device", "progress", "resume"])
+def test_train_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeypatch, capsys,
+                                                                key, value, instead):
+    """codelm.recipes sets train.device, train.progress and train.resume from its own flags, so
+    a recipe's own (in its section or --set) is refused, not silently overwritten."""
+    trained: list = []
+    monkeypatch.setattr(tm, "train", _stop_training(trained))
+    flags = ["--out-dir", str(tmp_path / "runs"), "--no-progress"]
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
+    assert recipes.main([str(recipe), *flags, "--set", f"train.{key}={value}"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --set train.{key}={value}: python -m codelm.recipes {instead}")
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, **{key: json.loads(value)})
+    assert recipes.main([str(recipe), *flags]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {recipe}: the train section's {key}: python -m codelm.recipes {instead}")
+    assert trained == []
+
+
+def test_a_smoke_run_goes_where_set_train_out_dir_says(tmp_path, monkeypatch):
+    """--smoke writes under runs/smoke unless the user says where: --out-dir, or --set
+    train.out_dir (a recipe's own out_dir is its full run's)."""
+    trained: list = []
+    monkeypatch.setattr(tm, "train", _stop_training(trained))
+    monkeypatch.chdir(tmp_path)
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, out_dir=str(tmp_path / "full"))
+    recipes.main([str(recipe), "--smoke", "--no-progress", "--set",
+                  f"train.out_dir={tmp_path / 'mine'}"])
+    recipes.main([str(recipe), "--smoke", "--no-progress"])
+    assert [Path(cfg.out_dir) for cfg in trained] == [tmp_path / "mine", Path("runs/smoke")]
+
+
 def test_data_flag_replaces_the_recipes_validation_files_with_a_split_of_the_data(tmp_path,
                                                                                    monkeypatch):
     """RecipeOptions.val_data: "with --data a validation split cut from --data": the recipe's
