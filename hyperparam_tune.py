@@ -68,6 +68,7 @@ ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all 
 # The version of the study's recorded settings (2: trials valued by val bits per byte).
 FORMAT_VERSION = 2
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
+WORKER_DIED = "worker process died"  # a trial failed for its dead worker (it does not count)
 # Completes the trainer's "checkpoint saved at step N; continue with ...".
 RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
                "checkpoint where a signal stopped it")
@@ -201,11 +202,13 @@ def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
 
 def counts(trial: FrozenTrial, retried: set[int]) -> bool:
     """Whether a finished trial counts toward n_trials: not a FAIL that was queued again, was
-    interrupted, stopped the sweep or has no recorded reason (its worker died)."""
+    interrupted, stopped the sweep, or whose worker died (no recorded reason, as a database
+    storage fails it, or WORKER_DIED, as the journal's recovery does)."""
     if trial.state != TrialState.FAIL:
         return trial.state.is_finished()
     reason = trial.user_attrs.get(ATTR_REASON)
-    return (trial.number not in retried and bool(reason) and reason != INTERRUPTED
+    return (trial.number not in retried and bool(reason) and reason not in (INTERRUPTED,
+                                                                            WORKER_DIED)
             and not trial.user_attrs.get(ATTR_STOPPED))
 
 
@@ -218,18 +221,35 @@ def study_progress(study: optuna.Study) -> tuple[int, int, int]:
             states.count(TrialState.WAITING))
 
 
+def _worker_id() -> str:
+    """This process as a trial's worker: host, pid and the pid's start (one process, however
+    its pid is reused: a container's restarted entry process is pid 1 again)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot (Linux's /proc/PID/stat, its
+    22nd field); "" where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rpartition(")")[2].split()[19]  # the fields after the name start at the 3rd
+
+
 def _local_owner_alive(trial: FrozenTrial) -> bool | None:
     """Whether this trial's worker runs on this machine and lives; None: another machine's."""
-    host, _, pid = str(trial.user_attrs.get(ATTR_WORKER, "")).rpartition(":")
+    host, _, rest = str(trial.user_attrs.get(ATTR_WORKER, "")).partition(":")
+    pid, _, started = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return None
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process: alive
+    except PermissionError:  # another user's process: alive, unless its pid was reused
         pass
-    return True
+    return not started or _process_start(int(pid)) == started
 
 
 class QueueAgain:
@@ -259,15 +279,17 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
         if (trial.state == TrialState.FAIL and trial.number not in retried
                 and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED):
             retry(study, trial)
-    if isinstance(storage, optuna.storages.RDBStorage):  # open_storage enables heartbeats
+    database = isinstance(storage, optuna.storages.RDBStorage)
+    if database:  # open_storage enables heartbeats: a worker that stopped sending them
         optuna.storages.fail_stale_trials(study)
-        return
-    # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
+    # A local worker that is gone, whether or not it sent a heartbeat; with the journal, the
+    # claim lock is held from creating a trial to naming its owner: no owner, no worker.
     for trial in trials:
         if trial.state == TrialState.RUNNING and (
-                ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial) is False):
+                (not database and ATTR_WORKER not in trial.user_attrs)
+                or _local_owner_alive(trial) is False):
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, "worker process died")
+                storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, WORKER_DIED)
                 if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                     retry(study, storage.get_trial(trial._trial_id))
 
@@ -503,12 +525,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
             if finished + running < cfg.n_trials or waiting:
                 _seed_for_next_trial(study, cfg.sampler_seed)
                 trial = study.ask(space.distributions())  # a queued retry first
-                # A retried trial arrives with its predecessor's attributes: make them this run's
-                # before other workers (which judge RUNNING trials by their worker) look at it.
-                trial.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
-                for key in (ATTR_REASON, ATTR_STOPPED):
-                    if trial.user_attrs.get(key) is not None:
-                        trial.set_user_attr(key, None)
+                _claim(trial, storage if heartbeats else None)
             elif not (heartbeats or any(_local_owner_alive(t) for t in study.get_trials(
                     deepcopy=False, states=(TrialState.RUNNING,)))):
                 return  # the last trials run on machines whose death nobody would notice
@@ -526,6 +543,23 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
         if state is None or not _tell(trial, state, value):
             tqdm.write(f"trial {trial.number}: another worker declared it dead (no heartbeat "
                        "within --grace-period); this worker goes on", file=sys.stderr)
+
+
+def _claim(trial: optuna.Trial, heartbeats: optuna.storages.RDBStorage | None) -> None:
+    """Make a trial just asked this worker's: its worker named and, in a database, its first
+    heartbeat sent, before other workers (which judge RUNNING trials by them) look at it; a
+    retried trial's predecessor's reason cleared. A stop meanwhile fails it as interrupted."""
+    try:
+        trial.set_user_attr(ATTR_WORKER, _worker_id())
+        for key in (ATTR_REASON, ATTR_STOPPED):
+            if trial.user_attrs.get(key) is not None:
+                trial.set_user_attr(key, None)
+        if heartbeats is not None:
+            heartbeats.record_heartbeat(trial._trial_id)
+    except BaseException:
+        _mark_interrupted(trial)
+        _tell(trial, TrialState.FAIL)
+        raise
 
 
 def _tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> bool:
@@ -645,8 +679,21 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
 
 
 def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
-    """A study fixes each parameter's kind, log scale and choices at its first trial."""
-    for trial in study.get_trials(deepcopy=False):
+    """A study fixes each parameter's kind, log scale and choices at its first trial; a trial
+    to run again (queued, or interrupted) runs with the parameters it was drawn with, so the
+    space must still have each of them."""
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried_numbers(trials)
+    for trial in trials:
+        again = trial.state == TrialState.WAITING or (
+            trial.state == TrialState.FAIL and trial.number not in retried
+            and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED)
+        if again and set(trial.params) != set(space.params):
+            raise ValueError(
+                f"{space.source}: study {cfg.study_name!r} runs trial {trial.number} again with "
+                f"the parameters {sorted(trial.params)}, the space now {sorted(space.params)}: "
+                "keep them in params until it has run, or use another --study-name")
+    for trial in trials:
         for name in [n for n in space.params if n in trial.distributions]:
             try:
                 optuna.distributions.check_distribution_compatibility(

@@ -195,7 +195,7 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path, corpus, storage_kind
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         victim = _running_trial(storage, "kill")
-        os.kill(int(victim.user_attrs[hyperparam_tune.ATTR_WORKER].rpartition(":")[2]),
+        os.kill(int(victim.user_attrs[hyperparam_tune.ATTR_WORKER].split(":")[1]),
                 signal.SIGKILL)
         output, _ = parent.communicate(timeout=300)
     finally:
@@ -447,7 +447,7 @@ def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
         return len(running) == 2
 
     def workers() -> list[int]:
-        return [int(t.user_attrs[hyperparam_tune.ATTR_WORKER].rpartition(":")[2])
+        return [int(t.user_attrs[hyperparam_tune.ATTR_WORKER].split(":")[1])
                 for t in running]
 
     with open(tmp_path / "output", "w") as log:
@@ -1062,6 +1062,53 @@ def test_a_live_worker_of_another_user_is_alive(monkeypatch):
     assert hyperparam_tune._local_owner_alive(owned_by(f"{here}-elsewhere:4242")) is None
 
 
+def test_a_worker_whose_pid_another_process_took_is_dead():
+    """A worker is named by its pid and the pid's start: a restarted container's new entry
+    process, pid 1 again, is not the worker that died there; the live worker itself is."""
+    me = hyperparam_tune._worker_id()
+    host, pid, started = me.split(":")
+    assert (host, pid) == (socket.gethostname(), str(os.getpid())) and started.isdigit()
+
+    def owned_by(worker: str):
+        return optuna.trial.create_trial(state=TrialState.RUNNING,
+                                         user_attrs={hyperparam_tune.ATTR_WORKER: worker})
+
+    assert hyperparam_tune._local_owner_alive(owned_by(me)) is True
+    reused = f"{host}:{pid}:{int(started) + 1}"
+    assert hyperparam_tune._local_owner_alive(owned_by(reused)) is False
+    assert hyperparam_tune._local_owner_alive(owned_by(f"{host}:{pid}")) is True  # no start
+
+
+def test_a_database_trial_whose_local_worker_died_before_its_first_heartbeat_is_retried(
+        tmp_path):
+    """A worker killed between asking a trial and its first heartbeat leaves it RUNNING with no
+    heartbeat, which Optuna's stale check never fails: on this machine its dead worker is seen,
+    and the trial fails and is queued again, so the sweep does not wait for it forever."""
+    cfg = hyperparam_tune.TuneConfig(storage=f"sqlite:///{tmp_path / 'study.db'}",
+                                     out_dir=str(tmp_path), study_name="gap")
+    storage = hyperparam_tune.open_storage(cfg)
+    study = optuna.create_study(study_name="gap", storage=storage)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    host, pid, started = hyperparam_tune._worker_id().split(":")
+    trial.set_user_attr(hyperparam_tune.ATTR_WORKER, f"{host}:{pid}:{int(started) + 1}")
+    hyperparam_tune.recover_dead_trials(study, storage, cfg)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[0].user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.WORKER_DIED
+
+
+def test_a_trial_whose_worker_died_does_not_count_whatever_the_storage():
+    """A FAIL for a dead worker (the journal's recovery names it WORKER_DIED, a database's
+    records no reason) never counts toward n_trials: the study runs another."""
+    trial = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
+        hyperparam_tune.ATTR_REASON: hyperparam_tune.WORKER_DIED})
+    unnamed = optuna.trial.create_trial(state=TrialState.FAIL)
+    failed = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
+        hyperparam_tune.ATTR_REASON: "RuntimeError: boom"})
+    assert [hyperparam_tune.counts(t, set()) for t in (trial, unnamed, failed)] == [
+        False, False, True]
+
+
 def test_a_continued_study_may_change_a_sampled_keys_base_value(tmp_path, corpus):
     """Each trial's sampled value replaces the base's: a continuation's --train-config that sets
     lr (sampled by the space) changes no trial, and is no change of the study's settings."""
@@ -1389,6 +1436,25 @@ def test_space_that_does_not_fit_the_study_is_refused_before_a_trial(tmp_path, c
     err = capsys.readouterr().err
     assert f"{space}: params.lr does not fit study 'kind'" in err and "Traceback" not in err
     assert len(load_study(journal(tmp_path, "kind"), "kind").get_trials()) == 1
+
+
+def test_a_trial_to_run_again_refuses_a_space_without_its_parameters(tmp_path, corpus,
+                                                                      capsys):
+    """An interrupted trial runs again with the parameters it was drawn with: a space that has
+    dropped one (moved to base, say) would train other values than its record says, so the
+    continuation is refused, naming the trial, before anything runs."""
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    layers = optuna.distributions.IntDistribution(1, 4)
+    study = optuna.create_study(study_name="moved", storage=journal(tmp_path, "moved"))
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.FAIL, params={"lr": 1e-3, "n_layer": 4},
+        distributions={"lr": lr, "n_layer": layers},
+        user_attrs={hyperparam_tune.ATTR_REASON: hyperparam_tune.INTERRUPTED}))
+    space = tiny_space(tmp_path, corpus)  # lr alone: n_layer is the base's now
+    assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="moved", n_trials=2)) == 2
+    err = capsys.readouterr().err
+    assert "runs trial 0 again with the parameters ['lr', 'n_layer']" in err, err
+    assert len(load_study(journal(tmp_path, "moved"), "moved").get_trials()) == 1
 
 
 def test_continuing_with_another_budget_or_base_is_refused(tmp_path, corpus, capsys,
@@ -1899,7 +1965,7 @@ def test_an_interrupted_trial_is_always_queued_again_and_a_dead_one_max_retry_ti
         return len(study.trials)
 
     assert attempts(hyperparam_tune.INTERRUPTED, 5) == 6  # five stops, a sixth attempt
-    assert attempts("worker process died", 5) == 3  # the first, then 2 retries
+    assert attempts(hyperparam_tune.WORKER_DIED, 5) == 3  # the first, then 2 retries
 
 
 @pytest.mark.parametrize("url, words", [("sqlite://", "an in-memory database"),
