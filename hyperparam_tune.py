@@ -685,7 +685,9 @@ def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.St
     trials = study.get_trials(deepcopy=False)
     retried = _retried_numbers(trials)
     for trial in trials:
-        again = trial.state == TrialState.WAITING or (
+        queued_retry = (trial.state == TrialState.WAITING
+                        and "failed_trial" in trial.system_attrs)  # not a user's enqueue_trial
+        again = queued_retry or (
             trial.state == TrialState.FAIL and trial.number not in retried
             and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED)
         if again and set(trial.params) != set(space.params):

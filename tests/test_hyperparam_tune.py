@@ -1455,6 +1455,13 @@ def test_a_trial_to_run_again_refuses_a_space_without_its_parameters(tmp_path, c
     err = capsys.readouterr().err
     assert "runs trial 0 again with the parameters ['lr', 'n_layer']" in err, err
     assert len(load_study(journal(tmp_path, "moved"), "moved").get_trials()) == 1
+    queued = optuna.create_study(study_name="queued", storage=journal(tmp_path, "queued"))
+    queued.add_trial(optuna.trial.create_trial(
+        state=TrialState.FAIL, params={"lr": 1e-3, "n_layer": 4},
+        distributions={"lr": lr, "n_layer": layers}))  # its worker died: queued again
+    hyperparam_tune.QueueAgain(max_retry=None)(queued, queued.get_trials()[0])
+    assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="queued", n_trials=2)) == 2
+    assert "runs trial 1 again with the parameters ['lr', 'n_layer']" in capsys.readouterr().err
 
 
 def test_continuing_with_another_budget_or_base_is_refused(tmp_path, corpus, capsys,
