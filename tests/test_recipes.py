@@ -534,6 +534,18 @@ def test_smoke_steps_below_one_names_the_flag(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("key", ["export", "export_merged"])
+def test_smoke_without_the_merged_export_it_checks_is_refused_before_training(tmp_path, capsys,
+                                                                              key):
+    """A LoRA recipe's smoke run checks the saved adapter against the merged export: --set
+    train.export_merged=false (or export=false) is refused before anything trains."""
+    assert recipes.main([str(CONFIGS / "fastapi_codegen.json"), "--smoke", "--set",
+                         f"train.{key}=false", "--out-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"--smoke checks the saved adapter against the merged export: drop train.{key}" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_run_name_with_a_path_is_refused_before_anything_is_written(tmp_path, capsys):
     """--name ../x would put the run (and its smoke inputs, which are deleted first) outside
     --out-dir: refused before anything is written."""
