@@ -780,52 +780,37 @@ def test_resume_with_other_eval_settings_names_the_runs_eval_dir_as_the_remedy(
                                   "--resume")), err
 
 
-@pytest.mark.parametrize("key, value, instead", [
-    ("out_dir", '"elsewhere"', "sets eval.out_dir itself: it evaluates a run into "
-                               "<out-dir>/<name>/eval"),
-    ("device", '"cpu"', "sets eval.device itself: use --device"),
-    ("progress", "false", "sets eval.progress itself: use --no-progress"),
-    ("prompt", '"def f("', "runs the recipe's tasks, not a prompt (python eval.py --config"),
-], ids=["out_dir", "device", "progress", "prompt"])
-def test_eval_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeypatch, capsys,
-                                                               key, value, instead):
-    """codelm.recipes sets eval.out_dir, eval.device and eval.progress itself and does not use
-    eval.prompt, so a recipe's own (in its section or --set eval.out_dir=../x) is refused, not
-    silently overwritten or ignored."""
+@pytest.mark.parametrize("section, key, value, instead", [
+    ("eval", "out_dir", '"elsewhere"', "sets eval.out_dir itself: it evaluates a run into "
+                                       "<out-dir>/<name>/eval"),
+    ("eval", "device", '"cpu"', "sets eval.device itself: use --device"),
+    ("eval", "progress", "false", "sets eval.progress itself: use --no-progress"),
+    ("eval", "prompt", '"def f("', "runs the recipe's tasks, not a prompt (python eval.py "
+                                   "--config"),
+    ("train", "device", '"cpu"', "sets train.device itself: use --device"),
+    ("train", "progress", "false", "sets train.progress itself: use --no-progress"),
+    ("train", "resume", '"runs/x"', "sets train.resume itself: use --resume"),
+], ids=["eval.out_dir", "eval.device", "eval.progress", "eval.prompt", "train.device",
+        "train.progress", "train.resume"])
+def test_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeypatch, capsys,
+                                                          section, key, value, instead):
+    """codelm.recipes sets eval.out_dir, eval.device, eval.progress, train.device,
+    train.progress and train.resume from its own flags and does not use eval.prompt, so a
+    recipe's own (in its section or --set eval.out_dir=../x) is refused, not silently
+    overwritten or ignored."""
     trained: list = []
     monkeypatch.setattr(tm, "train", _stop_training(trained))
     flags = ["--out-dir", str(tmp_path / "runs"), "--no-progress"]
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
-    assert recipes.main([str(recipe), *flags, "--set", f"eval.{key}={value}"]) == 2
+    assert recipes.main([str(recipe), *flags, "--set", f"{section}.{key}={value}"]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: --set eval.{key}={value}: python -m codelm.recipes {instead}")
-    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], key: json.loads(value)})
+        f"error: --set {section}.{key}={value}: python -m codelm.recipes {instead}")
+    own = {key: json.loads(value)}
+    recipe = (_tiny_recipe(tmp_path, {"tasks": ["lm"], **own}) if section == "eval"
+              else _tiny_recipe(tmp_path, {"tasks": ["lm"]}, **own))
     assert recipes.main([str(recipe), *flags]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: {recipe}: the eval section's {key}: python -m codelm.recipes {instead}")
-    assert trained == []
-
-
-@pytest.mark.parametrize("key, value, instead", [
-    ("device", '"cpu"', "sets train.device itself: use --device"),
-    ("progress", "false", "sets train.progress itself: use --no-progress"),
-    ("resume", '"runs/x"', "sets train.resume itself: use --resume"),
-], ids=["device", "progress", "resume"])
-def test_train_keys_recipes_sets_itself_are_refused_not_ignored(tmp_path, monkeypatch, capsys,
-                                                                key, value, instead):
-    """codelm.recipes sets train.device, train.progress and train.resume from its own flags, so
-    a recipe's own (in its section or --set) is refused, not silently overwritten."""
-    trained: list = []
-    monkeypatch.setattr(tm, "train", _stop_training(trained))
-    flags = ["--out-dir", str(tmp_path / "runs"), "--no-progress"]
-    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
-    assert recipes.main([str(recipe), *flags, "--set", f"train.{key}={value}"]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: --set train.{key}={value}: python -m codelm.recipes {instead}")
-    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]}, **{key: json.loads(value)})
-    assert recipes.main([str(recipe), *flags]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: {recipe}: the train section's {key}: python -m codelm.recipes {instead}")
+        f"error: {recipe}: the {section} section's {key}: python -m codelm.recipes {instead}")
     assert trained == []
 
 
