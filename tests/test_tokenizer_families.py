@@ -15,7 +15,12 @@ import unicodedata
 import pytest
 from edge_corpus import LONE_SURROGATES, edge_texts
 from test_tokenizer import EDGE_CASES, _assert_ids_equal_hf, _first_mismatch, _hf_ids
-from tiny_hf import FAMILY_TOKENIZER_STYLES, QWEN2_SPECIALS, train_family_tokenizer
+from tiny_hf import (
+    FAMILY_TOKENIZER_STYLES,
+    QWEN2_SPECIALS,
+    train_family_tokenizer,
+    train_hf_tokenizer,
+)
 
 from codelm.data.examples import chat_turns
 from codelm.data.sources import stdlib_files, stdlib_root
@@ -635,6 +640,23 @@ def test_a_stop_string_is_found_at_the_token_the_whole_texts_check_finds_it(
         ends = next((n for n in range(1, len(ids) + 1) if finish_reason(ids[:n], cfg)), None)
         assert ends == whole, (ids, whole, ends)
 
+
+def test_a_lines_stop_is_found_where_the_next_lines_indentation_shares_its_token(tmp_path):
+    """Eval's line task stops at "\n" once its answer has started (``answer``: past leading
+    blank lines): a byte-level BPE's "\n" + indentation is one token, which the answer's start
+    must not strip from the text's end that finish_reason reads, or the stop comes lines late."""
+    from codelm.models.generation import GenerationConfig, finish_reason
+
+    texts = [p.read_text("utf-8", "replace") for p in stdlib_files()[::200]]
+    train_hf_tokenizer("starcoder", texts, tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    ids = tok.encode("    if x:\n        return x * 3 + y  # ok\n    return y\n")
+    assert "\n       " in [tok.decode([i]) for i in ids]
+    line = GenerationConfig(10**6, stop=["\n"], decode=lambda i: decode_generated(tok, i),
+                            answer=str.lstrip)
+    whole = next(n for n in range(1, len(ids) + 1) if "\n" in line.decode(ids[:n]).lstrip())
+    assert next(n for n in range(1, len(ids) + 1) if finish_reason(ids[:n], line)) == whole
+    assert finish_reason(tok.encode("\n\n    "), line) is None  # no answer yet: no stop
 
 
 def test_a_stop_string_in_bytes_the_whole_text_replaces_does_not_stop(family_tokenizers):

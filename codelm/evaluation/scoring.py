@@ -209,16 +209,18 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
     answers' text has no special token (EvalPlus decodes with skip_special_tokens)."""
     tok, model = lm.tokenizer, lm.model
 
+    def decoded(ids: list[int]) -> str:  # chat: as EvalPlus reads it
+        return decode_generated(tok, ids, skip_special_tokens=chat)
+
     def text(ids: list[int]) -> str:
-        decoded = decode_generated(tok, ids, skip_special_tokens=chat)  # chat: as EvalPlus reads
-        return start(decoded) if start else decoded
+        return start(decoded(ids)) if start else decoded(ids)
     if chat:  # the template's special-token text is its tokens, as the server reads it
         prompt_ids = [(tok.encode(prompt), (0, 0)) for prompt in prompts]
     elif prompt_ids is None:
         prompt_ids = [(ids, (0, 0)) for ids in _prompt_ids(lm, prompts, cfg)]
     gen, eos, encoded = _generation(
         lm, cfg, prompt_ids, max_prompt_tokens, chat, num_beams=cfg.num_beams,
-        stop=(list(stops) or None) if cfg.num_beams == 1 else None, decode=text)
+        stop=(list(stops) or None) if cfg.num_beams == 1 else None, decode=decoded, answer=start)
     device = next(model.parameters()).device
     if cfg.num_beams == 1:
         return _engine_texts(lm, encoded, gen, eos, cfg, stops, text, desc)

@@ -44,7 +44,8 @@ class GenerationConfig:
     as transformers filters (top_k None: transformers' top_k=0). num_beams > 1: beam search.
     eos_id: an id or ids ending a row. stop: a string, an id, or a list of strings, ids and id
     sequences ending a row, matched in the generated tokens only (strings need `decode`, e.g.
-    tokenizer.decode). pad_id fills finished rows (default: the first EOS id). compile: the
+    tokenizer.decode; ``answer``: where the answer starts in a whole decoded text, a stop
+    string before it not counting: eval's line task's past its leading blank lines). pad_id fills finished rows (default: the first EOS id). compile: the
     decode step compiled (on CUDA a CUDA graph, one such generation at a time per model).
     Greedy, one row: prompt_lookup > 0 drafts that many tokens a step from the text so far
     (transformers' prompt_lookup_num_tokens), draft_model drafts draft_tokens a step (a smaller
@@ -61,6 +62,7 @@ class GenerationConfig:
     num_beams: int = 1
     length_penalty: float = 1.0
     decode: Callable[[list[int]], str] | None = None
+    answer: Callable[[str], str] | None = None
     # one for the batch, or one a row (a row then draws as it would alone, whatever its batch)
     generator: torch.Generator | Sequence[torch.Generator] | None = None
     compile: bool = False
@@ -345,7 +347,7 @@ def _steps(model: Transformer, idx, cfg: GenerationConfig, attention_mask):
             if track:
                 finished |= torch.isin(tok, eos_t)
                 if cfg.stop:
-                    finished |= _hit_stop(generated, cfg.stop, cfg.decode, finished)
+                    finished |= _hit_stop(generated, cfg, finished)
                 if bool(finished.all()):
                     return
             if i == n - 1:
@@ -567,7 +569,7 @@ def finish_reason(new: list[int], cfg: GenerationConfig) -> str | None:
         # The whole text confirms a stop its end shows: bytes that make no character are
         # grouped as the whole answer groups them (a stop holding U+FFFD is always checked so).
         if any(stop in end or "\ufffd" in stop for stop in strings):
-            if any(stop in cfg.decode(new) for stop in strings):
+            if any(stop in _answer_text(new, cfg) for stop in strings):
                 return "stop"
     if any(new[-len(stop):] == stop for stop in cfg.stop if not isinstance(stop, str)):
         return "stop"
@@ -625,17 +627,23 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def _hit_stop(generated, stops, decode, finished) -> torch.Tensor:
+def _answer_text(ids: list[int], cfg: GenerationConfig) -> str:
+    """The decoded text of generated ``ids`` from where its answer starts (``cfg.answer``)."""
+    text = cfg.decode(ids)
+    return cfg.answer(text) if cfg.answer is not None else text
+
+
+def _hit_stop(generated, cfg: GenerationConfig, finished) -> torch.Tensor:
     """Rows whose generated text now ends with a stop id sequence or contains a stop string."""
     hit = torch.zeros_like(finished)
-    strs = [s for s in stops if isinstance(s, str)]
+    strs = [s for s in cfg.stop if isinstance(s, str)]
     for b, row in enumerate(torch.stack(generated, dim=1).tolist()):
         if finished[b]:
             continue
-        if any(row[-len(s):] == s for s in stops if not isinstance(s, str)):
+        if any(row[-len(s):] == s for s in cfg.stop if not isinstance(s, str)):
             hit[b] = True
         elif strs:
-            text = decode(row)
+            text = _answer_text(row, cfg)
             hit[b] = any(s in text for s in strs)
     return hit
 
