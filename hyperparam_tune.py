@@ -222,9 +222,11 @@ def study_progress(study: optuna.Study) -> tuple[int, int, int]:
 
 
 def _worker_id() -> str:
-    """This process as a trial's worker: host, pid and the pid's start (one process, however
-    its pid is reused: a container's restarted entry process is pid 1 again)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+    """This process as a trial's worker: host, pid, the pid's start and its PID namespace (one
+    process, however its pid is reused, in whichever container of one host name: a restarted
+    container's entry process is pid 1 again)."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{process.pid_namespace()}"
 
 
 def _process_start(pid: int) -> str:
@@ -238,10 +240,13 @@ def _process_start(pid: int) -> str:
 
 
 def _local_owner_alive(trial: FrozenTrial) -> bool | None:
-    """Whether this trial's worker runs on this machine and lives; None: another machine's."""
-    host, _, rest = str(trial.user_attrs.get(ATTR_WORKER, "")).partition(":")
-    pid, _, started = rest.partition(":")
+    """Whether this trial's worker runs on this machine and lives; None: another machine's or
+    another PID namespace's (a container of the same host name), which cannot be told."""
+    worker = str(trial.user_attrs.get(ATTR_WORKER, ""))
+    host, pid, started, namespace = [*worker.split(":"), "", "", ""][:4]
     if host != socket.gethostname() or not pid.isdigit():
+        return None
+    if namespace and namespace != process.pid_namespace():
         return None
     try:
         os.kill(int(pid), 0)
@@ -249,7 +254,8 @@ def _local_owner_alive(trial: FrozenTrial) -> bool | None:
         return False
     except PermissionError:  # another user's process: alive, unless its pid was reused
         pass
-    return not started or _process_start(int(pid)) == started
+    now = _process_start(int(pid))
+    return not started or not now or now == started  # unreadable (/proc's hidepid): alive
 
 
 class QueueAgain:
@@ -279,15 +285,13 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
         if (trial.state == TrialState.FAIL and trial.number not in retried
                 and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED):
             retry(study, trial)
-    database = isinstance(storage, optuna.storages.RDBStorage)
-    if database:  # open_storage enables heartbeats: a worker that stopped sending them
-        optuna.storages.fail_stale_trials(study)
-    # A local worker that is gone, whether or not it sent a heartbeat; with the journal, the
-    # claim lock is held from creating a trial to naming its owner: no owner, no worker.
+    if isinstance(storage, optuna.storages.RDBStorage):  # open_storage enables heartbeats,
+        optuna.storages.fail_stale_trials(study)  # the first sent as a trial is claimed
+        return
+    # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
     for trial in trials:
         if trial.state == TrialState.RUNNING and (
-                (not database and ATTR_WORKER not in trial.user_attrs)
-                or _local_owner_alive(trial) is False):
+                ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial) is False):
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, WORKER_DIED)
                 if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
@@ -546,16 +550,17 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
 
 
 def _claim(trial: optuna.Trial, heartbeats: optuna.storages.RDBStorage | None) -> None:
-    """Make a trial just asked this worker's: its worker named and, in a database, its first
-    heartbeat sent, before other workers (which judge RUNNING trials by them) look at it; a
-    retried trial's predecessor's reason cleared. A stop meanwhile fails it as interrupted."""
+    """Make a trial just asked this worker's: in a database its first heartbeat sent at once
+    (a trial without one is never found stale), its worker named, before other workers (which
+    judge RUNNING trials by them) look at it; a retried trial's predecessor's reason cleared.
+    A stop meanwhile fails it as interrupted."""
     try:
+        if heartbeats is not None:
+            heartbeats.record_heartbeat(trial._trial_id)
         trial.set_user_attr(ATTR_WORKER, _worker_id())
         for key in (ATTR_REASON, ATTR_STOPPED):
             if trial.user_attrs.get(key) is not None:
                 trial.set_user_attr(key, None)
-        if heartbeats is not None:
-            heartbeats.record_heartbeat(trial._trial_id)
     except BaseException:
         _mark_interrupted(trial)
         _tell(trial, TrialState.FAIL)

@@ -1062,11 +1062,11 @@ def test_a_live_worker_of_another_user_is_alive(monkeypatch):
     assert hyperparam_tune._local_owner_alive(owned_by(f"{here}-elsewhere:4242")) is None
 
 
-def test_a_worker_whose_pid_another_process_took_is_dead():
+def test_a_worker_whose_pid_another_process_took_is_dead(monkeypatch):
     """A worker is named by its pid and the pid's start: a restarted container's new entry
     process, pid 1 again, is not the worker that died there; the live worker itself is."""
     me = hyperparam_tune._worker_id()
-    host, pid, started = me.split(":")
+    host, pid, started, namespace = me.split(":")
     assert (host, pid) == (socket.gethostname(), str(os.getpid())) and started.isdigit()
 
     def owned_by(worker: str):
@@ -1074,27 +1074,41 @@ def test_a_worker_whose_pid_another_process_took_is_dead():
                                          user_attrs={hyperparam_tune.ATTR_WORKER: worker})
 
     assert hyperparam_tune._local_owner_alive(owned_by(me)) is True
-    reused = f"{host}:{pid}:{int(started) + 1}"
+    reused = f"{host}:{pid}:{int(started) + 1}:{namespace}"
     assert hyperparam_tune._local_owner_alive(owned_by(reused)) is False
     assert hyperparam_tune._local_owner_alive(owned_by(f"{host}:{pid}")) is True  # no start
+    # another container of this host name: its pids are not this one's to judge
+    elsewhere = f"{host}:{pid}:{int(started) + 1}:{namespace}0"
+    assert hyperparam_tune._local_owner_alive(owned_by(elsewhere)) is None
+    # /proc mounted with hidepid: another user's start cannot be read, and it may live
+    monkeypatch.setattr(hyperparam_tune, "_process_start", lambda pid: "")
+    assert hyperparam_tune._local_owner_alive(owned_by(reused)) is True
 
 
-def test_a_database_trial_whose_local_worker_died_before_its_first_heartbeat_is_retried(
-        tmp_path):
-    """A worker killed between asking a trial and its first heartbeat leaves it RUNNING with no
-    heartbeat, which Optuna's stale check never fails: on this machine its dead worker is seen,
-    and the trial fails and is queued again, so the sweep does not wait for it forever."""
+def test_a_database_trial_is_judged_by_its_heartbeat_sent_as_it_is_claimed(tmp_path,
+                                                                           monkeypatch):
+    """In a database a trial's first heartbeat goes as it is claimed, before its worker is
+    named (a trial without a heartbeat is never found stale); a RUNNING trial is judged by its
+    heartbeats alone: one that names a dead worker of this machine (a retry just asked on
+    another machine still carries its predecessor's) is left running."""
     cfg = hyperparam_tune.TuneConfig(storage=f"sqlite:///{tmp_path / 'study.db'}",
-                                     out_dir=str(tmp_path), study_name="gap")
+                                     out_dir=str(tmp_path), study_name="beat")
     storage = hyperparam_tune.open_storage(cfg)
-    study = optuna.create_study(study_name="gap", storage=storage)
+    study = optuna.create_study(study_name="beat", storage=storage)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    host, pid, started = hyperparam_tune._worker_id().split(":")
-    trial.set_user_attr(hyperparam_tune.ATTR_WORKER, f"{host}:{pid}:{int(started) + 1}")
+    order = []
+    beat = storage.record_heartbeat
+    monkeypatch.setattr(storage, "record_heartbeat",
+                        lambda trial_id: order.append("heartbeat") or beat(trial_id))
+    named = trial.set_user_attr
+    monkeypatch.setattr(trial, "set_user_attr",
+                        lambda key, value: order.append(key) or named(key, value))
+    hyperparam_tune._claim(trial, storage)
+    assert order[:2] == ["heartbeat", hyperparam_tune.ATTR_WORKER]
+    host, pid, started, namespace = hyperparam_tune._worker_id().split(":")
+    named(hyperparam_tune.ATTR_WORKER, f"{host}:{pid}:{int(started) + 1}:{namespace}")
     hyperparam_tune.recover_dead_trials(study, storage, cfg)
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    assert states == [TrialState.FAIL, TrialState.WAITING]
-    assert study.trials[0].user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.WORKER_DIED
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING]
 
 
 def test_a_trial_whose_worker_died_does_not_count_whatever_the_storage():

@@ -512,7 +512,9 @@ def interrupted_exit_code(stop: str | KeyboardInterrupt) -> int:
 OWNER_PATTERN = r"(?P<pid>\d+)@(?P<host>[^@]*)@(?P<pidns>\d*)@"
 
 
-def _pid_namespace() -> str:
+def pid_namespace() -> str:
+    """This process's PID namespace ("" where there is no /proc): a pid names one process within
+    it."""
     try:
         return str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:  # no /proc (macOS): PIDs are machine-wide
@@ -537,13 +539,13 @@ def locked_fd(path: str | Path, flags: int, mode: int = 0o644) -> int | None:
 
 def owner_tag() -> str:
     """``PID@HOST@PIDNS@`` of this process, for the names of the temp entries it makes."""
-    return f"{os.getpid()}@{socket.gethostname()}@{_pid_namespace()}@"
+    return f"{os.getpid()}@{socket.gethostname()}@{pid_namespace()}@"
 
 
 def owner_is_dead(match: re.Match) -> bool:
     """Whether an ``OWNER_PATTERN`` match's process has ended (False: another machine or PID
     namespace's, which cannot be told)."""
-    if match["host"] != socket.gethostname() or match["pidns"] != _pid_namespace():
+    if match["host"] != socket.gethostname() or match["pidns"] != pid_namespace():
         return False
     try:
         os.kill(int(match["pid"]), 0)
