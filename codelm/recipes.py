@@ -534,10 +534,13 @@ def _with_flags(values: dict, opts: RecipeOptions) -> dict:
                              f"{', '.join(given)} (or drop --smoke to train on them)")
         if opts.smoke_steps < 1:
             raise ValueError(f"--smoke-steps {opts.smoke_steps}: must be >= 1")
-        unexported = [key for key in ("export", "export_merged") if values.get(key) is False]
-        if unexported and values.get("init_from"):
-            raise ValueError(f"--smoke checks the saved adapter against the merged export: drop "
-                             f"train.{unexported[0]}=false (or drop --smoke)")
+        defaults = trainconfig.TrainConfig()
+        exported = {key: values.get(key, getattr(defaults, key))
+                    for key in ("export", "export_merged")}
+        if values.get("lora_r", defaults.lora_r) > 0 and not all(exported.values()):
+            raise ValueError("--smoke checks the saved adapter against the merged export of a "
+                             "LoRA recipe: it needs train.export and train.export_merged true "
+                             "(--set train.export_merged=true), or drop --smoke")
     if opts.model is not None:
         if values.get("init_from") is None:
             raise ValueError(f"--model: {opts.recipe} trains from scratch (no init_from)")

@@ -537,13 +537,28 @@ def test_smoke_steps_below_one_names_the_flag(tmp_path, capsys):
 @pytest.mark.parametrize("key", ["export", "export_merged"])
 def test_smoke_without_the_merged_export_it_checks_is_refused_before_training(tmp_path, capsys,
                                                                               key):
-    """A LoRA recipe's smoke run checks the saved adapter against the merged export: --set
-    train.export_merged=false (or export=false) is refused before anything trains."""
-    assert recipes.main([str(CONFIGS / "fastapi_codegen.json"), "--smoke", "--set",
-                         f"train.{key}=false", "--out-dir", str(tmp_path / "runs")]) == 2
-    err = capsys.readouterr().err
-    assert f"--smoke checks the saved adapter against the merged export: drop train.{key}" in err
-    assert not (tmp_path / "runs").exists()
+    """A LoRA recipe's smoke run checks the saved adapter against the merged export: export or
+    export_merged false, set or by default, is refused before anything trains; a full
+    fine-tune's smoke run checks no adapter and may skip its export."""
+    recipe = json.loads((CONFIGS / "fastapi_codegen.json").read_text())
+    del recipe["train"]["export_merged"]  # False by default
+    unmerged = tmp_path / "unmerged.json"
+    unmerged.write_text(json.dumps(recipe))
+    for path, setting in ((CONFIGS / "fastapi_codegen.json", [f"train.{key}=false"]),
+                          (unmerged, [])):
+        flags = [f for s in setting for f in ("--set", s)]
+        assert recipes.main([str(path), "--smoke", *flags, "--out-dir",
+                             str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert "--smoke checks the saved adapter against the merged export" in err, err
+        assert "--set train.export_merged=true" in err
+        assert not (tmp_path / "runs").exists()
+    trained: list = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tm, "train", _stop_training(trained))
+        recipes.main([str(_tiny_recipe(tmp_path, {"tasks": ["lm"]})), "--smoke", "--set",
+                      "train.export=false", "--out-dir", str(tmp_path / "full")])
+    assert trained and trained[0].export is False
 
 
 def test_a_run_name_with_a_path_is_refused_before_anything_is_written(tmp_path, capsys):
