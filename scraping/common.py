@@ -161,13 +161,10 @@ def walk_source_tree(root: Path, extensions: Iterable[str], links_within: Path |
     for tree in outermost:  # the walked root's repository is the one already found
         listed = git_ignored_files(Path(root, tree), top if tree == "" else None)
         ignored.update(f"{tree}/{rel}" if tree else rel for rel in listed)
-    if unreadable and top is not None:  # what a clone never holds is no loss
-        unreadable = _not_ignored(unreadable, root, top)
-    for rel, path in unreadable:
-        if not (nested and f"{rel}/".startswith(nested)):
-            log.warning("%s: cannot list this directory (permission denied?); its files are "
-                        "left out", path)
-            yield rel, path, "unreadable"
+    for rel, path in _lost_directories(unreadable, root, top, outermost, nested):
+        log.warning("%s: cannot list this directory (permission denied?); its files are left "
+                    "out", path)
+        yield rel, path, "unreadable"
     for rel, path in files:  # the extension first: it needs no system call
         if not has_extension(rel, extensions):
             yield rel, path, "extension"
@@ -219,13 +216,25 @@ def git_ignored_files(root: Path, top: Path | None = None) -> frozenset[str]:
     return frozenset(os.fsdecode(rel) for rel in listed.split(b"\0") if rel)
 
 
-def _not_ignored(directories: list[tuple[str, Path]], root: Path, top: Path
-                 ) -> list[tuple[str, Path]]:
-    """Those of ``directories`` (relative to ``root``) that git does not ignore."""
-    relative = "\0".join(rel for rel, _ in directories).encode()
-    listed = _git(top, root, "check-ignore", "-z", "--stdin", stdin=relative, ok=(0, 1))
-    ignored = {os.fsdecode(rel) for rel in (listed or b"").split(b"\0") if rel}
-    return [(rel, path) for rel, path in directories if rel not in ignored]
+def _lost_directories(unreadable: list[tuple[str, Path]], root: Path, top: Path | None,
+                      outermost: list[str], nested: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """Those of the ``unreadable`` directories whose files a clone would hold: none in a nested
+    repository, none that their work tree's git ignores (asked of each outermost work tree)."""
+    lost = [(rel, path) for rel, path in unreadable
+            if not (nested and f"{rel}/".startswith(nested))]
+    for tree in outermost:
+        inside = [(rel, path) for rel, path in lost
+                  if tree == "" or f"{rel}/".startswith(f"{tree}/")]
+        if not inside:
+            continue
+        where = Path(root, tree)
+        relative = [rel.removeprefix(f"{tree}/") if tree else rel for rel, _ in inside]
+        listed = _git(top if tree == "" else where, where, "check-ignore", "-z", "--stdin",
+                      stdin="\0".join(relative).encode(), ok=(0, 1))
+        ignored = {os.fsdecode(rel) for rel in (listed or b"").split(b"\0") if rel}
+        dropped = {entry for entry, rel in zip(inside, relative) if rel in ignored}
+        lost = [entry for entry in lost if entry not in dropped]
+    return lost
 
 
 def _git(top: Path, where: Path, *args: str, stdin: bytes | None = None,

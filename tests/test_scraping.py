@@ -992,6 +992,24 @@ def test_an_unreadable_directory_git_ignores_is_no_loss(tmp_path, monkeypatch, c
     assert [r["path"] for r in read_jsonl(out)] == ["a.py"]
     assert summary.files["unreadable"] == 1
     assert str(src / "pkg") in caplog.text and "db-data" not in caplog.text
+    # a folder of clones: each clone's own .gitignore decides, a nested repository's
+    # directories are its own (not counted), and one clone's answer does not spoil another's
+    folder = tmp_path / "clones"
+    for name in ("one", "two"):
+        clone = folder / name
+        for rel in ("a.py", "db-data/dump.py", ".gitignore", "vendor/lib/x.py"):
+            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+            (clone / rel).write_text("db-data/\n" if rel == ".gitignore" else "x = 1\n")
+        subprocess.run(["git", "init", "-q"], cwd=clone, check=True)
+        subprocess.run(["git", "init", "-q"], cwd=clone / "vendor" / "lib", check=True)
+    _unreadable(monkeypatch, [], [folder / "one" / "db-data", folder / "two" / "db-data",
+                                  folder / "one" / "vendor" / "lib" / "cache",
+                                  folder / "two" / "pkg"])
+    (folder / "one" / "vendor" / "lib" / "cache").mkdir()
+    (folder / "two" / "pkg").mkdir()
+    walked = [(rel, why) for rel, _, why in walk_source_tree(folder, [".py"]) if why]
+    assert ("two/pkg", "unreadable") in walked
+    assert not [rel for rel, why in walked if why == "unreadable" and rel != "two/pkg"]
 
 
 def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path, capsys):
