@@ -247,16 +247,18 @@ def test_a_file_copied_from_an_unchanged_file_and_edited_is_no_case(tmp_path):
     _commit(root, {"app/admin_views.py": edited, "app/handlers.py": fresh}, "copy")
     cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
     assert [case.path for case in cases] == ["app/handlers.py"]
-    assert history.copied_from(edited, {"app/views.py": views}) == "app/views.py"
-    assert history.copied_from(fresh, {"app/views.py": views}) is None
-    # a new file sharing its licence header and imports with a larger one is no copy of it,
-    # as git measures a copy against the larger file
+    parent = {"app/views.py": views}
+    assert history.copied_from(edited, "app/admin_views.py", parent) == "app/views.py"
+    assert history.copied_from(fresh, "app/handlers.py", parent) is None
+    # a new file sharing its licence header and imports with another is no copy of it; a few
+    # functions moved out of a large module into a new file are
     header = "".join(f"# Licensed under the Apache License, line {i} of the notice\n"
                      for i in range(8)) + "import os\nimport sys\n"
     small = header + "".join(f"def price_{i}(item):\n    return item.cost * {i}\n"
                              for i in range(3))
-    large = header + views
-    assert history.copied_from(small, {"app/views.py": large}) is None
+    assert history.copied_from(small, "app/prices.py", {"app/views.py": header + views}) is None
+    moved = header + views.split("def view_3")[0]
+    assert history.copied_from(moved, "app/first.py", parent) == "app/views.py"
 
 
 def test_a_file_moved_off_a_name_that_gets_a_new_file_is_no_case(tmp_path):

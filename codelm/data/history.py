@@ -17,8 +17,8 @@ of the snapshot's source files (Python's ast; a keyword pattern, comments left o
 languages and files that do not parse, and in C-family languages a method's return type or
 body); prose (a README) declares nothing, and no keyword is a
 name. A file the commit adds that the parent already holds (moved, or copied whole), or that shares
-half the lines of the larger of the two with one file the parent holds (copied and edited), is
-no case: its answer would
+half its informative lines with one file the parent holds (copied and edited, or code moved out
+of it), is no case: its answer would
 be in its own context."""
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ SHORT_LINE, LONG_LINE = 5, 150
 # size (characters), as LCA's datapoints take non-Python files; dot-files and licenses never.
 OTHER_FILE_CHARS = 16_000
 MAX_FILE_BYTES = 1_000_000
-# A file the commit adds and a file of the parent sharing this share of the larger one's lines:
-# a copy (git's default similarity, of the larger file); its answer would be in its context.
+# A file the commit adds sharing this share of its informative lines with one file of the
+# parent: a copy of it, or code moved out of it; its answer would be in its own context.
 COPIED_SHARE = 0.5
 
 # Files whose declarations count: source code (prose and data files declare nothing).
@@ -416,23 +416,23 @@ def snapshot(repo: GitRepo, commit: str, extensions: Sequence[str],
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _long_lines(text: str) -> frozenset[str]:
-    """A text's distinct stripped lines of SHORT_LINE characters or more: those that tell one
-    file from another."""
+def _informative_lines(text: str, path: str) -> frozenset[str]:
+    """A file's distinct stripped lines that a completion case could ask for: none of LCA's
+    non-informative ones (short or long lines, comments, imports, prints: a licence header, a
+    package line)."""
     stripped = (line.strip() for line in text.split("\n"))
-    return frozenset(line for line in stripped if len(line) >= SHORT_LINE)
+    return frozenset(line for line in stripped if line and not non_informative(line, path))
 
 
-def copied_from(text: str, parent_files: dict[str, str]) -> str | None:
-    """The file of the parent that ``text`` is a copy of, edited or not (COPIED_SHARE of the
-    long lines of the larger of the two are in both, as git measures a copy), None where it is
-    none's."""
-    lines = _long_lines(text)
-    for path, other in parent_files.items():
-        other_lines = _long_lines(other)
-        larger = max(len(lines), len(other_lines))
-        if lines and len(lines & other_lines) >= COPIED_SHARE * larger:
-            return path
+def copied_from(text: str, path: str, parent_files: dict[str, str]) -> str | None:
+    """The file of the parent that ``text`` (at ``path``) is a copy of, edited or not, or code
+    moved out of (COPIED_SHARE of its informative lines are that file's), None where it is
+    none's: a licence header and imports shared with the whole project make no copy."""
+    lines = _informative_lines(text, path)
+    for other_path, other in parent_files.items():
+        shared = len(lines & _informative_lines(other, other_path))
+        if lines and shared >= COPIED_SHARE * len(lines):
+            return other_path
     return None
 
 
@@ -465,7 +465,7 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
                 continue  # a copy of a file the parent holds
             if parent_files is None:
                 parent_files = snapshot(repo, parent, extensions, parent_tree)
-            if copied_from(text, parent_files) is not None:
+            if copied_from(text, path, parent_files) is not None:
                 continue  # a copy of a file the parent holds, edited
             committed = {p: t for p, t in added_texts.items() if p != path}
             case = CompletionCase(repo.name, commit, parent, path, text, parent_files, committed)
