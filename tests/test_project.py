@@ -183,8 +183,11 @@ def test_methods_without_a_keyword_are_declared_in_c_family_languages():
           "    doThing(items)\n  }\n  get<T>(key: string): T {\n    return x\n  }\n}\n"
           "describe(\"store\", () => {\n  run(x)\n})\n")
     assert history.declared_names(ts, "store.ts") == {"Store", "saveAll", "get"}
-    generic = "class Cache {\n  public T Get<T>(string key) {\n    return default;\n  }\n}\n"
-    assert history.declared_names(generic, "Cache.cs") == {"Cache", "Get"}
+    generic = ("class Cache {\n  public T Get<T>(string key) {\n    return default;\n  }\n"
+               "  public int Area(int w) => w * w;\n  void Pin() {\n"
+               "    fixed (byte* p = bytes) {\n    }\n  }\n}\n")
+    assert history.declared_names(generic, "Cache.cs") == {"Cache", "Get", "Area", "Pin"}
+    assert history.declared_names("int square(int x) => x * x;\n", "m.dart") == {"square"}
     # Groovy is not read so: `retry(3) {` is a call with a closure, `println render(t)` a call
     groovy = "class Job {\n    def run() {\n        retry(3) {\n            go()\n        }\n" \
              "        println render(template)\n    }\n}\n"

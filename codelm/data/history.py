@@ -92,7 +92,7 @@ _C_DECLARATION = re.compile(
 _NOT_DECLARED = frozenset({"if", "for", "while", "switch", "catch", "return", "else", "do", "try",
                            "using", "lock", "foreach", "synchronized", "sizeof", "typeof", "new",
                            "delete", "throw", "function", "await", "yield", "case", "super",
-                           "this", "assert", "with", "when"})
+                           "this", "assert", "with", "when", "fixed", "constructor"})
 _NAME = re.compile(r"[A-Za-z_]\w*")
 # String literals (triple-quoted first) and comments (block, #, //), left to right.
 _STRINGS_AND_COMMENTS = re.compile(r'/\*[\s\S]*?\*/|"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\''
@@ -152,8 +152,8 @@ _SUFFIX_WORDS = ("const", "async", "override", "noexcept")
 
 def _body_follows(code: str, at: int) -> str | None:
     """What follows a declaration's parameters at ``at``: "{" where its body opens (on its
-    line or the next: a brace of its own), "" where its line ends there; None where anything
-    else does (a call's `;`, an operator). Passed over: const, async, a Java throws clause and
+    line or the next: a brace of its own; or an expression body, `=> x * x;`), "" where its
+    line ends there; None where anything else does (a call's `;`, an operator). Passed over: const, async, a Java throws clause and
     a TypeScript return type (`: Promise<T>`)."""
     end = code.find("\n", at)
     end = len(code) if end < 0 else end
@@ -167,7 +167,7 @@ def _body_follows(code: str, at: int) -> str | None:
         if any(mark in head for mark in ";=()"):
             return None
         rest = "" if brace < 0 else rest[brace:]
-    if rest.startswith("{"):
+    if rest.startswith(("{", "=>")):  # a body, or an expression-bodied member (C#, Dart)
         return "{"
     if rest:
         return None
