@@ -34,7 +34,7 @@ import sys
 import time
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,10 +239,38 @@ def _process_start(pid: int) -> str:
     return stat.rpartition(")")[2].split()[19]  # the fields after the name start at the 3rd
 
 
-def _local_owner_alive(trial: FrozenTrial) -> bool | None:
+@contextlib.contextmanager
+def worker_mark(cfg: TuneConfig) -> Iterator[None]:
+    """This worker's mark beside the study (``_mark_path``): a file it holds locked while it
+    lives, which the kernel lets go of when it dies, whatever PID namespace (container) it ran
+    in; removed when it ends."""
+    path = _mark_path(cfg, _worker_id())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = process.locked_fd(path, os.O_CREAT | os.O_RDWR)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+
+def _mark_path(cfg: TuneConfig, worker: str) -> Path:
+    return study_dir(cfg) / "workers" / f"{worker}.lock"
+
+
+def _local_owner_alive(trial: FrozenTrial, cfg: TuneConfig | None = None) -> bool | None:
     """Whether this trial's worker runs on this machine and lives; None: another machine's or
-    another PID namespace's (a container of the same host name), which cannot be told."""
+    another PID namespace's (a container of the same host name), which cannot be told. With
+    ``cfg``, a worker's mark beside the study tells first: held, it lives; left, it died."""
     worker = str(trial.user_attrs.get(ATTR_WORKER, ""))
+    mark = _mark_path(cfg, worker) if cfg is not None and worker else None
+    if mark is not None and mark.is_file():
+        fd = process.locked_fd(mark, os.O_RDWR)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
     host, pid, started, namespace = [*worker.split(":"), "", "", ""][:4]
     if host != socket.gethostname() or not pid.isdigit():
         return None
@@ -291,7 +319,7 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
     # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
     for trial in trials:
         if trial.state == TrialState.RUNNING and (
-                ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial) is False):
+                ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial, cfg) is False):
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, WORKER_DIED)
                 if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
@@ -530,7 +558,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 _seed_for_next_trial(study, cfg.sampler_seed)
                 trial = study.ask(space.distributions())  # a queued retry first
                 _claim(trial, storage if heartbeats else None)
-            elif not (heartbeats or any(_local_owner_alive(t) for t in study.get_trials(
+            elif not (heartbeats or any(_local_owner_alive(t, cfg) for t in study.get_trials(
                     deepcopy=False, states=(TrialState.RUNNING,)))):
                 return  # the last trials run on machines whose death nobody would notice
         if trial is None:
@@ -918,14 +946,16 @@ def tune(cfg: TuneConfig) -> int:
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         process.exit_with_parent(int(os.environ.get(SWEEP_PID, os.getppid())))
         torch.set_num_threads(max(1, process.usable_cores() // cfg.workers))
-        run_worker(cfg, study, storage, space, base)
+        with worker_mark(cfg):
+            run_worker(cfg, study, storage, space, base)
         return 0  # the parent judges the study (and writes best.json)
     bar = progress_bar(total=cfg.n_trials, initial=min(study_progress(study)[0], cfg.n_trials),
                        unit="trial", desc=cfg.study_name, enabled=cfg.progress)
     worker_status = 0
     try:
         if cfg.workers == 1:
-            run_worker(cfg, study, storage, space, base, progress=bar)
+            with worker_mark(cfg):
+                run_worker(cfg, study, storage, space, base, progress=bar)
         else:
             worker_status = _run_workers(cfg, study, bar)
     except BaseException:  # interrupted or stopped: what the finished trials found is kept

@@ -1111,6 +1111,29 @@ def test_a_database_trial_is_judged_by_its_heartbeat_sent_as_it_is_claimed(tmp_p
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING]
 
 
+def test_a_workers_mark_beside_the_study_tells_whether_it_lives_in_any_container(tmp_path):
+    """A worker holds its mark beside the study locked while it lives: held, its trial's worker
+    lives; left unheld (the worker died, in a container since restarted in another PID
+    namespace, whose pids say nothing here), it is dead; gone (the worker ended), the pid
+    decides."""
+    cfg = hyperparam_tune.TuneConfig(out_dir=str(tmp_path), study_name="marks")
+    me = hyperparam_tune._worker_id()
+    host, pid, started, namespace = me.split(":")
+
+    def owned_by(worker: str):
+        return optuna.trial.create_trial(state=TrialState.RUNNING,
+                                         user_attrs={hyperparam_tune.ATTR_WORKER: worker})
+
+    with hyperparam_tune.worker_mark(cfg):
+        assert hyperparam_tune._local_owner_alive(owned_by(me), cfg) is True
+    assert not hyperparam_tune._mark_path(cfg, me).exists()
+    assert hyperparam_tune._local_owner_alive(owned_by(me), cfg) is True  # the pid's answer
+    restarted = f"{host}:1:{started}:{namespace}0"  # a container's entry process, now gone
+    assert hyperparam_tune._local_owner_alive(owned_by(restarted), cfg) is None
+    hyperparam_tune._mark_path(cfg, restarted).write_text("")  # left behind by its death
+    assert hyperparam_tune._local_owner_alive(owned_by(restarted), cfg) is False
+
+
 def test_a_trial_whose_worker_died_does_not_count_whatever_the_storage():
     """A FAIL for a dead worker (the journal's recovery names it WORKER_DIED, a database's
     records no reason) never counts toward n_trials: the study runs another."""
