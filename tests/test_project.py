@@ -251,17 +251,33 @@ def test_a_file_copied_from_an_unchanged_file_and_edited_is_no_case(tmp_path):
     cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
     assert [case.path for case in cases] == ["app/handlers.py"]
     parent = {"app/views.py": views}
-    assert history.copied_from(edited, "app/admin_views.py", parent) == "app/views.py"
-    assert history.copied_from(fresh, "app/handlers.py", parent) is None
-    # a new file sharing its licence header and imports with another is no copy of it; a few
-    # functions moved out of a large module into a new file are
+    unchanged = parent.get
+    assert history.copied_from(edited, "app/admin_views.py", parent, unchanged) == "app/views.py"
+    assert history.copied_from(fresh, "app/handlers.py", parent, unchanged) is None
+    # a new file sharing its licence header and imports with another is no copy of it, nor is a
+    # new test sharing its setUp and asserts with an old one (they stay there); functions the
+    # commit moves out of a large module into a new file are
     header = "".join(f"# Licensed under the Apache License, line {i} of the notice\n"
                      for i in range(8)) + "import os\nimport sys\n"
     small = header + "".join(f"def price_{i}(item):\n    return item.cost * {i}\n"
                              for i in range(3))
-    assert history.copied_from(small, "app/prices.py", {"app/views.py": header + views}) is None
-    moved = header + views.split("def view_3")[0]
-    assert history.copied_from(moved, "app/first.py", parent) == "app/views.py"
+    with_header = {"app/views.py": header + views}
+    assert history.copied_from(small, "app/prices.py", with_header, with_header.get) is None
+    first, rest = views.split("def view_3")
+    moved = header + first
+    assert history.copied_from(moved, "app/first.py", parent, unchanged) is None
+    assert history.copied_from(moved, "app/first.py", parent,
+                               {"app/views.py": "def view_3" + rest}.get) == "app/views.py"
+    setup = ("    def setUp(self):\n        self.user = make_user('alice')\n"
+             "        self.client.force_login(self.user)\n")
+    old_test = ("class UserTests(TestCase):\n" + setup + "".join(
+        f"    def test_{n}(self):\n        response = self.client.get('/{n}')\n"
+        "        self.assertEqual(response.status_code, 200)\n" for n in range(8)))
+    new_test = ("class OrderTests(TestCase):\n" + setup + "    def test_orders(self):\n"
+                "        response = self.client.get('/orders')\n"
+                "        self.assertEqual(response.status_code, 200)\n")
+    tests = {"tests/test_users.py": old_test}
+    assert history.copied_from(new_test, "tests/test_orders.py", tests, tests.get) is None
 
 
 def test_a_file_moved_off_a_name_that_gets_a_new_file_is_no_case(tmp_path):

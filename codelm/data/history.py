@@ -16,9 +16,10 @@ not count (the name is new there). Declarations are the ``def`` and ``class`` na
 of the snapshot's source files (Python's ast; a keyword pattern, comments left out, for other
 languages and files that do not parse, and in C-family languages a method's return type or
 body); prose (a README) declares nothing, and no keyword is a
-name. A file the commit adds that the parent already holds (moved, or copied whole), or that shares
-half its informative lines with one file the parent holds (copied and edited, or code moved out
-of it), is no case: its answer would
+name. A file the commit adds that the parent already holds (moved, or copied whole), that shares half
+the informative lines of the larger of the two with one file the parent holds (copied and
+edited), or half of whose informative lines the commit takes out of one (code moved), is no
+case: its answer would
 be in its own context."""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import random
 import re
 import subprocess
 import tokenize
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +51,9 @@ SHORT_LINE, LONG_LINE = 5, 150
 # size (characters), as LCA's datapoints take non-Python files; dot-files and licenses never.
 OTHER_FILE_CHARS = 16_000
 MAX_FILE_BYTES = 1_000_000
-# A file the commit adds sharing this share of its informative lines with one file of the
-# parent: a copy of it, or code moved out of it; its answer would be in its own context.
+# A file the commit adds and one of the parent sharing this share of the larger one's
+# informative lines (a copy), or of the new one's that leave the other (code moved out of it):
+# its answer would be in its own context.
 COPIED_SHARE = 0.5
 
 # Files whose declarations count: source code (prose and data files declare nothing).
@@ -424,16 +426,33 @@ def _informative_lines(text: str, path: str) -> frozenset[str]:
     return frozenset(line for line in stripped if line and not non_informative(line, path))
 
 
-def copied_from(text: str, path: str, parent_files: dict[str, str]) -> str | None:
-    """The file of the parent that ``text`` (at ``path``) is a copy of, edited or not, or code
-    moved out of (COPIED_SHARE of its informative lines are that file's), None where it is
-    none's: a licence header and imports shared with the whole project make no copy."""
+def copied_from(text: str, path: str, parent_files: dict[str, str],
+                later: Callable[[str], str]) -> str | None:
+    """The file of the parent that ``text`` (at ``path``) copies, edited or not (the two share
+    COPIED_SHARE of the larger one's informative lines, as git measures a copy), or whose code
+    the commit moved into it (COPIED_SHARE of its informative lines leave that file:
+    ``later(file)`` is the file's text after the commit, "" where it is gone); None where
+    neither. A licence header, imports, or lines a new test shares with an old one make none."""
     lines = _informative_lines(text, path)
     for other_path, other in parent_files.items():
-        shared = len(lines & _informative_lines(other, other_path))
-        if lines and shared >= COPIED_SHARE * len(lines):
+        other_lines = _informative_lines(other, other_path)
+        shared = lines & other_lines
+        if not lines or len(shared) < COPIED_SHARE * len(lines):
+            continue
+        if len(shared) >= COPIED_SHARE * len(other_lines):
+            return other_path
+        moved = shared - _informative_lines(later(other_path), other_path)
+        if len(moved) >= COPIED_SHARE * len(lines):
             return other_path
     return None
+
+
+def _text_at(repo: GitRepo, tree: dict[str, tuple[str, int]], path: str) -> str:
+    """The text of ``path`` in a commit's ``tree`` ("" where it holds no such text file)."""
+    if path not in tree:
+        return ""
+    sha = tree[path][0]
+    return repo.texts([sha])[sha] or ""
 
 
 def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
@@ -465,7 +484,8 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
                 continue  # a copy of a file the parent holds
             if parent_files is None:
                 parent_files = snapshot(repo, parent, extensions, parent_tree)
-            if copied_from(text, path, parent_files) is not None:
+            after = functools.partial(_text_at, repo, tree)
+            if copied_from(text, path, parent_files, after) is not None:
                 continue  # a copy of a file the parent holds, edited
             committed = {p: t for p, t in added_texts.items() if p != path}
             case = CompletionCase(repo.name, commit, parent, path, text, parent_files, committed)
