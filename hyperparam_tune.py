@@ -570,7 +570,8 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
             except optuna.exceptions.UpdateFinishedTrialError:
                 state, value = None, None
             except BaseException:  # a stop: the sweep ends
-                _tell(trial, TrialState.FAIL)
+                if _tell(trial, TrialState.FAIL):
+                    _queue_interrupted(study, trial, cfg)
                 raise
         if state is None or not _tell(trial, state, value):
             tqdm.write(f"trial {trial.number}: another worker declared it dead (no heartbeat "
@@ -593,6 +594,15 @@ def _claim(trial: optuna.Trial, heartbeats: optuna.storages.RDBStorage | None) -
         _mark_interrupted(trial)
         _tell(trial, TrialState.FAIL)
         raise
+
+
+def _queue_interrupted(study: optuna.Study, trial: optuna.Trial, cfg: TuneConfig) -> None:
+    """An interrupted trial queued again by its own worker, once, as it stops (sweeps that
+    restart together on other machines would each queue it; ``recover_dead_trials`` queues
+    what a worker killed before it could left)."""
+    told = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    if told.user_attrs.get(ATTR_REASON) == INTERRUPTED:
+        QueueAgain(cfg.max_retry)(study, told)
 
 
 def _tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> bool:
@@ -741,6 +751,9 @@ def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.St
 # --------------------------------------------------- reports: best config, trials, importances
 
 def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
+    if trial.state == TrialState.WAITING:  # its attributes are those it continues
+        retried = trial.system_attrs.get("failed_trial")
+        return "queued" if retried is None else f"queued to continue trial {retried}"
     if trial.state == TrialState.PRUNED:
         return f"pruned at step {trial.last_step}"
     reason = trial.user_attrs.get(ATTR_REASON)

@@ -407,6 +407,10 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
     assert sweep.returncode == 130, output[-3000:]
     assert "run the same command again" in output and "Traceback" not in output
     assert "--resume" not in output  # the trial's own message speaks the sweep's terms
+    # queued again by its own worker as it stopped: once, however many sweeps restart
+    stopped = load_study(storage, "int").get_trials()
+    assert [t.state for t in stopped] == [TrialState.FAIL, TrialState.WAITING]
+    assert stopped[1].system_attrs["retry_history"] == [0]
 
     assert hyperparam_tune.main(argv) == 0
     first, *rest = load_study(storage, "int").get_trials()
@@ -460,8 +464,8 @@ def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
     for pid in workers():
         with pytest.raises(ProcessLookupError):  # it has ended (and was waited for)
             os.kill(pid, 0)
-    trials = load_study(storage, "term").get_trials()
-    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    trials = load_study(storage, "term").get_trials(states=(TrialState.FAIL,))
+    assert len(trials) == 2  # each queued again to continue (WAITING)
     assert all(t.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
                for t in trials)
 
@@ -488,7 +492,8 @@ def test_a_trial_stopped_by_two_sigterms_still_writes_its_checkpoint(tmp_path, c
     monkeypatch.setattr(trainer.Trainer, "train_step", step_with_two_sigterms)
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="twice", n_trials=1)
     assert hyperparam_tune.main(argv) == 128 + sig
-    (trial,) = load_study(journal(tmp_path, "twice"), "twice").get_trials()
+    (trial,) = load_study(journal(tmp_path, "twice"), "twice").get_trials(
+        states=(TrialState.FAIL,))
     assert trial.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
     run = Path(trial.user_attrs[hyperparam_tune.ATTR_RUN])
     checkpoints = rundir.list_checkpoints(run)
@@ -513,7 +518,8 @@ def test_interrupted_sweep_keeps_the_reports_of_finished_trials(tmp_path, corpus
     out = tmp_path / "runs" / "keep"
     assert json.loads((out / "best.json").read_text())["name"] == "keep-best"
     rows = (out / "trials.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[2].startswith("1,FAIL") and hyperparam_tune.INTERRUPTED in rows[2]
+    assert len(rows) == 4 and rows[2].startswith("1,FAIL") and hyperparam_tune.INTERRUPTED in rows[2]
+    assert rows[3].startswith("2,WAITING") and rows[3].endswith("queued to continue trial 1")
     assert "continues this trial's run from its checkpoint" in hints[1]
 
 
@@ -1841,8 +1847,8 @@ def test_a_workers_config_error_stops_the_other_workers(tmp_path, corpus, capfd,
     err = capfd.readouterr().err
     assert not re.search(r"^worker 1 ", err, re.M), err  # stopped: its trial runs again
     assert re.search(r"^worker 2 \(pid \d+\) failed: exit status 2$", err, re.M), err
-    (trial,) = load_study(journal(tmp_path, "ws"), "ws").get_trials()
-    assert trial.state == TrialState.FAIL
+    trial, queued = load_study(journal(tmp_path, "ws"), "ws").get_trials()
+    assert trial.state == TrialState.FAIL and queued.state == TrialState.WAITING
     assert trial.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
 
 
