@@ -245,8 +245,11 @@ def worker_mark(cfg: TuneConfig) -> Iterator[None]:
     lives, which the kernel lets go of when it dies, whatever PID namespace (container) it ran
     in; removed when it ends."""
     path = _mark_path(cfg, _worker_id())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = process.locked_fd(path, os.O_CREAT | os.O_RDWR)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = process.locked_fd(path, os.O_CREAT | os.O_RDWR)
+    except OSError:  # no locks on this filesystem (some NFS): the pid tells, as without marks
+        fd = None
     try:
         yield
     finally:
@@ -259,18 +262,30 @@ def _mark_path(cfg: TuneConfig, worker: str) -> Path:
     return study_dir(cfg) / "workers" / f"{worker}.lock"
 
 
+def _mark_held(mark: Path) -> bool | None:
+    """Whether a worker's mark is locked (its worker lives); None where there is no mark, or
+    its filesystem has no locks (some NFS)."""
+    if not mark.is_file():
+        return None
+    try:
+        fd = process.locked_fd(mark, os.O_RDWR)
+    except OSError:
+        return None
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def _local_owner_alive(trial: FrozenTrial, cfg: TuneConfig | None = None) -> bool | None:
     """Whether this trial's worker runs on this machine and lives; None: another machine's or
     another PID namespace's (a container of the same host name), which cannot be told. With
     ``cfg``, a worker's mark beside the study tells first: held, it lives; left, it died."""
     worker = str(trial.user_attrs.get(ATTR_WORKER, ""))
-    mark = _mark_path(cfg, worker) if cfg is not None and worker else None
-    if mark is not None and mark.is_file():
-        fd = process.locked_fd(mark, os.O_RDWR)
-        if fd is None:
-            return True
-        os.close(fd)
-        return False
+    if cfg is not None and worker:
+        held = _mark_held(_mark_path(cfg, worker))
+        if held is not None:
+            return held
     host, pid, started, namespace = [*worker.split(":"), "", "", ""][:4]
     if host != socket.gethostname() or not pid.isdigit():
         return None

@@ -1140,6 +1140,22 @@ def test_a_workers_mark_beside_the_study_tells_whether_it_lives_in_any_container
     assert hyperparam_tune._local_owner_alive(owned_by(restarted), cfg) is False
 
 
+def test_a_filesystem_without_locks_leaves_the_worker_to_its_pid(tmp_path, monkeypatch):
+    """Where the study's directory has no file locks (some NFS), a worker runs without its mark
+    and its trials' worker is judged by its pid, as without marks."""
+    def no_locks(path, flags, mode=0o644):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(hyperparam_tune.process, "locked_fd", no_locks)
+    cfg = hyperparam_tune.TuneConfig(out_dir=str(tmp_path), study_name="nfs")
+    me = hyperparam_tune._worker_id()
+    trial = optuna.trial.create_trial(state=TrialState.RUNNING,
+                                      user_attrs={hyperparam_tune.ATTR_WORKER: me})
+    with hyperparam_tune.worker_mark(cfg):
+        hyperparam_tune._mark_path(cfg, me).write_text("")  # as another worker's would be
+        assert hyperparam_tune._local_owner_alive(trial, cfg) is True
+
+
 def test_a_trial_whose_worker_died_does_not_count_whatever_the_storage():
     """A FAIL for a dead worker (the journal's recovery names it WORKER_DIED, a database's
     records no reason) never counts toward n_trials: the study runs another."""
