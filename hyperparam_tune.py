@@ -250,6 +250,8 @@ def worker_mark(cfg: TuneConfig) -> Iterator[None]:
         fd = process.locked_fd(path, os.O_CREAT | os.O_RDWR)
     except OSError:  # no locks on this filesystem (some NFS): the pid tells, as without marks
         fd = None
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)  # an unlocked mark would read as a dead worker's
     try:
         yield
     finally:
@@ -265,11 +267,9 @@ def _mark_path(cfg: TuneConfig, worker: str) -> Path:
 def _mark_held(mark: Path) -> bool | None:
     """Whether a worker's mark is locked (its worker lives); None where there is no mark, or
     its filesystem has no locks (some NFS)."""
-    if not mark.is_file():
-        return None
     try:
-        fd = process.locked_fd(mark, os.O_RDWR)
-    except OSError:
+        fd = process.locked_fd(mark, os.O_RDONLY)
+    except OSError:  # none (its worker ended meanwhile), another user's, or no locks
         return None
     if fd is None:
         return True
@@ -585,8 +585,9 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
             except optuna.exceptions.UpdateFinishedTrialError:
                 state, value = None, None
             except BaseException:  # a stop: the sweep ends
-                if _tell(trial, TrialState.FAIL):
+                with lock:  # queued before the FAIL that another sweep's recovery would queue
                     _queue_interrupted(study, trial, cfg)
+                    _tell(trial, TrialState.FAIL)
                 raise
         if state is None or not _tell(trial, state, value):
             tqdm.write(f"trial {trial.number}: another worker declared it dead (no heartbeat "
@@ -612,12 +613,14 @@ def _claim(trial: optuna.Trial, heartbeats: optuna.storages.RDBStorage | None) -
 
 
 def _queue_interrupted(study: optuna.Study, trial: optuna.Trial, cfg: TuneConfig) -> None:
-    """An interrupted trial queued again by its own worker, once, as it stops (sweeps that
-    restart together on other machines would each queue it; ``recover_dead_trials`` queues
-    what a worker killed before it could left)."""
-    told = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-    if told.user_attrs.get(ATTR_REASON) == INTERRUPTED:
-        QueueAgain(cfg.max_retry)(study, told)
+    """An interrupted trial queued again by its own worker as it stops, once: before it is told
+    FAIL, so that no sweep's ``recover_dead_trials`` (which queues what a worker killed before
+    it could left) queues it too."""
+    trials = study.get_trials(deepcopy=False)
+    stopped = next(t for t in trials if t.number == trial.number)
+    if (stopped.user_attrs.get(ATTR_REASON) == INTERRUPTED
+            and trial.number not in _retried_numbers(trials)):
+        QueueAgain(cfg.max_retry)(study, stopped)
 
 
 def _tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> bool:

@@ -1140,6 +1140,19 @@ def test_a_workers_mark_beside_the_study_tells_whether_it_lives_in_any_container
     assert hyperparam_tune._local_owner_alive(owned_by(restarted), cfg) is False
 
 
+def test_an_interrupted_trial_already_queued_is_not_queued_twice(tmp_path):
+    """The stopping worker queues its trial again only where no sweep has (``retry_history``),
+    and a mark gone between two looks is no answer (the pid decides)."""
+    cfg = hyperparam_tune.TuneConfig(out_dir=str(tmp_path), study_name="once")
+    study = optuna.create_study()
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    trial.set_user_attr(hyperparam_tune.ATTR_REASON, hyperparam_tune.INTERRUPTED)
+    hyperparam_tune._queue_interrupted(study, trial, cfg)
+    hyperparam_tune._queue_interrupted(study, trial, cfg)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.WAITING]
+    assert hyperparam_tune._mark_held(tmp_path / "gone.lock") is None
+
+
 def test_a_filesystem_without_locks_leaves_the_worker_to_its_pid(tmp_path, monkeypatch):
     """Where the study's directory has no file locks (some NFS), a worker runs without its mark
     and its trials' worker is judged by its pid, as without marks."""

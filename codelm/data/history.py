@@ -18,8 +18,8 @@ languages and files that do not parse, and in C-family languages a method's retu
 body); prose (a README) declares nothing, and no keyword is a
 name. A file the commit adds that the parent already holds (moved, or copied whole), that shares half
 the informative lines of the larger of the two with one file the parent holds (copied and
-edited), or half of whose informative lines the commit takes out of one (code moved), is no
-case: its answer would
+edited), four in five of its own (a part of it copied), or half of whose informative lines the
+commit takes out of one (code moved), is no case: its answer would
 be in its own context."""
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ OTHER_FILE_CHARS = 16_000
 MAX_FILE_BYTES = 1_000_000
 # A file the commit adds and one of the parent sharing this share of the larger one's
 # informative lines (a copy), or of the new one's that leave the other (code moved out of it):
-# its answer would be in its own context.
+# its answer would be in its own context ...
 COPIED_SHARE = 0.5
+# ... or that holds little else than one parent file's lines (a few of its functions copied).
+SUBSET_SHARE = 0.8
 
 # Files whose declarations count: source code (prose and data files declare nothing).
 SOURCE_EXTENSIONS = (".py", ".pyi", ".kt", ".kts", ".java", ".scala", ".groovy", ".js", ".jsx",
@@ -429,7 +431,8 @@ def _informative_lines(text: str, path: str) -> frozenset[str]:
 def copied_from(text: str, path: str, parent_files: dict[str, str],
                 later: Callable[[str], str]) -> str | None:
     """The file of the parent that ``text`` (at ``path``) copies, edited or not (the two share
-    COPIED_SHARE of the larger one's informative lines, as git measures a copy), or whose code
+    COPIED_SHARE of the larger one's informative lines, as git measures a copy, or SUBSET_SHARE
+    of the new one's: a part of that file), or whose code
     the commit moved into it (COPIED_SHARE of its informative lines leave that file:
     ``later(file)`` is the file's text after the commit, "" where it is gone); None where
     neither. A licence header, imports, or lines a new test shares with an old one make none."""
@@ -439,7 +442,8 @@ def copied_from(text: str, path: str, parent_files: dict[str, str],
         shared = lines & other_lines
         if not lines or len(shared) < COPIED_SHARE * len(lines):
             continue
-        if len(shared) >= COPIED_SHARE * len(other_lines):
+        copy = len(shared) >= COPIED_SHARE * len(other_lines)
+        if copy or len(shared) >= SUBSET_SHARE * len(lines):
             return other_path
         moved = shared - _informative_lines(later(other_path), other_path)
         if len(moved) >= COPIED_SHARE * len(lines):
