@@ -28,13 +28,12 @@ import math
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 import typing
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,7 @@ import trainingmanager
 from codelm import search_space, trainconfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
-from codelm.runtime import process, settings
+from codelm.runtime import process, settings, workers
 from codelm.runtime.process import progress_bar
 from codelm.search_space import SearchSpace
 from codelm.trainconfig import TrainConfig
@@ -221,84 +220,16 @@ def study_progress(study: optuna.Study) -> tuple[int, int, int]:
             states.count(TrialState.WAITING))
 
 
-def _worker_id() -> str:
-    """This process as a trial's worker: host, pid, the pid's start and its PID namespace (one
-    process, however its pid is reused, in whichever container of one host name: a restarted
-    container's entry process is pid 1 again)."""
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{process.pid_namespace()}"
-
-
-def _process_start(pid: int) -> str:
-    """When process ``pid`` started, in clock ticks since boot (Linux's /proc/PID/stat, its
-    22nd field); "" where that cannot be read."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rpartition(")")[2].split()[19]  # the fields after the name start at the 3rd
-
-
-@contextlib.contextmanager
-def worker_mark(cfg: TuneConfig) -> Iterator[None]:
-    """This worker's mark beside the study (``_mark_path``): a file it holds locked while it
-    lives, which the kernel lets go of when it dies, whatever PID namespace (container) it ran
-    in; removed when it ends."""
-    path = _mark_path(cfg, _worker_id())
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = process.locked_fd(path, os.O_CREAT | os.O_RDWR)
-    except OSError:  # no locks on this filesystem (some NFS): the pid tells, as without marks
-        fd = None
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)  # an unlocked mark would read as a dead worker's
-    try:
-        yield
-    finally:
-        if fd is not None:
-            path.unlink(missing_ok=True)
-            os.close(fd)
-
-
-def _mark_path(cfg: TuneConfig, worker: str) -> Path:
-    return study_dir(cfg) / "workers" / f"{worker}.lock"
-
-
-def _mark_held(mark: Path) -> bool | None:
-    """Whether a worker's mark is locked (its worker lives); None where there is no mark, or
-    its filesystem has no locks (some NFS)."""
-    try:
-        fd = process.locked_fd(mark, os.O_RDONLY)
-    except OSError:  # none (its worker ended meanwhile), another user's, or no locks
-        return None
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
+def _marks(cfg: TuneConfig) -> Path:
+    """Where the study's workers keep their marks (codelm.runtime.workers)."""
+    return study_dir(cfg) / "workers"
 
 
 def _local_owner_alive(trial: FrozenTrial, cfg: TuneConfig | None = None) -> bool | None:
-    """Whether this trial's worker runs on this machine and lives; None: another machine's or
-    another PID namespace's (a container of the same host name), which cannot be told. With
-    ``cfg``, a worker's mark beside the study tells first: held, it lives; left, it died."""
+    """Whether this trial's worker lives (``workers.worker_alive``; with ``cfg``, its mark beside
+    the study tells first); None: it cannot be told here."""
     worker = str(trial.user_attrs.get(ATTR_WORKER, ""))
-    if cfg is not None and worker:
-        held = _mark_held(_mark_path(cfg, worker))
-        if held is not None:
-            return held
-    host, pid, started, namespace = [*worker.split(":"), "", "", ""][:4]
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    if namespace and namespace != process.pid_namespace():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive, unless its pid was reused
-        pass
-    now = _process_start(int(pid))
-    return not started or not now or now == started  # unreadable (/proc's hidepid): alive
+    return workers.worker_alive(worker, None if cfg is None else _marks(cfg))
 
 
 class QueueAgain:
@@ -602,7 +533,7 @@ def _claim(trial: optuna.Trial, heartbeats: optuna.storages.RDBStorage | None) -
     try:
         if heartbeats is not None:
             heartbeats.record_heartbeat(trial._trial_id)
-        trial.set_user_attr(ATTR_WORKER, _worker_id())
+        trial.set_user_attr(ATTR_WORKER, workers.worker_id())
         for key in (ATTR_REASON, ATTR_STOPPED):
             if trial.user_attrs.get(key) is not None:
                 trial.set_user_attr(key, None)
@@ -977,7 +908,7 @@ def tune(cfg: TuneConfig) -> int:
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         process.exit_with_parent(int(os.environ.get(SWEEP_PID, os.getppid())))
         torch.set_num_threads(max(1, process.usable_cores() // cfg.workers))
-        with worker_mark(cfg):
+        with workers.worker_mark(_marks(cfg)):
             run_worker(cfg, study, storage, space, base)
         return 0  # the parent judges the study (and writes best.json)
     bar = progress_bar(total=cfg.n_trials, initial=min(study_progress(study)[0], cfg.n_trials),
@@ -985,7 +916,7 @@ def tune(cfg: TuneConfig) -> int:
     worker_status = 0
     try:
         if cfg.workers == 1:
-            with worker_mark(cfg):
+            with workers.worker_mark(_marks(cfg)):
                 run_worker(cfg, study, storage, space, base, progress=bar)
         else:
             worker_status = _run_workers(cfg, study, bar)

@@ -34,7 +34,7 @@ from codelm import search_space, trainconfig
 from codelm.data.config import DataError
 from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.runs import rundir
-from codelm.runtime import process
+from codelm.runtime import process, workers
 from codelm.training import plan, record, trainer
 from tokenizer import CodeTokenizer
 
@@ -1071,7 +1071,7 @@ def test_a_live_worker_of_another_user_is_alive(monkeypatch):
 def test_a_worker_whose_pid_another_process_took_is_dead(monkeypatch):
     """A worker is named by its pid and the pid's start: a restarted container's new entry
     process, pid 1 again, is not the worker that died there; the live worker itself is."""
-    me = hyperparam_tune._worker_id()
+    me = workers.worker_id()
     host, pid, started, namespace = me.split(":")
     assert (host, pid) == (socket.gethostname(), str(os.getpid())) and started.isdigit()
 
@@ -1087,7 +1087,7 @@ def test_a_worker_whose_pid_another_process_took_is_dead(monkeypatch):
     elsewhere = f"{host}:{pid}:{int(started) + 1}:{namespace}0"
     assert hyperparam_tune._local_owner_alive(owned_by(elsewhere)) is None
     # /proc mounted with hidepid: another user's start cannot be read, and it may live
-    monkeypatch.setattr(hyperparam_tune, "_process_start", lambda pid: "")
+    monkeypatch.setattr(workers, "process_start", lambda pid: "")
     assert hyperparam_tune._local_owner_alive(owned_by(reused)) is True
 
 
@@ -1111,7 +1111,7 @@ def test_a_database_trial_is_judged_by_its_heartbeat_sent_as_it_is_claimed(tmp_p
                         lambda key, value: order.append(key) or named(key, value))
     hyperparam_tune._claim(trial, storage)
     assert order[:2] == ["heartbeat", hyperparam_tune.ATTR_WORKER]
-    host, pid, started, namespace = hyperparam_tune._worker_id().split(":")
+    host, pid, started, namespace = workers.worker_id().split(":")
     named(hyperparam_tune.ATTR_WORKER, f"{host}:{pid}:{int(started) + 1}:{namespace}")
     hyperparam_tune.recover_dead_trials(study, storage, cfg)
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING]
@@ -1123,20 +1123,20 @@ def test_a_workers_mark_beside_the_study_tells_whether_it_lives_in_any_container
     namespace, whose pids say nothing here), it is dead; gone (the worker ended), the pid
     decides."""
     cfg = hyperparam_tune.TuneConfig(out_dir=str(tmp_path), study_name="marks")
-    me = hyperparam_tune._worker_id()
+    me = workers.worker_id()
     host, pid, started, namespace = me.split(":")
 
     def owned_by(worker: str):
         return optuna.trial.create_trial(state=TrialState.RUNNING,
                                          user_attrs={hyperparam_tune.ATTR_WORKER: worker})
 
-    with hyperparam_tune.worker_mark(cfg):
+    with workers.worker_mark(hyperparam_tune._marks(cfg)):
         assert hyperparam_tune._local_owner_alive(owned_by(me), cfg) is True
-    assert not hyperparam_tune._mark_path(cfg, me).exists()
+    assert not workers.mark_path(hyperparam_tune._marks(cfg), me).exists()
     assert hyperparam_tune._local_owner_alive(owned_by(me), cfg) is True  # the pid's answer
     restarted = f"{host}:1:{started}:{namespace}0"  # a container's entry process, now gone
     assert hyperparam_tune._local_owner_alive(owned_by(restarted), cfg) is None
-    hyperparam_tune._mark_path(cfg, restarted).write_text("")  # left behind by its death
+    workers.mark_path(hyperparam_tune._marks(cfg), restarted).write_text("")  # left behind by its death
     assert hyperparam_tune._local_owner_alive(owned_by(restarted), cfg) is False
 
 
@@ -1150,7 +1150,7 @@ def test_an_interrupted_trial_already_queued_is_not_queued_twice(tmp_path):
     hyperparam_tune._queue_interrupted(study, trial, cfg)
     hyperparam_tune._queue_interrupted(study, trial, cfg)
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.WAITING]
-    assert hyperparam_tune._mark_held(tmp_path / "gone.lock") is None
+    assert workers.mark_held(tmp_path / "gone.lock") is None
 
 
 def test_a_filesystem_without_locks_leaves_the_worker_to_its_pid(tmp_path, monkeypatch):
@@ -1161,11 +1161,11 @@ def test_a_filesystem_without_locks_leaves_the_worker_to_its_pid(tmp_path, monke
 
     monkeypatch.setattr(hyperparam_tune.process, "locked_fd", no_locks)
     cfg = hyperparam_tune.TuneConfig(out_dir=str(tmp_path), study_name="nfs")
-    me = hyperparam_tune._worker_id()
+    me = workers.worker_id()
     trial = optuna.trial.create_trial(state=TrialState.RUNNING,
                                       user_attrs={hyperparam_tune.ATTR_WORKER: me})
-    with hyperparam_tune.worker_mark(cfg):
-        hyperparam_tune._mark_path(cfg, me).write_text("")  # as another worker's would be
+    with workers.worker_mark(hyperparam_tune._marks(cfg)):
+        workers.mark_path(hyperparam_tune._marks(cfg), me).write_text("")  # as another worker's would be
         assert hyperparam_tune._local_owner_alive(trial, cfg) is True
 
 
