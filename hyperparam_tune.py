@@ -606,8 +606,9 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
 
 def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]:
     """What makes the space's trials unlike to compare: a batch sampled under one step budget
-    (a larger batch sees more data), and a block size or vocabulary sampled while validation
-    is a number of windows (another stretch of the split for each)."""
+    (a larger batch sees more data), a block size or vocabulary sampled while validation is a
+    number of windows (another stretch of the split for each), and a warmup that can outlast
+    the step budget."""
     found = []
     where = " with ".join(filter(None, (space.source, cfg.train_config)))
     batch = [name for name in ("batch_size", "grad_accum") if name in space.params]
@@ -624,6 +625,11 @@ def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]
                      "validation windows, another stretch of the split for another block size "
                      "or vocabulary; eval_examples null ranks every trial on the whole "
                      "split")
+    warmup = space.params.get("warmup_steps", {})
+    if cfg.time_budget_min is None and warmup.get("high", 0) >= cfg.max_steps:
+        found.append(f"warning: {where}: params.warmup_steps reaches {warmup['high']}, not below "
+                     f"--max-steps {cfg.max_steps}: a trial drawn there never reaches its lr "
+                     "(each such trial warns so); narrow the range or raise --max-steps")
     sweep = {**_budget(cfg), **_trial_run(cfg, 0)}
     given = {**space.base, **base}
     overridden = [f"{key} {given[key]!r} (a trial's: {sweep[key]!r})" for key in sorted(given)
@@ -911,8 +917,12 @@ def tune(cfg: TuneConfig) -> int:
         with workers.worker_mark(_marks(cfg)):
             run_worker(cfg, study, storage, space, base)
         return 0  # the parent judges the study (and writes best.json)
-    bar = progress_bar(total=cfg.n_trials, initial=min(study_progress(study)[0], cfg.n_trials),
-                       unit="trial", desc=cfg.study_name, enabled=cfg.progress)
+    done = study_progress(study)[0]
+    if done >= cfg.n_trials:
+        print(f"study {cfg.study_name}: {done} of {cfg.n_trials} trials finished already, so "
+              "none runs now (a larger --n-trials runs more); its reports:")
+    bar = progress_bar(total=cfg.n_trials, initial=min(done, cfg.n_trials), unit="trial",
+                       desc=cfg.study_name, enabled=cfg.progress)
     worker_status = 0
     try:
         if cfg.workers == 1:

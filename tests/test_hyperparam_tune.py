@@ -139,12 +139,18 @@ def test_two_local_workers_share_one_journal(tmp_path, corpus, capfd):
     assert result.step == 2 and result.run_dir == tmp_path / "again" / "two-best"
 
 
-def test_rerun_continues_the_study(tmp_path, corpus):
+def test_rerun_continues_the_study(tmp_path, corpus, capsys):
+    """The same command continues a study to --n-trials; once there, it says that none runs."""
     space = tiny_space(tmp_path, corpus)
     assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="again", n_trials=1)) == 0
     assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="again", n_trials=2)) == 0
     trials = load_study(journal(tmp_path, "again"), "again").get_trials()
     assert_distinct_trials(trials, 2)
+    assert "finished already" not in capsys.readouterr().out
+    assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="again", n_trials=2)) == 0
+    assert "study again: 2 of 2 trials finished already, so none runs now" in (
+        capsys.readouterr().out)
+    assert len(load_study(journal(tmp_path, "again"), "again").get_trials()) == 2
 
 
 def _running_trial(storage, name: str, timeout: float = 120.0):
@@ -2067,6 +2073,22 @@ def test_a_space_sampling_the_batch_or_the_validation_text_is_warned_of(tmp_path
     whole = hyperparam_tune.space_warnings(
         hyperparam_tune.TuneConfig(time_budget_min=5), space, {"eval_examples": None})
     assert whole == []
+
+
+def test_a_warmup_range_reaching_the_step_budget_is_warned_of_once():
+    """A sampled warmup_steps whose range reaches --max-steps draws trials that never reach
+    their lr: the sweep says so once, naming the space's range and its own flag (a trial's own
+    warning names trainingmanager's); under a time budget or a range below it, nothing."""
+    space = hyperparam_tune.SearchSpace(
+        params={"warmup_steps": {"type": "int", "low": 0, "high": 30, "step": 5}}, base={},
+        source="s.json")
+    said = hyperparam_tune.space_warnings(hyperparam_tune.TuneConfig(max_steps=20), space, {})
+    assert len(said) == 1 and all(w in said[0] for w in ("params.warmup_steps reaches 30",
+                                                         "--max-steps 20"))
+    assert hyperparam_tune.space_warnings(hyperparam_tune.TuneConfig(max_steps=150), space,
+                                          {}) == []
+    assert hyperparam_tune.space_warnings(hyperparam_tune.TuneConfig(time_budget_min=5), space,
+                                          {}) == []
 
 
 def test_a_train_config_setting_what_the_sweep_sets_is_warned_of(tmp_path):
