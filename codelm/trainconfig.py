@@ -163,7 +163,7 @@ class TrainConfig:
     time_budget_min: float | None = 15.0  # minutes for the whole run (data preparation and the
     #   final evaluation included) when max_steps and epochs are unset: the steps follow from
     #   this machine's measured step time, so the schedule ends on time; config.json records the
-    #   steps (and preset auto's choices) instead
+    #   steps (and preset auto's choices) instead. Preset auto sizes the model to it either way
     max_time_s: float | None = None  # wall-clock budget; the run checkpoints and ends cleanly
     progress: bool = True  # a progress bar
     # end of run

@@ -235,6 +235,8 @@ def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch,
         "preset auto: timing tiny (context 32, batch 1) on cpu",
         "preset auto: timing tiny (context 32, batch 2) on cpu"]
     assert lines[-1].startswith("preset auto: tiny")
+    # a run of --max-steps: the choice says the time budget sized its model all the same
+    assert "--time-budget-min sizes the model, --max-steps or --epochs only end" in lines[-1]
 
 
 def test_preset_auto_says_it_times_the_cpus_precision_before_timing_it(monkeypatch, capsys):

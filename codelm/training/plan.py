@@ -430,10 +430,10 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
     def fits(measured: Probe) -> bool:
         return measured.tokens_per_s * seconds * TRAIN_SHARE >= TOKENS_PER_PARAM * measured.params
 
-    def timed(candidate: TrainConfig) -> Probe:
+    def timed(candidate: TrainConfig, again: str = "") -> Probe:
         if announce:  # a line a rung: timing one takes seconds to minutes on a busy CPU
             print(f"preset auto: timing {candidate.preset} (context {candidate.block_size}, "
-                  f"batch {candidate.batch_size}) on {device_type}", flush=True)
+                  f"batch {candidate.batch_size}) on {device_type}{again}", flush=True)
         return probe(candidate)
 
     chosen = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[0]))
@@ -444,7 +444,8 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
             break
         measured = timed(candidate)
         if not fits(measured):
-            measured = max(measured, timed(candidate), key=lambda p: p.tokens_per_s)
+            again = timed(candidate, " again: it fell short, and a passing load must not refuse it")
+            measured = max(measured, again, key=lambda p: p.tokens_per_s)
         if not fits(measured):
             break
         chosen, chosen_probe = candidate, measured
@@ -454,8 +455,17 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
           f"{chosen.block_size}), batch {chosen.batch_size}, lr {chosen.lr:g}, "
           f"{chosen.optimizer or 'adamw'}, {chosen.precision}: the largest that sees "
           f"{TOKENS_PER_PARAM} tokens a parameter in {cfg.time_budget_min:g} min on {device_type} "
-          f"({chosen_probe.tokens_per_s:,.0f} tokens/s measured); pin it with {pin_flags(chosen)}")
+          f"({chosen_probe.tokens_per_s:,.0f} tokens/s measured{sized_by(cfg)}); pin it with "
+          f"{pin_flags(chosen)}")
     return chosen
+
+
+def sized_by(cfg: TrainConfig) -> str:
+    """Where a run's length is its steps or epochs, that the time budget still sizes its model."""
+    if cfg.max_steps is None and cfg.epochs is None:
+        return ""
+    return ("; --time-budget-min sizes the model, --max-steps or --epochs only end the run; "
+            "pinning skips this timing")
 
 
 def pin_flags(cfg: TrainConfig) -> str:
