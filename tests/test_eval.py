@@ -1642,6 +1642,9 @@ def test_lm_task_loss_equals_transformers(tiny_models, lm_windows):
     assert got["loss"] == pytest.approx(loss, abs=1e-4)
     assert got["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
     assert got["token_accuracy"] == pytest.approx(correct / count)  # 0-1, as val_accuracy
+    text_bytes = len(tok.decode(stream[1:].tolist(), skip_special_tokens=True).encode())
+    assert got["bits_per_byte"] == pytest.approx(float(sum(losses)) / text_bytes / math.log(2),
+                                                 rel=1e-4)
 
 
 def test_lm_score_and_completion_windows_read_special_token_text_as_text(tmp_path):
@@ -2749,6 +2752,7 @@ def test_the_lm_task_on_a_runs_val_split_is_its_val_loss(tmp_path, monkeypatch, 
     metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
     assert metrics["lm/tokens"] == val["val_tokens"]
     assert metrics["lm/loss"] == pytest.approx(val["val_loss"], abs=1e-5)
+    assert metrics["lm/bits_per_byte"] == pytest.approx(val["val_bpb"], abs=1e-5)
 
 
 def test_data_options_given_to_eval_override_the_runs_own(tmp_path):

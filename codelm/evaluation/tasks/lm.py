@@ -1,5 +1,5 @@
-"""The lm task: a model's own loss (its training loss), perplexity and next-token accuracy over
-block-size windows of the split's text, packed as dataset.py packs a split."""
+"""The lm task: a model's own loss (its training loss), perplexity, next-token accuracy and bits
+per byte over block-size windows of the split's text, packed as dataset.py packs a split."""
 
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ class LmSettings(Scoring, Protocol):
 
 @torch.no_grad()
 def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: LmSettings) -> dict:
-    """Loss (the model's training loss), perplexity and next-token accuracy (0-1) over
-    block-size windows of the texts packed as dataset.py packs a split (a packing lm run's
-    files kept apart, as it trained): on a run's val split, its val_loss and val_accuracy."""
+    """Loss (the model's training loss), perplexity, next-token accuracy (0-1) and bits per byte
+    over block-size windows of the texts packed as dataset.py packs a split (a packing lm run's
+    files kept apart, as it trained): on a run's val split, its val_loss, val_accuracy and
+    val_bpb."""
     tok = lm.tokenizer
     context = scoring.context(lm, cfg)
     want = None if cfg.lm_windows is None else cfg.lm_windows * context + 1
@@ -48,8 +49,13 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: LmSettings) -> dict:
         windows = [files_apart(window, eos) for window in windows]
     total, correct, count = scoring.summed_loss(lm, windows, cfg, "lm")
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "token_accuracy": correct / count, "tokens": int(count)}
+    scores = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+              "token_accuracy": correct / count, "tokens": int(count)}
+    byte_lengths = torch.tensor(tok.token_byte_lengths())  # special tokens: none
+    n_bytes = sum(int(byte_lengths[w["labels"][w["labels"] != -100]].sum()) for w in windows)
+    if n_bytes:  # as training's val_bpb: comparable across tokenizers
+        scores["bits_per_byte"] = total / n_bytes / math.log(2)
+    return scores
 
 
 def _apart_at(lm: LoadedModel) -> int | None:
