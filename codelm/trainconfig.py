@@ -178,8 +178,9 @@ class TrainConfig:
     #   (eval.py's line and method tasks) on the test split, printed with the val loss
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised
-    overfit_batches: int = 0  # overfit K batches of the real training data (unset: preset
-    #   auto's smallest rung, untimed, for OVERFIT_STEPS steps, and no export)
+    overfit_batches: int = 0  # overfit K batches of the real training data (0: off); with it,
+    #   where not given: preset auto's smallest rung, untimed (--preset), at most 400 steps
+    #   (OVERFIT_STEPS; --max-steps), no export, sample or final evaluation (--export)
     inject_nan_at_step: int | None = None  # fault injection: make this step's loss NaN
 
     @property
