@@ -34,7 +34,7 @@ import time
 import typing
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -103,7 +103,8 @@ class TuneConfig:
     grace_period: int = 120  # seconds without a heartbeat before a trial is dead and requeued
     max_retry: int = 2  # times a trial whose worker died is queued again (an interrupted one:
     #   always)
-    worker: int = 0  # internal: i > 0 makes this process worker i of --workers (trials only)
+    worker: int = field(default=0, metadata={"hidden": True})  # internal: i > 0 makes this
+    #   process worker i of --workers (trials only); not in --help
     # output
     progress: bool = True  # a progress bar over the trials
 

@@ -2075,6 +2075,15 @@ def test_a_space_sampling_the_batch_or_the_validation_text_is_warned_of(tmp_path
     assert whole == []
 
 
+def test_the_workers_own_flag_is_read_but_not_in_help(capsys):
+    """--worker is what the sweep passes its worker processes: parsed, not offered in --help."""
+    assert hyperparam_tune.parse_config(["--worker", "2"]).worker == 2
+    with pytest.raises(SystemExit):
+        hyperparam_tune.parse_config(["--help"])
+    helped = capsys.readouterr().out
+    assert "--workers" in helped and "--worker " not in helped and "--worker\n" not in helped
+
+
 def test_a_warmup_range_reaching_the_step_budget_is_warned_of_once():
     """A sampled warmup_steps whose range reaches --max-steps draws trials that never reach
     their lr: the sweep says so once, naming the space's range and its own flag (a trial's own

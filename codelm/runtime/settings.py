@@ -525,7 +525,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
     """One flag per dataclass field, helped and grouped by ``field_docs``; a field without a
     default is required, or an operand if in ``positional``. The parser needs
     ``argument_default=argparse.SUPPRESS`` (only typed flags override the file). Field metadata:
-    ``repeat`` (given once per item), ``metavar``, ``choices``, ``none_is_a_value``. ``aliases``:
+    ``repeat`` (given once per item), ``metavar``, ``choices``, ``none_is_a_value``, ``hidden``
+    (a flag the program passes itself, left out of --help). ``aliases``:
     hidden other spellings of a flag."""
     hints = typing.get_type_hints(cls)
     helps, sections = field_docs(cls)
@@ -549,7 +550,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
         kwargs = _flag_kwargs(f, base, optional, allowed)
         if "metavar" in f.metadata:
             kwargs["metavar"] = f.metadata["metavar"]
-        target.add_argument(flag_of(f.name), help=help_text,
+        hidden = f.metadata.get("hidden")  # a flag the program passes itself
+        target.add_argument(flag_of(f.name), help=argparse.SUPPRESS if hidden else help_text,
                             required=default is dataclasses.MISSING, **kwargs)
         for alias in (aliases or {}).get(f.name, ()):
             target.add_argument(alias, dest=f.name, help=argparse.SUPPRESS, **kwargs)
