@@ -626,9 +626,9 @@ def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]
                      "validation windows, another stretch of the split for another block size "
                      "or vocabulary; eval_examples null ranks every trial on the whole "
                      "split")
-    warmup = space.params.get("warmup_steps", {})
-    if cfg.time_budget_min is None and warmup.get("high", 0) >= cfg.max_steps:
-        found.append(f"warning: {where}: params.warmup_steps reaches {warmup['high']}, not below "
+    longest = _largest_value(space, "warmup_steps")
+    if cfg.time_budget_min is None and longest is not None and longest >= cfg.max_steps:
+        found.append(f"warning: {where}: params.warmup_steps reaches {longest}, not below "
                      f"--max-steps {cfg.max_steps}: a trial drawn there never reaches its lr "
                      "(each such trial warns so); narrow the range or raise --max-steps")
     sweep = {**_budget(cfg), **_trial_run(cfg, 0)}
@@ -641,6 +641,17 @@ def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]
                      "every trial (its step budget: --max-steps, --eval-every or "
                      "--time-budget-min), so the file's values are not used")
     return found
+
+
+def _largest_value(space: SearchSpace, name: str) -> float | None:
+    """The largest value a trial can draw for ``name`` (as a step lets it reach the range's
+    end; a categorical's largest choice), None where the space does not sample it."""
+    if name not in space.params:
+        return None
+    drawn = search_space.distribution(space.params[name])
+    if isinstance(drawn, optuna.distributions.CategoricalDistribution):
+        return max((c for c in drawn.choices if isinstance(c, int | float)), default=None)
+    return drawn.high
 
 
 # TrainConfig keys that change how a trial is computed, not its result: a continued study may

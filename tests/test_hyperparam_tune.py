@@ -2098,6 +2098,17 @@ def test_a_warmup_range_reaching_the_step_budget_is_warned_of_once():
                                           {}) == []
     assert hyperparam_tune.space_warnings(hyperparam_tune.TuneConfig(time_budget_min=5), space,
                                           {}) == []
+    # what a trial can draw: a step short of the range's end, a categorical's largest choice
+    stepped = hyperparam_tune.SearchSpace(
+        params={"warmup_steps": {"type": "int", "low": 0, "high": 150, "step": 20}}, base={},
+        source="s.json")
+    assert hyperparam_tune.space_warnings(hyperparam_tune.TuneConfig(max_steps=150), stepped,
+                                          {}) == []
+    chosen = hyperparam_tune.SearchSpace(
+        params={"warmup_steps": {"type": "categorical", "choices": [0, 200]}}, base={},
+        source="s.json")
+    said = hyperparam_tune.space_warnings(hyperparam_tune.TuneConfig(max_steps=150), chosen, {})
+    assert len(said) == 1 and "reaches 200" in said[0]
 
 
 def test_a_train_config_setting_what_the_sweep_sets_is_warned_of(tmp_path):

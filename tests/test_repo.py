@@ -119,6 +119,7 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.settings",
                                   "codelm.runtime.distributed")
 HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
+WORKERS = "codelm.runtime.workers"
 KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
 ENGINE, SERVING, ENDPOINTS = "codelm.models.engine", "codelm.serving", "codelm.endpoints"
 TOOL_CALLS, OPENAI_API = "codelm.tool_calls", "codelm.openai_api"
@@ -172,7 +173,7 @@ COMPOSERS, HISTORY, PROJECT = ("codelm.data.composers", "codelm.data.history",
 DATA = {DATA_CONFIG, DATA_CACHE, DATA_SOURCES, CLEANING, DEDUPE, SHARDS, SPLITS, EXAMPLES, ENCODING,
         DATASETS, GENERATED_PROBLEMS, PREFERENCE_DATA, COMPOSERS, HISTORY, PROJECT}
 BELOW_FLOOR_3 = TOKENIZATION | DATA | {
-    PROCESS, SETTINGS, HUB, RNG, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
+    PROCESS, SETTINGS, HUB, RNG, WORKERS, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, CROSSING, RUNNER, GGUF_WRITER, ENGINE,
@@ -190,6 +191,7 @@ MAY_IMPORT = {
     DISTRIBUTED: set(),
     HUB: set(),
     RNG: set(),
+    WORKERS: {PROCESS},
     RUNDIR: {PROCESS, SETTINGS, DISTRIBUTED},
     CHECKPOINT: {PROCESS, SETTINGS, RUNDIR, HUB},
     TRACKERS: {PROCESS, RUNDIR},
@@ -295,7 +297,8 @@ MAY_IMPORT = {
              "eval"},
     "trainingmanager": BELOW_FLOOR_3 | {LOADING, "eval"},
     "codelm.search_space": {SETTINGS, CHECKPOINT, TRAINCONFIG},
-    "hyperparam_tune": {PROCESS, SETTINGS, RUNDIR, "trainingmanager", "codelm.search_space"},
+    "hyperparam_tune": {PROCESS, SETTINGS, WORKERS, RUNDIR, "trainingmanager",
+                        "codelm.search_space"},
     "codelm.recipes": BELOW_FLOOR_3 | {LOADING, EVAL_CONFIG, RESULTS, "trainingmanager", "eval"},
 }
 

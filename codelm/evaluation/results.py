@@ -37,7 +37,8 @@ def unique_label(label: str, seen: Counter) -> str:
     return unique
 
 
-_FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim")  # 0-1 scores, losses
+_FOUR_DIGITS = ("/loss", "/token_accuracy", "/ROUGE-L", "/semantic_sim",  # 0-1 scores, losses
+                "/bits_per_byte")
 _PER_TOKEN = ("/loss", "/perplexity", "/token_accuracy")  # figures per token of a tokenizer
 
 
@@ -49,7 +50,7 @@ def tokenizer_note(models: Sequence[LoadedModel]) -> str:
     return "" if len(groups) == 1 else (f"note: the models use different tokenizers "
             f"({' | '.join(', '.join(labels) for labels in groups.values())}): loss, perplexity "
             "and token accuracy are per token of a model's own tokenizer, so they compare only "
-            "between models that share one")
+            "between models that share one; bits per byte compares across tokenizers")
 
 
 def markdown_table(rows: Sequence[dict], note: str = "") -> str:
