@@ -1538,7 +1538,7 @@ def test_models_with_different_tokenizers_get_a_note_under_the_table(tiny_models
     printed = capsys.readouterr().out
     note = ("note: the models use different tokenizers (a, c | b): loss, perplexity and token "
             "accuracy are per token of a model's own tokenizer, so they compare only between "
-            "models that share one")
+            "models that share one; bits per byte compares across tokenizers")
     table = (out / "table.md").read_text().strip()
     assert table.endswith(f"| c |{table.split('| c |')[1].splitlines()[0]}\n\n{note}")
     assert table in printed  # printed, and in results.json's table, as table.md
