@@ -2725,7 +2725,8 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_the_lm_task_on_a_runs_val_split_is_its_val_loss(tmp_path, monkeypatch, packing):
+def test_the_lm_task_on_a_runs_val_split_is_its_val_loss(tmp_path, monkeypatch, packing,
+                                                         capsys):
     """eval.py's lm task on a run's whole val split gives the val loss and token count the run
     logged: with --packing its files keep to themselves (no attention across an EOS, nothing
     counted at one), as the run trained and validated."""
@@ -2750,6 +2751,7 @@ def test_the_lm_task_on_a_runs_val_split_is_its_val_loss(tmp_path, monkeypatch, 
     assert ev.main(["--models", str(run), "--tasks", "lm", "--split", "val", "--lm-windows",
                     "none", "--out-dir", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
+    assert "data: scoring the val split of the runs' own data" in capsys.readouterr().out
     assert metrics["lm/tokens"] == val["val_tokens"]
     assert metrics["lm/loss"] == pytest.approx(val["val_loss"], abs=1e-5)
     assert metrics["lm/bits_per_byte"] == pytest.approx(val["val_bpb"], abs=1e-5)

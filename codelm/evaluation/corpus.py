@@ -74,7 +74,7 @@ def _corpus_config(cfg: CorpusSettings, run: dict | None, run_source: str = "run
 def split_documents(cfg: CorpusSettings, models: Sequence[LoadedModel]
                     ) -> tuple[Sequence[Doc], DataConfig]:
     """The documents of ``cfg.split`` of the corpus scored (``all``: every one), and its
-    DataConfig. Where no run's own split is scored, a note says which part of the data is."""
+    DataConfig, a line saying which part of the data it is."""
     data_cfg = corpus_config(cfg, models)
     corpus = load_corpus(data_cfg)
     runs_own = cfg.data is None and any(m.run_config for m in models)
@@ -86,7 +86,10 @@ def split_documents(cfg: CorpusSettings, models: Sequence[LoadedModel]
                   file=sys.stderr)
         return [doc for split in SPLITS for doc in getattr(corpus, split)], data_cfg
     docs = getattr(corpus, cfg.split)
-    if not runs_own:
+    if runs_own:  # the table's figures are of this split (training's val_loss is of val)
+        print(f"data: scoring the {cfg.split} split of the runs' own data, {len(docs)} "
+              "documents (--split val scores the one they validated on)")
+    else:
         unit = corpus.stats["split_by"]
         print(f"data: scoring the {cfg.split} split of {', '.join(data_cfg.sources)}: "
               f"{len(docs)} of {sum(corpus.stats['split'].values())} documents (train_frac "
