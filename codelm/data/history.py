@@ -15,12 +15,11 @@ A line "names" an identifier it uses: a definition's own name on its ``def``/``c
 not count (the name is new there). Declarations are the ``def`` and ``class`` names at any depth
 of the snapshot's source files (Python's ast; a keyword pattern, comments left out, for other
 languages and files that do not parse, and in C-family languages a method's return type or
-body); prose (a README) declares nothing, and no keyword is a
-name. A file the commit adds that the parent already holds (moved, or copied whole), that shares half
-the informative lines of the larger of the two with one file the parent holds (copied and
-edited), four in five of its own (a part of it copied), or half of whose informative lines the
-commit takes out of one (code moved), is no case: its answer would
-be in its own context."""
+body); prose (a README) declares nothing, and no keyword is a name. A file the commit adds that
+the parent already holds (moved, or copied whole), that shares half the informative lines of the
+larger of the two with one file the parent holds (copied and edited), four in five of its own (a
+part of it copied), or half of whose informative lines the commit takes out of one (code moved),
+is no case: its answer would be in its own context."""
 
 from __future__ import annotations
 
@@ -157,8 +156,8 @@ _SUFFIX_WORDS = ("const", "async", "override", "noexcept")
 def _body_follows(code: str, at: int) -> str | None:
     """What follows a declaration's parameters at ``at``: "{" where its body opens (on its
     line or the next: a brace of its own; or an expression body, `=> x * x;`), "" where its
-    line ends there; None where anything else does (a call's `;`, an operator). Passed over: const, async, a Java throws clause and
-    a TypeScript return type (`: Promise<T>`)."""
+    line ends there; None where anything else does (a call's `;`, an operator). Passed over:
+    const, async, a Java throws clause and a TypeScript return type (`: Promise<T>`)."""
     end = code.find("\n", at)
     end = len(code) if end < 0 else end
     rest = code[at:end].strip()
@@ -432,15 +431,17 @@ def copied_from(text: str, path: str, parent_files: dict[str, str],
                 later: Callable[[str], str]) -> str | None:
     """The file of the parent that ``text`` (at ``path``) copies, edited or not (the two share
     COPIED_SHARE of the larger one's informative lines, as git measures a copy, or SUBSET_SHARE
-    of the new one's: a part of that file), or whose code
-    the commit moved into it (COPIED_SHARE of its informative lines leave that file:
-    ``later(file)`` is the file's text after the commit, "" where it is gone); None where
-    neither. A licence header, imports, or lines a new test shares with an old one make none."""
+    of the new one's: a part of that file), or whose code the commit moved into it
+    (COPIED_SHARE of its informative lines leave that file: ``later(file)`` is the file's text
+    after the commit, "" where it is gone); None where neither. A licence header, imports, or
+    lines a new test shares with an old one make none."""
     lines = _informative_lines(text, path)
+    if not lines:
+        return None
     for other_path, other in parent_files.items():
         other_lines = _informative_lines(other, other_path)
         shared = lines & other_lines
-        if not lines or len(shared) < COPIED_SHARE * len(lines):
+        if len(shared) < COPIED_SHARE * len(lines):
             continue
         copy = len(shared) >= COPIED_SHARE * len(other_lines)
         if copy or len(shared) >= SUBSET_SHARE * len(lines):
@@ -478,6 +479,7 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
         added_texts = {p: texts[sha] for p, sha in added_files.items() if texts[sha] is not None}
         parent_tree: dict[str, tuple[str, int]] = {}
         parent_files: dict[str, str] | None = None
+        after = functools.partial(_text_at, repo, tree)  # a file as the commit leaves it
         for path in wanted:
             text = added_texts.get(path)
             if text is None or len(text.split("\n")) < min_lines:
@@ -488,7 +490,6 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
                 continue  # a copy of a file the parent holds
             if parent_files is None:
                 parent_files = snapshot(repo, parent, extensions, parent_tree)
-            after = functools.partial(_text_at, repo, tree)
             if copied_from(text, path, parent_files, after) is not None:
                 continue  # a copy of a file the parent holds, edited
             committed = {p: t for p, t in added_texts.items() if p != path}

@@ -191,19 +191,22 @@ def _merge_scores(spec: dict, vocab_size: int) -> list[float]:
     merges = spec["model"].get("merges", [])
     scores = [-float(len(merges))] * vocab_size
     for rank in reversed(range(len(merges))):
-        merge = merges[rank]
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        left, right = _pair(merges[rank])
         scores[vocab[left + right]] = -float(rank)
     return scores
+
+
+def _pair(merge: str | list[str]) -> tuple[str, str]:
+    """A tokenizer.json merge's two pieces ("a b", as older files write it, or ["a", "b"])."""
+    left, right = merge.split(" ") if isinstance(merge, str) else merge
+    return left, right
 
 
 def unmade_tokens(spec: dict) -> list[str]:
     """A SentencePiece-style tokenizer.json's tokens of two characters or more that no merge
     makes (nor byte fallback, nor an added token): HF never gives them, while llama.cpp's SPM
     tokenizer joins any two pieces whose text is a token."""
-    merges = spec["model"].get("merges", [])
-    made = {merge.replace(" ", "") if isinstance(merge, str) else "".join(merge)
-            for merge in merges}
+    made = {"".join(_pair(merge)) for merge in spec["model"].get("merges", [])}
     added = {added["content"] for added in spec.get("added_tokens") or []}
     unmade = []
     for token in spec["model"]["vocab"]:
