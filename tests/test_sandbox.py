@@ -930,6 +930,23 @@ def test_a_memory_error_the_program_left_uncaught_exits_with_exit_memory():
     assert result.status == "memory" and result.returncode == bootstrap.EXIT_MEMORY
 
 
+def test_an_uncaught_error_is_reported_from_the_programs_frames_as_python_reports_it():
+    """An error the program leaves uncaught: its traceback from the program's first frame (no
+    frame of the sandbox's own), through the program's sys.excepthook if it sets one; exit 1,
+    not run to its end."""
+    result = run_python("def f():\n    return 1 / 0\nf()\n", SandboxConfig(timeout_s=10.0))
+    assert (result.returncode, result.completed) == (1, False)
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', result.stderr)
+    assert [(Path(file).name, line, name) for file, line, name in frames] == [
+        ("program.py", "3", "<module>"), ("program.py", "2", "f")]
+    assert result.stderr.rstrip().splitlines()[-1] == "ZeroDivisionError: division by zero"
+    hooked = run_python("import sys\nsys.excepthook = lambda kind, error, tb: "
+                        "print('hooked', kind.__name__, file=sys.stderr)\nraise KeyError(1)\n",
+                        SandboxConfig(timeout_s=10.0))
+    assert hooked.returncode == 1 and "hooked KeyError" in hooked.stderr
+    assert "Traceback" not in hooked.stderr
+
+
 def test_cli_runs_a_file_and_says_how_it_ended(tmp_path, capsys):
     """`python -m codelm.sandbox FILE`: the program's output, then one status line; exit 0 only if it
     passed; a write outside its directory fails it and leaves nothing there."""

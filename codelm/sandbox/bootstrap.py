@@ -536,6 +536,10 @@ def _run_program(program, source, as_main):
         exec(code, module.__dict__)
     except MemoryError:
         os._exit(EXIT_MEMORY)
+    except Exception as error:  # reported as Python reports it, from the program's frames on
+        error.__traceback__ = error.__traceback__.tb_next
+        sys.excepthook(type(error), error, error.__traceback__)
+        sys.exit(1)
     return module.__dict__
 
 
