@@ -237,3 +237,47 @@ def test_the_command_writes_described_problems(tmp_path):
     lines = out.read_text().splitlines()
     assert [json.loads(line) for line in lines] == generate_problems(8, 2, ["in_range"], True)
     assert "(inclusive), return" in json.loads(lines[0])["prompt"]
+
+
+def test_bugs_are_one_slip_from_the_solution_and_fail_its_test_in_the_sandbox(tmp_path, capsys):
+    """--bugs SHARE: the same problems, about SHARE of their solutions replaced by a body one
+    slip from the canonical one (an integer one off, a comparison's equality flipped) that the
+    problem's test, run in the sandbox, fails; the rest unchanged."""
+    out = tmp_path / "sft.jsonl"
+    forms = ["sign_code", "in_range", "clamp", "replace_multiples"]
+    assert generated.main(["--n", "40", "--seed", "2", "--forms", *forms, "--describe",
+                           "--pairs", "--bugs", "0.5", "--out", str(out)]) == 0
+    assert "carry a bug" in capsys.readouterr().out
+    problems = generate_problems(40, 2, forms, describe=True)
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [pair["prompt"] for pair in pairs] == [p["prompt"] for p in problems]
+    buggy = [(problem, pair["completion"]) for problem, pair in zip(problems, pairs)
+             if pair["completion"] != problem["canonical_solution"]]
+    assert 10 <= len(buggy) <= 30
+    for problem, completion in buggy:
+        canonical = problem["canonical_solution"].splitlines()
+        written = completion.splitlines()
+        assert len(written) == len(canonical)
+        changed = [(a, b) for a, b in zip(canonical, written) if a != b]
+        assert len(changed) == 1
+        tokens = [(re.findall(r"-?\d+|[<>=!]+|\w+", line)) for line in changed[0]]
+        assert len(tokens[0]) == len(tokens[1])
+        differ = [(a, b) for a, b in zip(*tokens) if a != b]
+        assert len(differ) == 1
+        a, b = differ[0]
+        assert abs(int(a) - int(b)) == 1 if a.lstrip("-").isdigit() else {a, b} in (
+            {"<", "<="}, {">", ">="}, {"==", "!="})
+    jobs = [(problem, completion) for problem, completion in buggy]
+    results = rewards.verdicts(jobs, passk.run_check, SandboxConfig(timeout_s=10.0), workers=2)
+    assert not any(result.passed for result in results)
+
+
+def test_bugs_outside_a_share_or_without_solutions_written_is_one_message(tmp_path, capsys):
+    """--bugs must be a share, and it slips the solutions of --pairs or --text only."""
+    out = str(tmp_path / "x.jsonl")
+    with pytest.raises(SystemExit):
+        generated.main(["--n", "5", "--pairs", "--bugs", "1.5", "--out", out])
+    assert "--bugs 1.5: a share" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generated.main(["--n", "5", "--bugs", "0.3", "--out", out])
+    assert "--pairs or --text" in capsys.readouterr().err

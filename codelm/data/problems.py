@@ -33,6 +33,7 @@ if __name__ == "__main__":  # first, as in every script
 import hashlib
 import json
 import random
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -396,6 +397,71 @@ def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None,
     return problems
 
 
+# A slip in a written body: an integer one off, or a comparison with or without its equality.
+_INTEGER = re.compile(r"(?<![\w\"])\d+(?![\w\"])")
+_COMPARISON = re.compile(r"<=|>=|==|!=|<|>")
+_SLIPPED = {"<=": "<", "<": "<=", ">=": ">", ">": ">=", "==": "!=", "!=": "=="}
+
+
+def _slips(line: str) -> list[str]:
+    """``line`` with each one slip of it made: each integer one up and one down, each
+    comparison with its equality flipped."""
+    slipped = []
+    for found in _INTEGER.finditer(line):
+        for step in (-1, 1):
+            value = int(found.group()) + step
+            if value >= 0:
+                slipped.append(line[: found.start()] + str(value) + line[found.end():])
+    for found in _COMPARISON.finditer(line):
+        slipped.append(line[: found.start()] + _SLIPPED[found.group()] + line[found.end():])
+    return slipped
+
+
+def buggy_solution(problem: dict, rng: random.Random) -> str | None:
+    """A body of ``problem`` one slip away from its canonical solution that fails its test (a
+    bound one off, ``<`` for ``<=``), drawn by ``rng``, as written code holds such bugs; None
+    where no slip fails the test. Slips are made in ``if`` and ``return`` lines only (a slipped
+    loop could run forever)."""
+    body = [line[4:] for line in problem["canonical_solution"].splitlines()]
+    name = problem["entry_point"]
+    canonical = _behaviour(name, body)
+    tested = {int(x) for x in re.findall(r"candidate\((-?\d+)\)", problem["test"])}
+    failing = []
+    for number, line in enumerate(body):
+        if not line.lstrip().startswith(("if ", "return ")):
+            continue
+        for slipped in _slips(line):
+            candidate = body[:number] + [slipped] + body[number + 1:]
+            try:
+                done = _behaviour(name, candidate)
+            except (ArithmeticError, ValueError):  # a slip to ``% 0`` or ``[::0]``
+                continue
+            if done is None:
+                continue
+            differ = {x for x, ours, theirs in zip(PROBES, done.outputs, canonical.outputs)
+                      if ours != theirs}
+            if differ & tested:
+                failing.append(candidate)
+    if not failing:
+        return None
+    return "".join(f"    {line}\n" for line in rng.choice(failing))
+
+
+def with_bugs(problems: list[dict], share: float, seed: int) -> tuple[list[dict], int]:
+    """``problems`` with the canonical solutions of about ``share`` of them (each drawn with
+    that chance, by a generator of its own for ``seed``, so the problems are those of the seed
+    without bugs) replaced by ``buggy_solution``; and how many were."""
+    rng = random.Random(f"bugs of seed {seed}")
+    written, bugs = [], 0
+    for problem in problems:
+        buggy = buggy_solution(problem, rng) if rng.random() < share else None
+        if buggy is not None:
+            problem = {**problem, "canonical_solution": buggy}
+            bugs += 1
+        written.append(problem)
+    return written, bugs
+
+
 def form_counts(names: Sequence[str]) -> str:
     """How many problems of each form, the most first. Forms are drawn alike, so a form more
     than 4 standard deviations below an even share (chance alone almost never) has run out: a
@@ -440,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="write {text} documents (the prompt, then the canonical solution): "
                         "language-model data, the docstring's examples trained on too "
                         "(trainingmanager.py --task lm --data FILE)")
+    parser.add_argument("--bugs", type=float, default=0.0, metavar="SHARE",
+                        help="with --pairs or --text: this share of the solutions written carry "
+                        "a bug that fails the problem's test, one slip from the canonical "
+                        "solution (an integer one off, < for <=), as written code holds bugs; "
+                        "the same problems (default: 0)")
     parser.add_argument("--describe", action="store_true",
                         help="state each function in words in its docstring, before the "
                         "examples, HumanEval-style: the prompt then determines the function "
@@ -447,16 +518,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pairs and args.text:
         parser.error("--pairs and --text: choose one")
+    if not 0 <= args.bugs <= 1:
+        parser.error(f"--bugs {args.bugs}: a share, 0 to 1")
+    if args.bugs and not (args.pairs or args.text):
+        parser.error("--bugs: the solutions of --pairs or --text carry them; add one")
     if len(set(args.seed)) < len(args.seed):
         parser.error("--seed: a seed named twice would write its problems twice")
     if outside := [seed for seed in args.seed if not 0 <= seed < SEEDS]:
         parser.error(f"--seed {outside[0]}: must be 0 to {SEEDS - 1} (each seed a set of its own)")
 
     def write() -> None:
-        problems, counts = [], []
+        problems, counts, bugs = [], [], 0
         for seed in args.seed:
             made = generate_problems(args.n, seed, args.forms, args.describe, args.at_most)
-            problems += made
+            if args.bugs:
+                with_seeds_bugs, seeds_bugs = with_bugs(made, args.bugs, seed)
+                problems += with_seeds_bugs
+                bugs += seeds_bugs
+            else:
+                problems += made
             line = form_counts([problem["entry_point"] for problem in made])
             if len(made) < args.n:
                 line += f" ({len(made)} of --n {args.n}: all it holds)"
@@ -473,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = " ".join(str(seed) for seed in args.seed)
         print(f"wrote {len(problems)} problems of seed{'s' * (len(args.seed) > 1)} {seeds} "
               f"to {args.out}")
+        if args.bugs:
+            print(f"{bugs} of the {len(problems)} solutions carry a bug that fails the test")
         print("\n".join(counts))
 
     return process.run_tool(write, "interrupted: nothing written")
