@@ -1206,6 +1206,24 @@ def test_the_execution_recipes_validate_and_start_from_the_supervised_run():
     assert control == arms["exec_grpo"].train
 
 
+def test_the_execution_recipes_with_bugs_start_from_their_own_supervised_stage():
+    """configs/exec_sft_bugs.json goes on from the third supervised stage on data some of whose
+    solutions carry bugs; its GRPO arm and control start from its export, score it beside
+    themselves, and differ only in the shuffled rewards."""
+    stage = recipes.load_recipe(CONFIGS / "exec_sft_bugs.json")
+    focus = recipes.load_recipe(CONFIGS / "exec_sft_focus.json")
+    assert stage.train["init_from"] == f"runs/{focus.train['name']}/export"
+    assert stage.train["data"] == ["data/exec/sft_bugs.jsonl"]
+    assert "--bugs" in json.loads((CONFIGS / "exec_sft_bugs.json").read_text())["_data"]
+    start = f"runs/{stage.train['name']}/export"
+    arm = recipes.load_recipe(CONFIGS / "exec_grpo_bugs.json")
+    control = recipes.load_recipe(CONFIGS / "exec_grpo_bugs_control.json")
+    assert arm.train["init_from"] == start and f"sft={start}" in arm.eval["models"]
+    shuffled = dict(control.train, name=arm.train["name"])
+    assert shuffled.pop("shuffle_rewards") is True
+    assert shuffled == arm.train
+
+
 def _without_docstrings(tree: ast.AST) -> str:
     """The AST dump of ``tree`` with every docstring gone (a lone one left as ``pass``)."""
     for node in ast.walk(tree):

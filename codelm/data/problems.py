@@ -6,6 +6,7 @@ prompt, entry_point, canonical_solution, test), as eval.py's pass@k and the GRPO
     python -m codelm.data.problems --n 500 --seed 0 --pairs --out sft.jsonl  # SFT pairs
     python -m codelm.data.problems --n 500 --seed 0 --text --out lm.jsonl  # LM documents
     python -m codelm.data.problems --n 500 --seed 0 --describe --out d.jsonl  # in words too
+    python -m codelm.data.problems --n 500 --seed 0 --pairs --bugs 0.5 --out b.jsonl  # slips
     python -m codelm.data.problems --n 100 --at-most --seed 4 5 6 --forms clamp --out c.jsonl
     python eval.py --tasks passk --problems passk=heldout.jsonl ...
 
