@@ -21,10 +21,13 @@ from types import SimpleNamespace
 import pytest
 from procs import exited
 
+from codelm.data.problems import generate_problems
+from codelm.evaluation.tasks import passk
 from codelm.sandbox import __main__ as command
 from codelm.sandbox import bootstrap, runner
 from codelm.sandbox.crossing import plain_decode, plain_encode
 from codelm.sandbox.runner import SandboxConfig, TrustedTest, kill_running, run_python
+from codelm.training import rewards
 
 FAST = SandboxConfig(timeout_s=3.0, memory_mb=256)
 ROOT = Path(__file__).resolve().parents[1]
@@ -945,6 +948,28 @@ def test_an_uncaught_error_is_reported_from_the_programs_frames_as_python_report
                         SandboxConfig(timeout_s=10.0))
     assert hooked.returncode == 1 and "hooked KeyError" in hooked.stderr
     assert "Traceback" not in hooked.stderr
+
+
+@pytest.mark.parametrize("rebinding", [
+    "sys.exit = lambda *args: None",
+    "os._exit = lambda *args: None",
+    "sys.excepthook = lambda *args: setattr(sys, 'exit', lambda *a: None)",
+    "builtins.SystemExit = int",
+])
+@pytest.mark.parametrize("error", ["assert 1 == 2", "raise MemoryError"])
+def test_a_program_rebinding_how_runs_end_never_passes_after_an_error(rebinding, error):
+    """The end of a run after the program's uncaught error is a raise the program cannot
+    rebind: a program that stubs sys.exit, os._exit, its excepthook or SystemExit itself and
+    then fails is not run to its end, alone or beside a test in its interpreter or apart."""
+    program = f"import builtins, os, sys\n{rebinding}\n{error}\n"
+    result = run_python(program, SandboxConfig(timeout_s=10.0))
+    assert not result.passed and not result.completed, (result.status, result.stderr)
+    problem = generate_problems(1, 0, ["clamp"])[0]
+    completion = problem["canonical_solution"] + program  # its function, then the program
+    for apart in (True, False):
+        verdict = rewards.verdicts([(problem, completion)], passk.run_check,
+                                   SandboxConfig(timeout_s=10.0), apart=apart)[0]
+        assert not verdict.passed, (apart, verdict.status, verdict.stderr)
 
 
 def test_cli_runs_a_file_and_says_how_it_ended(tmp_path, capsys):

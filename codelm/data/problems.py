@@ -508,10 +508,11 @@ def main(argv: list[str] | None = None) -> int:
                         "language-model data, the docstring's examples trained on too "
                         "(trainingmanager.py --task lm --data FILE)")
     parser.add_argument("--bugs", type=float, default=0.0, metavar="SHARE",
-                        help="with --pairs or --text: this share of the solutions written carry "
-                        "a bug that fails the problem's test, one slip from the canonical "
-                        "solution (an integer one off, < for <=), as written code holds bugs; "
-                        "the same problems (default: 0)")
+                        help="with --pairs or --text: about this share of the solutions "
+                        "written carry a bug that fails the problem's test, one slip from the "
+                        "canonical solution (an integer one off, < for <=, in an if or return "
+                        "line), as written code holds bugs; a solution with no such slip stays "
+                        "right (sum_up, halving_steps, repeat); the same problems (default: 0)")
     parser.add_argument("--describe", action="store_true",
                         help="state each function in words in its docstring, before the "
                         "examples, HumanEval-style: the prompt then determines the function "

@@ -532,14 +532,15 @@ def _run_program(program, source, as_main):
     module = types.ModuleType(name)
     module.__file__, module.__builtins__ = program, builtins
     sys.modules[name] = module
+    # The program may have rebound sys.exit or os._exit: a raise is what ends the run here.
     try:
         exec(code, module.__dict__)
     except MemoryError:
-        os._exit(EXIT_MEMORY)
+        raise SystemExit(EXIT_MEMORY) from None
     except Exception as error:  # reported as Python reports it, from the program's frames on
         error.__traceback__ = error.__traceback__.tb_next
         sys.excepthook(type(error), error, error.__traceback__)
-        sys.exit(1)
+        raise SystemExit(1) from None
     return module.__dict__
 
 
