@@ -533,12 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         problems, counts, bugs = [], [], 0
         for seed in args.seed:
             made = generate_problems(args.n, seed, args.forms, args.describe, args.at_most)
-            if args.bugs:
-                with_seeds_bugs, seeds_bugs = with_bugs(made, args.bugs, seed)
-                problems += with_seeds_bugs
-                bugs += seeds_bugs
-            else:
-                problems += made
+            written, slipped = with_bugs(made, args.bugs, seed)  # share 0: none slipped
+            problems += written
+            bugs += slipped
             line = form_counts([problem["entry_point"] for problem in made])
             if len(made) < args.n:
                 line += f" ({len(made)} of --n {args.n}: all it holds)"
