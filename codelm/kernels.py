@@ -349,19 +349,67 @@ def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
 
 
-def _add_chunk_grads(z: torch.Tensor, dt: torch.dtype, w: torch.Tensor, hc: torch.Tensor,
-                    rows: slice, grads: tuple) -> None:
-    """One chunk's share of an LM head's gradients, from ``z`` (d loss / d logits of the chunk's
-    ``rows``, in the accumulation dtype): ``grads`` (hidden, weight, bias; None where not wanted)
-    get the rows' hidden gradient written, the weight's and bias' added."""
+def _add_chunk_grads(g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor, rows: slice,
+                     grads: tuple, grad_bias_part: torch.Tensor | None = None) -> None:
+    """One chunk's share of an LM head's gradients, from ``g`` (d loss / d logits of the chunk's
+    ``rows``, in the matmul dtype): ``grads`` (hidden, weight, bias; None where not wanted) get
+    the rows' hidden gradient written, the weight's added, and the bias' ``grad_bias_part``."""
     grad_hidden, grad_weight, grad_bias = grads
-    g = z.to(dt)
     if grad_hidden is not None:
         torch.mm(g, w, out=grad_hidden[rows])
     if grad_weight is not None:
         grad_weight.addmm_(g.t(), hc)
     if grad_bias is not None:
-        grad_bias += z.sum(0)
+        grad_bias += grad_bias_part
+
+
+class ChunkLoss(NamedTuple):
+    total: torch.Tensor  # the chunk's summed loss (fp32)
+    correct: torch.Tensor | None  # its counted rows whose top-1 logit is the label
+    grad: torch.Tensor | None  # d(sum) / d logits times grad_scale, in the logits' dtype
+    grad_bias: torch.Tensor | None  # grad summed over rows, in fp32 (for a head's bias)
+
+
+def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float,
+                grad_scale: torch.Tensor | float, count_correct: bool, want_grad: bool,
+                want_bias: bool) -> ChunkLoss:
+    """The cross-entropy of one chunk of logits (in the matmul dtype), the softmax in fp32 and in
+    place, and with ``want_grad`` its gradient in the same pass. On CUDA it runs compiled
+    (_chunk_loss_on): a few fused kernels in place of a dozen passes over the chunk."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    keep = labels != IGNORE_INDEX
+    rows, target = torch.arange(len(labels), device=z.device), labels.clamp(min=0)
+    correct = ((z.argmax(-1) == labels) & keep).sum() if count_correct else None
+    z.sub_(z.amax(-1, keepdim=True))  # logits shifted by their max: exp cannot overflow
+    nll = -z[rows, target]
+    smooth = -z.mean(-1) if smoothing else None
+    z.exp_()
+    sumexp = z.sum(-1)
+    log_sum = sumexp.log()
+    per_row = (1 - smoothing) * (log_sum + nll)
+    if smoothing:
+        per_row += smoothing * (log_sum + smooth)
+    total = torch.where(keep, per_row, 0).sum()
+    if not want_grad:
+        return ChunkLoss(total, correct, None, None)
+    # d(sum)/dz = softmax - (1 - eps) onehot - eps / V on counted rows, 0 on the rest
+    counted = keep.to(z.dtype) * grad_scale
+    z.mul_((counted / sumexp)[:, None])
+    z[rows, target] -= (1 - smoothing) * counted
+    if smoothing:
+        z.sub_((smoothing / z.shape[-1]) * counted[:, None])
+    return ChunkLoss(total, correct, z.to(logits.dtype), z.sum(0) if want_bias else None)
+
+
+@functools.cache
+def _compiled_chunk_loss() -> Callable:
+    return torch.compile(_chunk_loss)
+
+
+def _chunk_loss_on(device: torch.device) -> Callable:
+    """_chunk_loss compiled on CUDA (memory-bound passes over a chunk as large as the head's
+    matmul: fused, they are a few reads of it); eager on the CPU, whose chunks stay in cache."""
+    return _compiled_chunk_loss() if device.type == "cuda" else _chunk_loss
 
 
 def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tuple,
@@ -384,34 +432,20 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
     total = torch.zeros((), dtype=acc, device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev) if count_correct else None
     step = _loss_chunk_rows(vocab, dev)
+    chunk_loss = _chunk_loss_on(dev)
     with torch.autocast(dev.type, enabled=False):
         for s in range(0, h.shape[0], step):
-            z = None  # the previous chunk goes before the next is formed: one chunk alive
-            hc, yc = h[s:s + step], labels[s:s + step]
-            z = (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).to(acc)
-            keep = yc != IGNORE_INDEX
-            rows, target = torch.arange(len(yc), device=dev), yc.clamp(min=0)
+            logits = chunk = None  # the previous chunk goes before the next is formed
+            hc = h[s:s + step]
+            logits = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())
+            chunk = chunk_loss(logits, labels[s:s + step], smoothing, grad_scale, count_correct,
+                               any(want), want[2])
+            total += chunk.total
             if count_correct:
-                correct += ((z.argmax(-1) == yc) & keep).sum()
-            z.sub_(z.amax(-1, keepdim=True))  # logits shifted by their max: exp cannot overflow
-            nll = -z[rows, target]
-            smooth = -z.mean(-1) if smoothing else None
-            z.exp_()
-            sumexp = z.sum(-1)
-            log_sum = sumexp.log()
-            per_row = (1 - smoothing) * (log_sum + nll)
-            if smoothing:
-                per_row += smoothing * (log_sum + smooth)
-            total += torch.where(keep, per_row, 0).sum()
-            if not any(want):
-                continue
-            # d(sum)/dz = softmax - (1 - eps) onehot - eps / V on counted rows, 0 on the rest
-            counted = keep.to(acc) * grad_scale
-            z.mul_((counted / sumexp)[:, None])
-            z[rows, target] -= (1 - smoothing) * counted
-            if smoothing:
-                z.sub_((smoothing / vocab) * counted[:, None])
-            _add_chunk_grads(z, dt, w, hc, slice(s, s + step), (gh, gw, gb))
+                correct += chunk.correct
+            if chunk.grad is not None:
+                _add_chunk_grads(chunk.grad, w, hc, slice(s, s + step), (gh, gw, gb),
+                                 chunk.grad_bias)
     return total, correct, (gh, gw, gb)
 
 
@@ -534,7 +568,8 @@ class _HeadLogprobsFunction(torch.autograd.Function):
                 z.sub_(normalizers[s:s + step, None]).exp_().mul_(-gc[:, None])
                 rows = torch.arange(len(gc), device=h.device)
                 z[rows, labels[s:s + step].clamp(min=0)] += gc
-                _add_chunk_grads(z, dt, w, hc, slice(s, s + step), (gh, gw, gb))
+                _add_chunk_grads(z.to(dt), w, hc, slice(s, s + step), (gh, gw, gb),
+                                 z.sum(0) if want[2] else None)
         out = [None if t is None else t.to(like.dtype)
                for t, like in zip((gh, gw, gb), (hidden, weight, bias))]
         return *out, None, None, None

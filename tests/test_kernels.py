@@ -682,6 +682,36 @@ def test_cuda_training_rmsnorm_is_the_hand_written_one_in_torchs_kernels():
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cuda_fused_head_loss_runs_its_softmax_compiled_and_equals_cross_entropy(
+        bias, smoothing, monkeypatch):
+    """On CUDA each chunk's softmax and gradient run as one compiled function: in fp64 the loss,
+    correct count and gradients equal F.cross_entropy of the whole logits; under bf16 autocast
+    the loss is the unfused head's within bf16 rounding."""
+    case = _head_case(bias, monkeypatch)
+    head = case.head.cuda()
+    hidden = case.hidden.detach().cuda().requires_grad_()
+    labels = case.labels.cuda()
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    loss, correct = head_loss(hidden, head, labels, smoothing, True)
+    assert kernels._compiled_chunk_loss.cache_info().currsize == 1
+    loss.backward()
+    fused = _taken_grads(params)
+    ref_loss, ref_correct = _unfused(hidden, labels, head, smoothing)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    assert int(correct) == int(ref_correct)
+    for got, p in zip(fused, params):
+        torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-14)
+    head32 = head.float()
+    with torch.autocast("cuda", torch.bfloat16):
+        loss = head_loss(hidden.detach().float(), head32, labels, smoothing)[0]
+        ref = _unfused(hidden.detach().float(), labels, head32, smoothing)[0]
+    torch.testing.assert_close(loss, ref, rtol=2e-3, atol=0)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_with_the_kernels_off_the_plain_ops_compute_the_same(shape, monkeypatch):
     """kernels.ENABLED = False: the model's plain PyTorch path gives the logits, loss, gradients and
