@@ -382,45 +382,52 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables computed per forward from positions, so left padding shifts them per row.
-    LongRoPE takes its long frequencies for a row whose positions pass the original context (as
-    transformers does for a batch's longest: per row, a row's do not depend on the others')."""
+    """cos and sin of every position of the context, tabled once in fp32 and gathered by each
+    forward's positions, so left padding shifts them per row (and a compiled step loads them,
+    not computing them again in each layer's kernels). LongRoPE takes its long frequencies for
+    a row whose positions pass the original context (as transformers does for a batch's
+    longest: per row, a row's do not depend on the others')."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        inv_freq = torch.empty(cfg.rotary_dim // 2)  # on the default device; values below
-        long_inv_freq = None
-        if not inv_freq.is_meta:  # (on meta, pretrained.load: arange would import sympy)
-            inv_freq = rope_inv_freq(cfg, device=inv_freq.device)
-            long_inv_freq = rope_long_inv_freq(cfg, device=inv_freq.device)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
         self.long_from = (cfg.rope_scaling or {}).get("original_max_position_embeddings")
         self.attention_factor = rope_attention_factor(cfg)
+        device = torch.empty(0).device  # the default device; values below
+        for name in ("inv_freq", "long_inv_freq", "tables", "long_tables"):
+            self.register_buffer(name, None, persistent=False)
+        if device.type != "meta":  # (on meta, pretrained.load: arange would import sympy)
+            self.set_frequencies(device)
 
     def _apply(self, fn, recurse=True):
         # Keep the frequencies exact in fp32 whatever `.to(dtype)`/`to_empty` does to buffers:
         # bf16 frequencies put the angle of position 1000 off by radians.
         super()._apply(fn, recurse)
-        self.set_frequencies(self.inv_freq.device)
+        if self.inv_freq is not None:
+            self.set_frequencies(self.inv_freq.device)
         return self
 
     def set_frequencies(self, device: torch.device | str) -> None:
-        """The inverse frequencies computed on ``device`` (fp32)."""
+        """The inverse frequencies and the cos/sin tables computed on ``device`` (fp32)."""
         self.inv_freq = rope_inv_freq(self.cfg, device=device)
         self.long_inv_freq = rope_long_inv_freq(self.cfg, device=device)
+        self.tables = self._tables(self.inv_freq)
+        self.long_tables = None if self.long_inv_freq is None else self._tables(self.long_inv_freq)
+
+    def _tables(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """(2, block_size, rotary_dim / 2): cos and sin of each position's angles."""
+        positions = torch.arange(self.cfg.block_size, device=inv_freq.device)
+        freqs = positions[:, None].float() * inv_freq
+        return torch.stack((freqs.cos(), freqs.sin())) * self.attention_factor
 
     def forward(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq
-        if self.long_inv_freq is not None:  # (B, 1, rotary_dim / 2): no host sync
+        """cos, sin (B, T, 1, rotary_dim / 2) in ``dtype`` for positions ``pos`` (B, T)."""
+        tables = self.tables[:, pos]
+        if self.long_tables is not None:  # (B, 1, 1) per row: no host sync
             past = pos.amax(dim=-1, keepdim=True)[..., None] >= self.long_from
-            inv_freq = torch.where(past, self.long_inv_freq, self.inv_freq)
-        freqs = (pos[..., None].float() * inv_freq)[:, :, None]  # (B, T, 1, rotary_dim / 2)
-        cos, sin = freqs.cos(), freqs.sin()
-        if self.attention_factor != 1.0:
-            cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        return cos.to(dtype), sin.to(dtype)
+            tables = torch.where(past, self.long_tables[:, pos], tables)
+        cos, sin = tables.to(dtype)[..., None, :].unbind(0)
+        return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
