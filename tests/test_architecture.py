@@ -216,8 +216,13 @@ def test_init_gpt2_style_and_xavier():
 
 
 def test_bf16_keeps_rope_frequencies_fp32():
+    """The inverse frequencies and the cos/sin tables stay fp32 through `.to(bfloat16)`, and the
+    tables are the cos and sin of each position's angles, one row per position of the context."""
     model = _model("llama").to(torch.bfloat16)
-    assert model.rope.inv_freq.dtype == torch.float32
+    assert model.rope.inv_freq.dtype == model.rope.tables.dtype == torch.float32
+    angles = torch.arange(model.cfg.block_size)[:, None].double() * model.rope.inv_freq.double()
+    torch.testing.assert_close(model.rope.tables.double(),
+                               torch.stack((angles.cos(), angles.sin())), atol=1e-6, rtol=0)
     ref = _model("llama")
     idx = _ids(2, 32)
     assert (model(idx).float() - ref(idx)).abs().max().item() < 0.02  # bf16 rounding: ~0.004
