@@ -350,7 +350,7 @@ def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def _add_chunk_grads(g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor, rows: slice,
-                     grads: tuple, grad_bias_part: torch.Tensor | None = None) -> None:
+                     grads: tuple, grad_bias_part: torch.Tensor | None) -> None:
     """One chunk's share of an LM head's gradients, from ``g`` (d loss / d logits of the chunk's
     ``rows``, in the matmul dtype): ``grads`` (hidden, weight, bias; None where not wanted) get
     the rows' hidden gradient written, the weight's added, and the bias' ``grad_bias_part``."""
@@ -364,6 +364,8 @@ def _add_chunk_grads(g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor, rows: s
 
 
 class ChunkLoss(NamedTuple):
+    """What _chunk_loss gives of one chunk of an LM head's logits."""
+
     total: torch.Tensor  # the chunk's summed loss (fp32)
     correct: torch.Tensor | None  # its counted rows whose top-1 logit is the label
     grad: torch.Tensor | None  # d(sum) / d logits times grad_scale, in the logits' dtype
@@ -407,9 +409,12 @@ def _compiled_chunk_loss() -> Callable:
 
 
 def _chunk_loss_on(device: torch.device) -> Callable:
-    """_chunk_loss compiled on CUDA (memory-bound passes over a chunk as large as the head's
-    matmul: fused, they are a few reads of it); eager on the CPU, whose chunks stay in cache."""
-    return _compiled_chunk_loss() if device.type == "cuda" else _chunk_loss
+    """_chunk_loss compiled on CUDA where Triton is installed (memory-bound passes over a chunk as
+    large as the head's matmul: fused, they are a few reads of it); eager elsewhere, as on the
+    CPU, whose chunks stay in cache."""
+    from torch.utils._triton import has_triton
+
+    return _compiled_chunk_loss() if device.type == "cuda" and has_triton() else _chunk_loss
 
 
 def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tuple,

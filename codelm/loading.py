@@ -79,8 +79,9 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
                      "tokenizer the run trained with")
 
 
-def _run_weights(run_dir: Path, weights: Path) -> dict:
-    """What results.json records of a run's scored weights: where, their step, still training."""
+def _run_weights(run_dir: Path, weights: Path, chosen: bool = False) -> dict:
+    """What results.json records of a run's scored weights: where, their step, still training;
+    ``chosen``: the weights were named (a checkpoint or best/), not picked as the run's model."""
     record = weights / rundir.EXPORT_RECORD
     if weights.name == rundir.EXPORT_DIR and record.is_file():
         step = settings.read_json_object(record, "export record").get("best_step")
@@ -95,7 +96,7 @@ def _run_weights(run_dir: Path, weights: Path) -> dict:
         print(f"note: {run_dir} is still training ({rundir.lock_holder(lock) or 'another process'}"
               f"): scoring {where}, its weights of step {step} (results.json records the step)",
               file=sys.stderr)
-    elif weights.parent.name == rundir.CHECKPOINTS_DIR:
+    elif weights.parent.name == rundir.CHECKPOINTS_DIR and not chosen:
         print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
               f"evaluation): scoring its latest checkpoint, {weights}", file=sys.stderr)
     return {"weights": where, "step": step, "still_training": training}
@@ -109,29 +110,26 @@ def _intact(weights_dir: Path) -> bool:
 
 
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
-              dtype: str | None = None, unquantized: bool = False
-              ) -> tuple[torch.nn.Module, Path, dict, dict]:
-    """A run's model (its export while that holds best/, else best/ or the latest checkpoint),
-    its tokenizer's directory, config and ``_run_weights``; ``unquantized``: load_model's."""
+              dtype: str | None = None, unquantized: bool = False,
+              chosen: Path | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
+    """A run's model (its export while that holds best/, else best/ or the latest checkpoint;
+    ``chosen``: that best/ or checkpoint), its tokenizer's directory, config and
+    ``_run_weights``; ``unquantized``: load_model's."""
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
     export = run_dir / rundir.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
     adapter = (export / adapter_config.ADAPTER_CONFIG).is_file()
-    if stale := rundir.stale_export(run_dir):
+    exported = adapter or (export / rundir.HF_CONFIG).is_file()
+    if chosen is None and (stale := rundir.stale_export(run_dir)):
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
-    elif (adapter or (export / rundir.HF_CONFIG).is_file()) and _intact(export):
+    elif chosen is None and exported and _intact(export):
         base = Path(_run_base(run_dir, config)) if adapter else export
         model = _load_hf(base, device, dtype, export if adapter else None)
         return model, tok_dir, config, _run_weights(run_dir, export)
     cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))
-    best = run_dir / rundir.BEST_DIR
-    candidates = [best] * best.is_dir() + rundir.list_checkpoints(run_dir)[::-1]
-    weights_dir = next((c for c in candidates if _intact(c)), None)
-    if weights_dir is None:
-        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no intact "
-                         f"{rundir.BEST_DIR}/ or checkpoint to score")
+    weights_dir = _run_weights_dir(run_dir, chosen)
     # an init_adapter run's LoRA layout comes from the run's own copy
     model_settings = trainconfig.ModelSettings(**fields_of(
         trainconfig.ModelSettings, cfg, adapter_copy=rundir.adapter_copy(run_dir)))
@@ -149,7 +147,24 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
                                       str(weights), adapter_only)
     if dtype is not None:  # else as it trained (a LoRA base in its base_dtype)
         model = quantize.cast_model(model, SHORT_DTYPES[dtype])
-    return model.to(device), tok_dir, config, _run_weights(run_dir, weights_dir)
+    scored = _run_weights(run_dir, weights_dir, chosen is not None)
+    return model.to(device), tok_dir, config, scored
+
+
+def _run_weights_dir(run_dir: Path, chosen: Path | None) -> Path:
+    """``chosen`` (a run's best/ or checkpoint) if its bytes are intact; else the run's best/, or
+    its latest intact checkpoint."""
+    if chosen is not None:
+        if problem := process.manifest_problem(chosen):
+            raise ValueError(f"{chosen}: {problem}; not scored")
+        return chosen
+    best = run_dir / rundir.BEST_DIR
+    candidates = [best] * best.is_dir() + rundir.list_checkpoints(run_dir)[::-1]
+    weights_dir = next((c for c in candidates if _intact(c)), None)
+    if weights_dir is None:
+        raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no intact "
+                         f"{rundir.BEST_DIR}/ or checkpoint to score")
+    return weights_dir
 
 
 def _split_adapter(path_spec: str) -> tuple[str, str]:
@@ -192,6 +207,10 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     elif rundir.is_run_dir(path):
         model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype,
                                                             unquantized)
+    elif (run_dir := rundir.run_of_weights(path)) is not None:  # its best/ or a checkpoint
+        model, tok_dir, run_config, run_weights = _load_run(run_dir, device, tokenizer, dtype,
+                                                            unquantized, chosen=path)
+        label = label or f"{run_dir.absolute().name}-{path.name}"
     elif (no_weights := rundir.no_weights_yet(path)) is not None:
         raise ValueError(f"{where} {no_weights}")
     else:

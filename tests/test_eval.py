@@ -3221,6 +3221,52 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
         loading.load_model(str(run), torch.device("cpu"))
 
 
+def test_a_runs_checkpoint_or_best_named_as_the_model_is_what_is_scored(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    """--models RUN/checkpoints/step-N (or RUN/best) scores those weights of the run, with its
+    tokenizer and settings, labelled by run and step; results.json records their step. A
+    checkpoint whose bytes are not the ones written is refused, naming it."""
+    from safetensors.torch import save_file
+
+    from codelm.runtime import process
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    cfg = trainconfig.TrainConfig(preset="tiny", n_layer=1, n_embd=32, n_head=2)
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
+    tiny_models["tok"].save(run)
+    saved = {}
+    for step in (5, 10):
+        torch.manual_seed(step)
+        saved[step] = loading.build_model(model_settings(cfg), tiny_models["tok"])
+        where = run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}{step}"
+        for directory in (where, run / rundir.BEST_DIR) if step == 10 else (where,):
+            directory.mkdir(parents=True)
+            save_file(checkpoint_module.model_tensors(saved[step], False),
+                      directory / rundir.MODEL_FILE)
+            (directory / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
+            process.write_manifest(directory)
+    (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 10}))
+    early = run / rundir.CHECKPOINTS_DIR / "step-5"
+    for path, step in ((early, 5), (run / rundir.BEST_DIR, 10)):
+        loaded = loading.load_model(str(path), torch.device("cpu"))
+        state = loaded.model.state_dict()
+        assert all(torch.equal(t, state[k]) for k, t in saved[step].state_dict().items())
+        assert loaded.label == f"run-{path.name}" and loaded.run_weights["step"] == step
+    assert capsys.readouterr().err == ""  # named, so no note on which weights were picked
+    argv = ["--models", f"early={early}", "--data", str(tiny_models["code"]), "--tasks", "lm",
+            "--out-dir", str(out), *FAST_FLAGS]
+    assert ev.main(argv) == 0
+    (entry,) = json.loads((out / "results.json").read_text())["models"]
+    assert (entry["weights"], entry["step"]) == ("checkpoints/step-5/", 5)
+    with open(early / rundir.MODEL_FILE, "r+b") as weights:
+        weights.seek(-4, 2)
+        weights.write(b"\0\0\0\0")
+    with pytest.raises(ValueError, match="step-5.*not scored"):
+        loading.load_model(str(early), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_trains(
         tiny_models, tmp_path, monkeypatch, capsys, training):

@@ -119,6 +119,18 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and holds_weights(path)
 
 
+def run_of_weights(path: str | Path) -> Path | None:
+    """The run directory whose best/ or checkpoints/step-N/ ``path`` is; None for any other."""
+    path = Path(path)
+    if path.name == BEST_DIR:
+        run_dir = path.parent
+    elif checkpoint_step(path) is not None and path.parent.name == CHECKPOINTS_DIR:
+        run_dir = path.parent.parent
+    else:
+        return None
+    return run_dir if (run_dir / CONFIG_FILE).is_file() else None
+
+
 def failed_before_weights(run_dir: Path) -> bool:
     """Whether a directory holds only a codelm run that stopped before writing any weights."""
     if holds_weights(run_dir):
