@@ -393,18 +393,20 @@ class RotaryEmbedding(nn.Module):
         self.cfg = cfg
         self.long_from = (cfg.rope_scaling or {}).get("original_max_position_embeddings")
         self.attention_factor = rope_attention_factor(cfg)
-        device = torch.empty(0).device  # the default device; values below
-        for name in ("inv_freq", "long_inv_freq", "tables", "long_tables"):
+        for name in ("long_inv_freq", "tables", "long_tables"):
             self.register_buffer(name, None, persistent=False)
-        if device.type != "meta":  # (on meta, pretrained.load: arange would import sympy)
-            self.set_frequencies(device)
+        # On meta a shape only (there arange would import sympy: pretrained.load sets them on
+        # its device); `to_empty` moves it, and _apply computes the rest where it lands.
+        inv_freq = torch.empty(cfg.rotary_dim // 2)  # on the default device
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if not inv_freq.is_meta:
+            self.set_frequencies(inv_freq.device)
 
     def _apply(self, fn, recurse=True):
         # Keep the frequencies exact in fp32 whatever `.to(dtype)`/`to_empty` does to buffers:
         # bf16 frequencies put the angle of position 1000 off by radians.
         super()._apply(fn, recurse)
-        if self.inv_freq is not None:
-            self.set_frequencies(self.inv_freq.device)
+        self.set_frequencies(self.inv_freq.device)
         return self
 
     def set_frequencies(self, device: torch.device | str) -> None:

@@ -368,22 +368,27 @@ class ChunkLoss(NamedTuple):
 
     total: torch.Tensor  # the chunk's summed loss (fp32)
     correct: torch.Tensor | None  # its counted rows whose top-1 logit is the label
-    grad: torch.Tensor | None  # d(sum) / d logits times grad_scale, in the logits' dtype
+    grad: torch.Tensor | None  # d(sum) / d logits times grad_scale, in the matmul dtype
     grad_bias: torch.Tensor | None  # grad summed over rows, in fp32 (for a head's bias)
 
 
-def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float,
-                grad_scale: torch.Tensor | float, count_correct: bool, want_grad: bool,
-                want_bias: bool) -> ChunkLoss:
-    """The cross-entropy of one chunk of logits (in the matmul dtype), the softmax in fp32 and in
-    place, and with ``want_grad`` its gradient in the same pass. On CUDA it runs compiled
-    (_chunk_loss_on): a few fused kernels in place of a dozen passes over the chunk."""
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, smoothing: float, grad_scale: torch.Tensor | float,
+                count_correct: bool, want_grad: bool, want_bias: bool) -> ChunkLoss:
+    """The cross-entropy of one chunk of rows of an LM head (``hidden`` and ``weight`` in the
+    matmul dtype), the softmax in fp32 and in place, and with ``want_grad`` its gradient in the
+    same pass. On CUDA it runs compiled (_chunk_loss_on): a few fused kernels in place of a
+    dozen passes over the chunk, and no fp32 copy of its logits held whole."""
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    del logits  # under autocast the matmul's output, freed once copied to fp32
     keep = labels != IGNORE_INDEX
     rows, target = torch.arange(len(labels), device=z.device), labels.clamp(min=0)
+    picked = z[rows, target]  # the labels' logits (read before z changes in place)
     correct = ((z.argmax(-1) == labels) & keep).sum() if count_correct else None
-    z.sub_(z.amax(-1, keepdim=True))  # logits shifted by their max: exp cannot overflow
-    nll = -z[rows, target]
+    top = z.amax(-1)
+    z.sub_(top[:, None])  # logits shifted by their max: exp cannot overflow
+    nll = top - picked
     smooth = -z.mean(-1) if smoothing else None
     z.exp_()
     sumexp = z.sum(-1)
@@ -396,11 +401,20 @@ def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float,
         return ChunkLoss(total, correct, None, None)
     # d(sum)/dz = softmax - (1 - eps) onehot - eps / V on counted rows, 0 on the rest
     counted = keep.to(z.dtype) * grad_scale
-    z.mul_((counted / sumexp)[:, None])
-    z[rows, target] -= (1 - smoothing) * counted
+    scale = counted / sumexp
+    z.mul_(scale[:, None])
+    at_label = (picked - top).exp() * scale - (1 - smoothing) * counted
     if smoothing:
-        z.sub_((smoothing / z.shape[-1]) * counted[:, None])
-    return ChunkLoss(total, correct, z.to(logits.dtype), z.sum(0) if want_bias else None)
+        spread = (smoothing / z.shape[-1]) * counted
+        z.sub_(spread[:, None])
+        at_label -= spread
+    if want_bias:  # the whole fp32 gradient, whose column sums are the bias'
+        z[rows, target] = at_label
+        return ChunkLoss(total, correct, z.to(hidden.dtype), z.sum(0))
+    # The labels' entries written into the rounded gradient: compiled, z is never a whole buffer
+    grad = z.to(hidden.dtype)
+    grad[rows, target] = at_label.to(grad.dtype)
+    return ChunkLoss(total, correct, grad, None)
 
 
 @functools.cache
@@ -440,11 +454,10 @@ def _head_cross_entropy(hidden, weight, bias, labels, smoothing: float, want: tu
     chunk_loss = _chunk_loss_on(dev)
     with torch.autocast(dev.type, enabled=False):
         for s in range(0, h.shape[0], step):
-            logits = chunk = None  # the previous chunk goes before the next is formed
+            chunk = None  # the previous chunk goes before the next is formed: one chunk alive
             hc = h[s:s + step]
-            logits = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())
-            chunk = chunk_loss(logits, labels[s:s + step], smoothing, grad_scale, count_correct,
-                               any(want), want[2])
+            chunk = chunk_loss(hc, w, b, labels[s:s + step], smoothing, grad_scale,
+                               count_correct, any(want), want[2])
             total += chunk.total
             if count_correct:
                 correct += chunk.correct

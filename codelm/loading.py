@@ -33,6 +33,7 @@ class LoadedModel:
     tokenizer: object
     run_config: dict | None = None  # the TrainConfig of a codelm run
     run_weights: dict | None = None  # which of a codelm run's weights were loaded (_run_weights)
+    run_dir: Path | None = None  # a codelm run's directory
 
 
 def device_named(name: str) -> torch.device:
@@ -194,7 +195,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     path = hub.checkpoint_dir(base_spec, where)
     if not path.is_dir():
         raise ValueError(f"{where} {path} is not a directory")
-    run_config = run_weights = None
+    run_config = run_weights = run_dir = None
     if adapter_spec or (path / adapter_config.ADAPTER_CONFIG).is_file():
         adapter = hub.checkpoint_dir(adapter_spec, where) if adapter_spec else path
         if not (adapter / adapter_config.ADAPTER_CONFIG).is_file():
@@ -205,6 +206,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         model = _load_hf(base, device, dtype, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
     elif rundir.is_run_dir(path):
+        run_dir = path
         model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype,
                                                             unquantized)
     elif (run_dir := rundir.run_of_weights(path)) is not None:  # its best/ or a checkpoint
@@ -230,7 +232,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if model.name_or_path is not None and (run_config is None or tokenizer is not None):
         check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
     name = label or Path(adapter_spec or base_spec).name
-    return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights)
+    return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights, run_dir)
 
 
 def build_model(model_settings: trainconfig.ModelSettings, tok: CodeTokenizer | BPETokenizer

@@ -215,6 +215,19 @@ def test_init_gpt2_style_and_xavier():
     assert abs(w.abs().max().item() - (6 / (1024 + 384)) ** 0.5) < 1e-3
 
 
+def test_a_model_built_on_meta_and_materialized_has_its_rope_tables():
+    """Built on the meta device (shapes only) and moved by `to_empty`, the model computes its
+    rope frequencies and tables where it lands: its logits are those of the model built there."""
+    ref = _model("llama")
+    with torch.device("meta"):
+        model = Transformer(ref.cfg)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    assert torch.equal(model.rope.tables, ref.rope.tables)
+    idx = _ids(2, 16)
+    torch.testing.assert_close(model(idx), ref(idx), rtol=0, atol=0)
+
+
 def test_bf16_keeps_rope_frequencies_fp32():
     """The inverse frequencies and the cos/sin tables stay fp32 through `.to(bfloat16)`, and the
     tables are the cos and sin of each position's angles, one row per position of the context."""

@@ -2679,7 +2679,7 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
     run = trainconfig.TrainConfig(data=[str(dirs["train"])], val_data=[str(dirs["valid"])],
                                   test_data=[str(dirs["test"])])
     model = loading.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None,
-                                run_config=dataclasses.asdict(run))
+                                run_config=dataclasses.asdict(run), run_dir=Path("runs/r"))
     ours = eval_corpus.corpus_config(EvalConfig(), [model])
     assert (ours.val_sources, ours.test_sources) == ([str(dirs["valid"])], [str(dirs["test"])])
     assert corpus_key(ours) == corpus_key(trainconfig.data_config(run, 64))
@@ -2687,7 +2687,7 @@ def test_eval_splits_a_run_with_predefined_files_as_its_training_did(tmp_path):
     assert other.val_sources == other.test_sources == []
     # Runs split differently share no held-out split: not every model scored on the first run's.
     reseeded = loading.LoadedModel("s", "runs/s", torch.nn.Linear(1, 1), None, run_config={
-        **dataclasses.asdict(run), "data_options": {"seed": 7}})
+        **dataclasses.asdict(run), "data_options": {"seed": 7}}, run_dir=Path("runs/s"))
     with pytest.raises(ValueError, match="the runs r, s were trained on different corpora or "
                                          "splits"):
         eval_corpus.corpus_config(EvalConfig(), [model, reseeded])
@@ -2700,7 +2700,8 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
                                                               monkeypatch):
     """A run's checkpoints record the corpus it trained on: evaluating its held-out split after
     its folder changed (a file removed moves others across the split's cuts) warns that the
-    split may hold files it trained on; unchanged, nothing is said."""
+    split may hold files it trained on, the run named or its best/ or checkpoint; unchanged,
+    nothing is said."""
     import trainingmanager as tm
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
@@ -2712,7 +2713,8 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
                                   name="r", progress=False, report_to=["none"])
     run = tm.train(cfg).run_dir
     config = json.loads((run / rundir.CONFIG_FILE).read_text())
-    model = loading.LoadedModel("r", str(run), torch.nn.Linear(1, 1), None, run_config=config)
+    model = loading.LoadedModel("r", str(run), torch.nn.Linear(1, 1), None, run_config=config,
+                                run_dir=run)
     capsys.readouterr()
     eval_corpus.corpus_config(EvalConfig(), [model])
     assert "warning" not in capsys.readouterr().err
@@ -2720,6 +2722,10 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
     eval_corpus.corpus_config(EvalConfig(), [model])
     err = capsys.readouterr().err
     assert "r: its data changed after it trained" in err and "may hold files it trained on" in err
+    for weights in (run / rundir.BEST_DIR, rundir.list_checkpoints(run)[-1]):
+        chosen = loading.load_model(str(weights), torch.device("cpu"))
+        eval_corpus.corpus_config(EvalConfig(), [chosen])
+        assert f"{chosen.label}: its data changed after it trained" in capsys.readouterr().err
     eval_corpus.corpus_config(EvalConfig(data=[str(code)]), [model])  # named data: no claim
     assert "warning" not in capsys.readouterr().err
 
@@ -2767,7 +2773,7 @@ def test_data_options_given_to_eval_override_the_runs_own(tmp_path):
     (tmp_path / "code").mkdir()
     run = loading.LoadedModel("r", "runs/r", torch.nn.Linear(1, 1), None, run_config={
         **dataclasses.asdict(trainconfig.TrainConfig(data=[str(tmp_path / "code")])),
-        "data_options": {"seed": 7, "split_by": "file"}})
+        "data_options": {"seed": 7, "split_by": "file"}}, run_dir=Path("runs/r"))
     given = eval_corpus.corpus_config(EvalConfig(data_options={"seed": 3}), [run])
     assert (given.seed, given.split_by) == (3, "file")
     assert eval_corpus.corpus_config(EvalConfig(), [run]).seed == 7

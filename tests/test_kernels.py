@@ -1,6 +1,7 @@
 """Each kernel against the plain PyTorch op it replaces (kernels.py), and the one switch."""
 
 
+import weakref
 from typing import NamedTuple
 
 import pytest
@@ -446,6 +447,44 @@ class LargestOutput(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.numel = max(self.numel, t.numel())
         return out
+
+
+class LargeLiveBytes(TorchDispatchMode):
+    """The most bytes that tensors of at least ``numel`` elements output by ops while it is on
+    held at once (each storage once)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel = numel
+        self.alive: list[weakref.ref] = []
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
+                self.alive.append(weakref.ref(t))
+        self.alive = [ref for ref in self.alive if ref() is not None]
+        storages = {}
+        for ref in self.alive:
+            storage = ref().untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        self.peak = max(self.peak, sum(storages.values()))
+        return out
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_head_loss_under_bf16_holds_one_chunks_softmax_and_gradient(smoothing, monkeypatch):
+    """Under bf16 autocast a chunk's bf16 logits go once copied to fp32: at most the fp32
+    softmax and its bf16 gradient of one chunk are alive at once, 6 bytes an element."""
+    monkeypatch.setattr(kernels, "_loss_chunk_rows", lambda vocab, device: 256)
+    torch.manual_seed(0)
+    hidden, head = torch.randn(512, 16), torch.nn.Linear(16, 4096, bias=False)
+    labels = torch.randint(0, 4096, (512,))
+    with torch.no_grad(), LargeLiveBytes(256 * 4096) as live, torch.autocast("cpu", torch.bfloat16):
+        kernels._head_cross_entropy(hidden, head.weight, None, labels, smoothing,
+                                    (True, True, False), False)
+    assert live.peak == 6 * 256 * 4096
 
 
 def test_fused_head_loss_never_forms_the_whole_logits():

@@ -31,7 +31,7 @@ class CorpusSettings(Protocol):
 
 def corpus_config(cfg: CorpusSettings, models: Sequence[LoadedModel]) -> DataConfig:
     """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
-    configs = {m.label: _corpus_config(cfg, m.run_config, str(Path(m.source) / rundir.CONFIG_FILE))
+    configs = {m.label: _corpus_config(cfg, m.run_config, str(m.run_dir / rundir.CONFIG_FILE))
                for m in models if m.run_config}
     keys = {label: corpus_key(c) for label, c in configs.items()}
     if cfg.data is None and len(set(keys.values())) > 1:
@@ -40,7 +40,7 @@ def corpus_config(cfg: CorpusSettings, models: Sequence[LoadedModel]) -> DataCon
                          "model is scored on with --data (and --data-options)")
     if cfg.data is None:
         for m in models:
-            if m.run_config and trained_corpus(Path(m.source)) not in (None, keys[m.label]):
+            if m.run_config and trained_corpus(m.run_dir) not in (None, keys[m.label]):
                 print(f"warning: {m.label}: its data changed after it trained (files added, "
                       "removed or edited, or other cleaning options): the "
                       f"{getattr(cfg, 'split', 'held-out')} split may hold files it trained "
