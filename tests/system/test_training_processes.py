@@ -656,9 +656,9 @@ def test_an_interrupt_outside_the_step_loop_says_what_is_left_to_resume(assets, 
 
 def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, monkeypatch):
     """DDP's default broadcast_buffers=True sends every buffer before each forward. Every buffer
-    (rotary frequencies, LoRA row maps) is computed from the config and the weights, so each
-    rank's copy is the same and training never changes it: the broadcast before each forward
-    is turned off (torch 2.13's forward_sync_buffers; the deprecated broadcast_buffers warns on
+    (rotary frequencies and cos/sin tables, LoRA row maps) is computed from the config and the
+    weights, so each rank's copy is the same and training never changes it: the broadcast
+    before each forward is turned off (torch 2.13's forward_sync_buffers; the deprecated broadcast_buffers warns on
     every rank). The quantized base's codes and scales are frozen parameters, not buffers."""
 
     import torch.nn.parallel
@@ -678,7 +678,7 @@ def test_ddp_broadcasts_no_buffers_which_every_rank_computes_alike(tmp_path, mon
               for _ in range(2)]
     buffers = [dict(m.named_buffers()) for m in models]
     assert {n.rsplit(".", 1)[-1].split("_")[0] for n in buffers[0]} == {
-        "inv", "rows", "order", "pairs"}
+        "inv", "tables", "rows", "order", "pairs"}
     frozen = {n.rsplit(".", 1)[-1] for n, p in models[0].named_parameters() if not p.requires_grad}
     assert {"qweight", "scale"} <= frozen
     assert_bit_equal(buffers[0], buffers[1])  # two ranks build the same buffers
