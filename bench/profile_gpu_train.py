@@ -1,7 +1,8 @@
 """Where a compiled pretraining step's time goes on a GPU: bench_gpu.py's ~124M Llama shape,
 bf16 autocast, fused AdamW, codelm against the nanoGPT-style model (and codelm with its fused
 head's softmax passes run eagerly): the step's time, the GPU's busy time, and its kernels' time
-grouped (matmuls, attention, fused Triton kernels, optimizer, the rest), with the top kernels.
+grouped (matmuls, attention, fused Triton kernels, optimizer, the rest), with the top kernels,
+and the peak GPU memory of the warm-up and timed steps.
 
     python bench/profile_gpu_train.py [--batch 32] [--rows 15]
 """
@@ -44,8 +45,10 @@ def profile_model(label: str, model: torch.nn.Module, loss_fn, steps: int, rows:
     """Warm up (compiling), time ``steps`` steps, profile one; print the breakdown. Returns the
     step's seconds."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    bench.reset_peak()
     bench.timed_steps(model, opt, loss_fn, 3)
     seconds = bench.timed_steps(model, opt, loss_fn, steps)
+    peak = bench.peak_gib()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         bench.timed_steps(model, opt, loss_fn, 1)
     kernels_ms: dict[str, float] = defaultdict(float)
@@ -56,7 +59,8 @@ def profile_model(label: str, model: torch.nn.Module, loss_fn, steps: int, rows:
     by_group: dict[str, float] = defaultdict(float)
     for kernel, ms in kernels_ms.items():
         by_group[group_of(kernel)] += ms
-    print(f"\n== {label}: {seconds * 1e3:.1f} ms a step, GPU busy {busy:.1f} ms")
+    print(f"\n== {label}: {seconds * 1e3:.1f} ms a step, GPU busy {busy:.1f} ms, peak memory "
+          f"{peak:.1f} GiB")
     for group, ms in sorted(by_group.items(), key=lambda item: -item[1]):
         print(f"  {group:16s} {ms:7.2f} ms  {100 * ms / busy:5.1f}%")
     for kernel, ms in sorted(kernels_ms.items(), key=lambda item: -item[1])[:rows]:
