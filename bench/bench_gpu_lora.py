@@ -10,7 +10,8 @@ bitsandbytes where they install, in one run (needs a CUDA GPU; --dry-run checks 
            bf16   bf16 base weights (adapters fp32) under bf16 autocast
          Liger: transformers + PEFT with Liger's kernels patched in (bf16), where Liger has them
          for the family. --compiled families: codelm under torch.compile too (bf16), as
-         ``--compile`` trains.
+         ``--compile`` trains; --checkpointed families: compiled with gradient checkpointing too
+         (``--gradient-checkpointing``: the activations recomputed in the backward).
   nf4    Phi-1.5's shape on a 4-bit NF4 base (bf16 compute): codelm's quantize_base against
          bitsandbytes' Linear4bit, the same step.
   long   Llama-3.2-1B with LoRA at 8,192 and 16,384 tokens, bf16 base, gradient checkpointing:
@@ -274,12 +275,14 @@ def bench_lora(args) -> dict:
         print(f"  {family} ({MODELS[family][0]})", flush=True)
         with tempfile.TemporaryDirectory(prefix=f"gpu-lora-{family}-") as tmp:
             make_checkpoint(family, Path(tmp), args.layers)
-            table[family] = lora_family(family, Path(tmp), args.steps, args.compiled)
+            table[family] = lora_family(family, Path(tmp), args.steps, args.compiled,
+                                        args.checkpointed)
     print_lora_table(table)
     return table
 
 
-def lora_family(family: str, ckpt: Path, steps: int, compiled_families: list[str]) -> dict:
+def lora_family(family: str, ckpt: Path, steps: int, compiled_families: list[str],
+                checkpointed_families: list[str]) -> dict:
     """Every library in every setting on one family's checkpoint."""
     vocab = MODELS[family][1]["vocab_size"]
     out: dict = {}
@@ -292,6 +295,11 @@ def lora_family(family: str, ckpt: Path, steps: int, compiled_families: list[str
         setting = dataclasses.replace(BF16, compiled=True)
         out["codelm bf16 compiled"] = measured("codelm compiled", partial(load_codelm, ckpt, setting),
                                                setting, vocab, steps)
+    if family in checkpointed_families:
+        setting = dataclasses.replace(BF16, compiled=True, checkpointing=True)
+        out["codelm bf16 compiled checkpointed"] = measured(
+            "codelm compiled, checkpointed", partial(load_codelm, ckpt, setting), setting, vocab,
+            steps)
     reason = liger_reason(family)
     if reason:
         out["liger bf16"] = reason
@@ -375,10 +383,12 @@ def print_lora_table(table: dict) -> None:
                   f"{ratios(out[f'codelm {name}'], out[f'hf {name}'])} | {liger} |")
         print(f"| {MODELS[family][0]} | codelm bf16 / HF fp16 (each as run) | | | "
               f"{ratios(out['codelm bf16'], out['hf fp16'])} | |")
-        if "codelm bf16 compiled" in out:
-            ours = out["codelm bf16 compiled"]
-            print(f"| {MODELS[family][0]} | bf16, codelm compiled | {cell(out['hf bf16'])} | "
-                  f"{cell(ours)} | {ratios(ours, out['hf bf16'])} | |")
+        for key, setting in (("codelm bf16 compiled", "codelm compiled"),
+                             ("codelm bf16 compiled checkpointed",
+                              "codelm compiled, gradient checkpointing")):
+            if key in out:
+                print(f"| {MODELS[family][0]} | bf16, {setting} | {cell(out['hf bf16'])} | "
+                      f"{cell(out[key])} | {ratios(out[key], out['hf bf16'])} | |")
 
 
 def _as_json(o: object) -> object:
@@ -396,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compiled", nargs="*", default=["llama"], choices=list(MODELS),
                         help="lora: families also timed with codelm compiled (bf16; default: "
                              "llama)")
+    parser.add_argument("--checkpointed", nargs="*", default=[], choices=list(MODELS),
+                        help="lora: families also timed compiled with gradient checkpointing "
+                             "(bf16; default: none)")
     parser.add_argument("--steps", type=int, default=2,
                         help="timed optimizer steps after one warm-up (default: 2)")
     parser.add_argument("--layers", type=int, default=None,
