@@ -168,6 +168,16 @@ def _run_weights_dir(run_dir: Path, chosen: Path | None) -> Path:
     return weights_dir
 
 
+def _checkpoints_held(path: Path) -> str:
+    """For a run's checkpoint that is not there: the ones its run holds."""
+    run_dir = rundir.run_of_weights(path)
+    if run_dir is None or path.name in (rundir.EXPORT_DIR, rundir.BEST_DIR):
+        return ""
+    held = [p.name for p in rundir.list_checkpoints(run_dir)] or ["none"]
+    return (f"; {run_dir} holds checkpoints {', '.join(held)} (a run keeps its last "
+            "--keep-last)")
+
+
 def _split_adapter(path_spec: str) -> tuple[str, str]:
     """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
     if not Path(path_spec).is_dir():
@@ -180,9 +190,10 @@ def _split_adapter(path_spec: str) -> tuple[str, str]:
 def load_model(spec: str | os.PathLike, device: torch.device | str,
                tokenizer: str | None = None, dtype: str | None = None,
                what: str | None = None, unquantized: bool = False) -> LoadedModel:
-    """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir, an adapter whose config
-    names its base, or ``BASE+ADAPTER``; ``device`` and ``dtype`` as EvalConfig's; ``what``:
-    where the spec was given, for errors (default: EvalConfig.models); ``unquantized``: a
+    """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir (or its export/, best/ or
+    checkpoints/step-N/), an adapter whose config names its base, or ``BASE+ADAPTER``;
+    ``device`` and ``dtype`` as EvalConfig's; ``what``: where the spec was given, for errors
+    (default: EvalConfig.models); ``unquantized``: a
     QLoRA run's base as its checkpoint holds it, not quantized, so its adapter merges in (as
     the run's export does)."""
     spec = os.fspath(spec)
@@ -194,9 +205,17 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     where = f"{what or 'EvalConfig.models'} {spec!r}:"
     path = hub.checkpoint_dir(base_spec, where)
     if not path.is_dir():
-        raise ValueError(f"{where} {path} is not a directory")
-    run_config = run_weights = run_dir = None
-    if adapter_spec or (path / adapter_config.ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{where} {path} is not a directory{_checkpoints_held(path)}")
+    run_config = run_weights = None
+    run_dir = None if adapter_spec else (path if rundir.is_run_dir(path)
+                                         else rundir.run_of_weights(path))
+    if run_dir is not None:  # a run (its export/ is the run's model), its best/ or a checkpoint
+        chosen = None if path is run_dir or path.name == rundir.EXPORT_DIR else path
+        model, tok_dir, run_config, run_weights = _load_run(run_dir, device, tokenizer, dtype,
+                                                            unquantized, chosen)
+        named = run_dir.absolute().name
+        label = label or (named if chosen is None else f"{named}-{path.name}")
+    elif adapter_spec or (path / adapter_config.ADAPTER_CONFIG).is_file():
         adapter = hub.checkpoint_dir(adapter_spec, where) if adapter_spec else path
         if not (adapter / adapter_config.ADAPTER_CONFIG).is_file():
             raise ValueError(f"{where} {adapter} holds no {adapter_config.ADAPTER_CONFIG}"
@@ -205,14 +224,6 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
             path, "name the base as BASE+ADAPTER")
         model = _load_hf(base, device, dtype, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
-    elif rundir.is_run_dir(path):
-        run_dir = path
-        model, tok_dir, run_config, run_weights = _load_run(path, device, tokenizer, dtype,
-                                                            unquantized)
-    elif (run_dir := rundir.run_of_weights(path)) is not None:  # its best/ or a checkpoint
-        model, tok_dir, run_config, run_weights = _load_run(run_dir, device, tokenizer, dtype,
-                                                            unquantized, chosen=path)
-        label = label or f"{run_dir.absolute().name}-{path.name}"
     elif (no_weights := rundir.no_weights_yet(path)) is not None:
         raise ValueError(f"{where} {no_weights}")
     else:

@@ -426,7 +426,8 @@ class ResumableOutput:
         if changed:
             raise ValueError(
                 f"{self.state} was started with other settings ({', '.join(changed)} differ); "
-                "use the same flags to resume, or a new --out to start over")
+                f"use the same flags to resume, or a new --out (or delete {self.state.name} "
+                "and the output) to start over")
         lines = self.state.read_bytes().split(b"\n")
         good = len(lines[0]) + 1
         for line in lines[1:-1]:  # the last piece is empty, or a line cut off by a kill

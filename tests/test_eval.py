@@ -3230,8 +3230,9 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
 def test_a_runs_checkpoint_or_best_named_as_the_model_is_what_is_scored(
         tiny_models, tmp_path, monkeypatch, capsys):
     """--models RUN/checkpoints/step-N (or RUN/best) scores those weights of the run, with its
-    tokenizer and settings, labelled by run and step; results.json records their step. A
-    checkpoint whose bytes are not the ones written is refused, naming it."""
+    tokenizer and settings, labelled by run and step; results.json records their step. RUN/export
+    is the run's model, as RUN is. A checkpoint whose bytes are not the ones written is refused,
+    naming it; one the run does not hold (pruned by --keep-last) names those it holds."""
     from safetensors.torch import save_file
 
     from codelm.runtime import process
@@ -3261,6 +3262,17 @@ def test_a_runs_checkpoint_or_best_named_as_the_model_is_what_is_scored(
         assert all(torch.equal(t, state[k]) for k, t in saved[step].state_dict().items())
         assert loaded.label == f"run-{path.name}" and loaded.run_weights["step"] == step
     assert capsys.readouterr().err == ""  # named, so no note on which weights were picked
+    from codelm.models import pretrained
+
+    pretrained.save(saved[10], run / rundir.EXPORT_DIR)
+    tiny_models["tok"].save(run / rundir.EXPORT_DIR)
+    (run / rundir.EXPORT_DIR / rundir.EXPORT_RECORD).write_text(json.dumps({"best_step": 10}))
+    process.write_manifest(run / rundir.EXPORT_DIR)
+    exported = loading.load_model(str(run / rundir.EXPORT_DIR), torch.device("cpu"))
+    assert exported.label == "run" and exported.run_config is not None
+    assert exported.run_weights["weights"] == "export/"
+    with pytest.raises(ValueError, match="holds checkpoints step-5, step-10.*--keep-last"):
+        loading.load_model(str(run / rundir.CHECKPOINTS_DIR / "step-7"), torch.device("cpu"))
     argv = ["--models", f"early={early}", "--data", str(tiny_models["code"]), "--tasks", "lm",
             "--out-dir", str(out), *FAST_FLAGS]
     assert ev.main(argv) == 0

@@ -4419,9 +4419,10 @@ def test_labels_that_count_nothing_are_a_data_bug():
     dataset.check_next_token_labels([{"input_ids": ids, "labels": ids.roll(-1)}], "train")
 
 
-def test_sample_completion_stays_within_the_models_context(monkeypatch):
-    """The end-of-run sample asks for at most the positions the context has left, and nothing
-    for a prompt that fills it (generate past block_size fails after a whole run)."""
+def test_sample_completion_stays_within_the_models_context(monkeypatch, capsys):
+    """The end-of-run sample asks for at most the positions the context has left (generate past
+    block_size fails after a whole run); a prompt that would leave less than half the context
+    (or than the tokens asked) has its left end cut, with a note, as eval.py cuts prompts."""
     from architecture import Transformer
 
     tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 2, min_freq=1)
@@ -4434,7 +4435,12 @@ def test_sample_completion_stays_within_the_models_context(monkeypatch):
     n_prompt = 1 + len(tok.encode(prompt))  # after the EOS an lm sample starts with
     finish.sample_completion(model, tok, prompt, 48, "lm")
     assert n_prompt < 16 and asked == [(n_prompt, 16 - n_prompt)]
-    assert finish.sample_completion(model, tok, prompt * 20, 48, "lm") == "" and len(asked) == 1
+    assert "note" not in capsys.readouterr().out
+    finish.sample_completion(model, tok, prompt * 20, 48, "lm")
+    assert asked[1] == (1 + 7, 8)  # the EOS, then the prompt's last 16 - 1 - 16 // 2 tokens
+    assert "sample prompt is" in capsys.readouterr().out
+    finish.sample_completion(model, tok, prompt * 20, 3, "lm")
+    assert asked[2] == (1 + 12, 3)
 
 
 def test_sample_completion_decodes_an_id_past_the_tokenizer_to_nothing(monkeypatch):

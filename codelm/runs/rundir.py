@@ -120,9 +120,10 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def run_of_weights(path: str | Path) -> Path | None:
-    """The run directory whose best/ or checkpoints/step-N/ ``path`` is; None for any other."""
+    """The run directory whose export/, best/ or checkpoints/step-N/ ``path`` is; None for any
+    other."""
     path = Path(path)
-    if path.name == BEST_DIR:
+    if path.name in (EXPORT_DIR, BEST_DIR):
         run_dir = path.parent
     elif checkpoint_step(path) is not None and path.parent.name == CHECKPOINTS_DIR:
         run_dir = path.parent.parent

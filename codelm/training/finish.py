@@ -21,6 +21,7 @@ import lora
 from codelm import loading
 from codelm.data.encoding import (
     encode_prompts,
+    fit_prompt,
     prompt_prefix,
     reads_special_tokens,
     template_writes_start,
@@ -151,12 +152,20 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
 
     eos = stop_ids_of(tok, generation_eos_ids(tok, model.cfg.eos_id, model.name_or_path), task)
     if template_writes_start(task):  # a chat template's text, read as it is
-        ids = tok.encode(prompt)
+        prefix, prompt_ids = [], tok.encode(prompt)
     else:
         reads = reads_special_tokens(task, pair_special_tokens)
         (prompt_ids,) = encode_prompts(tok, [prompt], reads)
-        ids = prompt_prefix(tok, task) + prompt_ids
-    max_new_tokens = min(max_new_tokens, model.cfg.block_size - len(ids))
+        prefix = prompt_prefix(tok, task)
+    block = model.cfg.block_size
+    room = block - len(prefix) - min(max_new_tokens, block // 2)  # the prompt's, at most
+    if len(prompt_ids) > room:  # its left end cut, as eval.py cuts a prompt too long
+        print(f"note: the sample prompt is {len(prompt_ids)} tokens: its first "
+              f"{len(prompt_ids) - room} are cut so that the {block}-token context leaves room "
+              "for the completion")
+        prompt_ids = fit_prompt(prompt_ids, room)
+    ids = prefix + prompt_ids
+    max_new_tokens = min(max_new_tokens, block - len(ids))
     if max_new_tokens <= 0:
         return ""
     device = next(model.parameters()).device
