@@ -4996,3 +4996,16 @@ def test_a_second_evaluation_of_one_out_dir_is_refused_naming_the_first(tmp_path
     os.close(held)
     os.close(ev._lock_out_dir(tmp_path))
     assert list(tmp_path.iterdir()) == []  # no lock file left in the results
+
+
+def test_a_problem_set_missing_offline_names_the_task_and_the_flag_that_names_a_copy(
+        tmp_path, monkeypatch):
+    """A task whose default problems are a Hugging Face dataset, neither cached nor reachable:
+    the error names the task and `--problems TASK=PATH`, and how to download it."""
+    from codelm.evaluation.tasks.problems import problem_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match=r"mbpp's problems \(--problems mbpp=PATH\): "
+                                         r"org/absent: no such directory.*hf download"):
+        problem_file("org/absent", ["*.jsonl"], "mbpp")

@@ -39,7 +39,8 @@ def problem_file(source: str | Path, split_files: Sequence[str], task: str) -> P
     several shards (``problem_records`` reads them all, in order)."""
     path = Path(source)
     if not path.exists() and hub.is_hub_id(str(path)):
-        path = hub.checkpoint_dir(str(path), f"--problems {task}=", repo_type="dataset")
+        path = hub.checkpoint_dir(str(path), f"{task}'s problems (--problems {task}=PATH):",
+                                  repo_type="dataset")
     if path.is_dir():
         shards = split_shards(path, split_files)
         return shards[0] if len(shards) == 1 else path
