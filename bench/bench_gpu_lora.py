@@ -291,15 +291,14 @@ def lora_family(family: str, ckpt: Path, steps: int, compiled_families: list[str
                                              setting, vocab, steps)
         out[f"codelm {setting.name}"] = measured("codelm", partial(load_codelm, ckpt, setting),
                                                  setting, vocab, steps)
-    if family in compiled_families:
-        setting = dataclasses.replace(BF16, compiled=True)
-        out["codelm bf16 compiled"] = measured("codelm compiled", partial(load_codelm, ckpt, setting),
-                                               setting, vocab, steps)
-    if family in checkpointed_families:
-        setting = dataclasses.replace(BF16, compiled=True, checkpointing=True)
-        out["codelm bf16 compiled checkpointed"] = measured(
-            "codelm compiled, checkpointed", partial(load_codelm, ckpt, setting), setting, vocab,
-            steps)
+    compiled_rows = (  # (families, result key, label, checkpointing)
+        (compiled_families, "codelm bf16 compiled", "codelm compiled", False),
+        (checkpointed_families, "codelm bf16 compiled checkpointed",
+         "codelm compiled, checkpointed", True))
+    for families, key, label, checkpointing in compiled_rows:
+        if family in families:
+            setting = dataclasses.replace(BF16, compiled=True, checkpointing=checkpointing)
+            out[key] = measured(label, partial(load_codelm, ckpt, setting), setting, vocab, steps)
     reason = liger_reason(family)
     if reason:
         out["liger bf16"] = reason
