@@ -63,12 +63,27 @@ from codelm.serving import serve
 # ---- Models, served or completing a prompt -------------------------------------------------
 
 def model_specs(cfg: EvalConfig) -> list[str]:
-    """``cfg.models``, or else the latest run, named on stderr so that it is no guess."""
+    """``cfg.models`` (a run's name as under ``cfg.runs_dir``), or else the latest run, named on
+    stderr so that it is no guess."""
     if cfg.models:
-        return list(cfg.models)
+        return [run_by_name(spec, cfg.runs_dir) for spec in cfg.models]
     run = latest_run(cfg.runs_dir)
     print(f"latest run: {run} (name others with --models)", file=sys.stderr)
     return [str(run)]
+
+
+def run_by_name(spec: str, runs_dir: str | Path) -> str:
+    """``spec`` with a PATH that is no file or directory here but a directory under
+    ``runs_dir`` (``--models small`` for runs/small, the run trainingmanager's ``--name small``
+    made) as that directory, named on stderr; any other spec as given."""
+    if is_endpoint(spec):
+        return spec
+    label, path = loading.split_label(spec)
+    under = Path(runs_dir) / path
+    if Path(path).expanduser().exists() or not under.is_dir():
+        return spec
+    print(f"{path}: {under} (under --runs-dir)", file=sys.stderr)
+    return f"{label}={under}" if label else str(under)
 
 
 def latest_run(runs_dir: str | Path) -> Path:
@@ -178,7 +193,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
         else:
             out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"EvalConfig.out_dir={str(out or default_parent)!r}: cannot create the "
+        raise ValueError(f"--out-dir {str(out or default_parent)!r}: cannot create the "
                          f"output directory ({err.strerror})") from None
     progress = progress or EvalProgress()
     progress.out_dir = out

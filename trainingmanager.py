@@ -105,6 +105,9 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     created = time.perf_counter()  # a time budget counts from here
     run = trainer = result = None
     try:
+        with distributed.main_first(dist):
+            if dist.main:
+                trackers.check_ready(cfg.report_to)
         cfg = _planned(cfg, device, dist)
         claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem,
                                        resume_hint, dist)

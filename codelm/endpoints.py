@@ -65,7 +65,7 @@ def parse_endpoint(spec: str) -> Endpoint:
     label, _, rest = spec.partition("=") if not spec.startswith(PREFIX) else ("", "", spec)
     url, _, model = rest[len(PREFIX):].partition("#")
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"EvalConfig.models {spec!r}: an endpoint is openai:http://HOST:PORT/v1"
+        raise ValueError(f"--models {spec!r}: an endpoint is openai:http://HOST:PORT/v1"
                          "[#MODEL]")
     url = url.rstrip("/")
     return Endpoint(label or model or url.split("//", 1)[1].split("/", 1)[0], url, model or None)

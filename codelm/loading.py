@@ -37,17 +37,17 @@ class LoadedModel:
 
 
 def device_named(name: str) -> torch.device:
-    """The torch device of ``EvalConfig.device``; one this machine lacks is a user error."""
+    """The torch device of eval.py's ``--device``; one this machine lacks is a user error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and (device.index or 0) >= count:
-        raise ValueError(f"EvalConfig.device={name!r}: " + (
+        raise ValueError(f"--device {name!r}: " + (
             f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count
             else "CUDA is not available on this machine (use cpu or auto)"))
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"EvalConfig.device={name!r}: MPS is not available on this machine")
+        raise ValueError(f"--device {name!r}: MPS is not available on this machine")
     return device
 
 
@@ -178,6 +178,15 @@ def _checkpoints_held(path: Path) -> str:
             "--keep-last)")
 
 
+def split_label(spec: str) -> tuple[str, str]:
+    """(label, path) of a model spec ``[LABEL=]PATH``; the label is "" where none is given (an
+    "=" after a "/" belongs to the path)."""
+    label, sep, path_spec = spec.partition("=")
+    if not sep or not label or "/" in label:
+        return "", spec
+    return label, path_spec
+
+
 def _split_adapter(path_spec: str) -> tuple[str, str]:
     """(base, adapter) of ``BASE+ADAPTER``, split at the first "+" after a directory's name."""
     if not Path(path_spec).is_dir():
@@ -193,16 +202,14 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     """Load ``[LABEL=]PATH``: an HF dir or hub id, a codelm run dir (or its export/, best/ or
     checkpoints/step-N/), an adapter whose config names its base, or ``BASE+ADAPTER``;
     ``device`` and ``dtype`` as EvalConfig's; ``what``: where the spec was given, for errors
-    (default: EvalConfig.models); ``unquantized``: a
+    (default: eval.py's --models); ``unquantized``: a
     QLoRA run's base as its checkpoint holds it, not quantized, so its adapter merges in (as
     the run's export does)."""
     spec = os.fspath(spec)
     device = device_named(device) if isinstance(device, str) else device
-    label, sep, path_spec = spec.partition("=")
-    if not sep or not label or "/" in label:  # no label given: "=" belongs to the path
-        label, path_spec = "", spec
+    label, path_spec = split_label(spec)
     base_spec, adapter_spec = _split_adapter(path_spec)
-    where = f"{what or 'EvalConfig.models'} {spec!r}:"
+    where = f"{what or '--models'} {spec!r}:"
     path = hub.checkpoint_dir(base_spec, where)
     if not path.is_dir():
         raise ValueError(f"{where} {path} is not a directory{_checkpoints_held(path)}")

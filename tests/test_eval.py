@@ -968,7 +968,7 @@ def test_a_missing_cuda_device_is_a_clear_error(capsys, monkeypatch):
     for device in ("cuda", "cuda:1"):
         assert ev.main(["--models", "m", "--device", device]) == 2
         err = capsys.readouterr().err
-        assert f"error: EvalConfig.device='{device}': CUDA is not available" in err
+        assert f"error: --device '{device}': CUDA is not available" in err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert ev.main(["--models", "m", "--device", "cuda:1"]) == 2
@@ -983,7 +983,7 @@ def test_a_bad_out_dir_fails_before_any_model_runs(tmp_path, capsys, monkeypatch
     out = blocker if where == "file" else blocker / "sub"
     assert ev.main(["--models", "m", "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"error: EvalConfig.out_dir='{out}': cannot create the output directory" in err
+    assert f"error: --out-dir '{out}': cannot create the output directory" in err
 
 
 def test_an_os_error_naming_its_file_is_a_clear_error(capsys, monkeypatch):
@@ -2501,7 +2501,7 @@ def test_a_runs_export_without_its_tokenizer_names_the_run(tiny_models, tmp_path
     shutil.copytree(tiny_models["base"], run / "export")
     shutil.move(run / "export" / "tokenizer.json", run / "tokenizer.json")
     export = run / "export"
-    with pytest.raises(ValueError, match=f"^EvalConfig.models '{export}': no tokenizer.json.*"
+    with pytest.raises(ValueError, match=f"^--models '{export}': no tokenizer.json.*"
                                          f"{run.resolve()} above it.*--tokenizer$"):
         loading.load_model(str(export), torch.device("cpu"))
 
@@ -2621,10 +2621,10 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
     assert ev.main(["--config", str(recipe)]) == 2
     assert "recipe.json: unknown key 'taks'" in capsys.readouterr().err
     assert ev.main(["--models", str(tmp_path / "missing")]) == 2
-    assert f"EvalConfig.models '{tmp_path / 'missing'}': " in capsys.readouterr().err
+    assert f"--models '{tmp_path / 'missing'}': " in capsys.readouterr().err
     recipe.write_text(json.dumps({"eval": {"models": [f"base={tmp_path / 'gone'}"]}}))
-    assert ev.main(["--config", str(recipe)]) == 2  # from a file: the key, not a flag typed
-    assert f"EvalConfig.models 'base={tmp_path / 'gone'}': {tmp_path / 'gone'} is not a " \
+    assert ev.main(["--config", str(recipe)]) == 2  # from a file: named by its flag too
+    assert f"--models 'base={tmp_path / 'gone'}': {tmp_path / 'gone'} is not a " \
         "directory" in capsys.readouterr().err
     assert ev.main(["--tasks", "translate"]) == 2
     assert "tasks (['translate'], --tasks)" in capsys.readouterr().err
@@ -2637,7 +2637,7 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
     assert ev.main(["--models", spec, "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert all(w in err for w in (f"EvalConfig.models {spec!r}", f"{run} holds no adapter_config",
+    assert all(w in err for w in (f"--models {spec!r}", f"{run} holds no adapter_config",
                                   f"{run / 'export'} holds one")), err
 
 
@@ -3278,6 +3278,15 @@ def test_a_runs_checkpoint_or_best_named_as_the_model_is_what_is_scored(
     assert ev.main(argv) == 0
     (entry,) = json.loads((out / "results.json").read_text())["models"]
     assert (entry["weights"], entry["step"]) == ("checkpoints/step-5/", 5)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a path that is none here is a run's under --runs-dir
+    assert ev.main(["--models", "run/checkpoints/step-5", "--runs-dir", str(tmp_path),
+                    "--data", str(tiny_models["code"]), "--tasks", "lm",
+                    "--out-dir", str(tmp_path / "by-name"), *FAST_FLAGS]) == 0
+    assert f"run/checkpoints/step-5: {early} (under --runs-dir)" in capsys.readouterr().err
+    (entry,) = json.loads((tmp_path / "by-name" / "results.json").read_text())["models"]
+    assert (entry["label"], entry["step"]) == ("run-step-5", 5)
     with open(early / rundir.MODEL_FILE, "r+b") as weights:
         weights.seek(-4, 2)
         weights.write(b"\0\0\0\0")

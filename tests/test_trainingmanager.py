@@ -4839,6 +4839,8 @@ def _wandb_records(path: Path) -> list:
 
 def test_wandb_without_a_login_is_one_line_naming_the_ways_out(assets, tmp_path, monkeypatch,
                                                                capsys):
+    """Refused before the run plans, prepares its data or makes its directory: nothing to wait
+    for or to clean up."""
     wandb = pytest.importorskip("wandb")
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)
@@ -4852,6 +4854,7 @@ def test_wandb_without_a_login_is_one_line_naming_the_ways_out(assets, tmp_path,
     err = capsys.readouterr().err
     assert "--report-to wandb" in err and "wandb login" in err and "WANDB_MODE=offline" in err
     assert "Traceback" not in err
+    assert not (tmp_path / "runs" / "run").exists()
 
 
 def test_wandb_offline_gets_the_config_and_scalars_and_a_resume_continues_its_run(

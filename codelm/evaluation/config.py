@@ -34,7 +34,8 @@ class EvalConfig:
 
     # models
     models: list[str] = field(default_factory=list)  # "DIR", "LABEL=DIR" or "BASE+ADAPTER": HF,
-    #   run or adapter dirs, a run's best/ or checkpoints/step-N/;
+    #   run or adapter dirs, a run's best/ or checkpoints/step-N/ (a path that is none here:
+    #   under runs_dir, "small" for runs/small);
     #   "LABEL=openai:URL[#MODEL]": an OpenAI-compatible endpoint (its key
     #   from $OPENAI_API_KEY); empty: the latest run under runs_dir
     runs_dir: str = "runs"  # where codelm runs are found

@@ -80,14 +80,34 @@ class _WandB:
                                   dir=run_dir, name=run_dir.name, id=run_id, resume="allow",
                                   config=config)
         except wandb.errors.UsageError as e:  # no API key: a login, or offline
-            raise ValueError(f"--report-to wandb: {e} (`wandb login`, WANDB_API_KEY, or "
-                             "WANDB_MODE=offline to keep the run in its directory)") from None
+            raise ValueError(_wandb_not_ready(e)) from None
 
     def log(self, step: int, scalars: dict) -> None:
         self.run.log(scalars, step=step)
 
     def close(self, outcome: str) -> None:
         self.run.finish(exit_code=0 if outcome == FINISHED else 1)
+
+
+def _wandb_not_ready(error: Exception) -> str:
+    return (f"--report-to wandb: {error} (`wandb login`, WANDB_API_KEY, or WANDB_MODE=offline "
+            "to keep the run in its directory)")
+
+
+def check_ready(report_to: Sequence[str]) -> None:
+    """Raise ValueError where a tracker of ``report_to`` cannot start, before a run prepares its
+    data: W&B with no API key (in a terminal, W&B's login prompt comes here) and not
+    WANDB_MODE=offline or disabled."""
+    if "wandb" not in report_to or os.environ.get("WANDB_API_KEY"):
+        return
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
+        return
+    import wandb
+
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError as e:
+        raise ValueError(_wandb_not_ready(e)) from None
 
 
 class _MLflow:
