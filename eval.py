@@ -193,8 +193,10 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
         else:
             out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"--out-dir {str(out or default_parent)!r}: cannot create the "
-                         f"output directory ({err.strerror})") from None
+        where = (f"--out-dir {str(out)!r}" if out
+                 else f"--runs-dir {cfg.runs_dir!r} ({default_parent})")
+        raise ValueError(f"{where}: cannot create the output directory ({err.strerror}); "
+                         "name another with --out-dir") from None
     progress = progress or EvalProgress()
     progress.out_dir = out
     # what the tasks read, apart: no task sees a model, output or serving setting

@@ -975,11 +975,17 @@ def test_a_missing_cuda_device_is_a_clear_error(capsys, monkeypatch):
     assert "1 CUDA device(s), cuda:0 to cuda:0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["file", "under-file"])
+@pytest.mark.parametrize("where", ["file", "under-file", "runs-dir"])
 def test_a_bad_out_dir_fails_before_any_model_runs(tmp_path, capsys, monkeypatch, where):
     monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("a model was loaded"))
     blocker = tmp_path / "taken"
     blocker.write_text("")
+    if where == "runs-dir":  # the default out_dir, under --runs-dir, named by it
+        assert ev.main(["--models", "m", "--runs-dir", str(blocker)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --runs-dir '{blocker}' ({blocker / 'eval'}): cannot create" in err
+        assert "--out-dir" in err
+        return
     out = blocker if where == "file" else blocker / "sub"
     assert ev.main(["--models", "m", "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
