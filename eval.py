@@ -193,10 +193,9 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
         else:
             out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        where = (f"--out-dir {str(out)!r}" if out
-                 else f"--runs-dir {cfg.runs_dir!r} ({default_parent})")
-        raise ValueError(f"{where}: cannot create the output directory ({err.strerror}); "
-                         "name another with --out-dir") from None
+        where = str(out) if out else f"{default_parent}/ (under runs_dir {cfg.runs_dir!r})"
+        raise ValueError(f"cannot create the output directory {where} ({err.strerror})"
+                         ) from None
     progress = progress or EvalProgress()
     progress.out_dir = out
     # what the tasks read, apart: no task sees a model, output or serving setting

@@ -115,7 +115,7 @@ def validation_prompts(lm, cfg: BenchConfig) -> list[list[int]]:
 def main(argv: list[str] | None = None) -> None:
     cfg = settings.parse_config_flags(BenchConfig, argv, __doc__)
     torch.set_num_threads(cfg.threads)
-    lm = loading.load_model(str(trained_run(cfg)), "cpu")
+    lm = loading.load_model(str(trained_run(cfg)), "cpu", what="--run")
     model = lm.model.eval()
     eos = lm.tokenizer.eos_id
     cases = [(ids, pair) for ids, pair in zip(validation_prompts(lm, cfg), held_out_pairs(cfg),

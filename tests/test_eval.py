@@ -983,13 +983,13 @@ def test_a_bad_out_dir_fails_before_any_model_runs(tmp_path, capsys, monkeypatch
     if where == "runs-dir":  # the default out_dir, under --runs-dir, named by it
         assert ev.main(["--models", "m", "--runs-dir", str(blocker)]) == 2
         err = capsys.readouterr().err
-        assert f"error: --runs-dir '{blocker}' ({blocker / 'eval'}): cannot create" in err
-        assert "--out-dir" in err
+        assert all(w in err for w in ("cannot create the output directory", str(blocker / "eval"),
+                                      "runs_dir")), err
         return
     out = blocker if where == "file" else blocker / "sub"
     assert ev.main(["--models", "m", "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"error: --out-dir '{out}': cannot create the output directory" in err
+    assert f"error: cannot create the output directory {out} " in err
 
 
 def test_an_os_error_naming_its_file_is_a_clear_error(capsys, monkeypatch):
@@ -3287,12 +3287,13 @@ def test_a_runs_checkpoint_or_best_named_as_the_model_is_what_is_scored(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # a path that is none here is a run's under --runs-dir
-    assert ev.main(["--models", "run/checkpoints/step-5", "--runs-dir", str(tmp_path),
-                    "--data", str(tiny_models["code"]), "--tasks", "lm",
-                    "--out-dir", str(tmp_path / "by-name"), *FAST_FLAGS]) == 0
-    assert f"run/checkpoints/step-5: {early} (under --runs-dir)" in capsys.readouterr().err
-    (entry,) = json.loads((tmp_path / "by-name" / "results.json").read_text())["models"]
-    assert (entry["label"], entry["step"]) == ("run-step-5", 5)
+    assert ev.main(["--models", "run/checkpoints/step-5", "early=run/checkpoints/step-5",
+                    "--runs-dir", str(tmp_path), "--data", str(tiny_models["code"]),
+                    "--tasks", "lm", "--out-dir", str(tmp_path / "by-name"), *FAST_FLAGS]) == 0
+    err = capsys.readouterr().err
+    assert str(early) in err and "--runs-dir" in err
+    entries = json.loads((tmp_path / "by-name" / "results.json").read_text())["models"]
+    assert [(e["label"], e["step"]) for e in entries] == [("run-step-5", 5), ("early", 5)]
     with open(early / rundir.MODEL_FILE, "r+b") as weights:
         weights.seek(-4, 2)
         weights.write(b"\0\0\0\0")

@@ -4857,6 +4857,29 @@ def test_wandb_without_a_login_is_one_line_naming_the_ways_out(assets, tmp_path,
     assert not (tmp_path / "runs" / "run").exists()
 
 
+@pytest.mark.parametrize("how", ["netrc", "WANDB_API_KEY", "WANDB_MODE"])
+def test_wandb_with_a_key_or_offline_starts_without_asking(tmp_path, monkeypatch, how):
+    """A key where `wandb login` writes it (the netrc entry of W&B's host), in the environment,
+    or W&B offline: the check before a run asks W&B nothing (no login call, no message)."""
+    wandb = pytest.importorskip("wandb")
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine example.org login user password secret\n")
+    if how == "netrc":
+        netrc_file.write_text(f"machine api.wandb.ai login user password {'a' * 40}\n")
+    else:
+        monkeypatch.setenv(how, "a" * 40 if how == "WANDB_API_KEY" else "offline")
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    monkeypatch.setattr(wandb, "login", lambda **kw: pytest.fail("W&B was asked to log in"))
+    trackers.check_ready(["tensorboard", "wandb"])
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    netrc_file.write_text("machine example.org login user password secret\n")
+    with pytest.raises(pytest.fail.Exception, match="asked to log in"):
+        trackers.check_ready(["wandb"])
+
+
 def test_wandb_offline_gets_the_config_and_scalars_and_a_resume_continues_its_run(
         assets, tmp_path, monkeypatch):
     pytest.importorskip("wandb")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import netrc
 import os
 import re
 import shutil
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -94,11 +96,23 @@ def _wandb_not_ready(error: Exception) -> str:
             "to keep the run in its directory)")
 
 
+def _wandb_key_found() -> bool:
+    """Whether W&B has credentials without asking: WANDB_API_KEY, an identity token file, or
+    the netrc entry of its host (as `wandb login` writes it)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):  # no netrc file, or one W&B could not read either
+        return False
+
+
 def check_ready(report_to: Sequence[str]) -> None:
     """Raise ValueError where a tracker of ``report_to`` cannot start, before a run prepares its
-    data: W&B with no API key (in a terminal, W&B's login prompt comes here) and not
+    data: W&B with no credentials (in a terminal, W&B's login prompt comes here) and not
     WANDB_MODE=offline or disabled."""
-    if "wandb" not in report_to or os.environ.get("WANDB_API_KEY"):
+    if "wandb" not in report_to or _wandb_key_found():
         return
     if os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
         return
