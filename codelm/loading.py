@@ -217,7 +217,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     run_dir = None if adapter_spec else (path if rundir.is_run_dir(path)
                                          else rundir.run_of_weights(path))
     if run_dir is not None:  # a run (its export/ is the run's model), its best/ or a checkpoint
-        chosen = None if path is run_dir or path.name == rundir.EXPORT_DIR else path
+        chosen = None if path == run_dir or path.name == rundir.EXPORT_DIR else path
         model, tok_dir, run_config, run_weights = _load_run(run_dir, device, tokenizer, dtype,
                                                             unquantized, chosen)
         named = run_dir.absolute().name

@@ -112,9 +112,8 @@ def check_ready(report_to: Sequence[str]) -> None:
     """Raise ValueError where a tracker of ``report_to`` cannot start, before a run prepares its
     data: W&B with no credentials (in a terminal, W&B's login prompt comes here) and not
     WANDB_MODE=offline or disabled."""
-    if "wandb" not in report_to or _wandb_key_found():
-        return
-    if os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
+    offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled")
+    if "wandb" not in report_to or offline or _wandb_key_found():
         return
     import wandb
 
