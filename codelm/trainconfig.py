@@ -173,7 +173,7 @@ class TrainConfig:
     #   Modelfile, for llama.cpp, Ollama and LM Studio, matrices in f32 | f16 | bf16 | q8_0
     sample_prompt: str | None = None  # completed greedily at the end (with --export); None: a
     #   held-out prompt in the task's format (a function's header, a validation pair's input)
-    sample_tokens: int = 96  # at most this many tokens of that sample
+    sample_tokens: int = 96  # at most this many tokens of that sample; 0: no sample
     final_eval: bool = True  # task lm, with export: line completion and function completion
     #   (eval.py's line and method tasks) on the test split, printed with the val loss
     # debugging

@@ -61,6 +61,11 @@ WORDS = ["def", "f(x):", "return", "x", "+", "1", "self", "if", "else:", "for", 
          "range(n):", "print(i)", "'s'", "None", "==", "(", ")", "a_b", "Foo", "éλ", "\t", "\n"]
 
 
+def run_config(**fields: object) -> dict:
+    """A run's config.json: TrainConfig's defaults with ``fields`` set."""
+    return {**dataclasses.asdict(trainconfig.TrainConfig()), **fields}
+
+
 def model_settings(cfg: trainconfig.TrainConfig) -> trainconfig.ModelSettings:
     """What a run builds its model from (loading.build_model), of ``cfg``."""
     return trainconfig.ModelSettings(**fields_of(trainconfig.ModelSettings, cfg))
@@ -1346,8 +1351,8 @@ def test_prompt_reads_chat_template_text_as_the_model_learned_it(tmp_path, capsy
         model = tmp_path / "run"
         shutil.copytree(base, model / "export")
         process.write_manifest(model / "export")
-        config = {"task": "lm" if trained == "lm" else "refactor",
-                  "data_options": {"pair_special_tokens": trained != "text"}}
+        config = run_config(task="lm" if trained == "lm" else "refactor",
+                            data_options={"pair_special_tokens": trained != "text"})
         (model / "config.json").write_text(json.dumps(config))
     want = {"base": hf_tok(prompt)["input_ids"],
             "pair_special_tokens": hf_tok(prompt, add_special_tokens=False)["input_ids"],
@@ -2370,8 +2375,8 @@ def test_default_run_evaluates_the_latest_run(tiny_models, tmp_path, monkeypatch
         run = runs / name
         shutil.copytree(tiny_models["base"], run / "export")
         process.write_manifest(run / "export")
-        (run / "config.json").write_text(json.dumps({"data": [str(tiny_models["code"])],
-                                                     "data_options": {}}))
+        config = run_config(data=[str(tiny_models["code"])], data_options={})
+        (run / "config.json").write_text(json.dumps(config))
         os.utime(run / "export", (1_000_000 + i, 1_000_000 + i))
     code = ev.main(["--runs-dir", str(runs), *FAST_FLAGS])
     assert code == 0
@@ -2397,7 +2402,7 @@ def test_the_latest_run_is_the_newest_that_holds_a_model(tmp_path):
     (older / rundir.EXPORT_DIR).mkdir(parents=True)
     (newer / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}5").mkdir(parents=True)
     for run in (older, newer):
-        (run / rundir.CONFIG_FILE).write_text(json.dumps({}))
+        (run / rundir.CONFIG_FILE).write_text(json.dumps(run_config()))
     os.utime(older / rundir.EXPORT_DIR, (1_000_000, 1_000_000))
     assert rundir.is_run_dir(newer)
     assert ev.latest_run(runs) == older
@@ -2489,7 +2494,7 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
     shutil.copytree(m["adapter"], run / "export")
     process.write_manifest(run / "export")
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
-    (run / "config.json").write_text(json.dumps({"init_from": str(m["base"]), "lora_r": 4}))
+    (run / "config.json").write_text(json.dumps(run_config(init_from=str(m["base"]), lora_r=4)))
     loading.load_model(str(run), cpu)
     with pytest.raises(ValueError, match=f"^{other / 'tokenizer.json'}.*not the tokenizer.*"
                                          f"{m['base']}"):
@@ -2523,7 +2528,7 @@ def test_lora_run_directory_loads_base_plus_adapter(tiny_models, tmp_path):
     shutil.copytree(m["adapter"], run / "export")
     process.write_manifest(run / "export")
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
-    (run / "config.json").write_text(json.dumps({"init_from": str(m["base"]), "lora_r": 4}))
+    (run / "config.json").write_text(json.dumps(run_config(init_from=str(m["base"]), lora_r=4)))
     cfg = EvalConfig(lm_windows=2, block_size=32, progress=False)
     texts = [(m["code"] / "module_3.py").read_text()]
     cpu = torch.device("cpu")
@@ -2590,7 +2595,7 @@ def test_a_runs_paths_load_from_its_config_or_name_it(tiny_models, tmp_path, mon
     shutil.copytree(m["adapter"], run / "export")
     process.write_manifest(run / "export")
     shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
-    config = {"init_from": str(m["base"]), "lora_r": 4, "data": ["code"]}
+    config = run_config(init_from=str(m["base"]), lora_r=4, data=["code"])
     (run / "config.json").write_text(json.dumps(config))
     monkeypatch.chdir(tmp_path)
     cpu = torch.device("cpu")
@@ -3891,11 +3896,11 @@ def test_eval_loads_models_in_the_dtype_asked_for(tiny_models, tmp_path):
     full_run, lora_run = tmp_path / "run", tmp_path / "lora-run"  # run dirs by their export/
     shutil.copytree(base, full_run / "export")
     process.write_manifest(full_run / "export")
-    (full_run / "config.json").write_text(json.dumps({"lora_r": 0}))
+    (full_run / "config.json").write_text(json.dumps(run_config(lora_r=0)))
     shutil.copytree(adapter, lora_run / "export")
     process.write_manifest(lora_run / "export")
     shutil.copy(base / "tokenizer.json", lora_run)
-    (lora_run / "config.json").write_text(json.dumps({"init_from": str(base), "lora_r": 4}))
+    (lora_run / "config.json").write_text(json.dumps(run_config(init_from=str(base), lora_r=4)))
     for spec in (str(base), f"{base}+{adapter}", str(adapter), str(full_run), str(lora_run)):
         fp32 = loading.load_model(spec, "cpu").model.state_dict()
         for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):

@@ -2024,6 +2024,19 @@ def test_the_end_of_run_sample_follows_the_runs_pair_special_tokens(assets, tmp_
     assert prompt.startswith("def ") and rest == [8, "method", reads, generation.FUNCTION_STOPS]
 
 
+def test_sample_tokens_0_writes_no_end_of_run_sample(assets, tmp_path, monkeypatch, capsys):
+    """--sample-tokens 0 asks for no sample: none is generated or printed; the export is
+    written as ever."""
+    asked = []
+    monkeypatch.setattr(finish, "sample_completion", lambda *a: asked.append(a) or "")
+    run = tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1, warmup_steps=0,
+                            export=True, final_eval=False, sample_tokens=0,
+                            data_options={"cache_dir": assets["cache"], "progress": False}))
+    assert asked == []
+    assert "sample completion" not in capsys.readouterr().out
+    assert (run.run_dir / rundir.EXPORT_DIR / rundir.MODEL_FILE).is_file()
+
+
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
     tok = load_tokenizer(assets["tokenizer"])
     small = loading.build_model(model_settings(tiny_cfg(assets, tmp_path)), tok)
@@ -4404,11 +4417,19 @@ def test_checkpoint_names_and_their_numeric_order(tmp_path):
     assert rundir.checkpoint_step(Path("x-3")) is None
 
 
-def test_a_directory_with_config_and_export_only_is_a_run(tmp_path):
-    (tmp_path / rundir.CONFIG_FILE).write_text("{}")
-    assert not rundir.is_run_dir(tmp_path)
+def test_a_run_dir_is_a_run_config_beside_weights(tmp_path):
+    """A run directory is a TrainConfig beside weights (export/ alone will do); an HF model's
+    folder holding an export/ of its own, or an unreadable config.json, is no run."""
     (tmp_path / rundir.EXPORT_DIR).mkdir()
+    (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps({"model_type": "llama"}))
+    assert not rundir.is_run_dir(tmp_path)
+    (tmp_path / rundir.CONFIG_FILE).write_text("{not json")
+    assert not rundir.is_run_dir(tmp_path)
+    run_config = dataclasses.asdict(trainconfig.TrainConfig())
+    (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps(run_config))
     assert rundir.is_run_dir(tmp_path)
+    (tmp_path / rundir.EXPORT_DIR).rmdir()
+    assert not rundir.is_run_dir(tmp_path)
 
 
 def test_labels_that_count_nothing_are_a_data_bug():

@@ -649,11 +649,6 @@ def hf_module_slots(cfg: ModelConfig) -> dict[str, ModuleSlot]:
 
 # ------------------------------------------------------------------------- config.json
 
-def is_run_config(hf: dict) -> bool:
-    """Whether a config.json is a codelm run's TrainConfig (the run's, best/'s, a checkpoint's)."""
-    return hf.get("model_type") is None and {"preset", "lr", "max_steps"} <= hf.keys()
-
-
 def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     """(ModelConfig, raw HF config) from a checkpoint directory's config.json."""
     path = Path(directory) / "config.json"
@@ -661,7 +656,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         raise ValueError(f"{path}: not found (is {directory} an HF checkpoint directory?)")
     hf = settings.read_json_object(path, "model config")
     model_type = hf.get("model_type")
-    if is_run_config(hf):
+    if rundir.is_run_config(hf):
         run = Path(directory)  # or its best/ or one of its checkpoints: the run's weight files
         if any((run / f).is_file() for f in (rundir.MODEL_FILE, rundir.ADAPTER_FILE)):
             run = run.parent.parent if run.parent.name == rundir.CHECKPOINTS_DIR else run.parent

@@ -30,10 +30,10 @@ from codelm.models.families import (
     FamilyTable,
     expand,
     hf_config,
-    is_run_config,
     part_rows,
     read_config,
 )
+from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.hub import checkpoint_dir
 from codelm.tokenization.bpe import BPETokenizer
@@ -341,7 +341,7 @@ def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> Non
     an ``adapter`` (or back)."""
     config = directory / "config.json"
     try:
-        is_run = config.is_file() and is_run_config(settings.read_json_object(config))
+        is_run = config.is_file() and rundir.is_run_config(settings.read_json_object(config))
     except ValueError:  # an unreadable config.json is replaced, as any other
         is_run = False
     model = next((f for f in MODEL_WEIGHT_FILES if (directory / f).is_file()), None)

@@ -113,10 +113,29 @@ def holds_weights(run_dir: Path) -> bool:
                                                   for d in (BEST_DIR, EXPORT_DIR))
 
 
+RUN_CONFIG_KEYS = {"preset", "lr", "max_steps"}  # a run's config.json has these (an HF one not)
+
+
+def is_run_config(config: dict) -> bool:
+    """Whether a config.json is a codelm run's TrainConfig (the run's, best/'s, a checkpoint's),
+    not an HF model's."""
+    return config.get("model_type") is None and RUN_CONFIG_KEYS <= config.keys()
+
+
+def holds_run_config(directory: Path) -> bool:
+    """Whether a directory's config.json is a codelm run's TrainConfig (not where it is
+    missing, unreadable or another tool's)."""
+    try:
+        return is_run_config(settings.read_json_object(directory / CONFIG_FILE, "run config"))
+    except (ValueError, OSError):
+        return False
+
+
 def is_run_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a codelm run directory that got as far as weights."""
+    """Whether ``path`` is a codelm run directory (its config.json a TrainConfig) that got as
+    far as weights."""
     path = Path(path)
-    return (path / CONFIG_FILE).is_file() and holds_weights(path)
+    return holds_weights(path) and holds_run_config(path)
 
 
 def run_of_weights(path: str | Path) -> Path | None:
@@ -129,22 +148,14 @@ def run_of_weights(path: str | Path) -> Path | None:
         run_dir = path.parent.parent
     else:
         return None
-    return run_dir if (run_dir / CONFIG_FILE).is_file() else None
+    return run_dir if holds_run_config(run_dir) else None
 
 
 def failed_before_weights(run_dir: Path) -> bool:
     """Whether a directory holds only a codelm run that stopped before writing any weights."""
-    if holds_weights(run_dir):
+    if holds_weights(run_dir) or not holds_run_config(run_dir):
         return False
-    with contextlib.suppress(ValueError, OSError):  # unreadable, or not JSON: not a run's
-        config = settings.read_json_object(run_dir / CONFIG_FILE, "run config")
-        if not RUN_CONFIG_KEYS <= set(config):  # (before the walk of a tree that is no run)
-            return False
-        return not any(p.suffix in (".safetensors", ".bin", ".pt") for p in run_dir.rglob("*"))
-    return False
-
-
-RUN_CONFIG_KEYS = {"preset", "lora_r", "max_steps", "out_dir"}  # a run's config.json has these
+    return not any(p.suffix in (".safetensors", ".bin", ".pt") for p in run_dir.rglob("*"))
 
 
 def holds_no_checkpoint(run_dir: Path) -> str:

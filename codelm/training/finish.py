@@ -72,7 +72,7 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
         prompt = SamplePrompt(settings.sample_prompt,
                               settings.task in ("lm", "fim", "completion", "method"))
     sample = None
-    if prompt is not None and prompt.text:
+    if prompt is not None and prompt.text and settings.sample_tokens > 0:
         stops = FUNCTION_STOPS if prompt.ends_function else ()
         sample = sample_completion(model, tok, prompt.text, settings.sample_tokens, settings.task,
                                    run.data.dcfg.pair_special_tokens, stops)
