@@ -79,8 +79,8 @@ def run_by_name(spec: str, runs_dir: str | Path) -> str:
     if is_endpoint(spec):
         return spec
     label, path = loading.split_label(spec)
-    under = Path(runs_dir) / path
-    if Path(path).expanduser().exists() or not under.is_dir():
+    under = rundir.named_run(path, runs_dir)
+    if under is None:
         return spec
     print(f"{path}: {under} (under --runs-dir)", file=sys.stderr)
     return f"{label}={under}" if label else str(under)
@@ -92,7 +92,7 @@ def latest_run(runs_dir: str | Path) -> Path:
     scored from its latest checkpoint, with a note)."""
     root = Path(runs_dir)
     runs = [p for p in (root.iterdir() if root.is_dir() else [])
-            if rundir.is_run_dir(p) and rundir.holds_weights(p)]
+            if rundir.is_run_dir(p)]
     if not runs:
         raise ValueError(f"no trained model under {root}/: run `python trainingmanager.py` first, "
                          "or name models with --models")

@@ -594,7 +594,7 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
             # lora_* values the sweep sets that differ from its init_adapter's are refused
             plan.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
                                               where_set=where_is)
-            trainconfig.data_config(train_cfg, train_cfg.block_size or 256)
+            trainconfig.data_config(train_cfg)
         except ValueError as e:
             raise ValueError(f"{where}: {label}{e}") from None
         for key in ("data", "val_data", "test_data", "tokenizer"):

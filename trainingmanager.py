@@ -31,7 +31,9 @@ import torch
 import torch.nn as nn
 
 from architecture import Transformer
+from codelm.data.config import TASKS
 from codelm.data.datasets import collate
+from codelm.data.examples import check_sources
 from codelm.models.generation import GenerationConfig, generate
 from codelm.runs import rundir, trackers
 from codelm.runs.checkpoint import StepStart
@@ -47,6 +49,7 @@ from codelm.trainconfig import (
     StepSettings,
     TrainConfig,
     build_parser,
+    data_config,
     has_final_eval,
     model_config,
     overfit_settings,
@@ -108,6 +111,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         with distributed.main_first(dist):
             if dist.main:
                 trackers.check_ready(cfg.report_to)
+                _check_sources(cfg)
         cfg = _planned(cfg, device, dist)
         claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem,
                                        resume_hint, dist)
@@ -170,6 +174,13 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         del run, trainer  # the DDP or FSDP model goes before the group
         if owns_group:
             _leave_group(run_dir, resume_hint, restarts)
+
+
+def _check_sources(cfg: TrainConfig) -> None:
+    """Data a new run could not read, refused before the plan times models (seconds under
+    preset auto); a resumed run's sources are its config.json's."""
+    if cfg.resume is None and cfg.task in TASKS:
+        check_sources(data_config(cfg))
 
 
 def _planned(cfg: TrainConfig, device: torch.device, dist: Dist) -> TrainConfig:

@@ -212,7 +212,9 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     where = f"{what or '--models'} {spec!r}:"
     path = hub.checkpoint_dir(base_spec, where)
     if not path.is_dir():
-        raise ValueError(f"{where} {path} is not a directory{_checkpoints_held(path)}")
+        held = (f": a model is its directory, {path.parent}" if path.is_file()
+                else _checkpoints_held(path))
+        raise ValueError(f"{where} {path} is not a directory{held}")
     run_config = run_weights = None
     run_dir = None if adapter_spec else (path if rundir.is_run_dir(path)
                                          else rundir.run_of_weights(path))
@@ -225,8 +227,10 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     elif adapter_spec or (path / adapter_config.ADAPTER_CONFIG).is_file():
         adapter = hub.checkpoint_dir(adapter_spec, where) if adapter_spec else path
         if not (adapter / adapter_config.ADAPTER_CONFIG).is_file():
-            raise ValueError(f"{where} {adapter} holds no {adapter_config.ADAPTER_CONFIG}"
-                             f"{adapter_config.adapters_below(adapter)}")
+            swapped = bool(adapter_spec) and (path / adapter_config.ADAPTER_CONFIG).is_file()
+            hint = (f": {path} is the adapter; give BASE+ADAPTER, {adapter_spec}+{base_spec}"
+                    if swapped else adapter_config.adapters_below(adapter))
+            raise ValueError(f"{where} {adapter} holds no {adapter_config.ADAPTER_CONFIG}{hint}")
         base = path if adapter_spec else adapter_config.adapter_base(
             path, "name the base as BASE+ADAPTER")
         model = _load_hf(base, device, dtype, adapter)

@@ -681,6 +681,9 @@ def summary(report: RecipeResult) -> str:
                      f"{report.adapter_max_diff:.2e}")
     if report.eval:
         lines += ["", report.eval["table"], "", f"evaluation: {report.eval['out_dir']}"]
+        if report.smoke:
+            lines.append("(a smoke run: a tiny random model trained a few steps; its figures "
+                         "check the pipeline, not the recipe)")
     return "\n".join(lines)
 
 

@@ -41,8 +41,9 @@ class TrainConfig:
     seed: int = 1337  # model init, data order, dropout (a resumed run restores its RNG)
     device: str = "auto"  # auto (a GPU where there is one, else the CPU; not mps) | cpu | cuda | cuda:N
     # model: from scratch (preset + overrides) or from a local HF checkpoint
-    preset: str = "auto"  # architecture.PRESETS name (vocab_size follows the tokenizer); auto:
-    #   the largest BUDGET_LADDER model this machine trains well in time_budget_min
+    preset: str = "auto"  # architecture.PRESETS name (`python architecture.py` lists them;
+    #   vocab_size follows the tokenizer); auto: the largest BUDGET_LADDER model this machine
+    #   trains well in time_budget_min
     init_from: str | None = None  # an HF checkpoint: a local directory (a run's export/ or, of
     #   a LoRA run, its export/merged/) or a hub id (the local hub cache, else downloaded)
     n_layer: int | None = None  # overrides the preset (from-scratch models only)
@@ -75,7 +76,11 @@ class TrainConfig:
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
     #   adapters stay fp32); fp16 turns on loss scaling
     # data (dataset.py): task and sources (None: the Python standard library)
-    task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat | project;
+    task: str = "lm"  # lm (the next token of code files) | completion (a file's prefix -> its
+    #   next line) | method (a function's signature and docstring -> its body) | docstring (a
+    #   class or function without its docstring -> the docstring) | refactor (JSONL input ->
+    #   output pairs) | fim (fill in the middle) | chat (conversation JSONL, in the tokenizer's
+    #   chat template) | project (repository-shaped sequences and cross-file line completion);
     #   grpo (reinforcement learning from problems' tests); or preference tuning on TRL's
     #   preference records: dpo | kto | orpo | simpo
     data: list[str] | None = None  # "stdlib", directories, scraper, pair or conversation JSONL
@@ -266,7 +271,13 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     config = args.pop("config", None)
     given = load_config_file(config) if config is not None else {}
     resumed: dict = {}
-    resume = args["resume"] if args.get("resume") is not None else given.get("resume")
+    source = args if args.get("resume") is not None else given
+    resume = source.get("resume")
+    out_dir = next((d for d in (args.get("out_dir"), given.get("out_dir")) if d is not None),
+                   TrainConfig.out_dir)
+    if resume and (under := rundir.named_run(resume, out_dir)) is not None:
+        print(f"--resume {resume}: {under} (under --out-dir)", file=sys.stderr)
+        resume = source["resume"] = str(under)
     if resume and Path(resume).is_dir():  # else validate_config says so
         check_resume_location(resume, args, given, config)
         run, saved = Path(resume), Path(resume) / rundir.CONFIG_FILE
@@ -418,7 +429,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
         return
     run = Path(cfg.resume)
     if not run.is_dir():
-        raise ValueError(f"--resume {cfg.resume}: no such run directory")
+        raise ValueError(f"--resume {cfg.resume}: no such run directory (here, or under "
+                         f"--out-dir {cfg.out_dir})")
     if is_sharded(run) or any((run / f).is_file() for f in (rundir.MODEL_FILE,
                                                              rundir.ADAPTER_FILE)):
         # a checkpoint's, best/'s or export/'s config.json made it look like a run with no
@@ -580,12 +592,15 @@ def default_block_size(cfg: TrainConfig | DataSettings) -> int:
     return min(int(context), 1024)
 
 
-def data_config(cfg: TrainConfig | DataSettings, block_size: int) -> DataConfig:
-    """The DataConfig of this run: task, sources and sequence length come from cfg."""
+def data_config(cfg: TrainConfig | DataSettings, block_size: int | None = None) -> DataConfig:
+    """The DataConfig of this run: task, sources and sequence length come from cfg (None: the
+    DataConfig's, where the length does not matter yet, as to check the sources)."""
     options = {"progress": cfg.progress, **cfg.data_options}
+    if block_size is not None:
+        options["block_size"] = block_size
     dcfg = DataConfig(task=cfg.task, sources=list(cfg.data or ["stdlib"]),
                       val_sources=list(cfg.val_data or []), test_sources=list(cfg.test_data or []),
-                      block_size=block_size, **options)
+                      **options)
     dcfg.validate()
     return dcfg
 
@@ -635,7 +650,10 @@ def model_config(cfg: TrainConfig | ModelSettings, vocab_size: int, bos_id: int 
                  eos_id: int | None) -> ModelConfig:
     """Preset + overrides for a from-scratch model (derived sizes re-derived from the new ones)."""
     if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r}; choose auto or one of {sorted(PRESETS)}")
+        close = settings.closest_key(cfg.preset, PRESETS)
+        hint = f"did you mean {close!r}? " if close else ""
+        raise ValueError(f"unknown preset {cfg.preset!r}; {hint}choose auto or one of "
+                         f"{sorted(PRESETS)}")
     values = dataclasses.asdict(PRESETS[cfg.preset])
     shape = {k: getattr(cfg, k) for k in MODEL_SHAPE_KEYS if getattr(cfg, k) is not None}
     if "n_head" in shape or "n_embd" in shape:

@@ -2639,6 +2639,8 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
         "directory" in capsys.readouterr().err
     assert ev.main(["--tasks", "translate"]) == 2
     assert "tasks (['translate'], --tasks)" in capsys.readouterr().err
+    assert ev.main(["--tasks", "lm", "humaneva"]) == 2
+    assert "'humaneva': did you mean 'humaneval'?" in capsys.readouterr().err
     assert ev.main(["--runs-dir", str(tmp_path / "empty")]) == 2
     assert "python trainingmanager.py" in capsys.readouterr().err
     run = tmp_path / "run"  # BASE+RUN: the run's adapter is in its export/
@@ -2650,6 +2652,11 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert all(w in err for w in (f"--models {spec!r}", f"{run} holds no adapter_config",
                                   f"{run / 'export'} holds one")), err
+    base, adapter = tiny_models["base"], tiny_models["adapter"]
+    assert ev.main(["--models", f"{adapter}+{base}", "--prompt", "x"]) == 2  # the order swapped
+    assert f"give BASE+ADAPTER, {base}+{adapter}" in capsys.readouterr().err
+    assert ev.main(["--models", str(base / "config.json"), "--prompt", "x"]) == 2
+    assert f"a model is its directory, {base}" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1575,6 +1575,19 @@ def test_continuing_with_another_budget_or_base_is_refused(tmp_path, corpus, cap
     assert len(load_study(storage, "budget").get_trials()) == 3
 
 
+def test_a_train_configs_model_id_stays_an_id_and_its_paths_turn_absolute(tmp_path,
+                                                                         monkeypatch):
+    """--train-config's init_from as a Hugging Face id is the model's id (the run fetches its
+    snapshot), not a path under the current directory; a local model's path turns absolute."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    values = search_space.absolute_paths({"init_from": "microsoft/phi-1_5"}, "tc.json")
+    assert values["init_from"] == "microsoft/phi-1_5"
+    values = search_space.absolute_paths({"init_from": "models/mine", "data": ["src"]}, "tc.json")
+    assert values["init_from"] == str(tmp_path / "models" / "mine")
+    assert values["data"] == [str(tmp_path / "src")]
+
+
 def test_relative_paths_name_the_files_they_name_from_any_directory(tmp_path, corpus, capsys,
                                                                    monkeypatch):
     """Relative paths of the space's base and of --train-config are recorded absolute: a study

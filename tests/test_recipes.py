@@ -102,6 +102,7 @@ def test_recipe_smoke_end_to_end(name, tmp_path, monkeypatch, capsys):
     assert all(c in head for c in columns), head
     assert [tuple(r[:2]) if head[1] == "prompt" else r[0] for r in body] == rows
     assert all(cell != "n/a" for row in body for cell in row)
+    assert "(a smoke run: a tiny random model" in printed  # its figures are no recipe's result
     if recipe["eval"].get("reference_loss"):  # seed 000: eval's loss is training's val_loss
         results = json.loads((run / "eval" / "results.json").read_text())
         best = json.loads((run / "best" / "metrics.json").read_text())

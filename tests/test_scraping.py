@@ -21,7 +21,7 @@ from procs import popen, signal_when
 
 import scraping.common as scraping_common
 import scraping.github
-from codelm.data.sources import _source_listing
+from codelm.data.sources import source_listing
 from codelm.runtime import process
 from scraping import (
     GitHubClient,
@@ -1673,7 +1673,7 @@ def test_local_skips_the_directories_dataset_skips(tmp_path):
     out = tmp_path / "out.jsonl"
     collect_local(LocalConfig(sources=[str(src)], out=str(out), license="MIT", progress=False))
     assert [r["path"] for r in read_jsonl(out)] == ["app/main.py"]
-    listing = _source_listing(str(src), [".py"])
+    listing = source_listing(str(src), [".py"])
     assert [p.relative_to(listing.root).as_posix() for p in listing.files] == ["app/main.py"]
 
 
@@ -1692,7 +1692,7 @@ def test_local_and_dataset_walk_a_tree_alike(tmp_path):
     out = tmp_path / "out.jsonl"
     summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
     scraped = [r["path"] for r in read_jsonl(out)]
-    listing = _source_listing(str(src), [".py"])
+    listing = source_listing(str(src), [".py"])
     walked = [p.relative_to(listing.root).as_posix() for p in listing.files]
     assert walked == sorted(scraped + ["inside.py"])
     assert scraped == ["B.PY", "a.py", "pkg/x.py", "z.py"]  # sorted by path, not dir by dir
@@ -1715,7 +1715,7 @@ def test_a_git_work_tree_gives_what_its_clone_gives(tmp_path):
     summary = collect_local(LocalConfig(sources=[str(src)], out=str(out), progress=False))
     assert [r["path"] for r in read_jsonl(out)] == ["new.py", "pkg/a.py"]  # new work stays
     assert summary.files["gitignored"] == 2
-    listing = _source_listing(str(src), [".py"])
+    listing = source_listing(str(src), [".py"])
     assert [p.relative_to(listing.root).as_posix() for p in listing.files] == ["new.py", "pkg/a.py"]
 
 

@@ -263,6 +263,17 @@ def test_list_flags_skip_empty_items_and_take_none_as_text_when_not_optional():
     assert _parse(["--targets", "none"]).targets == ["none"]
 
 
+def test_a_json_flag_that_is_no_json_says_how_json_is_quoted(capsys):
+    """A --data-options value with unquoted keys (a shell ate the quotes, or they were never
+    typed): one line naming the parse error and JSON's quoting in a shell."""
+    with pytest.raises(SystemExit) as stop:
+        plan.parse_config(["--data-options", '{extensions: [".kt"]}'])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert "--data-options: not a JSON object: Expecting property name" in err
+    assert """'{"key": "value"}'""" in err
+
+
 def test_an_unknown_flag_is_one_line_naming_the_closest_flags(capsys):
 
     for typed, near in (["--max-stpes", "5"], "--max-steps"), (["--max-step", "5"], "--max-steps"):

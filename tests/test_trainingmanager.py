@@ -2084,6 +2084,9 @@ def test_bad_paths_and_devices_are_clear_errors(assets, tmp_path, capsys, monkey
         (["--device", "cuda:abc"], "error: --device cuda:abc: not a device"),
         (["--device", "mps"], "error: --device mps: training runs on cpu or cuda"),
         (["--seed", str(10**20)], "error: seed (100000000000000000000, --seed): must be in"),
+        (["--init-from", str(tmp_path)], f"{tmp_path} holds no config.json: not an HF "
+         "checkpoint directory"),
+        (["--preset", "llama-15m"], "unknown preset 'llama-15m'; did you mean 'llama-14m'?"),
     ]
     for flags, message in cases:
         assert tm.main(["--config", config, *flags]) == 2, flags
@@ -2878,10 +2881,16 @@ def test_the_validation_examples_do_not_depend_on_batch_size_or_accumulation(ass
 
 
 def test_a_run_that_fails_before_writing_anything_leaves_no_directory(assets, tmp_path):
+    """Data refused before the run is claimed (a missing source: no runs/ either), or while it
+    is read (a broken JSONL record, the run directory made by then): no directory is left."""
     cfg = tiny_cfg(assets, tmp_path, name="nodata", data=[str(tmp_path / "missing")])
     with pytest.raises(ValueError, match="missing"):
         tm.train(cfg)
-    assert not (Path(cfg.out_dir) / "nodata").exists()
+    assert not Path(cfg.out_dir).exists()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "x = 1\\n"}\n{"text": \n')
+    with pytest.raises(ValueError, match="broken.jsonl"):
+        tm.train(dataclasses.replace(cfg, data=[str(broken)]))
     assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == []
 
 
@@ -3759,7 +3768,7 @@ def test_resume_keeps_early_stoppings_reference(assets, tmp_path, monkeypatch):
                                            warmup_steps=0)],
                          ids=["finished", "saved-then-evaluated"])
 def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(assets, tmp_path,
-                                                                       settings):
+                                                                       settings, capsys):
     """A sweep continuing a trial whose worker died after training resumes a finished run:
     the last evaluated step is restored, so no second val line and no second on_eval (which
     the sweep would report to Optuna twice). Also where the last step was saved (save_every)
@@ -3773,6 +3782,8 @@ def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(assets, t
     again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir)),
                      on_eval=lambda step, metrics: seen.append(step))
     assert again.step == steps[-1] and seen == [] and _val_steps(first.run_dir) == steps
+    assert f"the run had trained its {steps[-1]} steps: nothing is trained" in (
+        capsys.readouterr().out)
 
 
 def test_a_budget_stops_best_is_kept_by_the_resume(assets, tmp_path, monkeypatch):
@@ -4705,6 +4716,7 @@ def test_a_kotlin_run_is_evaluated_on_its_lines(assets, tmp_path, capsys):
     assert tm.main(["--config", str(write_config(cfg, tmp_path / "c.json"))]) == 0
     out = capsys.readouterr().out
     assert "final evaluation (" in out and "line completion exact match" in out
+    assert re.search(r"bits/byte over [\d,]+ validation tokens\), line completion", out)
     assert "parse" not in out.split("final evaluation (")[1]
     import eval as ev
 
@@ -4876,6 +4888,44 @@ def test_wandb_without_a_login_is_one_line_naming_the_ways_out(assets, tmp_path,
     assert "--report-to wandb" in err and "wandb login" in err and "WANDB_MODE=offline" in err
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_resume_takes_a_runs_name_under_out_dir(tmp_path, monkeypatch, capsys):
+    """--resume NAME, where NAME is no directory here, continues the run NAME under --out-dir
+    (runs/ by default), said on stderr; a directory of that name here is the one meant."""
+    for runs, lr in ((tmp_path / "my-runs", 1e-3), (tmp_path / "runs", 2e-3)):
+        (runs / "small").mkdir(parents=True)
+        saved = dataclasses.asdict(trainconfig.TrainConfig(lr=lr, out_dir=str(runs)))
+        (runs / "small" / rundir.CONFIG_FILE).write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path)
+    read = trainconfig.read_config(["--resume", "small", "--out-dir", "my-runs"]).cfg
+    assert (read.resume, read.lr) == (str(Path("my-runs/small")), 1e-3)
+    assert "--resume small: my-runs/small (under --out-dir)" in capsys.readouterr().err
+    read = trainconfig.read_config(["--resume", "small"]).cfg
+    assert (read.resume, read.lr) == (str(Path("runs/small")), 2e-3)
+    (tmp_path / "small").mkdir()
+    with pytest.raises(ValueError, match="^--resume small: no config.json"):
+        trainconfig.read_config(["--resume", "small"])
+
+
+@pytest.mark.parametrize("mistake", ["missing", "kotlin", "refactor"])
+def test_data_a_run_cannot_read_is_refused_before_it_plans(tmp_path, monkeypatch, capsys,
+                                                            mistake):
+    """A missing source, a directory of another language's files, code for the refactor task:
+    one line naming the fix, before preset auto times models (seconds) or a run dir exists."""
+    monkeypatch.setattr(tm, "_planned", lambda *a: pytest.fail("the run was planned"))
+    (tmp_path / "kt").mkdir()
+    (tmp_path / "kt" / "Main.kt").write_text("fun main() {}\n")
+    data = {"missing": [str(tmp_path / "gone")], "kotlin": [str(tmp_path / "kt")],
+            "refactor": ["stdlib"]}[mistake]
+    argv = ["--data", *data, "--max-steps", "2", "--out-dir", str(tmp_path / "runs")]
+    assert tm.main([*argv, "--task", "refactor" if mistake == "refactor" else "lm"]) == 2
+    err = capsys.readouterr().err
+    fix = {"missing": "data source not found",
+           "kotlin": """--data-options '{"extensions": [".kt"]}'""",
+           "refactor": "refactor task needs JSONL pair records"}[mistake]
+    assert fix in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("how", ["netrc", "WANDB_API_KEY", "WANDB_MODE"])

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from codelm.data.config import DOCSTRING_PROMPTS, REFACTOR_TEMPLATE, DataConfig, DataError
-from codelm.data.sources import Doc
+from codelm.data.sources import Doc, no_files_error, source_listing
 from codelm.runtime.process import progress_bar
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.source import PYTHON_PARSE_ERRORS, docstring_statement, source_lines
@@ -189,12 +189,31 @@ def refactor_example(doc: Doc) -> Example:
     return Example(head, doc.target, body=doc.text, tail=tail, pair=True)
 
 
+def check_sources(cfg: DataConfig) -> None:
+    """What reading the sources for cfg.task would refuse, found by listing them (no file is
+    read): a source missing or of no kind codelm reads, sources that hold no files of
+    cfg.extensions and no records, code files alone for the refactor task."""
+    listings = [(source, source_listing(source, cfg.extensions))
+                for _, source in cfg.sources_by_split()]
+    if not any(listing.files for _, listing in listings):
+        raise no_files_error(cfg)
+    if cfg.task == "refactor" and not any(listing.records for _, listing in listings):
+        source, listing = next((s, li) for s, li in listings if li.files)
+        first = listing.files[0].relative_to(listing.root).as_posix()
+        raise refactor_needs_pairs(f"{source}/{first}")
+
+
+def refactor_needs_pairs(code_id: str) -> DataError:
+    """The refactor task's error for code data (``code_id``: one of its files)."""
+    return DataError(f"the refactor task needs JSONL pair records {{'input', 'output'}}; the data "
+                     f"holds code files (e.g. {code_id}: a directory's file or a scraper's "
+                     "{'text'} record)")
+
+
 def examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
     if cfg.task == "refactor":
         if doc.target is None:
-            raise DataError(
-                f"the refactor task needs JSONL pair records {{'input', 'output'}}; the data holds "
-                f"code files (e.g. {doc.id}: a directory's file or a scraper's {{'text'}} record)")
+            raise refactor_needs_pairs(doc.id)
         if not doc.raw_pair and doc.text.lstrip().startswith(REFACTOR_HEADER):
             events["input_holds_refactor_header"] += 1
         return [refactor_example(doc)]

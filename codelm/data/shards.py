@@ -23,7 +23,7 @@ from codelm.data.cache import cache_writes
 from codelm.data.cleaning import clean_one
 from codelm.data.config import CLEANING_FIELDS, DataConfig, DataError
 from codelm.data.dedupe import NearDuplicateIndex, doc_digest, is_duplicate, signature, stored
-from codelm.data.sources import Doc, iter_sources, plain_text
+from codelm.data.sources import Doc, iter_sources, no_files_error, plain_text
 from codelm.runtime import process
 from codelm.runtime.process import progress_bar
 
@@ -355,9 +355,7 @@ def corpus_stats(manifests: Sequence[dict], cfg: DataConfig) -> dict:
         "pairs": pairs,
     }
     if not kept["files"] and not read["files"]:
-        raise DataError(f"sources {cfg.sources} hold no files with extensions {cfg.extensions} "
-                        "and no JSONL records (an empty .jsonl: a scrape that kept nothing?)"
-                        + _extensions_hint(cfg.sources))
+        raise no_files_error(cfg)
     if not kept["files"]:
         raise DataError(f"no data left after cleaning sources {cfg.sources}: read "
                         f"{read['files']} files/records, dropped {stats['dropped'] or 'none'}; "
@@ -375,32 +373,6 @@ def describe_corpus(stats: dict) -> str:
     return (f"{kept} of {kept + sum(stats['dropped'].values())} files/records kept "
             f"(dropped: {dropped or 'none'}); split {splits}")
 
-
-_SOURCE_SUFFIXES = frozenset({".py", ".kt", ".kts", ".java", ".js", ".ts", ".tsx", ".jsx", ".go",
-                              ".rs", ".c", ".h", ".cc", ".cpp", ".hpp", ".cs", ".rb", ".php",
-                              ".swift", ".scala", ".lua", ".sql", ".sh", ".r", ".jl", ".dart"})
-
-
-def _extensions_hint(sources: Sequence[str], most: int = 10_000) -> str:
-    """What code the source directories hold instead (their commonest source extensions among
-    the first ``most`` files), and how to read it; "" where they hold none."""
-    found: Counter = Counter()
-    for source in sources:
-        root = Path(source)
-        if not root.is_dir():
-            continue
-        for n, path in enumerate(root.rglob("*")):
-            if n >= most:
-                break
-            if path.suffix.lower() in _SOURCE_SUFFIXES and path.is_file():
-                found[path.suffix.lower()] += 1
-    if not found:
-        return ""
-    extensions = [extension for extension, _ in found.most_common(3)]
-    listed = ", ".join(f"{found[e]} {e}" for e in extensions)
-    return (f"; they hold {listed} files: read them with --data-options "
-            f"'{{\"extensions\": {json.dumps(extensions)}}}' (dataset.py: --extensions "
-            f"{' '.join(extensions)})")
 
 def shard_docs(work: Path, manifests: Sequence[dict]) -> Iterator[tuple[str, list]]:
     """(JSONL line, [id, repo, given split]) of every kept document of the shards, in order."""

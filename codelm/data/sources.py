@@ -73,7 +73,7 @@ class SourceFiles(typing.NamedTuple):
     #   (symlink, not_a_file, gitignored, nested_repo)
 
 
-def _source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
+def source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
     """The files of ``source``: its records (``record_files``), or its code files (of
     ``extensions``: the stdlib, or a directory)."""
     records = record_files(source)
@@ -329,7 +329,7 @@ def iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator
     pair records in ``pairs``. A file over ``max_bytes`` is left unread (``text`` None)."""
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(cfg.sources_by_split()):
-        listing = _source_listing(source, cfg.extensions)
+        listing = source_listing(source, cfg.extensions)
         if listing.records:
             docs = (doc for f in listing.files for doc in _read_records(f, cfg, counts))
         else:
@@ -362,6 +362,40 @@ def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Coun
         yield Doc(doc_id, data)
 
 
+def no_files_error(cfg: DataConfig) -> DataError:
+    """The error of sources that hold no files of cfg.extensions and no records, with what
+    code their directories hold instead."""
+    return DataError(f"sources {cfg.sources} hold no files with extensions {cfg.extensions} "
+                     "and no JSONL records (an empty .jsonl: a scrape that kept nothing?)"
+                     + _extensions_hint(cfg.sources))
+
+
+_SOURCE_SUFFIXES = frozenset({".py", ".kt", ".kts", ".java", ".js", ".ts", ".tsx", ".jsx", ".go",
+                              ".rs", ".c", ".h", ".cc", ".cpp", ".hpp", ".cs", ".rb", ".php",
+                              ".swift", ".scala", ".lua", ".sql", ".sh", ".r", ".jl", ".dart"})
+
+
+def _extensions_hint(sources: Sequence[str], most: int = 10_000) -> str:
+    """What code the source directories hold instead (their commonest source extensions among
+    the first ``most`` files), and how to read it; "" where they hold none."""
+    found: Counter = Counter()
+    for source in sources:
+        root = Path(source)
+        if not root.is_dir():
+            continue
+        for n, path in enumerate(root.rglob("*")):
+            if n >= most:
+                break
+            if path.suffix.lower() in _SOURCE_SUFFIXES and path.is_file():
+                found[path.suffix.lower()] += 1
+    if not found:
+        return ""
+    extensions = [extension for extension, _ in found.most_common(3)]
+    listed = ", ".join(f"{found[e]} {e}" for e in extensions)
+    return (f"; they hold {listed} files: read them with --data-options "
+            f"'{{\"extensions\": {json.dumps(extensions)}}}' (dataset.py: --extensions "
+            f"{' '.join(extensions)})")
+
 def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
     """What the cache key knows of the sources: every file's path, size, mtime and ctime (an
     edit whose copy tool sets the mtime back, as cp -p, rsync -a and tar do, still changes the
@@ -371,7 +405,7 @@ def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> li
     folders: dict[str, tuple[str, Path]] = {}
     for source in sources:
         # Every build computes its key first: sources are checked here.
-        listing = _source_listing(source, extensions)
+        listing = source_listing(source, extensions)
         if not listing.records and source != "stdlib":
             root = listing.root.resolve()
             if root.name in folders:

@@ -122,7 +122,7 @@ class EvalConfig:
         endpoints = [m for m in self.models if is_endpoint(m)]
         checks = [
             ("tasks", bool(self.tasks) and set(self.tasks) <= set(TASKS),
-             f"choose from {', '.join(TASKS)}"),
+             f"{self._task_hint()}choose from {', '.join(TASKS)}"),
             ("tasks", len(set(self.tasks)) == len(self.tasks),
              "names a task twice: name each once"),
             ("split", self.split in ("train", "val", "test", "all"),
@@ -210,6 +210,12 @@ class EvalConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ValueError(f"{named(key)}: {why}")
+
+    def _task_hint(self) -> str:
+        """"did you mean 'humaneval'? " for the first task no task is named, where one is close."""
+        unknown = next((t for t in self.tasks if t not in TASKS), None)
+        close = None if unknown is None else settings.closest_key(unknown, TASKS)
+        return f"{unknown!r}: did you mean {close!r}? " if close else ""
 
     def _options_error(self) -> str | None:
         """Why the data options' values are not DataConfig's (None: they are)."""

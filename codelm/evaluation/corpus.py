@@ -88,8 +88,9 @@ def split_documents(cfg: CorpusSettings, models: Sequence[LoadedModel]
     docs = getattr(corpus, cfg.split)
     if runs_own:  # the table's figures are of this split (training's val_loss is of val)
         hint = "" if cfg.split == "val" else " (--split val scores the one they validated on)"
+        documents = "document" if len(docs) == 1 else "documents"
         print(f"data: scoring the {cfg.split} split of the runs' own data, {len(docs)} "
-              f"documents{hint}")
+              f"{documents}{hint}")
     else:
         unit = corpus.stats["split_by"]
         print(f"data: scoring the {cfg.split} split of {', '.join(data_cfg.sources)}: "

@@ -551,9 +551,11 @@ PATH_KEYS = ("init_from", "init_adapter", "tokenizer", "data", "val_data", "test
 
 def _is_path(key: str, item) -> bool:
     """Whether an item of a PATH_KEYS value names a file (a data source "stdlib", a Hugging
-    Face dataset id or a URL does not)."""
+    Face model or dataset id or a URL does not)."""
     if not isinstance(item, str):
         return False
+    if key in ("init_from", "init_adapter"):  # a model id: the run records its snapshot
+        return not hub.is_hub_id(item)
     return not (key.endswith("data") and (item == "stdlib" or hub.is_hub_id(item)
                                           or "://" in item))
 

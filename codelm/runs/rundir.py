@@ -138,6 +138,15 @@ def is_run_dir(path: str | Path) -> bool:
     return holds_weights(path) and holds_run_config(path)
 
 
+def named_run(path: str, runs_dir: str | Path) -> Path | None:
+    """``runs_dir/path`` where ``path`` is no file or directory here but a directory under
+    ``runs_dir`` (a run's --name given alone); else None."""
+    under = Path(runs_dir).expanduser() / path
+    if Path(path).expanduser().exists() or not under.is_dir():
+        return None
+    return under
+
+
 def run_of_weights(path: str | Path) -> Path | None:
     """The run directory whose export/, best/ or checkpoints/step-N/ ``path`` is; None for any
     other."""

@@ -333,7 +333,9 @@ def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not a JSON object: {err.msg}") from None
+        raise argparse.ArgumentTypeError(
+            f"not a JSON object: {err.msg}; JSON's keys and strings take double quotes, the "
+            """whole single ones in a shell: '{"key": "value"}'""") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("not a JSON object")
     return value

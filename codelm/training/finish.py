@@ -240,8 +240,10 @@ def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
     except ValueError as e:
         print(f"note: no final evaluation: {e}")
         return None
-    val = "" if last is None else (f"val loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} "
-                                   "bits/byte), ")
+    val = ""
+    if last is not None:  # scored on the examples --eval-examples takes: its tokens said
+        tokens = f" over {last['val_tokens']:,} validation tokens" if "val_tokens" in last else ""
+        val = f"val loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} bits/byte{tokens}), "
     parses = ("" if "method/parses" not in metrics else
               f"; function completions that parse {metrics['method/parses']:.0f}%")
     print(f"final evaluation ({out}): {val}line completion exact match {metrics['line/EM']:.1f}%, "

@@ -196,6 +196,9 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
                              "--export-merged writes it to export/merged); to train that "
                              f"adapter on, set init_adapter ({where_set('init_adapter')}) to "
                              f"{cfg.init_from}")
+        if not (path / rundir.HF_CONFIG).is_file():
+            raise ValueError(f"{named('init_from')}: {path} holds no {rundir.HF_CONFIG}: not an "
+                             "HF checkpoint directory (its config.json beside its weights)")
         if cfg.block_size is not None:  # else the first forward pass finds it, after the data
             context = families.read_config(path)[0].block_size
             need(cfg.block_size <= context, "block_size",
@@ -444,7 +447,8 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
             break
         measured = timed(candidate)
         if not fits(measured):
-            again = timed(candidate, " again: it fell short, and a passing load must not refuse it")
+            again = timed(candidate, " again: too slow for the budget once, and the machine "
+                                     "may have been busy for a moment")
             measured = max(measured, again, key=lambda p: p.tokens_per_s)
         if not fits(measured):
             break
