@@ -212,8 +212,10 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     where = f"{what or '--models'} {spec!r}:"
     path = hub.checkpoint_dir(base_spec, where)
     if not path.is_dir():
-        held = (f": a model is its directory, {path.parent}" if path.is_file()
-                else _checkpoints_held(path))
+        held = _checkpoints_held(path)
+        if path.is_file():  # a model is a directory: its config.json's, where that is one
+            holder = path.parent if (path.parent / "config.json").is_file() else None
+            held = f": give the directory that holds the model{f', {holder}' if holder else ''}"
         raise ValueError(f"{where} {path} is not a directory{held}")
     run_config = run_weights = None
     run_dir = None if adapter_spec else (path if rundir.is_run_dir(path)

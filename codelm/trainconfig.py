@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 class ReadConfig(NamedTuple):
     cfg: TrainConfig
     typed: set[str]  # the keys the command line or its --config file gave, defaults included
+    resume_name: str | None = None  # --resume as given, where it named a run under --out-dir
 
 
 def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
@@ -271,13 +272,12 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     config = args.pop("config", None)
     given = load_config_file(config) if config is not None else {}
     resumed: dict = {}
-    source = args if args.get("resume") is not None else given
-    resume = source.get("resume")
-    out_dir = next((d for d in (args.get("out_dir"), given.get("out_dir")) if d is not None),
-                   TrainConfig.out_dir)
-    if resume and (under := rundir.named_run(resume, out_dir)) is not None:
-        print(f"--resume {resume}: {under} (under --out-dir)", file=sys.stderr)
-        resume = source["resume"] = str(under)
+    resume_from = args if args.get("resume") is not None else given
+    resume_given = resume_from.get("resume")
+    out_dir = args["out_dir"] if args.get("out_dir") is not None else given.get("out_dir")
+    resume = resume_dir(resume_given, out_dir)
+    if resume != resume_given:
+        resume_from["resume"] = resume
     if resume and Path(resume).is_dir():  # else validate_config says so
         check_resume_location(resume, args, given, config)
         run, saved = Path(resume), Path(resume) / rundir.CONFIG_FILE
@@ -293,7 +293,16 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     base = {**resumed, **settings.updated_over(resumed, given)}
     cfg = settings.resolve_config(TrainConfig, args, "train", base=base,
                                    choices=_CHOICES, aliases=HF_FLAGS)
-    return ReadConfig(cfg, {*args, *given})
+    return ReadConfig(cfg, {*args, *given}, resume_given if resume != resume_given else None)
+
+
+def resume_dir(resume: str | None, out_dir: str | None) -> str | None:
+    """--resume's run directory: ``resume``, or the run of that name under ``out_dir`` (runs/
+    where None) where ``resume`` names nothing here."""
+    if not resume:
+        return resume
+    under = rundir.named_run(resume, out_dir or TrainConfig.out_dir)
+    return resume if under is None else str(under)
 
 
 def check_resume_location(resume_given: str, args: dict, given: dict, config: str | None
@@ -856,7 +865,8 @@ def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:
     ``--resume`` run's config.json."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = vars(build_parser().parse_args(argv))
-    resumed = args.get("resume") and f"{Path(args['resume']) / rundir.CONFIG_FILE} (--resume)"
+    resume = resume_dir(args.get("resume"), args.get("out_dir"))
+    resumed = resume and f"{Path(resume) / rundir.CONFIG_FILE} (--resume)"
     return settings.where_set_in(args, "train", resumed, typed_spellings(argv))
 
 

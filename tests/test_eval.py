@@ -2656,7 +2656,7 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
     assert ev.main(["--models", f"{adapter}+{base}", "--prompt", "x"]) == 2  # the order swapped
     assert f"give BASE+ADAPTER, {base}+{adapter}" in capsys.readouterr().err
     assert ev.main(["--models", str(base / "config.json"), "--prompt", "x"]) == 2
-    assert f"a model is its directory, {base}" in capsys.readouterr().err
+    assert f"give the directory that holds the model, {base}" in capsys.readouterr().err
 
 
 @pytest.mark.slow

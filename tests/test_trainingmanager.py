@@ -3185,9 +3185,10 @@ def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_pa
 
 def _adapter_config(path: Path, base: Path, target_modules) -> str:
     """A PEFT-style adapter directory holding only its adapter_config.json (all that
-    with_init_adapter reads), on the local directory ``base``."""
+    with_init_adapter reads), on the local directory ``base`` (a config.json alone)."""
     path.mkdir()
     base.mkdir(exist_ok=True)
+    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
          "target_modules": target_modules, "base_model_name_or_path": str(base)}))
@@ -4898,11 +4899,12 @@ def test_resume_takes_a_runs_name_under_out_dir(tmp_path, monkeypatch, capsys):
         saved = dataclasses.asdict(trainconfig.TrainConfig(lr=lr, out_dir=str(runs)))
         (runs / "small" / rundir.CONFIG_FILE).write_text(json.dumps(saved))
     monkeypatch.chdir(tmp_path)
-    read = trainconfig.read_config(["--resume", "small", "--out-dir", "my-runs"]).cfg
-    assert (read.resume, read.lr) == (str(Path("my-runs/small")), 1e-3)
-    assert "--resume small: my-runs/small (under --out-dir)" in capsys.readouterr().err
-    read = trainconfig.read_config(["--resume", "small"]).cfg
-    assert (read.resume, read.lr) == (str(Path("runs/small")), 2e-3)
+    cfg = plan.parse_config(["--resume", "small", "--out-dir", "my-runs"])
+    assert (cfg.resume, cfg.lr) == (str(Path("my-runs/small")), 1e-3)
+    assert capsys.readouterr().err == "--resume small: my-runs/small (under --out-dir)\n"
+    read = trainconfig.read_config(["--resume", "small"])
+    assert (read.cfg.resume, read.cfg.lr, read.resume_name) == (str(Path("runs/small")), 2e-3,
+                                                                "small")
     (tmp_path / "small").mkdir()
     with pytest.raises(ValueError, match="^--resume small: no config.json"):
         trainconfig.read_config(["--resume", "small"])

@@ -190,8 +190,8 @@ def refactor_example(doc: Doc) -> Example:
 
 
 def check_sources(cfg: DataConfig) -> None:
-    """What reading the sources for cfg.task would refuse, found by listing them (no file is
-    read): a source missing or of no kind codelm reads, sources that hold no files of
+    """What reading the sources for cfg.task would refuse, found by listing them (no code or
+    record is read): a source missing or of no kind codelm reads, sources that hold no files of
     cfg.extensions and no records, code files alone for the refactor task."""
     listings = [(source, source_listing(source, cfg.extensions))
                 for _, source in cfg.sources_by_split()]

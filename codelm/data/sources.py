@@ -396,6 +396,7 @@ def _extensions_hint(sources: Sequence[str], most: int = 10_000) -> str:
             f"'{{\"extensions\": {json.dumps(extensions)}}}' (dataset.py: --extensions "
             f"{' '.join(extensions)})")
 
+
 def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> list:
     """What the cache key knows of the sources: every file's path, size, mtime and ctime (an
     edit whose copy tool sets the mtime back, as cp -p, rsync -a and tar do, still changes the

@@ -212,7 +212,7 @@ class EvalConfig:
                 raise ValueError(f"{named(key)}: {why}")
 
     def _task_hint(self) -> str:
-        """"did you mean 'humaneval'? " for the first task no task is named, where one is close."""
+        """"'x': did you mean 'y'? " for the first unknown task that has a close match, else ""."""
         unknown = next((t for t in self.tasks if t not in TASKS), None)
         close = None if unknown is None else settings.closest_key(unknown, TASKS)
         return f"{unknown!r}: did you mean {close!r}? " if close else ""

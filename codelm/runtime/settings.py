@@ -334,8 +334,8 @@ def _json_object(text: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(
-            f"not a JSON object: {err.msg}; JSON's keys and strings take double quotes, the "
-            """whole single ones in a shell: '{"key": "value"}'""") from None
+            f"not a JSON object: {err.msg}; JSON needs double quotes around keys and strings, "
+            """and a shell single ones around the whole value: '{"key": "value"}'""") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("not a JSON object")
     return value

@@ -589,8 +589,10 @@ def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Dat
     if dist.main:
         print(f"resumed {record.run_dir} from {path.name} (step {state.step})")
         if state.step == steps:
-            print(f"note: the run had trained its {steps} steps: nothing is trained; its export "
-                  "is written again (a larger --max-steps trains on)")
+            exported = "; its export is written again" if cfg.export else ""
+            length = "--epochs" if cfg.epochs is not None else "--max-steps"
+            print(f"note: the run had trained its {steps} steps: nothing is trained{exported} "
+                  f"(a larger {length} trains on)")
         if planned != steps:
             print(f"note: the run planned {planned} steps and now runs {steps}: its "
                   f"learning-rate schedule is planned anew over {steps} steps from step "

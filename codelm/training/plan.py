@@ -25,7 +25,7 @@ from codelm import trainconfig
 from codelm.data.config import PREFERENCE_TASKS
 from codelm.models import adapter_config, families, quantize
 from codelm.runs import rundir
-from codelm.runtime import hub, settings
+from codelm.runtime import hub, process, settings
 from codelm.runtime.settings import setting
 from codelm.trainconfig import (
     LOADED_MODEL_OPTIONS,
@@ -46,7 +46,9 @@ from codelm.training import preference
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Defaults < ``--resume`` run's config.json < ``--config`` file < command-line flags; then
     checked (``validate_config``), each error naming its flag or file."""
-    cfg, typed = read_config(argv)
+    cfg, typed, resume_name = read_config(argv)
+    if resume_name is not None and process.is_rank_zero():
+        print(f"--resume {resume_name}: {cfg.resume} (under --out-dir)", file=sys.stderr)
     if cfg.overfit_batches and not cfg.overfit:
         cfg = with_overfit_batches_plan(cfg, typed)
     if not cfg.overfit:  # --overfit takes what it honours (trainconfig.overfit_settings)
