@@ -609,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
         data = prepare(cfg, tokenizer)
         print(json.dumps(data.stats, indent=1))  # the counts of every stage
+        if tokenizer is None:
+            print(f"note: the cleaned corpus only: the {cfg.task} task's examples are built "
+                  "with a tokenizer (--tokenizer FILE_OR_DIR)", file=sys.stderr)
         if data.cache_path is not None:
             print(f"cached at {data.cache_path}")
 

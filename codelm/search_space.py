@@ -119,7 +119,10 @@ def load_space(space: str, sweep_keys: Collection[str]) -> SearchSpace:
         path = Path(space)
     if not path.is_file():
         builtin = sorted(p.stem for p in SPACES_DIR.glob("*.json"))
-        raise ValueError(f"search space {space!r}: not a built-in space {builtin} nor a file")
+        close = settings.closest_key(space, builtin)
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise ValueError(f"search space {space!r}: not a built-in space {builtin} nor a "
+                         f"file{hint}")
     source = str(path)
     data = settings.config_from_dict(
         SpaceFile, settings.read_json_object(path, "search space", strict=True), source)

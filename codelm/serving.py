@@ -672,7 +672,13 @@ def make_server(models: list[ServedModel], host: str = "127.0.0.1", port: int = 
     """A server bound to ``host:port`` (port 0: a free one), its engines running; serve with
     ``serve_forever()``, end with `shutdown()` then `close_server(server)`."""
     engines = {m.name: EngineThread(m, slots) for m in models}
-    return _Server((host, port), engines, api_key)
+    try:
+        return _Server((host, port), engines, api_key)
+    except OSError as e:  # the port taken, or a host this machine is not
+        for engine in engines.values():
+            engine.stop()
+        raise ValueError(f"cannot serve on {host}:{port}: {e.strerror or e}; give another "
+                         "--port (--port 0: a free one) or --host") from None
 
 
 def close_server(server: _Server) -> None:

@@ -1499,7 +1499,9 @@ def test_the_command_takes_trainingmanagers_spelling_of_the_sources(tmp_path, ca
     hits = []
     for flag in ("--sources", "--data"):
         assert dataset.main([flag, str(EMAIL), *base]) == 0
-        hits.append(json.loads(capsys.readouterr().out.split("\ncached at")[0])["cache_hit"])
+        out, err = capsys.readouterr()
+        hits.append(json.loads(out.split("\ncached at")[0])["cache_hit"])
+        assert "the cleaned corpus only" in err and "--tokenizer" in err  # no task without one
     assert hits == [False, True]
 
 
@@ -2184,7 +2186,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, workers):
                                         r"Expecting value"):
         load_corpus(cfg(tmp_path, sources=[str(bad)], num_workers=workers))
     wrong = write_jsonl(tmp_path / "keys.jsonl", [{"code": "x"}])
-    with pytest.raises(DataError, match=r"keys\.jsonl:1: record has none of the keys"):
+    with pytest.raises(DataError, match=r"keys\.jsonl:1: record has none of the keys.*"
+                                        r"""--data-options '\{"text_column": "content"\}'"""):
         load_corpus(cfg(tmp_path, sources=[str(wrong)], num_workers=workers))
     wrong = write_jsonl(tmp_path / "file_text.jsonl", [{"file_text": 3}])
     with pytest.raises(DataError, match=r"file_text\.jsonl:1: key 'file_text' must be a string"):

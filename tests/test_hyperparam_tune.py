@@ -786,6 +786,8 @@ def test_builtin_spaces_are_valid_trainingmanager_values():
     assert {"lora_r", "lora_alpha", "lora_dropout", "lora_targets"} <= set(lora.params)
     with pytest.raises(ValueError, match="init_from"):
         hyperparam_tune.check_before_trials(hyperparam_tune.TuneConfig(space="lora"))
+    with pytest.raises(ValueError, match="not a built-in space.*did you mean 'from-scratch'"):
+        hyperparam_tune.load_space("fromscratch")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in search_space.SPACES_DIR.glob("*.json")))

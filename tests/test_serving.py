@@ -1094,3 +1094,16 @@ def test_a_long_stream_decodes_each_token_a_bounded_number_of_times(stream_token
         sent.append(choice.new_text())
     assert sum(decoded) < 3 * len(ids)
     assert "".join(sent) == choice.text()
+
+
+def test_a_port_in_use_is_one_line_naming_it_and_the_way_out():
+    """Serving on a port another socket holds: a ValueError (eval.py's one-line error) naming
+    host:port and --port 0, not the OS's bare errno."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"^cannot serve on 127\.0\.0\.1:{port}: .*--port 0"):
+            make_server([], port=port)

@@ -431,3 +431,18 @@ def test_a_subcommands_unknown_flag_is_answered_with_the_subcommands_closest_fla
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert "unknown flag --max-repo: did you mean --max-repos" in err
+
+
+def test_another_subcommands_flag_names_the_subcommand_it_belongs_to(capsys):
+    """A flag that one subcommand takes, typed after another: the answer names the subcommand
+    that takes it, not the flag itself as a "did you mean"."""
+    parser = settings.ArgumentParser(prog="tool")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fetch").add_argument("--out")
+    sub.add_parser("push").add_argument("--force", action="store_true")
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["fetch", "--out", "o", "--force"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert "unknown flag --force here: it belongs to `tool push`" in err
+    assert "did you mean" not in err

@@ -284,8 +284,9 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
         keys = ", ".join(repr(k) for k in list(rec)[:8])
         raise DataError(f"{where}: record has none of the keys 'text' (or 'file_text'), "
                         f"'input'/'output', 'prompt'/'completion' (it has {keys}): name its "
-                        "text column with the data option text_column (dataset.py "
-                        "--text-column), or input_column/output_column")
+                        "text column with the data option text_column (--data-options "
+                        """'{"text_column": "content"}'; dataset.py --text-column), or """
+                        "input_column/output_column")
     if not isinstance(rec[key], str):
         raise DataError(f"{where}: key {key!r} must be a string")
     repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None

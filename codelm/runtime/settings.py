@@ -489,10 +489,21 @@ class ArgumentParser(argparse.ArgumentParser):
             self._refuse(f"{message} (--help lists the flags)")
         flag = unknown[1].split("=")[0]
         flags = self._flags()
+        if owners := self._subcommands_taking(flag):  # another subcommand's flag
+            self._refuse(f"unknown flag {flag} here: it belongs to "
+                         f"{' and '.join(f'`{o}`' for o in owners)}")
         close = difflib.get_close_matches(flag, sorted(flags), n=3, cutoff=0.6)
         close = list(dict.fromkeys(flags[c] for c in close))  # an alias's match: its flag
         hint = f"did you mean {' or '.join(close)}?" if close else "--help lists the flags"
         self._refuse(f"unknown flag {flag}: {hint}")
+
+    def _subcommands_taking(self, flag: str) -> list[str]:
+        """The subcommands (``prog sub``) whose flags hold ``flag``, where it is none of the
+        others': the one typed, then, took a flag that belongs elsewhere."""
+        subs = [sub for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                for sub in action.choices.values() if isinstance(sub, ArgumentParser)]
+        owners = [sub.prog for sub in subs if flag in sub._flags()]
+        return owners if len(owners) < len(subs) else []
 
     def _refuse(self, message: str) -> typing.NoReturn:
         """Exit 2; the error said by one process of a torchrun job (rank 0), not once a rank
