@@ -365,6 +365,7 @@ class ResumableOutput:
         self.done: set[str] = set()
         self.shas: set[str] = set()
         self.end = 0
+        self.started = False  # this run made the state file (no run before it)
         try:  # a bad path (a directory, under a file): refused naming the flag (exit status 2)
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self._fd = self._lock()
@@ -380,6 +381,7 @@ class ResumableOutput:
             else:
                 process.write_atomic(self.state, json.dumps(
                     {"format_version": STATE_FORMAT_VERSION, "settings": settings}) + "\n")
+                self.started = True
         except BaseException:
             self.close()
             raise
@@ -402,6 +404,10 @@ class ResumableOutput:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.started and not self.done:  # a run that stopped before its first repo: no
+            #   output or state left to hold --out (a retry with other flags starts afresh)
+            self.state.unlink(missing_ok=True)
+            self.out.unlink(missing_ok=True)
         self.close()
 
     @staticmethod

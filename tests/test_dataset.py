@@ -861,6 +861,7 @@ def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path):
         or repos["val"] & repos["test"]
     )
     assert first.stats["split_by"] == "repo"
+    assert shards.describe_corpus(first.stats).endswith(" by repo")
     second = load_corpus(c)
     for s in ("train", "val", "test"):
         assert [d.id for d in getattr(first, s)] == [d.id for d in getattr(second, s)]
@@ -870,6 +871,7 @@ def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path):
     )
     single = load_corpus(cfg(tmp_path, sources=[str(one)]))
     assert single.stats["split_by"] == "file"
+    assert "by file (fewer repositories than splits" in shards.describe_corpus(single.stats)
     assert [len(single.train), len(single.val), len(single.test)] == [22, 3, 3]
 
 

@@ -801,6 +801,13 @@ def test_a_failing_clone_names_its_url_without_the_credentials(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "git clone https://127.0.0.1:1/repo.git failed" in err and "secret" not in err
     assert not [p.name for p in tmp_path.iterdir() if "secret" in p.read_text()]
+    # it collected nothing: no output or state holds --out for a retry with other flags
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.md").write_text("# notes\nsome text\n")
+    argv = ["local", str(tmp_path / "src"), "--out", str(out), "--extensions", ".md"]
+    assert main([*argv, "--no-progress"]) == 0
+    assert len(out.read_text().splitlines()) == 1
 
 
 def test_file_size_bounds_are_inclusive(tmp_path):

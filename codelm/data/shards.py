@@ -370,8 +370,12 @@ def describe_corpus(stats: dict) -> str:
     dropped = ", ".join(f"{reason} {n}" for reason, n in stats["dropped"].items() if n)
     splits = ", ".join(f"{split} {n}" for split, n in stats["split"].items())
     kept = stats["kept"]["files"]
+    unit = stats.get("split_by")
+    by = f" by {unit}" if unit else ""
+    if stats.get("split_by_asked", unit) != unit:  # repo asked: too few repositories for it
+        by += " (fewer repositories than splits: by file)"
     return (f"{kept} of {kept + sum(stats['dropped'].values())} files/records kept "
-            f"(dropped: {dropped or 'none'}); split {splits}")
+            f"(dropped: {dropped or 'none'}); split {splits}{by}")
 
 
 def shard_docs(work: Path, manifests: Sequence[dict]) -> Iterator[tuple[str, list]]:

@@ -194,6 +194,7 @@ def _publish_corpus(cfg: DataConfig, path: Path, work: Path) -> dict:
         routes = _copies_together(work, manifests, routes)
     stats["split"] = {s: routes.count(s) for s in SPLITS}
     stats["split_by"] = unit
+    stats["split_by_asked"] = cfg.split_by
     _check_splits(stats, cfg)
 
     def write(tmp: Path) -> None:
