@@ -17,7 +17,7 @@ import optuna
 from codelm import trainconfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runtime import settings
-from codelm.trainconfig import TrainConfig
+from codelm.trainconfig import HF_FLAGS, TrainConfig
 
 SPACES_DIR = settings.bundled("configs", "search_spaces")
 
@@ -77,7 +77,8 @@ def _check_spec_types(spec: typing.Any, where: str) -> None:
         raise ValueError(f"{where}.type: must be one of categorical, float, int; got {kind!r}")
     keys = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log", "step"}
     if extra := set(spec) - keys:
-        raise ValueError(f"{where}: unknown key(s) {sorted(extra)}")
+        raise ValueError(f"{where}: unknown key(s) {sorted(extra)}; a {kind} parameter's keys "
+                         f"are {', '.join(sorted(keys))}")
     if kind == "categorical":
         if not isinstance(spec.get("choices"), list) or not spec["choices"]:
             raise ValueError(f"{where}.choices: must be a non-empty list, got "
@@ -138,7 +139,7 @@ def load_space(space: str, sweep_keys: Collection[str]) -> SearchSpace:
         where = f"{source}: params.{name}"
         if name not in known:
             raise ValueError(f"{where}: not a TrainConfig key; "
-                             f"{settings.key_hint(name, known, 'TrainConfig')}")
+                             f"{settings.key_hint(name, known, 'TrainConfig', HF_FLAGS)}")
         _check_spec_types(spec, where)
         try:  # Optuna's own checks: low <= high, log needs low > 0 and no step, ...
             distribution(spec)

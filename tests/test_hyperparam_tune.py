@@ -955,6 +955,7 @@ def test_space_of_wrong_top_level_types_is_a_clear_error(tmp_path, top, message)
 
 @pytest.mark.parametrize("name, hint", [
     ("lrr", "did you mean 'lr'?"),
+    ("learning_rate", "did you mean 'lr'?"),  # HF Trainer's spelling, as --learning_rate
     ("velocity", "TrainConfig keys are: adam_eps, base_dtype, "),
 ])
 def test_a_misspelled_space_param_gets_the_close_key(tmp_path, name, hint):
@@ -963,6 +964,14 @@ def test_a_misspelled_space_param_gets_the_close_key(tmp_path, name, hint):
     with pytest.raises(ValueError) as e:
         hyperparam_tune.load_space(str(path))
     assert str(e.value).startswith(f"{path}: params.{name}: not a TrainConfig key; {hint}")
+
+
+def test_a_misspelled_key_of_a_param_names_the_keys_it_takes(tmp_path):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"params": {"lr": {"type": "float", "lo": 1e-4, "high": 1e-2}}}))
+    with pytest.raises(ValueError, match=r"params\.lr: unknown key\(s\) \['lo'\]; a float "
+                                         r"parameter's keys are high, log, low, step, type"):
+        hyperparam_tune.load_space(str(path))
 
 
 @pytest.mark.parametrize("flags, message", [
