@@ -403,9 +403,9 @@ class ResumableOutput:
     def __enter__(self) -> ResumableOutput:
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.started and not self.done:  # a run that stopped before its first repo: no
-            #   output or state left to hold --out (a retry with other flags starts afresh)
+    def __exit__(self, error_type, *exc) -> None:
+        if error_type is not None and self.started and not self.done:  # failed before its
+            #   first repo: no output or state is left to hold --out (a retry with other flags)
             self.state.unlink(missing_ok=True)
             self.out.unlink(missing_ok=True)
         self.close()

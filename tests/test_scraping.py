@@ -1280,7 +1280,7 @@ def test_an_outage_stops_the_run_and_rate_limits_still_do(tmp_path):
     with FakeGitHub(_ranked_repos(), faults=[("/branches/", "500")] * 5) as fake:
         with pytest.raises(GitHubError, match="GitHub failed 5 repos in a row"):
             scrape_github(config(fake, out, min_bytes=1), make_client(fake, retries=0))
-    assert not out.with_name("out.jsonl.state").exists()  # no repo recorded, none left failed
+    assert not out.with_name("out.jsonl.state").exists()  # it failed with no repo recorded
     with FakeGitHub(_ranked_repos(), faults=[("/branches/", "429")] * 2) as fake:
         with pytest.raises(GitHubError, match="failed 2 times") as info:
             scrape_github(config(fake, out, min_bytes=1), make_client(fake, retries=1))
@@ -1327,7 +1327,8 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and err.startswith("error: "), err
         assert all(w in err for w in (str(out), "another run", "same --out", "wait for it",
                                       "another --out")), err
-    assert not out.exists()  # the first run ended with no repository: it leaves nothing
+    assert out.read_bytes() == b""
+    (tmp_path / "out.jsonl.state").unlink()
     assert main(argv) == 0 and main(argv) == 0  # released at the end of each run
     assert [r["path"] for r in read_jsonl(out)] == ["a.py"]
 
