@@ -214,8 +214,9 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if not path.is_dir():
         held = _checkpoints_held(path)
         if path.is_file():  # a model is a directory: its config.json's, where that is one
-            holder = path.parent if (path.parent / "config.json").is_file() else None
-            held = f": give the directory that holds the model{f', {holder}' if holder else ''}"
+            held = ": give the directory that holds the model"
+            if (path.parent / "config.json").is_file():
+                held += f", {path.parent}"
         raise ValueError(f"{where} {path} is not a directory{held}")
     run_config = run_weights = None
     run_dir = None if adapter_spec else (path if rundir.is_run_dir(path)
