@@ -1,13 +1,16 @@
 """Where a LoRA step's time goes on a GPU, codelm against transformers + PEFT: one profiled
 fwd+bwd of the seeds' row (batch 1 x 1,024) after warm-up, per library: wall time, the GPU's busy
-time, host syncs, and the top kernels and host ops.
+time, host syncs, and the top kernels and host ops. With --compiled, codelm under torch.compile
+too (as ``--compile`` trains).
 
-    python bench/profile_gpu_lora.py --families gpt_bigcode llama --setting bf16
+    python bench/profile_gpu_lora.py --families gpt_bigcode llama --setting bf16 --compiled
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 import tempfile
 import time
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--families", nargs="+", default=["gpt_bigcode"],
                         choices=list(bench.MODELS))
     parser.add_argument("--setting", choices=("fp16", "bf16"), default="bf16")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also codelm under torch.compile, in the same setting")
     parser.add_argument("--rows", type=int, default=18, help="rows of each table")
     parser.add_argument("--dry-run", action="store_true", help="the CPU, 1 block, 32 tokens")
     args = parser.parse_args(argv)
@@ -80,10 +85,17 @@ def main(argv: list[str] | None = None) -> None:
         vocab = bench.MODELS[family][1]["vocab_size"]
         with tempfile.TemporaryDirectory() as tmp:
             bench.make_checkpoint(family, Path(tmp), layers)
-            profile_library(f"{family} transformers+PEFT", lambda: bench.load_hf(Path(tmp), setting),
+            profile_library(f"{family} transformers+PEFT",
+                            functools.partial(bench.load_hf, Path(tmp), setting),
                             setting, vocab, args.rows)
-            profile_library(f"{family} codelm", lambda: bench.load_codelm(Path(tmp), setting),
+            profile_library(f"{family} codelm",
+                            functools.partial(bench.load_codelm, Path(tmp), setting),
                             setting, vocab, args.rows)
+            if args.compiled:
+                compiled = dataclasses.replace(setting, compiled=True)
+                profile_library(f"{family} codelm compiled",
+                                functools.partial(bench.load_codelm, Path(tmp), compiled),
+                                compiled, vocab, args.rows)
 
 
 if __name__ == "__main__":
