@@ -276,7 +276,8 @@ def test_a_json_flag_that_is_no_json_says_how_json_is_quoted(capsys):
 
 def test_an_unknown_flag_is_one_line_naming_the_closest_flags(capsys):
 
-    for typed, near in (["--max-stpes", "5"], "--max-steps"), (["--max-step", "5"], "--max-steps"):
+    for typed, near in ((["--max-stpes", "5"], "--max-steps"), (["--max-step", "5"], "--max-steps"),
+                        (["--out", "runs"], "--out-dir or")):  # a flag it begins comes first
         with pytest.raises(SystemExit) as stop:  # a prefix is no abbreviation either
             plan.parse_config(typed)
         err = capsys.readouterr().err

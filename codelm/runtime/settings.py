@@ -492,8 +492,9 @@ class ArgumentParser(argparse.ArgumentParser):
         if owners := self._subcommands_taking(flag):  # another subcommand's flag
             self._refuse(f"unknown flag {flag} here: it belongs to "
                          f"{' and '.join(f'`{o}`' for o in owners)}")
-        close = difflib.get_close_matches(flag, sorted(flags), n=3, cutoff=0.6)
-        close = list(dict.fromkeys(flags[c] for c in close))  # an alias's match: its flag
+        close = [name for name in sorted(flags) if name.startswith(flag)]  # --out: --out-dir
+        close += difflib.get_close_matches(flag, sorted(flags), n=3, cutoff=0.6)
+        close = list(dict.fromkeys(flags[c] for c in close))[:3]  # an alias's match: its flag
         hint = f"did you mean {' or '.join(close)}?" if close else "--help lists the flags"
         self._refuse(f"unknown flag {flag}: {hint}")
 
