@@ -139,6 +139,24 @@ UNSERVED = {"logit_bias": (None, {}), "frequency_penalty": (None, 0), "presence_
             "logits_processors": (None, []), "add_generation_prompt": (None, True),
             "continue_final_message": (None, False), "chat_template": (None,),
             "chat_template_kwargs": (None, {}), "parallel_tool_calls": (None, True)}
+# The fields each endpoint reads (UNSERVED's among them), and OpenAI's bookkeeping fields,
+# which change no text; any other field is answered without being read, and the server says so
+# on its console, as vLLM logs the fields it ignores.
+_BOOKKEEPING = {"user", "metadata", "store", "service_tier"}
+_EITHER = {"model", "max_tokens", "stop", "logprobs", "temperature", "top_p", "top_k", "n",
+           "seed", "stream", "stream_options", "truncate_prompt_tokens", *_BOOKKEEPING,
+           *UNSERVED}
+COMPLETION_FIELDS = frozenset({*_EITHER, "prompt", "echo", "best_of"})
+CHAT_FIELDS = frozenset({*_EITHER, "messages", "max_completion_tokens", "top_logprobs", "tools",
+                         "tool_choice"})
+
+
+def unread_fields(body: dict, chat: bool) -> list[str]:
+    """The fields of a request body its endpoint does not read (a misspelt 'max_token', a
+    chat field sent to /v1/completions), in order."""
+    return sorted(set(body) - (CHAT_FIELDS if chat else COMPLETION_FIELDS))
+
+
 # A chat request's tool_choice: "auto" or "none" (its tools in the prompt either way, as vLLM
 # renders them by default; a call is what the answer holds, as the template teaches it, read
 # into tool_calls under "auto" where the template teaches Hermes calls); a call that "required"

@@ -45,6 +45,7 @@ from codelm.openai_api import (
     left_cut,
     number_field,
     read_params,
+    unread_fields,
 )
 from codelm.tool_calls import CallStream, ToolCall, read_calls
 
@@ -425,6 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
                            f"{served.model.cfg.block_size} tokens", "messages" if chat else
                            "prompt", "context_length_exceeded")
         params = read_params(body, chat, room)
+        self.server.note_unread(unread_fields(body, chat), _route_path(self.path))
         # tool calls read where the request offers tools its model's template taught
         calls = (chat and served.reads_calls and bool(body.get("tools"))
                  and body.get("tool_choice") != "none")
@@ -632,6 +634,7 @@ class _Server(ThreadingHTTPServer):
         self.api_key = api_key
         self.started = int(time.time())
         self.answered = 0
+        self.unread: set[str] = set()  # request fields noted as not read
         self.lock = threading.Lock()
         self.waiting: set[socket.socket] = set()  # connections between requests
         self.closing = False
@@ -656,6 +659,18 @@ class _Server(ThreadingHTTPServer):
         for connection in waiting:
             with contextlib.suppress(OSError):  # the client has closed it already
                 connection.shutdown(socket.SHUT_RD)
+
+    def note_unread(self, fields: list[str], path: str) -> None:
+        """Say on the console, once a field name, the request fields the server answered
+        without reading."""
+        with self.lock:
+            new = [field for field in fields if field not in self.unread]
+            self.unread.update(new)
+        if new:
+            named = f"field {new[0]!r}" if len(new) == 1 else f"fields {', '.join(map(repr, new))}"
+            print(f"note: {path}: request {named} not read (answered without it; the endpoint "
+                  "reads OpenAI's fields and vLLM's top_k and truncate_prompt_tokens)",
+                  file=sys.stderr, flush=True)
 
     def count(self, choices: int) -> None:
         with self.lock:

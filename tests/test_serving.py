@@ -444,6 +444,28 @@ def test_parameters_not_served_are_refused_not_ignored_and_a_model_is_retrieved(
         client.models.retrieve("other")
 
 
+def test_a_field_the_endpoint_does_not_read_is_answered_and_noted_once(loaded, capfd):
+    """A misspelt field ('max_token') or another endpoint's ('messages' sent to /completions) is
+    answered without it, as vLLM answers, and the console names it once for the server's life;
+    OpenAI's bookkeeping fields ('user') are no note."""
+    server, thread = _start(loaded)
+    try:
+        for _ in range(2):
+            status, body = _post(server, "/completions", json.dumps(
+                {"model": "tiny", "prompt": "x", "max_token": 3, "messages": [],
+                 "user": "me"}).encode())
+            assert status == 200 and body["choices"], body
+        status, _ = _post(server, "/chat/completions", json.dumps(
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+             "user": "me", "max_completion_tokens": None}).encode())
+        assert status == 200
+    finally:
+        _stop(server, thread)
+    err = capfd.readouterr().err
+    assert err.count("not read") == 1, err
+    assert "/v1/completions" in err and "'max_token', 'messages'" in err and "user" not in err
+
+
 def test_a_failure_of_the_server_is_a_500_and_in_a_stream_an_error_event(loaded, monkeypatch):
     """The model failing before the answer began: a 500 with OpenAI's error JSON; after a
     stream began: an error event ends it. Either way the next request is answered."""
