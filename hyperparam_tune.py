@@ -602,6 +602,10 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
             for path in [value] if isinstance(value, str) else value or []:
                 if path != "stdlib" and not Path(path).expanduser().exists():
                     raise ValueError(f"{where_is(key)}: {label}{key}: {path} not found")
+    try:  # the data itself, listed once: a directory of another language's files, say
+        trainingmanager.check_data(train_cfg)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     return space, base
 
 

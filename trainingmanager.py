@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         with distributed.main_first(dist):
             if dist.main:
                 trackers.check_ready(cfg.report_to)
-                _check_sources(cfg)
+                check_data(cfg)
         cfg = _planned(cfg, device, dist)
         claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem,
                                        resume_hint, dist)
@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
             _leave_group(run_dir, resume_hint, restarts)
 
 
-def _check_sources(cfg: TrainConfig) -> None:
+def check_data(cfg: TrainConfig) -> None:
     """Data a new run could not read, refused before the plan times models (seconds under
     preset auto); a resumed run's sources are its config.json's."""
     if cfg.resume is None and cfg.task in TASKS:

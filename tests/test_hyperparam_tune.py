@@ -1339,6 +1339,24 @@ def test_every_choice_and_bound_is_checked_before_any_trial(tmp_path, corpus, ca
     assert hyperparam_tune.main(argv) == 0  # the same command, once the space is fixed
 
 
+def test_data_of_another_language_is_refused_before_the_study(tmp_path, corpus):
+    """A --train-config whose data holds only Kotlin files, in a sweep of the default .py
+    extensions, is refused by the checks before any trial, with the data's own hint, and
+    nothing is written."""
+    kotlin = tmp_path / "kotlin"
+    kotlin.mkdir()
+    (kotlin / "Main.kt").write_text("fun main() {\n    println(1)\n}\n", "utf-8")
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps({"data": [str(kotlin)]}), "utf-8")
+    cfg = hyperparam_tune.config_from_dict({"space": tiny_space(tmp_path, corpus),
+                                            "train_config": str(train),
+                                            "out_dir": str(tmp_path / "runs")})
+    with pytest.raises(ValueError, match=r"train\.json: sources .* hold no files with "
+                                         r"extensions .*\.kt"):
+        hyperparam_tune.check_before_trials(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_stepped_bound_is_checked_where_the_step_lets_a_trial_reach(tmp_path, corpus):
     """min_lr_ratio in [0, 1.1] by 0.25 never samples past 1.0 (Optuna lowers high to the last
     step): the space is valid; by 0.25 up to 1.25 it is not, and is refused before any trial."""
@@ -1614,6 +1632,8 @@ def test_relative_paths_name_the_files_they_name_from_any_directory(tmp_path, co
     for d in ("a", "b"):
         (tmp_path / d / "corpus").mkdir(parents=True)
         (tmp_path / d / "val").mkdir()
+        (tmp_path / d / "corpus" / "one.py").write_text("x = 1\n")
+        (tmp_path / d / "val" / "two.py").write_text("y = 2\n")
         (tmp_path / d / "tc.json").write_text(json.dumps({"val_data": ["val"]}))
     argv = [*tune_args(tmp_path, str(tmp_path / "space.json"), study_name="rel",
                        out_dir="../runs"), "--train-config", "tc.json"]
