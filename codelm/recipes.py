@@ -199,6 +199,7 @@ SMOKE_TOKENIZERS = {
 SMOKE_VOCAB = 512
 SMOKE_SHAPE = {"n_layer": 2, "n_head": 4, "n_embd": 64, "mlp_hidden": 128}
 SMOKE_BLOCK = 192
+SMOKE_PROBLEMS = 16  # generated problems a smoke run trains GRPO or preferences on
 # Wider than GPT-2's 0.02, which at width 64 leaves LoRA on a random base nothing to move.
 SMOKE_INIT_STD = 0.2
 SMOKE_LICENSE = ("// Copyright 2010-2024 JetBrains s.r.o. Use of this source code is governed\n"
@@ -269,13 +270,60 @@ def refactor_pairs(count: int, methods: bool = False, every_function: bool = Fal
     return pairs
 
 
+# Generated execution problems of a smoke run (codelm.data.problems, described): the forms
+# whose prompts are shortest, a set of its own for each use.
+SMOKE_FORMS = ("sign_code", "in_range")
+SMOKE_PROBLEM_SEEDS = {"train": 3, "val": 2, "heldout": 1}
+
+
+def write_problems(path: Path, n: int, seed: int) -> list[dict]:
+    """``n`` generated execution problems of set ``seed``, written to ``path`` as HumanEval-format
+    JSONL (what ``python -m codelm.data.problems --describe`` writes)."""
+    from codelm.data.problems import generate_problems
+
+    problems = generate_problems(n, seed, SMOKE_FORMS, describe=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(problem) + "\n" for problem in problems))
+    return problems
+
+
+def _preference_records(problems: Sequence[dict], paired: bool) -> list[dict]:
+    """Preference records of generated problems, a solution that passes the test chosen over
+    one a slip away that fails it: pairs (dpo, orpo, simpo) or labelled completions (kto)."""
+    import random
+
+    from codelm.data.problems import buggy_solution
+
+    rng = random.Random(0)
+    records = []
+    for problem in problems:
+        right = problem["canonical_solution"]
+        wrong = buggy_solution(problem, rng)
+        if wrong is None:
+            continue
+        if paired:
+            records.append({"prompt": problem["prompt"], "chosen": right, "rejected": wrong})
+        else:
+            records.append({"prompt": problem["prompt"], "completion": right, "label": True})
+            records.append({"prompt": problem["prompt"], "completion": wrong, "label": False})
+    return records
+
+
 def write_smoke_data(task: str, scratch: bool, out: Path, suffix: str = ".py"
                      ) -> tuple[list[str], list[str]]:
     """A small sample shaped like the recipe's data: (sources, texts for the tokenizer);
     ``suffix``: the file type a folder of code is read as (the recipe's first extension)."""
+    from codelm.data.config import PREFERENCE_TASKS
     from scraping.common import encode_records, git_blob_sha, make_record
 
     out.mkdir(parents=True, exist_ok=True)
+    if task in PREFERENCE_TASKS:  # records of generated problems' right and wrong solutions
+        problems = write_problems(out / "problems.jsonl", 2 * SMOKE_PROBLEMS,
+                                  SMOKE_PROBLEM_SEEDS["train"])
+        records = _preference_records(problems, paired=task != "kto")
+        file = out / "preferences.jsonl"
+        file.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return [str(file)], [p["prompt"] + p["canonical_solution"] for p in problems]
     if task == "refactor":
         pairs = refactor_pairs(160)
         file = out / "pairs.jsonl"
@@ -327,6 +375,11 @@ def tiny_checkpoint(preset: str, texts: Sequence[str], out: Path, seed: int = 0)
     return out
 
 
+def smoke_inputs(run_dir: Path) -> Path:
+    """Where a smoke run's model and data are written, beside the run."""
+    return run_dir.parent / f"{run_dir.name}-smoke-inputs"
+
+
 def _is_smoke_run(run_dir: Path, work: Path) -> bool:
     """Whether run_dir is a --smoke run (the only run a smoke run may replace)."""
     try:
@@ -338,7 +391,8 @@ def _is_smoke_run(run_dir: Path, work: Path) -> bool:
 
 
 # What --smoke replaces with its own tiny model and data: a --set of these is refused.
-SMOKE_OWN_KEYS = ("init_from", "data", "val_data", "test_data", "data_options.cache_dir")
+SMOKE_OWN_KEYS = ("init_from", "data", "val_data", "test_data", "data_options.cache_dir",
+                  "problems", "val_problems")
 
 
 def set_train_keys(settings: Sequence[str], section: str = "train") -> set[str]:
@@ -358,7 +412,15 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
                          "--set train.max_steps=N)")
     task, scratch = values.get("task", "lm"), values.get("init_from") is None
     extensions = values.get("data_options", {}).get("extensions") or [".py"]
-    sources, texts = write_smoke_data(task, scratch, work / "data", extensions[0])
+    if task == trainconfig.GRPO_TASK:  # generated problems, their tests the rewards
+        problems = write_problems(work / "data" / "problems.jsonl", SMOKE_PROBLEMS,
+                                  SMOKE_PROBLEM_SEEDS["train"])
+        val = write_problems(work / "data" / "val_problems.jsonl", SMOKE_PROBLEMS // 4,
+                             SMOKE_PROBLEM_SEEDS["val"])
+        sources = None
+        texts = [p["prompt"] + p["canonical_solution"] for p in problems + val]
+    else:
+        sources, texts = write_smoke_data(task, scratch, work / "data", extensions[0])
     steps = values["max_steps"] if "max_steps" in typed else steps
     sized = {"max_steps": steps, "epochs": None,
              "warmup_steps": 2, "eval_every": steps, "save_every": steps,
@@ -370,10 +432,15 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
              **(SMOKE_SHAPE if scratch else {})}
     if not torch.cuda.is_available() and values.get("precision") in ("fp16", "bf16"):
         sized["precision"] = "fp32"  # half precision needs CUDA; the smoke runs anywhere
+    if task == trainconfig.GRPO_TASK:
+        sized["max_completion_tokens"] = min(values.get("max_completion_tokens") or 64, 32)
     values = {**values, **{k: v for k, v in sized.items() if k not in typed},
               "data": sources, "val_data": None, "test_data": None,
               "data_options": {**values.get("data_options", {}),
                                "cache_dir": str(work / "cache")}}
+    if task == trainconfig.GRPO_TASK:
+        values.update(problems=str(work / "data" / "problems.jsonl"),
+                      val_problems=str(work / "data" / "val_problems.jsonl"))
     if not scratch:
         values["init_from"] = str(tiny_checkpoint(values.get("preset"), texts, work / "base"))
     return values
@@ -383,12 +450,20 @@ SMOKE_EVAL_LIMITS = {"limit": 4, "max_new_tokens": 16, "lm_windows": 4, "lines_p
                      "batch_size": 4}
 
 
-def smoke_eval_values(values: dict) -> dict:
-    """The recipe's eval section on a handful of examples (same tasks, metrics and decoding)."""
+def smoke_eval_values(values: dict, work: Path | None = None) -> dict:
+    """The recipe's eval section on a handful of examples (same tasks, metrics and decoding);
+    its pass@k problems files are generated problems, written under ``work`` (the run's smoke
+    inputs)."""
     out = dict(values)
     for key, cap in SMOKE_EVAL_LIMITS.items():
         value = values.get(key, getattr(EvalConfig, key))  # else the field's default
         out[key] = cap if value is None else min(value, cap)
+    passk = [entry for entry in values.get("problems") or [] if entry.startswith("passk=")]
+    if passk and work is not None:
+        heldout = work / "data" / "heldout.jsonl"
+        write_problems(heldout, SMOKE_EVAL_LIMITS["limit"], SMOKE_PROBLEM_SEEDS["heldout"])
+        out["problems"] = [f"passk={heldout}" if entry in passk else entry
+                           for entry in values["problems"]]
     return out
 
 
@@ -445,6 +520,7 @@ class RecipeResult:
     losses: list[float]
     adapter_max_diff: float | None = None  # smoke: base + adapter vs the merged export
     smoke: bool = False  # a --smoke run
+    loss_falls: bool = True  # GRPO's need not: its advantages average zero in each group
 
 
 def resolve_models(specs: Sequence[str], placeholders: dict[str, str]) -> list[str]:
@@ -509,7 +585,8 @@ class TrainedRunInterrupted(KeyboardInterrupt):
 def eval_config(recipe: Recipe, opts: RecipeOptions, cfg: trainconfig.TrainConfig, run_dir: Path,
                 own_run: str, own_base: str) -> EvalConfig:
     """The recipe's eval section for ``run_dir``: its own run and base named are this run's."""
-    values = smoke_eval_values(recipe.eval) if opts.smoke else dict(recipe.eval)
+    values = (smoke_eval_values(recipe.eval, smoke_inputs(run_dir)) if opts.smoke
+              else dict(recipe.eval))
     placeholders = {own_run: str(run_dir)}
     if own_base and cfg.init_from:
         placeholders[own_base] = cfg.init_from
@@ -564,7 +641,7 @@ def _smoke_sized(values: dict, opts: RecipeOptions, run_dir: Path, typed: set[st
                          "--set train.preset=NAME")
     if opts.resume:
         raise ValueError("--smoke runs are not resumed; run it again")
-    work = run_dir.parent / f"{run_dir.name}-smoke-inputs"  # rebuilt alike each time
+    work = smoke_inputs(run_dir)  # rebuilt alike each time
     if run_dir.exists() and not _is_smoke_run(run_dir, work):
         raise ValueError(f"{run_dir} holds a run that --smoke did not write; choose another "
                          "--out-dir or --name (a smoke run replaces only its own)")
@@ -625,7 +702,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
     result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
     report = RecipeResult(result.run_dir, result, None, train_losses(result.run_dir),
-                          smoke=opts.smoke)
+                          smoke=opts.smoke, loss_falls=cfg.task != trainconfig.GRPO_TASK)
     if result.interrupted:
         return report
     try:
@@ -654,7 +731,7 @@ def smoke_problems(report: RecipeResult) -> list[str]:
     """A smoke run fails on a loss that did not fall or an adapter that disagrees with the merge."""
     problems = []
     change = loss_change(report.losses)  # None (one logged step): not checked, said by summary
-    if change is not None and not change[1] < change[0]:
+    if report.loss_falls and change is not None and not change[1] < change[0]:
         problems.append(f"the training loss did not decrease ({change[0]:.4f} -> "
                         f"{change[1]:.4f})")
     if report.adapter_max_diff is not None and report.adapter_max_diff > ROUND_TRIP_TOLERANCE:
@@ -669,7 +746,10 @@ def summary(report: RecipeResult) -> str:
     if report.train.stopped_by_budget:
         lines.append(f"time budget (train.max_time_s) reached at step {report.train.step}: the "
                      f"run is not finished; {what_next(report.smoke)}")
-    if change := loss_change(report.losses):
+    if not report.loss_falls:
+        lines.append("training loss: not compared (GRPO's advantages average zero in each "
+                     "group, so its loss need not fall; the run's log shows its rewards)")
+    elif change := loss_change(report.losses):
         first, last = change
         lines.append(f"training loss (first vs last steps): {first:.4f} -> {last:.4f} "
                      f"({'decreased' if last < first else 'DID NOT DECREASE'})")

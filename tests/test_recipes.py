@@ -460,6 +460,38 @@ def test_trainingmanager_config_reads_the_train_section_and_names_bad_keys(tmp_p
         plan.parse_config(["--config", str(bad)])
 
 
+@pytest.mark.parametrize("name, steps", [("exec_sft", 3), ("exec_dpo", 3), ("exec_grpo", 2)])
+def test_the_execution_recipes_smoke_on_generated_problems(name, steps, tmp_path, monkeypatch,
+                                                           capsys):
+    """The execution experiment's stages run with --smoke: GRPO samples and rewards generated
+    problems (their tests in the sandbox), DPO trains on pairs of a generated problem's right
+    and one-slip-wrong solutions, and each pass@k evaluation scores generated held-out problems
+    of another set; the table has a row for each model the recipe names."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    recipe = json.loads((CONFIGS / f"{name}.json").read_text())
+    preset = [] if "preset" in recipe["train"] else ["--set", "train.preset=code-3x128"]
+    code = recipes.main([str(CONFIGS / f"{name}.json"), "--smoke", "--smoke-steps", str(steps),
+                         "--out-dir", str(tmp_path), "--no-progress", *preset])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    assert config["task"] == recipe["train"]["task"]
+    inputs = tmp_path / f"{name}-smoke-inputs" / "data"
+    heldout = [json.loads(line) for line in (inputs / "heldout.jsonl").read_text().splitlines()]
+    assert heldout and all(p["task_id"].startswith("generated-1/") for p in heldout)
+    if config["task"] == "grpo":
+        assert Path(config["problems"]).parent == inputs and config["data"] is None
+        assert "training loss: not compared" in printed
+    if config["task"] == "dpo":
+        [source] = config["data"]
+        pairs = [json.loads(line) for line in Path(source).read_text().splitlines()]
+        assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    table = _table(printed)
+    assert "passk pass@1" in table[0]
+    labels = [spec.partition("=")[0] for spec in recipe["eval"]["models"]]
+    assert [row[0] for row in table[2:]] == labels
+
+
 @pytest.mark.parametrize("flag", ["--model", "--data", "--val-data"])
 def test_smoke_refuses_the_users_model_and_data(tmp_path, capsys, flag):
     """--smoke builds its own tiny model and data: a --model/--data given with it is refused, not
