@@ -52,6 +52,7 @@ from codelm.trainconfig import (
     data_config,
     has_final_eval,
     model_config,
+    overfit_ignored,
     overfit_settings,
 )
 from codelm.training import build, finish, plan
@@ -638,7 +639,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             cfg = parse_config(argv)
             if cfg.overfit:
-                passed, report = run_overfit(cfg, **overfit_settings(cfg))
+                overfit = overfit_settings(cfg)
+                if ignored := overfit_ignored(cfg):
+                    verb = "means" if len(ignored) == 1 else "mean"
+                    print(f"note: --overfit writes no run, so {', '.join(ignored)} {verb} "
+                          "nothing to it; --overfit-batches K trains a run on your data",
+                          file=sys.stderr)
+                passed, report = run_overfit(cfg, **overfit)
                 print(report)
                 return 0 if passed else 1
             result = train(cfg, ends_process=True, keep_claim=True)

@@ -522,8 +522,9 @@ def check_preference_task(cfg: TrainConfig, named: Callable[[str], str]) -> None
                          "rejected; kto: prompt, completion, label): name them with --data "
                          "FILE.jsonl (or parquet, a datasets directory, a dataset id)")
     if cfg.init_from is None and cfg.tokenizer is None:
-        raise ValueError(f"{named('task')}: tunes a model's preferences: set init_from (the "
-                         "model, its tokenizer with it), or tokenizer for a model from scratch")
+        raise ValueError(f"{named('task')}: tunes a model's preferences: set init_from "
+                         "(--init-from: the model, its tokenizer with it), or tokenizer "
+                         "(--tokenizer) for a model from scratch")
     if cfg.packing and cfg.task == "kto":
         raise ValueError(f"{named('packing')}: the kto task reads its KL rows apart from its "
                          "completions, so it pads each in its batch: drop packing (dpo, orpo "
@@ -858,6 +859,14 @@ def overfit_settings(cfg: TrainConfig) -> dict:
     check_values(cfg, only=("max_steps", "lr"))
     return {"max_steps": OVERFIT_STEPS if cfg.max_steps is None else cfg.max_steps,
             "lr": 3e-3 if cfg.lr is None else cfg.lr}
+
+
+def overfit_ignored(cfg: TrainConfig) -> list[str]:
+    """The settings of ``cfg`` that --overfit drops (set, and meaningless to a check that writes
+    no run), as flags."""
+    defaults = TrainConfig()
+    return [settings.flag_of(key) for key in OVERFIT_IGNORES
+            if getattr(cfg, key) != getattr(defaults, key)]
 
 
 def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:

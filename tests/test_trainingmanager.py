@@ -2037,6 +2037,17 @@ def test_sample_tokens_0_writes_no_end_of_run_sample(assets, tmp_path, monkeypat
     assert (run.run_dir / rundir.EXPORT_DIR / rundir.MODEL_FILE).is_file()
 
 
+def test_a_sample_of_blank_lines_is_shown_counted(assets, tmp_path, monkeypatch, capsys):
+    """An undertrained model's sample of 60 newlines prints as one counted line, so the run's
+    last lines stay on screen; its words stay as written."""
+    monkeypatch.setattr(finish, "sample_completion", lambda *a: "    x = 1\n" + "\n" * 60)
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1, warmup_steps=0, export=True,
+                      final_eval=False, data_options={"cache_dir": assets["cache"],
+                                                      "progress": False}))
+    out = capsys.readouterr().out
+    assert "    x = 1\n[60 blank lines]\n" in out and "\n\n\n" not in out
+
+
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
     tok = load_tokenizer(assets["tokenizer"])
     small = loading.build_model(model_settings(tiny_cfg(assets, tmp_path)), tok)
@@ -2813,7 +2824,8 @@ def test_model_options_mistakes_are_one_line_errors(assets, tmp_path, capsys, op
 
 def test_overfit_honours_max_steps_and_lr_and_refuses_what_it_cannot(capsys):
     """--overfit takes --max-steps and --lr (a FAIL in 3 steps at lr 1e-6, not a PASS after 66),
-    and refuses what it cannot honour (--lora-r 4 on a plain from-scratch model)."""
+    refuses what it cannot honour (--lora-r 4 on a plain from-scratch model) and notes the run
+    flags it drops (it writes no run)."""
     assert tm.main(["--overfit", "--max-steps", "3", "--lr", "1e-6", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAIL") and "in 3 steps" in out and "barely moved" in out
@@ -2822,7 +2834,11 @@ def test_overfit_honours_max_steps_and_lr_and_refuses_what_it_cannot(capsys):
         assert tm.main(["--overfit", flag, value, "--no-progress"]) == 2
         assert f"{flag}): must be" in capsys.readouterr().err
     tm.main(["--overfit", "--max-steps", "3", "--no-progress"])  # warmup fits in the 3 steps
-    assert "barely moved" not in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "barely moved" not in captured.out and "note:" not in captured.err
+    tm.main(["--overfit", "--max-steps", "3", "--no-progress", "--name", "mine", "--no-export"])
+    err = capsys.readouterr().err  # a command line with --overfit added: its run flags noted
+    assert "writes no run, so --name, --export mean nothing" in err and "--overfit-batches" in err
     assert tm.main(["--overfit", "--lora-r", "4", "--init-from", "x", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "cannot honour init_from='x', lora_r=4" in err and "--overfit-batches" in err

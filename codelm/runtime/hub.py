@@ -19,10 +19,12 @@ def is_hub_id(spec: str | Path) -> bool:
     return _HUB_ID.fullmatch(str(spec)) is not None
 
 
-def checkpoint_dir(spec: str | Path, what: str = "checkpoint", repo_type: str = "model") -> Path:
+def checkpoint_dir(spec: str | Path, what: str = "checkpoint", repo_type: str = "model",
+                   local: str = "a local directory") -> Path:
     """A local directory, or else the snapshot of a Hugging Face id ``org/name[@revision]`` (a
     model's, or with ``repo_type="dataset"`` a dataset's): from the hub cache when there or
-    offline (``HF_HUB_OFFLINE=1``), else downloaded into it."""
+    offline (``HF_HUB_OFFLINE=1``), else downloaded into it. ``local``: what the error offers
+    in place of the id."""
     if not is_hub_id(spec):
         return Path(spec).expanduser()
     from huggingface_hub import snapshot_download
@@ -35,8 +37,8 @@ def checkpoint_dir(spec: str | Path, what: str = "checkpoint", repo_type: str = 
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{what} {spec}: no such directory, and no Hugging Face snapshot of "
                          f"{repo} ({why}); download it (`hf download {repo}"
-                         f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`) or give a "
-                         "local directory") from None
+                         f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`) or give "
+                         f"{local}") from None
 
 
 def snapshot_of(path: str | Path) -> tuple[str, str] | None:

@@ -394,8 +394,8 @@ def prepare_problems(settings: DataSettings) -> Data:
     own_tok = settings.own_tokenizer and saved_tok.is_file()
     if not own_tok and settings.tokenizer is None and settings.init_from is None:
         raise ValueError(f"{setting(settings, 'task')}: samples from a model that writes code: "
-                         "set init_from (a pretrained or fine-tuned model), or tokenizer for a "
-                         "model from scratch")
+                         "set init_from (--init-from: a pretrained or fine-tuned model), or "
+                         "tokenizer (--tokenizer) for a model from scratch")
     dcfg = DataConfig(task="completion", sources=[settings.problems],
                       block_size=settings.block_size or default_block_size(settings),
                       **{"progress": settings.progress, **settings.data_options})

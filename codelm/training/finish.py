@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import typing
 from collections.abc import Sequence
@@ -46,6 +47,17 @@ if typing.TYPE_CHECKING:
     from tokenizer import CodeTokenizer
 
 
+BLANK_RUN = re.compile(r"(?:[ \t]*\n){3,}")  # three or more line ends with only blanks between
+
+
+def shown_sample(text: str) -> str:
+    """A sample as the console shows it: each run of two or more blank lines as one line that
+    counts them (an undertrained model writes newlines by the screenful)."""
+    def counted(run: re.Match) -> str:
+        return f"\n[{run.group().count(chr(10)) - 1} blank lines]\n"
+    return BLANK_RUN.sub(counted, text)
+
+
 def export_run(run: Run) -> tuple[Path | None, str | None]:
     """Best weights back in the model, a sample completion, the HF export (rank 0); the export's
     directory and the sample."""
@@ -78,7 +90,7 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
                                    run.data.dcfg.pair_special_tokens, stops)
         weights = (f"best checkpoint at step {exported_step}" if exported_step is not None
                    else f"the last weights, step {run.state.step}")
-        print(f"sample completion (greedy, {weights}):\n{prompt.text}{sample}")
+        print(f"sample completion (greedy, {weights}):\n{prompt.text}{shown_sample(sample)}")
     export = run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:

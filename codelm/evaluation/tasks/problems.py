@@ -40,7 +40,9 @@ def problem_file(source: str | Path, split_files: Sequence[str], task: str) -> P
     path = Path(source)
     if not path.exists() and hub.is_hub_id(str(path)):
         path = hub.checkpoint_dir(str(path), f"{task}'s problems (--problems {task}=PATH):",
-                                  repo_type="dataset")
+                                  repo_type="dataset",
+                                  local="a local JSONL or parquet file of its records (their "
+                                  "fields: docs/contracts.md) or a dataset's directory")
     if path.is_dir():
         shards = split_shards(path, split_files)
         return shards[0] if len(shards) == 1 else path

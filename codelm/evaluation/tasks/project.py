@@ -187,12 +187,16 @@ def run_project(lm: LoadedModel, cases: Sequence[dict], cfg: ProjectSettings
     perplexity = composer_perplexity(lm, cases, composers, cfg, indexes)
     chosen = min((c for c in composers if c != "empty"), key=perplexity.__getitem__,
                  default="empty")
-    print(f"project-completion: {lm.label}: composer by lowest perplexity: {chosen} "
+    print(f"project-completion: {lm.label}: chosen by lowest perplexity among the composers "
+          f"that give context (ties: the first listed): {chosen} "
           f"({', '.join(f'{c} {p:.3f}' for c, p in perplexity.items())})", file=sys.stderr)
     line_cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, LINE_NEW_TOKENS))
     budget = scoring.prompt_room(lm, line_cfg)
     prompts = [p for case in cases
                for p in line_prompts(lm, case, indexes[case["id"]], composers, budget)]
+    print(f"project-completion: {lm.label}: {len(cases)} completion files, "
+          f"{len(prompts) // len(composers)} lines, each under {len(composers)} composers",
+          file=sys.stderr)
     texts = scoring.generate_texts(lm, [""] * len(prompts), line_cfg, ("\n",),
                                    desc="project-completion",
                                    prompt_ids=[(p["ids"], (0, 0)) for p in prompts],
