@@ -430,7 +430,8 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     need(cfg.export_gguf is None or cfg.init_from is not None or cfg.tokenizer is not None,
          "export_gguf", "a from-scratch run trains codelm's CodeTokenizer, whose greedy pieces "
          f"llama.cpp cannot run: set tokenizer ({where_set('tokenizer')}) to an HF BPE "
-         "tokenizer.json, or set export_gguf none")
+         "tokenizer.json (a pretrained code model's directory holds one, StarCoder2's or "
+         "Qwen2.5-Coder's), or set export_gguf none")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     check_grpo(cfg, named)
     check_run_name(cfg.name, named("name"))
