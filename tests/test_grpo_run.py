@@ -363,7 +363,7 @@ def test_a_prompt_too_long_for_its_completions_names_the_fix_that_can_work(asset
         rollout.Sampler(tok, [tok.eos_id], False, settings, length + 4).prompt_ids(problem(0))
     for context in (length, length - 1):
         with pytest.raises(ValueError, match=r"no room for a completion: drop the problem, or "
-                                             r"start from a model of a longer context"):
+                                             r"give the model a longer context \(--block-size"):
             rollout.Sampler(tok, [tok.eos_id], False, settings, context).prompt_ids(problem(0))
 
 

@@ -210,8 +210,9 @@ class Sampler:
             if room < 1:
                 raise ValueError(f"problem {problem['task_id']}: its prompt takes {len(ids)} "
                                  f"positions and the model has {self.context}, no room for a "
-                                 "completion: drop the problem, or start from a model of a longer "
-                                 "context")
+                                 "completion: drop the problem, or give the model a longer "
+                                 "context (--block-size from scratch, a model of a longer "
+                                 "context to start from)")
             if room < self.settings.max_completion_tokens:
                 raise ValueError(f"problem {problem['task_id']}: its prompt takes {len(ids)} of "
                                  f"the model's {self.context} positions, leaving {room} for "
