@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 import trainingmanager
 from codelm import search_space, trainconfig
+from codelm.data.config import DataConfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
 from codelm.runtime import process, settings, workers
@@ -586,6 +587,7 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
     trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
                                for name, value in space.extremes())]
     where_is = where_set(cfg, space, base)
+    checked_data: list[DataConfig] = []  # each trial's data listed once
     for label, params in trials:
         values = {**space.base, **base, **params, **_budget(cfg), **_trial_run(cfg, 0)}
         train_cfg = trainconfig.config_from_dict(values, where)
@@ -602,10 +604,13 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
             for path in [value] if isinstance(value, str) else value or []:
                 if path != "stdlib" and not Path(path).expanduser().exists():
                     raise ValueError(f"{where_is(key)}: {label}{key}: {path} not found")
-    try:  # the data itself, listed once: a directory of another language's files, say
-        trainingmanager.check_data(train_cfg)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        data = trainconfig.data_config(train_cfg)
+        if data not in checked_data:  # the data itself: a directory of another language's files
+            checked_data.append(data)
+            try:
+                trainingmanager.check_data(train_cfg)
+            except ValueError as e:
+                raise ValueError(f"{where}: {label}{e}") from None
     return space, base
 
 

@@ -641,10 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if cfg.overfit:
                 overfit = overfit_settings(cfg)
                 if ignored := overfit_ignored(cfg):
-                    verb = "means" if len(ignored) == 1 else "mean"
-                    print(f"note: --overfit writes no run, so {', '.join(ignored)} {verb} "
-                          "nothing to it; --overfit-batches K trains a run on your data",
-                          file=sys.stderr)
+                    named = (f"setting {ignored[0]} means" if len(ignored) == 1
+                             else f"settings {', '.join(ignored)} mean")
+                    print(f"note: --overfit writes no run, so the run {named} nothing to it; "
+                          "--overfit-batches K trains a run on your data", file=sys.stderr)
                 passed, report = run_overfit(cfg, **overfit)
                 print(report)
                 return 0 if passed else 1

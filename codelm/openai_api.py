@@ -138,7 +138,8 @@ UNSERVED = {"logit_bias": (None, {}), "frequency_penalty": (None, 0), "presence_
             "guided_grammar": (None,), "structured_outputs": (None,), "length_penalty": (None, 1),
             "logits_processors": (None, []), "add_generation_prompt": (None, True),
             "continue_final_message": (None, False), "chat_template": (None,),
-            "chat_template_kwargs": (None, {}), "parallel_tool_calls": (None, True)}
+            "chat_template_kwargs": (None, {}), "parallel_tool_calls": (None, True),
+            "functions": (None, []), "function_call": (None, "none", "auto")}
 # The fields each endpoint reads (UNSERVED's among them), and OpenAI's bookkeeping fields,
 # which change no text; any other field is answered without being read, and the server says so
 # on its console, as vLLM logs the fields it ignores.

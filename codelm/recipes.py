@@ -433,7 +433,7 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
     if not torch.cuda.is_available() and values.get("precision") in ("fp16", "bf16"):
         sized["precision"] = "fp32"  # half precision needs CUDA; the smoke runs anywhere
     if task == trainconfig.GRPO_TASK:
-        sized["max_completion_tokens"] = min(values.get("max_completion_tokens") or 64, 32)
+        sized["max_completion_tokens"] = min(values.get("max_completion_tokens") or 32, 32)
     values = {**values, **{k: v for k, v in sized.items() if k not in typed},
               "data": sources, "val_data": None, "test_data": None,
               "data_options": {**values.get("data_options", {}),
@@ -481,9 +481,10 @@ def check_adapter_round_trip(base_dir: Path, export: Path) -> float:
     return float((model.eval()(ids) - merged.eval()(ids)).abs().max())
 
 
-def train_losses(run_dir: Path) -> list[float]:
+def train_losses(run_dir: Path, key: str = "loss") -> list[float]:
+    """The logged training steps' ``key`` (their loss; a GRPO run's ``reward_mean``, say)."""
     lines = (Path(run_dir) / rundir.METRICS_FILE).read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r.get("kind") == "train"]
+    return [r[key] for r in map(json.loads, lines) if r.get("kind") == "train" and key in r]
 
 
 # --------------------------------------------------------------------------------------- the run
@@ -520,7 +521,7 @@ class RecipeResult:
     losses: list[float]
     adapter_max_diff: float | None = None  # smoke: base + adapter vs the merged export
     smoke: bool = False  # a --smoke run
-    loss_falls: bool = True  # GRPO's need not: its advantages average zero in each group
+    rewards: list[float] | None = None  # a GRPO run's mean reward a logged step
 
 
 def resolve_models(specs: Sequence[str], placeholders: dict[str, str]) -> list[str]:
@@ -606,6 +607,8 @@ def _with_flags(values: dict, opts: RecipeOptions) -> dict:
                                           ("--val-data", opts.val_data)) if value is not None]
         given += [f"--set train.{t}" for t in sorted(set_train_keys(opts.set))
                   if any(t == k or t.startswith(f"{k}.") for k in SMOKE_OWN_KEYS)]
+        if "problems" in set_train_keys(opts.set, "eval"):
+            given.append("--set eval.problems")
         if given:
             raise ValueError(f"--smoke builds its own tiny model and data: drop "
                              f"{', '.join(given)} (or drop --smoke to train on them)")
@@ -701,8 +704,10 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
     result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
+    grpo = cfg.task == trainconfig.GRPO_TASK
     report = RecipeResult(result.run_dir, result, None, train_losses(result.run_dir),
-                          smoke=opts.smoke, loss_falls=cfg.task != trainconfig.GRPO_TASK)
+                          smoke=opts.smoke,
+                          rewards=train_losses(result.run_dir, "reward_mean") if grpo else None)
     if result.interrupted:
         return report
     try:
@@ -731,7 +736,7 @@ def smoke_problems(report: RecipeResult) -> list[str]:
     """A smoke run fails on a loss that did not fall or an adapter that disagrees with the merge."""
     problems = []
     change = loss_change(report.losses)  # None (one logged step): not checked, said by summary
-    if report.loss_falls and change is not None and not change[1] < change[0]:
+    if report.rewards is None and change is not None and not change[1] < change[0]:
         problems.append(f"the training loss did not decrease ({change[0]:.4f} -> "
                         f"{change[1]:.4f})")
     if report.adapter_max_diff is not None and report.adapter_max_diff > ROUND_TRIP_TOLERANCE:
@@ -740,15 +745,25 @@ def smoke_problems(report: RecipeResult) -> list[str]:
     return problems
 
 
+def grpo_summary(rewards: Sequence[float], smoke: bool) -> str:
+    """A GRPO run's line in place of the loss's: its mean reward, first vs last steps."""
+    change = loss_change(rewards)
+    line = "GRPO mean reward (first vs last steps): "
+    line += f"{change[0]:.3f} -> {change[1]:.3f}" if change else "too few logged steps"
+    if smoke and not any(rewards):
+        line += (" (a random model solves nothing: the smoke checks that sampling, the "
+                 "sandboxed tests and the update run, not that GRPO learns)")
+    return line
+
+
 def summary(report: RecipeResult) -> str:
     """What the run left that training's own lines do not say (they name its stop and export)."""
     lines = [f"run: {report.run_dir}"]
     if report.train.stopped_by_budget:
         lines.append(f"time budget (train.max_time_s) reached at step {report.train.step}: the "
                      f"run is not finished; {what_next(report.smoke)}")
-    if not report.loss_falls:
-        lines.append("training loss: not compared (GRPO's advantages average zero in each "
-                     "group, so its loss need not fall; the run's log shows its rewards)")
+    if report.rewards is not None:  # GRPO's advantages average zero: its loss need not fall
+        lines.append(grpo_summary(report.rewards, report.smoke))
     elif change := loss_change(report.losses):
         first, last = change
         lines.append(f"training loss (first vs last steps): {first:.4f} -> {last:.4f} "

@@ -55,6 +55,9 @@ REPORT_EVERY_S = 10.0
 CLIENT_CHECK_S = 1.0
 # A connection that sends nothing for this long is closed (seconds).
 IDLE_TIMEOUT_S = 60.0
+# How many unread request field names the console notes, and how much of each it shows.
+UNREAD_NOTED = 64
+UNREAD_NAME_CHARS = 40
 
 
 
@@ -661,16 +664,20 @@ class _Server(ThreadingHTTPServer):
                 connection.shutdown(socket.SHUT_RD)
 
     def note_unread(self, fields: list[str], path: str) -> None:
-        """Say on the console, once a field name, the request fields the server answered
-        without reading."""
+        """Say on the console, once a field name (the first UNREAD_NOTED names, each cut to
+        UNREAD_NAME_CHARS), the request fields the server answered without reading."""
         with self.lock:
-            new = [field for field in fields if field not in self.unread]
+            room = UNREAD_NOTED - len(self.unread)
+            new = [field for field in fields if field not in self.unread][:max(room, 0)]
             self.unread.update(new)
-        if new:
-            named = f"field {new[0]!r}" if len(new) == 1 else f"fields {', '.join(map(repr, new))}"
-            print(f"note: {path}: request {named} not read (answered without it; the endpoint "
-                  "reads OpenAI's fields and vLLM's top_k and truncate_prompt_tokens)",
-                  file=sys.stderr, flush=True)
+            full = room > 0 and len(self.unread) == UNREAD_NOTED
+        if not new:
+            return
+        names = [repr(field[:UNREAD_NAME_CHARS]) for field in new]
+        named = f"field {names[0]}" if len(names) == 1 else f"fields {', '.join(names)}"
+        print(f"note: {path}: request {named} not read (answered without it)"
+              + ("; further unread fields are not noted" if full else ""),
+              file=sys.stderr, flush=True)
 
     def count(self, choices: int) -> None:
         with self.lock:

@@ -863,11 +863,10 @@ def overfit_settings(cfg: TrainConfig) -> dict:
 
 
 def overfit_ignored(cfg: TrainConfig) -> list[str]:
-    """The settings of ``cfg`` that --overfit drops (set, and meaningless to a check that writes
-    no run), as flags."""
+    """The keys of ``cfg`` that --overfit drops (set, and meaningless to a check that writes no
+    run)."""
     defaults = TrainConfig()
-    return [settings.flag_of(key) for key in OVERFIT_IGNORES
-            if getattr(cfg, key) != getattr(defaults, key)]
+    return [key for key in OVERFIT_IGNORES if getattr(cfg, key) != getattr(defaults, key)]
 
 
 def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:

@@ -429,7 +429,8 @@ def test_parameters_not_served_are_refused_not_ignored_and_a_model_is_retrieved(
                      {"response_format": {"type": "json_object"}},
                      {"repetition_penalty": 1.2}, {"min_p": 0.1}, {"min_tokens": 3},
                      {"ignore_eos": True}, {"stop_token_ids": [5]},
-                     {"guided_regex": "[a-z]+"}, {"continue_final_message": True}):
+                     {"guided_regex": "[a-z]+"}, {"continue_final_message": True},
+                     {"functions": [{"name": "f", "parameters": {}}]}):
         status, body = _post(server, "/completions", json.dumps(
             {"model": "tiny", "prompt": "x", "max_tokens": 2, **unserved}).encode())
         assert status == 400 and body["error"]["param"] == next(iter(unserved)), body
@@ -464,6 +465,25 @@ def test_a_field_the_endpoint_does_not_read_is_answered_and_noted_once(loaded, c
     err = capfd.readouterr().err
     assert err.count("not read") == 1, err
     assert "/v1/completions" in err and "'max_token', 'messages'" in err and "user" not in err
+
+
+def test_the_unread_fields_noted_are_bounded(loaded, capfd):
+    """A client sending ever new field names cannot grow the server's notes or flood its
+    console: the first 64 names are noted, each cut to 40 characters, then one line says no
+    more are."""
+    server, thread = _start(loaded)
+    try:
+        for batch in range(3):
+            fields = {f"{'k' * 100}{batch}-{i}": 1 for i in range(30)}
+            status, _ = _post(server, "/completions", json.dumps(
+                {"model": "tiny", "prompt": "x", "max_tokens": 1, **fields}).encode())
+            assert status == 200
+        assert len(server.unread) == 64
+    finally:
+        _stop(server, thread)
+    err = capfd.readouterr().err
+    assert err.count("not read") == 3 and err.count("further unread fields are not noted") == 1
+    assert "k" * 41 not in err and "'" + "k" * 40 + "'" in err
 
 
 def test_a_failure_of_the_server_is_a_500_and_in_a_stream_an_error_event(loaded, monkeypatch):

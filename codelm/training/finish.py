@@ -51,8 +51,8 @@ BLANK_RUN = re.compile(r"(?:[ \t]*\n){3,}")  # three or more line ends with only
 
 
 def shown_sample(text: str) -> str:
-    """A sample as the console shows it: each run of two or more blank lines as one line that
-    counts them (an undertrained model writes newlines by the screenful)."""
+    """A prompt and its sample as the console shows them: each run of two or more blank lines
+    as one line that counts them (an undertrained model writes newlines by the screenful)."""
     def counted(run: re.Match) -> str:
         return f"\n[{run.group().count(chr(10)) - 1} blank lines]\n"
     return BLANK_RUN.sub(counted, text)
@@ -90,7 +90,7 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
                                    run.data.dcfg.pair_special_tokens, stops)
         weights = (f"best checkpoint at step {exported_step}" if exported_step is not None
                    else f"the last weights, step {run.state.step}")
-        print(f"sample completion (greedy, {weights}):\n{prompt.text}{shown_sample(sample)}")
+        print(f"sample completion (greedy, {weights}):\n{shown_sample(prompt.text + sample)}")
     export = run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:
