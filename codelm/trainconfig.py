@@ -60,6 +60,9 @@ class TrainConfig:
     tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often
     tokenizer_max_vocab: int | None = 4000  # a trained tokenizer's cap on learned pieces (its
     #   byte and special tokens come on top)
+    tokenizer_kind: str = "code"  # the tokenizer a from-scratch run trains: code (codelm's
+    #   CodeTokenizer) or bpe (byte-level BPE in HF's tokenizer.json, StarCoder's pre-tokenizer
+    #   and special tokens: transformers and llama.cpp read it, so GGUF export takes it)
     # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
     lora_r: int = 0  # adapter rank; needs init_from (a random base is not worth freezing)
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
@@ -201,6 +204,7 @@ OPTIMIZERS = ("adamw", "muon")
 _CHOICES = {
     "task": (*TASKS, "grpo", *PREFERENCE_TASKS),  # GRPO_TASK
     "optimizer": OPTIMIZERS,
+    "tokenizer_kind": ("code", "bpe"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "eval_precision": ("fp32", "same"),
     "quantize_bits": (0, 4, 8),
@@ -427,11 +431,14 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     check_preference_task(cfg, named)
     need(cfg.export_gguf is None or cfg.export, "export_gguf",
          f"writes into export/, and {named('export')} is off: turn it on, or set export_gguf none")
-    need(cfg.export_gguf is None or cfg.init_from is not None or cfg.tokenizer is not None,
+    trains_tokenizer = cfg.init_from is None and cfg.tokenizer is None
+    need(cfg.export_gguf is None or not trains_tokenizer or cfg.tokenizer_kind == "bpe",
          "export_gguf", "a from-scratch run trains codelm's CodeTokenizer, whose greedy pieces "
-         f"llama.cpp cannot run: set tokenizer ({where_set('tokenizer')}) to an HF BPE "
-         "tokenizer.json (a pretrained code model's directory holds one, StarCoder2's or "
-         "Qwen2.5-Coder's), or set export_gguf none")
+         f"llama.cpp cannot run: set tokenizer_kind bpe ({where_set('tokenizer_kind')}), or "
+         f"tokenizer ({where_set('tokenizer')}) to an HF BPE tokenizer.json, or export_gguf none")
+    need(cfg.tokenizer_kind == "code" or trains_tokenizer,
+         "tokenizer_kind", "names the tokenizer a from-scratch run trains, and this run's comes "
+         "from init_from or tokenizer: drop it")
     need(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2**63)")
     check_grpo(cfg, named)
     check_run_name(cfg.name, named("name"))
@@ -731,6 +738,7 @@ class DataSettings:
     tokenizer: str | None
     tokenizer_min_freq: int
     tokenizer_max_vocab: int | None
+    tokenizer_kind: str
     batch_size: int
     grad_accum: int
     seed: int

@@ -7,6 +7,7 @@ as codelm does, and picks codelm's top-1 token on most positions from f16 and q8
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -515,6 +516,40 @@ def _run_config(tmp_path: Path, **overrides):
                   name="run", sample_tokens=4, precision="fp32",
                   data_options={"cache_dir": str(tmp_path / "cache"), "progress": False})
     return trainconfig.TrainConfig(**{**values, **overrides})
+
+
+def test_a_from_scratch_run_trains_a_bpe_that_hf_and_gguf_read_as_it_does(tmp_path):
+    """--tokenizer-kind bpe: the from-scratch run's trained byte-level BPE gives HF tokenizers'
+    and transformers' ids on held-out code, its end of text and FIM tokens are the model's, and
+    --export-gguf writes it (llama.cpp's starcoder pre-tokenizer, each id's token); the
+    default CodeTokenizer's run is refused GGUF export, naming the kind."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    import trainingmanager as tm
+
+    cfg = _run_config(tmp_path, preset="tiny", tokenizer_kind="bpe", tokenizer_max_vocab=300,
+                      tokenizer_min_freq=2, export_gguf="f16")
+    plan.validate_config(cfg)
+    run = tm.train(cfg).run_dir
+    ours = load_tokenizer(run)
+    assert ours.vocab_size == 7 + 256 + 300
+    held_out = (Path(json.__file__).parent / "decoder.py").read_text("utf-8")
+    ids = ours.encode(held_out)
+    assert Tokenizer.from_file(str(run / "tokenizer.json")).encode(held_out).ids == ids
+    hf = transformers.AutoTokenizer.from_pretrained(run / "export")
+    assert hf(held_out)["input_ids"] == ids and hf.eos_token == "<|endoftext|>"
+    assert ours.token_to_id("<fim_prefix>") == ours.fim_prefix_id is not None
+    reader = gguf.GGUFReader(run / "export" / "model.gguf")
+    assert _field(reader, "tokenizer.ggml.pre") == "starcoder"
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert tokens == [ours.id_to_token(i) for i in range(ours.vocab_size)]
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == ours.eos_id
+    with pytest.raises(ValueError, match=r"tokenizer_kind bpe .*or export_gguf none"):
+        plan.validate_config(dataclasses.replace(cfg, tokenizer_kind="code"))
+    with pytest.raises(ValueError, match=r"tokenizer_kind.*comes from init_from or tokenizer"):
+        plan.validate_config(dataclasses.replace(cfg, tokenizer=str(run / "tokenizer.json"),
+                                                 export_gguf=None))
 
 
 def test_a_lora_run_with_export_gguf_writes_its_merged_weights_and_a_modelfile(checkpoints,

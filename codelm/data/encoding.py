@@ -91,10 +91,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
         return h.hexdigest()[:24]
 
 
-def tokenizer_cache_dir(cfg: DataConfig, min_freq: int, max_vocab: int | None) -> Path:
-    """Where a CodeTokenizer trained on ``cfg``'s train split is cached."""
-    key = hash_json({"v": ENCODING_VERSION, "corpus": corpus_key(cfg),
-                      "min_freq": min_freq, "max_vocab": max_vocab})
+def tokenizer_cache_dir(cfg: DataConfig, min_freq: int, max_vocab: int | None,
+                        kind: str = "code") -> Path:
+    """Where a tokenizer of ``kind`` (a CodeTokenizer, or a byte-level BPE) trained on
+    ``cfg``'s train split is cached."""
+    keyed = {"v": ENCODING_VERSION, "corpus": corpus_key(cfg), "min_freq": min_freq,
+             "max_vocab": max_vocab}
+    if kind != "code":  # the CodeTokenizer's entries keep their key
+        keyed["kind"] = kind
+    key = hash_json(keyed)
     return Path(cfg.cache_dir) / f"tokenizer-{key}"
 
 

@@ -59,8 +59,8 @@ def _tokenizer_kind(tok) -> str:
             f"tokenizer {type(tok).__name__}: GGUF export writes HF BPE tokenizers "
             "(tokenizer.json, byte-level or SentencePiece-style); a from-scratch model's "
             "CodeTokenizer matches pieces greedily, which llama.cpp's tokenizers cannot express: "
-            "train with --tokenizer TOKENIZER.json (an HF BPE: a pretrained code model's "
-            "directory holds one, StarCoder2's or Qwen2.5-Coder's) to run the model in llama.cpp")
+            "train with --tokenizer-kind bpe (a byte-level BPE trained on the data), or "
+            "--tokenizer TOKENIZER.json (an HF BPE), to run the model in llama.cpp")
     if tok.pattern is None:
         _space_prefix(tok.spec)
         return "llama"

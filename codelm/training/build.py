@@ -100,6 +100,13 @@ def check_gguf_export(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | B
                          "none") from None
 
 
+# A from-scratch byte-level BPE's special tokens (tokenizer_kind bpe): StarCoder2's end of
+# text, fill-in-the-middle and repository tokens, which codelm's tasks read by name.
+BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
+                      "<repo_name>", "<file_sep>")
+BPE_UNCAPPED = 2**31  # tokenizer_max_vocab none: merges until none is seen min_freq times
+
+
 def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
                             saved: Path | None = None) -> CodeTokenizer | BPETokenizer:
     """The run's ``saved`` tokenizer, the given one, the pretrained model's, or one trained (and
@@ -125,15 +132,21 @@ def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
         tok = load_tokenizer(own)
         check_model_tokenizer(tok, own, cfg.init_from)
         return tok
-    cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
+    cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab,
+                                 cfg.tokenizer_kind)
     if dcfg.use_cache and usable_entry(cached, "tokenizer.json"):
         return load_tokenizer(cached)
 
-    texts = prepare(dcfg, None).train
-    tok = CodeTokenizer.train(progress_bar(texts, desc="train tokenizer", unit="text",
-                                           enabled=dcfg.progress),
-                              min_freq=cfg.tokenizer_min_freq, max_vocab=cfg.tokenizer_max_vocab,
-                              num_workers=dcfg.workers)
+    texts = progress_bar(prepare(dcfg, None).train, desc="train tokenizer", unit="text",
+                         enabled=dcfg.progress)
+    if cfg.tokenizer_kind == "bpe":
+        learned = cfg.tokenizer_max_vocab or BPE_UNCAPPED
+        tok = BPETokenizer.train(texts, len(BPE_SPECIAL_TOKENS) + 256 + learned,
+                                 pretokenizer="starcoder", special_tokens=BPE_SPECIAL_TOKENS,
+                                 min_frequency=cfg.tokenizer_min_freq)
+    else:
+        tok = CodeTokenizer.train(texts, min_freq=cfg.tokenizer_min_freq,
+                                  max_vocab=cfg.tokenizer_max_vocab, num_workers=dcfg.workers)
     if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
         with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
             publish_cache_entry(cached, tok.save, marker="tokenizer.json")
