@@ -57,7 +57,8 @@ class TrainConfig:
     model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
-    tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often
+    tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often (bpe:
+    #   merges pairs seen this often)
     tokenizer_max_vocab: int | None = 4000  # a trained tokenizer's cap on learned pieces (its
     #   byte and special tokens come on top)
     tokenizer_kind: str = "code"  # the tokenizer a from-scratch run trains: code (codelm's
@@ -200,6 +201,10 @@ class TrainConfig:
 
 # The optimizers a run trains with (codelm.training.optim builds them).
 OPTIMIZERS = ("adamw", "muon")
+# A from-scratch byte-level BPE's special tokens (tokenizer_kind bpe): StarCoder2's end of
+# text, fill-in-the-middle and repository tokens, which codelm's tasks read by name.
+BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
+                      "<repo_name>", "<file_sep>")
 
 _CHOICES = {
     "task": (*TASKS, "grpo", *PREFERENCE_TASKS),  # GRPO_TASK

@@ -39,7 +39,7 @@ from codelm.runtime.settings import fields_of
 from codelm.training import build, finish, plan, record
 from codelm.training import trainer as trainer_module
 from codelm.training.batches import Batches, BatchOrder
-from tokenizer import ENCODING_VERSION, CodeTokenizer, load_tokenizer
+from tokenizer import CODE_SPECIAL_TOKENS, ENCODING_VERSION, CodeTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -939,6 +939,31 @@ def test_a_writer_killed_between_its_renames_leaves_the_old_copy_for_the_next_wr
     checkpoint.write_dir_atomically(tmp_path / "step-2", lambda d: (d / "b.txt").write_text("b"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step-2"]
     assert (target / "a.txt").read_text() == "old"
+
+
+def test_a_bpe_tokenizer_is_cached_apart_and_read_back_the_same(assets, tmp_path):
+    """tokenizer_kind bpe trains a BPETokenizer cached under a key of its own (a CodeTokenizer of
+    the same data and caps is another entry); the second run reads the cached one back, with
+    the same ids and fingerprint."""
+    from codelm.data.encoding import tokenizer_fingerprint
+    from codelm.tokenization.bpe import BPETokenizer
+
+    cfg = tiny_cfg(assets, tmp_path, tokenizer=None, tokenizer_kind="bpe", tokenizer_max_vocab=200,
+                   data_options={"cache_dir": str(tmp_path / "cache"), "progress": False})
+    dcfg = trainconfig.data_config(cfg, cfg.block_size)
+    args = (dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab)
+    assert tokenizer_cache_dir(*args, "bpe") != tokenizer_cache_dir(*args)
+    trained = build.load_or_train_tokenizer(cfg, dcfg)
+    assert (tokenizer_cache_dir(*args, "bpe") / "tokenizer.json").is_file()
+    cached = build.load_or_train_tokenizer(cfg, dcfg)
+    assert isinstance(trained, BPETokenizer) and isinstance(cached, BPETokenizer)
+    assert tokenizer_fingerprint(cached) == tokenizer_fingerprint(trained)
+    text = Path(assets["corpus"]).joinpath(sorted(os.listdir(assets["corpus"]))[0]).read_text()
+    assert cached.encode(text) == trained.encode(text)
+    # preset auto sizes its models at each kind's vocabulary: pieces, bytes, special tokens
+    assert plan.probe_vocab(cfg) == 200 + 256 + len(trainconfig.BPE_SPECIAL_TOKENS)
+    code = dataclasses.replace(cfg, tokenizer_kind="code")
+    assert plan.probe_vocab(code) == 200 + 256 + len(CODE_SPECIAL_TOKENS)
 
 
 def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypatch):

@@ -97,7 +97,7 @@ def tokenizer_cache_dir(cfg: DataConfig, min_freq: int, max_vocab: int | None,
     ``cfg``'s train split is cached."""
     keyed = {"v": ENCODING_VERSION, "corpus": corpus_key(cfg), "min_freq": min_freq,
              "max_vocab": max_vocab}
-    if kind != "code":  # the CodeTokenizer's entries keep their key
+    if kind != "code":  # a CodeTokenizer's key names no kind
         keyed["kind"] = kind
     key = hash_json(keyed)
     return Path(cfg.cache_dir) / f"tokenizer-{key}"

@@ -48,6 +48,7 @@ from codelm.runtime.settings import fields_of, setting
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.files import TOKENIZER_FILE, tokenizer_path
 from codelm.trainconfig import (
+    BPE_SPECIAL_TOKENS,
     GRPO_TASK,
     DataSettings,
     ExportSettings,
@@ -100,10 +101,6 @@ def check_gguf_export(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | B
                          "none") from None
 
 
-# A from-scratch byte-level BPE's special tokens (tokenizer_kind bpe): StarCoder2's end of
-# text, fill-in-the-middle and repository tokens, which codelm's tasks read by name.
-BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
-                      "<repo_name>", "<file_sep>")
 BPE_UNCAPPED = 2**31  # tokenizer_max_vocab none: merges until none is seen min_freq times
 
 

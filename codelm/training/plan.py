@@ -490,8 +490,12 @@ def cpu_precision(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe]) -> st
 
 
 def probe_vocab(cfg: TrainConfig) -> int:
-    """The vocabulary of the models preset auto measures: a trained CodeTokenizer's, about."""
-    return (cfg.tokenizer_max_vocab or 8000) + 262
+    """The vocabulary of the models preset auto measures: the trained tokenizer's, about (its
+    learned pieces, 256 bytes and its special tokens: a CodeTokenizer's 6, a bpe's 7)."""
+    code_specials = 6  # len(tokenizer.CODE_SPECIAL_TOKENS): plan does not load the tokenizer
+    specials = (len(trainconfig.BPE_SPECIAL_TOKENS) if cfg.tokenizer_kind == "bpe"
+                else code_specials)
+    return (cfg.tokenizer_max_vocab or 8000) + 256 + specials
 
 
 def millions(n: int) -> str:
