@@ -93,6 +93,24 @@ def test_kill_running_ends_a_run_that_another_thread_waits_on():
     assert result.status == "killed" and time.monotonic() - start < 10
 
 
+def test_kill_running_ends_a_run_it_meets_while_the_run_starts(monkeypatch):
+    """An interrupt that arrives after a run's process is spawned but before the run is
+    registered (a loaded machine widens that gap) still ends it, at once, not at its timeout."""
+    spawn = runner._start
+
+    def interrupted_as_it_starts(*args, **kwargs):
+        started = spawn(*args, **kwargs)
+        kill_running()  # the main thread's interrupt, in the gap
+        return started
+
+    monkeypatch.setattr(runner, "_start", interrupted_as_it_starts)
+    start = time.monotonic()
+    result = run_python("import time\ntime.sleep(60)", SandboxConfig(timeout_s=60))
+    assert result.status == "killed" and time.monotonic() - start < 30
+    monkeypatch.undo()
+    assert run_python("print(1)").status == "passed"  # a later run is not killed
+
+
 @pytest.mark.parametrize("bomb", [
     "x = bytearray(10 ** 11)",
     "chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 6))",

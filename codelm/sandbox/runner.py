@@ -238,11 +238,16 @@ def _remove_dead_runs() -> None:
 
 _RUNNING: set[int] = set()  # process groups of the runs in flight, in any thread
 _RUNNING_LOCK = threading.Lock()
+_kills = 0  # how many times kill_running ran: a run it missed while starting is killed too
 
 
 def kill_running() -> None:
-    """Kill every run in flight: an interrupt reaches only the main thread, not the workers'."""
+    """Kill every run in flight: an interrupt reaches only the main thread, not the workers'.
+    A run starting meanwhile (its process spawned, not yet registered) is killed as it
+    registers."""
+    global _kills
     with _RUNNING_LOCK:
+        _kills += 1
         for pgid in _RUNNING:
             _kill_group(pgid)
 
@@ -307,6 +312,8 @@ def run_python(source: str, config: SandboxConfig | None = None,
     program.py`), else as a module of another name (as the harnesses exec a program: a block
     guarded by ``__name__ == "__main__"`` does not run)."""
     cfg = config or SandboxConfig()
+    with _RUNNING_LOCK:
+        kills_before = _kills
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
     control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + process.owner_tag()))
@@ -349,6 +356,8 @@ def run_python(source: str, config: SandboxConfig | None = None,
                                 marker)
         with _RUNNING_LOCK:
             _RUNNING.add(proc.pid)
+            if _kills != kills_before:  # an interrupt's kill_running came as it started
+                _kill_group(proc.pid)
         try:
             with contextlib.suppress(OSError):  # an interpreter dead at startup: its status
                 proc.stdin.write(stdin)  # the bootstrap reads it before the program runs
