@@ -596,7 +596,7 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
             # lora_* values the sweep sets that differ from its init_adapter's are refused
             plan.with_init_adapter(train_cfg, typed={*space.base, *base, *params},
                                               where_set=where_is)
-            trainconfig.data_config(train_cfg)
+            data = trainconfig.data_config(train_cfg)
         except ValueError as e:
             raise ValueError(f"{where}: {label}{e}") from None
         for key in ("data", "val_data", "test_data", "tokenizer"):
@@ -604,7 +604,6 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
             for path in [value] if isinstance(value, str) else value or []:
                 if path != "stdlib" and not Path(path).expanduser().exists():
                     raise ValueError(f"{where_is(key)}: {label}{key}: {path} not found")
-        data = trainconfig.data_config(train_cfg)
         if data not in checked_data:  # the data itself: a directory of another language's files
             checked_data.append(data)
             try:

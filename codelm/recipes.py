@@ -412,10 +412,12 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
                          "--set train.max_steps=N)")
     task, scratch = values.get("task", "lm"), values.get("init_from") is None
     extensions = values.get("data_options", {}).get("extensions") or [".py"]
+    grpo_files = {"problems": work / "data" / "problems.jsonl",
+                  "val_problems": work / "data" / "val_problems.jsonl"}
     if task == trainconfig.GRPO_TASK:  # generated problems, their tests the rewards
-        problems = write_problems(work / "data" / "problems.jsonl", SMOKE_PROBLEMS,
+        problems = write_problems(grpo_files["problems"], SMOKE_PROBLEMS,
                                   SMOKE_PROBLEM_SEEDS["train"])
-        val = write_problems(work / "data" / "val_problems.jsonl", SMOKE_PROBLEMS // 4,
+        val = write_problems(grpo_files["val_problems"], SMOKE_PROBLEMS // 4,
                              SMOKE_PROBLEM_SEEDS["val"])
         sources = None
         texts = [p["prompt"] + p["canonical_solution"] for p in problems + val]
@@ -439,8 +441,7 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
               "data_options": {**values.get("data_options", {}),
                                "cache_dir": str(work / "cache")}}
     if task == trainconfig.GRPO_TASK:
-        values.update(problems=str(work / "data" / "problems.jsonl"),
-                      val_problems=str(work / "data" / "val_problems.jsonl"))
+        values.update({key: str(path) for key, path in grpo_files.items()})
     if not scratch:
         values["init_from"] = str(tiny_checkpoint(values.get("preset"), texts, work / "base"))
     return values
