@@ -164,7 +164,9 @@ def load_hf(ckpt: Path, setting: Setting, liger: bool = False,
     import transformers
     from peft import PeftModel
 
-    kwargs: dict = dict(dtype=setting.base_dtype, device_map=DEV)
+    model_type = transformers.AutoConfig.from_pretrained(ckpt / "model").model_type
+    attention = "eager" if model_type == "codegen" else "sdpa"
+    kwargs: dict = dict(dtype=setting.base_dtype, device_map=DEV, attn_implementation=attention)
     if bnb_4bit:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -275,31 +277,32 @@ def bench_lora(args) -> dict:
         print(f"  {family} ({MODELS[family][0]})", flush=True)
         with tempfile.TemporaryDirectory(prefix=f"gpu-lora-{family}-") as tmp:
             make_checkpoint(family, Path(tmp), args.layers)
-            table[family] = lora_family(family, Path(tmp), args.steps, args.compiled,
-                                        args.checkpointed)
+            table[family] = lora_family(family, Path(tmp), args)
     print_lora_table(table)
     return table
 
 
-def lora_family(family: str, ckpt: Path, steps: int, compiled_families: list[str],
-                checkpointed_families: list[str]) -> dict:
-    """Every library in every setting on one family's checkpoint."""
+def lora_family(family: str, ckpt: Path, args) -> dict:
+    """Every library in each chosen setting on one family's checkpoint."""
     vocab = MODELS[family][1]["vocab_size"]
+    steps = args.steps
     out: dict = {}
     for setting in (FP16, BF16):
+        if setting.name not in args.settings:
+            continue
         out[f"hf {setting.name}"] = measured("transformers+PEFT", partial(load_hf, ckpt, setting),
                                              setting, vocab, steps)
         out[f"codelm {setting.name}"] = measured("codelm", partial(load_codelm, ckpt, setting),
                                                  setting, vocab, steps)
     compiled_rows = (  # (families, result key, label, checkpointing)
-        (compiled_families, "codelm bf16 compiled", "codelm compiled", False),
-        (checkpointed_families, "codelm bf16 compiled checkpointed",
+        (args.compiled, "codelm bf16 compiled", "codelm compiled", False),
+        (args.checkpointed, "codelm bf16 compiled checkpointed",
          "codelm compiled, checkpointed", True))
     for families, key, label, checkpointing in compiled_rows:
         if family in families:
             setting = dataclasses.replace(BF16, compiled=True, checkpointing=checkpointing)
             out[key] = measured(label, partial(load_codelm, ckpt, setting), setting, vocab, steps)
-    reason = liger_reason(family)
+    reason = liger_reason(family) if args.liger else "not run (--no-liger)"
     if reason:
         out["liger bf16"] = reason
     else:
@@ -376,12 +379,15 @@ def print_lora_table(table: dict) -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for family, out in table.items():
         for name in ("fp16", "bf16"):
+            if f"hf {name}" not in out:
+                continue
             liger = cell(out["liger bf16"]) if name == "bf16" else ""
             print(f"| {MODELS[family][0]} | {name} | {cell(out[f'hf {name}'])} | "
                   f"{cell(out[f'codelm {name}'])} | "
                   f"{ratios(out[f'codelm {name}'], out[f'hf {name}'])} | {liger} |")
-        print(f"| {MODELS[family][0]} | codelm bf16 / HF fp16 (each as run) | | | "
-              f"{ratios(out['codelm bf16'], out['hf fp16'])} | |")
+        if "hf fp16" in out and "hf bf16" in out:
+            print(f"| {MODELS[family][0]} | codelm bf16 / HF fp16 (each as run) | | | "
+                  f"{ratios(out['codelm bf16'], out['hf fp16'])} | |")
         for key, setting in (("codelm bf16 compiled", "codelm compiled"),
                              ("codelm bf16 compiled checkpointed",
                               "codelm compiled, gradient checkpointing")):
@@ -408,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpointed", nargs="*", default=[], choices=list(MODELS),
                         help="lora: families also timed compiled with gradient checkpointing "
                              "(bf16; default: none)")
+    parser.add_argument("--settings", nargs="+", default=["fp16", "bf16"],
+                        choices=["fp16", "bf16"],
+                        help="lora: the eager settings timed (default: both; the compiled rows "
+                             "are compared with transformers' bf16 row, so they need bf16)")
+    parser.add_argument("--liger", action=argparse.BooleanOptionalAction, default=True,
+                        help="lora: time Liger + PEFT where it installs (default: on)")
     parser.add_argument("--steps", type=int, default=2,
                         help="timed optimizer steps after one warm-up (default: 2)")
     parser.add_argument("--layers", type=int, default=None,
@@ -418,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the CPU at toy sizes: 2 blocks, short rows (checks the script)")
     args = parser.parse_args(argv)
     only = sections.chosen(parser, args.only, SECTIONS)
+    if (args.compiled or args.checkpointed) and "bf16" not in args.settings:
+        parser.error("--compiled and --checkpointed rows are compared with transformers' bf16 "
+                     "row: add bf16 to --settings, or pass --compiled with no families")
     global DEV, FP16, BF16
     if args.dry_run:
         DEV = "cpu"
