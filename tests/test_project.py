@@ -710,6 +710,27 @@ def test_project_examples_are_repository_sequences_then_completion_prompts():
     assert all(not ends for _, _, ends, _ in pairs)
 
 
+def test_project_examples_are_the_same_on_worker_processes(monkeypatch):
+    """The project task's examples are built in units of a repository's files on worker
+    processes: one repository split over several units, another whole, give the examples and
+    the order one process gives."""
+    from codelm.data import project
+    from codelm.data.config import DataConfig
+
+    tok = _tokenizer()
+    one = {f"pkg/m{k}.py": f"# module {k}\n{text}" for k, text in
+           enumerate([CORE_TEXT, UTIL, EXTRA, UTIL, CORE_TEXT])}
+    docs = _docs(one, prefix="one") + _docs({"lib/extra.py": EXTRA}, repo="two")
+    monkeypatch.setattr(project, "MIN_PARALLEL_CHARS", 0)
+    built = {}
+    for workers in (1, 2):
+        cfg = DataConfig(task="project", lines_per_file=2, seed=5, num_workers=workers)
+        assert len(project._units(list(project.repositories(docs)), workers)) >= 3
+        built[workers] = project.project_pairs(docs, tok, cfg, 512)
+    assert built[2] == built[1]
+    assert len([p for p, _, _, _ in built[1] if p]) == 2 * 5 + 1  # two lines a file (extra: one)
+
+
 def test_project_pieces_fit_the_block():
     from codelm.data.config import DataConfig
     from codelm.data.project import project_pairs

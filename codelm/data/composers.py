@@ -212,32 +212,38 @@ def _imported_files(index: RepositoryIndex, path: str, prefix: str) -> list[int]
 class _Bm25:
     """Okapi BM25 in Lucene's form: idf = ln(1 + (N - df + 0.5) / (df + 0.5)), a term's weight
     tf / (tf + k1 (1 - b + b |d| / avgdl)), N and avgdl over the documents with a term (Lucene's
-    docCount: an empty __init__.py is none); postings as arrays, so that a query costs its
-    terms' postings, not the corpus."""
+    docCount: an empty __init__.py is none). Each term's idf and per-document weights are
+    computed once, as arrays over the documents that hold it, so that a query costs its distinct
+    terms' postings, not the corpus (a term the query repeats counts each time, as in Lucene's
+    query of one clause per term)."""
 
     def __init__(self, docs: Sequence[Sequence[str]]):
         self.size = len(docs)
         lengths = np.array([len(d) for d in docs], np.float64)
-        self.n = int(np.count_nonzero(lengths))
-        average = float(lengths.sum()) / self.n if self.n else 1.0
-        self.norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths / average)
+        n = int(np.count_nonzero(lengths))
+        average = float(lengths.sum()) / n if n else 1.0
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths / average)
         postings: dict[str, tuple[list[int], list[int]]] = {}
         for i, doc in enumerate(docs):
             for term, tf in Counter(doc).items():
                 entry = postings.setdefault(term, ([], []))
                 entry[0].append(i)
                 entry[1].append(tf)
-        self.postings = {term: (np.array(rows, np.int64), np.array(tfs, np.float64))
-                         for term, (rows, tfs) in postings.items()}
+        self.postings: dict[str, tuple[np.ndarray, float, np.ndarray]] = {}
+        for term, (rows, tfs) in postings.items():
+            rows_array = np.array(rows, np.int64)
+            tf = np.array(tfs, np.float64)
+            idf = math.log(1 + (n - len(rows) + 0.5) / (len(rows) + 0.5))
+            self.postings[term] = (rows_array, idf, tf / (tf + norm[rows_array]))
 
     def scores(self, query: Sequence[str]) -> np.ndarray:
         out = np.zeros(self.size)
-        for term in query:
-            if term not in self.postings:
+        for term, count in Counter(query).items():
+            posting = self.postings.get(term)
+            if posting is None:
                 continue
-            rows, tf = self.postings[term]
-            idf = math.log(1 + (self.n - len(rows) + 0.5) / (len(rows) + 0.5))
-            out[rows] += idf * tf / (tf + self.norm[rows])
+            rows, idf, weights = posting
+            out[rows] += (count * idf) * weights
         return out
 
 

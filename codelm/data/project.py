@@ -21,16 +21,23 @@ each repository:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from codelm.data.composers import RepositoryIndex, Tokenizer, compose
 from codelm.data.config import DataConfig
 from codelm.data.sources import Doc
+from codelm.runtime import process
 from codelm.tokenization.batching import encode_continuation
 
 # (prompt ids, completion ids, EOS follows, the prompt's span truncation cuts first)
 Pair = tuple[list[int], list[int], bool, tuple[int, int]]
+# Documents of fewer characters are composed in this process: starting workers costs more.
+MIN_PARALLEL_CHARS = 1 << 20
+# Units of work a worker gets on average: a large repository's files spread over the workers.
+UNITS_PER_WORKER = 4
 
 
 def repository_name(doc: Doc) -> str:
@@ -70,14 +77,16 @@ def repository_sequence(index: RepositoryIndex, composer: str, block_size: int) 
             for start in range(0, len(ids), block_size)]
 
 
-def completion_pairs(index: RepositoryIndex, composer: str, cfg: DataConfig,
-                     room: int) -> list[Pair]:
-    """``cfg.lines_per_file`` line-completion examples of each file, each prompt (context and
-    prefix) within ``room`` tokens with its completion (the line and the lines after it, at most
-    half of ``room``); the prefix keeps at most half of what the completion leaves."""
+def completion_pairs(index: RepositoryIndex, composer: str, cfg: DataConfig, room: int,
+                     files: range | None = None) -> list[Pair]:
+    """``cfg.lines_per_file`` line-completion examples of each file (of ``files``, positions in
+    the index's paths; default all), each prompt (context and prefix) within ``room`` tokens
+    with its completion (the line and the lines after it, at most half of ``room``); the prefix
+    keeps at most half of what the completion leaves."""
     tok = index.tok
     pairs = []
-    for path, text in zip(index.paths, index.texts):
+    for i in files if files is not None else range(len(index)):
+        path, text = index.paths[i], index.texts[i]
         lines = text.split("\n")
         overhead = len(index.header_ids()) + len(index.opening_ids(path))
         numbers = [n for n in range(1, len(lines)) if lines[n].strip()]
@@ -96,13 +105,81 @@ def completion_pairs(index: RepositoryIndex, composer: str, cfg: DataConfig,
     return pairs
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """A piece of a split's work: repository ``repository``'s files ``start`` to ``stop`` (in
+    its index's path order); the piece that starts at its first file gives its sequence too."""
+
+    repository: int
+    start: int
+    stop: int
+
+
+class _Work:
+    """What every unit reads: the split's repositories, the tokenizer and the options; the
+    index of the repository last worked on is kept (a worker takes a large repository's units
+    one after another)."""
+
+    def __init__(self, repositories: list[tuple[str, dict[str, str]]], tok: Tokenizer,
+                 cfg: DataConfig, room: int):
+        self.repositories = repositories
+        self.tok = tok
+        self.cfg = cfg
+        self.room = room
+        self._index: tuple[int, RepositoryIndex] | None = None
+
+    def index(self, repository: int) -> RepositoryIndex:
+        if self._index is None or self._index[0] != repository:
+            name, files = self.repositories[repository]
+            self._index = (repository, RepositoryIndex(name, files, self.tok))
+        return self._index[1]
+
+    def pairs(self, unit: _Unit) -> list[Pair]:
+        index = self.index(unit.repository)
+        composer = self.cfg.project_composer
+        pairs = repository_sequence(index, composer, self.room) if unit.start == 0 else []
+        files = range(unit.start, unit.stop)
+        return pairs + completion_pairs(index, composer, self.cfg, self.room, files)
+
+
+def _units(repositories: list[tuple[str, dict[str, str]]], workers: int) -> list[_Unit]:
+    """Each repository's files in units of at most one ``UNITS_PER_WORKER``-th of a worker's
+    share of the split's files: a large repository spreads over the workers."""
+    total = sum(len(files) for _, files in repositories)
+    size = max(1, math.ceil(total / (workers * UNITS_PER_WORKER)))
+    units = []
+    for number, (_, files) in enumerate(repositories):
+        for start in range(0, len(files), size):
+            units.append(_Unit(number, start, min(start + size, len(files))))
+    return units
+
+
+_worker_work: _Work | None = None
+
+
+def _start_worker(work: _Work) -> None:
+    global _worker_work
+    _worker_work = work
+
+
+def _unit_pairs(unit: _Unit) -> list[Pair]:
+    return _worker_work.pairs(unit)
+
+
 def project_pairs(docs: Sequence[Doc], tok: Tokenizer, cfg: DataConfig, room: int
                   ) -> list[Pair]:
     """The project task's examples of a split's documents: each repository's sequence pieces,
-    then its completion examples (``room``: the tokens an example may have)."""
-    pairs: list[Pair] = []
-    for name, files in repositories(docs):
-        index = RepositoryIndex(name, files, tok)
-        pairs += repository_sequence(index, cfg.project_composer, room)
-        pairs += completion_pairs(index, cfg.project_composer, cfg, room)
-    return pairs
+    then its completion examples (``room``: the tokens an example may have). Units of the
+    repositories' files run on ``cfg.workers`` processes where the documents are worth it;
+    the examples and their order are the same on any number."""
+    repositories_found = list(repositories(docs))
+    work = _Work(repositories_found, tok, cfg, room)
+    chars = sum(len(text) for _, files in repositories_found for text in files.values())
+    workers = cfg.workers if chars >= MIN_PARALLEL_CHARS else 1
+    units = _units(repositories_found, workers)
+    workers = min(workers, len(units))
+    if workers <= 1:
+        return [pair for unit in units for pair in work.pairs(unit)]
+    with process.worker_pool(workers, _start_worker, (work,)) as pool:
+        pieces = pool.map(_unit_pairs, units, chunksize=1)
+        return [pair for piece in pieces for pair in piece]
