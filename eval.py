@@ -149,7 +149,7 @@ class EvalProgress:
     models: list[str] = field(default_factory=list)  # labels, in evaluation order
     saved: list[str] = field(default_factory=list)  # models whose results are on disk
     running: str | None = None  # the model being evaluated or saved
-    table: str = ""  # the finished models' table
+    table: str = ""  # the finished models' table as the console shows it
 
     def summary(self) -> str:
         """Where a stopped evaluation stopped and what it left on disk ("" before the models)."""
@@ -295,12 +295,14 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
         pending = progress.models[progress.models.index(lm.label) + 1 :]
         results.update(complete=not pending, pending=pending, rows=rows,
                        table=markdown_table(rows, note))
-        progress.table = results["table"]  # printed on a stop, even one in save: not lost
+        # printed on a stop, even one in save: not lost
+        progress.table = markdown_table(rows, note, shown=registry.on_console)
         with process.stops_deferred():  # a stop's report must say what results.json holds
             save(progress.out_dir, results, records)
             progress.saved.append(lm.label)
             progress.running = None
     results.update(complete=True, pending=[], rows=rows, table=markdown_table(rows, note))
+    progress.table = markdown_table(rows, note, shown=registry.on_console)
     return results
 
 
@@ -488,7 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # a bug: its traceback follows what was saved
         _stopped(progress, "error: evaluation failed", 1)
         raise
-    print(results["table"])
+    print(progress.table)
+    if progress.table != results["table"]:
+        print("(table.md holds every column)")
     print()
     for task, path in results["problems"].items():  # which file each benchmark's scores are of
         print(f"{task} problems: {path}")

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             prefix = text[: len(text) // 2]
             prefix_ids = tok.encode(prefix)
             for mode, cache in (("cold", {}), ("warm", warm_cache)):
-                index._ids = cache
+                index.cache.ids = cache
                 start = time.perf_counter()
                 composed = composers.compose(index, name, path, prefix, prefix_ids, cfg.budget)
                 times[name][mode].append(time.perf_counter() - start)

@@ -537,12 +537,12 @@ def test_the_index_is_built_once_and_composes_every_file(files):
     tok = _tokenizer()
     snapshot = {f"d{i % 7}/m{i}.py": f"def f{i}(x):\n    return helper(x) + {i}\n"
                 for i in range(files)}
-    cache: dict = {}
+    cache = comp.IndexCache()
     index = comp.RepositoryIndex("r", snapshot, tok, cache)
     first = comp.compose(index, "bm25", "d0/new.py", "f3(1)", tok.encode("f3(1)"), 300)
-    size = len(cache)
+    size = len(cache.ids)
     again = comp.compose(index, "bm25", "d0/new.py", "f3(1)", tok.encode("f3(1)"), 300)
-    assert first.ids == again.ids and len(cache) == size
+    assert first.ids == again.ids and len(cache.ids) == size
     assert first.files[-1] == "d3/m3.py"  # the file declaring f3 nearest the prefix
 
 
@@ -901,3 +901,20 @@ def test_a_completion_file_opening_with_a_blank_line_is_scored(tmp_path, tiny_mo
                     "--out-dir", str(out)]) == 0
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert any(r.get("line") == 1 or r.get("id", "").endswith("#1") for r in records)
+
+
+def test_evals_console_table_shows_the_chosen_composers_columns_and_table_md_every_one():
+    """project-completion gives a column per composer, line category and score (its category
+    table shows them); eval's console table keeps the chosen composer's, other tasks' columns
+    whole, and table.md keeps every column."""
+    from codelm.evaluation.results import markdown_table
+    from codelm.evaluation.tasks import registry
+
+    row = {"model": "m", "prompt": None,
+           "metrics": {"lm/loss": 2.0, "project-completion/empty/perplexity": 9.0,
+                       "project-completion/bm25/EM_inproject": 10.0,
+                       "project-completion/chosen/EM_inproject": 10.0}}
+    console = markdown_table([row], shown=registry.on_console).split("\n")[0]
+    assert console == "| model | lm loss | project-completion chosen EM_inproject |"
+    full = markdown_table([row]).split("\n")[0]
+    assert "project-completion bm25 EM_inproject" in full and "empty perplexity" in full

@@ -16,12 +16,11 @@ enters its context: a composer sees the snapshot and the prefix, nothing after i
 from __future__ import annotations
 
 import keyword
-import math
 import posixpath
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -92,22 +91,33 @@ def _encode(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(text, split_special_tokens=True)
 
 
+@dataclass
+class IndexCache:
+    """What the indexes of one repository's snapshots share, by a file's path and text (the
+    files two snapshots have in common are read once): its ids in the repository format, and
+    its identifiers' counts."""
+
+    ids: dict[str, list[int]] = field(default_factory=dict)
+    terms: dict[str, Counter] = field(default_factory=dict)
+
+
 class RepositoryIndex:
     """What composing reads of one repository snapshot (path -> text), built once: its paths,
     each file's identifiers for BM25, the module names its Python files answer to, and each
     file's ids in the repository format (encoded when a context first takes it)."""
 
     def __init__(self, name: str, files: Mapping[str, str], tok: Tokenizer,
-                 ids_cache: dict[str, list[int]] | None = None):
+                 cache: IndexCache | None = None):
         self.name = name
         self.tok = tok
         self.format = repo_format(tok)
         self.paths = sorted(files)
         self.texts = [files[p] for p in self.paths]
         self.position = {p: i for i, p in enumerate(self.paths)}
-        self.parts = [tuple(p.split("/")) for p in self.paths]
-        self._ids = ids_cache if ids_cache is not None else {}
-        self._bm25 = _Bm25([identifiers(text) for text in self.texts])
+        self.directories = [posixpath.dirname(p) for p in self.paths]
+        self.cache = cache if cache is not None else IndexCache()
+        self._distances: dict[str, list[int]] = {}  # a completion path's, once a path
+        self._bm25 = _Bm25([self._terms(path, text) for path, text in zip(self.paths, self.texts)])
         comments = Counter(line_comment(path) for path in self.paths)  # its files' own, the most
         self.comment = comments.most_common(1)[0][0] if comments else "#"
         self.modules: dict[str, list[int]] = {}  # Python's dotted module names
@@ -120,6 +130,23 @@ class RepositoryIndex:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def distances(self, path: str) -> list[int]:
+        """Each file's ``path_distance`` from ``path`` (a completion file's lines share it)."""
+        found = self._distances.get(path)
+        if found is None:
+            found = [path_distance(path, other) for other in self.paths]
+            self._distances[path] = found
+        return found
+
+    def _terms(self, path: str, text: str) -> Counter:
+        """A file's identifiers counted (BM25's terms and frequencies), once per path and text."""
+        key = f"{path}\0{text}"
+        terms = self.cache.terms.get(key)
+        if terms is None:
+            terms = Counter(identifiers(text))
+            self.cache.terms[key] = terms
+        return terms
 
     def header_ids(self) -> list[int]:
         """The ids that open a repository: its name after the repository token, or a comment."""
@@ -144,11 +171,11 @@ class RepositoryIndex:
         """File ``i`` in the repository format: its opening, its code, what follows a file."""
         path, text = self.paths[i], self.texts[i]
         key = f"{path}\0{text}"
-        ids = self._ids.get(key)
+        ids = self.cache.ids.get(key)
         if ids is None:
             after = self.format.after
             ids = self._opened(path, text + (after if not text.endswith(after) else ""))
-            self._ids[key] = ids
+            self.cache.ids[key] = ids
         return ids
 
     def bm25_scores(self, query: Sequence[str]) -> np.ndarray:
@@ -217,24 +244,31 @@ class _Bm25:
     terms' postings, not the corpus (a term the query repeats counts each time, as in Lucene's
     query of one clause per term)."""
 
-    def __init__(self, docs: Sequence[Sequence[str]]):
+    def __init__(self, docs: Sequence[Counter]):
         self.size = len(docs)
-        lengths = np.array([len(d) for d in docs], np.float64)
+        lengths = np.array([sum(counts.values()) for counts in docs], np.float64)
         n = int(np.count_nonzero(lengths))
         average = float(lengths.sum()) / n if n else 1.0
         norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths / average)
-        postings: dict[str, tuple[list[int], list[int]]] = {}
-        for i, doc in enumerate(docs):
-            for term, tf in Counter(doc).items():
-                entry = postings.setdefault(term, ([], []))
-                entry[0].append(i)
-                entry[1].append(tf)
+        numbers: dict[str, int] = {}  # term -> its number
+        documents, term_numbers, frequencies = [], [], []
+        for i, counts in enumerate(docs):
+            for term, tf in counts.items():
+                term_numbers.append(numbers.setdefault(term, len(numbers)))
+                documents.append(i)
+                frequencies.append(tf)
+        order = np.argsort(np.array(term_numbers, np.int64), kind="stable")  # by term, then doc
+        rows = np.array(documents, np.int64)[order]
+        tf = np.array(frequencies, np.float64)[order]
+        df = np.bincount(np.array(term_numbers, np.int64), minlength=len(numbers))
+        idf = np.log(1 + (n - df + 0.5) / (df + 0.5))
+        weights = tf / (tf + norm[rows])
+        ends = np.cumsum(df)
+        starts, ends, idfs = (ends - df).tolist(), ends.tolist(), idf.tolist()
         self.postings: dict[str, tuple[np.ndarray, float, np.ndarray]] = {}
-        for term, (rows, tfs) in postings.items():
-            rows_array = np.array(rows, np.int64)
-            tf = np.array(tfs, np.float64)
-            idf = math.log(1 + (n - len(rows) + 0.5) / (len(rows) + 0.5))
-            self.postings[term] = (rows_array, idf, tf / (tf + norm[rows_array]))
+        for term, k in numbers.items():
+            span = slice(starts[k], ends[k])
+            self.postings[term] = (rows[span], idfs[k], weights[span])
 
     def scores(self, query: Sequence[str]) -> np.ndarray:
         out = np.zeros(self.size)
@@ -273,7 +307,7 @@ def rank_empty(index: RepositoryIndex, path: str, prefix: str) -> list[int]:
 
 def rank_path_distance(index: RepositoryIndex, path: str, prefix: str) -> list[int]:
     """The nearest files by ``path_distance`` first; a tie keeps the paths' order."""
-    return sorted(_others(index, path), key=lambda i: path_distance(path, index.paths[i]))
+    return sorted(_others(index, path), key=index.distances(path).__getitem__)
 
 
 def imported_modules(prefix: str, path: str) -> list[str]:
@@ -309,9 +343,10 @@ def rank_imports(index: RepositoryIndex, path: str, prefix: str) -> list[int]:
     imported = [i for i in dict.fromkeys(_imported_files(index, path, prefix)) if i in others]
     directory = posixpath.dirname(path)
     taken = set(imported)
-    near = [i for i in sorted(others - taken) if posixpath.dirname(index.paths[i]) == directory]
+    near = [i for i in sorted(others - taken) if index.directories[i] == directory]
     taken.update(near)
-    rest = sorted(others - taken, key=lambda i: (path_distance(path, index.paths[i]), i))
+    distance = index.distances(path)
+    rest = sorted(others - taken, key=lambda i: (distance[i], i))
     return imported + near + rest
 
 
@@ -321,8 +356,8 @@ def rank_bm25(index: RepositoryIndex, path: str, prefix: str) -> list[int]:
     scores = index.bm25_scores(identifiers(prefix))
     others = _others(index, path)
     matched = sorted((i for i in others if scores[i] > 0), key=lambda i: (-scores[i], i))
-    rest = sorted((i for i in others if scores[i] <= 0),
-                  key=lambda i: (path_distance(path, index.paths[i]), i))
+    distance = index.distances(path)
+    rest = sorted((i for i in others if scores[i] <= 0), key=lambda i: (distance[i], i))
     return matched + rest
 
 

@@ -11,7 +11,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
@@ -53,11 +53,13 @@ def tokenizer_note(models: Sequence[LoadedModel]) -> str:
             "between models that share one; bits per byte compares across tokenizers")
 
 
-def markdown_table(rows: Sequence[dict], note: str = "") -> str:
-    """One row per model (and docstring prompt variant), one column per task metric."""
+def markdown_table(rows: Sequence[dict], note: str = "",
+                   shown: Callable[[str], bool] | None = None) -> str:
+    """One row per model (and docstring prompt variant), one column per task metric (those
+    ``shown`` keeps, where given)."""
     columns: list[str] = []
     for row in rows:
-        columns += [c for c in row["metrics"] if c not in columns]
+        columns += [c for c in row["metrics"] if c not in columns and (shown is None or shown(c))]
     variants = any(row["prompt"] is not None for row in rows)
     head = ["model"] + (["prompt"] if variants else []) + [c.replace("/", " ") for c in columns]
 

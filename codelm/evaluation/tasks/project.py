@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from codelm.data.composers import Composed, RepositoryIndex, compose
+from codelm.data.composers import Composed, IndexCache, RepositoryIndex, compose
 from codelm.data.config import DataConfig
 from codelm.data.history import CATEGORIES, GitRepo, completion_cases, snapshot
 from codelm.evaluation import scoring
@@ -80,10 +80,21 @@ def _snapshot(root: str, parent: str, exts: tuple[str, ...]) -> dict[str, str]:
     return snapshot(_repo(root), parent, exts)
 
 
-def _index(case: dict, lm: LoadedModel, exts: tuple[str, ...], ids_cache: dict
-           ) -> RepositoryIndex:
-    files = _snapshot(case["repo_dir"], case["parent"], exts)
-    return RepositoryIndex(case["repo"], files, lm.tokenizer, ids_cache)
+def _indexes(cases: Sequence[dict], lm: LoadedModel, exts: tuple[str, ...]
+             ) -> dict[str, RepositoryIndex]:
+    """Each case's index of its snapshot: one per snapshot (the cases of one commit share it),
+    the files snapshots share read once (one IndexCache a repository)."""
+    caches: dict[str, IndexCache] = {}
+    built: dict[tuple[str, str], RepositoryIndex] = {}
+    indexes = {}
+    for case in cases:
+        key = (case["repo_dir"], case["parent"])
+        if key not in built:
+            files = _snapshot(case["repo_dir"], case["parent"], exts)
+            cache = caches.setdefault(case["repo_dir"], IndexCache())
+            built[key] = RepositoryIndex(case["repo"], files, lm.tokenizer, cache)
+        indexes[case["id"]] = built[key]
+    return indexes
 
 
 def _encode(lm: LoadedModel, text: str) -> list[int]:
@@ -182,8 +193,7 @@ def run_project(lm: LoadedModel, cases: Sequence[dict], cfg: ProjectSettings
     chosen composer's."""
     composers = list(dict.fromkeys(["empty", *cfg.composers]))
     exts = tuple(extensions(cfg))
-    ids_cache: dict = {}
-    indexes = {case["id"]: _index(case, lm, exts, ids_cache) for case in cases}
+    indexes = _indexes(cases, lm, exts)
     perplexity = composer_perplexity(lm, cases, composers, cfg, indexes)
     chosen = min((c for c in composers if c != "empty"), key=perplexity.__getitem__,
                  default="empty")
@@ -235,6 +245,12 @@ def category_table(metrics: dict[str, float], composers: Sequence[str], label: s
         perplexity = metrics[f"{composer}/perplexity"]
         lines.append(f"| {composer} | {perplexity:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def console_metric(name: str) -> bool:
+    """The metrics eval's console table shows: the chosen composer's (every composer's are in
+    the category table printed before it, and in table.md)."""
+    return name.startswith("chosen/")
 
 
 def run(lm: LoadedModel, task: str, cases: Sequence[dict], cfg: ProjectSettings,

@@ -43,6 +43,14 @@ PASSK_TASKS: dict[str, PasskTask] = {name: task.PASSK for name, task in TASKS.it
                                      if hasattr(task, "PASSK")}
 
 
+def on_console(column: str) -> bool:
+    """Whether eval's console table shows a metric column (``task/metric``): the task's own
+    ``console_metric`` says where it has one; table.md shows every column."""
+    task, _, metric = column.partition("/")
+    shown = getattr(TASKS.get(task), "console_metric", None)
+    return shown is None or shown(metric)
+
+
 class Selection(PasskSettings, Protocol):
     """What choosing and loading the benchmarks reads of the settings (EvalConfig has each)."""
 
