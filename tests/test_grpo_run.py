@@ -351,20 +351,28 @@ def test_a_compiled_sampler_keeps_one_engine_and_samples_what_an_eager_one_does(
         context, len(compiled.prompt_ids(longer)) + settings.max_completion_tokens - 1)
 
 
-def test_a_prompt_too_long_for_its_completions_names_the_fix_that_can_work(assets):
-    """A prompt that leaves its completions too little room is refused before a step: where
-    some room is left, lowering max_completion_tokens is the fix; where the prompt alone fills
-    the context, only dropping it or a longer-context model can be."""
+def test_prompts_too_long_for_their_completions_are_refused_at_once_naming_the_fixes(assets):
+    """Every problem's prompt is checked before a step, and one error counts those that leave
+    their completions too little room, names the longest prompt and the context that fits them
+    all; lowering max_completion_tokens is offered only where every prompt leaves some room."""
     cfg = trainconfig.TrainConfig(task="grpo", problems=assets["train"], max_completion_tokens=8)
     settings = trainconfig.GRPOSettings(**fields_of(trainconfig.GRPOSettings, cfg))
     tok = load_tokenizer(assets["model"])
-    length = len(rollout.Sampler(tok, [tok.eos_id], False, settings, 64).prompt_ids(problem(0)))
-    with pytest.raises(ValueError, match=r"leaving 4 for max_completion_tokens .*lower it"):
-        rollout.Sampler(tok, [tok.eos_id], False, settings, length + 4).prompt_ids(problem(0))
-    for context in (length, length - 1):
-        with pytest.raises(ValueError, match=r"no room for a completion: drop the problem, or "
-                                             r"give the model a longer context \(--block-size"):
-            rollout.Sampler(tok, [tok.eos_id], False, settings, context).prompt_ids(problem(0))
+    short, long = problem(0), {**problem(1), "prompt": problem(1)["prompt"] + "    # more\n" * 4}
+    length = len(rollout.Sampler(tok, [tok.eos_id], False, settings, 64).prompt_ids(long))
+    rollout.Sampler(tok, [tok.eos_id], False, settings, length + 8).check_room([short, long])
+    with pytest.raises(ValueError) as refused:
+        rollout.Sampler(tok, [tok.eos_id], False, settings, length + 4).check_room([short, long])
+    message = str(refused.value)
+    assert message.startswith(f"1 of 2 problems ({long['task_id']})")
+    assert f"a context of {length + 8} fits every one (--block-size" in message
+    assert "max_completion_tokens 4 fits them" in message and "no room" not in message
+    with pytest.raises(ValueError) as refused:
+        rollout.Sampler(tok, [tok.eos_id], False, settings, length).check_room([short, long])
+    message = str(refused.value)
+    assert (f"(the longest prompt, {long['task_id']}, takes {length}, no room for a completion)"
+            in message)
+    assert "fits them in this one" not in message
 
 
 # ---- Bad input: one line naming the fix ----

@@ -201,25 +201,37 @@ class Sampler:
         self.engine: Engine | None = None  # the run's one engine, with compile
 
     def prompt_ids(self, problem: dict) -> list[int]:
-        """The ids a problem's prompt is sampled from; refused where the completion has no room."""
+        """The ids a problem's prompt is sampled from (``check_room`` checks they fit)."""
         ids = self.prompts.get(problem["prompt"])
         if ids is None:
             (encoded,) = encode_prompts(self.tok, [problem["prompt"]], self.reads_specials)
             ids = prompt_prefix(self.tok, GRPO_TASK) + encoded
-            room = self.context - len(ids)
-            if room < 1:
-                raise ValueError(f"problem {problem['task_id']}: its prompt takes {len(ids)} "
-                                 f"positions and the model has {self.context}, no room for a "
-                                 "completion: drop the problem, or give the model a longer "
-                                 "context (--block-size from scratch, a model of a longer "
-                                 "context to start from)")
-            if room < self.settings.max_completion_tokens:
-                raise ValueError(f"problem {problem['task_id']}: its prompt takes {len(ids)} of "
-                                 f"the model's {self.context} positions, leaving {room} for "
-                                 f"{setting(self.settings, 'max_completion_tokens')}: lower it, or "
-                                 "drop the problem")
             self.prompts[problem["prompt"]] = ids
         return ids
+
+    def check_room(self, problems: Sequence[dict]) -> None:
+        """Every problem's prompt leaves its completion max_completion_tokens positions of the
+        context; else one error: how many do not, the longest prompt, and the fixes that can
+        work (a longer context fits them all; a lower max_completion_tokens only where every
+        prompt leaves some room)."""
+        need = self.settings.max_completion_tokens
+        lengths = {problem["task_id"]: len(self.prompt_ids(problem)) for problem in problems}
+        short = [task_id for task_id, length in lengths.items() if self.context - length < need]
+        if not short:
+            return
+        longest = max(lengths, key=lengths.__getitem__)
+        named = ", ".join(short[:3]) + (", ..." if len(short) > 3 else "")
+        lower = self.context - lengths[longest]
+        fixes = [f"a context of {lengths[longest] + need} fits every one (--block-size from "
+                 "scratch, a model of a longer context to start from)"]
+        if lower >= 1:
+            fixes.append(f"max_completion_tokens {lower} fits them in this one")
+        none_left = ", no room for a completion" if lower < 1 else ""
+        raise ValueError(f"{len(short)} of {len(problems)} problems ({named}) leave less than "
+                         f"{setting(self.settings, 'max_completion_tokens')} positions "
+                         f"for a completion after their prompt in the model's {self.context} "
+                         f"(the longest prompt, {longest}, takes {lengths[longest]}{none_left}): "
+                         f"{'; or '.join(fixes)}; or drop those problems")
 
     def decode(self, ids: Sequence[int]) -> str:
         return decode_generated(self.tok, ids)
@@ -316,8 +328,7 @@ class GRPOTrainer(Trainer):
         # On a GPU, --compile also runs the sampling engine's step as a CUDA graph.
         self.sampler = Sampler(tok, eos, pair_special_tokens, grpo_settings, raw.cfg.block_size,
                                compile=settings.compile and device.type == "cuda")
-        for problem in problems:  # each prompt leaves its completions room: refused before a step
-            self.sampler.prompt_ids(problem)
+        self.sampler.check_room(problems)  # refused before a step
         self.loss_cfg = grpo.GRPOConfig(
             loss_type=grpo_settings.grpo_loss_type, scale_rewards=grpo_settings.scale_rewards,
             epsilon_low=grpo_settings.epsilon_low, epsilon_high=grpo_settings.epsilon_high,
