@@ -2784,6 +2784,15 @@ def test_a_folder_of_other_code_is_named_with_the_extensions_that_read_it(tmp_pa
     assert "3 .kt" in message and '--data-options \'{"extensions": [".kt", ".kts"]}\'' in message
 
 
+def test_a_git_clone_without_a_checkout_is_named_as_one(tmp_path, tok):
+    """A clone made with --no-checkout holds only .git: the error says so and how to fill it."""
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    with pytest.raises(DataError) as err:
+        prepare(cfg(tmp_path, sources=[str(clone)]), tok)
+    assert f"{clone} holds only .git: a clone without a checkout (git checkout" in str(err.value)
+
+
 def test_refactor_on_code_files_says_it_needs_pairs(tmp_path, tok):
     """Scraper records or a directory given to the refactor task: the error says what the data
     holds and what the task needs, naming a file of it."""

@@ -333,6 +333,8 @@ def test_lines_are_drawn_per_category_with_the_seed(repo):
 
 
 def test_a_directory_without_git_and_a_history_without_adding_commits_are_one_line(tmp_path):
+    """Neither is a history to read; nor is a directory inside a repository (its whole
+    history is not that directory's): each a one-line error."""
     plain = tmp_path / "plain"
     plain.mkdir()
     with pytest.raises(ValueError, match="not a git repository"):
@@ -344,6 +346,9 @@ def test_a_directory_without_git_and_a_history_without_adding_commits_are_one_li
     with pytest.raises(ValueError, match="no commit adds a file") as caught:
         history.completion_cases(bare, [".py"], 5, 1, 0)
     assert "\n" not in str(caught.value)
+    (bare / "sub").mkdir()
+    with pytest.raises(ValueError, match=r"inside the git repository .*one.* give that"):
+        history.completion_cases(bare / "sub", [".py"], 5, 1, 0)
 
 
 # ---- Composers ----------------------------------------------------------------------------------
@@ -881,6 +886,31 @@ def test_a_string_holding_a_comment_mark_keeps_the_rest_of_its_line_in_other_lan
     assert history.line_names(text, "src/App.kt")[1] == {"val", "link", "buildPath"}
     lines = history.line_categories(text, "src/App.kt", snapshot, {})
     assert lines["inproject"] == [1, 2, 3]
+
+
+def test_files_whose_path_fills_a_short_context_are_left_out_and_named(tmp_path, tiny_model,
+                                                                         capsys):
+    """A model of a short context and a completion file whose repository name and path take it
+    all: that file is left out (named on stderr) and the others scored; where none fits, one
+    error names --block-size."""
+    import eval as ev
+
+    root = tmp_path / "deep"
+    root.mkdir()
+    _git(root, "init", "-q")
+    _commit(root, {"a.py": UTIL}, "start")
+    deep = "/".join(["averyveryverylongdirectorynamethatnobodytypes"] * 3) + "/modulename.py"
+    _commit(root, {"b.py": _functions("near"), deep: _functions("far")}, "add two files")
+    common = ["--models", str(tiny_model), "--tasks", "project-completion", "--data", str(root),
+              "--lines-per-file", "1", "--max-new-tokens", "2", "--no-progress", "--device",
+              "cpu"]
+    assert ev.main([*common, "--block-size", "48", "--out-dir", str(tmp_path / "o1")]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 2 completion files left out" in err and "a prompt of base may have" in err
+    records = [json.loads(line) for line in (tmp_path / "o1" / "predictions.jsonl").open()]
+    assert {r["case"].rsplit(":", 1)[1] for r in records if "case" in r} == {"b.py"}
+    assert ev.main([*common, "--block-size", "12", "--out-dir", str(tmp_path / "o2")]) == 2
+    assert "no room for a file's code" in capsys.readouterr().err
 
 
 def test_a_completion_file_opening_with_a_blank_line_is_scored(tmp_path, tiny_model):

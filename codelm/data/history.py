@@ -324,6 +324,11 @@ class GitRepo:
         if done.returncode != 0:
             raise ValueError(f"{root}: not a git repository (git rev-parse finds none); give "
                              "the directory of a git clone")
+        top = subprocess.run(["git", "-C", str(self.root), "rev-parse", "--show-toplevel"],
+                             capture_output=True, text=True)  # fails in a bare repository
+        if top.returncode == 0 and Path(top.stdout.strip()).resolve() != self.root.resolve():
+            raise ValueError(f"{root}: inside the git repository {top.stdout.strip()}, whose "
+                             "whole history would be read; give that directory")
         self.name = self.root.resolve().name
         self._blobs: dict[str, str | None] = {}
 

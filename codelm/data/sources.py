@@ -368,7 +368,16 @@ def no_files_error(cfg: DataConfig) -> DataError:
     code their directories hold instead."""
     return DataError(f"sources {cfg.sources} hold no files with extensions {cfg.extensions} "
                      "and no JSONL records (an empty .jsonl: a scrape that kept nothing?)"
-                     + _extensions_hint(cfg.sources))
+                     + _extensions_hint(cfg.sources) + _checkout_hint(cfg.sources))
+
+
+def _checkout_hint(sources: Sequence[str]) -> str:
+    """A note naming the sources that are git clones without a checkout (only .git in them)."""
+    bare = [source for source in sources
+            if Path(source).is_dir() and [p.name for p in Path(source).iterdir()] == [".git"]]
+    if not bare:
+        return ""
+    return f"; {', '.join(bare)} holds only .git: a clone without a checkout (git checkout in it)"
 
 
 _SOURCE_SUFFIXES = frozenset({".py", ".kt", ".kts", ".java", ".js", ".ts", ".tsx", ".jsx", ".go",

@@ -357,8 +357,9 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
     if dist.main:
         print(f"data: {describe_corpus(splits.stats['corpus'])}")
     if len(splits.val) == 0:
-        raise ValueError(f"the validation split of {dcfg.sources} is empty: add data or raise "
-                         "val_frac of data_options (--data-options)")
+        raise ValueError(f"the validation split of {dcfg.sources} is empty: give validation "
+                         "files with --val-data, add data, or raise val_frac of data_options "
+                         "(--data-options)")
     if dist.main and settings.val_data and not settings.test_data and len(splits.test):
         whole = round(dcfg.train_frac + dcfg.test_frac, 6)
         print(f"note: --data still holds out test_frac {dcfg.test_frac:g} as the test split; "

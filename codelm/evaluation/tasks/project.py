@@ -101,24 +101,52 @@ def _encode(lm: LoadedModel, text: str) -> list[int]:
     return lm.tokenizer.encode(text, split_special_tokens=True)
 
 
+def _openings(index: RepositoryIndex, path: str) -> int:
+    """The tokens before a completion file's code: the repository's opening and the file's."""
+    return len(index.header_ids()) + len(index.opening_ids(path))
+
+
+def _fitting(lm: LoadedModel, cases: Sequence[dict], indexes: dict, budget: int
+             ) -> list[dict]:
+    """The cases whose openings leave a prompt of ``budget`` tokens room for two of the file's;
+    the others are named on stderr (a model of a short context and a long path), and none
+    fitting is an error."""
+    fitting = [case for case in cases
+               if budget - _openings(indexes[case["id"]], case["path"]) >= 2]
+    if len(fitting) == len(cases):
+        return fitting
+    longest = max(_openings(indexes[case["id"]], case["path"]) for case in cases)
+    why = (f"the repository's name and a file's path take up to {longest} tokens of the "
+           f"{budget} a prompt of {lm.label} may have")
+    if not fitting:
+        raise ValueError(f"project-completion: {why}, no room for a file's code: evaluate a "
+                         "model of a longer context (--block-size from scratch)")
+    print(f"project-completion: {lm.label}: {len(cases) - len(fitting)} of {len(cases)} "
+          f"completion files left out: {why}", file=sys.stderr)
+    return fitting
+
+
 # ---- Perplexity per composer --------------------------------------------------------------------
 
 @torch.no_grad()
 def composer_perplexity(lm: LoadedModel, cases: Sequence[dict], composers: Sequence[str],
                         cfg: ProjectSettings, indexes: dict) -> dict[str, float]:
     """Each composer's perplexity of the completion files: the loss of a file's tokens (its
-    first half-context of them, less its first token, the same for every composer) after the
-    composed context, as LCA scores a composer (its ranking reads the whole file, as LCA's
-    composers do; the prompt holds only the scored tokens of it)."""
+    first half-context of them, fewer where the openings leave less room, less its first token,
+    the same for every composer) after the composed context, as LCA scores a composer (its
+    ranking reads the whole file, as LCA's composers do; the prompt holds only the scored
+    tokens of it)."""
     start = scoring.prompt_start(lm)
     context = scoring.context(lm, cfg)
+    budget = context + 1 - len(start)
     out = {}
     for composer in composers:
         windows = []
         for case in cases:
-            file_ids = _encode(lm, case["text"])[: max(2, context // 2)]
-            composed = compose(indexes[case["id"]], composer, case["path"], case["text"],
-                               file_ids, context + 1 - len(start))
+            index = indexes[case["id"]]
+            room = budget - _openings(index, case["path"])
+            file_ids = _encode(lm, case["text"])[: min(context // 2, room)]
+            composed = compose(index, composer, case["path"], case["text"], file_ids, budget)
             windows.append(_scored_window(start, composed))
         total, _, count = scoring.summed_loss(lm, windows, cfg, f"perplexity {composer}")
         out[composer] = math.exp(min(total / count, 700.0))
@@ -142,7 +170,7 @@ def line_prompts(lm: LoadedModel, case: dict, index: RepositoryIndex, composers:
     left end cut so that every composer shows the same prefix tokens) after the composed
     context."""
     lines = case["text"].split("\n")
-    overhead = len(index.header_ids()) + len(index.opening_ids(case["path"]))
+    overhead = _openings(index, case["path"])
     prompts = []
     for category in CATEGORIES:
         for number in case["lines"].get(category, []):
@@ -194,14 +222,15 @@ def run_project(lm: LoadedModel, cases: Sequence[dict], cfg: ProjectSettings
     composers = list(dict.fromkeys(["empty", *cfg.composers]))
     exts = tuple(extensions(cfg))
     indexes = _indexes(cases, lm, exts)
+    line_cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, LINE_NEW_TOKENS))
+    budget = scoring.prompt_room(lm, line_cfg)
+    cases = _fitting(lm, cases, indexes, budget)
     perplexity = composer_perplexity(lm, cases, composers, cfg, indexes)
     chosen = min((c for c in composers if c != "empty"), key=perplexity.__getitem__,
                  default="empty")
     print(f"project-completion: {lm.label}: chosen by lowest perplexity among the composers "
           f"that give context (ties: the first listed): {chosen} "
           f"({', '.join(f'{c} {p:.3f}' for c, p in perplexity.items())})", file=sys.stderr)
-    line_cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, LINE_NEW_TOKENS))
-    budget = scoring.prompt_room(lm, line_cfg)
     prompts = [p for case in cases
                for p in line_prompts(lm, case, indexes[case["id"]], composers, budget)]
     print(f"project-completion: {lm.label}: {len(cases)} completion files, "
