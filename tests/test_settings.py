@@ -363,6 +363,17 @@ def test_a_mistyped_other_spelling_of_a_flag_is_answered_with_the_flag_help_show
         assert "learning_rate" not in err
 
 
+def test_every_unknown_flag_of_a_command_is_answered_at_once(capsys):
+    """Two mistyped flags (and their values, a negative number among them) are answered in one
+    line, each with its hint: no second run to find the second."""
+    with pytest.raises(SystemExit):
+        plan.parse_config(["--progres", "--learning-rate", "-1", "--max-stepz", "3"])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "unknown flags --progres: did you mean --progress" in err
+    assert "; --learning-rate: did you mean --lr?; --max-stepz: did you mean --max-steps" in err
+
+
 def test_yaml_config_files_read_as_json_ones_do(tmp_path):
 
     config = tmp_path / "run.yaml"

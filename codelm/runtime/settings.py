@@ -473,6 +473,9 @@ def where_set_in(args: Mapping[str, Any], section: str, rest: str | None = None,
     return where
 
 
+_NEGATIVE_NUMBER = re.compile(r"-\.?\d")  # a value among unrecognized arguments, not a flag
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse as every script (and its subcommands: ``add_subparsers`` makes parsers of the
     parent's class) uses it: no prefix abbreviation (``--max-step`` is not ``--max-steps``), and
@@ -484,19 +487,27 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         message = " ".join(message.split())  # one line, whatever a type's error holds
-        unknown = re.match(r"unrecognized arguments: (-\S+)", message)
-        if unknown is None:
+        unrecognized = re.match(r"unrecognized arguments: (.*)", message)
+        typed = [] if unrecognized is None else [
+            word.split("=")[0] for word in unrecognized[1].split()
+            if word.startswith("-") and not _NEGATIVE_NUMBER.match(word)]
+        if not typed:
             self._refuse(f"{message} (--help lists the flags)")
-        flag = unknown[1].split("=")[0]
-        flags = self._flags()
+        if len(typed) == 1:
+            self._refuse(f"unknown flag {typed[0]}{self._unknown_flag_hint(typed[0])}")
+        self._refuse("unknown flags " + "; ".join(f"{flag}{self._unknown_flag_hint(flag)}"
+                                                  for flag in typed))
+
+    def _unknown_flag_hint(self, flag: str) -> str:
+        """What to type instead of an unknown flag: the subcommand it belongs to, the flags it
+        begins or resembles, or --help."""
         if owners := self._subcommands_taking(flag):  # another subcommand's flag
-            self._refuse(f"unknown flag {flag} here: it belongs to "
-                         f"{' and '.join(f'`{o}`' for o in owners)}")
+            return f" here: it belongs to {' and '.join(f'`{o}`' for o in owners)}"
+        flags = self._flags()
         close = [name for name in sorted(flags) if name.startswith(flag)]  # --out: --out-dir
         close += difflib.get_close_matches(flag, sorted(flags), n=3, cutoff=0.6)
         close = list(dict.fromkeys(flags[c] for c in close))[:3]  # an alias's match: its flag
-        hint = f"did you mean {' or '.join(close)}?" if close else "--help lists the flags"
-        self._refuse(f"unknown flag {flag}: {hint}")
+        return f": did you mean {' or '.join(close)}?" if close else ": --help lists the flags"
 
     def _subcommands_taking(self, flag: str) -> list[str]:
         """The subcommands (``prog sub``) whose flags hold ``flag``, where it is none of the
