@@ -662,14 +662,17 @@ def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) 
     if cost.seconds > MAX_STEP_S:
         return (f"{step}, more than the {_minutes(MAX_STEP_S)} a run's step may take "
                 f"(attention grows with the square of the length): {shorter}")
-    if seconds_left is not None and seconds_left <= 0:
-        return ("the time budget was spent before training (preparing the data, loading and "
-                "timing the model): raise --time-budget-min")
-    if seconds_left is not None and cost.seconds * FEWEST_BUDGET_STEPS > seconds_left:
-        return (f"{step}, and the time budget has {_minutes(seconds_left)} left (what preparing "
-                f"the data and timing the model left of it), fewer than {FEWEST_BUDGET_STEPS} "
-                f"steps: raise --time-budget-min, or {shorter}")
-    return None
+    if seconds_left is None or cost.seconds * FEWEST_BUDGET_STEPS <= seconds_left:
+        return None
+    missing = cost.seconds * FEWEST_BUDGET_STEPS - seconds_left
+    more = f"raise --time-budget-min by {_minutes(missing)}"
+    if seconds_left <= 0:
+        return (f"the time budget was spent before training (preparing the data, loading and "
+                f"timing the model), {_minutes(-seconds_left)} over it: {more} or more for "
+                f"{FEWEST_BUDGET_STEPS} steps (data prepared once is read from its cache)")
+    return (f"{step}, and the time budget has {_minutes(seconds_left)} left (what preparing "
+            f"the data and timing the model left of it), fewer than {FEWEST_BUDGET_STEPS} "
+            f"steps: {more} or more, or {shorter}")
 
 
 def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_bytes: float,
