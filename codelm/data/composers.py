@@ -163,6 +163,11 @@ class RepositoryIndex:
             return [fmt.file_id, *_encode(self.tok, f"{path}\n{text}")]
         return _encode(self.tok, f"{line_comment(path)} {path}\n{text}")
 
+    def openings_length(self, path: str) -> int:
+        """The tokens before a completion file's code: the repository's opening and the
+        file's."""
+        return len(self.header_ids()) + len(self.opening_ids(path))
+
     def opening_ids(self, path: str) -> list[int]:
         """The ids before a file's code: the file separator and its path, or a path comment."""
         return self._opened(path, "")

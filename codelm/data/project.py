@@ -88,7 +88,7 @@ def completion_pairs(index: RepositoryIndex, composer: str, cfg: DataConfig, roo
     for i in files if files is not None else range(len(index)):
         path, text = index.paths[i], index.texts[i]
         lines = text.split("\n")
-        overhead = len(index.header_ids()) + len(index.opening_ids(path))
+        overhead = index.openings_length(path)
         numbers = [n for n in range(1, len(lines)) if lines[n].strip()]
         rng = random.Random(f"{cfg.seed}\0{index.name}\0{path}")
         for number in sorted(rng.sample(numbers, min(cfg.lines_per_file, len(numbers)))):

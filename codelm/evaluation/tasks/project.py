@@ -101,21 +101,16 @@ def _encode(lm: LoadedModel, text: str) -> list[int]:
     return lm.tokenizer.encode(text, split_special_tokens=True)
 
 
-def _openings(index: RepositoryIndex, path: str) -> int:
-    """The tokens before a completion file's code: the repository's opening and the file's."""
-    return len(index.header_ids()) + len(index.opening_ids(path))
-
-
 def _fitting(lm: LoadedModel, cases: Sequence[dict], indexes: dict, budget: int
              ) -> list[dict]:
     """The cases whose openings leave a prompt of ``budget`` tokens room for two of the file's;
     the others are named on stderr (a model of a short context and a long path), and none
     fitting is an error."""
     fitting = [case for case in cases
-               if budget - _openings(indexes[case["id"]], case["path"]) >= 2]
+               if budget - indexes[case["id"]].openings_length(case["path"]) >= 2]
     if len(fitting) == len(cases):
         return fitting
-    longest = max(_openings(indexes[case["id"]], case["path"]) for case in cases)
+    longest = max(indexes[case["id"]].openings_length(case["path"]) for case in cases)
     why = (f"the repository's name and a file's path take up to {longest} tokens of the "
            f"{budget} a prompt of {lm.label} may have")
     if not fitting:
@@ -144,7 +139,7 @@ def composer_perplexity(lm: LoadedModel, cases: Sequence[dict], composers: Seque
         windows = []
         for case in cases:
             index = indexes[case["id"]]
-            room = budget - _openings(index, case["path"])
+            room = budget - index.openings_length(case["path"])
             file_ids = _encode(lm, case["text"])[: min(context // 2, room)]
             composed = compose(index, composer, case["path"], case["text"], file_ids, budget)
             windows.append(_scored_window(start, composed))
@@ -170,7 +165,7 @@ def line_prompts(lm: LoadedModel, case: dict, index: RepositoryIndex, composers:
     left end cut so that every composer shows the same prefix tokens) after the composed
     context."""
     lines = case["text"].split("\n")
-    overhead = _openings(index, case["path"])
+    overhead = index.openings_length(case["path"])
     prompts = []
     for category in CATEGORIES:
         for number in case["lines"].get(category, []):
