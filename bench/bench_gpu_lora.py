@@ -302,8 +302,10 @@ def lora_family(family: str, ckpt: Path, args) -> dict:
         if family in families:
             setting = dataclasses.replace(BF16, compiled=True, checkpointing=checkpointing)
             out[key] = measured(label, partial(load_codelm, ckpt, setting), setting, vocab, steps)
-    if not args.liger or "bf16" not in args.settings:
-        reason = "not run (--no-liger, or no bf16 in --settings)"
+    if not args.liger:
+        reason = "not run (--no-liger)"
+    elif "bf16" not in args.settings:
+        reason = "not run (Liger runs in bf16: no bf16 in --settings)"
     else:
         reason = liger_reason(family)
     if reason:

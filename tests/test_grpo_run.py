@@ -361,10 +361,15 @@ def test_prompts_too_long_for_their_completions_are_refused_at_once_naming_the_f
     short, long = problem(0), {**problem(1), "prompt": problem(1)["prompt"] + "    # more\n" * 4}
     length = len(rollout.Sampler(tok, [tok.eos_id], False, settings, 64).prompt_ids(long))
     rollout.Sampler(tok, [tok.eos_id], False, settings, length + 8).check_room([short, long])
-    with pytest.raises(ValueError) as refused:
-        rollout.Sampler(tok, [tok.eos_id], False, settings, length + 4).check_room([short, long])
+    with pytest.raises(ValueError) as refused:  # the validation problems: the training ones
+        rollout.Sampler(tok, [tok.eos_id], False, settings, length + 4).check_room(
+            [short, long, short, long])
     message = str(refused.value)
     assert message.startswith(f"1 of 2 problems ({long['task_id']})")
+    same_id = {**long, "task_id": short["task_id"]}  # a validation problem of a training id
+    with pytest.raises(ValueError, match=r"^1 of 2 problems"):
+        rollout.Sampler(tok, [tok.eos_id], False, settings, length + 4).check_room(
+            [short, same_id])
     assert f"a context of {length + 8} fits every one (--block-size" in message
     assert "max_completion_tokens 4 fits them" in message and "no room" not in message
     with pytest.raises(ValueError) as refused:

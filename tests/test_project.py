@@ -339,16 +339,26 @@ def test_a_directory_without_git_and_a_history_without_adding_commits_are_one_li
     plain.mkdir()
     with pytest.raises(ValueError, match="not a git repository"):
         history.completion_cases(plain, [".py"], 5, 1, 0)
-    bare = tmp_path / "one"
-    bare.mkdir()
-    _git(bare, "init", "-q")
-    _commit(bare, {"a.py": "x = 1\n" * 20}, "root only")  # a root commit has no parent
+    one = tmp_path / "one"
+    one.mkdir()
+    _git(one, "init", "-q")
+    _commit(one, {"a.py": "x = 1\n" * 20}, "root only")  # a root commit has no parent
     with pytest.raises(ValueError, match="no commit adds a file") as caught:
-        history.completion_cases(bare, [".py"], 5, 1, 0)
+        history.completion_cases(one, [".py"], 5, 1, 0)
     assert "\n" not in str(caught.value)
-    (bare / "sub").mkdir()
-    with pytest.raises(ValueError, match=r"inside the git repository .*one.* give that"):
-        history.completion_cases(bare / "sub", [".py"], 5, 1, 0)
+    (one / "sub").mkdir()
+    with pytest.raises(ValueError, match=r"inside the git repository .*one.* give that") as caught:
+        history.completion_cases(one / "sub", [".py"], 5, 1, 0)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_bare_clone_is_a_history_to_read(repo, tmp_path):
+    """A bare clone (a mirror: no work tree) gives the cases its repository gives."""
+    bare = tmp_path / "proj.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True)
+    ids = [case.id.split("@", 1)[1] for case in history.completion_cases(repo, [".py"], 10, 1, 0)]
+    assert [case.id.split("@", 1)[1]
+            for case in history.completion_cases(bare, [".py"], 10, 1, 0)] == ids
 
 
 # ---- Composers ----------------------------------------------------------------------------------

@@ -364,12 +364,14 @@ def test_a_mistyped_other_spelling_of_a_flag_is_answered_with_the_flag_help_show
 
 
 def test_every_unknown_flag_of_a_command_is_answered_at_once(capsys):
-    """Two mistyped flags (and their values, a negative number among them) are answered in one
-    line, each with its hint: no second run to find the second."""
+    """Three mistyped flags (and their values, negative numbers among them) are answered in
+    one line, each once with its hint: no second run to find the second; what follows -- is
+    an operand, no flag."""
     with pytest.raises(SystemExit):
-        plan.parse_config(["--progres", "--learning-rate", "-1", "--max-stepz", "3"])
+        plan.parse_config(["--progres", "--learning-rate", "-1", "--max-stepz", "-inf",
+                           "--progres", "--", "--not-a-flag"])
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err
+    assert "\n" not in err and err.count("--progres:") == 1 and "--not-a-flag" not in err
     assert "unknown flags --progres: did you mean --progress" in err
     assert "; --learning-rate: did you mean --lr?; --max-stepz: did you mean --max-steps" in err
 

@@ -373,11 +373,18 @@ def no_files_error(cfg: DataConfig) -> DataError:
 
 def _checkout_hint(sources: Sequence[str]) -> str:
     """A note naming the sources that are git clones without a checkout (only .git in them)."""
-    bare = [source for source in sources
-            if Path(source).is_dir() and [p.name for p in Path(source).iterdir()] == [".git"]]
+    bare = []
+    for source in sources:
+        try:
+            if Path(source).is_dir() and [p.name for p in Path(source).iterdir()] == [".git"]:
+                bare.append(source)
+        except OSError:  # unreadable: the error it is part of says enough
+            continue
     if not bare:
         return ""
-    return f"; {', '.join(bare)} holds only .git: a clone without a checkout (git checkout in it)"
+    holds = "holds" if len(bare) == 1 else "hold"
+    return (f"; {', '.join(bare)} {holds} only .git: a clone without a checkout (git checkout "
+            "in it)")
 
 
 _SOURCE_SUFFIXES = frozenset({".py", ".kt", ".kts", ".java", ".js", ".ts", ".tsx", ".jsx", ".go",

@@ -473,7 +473,8 @@ def where_set_in(args: Mapping[str, Any], section: str, rest: str | None = None,
     return where
 
 
-_NEGATIVE_NUMBER = re.compile(r"-\.?\d")  # a value among unrecognized arguments, not a flag
+# a value among unrecognized arguments, not a flag
+_NEGATIVE_NUMBER = re.compile(r"-(\.?\d|inf|nan)", re.IGNORECASE)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -488,10 +489,12 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         message = " ".join(message.split())  # one line, whatever a type's error holds
         unrecognized = re.match(r"unrecognized arguments: (.*)", message)
-        typed = [] if unrecognized is None else [
-            word.split("=")[0] for word in unrecognized[1].split()
-            if word.startswith("-") and not _NEGATIVE_NUMBER.match(word)]
-        if not typed:
+        words = [] if unrecognized is None else unrecognized[1].split()
+        words = words[: words.index("--")] if "--" in words else words  # operands follow --
+        typed = list(dict.fromkeys(
+            word.split("=")[0] for word in words
+            if word.startswith("-") and word != "-" and not _NEGATIVE_NUMBER.match(word)))
+        if not typed or not words[0].startswith("-"):  # a stray operand: argparse's words
             self._refuse(f"{message} (--help lists the flags)")
         if len(typed) == 1:
             self._refuse(f"unknown flag {typed[0]}{self._unknown_flag_hint(typed[0])}")

@@ -662,17 +662,19 @@ def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) 
     if cost.seconds > MAX_STEP_S:
         return (f"{step}, more than the {_minutes(MAX_STEP_S)} a run's step may take "
                 f"(attention grows with the square of the length): {shorter}")
-    if seconds_left is None or cost.seconds * FEWEST_BUDGET_STEPS <= seconds_left:
+    if seconds_left is None:
         return None
-    missing = cost.seconds * FEWEST_BUDGET_STEPS - seconds_left
-    more = f"raise --time-budget-min by {_minutes(missing)}"
+    missing_min = math.ceil((cost.seconds * FEWEST_BUDGET_STEPS - seconds_left) / 6) / 10
+    more = f"raise --time-budget-min by {missing_min:g} or more"
     if seconds_left <= 0:
         return (f"the time budget was spent before training (preparing the data, loading and "
-                f"timing the model), {_minutes(-seconds_left)} over it: {more} or more for "
+                f"timing the model), {_minutes(-seconds_left)} over it: {more} for "
                 f"{FEWEST_BUDGET_STEPS} steps (data prepared once is read from its cache)")
-    return (f"{step}, and the time budget has {_minutes(seconds_left)} left (what preparing "
-            f"the data and timing the model left of it), fewer than {FEWEST_BUDGET_STEPS} "
-            f"steps: {more} or more, or {shorter}")
+    if cost.seconds * FEWEST_BUDGET_STEPS > seconds_left:
+        return (f"{step}, and the time budget has {_minutes(seconds_left)} left (what preparing "
+                f"the data and timing the model left of it), fewer than {FEWEST_BUDGET_STEPS} "
+                f"steps: {more}, or {shorter}")
+    return None
 
 
 def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_bytes: float,
@@ -698,9 +700,12 @@ def _gib(n_bytes: float) -> str:
 
 
 def _minutes(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
-    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"
+    if seconds >= 10:
+        return f"{seconds:.0f} s"
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds:.2f} s"
 
 
 # ---- The time budget: steps that fill it, a decay that ends on time ----

@@ -215,22 +215,25 @@ class Sampler:
         work (a longer context fits them all; a lower max_completion_tokens only where every
         prompt leaves some room)."""
         need = self.settings.max_completion_tokens
-        lengths = {problem["task_id"]: len(self.prompt_ids(problem)) for problem in problems}
-        short = [task_id for task_id, length in lengths.items() if self.context - length < need]
+        # each distinct problem once: the training and validation problems may be the same ones
+        distinct = {(problem["task_id"], problem["prompt"]): problem for problem in problems}
+        lengths = [(len(self.prompt_ids(problem)), problem["task_id"])
+                   for problem in distinct.values()]
+        short = [task_id for length, task_id in lengths if self.context - length < need]
         if not short:
             return
-        longest = max(lengths, key=lengths.__getitem__)
+        longest, longest_id = max(lengths)
         named = ", ".join(short[:3]) + (", ..." if len(short) > 3 else "")
-        lower = self.context - lengths[longest]
-        fixes = [f"a context of {lengths[longest] + need} fits every one (--block-size from "
+        lower = self.context - longest
+        fixes = [f"a context of {longest + need} fits every one (--block-size from "
                  "scratch, a model of a longer context to start from)"]
         if lower >= 1:
             fixes.append(f"max_completion_tokens {lower} fits them in this one")
         none_left = ", no room for a completion" if lower < 1 else ""
-        raise ValueError(f"{len(short)} of {len(problems)} problems ({named}) leave less than "
+        raise ValueError(f"{len(short)} of {len(distinct)} problems ({named}) leave less than "
                          f"{setting(self.settings, 'max_completion_tokens')} positions "
                          f"for a completion after their prompt in the model's {self.context} "
-                         f"(the longest prompt, {longest}, takes {lengths[longest]}{none_left}): "
+                         f"(the longest prompt, {longest_id}, takes {longest}{none_left}): "
                          f"{'; or '.join(fixes)}; or drop those problems")
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -104,20 +104,23 @@ def _encode(lm: LoadedModel, text: str) -> list[int]:
 def _fitting(lm: LoadedModel, cases: Sequence[dict], indexes: dict, budget: int
              ) -> list[dict]:
     """The cases whose openings leave a prompt of ``budget`` tokens room for two of the file's;
-    the others are named on stderr (a model of a short context and a long path), and none
-    fitting is an error."""
-    fitting = [case for case in cases
-               if budget - indexes[case["id"]].openings_length(case["path"]) >= 2]
+    the others are counted and their first paths named on stderr (a model of a short context
+    and a long path), and none fitting is an error naming the longest path."""
+    openings = {case["id"]: indexes[case["id"]].openings_length(case["path"]) for case in cases}
+    fitting = [case for case in cases if budget - openings[case["id"]] >= 2]
     if len(fitting) == len(cases):
         return fitting
-    longest = max(indexes[case["id"]].openings_length(case["path"]) for case in cases)
-    why = (f"the repository's name and a file's path take up to {longest} tokens of the "
-           f"{budget} a prompt of {lm.label} may have")
+    longest = max(cases, key=lambda case: openings[case["id"]])
+    why = (f"the repository's name and the file's path take up to {openings[longest['id']]} "
+           f"tokens ({longest['path']}) of the {budget} a prompt of {lm.label} may have")
     if not fitting:
-        raise ValueError(f"project-completion: {why}, no room for a file's code: evaluate a "
-                         "model of a longer context (--block-size from scratch)")
-    print(f"project-completion: {lm.label}: {len(cases) - len(fitting)} of {len(cases)} "
-          f"completion files left out: {why}", file=sys.stderr)
+        raise ValueError(f"project-completion: {why}, no room for a file's code: a longer "
+                         "--block-size (up to the model's context), or a model of a longer "
+                         "context")
+    left_out = [case["path"] for case in cases if budget - openings[case["id"]] < 2]
+    named = ", ".join(left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+    print(f"project-completion: {lm.label}: {len(left_out)} of {len(cases)} completion files "
+          f"left out ({named}): {why}", file=sys.stderr)
     return fitting
 
 
@@ -248,7 +251,8 @@ def run_project(lm: LoadedModel, cases: Sequence[dict], cfg: ProjectSettings
     metrics.update({f"chosen/{k.split('/', 1)[1]}": v for k, v in list(metrics.items())
                     if k.startswith(f"{chosen}/")})
     records.append({"model": lm.label, "task": "project-completion", "variant": None,
-                    "id": "composer", "perplexity": perplexity, "chosen": chosen})
+                    "id": "composer", "perplexity": perplexity, "chosen": chosen,
+                    "cases": [case["id"] for case in cases]})
     print(category_table(metrics, composers, lm.label), file=sys.stderr)
     return metrics, records
 
