@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -353,12 +354,19 @@ def test_a_directory_without_git_and_a_history_without_adding_commits_are_one_li
 
 
 def test_a_bare_clone_is_a_history_to_read(repo, tmp_path):
-    """A bare clone (a mirror: no work tree) gives the cases its repository gives."""
+    """A bare clone (a mirror: no work tree) gives the cases its repository gives; a folder
+    inside a git directory (a bare one's, or a work tree's .git) is refused, naming the
+    repository to give."""
     bare = tmp_path / "proj.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True)
     ids = [case.id.split("@", 1)[1] for case in history.completion_cases(repo, [".py"], 10, 1, 0)]
     assert [case.id.split("@", 1)[1]
             for case in history.completion_cases(bare, [".py"], 10, 1, 0)] == ids
+    for inside, repository in [(bare / "refs", bare), (repo / ".git", repo),
+                               (repo / ".git" / "refs", repo)]:
+        named = re.escape(f"inside the git repository {repository.resolve()},")
+        with pytest.raises(ValueError, match=named):
+            history.completion_cases(inside, [".py"], 10, 1, 0)
 
 
 # ---- Composers ----------------------------------------------------------------------------------

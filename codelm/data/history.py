@@ -311,6 +311,21 @@ class CompletionCase:
         return f"{self.repo}@{self.commit[:12]}:{self.path}"
 
 
+def _repository_directory(root: Path) -> Path:
+    """The directory of the git repository that holds ``root``: its work tree's top, a bare
+    repository's own directory, or the work tree whose .git directory ``root`` is in."""
+    def rev_parse(option: str) -> str | None:
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", option],
+                              capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = rev_parse("--show-toplevel")  # none inside a git directory
+    if top is not None:
+        return Path(top).resolve()
+    git_dir = Path(rev_parse("--absolute-git-dir") or root).resolve()
+    return git_dir if rev_parse("--is-bare-repository") == "true" else git_dir.parent
+
+
 class GitRepo:
     """A git repository read through the ``git`` command: its commits and blobs (each blob's
     text read once)."""
@@ -324,11 +339,10 @@ class GitRepo:
         if done.returncode != 0:
             raise ValueError(f"{root}: not a git repository (git rev-parse finds none); give "
                              "the directory of a git clone")
-        top = subprocess.run(["git", "-C", str(self.root), "rev-parse", "--show-toplevel"],
-                             capture_output=True, text=True)  # fails in a bare repository
-        if top.returncode == 0 and Path(top.stdout.strip()).resolve() != self.root.resolve():
-            raise ValueError(f"{root}: inside the git repository {top.stdout.strip()}, whose "
-                             "whole history would be read; give that directory")
+        repository = _repository_directory(self.root)
+        if repository != self.root.resolve():
+            raise ValueError(f"{root}: inside the git repository {repository}, whose whole "
+                             "history would be read; give that directory")
         self.name = self.root.resolve().name
         self._blobs: dict[str, str | None] = {}
 
