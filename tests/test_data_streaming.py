@@ -669,7 +669,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import dataset
 import codelm.tokenization.batching as batching
-batching._MIN_PARALLEL_CHARS = 0  # the email corpus is encoded on the pool
+batching.MIN_PARALLEL_CHARS = 0  # the email corpus is encoded on the pool
 dataset.TOKEN_SHARD_CHARS = 40_000
 ready, argv = Path(sys.argv[2]), sys.argv[3:]
 packed = dataset._packed_documents

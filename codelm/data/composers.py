@@ -269,8 +269,9 @@ class _Bm25:
         df = np.bincount(terms, minlength=len(term_index))
         idf = np.log(1 + (n - df + 0.5) / (df + 0.5))
         weights = tf / (tf + norm[rows])
-        ends = np.cumsum(df).tolist()
-        starts = (np.cumsum(df) - df).tolist()
+        ends_array = np.cumsum(df)
+        ends = ends_array.tolist()
+        starts = (ends_array - df).tolist()
         idfs = idf.tolist()
         self.postings: dict[str, tuple[np.ndarray, float, np.ndarray]] = {}
         for term, k in term_index.items():

@@ -30,12 +30,10 @@ from codelm.data.composers import RepositoryIndex, Tokenizer, compose
 from codelm.data.config import DataConfig
 from codelm.data.sources import Doc
 from codelm.runtime import process
-from codelm.tokenization.batching import encode_continuation
+from codelm.tokenization.batching import MIN_PARALLEL_CHARS, encode_continuation
 
 # (prompt ids, completion ids, EOS follows, the prompt's span truncation cuts first)
 Pair = tuple[list[int], list[int], bool, tuple[int, int]]
-# Documents of fewer characters are composed in this process: starting workers costs more.
-MIN_PARALLEL_CHARS = 1 << 20
 # Units of work a worker gets on average: a large repository's files spread over the workers.
 UNITS_PER_WORKER = 4
 

@@ -13,8 +13,9 @@ from typing import TypeVar
 
 from codelm.runtime import process
 
-# Texts shorter than this in total are encoded in-process: starting workers would cost more.
-_MIN_PARALLEL_CHARS = 1 << 20
+# Texts shorter than this in total are worked on in-process (encoded here, a project's examples
+# composed): starting workers would cost more.
+MIN_PARALLEL_CHARS = 1 << 20
 # Distinct pieces remembered per tokenizer; code repeats its words, so this is rarely reached.
 _MAX_CACHE_ENTRIES = 1 << 20
 # A longer piece (a blob, a minified line) is encoded each time, not kept: a million of them
@@ -76,7 +77,7 @@ class BatchEncoder:
         self._ending.__exit__(*exc)
 
     def _in_process(self, texts: Sequence[str]) -> bool:
-        return self.workers == 1 or len(texts) < 2 or sum(map(len, texts)) < _MIN_PARALLEL_CHARS
+        return self.workers == 1 or len(texts) < 2 or sum(map(len, texts)) < MIN_PARALLEL_CHARS
 
     def arrays(self, texts: Sequence[str], add_special_tokens: bool = False,
                split_special_tokens: bool = False) -> list[array]:
