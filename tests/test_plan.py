@@ -45,6 +45,24 @@ def test_fit_budget_plans_the_steps_and_a_clock_that_keeps_the_budget():
     assert clock.decay_due(step=1, now=train_s * (1 - plan.DECAY_SHARE))  # a slowed machine
 
 
+@pytest.mark.parametrize(("eval_s", "evaluations"), [(1.0, 4), (10.0, 2), (62.0, 1)])
+def test_a_slow_evaluation_gets_fewer_evaluations_and_the_steps_keep_the_budget(eval_s,
+                                                                              evaluations):
+    """Four evaluations where they fit in EVAL_SHARE of the training time, fewer (at least the
+    last) where one takes long: the steps then fill the rest of the budget, never one step
+    evaluated after the next."""
+    from codelm.trainconfig import TrainConfig
+
+    cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
+    sized, _, train_s, _ = plan.fit_budget(cfg, now=0.0, seconds_left=100.0, step_s=0.1,
+                                           eval_s=eval_s, data_steps=10**6)
+    assert plan.evaluations_that_fit(train_s, eval_s) == evaluations
+    assert sized.max_steps == sized.eval_every * evaluations
+    steps_s = sized.max_steps * 0.1
+    assert train_s * (1 - plan.DRIFT_SHARE) - evaluations * eval_s - 0.1 * evaluations < steps_s
+    assert steps_s + evaluations * eval_s <= train_s
+
+
 @pytest.mark.parametrize("data_steps", [1, 2, 3])
 def test_a_budget_the_data_ends_within_fewer_steps_than_its_evaluations_adds_none(data_steps):
     """MAX_EPOCHS of a tiny split in 1 to 3 steps: the run takes those steps, each evaluated,

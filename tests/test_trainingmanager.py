@@ -1845,6 +1845,32 @@ def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_pa
         plan.validate_config(trainconfig.TrainConfig(time_budget_min=None, max_steps=5))
 
 
+def test_a_budget_times_an_evaluation_after_one_that_warms_it_up(assets, tmp_path, monkeypatch,
+                                                                 capsys):
+    """The first evaluation of the timing copy (a compiled model compiles its evaluation then:
+    here 1,000 s on a fake clock) is not the measure: each later batch takes 0.5 s, and the plan
+    keeps its four evaluations."""
+    now = _one_second_a_step(monkeypatch)
+    evaluate = trainer_module.Trainer.evaluate
+    calls = []
+
+    def timed(self, batches, total=None):
+        calls.append(total)
+        now[0] += 1000.0 if len(calls) == 1 else 0.5
+        return evaluate(self, batches, total)
+
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", timed)
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 600.0)
+    cfg = tiny_cfg(assets, tmp_path, name="warm", time_budget_min=10.0, warmup_steps=None,
+                   max_steps=None, eval_every=None, save_every=None, max_time_s=5.0)
+    tm.train(cfg)
+    out = capsys.readouterr().out
+    eval_s = float(re.search(r"([\d.]+) s an evaluation", out).group(1))
+    assert calls[:2] == [1, 1] and 0 < eval_s < 1000.0
+    planned = re.search(r"-> max_steps (\d+), eval_every (\d+)", out)
+    assert int(planned.group(1)) == plan.EVALS_IN_BUDGET * int(planned.group(2))
+
+
 def test_a_time_budget_larger_than_the_data_ends_after_max_epochs(assets, tmp_path, monkeypatch,
                                                                   capsys):
     """A budget that would train past MAX_EPOCHS epochs of the data (a GPU on the stdlib) stops

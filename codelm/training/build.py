@@ -513,6 +513,10 @@ def size_to_budget(cfg: TrainConfig, model: nn.Module, batches: Batches, device:
             end = (f"{MAX_EPOCHS} epochs of the training data end the run before its budget "
                    f"(more data, --data, would use the rest), unless the machine slows: then "
                    f"{end}")
+        evaluations = plan.evaluations_that_fit(budget.train_s, eval_s)
+        if evaluations < plan.EVALS_IN_BUDGET:
+            end = (f"{evaluations} evaluation{'s' if evaluations > 1 else ''}, at most "
+                   f"{plan.EVAL_SHARE:.0%} of the training time; {end}")
         print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
               f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {device.type} -> "
               f"max_steps {sized.max_steps}, eval_every {sized.eval_every}, warmup_steps "
@@ -524,7 +528,8 @@ def size_to_budget(cfg: TrainConfig, model: nn.Module, batches: Batches, device:
 def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: torch.device,
                 dist: Dist) -> tuple[float, float]:
     """Seconds a step and a whole evaluation take, timed on a copy of the model after three
-    warm-up steps; the RNG state is restored, so the run draws what it would have drawn."""
+    warm-up steps (and one evaluated batch); the RNG state is restored, so the run draws what it
+    would have drawn."""
     saved = rng_state(device)
     probe = task_trainer(dataclasses.replace(cfg, warmup_steps=0), copy.deepcopy(model), device,
                          dist, None, RunState(max_steps=10**9))
@@ -539,8 +544,10 @@ def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: to
                                  partial(broadcast, dist=dist))
     val, n = own.validation()
     first = next(val, None)  # a process may hold no validation batch
+    batch = [] if first is None else [first]
+    probe.evaluate(batch, total=len(batch))  # warm-up: a compiled model compiles its evaluation
     start = time.perf_counter()
-    probe.evaluate([] if first is None else [first], total=0 if first is None else 1)
+    probe.evaluate(batch, total=len(batch))
     eval_s = (time.perf_counter() - start) * n
     set_rng_state(saved, device)
     return step_s, eval_s

@@ -711,6 +711,9 @@ def _minutes(seconds: float) -> str:
 # ---- The time budget: steps that fill it, a decay that ends on time ----
 
 EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
+# The most of a budgeted run's training time its evaluations take: fewer of them where a slow
+# evaluation would take more.
+EVAL_SHARE = 0.25
 # The share of a budget kept for the end: the export and sample, and the final evaluation.
 END_SHARE = 0.02
 FINAL_EVAL_SHARE = 0.04
@@ -761,6 +764,13 @@ class Budget(NamedTuple):
     data_bound: bool  # MAX_EPOCHS of the data end the run before the budget would
 
 
+def evaluations_that_fit(train_s: float, eval_s: float) -> int:
+    """A budgeted run's evaluations: EVALS_IN_BUDGET, fewer (at least the last) where they would
+    take more than EVAL_SHARE of its ``train_s`` seconds of training at ``eval_s`` each."""
+    fit = int(EVAL_SHARE * train_s / eval_s) if eval_s > 0 else EVALS_IN_BUDGET
+    return max(1, min(EVALS_IN_BUDGET, fit))
+
+
 def fit_budget(cfg: TrainConfig, now: float, seconds_left: float, step_s: float, eval_s: float,
                data_steps: int) -> Budget:
     """``cfg`` with max_steps, eval_every and warmup_steps filling ``seconds_left`` of its time
@@ -768,13 +778,14 @@ def fit_budget(cfg: TrainConfig, now: float, seconds_left: float, step_s: float,
     config.json then reproduces the run. ``now``: the clock's time; ``data_steps``: the steps of
     MAX_EPOCHS."""
     train_s = seconds_left * (1 - END_SHARE - (FINAL_EVAL_SHARE if has_final_eval(cfg) else 0))
-    steps = max(1, int((train_s * (1 - DRIFT_SHARE) - EVALS_IN_BUDGET * eval_s) / step_s))
+    evaluations = evaluations_that_fit(train_s, eval_s)
+    steps = max(1, int((train_s * (1 - DRIFT_SHARE) - evaluations * eval_s) / step_s))
     data_bound = data_steps < steps and not cfg.overfit_batches
     if data_bound:  # the run ends early, on its plan
         steps = data_steps
-    every = max(1, steps // EVALS_IN_BUDGET)
-    if steps >= EVALS_IN_BUDGET:  # fewer steps: each one evaluated, none added
-        steps = every * EVALS_IN_BUDGET
+    every = max(1, steps // evaluations)
+    if steps >= evaluations:  # fewer steps: each one evaluated, none added
+        steps = every * evaluations
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_SHARE * steps)
     decay = cfg.decay_steps or max(1, int(DECAY_SHARE * steps))
     sized = replace(cfg, time_budget_min=None, max_steps=steps, eval_every=every,
