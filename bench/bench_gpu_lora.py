@@ -13,7 +13,8 @@ bitsandbytes where they install, in one run (needs a CUDA GPU; --dry-run checks 
          ``--compile`` trains; --checkpointed families: compiled with gradient checkpointing too
          (``--gradient-checkpointing``: the activations recomputed in the backward).
   nf4    Phi-1.5's shape on a 4-bit NF4 base (bf16 compute): codelm's quantize_base against
-         bitsandbytes' Linear4bit, the same step.
+         bitsandbytes' Linear4bit, the same step; with phi in --compiled / --checkpointed,
+         codelm's NF4 compiled (and with gradient checkpointing) too.
   long   Llama-3.2-1B with LoRA at 8,192 and 16,384 tokens, bf16 base, gradient checkpointing:
          codelm (and with its activations offloaded to pinned host memory) against
          transformers + PEFT.
@@ -38,6 +39,7 @@ import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -282,6 +284,23 @@ def bench_lora(args) -> dict:
     return table
 
 
+class CompiledRow(NamedTuple):
+    key: str  # the result's key after "codelm bf16 " / "codelm nf4 "
+    label: str
+    setting: Setting
+
+
+def compiled_rows(family: str, args) -> list[CompiledRow]:
+    """codelm's compiled settings asked for ``family`` (--compiled, --checkpointed), in bf16."""
+    rows = []
+    if family in args.compiled:
+        rows.append(CompiledRow("compiled", "compiled", dataclasses.replace(BF16, compiled=True)))
+    if family in args.checkpointed:
+        checkpointed = dataclasses.replace(BF16, compiled=True, checkpointing=True)
+        rows.append(CompiledRow("compiled checkpointed", "compiled, checkpointed", checkpointed))
+    return rows
+
+
 def lora_family(family: str, ckpt: Path, args) -> dict:
     """Every library in each chosen setting on one family's checkpoint."""
     vocab = MODELS[family][1]["vocab_size"]
@@ -294,14 +313,10 @@ def lora_family(family: str, ckpt: Path, args) -> dict:
                                              setting, vocab, steps)
         out[f"codelm {setting.name}"] = measured("codelm", partial(load_codelm, ckpt, setting),
                                                  setting, vocab, steps)
-    compiled_rows = (  # (families, result key, label, checkpointing)
-        (args.compiled, "codelm bf16 compiled", "codelm compiled", False),
-        (args.checkpointed, "codelm bf16 compiled checkpointed",
-         "codelm compiled, checkpointed", True))
-    for families, key, label, checkpointing in compiled_rows:
-        if family in families:
-            setting = dataclasses.replace(BF16, compiled=True, checkpointing=checkpointing)
-            out[key] = measured(label, partial(load_codelm, ckpt, setting), setting, vocab, steps)
+    for row in compiled_rows(family, args):
+        out[f"codelm bf16 {row.key}"] = measured(f"codelm {row.label}",
+                                                 partial(load_codelm, ckpt, row.setting),
+                                                 row.setting, vocab, steps)
     if not args.liger:
         reason = "not run (--no-liger)"
     elif "bf16" not in args.settings:
@@ -334,11 +349,16 @@ def bench_nf4(args) -> dict:
                "bnb nf4": bnb or measured("bitsandbytes NF4+PEFT",
                                           partial(load_hf, ckpt, BF16, bnb_4bit=True), BF16,
                                           vocab, args.steps)}
-    ours, theirs = out["codelm nf4"], out["bnb nf4"]
-    if isinstance(ours, Result) and isinstance(theirs, Result):
-        print(f"  step time codelm / bitsandbytes: "
-              f"{theirs.tokens_per_s / ours.tokens_per_s:.2f}; memory "
-              f"{ours.peak_gib / theirs.peak_gib:.2f}")
+        for row in compiled_rows(family, args):
+            out[f"codelm nf4 {row.key}"] = measured(f"codelm NF4 {row.label}",
+                                                    partial(load_codelm, ckpt, row.setting, 4),
+                                                    row.setting, vocab, args.steps)
+    theirs = out["bnb nf4"]
+    for key, ours in out.items():
+        if key.startswith("codelm") and isinstance(ours, Result) and isinstance(theirs, Result):
+            print(f"  {key}: step time / bitsandbytes' {theirs.tokens_per_s / ours.tokens_per_s:.2f}"
+                  f", speed {ours.tokens_per_s / theirs.tokens_per_s:.2f}x, memory "
+                  f"{ours.peak_gib / theirs.peak_gib:.2f}x")
     return out
 
 
@@ -414,11 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", default=list(MODELS), choices=list(MODELS),
                         help="lora: the seeds' models (default: all five)")
     parser.add_argument("--compiled", nargs="*", default=["llama"], choices=list(MODELS),
-                        help="lora: families also timed with codelm compiled (bf16; default: "
-                             "llama)")
+                        help="lora, nf4 (phi): families also timed with codelm compiled (bf16; "
+                             "default: llama)")
     parser.add_argument("--checkpointed", nargs="*", default=[], choices=list(MODELS),
-                        help="lora: families also timed compiled with gradient checkpointing "
-                             "(bf16; default: none)")
+                        help="lora, nf4 (phi): families also timed compiled with gradient "
+                             "checkpointing (bf16; default: none)")
     parser.add_argument("--settings", nargs="+", default=["fp16", "bf16"],
                         choices=["fp16", "bf16"],
                         help="lora: the eager settings timed (default: both; the compiled rows "
