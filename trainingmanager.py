@@ -123,8 +123,9 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         signals = StopSignals(trainer.droppable, ends_process)
         result = TrainResult(record.run_dir, s.best_val_loss, s.step)
         clock, stop = run.clock, None
-        # A budget's end: past it the run stops, a decay the machine slowed down cut short.
-        deadline = None if clock is None else clock.train_until
+        # A budget's steps end: past it the run stops, a decay the machine slowed down cut
+        # short, and its last evaluation still ends within the budget.
+        deadline = None if clock is None else clock.steps_until
         raised: BaseException | None = None  # what ends the loop, if anything does
         try:
             result.early_stopped = s.out_of_patience(loop.early_stop_patience)
@@ -319,12 +320,13 @@ def _follow_clock(run: Run, clock: BudgetClock, progress: Progress) -> BudgetClo
 
 def _start_decay(run: Run, clock: BudgetClock, progress: Progress) -> None:
     """A budgeted run at its decay's start: the decay takes the steps that fit in the time left
-    at the rate measured so far (evaluations included), which fixes the run's length, and
-    config.json records it, which reproduces the run (the lr is the peak's until the decay
-    starts, whatever the length)."""
+    at the rate its steps ran so far (evaluating and saving left out; the clock counts the
+    evaluations due), which fixes the run's length, and config.json records it, which
+    reproduces the run (the lr is the peak's until the decay starts, whatever the length)."""
     s, trainer = run.state, run.trainer
     now = time.perf_counter()
-    step_s = (now - progress.started) / max(1, s.step - progress.first_step)
+    trained_s = now - progress.started - progress.paused_s
+    step_s = trained_s / max(1, s.step - progress.first_step)
     decay = distributed.broadcast(clock.decay_steps(s.step, now, step_s), trainer.dist)
     s.max_steps = s.step + decay
     trainer.decay_steps = decay

@@ -21,6 +21,12 @@ def test_the_budget_clock_starts_the_decay_by_the_clock_or_at_the_data_s_end():
     assert clock.decay_steps(step=500, now=80.0, step_s=0.5) == 38
     assert clock.decay_steps(step=990, now=80.0, step_s=0.5) == 10
     assert clock.decay_steps(step=500, now=100.0, step_s=0.5) == 1
+    # 5 s an evaluation, every 10 steps, and the last's 5 s kept: 14.25 s for the steps of the
+    # decay and the evaluations due among them: 18 steps (steps 510 evaluates), not 28
+    evaluating = plan.BudgetClock(decay_at=80.0, train_until=100.0, planned_decay=10,
+                                  last_step=1000, eval_s=5.0, eval_every=10)
+    assert evaluating.steps_until == 95.0
+    assert evaluating.decay_steps(step=500, now=80.0, step_s=0.5) == 18
 
 
 def test_fit_budget_plans_the_steps_and_a_clock_that_keeps_the_budget():
@@ -30,13 +36,15 @@ def test_fit_budget_plans_the_steps_and_a_clock_that_keeps_the_budget():
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
-    sized, clock, train_s, _ = plan.fit_budget(cfg, now=1000.0, seconds_left=100.0, step_s=1.0,
+    sized, clock, train_s, _, _ = plan.fit_budget(cfg, now=1000.0, seconds_left=100.0, step_s=1.0,
                                                eval_s=1.0, data_steps=10**6)
     assert train_s == pytest.approx(100.0 * (1 - plan.END_SHARE))
     assert sized.max_steps % plan.EVALS_IN_BUDGET == 0 and sized.time_budget_min is None
-    assert clock.decay_at == pytest.approx(1000.0 + train_s * (1 - plan.DECAY_SHARE))
+    # the steps' time (the last evaluation's kept out) decays in its last fifth
+    assert clock.decay_at == pytest.approx(1000.0 + (train_s - 1.0) * (1 - plan.DECAY_SHARE))
     assert clock.train_until == pytest.approx(1000.0 + train_s)
-    sized, clock, train_s, data_bound = plan.fit_budget(cfg, now=0.0, seconds_left=100.0,
+    assert clock.steps_until == pytest.approx(1000.0 + train_s - 1.0)
+    sized, clock, train_s, data_bound, _ = plan.fit_budget(cfg, now=0.0, seconds_left=100.0,
                                                         step_s=1.0, eval_s=1.0, data_steps=40)
     assert (sized.max_steps, clock.last_step, data_bound) == (40, 40, True)
     decay_from = 40 - sized.decay_steps
@@ -45,22 +53,39 @@ def test_fit_budget_plans_the_steps_and_a_clock_that_keeps_the_budget():
     assert clock.decay_due(step=1, now=train_s * (1 - plan.DECAY_SHARE))  # a slowed machine
 
 
-@pytest.mark.parametrize(("eval_s", "evaluations"), [(1.0, 4), (10.0, 2), (62.0, 1)])
+@pytest.mark.parametrize(("eval_s", "evaluations"), [(1.0, 4), (10.0, 2), (30.0, 1), (62.0, 1)])
 def test_a_slow_evaluation_gets_fewer_evaluations_and_the_steps_keep_the_budget(eval_s,
                                                                               evaluations):
-    """Four evaluations where they fit in EVAL_SHARE of the training time, fewer (at least the
-    last) where one takes long: the steps then fill the rest of the budget, never one step
-    evaluated after the next."""
+    """Four evaluations where they fit in EVAL_SHARE of the training time, fewer where one takes
+    long, down to the last alone, which no step before the end makes (eval_every beyond the
+    run's reach): the steps fill the rest of the budget, and the clock keeps the last
+    evaluation's time after the steps."""
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
-    sized, _, train_s, _ = plan.fit_budget(cfg, now=0.0, seconds_left=100.0, step_s=0.1,
-                                           eval_s=eval_s, data_steps=10**6)
-    assert plan.evaluations_that_fit(train_s, eval_s) == evaluations
-    assert sized.max_steps == sized.eval_every * evaluations
+    sized, clock, train_s, _, planned = plan.fit_budget(cfg, now=0.0, seconds_left=100.0,
+                                                        step_s=0.1, eval_s=eval_s,
+                                                        data_steps=10**6)
+    assert planned == evaluations
+    assert evaluations * eval_s <= plan.EVAL_SHARE * train_s or evaluations == 1
     steps_s = sized.max_steps * 0.1
     assert train_s * (1 - plan.DRIFT_SHARE) - evaluations * eval_s - 0.1 * evaluations < steps_s
     assert steps_s + evaluations * eval_s <= train_s
+    if evaluations > 1:
+        assert sized.max_steps == sized.eval_every * evaluations
+    else:
+        assert sized.eval_every > clock.last_step
+    assert sized.save_every == sized.max_steps // plan.EVALS_IN_BUDGET  # checkpoints as planned
+    assert clock.steps_until == pytest.approx(train_s - eval_s)
+
+
+def test_a_budget_that_one_evaluation_fills_is_refused():
+    """One evaluation and FEWEST_BUDGET_STEPS steps beyond the training time: a one-line
+    refusal naming both ways out; within it, none."""
+    refusal = plan.eval_refusal(train_s=100.0, eval_s=95.0, step_s=1.0)
+    assert "evaluation" in refusal and "--time-budget-min" in refusal
+    assert "--eval-examples" in refusal and "\n" not in refusal
+    assert plan.eval_refusal(train_s=100.0, eval_s=50.0, step_s=1.0) is None
 
 
 @pytest.mark.parametrize("data_steps", [1, 2, 3])
@@ -70,7 +95,7 @@ def test_a_budget_the_data_ends_within_fewer_steps_than_its_evaluations_adds_non
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
-    sized, clock, _, data_bound = plan.fit_budget(cfg, now=0.0, seconds_left=100.0, step_s=1.0,
+    sized, clock, _, data_bound, _ = plan.fit_budget(cfg, now=0.0, seconds_left=100.0, step_s=1.0,
                                                   eval_s=1.0, data_steps=data_steps)
     assert (sized.max_steps, sized.eval_every, clock.last_step, data_bound) == (
         data_steps, 1, data_steps, True)

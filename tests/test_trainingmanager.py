@@ -1821,8 +1821,12 @@ def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_pa
     train_s = 60 * (1 - plan.END_SHARE)  # no export: no final evaluation
     every = int(train_s * (1 - plan.DRIFT_SHARE) - plan.EVALS_IN_BUDGET * 2.0) // plan.EVALS_IN_BUDGET
     planned = every * plan.EVALS_IN_BUDGET
-    decay_start = math.ceil(train_s * (1 - plan.DECAY_SHARE))  # the clock: 1 s a step
-    decay = int((train_s - decay_start) * (1 - plan.DRIFT_SHARE))
+    steps_s = train_s - 2.0  # the last evaluation's time kept after the steps
+    decay_start = math.ceil(steps_s * (1 - plan.DECAY_SHARE))  # the clock: 1 s a step
+    left = (steps_s - decay_start) * (1 - plan.DRIFT_SHARE)
+    decay = int(left)  # less each evaluation due within it (2 s as measured)
+    while decay + 2.0 * ((decay_start + decay) // every - decay_start // every) > left:
+        decay -= 1
     out = capsys.readouterr().out
     assert timed and "time budget 1 min, 60 s left after setup: 1.000 s a step" in out
     assert (f"max_steps {planned}, eval_every {every}, warmup_steps {int(plan.WARMUP_SHARE * planned)}"
@@ -1869,6 +1873,48 @@ def test_a_budget_times_an_evaluation_after_one_that_warms_it_up(assets, tmp_pat
     assert calls[:2] == [1, 1] and 0 < eval_s < 1000.0
     planned = re.search(r"-> max_steps (\d+), eval_every (\d+)", out)
     assert int(planned.group(1)) == plan.EVALS_IN_BUDGET * int(planned.group(2))
+
+
+@pytest.mark.parametrize(("eval_s", "evaluations"), [(10.0, 2), (30.0, 1)])
+def test_a_run_with_slow_evaluations_makes_those_it_planned_and_ends_within_its_budget(
+        eval_s, evaluations, assets, tmp_path, monkeypatch, capsys):
+    """1 s a step and ``eval_s`` an evaluation on a fake clock, as measured: the plan's
+    evaluations, the last at the run's end (the clock's decay keeps its time), and the run ends
+    finished within its budget's training time."""
+    now = _one_second_a_step(monkeypatch)
+    evaluate = trainer_module.Trainer.evaluate
+    evaluated_at = []
+
+    def timed(self, batches, total=None):
+        now[0] += eval_s
+        evaluated_at.append(now[0])
+        return evaluate(self, batches, total)
+
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", timed)
+    monkeypatch.setattr(build, "time_a_step", lambda *args: (1.0, eval_s))
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 120.0)
+    cfg = tiny_cfg(assets, tmp_path, name=f"slow{evaluations}", time_budget_min=2.0,
+                   warmup_steps=None, max_steps=None, eval_every=None, save_every=None)
+    run = tm.train(cfg)
+    out = capsys.readouterr().out
+    train_s = 120.0 * (1 - plan.END_SHARE)  # no export: no final evaluation
+    assert len(evaluated_at) == evaluations and not run.stopped_by_budget
+    assert run.step == json.loads((run.run_dir / "config.json").read_text())["max_steps"]
+    assert now[0] <= train_s
+    if evaluations == 1:
+        assert "one evaluation, at the end" in out and "over 25%" in out
+
+
+def test_a_budget_one_evaluation_would_fill_is_refused_before_training(assets, tmp_path,
+                                                                        monkeypatch):
+    """An evaluation that takes most of a budget's training time (100 s of 120): refused in
+    one line naming --time-budget-min and --eval-examples, before any step."""
+    monkeypatch.setattr(build, "time_a_step", lambda *args: (1.0, 100.0))
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 120.0)
+    cfg = tiny_cfg(assets, tmp_path, name="evalbound", time_budget_min=2.0, warmup_steps=None,
+                   max_steps=None, eval_every=None, save_every=None)
+    with pytest.raises(ValueError, match=r"evaluation.*--time-budget-min.*--eval-examples"):
+        tm.train(cfg)
 
 
 def test_a_time_budget_larger_than_the_data_ends_after_max_epochs(assets, tmp_path, monkeypatch,
@@ -1990,7 +2036,7 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
     monkeypatch.setattr(trainconfig, "BUDGET_LADDER", ladder)
     monkeypatch.setattr(build, "measure_speed", probe)
     monkeypatch.setattr(build, "time_a_step", lambda *args: (0.5, 2.0))
-    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 12.0)
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 20.0)
     cfg = tiny_cfg(assets, tmp_path, name="auto", preset="auto", time_budget_min=1.0,
                    block_size=None, batch_size=None, lr=None, warmup_steps=None, max_steps=None)
     first = tm.train(cfg)

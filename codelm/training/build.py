@@ -506,6 +506,11 @@ def size_to_budget(cfg: TrainConfig, model: nn.Module, batches: Batches, device:
     left = broadcast(budget_left(cfg, created), dist)  # one plan for every process
     budget = plan.fit_budget(cfg, time.perf_counter(), left, step_s, eval_s,
                              batches.steps_for(MAX_EPOCHS))
+    refusal = plan.eval_refusal(budget.train_s, eval_s, step_s)
+    if refusal is not None and not cfg.force:
+        raise ValueError(f"{refusal}; or --force to train it anyway")
+    if refusal is not None and dist.main:
+        print(f"warning: {refusal}; training it anyway (--force)", file=sys.stderr)
     sized = budget.cfg
     if dist.main:
         end = "the decay starts by the clock and is timed then"
@@ -513,10 +518,11 @@ def size_to_budget(cfg: TrainConfig, model: nn.Module, batches: Batches, device:
             end = (f"{MAX_EPOCHS} epochs of the training data end the run before its budget "
                    f"(more data, --data, would use the rest), unless the machine slows: then "
                    f"{end}")
-        evaluations = plan.evaluations_that_fit(budget.train_s, eval_s)
-        if evaluations < plan.EVALS_IN_BUDGET:
-            end = (f"{evaluations} evaluation{'s' if evaluations > 1 else ''}, at most "
-                   f"{plan.EVAL_SHARE:.0%} of the training time; {end}")
+        if budget.evaluations < min(plan.EVALS_IN_BUDGET, sized.max_steps):
+            which = ("one evaluation, at the end" if budget.evaluations == 1
+                     else f"{budget.evaluations} evaluations, the last at the end")
+            end = (f"{which}: {plan.EVALS_IN_BUDGET} would take over {plan.EVAL_SHARE:.0%} of "
+                   f"the training time; {end}")
         print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
               f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {device.type} -> "
               f"max_steps {sized.max_steps}, eval_every {sized.eval_every}, warmup_steps "

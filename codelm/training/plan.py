@@ -732,12 +732,20 @@ class BudgetClock:
     """A budgeted run's stable phase ends by the clock, whatever the first measure of the
     machine said: at ``decay_at`` (time.perf_counter), or at ``last_step`` minus the planned
     decay, whichever comes first; the decay then takes the steps that fit until
-    ``train_until`` at the speed measured so far, and the run's length is fixed from there."""
+    ``steps_until`` at the speed of its steps so far, with the evaluations due among them, and
+    the run's length is fixed from there. The last evaluation ends by ``train_until``."""
 
     decay_at: float
     train_until: float
     planned_decay: int
     last_step: int  # MAX_EPOCHS of the training data
+    eval_s: float = 0.0  # an evaluation, as measured
+    eval_every: int = 0  # the evaluations before the last; 0: none
+
+    @property
+    def steps_until(self) -> float:
+        """When the steps end: the last evaluation's time before ``train_until``."""
+        return self.train_until - self.eval_s
 
     def decay_due(self, step: int, now: float) -> bool:
         return now >= self.decay_at or step >= self.last_step - self.planned_decay
@@ -751,10 +759,19 @@ class BudgetClock:
         return max(length, step + 1 + self.planned_decay)
 
     def decay_steps(self, step: int, now: float, step_s: float) -> int:
-        """The decay's length from ``step``: the steps that fit the time left, at most to
-        ``last_step``."""
-        fit = int((self.train_until - now) * (1 - DRIFT_SHARE) / step_s)
+        """The decay's length from ``step``: the most steps that, at ``step_s`` a step and with
+        the evaluations due among them, end by ``steps_until``; at most to ``last_step``."""
+        left = (self.steps_until - now) * (1 - DRIFT_SHARE)
+        fit = int(left / step_s)
+        while fit > 1 and fit * step_s + self.evaluations_due(step, fit) * self.eval_s > left:
+            fit -= 1
         return max(1, min(fit, self.last_step - step))
+
+    def evaluations_due(self, step: int, steps: int) -> int:
+        """The evaluations before the last that the ``steps`` after ``step`` make."""
+        if not self.eval_every:
+            return 0
+        return (step + steps) // self.eval_every - step // self.eval_every
 
 
 class Budget(NamedTuple):
@@ -762,6 +779,7 @@ class Budget(NamedTuple):
     clock: BudgetClock  # when the decay starts: by the clock, or at its planned step
     train_s: float  # seconds of training the budget gives
     data_bound: bool  # MAX_EPOCHS of the data end the run before the budget would
+    evaluations: int  # the last at the end
 
 
 def evaluations_that_fit(train_s: float, eval_s: float) -> int:
@@ -769,6 +787,18 @@ def evaluations_that_fit(train_s: float, eval_s: float) -> int:
     take more than EVAL_SHARE of its ``train_s`` seconds of training at ``eval_s`` each."""
     fit = int(EVAL_SHARE * train_s / eval_s) if eval_s > 0 else EVALS_IN_BUDGET
     return max(1, min(EVALS_IN_BUDGET, fit))
+
+
+def eval_refusal(train_s: float, eval_s: float, step_s: float) -> str | None:
+    """Why a budget cannot train: one evaluation and FEWEST_BUDGET_STEPS steps take more than
+    its ``train_s`` seconds of training; None where they fit."""
+    needed_s = (eval_s + FEWEST_BUDGET_STEPS * step_s) / (1 - DRIFT_SHARE)
+    if needed_s <= train_s:
+        return None
+    missing_min = math.ceil((needed_s - train_s) / 6) / 10
+    return (f"one evaluation takes about {_minutes(eval_s)} here, and the time budget leaves "
+            f"{_minutes(train_s)} to train: raise --time-budget-min by {missing_min:g} or "
+            "more, or lower --eval-examples")
 
 
 def fit_budget(cfg: TrainConfig, now: float, seconds_left: float, step_s: float, eval_s: float,
@@ -783,15 +813,22 @@ def fit_budget(cfg: TrainConfig, now: float, seconds_left: float, step_s: float,
     data_bound = data_steps < steps and not cfg.overfit_batches
     if data_bound:  # the run ends early, on its plan
         steps = data_steps
-    every = max(1, steps // evaluations)
-    if steps >= evaluations:  # fewer steps: each one evaluated, none added
-        steps = every * evaluations
+    evaluations = min(evaluations, steps)  # fewer steps: each one evaluated, none added
+    every = steps // evaluations
+    steps = every * evaluations
+    last_step = steps if data_bound else data_steps
+    # One evaluation of several steps is the run's end's, whatever step the clock ends it at:
+    # no step before makes one.
+    eval_every = last_step + 1 if evaluations == 1 and steps > 1 else every
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_SHARE * steps)
     decay = cfg.decay_steps or max(1, int(DECAY_SHARE * steps))
-    sized = replace(cfg, time_budget_min=None, max_steps=steps, eval_every=every,
-                    save_every=every, warmup_steps=warmup, decay_steps=decay)
+    sized = replace(cfg, time_budget_min=None, max_steps=steps, eval_every=eval_every,
+                    save_every=max(1, steps // EVALS_IN_BUDGET), warmup_steps=warmup,
+                    decay_steps=decay)
     # A run the data ends keeps the clock too: where the machine slows, the decay starts by
-    # the clock and the run still ends within its budget.
-    clock = BudgetClock(decay_at=now + train_s * (1 - DECAY_SHARE), train_until=now + train_s,
-                        planned_decay=decay, last_step=steps if data_bound else data_steps)
-    return Budget(sized, clock, train_s, data_bound)
+    # the clock and the run still ends within its budget. The steps' time, the last
+    # evaluation's kept, is what the decay takes its share of.
+    clock = BudgetClock(decay_at=now + (train_s - eval_s) * (1 - DECAY_SHARE),
+                        train_until=now + train_s, planned_decay=decay, last_step=last_step,
+                        eval_s=eval_s, eval_every=eval_every if eval_every <= last_step else 0)
+    return Budget(sized, clock, train_s, data_bound, evaluations)

@@ -289,6 +289,7 @@ class Progress:
         self.first_step = state.step  # this process's first: the ETA counts from here
         self.window_start = self.started
         self.window_tokens = 0
+        self.paused_s = 0.0  # evaluating and saving since ``started``
         self.tok_s = 0.0  # the last logged throughput
 
     def step_done(self) -> None:
@@ -351,7 +352,9 @@ class Progress:
         try:
             yield
         finally:
-            self.window_start += time.perf_counter() - paused
+            elapsed = time.perf_counter() - paused
+            self.window_start += elapsed
+            self.paused_s += elapsed
 
     def close(self) -> None:
         self.bar.close()
