@@ -249,11 +249,11 @@ def measured(library: str, load: Callable[[], tuple[torch.nn.Module, LossOf]],
     loss_of = None
     free_memory()
     if isinstance(result, Result):
-        print(f"    {library:22s} {setting.name:5s} seq {setting.seq:6d}: "
+        print(f"    {library:34s} {setting.name:5s} seq {setting.seq:6d}: "
               f"{result.tokens_per_s:9.0f} tokens/s  peak {result.peak_gib:6.2f} GiB  "
               f"(loaded {result.loaded_gib:.2f})  eval loss {result.eval_loss:.4f}", flush=True)
     else:
-        print(f"    {library:22s} {setting.name:5s}: failed: {result}", flush=True)
+        print(f"    {library:34s} {setting.name:5s}: failed: {result}", flush=True)
     return result
 
 
@@ -353,12 +353,9 @@ def bench_nf4(args) -> dict:
             out[f"codelm nf4 {row.key}"] = measured(f"codelm NF4 {row.label}",
                                                     partial(load_codelm, ckpt, row.setting, 4),
                                                     row.setting, vocab, args.steps)
-    theirs = out["bnb nf4"]
     for key, ours in out.items():
-        if key.startswith("codelm") and isinstance(ours, Result) and isinstance(theirs, Result):
-            print(f"  {key}: step time / bitsandbytes' {theirs.tokens_per_s / ours.tokens_per_s:.2f}"
-                  f", speed {ours.tokens_per_s / theirs.tokens_per_s:.2f}x, memory "
-                  f"{ours.peak_gib / theirs.peak_gib:.2f}x")
+        if key.startswith("codelm"):
+            print(f"  {key} / bitsandbytes: {ratios(ours, out['bnb nf4'])}")
     return out
 
 
@@ -413,11 +410,10 @@ def print_lora_table(table: dict) -> None:
         if "hf fp16" in out and "hf bf16" in out:
             print(f"| {MODELS[family][0]} | codelm bf16 / HF fp16 (each as run) | | | "
                   f"{ratios(out['codelm bf16'], out['hf fp16'])} | |")
-        for key, setting in (("codelm bf16 compiled", "codelm compiled"),
-                             ("codelm bf16 compiled checkpointed",
-                              "codelm compiled, gradient checkpointing")):
+        for suffix in ("compiled", "compiled checkpointed"):
+            key = f"codelm bf16 {suffix}"
             if key in out:
-                print(f"| {MODELS[family][0]} | bf16, {setting} | {cell(out['hf bf16'])} | "
+                print(f"| {MODELS[family][0]} | bf16, codelm {suffix} | {cell(out['hf bf16'])} | "
                       f"{cell(out[key])} | {ratios(out[key], out['hf bf16'])} | |")
 
 
@@ -456,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     only = sections.chosen(parser, args.only, SECTIONS)
     compiled_families = set(args.families) & set(args.compiled + args.checkpointed)
-    if compiled_families and "bf16" not in args.settings:
+    if "lora" in only and compiled_families and "bf16" not in args.settings:
         parser.error("--compiled and --checkpointed rows are compared with transformers' bf16 "
                      "row: add bf16 to --settings, or pass --compiled with no families")
     global DEV, FP16, BF16
