@@ -238,10 +238,12 @@ def test_the_warmup_of_a_run_shorter_than_500_steps_is_a_tenth_of_them():
     assert [plan.warmup_for(n) for n in (1, 9, 60, 200, 500, 10_000)] == [0, 0, 6, 20, 50, 50]
 
 
-def _auto_plan(monkeypatch, first_step_s: float, force: bool = False):
+def _auto_plan(monkeypatch, first_step_s: float, force: bool = False,
+               budget_min: float = 600.0):
     """plan_run's preset auto over a ladder of one model at batches 1, 2 and 4, each rung's
-    step faked at ``first_step_s`` a sequence; returns (its choice, the batches measured
-    on short sequences, the batches timed)."""
+    step faked at ``first_step_s`` a sequence, sized for ``budget_min`` (by default long
+    enough to time every rung); returns (its choice, the batches measured on short sequences,
+    the batches timed)."""
     from codelm.trainconfig import TrainConfig
 
     ladder = tuple({"preset": "tiny", "block_size": 32, "batch_size": b, "lr": 1e-3}
@@ -259,9 +261,25 @@ def _auto_plan(monkeypatch, first_step_s: float, force: bool = False):
         return plan.Probe(params=1, tokens_per_s=1e9)  # every rung fits the budget
 
     cfg = TrainConfig(preset="auto", block_size=None, batch_size=None, lr=None, max_steps=10,
-                      force=force)
+                      force=force, time_budget_min=budget_min)
     chosen = plan.plan_run(cfg, "cpu", False, True, probe, measure)
     return chosen, measured, timed
+
+
+def test_preset_auto_spends_at_most_a_fifth_of_a_short_budget_timing_rungs(monkeypatch,
+                                                                           capsys):
+    """Timing a rung takes three warm-up steps and five windows: at 10 s a step (20 s at batch
+    2), 1 min affords no rung (the first, untimed, in fp32), 7 min the first alone, and the
+    second is named untimed; neither times the precision (two timings of the largest rung)."""
+    chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=1.0)
+    assert (chosen.batch_size, chosen.precision, timed) == (1, "fp32", [])
+    out = capsys.readouterr().out
+    assert "untimed" in out and "20%" in out and "--preset tiny" in out
+    assert plan.timing_seconds(10.0) == 80.0 and plan.timing_seconds(20.0) == 160.0
+    chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=7.0)  # 84 s
+    assert (chosen.batch_size, chosen.precision, timed) == (1, "fp32", [1])
+    choice = capsys.readouterr().out.splitlines()[-1]
+    assert choice.startswith("preset auto: tiny") and "and larger untimed" in choice
 
 
 def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch, capsys):

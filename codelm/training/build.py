@@ -463,7 +463,7 @@ def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
     ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     step_s = plan.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum).read(),
-                                 2.0)
+                                 plan.RUNG_TIMING_S)
     tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * dist.world
     params = sum(p.numel() for p in model.parameters())
     return broadcast(Probe(params, tokens / step_s), dist)

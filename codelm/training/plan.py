@@ -288,6 +288,11 @@ QUIET_WAIT_SHARE = 0.05
 # A step's time is the fastest of this many windows: a load that comes and goes slows some
 # windows, never the machine's own speed.
 TIMING_WINDOWS = 5
+# The seconds of one rung's timing windows (build.measure_speed), all windows together.
+RUNG_TIMING_S = 2.0
+# Preset auto times rungs for at most this share of its budget: a short budget trains the
+# largest rung timed by then (the smallest, untimed, if none) rather than spend itself timing.
+TIMING_SHARE = 0.2
 
 
 class Probe(NamedTuple):
@@ -295,6 +300,24 @@ class Probe(NamedTuple):
 
     params: int
     tokens_per_s: float
+
+
+def timing_seconds(step_s: float) -> float:
+    """What timing a rung takes at ``step_s`` a step (``seconds_a_step``): three warm-up steps
+    and TIMING_WINDOWS windows of RUNG_TIMING_S together, each at least one step."""
+    return 3 * step_s + max(RUNG_TIMING_S, TIMING_WINDOWS * step_s)
+
+
+class TimingAllowance(NamedTuple):
+    """Preset auto's time for timing rungs: until ``until`` (time.monotonic), each rung's
+    timing predicted from its step (``step_s``, predicted before it is timed)."""
+
+    until: float
+    step_s: Callable[[TrainConfig], float]
+
+    def affords(self, candidate: TrainConfig, timings: int = 1) -> bool:
+        needed_s = timings * timing_seconds(self.step_s(candidate))
+        return time.monotonic() + needed_s <= self.until
 
 
 def seconds_a_step(step: Callable[[], object], at_least_s: float,
@@ -368,11 +391,17 @@ def auto_rung(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
     if refusal is not None:  # every rung's step is beyond the machine: refused, or forced
         check_step_cost(first, measured.cost, first.block_size, measured.free_bytes,
                         seconds_left)
-        return untimed_first_rung(cfg, refusal, device_type, main)
+        return untimed_first_rung(cfg, f"{refusal} (--force)", device_type, main)
     if waits:
         wait_until_quiet(QUIET_WAIT_SHARE * seconds)
+    allowance = TimingAllowance(time.monotonic() + TIMING_SHARE * seconds,
+                                lambda candidate: scaled_cost(measured.cost, first, candidate).seconds)
+    if not allowance.affords(first):
+        too_long = (f"timing it would take over {TIMING_SHARE:.0%} of the "
+                    f"{cfg.time_budget_min:g}-min budget")
+        return untimed_first_rung(cfg, too_long, device_type, main)
     within = partial(within_limits, measured, first, measure, seconds_left)
-    return choose_rung(cfg, probe, within, seconds, device_type, main)
+    return choose_rung(cfg, probe, within, allowance, seconds, device_type, main)
 
 
 def wait_until_quiet(at_most_s: float, announce: bool = True) -> float:
@@ -402,33 +431,34 @@ def within_limits(first_measured: StepMeasure, first: TrainConfig,
     return step_refusal(own.cost, own.free_bytes, seconds_left) is None
 
 
-def untimed_first_rung(cfg: TrainConfig, refusal: str, device_type: str,
+def untimed_first_rung(cfg: TrainConfig, reason: str, device_type: str,
                        announce: bool = True) -> TrainConfig:
-    """Preset auto, forced (--force) past a first rung's step beyond the machine (``refusal``):
-    that rung, untimed (a step of it takes too long to time), on a CPU in fp32."""
+    """Preset auto's first rung, untimed (``reason``: forced, --force, past a step beyond the
+    machine, or a budget too short to time it), on a CPU in fp32."""
     if cfg.precision == "auto" and device_type == "cpu":
         cfg = replace(cfg, precision="fp32")
     chosen = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[0]))
     if announce:
         print(f"preset auto: {chosen.preset} ({millions(model_shape(chosen).params)} "
               f"parameters, context {chosen.block_size}), batch {chosen.batch_size}, lr "
-              f"{chosen.lr:g}, {chosen.precision}: the smallest, untimed: {refusal} (--force)")
+              f"{chosen.lr:g}, {chosen.precision}: the smallest, untimed: {reason}; pin it with "
+              f"{pin_flags(chosen)}")
     return chosen
 
 
 def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
-                within: Callable[[TrainConfig], bool], seconds: float, device_type: str,
-                announce: bool = True) -> TrainConfig:
+                within: Callable[[TrainConfig], bool], allowance: TimingAllowance,
+                seconds: float, device_type: str, announce: bool = True) -> TrainConfig:
     """Preset auto: the largest BUDGET_LADDER rung whose measured speed lets it see
     TOKENS_PER_PARAM tokens per parameter in ``seconds``. The first rung that falls short is
     measured once more before it is refused, so that a passing load cannot refuse it. A rung
-    whose step is beyond the machine (not ``within``) is not timed, nor any above it; the
-    first rung is within."""
+    whose step is beyond the machine (not ``within``), or whose timing the ``allowance`` does
+    not afford, is not timed, nor any above it; the first rung is within, and afforded."""
     if cfg.precision == "auto" and device_type == "cpu":
-        precision_rung = trainconfig.BUDGET_LADDER[PRECISION_RUNG]
-        timed = within(with_fallbacks(with_rung(cfg, precision_rung)))
+        precision_candidate = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[PRECISION_RUNG]))
+        timed = within(precision_candidate) and allowance.affords(precision_candidate, timings=2)
         if timed and announce:
-            print(f"preset auto: timing bf16 against fp32 on {precision_rung['preset']}",
+            print(f"preset auto: timing bf16 against fp32 on {precision_candidate.preset}",
                   flush=True)
         cfg = replace(cfg, precision=cpu_precision(cfg, probe) if timed else "fp32")
 
@@ -443,12 +473,16 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
 
     chosen = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[0]))
     chosen_probe = timed(chosen)
+    unaffordable = ""  # a rung the allowance stopped at
     for rung in trainconfig.BUDGET_LADDER[1:]:
         candidate = with_fallbacks(with_rung(cfg, rung))
         if not within(candidate):
             break
+        if not allowance.affords(candidate):
+            unaffordable = candidate.preset
+            break
         measured = timed(candidate)
-        if not fits(measured):
+        if not fits(measured) and allowance.affords(candidate):
             again = timed(candidate, " again: too slow for the budget once, and the machine "
                                      "may have been busy for a moment")
             measured = max(measured, again, key=lambda p: p.tokens_per_s)
@@ -457,12 +491,16 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
         chosen, chosen_probe = candidate, measured
     if not announce:
         return chosen
+    untimed = ""
+    if unaffordable:
+        untimed = (f"; {unaffordable} and larger untimed: timing them would take over "
+                   f"{TIMING_SHARE:.0%} of the budget")
     print(f"preset auto: {chosen.preset} ({millions(chosen_probe.params)} parameters, context "
           f"{chosen.block_size}), batch {chosen.batch_size}, lr {chosen.lr:g}, "
           f"{chosen.optimizer or 'adamw'}, {chosen.precision}: the largest that sees "
           f"{TOKENS_PER_PARAM} tokens a parameter in {cfg.time_budget_min:g} min on {device_type} "
-          f"({chosen_probe.tokens_per_s:,.0f} tokens/s measured{sized_by(cfg)}); pin it with "
-          f"{pin_flags(chosen)}")
+          f"({chosen_probe.tokens_per_s:,.0f} tokens/s measured{sized_by(cfg)}{untimed}); pin it "
+          f"with {pin_flags(chosen)}")
     return chosen
 
 
