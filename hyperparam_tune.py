@@ -91,7 +91,7 @@ class TuneConfig:
     max_steps: int = 150  # step budget of one trial
     eval_every: int = 25  # evaluation (and pruning) interval in steps
     time_budget_min: float | None = None  # instead: minutes of one trial on this machine, its
-    #   steps sized to them (trials then differ in steps: use pruner none)
+    #   steps sized to them (trials then differ in steps, and none is pruned)
     # pruning (hopeless trials stop early)
     pruner: str = "median"  # median | hyperband | none
     prune_startup_trials: int = 3  # median pruner: trials completed before any pruning
@@ -787,7 +787,8 @@ def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> di
     print(f"best trial {study.best_trial.number}: val bits per byte {study.best_value:.4f}")
     print(json.dumps(best, indent=2))
     print(f"best config: {out / 'best.json'}  (python trainingmanager.py --config "
-          f"{out / 'best.json'})")
+          f"{out / 'best.json'}; it trains the trial's length: add --max-steps none "
+          "--time-budget-min M for M minutes)")
     print(f"dashboard: optuna-dashboard {cfg.storage or out / JOURNAL_FILE}  (pip install "
           "optuna-dashboard)")
     return best
@@ -849,7 +850,14 @@ def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
     args = vars(build_parser().parse_args(argv))
     cfg = settings.resolve_config(TuneConfig, args, section="tune", choices=_CHOICES)
     cfg = dataclasses.replace(cfg, storage=absolute_sqlite(cfg.storage))
-    return _check_ranges(cfg, settings.where_set_in(args, "tune"))
+    where = settings.where_set_in(args, "tune")
+    config = args.get("config")
+    in_file = settings.read_config_file(config, "tune")[0] if config is not None else {}
+    if cfg.time_budget_min is not None and "max_steps" in {*args, *in_file}:
+        raise ValueError(f"{settings.setting(cfg, 'max_steps', where)} with "
+                         f"{settings.setting(cfg, 'time_budget_min', where)}: a trial's length "
+                         "is its steps or its time budget: drop one")
+    return _check_ranges(cfg, where)
 
 
 def absolute_sqlite(url: str | None) -> str | None:

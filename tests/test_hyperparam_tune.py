@@ -75,7 +75,8 @@ def tiny_space(tmp_path: Path, corpus: Path, extra_params: dict | None = None) -
 
 
 def tune_args(tmp_path: Path, space: str, **flags) -> list[str]:
-    values = {"space": space, "out_dir": str(tmp_path / "runs"), "max_steps": 4,
+    steps = {} if "time_budget_min" in flags else {"max_steps": 4}  # a trial's length: one
+    values = {"space": space, "out_dir": str(tmp_path / "runs"), **steps,
               "eval_every": 2, "progress": False, **flags}
     argv = []
     for key, value in values.items():
@@ -1022,6 +1023,21 @@ def test_pruner_flag(tmp_path, pruner, kind):
     cfg = hyperparam_tune.parse_config(["--pruner", pruner, "--out-dir", str(tmp_path)])
     study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
     assert isinstance(study.pruner, kind)
+
+
+def test_a_trial_length_of_steps_and_of_minutes_together_is_refused(tmp_path):
+    """--max-steps and --time-budget-min both given: one line naming both, whichever is set
+    where (a --config file's max_steps counts); the budget alone is a trial's length."""
+    with pytest.raises(ValueError, match=r"max_steps.*--max-steps.*time_budget_min.*drop one"):
+        hyperparam_tune.parse_config(["--time-budget-min", "1", "--max-steps", "30",
+                                      "--out-dir", str(tmp_path)])
+    config = tmp_path / "tune.json"
+    config.write_text(json.dumps({"max_steps": 30}))
+    with pytest.raises(ValueError, match=r"max_steps.*tune.json.*time_budget_min"):
+        hyperparam_tune.parse_config(["--config", str(config), "--time-budget-min", "1",
+                                      "--out-dir", str(tmp_path)])
+    cfg = hyperparam_tune.parse_config(["--time-budget-min", "1", "--out-dir", str(tmp_path)])
+    assert cfg.time_budget_min == 1.0
 
 
 def test_hyperband_brackets_span_one_evaluation_to_the_whole_budget(tmp_path):

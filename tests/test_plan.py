@@ -378,3 +378,20 @@ def test_a_budget_spent_before_training_says_so_not_to_shorten_the_step():
     short = plan.step_refusal(cost, free_bytes=1e12, seconds_left=2.0)
     assert "--block-size" in short and "2.0 s left" in short and "by 0.2 or more" in short
     assert plan.step_refusal(cost, free_bytes=1e12, seconds_left=600.0) is None
+
+
+def test_a_time_budget_beside_a_fixed_length_is_refused_where_it_sizes_no_model(tmp_path):
+    """--time-budget-min with --max-steps sizes preset auto's model (the run's length is the
+    steps); with a preset named, or on a resumed run, it would do nothing: one line naming
+    both, where each was set, and the way out."""
+    with pytest.raises(ValueError, match=r"time_budget_min.*--time-budget-min.*max_steps.*"
+                                         r"--max-steps none trains for the budget"):
+        plan.parse_config(["--preset", "tiny", "--max-steps", "10", "--time-budget-min", "1"])
+    with pytest.raises(ValueError, match=r"time_budget_min.*epochs.*--epochs none"):
+        plan.parse_config(["--preset", "tiny", "--epochs", "2", "--time-budget-min", "1"])
+    sized = plan.parse_config(["--max-steps", "10", "--time-budget-min", "1"])  # preset auto
+    assert (sized.max_steps, sized.time_budget_min) == (10, 1.0)
+    assert plan.parse_config(["--preset", "tiny", "--max-steps", "10"]).max_steps == 10
+    cfg = trainconfig.TrainConfig(preset="tiny", max_steps=3000, resume=str(tmp_path))
+    with pytest.raises(ValueError, match=r"drop --time-budget-min.*resumed run.*--max-steps"):
+        plan.check_length(cfg, {"time_budget_min"}, lambda key: "--" + key)

@@ -84,9 +84,30 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     source. ``typed``: keys given explicitly (a --lora-* flag at its default differs too)."""
     resolved = with_init_adapter(cfg, typed, where_set)
     validate_values(resolved, where_set)
+    check_length(resolved, typed, where_set)
     if resolved.task in PREFERENCE_TASKS:  # the loss's settings together, as the loss takes them
         preference.config_of(resolved, lambda key: setting(resolved, key, where_set))
     check_model_source(resolved, where_set)
+
+
+def check_length(cfg: TrainConfig, typed: Collection[str],
+                 where_set: Callable[[str], str]) -> None:
+    """A time budget given (``typed``) beside max_steps or epochs sizes preset auto's model and
+    ends nothing: refused where there is no model for it to size (a preset named, a pretrained
+    model, a resumed run), naming both and where each was set."""
+    fixed = "max_steps" if cfg.max_steps is not None else "epochs"
+    if "time_budget_min" not in typed or getattr(cfg, fixed) is None:
+        return
+    from_scratch = cfg.init_from is None and cfg.init_adapter is None and cfg.resume is None
+    if cfg.preset == "auto" and from_scratch:
+        return
+    flag = settings.flag_of(fixed)
+    way_out = f"drop one ({flag} none trains for the budget)"
+    if cfg.resume is not None:
+        way_out = f"drop --time-budget-min (a resumed run trains to its {fixed}; {flag} sets another)"
+    raise ValueError(f"{setting(cfg, 'time_budget_min', where_set)} with "
+                     f"{setting(cfg, fixed, where_set)}: the run's length is {fixed}, and the "
+                     f"time budget only sizes preset auto's model: {way_out}")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
