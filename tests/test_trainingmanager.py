@@ -4306,6 +4306,20 @@ def test_overfit_batches_stops_when_memorised(assets, tmp_path):
     assert _val_steps(result.run_dir) == [result.step]
 
 
+def test_overfit_batches_on_two_files_needs_no_validation_split(assets, tmp_path):
+    """Two files split by file leave no validation file: --overfit-batches validates on its own
+    batches, so it trains; a plain run on them says the split is empty."""
+    two = tmp_path / "two"
+    two.mkdir()
+    for f in sorted(Path(assets["corpus"]).iterdir())[:2]:
+        shutil.copy(f, two / f.name)
+    cfg = tiny_cfg(assets, tmp_path, data=[str(two)], overfit_batches=1, max_steps=5,
+                   eval_every=1000, log_every=1000)
+    assert tm.train(cfg).step == 5
+    with pytest.raises(ValueError, match=r"validation split .* is empty.*--val-data"):
+        tm.train(dataclasses.replace(cfg, overfit_batches=0, name="plain"))
+
+
 def _overfit_batches_config(assets, tmp_path: Path, **values) -> str:
     """A --config file of only the keys an --overfit-batches check on the tiny model needs: what
     it leaves out (max_steps, export) is the check's own choice."""

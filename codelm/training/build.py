@@ -356,7 +356,7 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
     splits = prepare(dcfg, tok)
     if dist.main:
         print(f"data: {describe_corpus(splits.stats['corpus'])}")
-    if len(splits.val) == 0:
+    if len(splits.val) == 0 and not settings.overfit_batches:  # that validates on its batches
         raise ValueError(f"the validation split of {dcfg.sources} is empty: give validation "
                          "files with --val-data, add data, or raise val_frac of data_options "
                          "(--data-options)")
