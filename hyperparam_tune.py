@@ -449,6 +449,8 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         return TrialState.PRUNED, None
     except RefusedValues as e:
         reason = f"the trainer refuses these values together: {e}"
+    except plan.StepRefused as e:  # these values' step on this machine: the next may fit
+        reason = f"this machine refuses the step: {e}"
     except NonFiniteLossError as e:  # never continued: no resume advice in its reason
         reason = e.diagnosis
         if not reason.startswith("non-finite"):

@@ -1506,6 +1506,27 @@ def test_sampled_values_refused_together_fail_their_trial_and_the_sweep_goes_on(
     assert "failed with parameters" in capsys.readouterr().err
 
 
+def test_a_trial_whose_step_the_machine_refuses_fails_and_the_sweep_goes_on(
+        tmp_path, corpus, monkeypatch):
+    """A trial's step beyond the machine (its values' model too slow or too large here) fails
+    that trial, naming why; the next trials run."""
+    checked = []
+
+    def check_step_cost(cfg, *args):
+        checked.append(cfg.lr)
+        if len(checked) == 1:
+            raise plan.StepRefused("block_size 32 x batch_size 2: one step takes about 9 min")
+        return None
+
+    monkeypatch.setattr(plan, "check_step_cost", check_step_cost)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="slowstep", n_trials=2,
+                     pruner="none")
+    assert hyperparam_tune.main(argv) == 0
+    trials = load_study(journal(tmp_path, "slowstep"), "slowstep").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # a failure counts
+    assert "machine refuses the step" in trials[0].user_attrs[hyperparam_tune.ATTR_REASON]
+
+
 def test_preset_auto_in_a_sweep_is_refused_naming_why(tmp_path, corpus, capsys):
     """Preset auto would time the machine in each trial, whose models could then differ."""
     space = json.loads(Path(tiny_space(tmp_path, corpus)).read_text())

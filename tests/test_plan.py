@@ -1,5 +1,6 @@
 """codelm.training.plan: preset auto's measures of the machine and the time budget's clock."""
 
+import json
 import subprocess
 import sys
 
@@ -392,6 +393,10 @@ def test_a_time_budget_beside_a_fixed_length_is_refused_where_it_sizes_no_model(
     sized = plan.parse_config(["--max-steps", "10", "--time-budget-min", "1"])  # preset auto
     assert (sized.max_steps, sized.time_budget_min) == (10, 1.0)
     assert plan.parse_config(["--preset", "tiny", "--max-steps", "10"]).max_steps == 10
-    cfg = trainconfig.TrainConfig(preset="tiny", max_steps=3000, resume=str(tmp_path))
+    saved = tmp_path / "config.json"  # a run's config.json: every key, the budget's default
+    saved.write_text(json.dumps({"preset": "tiny", "max_steps": 10, "time_budget_min": 15.0}))
+    assert plan.parse_config(["--config", str(saved)]).max_steps == 10
+    cfg = trainconfig.TrainConfig(preset="tiny", max_steps=3000, resume=str(tmp_path),
+                                  time_budget_min=1.0)
     with pytest.raises(ValueError, match=r"drop --time-budget-min.*resumed run.*--max-steps"):
         plan.check_length(cfg, {"time_budget_min"}, lambda key: "--" + key)

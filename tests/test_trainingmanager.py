@@ -1476,6 +1476,21 @@ def test_a_step_beyond_the_machine_refuses_the_run_with_one_line_unless_forced(
     assert "warning: block_size 32 x batch_size 4" in capsys.readouterr().err
 
 
+def test_a_step_measured_beyond_the_machine_once_is_measured_again_before_a_refusal(
+        assets, tmp_path, monkeypatch):
+    """The step's first measure beyond plan.MAX_STEP_S (a load passing by), its second within:
+    the faster counts and the run trains; measured beyond twice, it is refused."""
+    slow = plan.StepCost(activation_bytes=2**20, seconds=2 * plan.MAX_STEP_S)
+    fast = plan.StepCost(activation_bytes=2**20, seconds=0.01)
+    measures = iter([slow, fast])
+    monkeypatch.setattr(plan, "step_cost", lambda *args: next(measures))
+    cfg = tiny_cfg(assets, tmp_path, name="passing", max_steps=2)
+    assert tm.train(cfg).step == 2
+    monkeypatch.setattr(plan, "step_cost", lambda *args: slow)
+    with pytest.raises(plan.StepRefused, match=r"one step takes about .*--block-size"):
+        tm.train(dataclasses.replace(cfg, name="beyond"))
+
+
 def test_preset_auto_refuses_a_block_beyond_the_machine_before_timing_a_rung_unless_forced(
         assets, tmp_path, monkeypatch, capsys):
     """Preset auto measures its smallest rung's step on short sequences before it times any

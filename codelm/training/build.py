@@ -484,15 +484,23 @@ def measure_step_cost(cfg: TrainConfig, device: torch.device, dist: Dist) -> pla
 def check_step_cost(cfg: TrainConfig, model: nn.Module, block_size: int, device: torch.device,
                     dist: Dist, seconds_left: float | None) -> None:
     """Before the first step: refuse one that cannot fit the memory free (on the fullest
-    device) or the time budget (``seconds_left``), and name one that takes long (rank 0's
-    measures, for all: every process refuses alike)."""
+    device) or the time budget (``seconds_left``), measured twice before it is refused (the
+    faster counts), and name one that takes long (rank 0's measures, for all: every process
+    refuses alike)."""
     precision = checked_precision(cfg, device)
     model = model.to(device)
-    cost = plan.step_cost(model, block_size, cfg.batch_size, cfg.grad_accum, device,
-                          partial(autocast, device, precision))
-    cost = broadcast(cost, dist)
+
+    def measured() -> plan.StepCost:
+        return broadcast(plan.step_cost(model, block_size, cfg.batch_size, cfg.grad_accum,
+                                        device, partial(autocast, device, precision)), dist)
+
+    cost = measured()
     free = min(all_gather(plan.free_memory(device), dist))  # the fullest device's
-    warning = plan.check_step_cost(cfg, cost, block_size, free, broadcast(seconds_left, dist))
+    seconds_left = broadcast(seconds_left, dist)
+    if plan.step_refusal(cost, free, seconds_left) is not None:  # a passing load must not refuse
+        again = measured()
+        cost = plan.StepCost(cost.activation_bytes, min(cost.seconds, again.seconds))
+    warning = plan.check_step_cost(cfg, cost, block_size, free, seconds_left)
     if warning and dist.main:
         print(warning, file=sys.stderr)
 

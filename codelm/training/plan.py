@@ -94,9 +94,11 @@ def check_length(cfg: TrainConfig, typed: Collection[str],
                  where_set: Callable[[str], str]) -> None:
     """A time budget given (``typed``) beside max_steps or epochs sizes preset auto's model and
     ends nothing: refused where there is no model for it to size (a preset named, a pretrained
-    model, a resumed run), naming both and where each was set."""
+    model, a resumed run), naming both and where each was set. A config file's default budget
+    is none given (a run's config.json records every key)."""
     fixed = "max_steps" if cfg.max_steps is not None else "epochs"
-    if "time_budget_min" not in typed or getattr(cfg, fixed) is None:
+    given = "time_budget_min" in typed and cfg.time_budget_min != TrainConfig.time_budget_min
+    if not given or getattr(cfg, fixed) is None:
         return
     from_scratch = cfg.init_from is None and cfg.init_adapter is None and cfg.resume is None
     if cfg.preset == "auto" and from_scratch:
@@ -736,6 +738,11 @@ def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) 
     return None
 
 
+class StepRefused(ValueError):
+    """A step of these settings beyond this machine (``check_step_cost``): its memory, its
+    time, or the time budget's."""
+
+
 def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_bytes: float,
                     seconds_left: float | None) -> str | None:
     """Refuse a step beyond this machine (``step_refusal``), in every run. With ``cfg.force``
@@ -744,7 +751,7 @@ def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_byte
     shape = f"block_size {block_size} x batch_size {cfg.batch_size}"
     refusal = step_refusal(cost, free_bytes, seconds_left)
     if refusal is not None and not cfg.force:
-        raise ValueError(f"{shape}: {refusal}; or --force to train it anyway")
+        raise StepRefused(f"{shape}: {refusal}; or --force to train it anyway")
     if refusal is not None:
         return f"warning: {shape}: {refusal}; training it anyway (--force)"
     if cost.seconds > LONG_STEP_S:
