@@ -100,7 +100,25 @@ def _run_weights(run_dir: Path, weights: Path, chosen: bool = False) -> dict:
     elif weights.parent.name == rundir.CHECKPOINTS_DIR and not chosen:
         print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
               f"evaluation): scoring its latest checkpoint, {weights}", file=sys.stderr)
+    elif weights.name == rundir.BEST_DIR and not chosen and (stop := _unfinished(run_dir)):
+        print(f"note: {run_dir} {stop}: scoring {where}, its weights of step {step}",
+              file=sys.stderr)
     return {"weights": where, "step": step, "still_training": training}
+
+
+def _unfinished(run_dir: Path) -> str | None:
+    """Where a run stopped short of its max_steps (its latest checkpoint), and how to go on;
+    None where it trained them all."""
+    checkpoints = rundir.list_checkpoints(run_dir)
+    config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
+    max_steps = config.get("max_steps")
+    if not checkpoints or not isinstance(max_steps, int):
+        return None
+    stopped_at = rundir.checkpoint_step(checkpoints[-1])
+    if stopped_at >= max_steps:
+        return None
+    return (f"stopped at step {stopped_at} of {max_steps} (python trainingmanager.py --resume "
+            f"{run_dir} continues it)")
 
 
 def _intact(weights_dir: Path) -> bool:

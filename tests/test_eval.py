@@ -3376,6 +3376,25 @@ def test_a_runs_export_and_checkpoint_are_recorded_with_the_step_they_hold(tmp_p
         "weights": "checkpoints/step-12/", "step": 12, "still_training": False}
 
 
+def test_best_weights_of_a_run_stopped_short_say_where_it_stopped(tmp_path, capsys):
+    """A run with best/ and no export whose latest checkpoint is short of its max_steps: the
+    note names the step scored, where the run stopped and --resume; a finished run, none."""
+    import json
+
+    run = tmp_path / "run"
+    (run / rundir.BEST_DIR).mkdir(parents=True)
+    (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1300}))
+    (run / rundir.CHECKPOINTS_DIR / f"{rundir.CHECKPOINT_PREFIX}1378").mkdir(parents=True)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps({"max_steps": 3000}))
+    assert loading._run_weights(run, run / rundir.BEST_DIR)["step"] == 1300
+    err = capsys.readouterr().err
+    assert "stopped at step 1378 of 3000" in err and "--resume" in err
+    assert "scoring best/, its weights of step 1300" in err
+    (run / rundir.CONFIG_FILE).write_text(json.dumps({"max_steps": 1378}))
+    loading._run_weights(run, run / rundir.BEST_DIR)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_path, capsys):
     """A run trained with --no-export has no export/: the error names the run/tokenizer.json it
     lacks, not run/export."""

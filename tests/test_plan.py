@@ -373,11 +373,11 @@ def test_a_budget_spent_before_training_says_so_not_to_shorten_the_step():
     cost = plan.StepCost(activation_bytes=1.0, seconds=0.5)
     spent = plan.step_refusal(cost, free_bytes=1e12, seconds_left=-3.0)
     assert "spent before training" in spent and "3.0 s over it" in spent
-    assert "raise --time-budget-min by 0.3 or more for 20 steps" in spent  # 20 x 0.5 s + 3 s
+    assert "raise --time-budget-min by 0.3 min or more for 20 steps" in spent  # 20 x 0.5 s + 3 s
     assert "spent before training" in plan.step_refusal(plan.StepCost(1.0, 0.0), 1e12, 0.0)
     assert "--block-size" not in spent
     short = plan.step_refusal(cost, free_bytes=1e12, seconds_left=2.0)
-    assert "--block-size" in short and "2.0 s left" in short and "by 0.2 or more" in short
+    assert "--block-size" in short and "2.0 s left" in short and "by 0.2 min or more" in short
     assert plan.step_refusal(cost, free_bytes=1e12, seconds_left=600.0) is None
 
 

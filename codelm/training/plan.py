@@ -726,7 +726,7 @@ def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) 
     if seconds_left is None:
         return None
     missing_min = math.ceil((cost.seconds * FEWEST_BUDGET_STEPS - seconds_left) / 6) / 10
-    more = f"raise --time-budget-min by {missing_min:g} or more"
+    more = f"raise --time-budget-min by {missing_min:g} min or more"
     if seconds_left <= 0:
         return (f"the time budget was spent before training (preparing the data, loading and "
                 f"timing the model), {_minutes(-seconds_left)} over it: {more} for "
@@ -863,7 +863,7 @@ def eval_refusal(train_s: float, eval_s: float, step_s: float) -> str | None:
         return None
     missing_min = math.ceil((needed_s - train_s) / 6) / 10
     return (f"one evaluation takes about {_minutes(eval_s)} here, and the time budget leaves "
-            f"{_minutes(train_s)} to train: raise --time-budget-min by {missing_min:g} or "
+            f"{_minutes(train_s)} to train: raise --time-budget-min by {missing_min:g} min or "
             "more, or lower --eval-examples")
 
 
