@@ -2158,6 +2158,23 @@ def test_a_sample_of_blank_lines_is_shown_counted(assets, tmp_path, monkeypatch,
                                                       "progress": False}))
     out = capsys.readouterr().out
     assert "    x = 1\n[60 blank lines]\n" in out and "\n\n\n" not in out
+    assert "\nsample completion (greedy, " in out and "sample prompt" in out
+
+
+def test_the_sample_shows_its_prompt_s_last_lines_apart_from_the_completion():
+    """A long prompt shows its last PROMPT_LINES_SHOWN lines, counted; a heading line sets the
+    completion apart; a prompt ending within a line repeats that line's start before it."""
+    prompt = "def f(x):\n" + "".join(f"    # line {i}\n" for i in range(30))
+    shown = finish.shown_sample(prompt, "    return x\n", "best checkpoint at step 5")
+    lines = shown.splitlines()
+    assert lines[0] == f"sample prompt (its last {finish.PROMPT_LINES_SHOWN} of 31 lines):"
+    assert lines[1:1 + finish.PROMPT_LINES_SHOWN] == [
+        f"    # line {i}" for i in range(30 - finish.PROMPT_LINES_SHOWN, 30)]
+    assert lines[-2:] == ["sample completion (greedy, best checkpoint at step 5):",
+                          "    return x"]
+    partial = finish.shown_sample("def f(x):\n    return x +", " 1\n", "w").splitlines()
+    assert partial == ["sample prompt:", "def f(x):", "    return x +",
+                       "sample completion (greedy, w):", "    return x + 1"]
 
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):

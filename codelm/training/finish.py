@@ -48,14 +48,25 @@ if typing.TYPE_CHECKING:
 
 
 BLANK_RUN = re.compile(r"(?:[ \t]*\n){3,}")  # three or more line ends with only blanks between
+PROMPT_LINES_SHOWN = 6  # the sample prompt's last lines the console shows before the sample
 
 
-def shown_sample(text: str) -> str:
-    """A prompt and its sample as the console shows them: each run of two or more blank lines
-    as one line that counts them (an undertrained model writes newlines by the screenful)."""
+def shown_sample(prompt: str, sample: str, weights: str) -> str:
+    """A prompt's last PROMPT_LINES_SHOWN lines and its sample as the console shows them, each
+    under a line that says what it is; the sample's runs of two or more blank lines as one line
+    that counts them (an undertrained model writes newlines by the screenful). A prompt that
+    ends within a line has that line's start repeated before the sample."""
     def counted(run: re.Match) -> str:
         return f"\n[{run.group().count(chr(10)) - 1} blank lines]\n"
-    return BLANK_RUN.sub(counted, text)
+
+    lines = prompt.splitlines(keepends=True)
+    shown = "".join(lines[-PROMPT_LINES_SHOWN:])
+    above = len(lines) - PROMPT_LINES_SHOWN
+    heading = "sample prompt" + (f" (its last {PROMPT_LINES_SHOWN} of {len(lines)} lines)"
+                                 if above > 0 else "")
+    partial_line = "" if not lines or lines[-1].endswith("\n") else lines[-1]
+    return (f"{heading}:\n{shown.rstrip(chr(10))}\n"
+            f"sample completion (greedy, {weights}):\n{BLANK_RUN.sub(counted, partial_line + sample)}")
 
 
 def export_run(run: Run) -> tuple[Path | None, str | None]:
@@ -90,7 +101,7 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
                                    run.data.dcfg.pair_special_tokens, stops)
         weights = (f"best checkpoint at step {exported_step}" if exported_step is not None
                    else f"the last weights, step {run.state.step}")
-        print(f"sample completion (greedy, {weights}):\n{shown_sample(prompt.text + sample)}")
+        print(shown_sample(prompt.text, sample, weights))
     export = run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:
