@@ -85,6 +85,8 @@ class TuneConfig:
     study_name: str = "codelm-from-scratch"  # the Optuna study; rerunning one continues it
     space: str = "from-scratch"  # a built-in space name or a JSON file
     train_config: str | None = None  # trainingmanager JSON config under the space's base values
+    data: list[str] | None = None  # the trials' training data (files, directories, JSONL,
+    #   Parquet; trainingmanager's --data) over --train-config's; None: theirs, or the stdlib
     n_trials: int = 12  # total finished trials the study should hold (shared by all workers)
     sampler_seed: int | None = None  # in [0, 2**32): a reproducible sweep; None: fresh streams
     # budget of each trial (a study's trials share it)
@@ -323,6 +325,8 @@ def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str]
             return f"the range of params.{key} in {space.source} (now {values})"
         if key in ("max_steps", "eval_every", "time_budget_min"):  # the sweep's flags
             return settings.flag_of(key)
+        if key == "data" and cfg.data is not None:
+            return "--data"
         if key in base:
             return f"--train-config {cfg.train_config}"
         if key in space.base:
@@ -578,6 +582,8 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
         base = trainconfig.load_config_file(cfg.train_config)
         search_space.check_no_resume_or_time_budget(base, cfg.train_config)
         base = search_space.absolute_paths(base, cfg.train_config)
+    if cfg.data is not None:
+        base = {**base, **search_space.absolute_paths({"data": cfg.data}, "--data")}
     for key in space.requires:
         if {**space.base, **base}.get(key) is None:
             raise ValueError(f"search space {space.source} needs {key!r} set in "

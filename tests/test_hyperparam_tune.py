@@ -1040,6 +1040,33 @@ def test_a_trial_length_of_steps_and_of_minutes_together_is_refused(tmp_path):
     assert cfg.time_budget_min == 1.0
 
 
+def test_data_of_the_sweep_replaces_the_space_s_and_a_continued_study_keeps_it(
+        tmp_path, corpus, monkeypatch, capsys):
+    """--data gives every trial its training data (absolute, over the space's and
+    --train-config's); a study continued on other data is refused naming data."""
+    import shutil
+
+    trained = []
+
+    def train(cfg, on_eval=None, resume_hint=None, **_):
+        trained.append(cfg.data)
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    mine = tmp_path / "mine"
+    shutil.copytree(corpus, mine)
+    space = tiny_space(tmp_path, corpus)
+    argv = tune_args(tmp_path, space, study_name="own", n_trials=2)
+    monkeypatch.chdir(tmp_path)
+    assert hyperparam_tune.main([*argv, "--data", "mine"]) == 0
+    assert trained == [[str(mine)], [str(mine)]]
+    other = tmp_path / "other"
+    shutil.copytree(corpus, other)
+    capsys.readouterr()
+    assert hyperparam_tune.main([*argv, "--n-trials", "3", "--data", str(other)]) == 2
+    assert "data=" in capsys.readouterr().err
+
+
 def test_hyperband_brackets_span_one_evaluation_to_the_whole_budget(tmp_path):
     """Trials report at every --eval-every steps up to --max-steps: Hyperband's resources are
     those steps, not Optuna's defaults."""
