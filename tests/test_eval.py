@@ -2641,6 +2641,8 @@ def test_config_file_and_user_errors(tiny_models, tmp_path, monkeypatch, capsys)
     assert "tasks (['translate'], --tasks)" in capsys.readouterr().err
     assert ev.main(["--tasks", "lm", "humaneva"]) == 2
     assert "'humaneva': did you mean 'humaneval'?" in capsys.readouterr().err
+    assert ev.main(["--tasks", "perplexity"]) == 2  # a score's name: the task that gives it
+    assert "'perplexity' is a score: the task 'lm' gives it" in capsys.readouterr().err
     assert ev.main(["--runs-dir", str(tmp_path / "empty")]) == 2
     assert "python trainingmanager.py" in capsys.readouterr().err
     run = tmp_path / "run"  # BASE+RUN: the run's adapter is in its export/

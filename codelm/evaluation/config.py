@@ -26,6 +26,9 @@ NEW_TOKENS = 128  # a completion's new tokens where max_new_tokens is not given
 CHAT_NEW_TOKENS = 768  # an instruct model's answer's (--chat): EvalPlus's max_new_tokens
 HARNESS_FLAGS = {"num_samples": ("--n-samples", "--n_samples"), "pass_k": ("--k",),
                  "load_generations": ("--load-generations-path", "--load_generations_path")}
+# A score's name given to --tasks: the task that scores it.
+TASK_OF_SCORE = {"perplexity": "lm", "ppl": "lm", "loss": "lm", "bits_per_byte": "lm",
+                 "bpb": "lm", "pass@1": "humaneval", "exact_match": "line"}
 
 
 @dataclass
@@ -212,8 +215,11 @@ class EvalConfig:
                 raise ValueError(f"{named(key)}: {why}")
 
     def _task_hint(self) -> str:
-        """"'x': did you mean 'y'? " for the first unknown task that has a close match, else ""."""
+        """"'x': did you mean 'y'? " for the first unknown task that has a close match (or, for a
+        score's name, the task that gives it: TASK_OF_SCORE), else ""."""
         unknown = next((t for t in self.tasks if t not in TASKS), None)
+        if unknown is not None and unknown.lower() in TASK_OF_SCORE:
+            return f"{unknown!r} is a score: the task {TASK_OF_SCORE[unknown.lower()]!r} gives it; "
         close = None if unknown is None else settings.closest_key(unknown, TASKS)
         return f"{unknown!r}: did you mean {close!r}? " if close else ""
 
