@@ -664,6 +664,12 @@ def announce(run: Run, cfg: TrainConfig) -> None:
         print(f"warning: {setting(cfg, 'eval_every')} < {setting(cfg, 'warmup_steps')}: no "
               f"evaluation runs during the warmup, so the first is at step {first}; lower "
               "warmup_steps or raise eval_every", file=sys.stderr)
+    epochs = batches.epoch(planned)
+    if epochs > MAX_EPOCHS and not cfg.overfit_batches and run.state.step == 0:
+        print(f"note: {planned} steps are {epochs:.3g} epochs of the training data: past about "
+              f"{MAX_EPOCHS} the validation loss tends to rise (best/ keeps the best weights; "
+              "--early-stop-patience stops there; more data, --data, gives more to learn)",
+              file=sys.stderr)
     if cfg.compile:
         print("compiling the model: the first steps take a while", file=sys.stderr)
     if trainer.precision == "fp16" and run.device.type == "cpu":
