@@ -187,6 +187,8 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     default_parent = Path(cfg.runs_dir).absolute() / rundir.EVAL_DIR
     out = Path(cfg.out_dir) if cfg.out_dir else None
     created = out is None or not out.exists()
+    # the directories a failure leaves behind unless removed again (empty ones only)
+    made = [d for d in (default_parent, default_parent.parent) if out is None and not d.exists()]
     try:  # before any model runs: a bad --out-dir must not cost the evaluation's results
         if out is None:
             out = _new_default_dir(default_parent)
@@ -204,8 +206,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
         lock = _lock_out_dir(out)
     except ValueError:
         if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
+            _remove_empty([out, *made])
         raise
     try:
         if cfg.load_generations is not None or any(is_endpoint(spec) for spec in specs):
@@ -220,15 +221,21 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
                                 remedy or f"name another --out-dir, or remove {out} to start "
                                 "over", replace_other_weights)
     except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only if still empty: no empty eval-* directory behind a failure
+        if created:  # only if still empty: no empty eval-* directory behind a failure
+            _remove_empty([out, *made])
         raise
     finally:
         if lock is not None:
             os.close(lock)
     results["out_dir"] = str(out)
     return results
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Each of ``directories`` that is empty, in order (a child before its parent)."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def _lock_out_dir(out: Path) -> int | None:

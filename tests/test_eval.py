@@ -517,6 +517,15 @@ def _problem_line(task_id: str) -> str:
     return json.dumps({**FORTY_TWO, "task_id": task_id}) + "\n"
 
 
+def test_a_model_path_that_is_none_leaves_no_directory_behind(tmp_path, monkeypatch, capsys):
+    """--models naming nothing, in a directory without runs/: the error, and no runs/eval/ (nor
+    runs/) made for the evaluation that never ran."""
+    monkeypatch.chdir(tmp_path)
+    assert ev.main(["--models", "runs/nope", "--tasks", "lm", "--no-progress"]) == 2
+    assert "runs/nope is not a directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_duplicate_task_id_is_an_error_before_any_generation(tiny_models, tmp_path,
                                                              monkeypatch, capsys):
     dup = tmp_path / "dup.jsonl"
