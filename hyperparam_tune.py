@@ -18,7 +18,6 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 
     process.quiet_start_up_stops(quiet="--worker" in sys.argv)  # its parent tells a stop
 
-import argparse
 import contextlib
 import csv
 import dataclasses
@@ -34,7 +33,6 @@ import time
 import typing
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -57,6 +55,7 @@ from codelm.search_space import SearchSpace
 from codelm.trainconfig import TrainConfig
 from codelm.training import plan
 from codelm.training.record import NonFiniteLossError
+from codelm.tuneconfig import TuneConfig, build_parser, parse_config
 
 ROOT = Path(__file__).resolve().parent
 JOURNAL_FILE = "journal.log"
@@ -77,42 +76,6 @@ BUDGET_SIZED = ("time_budget_min", "max_steps", "epochs", "eval_every", "save_ev
                 "warmup_steps", "decay_steps")
 
 
-@dataclass
-class TuneConfig:
-    """A sweep; the defaults are the default sweep (from-scratch model, stdlib corpus, 2 CPUs)."""
-
-    # study and sampling
-    study_name: str = "codelm-from-scratch"  # the Optuna study; rerunning one continues it
-    space: str = "from-scratch"  # a built-in space name or a JSON file
-    train_config: str | None = None  # trainingmanager JSON config under the space's base values
-    data: list[str] | None = None  # the trials' training data (files, directories, JSONL,
-    #   Parquet; trainingmanager's --data) over --train-config's; None: theirs, or the stdlib
-    n_trials: int = 12  # total finished trials the study should hold (shared by all workers)
-    sampler_seed: int | None = None  # in [0, 2**32): a reproducible sweep; None: fresh streams
-    # budget of each trial (a study's trials share it)
-    max_steps: int = 150  # step budget of one trial
-    eval_every: int = 25  # evaluation (and pruning) interval in steps
-    time_budget_min: float | None = None  # instead: minutes of one trial on this machine, its
-    #   steps sized to them (trials then differ in steps, and none is pruned)
-    # pruning (hopeless trials stop early)
-    pruner: str = "median"  # median | hyperband | none
-    prune_startup_trials: int = 3  # median pruner: trials completed before any pruning
-    prune_warmup_steps: int = 0  # median pruner: steps of a trial never pruned
-    # storage and workers
-    out_dir: str = "runs"  # the study's files go to <out_dir>/<study_name>/
-    storage: str | None = None  # SQLAlchemy URL or journal file (default: its journal.log)
-    workers: int = 1  # worker processes on this machine
-    heartbeat_interval: int = 30  # seconds between a trial's heartbeats (RDB storages)
-    grace_period: int = 120  # seconds without a heartbeat before a trial is dead and requeued
-    max_retry: int = 2  # times a trial whose worker died is queued again (an interrupted one:
-    #   always)
-    worker: int = field(default=0, metadata={"hidden": True})  # internal: i > 0 makes this
-    #   process worker i of --workers (trials only); not in --help
-    # output
-    progress: bool = True  # a progress bar over the trials
-
-
-_CHOICES = {"pruner": ("median", "hyperband", "none")}
 
 
 # ----------------------------------------------- storage, study, the trial count of all workers
@@ -642,7 +605,7 @@ def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]
                      "validation windows, another stretch of the split for another block size "
                      "or vocabulary; eval_examples null ranks every trial on the whole "
                      "split")
-    longest = _largest_value(space, "warmup_steps")
+    longest = search_space.largest_value(space, "warmup_steps")
     if cfg.time_budget_min is None and longest is not None and longest >= cfg.max_steps:
         found.append(f"warning: {where}: params.warmup_steps reaches {longest}, not below "
                      f"--max-steps {cfg.max_steps}: a trial drawn there never reaches its lr "
@@ -657,17 +620,6 @@ def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]
                      "every trial (its step budget: --max-steps, --eval-every or "
                      "--time-budget-min), so the file's values are not used")
     return found
-
-
-def _largest_value(space: SearchSpace, name: str) -> float | None:
-    """The largest value a trial can draw for ``name`` (as a step lets it reach the range's
-    end; a categorical's largest choice), None where the space does not sample it."""
-    if name not in space.params:
-        return None
-    drawn = search_space.distribution(space.params[name])
-    if isinstance(drawn, optuna.distributions.CategoricalDistribution):
-        return max((c for c in drawn.choices if isinstance(c, int | float)), default=None)
-    return drawn.high
 
 
 # TrainConfig keys that change how a trial is computed, not its result: a continued study may
@@ -810,94 +762,28 @@ def _short(value: typing.Any) -> str:
     return text if len(text) <= 72 else text[:69] + "..."
 
 
-# --------------------------------------------------------------------------------- command line
-
-def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfig:
-    """Value checks the types alone do not make, each naming where the user set the key."""
-    def named(key: str) -> str:
-        return settings.setting(cfg, key, where_set)
-
-    name = cfg.study_name
-    if name in ("", ".", "..") or any(sep in name for sep in {"/", os.sep, os.altsep or "/"}):
-        raise ValueError(f"{named('study_name')}: must be a non-empty name of one directory "
-                         "under --out-dir: no '/', not '.' or '..'")
-    for key in ("n_trials", "max_steps", "eval_every", "workers", "heartbeat_interval"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{named(key)}: must be at least 1")
-    if cfg.time_budget_min is not None and not 0 < cfg.time_budget_min < math.inf:
-        raise ValueError(f"{named('time_budget_min')}: must be a positive number of minutes")
-    for key in ("worker", "max_retry", "prune_startup_trials", "prune_warmup_steps"):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"{named(key)}: must be at least 0")
-    if cfg.sampler_seed is not None and not 0 <= cfg.sampler_seed < 2**32:
-        raise ValueError(f"{named('sampler_seed')}: must be in [0, 2**32)")
-    if cfg.grace_period <= cfg.heartbeat_interval:
-        raise ValueError(f"{named('grace_period')}: must be more seconds than "
-                         f"{named('heartbeat_interval')}")
-    return cfg
-
-
-def config_from_dict(values: dict, source: str = "<dict>") -> TuneConfig:
-    """A TuneConfig from JSON-like values; errors name the source and the key."""
-    cfg = settings.config_from_dict(TuneConfig, values, source, _CHOICES)
-    return _check_ranges(cfg, lambda key: source if key in values else settings.flag_of(key))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = settings.ArgumentParser(
-        prog="hyperparam_tune.py", argument_default=argparse.SUPPRESS,
-        description="Optuna sweep over trainingmanager runs. Flags override --config; with no "
-        "flags, a small from-scratch sweep on the stdlib corpus.")
-    parser.add_argument("--config", help="JSON or YAML file of TuneConfig keys; flags override it")
-    settings.add_print_config(parser)
-    return settings.add_config_flags(parser, TuneConfig, _CHOICES)
-
-
-def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
-    """Defaults < ``--config`` file < command-line flags."""
-    args = vars(build_parser().parse_args(argv))
-    cfg = settings.resolve_config(TuneConfig, args, section="tune", choices=_CHOICES)
-    cfg = dataclasses.replace(cfg, storage=absolute_sqlite(cfg.storage))
-    where = settings.where_set_in(args, "tune")
-    config = args.get("config")
-    in_file = settings.read_config_file(config, "tune")[0] if config is not None else {}
-    if cfg.time_budget_min is not None and "max_steps" in {*args, *in_file}:
-        raise ValueError(f"{settings.setting(cfg, 'max_steps', where)} with "
-                         f"{settings.setting(cfg, 'time_budget_min', where)}: a trial's length "
-                         "is its steps or its time budget: drop one")
-    return _check_ranges(cfg, where)
-
-
-def absolute_sqlite(url: str | None) -> str | None:
-    """``sqlite:///x.db`` made absolute, so that every directory names the same database; an
-    in-memory database (each connection and worker its own, gone at the end) refused."""
-    if url is None or not url.startswith("sqlite"):
-        return url
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise ValueError(f"--storage {url}: not a database URL; an SQLite file is "
-                         "sqlite:///PATH.db") from None
-    if not parsed.database or parsed.database == ":memory:":
-        raise ValueError(f"--storage {url}: an in-memory database keeps no study (each worker "
-                         "would have its own); name a file: sqlite:///PATH.db")
-    if os.path.isabs(parsed.database):
-        return url
-    return parsed.set(database=os.path.abspath(parsed.database)).render_as_string(
-        hide_password=False)
-
+# -------------------------------------------------------------------------------- workers
 
 # What runs one worker (its arguments follow); tests put a stand-in trainer in front of main.
 WORKER_COMMAND = (sys.executable, str(ROOT / "hyperparam_tune.py"))
 SWEEP_PID = "CODELM_SWEEP_PID"  # a worker's environment: its main process, which it dies with
 
 
+def write_worker_config(cfg: TuneConfig) -> Path:
+    """The study's tune_config.json, which each worker reads (``--config``): ``cfg`` without
+    progress bars, and under a time budget without a step count beside it."""
+    config_file = study_dir(cfg) / "tune_config.json"
+    values = {**dataclasses.asdict(cfg), "progress": False}
+    if cfg.time_budget_min is not None:
+        del values["max_steps"]
+    process.write_atomic(config_file, json.dumps(values, indent=2) + "\n")
+    return config_file
+
+
 def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
     """Run ``cfg.workers`` worker processes to the end, passing a stop signal on; a worker's
     configuration error (exit 2) stops the others. The first failed worker's status, else 0."""
-    config_file = study_dir(cfg) / "tune_config.json"
-    process.write_atomic(config_file, json.dumps({**dataclasses.asdict(cfg), "progress": False},
-                                                 indent=2) + "\n")
+    config_file = write_worker_config(cfg)
     # Their own session: a stop signal reaches them once, forwarded by this process.
     env = {**os.environ, SWEEP_PID: str(os.getpid())}
     procs = [subprocess.Popen([*WORKER_COMMAND, "--config", str(config_file), "--worker", str(i)],

@@ -152,3 +152,14 @@ def load_space(space: str, sweep_keys: Collection[str]) -> SearchSpace:
     for name, value in space.extremes():
         trainconfig.config_from_dict({**space.base, name: value}, f"{source}: params.{name}")
     return space
+
+
+def largest_value(space: SearchSpace, name: str) -> float | None:
+    """The largest value a trial can draw for ``name`` (as a step lets it reach the range's
+    end; a categorical's largest choice), None where the space does not sample it."""
+    if name not in space.params:
+        return None
+    drawn = distribution(space.params[name])
+    if isinstance(drawn, optuna.distributions.CategoricalDistribution):
+        return max((c for c in drawn.choices if isinstance(c, int | float)), default=None)
+    return drawn.high

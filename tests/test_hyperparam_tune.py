@@ -6,6 +6,7 @@ heartbeats) and, where .ci/run could start one, a PostgreSQL server.
 
 import concurrent.futures
 import csv
+import dataclasses
 import fcntl
 import json
 import os
@@ -30,7 +31,7 @@ from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
 import trainingmanager
-from codelm import search_space, trainconfig
+from codelm import search_space, trainconfig, tuneconfig
 from codelm.data.config import DataError
 from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.runs import rundir
@@ -1005,7 +1006,7 @@ def test_study_name_is_one_directory_under_out_dir(tmp_path, capsys, name):
     assert err.startswith(f"error: study_name ({name!r}, --study-name)") and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []  # nothing written, inside --out-dir or beside it
     with pytest.raises(ValueError, match="study_name"):
-        hyperparam_tune.config_from_dict({"study_name": name}, "tune.json")
+        tuneconfig.config_from_dict({"study_name": name}, "tune.json")
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
@@ -1038,6 +1039,10 @@ def test_a_trial_length_of_steps_and_of_minutes_together_is_refused(tmp_path):
                                       "--out-dir", str(tmp_path)])
     cfg = hyperparam_tune.parse_config(["--time-budget-min", "1", "--out-dir", str(tmp_path)])
     assert cfg.time_budget_min == 1.0
+    (tmp_path / cfg.study_name).mkdir()
+    worker = hyperparam_tune.write_worker_config(cfg)  # what --workers N starts each with
+    assert hyperparam_tune.parse_config(["--config", str(worker), "--worker", "1"]) == \
+        dataclasses.replace(cfg, worker=1, progress=False)
 
 
 def test_data_of_the_sweep_replaces_the_space_s_and_a_continued_study_keeps_it(
@@ -1083,7 +1088,7 @@ def test_hyperband_brackets_span_one_evaluation_to_the_whole_budget(tmp_path):
 def test_counts_and_intervals_below_their_least_are_refused(key, value, least):
     with pytest.raises(ValueError, match=rf"{key} \({value}, tune.json\): must be at least "
                                          f"{least}$"):
-        hyperparam_tune.config_from_dict({key: value}, "tune.json")
+        tuneconfig.config_from_dict({key: value}, "tune.json")
 
 
 def test_each_trial_draws_its_own_reproducible_stream(tmp_path):
@@ -1094,7 +1099,7 @@ def test_each_trial_draws_its_own_reproducible_stream(tmp_path):
     lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
 
     def lrs(name: str, trials: int) -> list[float]:
-        cfg = hyperparam_tune.config_from_dict({"out_dir": str(tmp_path), "study_name": name,
+        cfg = tuneconfig.config_from_dict({"out_dir": str(tmp_path), "study_name": name,
                                                 "sampler_seed": 7})
         study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
         drawn = []
@@ -1244,7 +1249,7 @@ def test_a_trial_whose_worker_died_does_not_count_whatever_the_storage():
 def test_a_continued_study_may_change_a_sampled_keys_base_value(tmp_path, corpus):
     """Each trial's sampled value replaces the base's: a continuation's --train-config that sets
     lr (sampled by the space) changes no trial, and is no change of the study's settings."""
-    cfg = hyperparam_tune.config_from_dict({"out_dir": str(tmp_path)})
+    cfg = tuneconfig.config_from_dict({"out_dir": str(tmp_path)})
     space = hyperparam_tune.load_space(tiny_space(tmp_path, corpus))
     study = optuna.create_study()
     hyperparam_tune.check_study_settings(cfg, space, {"lr": 0.1, "weight_decay": 0.05}, study)
@@ -1391,7 +1396,7 @@ def test_data_of_another_language_is_refused_before_the_study(tmp_path, corpus):
     (kotlin / "Main.kt").write_text("fun main() {\n    println(1)\n}\n", "utf-8")
     train = tmp_path / "train.json"
     train.write_text(json.dumps({"data": [str(kotlin)]}), "utf-8")
-    cfg = hyperparam_tune.config_from_dict({"space": tiny_space(tmp_path, corpus),
+    cfg = tuneconfig.config_from_dict({"space": tiny_space(tmp_path, corpus),
                                             "train_config": str(train),
                                             "out_dir": str(tmp_path / "runs")})
     with pytest.raises(ValueError, match=r"train\.json: sources .* hold no files with "
@@ -1408,7 +1413,7 @@ def test_a_stepped_bound_is_checked_where_the_step_lets_a_trial_reach(tmp_path, 
             "type": "float", "low": 0.0, "high": high, "step": 0.25}})
         with warnings.catch_warnings():  # Optuna says it lowered high
             warnings.simplefilter("ignore", UserWarning)
-            hyperparam_tune.check_before_trials(hyperparam_tune.config_from_dict(
+            hyperparam_tune.check_before_trials(tuneconfig.config_from_dict(
                 {"space": space, "out_dir": str(tmp_path / "runs")}))
 
     check(1.1)
@@ -1452,7 +1457,7 @@ def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is
                                                                                 "n_layer")}
         values["base"].update(space_base)
         Path(space).write_text(json.dumps(values), "utf-8")
-        hyperparam_tune.check_before_trials(hyperparam_tune.config_from_dict(
+        hyperparam_tune.check_before_trials(tuneconfig.config_from_dict(
             {"space": space, "train_config": str(train), "out_dir": str(tmp_path / "runs")}))
 
     check([4])
