@@ -5,6 +5,7 @@ or from ``init_from``, with its quantized base and LoRA."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -108,15 +109,20 @@ def _run_weights(run_dir: Path, weights: Path, chosen: bool = False) -> dict:
 
 def _unfinished(run_dir: Path) -> str | None:
     """Where a run stopped short of its max_steps (its latest checkpoint), and how to go on;
-    None where it trained them all."""
+    None where it trained them all, or ended on purpose before (early stopping, an
+    --overfit-batches check that memorised its batches)."""
     checkpoints = rundir.list_checkpoints(run_dir)
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
     max_steps = config.get("max_steps")
-    if not checkpoints or not isinstance(max_steps, int):
+    if not checkpoints or not isinstance(max_steps, int) or config.get("overfit_batches"):
         return None
     stopped_at = rundir.checkpoint_step(checkpoints[-1])
     if stopped_at >= max_steps:
         return None
+    if patience := config.get("early_stop_patience"):
+        with contextlib.suppress(ValueError):  # an unreadable checkpoint: said as stopped
+            if checkpoint.read_state(checkpoints[-1], mmap=True).out_of_patience(patience):
+                return None
     return (f"stopped at step {stopped_at} of {max_steps} (python trainingmanager.py --resume "
             f"{run_dir} continues it)")
 

@@ -3387,9 +3387,11 @@ def test_a_runs_export_and_checkpoint_are_recorded_with_the_step_they_hold(tmp_p
         "weights": "checkpoints/step-12/", "step": 12, "still_training": False}
 
 
-def test_best_weights_of_a_run_stopped_short_say_where_it_stopped(tmp_path, capsys):
+def test_best_weights_of_a_run_stopped_short_say_where_it_stopped(tmp_path, monkeypatch,
+                                                                  capsys):
     """A run with best/ and no export whose latest checkpoint is short of its max_steps: the
-    note names the step scored, where the run stopped and --resume; a finished run, none."""
+    note names the step scored, where the run stopped and --resume; a finished run, an
+    --overfit-batches check and an early-stopped run, none."""
     import json
 
     run = tmp_path / "run"
@@ -3401,9 +3403,15 @@ def test_best_weights_of_a_run_stopped_short_say_where_it_stopped(tmp_path, caps
     err = capsys.readouterr().err
     assert "stopped at step 1378 of 3000" in err and "--resume" in err
     assert "scoring best/, its weights of step 1300" in err
-    (run / rundir.CONFIG_FILE).write_text(json.dumps({"max_steps": 1378}))
-    loading._run_weights(run, run / rundir.BEST_DIR)
-    assert capsys.readouterr().err == ""
+    ended_on_purpose = ({"max_steps": 1378},  # finished
+                        {"max_steps": 3000, "overfit_batches": 2},  # memorised, stopped
+                        {"max_steps": 3000, "early_stop_patience": 3})  # out of patience
+    monkeypatch.setattr(checkpoint_module, "read_state",
+                        lambda path, mmap=False: checkpoint_module.RunState(evals_since_best=3))
+    for config in ended_on_purpose:
+        (run / rundir.CONFIG_FILE).write_text(json.dumps(config))
+        loading._run_weights(run, run / rundir.BEST_DIR)
+        assert capsys.readouterr().err == ""
 
 
 def test_a_run_without_its_tokenizer_names_the_missing_file(tiny_models, tmp_path, capsys):

@@ -240,11 +240,11 @@ def test_the_warmup_of_a_run_shorter_than_500_steps_is_a_tenth_of_them():
 
 
 def _auto_plan(monkeypatch, first_step_s: float, force: bool = False,
-               budget_min: float = 600.0):
+               budget_min: float = 600.0, tokens_per_s: float = 1e9):
     """plan_run's preset auto over a ladder of one model at batches 1, 2 and 4, each rung's
-    step faked at ``first_step_s`` a sequence, sized for ``budget_min`` (by default long
-    enough to time every rung); returns (its choice, the batches measured on short sequences,
-    the batches timed)."""
+    step faked at ``first_step_s`` a sequence, timed at ``tokens_per_s`` (every rung fits the
+    budget), sized for ``budget_min`` (by default long enough to time every rung); returns (its
+    choice, the batches measured on short sequences, the batches timed)."""
     from codelm.trainconfig import TrainConfig
 
     ladder = tuple({"preset": "tiny", "block_size": 32, "batch_size": b, "lr": 1e-3}
@@ -259,7 +259,7 @@ def _auto_plan(monkeypatch, first_step_s: float, force: bool = False,
 
     def probe(cfg):
         timed.append(cfg.batch_size)
-        return plan.Probe(params=1, tokens_per_s=1e9)  # every rung fits the budget
+        return plan.Probe(params=1, tokens_per_s=tokens_per_s)
 
     cfg = TrainConfig(preset="auto", block_size=None, batch_size=None, lr=None, max_steps=10,
                       force=force, time_budget_min=budget_min)
@@ -271,16 +271,24 @@ def test_preset_auto_spends_at_most_a_fifth_of_a_short_budget_timing_rungs(monke
                                                                            capsys):
     """Timing a rung takes three warm-up steps and five windows: at 10 s a step (20 s at batch
     2), 1 min affords no rung (the first, untimed, in fp32), 7 min the first alone, and the
-    second is named untimed; neither times the precision (two timings of the largest rung)."""
+    second is named untimed; neither times the precision (two timings of the largest rung).
+    Once a rung is timed, the next timings are predicted from its speed."""
     chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=1.0)
     assert (chosen.batch_size, chosen.precision, timed) == (1, "fp32", [])
     out = capsys.readouterr().out
     assert "untimed" in out and "20%" in out and "--preset tiny" in out
     assert plan.timing_seconds(10.0) == 80.0 and plan.timing_seconds(20.0) == 160.0
-    chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=7.0)  # 84 s
+    chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=7.0,  # 84 s
+                                  tokens_per_s=32 / 10.0)  # as measured: 32 tokens in 10 s
     assert (chosen.batch_size, chosen.precision, timed) == (1, "fp32", [1])
     choice = capsys.readouterr().out.splitlines()[-1]
     assert choice.startswith("preset auto: tiny") and "and larger untimed" in choice
+    # the first rung timed far faster than its short-sequence measure said: the second's
+    # timing is predicted from that speed (its windows' 2 s and three fast steps), which the
+    # 4 s left afford; the third's, as long again, they no longer do
+    chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=7.0)
+    assert (chosen.batch_size, timed) == (2, [1, 2])
+    assert "and larger untimed" in capsys.readouterr().out
 
 
 def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch, capsys):
@@ -290,6 +298,7 @@ def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch,
     timed is a line before its timing (minutes on a busy CPU), then the choice."""
     chosen, measured, timed = _auto_plan(monkeypatch, first_step_s=100.0)
     assert (chosen.batch_size, chosen.precision) == (2, "fp32")
+    assert chosen.time_budget_min is None  # it sized the model: config.json repeats the run
     assert 4 not in timed and timed == [1, 2]
     assert measured[0] == 1 and set(measured[1:]) == {4}
     lines = capsys.readouterr().out.splitlines()
@@ -393,9 +402,13 @@ def test_a_time_budget_beside_a_fixed_length_is_refused_where_it_sizes_no_model(
     sized = plan.parse_config(["--max-steps", "10", "--time-budget-min", "1"])  # preset auto
     assert (sized.max_steps, sized.time_budget_min) == (10, 1.0)
     assert plan.parse_config(["--preset", "tiny", "--max-steps", "10"]).max_steps == 10
-    saved = tmp_path / "config.json"  # a run's config.json: every key, the budget's default
-    saved.write_text(json.dumps({"preset": "tiny", "max_steps": 10, "time_budget_min": 15.0}))
-    assert plan.parse_config(["--config", str(saved)]).max_steps == 10
+    saved = tmp_path / "config.json"  # a run's config.json: every key, a budget's none
+    for recorded in (15.0, None):  # a fixed-length run's (the default), a budgeted run's
+        saved.write_text(json.dumps({"preset": "tiny", "max_steps": 10,
+                                     "time_budget_min": recorded}))
+        assert plan.parse_config(["--config", str(saved)]).max_steps == 10
+    assert plan.parse_config(["--preset", "tiny", "--epochs", "1", "--time-budget-min",
+                              "none"]).epochs == 1
     cfg = trainconfig.TrainConfig(preset="tiny", max_steps=3000, resume=str(tmp_path),
                                   time_budget_min=1.0)
     with pytest.raises(ValueError, match=r"drop --time-budget-min.*resumed run.*--max-steps"):

@@ -49,24 +49,29 @@ if typing.TYPE_CHECKING:
 
 BLANK_RUN = re.compile(r"(?:[ \t]*\n){3,}")  # three or more line ends with only blanks between
 PROMPT_LINES_SHOWN = 6  # the sample prompt's last lines the console shows before the sample
+PARTIAL_LINE_SHOWN = 80  # of a prompt's last line, unended, the end repeated before the sample
 
 
 def shown_sample(prompt: str, sample: str, weights: str) -> str:
     """A prompt's last PROMPT_LINES_SHOWN lines and its sample as the console shows them, each
     under a line that says what it is; the sample's runs of two or more blank lines as one line
     that counts them (an undertrained model writes newlines by the screenful). A prompt that
-    ends within a line has that line's start repeated before the sample."""
+    ends within a line has that line's end (PARTIAL_LINE_SHOWN characters at most) repeated
+    before the sample."""
     def counted(run: re.Match) -> str:
         return f"\n[{run.group().count(chr(10)) - 1} blank lines]\n"
 
-    lines = prompt.splitlines(keepends=True)
-    shown = "".join(lines[-PROMPT_LINES_SHOWN:])
-    above = len(lines) - PROMPT_LINES_SHOWN
-    heading = "sample prompt" + (f" (its last {PROMPT_LINES_SHOWN} of {len(lines)} lines)"
-                                 if above > 0 else "")
-    partial_line = "" if not lines or lines[-1].endswith("\n") else lines[-1]
-    return (f"{heading}:\n{shown.rstrip(chr(10))}\n"
-            f"sample completion (greedy, {weights}):\n{BLANK_RUN.sub(counted, partial_line + sample)}")
+    lines = prompt.split("\n")
+    ended = lines.pop()  # the text after the last line end: a line the sample continues
+    if ended:
+        lines.append(ended)
+    heading = "sample prompt"
+    if len(lines) > PROMPT_LINES_SHOWN:
+        heading += f" (its last {PROMPT_LINES_SHOWN} of {len(lines)} lines)"
+    shown = "\n".join(lines[-PROMPT_LINES_SHOWN:])
+    completion = ended[-PARTIAL_LINE_SHOWN:] + sample
+    return (f"{heading}:\n{shown}\nsample completion (greedy, {weights}):\n"
+            f"{BLANK_RUN.sub(counted, completion)}")
 
 
 def export_run(run: Run) -> tuple[Path | None, str | None]:

@@ -97,7 +97,8 @@ def check_length(cfg: TrainConfig, typed: Collection[str],
     model, a resumed run), naming both and where each was set. A config file's default budget
     is none given (a run's config.json records every key)."""
     fixed = "max_steps" if cfg.max_steps is not None else "epochs"
-    given = "time_budget_min" in typed and cfg.time_budget_min != TrainConfig.time_budget_min
+    budget = cfg.time_budget_min
+    given = "time_budget_min" in typed and budget not in (None, TrainConfig.time_budget_min)
     if not given or getattr(cfg, fixed) is None:
         return
     from_scratch = cfg.init_from is None and cfg.init_adapter is None and cfg.resume is None
@@ -106,7 +107,8 @@ def check_length(cfg: TrainConfig, typed: Collection[str],
     flag = settings.flag_of(fixed)
     way_out = f"drop one ({flag} none trains for the budget)"
     if cfg.resume is not None:
-        way_out = f"drop --time-budget-min (a resumed run trains to its {fixed}; {flag} sets another)"
+        way_out = (f"drop --time-budget-min (a resumed run trains to its {fixed}; {flag} sets "
+                   "another)")
     raise ValueError(f"{setting(cfg, 'time_budget_min', where_set)} with "
                      f"{setting(cfg, fixed, where_set)}: the run's length is {fixed}, and the "
                      f"time budget only sizes preset auto's model: {way_out}")
@@ -331,16 +333,31 @@ def timing_seconds(step_s: float) -> float:
     return 3 * step_s + max(RUNG_TIMING_S, TIMING_WINDOWS * step_s)
 
 
-class TimingAllowance(NamedTuple):
-    """Preset auto's time for timing rungs: until ``until`` (time.monotonic), each rung's
-    timing predicted from its step (``step_s``, predicted before it is timed)."""
+@dataclass
+class TimingAllowance:
+    """Preset auto's seconds for timing rungs (``left``), spent by each rung's timing as
+    predicted from its step: from ``measured``, a step of ``of``'s (the first rung's, on short
+    sequences), until a rung is timed, then from the last timed one's speed. Every process
+    decides alike: no clock is read."""
 
-    until: float
-    step_s: Callable[[TrainConfig], float]
+    left: float
+    measured: StepCost
+    of: TrainConfig
 
-    def affords(self, candidate: TrainConfig, timings: int = 1) -> bool:
-        needed_s = timings * timing_seconds(self.step_s(candidate))
-        return time.monotonic() + needed_s <= self.until
+    def take(self, candidate: TrainConfig, timings: int = 1) -> bool:
+        """Whether ``timings`` timings of ``candidate`` fit in what is left: if so, spent."""
+        step_s = scaled_cost(self.measured, self.of, candidate).seconds
+        needed_s = timings * timing_seconds(step_s)
+        if needed_s > self.left:
+            return False
+        self.left -= needed_s
+        return True
+
+    def timed(self, rung: TrainConfig, measured: Probe) -> None:
+        """Predict from ``rung``'s timed speed (one process's) from here on."""
+        tokens = rung.batch_size * rung.grad_accum * rung.block_size
+        self.measured = StepCost(0.0, tokens / measured.tokens_per_s)
+        self.of = rung
 
 
 def seconds_a_step(step: Callable[[], object], at_least_s: float,
@@ -387,7 +404,11 @@ def plan_run(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
     resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
     pretrained_model = cfg.init_from is not None or cfg.init_adapter is not None
     if cfg.preset == "auto" and not pretrained_model and not resumed:  # else its name says which
-        return auto_rung(cfg, device_type, distributed, main, probe, measure)
+        chosen = auto_rung(cfg, device_type, distributed, main, probe, measure)
+        if chosen.max_steps is not None or chosen.epochs is not None:
+            # the budget sized the model, which config.json names: it ends nothing
+            chosen = replace(chosen, time_budget_min=None)
+        return chosen
     return resolve(cfg)
 
 
@@ -417,9 +438,11 @@ def auto_rung(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
         return untimed_first_rung(cfg, f"{refusal} (--force)", device_type, main)
     if waits:
         wait_until_quiet(QUIET_WAIT_SHARE * seconds)
-    allowance = TimingAllowance(time.monotonic() + TIMING_SHARE * seconds,
-                                lambda candidate: scaled_cost(measured.cost, first, candidate).seconds)
-    if not allowance.affords(first):
+        measured = measure(first)  # the step the timing is predicted from, on a quieter CPU
+    # several processes time the rungs together (their collectives): as much as they need
+    allowed_s = math.inf if distributed else TIMING_SHARE * seconds
+    allowance = TimingAllowance(allowed_s, measured.cost, first)
+    if not allowance.take(first):
         too_long = (f"timing it would take over {TIMING_SHARE:.0%} of the "
                     f"{cfg.time_budget_min:g}-min budget")
         return untimed_first_rung(cfg, too_long, device_type, main)
@@ -478,8 +501,9 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
     whose step is beyond the machine (not ``within``), or whose timing the ``allowance`` does
     not afford, is not timed, nor any above it; the first rung is within, and afforded."""
     if cfg.precision == "auto" and device_type == "cpu":
-        precision_candidate = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[PRECISION_RUNG]))
-        timed = within(precision_candidate) and allowance.affords(precision_candidate, timings=2)
+        precision_rung = trainconfig.BUDGET_LADDER[PRECISION_RUNG]
+        precision_candidate = with_fallbacks(with_rung(cfg, precision_rung))
+        timed = within(precision_candidate) and allowance.take(precision_candidate, timings=2)
         if timed and announce:
             print(f"preset auto: timing bf16 against fp32 on {precision_candidate.preset}",
                   flush=True)
@@ -495,17 +519,19 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
         return probe(candidate)
 
     chosen = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[0]))
-    chosen_probe = timed(chosen)
+    chosen_probe = timed(chosen)  # its timing taken from the allowance already (auto_rung)
+    allowance.timed(chosen, chosen_probe)
     unaffordable = ""  # a rung the allowance stopped at
     for rung in trainconfig.BUDGET_LADDER[1:]:
         candidate = with_fallbacks(with_rung(cfg, rung))
         if not within(candidate):
             break
-        if not allowance.affords(candidate):
+        if not allowance.take(candidate):
             unaffordable = candidate.preset
             break
         measured = timed(candidate)
-        if not fits(measured) and allowance.affords(candidate):
+        allowance.timed(candidate, measured)
+        if not fits(measured) and allowance.take(candidate):
             again = timed(candidate, " again: too slow for the budget once, and the machine "
                                      "may have been busy for a moment")
             measured = max(measured, again, key=lambda p: p.tokens_per_s)
