@@ -297,8 +297,9 @@ MAY_IMPORT = {
              "eval"},
     "trainingmanager": BELOW_FLOOR_3 | {LOADING, "eval"},
     "codelm.search_space": {SETTINGS, CHECKPOINT, TRAINCONFIG},
+    "codelm.tuneconfig": {SETTINGS},
     "hyperparam_tune": {PROCESS, SETTINGS, WORKERS, RUNDIR, "trainingmanager",
-                        "codelm.search_space"},
+                        "codelm.search_space", "codelm.tuneconfig"},
     "codelm.recipes": BELOW_FLOOR_3 | {LOADING, EVAL_CONFIG, RESULTS, "trainingmanager", "eval"},
 }
 
