@@ -345,6 +345,9 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     recipe = trial_recipe(cfg, space, base, trial)
     trial.set_user_attr(ATTR_CONFIG, recipe)
     resume, reported = interrupted_run(trial)
+    if resume is not None:
+        tqdm.write(f"trial {trial.number}: continues {resume.name}'s run (interrupted, queued "
+                   "again as this trial)", file=sys.stderr)
     values = {**recipe, **_trial_run(cfg, trial.number, resume)}
     if resume and cfg.time_budget_min is not None:  # the run as its budget sized it
         sized = json.loads((resume / rundir.CONFIG_FILE).read_text("utf-8"))
@@ -696,6 +699,9 @@ def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
         return f"{reason or 'worker died'}; queued again as trial {retried_by[trial.number]}"
     if trial.state == TrialState.FAIL and not counts(trial, set()):
         return f"{reason or 'no reason recorded'}; not counted toward n_trials"
+    continued = trial.system_attrs.get("failed_trial")
+    if continued is not None and not reason:
+        return f"continues trial {continued}'s run (duration_s: this part)"
     return reason or ""
 
 

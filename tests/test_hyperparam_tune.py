@@ -219,6 +219,7 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path, corpus, storage_kind
     counted = [t for t in trials if t.number != victim.number]
     assert len(counted) == 2 and all(t.state == TrialState.COMPLETE for t in counted)
     assert f"; queued again as trial {retries[0].number}" in output  # the trials table
+    assert f"continues trial {victim.number}'s run (duration_s: this part)" in output
 
 
 def test_a_trial_declared_dead_elsewhere_is_left_and_the_worker_goes_on(tmp_path, corpus,
