@@ -269,26 +269,25 @@ def _auto_plan(monkeypatch, first_step_s: float, force: bool = False,
 
 def test_preset_auto_spends_at_most_a_fifth_of_a_short_budget_timing_rungs(monkeypatch,
                                                                            capsys):
-    """Timing a rung takes three warm-up steps and five windows: at 10 s a step (20 s at batch
-    2), 1 min affords no rung (the first, untimed, in fp32), 7 min the first alone, and the
-    second is named untimed; neither times the precision (two timings of the largest rung).
-    Once a rung is timed, the next timings are predicted from its speed."""
+    """Timing a rung takes three warm-up steps and five windows of 0.4 s, each running on to
+    its last step's end: at 10 s a step (20 s at batch 2), 1 min affords no rung (the first,
+    untimed, in fp32), 7.5 min the first alone, and the second is named untimed; neither times
+    the precision (two timings of the largest rung). Once a rung is timed, the next timings
+    are predicted from its speed."""
+    assert plan.timing_seconds(10.0) == 82.0 and plan.timing_seconds(20.0) == 162.0
     chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=1.0)
     assert (chosen.batch_size, chosen.precision, timed) == (1, "fp32", [])
     out = capsys.readouterr().out
     assert "untimed" in out and "20%" in out and "--preset tiny" in out
-    assert plan.timing_seconds(10.0) == 80.0 and plan.timing_seconds(20.0) == 160.0
-    chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=7.0,  # 84 s
+    chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=7.5,  # 90 s
                                   tokens_per_s=32 / 10.0)  # as measured: 32 tokens in 10 s
     assert (chosen.batch_size, chosen.precision, timed) == (1, "fp32", [1])
     choice = capsys.readouterr().out.splitlines()[-1]
     assert choice.startswith("preset auto: tiny") and "and larger untimed" in choice
-    # the first rung timed far faster than its short-sequence measure said: the second's
-    # timing is predicted from that speed (its windows' 2 s and three fast steps), which the
-    # 4 s left afford; the third's, as long again, they no longer do
-    chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=7.0)
-    assert (chosen.batch_size, timed) == (2, [1, 2])
-    assert "and larger untimed" in capsys.readouterr().out
+    # the first rung timed far faster than its short-sequence measure said: the next rungs'
+    # timings are predicted from that speed (their windows' 2 s each), which the 8 s left afford
+    chosen, _, timed = _auto_plan(monkeypatch, first_step_s=10.0, budget_min=7.5)
+    assert (chosen.batch_size, timed) == (4, [1, 2, 4])
 
 
 def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch, capsys):

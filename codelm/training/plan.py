@@ -328,9 +328,10 @@ class Probe(NamedTuple):
 
 
 def timing_seconds(step_s: float) -> float:
-    """What timing a rung takes at ``step_s`` a step (``seconds_a_step``): three warm-up steps
-    and TIMING_WINDOWS windows of RUNG_TIMING_S together, each at least one step."""
-    return 3 * step_s + max(RUNG_TIMING_S, TIMING_WINDOWS * step_s)
+    """What timing a rung takes at most at ``step_s`` a step (``seconds_a_step``): three
+    warm-up steps and TIMING_WINDOWS windows of RUNG_TIMING_S together, each running on to the
+    end of its last step."""
+    return (3 + TIMING_WINDOWS) * step_s + RUNG_TIMING_S
 
 
 @dataclass
