@@ -347,7 +347,7 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     resume, reported = interrupted_run(trial)
     if resume is not None:
         tqdm.write(f"trial {trial.number}: continues {resume.name}'s run (interrupted, queued "
-                   "again as this trial)", file=sys.stderr)
+                   "again as this trial)")  # beside the trainer's lines, as they say it resumed
     values = {**recipe, **_trial_run(cfg, trial.number, resume)}
     if resume and cfg.time_budget_min is not None:  # the run as its budget sized it
         sized = json.loads((resume / rundir.CONFIG_FILE).read_text("utf-8"))
