@@ -101,8 +101,7 @@ def check_length(cfg: TrainConfig, typed: Collection[str],
     given = "time_budget_min" in typed and budget not in (None, TrainConfig.time_budget_min)
     if not given or getattr(cfg, fixed) is None:
         return
-    from_scratch = cfg.init_from is None and cfg.init_adapter is None and cfg.resume is None
-    if cfg.preset == "auto" and from_scratch:
+    if chooses_rung(cfg):
         return
     flag = settings.flag_of(fixed)
     way_out = f"drop one ({flag} none trains for the budget)"
@@ -402,15 +401,21 @@ def plan_run(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
              measure: Callable[[TrainConfig], StepMeasure]) -> TrainConfig:
     """The settings a run trains with: hub ids replaced by their snapshots, an init_adapter's
     settings read, and for preset auto the rung for this machine (``auto_rung``)."""
-    resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
-    pretrained_model = cfg.init_from is not None or cfg.init_adapter is not None
-    if cfg.preset == "auto" and not pretrained_model and not resumed:  # else its name says which
+    if chooses_rung(cfg):
         chosen = auto_rung(cfg, device_type, distributed, main, probe, measure)
         if chosen.max_steps is not None or chosen.epochs is not None:
             # the budget sized the model, which config.json names: it ends nothing
             chosen = replace(chosen, time_budget_min=None)
         return chosen
     return resolve(cfg)
+
+
+def chooses_rung(cfg: TrainConfig) -> bool:
+    """Whether preset auto chooses ``cfg``'s model for this machine: a new run from scratch
+    (a pretrained model, or a resumed run's config.json, names its model)."""
+    resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
+    pretrained_model = cfg.init_from is not None or cfg.init_adapter is not None
+    return cfg.preset == "auto" and not pretrained_model and not resumed
 
 
 def auto_rung(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
