@@ -68,6 +68,10 @@ ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all 
 FORMAT_VERSION = 2
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
 WORKER_DIED = "worker process died"  # a trial failed for its dead worker (it does not count)
+STEP_REFUSED = "this machine refuses the step"  # a trial's reason where plan.StepRefused ended it
+# The sweep stops when its first trials this many are all refused by the machine: the search
+# space's values, or the time budget, are beyond it whatever the sampler picks next.
+REFUSED_BEFORE_STOP = 3
 # Completes the trainer's "checkpoint saved at step N; continue with ...".
 RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
                "checkpoint where a signal stopped it")
@@ -420,7 +424,8 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     except RefusedValues as e:
         reason = f"the trainer refuses these values together: {e}"
     except plan.StepRefused as e:  # these values' step on this machine: the next may fit
-        reason = f"this machine refuses the step: {e}"
+        reason = f"{STEP_REFUSED}: {e}"
+        _stop_if_every_step_refused(trial, reason)
     except NonFiniteLossError as e:  # never continued: no resume advice in its reason
         reason = e.diagnosis
         if not reason.startswith("non-finite"):
@@ -456,6 +461,23 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     tqdm.write(f"trial {trial.number} failed with parameters {trial.params}: {reason}",
                file=sys.stderr)
     return TrialState.FAIL, None
+
+
+def _stop_if_every_step_refused(trial: optuna.Trial, reason: str) -> None:
+    """Stop the sweep (a ValueError; this trial not counted) where no trial has trained and
+    this one is the REFUSED_BEFORE_STOP-th the machine refused: every trial would be."""
+    earlier = trial.study.get_trials(deepcopy=False)
+    if any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in earlier):
+        return
+    refused = [t for t in earlier if str(t.user_attrs.get(ATTR_REASON, "")).startswith(
+        STEP_REFUSED)]
+    if len(refused) + 1 < REFUSED_BEFORE_STOP:  # (this trial's reason is not recorded yet)
+        return
+    trial.set_user_attr(ATTR_STOPPED, True)
+    trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {reason}")
+    raise ValueError(f"the first {REFUSED_BEFORE_STOP} trials were all refused by this machine "
+                     f"(the last: {reason}): narrow the search space's block_size, batch_size "
+                     "or model size, or raise --time-budget-min")
 
 
 def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.BaseStorage,

@@ -1560,6 +1560,26 @@ def test_a_trial_whose_step_the_machine_refuses_fails_and_the_sweep_goes_on(
     assert "machine refuses the step" in trials[0].user_attrs[hyperparam_tune.ATTR_REASON]
 
 
+def test_a_sweep_whose_first_trials_the_machine_all_refuses_stops(tmp_path, corpus, monkeypatch,
+                                                                  capsys):
+    """Where the machine refuses the step of every trial so far (a time budget or a space beyond
+    it), the REFUSED_BEFORE_STOP-th refusal stops the sweep naming what to change, instead of
+    failing every trial the study asks for; the stopping trial does not count."""
+    def check_step_cost(cfg, *args):
+        raise plan.StepRefused("block_size 32 x batch_size 2: one step takes about 9 min")
+
+    monkeypatch.setattr(plan, "check_step_cost", check_step_cost)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="refused", n_trials=6,
+                     pruner="none")
+    assert hyperparam_tune.main(argv) == 2
+    trials = load_study(journal(tmp_path, "refused"), "refused").get_trials()
+    assert len(trials) == hyperparam_tune.REFUSED_BEFORE_STOP
+    assert all(t.state == TrialState.FAIL for t in trials)
+    assert trials[-1].user_attrs[hyperparam_tune.ATTR_STOPPED]
+    err = capsys.readouterr().err
+    assert "refused by this machine" in err and "--time-budget-min" in err and "9 min" in err
+
+
 def test_preset_auto_in_a_sweep_is_refused_naming_why(tmp_path, corpus, capsys):
     """Preset auto would time the machine in each trial, whose models could then differ."""
     space = json.loads(Path(tiny_space(tmp_path, corpus)).read_text())
