@@ -290,6 +290,43 @@ def test_preset_auto_spends_at_most_a_fifth_of_a_short_budget_timing_rungs(monke
     assert (chosen.batch_size, timed) == (4, [1, 2, 4])
 
 
+def test_preset_auto_sizes_a_rung_by_the_training_time_its_timing_leaves(monkeypatch, capsys):
+    """A rung must see TOKENS_PER_PARAM tokens a parameter in TRAIN_SHARE of the budget less
+    the timing spent: in 150 s (127.5 s to train), timing the first rung (1 s a step: 10 s)
+    and the second (2 s a step: 18 s) leaves 99.5 s, where 100 parameters at 3.2 tokens/s see
+    318 tokens, short of 350 (though 127.5 s would see 406): the first rung is chosen; at 4
+    tokens/s (398) the second."""
+    from codelm.trainconfig import TrainConfig
+
+    ladder = tuple({"preset": "tiny", "block_size": 32, "batch_size": b, "lr": 1e-3}
+                   for b in (1, 2, 4))
+    monkeypatch.setattr(trainconfig, "BUDGET_LADDER", ladder)
+    assert plan.timing_seconds(1.0) == 10.0 and plan.timing_seconds(2.0) == 18.0
+    assert plan.TOKENS_PER_PARAM * 100 == 350.0 and plan.TRAIN_SHARE * 150 == 127.5
+
+    def measure(cfg):
+        return plan.StepMeasure(plan.StepCost(activation_bytes=2**20, seconds=cfg.batch_size),
+                                free_bytes=2**40)
+
+    def choice(second_rung_tokens_per_s: float) -> tuple[int, list[int]]:
+        timed = []
+
+        def probe(cfg):
+            timed.append(cfg.batch_size)
+            if cfg.batch_size == 1:
+                return plan.Probe(params=1, tokens_per_s=32.0)  # 1 s a step
+            return plan.Probe(params=100, tokens_per_s=second_rung_tokens_per_s)
+
+        cfg = TrainConfig(preset="auto", block_size=None, batch_size=None, lr=None,
+                          max_steps=10, time_budget_min=2.5)
+        chosen = plan.plan_run(cfg, "cuda", False, True, probe, measure)
+        return chosen.batch_size, timed
+
+    assert choice(3.2) == (1, [1, 2])
+    assert choice(4.0) == (2, [1, 2])
+    assert "preset auto: tiny" in capsys.readouterr().out
+
+
 def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch, capsys):
     """The first rung's step measured at 100 s predicts the second's at 200 s and the third's
     at 400 s, beyond plan.MAX_STEP_S: its own measure confirms it, and it is never timed, for
@@ -368,7 +405,7 @@ def test_a_first_rung_beyond_the_limits_on_a_busy_cpu_is_measured_again_once_it_
         events.append("timed")
         return plan.Probe(params=1, tokens_per_s=1e9)
 
-    monkeypatch.setattr(plan, "wait_until_quiet", lambda at_most_s: events.append("waited"))
+    monkeypatch.setattr(plan, "wait_until_quiet", lambda at_most_s: events.append("waited") or 0.0)
     cfg = TrainConfig(preset="auto", block_size=None, batch_size=None, lr=None, max_steps=None,
                       precision="fp32")
     assert plan.plan_run(cfg, "cpu", False, False, probe, measure).batch_size == 1

@@ -337,12 +337,13 @@ def timing_seconds(step_s: float) -> float:
 class TimingAllowance:
     """Preset auto's seconds for timing rungs (``left``), spent by each rung's timing as
     predicted from its step: from ``measured``, a step of ``of``'s (the first rung's, on short
-    sequences), until a rung is timed, then from the last timed one's speed. Every process
-    decides alike: no clock is read."""
+    sequences), until a rung is timed, then from the last timed one's speed; ``spent``: the
+    seconds taken so far. Every process decides alike: no clock is read."""
 
     left: float
     measured: StepCost
     of: TrainConfig
+    spent: float = 0.0
 
     def take(self, candidate: TrainConfig, timings: int = 1) -> bool:
         """Whether ``timings`` timings of ``candidate`` fit in what is left: if so, spent."""
@@ -351,6 +352,7 @@ class TimingAllowance:
         if needed_s > self.left:
             return False
         self.left -= needed_s
+        self.spent += needed_s
         return True
 
     def timed(self, rung: TrainConfig, measured: Probe) -> None:
@@ -433,8 +435,9 @@ def auto_rung(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
     first = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[0]))
     measured = measure(first)
     refusal = step_refusal(measured.cost, measured.free_bytes, seconds_left)
+    waited_s = 0.0  # (no process of a group waits: every process decides alike)
     if refusal is not None and waits:  # a load that passes must not refuse the run
-        wait_until_quiet(QUIET_WAIT_SHARE * seconds)
+        waited_s = wait_until_quiet(QUIET_WAIT_SHARE * seconds)
         waits = False
         measured = measure(first)
         refusal = step_refusal(measured.cost, measured.free_bytes, seconds_left)
@@ -443,7 +446,7 @@ def auto_rung(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
                         seconds_left)
         return untimed_first_rung(cfg, f"{refusal} (--force)", device_type, main)
     if waits:
-        wait_until_quiet(QUIET_WAIT_SHARE * seconds)
+        waited_s = wait_until_quiet(QUIET_WAIT_SHARE * seconds)
         measured = measure(first)  # the step the timing is predicted from, on a quieter CPU
     # several processes time the rungs together (their collectives): as much as they need
     allowed_s = math.inf if distributed else TIMING_SHARE * seconds
@@ -453,7 +456,7 @@ def auto_rung(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
                     f"{cfg.time_budget_min:g}-min budget")
         return untimed_first_rung(cfg, too_long, device_type, main)
     within = partial(within_limits, measured, first, measure, seconds_left)
-    return choose_rung(cfg, probe, within, allowance, seconds, device_type, main)
+    return choose_rung(cfg, probe, within, allowance, seconds - waited_s, device_type, main)
 
 
 def wait_until_quiet(at_most_s: float, announce: bool = True) -> float:
@@ -502,7 +505,8 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
                 within: Callable[[TrainConfig], bool], allowance: TimingAllowance,
                 seconds: float, device_type: str, announce: bool = True) -> TrainConfig:
     """Preset auto: the largest BUDGET_LADDER rung whose measured speed lets it see
-    TOKENS_PER_PARAM tokens per parameter in ``seconds``. The first rung that falls short is
+    TOKENS_PER_PARAM tokens per parameter in TRAIN_SHARE of ``seconds`` less the timing spent
+    so far (``allowance.spent``). The first rung that falls short is
     measured once more before it is refused, so that a passing load cannot refuse it. A rung
     whose step is beyond the machine (not ``within``), or whose timing the ``allowance`` does
     not afford, is not timed, nor any above it; the first rung is within, and afforded."""
@@ -515,8 +519,9 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
                   flush=True)
         cfg = replace(cfg, precision=cpu_precision(cfg, probe) if timed else "fp32")
 
-    def fits(measured: Probe) -> bool:
-        return measured.tokens_per_s * seconds * TRAIN_SHARE >= TOKENS_PER_PARAM * measured.params
+    def fits(measured: Probe) -> bool:  # in the training time the timing so far leaves
+        train_s = seconds * TRAIN_SHARE - allowance.spent
+        return measured.tokens_per_s * train_s >= TOKENS_PER_PARAM * measured.params
 
     def timed(candidate: TrainConfig, again: str = "") -> Probe:
         if announce:  # a line a rung: timing one takes seconds to minutes on a busy CPU
