@@ -81,6 +81,16 @@ def test_a_heartbeat_counts_in_plain_figures():
     assert "2.5/5000000" in beat.line(90.0)
 
 
+@pytest.mark.parametrize("text", ["{", "[]", '{"format_version": 2, "files": {}}',
+                                  '{"format_version": 1, "files": []}', '{"format_version": 1}'])
+def test_a_manifest_of_another_shape_is_named_unreadable_not_raised(tmp_path, text):
+    """A manifest that is no JSON object, of another format version, or whose files are no
+    mapping is named unreadable, under ``python -O`` too (the check asserts nothing)."""
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    (tmp_path / process.MANIFEST_FILE).write_text(text)
+    assert process.manifest_problem(tmp_path) == f"{process.MANIFEST_FILE} is not a readable manifest"
+
+
 def test_a_manifest_records_a_nested_file_named_as_manifests_are(tmp_path):
     """Only the directory's own manifest is left out of it: a sub-directory's manifest.json is
     a file like any other, and a change to it is found."""

@@ -960,14 +960,18 @@ def manifest_problem(directory: Path, names: Sequence[str] | None = None,
                      sizes_only: bool = False) -> str | None:
     """Why ``directory``'s files (``names``, or all it lists) differ from its manifest, or None
     (``sizes_only``: their sizes, not their digests: a look that reads no file)."""
+    unreadable = f"{MANIFEST_FILE} is not a readable manifest"
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
-        files = manifest["files"]
-        assert manifest["format_version"] == 1 and isinstance(files, dict)
     except FileNotFoundError:
         return f"no {MANIFEST_FILE}"
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        return f"{MANIFEST_FILE} is not a readable manifest"
+    except (OSError, ValueError):
+        return unreadable
+    if not isinstance(manifest, dict) or manifest.get("format_version") != 1:
+        return unreadable
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return unreadable
     for name in files if names is None else names:
         path, want = directory / name, files.get(name)
         if not isinstance(want, dict):
