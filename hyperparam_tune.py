@@ -64,6 +64,10 @@ ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason"
 ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
 ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
 ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all trials share
+ATTR_METRIC = "value_metric"  # study attribute: the validation metric the trials' values are
+# A trial's value: its best validation bits per byte, which compares tokenizers too; where its
+# task's evaluation has none (preference tuning, GRPO: 1 - pass@1), its validation loss.
+METRIC_NAMES = {"val_bpb": "validation bits per byte", "val_loss": "validation loss"}
 # The version of the study's recorded settings (2: trials valued by val bits per byte).
 FORMAT_VERSION = 2
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
@@ -396,19 +400,22 @@ def _check_trial(train_cfg: TrainConfig, where_is: Callable[[str], str]) -> None
 def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
               trial: optuna.Trial) -> tuple[TrialState, float | None]:
     """Train the trial: the state and value to tell (a failure's reason recorded and told). The
-    value is the best validation bits per byte, which compares tokenizers too."""
+    value is the best of a METRIC_NAMES metric, recorded on the study (ATTR_METRIC)."""
     best = math.inf
 
     def on_eval(step: int, metrics: dict) -> None:
         nonlocal best
-        value = metrics.get("val_bpb", metrics["val_loss"])
+        metric = "val_bpb" if "val_bpb" in metrics else "val_loss"
+        if trial.study.user_attrs.get(ATTR_METRIC) != metric:
+            trial.study.set_user_attr(ATTR_METRIC, metric)
+        value = metrics[metric]
         best = min(best, value)
         trial.set_user_attr(ATTR_STEP, step)
         trial.report(value, step)
         # Not at the final evaluation: the trial trained its whole budget (COMPLETE).
         if cfg.time_budget_min is None and step < cfg.max_steps and trial.should_prune():
-            raise optuna.TrialPruned(f"val bits per byte {value:.4f} at step {step} is worse "
-                                     "than the pruner's threshold")
+            raise optuna.TrialPruned(f"{METRIC_NAMES[metric]} {value:.4f} at step {step} is "
+                                     "worse than the pruner's threshold")
 
     try:
         train_cfg, best = _prepare_trial(cfg, space, base, trial)
@@ -452,7 +459,7 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         if result.stopped_by_budget:
             tqdm.write(f"trial {trial.number}: ranked at step {result.step}, where its time "
                        "budget ended it (a sweep does not continue it)", file=sys.stderr)
-        if not math.isfinite(best):  # no evaluation reported bits per byte: the loss
+        if not math.isfinite(best):  # no evaluation reported: the run's best loss
             best = result.best_val_loss if result.best_val_loss is not None else math.nan
         if math.isfinite(best):
             return TrialState.COMPLETE, best
@@ -760,7 +767,8 @@ def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> di
     if not show:
         return best
     widths = [max(len(_short(r[i])) for r in rows) for i in range(len(rows[0]))]
-    print(f"study {cfg.study_name}: value is a trial's best validation bits per byte (val_bpb; "
+    metric = study.user_attrs.get(ATTR_METRIC, "val_bpb")
+    print(f"study {cfg.study_name}: value is a trial's best {METRIC_NAMES[metric]} ({metric}; "
           "lower is better)")
     for row in rows:
         print("  ".join(_short(v).ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -772,7 +780,7 @@ def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> di
     if best is None:
         print(f"study {cfg.study_name}: no trial completed yet")
         return None
-    print(f"best trial {study.best_trial.number}: val bits per byte {study.best_value:.4f}")
+    print(f"best trial {study.best_trial.number}: {METRIC_NAMES[metric]} {study.best_value:.4f}")
     print(json.dumps(best, indent=2))
     print(f"best config: {out / 'best.json'}  (python trainingmanager.py --config "
           f"{out / 'best.json'}; it trains the trial's length: add --max-steps none "

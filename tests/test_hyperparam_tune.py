@@ -2100,6 +2100,28 @@ def test_a_trials_lines_carry_its_number_and_the_table_names_its_objective(tmp_p
     assert "value" in heading and "bits per byte" in heading, heading
 
 
+@pytest.mark.parametrize("metrics", [{"val_loss": 2.0, "val_bpb": 0.25}, {"val_loss": 0.25}])
+def test_a_trials_value_is_its_bits_per_byte_or_its_tasks_loss_named_as_it_is(
+        tmp_path, corpus, monkeypatch, capsys, metrics):
+    """A trial's value is its best validation bits per byte; where its task's evaluation gives
+    none (preference tuning, GRPO), its validation loss, which the table and the best trial's
+    line then name."""
+    def train(cfg, on_eval=None, resume_hint=None, **_):
+        on_eval(cfg.max_steps, metrics)
+        return trainingmanager.TrainResult(run_dir=Path(cfg.out_dir) / cfg.name,
+                                           best_val_loss=metrics["val_loss"], step=cfg.max_steps)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="metric", n_trials=1,
+                     pruner="none")
+    assert hyperparam_tune.main(argv) == 0
+    out = capsys.readouterr().out
+    name = "validation bits per byte" if "val_bpb" in metrics else "validation loss"
+    metric = "val_bpb" if "val_bpb" in metrics else "val_loss"
+    assert f"value is a trial's best {name} ({metric};" in out
+    assert f"best trial 0: {name} 0.2500" in out
+
+
 def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_path, corpus,
                                                                         monkeypatch):
     """Two parameters (one would leave trials.csv's column order untested) and a space that leaves
