@@ -264,7 +264,8 @@ def _budget(cfg: TuneConfig) -> dict:
 
 def _trial_run(cfg: TuneConfig, number: int, resume: Path | None = None) -> dict:
     """A trial's own run directory (absolute; ``resume``: the interrupted trial's, continued),
-    no bars, no export, one checkpoint at the end."""
+    no bars, no export, one checkpoint kept: at the end of a trial of steps (a time budget
+    sizes its trial's checkpoints: plan.fit_budget)."""
     run = resume or (study_dir(cfg) / "trials" / f"trial-{number:04d}").absolute()
     return {"name": run.name, "out_dir": str(run.parent), "resume": resume and str(resume),
             "progress": False, "export": False, "save_every": cfg.max_steps, "keep_last": 1}
