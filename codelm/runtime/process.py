@@ -145,18 +145,14 @@ def _map_chunk(function: Callable, chunk: list) -> list:
     return [function(item) for item in chunk]
 
 
-# The signals that stop a script: a pool's workers start with them blocked.
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
 @contextlib.contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
-    """Within: this thread holds the stop signals pending (a process forked here inherits the
+    """Within: this thread holds the stop signals (STOP_SIGNALS) pending (a process forked here inherits the
     block). Where the platform has no signal masks, nothing."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
@@ -178,7 +174,7 @@ def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_when_gone, args=(parent,), daemon=True,
@@ -283,10 +279,9 @@ def interrupt_on_sigterm() -> Iterator[None]:
         note_stop(name)
         raise KeyboardInterrupt(name)
 
-    stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
     forget_stop()  # one left by a run outside this context is over
     try:
-        with _handling(stops, handle, take_ignored=(signal.SIGTERM,)):
+        with _handling(STOP_SIGNALS, handle, take_ignored=(signal.SIGTERM,)):
             yield
     finally:
         forget_stop()
