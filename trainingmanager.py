@@ -54,6 +54,7 @@ from codelm.trainconfig import (
     model_config,
     overfit_ignored,
     overfit_settings,
+    read_config,
 )
 from codelm.training import build, finish, plan
 from codelm.training.batches import Where
@@ -637,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with process.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
             # --print-config: the merged config, checked for its keys and types only (no
             # checkpoint is looked for, no hub id fetched)
-            if settings.printed_config(build_parser(), argv, plan.read_config(argv)[0]):
+            if settings.printed_config(build_parser(), argv, read_config(argv).cfg):
                 return 0
             cfg = parse_config(argv)
             if cfg.overfit:

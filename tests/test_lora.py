@@ -336,7 +336,7 @@ def test_targeted_modules_are_the_modules_peft_and_apply_lora_adapt(tmp_path, fa
     apply_lora adapts (codelm names too); targets that select nothing are an error."""
     hf, model, _ = _pair(family, tmp_path)
     with torch.device("meta"):
-        meta = Transformer(families.read_config(tmp_path / "hf")[0])
+        meta = Transformer(families.read_config(tmp_path / "hf").model)
     peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(dict(
         r=4, alpha=8, target_modules=peft_targets)))
     peft_adapted = {n.removeprefix(lora.PEFT_PREFIX) for n, m in peft_model.named_modules()

@@ -3351,10 +3351,14 @@ def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_pa
 
 def _adapter_config(path: Path, base: Path, target_modules) -> str:
     """A PEFT-style adapter directory holding only its adapter_config.json (all that
-    with_init_adapter reads), on the local directory ``base`` (a config.json alone)."""
+    with_init_adapter reads), on the local directory ``base`` (a tiny Llama's config.json
+    alone)."""
+    from transformers import LlamaConfig
+
     path.mkdir()
     base.mkdir(exist_ok=True)
-    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=64).to_json_file(base / "config.json")
     (path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
          "target_modules": target_modules, "base_model_name_or_path": str(base)}))

@@ -649,8 +649,15 @@ def hf_module_slots(cfg: ModelConfig) -> dict[str, ModuleSlot]:
 
 # ------------------------------------------------------------------------- config.json
 
-def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, raw HF config) from a checkpoint directory's config.json."""
+class CheckpointConfig(NamedTuple):
+    """A checkpoint directory's config.json: the model it describes, and the file's keys."""
+
+    model: ModelConfig
+    hf: dict
+
+
+def read_config(directory: str | Path) -> CheckpointConfig:
+    """The ModelConfig and raw HF config of a checkpoint directory's config.json."""
     path = Path(directory) / "config.json"
     if not path.exists():
         raise ValueError(f"{path}: not found (is {directory} an HF checkpoint directory?)")
@@ -672,7 +679,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         raise ValueError(f"{path}: a quantized checkpoint (quant_method {method!r}) cannot be "
                          "loaded; use the full-precision one")
     try:
-        return TABLES[model_type].read_config(hf), hf
+        return CheckpointConfig(TABLES[model_type].read_config(hf), hf)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 

@@ -192,6 +192,20 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
                        ) -> None:
     """The model's settings against what they name: a loaded checkpoint (its directory, its
     context, the options it takes), or the preset's shape and its HF export."""
+    if cfg.init_from is not None:
+        _check_loaded_model(cfg, where_set)
+    else:
+        _check_preset_model(cfg, where_set)
+
+
+# The settings of a model's shape, which a loaded checkpoint fixes.
+LOADED_MODEL_FIXES = ("n_layer", "n_head", "n_embd", "mlp_hidden")
+
+
+def _check_loaded_model(cfg: TrainConfig, where_set: Callable[[str], str]) -> None:
+    """The settings of a model loaded from ``cfg.init_from`` against its checkpoint directory:
+    its shape left unset, the options it takes, its context, its GGUF architecture and LoRA
+    targets."""
 
     def named(key: str) -> str:
         return setting(cfg, key, where_set)
@@ -200,58 +214,62 @@ def check_model_source(cfg: TrainConfig, where_set: Callable[[str], str] = setti
         if not ok:
             raise ValueError(f"{named(key)}: {why}")
 
-    if cfg.init_from is not None:
-        for key in ("n_layer", "n_head", "n_embd", "mlp_hidden"):
-            need(getattr(cfg, key) is None, key,
-                 f"the shape of a model loaded from {named('init_from')} cannot be changed")
-        if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
-            raise ValueError(f"model_options ({where_set('model_options')}): "
-                             f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
-                             f"these; a loaded model takes only {', '.join(LOADED_MODEL_OPTIONS)}")
-        for key, value in cfg.model_options.items():
-            need(settings.is_number(value) and 0 <= value < 1, "model_options",
-                 f"{key} must be a probability in [0, 1), got {value!r}")
-        path = hub.checkpoint_dir(cfg.init_from, named("init_from"))
-        if not path.is_dir():
-            raise ValueError(f"{named('init_from')}: not a directory")
-        if ((path / adapter_config.ADAPTER_CONFIG).is_file()
-                and not (path / rundir.HF_CONFIG).is_file()):
-            raise ValueError(f"{named('init_from')}: a LoRA adapter "
-                             f"({adapter_config.ADAPTER_CONFIG}), not "
-                             "a model: use its base, or the merged model (a run with "
-                             "--export-merged writes it to export/merged); to train that "
-                             f"adapter on, set init_adapter ({where_set('init_adapter')}) to "
-                             f"{cfg.init_from}")
-        if not (path / rundir.HF_CONFIG).is_file():
-            raise ValueError(f"{named('init_from')}: {path} holds no {rundir.HF_CONFIG}: not an "
-                             "HF checkpoint directory (its config.json beside its weights)")
-        if cfg.block_size is not None:  # else the first forward pass finds it, after the data
-            context = families.read_config(path)[0].block_size
-            need(cfg.block_size <= context, "block_size",
-                 f"longer than the context of {named('init_from')}, {context} positions")
-        if cfg.export_gguf is not None:  # the tokenizer: build.check_gguf_export
-            try:
-                families.check_architecture(families.read_config(path)[0])
-            except ValueError as e:
-                raise ValueError(f"{named('export_gguf')}: {named('init_from')}: {e}; or set "
-                                 "export_gguf none") from None
-        if cfg.lora_r and cfg.init_adapter is None:  # its targets, before the data
-            check_lora_targets(cfg, families.read_config(path)[0])
-    else:  # the preset, the shape and model_options, checked before the data is prepared
+    for key in LOADED_MODEL_FIXES:
+        need(getattr(cfg, key) is None, key,
+             f"the shape of a model loaded from {named('init_from')} cannot be changed")
+    if fixed := sorted(set(cfg.model_options) - set(LOADED_MODEL_OPTIONS)):
+        raise ValueError(f"model_options ({where_set('model_options')}): "
+                         f"{', '.join(fixed)}: the checkpoint of {named('init_from')} fixes "
+                         f"these; a loaded model takes only {', '.join(LOADED_MODEL_OPTIONS)}")
+    for key, value in cfg.model_options.items():
+        need(settings.is_number(value) and 0 <= value < 1, "model_options",
+             f"{key} must be a probability in [0, 1), got {value!r}")
+    path = hub.checkpoint_dir(cfg.init_from, named("init_from"))
+    if not path.is_dir():
+        raise ValueError(f"{named('init_from')}: not a directory")
+    if ((path / adapter_config.ADAPTER_CONFIG).is_file()
+            and not (path / rundir.HF_CONFIG).is_file()):
+        raise ValueError(f"{named('init_from')}: a LoRA adapter ({adapter_config.ADAPTER_CONFIG}), "
+                         "not a model: use its base, or the merged model (a run with "
+                         "--export-merged writes it to export/merged); to train that "
+                         f"adapter on, set init_adapter ({where_set('init_adapter')}) to "
+                         f"{cfg.init_from}")
+    if not (path / rundir.HF_CONFIG).is_file():
+        raise ValueError(f"{named('init_from')}: {path} holds no {rundir.HF_CONFIG}: not an "
+                         "HF checkpoint directory (its config.json beside its weights)")
+    loaded = families.read_config(path).model
+    if cfg.block_size is not None:  # else the first forward pass finds it, after the data
+        need(cfg.block_size <= loaded.block_size, "block_size",
+             f"longer than the context of {named('init_from')}, {loaded.block_size} positions")
+    if cfg.export_gguf is not None:  # the tokenizer: build.check_gguf_export
         try:
-            smallest = trainconfig.BUDGET_LADDER[0]
-            shape = model_config(with_rung(cfg, smallest) if cfg.preset == "auto" else cfg, 1,
-                                 None, None)
-            if cfg.export:  # else it trains to the end and fails writing export/
-                try:
-                    families.hf_config(shape, torch.float32)
-                except ValueError as e:
-                    raise ValueError(f"{e}; to train it without an HF export: "
-                                     f"{settings.off_switch('export', where_set)}") from None
-        except ValueError as e:  # name the settings the model was made of, and where
-            made_of = [named(k) for k in ("preset", *MODEL_SHAPE_KEYS, "model_options")
-                       if k == "preset" or getattr(cfg, k) not in (None, {})]
-            raise ValueError(f"{', '.join(made_of)}: {e}") from None
+            families.check_architecture(loaded)
+        except ValueError as e:
+            raise ValueError(f"{named('export_gguf')}: {named('init_from')}: {e}; or set "
+                             "export_gguf none") from None
+    if cfg.lora_r and cfg.init_adapter is None:  # its targets, before the data
+        check_lora_targets(cfg, loaded)
+
+
+def _check_preset_model(cfg: TrainConfig, where_set: Callable[[str], str]) -> None:
+    """The preset, the shape and model_options (preset auto's smallest rung), checked before
+    the data is prepared, with the HF export the run ends with; an error names the settings
+    the model was made of, and where."""
+    try:
+        smallest = trainconfig.BUDGET_LADDER[0]
+        shape = model_config(with_rung(cfg, smallest) if cfg.preset == "auto" else cfg, 1,
+                             None, None)
+        if cfg.export:  # else it trains to the end and fails writing export/
+            try:
+                families.hf_config(shape, torch.float32)
+            except ValueError as e:
+                raise ValueError(f"{e}; to train it without an HF export: "
+                                 f"{settings.off_switch('export', where_set)}") from None
+    except ValueError as e:
+        made_of = [setting(cfg, k, where_set) for k in ("preset", *MODEL_SHAPE_KEYS,
+                                                        "model_options")
+                   if k == "preset" or getattr(cfg, k) not in (None, {})]
+        raise ValueError(f"{', '.join(made_of)}: {e}") from None
 
 
 # ---- Preset auto's ladder, and what settings left unset take ----
