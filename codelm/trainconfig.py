@@ -206,8 +206,12 @@ OPTIMIZERS = ("adamw", "muon")
 BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
                       "<repo_name>", "<file_sep>")
 
+GRPO_TASK = "grpo"  # reinforcement learning from the problems' tests (codelm.training.rollout)
+
+# Each key's values. Those of a loss or a writer repeat its own tuple (named beside them), which
+# this module, below the builders, does not import: a test pins each equal to its own.
 _CHOICES = {
-    "task": (*TASKS, "grpo", *PREFERENCE_TASKS),  # GRPO_TASK
+    "task": (*TASKS, GRPO_TASK, *PREFERENCE_TASKS),
     "optimizer": OPTIMIZERS,
     "tokenizer_kind": ("code", "bpe"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
@@ -467,7 +471,6 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
              f"from ({step}); a resume can only extend its run: set max_steps to {step} or more")
 
 
-GRPO_TASK = "grpo"  # reinforcement learning from the problems' tests (codelm.training.rollout)
 # Keys that mean something only to task grpo: set for another task, they are refused.
 GRPO_KEYS = ("problems", "val_problems", "num_generations", "grpo_loss_type", "grpo_beta",
              "epsilon_low", "epsilon_high", "scale_rewards", "mask_truncated",

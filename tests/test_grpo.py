@@ -473,3 +473,13 @@ def test_bad_groups_and_a_missing_reference_are_refused():
     with pytest.raises(ValueError, match="^beta 0.04 weighs a KL term.*pass ref_logps"):
         grpo.policy_loss(logps, None, None, torch.zeros(2), torch.ones(2, 3),
                          GRPOConfig(beta=0.04))
+
+
+@pytest.mark.parametrize("flag, losses_own", [
+    ("--grpo-loss-type", grpo.LOSS_TYPES), ("--scale-rewards", grpo.SCALE_REWARDS)])
+def test_the_runs_grpo_choices_are_the_losses_own(flag, losses_own):
+    """The trainer's flags offer exactly the loss types and reward scalings the loss computes."""
+    from codelm import trainconfig
+
+    action = next(a for a in trainconfig.build_parser()._actions if flag in a.option_strings)
+    assert [c for c in action.choices if c is not None] == list(losses_own)

@@ -419,3 +419,12 @@ def test_token_logps_of_a_model_are_the_log_softmax_of_its_logits(tmp_path):
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_runs_preference_loss_choices_are_the_losses_own():
+    """--pref-loss-type offers exactly the DPO-family losses the loss computes."""
+    from codelm import trainconfig
+
+    action = next(a for a in trainconfig.build_parser()._actions
+                  if "--pref-loss-type" in a.option_strings)
+    assert [c for c in action.choices if c is not None] == list(preference.DPO_LOSS_TYPES)
