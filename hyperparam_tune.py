@@ -186,13 +186,21 @@ def counts(trial: FrozenTrial, retried: set[int]) -> bool:
             and not trial.user_attrs.get(ATTR_STOPPED))
 
 
-def study_progress(study: optuna.Study) -> tuple[int, int, int]:
-    """(finished, running, waiting) trials; finished counts the trials ``counts`` counts."""
+class StudyProgress(typing.NamedTuple):
+    """A study's trials by where they are; ``finished`` counts those ``counts`` counts."""
+
+    finished: int
+    running: int
+    waiting: int
+
+
+def study_progress(study: optuna.Study) -> StudyProgress:
+    """How many of the study's trials are finished, running and waiting."""
     trials = study.get_trials(deepcopy=False)
     retried = _retried_numbers(trials)
     states = [t.state for t in trials]
-    return (sum(counts(t, retried) for t in trials), states.count(TrialState.RUNNING),
-            states.count(TrialState.WAITING))
+    return StudyProgress(sum(counts(t, retried) for t in trials), states.count(TrialState.RUNNING),
+                         states.count(TrialState.WAITING))
 
 
 def _marks(cfg: TuneConfig) -> Path:
@@ -833,7 +841,7 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
                 stopped = [p for p in procs if p.returncode is None]
                 for p in stopped:
                     p.send_signal(signal.SIGTERM)
-            bar.update(min(study_progress(study)[0], cfg.n_trials) - bar.n)
+            bar.update(min(study_progress(study).finished, cfg.n_trials) - bar.n)
             time.sleep(1)
     except KeyboardInterrupt as e:
         stop = process.stop_signal(e)
@@ -876,7 +884,7 @@ def tune(cfg: TuneConfig) -> int:
         with workers.worker_mark(_marks(cfg)):
             run_worker(cfg, study, storage, space, base)
         return 0  # the parent judges the study (and writes best.json)
-    done = study_progress(study)[0]
+    done = study_progress(study).finished
     if done >= cfg.n_trials:
         print(f"study {cfg.study_name}: {done} of {cfg.n_trials} trials finished already, so "
               "none runs now (a larger --n-trials runs more); its reports:")
@@ -890,10 +898,10 @@ def tune(cfg: TuneConfig) -> int:
         else:
             worker_status = _run_workers(cfg, study, bar)
     except BaseException:  # interrupted or stopped: what the finished trials found is kept
-        if study_progress(study)[0]:
+        if study_progress(study).finished:
             write_reports(study, cfg, show=False)
         raise
-    finished = study_progress(study)[0]
+    finished = study_progress(study).finished
     bar.update(min(finished, cfg.n_trials) - bar.n)
     bar.close()
     if finished < cfg.n_trials:

@@ -1497,10 +1497,10 @@ def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, co
     (stopped,) = study.get_trials()
     assert stopped.state == TrialState.FAIL
     assert "/gone" in stopped.user_attrs[hyperparam_tune.ATTR_REASON]
-    assert hyperparam_tune.study_progress(study)[0] == 0
+    assert hyperparam_tune.study_progress(study).finished == 0
     failed_without_reason = study.ask()  # a FAIL recorded with no reason
     study.tell(failed_without_reason, state=TrialState.FAIL)
-    assert hyperparam_tune.study_progress(study)[0] == 0
+    assert hyperparam_tune.study_progress(study).finished == 0
 
     def trained(cfg, on_eval=None, resume_hint=None, **_):
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4)
