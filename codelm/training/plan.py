@@ -780,7 +780,7 @@ def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) 
                 f"(attention grows with the square of the length): {shorter}")
     if seconds_left is None:
         return None
-    missing_min = math.ceil((cost.seconds * FEWEST_BUDGET_STEPS - seconds_left) / 6) / 10
+    missing_min = _minutes_up(cost.seconds * FEWEST_BUDGET_STEPS - seconds_left)
     more = f"raise --time-budget-min by {missing_min:g} min or more"
     if seconds_left <= 0:
         return (f"the time budget was spent before training (preparing the data, loading and "
@@ -816,6 +816,11 @@ def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_byte
     return None
 
 
+def _minutes_up(seconds: float) -> float:
+    """``seconds`` in minutes, rounded up to the tenth: what a budget must grow by."""
+    return math.ceil(seconds / 6) / 10
+
+
 def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.1f} GiB"
 
@@ -835,7 +840,8 @@ EVALS_IN_BUDGET = 4  # evaluations a budgeted run makes (the last at its end)
 # The most of a budgeted run's training time its evaluations take: fewer of them where a slow
 # evaluation would take more.
 EVAL_SHARE = 0.25
-# The share of a budget kept for the end: the export and sample, and the final evaluation.
+# The share of a budget kept for the end: the export and sample; and for the final evaluation,
+# where the run makes one (has_final_eval).
 END_SHARE = 0.02
 FINAL_EVAL_SHARE = 0.04
 # The share of a budgeted run's training time that decays its lr (warmup-stable-decay).
@@ -916,7 +922,7 @@ def eval_refusal(train_s: float, eval_s: float, step_s: float) -> str | None:
     needed_s = (eval_s + FEWEST_BUDGET_STEPS * step_s) / (1 - DRIFT_SHARE)
     if needed_s <= train_s:
         return None
-    missing_min = math.ceil((needed_s - train_s) / 6) / 10
+    missing_min = _minutes_up(needed_s - train_s)
     return (f"one evaluation takes about {_minutes(eval_s)} here, and the time budget leaves "
             f"{_minutes(train_s)} to train: raise --time-budget-min by {missing_min:g} min or "
             "more, or lower --eval-examples")
