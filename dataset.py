@@ -82,7 +82,7 @@ from codelm.data.sources import Doc, plain_text
 from codelm.data.splits import Corpus, Texts, corpus_key, load_corpus
 from codelm.kernels import IGNORE_INDEX
 from codelm.runtime import process, settings
-from codelm.runtime.process import progress_bar
+from codelm.runtime.console import progress_bar
 from codelm.tokenization.batching import BatchEncoder, text_batches
 from codelm.tokenization.bpe import BPETokenizer
 from tokenizer import CodeTokenizer, load_tokenizer

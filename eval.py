@@ -57,7 +57,7 @@ from codelm.models.generation import truncate_at_stops
 from codelm.openai_api import served_model
 from codelm.runs import rundir
 from codelm.runtime import process, settings
-from codelm.runtime.process import progress_bar
+from codelm.runtime.console import progress_bar
 from codelm.serving import serve
 
 # ---- Models, served or completing a prompt -------------------------------------------------

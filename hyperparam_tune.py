@@ -49,8 +49,8 @@ from codelm import search_space, trainconfig
 from codelm.data.config import DataConfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
-from codelm.runtime import process, settings, workers
-from codelm.runtime.process import progress_bar
+from codelm.runtime import console, process, settings, workers
+from codelm.runtime.console import progress_bar
 from codelm.search_space import SearchSpace
 from codelm.trainconfig import TrainConfig
 from codelm.training import plan
@@ -428,7 +428,7 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
 
     try:
         train_cfg, best = _prepare_trial(cfg, space, base, trial)
-        with process.labelled_lines(f"trial {trial.number}: "):  # workers' lines interleave
+        with console.labelled_lines(f"trial {trial.number}: "):  # workers' lines interleave
             result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT)
     except KeyboardInterrupt:
         _mark_interrupted(trial)

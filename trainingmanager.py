@@ -39,8 +39,8 @@ from codelm.runs import rundir, trackers
 from codelm.runs.checkpoint import StepStart
 from codelm.runs.rundir import RunInterrupted
 from codelm.runtime import distributed, process, settings
+from codelm.runtime.console import progress_bar
 from codelm.runtime.distributed import Dist, RankZeroFailed, resolve_device
-from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything
 from codelm.runtime.settings import fields_of
 from codelm.trainconfig import (

@@ -14,7 +14,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-from codelm.runtime.process import progress_bar
+from codelm.runtime.console import progress_bar
 from scraping.client import GitHubClient, GitHubError, ServerError
 from scraping.common import (
     EXCLUDED_DIRS,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codelm.runtime import process
-from codelm.runtime.process import progress_bar
+from codelm.runtime.console import progress_bar
 from scraping.common import (
     FileFilter,
     ResumableOutput,

@@ -62,7 +62,7 @@ from codelm.data.examples import (
 from codelm.data.shards import clean_corpus
 from codelm.data.sources import Doc, iter_sources, jsonl_lines, stdlib_files, stdlib_root
 from codelm.data.splits import assign_splits, corpus_key, load_corpus, split_corpus
-from codelm.runtime import process, settings
+from codelm.runtime import console, process, settings
 from codelm.tokenization.source import (
     PYTHON_PARSE_ERRORS,
     docstring_statement,
@@ -1181,8 +1181,8 @@ def test_collate_pads_inputs_with_the_tokenizers_pad_id():
 def test_data_preparation_without_bars_says_where_each_stage_is(tmp_path, tok, monkeypatch,
                                                                 capsys):
     """--no-progress hides the bars, not the log: reading and tokenizing each say how far they
-    are, with their counts, at least every process.HEARTBEAT_S seconds (0 here: at each step)."""
-    monkeypatch.setattr(process, "HEARTBEAT_S", 0)
+    are, with their counts, at least every console.HEARTBEAT_S seconds (0 here: at each step)."""
+    monkeypatch.setattr(console, "HEARTBEAT_S", 0)
     prepare(cfg(tmp_path, task="lm", block_size=64), tok)
     said = [line.split(",")[0] for line in capsys.readouterr().err.splitlines()]
     files = len(stdlib_files(EMAIL))

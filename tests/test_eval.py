@@ -53,7 +53,7 @@ from codelm.models import adapter_config, quantize
 from codelm.models.generation import FUNCTION_STOPS, truncate_at_stops
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
-from codelm.runtime import distributed, process
+from codelm.runtime import console, distributed, process
 from codelm.runtime.settings import fields_of
 from codelm.sandbox.runner import SandboxConfig
 
@@ -1522,10 +1522,10 @@ def test_models_base_and_finetuned_print_one_table(tiny_models, tmp_path, monkey
 def test_no_progress_hides_the_bars_not_the_lines_of_each_model_and_task(tiny_models, tmp_path,
                                                                          monkeypatch, capsys):
     """Under --no-progress a long phase still says where it is, at least every
-    process.HEARTBEAT_S seconds (0 here: at each step): each model's generation, sandbox runs
+    console.HEARTBEAT_S seconds (0 here: at each step): each model's generation, sandbox runs
     and scoring per task, with its count, and the data preparation."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(process, "HEARTBEAT_S", 0)
+    monkeypatch.setattr(console, "HEARTBEAT_S", 0)
     m = tiny_models
     assert ev.main(["--models", f"base={m['base']}", f"tuned={m['base']}+{m['adapter']}",
                     "--data", str(m["code"]), "--tasks", "passk", "lm", "line",

@@ -6,7 +6,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from codelm.runtime import process
+from codelm.runtime import console, process
 
 
 class PathError(Exception):
@@ -74,7 +74,7 @@ def test_a_worker_whose_initializer_raises_says_so_not_out_of_memory(capfd):
 
 def test_a_heartbeat_counts_in_plain_figures():
     """Large counts read as numbers, not 1.23457e+06."""
-    beat = process.Heartbeat("tokenize train", total=5_000_000, unit="text", clock=lambda: 90.0)
+    beat = console.Heartbeat("tokenize train", total=5_000_000, unit="text", clock=lambda: 90.0)
     beat.n = 1_234_567
     assert beat.line(90.0).startswith("tokenize train: 1234567/5000000 texts")
     beat.n = 2.5

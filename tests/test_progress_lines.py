@@ -1,11 +1,11 @@
-"""process: a long phase's lines when its progress bar is hidden, and a worker's labelled lines."""
+"""console: a long phase's lines when its progress bar is hidden, and a worker's labelled lines."""
 
 import io
 import sys
 
 import pytest
 
-from codelm.runtime import process
+from codelm.runtime import console
 
 
 class Clock:
@@ -22,7 +22,7 @@ def test_a_heartbeat_says_where_its_phase_is_once_30_seconds_have_passed(capsys)
     """No line before HEARTBEAT_S (30 s) of the phase, one at the first update after, with the
     count, its total, the unit and the time; the next 30 s after that line."""
     clock = Clock()
-    beat = process.Heartbeat("base humaneval", total=164, unit="prompt", clock=clock)
+    beat = console.Heartbeat("base humaneval", total=164, unit="prompt", clock=clock)
     for _ in range(3):  # 29 s: quiet
         clock.now += 9.7
         beat.update(8)
@@ -42,26 +42,26 @@ def test_a_hidden_bar_counts_and_keeps_a_heartbeat_a_shown_one_does_not(monkeypa
     """--no-progress (or a log file) hides the bar, not the log: iterated or updated, a hidden
     bar says where it is (each update here: HEARTBEAT_S 0); ``lines=False`` (a caller with its
     own lines) and a shown bar give no such line."""
-    monkeypatch.setattr(process, "HEARTBEAT_S", 0)
-    assert list(process.progress_bar(range(3), desc="tokenize train", unit="text",
+    monkeypatch.setattr(console, "HEARTBEAT_S", 0)
+    assert list(console.progress_bar(range(3), desc="tokenize train", unit="text",
                                      enabled=False)) == [0, 1, 2]
     err = capsys.readouterr().err.splitlines()
     assert [line.split(",")[0] for line in err] == [f"tokenize train: {n}/3 texts"
                                                     for n in (1, 2, 3)]
-    with process.progress_bar(desc="read and clean", unit="file", initial=5,
+    with console.progress_bar(desc="read and clean", unit="file", initial=5,
                               enabled=False) as bar:
         bar.update(2)
     assert bar.n == 7 and capsys.readouterr().err.startswith("read and clean: 7 files, ")
-    for _ in process.progress_bar(range(2), desc="eval", unit="batch", enabled=False):
+    for _ in console.progress_bar(range(2), desc="eval", unit="batch", enabled=False):
         pass
     assert capsys.readouterr().err.startswith("eval: 1/2 batches, ")
-    with process.progress_bar(total=4, desc="train", enabled=False, lines=False) as bar:
+    with console.progress_bar(total=4, desc="train", enabled=False, lines=False) as bar:
         bar.update(4)
     assert capsys.readouterr().err == ""
     shown = io.StringIO()
     monkeypatch.setattr(sys, "stderr", shown)
     monkeypatch.setattr(shown, "isatty", lambda: True, raising=False)
-    with process.progress_bar(total=2, desc="bar", file=shown) as bar:
+    with console.progress_bar(total=2, desc="bar", file=shown) as bar:
         bar.update(2)
     assert "bar: 2/2 its" not in shown.getvalue() and "2/2" in shown.getvalue()  # tqdm's frame
 
@@ -70,7 +70,7 @@ def test_a_hidden_bar_counts_and_keeps_a_heartbeat_a_shown_one_does_not(monkeypa
 def test_labelled_lines_start_every_line_written_within_with_the_label(stream, capsys):
     """Each line a sweep worker's trial prints (whole, in pieces, or several at once) starts
     with the trial's label, a blank line left blank; the streams are given back after."""
-    with process.labelled_lines("trial 3: "):
+    with console.labelled_lines("trial 3: "):
         out = getattr(sys, stream)
         out.write("step 1/4 | loss 2.0\neval step")
         out.write(" 2/4\n\n")
@@ -99,7 +99,7 @@ def test_a_labelled_line_reaches_the_stream_in_one_write(monkeypatch):
     middle of a line writes its start, and its end goes on without a second label."""
     shared = _Writes()
     monkeypatch.setattr(sys, "stdout", shared)
-    with process.labelled_lines("trial 1: "):
+    with console.labelled_lines("trial 1: "):
         print("eval step 2/4 | val loss 6.2")
         print("a", "b", sep=" | ")
         sys.stdout.write("step 3")
@@ -111,6 +111,6 @@ def test_a_labelled_line_reaches_the_stream_in_one_write(monkeypatch):
 
 
 def test_duration_reads_as_minutes_and_hours():
-    assert [process.duration(s) for s in (5, 65.4, 3599.6, 3720)] == [
+    assert [console.duration(s) for s in (5, 65.4, 3599.6, 3720)] == [
         "0m05s", "1m05s", "1h00m", "1h02m"]
-    assert process.HEARTBEAT_S == 30
+    assert console.HEARTBEAT_S == 30

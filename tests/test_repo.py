@@ -119,7 +119,7 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
 PROCESS, SETTINGS, DISTRIBUTED = ("codelm.runtime.process", "codelm.runtime.settings",
                                   "codelm.runtime.distributed")
 HUB, RNG = "codelm.runtime.hub", "codelm.runtime.rng"
-WORKERS = "codelm.runtime.workers"
+WORKERS, CONSOLE = "codelm.runtime.workers", "codelm.runtime.console"
 KERNELS, GENERATION = "codelm.kernels", "codelm.models.generation"
 ENGINE, SERVING, ENDPOINTS = "codelm.models.engine", "codelm.serving", "codelm.endpoints"
 TOOL_CALLS, OPENAI_API = "codelm.tool_calls", "codelm.openai_api"
@@ -173,7 +173,7 @@ COMPOSERS, HISTORY, PROJECT = ("codelm.data.composers", "codelm.data.history",
 DATA = {DATA_CONFIG, DATA_CACHE, DATA_SOURCES, CLEANING, DEDUPE, SHARDS, SPLITS, EXAMPLES, ENCODING,
         DATASETS, GENERATED_PROBLEMS, PREFERENCE_DATA, COMPOSERS, HISTORY, PROJECT}
 BELOW_FLOOR_3 = TOKENIZATION | DATA | {
-    PROCESS, SETTINGS, HUB, RNG, WORKERS, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
+    PROCESS, CONSOLE, SETTINGS, HUB, RNG, WORKERS, RUNDIR, CHECKPOINT, TRACKERS, "tokenizer", KERNELS,
     "architecture", GENERATION, OPTIM, "scraping", FAMILIES, PRETRAINED, QUANTIZE,
     ADAPTER_CONFIG, "lora", "dataset", BATCHES, TRAINCONFIG, DISTRIBUTED,
     TRAINER, RECORD, PLAN, BUILD, FINISH, BOOTSTRAP, CROSSING, RUNNER, GGUF_WRITER, ENGINE,
@@ -181,10 +181,11 @@ BELOW_FLOOR_3 = TOKENIZATION | DATA | {
     PREFERENCE_RUN}
 # What a task module may import: the data's examples and encoding, a loaded model, the sandbox,
 # the metrics and scoring, the problems files and pass@k.
-TASK_FLOOR = {PROCESS, SETTINGS, GENERATION, RUNNER, "tokenizer", BPE, SOURCE, DATA_CONFIG,
+TASK_FLOOR = {PROCESS, CONSOLE, SETTINGS, GENERATION, RUNNER, "tokenizer", BPE, SOURCE, DATA_CONFIG,
               DATA_SOURCES, EXAMPLES, ENCODING, LOADING, METRICS, SCORING, PROBLEMS, PASSK}
 MAY_IMPORT = {
     PROCESS: set(),
+    CONSOLE: set(),
     ENDPOINTS: set(),
     TOOL_CALLS: set(),
     SETTINGS: set(),
@@ -213,7 +214,7 @@ MAY_IMPORT = {
     GENERATION: {"architecture", KERNELS},
     ENGINE: {"architecture", KERNELS, GENERATION},
     OPTIM: set(),
-    "scraping": {PROCESS, SETTINGS},
+    "scraping": {CONSOLE, PROCESS, SETTINGS},
     FAMILIES: {SETTINGS, RUNDIR, "architecture"},
     PRETRAINED: {PROCESS, SETTINGS, HUB, "architecture", FAMILIES, TOKENIZER_FILES, BPE},
     QUANTIZE: set(),
@@ -275,8 +276,8 @@ MAY_IMPORT = {
              LOADING, INSTRUCT, EVAL_CONFIG, EVAL_CORPUS, RESULTS, SCORING, PASSK, REGISTRY,
              PREFERENCE_PAIRS},
     GGUF_COMMAND: {PROCESS, SETTINGS, FAMILIES, GGUF_WRITER, LOADING},
-    TRAINER: {PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
-    RECORD: {PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
+    TRAINER: {CONSOLE, PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
+    RECORD: {CONSOLE, PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},
     GRPO: {"architecture", "lora", KERNELS},
     PREFERENCE: {"architecture", "lora", KERNELS, GRPO, DATA_CONFIG},
     REWARDS: {SETTINGS, RUNNER},

@@ -26,7 +26,7 @@ from codelm.data.config import FIM_SENTINELS, DataConfig
 from codelm.data.examples import Example
 from codelm.data.splits import corpus_key
 from codelm.kernels import IGNORE_INDEX
-from codelm.runtime.process import progress_bar
+from codelm.runtime.console import progress_bar
 from codelm.tokenization.batching import (
     CONTINUATION_ANCHOR,
     BatchEncoder,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from codelm.data.config import DOCSTRING_PROMPTS, REFACTOR_TEMPLATE, DataConfig, DataError
 from codelm.data.sources import Doc, no_files_error, source_listing
-from codelm.runtime.process import progress_bar
+from codelm.runtime.console import progress_bar
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.source import PYTHON_PARSE_ERRORS, docstring_statement, source_lines
 

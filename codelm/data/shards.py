@@ -25,7 +25,7 @@ from codelm.data.config import CLEANING_FIELDS, DataConfig, DataError
 from codelm.data.dedupe import NearDuplicateIndex, doc_digest, is_duplicate, signature, stored
 from codelm.data.sources import Doc, iter_sources, no_files_error, plain_text
 from codelm.runtime import process
-from codelm.runtime.process import progress_bar
+from codelm.runtime.console import progress_bar
 
 # A corpus shard closes after this many documents read, or bytes read: what cleaning holds at
 # once, and what an interrupt loses. The cut depends on the sources alone, never on the workers.

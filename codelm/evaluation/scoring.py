@@ -28,7 +28,7 @@ from codelm.data.examples import Example, stop_ids_of
 from codelm.loading import LoadedModel
 from codelm.models.engine import Engine, pool_length
 from codelm.models.generation import GenerationConfig, generate, stream, truncate_at_stops
-from codelm.runtime.process import progress_bar
+from codelm.runtime.console import progress_bar
 from tokenizer import decode_generated, generation_eos_ids
 
 

@@ -41,8 +41,8 @@ from codelm.runs.checkpoint import (
     with_absolute_paths,
 )
 from codelm.runtime import settings
+from codelm.runtime.console import progress_bar
 from codelm.runtime.distributed import Dist, all_gather, barrier, broadcast, main_first
-from codelm.runtime.process import progress_bar
 from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
 from codelm.runtime.settings import fields_of, setting
 from codelm.tokenization.bpe import BPETokenizer

@@ -34,8 +34,8 @@ from codelm.data.preferences import (
 )
 from codelm.models import adapter_config
 from codelm.runtime import distributed
+from codelm.runtime.console import progress_bar
 from codelm.runtime.distributed import Dist, all_reduce_sum
-from codelm.runtime.process import progress_bar
 from codelm.trainconfig import DataSettings, ModelSettings, StepSettings, TrainConfig
 from codelm.training import preference
 from codelm.training.preference_batches import PreferenceBatches, PreferenceRows

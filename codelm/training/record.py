@@ -25,8 +25,8 @@ from codelm.runs.checkpoint import RunState, model_tensors, write_dir_atomically
 from codelm.runs.rundir import list_checkpoints
 from codelm.runs.trackers import RunLog
 from codelm.runtime import distributed, process
+from codelm.runtime.console import duration, progress_bar
 from codelm.runtime.distributed import Dist, all_gather, main_first
-from codelm.runtime.process import duration, progress_bar
 from codelm.runtime.rng import rng_state
 
 if typing.TYPE_CHECKING:

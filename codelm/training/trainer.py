@@ -20,8 +20,8 @@ from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
 from codelm.data.config import PREFERENCE_TASKS
 from codelm.runs.checkpoint import RunState
 from codelm.runtime import distributed, process
+from codelm.runtime.console import progress_bar
 from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
-from codelm.runtime.process import progress_bar
 from codelm.runtime.settings import setting
 from codelm.trainconfig import GRPO_TASK, StepSettings, TrainConfig
 from codelm.training.optim import build_optimizer

@@ -24,7 +24,7 @@ from codelm.evaluation.tasks.problems import problem_records
 from codelm.loading import LoadedModel
 from codelm.models.generation import FUNCTION_STOPS, truncate_at_stops
 from codelm.runtime import settings
-from codelm.runtime.process import progress_bar
+from codelm.runtime.console import progress_bar
 from codelm.sandbox.runner import (
     SandboxConfig,
     SandboxResult,
