@@ -53,7 +53,7 @@ from codelm.runtime import console, process, settings, workers
 from codelm.runtime.console import progress_bar
 from codelm.search_space import SearchSpace
 from codelm.trainconfig import TrainConfig
-from codelm.training import plan
+from codelm.training import budget, plan
 from codelm.training.record import NonFiniteLossError
 from codelm.tuneconfig import TuneConfig, build_parser, parse_config
 
@@ -72,14 +72,14 @@ METRIC_NAMES = {"val_bpb": "validation bits per byte", "val_loss": "validation l
 FORMAT_VERSION = 2
 INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
 WORKER_DIED = "worker process died"  # a trial failed for its dead worker (it does not count)
-STEP_REFUSED = "this machine refuses the step"  # a trial's reason where plan.StepRefused ended it
+STEP_REFUSED = "this machine refuses the step"  # a trial's reason where budget.StepRefused ended it
 # The sweep stops when its first trials this many are all refused by the machine: the search
 # space's values, or the time budget, are beyond it whatever the sampler picks next.
 REFUSED_BEFORE_STOP = 3
 # Completes the trainer's "checkpoint saved at step N; continue with ...".
 RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
                "checkpoint where a signal stopped it")
-# The TrainConfig values a time budget sizes (plan.fit_budget), recorded in the run's config.json.
+# The TrainConfig values a time budget sizes (budget.fit_budget), recorded in the run's config.json.
 BUDGET_SIZED = ("time_budget_min", "max_steps", "epochs", "eval_every", "save_every",
                 "warmup_steps", "decay_steps")
 
@@ -273,7 +273,7 @@ def _budget(cfg: TuneConfig) -> dict:
 def _trial_run(cfg: TuneConfig, number: int, resume: Path | None = None) -> dict:
     """A trial's own run directory (absolute; ``resume``: the interrupted trial's, continued),
     no bars, no export, one checkpoint kept: at the end of a trial of steps (a time budget
-    sizes its trial's checkpoints: plan.fit_budget)."""
+    sizes its trial's checkpoints: budget.fit_budget)."""
     run = resume or (study_dir(cfg) / "trials" / f"trial-{number:04d}").absolute()
     return {"name": run.name, "out_dir": str(run.parent), "resume": resume and str(resume),
             "progress": False, "export": False, "save_every": cfg.max_steps, "keep_last": 1}
@@ -439,7 +439,7 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         return TrialState.PRUNED, None
     except RefusedValues as e:
         reason = f"the trainer refuses these values together: {e}"
-    except plan.StepRefused as e:  # these values' step on this machine: the next may fit
+    except budget.StepRefused as e:  # these values' step on this machine: the next may fit
         reason = f"{STEP_REFUSED}: {e}"
         _stop_if_every_step_refused(trial, reason)
     except NonFiniteLossError as e:  # never continued: no resume advice in its reason

@@ -58,8 +58,9 @@ from codelm.trainconfig import (
 )
 from codelm.training import build, finish, plan
 from codelm.training.batches import Where
+from codelm.training.budget import BudgetClock
 from codelm.training.build import Run, UnreadStep
-from codelm.training.plan import BudgetClock, parse_config
+from codelm.training.plan import parse_config
 from codelm.training.record import NonFiniteLossError, Progress, divergence_causes
 from codelm.training.trainer import (
     STOP_SIGNALS,

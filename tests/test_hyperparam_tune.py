@@ -36,7 +36,7 @@ from codelm.data.config import DataError
 from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.runs import rundir
 from codelm.runtime import process, workers
-from codelm.training import plan, record, trainer
+from codelm.training import budget, plan, record, trainer
 from tokenizer import CodeTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1548,10 +1548,10 @@ def test_a_trial_whose_step_the_machine_refuses_fails_and_the_sweep_goes_on(
     def check_step_cost(cfg, *args):
         checked.append(cfg.lr)
         if len(checked) == 1:
-            raise plan.StepRefused("block_size 32 x batch_size 2: one step takes about 9 min")
+            raise budget.StepRefused("block_size 32 x batch_size 2: one step takes about 9 min")
         return None
 
-    monkeypatch.setattr(plan, "check_step_cost", check_step_cost)
+    monkeypatch.setattr(budget, "check_step_cost", check_step_cost)
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="slowstep", n_trials=2,
                      pruner="none")
     assert hyperparam_tune.main(argv) == 0
@@ -1566,9 +1566,9 @@ def test_a_sweep_whose_first_trials_the_machine_all_refuses_stops(tmp_path, corp
     it), the REFUSED_BEFORE_STOP-th refusal stops the sweep naming what to change, instead of
     failing every trial the study asks for; the stopping trial does not count."""
     def check_step_cost(cfg, *args):
-        raise plan.StepRefused("block_size 32 x batch_size 2: one step takes about 9 min")
+        raise budget.StepRefused("block_size 32 x batch_size 2: one step takes about 9 min")
 
-    monkeypatch.setattr(plan, "check_step_cost", check_step_cost)
+    monkeypatch.setattr(budget, "check_step_cost", check_step_cost)
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="refused", n_trials=6,
                      pruner="none")
     assert hyperparam_tune.main(argv) == 2

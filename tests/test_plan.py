@@ -7,14 +7,14 @@ import sys
 import pytest
 
 from codelm import trainconfig
-from codelm.training import plan
+from codelm.training import budget, plan
 
 
 def test_the_budget_clock_starts_the_decay_by_the_clock_or_at_the_data_s_end():
     """The stable phase ends at decay_at whatever the step, or at last_step minus the planned
     decay whatever the clock; the decay fits the time left at the measured speed, never past
     last_step."""
-    clock = plan.BudgetClock(decay_at=80.0, train_until=100.0, planned_decay=10, last_step=1000)
+    clock = budget.BudgetClock(decay_at=80.0, train_until=100.0, planned_decay=10, last_step=1000)
     assert not clock.decay_due(step=500, now=79.9)
     assert clock.decay_due(step=500, now=80.0)
     assert clock.decay_due(step=990, now=0.0)
@@ -24,7 +24,7 @@ def test_the_budget_clock_starts_the_decay_by_the_clock_or_at_the_data_s_end():
     assert clock.decay_steps(step=500, now=100.0, step_s=0.5) == 1
     # 5 s an evaluation, every 10 steps, and the last's 5 s kept: 14.25 s for the steps of the
     # decay and the evaluations due among them: 18 steps (steps 510 evaluates), not 28
-    evaluating = plan.BudgetClock(decay_at=80.0, train_until=100.0, planned_decay=10,
+    evaluating = budget.BudgetClock(decay_at=80.0, train_until=100.0, planned_decay=10,
                                   last_step=1000, eval_s=5.0, eval_every=10)
     assert evaluating.steps_until == 95.0
     assert evaluating.decay_steps(step=500, now=80.0, step_s=0.5) == 18
@@ -37,21 +37,21 @@ def test_fit_budget_plans_the_steps_and_a_clock_that_keeps_the_budget():
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
-    sized, clock, train_s, _, _ = plan.fit_budget(cfg, now=1000.0, seconds_left=100.0, step_s=1.0,
+    sized, clock, train_s, _, _ = budget.fit_budget(cfg, now=1000.0, seconds_left=100.0, step_s=1.0,
                                                eval_s=1.0, data_steps=10**6)
-    assert train_s == pytest.approx(100.0 * (1 - plan.END_SHARE))
-    assert sized.max_steps % plan.EVALS_IN_BUDGET == 0 and sized.time_budget_min is None
+    assert train_s == pytest.approx(100.0 * (1 - budget.END_SHARE))
+    assert sized.max_steps % budget.EVALS_IN_BUDGET == 0 and sized.time_budget_min is None
     # the steps' time (the last evaluation's kept out) decays in its last fifth
-    assert clock.decay_at == pytest.approx(1000.0 + (train_s - 1.0) * (1 - plan.DECAY_SHARE))
+    assert clock.decay_at == pytest.approx(1000.0 + (train_s - 1.0) * (1 - budget.DECAY_SHARE))
     assert clock.train_until == pytest.approx(1000.0 + train_s)
     assert clock.steps_until == pytest.approx(1000.0 + train_s - 1.0)
-    sized, clock, train_s, data_bound, _ = plan.fit_budget(cfg, now=0.0, seconds_left=100.0,
+    sized, clock, train_s, data_bound, _ = budget.fit_budget(cfg, now=0.0, seconds_left=100.0,
                                                         step_s=1.0, eval_s=1.0, data_steps=40)
     assert (sized.max_steps, clock.last_step, data_bound) == (40, 40, True)
     decay_from = 40 - sized.decay_steps
     assert not clock.decay_due(step=decay_from - 1, now=0.0)
     assert clock.decay_due(step=decay_from, now=0.0)  # on its plan
-    assert clock.decay_due(step=1, now=train_s * (1 - plan.DECAY_SHARE))  # a slowed machine
+    assert clock.decay_due(step=1, now=train_s * (1 - budget.DECAY_SHARE))  # a slowed machine
 
 
 @pytest.mark.parametrize(("eval_s", "evaluations"), [(1.0, 4), (10.0, 2), (30.0, 1), (62.0, 1)])
@@ -64,29 +64,29 @@ def test_a_slow_evaluation_gets_fewer_evaluations_and_the_steps_keep_the_budget(
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
-    sized, clock, train_s, _, planned = plan.fit_budget(cfg, now=0.0, seconds_left=100.0,
+    sized, clock, train_s, _, planned = budget.fit_budget(cfg, now=0.0, seconds_left=100.0,
                                                         step_s=0.1, eval_s=eval_s,
                                                         data_steps=10**6)
     assert planned == evaluations
-    assert evaluations * eval_s <= plan.EVAL_SHARE * train_s or evaluations == 1
+    assert evaluations * eval_s <= budget.EVAL_SHARE * train_s or evaluations == 1
     steps_s = sized.max_steps * 0.1
-    assert train_s * (1 - plan.DRIFT_SHARE) - evaluations * eval_s - 0.1 * evaluations < steps_s
+    assert train_s * (1 - budget.DRIFT_SHARE) - evaluations * eval_s - 0.1 * evaluations < steps_s
     assert steps_s + evaluations * eval_s <= train_s
     if evaluations > 1:
         assert sized.max_steps == sized.eval_every * evaluations
     else:
         assert sized.eval_every > clock.last_step
-    assert sized.save_every == sized.max_steps // plan.EVALS_IN_BUDGET  # checkpoints as planned
+    assert sized.save_every == sized.max_steps // budget.EVALS_IN_BUDGET  # checkpoints as planned
     assert clock.steps_until == pytest.approx(train_s - eval_s)
 
 
 def test_a_budget_that_one_evaluation_fills_is_refused():
     """One evaluation and FEWEST_BUDGET_STEPS steps beyond the training time: a one-line
     refusal naming both ways out; within it, none."""
-    refusal = plan.eval_refusal(train_s=100.0, eval_s=95.0, step_s=1.0)
+    refusal = budget.eval_refusal(train_s=100.0, eval_s=95.0, step_s=1.0)
     assert "evaluation" in refusal and "--time-budget-min" in refusal
     assert "--eval-examples" in refusal and "\n" not in refusal
-    assert plan.eval_refusal(train_s=100.0, eval_s=50.0, step_s=1.0) is None
+    assert budget.eval_refusal(train_s=100.0, eval_s=50.0, step_s=1.0) is None
 
 
 @pytest.mark.parametrize("data_steps", [1, 2, 3])
@@ -96,7 +96,7 @@ def test_a_budget_the_data_ends_within_fewer_steps_than_its_evaluations_adds_non
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
-    sized, clock, _, data_bound, _ = plan.fit_budget(cfg, now=0.0, seconds_left=100.0, step_s=1.0,
+    sized, clock, _, data_bound, _ = budget.fit_budget(cfg, now=0.0, seconds_left=100.0, step_s=1.0,
                                                   eval_s=1.0, data_steps=data_steps)
     assert (sized.max_steps, sized.eval_every, clock.last_step, data_bound) == (
         data_steps, 1, data_steps, True)
@@ -111,7 +111,7 @@ def test_a_step_time_is_the_fastest_window_so_a_passing_load_does_not_count():
     def step():
         time.sleep(0.05 if next(slow) else 0.001)
 
-    assert plan.seconds_a_step(step, at_least_s=0.02) < 0.02
+    assert budget.seconds_a_step(step, at_least_s=0.02) < 0.02
 
 
 def test_a_group_times_as_many_steps_as_rank_zero_decides():
@@ -124,11 +124,11 @@ def test_a_group_times_as_many_steps_as_rank_zero_decides():
         return more
 
     steps_zero = []
-    plan.seconds_a_step(lambda: steps_zero.append(1), 0.01, rank_zero)
+    budget.seconds_a_step(lambda: steps_zero.append(1), 0.01, rank_zero)
     answers = iter(said)
     steps_other = []
-    plan.seconds_a_step(lambda: steps_other.append(1), 10.0, lambda more: next(answers))
-    assert len(steps_other) == len(steps_zero) > 3 + plan.TIMING_WINDOWS
+    budget.seconds_a_step(lambda: steps_other.append(1), 10.0, lambda more: next(answers))
+    assert len(steps_other) == len(steps_zero) > 3 + budget.TIMING_WINDOWS
     assert next(answers, None) is None
 
 
@@ -163,9 +163,9 @@ def test_the_saved_activations_fitted_on_short_sequences_predict_a_long_one():
 
     model = _tiny_model()
     cpu = torch.device("cpu")
-    predicted = plan.step_cost(model, 1024, batch_size=2, grad_accum=1, device=cpu,
+    predicted = budget.step_cost(model, 1024, batch_size=2, grad_accum=1, device=cpu,
                                autocast=contextlib.nullcontext).activation_bytes
-    measured = 2 * plan._saved_bytes(model, 1024, cpu, contextlib.nullcontext)
+    measured = 2 * budget._saved_bytes(model, 1024, cpu, contextlib.nullcontext)
     assert predicted == pytest.approx(measured, rel=0.05)
 
 
@@ -180,15 +180,15 @@ def test_a_block_size_whose_steps_cannot_fit_the_budget_or_memory_is_refused():
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", block_size=100_000, batch_size=4, max_steps=None)
-    cost = plan.step_cost(_tiny_model(), 100_000, cfg.batch_size, 1, torch.device("cpu"),
+    cost = budget.step_cost(_tiny_model(), 100_000, cfg.batch_size, 1, torch.device("cpu"),
                           contextlib.nullcontext)
     with pytest.raises(ValueError, match=r"block_size 100000 x batch_size 4: one step takes "
                                          r"about.*--block-size.*--force"):
-        plan.check_step_cost(cfg, cost, 100_000, free_bytes=2**40, seconds_left=900.0)
+        budget.check_step_cost(cfg, cost, 100_000, free_bytes=2**40, seconds_left=900.0)
     with pytest.raises(ValueError, match=r"activations.*free.*--gradient-checkpointing.*--force"):
-        plan.check_step_cost(cfg, cost, 100_000, free_bytes=cost.activation_bytes / 2,
+        budget.check_step_cost(cfg, cost, 100_000, free_bytes=cost.activation_bytes / 2,
                              seconds_left=None)
-    assert cost.seconds > plan.LONG_STEP_S
+    assert cost.seconds > budget.LONG_STEP_S
 
 
 def test_a_step_beyond_the_machine_is_refused_in_every_run_unless_forced():
@@ -201,21 +201,21 @@ def test_a_step_beyond_the_machine_is_refused_in_every_run_unless_forced():
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", block_size=100_000, batch_size=4, max_steps=12)
-    too_long = plan.StepCost(activation_bytes=2**30, seconds=2 * plan.MAX_STEP_S)
+    too_long = budget.StepCost(activation_bytes=2**30, seconds=2 * budget.MAX_STEP_S)
     with pytest.raises(ValueError, match=r"block_size 100000 x batch_size 4: one step takes "
                                          r"about \d+\.\d min.*--block-size.*--batch-size.*--force"):
-        plan.check_step_cost(cfg, too_long, 100_000, free_bytes=2**40, seconds_left=None)
+        budget.check_step_cost(cfg, too_long, 100_000, free_bytes=2**40, seconds_left=None)
     forced = dataclasses.replace(cfg, force=True)
     for free in (2**40, 2**29):  # the time's refusal, the memory's
-        warning = plan.check_step_cost(forced, too_long, 100_000, free_bytes=free,
+        warning = budget.check_step_cost(forced, too_long, 100_000, free_bytes=free,
                                        seconds_left=None)
         assert warning.startswith("warning: block_size 100000") and "--force" in warning
-    long = plan.StepCost(activation_bytes=2**30, seconds=2 * plan.LONG_STEP_S)
-    warning = plan.check_step_cost(cfg, long, 100_000, free_bytes=2**40, seconds_left=None)
+    long = budget.StepCost(activation_bytes=2**30, seconds=2 * budget.LONG_STEP_S)
+    warning = budget.check_step_cost(cfg, long, 100_000, free_bytes=2**40, seconds_left=None)
     assert "one step takes about 2.0 min" in warning and "1.0 GiB of activations" in warning
     with pytest.raises(ValueError, match=r"2.0 min.*time budget has 15.0 min left.*"
                                          r"--time-budget-min.*--force"):
-        plan.check_step_cost(cfg, long, 100_000, free_bytes=2**40, seconds_left=900.0)
+        budget.check_step_cost(cfg, long, 100_000, free_bytes=2**40, seconds_left=900.0)
 
 
 def test_a_short_block_is_measured_as_it_is_and_passes():
@@ -228,10 +228,10 @@ def test_a_short_block_is_measured_as_it_is_and_passes():
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", block_size=64, batch_size=4)
-    cost = plan.step_cost(_tiny_model(), 64, 4, 1, torch.device("cpu"), contextlib.nullcontext)
-    assert cost.activation_bytes == 4 * plan._saved_bytes(_tiny_model(), 64, torch.device("cpu"),
+    cost = budget.step_cost(_tiny_model(), 64, 4, 1, torch.device("cpu"), contextlib.nullcontext)
+    assert cost.activation_bytes == 4 * budget._saved_bytes(_tiny_model(), 64, torch.device("cpu"),
                                                           contextlib.nullcontext)
-    assert plan.check_step_cost(cfg, cost, 64, free_bytes=2**34, seconds_left=900.0) is None
+    assert budget.check_step_cost(cfg, cost, 64, free_bytes=2**34, seconds_left=900.0) is None
 
 
 def test_the_warmup_of_a_run_shorter_than_500_steps_is_a_tenth_of_them():
@@ -254,8 +254,8 @@ def _auto_plan(monkeypatch, first_step_s: float, force: bool = False,
 
     def measure(cfg):
         measured.append(cfg.batch_size)
-        cost = plan.StepCost(activation_bytes=2**20, seconds=first_step_s * cfg.batch_size)
-        return plan.StepMeasure(cost, free_bytes=2**40)
+        cost = budget.StepCost(activation_bytes=2**20, seconds=first_step_s * cfg.batch_size)
+        return budget.StepMeasure(cost, free_bytes=2**40)
 
     def probe(cfg):
         timed.append(cfg.batch_size)
@@ -305,7 +305,7 @@ def test_preset_auto_sizes_a_rung_by_the_training_time_its_timing_leaves(monkeyp
     assert plan.TOKENS_PER_PARAM * 100 == 350.0 and plan.TRAIN_SHARE * 150 == 127.5
 
     def measure(cfg):
-        return plan.StepMeasure(plan.StepCost(activation_bytes=2**20, seconds=cfg.batch_size),
+        return budget.StepMeasure(budget.StepCost(activation_bytes=2**20, seconds=cfg.batch_size),
                                 free_bytes=2**40)
 
     def choice(second_rung_tokens_per_s: float) -> tuple[int, list[int]]:
@@ -329,7 +329,7 @@ def test_preset_auto_sizes_a_rung_by_the_training_time_its_timing_leaves(monkeyp
 
 def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch, capsys):
     """The first rung's step measured at 100 s predicts the second's at 200 s and the third's
-    at 400 s, beyond plan.MAX_STEP_S: its own measure confirms it, and it is never timed, for
+    at 400 s, beyond budget.MAX_STEP_S: its own measure confirms it, and it is never timed, for
     the CPU's precision (fp32 then) nor for the ladder, which takes the second. Each rung
     timed is a line before its timing (minutes on a busy CPU), then the choice."""
     chosen, measured, timed = _auto_plan(monkeypatch, first_step_s=100.0)
@@ -357,7 +357,7 @@ def test_preset_auto_says_it_times_the_cpus_precision_before_timing_it(monkeypat
 
 def test_preset_auto_refuses_a_first_rung_beyond_the_machine_untimed_unless_forced(
         monkeypatch, capsys):
-    """A first rung whose step is beyond plan.MAX_STEP_S refuses the run before any rung is
+    """A first rung whose step is beyond budget.MAX_STEP_S refuses the run before any rung is
     timed, in check_step_cost's words (--block-size, --batch-size, --force); with force the
     first rung is taken untimed, in fp32 on a CPU, and the choice says so."""
     with pytest.raises(ValueError, match=r"^block_size 32 x batch_size 1: one step takes about "
@@ -377,11 +377,11 @@ def test_a_larger_rung_s_step_is_predicted_from_the_first_by_its_flops_and_width
     from codelm.trainconfig import TrainConfig
 
     small = TrainConfig(preset="tiny", block_size=64, batch_size=2, grad_accum=1)
-    measured = plan.StepCost(activation_bytes=1000.0, seconds=1.0)
-    assert plan.scaled_cost(measured, small, small) == measured
-    doubled = plan.scaled_cost(measured, small, dataclasses.replace(small, batch_size=4))
-    assert doubled == pytest.approx(plan.StepCost(2000.0, 2.0))
-    longer = plan.scaled_cost(measured, small, dataclasses.replace(small, block_size=1024))
+    measured = budget.StepCost(activation_bytes=1000.0, seconds=1.0)
+    assert budget.scaled_cost(measured, small, small) == measured
+    doubled = budget.scaled_cost(measured, small, dataclasses.replace(small, batch_size=4))
+    assert doubled == pytest.approx(budget.StepCost(2000.0, 2.0))
+    longer = budget.scaled_cost(measured, small, dataclasses.replace(small, block_size=1024))
     assert longer.activation_bytes == pytest.approx(16_000.0) and longer.seconds > 16.0
 
 
@@ -399,7 +399,7 @@ def test_a_first_rung_beyond_the_limits_on_a_busy_cpu_is_measured_again_once_it_
 
     def measure(cfg):
         events.append("measured")
-        return plan.StepMeasure(plan.StepCost(2**20, next(steps_s)), free_bytes=2**40)
+        return budget.StepMeasure(budget.StepCost(2**20, next(steps_s)), free_bytes=2**40)
 
     def probe(cfg):
         events.append("timed")
@@ -415,15 +415,15 @@ def test_a_first_rung_beyond_the_limits_on_a_busy_cpu_is_measured_again_once_it_
 def test_a_budget_spent_before_training_says_so_not_to_shorten_the_step():
     """Data preparation that takes the whole budget leaves no time to train: the refusal names
     the budget, not the block size or batch (which change nothing there)."""
-    cost = plan.StepCost(activation_bytes=1.0, seconds=0.5)
-    spent = plan.step_refusal(cost, free_bytes=1e12, seconds_left=-3.0)
+    cost = budget.StepCost(activation_bytes=1.0, seconds=0.5)
+    spent = budget.step_refusal(cost, free_bytes=1e12, seconds_left=-3.0)
     assert "spent before training" in spent and "3.0 s over it" in spent
     assert "raise --time-budget-min by 0.3 min or more for 20 steps" in spent  # 20 x 0.5 s + 3 s
-    assert "spent before training" in plan.step_refusal(plan.StepCost(1.0, 0.0), 1e12, 0.0)
+    assert "spent before training" in budget.step_refusal(budget.StepCost(1.0, 0.0), 1e12, 0.0)
     assert "--block-size" not in spent
-    short = plan.step_refusal(cost, free_bytes=1e12, seconds_left=2.0)
+    short = budget.step_refusal(cost, free_bytes=1e12, seconds_left=2.0)
     assert "--block-size" in short and "2.0 s left" in short and "by 0.2 min or more" in short
-    assert plan.step_refusal(cost, free_bytes=1e12, seconds_left=600.0) is None
+    assert budget.step_refusal(cost, free_bytes=1e12, seconds_left=600.0) is None
 
 
 def test_a_time_budget_beside_a_fixed_length_is_refused_where_it_sizes_no_model(tmp_path):

@@ -36,7 +36,7 @@ from codelm.models import adapter_config, generation, quantize
 from codelm.runs import checkpoint, rundir, trackers
 from codelm.runtime import distributed, process, rng, settings
 from codelm.runtime.settings import fields_of
-from codelm.training import build, finish, plan, record
+from codelm.training import budget, build, finish, plan, record
 from codelm.training import trainer as trainer_module
 from codelm.training.batches import Batches, BatchOrder
 from tokenizer import CODE_SPECIAL_TOKENS, ENCODING_VERSION, CodeTokenizer, load_tokenizer
@@ -961,9 +961,9 @@ def test_a_bpe_tokenizer_is_cached_apart_and_read_back_the_same(assets, tmp_path
     text = Path(assets["corpus"]).joinpath(sorted(os.listdir(assets["corpus"]))[0]).read_text()
     assert cached.encode(text) == trained.encode(text)
     # preset auto sizes its models at each kind's vocabulary: pieces, bytes, special tokens
-    assert plan.probe_vocab(cfg) == 200 + 256 + len(trainconfig.BPE_SPECIAL_TOKENS)
+    assert budget.probe_vocab(cfg) == 200 + 256 + len(trainconfig.BPE_SPECIAL_TOKENS)
     code = dataclasses.replace(cfg, tokenizer_kind="code")
-    assert plan.probe_vocab(code) == 200 + 256 + len(CODE_SPECIAL_TOKENS)
+    assert budget.probe_vocab(code) == 200 + 256 + len(CODE_SPECIAL_TOKENS)
 
 
 def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypatch):
@@ -1461,11 +1461,11 @@ def test_a_stop_mid_step_drops_the_step_and_the_resume_replays_it_exactly(assets
 
 def test_a_step_beyond_the_machine_refuses_the_run_with_one_line_unless_forced(
         assets, tmp_path, monkeypatch, capsys):
-    """A run of fixed steps whose step is estimated beyond plan.MAX_STEP_S (as the tiny
+    """A run of fixed steps whose step is estimated beyond budget.MAX_STEP_S (as the tiny
     preset's is at --block-size 100000 on a CPU) ends before its first step, exit 2, with one
     line naming --block-size, --batch-size and --force; with --force it trains, warned."""
-    slow = plan.StepCost(activation_bytes=2**20, seconds=2 * plan.MAX_STEP_S)
-    monkeypatch.setattr(plan, "step_cost", lambda *args: slow)
+    slow = budget.StepCost(activation_bytes=2**20, seconds=2 * budget.MAX_STEP_S)
+    monkeypatch.setattr(budget, "step_cost", lambda *args: slow)
     config = _tiny_config_file(assets, tmp_path, max_steps=2)
     capsys.readouterr()
     assert tm.main(["--config", config]) == 2
@@ -1478,16 +1478,16 @@ def test_a_step_beyond_the_machine_refuses_the_run_with_one_line_unless_forced(
 
 def test_a_step_measured_beyond_the_machine_once_is_measured_again_before_a_refusal(
         assets, tmp_path, monkeypatch):
-    """The step's first measure beyond plan.MAX_STEP_S (a load passing by), its second within:
+    """The step's first measure beyond budget.MAX_STEP_S (a load passing by), its second within:
     the faster counts and the run trains; measured beyond twice, it is refused."""
-    slow = plan.StepCost(activation_bytes=2**20, seconds=2 * plan.MAX_STEP_S)
-    fast = plan.StepCost(activation_bytes=2**20, seconds=0.01)
+    slow = budget.StepCost(activation_bytes=2**20, seconds=2 * budget.MAX_STEP_S)
+    fast = budget.StepCost(activation_bytes=2**20, seconds=0.01)
     measures = iter([slow, fast])
-    monkeypatch.setattr(plan, "step_cost", lambda *args: next(measures))
+    monkeypatch.setattr(budget, "step_cost", lambda *args: next(measures))
     cfg = tiny_cfg(assets, tmp_path, name="passing", max_steps=2)
     assert tm.train(cfg).step == 2
-    monkeypatch.setattr(plan, "step_cost", lambda *args: slow)
-    with pytest.raises(plan.StepRefused, match=r"one step takes about .*--block-size"):
+    monkeypatch.setattr(budget, "step_cost", lambda *args: slow)
+    with pytest.raises(budget.StepRefused, match=r"one step takes about .*--block-size"):
         tm.train(dataclasses.replace(cfg, name="beyond"))
 
 
@@ -1495,7 +1495,7 @@ def test_preset_auto_refuses_a_block_beyond_the_machine_before_timing_a_rung_unl
         assets, tmp_path, monkeypatch, capsys):
     """Preset auto measures its smallest rung's step on short sequences before it times any
     rung: at --block-size 100000 that step is beyond the machine (its memory, or
-    plan.MAX_STEP_S), and on a quiet CPU the run ends at once, exit 2, in one line naming
+    budget.MAX_STEP_S), and on a quiet CPU the run ends at once, exit 2, in one line naming
     --block-size and --force, with no rung timed and no data prepared. With --force (a step
     faked beyond the limit) it takes the smallest rung untimed and trains."""
 
@@ -1514,8 +1514,8 @@ def test_preset_auto_refuses_a_block_beyond_the_machine_before_timing_a_rung_unl
     assert err.count("\n") == 1 and "--block-size" in err and "--force" in err
     monkeypatch.undo()
     monkeypatch.setattr(build, "measure_speed", never)
-    slow = plan.StepCost(activation_bytes=2**20, seconds=2 * plan.MAX_STEP_S)
-    monkeypatch.setattr(plan, "step_cost", lambda *args: slow)
+    slow = budget.StepCost(activation_bytes=2**20, seconds=2 * budget.MAX_STEP_S)
+    monkeypatch.setattr(budget, "step_cost", lambda *args: slow)
     fixed = _tiny_config_file(assets, tmp_path, name="forced", preset="auto", max_steps=2,
                               lr=None, warmup_steps=None)
     assert tm.main(["--config", fixed, "--force"]) == 0
@@ -1833,19 +1833,19 @@ def test_a_time_budget_sizes_the_run_and_its_config_reproduces_it(assets, tmp_pa
     cfg = tiny_cfg(assets, tmp_path, name="budget", time_budget_min=1.0, warmup_steps=None,
                    max_steps=None, eval_every=100)
     first = tm.train(cfg)
-    train_s = 60 * (1 - plan.END_SHARE)  # no export: no final evaluation
-    every = int(train_s * (1 - plan.DRIFT_SHARE) - plan.EVALS_IN_BUDGET * 2.0) // plan.EVALS_IN_BUDGET
-    planned = every * plan.EVALS_IN_BUDGET
+    train_s = 60 * (1 - budget.END_SHARE)  # no export: no final evaluation
+    every = int(train_s * (1 - budget.DRIFT_SHARE) - budget.EVALS_IN_BUDGET * 2.0) // budget.EVALS_IN_BUDGET
+    planned = every * budget.EVALS_IN_BUDGET
     steps_s = train_s - 2.0  # the last evaluation's time kept after the steps
-    decay_start = math.ceil(steps_s * (1 - plan.DECAY_SHARE))  # the clock: 1 s a step
-    left = (steps_s - decay_start) * (1 - plan.DRIFT_SHARE)
+    decay_start = math.ceil(steps_s * (1 - budget.DECAY_SHARE))  # the clock: 1 s a step
+    left = (steps_s - decay_start) * (1 - budget.DRIFT_SHARE)
     decay = int(left)  # less each evaluation due within it (2 s as measured)
     while decay + 2.0 * ((decay_start + decay) // every - decay_start // every) > left:
         decay -= 1
     out = capsys.readouterr().out
     assert timed and "time budget 1 min, 60 s left after setup: 1.000 s a step" in out
-    assert (f"max_steps {planned}, eval_every {every}, warmup_steps {int(plan.WARMUP_SHARE * planned)}"
-            f", decay_steps {int(plan.DECAY_SHARE * planned)}") in out
+    assert (f"max_steps {planned}, eval_every {every}, warmup_steps {int(budget.WARMUP_SHARE * planned)}"
+            f", decay_steps {int(budget.DECAY_SHARE * planned)}") in out
     assert (f"the decay starts at step {decay_start}: 1.000 s a step so far" in out
             and f"decay_steps {decay}, max_steps {decay_start + decay} (planned {planned}" in out)
     saved = json.loads((first.run_dir / "config.json").read_text())
@@ -1887,7 +1887,7 @@ def test_a_budget_times_an_evaluation_after_one_that_warms_it_up(assets, tmp_pat
     eval_s = float(re.search(r"([\d.]+) s an evaluation", out).group(1))
     assert calls[:2] == [1, 1] and 0 < eval_s < 1000.0
     planned = re.search(r"-> max_steps (\d+), eval_every (\d+)", out)
-    assert int(planned.group(1)) == plan.EVALS_IN_BUDGET * int(planned.group(2))
+    assert int(planned.group(1)) == budget.EVALS_IN_BUDGET * int(planned.group(2))
 
 
 @pytest.mark.parametrize(("eval_s", "evaluations"), [(10.0, 2), (30.0, 1)])
@@ -1912,7 +1912,7 @@ def test_a_run_with_slow_evaluations_makes_those_it_planned_and_ends_within_its_
                    warmup_steps=None, max_steps=None, eval_every=None, save_every=None)
     run = tm.train(cfg)
     out = capsys.readouterr().out
-    train_s = 120.0 * (1 - plan.END_SHARE)  # no export: no final evaluation
+    train_s = 120.0 * (1 - budget.END_SHARE)  # no export: no final evaluation
     assert len(evaluated_at) == evaluations and not run.stopped_by_budget
     assert run.step == json.loads((run.run_dir / "config.json").read_text())["max_steps"]
     assert now[0] <= train_s
@@ -1944,7 +1944,7 @@ def test_steps_past_max_epochs_of_the_data_are_noted(assets, tmp_path, capsys):
     tm.train(cfg)
     captured = capsys.readouterr()
     epochs = float(re.search(r"240 steps \(([\d.]+) epochs", captured.out).group(1))
-    assert epochs > plan.MAX_EPOCHS
+    assert epochs > budget.MAX_EPOCHS
     assert f"note: 240 steps are {epochs:.3g} epochs" in captured.err
     assert "--early-stop-patience" in captured.err
     tm.train(dataclasses.replace(cfg, name="few", max_steps=2))
@@ -1968,9 +1968,9 @@ def test_a_time_budget_larger_than_the_data_ends_after_max_epochs(assets, tmp_pa
     out = capsys.readouterr().out
     saved = json.loads((run.run_dir / "config.json").read_text())
     windows = int(re.search(r"\((\d+(?:\.\d+)?) epochs of (\d+) windows", out).group(2))
-    every = math.ceil(plan.MAX_EPOCHS * windows / cfg.batch_size) // plan.EVALS_IN_BUDGET
-    assert (saved["max_steps"], saved["eval_every"], run.step) == (every * plan.EVALS_IN_BUDGET, every, every * plan.EVALS_IN_BUDGET)
-    assert f"{plan.MAX_EPOCHS} epochs of the training data end the run" in out and "--data" in out
+    every = math.ceil(budget.MAX_EPOCHS * windows / cfg.batch_size) // budget.EVALS_IN_BUDGET
+    assert (saved["max_steps"], saved["eval_every"], run.step) == (every * budget.EVALS_IN_BUDGET, every, every * budget.EVALS_IN_BUDGET)
+    assert f"{budget.MAX_EPOCHS} epochs of the training data end the run" in out and "--data" in out
     assert "unless the machine slows" in out
 
 
@@ -1992,7 +1992,7 @@ def test_a_data_bound_budget_on_a_slowed_machine_ends_within_its_budget(
     out = capsys.readouterr().out
     planned = int(re.search(r"-> max_steps (\d+)", out).group(1))
     assert "epochs of the training data end the run" in out and "the decay starts at" in out
-    assert run.step < planned and run.step <= 100 * (1 - plan.END_SHARE)
+    assert run.step < planned and run.step <= 100 * (1 - budget.END_SHARE)
 
 def test_a_machine_that_slows_during_the_decay_still_ends_within_the_budget(
         assets, tmp_path, monkeypatch, capsys):

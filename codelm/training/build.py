@@ -61,9 +61,10 @@ from codelm.trainconfig import (
     default_block_size,
     model_config,
 )
-from codelm.training import plan, preference, preference_run, rollout
+from codelm.training import budget, plan, preference, preference_run, rollout
 from codelm.training.batches import Batches, Where, example_lengths
-from codelm.training.plan import MAX_EPOCHS, BudgetClock, Probe
+from codelm.training.budget import MAX_EPOCHS, BudgetClock
+from codelm.training.plan import Probe
 from codelm.training.record import RunRecord
 from codelm.training.trainer import StepFigures, Trainer, autocast, checked_precision
 from dataset import prepare
@@ -456,29 +457,29 @@ def budget_left(cfg: TrainConfig, created: float) -> float:
 def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
     """``cfg``'s model size and training speed here, on random tokens (rank 0's, for all):
     preset auto's measure of the machine."""
-    vocab = plan.probe_vocab(cfg)
+    vocab = budget.probe_vocab(cfg)
     model = Transformer(model_config(cfg, vocab, None, None))
     step_settings = StepSettings(**fields_of(StepSettings, cfg, warmup_steps=0, compile=False))
     trainer = Trainer(model, step_settings, device, state=RunState(max_steps=10**9))
     ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    step_s = plan.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum).read(),
+    step_s = budget.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum).read(),
                                  plan.RUNG_TIMING_S)
     tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * dist.world
     params = sum(p.numel() for p in model.parameters())
     return broadcast(Probe(params, tokens / step_s), dist)
 
 
-def measure_step_cost(cfg: TrainConfig, device: torch.device, dist: Dist) -> plan.StepMeasure:
-    """A step of ``cfg``'s model here before any is timed (plan.step_cost: short sequences,
+def measure_step_cost(cfg: TrainConfig, device: torch.device, dist: Dist) -> budget.StepMeasure:
+    """A step of ``cfg``'s model here before any is timed (budget.step_cost: short sequences,
     scaled), and the memory free (rank 0's, for all): preset auto's check of its first rung."""
-    free = plan.free_memory(device)  # before this model takes its share
-    model = Transformer(model_config(cfg, plan.probe_vocab(cfg), None, None)).to(device)
+    free = budget.free_memory(device)  # before this model takes its share
+    model = Transformer(model_config(cfg, budget.probe_vocab(cfg), None, None)).to(device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = cfg.offload_activations
-    cost = plan.step_cost(model, cfg.block_size, cfg.batch_size, cfg.grad_accum, device,
+    cost = budget.step_cost(model, cfg.block_size, cfg.batch_size, cfg.grad_accum, device,
                           partial(autocast, device, checked_precision(cfg, device)))
-    return broadcast(plan.StepMeasure(cost, free), dist)
+    return broadcast(budget.StepMeasure(cost, free), dist)
 
 
 def check_step_cost(cfg: TrainConfig, model: nn.Module, block_size: int, device: torch.device,
@@ -490,17 +491,17 @@ def check_step_cost(cfg: TrainConfig, model: nn.Module, block_size: int, device:
     precision = checked_precision(cfg, device)
     model = model.to(device)
 
-    def measured() -> plan.StepCost:
-        return broadcast(plan.step_cost(model, block_size, cfg.batch_size, cfg.grad_accum,
+    def measured() -> budget.StepCost:
+        return broadcast(budget.step_cost(model, block_size, cfg.batch_size, cfg.grad_accum,
                                         device, partial(autocast, device, precision)), dist)
 
     cost = measured()
-    free = min(all_gather(plan.free_memory(device), dist))  # the fullest device's
+    free = min(all_gather(budget.free_memory(device), dist))  # the fullest device's
     seconds_left = broadcast(seconds_left, dist)
-    if plan.step_refusal(cost, free, seconds_left) is not None:  # a passing load must not refuse
+    if budget.step_refusal(cost, free, seconds_left) is not None:  # a passing load must not refuse
         again = measured()
-        cost = plan.StepCost(cost.activation_bytes, min(cost.seconds, again.seconds))
-    warning = plan.check_step_cost(cfg, cost, block_size, free, seconds_left)
+        cost = budget.StepCost(cost.activation_bytes, min(cost.seconds, again.seconds))
+    warning = budget.check_step_cost(cfg, cost, block_size, free, seconds_left)
     if warning and dist.main:
         print(warning, file=sys.stderr)
 
@@ -508,35 +509,35 @@ def check_step_cost(cfg: TrainConfig, model: nn.Module, block_size: int, device:
 def size_to_budget(cfg: TrainConfig, model: nn.Module, batches: Batches, device: torch.device,
                    dist: Dist, created: float) -> tuple[TrainConfig, BudgetClock | None]:
     """``cfg`` with max_steps, eval_every and warmup_steps filling what is left of its time
-    budget on this machine (plan.fit_budget), in place of the budget: config.json then
+    budget on this machine (budget.fit_budget), in place of the budget: config.json then
     reproduces the run. The decay's start is kept by the clock."""
     step_s, eval_s = broadcast(time_a_step(cfg, model, batches, device, dist), dist)
     left = broadcast(budget_left(cfg, created), dist)  # one plan for every process
-    budget = plan.fit_budget(cfg, time.perf_counter(), left, step_s, eval_s,
-                             batches.steps_for(MAX_EPOCHS))
-    refusal = plan.eval_refusal(budget.train_s, eval_s, step_s)
+    fitted = budget.fit_budget(cfg, time.perf_counter(), left, step_s, eval_s,
+                               batches.steps_for(MAX_EPOCHS))
+    refusal = budget.eval_refusal(fitted.train_s, eval_s, step_s)
     if refusal is not None and not cfg.force:
         raise ValueError(f"{refusal}; or --force to train it anyway")
     if refusal is not None and dist.main:
         print(f"warning: {refusal}; training it anyway (--force)", file=sys.stderr)
-    sized = budget.cfg
+    sized = fitted.cfg
     if dist.main:
         end = "the decay starts by the clock and is timed then"
-        if budget.data_bound:
+        if fitted.data_bound:
             end = (f"{MAX_EPOCHS} epochs of the training data end the run before its budget "
                    f"(more data, --data, would use the rest), unless the machine slows: then "
                    f"{end}")
-        if budget.evaluations < min(plan.EVALS_IN_BUDGET, sized.max_steps):
-            which = ("one evaluation, at the end" if budget.evaluations == 1
-                     else f"{budget.evaluations} evaluations, the last at the end")
-            end = (f"{which}: {plan.EVALS_IN_BUDGET} would take over {plan.EVAL_SHARE:.0%} of "
+        if fitted.evaluations < min(budget.EVALS_IN_BUDGET, sized.max_steps):
+            which = ("one evaluation, at the end" if fitted.evaluations == 1
+                     else f"{fitted.evaluations} evaluations, the last at the end")
+            end = (f"{which}: {budget.EVALS_IN_BUDGET} would take over {budget.EVAL_SHARE:.0%} of "
                    f"the training time; {end}")
         print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
               f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {device.type} -> "
               f"max_steps {sized.max_steps}, eval_every {sized.eval_every}, warmup_steps "
               f"{sized.warmup_steps}, decay_steps {sized.decay_steps} (recorded in config.json; "
               f"{end})")
-    return sized, budget.clock
+    return sized, fitted.clock
 
 
 def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: torch.device,
@@ -554,8 +555,8 @@ def time_a_step(cfg: TrainConfig, model: nn.Module, batches: Batches, device: to
         micro_batches, _ = own.next_step()
         probe.train_step(micro_batches).read()
 
-    step_s = plan.seconds_a_step(step, min(10.0, cfg.time_budget_min),
-                                 partial(broadcast, dist=dist))
+    step_s = budget.seconds_a_step(step, min(10.0, cfg.time_budget_min),
+                                   partial(broadcast, dist=dist))
     val, n = own.validation()
     first = next(val, None)  # a process may hold no validation batch
     batch = [] if first is None else [first]
