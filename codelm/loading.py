@@ -145,8 +145,13 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     tok_dir = _run_tokenizer(run_dir, tokenizer)
     adapter = (export / adapter_config.ADAPTER_CONFIG).is_file()
     exported = adapter or (export / rundir.HF_CONFIG).is_file()
+    reduced = _reduced_base(config)
     if chosen is None and (stale := rundir.stale_export(run_dir)):
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
+    elif chosen is None and adapter and reduced and not unquantized:
+        print(f"note: {run_dir} trained on a {reduced} base: scored as it trained, best/ on "
+              f"that base ({export}'s adapter loads on the full-precision base as "
+              "BASE+ADAPTER)", file=sys.stderr)
     elif chosen is None and exported and _intact(export):
         base = Path(_run_base(run_dir, config)) if adapter else export
         model = _load_hf(base, device, dtype, export if adapter else None)
@@ -174,6 +179,16 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
         model = quantize.cast_model(model, SHORT_DTYPES[dtype])
     scored = _run_weights(run_dir, weights_dir, chosen is not None)
     return model.to(device), tok_dir, config, scored
+
+
+def _reduced_base(config: dict) -> str | None:
+    """The form of a LoRA run's frozen base where it trained on one other than fp32 (NF4, int8,
+    bf16, fp16); None where it trained on the fp32 base, as its exported adapter loads."""
+    bits = config.get("quantize_bits", 0)
+    if bits:
+        return "NF4" if bits == 4 else "int8"
+    dtype = config.get("base_dtype", "fp32")
+    return None if dtype == "fp32" else dtype
 
 
 def _run_weights_dir(run_dir: Path, chosen: Path | None) -> Path:

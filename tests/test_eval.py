@@ -4094,6 +4094,49 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
         assert p.dtype == (trained_dtype if kept else torch.bfloat16), name
 
 
+def test_a_qlora_run_is_scored_on_the_quantized_base_it_trained_on(tiny_models, tmp_path, capsys):
+    """A QLoRA run given by its directory is scored as it trained, its best/ adapter on the NF4
+    base (the same model as its best/ given alone), not its export/'s adapter on the
+    full-precision base (BASE+ADAPTER), with a note naming both."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    import lora
+
+    m = tiny_models
+    cfg = trainconfig.TrainConfig(init_from=str(m["base"]), lora_r=4, quantize_bits=4)
+    torch.manual_seed(0)
+    trained = loading.build_model(model_settings(cfg), m["tok"])
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:  # (B starts at zero: the adapter would change nothing)
+                p.normal_()
+    run = tmp_path / "qlora"
+    (run / rundir.BEST_DIR).mkdir(parents=True)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
+    shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
+    save_file(checkpoint_module.model_tensors(trained, True),
+              run / rundir.BEST_DIR / rundir.ADAPTER_FILE)
+    process.write_manifest(run / rundir.BEST_DIR)
+    (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1}))
+    lora.save_adapter(trained, run / rundir.EXPORT_DIR, base_model_name_or_path=m["base"])
+    shutil.copy(m["base"] / "tokenizer.json", run / rundir.EXPORT_DIR / "tokenizer.json")
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        as_trained = trained.eval()(ids)[0]
+        scored = loading.load_model(str(run), "cpu").model.eval()(ids)[0]
+        best = loading.load_model(str(run / rundir.BEST_DIR), "cpu").model.eval()(ids)[0]
+        full = loading.load_model(f"{m['base']}+{run / rundir.EXPORT_DIR}", "cpu").model
+        on_full_base = full.eval()(ids)[0]
+    assert torch.equal(scored, as_trained) and torch.equal(best, as_trained)
+    assert not torch.allclose(on_full_base, as_trained)
+    err = capsys.readouterr().err
+    assert "trained on a NF4 base: scored as it trained" in err and "BASE+ADAPTER" in err
+
+
 def test_eval_py_loads_each_model_in_the_dtype_its_flag_names(tiny_models, tmp_path, monkeypatch):
     """--dtype reaches every load: --prompt's models and an evaluation's."""
     import torch
