@@ -3544,6 +3544,17 @@ def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, t
     assert json.loads((run / "config.json").read_text())["data"] == ["corpus"]
 
 
+@pytest.mark.parametrize("values, said", [
+    ({}, ""), ({"lora_r": 8}, ", LoRA r 8 on an fp32 base"),
+    ({"lora_r": 8, "quantize_bits": 4}, ", LoRA r 8 on an NF4 base"),
+    ({"lora_r": 8, "quantize_bits": 8}, ", LoRA r 8 on an int8 base"),
+    ({"lora_r": 16, "lora_dora": True, "base_dtype": "bf16"}, ", DoRA r 16 on a bf16 base")])
+def test_a_runs_first_line_names_its_adapters_and_the_base_they_train_on(values, said):
+    """The first line of a LoRA run says so, with the form of the frozen base (QLoRA's NF4 or
+    int8, a bf16 base): what the log alone tells of the run's memory and numerics."""
+    assert build.adapters_on(trainconfig.TrainConfig(**values)) == said
+
+
 def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     """--lora-r without --init-from is refused: it would freeze a random model and train only its
     adapters (rc 0, "0.00M trainable", a validation loss near ln(vocab)). A LoRA run on a base
@@ -3558,7 +3569,8 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     assert not (tmp_path / "runs" / "run").exists()
     base = tiny_llama(tmp_path)
     assert tm.main(["--config", config, "--lora-r", "4", "--init-from", str(base)]) == 0
-    trainable = re.search(r"\((\S+) trainable\)", capsys.readouterr().out).group(1)
+    out = capsys.readouterr().out
+    trainable = re.search(r"\((\S+) trainable\), LoRA r 4 on an fp32 base,", out).group(1)
     assert re.fullmatch(r"\d{1,3}(,\d{3})*", trainable), trainable  # not "0.00M"
     run = tmp_path / "runs" / "run"
     assert tm.main(["--resume", str(run), "--max-steps", "3"]) == 0

@@ -634,6 +634,19 @@ def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Dat
     return state
 
 
+def adapters_on(cfg: TrainConfig) -> str:
+    """A LoRA run's adapters and the form of the frozen base they train on, for its first line:
+    ", LoRA r 8 on an NF4 base"; nothing for a run that trains every weight."""
+    if cfg.lora_r == 0:
+        return ""
+    kind = "DoRA" if cfg.lora_dora else "LoRA"
+    if cfg.quantize_bits:
+        form = "an NF4" if cfg.quantize_bits == 4 else "an int8"
+    else:
+        form = "a bf16" if cfg.base_dtype == "bf16" else f"an {cfg.base_dtype}"
+    return f", {kind} r {cfg.lora_r} on {form} base"
+
+
 def announce(run: Run, cfg: TrainConfig) -> None:
     """The first line of ``run``, and the warnings about its settings (``cfg``: as it trains)."""
     trainer, batches, planned = run.trainer, run.data.batches, run.state.max_steps
@@ -652,7 +665,7 @@ def announce(run: Run, cfg: TrainConfig) -> None:
     processes = (f" x {trainer.dist.world} processes ({cfg.strategy})" if trainer.dist.enabled
                  else "")
     print(f"run {run.record.run_dir}: {plan.millions(n_params)} parameters "
-          f"({plan.millions(n_train)} trainable), {size}, {planned} steps "
+          f"({plan.millions(n_train)} trainable){adapters_on(cfg)}, {size}, {planned} steps "
           f"({batches.epoch(planned):.3g} epochs of {epoch}), {trainer.precision} on "
           f"{run.device}{processes}")
     if cfg.warmup_steps >= planned:
