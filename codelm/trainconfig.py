@@ -183,8 +183,9 @@ class TrainConfig:
     sample_prompt: str | None = None  # completed greedily at the end (with --export); None: a
     #   held-out prompt in the task's format (a function's header, a validation pair's input)
     sample_tokens: int = 96  # at most this many tokens of that sample; 0: no sample
-    final_eval: bool = True  # task lm, with export: line completion and function completion
-    #   (eval.py's line and method tasks) on the test split, printed with the val loss
+    final_eval: bool = True  # a from-scratch run of task lm, with export (not LoRA): line
+    #   and function completion (eval.py's line and method tasks) on the test split, printed
+    #   with the val loss
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised
     overfit_batches: int = 0  # overfit K batches of the real training data (0: off); with it,

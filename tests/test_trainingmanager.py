@@ -3555,6 +3555,19 @@ def test_a_runs_first_line_names_its_adapters_and_the_base_they_train_on(values,
     assert build.adapters_on(trainconfig.TrainConfig(**values)) == said
 
 
+def test_final_eval_typed_for_a_run_that_makes_none_says_why_and_what_scores_it(tmp_path, capsys):
+    """--final-eval on a LoRA run (or another task, or no export) would be ignored: a note says
+    why and names eval.py's command; a from-scratch lm run takes it without a word."""
+    base = tiny_llama(tmp_path)
+    plan.parse_config(["--final-eval", "--init-from", str(base), "--lora-r", "4"])
+    err = capsys.readouterr().err
+    assert "--final-eval" in err and "a LoRA run" in err and "--tasks line method" in err
+    plan.parse_config(["--final-eval", "--task", "completion", "--preset", "tiny"])
+    assert "task completion" in capsys.readouterr().err
+    plan.parse_config(["--final-eval", "--preset", "tiny"])
+    assert "--final-eval" not in capsys.readouterr().err
+
+
 def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     """--lora-r without --init-from is refused: it would freeze a random model and train only its
     adapters (rc 0, "0.00M trainable", a validation loss near ln(vocab)). A LoRA run on a base

@@ -31,6 +31,7 @@ from codelm.trainconfig import (
     MODEL_SHAPE_KEYS,
     OVERFIT_STEPS,
     TrainConfig,
+    has_final_eval,
     model_config,
     read_config,
     where_set_of,
@@ -60,7 +61,23 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         cfg = with_overfit_batches_plan(cfg, typed)
     if not cfg.overfit:  # --overfit takes what it honours (trainconfig.overfit_settings)
         validate_config(cfg, where_set_of(argv), typed)
+    command_line = sys.argv[1:] if argv is None else argv
+    asked = cfg.final_eval and "--final-eval" in command_line
+    if asked and not has_final_eval(cfg) and process.is_rank_zero():
+        print(f"note: --final-eval: this run makes no final evaluation ({no_final_eval(cfg)}); "
+              "python eval.py --models RUN_DIR --tasks line method scores it as that would",
+              file=sys.stderr)
     return cfg
+
+
+def no_final_eval(cfg: TrainConfig) -> str:
+    """Why a run with final_eval set makes no final evaluation (has_final_eval): it ends a
+    from-scratch code model's run only, exported."""
+    if cfg.task != "lm":
+        return f"task {cfg.task}: it ends task lm's runs"
+    if cfg.lora_r:
+        return "a LoRA run: it ends a from-scratch model's"
+    return "no export: it scores the export"
 
 
 def with_overfit_batches_plan(cfg: TrainConfig, typed: Collection[str]) -> TrainConfig:
