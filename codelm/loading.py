@@ -191,6 +191,18 @@ def _reduced_base(config: dict) -> str | None:
     return None if dtype == "fp32" else dtype
 
 
+def _note_another_base(adapter: Path, base: Path) -> None:
+    """A note where BASE+ADAPTER's base is not the one the adapter's config names, when that one
+    is on this machine to compare: scored on the given base, as asked."""
+    try:
+        named = adapter_config.adapter_base(adapter, "")
+    except ValueError:  # a base not on this machine, or none named: nothing to compare
+        return
+    if named.resolve() != base.resolve():
+        print(f"note: {adapter / adapter_config.ADAPTER_CONFIG} names the base {named}, not "
+              f"{base}: scored on {base}, as given", file=sys.stderr)
+
+
 def _run_weights_dir(run_dir: Path, chosen: Path | None) -> Path:
     """``chosen`` (a run's best/ or checkpoint) if its bytes are intact; else the run's best/, or
     its latest intact checkpoint."""
@@ -275,8 +287,12 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
             raise ValueError(f"{where} {adapter} holds no {adapter_config.ADAPTER_CONFIG}{hint}")
         base = path if adapter_spec else adapter_config.adapter_base(
             path, "name the base as BASE+ADAPTER")
+        if adapter_spec:
+            _note_another_base(adapter, base)
         model = _load_hf(base, device, dtype, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
+        adapters_run = rundir.run_of_weights(adapter)  # a run's export/: named as the run
+        label = label or (adapters_run.absolute().name if adapters_run else None)
     elif (no_weights := rundir.no_weights_yet(path)) is not None:
         raise ValueError(f"{where} {no_weights}")
     else:

@@ -2436,6 +2436,30 @@ def test_model_specs_name_models_as_documented(tiny_models, tmp_path):
     assert loading.load_model(f"x={odd}", cpu).label == "x"
 
 
+def test_base_plus_a_runs_export_is_named_after_the_run_and_another_base_is_noted(
+        tiny_models, tmp_path, capsys):
+    """BASE+ADAPTER where the adapter is a run's export/ is named after that run, as the run's
+    directory is; a base other than the one the adapter's config names is scored, as given, with
+    a note naming both (the adapter's own base gets none)."""
+    import json
+    import shutil
+
+    import torch
+
+    cpu, m = torch.device("cpu"), tiny_models
+    run = tmp_path / "lora-comp"
+    shutil.copytree(m["adapter"], run / rundir.EXPORT_DIR)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(run_config(init_from=str(m["base"]),
+                                                                lora_r=4)))
+    assert loading.load_model(f"{m['base']}+{run / rundir.EXPORT_DIR}", cpu).label == "lora-comp"
+    assert "note:" not in capsys.readouterr().err
+    other = tmp_path / "other-base"
+    shutil.copytree(m["base"], other)
+    loading.load_model(f"{other}+{m['adapter']}", cpu)
+    err = capsys.readouterr().err
+    assert f"names the base {m['base']}" in err and f"scored on {other}" in err
+
+
 def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
     """An adapter's own tokenizer.json wins over its base's; --tokenizer over a model's own; a
     tokenizer with more tokens than the model has embeddings is refused."""
