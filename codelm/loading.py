@@ -63,8 +63,16 @@ def _load_hf(path: Path, device: torch.device, dtype: str | None = None,
 
 
 def _run_base(run_dir: Path, config: dict) -> str:
-    """A run's ``init_from`` base (a path not found names config.json and the key)."""
-    checkpoint.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
+    """A run's ``init_from`` base (a path not found names config.json and the key, and how to
+    name the base where it moved)."""
+    try:
+        checkpoint.check_run_paths(config, ["init_from"], str(run_dir / rundir.CONFIG_FILE))
+    except ValueError as e:
+        export = run_dir / rundir.EXPORT_DIR
+        if not config.get("lora_r") or not (export / adapter_config.ADAPTER_CONFIG).is_file():
+            raise
+        raise ValueError(f"{e}; where the base moved, give it as BASE+ADAPTER: "
+                         f"/path/to/base+{export}") from None
     return config["init_from"]
 
 

@@ -2617,7 +2617,8 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
 
 
 def test_a_runs_paths_load_from_its_config_or_name_it(tiny_models, tmp_path, monkeypatch):
-    """A LoRA run's base is config.json's init_from; a path not found names the file and key."""
+    """A LoRA run's base is config.json's init_from; a path not found names the file and key,
+    and how to give the base where it moved (BASE+ADAPTER)."""
     import json
     import shutil
 
@@ -2644,7 +2645,8 @@ def test_a_runs_paths_load_from_its_config_or_name_it(tiny_models, tmp_path, mon
     assert eval_corpus.corpus_config(EvalConfig(), [from_run]).sources == ["code"]
     monkeypatch.chdir(tmp_path)
     (run / "config.json").write_text(json.dumps({**config, "init_from": "base"}))
-    with pytest.raises(ValueError, match=f"^{run / 'config.json'}: init_from 'base' not found"):
+    with pytest.raises(ValueError, match=f"^{run / 'config.json'}: init_from 'base' not found"
+                       f".*BASE\\+ADAPTER: /path/to/base\\+{run / 'export'}$"):
         loading.load_model(str(run), cpu)
 
 
