@@ -794,8 +794,8 @@ def test_error_unknown_model_type(checkpoints, tmp_path):
 
 def test_error_codelm_run_directory_names_its_export(tmp_path):
     """A run dir passed as a checkpoint is named as one, with its export, not an "unknown
-    model_type None"; the advice is right for a LoRA run too, whose export/ holds an adapter
-    (the merged model is in export/merged)."""
+    model_type None"; a LoRA run's advice names its adapter's ways on (--init-adapter, the
+    merged model in export/merged)."""
     import dataclasses
 
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(
@@ -804,7 +804,7 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
         pretrained.load(tmp_path)
     message = str(err.value)
     for words in (f"{tmp_path}: a codelm run directory, not an HF checkpoint",
-                  f"{tmp_path}/export", "merged", f"--resume {tmp_path}"):
+                  f"load its export {tmp_path}/export", f"--resume {tmp_path}"):
         assert words in message, message
     # the run's best/ or a checkpoint (a LoRA run's adapter-only weights too): the run's export
     for weights in (tmp_path / "best" / "model.safetensors",
@@ -815,8 +815,16 @@ def test_error_codelm_run_directory_names_its_export(tmp_path):
         with pytest.raises(ValueError) as err:
             pretrained.load(weights.parent)
         assert str(err.value).startswith(f"{weights.parent}: weights of run {tmp_path}, not an "
-                                         f"HF checkpoint; load its export {tmp_path}/export ")
+                                         f"HF checkpoint; load its export {tmp_path}/export,")
         assert str(err.value).endswith(f"--resume {tmp_path}")
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(
+        trainconfig.TrainConfig(lora_r=8))))
+    with pytest.raises(ValueError) as err:
+        pretrained.load(tmp_path)
+    message = str(err.value)
+    for words in ("a LoRA run", f"--init-adapter {tmp_path}/export",
+                  f"{tmp_path}/export/merged", f"--resume {tmp_path}"):
+        assert words in message, message
 
 
 @pytest.mark.parametrize("change, message", [

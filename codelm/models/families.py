@@ -668,9 +668,15 @@ def read_config(directory: str | Path) -> CheckpointConfig:
         if any((run / f).is_file() for f in (rundir.MODEL_FILE, rundir.ADAPTER_FILE)):
             run = run.parent.parent if run.parent.name == rundir.CHECKPOINTS_DIR else run.parent
         what = "a codelm run directory" if run == Path(directory) else f"weights of run {run}"
-        raise ValueError(f"{directory}: {what}, not an HF checkpoint; load its export "
-                         f"{run / rundir.EXPORT_DIR} (or {rundir.MERGED_DIR}/ in it for a LoRA "
-                         f"run's merged model), or continue it with --resume {run}")
+        export = run / rundir.EXPORT_DIR
+        if hf.get("lora_r"):  # its export is an adapter
+            raise ValueError(f"{directory}: {what}, not an HF checkpoint: a LoRA run, whose "
+                             f"export {export} is an adapter: train it on with --init-adapter "
+                             f"{export}, or start from its merged model {export / rundir.MERGED_DIR}"
+                             f" (--export-merged writes it); or continue the run with --resume "
+                             f"{run}")
+        raise ValueError(f"{directory}: {what}, not an HF checkpoint; load its export {export}, "
+                         f"or continue it with --resume {run}")
     if model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "
                          f"{', '.join(FAMILIES)}")
