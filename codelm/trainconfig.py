@@ -233,7 +233,8 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     cfg = settings.config_from_dict(TrainConfig, values, source, _CHOICES, HF_FLAGS)
     check_options(values, source)
     if cfg.max_steps is not None and cfg.epochs is not None:  # flags: validate_config's check
-        raise ValueError(f"{source}: max_steps and epochs both set the run's length: unset one")
+        raise ValueError(f"{source}: max_steps and epochs both set the run's length: set one "
+                         "of them to null")
     return cfg
 
 
