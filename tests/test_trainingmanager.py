@@ -2183,7 +2183,7 @@ def test_a_sample_of_blank_lines_is_shown_counted(assets, tmp_path, monkeypatch,
 def test_the_sample_shows_its_prompt_s_last_lines_apart_from_the_completion():
     """A long prompt shows its last PROMPT_LINES_SHOWN lines, counted; a heading line sets the
     completion apart; a prompt ending within a line repeats that line's end (at most
-    PARTIAL_LINE_SHOWN characters) before it. A form feed in the prompt is no line end."""
+    PARTIAL_LINE_SHOWN characters) before it, as the heading says. A form feed in the prompt is no line end."""
     prompt = "def f(x):\n" + "".join(f"    # line {i}\f\n" for i in range(30))
     lines = finish.shown_sample(prompt, "    return x\n", "step 5").split("\n")[:-1]
     shown = finish.PROMPT_LINES_SHOWN
@@ -2193,6 +2193,8 @@ def test_the_sample_shows_its_prompt_s_last_lines_apart_from_the_completion():
     assert lines[-1] == "    return x"
     partial = finish.shown_sample("def f(x):\n    return x +", " 1\n", "w").splitlines()
     assert partial[1:3] == ["def f(x):", "    return x +"] and partial[-1] == "    return x + 1"
+    assert partial[-2].endswith("after the prompt's last line repeated):")
+    assert "repeated" not in lines[-2]  # a prompt of whole lines repeats none
     long_line = finish.shown_sample("y" * 500, "z", "w").splitlines()
     assert long_line[-1] == "y" * finish.PARTIAL_LINE_SHOWN + "z"
 

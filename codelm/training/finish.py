@@ -70,7 +70,8 @@ def shown_sample(prompt: str, sample: str, weights: str) -> str:
         heading += f" (its last {PROMPT_LINES_SHOWN} of {len(lines)} lines)"
     shown = "\n".join(lines[-PROMPT_LINES_SHOWN:])
     completion = ended[-PARTIAL_LINE_SHOWN:] + sample
-    return (f"{heading}:\n{shown}\nsample completion (greedy, {weights}):\n"
+    continued = ", after the prompt's last line repeated" if ended else ""
+    return (f"{heading}:\n{shown}\nsample completion (greedy, {weights}{continued}):\n"
             f"{BLANK_RUN.sub(counted, completion)}")
 
 
