@@ -2155,6 +2155,23 @@ def test_the_end_of_run_sample_follows_the_runs_pair_special_tokens(assets, tmp_
     assert prompt.startswith("def ") and rest == [8, "method", reads, generation.FUNCTION_STOPS]
 
 
+def test_a_test_split_without_the_tasks_examples_is_noted_before_training(assets, tmp_path,
+                                                                          capsys):
+    """A test split whose files hold none of the task's examples (no function for method) would
+    leave eval.py's default split empty: the run says so as it prepares its data, naming --split
+    val; a test split with examples gets no such note."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "settings.py").write_text("".join(f"NAME_{i} = {i}\n" for i in range(200)))
+    tm.train(tiny_cfg(assets, tmp_path, task="method", max_steps=1, eval_every=1,
+                      warmup_steps=0, test_data=[str(flat)]))
+    err = capsys.readouterr().err
+    assert "the test split holds no method examples" in err and "--split val" in err
+    tm.train(tiny_cfg(assets, tmp_path, task="method", max_steps=1, eval_every=1,
+                      warmup_steps=0, name="split"))
+    assert "the test split holds no" not in capsys.readouterr().err
+
+
 def test_sample_tokens_0_writes_no_end_of_run_sample(assets, tmp_path, monkeypatch, capsys):
     """--sample-tokens 0 asks for no sample: none is generated or printed; the export is
     written as ever."""

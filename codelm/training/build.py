@@ -361,6 +361,10 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
         raise ValueError(f"the validation split of {dcfg.sources} is empty: give validation "
                          "files with --val-data, add data, or raise val_frac of data_options "
                          "(--data-options)")
+    if dist.main and len(splits.test) == 0 and (dcfg.test_frac > 0 or settings.test_data):
+        print(f"note: the test split holds no {settings.task} examples (its files have none): "
+              "eval.py finds none there; score the run with --split val, or give more data",
+              file=sys.stderr)
     if dist.main and settings.val_data and not settings.test_data and len(splits.test):
         whole = round(dcfg.train_frac + dcfg.test_frac, 6)
         print(f"note: --data still holds out test_frac {dcfg.test_frac:g} as the test split; "
