@@ -1,0 +1,207 @@
+"""An Optuna study of a sweep, kept where every worker reads it: its storage (a journal file,
+checked before Optuna reads it, or a database with heartbeats), and its trials' bookkeeping
+among workers: which trials count toward n_trials, which run again (an interrupted one, a dead
+worker's), and which died with their worker."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+import sqlalchemy.exc
+from filelock import FileLock
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from codelm.runtime import workers
+from codelm.tuneconfig import TuneConfig
+
+JOURNAL_FILE = "journal.log"
+# Trial attributes the bookkeeping reads (hyperparam_tune records the others).
+ATTR_REASON, ATTR_WORKER = "fail_reason", "worker"
+ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
+INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
+WORKER_DIED = "worker process died"  # a trial failed for its dead worker (it does not count)
+
+
+def study_dir(cfg: TuneConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.study_name
+
+
+SQLITE_MAGIC = b"SQLite format 3\0"  # the first bytes of every SQLite database file
+
+
+def check_journal(path: Path) -> None:
+    """Refuse a file Optuna's journal would misread (it appends after a bad last line); called
+    under the journal's lock, so no other worker's append is half-written."""
+    data = path.read_bytes() if path.is_file() else b""  # none yet: Optuna creates it
+    if data.startswith(SQLITE_MAGIC):
+        raise ValueError(f"{path}: an SQLite database, not an Optuna journal file: use "
+                         f"--storage sqlite:///{path}")
+    *lines, last = data.split(b"\n")
+    if last.startswith(b"{"):  # an append cut off by a kill or a full disk
+        raise ValueError(f"{path}:{len(lines) + 1}: the last line has no newline at its end: add "
+                         "it if the record is whole, else remove that line (truncate -s "
+                         f"{len(data) - len(last)} {shlex.quote(str(path))}) to continue the study")
+    for number, line in enumerate([*lines, last] if last else lines, start=1):
+        with contextlib.suppress(ValueError):  # UnicodeDecodeError too
+            record = json.loads(line)
+            if isinstance(record, dict) and type(record.get("op_code")) is int:  # not JSON true
+                continue
+        raise ValueError(f"{path}:{number}: not an Optuna journal line; is this the study's "
+                         "journal file?")
+
+
+def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
+    """A journal file (local, several processes) or an RDB URL with heartbeats and retries."""
+    url = cfg.storage or str(study_dir(cfg) / JOURNAL_FILE)
+    if "://" not in url:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        # An flock the kernel releases when its holder dies (Optuna's own journal lock, a file,
+        # outlives a killed holder).
+        lock = FileLock(url + ".flock")
+        with lock:
+            check_journal(Path(url))
+        backend = optuna.storages.journal.JournalFileBackend(url, lock_obj=lock)
+        return optuna.storages.journal.JournalStorage(backend)
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # workers take turns on one file
+    else:
+        engine_kwargs = {"pool_pre_ping": True}  # trials outlast idle database connections
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
+            grace_period=cfg.grace_period,
+            heartbeat_stale_trial_callback=QueueAgain(cfg.max_retry))
+    except ImportError as e:
+        missing = getattr(e.__cause__, "name", None) or e
+        raise ValueError(f"--storage {url}: its database driver is not installed ({missing}); "
+                         "for PostgreSQL: pip install 'psycopg[binary]'") from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise ValueError(f"--storage {url}: cannot use the database: {reason}") from None
+
+
+def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    if cfg.pruner == "median":
+        pruner = optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.prune_startup_trials, n_warmup_steps=cfg.prune_warmup_steps)
+    elif cfg.pruner == "hyperband":
+        pruner = optuna.pruners.HyperbandPruner(
+            min_resource=cfg.eval_every, max_resource=cfg.max_steps)
+    else:
+        pruner = optuna.pruners.NopPruner()
+    study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
+                                pruner=pruner, load_if_exists=True)
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed)  # reseeded per trial
+    return study
+
+
+def seed_for_next_trial(study: optuna.Study, seed: int | None) -> None:
+    """With --sampler-seed, the sampler's stream for the trial about to be asked: the seed
+    plus that trial's number, unique in the study (asked under the claim lock), so every worker
+    and every command joining the study draws its own, reproducibly."""
+    if seed is not None:  # (TPE keeps no state but its random stream: the trials are stored)
+        number = len(study.get_trials(deepcopy=False))
+        study.sampler = optuna.samplers.TPESampler(seed=(seed + number) % 2**32)
+
+
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def counts(trial: FrozenTrial, retried: set[int]) -> bool:
+    """Whether a finished trial counts toward n_trials: not a FAIL that was queued again, was
+    interrupted, stopped the sweep, or whose worker died (no recorded reason, as a database
+    storage fails it, or WORKER_DIED, as the journal's recovery does)."""
+    if trial.state != TrialState.FAIL:
+        return trial.state.is_finished()
+    reason = trial.user_attrs.get(ATTR_REASON)
+    return (trial.number not in retried and bool(reason) and reason not in (INTERRUPTED,
+                                                                            WORKER_DIED)
+            and not trial.user_attrs.get(ATTR_STOPPED))
+
+
+class StudyProgress(typing.NamedTuple):
+    """A study's trials by where they are; ``finished`` counts those ``counts`` counts."""
+
+    finished: int
+    running: int
+    waiting: int
+
+
+def study_progress(study: optuna.Study) -> StudyProgress:
+    """How many of the study's trials are finished, running and waiting."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    states = [t.state for t in trials]
+    return StudyProgress(sum(counts(t, retried) for t in trials), states.count(TrialState.RUNNING),
+                         states.count(TrialState.WAITING))
+
+
+def worker_marks(cfg: TuneConfig) -> Path:
+    """Where the study's workers keep their marks (codelm.runtime.workers)."""
+    return study_dir(cfg) / "workers"
+
+
+def local_owner_alive(trial: FrozenTrial, cfg: TuneConfig | None = None) -> bool | None:
+    """Whether this trial's worker lives (``workers.worker_alive``; with ``cfg``, its mark beside
+    the study tells first); None: it cannot be told here."""
+    worker = str(trial.user_attrs.get(ATTR_WORKER, ""))
+    return workers.worker_alive(worker, None if cfg is None else worker_marks(cfg))
+
+
+class QueueAgain:
+    """Optuna's RetryHeartbeatStaleTrialCallback (a failed trial queued again with its
+    parameters), its ``max_retry`` counting the times the trial's worker died: an interrupted
+    trial is always continued, however often it was interrupted."""
+
+    def __init__(self, max_retry: int | None):
+        self.max_retry = max_retry
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        attempts = {t.number: t for t in study.get_trials(deepcopy=False)}
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        deaths = sum(attempts[n].user_attrs.get(ATTR_REASON) != INTERRUPTED
+                     for n in history if n in attempts)
+        if self.max_retry is None or deaths <= self.max_retry:
+            RetryHeartbeatStaleTrialCallback()(study, trial)
+
+
+def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                        cfg: TuneConfig) -> None:
+    """Queue again interrupted trials, and fail and queue again those whose worker died."""
+    retry = QueueAgain(cfg.max_retry)
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    for trial in trials:
+        if (trial.state == TrialState.FAIL and trial.number not in retried
+                and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED):
+            retry(study, trial)
+    if isinstance(storage, optuna.storages.RDBStorage):  # open_storage enables heartbeats,
+        optuna.storages.fail_stale_trials(study)  # the first sent as a trial is claimed
+        return
+    # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
+    for trial in trials:
+        if trial.state == TrialState.RUNNING and (
+                ATTR_WORKER not in trial.user_attrs or local_owner_alive(trial, cfg) is False):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, WORKER_DIED)
+                if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    retry(study, storage.get_trial(trial._trial_id))
+
+
+def queue_interrupted(study: optuna.Study, trial: optuna.Trial, cfg: TuneConfig) -> None:
+    """An interrupted trial queued again by its own worker as it stops, once: before it is told
+    FAIL, so that no sweep's ``recover_dead_trials`` (which queues what a worker killed before it
+    could left) queues it too."""
+    trials = study.get_trials(deepcopy=False)
+    stopped = next(t for t in trials if t.number == trial.number)
+    if (stopped.user_attrs.get(ATTR_REASON) == INTERRUPTED
+            and trial.number not in retried_numbers(trials)):
+        QueueAgain(cfg.max_retry)(study, stopped)
