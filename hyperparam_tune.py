@@ -25,7 +25,6 @@ import io
 import json
 import math
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -36,16 +35,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
-import sqlalchemy.exc
 import torch
 from filelock import FileLock
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize runs
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 import trainingmanager
-from codelm import search_space, trainconfig
+from codelm import search_space, studies, trainconfig
 from codelm.data.config import DataConfig
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
@@ -58,11 +55,10 @@ from codelm.training.record import NonFiniteLossError
 from codelm.tuneconfig import TuneConfig, build_parser, parse_config
 
 ROOT = Path(__file__).resolve().parent
-JOURNAL_FILE = "journal.log"
-# Trial attributes: what the reports need, so that any process can write them.
-ATTR_CONFIG, ATTR_REASON, ATTR_WORKER, ATTR_STEP = "train_config", "fail_reason", "worker", "step"
+# Trial attributes: what the reports need, so that any process can write them (the study's
+# bookkeeping reads codelm.studies' own).
+ATTR_CONFIG, ATTR_STEP = "train_config", "step"
 ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
-ATTR_STOPPED = "stopped_sweep"  # a trial whose error (a configuration error) stopped the sweep
 ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all trials share
 ATTR_METRIC = "value_metric"  # study attribute: the validation metric the trials' values are
 # A trial's value: its best validation bits per byte, which compares tokenizers too; where its
@@ -70,8 +66,6 @@ ATTR_METRIC = "value_metric"  # study attribute: the validation metric the trial
 METRIC_NAMES = {"val_bpb": "validation bits per byte", "val_loss": "validation loss"}
 # The version of the study's recorded settings (2: trials valued by val bits per byte).
 FORMAT_VERSION = 2
-INTERRUPTED = "interrupted (SIGINT/SIGTERM)"  # the reason of a trial that runs again
-WORKER_DIED = "worker process died"  # a trial failed for its dead worker (it does not count)
 STEP_REFUSED = "this machine refuses the step"  # a trial's reason where budget.StepRefused ended it
 # The sweep stops when its first trials this many are all refused by the machine: the search
 # space's values, or the time budget, are beyond it whatever the sampler picks next.
@@ -84,175 +78,6 @@ BUDGET_SIZED = ("time_budget_min", "max_steps", "epochs", "eval_every", "save_ev
                 "warmup_steps", "decay_steps")
 
 
-
-
-# ----------------------------------------------- storage, study, the trial count of all workers
-
-def study_dir(cfg: TuneConfig) -> Path:
-    return Path(cfg.out_dir) / cfg.study_name
-
-
-SQLITE_MAGIC = b"SQLite format 3\0"  # the first bytes of every SQLite database file
-
-
-def check_journal(path: Path) -> None:
-    """Refuse a file Optuna's journal would misread (it appends after a bad last line); called
-    under the journal's lock, so no other worker's append is half-written."""
-    data = path.read_bytes() if path.is_file() else b""  # none yet: Optuna creates it
-    if data.startswith(SQLITE_MAGIC):
-        raise ValueError(f"{path}: an SQLite database, not an Optuna journal file: use "
-                         f"--storage sqlite:///{path}")
-    *lines, last = data.split(b"\n")
-    if last.startswith(b"{"):  # an append cut off by a kill or a full disk
-        raise ValueError(f"{path}:{len(lines) + 1}: the last line has no newline at its end: add "
-                         "it if the record is whole, else remove that line (truncate -s "
-                         f"{len(data) - len(last)} {shlex.quote(str(path))}) to continue the study")
-    for number, line in enumerate([*lines, last] if last else lines, start=1):
-        with contextlib.suppress(ValueError):  # UnicodeDecodeError too
-            record = json.loads(line)
-            if isinstance(record, dict) and type(record.get("op_code")) is int:  # not JSON true
-                continue
-        raise ValueError(f"{path}:{number}: not an Optuna journal line; is this the study's "
-                         "journal file?")
-
-
-def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
-    """A journal file (local, several processes) or an RDB URL with heartbeats and retries."""
-    url = cfg.storage or str(study_dir(cfg) / JOURNAL_FILE)
-    if "://" not in url:
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        # An flock the kernel releases when its holder dies (Optuna's own journal lock, a file,
-        # outlives a killed holder).
-        lock = FileLock(url + ".flock")
-        with lock:
-            check_journal(Path(url))
-        backend = optuna.storages.journal.JournalFileBackend(url, lock_obj=lock)
-        return optuna.storages.journal.JournalStorage(backend)
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # workers take turns on one file
-    else:
-        engine_kwargs = {"pool_pre_ping": True}  # trials outlast idle database connections
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
-            grace_period=cfg.grace_period,
-            heartbeat_stale_trial_callback=QueueAgain(cfg.max_retry))
-    except ImportError as e:
-        missing = getattr(e.__cause__, "name", None) or e
-        raise ValueError(f"--storage {url}: its database driver is not installed ({missing}); "
-                         "for PostgreSQL: pip install 'psycopg[binary]'") from None
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise ValueError(f"--storage {url}: cannot use the database: {reason}") from None
-
-
-def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    if cfg.pruner == "median":
-        pruner = optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.prune_startup_trials, n_warmup_steps=cfg.prune_warmup_steps)
-    elif cfg.pruner == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(
-            min_resource=cfg.eval_every, max_resource=cfg.max_steps)
-    else:
-        pruner = optuna.pruners.NopPruner()
-    study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
-                                pruner=pruner, load_if_exists=True)
-    study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed)  # reseeded per trial
-    return study
-
-
-def _seed_for_next_trial(study: optuna.Study, seed: int | None) -> None:
-    """With --sampler-seed, the sampler's stream for the trial about to be asked: the seed
-    plus that trial's number, unique in the study (asked under the claim lock), so every worker
-    and every command joining the study draws its own, reproducibly."""
-    if seed is not None:  # (TPE keeps no state but its random stream: the trials are stored)
-        number = len(study.get_trials(deepcopy=False))
-        study.sampler = optuna.samplers.TPESampler(seed=(seed + number) % 2**32)
-
-
-def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-
-
-def counts(trial: FrozenTrial, retried: set[int]) -> bool:
-    """Whether a finished trial counts toward n_trials: not a FAIL that was queued again, was
-    interrupted, stopped the sweep, or whose worker died (no recorded reason, as a database
-    storage fails it, or WORKER_DIED, as the journal's recovery does)."""
-    if trial.state != TrialState.FAIL:
-        return trial.state.is_finished()
-    reason = trial.user_attrs.get(ATTR_REASON)
-    return (trial.number not in retried and bool(reason) and reason not in (INTERRUPTED,
-                                                                            WORKER_DIED)
-            and not trial.user_attrs.get(ATTR_STOPPED))
-
-
-class StudyProgress(typing.NamedTuple):
-    """A study's trials by where they are; ``finished`` counts those ``counts`` counts."""
-
-    finished: int
-    running: int
-    waiting: int
-
-
-def study_progress(study: optuna.Study) -> StudyProgress:
-    """How many of the study's trials are finished, running and waiting."""
-    trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
-    states = [t.state for t in trials]
-    return StudyProgress(sum(counts(t, retried) for t in trials), states.count(TrialState.RUNNING),
-                         states.count(TrialState.WAITING))
-
-
-def _marks(cfg: TuneConfig) -> Path:
-    """Where the study's workers keep their marks (codelm.runtime.workers)."""
-    return study_dir(cfg) / "workers"
-
-
-def _local_owner_alive(trial: FrozenTrial, cfg: TuneConfig | None = None) -> bool | None:
-    """Whether this trial's worker lives (``workers.worker_alive``; with ``cfg``, its mark beside
-    the study tells first); None: it cannot be told here."""
-    worker = str(trial.user_attrs.get(ATTR_WORKER, ""))
-    return workers.worker_alive(worker, None if cfg is None else _marks(cfg))
-
-
-class QueueAgain:
-    """Optuna's RetryHeartbeatStaleTrialCallback (a failed trial queued again with its
-    parameters), its ``max_retry`` counting the times the trial's worker died: an interrupted
-    trial is always continued, however often it was interrupted."""
-
-    def __init__(self, max_retry: int | None):
-        self.max_retry = max_retry
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        attempts = {t.number: t for t in study.get_trials(deepcopy=False)}
-        history = [*trial.system_attrs.get("retry_history", []), trial.number]
-        deaths = sum(attempts[n].user_attrs.get(ATTR_REASON) != INTERRUPTED
-                     for n in history if n in attempts)
-        if self.max_retry is None or deaths <= self.max_retry:
-            RetryHeartbeatStaleTrialCallback()(study, trial)
-
-
-def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
-                        cfg: TuneConfig) -> None:
-    """Queue again interrupted trials, and fail and queue again those whose worker died."""
-    retry = QueueAgain(cfg.max_retry)
-    trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
-    for trial in trials:
-        if (trial.state == TrialState.FAIL and trial.number not in retried
-                and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED):
-            retry(study, trial)
-    if isinstance(storage, optuna.storages.RDBStorage):  # open_storage enables heartbeats,
-        optuna.storages.fail_stale_trials(study)  # the first sent as a trial is claimed
-        return
-    # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
-    for trial in trials:
-        if trial.state == TrialState.RUNNING and (
-                ATTR_WORKER not in trial.user_attrs or _local_owner_alive(trial, cfg) is False):
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, WORKER_DIED)
-                if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                    retry(study, storage.get_trial(trial._trial_id))
 
 
 # ------------------------------------------------------------------------------------ one trial
@@ -274,7 +99,7 @@ def _trial_run(cfg: TuneConfig, number: int, resume: Path | None = None) -> dict
     """A trial's own run directory (absolute; ``resume``: the interrupted trial's, continued),
     no bars, no export, one checkpoint kept: at the end of a trial of steps (a time budget
     sizes its trial's checkpoints: budget.fit_budget)."""
-    run = resume or (study_dir(cfg) / "trials" / f"trial-{number:04d}").absolute()
+    run = resume or (studies.study_dir(cfg) / "trials" / f"trial-{number:04d}").absolute()
     return {"name": run.name, "out_dir": str(run.parent), "resume": resume and str(resume),
             "progress": False, "export": False, "save_every": cfg.max_steps, "keep_last": 1}
 
@@ -352,7 +177,7 @@ def recorded_precision(run: Path) -> str | None:
 def _mark_interrupted(trial: optuna.Trial) -> None:
     """Record the interrupt; a trial another worker already declared dead is left as it is."""
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-        trial.set_user_attr(ATTR_REASON, INTERRUPTED)
+        trial.set_user_attr(studies.ATTR_REASON, studies.INTERRUPTED)
 
 
 def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
@@ -450,8 +275,8 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
             trial.set_user_attr(ATTR_STEP, e.step)
     except Exception as e:
         if not _is_out_of_memory(e):  # not the parameters' fault: the sweep stops
-            trial.set_user_attr(ATTR_STOPPED, True)
-            trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
+            trial.set_user_attr(studies.ATTR_STOPPED, True)
+            trial.set_user_attr(studies.ATTR_REASON, f"stopped the sweep: {type(e).__name__}: {e}")
             if isinstance(e, (ValueError, OSError)):  # the configuration or a path
                 raise ValueError(f"trial {trial.number} {trial.params}: {e} (not counted; in a "
                                  "sweep a trainingmanager flag named here is a key of "
@@ -473,7 +298,7 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         if math.isfinite(best):
             return TrialState.COMPLETE, best
         reason = f"no finite validation loss (best_val_loss={result.best_val_loss})"
-    trial.set_user_attr(ATTR_REASON, reason)
+    trial.set_user_attr(studies.ATTR_REASON, reason)
     tqdm.write(f"trial {trial.number} failed with parameters {trial.params}: {reason}",
                file=sys.stderr)
     return TrialState.FAIL, None
@@ -485,12 +310,12 @@ def _stop_if_every_step_refused(trial: optuna.Trial, reason: str) -> None:
     earlier = trial.study.get_trials(deepcopy=False)
     if any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in earlier):
         return
-    refused = [t for t in earlier if str(t.user_attrs.get(ATTR_REASON, "")).startswith(
+    refused = [t for t in earlier if str(t.user_attrs.get(studies.ATTR_REASON, "")).startswith(
         STEP_REFUSED)]
     if len(refused) + 1 < REFUSED_BEFORE_STOP:  # (this trial's reason is not recorded yet)
         return
-    trial.set_user_attr(ATTR_STOPPED, True)
-    trial.set_user_attr(ATTR_REASON, f"stopped the sweep: {reason}")
+    trial.set_user_attr(studies.ATTR_STOPPED, True)
+    trial.set_user_attr(studies.ATTR_REASON, f"stopped the sweep: {reason}")
     raise ValueError(f"the first {REFUSED_BEFORE_STOP} trials were all refused by this machine "
                      f"(the last: {reason}): narrow the search space's block_size, batch_size "
                      "or model size, or raise --time-budget-min")
@@ -501,22 +326,22 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
     """Start trials until the study holds ``n_trials`` finished ones; wait while the last ones
     run elsewhere (a dead worker's trial may come back to the queue)."""
     # 'count the trials, then start one' is serialised among this machine's workers
-    lock = FileLock(study_dir(cfg) / "claim.lock")
+    lock = FileLock(studies.study_dir(cfg) / "claim.lock")
     heartbeats = isinstance(storage, optuna.storages.RDBStorage)
     while True:
         with lock:
-            recover_dead_trials(study, storage, cfg)
-            finished, running, waiting = study_progress(study)
+            studies.recover_dead_trials(study, storage, cfg)
+            finished, running, waiting = studies.study_progress(study)
             if progress is not None:
                 progress.update(finished - progress.n)
             if finished >= cfg.n_trials:
                 return
             trial = None
             if finished + running < cfg.n_trials or waiting:
-                _seed_for_next_trial(study, cfg.sampler_seed)
+                studies.seed_for_next_trial(study, cfg.sampler_seed)
                 trial = study.ask(space.distributions())  # a queued retry first
                 _claim(trial, storage if heartbeats else None)
-            elif not (heartbeats or any(_local_owner_alive(t, cfg) for t in study.get_trials(
+            elif not (heartbeats or any(studies.local_owner_alive(t, cfg) for t in study.get_trials(
                     deepcopy=False, states=(TrialState.RUNNING,)))):
                 return  # the last trials run on machines whose death nobody would notice
         if trial is None:
@@ -529,7 +354,7 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 state, value = None, None
             except BaseException:  # a stop: the sweep ends
                 with lock:  # queued before the FAIL that another sweep's recovery would queue
-                    _queue_interrupted(study, trial, cfg)
+                    studies.queue_interrupted(study, trial, cfg)
                     _tell(trial, TrialState.FAIL)
                 raise
         if state is None or not _tell(trial, state, value):
@@ -545,25 +370,14 @@ def _claim(trial: optuna.Trial, heartbeats: optuna.storages.RDBStorage | None) -
     try:
         if heartbeats is not None:
             heartbeats.record_heartbeat(trial._trial_id)
-        trial.set_user_attr(ATTR_WORKER, workers.worker_id())
-        for key in (ATTR_REASON, ATTR_STOPPED):
+        trial.set_user_attr(studies.ATTR_WORKER, workers.worker_id())
+        for key in (studies.ATTR_REASON, studies.ATTR_STOPPED):
             if trial.user_attrs.get(key) is not None:
                 trial.set_user_attr(key, None)
     except BaseException:
         _mark_interrupted(trial)
         _tell(trial, TrialState.FAIL)
         raise
-
-
-def _queue_interrupted(study: optuna.Study, trial: optuna.Trial, cfg: TuneConfig) -> None:
-    """An interrupted trial queued again by its own worker as it stops, once: before it is told
-    FAIL, so that no sweep's ``recover_dead_trials`` (which queues what a worker killed before
-    it could left) queues it too."""
-    trials = study.get_trials(deepcopy=False)
-    stopped = next(t for t in trials if t.number == trial.number)
-    if (stopped.user_attrs.get(ATTR_REASON) == INTERRUPTED
-            and trial.number not in _retried_numbers(trials)):
-        QueueAgain(cfg.max_retry)(study, stopped)
 
 
 def _tell(trial: optuna.Trial, state: TrialState, value: float | None = None) -> bool:
@@ -702,13 +516,13 @@ def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.St
     to run again (queued, or interrupted) runs with the parameters it was drawn with, so the
     space must still have each of them."""
     trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
+    retried = studies.retried_numbers(trials)
     for trial in trials:
         queued_retry = (trial.state == TrialState.WAITING
                         and "failed_trial" in trial.system_attrs)  # not a user's enqueue_trial
         again = queued_retry or (
             trial.state == TrialState.FAIL and trial.number not in retried
-            and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED)
+            and trial.user_attrs.get(studies.ATTR_REASON) == studies.INTERRUPTED)
         if again and set(trial.params) != set(space.params):
             raise ValueError(
                 f"{space.source}: study {cfg.study_name!r} runs trial {trial.number} again with "
@@ -732,10 +546,10 @@ def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
         return "queued" if retried is None else f"queued to continue trial {retried}"
     if trial.state == TrialState.PRUNED:
         return f"pruned at step {trial.last_step}"
-    reason = trial.user_attrs.get(ATTR_REASON)
+    reason = trial.user_attrs.get(studies.ATTR_REASON)
     if trial.number in retried_by:  # no reason recorded: its worker stopped sending heartbeats
         return f"{reason or 'worker died'}; queued again as trial {retried_by[trial.number]}"
-    if trial.state == TrialState.FAIL and not counts(trial, set()):
+    if trial.state == TrialState.FAIL and not studies.counts(trial, set()):
         return f"{reason or 'no reason recorded'}; not counted toward n_trials"
     continued = trial.system_attrs.get("failed_trial")
     if continued is not None and not reason:
@@ -746,7 +560,7 @@ def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
 def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> dict | None:
     """best.json (a trainingmanager config), trials.csv, importances.json, and with ``show``
     their summary; returns the best config."""
-    out = study_dir(cfg)
+    out = studies.study_dir(cfg)
     trials = study.get_trials(deepcopy=False)
     retried_by = {t.system_attrs["retry_history"][-1]: t.number
                   for t in trials if t.system_attrs.get("retry_history")}
@@ -794,7 +608,7 @@ def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> di
     print(f"best config: {out / 'best.json'}  (python trainingmanager.py --config "
           f"{out / 'best.json'}; it trains the trial's length: add --max-steps none "
           "--time-budget-min M for M minutes)")
-    print(f"dashboard: optuna-dashboard {cfg.storage or out / JOURNAL_FILE}  (pip install "
+    print(f"dashboard: optuna-dashboard {cfg.storage or out / studies.JOURNAL_FILE}  (pip install "
           "optuna-dashboard)")
     return best
 
@@ -817,7 +631,7 @@ SWEEP_PID = "CODELM_SWEEP_PID"  # a worker's environment: its main process, whic
 def write_worker_config(cfg: TuneConfig) -> Path:
     """The study's tune_config.json, which each worker reads (``--config``): ``cfg`` without
     progress bars, and under a time budget without a step count beside it."""
-    config_file = study_dir(cfg) / "tune_config.json"
+    config_file = studies.study_dir(cfg) / "tune_config.json"
     values = {**dataclasses.asdict(cfg), "progress": False}
     if cfg.time_budget_min is not None:
         del values["max_steps"]
@@ -841,7 +655,7 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
                 stopped = [p for p in procs if p.returncode is None]
                 for p in stopped:
                     p.send_signal(signal.SIGTERM)
-            bar.update(min(study_progress(study).finished, cfg.n_trials) - bar.n)
+            bar.update(min(studies.study_progress(study).finished, cfg.n_trials) - bar.n)
             time.sleep(1)
     except KeyboardInterrupt as e:
         stop = process.stop_signal(e)
@@ -870,9 +684,9 @@ def tune(cfg: TuneConfig) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study")
     space, base = check_before_trials(cfg)
-    study_dir(cfg).mkdir(parents=True, exist_ok=True)
-    storage = open_storage(cfg)
-    study = open_study(cfg, storage)
+    studies.study_dir(cfg).mkdir(parents=True, exist_ok=True)
+    storage = studies.open_storage(cfg)
+    study = studies.open_study(cfg, storage)
     check_space_fits_study(cfg, space, study)
     check_study_settings(cfg, space, base, study)
     if not cfg.worker:  # said once, by the sweep
@@ -881,10 +695,10 @@ def tune(cfg: TuneConfig) -> int:
     if cfg.worker:  # one of --workers N processes: share this machine's cores among them
         process.exit_with_parent(int(os.environ.get(SWEEP_PID, os.getppid())))
         torch.set_num_threads(max(1, process.usable_cores() // cfg.workers))
-        with workers.worker_mark(_marks(cfg)):
+        with workers.worker_mark(studies.worker_marks(cfg)):
             run_worker(cfg, study, storage, space, base)
         return 0  # the parent judges the study (and writes best.json)
-    done = study_progress(study).finished
+    done = studies.study_progress(study).finished
     if done >= cfg.n_trials:
         print(f"study {cfg.study_name}: {done} of {cfg.n_trials} trials finished already, so "
               "none runs now (a larger --n-trials runs more); its reports:")
@@ -893,15 +707,15 @@ def tune(cfg: TuneConfig) -> int:
     worker_status = 0
     try:
         if cfg.workers == 1:
-            with workers.worker_mark(_marks(cfg)):
+            with workers.worker_mark(studies.worker_marks(cfg)):
                 run_worker(cfg, study, storage, space, base, progress=bar)
         else:
             worker_status = _run_workers(cfg, study, bar)
     except BaseException:  # interrupted or stopped: what the finished trials found is kept
-        if study_progress(study).finished:
+        if studies.study_progress(study).finished:
             write_reports(study, cfg, show=False)
         raise
-    finished = study_progress(study).finished
+    finished = studies.study_progress(study).finished
     bar.update(min(finished, cfg.n_trials) - bar.n)
     bar.close()
     if finished < cfg.n_trials:

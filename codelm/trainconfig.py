@@ -1,7 +1,8 @@
 """``TrainConfig``: every setting of a run, read from flags, a ``--config`` file or a resumed
-run's config.json (``read_config``), the checks of its values (``validate_config``), and
-preset auto's ladder of models (``BUDGET_LADDER``). It builds nothing: codelm.training.plan
-checks the settings against the files they name, codelm.training.build builds."""
+run's config.json (``read_config``), the checks of its values together and of the run
+directory it resumes (``check_config``), and preset auto's ladder of models
+(``BUDGET_LADDER``). It builds nothing: codelm.training.plan checks the settings against the
+model and data files they name, codelm.training.build builds."""
 
 from __future__ import annotations
 
@@ -232,7 +233,7 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     """A TrainConfig from a dict, nested options included; errors name the source and key."""
     cfg = settings.config_from_dict(TrainConfig, values, source, _CHOICES, HF_FLAGS)
     check_options(values, source)
-    if cfg.max_steps is not None and cfg.epochs is not None:  # flags: validate_config's check
+    if cfg.max_steps is not None and cfg.epochs is not None:  # flags: check_config's check
         raise ValueError(f"{source}: max_steps and epochs both set the run's length: set one "
                          "of them to null")
     return cfg
@@ -293,7 +294,7 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     resume = resume_dir(resume_given, out_dir)
     if resume != resume_given:
         resume_from["resume"] = resume
-    if resume and Path(resume).is_dir():  # else validate_config says so
+    if resume and Path(resume).is_dir():  # else check_config says so
         check_resume_location(resume, args, given, config)
         run, saved = Path(resume), Path(resume) / rundir.CONFIG_FILE
         if not saved.is_file():
@@ -385,10 +386,11 @@ def check_values(cfg: TrainConfig, where_set: Callable[[str], str] = settings.fl
                 raise ValueError(f"{setting(cfg, key, where_set)}: {why}")
 
 
-def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of
-                    ) -> None:
+def check_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of
+                 ) -> None:
     """Reject impossible settings, naming each key, its value and where it was set (an
-    init_adapter's settings already read: plan.validate_config)."""
+    init_adapter's settings already read: plan.validate_config), and a --resume that names no
+    run directory or a step past max_steps."""
 
     def named(key: str) -> str:
         return setting(cfg, key, where_set)
@@ -610,14 +612,20 @@ def has_final_eval(cfg: TrainConfig) -> bool:
     return cfg.final_eval and cfg.export and cfg.task == "lm" and cfg.lora_r == 0
 
 
+# The longest training sequence a pretrained model's run takes where block_size is unset.
+MAX_DEFAULT_CONTEXT = 1024
+# The keys of an HF config.json that hold the model's context, in the order families use them.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
 def default_block_size(cfg: TrainConfig | DataSettings) -> int:
-    """The preset's context from scratch; with init_from its context, at most 1024."""
+    """The preset's context from scratch; with init_from its context, at most
+    MAX_DEFAULT_CONTEXT."""
     if cfg.init_from is None:
-        return PRESETS[cfg.preset].block_size  # validate_config checked the preset
+        return PRESETS[cfg.preset].block_size  # plan.validate_config checked the preset
     config = settings.read_json_object(Path(cfg.init_from) / rundir.HF_CONFIG, "model config")
-    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
-                    if k in config), 1024)
-    return min(int(context), 1024)
+    context = next((config[k] for k in CONTEXT_KEYS if k in config), MAX_DEFAULT_CONTEXT)
+    return min(int(context), MAX_DEFAULT_CONTEXT)
 
 
 def data_config(cfg: TrainConfig | DataSettings, block_size: int | None = None) -> DataConfig:

@@ -4080,6 +4080,23 @@ def test_eval_generates_with_beam_search_as_transformers_does(tiny_models, tmp_p
         config_from_dict({"num_beams": 3, "temperature": 0.7})
 
 
+def _qlora_run(run: Path, cfg: trainconfig.TrainConfig, trained, m: dict) -> Path:
+    """A QLoRA run directory of ``cfg`` whose best/ holds ``trained``'s adapters (step 1)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    (run / rundir.BEST_DIR).mkdir(parents=True)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
+    shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
+    save_file(checkpoint_module.model_tensors(trained, True),
+              run / rundir.BEST_DIR / rundir.ADAPTER_FILE)
+    process.write_manifest(run / rundir.BEST_DIR)
+    (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1}))
+    return run
+
+
 @pytest.mark.parametrize("bits", [4, 8], ids=["nf4", "int8"])
 def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models, tmp_path,
                                                                      bits):
@@ -4088,25 +4105,15 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
     (load_adapter) hold them: cast with the rest, eval would score a base other than the one
     trained (each block's weights moved by up to 2**-9 of their size). Only the base's
     dequantized weights come in bf16."""
-    import json
-    import shutil
 
     import torch
-    from safetensors.torch import save_file
 
 
     m = tiny_models
     cfg = trainconfig.TrainConfig(init_from=str(m["base"]), lora_r=4, quantize_bits=bits)
     torch.manual_seed(0)
     trained = loading.build_model(model_settings(cfg), m["tok"])
-    run = tmp_path / "qlora"
-    (run / rundir.BEST_DIR).mkdir(parents=True)
-    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
-    shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
-    save_file(checkpoint_module.model_tensors(trained, True),
-              run / rundir.BEST_DIR / rundir.ADAPTER_FILE)
-    process.write_manifest(run / rundir.BEST_DIR)
-    (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1}))
+    run = _qlora_run(tmp_path / "qlora", cfg, trained, m)
     loaded = loading.load_model(str(run), "cpu", dtype="bf16").model
     want = {n: q.dequantize(torch.float32).to(torch.bfloat16)
             for n, q in trained.named_modules() if isinstance(q, quantize.QuantLinear)}
@@ -4124,11 +4131,9 @@ def test_a_qlora_run_is_scored_on_the_quantized_base_it_trained_on(tiny_models, 
     """A QLoRA run given by its directory is scored as it trained, its best/ adapter on the NF4
     base (the same model as its best/ given alone), not its export/'s adapter on the
     full-precision base (BASE+ADAPTER), with a note naming both."""
-    import json
     import shutil
 
     import torch
-    from safetensors.torch import save_file
 
     import lora
 
@@ -4140,14 +4145,7 @@ def test_a_qlora_run_is_scored_on_the_quantized_base_it_trained_on(tiny_models, 
         for name, p in trained.named_parameters():
             if "lora_B" in name:  # (B starts at zero: the adapter would change nothing)
                 p.normal_()
-    run = tmp_path / "qlora"
-    (run / rundir.BEST_DIR).mkdir(parents=True)
-    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg)))
-    shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
-    save_file(checkpoint_module.model_tensors(trained, True),
-              run / rundir.BEST_DIR / rundir.ADAPTER_FILE)
-    process.write_manifest(run / rundir.BEST_DIR)
-    (run / rundir.BEST_DIR / rundir.BEST_METRICS).write_text(json.dumps({"step": 1}))
+    run = _qlora_run(tmp_path / "qlora", cfg, trained, m)
     lora.save_adapter(trained, run / rundir.EXPORT_DIR, base_model_name_or_path=m["base"])
     shutil.copy(m["base"] / "tokenizer.json", run / rundir.EXPORT_DIR / "tokenizer.json")
     ids = torch.tensor([[1, 5, 7, 9, 11]])

@@ -31,7 +31,7 @@ from tiny_hf import save_tiny_hf
 
 import hyperparam_tune
 import trainingmanager
-from codelm import search_space, trainconfig, tuneconfig
+from codelm import search_space, studies, trainconfig, tuneconfig
 from codelm.data.config import DataError
 from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.runs import rundir
@@ -95,7 +95,7 @@ def load_study(storage, name: str) -> optuna.Study:
 
 def journal(tmp_path: Path, name: str) -> optuna.storages.BaseStorage:
     """The sweep's default storage, opened the way optuna-dashboard opens a journal file."""
-    path = tmp_path / "runs" / name / hyperparam_tune.JOURNAL_FILE
+    path = tmp_path / "runs" / name / studies.JOURNAL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
 
@@ -122,7 +122,7 @@ def test_two_local_workers_share_one_journal(tmp_path, corpus, capfd):
     trials = load_study(journal(tmp_path, "two"), "two").get_trials()
     assert_distinct_trials(trials, 6)
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    workers = {t.user_attrs[hyperparam_tune.ATTR_WORKER] for t in trials}
+    workers = {t.user_attrs[studies.ATTR_WORKER] for t in trials}
     assert len(workers) == 2, f"one worker ran every trial: {workers}"
 
     out = tmp_path / "runs" / "two"
@@ -164,7 +164,7 @@ def _running_trial(storage, name: str, timeout: float = 120.0):
         except KeyError:  # the study is not created yet
             trials = []
         for t in trials:
-            if t.user_attrs.get(hyperparam_tune.ATTR_WORKER) and t.intermediate_values:
+            if t.user_attrs.get(studies.ATTR_WORKER) and t.intermediate_values:
                 return t
         time.sleep(0.1)
     raise AssertionError("no trial started running")
@@ -178,7 +178,7 @@ def test_a_trial_whose_worker_died_before_naming_itself_is_queued_again(tmp_path
     study = optuna.create_study(study_name="orphan", storage=storage)
     orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     cfg = hyperparam_tune.TuneConfig()
-    hyperparam_tune.recover_dead_trials(study, storage, cfg)
+    studies.recover_dead_trials(study, storage, cfg)
     trials = study.get_trials()
     assert trials[orphan.number].state == TrialState.FAIL
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
@@ -203,7 +203,7 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path, corpus, storage_kind
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         victim = _running_trial(storage, "kill")
-        os.kill(int(victim.user_attrs[hyperparam_tune.ATTR_WORKER].split(":")[1]),
+        os.kill(int(victim.user_attrs[studies.ATTR_WORKER].split(":")[1]),
                 signal.SIGKILL)
         output, _ = parent.communicate(timeout=300)
     finally:
@@ -379,7 +379,7 @@ def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corp
     assert err.startswith(told) and err.count("trial 1: waiting") == 1, err
     assert len(calls) == 1  # no trainer started on the held run
     trials = load_study(journal(tmp_path, "held"), "held").get_trials()
-    assert trials[1].user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
+    assert trials[1].user_attrs[studies.ATTR_REASON] == studies.INTERRUPTED
     assert trials[1].user_attrs[hyperparam_tune.ATTR_RUN] == str(run)  # left to its retry
 
     looks = []
@@ -424,7 +424,7 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
     assert hyperparam_tune.main(argv) == 0
     first, *rest = load_study(storage, "int").get_trials()
     assert first.state == TrialState.FAIL
-    assert first.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
+    assert first.user_attrs[studies.ATTR_REASON] == studies.INTERRUPTED
     assert rest[0].system_attrs["failed_trial"] == 0 and rest[0].params == first.params
     assert len(rest) == 2 and all(t.state == TrialState.COMPLETE for t in rest)
     # The re-run continued the interrupted run from the checkpoint the stop wrote.
@@ -460,7 +460,7 @@ def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
         return len(running) == 2
 
     def workers() -> list[int]:
-        return [int(t.user_attrs[hyperparam_tune.ATTR_WORKER].split(":")[1])
+        return [int(t.user_attrs[studies.ATTR_WORKER].split(":")[1])
                 for t in running]
 
     with open(tmp_path / "output", "w") as log:
@@ -475,7 +475,7 @@ def test_a_stopped_or_killed_sweep_stops_its_workers(tmp_path, corpus, sig):
             os.kill(pid, 0)
     trials = load_study(storage, "term").get_trials(states=(TrialState.FAIL,))
     assert len(trials) == 2  # each queued again to continue (WAITING)
-    assert all(t.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
+    assert all(t.user_attrs[studies.ATTR_REASON] == studies.INTERRUPTED
                for t in trials)
 
 
@@ -503,7 +503,7 @@ def test_a_trial_stopped_by_two_sigterms_still_writes_its_checkpoint(tmp_path, c
     assert hyperparam_tune.main(argv) == 128 + sig
     (trial,) = load_study(journal(tmp_path, "twice"), "twice").get_trials(
         states=(TrialState.FAIL,))
-    assert trial.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
+    assert trial.user_attrs[studies.ATTR_REASON] == studies.INTERRUPTED
     run = Path(trial.user_attrs[hyperparam_tune.ATTR_RUN])
     checkpoints = rundir.list_checkpoints(run)
     assert [rundir.checkpoint_step(c) for c in checkpoints] == [1]
@@ -527,7 +527,7 @@ def test_interrupted_sweep_keeps_the_reports_of_finished_trials(tmp_path, corpus
     out = tmp_path / "runs" / "keep"
     assert json.loads((out / "best.json").read_text())["name"] == "keep-best"
     rows = (out / "trials.csv").read_text().splitlines()
-    assert len(rows) == 4 and rows[2].startswith("1,FAIL") and hyperparam_tune.INTERRUPTED in rows[2]
+    assert len(rows) == 4 and rows[2].startswith("1,FAIL") and studies.INTERRUPTED in rows[2]
     assert rows[3].startswith("2,WAITING") and rows[3].endswith("queued to continue trial 1")
     assert "continues this trial's run from its checkpoint" in hints[1]
 
@@ -543,7 +543,7 @@ def test_a_sweep_that_ends_short_of_n_trials_exits_1_even_with_a_best(tmp_path, 
     assert hyperparam_tune.main(argv) == 0
     study = load_study(journal(tmp_path, "short"), "short")
     elsewhere = study.ask()
-    study._storage.set_trial_user_attr(elsewhere._trial_id, hyperparam_tune.ATTR_WORKER,
+    study._storage.set_trial_user_attr(elsewhere._trial_id, studies.ATTR_WORKER,
                                        f"{socket.gethostname()}-elsewhere:1")
     capsys.readouterr()
     assert hyperparam_tune.main([*argv, "--n-trials", "2"]) == 1
@@ -656,7 +656,7 @@ def test_two_workers_on_postgresql(tmp_path, corpus):
     trials = load_study(POSTGRES_URL, name).get_trials()
     assert_distinct_trials(trials, 4)
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert len({t.user_attrs[hyperparam_tune.ATTR_WORKER] for t in trials}) == 2
+    assert len({t.user_attrs[studies.ATTR_WORKER] for t in trials}) == 2
 
 
 def test_hopeless_trial_is_pruned_early(tmp_path, corpus):
@@ -749,7 +749,7 @@ def test_nan_trial_is_failed_with_reason_and_the_study_goes_on(tmp_path, corpus)
 
     nan, ok = load_study(storage, "nan").get_trials()
     assert nan.state == TrialState.FAIL
-    reason = nan.user_attrs[hyperparam_tune.ATTR_REASON]
+    reason = nan.user_attrs[studies.ATTR_REASON]
     assert reason.startswith("non-finite loss") and " at step 2: " in reason
     assert "Likely causes: injected on purpose" in reason and "lower lr" in reason
     # A NaN trial is counted and never continued: no resume advice, no trainingmanager flags.
@@ -773,7 +773,7 @@ def test_out_of_memory_trial_is_failed_with_reason(tmp_path, corpus, monkeypatch
     assert not (tmp_path / "runs" / "oom" / "best.json").exists()
     trials = load_study(journal(tmp_path, "oom"), "oom").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
-    assert all(t.user_attrs[hyperparam_tune.ATTR_REASON].startswith("out of memory")
+    assert all(t.user_attrs[studies.ATTR_REASON].startswith("out of memory")
                for t in trials)
 
 
@@ -1023,7 +1023,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
                                           ("none", optuna.pruners.NopPruner)])
 def test_pruner_flag(tmp_path, pruner, kind):
     cfg = hyperparam_tune.parse_config(["--pruner", pruner, "--out-dir", str(tmp_path)])
-    study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
+    study = studies.open_study(cfg, studies.open_storage(cfg))
     assert isinstance(study.pruner, kind)
 
 
@@ -1078,7 +1078,7 @@ def test_hyperband_brackets_span_one_evaluation_to_the_whole_budget(tmp_path):
     those steps, not Optuna's defaults."""
     cfg = hyperparam_tune.parse_config(["--pruner", "hyperband", "--out-dir", str(tmp_path),
                                         "--max-steps", "40", "--eval-every", "5"])
-    pruner = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg)).pruner
+    pruner = studies.open_study(cfg, studies.open_storage(cfg)).pruner
     assert (pruner._min_resource, pruner._max_resource) == (5, 40)
 
 
@@ -1102,10 +1102,10 @@ def test_each_trial_draws_its_own_reproducible_stream(tmp_path):
     def lrs(name: str, trials: int) -> list[float]:
         cfg = tuneconfig.config_from_dict({"out_dir": str(tmp_path), "study_name": name,
                                                 "sampler_seed": 7})
-        study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
+        study = studies.open_study(cfg, studies.open_storage(cfg))
         drawn = []
         for _ in range(trials):
-            hyperparam_tune._seed_for_next_trial(study, cfg.sampler_seed)
+            studies.seed_for_next_trial(study, cfg.sampler_seed)
             drawn.append(study.ask({"lr": lr}).params["lr"])
         return drawn
 
@@ -1120,7 +1120,7 @@ def test_a_live_worker_of_another_user_is_alive(monkeypatch):
 
     def owned_by(worker: str):
         return optuna.trial.create_trial(state=TrialState.RUNNING,
-                                         user_attrs={hyperparam_tune.ATTR_WORKER: worker})
+                                         user_attrs={studies.ATTR_WORKER: worker})
 
     def kill(error):
         def refuse(pid, sig):
@@ -1128,10 +1128,10 @@ def test_a_live_worker_of_another_user_is_alive(monkeypatch):
         return refuse
 
     monkeypatch.setattr(hyperparam_tune.os, "kill", kill(PermissionError()))
-    assert hyperparam_tune._local_owner_alive(owned_by(f"{here}:4242")) is True
+    assert studies.local_owner_alive(owned_by(f"{here}:4242")) is True
     monkeypatch.setattr(hyperparam_tune.os, "kill", kill(ProcessLookupError()))
-    assert hyperparam_tune._local_owner_alive(owned_by(f"{here}:4242")) is False
-    assert hyperparam_tune._local_owner_alive(owned_by(f"{here}-elsewhere:4242")) is None
+    assert studies.local_owner_alive(owned_by(f"{here}:4242")) is False
+    assert studies.local_owner_alive(owned_by(f"{here}-elsewhere:4242")) is None
 
 
 def test_a_worker_whose_pid_another_process_took_is_dead(monkeypatch):
@@ -1143,18 +1143,18 @@ def test_a_worker_whose_pid_another_process_took_is_dead(monkeypatch):
 
     def owned_by(worker: str):
         return optuna.trial.create_trial(state=TrialState.RUNNING,
-                                         user_attrs={hyperparam_tune.ATTR_WORKER: worker})
+                                         user_attrs={studies.ATTR_WORKER: worker})
 
-    assert hyperparam_tune._local_owner_alive(owned_by(me)) is True
+    assert studies.local_owner_alive(owned_by(me)) is True
     reused = f"{host}:{pid}:{int(started) + 1}:{namespace}"
-    assert hyperparam_tune._local_owner_alive(owned_by(reused)) is False
-    assert hyperparam_tune._local_owner_alive(owned_by(f"{host}:{pid}")) is True  # no start
+    assert studies.local_owner_alive(owned_by(reused)) is False
+    assert studies.local_owner_alive(owned_by(f"{host}:{pid}")) is True  # no start
     # another container of this host name: its pids are not this one's to judge
     elsewhere = f"{host}:{pid}:{int(started) + 1}:{namespace}0"
-    assert hyperparam_tune._local_owner_alive(owned_by(elsewhere)) is None
+    assert studies.local_owner_alive(owned_by(elsewhere)) is None
     # /proc mounted with hidepid: another user's start cannot be read, and it may live
     monkeypatch.setattr(workers, "process_start", lambda pid: "")
-    assert hyperparam_tune._local_owner_alive(owned_by(reused)) is True
+    assert studies.local_owner_alive(owned_by(reused)) is True
 
 
 def test_a_database_trial_is_judged_by_its_heartbeat_sent_as_it_is_claimed(tmp_path,
@@ -1165,7 +1165,7 @@ def test_a_database_trial_is_judged_by_its_heartbeat_sent_as_it_is_claimed(tmp_p
     another machine still carries its predecessor's) is left running."""
     cfg = hyperparam_tune.TuneConfig(storage=f"sqlite:///{tmp_path / 'study.db'}",
                                      out_dir=str(tmp_path), study_name="beat")
-    storage = hyperparam_tune.open_storage(cfg)
+    storage = studies.open_storage(cfg)
     study = optuna.create_study(study_name="beat", storage=storage)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     order = []
@@ -1176,10 +1176,10 @@ def test_a_database_trial_is_judged_by_its_heartbeat_sent_as_it_is_claimed(tmp_p
     monkeypatch.setattr(trial, "set_user_attr",
                         lambda key, value: order.append(key) or named(key, value))
     hyperparam_tune._claim(trial, storage)
-    assert order[:2] == ["heartbeat", hyperparam_tune.ATTR_WORKER]
+    assert order[:2] == ["heartbeat", studies.ATTR_WORKER]
     host, pid, started, namespace = workers.worker_id().split(":")
-    named(hyperparam_tune.ATTR_WORKER, f"{host}:{pid}:{int(started) + 1}:{namespace}")
-    hyperparam_tune.recover_dead_trials(study, storage, cfg)
+    named(studies.ATTR_WORKER, f"{host}:{pid}:{int(started) + 1}:{namespace}")
+    studies.recover_dead_trials(study, storage, cfg)
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING]
 
 
@@ -1194,16 +1194,16 @@ def test_a_workers_mark_beside_the_study_tells_whether_it_lives_in_any_container
 
     def owned_by(worker: str):
         return optuna.trial.create_trial(state=TrialState.RUNNING,
-                                         user_attrs={hyperparam_tune.ATTR_WORKER: worker})
+                                         user_attrs={studies.ATTR_WORKER: worker})
 
-    with workers.worker_mark(hyperparam_tune._marks(cfg)):
-        assert hyperparam_tune._local_owner_alive(owned_by(me), cfg) is True
-    assert not workers.mark_path(hyperparam_tune._marks(cfg), me).exists()
-    assert hyperparam_tune._local_owner_alive(owned_by(me), cfg) is True  # the pid's answer
+    with workers.worker_mark(studies.worker_marks(cfg)):
+        assert studies.local_owner_alive(owned_by(me), cfg) is True
+    assert not workers.mark_path(studies.worker_marks(cfg), me).exists()
+    assert studies.local_owner_alive(owned_by(me), cfg) is True  # the pid's answer
     restarted = f"{host}:1:{started}:{namespace}0"  # a container's entry process, now gone
-    assert hyperparam_tune._local_owner_alive(owned_by(restarted), cfg) is None
-    workers.mark_path(hyperparam_tune._marks(cfg), restarted).write_text("")  # left behind by its death
-    assert hyperparam_tune._local_owner_alive(owned_by(restarted), cfg) is False
+    assert studies.local_owner_alive(owned_by(restarted), cfg) is None
+    workers.mark_path(studies.worker_marks(cfg), restarted).write_text("")  # left behind by its death
+    assert studies.local_owner_alive(owned_by(restarted), cfg) is False
 
 
 def test_an_interrupted_trial_already_queued_is_not_queued_twice(tmp_path):
@@ -1212,9 +1212,9 @@ def test_an_interrupted_trial_already_queued_is_not_queued_twice(tmp_path):
     cfg = hyperparam_tune.TuneConfig(out_dir=str(tmp_path), study_name="once")
     study = optuna.create_study()
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    trial.set_user_attr(hyperparam_tune.ATTR_REASON, hyperparam_tune.INTERRUPTED)
-    hyperparam_tune._queue_interrupted(study, trial, cfg)
-    hyperparam_tune._queue_interrupted(study, trial, cfg)
+    trial.set_user_attr(studies.ATTR_REASON, studies.INTERRUPTED)
+    studies.queue_interrupted(study, trial, cfg)
+    studies.queue_interrupted(study, trial, cfg)
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.WAITING]
     assert workers.mark_held(tmp_path / "gone.lock") is None
 
@@ -1229,21 +1229,21 @@ def test_a_filesystem_without_locks_leaves_the_worker_to_its_pid(tmp_path, monke
     cfg = hyperparam_tune.TuneConfig(out_dir=str(tmp_path), study_name="nfs")
     me = workers.worker_id()
     trial = optuna.trial.create_trial(state=TrialState.RUNNING,
-                                      user_attrs={hyperparam_tune.ATTR_WORKER: me})
-    with workers.worker_mark(hyperparam_tune._marks(cfg)):
-        workers.mark_path(hyperparam_tune._marks(cfg), me).write_text("")  # as another worker's would be
-        assert hyperparam_tune._local_owner_alive(trial, cfg) is True
+                                      user_attrs={studies.ATTR_WORKER: me})
+    with workers.worker_mark(studies.worker_marks(cfg)):
+        workers.mark_path(studies.worker_marks(cfg), me).write_text("")  # as another worker's would be
+        assert studies.local_owner_alive(trial, cfg) is True
 
 
 def test_a_trial_whose_worker_died_does_not_count_whatever_the_storage():
     """A FAIL for a dead worker (the journal's recovery names it WORKER_DIED, a database's
     records no reason) never counts toward n_trials: the study runs another."""
     trial = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
-        hyperparam_tune.ATTR_REASON: hyperparam_tune.WORKER_DIED})
+        studies.ATTR_REASON: studies.WORKER_DIED})
     unnamed = optuna.trial.create_trial(state=TrialState.FAIL)
     failed = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
-        hyperparam_tune.ATTR_REASON: "RuntimeError: boom"})
-    assert [hyperparam_tune.counts(t, set()) for t in (trial, unnamed, failed)] == [
+        studies.ATTR_REASON: "RuntimeError: boom"})
+    assert [studies.counts(t, set()) for t in (trial, unnamed, failed)] == [
         False, False, True]
 
 
@@ -1267,14 +1267,14 @@ def test_which_finished_trials_count_toward_n_trials():
         frozen.number = number
         return frozen
 
-    reason = hyperparam_tune.ATTR_REASON
-    counts = hyperparam_tune.counts
+    reason = studies.ATTR_REASON
+    counts = studies.counts
     assert counts(trial(TrialState.FAIL, **{reason: "out of memory: x"}), set())
     assert not counts(trial(TrialState.FAIL, 3, **{reason: "out of memory: x"}), {3})
-    assert not counts(trial(TrialState.FAIL, **{reason: hyperparam_tune.INTERRUPTED}), set())
+    assert not counts(trial(TrialState.FAIL, **{reason: studies.INTERRUPTED}), set())
     assert not counts(trial(TrialState.FAIL), set())
     assert not counts(trial(TrialState.FAIL, **{reason: "stopped the sweep: ValueError: x",
-                                                hyperparam_tune.ATTR_STOPPED: True}), set())
+                                                studies.ATTR_STOPPED: True}), set())
     assert counts(optuna.trial.create_trial(value=1.0), set())
     assert counts(trial(TrialState.PRUNED), set())
     assert not counts(trial(TrialState.RUNNING), set())
@@ -1357,7 +1357,7 @@ def test_config_mistake_stops_before_any_trial(tmp_path, corpus, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert str(bad) in err and str(tmp_path / "nonexistent") in err
-    assert not (tmp_path / "runs" / "bad" / hyperparam_tune.JOURNAL_FILE).exists()
+    assert not (tmp_path / "runs" / "bad" / studies.JOURNAL_FILE).exists()
 
     assert hyperparam_tune.main(argv) == 0  # the fixed config gets its whole trial count
     assert [t.state for t in load_study(journal(tmp_path, "bad"), "bad").get_trials()] == [
@@ -1382,7 +1382,7 @@ def test_every_choice_and_bound_is_checked_before_any_trial(tmp_path, corpus, ca
     assert hyperparam_tune.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and all(m in err for m in message) and "Traceback" not in err
-    assert not (tmp_path / "runs" / "ch" / hyperparam_tune.JOURNAL_FILE).exists()
+    assert not (tmp_path / "runs" / "ch" / studies.JOURNAL_FILE).exists()
 
     tiny_space(tmp_path, corpus, fixed)
     assert hyperparam_tune.main(argv) == 0  # the same command, once the space is fixed
@@ -1496,11 +1496,11 @@ def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, co
     study = load_study(journal(tmp_path, "stop"), "stop")
     (stopped,) = study.get_trials()
     assert stopped.state == TrialState.FAIL
-    assert "/gone" in stopped.user_attrs[hyperparam_tune.ATTR_REASON]
-    assert hyperparam_tune.study_progress(study).finished == 0
+    assert "/gone" in stopped.user_attrs[studies.ATTR_REASON]
+    assert studies.study_progress(study).finished == 0
     failed_without_reason = study.ask()  # a FAIL recorded with no reason
     study.tell(failed_without_reason, state=TrialState.FAIL)
-    assert hyperparam_tune.study_progress(study).finished == 0
+    assert studies.study_progress(study).finished == 0
 
     def trained(cfg, on_eval=None, resume_hint=None, **_):
         return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4)
@@ -1533,8 +1533,8 @@ def test_sampled_values_refused_together_fail_their_trial_and_the_sweep_goes_on(
     trials = load_study(journal(tmp_path, "together"), "together").get_trials()
     refused = [t for t in trials if (t.params["n_head"], t.params["n_embd"]) == (3, 32)]
     assert refused and all(t.state == TrialState.FAIL for t in refused)
-    assert "refuses these values together" in refused[0].user_attrs[hyperparam_tune.ATTR_REASON]
-    assert "n_embd" in refused[0].user_attrs[hyperparam_tune.ATTR_REASON]
+    assert "refuses these values together" in refused[0].user_attrs[studies.ATTR_REASON]
+    assert "n_embd" in refused[0].user_attrs[studies.ATTR_REASON]
     assert (3, 32) not in trained and len(trained) == 6 - len(refused)
     assert "failed with parameters" in capsys.readouterr().err
 
@@ -1557,7 +1557,7 @@ def test_a_trial_whose_step_the_machine_refuses_fails_and_the_sweep_goes_on(
     assert hyperparam_tune.main(argv) == 0
     trials = load_study(journal(tmp_path, "slowstep"), "slowstep").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # a failure counts
-    assert "machine refuses the step" in trials[0].user_attrs[hyperparam_tune.ATTR_REASON]
+    assert "machine refuses the step" in trials[0].user_attrs[studies.ATTR_REASON]
 
 
 def test_a_sweep_whose_first_trials_the_machine_all_refuses_stops(tmp_path, corpus, monkeypatch,
@@ -1575,7 +1575,7 @@ def test_a_sweep_whose_first_trials_the_machine_all_refuses_stops(tmp_path, corp
     trials = load_study(journal(tmp_path, "refused"), "refused").get_trials()
     assert len(trials) == hyperparam_tune.REFUSED_BEFORE_STOP
     assert all(t.state == TrialState.FAIL for t in trials)
-    assert trials[-1].user_attrs[hyperparam_tune.ATTR_STOPPED]
+    assert trials[-1].user_attrs[studies.ATTR_STOPPED]
     err = capsys.readouterr().err
     assert "refused by this machine" in err and "--time-budget-min" in err and "9 min" in err
 
@@ -1646,7 +1646,7 @@ def test_a_trial_to_run_again_refuses_a_space_without_its_parameters(tmp_path, c
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.FAIL, params={"lr": 1e-3, "n_layer": 4},
         distributions={"lr": lr, "n_layer": layers},
-        user_attrs={hyperparam_tune.ATTR_REASON: hyperparam_tune.INTERRUPTED}))
+        user_attrs={studies.ATTR_REASON: studies.INTERRUPTED}))
     space = tiny_space(tmp_path, corpus)  # lr alone: n_layer is the base's now
     assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="moved", n_trials=2)) == 2
     err = capsys.readouterr().err
@@ -1656,7 +1656,7 @@ def test_a_trial_to_run_again_refuses_a_space_without_its_parameters(tmp_path, c
     queued.add_trial(optuna.trial.create_trial(
         state=TrialState.FAIL, params={"lr": 1e-3, "n_layer": 4},
         distributions={"lr": lr, "n_layer": layers}))  # its worker died: queued again
-    hyperparam_tune.QueueAgain(max_retry=None)(queued, queued.get_trials()[0])
+    studies.QueueAgain(max_retry=None)(queued, queued.get_trials()[0])
     assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="queued", n_trials=2)) == 2
     assert "runs trial 1 again with the parameters ['lr', 'n_layer']" in capsys.readouterr().err
 
@@ -1790,8 +1790,9 @@ def test_unusable_path_is_a_clear_error(tmp_path, corpus, capsys, flag):
 _DIES_HOLDING_THE_JOURNAL_LOCK = """
 import os, signal, sys
 import hyperparam_tune
+from codelm import studies
 cfg = hyperparam_tune.parse_config(sys.argv[1:])
-hyperparam_tune.open_storage(cfg)._backend._lock.acquire()  # as mid-write, then SIGKILL/OOM
+studies.open_storage(cfg)._backend._lock.acquire()  # as mid-write, then SIGKILL/OOM
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -1805,15 +1806,15 @@ def test_a_worker_killed_holding_the_journal_lock_does_not_stall_the_next(tmp_pa
     assert died.returncode == -signal.SIGKILL, died.stderr
     cfg = hyperparam_tune.parse_config(argv)
     start = time.monotonic()
-    hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg)).set_user_attr("x", 1)
+    studies.open_study(cfg, studies.open_storage(cfg)).set_user_attr("x", 1)
     assert time.monotonic() - start < 10
 
 
 def journal_of_one_study(tmp_path: Path) -> tuple[hyperparam_tune.TuneConfig, Path]:
     """A real journal file of study "jt" with a study attribute: two records."""
     cfg = hyperparam_tune.parse_config(["--out-dir", str(tmp_path / "runs"), "--study-name", "jt"])
-    hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg)).set_user_attr("x", 1)
-    path = hyperparam_tune.study_dir(cfg) / hyperparam_tune.JOURNAL_FILE
+    studies.open_study(cfg, studies.open_storage(cfg)).set_user_attr("x", 1)
+    path = studies.study_dir(cfg) / studies.JOURNAL_FILE
     assert path.read_bytes().count(b"\n") == 2
     return cfg, path
 
@@ -1838,7 +1839,7 @@ def test_damaged_journal_is_refused_untouched(tmp_path, damage, told):
     path.write_bytes(damaged)
     before = sorted(os.listdir(path.parent))
     with pytest.raises(ValueError) as e:
-        hyperparam_tune.open_storage(cfg)
+        studies.open_storage(cfg)
     assert str(e.value).startswith(f"{path}{told}")
     assert path.read_bytes() == damaged
     assert sorted(os.listdir(path.parent)) == before  # nothing written, no lock taken
@@ -1851,14 +1852,14 @@ def test_journal_with_a_torn_last_record_is_refused_with_its_fix(tmp_path):
     whole = path.read_bytes()
     path.write_bytes(whole[:-20])
     with pytest.raises(ValueError) as e:
-        hyperparam_tune.open_storage(cfg)
+        studies.open_storage(cfg)
     offset = whole.rindex(b"\n", 0, len(whole) - 1) + 1
     said = str(e.value)
     assert all(w in said for w in (f"{path}:2", "no newline", "add it",
                                    f"truncate -s {offset} {path}")), said
     assert path.read_bytes() == whole[:-20]
     os.truncate(path, offset)  # the fix it names
-    study = hyperparam_tune.open_study(cfg, hyperparam_tune.open_storage(cfg))
+    study = studies.open_study(cfg, studies.open_storage(cfg))
     assert study.study_name == "jt" and study.user_attrs == {}
 
 
@@ -1871,7 +1872,7 @@ def test_last_line_a_worker_is_appending_is_waited_for(tmp_path):
     held = os.open(f"{path}.flock", os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)  # the other worker, mid-append
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        opening = pool.submit(hyperparam_tune.open_storage, cfg)
+        opening = pool.submit(studies.open_storage, cfg)
         time.sleep(0.5)
         assert not opening.done()
         path.write_bytes(whole)
@@ -2018,7 +2019,7 @@ def test_a_workers_config_error_stops_the_other_workers(tmp_path, corpus, capfd,
     assert re.search(r"^worker 2 \(pid \d+\) failed: exit status 2$", err, re.M), err
     trial, queued = load_study(journal(tmp_path, "ws"), "ws").get_trials()
     assert trial.state == TrialState.FAIL and queued.state == TrialState.WAITING
-    assert trial.user_attrs[hyperparam_tune.ATTR_REASON] == hyperparam_tune.INTERRUPTED
+    assert trial.user_attrs[studies.ATTR_REASON] == studies.INTERRUPTED
 
 
 def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, corpus,
@@ -2194,10 +2195,10 @@ def test_an_interrupted_trial_is_always_queued_again_and_a_dead_one_max_retry_ti
     counts both, and would drop it at the third stop)."""
     def attempts(reason: str, times: int) -> int:
         study = optuna.create_study()
-        queue = hyperparam_tune.QueueAgain(max_retry=2)
+        queue = studies.QueueAgain(max_retry=2)
         trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
         for _ in range(times):
-            trial.set_user_attr(hyperparam_tune.ATTR_REASON, reason)
+            trial.set_user_attr(studies.ATTR_REASON, reason)
             study.tell(trial, state=TrialState.FAIL)
             queue(study, study.trials[trial.number])
             if not [t for t in study.trials if t.state == TrialState.WAITING]:
@@ -2205,8 +2206,8 @@ def test_an_interrupted_trial_is_always_queued_again_and_a_dead_one_max_retry_ti
             trial = study.ask()
         return len(study.trials)
 
-    assert attempts(hyperparam_tune.INTERRUPTED, 5) == 6  # five stops, a sixth attempt
-    assert attempts(hyperparam_tune.WORKER_DIED, 5) == 3  # the first, then 2 retries
+    assert attempts(studies.INTERRUPTED, 5) == 6  # five stops, a sixth attempt
+    assert attempts(studies.WORKER_DIED, 5) == 3  # the first, then 2 retries
 
 
 @pytest.mark.parametrize("url, words", [("sqlite://", "an in-memory database"),

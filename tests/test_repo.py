@@ -301,8 +301,9 @@ MAY_IMPORT = {
     "trainingmanager": BELOW_FLOOR_3 | {LOADING, "eval"},
     "codelm.search_space": {SETTINGS, CHECKPOINT, TRAINCONFIG},
     "codelm.tuneconfig": {SETTINGS},
+    "codelm.studies": {PROCESS, SETTINGS, WORKERS, "codelm.tuneconfig"},
     "hyperparam_tune": {PROCESS, SETTINGS, WORKERS, RUNDIR, "trainingmanager",
-                        "codelm.search_space", "codelm.tuneconfig"},
+                        "codelm.search_space", "codelm.tuneconfig", "codelm.studies"},
     "codelm.recipes": BELOW_FLOOR_3 | {LOADING, EVAL_CONFIG, RESULTS, "trainingmanager", "eval"},
 }
 

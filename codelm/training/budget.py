@@ -385,8 +385,9 @@ def fit_budget(cfg: TrainConfig, now: float, seconds_left: float, step_s: float,
     steps = every * evaluations
     last_step = steps if data_bound else data_steps
     # One evaluation of several steps is the run's end's, whatever step the clock ends it at:
-    # no step before makes one.
-    eval_every = last_step + 1 if evaluations == 1 and steps > 1 else every
+    # no step before makes one (eval_every beyond the last step), and the clock counts none.
+    final_only = evaluations == 1 and steps > 1
+    eval_every = last_step + 1 if final_only else every
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_SHARE * steps)
     decay = cfg.decay_steps or max(1, int(DECAY_SHARE * steps))
     sized = replace(cfg, time_budget_min=None, max_steps=steps, eval_every=eval_every,
@@ -397,5 +398,5 @@ def fit_budget(cfg: TrainConfig, now: float, seconds_left: float, step_s: float,
     # evaluation's kept, is what the decay takes its share of.
     clock = BudgetClock(decay_at=now + (train_s - eval_s) * (1 - DECAY_SHARE),
                         train_until=now + train_s, planned_decay=decay, last_step=last_step,
-                        eval_s=eval_s, eval_every=eval_every if eval_every <= last_step else 0)
+                        eval_s=eval_s, eval_every=0 if final_only else eval_every)
     return Budget(sized, clock, train_s, data_bound, evaluations)

@@ -31,12 +31,12 @@ from codelm.trainconfig import (
     MODEL_SHAPE_KEYS,
     OVERFIT_STEPS,
     TrainConfig,
+    check_config,
     has_final_eval,
     model_config,
     read_config,
     where_set_of,
 )
-from codelm.trainconfig import validate_config as validate_values
 from codelm.training import preference
 from codelm.training.budget import (
     TIMING_WINDOWS,
@@ -107,7 +107,7 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     values (trainconfig), an init_adapter's settings against the given ones, the model's
     source. ``typed``: keys given explicitly (a --lora-* flag at its default differs too)."""
     resolved = with_init_adapter(cfg, typed, where_set)
-    validate_values(resolved, where_set)
+    check_config(resolved, where_set)
     check_length(resolved, typed, where_set)
     if resolved.task in PREFERENCE_TASKS:  # the loss's settings together, as the loss takes them
         preference.config_of(resolved, lambda key: setting(resolved, key, where_set))
