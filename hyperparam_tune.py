@@ -557,9 +557,24 @@ def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
     return reason or ""
 
 
-def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> dict | None:
-    """best.json (a trainingmanager config), trials.csv, importances.json, and with ``show``
-    their summary; returns the best config."""
+class Reports(typing.NamedTuple):
+    """What a study's reports hold: trials.csv's rows (its heading first), best.json's config
+    (None before a trial completes), importances.json's, and the complete trials' count."""
+
+    rows: list[list]
+    best: dict | None
+    importances: dict
+    complete: int
+
+
+# Parameter importances over fewer complete trials than this are named a rough guide.
+FEW_TRIALS = 10
+# The widest cell of the printed trials table; a longer text is cut, ending "...".
+CELL_WIDTH = 72
+
+
+def write_reports(study: optuna.Study, cfg: TuneConfig) -> Reports:
+    """best.json (a trainingmanager config), trials.csv and importances.json."""
     out = studies.study_dir(cfg)
     trials = study.get_trials(deepcopy=False)
     retried_by = {t.system_attrs["retry_history"][-1]: t.number
@@ -577,7 +592,8 @@ def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> di
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
-        best = {**search_space.absolute_paths(study.best_trial.user_attrs[ATTR_CONFIG], "best trial"),
+        recipe = study.best_trial.user_attrs[ATTR_CONFIG]
+        best = {**search_space.absolute_paths(recipe, "best trial"),
                 "name": f"{cfg.study_name}-best", "out_dir": str(Path(cfg.out_dir).absolute())}
         process.write_atomic(out / "best.json", json.dumps(best, indent=2) + "\n")
     importances = {}
@@ -587,38 +603,43 @@ def write_reports(study: optuna.Study, cfg: TuneConfig, show: bool = True) -> di
         except (RuntimeError, ValueError) as e:  # e.g. no parameter varied among complete trials
             importances = {"unavailable": str(e)}
     process.write_atomic(out / "importances.json", json.dumps(importances, indent=2) + "\n")
-    if not show:
-        return best
-    widths = [max(len(_short(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return Reports(rows, best, importances, len(complete))
+
+
+def show_reports(study: optuna.Study, cfg: TuneConfig, reports: Reports) -> None:
+    """The reports' summary: the trials' table, the importances, the best trial and its
+    config, and how to train it."""
+    out = studies.study_dir(cfg)
+    widths = [max(len(_short(value)) for value in column) for column in zip(*reports.rows)]
     metric = study.user_attrs.get(ATTR_METRIC, "val_bpb")
     print(f"study {cfg.study_name}: value is a trial's best {METRIC_NAMES[metric]} ({metric}; "
           "lower is better)")
-    for row in rows:
+    for row in reports.rows:
         print("  ".join(_short(v).ljust(w) for v, w in zip(row, widths)).rstrip())
-    if importances:
-        print(f"parameter importances (over {len(complete)} complete trials"
-              + ("; with so few, a rough guide at best" if len(complete) < 10 else "") + "):",
-              ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
-                        for k, v in importances.items()))
-    if best is None:
+    if reports.importances:
+        rough = "; with so few, a rough guide at best" if reports.complete < FEW_TRIALS else ""
+        listed = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
+                  for k, v in reports.importances.items()]
+        print(f"parameter importances (over {reports.complete} complete trials{rough}):",
+              ", ".join(listed))
+    if reports.best is None:
         print(f"study {cfg.study_name}: no trial completed yet")
-        return None
+        return
     print(f"best trial {study.best_trial.number}: {METRIC_NAMES[metric]} {study.best_value:.4f}")
-    print(json.dumps(best, indent=2))
+    print(json.dumps(reports.best, indent=2))
     print(f"best config: {out / 'best.json'}  (python trainingmanager.py --config "
           f"{out / 'best.json'}; it trains the trial's length: add --max-steps none "
           "--time-budget-min M for M minutes)")
     print(f"dashboard: optuna-dashboard {cfg.storage or out / studies.JOURNAL_FILE}  (pip install "
           "optuna-dashboard)")
-    return best
 
 
 def _short(value: typing.Any) -> str:
-    """A table cell: a float to 4 digits, a long text cut."""
+    """A table cell: a float to 4 digits, a text longer than CELL_WIDTH cut."""
     if isinstance(value, float) and math.isfinite(value) and not value.is_integer():
         return f"{value:.4g}"
     text = "" if value is None else str(value)
-    return text if len(text) <= 72 else text[:69] + "..."
+    return text if len(text) <= CELL_WIDTH else text[:CELL_WIDTH - 3] + "..."
 
 
 # -------------------------------------------------------------------------------- workers
@@ -676,9 +697,9 @@ def _run_workers(cfg: TuneConfig, study: optuna.Study, bar: tqdm) -> int:
 
 
 def tune(cfg: TuneConfig) -> int:
-    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials. The
-    exit status: the first failed worker's, else 1 short of ``n_trials`` or without a best
-    config (so that ``tune && train --config best.json`` stops there), else 0."""
+    """Run (or continue) the sweep until the study holds ``cfg.n_trials`` finished trials: as
+    the sweep (``sweep``), or as one of its --workers N processes. The exit status: the sweep's,
+    or 0 for a worker (its sweep judges the study)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and table tell
     # Heartbeats are "experimental" (since Optuna 2.9); run_worker records them as optimize does.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -689,15 +710,23 @@ def tune(cfg: TuneConfig) -> int:
     study = studies.open_study(cfg, storage)
     check_space_fits_study(cfg, space, study)
     check_study_settings(cfg, space, base, study)
-    if not cfg.worker:  # said once, by the sweep
-        for line in space_warnings(cfg, space, base):
-            print(line, file=sys.stderr)
-    if cfg.worker:  # one of --workers N processes: share this machine's cores among them
-        process.exit_with_parent(int(os.environ.get(SWEEP_PID, os.getppid())))
-        torch.set_num_threads(max(1, process.usable_cores() // cfg.workers))
-        with workers.worker_mark(studies.worker_marks(cfg)):
-            run_worker(cfg, study, storage, space, base)
-        return 0  # the parent judges the study (and writes best.json)
+    if not cfg.worker:
+        return sweep(cfg, study, storage, space, base)
+    # one of --workers N processes: share this machine's cores among them
+    process.exit_with_parent(int(os.environ.get(SWEEP_PID, os.getppid())))
+    torch.set_num_threads(max(1, process.usable_cores() // cfg.workers))
+    with workers.worker_mark(studies.worker_marks(cfg)):
+        run_worker(cfg, study, storage, space, base)
+    return 0
+
+
+def sweep(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.BaseStorage,
+          space: SearchSpace, base: dict) -> int:
+    """The sweep's trials, in this process or its --workers N, then its reports. The exit
+    status: the first failed worker's, else 1 short of ``n_trials`` or without a best config
+    (so that ``tune && train --config best.json`` stops there), else 0."""
+    for line in space_warnings(cfg, space, base):  # said once, by the sweep
+        print(line, file=sys.stderr)
     done = studies.study_progress(study).finished
     if done >= cfg.n_trials:
         print(f"study {cfg.study_name}: {done} of {cfg.n_trials} trials finished already, so "
@@ -713,7 +742,7 @@ def tune(cfg: TuneConfig) -> int:
             worker_status = _run_workers(cfg, study, bar)
     except BaseException:  # interrupted or stopped: what the finished trials found is kept
         if studies.study_progress(study).finished:
-            write_reports(study, cfg, show=False)
+            write_reports(study, cfg)
         raise
     finished = studies.study_progress(study).finished
     bar.update(min(finished, cfg.n_trials) - bar.n)
@@ -721,9 +750,10 @@ def tune(cfg: TuneConfig) -> int:
     if finished < cfg.n_trials:
         print(f"study {cfg.study_name}: {finished} of {cfg.n_trials} trials finished; run the "
               "same command again to continue", file=sys.stderr)
-    best = write_reports(study, cfg)
+    reports = write_reports(study, cfg)
+    show_reports(study, cfg, reports)
     # A worker's error was told by the worker (and its status by _run_workers).
-    return worker_status or (0 if finished >= cfg.n_trials and best is not None else 1)
+    return worker_status or (0 if finished >= cfg.n_trials and reports.best is not None else 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

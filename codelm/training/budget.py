@@ -28,15 +28,16 @@ from codelm.trainconfig import TrainConfig, has_final_eval, model_config
 # A step's time is the fastest of this many windows: a load that comes and goes slows some
 # windows, never the machine's own speed.
 TIMING_WINDOWS = 5
+WARM_UP_STEPS = 3  # the steps before the windows: allocations, kernel selection
 
 
 def seconds_a_step(step: Callable[[], object], at_least_s: float,
                    agreed: Callable[[bool], bool] = bool) -> float:
-    """Seconds ``step`` takes on this machine: after 3 warm-up steps, the fastest of
+    """Seconds ``step`` takes on this machine: after WARM_UP_STEPS steps, the fastest of
     TIMING_WINDOWS windows of at least ``at_least_s / TIMING_WINDOWS`` seconds (and one step).
     ``agreed``: whether to step again, as every process of a group takes it (rank 0's answer
     where the steps are collectives)."""
-    for _ in range(3):  # warm-up: allocations, kernel selection
+    for _ in range(WARM_UP_STEPS):
         step()
     fastest = math.inf
     for _ in range(TIMING_WINDOWS):
@@ -49,13 +50,17 @@ def seconds_a_step(step: Callable[[], object], at_least_s: float,
     return fastest
 
 
+BYTE_PIECES = 256  # a trained tokenizer's pieces for single bytes
+UNCAPPED_PIECES = 8000  # the learned pieces measured for a tokenizer with no cap on them
+
+
 def probe_vocab(cfg: TrainConfig) -> int:
     """The vocabulary of the models preset auto measures: the trained tokenizer's, about (its
     learned pieces, 256 bytes and its special tokens: a CodeTokenizer's 6, a bpe's 7)."""
     code_specials = 6  # len(tokenizer.CODE_SPECIAL_TOKENS): plan does not load the tokenizer
     specials = (len(trainconfig.BPE_SPECIAL_TOKENS) if cfg.tokenizer_kind == "bpe"
                 else code_specials)
-    return (cfg.tokenizer_max_vocab or 8000) + 256 + specials
+    return (cfg.tokenizer_max_vocab or UNCAPPED_PIECES) + BYTE_PIECES + specials
 
 
 # ---- One step's cost, known before the first: the memory it holds, the time it takes ----

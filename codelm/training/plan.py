@@ -40,6 +40,7 @@ from codelm.trainconfig import (
 from codelm.training import preference
 from codelm.training.budget import (
     TIMING_WINDOWS,
+    WARM_UP_STEPS,
     StepCost,
     StepMeasure,
     check_step_cost,
@@ -364,10 +365,10 @@ class Probe(NamedTuple):
 
 
 def timing_seconds(step_s: float) -> float:
-    """What timing a rung takes at most at ``step_s`` a step (``seconds_a_step``): three
-    warm-up steps and TIMING_WINDOWS windows of RUNG_TIMING_S together, each running on to the
+    """What timing a rung takes at most at ``step_s`` a step (``seconds_a_step``): its
+    WARM_UP_STEPS and TIMING_WINDOWS windows of RUNG_TIMING_S together, each running on to the
     end of its last step."""
-    return (3 + TIMING_WINDOWS) * step_s + RUNG_TIMING_S
+    return (WARM_UP_STEPS + TIMING_WINDOWS) * step_s + RUNG_TIMING_S
 
 
 @dataclass
