@@ -229,6 +229,14 @@ _CHOICES = {
 }
 
 
+_DEFAULTS = TrainConfig()  # each field's default, as is_set compares
+
+
+def is_set(cfg: TrainConfig, key: str) -> bool:
+    """Whether ``cfg`` gives ``key`` a value other than TrainConfig's default."""
+    return getattr(cfg, key) != getattr(_DEFAULTS, key)
+
+
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     """A TrainConfig from a dict, nested options included; errors name the source and key."""
     cfg = settings.config_from_dict(TrainConfig, values, source, _CHOICES, HF_FLAGS)
@@ -436,7 +444,7 @@ def check_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.fl
          f"only a frozen base can be held in 16 bits, and {named('lora_r')} trains every "
          f"weight (in fp32): set lora_r > 0 for LoRA, or precision bf16 "
          f"({where_set('precision')}) for 16-bit compute")
-    lora_only = [named(k) for k in LORA_ONLY_KEYS if getattr(cfg, k) != getattr(TrainConfig, k)]
+    lora_only = [named(k) for k in LORA_ONLY_KEYS if is_set(cfg, k)]
     if lora_only and cfg.lora_r == 0:  # else a full fine-tune would run, ignoring them
         raise ValueError(f"{', '.join(lora_only)}: LoRA settings, but {named('lora_r')} trains "
                          "every weight: set lora_r > 0, or drop them")
@@ -490,7 +498,7 @@ def check_grpo(cfg: TrainConfig, named: Callable[[str], str]) -> None:
             raise ValueError(f"{named(key)}: {why}")
 
     if cfg.task != GRPO_TASK:
-        if given := [named(k) for k in GRPO_KEYS if getattr(cfg, k) != getattr(TrainConfig, k)]:
+        if given := [named(k) for k in GRPO_KEYS if is_set(cfg, k)]:
             raise ValueError(f"{', '.join(given)}: GRPO settings, but {named('task')} is not "
                              f"{GRPO_TASK}: set task {GRPO_TASK}, or drop them")
         return
@@ -533,7 +541,7 @@ def check_preference_task(cfg: TrainConfig, named: Callable[[str], str]) -> None
     other task. Its loss settings together: codelm.training.plan (preference.config_of)."""
     if cfg.task not in PREFERENCE_TASKS:
         if given := [named(k) for k in PREFERENCE_ONLY_KEYS
-                     if getattr(cfg, k) != getattr(TrainConfig, k)]:
+                     if is_set(cfg, k)]:
             raise ValueError(f"{', '.join(given)}: preference settings, but {named('task')} "
                              f"is not one of {', '.join(PREFERENCE_TASKS)}: drop them")
         return
@@ -876,10 +884,8 @@ OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_preci
 
 def overfit_settings(cfg: TrainConfig) -> dict:
     """``run_overfit``'s max_steps and lr; a ValueError naming any setting it cannot honour."""
-    defaults = TrainConfig()
     refused = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-               if f.name not in OVERFIT_HONOURS + OVERFIT_IGNORES
-               and getattr(cfg, f.name) != getattr(defaults, f.name)]
+               if f.name not in OVERFIT_HONOURS + OVERFIT_IGNORES and is_set(cfg, f.name)]
     if refused:
         raise ValueError(f"--overfit trains a small model on the bundled corpus: it cannot honour "
                          f"{', '.join(refused)}; --overfit-batches K memorises that setup's data")
@@ -891,8 +897,7 @@ def overfit_settings(cfg: TrainConfig) -> dict:
 def overfit_ignored(cfg: TrainConfig) -> list[str]:
     """The keys of ``cfg`` that --overfit drops (set, and meaningless to a check that writes no
     run)."""
-    defaults = TrainConfig()
-    return [key for key in OVERFIT_IGNORES if getattr(cfg, key) != getattr(defaults, key)]
+    return [key for key in OVERFIT_IGNORES if is_set(cfg, key)]
 
 
 def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:

@@ -33,6 +33,7 @@ from codelm.trainconfig import (
     TrainConfig,
     check_config,
     has_final_eval,
+    is_set,
     model_config,
     read_config,
     where_set_of,
@@ -184,7 +185,7 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
         return mine is None or (isinstance(theirs[key], list) and set(mine) == set(theirs[key]))
 
     def given(key: str) -> bool:
-        return getattr(cfg, key) != getattr(TrainConfig, key) or key in typed
+        return is_set(cfg, key) or key in typed
 
     if differ := [f"{setting(cfg, key, where_set)} (the adapter's: {theirs[key]!r})"
                   for key in theirs if key != "lora_dropout" and given(key)
