@@ -672,8 +672,8 @@ def _check_model_options(options: dict, where: str) -> None:
 
 
 # Preset auto: the from-scratch models a time budget chooses from, smallest first, each with the
-# context, batch and peak learning rate the budget sweep found best for it (docs/benchmarks.md;
-# code-4x192's lr and optimizer measured again in bf16: 3e-3, and Muon, beat 1.5e-3 and AdamW).
+# context, batch, peak learning rate and optimizer the budget sweep found best for it
+# (docs/benchmarks.md, the budget sweep).
 # A budget takes the largest model that still trains on plan.TOKENS_PER_PARAM tokens per
 # parameter in its minutes on the machine it runs on (each step time measured there).
 BUDGET_LADDER = (

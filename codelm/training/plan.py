@@ -193,8 +193,10 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
         raise ValueError(f"{'; '.join(differ)}: {setting(cfg, 'init_adapter', where_set)} "
                          f"fixes these ({path / config_name}): drop those settings to train the "
                          "adapter on as it is")
-    targets = theirs["lora_targets"]  # one regular expression: the file keeps it (lora_targets
-    #   lists names), and build_model's load_adapter reads it there
+    # The adapter's targets: a list of names, taken; or one regular expression (PEFT's other
+    # form), which lora_targets (a list) cannot hold: the file keeps it, and build_model's
+    # load_adapter reads it there.
+    targets = theirs["lora_targets"]
     dropout = float(theirs["lora_dropout"])
     if given("lora_dropout"):
         dropout = cfg.lora_dropout
