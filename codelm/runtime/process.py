@@ -222,9 +222,31 @@ def leave_terminal_on_hangup(signum: int) -> None:
                 continue
         except (AttributeError, OSError, ValueError):  # replaced (pytest's capture) or closed
             continue
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, fd)
-        os.close(null)
+        _to_devnull(fd)
+
+
+def _to_devnull(fd: int) -> None:
+    """Point file descriptor ``fd`` at /dev/null: what is written to it is dropped."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
+def _flush_quietly() -> None:
+    """Flush stdout and stderr, whatever became of them (closed, hung up): an exit still comes."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _handle_stops(handler: Callable) -> dict[int, Callable | int | None]:
+    """``handler`` for each stop signal not ignored (nohup's SIGHUP stays ignored); the
+    handlers it replaced."""
+    replaced = {}
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            replaced[sig] = signal.signal(sig, handler)
+    return replaced
 
 
 @contextlib.contextmanager
@@ -366,9 +388,7 @@ def _end_process(take_over: Callable[[str], int], stop: str) -> NoReturn:
     except BaseException:
         traceback.print_exc()
         code = 1
-    with contextlib.suppress(OSError, ValueError):  # closed, hung up: the exit still comes
-        sys.stdout.flush()
-        sys.stderr.flush()
+    _flush_quietly()
     os._exit(code)
 
 
@@ -378,10 +398,7 @@ _START_UP_REPLACED: dict[int, Callable | int | None] = {}  # what quiet_start_up
 def quiet_start_up_stops(quiet: bool = False) -> None:
     """A script's first statement: a stop while torch loads ends it with one line (``quiet``:
     none) and its exit code, not a traceback from inside an import, until ``run_main``."""
-    handler = partial(_stopped_while_starting, quiet)
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            _START_UP_REPLACED[sig] = signal.signal(sig, handler)
+    _START_UP_REPLACED.update(_handle_stops(partial(_stopped_while_starting, quiet)))
 
 
 def is_rank_zero() -> bool:
@@ -449,7 +466,7 @@ def run_main(main: Callable[[], int | None]) -> int | None:
     try:
         code = main()
     except BrokenPipeError:  # `script | head` stopped reading: no traceback, no second one
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # at exit's flush
+        _to_devnull(sys.stdout.fileno())  # at exit's flush
         code = 1
     atexit.register(_exit_at_a_stop, code)  # the last registered: the first to run
     return code
@@ -460,14 +477,10 @@ def _exit_at_a_stop(code: int | None) -> None:
     KeyboardInterrupt inside another exit handler ("Exception ignored in atexit callback")."""
 
     def exit_now(signum, frame) -> None:
-        with contextlib.suppress(OSError, ValueError):  # closed, hung up: the exit still comes
-            sys.stdout.flush()
-            sys.stderr.flush()
+        _flush_quietly()
         os._exit(code or 0)
 
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, exit_now)
+    _handle_stops(exit_now)
 
 
 def run_tool(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:
