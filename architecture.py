@@ -803,6 +803,8 @@ class Transformer(nn.Module):
         sum; with count_correct, (loss, how many are the top logit); with token_logps, each
         target's log-prob (B, T) instead under the logits divided by temperature, 0 where
         nothing is counted, and with with_entropy (log-probs, entropies) (head_logps)."""
+        if not torch.compiler.is_compiling():
+            check_token_ids(idx, targets, self.cfg.vocab_size)
         B, T = idx.shape
         assert T <= self.cfg.block_size, f"sequence length {T} > block_size {self.cfg.block_size}"
         assert attention_mask is None or document_ids is None, "padding or packing, not both"
@@ -831,6 +833,29 @@ class Transformer(nn.Module):
         if count is not None:
             loss = loss / count
         return (loss, correct) if count_correct else loss
+
+
+def check_token_ids(idx: torch.Tensor, targets: torch.Tensor | None, vocab_size: int) -> None:
+    """A ValueError for ids a model cannot read: idx of a dtype other than an integer's, and, on
+    the CPU, an id of idx or targets outside [0, vocab_size) (a target may be IGNORE_INDEX). On
+    an accelerator the range is left to the embedding's own check: reading it here would wait
+    for the device at every step."""
+    for name, ids in (("idx", idx), ("targets", targets)):
+        if ids is not None and (ids.dtype.is_floating_point or ids.dtype == torch.bool):
+            raise ValueError(f"{name}: token ids are integers, got a {ids.dtype} tensor")
+    if idx.device.type != "cpu" or idx.numel() == 0:
+        return
+    if idx.min() < 0 or idx.max() >= vocab_size:
+        raise ValueError(f"idx: ids from {idx.min().item()} to {idx.max().item()}, outside the "
+                         f"model's vocabulary [0, {vocab_size}): a tokenizer with more tokens "
+                         "than the model has embeddings?")
+    if targets is None:
+        return
+    counted = targets[targets != IGNORE_INDEX]
+    if counted.numel() and (counted.min() < 0 or counted.max() >= vocab_size):
+        raise ValueError(f"targets: ids from {counted.min().item()} to {counted.max().item()} "
+                         f"besides IGNORE_INDEX ({IGNORE_INDEX}), outside the model's "
+                         f"vocabulary [0, {vocab_size})")
 
 
 def parameter_count(cfg: ModelConfig) -> int:

@@ -404,6 +404,10 @@ def targeted_modules(model: nn.Module, targets: list[str] | str, peft_rules: boo
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     """Freeze the model and add LoRA adapters on ``cfg.target_modules`` (checked first)."""
+    if not isinstance(cfg, LoRAConfig):
+        raise ValueError(f"apply_lora takes codelm's LoRAConfig (r, alpha, dropout, "
+                         f"target_modules, ...: PEFT's LoraConfig fields under plain names), got "
+                         f"{type(cfg).__name__}")
     _check_model(model, "apply_lora")
     return _attach(model, cfg, _resolve_targets(model, cfg.target_modules,
                                                 modules_to_save=cfg.modules_to_save or ()))

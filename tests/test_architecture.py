@@ -86,6 +86,29 @@ def test_config_rejects_bad_values(change, message):
         ModelConfig(**change)
 
 
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_ids_the_model_cannot_read_are_a_value_error_naming_them(kernels_on, monkeypatch):
+    """Float ids, an id past the vocabulary and a negative target other than IGNORE_INDEX are
+    refused in one line, the fused loss and torch's alike: the fused head would count a target
+    of -5 as a token."""
+    from codelm import kernels
+
+    monkeypatch.setattr(kernels, "ENABLED", kernels_on)
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(PRESETS["tiny"], vocab_size=64))
+    ids = torch.randint(64, (2, 8))
+    targets = ids.clone()
+    targets[0, :3] = IGNORE_INDEX
+    assert torch.isfinite(model(ids, targets))  # IGNORE_INDEX counts nothing
+    with pytest.raises(ValueError, match=r"^idx: token ids are integers, got a torch.float32"):
+        model(ids.float())
+    with pytest.raises(ValueError, match=r"^idx: ids from \d+ to 70, outside .*\[0, 64\)"):
+        model(torch.cat([ids, torch.tensor([[70] * 8])]))
+    targets[1, 0] = -5
+    with pytest.raises(ValueError, match=r"^targets: ids from -5 to \d+ besides IGNORE_INDEX"):
+        model(ids, targets)
+
+
 def test_config_eos_id_may_be_one_id_or_a_list():
     assert ModelConfig(eos_id=[5, 2]).eos_id == [5, 2] and ModelConfig(eos_id=5).eos_id == 5
 

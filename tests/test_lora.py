@@ -1277,6 +1277,31 @@ def test_apply_lora_and_load_adapter_refuse_a_foreign_model(tmp_path):
     assert all(p.requires_grad for p in hf.parameters())
 
 
+def test_apply_lora_refuses_a_peft_config_or_a_dict_before_anything_is_frozen(tmp_path):
+    """PEFT's LoraConfig or a dict of its fields: a ValueError naming codelm's LoRAConfig, the
+    model left as it was."""
+    _, model, _ = _pair("llama", tmp_path)
+    for config in (LoraConfig(r=4, target_modules=["q_proj"]), {"r": 4}):
+        with pytest.raises(ValueError, match=rf"^apply_lora takes codelm's LoRAConfig .*"
+                                             rf"got {type(config).__name__}$"):
+            apply_lora(model, config)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"r": 0}, r"LoRAConfig\.r=0: must be a positive integer"),
+    ({"r": -3}, r"LoRAConfig\.r=-3"), ({"r": 2.5}, r"LoRAConfig\.r=2\.5"),
+    ({"dropout": 1.5}, r"LoRAConfig\.dropout=1\.5: must be a number in \[0, 1\)"),
+    ({"alpha": 0}, r"LoRAConfig\.alpha=0"),
+    ({"target_modules": []}, r"LoRAConfig\.target_modules=\[\]: must be a list of module"),
+    ({"bias": "some"}, r"LoRAConfig\.bias='some'")])
+def test_lora_config_refuses_what_peft_would_not_write(values, message):
+    """LoRAConfig's fields take what PEFT's adapter_config.json may hold, as reading one
+    checks them: r 0 would divide by zero as the scale, a dropout of 1.5 drop everything."""
+    with pytest.raises(ValueError, match=f"^{message}"):
+        LoRAConfig(**values)
+
+
 @pytest.mark.parametrize(("write", "message"), [
     (lambda f, good: f.write_bytes(b"not a pickle"),
      "truncated or corrupt weights file (UnpicklingError)"),

@@ -111,6 +111,37 @@ def test_kill_running_ends_a_run_it_meets_while_the_run_starts(monkeypatch):
     assert run_python("print(1)").status == "passed"  # a later run is not killed
 
 
+def test_a_batch_run_that_starts_after_an_interrupts_kill_is_killed_at_once(monkeypatch):
+    """A map_runs job its thread took just as an interrupt came, whose run starts only after the
+    interrupt's kill_running, is killed as it starts: not left to its timeout (60 s here), which
+    the interpreter's exit, joining the pool's threads, would wait out."""
+    import threading
+
+    taken, killed, results = threading.Event(), threading.Event(), []
+    kill = runner.kill_running
+
+    def kill_then_release() -> None:
+        kill()
+        killed.set()
+
+    def late_run(item: str):
+        taken.set()
+        killed.wait(timeout=120)  # taken before the interrupt, started after its kill
+        results.append(run_python("import time\ntime.sleep(60)", SandboxConfig(timeout_s=60)))
+        return results[-1]
+
+    def interrupted(results_in_order):
+        taken.wait(timeout=120)
+        raise KeyboardInterrupt  # Ctrl-C while the job's thread holds its item
+
+    monkeypatch.setattr(runner, "kill_running", kill_then_release)
+    with pytest.raises(KeyboardInterrupt):
+        runner.map_runs(late_run, ["late"], 1, interrupted)
+    assert [result.status for result in results] == ["killed"]
+    monkeypatch.undo()
+    assert runner.map_runs(lambda source: run_python(source), ["print(1)"], 1)[0].passed
+
+
 @pytest.mark.parametrize("bomb", [
     "x = bytearray(10 ** 11)",
     "chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 6))",

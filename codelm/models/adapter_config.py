@@ -57,6 +57,12 @@ class LoRAConfig:
     use_rslora: bool = False
     use_dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output row
 
+    def __post_init__(self) -> None:
+        """Each field as PEFT's adapter_config.json may hold it (_PEFT_FIELDS), else ValueError."""
+        for name, _, fits, words in _PEFT_FIELDS.values():
+            if not fits(getattr(self, name)):
+                raise ValueError(f"LoRAConfig.{name}={getattr(self, name)!r}: must be {words}")
+
     @property
     def scale(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised scaling)."""

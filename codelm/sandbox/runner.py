@@ -47,14 +47,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from codelm.runtime import process
 from codelm.sandbox import bootstrap, crossing
 from codelm.sandbox.bootstrap import EXIT_MEMORY
 from codelm.sandbox.crossing import plain_encode
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 MIN_MEMORY_MB = 64  # the interpreter alone maps about 15 MB before any test
 SAMPLE_UID = SAMPLE_GID = 65534  # nobody: who a root evaluator's samples run as
@@ -239,6 +244,9 @@ def _remove_dead_runs() -> None:
 _RUNNING: set[int] = set()  # process groups of the runs in flight, in any thread
 _RUNNING_LOCK = threading.Lock()
 _kills = 0  # how many times kill_running ran: a run it missed while starting is killed too
+# In a map_runs job's thread: the kill count its batch started at, which the job's runs count
+# from (a job its thread took just as an interrupt came still starts after the kill).
+_BATCH = threading.local()
 
 
 def kill_running() -> None:
@@ -250,6 +258,30 @@ def kill_running() -> None:
         _kills += 1
         for pgid in _RUNNING:
             _kill_group(pgid)
+
+
+def map_runs(run: Callable[[T], R], items: Sequence[T], workers: int,
+             consume: Callable[[Iterator[R]], list[R]] = list) -> list[R]:
+    """``run`` of each item, whose sandboxed runs (``run_python``) it waits on, ``workers`` at
+    once; ``consume`` reads the results in order (through a progress bar, say). An interrupt
+    kills the runs in flight, and any run of this batch that starts after it."""
+    with _RUNNING_LOCK:
+        batch_kills = _kills
+
+    def job(item: T) -> R:
+        _BATCH.kills_before = batch_kills
+        try:
+            return run(item)
+        finally:
+            del _BATCH.kills_before
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            return consume(pool.map(job, items))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            kill_running()
+            raise
 
 
 def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxConfig
@@ -313,7 +345,7 @@ def run_python(source: str, config: SandboxConfig | None = None,
     guarded by ``__name__ == "__main__"`` does not run)."""
     cfg = config or SandboxConfig()
     with _RUNNING_LOCK:
-        kills_before = _kills
+        kills_before = getattr(_BATCH, "kills_before", _kills)  # a map_runs job: its batch's
     token = secrets.token_hex(16)  # only the bootstrap learns it, through stdin
     _remove_dead_runs()
     control_dir = Path(tempfile.mkdtemp(prefix=_PREFIX + process.owner_tag()))

@@ -31,12 +31,11 @@ import ast
 import re
 import secrets
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 from codelm.runtime import settings
-from codelm.sandbox.runner import SandboxConfig, SandboxResult, kill_running
+from codelm.sandbox.runner import SandboxConfig, SandboxResult, map_runs
 
 Check = Callable[[dict, str, SandboxConfig], SandboxResult]  # eval.py's run_check
 Job = tuple[dict, str]  # a problem and a completion of its prompt
@@ -48,13 +47,7 @@ def verdicts(jobs: Sequence[Job], check: Check, sandbox: SandboxConfig, workers:
     """``check`` of each (problem, completion), ``workers`` at once, with the test apart from
     the candidate (``apart``) or in its interpreter; an interrupt kills the runs in flight."""
     runs = [({**problem, "trusted": apart}, completion) for problem, completion in jobs]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        try:
-            return list(pool.map(lambda run: check(*run, sandbox), runs))
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            kill_running()
-            raise
+    return map_runs(lambda run: check(*run, sandbox), runs, workers)
 
 
 class Score(NamedTuple):

@@ -10,8 +10,7 @@ import ast
 import contextlib
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +28,7 @@ from codelm.sandbox.runner import (
     SandboxConfig,
     SandboxResult,
     TrustedTest,
-    kill_running,
+    map_runs,
     run_python,
 )
 
@@ -266,16 +265,13 @@ def run_check(problem: dict, completion: str, config: SandboxConfig | None = Non
 
 def run_checks(jobs: Sequence[tuple[dict, str]], sandbox: SandboxConfig, workers: int,
                desc: str, progress: bool = True) -> list[SandboxResult]:
-    """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt kills them."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        try:
-            return list(progress_bar(pool.map(lambda job: run_check(*job, sandbox), jobs),
-                                     total=len(jobs), desc=desc, unit="program",
-                                     enabled=progress, leave=False))
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            kill_running()
-            raise
+    """``run_check`` of each (problem, completion), ``workers`` at once; an interrupt kills them
+    (``map_runs``)."""
+    def shown(results: Iterator[SandboxResult]) -> list[SandboxResult]:
+        return list(progress_bar(results, total=len(jobs), desc=desc, unit="program",
+                                 enabled=progress, leave=False))
+
+    return map_runs(lambda job: run_check(*job, sandbox), jobs, workers, shown)
 
 
 def prompted_problems(passk_task: PasskTask, problems: Sequence[dict]) -> list[dict]:
