@@ -179,7 +179,9 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
              remedy: str | None = None, replace_other_weights: bool = False) -> dict:
     """Evaluate every model of ``cfg`` on the same examples, saving after each model. ``remedy``
     ends the refusal of an out_dir holding another evaluation; ``replace_other_weights`` sets
-    aside results there of the same settings but other weights (codelm.recipes' ``<run>/eval``)."""
+    aside results there of the same settings but other weights (codelm.recipes' ``<run>/eval``).
+    ``cfg`` is checked first, as the command line's is (a Python caller's too)."""
+    cfg.validate()
     torch.manual_seed(cfg.seed)
     device, specs = None, []
     if cfg.load_generations is None:  # errors before out_dir is made

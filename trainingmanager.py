@@ -98,13 +98,15 @@ class TrainResult:
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
           resume_hint: str | None = None, restarts: bool = False,
           ends_process: bool = False, keep_claim: bool = False) -> TrainResult:
-    """Run (or continue, with ``cfg.resume``) one training run of a valid ``cfg``. ``on_eval(step,
+    """Run (or continue, with ``cfg.resume``) one training run of ``cfg``, checked first as the
+    command line's is (plan.validate_config: a Python caller's too). ``on_eval(step,
     metrics)`` follows each evaluation (what it raises, e.g. optuna.TrialPruned, propagates once
     the run directory is consistent); ``resume_hint`` says "continue it with ..." in the caller's
     terms; ``restarts``: the caller runs it again from the start instead. ``ends_process``: a
     command's main ends the process when the run returns, so a stop one long operation of a step
     holds back may end it from another thread (``_stop_at_once``). ``keep_claim``: the directory
     stays locked for the caller's work on it (``result.claimed``: the final evaluation)."""
+    plan.validate_config(cfg)
     dist = distributed.this_process()
     device = resolve_device(cfg.device, dist)
     owns_group = distributed.join(dist, device)

@@ -424,7 +424,8 @@ def check_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.fl
                          "unset one (--max-steps none, --epochs none)")
     need(cfg.time_budget_min is not None or cfg.max_steps or cfg.epochs, "time_budget_min",
          "unset, and so are max_steps and epochs: set one of them, the run's length")
-    need(cfg.preset != "auto" or cfg.init_from is not None or cfg.time_budget_min is not None,
+    chosen_elsewhere = cfg.init_from is not None or cfg.resume is not None  # its model named
+    need(cfg.preset != "auto" or chosen_elsewhere or cfg.time_budget_min is not None,
          "preset", f"auto chooses the model for {named('time_budget_min')}: set a budget, or "
          f"name a preset of {sorted(PRESETS)}")
     need(cfg.optimizer != "muon" or cfg.lora_r == 0, "optimizer",

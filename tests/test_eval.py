@@ -2436,6 +2436,15 @@ def test_model_specs_name_models_as_documented(tiny_models, tmp_path):
     assert loading.load_model(f"x={odd}", cpu).label == "x"
 
 
+def test_evaluate_from_python_checks_its_config_as_the_command_line_does(tmp_path):
+    """An EvalConfig built in Python is checked first: an unknown task is the command line's
+    one-line error, not a KeyError from inside the evaluation."""
+    cfg = EvalConfig(models=[str(tmp_path)], tasks=["nope"], out_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"^tasks \(\['nope'\], --tasks\): choose from lm"):
+        ev.evaluate(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_base_plus_a_runs_export_is_named_after_the_run_and_another_base_is_noted(
         tiny_models, tmp_path, capsys):
     """BASE+ADAPTER where the adapter is a run's export/ is named after that run, as the run's

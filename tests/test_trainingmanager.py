@@ -3587,6 +3587,14 @@ def test_final_eval_typed_for_a_run_that_makes_none_says_why_and_what_scores_it(
     assert "--final-eval" not in capsys.readouterr().err
 
 
+def test_train_from_python_checks_its_config_as_the_command_line_does(assets, tmp_path):
+    """A TrainConfig built in Python is checked before anything is prepared: the error the
+    command line would give, and no run directory."""
+    with pytest.raises(ValueError, match=r"^max_steps \(-5, --max-steps\): must be"):
+        tm.train(tiny_cfg(assets, tmp_path, max_steps=-5))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     """--lora-r without --init-from is refused: it would freeze a random model and train only its
     adapters (rc 0, "0.00M trainable", a validation loss near ln(vocab)). A LoRA run on a base
