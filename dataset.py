@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: the cleaned corpus only: the {cfg.task} task's examples are built "
                   "with a tokenizer (--tokenizer FILE_OR_DIR)", file=sys.stderr)
         if data.cache_path is not None:
-            print(f"cached at {data.cache_path}")
+            print(f"cached at {data.cache_path}", file=sys.stderr)  # stdout: the JSON alone
 
     return process.run_tool(work, "interrupted: whole shards are kept, no half-built cache "
                                   "entry; the same command continues from them")

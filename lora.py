@@ -642,6 +642,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     revision = None
     if base is not None and (snapshot := hub.snapshot_of(base)) is not None:
         base, revision = snapshot
+    elif base is not None and Path(base).is_dir():  # a local base: found from any directory
+        base = Path(base).absolute()
     out = Path(out_dir)
     pretrained.check_output_dir(out, "save_adapter", adapter=True)
     tensors = {PEFT_PREFIX + k: p.detach().float().cpu().contiguous()

@@ -1502,7 +1502,7 @@ def test_the_command_takes_trainingmanagers_spelling_of_the_sources(tmp_path, ca
     for flag in ("--sources", "--data"):
         assert dataset.main([flag, str(EMAIL), *base]) == 0
         out, err = capsys.readouterr()
-        hits.append(json.loads(out.split("\ncached at")[0])["cache_hit"])
+        hits.append(json.loads(out)["cache_hit"])  # stdout: the JSON alone
         assert "the cleaned corpus only" in err and "--tokenizer" in err  # no task without one
     assert hits == [False, True]
 
@@ -2054,7 +2054,7 @@ def test_pair_special_tokens_encodes_chat_records_as_transformers_tokenizer_does
             "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     for flag, entry in (("--pair-special-tokens", on), ("--no-pair-special-tokens", off)):
         assert dataset.main([*argv, flag]) == 0
-        assert f"cached at {entry.cache_path}" in capsys.readouterr().out
+        assert f"cached at {entry.cache_path}" in capsys.readouterr().err
 
 
 def test_pair_special_tokens_leaves_documents_text_and_lm_keys_alone(tmp_path):
@@ -2728,7 +2728,7 @@ def test_full_stdlib_pipeline_builds_lm_and_hits_cache(tmp_path, capsys):
         )
         == 0
     )
-    stats = json.loads(capsys.readouterr().out.split("\ncached at")[0])
+    stats = json.loads(capsys.readouterr().out)
     assert "dropped" in stats["corpus"] and "n_tokens" in stats["task"] and stats["cache_hit"]
 
 

@@ -1336,6 +1336,18 @@ def test_save_adapter_records_a_path_base_as_a_string(tmp_path):
     assert adapter_config.adapter_base(tmp_path / "a", "") == hf_dir
 
 
+def test_save_adapter_records_a_relative_local_base_as_found_from_anywhere(tmp_path,
+                                                                          monkeypatch):
+    """A local base named relative to the current directory is recorded absolute: the adapter
+    finds it from any directory (lora.py's merge, eval.py's ADAPTER alone)."""
+    _, model, _ = _pair("llama", tmp_path)
+    apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    monkeypatch.chdir(tmp_path)
+    save_adapter(model, tmp_path / "a", base_model_name_or_path="hf")
+    monkeypatch.chdir(tmp_path / "a")
+    assert adapter_config.adapter_base(tmp_path / "a", "") == tmp_path / "hf"
+
+
 def test_training_through_merged_adapters_says_to_unmerge_first(tmp_path):
     """Merged adapters are skipped in forward, so a training step would get autograd's "does not
     require grad" (or adapters that stop learning): it says to unmerge first; evaluating merged

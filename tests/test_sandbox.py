@@ -81,6 +81,12 @@ def test_sleeping_program_is_killed_at_the_time_limit():
     assert result.status == "timeout" and 1.0 <= result.duration_s < 1.5
 
 
+def test_what_a_program_printed_before_its_timeout_is_in_its_output():
+    """The sample runs unbuffered: a line printed before the kill is there to debug it."""
+    result = run_python("import time\nprint('reached')\ntime.sleep(60)", SandboxConfig(timeout_s=1.0))
+    assert result.status == "timeout" and "reached" in result.stdout
+
+
 def test_kill_running_ends_a_run_that_another_thread_waits_on():
     # An interrupt reaches only the main thread; the evaluator's workers wait on their runs.
     with ThreadPoolExecutor(max_workers=1) as pool:

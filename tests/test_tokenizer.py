@@ -980,6 +980,18 @@ def test_code_tokenizer_save_load(code_tok, stdlib_texts, tmp_path):
     assert load_tokenizer(tmp_path).encode("x = 1") == code_tok.encode("x = 1")
 
 
+def test_a_tokenizer_saved_to_a_new_path_without_json_makes_it_a_directory(code_tok, tmp_path):
+    """As transformers' save_pretrained: a path that is not there and not named *.json is a
+    directory, made, holding tokenizer.json and tokenizer_config.json; a second save there
+    writes into it."""
+    for name in ("new", "nested/new/"):
+        saved = code_tok.save(tmp_path / name)
+        assert saved == tmp_path / name.rstrip("/") / "tokenizer.json"
+        assert (saved.parent / "tokenizer_config.json").is_file()
+        assert code_tok.save(tmp_path / name) == saved
+        assert load_tokenizer(tmp_path / name).encode("x = 1") == code_tok.encode("x = 1")
+
+
 def test_special_token_strings_in_code_are_text_in_hf_and_transformers_too(code_tok, tmp_path):
     """``"<eos>"`` in scraped code is text, for codelm and for the exported tokenizer read by HF
     tokenizers and by transformers (which still knows every special token as special)."""

@@ -379,7 +379,9 @@ def run_python(source: str, config: SandboxConfig | None = None,
         env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1"}
-        command = [sys.executable, "-I", "-S", "-B", str(control_dir / "bootstrap.py"),
+        # -u: what the program printed before a timeout or a kill is in its output, not lost
+        # in a buffer
+        command = [sys.executable, "-I", "-S", "-B", "-u", str(control_dir / "bootstrap.py"),
                    str(control_dir / "program.py"), plain_encode(limits)]
 
         marker = f"\nsandbox: completed {token}\n".encode()

@@ -19,10 +19,11 @@ def read_json(path: Path) -> dict:
 
 def write_tokenizer(path: str | os.PathLike, data: dict, indent: int, config: dict | None = None,
                      replace_config: bool = False) -> Path:
-    """Write ``data`` to ``path``; into a directory, as tokenizer.json beside a
-    tokenizer_config.json of ``config`` (one there is kept unless ``replace_config``)."""
+    """Write ``data`` to ``path``: a file named ``*.json`` (or one there already), else into a
+    directory (made if need be, as transformers' save_pretrained makes one), as tokenizer.json
+    beside a tokenizer_config.json of ``config`` (one there is kept unless ``replace_config``)."""
     path = Path(path)
-    into_directory = path.is_dir()
+    into_directory = path.is_dir() or (not path.exists() and path.suffix != ".json")
     if into_directory:
         path = path / TOKENIZER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
