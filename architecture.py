@@ -685,6 +685,10 @@ def head_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
 
 
 class Transformer(nn.Module):
+    """The decoder-only model of every family (its ``ModelConfig``'s flags): ``model(idx)`` gives
+    the logits, ``model(idx, targets)`` the next-token loss with the head fused (``forward``);
+    ``pretrained.load(dir)`` loads an HF checkpoint as one."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         # The model's own copy (rope_scaling too), shared by its modules: `model.cfg.dropout = p`
@@ -886,6 +890,15 @@ def presets_table(scratch_vocab: int = DEFAULT_RUN_VOCAB) -> str:
     return "\n".join(rows)
 
 
+def preset_fields(name: str, scratch_vocab: int = DEFAULT_RUN_VOCAB) -> dict:
+    """A preset's every ModelConfig field; a from-scratch one at ``scratch_vocab``, as
+    ``presets_table`` counts it (a run takes its tokenizer's)."""
+    cfg = PRESETS[name]
+    if name in FROM_SCRATCH:
+        cfg = replace(cfg, vocab_size=scratch_vocab)
+    return asdict(cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import json
 
@@ -897,13 +910,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("preset", nargs="?", choices=list(PRESETS),
                         help="print this preset's fields as JSON")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_RUN_VOCAB,
-                        help="the vocabulary the from-scratch presets are counted at (default: "
-                        "%(default)s, the default run's tokenizer's)")
+                        help="the vocabulary the from-scratch presets are counted and shown "
+                        "at (default: %(default)s, the default run's tokenizer's)")
     args = parser.parse_args(argv)
     if args.vocab_size < 1:
         parser.error(f"--vocab-size {args.vocab_size}: must be >= 1")
     return process.run_tool(lambda: print(
-        json.dumps(asdict(PRESETS[args.preset]), indent=2) if args.preset
+        json.dumps(preset_fields(args.preset, args.vocab_size), indent=2) if args.preset
         else presets_table(args.vocab_size)))
 
 

@@ -3,6 +3,7 @@ it can learn (transformers parity of the loaded families is in test_pretrained.p
 in test_generation.py; the kernels against their plain ops in test_kernels.py)."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -453,6 +454,9 @@ def test_the_presets_table_counts_from_scratch_presets_at_the_default_runs_vocab
     assert "| code-3x128 |" in out and out.count("| 8192 | 1,651,584 |") == 1
     published = next(row for row in out.splitlines() if row.startswith("| starcoderbase-1b |"))
     assert "| 49152 | 1,137,207,296 |" in published  # a checkpoint's own vocabulary
+    for name, vocab in (("code-3x128", 8192), ("starcoderbase-1b", 49152)):  # one preset: alike
+        assert architecture.main([name, "--vocab-size", "8192"]) == 0
+        assert json.loads(capsys.readouterr().out)["vocab_size"] == vocab
 
 
 def test_a_ctrl_c_while_the_presets_table_is_built_is_one_line(capsys, monkeypatch):
