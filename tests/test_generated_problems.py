@@ -281,3 +281,15 @@ def test_bugs_outside_a_share_or_without_solutions_written_is_one_message(tmp_pa
     with pytest.raises(SystemExit):
         generated.main(["--n", "5", "--bugs", "0.3", "--out", out])
     assert "--pairs or --text" in capsys.readouterr().err
+
+
+def test_an_existing_out_file_is_kept_unless_force(tmp_path, capsys):
+    """A file already at --out is refused in one line, not replaced; --force replaces it."""
+    out = tmp_path / "keep.jsonl"
+    out.write_text("precious\n")
+    with pytest.raises(SystemExit):
+        generated.main(["--n", "2", "--seed", "0", "--out", str(out)])
+    assert "exists; --force replaces it" in capsys.readouterr().err
+    assert out.read_text() == "precious\n"
+    assert generated.main(["--n", "2", "--seed", "0", "--out", str(out), "--force"]) == 0
+    assert len(out.read_text().splitlines()) == 2

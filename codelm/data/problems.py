@@ -493,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--at-most", action="store_true",
                         help="where a seed holds fewer than --n distinct functions of --forms, "
                         "write those (a seed holds about 20 of clamp or replace_multiples)")
-    parser.add_argument("--out", required=True, help="the JSONL file written")
+    parser.add_argument("--out", required=True, help="the JSONL file written (an existing one "
+                        "is refused unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--forms", nargs="+", default=None, metavar="FORM",
                         help="draw only these forms (the problems' difficulty: sign_code and "
                         "in_range ask to copy constants from the examples, scale_and_shift or "
@@ -528,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seed: a seed named twice would write its problems twice")
     if outside := [seed for seed in args.seed if not 0 <= seed < SEEDS]:
         parser.error(f"--seed {outside[0]}: must be 0 to {SEEDS - 1} (each seed a set of its own)")
+    if Path(args.out).exists() and not args.force:
+        parser.error(f"--out {args.out}: exists; --force replaces it")
 
     def write() -> None:
         problems, counts, bugs = [], [], 0
