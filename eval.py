@@ -68,8 +68,28 @@ def model_specs(cfg: EvalConfig) -> list[str]:
     if cfg.models:
         return [run_by_name(spec, cfg.runs_dir) for spec in cfg.models]
     run = latest_run(cfg.runs_dir)
-    print(f"latest run: {run} (name others with --models)", file=sys.stderr)
+    passed_over = ""
+    if newer := newer_runs_without_a_model(cfg.runs_dir, run):
+        passed_over = (f"; {newer[-1].name}, newer, holds checkpoints only: --models "
+                       f"{newer[-1].name} scores its latest")
+    print(f"latest run: {run} (name others with --models{passed_over})", file=sys.stderr)
     return [str(run)]
+
+
+def newer_runs_without_a_model(runs_dir: str | Path, chosen: Path) -> list[Path]:
+    """The runs under ``runs_dir`` with checkpoints but no export/ or best/ whose latest
+    checkpoint is newer than ``chosen``'s model, oldest first: what latest_run passed over."""
+    if not any((chosen / d).is_dir() for d in (rundir.EXPORT_DIR, rundir.BEST_DIR)):
+        return []
+    since = max((chosen / d).stat().st_mtime for d in (rundir.EXPORT_DIR, rundir.BEST_DIR)
+                if (chosen / d).exists())
+    newer = []
+    for run in Path(runs_dir).iterdir():
+        checkpoints = rundir.list_checkpoints(run) if rundir.is_run_dir(run) else []
+        if checkpoints and checkpoints[-1].stat().st_mtime > since and not any(
+                (run / d).is_dir() for d in (rundir.EXPORT_DIR, rundir.BEST_DIR)):
+            newer.append((checkpoints[-1].stat().st_mtime, run))
+    return [run for _, run in sorted(newer)]
 
 
 def run_by_name(spec: str, runs_dir: str | Path) -> str:

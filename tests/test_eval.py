@@ -2401,8 +2401,8 @@ def test_default_run_evaluates_the_latest_run(tiny_models, tmp_path, monkeypatch
 
 def test_the_latest_run_is_the_newest_that_holds_a_model(tmp_path):
     """A newer run with only a checkpoint (still training, before its first evaluation) is not
-    the default: the latest run with an export/ or best/ is; where no run has one, the latest
-    with a checkpoint is (eval scores its checkpoint, with a note)."""
+    the default, but is named beside it: the latest run with an export/ or best/ is; where no
+    run has one, the latest with a checkpoint is (eval scores its checkpoint, with a note)."""
     import json
     import os
 
@@ -2415,6 +2415,7 @@ def test_the_latest_run_is_the_newest_that_holds_a_model(tmp_path):
     os.utime(older / rundir.EXPORT_DIR, (1_000_000, 1_000_000))
     assert rundir.is_run_dir(newer)
     assert ev.latest_run(runs) == older
+    assert ev.newer_runs_without_a_model(runs, older) == [newer]  # named beside the choice
     shutil.rmtree(older)  # the only run holds a checkpoint alone: scored from it
     assert ev.latest_run(runs) == newer
 
