@@ -43,9 +43,11 @@ class DataConfig:
 
     # task and sources
     task: str = "lm"  # lm | completion | method | docstring | refactor | fim | chat | project
-    sources: list[str] = field(default_factory=lambda: ["stdlib"])  # "stdlib", a directory, a
-    #   JSONL of code ({repo, path, text} or {"file_text"}), of pairs ({input, output} or
-    #   {prompt, completion}) or of conversations ({"messages": [{role, content}, ...]})
+    sources: list[str] = field(default_factory=lambda: ["stdlib"])  # "stdlib", a directory (a
+    #   git checkout too), a JSONL of code ({repo, path, text} or {"file_text"}), of pairs
+    #   ({input, output} or {prompt, completion}) or of conversations ({"messages": [{role,
+    #   content}, ...]}), a parquet file, a datasets save_to_disk directory, or a Hugging Face
+    #   dataset id (org/name: its train split)
     val_sources: list[str] = field(default_factory=list)  # exactly the val split; `sources`
     #   fill the others, and a copy of one of its documents in `sources` leaves training
     test_sources: list[str] = field(default_factory=list)  # the same for the test split
