@@ -655,9 +655,11 @@ def check_writers(path: Path, writers: int, world: int, per_process: int) -> boo
                              f"grad_accum to give {then} on {world}")
         return writers == world
     if writers != world:
-        raise ValueError(f"{path} was written by {writers} process(es), this run has {world}: its "
-                         f"global batch would change from {per_process * writers} to "
-                         f"{per_process * world} examples a step; resume it on {writers}")
+        raise ValueError(f"{path} was written by {writers} process(es), this run has {world}: "
+                         f"its global batch would change from {per_process * writers} to "
+                         f"{per_process * world} examples a step, and each process's random "
+                         f"state is its own: resume it on {writers} (only a --strategy fsdp "
+                         "checkpoint moves to another count)")
     return True
 
 
