@@ -67,8 +67,8 @@ METRIC_NAMES = {"val_bpb": "validation bits per byte", "val_loss": "validation l
 # The version of the study's recorded settings (2: trials valued by val bits per byte).
 FORMAT_VERSION = 2
 STEP_REFUSED = "this machine refuses the step"  # a trial's reason where budget.StepRefused ended it
-# The sweep stops when its first trials this many are all refused by the machine: the search
-# space's values, or the time budget, are beyond it whatever the sampler picks next.
+# The sweep stops when this many trials are refused by the machine and none has trained: the
+# search space's values, or the time budget, are beyond it whatever the sampler picks next.
 REFUSED_BEFORE_STOP = 3
 # Completes the trainer's "checkpoint saved at step N; continue with ...".
 RESUME_HINT = ("the same hyperparam_tune.py command, which continues this trial's run from its "
@@ -316,7 +316,7 @@ def _stop_if_every_step_refused(trial: optuna.Trial, reason: str) -> None:
         return
     trial.set_user_attr(studies.ATTR_STOPPED, True)
     trial.set_user_attr(studies.ATTR_REASON, f"stopped the sweep: {reason}")
-    raise ValueError(f"the first {REFUSED_BEFORE_STOP} trials were all refused by this machine "
+    raise ValueError(f"{REFUSED_BEFORE_STOP} trials refused by this machine and none trained "
                      f"(the last: {reason}): narrow the search space's block_size, batch_size "
                      "or model size, or raise --time-budget-min")
 

@@ -144,22 +144,26 @@ def _intact(weights_dir: Path) -> bool:
 
 def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
               dtype: str | None = None, unquantized: bool = False,
-              chosen: Path | None = None) -> tuple[torch.nn.Module, Path, dict, dict]:
+              chosen: Path | None = None, as_run: bool = True
+              ) -> tuple[torch.nn.Module, Path, dict, dict]:
     """A run's model (its export while that holds best/, else best/ or the latest checkpoint;
     ``chosen``: that best/ or checkpoint), its tokenizer's directory, config and
-    ``_run_weights``; ``unquantized``: load_model's."""
+    ``_run_weights``; ``unquantized``: load_model's. A LoRA run on a base of another form than
+    its export's (NF4, bf16) is scored as it trained, from best/ or a checkpoint, where the run
+    (``as_run``) and not its export/ was named."""
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
     export = run_dir / rundir.EXPORT_DIR
     tok_dir = _run_tokenizer(run_dir, tokenizer)
     adapter = (export / adapter_config.ADAPTER_CONFIG).is_file()
     exported = adapter or (export / rundir.HF_CONFIG).is_file()
-    reduced = _reduced_base(config)
+    as_trained = adapter and as_run and not unquantized and _reduced_base(config)
     if chosen is None and (stale := rundir.stale_export(run_dir)):
         print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
-    elif chosen is None and adapter and reduced and not unquantized:
-        print(f"note: {run_dir} trained on a {reduced} base: scored as it trained, best/ on "
-              f"that base ({export}'s adapter loads on the full-precision base as "
-              "BASE+ADAPTER)", file=sys.stderr)
+    elif chosen is None and as_trained and _has_trained_weights(run_dir):
+        form = quantize.base_form(config.get("quantize_bits", 0), config.get("base_dtype", ""))
+        print(f"note: {run_dir} trained on {form}: scored on it, as it trained, from its "
+              f"weights beside {export} (an adapter for the full-precision base: "
+              f"BASE+{export} scores it there)", file=sys.stderr)
     elif chosen is None and exported and _intact(export):
         base = Path(_run_base(run_dir, config)) if adapter else export
         model = _load_hf(base, device, dtype, export if adapter else None)
@@ -189,23 +193,26 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     return model.to(device), tok_dir, config, scored
 
 
-def _reduced_base(config: dict) -> str | None:
-    """The form of a LoRA run's frozen base where it trained on one other than fp32 (NF4, int8,
-    bf16, fp16); None where it trained on the fp32 base, as its exported adapter loads."""
-    bits = config.get("quantize_bits", 0)
-    if bits:
-        return "NF4" if bits == 4 else "int8"
-    dtype = config.get("base_dtype", "fp32")
-    return None if dtype == "fp32" else dtype
+def _reduced_base(config: dict) -> bool:
+    """Whether a LoRA run's frozen base trained in another form than its exported adapter loads
+    on (NF4, int8, bf16 or fp16, not fp32)."""
+    return bool(config.get("quantize_bits", 0)) or config.get("base_dtype", "fp32") != "fp32"
+
+
+def _has_trained_weights(run_dir: Path) -> bool:
+    """Whether a run holds an intact best/ or checkpoint (``_run_weights_dir`` finds one)."""
+    candidates = [run_dir / rundir.BEST_DIR, *rundir.list_checkpoints(run_dir)]
+    return any(c.is_dir() and process.manifest_problem(c) is None for c in candidates)
 
 
 def _note_another_base(adapter: Path, base: Path) -> None:
-    """A note where BASE+ADAPTER's base is not the one the adapter's config names, when that one
-    is on this machine to compare: scored on the given base, as asked."""
-    try:
-        named = adapter_config.adapter_base(adapter, "")
-    except ValueError:  # a base not on this machine, or none named: nothing to compare
+    """A note where BASE+ADAPTER's base is not the local directory the adapter's config names
+    (a hub id is not looked up: nothing is downloaded for a note): scored on the given base."""
+    config = settings.read_json_object(adapter / adapter_config.ADAPTER_CONFIG, "adapter config")
+    named = config.get("base_model_name_or_path")
+    if not named or not Path(named).is_dir():
         return
+    named = Path(named)
     if named.resolve() != base.resolve():
         print(f"note: {adapter / adapter_config.ADAPTER_CONFIG} names the base {named}, not "
               f"{base}: scored on {base}, as given", file=sys.stderr)
@@ -282,8 +289,9 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
                                          else rundir.run_of_weights(path))
     if run_dir is not None:  # a run (its export/ is the run's model), its best/ or a checkpoint
         chosen = None if path == run_dir or path.name == rundir.EXPORT_DIR else path
-        model, tok_dir, run_config, run_weights = _load_run(run_dir, device, tokenizer, dtype,
-                                                            unquantized, chosen)
+        model, tok_dir, run_config, run_weights = _load_run(
+            run_dir, device, tokenizer, dtype, unquantized, chosen,
+            as_run=path.name != rundir.EXPORT_DIR)
         named = run_dir.absolute().name
         label = label or (named if chosen is None else f"{named}-{path.name}")
     elif adapter_spec or (path / adapter_config.ADAPTER_CONFIG).is_file():

@@ -184,9 +184,9 @@ class TrainConfig:
     sample_prompt: str | None = None  # completed greedily at the end (with --export); None: a
     #   held-out prompt in the task's format (a function's header, a validation pair's input)
     sample_tokens: int = 96  # at most this many tokens of that sample; 0: no sample
-    final_eval: bool = True  # a from-scratch run of task lm, with export (not LoRA): line
-    #   and function completion (eval.py's line and method tasks) on the test split, printed
-    #   with the val loss
+    final_eval: bool = True  # a run of task lm that trains every weight (not LoRA), with
+    #   export: line and function completion (eval.py's line and method tasks) on the test
+    #   split, printed with the val loss
     # debugging
     overfit: bool = False  # train on the bundled tiny corpus until it is memorised
     overfit_batches: int = 0  # overfit K batches of the real training data (0: off); with it,
@@ -424,7 +424,8 @@ def check_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.fl
                          "unset one (--max-steps none, --epochs none)")
     need(cfg.time_budget_min is not None or cfg.max_steps or cfg.epochs, "time_budget_min",
          "unset, and so are max_steps and epochs: set one of them, the run's length")
-    chosen_elsewhere = cfg.init_from is not None or cfg.resume is not None  # its model named
+    resumed = cfg.resume is not None and (Path(cfg.resume) / rundir.CONFIG_FILE).is_file()
+    chosen_elsewhere = cfg.init_from is not None or resumed  # a checkpoint or run names the model
     need(cfg.preset != "auto" or chosen_elsewhere or cfg.time_budget_min is not None,
          "preset", f"auto chooses the model for {named('time_budget_min')}: set a budget, or "
          f"name a preset of {sorted(PRESETS)}")

@@ -4140,7 +4140,8 @@ def test_dtype_on_a_quantized_runs_best_keeps_the_base_it_trained_on(tiny_models
 def test_a_qlora_run_is_scored_on_the_quantized_base_it_trained_on(tiny_models, tmp_path, capsys):
     """A QLoRA run given by its directory is scored as it trained, its best/ adapter on the NF4
     base (the same model as its best/ given alone), not its export/'s adapter on the
-    full-precision base (BASE+ADAPTER), with a note naming both."""
+    full-precision base (BASE+ADAPTER), with a note naming both; its export/ named alone is that
+    adapter, as exported."""
     import shutil
 
     import torch
@@ -4158,6 +4159,7 @@ def test_a_qlora_run_is_scored_on_the_quantized_base_it_trained_on(tiny_models, 
     run = _qlora_run(tmp_path / "qlora", cfg, trained, m)
     lora.save_adapter(trained, run / rundir.EXPORT_DIR, base_model_name_or_path=m["base"])
     shutil.copy(m["base"] / "tokenizer.json", run / rundir.EXPORT_DIR / "tokenizer.json")
+    process.write_manifest(run / rundir.EXPORT_DIR)  # as the run's end writes it
     ids = torch.tensor([[1, 5, 7, 9, 11]])
     with torch.no_grad():
         as_trained = trained.eval()(ids)[0]
@@ -4165,10 +4167,12 @@ def test_a_qlora_run_is_scored_on_the_quantized_base_it_trained_on(tiny_models, 
         best = loading.load_model(str(run / rundir.BEST_DIR), "cpu").model.eval()(ids)[0]
         full = loading.load_model(f"{m['base']}+{run / rundir.EXPORT_DIR}", "cpu").model
         on_full_base = full.eval()(ids)[0]
+        export = loading.load_model(str(run / rundir.EXPORT_DIR), "cpu").model.eval()(ids)[0]
     assert torch.equal(scored, as_trained) and torch.equal(best, as_trained)
     assert not torch.allclose(on_full_base, as_trained)
+    assert torch.equal(export, on_full_base)  # export/ named: the adapter as it was exported
     err = capsys.readouterr().err
-    assert "trained on a NF4 base: scored as it trained" in err and "BASE+ADAPTER" in err
+    assert "trained on an NF4 base: scored on it, as it trained" in err and "BASE+" in err
 
 
 def test_eval_py_loads_each_model_in_the_dtype_its_flag_names(tiny_models, tmp_path, monkeypatch):

@@ -1302,6 +1302,18 @@ def test_lora_config_refuses_what_peft_would_not_write(values, message):
         LoRAConfig(**values)
 
 
+def test_lora_config_takes_tuples_of_names_and_numpys_numbers():
+    """What PEFT's LoraConfig takes besides: a tuple of module names (kept as the list), and
+    numpy's integers and floats (as Python's)."""
+    import numpy as np
+
+    cfg = LoRAConfig(r=np.int64(4), alpha=np.float32(8.0), dropout=np.float64(0.1),
+                     target_modules=("q_proj", "v_proj"), modules_to_save=("lm_head",))
+    assert (cfg.r, cfg.alpha, cfg.target_modules, cfg.modules_to_save) == (
+        4, 8.0, ["q_proj", "v_proj"], ["lm_head"])
+    assert type(cfg.r) is int and type(cfg.alpha) is float and cfg.scale == 2.0
+
+
 @pytest.mark.parametrize(("write", "message"), [
     (lambda f, good: f.write_bytes(b"not a pickle"),
      "truncated or corrupt weights file (UnpicklingError)"),

@@ -5,6 +5,7 @@ what codelm's LoRA does not compute as PEFT does."""
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,17 @@ class LoRAConfig:
     use_dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output row
 
     def __post_init__(self) -> None:
-        """Each field as PEFT's adapter_config.json may hold it (_PEFT_FIELDS), else ValueError."""
+        """Each field as PEFT's adapter_config.json may hold it (_PEFT_FIELDS), else ValueError;
+        a tuple of names taken as the list, and numpy's numbers as Python's."""
+        for name in ("target_modules", "modules_to_save"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        if isinstance(self.r, numbers.Integral) and not isinstance(self.r, (bool, int)):
+            self.r = int(self.r)
+        for name in ("alpha", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+                setattr(self, name, float(value))
         for name, _, fits, words in _PEFT_FIELDS.values():
             if not fits(getattr(self, name)):
                 raise ValueError(f"LoRAConfig.{name}={getattr(self, name)!r}: must be {words}")

@@ -24,6 +24,14 @@ def nf4_levels() -> torch.Tensor:
 NF4_BLOCK = 64
 
 
+def base_form(quantize_bits: int, base_dtype: str) -> str:
+    """A LoRA run's frozen base as its log and notes name it, with its article: "an NF4 base",
+    "an int8 base", "a bf16 base", "an fp32 base"."""
+    if quantize_bits:
+        return "an NF4 base" if quantize_bits == 4 else "an int8 base"
+    return f"{'a' if base_dtype == 'bf16' else 'an'} {base_dtype} base"
+
+
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 

@@ -468,7 +468,7 @@ def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
     ids = torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     step_s = budget.seconds_a_step(lambda: trainer.train_step([batch] * cfg.grad_accum).read(),
-                                 plan.RUNG_TIMING_S)
+                                   plan.RUNG_TIMING_S)
     tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size * dist.world
     params = sum(p.numel() for p in model.parameters())
     return broadcast(Probe(params, tokens / step_s), dist)
@@ -482,7 +482,7 @@ def measure_step_cost(cfg: TrainConfig, device: torch.device, dist: Dist) -> bud
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = cfg.offload_activations
     cost = budget.step_cost(model, cfg.block_size, cfg.batch_size, cfg.grad_accum, device,
-                          partial(autocast, device, checked_precision(cfg, device)))
+                            partial(autocast, device, checked_precision(cfg, device)))
     return broadcast(budget.StepMeasure(cost, free), dist)
 
 
@@ -497,7 +497,7 @@ def check_step_cost(cfg: TrainConfig, model: nn.Module, block_size: int, device:
 
     def measured() -> budget.StepCost:
         return broadcast(budget.step_cost(model, block_size, cfg.batch_size, cfg.grad_accum,
-                                        device, partial(autocast, device, precision)), dist)
+                                          device, partial(autocast, device, precision)), dist)
 
     cost = measured()
     free = min(all_gather(budget.free_memory(device), dist))  # the fullest device's
@@ -644,11 +644,7 @@ def adapters_on(cfg: TrainConfig) -> str:
     if cfg.lora_r == 0:
         return ""
     kind = "DoRA" if cfg.lora_dora else "LoRA"
-    if cfg.quantize_bits:
-        form = "an NF4" if cfg.quantize_bits == 4 else "an int8"
-    else:
-        form = "a bf16" if cfg.base_dtype == "bf16" else f"an {cfg.base_dtype}"
-    return f", {kind} r {cfg.lora_r} on {form} base"
+    return f", {kind} r {cfg.lora_r} on {quantize.base_form(cfg.quantize_bits, cfg.base_dtype)}"
 
 
 def announce(run: Run, cfg: TrainConfig) -> None:

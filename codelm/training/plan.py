@@ -73,12 +73,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def no_final_eval(cfg: TrainConfig) -> str:
-    """Why a run with final_eval set makes no final evaluation (has_final_eval): it ends a
-    from-scratch code model's run only, exported."""
+    """Why a run with final_eval set makes no final evaluation (has_final_eval): it ends a run
+    of task lm that trains every weight, exported."""
     if cfg.task != "lm":
         return f"task {cfg.task}: it ends task lm's runs"
     if cfg.lora_r:
-        return "a LoRA run: it ends a from-scratch model's"
+        return "a LoRA run: it ends a run that trains every weight"
     return "no export: it scores the export"
 
 
