@@ -890,11 +890,11 @@ def presets_table(scratch_vocab: int = DEFAULT_RUN_VOCAB) -> str:
     return "\n".join(rows)
 
 
-def preset_fields(name: str, scratch_vocab: int = DEFAULT_RUN_VOCAB) -> dict:
-    """A preset's every ModelConfig field; a from-scratch one at ``scratch_vocab``, as
-    ``presets_table`` counts it (a run takes its tokenizer's)."""
+def preset_fields(name: str, scratch_vocab: int | None = None) -> dict:
+    """A preset's every ModelConfig field, as PRESETS holds it; a from-scratch one at
+    ``scratch_vocab`` where given (a run takes its tokenizer's)."""
     cfg = PRESETS[name]
-    if name in FROM_SCRATCH:
+    if name in FROM_SCRATCH and scratch_vocab is not None:
         cfg = replace(cfg, vocab_size=scratch_vocab)
     return asdict(cfg)
 
@@ -909,15 +909,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameter counts, or one preset's every ModelConfig field as JSON.")
     parser.add_argument("preset", nargs="?", choices=list(PRESETS),
                         help="print this preset's fields as JSON")
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_RUN_VOCAB,
-                        help="the vocabulary the from-scratch presets are counted and shown "
-                        "at (default: %(default)s, the default run's tokenizer's)")
+    parser.add_argument("--vocab-size", type=int,
+                        help="the vocabulary the from-scratch presets are counted at in the "
+                        f"table (default: {DEFAULT_RUN_VOCAB}, the default run's tokenizer's) "
+                        "and shown at with PRESET (default: the preset's own)")
     args = parser.parse_args(argv)
-    if args.vocab_size < 1:
+    if args.vocab_size is not None and args.vocab_size < 1:
         parser.error(f"--vocab-size {args.vocab_size}: must be >= 1")
     return process.run_tool(lambda: print(
         json.dumps(preset_fields(args.preset, args.vocab_size), indent=2) if args.preset
-        else presets_table(args.vocab_size)))
+        else presets_table(args.vocab_size or DEFAULT_RUN_VOCAB)))
 
 
 if __name__ == "__main__":
