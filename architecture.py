@@ -849,14 +849,16 @@ def check_token_ids(idx: torch.Tensor, targets: torch.Tensor | None, vocab_size:
             raise ValueError(f"{name}: token ids are integers, got a {ids.dtype} tensor")
     if idx.device.type != "cpu" or idx.numel() == 0:
         return
-    if idx.min() < 0 or idx.max() >= vocab_size:
-        raise ValueError(f"idx: ids from {idx.min().item()} to {idx.max().item()}, outside the "
+    low, high = torch.aminmax(idx)
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"idx: ids from {low.item()} to {high.item()}, outside the "
                          f"model's vocabulary [0, {vocab_size}): a tokenizer with more tokens "
                          "than the model has embeddings?")
     if targets is None:
         return
-    counted = targets[targets != IGNORE_INDEX]
-    if counted.numel() and (counted.min() < 0 or counted.max() >= vocab_size):
+    outside = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
+    if outside.any():  # (the counted targets gathered on this path alone)
+        counted = targets[targets != IGNORE_INDEX]
         raise ValueError(f"targets: ids from {counted.min().item()} to {counted.max().item()} "
                          f"besides IGNORE_INDEX ({IGNORE_INDEX}), outside the model's "
                          f"vocabulary [0, {vocab_size})")

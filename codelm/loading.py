@@ -199,10 +199,18 @@ def _reduced_base(config: dict) -> bool:
     return bool(config.get("quantize_bits", 0)) or config.get("base_dtype", "fp32") != "fp32"
 
 
+def _weights_candidates(run_dir: Path) -> list[Path]:
+    """A run's weights directories as eval.py prefers them: best/, then its checkpoints, the
+    newest first."""
+    best = run_dir / rundir.BEST_DIR
+    return [best] * best.is_dir() + rundir.list_checkpoints(run_dir)[::-1]
+
+
 def _has_trained_weights(run_dir: Path) -> bool:
-    """Whether a run holds an intact best/ or checkpoint (``_run_weights_dir`` finds one)."""
-    candidates = [run_dir / rundir.BEST_DIR, *rundir.list_checkpoints(run_dir)]
-    return any(c.is_dir() and process.manifest_problem(c) is None for c in candidates)
+    """Whether a run holds a best/ or checkpoint whose files have their recorded sizes (a look
+    that reads no file: ``_run_weights_dir`` checks the digests of the one it takes)."""
+    return any(process.manifest_problem(c, sizes_only=True) is None
+               for c in _weights_candidates(run_dir))
 
 
 def _note_another_base(adapter: Path, base: Path) -> None:
@@ -225,9 +233,7 @@ def _run_weights_dir(run_dir: Path, chosen: Path | None) -> Path:
         if problem := process.manifest_problem(chosen):
             raise ValueError(f"{chosen}: {problem}; not scored")
         return chosen
-    best = run_dir / rundir.BEST_DIR
-    candidates = [best] * best.is_dir() + rundir.list_checkpoints(run_dir)[::-1]
-    weights_dir = next((c for c in candidates if _intact(c)), None)
+    weights_dir = next((c for c in _weights_candidates(run_dir) if _intact(c)), None)
     if weights_dir is None:
         raise ValueError(f"{run_dir}: no model in {rundir.EXPORT_DIR}/, and no intact "
                          f"{rundir.BEST_DIR}/ or checkpoint to score")
