@@ -2172,6 +2172,27 @@ def test_a_test_split_without_the_tasks_examples_is_noted_before_training(assets
     assert "the test split holds no" not in capsys.readouterr().err
 
 
+def test_a_train_split_far_below_train_frac_is_noted(assets, tmp_path, capsys):
+    """Three files split by fraction give val and test one each, so a third trains, not 0.8:
+    the run says so, naming --val-data and test_frac; ten files split near 8/1/1 are not noted."""
+    def corpus(name: str, n_files: int) -> str:
+        root = tmp_path / name
+        root.mkdir()
+        for i in range(n_files):
+            (root / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {i * j}\n"
+                                                   for j in range(40)))
+        return str(root)
+
+    tm.train(tiny_cfg(assets, tmp_path, data=[corpus("three", 3)], max_steps=1, eval_every=1,
+                      warmup_steps=0, name="three"))
+    err = capsys.readouterr().err
+    assert "the train split holds 1 of 3 files" in err and "train_frac 0.8" in err
+    assert "--val-data" in err and "test_frac 0" in err
+    tm.train(tiny_cfg(assets, tmp_path, data=[corpus("ten", 10)], max_steps=1, eval_every=1,
+                      warmup_steps=0, name="ten"))
+    assert "the train split holds" not in capsys.readouterr().err
+
+
 def test_sample_tokens_0_writes_no_end_of_run_sample(assets, tmp_path, monkeypatch, capsys):
     """--sample-tokens 0 asks for no sample: none is generated or printed; the export is
     written as ever."""

@@ -361,19 +361,41 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
         raise ValueError(f"the validation split of {dcfg.sources} is empty: give validation "
                          "files with --val-data, add data, or raise val_frac of data_options "
                          "(--data-options)")
-    if dist.main and len(splits.test) == 0 and (dcfg.test_frac > 0 or settings.test_data):
-        print(f"note: the test split holds no {settings.task} examples (its files have none): "
-              "eval.py finds none there; score the run with --split val, or give more data",
-              file=sys.stderr)
-    if dist.main and settings.val_data and not settings.test_data and len(splits.test):
-        whole = round(dcfg.train_frac + dcfg.test_frac, 6)
-        print(f"note: --data still holds out test_frac {dcfg.test_frac:g} as the test split; "
-              f"--data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' trains on all "
-              "of it", file=sys.stderr)
+    if dist.main:
+        for note in split_notes(settings, dcfg, splits):
+            print(f"note: {note}", file=sys.stderr)
     data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
                "train_examples": len(splits.train), "corpus": corpus_key(dcfg)}
     return Data(tok, dcfg, example_batches(settings, splits, tok, dcfg.block_size, dist),
                 splits.sample_prompt, data_id, not own_tok)
+
+
+LOPSIDED_TRAIN_SHARE = 0.75  # a train split under this share of train_frac is noted
+
+
+def split_notes(settings: DataSettings, dcfg: DataConfig, splits: PreparedData) -> list[str]:
+    """What a user should know of the splits the data gave: a train split far smaller than
+    train_frac (a corpus of a few files or repositories), a test split without the task's
+    examples, a test split --data still holds out beside --val-data."""
+    notes = []
+    counts = splits.stats["corpus"]["split"]
+    kept = sum(counts.values())
+    by_fraction = not (settings.val_data or settings.test_data or settings.overfit_batches)
+    if by_fraction and counts["train"] < LOPSIDED_TRAIN_SHARE * dcfg.train_frac * kept:
+        unit = splits.stats["corpus"].get("split_by", "file")
+        notes.append(f"the train split holds {counts['train']} of {kept} files, not about "
+                     f"train_frac {dcfg.train_frac:g} of them: val and test take whole {unit}s, "
+                     "at least one each; add data, or give --val-data and set test_frac 0 "
+                     "(--data-options)")
+    if len(splits.test) == 0 and (dcfg.test_frac > 0 or settings.test_data):
+        notes.append(f"the test split holds no {settings.task} examples (its files have none): "
+                     "eval.py finds none there; score the run with --split val, or give more data")
+    if settings.val_data and not settings.test_data and len(splits.test):
+        whole = round(dcfg.train_frac + dcfg.test_frac, 6)
+        notes.append(f"--data still holds out test_frac {dcfg.test_frac:g} as the test split; "
+                     f"--data-options '{{\"train_frac\": {whole:g}, \"test_frac\": 0}}' trains "
+                     "on all of it")
+    return notes
 
 
 def example_batches(settings: DataSettings, splits: PreparedData,
