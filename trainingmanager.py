@@ -408,6 +408,7 @@ def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
         if evaluate or not record.saved(s.step):
             record.checkpoint(s, run.trainer, run.data.batches.order.state_dict())
         stop = signals.stop_requested(record.dist, run.device)  # one during that evaluation
+        progress.close()  # the steps are done: the export's lines go below the bar's last frame
         if loop.export and stop is None:
             result.export_dir, result.sample = finish.export_run(run)
             stop = signals.stop_requested(record.dist, run.device)

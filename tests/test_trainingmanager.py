@@ -2193,6 +2193,22 @@ def test_a_train_split_far_below_train_frac_is_noted(assets, tmp_path, capsys):
     assert "the train split holds" not in capsys.readouterr().err
 
 
+def test_the_step_bar_closes_before_the_export_prints(assets, tmp_path, monkeypatch):
+    """On a terminal the step bar's last frame stays on its line: the bar is closed before the
+    export prints its sample, so that no line of it is written after the frame on that line."""
+    events = []
+    bar_close = record.Progress.close
+    export_run = finish.export_run
+    monkeypatch.setattr(record.Progress, "close",
+                        lambda self: events.append("close") or bar_close(self))
+    monkeypatch.setattr(finish, "export_run", lambda run: events.append("export") or
+                        export_run(run))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=0, export=True,
+                      progress=True))
+    assert "export" in events and events.index("close") < events.index("export")
+
+
 def test_sample_tokens_0_writes_no_end_of_run_sample(assets, tmp_path, monkeypatch, capsys):
     """--sample-tokens 0 asks for no sample: none is generated or printed; the export is
     written as ever."""
