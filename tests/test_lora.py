@@ -1360,6 +1360,20 @@ def test_save_adapter_records_a_relative_local_base_as_found_from_anywhere(tmp_p
     assert adapter_config.adapter_base(tmp_path / "a", "") == tmp_path / "hf"
 
 
+def test_save_adapter_of_a_model_without_a_base_says_so(tmp_path, capsys):
+    """A model built from a config names no base: its adapter records none, and save_adapter
+    says how to name one; a named base gets no such note."""
+    model = Transformer(PRESETS["tiny"])
+    apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / adapter_config.ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] is None
+    err = capsys.readouterr().err
+    assert "names no base" in err and "base_model_name_or_path=" in err and "BASE+ADAPTER" in err
+    save_adapter(model, tmp_path / "b", base_model_name_or_path=tmp_path)
+    assert "names no base" not in capsys.readouterr().err
+
+
 def test_training_through_merged_adapters_says_to_unmerge_first(tmp_path):
     """Merged adapters are skipped in forward, so a training step would get autograd's "does not
     require grad" (or adapters that stop learning): it says to unmerge first; evaluating merged
