@@ -37,7 +37,7 @@ from codelm.data.sources import Doc
 from codelm.endpoints import Endpoint, Sampling, endpoint_model, is_endpoint, parse_endpoint
 from codelm.endpoints import complete as complete_at
 from codelm.evaluation import corpus, instruct, scoring
-from codelm.evaluation.config import EvalConfig, build_parser, parse_config
+from codelm.evaluation.config import EvalConfig, build_parser, mode_unused, parse_config
 from codelm.evaluation.preference_pairs import write_preference_data
 from codelm.evaluation.results import (
     FORMAT_VERSION,
@@ -58,7 +58,7 @@ from codelm.openai_api import served_model
 from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.console import progress_bar
-from codelm.serving import serve
+from codelm.serving import check_address, serve
 
 # ---- Models, served or completing a prompt -------------------------------------------------
 
@@ -127,6 +127,7 @@ def latest_run(runs_dir: str | Path) -> Path:
 def serve_models(cfg: EvalConfig) -> int:
     """``--serve``: the models over an OpenAI-compatible API until SIGTERM or Ctrl-C, each
     prompt encoded as the tasks prompt it, ``cfg.batch_size`` sequences decoded at once."""
+    check_address(cfg.host, cfg.port)
     device = loading.device_named(cfg.device)
     served = []
     seen: Counter = Counter()
@@ -137,7 +138,7 @@ def serve_models(cfg: EvalConfig) -> int:
                                    partial(scoring.served_prompt, lm, cfg),
                                    len(scoring.prompt_start(lm)), scoring.stop_ids(lm),
                                    scoring.chat_stop_ids(lm)))
-    return serve(served, cfg.host, cfg.port, cfg.api_key, cfg.batch_size)
+    return serve(served, cfg.host, cfg.port, cfg.api_key, cfg.batch_size, cfg.compile)
 
 
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
@@ -501,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = parse_config(argv)
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
+            if (unused := mode_unused(cfg)) is not None:
+                print(f"note: {unused}", file=sys.stderr)
             if cfg.prompt is not None:
                 complete(cfg)
                 return 0

@@ -79,9 +79,10 @@ class EngineThread:
     """One model's engine, stepped on its own thread; handlers submit requests and read their
     tokens from a queue each."""
 
-    def __init__(self, served: ServedModel, slots: int) -> None:
+    def __init__(self, served: ServedModel, slots: int, compile: bool = False) -> None:
         self.served = served
-        self.engine = Engine(served.model, slots)
+        self.compile = compile
+        self.engine = Engine(served.model, slots, compile=compile)
         self.inbox: queue.Queue = queue.Queue()
         self.requests: dict[int, _Submitted] = {}
         self.tokens = 0  # generated, for the console line
@@ -147,7 +148,7 @@ class EngineThread:
             self.requests.clear()
             slots = len(self.engine.rows)
             self.engine = None  # its caches freed before the next one's are made
-            self.engine = Engine(self.served.model, slots)
+            self.engine = Engine(self.served.model, slots, compile=self.compile)
             return
         for event in events:
             self.tokens += 1
@@ -690,17 +691,36 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
-                api_key: str | None = None, slots: int = 8) -> _Server:
-    """A server bound to ``host:port`` (port 0: a free one), its engines running; serve with
-    ``serve_forever()``, end with `shutdown()` then `close_server(server)`."""
-    engines = {m.name: EngineThread(m, slots) for m in models}
+                api_key: str | None = None, slots: int = 8, compile: bool = False) -> _Server:
+    """A server bound to ``host:port`` (port 0: a free one), its engines running (``compile``:
+    their decode steps compiled, a CUDA graph on CUDA); serve with ``serve_forever()``, end with
+    `shutdown()` then `close_server(server)`."""
+    engines = {m.name: EngineThread(m, slots, compile) for m in models}
     try:
         return _Server((host, port), engines, api_key)
     except OSError as e:  # the port taken, or a host this machine is not
         for engine in engines.values():
             engine.stop()
-        raise ValueError(f"cannot serve on {host}:{port}: {e.strerror or e}; give another "
-                         "--port (--port 0: a free one) or --host") from None
+        raise _address_error(host, port, e) from None
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the server could not bind, as ``make_server`` would, before the models
+    load (which may take minutes); port 0 (a free one) always binds."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            probe.bind((host, port))
+    except OSError as e:
+        raise _address_error(host, port, e) from None
+
+
+def _address_error(host: str, port: int, error: OSError) -> ValueError:
+    return ValueError(f"cannot serve on {host}:{port}: {error.strerror or error}; give another "
+                      "--port (--port 0: a free one) or --host")
 
 
 def close_server(server: _Server) -> None:
@@ -712,9 +732,9 @@ def close_server(server: _Server) -> None:
 
 
 def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, slots: int = 8) -> int:
+          api_key: str | None = None, slots: int = 8, compile: bool = False) -> int:
     """Serve until SIGTERM or Ctrl-C, then finish the requests in flight; returns 0."""
-    server = make_server(models, host, port, api_key, slots)
+    server = make_server(models, host, port, api_key, slots, compile)
     stopping = threading.Event()
 
     def stop(signum, frame) -> None:
@@ -727,7 +747,8 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     reporter = threading.Thread(target=_report, args=(server, stopping), daemon=True)
-    print(f"serving {', '.join(server.engines)} on {server.url} ({slots} slots each"
+    print(f"serving {', '.join(server.engines)} on {server.url} ({slots} sequences decoded at "
+          f"once each: eval.py's --batch-size{', compiled' if compile else ''}"
           f"{', API key required' if api_key else ''}); Ctrl-C or SIGTERM stops", flush=True)
     key = " -H 'Authorization: Bearer KEY'" if api_key else ""
     example = json.dumps({"model": next(iter(server.engines)), "prompt": "def fib(n):",

@@ -1149,3 +1149,62 @@ def test_a_port_in_use_is_one_line_naming_it_and_the_way_out():
         port = taken.getsockname()[1]
         with pytest.raises(ValueError, match=rf"^cannot serve on 127\.0\.0\.1:{port}: .*--port 0"):
             make_server([], port=port)
+
+
+def test_serve_compile_reaches_every_engine_and_the_banner(loaded, monkeypatch, capsys):
+    """--serve --compile compiles each model's decode step (Engine's compile), a fresh engine
+    after a failure too; eval.py passes it on, and the banner names it and --batch-size."""
+    import eval as eval_module
+    from codelm import serving
+
+    made = []
+    engine_class = serving.Engine
+    monkeypatch.setattr(serving, "Engine", lambda model, slots, compile=False: made.append(
+        compile) or engine_class(model, slots))
+    server, thread = _start(loaded, slots=2, compile=True)
+    try:
+        engine_thread = next(iter(server.engines.values()))
+        assert engine_thread.compile and made == [True]
+    finally:
+        _stop(server, thread)
+    asked = []
+    monkeypatch.setattr(eval_module, "serve", lambda *args: asked.append(args) or 0)
+    monkeypatch.setattr(eval_module.loading, "load_model", lambda *a: pytest.fail("not served"))
+    monkeypatch.setattr(eval_module, "model_specs", lambda cfg: [])
+    assert eval_module.main(["--serve", "--compile", "--port", "0", "--device", "cpu"]) == 0
+    assert asked[0][-1] is True and asked[0][-2] == 8  # compile, then the slots
+
+
+def test_a_busy_port_is_refused_before_any_model_loads(monkeypatch, capsys):
+    """The address is checked before the models load (minutes for a large one): a port in use
+    is a one-line error naming --port, and no model is loaded."""
+    import socket
+
+    import eval as eval_module
+
+    monkeypatch.setattr(eval_module.loading, "load_model",
+                        lambda *a: pytest.fail("a model loaded before the port was checked"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert eval_module.main(["--serve", "--models", "anything", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve on 127.0.0.1:{port}" in err and "--port" in err
+
+
+@pytest.mark.parametrize("argv, unused", [
+    (["--serve", "--tasks", "humaneval", "--num-samples", "5", "--temperature", "0.7"],
+     "--tasks, --temperature, --num-samples not used"),
+    (["--prompt", "def f():", "--num-samples", "3", "--temperature", "0.8"],
+     "--num-samples not used"),
+    (["--prompt", "def f():", "--temperature", "0.8", "--max-new-tokens", "9"], None),
+    (["--serve", "--compile", "--batch-size", "64"], None),
+])
+def test_keys_a_mode_does_not_read_are_noted(argv, unused):
+    """--serve takes sampling from each request and --prompt streams one completion: a key set
+    beside them that they do not read is named in a note, one they read is not."""
+    from codelm.evaluation.config import mode_unused, parse_config
+
+    note = mode_unused(parse_config(argv))
+    assert (note is None) if unused is None else note.endswith(unused)

@@ -255,6 +255,34 @@ class EvalConfig:
         return None
 
 
+# What --prompt and --serve read of an EvalConfig; another key set beside them is unused.
+_READ_BY_EVERY_MODE = frozenset({"models", "runs_dir", "tokenizer", "device", "dtype", "progress",
+                                 "data_options"})
+PROMPT_READS = _READ_BY_EVERY_MODE | {"prompt", "block_size", "max_new_tokens", "temperature",
+                                      "top_p", "top_k", "num_beams", "compile", "seed"}
+SERVE_READS = _READ_BY_EVERY_MODE | {"serve", "host", "port", "api_key", "batch_size", "compile"}
+
+
+def mode_unused(cfg: EvalConfig) -> str | None:
+    """A note naming the keys set (other than EvalConfig's defaults) that --prompt or --serve
+    does not read, and why; None: none such, or neither mode."""
+    if cfg.prompt is not None:
+        reads = PROMPT_READS
+        why = "--prompt streams one completion of its text and scores nothing"
+    elif cfg.serve:
+        reads = SERVE_READS
+        why = ("--serve scores nothing, and each request sets its own sampling (max_tokens, "
+               "temperature, top_p, n, seed)")
+    else:
+        return None
+    defaults = EvalConfig()
+    unused = [f.name for f in fields(EvalConfig)
+              if f.name not in reads and getattr(cfg, f.name) != getattr(defaults, f.name)]
+    if not unused:
+        return None
+    return f"{why}: {', '.join(map(settings.flag_of, unused))} not used"
+
+
 def config_from_dict(values: dict, source: str = "<dict>",
                      where_set: Callable[[str], str] = settings.flag_of) -> EvalConfig:
     """A validated EvalConfig from JSON-like values; errors name the source and the key."""
