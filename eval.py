@@ -153,6 +153,8 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> d
         lm.label = unique_label(lm.label, seen)  # no completion overwritten
         if len(specs) > 1:
             write(("\n" if completions else "") + f"=== {lm.label} ({lm.source})\n")
+        for note in scoring.completion_room_notes(lm, cfg.prompt, cfg):
+            print(f"note: {note}", file=sys.stderr, flush=True)
         write(cfg.prompt)
         completions[lm.label] = scoring.stream_completion(lm, cfg.prompt, cfg, write)
         write("\n")

@@ -17,6 +17,7 @@ import torch.nn as nn
 import lora
 from architecture import SHORT_DTYPES, Transformer
 from codelm import trainconfig
+from codelm.data.encoding import prompt_prefix
 from codelm.models import adapter_config, pretrained, quantize
 from codelm.runs import checkpoint, rundir
 from codelm.runtime import hub, process, settings
@@ -35,6 +36,13 @@ class LoadedModel:
     run_config: dict | None = None  # the TrainConfig of a codelm run
     run_weights: dict | None = None  # which of a codelm run's weights were loaded (_run_weights)
     run_dir: Path | None = None  # a codelm run's directory
+
+    @property
+    def prompt_start(self) -> list[int]:
+        """The ids before a prompt, as the model saw text in training (a base checkpoint: its
+        template's start alone)."""
+        task = self.run_config.get("task", "lm") if self.run_config else None
+        return prompt_prefix(self.tokenizer, task)
 
 
 def device_named(name: str) -> torch.device:

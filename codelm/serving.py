@@ -3,7 +3,8 @@
 
     serve([ServedModel(...)], host="127.0.0.1", port=8000)  # eval.py --serve --models DIR
 
-GET /v1/models; POST /v1/completions and /v1/chat/completions (the tokenizer's chat template),
+GET /v1/models, GET /health (200 while serving, no API key asked, as vLLM's);
+POST /v1/completions and /v1/chat/completions (the tokenizer's chat template),
 streamed as server-sent events or whole; n, stop, max_tokens, temperature, top_p, seed, logprobs
 (top_logprobs), echo (completions), usage counts. Requests from concurrent clients share one
 engine per model, each model's steps run on one thread. A bad request gets OpenAI's error JSON
@@ -293,6 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get(self) -> None:
         path = _route_path(self.path)
+        if path == HEALTH:
+            self._send_json(200, {"status": "ok"})
+            return
         if path == "/v1/models":
             self._send_json(200, self._models())
             return
@@ -321,7 +325,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # a body no route reads: not the next request
         try:
             key = self.server.api_key
-            if key is not None and self.headers.get("Authorization") != f"Bearer {key}":
+            asked = self.headers.get("Authorization")
+            if key is not None and _route_path(self.path) != HEALTH and asked != f"Bearer {key}":
                 raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
                                "KEY' with the server's --api-key", None, "invalid_api_key")
             answer()
@@ -359,8 +364,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _not_found(self) -> None:
         raise ApiError(404, f"no route {self.command} {self.path}: the server answers "
-                       "GET /v1/models, GET /v1/models/ID, POST /v1/completions and "
-                       "/v1/chat/completions")
+                       "GET /v1/models, GET /v1/models/ID, GET /health, POST /v1/completions "
+                       "and /v1/chat/completions")
 
     def _models(self) -> dict:
         return {"object": "list", "data": [
@@ -410,8 +415,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, chat: bool) -> None:
         body = self._body()
-        name = body.get("model")
         engines = self.server.engines
+        name = body.get("model")
+        if name is None and len(engines) == 1:  # as vLLM: the one model served
+            name = next(iter(engines))
+        if name is None:
+            raise ApiError(400, f"'model' is missing: name one of the served models, "
+                           f"{', '.join(engines)}", "model")
         if not isinstance(name, str):
             raise ApiError(400, f"'model' must name a served model: {', '.join(engines)}",
                            "model")
@@ -446,6 +456,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+
+HEALTH = "/health"  # a load balancer's or an orchestrator's probe
 
 
 def _route_path(target: str) -> str:

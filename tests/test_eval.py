@@ -1831,6 +1831,22 @@ def test_generation_gets_at_most_half_the_context_and_the_prompt_the_rest(tiny_m
     assert (len(seen[1].ids), seen[1].max_new_tokens) == (28, 4)
 
 
+def test_prompt_says_what_the_context_leaves_out(tiny_models, tmp_path, capsys):
+    """--prompt notes a completion capped at half the context and a prompt longer than its
+    room (the model reads its end): the streamed text alone would hide both; a prompt and a
+    completion that fit get no note."""
+    base = str(tiny_models["base"])
+    prompt = "total = 1\n" * 40
+    assert ev.main(["--models", base, "--prompt", prompt, "--max-new-tokens", "100",
+                    "--block-size", "32", "--runs-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "at most 16 new tokens, not max_new_tokens 100" in err
+    assert "reads its last 16" in err
+    assert ev.main(["--models", base, "--prompt", "x = 1\n", "--max-new-tokens", "4",
+                    "--block-size", "32", "--runs-dir", str(tmp_path)]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_sampled_generation_is_reproducible_by_seed(tiny_models):
     """With temperature > 0 the samples follow --seed: the same seed repeats them, another
     draws others (a fixed generator would make every seed's samples the same)."""

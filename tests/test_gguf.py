@@ -22,7 +22,7 @@ import torch
 from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
 
 from architecture import PRESETS, Transformer
-from codelm import trainconfig
+from codelm import loading, trainconfig
 from codelm.data.sources import stdlib_files
 from codelm.gguf import __main__ as export_gguf
 from codelm.gguf import writer as gguf_writer
@@ -521,7 +521,8 @@ def _run_config(tmp_path: Path, **overrides):
 def test_a_from_scratch_run_trains_a_bpe_that_hf_and_gguf_read_as_it_does(tmp_path):
     """--tokenizer-kind bpe: the from-scratch run's trained byte-level BPE gives HF tokenizers'
     and transformers' ids on held-out code, its end of text and FIM tokens are the model's, and
-    --export-gguf writes it (llama.cpp's starcoder pre-tokenizer, each id's token); the
+    --export-gguf writes it (llama.cpp's starcoder pre-tokenizer, each id's token), with the
+    start token eval.py puts before a prompt as the one llama.cpp adds (both exports); the
     default CodeTokenizer's run is refused GGUF export, naming the kind."""
     import transformers
     from tokenizers import Tokenizer
@@ -545,6 +546,12 @@ def test_a_from_scratch_run_trains_a_bpe_that_hf_and_gguf_read_as_it_does(tmp_pa
     tokens = _field(reader, "tokenizer.ggml.tokens")
     assert tokens == [ours.id_to_token(i) for i in range(ours.vocab_size)]
     assert _field(reader, "tokenizer.ggml.eos_token_id") == ours.eos_id
+    start = loading.load_model(str(run), "cpu").prompt_start  # eval's and the server's
+    assert start == [ours.eos_id]  # the lm task packs each file after an end of text
+    for written in (reader, gguf.GGUFReader(export_gguf.export(str(run), tmp_path / "cli.gguf",
+                                                               "f16"))):
+        assert _field(written, "tokenizer.ggml.add_bos_token") is True
+        assert _field(written, "tokenizer.ggml.bos_token_id") == start[0]
     with pytest.raises(ValueError, match=r"tokenizer_kind bpe .*or export_gguf none"):
         plan.validate_config(dataclasses.replace(cfg, tokenizer_kind="code"))
     with pytest.raises(ValueError, match=r"tokenizer_kind.*comes from init_from or tokenizer"):

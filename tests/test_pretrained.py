@@ -1346,6 +1346,23 @@ def test_cli_copies_every_tokenizer_and_generation_file_and_nothing_else(checkpo
     assert all((out / name).read_text() == f"the {name} of src" for name in companions)
 
 
+def test_a_file_changed_since_codelm_wrote_it_is_refused_naming_both_fixes(checkpoints,
+                                                                          tmp_path):
+    """A directory codelm wrote records its files' bytes (manifest.json): one changed since is
+    refused as damaged or edited, naming an intact copy and, for an edit, deleting the
+    manifest, after which it loads."""
+    src = _copy(checkpoints["llama"][0], tmp_path / "src")
+    (src / "tokenizer_config.json").write_text("{}")
+    out = tmp_path / "out"
+    assert pretrained.main([str(src), str(out)]) == 0
+    (out / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: its bytes differ .* damaged, "
+                                         r"or edited .* delete manifest.json"):
+        pretrained.load(out)
+    (out / "manifest.json").unlink()
+    assert pretrained.load(out).cfg.n_layer >= 1
+
+
 def test_cli_stopped_while_writing_leaves_no_output_directory(checkpoints, tmp_path, capsys,
                                                               monkeypatch):
     """Ctrl-C in the middle of the weights: exit 130 and no half-written OUT (which a rerun

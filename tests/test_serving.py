@@ -358,8 +358,8 @@ def test_odd_but_valid_requests_are_answered_and_bad_ones_refused_in_json(server
     """Chat content as a list of text parts reads as its texts joined by newlines (as vLLM
     joins them); a malformed Content-Length, a temperature too small to sample, a seed past 64
     bits, booleans as token ids, a string where a boolean goes, top_logprobs without logprobs,
-    stream_options without a stream, no model and no tokens to generate get 400s naming their
-    key, and the server serves on; a query in the URL (an Azure client's api-version) leaves
+    stream_options without a stream, a model that is no name and no tokens to generate get 400s
+    naming their key, and the server serves on; a query in the URL (an Azure client's api-version) leaves
     the route as it is."""
     client = _client(server)
     ask = dict(model="tiny", max_tokens=6, temperature=0)
@@ -376,7 +376,7 @@ def test_odd_but_valid_requests_are_answered_and_bad_ones_refused_in_json(server
     assert refused.value.code == 400 and "Content-Length" in json.loads(
         refused.value.read())["error"]["message"]
     for bad in ({"temperature": 1e-12}, {"seed": 2**70}, {"prompt": [True, False]},
-                {"model": None}, {"max_tokens": 0}, {"stream": "false"}, {"echo": "no"},
+                {"model": 7}, {"max_tokens": 0}, {"stream": "false"}, {"echo": "no"},
                 {"stream_options": {"include_usage": True}}):
         status, body = _post(server, "/completions", json.dumps(
             {"model": "tiny", "prompt": "x", **bad}).encode())
@@ -585,6 +585,30 @@ def test_a_request_whose_client_goes_away_is_cancelled(monkeypatch):
         _stop(server, thread)
 
 
+def test_a_request_naming_no_model_is_answered_by_the_one_served(loaded):
+    """As vLLM: a request without 'model' goes to the one model served; beside a second, it is
+    a 400 naming the served models. GET /health answers 200 while the server serves."""
+    model, tok = loaded
+    body = json.dumps({"prompt": "def f", "max_tokens": 3, "temperature": 0}).encode()
+    server, thread = _start(loaded, slots=1)
+    try:
+        status, answer = _post(server, "/completions", body)
+        assert status == 200 and answer["model"] == "tiny"
+        with urllib.request.urlopen(server.url.removesuffix("/v1") + "/health") as health:
+            assert health.status == 200
+    finally:
+        _stop(server, thread)
+    server = make_server([served_model("a", model, tok), served_model("b", model, tok)], port=0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        status, answer = _post(server, "/completions", body)
+        assert status == 400 and "'model' is missing" in answer["error"]["message"]
+        assert "a, b" in answer["error"]["message"]
+    finally:
+        _stop(server, thread)
+
+
 def test_an_api_key_is_required_when_set(loaded, monkeypatch):
     """A keyed server refuses a wrong key; eval's endpoint client sends $OPENAI_API_KEY."""
     from codelm import endpoints
@@ -593,6 +617,8 @@ def test_an_api_key_is_required_when_set(loaded, monkeypatch):
     try:
         with pytest.raises(openai.AuthenticationError, match="API key"):
             _client(server, "wrong").models.list()
+        with urllib.request.urlopen(server.url.removesuffix("/v1") + "/health") as health:
+            assert health.status == 200  # a probe sends no key
         assert _client(server, "sesame").completions.create(model="tiny", prompt="x",
                                                             max_tokens=1).choices
         endpoint = endpoints.parse_endpoint(f"x=openai:{server.url}#tiny")
@@ -872,6 +898,27 @@ def test_beam_search_is_refused_for_an_endpoint():
     with pytest.raises(ValueError, match=r"^num_beams \(2, --num-beams\): an endpoint .* local"):
         parse_config(["--models", "x=openai:http://127.0.0.1:1/v1", "--tasks", "humaneval",
                       "--num-beams", "2"])
+
+
+ENDPOINT = "x=openai:http://127.0.0.1:1/v1"
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--models", ENDPOINT],
+     r"^models .*: an endpoint .* pass@k tasks only: set tasks \(\['lm', 'line'\], --tasks\) "
+     r"to some of passk"),
+    (["--models", ENDPOINT, "local", "--tasks", "humaneval"],
+     r"beside other endpoints only: score the local models in another eval.py run"),
+    (["--models", ENDPOINT, "--tasks", "humaneval", "--serve"],
+     r"served already: --serve serves local models"),
+])
+def test_an_endpoint_misused_is_refused_naming_the_one_rule_broken(argv, why):
+    """Each rule of an endpoint has its own message: the default tasks (lm, line) are not
+    pass@k; local models beside it; --serve."""
+    from codelm.evaluation.config import parse_config
+
+    with pytest.raises(ValueError, match=why):
+        parse_config(argv)
 
 
 def test_a_method_not_served_and_a_chunked_body_get_json_answers(server):

@@ -187,11 +187,14 @@ class EvalConfig:
             ("data", "project-completion" not in self.tasks or bool(self.data),
              "project-completion completes the history of git repositories: give "
              "--data REPO_DIR [REPO_DIR ...]"),
-            ("models", not endpoints or (
-                len(endpoints) == len(self.models) and set(self.tasks) <= set(PASSK_TASKS)
-                and not self.serve),
-             f"an endpoint (openai:URL) is scored on pass@k tasks ({', '.join(PASSK_TASKS)}), "
-             "beside other endpoints only, and is not served again"),
+            ("models", not endpoints or set(self.tasks) <= set(PASSK_TASKS),
+             f"an endpoint (openai:URL) is scored on pass@k tasks only: set {named('tasks')} to "
+             f"some of {', '.join(PASSK_TASKS)}"),
+            ("models", not endpoints or len(endpoints) == len(self.models),
+             "an endpoint (openai:URL) is scored beside other endpoints only: score the local "
+             "models in another eval.py run"),
+            ("models", not endpoints or not self.serve,
+             "an endpoint (openai:URL) is served already: --serve serves local models"),
             ("preference_pairs", self.preference_pairs is None or (
                 any(task in PASSK_TASKS for task in self.tasks) and self.num_samples >= 2
                 and not self.serve and self.prompt is None),

@@ -19,7 +19,6 @@ from codelm.data.encoding import (
     encode_prompts,
     ended,
     fit_prompt,
-    prompt_prefix,
     reads_special_tokens,
     supervised_example,
     tokenize_examples,
@@ -61,7 +60,7 @@ def shared_context(models: Sequence[LoadedModel]) -> int:
 
 def prompt_start(lm: LoadedModel) -> list[int]:
     """A prompt is formatted as the model saw text in training (a base checkpoint: bare)."""
-    return prompt_prefix(lm.tokenizer, lm.run_config.get("task", "lm") if lm.run_config else None)
+    return lm.prompt_start
 
 
 def _pair_special_tokens(lm: LoadedModel, cfg: Scoring) -> bool | None:
@@ -280,6 +279,23 @@ def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConf
 
 
 @torch.no_grad()
+def completion_room_notes(lm: LoadedModel, prompt: str, cfg: Scoring) -> list[str]:
+    """What a completion of ``prompt`` leaves out, as ``stream_completion`` fits it to the
+    model's context: new tokens past half the context, and the prompt's start past its room."""
+    notes = []
+    window = context(lm, cfg)
+    new_tokens = _new_tokens(lm, cfg)
+    if new_tokens < cfg.max_new_tokens:
+        notes.append(f"at most {new_tokens} new tokens, not max_new_tokens {cfg.max_new_tokens}: "
+                     f"a completion takes at most half of {lm.label}'s {window}-token context")
+    (prompt_ids,) = _prompt_ids(lm, [prompt], cfg)
+    room = prompt_room(lm, cfg)
+    if len(prompt_ids) > room:
+        notes.append(f"the prompt is {len(prompt_ids)} tokens: {lm.label} reads its last {room} "
+                     f"(its {window}-token context less the new tokens)")
+    return notes
+
+
 def stream_completion(lm: LoadedModel, prompt: str, cfg: Scoring,
                       write: Callable[[str], object]) -> str:
     """Continue ``prompt`` as ``generate_texts`` does, handing ``write`` the new text token by

@@ -36,7 +36,8 @@ def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -
     loaded = loading.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
                                 what="export-gguf", unquantized=True)
     writer.check_exportable(loaded.model, loaded.tokenizer)
-    return writer.save(loaded.model, loaded.tokenizer, out, outtype, name=loaded.label)
+    return writer.save(loaded.model, loaded.tokenizer, out, outtype, name=loaded.label,
+                       prompt_start=loaded.prompt_start)
 
 
 def main(argv: list[str] | None = None) -> int:

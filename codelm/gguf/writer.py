@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -217,7 +218,20 @@ def unmade_tokens(spec: dict) -> list[str]:
     return unmade
 
 
-def _vocabulary(writer, tok, vocab_size: int) -> None:
+def _start_token(tok, prompt_start: Sequence[int]) -> tuple[int | None, bool]:
+    """(the BOS id to write, whether llama.cpp adds it) for prompts that open with
+    ``prompt_start``, as the model saw text in training: llama.cpp adds one start token, so a
+    longer start keeps its last (with a warning)."""
+    if not prompt_start:
+        return tok.bos_id, False
+    if len(prompt_start) > 1:
+        print(f"gguf: warning: the model's prompts open with {len(prompt_start)} tokens "
+              f"({', '.join(map(repr, map(tok.decode, ([i] for i in prompt_start))))}); llama.cpp "
+              "adds one start token: the last", file=sys.stderr)
+    return prompt_start[-1], True
+
+
+def _vocabulary(writer, tok, vocab_size: int, prompt_start: Sequence[int]) -> None:
     """The tokenizer in llama.cpp's terms: tokens, types, then merges and the pre-tokenizer
     (byte-level BPE) or scores and the space prefix (SentencePiece-style), and the special and
     FIM ids."""
@@ -241,7 +255,8 @@ def _vocabulary(writer, tok, vocab_size: int) -> None:
         writer.add_token_scores(_merge_scores(tok.spec, vocab_size))
         writer.add_add_space_prefix(_space_prefix(tok.spec))
     unk = tok.spec["model"].get("unk_token")
-    for key, value in ((gguf.Keys.Tokenizer.BOS_ID, tok.bos_id),
+    bos_id, add_bos = _start_token(tok, prompt_start)
+    for key, value in ((gguf.Keys.Tokenizer.BOS_ID, bos_id),
                        (gguf.Keys.Tokenizer.EOS_ID, tok.eos_id),
                        (gguf.Keys.Tokenizer.UNK_ID, None if unk is None else tok.token_to_id(unk)),
                        (gguf.Keys.Tokenizer.PAD_ID, tok.pad_id),
@@ -250,7 +265,7 @@ def _vocabulary(writer, tok, vocab_size: int) -> None:
                        (gguf.Keys.Tokenizer.FIM_MID_ID, tok.fim_middle_id)):
         if value is not None:
             writer.add_uint32(key, value)
-    writer.add_add_bos_token(bool(tok.template_prefix))
+    writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)
     if getattr(tok, "chat_template", None) is not None:  # llama.cpp and Ollama chat with it
         source = Path(tok.source)  # the tokenizer.json read: its directory lists tool_use's too
@@ -326,25 +341,29 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 
 
 def write_gguf(model: Transformer, tok, out: Path, outtype: str = "f16",
-               name: str = "codelm") -> Path:
-    """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` as GGUF; return ``out``."""
+               name: str = "codelm", prompt_start: Sequence[int] | None = None) -> Path:
+    """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` as GGUF; return ``out``.
+    ``prompt_start``: the ids before a prompt as the model trained (a run's
+    ``LoadedModel.prompt_start``; None: the tokenizer's template start), which llama.cpp adds."""
     check_exportable(model, tok)
+    start = tok.template_prefix if prompt_start is None else prompt_start
     writer = gguf.GGUFWriter(str(out), GGUF_FAMILIES[model.cfg.family].arch)
     try:
-        _write(writer, model, tok, outtype, name)
+        _write(writer, model, tok, outtype, name, start)
     finally:  # a failed write's file is closed before it is removed
         writer.close()
     return out
 
 
-def _write(writer, model: Transformer, tok, outtype: str, name: str) -> None:
+def _write(writer, model: Transformer, tok, outtype: str, name: str,
+           prompt_start: Sequence[int]) -> None:
     """The metadata, the vocabulary and the tensors, through ``writer`` into its file."""
     family = GGUF_FAMILIES[model.cfg.family]
     writer.add_name(_general_name(name, tok))
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _metadata(writer, model.cfg, family)
-    _vocabulary(writer, tok, model.cfg.vocab_size)
+    _vocabulary(writer, tok, model.cfg.vocab_size, prompt_start)
     with lora.merged(model):
         for tensor_name, tensor in gguf_tensors(model).items():
             data, kind = _encoded(tensor_name, tensor, outtype)
@@ -410,12 +429,15 @@ def _runs(recipe: Path, out: Path) -> bool:
     return (recipe.parent / named).resolve() == out.resolve()
 
 
-def save(model: Transformer, tok, out: Path, outtype: str, name: str = "codelm") -> Path:
+def save(model: Transformer, tok, out: Path, outtype: str, name: str = "codelm",
+         prompt_start: Sequence[int] | None = None) -> Path:
     """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` and its Modelfile
     (``modelfile_path``) beside it, together through ``process.write_atomic_files``: a failed or
-    stopped write leaves neither, nor a temporary file; return ``out``."""
+    stopped write leaves neither, nor a temporary file; return ``out``. ``prompt_start``: as
+    ``write_gguf``'s."""
     out = Path(out)
-    gguf_file = process.WrittenAt(partial(write_gguf, model, tok, outtype=outtype, name=name))
+    gguf_file = process.WrittenAt(partial(write_gguf, model, tok, outtype=outtype, name=name,
+                                          prompt_start=prompt_start))
     try:
         process.write_atomic_files({out: gguf_file, modelfile_path(out): modelfile(out, tok)})
     except OSError as e:

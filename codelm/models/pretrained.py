@@ -264,8 +264,10 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
     if (directory / process.MANIFEST_FILE).exists():  # written by codelm: checked
         problem = process.manifest_problem(directory)
         if problem:
-            raise ValueError(f"{directory}: {problem}: the checkpoint is damaged; use an "
-                             "intact copy")
+            raise ValueError(f"{directory}: {problem}: the checkpoint is damaged, or edited "
+                             "since codelm wrote it: use an intact copy, or, to keep an edit "
+                             f"of yours, delete {process.MANIFEST_FILE} (the record of the "
+                             "bytes written)")
     cfg, hf = read_config(directory)
     table = TABLES[cfg.family]
     device = torch.device(device if device is not None else "cpu")

@@ -156,7 +156,8 @@ def write_gguf(settings: ExportSettings, model: nn.Module, tok: CodeTokenizer | 
     if settings.lora_r > 0:
         model = pretrained.load(settings.init_from, dtype="fp32", device="cpu")
         lora.load_adapter(model, export)
-    return writer.save(model, tok, export / rundir.GGUF_FILE, settings.export_gguf, name)
+    return writer.save(model, tok, export / rundir.GGUF_FILE, settings.export_gguf, name,
+                       prompt_prefix(tok, settings.task))
 
 
 def unsharded_copy(run: Run) -> nn.Module | None:
