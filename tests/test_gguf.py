@@ -244,11 +244,19 @@ def test_a_modelfile_completes_and_fills_in_the_middle_with_the_tokenizers_token
     assert 'PARAMETER stop "<|endoftext|>"' in text
 
 
-def test_the_cli_writes_the_file_and_says_how_to_run_it(checkpoints, tmp_path, capsys):
+def test_the_cli_writes_the_file_and_says_how_to_run_it(checkpoints, tmp_path, capsys,
+                                                        monkeypatch):
+    """The file and its Modelfile, and how Ollama takes them; a run named alone (as eval.py's
+    --models takes it) is the one under --runs-dir."""
     out = tmp_path / "coder.gguf"
     assert export_gguf.main([str(checkpoints["qwen2"]), str(out), "--outtype", "q8_0"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "coder.gguf"]
     assert "ollama create" in capsys.readouterr().out
+    shutil.copytree(checkpoints["qwen2"], tmp_path / "runs" / "small")
+    monkeypatch.chdir(tmp_path)
+    assert export_gguf.main(["small", "small.gguf", "--runs-dir", "runs"]) == 0
+    assert "small: runs/small (under --runs-dir)" in capsys.readouterr().err
+    assert (tmp_path / "small.gguf").is_file()
 
 
 def _read_only_dir(tmp_path: Path) -> Path:

@@ -17,11 +17,14 @@ from pathlib import Path
 from codelm import loading
 from codelm.gguf import writer
 from codelm.models import families
+from codelm.runs import rundir
 from codelm.runtime import process, settings
 
 
-def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -> Path:
-    """Load ``source`` as eval.py does, write ``out`` and its Modelfile beside it."""
+def export(source: str, out: Path, outtype: str, tokenizer: str | None = None,
+           runs_dir: str | Path = "runs") -> Path:
+    """Load ``source`` as eval.py does (a run's name alone: the run under ``runs_dir``), write
+    ``out`` and its Modelfile beside it."""
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"{out}: a directory; name the file to write in it, "
@@ -33,6 +36,10 @@ def export(source: str, out: Path, outtype: str, tokenizer: str | None = None) -
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise ValueError(f"{out}: cannot write into {out.parent} (permission denied); name a "
                          "directory you can write")
+    under = None if "+" in source else rundir.named_run(source, runs_dir)
+    if under is not None:
+        print(f"{source}: {under} (under --runs-dir)", file=sys.stderr)
+        source = str(under)
     loaded = loading.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
                                 what="export-gguf", unquantized=True)
     writer.check_exportable(loaded.model, loaded.tokenizer)
@@ -52,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="tensor type of the matrices (default: f16); vectors stay f32")
     parser.add_argument("--tokenizer", default=None,
                         help="a tokenizer.json (or its directory) where the source has none")
+    parser.add_argument("--runs-dir", default="runs",
+                        help="where a run named alone is found (default: runs)")
     args = parser.parse_args(argv)
 
     def run() -> None:
-        path = export(args.source, Path(args.out), args.outtype, args.tokenizer)
+        path = export(args.source, Path(args.out), args.outtype, args.tokenizer, args.runs_dir)
         print(writer.ollama_hint(path, args.outtype))
 
     return process.run_tool(run, "interrupted: nothing written")

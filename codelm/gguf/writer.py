@@ -370,7 +370,7 @@ def _write(writer, model: Transformer, tok, outtype: str, name: str,
             writer.add_tensor(tensor_name, data, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
+        writer.write_tensors_to_file(progress=sys.stderr.isatty())  # a bar on a terminal
 
 
 def modelfile(gguf_file: Path, tok) -> str:
