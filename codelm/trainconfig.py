@@ -777,6 +777,8 @@ class DataSettings:
     val_problems: str | None
     reward_workers: int
     reward_timeout_s: float
+    kto_desirable_weight: float
+    kto_undesirable_weight: float
     run_dir: Path
     own_tokenizer: bool
 

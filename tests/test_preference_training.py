@@ -474,3 +474,39 @@ def test_a_bad_record_stops_the_command_in_one_line(assets, tmp_path, capsys):
     assert code == 2
     assert f"error: {data}:65: 'chosen' and 'rejected' are the same" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def _labelled(desirable: int, undesirable: int) -> list:
+    from codelm.data.preferences import PreferenceRecord
+
+    return [PreferenceRecord(f"f:{i}", "p", ("c",), i < desirable)
+            for i in range(desirable + undesirable)]
+
+
+@pytest.mark.parametrize("desirable, undesirable, weights, said", [
+    (0, 20, (1.0, 1.0), "every training completion is undesirable (label false)"),
+    (20, 0, (1.0, 1.0), "every training completion is desirable (label true)"),
+    (30, 10, (1.0, 1.0), "--kto-desirable-weight in [0.33, 0.44] or --kto-undesirable-weight "
+                         "in [2.25, 3.00]"),
+    (30, 10, (0.4, 1.0), None),  # 0.4 x 30 / 10 = 1.2, within [1, 4/3]
+    (10, 30, (1.0, 1.0), "here 0.33; --kto-desirable-weight in [3.00, 4.00]"),
+    (16, 16, (1.0, 1.0), None),
+])
+def test_kto_labels_out_of_balance_are_noted_with_the_weights_that_balance_them(
+        desirable, undesirable, weights, said):
+    """The KTO paper's rule (TRL's KTOTrainer warns outside it): desirable_weight x desirable /
+    (undesirable_weight x undesirable) in [1, 4/3]; a note names the weights that bring the
+    data there, and one kind missing is said as such."""
+    note = preference_run.kto_balance_note(_labelled(desirable, undesirable), *weights)
+    assert note is None if said is None else said in note
+
+
+def test_a_kto_run_on_undesirable_completions_alone_says_so(assets, tmp_path, capsys):
+    """A KTO run whose records are all label false (a weak model's pass@k samples) trains, and
+    says as its data is prepared that KTO learns from both kinds."""
+    records = [json.loads(line) for line in Path(assets["kto"]).read_text().splitlines()]
+    failed = tmp_path / "failed.jsonl"
+    failed.write_text("".join(json.dumps({**r, "label": False}) + "\n" for r in records))
+    tm.train(pref_cfg(assets, tmp_path, task="kto", data=[str(failed)], max_steps=1,
+                      eval_every=1, warmup_steps=0))
+    assert "every training completion is undesirable" in capsys.readouterr().err

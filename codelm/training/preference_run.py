@@ -82,6 +82,10 @@ def prepare(cfg: TrainConfig | DataSettings, tok, block_size: int, dist: Dist) -
         train, val = records, read(cfg.val_data)
     else:
         train, val = split_records(records, dcfg.val_frac, dcfg.seed)
+    if unpaired and dist.main:
+        balance = kto_balance_note(train, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        if balance is not None:
+            print(f"note: {balance}", file=sys.stderr)
     train_set, events = encode_preferences(train, tok, block_size)
     val_set, val_events = encode_preferences(val, tok, block_size)
     events += val_events + skipped
@@ -106,6 +110,35 @@ def prepare(cfg: TrainConfig | DataSettings, tok, block_size: int, dist: Dist) -
         dist.world, pack_into=block_size if cfg.packing else None)
     data_id = {"entry": f"{cfg.task}-{digest(train_set)}", "train_examples": len(train_set)}
     return PreferenceData(dcfg, batches, sample_prompt(val), data_id)
+
+
+# The KTO paper's range of desirable_weight x desirable / (undesirable_weight x undesirable),
+# within which TRL's KTOTrainer does not warn.
+KTO_BALANCE = (1.0, 4 / 3)
+
+
+def kto_balance_note(records: Sequence[PreferenceRecord], desirable_weight: float,
+                     undesirable_weight: float) -> str | None:
+    """What a user should know of KTO training records' labels: one kind missing, or the
+    weighted counts outside KTO_BALANCE (the weights that bring them in); None: balanced."""
+    desirable = sum(1 for record in records if record.label)
+    undesirable = len(records) - desirable
+    if not desirable or not undesirable:
+        kind = "undesirable (label false)" if not desirable else "desirable (label true)"
+        return (f"every training completion is {kind}: KTO learns from both kinds; add "
+                "completions of the other (eval.py --preference-pairs writes both where a model "
+                "passes some problems' samples and fails others)")
+    low, high = KTO_BALANCE
+    balance = desirable_weight * desirable / (undesirable_weight * undesirable)
+    if low <= balance <= high:
+        return None
+    desirable_at = undesirable_weight * undesirable / desirable
+    undesirable_at = desirable_weight * desirable / undesirable
+    return (f"{desirable} desirable and {undesirable} undesirable training completions: the KTO "
+            "paper keeps desirable_weight x desirable / (undesirable_weight x undesirable) in "
+            f"[1, 4/3], here {balance:.2f}; --kto-desirable-weight in [{desirable_at * low:.2f}, "
+            f"{desirable_at * high:.2f}] or --kto-undesirable-weight in "
+            f"[{undesirable_at / high:.2f}, {undesirable_at / low:.2f}] brings it there")
 
 
 def digest(preferences: Sequence[Preference]) -> str:
