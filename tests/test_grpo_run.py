@@ -106,7 +106,7 @@ def logged(run_dir: Path, kind: str) -> list[dict]:
 def test_a_grpo_run_samples_scores_and_logs_each_step(assets, tmp_path, capsys):
     """Each step's line holds the rewards, pass rate, KL-free loss metrics, timings and
     throughput; the samples differ in reward, so the loss moves the weights; an evaluation
-    scores the held-out problems' greedy pass@1."""
+    scores the held-out problems' greedy pass@1. The problems' check before it is announced."""
     result = tm.train(grpo_cfg(assets, tmp_path))
     train = logged(result.run_dir, "train")
     assert [entry["step"] for entry in train] == [1, 2, 3, 4]
@@ -116,8 +116,10 @@ def test_a_grpo_run_samples_scores_and_logs_each_step(assets, tmp_path, capsys):
     assert any(entry["reward_std"] > 0 and entry["loss"] != 0 for entry in train)
     (val,) = logged(result.run_dir, "val")
     assert val["val_pass@1"] in (0.0, 0.5, 1.0) and val["val_loss"] == 1.0 - val["val_pass@1"]
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "| reward_mean " in out and "val pass@1 " in out
+    for key in ("problems", "val_problems"):  # the check before training says what it does
+        assert f"{key}: running each of 2 problems' canonical solution against its test" in err
 
 
 @pytest.mark.slow

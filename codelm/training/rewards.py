@@ -30,11 +30,12 @@ from __future__ import annotations
 import ast
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from codelm.runtime import settings
+from codelm.runtime.console import progress_bar
 from codelm.sandbox.runner import SandboxConfig, SandboxResult, map_runs
 
 Check = Callable[[dict, str, SandboxConfig], SandboxResult]  # eval.py's run_check
@@ -43,11 +44,20 @@ EXPLOITS = settings.bundled("data", "exploits")
 
 
 def verdicts(jobs: Sequence[Job], check: Check, sandbox: SandboxConfig, workers: int = 1,
-             apart: bool = True) -> list[SandboxResult]:
+             apart: bool = True, desc: str | None = None, progress: bool = True
+             ) -> list[SandboxResult]:
     """``check`` of each (problem, completion), ``workers`` at once, with the test apart from
-    the candidate (``apart``) or in its interpreter; an interrupt kills the runs in flight."""
+    the candidate (``apart``) or in its interpreter; an interrupt kills the runs in flight.
+    ``desc``: a progress bar of that name (``progress``: shown on a terminal; hidden, a line
+    every 30 s)."""
     runs = [({**problem, "trusted": apart}, completion) for problem, completion in jobs]
-    return map_runs(lambda run: check(*run, sandbox), runs, workers)
+    if desc is None:
+        return map_runs(lambda run: check(*run, sandbox), runs, workers)
+
+    def consume(results: Iterator[SandboxResult]) -> list[SandboxResult]:
+        return list(progress_bar(results, total=len(runs), desc=desc, unit="run",
+                                 enabled=progress))
+    return map_runs(lambda run: check(*run, sandbox), runs, workers, consume)
 
 
 class Score(NamedTuple):
@@ -202,12 +212,13 @@ def hack_rate(jobs: Sequence[Job], rewards: Sequence[float], check: Check,
 
 
 def check_problems(problems: Sequence[dict], check: Check, sandbox: SandboxConfig,
-                   workers: int = 1) -> None:
+                   workers: int = 1, desc: str | None = None, progress: bool = True) -> None:
     """A ValueError naming the problems whose canonical solution earns no reward, each with
-    how its run ended (its error's last line)."""
+    how its run ended (its error's last line); ``desc`` and ``progress``: as ``verdicts``'."""
     jobs = [(problem, problem["canonical_solution"]) for problem in problems]
+    results = verdicts(jobs, check, sandbox, workers, desc=desc, progress=progress)
     failed = []
-    for problem, result in zip(problems, verdicts(jobs, check, sandbox, workers)):
+    for problem, result in zip(problems, results):
         if not result.passed:
             tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
             failed.append(f"{problem['task_id']}: {result.status}"

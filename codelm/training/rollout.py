@@ -89,8 +89,12 @@ def checked_problems(cfg: TrainConfig | DataSettings, key: str) -> list[dict]:
     """``cfg``'s problems (``key``: problems or val_problems), each canonical solution passing
     its own test run apart from it."""
     problems = read_problems(getattr(cfg, key), key, cfg)
+    print(f"{key}: running each of {len(problems)} problems' canonical solution against its "
+          f"test in the sandbox ({cfg.reward_workers} at once: --reward-workers)",
+          file=sys.stderr, flush=True)
     try:
-        rewards.check_problems(problems, run_check, reward_sandbox(cfg), cfg.reward_workers)
+        rewards.check_problems(problems, run_check, reward_sandbox(cfg), cfg.reward_workers,
+                               f"{key}: canonical solutions", cfg.progress)
     except ValueError as e:
         raise ValueError(f"{setting(cfg, key)}: {e}") from None
     return problems
