@@ -164,12 +164,32 @@ def check_family(model_dir: str, preset: str | None) -> None:
                          f"{preset} ({want!r}); pass --model with a {want} checkpoint")
 
 
+def recipe_training(init_from: str, recipes_dir: Path) -> Path | None:
+    """The recipe of ``recipes_dir`` whose run exports ``init_from`` (``runs/NAME/export``, an
+    earlier stage's model), or None."""
+    parts = Path(init_from).parts
+    if len(parts) != 3 or parts[0] != "runs" or parts[2] != "export":
+        return None
+    for path in sorted(recipes_dir.glob("*.json")):
+        try:
+            train = json.loads(path.read_text(encoding="utf-8")).get("train") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(train, dict) and train.get("name") == parts[1]:
+            return path
+    return None
+
+
 def check_paths(values: dict, recipe: str) -> None:
     """The recipe's model and data paths are placeholders: say which flag replaces them."""
     init_from = values.get("init_from")
     if init_from is not None:
-        how = (f"pass --model DIR or ID, an HF checkpoint of {values.get('preset')} (see "
-               f"docs/recipes.md; {recipe}: train.init_from)")
+        preset = values.get("preset")
+        shape = f" of {preset}" if preset else ""
+        how = (f"pass --model DIR or ID, an HF checkpoint{shape} (see docs/recipes.md; "
+               f"{recipe}: train.init_from)")
+        if (earlier := recipe_training(init_from, Path(recipe).parent)) is not None:
+            how = f"train it first with python -m codelm.recipes {earlier}, or {how}"
         try:
             path = checkpoint_dir(init_from, "init_from")
         except ValueError as e:

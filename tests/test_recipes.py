@@ -277,6 +277,20 @@ def test_recipe_placeholders_name_the_flag_that_replaces_them(tmp_path, capsys, 
         recipes.check_paths(values, "refactotron.json")
 
 
+def test_a_later_stage_without_its_earlier_stages_model_names_that_recipe(tmp_path, capsys,
+                                                                          monkeypatch):
+    """exec_grpo starts from exec_sft_focus's export: run before it, the error names the
+    recipe that trains it (and --model), not a preset the recipe does not have."""
+    monkeypatch.chdir(tmp_path)
+    assert recipes.main([str(CONFIGS / "exec_grpo.json")]) == 2
+    err = capsys.readouterr().err
+    assert "runs/exec_sft_focus/export: no such model directory" in err
+    assert f"train it first with python -m codelm.recipes {CONFIGS / 'exec_sft_focus.json'}" in err
+    assert "pass --model DIR or ID, an HF checkpoint (see" in err and "None" not in err
+    assert recipes.recipe_training("runs/nothing/export", CONFIGS) is None
+    assert recipes.recipe_training("models/exec_sft/export", CONFIGS) is None
+
+
 def test_recipe_refuses_a_checkpoint_of_another_family(tmp_path, capsys):
     model = tmp_path / "llama"
     model.mkdir()
