@@ -114,8 +114,10 @@ class TrainConfig:
     reward_timeout_s: float = 5.0  # a test's wall-clock limit in the sandbox
     # optimisation
     batch_size: int | None = None  # sequences per micro-batch (per process); None: preset auto's
-    #   choice, else 4
-    grad_accum: int = 1  # micro-batches per optimizer step, weighted by their tokens
+    #   choice, else 4. Preference tasks: pairs (kto: completions) per micro-batch; grpo:
+    #   problems per optimizer step, each sampled num_generations times
+    grad_accum: int = 1  # micro-batches per optimizer step, weighted by their tokens; grpo: the
+    #   micro-batches a step's completions are split into
     packing: bool | None = None  # pair and chat tasks: several examples in each row of
     #   block_size tokens, each attending only to itself (batch_size then counts rows); None:
     #   where it pays (examples averaging at most half a row); lm (not by default): each file of

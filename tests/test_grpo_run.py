@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,8 +119,10 @@ def test_a_grpo_run_samples_scores_and_logs_each_step(assets, tmp_path, capsys):
     assert val["val_pass@1"] in (0.0, 0.5, 1.0) and val["val_loss"] == 1.0 - val["val_pass@1"]
     out, err = capsys.readouterr()
     assert "| reward_mean " in out and "val pass@1 " in out
-    for key in ("problems", "val_problems"):  # the check before training says what it does
-        assert f"{key}: running each of 2 problems' canonical solution against its test" in err
+    assert re.search(r"\b6 training problems, 4 steps \(\S+ epochs of 6 problems\)", out)
+    for key, n in (("problems", 6), ("val_problems", 2)):  # the check before training
+        assert re.search(rf"(?m)^{key}: running each of {n} problems' canonical solution "
+                         "against its test", err)
 
 
 @pytest.mark.slow

@@ -669,6 +669,11 @@ def adapters_on(cfg: TrainConfig) -> str:
     return f", {kind} r {cfg.lora_r} on {quantize.base_form(cfg.quantize_bits, cfg.base_dtype)}"
 
 
+# What a task's training example is, as the run's first line counts them.
+EXAMPLE_UNITS = {GRPO_TASK: "problems", "kto": "completions",
+                 **{task: "pairs" for task in PREFERENCE_TASKS if task != "kto"}}
+
+
 def announce(run: Run, cfg: TrainConfig) -> None:
     """The first line of ``run``, and the warnings about its settings (``cfg``: as it trains)."""
     trainer, batches, planned = run.trainer, run.data.batches, run.state.max_steps
@@ -682,8 +687,9 @@ def announce(run: Run, cfg: TrainConfig) -> None:
         size = f"{len(batches.train)} training rows ({len(batches.train.examples)} examples packed)"
         epoch = f"{n} rows"
     else:
-        size = f"{len(batches.train)} training examples"
-        epoch = f"{n} examples"
+        unit = EXAMPLE_UNITS.get(cfg.task, "examples")
+        size = f"{len(batches.train)} training {unit}"
+        epoch = f"{n} {unit}"
     processes = (f" x {trainer.dist.world} processes ({cfg.strategy})" if trainer.dist.enabled
                  else "")
     print(f"run {run.record.run_dir}: {plan.millions(n_params)} parameters "
