@@ -866,6 +866,7 @@ class ExportSettings:
     task: str
     sample_prompt: str | None
     sample_tokens: int
+    max_completion_tokens: int
     lora_r: int
     init_from: str | None
     tokenizer: str | None

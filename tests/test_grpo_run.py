@@ -125,6 +125,19 @@ def test_a_grpo_run_samples_scores_and_logs_each_step(assets, tmp_path, capsys):
                          "against its test", err)
 
 
+def test_the_end_of_run_sample_is_as_long_as_the_completions_it_trained_on(assets, tmp_path,
+                                                                          monkeypatch):
+    """A GRPO run's sample has at most max_completion_tokens new tokens (not sample_tokens'
+    96): what its completions were, and what its evaluation samples."""
+    from codelm.training import finish
+
+    asked = []
+    monkeypatch.setattr(finish, "sample_completion", lambda *a: asked.append(a[3]) or "")
+    tm.train(grpo_cfg(assets, tmp_path, max_steps=1, eval_every=1, export=True,
+                      final_eval=False))
+    assert asked == [4]
+
+
 @pytest.mark.slow
 def test_grpo_raises_the_reward_and_the_shuffled_control_does_not(assets, tmp_path):
     """The same run's compute with the rewards shuffled within each batch: the real rewards

@@ -2237,7 +2237,8 @@ def test_a_sample_of_blank_lines_is_shown_counted(assets, tmp_path, monkeypatch,
 def test_the_sample_shows_its_prompt_s_last_lines_apart_from_the_completion():
     """A long prompt shows its last PROMPT_LINES_SHOWN lines, counted; a heading line sets the
     completion apart; a prompt ending within a line repeats that line's end (at most
-    PARTIAL_LINE_SHOWN characters) before it, as the heading says. A form feed in the prompt is no line end."""
+    PARTIAL_LINE_SHOWN characters) before it, as the heading says. A form feed in the prompt is no line end.
+    A line the sample writes three or more times in a row shows once, with a count."""
     prompt = "def f(x):\n" + "".join(f"    # line {i}\f\n" for i in range(30))
     lines = finish.shown_sample(prompt, "    return x\n", "step 5").split("\n")[:-1]
     shown = finish.PROMPT_LINES_SHOWN
@@ -2251,6 +2252,9 @@ def test_the_sample_shows_its_prompt_s_last_lines_apart_from_the_completion():
     assert "repeated" not in lines[-2]  # a prompt of whole lines repeats none
     long_line = finish.shown_sample("y" * 500, "z", "w").splitlines()
     assert long_line[-1] == "y" * finish.PARTIAL_LINE_SHOWN + "z"
+    looped = finish.shown_sample("def f():\n", '    """\n' * 90 + "    x = 1\n" * 2, "w")
+    assert looped.splitlines()[-4:] == ['    """', "[the line above 89 more times]",
+                                        "    x = 1", "    x = 1"]  # twice: as written
 
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):

@@ -37,7 +37,7 @@ from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
 from codelm.runs.rundir import best_step
 from codelm.runtime import distributed, process
-from codelm.trainconfig import ExportSettings
+from codelm.trainconfig import GRPO_TASK, ExportSettings
 from codelm.training.build import Run
 from codelm.training.record import NonFiniteLossError
 from codelm.training.trainer import best_quality
@@ -48,6 +48,8 @@ if typing.TYPE_CHECKING:
 
 
 BLANK_RUN = re.compile(r"(?:[ \t]*\n){3,}")  # three or more line ends with only blanks between
+# A line written again three or more times in a row (a loop of an undertrained model).
+REPEATED_LINE = re.compile(r"^([^\n]*\S[^\n]*\n)(?:\1){2,}", re.MULTILINE)
 PROMPT_LINES_SHOWN = 6  # the sample prompt's last lines the console shows before the sample
 PARTIAL_LINE_SHOWN = 80  # of a prompt's last line, unended, the end repeated before the sample
 
@@ -55,11 +57,16 @@ PARTIAL_LINE_SHOWN = 80  # of a prompt's last line, unended, the end repeated be
 def shown_sample(prompt: str, sample: str, weights: str) -> str:
     """A prompt's last PROMPT_LINES_SHOWN lines and its sample as the console shows them, each
     under a line that says what it is; the sample's runs of two or more blank lines as one line
-    that counts them (an undertrained model writes newlines by the screenful). A prompt that
+    that counts them, and a line written three or more times in a row as once and a count (an
+    undertrained model writes newlines, or one line, by the screenful). A prompt that
     ends within a line has that line's end (PARTIAL_LINE_SHOWN characters at most) repeated
     before the sample."""
     def counted(run: re.Match) -> str:
         return f"\n[{run.group().count(chr(10)) - 1} blank lines]\n"
+
+    def once(run: re.Match) -> str:
+        line = run.group(1)
+        return f"{line}[the line above {run.group().count(chr(10)) - 1} more times]\n"
 
     lines = prompt.split("\n")
     ended = lines.pop()  # the text after the last line end: a line the sample continues
@@ -72,7 +79,7 @@ def shown_sample(prompt: str, sample: str, weights: str) -> str:
     completion = ended[-PARTIAL_LINE_SHOWN:] + sample
     continued = ", after the prompt's last line repeated" if ended else ""
     return (f"{heading}:\n{shown}\nsample completion (greedy, {weights}{continued}):\n"
-            f"{BLANK_RUN.sub(counted, completion)}")
+            f"{REPEATED_LINE.sub(once, BLANK_RUN.sub(counted, completion))}")
 
 
 def export_run(run: Run) -> tuple[Path | None, str | None]:
@@ -103,7 +110,10 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
     sample = None
     if prompt is not None and prompt.text and settings.sample_tokens > 0:
         stops = FUNCTION_STOPS if prompt.ends_function else ()
-        sample = sample_completion(model, tok, prompt.text, settings.sample_tokens, settings.task,
+        tokens = settings.sample_tokens
+        if settings.task == GRPO_TASK:  # as long as the completions it trained on, at most
+            tokens = min(tokens, settings.max_completion_tokens)
+        sample = sample_completion(model, tok, prompt.text, tokens, settings.task,
                                    run.data.dcfg.pair_special_tokens, stops)
         weights = (f"best checkpoint at step {exported_step}" if exported_step is not None
                    else f"the last weights, step {run.state.step}")
