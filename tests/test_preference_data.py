@@ -399,6 +399,25 @@ def test_a_definite_failure_is_rejected_before_a_program_that_timed_out():
     assert labelled_path(Path("out/pairs.jsonl")) == Path("out/pairs.kto.jsonl")
 
 
+def test_samples_that_all_fail_give_no_pair_and_say_what_gives_some(tmp_path, capsys):
+    """A weak model's samples all fail: no pair is written, and the summary says what makes
+    pairs; DPO on that empty file says where its records come from."""
+    import eval as ev
+    from codelm.evaluation.tasks import passk
+
+    problems = passk.load_problems()[:2]
+    file = tmp_path / "generations.json"
+    file.write_text(json.dumps([[p["prompt"] + "    return None\n"] * 2 for p in problems]))
+    out = tmp_path / "pairs.jsonl"
+    assert ev.main(["--tasks", "passk", "--limit", "2", "--load-generations", str(file),
+                    "--num-samples", "2", "--out-dir", str(tmp_path / "eval"), "--no-progress",
+                    "--preference-pairs", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "preference pairs: 0 pairs" in said and "more --num-samples" in said
+    with pytest.raises(DataError, match=r"no preference records \(.*--preference-pairs"):
+        read_preferences([str(out)], False, DataConfig())
+
+
 def test_preference_pairs_need_a_pass_at_k_task_sampled_twice():
     from codelm.evaluation.config import parse_config
 
@@ -409,5 +428,9 @@ def test_preference_pairs_need_a_pass_at_k_task_sampled_twice():
     with pytest.raises(ValueError, match=r"^preference_pairs \('p.jsonl', --preference-pairs\): "
                                          "pairs a pass@k task's samples"):
         parse_config(["--tasks", "lm", "--preference-pairs", "p.jsonl"])
-    with pytest.raises(ValueError, match="with num_samples .* of 2 or more"):
+    with pytest.raises(ValueError, match=r"set num_samples \(1, --num-samples\) to 2 or more"):
         parse_config(["--tasks", "passk", "--preference-pairs", "p.jsonl"])
+    with pytest.raises(ValueError, match=r"each k must be in \[1, num_samples \(4, "
+                                         r"--num-samples\)\]: raise num_samples, or leave out 8$"):
+        parse_config(["--tasks", "passk", "--num-samples", "4", "--temperature", "0.8",
+                      "--pass-k", "1", "8"])

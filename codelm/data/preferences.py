@@ -94,7 +94,9 @@ def read_preferences(sources: Sequence[str], unpaired: bool, cfg: DataConfig
     if skipped:
         print(f"skip_bad: {skipped} bad preference record(s) skipped", file=sys.stderr)
     if not records:
-        raise DataError(f"data {', '.join(sources)}: no preference records")
+        raise DataError(f"data {', '.join(sources)}: no preference records (a file eval.py "
+                        "--preference-pairs wrote holds none where no problem's samples both "
+                        "passed and failed: its summary line says why)")
     return records
 
 

@@ -155,8 +155,10 @@ class EvalConfig:
             *((key, not greedy or getattr(self, key) is None,
                f"samples only at temperature > 0: set {named('temperature')} or leave {key} unset")
               for key in ("top_p", "top_k")),
-            ("pass_k", bool(self.pass_k) and all(1 <= k <= self.num_samples for k in self.pass_k),
-             f"every k must be in [1, {named('num_samples')}], and one given"),
+            ("pass_k", bool(self.pass_k), "give one k or more"),
+            ("pass_k", all(1 <= k <= self.num_samples for k in self.pass_k),
+             f"each k must be in [1, {named('num_samples')}]: raise num_samples, or leave out "
+             f"{', '.join(str(k) for k in self.pass_k if not 1 <= k <= self.num_samples)}"),
             ("num_beams", self.num_beams == 1 or greedy,
              f"beam search is deterministic: {named('temperature')} must be 0 with num_beams > 1"),
             ("num_beams", self.num_beams == 1 or not endpoints,
@@ -196,10 +198,13 @@ class EvalConfig:
             ("models", not endpoints or not self.serve,
              "an endpoint (openai:URL) is served already: --serve serves local models"),
             ("preference_pairs", self.preference_pairs is None or (
-                any(task in PASSK_TASKS for task in self.tasks) and self.num_samples >= 2
-                and not self.serve and self.prompt is None),
+                any(task in PASSK_TASKS for task in self.tasks) and not self.serve
+                and self.prompt is None),
              f"pairs a pass@k task's samples: name one in {named('tasks')} "
-             f"({', '.join(PASSK_TASKS)}), with {named('num_samples')} of 2 or more"),
+             f"({', '.join(PASSK_TASKS)})"),
+            ("preference_pairs", self.preference_pairs is None or self.num_samples >= 2,
+             f"pairs samples of a problem that pass with those that fail: set "
+             f"{named('num_samples')} to 2 or more (and a temperature > 0)"),
             ("preference_pairs", self.preference_pairs is None
              or self.preference_pairs.endswith(".jsonl"),
              "is written as JSONL: name a file ending in .jsonl"),

@@ -106,7 +106,12 @@ def write_preference_data(path: str | Path, out_dir: Path, tasks: Sequence[str])
     total = c["paired"] + c["all_passed"] + c["all_failed"] + c["untrusted"]
     untrusted = (f", nothing from {c['untrusted']} whose test ran in the candidate's interpreter"
                  if c["untrusted"] else "")
+    hint = ""
+    if not c["pairs"]:  # no problem both passed and failed
+        hint = ("\nnote: a pair needs a problem whose samples both pass and fail: more "
+                "--num-samples, a --temperature that varies them, or problems fit to the model "
+                "(failing all: fine-tune it first; passing all: harder ones)")
     return (f"preference pairs: {c['pairs']} pairs from {c['paired']} of {total} problems in "
             f"{path}; no pair from {c['all_passed']} whose samples all passed and "
             f"{c['all_failed']} whose samples all failed{untrusted}; {c['labelled']} labelled "
-            f"completions (kto) in {labelled_path(path)}")
+            f"completions (kto) in {labelled_path(path)}{hint}")
