@@ -43,6 +43,8 @@ EXCLUDED_DIRS = frozenset(
     {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", ".tox", ".nox",
      "site-packages", "dist-packages"}
 )
+# Of those, the ones that hold installed code (a walk that leaves one out says so).
+THIRD_PARTY_DIRS = frozenset({"node_modules", ".venv", "site-packages", "dist-packages"})
 
 # The first line of a Git LFS pointer (under 1,024 bytes), held in place of the real file.
 _LFS_POINTER = "version https://git-lfs.github.com/spec/"
@@ -148,9 +150,15 @@ def walk_source_tree(root: Path, extensions: Iterable[str], links_within: Path |
     under its own licence); ``symlink`` (a link that does not resolve inside ``links_within``,
     resolved; None: every link: a cloned tree must not pull in outside files),
     ``not_a_file``; a directory that cannot be listed comes as one entry, ``unreadable`` (its
-    files unknown), with a warning naming it."""
+    files unknown), with a warning naming it; the EXCLUDED_DIRS are not walked, a warning
+    naming those of installed code (THIRD_PARTY_DIRS)."""
     extensions = tuple(extensions)
-    files, work_trees, unreadable = _tree_files(root)
+    files, work_trees, unreadable, installed = _tree_files(root)
+    if installed:
+        log.warning("%s: %d director%s of installed third-party code left out (%s%s): name one "
+                    "itself to collect it", root, len(installed),
+                    "y" if len(installed) == 1 else "ies", installed[0],
+                    ", ..." if len(installed) > 1 else "")
     top = repository_top(root)
     if top is not None:
         work_trees = list(dict.fromkeys(["", *work_trees]))
@@ -265,11 +273,13 @@ def source_files(root: Path, extensions: Iterable[str], links_within: Path | Non
             if skip is None]
 
 
-def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str], list[tuple[str, Path]]]:
+def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str], list[tuple[str, Path]],
+                                     list[str]]:
     """Every non-directory entry under root, sorted by relative path; the relative paths of
     the git work trees met ("" for root; a submodule's ``.git`` is a file); the directories
-    that could not be listed (relative path, path)."""
-    found, work_trees, unreadable = [], [], []
+    that could not be listed (relative path, path); the THIRD_PARTY_DIRS left out (relative
+    paths)."""
+    found, work_trees, unreadable, installed = [], [], [], []
 
     def note(error: OSError) -> None:
         path = Path(error.filename)
@@ -279,11 +289,13 @@ def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str], list[tup
         if ".git" in dirnames or ".git" in filenames:
             top = Path(dirpath).relative_to(root).as_posix()
             work_trees.append("" if top == "." else top)
+        for name in sorted(set(dirnames) & THIRD_PARTY_DIRS):
+            installed.append(Path(dirpath, name).relative_to(root).as_posix())
         dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
         for name in filenames:
             path = Path(dirpath, name)
             found.append((path.relative_to(root).as_posix(), path))
-    return sorted(found, key=lambda entry: entry[0]), work_trees, sorted(unreadable)
+    return sorted(found, key=lambda entry: entry[0]), work_trees, sorted(unreadable), installed
 
 
 def decode_source(data: bytes | str) -> tuple[str | None, str | None]:
@@ -341,8 +353,8 @@ class Summary:
     def format(self) -> str:
         lines = [f"kept {self.files['kept']} files ({self.bytes_kept / 1e6:.2f} MB)"]
         lines += [f"  {title:5s} {reason:24s} {n}"
-                  for title, counts in (("repos", self.repos), ("files", self.files))
-                  for reason, n in sorted(counts.items()) if (title, reason) != ("files", "kept")]
+                  for title, counts in (("repos", self.repos), ("skipped", self.files))
+                  for reason, n in sorted(counts.items()) if reason != "kept"]
         lines += [f"  {note}" for note in self.notes[:_NAMED_REPOS]]
         if len(self.notes) > _NAMED_REPOS:
             lines.append(f"  and {len(self.notes) - _NAMED_REPOS} more repos (the warnings "
@@ -431,7 +443,8 @@ class ResumableOutput:
                          if settings.get(k) != previous.get(k))
         if changed:
             raise ValueError(
-                f"{self.state} was started with other settings ({', '.join(changed)} differ); "
+                f"{self.state} was started with other settings (those that differ: "
+                f"{', '.join(changed)}); "
                 f"use the same flags to resume, or a new --out (or delete {self.state.name} "
                 "and the output) to start over")
         lines = self.state.read_bytes().split(b"\n")

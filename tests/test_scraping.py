@@ -430,7 +430,7 @@ def test_a_resume_with_any_other_output_setting_is_refused(tmp_path, setting, va
     out = tmp_path / "out.jsonl"
     run_scrape(out, max_repos=1)
     before = out.read_bytes()
-    with pytest.raises(ValueError, match=rf"\({setting} differ\)"):
+    with pytest.raises(ValueError, match=rf"\(those that differ: {setting}\)"):
         run_scrape(out, **{setting: value})
     assert out.read_bytes() == before
 
@@ -690,6 +690,25 @@ def test_local_directory(tmp_path):
     assert summary.files["duplicate_sha"] == 1 and summary.files["extension"] == 1
 
 
+def test_installed_code_left_out_is_said_and_the_summary_names_what_it_skipped(tmp_path,
+                                                                             caplog):
+    """A tree whose code sits in a site-packages (a virtual environment copied in) keeps none
+    of it, as third-party code: a warning names the directory and how to collect it, and the
+    summary's lines say which files were skipped and why."""
+    src = tmp_path / "proj"
+    (src / "lib" / "site-packages" / "pkg").mkdir(parents=True)
+    (src / "lib" / "site-packages" / "pkg" / "mod.py").write_text("x = 1\n")
+    (src / "main.py").write_text("import pkg\n")
+    (src / "notes.txt").write_text("notes\n")
+    with caplog.at_level("WARNING", logger="scraping"):
+        summary = collect_local(LocalConfig(sources=[str(src)], out=str(tmp_path / "o.jsonl"),
+                                            progress=False))
+    assert "1 directory of installed third-party code left out (lib/site-packages)" in \
+        caplog.text and "name one itself to collect it" in caplog.text
+    assert summary.files["kept"] == 1
+    assert "  skipped extension" in summary.format()
+
+
 def test_two_local_directories_of_one_name_are_refused_before_any_is_read(tmp_path):
     """A directory's name is the repo of its records: two folders named alike would be read
     as one repository by --task project, so collecting them together is refused, naming it."""
@@ -849,7 +868,7 @@ def test_local_keeps_finished_sources_when_a_later_one_fails_and_resumes(tmp_pat
     assert [r["path"] for r in read_jsonl(out)] == ["a.py", "b.py"]
     assert main(["local", str(first), "--out", str(out), "--extensions", ".kt",
                  "--no-progress"]) == 2
-    assert "extensions differ" in capsys.readouterr().err
+    assert "those that differ: extensions" in capsys.readouterr().err
 
 
 def test_cli_help_and_bad_flags(tmp_path, capsys):
@@ -1350,7 +1369,7 @@ def test_licences_are_stored_as_github_spells_them_so_a_rerun_in_another_case_re
     assert expand_licenses(["mit", "APACHE-2.0"]) == {"MIT", "Apache-2.0"}
     out = tmp_path / "out.jsonl"
     run_scrape(out, licenses=["MIT", "Apache-2.0"], max_repos=1)
-    run_scrape(out, licenses=["mit", "apache-2.0"])  # not "licenses differ"
+    run_scrape(out, licenses=["mit", "apache-2.0"])  # not "those that differ: licenses"
 
 
 def test_local_license_is_one_id_of_the_github_table(tmp_path, capsys):
@@ -1608,7 +1627,7 @@ def test_local_records_each_sources_own_licence(tmp_path, capsys):
     assert {r["repo"]: r["license"] for r in read_jsonl(stamped)} == {
         "mit": "Apache-2.0", "gpl": "Apache-2.0"}
     assert main(["local", *roots, "--out", str(stamped), "--no-progress"]) == 2
-    assert "license differ" in capsys.readouterr().err  # a resume keeps its licence rule
+    assert "those that differ: license" in capsys.readouterr().err  # a resume keeps its licence rule
 
 
 def test_local_licenses_filters_sources_as_github_does(tmp_path, capsys):
@@ -1633,7 +1652,7 @@ def test_local_licenses_filters_sources_as_github_does(tmp_path, capsys):
     assert main([*argv, "PERMISSIVE", "None"]) == 0  # the same filter resumes, skipping all
     assert re.search(r"repos already_done +3\n", capsys.readouterr().err)
     assert main([*argv, "GPL-3.0"]) == 2
-    assert "licenses differ" in capsys.readouterr().err
+    assert "those that differ: licenses" in capsys.readouterr().err
     assert main([*argv, "GPL-3.0", "--out", str(tmp_path / "gpl.jsonl")]) == 0
     assert {r["repo"] for r in read_jsonl(tmp_path / "gpl.jsonl")} == {sources[1]}
     assert main([*argv, "MIT", "--license", "GPL-3.0", "--out", str(tmp_path / "x.jsonl")]) == 2
