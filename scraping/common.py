@@ -43,8 +43,9 @@ EXCLUDED_DIRS = frozenset(
     {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", ".tox", ".nox",
      "site-packages", "dist-packages"}
 )
-# Of those, the ones that hold installed code (a walk that leaves one out says so).
+# Of those, the ones that hold installed code, each a walk's entry of its own (INSTALLED_CODE).
 THIRD_PARTY_DIRS = frozenset({"node_modules", ".venv", "site-packages", "dist-packages"})
+INSTALLED_CODE = "installed_code_dir"
 
 # The first line of a Git LFS pointer (under 1,024 bytes), held in place of the real file.
 _LFS_POINTER = "version https://git-lfs.github.com/spec/"
@@ -150,15 +151,12 @@ def walk_source_tree(root: Path, extensions: Iterable[str], links_within: Path |
     under its own licence); ``symlink`` (a link that does not resolve inside ``links_within``,
     resolved; None: every link: a cloned tree must not pull in outside files),
     ``not_a_file``; a directory that cannot be listed comes as one entry, ``unreadable`` (its
-    files unknown), with a warning naming it; the EXCLUDED_DIRS are not walked, a warning
-    naming those of installed code (THIRD_PARTY_DIRS)."""
+    files unknown), with a warning naming it; the EXCLUDED_DIRS are not walked, those of
+    installed code (THIRD_PARTY_DIRS) each coming as one entry, ``installed_code_dir``."""
     extensions = tuple(extensions)
     files, work_trees, unreadable, installed = _tree_files(root)
-    if installed:
-        log.warning("%s: %d director%s of installed third-party code left out (%s%s): name one "
-                    "itself to collect it", root, len(installed),
-                    "y" if len(installed) == 1 else "ies", installed[0],
-                    ", ..." if len(installed) > 1 else "")
+    for rel in installed:
+        yield rel, root / rel, INSTALLED_CODE
     top = repository_top(root)
     if top is not None:
         work_trees = list(dict.fromkeys(["", *work_trees]))

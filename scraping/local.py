@@ -14,6 +14,7 @@ from pathlib import Path
 from codelm.runtime import process
 from codelm.runtime.console import progress_bar
 from scraping.common import (
+    INSTALLED_CODE,
     FileFilter,
     ResumableOutput,
     Summary,
@@ -90,6 +91,9 @@ def collect_directory(root: Path, repo: str, file_filter: FileFilter, license_id
         if not is_utf8(rel):
             summary.files["not_utf8_name"] += 1
             continue
+        if reason == INSTALLED_CODE:
+            log.warning("%s: installed third-party code, left out: name it as a source of its "
+                        "own to collect it", path)
         try:
             reason = reason or file_filter.reject_reason(rel, path.stat().st_size)
             data = b"" if reason else path.read_bytes()

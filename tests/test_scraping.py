@@ -703,10 +703,11 @@ def test_installed_code_left_out_is_said_and_the_summary_names_what_it_skipped(t
     with caplog.at_level("WARNING", logger="scraping"):
         summary = collect_local(LocalConfig(sources=[str(src)], out=str(tmp_path / "o.jsonl"),
                                             progress=False))
-    assert "1 directory of installed third-party code left out (lib/site-packages)" in \
-        caplog.text and "name one itself to collect it" in caplog.text
-    assert summary.files["kept"] == 1
+    assert "site-packages: installed third-party code, left out: name it as a source" in \
+        caplog.text
+    assert summary.files["kept"] == 1 and summary.files["installed_code_dir"] == 1
     assert "  skipped extension" in summary.format()
+    assert "  skipped installed_code_dir" in summary.format()
 
 
 def test_two_local_directories_of_one_name_are_refused_before_any_is_read(tmp_path):
