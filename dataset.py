@@ -163,7 +163,7 @@ def _token_shards(texts: Texts, tokenizer, encoder: BatchEncoder, cfg: DataConfi
             done.append(_write_task_shard(path, data, {"texts": len(chunk)}))
             chars += sum(map(len, chunk))
             bar.update(len(chunk))
-    _say_throughput(f"tokenize {split}", chars, started, cfg)
+    _say_throughput(f"tokenize {split}", chars, started, cfg, (skip, len(texts), "texts"))
     return done
 
 
@@ -214,12 +214,18 @@ def _write_task_shard(path: Path, data: bytes, holds: dict) -> _TaskShard:
     return _TaskShard(path, manifest)
 
 
-def _say_throughput(stage: str, chars: int, started: float, cfg: DataConfig) -> None:
-    """A stage's throughput line (with progress on, when it built anything)."""
+def _say_throughput(stage: str, chars: int, started: float, cfg: DataConfig,
+                    done_before: tuple[int, int, str]) -> None:
+    """A stage's throughput line (with progress on, when it built anything); ``done_before``:
+    (items an earlier, interrupted build left done, of all items, what they are)."""
     if cfg.progress and chars:
         seconds = time.perf_counter() - started
+        earlier, total, items = done_before
+        resumed = (f"; {earlier} of the {total} {items} were done by an earlier build, "
+                   "continued here" if earlier else "")
         print(f"{stage}: {chars / 1e6:.1f} M characters in {seconds:.1f} s "
-              f"({chars / 1e6 / seconds:.2f} M/s, {cfg.workers} workers)", file=sys.stderr)
+              f"({chars / 1e6 / seconds:.2f} M/s, {cfg.workers} workers){resumed}",
+              file=sys.stderr)
 
 
 def _whole_task_shard(path: Path) -> dict | None:
@@ -380,7 +386,7 @@ def _example_shards(docs: Sequence[Doc], encoder: BatchEncoder, cfg: DataConfig,
             done.append(_write_example_shard(path, examples, len(chunk), events))
             chars += sum(map(_doc_chars, chunk))
             bar.update(len(chunk))
-    _say_throughput(f"{cfg.task} {split}", chars, started, cfg)
+    _say_throughput(f"{cfg.task} {split}", chars, started, cfg, (skip, len(docs), "documents"))
     return done
 
 

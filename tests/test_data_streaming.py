@@ -5,6 +5,7 @@ corpus. References: a build in one shard, a one-worker build, and the tokenizer'
 every text."""
 
 import ast
+import dataclasses
 import faulthandler
 import json
 import multiprocessing
@@ -185,9 +186,10 @@ def test_a_cleaning_worker_killed_mid_build_ends_the_build_with_one_error_and_a_
 
 
 def test_an_interrupted_lm_build_continues_after_its_whole_token_shards(tmp_path, source,
-                                                                        tokenizer, monkeypatch):
+                                                                        tokenizer, monkeypatch,
+                                                                        capsys):
     """Stopped while tokenizing, the next build encodes only the texts after the whole token
-    shards, and its token files equal an uninterrupted build's."""
+    shards, and its token files equal an uninterrupted build's; it says how many were done."""
     small_shards(monkeypatch, docs=2000)
     reference = prepare(config(tmp_path / "ref", source), tokenizer)
     c = config(tmp_path / "cache", source)
@@ -212,10 +214,13 @@ def test_an_interrupted_lm_build_continues_after_its_whole_token_shards(tmp_path
     counted: list = []
     monkeypatch.setattr(BatchEncoder, "arrays",
                         lambda self, t, **kw: counted.append(len(t)) or real(self, t, **kw))
-    data = prepare(c, tokenizer)
+    data = prepare(dataclasses.replace(c, progress=True), tokenizer)
     n_texts = sum(len(getattr(load_corpus(c), s)) for s in ("train", "val", "test"))
     assert sum(counted) == n_texts - texts  # the whole shards' texts are not encoded again
     assert entry_bytes(data.cache_path) == entry_bytes(reference.cache_path)
+    train = len(load_corpus(c).train)  # its throughput line says what was done before
+    assert f"; {texts} of the {train} texts were done by an earlier build" in \
+        capsys.readouterr().err
 
 
 def synthetic_corpus(root: Path, files: int, size: int) -> Path:

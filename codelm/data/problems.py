@@ -532,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed {outside[0]}: must be 0 to {SEEDS - 1} (each seed a set of its own)")
     if Path(args.out).exists() and not args.force:
         parser.error(f"--out {args.out}: exists; --force replaces it")
+    if unknown := [form for form in args.forms or () if form not in FORMS]:
+        close = settings.closest_key(unknown[0], FORMS)
+        hint = f": did you mean {close}?" if close else ""
+        parser.error(f"--forms {unknown[0]}: not a form{hint} (the forms: "
+                     f"{', '.join(sorted(FORMS))})")
 
     def write() -> None:
         problems, counts, bugs = [], [], 0
