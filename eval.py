@@ -99,11 +99,8 @@ def run_by_name(spec: str, runs_dir: str | Path) -> str:
     if is_endpoint(spec):
         return spec
     label, path = loading.split_label(spec)
-    under = rundir.named_run(path, runs_dir)
-    if under is None:
-        return spec
-    print(f"{path}: {under} (under --runs-dir)", file=sys.stderr)
-    return f"{label}={under}" if label else str(under)
+    found = rundir.run_or_path(path, runs_dir)
+    return f"{label}={found}" if label else found
 
 
 def latest_run(runs_dir: str | Path) -> Path:
@@ -136,7 +133,7 @@ def serve_models(cfg: EvalConfig) -> int:
         lm.label = unique_label(lm.label, seen)
         served.append(served_model(lm.label, lm.model, lm.tokenizer,
                                    partial(scoring.served_prompt, lm, cfg),
-                                   len(scoring.prompt_start(lm)), scoring.stop_ids(lm),
+                                   len(lm.prompt_start), scoring.stop_ids(lm),
                                    scoring.chat_stop_ids(lm)))
     return serve(served, cfg.host, cfg.port, cfg.api_key, cfg.batch_size, cfg.compile)
 

@@ -644,12 +644,12 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         base, revision = snapshot
     elif base is not None and Path(base).is_dir():  # a local base: found from any directory
         base = Path(base).absolute()
-    elif base is None:
+    out = Path(out_dir)
+    pretrained.check_output_dir(out, "save_adapter", adapter=True)
+    if base is None:
         print("note: save_adapter: the model names no base (not loaded from a checkpoint), so the "
               "adapter records none: pass base_model_name_or_path=DIR, or load it as "
               "BASE+ADAPTER", file=sys.stderr)
-    out = Path(out_dir)
-    pretrained.check_output_dir(out, "save_adapter", adapter=True)
     tensors = {PEFT_PREFIX + k: p.detach().float().cpu().contiguous()
                for k, p in _adapter_parameters(model).items()}
     written = {_KEY_RE.match(k)["module"] for k in tensors}

@@ -188,13 +188,13 @@ def check_paths(values: dict, recipe: str) -> None:
         shape = f" of {preset}" if preset else ""
         how = (f"pass --model DIR or ID, an HF checkpoint{shape} (see docs/recipes.md; "
                f"{recipe}: train.init_from)")
-        if (earlier := recipe_training(init_from, Path(recipe).parent)) is not None:
-            how = f"train it first with python -m codelm.recipes {earlier}, or {how}"
         try:
             path = checkpoint_dir(init_from, "init_from")
         except ValueError as e:
             raise ValueError(f"{e}; or {how}") from None
         if not path.is_dir():
+            if (earlier := recipe_training(init_from, Path(recipe).parent)) is not None:
+                how = f"train it first with python -m codelm.recipes {earlier}, or {how}"
             raise ValueError(f"{init_from}: no such model directory; {how}")
         check_family(str(path), values.get("preset"))
     for key, flag in (("data", "--data"), ("val_data", "--val-data"), ("test_data", None)):

@@ -644,8 +644,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], engines: dict[str, EngineThread],
                  api_key: str | None) -> None:
-        if ":" in address[0]:  # an IPv6 address
-            self.address_family = socket.AF_INET6
+        self.address_family = address_family(address[0])
         super().__init__(address, _Handler)
         self.engines = engines
         self.api_key = api_key
@@ -722,13 +721,17 @@ def check_address(host: str, port: int) -> None:
     load (which may take minutes); port 0 (a free one) always binds."""
     if port == 0:
         return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        with socket.socket(address_family(host), socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
             probe.bind((host, port))
     except OSError as e:
         raise _address_error(host, port, e) from None
+
+
+def address_family(host: str) -> socket.AddressFamily:
+    """IPv6 for an address that holds a colon (``::1``), else IPv4."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _address_error(host: str, port: int, error: OSError) -> ValueError:

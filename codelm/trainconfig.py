@@ -872,6 +872,7 @@ class ExportSettings:
     tokenizer: str | None
     export_merged: bool
     export_gguf: str | None
+    progress: bool
 
 
 # The steps --overfit and --overfit-batches take where --max-steps leaves them unset: a check

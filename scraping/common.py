@@ -145,7 +145,8 @@ def has_extension(path: str, extensions: Iterable[str]) -> bool:
 def walk_source_tree(root: Path, extensions: Iterable[str], links_within: Path | None = None
                      ) -> Iterator[tuple[str, Path, str | None]]:
     """(relative posix path, path, why it is skipped or None) of every file under ``root``,
-    sorted: the one walker of ``scraping local`` and dataset.py. Skipped: ``extension``;
+    sorted (after the directories not walked): the one walker of ``scraping local`` and
+    dataset.py. Skipped: ``extension``;
     where ``root`` belongs to a git repository, what a clone of it never holds: ``gitignored``,
     and ``nested_repo`` (a submodule or a repository cloned inside: another repository's code,
     under its own licence); ``symlink`` (a link that does not resolve inside ``links_within``,

@@ -86,14 +86,15 @@ def collect_directory(root: Path, repo: str, file_filter: FileFilter, license_id
                       summary: Summary, seen: set[str], progress: bool = True) -> list[dict]:
     """Records for every wanted file under ``root``; ``seen`` holds blob SHAs already kept."""
     records = []
+    installed = []  # the directories of installed code left out
     tree = list(walk_source_tree(root, file_filter.extensions))
     for rel, path, reason in progress_bar(tree, desc=repo[-40:], unit="file", enabled=progress):
         if not is_utf8(rel):
             summary.files["not_utf8_name"] += 1
             continue
-        if reason == INSTALLED_CODE:
-            log.warning("%s: installed third-party code, left out: name it as a source of its "
-                        "own to collect it", path)
+        if reason == INSTALLED_CODE:  # no file: said below where the source gave none
+            installed.append(rel)
+            continue
         try:
             reason = reason or file_filter.reject_reason(rel, path.stat().st_size)
             data = b"" if reason else path.read_bytes()
@@ -114,7 +115,18 @@ def collect_directory(root: Path, repo: str, file_filter: FileFilter, license_id
         records.append(make_record(repo, rel, sha, license_id, None, text))
         summary.files["kept"] += 1
         summary.bytes_kept += len(data)
+    if installed and not records:
+        _say_installed_code(root, installed)
     return records
+
+
+def _say_installed_code(root: Path, installed: list[str]) -> None:
+    """Why a source that holds installed third-party code (``installed``: its directories)
+    gave no file, and how to collect a package of it."""
+    shown = ", ".join(installed[:3]) + (", ..." if len(installed) > 3 else "")
+    log.warning("%s: no file kept; installed third-party code is left out (%s): to collect a "
+                "package of it, name the package's own directory as a source (%s/NAME)", root,
+                shown, root / installed[0])
 
 
 def _source_key(source: str) -> tuple[str, Path | None]:

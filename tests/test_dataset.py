@@ -161,6 +161,20 @@ def test_stdlib_files_skip_site_packages_and_pycache(tmp_path):
     assert len(real) > 400 and not any("site-packages" in p for p in real)
 
 
+def test_a_directory_of_installed_code_is_neither_read_nor_counted_as_a_file(tmp_path):
+    """A project's .venv or node_modules is another project's code: its files are not read,
+    and the directory is no dropped file of the source's counts."""
+    from codelm.data.sources import source_listing
+
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)
+    (tmp_path / ".venv" / "lib" / "x.py").write_text("x = 1\n")
+    (tmp_path / "node_modules").mkdir()
+    (tmp_path / "node_modules" / "y.js").write_text("y = 1\n")
+    (tmp_path / "main.py").write_text("import x\n")
+    listing = source_listing(str(tmp_path), (".py",))
+    assert [p.name for p in listing.files] == ["main.py"] and not listing.skipped
+
+
 def test_directory_source_follows_links_to_files_and_reads_extensions_in_any_case(tmp_path):
     """Extensions match in any case (``B.PY`` is read); a directory's links to its own files are
     read, and so are an HF hub snapshot's (its files point into its repository's blobs/); a

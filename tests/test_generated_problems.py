@@ -157,8 +157,8 @@ def test_a_seed_out_of_range_or_too_many_problems_is_one_message(monkeypatch):
 
 def test_forms_draws_those_forms_only_and_keeps_seeds_apart(tmp_path, capsys):
     """--forms: every problem of the named forms, the same for the same seed and forms, two
-    seeds still sharing no function; an unknown form is one message naming the known ones (on
-    the command line, the one it misspells)."""
+    seeds still sharing no function; an unknown form is one message naming the known ones (and
+    the one a typo misspells)."""
     forms = ["sign_code", "in_range"]
     problems = generate_problems(40, 4, forms)
     assert {p["entry_point"] for p in problems} == set(forms)
@@ -172,9 +172,10 @@ def test_forms_draws_those_forms_only_and_keeps_seeds_apart(tmp_path, capsys):
         generate_problems(5, 0, ["squares", "sign_code"])
     with pytest.raises(ValueError, match=r"forms \(none\)"):
         generate_problems(5, 0, [])
-    with pytest.raises(SystemExit):  # the command line: a typo gets the form it misspells
-        generated.main(["--n", "5", "--forms", "sign_cod", "--out", str(tmp_path / "t.jsonl")])
-    assert "--forms sign_cod: not a form: did you mean sign_code?" in capsys.readouterr().err
+    assert generated.main(["--n", "5", "--forms", "sign_cod", "--out",
+                           str(tmp_path / "t.jsonl")]) == 2  # a typo: the form it misspells
+    assert "forms sign_cod: not a form of codelm.data.problems (did you mean sign_code?)" in \
+        capsys.readouterr().err
 
 
 def _body_constants(solution: str) -> set[int]:

@@ -690,24 +690,33 @@ def test_local_directory(tmp_path):
     assert summary.files["duplicate_sha"] == 1 and summary.files["extension"] == 1
 
 
-def test_installed_code_left_out_is_said_and_the_summary_names_what_it_skipped(tmp_path,
-                                                                             caplog):
+def test_installed_code_left_out_is_said_where_a_source_gives_nothing_else(tmp_path, caplog):
     """A tree whose code sits in a site-packages (a virtual environment copied in) keeps none
-    of it, as third-party code: a warning names the directory and how to collect it, and the
-    summary's lines say which files were skipped and why."""
+    of it, as third-party code: where that leaves the source with no file, a warning names the
+    directory and how to collect a package of it (its own directory, which collects); a source
+    with files of its own is collected without it, and the summary says which files were
+    skipped."""
     src = tmp_path / "proj"
-    (src / "lib" / "site-packages" / "pkg").mkdir(parents=True)
-    (src / "lib" / "site-packages" / "pkg" / "mod.py").write_text("x = 1\n")
-    (src / "main.py").write_text("import pkg\n")
+    package = src / "lib" / "site-packages" / "pkg"
+    package.mkdir(parents=True)
+    (package / "mod.py").write_text("x = 1\n")
     (src / "notes.txt").write_text("notes\n")
     with caplog.at_level("WARNING", logger="scraping"):
         summary = collect_local(LocalConfig(sources=[str(src)], out=str(tmp_path / "o.jsonl"),
                                             progress=False))
-    assert "site-packages: installed third-party code, left out: name it as a source" in \
-        caplog.text
-    assert summary.files["kept"] == 1 and summary.files["installed_code_dir"] == 1
+    assert summary.files["kept"] == 0
+    assert "no file kept; installed third-party code is left out (lib/site-packages)" in \
+        caplog.text and f"({src / 'lib' / 'site-packages'}/NAME)" in caplog.text
     assert "  skipped extension" in summary.format()
-    assert "  skipped installed_code_dir" in summary.format()
+    caplog.clear()
+    (src / "main.py").write_text("import pkg\n")
+    with caplog.at_level("WARNING", logger="scraping"):
+        summary = collect_local(LocalConfig(sources=[str(src)], out=str(tmp_path / "p.jsonl"),
+                                            progress=False))
+    assert summary.files["kept"] == 1 and "installed" not in caplog.text
+    summary = collect_local(LocalConfig(sources=[str(package)], out=str(tmp_path / "q.jsonl"),
+                                        progress=False))
+    assert summary.files["kept"] == 1
 
 
 def test_two_local_directories_of_one_name_are_refused_before_any_is_read(tmp_path):

@@ -909,12 +909,14 @@ ENDPOINT = "x=openai:http://127.0.0.1:1/v1"
      r"to some of passk"),
     (["--models", ENDPOINT, "local", "--tasks", "humaneval"],
      r"beside other endpoints only: score the local models in another eval.py run"),
-    (["--models", ENDPOINT, "--tasks", "humaneval", "--serve"],
-     r"served already: --serve serves local models"),
+    (["--models", ENDPOINT, "--serve"], r"served already: --serve serves local models"),
+    (["--models", ENDPOINT, "--prompt", "def f():"],
+     r"scored on pass@k tasks; --prompt streams a local model's completion"),
 ])
 def test_an_endpoint_misused_is_refused_naming_the_one_rule_broken(argv, why):
     """Each rule of an endpoint has its own message: the default tasks (lm, line) are not
-    pass@k; local models beside it; --serve."""
+    pass@k; local models beside it; --serve and --prompt, whatever the tasks (which neither
+    reads)."""
     from codelm.evaluation.config import parse_config
 
     with pytest.raises(ValueError, match=why):
@@ -1198,9 +1200,9 @@ def test_a_port_in_use_is_one_line_naming_it_and_the_way_out():
             make_server([], port=port)
 
 
-def test_serve_compile_reaches_every_engine_and_the_banner(loaded, monkeypatch, capsys):
-    """--serve --compile compiles each model's decode step (Engine's compile), a fresh engine
-    after a failure too; eval.py passes it on, and the banner names it and --batch-size."""
+def test_serve_compile_reaches_every_engine(loaded, monkeypatch):
+    """--serve --compile compiles each model's decode step (Engine's compile); eval.py passes
+    it on, with --batch-size as the slots."""
     import eval as eval_module
     from codelm import serving
 

@@ -29,6 +29,7 @@ from architecture import SHORT_DTYPES
 from codelm import kernels, loading, trainconfig
 from codelm.data import encoding
 from codelm.data.cache import publish_cache_entry
+from codelm.data.config import DataConfig
 from codelm.data.datasets import LMWindows, collate
 from codelm.data.encoding import supervised_example, tokenizer_cache_dir
 from codelm.data.sources import stdlib_files
@@ -2174,7 +2175,8 @@ def test_a_test_split_without_the_tasks_examples_is_noted_before_training(assets
 
 def test_a_train_split_far_below_train_frac_is_noted(assets, tmp_path, capsys):
     """Three files split by fraction give val and test one each, so a third trains, not 0.8:
-    the run says so, naming --val-data and test_frac; ten files split near 8/1/1 are not noted."""
+    the run says so, naming --val-data and the fractions that train on all of --data (a valid
+    DataConfig); ten files split near 8/1/1 are not noted."""
     def corpus(name: str, n_files: int) -> str:
         root = tmp_path / name
         root.mkdir()
@@ -2186,11 +2188,12 @@ def test_a_train_split_far_below_train_frac_is_noted(assets, tmp_path, capsys):
     tm.train(tiny_cfg(assets, tmp_path, data=[corpus("three", 3)], max_steps=1, eval_every=1,
                       warmup_steps=0, name="three"))
     err = capsys.readouterr().err
-    assert "the train split holds 1 of 3 files" in err and "train_frac 0.8" in err
-    assert "--val-data" in err and "test_frac 0" in err
+    assert "the train split holds 1 of 3 files/records" in err and "train_frac 0.8" in err
+    assert "--val-data DIR" in err and '"train_frac": 1, "val_frac": 0, "test_frac": 0' in err
     tm.train(tiny_cfg(assets, tmp_path, data=[corpus("ten", 10)], max_steps=1, eval_every=1,
                       warmup_steps=0, name="ten"))
     assert "the train split holds" not in capsys.readouterr().err
+    DataConfig(train_frac=1, val_frac=0, test_frac=0, val_sources=["v"]).validate()  # the fix
 
 
 def test_the_step_bar_closes_before_the_export_prints(assets, tmp_path, monkeypatch):

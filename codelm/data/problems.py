@@ -359,9 +359,11 @@ def generate_problems(n: int, seed: int, forms: Sequence[str] | None = None,
     HumanEval's do."""
     if forms is not None:
         unknown = sorted(set(forms) - set(FORMS))
+        close = settings.closest_key(unknown[0], FORMS) if unknown else None
+        hint = f" (did you mean {close}?)" if close else ""
         if unknown or not forms:
             raise ValueError(f"forms {', '.join(unknown) or '(none)'}: not a form of "
-                             f"codelm.data.problems; name one or more of "
+                             f"codelm.data.problems{hint}; name one or more of "
                              f"{', '.join(sorted(FORMS))}")
     if not 0 <= seed < SEEDS:
         raise ValueError(f"seed {seed}: must be 0 to {SEEDS - 1} (each seed a set of its own)")
@@ -532,11 +534,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed {outside[0]}: must be 0 to {SEEDS - 1} (each seed a set of its own)")
     if Path(args.out).exists() and not args.force:
         parser.error(f"--out {args.out}: exists; --force replaces it")
-    if unknown := [form for form in args.forms or () if form not in FORMS]:
-        close = settings.closest_key(unknown[0], FORMS)
-        hint = f": did you mean {close}?" if close else ""
-        parser.error(f"--forms {unknown[0]}: not a form{hint} (the forms: "
-                     f"{', '.join(sorted(FORMS))})")
 
     def write() -> None:
         problems, counts, bugs = [], [], 0

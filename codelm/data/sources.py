@@ -19,7 +19,13 @@ from pathlib import Path
 
 from codelm.data.config import DataConfig, DataError
 from codelm.runtime import hub, settings
-from scraping.common import has_extension, is_utf8, source_files, walk_source_tree
+from scraping.common import (
+    INSTALLED_CODE,
+    has_extension,
+    is_utf8,
+    source_files,
+    walk_source_tree,
+)
 from scraping.local import is_git_source
 
 # The hub's name of a train split's data files, as datasets' default split patterns read it:
@@ -87,8 +93,8 @@ def source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
     for _, path, skip in walk_source_tree(root, extensions, links_within=link_scope(root)):
         if skip is None:
             files.append(path)
-        elif skip != "extension":  # another language's file is not this source's
-            skipped[skip] += 1
+        elif skip not in ("extension", INSTALLED_CODE):  # another language's file, a directory
+            skipped[skip] += 1                            # of installed code: not this source's
     return SourceFiles(records=False, root=root, files=files, skipped=skipped)
 
 

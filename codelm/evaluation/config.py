@@ -189,19 +189,33 @@ class EvalConfig:
             ("data", "project-completion" not in self.tasks or bool(self.data),
              "project-completion completes the history of git repositories: give "
              "--data REPO_DIR [REPO_DIR ...]"),
+            *self._mode_checks(named, endpoints),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{named(key)}: {why}")
+
+    def _mode_checks(self, named: Callable[[str], str], endpoints: list[str]
+                     ) -> list[tuple[str, bool, str]]:
+        """``validate``'s checks of what goes with what: endpoints, preference pairs, chat and
+        serving, as (key, holds, why)."""
+        passk = ", ".join(PASSK_TASKS)
+        return [
+            ("models", not endpoints or not self.serve,
+             "an endpoint (openai:URL) is served already: --serve serves local models"),
+            ("models", not endpoints or self.prompt is None,
+             "an endpoint (openai:URL) is scored on pass@k tasks; --prompt streams a local "
+             "model's completion"),
             ("models", not endpoints or set(self.tasks) <= set(PASSK_TASKS),
              f"an endpoint (openai:URL) is scored on pass@k tasks only: set {named('tasks')} to "
-             f"some of {', '.join(PASSK_TASKS)}"),
+             f"some of {passk}"),
             ("models", not endpoints or len(endpoints) == len(self.models),
              "an endpoint (openai:URL) is scored beside other endpoints only: score the local "
              "models in another eval.py run"),
-            ("models", not endpoints or not self.serve,
-             "an endpoint (openai:URL) is served already: --serve serves local models"),
             ("preference_pairs", self.preference_pairs is None or (
                 any(task in PASSK_TASKS for task in self.tasks) and not self.serve
                 and self.prompt is None),
-             f"pairs a pass@k task's samples: name one in {named('tasks')} "
-             f"({', '.join(PASSK_TASKS)})"),
+             f"pairs a pass@k task's samples: name one in {named('tasks')} ({passk})"),
             ("preference_pairs", self.preference_pairs is None or self.num_samples >= 2,
              f"pairs samples of a problem that pass with those that fail: set "
              f"{named('num_samples')} to 2 or more (and a temperature > 0)"),
@@ -209,8 +223,7 @@ class EvalConfig:
              or self.preference_pairs.endswith(".jsonl"),
              "is written as JSONL: name a file ending in .jsonl"),
             ("chat", not self.chat or set(self.tasks) <= set(PASSK_TASKS),
-             f"prompts instruct models on pass@k tasks: set {named('tasks')} to some of "
-             f"{', '.join(PASSK_TASKS)}"),
+             f"prompts instruct models on pass@k tasks: set {named('tasks')} to some of {passk}"),
             ("chat", not self.chat or (self.load_generations is None and self.prompt is None
                                        and not self.serve),
              f"prompts models' chat templates: leave {named('load_generations')}, "
@@ -218,9 +231,6 @@ class EvalConfig:
             ("serve", not self.serve or self.load_generations is None and self.prompt is None,
              f"serves models: leave {named('load_generations')} and {named('prompt')} unset"),
         ]
-        for key, ok, why in checks:
-            if not ok:
-                raise ValueError(f"{named(key)}: {why}")
 
     def _task_hint(self) -> str:
         """"'x': did you mean 'y'? " for the first unknown task that has a close match (or, for a

@@ -58,11 +58,6 @@ def shared_context(models: Sequence[LoadedModel]) -> int:
                    lm.model.cfg.block_size) for lm in models)
 
 
-def prompt_start(lm: LoadedModel) -> list[int]:
-    """A prompt is formatted as the model saw text in training (a base checkpoint: bare)."""
-    return lm.prompt_start
-
-
 def _pair_special_tokens(lm: LoadedModel, cfg: Scoring) -> bool | None:
     """Whether prompts' special-token text reads as the tokens (None: a model without a run)."""
     if "pair_special_tokens" in cfg.data_options:
@@ -124,7 +119,7 @@ def score_supervised(lm: LoadedModel, examples: Sequence[Example], cfg: Scoring,
     logs on these examples."""
     data_cfg = data_cfg or DataConfig()
     eos = lm.tokenizer.eos_id if data_cfg.add_eos else None
-    start = prompt_start(lm)
+    start = lm.prompt_start
     scored = []
     for example, (prompt, completion, span) in zip(examples,
                                                    training_ids(lm, examples, cfg, data_cfg)):
@@ -154,13 +149,13 @@ def _generation(lm: LoadedModel, cfg: Scoring,
                 max_prompt_tokens: int | None = None, chat: bool = False, **options
                 ) -> tuple[GenerationConfig, list[int], list[list[int]]]:
     """The GenerationConfig of ``cfg``, the EOS ids, and each prompt's ids after
-    ``prompt_start``, cut (code first) to leave room for the new tokens. ``chat``: the prompts
+    ``LoadedModel.prompt_start``, cut (code first) to leave room for the new tokens. ``chat``: the prompts
     are a chat template's renderings, whole (no start before them), and the template's end of
     turn also stops."""
     tok, model = lm.tokenizer, lm.model
     eos = chat_stop_ids(lm) if chat else stop_ids(lm)
     new_tokens = _new_tokens(lm, cfg)
-    start = [] if chat else prompt_start(lm)
+    start = [] if chat else lm.prompt_start
     room = prompt_room(lm, cfg, start)
     if max_prompt_tokens is not None:
         room = min(room, max_prompt_tokens)
@@ -188,9 +183,9 @@ def _new_tokens(lm: LoadedModel, cfg: Scoring) -> int:
 
 
 def prompt_room(lm: LoadedModel, cfg: Scoring, start: Sequence[int] | None = None) -> int:
-    """The tokens a prompt may have after ``start`` (default ``prompt_start``), leaving room
+    """The tokens a prompt may have after ``start`` (default ``LoadedModel.prompt_start``), leaving room
     for the completion."""
-    start = prompt_start(lm) if start is None else start
+    start = lm.prompt_start if start is None else start
     return context(lm, cfg) - _new_tokens(lm, cfg) - len(start)
 
 
@@ -278,7 +273,6 @@ def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConf
     return outputs
 
 
-@torch.no_grad()
 def completion_room_notes(lm: LoadedModel, prompt: str, cfg: Scoring) -> list[str]:
     """What a completion of ``prompt`` leaves out, as ``stream_completion`` fits it to the
     model's context: new tokens past half the context, and the prompt's start past its room."""
@@ -296,6 +290,7 @@ def completion_room_notes(lm: LoadedModel, prompt: str, cfg: Scoring) -> list[st
     return notes
 
 
+@torch.no_grad()
 def stream_completion(lm: LoadedModel, prompt: str, cfg: Scoring,
                       write: Callable[[str], object]) -> str:
     """Continue ``prompt`` as ``generate_texts`` does, handing ``write`` the new text token by
@@ -324,4 +319,4 @@ def stream_completion(lm: LoadedModel, prompt: str, cfg: Scoring,
 
 def served_prompt(lm: LoadedModel, cfg: Scoring, text: str) -> list[int]:
     """A served completion prompt's ids: as generate_texts encodes one."""
-    return prompt_start(lm) + _prompt_ids(lm, [text], cfg)[0]
+    return lm.prompt_start + _prompt_ids(lm, [text], cfg)[0]

@@ -36,10 +36,8 @@ def export(source: str, out: Path, outtype: str, tokenizer: str | None = None,
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise ValueError(f"{out}: cannot write into {out.parent} (permission denied); name a "
                          "directory you can write")
-    under = None if "+" in source else rundir.named_run(source, runs_dir)
-    if under is not None:
-        print(f"{source}: {under} (under --runs-dir)", file=sys.stderr)
-        source = str(under)
+    if "+" not in source:  # BASE+ADAPTER names its parts as they are
+        source = rundir.run_or_path(source, runs_dir)
     loaded = loading.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
                                 what="export-gguf", unquantized=True)
     writer.check_exportable(loaded.model, loaded.tokenizer)

@@ -341,22 +341,24 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 
 
 def write_gguf(model: Transformer, tok, out: Path, outtype: str = "f16",
-               name: str = "codelm", prompt_start: Sequence[int] | None = None) -> Path:
+               name: str = "codelm", prompt_start: Sequence[int] | None = None,
+               progress: bool = True) -> Path:
     """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` as GGUF; return ``out``.
     ``prompt_start``: the ids before a prompt as the model trained (a run's
-    ``LoadedModel.prompt_start``; None: the tokenizer's template start), which llama.cpp adds."""
+    ``LoadedModel.prompt_start``; None: the tokenizer's template start), which llama.cpp adds;
+    ``progress``: the tensors' bar on a terminal."""
     check_exportable(model, tok)
     start = tok.template_prefix if prompt_start is None else prompt_start
     writer = gguf.GGUFWriter(str(out), GGUF_FAMILIES[model.cfg.family].arch)
     try:
-        _write(writer, model, tok, outtype, name, start)
+        _write(writer, model, tok, outtype, name, start, progress and sys.stderr.isatty())
     finally:  # a failed write's file is closed before it is removed
         writer.close()
     return out
 
 
 def _write(writer, model: Transformer, tok, outtype: str, name: str,
-           prompt_start: Sequence[int]) -> None:
+           prompt_start: Sequence[int], progress: bool) -> None:
     """The metadata, the vocabulary and the tensors, through ``writer`` into its file."""
     family = GGUF_FAMILIES[model.cfg.family]
     writer.add_name(_general_name(name, tok))
@@ -370,7 +372,7 @@ def _write(writer, model: Transformer, tok, outtype: str, name: str,
             writer.add_tensor(tensor_name, data, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=sys.stderr.isatty())  # a bar on a terminal
+        writer.write_tensors_to_file(progress=progress)
 
 
 def modelfile(gguf_file: Path, tok) -> str:
@@ -430,14 +432,14 @@ def _runs(recipe: Path, out: Path) -> bool:
 
 
 def save(model: Transformer, tok, out: Path, outtype: str, name: str = "codelm",
-         prompt_start: Sequence[int] | None = None) -> Path:
+         prompt_start: Sequence[int] | None = None, progress: bool = True) -> Path:
     """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` and its Modelfile
     (``modelfile_path``) beside it, together through ``process.write_atomic_files``: a failed or
-    stopped write leaves neither, nor a temporary file; return ``out``. ``prompt_start``: as
-    ``write_gguf``'s."""
+    stopped write leaves neither, nor a temporary file; return ``out``. ``prompt_start`` and
+    ``progress``: as ``write_gguf``'s."""
     out = Path(out)
     gguf_file = process.WrittenAt(partial(write_gguf, model, tok, outtype=outtype, name=name,
-                                          prompt_start=prompt_start))
+                                          prompt_start=prompt_start, progress=progress))
     try:
         process.write_atomic_files({out: gguf_file, modelfile_path(out): modelfile(out, tok)})
     except OSError as e:

@@ -138,6 +138,16 @@ def is_run_dir(path: str | Path) -> bool:
     return holds_weights(path) and holds_run_config(path)
 
 
+def run_or_path(path: str, runs_dir: str | Path) -> str:
+    """``path``, or the run it names under ``runs_dir`` (``named_run``), said on stderr: a
+    command's model named as eval.py's --models names one."""
+    under = named_run(path, runs_dir)
+    if under is None:
+        return path
+    print(f"{path}: {under} (under --runs-dir)", file=sys.stderr)
+    return str(under)
+
+
 def named_run(path: str, runs_dir: str | Path) -> Path | None:
     """``runs_dir/path`` where ``path`` is no file or directory here but a directory under
     ``runs_dir`` (a run's --name given alone); else None."""

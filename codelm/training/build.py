@@ -383,10 +383,11 @@ def split_notes(settings: DataSettings, dcfg: DataConfig, splits: PreparedData) 
     by_fraction = not (settings.val_data or settings.test_data or settings.overfit_batches)
     if by_fraction and counts["train"] < LOPSIDED_TRAIN_SHARE * dcfg.train_frac * kept:
         unit = splits.stats["corpus"].get("split_by", "file")
-        notes.append(f"the train split holds {counts['train']} of {kept} files, not about "
-                     f"train_frac {dcfg.train_frac:g} of them: val and test take whole {unit}s, "
-                     "at least one each; add data, or give --val-data and set test_frac 0 "
-                     "(--data-options)")
+        notes.append(f"the train split holds {counts['train']} of {kept} files/records, not "
+                     f"about train_frac {dcfg.train_frac:g} of them: val and test take whole "
+                     f"{unit}s, at least one each; add data, or give --val-data DIR with "
+                     "--data-options '{\"train_frac\": 1, \"val_frac\": 0, \"test_frac\": 0}' "
+                     "to train on all of it")
     if len(splits.test) == 0 and (dcfg.test_frac > 0 or settings.test_data):
         notes.append(f"the test split holds no {settings.task} examples (its files have none): "
                      "eval.py finds none there; score the run with --split val, or give more data")

@@ -167,7 +167,7 @@ def write_gguf(settings: ExportSettings, model: nn.Module, tok: CodeTokenizer | 
         model = pretrained.load(settings.init_from, dtype="fp32", device="cpu")
         lora.load_adapter(model, export)
     return writer.save(model, tok, export / rundir.GGUF_FILE, settings.export_gguf, name,
-                       prompt_prefix(tok, settings.task))
+                       prompt_prefix(tok, settings.task), settings.progress)
 
 
 def unsharded_copy(run: Run) -> nn.Module | None:

@@ -134,7 +134,7 @@ def composer_perplexity(lm: LoadedModel, cases: Sequence[dict], composers: Seque
     the same for every composer) after the composed context, as LCA scores a composer (its
     ranking reads the whole file, as LCA's composers do; the prompt holds only the scored
     tokens of it)."""
-    start = scoring.prompt_start(lm)
+    start = lm.prompt_start
     context = scoring.context(lm, cfg)
     budget = context + 1 - len(start)
     out = {}
