@@ -3383,6 +3383,20 @@ def test_init_adapter_targets_must_name_the_adapters_modules_the_same_way(tmp_pa
                                                          lora_targets=targets))
 
 
+def test_init_from_an_export_not_yet_trained_says_to_train_that_run_first(tmp_path):
+    """A recipe's later stage starts from an earlier run's export/: where that is missing, the
+    error says to train that run first; another missing directory gets no such advice."""
+    def refused(path) -> str:
+        with pytest.raises(ValueError) as e:
+            plan.validate_config(trainconfig.TrainConfig(init_from=str(path)))
+        return str(e.value)
+
+    said = refused(tmp_path / "runs" / "stage1" / "export")
+    assert said.endswith("not a directory (a run's export/: train that run first; python -m "
+                         "codelm.recipes CONFIG names the recipe that trains it)")
+    assert refused(tmp_path / "models" / "mine").endswith("): not a directory")
+
+
 def test_init_adapter_that_cannot_be_honoured_is_an_error_naming_the_path(tmp_path, offline_hub):
     """A missing directory, a run directory instead of its export/, an option codelm's LoRA
     refuses (the check load_adapter makes), and a base neither local nor in the hub cache."""

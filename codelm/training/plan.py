@@ -254,7 +254,9 @@ def _check_loaded_model(cfg: TrainConfig, where_set: Callable[[str], str]) -> No
              f"{key} must be a probability in [0, 1), got {value!r}")
     path = hub.checkpoint_dir(cfg.init_from, named("init_from"))
     if not path.is_dir():
-        raise ValueError(f"{named('init_from')}: not a directory")
+        earlier = (" (a run's export/: train that run first; python -m codelm.recipes CONFIG "
+                   "names the recipe that trains it)" if path.name == rundir.EXPORT_DIR else "")
+        raise ValueError(f"{named('init_from')}: not a directory{earlier}")
     if ((path / adapter_config.ADAPTER_CONFIG).is_file()
             and not (path / rundir.HF_CONFIG).is_file()):
         raise ValueError(f"{named('init_from')}: a LoRA adapter ({adapter_config.ADAPTER_CONFIG}), "
