@@ -225,9 +225,9 @@ def _start_token(tok, prompt_start: Sequence[int]) -> tuple[int | None, bool]:
     if not prompt_start:
         return tok.bos_id, False
     if len(prompt_start) > 1:
+        shown = ", ".join(repr(tok.decode([i])) for i in prompt_start)
         print(f"gguf: warning: the model's prompts open with {len(prompt_start)} tokens "
-              f"({', '.join(map(repr, map(tok.decode, ([i] for i in prompt_start))))}); llama.cpp "
-              "adds one start token: the last", file=sys.stderr)
+              f"({shown}); llama.cpp adds one start token: the last", file=sys.stderr)
     return prompt_start[-1], True
 
 
