@@ -312,6 +312,20 @@ def test_a_write_that_fails_midway_leaves_no_file(failure, code, said, checkpoin
     assert _written(out.parent) == []
 
 
+def test_the_start_token_llama_cpp_adds_is_the_one_prompts_open_with(capsys):
+    """No start: none added (the tokenizer's BOS id kept); one: that one added; two (an lm
+    run's end of text before a template's BOS): the last, which llama.cpp can add, with a
+    warning naming both."""
+    from types import SimpleNamespace
+
+    tok = SimpleNamespace(bos_id=1, decode=lambda ids: {0: "<eos>", 1: "<bos>"}[ids[0]])
+    assert gguf_writer._start_token(tok, []) == (1, False)
+    assert gguf_writer._start_token(tok, [0]) == (0, True)
+    assert capsys.readouterr().err == ""
+    assert gguf_writer._start_token(tok, [0, 1]) == (1, True)
+    assert "open with 2 tokens ('<eos>', '<bos>'); llama.cpp adds one" in capsys.readouterr().err
+
+
 def test_the_writer_removes_its_file_on_any_failure(checkpoints, tmp_path, monkeypatch):
     """``save`` below the command line (the end of a run calls it): a directory in the way is a
     ValueError naming it, any other exception passes through, and neither leaves a file."""
