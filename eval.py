@@ -20,7 +20,9 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 import contextlib
 import errno
 import hashlib
+import json
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -486,6 +488,21 @@ def _evaluate_model(lm: LoadedModel, cfg: TaskSettings, items: dict[tuple[str, s
     return rows, records
 
 
+def _kept_unscored(progress: EvalProgress, unscored: passk.UnscoredSamples | None) -> str:
+    """Where a stop during a pass@k task's sandbox runs leaves that model's samples (in
+    bigcode's generations format, beside the results), and how to score them; "" for none."""
+    if unscored is None or progress.out_dir is None:
+        return ""
+    name = re.sub(r"[^\w.-]", "_", f"{unscored.label}-{unscored.task}")
+    path = progress.out_dir / f"unscored-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    process.write_atomic(path, json.dumps(unscored.programs, ensure_ascii=False))
+    n = len(unscored.programs[0]) if unscored.programs else 0
+    return (f" during {unscored.label}'s {unscored.task} runs; its samples are kept in {path}: "
+            f"--load-generations {path} --tasks {unscored.task} --num-samples {n} (and the same "
+            "--problems and --limit) scores them")
+
+
 def _stopped(progress: EvalProgress, message: str, code: int) -> int:
     """Report an evaluation that stopped early: the finished models' table, then why."""
     if progress.table:
@@ -510,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return serve_models(cfg)
             results = evaluate(cfg, progress)
     except KeyboardInterrupt as stop:
-        return _stopped(progress, "interrupted", process.interrupted_exit_code(stop))
+        kept = _kept_unscored(progress, getattr(stop, "unscored", None))
+        return _stopped(progress, f"interrupted{kept}", process.interrupted_exit_code(stop))
     except ValueError as err:
         return _stopped(progress, f"error: {err}", 2)
     except OSError as err:  # an unreadable model file, a full disk

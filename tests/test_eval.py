@@ -3519,6 +3519,46 @@ def _sandbox_children(pid: int) -> dict[int, str]:
     return found
 
 
+def test_a_stop_during_passk_runs_keeps_the_samples_for_load_generations(tiny_models, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A stop while a pass@k task's samples run in the sandbox keeps them (bigcode's format,
+    beside the results) and says how to score them: --load-generations scores that file as
+    the interrupted evaluation would have."""
+    import json
+
+    from codelm.evaluation.tasks import passk
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({
+        "task_id": f"t{i}", "prompt": f"def f{i}():\n", "entry_point": f"f{i}",
+        "test": f"def check(c):\n    assert c() == {i}\n"}) + "\n" for i in range(2)))
+    answers = iter(["    return 0\n", "    return 1\n", "    return 2\n", "    return 1\n"])
+    monkeypatch.setattr(scoring, "generate_texts", lambda lm, prompts, *a, **k: [
+        next(answers) for _ in prompts])
+    run_checks = passk.run_checks
+
+    def stopped(jobs, sandbox, workers, desc, *rest, **options):
+        if desc.endswith("passk run"):  # the samples' runs, not the problems' own check
+            raise KeyboardInterrupt
+        return run_checks(jobs, sandbox, workers, desc, *rest, **options)
+
+    monkeypatch.setattr(passk, "run_checks", stopped)
+    out = tmp_path / "out"
+    argv = ["--tasks", "passk", "--problems", str(problems), "--num-samples", "2",
+            "--temperature", "0.8", "--pass-k", "1", "--no-progress"]
+    assert ev.main(["--models", str(tiny_models["base"]), "--out-dir", str(out), *argv]) == 130
+    err = capsys.readouterr().err
+    (kept,) = out.glob("unscored-*-passk.json")
+    assert json.loads(kept.read_text()) == [["def f0():\n    return 0\n", "def f0():\n    return 1\n"],
+                                            ["def f1():\n    return 2\n", "def f1():\n    return 1\n"]]
+    assert f"--load-generations {kept} --tasks passk --num-samples 2" in err
+    monkeypatch.setattr(passk, "run_checks", run_checks)
+    assert ev.main(["--load-generations", str(kept), "--out-dir", str(tmp_path / "scored"),
+                    *argv]) == 0
+    results = json.loads((tmp_path / "scored" / "results.json").read_text())
+    assert results["rows"][0]["metrics"] == {"passk/pass@1": 50.0}  # one of two, twice
+
+
 def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path):
     import contextlib
     import json
@@ -3555,7 +3595,9 @@ def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path)
         assert proc.returncode == 143
         assert len(err.splitlines()) == 1 and err.startswith("interrupted"), err  # no traceback
         assert all(w in err for w in ("stopped at model base", "no model's results")), err
-        assert not _sandbox_children(proc.pid) and not out.exists()
+        assert not _sandbox_children(proc.pid)  # the samples kept for --load-generations alone
+        assert [p.name for p in out.iterdir()] == ["unscored-base-passk.json"]
+        assert f"its samples are kept in {out / 'unscored-base-passk.json'}" in err
         assert not any(Path(d).exists() for d in samples.values())  # temporary dirs removed
     finally:  # whatever the code under test left behind
         proc.kill()

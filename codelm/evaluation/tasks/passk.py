@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from codelm.data.config import DataConfig
 from codelm.evaluation import instruct, scoring
@@ -281,6 +281,15 @@ def prompted_problems(passk_task: PasskTask, problems: Sequence[dict]) -> list[d
     return [{**problem, "prompt": problem["prompt"].strip()} for problem in problems]
 
 
+class UnscoredSamples(NamedTuple):
+    """A pass@k task's samples of one model, generated before a stop came during their sandbox
+    runs: what ``run_passk`` attaches to the KeyboardInterrupt as ``unscored``."""
+
+    label: str
+    task: str
+    programs: list[list[str]]  # each problem's prompt + completion: bigcode's generations
+
+
 def run_passk(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
               cfg: PasskSettings) -> tuple[dict, list[dict]]:
     """n samples per problem, prompted and stopped as ``passk_task`` says (``cfg.chat``: as
@@ -294,7 +303,13 @@ def run_passk(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
     completions = scoring.generate_texts(lm, prompts, cfg, passk_task.stops,
                                          desc=passk_task.name)
     samples = [completions[start : start + n] for start in range(0, len(completions), n)]
-    return score_passk(lm.label, passk_task, problems, samples, cfg)
+    try:
+        return score_passk(lm.label, passk_task, problems, samples, cfg)
+    except KeyboardInterrupt as stop:  # the sampling is kept, for --load-generations
+        stop.unscored = UnscoredSamples(lm.label, passk_task.name, [
+            [problem["prompt"] + completion for completion in completions]
+            for problem, completions in zip(problems, samples)])
+        raise
 
 
 def chat_problems(problems: Sequence[dict], prompts: Sequence[str], questions: Sequence[str],
