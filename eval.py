@@ -495,8 +495,11 @@ def _kept_unscored(progress: EvalProgress, unscored: passk.UnscoredSamples | Non
         return ""
     name = re.sub(r"[^\w.-]", "_", f"{unscored.label}-{unscored.task}")
     path = progress.out_dir / f"unscored-{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    process.write_atomic(path, json.dumps(unscored.programs, ensure_ascii=False))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        process.write_atomic(path, json.dumps(unscored.programs, ensure_ascii=False))
+    except OSError as err:  # a full disk: the stop is still reported
+        return f"; its samples could not be kept ({process.os_error_message(err)})"
     n = len(unscored.programs[0]) if unscored.programs else 0
     return (f" during {unscored.label}'s {unscored.task} runs; its samples are kept in {path}: "
             f"--load-generations {path} --tasks {unscored.task} --num-samples {n} (and the same "
