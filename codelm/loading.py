@@ -17,7 +17,6 @@ import torch.nn as nn
 import lora
 from architecture import SHORT_DTYPES, Transformer
 from codelm import trainconfig
-from codelm.data.encoding import prompt_prefix
 from codelm.models import adapter_config, pretrained, quantize
 from codelm.runs import checkpoint, rundir
 from codelm.runtime import hub, process, settings
@@ -41,6 +40,8 @@ class LoadedModel:
     def prompt_start(self) -> list[int]:
         """The ids before a prompt, as the model saw text in training (a base checkpoint: its
         template's start alone)."""
+        from codelm.data.encoding import prompt_prefix  # the data pipeline: a floor above
+
         task = self.run_config.get("task", "lm") if self.run_config else None
         return prompt_prefix(self.tokenizer, task)
 
