@@ -500,10 +500,10 @@ def _kept_unscored(progress: EvalProgress, unscored: passk.UnscoredSamples | Non
         process.write_atomic(path, json.dumps(unscored.programs, ensure_ascii=False))
     except OSError as err:  # a full disk: the stop is still reported
         return f"; its samples could not be kept ({process.os_error_message(err)})"
-    n = len(unscored.programs[0]) if unscored.programs else 0
     return (f" during {unscored.label}'s {unscored.task} runs; its samples are kept in {path}: "
-            f"--load-generations {path} --tasks {unscored.task} --num-samples {n} (and the same "
-            "--problems and --limit) scores them")
+            f"--load-generations {path} --tasks {unscored.task} {unscored.flags} (with the "
+            f"task's own --problems {unscored.task}=FILE, if one was given, and --limit) scores "
+            "them")
 
 
 def _stopped(progress: EvalProgress, message: str, code: int) -> int:

@@ -40,7 +40,7 @@ class LoadedModel:
     def prompt_start(self) -> list[int]:
         """The ids before a prompt, as the model saw text in training (a base checkpoint: its
         template's start alone)."""
-        from codelm.data.encoding import prompt_prefix  # the data pipeline: a floor above
+        from codelm.data.encoding import prompt_prefix  # when asked: a load reads no data
 
         task = self.run_config.get("task", "lm") if self.run_config else None
         return prompt_prefix(self.tokenizer, task)

@@ -3551,7 +3551,8 @@ def test_a_stop_during_passk_runs_keeps_the_samples_for_load_generations(tiny_mo
     (kept,) = out.glob("unscored-*-passk.json")
     assert json.loads(kept.read_text()) == [["def f0():\n    return 0\n", "def f0():\n    return 1\n"],
                                             ["def f1():\n    return 2\n", "def f1():\n    return 1\n"]]
-    assert f"--load-generations {kept} --tasks passk --num-samples 2" in err
+    assert (f"--load-generations {kept} --tasks passk --num-samples 2 --pass-k 1 "
+            "--memory-mb 1024") in err
     monkeypatch.setattr(passk, "run_checks", run_checks)
     assert ev.main(["--load-generations", str(kept), "--out-dir", str(tmp_path / "scored"),
                     *argv]) == 0

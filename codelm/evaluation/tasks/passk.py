@@ -288,6 +288,7 @@ class UnscoredSamples(NamedTuple):
     label: str
     task: str
     programs: list[list[str]]  # each problem's prompt + completion: bigcode's generations
+    flags: str  # the scoring flags they were to be scored with, as eval.py's command line
 
 
 def run_passk(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
@@ -306,10 +307,20 @@ def run_passk(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
     try:
         return score_passk(lm.label, passk_task, problems, samples, cfg)
     except KeyboardInterrupt as stop:  # the sampling is kept, for --load-generations
-        stop.unscored = UnscoredSamples(lm.label, passk_task.name, [
-            [problem["prompt"] + completion for completion in completions]
-            for problem, completions in zip(problems, samples)])
+        programs = [[problem["prompt"] + completion for completion in completions]
+                    for problem, completions in zip(problems, samples)]
+        stop.unscored = UnscoredSamples(lm.label, passk_task.name, programs, _scoring_flags(cfg))
         raise
+
+
+def _scoring_flags(cfg: PasskSettings) -> str:
+    """The flags that score samples as ``cfg`` would: the samples a problem, the k, and a
+    sandbox limit given."""
+    flags = [f"--num-samples {cfg.num_samples}", "--pass-k " + " ".join(map(str, cfg.pass_k))]
+    if cfg.timeout_s is not None:
+        flags.append(f"--timeout-s {cfg.timeout_s:g}")
+    flags.append(f"--memory-mb {cfg.memory_mb}")
+    return " ".join(flags)
 
 
 def chat_problems(problems: Sequence[dict], prompts: Sequence[str], questions: Sequence[str],
