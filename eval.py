@@ -22,7 +22,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from codelm.evaluation.preference_pairs import write_preference_data
 from codelm.evaluation.results import (
     FORMAT_VERSION,
     examples_digest,
+    file_name_of,
     finished_models,
     identity,
     markdown_table,
@@ -493,8 +493,7 @@ def _kept_unscored(progress: EvalProgress, unscored: passk.UnscoredSamples | Non
     bigcode's generations format, beside the results), and how to score them; "" for none."""
     if unscored is None or progress.out_dir is None:
         return ""
-    name = re.sub(r"[^\w.-]", "_", f"{unscored.label}-{unscored.task}")
-    path = progress.out_dir / f"unscored-{name}.json"
+    path = progress.out_dir / f"unscored-{file_name_of(unscored.label)}-{unscored.task}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         process.write_atomic(path, json.dumps(unscored.programs, ensure_ascii=False))

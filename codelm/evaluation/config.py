@@ -223,7 +223,8 @@ class EvalConfig:
              or self.preference_pairs.endswith(".jsonl"),
              "is written as JSONL: name a file ending in .jsonl"),
             ("chat", not self.chat or set(self.tasks) <= set(PASSK_TASKS),
-             f"prompts instruct models on pass@k tasks: set {named('tasks')} to some of {passk}"),
+             f"prompts instruct models on pass@k tasks: set {named('tasks')} to some of "
+             f"{passk}"),
             ("chat", not self.chat or (self.load_generations is None and self.prompt is None
                                        and not self.serve),
              f"prompts models' chat templates: leave {named('load_generations')}, "

@@ -220,6 +220,12 @@ def _same_models(old: list[dict], new: list[dict]) -> bool:
         for a, b in zip(old, new))
 
 
+def file_name_of(label: str) -> str:
+    """A model's label as part of a file name: the characters a file name should not hold as
+    ``_``."""
+    return re.sub(r"[^\w.#-]", "_", label)
+
+
 def _sample_file_names(records: Sequence[dict]) -> dict[tuple[str, str], str]:
     """The name in samples-NAME.jsonl of each (model, pass@k task): the label with characters
     a file name should not hold as ``_``, then ``-TASK`` but for ``passk``; a name another
@@ -230,8 +236,7 @@ def _sample_file_names(records: Sequence[dict]) -> dict[tuple[str, str], str]:
         key = (r["model"], r["task"])
         if r["task"] not in PASSK_TASKS or key in names:
             continue
-        base = re.sub(r"[^\w.#-]", "_", r["model"]) + ("" if r["task"] == "passk"
-                                                        else f"-{r['task']}")
+        base = file_name_of(r["model"]) + ("" if r["task"] == "passk" else f"-{r['task']}")
         name, n = base, 1
         while name in names.values():
             n += 1

@@ -149,9 +149,9 @@ def _generation(lm: LoadedModel, cfg: Scoring,
                 max_prompt_tokens: int | None = None, chat: bool = False, **options
                 ) -> tuple[GenerationConfig, list[int], list[list[int]]]:
     """The GenerationConfig of ``cfg``, the EOS ids, and each prompt's ids after
-    ``LoadedModel.prompt_start``, cut (code first) to leave room for the new tokens. ``chat``: the prompts
-    are a chat template's renderings, whole (no start before them), and the template's end of
-    turn also stops."""
+    ``LoadedModel.prompt_start``, cut (code first) to leave room for the new tokens. ``chat``:
+    the prompts are a chat template's renderings, whole (no start before them), and the
+    template's end of turn also stops."""
     tok, model = lm.tokenizer, lm.model
     eos = chat_stop_ids(lm) if chat else stop_ids(lm)
     new_tokens = _new_tokens(lm, cfg)
@@ -183,8 +183,8 @@ def _new_tokens(lm: LoadedModel, cfg: Scoring) -> int:
 
 
 def prompt_room(lm: LoadedModel, cfg: Scoring, start: Sequence[int] | None = None) -> int:
-    """The tokens a prompt may have after ``start`` (default ``LoadedModel.prompt_start``), leaving room
-    for the completion."""
+    """The tokens a prompt may have after ``start`` (default ``LoadedModel.prompt_start``),
+    leaving room for the completion."""
     start = lm.prompt_start if start is None else start
     return context(lm, cfg) - _new_tokens(lm, cfg) - len(start)
 
