@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from codelm.runtime import process
@@ -272,12 +273,18 @@ def source_files(root: Path, extensions: Iterable[str], links_within: Path | Non
             if skip is None]
 
 
-def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str], list[tuple[str, Path]],
-                                     list[str]]:
-    """Every non-directory entry under root, sorted by relative path; the relative paths of
-    the git work trees met ("" for root; a submodule's ``.git`` is a file); the directories
-    that could not be listed (relative path, path); the THIRD_PARTY_DIRS left out (relative
-    paths)."""
+class _Tree(NamedTuple):
+    """What a walk of a directory met (``_tree_files``)."""
+
+    files: list[tuple[str, Path]]  # every non-directory entry (relative path, path), sorted
+    work_trees: list[str]  # the git work trees' relative paths ("" for the root)
+    unreadable: list[tuple[str, Path]]  # the directories that could not be listed
+    installed: list[str]  # the THIRD_PARTY_DIRS left out, relative paths
+
+
+def _tree_files(root: Path) -> _Tree:
+    """What is under ``root``: its files, the git work trees met (a submodule's ``.git`` is a
+    file), the directories that could not be listed, those of installed code left out."""
     found, work_trees, unreadable, installed = [], [], [], []
 
     def note(error: OSError) -> None:
@@ -294,7 +301,8 @@ def _tree_files(root: Path) -> tuple[list[tuple[str, Path]], list[str], list[tup
         for name in filenames:
             path = Path(dirpath, name)
             found.append((path.relative_to(root).as_posix(), path))
-    return sorted(found, key=lambda entry: entry[0]), work_trees, sorted(unreadable), installed
+    return _Tree(sorted(found, key=lambda entry: entry[0]), work_trees, sorted(unreadable),
+                 installed)
 
 
 def decode_source(data: bytes | str) -> tuple[str | None, str | None]:

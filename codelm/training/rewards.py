@@ -51,10 +51,10 @@ def verdicts(jobs: Sequence[Job], check: Check, sandbox: SandboxConfig, workers:
     ``desc``: a progress bar of that name (``progress``: shown on a terminal; hidden, a line
     every 30 s)."""
     runs = [({**problem, "trusted": apart}, completion) for problem, completion in jobs]
-    if desc is None:
-        return map_runs(lambda run: check(*run, sandbox), runs, workers)
 
     def consume(results: Iterator[SandboxResult]) -> list[SandboxResult]:
+        if desc is None:
+            return list(results)
         return list(progress_bar(results, total=len(runs), desc=desc, unit="run",
                                  enabled=progress))
     return map_runs(lambda run: check(*run, sandbox), runs, workers, consume)
