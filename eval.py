@@ -60,7 +60,7 @@ from codelm.openai_api import served_model
 from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.console import progress_bar
-from codelm.serving import check_address, serve
+from codelm.serving import check_address, pool_slots, serve
 
 # ---- Models, served or completing a prompt -------------------------------------------------
 
@@ -125,7 +125,8 @@ def latest_run(runs_dir: str | Path) -> Path:
 
 def serve_models(cfg: EvalConfig) -> int:
     """``--serve``: the models over an OpenAI-compatible API until SIGTERM or Ctrl-C, each
-    prompt encoded as the tasks prompt it, ``cfg.batch_size`` sequences decoded at once."""
+    prompt encoded as the tasks prompt it, ``cfg.batch_size`` sequences decoded at once (unset:
+    as many as the memory free holds, serving.pool_slots)."""
     check_address(cfg.host, cfg.port)
     device = loading.device_named(cfg.device)
     served = []
@@ -136,8 +137,9 @@ def serve_models(cfg: EvalConfig) -> int:
         served.append(served_model(lm.label, lm.model, lm.tokenizer,
                                    partial(scoring.served_prompt, lm, cfg),
                                    len(lm.prompt_start), scoring.stop_ids(lm),
-                                   scoring.chat_stop_ids(lm)))
-    return serve(served, cfg.host, cfg.port, cfg.api_key, cfg.batch_size, cfg.compile)
+                                   scoring.chat_stop_ids(lm), cfg.block_size))
+    slots = pool_slots(served, cfg.batch_size, process.free_memory(device))
+    return serve(served, cfg.host, cfg.port, cfg.api_key, slots, cfg.compile)
 
 
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:

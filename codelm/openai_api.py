@@ -48,6 +48,13 @@ class ServedModel:
     start: int = 0  # the tokens every encoded prompt opens with (a run's start), kept whole
     reads_calls: bool = False
     joining_ids: frozenset[int] = frozenset()
+    context: int | None = None  # the tokens a sequence may hold (None: the model's block_size)
+
+    @property
+    def context_length(self) -> int:
+        """The tokens one sequence (a prompt and its answer) may hold: ``context``, never past
+        the model's positions."""
+        return min(self.context or self.model.cfg.block_size, self.model.cfg.block_size)
 
     def ending_ids(self, chat: bool) -> list[int]:
         """The ids that end an answer: a chat answer's, or a completion's."""
@@ -56,14 +63,15 @@ class ServedModel:
 
 def served_model(name: str, model: Transformer, tokenizer,
                  encode: Callable[[str], list[int]] | None = None, start: int = 0,
-                 eos_ids: list[int] | None = None, chat_eos_ids: list[int] | None = None
-                 ) -> ServedModel:
+                 eos_ids: list[int] | None = None, chat_eos_ids: list[int] | None = None,
+                 context: int | None = None) -> ServedModel:
     """A ServedModel of a model and its codelm tokenizer (tokenizer.load_tokenizer's): prompts
     encoded by ``encode`` (default the tokenizer's own; ``start``: the tokens it puts first),
     chat where it has a template; ``eos_ids``: the ids that end a text (default
     ``generation_eos_ids``); ``chat_eos_ids``: those that end a chat answer (default
     ``eos_ids``; eval.py's add the template's end-of-turn token,
-    ``scoring.chat_stop_ids``)."""
+    ``scoring.chat_stop_ids``); ``context``: the tokens a sequence may hold (default the
+    model's context)."""
     def chat_prompt(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return tokenizer.encode(tokenizer.apply_chat_template(messages, True, tools))
 
@@ -77,7 +85,8 @@ def served_model(name: str, model: Transformer, tokenizer,
                        lambda i: decode_generated(tokenizer, [i]), token_bytes,
                        eos_ids, chat_eos_ids or eos_ids,
                        chat_prompt if template is not None else None, start,
-                       writes_calls(template), getattr(tokenizer, "byte_fallback_ids", frozenset()))
+                       writes_calls(template), getattr(tokenizer, "byte_fallback_ids", frozenset()),
+                       context)
 
 
 class ApiError(Exception):

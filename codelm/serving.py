@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from codelm.models.engine import Engine, Token
-from codelm.models.generation import GenerationConfig, truncate_at_stops
+from codelm.models.generation import GenerationConfig, cache_dtype, truncate_at_stops
 from codelm.openai_api import (
     ApiError,
     Params,
@@ -48,6 +48,7 @@ from codelm.openai_api import (
     read_params,
     unread_fields,
 )
+from codelm.runtime.console import gib
 from codelm.tool_calls import CallStream, ToolCall, read_calls
 
 # How often the console line tells what the server did (seconds).
@@ -83,7 +84,7 @@ class EngineThread:
     def __init__(self, served: ServedModel, slots: int, compile: bool = False) -> None:
         self.served = served
         self.compile = compile
-        self.engine = Engine(served.model, slots, compile=compile)
+        self.engine = Engine(served.model, slots, served.context_length, compile)
         self.inbox: queue.Queue = queue.Queue()
         self.requests: dict[int, _Submitted] = {}
         self.tokens = 0  # generated, for the console line
@@ -149,7 +150,8 @@ class EngineThread:
             self.requests.clear()
             slots = len(self.engine.rows)
             self.engine = None  # its caches freed before the next one's are made
-            self.engine = Engine(self.served.model, slots, compile=self.compile)
+            self.engine = Engine(self.served.model, slots, self.served.context_length,
+                                 self.compile)
             return
         for event in events:
             self.tokens += 1
@@ -370,7 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _models(self) -> dict:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": self.server.started, "owned_by": "codelm",
-             "max_model_len": engine.served.model.cfg.block_size}  # vLLM's field
+             "max_model_len": engine.served.context_length}  # vLLM's field
             for name, engine in self.server.engines.items()]}
 
     def _body(self) -> dict:
@@ -434,10 +436,10 @@ class _Handler(BaseHTTPRequestHandler):
         keep = number_field(body, "truncate_prompt_tokens", None, int, 1)  # vLLM's extension
         if keep is not None:
             prompts = [p._replace(ids=left_cut(p.ids, keep, served.start)) for p in prompts]
-        room = served.model.cfg.block_size + 1 - max(len(p.ids) for p in prompts)
+        room = served.context_length + 1 - max(len(p.ids) for p in prompts)
         if room < 1:
             raise ApiError(400, f"the prompt fills the model's context of "
-                           f"{served.model.cfg.block_size} tokens", "messages" if chat else
+                           f"{served.context_length} tokens", "messages" if chat else
                            "prompt", "context_length_exceeded")
         params = read_params(body, chat, room)
         self.server.note_unread(unread_fields(body, chat), _route_path(self.path))
@@ -702,6 +704,41 @@ class _Server(ThreadingHTTPServer):
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
+# --batch-size unset: each model's engine gets as many slots as KV_SHARE of the memory free
+# (once the models are loaded) holds, at most MAX_SLOTS. A slot's cache is allocated whole, at
+# its model's context, when the server starts.
+MAX_SLOTS = 64
+KV_SHARE = 0.5
+
+
+def slot_bytes(served: ServedModel) -> int:
+    """The bytes of one slot's KV cache: the keys and values of every layer at the context."""
+    cfg = served.model.cfg
+    per_layer = 2 * cfg.n_kv_head * cfg.head_dim * served.context_length
+    return len(served.model.blocks) * per_layer * cache_dtype(served.model).itemsize
+
+
+def pool_slots(models: list[ServedModel], requested: int | None, free_bytes: float) -> int:
+    """The slots each model's engine gets: ``requested`` (eval.py's --batch-size), else as many
+    as KV_SHARE of ``free_bytes`` holds, at most MAX_SLOTS. ValueError where the caches would
+    not fit in the memory free."""
+    one = sum(slot_bytes(m) for m in models)  # one slot of every model
+    longest = max(m.context_length for m in models)
+    if requested is not None:
+        if requested * one > free_bytes:
+            raise ValueError(f"--batch-size {requested} takes {gib(requested * one)} of KV cache "
+                             f"(a sequence's at the context, {longest} tokens), more than the "
+                             f"{gib(free_bytes)} free: lower --batch-size, or cap the context "
+                             "with --block-size")
+        return requested
+    slots = int(min(MAX_SLOTS, KV_SHARE * free_bytes // one))
+    if slots < 1:
+        raise ValueError(f"one sequence's KV cache at the context of {longest} tokens takes "
+                         f"{gib(one)}, more than half the {gib(free_bytes)} free (a cache is "
+                         "allocated whole): cap the context with --block-size")
+    return slots
+
+
 def make_server(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
                 api_key: str | None = None, slots: int = 8, compile: bool = False) -> _Server:
     """A server bound to ``host:port`` (port 0: a free one), its engines running (``compile``:
@@ -763,8 +800,11 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     reporter = threading.Thread(target=_report, args=(server, stopping), daemon=True)
-    print(f"serving {', '.join(server.engines)} on {server.url} ({slots} sequences decoded at "
-          f"once each: eval.py's --batch-size{', compiled' if compile else ''}"
+    contexts = "/".join(str(m.context_length) for m in models)
+    cache = gib(slots * sum(slot_bytes(m) for m in models))
+    print(f"serving {', '.join(server.engines)} on {server.url} ({slots} sequences of up to "
+          f"{contexts} tokens decoded at once each, {cache} of KV cache: eval.py's --batch-size "
+          f"and --block-size{', compiled' if compile else ''}"
           f"{', API key required' if api_key else ''}); Ctrl-C or SIGTERM stops", flush=True)
     key = " -H 'Authorization: Bearer KEY'" if api_key else ""
     example = json.dumps({"model": next(iter(server.engines)), "prompt": "def fib(n):",

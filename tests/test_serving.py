@@ -1200,7 +1200,7 @@ def test_a_port_in_use_is_one_line_naming_it_and_the_way_out():
             make_server([], port=port)
 
 
-def test_serve_compile_reaches_every_engine(loaded, monkeypatch):
+def test_serve_compile_reaches_every_engine(instruct, loaded, monkeypatch):  # noqa: F811
     """--serve --compile compiles each model's decode step (Engine's compile); eval.py passes
     it on, with --batch-size as the slots."""
     import eval as eval_module
@@ -1208,8 +1208,8 @@ def test_serve_compile_reaches_every_engine(loaded, monkeypatch):
 
     made = []
     engine_class = serving.Engine
-    monkeypatch.setattr(serving, "Engine", lambda model, slots, compile=False: made.append(
-        compile) or engine_class(model, slots))
+    monkeypatch.setattr(serving, "Engine", lambda model, slots, max_len=None, compile=False: (
+        made.append(compile) or engine_class(model, slots, max_len)))
     server, thread = _start(loaded, slots=2, compile=True)
     try:
         engine_thread = next(iter(server.engines.values()))
@@ -1218,10 +1218,68 @@ def test_serve_compile_reaches_every_engine(loaded, monkeypatch):
         _stop(server, thread)
     asked = []
     monkeypatch.setattr(eval_module, "serve", lambda *args: asked.append(args) or 0)
-    monkeypatch.setattr(eval_module.loading, "load_model", lambda *a: pytest.fail("not served"))
-    monkeypatch.setattr(eval_module, "model_specs", lambda cfg: [])
-    assert eval_module.main(["--serve", "--compile", "--port", "0", "--device", "cpu"]) == 0
-    assert asked[0][-1] is True and asked[0][-2] == 8  # compile, then the slots
+    root, _ = instruct
+    assert eval_module.main(["--serve", "--compile", "--models", str(root), "--port", "0",
+                             "--device", "cpu", "--batch-size", "3"]) == 0
+    assert asked[0][-1] is True and asked[0][-2] == 3  # compile, then the slots
+
+
+def test_served_slots_are_sized_to_the_memory_free(instruct, loaded, monkeypatch):  # noqa: F811
+    """A slot's KV cache is allocated whole at the context: slot_bytes is what the engine
+    allocates a slot; without --batch-size each engine gets as many slots as half the memory
+    free holds (at most 64); a --batch-size or a context past the memory is refused naming the
+    flags that fit it."""
+    import eval as eval_module
+    from codelm import serving
+    from codelm.models.engine import Engine
+
+    model, tok = loaded
+    served = served_model("tiny", model, tok)
+    pool = Engine(model, 3).caches
+    allocated = sum(t.numel() * t.element_size() for pair in pool for t in pair)
+    one = serving.slot_bytes(served)
+    assert one * 3 == allocated
+    assert serving.pool_slots([served], None, 10.9 * one) == 5
+    assert serving.pool_slots([served, served], None, 10.9 * one) == 2  # a slot of each model
+    assert serving.pool_slots([served], None, float("inf")) == serving.MAX_SLOTS
+    assert serving.pool_slots([served], 7, 7 * one) == 7
+    with pytest.raises(ValueError, match=r"--batch-size 8 takes .* --block-size"):
+        serving.pool_slots([served], 8, 7 * one)
+    with pytest.raises(ValueError, match=r"one sequence's KV cache .* --block-size"):
+        serving.pool_slots([served], None, 1.5 * one)
+    asked = []
+    monkeypatch.setattr(eval_module, "serve", lambda *args: asked.append(args) or 0)
+    monkeypatch.setattr(eval_module.process, "free_memory", lambda device: 12.5 * one)
+    root, _ = instruct
+    assert eval_module.main(["--serve", "--models", str(root), "--port", "0",
+                             "--device", "cpu"]) == 0
+    assert asked[0][-2] == 6
+    monkeypatch.setattr(eval_module.process, "free_memory", lambda device: one)
+    assert eval_module.main(["--serve", "--models", str(root), "--port", "0",
+                             "--device", "cpu"]) == 2
+
+
+def test_block_size_caps_what_a_served_sequence_holds(loaded):
+    """--serve --block-size N (vLLM's --max-model-len): each slot's cache holds N positions,
+    /v1/models lists N as max_model_len, and a prompt and its max_tokens past N are refused."""
+    model, tok = loaded
+    served = served_model("tiny", model, tok, context=16)
+    assert served.context_length == 16
+    assert served_model("tiny", model, tok, context=10**9).context_length == model.cfg.block_size
+    server, thread = _start_served(served, slots=2)
+    try:
+        engine = next(iter(server.engines.values())).engine
+        assert engine.caches[0][0].shape[2] == 16
+        client = _client(server)
+        assert client.models.list().data[0].max_model_len == 16
+        short = client.completions.create(model="tiny", prompt="x = 1", max_tokens=8)
+        assert short.usage.completion_tokens >= 1
+        with pytest.raises(openai.BadRequestError, match="past the model's context"):
+            client.completions.create(model="tiny", prompt="x = 1", max_tokens=40)
+        with pytest.raises(openai.BadRequestError, match="context of 16 tokens"):
+            client.completions.create(model="tiny", prompt="x = 1\n" * 20, max_tokens=4)
+    finally:
+        _stop(server, thread)
 
 
 def test_a_busy_port_is_refused_before_any_model_loads(monkeypatch, capsys):
@@ -1248,7 +1306,7 @@ def test_a_busy_port_is_refused_before_any_model_loads(monkeypatch, capsys):
     (["--prompt", "def f():", "--num-samples", "3", "--temperature", "0.8"],
      "--num-samples not used"),
     (["--prompt", "def f():", "--temperature", "0.8", "--max-new-tokens", "9"], None),
-    (["--serve", "--compile", "--batch-size", "64"], None),
+    (["--serve", "--compile", "--batch-size", "64", "--block-size", "4096"], None),
 ])
 def test_keys_a_mode_does_not_read_are_noted(argv, unused):
     """--serve takes sampling from each request and --prompt streams one completion: a key set

@@ -24,6 +24,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 # bigcode-evaluation-harness's spellings of pass@k's settings, read as codelm's.
 NEW_TOKENS = 128  # a completion's new tokens where max_new_tokens is not given
 CHAT_NEW_TOKENS = 768  # an instruct model's answer's (--chat): EvalPlus's max_new_tokens
+BATCH_SIZE = 8  # prompts generated or windows scored at once where batch_size is not given
 HARNESS_FLAGS = {"num_samples": ("--n-samples", "--n_samples"), "pass_k": ("--k",),
                  "load_generations": ("--load-generations-path", "--load_generations_path")}
 # A score's name given to --tasks: the task that scores it.
@@ -60,7 +61,8 @@ class EvalConfig:
     #   project-completion: lines drawn per line category and file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
-    #   the models', a run's being its training block_size); a shorter model uses its own
+    #   the models', a run's being its training block_size); a shorter model uses its own;
+    #   --serve: the tokens a sequence may hold (vLLM's --max-model-len; default each model's)
     docstring_prompts: list[str] | None = None  # docstring prompt variants (None: the one the
     #   run trained with, its docstring_prompt data option; else simple)
     reference_loss: bool = False  # generation tasks: also the loss of the reference
@@ -86,7 +88,9 @@ class EvalConfig:
     #   sanitizer keeps it run alone (docs/evaluation.md)
     num_samples: int = 1  # pass@k: samples per problem (n)
     pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
-    batch_size: int = 8  # prompts generated or windows scored at once
+    batch_size: int | None = None  # prompts generated or windows scored at once (None: 8);
+    #   --serve: each model's sequences decoded at once (None: as many as half the memory free
+    #   holds, each sequence's KV cache at the context, at most 64)
     compile: bool = False  # torch.compile the decode step (a CUDA graph on CUDA); not with beams
     seed: int = 0  # sampling and the choice of completion targets
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -113,6 +117,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens is None:  # one number from here on, which results.json records
             self.max_new_tokens = CHAT_NEW_TOKENS if self.chat else NEW_TOKENS
+        if self.batch_size is None and not self.serve:  # the server sizes its own to memory
+            self.batch_size = BATCH_SIZE
 
     def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
         """Refuse impossible settings, naming each key, its value and where the user set it."""
@@ -131,8 +137,9 @@ class EvalConfig:
             ("split", self.split in ("train", "val", "test", "all"),
              "must be train, val, test or all"),
             *((key, getattr(self, key) >= 1, "must be >= 1") for key in (
-                "lines_per_file", "max_new_tokens", "num_samples", "batch_size", "workers",
-                "num_beams")),
+                "lines_per_file", "max_new_tokens", "num_samples", "workers", "num_beams")),
+            ("batch_size", self.batch_size is None or self.batch_size >= 1,
+             "must be >= 1 (or none with --serve: sized to the memory free)"),
             ("limit", self.limit is None or self.limit >= 1, "must be >= 1 (or none: the default)"),
             ("temperature", greedy or MIN_TEMPERATURE <= self.temperature < math.inf,
              f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"),
@@ -279,7 +286,8 @@ _READ_BY_EVERY_MODE = frozenset({"models", "runs_dir", "tokenizer", "device", "d
                                  "data_options"})
 PROMPT_READS = _READ_BY_EVERY_MODE | {"prompt", "block_size", "max_new_tokens", "temperature",
                                       "top_p", "top_k", "num_beams", "compile", "seed"}
-SERVE_READS = _READ_BY_EVERY_MODE | {"serve", "host", "port", "api_key", "batch_size", "compile"}
+SERVE_READS = _READ_BY_EVERY_MODE | {"serve", "host", "port", "api_key", "batch_size", "compile",
+                                     "block_size"}
 
 
 def mode_unused(cfg: EvalConfig) -> str | None:

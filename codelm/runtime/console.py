@@ -69,6 +69,11 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
+def gib(n_bytes: float) -> str:
+    """A size as a console line gives it: 1.5 GiB."""
+    return f"{n_bytes / 2**30:.1f} GiB"
+
+
 # The longest a long phase whose bar is hidden goes without a line (at its next update).
 HEARTBEAT_S = 30.0
 

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import itertools
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -199,6 +200,23 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def free_memory(device) -> float:
+    """Bytes free for a new allocation on ``device`` (a torch.device) now: the GPU's, else the
+    system's (MemAvailable), inf where the system does not say."""
+    if device.type == "cuda":
+        import torch  # a CUDA device was made by torch, already loaded
+
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return math.inf
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return float(line.split()[1]) * 1024
+    return math.inf
 
 
 def worker_count(requested: int | None) -> int:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from architecture import Transformer
 from codelm import trainconfig
 from codelm.models import quantize
+from codelm.runtime.console import gib
 from codelm.trainconfig import TrainConfig, has_final_eval, model_config
 
 # ---- A step timed, and the vocabulary of the models measured ----
@@ -195,21 +195,6 @@ def _forward_backward(model: torch.nn.Module, n: int, device: torch.device,
         torch.cuda.synchronize(device)
 
 
-def free_memory(device: torch.device) -> float:
-    """Bytes free for a new allocation now: the GPU's, else the system's (MemAvailable), inf
-    where the system does not say."""
-    if device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0])
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return math.inf
-    for line in meminfo.splitlines():
-        if line.startswith("MemAvailable:"):
-            return float(line.split()[1]) * 1024
-    return math.inf
-
-
 def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) -> str | None:
     """Why a step is beyond this machine, in every run: its micro-batch's activations exceed
     MEMORY_SHARE of the memory free, it takes longer than MAX_STEP_S, or a budgeted run
@@ -217,8 +202,8 @@ def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) 
     step = f"one step takes about {_minutes(cost.seconds)} here"
     shorter = "lower --block-size or --batch-size"
     if cost.activation_bytes > MEMORY_SHARE * free_bytes:
-        return (f"one micro-batch saves about {_gib(cost.activation_bytes)} of activations, more "
-                f"than the {_gib(free_bytes)} free: {shorter}, or set --gradient-checkpointing")
+        return (f"one micro-batch saves about {gib(cost.activation_bytes)} of activations, more "
+                f"than the {gib(free_bytes)} free: {shorter}, or set --gradient-checkpointing")
     if cost.seconds > MAX_STEP_S:
         return (f"{step}, more than the {_minutes(MAX_STEP_S)} a run's step may take "
                 f"(attention grows with the square of the length): {shorter}")
@@ -255,7 +240,7 @@ def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_byte
         return f"warning: {shape}: {refusal}; training it anyway (--force)"
     if cost.seconds > LONG_STEP_S:
         return (f"warning: {shape}: one step takes about {_minutes(cost.seconds)} here, with "
-                f"about {_gib(cost.activation_bytes)} of activations a micro-batch (attention "
+                f"about {gib(cost.activation_bytes)} of activations a micro-batch (attention "
                 "grows with the square of the length)")
     return None
 
@@ -263,10 +248,6 @@ def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_byte
 def _minutes_up(seconds: float) -> float:
     """``seconds`` in minutes, rounded up to the tenth: what a budget must grow by."""
     return math.ceil(seconds / 6) / 10
-
-
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.1f} GiB"
 
 
 def _minutes(seconds: float) -> str:

@@ -40,7 +40,7 @@ from codelm.runs.checkpoint import (
     RunState,
     with_absolute_paths,
 )
-from codelm.runtime import settings
+from codelm.runtime import process, settings
 from codelm.runtime.console import progress_bar
 from codelm.runtime.distributed import Dist, all_gather, barrier, broadcast, main_first
 from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
@@ -500,7 +500,7 @@ def measure_speed(cfg: TrainConfig, device: torch.device, dist: Dist) -> Probe:
 def measure_step_cost(cfg: TrainConfig, device: torch.device, dist: Dist) -> budget.StepMeasure:
     """A step of ``cfg``'s model here before any is timed (budget.step_cost: short sequences,
     scaled), and the memory free (rank 0's, for all): preset auto's check of its first rung."""
-    free = budget.free_memory(device)  # before this model takes its share
+    free = process.free_memory(device)  # before this model takes its share
     model = Transformer(model_config(cfg, budget.probe_vocab(cfg), None, None)).to(device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = cfg.offload_activations
@@ -523,7 +523,7 @@ def check_step_cost(cfg: TrainConfig, model: nn.Module, block_size: int, device:
                                           device, partial(autocast, device, precision)), dist)
 
     cost = measured()
-    free = min(all_gather(budget.free_memory(device), dist))  # the fullest device's
+    free = min(all_gather(process.free_memory(device), dist))  # the fullest device's
     seconds_left = broadcast(seconds_left, dist)
     if budget.step_refusal(cost, free, seconds_left) is not None:  # a passing load must not refuse
         again = measured()
