@@ -142,8 +142,11 @@ def serve_models(cfg: EvalConfig) -> int:
     return serve(served, cfg.host, cfg.port, cfg.api_key, slots, cfg.compile)
 
 
-def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> dict[str, str]:
-    """``--prompt``: each model's completion of it, printed as it comes; returned by label."""
+def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None
+             ) -> dict[str, list[str]]:
+    """``--prompt``: each model's ``cfg.num_samples`` completions of it, printed as they come;
+    returned by label. Sample i is drawn from seed ``cfg.seed`` + i, as a pass@k task draws its
+    first problem's samples."""
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     device = loading.device_named(cfg.device)
     specs = model_specs(cfg)
@@ -156,9 +159,15 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None) -> d
             write(("\n" if completions else "") + f"=== {lm.label} ({lm.source})\n")
         for note in scoring.completion_room_notes(lm, cfg.prompt, cfg):
             print(f"note: {note}", file=sys.stderr, flush=True)
-        write(cfg.prompt)
-        completions[lm.label] = scoring.stream_completion(lm, cfg.prompt, cfg, write)
-        write("\n")
+        samples = []
+        for i in range(cfg.num_samples):
+            if cfg.num_samples > 1:
+                write(f"--- sample {i + 1} of {cfg.num_samples} (seed {cfg.seed + i})\n")
+            write(cfg.prompt)
+            sampled = replace(cfg, seed=cfg.seed + i)
+            samples.append(scoring.stream_completion(lm, cfg.prompt, sampled, write))
+            write("\n")
+        completions[lm.label] = samples
         del lm
     return completions
 

@@ -1446,8 +1446,26 @@ def test_prompt_keeps_the_completions_of_models_with_one_label(tiny_models, tmp_
     shown = []
     completions = ev.complete(cfg, shown.append)
     assert list(completions) == ["export", "export#2"]
-    assert completions["export"] == completions["export#2"] != ""
+    assert completions["export"] == completions["export#2"] != [""]
     assert "=== export#2 (" in "".join(shown)
+
+
+def test_prompt_streams_num_samples_as_a_pass_at_k_task_draws_them(tiny_models):
+    """--prompt with --num-samples 3 --temperature 0.8 streams three completions, each headed
+    by its number and seed: those a pass@k task draws for one problem of that prompt (sample i
+    from seed + i, through the engine)."""
+    import torch
+
+    base = str(tiny_models["base"])
+    cfg = EvalConfig(models=[base], prompt="def add(a, b):", max_new_tokens=8, num_samples=3,
+                     temperature=0.8, seed=4, progress=False)
+    shown = []
+    (samples,) = ev.complete(cfg, shown.append).values()
+    lm = loading.load_model(base, torch.device("cpu"))
+    assert samples == scoring.generate_texts(lm, [cfg.prompt] * 3, cfg)
+    assert len(set(samples)) > 1
+    text = "".join(shown)
+    assert "--- sample 3 of 3 (seed 6)" in text and text.count(cfg.prompt) == 3
 
 
 def test_a_streamed_completion_never_shows_half_a_character(tiny_models, monkeypatch):

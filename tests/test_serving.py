@@ -1303,8 +1303,8 @@ def test_a_busy_port_is_refused_before_any_model_loads(monkeypatch, capsys):
 @pytest.mark.parametrize("argv, unused", [
     (["--serve", "--tasks", "humaneval", "--num-samples", "5", "--temperature", "0.7"],
      "--tasks, --temperature, --num-samples not used"),
-    (["--prompt", "def f():", "--num-samples", "3", "--temperature", "0.8"],
-     "--num-samples not used"),
+    (["--prompt", "def f():", "--num-samples", "3", "--temperature", "0.8"], None),
+    (["--prompt", "def f():", "--batch-size", "3"], "--batch-size not used"),
     (["--prompt", "def f():", "--temperature", "0.8", "--max-new-tokens", "9"], None),
     (["--serve", "--compile", "--batch-size", "64", "--block-size", "4096"], None),
 ])

@@ -77,6 +77,7 @@ class EvalConfig:
     #   also spelt --load_generations_path, as the harness does
     # generation
     prompt: str | None = None  # stream each model's completion of this text instead of the tasks
+    #   (num_samples of them, sampled, sample i from seed + i)
     max_new_tokens: int | None = None  # per generated completion (None: 128; with chat 768,
     #   EvalPlus's: an instruct model writes the whole function, its docstring too)
     temperature: float = 0.0  # 0: greedy
@@ -285,7 +286,8 @@ class EvalConfig:
 _READ_BY_EVERY_MODE = frozenset({"models", "runs_dir", "tokenizer", "device", "dtype", "progress",
                                  "data_options"})
 PROMPT_READS = _READ_BY_EVERY_MODE | {"prompt", "block_size", "max_new_tokens", "temperature",
-                                      "top_p", "top_k", "num_beams", "compile", "seed"}
+                                      "top_p", "top_k", "num_beams", "compile", "seed",
+                                      "num_samples"}
 SERVE_READS = _READ_BY_EVERY_MODE | {"serve", "host", "port", "api_key", "batch_size", "compile",
                                      "block_size"}
 
