@@ -1154,6 +1154,21 @@ def test_a_packed_run_resumes_bit_exactly_after_kill_9(assets, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_overfit_batches_of_a_packed_task_are_k_batches_of_examples(assets, tmp_path, capsys):
+    """--overfit-batches K with packing asked: K global batches of --batch-size examples each,
+    padded (packed, the chosen examples would fill fewer rows than one batch), said so."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"input": f"x = {i}\n", "output": f"x = {i + 1}\n"})
+                             + "\n" for i in range(60)))
+    cfg = tiny_cfg(assets, tmp_path, task="refactor", data=[str(pairs)], packing=True,
+                   block_size=128, batch_size=4, grad_accum=1, overfit_batches=2, max_steps=1,
+                   eval_every=1)
+    run = built_run(cfg)
+    assert len(run.data.batches.train) == 8
+    out = capsys.readouterr().out
+    assert "packing: off: the 8 training examples" in out and "overfit_batches" in out
+
+
 def test_a_packed_run_counts_its_rows_as_rows(assets, tmp_path, capsys):
     """--packing: a row holds several examples, and batch_size counts rows: the run's first
     line and its epochs count rows, never calling them examples."""

@@ -411,7 +411,9 @@ def example_batches(settings: DataSettings, splits: PreparedData,
         train_set = val_set = Subset(train_set, chosen)
     task = settings.task
     lm_packing = bool(settings.packing) and task == "lm"  # the windows are full rows: files apart
-    packing = task != "lm" and packing_pays(settings.packing, train_set, block_size)
+    # overfit_batches: K batches of batch_size examples each, as asked (packed, fewer rows)
+    packing = (task != "lm" and not settings.overfit_batches
+               and packing_pays(settings.packing, train_set, block_size))
     batches = Batches(train_set, val_set, tok.pad_id, settings.batch_size, settings.grad_accum,
                       settings.seed, settings.eval_examples, dist.rank, dist.world,
                       pack_into=block_size if packing else None,
@@ -421,8 +423,10 @@ def example_batches(settings: DataSettings, splits: PreparedData,
               f"{block_size} tokens ({len(train_set) / len(batches.train):.1f} a row; "
               "--no-packing pads each in its batch)")
     elif task != "lm" and dist.main:
+        why = ("overfit_batches: each batch holds --batch-size examples" if
+               settings.overfit_batches else "--packing packs them")
         print(f"packing: off: the {len(train_set)} training examples padded in their batches "
-              "(--packing packs them)")
+              f"({why})")
     return batches
 
 
