@@ -28,6 +28,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from itertools import chain
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from codelm.data.encoding import (
     encode,
     ended,
     fim_pairs,
+    fitted_prompt,
     prompt_prefix,
     reads_special_tokens,
     special_token_text,
@@ -102,9 +104,10 @@ def _task_options(cfg: DataConfig) -> dict:
         else:
             opts.update(lines_per_file=cfg.lines_per_file)
     if cfg.task == "docstring":
+        # sample_cut: bump when meta.json's sample prompt changes (rebuilds docstring entries)
         opts.update(targets=cfg.docstring_targets, min_tokens=cfg.docstring_min_tokens,
                     code_tokens=cfg.docstring_code_tokens,
-                    prompt=DOCSTRING_PROMPTS[cfg.docstring_prompt])
+                    prompt=DOCSTRING_PROMPTS[cfg.docstring_prompt], sample_cut=1)
     if cfg.task == "refactor":
         opts.update(template=REFACTOR_TEMPLATE)
     if cfg.task == "project":
@@ -530,7 +533,8 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
             def write(tmp: Path) -> None:
                 meta.update(corpus=corpus.stats, task=build(corpus, tokenizer, cfg, tmp, work))
                 held_out = chain(corpus.val, corpus.test, corpus.train)
-                meta["sample_prompt"] = held_out_prompt(held_out, cfg)
+                fitted = partial(fitted_prompt, tokenizer=tokenizer)  # as training cuts it
+                meta["sample_prompt"] = held_out_prompt(held_out, cfg, fitted)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
             publish_cache_entry(path, write, replace=not cfg.use_cache, marker="meta.json")

@@ -3365,6 +3365,23 @@ def test_the_held_out_sample_prompt_is_in_the_tasks_format(tmp_path):
     assert held_out_prompt([pair], cfg(tmp_path)) is None
 
 
+def test_a_docstring_runs_sample_prompt_is_cut_as_training_cuts_it(tmp_path, tok):
+    """A docstring task's end-of-run sample prompt is its held-out example's as training and
+    eval cut it (the code to docstring_code_tokens, the instruction whole), not the whole
+    class, which a model's context would cut from its left, instruction first."""
+    from codelm.data.encoding import fitted_prompt
+    from codelm.data.examples import examples_for
+
+    data_cfg = cfg(tmp_path, task="docstring", block_size=256, docstring_code_tokens=4,
+                   docstring_prompt="verbose", **WHOLE)
+    data = prepare(data_cfg, tok)
+    prompt = data.sample_prompt.text
+    documents = [Doc(f"email/{name}", text) for name, text in email_texts().items()]
+    example = next(e for doc in documents for e in examples_for(doc, data_cfg, Counter()))
+    assert prompt == fitted_prompt(example, tok) and len(prompt) < len(example.prompt)
+    assert prompt.startswith(example.head) and prompt.endswith(example.tail)
+
+
 def test_a_cut_method_prompt_keeps_its_docstrings_closing_quotes(tok):
     """A long method prompt loses the end of its docstring's text first; the line of its
     closing quotes stays, so the prompt is still a header with a closed docstring that the

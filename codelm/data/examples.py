@@ -9,7 +9,7 @@ import random
 import tokenize
 import typing
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from codelm.data.config import DOCSTRING_PROMPTS, REFACTOR_TEMPLATE, DataConfig, DataError
@@ -236,10 +236,13 @@ def examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
     raise AssertionError(cfg.task)
 
 
-def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> SamplePrompt | None:
-    """An end-of-run sample's prompt from held-out documents (a pair task's first example, else
-    the first top-level function with a docstring, its header and docstring, else the first
-    function's header), and whether its completion ends with its function."""
+def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig,
+                    fitted: Callable[[Example], str] = lambda example: example.prompt
+                    ) -> SamplePrompt | None:
+    """An end-of-run sample's prompt from held-out documents (a pair task's first example, its
+    prompt as ``fitted`` cuts it for training: encoding.fitted_prompt; else the first top-level
+    function with a docstring, its header and docstring, else the first function's header),
+    and whether its completion ends with its function."""
     header = None
     if cfg.task == "chat":  # its prompts need the tokenizer's template
         return None
@@ -247,7 +250,7 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig) -> SamplePrompt | None
         if cfg.task not in ("lm", "fim", "completion", "project"):
             if doc.target or cfg.task != "refactor":
                 if examples := examples_for(doc, cfg, Counter()):
-                    return SamplePrompt(examples[0].prompt, cfg.task == "method")
+                    return SamplePrompt(fitted(examples[0]), cfg.task == "method")
             continue
         parsed = _parse(doc) if doc.is_python else None  # is_python: not a pair
         for fn in parsed.tree.body if parsed else []:
