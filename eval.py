@@ -78,6 +78,34 @@ def model_specs(cfg: EvalConfig) -> list[str]:
     return [str(run)]
 
 
+# A run of one of these tasks is scored on it where --tasks is not given (eval's task of the
+# same name); other runs, and models that are no runs, on lm and line.
+OWN_TASKS = ("completion", "method", "docstring", "refactor", "fim")
+
+
+def runs_own_tasks(cfg: EvalConfig) -> list[str]:
+    """For --tasks unset: the OWN_TASKS the evaluated runs trained on, said on stderr; [] where
+    none did, or where no task is scored (--prompt, --serve, --load-generations, endpoints)."""
+    if cfg.prompt is not None or cfg.serve or cfg.load_generations is not None or any(
+            is_endpoint(model) for model in cfg.models):
+        return []
+    try:
+        specs = [run_by_name(spec, cfg.runs_dir) for spec in cfg.models] or [
+            str(latest_run(cfg.runs_dir))]
+        trained = [loading.run_task(spec) for spec in specs]
+    except (ValueError, OSError):  # the evaluation reports it where it loads the models
+        return []
+    tasks = []
+    for task in trained:
+        if task in OWN_TASKS and task not in tasks:
+            tasks.append(task)
+    if tasks:
+        runs = "runs" if len(specs) > 1 else "run"
+        print(f"tasks: {' '.join(tasks)}, what the {runs} trained on (--tasks names others)",
+              file=sys.stderr)
+    return tasks
+
+
 def newer_runs_without_a_model(runs_dir: str | Path, chosen: Path) -> list[Path]:
     """The runs under ``runs_dir`` with checkpoints but no export/ or best/ whose latest
     checkpoint is newer than ``chosen``'s model, oldest first: what latest_run passed over."""
@@ -528,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = EvalProgress()
     try:
         with process.interrupt_on_sigterm():  # so finished models are saved, samples killed
-            cfg = parse_config(argv)
+            cfg = parse_config(argv, runs_own_tasks)
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
             if (unused := mode_unused(cfg)) is not None:

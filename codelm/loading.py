@@ -277,6 +277,23 @@ def _split_adapter(path_spec: str) -> tuple[str, str]:
     return path_spec, ""
 
 
+def run_task(spec: str) -> str | None:
+    """The task of the run a ``[LABEL=]PATH`` spec names (the run, its export/, best/ or a
+    checkpoint), read from its config.json; None where it names no run (an HF directory, a hub
+    id, BASE+ADAPTER)."""
+    path_spec = split_label(spec)[1]
+    if _split_adapter(path_spec)[1]:
+        return None
+    path = Path(path_spec)
+    if not path.is_dir():
+        return None
+    run_dir = path if rundir.is_run_dir(path) else rundir.run_of_weights(path)
+    if run_dir is None:
+        return None
+    config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
+    return config.get("task", "lm")
+
+
 def load_model(spec: str | os.PathLike, device: torch.device | str,
                tokenizer: str | None = None, dtype: str | None = None,
                what: str | None = None, unquantized: bool = False) -> LoadedModel:

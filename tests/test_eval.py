@@ -2829,6 +2829,39 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_path,
+                                                              monkeypatch, capsys):
+    """--tasks unset: a run of a supervised task (docstring here) is scored on it, beside a base
+    model too, and the choice is said; --tasks given, a lm run, or --serve keep theirs."""
+    import trainingmanager as tm
+    from codelm.evaluation.config import parse_config
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    common = dict(preset="tiny", data=[str(tiny_models["code"])], max_steps=1, eval_every=1,
+                  batch_size=2, warmup_steps=0, tokenizer_min_freq=2, export=False,
+                  final_eval=False, out_dir=str(tmp_path / "runs"), progress=False,
+                  report_to=["none"])
+    docs = tm.train(trainconfig.TrainConfig(
+        task="docstring", data_options={"docstring_targets": "both"}, name="doc-run",
+        **common)).run_dir
+    plain = tm.train(trainconfig.TrainConfig(name="plain", **common)).run_dir
+    base = str(tiny_models["base"])
+    capsys.readouterr()
+
+    def tasks(*argv: str) -> list[str]:
+        return parse_config([*argv, "--runs-dir", str(tmp_path / "runs")],
+                            ev.runs_own_tasks).tasks
+
+    assert tasks("--models", str(docs)) == ["docstring"]
+    assert "tasks: docstring" in capsys.readouterr().err
+    assert tasks("--models", base, f"{docs}/best") == ["docstring"]
+    assert tasks() == ["lm", "line"]  # the latest run: plain, of task lm
+    assert tasks("--models", "doc-run") == ["docstring"]  # a run named under --runs-dir
+    assert tasks("--models", str(docs), "--tasks", "lm") == ["lm"]
+    assert tasks("--models", str(plain), base) == ["lm", "line"]
+    assert tasks("--models", str(docs), "--serve") == ["lm", "line"]
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_the_lm_task_on_a_runs_val_split_is_its_val_loss(tmp_path, monkeypatch, packing,
                                                          capsys):

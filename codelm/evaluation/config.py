@@ -47,7 +47,8 @@ class EvalConfig:
     # tasks and data
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
     #   completion | method | docstring | refactor | passk | humaneval | humaneval-plus |
-    #   mbpp | mbpp-plus | fim | codexglue-method | project-completion
+    #   mbpp | mbpp-plus | fim | codexglue-method | project-completion (unset: a run of task
+    #   completion, method, docstring, refactor or fim is scored on its own task)
     data: list[str] | None = None  # DataConfig sources; None: a run's own, else the stdlib;
     #   project-completion: the git repositories whose history it completes
     composers: list[str] = field(default_factory=lambda: ["path_distance", "imports", "bm25"])
@@ -336,14 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     return settings.add_config_flags(parser, EvalConfig, aliases=HARNESS_FLAGS)
 
 
-def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+def parse_config(argv: Sequence[str] | None = None,
+                 runs_tasks: Callable[[EvalConfig], list[str]] | None = None) -> EvalConfig:
     """Defaults < ``--config`` file (a recipe's ``eval`` section) < command-line flags; with
-    tasks set by neither, the tasks ``--problems`` names as TASK=PATH, if any."""
+    tasks set by neither, the tasks ``--problems`` names as TASK=PATH, else those
+    ``runs_tasks`` finds (eval.py: the tasks its runs trained on), if any."""
     args = vars(build_parser().parse_args(argv))
     cfg = settings.resolve_config(EvalConfig, args, "eval", aliases=HARNESS_FLAGS)
     in_file = settings.read_config_file(args["config"], "eval")[0] if "config" in args else {}
-    named = problem_tasks(cfg.problems)
-    if "tasks" not in args and "tasks" not in in_file and named:
-        cfg = replace(cfg, tasks=named)
+    if "tasks" not in args and "tasks" not in in_file:
+        named = problem_tasks(cfg.problems) or (runs_tasks(cfg) if runs_tasks else [])
+        if named:
+            cfg = replace(cfg, tasks=named)
     cfg.validate(settings.where_set_in(args, "eval"))
     return cfg
