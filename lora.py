@@ -35,6 +35,8 @@ from codelm.models.adapter_config import (
     UNSUPPORTED_PEFT_KEYS,
     LoRAConfig,
     adapter_base,
+    check_base_family,
+    other_base_note,
     read_adapter_config,
 )
 from codelm.models.quantize import QuantLinear, parameter_count, set_submodule, shared_parameters
@@ -828,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
         adapter = Path(args.adapter)
         read_adapter_config(adapter)  # a bad adapter is named before the base loads
         base = Path(args.base) if args.base else adapter_base(adapter, "name it with --base")
+        check_base_family(adapter, base)
+        if note := other_base_note(adapter, base):
+            print(f"note: {note}: merged into {base}, as given", file=sys.stderr)
         model = pretrained.load(base, dtype=args.dtype)
         report = load_adapter(model, adapter)
         tokenizer_dir = adapter if (adapter / "tokenizer.json").is_file() else base

@@ -224,15 +224,10 @@ def _has_trained_weights(run_dir: Path) -> bool:
 
 def _note_another_base(adapter: Path, base: Path) -> None:
     """A note where BASE+ADAPTER's base is not the local directory the adapter's config names
-    (a hub id is not looked up: nothing is downloaded for a note): scored on the given base."""
-    config = settings.read_json_object(adapter / adapter_config.ADAPTER_CONFIG, "adapter config")
-    named = config.get("base_model_name_or_path")
-    if not named or not Path(named).is_dir():
-        return
-    named = Path(named)
-    if named.resolve() != base.resolve():
-        print(f"note: {adapter / adapter_config.ADAPTER_CONFIG} names the base {named}, not "
-              f"{base}: scored on {base}, as given", file=sys.stderr)
+    (refused where its family is another): scored on the given base."""
+    adapter_config.check_base_family(adapter, base)
+    if note := adapter_config.other_base_note(adapter, base):
+        print(f"note: {note}: scored on {base}, as given", file=sys.stderr)
 
 
 def _run_weights_dir(run_dir: Path, chosen: Path | None) -> Path:

@@ -1263,6 +1263,40 @@ def test_cli_refuses_a_base_whose_embeddings_the_adapters_tokenizer_overruns(tmp
     assert f"only {vocab} embeddings" in err and "--base" in err and not out.exists()
 
 
+def test_an_adapter_on_a_base_of_another_family_is_refused_another_same_family_base_noted(
+        tmp_path, capsys):
+    """An adapter trained on a llama base, given a mistral one (another family, whatever the
+    shapes): lora.py's merge, eval's BASE+ADAPTER and trainingmanager's --init-adapter with
+    --init-from refuse it in one line naming both families; a llama base other than its own
+    is merged with a note naming both."""
+    import shutil
+
+    from codelm import loading
+    from codelm.trainconfig import TrainConfig
+    from codelm.training import plan
+
+    _, model, _ = _pair("llama", tmp_path)
+    apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["q_proj"]))
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, base_model_name_or_path=str(tmp_path / "hf"))
+    mistral = tmp_path / "mistral"
+    save_tiny_hf("mistral", mistral)
+    capsys.readouterr()
+    assert lora.main([str(adapter), str(tmp_path / "m1"), "--base", str(mistral)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "a llama model" in err and "a mistral model" in err
+    assert "give a llama base" in err and not (tmp_path / "m1").exists()
+    with pytest.raises(ValueError, match="a mistral model: give a llama base"):
+        loading.load_model(f"{mistral}+{adapter}", "cpu")
+    with pytest.raises(ValueError, match=r"^--init-from: .*a mistral model"):
+        plan.validate_config(TrainConfig(init_adapter=str(adapter), init_from=str(mistral)))
+    other = tmp_path / "other-llama"
+    shutil.copytree(tmp_path / "hf", other)
+    assert lora.main([str(adapter), str(tmp_path / "m2"), "--base", str(other)]) == 0
+    err = capsys.readouterr().err
+    assert f"names the base {tmp_path / 'hf'}, not {other}" in err
+
+
 def test_apply_lora_and_load_adapter_refuse_a_foreign_model(tmp_path):
     """A transformers model: a ValueError naming what is wanted, before anything is frozen."""
     _, model, _ = _pair("llama", tmp_path)

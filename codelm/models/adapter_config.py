@@ -174,3 +174,45 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
         raise ValueError(f"{file}: base_model_name_or_path {base!r} is not a local directory; "
                          f"{remedy}")
     return path
+
+
+def _named_base(adapter_dir: Path, config_name: str) -> Path | None:
+    """The local directory an adapter's config names as its base; None where it names none or
+    a hub id (not looked up: nothing is downloaded for a check)."""
+    config = settings.read_json_object(adapter_dir / config_name, "adapter config")
+    named = config.get("base_model_name_or_path")
+    return Path(named) if named and Path(named).is_dir() else None
+
+
+def _model_type(checkpoint: Path) -> str | None:
+    try:
+        return settings.read_json_object(checkpoint / "config.json", "config").get("model_type")
+    except (ValueError, OSError):  # not an HF checkpoint: nothing to compare
+        return None
+
+
+def check_base_family(adapter_dir: str | Path, base: str | Path,
+                      config_name: str = ADAPTER_CONFIG) -> None:
+    """Refuse a base of another family (config.json's model_type) than the base the adapter's
+    config names: its weights were trained for another architecture, even where the shapes
+    agree."""
+    adapter_dir, base = Path(adapter_dir), Path(base)
+    named = _named_base(adapter_dir, config_name)
+    if named is None or named.resolve() == base.resolve():
+        return
+    trained_on, given = _model_type(named), _model_type(base)
+    if trained_on and given and trained_on != given:
+        raise ValueError(f"{adapter_dir / config_name} was trained on {named}, a {trained_on} "
+                         f"model; {base} is a {given} model: give a {trained_on} base")
+
+
+def other_base_note(adapter_dir: str | Path, base: str | Path,
+                    config_name: str = ADAPTER_CONFIG) -> str | None:
+    """Where ``base`` is not the local directory the adapter's config names: a note saying so
+    (the adapter's deltas were trained against that base's weights); None where it is, or the
+    config names none or a hub id."""
+    adapter_dir, base = Path(adapter_dir), Path(base)
+    named = _named_base(adapter_dir, config_name)
+    if named is None or named.resolve() == base.resolve():
+        return None
+    return f"{adapter_dir / config_name} names the base {named}, not {base}"

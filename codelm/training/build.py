@@ -266,6 +266,10 @@ class Run:
         if cfg.init_adapter is not None and self.model_settings.adapter_copy is None:
             first[run_dir / rundir.INIT_ADAPTER_COPY] = (
                 Path(cfg.init_adapter) / adapter_config.ADAPTER_CONFIG).read_bytes()
+            note = adapter_config.other_base_note(cfg.init_adapter, cfg.init_from)
+            if note and process.is_rank_zero():
+                print(f"note: {note}: the adapter trains on {cfg.init_from}, as given",
+                      file=sys.stderr)
         check_lora_export(cfg, model)
         check_gguf_export(cfg, model, self.data.tok)
         if cfg.task in PREFERENCE_TASKS:  # of the starting weights, before any step
