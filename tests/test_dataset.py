@@ -2279,13 +2279,15 @@ def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
             cfg(tmp_path, **{key: value}).validate()
         assert f"DataConfig.{key}" in str(info.value) and message in str(info.value)
     for key, value, message in (  # types: checked where a file or flag gives the value
-        ("extensions", ".kt", "must be a list of strings, got '.kt'"),
+        ("extensions", 3, "must be a list of strings, got 3"),
         ("sources", [str(EMAIL), 3], "must be a list of strings"),
         ("val_frac", "0.1", "must be a number"),
         ("max_docs", True, "must be an integer"),
     ):
         with pytest.raises(ValueError, match=re.escape(f"c.json: key {key!r} {message}")):
             settings.config_from_dict(DataConfig, {key: value}, "c.json")
+    one = settings.config_from_dict(DataConfig, {"extensions": ".kt", "sources": "src"}, "c")
+    assert (one.extensions, one.sources) == ([".kt"], ["src"])  # a list's one item, alone
     assert dataset.main(["--near-dedupe", "--near-dedupe-threshold", "5", "--no-progress",
                          "--cache-dir", str(tmp_path)]) == 2
     cfg(tmp_path, max_docs=None, val_frac=0.1, near_dedupe_threshold=1).validate()
@@ -2297,8 +2299,10 @@ def test_empty_corpus_and_missing_source_are_clear_errors(tmp_path):
     (empty / "a.py").write_text("")
     with pytest.raises(DataError, match="no data left after cleaning"):
         load_corpus(cfg(tmp_path, sources=[str(empty)]))
-    with pytest.raises(DataError, match="data source not found: .*nowhere"):
+    with pytest.raises(DataError, match="data source not found: .*nowhere$"):
         load_corpus(cfg(tmp_path, sources=[str(tmp_path / "nowhere")]))
+    with pytest.raises(DataError, match=r"not found: nowhere \(read from .*current directory"):
+        load_corpus(cfg(tmp_path, sources=["nowhere"]))  # a relative path: where it was looked
     with pytest.raises(DataError, match="DataConfig.task"):
         cfg(tmp_path, task="translate").validate()
 

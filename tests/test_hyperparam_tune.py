@@ -940,7 +940,7 @@ def test_bad_space_field_type_exits_2_with_one_line(tmp_path, capsys):
     ({"base": None}, "key 'base' must not be null"),
     ({"base": "x"}, "key 'base' must be a JSON object, got 'x'"),
     ({"requires": [["init_from"]]}, "key 'requires' must be a list of strings"),
-    ({"requires": "init_from"}, "key 'requires' must be a list of strings"),
+    ({"requires": 3}, "key 'requires' must be a list of strings"),
     ({"requires": ["init_frm"]}, "requires: not TrainConfig key(s) ['init_frm']"),
     ({"description": ["what"]}, "key 'description' must be a string"),
     ({"descripton": "what"}, "unknown key 'descripton'; did you mean 'description'?"),

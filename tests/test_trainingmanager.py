@@ -568,6 +568,9 @@ def test_config_file_with_cli_overrides_and_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="'batch_size' must be an integer"):
         plan.parse_config(["--config", str(path)])
 
+    path.write_text(json.dumps({"data": str(tmp_path)}))  # a list's one item, as --data takes it
+    assert plan.parse_config(["--config", str(path)]).data == [str(tmp_path)]
+
 
 @pytest.mark.parametrize("options, message", [
     ({"data_options": {"train_frac": "0.5"}},

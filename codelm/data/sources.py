@@ -126,7 +126,8 @@ def record_files(source: str) -> list[Path] | None:
                         "then --data FILE.jsonl")
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError(f"data source not found: {source}")
+        where = "" if path.is_absolute() else f" (read from {Path.cwd()}, the current directory)"
+        raise DataError(f"data source not found: {source}{where}")
     if path.is_file():
         if path.suffix != ".parquet" and not is_jsonl(path):
             raise DataError(f"data source {source}: a file source must be JSONL (*.jsonl, or "

@@ -126,9 +126,9 @@ def key_hint(key: str, known: Collection[str], kind: str,
 def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>",
                      choices: Mapping[str, Sequence] | None = None,
                      aliases: Mapping[str, Sequence[str]] | None = None) -> Any:
-    """An instance of the dataclass ``cls`` from JSON-like values, type-checked key by key; an
-    unknown key is refused with the key it stands for (``key_hint``: ``aliases`` are the other
-    spellings of the script's flags)."""
+    """An instance of the dataclass ``cls`` from JSON-like values, type-checked key by key (a
+    list of strings may be given as its one string); an unknown key is refused with the key it
+    stands for (``key_hint``: ``aliases`` are the other spellings of the script's flags)."""
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     if "model_type" in values and "model_type" not in known:
@@ -139,6 +139,8 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
         if key not in known:
             raise ValueError(f"{source}: unknown key {key!r}; "
                              f"{key_hint(key, known, cls.__name__, aliases)}")
+        if isinstance(value, str) and _field_type(hints[key])[0] == list[str]:
+            value = checked[key] = [value]  # one item written alone, as its flag takes one
         if problem := type_error(hints[key], value):
             raise ValueError(f"{source}: key {key!r} {problem}")
         allowed = (choices or {}).get(key)
