@@ -38,7 +38,13 @@ from codelm.data.sources import Doc
 from codelm.endpoints import Endpoint, Sampling, endpoint_model, is_endpoint, parse_endpoint
 from codelm.endpoints import complete as complete_at
 from codelm.evaluation import corpus, instruct, scoring
-from codelm.evaluation.config import EvalConfig, build_parser, mode_unused, parse_config
+from codelm.evaluation.config import (
+    EvalConfig,
+    build_parser,
+    limit_unused,
+    mode_unused,
+    parse_config,
+)
 from codelm.evaluation.preference_pairs import write_preference_data
 from codelm.evaluation.results import (
     FORMAT_VERSION,
@@ -559,8 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = parse_config(argv, runs_own_tasks)
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
-            if (unused := mode_unused(cfg)) is not None:
-                print(f"note: {unused}", file=sys.stderr)
+            for unused in (mode_unused(cfg), limit_unused(cfg)):
+                if unused is not None:
+                    print(f"note: {unused}", file=sys.stderr)
             if cfg.prompt is not None:
                 complete(cfg)
                 return 0

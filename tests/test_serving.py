@@ -1300,6 +1300,20 @@ def test_a_busy_port_is_refused_before_any_model_loads(monkeypatch, capsys):
     assert f"cannot serve on 127.0.0.1:{port}" in err and "--port" in err
 
 
+@pytest.mark.parametrize("argv, noted", [
+    (["--tasks", "lm", "--limit", "2"], True),
+    (["--tasks", "lm", "line", "--limit", "2"], False),
+    (["--tasks", "lm"], False),
+])
+def test_a_limit_no_task_reads_is_noted(argv, noted):
+    """--limit counts generation tasks' examples and benchmark problems: given with lm alone
+    (which scores --lm-windows windows), a note says it is not used."""
+    from codelm.evaluation.config import limit_unused, parse_config
+
+    note = limit_unused(parse_config(argv))
+    assert (note is not None and "--lm-windows" in note) if noted else note is None
+
+
 @pytest.mark.parametrize("argv, unused", [
     (["--serve", "--tasks", "humaneval", "--num-samples", "5", "--temperature", "0.7"],
      "--tasks, --temperature, --num-samples not used"),

@@ -313,6 +313,14 @@ def mode_unused(cfg: EvalConfig) -> str | None:
     return f"{why}: {', '.join(map(settings.flag_of, unused))} not used"
 
 
+def limit_unused(cfg: EvalConfig) -> str | None:
+    """A note where --limit is given but no task reads it (lm scores --lm-windows windows)."""
+    if cfg.limit is None or cfg.prompt is not None or cfg.serve or set(cfg.tasks) - {"lm"}:
+        return None
+    return ("--limit counts the examples of generation tasks and benchmark problems, not used: "
+            "lm scores --lm-windows windows (none: the whole split)")
+
+
 def config_from_dict(values: dict, source: str = "<dict>",
                      where_set: Callable[[str], str] = settings.flag_of) -> EvalConfig:
     """A validated EvalConfig from JSON-like values; errors name the source and the key."""

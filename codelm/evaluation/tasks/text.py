@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import io
 import random
 import sys
@@ -227,8 +228,14 @@ def _generation_metrics(task: str, preds: list[str], refs: list[str],
         try:
             metrics["semantic_sim"] = semantic_similarity(preds, refs, progress)
         except ImportError as err:
-            print(f"note: refactor semantic similarity skipped: {err}", file=sys.stderr)
+            _note_once(f"refactor semantic similarity skipped: {err}")
     return metrics
+
+
+@functools.cache
+def _note_once(note: str) -> None:
+    """A note said once a process, not once a model."""
+    print(f"note: {note}", file=sys.stderr)
 
 
 def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[Example],
