@@ -442,7 +442,8 @@ _ADAPTER_CONFIG = "adapter_config.json"
 
 def where_tokenizer_is(directory: str | os.PathLike) -> str:
     """Where the tokenizer of a directory without one is, as the end of an error ("; ..." or
-    ""): an adapter's base model, a run above (for best/, checkpoints/step-N/), or runs below."""
+    ""): an adapter's base model, a slow tokenizer's files to convert, a run above (for best/,
+    checkpoints/step-N/), or runs below."""
     directory = Path(directory)
     if (directory / _ADAPTER_CONFIG).is_file():
         base = None
@@ -450,6 +451,12 @@ def where_tokenizer_is(directory: str | os.PathLike) -> str:
             base = read_json(directory / _ADAPTER_CONFIG).get("base_model_name_or_path")
         return (f"; {directory} is a LoRA adapter directory ({_ADAPTER_CONFIG}), whose "
                 f"tokenizer is its base model's" + (f": {base}" if base else ""))
+    slow = [name for name in ("vocab.json", "merges.txt", "tokenizer.model")
+            if (directory / name).is_file()]
+    if slow:  # a slow tokenizer's files: transformers writes their tokenizer.json
+        return (f"; it holds a slow tokenizer's {', '.join(slow)}: python -c \"from transformers "
+                f"import AutoTokenizer as T; T.from_pretrained('{directory}')"
+                f".save_pretrained('{directory}')\" writes its {TOKENIZER_FILE}")
     for above in list(directory.resolve().parents)[:2]:
         if (above / TOKENIZER_FILE).is_file():
             return f"; {above} above it holds one"

@@ -2171,3 +2171,37 @@ def test_a_runs_directory_names_every_run_below_that_holds_a_tokenizer(tmp_path)
         (runs / name).mkdir(parents=True)
         CodeTokenizer.train(["x = 1\n"] * 3, min_freq=1).save(runs / name)
     assert tokenizer.where_tokenizer_is(runs) == f"; {runs / 'a'}, {runs / 'b'} below it hold one"
+
+
+def test_a_slow_tokenizers_files_are_named_with_the_command_that_converts_them(tmp_path):
+    """A checkpoint with vocab.json and merges.txt but no tokenizer.json: the error names those
+    files and a transformers command; that command, run, writes the tokenizer.json codelm
+    loads, splitting text as transformers' tokenizer of those files does."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    import transformers
+
+    import tokenizer
+
+    texts = [p.read_text("utf-8") for p in stdlib_files(stdlib_root() / "json")]
+    trained = train_hf_tokenizer("gpt2", texts, tmp_path / "fast.json")
+    files = tmp_path / "files"
+    files.mkdir()
+    vocab, merges = trained.model.save(str(files))
+    slow = transformers.GPT2Tokenizer(vocab, merges)  # CodeGen's and Phi-1.5's class
+    checkpoint = tmp_path / "slow"
+    slow.save_pretrained(checkpoint)  # its tokenizer_config.json
+    (checkpoint / "tokenizer.json").unlink(missing_ok=True)
+    for file in (vocab, merges):
+        shutil.copy(file, checkpoint)
+    assert (checkpoint / "vocab.json").is_file() and (checkpoint / "merges.txt").is_file()
+    hint = tokenizer.where_tokenizer_is(checkpoint)
+    assert "vocab.json, merges.txt" in hint
+    command = re.search(r'python -c "(.*)" writes', hint).group(1)
+    subprocess.run([sys.executable, "-c", command], check=True, timeout=300)
+    loaded = load_tokenizer(checkpoint)
+    text = "def f(x):\n    return x + 1\n"
+    assert loaded.encode(text) == slow.encode(text)
