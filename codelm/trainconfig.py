@@ -83,7 +83,8 @@ class TrainConfig:
     # data (dataset.py): task and sources (None: the Python standard library)
     task: str = "lm"  # lm (the next token of code files) | completion (a file's prefix -> its
     #   next line) | method (a function's signature and docstring -> its body) | docstring (a
-    #   class or function without its docstring -> the docstring) | refactor (JSONL input ->
+    #   class without its docstring -> the docstring; functions too with data_options
+    #   {"docstring_targets": "both"}) | refactor (JSONL input ->
     #   output pairs) | fim (fill in the middle) | chat (conversation JSONL, in the tokenizer's
     #   chat template) | project (repository-shaped sequences and cross-file line completion);
     #   grpo (reinforcement learning from problems' tests); or preference tuning on TRL's

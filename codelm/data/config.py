@@ -92,7 +92,7 @@ class DataConfig:
     lines_per_file: int = 5  # line completion targets sampled per file (project: too)
     project_composer: str = "path_distance"  # project: the composer that orders repositories
     #   and composes completion examples' contexts (path_distance | imports | bm25)
-    docstring_targets: str = "class"  # "class", "function" or "both"
+    docstring_targets: str = "class"  # "class", "function" or "both": what loses its docstring
     docstring_min_tokens: int = 20  # shorter docstrings make no example
     docstring_code_tokens: int = 400  # the code shown with a docstring target, at most
     docstring_prompt: str = "simple"  # key of DOCSTRING_PROMPTS
