@@ -651,11 +651,9 @@ SWEEP_PID = "CODELM_SWEEP_PID"  # a worker's environment: its main process, whic
 
 def write_worker_config(cfg: TuneConfig) -> Path:
     """The study's tune_config.json, which each worker reads (``--config``): ``cfg`` without
-    progress bars, and under a time budget without a step count beside it."""
+    progress bars."""
     config_file = studies.study_dir(cfg) / "tune_config.json"
     values = {**dataclasses.asdict(cfg), "progress": False}
-    if cfg.time_budget_min is not None:
-        del values["max_steps"]
     process.write_atomic(config_file, json.dumps(values, indent=2) + "\n")
     return config_file
 

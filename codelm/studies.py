@@ -93,7 +93,7 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
             n_startup_trials=cfg.prune_startup_trials, n_warmup_steps=cfg.prune_warmup_steps)
     elif cfg.pruner == "hyperband":
         pruner = optuna.pruners.HyperbandPruner(
-            min_resource=cfg.eval_every, max_resource=cfg.max_steps)
+            min_resource=cfg.eval_every, max_resource=cfg.max_steps or "auto")  # budget: none
     else:
         pruner = optuna.pruners.NopPruner()
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",

@@ -28,7 +28,8 @@ class TuneConfig:
     n_trials: int = 12  # total finished trials the study should hold (shared by all workers)
     sampler_seed: int | None = None  # in [0, 2**32): a reproducible sweep; None: fresh streams
     # budget of each trial (a study's trials share it)
-    max_steps: int = 150  # step budget of one trial
+    max_steps: int | None = None  # step budget of one trial (None: TRIAL_STEPS, 150, unless
+    #   time_budget_min sizes it)
     eval_every: int = 25  # evaluation (and pruning) interval in steps
     time_budget_min: float | None = None  # instead: minutes of one trial on this machine, its
     #   steps sized to them (trials then differ in steps, and none is pruned)
@@ -50,6 +51,12 @@ class TuneConfig:
     progress: bool = True  # a progress bar over the trials
 
 
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.time_budget_min is None:  # one number from here on
+            self.max_steps = TRIAL_STEPS
+
+
+TRIAL_STEPS = 150  # a trial's steps where neither max_steps nor time_budget_min is given
 _CHOICES = {"pruner": ("median", "hyperband", "none")}
 
 
@@ -63,7 +70,7 @@ def _check_ranges(cfg: TuneConfig, where_set: Callable[[str], str]) -> TuneConfi
         raise ValueError(f"{named('study_name')}: must be a non-empty name of one directory "
                          "under --out-dir: no '/', not '.' or '..'")
     for key in ("n_trials", "max_steps", "eval_every", "workers", "heartbeat_interval"):
-        if getattr(cfg, key) < 1:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise ValueError(f"{named(key)}: must be at least 1")
     if cfg.time_budget_min is not None and not 0 < cfg.time_budget_min < math.inf:
         raise ValueError(f"{named('time_budget_min')}: must be a positive number of minutes")
@@ -100,9 +107,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
     cfg = settings.resolve_config(TuneConfig, args, section="tune", choices=_CHOICES)
     cfg = dataclasses.replace(cfg, storage=absolute_sqlite(cfg.storage))
     where = settings.where_set_in(args, "tune")
-    config = args.get("config")
-    in_file = settings.read_config_file(config, "tune")[0] if config is not None else {}
-    if cfg.time_budget_min is not None and "max_steps" in {*args, *in_file}:
+    if cfg.time_budget_min is not None and cfg.max_steps is not None:
         raise ValueError(f"{settings.setting(cfg, 'max_steps', where)} with "
                          f"{settings.setting(cfg, 'time_budget_min', where)}: a trial's length "
                          "is its steps or its time budget: drop one")

@@ -1027,6 +1027,19 @@ def test_pruner_flag(tmp_path, pruner, kind):
     assert isinstance(study.pruner, kind)
 
 
+def test_a_printed_budgeted_config_reads_back_to_the_same_settings(tmp_path, capsys):
+    """--print-config of a sweep sized by --time-budget-min is a --config file that reads back
+    to the same settings (no step count beside the budget); without a budget, 150 steps."""
+    argv = ["--time-budget-min", "0.5", "--n-trials", "1", "--out-dir", str(tmp_path)]
+    assert hyperparam_tune.main([*argv, "--print-config", "json"]) == 0
+    printed = tmp_path / "printed.json"
+    printed.write_text(capsys.readouterr().out)
+    assert json.loads(printed.read_text())["max_steps"] is None
+    assert hyperparam_tune.parse_config(["--config", str(printed)]) == \
+        hyperparam_tune.parse_config(argv)
+    assert hyperparam_tune.parse_config([]).max_steps == 150
+
+
 def test_a_trial_length_of_steps_and_of_minutes_together_is_refused(tmp_path):
     """--max-steps and --time-budget-min both given: one line naming both, whichever is set
     where (a --config file's max_steps counts); the budget alone is a trial's length."""
