@@ -12,6 +12,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy
 import optuna
 import sqlalchemy.exc
 from filelock import FileLock
@@ -103,12 +104,20 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
 
 
 def seed_for_next_trial(study: optuna.Study, seed: int | None) -> None:
-    """With --sampler-seed, the sampler's stream for the trial about to be asked: the seed
-    plus that trial's number, unique in the study (asked under the claim lock), so every worker
-    and every command joining the study draws its own, reproducibly."""
+    """With --sampler-seed, the sampler's stream for the trial about to be asked: one of the
+    seed and that trial's number together (trial_seed), unique in the study (asked under the
+    claim lock), so every worker and every command joining the study draws its own,
+    reproducibly."""
     if seed is not None:  # (TPE keeps no state but its random stream: the trials are stored)
         number = len(study.get_trials(deepcopy=False))
-        study.sampler = optuna.samplers.TPESampler(seed=(seed + number) % 2**32)
+        study.sampler = optuna.samplers.TPESampler(seed=trial_seed(seed, number))
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """Trial ``number``'s sampler seed in a sweep of ``seed``: numpy's SeedSequence of the two,
+    so that the sweeps of seeds 1 and 2 share no trial's stream (seed + number would: seed 2's
+    trial 0 drawing seed 1's trial 1)."""
+    return int(numpy.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
 def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:

@@ -1106,15 +1106,16 @@ def test_counts_and_intervals_below_their_least_are_refused(key, value, least):
 
 
 def test_each_trial_draws_its_own_reproducible_stream(tmp_path):
-    """--sampler-seed: the sampler is seeded with the seed plus the number of the trial it is
-    about to ask, so a study samples the same in every sweep (reproducible), and workers or
+    """--sampler-seed: the sampler is seeded with the seed and the number of the trial it is
+    about to ask, so a study samples the same in every sweep (reproducible), workers or
     commands joining one study, which ask in turn under its claim lock, never draw one
-    stream twice (they would run the same trials)."""
+    stream twice (they would run the same trials), and the sweeps of neighbouring seeds draw
+    none of each other's trials (repeated sweeps measure variance)."""
     lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
 
-    def lrs(name: str, trials: int) -> list[float]:
+    def lrs(name: str, trials: int, seed: int = 7) -> list[float]:
         cfg = tuneconfig.config_from_dict({"out_dir": str(tmp_path), "study_name": name,
-                                                "sampler_seed": 7})
+                                                "sampler_seed": seed})
         study = studies.open_study(cfg, studies.open_storage(cfg))
         drawn = []
         for _ in range(trials):
@@ -1124,6 +1125,7 @@ def test_each_trial_draws_its_own_reproducible_stream(tmp_path):
 
     first, again = lrs("a", 3), lrs("b", 3)
     assert first == again and len(set(first)) == 3
+    assert not set(lrs("c", 4, seed=8)) & set(lrs("d", 4, seed=9))
 
 
 def test_a_live_worker_of_another_user_is_alive(monkeypatch):
