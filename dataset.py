@@ -81,7 +81,7 @@ from codelm.data.examples import (
 from codelm.data.project import project_pairs, repository_name
 from codelm.data.shards import SHARD_FORMAT_VERSION
 from codelm.data.sources import Doc, plain_text
-from codelm.data.splits import Corpus, Texts, corpus_key, load_corpus
+from codelm.data.splits import Corpus, Texts, corpus_key, load_corpus, lopsided_note
 from codelm.kernels import IGNORE_INDEX
 from codelm.runtime import process, settings
 from codelm.runtime.console import progress_bar
@@ -619,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
         data = prepare(cfg, tokenizer)
         print(json.dumps(data.stats, indent=1))  # the counts of every stage
+        by_fraction = not (cfg.val_sources or cfg.test_sources)
+        if by_fraction and (lopsided := lopsided_note(data.stats["corpus"], cfg)):
+            print(f"note: {lopsided}", file=sys.stderr)
         if tokenizer is None:
             print(f"note: the cleaned corpus only: the {cfg.task} task's examples are built "
                   "with a tokenizer (--tokenizer FILE_OR_DIR)", file=sys.stderr)

@@ -2194,7 +2194,8 @@ def test_a_test_split_without_the_tasks_examples_is_noted_before_training(assets
 def test_a_train_split_far_below_train_frac_is_noted(assets, tmp_path, capsys):
     """Three files split by fraction give val and test one each, so a third trains, not 0.8:
     the run says so, naming --val-data and the fractions that train on all of --data (a valid
-    DataConfig); ten files split near 8/1/1 are not noted."""
+    DataConfig), and for three repositories split_by file, as dataset.py does; ten files split
+    near 8/1/1 are not noted."""
     def corpus(name: str, n_files: int) -> str:
         root = tmp_path / name
         root.mkdir()
@@ -2212,6 +2213,17 @@ def test_a_train_split_far_below_train_frac_is_noted(assets, tmp_path, capsys):
                       warmup_steps=0, name="ten"))
     assert "the train split holds" not in capsys.readouterr().err
     DataConfig(train_frac=1, val_frac=0, test_frac=0, val_sources=["v"]).validate()  # the fix
+    repos = tmp_path / "repos.jsonl"  # three repositories' records: split by repository
+    repos.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 30,
+                                         "repo": f"r{i % 3}", "path": f"m{i}.py"}) + "\n"
+                             for i in range(12)))
+    tm.train(tiny_cfg(assets, tmp_path, data=[str(repos)], max_steps=1, eval_every=1,
+                      warmup_steps=0, name="repos"))
+    err = capsys.readouterr().err
+    assert "take whole repos" in err and '{"split_by": "file"}' in err
+    assert dataset.main(["--sources", str(repos), "--no-progress", "--cache-dir",
+                         str(tmp_path / "cache")]) == 0
+    assert '{"split_by": "file"}' in capsys.readouterr().err  # dataset.py says it too
 
 
 def test_the_step_bar_closes_before_the_export_prints(assets, tmp_path, monkeypatch):

@@ -30,6 +30,26 @@ from codelm.data.sources import Doc, plain_text, sources_fingerprint
 PIPELINE_VERSION = 23
 
 
+LOPSIDED_TRAIN_SHARE = 0.75  # a train split under this share of train_frac is noted
+
+
+def lopsided_note(corpus_stats: dict, cfg: DataConfig) -> str | None:
+    """A note where the train split holds far fewer files than train_frac of them (a corpus of
+    a few files or repositories: val and test take whole ones, at least one each), naming the
+    fixes; None where it is near train_frac."""
+    counts = corpus_stats["split"]
+    kept = sum(counts.values())
+    if counts["train"] >= LOPSIDED_TRAIN_SHARE * cfg.train_frac * kept:
+        return None
+    unit = corpus_stats.get("split_by", "file")
+    by_file = ("; or --data-options '{\"split_by\": \"file\"}' splits the repositories' files"
+               if unit == "repo" else "")
+    return (f"the train split holds {counts['train']} of {kept} files/records, not about "
+            f"train_frac {cfg.train_frac:g} of them: val and test take whole {unit}s, at least "
+            "one each; add data, or give --val-data DIR with --data-options '{\"train_frac\": "
+            f"1, \"val_frac\": 0, \"test_frac\": 0}}' to train on all of it{by_file}")
+
+
 def split_key(doc: Doc, split_by: str) -> str:
     """The unit that never crosses splits: the repo where known (and asked for), else the file."""
     return doc.repo if split_by == "repo" and doc.repo else doc.id

@@ -31,7 +31,7 @@ from codelm.data.datasets import PreparedData
 from codelm.data.encoding import tokenizer_cache_dir
 from codelm.data.examples import SamplePrompt
 from codelm.data.shards import describe_corpus
-from codelm.data.splits import corpus_key
+from codelm.data.splits import corpus_key, lopsided_note
 from codelm.gguf import writer
 from codelm.models import adapter_config, quantize
 from codelm.runs import checkpoint, rundir
@@ -374,7 +374,6 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
                 splits.sample_prompt, data_id, not own_tok)
 
 
-LOPSIDED_TRAIN_SHARE = 0.75  # a train split under this share of train_frac is noted
 
 
 def split_notes(settings: DataSettings, dcfg: DataConfig, splits: PreparedData) -> list[str]:
@@ -382,16 +381,9 @@ def split_notes(settings: DataSettings, dcfg: DataConfig, splits: PreparedData) 
     train_frac (a corpus of a few files or repositories), a test split without the task's
     examples, a test split --data still holds out beside --val-data."""
     notes = []
-    counts = splits.stats["corpus"]["split"]
-    kept = sum(counts.values())
     by_fraction = not (settings.val_data or settings.test_data or settings.overfit_batches)
-    if by_fraction and counts["train"] < LOPSIDED_TRAIN_SHARE * dcfg.train_frac * kept:
-        unit = splits.stats["corpus"].get("split_by", "file")
-        notes.append(f"the train split holds {counts['train']} of {kept} files/records, not "
-                     f"about train_frac {dcfg.train_frac:g} of them: val and test take whole "
-                     f"{unit}s, at least one each; add data, or give --val-data DIR with "
-                     "--data-options '{\"train_frac\": 1, \"val_frac\": 0, \"test_frac\": 0}' "
-                     "to train on all of it")
+    if by_fraction and (lopsided := lopsided_note(splits.stats["corpus"], dcfg)):
+        notes.append(lopsided)
     if len(splits.test) == 0 and (dcfg.test_frac > 0 or settings.test_data):
         notes.append(f"the test split holds no {settings.task} examples (its files have none): "
                      "eval.py finds none there; score the run with --split val, or give more data")
