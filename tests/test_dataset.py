@@ -2789,7 +2789,7 @@ def test_an_empty_jsonl_source_is_named_as_holding_nothing(tmp_path, tok):
 
 def test_a_folder_of_other_code_is_named_with_the_extensions_that_read_it(tmp_path, tok):
     """A Kotlin project given to a run that reads .py files: the error names the code the
-    folder holds and the data option that reads it."""
+    folder holds and the data option that reads it; a folder of no code, its files' kinds."""
     project = tmp_path / "kotlin"
     (project / "src").mkdir(parents=True)
     for i in range(3):
@@ -2800,6 +2800,12 @@ def test_a_folder_of_other_code_is_named_with_the_extensions_that_read_it(tmp_pa
     message = str(err.value)
     assert "hold no files with extensions ['.py']" in message
     assert "3 .kt" in message and '--data-options \'{"extensions": [".kt", ".kts"]}\'' in message
+    notes = tmp_path / "notes"  # no code at all: the files it holds, as they are
+    notes.mkdir()
+    for name in ("a.md", "b.md", "c.txt"):
+        (notes / name).write_text("# words\n")
+    with pytest.raises(DataError, match=r'2 \.md, 1 \.txt files.*\{"extensions": \[".md", ".txt"\]\}'):
+        prepare(cfg(tmp_path, sources=[str(notes)]), tok)
 
 
 def test_a_git_clone_without_a_checkout_is_named_as_one(tmp_path, tok):

@@ -400,9 +400,11 @@ _SOURCE_SUFFIXES = frozenset({".py", ".kt", ".kts", ".java", ".js", ".ts", ".tsx
 
 
 def _extensions_hint(sources: Sequence[str], most: int = 10_000) -> str:
-    """What code the source directories hold instead (their commonest source extensions among
-    the first ``most`` files), and how to read it; "" where they hold none."""
-    found: Counter = Counter()
+    """What the source directories hold instead (their commonest source extensions among the
+    first ``most`` files, else their commonest extensions: text, docs), and how to read it; ""
+    where they hold no file with an extension."""
+    code: Counter = Counter()
+    other: Counter = Counter()
     for source in sources:
         root = Path(source)
         if not root.is_dir():
@@ -410,8 +412,10 @@ def _extensions_hint(sources: Sequence[str], most: int = 10_000) -> str:
         for n, path in enumerate(root.rglob("*")):
             if n >= most:
                 break
-            if path.suffix.lower() in _SOURCE_SUFFIXES and path.is_file():
-                found[path.suffix.lower()] += 1
+            suffix = path.suffix.lower()
+            if suffix and path.is_file():
+                (code if suffix in _SOURCE_SUFFIXES else other)[suffix] += 1
+    found = code or other
     if not found:
         return ""
     extensions = [extension for extension, _ in found.most_common(3)]
