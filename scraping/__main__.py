@@ -61,11 +61,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(summary.format(), file=sys.stderr)
-        print(f"wrote {args['out']}", file=sys.stderr)
-        skipped = sum(summary.files.values())
-        if not summary.files["kept"] and skipped:
+        kept, skipped = summary.files["kept"], sum(summary.files.values())
+        done_before = summary.repos["already_done"]
+        if not kept and done_before and done_before == sum(summary.repos.values()):
+            print(f"{args['out']} unchanged: its {done_before} source(s) were collected into it "
+                  "before (a new --out collects them again)", file=sys.stderr)
+        else:
+            print(f"wrote {args['out']}", file=sys.stderr)
+        filters = "--extensions, --language" if command == "github" else "--extensions"
+        if not kept and skipped:
             print(f"warning: no file kept ({skipped} skipped: reasons above); do the filters "
-                  "(--extensions, --language, size limits) match the code you want?",
+                  f"({filters}, size limits) match the code you want?", file=sys.stderr)
+        elif not skipped and summary.repos["collected"]:
+            print("warning: no file found: the sources hold no files (empty directories?)",
                   file=sys.stderr)
         if unsaved := summary.repos[SERVER_ERROR] + summary.repos[UNAVAILABLE]:
             print(f"error: GitHub kept failing on {unsaved} repos, which are not in "

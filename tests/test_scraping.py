@@ -1975,3 +1975,27 @@ def test_local_records_its_licence_filter_sorted(tmp_path):
         settings = json.loads(f.readline())["settings"]
     assert settings["licenses"] == ["0BSD", "Apache-2.0", "BSD-2-Clause", "GPL-3.0", "ISC",
                                     "MIT", "Zlib"]
+
+
+def test_local_collection_says_what_an_empty_or_finished_collection_did(tmp_path, capsys):
+    """scraping local: an empty directory warns that no file was found; filters that keep
+    nothing name local's own (--extensions, not github's --language); a second run into the
+    same --out says the file is unchanged, its sources collected before, not "wrote"."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["local", str(empty), "--out", str(tmp_path / "e.jsonl")]) == 0
+    assert "warning: no file found" in capsys.readouterr().err
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "a.py").write_text("def f(x):\n    return x + 1\n" * 5)
+    out = tmp_path / "c.jsonl"
+    assert main(["local", str(code), "--out", str(tmp_path / "k.jsonl"),
+                 "--extensions", ".kt"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: no file kept" in err and "(--extensions, size limits)" in err
+    assert main(["local", str(code), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().err
+    assert main(["local", str(code), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"{out} unchanged" in err and "wrote" not in err and "warning" not in err
+    assert len(out.read_text().splitlines()) == 1
