@@ -222,6 +222,17 @@ def _has_trained_weights(run_dir: Path) -> bool:
                for c in _weights_candidates(run_dir))
 
 
+def _study_trials(path: Path) -> str | None:
+    """A hyperparam_tune study directory's trial runs, listed for an error (``trials/trial-0000,
+    ...``); None where ``path`` is no study (no trials/ beside a trials.csv or tune_config.json)."""
+    if not (path / "trials").is_dir() or not any(
+            (path / name).is_file() for name in ("trials.csv", "tune_config.json")):
+        return None
+    runs = sorted(run for run in (path / "trials").iterdir() if rundir.is_run_dir(run))
+    shown = ", ".join(str(run) for run in runs[:3]) + (", ..." if len(runs) > 3 else "")
+    return shown or f"under {path / 'trials'} (none holds weights yet)"
+
+
 def _note_another_base(adapter: Path, base: Path) -> None:
     """A note where BASE+ADAPTER's base is not the local directory the adapter's config names
     (refused where its family is another): scored on the given base."""
@@ -338,6 +349,9 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         label = label or (adapters_run.absolute().name if adapters_run else None)
     elif (no_weights := rundir.no_weights_yet(path)) is not None:
         raise ValueError(f"{where} {no_weights}")
+    elif (trials := _study_trials(path)) is not None:
+        raise ValueError(f"{where} {path} is a hyperparam_tune study, not a model: its trials' "
+                         f"runs are {trials} (trials.csv names each one's value); score those")
     else:
         model = _load_hf(path, device, dtype)
         tok_dir = path

@@ -5286,3 +5286,19 @@ def test_the_missing_semantic_model_is_noted_once_not_once_a_model(monkeypatch, 
         metrics = text._generation_metrics("refactor", ["x = 1\n"], ["x = 2\n"])
         assert "semantic_sim" not in metrics and "BLEU" in metrics
     assert capsys.readouterr().err.count("semantic similarity skipped") == 1
+
+
+def test_a_sweeps_directory_is_named_as_a_study_with_its_trials_runs(tmp_path, capsys):
+    """--models runs/STUDY (a hyperparam_tune study, not a model): one line naming it a study
+    and listing its trials' runs to score, not a missing config.json."""
+    study = tmp_path / "s1"
+    for number in range(2):
+        trial = study / "trials" / f"trial-{number:04d}"
+        (trial / rundir.BEST_DIR).mkdir(parents=True)
+        (trial / rundir.CONFIG_FILE).write_text(json.dumps({"preset": "tiny", "lr": 1e-3,
+                                                            "max_steps": 4}))
+    (study / "trials.csv").write_text("number,state\n")
+    assert ev.main(["--models", str(study), "--tasks", "lm", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is a hyperparam_tune study" in err
+    assert str(study / "trials" / "trial-0001") in err and "config.json" not in err
