@@ -2832,7 +2832,8 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
 def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_path,
                                                               monkeypatch, capsys):
     """--tasks unset: a run of a supervised task (docstring here) is scored on it, beside a base
-    model too, and the choice is said; --tasks given, a lm run, or --serve keep theirs."""
+    model too, and the choice is said; --tasks given, a lm run, or --serve keep theirs. A run
+    without export/ is scored from its best/, said so."""
     import trainingmanager as tm
     from codelm.evaluation.config import parse_config
 
@@ -2860,6 +2861,10 @@ def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_
     assert tasks("--models", str(docs), "--tasks", "lm") == ["lm"]
     assert tasks("--models", str(plain), base) == ["lm", "line"]
     assert tasks("--models", str(docs), "--serve") == ["lm", "line"]
+    capsys.readouterr()
+    loading.load_model(str(plain), "cpu")  # a finished run without export/: its best/, said
+    assert f"{plain} has no export/ (it trained with --no-export): scoring best/" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("packing", [False, True])
