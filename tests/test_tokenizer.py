@@ -2205,3 +2205,12 @@ def test_a_slow_tokenizers_files_are_named_with_the_command_that_converts_them(t
     loaded = load_tokenizer(checkpoint)
     text = "def f(x):\n    return x + 1\n"
     assert loaded.encode(text) == slow.encode(text)
+
+
+def test_a_data_file_given_as_a_tokenizer_is_named_as_one(tmp_path):
+    """A JSONL of records passed where a tokenizer goes (tokenizer.py, --tokenizer): one line
+    saying it is data, not a tokenizer, and what to give instead (not a JSON parse error)."""
+    records = tmp_path / "mine.jsonl"
+    records.write_text('{"text": "x"}\n{"text": "y"}\n')
+    with pytest.raises(ValueError, match=r"a data file, not a tokenizer: give a tokenizer\.json"):
+        load_tokenizer(records)
