@@ -703,7 +703,11 @@ def tune(cfg: TuneConfig) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study")
     space, base = check_before_trials(cfg)
-    studies.study_dir(cfg).mkdir(parents=True, exist_ok=True)
+    try:
+        studies.study_dir(cfg).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out-dir {cfg.out_dir}: cannot create {studies.study_dir(cfg)} "
+                         f"({err.strerror}); give a writable directory") from None
     storage = studies.open_storage(cfg)
     study = studies.open_study(cfg, storage)
     check_space_fits_study(cfg, space, study)

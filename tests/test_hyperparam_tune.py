@@ -2308,3 +2308,14 @@ def test_a_recipe_s_tune_section_is_read_beside_its_train_section(tmp_path):
                                   "train": {"max_steps": 5}, "_note": "both"}))
     cfg = hyperparam_tune.parse_config(["--config", str(recipe)])
     assert (cfg.n_trials, cfg.study_name) == (3, "from-recipe")
+
+
+def test_an_out_dir_that_cannot_be_made_names_the_flag(tmp_path, corpus, capsys):
+    """--out-dir under a file: one line naming --out-dir and the directory it could not make,
+    before any trial."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = [*tune_args(tmp_path, tiny_space(tmp_path, corpus)), "--out-dir", str(blocker)]
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--out-dir {blocker}: cannot create" in err

@@ -128,7 +128,8 @@ class DataConfig:
                 raise DataError(f"DataConfig.{name}: {value!r} is not one of {list(allowed)}")
         fracs = (self.train_frac, self.val_frac, self.test_frac)
         if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
-            raise DataError(f"DataConfig split fractions must be >= 0 and sum to 1, got {fracs}")
+            raise DataError(f"DataConfig split fractions must be >= 0 and sum to 1, got {fracs} "
+                            "(train_frac, val_frac, test_frac: set the three together)")
         if not self.sources:
             raise DataError("DataConfig.sources is empty; use ['stdlib'] for the default corpus")
         roles: dict[str, str] = {}
