@@ -540,6 +540,9 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
     measured once more before it is refused, so that a passing load cannot refuse it. A rung
     whose step is beyond the machine (not ``within``), or whose timing the ``allowance`` does
     not afford, is not timed, nor any above it; the first rung is within, and afforded."""
+    if announce:  # said first: the timing may take a minute on a busy CPU
+        print(f"preset auto: timing this {device_type} to size the model to a "
+              f"{cfg.time_budget_min:g}-min budget (a --preset skips the timing)", flush=True)
     if cfg.precision == "auto" and device_type == "cpu":
         precision_rung = trainconfig.BUDGET_LADDER[PRECISION_RUNG]
         precision_candidate = with_fallbacks(with_rung(cfg, precision_rung))
