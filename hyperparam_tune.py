@@ -200,6 +200,10 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
             _check_trial(train_cfg, where_set(cfg, space, base))
         except ValueError as e:
             raise RefusedValues(str(e)) from None
+        steps, warmup = train_cfg.max_steps, train_cfg.warmup_steps
+        if steps is not None and warmup is not None and warmup >= steps:  # space_warnings
+            raise RefusedValues(f"warmup_steps {warmup} >= the trial's {steps} steps: it "
+                                "would never reach its lr, so its value is not its lr's")
     # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change; a
     # GPU without bf16 refuses bf16).
     if resume and train_cfg.precision == "auto":
@@ -463,8 +467,9 @@ def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]
     longest = search_space.largest_value(space, "warmup_steps")
     if cfg.time_budget_min is None and longest is not None and longest >= cfg.max_steps:
         found.append(f"warning: {where}: params.warmup_steps reaches {longest}, not below "
-                     f"--max-steps {cfg.max_steps}: a trial drawn there never reaches its lr "
-                     "(each such trial warns so); narrow the range or raise --max-steps")
+                     f"--max-steps {cfg.max_steps}: a trial drawn there would never reach its "
+                     "lr and is refused (failed, not ranked); narrow the range or raise "
+                     "--max-steps")
     sweep = {**_budget(cfg), **_trial_run(cfg, 0)}
     given = {**space.base, **base}
     overridden = [f"{key} {given[key]!r} (a trial's: {sweep[key]!r})" for key in sorted(given)
