@@ -20,6 +20,7 @@ import hashlib
 import io
 import itertools
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -513,7 +514,8 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
     if tokenizer is None:
         corpus = load_corpus(cfg)
         texts = [Texts(getattr(corpus, s)) for s in SPLITS]  # read as iterated
-        return PreparedData(*texts, task=cfg.task,
+        cached = Path(cfg.cache_dir) / f"corpus-{corpus.key}" if cfg.use_cache else None
+        return PreparedData(*texts, task=cfg.task, cache_path=cached,
                             stats={"corpus": corpus.stats, "cache_hit": corpus.stats["cache_hit"]})
     if cfg.task in ("method", "docstring") and getattr(tokenizer, "strip_comments", False):
         raise DataError(f"the {cfg.task} task needs the docstrings a tokenizer with "
@@ -602,6 +604,28 @@ TRAINING_SPELLINGS = {"sources": ["--data"], "val_sources": ["--val-data"],
                       "test_sources": ["--test-data"]}
 
 
+def training_flags(flags: dict, tokenizer: str | None) -> str:
+    """trainingmanager.py's flags for the data dataset.py's ``flags`` prepare (its --data, --task,
+    --block-size, and the other DataConfig keys given as --data-options), so that a run reads
+    this preparation from the cache."""
+    options = {key: value for key, value in flags.items()
+               if key not in ("sources", "val_sources", "test_sources", "task", "block_size",
+                              "progress")}
+    words = ["--data", *map(shlex.quote, flags.get("sources", ["stdlib"]))]
+    for key, flag in (("val_sources", "--val-data"), ("test_sources", "--test-data")):
+        if flags.get(key):
+            words += [flag, *map(shlex.quote, flags[key])]
+    if "task" in flags:
+        words += ["--task", flags["task"]]
+    if "block_size" in flags:
+        words += ["--block-size", str(flags["block_size"])]
+    if options:
+        words += ["--data-options", shlex.quote(json.dumps(options))]
+    if tokenizer is not None:
+        words += ["--tokenizer", shlex.quote(tokenizer)]
+    return " ".join(words)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
@@ -627,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
                   "with a tokenizer (--tokenizer FILE_OR_DIR)", file=sys.stderr)
         if data.cache_path is not None:
             print(f"cached at {data.cache_path}", file=sys.stderr)  # stdout: the JSON alone
+            print(f"trainingmanager.py prepares the same: {training_flags(flags, tokenizer_path)}",
+                  file=sys.stderr)
 
     return process.run_tool(work, "interrupted: whole shards are kept, no half-built cache "
                                   "entry; the same command continues from them")

@@ -3410,3 +3410,22 @@ def test_a_cut_method_prompt_keeps_its_docstrings_closing_quotes(tok):
     header = tok.decode(kept)
     assert len(kept) < len(prompt) and header.startswith("def long_doc(x):")
     ast.parse(header + "    pass\n")
+
+
+def test_dataset_py_names_the_training_flags_that_read_its_preparation(tmp_path, capsys):
+    """dataset.py says where its preparation is cached and the trainingmanager.py flags that
+    prepare the same data; those flags, parsed by trainingmanager, key the same corpus."""
+    import shlex
+
+    from codelm import trainconfig
+    from codelm.data.splits import corpus_key
+    from codelm.training import plan
+
+    argv = ["--sources", str(EMAIL), "--near-dedupe", "--split-by", "file", "--val-frac", "0.2",
+            "--test-frac", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert dataset.main(argv) == 0
+    err = capsys.readouterr().err
+    cached = re.search(r"cached at (\S+)", err).group(1)
+    flags = shlex.split(err.split("trainingmanager.py prepares the same: ")[1].splitlines()[0])
+    run = plan.parse_config([*flags, "--preset", "tiny", "--max-steps", "1"])
+    assert cached.endswith(f"corpus-{corpus_key(trainconfig.data_config(run))}")
