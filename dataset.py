@@ -648,7 +648,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {lopsided}", file=sys.stderr)
         if tokenizer is None:
             print(f"note: the cleaned corpus only: the {cfg.task} task's examples are built "
-                  "with a tokenizer (--tokenizer FILE_OR_DIR)", file=sys.stderr)
+                  "with a tokenizer (--tokenizer FILE_OR_DIR: a model's, or a run's runs/NAME; "
+                  "trainingmanager.py trains one on this corpus for a model from scratch)",
+                  file=sys.stderr)
         if data.cache_path is not None:
             print(f"cached at {data.cache_path}", file=sys.stderr)  # stdout: the JSON alone
             print(f"trainingmanager.py prepares the same: {training_flags(flags, tokenizer_path)}",

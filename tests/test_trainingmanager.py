@@ -2271,7 +2271,8 @@ def test_the_sample_shows_its_prompt_s_last_lines_apart_from_the_completion():
     """A long prompt shows its last PROMPT_LINES_SHOWN lines, counted; a heading line sets the
     completion apart; a prompt ending within a line repeats that line's end (at most
     PARTIAL_LINE_SHOWN characters) before it, as the heading says. A form feed in the prompt is no line end.
-    A line the sample writes three or more times in a row shows once, with a count."""
+    A line the sample writes three or more times in a row shows once, with a count; a sample of
+    whitespace alone, as its length."""
     prompt = "def f(x):\n" + "".join(f"    # line {i}\f\n" for i in range(30))
     lines = finish.shown_sample(prompt, "    return x\n", "step 5").split("\n")[:-1]
     shown = finish.PROMPT_LINES_SHOWN
@@ -2288,6 +2289,8 @@ def test_the_sample_shows_its_prompt_s_last_lines_apart_from_the_completion():
     looped = finish.shown_sample("def f():\n", '    """\n' * 90 + "    x = 1\n" * 2, "w")
     assert looped.splitlines()[-4:] == ['    """', "[the line above 89 more times]",
                                         "    x = 1", "    x = 1"]  # twice: as written
+    blank = finish.shown_sample("def f(x):\n    return x +", "    ", "w").splitlines()
+    assert blank[-1] == "[only whitespace: 4 characters, '    '...]"  # not an empty-looking line
 
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
@@ -5624,3 +5627,19 @@ def test_a_new_default_named_run_names_the_latest_one_that_stopped_short(tmp_pat
     named = rundir.claim(None, str(tmp_path), "mine", "tiny-lm", None)  # a name the user gave
     named.release()
     assert "stopped at step" not in capsys.readouterr().out
+
+
+def test_a_run_whose_data_holds_no_sample_prompt_says_so(assets, tmp_path, capsys):
+    """Data without a Python function (Markdown here) gives no held-out sample prompt: the
+    export says why it shows no sample, and how to ask for one."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(12):
+        (notes / f"n{i}.md").write_text("".join(f"# part {j}\n\nsome words {i} {j}.\n"
+                                                for j in range(30)))
+    tm.train(tiny_cfg(assets, tmp_path, data=[str(notes)], max_steps=1, eval_every=1,
+                      warmup_steps=0, export=True,
+                      data_options={"cache_dir": assets["cache"], "progress": False,
+                                    "extensions": [".md"], "min_lines": 0}))
+    out = capsys.readouterr().out
+    assert "no sample: the held-out data holds no prompt" in out and "--sample-prompt" in out

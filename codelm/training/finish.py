@@ -58,9 +58,9 @@ def shown_sample(prompt: str, sample: str, weights: str) -> str:
     """A prompt's last PROMPT_LINES_SHOWN lines and its sample as the console shows them, each
     under a line that says what it is; the sample's runs of two or more blank lines as one line
     that counts them, and a line written three or more times in a row as once and a count (an
-    undertrained model writes newlines, or one line, by the screenful). A prompt that
-    ends within a line has that line's end (PARTIAL_LINE_SHOWN characters at most) repeated
-    before the sample."""
+    undertrained model writes newlines, or one line, by the screenful), a sample of whitespace
+    alone as its length. A prompt that ends within a line has that line's end
+    (PARTIAL_LINE_SHOWN characters at most) repeated before the sample."""
     def counted(run: re.Match) -> str:
         return f"\n[{run.group().count(chr(10)) - 1} blank lines]\n"
 
@@ -77,7 +77,9 @@ def shown_sample(prompt: str, sample: str, weights: str) -> str:
         heading += f" (its last {PROMPT_LINES_SHOWN} of {len(lines)} lines)"
     shown = "\n".join(lines[-PROMPT_LINES_SHOWN:])
     completion = ended[-PARTIAL_LINE_SHOWN:] + sample
-    continued = ", after the prompt's last line repeated" if ended else ""
+    if not sample.strip():  # blank: on a console a run of spaces or newlines shows nothing
+        completion = f"[only whitespace: {len(sample)} characters, {sample[:20]!r}...]"
+    continued = ", after the prompt's last line repeated" if ended and sample.strip() else ""
     return (f"{heading}:\n{shown}\nsample completion (greedy, {weights}{continued}):\n"
             f"{REPEATED_LINE.sub(once, BLANK_RUN.sub(counted, completion))}")
 
@@ -118,6 +120,9 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
         weights = (f"best checkpoint at step {exported_step}" if exported_step is not None
                    else f"the last weights, step {run.state.step}")
         print(shown_sample(prompt.text, sample, weights))
+    elif prompt is None and settings.sample_tokens > 0:
+        print("no sample: the held-out data holds no prompt in the task's format (a Python "
+              "function for lm, fim and completion); --sample-prompt TEXT gives one")
     export = run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:
