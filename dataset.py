@@ -604,10 +604,10 @@ TRAINING_SPELLINGS = {"sources": ["--data"], "val_sources": ["--val-data"],
                       "test_sources": ["--test-data"]}
 
 
-def training_flags(flags: dict, tokenizer: str | None) -> str:
+def training_flags(flags: dict, tokenizer: str | None, block_size: int) -> str:
     """trainingmanager.py's flags for the data dataset.py's ``flags`` prepare (its --data, --task,
-    --block-size, and the other DataConfig keys given as --data-options), so that a run reads
-    this preparation from the cache."""
+    the other DataConfig keys given as --data-options; with a tokenizer, the examples' context,
+    ``block_size``, which keys them), so that a run reads this preparation from the cache."""
     options = {key: value for key, value in flags.items()
                if key not in ("sources", "val_sources", "test_sources", "task", "block_size",
                               "progress")}
@@ -617,8 +617,8 @@ def training_flags(flags: dict, tokenizer: str | None) -> str:
             words += [flag, *map(shlex.quote, flags[key])]
     if "task" in flags:
         words += ["--task", flags["task"]]
-    if "block_size" in flags:
-        words += ["--block-size", str(flags["block_size"])]
+    if tokenizer is not None:  # the task's examples are cut to it: a run's own would differ
+        words += ["--block-size", str(block_size)]
     if options:
         words += ["--data-options", shlex.quote(json.dumps(options))]
     if tokenizer is not None:
@@ -653,8 +653,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         if data.cache_path is not None:
             print(f"cached at {data.cache_path}", file=sys.stderr)  # stdout: the JSON alone
-            print(f"trainingmanager.py prepares the same: {training_flags(flags, tokenizer_path)}",
-                  file=sys.stderr)
+            same = training_flags(flags, tokenizer_path, cfg.block_size)
+            print(f"trainingmanager.py prepares the same: {same}", file=sys.stderr)
 
     return process.run_tool(work, "interrupted: whole shards are kept, no half-built cache "
                                   "entry; the same command continues from them")

@@ -85,8 +85,9 @@ def model_specs(cfg: EvalConfig) -> list[str]:
 
 
 # A run of one of these tasks is scored on it where --tasks is not given (eval's task of the
-# same name); other runs, and models that are no runs, on lm and line.
-OWN_TASKS = ("completion", "method", "docstring", "refactor", "fim")
+# same name, on the run's held-out data); other runs, and models that are no runs, on lm and
+# line (fim is not here: eval's fim task is SantaCoder's benchmark, not a run's own data).
+OWN_TASKS = ("completion", "method", "docstring", "refactor")
 
 
 def runs_own_tasks(cfg: EvalConfig) -> list[str]:
@@ -95,20 +96,24 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
     if cfg.prompt is not None or cfg.serve or cfg.load_generations is not None or any(
             is_endpoint(model) for model in cfg.models):
         return []
+    specs = []
+    for spec in cfg.models:  # resolved quietly: model_specs names a run found by name
+        path = loading.split_label(spec)[1]
+        specs.append(str(rundir.named_run(path, cfg.runs_dir) or path))
     try:
-        specs = [run_by_name(spec, cfg.runs_dir) for spec in cfg.models] or [
-            str(latest_run(cfg.runs_dir))]
+        specs = specs or [str(latest_run(cfg.runs_dir))]
         trained = [loading.run_task(spec) for spec in specs]
     except (ValueError, OSError):  # the evaluation reports it where it loads the models
         return []
-    tasks = []
-    for task in trained:
-        if task in OWN_TASKS and task not in tasks:
-            tasks.append(task)
+    tasks, runs = [], []
+    for spec, task in zip(specs, trained):
+        if task in OWN_TASKS:
+            runs.append(spec)
+            if task not in tasks:
+                tasks.append(task)
     if tasks:
-        runs = "runs" if len(specs) > 1 else "run"
-        print(f"tasks: {' '.join(tasks)}, what the {runs} trained on (--tasks names others)",
-              file=sys.stderr)
+        print(f"tasks: {' '.join(tasks)}, what {', '.join(runs)} trained on (--tasks names "
+              "others)", file=sys.stderr)
     return tasks
 
 
@@ -195,10 +200,11 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None
             print(f"note: {note}", file=sys.stderr, flush=True)
         samples = []
         for i in range(cfg.num_samples):
+            seed = (cfg.seed + i) % 2**64  # as a pass@k task seeds its samples
             if cfg.num_samples > 1:
-                write(f"--- sample {i + 1} of {cfg.num_samples} (seed {cfg.seed + i})\n")
+                write(f"--- sample {i + 1} of {cfg.num_samples} (seed {seed})\n")
             write(cfg.prompt)
-            sampled = replace(cfg, seed=cfg.seed + i)
+            sampled = replace(cfg, seed=seed)
             samples.append(scoring.stream_completion(lm, cfg.prompt, sampled, write))
             write("\n")
         completions[lm.label] = samples

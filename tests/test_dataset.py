@@ -3412,7 +3412,7 @@ def test_a_cut_method_prompt_keeps_its_docstrings_closing_quotes(tok):
     ast.parse(header + "    pass\n")
 
 
-def test_dataset_py_names_the_training_flags_that_read_its_preparation(tmp_path, capsys):
+def test_dataset_py_names_the_training_flags_that_read_its_preparation(tmp_path, capsys, tok):
     """dataset.py says where its preparation is cached and the trainingmanager.py flags that
     prepare the same data; those flags, parsed by trainingmanager, key the same corpus."""
     import shlex
@@ -3429,3 +3429,12 @@ def test_dataset_py_names_the_training_flags_that_read_its_preparation(tmp_path,
     flags = shlex.split(err.split("trainingmanager.py prepares the same: ")[1].splitlines()[0])
     run = plan.parse_config([*flags, "--preset", "tiny", "--max-steps", "1"])
     assert cached.endswith(f"corpus-{corpus_key(trainconfig.data_config(run))}")
+    tok.save(tmp_path / "tok")  # with a tokenizer: the task's examples, at its block size
+    assert dataset.main([*argv, "--task", "completion", "--tokenizer", str(tmp_path / "tok")]) == 0
+    err = capsys.readouterr().err
+    cached = re.search(r"cached at (\S+)", err).group(1)
+    flags = shlex.split(err.split("trainingmanager.py prepares the same: ")[1].splitlines()[0])
+    run = plan.parse_config([*flags, "--preset", "tiny", "--max-steps", "1"])
+    context = run.block_size or trainconfig.default_block_size(run)  # as the trainer takes it
+    prepared = dataset.prepare(trainconfig.data_config(run, context), tok)
+    assert str(prepared.cache_path) == cached and prepared.stats["cache_hit"]

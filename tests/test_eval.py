@@ -2854,10 +2854,11 @@ def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_
                             ev.runs_own_tasks).tasks
 
     assert tasks("--models", str(docs)) == ["docstring"]
-    assert "tasks: docstring" in capsys.readouterr().err
+    assert f"tasks: docstring, what {docs} trained on" in capsys.readouterr().err
     assert tasks("--models", base, f"{docs}/best") == ["docstring"]
     assert tasks() == ["lm", "line"]  # the latest run: plain, of task lm
     assert tasks("--models", "doc-run") == ["docstring"]  # a run named under --runs-dir
+    assert "(under --runs-dir)" not in capsys.readouterr().err  # said once, by model_specs
     assert tasks("--models", str(docs), "--tasks", "lm") == ["lm"]
     assert tasks("--models", str(plain), base) == ["lm", "line"]
     assert tasks("--models", str(docs), "--serve") == ["lm", "line"]

@@ -1323,7 +1323,7 @@ def test_a_limit_no_task_reads_is_noted(argv, noted):
     (["--serve", "--compile", "--batch-size", "64", "--block-size", "4096"], None),
 ])
 def test_keys_a_mode_does_not_read_are_noted(argv, unused):
-    """--serve takes sampling from each request and --prompt streams one completion: a key set
+    """--serve takes sampling from each request and --prompt streams completions: a key set
     beside them that they do not read is named in a note, one they read is not."""
     from codelm.evaluation.config import mode_unused, parse_config
 

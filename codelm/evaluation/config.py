@@ -48,7 +48,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
     #   completion | method | docstring | refactor | passk | humaneval | humaneval-plus |
     #   mbpp | mbpp-plus | fim | codexglue-method | project-completion (unset: a run of task
-    #   completion, method, docstring, refactor or fim is scored on its own task)
+    #   completion, method, docstring or refactor is scored on its own task)
     data: list[str] | None = None  # DataConfig sources; None: a run's own, else the stdlib;
     #   project-completion: the git repositories whose history it completes
     composers: list[str] = field(default_factory=lambda: ["path_distance", "imports", "bm25"])
@@ -298,7 +298,7 @@ def mode_unused(cfg: EvalConfig) -> str | None:
     does not read, and why; None: none such, or neither mode."""
     if cfg.prompt is not None:
         reads = PROMPT_READS
-        why = "--prompt streams one completion of its text and scores nothing"
+        why = "--prompt streams completions of its text and scores nothing"
     elif cfg.serve:
         reads = SERVE_READS
         why = ("--serve scores nothing, and each request sets its own sampling (max_tokens, "
