@@ -604,6 +604,11 @@ TRAINING_SPELLINGS = {"sources": ["--data"], "val_sources": ["--val-data"],
                       "test_sources": ["--test-data"]}
 
 
+def as_flags(options: dict) -> str:
+    """DataConfig keys as dataset.py's flags: --split-by file --train-frac 1."""
+    return " ".join(f"{settings.flag_of(key)} {value}" for key, value in options.items())
+
+
 def training_flags(flags: dict, tokenizer: str | None, block_size: int) -> str:
     """trainingmanager.py's flags for the data dataset.py's ``flags`` prepare (its --data, --task,
     the other DataConfig keys given as --data-options; with a tokenizer, the examples' context,
@@ -644,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare(cfg, tokenizer)
         print(json.dumps(data.stats, indent=1))  # the counts of every stage
         by_fraction = not (cfg.val_sources or cfg.test_sources)
-        if by_fraction and (lopsided := lopsided_note(data.stats["corpus"], cfg)):
+        if by_fraction and (lopsided := lopsided_note(data.stats["corpus"], cfg, as_flags)):
             print(f"note: {lopsided}", file=sys.stderr)
         if tokenizer is None:
             print(f"note: the cleaned corpus only: the {cfg.task} task's examples are built "

@@ -203,7 +203,8 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         steps, warmup = train_cfg.max_steps, train_cfg.warmup_steps
         if steps is not None and warmup is not None and warmup >= steps:  # space_warnings
             raise RefusedValues(f"warmup_steps {warmup} >= the trial's {steps} steps: it "
-                                "would never reach its lr, so its value is not its lr's")
+                                "would never reach its lr; narrow params.warmup_steps below "
+                                f"--max-steps {steps}, or raise --max-steps")
     # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change; a
     # GPU without bf16 refuses bf16).
     if resume and train_cfg.precision == "auto":

@@ -425,7 +425,7 @@ def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
     kept = BPETokenizer.from_kept(path)  # a big tokenizer.json read before
     if kept is not None:
         return kept
-    if path.suffix in (".jsonl", ".parquet", ".py", ".txt"):  # data, not a tokenizer
+    if path.suffix in (".jsonl", ".parquet", ".py") and path.is_file():  # data, not a tokenizer
         raise ValueError(f"{path}: a data file, not a tokenizer: give a tokenizer.json, a codelm "
                          "tokenizer file, or a directory holding one (a model's, a run's)")
     data = read_json(path)

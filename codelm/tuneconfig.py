@@ -50,7 +50,6 @@ class TuneConfig:
     # output
     progress: bool = True  # a progress bar over the trials
 
-
     def __post_init__(self) -> None:
         if self.max_steps is None and self.time_budget_min is None:  # one number from here on
             self.max_steps = TRIAL_STEPS

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(summary.format(), file=sys.stderr)
-        kept, skipped = summary.files["kept"], sum(summary.files.values())
+        kept = summary.files["kept"]
+        skipped = sum(summary.files.values()) - kept
         done_before = summary.repos["already_done"]
         if not kept and done_before and done_before == sum(summary.repos.values()):
             print(f"{args['out']} unchanged: its {done_before} source(s) were collected into it "
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if not kept and skipped:
             print(f"warning: no file kept ({skipped} skipped: reasons above); do the filters "
                   f"({filters}, size limits) match the code you want?", file=sys.stderr)
-        elif not skipped and summary.repos["collected"]:
+        elif not kept and summary.repos["collected"]:
             print("warning: no file found: the sources hold no files (empty directories?)",
                   file=sys.stderr)
         if unsaved := summary.repos[SERVER_ERROR] + summary.repos[UNAVAILABLE]:

@@ -331,17 +331,17 @@ def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch,
     """The first rung's step measured at 100 s predicts the second's at 200 s and the third's
     at 400 s, beyond budget.MAX_STEP_S: its own measure confirms it, and it is never timed, for
     the CPU's precision (fp32 then) nor for the ladder, which takes the second. Each rung
-    timed is a line before its timing (minutes on a busy CPU), after one saying a --preset
-    skips the timing, then the choice."""
+    timed is a line before its timing (minutes on a busy CPU), after one, before any measure,
+    saying a --preset skips them, then the choice."""
     chosen, measured, timed = _auto_plan(monkeypatch, first_step_s=100.0)
     assert (chosen.batch_size, chosen.precision) == (2, "fp32")
     assert chosen.time_budget_min is None  # it sized the model: config.json repeats the run
     assert 4 not in timed and timed == [1, 2]
     assert measured[0] == 1 and set(measured[1:]) == {4}
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("preset auto: measuring this cpu to size the model to a 600-min budget "
+                        "(a --preset skips it)")
     assert [line for line in lines if line.startswith("preset auto: timing")] == [
-        "preset auto: timing this cpu to size the model to a 600-min budget (a --preset skips "
-        "the timing)",
         "preset auto: timing tiny (context 32, batch 1) on cpu",
         "preset auto: timing tiny (context 32, batch 2) on cpu"]
     assert lines[-1].startswith("preset auto: tiny")
@@ -355,8 +355,7 @@ def test_preset_auto_says_it_times_the_cpus_precision_before_timing_it(monkeypat
     _auto_plan(monkeypatch, first_step_s=0.01)
     lines = capsys.readouterr().out.splitlines()
     timing = [line for line in lines if line.startswith("preset auto: timing")]
-    assert timing[0].startswith("preset auto: timing this cpu") and "--preset" in timing[0]
-    assert timing[1].startswith("preset auto: timing bf16 against fp32 on ")
+    assert timing[0].startswith("preset auto: timing bf16 against fp32 on ")
 
 
 def test_preset_auto_refuses_a_first_rung_beyond_the_machine_untimed_unless_forced(

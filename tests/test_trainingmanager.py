@@ -2223,7 +2223,8 @@ def test_a_train_split_far_below_train_frac_is_noted(assets, tmp_path, capsys):
     assert "take whole repos" in err and '{"split_by": "file"}' in err
     assert dataset.main(["--sources", str(repos), "--no-progress", "--cache-dir",
                          str(tmp_path / "cache")]) == 0
-    assert '{"split_by": "file"}' in capsys.readouterr().err  # dataset.py says it too
+    err = capsys.readouterr().err  # dataset.py says it too, in its own flags
+    assert "--split-by file" in err and "--train-frac 1 --val-frac 0 --test-frac 0" in err
 
 
 def test_the_step_bar_closes_before_the_export_prints(assets, tmp_path, monkeypatch):
@@ -2290,7 +2291,7 @@ def test_the_sample_shows_its_prompt_s_last_lines_apart_from_the_completion():
     assert looped.splitlines()[-4:] == ['    """', "[the line above 89 more times]",
                                         "    x = 1", "    x = 1"]  # twice: as written
     blank = finish.shown_sample("def f(x):\n    return x +", "    ", "w").splitlines()
-    assert blank[-1] == "[only whitespace: 4 characters, '    '...]"  # not an empty-looking line
+    assert blank[-1] == "[only whitespace: 4 characters, '    ']"  # not an empty-looking line
 
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
@@ -5642,4 +5643,5 @@ def test_a_run_whose_data_holds_no_sample_prompt_says_so(assets, tmp_path, capsy
                       data_options={"cache_dir": assets["cache"], "progress": False,
                                     "extensions": [".md"], "min_lines": 0}))
     out = capsys.readouterr().out
-    assert "no sample: the held-out data holds no prompt" in out and "--sample-prompt" in out
+    assert "no sample: the held-out data holds no Python function" in out
+    assert "--sample-prompt" in out

@@ -413,7 +413,8 @@ def _extensions_hint(sources: Sequence[str], most: int = 10_000) -> str:
             if n >= most:
                 break
             suffix = path.suffix.lower()
-            if suffix and path.is_file():
+            hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+            if suffix and not hidden and path.is_file():  # not .git's hooks, .venv's files
                 (code if suffix in _SOURCE_SUFFIXES else other)[suffix] += 1
     found = code or other
     if not found:

@@ -8,7 +8,7 @@ import hashlib
 import itertools
 import json
 import typing
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,21 +33,29 @@ PIPELINE_VERSION = 23
 LOPSIDED_TRAIN_SHARE = 0.75  # a train split under this share of train_frac is noted
 
 
-def lopsided_note(corpus_stats: dict, cfg: DataConfig) -> str | None:
+def data_options_flag(options: dict) -> str:
+    """DataConfig keys as trainingmanager.py and eval.py take them: --data-options '{...}'."""
+    return f"--data-options '{json.dumps(options)}'"
+
+
+def lopsided_note(corpus_stats: dict, cfg: DataConfig,
+                  spelled: Callable[[dict], str] = data_options_flag) -> str | None:
     """A note where the train split holds far fewer files than train_frac of them (a corpus of
     a few files or repositories: val and test take whole ones, at least one each), naming the
-    fixes; None where it is near train_frac."""
+    fixes as ``spelled`` writes DataConfig keys (a script's flags); None where it is near
+    train_frac."""
     counts = corpus_stats["split"]
     kept = sum(counts.values())
     if counts["train"] >= LOPSIDED_TRAIN_SHARE * cfg.train_frac * kept:
         return None
     unit = corpus_stats.get("split_by", "file")
-    by_file = ("; or --data-options '{\"split_by\": \"file\"}' splits the repositories' files"
+    whole = spelled({"train_frac": 1, "val_frac": 0, "test_frac": 0})
+    by_file = (f"; or {spelled({'split_by': 'file'})} splits the repositories' files"
                if unit == "repo" else "")
     return (f"the train split holds {counts['train']} of {kept} files/records, not about "
             f"train_frac {cfg.train_frac:g} of them: val and test take whole {unit}s, at least "
-            "one each; add data, or give --val-data DIR with --data-options '{\"train_frac\": "
-            f"1, \"val_frac\": 0, \"test_frac\": 0}}' to train on all of it{by_file}")
+            f"one each; add data, or give --val-data DIR with {whole} to train on all of "
+            f"it{by_file}")
 
 
 def split_key(doc: Doc, split_by: str) -> str:

@@ -31,7 +31,10 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import cache, partial
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, NoReturn
+
+if TYPE_CHECKING:
+    import torch
 
 # The signals that stop a script, each ending it with the shell's code 128 + its number: Ctrl-C's
 # SIGINT (130), SIGTERM (143: ``kill``, a scheduler), SIGHUP (129: the terminal hung up). An
@@ -202,7 +205,7 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def free_memory(device) -> float:
+def free_memory(device: torch.device) -> float:
     """Bytes free for a new allocation on ``device`` (a torch.device) now: the GPU's, else the
     system's (MemAvailable), inf where the system does not say."""
     if device.type == "cuda":

@@ -374,8 +374,6 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
                 splits.sample_prompt, data_id, not own_tok)
 
 
-
-
 def split_notes(settings: DataSettings, dcfg: DataConfig, splits: PreparedData) -> list[str]:
     """What a user should know of the splits the data gave: a train split far smaller than
     train_frac (a corpus of a few files or repositories), a test split without the task's

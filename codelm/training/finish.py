@@ -52,6 +52,8 @@ BLANK_RUN = re.compile(r"(?:[ \t]*\n){3,}")  # three or more line ends with only
 REPEATED_LINE = re.compile(r"^([^\n]*\S[^\n]*\n)(?:\1){2,}", re.MULTILINE)
 PROMPT_LINES_SHOWN = 6  # the sample prompt's last lines the console shows before the sample
 PARTIAL_LINE_SHOWN = 80  # of a prompt's last line, unended, the end repeated before the sample
+# The tasks whose sample prompt is a held-out Python function (the others' are their examples').
+CODE_PROMPTED = ("lm", "fim", "completion", "project")
 
 
 def shown_sample(prompt: str, sample: str, weights: str) -> str:
@@ -78,7 +80,8 @@ def shown_sample(prompt: str, sample: str, weights: str) -> str:
     shown = "\n".join(lines[-PROMPT_LINES_SHOWN:])
     completion = ended[-PARTIAL_LINE_SHOWN:] + sample
     if not sample.strip():  # blank: on a console a run of spaces or newlines shows nothing
-        completion = f"[only whitespace: {len(sample)} characters, {sample[:20]!r}...]"
+        shown_blank = repr(sample[:20]) + ("..." if len(sample) > 20 else "")
+        completion = f"[only whitespace: {len(sample)} characters, {shown_blank}]"
     continued = ", after the prompt's last line repeated" if ended and sample.strip() else ""
     return (f"{heading}:\n{shown}\nsample completion (greedy, {weights}{continued}):\n"
             f"{REPEATED_LINE.sub(once, BLANK_RUN.sub(counted, completion))}")
@@ -120,9 +123,9 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
         weights = (f"best checkpoint at step {exported_step}" if exported_step is not None
                    else f"the last weights, step {run.state.step}")
         print(shown_sample(prompt.text, sample, weights))
-    elif prompt is None and settings.sample_tokens > 0:
-        print("no sample: the held-out data holds no prompt in the task's format (a Python "
-              "function for lm, fim and completion); --sample-prompt TEXT gives one")
+    elif prompt is None and settings.sample_tokens > 0 and settings.task in CODE_PROMPTED:
+        print("no sample: the held-out data holds no Python function to prompt with; "
+              "--sample-prompt TEXT gives one")
     export = run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:

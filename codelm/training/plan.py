@@ -463,6 +463,9 @@ def auto_rung(cfg: TrainConfig, device_type: str, distributed: bool, main: bool,
     seconds_left = seconds if budgeted else None
     waits = budgeted and device_type == "cpu" and not distributed  # the machine, not a load
     first = with_fallbacks(with_rung(cfg, trainconfig.BUDGET_LADDER[0]))
+    if main:  # said first: measuring and timing may take a minute on a busy CPU
+        print(f"preset auto: measuring this {device_type} to size the model to a "
+              f"{cfg.time_budget_min:g}-min budget (a --preset skips it)", flush=True)
     measured = measure(first)
     refusal = step_refusal(measured.cost, measured.free_bytes, seconds_left)
     waited_s = 0.0  # (no process of a group waits: every process decides alike)
@@ -540,9 +543,6 @@ def choose_rung(cfg: TrainConfig, probe: Callable[[TrainConfig], Probe],
     measured once more before it is refused, so that a passing load cannot refuse it. A rung
     whose step is beyond the machine (not ``within``), or whose timing the ``allowance`` does
     not afford, is not timed, nor any above it; the first rung is within, and afforded."""
-    if announce:  # said first: the timing may take a minute on a busy CPU
-        print(f"preset auto: timing this {device_type} to size the model to a "
-              f"{cfg.time_budget_min:g}-min budget (a --preset skips the timing)", flush=True)
     if cfg.precision == "auto" and device_type == "cpu":
         precision_rung = trainconfig.BUDGET_LADDER[PRECISION_RUNG]
         precision_candidate = with_fallbacks(with_rung(cfg, precision_rung))
