@@ -123,8 +123,8 @@ def _run_weights(run_dir: Path, weights: Path, chosen: bool = False) -> dict:
               file=sys.stderr)
     elif weights.name == rundir.BEST_DIR and not chosen and not (
             run_dir / rundir.EXPORT_DIR).is_dir():
-        print(f"note: {run_dir} has no {rundir.EXPORT_DIR}/ (it trained with --no-export): "
-              f"scoring {where}, its weights of step {step}", file=sys.stderr)
+        print(f"note: {run_dir} has no {rundir.EXPORT_DIR}/: scoring {where}, its weights of "
+              f"step {step}", file=sys.stderr)
     return {"weights": where, "step": step, "still_training": training}
 
 
