@@ -109,12 +109,6 @@ def validate_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings
     values (trainconfig), an init_adapter's settings against the given ones, the model's
     source. ``typed``: keys given explicitly (a --lora-* flag at its default differs too)."""
     resolved = with_init_adapter(cfg, typed, where_set)
-    if cfg.init_adapter is not None and cfg.init_from is not None and all(
-            Path(p).is_dir() for p in (cfg.init_adapter, cfg.init_from)):  # hub ids: not read
-        try:
-            adapter_config.check_base_family(cfg.init_adapter, cfg.init_from)
-        except ValueError as e:
-            raise ValueError(f"{where_set('init_from')}: {e}") from None
     check_config(resolved, where_set)
     check_length(resolved, typed, where_set)
     if resolved.task in PREFERENCE_TASKS:  # the loss's settings together, as the loss takes them
@@ -183,6 +177,11 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     theirs = {key: getattr(adapter, name) for name, key in adapter_config.ADAPTER_KEYS.items()}
     base = cfg.init_from or str(adapter_config.adapter_base(
         path, "name the base with --init-from", config_name))
+    if cfg.init_from is not None and Path(cfg.init_from).is_dir():  # a hub id is not read
+        try:
+            adapter_config.check_base_family(path, cfg.init_from, config_name)
+        except ValueError as e:
+            raise ValueError(f"{where_set('init_from')}: {e}") from None
 
     def agrees(key: str, mine) -> bool:
         if key != "lora_targets":
