@@ -691,7 +691,9 @@ def _after_training(cfg: TrainConfig, result: TrainResult) -> int:
     if has_final_eval(cfg) and result.export_dir is not None:
         try:
             with process.interrupt_on_sigterm():
-                finish.final_quality(result.run_dir, result.val_metrics, cfg.device)
+                budgeted = cfg.max_steps is None and cfg.epochs is None and not cfg.resume
+                limit = finish.final_eval_limit(cfg.time_budget_min if budgeted else None)
+                finish.final_quality(result.run_dir, result.val_metrics, cfg.device, limit)
         except KeyboardInterrupt as stop:
             print(f"interrupted during the final evaluation; the run is trained and exported: "
                   f"--resume {result.run_dir} evaluates it again", file=sys.stderr)

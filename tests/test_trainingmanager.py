@@ -5645,3 +5645,23 @@ def test_a_run_whose_data_holds_no_sample_prompt_says_so(assets, tmp_path, capsy
     out = capsys.readouterr().out
     assert "no sample: the held-out data holds no Python function" in out
     assert "--sample-prompt" in out
+
+
+def test_a_budgeted_runs_final_evaluation_keeps_to_its_share_of_the_budget(tmp_path,
+                                                                          monkeypatch, capsys):
+    """The final evaluation of a run sized by a short --time-budget-min scores fewer examples a
+    task, in proportion (eval.py's 100 at 15 min and above, 10 at least); a run of steps, or
+    a resumed one, scores eval.py's 100. The line before it names --no-final-eval."""
+    asked = []
+    monkeypatch.setattr(finish, "_evaluated", lambda run_dir, tasks, out, device, limit: (
+        asked.append(limit) or {"line/EM": 0.0, "line/edit_sim": 0.0}))
+    result = tm.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=3, best_step=3,
+                            export_dir=tmp_path / "export")
+    for budget, steps, limit in ((1.3, None, 10), (7.5, None, 50), (15, None, None),
+                                 (60, None, None), (15, 30, None)):
+        cfg = trainconfig.TrainConfig(time_budget_min=budget, max_steps=steps)
+        assert tm._after_training(cfg, result) == 0
+        assert asked.pop() == limit
+    out = capsys.readouterr().out
+    assert "final evaluation: line and function completion, 50 examples each, sized to the " \
+           "time budget (--no-final-eval skips it)" in out

@@ -254,12 +254,31 @@ def stop_at_end_of_turn(tok: CodeTokenizer | BPETokenizer, directory: Path) -> N
     path.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
 
 
-def _evaluated(run_dir: Path, tasks: list[str], out: Path, device: str) -> dict:
-    """The run's export scored on ``tasks`` into ``out``: an interrupted evaluation of these
-    weights goes on where it stopped, one of weights the run has since replaced (resumed,
-    exported anew) is done again."""
+# A budgeted run's final evaluation keeps to the budget's share for it (budget.FINAL_EVAL_SHARE):
+# its examples a task scale with the budget, eval.py's 100 at FINAL_EVAL_BUDGET_MIN and above,
+# at least FINAL_EVAL_FEWEST.
+FINAL_EVAL_EXAMPLES = 100
+FINAL_EVAL_BUDGET_MIN = 15.0
+FINAL_EVAL_FEWEST = 10
+
+
+def final_eval_limit(time_budget_min: float | None) -> int | None:
+    """The examples a task of a run's final evaluation scores: scaled to a budget shorter than
+    FINAL_EVAL_BUDGET_MIN; None (eval.py's 100) for a longer one, or a run of steps or
+    epochs (``time_budget_min`` None)."""
+    if time_budget_min is None or time_budget_min >= FINAL_EVAL_BUDGET_MIN:
+        return None
+    share = time_budget_min / FINAL_EVAL_BUDGET_MIN
+    return max(FINAL_EVAL_FEWEST, round(FINAL_EVAL_EXAMPLES * share))
+
+
+def _evaluated(run_dir: Path, tasks: list[str], out: Path, device: str,
+               limit: int | None) -> dict:
+    """The run's export scored on ``tasks`` into ``out`` (``limit`` examples a task, None:
+    eval.py's): an interrupted evaluation of these weights goes on where it stopped, one of
+    weights the run has since replaced (resumed, exported anew) is done again."""
     cfg = evaluation.EvalConfig(models=[str(run_dir)], tasks=tasks, out_dir=str(out),
-                                progress=False, device=device)
+                                progress=False, device=device, limit=limit)
     try:
         return evaluation.evaluate(cfg)["rows"][0]["metrics"]
     except OtherEvaluation:
@@ -267,24 +286,29 @@ def _evaluated(run_dir: Path, tasks: list[str], out: Path, device: str) -> dict:
         return evaluation.evaluate(cfg)["rows"][0]["metrics"]
 
 
-def final_quality(run_dir: Path, last: dict | None, device: str) -> dict | None:
+def final_quality(run_dir: Path, last: dict | None, device: str,
+                  limit: int | None = None) -> dict | None:
     """A finished run's export scored as ``python eval.py --tasks line method`` scores it (the
-    test split; ``line`` alone, noted, where method finds no function in it: other languages'
-    files, text records, scripts, docstrings stripped), printed with the validation metrics of the weights it
-    holds: best/'s step's, else ``last`` (the last weights'); an evaluation that cannot run
-    is only noted."""
+    test split, ``limit`` examples a task: final_eval_limit; ``line`` alone, noted, where
+    method finds no function in it: other languages' files, text records, scripts,
+    docstrings stripped), printed with the validation metrics of the weights it holds:
+    best/'s step's, else ``last`` (the last weights'); an evaluation that cannot run is only
+    noted."""
     step = rundir.exported_step(run_dir)
     if step is not None:
         last = rundir.evaluation_at(run_dir / rundir.METRICS_FILE, step)
     out = run_dir / rundir.FINAL_EVAL_DIR
+    sized = "" if limit is None else f", {limit} examples each, sized to the time budget"
+    print(f"final evaluation: line and function completion{sized} (--no-final-eval skips it)",
+          flush=True)
     try:
         try:
-            metrics = _evaluated(run_dir, ["line", "method"], out, device)
+            metrics = _evaluated(run_dir, ["line", "method"], out, device, limit)
         except NoExamples as e:
             if e.task != "method":
                 raise
             print(f"note: line completion alone: {e}")
-            metrics = _evaluated(run_dir, ["line"], out, device)
+            metrics = _evaluated(run_dir, ["line"], out, device, limit)
     except ValueError as e:
         print(f"note: no final evaluation: {e}")
         return None
