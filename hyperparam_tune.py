@@ -200,11 +200,6 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
             _check_trial(train_cfg, where_set(cfg, space, base))
         except ValueError as e:
             raise RefusedValues(str(e)) from None
-        steps, warmup = train_cfg.max_steps, train_cfg.warmup_steps
-        if steps is not None and warmup is not None and warmup >= steps:  # space_warnings
-            raise RefusedValues(f"warmup_steps {warmup} >= the trial's {steps} steps: it "
-                                "would never reach its lr; narrow params.warmup_steps below "
-                                f"--max-steps {steps}, or raise --max-steps")
     # A continued "auto" run keeps its checkpoint's precision (the trainer refuses a change; a
     # GPU without bf16 refuses bf16).
     if resume and train_cfg.precision == "auto":
@@ -467,10 +462,9 @@ def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]
                      "split")
     longest = search_space.largest_value(space, "warmup_steps")
     if cfg.time_budget_min is None and longest is not None and longest >= cfg.max_steps:
-        found.append(f"warning: {where}: params.warmup_steps reaches {longest}, not below "
-                     f"--max-steps {cfg.max_steps}: a trial drawn there would never reach its "
-                     "lr and is refused (failed, not ranked); narrow the range or raise "
-                     "--max-steps")
+        found.append(f"note: {where}: params.warmup_steps reaches {longest}: trials draw it "
+                     f"below --max-steps {cfg.max_steps} (a warmup as long as the trial never "
+                     "reaches its lr); a larger --max-steps draws from the whole range")
     sweep = {**_budget(cfg), **_trial_run(cfg, 0)}
     given = {**space.base, **base}
     overridden = [f"{key} {given[key]!r} (a trial's: {sweep[key]!r})" for key in sorted(given)
@@ -481,6 +475,17 @@ def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]
                      "every trial (its step budget: --max-steps, --eval-every or "
                      "--time-budget-min), so the file's values are not used")
     return found
+
+
+def trial_space(cfg: TuneConfig, space: SearchSpace) -> SearchSpace:
+    """The space trials draw from: under a step budget, warmup_steps below --max-steps (a
+    warmup as long as the trial never reaches its lr, and would be ranked all the same)."""
+    if cfg.time_budget_min is not None:  # the budget sizes each trial's warmup
+        return space
+    try:
+        return search_space.below(space, "warmup_steps", cfg.max_steps)
+    except ValueError as e:
+        raise ValueError(f"{e} (--max-steps {cfg.max_steps}), or raise --max-steps") from None
 
 
 # TrainConfig keys that change how a trial is computed, not its result: a continued study may
@@ -709,6 +714,10 @@ def tune(cfg: TuneConfig) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study")
     space, base = check_before_trials(cfg)
+    if not cfg.worker:  # said once, by the sweep
+        for line in space_warnings(cfg, space, base):
+            print(line, file=sys.stderr)
+    space = trial_space(cfg, space)
     try:
         studies.study_dir(cfg).mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -733,8 +742,6 @@ def sweep(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.BaseSto
     """The sweep's trials, in this process or its --workers N, then its reports. The exit
     status: the first failed worker's, else 1 short of ``n_trials`` or without a best config
     (so that ``tune && train --config best.json`` stops there), else 0."""
-    for line in space_warnings(cfg, space, base):  # said once, by the sweep
-        print(line, file=sys.stderr)
     done = studies.study_progress(study).finished
     if done >= cfg.n_trials:
         print(f"study {cfg.study_name}: {done} of {cfg.n_trials} trials finished already, so "

@@ -163,3 +163,25 @@ def largest_value(space: SearchSpace, name: str) -> float | None:
     if isinstance(drawn, optuna.distributions.CategoricalDistribution):
         return max((c for c in drawn.choices if isinstance(c, int | float)), default=None)
     return drawn.high
+
+
+def below(space: SearchSpace, name: str, limit: int) -> SearchSpace:
+    """``space`` with ``name`` drawn below ``limit`` only: an int range's high the largest value
+    its step reaches under it, a categorical's numeric choices under it (others kept); as it
+    is where nothing it draws reaches ``limit``. ValueError where nothing is left."""
+    spec = space.params.get(name)
+    if spec is None or (largest_value(space, name) or -math.inf) < limit:
+        return space
+    if spec["type"] == "categorical":
+        choices = [c for c in spec["choices"] if not isinstance(c, int | float) or c < limit]
+        fitted = {**spec, "choices": choices}
+        left = bool(choices)
+    else:
+        step = spec.get("step") or 1
+        high = spec["low"] + (math.ceil(limit - spec["low"]) - 1) // step * step
+        fitted = {**spec, "high": high}
+        left = high >= spec["low"]
+    if not left:
+        raise ValueError(f"{space.source}: params.{name} draws nothing below {limit}: give it "
+                         f"values below {limit}")
+    return dataclasses.replace(space, params={**space.params, name: fitted})

@@ -1554,10 +1554,11 @@ def test_sampled_values_refused_together_fail_their_trial_and_the_sweep_goes_on(
     assert "failed with parameters" in capsys.readouterr().err
 
 
-def test_a_warmup_drawn_past_the_trials_steps_fails_that_trial_unranked(
-        tmp_path, corpus, monkeypatch):
-    """--max-steps 4 with warmup_steps drawn from 2 or 6: a trial of 6 would never reach its
-    lr, so it FAILs naming why, never trains, and cannot be the best trial."""
+def test_a_step_budgets_trials_draw_their_warmup_below_it(tmp_path, corpus, monkeypatch,
+                                                          capsys):
+    """--max-steps 4 with warmup_steps drawn from 2 or 6: a warmup of 6 would never reach its
+    lr (and be ranked all the same), so trials draw 2 alone, said once; an int range keeps the
+    values its step reaches below the budget; a range with none there is refused."""
     trained = []
 
     def train(cfg, on_eval=None, resume_hint=None, **_):
@@ -1567,13 +1568,19 @@ def test_a_warmup_drawn_past_the_trials_steps_fails_that_trial_unranked(
     monkeypatch.setattr(trainingmanager, "train", train)
     space = tiny_space(tmp_path, corpus,
                        {"warmup_steps": {"type": "categorical", "choices": [2, 6]}})
-    argv = tune_args(tmp_path, space, study_name="warm", n_trials=6, sampler_seed=1)
+    argv = tune_args(tmp_path, space, study_name="warm", n_trials=3, sampler_seed=1)
     assert hyperparam_tune.main(argv) == 0
-    trials = load_study(journal(tmp_path, "warm"), "warm").get_trials()
-    refused = [t for t in trials if t.params["warmup_steps"] == 6]
-    assert refused and all(t.state == TrialState.FAIL for t in refused)
-    assert "would never reach its lr" in refused[0].user_attrs[studies.ATTR_REASON]
-    assert 6 not in trained and trained
+    assert trained == [2, 2, 2]
+    assert capsys.readouterr().err.count("trials draw it below --max-steps 4") == 1
+    ranged = hyperparam_tune.SearchSpace(
+        params={"warmup_steps": {"type": "int", "low": 0, "high": 30, "step": 5}}, source="s")
+    fitted = hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=11), ranged)
+    assert fitted.params["warmup_steps"] == {"type": "int", "low": 0, "high": 10, "step": 5}
+    assert hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=40), ranged) == ranged
+    late = hyperparam_tune.SearchSpace(
+        params={"warmup_steps": {"type": "int", "low": 20, "high": 30}}, source="s")
+    with pytest.raises(ValueError, match=r"draws nothing below 10.*--max-steps 10"):
+        hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=10), late)
 
 
 def test_a_trial_whose_step_the_machine_refuses_fails_and_the_sweep_goes_on(
@@ -2281,9 +2288,9 @@ def test_the_workers_own_flag_is_read_but_not_in_help(capsys):
 
 
 def test_a_warmup_range_reaching_the_step_budget_is_warned_of_once():
-    """A sampled warmup_steps whose range reaches --max-steps draws trials that would never
-    reach their lr (refused): the sweep says so once, naming the space's range and its own
-    flag; under a time budget or a range below it, nothing."""
+    """A sampled warmup_steps whose range reaches --max-steps would draw trials that never
+    reach their lr (trials draw it below the budget): the sweep says so once, naming the
+    space's range and its own flag; under a time budget or a range below it, nothing."""
     space = hyperparam_tune.SearchSpace(
         params={"warmup_steps": {"type": "int", "low": 0, "high": 30, "step": 5}}, base={},
         source="s.json")

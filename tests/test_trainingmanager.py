@@ -5657,9 +5657,9 @@ def test_a_budgeted_runs_final_evaluation_keeps_to_its_share_of_the_budget(tmp_p
         asked.append(limit) or {"line/EM": 0.0, "line/edit_sim": 0.0}))
     result = tm.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=3, best_step=3,
                             export_dir=tmp_path / "export")
-    for budget, steps, limit in ((1.3, None, 10), (7.5, None, 50), (15, None, None),
+    for minutes, steps, limit in ((1.3, None, 10), (7.5, None, 50), (15, None, None),
                                  (60, None, None), (15, 30, None)):
-        cfg = trainconfig.TrainConfig(time_budget_min=budget, max_steps=steps)
+        cfg = trainconfig.TrainConfig(time_budget_min=minutes, max_steps=steps)
         assert tm._after_training(cfg, result) == 0
         assert asked.pop() == limit
     out = capsys.readouterr().out
