@@ -177,6 +177,10 @@ def serve_models(cfg: EvalConfig) -> int:
                                    partial(scoring.served_prompt, lm, cfg),
                                    len(lm.prompt_start), scoring.stop_ids(lm),
                                    scoring.chat_stop_ids(lm), cfg.block_size))
+        if cfg.block_size and cfg.block_size > lm.model.cfg.block_size:
+            print(f"note: --block-size {cfg.block_size} is past {lm.label}'s context of "
+                  f"{lm.model.cfg.block_size} tokens: it serves {lm.model.cfg.block_size}",
+                  file=sys.stderr)
     slots = pool_slots(served, cfg.batch_size, process.free_memory(device))
     return serve(served, cfg.host, cfg.port, cfg.api_key, slots, cfg.compile)
 

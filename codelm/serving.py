@@ -48,7 +48,7 @@ from codelm.openai_api import (
     read_params,
     unread_fields,
 )
-from codelm.runtime.console import gib
+from codelm.runtime.console import byte_size
 from codelm.tool_calls import CallStream, ToolCall, read_calls
 
 # How often the console line tells what the server did (seconds).
@@ -436,11 +436,12 @@ class _Handler(BaseHTTPRequestHandler):
         keep = number_field(body, "truncate_prompt_tokens", None, int, 1)  # vLLM's extension
         if keep is not None:
             prompts = [p._replace(ids=left_cut(p.ids, keep, served.start)) for p in prompts]
-        room = served.context_length + 1 - max(len(p.ids) for p in prompts)
+        longest = max(len(p.ids) for p in prompts)
+        room = served.context_length + 1 - longest
         if room < 1:
-            raise ApiError(400, f"the prompt fills the model's context of "
-                           f"{served.context_length} tokens", "messages" if chat else
-                           "prompt", "context_length_exceeded")
+            raise ApiError(400, f"the prompt's {longest} tokens fill the model's context of "
+                           f"{served.context_length} tokens; truncate_prompt_tokens N keeps its "
+                           "last N", "messages" if chat else "prompt", "context_length_exceeded")
         params = read_params(body, chat, room)
         self.server.note_unread(unread_fields(body, chat), _route_path(self.path))
         # tool calls read where the request offers tools its model's template taught
@@ -726,15 +727,15 @@ def pool_slots(models: list[ServedModel], requested: int | None, free_bytes: flo
     longest = max(m.context_length for m in models)
     if requested is not None:
         if requested * one > free_bytes:
-            raise ValueError(f"--batch-size {requested} takes {gib(requested * one)} of KV cache "
+            raise ValueError(f"--batch-size {requested} takes {byte_size(requested * one)} of KV cache "
                              f"(a sequence's at the context, {longest} tokens), more than the "
-                             f"{gib(free_bytes)} free: lower --batch-size, or cap the context "
+                             f"{byte_size(free_bytes)} free: lower --batch-size, or cap the context "
                              "with --block-size")
         return requested
     slots = int(min(MAX_SLOTS, KV_SHARE * free_bytes // one))
     if slots < 1:
         raise ValueError(f"one sequence's KV cache at the context of {longest} tokens takes "
-                         f"{gib(one)}, more than half the {gib(free_bytes)} free (a cache is "
+                         f"{byte_size(one)}, more than half the {byte_size(free_bytes)} free (a cache is "
                          "allocated whole): cap the context with --block-size")
     return slots
 
@@ -801,7 +802,7 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     reporter = threading.Thread(target=_report, args=(server, stopping), daemon=True)
     contexts = "/".join(str(m.context_length) for m in models)
-    cache = gib(slots * sum(slot_bytes(m) for m in models))
+    cache = byte_size(slots * sum(slot_bytes(m) for m in models))
     print(f"serving {', '.join(server.engines)} on {server.url} ({slots} sequences of up to "
           f"{contexts} tokens decoded at once each, {cache} of KV cache: eval.py's --batch-size "
           f"and --block-size{', compiled' if compile else ''}"

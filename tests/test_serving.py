@@ -1224,11 +1224,12 @@ def test_serve_compile_reaches_every_engine(instruct, loaded, monkeypatch):  # n
     assert asked[0][-1] is True and asked[0][-2] == 3  # compile, then the slots
 
 
-def test_served_slots_are_sized_to_the_memory_free(instruct, loaded, monkeypatch):  # noqa: F811
+def test_served_slots_are_sized_to_the_memory_free(instruct, loaded, monkeypatch,  # noqa: F811
+                                                    capsys):
     """A slot's KV cache is allocated whole at the context: slot_bytes is what the engine
     allocates a slot; without --batch-size each engine gets as many slots as half the memory
     free holds (at most 64); a --batch-size or a context past the memory is refused naming the
-    flags that fit it."""
+    flags that fit it; a --block-size past a model's context serves its own, noted."""
     import eval as eval_module
     from codelm import serving
     from codelm.models.engine import Engine
@@ -1243,6 +1244,9 @@ def test_served_slots_are_sized_to_the_memory_free(instruct, loaded, monkeypatch
     assert serving.pool_slots([served, served], None, 10.9 * one) == 2  # a slot of each model
     assert serving.pool_slots([served], None, float("inf")) == serving.MAX_SLOTS
     assert serving.pool_slots([served], 7, 7 * one) == 7
+    from codelm.runtime.console import byte_size  # the banner's and messages' sizes
+
+    assert (byte_size(3 * 2**20), byte_size(1.5 * 2**30)) == ("3.0 MiB", "1.5 GiB")
     with pytest.raises(ValueError, match=r"--batch-size 8 takes .* --block-size"):
         serving.pool_slots([served], 8, 7 * one)
     with pytest.raises(ValueError, match=r"one sequence's KV cache .* --block-size"):
@@ -1254,6 +1258,10 @@ def test_served_slots_are_sized_to_the_memory_free(instruct, loaded, monkeypatch
     assert eval_module.main(["--serve", "--models", str(root), "--port", "0",
                              "--device", "cpu"]) == 0
     assert asked[0][-2] == 6
+    assert eval_module.main(["--serve", "--models", str(root), "--port", "0", "--device", "cpu",
+                             "--block-size", "1000000"]) == 0  # past its context: said
+    assert f"--block-size 1000000 is past {root.name}'s context of {model.cfg.block_size}" in \
+        capsys.readouterr().err
     monkeypatch.setattr(eval_module.process, "free_memory", lambda device: one)
     assert eval_module.main(["--serve", "--models", str(root), "--port", "0",
                              "--device", "cpu"]) == 2
@@ -1276,7 +1284,9 @@ def test_block_size_caps_what_a_served_sequence_holds(loaded):
         assert short.usage.completion_tokens >= 1
         with pytest.raises(openai.BadRequestError, match="past the model's context"):
             client.completions.create(model="tiny", prompt="x = 1", max_tokens=40)
-        with pytest.raises(openai.BadRequestError, match="context of 16 tokens"):
+        with pytest.raises(openai.BadRequestError,
+                           match=r"prompt's \d+ tokens fill .*context of 16 tokens.*"
+                                 r"truncate_prompt_tokens"):
             client.completions.create(model="tiny", prompt="x = 1\n" * 20, max_tokens=4)
     finally:
         _stop(server, thread)

@@ -78,7 +78,7 @@ class EvalConfig:
     #   also spelt --load_generations_path, as the harness does
     # generation
     prompt: str | None = None  # stream each model's completion of this text instead of the tasks
-    #   (num_samples of them, sampled, sample i from seed + i)
+    #   (with temperature > 0, num_samples of them, sample i from seed + i)
     max_new_tokens: int | None = None  # per generated completion (None: 128; with chat 768,
     #   EvalPlus's: an instruct model writes the whole function, its docstring too)
     temperature: float = 0.0  # 0: greedy
@@ -88,7 +88,7 @@ class EvalConfig:
     chat: bool = False  # pass@k tasks: prompt instruct models as EvalPlus does (the problem in
     #   a chat turn, the answer's code block opened for them), each answer's program as its
     #   sanitizer keeps it run alone (docs/evaluation.md)
-    num_samples: int = 1  # pass@k: samples per problem (n)
+    num_samples: int = 1  # pass@k: samples per problem (n); --prompt: completions of it
     pass_k: list[int] = field(default_factory=lambda: [1])  # the k of pass@k, each <= num_samples
     batch_size: int | None = None  # prompts generated or windows scored at once (None: 8);
     #   --serve: each model's sequences decoded at once (None: as many as half the memory free

@@ -69,9 +69,11 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-def gib(n_bytes: float) -> str:
-    """A size as a console line gives it: 1.5 GiB."""
-    return f"{n_bytes / 2**30:.1f} GiB"
+def byte_size(n_bytes: float) -> str:
+    """A size as a console line gives it: 1.5 GiB, or 12.5 MiB under a GiB."""
+    if n_bytes >= 2**30:
+        return f"{n_bytes / 2**30:.1f} GiB"
+    return f"{n_bytes / 2**20:.1f} MiB"
 
 
 # The longest a long phase whose bar is hidden goes without a line (at its next update).

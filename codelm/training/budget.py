@@ -20,7 +20,7 @@ import torch
 from architecture import Transformer
 from codelm import trainconfig
 from codelm.models import quantize
-from codelm.runtime.console import gib
+from codelm.runtime.console import byte_size
 from codelm.trainconfig import TrainConfig, has_final_eval, model_config
 
 # ---- A step timed, and the vocabulary of the models measured ----
@@ -202,8 +202,8 @@ def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) 
     step = f"one step takes about {_minutes(cost.seconds)} here"
     shorter = "lower --block-size or --batch-size"
     if cost.activation_bytes > MEMORY_SHARE * free_bytes:
-        return (f"one micro-batch saves about {gib(cost.activation_bytes)} of activations, more "
-                f"than the {gib(free_bytes)} free: {shorter}, or set --gradient-checkpointing")
+        return (f"one micro-batch saves about {byte_size(cost.activation_bytes)} of activations, more "
+                f"than the {byte_size(free_bytes)} free: {shorter}, or set --gradient-checkpointing")
     if cost.seconds > MAX_STEP_S:
         return (f"{step}, more than the {_minutes(MAX_STEP_S)} a run's step may take "
                 f"(attention grows with the square of the length): {shorter}")
@@ -240,7 +240,7 @@ def check_step_cost(cfg: TrainConfig, cost: StepCost, block_size: int, free_byte
         return f"warning: {shape}: {refusal}; training it anyway (--force)"
     if cost.seconds > LONG_STEP_S:
         return (f"warning: {shape}: one step takes about {_minutes(cost.seconds)} here, with "
-                f"about {gib(cost.activation_bytes)} of activations a micro-batch (attention "
+                f"about {byte_size(cost.activation_bytes)} of activations a micro-batch (attention "
                 "grows with the square of the length)")
     return None
 
