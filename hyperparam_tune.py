@@ -408,11 +408,12 @@ def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
                              f"{cfg.train_config or '--train-config'} (e.g. --train-config "
                              f"FILE.json with \"{key}\": ...)")
     where = " with ".join(filter(None, (space.source, cfg.train_config)))
+    drawn = trial_space(cfg, space, base)  # what trials draw: its values are checked
     example = {name: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
-               for name, spec in space.params.items()}  # a trial to check before any runs
+               for name, spec in drawn.params.items()}  # a trial to check before any runs
     trials = [("", example), *((f"params.{name}={value!r}: ", {**example, name: value})
-                               for name, value in space.extremes())]
-    where_is = where_set(cfg, space, base)
+                               for name, value in drawn.extremes())]
+    where_is = where_set(cfg, drawn, base)
     checked_data: list[DataConfig] = []  # each trial's data listed once
     for label, params in trials:
         values = {**space.base, **base, **params, **_budget(cfg), **_trial_run(cfg, 0)}
@@ -477,11 +478,17 @@ def space_warnings(cfg: TuneConfig, space: SearchSpace, base: dict) -> list[str]
     return found
 
 
-def trial_space(cfg: TuneConfig, space: SearchSpace) -> SearchSpace:
+def trial_space(cfg: TuneConfig, space: SearchSpace, base: dict) -> SearchSpace:
     """The space trials draw from: under a step budget, warmup_steps below --max-steps (a
-    warmup as long as the trial never reaches its lr, and would be ranked all the same)."""
+    warmup as long as the trial never reaches its lr, and would be ranked all the same); a
+    warmup fixed there (the space's base, ``base``: --train-config's) is refused."""
     if cfg.time_budget_min is not None:  # the budget sizes each trial's warmup
         return space
+    fixed = {**space.base, **base}.get("warmup_steps")
+    if "warmup_steps" not in space.params and fixed is not None and fixed >= cfg.max_steps:
+        where = cfg.train_config if "warmup_steps" in base else f"the base of {space.source}"
+        raise ValueError(f"warmup_steps {fixed} ({where}) >= --max-steps {cfg.max_steps}: no "
+                         "trial would reach its lr; lower it there, or raise --max-steps")
     try:
         return search_space.below(space, "warmup_steps", cfg.max_steps)
     except ValueError as e:
@@ -714,10 +721,7 @@ def tune(cfg: TuneConfig) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study")
     space, base = check_before_trials(cfg)
-    if not cfg.worker:  # said once, by the sweep
-        for line in space_warnings(cfg, space, base):
-            print(line, file=sys.stderr)
-    space = trial_space(cfg, space)
+    drawn = trial_space(cfg, space, base)
     try:
         studies.study_dir(cfg).mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -725,15 +729,17 @@ def tune(cfg: TuneConfig) -> int:
                          f"({err.strerror}); give a writable directory") from None
     storage = studies.open_storage(cfg)
     study = studies.open_study(cfg, storage)
-    check_space_fits_study(cfg, space, study)
-    check_study_settings(cfg, space, base, study)
+    check_space_fits_study(cfg, drawn, study)
+    check_study_settings(cfg, drawn, base, study)
     if not cfg.worker:
-        return sweep(cfg, study, storage, space, base)
+        for line in space_warnings(cfg, space, base):  # said once, by the sweep
+            print(line, file=sys.stderr)
+        return sweep(cfg, study, storage, drawn, base)
     # one of --workers N processes: share this machine's cores among them
     process.exit_with_parent(int(os.environ.get(SWEEP_PID, os.getppid())))
     torch.set_num_threads(max(1, process.usable_cores() // cfg.workers))
     with workers.worker_mark(studies.worker_marks(cfg)):
-        run_worker(cfg, study, storage, space, base)
+        run_worker(cfg, study, storage, drawn, base)
     return 0
 
 

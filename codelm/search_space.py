@@ -166,9 +166,10 @@ def largest_value(space: SearchSpace, name: str) -> float | None:
 
 
 def below(space: SearchSpace, name: str, limit: int) -> SearchSpace:
-    """``space`` with ``name`` drawn below ``limit`` only: an int range's high the largest value
-    its step reaches under it, a categorical's numeric choices under it (others kept); as it
-    is where nothing it draws reaches ``limit``. ValueError where nothing is left."""
+    """``space`` with ``name`` drawn below ``limit`` only: a range's high the largest value its
+    step reaches under it (a float range without a step: the float just under it), a
+    categorical's numeric choices under it (others kept); as it is where nothing it draws
+    reaches ``limit``. ValueError where nothing is left."""
     spec = space.params.get(name)
     if spec is None or (largest_value(space, name) or -math.inf) < limit:
         return space
@@ -177,8 +178,11 @@ def below(space: SearchSpace, name: str, limit: int) -> SearchSpace:
         fitted = {**spec, "choices": choices}
         left = bool(choices)
     else:
-        step = spec.get("step") or 1
-        high = spec["low"] + (math.ceil(limit - spec["low"]) - 1) // step * step
+        step = spec.get("step") or (1 if spec["type"] == "int" else None)
+        if step is None:
+            high = math.nextafter(limit, -math.inf)
+        else:
+            high = spec["low"] + (math.ceil((limit - spec["low"]) / step) - 1) * step
         fitted = {**spec, "high": high}
         left = high >= spec["low"]
     if not left:

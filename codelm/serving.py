@@ -727,16 +727,16 @@ def pool_slots(models: list[ServedModel], requested: int | None, free_bytes: flo
     longest = max(m.context_length for m in models)
     if requested is not None:
         if requested * one > free_bytes:
-            raise ValueError(f"--batch-size {requested} takes {byte_size(requested * one)} of KV cache "
-                             f"(a sequence's at the context, {longest} tokens), more than the "
-                             f"{byte_size(free_bytes)} free: lower --batch-size, or cap the context "
-                             "with --block-size")
+            raise ValueError(f"--batch-size {requested} takes {byte_size(requested * one)} of "
+                             f"KV cache (a sequence's at the context, {longest} tokens), more "
+                             f"than the {byte_size(free_bytes)} free: lower --batch-size, or cap "
+                             "the context with --block-size")
         return requested
     slots = int(min(MAX_SLOTS, KV_SHARE * free_bytes // one))
     if slots < 1:
         raise ValueError(f"one sequence's KV cache at the context of {longest} tokens takes "
-                         f"{byte_size(one)}, more than half the {byte_size(free_bytes)} free (a cache is "
-                         "allocated whole): cap the context with --block-size")
+                         f"{byte_size(one)}, more than half the {byte_size(free_bytes)} free (a "
+                         "cache is allocated whole): cap the context with --block-size")
     return slots
 
 

@@ -2804,7 +2804,8 @@ def test_a_folder_of_other_code_is_named_with_the_extensions_that_read_it(tmp_pa
     (notes / ".git" / "hooks").mkdir(parents=True)
     for name in ("a.md", "b.md", "c.txt", ".git/hooks/x.sample", ".git/hooks/y.sample"):
         (notes / name).write_text("# words\n")
-    with pytest.raises(DataError, match=r'2 \.md, 1 \.txt files.*\{"extensions": \[".md", ".txt"\]\}'):
+    with pytest.raises(DataError,
+                       match=r'2 \.md, 1 \.txt files.*\{"extensions": \[".md", ".txt"\]\}'):
         prepare(cfg(tmp_path, sources=[str(notes)]), tok)
 
 

@@ -1558,7 +1558,8 @@ def test_a_step_budgets_trials_draw_their_warmup_below_it(tmp_path, corpus, monk
                                                           capsys):
     """--max-steps 4 with warmup_steps drawn from 2 or 6: a warmup of 6 would never reach its
     lr (and be ranked all the same), so trials draw 2 alone, said once; an int range keeps the
-    values its step reaches below the budget; a range with none there is refused."""
+    values its step reaches below the budget; a range with none there, or a warmup fixed at or
+    past it (the space's base, --train-config), is refused; a time budget sizes the warmup."""
     trained = []
 
     def train(cfg, on_eval=None, resume_hint=None, **_):
@@ -1574,13 +1575,24 @@ def test_a_step_budgets_trials_draw_their_warmup_below_it(tmp_path, corpus, monk
     assert capsys.readouterr().err.count("trials draw it below --max-steps 4") == 1
     ranged = hyperparam_tune.SearchSpace(
         params={"warmup_steps": {"type": "int", "low": 0, "high": 30, "step": 5}}, source="s")
-    fitted = hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=11), ranged)
+    fitted = hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=11), ranged, {})
     assert fitted.params["warmup_steps"] == {"type": "int", "low": 0, "high": 10, "step": 5}
-    assert hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=40), ranged) == ranged
+    assert hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=40), ranged,
+                                       {}) == ranged
     late = hyperparam_tune.SearchSpace(
         params={"warmup_steps": {"type": "int", "low": 20, "high": 30}}, source="s")
     with pytest.raises(ValueError, match=r"draws nothing below 10.*--max-steps 10"):
-        hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=10), late)
+        hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=10), late, {})
+    fixed = hyperparam_tune.SearchSpace(params={}, base={"warmup_steps": 30}, source="s")
+    with pytest.raises(ValueError, match=r"warmup_steps 30 \(the base of s\) >= --max-steps 10: "
+                                         r"no trial would reach its lr"):
+        hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=10), fixed, {})
+    with pytest.raises(ValueError, match=r"warmup_steps 12 \(mine.json\) >= --max-steps 10"):
+        hyperparam_tune.trial_space(
+            hyperparam_tune.TuneConfig(max_steps=10, train_config="mine.json"), fixed,
+            {"warmup_steps": 12})
+    budgeted = hyperparam_tune.TuneConfig(time_budget_min=1)  # the budget sizes the warmup
+    assert hyperparam_tune.trial_space(budgeted, fixed, {}) == fixed
 
 
 def test_a_trial_whose_step_the_machine_refuses_fails_and_the_sweep_goes_on(
@@ -1829,7 +1841,9 @@ def test_unusable_path_is_a_clear_error(tmp_path, corpus, capsys, flag):
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="path", n_trials=1)
     assert hyperparam_tune.main([*argv, flag, path]) == 2
     err = capsys.readouterr().err
-    named = f"error: --out-dir {path}: cannot create" if flag == "--out-dir" else f"error: {blocker}"
+    named = f"error: {blocker}"
+    if flag == "--out-dir":
+        named = f"error: --out-dir {path}: cannot create"
     assert err.startswith(named) and "Traceback" not in err
 
 

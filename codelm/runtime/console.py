@@ -70,10 +70,11 @@ def duration(seconds: float) -> str:
 
 
 def byte_size(n_bytes: float) -> str:
-    """A size as a console line gives it: 1.5 GiB, or 12.5 MiB under a GiB."""
-    if n_bytes >= 2**30:
-        return f"{n_bytes / 2**30:.1f} GiB"
-    return f"{n_bytes / 2**20:.1f} MiB"
+    """A size as a console line gives it: 1.5 GiB, 12.5 MiB under a GiB, 3.0 KiB under a MiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes / 2**10:.1f} KiB"
 
 
 # The longest a long phase whose bar is hidden goes without a line (at its next update).

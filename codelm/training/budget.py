@@ -202,8 +202,9 @@ def step_refusal(cost: StepCost, free_bytes: float, seconds_left: float | None) 
     step = f"one step takes about {_minutes(cost.seconds)} here"
     shorter = "lower --block-size or --batch-size"
     if cost.activation_bytes > MEMORY_SHARE * free_bytes:
-        return (f"one micro-batch saves about {byte_size(cost.activation_bytes)} of activations, more "
-                f"than the {byte_size(free_bytes)} free: {shorter}, or set --gradient-checkpointing")
+        return (f"one micro-batch saves about {byte_size(cost.activation_bytes)} of activations, "
+                f"more than the {byte_size(free_bytes)} free: {shorter}, or set "
+                "--gradient-checkpointing")
     if cost.seconds > MAX_STEP_S:
         return (f"{step}, more than the {_minutes(MAX_STEP_S)} a run's step may take "
                 f"(attention grows with the square of the length): {shorter}")

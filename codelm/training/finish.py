@@ -37,6 +37,7 @@ from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
 from codelm.runs.rundir import best_step
 from codelm.runtime import distributed, process
+from codelm.runtime.settings import read_json_object
 from codelm.trainconfig import GRPO_TASK, ExportSettings
 from codelm.training.build import Run
 from codelm.training.record import NonFiniteLossError
@@ -286,10 +287,21 @@ def _evaluated(run_dir: Path, tasks: list[str], out: Path, device: str,
         return evaluation.evaluate(cfg)["rows"][0]["metrics"]
 
 
+def _recorded_limit(out: Path) -> int | None:
+    """The examples a task an earlier final evaluation in ``out`` scored, where its time budget
+    sized them; None where none did."""
+    try:
+        results = read_json_object(out / "results.json", "evaluation results")
+    except (ValueError, OSError):  # none yet, or unreadable: the evaluation says so itself
+        return None
+    return results.get("config", {}).get("limit")
+
+
 def final_quality(run_dir: Path, last: dict | None, device: str,
                   limit: int | None = None) -> dict | None:
     """A finished run's export scored as ``python eval.py --tasks line method`` scores it (the
-    test split, ``limit`` examples a task: final_eval_limit; ``line`` alone, noted, where
+    test split, ``limit`` examples a task: final_eval_limit, or an earlier final evaluation's,
+    eval.py's --limit; ``line`` alone, noted, where
     method finds no function in it: other languages' files, text records, scripts,
     docstrings stripped), printed with the validation metrics of the weights it holds:
     best/'s step's, else ``last`` (the last weights'); an evaluation that cannot run is only
@@ -298,6 +310,7 @@ def final_quality(run_dir: Path, last: dict | None, device: str,
     if step is not None:
         last = rundir.evaluation_at(run_dir / rundir.METRICS_FILE, step)
     out = run_dir / rundir.FINAL_EVAL_DIR
+    limit = limit or _recorded_limit(out)  # a resumed run keeps its budget's size
     sized = "" if limit is None else f", {limit} examples each, sized to the time budget"
     print(f"final evaluation: line and function completion{sized} (--no-final-eval skips it)",
           flush=True)
@@ -318,8 +331,9 @@ def final_quality(run_dir: Path, last: dict | None, device: str,
         val = f"val loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} bits/byte{tokens}), "
     parses = ("" if "method/parses" not in metrics else
               f"; function completions that parse {metrics['method/parses']:.0f}%")
-    print(f"final evaluation ({out}): {val}line completion exact match {metrics['line/EM']:.1f}%, "
-          f"edit similarity {metrics['line/edit_sim']:.1f}{parses}")
+    scored = "" if limit is None else f", {limit} examples a task"
+    print(f"final evaluation ({out}{scored}): {val}line completion exact match "
+          f"{metrics['line/EM']:.1f}%, edit similarity {metrics['line/edit_sim']:.1f}{parses}")
     return metrics
 
 
