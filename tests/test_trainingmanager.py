@@ -5663,7 +5663,7 @@ def test_a_budgeted_runs_final_evaluation_keeps_to_its_share_of_the_budget(tmp_p
         assert tm._after_training(cfg, result) == 0
         assert asked.pop() == limit
     out = capsys.readouterr().out
-    assert "final evaluation: line and function completion, 50 examples each, sized to the " \
+    assert "scoring the export: line and function completion, 50 examples each, sized to the " \
            "time budget (--no-final-eval skips it)" in out
     (tmp_path / rundir.FINAL_EVAL_DIR).mkdir()  # an earlier final evaluation, of 33 a task
     (tmp_path / rundir.FINAL_EVAL_DIR / "results.json").write_text(

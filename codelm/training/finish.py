@@ -312,8 +312,8 @@ def final_quality(run_dir: Path, last: dict | None, device: str,
     out = run_dir / rundir.FINAL_EVAL_DIR
     limit = limit or _recorded_limit(out)  # a resumed run keeps its budget's size
     sized = "" if limit is None else f", {limit} examples each, sized to the time budget"
-    print(f"final evaluation: line and function completion{sized} (--no-final-eval skips it)",
-          flush=True)
+    print(f"scoring the export: line and function completion{sized} (--no-final-eval skips "
+          "it)", flush=True)
     try:
         try:
             metrics = _evaluated(run_dir, ["line", "method"], out, device, limit)
