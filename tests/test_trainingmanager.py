@@ -1935,8 +1935,9 @@ def test_a_run_with_slow_evaluations_makes_those_it_planned_and_ends_within_its_
     assert len(evaluated_at) == evaluations and not run.stopped_by_budget
     assert run.step == json.loads((run.run_dir / "config.json").read_text())["max_steps"]
     assert now[0] <= train_s
-    if evaluations == 1:
+    if evaluations == 1:  # the plan names no eval_every past its steps
         assert "one evaluation, at the end" in out and "over 25%" in out
+        assert "evaluation at the end only" in out and "eval_every" not in out.split("->")[1]
 
 
 def test_a_budget_one_evaluation_would_fill_is_refused_before_training(assets, tmp_path,

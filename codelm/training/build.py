@@ -557,9 +557,12 @@ def size_to_budget(cfg: TrainConfig, model: nn.Module, batches: Batches, device:
                      else f"{fitted.evaluations} evaluations, the last at the end")
             end = (f"{which}: {budget.EVALS_IN_BUDGET} would take over {budget.EVAL_SHARE:.0%} of "
                    f"the training time; {end}")
+        every = f"eval_every {sized.eval_every}"
+        if sized.eval_every > sized.max_steps:  # none before the end, however the clock goes
+            every = "evaluation at the end only"
         print(f"time budget {cfg.time_budget_min:g} min, {left:.0f} s left after setup: "
               f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation on {device.type} -> "
-              f"max_steps {sized.max_steps}, eval_every {sized.eval_every}, warmup_steps "
+              f"max_steps {sized.max_steps}, {every}, warmup_steps "
               f"{sized.warmup_steps}, decay_steps {sized.decay_steps} (recorded in config.json; "
               f"{end})")
     return sized, fitted.clock
