@@ -176,12 +176,15 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
     return path
 
 
-def _named_base(adapter_dir: Path, config_name: str) -> Path | None:
-    """The local directory an adapter's config names as its base; None where it names none or
-    a hub id (not looked up: nothing is downloaded for a check)."""
+def _other_named_base(adapter_dir: Path, base: Path, config_name: str) -> Path | None:
+    """The local directory an adapter's config names as its base, where it is not ``base``;
+    None where it is, or the config names none or a hub id (not looked up: nothing is
+    downloaded for a check)."""
     config = settings.read_json_object(adapter_dir / config_name, "adapter config")
     named = config.get("base_model_name_or_path")
-    return Path(named) if named and Path(named).is_dir() else None
+    if not named or not Path(named).is_dir() or Path(named).resolve() == base.resolve():
+        return None
+    return Path(named)
 
 
 def _model_type(checkpoint: Path) -> str | None:
@@ -197,8 +200,8 @@ def check_base_family(adapter_dir: str | Path, base: str | Path,
     config names: its weights were trained for another architecture, even where the shapes
     agree."""
     adapter_dir, base = Path(adapter_dir), Path(base)
-    named = _named_base(adapter_dir, config_name)
-    if named is None or named.resolve() == base.resolve():
+    named = _other_named_base(adapter_dir, base, config_name)
+    if named is None:
         return
     trained_on, given = _model_type(named), _model_type(base)
     if trained_on and given and trained_on != given:
@@ -212,7 +215,7 @@ def other_base_note(adapter_dir: str | Path, base: str | Path,
     (the adapter's deltas were trained against that base's weights); None where it is, or the
     config names none or a hub id."""
     adapter_dir, base = Path(adapter_dir), Path(base)
-    named = _named_base(adapter_dir, config_name)
-    if named is None or named.resolve() == base.resolve():
+    named = _other_named_base(adapter_dir, base, config_name)
+    if named is None:
         return None
     return f"{adapter_dir / config_name} names the base {named}, not {base}"

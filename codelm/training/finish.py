@@ -29,7 +29,7 @@ from codelm.data.encoding import (
 )
 from codelm.data.examples import SamplePrompt, end_of_turn_ids, stop_ids_of
 from codelm.evaluation.results import OtherEvaluation
-from codelm.evaluation.tasks.text import NoExamples
+from codelm.evaluation.tasks.text import GENERATION_EXAMPLES, NoExamples
 from codelm.gguf import writer
 from codelm.models import generation, pretrained
 from codelm.models.generation import FUNCTION_STOPS, GenerationConfig, truncate_at_stops
@@ -256,9 +256,8 @@ def stop_at_end_of_turn(tok: CodeTokenizer | BPETokenizer, directory: Path) -> N
 
 
 # A budgeted run's final evaluation keeps to the budget's share for it (budget.FINAL_EVAL_SHARE):
-# its examples a task scale with the budget, eval.py's 100 at FINAL_EVAL_BUDGET_MIN and above,
-# at least FINAL_EVAL_FEWEST.
-FINAL_EVAL_EXAMPLES = 100
+# its examples a task scale with the budget, eval.py's GENERATION_EXAMPLES at
+# FINAL_EVAL_BUDGET_MIN and above, at least FINAL_EVAL_FEWEST.
 FINAL_EVAL_BUDGET_MIN = 15.0
 FINAL_EVAL_FEWEST = 10
 
@@ -270,7 +269,7 @@ def final_eval_limit(time_budget_min: float | None) -> int | None:
     if time_budget_min is None or time_budget_min >= FINAL_EVAL_BUDGET_MIN:
         return None
     share = time_budget_min / FINAL_EVAL_BUDGET_MIN
-    return max(FINAL_EVAL_FEWEST, round(FINAL_EVAL_EXAMPLES * share))
+    return max(FINAL_EVAL_FEWEST, round(GENERATION_EXAMPLES * share))
 
 
 def _evaluated(run_dir: Path, tasks: list[str], out: Path, device: str,
