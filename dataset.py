@@ -631,6 +631,17 @@ def training_flags(flags: dict, tokenizer: str | None, block_size: int) -> str:
     return " ".join(words)
 
 
+def printed_stats(stats: dict, cfg: DataConfig) -> dict:
+    """``stats`` as dataset.py prints them: the pair records read from each source named by
+    that source (``stats`` holds them as a list in the order of ``cfg.sources_by_split``)."""
+    corpus = dict(stats["corpus"])
+    by_source = {}
+    for (split, source), n in zip(cfg.sources_by_split(), corpus["pairs"]):
+        by_source[f"{split}: {source}" if split else source] = n
+    corpus["pairs"] = by_source
+    return {**stats, "corpus": corpus}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
@@ -647,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
         data = prepare(cfg, tokenizer)
-        print(json.dumps(data.stats, indent=1))  # the counts of every stage
+        print(json.dumps(printed_stats(data.stats, cfg), indent=1))  # the counts of every stage
         by_fraction = not (cfg.val_sources or cfg.test_sources)
         if by_fraction and (lopsided := lopsided_note(data.stats["corpus"], cfg, as_flags)):
             print(f"note: {lopsided}", file=sys.stderr)

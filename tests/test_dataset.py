@@ -1521,6 +1521,20 @@ def test_the_command_takes_trainingmanagers_spelling_of_the_sources(tmp_path, ca
     assert hits == [False, True]
 
 
+def test_the_printed_pair_counts_name_their_sources(tmp_path, capsys):
+    """dataset.py's JSON counts the pair records read from each source under that source's name
+    (a validation source under its split), not as a list in an order the reader must know."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl",
+                        [{"input": f"def f{i}(x):", "output": f"    return x + {i}"}
+                         for i in range(3)])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"input": "def g(x):", "output": "    return x"}])
+    argv = ["--sources", str(EMAIL), str(pairs), "--val-sources", str(held),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert dataset.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)["corpus"]["pairs"]
+    assert printed == {f"val: {held}": 1, str(EMAIL): 0, str(pairs): 3}
+
+
 def test_two_folders_of_one_name_are_refused_naming_both(tmp_path):
     """A folder's documents are named by its name: alpha/src and beta/src would give files
     of one name (one repository to the project task), so they are refused, naming both."""
