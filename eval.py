@@ -5,7 +5,8 @@ refactor on the corpus's split, and the benchmarks: pass@k (samples run in ``cod
 passk's problems, HumanEval(+) and MBPP(+) as bigcode-evaluation-harness runs them, FIM and
 CodeXGLUE method generation, and Long Code Arena's project-level completion on a git history
 (project-completion). Every model of ``--models`` is scored on the same examples; results
-are written after each model, so the same command with the same ``--out-dir`` resumes.
+are written after each model, so the same command with the same ``--out-dir`` resumes, and
+within a model samples only the generations its journal had not kept (codelm.evaluation.journal).
 ``--prompt TEXT`` streams each model's completion; ``--serve`` serves the models over the OpenAI
 API; ``--models x=openai:URL`` scores an endpoint's pass@k.
 """
@@ -22,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,7 +39,7 @@ from codelm.data.config import DataConfig
 from codelm.data.sources import Doc
 from codelm.endpoints import Endpoint, Sampling, endpoint_model, is_endpoint, parse_endpoint
 from codelm.endpoints import complete as complete_at
-from codelm.evaluation import corpus, instruct, scoring
+from codelm.evaluation import corpus, instruct, journal, scoring
 from codelm.evaluation.config import (
     EvalConfig,
     build_parser,
@@ -88,6 +90,10 @@ def model_specs(cfg: EvalConfig) -> list[str]:
 # same name, on the run's held-out data); other runs, and models that are no runs, on lm and
 # line (fim is not here: eval's fim task is SantaCoder's benchmark, not a run's own data).
 OWN_TASKS = ("completion", "method", "docstring", "refactor")
+
+# Under an evaluation's --out-dir: each model's finished generations while it is evaluated
+# (codelm.evaluation.journal), removed once its results are saved.
+JOURNAL_DIR = "journal"
 
 
 def runs_own_tasks(cfg: EvalConfig) -> list[str]:
@@ -226,11 +232,15 @@ class EvalProgress:
     models: list[str] = field(default_factory=list)  # labels, in evaluation order
     saved: list[str] = field(default_factory=list)  # models whose results are on disk
     running: str | None = None  # the model being evaluated or saved
+    journal: Path | None = None  # where the running model's finished generations are kept
     table: str = ""  # the finished models' table as the console shows it
 
     def summary(self) -> str:
         """Where a stopped evaluation stopped and what it left on disk ("" before the models)."""
         stopped = f"stopped at model {self.running}; " if self.running else ""
+        if self.journal is not None and any(self.journal.glob("*.jsonl")):
+            stopped += (f"its finished generations are kept in {self.journal} (the same command "
+                        f"with --out-dir {self.out_dir} samples only the rest); ")
         if not self.saved:
             return stopped and f"{stopped}no model's results were saved"
         rest = "" if len(self.saved) == len(self.models) else (
@@ -371,11 +381,13 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
     if progress.saved:
         print(f"resuming {progress.out_dir}: {len(progress.saved)} of {len(models)} models "
               f"already evaluated ({', '.join(progress.saved)})", file=sys.stderr)
-    for lm in models:
+    for lm, model_identity in zip(models, results["models"]):
         if lm.label in progress.saved:
             continue
         progress.running = lm.label
-        model_rows, model_records = _evaluate_model(lm, settings, items, data_cfg)
+        progress.journal = progress.out_dir / JOURNAL_DIR / file_name_of(lm.label)
+        with journal.journaled(progress.journal, json.dumps(model_identity, sort_keys=True)):
+            model_rows, model_records = _evaluate_model(lm, settings, items, data_cfg)
         rows += model_rows
         records += model_records
         pending = progress.models[progress.models.index(lm.label) + 1 :]
@@ -387,9 +399,17 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
             save(progress.out_dir, results, records)
             progress.saved.append(lm.label)
             progress.running = None
+            _remove_journal(progress)
     results.update(complete=True, pending=[], rows=rows, table=markdown_table(rows, note))
     progress.table = markdown_table(rows, note, shown=registry.on_console)
     return results
+
+
+def _remove_journal(progress: EvalProgress) -> None:
+    """A saved model's journal of generations, and the journals' directory once empty."""
+    shutil.rmtree(progress.journal, ignore_errors=True)
+    _remove_empty([progress.journal.parent])
+    progress.journal = None
 
 
 def _refuse_results(out: Path) -> None:

@@ -2959,6 +2959,93 @@ def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
 
 
 
+def test_a_stopped_evaluation_samples_only_what_it_had_not_and_scores_as_one_unstopped(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    """Each generation's finished sequences are kept in --out-dir's journal as they finish: the
+    same command after a stop (a torn last line, as a kill leaves, read past) generates only the
+    rest, and its predictions and scores equal an evaluation that never stopped. The journal
+    is removed once the model's results are saved."""
+    from codelm.evaluation import journal
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    added = []
+    add = scoring.Engine.add
+
+    def counted(engine, *args, **kwargs):
+        added.append(1)
+        return add(engine, *args, **kwargs)
+
+    monkeypatch.setattr(scoring.Engine, "add", counted)
+    flags = ["--models", f"m={tiny_models['base']}", "--tasks", "passk", "line", "--limit", "2",
+             "--data", str(tiny_models["code"]), "--num-samples", "3", "--temperature", "0.8",
+             "--max-new-tokens", "12", "--block-size", "64", "--no-progress", "--workers", "2"]
+    assert ev.main([*flags, "--out-dir", str(tmp_path / "whole")]) == 0
+    whole = len(added)
+    capsys.readouterr()
+
+    keep = journal.keep
+    kept = []
+
+    def stop_after_four(file, prompt, new_ids):
+        keep(file, prompt, new_ids)
+        kept.append(prompt)
+        if len(kept) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(journal, "keep", stop_after_four)
+    out = tmp_path / "stopped"
+    assert ev.main([*flags, "--out-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert all(w in err for w in ("finished generations are kept", str(out / "journal" / "m"),
+                                  f"--out-dir {out}")), err
+    (journal_file,) = (out / "journal" / "m").glob("passk-*.jsonl")
+    assert len(journal_file.read_text().splitlines()) == 4
+    with journal_file.open("a") as file:
+        file.write('{"prompt": 8, "new_i')  # a kill in mid-line
+    monkeypatch.setattr(journal, "keep", keep)
+    added.clear()
+    assert ev.main([*flags, "--out-dir", str(out)]) == 0
+    assert len(added) == whole - 4
+    assert not (out / "journal").exists()
+    assert (out / "table.md").read_text() == (tmp_path / "whole" / "table.md").read_text()
+    records = []
+    for directory in (out, tmp_path / "whole"):
+        lines = (directory / "predictions.jsonl").read_text().splitlines()
+        # stderr_tail names the sandbox's own temporary directory
+        records.append([{**json.loads(line), "stderr_tail": None} for line in lines])
+    assert records[0] == records[1]
+    assert len({r["prediction"] for r in records[0] if r["task"] == "passk"}) > 3  # sampled
+    rows = [json.loads((d / "results.json").read_text())["rows"] for d in (out, tmp_path / "whole")]
+    assert rows[0] == rows[1]
+
+
+def test_a_journal_file_is_named_by_everything_that_decides_its_generations(tmp_path):
+    """Another model's weights, task, prompt, seed, sampling setting or prompt format names
+    another file, so a continued evaluation reads only generations it would sample itself;
+    outside an evaluation's journal nothing is kept."""
+    from codelm.evaluation.journal import generation_file, journaled
+    from codelm.models.generation import GenerationConfig
+
+    gen = GenerationConfig(8, eos_id=[2])
+    assert generation_file("line", [[5, 6]], gen, 0, False) is None
+    with journaled(tmp_path, "weights a"):
+        same = generation_file("line", [[5, 6]], gen, 0, False)
+        others = [generation_file("passk", [[5, 6]], gen, 0, False),
+                  generation_file("line", [[5, 7]], gen, 0, False),
+                  generation_file("line", [[5, 6]], gen, 1, False),
+                  generation_file("line", [[5, 6]], gen, 0, True),
+                  generation_file("line", [[5, 6]], GenerationConfig(9, eos_id=[2]), 0, False),
+                  generation_file("line", [[5, 6]], dataclasses.replace(gen, temperature=0.8),
+                                  0, False),
+                  generation_file("line", [[5, 6]], dataclasses.replace(gen, temperature=0.8, top_p=0.9), 0,
+                                  False)]
+        assert generation_file("line", [[5, 6]], gen, 0, False) == same
+    with journaled(tmp_path, "weights b"):
+        others.append(generation_file("line", [[5, 6]], gen, 0, False))
+    assert len({same, *others}) == len(others) + 1
+    assert all(path.parent == tmp_path for path in others)
+
+
 def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
         tiny_models, tmp_path, monkeypatch, capsys):
     """A SIGINT landing between results.json's rename and the bookkeeping reports what

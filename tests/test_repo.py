@@ -143,6 +143,7 @@ EVAL_CONFIG, METRICS, SCORING = ("codelm.evaluation.config", "codelm.evaluation.
                                  "codelm.evaluation.scoring")
 EVAL_CORPUS, RESULTS = "codelm.evaluation.corpus", "codelm.evaluation.results"
 INSTRUCT = "codelm.evaluation.instruct"
+JOURNAL = "codelm.evaluation.journal"
 PREFERENCE_PAIRS = "codelm.evaluation.preference_pairs"
 PROBLEMS, PASSK, REGISTRY = ("codelm.evaluation.tasks.problems", "codelm.evaluation.tasks.passk",
                              "codelm.evaluation.tasks.registry")
@@ -252,8 +253,9 @@ MAY_IMPORT = {
     SANDBOX_COMMAND: {PROCESS, SETTINGS, RUNNER},
     METRICS: set(),
     INSTRUCT: set(),
+    JOURNAL: {GENERATION},
     SCORING: {PROCESS, "tokenizer", BPE, DATA_CONFIG, DATASETS, ENCODING, EXAMPLES, LOADING,
-              ENGINE, GENERATION},
+              ENGINE, GENERATION, JOURNAL},
     PROBLEMS: {SETTINGS, HUB, DATA_SOURCES},
     PASSK: {PROCESS, SETTINGS, GENERATION, RUNNER, DATA_CONFIG, LOADING, METRICS, INSTRUCT, SCORING,
             PROBLEMS},
@@ -275,7 +277,7 @@ MAY_IMPORT = {
     PREFERENCE_PAIRS: {PROCESS},
     "eval": {PROCESS, SETTINGS, RUNDIR, GENERATION, SERVING, ENDPOINTS, DATA_CONFIG, DATA_SOURCES,
              LOADING, INSTRUCT, EVAL_CONFIG, EVAL_CORPUS, RESULTS, SCORING, PASSK, REGISTRY,
-             PREFERENCE_PAIRS},
+             PREFERENCE_PAIRS, JOURNAL},
     GGUF_COMMAND: {PROCESS, SETTINGS, FAMILIES, GGUF_WRITER, LOADING},
     TRAINER: {CONSOLE, PROCESS, SETTINGS, "architecture", CHECKPOINT, DISTRIBUTED, OPTIM, TRAINCONFIG},
     RECORD: {CONSOLE, PROCESS, SETTINGS, RNG, RUNDIR, CHECKPOINT, TRACKERS, DISTRIBUTED},

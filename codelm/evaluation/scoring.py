@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -24,6 +25,7 @@ from codelm.data.encoding import (
     tokenize_examples,
 )
 from codelm.data.examples import Example, stop_ids_of
+from codelm.evaluation import journal
 from codelm.loading import LoadedModel
 from codelm.models.engine import Engine, pool_length
 from codelm.models.generation import GenerationConfig, generate, stream, truncate_at_stops
@@ -217,7 +219,8 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
         stop=(list(stops) or None) if cfg.num_beams == 1 else None, decode=decoded, answer=start)
     device = next(model.parameters()).device
     if cfg.num_beams == 1:
-        return _engine_texts(lm, encoded, gen, eos, cfg, stops, text, desc)
+        kept_in = journal.generation_file(desc, encoded, gen, cfg.seed, chat)
+        return _engine_texts(lm, encoded, gen, eos, cfg, stops, text, desc, kept_in)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     with progress_bar(total=len(order), desc=f"{lm.label} {desc}", unit="prompt",
@@ -244,33 +247,53 @@ def _prompt_generator(seed: int, prompt: int, device: torch.device) -> torch.Gen
 
 def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConfig,
                   eos: list[int], cfg: Scoring, stops: Sequence[str],
-                  text: Callable[[list[int]], str], desc: str) -> list[str]:
+                  text: Callable[[list[int]], str], desc: str,
+                  kept_in: Path | None = None) -> list[str]:
     """``generate_texts`` through the continuous-batching engine (cfg.batch_size slots, its step
     compiled where cfg.compile asks): prompt i samples with its own generator, seeded
-    cfg.seed + i, so its text does not depend on the batch it ran in."""
+    cfg.seed + i, so its text does not depend on the batch it ran in. ``kept_in``: the journal
+    file whose finished prompts are not generated again, and which keeps each one finishing."""
+    new_ids = journal.finished(kept_in)
+    rest = [i for i in range(len(encoded)) if i not in new_ids]
+    if rest:
+        new_ids.update(_engine_ids(lm, encoded, rest, gen, cfg, desc, kept_in))
+    outputs = []
+    for i in range(len(encoded)):
+        ids = new_ids[i]
+        ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
+        outputs.append(truncate_at_stops(text(ids), stops))
+    return outputs
+
+
+def _engine_ids(lm: LoadedModel, encoded: list[list[int]], rest: list[int],
+                gen: GenerationConfig, cfg: Scoring, desc: str,
+                kept_in: Path | None) -> dict[int, list[int]]:
+    """The new tokens of the prompts numbered ``rest`` of ``encoded``, each appended to the
+    journal file ``kept_in`` as it finishes. The pool is sized for every prompt of ``encoded``,
+    as it is when none was kept."""
     longest = max(len(ids) for ids in encoded) + gen.max_new_tokens
     engine = Engine(lm.model, cfg.batch_size, max_len=pool_length(longest, context(lm, cfg)),
                     compile=cfg.compile)
     device = next(lm.model.parameters()).device
-    order = []
-    for i, ids in enumerate(encoded):
+    prompt_of = {}
+    for i in rest:
         generator = None
         if gen.temperature > 0:
             generator = _prompt_generator(cfg.seed, i, device)
-        order.append(engine.add(ids, replace(gen, generator=generator, compile=False)))
-    new: dict[int, list[int]] = {request: [] for request in order}
-    with progress_bar(total=len(order), desc=f"{lm.label} {desc}", unit="prompt",
-                      enabled=cfg.progress, leave=False) as bar:
+        request = engine.add(encoded[i], replace(gen, generator=generator, compile=False))
+        prompt_of[request] = i
+    new_ids: dict[int, list[int]] = {i: [] for i in rest}
+    with (progress_bar(total=len(encoded), initial=len(encoded) - len(rest),
+                       desc=f"{lm.label} {desc}", unit="prompt", enabled=cfg.progress,
+                       leave=False) as bar,
+          journal.appending(kept_in) as kept):
         for event in engine.run():
-            new[event.request].append(event.token)
+            prompt = prompt_of[event.request]
+            new_ids[prompt].append(event.token)
             if event.finished is not None:
                 bar.update(1)
-    outputs = []
-    for request in order:
-        ids = new[request]
-        ids = ids[: next((j for j, t in enumerate(ids) if t in eos), len(ids))]
-        outputs.append(truncate_at_stops(text(ids), stops))
-    return outputs
+                journal.keep(kept, prompt, new_ids[prompt])
+    return new_ids
 
 
 def completion_room_notes(lm: LoadedModel, prompt: str, cfg: Scoring) -> list[str]:
