@@ -80,7 +80,7 @@ from codelm.data.examples import (
     held_out_prompt,
 )
 from codelm.data.project import project_pairs, repository_name
-from codelm.data.shards import SHARD_FORMAT_VERSION
+from codelm.data.shards import SHARD_FORMAT_VERSION, python_only_note
 from codelm.data.sources import Doc, plain_text
 from codelm.data.splits import Corpus, Texts, corpus_key, load_corpus, lopsided_note
 from codelm.kernels import IGNORE_INDEX
@@ -662,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         by_fraction = not (cfg.val_sources or cfg.test_sources)
         if by_fraction and (lopsided := lopsided_note(data.stats["corpus"], cfg, as_flags)):
             print(f"note: {lopsided}", file=sys.stderr)
+        if python_only := python_only_note(data.stats["corpus"]):
+            print(f"note: {python_only}", file=sys.stderr)
         if tokenizer is None:
             print(f"note: the cleaned corpus only: the {cfg.task} task's examples are built "
                   "with a tokenizer (--tokenizer FILE_OR_DIR: a model's, or a run's runs/NAME; "

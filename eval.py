@@ -86,10 +86,11 @@ def model_specs(cfg: EvalConfig) -> list[str]:
     return [str(run)]
 
 
-# A run of one of these tasks is scored on it where --tasks is not given (eval's task of the
-# same name, on the run's held-out data); other runs, and models that are no runs, on lm and
-# line (fim is not here: eval's fim task is SantaCoder's benchmark, not a run's own data).
-OWN_TASKS = ("completion", "method", "docstring", "refactor")
+# A run of one of these tasks is scored on its eval task here where --tasks is not given (on the
+# run's held-out data: a fim run on infill, eval's fim being SantaCoder's benchmark); other
+# runs, and models that are no runs, on lm and line.
+OWN_TASKS = {"completion": "completion", "method": "method", "docstring": "docstring",
+             "refactor": "refactor", "fim": "infill"}
 
 # Under an evaluation's --out-dir: each model's finished generations while it is evaluated
 # (codelm.evaluation.journal), removed once its results are saved.
@@ -115,10 +116,10 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
     for spec, task in zip(specs, trained):
         if task in OWN_TASKS:
             runs.append(spec)
-            if task not in tasks:
-                tasks.append(task)
+            if OWN_TASKS[task] not in tasks:
+                tasks.append(OWN_TASKS[task])
     if tasks:
-        print(f"tasks: {' '.join(tasks)}, what {', '.join(runs)} trained on (--tasks names "
+        print(f"tasks: {' '.join(tasks)}, for what {', '.join(runs)} trained on (--tasks names "
               "others)", file=sys.stderr)
     return tasks
 

@@ -81,8 +81,9 @@ class TrainConfig:
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
     #   adapters stay fp32); fp16 turns on loss scaling
     # data (dataset.py): task and sources (None: the Python standard library)
-    task: str = "lm"  # lm (the next token of code files) | completion (a file's prefix -> its
-    #   next line) | method (a function's signature and docstring -> its body) | docstring (a
+    task: str = "lm"  # lm (the next token of code files) | completion (100 tokens of a file
+    #   -> its next 35; data_options {"completion_style": "line"}: a file's prefix -> its next
+    #   line) | method (a function's signature and docstring -> its body) | docstring (a
     #   class without its docstring -> the docstring; functions too with data_options
     #   {"docstring_targets": "both"}) | refactor (JSONL input ->
     #   output pairs) | fim (fill in the middle) | chat (conversation JSONL, in the tokenizer's

@@ -362,7 +362,8 @@ def test_a_pair_with_a_blank_prompt_or_a_blank_target_is_dropped(tmp_path):
 
 def test_python_only_cleaning_leaves_other_languages_as_they_are(tmp_path):
     """strip_comments, strip_docstrings and autopep8 are Python rewrites: a Kotlin file is kept
-    verbatim (stripping would drop it as a Python syntax error; autopep8 would respace it)."""
+    verbatim (stripping would drop it as a Python syntax error; autopep8 would respace it), and
+    the data line says how many files the options left as they were."""
     src = tmp_path / "kt"
     src.mkdir()
     kotlin = ("package core\n\n// a comment\nfun add(a: Int,b: Int): Int {\n"
@@ -377,6 +378,10 @@ def test_python_only_cleaning_leaves_other_languages_as_they_are(tmp_path):
     assert texts["kt/b.py"] == "import os\n\n\ndef f(a):\n    return a\n"  # Python is rewritten
     assert stats["modified"] == {"autopep8_changed": 1, "comments_or_docstrings_stripped": 1,
                                  "not_python_kept_as_is": 1}
+    said = shards.describe_corpus({**stats, "split": {"train": 2}})  # the data line says so
+    assert all(w in said for w in ("1 non-Python file kept as it is", "Python only")), said
+    unasked = clean_corpus(cfg(tmp_path, sources=[str(src)], extensions=[".kt", ".py"]))[1]
+    assert "non-Python" not in shards.describe_corpus({**unasked, "split": {"train": 2}})
 
 
 def test_pairs_with_one_prompt_and_different_targets_are_all_kept(tmp_path):
@@ -497,8 +502,10 @@ def test_cleaning_keeps_python_lines_at_odd_line_breaks(tmp_path):
 
 
 def test_long_literal_counts_real_literals_not_quotes_in_comments(tmp_path):
-    """A long comment with apostrophes is no long literal (reference: tokenize for Python); real
-    long literals still drop their file, in Python, in Python tokenize rejects, and in Kotlin."""
+    """A long comment with apostrophes is no long literal (reference: tokenize for Python), nor
+    quotes in Kotlin's /* */ comments and KDoc lines; real long literals still drop their file,
+    in Python, in Python tokenize rejects, in Kotlin after a closed comment, and in a shell
+    script, where /* opens no comment."""
     src = tmp_path / "src"
     src.mkdir()
     comment = "Don't change this: " + "the parser relies on the order of fields " * 12 + "it's ok"
@@ -510,14 +517,18 @@ def test_long_literal_counts_real_literals_not_quotes_in_comments(tmp_path):
         "string.py": f"x = 1  # it's\ny = {long_string}  # it's\n",
         "string.kt": f"val x = 1\nval y = {long_string.replace(chr(39), chr(34))} // it's\n",
         "unclosed_string.py": f"x = 1\ny = {long_string}\nz = '''never closed\n",
+        # quotes in a /* */ comment or a KDoc line: no literal; code after a comment closes is
+        "kdoc.kt": f"/**\n * Example: {long_string}\n */\nval x = /* {long_string} */ 1\n",
+        "closed.kt": f"val w = 1\nval x = /* a */ {long_string.replace(chr(39), chr(34))}\n",
+        "glob.sh": f"cp dir/* out/  # {comment}\necho {long_string}\n",  # no /* */ in shell
     }
     for name, text in files.items():
         (src / name).write_text(text)
-    corpus = load_corpus(cfg(tmp_path, sources=[str(src)], extensions=[".py", ".kt"],
+    corpus = load_corpus(cfg(tmp_path, sources=[str(src)], extensions=[".py", ".kt", ".sh"],
                              train_frac=1.0, val_frac=0.0, test_frac=0.0))
     assert sorted(d.id for d in corpus.train) == [
-        "src/comment.kt", "src/comment.py", "src/unclosed.py"]
-    assert corpus.stats["dropped"] == {"long_literal": 3}
+        "src/comment.kt", "src/comment.py", "src/kdoc.kt", "src/unclosed.py"]
+    assert corpus.stats["dropped"] == {"long_literal": 5}
     for name in ("comment.py", "string.py"):
         tokens = tokenize.generate_tokens(io.StringIO(files[name]).readline)
         longest = max(len(t.string) for t in tokens if t.type in (tokenize.STRING, tokenize.NUMBER))
@@ -602,6 +613,22 @@ def test_every_leading_licence_block_goes_and_a_documentation_comment_stays():
                                 "//") == ("'use strict';\n", True)
     assert strip_license_header("/** Copyright 2024 Acme. */\npublic class A {}\n", "//") == (
         "public class A {}\n", True)
+
+
+def test_a_notice_after_the_headers_own_comments_goes_and_they_stay():
+    """A licence notice after a comment of the header's own (a linter's directive, a line on
+    the project) or a Kotlin @file: annotation is removed; what comes before it stays."""
+    notice = "/*\n * Copyright (C) 2018 Square, Inc.\n *\n * Licensed under the Apache License\n */\n"
+    directive = "// ktlint-disable filename\n" + notice + "package okio\n"
+    assert strip_license_header(directive, "//") == (
+        "// ktlint-disable filename\npackage okio\n", True)
+    annotated = '@file:JvmName("Utf8")\n\n' + notice + "\npackage okio\n"
+    assert strip_license_header(annotated, "//") == (
+        '@file:JvmName("Utf8")\n\npackage okio\n', True)
+    described = "# Helpers for strings.\n\n# Copyright 2024 Acme\n# SPDX-License-Identifier: MIT\n\nx = 1\n"
+    assert strip_license_header(described) == ("# Helpers for strings.\n\nx = 1\n", True)
+    code_after = "/* Helpers */ fun f() = 1\n/* Copyright 2024 Acme */\n"  # code first: no header
+    assert strip_license_header(code_after, "//") == (code_after, False)
 
 
 def test_a_kotlin_raw_strings_length_is_its_whole_text():
@@ -2823,6 +2850,24 @@ def test_a_folder_of_other_code_is_named_with_the_extensions_that_read_it(tmp_pa
         prepare(cfg(tmp_path, sources=[str(notes)]), tok)
 
 
+def test_a_folder_of_record_files_is_named_with_the_files_as_sources(tmp_path, tok):
+    """A folder of JSONL (or parquet) files given as a source: the error says its records are
+    read from the files given as sources, not an extension option that would read each file
+    as one text; such an extension is refused, naming the way that reads the records."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl.gz"):
+        (shards / name).write_text("{}\n")
+    with pytest.raises(DataError) as err:
+        prepare(cfg(tmp_path, sources=[str(shards)]), tok)
+    message = str(err.value)
+    assert "2 .jsonl, 1 .jsonl.gz files" in message and f"--data {shards}/*.jsonl" in message
+    assert "--data-options" not in message, message  # no extension reads records
+    with pytest.raises(DataError, match=r"extensions: \['\.jsonl'\] are files of records.*"
+                                        r"--data DIR/\*\.jsonl"):
+        prepare(cfg(tmp_path, sources=[str(shards)], extensions=[".jsonl"]), tok)
+
+
 def test_a_git_clone_without_a_checkout_is_named_as_one(tmp_path, tok):
     """A clone made with --no-checkout holds only .git: the error says so and how to fill it."""
     clone = tmp_path / "clone"
@@ -3388,6 +3433,24 @@ def test_the_held_out_sample_prompt_is_in_the_tasks_format(tmp_path):
     prompt, code = held_out_prompt([doc, pair], cfg(tmp_path, task="refactor"))
     assert prompt == REFACTOR_TEMPLATE.format(input="x = 1\n") and not code
     assert held_out_prompt([pair], cfg(tmp_path)) is None
+
+
+def test_code_of_another_language_prompts_its_sample_with_a_files_opening(tmp_path):
+    """Held-out Kotlin (or any code of a known language but Python) prompts the end-of-run
+    sample with a file's lines through its first block's opening brace, a completion of no
+    Python function's end; a Python function's header comes first; text that is no code of a
+    known language (Markdown, a JSONL record) gives none."""
+    kotlin = Doc("okio/Buffer.kt", "package okio\n\nimport java.io.IOException\n\n"
+                 "/** A buffer. */\nclass Buffer : BufferedSource {\n  val size = 0L\n}\n")
+    opening = ("package okio\n\nimport java.io.IOException\n\n/** A buffer. */\n"
+               "class Buffer : BufferedSource {\n")
+    assert held_out_prompt([kotlin], cfg(tmp_path)) == (opening, False)
+    python = Doc("b.py", "def main():\n    main()\n")
+    assert held_out_prompt([kotlin, python], cfg(tmp_path)) == ("def main():\n", True)
+    markdown = Doc("notes.md", "# Title {\nwords\n")
+    record = Doc("code.jsonl:3", "class A {\n}\n")
+    braceless = Doc("run.sh", "#!/bin/sh\necho hi\n")
+    assert held_out_prompt([markdown, record, braceless], cfg(tmp_path)) is None
 
 
 def test_a_docstring_runs_sample_prompt_is_cut_as_training_cuts_it(tmp_path, tok):

@@ -1589,8 +1589,8 @@ def test_models_with_different_tokenizers_get_a_note_under_the_table(tiny_models
 
 def test_a_held_out_file_scores_whole_with_split_all_and_a_split_of_it_is_named(
         tiny_models, tmp_path, monkeypatch, capsys):
-    """--data names a file no run split: its test split is a cut of it, said on stderr with
-    the counts and fractions; --split all scores every record."""
+    """--data names a file no run split: its test split is a cut of it, said with the counts
+    and fractions; --split all scores every record, said without the splits."""
     import json
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
@@ -1608,7 +1608,9 @@ def test_a_held_out_file_scores_whole_with_split_all_and_a_split_of_it_is_named(
     assert ev.main([*common, "--split", "all", "--out-dir", str(tmp_path / "all")]) == 0
     assert json.loads((tmp_path / "all" / "results.json").read_text())["examples"] == {
         "refactor": 20}
-    assert "data: scoring" not in capsys.readouterr().out
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: ")]
+    assert len(lines) == 2 and "split" not in lines[0], lines  # no split is scored
+    assert lines[1] == f"data: scoring all 20 documents of {pairs} (--split all)"
 
 
 def test_results_record_the_context_each_model_was_scored_with(tiny_models, tmp_path,
@@ -2832,8 +2834,9 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
 def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_path,
                                                               monkeypatch, capsys):
     """--tasks unset: a run of a supervised task (docstring here) is scored on it, beside a base
-    model too, and the choice is said; --tasks given, a lm run, or --serve keep theirs. A run
-    without export/ is scored from its best/, said so."""
+    model too, and the choice is said, a fim run on infill (its own held-out lines); --tasks
+    given, a lm run, or --serve keep theirs. A run without export/ is scored from its best/,
+    said so."""
     import trainingmanager as tm
     from codelm.evaluation.config import parse_config
 
@@ -2845,6 +2848,7 @@ def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_
     docs = tm.train(trainconfig.TrainConfig(
         task="docstring", data_options={"docstring_targets": "both"}, name="doc-run",
         **common)).run_dir
+    infilled = tm.train(trainconfig.TrainConfig(task="fim", name="fim-run", **common)).run_dir
     plain = tm.train(trainconfig.TrainConfig(name="plain", **common)).run_dir
     base = str(tiny_models["base"])
     capsys.readouterr()
@@ -2854,12 +2858,14 @@ def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_
                             ev.runs_own_tasks).tasks
 
     assert tasks("--models", str(docs)) == ["docstring"]
-    assert f"tasks: docstring, what {docs} trained on" in capsys.readouterr().err
+    assert f"tasks: docstring, for what {docs} trained on" in capsys.readouterr().err
     assert tasks("--models", base, f"{docs}/best") == ["docstring"]
     assert tasks() == ["lm", "line"]  # the latest run: plain, of task lm
     assert tasks("--models", "doc-run") == ["docstring"]  # a run named under --runs-dir
     assert "(under --runs-dir)" not in capsys.readouterr().err  # said once, by model_specs
     assert tasks("--models", str(docs), "--tasks", "lm") == ["lm"]
+    assert tasks("--models", str(infilled)) == ["infill"]  # eval's fim is SantaCoder's
+    assert f"tasks: infill, for what {infilled} trained on" in capsys.readouterr().err
     assert tasks("--models", str(plain), base) == ["lm", "line"]
     assert tasks("--models", str(docs), "--serve") == ["lm", "line"]
     capsys.readouterr()
@@ -3118,6 +3124,25 @@ def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones
     assert "\n| model | line EM |" in captured.out  # the table is not lost
     assert "| b |" in captured.out
     assert {p.name: p.read_text() for p in out.iterdir()} == earlier  # no half-written file
+
+
+def test_a_model_whose_predictions_are_mostly_empty_is_noted(tiny_models, tmp_path,
+                                                             monkeypatch, capsys):
+    """Half or more of a task's predictions empty (the text ended, or held only blank lines)
+    scores near 0: a note says so, naming the model and the counts; fewer say nothing."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    argv = ["--models", f"tuned={tiny_models['base']}", "--data", str(tiny_models["code"]),
+            "--tasks", "line", "--split", "all", *FAST_FLAGS]
+    for texts, noted in ((["\n\n", ""], True), (["\n\n", "x = 1"], True),
+                         (["x = 1", "y = 2"], False)):
+        monkeypatch.setattr(scoring, "generate_texts",
+                            lambda lm, prompts, *args, texts=texts, **kwargs:
+                            (texts * len(prompts))[: len(prompts)])
+        assert ev.main([*argv, "--out-dir", str(tmp_path / str(texts))]) == 0
+        err = capsys.readouterr().err
+        empty = sum(not text.strip() for text in texts)
+        said = f"tuned: {empty} of 2 line predictions are empty"
+        assert (said in err) == noted, err
 
 
 def _record_models(evaluated: list):
@@ -4802,6 +4827,61 @@ def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp
     assert metrics == {"fim/EM": 75.0, "fim/EM_js": 100.0, "fim/EM_py": pytest.approx(200 / 3)}
     fim_prefix = Tokenizer.from_file(str(model_dir / "tokenizer.json")).token_to_id("<fim_prefix>")
     assert len(seen) == 4 and all(ids[0] == fim_prefix for ids in seen)
+
+
+def test_infill_scores_held_out_lines_as_the_fim_task_scores_the_same_records(tmp_path,
+                                                                              monkeypatch):
+    """--tasks infill fills in lines of the split's files (any language; those line completion
+    draws), each between its file's text before and after it (together the file), in the
+    model's FIM tokens; its scores are those --tasks fim (the harness's santacoder_fim scoring)
+    gives the same problems written as that task's records."""
+    import json
+
+    from tiny_hf import save_tiny_hf
+    from tokenizers import Tokenizer
+
+    model_dir = tmp_path / "starcoder"
+    vocab = Tokenizer.from_file(str(_fim_tokenizer("starcoder", model_dir))).get_vocab_size()
+    save_tiny_hf("gpt_bigcode", model_dir, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+    code = tmp_path / "code"
+    code.mkdir()
+    files = {"Buffer.kt": "package okio\n\nclass Buffer {\n  val size = 0L\n}\n",
+             "util.py": "import os\n\n\ndef home():\n    return os.sep\n",
+             "pairs.jsonl": json.dumps({"input": "x = 1\n", "output": "x = 2\n"}) + "\n"}
+    for name, text in files.items():
+        (code / name).write_text(text)
+    def generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None, **kw):
+        answers = []
+        for prefix in prompts:  # the line after the prefix for every other problem
+            (text,) = [text for text in files.values() if text.startswith(prefix)]
+            line = text[len(prefix):].split("\n")[0]
+            answers.append(f"{line}\n" if len(answers) % 2 else "wrong")
+        return answers
+
+    monkeypatch.setattr(scoring, "generate_texts", generate)
+    flags = ["--models", str(model_dir), "--data", str(code), "--split", "all",
+             "--lines-per-file", "2", "--no-progress",
+             "--data-options", '{"extensions": [".kt", ".py"], "min_lines": 0}']
+    assert ev.main([*flags, "--tasks", "infill", "--out-dir", str(tmp_path / "infill")]) == 0
+    records = [json.loads(line)
+               for line in (tmp_path / "infill" / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {r["task"] for r in records} == {"infill"}
+    problems = []
+    for record in records:
+        name = record["id"].split("/")[-1].split("#")[0]
+        text = files[name]
+        prefix_end = text.index(record["reference"] + "\n")
+        assert text[:prefix_end].endswith(record["prompt_tail"]) and record["reference"].strip()
+        problems.append({"name": record["id"], "language": name.split(".")[-1],
+                         "prompt": text[:prefix_end], "canonical_solution": record["reference"],
+                         "suffix": text[prefix_end + len(record["reference"]):]})
+    infill = json.loads((tmp_path / "infill" / "results.json").read_text())["rows"][0]["metrics"]
+    fim_file = _write_jsonl(tmp_path / "fim.jsonl", problems)
+    assert ev.main([*flags, "--tasks", "fim", "--problems", f"fim={fim_file}",
+                    "--out-dir", str(tmp_path / "fim")]) == 0
+    fim = json.loads((tmp_path / "fim" / "results.json").read_text())["rows"][0]["metrics"]
+    assert infill == {key.replace("fim/", "infill/"): value for key, value in fim.items()}
+    assert infill == {"infill/EM": 50.0, "infill/EM_kt": 50.0, "infill/EM_py": 50.0}
 
 
 def test_a_dataset_split_of_several_shards_is_read_whole_in_order(tmp_path):

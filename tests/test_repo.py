@@ -147,12 +147,13 @@ JOURNAL = "codelm.evaluation.journal"
 PREFERENCE_PAIRS = "codelm.evaluation.preference_pairs"
 PROBLEMS, PASSK, REGISTRY = ("codelm.evaluation.tasks.problems", "codelm.evaluation.tasks.passk",
                              "codelm.evaluation.tasks.registry")
-LM_TASK, TEXT_TASK, FIM_TASK, CODEXGLUE_TASK, PROJECT_TASK = (
-    f"codelm.evaluation.tasks.{name}" for name in ("lm", "text", "fim", "codexglue", "project"))
+LM_TASK, TEXT_TASK, FIM_TASK, INFILL_TASK, CODEXGLUE_TASK, PROJECT_TASK = (
+    f"codelm.evaluation.tasks.{name}"
+    for name in ("lm", "text", "fim", "infill", "codexglue", "project"))
 HUMANEVAL, HUMANEVAL_PLUS, MBPP, MBPP_PLUS = (f"codelm.evaluation.tasks.{name}" for name in (
     "humaneval", "humaneval_plus", "mbpp", "mbpp_plus"))
-TASK_MODULES = {LM_TASK, TEXT_TASK, FIM_TASK, CODEXGLUE_TASK, HUMANEVAL, HUMANEVAL_PLUS, MBPP,
-                MBPP_PLUS, PROJECT_TASK}
+TASK_MODULES = {LM_TASK, TEXT_TASK, FIM_TASK, INFILL_TASK, CODEXGLUE_TASK, HUMANEVAL,
+                HUMANEVAL_PLUS, MBPP, MBPP_PLUS, PROJECT_TASK}
 PLAN, BUILD, TRAINER, BATCHES = ("codelm.training.plan", "codelm.training.build",
                                  "codelm.training.trainer", "codelm.training.batches")
 RECORD, FINISH, OPTIM = ("codelm.training.record", "codelm.training.finish",
@@ -262,6 +263,7 @@ MAY_IMPORT = {
     LM_TASK: TASK_FLOOR | {DATASETS},  # its windows' files kept apart as training keeps them
     TEXT_TASK: TASK_FLOOR,
     FIM_TASK: TASK_FLOOR,
+    INFILL_TASK: TASK_FLOOR | {FIM_TASK},
     CODEXGLUE_TASK: TASK_FLOOR | {TEXT_TASK},
     PROJECT_TASK: TASK_FLOOR | {COMPOSERS, HISTORY},
     HUMANEVAL: TASK_FLOOR,

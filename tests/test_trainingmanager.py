@@ -5644,7 +5644,7 @@ def test_a_run_whose_data_holds_no_sample_prompt_says_so(assets, tmp_path, capsy
                       data_options={"cache_dir": assets["cache"], "progress": False,
                                     "extensions": [".md"], "min_lines": 0}))
     out = capsys.readouterr().out
-    assert "no sample: the held-out data holds no Python function" in out
+    assert "no sample: the held-out data holds no code" in out
     assert "--sample-prompt" in out
 
 

@@ -36,7 +36,7 @@ _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
 # A quoted one-line literal (a raw string """...""" first: the quotes inside are its text) or,
 # outside one, a `//` or `#` comment start; a number.
 _STRING_OR_COMMENT = re.compile(r'"""(?:(?!""").)*"""'
-                                r"|\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|//|#")
+                                r"|\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|//|#|/\*")
 _NUMBER_LITERAL = re.compile(r"(?<![\w.])\d[\w.]*")
 # Python tokens that are literals (Python 3.12 splits f-strings: their text is FSTRING_MIDDLE).
 _LITERAL_TOKENS = {tokenize.STRING, tokenize.NUMBER, getattr(tokenize, "FSTRING_MIDDLE", -1)}
@@ -44,13 +44,14 @@ _LITERAL_TOKENS = {tokenize.STRING, tokenize.NUMBER, getattr(tokenize, "FSTRING_
 
 def strip_license_header(text: str, comment: str | None = "#", nested: bool = False
                          ) -> tuple[str, bool]:
-    """Remove the leading comment blocks that are copyright/licence notices (``/* */``, nested
-    where the language nests them, or lines opening with ``comment``, the language's
-    line-comment marker: a C file's ``#include`` lines are code; None, a file of no known
-    language: ``#`` where its first comment line opens with one, else ``//``), one after
-    another across blank lines, up to the first that is no notice (``_NOTICE``: copyright,
-    SPDX, "licensed under", a "License:" line, ...; not a comment that mentions a licence); a
-    ``/** */`` block a declaration follows at once, and no notice, is that declaration's
+    """Remove the comment blocks before a file's code that are copyright/licence notices
+    (``/* */``, nested where the language nests them, or lines opening with ``comment``, the
+    language's line-comment marker: a C file's ``#include`` lines are code; None, a file of no
+    known language: ``#`` where its first comment line opens with one, else ``//``), each with
+    the blank lines after it (``_NOTICE``: copyright, SPDX, "licensed under", a "License:"
+    line, ...; not a comment that mentions a licence). The other comments of the header stay,
+    a linter's directive before the notice too, and Kotlin's ``@file:`` annotations; a ``/**
+    */`` block a declaration follows at once, and no notice, is that declaration's
     documentation, kept. A shebang and an encoding line stay. Returns (text, removed)."""
     lines = source_lines(text, keepends=True)
     keep: list[str] = []
@@ -63,20 +64,37 @@ def strip_license_header(text: str, comment: str | None = "#", nested: bool = Fa
         first = _past_blank_lines(lines, i)
         comment = "#" if lines[first : first + 1] and lines[first].lstrip().startswith("#") else "//"
     removed = False
+    header_lines = False  # a comment or annotation of the header's own kept
     rest: list[str] = []  # code after the closing */ on its line (`/* (c) X, MIT */ package a`)
-    while not rest:
+    while True:
         start = _past_blank_lines(lines, i)
+        if start < len(lines) and lines[start].startswith("@file:"):  # Kotlin's, kept
+            keep += lines[i : start + 1]
+            header_lines = True
+            i = start + 1
+            continue
         end, rest = _comment_block(lines, start, comment, nested)
         block = "".join(lines[start:end])
-        if end == start or not _NOTICE.search(block) or _documents(lines, start, end, block):
+        if end == start or _documents(lines, start, end, block):  # the code begins
             rest = []
             break
+        if not _NOTICE.search(block):
+            if rest:  # the code begins after it, on its last line
+                rest = []
+                break
+            keep += lines[i:end]  # the header's own comment: a description, a linter's directive
+            header_lines = True
+            i = end
+            continue
+        if header_lines:  # the blank lines after them stay
+            keep += lines[i:start]
         removed = True
-        i = end
+        if rest:
+            i = end
+            break
+        i = _past_blank_lines(lines, end)
     if not removed:
         return text, False
-    if not rest:
-        i = _past_blank_lines(lines, i)
     return "".join(keep + rest + lines[i:]), True
 
 
@@ -153,25 +171,46 @@ def redact_secrets(text: str) -> tuple[str, int]:
     return text, total
 
 
-def longest_literal(text: str, at_least: int = 0, python: bool = False) -> int:
+def longest_literal(text: str, at_least: int = 0, python: bool = False,
+                    block_comments: bool = False) -> int:
     """Length of the longest one-line string literal or number (exact above ``at_least``); Python
-    through ``tokenize``, other text by a pattern that stops at a comment."""
+    through ``tokenize``, other text line by line by a pattern that skips comments
+    (``block_comments``: the language's /* */ ones too, see ``_longest_in_line``)."""
     lines = [line for line in source_lines(text) if len(line) > at_least]
     if lines and python:
         with contextlib.suppress(*PYTHON_PARSE_ERRORS):
             tokens = tokenize.generate_tokens(io.StringIO(text).readline)
             return max((len(t.string) for t in tokens
                         if t.type in _LITERAL_TOKENS and t.start[0] == t.end[0]), default=0)
+    return max((_longest_in_line(line, block_comments) for line in lines), default=0)
+
+
+def _longest_in_line(line: str, block_comments: bool) -> int:
+    """The longest string or number literal of one line of code that is not Python: none after
+    a line comment; where ``block_comments``, none inside a /* */ comment opening on the line
+    nor on a line opening with * (a block comment's inner line, as KDoc and Javadoc write
+    them)."""
+    if block_comments and line.lstrip().startswith("*"):
+        return 0
     longest = 0
-    for line in lines:
-        code = line
-        for m in _STRING_OR_COMMENT.finditer(line):
-            if m.group() in ("//", "#"):
-                code = line[: m.start()]
-                break
-            longest = max(longest, len(m.group()))
-        longest = max([longest] + [len(m.group()) for m in _NUMBER_LITERAL.finditer(code)])
-    return longest
+    code = []  # the line without its strings and comments, where numbers are read
+    position = 0
+    while match := _STRING_OR_COMMENT.search(line, position):
+        code.append(line[position : match.start()])
+        position = match.end()
+        if match.group() in ("//", "#"):
+            position = len(line)
+        elif match.group() == "/*" and not block_comments:
+            code.append(match.group())
+        elif match.group() == "/*":
+            close = line.find("*/", position)
+            position = len(line) if close < 0 else close + 2
+        else:
+            longest = max(longest, len(match.group()))
+            code.append(" ")
+    code.append(line[position:])
+    numbers = [len(m.group()) for m in _NUMBER_LITERAL.finditer("".join(code))]
+    return max([longest, *numbers])
 
 
 def _autopep8(text: str) -> tuple[str, str | None]:
@@ -257,6 +296,7 @@ def clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]
     if max(map(len, lines), default=0) > opt["max_line_length"]:
         return None, "long_line", mods
     limit = opt["max_literal_length"]
-    if longest_literal(text, limit, python=is_python) > limit:
+    block_comments = line_comment(raw.id, unknown=None) == "//"  # C's family: /* */ too
+    if longest_literal(text, limit, python=is_python, block_comments=block_comments) > limit:
         return None, "long_literal", mods
     return replace(raw, text=text), None, mods

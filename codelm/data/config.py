@@ -17,6 +17,8 @@ PROJECT_COMPOSERS = ("path_distance", "imports", "bm25")
 # The preference tasks (codelm.data.preferences reads their data, not ``prepare``).
 PREFERENCE_TASKS = ("dpo", "kto", "orpo", "simpo")
 SPLITS = ("train", "val", "test")
+# Files of records, read when given as sources: no extension of the code a directory holds.
+RECORD_EXTENSIONS = (".jsonl", ".parquet")
 
 REFACTOR_TEMPLATE = "### Refactor the following Python code to improve quality:\n\n{input}\n"
 # ``{source_code}`` is the class with its docstring removed.
@@ -144,6 +146,9 @@ class DataConfig:
                             "output_column (pairs), not both")
         if bad := [e for e in self.extensions if not (e.startswith(".") and len(e) > 1)]:
             raise DataError(f"DataConfig.extensions: {bad} must each be a suffix with its dot: '.kt'")
+        if records := [e for e in self.extensions if e.lower() in RECORD_EXTENSIONS]:
+            raise DataError(f"DataConfig.extensions: {records} are files of records, not code a "
+                            "directory holds: give the files as sources (--data DIR/*.jsonl)")
         for name in ("fim_rate", "near_dedupe_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"DataConfig.{name} must be in [0, 1], got {getattr(self, name)}")

@@ -16,7 +16,12 @@ from codelm.data.config import DOCSTRING_PROMPTS, REFACTOR_TEMPLATE, DataConfig,
 from codelm.data.sources import Doc, no_files_error, source_listing
 from codelm.runtime.console import progress_bar
 from codelm.tokenization.bpe import BPETokenizer
-from codelm.tokenization.source import PYTHON_PARSE_ERRORS, docstring_statement, source_lines
+from codelm.tokenization.source import (
+    PYTHON_PARSE_ERRORS,
+    docstring_statement,
+    line_comment,
+    source_lines,
+)
 
 
 def _shares_line(lines: Sequence[str], node: ast.AST) -> bool:
@@ -241,9 +246,11 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig,
                     ) -> SamplePrompt | None:
     """An end-of-run sample's prompt from held-out documents (a pair task's first example, its
     prompt as ``fitted`` cuts it for training: encoding.fitted_prompt; else the first top-level
-    function with a docstring, its header and docstring, else the first function's header),
-    and whether its completion ends with its function."""
+    function with a docstring, its header and docstring, else the first function's header;
+    else, in another language's code, a file's opening through its first block's ``{``), and
+    whether its completion ends with its function."""
     header = None
+    opening = None
     if cfg.task == "chat":  # its prompts need the tokenizer's template
         return None
     for doc in docs:
@@ -252,6 +259,8 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig,
                 if examples := examples_for(doc, cfg, Counter()):
                     return SamplePrompt(fitted(examples[0]), cfg.task == "method")
             continue
+        if opening is None and not doc.is_python and not doc.target:
+            opening = _block_opening(doc)
         parsed = _parse(doc) if doc.is_python else None  # is_python: not a pair
         for fn in parsed.tree.body if parsed else []:
             if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -264,7 +273,26 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig,
                 if docstring:
                     return SamplePrompt(text, True)
                 header = header or text
-    return None if header is None else SamplePrompt(header, True)
+    if header is not None:
+        return SamplePrompt(header, True)
+    return None if opening is None else SamplePrompt(opening, False)
+
+
+# A file's opening shown as a sample prompt ends within this many lines.
+OPENING_LINES = 30
+
+
+def _block_opening(doc: Doc) -> str | None:
+    """A code file's lines through the first that opens a block (ends with ``{``: a class or a
+    function of C's family, Kotlin, Go, Rust, JavaScript), within its first OPENING_LINES; None
+    for other files."""
+    if line_comment(doc.id, unknown=None) is None:  # no code of a known language
+        return None
+    lines = source_lines(doc.text)[:OPENING_LINES]
+    for number, line in enumerate(lines, 1):
+        if line.rstrip().endswith("{") and line.strip() != "{":
+            return "\n".join(lines[:number]) + "\n"
+    return None
 
 
 class ChatTurn(typing.NamedTuple):

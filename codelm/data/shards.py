@@ -364,18 +364,34 @@ def corpus_stats(manifests: Sequence[dict], cfg: DataConfig) -> dict:
     return stats
 
 
-def describe_corpus(stats: dict) -> str:
+def describe_corpus(stats: dict, splits: bool = True) -> str:
     """One line of a corpus's counts (``corpus_stats``): kept of all read (a record skipped as
-    malformed, ``skip_bad``, too), each drop's reason, the splits."""
+    malformed, ``skip_bad``, too), each drop's reason, the non-Python files the Python-only
+    options left as they were, and the splits (``splits`` False: a reader of every split)."""
     dropped = ", ".join(f"{reason} {n}" for reason, n in stats["dropped"].items() if n)
-    splits = ", ".join(f"{split} {n}" for split, n in stats["split"].items())
     kept = stats["kept"]["files"]
+    line = (f"{kept} of {kept + sum(stats['dropped'].values())} files/records kept "
+            f"(dropped: {dropped or 'none'})")
+    if note := python_only_note(stats):
+        line += f"; {note}"
+    if not splits:
+        return line
     unit = stats.get("split_by")
     by = f" by {unit}" if unit else ""
     if stats.get("split_by_asked", unit) != unit:  # repo asked: too few repositories for it
         by += " (fewer repositories than splits: by file)"
-    return (f"{kept} of {kept + sum(stats['dropped'].values())} files/records kept "
-            f"(dropped: {dropped or 'none'}); split {splits}{by}")
+    return f"{line}; split {', '.join(f'{s} {n}' for s, n in stats['split'].items())}{by}"
+
+
+def python_only_note(stats: dict) -> str | None:
+    """What a corpus's files not in Python kept of the options that read Python alone
+    (strip_comments, strip_docstrings, autopep8), or None where none was asked or met."""
+    n = stats["modified"].get("not_python_kept_as_is", 0)
+    if not n:
+        return None
+    kept = "file kept as it is" if n == 1 else "files kept as they are"
+    return (f"{n} non-Python {kept} (strip_comments, strip_docstrings and autopep8 read "
+            "Python only)")
 
 
 def shard_docs(work: Path, manifests: Sequence[dict]) -> Iterator[tuple[str, list]]:

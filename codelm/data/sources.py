@@ -185,6 +185,7 @@ def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]
 
 # The names of a JSONL file, plain or compressed.
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.xz")
+RECORD_SUFFIXES = (*JSONL_SUFFIXES, ".parquet")  # files read as records, given one by one
 
 
 def is_jsonl(path: Path) -> bool:
@@ -404,6 +405,7 @@ def _extensions_hint(sources: Sequence[str], most: int = 10_000) -> str:
     first ``most`` files, else their commonest extensions: text, docs), and how to read it; ""
     where they hold no file with an extension."""
     code: Counter = Counter()
+    records: Counter = Counter()
     other: Counter = Counter()
     for source in sources:
         root = Path(source)
@@ -414,8 +416,19 @@ def _extensions_hint(sources: Sequence[str], most: int = 10_000) -> str:
                 break
             suffix = path.suffix.lower()
             hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-            if suffix and not hidden and path.is_file():  # not .git's hooks, .venv's files
+            if not suffix or hidden or not path.is_file():  # not .git's hooks, .venv's files
+                continue
+            record_suffix = next((end for end in RECORD_SUFFIXES
+                                  if path.name.lower().endswith(end)), None)
+            if record_suffix is not None:
+                records[record_suffix] += 1
+            else:
                 (code if suffix in _SOURCE_SUFFIXES else other)[suffix] += 1
+    if records and not code:
+        listed = ", ".join(f"{n} {suffix}" for suffix, n in records.most_common(3))
+        example = f"{sources[0].rstrip('/')}/*{records.most_common(1)[0][0]}"
+        return (f"; they hold {listed} files, whose records are read from files given as "
+                f"sources: --data {example}")
     found = code or other
     if not found:
         return ""

@@ -46,9 +46,10 @@ class EvalConfig:
     tokenizer: str | None = None  # overrides every model's own tokenizer
     # tasks and data
     tasks: list[str] = field(default_factory=lambda: ["lm", "line"])  # lm | line |
-    #   completion | method | docstring | refactor | passk | humaneval | humaneval-plus |
-    #   mbpp | mbpp-plus | fim | codexglue-method | project-completion (unset: a run of task
-    #   completion, method, docstring or refactor is scored on its own task)
+    #   completion | method | docstring | refactor | infill | passk | humaneval |
+    #   humaneval-plus | mbpp | mbpp-plus | fim | codexglue-method | project-completion (unset:
+    #   a run of task completion, method, docstring or refactor is scored on its own task, a
+    #   fim run on infill: a held-out line filled in between its file's code before and after)
     data: list[str] | None = None  # DataConfig sources; None: a run's own, else the stdlib;
     #   project-completion: the git repositories whose history it completes
     composers: list[str] = field(default_factory=lambda: ["path_distance", "imports", "bm25"])
@@ -58,7 +59,7 @@ class EvalConfig:
     limit: int | None = None  # examples per generation task (None: 100); benchmark tasks
     #   (pass@k, fim): the first problems of the file (None: all); project-completion:
     #   completion files per repository (None: 100)
-    lines_per_file: int = 1  # line / window completion targets sampled per file;
+    lines_per_file: int = 1  # line / window completion / infill targets sampled per file;
     #   project-completion: lines drawn per line category and file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of

@@ -79,12 +79,17 @@ def split_documents(cfg: CorpusSettings, models: Sequence[LoadedModel]
     corpus = load_corpus(data_cfg)
     runs_own = cfg.data is None and any(m.run_config for m in models)
     if not runs_own:
-        print(f"data: {describe_corpus(corpus.stats)}")
+        print(f"data: {describe_corpus(corpus.stats, splits=cfg.split != 'all')}")
     if cfg.split == "all":
+        docs = [doc for split in SPLITS for doc in getattr(corpus, split)]
         if runs_own:
             print("note: --split all scores every document, those the runs trained on too",
                   file=sys.stderr)
-        return [doc for split in SPLITS for doc in getattr(corpus, split)], data_cfg
+        else:
+            documents = "document" if len(docs) == 1 else "documents"
+            print(f"data: scoring all {len(docs)} {documents} of {', '.join(data_cfg.sources)} "
+                  "(--split all)")
+        return docs, data_cfg
     docs = getattr(corpus, cfg.split)
     if runs_own:  # the table's figures are of this split (training's val_loss is of val)
         hint = "" if cfg.split == "val" else " (--split val scores the one they validated on)"

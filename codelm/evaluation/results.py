@@ -109,8 +109,11 @@ def identity(lm: LoadedModel) -> dict:
             **(lm.run_weights or {})}
 
 
-def _digested(example: Example) -> dict:
-    """What the digest hashes of an example, these keys, in this order (FORMAT_VERSION's)."""
+def _digested(example: Example | dict) -> dict:
+    """What the digest hashes of an example, these keys, in this order (FORMAT_VERSION's); of a
+    problem built from the corpus (infill's, a dict), the problem."""
+    if isinstance(example, dict):
+        return example
     return {"id": example.id, "reference": example.completion, "head": example.head,
             "body": example.body, "tail": example.tail, "body_tokens": example.body_budget,
             "pair": example.pair}

@@ -125,8 +125,8 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
                    else f"the last weights, step {run.state.step}")
         print(shown_sample(prompt.text, sample, weights))
     elif prompt is None and settings.sample_tokens > 0 and settings.task in CODE_PROMPTED:
-        print("no sample: the held-out data holds no Python function to prompt with; "
-              "--sample-prompt TEXT gives one")
+        print("no sample: the held-out data holds no code to prompt with (a Python function's "
+              "header, another language's opening of a block); --sample-prompt TEXT gives one")
     export = run_dir / rundir.EXPORT_DIR
 
     def write(tmp: Path) -> None:

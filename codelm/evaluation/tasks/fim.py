@@ -46,18 +46,18 @@ def load_fim_problems(path: str | Path, limit: int | None = None) -> list[dict]:
 
 
 def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: Scoring,
-            max_prompt_tokens: int | None = None) -> tuple[dict, list[dict]]:
+            max_prompt_tokens: int | None = None, task: str = "fim") -> tuple[dict, list[dict]]:
     """Each problem's middle generated from a prefix-suffix-middle prompt in the model's own FIM
     tokens (prefix and suffix encoded apart, as training encodes them), up to EOS or the
     harness's stop words (HARNESS_STOPS); exact match
     with the canonical middle, as bigcode-evaluation-harness's santacoder_fim scores it: EM over
     all problems and EM_<language> over each language's (0-100). Prefix and suffix are encoded
     as training encodes a FIM example's parts (special tokens' text is text), the prompt cut to
-    the run's ``max_prompt_tokens`` as training cut it."""
+    the run's ``max_prompt_tokens`` as training cut it. ``task``: the task the records name."""
     tok = lm.tokenizer
     if None in (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id):
         spellings = ", ".join("/".join(spelling) for spelling in FIM_TOKENS)
-        raise ValueError(f"--tasks fim: the tokenizer of {lm.label} has no fill-in-the-middle "
+        raise ValueError(f"--tasks {task}: the tokenizer of {lm.label} has no fill-in-the-middle "
                          f"tokens (one of {spellings}); evaluate a model trained with them")
     plain = without_stripping(tok)
     room = scoring.prompt_room(lm, cfg)
@@ -69,10 +69,10 @@ def run_fim(lm: LoadedModel, problems: Sequence[dict], cfg: Scoring,
                             encode_text(plain, problem["suffix"]), room)
         ids.append((prompt, (0, 0)))
     middles = scoring.generate_texts(lm, [p["prefix"] for p in problems], cfg, HARNESS_STOPS,
-                                     desc="fim", prompt_ids=ids)
+                                     desc=task, prompt_ids=ids)
     records = []
     for problem, middle in zip(problems, middles):
-        records.append({"model": lm.label, "task": "fim", "variant": None, "id": problem["id"],
+        records.append({"model": lm.label, "task": task, "variant": None, "id": problem["id"],
                         "language": problem["language"], "prompt_tail": problem["prefix"][-300:],
                         "reference": problem["middle"], "prediction": middle,
                         # the harness's match: equal but for surrounding whitespace

@@ -23,6 +23,7 @@ from codelm.evaluation.tasks import (
     fim,
     humaneval,
     humaneval_plus,
+    infill,
     lm,
     mbpp,
     mbpp_plus,
@@ -37,7 +38,7 @@ from codelm.sandbox.runner import confinement
 TASKS = {"lm": lm, "line": text, "completion": text, "method": text, "docstring": text,
          "refactor": text, "passk": passk, "humaneval": humaneval,
          "humaneval-plus": humaneval_plus, "mbpp": mbpp, "mbpp-plus": mbpp_plus, "fim": fim,
-         "codexglue-method": codexglue, "project-completion": project}
+         "infill": infill, "codexglue-method": codexglue, "project-completion": project}
 BENCHMARK_TASKS = tuple(name for name, task in TASKS.items() if task.KIND == "benchmark")
 PASSK_TASKS: dict[str, PasskTask] = {name: task.PASSK for name, task in TASKS.items()
                                      if hasattr(task, "PASSK")}

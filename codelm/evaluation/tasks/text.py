@@ -251,6 +251,10 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[Example],
         lm, prompts, cfg, stops, desc=task, prompt_ids=ids, start=start,
         max_prompt_tokens=data_cfg.max_prompt_tokens if data_cfg else None)
     preds = [clean_pred(t) for t in raw]
+    empty = sum(not y for y in preds)
+    if empty * 2 >= len(preds):  # scores near 0, and no bug of the evaluation's
+        print(f"note: {lm.label}: {empty} of {len(preds)} {task} predictions are empty (the "
+              "model's text ended, or held only whitespace, before any code)", file=sys.stderr)
     refs = [clean_ref(e.completion) for e in examples]
     records = [{"model": lm.label, "task": task, "variant": variant, "id": e.id,
                 "prompt_tail": p[-300:], "reference": r, "prediction": y,
