@@ -208,8 +208,9 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
             train_cfg = dataclasses.replace(train_cfg, precision=trained)
     run_dir = Path(train_cfg.out_dir) / train_cfg.name
     if resume is None and (run_dir / rundir.CONFIG_FILE).exists():  # not this study's
-        raise ValueError(f"{run_dir} holds a trial of another study: move it away, or "
-                         "give this study its own --out-dir or --study-name")
+        raise ValueError(f"{run_dir} holds a trial run this study does not record (another "
+                         "study's, or this one's whose storage lost it): move it away, or give "
+                         "this study its own --out-dir or --study-name")
     trial.set_user_attr(ATTR_RUN, str(run_dir))
     for step, value in sorted(reported.items()):
         trial.report(value, step)

@@ -149,9 +149,11 @@ def _unfinished(run_dir: Path) -> str | None:
 
 
 def _intact(weights_dir: Path) -> bool:
-    """Whether a run's weights directory holds the bytes its manifest recorded (a warning if not)."""
+    """Whether a run's weights directory holds the bytes its manifest recorded (a warning if not:
+    the next of the run's weights is loaded)."""
     if problem := process.manifest_problem(weights_dir):
-        print(f"warning: {weights_dir}: {problem}; not scored", file=sys.stderr)
+        print(f"warning: {weights_dir}: {problem}; not loaded, the run's next weights are",
+              file=sys.stderr)
     return problem is None
 
 
@@ -177,6 +179,10 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
         print(f"note: {run_dir} trained on {form}: scored on it, as it trained, from its "
               f"weights beside {export} (an adapter for the full-precision base: "
               f"BASE+{export} scores it there)", file=sys.stderr)
+    elif chosen is None and exported and not as_run and (
+            problem := process.manifest_problem(export)):
+        raise ValueError(f"{export}: {problem}; not loaded (--models {run_dir} loads the run's "
+                         "best/ or its latest intact checkpoint)")
     elif chosen is None and exported and _intact(export):
         base = Path(_run_base(run_dir, config)) if adapter else export
         model = _load_hf(base, device, dtype, export if adapter else None)
@@ -250,7 +256,7 @@ def _run_weights_dir(run_dir: Path, chosen: Path | None) -> Path:
     its latest intact checkpoint."""
     if chosen is not None:
         if problem := process.manifest_problem(chosen):
-            raise ValueError(f"{chosen}: {problem}; not scored")
+            raise ValueError(f"{chosen}: {problem}; not loaded")
         return chosen
     weights_dir = next((c for c in _weights_candidates(run_dir) if _intact(c)), None)
     if weights_dir is None:
@@ -318,6 +324,9 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     label, path_spec = split_label(spec)
     base_spec, adapter_spec = _split_adapter(path_spec)
     where = f"{what or '--models'} {spec!r}:"
+    if path_spec.endswith("+") and not adapter_spec and not Path(path_spec).exists():
+        raise ValueError(f"{where} BASE+ADAPTER without its adapter: name the adapter's "
+                         "directory after the +, or drop the +")
     path = hub.checkpoint_dir(base_spec, where)
     if not path.is_dir():
         held = _checkpoints_held(path)

@@ -187,8 +187,15 @@ def walk_source_tree(root: Path, extensions: Iterable[str], links_within: Path |
 
 
 def _resolves_within(link: Path, scope: Path | None) -> bool:
-    """Whether ``link`` points, through every link on the way, inside ``scope`` (resolved)."""
-    return scope is not None and link.resolve().is_relative_to(scope)
+    """Whether ``link`` points, through every link on the way, inside ``scope`` (resolved); a
+    loop of links points nowhere."""
+    if scope is None:
+        return False
+    try:
+        target = link.resolve()
+    except (RuntimeError, OSError):  # a loop: RuntimeError before Python 3.13, OSError after
+        return False
+    return target.is_relative_to(scope)
 
 
 def _is_under(tree: str, other: str) -> bool:
@@ -438,7 +445,8 @@ class ResumableOutput:
             head = json.loads(first)
             settings, version = head["settings"], head.get("format_version")
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"{state}:1: not a scraper state file") from None
+            raise ValueError(f"{state}:1: not a scraper state file (damaged, or another "
+                             "file's): a new --out starts over") from None
         if version != STATE_FORMAT_VERSION:
             raise ValueError(f"{state}: a scraper state of format_version {version}, not "
                              f"{STATE_FORMAT_VERSION}: use a new --out to start over")

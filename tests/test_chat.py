@@ -210,6 +210,13 @@ def test_code_files_or_a_template_less_tokenizer_are_refused_naming_the_fix(inst
      r"messages\[0\] must be an object with a string 'role' and a string \(or null\) 'content'"),
     ({"messages": CONVERSATIONS[0], "tools": {"name": "f"}}, r"'tools' must be a list"),
     ({"messages": [{"role": "user", "content": "hi"}]}, r"no 'assistant' message"),
+    # a role no template reads as a turn to learn: its answer would be context, never trained
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistnt", "content": "a"},
+                   {"role": "assistant", "content": "b"}]},
+     r"messages\[1\]\.role 'assistnt' is none of system, user, assistant.*did you mean "
+     r"'assistant'\?"),
+    ({"messages": [{"role": "User", "content": "hi"}, {"role": "assistant", "content": "a"}]},
+     r"messages\[0\]\.role 'User' .*did you mean 'user'\?"),
 ])
 def test_a_malformed_conversation_is_refused_naming_its_line(record, message, tmp_path):
     data = tmp_path / "bad.jsonl"

@@ -178,7 +178,8 @@ def test_a_directory_of_installed_code_is_neither_read_nor_counted_as_a_file(tmp
 def test_directory_source_follows_links_to_files_and_reads_extensions_in_any_case(tmp_path):
     """Extensions match in any case (``B.PY`` is read); a directory's links to its own files are
     read, and so are an HF hub snapshot's (its files point into its repository's blobs/); a
-    link out of the directory (a cloned repository's to a file elsewhere: a secret) is not."""
+    link out of the directory (a cloned repository's to a file elsewhere: a secret) is not, nor
+    a loop of links."""
     repo = tmp_path / "datasets--org--name"
     src = repo / "snapshots" / "abc123"
     blobs = repo / "blobs"
@@ -191,6 +192,9 @@ def test_directory_source_follows_links_to_files_and_reads_extensions_in_any_cas
     (src / "dangling.py").symlink_to(tmp_path / "gone.py")
     (tmp_path / "secret.txt").write_text("TOKEN = 'outside'\n")
     (src / "settings.py").symlink_to(Path("..") / ".." / ".." / "secret.txt")
+    (src / "loop_a.py").symlink_to("loop_b.py")  # a loop of links: skipped, as a dangling one
+    (src / "loop_b.py").symlink_to("loop_a.py")
+    (src / "itself.py").symlink_to("itself.py")
     corpus = load_corpus(cfg(tmp_path, sources=[str(src)], strip_docstrings=True,
                              min_lines=1, dedupe=False))
     docs = {d.id: d.text for d in corpus.train + corpus.val + corpus.test}

@@ -466,6 +466,26 @@ def test_every_canonical_solution_passes_and_a_wrong_one_fails():
     assert not any(r.passed for r in bad)
 
 
+def test_a_problem_whose_test_asserts_nothing_is_warned_of(tmp_path, capsys):
+    """A problem whose test passes a completion that does nothing (a check() that asserts
+    nothing; asserts that never call the function) gives every sample a pass: loading its file
+    warns, naming its line; the bundled problems' tests, which fail such a completion, say
+    nothing."""
+    import json
+
+    problems = [json.loads(line) for line in passk.PROBLEMS_FILE.read_text().splitlines()[:4]]
+    problems[1]["test"] = "def check(candidate):\n    pass\n"
+    problems[3]["test"] = "def check(candidate):\n    assert True\n"
+    path = _write_jsonl(tmp_path / "problems.jsonl", problems)
+    capsys.readouterr()
+    assert len(passk.load_problems(path, SandboxConfig(timeout_s=10.0), 2)) == 4
+    err = capsys.readouterr().err
+    assert all(w in err for w in ("warning: 2 problem(s)", "does nothing", f"{path}:2",
+                                  f"{path}:4", "every sample of theirs passes")), err
+    passk.load_problems(sandbox=SandboxConfig(timeout_s=10.0), workers=2)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_subtly_wrong_solution_fails():
     problem = next(p for p in passk.load_problems() if p["entry_point"] == "binary_search")
     off_by_one = problem["canonical_solution"].replace("lo, hi = 0, len(values) - 1",
@@ -959,7 +979,8 @@ def test_an_empty_pass_k_is_refused_not_run_to_report_nothing():
 
 def test_a_model_directory_whose_name_holds_a_plus_is_one_path(tiny_models, tmp_path):
     """load_model does not split every path at "+" (BASE+ADAPTER): runs/run+lora loads, alone
-    and as the base of an adapter."""
+    and as the base of an adapter, and so does a directory whose name ends with one; a BASE+
+    with no adapter after it is refused, not loaded as the base alone."""
     import shutil
 
     import torch
@@ -969,6 +990,11 @@ def test_a_model_directory_whose_name_holds_a_plus_is_one_path(tiny_models, tmp_
     assert loading.load_model(f"m={plus}", torch.device("cpu")).source == str(plus)
     tuned = loading.load_model(f"{plus}+{tiny_models['adapter']}", torch.device("cpu"))
     assert tuned.label == "adapter" and any("lora" in n for n, _ in tuned.model.named_modules())
+    trailing = tmp_path / "ends+"  # a directory named so: a path; BASE+ with no adapter: refused
+    shutil.copytree(tiny_models["base"], trailing)
+    assert loading.load_model(str(trailing), torch.device("cpu")).source == str(trailing)
+    with pytest.raises(ValueError, match=r"BASE\+ADAPTER without its adapter"):
+        loading.load_model(f"{tiny_models['base']}+", torch.device("cpu"))
 
 
 def test_sampling_options_are_taken_with_a_temperature():
@@ -2687,6 +2713,7 @@ def test_a_runs_paths_load_from_its_config_or_name_it(tiny_models, tmp_path, mon
     with pytest.raises(ValueError) as missing:
         eval_corpus.corpus_config(EvalConfig(), [from_run])
     assert str(missing.value).startswith(f"{run / 'config.json'}: data 'code' not found")
+    assert "--data names the data to score" in str(missing.value)
     monkeypatch.chdir(m["code"].parent)  # a relative path reads from the current directory
     assert eval_corpus.corpus_config(EvalConfig(), [from_run]).sources == ["code"]
     monkeypatch.chdir(tmp_path)
@@ -3481,7 +3508,8 @@ def test_a_runs_checkpoint_or_best_named_as_the_model_is_what_is_scored(
     """--models RUN/checkpoints/step-N (or RUN/best) scores those weights of the run, with its
     tokenizer and settings, labelled by run and step; results.json records their step. RUN/export
     is the run's model, as RUN is. A checkpoint whose bytes are not the ones written is refused,
-    naming it; one the run does not hold (pruned by --keep-last) names those it holds."""
+    naming it, and so is such an export/ named as the model (RUN named: its best/, warned);
+    one the run does not hold (pruned by --keep-last) names those it holds."""
     from safetensors.torch import save_file
 
     from codelm.runtime import process
@@ -3540,8 +3568,19 @@ def test_a_runs_checkpoint_or_best_named_as_the_model_is_what_is_scored(
     with open(early / rundir.MODEL_FILE, "r+b") as weights:
         weights.seek(-4, 2)
         weights.write(b"\0\0\0\0")
-    with pytest.raises(ValueError, match="step-5.*not scored"):
+    with pytest.raises(ValueError, match="step-5.*not loaded"):
         loading.load_model(str(early), torch.device("cpu"))
+    with open(run / rundir.EXPORT_DIR / rundir.MODEL_FILE, "r+b") as weights:
+        weights.seek(-4, 2)
+        weights.write(b"\0\0\0\0")
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=rf"export.*not loaded \(--models {run} loads the run's "
+                                         r"best/"):
+        loading.load_model(str(run / rundir.EXPORT_DIR), torch.device("cpu"))  # named: refused
+    fallen_back = loading.load_model(str(run), torch.device("cpu"))  # the run: its next weights
+    assert fallen_back.run_weights["weights"] == "best/"
+    warned = capsys.readouterr().err
+    assert "export: " in warned and "the run's next weights are" in warned, warned
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -4139,7 +4178,8 @@ def test_results_written_before_a_setting_existed_resume_at_its_default(tiny_mod
 def test_a_resume_over_a_damaged_predictions_file_names_its_line_and_the_remedy(
         tiny_models, tmp_path, monkeypatch, capsys):
     """A line of predictions.jsonl that is no JSON (a hand edit, a damaged copy) is an error
-    naming the file and its line; results.json and the file are left as they are."""
+    naming the file and its line, and the way on; results.json and the file are left as they
+    are. A results.json cut short is named with the way on too."""
     argv, preds = _stopped_in_model_b(tiny_models, tmp_path, monkeypatch)
     out = preds.parent
     lines = preds.read_text().splitlines(keepends=True)
@@ -4149,8 +4189,15 @@ def test_a_resume_over_a_damaged_predictions_file_names_its_line_and_the_remedy(
     capsys.readouterr()
     monkeypatch.setattr(scoring, "generate_texts", _record_models([]))
     assert ev.main(argv) == 2
-    assert f"error: {preds}:2: malformed JSON at column" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: {preds}:2: malformed JSON at column" in err
+    assert f"name another --out-dir, or remove {out} to start over" in err  # the way on
     assert preds.read_text() == damaged and (out / "results.json").read_text() == results
+    preds.write_text("".join(lines))
+    (out / "results.json").write_text(results[: len(results) // 2])  # results.json cut short
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(out / "results.json") in err and f"or remove {out} to start over" in err, err
 
 
 def test_a_runs_context_is_its_training_block_size_not_its_bases(tiny_models):

@@ -975,6 +975,18 @@ def test_error_shape_mismatch(checkpoints, tmp_path):
         pretrained.load(d)
 
 
+def test_error_integer_weights_are_named(checkpoints, tmp_path):
+    """A checkpoint whose weights are integers (a cast, or a quantized library's codes) is
+    refused naming the tensor and its dtype, not loaded as numbers into a model of nonsense."""
+    def to_integers(state):
+        state["model.layers.1.mlp.up_proj.weight"] = state[
+            "model.layers.1.mlp.up_proj.weight"].to(torch.int32)
+    d = _rewrite_weights(checkpoints, "llama", tmp_path, to_integers)
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.1\.mlp\."
+                                         r"up_proj\.weight is torch\.int32: .*floating point"):
+        pretrained.load(d)
+
+
 @pytest.mark.parametrize("cut", [lambda d: d[:-1000], lambda d: d[:10] + b"\xff" * 10 + d[20:]])
 def test_error_truncated_or_corrupt_safetensors(checkpoints, tmp_path, cut):
     d = _copy(checkpoints["codegen"][0], tmp_path / "m")
@@ -1004,6 +1016,25 @@ def test_error_bin_that_is_no_pickle_gives_no_advice_to_drop_weights_only(checkp
     assert "weights_only" not in said, said  # no advice to run the file's code
     assert all(w in said for w in (f"{tmp_path / 'pytorch_model.bin'}: truncated or corrupt",
                                    "UnpicklingError")), said
+
+
+def test_a_pickle_that_would_run_code_is_refused_as_such_and_never_run(checkpoints, tmp_path):
+    """A pytorch_model.bin holding an object whose unpickling runs a command: refused, saying
+    why (not as a damaged file), and the command never runs."""
+    import os
+
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    shutil.copy(checkpoints["codegen"][0] / "config.json", tmp_path / "config.json")
+    torch.save({"transformer.wte.weight": RunsCode()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: refused: the pickle holds objects "
+                                         r"other than tensors \(posix\.system\).*run as code"):
+        pretrained.load(tmp_path)
+    assert not marker.exists()
 
 
 def test_error_another_familys_weights_are_missing_tensors_without_a_tie_warning(

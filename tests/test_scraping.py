@@ -1672,7 +1672,7 @@ def test_local_licenses_filters_sources_as_github_does(tmp_path, capsys):
 @pytest.mark.parametrize("head, words", [
     ({"settings": {}}, ("out.jsonl.state", "format_version None", "new --out")),
     ({"format_version": 2, "settings": {}}, ("format_version 2", "new --out")),
-    ({"format_version": 1}, ("out.jsonl.state:1", "not a scraper state file")),
+    ({"format_version": 1}, ("out.jsonl.state:1", "not a scraper state file", "new --out")),
 ])
 def test_a_state_file_of_another_format_is_refused(tmp_path, capsys, head, words):
     src = _tree(tmp_path / "src", {"a.py": "a = 1\n"})

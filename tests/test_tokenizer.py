@@ -517,6 +517,21 @@ def test_a_merge_whose_result_is_no_vocabulary_token_is_refused_as_hf_refuses_it
         BPETokenizer(spec)
 
 
+def test_a_bpe_model_without_its_merges_is_refused_as_hf_refuses_it():
+    """A tokenizer.json whose BPE model lost its merges key: HF refuses the file, and codelm
+    too (read as no merges, every word would encode a character at a time); merges [] is a
+    model without merges, read by both."""
+    spec = _hand_written_spec(["ab"], [("a", "b")])
+    del spec["model"]["merges"]
+    with pytest.raises(Exception, match="Missing vocab/merges"):
+        Tokenizer.from_str(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"merges missing"):
+        BPETokenizer(spec)
+    spec["model"]["merges"] = []
+    assert BPETokenizer(spec).encode("ab") == _hf_ids(Tokenizer.from_str(json.dumps(spec)),
+                                                      ["ab"])[0]
+
+
 def test_digits_without_its_flag_keeps_digit_runs_as_hf_default_does():
     """A hand-written {"type": "Digits"} lacks individual_digits: it is read as HF's default
     Digits() (false), so a digit run is one piece and merges across its digits. (HF's own JSON

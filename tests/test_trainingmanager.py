@@ -1784,7 +1784,8 @@ def test_a_checkpoint_without_its_weights_or_with_a_state_short_of_keys_is_corru
 
 def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, capsys):
     """Model shape, LoRA, batch, sequence length, lr: refused with every key named and the
-    run's config.json untouched; the run's length may change."""
+    run's config.json untouched, and so is an edit of that file, named; the run's length may
+    change."""
     config = _tiny_config_file(assets, tmp_path, max_steps=4)
     assert tm.main(["--config", config]) == 0
     run = tmp_path / "runs" / "run"
@@ -1801,6 +1802,13 @@ def test_resume_refuses_settings_that_would_change_the_run(assets, tmp_path, cap
     assert all(f"{k}=" in err for k in ("batch_size", "block_size", "lr"))
     assert f"--resume {run} alone continues it" in err
     assert (run / "config.json").read_text() == saved
+    # an edit of the run's config.json: named as where the new value comes from
+    (run / "config.json").write_text(saved.replace('"n_layer": null', '"n_layer": 3'))
+    assert tm.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in ("n_layer=None (now 3", f"else {run / 'config.json'}",
+                                  "set them back there")), err
+    (run / "config.json").write_text(saved)
     assert tm.main(["--resume", str(run), "--max-steps", "6", "--eval-every", "3",
                     "--data-options", json.dumps({"cache_dir": assets["cache"]})]) == 0
     assert rundir.list_checkpoints(run)[-1].name == "step-6"
@@ -2296,12 +2304,24 @@ def test_the_sample_shows_its_prompt_s_last_lines_apart_from_the_completion():
 
 
 def test_loading_tensors_of_another_shape_names_the_tensor(assets, tmp_path):
+    """A tensor of another shape is named with both shapes; an embedding of other rows, as a
+    vocabulary's, says the tokenizer may be another's."""
     tok = load_tokenizer(assets["tokenizer"])
     small = loading.build_model(model_settings(tiny_cfg(assets, tmp_path)), tok)
     wide = loading.build_model(model_settings(tiny_cfg(assets, tmp_path, n_embd=96)), tok)
     with pytest.raises(ValueError, match=r"src\.safetensors: .*wte\.weight.*\(\d+, 64\).*"
                                          r"\(\d+, 96\)"):
         checkpoint.load_model_tensors(wide, checkpoint.model_tensors(small, False),
+                                      "src.safetensors", False)
+    # another tokenizer's vocabulary (a run's tokenizer files swapped): the rows say so
+    from tokenizer import CodeTokenizer
+
+    other_tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 3, min_freq=1)
+    assert other_tok.vocab_size != tok.vocab_size
+    other = loading.build_model(model_settings(tiny_cfg(assets, tmp_path)), other_tok)
+    with pytest.raises(ValueError, match=r"wte\.weight.*its rows: the vocabulary.*not the "
+                                         r"tokenizer these weights trained with"):
+        checkpoint.load_model_tensors(other, checkpoint.model_tensors(small, False),
                                       "src.safetensors", False)
 
 

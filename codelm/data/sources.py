@@ -302,6 +302,11 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
     return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
 
 
+# The roles of a conversation's messages chat templates read: OpenAI's and TRL's, Llama 3.1's
+# ipython (a tool's result), the older function.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
+
+
 def checked_messages(messages: object, key: str, where: str) -> list[dict]:
     """A conversation's messages [{role, content, ...}, ...] (TRL's conversational format: each
     message as it is, its other keys (name, tool_calls) for the chat template, its content text
@@ -315,6 +320,11 @@ def checked_messages(messages: object, key: str, where: str) -> list[dict]:
                             "a string (or null) 'content'")
         if not is_utf8(json.dumps(message, ensure_ascii=False)):
             raise DataError(f"{where}: {key}[{i}] holds a lone surrogate (not valid UTF-8)")
+        if (role := message["role"]) not in CHAT_ROLES:  # a template renders it as it can
+            close = settings.closest_key(role, CHAT_ROLES)
+            hint = f"; did you mean {close!r}?" if close else ""
+            raise DataError(f"{where}: {key}[{i}].role {role!r} is none of "
+                            f"{', '.join(CHAT_ROLES)}{hint}")
     return [dict(message) for message in messages]
 
 

@@ -63,7 +63,11 @@ def _corpus_config(cfg: CorpusSettings, run: dict | None, run_source: str = "run
     known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
     options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
     if run and cfg.data is None:  # the run's predefined splits shape its split too
-        checkpoint.check_run_paths(run, ["data", "val_data", "test_data"], run_source)
+        try:
+            checkpoint.check_run_paths(run, ["data", "val_data", "test_data"], run_source)
+        except ValueError as err:
+            raise ValueError(f"{err}: the data the run trained on moved or is gone; --data "
+                             "names the data to score") from None
         options.update(val_sources=list(run.get("val_data") or []),
                        test_sources=list(run.get("test_data") or []))
     options.update(cfg.data_options, sources=list(cfg.data or run.get("data") or ["stdlib"]),

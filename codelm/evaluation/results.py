@@ -152,7 +152,10 @@ def _saved_results(path: Path, config: dict, remedy: str, skip_unset: bool = Fal
     ``config``'s (``skip_unset``: those left None are not compared)."""
     if not path.is_file():
         return None
-    old = settings.read_json_object(path, "evaluation results")
+    try:
+        old = settings.read_json_object(path, "evaluation results")
+    except ValueError as err:  # damaged: nothing to resume
+        raise ValueError(f"{err}; {remedy}") from None
     version = old.get("format_version")
     if version != FORMAT_VERSION:
         raise _other_evaluation(path, f"format_version ({version!r} there, {FORMAT_VERSION} now)",
@@ -205,10 +208,13 @@ def finished_models(out: Path, results: dict, remedy: str,
 
     done = {row["model"] for row in old["rows"]}
     records = []
-    for _, where, raw in jsonl_lines(out / "predictions.jsonl"):
-        record = json_object(raw, where)
-        if record.get("model") in done:
-            records.append(record)
+    try:
+        for _, where, raw in jsonl_lines(out / "predictions.jsonl"):
+            record = json_object(raw, where)
+            if record.get("model") in done:
+                records.append(record)
+    except ValueError as err:  # damaged: the saved models' predictions are not all there
+        raise ValueError(f"{err}; {remedy}") from None
     return old["rows"], records
 
 

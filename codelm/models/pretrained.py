@@ -12,6 +12,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import zipfile
@@ -107,6 +108,10 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True,
                         mmap=zipfile.is_zipfile(path))  # the pre-zip format cannot be mapped
     except Exception as e:  # zip/pickle errors of a damaged file come in many types
+        if found := re.search(r"unsupported GLOBAL (\S+)", str(e), re.IGNORECASE):
+            raise ValueError(f"{path}: refused: the pickle holds objects other than tensors "
+                             f"({found.group(1)}), which loading it would run as code; use the "
+                             "model's safetensors weights") from None
         raise ValueError(f"{path}: truncated or corrupt weights file ({type(e).__name__})"
                          ) from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -251,6 +256,12 @@ def _checked_plan(directory: Path, cfg: ModelConfig, table: FamilyTable,
             if found != want:
                 raise ValueError(f"{directory}: shape mismatch for {hf_name}: expected {want} "
                                  f"(from config.json), found {found}")
+            # integers would be cast as numbers: a model of nonsense, scored without a word
+            if not source.tensors[hf_name].dtype.is_floating_point:
+                raise ValueError(f"{source.origin[hf_name]}: tensor {hf_name} is "
+                                 f"{source.tensors[hf_name].dtype}: a model's weights are "
+                                 "floating point (a quantized checkpoint's integer codes are "
+                                 "read by its own library)")
     return model, plan
 
 

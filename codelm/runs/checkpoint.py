@@ -119,8 +119,13 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     own = model.state_dict()
     for name, t in tensors.items():  # before load_state_dict, whose error names no source
         if t.shape != own[name].shape:
+            vocabulary = ""
+            if name in ("wte.weight", "lm_head.weight") and t.shape[1:] == own[name].shape[1:]:
+                vocabulary = (" (its rows: the vocabulary; the model built for the tokenizer "
+                              f"read has {own[name].shape[0]}: not the tokenizer these weights "
+                              "trained with?)")
             raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the model's "
-                             f"{tuple(own[name].shape)}")
+                             f"{tuple(own[name].shape)}{vocabulary}")
     model.load_state_dict(tensors, strict=False)
 
 
@@ -625,8 +630,10 @@ def check_resume_config(cfg, run_dir: Path, checkpoints: list[Path], resume_hint
                and not (k == "precision" and "auto" in (saved[k], now[k]))]
     if changed:
         raise ValueError(f"{source}: the run was trained with other settings: "
-                         f"{'; '.join(changed)}: drop them ({resume_hint} alone continues it), or "
-                         "start a new run with another --name")
+                         f"{'; '.join(changed)} (now: the flags given, else "
+                         f"{Path(run_dir) / CONFIG_FILE}): drop them, or set them back there "
+                         f"({resume_hint} alone continues it), or start a new run with another "
+                         "--name")
     return saved
 
 

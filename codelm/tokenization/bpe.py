@@ -193,7 +193,8 @@ def _read_model(model: dict) -> tuple[dict[str, int], Merges, list[str]]:
     expect(isinstance(vocab, dict) and set(map(type, vocab)) <= {str}
            and set(map(type, vocab.values())) <= {int} and min(vocab.values(), default=0) >= 0,
            "model", "vocab must map token strings to non-negative integer ids")
-    merges = model.get("merges", [])
+    expect("merges" in model, "model", "merges missing (a BPE model without merges: [])")
+    merges = model["merges"]
     expect(isinstance(merges, list), "model", "merges must be a list")
     try:  # a pass in C over each field (Llama-3 has 280,147 merges)
         pairs = [merge.split(" ") if isinstance(merge, str) else merge for merge in merges]

@@ -172,7 +172,29 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
         problems = problems[:limit]
     if sandbox is not None:
         _check_canonical_solutions(problems, first_seen, sandbox, workers)
+        _warn_of_tests_nothing_fails(problems, first_seen, sandbox, workers)
     return problems
+
+
+def _do_nothing(problem: dict) -> str:
+    """A completion that solves nothing: the entry function's body raising, or (a problem of
+    asserts alone: MBPP's) no code."""
+    return "    raise NotImplementedError\n" if problem["entry_point"] else "pass\n"
+
+
+def _warn_of_tests_nothing_fails(problems: Sequence[dict], where: dict[str, str],
+                                 sandbox: SandboxConfig, workers: int) -> None:
+    """A warning naming the problems whose test a completion that does nothing passes (a test
+    that asserts nothing, or never calls the function): every sample of theirs passes."""
+    jobs = [(problem, _do_nothing(problem)) for problem in problems]
+    results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
+    vacuous = [where[problem["task_id"]] for (problem, _), result in zip(jobs, results)
+               if result.passed]
+    if vacuous:
+        shown = ", ".join(vacuous[:3]) + (", ..." if len(vacuous) > 3 else "")
+        print(f"warning: {len(vacuous)} problem(s) whose test a completion that does nothing "
+              f"passes (it asserts nothing of the function): {shown}; every sample of theirs "
+              "passes", file=sys.stderr)
 
 
 def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
