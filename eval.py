@@ -118,6 +118,12 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
             runs.append(spec)
             if OWN_TASKS[task] not in tasks:
                 tasks.append(OWN_TASKS[task])
+    if "infill" in tasks and set(trained) != {"fim"}:  # other models may have no FIM tokens
+        fim_runs = [spec for spec, task in zip(specs, trained) if task == "fim"]
+        print(f"note: {', '.join(fim_runs)} trained on fim: --tasks infill scores their "
+              "held-out lines, for every model with FIM tokens", file=sys.stderr)
+        tasks.remove("infill")
+        runs = [spec for spec in runs if spec not in fim_runs]
     if tasks:
         print(f"tasks: {' '.join(tasks)}, for what {', '.join(runs)} trained on (--tasks names "
               "others)", file=sys.stderr)
@@ -387,7 +393,7 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
             continue
         progress.running = lm.label
         progress.journal = progress.out_dir / JOURNAL_DIR / file_name_of(lm.label)
-        with journal.journaled(progress.journal, json.dumps(model_identity, sort_keys=True)):
+        with journal.journaled(progress.journal, journal_key(lm, model_identity)):
             model_rows, model_records = _evaluate_model(lm, settings, items, data_cfg)
         rows += model_rows
         records += model_records
@@ -404,6 +410,14 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
     results.update(complete=True, pending=[], rows=rows, table=markdown_table(rows, note))
     progress.table = markdown_table(rows, note, shown=registry.on_console)
     return results
+
+
+def journal_key(lm: LoadedModel, model_identity: dict) -> str:
+    """What names a model in its journal: its identity (weights' fingerprint), and the dtype
+    and device it computes in (a bf16 file's norms are the same loaded in fp32)."""
+    parameter = next(lm.model.parameters())
+    computes = {"dtype": str(parameter.dtype), "device": parameter.device.type}
+    return json.dumps({**model_identity, **computes}, sort_keys=True)
 
 
 def _remove_journal(progress: EvalProgress) -> None:

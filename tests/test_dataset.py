@@ -508,8 +508,9 @@ def test_cleaning_keeps_python_lines_at_odd_line_breaks(tmp_path):
 def test_long_literal_counts_real_literals_not_quotes_in_comments(tmp_path):
     """A long comment with apostrophes is no long literal (reference: tokenize for Python), nor
     quotes in Kotlin's /* */ comments and KDoc lines; real long literals still drop their file,
-    in Python, in Python tokenize rejects, in Kotlin after a closed comment, and in a shell
-    script, where /* opens no comment."""
+    in Python, in Python tokenize rejects, in Kotlin after a closed comment (on its line, or
+    after the */ that ends it), in C's *p = ..., and in a shell script, where /* opens no
+    comment."""
     src = tmp_path / "src"
     src.mkdir()
     comment = "Don't change this: " + "the parser relies on the order of fields " * 12 + "it's ok"
@@ -525,14 +526,17 @@ def test_long_literal_counts_real_literals_not_quotes_in_comments(tmp_path):
         "kdoc.kt": f"/**\n * Example: {long_string}\n */\nval x = /* {long_string} */ 1\n",
         "closed.kt": f"val w = 1\nval x = /* a */ {long_string.replace(chr(39), chr(34))}\n",
         "glob.sh": f"cp dir/* out/  # {comment}\necho {long_string}\n",  # no /* */ in shell
+        "after.kt": f"/* a\n */ val s = {long_string.replace(chr(39), chr(34))}\n",
+        "deref.c": f"int f(char **p) {{\n*p = {long_string.replace(chr(39), chr(34))};\n}}\n",
     }
     for name, text in files.items():
         (src / name).write_text(text)
-    corpus = load_corpus(cfg(tmp_path, sources=[str(src)], extensions=[".py", ".kt", ".sh"],
+    corpus = load_corpus(cfg(tmp_path, sources=[str(src)],
+                             extensions=[".py", ".kt", ".sh", ".c"],
                              train_frac=1.0, val_frac=0.0, test_frac=0.0))
     assert sorted(d.id for d in corpus.train) == [
         "src/comment.kt", "src/comment.py", "src/kdoc.kt", "src/unclosed.py"]
-    assert corpus.stats["dropped"] == {"long_literal": 5}
+    assert corpus.stats["dropped"] == {"long_literal": 7}
     for name in ("comment.py", "string.py"):
         tokens = tokenize.generate_tokens(io.StringIO(files[name]).readline)
         longest = max(len(t.string) for t in tokens if t.type in (tokenize.STRING, tokenize.NUMBER))
@@ -633,6 +637,9 @@ def test_a_notice_after_the_headers_own_comments_goes_and_they_stay():
     assert strip_license_header(described) == ("# Helpers for strings.\n\nx = 1\n", True)
     code_after = "/* Helpers */ fun f() = 1\n/* Copyright 2024 Acme */\n"  # code first: no header
     assert strip_license_header(code_after, "//") == (code_after, False)
+    # a notice after another comment on its line is that line's: the line stays whole
+    shared = "/* Helpers */\n/* generated */ /* Copyright 2020 Acme */\npackage a\n"
+    assert strip_license_header(shared, "//") == (shared, False)
 
 
 def test_a_kotlin_raw_strings_length_is_its_whole_text():

@@ -714,7 +714,7 @@ def test_limit_caps_the_passk_task(tiny_models, tmp_path, monkeypatch):
                     "--out-dir", str(out), "--no-progress", "--workers", "2"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["examples"] == {"passk": 3}
-    assert sandboxed == [3, 3]  # the canonical solutions, then the samples
+    assert sandboxed == [3, 3, 3]  # the canonical solutions, do-nothing ones, then the samples
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [p["task_id"] for p in passk.load_problems()[:3]]
     assert results["rows"][0]["metrics"] == {"passk/pass@1": 100.0}
@@ -2861,8 +2861,9 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
 def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_path,
                                                               monkeypatch, capsys):
     """--tasks unset: a run of a supervised task (docstring here) is scored on it, beside a base
-    model too, and the choice is said, a fim run on infill (its own held-out lines); --tasks
-    given, a lm run, or --serve keep theirs. A run without export/ is scored from its best/,
+    model too, and the choice is said, a fim run on infill (its own held-out lines; beside
+    models that may have no FIM tokens, noted instead); --tasks given, a lm run, or --serve
+    keep theirs. A run without export/ is scored from its best/,
     said so."""
     import trainingmanager as tm
     from codelm.evaluation.config import parse_config
@@ -2893,6 +2894,8 @@ def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_
     assert tasks("--models", str(docs), "--tasks", "lm") == ["lm"]
     assert tasks("--models", str(infilled)) == ["infill"]  # eval's fim is SantaCoder's
     assert f"tasks: infill, for what {infilled} trained on" in capsys.readouterr().err
+    assert tasks("--models", str(infilled), base) == ["lm", "line"]  # base: FIM tokens?
+    assert "--tasks infill scores their held-out lines" in capsys.readouterr().err
     assert tasks("--models", str(plain), base) == ["lm", "line"]
     assert tasks("--models", str(docs), "--serve") == ["lm", "line"]
     capsys.readouterr()
@@ -3048,7 +3051,8 @@ def test_a_stopped_evaluation_samples_only_what_it_had_not_and_scores_as_one_uns
         records.append([{**json.loads(line), "stderr_tail": None} for line in lines])
     assert records[0] == records[1]
     assert len({r["prediction"] for r in records[0] if r["task"] == "passk"}) > 3  # sampled
-    rows = [json.loads((d / "results.json").read_text())["rows"] for d in (out, tmp_path / "whole")]
+    rows = [json.loads((d / "results.json").read_text())["rows"]
+            for d in (out, tmp_path / "whole")]
     assert rows[0] == rows[1]
 
 
@@ -3077,6 +3081,12 @@ def test_a_journal_file_is_named_by_everything_that_decides_its_generations(tmp_
         others.append(generation_file("line", [[5, 6]], gen, 0, False))
     assert len({same, *others}) == len(others) + 1
     assert all(path.parent == tmp_path for path in others)
+    # eval names a model by its weights' fingerprint and the dtype it computes in: a bf16
+    # file's norms are the same loaded in fp32, its tokens are not
+    identity = {"label": "m", "weight_norms": [1.0, 2.0]}
+    keys = {ev.journal_key(loading.LoadedModel("m", "m", torch.nn.Linear(2, 2).to(dtype), None),
+                           identity) for dtype in (torch.float32, torch.bfloat16)}
+    assert len(keys) == 2
 
 
 def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
@@ -4913,6 +4923,15 @@ def test_infill_scores_held_out_lines_as_the_fim_task_scores_the_same_records(tm
     records = [json.loads(line)
                for line in (tmp_path / "infill" / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {r["task"] for r in records} == {"infill"}
+    from codelm.evaluation.tasks.infill import infill_problems
+
+    crlf = Doc("win/Main.kt", "fun main() {\r\n  println(1)\r\n}\r\n")
+    record = Doc("code.jsonl:3", "x = 1\ny = 2\n")  # a record's id names no language
+    settings = EvalConfig(lines_per_file=2, seed=7)
+    for doc in (crlf, record):
+        for problem in infill_problems([doc], settings):
+            assert problem["prefix"] + problem["middle"] + problem["suffix"] == doc.text
+            assert problem["middle"].strip() and problem["language"] in ("kt", "unknown")
     problems = []
     for record in records:
         name = record["id"].split("/")[-1].split("#")[0]

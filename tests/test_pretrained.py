@@ -1020,7 +1020,8 @@ def test_error_bin_that_is_no_pickle_gives_no_advice_to_drop_weights_only(checkp
 
 def test_a_pickle_that_would_run_code_is_refused_as_such_and_never_run(checkpoints, tmp_path):
     """A pytorch_model.bin holding an object whose unpickling runs a command: refused, saying
-    why (not as a damaged file), and the command never runs."""
+    why and naming the object (not as a damaged file), and the command never runs; so is one
+    holding any object but tensors."""
     import os
 
     marker = tmp_path / "ran"
@@ -1032,9 +1033,14 @@ def test_a_pickle_that_would_run_code_is_refused_as_such_and_never_run(checkpoin
     shutil.copy(checkpoints["codegen"][0] / "config.json", tmp_path / "config.json")
     torch.save({"transformer.wte.weight": RunsCode()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"pytorch_model\.bin: refused: the pickle holds objects "
-                                         r"other than tensors \(posix\.system\).*run as code"):
+                                         r"other than tensors \(posix\.system\).*running code"):
         pretrained.load(tmp_path)
     assert not marker.exists()
+    import argparse
+
+    torch.save({"args": argparse.Namespace(lr=1.0)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"refused: .*\(argparse\.Namespace\)"):
+        pretrained.load(tmp_path)  # a training script's arguments saved beside the weights
 
 
 def test_error_another_familys_weights_are_missing_tensors_without_a_tie_warning(

@@ -75,6 +75,8 @@ def strip_license_header(text: str, comment: str | None = "#", nested: bool = Fa
             continue
         end, rest = _comment_block(lines, start, comment, nested)
         block = "".join(lines[start:end])
+        if rest:  # the comment alone, not the code after its */
+            block = block[: len(block) - len(rest[0])]
         if end == start or _documents(lines, start, end, block):  # the code begins
             rest = []
             break
@@ -188,9 +190,12 @@ def longest_literal(text: str, at_least: int = 0, python: bool = False,
 def _longest_in_line(line: str, block_comments: bool) -> int:
     """The longest string or number literal of one line of code that is not Python: none after
     a line comment; where ``block_comments``, none inside a /* */ comment opening on the line
-    nor on a line opening with * (a block comment's inner line, as KDoc and Javadoc write
-    them)."""
-    if block_comments and line.lstrip().startswith("*"):
+    nor on a line opening with * and a space (a block comment's inner line, as KDoc and Javadoc
+    write them; C's ``*p = ...`` is code, and so is what follows a ``*/``)."""
+    stripped = line.lstrip()
+    if block_comments and stripped.startswith("*/"):  # a comment's end: the code after it
+        line = stripped[2:]
+    elif block_comments and re.match(r"\*(\s|$)", stripped):  # a /** */ comment's inner line
         return 0
     longest = 0
     code = []  # the line without its strings and comments, where numbers are read

@@ -5,6 +5,7 @@ JSONL, parquet, a datasets directory or a Hugging Face dataset id, each read as 
 from __future__ import annotations
 
 import bz2
+import difflib
 import gzip
 import hashlib
 import json
@@ -303,8 +304,9 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
 
 
 # The roles of a conversation's messages chat templates read: OpenAI's and TRL's, Llama 3.1's
-# ipython (a tool's result), the older function.
+# ipython (a tool's result), the older function; and ShareGPT's names for two of them.
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 
 
 def checked_messages(messages: object, key: str, where: str) -> list[dict]:
@@ -320,12 +322,24 @@ def checked_messages(messages: object, key: str, where: str) -> list[dict]:
                             "a string (or null) 'content'")
         if not is_utf8(json.dumps(message, ensure_ascii=False)):
             raise DataError(f"{where}: {key}[{i}] holds a lone surrogate (not valid UTF-8)")
-        if (role := message["role"]) not in CHAT_ROLES:  # a template renders it as it can
-            close = settings.closest_key(role, CHAT_ROLES)
-            hint = f"; did you mean {close!r}?" if close else ""
-            raise DataError(f"{where}: {key}[{i}].role {role!r} is none of "
-                            f"{', '.join(CHAT_ROLES)}{hint}")
+        if problem := _role_problem(message["role"]):
+            raise DataError(f"{where}: {key}[{i}].role {message['role']!r}: {problem}")
     return [dict(message) for message in messages]
+
+
+def _role_problem(role: str) -> str | None:
+    """Why a message's role is a mistake (another case or spelling of a known role, ShareGPT's
+    names), or None: a known role, or another template's own (GLM's observation), which the
+    template renders as it is."""
+    if role in CHAT_ROLES:
+        return None
+    if role.lower() in CHAT_ROLES:
+        return f"roles are lower case: {role.lower()!r}"
+    if role in SHAREGPT_ROLES:
+        return (f"ShareGPT's name: chat templates read TRL's format, which spells it "
+                f"{SHAREGPT_ROLES[role]!r}")
+    close = difflib.get_close_matches(role, ("system", "user", "assistant"), n=1, cutoff=0.8)
+    return f"did you mean {close[0]!r}?" if close else None
 
 
 def checked_tools(record: dict, where: str) -> list[dict] | None:

@@ -108,10 +108,10 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True,
                         mmap=zipfile.is_zipfile(path))  # the pre-zip format cannot be mapped
     except Exception as e:  # zip/pickle errors of a damaged file come in many types
-        if found := re.search(r"unsupported GLOBAL (\S+)", str(e), re.IGNORECASE):
+        if found := re.search(r"GLOBAL (\S+)", str(e)):  # torch's safe loader refused it
             raise ValueError(f"{path}: refused: the pickle holds objects other than tensors "
-                             f"({found.group(1)}), which loading it would run as code; use the "
-                             "model's safetensors weights") from None
+                             f"({found.group(1)}), which a pickle may only load by running "
+                             "code; use the model's safetensors weights") from None
         raise ValueError(f"{path}: truncated or corrupt weights file ({type(e).__name__})"
                          ) from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

@@ -1,8 +1,8 @@
 """Line infilling on the corpus's split: a line of a held-out file filled in from the code
 before and after it, in the model's own FIM tokens, scored as SantaCoder's FIM task scores its
 single-line problems (``fim``'s run: exact match of the middle, over all problems and per
-language, the language named by the file's extension). What a run of ``--task fim`` is scored
-on by default: its own held-out files, in any language."""
+language, the language named by the file's extension where it is a known language's). What a
+run of ``--task fim`` is scored on by default: its own held-out files, in any language."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from codelm.evaluation.scoring import Scoring
 from codelm.evaluation.tasks import fim
 from codelm.loading import LoadedModel
 from codelm.tokenization.bpe import BPETokenizer
+from codelm.tokenization.source import line_comment
 from tokenizer import CodeTokenizer
 
 KIND = "examples"
@@ -41,7 +42,9 @@ def infill_problems(docs: Sequence[Doc], cfg: InfillSettings) -> list[dict]:
     for doc in docs:
         if doc.target is not None:  # a pair record: no file to fill in
             continue
-        language = posixpath.splitext(doc.id)[1].lstrip(".").lower() or "unknown"
+        language = "unknown"  # a record's id (code.jsonl:3) names no language
+        if line_comment(doc.id, unknown=None) is not None:
+            language = posixpath.splitext(doc.id)[1].lstrip(".").lower()
         for j, example in enumerate(line_completion_examples(doc, cfg.lines_per_file, cfg.seed)):
             after = len(example.prompt) + len(example.completion)
             problems.append({"id": f"{doc.id}#{j}", "language": language,

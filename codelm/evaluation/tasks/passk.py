@@ -178,7 +178,8 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
 
 def _do_nothing(problem: dict) -> str:
     """A completion that solves nothing: the entry function's body raising, or (a problem of
-    asserts alone: MBPP's) no code."""
+    asserts alone: MBPP's) no code. After a prompt that is not a function's header (a
+    docstring alone) it does not compile: that problem is never warned of, never wrongly."""
     return "    raise NotImplementedError\n" if problem["entry_point"] else "pass\n"
 
 
