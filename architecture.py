@@ -31,7 +31,7 @@ from codelm import kernels
 from codelm.kernels import IGNORE_INDEX
 
 FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama", "qwen2", "qwen3", "mistral", "starcoder2",
-            "phi3", "gemma", "gemma2")
+            "phi3", "gemma", "gemma2", "stablelm")
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                        "original_max_position_embeddings")
 # rope_scaling's "rope_type" -> the keys it needs besides it ("dynamic" keeps the plain

@@ -997,6 +997,16 @@ def test_a_model_directory_whose_name_holds_a_plus_is_one_path(tiny_models, tmp_
         loading.load_model(f"{tiny_models['base']}+", torch.device("cpu"))
 
 
+def test_the_tasks_help_names_every_task_of_the_registry():
+    """eval.py --help's --tasks lists every task registry.TASKS holds: a new task module and its
+    registry line are named there too (EvalConfig's tasks comment)."""
+    help_text = " ".join(build_parser().format_help().split())
+    listed = help_text.split("--tasks ITEM [ITEM ...]")[-1].split("--data ITEM")[0]
+    listed = listed.replace("- ", "-")  # argparse wraps at a hyphen
+    assert all(re.search(rf"(^|\s){re.escape(task)}(\s|$)", listed)
+               for task in registry.TASKS), listed
+
+
 def test_sampling_options_are_taken_with_a_temperature():
     cfg = config_from_dict({"temperature": 0.7, "top_p": 0.9, "top_k": 50})  # seed 004's
     assert (cfg.temperature, cfg.top_p, cfg.top_k) == (0.7, 0.9, 50)

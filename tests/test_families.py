@@ -1,5 +1,5 @@
 """codelm against transformers on tiny random checkpoints of today's code-model families (Qwen2
-as in Qwen2.5-Coder, Qwen3, Mistral, StarCoder2, Phi-3 as in Phi-4-mini, Gemma 2) and of Llama's
+as in Qwen2.5-Coder, Qwen3, Mistral, StarCoder2, Phi-3 as in Phi-4-mini, Gemma 2, StableLM) and of Llama's
 linear, dynamic and YaRN rope scalings: logits over inputs longer than the sliding window,
 greedy generation past it, export back into transformers, bf16."""
 

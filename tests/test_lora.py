@@ -132,7 +132,7 @@ def test_peft_adapter_loads_in_codelm(case, tmp_path):
     assert report.trainable_params == peft_model.get_nb_trainable_parameters()[0]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "phi3", "gemma", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gemma", "gemma2", "stablelm"])
 def test_all_linear_adapts_what_peft_adapts_and_loads_there(family, tmp_path):
     """PEFT's "all-linear": every Linear by its last name, the output layer left out."""
     hf = save_tiny_hf(family, tmp_path / "hf")

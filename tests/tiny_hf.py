@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face checkpoints of the four families, and tokenizer.json files in the
+"""Tiny random Hugging Face checkpoints of the families (FAMILIES, the first four; MODERN,
+the others and their variants: a new family's configs go there), and tokenizer.json files in the
 shape the real models ship, built at test time (no download).
 
 Each keeps its family's real config fields and layer naming at toy sizes. Shared by the model,
@@ -35,7 +36,7 @@ FAMILIES = ("gpt_bigcode", "codegen", "phi", "llama")
 # Today's families, and Llama with the other rope scalings; each named config keeps its real
 # models' traits (the window shorter than the tests' inputs).
 MODERN = ("qwen2", "qwen2-window", "qwen3", "mistral", "starcoder2", "phi3", "gemma", "gemma2",
-          "llama-linear", "llama-dynamic", "llama-yarn")
+          "llama-linear", "llama-dynamic", "llama-yarn", "stablelm", "stablelm-parallel")
 WINDOW = 48  # the sliding window of the tiny configs that slide
 
 
@@ -106,6 +107,11 @@ def _modern_config(name: str):
                                      query_pre_attn_scalar=24, sliding_window=WINDOW,
                                      attn_logit_softcapping=0.5, final_logit_softcapping=0.2,
                                      pad_token_id=0)
+    if name == "stablelm":  # StableLM-2-1.6B: LayerNorm, partial rotary (a quarter), qkv bias
+        return tf.StableLmConfig, dict(shape, use_qkv_bias=True, partial_rotary_factor=0.25)
+    if name == "stablelm-parallel":  # StableLM-3B-like: parallel residual, one shared norm
+        return tf.StableLmConfig, dict(shape, use_parallel_residual=True,
+                                       partial_rotary_factor=0.25)
     scaling = {"llama-linear": {"rope_type": "linear", "factor": 4.0},  # DeepSeek-Coder's
                "llama-dynamic": {"rope_type": "dynamic", "factor": 2.0},
                "llama-yarn": {"rope_type": "yarn", "factor": 4.0,

@@ -34,7 +34,7 @@ _NOTICE = re.compile(
     r"^[^\w\n]*licen[cs]e\s*:", re.I | re.M)  # the last: a "License: MIT" line
 _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=]")
 # A quoted one-line literal (a raw string """...""" first: the quotes inside are its text) or,
-# outside one, a `//` or `#` comment start; a number.
+# outside one, a `//`, `#` or `/*` comment start; a number.
 _STRING_OR_COMMENT = re.compile(r'"""(?:(?!""").)*"""'
                                 r"|\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|//|#|/\*")
 _NUMBER_LITERAL = re.compile(r"(?<![\w.])\d[\w.]*")

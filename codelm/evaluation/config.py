@@ -315,11 +315,14 @@ def mode_unused(cfg: EvalConfig) -> str | None:
 
 
 def limit_unused(cfg: EvalConfig) -> str | None:
-    """A note where --limit is given but no task reads it (lm scores --lm-windows windows)."""
-    if cfg.limit is None or cfg.prompt is not None or cfg.serve or set(cfg.tasks) - {"lm"}:
+    """A note where --limit is given but no task reads it: every task is of KIND "text", which
+    scores the split's text (lm: --lm-windows windows)."""
+    if cfg.limit is None or cfg.prompt is not None or cfg.serve or any(
+            TASKS[task].KIND != "text" for task in cfg.tasks):
         return None
     return ("--limit counts the examples of generation tasks and benchmark problems, not used: "
-            "lm scores --lm-windows windows (none: the whole split)")
+            f"{' and '.join(cfg.tasks)} score the split's text (lm: --lm-windows windows; none: "
+            "the whole split)")
 
 
 def config_from_dict(values: dict, source: str = "<dict>",

@@ -119,6 +119,7 @@ DROPOUT_KEYS = {
             "attn_dropout": ("attention_dropout", 0.0)},
     "codegen": {"dropout": ("resid_pdrop", 0.0), "embd_dropout": ("embd_pdrop", 0.0),
                 "attn_dropout": ("attn_pdrop", 0.0)},
+    "stablelm": _ATTENTION_DROPOUT,  # hidden_dropout (the MLP's output only): refused unless 0
     "gpt_bigcode": {"dropout": ("resid_pdrop", 0.1), "embd_dropout": ("embd_pdrop", 0.1),
                     "attn_dropout": ("attn_pdrop", 0.1)},
 }
@@ -164,6 +165,10 @@ HF_FIELDS = {
                "head_dim": (("head_dim",), 256), "norm_eps": (("rms_norm_eps",), 1e-6),
                "qkv_bias": (("attention_bias",), False)},
     "phi": {**_LLAMA_LIKE, **_HEAD_DIM, "norm_eps": (("layer_norm_eps",), 1e-5)},
+    # StableLM: head_dim is always hidden size / heads (transformers reads no head_dim key)
+    "stablelm": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 4096),
+                 "norm_eps": (("layer_norm_eps",), 1e-5), "qkv_bias": (("use_qkv_bias",), False),
+                 "parallel_residual": (("use_parallel_residual",), False)},
     "codegen": {"block_size": (("n_positions", "max_position_embeddings"), 2048), **_GPT_LIKE,
                 "n_head": (("n_head", "num_attention_heads"), 16),
                 "rotary_dim": (("rotary_dim",), 64)},
@@ -488,6 +493,23 @@ def _read_phi(hf: dict) -> ModelConfig:
         attn_proj_bias=True, mlp_bias=True, lm_head_bias=True)
 
 
+def _read_stablelm(hf: dict) -> ModelConfig:
+    """StableLM (2): Llama's layout with LayerNorm (biased), partial rotary (a quarter) and
+    optional q/k/v biases and parallel residual."""
+    _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
+    _require(hf, "qk_layernorm", False, "per-head query/key LayerNorm is not implemented")
+    _require(hf, "hidden_dropout", 0.0, "codelm's residual dropout is on both branches, "
+             "StableLM's on the MLP's output only")
+    f = _fields(hf, "stablelm")
+    rope = _rope(hf, default_partial=0.25)
+    if rope["rope_scaling"] is not None:
+        raise ValueError("rope scaling cannot be honoured for stablelm")
+    head_dim = f["n_embd"] // f["n_head"]
+    return ModelConfig(
+        **_shared(hf, "stablelm"), **f, norm="layernorm", mlp="swiglu", positions="rope",
+        rotary_dim=int(head_dim * rope["partial"]), rope_theta=rope["rope_theta"])
+
+
 def _read_codegen(hf: dict) -> ModelConfig:
     f = _fields(hf, "codegen")
     if f["n_head"] % 4:
@@ -554,6 +576,12 @@ def _write_phi(c: ModelConfig) -> dict:
             "rope_parameters": {"rope_type": "default", **rope}, **rope, "qk_layernorm": False}
 
 
+def _write_stablelm(c: ModelConfig) -> dict:
+    rope = {"rope_theta": c.rope_theta, "partial_rotary_factor": c.rotary_dim / c.head_dim}
+    return {"hidden_act": "silu", "rope_parameters": {"rope_type": "default", **rope}, **rope,
+            "qk_layernorm": False, "hidden_dropout": 0.0}
+
+
 def _write_codegen(c: ModelConfig) -> dict:
     return {"n_ctx": c.block_size, "activation_function": _HF_ACT_NAME["codegen"].get(c.mlp)}
 
@@ -591,13 +619,28 @@ TABLES: dict[str, FamilyTable] = {
                           _read_gemma2, _write_gemma2),
     "phi": FamilyTable(PHI_MODULES, (".rotary_emb.inv_freq",), "PhiForCausalLM",
                        _read_phi, _write_phi),
+    "stablelm": FamilyTable(LLAMA_MODULES, (".rotary_emb.inv_freq",), "StableLmForCausalLM",
+                            _read_stablelm, _write_stablelm),
     "codegen": FamilyTable(CODEGEN_MODULES, (".attn.causal_mask", ".attn.masked_bias",
                            ".attn.bias"), "CodeGenForCausalLM", _read_codegen, _write_codegen),
     "gpt_bigcode": FamilyTable(GPT_BIGCODE_MODULES, (".attn.masked_bias", ".attn.bias",
                                "transformer.bias"), "GPTBigCodeForCausalLM",
                                _read_gpt_bigcode, _write_gpt_bigcode),
 }
-assert set(TABLES) == set(FAMILIES)
+
+
+def _check_every_family_is_in_every_table() -> None:
+    """A family is architecture.FAMILIES' name and an entry of each table here (a new family:
+    docs/contracts.md, "Adding a model family")."""
+    for table_name, table in (("TABLES", TABLES), ("HF_FIELDS", HF_FIELDS),
+                              ("DROPOUT_KEYS", DROPOUT_KEYS)):
+        if set(table) != set(FAMILIES):
+            raise ImportError(f"codelm/models/families.py: {table_name} lacks "
+                              f"{sorted(set(FAMILIES) - set(table))} and has "
+                              f"{sorted(set(table) - set(FAMILIES))} beyond architecture.FAMILIES")
+
+
+_check_every_family_is_in_every_table()
 
 
 # ------------------------------------------------------------------------- row maps

@@ -2,14 +2,14 @@
 benchmarks and which pass@k, where each benchmark's problems are (``--problems`` or its own
 source) and the problems loaded.
 
-A task module has ``KIND``: "text" (it scores the corpus split's text), "examples" (examples
-built from the split's documents, ``items``), "benchmark" (a benchmark's problems: its
+A task module has ``KIND``: "text" (it scores the corpus split's text, ``items``), "examples"
+(examples built from the split's documents, ``items``), "benchmark" (a benchmark's problems: its
 default ``source()``, ``SPLIT_FILES`` or, pass@k, ``PASSK``, and ``load(file, cfg)``; a pass@k
 task's ``load`` and ``run`` are its PasskTask's) or
 "repository" (cases read from the git repositories of ``--data``, ``load_repositories(cfg)``,
 loaded with the benchmarks' problems); every
 task module has ``run(lm, task, items, cfg, variant, data_cfg) -> (metrics, records)``. Adding a
-benchmark is a module and its line here."""
+task is a module and its line here (and docs/contracts.md's "Adding ... an eval task")."""
 
 from __future__ import annotations
 
