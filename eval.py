@@ -311,7 +311,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
             results = _evaluate_generations(cfg, settings, out)
         elif any(is_endpoint(spec) for spec in specs):
             results = _evaluate_endpoints(cfg, settings, [parse_endpoint(spec) for spec in specs],
-                                          out)
+                                          out, progress)
         else:
             results = _evaluate(cfg, settings, device, specs, progress,
                                 remedy or f"name another --out-dir, or remove {out} to start "
@@ -461,30 +461,19 @@ def _evaluate_generations(cfg: EvalConfig, settings: TaskSettings, out: Path) ->
 
 
 def _evaluate_endpoints(cfg: EvalConfig, settings: TaskSettings, endpoints: Sequence[Endpoint],
-                        out: Path) -> dict:
+                        out: Path, progress: EvalProgress) -> dict:
     """OpenAI-compatible endpoints' samples of each pass@k task, scored in the sandbox as a
-    model's are; one row an endpoint, saved once all have run; ``settings``: what the tasks
-    read of ``cfg``."""
+    model's are; one row an endpoint, saved once all have run (each endpoint's samples kept in
+    its journal as they come); ``settings``: what the tasks read of ``cfg``."""
     benchmarks = registry.load_benchmarks(settings)
     rows, records = [], []
     seen: Counter = Counter()
     for endpoint in endpoints:
         label = unique_label(endpoint.label, seen)
-        metrics = {}
-        for task in settings.tasks:
-            passk_task = registry.PASSK_TASKS[task]
-            problems = benchmarks.problems[task]
-            if settings.chat:  # EvalPlus's request of a chat endpoint: a message, no stops
-                messages = [instruct.endpoint_message(p["prompt"]) for p in problems]
-                problems = passk.chat_problems(problems, messages, messages, "")
-            else:
-                problems = passk.prompted_problems(passk_task, problems)
-            samples = _endpoint_samples(endpoint, label, passk_task, problems, settings)
-            task_metrics, task_records = passk.score_passk(label, passk_task, problems, samples,
-                                                           settings)
-            metrics.update({f"{task}/{key}": value for key, value in task_metrics.items()})
-            records += task_records
-        rows.append({"model": label, "source": endpoint.url, "prompt": None, "metrics": metrics})
+        progress.running = label
+        progress.journal = out / JOURNAL_DIR / file_name_of(label)
+        with journal.journaled(progress.journal, json.dumps([label, endpoint.url])):
+            rows.append(_endpoint_row(endpoint, label, settings, benchmarks, records))
     results = {"format_version": FORMAT_VERSION, "complete": True, "pending": [],
                "config": asdict(cfg),
                "models": [{"label": row["model"], "source": row["source"]} for row in rows],
@@ -493,8 +482,33 @@ def _evaluate_endpoints(cfg: EvalConfig, settings: TaskSettings, endpoints: Sequ
                "tests_in_the_candidates_interpreter": passk.shared_interpreter_tests(
                    benchmarks.problems),
                "rows": rows, "table": markdown_table(rows)}
-    save(out, results, records)
+    with process.stops_deferred():  # the journals go once the results are on disk
+        save(out, results, records)
+        progress.running = None
+        shutil.rmtree(out / JOURNAL_DIR, ignore_errors=True)
+        progress.journal = None
     return results
+
+
+def _endpoint_row(endpoint: Endpoint, label: str, settings: TaskSettings,
+                  benchmarks: registry.Benchmarks, records: list[dict]) -> dict:
+    """One endpoint's row: its samples of each pass@k task scored (their records appended to
+    ``records``)."""
+    metrics = {}
+    for task in settings.tasks:
+        passk_task = registry.PASSK_TASKS[task]
+        problems = benchmarks.problems[task]
+        if settings.chat:  # EvalPlus's request of a chat endpoint: a message, no stops
+            messages = [instruct.endpoint_message(p["prompt"]) for p in problems]
+            problems = passk.chat_problems(problems, messages, messages, "")
+        else:
+            problems = passk.prompted_problems(passk_task, problems)
+        samples = _endpoint_samples(endpoint, label, passk_task, problems, settings)
+        task_metrics, task_records = passk.score_passk(label, passk_task, problems, samples,
+                                                       settings)
+        metrics.update({f"{task}/{key}": value for key, value in task_metrics.items()})
+        records += task_records
+    return {"model": label, "source": endpoint.url, "prompt": None, "metrics": metrics}
 
 
 def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTask,
@@ -522,11 +536,23 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
         return complete_at(endpoint, model.name, problem.get("chat_prompt", problem["prompt"]),
                            sampling, cfg.chat)
 
-    with ThreadPoolExecutor(max_workers=cfg.batch_size) as pool:
-        asked = pool.map(ask, range(len(problems)))
-        texts = list(progress_bar(asked, total=len(problems), desc=f"{label} {passk_task.name}",
-                                  unit="problem", enabled=cfg.progress, leave=False))
-    return [[truncate_at_stops(text, stops) for text in group] for group in texts]
+    prompts = [problem.get("chat_prompt", problem["prompt"]) for problem in problems]
+    kept_in = journal.task_file(passk_task.name, [
+        endpoint.url, model.name, new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, n,
+        cfg.seed, list(stops), keep, cfg.chat, prompts])
+    texts = journal.finished(kept_in)
+    rest = [index for index in range(len(problems)) if index not in texts]
+    with (ThreadPoolExecutor(max_workers=cfg.batch_size) as pool,
+          journal.appending(kept_in if rest else None) as kept):
+        asked = progress_bar(pool.map(ask, rest), total=len(problems),
+                             initial=len(problems) - len(rest),
+                             desc=f"{label} {passk_task.name}", unit="problem",
+                             enabled=cfg.progress, leave=False)
+        for index, group in zip(rest, asked):
+            texts[index] = group
+            journal.keep(kept, index, group)
+    return [[truncate_at_stops(text, stops) for text in texts[index]]
+            for index in range(len(problems))]
 
 
 def _corpus_items(cfg: TaskSettings, models: Sequence[LoadedModel]

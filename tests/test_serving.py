@@ -1031,6 +1031,50 @@ def test_an_out_dir_holding_results_is_refused_before_an_endpoint_is_asked(tmp_p
     assert asked == []
 
 
+def test_a_stopped_endpoint_evaluation_asks_again_only_for_what_its_journal_lacks(
+        tmp_path, monkeypatch, capsys):
+    """Each problem's samples from an endpoint are kept in --out-dir's journal as they come: the
+    same command after a stop asks only for the problems not kept, scores as an evaluation that
+    never stopped, and removes the journal once the results are saved."""
+    import json
+
+    import eval as ev
+    from codelm import endpoints
+
+    asked = []
+    stop_at = []
+
+    def request(url, body=None):
+        if body is None:
+            return {"data": [{"id": "m", "max_model_len": 512}]}
+        if len(asked) in stop_at:
+            raise KeyboardInterrupt
+        asked.append(body["prompt"])
+        return {"choices": [{"index": i, "text": f"    return {body['seed'] + i}\n"}
+                            for i in range(body["n"])]}
+
+    monkeypatch.setattr(endpoints, "_request", request)
+    argv = ["--models", "x=openai:http://127.0.0.1:1/v1", "--tasks", "passk", "--limit", "3",
+            "--num-samples", "2", "--temperature", "0.8", "--batch-size", "1", "--no-progress"]
+    assert ev.main([*argv, "--out-dir", str(tmp_path / "whole")]) == 0
+    whole = list(asked)
+    asked.clear()
+    stop_at.append(2)  # the third problem's request: stopped
+    out = tmp_path / "stopped"
+    capsys.readouterr()
+    assert ev.main([*argv, "--out-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "finished generations are kept" in err and f"--out-dir {out}" in err, err
+    stop_at.clear()
+    asked.clear()
+    assert ev.main([*argv, "--out-dir", str(out)]) == 0
+    assert asked == whole[2:]  # the third problem alone
+    assert not (out / "journal").exists()
+    rows = [json.loads((d / "results.json").read_text())["rows"]
+            for d in (out, tmp_path / "whole")]
+    assert rows[0] == rows[1]
+
+
 def test_eval_chat_asks_an_endpoint_as_evalplus_asks_one(server, tmp_path):
     """eval.py --chat --models x=openai:URL asks each problem as EvalPlus's OpenAI decoder does
     (one user message: the instruction, then the problem in a python block; no stop strings):

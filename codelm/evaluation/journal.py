@@ -1,9 +1,10 @@
 """Generations kept on disk as they finish, so an evaluation stopped mid-way (a kill, a crash, a
 lost machine) samples on its next run only the prompts it had not finished.
 
-eval.py opens a journal for each model it evaluates (``journaled``); the engine's generations
-inside it append each finished sequence's new tokens to a file named by a digest of everything
-that decides them: the model's weights, the task, the prompts' ids, the sampling settings and
+eval.py opens a journal for each model or endpoint it evaluates (``journaled``); the engine's
+generations inside it append each finished sequence's new tokens, an endpoint's each problem's
+texts, to a file named by a digest of everything that decides them: the model's weights and
+dtype (an endpoint's URL and served model), the task, the prompts, the sampling settings and
 the seed. Prompt i samples with its own generator (seed + i) in a batch it does not depend on,
 so a generation continued from the journal gives the tokens an uninterrupted one gives. A file
 of another digest is never read; a torn last line (a kill mid-write) is generated again."""
@@ -17,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from codelm.models.generation import GenerationConfig
 
@@ -44,20 +45,26 @@ def journaled(directory: Path, model_key: str) -> Iterator[None]:
         _OPEN.reset(token)
 
 
-def generation_file(task: str, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
-                    seed: int, chat: bool) -> Path | None:
-    """The file the open journal keeps this generation's sequences in (None: no journal open)."""
+def task_file(task: str, decided_by: list) -> Path | None:
+    """The file the open journal keeps a task's outputs in, named by a digest of the model and
+    ``decided_by`` (JSON: everything else that decides them); None where no journal is open."""
     journal = _OPEN.get()
     if journal is None:
         return None
-    decided_by = [journal.model_key, task, chat, seed, gen.max_new_tokens, gen.temperature,
-                  gen.top_k, gen.top_p, gen.eos_id, gen.stop, gen.pad_id, list(map(list, prompts))]
-    digest = hashlib.blake2b(json.dumps(decided_by).encode(), digest_size=12).hexdigest()
+    digested = json.dumps([journal.model_key, task, *decided_by])
+    digest = hashlib.blake2b(digested.encode(), digest_size=12).hexdigest()
     return journal.directory / f"{task}-{digest}.jsonl"
 
 
-def finished(path: Path | None) -> dict[int, list[int]]:
-    """The new tokens of each prompt the file holds, by the prompt's index ({} for none)."""
+def generation_file(task: str, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
+                    seed: int, chat: bool) -> Path | None:
+    """The file the open journal keeps this generation's sequences in (None: no journal open)."""
+    return task_file(task, [chat, seed, gen.max_new_tokens, gen.temperature, gen.top_k,
+                            gen.top_p, gen.eos_id, gen.stop, gen.pad_id, list(map(list, prompts))])
+
+
+def finished(path: Path | None) -> dict[int, Any]:
+    """The output kept of each prompt the file holds, by the prompt's index ({} for none)."""
     if path is None or not path.is_file():
         return {}
     done = {}
@@ -66,7 +73,7 @@ def finished(path: Path | None) -> dict[int, list[int]]:
             record = json.loads(line)
         except json.JSONDecodeError:  # the line a kill cut short
             continue
-        done[record["prompt"]] = record["new_ids"]
+        done[record["prompt"]] = record["output"]
     return done
 
 
@@ -85,9 +92,10 @@ def appending(path: Path | None) -> Iterator[TextIO | None]:
         yield file
 
 
-def keep(file: TextIO | None, prompt: int, new_ids: list[int]) -> None:
-    """Append one finished sequence; on its own line, written through to the system at once."""
+def keep(file: TextIO | None, prompt: int, output: Any) -> None:
+    """Append one prompt's finished output (a sequence's new tokens, an endpoint's texts); on
+    its own line, written through to the system at once."""
     if file is None:
         return
-    file.write(json.dumps({"prompt": prompt, "new_ids": new_ids}) + "\n")
+    file.write(json.dumps({"prompt": prompt, "output": output}) + "\n")
     file.flush()
