@@ -3814,11 +3814,21 @@ def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path)
          "--problems", str(problems), "--timeout-s", "60", "--no-progress", "--out-dir", str(out)],
         cwd=Path(ev.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples: dict[int, str] = {}
+
+    def sleeping(children: dict[int, str]) -> dict[int, str]:
+        """The samples' runs, not the problems' checks that run before them."""
+        found = {}
+        for pid, directory in children.items():
+            with contextlib.suppress(OSError):
+                if "time.sleep(60)" in (Path(directory) / "program.py").read_text():
+                    found[pid] = directory
+        return found
+
     try:
         deadline = time.monotonic() + 30
         while len(samples) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-            samples = _sandbox_children(proc.pid)
+            samples = sleeping(_sandbox_children(proc.pid))
         assert len(samples) == 2, proc.communicate()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)  # a bound for a loaded machine; well under 1 s idle
