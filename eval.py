@@ -189,7 +189,8 @@ def serve_models(cfg: EvalConfig) -> int:
         served.append(served_model(lm.label, lm.model, lm.tokenizer,
                                    partial(scoring.served_prompt, lm, cfg),
                                    len(lm.prompt_start), scoring.stop_ids(lm),
-                                   scoring.chat_stop_ids(lm), cfg.block_size))
+                                   scoring.chat_stop_ids(lm), cfg.block_size,
+                                   journal_key(lm, identity(lm))))
         if cfg.block_size and cfg.block_size > lm.model.cfg.block_size:
             print(f"note: --block-size {cfg.block_size} is past {lm.label}'s context of "
                   f"{lm.model.cfg.block_size} tokens: it serves {lm.model.cfg.block_size}",
@@ -538,9 +539,9 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
 
     prompts = [problem.get("chat_prompt", problem["prompt"]) for problem in problems]
     kept_in = journal.task_file(passk_task.name, [
-        endpoint.url, model.name, new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, n,
-        cfg.seed, list(stops), keep, cfg.chat, prompts])
-    texts = journal.finished(kept_in)
+        endpoint.url, model.name, model.weights, new_tokens, cfg.temperature, cfg.top_p,
+        cfg.top_k, n, cfg.seed, list(stops), keep, cfg.chat, prompts])
+    texts = journal.kept_outputs(kept_in, len(problems), f"{label} {passk_task.name}")
     rest = [index for index in range(len(problems)) if index not in texts]
     with (ThreadPoolExecutor(max_workers=cfg.batch_size) as pool,
           journal.appending(kept_in if rest else None) as kept):

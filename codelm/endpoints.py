@@ -122,11 +122,13 @@ def _error_message(raw: bytes) -> str:
 
 
 class EndpointModel(NamedTuple):
-    """The model an endpoint is asked for, and its context where the endpoint lists it
-    (vLLM's and codelm's ``max_model_len``)."""
+    """The model an endpoint is asked for, its context where the endpoint lists it (vLLM's and
+    codelm's ``max_model_len``), and what it says of the weights behind the name (codelm's
+    ``codelm_weights`` fingerprint, vLLM's ``root``: the checkpoint served)."""
 
     name: str
     context: int | None
+    weights: str | None = None
 
 
 def endpoint_model(endpoint: Endpoint) -> EndpointModel:
@@ -144,7 +146,9 @@ def endpoint_model(endpoint: Endpoint) -> EndpointModel:
     entry = next((m for m in listed if m.get("id") == name), {})
     context = entry.get("max_model_len")
     known = isinstance(context, int) and not isinstance(context, bool) and context > 0
-    return EndpointModel(name, context if known else None)
+    weights = entry.get("codelm_weights", entry.get("root"))
+    return EndpointModel(name, context if known else None,
+                         weights if isinstance(weights, str) else None)
 
 
 def model_name(endpoint: Endpoint) -> str:

@@ -49,6 +49,7 @@ class ServedModel:
     reads_calls: bool = False
     joining_ids: frozenset[int] = frozenset()
     context: int | None = None  # the tokens a sequence may hold (None: the model's block_size)
+    weights: str | None = None  # a fingerprint of its weights, listed as codelm_weights
 
     @property
     def context_length(self) -> int:
@@ -64,14 +65,15 @@ class ServedModel:
 def served_model(name: str, model: Transformer, tokenizer,
                  encode: Callable[[str], list[int]] | None = None, start: int = 0,
                  eos_ids: list[int] | None = None, chat_eos_ids: list[int] | None = None,
-                 context: int | None = None) -> ServedModel:
+                 context: int | None = None, weights: str | None = None) -> ServedModel:
     """A ServedModel of a model and its codelm tokenizer (tokenizer.load_tokenizer's): prompts
     encoded by ``encode`` (default the tokenizer's own; ``start``: the tokens it puts first),
     chat where it has a template; ``eos_ids``: the ids that end a text (default
     ``generation_eos_ids``); ``chat_eos_ids``: those that end a chat answer (default
     ``eos_ids``; eval.py's add the template's end-of-turn token,
     ``scoring.chat_stop_ids``); ``context``: the tokens a sequence may hold (default the
-    model's context)."""
+    model's context); ``weights``: a fingerprint of its weights, which /v1/models lists (an
+    evaluation's journal of the endpoint names it)."""
     def chat_prompt(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return tokenizer.encode(tokenizer.apply_chat_template(messages, True, tools))
 
@@ -86,7 +88,7 @@ def served_model(name: str, model: Transformer, tokenizer,
                        eos_ids, chat_eos_ids or eos_ids,
                        chat_prompt if template is not None else None, start,
                        writes_calls(template), getattr(tokenizer, "byte_fallback_ids", frozenset()),
-                       context)
+                       context, weights)
 
 
 class ApiError(Exception):

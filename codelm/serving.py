@@ -370,10 +370,15 @@ class _Handler(BaseHTTPRequestHandler):
                        "and /v1/chat/completions")
 
     def _models(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.server.started, "owned_by": "codelm",
-             "max_model_len": engine.served.context_length}  # vLLM's field
-            for name, engine in self.server.engines.items()]}
+        listed = []
+        for name, engine in self.server.engines.items():
+            entry = {"id": name, "object": "model", "created": self.server.started,
+                     "owned_by": "codelm",
+                     "max_model_len": engine.served.context_length}  # vLLM's field
+            if engine.served.weights is not None:
+                entry["codelm_weights"] = engine.served.weights
+            listed.append(entry)
+        return {"object": "list", "data": listed}
 
     def _body(self) -> dict:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():

@@ -3052,6 +3052,7 @@ def test_a_stopped_evaluation_samples_only_what_it_had_not_and_scores_as_one_uns
     added.clear()
     assert ev.main([*flags, "--out-dir", str(out)]) == 0
     assert len(added) == whole - 4
+    assert "m passk: 4 of 6 prompts' outputs kept in" in capsys.readouterr().err
     assert not (out / "journal").exists()
     assert (out / "table.md").read_text() == (tmp_path / "whole" / "table.md").read_text()
     records = []

@@ -1034,8 +1034,9 @@ def test_an_out_dir_holding_results_is_refused_before_an_endpoint_is_asked(tmp_p
 def test_a_stopped_endpoint_evaluation_asks_again_only_for_what_its_journal_lacks(
         tmp_path, monkeypatch, capsys):
     """Each problem's samples from an endpoint are kept in --out-dir's journal as they come: the
-    same command after a stop asks only for the problems not kept, scores as an evaluation that
-    never stopped, and removes the journal once the results are saved."""
+    same command after a stop asks only for the problems not kept (said), scores as an
+    evaluation that never stopped, and removes the journal once the results are saved; another
+    model served under the name (codelm's codelm_weights, vLLM's root) reads none of it."""
     import json
 
     import eval as ev
@@ -1043,10 +1044,11 @@ def test_a_stopped_endpoint_evaluation_asks_again_only_for_what_its_journal_lack
 
     asked = []
     stop_at = []
+    weights = ["w1"]
 
     def request(url, body=None):
         if body is None:
-            return {"data": [{"id": "m", "max_model_len": 512}]}
+            return {"data": [{"id": "m", "max_model_len": 512, "codelm_weights": weights[0]}]}
         if len(asked) in stop_at:
             raise KeyboardInterrupt
         asked.append(body["prompt"])
@@ -1067,8 +1069,17 @@ def test_a_stopped_endpoint_evaluation_asks_again_only_for_what_its_journal_lack
     assert "finished generations are kept" in err and f"--out-dir {out}" in err, err
     stop_at.clear()
     asked.clear()
+    weights[0] = "w2"  # another model served under the name: nothing kept is read
+    stop_at.append(1)
+    assert ev.main([*argv, "--out-dir", str(out)]) == 130
+    assert asked == whole[:1]
+    weights[0] = "w1"  # the model the journal kept: only the third problem is asked for
+    stop_at.clear()
+    asked.clear()
+    capsys.readouterr()
     assert ev.main([*argv, "--out-dir", str(out)]) == 0
-    assert asked == whole[2:]  # the third problem alone
+    assert asked == whole[2:]
+    assert "x passk: 2 of 3 prompts' outputs kept in" in capsys.readouterr().err
     assert not (out / "journal").exists()
     rows = [json.loads((d / "results.json").read_text())["rows"]
             for d in (out, tmp_path / "whole")]
@@ -1315,7 +1326,7 @@ def test_block_size_caps_what_a_served_sequence_holds(loaded):
     """--serve --block-size N (vLLM's --max-model-len): each slot's cache holds N positions,
     /v1/models lists N as max_model_len, and a prompt and its max_tokens past N are refused."""
     model, tok = loaded
-    served = served_model("tiny", model, tok, context=16)
+    served = served_model("tiny", model, tok, context=16, weights="fingerprint")
     assert served.context_length == 16
     assert served_model("tiny", model, tok, context=10**9).context_length == model.cfg.block_size
     server, thread = _start_served(served, slots=2)
@@ -1324,6 +1335,8 @@ def test_block_size_caps_what_a_served_sequence_holds(loaded):
         assert engine.caches[0][0].shape[2] == 16
         client = _client(server)
         assert client.models.list().data[0].max_model_len == 16
+        listed = client.models.list().data[0]  # and the weights it serves, for a journal
+        assert listed.codelm_weights == "fingerprint"
         short = client.completions.create(model="tiny", prompt="x = 1", max_tokens=8)
         assert short.usage.completion_tokens >= 1
         with pytest.raises(openai.BadRequestError, match="past the model's context"):

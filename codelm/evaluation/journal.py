@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -74,6 +75,16 @@ def finished(path: Path | None) -> dict[int, Any]:
         except json.JSONDecodeError:  # the line a kill cut short
             continue
         done[record["prompt"]] = record["output"]
+    return done
+
+
+def kept_outputs(path: Path | None, total: int, what: str) -> dict[int, Any]:
+    """``finished(path)``, said on stderr where the file holds any (``what``: the model's task
+    of ``total`` prompts that continues from it)."""
+    done = finished(path)
+    if done:
+        print(f"note: {what}: {len(done)} of {total} prompts' outputs kept in {path}, not "
+              "generated again", file=sys.stderr)
     return done
 
 

@@ -253,7 +253,7 @@ def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConf
     compiled where cfg.compile asks): prompt i samples with its own generator, seeded
     cfg.seed + i, so its text does not depend on the batch it ran in. ``kept_in``: the journal
     file whose finished prompts are not generated again, and which keeps each one finishing."""
-    new_ids = journal.finished(kept_in)
+    new_ids = journal.kept_outputs(kept_in, len(encoded), f"{lm.label} {desc}")
     rest = [i for i in range(len(encoded)) if i not in new_ids]
     if rest:
         new_ids.update(_engine_ids(lm, encoded, rest, gen, cfg, desc, kept_in))
