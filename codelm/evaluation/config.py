@@ -106,7 +106,8 @@ class EvalConfig:
     workers: int = 2  # sandboxed runs in flight at once
     sandbox_may_read_all_files: bool = False  # run pass@k where the sandbox cannot confine reads
     # output
-    out_dir: str | None = None  # default: runs_dir/eval/eval-<timestamp> (apart from the runs)
+    out_dir: str | None = None  # default: runs_dir/eval/eval-<timestamp> (apart from the runs);
+    #   the same command with an --out-dir it stopped in continues it (what was saved and kept)
     preference_pairs: str | None = None  # also write the pass@k samples as preference data:
     #   this JSONL gets chosen (passed) / rejected (failed) pairs of each problem with their
     #   verdicts, OUT.kto.jsonl every distinct sample labelled (trainingmanager.py --task dpo)

