@@ -3046,6 +3046,12 @@ def test_a_stopped_evaluation_samples_only_what_it_had_not_and_scores_as_one_uns
                                   f"--out-dir {out}")), err
     (journal_file,) = (out / "journal" / "m").glob("passk-*.jsonl")
     assert len(journal_file.read_text().splitlines()) == 4
+    kept.clear()  # another seed: the kept outputs are not read, and that is said
+    assert ev.main([*flags, "--seed", "7", "--out-dir", str(out)]) == 130
+    assert "keeps outputs of other settings" in capsys.readouterr().err
+    for other in (out / "journal" / "m").glob("*.jsonl"):
+        if other != journal_file:
+            other.unlink()
     with journal_file.open("a") as file:
         file.write('{"prompt": 8, "new_i')  # a kill in mid-line
     monkeypatch.setattr(journal, "keep", keep)

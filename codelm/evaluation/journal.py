@@ -85,7 +85,17 @@ def kept_outputs(path: Path | None, total: int, what: str) -> dict[int, Any]:
     if done:
         print(f"note: {what}: {len(done)} of {total} prompts' outputs kept in {path}, not "
               "generated again", file=sys.stderr)
+    elif path is not None and _others_of_its_task(path):
+        print(f"note: {what}: {path.parent} keeps outputs of other settings (another model, "
+              "prompt, sampling setting or --limit), not read: all are generated",
+              file=sys.stderr)
     return done
+
+
+def _others_of_its_task(path: Path) -> list[Path]:
+    """The journal files beside ``path`` of its task, named by other digests."""
+    task = path.name.rsplit("-", 1)[0]
+    return [other for other in path.parent.glob(f"{task}-*.jsonl") if other != path]
 
 
 @contextlib.contextmanager
