@@ -408,6 +408,7 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
             progress.saved.append(lm.label)
             progress.running = None
             _remove_journal(progress)
+            _remove_unscored(progress.out_dir, [lm.label], cfg.tasks)
     results.update(complete=True, pending=[], rows=rows, table=markdown_table(rows, note))
     progress.table = markdown_table(rows, note, shown=registry.on_console)
     return results
@@ -419,6 +420,20 @@ def journal_key(lm: LoadedModel, model_identity: dict) -> str:
     parameter = next(lm.model.parameters())
     computes = {"dtype": str(parameter.dtype), "device": parameter.device.type}
     return json.dumps({**model_identity, **computes}, sort_keys=True)
+
+
+def unscored_file(out_dir: Path, label: str, task: str) -> Path:
+    """Where a stop during ``label``'s ``task`` sandbox runs keeps its samples
+    (``_kept_unscored``)."""
+    return out_dir / f"unscored-{file_name_of(label)}-{task}.json"
+
+
+def _remove_unscored(out_dir: Path, labels: Sequence[str], tasks: Sequence[str]) -> None:
+    """The kept samples of a stop during the sandbox runs of ``labels``' ``tasks``, once their
+    scores are saved."""
+    for label in labels:
+        for task in tasks:
+            unscored_file(out_dir, label, task).unlink(missing_ok=True)
 
 
 def _remove_journal(progress: EvalProgress) -> None:
@@ -488,6 +503,7 @@ def _evaluate_endpoints(cfg: EvalConfig, settings: TaskSettings, endpoints: Sequ
         progress.running = None
         shutil.rmtree(out / JOURNAL_DIR, ignore_errors=True)
         progress.journal = None
+        _remove_unscored(out, [row["model"] for row in rows], settings.tasks)
     return results
 
 
@@ -610,7 +626,7 @@ def _kept_unscored(progress: EvalProgress, unscored: passk.UnscoredSamples | Non
     bigcode's generations format, beside the results), and how to score them; "" for none."""
     if unscored is None or progress.out_dir is None:
         return ""
-    path = progress.out_dir / f"unscored-{file_name_of(unscored.label)}-{unscored.task}.json"
+    path = unscored_file(progress.out_dir, unscored.label, unscored.task)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         process.write_atomic(path, json.dumps(unscored.programs, ensure_ascii=False))

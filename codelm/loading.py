@@ -98,6 +98,23 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
                      "tokenizer the run trained with")
 
 
+def _export_tokenizer(run_dir: Path, tok_dir: Path) -> Path:
+    """The tokenizer an exported run is scored with: the export's own copy, saved with its
+    weights, where it holds one (noted where the run's tokenizer.json reads otherwise), else
+    ``tok_dir``."""
+    export = run_dir / rundir.EXPORT_DIR
+    own = export / "tokenizer.json"
+    if tok_dir != run_dir or not own.is_file():
+        return tok_dir
+    run_file = run_dir / "tokenizer.json"
+    same_bytes = run_file.read_bytes() == own.read_bytes()
+    if not same_bytes and settings.read_json_object(run_file, "tokenizer") != (
+            settings.read_json_object(own, "tokenizer")):
+        print(f"note: {run_file} is not the tokenizer {export} was saved with: scored with "
+              f"{own}", file=sys.stderr)
+    return export
+
+
 def _run_weights(run_dir: Path, weights: Path, chosen: bool = False) -> dict:
     """What results.json records of a run's scored weights: where, their step, still training;
     ``chosen``: the weights were named (a checkpoint or best/), not picked as the run's model."""
@@ -186,7 +203,7 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     elif chosen is None and exported and _intact(export):
         base = Path(_run_base(run_dir, config)) if adapter else export
         model = _load_hf(base, device, dtype, export if adapter else None)
-        return model, tok_dir, config, _run_weights(run_dir, export)
+        return model, _export_tokenizer(run_dir, tok_dir), config, _run_weights(run_dir, export)
     cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))

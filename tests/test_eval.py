@@ -2616,6 +2616,29 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_models, tmp_path):
         loading.load_model(str(run), cpu, str(other))
 
 
+def test_an_exported_run_is_scored_with_the_exports_own_tokenizer(tiny_models, tmp_path,
+                                                                   capsys):
+    """A run whose tokenizer.json was replaced after its export is scored with the tokenizer
+    saved beside the exported weights, and says so; an equal one says nothing."""
+    from tokenizer import CodeTokenizer, load_tokenizer
+
+    m = tiny_models
+    run = tmp_path / "run"
+    shutil.copytree(m["base"], run / "export")
+    process.write_manifest(run / "export")
+    (run / "config.json").write_text(json.dumps(run_config()))
+    shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
+    loaded = loading.load_model(str(run), torch.device("cpu"))
+    assert "tokenizer" not in capsys.readouterr().err
+    texts = [p.read_text() for p in sorted(m["code"].iterdir())]
+    CodeTokenizer.train(texts[:1], min_freq=1).save(run)
+    swapped = loading.load_model(str(run), torch.device("cpu"))
+    said = capsys.readouterr().err
+    assert str(run / "tokenizer.json") in said and str(run / "export" / "tokenizer.json") in said
+    assert swapped.tokenizer.encode(texts[0]) == loaded.tokenizer.encode(texts[0])
+    assert load_tokenizer(run).encode(texts[0]) != loaded.tokenizer.encode(texts[0])
+
+
 def test_a_runs_export_without_its_tokenizer_names_the_run(tiny_models, tmp_path):
     """eval.py on a run's export/ that holds no tokenizer.json names the run above it, as
     tokenizer.py does."""
@@ -3759,7 +3782,8 @@ def test_a_stop_during_passk_runs_keeps_the_samples_for_load_generations(tiny_mo
                                                                           monkeypatch, capsys):
     """A stop while a pass@k task's samples run in the sandbox keeps them (bigcode's format,
     beside the results) and says how to score them: --load-generations scores that file as
-    the interrupted evaluation would have."""
+    the interrupted evaluation would have; the same command run again scores the model and
+    removes the file."""
     import json
 
     from codelm.evaluation.tasks import passk
@@ -3804,6 +3828,9 @@ def test_a_stop_during_passk_runs_keeps_the_samples_for_load_generations(tiny_mo
     # with --limit, the command that scores them names it too (the samples are its problems')
     limited = passk._scoring_flags(EvalConfig(limit=12, num_samples=10, pass_k=[1, 5, 10]))
     assert limited.startswith("--num-samples 10 --pass-k 1 5 10 --limit 12"), limited
+    answers = iter(["    return 0\n", "    return 1\n", "    return 2\n", "    return 1\n"])
+    assert ev.main(["--models", str(tiny_models["base"]), "--out-dir", str(out), *argv]) == 0
+    assert not kept.exists() and (out / "results.json").is_file()
 
 
 def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path):

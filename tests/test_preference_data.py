@@ -399,6 +399,26 @@ def test_a_definite_failure_is_rejected_before_a_program_that_timed_out():
     assert labelled_path(Path("out/pairs.jsonl")) == Path("out/pairs.kto.jsonl")
 
 
+def test_the_summary_counts_each_models_samples_of_a_problem(tmp_path):
+    """Two models' samples of two problems are four sets of samples, each paired apart: the
+    summary says so, not four problems."""
+    from codelm.evaluation.preference_pairs import write_preference_data
+
+    records = []
+    for model in ("a", "b"):
+        for task_id in ("p/0", "p/1"):
+            for prediction, status in (("right", "passed"), ("wrong", "failed")):
+                records.append({**_sample(prediction, status), "model": model, "id": task_id})
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    said = write_preference_data(tmp_path / "pairs.jsonl", tmp_path, ["passk"])
+    assert said.startswith("preference pairs: 4 pairs from 4 of 4 problems' samples "
+                           "(2 problems x 2 models)"), said
+    one_model = [r for r in records if r["model"] == "a"]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in one_model))
+    said = write_preference_data(tmp_path / "pairs.jsonl", tmp_path, ["passk"])
+    assert said.startswith("preference pairs: 2 pairs from 2 of 2 problems in"), said
+
+
 def test_samples_that_all_fail_give_no_pair_and_say_what_gives_some(tmp_path, capsys):
     """A weak model's samples all fail: no pair is written, and the summary says what makes
     pairs; DPO on that empty file says where its records come from."""

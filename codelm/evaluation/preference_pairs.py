@@ -20,7 +20,8 @@ from codelm.runtime import process
 class PreferenceData(NamedTuple):
     pairs: list[dict]  # {prompt, chosen, rejected, task, task_id, model, *_status}
     labelled: list[dict]  # {prompt, completion, label, status, task, task_id, model}
-    counts: Counter  # problems: paired, all_passed, all_failed, untrusted; pairs; labelled
+    counts: Counter  # problems (per model): paired, all_passed, all_failed, untrusted; pairs;
+    #   labelled; models: the models sampled
 
 
 def preference_data(records: Iterable[dict], tasks: Sequence[str]) -> PreferenceData:
@@ -58,6 +59,7 @@ def preference_data(records: Iterable[dict], tasks: Sequence[str]) -> Preference
                           "rejected": _completion(bad), **where,
                           "chosen_status": good["status"], "rejected_status": bad["status"]})
     counts["pairs"], counts["labelled"] = len(pairs), len(labelled)
+    counts["models"] = len({model for model, _, _ in problems})
     return PreferenceData(pairs, labelled, counts)
 
 
@@ -111,7 +113,10 @@ def write_preference_data(path: str | Path, out_dir: Path, tasks: Sequence[str])
         hint = ("\nnote: a pair needs a problem whose samples both pass and fail: more "
                 "--num-samples, a --temperature that varies them, or problems fit to the model "
                 "(failing all: fine-tune it first; passing all: harder ones)")
-    return (f"preference pairs: {c['pairs']} pairs from {c['paired']} of {total} problems in "
+    problems = f"{total} problems"
+    if c["models"] > 1:  # each model's samples of a problem are paired apart
+        problems = f"{total} problems' samples ({total // c['models']} problems x {c['models']} models)"
+    return (f"preference pairs: {c['pairs']} pairs from {c['paired']} of {problems} in "
             f"{path}; no pair from {c['all_passed']} whose samples all passed and "
             f"{c['all_failed']} whose samples all failed{untrusted}; {c['labelled']} labelled "
             f"completions (kto) in {labelled_path(path)}{hint}")
