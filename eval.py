@@ -554,9 +554,12 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
                            sampling, cfg.chat)
 
     prompts = [problem.get("chat_prompt", problem["prompt"]) for problem in problems]
-    kept_in = journal.task_file(passk_task.name, [
-        endpoint.url, model.name, model.weights, new_tokens, cfg.temperature, cfg.top_p,
-        cfg.top_k, n, cfg.seed, list(stops), keep, cfg.chat, prompts])
+    kept_in = journal.task_file(passk_task.name, {
+        "url": endpoint.url, "served_model": model.name, "weights": model.weights,
+        "prompts": journal.digest(prompts), "max_new_tokens": new_tokens,
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+        "num_samples": n, "seed": cfg.seed, "stop": list(stops), "prompt_room": keep,
+        "chat": cfg.chat})
     texts = journal.kept_outputs(kept_in, len(problems), f"{label} {passk_task.name}")
     rest = [index for index in range(len(problems)) if index not in texts]
     with (ThreadPoolExecutor(max_workers=cfg.batch_size) as pool,

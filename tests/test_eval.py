@@ -3068,10 +3068,13 @@ def test_a_stopped_evaluation_samples_only_what_it_had_not_and_scores_as_one_uns
     assert all(w in err for w in ("finished generations are kept", str(out / "journal" / "m"),
                                   f"--out-dir {out}")), err
     (journal_file,) = (out / "journal" / "m").glob("passk-*.jsonl")
-    assert len(journal_file.read_text().splitlines()) == 4
-    kept.clear()  # another seed: the kept outputs are not read, and that is said
+    assert len(journal_file.read_text().splitlines()) == 1 + 4  # the settings, then outputs
+    kept.clear()  # another seed: the kept outputs are not read, and the setting is named
     assert ev.main([*flags, "--seed", "7", "--out-dir", str(out)]) == 130
-    assert "keeps outputs of other settings" in capsys.readouterr().err
+    assert "keeps outputs of other settings (seed 0, now 7)" in capsys.readouterr().err
+    kept.clear()
+    assert ev.main([*flags, "--limit", "1", "--out-dir", str(out)]) == 130
+    assert "other settings (other prompts: another --limit" in capsys.readouterr().err
     for other in (out / "journal" / "m").glob("*.jsonl"):
         if other != journal_file:
             other.unlink()
@@ -3119,8 +3122,9 @@ def test_a_journal_file_is_named_by_everything_that_decides_its_generations(tmp_
         assert generation_file("line", [[5, 6]], gen, 0, False) == same
     with journaled(tmp_path, "weights b"):
         others.append(generation_file("line", [[5, 6]], gen, 0, False))
-    assert len({same, *others}) == len(others) + 1
-    assert all(path.parent == tmp_path for path in others)
+    paths = [kept_in.path for kept_in in others]
+    assert len({same.path, *paths}) == len(others) + 1
+    assert all(path.parent == tmp_path for path in paths)
     # eval names a model by its weights' fingerprint and the dtype it computes in: a bf16
     # file's norms are the same loaded in fp32, its tokens are not
     identity = {"label": "m", "weight_norms": [1.0, 2.0]}

@@ -1073,6 +1073,7 @@ def test_a_stopped_endpoint_evaluation_asks_again_only_for_what_its_journal_lack
     stop_at.append(1)
     assert ev.main([*argv, "--out-dir", str(out)]) == 130
     assert asked == whole[:1]
+    assert "other settings (another served model's weights)" in capsys.readouterr().err
     weights[0] = "w1"  # the model the journal kept: only the third problem is asked for
     stop_at.clear()
     asked.clear()

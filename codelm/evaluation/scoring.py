@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -248,7 +247,7 @@ def _prompt_generator(seed: int, prompt: int, device: torch.device) -> torch.Gen
 def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConfig,
                   eos: list[int], cfg: Scoring, stops: Sequence[str],
                   text: Callable[[list[int]], str], desc: str,
-                  kept_in: Path | None = None) -> list[str]:
+                  kept_in: journal.JournalFile | None = None) -> list[str]:
     """``generate_texts`` through the continuous-batching engine (cfg.batch_size slots, its step
     compiled where cfg.compile asks): prompt i samples with its own generator, seeded
     cfg.seed + i, so its text does not depend on the batch it ran in. ``kept_in``: the journal
@@ -267,7 +266,7 @@ def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConf
 
 def _engine_ids(lm: LoadedModel, encoded: list[list[int]], rest: list[int],
                 gen: GenerationConfig, cfg: Scoring, desc: str,
-                kept_in: Path | None) -> dict[int, list[int]]:
+                kept_in: journal.JournalFile | None) -> dict[int, list[int]]:
     """The new tokens of the prompts numbered ``rest`` of ``encoded``, each appended to the
     journal file ``kept_in`` as it finishes. The pool is sized for every prompt of ``encoded``,
     as it is when none was kept."""
