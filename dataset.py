@@ -541,6 +541,7 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
 
             publish_cache_entry(path, write, replace=not cfg.use_cache, marker="meta.json")
     _note_pairs_as_text(cfg, meta)
+    _note_cut_prompts(cfg, meta)
     task = meta["task"]
     if cfg.task == "lm":
         splits = {s: LMWindows(path / f"{s}.bin", task["dtype"], task["n_tokens"][s],
@@ -579,6 +580,23 @@ def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
               "(e.g. <|eot_id|>), encoded as text: to read it as the token, as transformers' "
               "tokenizer(text) does, use --pair-special-tokens or --data-options "
               "'{\"pair_special_tokens\": true}'", file=sys.stderr)
+
+
+def _note_cut_prompts(cfg: DataConfig, meta: dict) -> None:
+    """A note where a tenth or more of the examples of a task whose prompt is meant whole
+    (the code to document or refactor, a method's header) lost part of it to block_size or
+    max_prompt_tokens."""
+    if cfg.task not in ("method", "docstring", "refactor"):
+        return
+    cut = _event_total(meta, "prompt_truncated")
+    total = sum(meta["task"]["examples"].values())
+    if not total or cut * 10 < total:
+        return
+    limits = f"block_size {cfg.block_size}"
+    if cfg.max_prompt_tokens is not None:
+        limits += f" and max_prompt_tokens {cfg.max_prompt_tokens}"
+    print(f"note: {cut} of {total} {cfg.task} examples lost part of their prompt to {limits}: "
+          "a larger --block-size (or max_prompt_tokens) keeps them whole", file=sys.stderr)
 
 
 def _event_total(meta: dict, event: str) -> int:
@@ -631,6 +649,27 @@ def training_flags(flags: dict, tokenizer: str | None, block_size: int) -> str:
     return " ".join(words)
 
 
+def shown_examples(examples: Dataset, tokenizer: CodeTokenizer | BPETokenizer, n: int) -> str:
+    """The first ``n`` of ``examples`` as they train, decoded with their special tokens: a
+    supervised example's prompt, then its completion (the tokens the loss counts); an lm
+    window whole."""
+    parts = []
+    for i in range(min(n, len(examples))):
+        ids = examples[i]["input_ids"].tolist()
+        labels = examples[i]["labels"].tolist()
+        first = next((j for j, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+        if first == 0:  # every next token counts
+            parts.append(f"--- train example {i}: {len(ids)} tokens, every next token "
+                         f"counted ---\n{tokenizer.decode(ids)}")
+            continue
+        prompt = ids[: first + 1]
+        completion = [t for t in labels[first:] if t != IGNORE_INDEX]
+        parts.append(f"--- train example {i}: its prompt, {len(prompt)} tokens ---\n"
+                     f"{tokenizer.decode(prompt)}\n--- its completion, the {len(completion)} "
+                     f"tokens the loss counts ---\n{tokenizer.decode(completion)}")
+    return "\n".join(parts)
+
+
 def printed_stats(stats: dict, cfg: DataConfig) -> dict:
     """``stats`` as dataset.py prints them: the pair records read from each source named by
     that source (``stats`` holds them as a list in the order of ``cfg.sources_by_split``)."""
@@ -648,9 +687,15 @@ def main(argv: list[str] | None = None) -> int:
         "it, and print counts per stage (JSON).", argument_default=argparse.SUPPRESS)
     parser.add_argument("--tokenizer",
                         help="tokenizer file/dir; without one only the cleaned corpus is built")
+    parser.add_argument("--show", type=int, metavar="N",
+                        help="print the first N training examples on stderr as they train: a "
+                             "prompt, then the completion the loss counts (with --tokenizer)")
     settings.add_config_flags(parser, DataConfig, CHOICES, aliases=TRAINING_SPELLINGS)
     flags = vars(parser.parse_args(argv))
     tokenizer_path = flags.pop("tokenizer", None)
+    show = flags.pop("show", 0)
+    if show < 0:
+        parser.error(f"--show {show}: give how many examples to print (0 or more)")
 
     def work() -> None:
         cfg = settings.config_from_dict(DataConfig, flags, "command line", CHOICES)
@@ -664,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {lopsided}", file=sys.stderr)
         if python_only := python_only_note(data.stats["corpus"]):
             print(f"note: {python_only}", file=sys.stderr)
+        if tokenizer is not None and show:
+            print(shown_examples(data.train, tokenizer, show), file=sys.stderr)
         if tokenizer is None:
             print(f"note: the cleaned corpus only: the {cfg.task} task's examples are built "
                   "with a tokenizer (--tokenizer FILE_OR_DIR: a model's, or a run's runs/NAME; "

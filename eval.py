@@ -369,6 +369,9 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
     if cfg.block_size is None:  # results.json records the context used
         cfg = replace(cfg, block_size=scoring.shared_context(models))
         settings = replace(settings, block_size=cfg.block_size)
+    own_prompts = _trained_prompts(settings, models)
+    if own_prompts:  # each model asked in its own: the examples of each
+        settings = replace(settings, docstring_prompts=list(dict.fromkeys(own_prompts.values())))
     docs, data_cfg, items = _corpus_items(settings, models)
     examples = {(task, variant): built for (task, variant), built in items.items()
                 if registry.TASKS[task].KIND == "examples"}
@@ -395,7 +398,8 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
         progress.running = lm.label
         progress.journal = progress.out_dir / JOURNAL_DIR / file_name_of(lm.label)
         with journal.journaled(progress.journal, journal_key(lm, model_identity)):
-            model_rows, model_records = _evaluate_model(lm, settings, items, data_cfg)
+            model_rows, model_records = _evaluate_model(lm, settings, items, data_cfg,
+                                                        own_prompts.get(lm.label))
         rows += model_rows
         records += model_records
         pending = progress.models[progress.models.index(lm.label) + 1 :]
@@ -590,10 +594,27 @@ def _corpus_items(cfg: TaskSettings, models: Sequence[LoadedModel]
     return docs, data_cfg, dict(sorted(items.items(), key=lambda item: item[0][1] is not None))
 
 
+def _trained_prompts(cfg: TaskSettings, models: Sequence[LoadedModel]) -> dict[str, str]:
+    """The docstring prompt each model is asked in where --docstring-prompts names none: the
+    one --data-options gives, else the one its run trained with, else DataConfig's ({} where
+    the docstring task is not run or the variants are named)."""
+    if "docstring" not in cfg.tasks or cfg.docstring_prompts is not None:
+        return {}
+    default = cfg.data_options.get("docstring_prompt", DataConfig.docstring_prompt)
+    prompts = {}
+    for lm in models:
+        trained = (lm.run_config or {}).get("data_options") or {}
+        prompts[lm.label] = cfg.data_options.get("docstring_prompt",
+                                                 trained.get("docstring_prompt", default))
+    return prompts
+
+
 def _evaluate_model(lm: LoadedModel, cfg: TaskSettings, items: dict[tuple[str, str | None], list],
-                    data_cfg: DataConfig | None) -> tuple[list[dict], list[dict]]:
-    """One model's table rows (one per docstring prompt variant) and prediction records: each
-    task's ``run`` on its items, a variant's metrics in that variant's row alone."""
+                    data_cfg: DataConfig | None, own_prompt: str | None = None
+                    ) -> tuple[list[dict], list[dict]]:
+    """One model's table rows (one per docstring prompt variant: ``own_prompt`` alone where
+    given) and prediction records: each task's ``run`` on its items, a variant's metrics in
+    that variant's row alone."""
     records = []
     shared: dict = {}
     context = scoring.context(lm, cfg)
@@ -608,7 +629,10 @@ def _evaluate_model(lm: LoadedModel, cfg: TaskSettings, items: dict[tuple[str, s
             records += task_records
             shared.update({f"{task}/{k}": v for k, v in metrics.items()})
     rows = []
-    for variant in list(dict.fromkeys(v for _, v in items if v is not None)) or [None]:
+    variants = list(dict.fromkeys(v for _, v in items if v is not None))
+    if own_prompt is not None:
+        variants = [own_prompt]
+    for variant in variants or [None]:
         row = {"model": lm.label, "source": lm.source, "prompt": variant,
                "batch_size": cfg.batch_size,  # may differ between models of a resumed evaluation
                "block_size": context,  # the context used: a model's own where cfg's is longer

@@ -93,7 +93,9 @@ class TrainConfig:
     data: list[str] | None = None  # "stdlib", directories, scraper, pair or conversation JSONL
     val_data: list[str] | None = None  # predefined validation files (None: split from data)
     test_data: list[str] | None = None  # predefined test files (None: split from data)
-    data_options: dict = field(default_factory=dict)  # further DataConfig fields for the task
+    data_options: dict = field(default_factory=dict)  # further DataConfig fields for the task:
+    #   dataset.py --help lists each (--docstring-prompt as "docstring_prompt"), and prints what
+    #   they build
     # GRPO (task grpo: codelm.training.rollout): G samples a problem, rewarded by its test
     problems: str | None = None  # task grpo: the problems sampled for (HumanEval-format JSONL)
     val_problems: str | None = None  # task grpo: held-out problems whose greedy pass@1 each

@@ -1379,6 +1379,40 @@ def test_docstring_task_follows_seed_004(tmp_path, tok):
             assert code.startswith(("class ", "@")) and len(tok.encode(code)) <= 100 + 1
 
 
+def test_a_block_that_cuts_many_prompts_is_noted(tmp_path, tok, capsys):
+    """The docstring task's code cut by block_size in a tenth or more of its examples is noted
+    with the counts and the remedy; a block that holds them says nothing."""
+    prepare(cfg(tmp_path, task="docstring", block_size=64, docstring_code_tokens=400), tok)
+    said = capsys.readouterr().err
+    assert re.search(r"note: \d+ of \d+ docstring examples lost part of their prompt to "
+                     r"block_size 64: a larger --block-size", said), said
+    prepare(cfg(tmp_path, task="docstring", block_size=700, docstring_code_tokens=100), tok)
+    assert "lost part of their prompt" not in capsys.readouterr().err
+
+
+def test_show_prints_the_first_examples_as_they_train(tmp_path, tok, capsys):
+    """dataset.py --show N prints N training examples decoded on stderr (stdout keeps the JSON
+    alone): a docstring example's prompt (the class without its docstring) and its completion,
+    the docstring and EOS the loss counts, as the training batches hold them."""
+    tok.save(tmp_path / "tok")
+    argv = ["--sources", str(EMAIL), "--task", "docstring", "--block-size", "700",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--tokenizer",
+            str(tmp_path / "tok")]
+    assert dataset.main([*argv, "--show", "2"]) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)
+    data = prepare(cfg(tmp_path, task="docstring", block_size=700), tok)
+    for i in range(2):
+        prompt, completion = prompt_and_completion(data.train[i])
+        assert (f"--- train example {i}: its prompt, {len(prompt)} tokens ---\n"
+                f"{tok.decode(prompt)}\n--- its completion, the {len(completion)} tokens the "
+                f"loss counts ---\n{tok.decode(completion)}") in err
+    assert "train example 2" not in err and tok.decode([tok.eos_id]) in err
+    with pytest.raises(SystemExit, match="2"):
+        dataset.main([*argv, "--show", "-1"])
+    assert "--show -1: give how many examples" in capsys.readouterr().err
+
+
 # Strings inside a nested def: one left of the def's indentation, one indented with the code.
 NESTED_STRINGS = (
     "class Report:\n"

@@ -2242,6 +2242,41 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
     assert any(p.startswith("Class ") for p in seen)
 
 
+def test_runs_trained_on_other_docstring_prompts_are_each_asked_in_their_own(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    """Without --docstring-prompts each run is asked in the prompt it trained with, whatever
+    its place among --models: one row each, its prompt named."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    asked: dict[str, list[str]] = {}
+
+    def fake_generate(lm, prompts, cfg, stops=(), desc="", **kwargs):
+        asked.setdefault(lm.label, []).extend(prompts)
+        return ["A bank account that keeps a running balance."] * len(prompts)
+
+    monkeypatch.setattr(scoring, "generate_texts", fake_generate)
+    m = tiny_models
+    runs = []
+    for prompt in ("simple", "verbose"):
+        run = tmp_path / prompt
+        shutil.copytree(m["base"], run / "export")
+        process.write_manifest(run / "export")
+        shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
+        config = run_config(data=[str(m["code"])], data_options={"docstring_prompt": prompt})
+        (run / "config.json").write_text(json.dumps(config))
+        runs.append(run)
+    for order in (runs, runs[::-1]):
+        asked.clear()
+        out = tmp_path / f"o-{order[0].name}"
+        assert ev.main(["--models", *map(str, order), "--tasks", "docstring", "--out-dir",
+                        str(out), *FAST_FLAGS]) == 0
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        assert sorted((row["model"], row["prompt"]) for row in rows) == [
+            ("simple", "simple"), ("verbose", "verbose")]
+        assert all(p.startswith("Class ") for p in asked["simple"])
+        assert all(p.startswith("Your task is to write a docstring") for p in asked["verbose"])
+    assert "keeps outputs of other settings" not in capsys.readouterr().err
+
+
 def test_docstring_examples_follow_the_corpus_data_options(tiny_models):
     """Eval's docstring examples are those training chose (the run's or dataset's targets and
     minimum length), so generation metrics and the reference loss match the val split's."""
@@ -3130,6 +3165,26 @@ def test_a_journal_file_is_named_by_everything_that_decides_its_generations(tmp_
     keys = {ev.journal_key(loading.LoadedModel("m", "m", torch.nn.Linear(2, 2).to(dtype), None),
                            identity) for dtype in (torch.float32, torch.bfloat16)}
     assert len(keys) == 2
+
+
+def test_a_journal_names_only_the_files_an_earlier_evaluation_left(tmp_path, capsys):
+    """Two generations of one evaluation (two docstring prompts) write two files: the second is
+    no "other settings"; a file an earlier evaluation left is, with the setting that differs."""
+    from codelm.evaluation.journal import appending, generation_file, journaled, keep, kept_outputs
+    from codelm.models.generation import GenerationConfig
+
+    gen = GenerationConfig(8, eos_id=[2])
+    with journaled(tmp_path, "weights a"):
+        for prompt in ([5, 6], [5, 7]):
+            kept_in = generation_file("docstring", [prompt], gen, 0, False)
+            assert kept_outputs(kept_in, 1, "m docstring") == {}
+            with appending(kept_in) as file:
+                keep(file, 0, [9])
+    assert "other settings" not in capsys.readouterr().err
+    with journaled(tmp_path, "weights a"):
+        kept_in = generation_file("docstring", [[5, 8]], gen, 0, False)
+        assert kept_outputs(kept_in, 1, "m docstring") == {}
+    assert "other settings (other prompts" in capsys.readouterr().err
 
 
 def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(

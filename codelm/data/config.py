@@ -97,7 +97,9 @@ class DataConfig:
     docstring_targets: str = "class"  # "class", "function" or "both": what loses its docstring
     docstring_min_tokens: int = 20  # shorter docstrings make no example
     docstring_code_tokens: int = 400  # the code shown with a docstring target, at most
-    docstring_prompt: str = "simple"  # key of DOCSTRING_PROMPTS
+    docstring_prompt: str = "simple"  # key of DOCSTRING_PROMPTS: simple ("Class {source_code}
+    #   \n\nDocstring:") or verbose ("Your task is to write a docstring that summarizes the
+    #   following Python class.\nClass {class_name}:\n{source_code}\n\nDocstring:")
     fim_rate: float = 0.5  # fraction of fim chunks turned into prefix-suffix-middle examples
     pair_special_tokens: bool = False  # pair records read a special token's text (<|eot_id|>)
     #   as the token, as transformers' tokenizer(text) does; documents keep it text; not in lm

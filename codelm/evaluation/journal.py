@@ -18,7 +18,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
@@ -40,6 +40,7 @@ class Journal:
 
     directory: Path
     model_key: str
+    written: set[Path] = field(default_factory=set)  # the files this evaluation appended to
 
 
 _OPEN: ContextVar[Journal | None] = ContextVar("codelm_generation_journal", default=None)
@@ -119,10 +120,12 @@ _SETTING_WORDS = {"model": "another model's weights, dtype or device",
 
 def _other_settings(kept_in: JournalFile) -> str:
     """The settings that differ from ``kept_in``'s in the newest other journal file of its task
-    ("" for none): "seed 0, now 7"."""
+    that an earlier evaluation wrote ("" for none): "seed 0, now 7"."""
     task = kept_in.path.name.rsplit("-", 1)[0]
+    journal = _OPEN.get()
+    written = journal.written if journal is not None else set()
     others = [other for other in kept_in.path.parent.glob(f"{task}-*.jsonl")
-              if other != kept_in.path]
+              if other != kept_in.path and other not in written]
     if not others:
         return ""
     newest = max(others, key=lambda other: other.stat().st_mtime_ns)
@@ -146,6 +149,9 @@ def appending(kept_in: JournalFile | None) -> Iterator[TextIO | None]:
     if kept_in is None:
         yield None
         return
+    journal = _OPEN.get()
+    if journal is not None:
+        journal.written.add(kept_in.path)
     kept_in.path.parent.mkdir(parents=True, exist_ok=True)
     with kept_in.path.open("a+") as file:
         if file.tell() == 0:
