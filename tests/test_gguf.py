@@ -47,6 +47,8 @@ BYTE_LEVEL = {
     "gpt_bigcode": Case("gpt_bigcode", "starcoder", "starcoder", "starcoder"),
     "phi": Case("phi", "gpt2", "phi2", "gpt-2"),
     "phi3": Case("phi3", "gpt2", "phi3", "gpt-2"),
+    "stablelm": Case("stablelm", "gpt2", "stablelm", "gpt-2"),
+    "stablelm-parallel": Case("stablelm-parallel", "gpt2", "stablelm", "gpt-2"),
 }
 # SentencePiece-style BPE with byte fallback: Mistral's and Llama-2's (Prepend and Replace to
 # U+2581), Gemma's and CodeGemma's (Replace alone), Phi-3-mini's in its Metaspace form.
@@ -114,6 +116,8 @@ def test_the_reader_finds_each_familys_hyperparameters_and_tokenizer(name, check
     if cfg.positions == "rope":
         expected[f"{arch}.rope.dimension_count"] = cfg.rotary_dim
         assert _field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_theta)
+    if arch == "stablelm":  # llama.cpp takes the parallel form where no ffn_norm is written
+        expected[f"{arch}.use_parallel_residual"] = cfg.parallel_residual
     if arch == "gemma2":
         expected[f"{arch}.attention.sliding_window"] = cfg.sliding_window
         pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")

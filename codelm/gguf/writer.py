@@ -156,6 +156,8 @@ def _metadata(writer, cfg, family: GgufFamily) -> None:
     elif scaling.get("rope_type") == "longrope":  # as llama.cpp's Phi-3 converter writes it
         writer.add_rope_scaling_attn_factors(rope_attention_factor(cfg))
         writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    if family.parallel_key:
+        writer.add_parallel_residual(cfg.parallel_residual)
     if family.sliding and cfg.sliding_window is not None:
         writer.add_sliding_window(cfg.sliding_window)
         writer.add_sliding_window_pattern([cfg.slides(layer) for layer in range(cfg.n_layer)])

@@ -763,6 +763,7 @@ class GgufFamily:
     arch: str  # llama.cpp's architecture name
     permute_qk: bool = False  # llama.cpp rotates pairs (0,1),(2,3): HF's half-split q/k rows move
     sliding: bool = False  # llama.cpp honours a sliding window (else every layer sees it all)
+    parallel_key: bool = False  # its converter writes use_parallel_residual
 
 
 # codelm family -> llama.cpp architecture (CodeGen has none).
@@ -777,6 +778,7 @@ GGUF_FAMILIES = {
     "phi3": GgufFamily("phi3"),
     "gemma": GgufFamily("gemma"),
     "gemma2": GgufFamily("gemma2", sliding=True),
+    "stablelm": GgufFamily("stablelm", parallel_key=True),
 }
 
 
