@@ -55,6 +55,7 @@ from codelm.trainconfig import (
     overfit_ignored,
     overfit_settings,
     read_config,
+    where_set_of,
 )
 from codelm.training import build, finish, plan
 from codelm.training.batches import Where
@@ -97,12 +98,14 @@ class TrainResult:
 
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
           resume_hint: str | None = None, restarts: bool = False,
-          ends_process: bool = False, keep_claim: bool = False) -> TrainResult:
+          ends_process: bool = False, keep_claim: bool = False,
+          where_set: Callable[[str], str] = settings.flag_of) -> TrainResult:
     """Run (or continue, with ``cfg.resume``) one training run of ``cfg``, checked first as the
     command line's is (plan.validate_config: a Python caller's too). ``on_eval(step,
     metrics)`` follows each evaluation (what it raises, e.g. optuna.TrialPruned, propagates once
     the run directory is consistent); ``resume_hint`` says "continue it with ..." in the caller's
-    terms; ``restarts``: the caller runs it again from the start instead. ``ends_process``: a
+    terms, ``where_set`` where a setting is set (the run's warnings name it so: --warmup-steps
+    by default); ``restarts``: the caller runs it again from the start instead. ``ends_process``: a
     command's main ends the process when the run returns, so a stop one long operation of a step
     holds back may end it from another thread (``_stop_at_once``). ``keep_claim``: the directory
     stays locked for the caller's work on it (``result.claimed``: the final evaluation)."""
@@ -120,7 +123,7 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         cfg = _planned(cfg, device, dist)
         claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem,
                                        resume_hint, dist)
-        run = Run(cfg, claimed, dist, device, created, resume_hint, restarts)
+        run = Run(cfg, claimed, dist, device, created, resume_hint, restarts, where_set)
         loop, s, trainer, batches, record = (run.loop, run.state, run.trainer, run.data.batches,
                                              run.record)
         progress = Progress(s, loop.progress, dist.main)
@@ -655,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 passed, report = run_overfit(cfg, **overfit)
                 print(report)
                 return 0 if passed else 1
-            result = train(cfg, ends_process=True, keep_claim=True)
+            result = train(cfg, ends_process=True, keep_claim=True,
+                           where_set=where_set_of(argv))
     except RankZeroFailed:
         return 2
     except RUN_ERRORS as e:

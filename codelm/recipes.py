@@ -585,6 +585,11 @@ OWN_FLAGS = {"model": "init_from", "data": "data", "val_data": "val_data", "name
              "out_dir": "out_dir", "device": "device"}
 
 
+def recipe_setting(key: str) -> str:
+    """Where a recipe's run sets TrainConfig ``key``, as its warnings name it."""
+    return f"the recipe's train section; --set train.{key}=VALUE overrides it"
+
+
 def resume_hint(smoke: bool) -> str:
     """Completes trainingmanager's "continue with ...": a smoke run is run again, not resumed."""
     return ("the same `python -m codelm.recipes` command (a --smoke run is not resumed)" if smoke
@@ -724,7 +729,8 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     if opts.resume and not opts.skip_eval:  # refused now, not after the run's export again
         check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
-    result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke)
+    result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke,
+                      where_set=recipe_setting)
     grpo = cfg.task == trainconfig.GRPO_TASK
     report = RecipeResult(result.run_dir, result, None, train_losses(result.run_dir),
                           smoke=opts.smoke,

@@ -553,8 +553,9 @@ def test_smoke_trains_with_the_set_values_over_its_toy_sizes(tmp_path, capsys, m
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     trained = []
 
-    def train(cfg, resume_hint=None, restarts=False, **_):
+    def train(cfg, resume_hint=None, restarts=False, where_set=None, **_):
         trained.append(cfg)
+        assert where_set is recipes.recipe_setting  # its warnings name --set train.KEY
         raise ValueError("stopped before training")
 
     monkeypatch.setattr(tm, "train", train)

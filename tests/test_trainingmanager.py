@@ -4506,12 +4506,25 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warm
             "warmup_steps\n" in err) == (warned is not None)
 
 
+def test_a_callers_warnings_name_its_own_settings(assets, tmp_path, capsys):
+    """train(where_set=...) names each warned-of setting where its caller sets it (a recipe's
+    --set, a sweep's search space), not by trainingmanager.py's flag."""
+    from codelm import recipes
+
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=2),
+             where_set=recipes.recipe_setting)
+    err = capsys.readouterr().err
+    assert ("warning: warmup_steps (2, the recipe's train section; --set train.warmup_steps="
+            "VALUE overrides it) >= the run's 2 steps") in err, err
+    assert "--warmup-steps" not in err
+
+
 def test_fp16_on_cpu_is_warned_of(assets, tmp_path, capsys):
     """A recipe written for a T4 (precision fp16) run on a CPU: torch has no fast fp16 kernels
     there (tens of times slower than fp32), which the run says at its start."""
     tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1, precision="fp16",
                       device="cpu"))
-    assert "warning: precision fp16 on cpu" in capsys.readouterr().err
+    assert "warning: precision ('fp16', --precision) on cpu" in capsys.readouterr().err
 
 
 def test_overfit_batches_stops_when_memorised(assets, tmp_path):

@@ -191,12 +191,14 @@ class Run:
     unread: list[UnreadStep]  # the loop reads them back at its own steps (_settle)
 
     def __init__(self, cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist,
-                 device: torch.device, created: float, hint: str | None, restarts: bool) -> None:
+                 device: torch.device, created: float, hint: str | None, restarts: bool,
+                 where_set: Callable[[str], str] = settings.flag_of) -> None:
         """Build the run in its ``claimed`` directory (``created``: when the time budget
-        started); a failed or stopped build releases it, leaving no directory it made."""
+        started; ``where_set``: where a setting is set, as the run's warnings name it); a
+        failed or stopped build releases it, leaving no directory it made."""
         try:
             self._build(cfg, claimed, dist, device, created, hint or f"--resume {claimed.path}",
-                        restarts)
+                        restarts, where_set)
         except BaseException as e:
             claimed.drop_if_unused()
             claimed.release()
@@ -205,7 +207,8 @@ class Run:
             raise
 
     def _build(self, cfg: TrainConfig, claimed: rundir.ClaimedDir, dist: Dist,
-               device: torch.device, created: float, hint: str, restarts: bool) -> None:
+               device: torch.device, created: float, hint: str, restarts: bool,
+               where_set: Callable[[str], str]) -> None:
         run_dir = claimed.path
         cfg, checkpoints = run_config(cfg, claimed, hint)
         if cfg.strategy == "fsdp" and cfg.optimizer == "muon":  # preset auto's choice
@@ -254,7 +257,7 @@ class Run:
         self.unread = []
         self.export = ExportSettings(**fields_of(ExportSettings, cfg))
         if dist.main:
-            announce(self, cfg)
+            announce(self, cfg, where_set)
         # a resume with no checkpoint yet starts anew: so do its log and tracker runs
         self.record.open_log(self.state.step if checkpoints else None, cfg.report_to)
 
@@ -676,8 +679,10 @@ EXAMPLE_UNITS = {GRPO_TASK: "problems", "kto": "completions",
                  **{task: "pairs" for task in PREFERENCE_TASKS if task != "kto"}}
 
 
-def announce(run: Run, cfg: TrainConfig) -> None:
-    """The first line of ``run``, and the warnings about its settings (``cfg``: as it trains)."""
+def announce(run: Run, cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of
+             ) -> None:
+    """The first line of ``run``, and the warnings about its settings (``cfg``: as it trains;
+    ``where_set``: where each is set, in the caller's terms)."""
     trainer, batches, planned = run.trainer, run.data.batches, run.state.max_steps
     n_params = quantize.parameter_count(trainer.raw_model)
     n_train = sum(p.numel() for p in trainer.params)
@@ -699,13 +704,14 @@ def announce(run: Run, cfg: TrainConfig) -> None:
           f"({batches.epoch(planned):.3g} epochs of {epoch}), {trainer.precision} on "
           f"{run.device}{processes}")
     if cfg.warmup_steps >= planned:
-        length = setting(cfg, "max_steps" if cfg.epochs is None else "epochs")
-        print(f"warning: {setting(cfg, 'warmup_steps')} >= the run's {planned} steps "
+        length = setting(cfg, "max_steps" if cfg.epochs is None else "epochs", where_set)
+        print(f"warning: {setting(cfg, 'warmup_steps', where_set)} >= the run's {planned} steps "
               f"({length}): the learning rate never reaches lr {cfg.lr:g} (nor decays); lower "
               "warmup_steps", file=sys.stderr)
     if cfg.eval_every < cfg.warmup_steps < planned and run.state.step < cfg.eval_every:
         first = min(math.ceil(cfg.warmup_steps / cfg.eval_every) * cfg.eval_every, planned)
-        print(f"warning: {setting(cfg, 'eval_every')} < {setting(cfg, 'warmup_steps')}: no "
+        print(f"warning: {setting(cfg, 'eval_every', where_set)} < "
+              f"{setting(cfg, 'warmup_steps', where_set)}: no "
               f"evaluation runs during the warmup, so the first is at step {first}; lower "
               "warmup_steps or raise eval_every", file=sys.stderr)
     epochs = batches.epoch(planned)
@@ -717,8 +723,8 @@ def announce(run: Run, cfg: TrainConfig) -> None:
     if cfg.compile:
         print("compiling the model: the first steps take a while", file=sys.stderr)
     if trainer.precision == "fp16" and run.device.type == "cpu":
-        print("warning: precision fp16 on cpu computes many times slower than fp32 (precision "
-              "auto)", file=sys.stderr)
+        print(f"warning: {setting(cfg, 'precision', where_set)} on cpu computes many times "
+              "slower than fp32: set precision auto, fp32 on the CPU", file=sys.stderr)
     if run.state.out_of_patience(cfg.early_stop_patience):  # a resume of an early-stopped run
         print(f"the run stopped early at step {run.state.step}: not trained on; a larger "
               "--early-stop-patience trains on")
