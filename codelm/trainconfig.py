@@ -85,8 +85,9 @@ class TrainConfig:
     #   -> its next 35; data_options {"completion_style": "line"}: a file's prefix -> its next
     #   line) | method (a function's signature and docstring -> its body) | docstring (a
     #   class without its docstring -> the docstring; functions too with data_options
-    #   {"docstring_targets": "both"}) | refactor (JSONL input ->
-    #   output pairs) | fim (fill in the middle) | chat (conversation JSONL, in the tokenizer's
+    #   {"docstring_targets": "both"}) | refactor (JSONL input -> output pairs, the input
+    #   prompted "### Refactor the following Python code to improve quality:\n\n{input}\n")
+    #   | fim (fill in the middle) | chat (conversation JSONL, in the tokenizer's
     #   chat template) | project (repository-shaped sequences and cross-file line completion);
     #   grpo (reinforcement learning from problems' tests); or preference tuning on TRL's
     #   preference records: dpo | kto | orpo | simpo

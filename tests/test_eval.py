@@ -2277,6 +2277,26 @@ def test_runs_trained_on_other_docstring_prompts_are_each_asked_in_their_own(
     assert "keeps outputs of other settings" not in capsys.readouterr().err
 
 
+def test_data_a_run_held_out_whole_is_named_when_a_split_of_it_is_scored(tiny_models,
+                                                                         tmp_path, capsys):
+    """--data naming a run's own --val-data scores the default split of it, a part: a note
+    says the file was held out whole and how to score all of it."""
+    m = tiny_models
+    run = tmp_path / "run"
+    shutil.copytree(m["base"], run / "export")
+    process.write_manifest(run / "export")
+    shutil.copy(m["base"] / "tokenizer.json", run / "tokenizer.json")
+    config = run_config(data=["stdlib"], val_data=[str(m["code"])])
+    (run / "config.json").write_text(json.dumps(config))
+    argv = ["--models", str(run), "--tasks", "lm", "--data", str(m["code"]), *FAST_FLAGS]
+    assert ev.main([*argv, "--out-dir", str(tmp_path / "o")]) == 0
+    said = capsys.readouterr().err
+    assert (f"note: {m['code']} is run's --val-data, held out whole: --split all scores all of "
+            "it (or --split val without --data)") in said, said
+    assert ev.main([*argv, "--split", "all", "--out-dir", str(tmp_path / "all")]) == 0
+    assert "held out whole" not in capsys.readouterr().err
+
+
 def test_docstring_examples_follow_the_corpus_data_options(tiny_models):
     """Eval's docstring examples are those training chose (the run's or dataset's targets and
     minimum length), so generation metrics and the reference loss match the val split's."""

@@ -107,4 +107,21 @@ def split_documents(cfg: CorpusSettings, models: Sequence[LoadedModel]
               f"{data_cfg.train_frac:g}, val_frac {data_cfg.val_frac:g}, test_frac "
               f"{data_cfg.test_frac:g} by {unit}, seed {data_cfg.seed}; --split all scores "
               "every document)")
+        if held_out := _held_out_by(cfg.data or [], models):
+            print(f"note: {held_out}", file=sys.stderr)
     return docs, data_cfg
+
+
+def _held_out_by(data: Sequence[str], models: Sequence[LoadedModel]) -> str:
+    """Which of ``data`` a run held out whole (its --val-data or --test-data), with the run and
+    the way to score all of it ("" for none): a split of it scores a part of it alone."""
+    given = {Path(source).resolve(): source for source in data}
+    for m in models:
+        for key in ("val_data", "test_data"):
+            for source in (m.run_config or {}).get(key) or []:
+                named = given.get(Path(source).resolve())
+                if named is not None:
+                    split = key.removesuffix("_data")
+                    return (f"{named} is {m.label}'s {settings.flag_of(key)}, held out whole: "
+                            f"--split all scores all of it (or --split {split} without --data)")
+    return ""
