@@ -2523,6 +2523,20 @@ def test_the_progress_bar_shows_the_epoch_its_metrics_line_logs():
     assert lines[0]["epoch"] == 5 * 2 * 3 / 40 and postfix["epoch"] == "0.75"
 
 
+def test_an_evaluation_line_before_any_logged_step_shows_no_throughput(capsys):
+    """A resumed run evaluates before this process logged a step: its evaluation line names
+    no tokens a second (none measured), and the next shows the logged step's."""
+    progress = record.Progress(checkpoint.RunState(step=5, max_steps=10), enabled=False,
+                               main=True)
+    progress.eval_line({"val_loss": 1.25})
+    assert "tok/s" not in capsys.readouterr().out
+    progress.tokens_done(640)
+    progress.step_line(6, trainer_module.StepStats(loss=1.5, grad_norm=1.0, tokens=64, lr=1e-3),
+                       0.5)
+    progress.eval_line({"val_loss": 1.2})
+    assert " tok/s | elapsed" in capsys.readouterr().out.splitlines()[-1]
+
+
 def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, capsys):
     """A run stopped before its first checkpoint starts again without duplicating its metrics;
     a torn last line (full disk) is dropped, any other bad line is an error naming the line."""

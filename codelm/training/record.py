@@ -290,7 +290,7 @@ class Progress:
         self.window_start = self.started
         self.window_tokens = 0
         self.paused_s = 0.0  # evaluating and saving since ``started``
-        self.tok_s = 0.0  # the last logged throughput
+        self.tok_s = 0.0  # the last logged step's throughput (0: none logged yet)
 
     def step_done(self) -> None:
         self.bar.total = self.state.max_steps
@@ -337,8 +337,9 @@ class Progress:
             margin = f" | margin {margin:.3f}" if margin is not None else ""
             quality = f"val loss {metrics['val_loss']:.4f}{bpb}{ppl}{acc}{margin}"
         left = "" if last or state.step >= state.max_steps else f" | ETA {duration(eta)}"
+        rate = f"{self.tok_s:,.0f} tok/s | " if self.tok_s else ""  # none logged by this process
         self.say(f"eval step {state.step}/{state.max_steps} | {train}{quality} | "
-                 f"{self.tok_s:,.0f} tok/s | elapsed {duration(elapsed)}{left}")
+                 f"{rate}elapsed {duration(elapsed)}{left}")
 
     def say(self, line: str) -> None:
         """A line on stdout from rank 0, above the bar."""
