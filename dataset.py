@@ -687,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         "it, and print counts per stage (JSON).", argument_default=argparse.SUPPRESS)
     parser.add_argument("--tokenizer",
                         help="tokenizer file/dir; without one only the cleaned corpus is built")
-    parser.add_argument("--show", type=int, metavar="N",
+    printed = parser.add_argument_group("what is printed besides the counts")
+    printed.add_argument("--show", type=int, metavar="N",
                         help="print the first N training examples on stderr as they train: a "
                              "prompt, then the completion the loss counts (with --tokenizer)")
     settings.add_config_flags(parser, DataConfig, CHOICES, aliases=TRAINING_SPELLINGS)

@@ -600,12 +600,12 @@ def _trained_prompts(cfg: TaskSettings, models: Sequence[LoadedModel]) -> dict[s
     the docstring task is not run or the variants are named)."""
     if "docstring" not in cfg.tasks or cfg.docstring_prompts is not None:
         return {}
-    default = cfg.data_options.get("docstring_prompt", DataConfig.docstring_prompt)
+    given = cfg.data_options.get("docstring_prompt")
     prompts = {}
     for lm in models:
-        trained = (lm.run_config or {}).get("data_options") or {}
-        prompts[lm.label] = cfg.data_options.get("docstring_prompt",
-                                                 trained.get("docstring_prompt", default))
+        run_options = (lm.run_config or {}).get("data_options") or {}
+        trained = run_options.get("docstring_prompt", DataConfig.docstring_prompt)
+        prompts[lm.label] = given or trained
     return prompts
 
 

@@ -2085,15 +2085,15 @@ def test_a_workers_config_error_stops_the_other_workers(tmp_path, corpus, capfd,
 
 def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, corpus,
                                                                        monkeypatch):
-    """A trial's settings are checked naming no trainer flag a sweep user cannot pass: the
-    search space's range of a sampled key, the sweep's own flag, the --train-config file or the
-    space's base that sets a key, else a --train-config file."""
+    """A trial's settings are checked, and its run's warnings given, naming no trainer flag a
+    sweep user cannot pass: the search space's range of a sampled key, the sweep's own flag,
+    the --train-config file or the space's base that sets a key, else a --train-config file."""
     told, validate = [], plan.validate_config
     monkeypatch.setattr(plan, "validate_config",
                         lambda cfg, where_set: told.append(where_set) or validate(cfg, where_set))
-    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None:
-                        trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=cfg.lr,
-                                                    step=cfg.max_steps))
+    monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None,
+                        where_set=None: told.append(where_set) or trainingmanager.TrainResult(
+                            run_dir=tmp_path, best_val_loss=cfg.lr, step=cfg.max_steps))
     space_file = tiny_space(tmp_path, corpus, {
         "warmup_steps": {"type": "int", "low": 2, "high": 3},
         "dropout": {"type": "categorical", "choices": [0.0, 0.1]}})
