@@ -48,11 +48,11 @@ from codelm.data.cache import (
 )
 from codelm.data.config import (
     CHOICES,
-    DOCSTRING_PROMPTS,
     REFACTOR_TEMPLATE,
     SPLITS,
     DataConfig,
     DataError,
+    docstring_template,
 )
 from codelm.data.datasets import LMWindows, PreparedData, SupervisedExamples
 from codelm.data.encoding import (
@@ -108,7 +108,7 @@ def _task_options(cfg: DataConfig) -> dict:
         # sample_cut: bump when meta.json's sample prompt changes (rebuilds docstring entries)
         opts.update(targets=cfg.docstring_targets, min_tokens=cfg.docstring_min_tokens,
                     code_tokens=cfg.docstring_code_tokens,
-                    prompt=DOCSTRING_PROMPTS[cfg.docstring_prompt], sample_cut=1)
+                    prompt=docstring_template(cfg.docstring_prompt), sample_cut=1)
     if cfg.task == "refactor":
         opts.update(template=REFACTOR_TEMPLATE)
     if cfg.task == "project":

@@ -1379,6 +1379,20 @@ def test_docstring_task_follows_seed_004(tmp_path, tok):
             assert code.startswith(("class ", "@")) and len(tok.encode(code)) <= 100 + 1
 
 
+def test_a_docstring_prompt_of_ones_own_is_a_template(tmp_path, tok):
+    """docstring_prompt takes a template of one's own: the class goes where {source_code} is,
+    its name where {class_name} is; one without {source_code} is refused naming the forms."""
+    template = "Summarize {class_name}:\n{source_code}\n# Docstring:"
+    data = prepare(cfg(tmp_path, task="docstring", block_size=700, docstring_prompt=template),
+                   tok)
+    prompt, _ = prompt_and_completion(data.train[0])
+    text = tok.decode(prompt)
+    assert re.match(r"Summarize \w+:\n(class |@)", text) and text.endswith("\n# Docstring:"), text
+    with pytest.raises(DataError, match=r"docstring_prompt: 'Docstring:' is neither simple nor "
+                                        r"verbose nor a template holding \{source_code\}"):
+        cfg(tmp_path, task="docstring", docstring_prompt="Docstring:").validate()
+
+
 def test_a_block_that_cuts_many_prompts_is_noted(tmp_path, tok, capsys):
     """The docstring task's code cut by block_size in a tenth or more of its examples is noted
     with the counts and the remedy; a block that holds them says nothing."""

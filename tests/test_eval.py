@@ -2240,6 +2240,17 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
     assert table[2].startswith("| base | simple |") and table[3].startswith("| base | verbose |")
     assert any(p.startswith("Your task is to write a docstring") for p in seen)
     assert any(p.startswith("Class ") for p in seen)
+    # a template of one's own: its row names it on one line
+    seen.clear()
+    code = ev.main(["--models", str(m["base"]), "--data", str(m["code"]), "--tasks", "docstring",
+                    "--docstring-prompts", "Summarize {class_name}:\n{source_code}\nDoc|string:",
+                    "--out-dir", str(tmp_path / "own"), *FAST_FLAGS])
+    assert code == 0 and seen and all(p.startswith("Summarize ") for p in seen)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert table[2].startswith("| base | Summarize {class_name}:\\n{source_code}\\nDoc\\|string: |")
+    assert ev.main(["--models", str(m["base"]), "--tasks", "docstring", "--docstring-prompts",
+                    "Docstring:"]) == 2
+    assert "neither simple nor verbose nor a template" in capsys.readouterr().err
 
 
 def test_runs_trained_on_other_docstring_prompts_are_each_asked_in_their_own(

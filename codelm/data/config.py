@@ -31,6 +31,21 @@ DOCSTRING_PROMPTS = {
 }
 
 
+def docstring_template(prompt: str) -> str:
+    """A docstring prompt's template: that of a key of DOCSTRING_PROMPTS, else ``prompt``
+    itself (a template of one's own)."""
+    return DOCSTRING_PROMPTS.get(prompt, prompt)
+
+
+def docstring_prompt_problem(prompt: str) -> str | None:
+    """Why ``prompt`` is no docstring prompt (None: a key of DOCSTRING_PROMPTS, or a template
+    holding {source_code} once, where the code goes, and {class_name} where it likes)."""
+    if prompt in DOCSTRING_PROMPTS or prompt.count("{source_code}") == 1:
+        return None
+    return (f"{prompt!r} is neither {' nor '.join(DOCSTRING_PROMPTS)} nor a template holding "
+            "{source_code} once (where the class goes; {class_name} names it)")
+
+
 class DataError(ValueError):
     """A user-facing data problem; the message names the file, line or option at fault."""
 
@@ -97,9 +112,10 @@ class DataConfig:
     docstring_targets: str = "class"  # "class", "function" or "both": what loses its docstring
     docstring_min_tokens: int = 20  # shorter docstrings make no example
     docstring_code_tokens: int = 400  # the code shown with a docstring target, at most
-    docstring_prompt: str = "simple"  # key of DOCSTRING_PROMPTS: simple ("Class {source_code}
-    #   \n\nDocstring:") or verbose ("Your task is to write a docstring that summarizes the
-    #   following Python class.\nClass {class_name}:\n{source_code}\n\nDocstring:")
+    docstring_prompt: str = "simple"  # simple ("Class {source_code}\n\nDocstring:"), verbose
+    #   ("Your task is to write a docstring that summarizes the following Python class.\nClass
+    #   {class_name}:\n{source_code}\n\nDocstring:"), or a template of your own holding
+    #   {source_code} (and {class_name} if you like)
     fim_rate: float = 0.5  # fraction of fim chunks turned into prefix-suffix-middle examples
     pair_special_tokens: bool = False  # pair records read a special token's text (<|eot_id|>)
     #   as the token, as transformers' tokenizer(text) does; documents keep it text; not in lm
@@ -130,6 +146,8 @@ class DataConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise DataError(f"DataConfig.{name}: {value!r} is not one of {list(allowed)}")
+        if problem := docstring_prompt_problem(self.docstring_prompt):
+            raise DataError(f"DataConfig.docstring_prompt: {problem}")
         fracs = (self.train_frac, self.val_frac, self.test_frac)
         if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
             raise DataError(f"DataConfig split fractions must be >= 0 and sum to 1, got {fracs} "
@@ -174,7 +192,6 @@ CHOICES = {
     "split_by": ("repo", "file"),
     "completion_style": ("window", "line"),
     "docstring_targets": ("class", "function", "both"),
-    "docstring_prompt": tuple(DOCSTRING_PROMPTS),
     "project_composer": PROJECT_COMPOSERS,
 }
 

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from codelm.data.config import DOCSTRING_PROMPTS, REFACTOR_TEMPLATE, DataConfig, DataError
+from codelm.data.config import REFACTOR_TEMPLATE, DataConfig, DataError, docstring_template
 from codelm.data.sources import Doc, no_files_error, source_listing
 from codelm.runtime.console import progress_bar
 from codelm.tokenization.bpe import BPETokenizer
@@ -174,7 +174,7 @@ def docstring_examples(doc: Doc, targets: str, prompt: str, code_tokens: int,
             code.append(" " * (ds.col_offset - indent) + "pass")
         code += _dedent(parsed, ds.end_lineno + 1, node.end_lineno, indent)
         source = "\n".join(code)
-        template = DOCSTRING_PROMPTS[prompt]
+        template = docstring_template(prompt)
         if not isinstance(node, ast.ClassDef):  # a function's prompt names a function
             template = template.replace("Class", "Function").replace(" class.", " function.")
         head, tail = template.replace("{class_name}", node.name).split("{source_code}")

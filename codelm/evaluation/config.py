@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
 from codelm.data.composers import COMPOSERS
-from codelm.data.config import DOCSTRING_PROMPTS, DataConfig
+from codelm.data.config import DataConfig, docstring_prompt_problem
 from codelm.endpoints import is_endpoint
 from codelm.evaluation.tasks.problems import problems_entry
 from codelm.evaluation.tasks.registry import BENCHMARK_TASKS, PASSK_TASKS, TASKS, problem_tasks
@@ -67,7 +67,7 @@ class EvalConfig:
     #   --serve: the tokens a sequence may hold (vLLM's --max-model-len; default each model's)
     docstring_prompts: list[str] | None = None  # docstring prompt variants, each model asked
     #   in each (None: each run in the one it trained with, its docstring_prompt data option;
-    #   else simple): simple, verbose (codelm.data.config's DOCSTRING_PROMPTS)
+    #   else simple): simple, verbose, or a template of your own holding {source_code}
     reference_loss: bool = False  # generation tasks: also the loss of the reference
     problems: list[str] = field(default_factory=list)  # TASK=PATH: a benchmark task's problems,
     #   TASK one of tasks (tasks unset: the tasks named here); a bare PATH: the one pass@k task
@@ -133,6 +133,8 @@ class EvalConfig:
         option = next((k for k in self.data_options if k not in known), None)
         problems_why = self._problems_error(named)
         options_why = self._options_error() if option is None else None
+        prompt_why = next(filter(None, map(docstring_prompt_problem, self.docstring_prompts or [])),
+                          None)
         endpoints = [m for m in self.models if is_endpoint(m)]
         checks = [
             ("tasks", bool(self.tasks) and set(self.tasks) <= set(TASKS),
@@ -182,9 +184,8 @@ class EvalConfig:
              or self.load_generations is not None,
              f"greedy decoding, {named('temperature')}, gives one distinct sample; set "
              "temperature > 0 for n > 1"),
-            ("docstring_prompts", self.docstring_prompts is None or (
-                bool(self.docstring_prompts) and set(self.docstring_prompts) <= set(DOCSTRING_PROMPTS)),
-             f"choose from {sorted(DOCSTRING_PROMPTS)}"),
+            ("docstring_prompts", self.docstring_prompts != [], "name one or more prompts"),
+            ("docstring_prompts", prompt_why is None, prompt_why),
             ("data_options", option is None, f"unknown DataConfig key {option!r}; "
              + settings.key_hint(option or "", known, "DataConfig")),
             ("data_options", options_why is None, options_why),

@@ -73,7 +73,8 @@ def markdown_table(rows: Sequence[dict], note: str = "",
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         label = row["model"].replace("|", "\\|")  # markdown's cell separator, escaped
-        cells = [label] + ([row["prompt"] or "-"] if variants else [])
+        prompt = (row["prompt"] or "-").replace("\n", "\\n").replace("|", "\\|")  # a template
+        cells = [label] + ([prompt] if variants else [])
         cells += [cell(c, row["metrics"].get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     if note and any(c.endswith(_PER_TOKEN) for c in columns):
