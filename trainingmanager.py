@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -705,7 +706,16 @@ def _after_training(cfg: TrainConfig, result: TrainResult) -> int:
     if result.best_val_loss is not None:
         print(f"{best_quality(cfg.task, result.best_val_loss)} at step {result.best_step}; run "
               f"dir {result.run_dir}")
+    if not has_final_eval(cfg):
+        print(f"score it: {eval_command(cfg, result.run_dir)}")
     return 0
+
+
+def eval_command(cfg: TrainConfig, run_dir: Path) -> str:
+    """The eval.py command that scores a run making no final evaluation on the tasks of what
+    it trained for, beside the base it fine-tuned."""
+    base = f"base={shlex.quote(cfg.init_from)} " if cfg.init_from else ""
+    return f"python eval.py --models {base}{shlex.quote(str(run_dir))}"
 
 
 if __name__ == "__main__":

@@ -375,8 +375,12 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
             _note_another_base(adapter, base)
         model = _load_hf(base, device, dtype, adapter)
         tok_dir = adapter if (adapter / "tokenizer.json").is_file() else base
-        adapters_run = rundir.run_of_weights(adapter)  # a run's export/: named as the run
-        label = label or (adapters_run.absolute().name if adapters_run else None)
+        adapters_run = rundir.run_of_weights(adapter)
+        if adapters_run is not None:  # a run's export/: named and scored as the run (its data)
+            label = label or adapters_run.absolute().name
+            run_dir = adapters_run
+            run_config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
+            run_weights = _run_weights(run_dir, adapter)
     elif (no_weights := rundir.no_weights_yet(path)) is not None:
         raise ValueError(f"{where} {no_weights}")
     elif (trials := _study_trials(path)) is not None:

@@ -2586,20 +2586,21 @@ def test_evaluate_from_python_checks_its_config_as_the_command_line_does(tmp_pat
 def test_base_plus_a_runs_export_is_named_after_the_run_and_another_base_is_noted(
         tiny_models, tmp_path, capsys):
     """BASE+ADAPTER where the adapter is a run's export/ is named after that run, as the run's
-    directory is; a base other than the one the adapter's config names is scored, as given, with
-    a note naming both (the adapter's own base gets none)."""
-    import json
-    import shutil
-
-    import torch
-
+    directory is, and scored as the run (its config: its own data's held-out split); a base
+    other than the one the adapter's config names is scored, as given, with a note naming both
+    (the adapter's own base gets none)."""
     cpu, m = torch.device("cpu"), tiny_models
     run = tmp_path / "lora-comp"
     shutil.copytree(m["adapter"], run / rundir.EXPORT_DIR)
-    (run / rundir.CONFIG_FILE).write_text(json.dumps(run_config(init_from=str(m["base"]),
-                                                                lora_r=4)))
-    assert loading.load_model(f"{m['base']}+{run / rundir.EXPORT_DIR}", cpu).label == "lora-comp"
+    config = run_config(init_from=str(m["base"]), lora_r=4, data=[str(m["code"])])
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(config))
+    loaded = loading.load_model(f"{m['base']}+{run / rundir.EXPORT_DIR}", cpu)
+    assert loaded.label == "lora-comp" and loaded.run_dir == run
+    assert loaded.run_config["data"] == [str(m["code"])]
     assert "note:" not in capsys.readouterr().err
+    assert ev.main(["--models", f"{m['base']}+{run / rundir.EXPORT_DIR}", "--tasks", "lm",
+                    "--out-dir", str(tmp_path / "o"), *FAST_FLAGS]) == 0
+    assert "scoring the test split of the runs' own data" in capsys.readouterr().out
     other = tmp_path / "other-base"
     shutil.copytree(m["base"], other)
     loading.load_model(f"{other}+{m['adapter']}", cpu)

@@ -343,10 +343,16 @@ def test_a_directory_without_git_and_a_history_without_adding_commits_are_one_li
     one = tmp_path / "one"
     one.mkdir()
     _git(one, "init", "-q")
-    _commit(one, {"a.py": "x = 1\n" * 20}, "root only")  # a root commit has no parent
+    body = "".join(f"def handler_{i}(request):\n    return respond(request, {i})\n" for i in range(8))
+    _commit(one, {"a.py": body}, "root only")  # a root commit has no parent
     with pytest.raises(ValueError, match="no commit adds a file") as caught:
         history.completion_cases(one, [".py"], 5, 1, 0)
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and "copy" not in str(caught.value)
+    # files a commit adds that copy the parent's (templated snippets): counted in the error
+    _commit(one, {"b.py": body, "c.py": body.replace("respond", "reply", 1)}, "copies")
+    with pytest.raises(ValueError, match=r"1 adding commits read; 2 such file\(s\) copy one "
+                                         r"the parent holds"):
+        history.completion_cases(one, [".py"], 5, 1, 0)
     (one / "sub").mkdir()
     with pytest.raises(ValueError, match=r"inside the git repository .*one.* give that") as caught:
         history.completion_cases(one / "sub", [".py"], 5, 1, 0)

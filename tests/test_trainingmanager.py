@@ -3725,7 +3725,8 @@ def test_train_from_python_checks_its_config_as_the_command_line_does(assets, tm
 def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     """--lora-r without --init-from is refused: it would freeze a random model and train only its
     adapters (rc 0, "0.00M trainable", a validation loss near ln(vocab)). A LoRA run on a base
-    is accepted, and resumes (its config.json names the base)."""
+    is accepted, ends naming the eval.py command that scores it, and resumes (its config.json
+    names the base)."""
     config = _tiny_config_file(assets, tmp_path, max_steps=2, eval_every=2)
     assert tm.main(["--config", config, "--lora-r", "4"]) == 2
     err = capsys.readouterr().err
@@ -3740,6 +3741,8 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     trainable = re.search(r"\((\S+) trainable\), LoRA r 4 on an fp32 base,", out).group(1)
     assert re.fullmatch(r"\d{1,3}(,\d{3})*", trainable), trainable  # not "0.00M"
     run = tmp_path / "runs" / "run"
+    # no final evaluation for LoRA: the last line says how to score it beside its base
+    assert out.splitlines()[-1] == f"score it: python eval.py --models base={base} {run}"
     assert tm.main(["--resume", str(run), "--max-steps", "3"]) == 0
     assert rundir.list_checkpoints(run)[-1].name == "step-3"
 

@@ -487,6 +487,7 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
     repo = GitRepo(root)
     cases: list[CompletionCase] = []
     commits = 0
+    copies = 0  # added files of the size asked for that copy one of the parent's
     for commit, parent, added in repo.adding_commits():
         commits += 1
         wanted = [p for p in added if p.endswith(tuple(extensions))]
@@ -506,11 +507,13 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
             if not parent_tree:
                 parent_tree = repo.tree(parent)
             if any(sha == added_files[path] for sha, _ in parent_tree.values()):
-                continue  # a copy of a file the parent holds
+                copies += 1  # a copy of a file the parent holds
+                continue
             if parent_files is None:
                 parent_files = snapshot(repo, parent, extensions, parent_tree)
             if copied_from(text, path, parent_files, after) is not None:
-                continue  # a copy of a file the parent holds, edited
+                copies += 1  # a copy of a file the parent holds, edited
+                continue
             committed = {p: t for p, t in added_texts.items() if p != path}
             case = CompletionCase(repo.name, commit, parent, path, text, parent_files, committed)
             categories = line_categories(text, path, parent_files, committed)
@@ -519,7 +522,10 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
             if len(cases) >= limit:
                 return cases
     if not cases:
+        copied = (f"; {copies} such file(s) copy one the parent holds (edited or not: most of "
+                  "their informative lines are in it), which a completion case would only "
+                  "recall" if copies else "")
         raise ValueError(f"{root}: no commit adds a file of {', '.join(extensions)} with "
-                         f"{min_lines}+ lines and a parent ({commits} adding commits read); "
-                         "give a repository with such history, or other extensions")
+                         f"{min_lines}+ lines and a parent ({commits} adding commits read"
+                         f"{copied}); give a repository with such history, or other extensions")
     return cases
