@@ -24,7 +24,7 @@ from codelm.data.config import PREFERENCE_TASKS, TASKS, DataConfig
 from codelm.runs import rundir
 from codelm.runs.checkpoint import check_run_paths, is_sharded
 from codelm.runs.trackers import TRACKERS
-from codelm.runtime import settings
+from codelm.runtime import process, settings
 from codelm.runtime.distributed import STRATEGIES
 from codelm.runtime.settings import setting
 
@@ -322,9 +322,24 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
         paths = ("init_from", "init_adapter", "data", "val_data", "test_data")
         check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}], str(saved))
     base = {**resumed, **settings.updated_over(resumed, given)}
+    _length_typed_over(args, base, f"--config {config}" if config else "", given)
     cfg = settings.resolve_config(TrainConfig, args, "train", base=base,
                                    choices=_CHOICES, aliases=HF_FLAGS)
     return ReadConfig(cfg, {*args, *given}, resume_given if resume != resume_given else None)
+
+
+def _length_typed_over(args: dict, base: dict, config: str, given: dict) -> None:
+    """A run length typed on the command line (--max-steps or --epochs) replaces the other one
+    the --config file or the resumed run's config.json sets, as a flag overrides a file (said
+    on stderr): ``base`` loses it."""
+    for typed, other in (("max_steps", "epochs"), ("epochs", "max_steps")):
+        if args.get(typed) is None or other in args or base.get(other) is None:
+            continue
+        where = config if other in given else "the resumed run's config.json"
+        if process.is_rank_zero():
+            print(f"note: {settings.flag_of(typed)} {args[typed]} sets the run's length in place "
+                  f"of {other} {base[other]} ({where})", file=sys.stderr)
+        base[other] = None
 
 
 def resume_dir(resume: str | None, out_dir: str | None) -> str | None:

@@ -429,6 +429,23 @@ def test_a_budget_spent_before_training_says_so_not_to_shorten_the_step():
     assert budget.step_refusal(cost, free_bytes=1e12, seconds_left=600.0) is None
 
 
+def test_a_run_length_typed_replaces_the_other_one_a_config_file_sets(tmp_path, capsys):
+    """--max-steps typed over a --config file that sets epochs (a recipe's) trains for the
+    steps, as a flag overrides the file, and says what it replaced; --epochs over a file's
+    max_steps likewise; both typed are refused."""
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"preset": "tiny", "epochs": 3}))
+    cfg = plan.parse_config(["--config", str(config), "--max-steps", "10"])
+    assert (cfg.max_steps, cfg.epochs) == (10, None)
+    assert (f"note: --max-steps 10 sets the run's length in place of epochs 3 (--config {config})"
+            in capsys.readouterr().err)
+    config.write_text(json.dumps({"preset": "tiny", "max_steps": 40}))
+    cfg = plan.parse_config(["--config", str(config), "--epochs", "2"])
+    assert (cfg.max_steps, cfg.epochs) == (None, 2.0)
+    with pytest.raises(ValueError, match="both set the run's length"):
+        plan.parse_config(["--preset", "tiny", "--max-steps", "10", "--epochs", "2"])
+
+
 def test_a_time_budget_beside_a_fixed_length_is_refused_where_it_sizes_no_model(tmp_path):
     """--time-budget-min with --max-steps sizes preset auto's model (the run's length is the
     steps); with a preset named, or on a resumed run, it would do nothing: one line naming
