@@ -47,9 +47,28 @@ class Recipe:
     eval: dict  # EvalConfig values, validated
 
 
+# The recipes shipped with the repository: configs/NAME.json.
+SHIPPED = Path(__file__).resolve().parents[1] / "configs"
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """The recipe file ``recipe`` names: a path, or a shipped recipe's name (refactotron for
+    configs/refactotron.json); one that is neither is refused, listing the shipped ones."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = SHIPPED / f"{path.name.removesuffix('.json')}.json"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.json")))
+    raise ValueError(f"recipe {recipe}: no such file, nor a shipped recipe of that name "
+                     f"({names or 'none'}: {SHIPPED})")
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe; errors name the file, the section and the key."""
-    path = Path(path)
+    """Read and validate a recipe (a file, or a shipped recipe's name); errors name the file,
+    the section and the key."""
+    path = recipe_path(path)
     raw = settings.read_json_object(path, "recipe", strict=True)
     settings.check_recipe_keys(raw, path)
     for name in ("train", "eval"):
@@ -519,7 +538,9 @@ class RecipeOptions:
     """Flags of ``python -m codelm.recipes`` (``settings.add_config_flags``; ``recipe``
     positional)."""
 
-    recipe: str  # a recipe file, e.g. configs/refactotron.json
+    recipe: str  # a recipe file, e.g. configs/refactotron.json, or a shipped recipe's name:
+    #   airflow_docstrings, code_completion, fastapi_codegen, kotlin_phi, qwen_coder_completion,
+    #   refactotron, ... (a wrong one lists them all)
     smoke: bool = False  # tiny random checkpoint of the family + small stdlib sample
     model: str | None = None  # base model: a local HF directory or hub id; default: train.init_from
     data: list[str] | None = None  # JSONL files, directories or git URLs; default: train.data

@@ -546,6 +546,16 @@ def test_a_bad_smoke_setting_keeps_the_previous_smoke_run(tmp_path, capsys, monk
     assert (previous / "metrics.jsonl").read_text() == "{}\n"
 
 
+def test_a_shipped_recipe_is_named_by_its_name(tmp_path):
+    """python -m codelm.recipes refactotron reads configs/refactotron.json; a name that is
+    neither a file nor a shipped recipe is refused listing the shipped ones."""
+    assert recipes.load_recipe("refactotron").path == CONFIGS / "refactotron.json"
+    assert recipes.load_recipe(CONFIGS / "kotlin_phi.json").train["name"] == "kotlin_phi"
+    with pytest.raises(ValueError, match=r"recipe nope: no such file, nor a shipped recipe .*"
+                                         r"airflow_docstrings, code_completion, .*refactotron"):
+        recipes.load_recipe("nope")
+
+
 def test_smoke_trains_with_the_set_values_over_its_toy_sizes(tmp_path, capsys, monkeypatch):
     """--set values of the keys --smoke sizes down (lr, batch, steps, ...) win over its toy
     sizes: an override tried with --smoke is used (and checked). Its own model and data keys are
