@@ -370,11 +370,12 @@ def test_set_overrides_and_eval_model_placeholders(tmp_path, capsys):
     assert recipes.main([str(CONFIGS / "airflow_docstrings.json"),
                          "--set", "eval.temprature=0.5"]) == 2
     assert "unknown key 'temprature'" in capsys.readouterr().err
-    # The recipe counts epochs: a max_steps set beside them would be ignored, silently.
-    assert recipes.main([str(CONFIGS / "airflow_docstrings.json"),
-                         "--set", "train.max_steps=2"]) == 2
-    err = capsys.readouterr().err
-    assert all(w in err for w in ("max_steps", "epochs", "with --set", "to null")), err
+    # The recipe counts epochs: a max_steps set replaces them, said (a flag over the file)
+    lengths = recipes.load_recipe(CONFIGS / "airflow_docstrings.json")
+    recipes.apply_setting(lengths, "train.max_steps=2")
+    assert (lengths.train["max_steps"], lengths.train["epochs"]) == (2, None)
+    assert ("note: --set train.max_steps=2 sets the run's length in place of the recipe's "
+            "epochs 3") in capsys.readouterr().err
 
 
 def test_git_url_data_is_collected_into_scraper_jsonl(tmp_path):
