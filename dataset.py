@@ -710,6 +710,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {lopsided}", file=sys.stderr)
         if python_only := python_only_note(data.stats["corpus"]):
             print(f"note: {python_only}", file=sys.stderr)
+        asked = data.stats["corpus"].get("split_by_asked")
+        if asked is not None and asked != data.stats["corpus"].get("split_by"):
+            print(f"note: split by file, not {asked}: the sources hold fewer repositories than "
+                  "splits; --split-by file asks for that", file=sys.stderr)
         if tokenizer is not None and show:
             print(shown_examples(data.train, tokenizer, show), file=sys.stderr)
         if tokenizer is None:

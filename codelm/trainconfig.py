@@ -58,8 +58,8 @@ class TrainConfig:
     model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
-    tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen this often (bpe:
-    #   merges pairs seen this often)
+    tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen at least this often
+    #   (11: more than 10 times; bpe: merges pairs seen at least this often)
     tokenizer_max_vocab: int | None = 4000  # a trained tokenizer's cap on learned pieces (its
     #   byte and special tokens come on top)
     tokenizer_kind: str = "code"  # the tokenizer a from-scratch run trains: code (codelm's

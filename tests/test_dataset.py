@@ -901,7 +901,7 @@ def test_parallel_cleaning_matches_serial(tmp_path, email_with_drops):
 # ----------------------------------------------------------------------------- splits
 
 
-def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path):
+def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path, capsys):
     scraped = write_jsonl(tmp_path / "scraped.jsonl", scraped_records())
     c = cfg(tmp_path, sources=[str(scraped)], use_cache=False)
     first = load_corpus(c)
@@ -925,6 +925,10 @@ def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path):
     assert single.stats["split_by"] == "file"
     assert "by file (fewer repositories than splits" in shards.describe_corpus(single.stats)
     assert [len(single.train), len(single.val), len(single.test)] == [22, 3, 3]
+    assert dataset.main(["--sources", str(one), "--cache-dir", str(tmp_path / "cache"),
+                         "--no-progress"]) == 0
+    assert "note: split by file, not repo: the sources hold fewer repositories than splits" in (
+        capsys.readouterr().err)
 
 
 def test_split_by_file_has_no_file_in_two_splits_and_ignores_order(tmp_path):

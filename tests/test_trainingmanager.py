@@ -995,6 +995,20 @@ def test_a_tokenizer_another_run_cached_first_is_kept(assets, tmp_path, monkeypa
     assert load_tokenizer(cached).vocab_size == tok.vocab_size
 
 
+def test_a_trained_tokenizer_is_named_with_its_size_and_settings(assets, tmp_path, capsys):
+    """A run that trains its tokenizer says how many tokens it holds and the settings that made
+    it, from the cache too."""
+    cfg = tiny_cfg(assets, tmp_path, tokenizer=None, tokenizer_min_freq=11,
+                   data_options={"cache_dir": str(tmp_path / "cache"), "progress": False})
+    dcfg = trainconfig.data_config(cfg, cfg.block_size)
+    tok = build.load_or_train_tokenizer(cfg, dcfg)
+    said = (f"tokenizer: {tok.vocab_size:,} tokens, the code tokenizer trained on the train "
+            "split (min_freq 11, max_vocab 4000)")
+    assert capsys.readouterr().out == said + "\n"
+    build.load_or_train_tokenizer(cfg, dcfg)
+    assert capsys.readouterr().out == said + ", from the cache\n"
+
+
 def test_a_new_encoding_version_trains_a_new_tokenizer(assets, tmp_path, monkeypatch):
     """The cached vocabulary is keyed by tokenizer.ENCODING_VERSION: after a `regex` upgrade or
     a piece-rule change it is trained anew, not reused as trained under the old rule."""
@@ -5118,6 +5132,7 @@ def test_a_run_on_text_records_is_evaluated_on_their_lines(assets, tmp_path, cap
     out = capsys.readouterr().out
     assert "final evaluation (" in out and "no final evaluation" not in out
     assert "note: line completion alone: task 'method'" in out
+    assert out.count("data: scoring the test split") == 1  # not again for line alone
 
 
 def test_the_export_and_its_final_evaluation_name_the_weights_exported(assets, tmp_path,

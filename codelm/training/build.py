@@ -132,8 +132,12 @@ def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
         return tok
     cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab,
                                  cfg.tokenizer_kind)
+    trained = (f"{cfg.tokenizer_kind} tokenizer trained on the train split (min_freq "
+               f"{cfg.tokenizer_min_freq}, max_vocab {cfg.tokenizer_max_vocab or 'none'})")
     if dcfg.use_cache and usable_entry(cached, "tokenizer.json"):
-        return load_tokenizer(cached)
+        tok = load_tokenizer(cached)
+        print(f"tokenizer: {tok.vocab_size:,} tokens, the {trained}, from the cache")
+        return tok
 
     texts = progress_bar(prepare(dcfg, None).train, desc="train tokenizer", unit="text",
                          enabled=dcfg.progress)
@@ -148,6 +152,7 @@ def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
     if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
         with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
             publish_cache_entry(cached, tok.save, marker="tokenizer.json")
+    print(f"tokenizer: {tok.vocab_size:,} tokens, the {trained}")
     return tok
 
 

@@ -4,7 +4,9 @@ evaluation of the export."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import re
 import shutil
@@ -320,7 +322,8 @@ def final_quality(run_dir: Path, last: dict | None, device: str,
             if e.task != "method":
                 raise
             print(f"note: line completion alone: {e}")
-            metrics = _evaluated(run_dir, ["line"], out, device, limit)
+            with contextlib.redirect_stdout(io.StringIO()):  # its data line, said once already
+                metrics = _evaluated(run_dir, ["line"], out, device, limit)
     except ValueError as e:
         print(f"note: no final evaluation: {e}")
         return None
