@@ -725,6 +725,10 @@ def announce(run: Run, cfg: TrainConfig, where_set: Callable[[str], str] = setti
               f"{MAX_EPOCHS} the validation loss tends to rise (best/ keeps the best weights; "
               "--early-stop-patience stops there; more data, --data, gives more to learn)",
               file=sys.stderr)
+    if cfg.label_smoothing and cfg.task not in PREFERENCE_TASKS:
+        print(f"note: {setting(cfg, 'label_smoothing', where_set)}: the train loss is the "
+              "smoothed one, above the true loss the val loss reports (compare runs by val "
+              "loss)", file=sys.stderr)
     if cfg.compile:
         print("compiling the model: the first steps take a while", file=sys.stderr)
     if trainer.precision == "fp16" and run.device.type == "cpu":
