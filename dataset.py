@@ -80,7 +80,7 @@ from codelm.data.examples import (
     held_out_prompt,
 )
 from codelm.data.project import project_pairs, repository_name
-from codelm.data.shards import SHARD_FORMAT_VERSION, python_only_note
+from codelm.data.shards import SHARD_FORMAT_VERSION, python_only_note, split_fell_back
 from codelm.data.sources import Doc, plain_text
 from codelm.data.splits import Corpus, Texts, corpus_key, load_corpus, lopsided_note
 from codelm.kernels import IGNORE_INDEX
@@ -540,8 +540,9 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
             publish_cache_entry(path, write, replace=not cfg.use_cache, marker="meta.json")
-    _note_pairs_as_text(cfg, meta)
-    _note_cut_prompts(cfg, meta)
+    if process.is_rank_zero():  # every rank of a torchrun job prepares the data
+        _note_pairs_as_text(cfg, meta)
+        _note_cut_prompts(cfg, meta)
     task = meta["task"]
     if cfg.task == "lm":
         splits = {s: LMWindows(path / f"{s}.bin", task["dtype"], task["n_tokens"][s],
@@ -697,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     show = flags.pop("show", 0)
     if show < 0:
         parser.error(f"--show {show}: give how many examples to print (0 or more)")
+    if show and tokenizer_path is None:
+        parser.error("--show prints examples a tokenizer built: give --tokenizer too")
 
     def work() -> None:
         cfg = settings.config_from_dict(DataConfig, flags, "command line", CHOICES)
@@ -710,9 +713,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {lopsided}", file=sys.stderr)
         if python_only := python_only_note(data.stats["corpus"]):
             print(f"note: {python_only}", file=sys.stderr)
-        asked = data.stats["corpus"].get("split_by_asked")
-        if asked is not None and asked != data.stats["corpus"].get("split_by"):
-            print(f"note: split by file, not {asked}: the sources hold fewer repositories than "
+        if split_fell_back(data.stats["corpus"]):
+            print("note: split by file, not repo: the sources hold fewer repositories than "
                   "splits; --split-by file asks for that", file=sys.stderr)
         if tokenizer is not None and show:
             print(shown_examples(data.train, tokenizer, show), file=sys.stderr)

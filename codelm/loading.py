@@ -98,13 +98,13 @@ def _run_tokenizer(run_dir: Path, override: str | None) -> Path:
                      "tokenizer the run trained with")
 
 
-def _export_tokenizer(run_dir: Path, tok_dir: Path) -> Path:
+def _export_tokenizer(run_dir: Path, tok_dir: Path, override: str | None) -> Path:
     """The tokenizer an exported run is scored with: the export's own copy, saved with its
     weights, where it holds one (noted where the run's tokenizer.json reads otherwise), else
-    ``tok_dir``."""
+    ``tok_dir``; ``override`` (--tokenizer) is used in its place, unnoted."""
     export = run_dir / rundir.EXPORT_DIR
     own = export / "tokenizer.json"
-    if tok_dir != run_dir or not own.is_file():
+    if override is not None or tok_dir != run_dir or not own.is_file():
         return tok_dir
     run_file = run_dir / "tokenizer.json"
     same_bytes = run_file.read_bytes() == own.read_bytes()
@@ -203,7 +203,8 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     elif chosen is None and exported and _intact(export):
         base = Path(_run_base(run_dir, config)) if adapter else export
         model = _load_hf(base, device, dtype, export if adapter else None)
-        return model, _export_tokenizer(run_dir, tok_dir), config, _run_weights(run_dir, export)
+        tok_dir = _export_tokenizer(run_dir, tok_dir, tokenizer)
+        return model, tok_dir, config, _run_weights(run_dir, export)
     cfg = trainconfig.config_from_dict(config, str(run_dir / rundir.CONFIG_FILE))
     if cfg.init_from:
         cfg = replace(cfg, init_from=_run_base(run_dir, config))
@@ -312,15 +313,15 @@ def _split_adapter(path_spec: str) -> tuple[str, str]:
 
 def run_task(spec: str) -> str | None:
     """The task of the run a ``[LABEL=]PATH`` spec names (the run, its export/, best/ or a
-    checkpoint), read from its config.json; None where it names no run (an HF directory, a hub
-    id, BASE+ADAPTER)."""
+    checkpoint; BASE+ the run's export/), read from its config.json; None where it names no
+    run (an HF directory, a hub id, another adapter)."""
     path_spec = split_label(spec)[1]
-    if _split_adapter(path_spec)[1]:
-        return None
-    path = Path(path_spec)
+    adapter = _split_adapter(path_spec)[1]
+    path = Path(adapter or path_spec)
     if not path.is_dir():
         return None
-    run_dir = path if rundir.is_run_dir(path) else rundir.run_of_weights(path)
+    run_dir = rundir.run_of_weights(path) if adapter else (
+        path if rundir.is_run_dir(path) else rundir.run_of_weights(path))
     if run_dir is None:
         return None
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
@@ -399,8 +400,10 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{where} the tokenizer has {tok.vocab_size} tokens, the model only "
                          f"{model.cfg.vocab_size} embeddings")
-    # a checkpoint with a tokenizer from elsewhere; a run's own is the one it trained with
-    if model.name_or_path is not None and (run_config is None or tokenizer is not None):
+    # a checkpoint with a tokenizer from elsewhere; a run's own is the one it trained with (its
+    # adapter on a base given beside it is checked against that base)
+    if model.name_or_path is not None and (run_config is None or bool(adapter_spec)
+                                           or tokenizer is not None):
         check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
     name = label or Path(adapter_spec or base_spec).name
     return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights, run_dir)

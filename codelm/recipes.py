@@ -52,17 +52,18 @@ SHIPPED = Path(__file__).resolve().parents[1] / "configs"
 
 
 def recipe_path(recipe: str | Path) -> Path:
-    """The recipe file ``recipe`` names: a path, or a shipped recipe's name (refactotron for
-    configs/refactotron.json); one that is neither is refused, listing the shipped ones."""
+    """The recipe file ``recipe`` names: a path, or a shipped recipe's name (refactotron, or
+    configs/refactotron.json from another directory); one that is neither is refused, listing
+    the shipped ones."""
     path = Path(recipe)
     if path.is_file():
         return path
     shipped = SHIPPED / f"{path.name.removesuffix('.json')}.json"
-    if path.parent == Path(".") and shipped.is_file():
+    if path.parent in (Path("."), Path("configs")) and shipped.is_file():
         return shipped
     names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.json")))
-    raise ValueError(f"recipe {recipe}: no such file, nor a shipped recipe of that name "
-                     f"({names or 'none'}: {SHIPPED})")
+    raise ValueError(f"recipe {recipe}: no such file; the shipped recipes, by name: "
+                     f"{names or 'none'} ({SHIPPED})")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -611,11 +612,6 @@ OWN_FLAGS = {"model": "init_from", "data": "data", "val_data": "val_data", "name
              "out_dir": "out_dir", "device": "device"}
 
 
-def recipe_setting(key: str) -> str:
-    """Where a recipe's run sets TrainConfig ``key``, as its warnings name it."""
-    return f"the recipe's train section; --set train.{key}=VALUE overrides it"
-
-
 def resume_hint(smoke: bool) -> str:
     """Completes trainingmanager's "continue with ...": a smoke run is run again, not resumed."""
     return ("the same `python -m codelm.recipes` command (a --smoke run is not resumed)" if smoke
@@ -756,7 +752,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
     result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke,
-                      where_set=recipe_setting)
+                      where_set=where_set)
     grpo = cfg.task == trainconfig.GRPO_TASK
     report = RecipeResult(result.run_dir, result, None, train_losses(result.run_dir),
                           smoke=opts.smoke,

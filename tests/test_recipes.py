@@ -552,8 +552,8 @@ def test_a_shipped_recipe_is_named_by_its_name(tmp_path):
     neither a file nor a shipped recipe is refused listing the shipped ones."""
     assert recipes.load_recipe("refactotron").path == CONFIGS / "refactotron.json"
     assert recipes.load_recipe(CONFIGS / "kotlin_phi.json").train["name"] == "kotlin_phi"
-    with pytest.raises(ValueError, match=r"recipe nope: no such file, nor a shipped recipe .*"
-                                         r"airflow_docstrings, code_completion, .*refactotron"):
+    with pytest.raises(ValueError, match=r"recipe nope: no such file; the shipped recipes, by "
+                                         r"name: airflow_docstrings, code_completion, .*refactotron"):
         recipes.load_recipe("nope")
 
 
@@ -566,7 +566,7 @@ def test_smoke_trains_with_the_set_values_over_its_toy_sizes(tmp_path, capsys, m
 
     def train(cfg, resume_hint=None, restarts=False, where_set=None, **_):
         trained.append(cfg)
-        assert where_set is recipes.recipe_setting  # its warnings name --set train.KEY
+        assert where_set("lr") == "--set train.lr"  # its warnings name the recipe's terms
         raise ValueError("stopped before training")
 
     monkeypatch.setattr(tm, "train", train)

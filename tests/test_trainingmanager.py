@@ -4540,17 +4540,20 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warm
 def test_a_callers_warnings_name_its_own_settings(assets, tmp_path, capsys):
     """train(where_set=...) names each warned-of setting where its caller sets it (a recipe's
     --set, a sweep's search space), not by trainingmanager.py's flag."""
+    from functools import partial
+
     from codelm import recipes
 
+    where_set = partial(recipes.where_in_recipe, "r.json", typed={"label_smoothing"})
     tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=2,
-                      label_smoothing=0.1), where_set=recipes.recipe_setting)
+                      label_smoothing=0.1), where_set=where_set)
     err = capsys.readouterr().err
-    assert ("warning: warmup_steps (2, the recipe's train section; --set train.warmup_steps="
-            "VALUE overrides it) >= the run's 2 steps") in err, err
+    assert ("warning: warmup_steps (2, train.warmup_steps in r.json (or --set "
+            "train.warmup_steps=VALUE)) >= the run's 2 steps") in err, err
     assert "--warmup-steps" not in err
     # a smoothed train loss beside the true val loss is said to be another loss
-    assert ("note: label_smoothing (0.1, the recipe's train section; --set "
-            "train.label_smoothing=VALUE overrides it): the train loss is the smoothed one") in err
+    assert ("note: label_smoothing (0.1, --set train.label_smoothing): the train loss is the "
+            "smoothed one") in err
 
 
 def test_fp16_on_cpu_is_warned_of(assets, tmp_path, capsys):

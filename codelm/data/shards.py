@@ -378,9 +378,15 @@ def describe_corpus(stats: dict, splits: bool = True) -> str:
         return line
     unit = stats.get("split_by")
     by = f" by {unit}" if unit else ""
-    if stats.get("split_by_asked", unit) != unit:  # repo asked: too few repositories for it
+    if split_fell_back(stats):
         by += " (fewer repositories than splits: by file)"
     return f"{line}; split {', '.join(f'{s} {n}' for s, n in stats['split'].items())}{by}"
+
+
+def split_fell_back(stats: dict) -> bool:
+    """Whether a corpus asked to split by repository was split by file (too few repositories
+    to fill the splits)."""
+    return stats.get("split_by_asked", stats.get("split_by")) != stats.get("split_by")
 
 
 def python_only_note(stats: dict) -> str | None:

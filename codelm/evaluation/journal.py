@@ -40,7 +40,7 @@ class Journal:
 
     directory: Path
     model_key: str
-    written: set[Path] = field(default_factory=set)  # the files this evaluation appended to
+    used: set[Path] = field(default_factory=set)  # the files this evaluation's tasks named
 
 
 _OPEN: ContextVar[Journal | None] = ContextVar("codelm_generation_journal", default=None)
@@ -69,7 +69,9 @@ def task_file(task: str, decided_by: dict[str, Any]) -> JournalFile | None:
     if journal is None:
         return None
     settings = {"model": journal.model_key, "task": task, **decided_by}
-    return JournalFile(journal.directory / f"{task}-{digest(settings)}.jsonl", settings)
+    path = journal.directory / f"{task}-{digest(settings)}.jsonl"
+    journal.used.add(path)
+    return JournalFile(path, settings)
 
 
 def generation_file(task: str, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
@@ -120,12 +122,12 @@ _SETTING_WORDS = {"model": "another model's weights, dtype or device",
 
 def _other_settings(kept_in: JournalFile) -> str:
     """The settings that differ from ``kept_in``'s in the newest other journal file of its task
-    that an earlier evaluation wrote ("" for none): "seed 0, now 7"."""
-    task = kept_in.path.name.rsplit("-", 1)[0]
+    that no task of this evaluation names ("" for none): "seed 0, now 7"."""
+    task = kept_in.settings["task"]
     journal = _OPEN.get()
-    written = journal.written if journal is not None else set()
+    used = journal.used if journal is not None else {kept_in.path}
     others = [other for other in kept_in.path.parent.glob(f"{task}-*.jsonl")
-              if other != kept_in.path and other not in written]
+              if other.name.rsplit("-", 1)[0] == task and other not in used]
     if not others:
         return ""
     newest = max(others, key=lambda other: other.stat().st_mtime_ns)
@@ -149,9 +151,6 @@ def appending(kept_in: JournalFile | None) -> Iterator[TextIO | None]:
     if kept_in is None:
         yield None
         return
-    journal = _OPEN.get()
-    if journal is not None:
-        journal.written.add(kept_in.path)
     kept_in.path.parent.mkdir(parents=True, exist_ok=True)
     with kept_in.path.open("a+") as file:
         if file.tell() == 0:

@@ -83,7 +83,7 @@ def markdown_table(rows: Sequence[dict], note: str = "",
 
 
 # results.json's format, and the definitions of the metrics in it: another is never resumed.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _NORM_SLICE = 1 << 24  # values per float64 copy in `identity` (128 MiB, however big the tensor)
 
 
