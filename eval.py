@@ -46,6 +46,7 @@ from codelm.evaluation.config import (
     limit_unused,
     mode_unused,
     parse_config,
+    reference_loss_unused,
 )
 from codelm.evaluation.preference_pairs import write_preference_data
 from codelm.evaluation.results import (
@@ -679,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = parse_config(argv, runs_own_tasks)
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
-            for unused in (mode_unused(cfg), limit_unused(cfg)):
+            for unused in (mode_unused(cfg), limit_unused(cfg), reference_loss_unused(cfg)):
                 if unused is not None:
                     print(f"note: {unused}", file=sys.stderr)
             if cfg.prompt is not None:

@@ -91,7 +91,8 @@ class TrainConfig:
     #   chat template) | project (repository-shaped sequences and cross-file line completion);
     #   grpo (reinforcement learning from problems' tests); or preference tuning on TRL's
     #   preference records: dpo | kto | orpo | simpo
-    data: list[str] | None = None  # "stdlib", directories, scraper, pair or conversation JSONL
+    data: list[str] | None = None  # "stdlib", directories (git checkouts too), JSONL of code,
+    #   pairs or conversations, parquet files, datasets save_to_disk directories, hub dataset ids
     val_data: list[str] | None = None  # predefined validation files (None: split from data)
     test_data: list[str] | None = None  # predefined test files (None: split from data)
     data_options: dict = field(default_factory=dict)  # further DataConfig fields for the task:

@@ -3227,6 +3227,35 @@ def test_parquet_and_datasets_directories_give_the_examples_their_jsonl_gives(tm
         assert _examples(got) == want, source
 
 
+def test_the_repository_columns_of_published_corpora_name_a_records_repo(tmp_path,
+                                                                         capsys):
+    """A code corpus as published (codeparrot's and The Stack v2's repo_name and path, The
+    Stack v1's max_stars_repo_name and max_stars_repo_path; content as its text column) names
+    each record's repository, so its split keeps a repository's files together."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repos = [f"org/repo{i % 6}" for i in range(36)]
+    texts = [f"def f{i}():\n    return {i}\n" for i in range(36)]
+    paths = [f"pkg/m{i}.py" for i in range(36)]
+    stack2 = tmp_path / "stack2.parquet"
+    pq.write_table(pa.table({"content": texts, "repo_name": repos, "path": paths}), stack2)
+    stack1 = write_jsonl(tmp_path / "stack1.jsonl", [
+        {"content": t, "max_stars_repo_name": r, "max_stars_repo_path": p}
+        for t, r, p in zip(texts, repos, paths)])
+    for source in (stack2, stack1):
+        corpus = load_corpus(cfg(tmp_path, sources=[str(source)], text_column="content"))
+        assert corpus.stats["split_by"] == "repo"
+        docs = {s: getattr(corpus, s) for s in ("train", "val", "test")}
+        assert all(doc.id == f"{doc.repo}/pkg/{doc.id.rsplit('/', 1)[1]}" for ds in docs.values()
+                   for doc in ds)
+        held = {doc.repo for doc in docs["val"] + docs["test"]}
+        assert held and held.isdisjoint(doc.repo for doc in docs["train"]), source
+    load_corpus(cfg(tmp_path, sources=[str(stack2)], text_column="content", extensions=[".js"]))
+    assert (f"note: {stack2}: its records are all read: extensions ['.js'] choose the files of "
+            "directories only") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["garbage", "cut"])
 def test_a_damaged_parquet_or_arrow_file_is_an_error_naming_it(tmp_path, damage):
     """pyarrow's own messages ("Parquet magic bytes not found in footer") name no file: a

@@ -5080,7 +5080,8 @@ def test_infill_scores_held_out_lines_as_the_fim_task_scores_the_same_records(tm
     """--tasks infill fills in lines of the split's files (any language; those line completion
     draws), each between its file's text before and after it (together the file), in the
     model's FIM tokens; its scores are those --tasks fim (the harness's santacoder_fim scoring)
-    gives the same problems written as that task's records."""
+    gives the same problems written as that task's records, with the lines' edit similarity
+    beside them."""
     import json
 
     from tiny_hf import save_tiny_hf
@@ -5135,8 +5136,13 @@ def test_infill_scores_held_out_lines_as_the_fim_task_scores_the_same_records(tm
     assert ev.main([*flags, "--tasks", "fim", "--problems", f"fim={fim_file}",
                     "--out-dir", str(tmp_path / "fim")]) == 0
     fim = json.loads((tmp_path / "fim" / "results.json").read_text())["rows"][0]["metrics"]
+    edit_sim = infill.pop("infill/edit_sim")  # beside the harness's exact match
     assert infill == {key.replace("fim/", "infill/"): value for key, value in fim.items()}
     assert infill == {"infill/EM": 50.0, "infill/EM_kt": 50.0, "infill/EM_py": 50.0}
+    from codelm.evaluation.metrics import fuzz_ratio
+
+    assert edit_sim == sum(fuzz_ratio(r["prediction"].strip(), r["reference"].strip())
+                           for r in records) / 4 and 50 < edit_sim < 100
 
 
 def test_a_dataset_split_of_several_shards_is_read_whole_in_order(tmp_path):

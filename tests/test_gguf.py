@@ -394,18 +394,22 @@ def test_bad_input_is_one_line_naming_what_and_why(checkpoints, tmp_path, capsys
     capsys.readouterr()
     cases = [
         ([str(codegen), str(tmp_path / "a.gguf")], r"family 'codegen'.*no architecture"),
-        ([str(checkpoints["llama"]), str(tmp_path / "nowhere" / "a.gguf")], r"no directory"),
+        ([str(checkpoints["llama"]), str(tmp_path / "a.bin" / "x" / "a.gguf")],
+         r"a\.bin is a file, not a directory"),
         ([str(checkpoints["llama"]), str(tmp_path / "a.bin")], r"NAME\.gguf"),
         ([str(tmp_path / "missing"), str(tmp_path / "a.gguf")], r"export-gguf .*missing"),
         ([str(nfkc), str(tmp_path / "a.gguf")], r"normalizer step NFKC.*spaces"),
         ([str(no_bytes), str(tmp_path / "a.gguf")], r"without byte_fallback.*<0xNN>"),
         ([str(byte_nfkc), str(tmp_path / "a.gguf")], r"normalizer step NFKC.*byte-level"),
     ]
+    (tmp_path / "a.bin").write_text("")
     for argv, message in cases:
         assert export_gguf.main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
         assert re.search(message, err), err
+    deep = tmp_path / "new" / "deep" / "a.gguf"  # its directories are made, as a run's are
+    assert export_gguf.main([str(checkpoints["llama"]), str(deep)]) == 0 and deep.is_file()
 
 
 def test_a_codelm_tokenizer_is_refused_with_what_to_use_instead():

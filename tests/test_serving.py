@@ -1382,6 +1382,25 @@ def test_a_limit_no_task_reads_is_noted(argv, noted):
     assert (note is not None and "--lm-windows" in note) if noted else note is None
 
 
+@pytest.mark.parametrize("argv, noted", [
+    (["--tasks", "infill", "lm", "--reference-loss"], True),
+    (["--tasks", "infill", "line", "--reference-loss"], False),
+    (["--tasks", "infill"], False),
+])
+def test_a_reference_loss_no_task_computes_is_noted(argv, noted):
+    """--reference-loss adds a loss to the generation tasks of the split (line, docstring, ...):
+    given with tasks of which none is such (infill, lm), a note says it is not used, naming
+    those that use it."""
+    from codelm.evaluation.config import parse_config, reference_loss_unused
+
+    note = reference_loss_unused(parse_config(argv))
+    if noted:
+        assert note.startswith("--reference-loss adds the loss of the reference to line, "), note
+        assert note.endswith("not used by infill and lm"), note
+    else:
+        assert note is None
+
+
 @pytest.mark.parametrize("argv, unused", [
     (["--serve", "--tasks", "humaneval", "--num-samples", "5", "--temperature", "0.7"],
      "--tasks, --temperature, --num-samples not used"),

@@ -11,6 +11,7 @@ import hashlib
 import json
 import lzma
 import re
+import sys
 import sysconfig
 import typing
 from collections import Counter
@@ -237,7 +238,7 @@ def _arrow_rows(file: Path, cfg: DataConfig) -> Iterator[tuple[int, str, dict]]:
         raise DataError(f"{file}: no column {missing[0]!r} (its columns: {', '.join(names)}); "
                         "set the data options text_column, or input_column and output_column")
     if file.suffix == ".parquet":
-        wanted = [*named, *(c for c in ("repo", "path") if c in names)] if named else None
+        wanted = [*named, *(c for c in (*REPO_KEYS, *PATH_KEYS) if c in names)] if named else None
         table = table.iter_batches(batch_size=64, columns=wanted)
     rows = (row for batch in table for row in batch.to_pylist())
     for number, row in enumerate(rows, start=1):
@@ -250,6 +251,15 @@ def _named_columns(cfg: DataConfig) -> list[str]:
 
 # A code record's text: the scrapers' key, then that of some published corpora.
 TEXT_KEYS = ("text", "file_text")
+# A code record's repository and path: the scrapers' keys, then those of published corpora
+# (codeparrot's and The Stack v2's repo_name; The Stack v1's and StarCoderData's max_stars_*).
+REPO_KEYS = ("repo", "repo_name", "max_stars_repo_name")
+PATH_KEYS = ("path", "max_stars_repo_path")
+
+
+def _first_string(rec: dict, keys: Sequence[str]) -> str | None:
+    """The first of ``keys`` a record holds a string under, its value (None: none)."""
+    return next((rec[k] for k in keys if isinstance(rec.get(k), str)), None)
 
 
 def json_object(raw: bytes, where: str) -> dict:
@@ -271,10 +281,11 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
     if named := _named_columns(cfg):  # the columns the data options name, as codelm's keys
         if missing := [c for c in named if c not in rec]:
             raise DataError(f"{where}: no key {missing[0]!r}, which the data options name")
-        rec = ({"text": rec[named[0]], "repo": rec.get("repo"), "path": rec.get("path")}
+        rec = ({"text": rec[named[0]], "repo": _first_string(rec, REPO_KEYS),
+                "path": _first_string(rec, PATH_KEYS)}
                if cfg.text_column else {"input": rec[named[0]], "output": rec[named[1]]})
     # Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates).
-    for key in (*TEXT_KEYS, "repo", "path", "input", "output", "prompt", "completion"):
+    for key in (*TEXT_KEYS, *REPO_KEYS, *PATH_KEYS, "input", "output", "prompt", "completion"):
         if isinstance(rec.get(key), str) and not is_utf8(rec[key]):
             raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
     if "messages" in rec:
@@ -298,8 +309,8 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
                         "input_column/output_column")
     if not isinstance(rec[key], str):
         raise DataError(f"{where}: key {key!r} must be a string")
-    repo = rec.get("repo") if isinstance(rec.get("repo"), str) else None
-    rel = rec.get("path") if isinstance(rec.get("path"), str) else name
+    repo = _first_string(rec, REPO_KEYS)
+    rel = _first_string(rec, PATH_KEYS) or name
     return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
 
 
@@ -363,6 +374,9 @@ def iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(cfg.sources_by_split()):
         listing = source_listing(source, cfg.extensions)
+        if listing.records and cfg.extensions != DataConfig().extensions:
+            print(f"note: {source}: its records are all read: extensions {cfg.extensions} "
+                  "choose the files of directories only", file=sys.stderr)
         if listing.records:
             docs = (doc for f in listing.files for doc in _read_records(f, cfg, counts))
         else:

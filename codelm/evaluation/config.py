@@ -59,8 +59,9 @@ class EvalConfig:
     limit: int | None = None  # examples per generation task (None: 100); benchmark tasks
     #   (pass@k, fim): the first problems of the file (None: all); project-completion:
     #   completion files per repository (None: 100)
-    lines_per_file: int = 1  # line / window completion / infill targets sampled per file;
-    #   project-completion: lines drawn per line category and file
+    lines_per_file: int = 1  # line / window completion / infill targets sampled per file
+    #   (training's data option of that name draws 5); project-completion: lines drawn per
+    #   line category and file
     lm_windows: int | None = 64  # block-size windows scored by the lm task (None: the split)
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
     #   the models', a run's being its training block_size); a shorter model uses its own;
@@ -315,6 +316,17 @@ def mode_unused(cfg: EvalConfig) -> str | None:
     if not unused:
         return None
     return f"{why}: {', '.join(map(settings.flag_of, unused))} not used"
+
+
+def reference_loss_unused(cfg: EvalConfig) -> str | None:
+    """A note where --reference-loss is given but no task computes it (the generation tasks of
+    the split's files and pairs do: REFERENCE_LOSS)."""
+    if not cfg.reference_loss or any(getattr(TASKS[task], "REFERENCE_LOSS", False)
+                                     for task in cfg.tasks):
+        return None
+    readers = [name for name, task in TASKS.items() if getattr(task, "REFERENCE_LOSS", False)]
+    return (f"--reference-loss adds the loss of the reference to {', '.join(readers)}: not used "
+            f"by {' and '.join(cfg.tasks)}")
 
 
 def limit_unused(cfg: EvalConfig) -> str | None:

@@ -31,16 +31,18 @@ def export(source: str, out: Path, outtype: str, tokenizer: str | None = None,
                          f"{out / 'NAME.gguf'}")
     if out.suffix != ".gguf":
         raise ValueError(f"{out}: name the output file NAME.gguf")
-    if not out.parent.is_dir():
-        raise ValueError(f"{out}: no directory {out.parent}")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{out}: cannot write into {out.parent} (permission denied); name a "
+    existing = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: cannot write into {existing} (permission denied); name a "
                          "directory you can write")
     if "+" not in source:  # BASE+ADAPTER names its parts as they are
         source = rundir.run_or_path(source, runs_dir)
     loaded = loading.load_model(source, "cpu", tokenizer=tokenizer, dtype="fp32",
                                 what="export-gguf", unquantized=True)
     writer.check_exportable(loaded.model, loaded.tokenizer)
+    out.parent.mkdir(parents=True, exist_ok=True)  # as a run's --out-dir is made
     return writer.save(loaded.model, loaded.tokenizer, out, outtype, name=loaded.label,
                        prompt_start=loaded.prompt_start)
 

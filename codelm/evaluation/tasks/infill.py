@@ -1,8 +1,9 @@
 """Line infilling on the corpus's split: a line of a held-out file filled in from the code
 before and after it, in the model's own FIM tokens, scored as SantaCoder's FIM task scores its
 single-line problems (``fim``'s run: exact match of the middle, over all problems and per
-language, the language named by the file's extension where it is a known language's). What a
-run of ``--task fim`` is scored on by default: its own held-out files, in any language."""
+language, the language named by the file's extension where it is a known language's), with the
+line's CodeXGLUE edit similarity beside it, as line completion reports it. What a run of
+``--task fim`` is scored on by default: its own held-out files, in any language."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Protocol
 from codelm.data.config import DataConfig
 from codelm.data.examples import line_completion_examples
 from codelm.data.sources import Doc
+from codelm.evaluation.metrics import fuzz_ratio
 from codelm.evaluation.scoring import Scoring
 from codelm.evaluation.tasks import fim
 from codelm.loading import LoadedModel
@@ -67,5 +69,10 @@ def items(task: str, docs: Sequence[Doc], cfg: InfillSettings,
 def run(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: Scoring,
         variant: str | None = None, data_cfg: DataConfig | None = None
         ) -> tuple[dict, list[dict]]:
-    return fim.run_fim(lm, problems, cfg, data_cfg.max_prompt_tokens if data_cfg else None,
-                       task="infill")
+    metrics, records = fim.run_fim(lm, problems, cfg,
+                                   data_cfg.max_prompt_tokens if data_cfg else None,
+                                   task="infill")
+    for record in records:  # the middle's surrounding whitespace aside, as its exact match
+        record["edit_sim"] = fuzz_ratio(record["prediction"].strip(), record["reference"].strip())
+    metrics["edit_sim"] = sum(record["edit_sim"] for record in records) / len(records)
+    return metrics, records

@@ -49,6 +49,7 @@ from tokenizer import CodeTokenizer
 
 GENERATION_EXAMPLES = 100  # a generation task's examples where --limit is not given (its help)
 KIND = "examples"  # built from the split's documents
+REFERENCE_LOSS = True  # --reference-loss adds the loss of each reference
 
 
 class TextSettings(Scoring, Protocol):
