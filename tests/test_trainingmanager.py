@@ -3085,23 +3085,26 @@ def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
 
 
 def test_max_steps_beside_epochs_is_refused_naming_both(assets, tmp_path, capsys):
-    """Both set the run's length: one would be ignored silently (a resume would train nothing)."""
+    """Both set the run's length: one would be ignored silently (a resume would train nothing),
+    so both typed, or both in one file, are refused; a length typed over a resumed run's or a
+    --config file's other one replaces it, as a flag overrides a file, and says so."""
     run = tmp_path / "runs" / "ep"
     run.mkdir(parents=True)
     write_config(tiny_cfg(assets, tmp_path, name="ep", epochs=0.5, max_steps=None),
                  run / "config.json")
-    assert tm.main(["--resume", str(run), "--max-steps", "10"]) == 2
-    err = capsys.readouterr().err
-    assert all(w in err for w in ("--max-steps", "epochs", "config.json", "unset one")), err
+    assert tm.main(["--resume", str(run), "--max-steps", "10", "--print-config", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert (json.loads(out)["max_steps"], json.loads(out)["epochs"]) == (10, None)
+    assert "in place of epochs 0.5 (the resumed run's config.json)" in err, err
     config = _tiny_config_file(assets, tmp_path)
     assert tm.main(["--config", config, "--epochs", "1", "--max-steps", "5"]) == 2
     err = capsys.readouterr().err
     assert all(w in err for w in ("--max-steps", "--epochs", "unset one")), err
-    with_epochs = tmp_path / "epochs.json"
-    with_epochs.write_text(json.dumps({**json.loads(Path(config).read_text()), "epochs": 1}))
-    assert tm.main(["--config", str(with_epochs), "--max-steps", "5"]) == 2
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({**json.loads(Path(config).read_text()), "epochs": 1}))
+    assert tm.main(["--config", str(both)]) == 2
     err = capsys.readouterr().err
-    assert all(w in err for w in ("max_steps", "epochs.json", "one of them to null")), err
+    assert all(w in err for w in ("max_steps", "both.json", "one of them to null")), err
 
 
 @pytest.mark.parametrize("options, message", [
@@ -3899,13 +3902,11 @@ def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert all(w in err for w in ("max_steps (5, --max-steps)", "checkpoint", "(8)",
                                   "set max_steps to 8 or more")), err
-    assert tm.main(["--resume", str(run), "--epochs", "0.001"]) == 2  # beside max_steps
-    err = capsys.readouterr().err
-    assert all(w in err for w in ("max_steps", "--epochs", "unset one")), err
-    assert tm.main(["--resume", str(run), "--epochs", "0.001", "--max-steps", "none"]) == 2
-    err = capsys.readouterr().err
-    assert "epochs (0.001, --epochs): " in err and "below the step of the checkpoint it " in err
-    assert "set a larger epochs" in err
+    for unset in ([], ["--max-steps", "none"]):  # typed, it replaces the run's max_steps
+        assert tm.main(["--resume", str(run), "--epochs", "0.001", *unset]) == 2
+        err = capsys.readouterr().err
+        assert "epochs (0.001, --epochs): " in err and "below the step of the checkpoint " in err
+        assert "set a larger epochs" in err
     low = tmp_path / "low.json"  # set in a --config file beside --resume: named as that file
     low.write_text(json.dumps({"max_steps": 5}))
     assert tm.main(["--resume", str(run), "--config", str(low)]) == 2
