@@ -316,22 +316,47 @@ MAY_IMPORT = {
     "codelm.recipes": BELOW_FLOOR_3 | {LOADING, EVAL_CONFIG, RESULTS, "trainingmanager", "eval"},
 }
 
-# Imports each module fresh (the project's modules dropped from sys.modules in between; torch
-# and the other libraries stay, which keeps it one cheap process) and prints what it loaded: a
-# project module by its dotted name, scraping's modules as the one package.
+# Imports each module once, bottom up, recording every import statement its loading runs (at
+# any depth: a function it calls while loading too) as an edge from the importing module to the
+# imported one, then prints each module's closure over those edges: the project modules a fresh
+# `import MODULE` loads (a project module by its dotted name, scraping's as the one package).
 _LOADED_BY_EACH = """
-import json, sys
+import builtins, json, sys
 project = set(sys.argv[1].split())
-tops = {name.split(".")[0] for name in project}
 def named(module):
     return next((p for p in project if module == p or module.startswith(p + ".")), None)
-loaded = {}
-for module in sys.argv[2].split():
-    for name in [m for m in sys.modules if m.split(".")[0] in tops]:
-        del sys.modules[name]
+edges = {}
+load = builtins.__import__
+def recorded(name, globals=None, locals=None, fromlist=(), level=0):
+    module = load(name, globals, locals, fromlist, level)
+    importer = named((globals or {}).get("__name__") or "")
+    if importer is None:
+        return module
+    targets = [module.__name__]
+    if level == 0 and not fromlist:  # import a.b.c: a.b.c loads, the name bound is a
+        targets.append(name)
+    for item in fromlist or ():  # from package import submodule
+        value = getattr(module, item, None)
+        if type(value).__name__ == "module":
+            targets.append(value.__name__)
+    for target in targets:
+        imported = named(target)
+        if imported is not None and imported != importer:
+            edges.setdefault(importer, set()).add(imported)
+    return module
+builtins.__import__ = recorded
+order = sys.argv[2].split()
+for module in order:
     __import__(module)
-    loaded[module] = sorted({named(m) for m in sys.modules} - {None, module})
-print(json.dumps(loaded))
+def reached(module):
+    seen, todo = set(), [module]
+    while todo:
+        for imported in edges.get(todo.pop(), ()):
+            if imported not in seen:
+                seen.add(imported)
+                todo.append(imported)
+    return sorted(seen - {module})
+print(json.dumps({module: reached(module) for module in order}))
 """
 
 
