@@ -3237,11 +3237,11 @@ def test_the_repository_columns_of_published_corpora_name_a_records_repo(tmp_pat
 
     repos = [f"org/repo{i % 6}" for i in range(36)]
     texts = [f"def f{i}():\n    return {i}\n" for i in range(36)]
-    paths = [f"pkg/m{i}.py" for i in range(36)]
+    paths = [f"/pkg/m{i}.py" for i in range(36)]  # The Stack v2's paths open with /
     stack2 = tmp_path / "stack2.parquet"
     pq.write_table(pa.table({"content": texts, "repo_name": repos, "path": paths}), stack2)
-    stack1 = write_jsonl(tmp_path / "stack1.jsonl", [
-        {"content": t, "max_stars_repo_name": r, "max_stars_repo_path": p}
+    stack1 = write_jsonl(tmp_path / "stack1.jsonl", [  # an empty repo names none
+        {"content": t, "repo": "", "max_stars_repo_name": r, "max_stars_repo_path": p[1:]}
         for t, r, p in zip(texts, repos, paths)])
     for source in (stack2, stack1):
         corpus = load_corpus(cfg(tmp_path, sources=[str(source)], text_column="content"))
@@ -3253,7 +3253,7 @@ def test_the_repository_columns_of_published_corpora_name_a_records_repo(tmp_pat
         assert held and held.isdisjoint(doc.repo for doc in docs["train"]), source
     load_corpus(cfg(tmp_path, sources=[str(stack2)], text_column="content", extensions=[".js"]))
     assert (f"note: {stack2}: its records are all read: extensions ['.js'] choose the files of "
-            "directories only") in capsys.readouterr().err
+            "code directories only") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["garbage", "cut"])

@@ -5113,6 +5113,7 @@ def test_infill_scores_held_out_lines_as_the_fim_task_scores_the_same_records(tm
     records = [json.loads(line)
                for line in (tmp_path / "infill" / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {r["task"] for r in records} == {"infill"}
+    from codelm.evaluation.metrics import fuzz_ratio
     from codelm.evaluation.tasks.infill import infill_problems
 
     crlf = Doc("win/Main.kt", "fun main() {\r\n  println(1)\r\n}\r\n")
@@ -5139,10 +5140,9 @@ def test_infill_scores_held_out_lines_as_the_fim_task_scores_the_same_records(tm
     edit_sim = infill.pop("infill/edit_sim")  # beside the harness's exact match
     assert infill == {key.replace("fim/", "infill/"): value for key, value in fim.items()}
     assert infill == {"infill/EM": 50.0, "infill/EM_kt": 50.0, "infill/EM_py": 50.0}
-    from codelm.evaluation.metrics import fuzz_ratio
-
-    assert edit_sim == sum(fuzz_ratio(r["prediction"].strip(), r["reference"].strip())
-                           for r in records) / 4 and 50 < edit_sim < 100
+    each = [fuzz_ratio(r["prediction"].strip(), r["reference"].strip()) for r in records]
+    assert [r["edit_sim"] for r in records] == each and sorted(each)[-2:] == [100, 100]
+    assert edit_sim == sum(each) / 4 and 50 < edit_sim < 100
 
 
 def test_a_dataset_split_of_several_shards_is_read_whole_in_order(tmp_path):

@@ -317,11 +317,13 @@ MAY_IMPORT = {
 }
 
 # Imports each module once, bottom up, recording every import statement its loading runs (at
-# any depth: a function it calls while loading too) as an edge from the importing module to the
-# imported one, then prints each module's closure over those edges: the project modules a fresh
-# `import MODULE` loads (a project module by its dotted name, scraping's as the one package).
+# any depth: a function it calls while loading too) as an edge from the module whose code runs
+# it to the imported one, then prints each module's closure over those edges: the project
+# modules a fresh `import MODULE` loads (a project module by its dotted name, scraping's as the
+# one package). A load no statement made (importlib.import_module, a package's __init__.py)
+# still shows in sys.modules: one outside the closure of the module being imported is an error.
 _LOADED_BY_EACH = """
-import builtins, json, sys
+import builtins, json, sys, types
 project = set(sys.argv[1].split())
 def named(module):
     return next((p for p in project if module == p or module.startswith(p + ".")), None)
@@ -337,7 +339,7 @@ def recorded(name, globals=None, locals=None, fromlist=(), level=0):
         targets.append(name)
     for item in fromlist or ():  # from package import submodule
         value = getattr(module, item, None)
-        if type(value).__name__ == "module":
+        if isinstance(value, types.ModuleType):
             targets.append(value.__name__)
     for target in targets:
         imported = named(target)
@@ -345,9 +347,6 @@ def recorded(name, globals=None, locals=None, fromlist=(), level=0):
             edges.setdefault(importer, set()).add(imported)
     return module
 builtins.__import__ = recorded
-order = sys.argv[2].split()
-for module in order:
-    __import__(module)
 def reached(module):
     seen, todo = set(), [module]
     while todo:
@@ -356,6 +355,15 @@ def reached(module):
                 seen.add(imported)
                 todo.append(imported)
     return sorted(seen - {module})
+def loaded_now():
+    return {named(m) for m in sys.modules} - {None}
+order = sys.argv[2].split()
+for module in order:
+    before = loaded_now()
+    __import__(module)
+    unseen = loaded_now() - before - {module} - set(reached(module))
+    if unseen:
+        sys.exit(f"import {module} loads {sorted(unseen)} through no import statement it runs")
 print(json.dumps({module: reached(module) for module in order}))
 """
 

@@ -3094,7 +3094,8 @@ def test_max_steps_beside_epochs_is_refused_naming_both(assets, tmp_path, capsys
                  run / "config.json")
     assert tm.main(["--resume", str(run), "--max-steps", "10", "--print-config", "json"]) == 0
     out, err = capsys.readouterr()
-    assert (json.loads(out)["max_steps"], json.loads(out)["epochs"]) == (10, None)
+    printed = json.loads(out)
+    assert (printed["max_steps"], printed["epochs"]) == (10, None)
     assert "in place of epochs 0.5 (the resumed run's config.json)" in err, err
     config = _tiny_config_file(assets, tmp_path)
     assert tm.main(["--config", config, "--epochs", "1", "--max-steps", "5"]) == 2

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from codelm.data.config import DataConfig, DataError
 from codelm.runtime import hub, settings
+from codelm.runtime.process import is_rank_zero
 from scraping.common import (
     INSTALLED_CODE,
     has_extension,
@@ -258,8 +259,8 @@ PATH_KEYS = ("path", "max_stars_repo_path")
 
 
 def _first_string(rec: dict, keys: Sequence[str]) -> str | None:
-    """The first of ``keys`` a record holds a string under, its value (None: none)."""
-    return next((rec[k] for k in keys if isinstance(rec.get(k), str)), None)
+    """The first of ``keys`` a record holds a non-empty string under, its value (None: none)."""
+    return next((rec[k] for k in keys if isinstance(rec.get(k), str) and rec[k]), None)
 
 
 def json_object(raw: bytes, where: str) -> dict:
@@ -285,9 +286,13 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
                 "path": _first_string(rec, PATH_KEYS)}
                if cfg.text_column else {"input": rec[named[0]], "output": rec[named[1]]})
     # Every string a record contributes must be valid UTF-8 (JSON can spell lone surrogates).
-    for key in (*TEXT_KEYS, *REPO_KEYS, *PATH_KEYS, "input", "output", "prompt", "completion"):
+    for key in (*TEXT_KEYS, "input", "output", "prompt", "completion"):
         if isinstance(rec.get(key), str) and not is_utf8(rec[key]):
             raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
+    for keys in (REPO_KEYS, PATH_KEYS):  # the repository and path it is named by
+        if (value := _first_string(rec, keys)) is not None and not is_utf8(value):
+            raise DataError(f"{where}: its {keys[0]} ({value!r}) holds a lone surrogate (not "
+                            "valid UTF-8)")
     if "messages" in rec:
         messages = checked_messages(rec["messages"], "messages", where)
         if not any(m["role"] == "assistant" for m in messages):
@@ -310,7 +315,7 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
     if not isinstance(rec[key], str):
         raise DataError(f"{where}: key {key!r} must be a string")
     repo = _first_string(rec, REPO_KEYS)
-    rel = _first_string(rec, PATH_KEYS) or name
+    rel = (_first_string(rec, PATH_KEYS) or name).lstrip("/")  # The Stack v2's open with /
     return Doc(f"{repo}/{rel}" if repo else rel, rec[key], repo=repo)
 
 
@@ -374,9 +379,9 @@ def iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator
     taken: Counter = Counter()  # documents yielded per role
     for i, (split, source) in enumerate(cfg.sources_by_split()):
         listing = source_listing(source, cfg.extensions)
-        if listing.records and cfg.extensions != DataConfig().extensions:
+        if listing.records and cfg.extensions != DataConfig().extensions and is_rank_zero():
             print(f"note: {source}: its records are all read: extensions {cfg.extensions} "
-                  "choose the files of directories only", file=sys.stderr)
+                  "choose the files of code directories only", file=sys.stderr)
         if listing.records:
             docs = (doc for f in listing.files for doc in _read_records(f, cfg, counts))
         else:

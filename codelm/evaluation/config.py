@@ -319,10 +319,10 @@ def mode_unused(cfg: EvalConfig) -> str | None:
 
 
 def reference_loss_unused(cfg: EvalConfig) -> str | None:
-    """A note where --reference-loss is given but no task computes it (the generation tasks of
-    the split's files and pairs do: REFERENCE_LOSS)."""
-    if not cfg.reference_loss or any(getattr(TASKS[task], "REFERENCE_LOSS", False)
-                                     for task in cfg.tasks):
+    """A note where --reference-loss is given but no task computes it (only the task modules
+    with REFERENCE_LOSS do: text.py's); --prompt and --serve say so in their own note."""
+    if not cfg.reference_loss or cfg.prompt is not None or cfg.serve or any(
+            getattr(TASKS[task], "REFERENCE_LOSS", False) for task in cfg.tasks):
         return None
     readers = [name for name, task in TASKS.items() if getattr(task, "REFERENCE_LOSS", False)]
     return (f"--reference-loss adds the loss of the reference to {', '.join(readers)}: not used "

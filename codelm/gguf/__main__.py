@@ -25,13 +25,14 @@ def export(source: str, out: Path, outtype: str, tokenizer: str | None = None,
            runs_dir: str | Path = "runs") -> Path:
     """Load ``source`` as eval.py does (a run's name alone: the run under ``runs_dir``), write
     ``out`` and its Modelfile beside it."""
-    out = Path(out)
+    out = Path(out).expanduser()
     if out.is_dir():
         raise ValueError(f"{out}: a directory; name the file to write in it, "
                          f"{out / 'NAME.gguf'}")
     if out.suffix != ".gguf":
         raise ValueError(f"{out}: name the output file NAME.gguf")
-    existing = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
+    existing = next(folder for folder in (out.parent.absolute(), *out.parent.absolute().parents)
+                    if folder.exists())  # the root, at worst
     if not existing.is_dir():
         raise ValueError(f"{out}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -2,7 +2,8 @@
 before and after it, in the model's own FIM tokens, scored as SantaCoder's FIM task scores its
 single-line problems (``fim``'s run: exact match of the middle, over all problems and per
 language, the language named by the file's extension where it is a known language's), with the
-line's CodeXGLUE edit similarity beside it, as line completion reports it. What a run of
+line's CodeXGLUE edit similarity beside it (whitespace around the line stripped, as for its
+exact match). What a run of
 ``--task fim`` is scored on by default: its own held-out files, in any language."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Protocol
 from codelm.data.config import DataConfig
 from codelm.data.examples import line_completion_examples
 from codelm.data.sources import Doc
-from codelm.evaluation.metrics import fuzz_ratio
+from codelm.evaluation.metrics import edit_sim, fuzz_ratio
 from codelm.evaluation.scoring import Scoring
 from codelm.evaluation.tasks import fim
 from codelm.loading import LoadedModel
@@ -72,7 +73,9 @@ def run(lm: LoadedModel, task: str, problems: Sequence[dict], cfg: Scoring,
     metrics, records = fim.run_fim(lm, problems, cfg,
                                    data_cfg.max_prompt_tokens if data_cfg else None,
                                    task="infill")
-    for record in records:  # the middle's surrounding whitespace aside, as its exact match
-        record["edit_sim"] = fuzz_ratio(record["prediction"].strip(), record["reference"].strip())
-    metrics["edit_sim"] = sum(record["edit_sim"] for record in records) / len(records)
+    predictions = [record["prediction"].strip() for record in records]
+    references = [record["reference"].strip() for record in records]
+    for record, prediction, reference in zip(records, predictions, references):
+        record["edit_sim"] = fuzz_ratio(prediction, reference)
+    metrics["edit_sim"] = edit_sim(predictions, references)
     return metrics, records
