@@ -258,9 +258,15 @@ REPO_KEYS = ("repo", "repo_name", "max_stars_repo_name")
 PATH_KEYS = ("path", "max_stars_repo_path")
 
 
+def _first_key(rec: dict, keys: Sequence[str]) -> str | None:
+    """The first of ``keys`` a record holds a non-empty string under (None: none)."""
+    return next((k for k in keys if isinstance(rec.get(k), str) and rec[k]), None)
+
+
 def _first_string(rec: dict, keys: Sequence[str]) -> str | None:
-    """The first of ``keys`` a record holds a non-empty string under, its value (None: none)."""
-    return next((rec[k] for k in keys if isinstance(rec.get(k), str) and rec[k]), None)
+    """The value of ``_first_key`` (None: none)."""
+    key = _first_key(rec, keys)
+    return None if key is None else rec[key]
 
 
 def json_object(raw: bytes, where: str) -> dict:
@@ -290,9 +296,8 @@ def _record_to_doc(rec: dict, cfg: DataConfig, name: str, where: str) -> Doc:
         if isinstance(rec.get(key), str) and not is_utf8(rec[key]):
             raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
     for keys in (REPO_KEYS, PATH_KEYS):  # the repository and path it is named by
-        if (value := _first_string(rec, keys)) is not None and not is_utf8(value):
-            raise DataError(f"{where}: its {keys[0]} ({value!r}) holds a lone surrogate (not "
-                            "valid UTF-8)")
+        if (key := _first_key(rec, keys)) is not None and not is_utf8(rec[key]):
+            raise DataError(f"{where}: key {key!r} holds a lone surrogate (not valid UTF-8)")
     if "messages" in rec:
         messages = checked_messages(rec["messages"], "messages", where)
         if not any(m["role"] == "assistant" for m in messages):
