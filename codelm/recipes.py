@@ -144,7 +144,7 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
         if not isinstance(target, dict):
             raise ValueError(f"--set {setting}: {part} is not an object")
     target[parts[-1]] = value
-    other = {"max_steps": "epochs", "epochs": "max_steps"}.get(key.removeprefix("train."))
+    other = trainconfig.OTHER_LENGTH.get(key.removeprefix("train."))
     if other is not None and value is not None and recipe.train.get(other) is not None:
         print(f"note: --set {setting} sets the run's length in place of the recipe's {other} "
               f"{recipe.train[other]}", file=sys.stderr)

@@ -329,11 +329,15 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     return ReadConfig(cfg, {*args, *given}, resume_given if resume != resume_given else None)
 
 
+# The two keys that set a run's length, each with the other one it replaces where given.
+OTHER_LENGTH = {"max_steps": "epochs", "epochs": "max_steps"}
+
+
 def _length_typed_over(args: dict, base: dict, config: str, given: dict) -> None:
     """A run length typed on the command line (--max-steps or --epochs) replaces the other one
     the --config file or the resumed run's config.json sets, as a flag overrides a file (said
     on stderr): ``base`` loses it."""
-    for typed, other in (("max_steps", "epochs"), ("epochs", "max_steps")):
+    for typed, other in OTHER_LENGTH.items():
         if args.get(typed) is None or other in args or base.get(other) is None:
             continue
         where = config if other in given else "the resumed run's config.json"
