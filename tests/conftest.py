@@ -21,6 +21,19 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def own_problem_checks(tmp_path_factory, monkeypatch):
+    """Each test keeps the sandbox checks of its problems files in a directory of its own: what
+    one test (or an earlier run of the suite) kept would spare the next the sandbox runs it
+    counts or fakes."""
+    from codelm.evaluation.tasks import passk
+
+    kept = tmp_path_factory.mktemp("problem-checks")
+    checks_path = passk.checks_path
+    monkeypatch.setattr(passk, "checks_path",
+                        lambda problems, sandbox: kept / checks_path(problems, sandbox).name)
+
+
 @pytest.fixture
 def hangup_at_default():
     """SIGHUP at its default for a test that hangs up its own process: a pytest started with it

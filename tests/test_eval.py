@@ -486,6 +486,55 @@ def test_a_problem_whose_test_asserts_nothing_is_warned_of(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_problems_files_sandbox_checks_run_once_and_are_read_back(tmp_path, capsys,
+                                                                    monkeypatch):
+    """The canonical solutions and do-nothing completions of a problems file run in the sandbox
+    once: the next load of the same problems in the same sandbox runs nothing and finds the
+    same (the problem whose test needs the candidate's interpreter moved there, the test that
+    asserts nothing warned of); another test text, another time limit, or a damaged kept file
+    runs them again."""
+    import json
+
+    problems = [json.loads(line) for line in passk.PROBLEMS_FILE.read_text().splitlines()[:3]]
+    its_test = problems[1]["test"]
+    problems[1]["test"] = "def check(candidate):\n    pass\n"
+    problems.append({"task_id": "t/sort_in_place", "prompt": "def sort_in_place(values):\n",
+                     "entry_point": "sort_in_place", "canonical_solution": "    values.sort()\n",
+                     "test": "def check(candidate):\n    values = [3, 1, 2]\n"
+                             "    candidate(values)\n    assert values == [1, 2, 3]\n"})
+    path = _write_jsonl(tmp_path / "problems.jsonl", problems)
+    runs: list[int] = []
+    run_checks = passk.run_checks
+
+    def counted(jobs, *args, **kwargs):
+        runs.append(len(jobs))
+        return run_checks(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(passk, "run_checks", counted)
+    sandbox = SandboxConfig(timeout_s=10.0)
+
+    def loaded(config: SandboxConfig = sandbox) -> tuple[list[bool], str]:
+        capsys.readouterr()
+        loaded = passk.load_problems(path, config, 2)
+        return [p.get("trusted", True) for p in loaded], capsys.readouterr().err
+
+    first = loaded()
+    assert first[0] == [True, True, True, False]
+    assert "warning: 1 problem(s)" in first[1] and f"{path}:2" in first[1]
+    assert runs == [4, 1, 4]  # canonical solutions, the moved one again, do-nothing ones
+    runs.clear()
+    assert loaded() == first and runs == []
+    assert loaded(SandboxConfig(timeout_s=9.0)) == first and runs == [4, 1, 4]
+    runs.clear()
+    kept = passk.checks_path(passk.load_problems(path), sandbox)
+    kept.write_text('{"shared": ["t/nowhere"], "vacuous": []}')
+    assert loaded() == first and runs == [4, 1, 4]
+    runs.clear()
+    problems[1]["test"] = its_test
+    _write_jsonl(path, problems)
+    assert loaded()[1] == "" and runs == [4, 1, 4]
+
+
 def test_a_subtly_wrong_solution_fails():
     problem = next(p for p in passk.load_problems() if p["entry_point"] == "binary_search")
     off_by_one = problem["canonical_solution"].replace("lo, hi = 0, len(values) - 1",

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
+import hashlib
+import importlib.util
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -23,9 +27,12 @@ from codelm.evaluation.scoring import Scoring
 from codelm.evaluation.tasks.problems import problem_records
 from codelm.loading import LoadedModel
 from codelm.models.generation import FUNCTION_STOPS, truncate_at_stops
-from codelm.runtime import settings
+from codelm.runtime import process, settings
 from codelm.runtime.console import progress_bar
+from codelm.sandbox import runner
 from codelm.sandbox.runner import (
+    BOOTSTRAP,
+    CROSSING,
     SandboxConfig,
     SandboxResult,
     TrustedTest,
@@ -172,9 +179,91 @@ def load_problems(path: str | Path = PROBLEMS_FILE, sandbox: SandboxConfig | Non
               "(--limit)", file=sys.stderr)
         problems = problems[:limit]
     if sandbox is not None:
-        _check_canonical_solutions(problems, first_seen, sandbox, workers)
-        _warn_of_tests_nothing_fails(problems, first_seen, sandbox, workers)
+        _check_problems(problems, first_seen, sandbox, workers)
     return problems
+
+
+class ProblemChecks(NamedTuple):
+    """What the sandbox runs of a problems file found: the task_ids whose test runs in the
+    candidate's interpreter (``_check_canonical_solutions``), and those whose test a completion
+    that does nothing passes (``_tests_nothing_fails``)."""
+
+    shared: list[str]
+    vacuous: list[str]
+
+
+def _check_problems(problems: Sequence[dict], where: dict[str, str], sandbox: SandboxConfig,
+                    workers: int) -> None:
+    """Each problem's canonical solution and a completion that does nothing run in the sandbox,
+    once for the same problems, sandbox, interpreter and packages: what they found is kept in
+    the cache (``checks_path``) and read back by the next evaluation; a warning names the
+    problems whose test nothing fails."""
+    path = checks_path(problems, sandbox)
+    checks = _kept_checks(path, problems)
+    if checks is None:
+        shared = _check_canonical_solutions(problems, where, sandbox, workers)
+        checks = ProblemChecks(shared, _tests_nothing_fails(problems, sandbox, workers))
+        _keep_checks(path, checks)
+    for problem in problems:
+        if problem["task_id"] in checks.shared:
+            problem["trusted"] = False
+    if checks.vacuous:
+        named = [where[task_id] for task_id in checks.vacuous]
+        shown = ", ".join(named[:3]) + (", ..." if len(named) > 3 else "")
+        print(f"warning: {len(named)} problem(s) whose test a completion that does nothing "
+              f"passes (it asserts nothing of the function): {shown}; every sample of theirs "
+              "passes", file=sys.stderr)
+
+
+def checks_path(problems: Sequence[dict], sandbox: SandboxConfig) -> Path:
+    """Where the checks of ``problems`` in ``sandbox`` are kept: named by a hash of the
+    problems, the sandbox's limits and code, the interpreter, the user and the packages the
+    sandbox imports (each module's file and its time), so a change to any runs them again."""
+    sha = hashlib.sha256()
+    for code in (Path(runner.__file__), BOOTSTRAP, CROSSING, Path(__file__)):
+        sha.update(code.read_bytes())
+    key = {"problems": list(problems), "sandbox": dataclasses.asdict(sandbox),
+           "python": [sys.executable, sys.version], "user": os.getuid(),
+           "packages": {name: _module_stamp(name) for name in sandbox.packages}}
+    sha.update(json.dumps(key, sort_keys=True, default=str).encode())
+    return settings.cache_root() / "problem-checks" / f"{sha.hexdigest()[:32]}.json"
+
+
+def _module_stamp(name: str) -> list | None:
+    """An installed module's file, its size and time (an upgrade changes them), or None."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        stat = os.stat(spec.origin)
+    except OSError:
+        return None
+    return [spec.origin, stat.st_size, stat.st_mtime_ns]
+
+
+def _kept_checks(path: Path, problems: Sequence[dict]) -> ProblemChecks | None:
+    """The checks kept at ``path``, each task_id one of ``problems``'; None where none are
+    kept or the file is not what ``_keep_checks`` writes (it is run again)."""
+    try:
+        kept = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict):
+        return None
+    ids = {problem["task_id"] for problem in problems}
+    lists = [kept.get(field) for field in ProblemChecks._fields]
+    for task_ids in lists:
+        if not isinstance(task_ids, list) or not all(
+                isinstance(task_id, str) and task_id in ids for task_id in task_ids):
+            return None
+    return ProblemChecks(*lists)
+
+
+def _keep_checks(path: Path, checks: ProblemChecks) -> None:
+    """``checks`` kept at ``path``; where the cache cannot be written, nothing is kept."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        process.write_atomic(path, json.dumps(checks._asdict()))
 
 
 def _do_nothing(problem: dict) -> str:
@@ -184,29 +273,24 @@ def _do_nothing(problem: dict) -> str:
     return "    raise NotImplementedError\n" if problem["entry_point"] else "pass\n"
 
 
-def _warn_of_tests_nothing_fails(problems: Sequence[dict], where: dict[str, str],
-                                 sandbox: SandboxConfig, workers: int) -> None:
-    """A warning naming the problems whose test a completion that does nothing passes (a test
+def _tests_nothing_fails(problems: Sequence[dict], sandbox: SandboxConfig,
+                         workers: int) -> list[str]:
+    """The task_ids of the problems whose test a completion that does nothing passes (a test
     that asserts nothing, or never calls the function): every sample of theirs passes."""
     jobs = [(problem, _do_nothing(problem)) for problem in problems]
     results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
-    vacuous = [where[problem["task_id"]] for (problem, _), result in zip(jobs, results)
-               if result.passed]
-    if vacuous:
-        shown = ", ".join(vacuous[:3]) + (", ..." if len(vacuous) > 3 else "")
-        print(f"warning: {len(vacuous)} problem(s) whose test a completion that does nothing "
-              f"passes (it asserts nothing of the function): {shown}; every sample of theirs "
-              "passes", file=sys.stderr)
+    return [problem["task_id"] for (problem, _), result in zip(jobs, results) if result.passed]
 
 
 def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
-                               sandbox: SandboxConfig, workers: int) -> None:
+                               sandbox: SandboxConfig, workers: int) -> list[str]:
     """Each problem's canonical_solution must pass its own test in the sandbox: with the test
     in a trusted interpreter (``run_check``), else, for a test that needs what does not cross
     as plain data (a callable argument, an argument changed in place), in the candidate's own
     interpreter, where that problem's samples then run too (``trusted`` False). Only a test
     that fails apart moves there: one that runs out of time or memory apart, twice, is refused
-    (its samples' tests would run where a program can game them)."""
+    (its samples' tests would run where a program can game them). Returns the task_ids
+    moved."""
     jobs = [(p, p["canonical_solution"]) for p in problems
             if isinstance(p.get("canonical_solution"), str)]
     results = run_checks(jobs, sandbox, workers, "check problems", progress=False)
@@ -226,7 +310,7 @@ def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
                     f"{sandbox.memory_mb} MB: raise --timeout-s or --memory-mb, or run fewer "
                     "--workers beside other work")
     if not retried:
-        return
+        return []
     for problem, _ in retried:
         problem["trusted"] = False
     for (problem, _), result in zip(retried, run_checks(retried, sandbox, workers,
@@ -235,6 +319,7 @@ def _check_canonical_solutions(problems: Sequence[dict], where: dict[str, str],
             tail = [line for line in result.stderr.splitlines() if line.strip()][-1:]
             raise ValueError(f"{where[problem['task_id']]}: the canonical solution fails its "
                              f"own test ({': '.join([result.status, *tail])})")
+    return [problem["task_id"] for problem, _ in retried]
 
 
 def shared_interpreter_tests(problems: dict[str, list[dict]]) -> dict[str, list[str]]:
