@@ -2305,14 +2305,30 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
     # a template of one's own: its row names it on one line
     seen.clear()
     code = ev.main(["--models", str(m["base"]), "--data", str(m["code"]), "--tasks", "docstring",
-                    "--docstring-prompts", "Summarize {class_name}:\n{source_code}\nDoc|string:",
+                    "--docstring-prompts", "Sum {class_name}:\n{source_code}\nDoc|s:",
                     "--out-dir", str(tmp_path / "own"), *FAST_FLAGS])
-    assert code == 0 and seen and all(p.startswith("Summarize ") for p in seen)
+    assert code == 0 and seen and all(p.startswith("Sum ") for p in seen)
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert table[2].startswith("| base | Summarize {class_name}:\\n{source_code}\\nDoc\\|string: |")
+    assert table[2].startswith("| base | Sum {class_name}:\\n{source_code}\\nDoc\\|s: |")
     assert ev.main(["--models", str(m["base"]), "--tasks", "docstring", "--docstring-prompts",
                     "Docstring:"]) == 2
     assert "neither simple nor verbose nor a template" in capsys.readouterr().err
+
+
+def test_a_long_docstring_template_is_one_short_cell_of_the_table():
+    """A template of one's own longer than 40 characters shows its start and a hash in the
+    table (two long templates with one start stay apart); a short one shows whole, on one
+    line, its | escaped."""
+    from codelm.evaluation.results import markdown_table
+
+    long_a = "Write the docstring of the class below, in NumPy style.\n{source_code}\n"
+    long_b = long_a.replace("NumPy", "Google")
+    rows = [{"model": "base", "prompt": prompt, "metrics": {"docstring/chrF": 1.0}}
+            for prompt in ("simple", "Doc|{source_code}", long_a, long_b)]
+    cells = [line.split(" | ")[1] for line in markdown_table(rows).splitlines()[2:]]
+    assert cells[:2] == ["simple", "Doc\\|{source_code}"]
+    assert cells[2].startswith("Write the docstring of the cl... #") and len(cells[2]) == 40
+    assert cells[3].startswith("Write the docstring of the cl... #") and cells[3] != cells[2]
 
 
 def test_runs_trained_on_other_docstring_prompts_are_each_asked_in_their_own(

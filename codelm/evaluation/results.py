@@ -73,13 +73,28 @@ def markdown_table(rows: Sequence[dict], note: str = "",
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         label = row["model"].replace("|", "\\|")  # markdown's cell separator, escaped
-        prompt = (row["prompt"] or "-").replace("\n", "\\n").replace("|", "\\|")  # a template
-        cells = [label] + ([prompt] if variants else [])
+        cells = [label] + ([prompt_cell(row["prompt"])] if variants else [])
         cells += [cell(c, row["metrics"].get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     if note and any(c.endswith(_PER_TOKEN) for c in columns):
         lines += ["", note]
     return "\n".join(lines)
+
+
+PROMPT_CELL_CHARS = 40  # the longest template a table shows whole
+
+
+def prompt_cell(prompt: str | None) -> str:
+    """A row's docstring prompt in the table: its name, or a template of one's own on one line
+    (newlines as \\n), whole up to ``PROMPT_CELL_CHARS``, else its start and a hash telling two
+    long ones apart (results.json's rows hold it whole)."""
+    if prompt is None:
+        return "-"
+    one_line = prompt.replace("\n", "\\n")
+    if len(one_line) > PROMPT_CELL_CHARS:
+        digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:6]
+        one_line = f"{one_line[:PROMPT_CELL_CHARS - 11]}... #{digest}"  # 40 in all
+    return one_line.replace("|", "\\|")  # markdown's cell separator, escaped
 
 
 # results.json's format, and the definitions of the metrics in it: another is never resumed.
