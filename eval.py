@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -244,18 +245,22 @@ class EvalProgress:
     journal: Path | None = None  # where the running model's finished generations are kept
     table: str = ""  # the finished models' table as the console shows it
 
-    def summary(self) -> str:
-        """Where a stopped evaluation stopped and what it left on disk ("" before the models)."""
-        stopped = f"stopped at model {self.running}; " if self.running else ""
+    def summary(self) -> list[str]:
+        """Where a stopped evaluation stopped and what it left on disk, a line each (none
+        before the models)."""
+        lines = []
+        if self.running:
+            lines.append(f"stopped at model {self.running}")
         if self.journal is not None and any(self.journal.glob("*.jsonl")):
-            stopped += (f"its finished generations are kept in {self.journal} (the same command "
-                        f"with --out-dir {self.out_dir} samples only the rest); ")
+            lines.append(f"its finished generations are kept in {self.journal} (the same "
+                         f"command with --out-dir {self.out_dir} samples only the rest)")
         if not self.saved:
-            return stopped and f"{stopped}no model's results were saved"
+            return lines and [*lines, "no model's results were saved"]
         rest = "" if len(self.saved) == len(self.models) else (
             f" (the same command with --out-dir {self.out_dir} evaluates the rest)")
-        return (f"{stopped}results of {len(self.saved)} of {len(self.models)} models "
-                f"({', '.join(self.saved)}) saved in {self.out_dir}{rest}")
+        lines.append(f"results of {len(self.saved)} of {len(self.models)} models "
+                     f"({', '.join(self.saved)}) saved in {self.out_dir}{rest}")
+        return lines
 
 
 def _new_default_dir(parent: Path) -> Path:
@@ -649,27 +654,42 @@ def _evaluate_model(lm: LoadedModel, cfg: TaskSettings, items: dict[tuple[str, s
     return rows, records
 
 
-def _kept_unscored(progress: EvalProgress, unscored: passk.UnscoredSamples | None) -> str:
+class KeptUnscored(NamedTuple):
+    """What a stop during a pass@k task's sandbox runs says of that model's samples: where it
+    came (after "interrupted"), and where the samples are kept and how to score them."""
+
+    during: str
+    kept: str
+
+
+def _kept_unscored(progress: EvalProgress, unscored: passk.UnscoredSamples | None
+                   ) -> KeptUnscored:
     """Where a stop during a pass@k task's sandbox runs leaves that model's samples (in
     bigcode's generations format, beside the results), and how to score them; "" for none."""
     if unscored is None or progress.out_dir is None:
-        return ""
+        return KeptUnscored("", "")
+    during = f" during {unscored.label}'s {unscored.task} runs"
     path = unscored_file(progress.out_dir, unscored.label, unscored.task)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         process.write_atomic(path, json.dumps(unscored.programs, ensure_ascii=False))
     except OSError as err:  # a full disk: the stop is still reported
-        return f"; its samples could not be kept ({process.os_error_message(err)})"
-    return (f" during {unscored.label}'s {unscored.task} runs; its samples are kept in {path}: "
-            f"--load-generations {path} --tasks {unscored.task} {unscored.flags} (with the "
-            f"task's own --problems {unscored.task}=FILE, if one was given) scores them")
+        return KeptUnscored(during, f"its samples could not be kept "
+                                    f"({process.os_error_message(err)})")
+    return KeptUnscored(during, f"its samples are kept in {path}: --load-generations {path} "
+                                f"--tasks {unscored.task} {unscored.flags} (with the task's "
+                                f"own --problems {unscored.task}=FILE, if one was given) "
+                                "scores them")
 
 
-def _stopped(progress: EvalProgress, message: str, code: int) -> int:
-    """Report an evaluation that stopped early: the finished models' table, then why."""
+def _stopped(progress: EvalProgress, message: str, code: int, first: str = "") -> int:
+    """Report an evaluation that stopped early: the finished models' table, then why (one
+    line), then what it left, a line each (``first`` first)."""
     if progress.table:
         print(progress.table)
-    print("; ".join(filter(None, [message, progress.summary()])), file=sys.stderr)
+    print(message, file=sys.stderr)
+    for line in filter(None, [first, *progress.summary()]):
+        print(f"  {line}", file=sys.stderr)
     return code
 
 
@@ -691,7 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = evaluate(cfg, progress)
     except KeyboardInterrupt as stop:
         kept = _kept_unscored(progress, getattr(stop, "unscored", None))
-        return _stopped(progress, f"interrupted{kept}", process.interrupted_exit_code(stop))
+        return _stopped(progress, f"interrupted{kept.during}", process.interrupted_exit_code(stop),
+                        kept.kept)
     except ValueError as err:
         return _stopped(progress, f"error: {err}", 2)
     except OSError as err:  # an unreadable model file, a full disk

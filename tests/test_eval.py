@@ -3144,6 +3144,16 @@ def _fail_in_model_b(error: BaseException):
     return generate
 
 
+def _stop_report(err: str) -> list[str]:
+    """eval's report of a stop: why on its first line, then what it left, each line indented;
+    no traceback. Its lines, each unindented."""
+    lines = err.splitlines()
+    assert lines and not lines[0].startswith(" "), err
+    assert all(line.startswith("  ") for line in lines[1:]), err
+    assert "Traceback" not in err, err
+    return [line.strip() for line in lines]
+
+
 @pytest.mark.parametrize("error, code, words", [
     (KeyboardInterrupt(), 130, ("interrupted",)),
     (KeyboardInterrupt("SIGTERM"), 143, ("interrupted",)),
@@ -3162,7 +3172,7 @@ def test_a_model_that_fails_or_is_interrupted_keeps_the_finished_models(
                     *FAST_FLAGS]) == code
     captured = capsys.readouterr()
     err = captured.err
-    assert len(err.splitlines()) == 1 and err.startswith(words[0]), err
+    assert _stop_report(err)[0].startswith(words[0]), err
     assert all(w in err for w in (*words, "stopped at model b", "1 of 3 models (a)",
                                   f"saved in {out}", f"--out-dir {out} evaluates the rest")), err
     results = json.loads((out / "results.json").read_text())
@@ -3346,7 +3356,8 @@ def test_a_ctrl_c_just_after_a_models_results_are_saved_reports_them_saved(
     assert [row["model"] for row in json.loads((out / "results.json").read_text())["rows"]] == [
         "a", "b"]
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("interrupted"), err
+    assert _stop_report(err) == ["interrupted", f"results of 2 of 3 models (a, b) saved in {out} "
+                                 f"(the same command with --out-dir {out} evaluates the rest)"]
     assert "stopped at model" not in err, err  # no model was running
     assert all(w in err for w in ("2 of 3 models (a, b)", f"saved in {out}",
                                   f"--out-dir {out} evaluates the rest")), err
@@ -3356,11 +3367,12 @@ def test_a_stop_between_models_or_after_the_last_says_what_is_saved():
     """Between models (or after the last) no model is running: the summary still says what is
     on disk, and no remedy once every model is saved."""
     progress = ev.EvalProgress(Path("out"), ["a", "b"])
-    assert progress.summary() == ""  # before the models
+    assert progress.summary() == []  # before the models
     progress.saved = ["a"]
-    assert progress.summary().startswith("results of 1 of 2 models (a) saved in out (")
+    assert progress.summary() == ["results of 1 of 2 models (a) saved in out (the same command "
+                                  "with --out-dir out evaluates the rest)"]
     progress.saved = ["a", "b"]
-    assert progress.summary() == "results of 2 of 2 models (a, b) saved in out"
+    assert progress.summary() == ["results of 2 of 2 models (a, b) saved in out"]
 
 
 def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones(
@@ -3387,7 +3399,7 @@ def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones
     captured = capsys.readouterr()
     assert captured.err.startswith(f"resuming {out}: 1 of 2 models already evaluated (a)\n"
                                    f"error: {out}/")
-    assert "predictions.jsonl: No space left on device; stopped at model b;" in captured.err
+    assert "predictions.jsonl: No space left on device\n  stopped at model b\n" in captured.err
     assert "\n| model | line EM |" in captured.out  # the table is not lost
     assert "| b |" in captured.out
     assert {p.name: p.read_text() for p in out.iterdir()} == earlier  # no half-written file
@@ -4067,8 +4079,9 @@ def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)  # a bound for a loaded machine; well under 1 s idle
         assert proc.returncode == 143
-        assert len(err.splitlines()) == 1 and err.startswith("interrupted"), err  # no traceback
-        assert all(w in err for w in ("stopped at model base", "no model's results")), err
+        report = _stop_report(err)  # no traceback
+        assert report[0] == "interrupted during base's passk runs", err
+        assert report[2:] == ["stopped at model base", "no model's results were saved"], err
         assert not _sandbox_children(proc.pid)  # the samples kept for --load-generations alone
         assert [p.name for p in out.iterdir()] == ["unscored-base-passk.json"]
         assert f"its samples are kept in {out / 'unscored-base-passk.json'}" in err
