@@ -486,6 +486,20 @@ def test_a_problem_whose_test_asserts_nothing_is_warned_of(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def _counted_sandbox_runs(monkeypatch) -> list[int]:
+    """The number of programs of each of pass@k's sandbox batches (``passk.run_checks``) from
+    here on, appended as each runs."""
+    runs: list[int] = []
+    run_checks = passk.run_checks
+
+    def counted(jobs, *args, **kwargs):
+        runs.append(len(jobs))
+        return run_checks(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(passk, "run_checks", counted)
+    return runs
+
+
 def test_a_problems_files_sandbox_checks_run_once_and_are_read_back(tmp_path, capsys,
                                                                     monkeypatch):
     """The canonical solutions and do-nothing completions of a problems file run in the sandbox
@@ -503,14 +517,7 @@ def test_a_problems_files_sandbox_checks_run_once_and_are_read_back(tmp_path, ca
                      "test": "def check(candidate):\n    values = [3, 1, 2]\n"
                              "    candidate(values)\n    assert values == [1, 2, 3]\n"})
     path = _write_jsonl(tmp_path / "problems.jsonl", problems)
-    runs: list[int] = []
-    run_checks = passk.run_checks
-
-    def counted(jobs, *args, **kwargs):
-        runs.append(len(jobs))
-        return run_checks(jobs, *args, **kwargs)
-
-    monkeypatch.setattr(passk, "run_checks", counted)
+    runs = _counted_sandbox_runs(monkeypatch)
     sandbox = SandboxConfig(timeout_s=10.0)
 
     def loaded(config: SandboxConfig = sandbox) -> tuple[list[bool], str]:
@@ -750,14 +757,7 @@ def test_limit_caps_the_passk_task(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(scoring, "generate_texts",
                         lambda lm, prompts, cfg, stops=(), desc="", **kw: [canonical[p]
                                                                            for p in prompts])
-    sandboxed: list[int] = []
-    run_checks = passk.run_checks
-
-    def counted(jobs, *args, **kwargs):
-        sandboxed.append(len(jobs))
-        return run_checks(jobs, *args, **kwargs)
-
-    monkeypatch.setattr(passk, "run_checks", counted)
+    sandboxed = _counted_sandbox_runs(monkeypatch)
     out = tmp_path / "out"
     assert ev.main(["--models", str(tiny_models["base"]), "--tasks", "passk", "--limit", "3",
                     "--out-dir", str(out), "--no-progress", "--workers", "2"]) == 0
