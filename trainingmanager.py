@@ -333,8 +333,7 @@ def _start_decay(run: Run, clock: BudgetClock, progress: Progress) -> None:
     reproduces the run (the lr is the peak's until the decay starts, whatever the length)."""
     s, trainer = run.state, run.trainer
     now = time.perf_counter()
-    trained_s = now - progress.started - progress.paused_s
-    step_s = trained_s / max(1, s.step - progress.first_step)
+    step_s = progress.training_s() / max(1, s.step - progress.first_step)
     decay = distributed.broadcast(clock.decay_steps(s.step, now, step_s), trainer.dist)
     s.max_steps = s.step + decay
     trainer.decay_steps = decay

@@ -2537,18 +2537,29 @@ def test_the_progress_bar_shows_the_epoch_its_metrics_line_logs():
     assert lines[0]["epoch"] == 5 * 2 * 3 / 40 and postfix["epoch"] == "0.75"
 
 
-def test_an_evaluation_line_before_any_logged_step_shows_no_throughput(capsys):
-    """A resumed run evaluates before this process logged a step: its evaluation line names
-    no tokens a second (none measured), and the next shows the logged step's."""
+def test_an_evaluation_line_shows_the_rate_of_this_processs_training(capsys, monkeypatch):
+    """An evaluation line's tok/s is this process's tokens over its training time up to the
+    evaluated step (evaluations and saves left out, the last logged step's window or not): none
+    before this process trained a step (a resumed run evaluating first)."""
+    clock = [100.0]
+    monkeypatch.setattr(record.time, "perf_counter", lambda: clock[0])
     progress = record.Progress(checkpoint.RunState(step=5, max_steps=10), enabled=False,
                                main=True)
-    progress.eval_line({"val_loss": 1.25})
+    with progress.paused():
+        progress.eval_line({"val_loss": 1.25})
     assert "tok/s" not in capsys.readouterr().out
+    clock[0] += 2.0  # step 6 trains 2 s and is logged: 320 tok/s
     progress.tokens_done(640)
-    progress.step_line(6, trainer_module.StepStats(loss=1.5, grad_norm=1.0, tokens=64, lr=1e-3),
+    progress.step_line(6, trainer_module.StepStats(loss=1.5, grad_norm=1.0, tokens=640, lr=1e-3),
                        0.5)
-    progress.eval_line({"val_loss": 1.2})
-    assert " tok/s | elapsed" in capsys.readouterr().out.splitlines()[-1]
+    with progress.paused():
+        clock[0] += 30.0  # saving: no training
+    clock[0] += 2.0  # step 7 trains 2 s, unlogged, and is evaluated after 5 s of evaluation
+    progress.tokens_done(1920)
+    with progress.paused():
+        clock[0] += 5.0
+        progress.eval_line({"val_loss": 1.2})
+    assert "| 640 tok/s | elapsed" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_resume_without_a_checkpoint_and_a_torn_metrics_line(assets, tmp_path, capsys):

@@ -290,7 +290,9 @@ class Progress:
         self.window_start = self.started
         self.window_tokens = 0
         self.paused_s = 0.0  # evaluating and saving since ``started``
+        self.paused_at: float | None = None  # when the pause under way began
         self.tok_s = 0.0  # the last logged step's throughput (0: none logged yet)
+        self.tokens = 0  # tokens of the steps this process trained, as far as read back
 
     def step_done(self) -> None:
         self.bar.total = self.state.max_steps
@@ -300,6 +302,7 @@ class Progress:
         """Tokens of steps done, counted once their figures are read (trainingmanager._settle):
         before the logged step that shows their rate."""
         self.window_tokens += tokens
+        self.tokens += tokens
 
     def step_line(self, step: int, stats: StepStats, epoch: float) -> float:
         """The bar's figures (or the console line) of a logged step; its tokens a second since
@@ -337,7 +340,9 @@ class Progress:
             margin = f" | margin {margin:.3f}" if margin is not None else ""
             quality = f"val loss {metrics['val_loss']:.4f}{bpb}{ppl}{acc}{margin}"
         left = "" if last or state.step >= state.max_steps else f" | ETA {duration(eta)}"
-        rate = f"{self.tok_s:,.0f} tok/s | " if self.tok_s else ""  # none logged by this process
+        rate = ""  # none before this process trained a step
+        if self.tokens:
+            rate = f"{self.tokens / max(self.training_s(), 1e-9):,.0f} tok/s | "
         self.say(f"eval step {state.step}/{state.max_steps} | {train}{quality} | "
                  f"{rate}elapsed {duration(elapsed)}{left}")
 
@@ -346,14 +351,20 @@ class Progress:
         if self.main:
             tqdm.write(line, file=sys.stdout)
 
+    def training_s(self) -> float:
+        """Seconds this process trained: since it started, evaluations and saves left out."""
+        now = time.perf_counter() if self.paused_at is None else self.paused_at
+        return now - self.started - self.paused_s
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Within: evaluation and saving, which are not training time."""
-        paused = time.perf_counter()
+        self.paused_at = time.perf_counter()
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - paused
+            elapsed = time.perf_counter() - self.paused_at
+            self.paused_at = None
             self.window_start += elapsed
             self.paused_s += elapsed
 
