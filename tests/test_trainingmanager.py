@@ -526,6 +526,25 @@ def test_a_stop_is_announced_once_for_a_torchrun_job(capfd, monkeypatch):
         assert ("SIGTERM: stopping at" in capfd.readouterr().err) == says, rank
 
 
+def test_a_sweep_trials_stop_announcement_names_the_trial(capfd, monkeypatch):
+    """A sweep's trial starts each line it prints with `trial N: `, so workers' lines can be
+    told apart: the stop's announcement too, written by the signal handler to stderr's file
+    descriptor."""
+    import signal
+
+    from codelm.runtime import console
+
+    monkeypatch.setenv("RANK", "0")
+    with console.labelled_lines("trial 3: "):
+        signals = trainer_module.StopSignals(mid_step=True)
+        try:
+            signals._handle(signal.SIGINT, None)
+        finally:
+            signals.restore()
+            process.forget_stop()
+    assert "\ntrial 3: SIGINT: stopping at the next layer's" in capfd.readouterr().err
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     f = [trainer_module.lr_factor(s, 10, 110, 0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)

@@ -1,6 +1,6 @@
 """The console of every script: progress bars shown only on a terminal, with plain lines at
 least every HEARTBEAT_S seconds in a log instead (``progress_bar``, ``Heartbeat``), a sweep
-worker's labelled lines (``labelled_lines``), and time spans as lines give them (``duration``)."""
+worker's labelled lines (``labelled_lines``, ``line_label``), and time spans as lines give them (``duration``)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def labelled_lines(label: str) -> Iterator[None]:
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = streams
+
+
+def line_label() -> str:
+    """The label ``labelled_lines`` starts stderr's lines with now ("" outside it): for a
+    message written to the file descriptor itself (a signal handler's)."""
+    return sys.stderr.label if isinstance(sys.stderr, _Labelled) else ""
 
 
 def duration(seconds: float) -> str:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from architecture import IGNORE_INDEX, cuda_half_dtype, lacks_native_bf16
 from codelm.data.config import PREFERENCE_TASKS
 from codelm.runs.checkpoint import RunState
-from codelm.runtime import distributed, process
+from codelm.runtime import console, distributed, process
 from codelm.runtime.console import progress_bar
 from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
 from codelm.runtime.settings import setting
@@ -424,7 +424,8 @@ class StopSignals:
             process.note_stop(self.reason)
             where = ("the next layer's attention or MLP (or the end of an evaluation under "
                      "way)" if self.mid_step else "the end of this step or evaluation")
-            message = f"\n{self.reason}: stopping at {where}, then saving a checkpoint\n"
+            message = (f"\n{console.line_label()}{self.reason}: stopping at {where}, then saving "
+                       "a checkpoint\n")
             if process.is_rank_zero():  # under torchrun rank 0 reports for all
                 with contextlib.suppress(OSError):  # to fd 2: a print could land in another's
                     os.write(2, message.encode())
