@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parent
 # bookkeeping reads codelm.studies' own).
 ATTR_CONFIG, ATTR_STEP = "train_config", "step"
 ATTR_RUN = "run_dir"  # the trial's run directory (a re-run of an interrupted trial continues it)
+ATTR_FRESH = "fresh_rerun"  # a re-run of an interrupted trial that had no run to continue
 ATTR_SETTINGS = "trial_settings"  # study attribute: the TrainConfig values all trials share
 ATTR_METRIC = "value_metric"  # study attribute: the validation metric the trials' values are
 # A trial's value: its best validation bits per byte, which compares tokenizers too; where its
@@ -141,15 +142,26 @@ def where_set(cfg: TuneConfig, space: SearchSpace, base: dict) -> Callable[[str]
     return where
 
 
-def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]:
-    """The run directory of the trial this one re-runs (if it started), and the validation
+class Rerun(typing.NamedTuple):
+    """What a trial re-runs: the interrupted trial's number (None: it re-runs none), its run
+    directory where that run began (None: the trial trains from its start), and the validation
     losses reported up to the checkpoint it continues from (the pruner sees the whole curve)."""
+
+    trial: int | None
+    run: Path | None
+    reported: dict[int, float]
+
+
+def interrupted_run(trial: optuna.Trial) -> Rerun:
+    """What ``trial`` re-runs of the interrupted trial it was queued for (``Rerun``)."""
     trials = {t.number: t for t in trial.study.get_trials(deepcopy=False)}
     history = trials[trial.number].system_attrs.get("retry_history") or []
-    before = trials.get(history[-1]) if history else None
+    if not history:
+        return Rerun(None, None, {})
+    before = trials.get(history[-1])
     run = before and before.user_attrs.get(ATTR_RUN)
     if not run or not (Path(run) / rundir.CONFIG_FILE).is_file():
-        return None, {}
+        return Rerun(history[-1], None, {})
     lock = Path(run) / rundir.LOCK_FILE  # held by a worker declared dead that still trains it
     if rundir.lock_is_held(lock):  # until its next evaluation
         holder = rundir.lock_holder(lock) or "another process"
@@ -163,7 +175,7 @@ def interrupted_run(trial: optuna.Trial) -> tuple[Path | None, dict[int, float]]
     for t in (trials[n] for n in history if n in trials):  # oldest first: the latest wins
         if t.user_attrs.get(ATTR_RUN) == run:
             reported.update(t.intermediate_values)
-    return Path(run), {s: v for s, v in reported.items() if s <= step}
+    return Rerun(history[-1], Path(run), {s: v for s, v in reported.items() if s <= step})
 
 
 def recorded_precision(run: Path) -> str | None:
@@ -186,10 +198,15 @@ def _prepare_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
     recorded, the values it continues re-reported."""
     recipe = trial_recipe(cfg, space, base, trial)
     trial.set_user_attr(ATTR_CONFIG, recipe)
-    resume, reported = interrupted_run(trial)
+    rerun = interrupted_run(trial)
+    resume, reported = rerun.run, rerun.reported
     if resume is not None:
         tqdm.write(f"trial {trial.number}: continues {resume.name}'s run (interrupted, queued "
                    "again as this trial)")  # beside the trainer's lines, as they say it resumed
+    elif rerun.trial is not None:
+        trial.set_user_attr(ATTR_FRESH, True)
+        tqdm.write(f"trial {trial.number}: re-runs trial {rerun.trial} from its start (it "
+                   "stopped before its run began training)")
     values = {**recipe, **_trial_run(cfg, trial.number, resume)}
     if resume and cfg.time_budget_min is not None:  # the run as its budget sized it
         sized = json.loads((resume / rundir.CONFIG_FILE).read_text("utf-8"))
@@ -573,6 +590,8 @@ def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
         return f"{reason or 'no reason recorded'}; not counted toward n_trials"
     continued = trial.system_attrs.get("failed_trial")
     if continued is not None and not reason:
+        if trial.user_attrs.get(ATTR_FRESH):
+            return f"re-runs trial {continued} from its start"
         return f"continues trial {continued}'s run (duration_s: this part)"
     return reason or ""
 

@@ -532,6 +532,30 @@ def test_interrupted_sweep_keeps_the_reports_of_finished_trials(tmp_path, corpus
     assert "continues this trial's run from its checkpoint" in hints[1]
 
 
+def test_a_trial_stopped_before_its_run_began_is_rerun_from_its_start(tmp_path, corpus,
+                                                                     monkeypatch, capsys):
+    """A trial stopped while its data is prepared has no run to continue: its re-run trains
+    from the start in a run of its own, and says so (on the console and in trials.csv), never
+    that it continues the stopped trial's run."""
+    names = []
+
+    def train(cfg, on_eval=None, resume_hint=None, **_):
+        names.append((cfg.name, cfg.resume))
+        if len(names) == 1:  # stopped before the trainer wrote anything
+            raise KeyboardInterrupt("SIGINT")
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="fresh", n_trials=1)
+    assert hyperparam_tune.main(argv) == 130
+    capsys.readouterr()
+    assert hyperparam_tune.main(argv) == 0
+    assert names == [("trial-0000", None), ("trial-0001", None)]
+    assert "trial 1: re-runs trial 0 from its start" in capsys.readouterr().out
+    rows = (tmp_path / "runs" / "fresh" / "trials.csv").read_text().splitlines()
+    assert rows[2].startswith("1,COMPLETE") and rows[2].endswith("re-runs trial 0 from its start")
+
+
 def test_a_sweep_that_ends_short_of_n_trials_exits_1_even_with_a_best(tmp_path, corpus,
                                                                        monkeypatch, capsys):
     """The last trial runs on another machine (no heartbeats: nobody would see it die): this
