@@ -255,7 +255,9 @@ class EvalProgress:
             lines.append(f"its finished generations are kept in {self.journal} (the same "
                          f"command with --out-dir {self.out_dir} samples only the rest)")
         if not self.saved:
-            return lines and [*lines, "no model's results were saved"]
+            if lines:  # a model was under way
+                lines.append("no model's results were saved")
+            return lines
         rest = "" if len(self.saved) == len(self.models) else (
             f" (the same command with --out-dir {self.out_dir} evaluates the rest)")
         lines.append(f"results of {len(self.saved)} of {len(self.models)} models "
@@ -665,7 +667,8 @@ class KeptUnscored(NamedTuple):
 def _kept_unscored(progress: EvalProgress, unscored: passk.UnscoredSamples | None
                    ) -> KeptUnscored:
     """Where a stop during a pass@k task's sandbox runs leaves that model's samples (in
-    bigcode's generations format, beside the results), and how to score them; "" for none."""
+    bigcode's generations format, beside the results), and how to score them; empty where
+    the stop came elsewhere."""
     if unscored is None or progress.out_dir is None:
         return KeptUnscored("", "")
     during = f" during {unscored.label}'s {unscored.task} runs"
