@@ -2373,7 +2373,8 @@ def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
 
 def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
     for key, value, message in (
-        ("extensions", [".py", "kt"], "['kt'] must each be a suffix with its dot"),
+        ("extensions", [".py", "kt"], "['kt'] must each be a suffix with its dot: ['.kt']"),
+        ("extensions", ["rs", "."], "['rs', '.'] must each be a suffix with its dot: ['.rs']"),
         ("near_dedupe_threshold", 5.0, "must be in [0, 1], got 5.0"),
         ("min_lines", -1, "must be >= 0"),
         ("block_size", 1, "must be >= 2"),

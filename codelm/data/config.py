@@ -165,7 +165,9 @@ class DataConfig:
             raise DataError("DataConfig: set text_column (code records) or input_column and "
                             "output_column (pairs), not both")
         if bad := [e for e in self.extensions if not (e.startswith(".") and len(e) > 1)]:
-            raise DataError(f"DataConfig.extensions: {bad} must each be a suffix with its dot: '.kt'")
+            fixed = [f".{e.lstrip('.')}" for e in bad if e.strip(".")] or [".kt"]
+            raise DataError(f"DataConfig.extensions: {bad} must each be a suffix with its dot: "
+                            f"{fixed}")
         if records := [e for e in self.extensions if e.lower() in RECORD_EXTENSIONS]:
             raise DataError(f"DataConfig.extensions: {records} are files of records, not code a "
                             "directory holds: give the files as sources (--data DIR/*.jsonl)")
