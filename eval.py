@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import sys
 from collections import Counter
@@ -36,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from codelm import loading
-from codelm.data.config import DataConfig
+from codelm.data.config import GRPO_TASK, NO_CORPUS_TASKS, DataConfig
 from codelm.data.sources import Doc
 from codelm.endpoints import Endpoint, Sampling, endpoint_model, is_endpoint, parse_endpoint
 from codelm.endpoints import complete as complete_at
@@ -111,9 +112,15 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
         specs.append(str(rundir.named_run(path, cfg.runs_dir) or path))
     try:
         specs = specs or [str(latest_run(cfg.runs_dir))]
-        trained = [loading.run_task(spec) for spec in specs]
+        configs = [loading.run_config_of(spec) for spec in specs]
     except (ValueError, OSError):  # the evaluation reports it where it loads the models
         return []
+    trained = [None if config is None else config.get("task", "lm") for config in configs]
+    for spec, config in zip(specs, configs):
+        if config is not None and config.get("task", "lm") in NO_CORPUS_TASKS:
+            raise ValueError(f"{spec} trained with task {config['task']}, on no corpus whose "
+                             f"held-out split could score it: name the tasks that do, "
+                             f"{scored_by(config)}")
     tasks, runs = [], []
     for spec, task in zip(specs, trained):
         if task in OWN_TASKS:
@@ -130,6 +137,19 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
         print(f"tasks: {' '.join(tasks)}, for what {', '.join(runs)} trained on (--tasks names "
               "others)", file=sys.stderr)
     return tasks
+
+
+def scored_by(config: dict) -> str:
+    """The --tasks that score a run of a task of NO_CORPUS_TASKS (``config``: its config.json):
+    a GRPO run's held-out problems (else those it trained on), a preference run's benchmarks."""
+    problems = config.get("val_problems") or config.get("problems")
+    if config.get("task") == GRPO_TASK and problems:
+        flags = f"--tasks passk --problems passk={shlex.quote(problems)}"
+        if config.get("val_problems"):
+            return flags
+        return f"{flags} (the problems it trained on: held-out ones score it fairly)"
+    return ("--tasks humaneval (or --tasks passk --problems passk=FILE: held-out problems like "
+            "those its pairs came from)")
 
 
 def newer_runs_without_a_model(runs_dir: str | Path, chosen: Path) -> list[Path]:

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import eval as evaluation
 from architecture import Transformer
-from codelm.data.config import TASKS
+from codelm.data.config import NO_CORPUS_TASKS, TASKS
 from codelm.data.datasets import collate
 from codelm.data.examples import check_sources
 from codelm.models.generation import GenerationConfig, generate
@@ -712,9 +713,13 @@ def _after_training(cfg: TrainConfig, result: TrainResult) -> int:
 
 def eval_command(cfg: TrainConfig, run_dir: Path) -> str:
     """The eval.py command that scores a run making no final evaluation on the tasks of what
-    it trained for, beside the base it fine-tuned."""
+    it trained for (a run on no corpus: the tasks that score it), beside the base it
+    fine-tuned."""
     base = f"base={shlex.quote(cfg.init_from)} " if cfg.init_from else ""
-    return f"python eval.py --models {base}{shlex.quote(str(run_dir))}"
+    command = f"python eval.py --models {base}{shlex.quote(str(run_dir))}"
+    if cfg.task in NO_CORPUS_TASKS:
+        command += f" {evaluation.scored_by(dataclasses.asdict(cfg))}"
+    return command
 
 
 if __name__ == "__main__":

@@ -311,10 +311,10 @@ def _split_adapter(path_spec: str) -> tuple[str, str]:
     return path_spec, ""
 
 
-def run_task(spec: str) -> str | None:
-    """The task of the run a ``[LABEL=]PATH`` spec names (the run, its export/, best/ or a
-    checkpoint; BASE+ the run's export/), read from its config.json; None where it names no
-    run (an HF directory, a hub id, another adapter)."""
+def run_config_of(spec: str) -> dict | None:
+    """The config.json of the run a ``[LABEL=]PATH`` spec names (the run, its export/, best/ or
+    a checkpoint; BASE+ the run's export/); None where it names no run (an HF directory, a hub
+    id, another adapter)."""
     path_spec = split_label(spec)[1]
     adapter = _split_adapter(path_spec)[1]
     path = Path(adapter or path_spec)
@@ -324,8 +324,13 @@ def run_task(spec: str) -> str | None:
         path if rundir.is_run_dir(path) else rundir.run_of_weights(path))
     if run_dir is None:
         return None
-    config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
-    return config.get("task", "lm")
+    return settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
+
+
+def run_task(spec: str) -> str | None:
+    """The task of the run a spec names (``run_config_of``); None where it names no run."""
+    config = run_config_of(spec)
+    return None if config is None else config.get("task", "lm")
 
 
 def load_model(spec: str | os.PathLike, device: torch.device | str,

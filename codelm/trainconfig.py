@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig
-from codelm.data.config import PREFERENCE_TASKS, TASKS, DataConfig
+from codelm.data.config import GRPO_TASK, PREFERENCE_TASKS, TASKS, DataConfig
 from codelm.runs import rundir
 from codelm.runs.checkpoint import check_run_paths, is_sharded
 from codelm.runs.trackers import TRACKERS
@@ -215,8 +215,6 @@ OPTIMIZERS = ("adamw", "muon")
 # text, fill-in-the-middle and repository tokens, which codelm's tasks read by name.
 BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
                       "<repo_name>", "<file_sep>")
-
-GRPO_TASK = "grpo"  # reinforcement learning from the problems' tests (codelm.training.rollout)
 
 # Each key's values. Those of a loss or a writer repeat its own tuple (named beside them), which
 # this module, below the builders, does not import: a test pins each equal to its own.

@@ -3040,6 +3040,53 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_run_on_problems_or_preference_records_is_scored_by_the_benchmarks_named(
+        tiny_models, tmp_path, monkeypatch, capsys):
+    """A GRPO or preference run trained on no corpus: with --tasks unset eval names the tasks
+    that score it (a GRPO run's held-out problems, else its training problems, said so), as
+    the training's closing hint does, and no split of a corpus is called its own."""
+    import json
+    import shutil
+
+    import trainingmanager as tm
+    from codelm.evaluation.config import parse_config
+
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    plain = tm.train(trainconfig.TrainConfig(
+        preset="tiny", data=[str(tiny_models["code"])], max_steps=1, eval_every=1, batch_size=2,
+        warmup_steps=0, tokenizer_min_freq=2, export=False, final_eval=False, name="plain",
+        out_dir=str(tmp_path / "runs"), progress=False, report_to=["none"])).run_dir
+    runs = {}
+    for name, changes in (("grpo", {"task": "grpo", "data": None, "problems": "train.jsonl",
+                                    "val_problems": "held out.jsonl"}),
+                          ("grpo-train", {"task": "grpo", "data": None,
+                                          "problems": "train.jsonl"}),
+                          ("dpo", {"task": "dpo", "data": ["pairs.jsonl"]})):
+        run = shutil.copytree(plain, tmp_path / "runs" / name)
+        config = json.loads((run / rundir.CONFIG_FILE).read_text())
+        (run / rundir.CONFIG_FILE).write_text(json.dumps({**config, **changes}))
+        runs[name] = run
+    expected = {
+        "grpo": "--tasks passk --problems passk='held out.jsonl'",
+        "grpo-train": "--tasks passk --problems passk=train.jsonl (the problems it trained on",
+        "dpo": "--tasks humaneval (or --tasks passk --problems passk=FILE: held-out problems"}
+    for name, flags in expected.items():
+        with pytest.raises(ValueError) as refused:
+            parse_config(["--models", str(tiny_models["base"]), str(runs[name])],
+                         ev.runs_own_tasks)
+        assert f"{runs[name]} trained with task {name.split('-')[0]}, on no corpus" in str(
+            refused.value) and flags in str(refused.value)
+        config = trainconfig.config_from_dict(
+            json.loads((runs[name] / rundir.CONFIG_FILE).read_text()), "config.json")
+        assert tm.eval_command(config, runs[name]) == (
+            f"python eval.py --models {runs[name]} {ev.scored_by(dataclasses.asdict(config))}")
+        assert flags in tm.eval_command(config, runs[name])
+    models = [loading.load_model(str(runs[name]), torch.device("cpu")) for name in ("dpo", "grpo")]
+    assert eval_corpus.corpus_runs(models) == []
+    eval_corpus.split_documents(EvalConfig(tasks=["lm"], data_options={"max_docs": 20}), models)
+    assert "runs' own data" not in capsys.readouterr().out
+
+
 def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_path,
                                                               monkeypatch, capsys):
     """--tasks unset: a run of a supervised task (docstring here) is scored on it, beside a base

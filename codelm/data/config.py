@@ -16,6 +16,10 @@ TASKS = ("lm", "completion", "method", "docstring", "refactor", "fim", "chat", "
 PROJECT_COMPOSERS = ("path_distance", "imports", "bm25")
 # The preference tasks (codelm.data.preferences reads their data, not ``prepare``).
 PREFERENCE_TASKS = ("dpo", "kto", "orpo", "simpo")
+GRPO_TASK = "grpo"  # reinforcement learning from the problems' tests (codelm.training.rollout)
+# The tasks whose runs train on no corpus's documents (problems, preference records): no
+# held-out split of their data scores them; benchmarks do.
+NO_CORPUS_TASKS = (GRPO_TASK, *PREFERENCE_TASKS)
 SPLITS = ("train", "val", "test")
 # Files of records, read when given as sources: no extension of the code a directory holds.
 RECORD_EXTENSIONS = (".jsonl", ".parquet")

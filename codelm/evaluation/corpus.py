@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Protocol
 
-from codelm.data.config import SPLITS, DataConfig
+from codelm.data.config import NO_CORPUS_TASKS, SPLITS, DataConfig
 from codelm.data.shards import describe_corpus
 from codelm.data.sources import Doc
 from codelm.data.splits import corpus_key, load_corpus
@@ -29,18 +29,25 @@ class CorpusSettings(Protocol):
     progress: bool
 
 
+def corpus_runs(models: Sequence[LoadedModel]) -> list[LoadedModel]:
+    """The models that are runs trained on a corpus's documents (not on problems or preference
+    records: NO_CORPUS_TASKS)."""
+    return [m for m in models
+            if m.run_config and m.run_config.get("task", "lm") not in NO_CORPUS_TASKS]
+
+
 def corpus_config(cfg: CorpusSettings, models: Sequence[LoadedModel]) -> DataConfig:
     """The data whose split is evaluated: the runs' own (held-out) unless ``data`` is given."""
     configs = {m.label: _corpus_config(cfg, m.run_config, str(m.run_dir / rundir.CONFIG_FILE))
-               for m in models if m.run_config}
+               for m in corpus_runs(models)}
     keys = {label: corpus_key(c) for label, c in configs.items()}
     if cfg.data is None and len(set(keys.values())) > 1:
         raise ValueError(f"the runs {', '.join(configs)} were trained on different corpora or "
                          "splits, so no split is held out from all of them; name the data every "
                          "model is scored on with --data (and --data-options)")
     if cfg.data is None:
-        for m in models:
-            if m.run_config and trained_corpus(m.run_dir) not in (None, keys[m.label]):
+        for m in corpus_runs(models):
+            if trained_corpus(m.run_dir) not in (None, keys[m.label]):
                 print(f"warning: {m.label}: its data changed after it trained (files added, "
                       "removed or edited, or other cleaning options): the "
                       f"{getattr(cfg, 'split', 'held-out')} split may hold files it trained "
@@ -81,7 +88,7 @@ def split_documents(cfg: CorpusSettings, models: Sequence[LoadedModel]
     DataConfig, a line saying which part of the data it is."""
     data_cfg = corpus_config(cfg, models)
     corpus = load_corpus(data_cfg)
-    runs_own = cfg.data is None and any(m.run_config for m in models)
+    runs_own = cfg.data is None and bool(corpus_runs(models))
     if not runs_own:
         print(f"data: {describe_corpus(corpus.stats, splits=cfg.split != 'all')}")
     if cfg.split == "all":
