@@ -469,6 +469,26 @@ def test_rewards_equal_in_every_group_are_named_with_the_fix(assets, tmp_path, c
     assert "the model solves none" in err and "partial_credit" in err
 
 
+def test_rewards_lost_after_earlier_ones_are_named_a_collapse(capsys):
+    """A run whose earlier steps earned rewards and whose completions now all earn 0 has
+    collapsed: the warning names the lr and a KL term, not a model that never solved one."""
+    import types
+
+    from codelm.runs.checkpoint import RunState
+    from codelm.runtime.distributed import Dist
+
+    trainer = types.SimpleNamespace(
+        warn_after=None, run_state=RunState(step=0, max_steps=2), silent_steps=0, dist=Dist(),
+        grpo_settings=types.SimpleNamespace(num_generations=2, partial_credit=False),
+        settings=types.SimpleNamespace(lr=1e-3), rewarded=False)
+    for step_rewards in ([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]):  # all pass, then none
+        scored = types.SimpleNamespace(true_rewards=torch.tensor(step_rewards))
+        rollout.GRPOTrainer._warn_without_signal(trainer, scored)
+    err = capsys.readouterr().err
+    assert "equal rewards for 2 step(s) in a row" in err and "policy collapsed" in err
+    assert "lower lr (now 0.001" in err and "grpo_beta" in err and "solves none" not in err
+
+
 def test_a_resumed_run_without_signal_is_warned_too(assets, tmp_path, capsys):
     """The warning counts the steps a process trains: resumed with 2 of 4 steps left, every
     reward 0, the run is warned after those 2."""

@@ -346,6 +346,7 @@ class GRPOTrainer(Trainer):
         self.sandbox = reward_sandbox(grpo_settings)
         self.silent_steps = 0  # steps in a row without a group whose rewards differ
         self.warn_after: int | None = None  # silent steps in a row that warn (at the first step)
+        self.rewarded = False  # a completion of this process's steps has earned a reward
 
     def _reference(self) -> nn.Module | None:
         """The KL term's reference: none without one (beta 0); under LoRA the base (adapters
@@ -496,10 +497,15 @@ class GRPOTrainer(Trainer):
         silent = bool((groups == groups[:, :1]).all())
         self.silent_steps = self.silent_steps + 1 if silent else 0
         due = self.warn_after
+        true = scored.true_rewards
+        rewarded_before, self.rewarded = self.rewarded, self.rewarded or bool((true > 0).any())
         if self.silent_steps != due or not self.dist.main:
             return
-        true = scored.true_rewards
-        if bool((true == 0).all()):
+        if bool((true == 0).all()) and rewarded_before:
+            fix = (f"its earlier steps earned rewards, so the policy collapsed: a lower lr (now "
+                   f"{self.settings.lr:g}; a fine-tuned model takes about 1e-5 to 3e-4) or a KL "
+                   "term (grpo_beta) keeps it near its start")
+        elif bool((true == 0).all()):
             fix = ("the model solves none: start from a model fine-tuned on such problems "
                    "(SFT), use easier problems" + (
                        "" if self.grpo_settings.partial_credit else ", or set partial_credit"))
