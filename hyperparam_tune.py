@@ -273,7 +273,8 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         train_cfg, best = _prepare_trial(cfg, space, base, trial)
         with console.labelled_lines(f"trial {trial.number}: "):  # workers' lines interleave
             result = trainingmanager.train(train_cfg, on_eval=on_eval, resume_hint=RESUME_HINT,
-                                           where_set=where_set(cfg, space, base))
+                                           where_set=where_set(cfg, space, base),
+                                           checked=train_cfg.resume is None)  # _check_trial
     except KeyboardInterrupt:
         _mark_interrupted(trial)
         raise

@@ -101,9 +101,11 @@ class TrainResult:
 def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
           resume_hint: str | None = None, restarts: bool = False,
           ends_process: bool = False, keep_claim: bool = False,
-          where_set: Callable[[str], str] = settings.flag_of) -> TrainResult:
+          where_set: Callable[[str], str] = settings.flag_of, checked: bool = False
+          ) -> TrainResult:
     """Run (or continue, with ``cfg.resume``) one training run of ``cfg``, checked first as the
-    command line's is (plan.validate_config: a Python caller's too). ``on_eval(step,
+    command line's is (plan.validate_config: a Python caller's too; ``checked``: the caller
+    checked it, as a command line, recipe or sweep trial does). ``on_eval(step,
     metrics)`` follows each evaluation (what it raises, e.g. optuna.TrialPruned, propagates once
     the run directory is consistent); ``resume_hint`` says "continue it with ..." in the caller's
     terms, ``where_set`` where a setting is set (the run's warnings name it so: --warmup-steps
@@ -111,7 +113,8 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
     command's main ends the process when the run returns, so a stop one long operation of a step
     holds back may end it from another thread (``_stop_at_once``). ``keep_claim``: the directory
     stays locked for the caller's work on it (``result.claimed``: the final evaluation)."""
-    plan.validate_config(cfg)
+    if not checked:
+        plan.validate_config(cfg, where_set)
     dist = distributed.this_process()
     device = resolve_device(cfg.device, dist)
     owns_group = distributed.join(dist, device)
@@ -660,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(report)
                 return 0 if passed else 1
             result = train(cfg, ends_process=True, keep_claim=True,
-                           where_set=where_set_of(argv))
+                           where_set=where_set_of(argv), checked=True)  # by parse_config
     except RankZeroFailed:
         return 2
     except RUN_ERRORS as e:

@@ -752,7 +752,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         check_settings_unchanged(
             eval_config(recipe, opts, cfg, out_dir / name, own_run, own_base), eval_remedy)
     result = tm.train(cfg, resume_hint=resume_hint(opts.smoke), restarts=opts.smoke,
-                      where_set=where_set)
+                      where_set=where_set, checked=True)
     grpo = cfg.task == trainconfig.GRPO_TASK
     report = RecipeResult(result.run_dir, result, None, train_losses(result.run_dir),
                           smoke=opts.smoke,

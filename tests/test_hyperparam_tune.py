@@ -2116,8 +2116,9 @@ def test_a_trials_settings_are_named_where_the_sweeps_user_sets_them(tmp_path, c
     monkeypatch.setattr(plan, "validate_config",
                         lambda cfg, where_set: told.append(where_set) or validate(cfg, where_set))
     monkeypatch.setattr(trainingmanager, "train", lambda cfg, on_eval=None, resume_hint=None,
-                        where_set=None: told.append(where_set) or trainingmanager.TrainResult(
-                            run_dir=tmp_path, best_val_loss=cfg.lr, step=cfg.max_steps))
+                        where_set=None, checked=False: told.append(where_set) or
+                        trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=cfg.lr,
+                                                    step=cfg.max_steps))
     space_file = tiny_space(tmp_path, corpus, {
         "warmup_steps": {"type": "int", "low": 2, "high": 3},
         "dropout": {"type": "categorical", "choices": [0.0, 0.1]}})

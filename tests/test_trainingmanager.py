@@ -1296,6 +1296,24 @@ def test_model_options_on_a_loaded_model_set_its_dropouts_or_are_refused(assets,
             plan.validate_config(dataclasses.replace(cfg, model_options=options))
 
 
+def test_a_preset_beside_init_from_that_names_another_shape_is_noted(assets, tmp_path, capsys):
+    """The model init_from loads trains as it is: a preset naming another shape (typed by
+    habit) is said to go unused; preset auto, or one naming the loaded shape, says nothing."""
+    base = tiny_llama(tmp_path)  # llama, 2 layers, 4 heads, width 64: preset tiny's shape
+    plan.validate_config(tiny_cfg(assets, tmp_path, init_from=str(base), preset="code-3x128"))
+    err = capsys.readouterr().err
+    assert "note: preset ('code-3x128', --preset) is not the shape of the model" in err, err
+    assert "(llama, 2 layers, 4 heads, width 64)" in err and "the preset goes unused" in err
+    for preset in ("auto", "tiny"):
+        plan.validate_config(tiny_cfg(assets, tmp_path, init_from=str(base), preset=preset))
+        assert "preset" not in capsys.readouterr().err
+    # the command line checks its settings once: one note (the base has no tokenizer.json)
+    assert tm.main(["--init-from", str(base), "--preset", "code-3x128", "--max-steps", "1",
+                    "--data", assets["corpus"], "--out-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("note: preset") == 1 and "no tokenizer.json" in err, err
+
+
 def test_merged_export_of_a_bf16_checkpoint_is_bf16_as_lora_py_merges(assets, tmp_path):
     """export_merged writes the checkpoint's own bf16, as `python lora.py` does, not the fp32
     training copy (twice the bf16 base's size): both merge alike, bit for bit."""

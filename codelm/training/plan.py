@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 import lora
-from architecture import Transformer
+from architecture import PRESETS, ModelConfig, Transformer
 from codelm import trainconfig
 from codelm.data.config import PREFERENCE_TASKS
 from codelm.models import adapter_config, families
@@ -273,6 +273,7 @@ def _check_loaded_model(cfg: TrainConfig, where_set: Callable[[str], str]) -> No
         raise ValueError(f"{named('init_from')}: {path} holds no {rundir.HF_CONFIG}: not an "
                          "HF checkpoint directory (its config.json beside its weights)")
     loaded = families.read_config(path).model
+    _note_other_preset(cfg, loaded, named)
     if cfg.block_size is not None:  # else the first forward pass finds it, after the data
         need(cfg.block_size <= loaded.block_size, "block_size",
              f"longer than the context of {named('init_from')}, {loaded.block_size} positions")
@@ -284,6 +285,22 @@ def _check_loaded_model(cfg: TrainConfig, where_set: Callable[[str], str]) -> No
                              "export_gguf none") from None
     if cfg.lora_r and cfg.init_adapter is None:  # its targets, before the data
         check_lora_targets(cfg, loaded)
+
+
+def _note_other_preset(cfg: TrainConfig, loaded: ModelConfig, named: Callable[[str], str]
+                       ) -> None:
+    """A note where a named preset is not the shape of the model ``init_from`` loads, which
+    trains as it is (the preset names it alone: a recipe's ``llama-3.2-1b``)."""
+    preset = PRESETS.get(cfg.preset)
+    if preset is None:  # auto, or no preset: validate_config names an unknown one
+        return
+    shape = ("family", "n_layer", "n_head", "n_embd")
+    if [getattr(preset, key) for key in shape] == [getattr(loaded, key) for key in shape]:
+        return
+    print(f"note: {named('preset')} is not the shape of the model {named('init_from')} loads "
+          f"({loaded.family}, {loaded.n_layer} layers, {loaded.n_head} heads, width "
+          f"{loaded.n_embd}), which trains as it is: the preset goes unused (leave it auto)",
+          file=sys.stderr)
 
 
 def _check_preset_model(cfg: TrainConfig, where_set: Callable[[str], str]) -> None:
