@@ -618,8 +618,22 @@ def tiny_model(tmp_path) -> Path:
     return base
 
 
+def test_the_empty_composer_alone_completes_without_context_and_says_so(repo, tiny_model,
+                                                                        tmp_path, capsys):
+    """--composers empty scores the baseline alone: no composer is said to be chosen."""
+    import eval as ev
+
+    assert ev.main(["--models", str(tiny_model), "--tasks", "project-completion", "--data",
+                    str(repo), "--composers", "empty", "--limit", "1", "--lines-per-file", "1",
+                    "--max-new-tokens", "2", "--block-size", "512", "--no-progress",
+                    "--device", "cpu", "--out-dir", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "no composer gives context (--composers empty)" in err and "chosen by" not in err
+
+
 def test_eval_scores_every_category_under_every_composer_without_leaks(repo, tiny_model,
-                                                                       tmp_path, monkeypatch):
+                                                                       tmp_path, monkeypatch,
+                                                                       capsys):
     """eval.py --tasks project-completion --data REPO: per composer, its perplexity and EM/ES
     per category (LCA's: stripped lines equal; fuzz ratio), the chosen composer's repeated;
     no prompt the model sees holds a later line or commit."""
@@ -641,6 +655,9 @@ def test_eval_scores_every_category_under_every_composer_without_leaks(repo, tin
                     str(repo), "--limit", "3", "--lines-per-file", "2", "--max-new-tokens", "4",
                     "--block-size", "512", "--no-progress", "--device", "cpu",
                     "--out-dir", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "chosen by lowest perplexity among the composers that give context" in err, err
+    assert "empty is the baseline" in err
     results = json.loads((out / "results.json").read_text())
     metrics = results["rows"][0]["metrics"]
     for composer in ("empty", "path_distance", "imports", "bm25"):

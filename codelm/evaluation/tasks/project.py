@@ -226,9 +226,14 @@ def run_project(lm: LoadedModel, cases: Sequence[dict], cfg: ProjectSettings
     perplexity = composer_perplexity(lm, cases, composers, cfg, indexes)
     chosen = min((c for c in composers if c != "empty"), key=perplexity.__getitem__,
                  default="empty")
-    print(f"project-completion: {lm.label}: chosen by lowest perplexity among the composers "
-          f"that give context (ties: the first listed): {chosen} "
-          f"({', '.join(f'{c} {p:.3f}' for c, p in perplexity.items())})", file=sys.stderr)
+    measured = ", ".join(f"{c} {p:.3f}" for c, p in perplexity.items())
+    if chosen == "empty":
+        print(f"project-completion: {lm.label}: no composer gives context (--composers empty): "
+              f"its lines are completed without ({measured})", file=sys.stderr)
+    else:
+        print(f"project-completion: {lm.label}: chosen by lowest perplexity among the composers "
+              f"that give context (ties: the first listed; empty is the baseline): {chosen} "
+              f"({measured})", file=sys.stderr)
     prompts = [p for case in cases
                for p in line_prompts(lm, case, indexes[case["id"]], composers, budget)]
     print(f"project-completion: {lm.label}: {len(cases)} completion files, "
