@@ -541,6 +541,8 @@ def check_grpo(cfg: TrainConfig, named: Callable[[str], str]) -> None:
          "task grpo trains on problems, not data: drop data, val_data and test_data (set "
          "problems and val_problems)")
     need(not cfg.overfit_batches, "overfit_batches", "a supervised check: task grpo has none")
+    need(not cfg.packing, "packing", "task grpo pads each prompt and its sampled completions "
+         "in their batch: drop packing")
     need(int(os.environ.get("WORLD_SIZE", "1")) <= 1, "task",
          "task grpo runs on one process: start it without torchrun")
     need(0 <= cfg.epsilon_low < 1, "epsilon_low", "must be in [0, 1): the ratio's lower clip "

@@ -420,6 +420,12 @@ def test_a_group_of_one_is_refused(assets, tmp_path, capsys):
     assert "num_generations (1, --num-generations)" in line and "2 or more" in line
 
 
+def test_packing_is_refused_for_grpo(assets, tmp_path, capsys):
+    """GRPO pads each prompt and its completions in their batch: --packing would do nothing."""
+    line = fails(grpo_argv(assets, tmp_path, "--packing"), capsys)
+    assert "packing (True, --packing)" in line and "drop packing" in line
+
+
 @pytest.mark.parametrize("flag, value", [("--grpo-beta", "inf"), ("--temperature", "inf"),
                                          ("--reward-timeout-s", "nan")])
 def test_a_setting_that_is_not_a_finite_number_is_refused_by_its_flag(assets, tmp_path, capsys,
