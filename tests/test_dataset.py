@@ -3518,7 +3518,7 @@ def test_one_folder_given_twice_is_refused_as_the_same_folder(tmp_path):
 def test_the_held_out_sample_prompt_is_in_the_tasks_format(tmp_path):
     """lm: the header and docstring of the first top-level function with one (code that ends
     with the function), else the first function's header; refactor: a pair's prompt (ending with
-    the output)."""
+    the output); completion: code's function header, or a pair's prompt."""
     bare = Doc("b.py", "def main():\n    main()\n")
     doc = Doc("a.py", 'import os\n\n\n@cache\ndef area(r):\n    """Of a circle."""\n'
               "    return 3.14 * r * r\n\n\ndef one(): return 1\n")
@@ -3529,6 +3529,11 @@ def test_the_held_out_sample_prompt_is_in_the_tasks_format(tmp_path):
     prompt, code = held_out_prompt([doc, pair], cfg(tmp_path, task="refactor"))
     assert prompt == REFACTOR_TEMPLATE.format(input="x = 1\n") and not code
     assert held_out_prompt([pair], cfg(tmp_path)) is None
+    # completion on pairs: the first pair's prompt, its completion ending with the function
+    header = Doc("q.jsonl:1", 'def sign(x):\n    """The sign of x."""\n',
+                 target="    return (x > 0) - (x < 0)\n")
+    assert held_out_prompt([header], cfg(tmp_path, task="completion")) == (
+        'def sign(x):\n    """The sign of x."""\n', True)
 
 
 def test_code_of_another_language_prompts_its_sample_with_a_files_opening(tmp_path):

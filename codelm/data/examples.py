@@ -244,8 +244,9 @@ def examples_for(doc: Doc, cfg: DataConfig, events: Counter) -> list[Example]:
 def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig,
                     fitted: Callable[[Example], str] = lambda example: example.prompt
                     ) -> SamplePrompt | None:
-    """An end-of-run sample's prompt from held-out documents (a pair task's first example, its
-    prompt as ``fitted`` cuts it for training: encoding.fitted_prompt; else the first top-level
+    """An end-of-run sample's prompt from held-out documents (a pair task's first example, or
+    completion's first pair, its prompt as ``fitted`` cuts it for training:
+    encoding.fitted_prompt; else the first top-level
     function with a docstring, its header and docstring, else the first function's header;
     else, in another language's code, a file's opening through its first block's ``{``), and
     whether its completion ends with its function."""
@@ -254,10 +255,11 @@ def held_out_prompt(docs: Iterable[Doc], cfg: DataConfig,
     if cfg.task == "chat":  # its prompts need the tokenizer's template
         return None
     for doc in docs:
-        if cfg.task not in ("lm", "fim", "completion", "project"):
+        pair = bool(doc.target) and cfg.task == "completion"  # a prompt and its completion
+        if cfg.task not in ("lm", "fim", "completion", "project") or pair:
             if doc.target or cfg.task != "refactor":
                 if examples := examples_for(doc, cfg, Counter()):
-                    return SamplePrompt(fitted(examples[0]), cfg.task == "method")
+                    return SamplePrompt(fitted(examples[0]), cfg.task in ("method", "completion"))
             continue
         if opening is None and not doc.is_python and not doc.target:
             opening = _block_opening(doc)
