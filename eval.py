@@ -50,7 +50,7 @@ from codelm.evaluation.config import (
     parse_config,
     reference_loss_unused,
 )
-from codelm.evaluation.preference_pairs import write_preference_data
+from codelm.evaluation.preference_pairs import labelled_path, write_preference_data
 from codelm.evaluation.results import (
     FORMAT_VERSION,
     examples_digest,
@@ -334,6 +334,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
             _remove_empty([out, *made])
         raise
     try:
+        _refuse_others_pairs(cfg, out)
         if cfg.load_generations is not None or any(is_endpoint(spec) for spec in specs):
             _refuse_results(out)  # these save once, at the end: no results to resume
         if cfg.load_generations is not None:
@@ -354,6 +355,19 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
             os.close(lock)
     results["out_dir"] = str(out)
     return results
+
+
+def _refuse_others_pairs(cfg: EvalConfig, out: Path) -> None:
+    """A new evaluation (no results in ``out`` yet) never writes its --preference-pairs over a
+    file of pairs already there: another evaluation's (one continued or run again in ``out``
+    writes the same pairs from its predictions)."""
+    if cfg.preference_pairs is None or (out / "results.json").exists():
+        return
+    for path in (Path(cfg.preference_pairs), labelled_path(Path(cfg.preference_pairs))):
+        if path.is_file() and path.stat().st_size:
+            raise ValueError(f"--preference-pairs {cfg.preference_pairs}: {path} holds "
+                             "another evaluation's preference data: name a new file, or remove "
+                             "it to write this evaluation's there")
 
 
 def _remove_empty(directories: list[Path]) -> None:

@@ -312,7 +312,8 @@ def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):
     file: the sandbox runs each with its test): a problem with passing and failing samples gives
     pairs (distinct programs, passing over failing, the verdicts with them), one that always
     passes or always fails gives none and is counted; an exploit's program (cut where the
-    function ends, as every sample is) fails; the files read back as preference data."""
+    function ends, as every sample is) fails; the files read back as preference data, and
+    another evaluation does not write over them."""
     import eval as ev
     from codelm.evaluation.tasks import passk
     from codelm.models.generation import truncate_at_stops
@@ -349,6 +350,14 @@ def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):
     cfg = DataConfig(progress=False)
     assert len(read_preferences([str(out)], False, cfg)) == 2
     assert len(read_preferences([str(tmp_path / "pairs" / "out.kto.jsonl")], True, cfg)) == 7
+    # another evaluation never writes over these pairs: refused before it samples
+    written = out.read_text()
+    assert ev.main(["--tasks", "passk", "--limit", "1", "--load-generations", str(file),
+                    "--num-samples", "4", "--out-dir", str(tmp_path / "again"), "--no-progress",
+                    "--preference-pairs", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds another evaluation's preference data" in err and "name a new file" in err
+    assert out.read_text() == written
 
 
 def test_a_problem_whose_test_ran_in_the_candidates_interpreter_gives_no_data():
