@@ -117,10 +117,11 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
         return []
     trained = [None if config is None else config.get("task", "lm") for config in configs]
     for spec, config in zip(specs, configs):
-        if config is not None and config.get("task", "lm") in NO_CORPUS_TASKS:
+        if cfg.data is None and config is not None and config.get("task", "lm") in NO_CORPUS_TASKS:
+            flags, note = scored_by(config)
             raise ValueError(f"{spec} trained with task {config['task']}, on no corpus whose "
-                             f"held-out split could score it: name the tasks that do, "
-                             f"{scored_by(config)}")
+                             f"held-out split could score it: name the tasks that do, {flags}"
+                             f"{f' ({note})' if note else ''}, or the data with --data")
     tasks, runs = [], []
     for spec, task in zip(specs, trained):
         if task in OWN_TASKS:
@@ -139,17 +140,24 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
     return tasks
 
 
-def scored_by(config: dict) -> str:
+class ScoredBy(NamedTuple):
+    """What scores a run trained on no corpus: eval.py's flags, and a note on them ("" none)."""
+
+    flags: str
+    note: str
+
+
+def scored_by(config: dict) -> ScoredBy:
     """The --tasks that score a run of a task of NO_CORPUS_TASKS (``config``: its config.json):
     a GRPO run's held-out problems (else those it trained on), a preference run's benchmarks."""
     problems = config.get("val_problems") or config.get("problems")
     if config.get("task") == GRPO_TASK and problems:
         flags = f"--tasks passk --problems passk={shlex.quote(problems)}"
         if config.get("val_problems"):
-            return flags
-        return f"{flags} (the problems it trained on: held-out ones score it fairly)"
-    return ("--tasks humaneval (or --tasks passk --problems passk=FILE: held-out problems like "
-            "those its pairs came from)")
+            return ScoredBy(flags, "")
+        return ScoredBy(flags, "the problems it trained on: held-out ones score it fairly")
+    return ScoredBy("--tasks humaneval", "or --tasks passk --problems passk=FILE: held-out "
+                                         "problems like those its pairs came from")
 
 
 def newer_runs_without_a_model(runs_dir: str | Path, chosen: Path) -> list[Path]:
@@ -358,12 +366,19 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
 
 
 def _refuse_others_pairs(cfg: EvalConfig, out: Path) -> None:
-    """A new evaluation (no results in ``out`` yet) never writes its --preference-pairs over a
-    file of pairs already there: another evaluation's (one continued or run again in ``out``
-    writes the same pairs from its predictions)."""
-    if cfg.preference_pairs is None or (out / "results.json").exists():
+    """An evaluation never writes its --preference-pairs over a file of pairs another wrote:
+    one whose results in ``out`` name that file wrote it (continued or run again, it writes
+    the same pairs from its predictions)."""
+    if cfg.preference_pairs is None:
         return
-    for path in (Path(cfg.preference_pairs), labelled_path(Path(cfg.preference_pairs))):
+    pairs = Path(cfg.preference_pairs)
+    if (out / "results.json").is_file():
+        with contextlib.suppress(ValueError, OSError):  # damaged: its own refusal follows
+            saved = settings.read_json_object(out / "results.json", "evaluation results")
+            written = (saved.get("config") or {}).get("preference_pairs")
+            if isinstance(written, str) and Path(written).resolve() == pairs.resolve():
+                return
+    for path in (pairs, labelled_path(pairs)):
         if path.is_file() and path.stat().st_size:
             raise ValueError(f"--preference-pairs {cfg.preference_pairs}: {path} holds "
                              "another evaluation's preference data: name a new file, or remove "

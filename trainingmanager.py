@@ -410,7 +410,8 @@ def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
     if stop not in STOP_SIGNALS:
         evaluate = s.last_eval_step != s.step
         if evaluate:
-            result.val_metrics = _evaluate(run, progress, on_eval)
+            with progress.paused():  # no training time: its line's tok/s leaves it out
+                result.val_metrics = _evaluate(run, progress, on_eval)
         # A checkpoint written before this evaluation is written again, holding its result.
         if evaluate or not record.saved(s.step):
             record.checkpoint(s, run.trainer, run.data.batches.order.state_dict())
@@ -710,19 +711,23 @@ def _after_training(cfg: TrainConfig, result: TrainResult) -> int:
         print(f"{best_quality(cfg.task, result.best_val_loss)} at step {result.best_step}; run "
               f"dir {result.run_dir}")
     if not has_final_eval(cfg):
-        print(f"score it: {eval_command(cfg, result.run_dir)}")
+        command, note = eval_command(cfg, result.run_dir)
+        print(f"score it: {command}")
+        if note:
+            print(f"  ({note})")
     return 0
 
 
-def eval_command(cfg: TrainConfig, run_dir: Path) -> str:
+def eval_command(cfg: TrainConfig, run_dir: Path) -> evaluation.ScoredBy:
     """The eval.py command that scores a run making no final evaluation on the tasks of what
     it trained for (a run on no corpus: the tasks that score it), beside the base it
-    fine-tuned."""
+    fine-tuned; and a note on it ("" for none)."""
     base = f"base={shlex.quote(cfg.init_from)} " if cfg.init_from else ""
     command = f"python eval.py --models {base}{shlex.quote(str(run_dir))}"
-    if cfg.task in NO_CORPUS_TASKS:
-        command += f" {evaluation.scored_by(dataclasses.asdict(cfg))}"
-    return command
+    if cfg.task not in NO_CORPUS_TASKS:
+        return evaluation.ScoredBy(command, "")
+    flags, note = evaluation.scored_by(dataclasses.asdict(cfg))
+    return evaluation.ScoredBy(f"{command} {flags}", note)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def own_problem_checks(tmp_path_factory, monkeypatch):
-    """Each test keeps the sandbox checks of its problems files in a directory of its own: what
-    one test (or an earlier run of the suite) kept would spare the next the sandbox runs it
-    counts or fakes."""
+    """Each test keeps the sandbox checks of its problems files in a directory of its own (in
+    this process; a test's subprocess gets a CODELM_CACHE of its own): what one test (or an
+    earlier run of the suite) kept would spare the next the sandbox runs it counts or fakes."""
     from codelm.evaluation.tasks import passk
 
     kept = tmp_path_factory.mktemp("problem-checks")

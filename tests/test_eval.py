@@ -3042,9 +3042,10 @@ def test_eval_warns_when_a_runs_data_changed_after_it_trained(tiny_models, tmp_p
 
 def test_a_run_on_problems_or_preference_records_is_scored_by_the_benchmarks_named(
         tiny_models, tmp_path, monkeypatch, capsys):
-    """A GRPO or preference run trained on no corpus: with --tasks unset eval names the tasks
-    that score it (a GRPO run's held-out problems, else its training problems, said so), as
-    the training's closing hint does, and no split of a corpus is called its own."""
+    """A GRPO or preference run trained on no corpus: with --tasks and --data unset eval names
+    the tasks that score it (a GRPO run's held-out problems, else its training problems, said
+    so), as the training's closing hint does (a command a shell runs, its note apart); named
+    data is scored on lm and line; no split of a corpus is called its own."""
     import json
     import shutil
 
@@ -3078,9 +3079,12 @@ def test_a_run_on_problems_or_preference_records_is_scored_by_the_benchmarks_nam
             refused.value) and flags in str(refused.value)
         config = trainconfig.config_from_dict(
             json.loads((runs[name] / rundir.CONFIG_FILE).read_text()), "config.json")
-        assert tm.eval_command(config, runs[name]) == (
-            f"python eval.py --models {runs[name]} {ev.scored_by(dataclasses.asdict(config))}")
-        assert flags in tm.eval_command(config, runs[name])
+        command, note = tm.eval_command(config, runs[name])  # a command a shell runs, a note
+        scored = ev.scored_by(dataclasses.asdict(config))
+        assert command == f"python eval.py --models {runs[name]} {scored.flags}"
+        assert "(" not in command and flags in f"{command} ({note}"
+    with_data = ["--models", str(runs["grpo"]), "--data", str(tiny_models["code"])]
+    assert parse_config(with_data, ev.runs_own_tasks).tasks == ["lm", "line"]  # data named
     models = [loading.load_model(str(runs[name]), torch.device("cpu")) for name in ("dpo", "grpo")]
     assert eval_corpus.corpus_runs(models) == []
     eval_corpus.split_documents(EvalConfig(tasks=["lm"], data_options={"max_docs": 20}), models)
@@ -4105,7 +4109,8 @@ def test_sigterm_during_passk_kills_the_sandboxed_samples(tiny_models, tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-c", script, "--models", str(tiny_models["base"]), "--tasks", "passk",
          "--problems", str(problems), "--timeout-s", "60", "--no-progress", "--out-dir", str(out)],
-        cwd=Path(ev.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=Path(ev.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CODELM_CACHE": str(tmp_path / "cache")})  # its problem checks
     samples: dict[int, str] = {}
 
     def sleeping(children: dict[int, str]) -> dict[int, str]:

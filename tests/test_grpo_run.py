@@ -485,14 +485,19 @@ def test_rewards_lost_after_earlier_ones_are_named_a_collapse(capsys):
 
     trainer = types.SimpleNamespace(
         warn_after=None, run_state=RunState(step=0, max_steps=2), silent_steps=0, dist=Dist(),
-        grpo_settings=types.SimpleNamespace(num_generations=2, partial_credit=False),
+        grpo_settings=types.SimpleNamespace(num_generations=2, partial_credit=False,
+                                            grpo_beta=0.0),
         settings=types.SimpleNamespace(lr=1e-3), rewarded=False)
     for step_rewards in ([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]):  # all pass, then none
         scored = types.SimpleNamespace(true_rewards=torch.tensor(step_rewards))
         rollout.GRPOTrainer._warn_without_signal(trainer, scored)
     err = capsys.readouterr().err
     assert "equal rewards for 2 step(s) in a row" in err and "policy collapsed" in err
-    assert "lower lr (now 0.001" in err and "grpo_beta" in err and "solves none" not in err
+    assert "lower lr (now 0.001" in err and "or a KL term (grpo_beta)" in err
+    assert "solves none" not in err
+    trainer.grpo_settings.grpo_beta, trainer.silent_steps = 0.04, 1  # a KL term already
+    rollout.GRPOTrainer._warn_without_signal(trainer, scored)
+    assert "a larger KL term (grpo_beta, now 0.04)" in capsys.readouterr().err
 
 
 def test_a_resumed_run_without_signal_is_warned_too(assets, tmp_path, capsys):

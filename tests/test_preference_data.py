@@ -358,6 +358,14 @@ def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds another evaluation's preference data" in err and "name a new file" in err
     assert out.read_text() == written
+    from codelm.evaluation.config import EvalConfig
+
+    ev._refuse_others_pairs(EvalConfig(preference_pairs=str(out)), tmp_path / "eval")  # its own
+    other = tmp_path / "other"  # results naming other pairs: continuing them is refused too
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"config": {"preference_pairs": "x.jsonl"}}))
+    with pytest.raises(ValueError, match="holds another evaluation's preference data"):
+        ev._refuse_others_pairs(EvalConfig(preference_pairs=str(out)), other)
 
 
 def test_a_problem_whose_test_ran_in_the_candidates_interpreter_gives_no_data():

@@ -526,6 +526,21 @@ def test_a_stop_is_announced_once_for_a_torchrun_job(capfd, monkeypatch):
         assert ("SIGTERM: stopping at" in capfd.readouterr().err) == says, rank
 
 
+def test_every_evaluation_is_paused_training_time(assets, tmp_path, monkeypatch):
+    """Each evaluation of a run, the loop's and the last one after it, is left out of training
+    time: an evaluation line's tok/s counts none of them."""
+    paused = []
+    evaluate = tm._evaluate
+
+    def recorded(run, progress, *args, **kwargs):
+        paused.append((run.state.step, progress.paused_at is not None))
+        return evaluate(run, progress, *args, **kwargs)
+
+    monkeypatch.setattr(tm, "_evaluate", recorded)
+    tm.train(tiny_cfg(assets, tmp_path, max_steps=3, eval_every=2, save_every=2))
+    assert paused == [(2, True), (3, True)]
+
+
 def test_a_sweep_trials_stop_announcement_names_the_trial(capfd, monkeypatch):
     """A sweep's trial starts each line it prints with `trial N: `, so workers' lines can be
     told apart: the stop's announcement too, written by the signal handler to stderr's file

@@ -292,7 +292,7 @@ def _note_other_preset(cfg: TrainConfig, loaded: ModelConfig, named: Callable[[s
     """A note where a named preset is not the shape of the model ``init_from`` loads, which
     trains as it is (the preset names it alone: a recipe's ``llama-3.2-1b``)."""
     preset = PRESETS.get(cfg.preset)
-    if preset is None:  # auto, or no preset: validate_config names an unknown one
+    if preset is None or not process.is_rank_zero():  # auto, or an unknown one (refused)
         return
     shape = ("family", "n_layer", "n_head", "n_embd")
     if [getattr(preset, key) for key in shape] == [getattr(loaded, key) for key in shape]:

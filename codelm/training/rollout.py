@@ -502,9 +502,12 @@ class GRPOTrainer(Trainer):
         if self.silent_steps != due or not self.dist.main:
             return
         if bool((true == 0).all()) and rewarded_before:
+            beta = self.grpo_settings.grpo_beta
+            kl = (f"a larger KL term (grpo_beta, now {beta:g})" if beta > 0
+                  else "a KL term (grpo_beta)")
             fix = (f"its earlier steps earned rewards, so the policy collapsed: a lower lr (now "
-                   f"{self.settings.lr:g}; a fine-tuned model takes about 1e-5 to 3e-4) or a KL "
-                   "term (grpo_beta) keeps it near its start")
+                   f"{self.settings.lr:g}; a fine-tuned model takes about 1e-5 to 3e-4) or "
+                   f"{kl} keeps it near its start")
         elif bool((true == 0).all()):
             fix = ("the model solves none: start from a model fine-tuned on such problems "
                    "(SFT), use easier problems" + (
