@@ -2060,6 +2060,25 @@ def test_legitimate_model_and_tokenizer_pairs_pass_silently(role_tokenizers, tmp
     assert capsys.readouterr().err == ""
 
 
+def test_ids_naming_ordinary_tokens_in_every_role_are_warned_of(role_tokenizers, tmp_path,
+                                                               capsys):
+    """A config whose bos and eos both name ordinary tokens of the tokenizer (another model's
+    tokenizer, or a stale config: they look alike) is warned of on stderr, naming both files,
+    the ids and the tokens; one role agreeing, or special tokens, pass silently (above)."""
+    import transformers
+
+    gpt2 = role_tokenizers["gpt2"]
+    hf = transformers.AutoTokenizer.from_pretrained(gpt2)
+    first, second = hf.convert_tokens_to_ids(["a", "b"])
+    assert not {first, second} & set(hf.all_special_ids)
+    model = _model_dir(tmp_path / "model", bos_token_id=first, eos_token_id=second)
+    check_model_tokenizer(load_tokenizer(gpt2), gpt2 / "tokenizer.json", model)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {gpt2 / 'tokenizer.json'} may not be the tokenizer"), err
+    assert all(w in err for w in (str(model / "config.json"), f"bos_token_id {first} ('a'",
+                                  f"eos_token_id {second} ('b'", "--tokenizer")), err
+
+
 def test_one_crossed_role_is_refused_beside_an_ordinary_one_with_the_models_own_remedy(
         role_tokenizers, tmp_path):
     """The config's eos is the tokenizer's bos (transformers' AutoTokenizer says which id is
