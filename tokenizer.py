@@ -506,6 +506,13 @@ def _shown_id(tok: CodeTokenizer | BPETokenizer, i: int) -> str:
     return f"{i} ({tok.id_to_token(i)!r} in the tokenizer{role})"
 
 
+def same_vocabulary(tok: CodeTokenizer | BPETokenizer,
+                    other: CodeTokenizer | BPETokenizer) -> bool:
+    """Whether two tokenizers name every id with the same token."""
+    return [tok.id_to_token(i) for i in range(tok.vocab_size)] == [
+        other.id_to_token(i) for i in range(other.vocab_size)]
+
+
 def check_model_tokenizer(tok: CodeTokenizer | BPETokenizer, tokenizer_file: str | os.PathLike,
                           model_dir: str | os.PathLike) -> None:
     """Refuse a tokenizer that is not the model's, as the bos/eos ids of its config.json tell:

@@ -23,7 +23,13 @@ from codelm.runtime import hub, process, settings
 from codelm.runtime.settings import fields_of
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.files import tokenizer_path
-from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is
+from tokenizer import (
+    CodeTokenizer,
+    check_model_tokenizer,
+    load_tokenizer,
+    same_vocabulary,
+    where_tokenizer_is,
+)
 
 
 @dataclass
@@ -402,6 +408,10 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         raise ValueError(f"{where} {bad} holds inf or NaN: the model diverged; score a "
                          "checkpoint with finite weights")
     tok = load_tokenizer(tokenizer or tok_dir)
+    own = Path(tok_dir) / "tokenizer.json"
+    if tokenizer is not None and own.is_file() and not same_vocabulary(tok, load_tokenizer(own)):
+        print(f"warning: {where} --tokenizer {tokenizer} differs from {own}, the model's own: "
+              "its ids are read as the one given names them", file=sys.stderr)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{where} the tokenizer has {tok.vocab_size} tokens, the model only "
                          f"{model.cfg.vocab_size} embeddings")

@@ -1230,6 +1230,25 @@ def tiny_models(tmp_path_factory):
     return {"code": code, "base": base, "adapter": root / "adapter", "tok": tok}
 
 
+def test_a_tokenizer_given_beside_a_models_own_is_warned_of(tiny_models, tmp_path, capsys):
+    """--tokenizer over a model directory holding a tokenizer.json of another vocabulary (an
+    evaluation, a GGUF export) is warned of: the ids are read as the one given names them; the
+    model's own, given again, says nothing."""
+    from tokenizer import CodeTokenizer
+
+    texts = [CLASS_SOURCE.format(i=i) for i in range(10)]
+    other = CodeTokenizer.train(texts, min_freq=5)
+    assert other.vocab_size < tiny_models["tok"].vocab_size
+    other.save(tmp_path / "other")
+    base = tiny_models["base"]
+    loading.load_model(str(base), "cpu", tokenizer=str(tmp_path / "other"), what="--models")
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --models") and (
+        f"differs from {base / 'tokenizer.json'}, the model's own" in err), err
+    loading.load_model(str(base), "cpu", tokenizer=str(base))
+    assert capsys.readouterr().err == ""
+
+
 FAST_FLAGS = ["--limit", "2", "--max-new-tokens", "6", "--lm-windows", "2", "--block-size", "64",
               "--no-progress"]
 

@@ -68,7 +68,13 @@ from codelm.training.plan import Probe
 from codelm.training.record import RunRecord
 from codelm.training.trainer import StepFigures, Trainer, autocast, checked_precision
 from dataset import prepare
-from tokenizer import CodeTokenizer, check_model_tokenizer, load_tokenizer, where_tokenizer_is
+from tokenizer import (
+    CodeTokenizer,
+    check_model_tokenizer,
+    load_tokenizer,
+    same_vocabulary,
+    where_tokenizer_is,
+)
 
 
 def check_lora_export(cfg: TrainConfig, model: nn.Module,
@@ -115,8 +121,7 @@ def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
         theirs = load_tokenizer(own) if own is not None and own.is_file() else tok
-        if [tok.id_to_token(i) for i in range(tok.vocab_size)] != [
-                theirs.id_to_token(i) for i in range(theirs.vocab_size)]:
+        if not same_vocabulary(tok, theirs):
             print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the one "
                   f"--init-from {cfg.init_from} was trained with", file=sys.stderr)
         if cfg.init_from is not None:
