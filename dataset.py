@@ -311,13 +311,26 @@ def _build_supervised(corpus: Corpus, tokenizer, cfg: DataConfig, out: Path, wor
                                   Counter())
             meta["events"][s] = {k: v for k, v in sorted(events.items()) if v}
     if meta["examples"]["train"] == 0:
-        other_languages = meta["events"]["train"].get("not_python_file", 0)
-        hint = ("check the sources and task options" if not other_languages else
-                f"{cfg.task} targets come from Python files (named .py), and {other_languages} "
-                "of them are not: train this language with --task lm, fim or completion")
         raise DataError(f"task {cfg.task!r} built no training examples from {len(corpus.train)} "
-                        f"train documents; {hint}")
+                        f"train documents; {_no_examples_hint(meta['events']['train'], cfg)}")
     return meta
+
+
+def _no_examples_hint(events: dict[str, int], cfg: DataConfig) -> str:
+    """Why a split built no examples, as its events count it, and what to change."""
+    other_languages = events.get("not_python_file", 0)
+    if other_languages:
+        return (f"{cfg.task} targets come from Python files (named .py), and {other_languages} "
+                "of them are not: train this language with --task lm, fim or completion")
+    too_short = events.get("skipped_docstring_too_short", 0)
+    if too_short:
+        return (f"{too_short} docstring(s) of the {cfg.docstring_targets} targets were shorter "
+                f"than {cfg.docstring_min_tokens} tokens: lower --docstring-min-tokens, or "
+                "--docstring-targets both takes functions' too")
+    skipped = [f"{count} {event.removeprefix('skipped_').replace('_', ' ')}"
+               for event, count in events.items() if event.startswith("skipped_") and count]
+    said = f"skipped: {', '.join(skipped)}; " if skipped else ""
+    return f"{said}check the sources and task options (dataset.py --help lists them)"
 
 
 class _Examples(typing.NamedTuple):

@@ -1945,7 +1945,8 @@ def test_a_completion_of_long_tokens_that_fits_the_block_is_kept_whole(tmp_path)
 
 
 def test_docstring_min_tokens_keeps_a_docstring_of_exactly_that_many_tokens(tmp_path, tok):
-    """"shorter docstrings make no example": one of exactly docstring_min_tokens is kept."""
+    """"shorter docstrings make no example": one of exactly docstring_min_tokens is kept; with
+    none kept, the refusal says so and names the options."""
     src = tmp_path / "src"
     src.mkdir()
     docstring = "Parse a header value into its parts and return them as a list."
@@ -1956,8 +1957,11 @@ def test_docstring_min_tokens_keeps_a_docstring_of_exactly_that_many_tokens(tmp_
     data = prepare(cfg(tmp_path, docstring_min_tokens=n, **options), tok)
     assert len(data.train) == 1
     assert prompt_and_completion(data.train[0])[1] == tok.encode(docstring) + [tok.eos_id]
-    with pytest.raises(DataError, match="built no training examples"):
+    with pytest.raises(DataError) as refused:  # says why, and which option lets it in
         prepare(cfg(tmp_path, docstring_min_tokens=n + 1, **options), tok)
+    assert all(w in str(refused.value) for w in (
+        "built no training examples", "1 docstring(s) of the class targets",
+        f"shorter than {n + 1} tokens", "--docstring-min-tokens", "--docstring-targets both"))
 
 
 def test_method_task_reads_targets_from_python_files_only(tmp_path, tok):
