@@ -666,14 +666,16 @@ def training_flags(flags: dict, tokenizer: str | None, block_size: int) -> str:
 def shown_examples(examples: Dataset, tokenizer: CodeTokenizer | BPETokenizer, n: int) -> str:
     """The first ``n`` of ``examples`` as they train, decoded with their special tokens: a
     supervised example's prompt, then its completion (the tokens the loss counts); an lm
-    window whole."""
+    window whole, the first ``n`` that do not overlap (training starts one at any token)."""
     parts = []
-    for i in range(min(n, len(examples))):
+    step = examples.block_size if isinstance(examples, LMWindows) and examples.stride == 1 else 1
+    for i in range(0, min(n * step, len(examples)), step):
         ids = examples[i]["input_ids"].tolist()
         labels = examples[i]["labels"].tolist()
         first = next((j for j, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+        name = f"window at token {i}" if step > 1 else f"example {i}"
         if first == 0:  # every next token counts
-            parts.append(f"--- train example {i}: {len(ids)} tokens, every next token "
+            parts.append(f"--- train {name}: {len(ids)} tokens, every next token "
                          f"counted ---\n{tokenizer.decode(ids)}")
             continue
         prompt = ids[: first + 1]
@@ -704,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     printed = parser.add_argument_group("what is printed besides the counts")
     printed.add_argument("--show", type=int, metavar="N",
                         help="print the first N training examples on stderr as they train: a "
-                             "prompt, then the completion the loss counts (with --tokenizer)")
+                             "prompt, then the completion the loss counts; lm's first N "
+                             "windows that do not overlap (with --tokenizer)")
     settings.add_config_flags(parser, DataConfig, CHOICES, aliases=TRAINING_SPELLINGS)
     flags = vars(parser.parse_args(argv))
     tokenizer_path = flags.pop("tokenizer", None)

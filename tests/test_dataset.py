@@ -1434,6 +1434,22 @@ def test_show_prints_the_first_examples_as_they_train(tmp_path, tok, capsys):
     assert "--show prints examples a tokenizer built: give --tokenizer" in capsys.readouterr().err
 
 
+def test_show_prints_lm_windows_that_do_not_overlap(tmp_path, tok, capsys):
+    """lm trains windows starting at any token: --show N prints the first N that do not overlap
+    (at tokens 0, block_size, ...), each whole, not N windows a token apart."""
+    tok.save(tmp_path / "tok")
+    assert dataset.main(["--sources", str(EMAIL), "--block-size", "16", "--cache-dir",
+                         str(tmp_path / "cache"), "--no-progress", "--tokenizer",
+                         str(tmp_path / "tok"), "--show", "2"]) == 0
+    err = capsys.readouterr().err
+    data = prepare(cfg(tmp_path, block_size=16), tok)
+    for start in (0, 16):
+        ids = data.train[start]["input_ids"].tolist()
+        assert (f"--- train window at token {start}: 16 tokens, every next token counted ---\n"
+                f"{tok.decode(ids)}") in err
+    assert "window at token 1:" not in err and "window at token 32" not in err
+
+
 # Strings inside a nested def: one left of the def's indentation, one indented with the code.
 NESTED_STRINGS = (
     "class Report:\n"
