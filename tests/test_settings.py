@@ -189,10 +189,13 @@ def test_optional_fields_still_take_values_and_refuse_bad_ones(capsys):
 
 
 def test_help_says_which_flags_take_none():
+    """A flag whose default is None takes 'none' as that default (`--license none`: each
+    source's licence file, not "no licence"); another takes it as None, which its help
+    explains."""
     parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     text = " ".join(settings.add_config_flags(parser, Demo, CHOICES).format_help().split())
     assert "--limit LIMIT None: no limit (default: 5; 'none' for None)" in text
-    assert "--kind {x,y,none} default: None; 'none' for None" in text
+    assert "--kind {x,y,none} default: None; 'none': the default" in text
     assert "--tag TAG a plain str: \"none\" is text here (default: 'x') " in text
 
 
@@ -212,7 +215,7 @@ def test_help_comes_from_the_field_comments_grouped_by_section():
     parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     text = " ".join(settings.add_config_flags(parser, Demo, CHOICES).format_help().split())
     assert "optimisation: --lr LR peak rate: 100% at the end of warmup (default: 0.001)" in text
-    assert ("--name NAME runs/<name>; default: a timestamp ('none' for None) switches: the "
+    assert ("--name NAME runs/<name>; default: a timestamp ('none': the default) switches: the "
             "second section: "
             "--fast, --no-fast default: False") in text
 

@@ -410,11 +410,14 @@ def field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def _help_text(doc: str, default: Any, optional: bool) -> str:
-    """``doc``, the default unless it states one, and "'none' for None"; '%' escaped for argparse."""
+    """``doc``, the default unless it states one, and what 'none' gives (the default, where that
+    is None; else None, which ``doc`` explains); '%' escaped for argparse."""
     notes = []
     if default is not dataclasses.MISSING and "default:" not in doc:
         notes.append(f"default: {default!r}")
-    if optional:
+    if optional and default is None:
+        notes.append("'none': the default")
+    elif optional:
         notes.append("'none' for None")
     note = "; ".join(notes)
     text = f"{doc} ({note})" if doc and note else doc or note
