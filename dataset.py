@@ -324,9 +324,12 @@ def _no_examples_hint(events: dict[str, int], cfg: DataConfig) -> str:
                 "of them are not: train this language with --task lm, fim or completion")
     too_short = events.get("skipped_docstring_too_short", 0)
     if too_short:
-        return (f"{too_short} docstring(s) of the {cfg.docstring_targets} targets were shorter "
-                f"than {cfg.docstring_min_tokens} tokens: lower --docstring-min-tokens, or "
-                "--docstring-targets both takes functions' too")
+        others = {"class": " (docstring_targets both takes functions' too)",
+                  "function": " (docstring_targets both takes classes' too)"}
+        return (f"{too_short} docstring(s) (docstring_targets {cfg.docstring_targets}) were "
+                f"shorter than docstring_min_tokens, {cfg.docstring_min_tokens}: lower it "
+                f"(dataset.py --docstring-min-tokens N; trainingmanager.py --data-options "
+                f"'{{\"docstring_min_tokens\": N}}'){others.get(cfg.docstring_targets, '')}")
     skipped = [f"{count} {event.removeprefix('skipped_').replace('_', ' ')}"
                for event, count in events.items() if event.startswith("skipped_") and count]
     said = f"skipped: {', '.join(skipped)}; " if skipped else ""

@@ -23,16 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codelm.runtime import settings  # noqa: E402
 
+# The pass@k tasks whose problems ship with codelm's requirements (no hub download).
+SHIPPED_TASKS = ("humaneval", "passk")
+
 
 @dataclass
 class BenchConfig:
-    task: str = "humaneval"  # a pass@k task of eval.py whose problems ship here: humaneval, passk
+    task: str = "humaneval"  # a pass@k task whose problems ship here
     workers: int = 2  # sandbox runs in flight at once, as eval.py's --workers
     rounds: int = 3  # first and next loads timed, each round in a fresh cache
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = settings.parse_config_flags(BenchConfig, argv, __doc__.split("\n\n")[0])
+    cfg = settings.parse_config_flags(BenchConfig, argv, __doc__.split("\n\n")[0],
+                                      choices={"task": SHIPPED_TASKS})
+    for name in ("workers", "rounds"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name} {getattr(cfg, name)}: give 1 or more")
     from codelm.evaluation.config import EvalConfig
     from codelm.evaluation.tasks import passk, registry
 

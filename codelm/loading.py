@@ -409,9 +409,12 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
                          "checkpoint with finite weights")
     tok = load_tokenizer(tokenizer or tok_dir)
     own = Path(tok_dir) / "tokenizer.json"
-    if tokenizer is not None and own.is_file() and not same_vocabulary(tok, load_tokenizer(own)):
-        print(f"warning: {where} --tokenizer {tokenizer} differs from {own}, the model's own: "
-              "its ids are read as the one given names them", file=sys.stderr)
+    if tokenizer is not None and own.is_file():
+        with contextlib.suppress(ValueError):  # one codelm cannot read: --tokenizer stands in
+            if not same_vocabulary(tok, load_tokenizer(own)):
+                print(f"warning: {where} --tokenizer {tokenizer} differs from {own}, the "
+                      "model's own: its ids are read as the one given names them",
+                      file=sys.stderr)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{where} the tokenizer has {tok.vocab_size} tokens, the model only "
                          f"{model.cfg.vocab_size} embeddings")

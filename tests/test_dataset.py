@@ -1976,8 +1976,14 @@ def test_docstring_min_tokens_keeps_a_docstring_of_exactly_that_many_tokens(tmp_
     with pytest.raises(DataError) as refused:  # says why, and which option lets it in
         prepare(cfg(tmp_path, docstring_min_tokens=n + 1, **options), tok)
     assert all(w in str(refused.value) for w in (
-        "built no training examples", "1 docstring(s) of the class targets",
-        f"shorter than {n + 1} tokens", "--docstring-min-tokens", "--docstring-targets both"))
+        "built no training examples", "1 docstring(s) (docstring_targets class)",
+        f"shorter than docstring_min_tokens, {n + 1}", "--docstring-min-tokens N",
+        '"docstring_min_tokens": N', "docstring_targets both takes functions' too"))
+    with pytest.raises(DataError) as refused:  # both targets already: no other to suggest
+        prepare(cfg(tmp_path, docstring_min_tokens=n + 1, docstring_targets="both", **options),
+                tok)
+    assert "(docstring_targets both)" in str(refused.value)
+    assert "takes" not in str(refused.value)
 
 
 def test_method_task_reads_targets_from_python_files_only(tmp_path, tok):

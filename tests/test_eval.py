@@ -1247,6 +1247,13 @@ def test_a_tokenizer_given_beside_a_models_own_is_warned_of(tiny_models, tmp_pat
         f"differs from {base / 'tokenizer.json'}, the model's own" in err), err
     loading.load_model(str(base), "cpu", tokenizer=str(base))
     assert capsys.readouterr().err == ""
+    import shutil  # a model's own tokenizer codelm cannot read: the one given stands in
+
+    unread = shutil.copytree(base, tmp_path / "unread")
+    (unread / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
+    loaded = loading.load_model(str(unread), "cpu", tokenizer=str(base))
+    assert loaded.tokenizer.vocab_size == tiny_models["tok"].vocab_size
+    assert capsys.readouterr().err == ""
 
 
 FAST_FLAGS = ["--limit", "2", "--max-new-tokens", "6", "--lm-windows", "2", "--block-size", "64",

@@ -320,7 +320,7 @@ def test_licenses_none_is_the_repos_without_a_licence_not_any_licence(tmp_path):
     github = build_parser()._subparsers._group_actions[0].choices["github"]
     flag = next(a for a in github._actions if a.dest == "licenses")
     assert "'none' = repos GitHub detects no licence in" in flag.help
-    assert "'none' for None" not in flag.help
+    assert "'none' for None" not in flag.help and "'none': the default" not in flag.help
     licenses = vars(github.parse_args(["--out", "x", "--licenses", "none"]))["licenses"]
     assert licenses == ["none"]
 
