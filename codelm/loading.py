@@ -408,8 +408,8 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         raise ValueError(f"{where} {bad} holds inf or NaN: the model diverged; score a "
                          "checkpoint with finite weights")
     tok = load_tokenizer(tokenizer or tok_dir)
-    own = Path(tok_dir) / "tokenizer.json"
-    if tokenizer is not None and own.is_file():
+    own = Path(tok_dir) / "tokenizer.json"  # a run's: its own checks (_export_tokenizer)
+    if tokenizer is not None and run_config is None and own.is_file():
         with contextlib.suppress(ValueError):  # one codelm cannot read: --tokenizer stands in
             if not same_vocabulary(tok, load_tokenizer(own)):
                 print(f"warning: {where} --tokenizer {tokenizer} differs from {own}, the "

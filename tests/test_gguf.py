@@ -382,7 +382,8 @@ def _with_tokenizer(checkpoint: Path, path: Path, change) -> Path:
 def test_bad_input_is_one_line_naming_what_and_why(checkpoints, tmp_path, capsys):
     codegen = tmp_path / "codegen"
     tokenizer = checkpoints["phi"] / "tokenizer.json"
-    save_tiny_hf("codegen", codegen, vocab_size=load_tokenizer(tokenizer).vocab_size)
+    tok = load_tokenizer(tokenizer)  # its eos the config's, as CodeGen-350M's 50256
+    save_tiny_hf("codegen", codegen, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
     (codegen / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     nfkc = _with_tokenizer(checkpoints["mistral"], tmp_path / "nfkc", lambda spec: spec.update(
         normalizer={"type": "Sequence", "normalizers": [{"type": "NFKC"}, spec["normalizer"]]}))
