@@ -821,7 +821,9 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        stopping.set()
         close_server(server)
+        reporter.join()  # no thread of the server's writes while the interpreter shuts down
         for s, handler in previous.items():
             signal.signal(s, handler)
     print(f"stopped after {_completions(server.answered)}", flush=True)

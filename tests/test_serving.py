@@ -688,7 +688,8 @@ def test_eval_scores_codelms_own_server_as_it_scores_the_model(instruct, tmp_pat
                         *sampling]) == 0
     finally:
         proc.send_signal(15)
-        assert proc.wait(timeout=120) == 0
+        _, server_err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, server_err[-3000:]
     served, local = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
     assert served["rows"][0]["metrics"] == local["rows"][0]["metrics"]
     predictions = [[json.loads(line)["prediction"] for line in
