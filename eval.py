@@ -116,10 +116,10 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
     except (ValueError, OSError):  # the evaluation reports it where it loads the models
         return []
     trained = [None if config is None else config.get("task", "lm") for config in configs]
-    for spec, config in zip(specs, configs):
-        if cfg.data is None and config is not None and config.get("task", "lm") in NO_CORPUS_TASKS:
+    for spec, config, task in zip(specs, configs, trained):
+        if cfg.data is None and task in NO_CORPUS_TASKS:
             flags, note = scored_by(config)
-            raise ValueError(f"{spec} trained with task {config['task']}, on no corpus whose "
+            raise ValueError(f"{spec} trained with task {task}, on no corpus whose "
                              f"held-out split could score it: name the tasks that do, {flags}"
                              f"{f' ({note})' if note else ''}, or the data with --data")
     tasks, runs = [], []

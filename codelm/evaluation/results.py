@@ -93,7 +93,8 @@ def prompt_cell(prompt: str | None) -> str:
     one_line = prompt.replace("\n", "\\n")
     if len(one_line) > PROMPT_CELL_CHARS:
         digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:6]
-        one_line = f"{one_line[:PROMPT_CELL_CHARS - 11]}... #{digest}"  # 40 in all
+        tail = f"... #{digest}"
+        one_line = one_line[: PROMPT_CELL_CHARS - len(tail)] + tail
     return one_line.replace("|", "\\|")  # markdown's cell separator, escaped
 
 

@@ -1,6 +1,7 @@
 """The console of every script: progress bars shown only on a terminal, with plain lines at
 least every HEARTBEAT_S seconds in a log instead (``progress_bar``, ``Heartbeat``), a sweep
-worker's labelled lines (``labelled_lines``, ``line_label``), and time spans as lines give them (``duration``)."""
+worker's labelled lines (``labelled_lines``, ``line_label``), and time spans as lines give
+them (``duration``)."""
 
 from __future__ import annotations
 

@@ -498,7 +498,8 @@ class GRPOTrainer(Trainer):
         self.silent_steps = self.silent_steps + 1 if silent else 0
         due = self.warn_after
         true = scored.true_rewards
-        rewarded_before, self.rewarded = self.rewarded, self.rewarded or bool((true > 0).any())
+        rewarded_before = self.rewarded
+        self.rewarded = rewarded_before or bool((true > 0).any())
         if self.silent_steps != due or not self.dist.main:
             return
         if bool((true == 0).all()) and rewarded_before:
