@@ -40,6 +40,7 @@ from codelm.models.adapter_config import (
     read_adapter_config,
 )
 from codelm.models.quantize import QuantLinear, parameter_count, set_submodule, shared_parameters
+from codelm.runs import rundir
 from codelm.runtime import hub, process, settings
 
 PEFT_PREFIX = "base_model.model."
@@ -600,10 +601,11 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
             module.enabled = enabled
 
 
-def merge_and_export(model: nn.Module, out_dir: str | Path) -> Path:
-    """Merge the adapters and write a full HF checkpoint (the model is left merged)."""
+def merge_and_export(model: nn.Module, out_dir: str | Path, task: str | None = None) -> Path:
+    """Merge the adapters and write a full HF checkpoint (the model is left merged); ``task``:
+    the codelm task the adapter trained on, as ``pretrained.save`` records it."""
     with merged(model):
-        pretrained.save(model, out_dir)
+        pretrained.save(model, out_dir, task=task)
     return Path(out_dir)
 
 
@@ -841,8 +843,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{tokenizer_dir / 'tokenizer.json'} has {tokens} tokens, {base} only "
                              f"{model.cfg.vocab_size} embeddings: the adapter was trained on "
                              "another base; name that one with --base")
-        pretrained.export_checkpoint(args.out, partial(merge_and_export, model), tokenizer_dir,
-                                     generation_from=base)
+        run_dir = rundir.run_of_weights(adapter)  # a run's export/: its task goes with the model
+        task = None if run_dir is None else settings.read_json_object(
+            run_dir / rundir.CONFIG_FILE, "run config").get("task", "lm")
+        pretrained.export_checkpoint(args.out, partial(merge_and_export, model, task=task),
+                                     tokenizer_dir, generation_from=base)
         # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).
         adapted = {name for hits in report.targets.values() for name in hits}
         print(f"wrote {args.out}: the LoRA of {adapter} on {len(adapted)} modules "

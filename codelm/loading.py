@@ -41,14 +41,15 @@ class LoadedModel:
     run_config: dict | None = None  # the TrainConfig of a codelm run
     run_weights: dict | None = None  # which of a codelm run's weights were loaded (_run_weights)
     run_dir: Path | None = None  # a codelm run's directory
+    trained_task: str | None = None  # a checkpoint's own record of its task (no run's)
 
     @property
     def prompt_start(self) -> list[int]:
-        """The ids before a prompt, as the model saw text in training (a base checkpoint: its
-        template's start alone)."""
+        """The ids before a prompt, as the model saw text in training (a checkpoint that names
+        no task: its template's start alone)."""
         from codelm.data.encoding import prompt_prefix  # when asked: a load reads no data
 
-        task = self.run_config.get("task", "lm") if self.run_config else None
+        task = self.run_config.get("task", "lm") if self.run_config else self.trained_task
         return prompt_prefix(self.tokenizer, task)
 
 
@@ -339,6 +340,16 @@ def run_task(spec: str) -> str | None:
     return None if config is None else config.get("task", "lm")
 
 
+def trained_task(directory: Path) -> str | None:
+    """The task an HF checkpoint's config.json says codelm trained it on (None: it names none)."""
+    task = pretrained.trained_task(directory)
+    if task is not None and task not in trainconfig.ALL_TASKS:
+        raise ValueError(f"{directory / 'config.json'}: {pretrained.TASK_KEY} {task!r} is no "
+                         f"codelm task ({', '.join(trainconfig.ALL_TASKS)}): fix it, or delete "
+                         "the key to read prompts as a base checkpoint's")
+    return task
+
+
 def load_model(spec: str | os.PathLike, device: torch.device | str,
                tokenizer: str | None = None, dtype: str | None = None,
                what: str | None = None, unquantized: bool = False) -> LoadedModel:
@@ -364,7 +375,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
             if (path.parent / "config.json").is_file():
                 held += f", {path.parent}"
         raise ValueError(f"{where} {path} is not a directory{held}")
-    run_config = run_weights = None
+    run_config = run_weights = task = None
     run_dir = None if adapter_spec else (path if rundir.is_run_dir(path)
                                          else rundir.run_of_weights(path))
     if run_dir is not None:  # a run (its export/ is the run's model), its best/ or a checkpoint
@@ -399,6 +410,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
         raise ValueError(f"{where} {path} is a hyperparam_tune study, not a model: its trials' "
                          f"runs are {trials} (trials.csv names each one's value); score those")
     else:
+        task = trained_task(path)
         model = _load_hf(path, device, dtype)
         tok_dir = path
     if tokenizer is None and not (Path(tok_dir) / "tokenizer.json").is_file():
@@ -424,7 +436,7 @@ def load_model(spec: str | os.PathLike, device: torch.device | str,
                                            or tokenizer is not None):
         check_model_tokenizer(tok, tokenizer_path(tokenizer or tok_dir), model.name_or_path)
     name = label or Path(adapter_spec or base_spec).name
-    return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights, run_dir)
+    return LoadedModel(name, path_spec, model.eval(), tok, run_config, run_weights, run_dir, task)
 
 
 def build_model(model_settings: trainconfig.ModelSettings, tok: CodeTokenizer | BPETokenizer

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig
-from codelm.data.config import GRPO_TASK, PREFERENCE_TASKS, TASKS, DataConfig
+from codelm.data.config import ALL_TASKS, GRPO_TASK, PREFERENCE_TASKS, DataConfig
 from codelm.runs import rundir
 from codelm.runs.checkpoint import check_run_paths, is_sharded
 from codelm.runs.trackers import TRACKERS
@@ -219,7 +219,7 @@ BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suf
 # Each key's values. Those of a loss or a writer repeat its own tuple (named beside them), which
 # this module, below the builders, does not import: a test pins each equal to its own.
 _CHOICES = {
-    "task": (*TASKS, GRPO_TASK, *PREFERENCE_TASKS),
+    "task": ALL_TASKS,
     "optimizer": OPTIMIZERS,
     "tokenizer_kind": ("code", "bpe"),
     "precision": ("auto", "fp32", "bf16", "fp16"),

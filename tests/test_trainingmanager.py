@@ -1331,7 +1331,9 @@ def test_a_preset_beside_init_from_that_names_another_shape_is_noted(assets, tmp
 
 def test_merged_export_of_a_bf16_checkpoint_is_bf16_as_lora_py_merges(assets, tmp_path):
     """export_merged writes the checkpoint's own bf16, as `python lora.py` does, not the fp32
-    training copy (twice the bf16 base's size): both merge alike, bit for bit."""
+    training copy (twice the bf16 base's size): both merge alike, bit for bit. Each merged
+    directory names the run's task, so its prompts start as the run's do wherever it lies (an
+    lm run's after an EOS); a task the file names that codelm lacks is refused."""
     from tiny_hf import tiny_hf_model
 
     import lora
@@ -1346,6 +1348,18 @@ def test_merged_export_of_a_bf16_checkpoint_is_bf16_as_lora_py_merges(assets, tm
     assert {t.dtype for t in merged.values()} == {torch.bfloat16}
     assert lora.main([str(export), str(tmp_path / "cli")]) == 0
     assert_bit_equal(merged, load_file(tmp_path / "cli" / "model.safetensors"))
+    run_start = loading.load_model(str(export), "cpu").prompt_start
+    tok = load_tokenizer(export)
+    assert run_start == [tok.eos_id, *tok.template_prefix]  # a base's prompts: the prefix alone
+    for directory in (export / "merged", tmp_path / "cli"):
+        shutil.copytree(directory, tmp_path / "elsewhere" / directory.name)
+        copied = loading.load_model(str(tmp_path / "elsewhere" / directory.name), "cpu")
+        assert copied.prompt_start == run_start, directory
+    config = tmp_path / "cli" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "codelm_task": "poetry"}))
+    (tmp_path / "cli" / process.MANIFEST_FILE).unlink()
+    with pytest.raises(ValueError, match=r"config.json: codelm_task 'poetry' is no codelm task"):
+        loading.load_model(str(tmp_path / "cli"), "cpu")
 
 
 def test_gradient_checkpointing_trains_like_the_plain_run(assets, tmp_path):

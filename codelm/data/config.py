@@ -20,6 +20,7 @@ GRPO_TASK = "grpo"  # reinforcement learning from the problems' tests (codelm.tr
 # The tasks whose runs train on no corpus's documents (problems, preference records): no
 # held-out split of their data scores them; benchmarks do.
 NO_CORPUS_TASKS = (GRPO_TASK, *PREFERENCE_TASKS)
+ALL_TASKS = (*TASKS, *NO_CORPUS_TASKS)  # what a run's --task may name
 SPLITS = ("train", "val", "test")
 # Files of records, read when given as sources: no extension of the code a directory holds.
 RECORD_EXTENSIONS = (".jsonl", ".parquet")

@@ -317,6 +317,19 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None,
 
 # --------------------------------------------------------------------------- save
 
+# config.json's record of the codelm task a checkpoint was trained on: its prompts start as
+# that training's text did (an lm run's after an EOS) wherever the directory is copied.
+TASK_KEY = "codelm_task"
+
+
+def trained_task(directory: str | Path) -> object:
+    """config.json's TASK_KEY in an HF directory (None where it has none), as the file holds it."""
+    config = Path(directory) / "config.json"
+    if not config.is_file():
+        return None
+    return settings.read_json_object(config, "model config").get(TASK_KEY)
+
+
 def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's weights under their HF names, in the family's layout (a tied head once)."""
     plan = _param_plan(model, TABLES[model.cfg.family])
@@ -331,12 +344,16 @@ def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save(model: Transformer, directory: str | Path, max_shard_bytes: float = 5 * 2**30) -> None:
+def save(model: Transformer, directory: str | Path, max_shard_bytes: float = 5 * 2**30,
+         task: str | None = None) -> None:
     """Write config.json + model.safetensors (or shards + index) in the family's HF layout, all
-    files in full before any replaces the last save's (config.json last)."""
+    files in full before any replaces the last save's (config.json last); ``task``: the codelm
+    task the weights were trained on, kept in config.json's TASK_KEY (``trained_task``)."""
     directory = Path(directory)
     check_output_dir(directory, "save_pretrained")
     config = hf_config(model.cfg, model.wte.weight.dtype)
+    if task is not None:
+        config[TASK_KEY] = task
     files = _weight_files(hf_tensors(model), max_shard_bytes)
     files["config.json"] = json.dumps(config, indent=2) + "\n"
     directory.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,7 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
 
     def write(tmp: Path) -> None:
         if settings.lora_r == 0:
-            pretrained.save(model, tmp)
+            pretrained.save(model, tmp, task=settings.task)
         else:  # on init_from (validate_config): the adapter, naming that base
             base = str(Path(settings.init_from).resolve())  # as PEFT records it: loadable alone
             lora.save_adapter(model, tmp, base_model_name_or_path=base)
@@ -141,7 +141,7 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
                 # the checkpoint's own dtype (a bf16 base: bf16, not the fp32 training copy)
                 merged = pretrained.load(settings.init_from, dtype="auto", device="cpu")
                 lora.load_adapter(merged, tmp)
-                lora.merge_and_export(merged, tmp / rundir.MERGED_DIR)
+                lora.merge_and_export(merged, tmp / rundir.MERGED_DIR, task=settings.task)
                 tok.save(tmp / rundir.MERGED_DIR)
                 pretrained.copy_hf_companions(settings.tokenizer, settings.init_from, tok,
                                                tmp / rundir.MERGED_DIR, weights=True)
