@@ -3121,9 +3121,13 @@ def test_email_redaction_leaves_matrix_products_and_git_remotes_alone():
 
 
 def test_cleaning_redacts_credentials_by_default_and_emails_when_asked(tmp_path):
+    """stats["modified"] counts the kept files rewritten: a file redacted, then dropped (a line
+    too long, a copy of a kept one), counts among the dropped alone."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "settings.py").write_text('# by ann@example.com\nTOKEN = "ghp_' + "z" * 36 + '"\n')
+    (src / "settings_copy.py").write_text((src / "settings.py").read_text())
+    (src / "wide.py").write_text('KEY = "ghp_' + "y" * 36 + '"  # ' + "w" * 2000 + "\nx = 1\n")
     (src / "plain.py").write_text("x = 1\ny = 2\n")
     texts = {}
     for name, options in {"default": {}, "off": {"redact_secrets": False},
@@ -3136,6 +3140,7 @@ def test_cleaning_redacts_credentials_by_default_and_emails_when_asked(tmp_path)
     assert texts["off"] == (src / "settings.py").read_text()
     assert texts["emails"] == '# by <EMAIL>\nTOKEN = "<GITHUB_TOKEN>"\n'
     assert texts["emails", "modified"] == {"emails_redacted": 1, "secrets_redacted": 1}
+    assert stats["dropped"] == {"duplicate": 1, "long_line": 1}
 
 
 def test_pair_records_are_redacted_as_documents_are(tmp_path):

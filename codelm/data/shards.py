@@ -190,8 +190,8 @@ class _Dedupe:
         self.near = NearDuplicateIndex(cfg.near_dedupe_threshold) if cfg.near_dedupe else None
 
     def keep(self, cleaned: _Cleaned, shard: _Shard) -> None:
-        """Count ``cleaned`` into ``shard``, and keep its document unless it repeats one."""
-        shard.modified.update(cleaned.mods)
+        """Count ``cleaned`` into ``shard``, and keep its document unless it repeats one (the
+        rewrites counted are the kept documents')."""
         doc = cleaned.doc
         if doc is None:
             if cleaned.reason:
@@ -210,6 +210,7 @@ class _Dedupe:
                 return
             shard.signatures.append(cleaned.signature)
         shard.docs.append(doc)
+        shard.modified.update(cleaned.mods)
 
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
         """Add what a finished shard saw (its ``_shard_arrays``)."""
