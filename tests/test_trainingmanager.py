@@ -2531,10 +2531,10 @@ def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp
     assert train[-1]["epoch"] == pytest.approx(epochs + 0.5 * per_step / n)  # the rounded-up step
 
 
-def test_an_lm_epoch_is_n_over_block_size_windows_in_the_logged_epoch_too(assets, tmp_path,
+def test_an_lm_epoch_is_the_side_by_side_windows_in_the_logged_epoch_too(assets, tmp_path,
                                                                           capsys):
-    """lm windows start at every token, so an epoch is n // block_size of them (the n - T start
-    positions would be T epochs): an epochs=1 run's train lines carry examples seen (batch_size
+    """lm windows start at every token, so an epoch is the windows that fit side by side,
+    (n - 1) // block_size (the n - T start positions would be T epochs): an epochs=1 run's train lines carry examples seen (batch_size
     x grad_accum a step) over that count, rising by the same amount each step, the last one
     step's worth at most past 1.0 (the run rounds its steps up), a figure users can read."""
     train, val = tmp_path / "train", tmp_path / "val"
@@ -2551,7 +2551,7 @@ def test_an_lm_epoch_is_n_over_block_size_windows_in_the_logged_epoch_too(assets
     result = tm.train(cfg)
     out = capsys.readouterr().out
     n_tokens = int(re.search(r"(\d+) training tokens", out).group(1))
-    per_epoch, per_step = (n_tokens - 32) // 32, 2 * 2  # windows: n_tokens - block_size
+    per_epoch, per_step = (n_tokens - 1) // 32, 2 * 2  # block_size targets a window
     assert result.step == math.ceil(per_epoch / per_step) > 2
     assert (f"{result.step} steps ({result.step * per_step / per_epoch:.3g} epochs of "
             f"{per_epoch} windows of 32 tokens)") in out  # the run's first line
@@ -2564,24 +2564,17 @@ def test_an_lm_epoch_is_n_over_block_size_windows_in_the_logged_epoch_too(assets
     assert [m["epoch"] for m in lines if m["kind"] == "val"] == [train_epochs[-1]]
 
 
-def test_an_lm_split_of_fewer_windows_than_block_size_is_one_epoch_not_zero():
-    """Stride-1 windows count n // block_size to an epoch, at least 1: a tiny corpus's 0 would
-    divide the logged epoch by zero. The closed form on a run's parts, no training."""
-
-    class Windows:  # a stride-1 lm split of n windows, as dataset builds it
-        stride = 1
-
-        block_size = 32
-
-        def __init__(self, n: int) -> None:
-            self.n = n
-
-        def __len__(self) -> int:
-            return self.n
-
-    for n, per_epoch in ((1, 1), (31, 1), (63, 1), (64, 2), (100, 3)):
-        batches = Batches(Windows(n), Windows(n), pad_id=0, batch_size=1, grad_accum=3, seed=0)
-        assert batches.examples_per_epoch == per_epoch == max(1, n // 32)
+def test_an_lm_epoch_is_the_windows_that_fit_side_by_side_and_at_least_one():
+    """Stride-1 windows count to an epoch the windows of block_size next tokens that fit side by
+    side in the split, (n_tokens - 1) // block_size, at least 1: a tiny corpus's 0 would divide
+    the logged epoch by zero. On the split dataset builds, no training."""
+    for n_tokens, per_epoch in ((2, 1), (33, 1), (64, 1), (65, 2), (97, 3)):
+        windows = LMWindows("unread.bin", "uint16", n_tokens, block_size=32, stride=1)
+        side_by_side = LMWindows("unread.bin", "uint16", n_tokens, block_size=32, stride=32)
+        batches = Batches(windows, windows, pad_id=0, batch_size=1, grad_accum=3, seed=0)
+        assert batches.examples_per_epoch == per_epoch
+        full = [i for i in range(len(side_by_side)) if i * 32 + 32 + 1 <= n_tokens]
+        assert per_epoch == max(1, len(full))  # the one pass's full windows (eval's split)
         assert batches.epoch(5) == 5 * 1 * 3 / per_epoch
 
 

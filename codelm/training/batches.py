@@ -143,12 +143,11 @@ class Batches:
 
     @property
     def examples_per_epoch(self) -> int:
-        """Each training example once; lm windows at every start position count
-        n // block_size."""
-        n = len(self.train)
+        """Each training example once; lm windows at every start position count those that fit
+        side by side, (n_tokens - 1) // block_size (each predicts block_size next tokens)."""
         if self.windows_at_every_token:
-            return max(1, n // self.train.block_size)
-        return n
+            return max(1, (self.train.n_tokens - 1) // self.train.block_size)
+        return len(self.train)
 
     def epoch(self, step: int) -> float:
         """Epochs trained by the end of optimizer step ``step``."""
