@@ -16,6 +16,7 @@ if __name__ == "__main__":  # first: the imports below load torch for seconds
     process.quiet_start_up_stops()
 
 import argparse
+import contextlib
 import hashlib
 import io
 import itertools
@@ -28,7 +29,7 @@ import typing
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import partial
 from itertools import chain
 from pathlib import Path
@@ -47,11 +48,14 @@ from codelm.data.cache import (
     usable_entry,
 )
 from codelm.data.config import (
+    BPE_SPECIAL_TOKENS,
     CHOICES,
     REFACTOR_TEMPLATE,
     SPLITS,
+    TOKENIZER_KINDS,
     DataConfig,
     DataError,
+    TokenizerTraining,
     docstring_template,
 )
 from codelm.data.datasets import LMWindows, PreparedData, SupervisedExamples
@@ -67,6 +71,7 @@ from codelm.data.encoding import (
     template_writes_start,
     token_dtype,
     tokenize_examples,
+    tokenizer_cache_dir,
     tokenizer_fingerprint,
     truncate_pair,
     window_pairs,
@@ -576,6 +581,38 @@ def prepare(cfg: DataConfig, tokenizer: CodeTokenizer | BPETokenizer | None = No
                         cache_path=path, sample_prompt=sample_prompt)
 
 
+BPE_UNCAPPED = 2**31  # max_vocab None: a BPE merges until no pair is seen min_freq times
+
+
+def trained_tokenizer(cfg: DataConfig, training: TokenizerTraining, log: typing.TextIO | None = None
+                      ) -> CodeTokenizer | BPETokenizer:
+    """A tokenizer as ``training`` says, trained on ``cfg``'s train split, or read from the
+    cache (``tokenizer_cache_dir``) where one was; it says which, and how big, on ``log``
+    (default: stdout)."""
+    cached = tokenizer_cache_dir(cfg, training.tokenizer_min_freq, training.tokenizer_max_vocab,
+                                 training.tokenizer_kind)
+    if cfg.use_cache and usable_entry(cached, "tokenizer.json"):
+        tok = load_tokenizer(cached)
+        print(f"tokenizer: {tok.vocab_size:,} tokens, the {training.describe()}, from the cache",
+              file=log)
+        return tok
+    texts = progress_bar(prepare(cfg, None).train, desc="train tokenizer", unit="text",
+                         enabled=cfg.progress)
+    if training.tokenizer_kind == "bpe":
+        learned = training.tokenizer_max_vocab or BPE_UNCAPPED
+        tok = BPETokenizer.train(texts, len(BPE_SPECIAL_TOKENS) + 256 + learned,
+                                 pretokenizer="starcoder", special_tokens=BPE_SPECIAL_TOKENS,
+                                 min_frequency=training.tokenizer_min_freq)
+    else:
+        tok = CodeTokenizer.train(texts, min_freq=training.tokenizer_min_freq,
+                                  max_vocab=training.tokenizer_max_vocab, num_workers=cfg.workers)
+    if cfg.use_cache:  # the first complete entry stays: another run may be loading it
+        with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
+            publish_cache_entry(cached, tok.save, marker="tokenizer.json")
+    print(f"tokenizer: {tok.vocab_size:,} tokens, the {training.describe()}", file=log)
+    return tok
+
+
 def _note_pairs_as_text(cfg: DataConfig, meta: dict) -> None:
     """Notes on pair records that train as plain text: one per pairs source under the lm task,
     and one where pairs hold a special token's text and ``pair_special_tokens`` is off
@@ -644,10 +681,11 @@ def as_flags(options: dict) -> str:
     return " ".join(f"{settings.flag_of(key)} {value}" for key, value in options.items())
 
 
-def training_flags(flags: dict, tokenizer: str | None, block_size: int) -> str:
+def training_flags(flags: dict, tokenizer: list[str], block_size: int) -> str:
     """trainingmanager.py's flags for the data dataset.py's ``flags`` prepare (its --data, --task,
-    the other DataConfig keys given as --data-options; with a tokenizer, the examples' context,
-    ``block_size``, which keys them), so that a run reads this preparation from the cache."""
+    the other DataConfig keys given as --data-options; with a tokenizer (``tokenizer_words``),
+    the examples' context, ``block_size``, which keys them), so that a run reads this
+    preparation from the cache."""
     options = {key: value for key, value in flags.items()
                if key not in ("sources", "val_sources", "test_sources", "task", "block_size",
                               "progress")}
@@ -657,13 +695,11 @@ def training_flags(flags: dict, tokenizer: str | None, block_size: int) -> str:
             words += [flag, *map(shlex.quote, flags[key])]
     if "task" in flags:
         words += ["--task", flags["task"]]
-    if tokenizer is not None:  # the task's examples are cut to it: a run's own would differ
+    if tokenizer:  # the task's examples are cut to it: a run's own would differ
         words += ["--block-size", str(block_size)]
     if options:
         words += ["--data-options", shlex.quote(json.dumps(options))]
-    if tokenizer is not None:
-        words += ["--tokenizer", shlex.quote(tokenizer)]
-    return " ".join(words)
+    return " ".join(words + tokenizer)
 
 
 def shown_examples(examples: Dataset, tokenizer: CodeTokenizer | BPETokenizer, n: int) -> str:
@@ -700,31 +736,84 @@ def printed_stats(stats: dict, cfg: DataConfig) -> dict:
     return {**stats, "corpus": corpus}
 
 
+TOKENIZER_FLAGS = {f.name: settings.flag_of(f.name) for f in fields(TokenizerTraining)}
+
+
+def _tokenizer_training(parser: argparse.ArgumentParser, flags: dict,
+                        tokenizer_path: str | None) -> TokenizerTraining | None:
+    """The tokenizer --train-tokenizer trains (its --tokenizer-* flags popped from ``flags``);
+    None without it. A setting that trains nothing is a usage error."""
+    given = {key: flags.pop(key) for key in TOKENIZER_FLAGS if key in flags}
+    if not flags.pop("train_tokenizer", False):
+        if given:
+            parser.error(f"{TOKENIZER_FLAGS[next(iter(given))]} sets the tokenizer "
+                         "--train-tokenizer trains: give that too")
+        return None
+    if tokenizer_path is not None:
+        parser.error("--tokenizer names a tokenizer, --train-tokenizer trains one: give one")
+    for key in ("tokenizer_min_freq", "tokenizer_max_vocab"):
+        if given.get(key) is not None and given[key] < 1:
+            parser.error(f"{TOKENIZER_FLAGS[key]} {given[key]}: must be >= 1")
+    return TokenizerTraining(**given)
+
+
+def tokenizer_words(tokenizer_path: str | None, training: TokenizerTraining | None
+                    ) -> list[str]:
+    """trainingmanager.py's flags for the tokenizer dataset.py built the examples with: the one
+    named, or those that train the same one (trainingmanager's own defaults left out)."""
+    if tokenizer_path is not None:
+        return ["--tokenizer", shlex.quote(tokenizer_path)]
+    if training is None:
+        return []
+    words = []
+    for f in fields(TokenizerTraining):
+        value = getattr(training, f.name)
+        if value != f.default:
+            words += [TOKENIZER_FLAGS[f.name], "none" if value is None else str(value)]
+    return words
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
         description="Prepare a codelm dataset: read sources, clean, split, build a task, cache "
         "it, and print counts per stage (JSON).", argument_default=argparse.SUPPRESS)
-    parser.add_argument("--tokenizer",
-                        help="tokenizer file/dir; without one only the cleaned corpus is built")
+    tokenizers = parser.add_argument_group("the tokenizer of the task's examples")
+    tokenizers.add_argument("--tokenizer",
+                            help="tokenizer file/dir; without one (or --train-tokenizer) only "
+                                 "the cleaned corpus is built")
+    tokenizers.add_argument("--train-tokenizer", action="store_true",
+                            help="train a tokenizer on the train split (--tokenizer-kind, "
+                                 "--tokenizer-min-freq, --tokenizer-max-vocab), cached where "
+                                 "trainingmanager.py's run on this data takes it, and build "
+                                 "the task's examples with it")
     printed = parser.add_argument_group("what is printed besides the counts")
     printed.add_argument("--show", type=int, metavar="N",
                         help="print the first N training examples on stderr as they train: a "
                              "prompt, then the completion the loss counts; lm's first N "
                              "windows that do not overlap (with --tokenizer)")
+    settings.add_config_flags(parser, TokenizerTraining, {"tokenizer_kind": TOKENIZER_KINDS})
     settings.add_config_flags(parser, DataConfig, CHOICES, aliases=TRAINING_SPELLINGS)
     flags = vars(parser.parse_args(argv))
     tokenizer_path = flags.pop("tokenizer", None)
     show = flags.pop("show", 0)
+    training = _tokenizer_training(parser, flags, tokenizer_path)
     if show < 0:
         parser.error(f"--show {show}: give how many examples to print (0 or more)")
-    if show and tokenizer_path is None:
-        parser.error("--show prints examples a tokenizer built: give --tokenizer too")
+    if show and tokenizer_path is None and training is None:
+        parser.error("--show prints examples a tokenizer built: give --tokenizer (or "
+                     "--train-tokenizer) too")
 
     def work() -> None:
         cfg = settings.config_from_dict(DataConfig, flags, "command line", CHOICES)
         if cfg.use_cache:
             make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+        if training is not None:
+            tokenizer = trained_tokenizer(cfg, training, log=sys.stderr)  # stdout: the JSON
+            if cfg.use_cache:
+                place = tokenizer_cache_dir(cfg, training.tokenizer_min_freq,
+                                            training.tokenizer_max_vocab, training.tokenizer_kind)
+                print(f"tokenizer kept at {place}", file=sys.stderr)
         data = prepare(cfg, tokenizer)
         print(json.dumps(printed_stats(data.stats, cfg), indent=1))  # the counts of every stage
         by_fraction = not (cfg.val_sources or cfg.test_sources)
@@ -740,11 +829,12 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer is None:
             print(f"note: the cleaned corpus only: the {cfg.task} task's examples are built "
                   "with a tokenizer (--tokenizer FILE_OR_DIR: a model's, or a run's runs/NAME; "
-                  "trainingmanager.py trains one on this corpus for a model from scratch)",
+                  "or --train-tokenizer: the one a model from scratch trains with)",
                   file=sys.stderr)
         if data.cache_path is not None:
             print(f"cached at {data.cache_path}", file=sys.stderr)  # stdout: the JSON alone
-            same = training_flags(flags, tokenizer_path, cfg.block_size)
+            same = training_flags(flags, tokenizer_words(tokenizer_path, training),
+                                  cfg.block_size)
             print(f"trainingmanager.py prepares the same: {same}", file=sys.stderr)
 
     return process.run_tool(work, "interrupted: whole shards are kept, no half-built cache "

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from architecture import PRESETS, SHORT_DTYPES, ModelConfig
-from codelm.data.config import ALL_TASKS, GRPO_TASK, PREFERENCE_TASKS, DataConfig
+from codelm.data.config import (
+    ALL_TASKS,
+    GRPO_TASK,
+    PREFERENCE_TASKS,
+    TOKENIZER_KINDS,
+    DataConfig,
+    TokenizerTraining,
+)
 from codelm.runs import rundir
 from codelm.runs.checkpoint import check_run_paths, is_sharded
 from codelm.runs.trackers import TRACKERS
@@ -58,11 +65,12 @@ class TrainConfig:
     model_options: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. init
     # tokenizer: a file/dir, else the model dir's, else a CodeTokenizer trained on the train split
     tokenizer: str | None = None  # a tokenizer.json / codelm tokenizer file or directory
-    tokenizer_min_freq: int = 10  # a trained tokenizer keeps pieces seen at least this often
-    #   (11: more than 10 times; bpe: merges pairs seen at least this often)
-    tokenizer_max_vocab: int | None = 4000  # a trained tokenizer's cap on learned pieces (its
-    #   byte and special tokens come on top)
-    tokenizer_kind: str = "code"  # the tokenizer a from-scratch run trains: code (codelm's
+    tokenizer_min_freq: int = TokenizerTraining.tokenizer_min_freq  # a trained tokenizer keeps
+    #   pieces seen at least this often (11: more than 10 times; bpe: merges pairs seen at
+    #   least this often)
+    tokenizer_max_vocab: int | None = TokenizerTraining.tokenizer_max_vocab  # a trained
+    #   tokenizer's cap on learned pieces (its byte and special tokens come on top)
+    tokenizer_kind: str = TokenizerTraining.tokenizer_kind  # the tokenizer a from-scratch run trains: code (codelm's
     #   CodeTokenizer) or bpe (byte-level BPE in HF's tokenizer.json, StarCoder's pre-tokenizer
     #   and special tokens: transformers and llama.cpp read it, so GGUF export takes it)
     # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
@@ -211,17 +219,13 @@ class TrainConfig:
 
 # The optimizers a run trains with (codelm.training.optim builds them).
 OPTIMIZERS = ("adamw", "muon")
-# A from-scratch byte-level BPE's special tokens (tokenizer_kind bpe): StarCoder2's end of
-# text, fill-in-the-middle and repository tokens, which codelm's tasks read by name.
-BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
-                      "<repo_name>", "<file_sep>")
 
 # Each key's values. Those of a loss or a writer repeat its own tuple (named beside them), which
 # this module, below the builders, does not import: a test pins each equal to its own.
 _CHOICES = {
     "task": ALL_TASKS,
     "optimizer": OPTIMIZERS,
-    "tokenizer_kind": ("code", "bpe"),
+    "tokenizer_kind": TOKENIZER_KINDS,
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "eval_precision": ("fp32", "same"),
     "quantize_bits": (0, 4, 8),

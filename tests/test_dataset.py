@@ -3648,3 +3648,44 @@ def test_dataset_py_names_the_training_flags_that_read_its_preparation(tmp_path,
     context = run.block_size or trainconfig.default_block_size(run)  # as the trainer takes it
     prepared = dataset.prepare(trainconfig.data_config(run, context), tok)
     assert str(prepared.cache_path) == cached and prepared.stats["cache_hit"]
+
+
+def test_dataset_py_trains_the_tokenizer_a_run_from_scratch_takes(tmp_path, capsys):
+    """--train-tokenizer trains the tokenizer trainingmanager.py's from-scratch run of the same
+    data trains, kept where that run reads it (HF tokenizers reads it with the same ids), and
+    builds the task's examples with it: the flags it prints give a run that takes both from the
+    cache. A --tokenizer-* flag alone, or beside --tokenizer, is a usage error."""
+    import shlex
+
+    from tokenizers import Tokenizer
+
+    from codelm import trainconfig
+    from codelm.training import build, plan
+
+    argv = ["--sources", str(EMAIL), "--split-by", "file", "--val-frac", "0.2", "--test-frac",
+            "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--train-tokenizer",
+            "--tokenizer-kind", "bpe", "--tokenizer-max-vocab", "200", "--tokenizer-min-freq", "2"]
+    assert dataset.main(argv) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)  # stdout: the counts alone
+    assert "tokenizer: 463 tokens, the bpe tokenizer trained on the train split" in err, err
+    kept = Path(re.search(r"tokenizer kept at (\S+)", err).group(1))
+    cached = re.search(r"cached at (\S+)", err).group(1)
+    flags = shlex.split(err.split("trainingmanager.py prepares the same: ")[1].splitlines()[0])
+    assert flags[-4:] == ["--tokenizer-min-freq", "2", "--tokenizer-max-vocab", "200"]
+    run = plan.parse_config([*flags, "--preset", "tiny", "--max-steps", "1"])
+    tok = build.load_or_train_tokenizer(run, trainconfig.data_config(run))
+    assert "from the cache" in capsys.readouterr().out
+    text = (EMAIL / "utils.py").read_text("utf-8")
+    hf = Tokenizer.from_file(str(kept / "tokenizer.json"))
+    assert hf.encode(text).ids == tok.encode(text) and tok.vocab_size == 463
+    context = run.block_size or trainconfig.default_block_size(run)
+    prepared = dataset.prepare(trainconfig.data_config(run, context), tok)
+    assert str(prepared.cache_path) == cached and prepared.stats["cache_hit"]
+    for bad, message in ((["--tokenizer-kind", "bpe"], "--tokenizer-kind sets the tokenizer "
+                                                        "--train-tokenizer trains"),
+                         (["--train-tokenizer", "--tokenizer", str(kept)], "give one"),
+                         (["--train-tokenizer", "--tokenizer-max-vocab", "0"], "must be >= 1")):
+        with pytest.raises(SystemExit):
+            dataset.main(bad)
+        assert message in capsys.readouterr().err

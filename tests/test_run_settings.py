@@ -17,6 +17,7 @@ import torch
 
 import trainingmanager as tm
 from codelm import loading, trainconfig
+from codelm.data.config import TokenizerTraining
 from codelm.models import adapter_config
 from codelm.runs import rundir
 from codelm.runtime import distributed
@@ -57,6 +58,8 @@ def read_of(readers: Sequence[tuple[Callable, str]]) -> set[str]:
 
 KEY_LISTS = {  # fields read by name, over these constants (getattr(cfg, key) in a loop)
     ModelSettings: set(trainconfig.MODEL_SHAPE_KEYS) | set(adapter_config.ADAPTER_KEYS.values()),
+    # load_or_train_tokenizer's fields_of(TokenizerTraining, cfg)
+    DataSettings: {f.name for f in dataclasses.fields(TokenizerTraining)},
 }
 
 READERS = {

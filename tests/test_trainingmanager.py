@@ -29,7 +29,7 @@ from architecture import SHORT_DTYPES
 from codelm import kernels, loading, trainconfig
 from codelm.data import encoding
 from codelm.data.cache import publish_cache_entry
-from codelm.data.config import DataConfig
+from codelm.data.config import BPE_SPECIAL_TOKENS, DataConfig
 from codelm.data.datasets import LMWindows, collate
 from codelm.data.encoding import supervised_example, tokenizer_cache_dir
 from codelm.data.sources import stdlib_files
@@ -999,7 +999,7 @@ def test_a_bpe_tokenizer_is_cached_apart_and_read_back_the_same(assets, tmp_path
     text = Path(assets["corpus"]).joinpath(sorted(os.listdir(assets["corpus"]))[0]).read_text()
     assert cached.encode(text) == trained.encode(text)
     # preset auto sizes its models at each kind's vocabulary: pieces, bytes, special tokens
-    assert budget.probe_vocab(cfg) == 200 + 256 + len(trainconfig.BPE_SPECIAL_TOKENS)
+    assert budget.probe_vocab(cfg) == 200 + 256 + len(BPE_SPECIAL_TOKENS)
     code = dataclasses.replace(cfg, tokenizer_kind="code")
     assert budget.probe_vocab(code) == 200 + 256 + len(CODE_SPECIAL_TOKENS)
 

@@ -22,6 +22,11 @@ GRPO_TASK = "grpo"  # reinforcement learning from the problems' tests (codelm.tr
 NO_CORPUS_TASKS = (GRPO_TASK, *PREFERENCE_TASKS)
 ALL_TASKS = (*TASKS, *NO_CORPUS_TASKS)  # what a run's --task may name
 SPLITS = ("train", "val", "test")
+# A from-scratch byte-level BPE's special tokens (tokenizer kind bpe): StarCoder2's end of
+# text, fill-in-the-middle and repository tokens, which codelm's tasks read by name.
+BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
+                      "<repo_name>", "<file_sep>")
+TOKENIZER_KINDS = ("code", "bpe")
 # Files of records, read when given as sources: no extension of the code a directory holds.
 RECORD_EXTENSIONS = (".jsonl", ".parquet")
 
@@ -57,6 +62,25 @@ class DataError(ValueError):
 
 def _default_cache_dir() -> str:
     return str(settings.cache_root() / "data")
+
+
+@dataclass(frozen=True)
+class TokenizerTraining:
+    """A tokenizer trained on a corpus's train split (``dataset.trained_tokenizer``): a
+    from-scratch run's (TrainConfig's keys of the same names) and dataset.py
+    --train-tokenizer's."""
+
+    # a tokenizer trained on the train split (--train-tokenizer)
+    tokenizer_kind: str = "code"  # code (codelm's CodeTokenizer) or bpe (byte-level BPE in HF's
+    #   tokenizer.json, StarCoder's pre-tokenizer and special tokens)
+    tokenizer_min_freq: int = 10  # keeps pieces seen at least this often (11: more than 10
+    #   times; bpe: merges pairs seen at least this often)
+    tokenizer_max_vocab: int | None = 4000  # the cap on learned pieces (its byte and special
+    #   tokens come on top)
+
+    def describe(self) -> str:
+        return (f"{self.tokenizer_kind} tokenizer trained on the train split (min_freq "
+                f"{self.tokenizer_min_freq}, max_vocab {self.tokenizer_max_vocab or 'none'})")
 
 
 @dataclass

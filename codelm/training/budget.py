@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from architecture import Transformer
-from codelm import trainconfig
+from codelm.data.config import BPE_SPECIAL_TOKENS
 from codelm.models import quantize
 from codelm.runtime.console import byte_size
 from codelm.trainconfig import TrainConfig, has_final_eval, model_config
@@ -58,7 +58,7 @@ def probe_vocab(cfg: TrainConfig) -> int:
     """The vocabulary of the models preset auto measures: the trained tokenizer's, about (its
     learned pieces, 256 bytes and its special tokens: a CodeTokenizer's 6, a bpe's 7)."""
     code_specials = 6  # len(tokenizer.CODE_SPECIAL_TOKENS): plan does not load the tokenizer
-    specials = (len(trainconfig.BPE_SPECIAL_TOKENS) if cfg.tokenizer_kind == "bpe"
+    specials = (len(BPE_SPECIAL_TOKENS) if cfg.tokenizer_kind == "bpe"
                 else code_specials)
     return (cfg.tokenizer_max_vocab or UNCAPPED_PIECES) + BYTE_PIECES + specials
 

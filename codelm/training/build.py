@@ -7,7 +7,6 @@ apart: each part gets the settings it reads of it (codelm.trainconfig's *Setting
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -25,10 +24,9 @@ from torch.utils.data import Dataset, Subset
 import lora
 from architecture import Transformer
 from codelm import loading
-from codelm.data.cache import make_cache_dir, publish_cache_entry, usable_entry
-from codelm.data.config import PREFERENCE_TASKS, DataConfig
+from codelm.data.cache import make_cache_dir
+from codelm.data.config import PREFERENCE_TASKS, DataConfig, TokenizerTraining
 from codelm.data.datasets import PreparedData
-from codelm.data.encoding import tokenizer_cache_dir
 from codelm.data.examples import SamplePrompt
 from codelm.data.shards import describe_corpus
 from codelm.data.splits import corpus_key, lopsided_note
@@ -41,14 +39,12 @@ from codelm.runs.checkpoint import (
     with_absolute_paths,
 )
 from codelm.runtime import process, settings
-from codelm.runtime.console import progress_bar
 from codelm.runtime.distributed import Dist, all_gather, barrier, broadcast, main_first
 from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
 from codelm.runtime.settings import fields_of, setting
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.files import TOKENIZER_FILE, tokenizer_path
 from codelm.trainconfig import (
-    BPE_SPECIAL_TOKENS,
     GRPO_TASK,
     DataSettings,
     ExportSettings,
@@ -67,7 +63,7 @@ from codelm.training.budget import MAX_EPOCHS, BudgetClock
 from codelm.training.plan import Probe
 from codelm.training.record import RunRecord
 from codelm.training.trainer import StepFigures, Trainer, autocast, checked_precision
-from dataset import prepare
+from dataset import prepare, trained_tokenizer
 from tokenizer import (
     CodeTokenizer,
     check_model_tokenizer,
@@ -108,9 +104,6 @@ def check_gguf_export(cfg: TrainConfig, model: nn.Module, tok: CodeTokenizer | B
                          "none") from None
 
 
-BPE_UNCAPPED = 2**31  # tokenizer_max_vocab none: merges until none is seen min_freq times
-
-
 def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
                             saved: Path | None = None) -> CodeTokenizer | BPETokenizer:
     """The run's ``saved`` tokenizer, the given one, the pretrained model's, or one trained (and
@@ -135,30 +128,7 @@ def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
         tok = load_tokenizer(own)
         check_model_tokenizer(tok, own, cfg.init_from)
         return tok
-    cached = tokenizer_cache_dir(dcfg, cfg.tokenizer_min_freq, cfg.tokenizer_max_vocab,
-                                 cfg.tokenizer_kind)
-    trained = (f"{cfg.tokenizer_kind} tokenizer trained on the train split (min_freq "
-               f"{cfg.tokenizer_min_freq}, max_vocab {cfg.tokenizer_max_vocab or 'none'})")
-    if dcfg.use_cache and usable_entry(cached, "tokenizer.json"):
-        tok = load_tokenizer(cached)
-        print(f"tokenizer: {tok.vocab_size:,} tokens, the {trained}, from the cache")
-        return tok
-
-    texts = progress_bar(prepare(dcfg, None).train, desc="train tokenizer", unit="text",
-                         enabled=dcfg.progress)
-    if cfg.tokenizer_kind == "bpe":
-        learned = cfg.tokenizer_max_vocab or BPE_UNCAPPED
-        tok = BPETokenizer.train(texts, len(BPE_SPECIAL_TOKENS) + 256 + learned,
-                                 pretokenizer="starcoder", special_tokens=BPE_SPECIAL_TOKENS,
-                                 min_frequency=cfg.tokenizer_min_freq)
-    else:
-        tok = CodeTokenizer.train(texts, min_freq=cfg.tokenizer_min_freq,
-                                  max_vocab=cfg.tokenizer_max_vocab, num_workers=dcfg.workers)
-    if dcfg.use_cache:  # the first complete entry stays: another run may be loading it
-        with contextlib.suppress(OSError):  # a read-only cache: the tokenizer is used uncached
-            publish_cache_entry(cached, tok.save, marker="tokenizer.json")
-    print(f"tokenizer: {tok.vocab_size:,} tokens, the {trained}")
-    return tok
+    return trained_tokenizer(dcfg, TokenizerTraining(**fields_of(TokenizerTraining, cfg)))
 
 
 # ---- The run: its directory claimed, then data, model and trainer, restored if continued ----
