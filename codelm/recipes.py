@@ -487,8 +487,9 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
                                "cache_dir": str(work / "cache")}}
     if task == trainconfig.GRPO_TASK:
         values.update({key: str(path) for key, path in grpo_files.items()})
-    if not scratch:
+    if not scratch:  # the preset names the family of the tiny base, whose shape then trains
         values["init_from"] = str(tiny_checkpoint(values.get("preset"), texts, work / "base"))
+        values["preset"] = "auto"
     return values
 
 

@@ -1353,3 +1353,19 @@ def test_the_refactor_recipes_sample_prompt_is_laid_out_as_training_lays_one_out
     head, tail = REFACTOR_TEMPLATE.split("{input}")
     code = prompt[len(head): len(prompt) - len(tail)]
     assert prompt == head + code + tail and code.endswith("\n") and not code.endswith("\n\n")
+
+
+def test_smoke_of_a_pretrained_recipe_trains_the_tiny_base_of_its_presets_family(tmp_path,
+                                                                                capsys):
+    """The smoke's preset names the family of the tiny base it builds, which then trains as it
+    is: the run's checks note no preset beside init_from that goes unused."""
+    import architecture
+    from codelm.models import pretrained
+
+    values = {"task": "completion", "init_from": "models/deepseek", "preset": "qwen2.5-coder-1.5b"}
+    sized = recipes.smoke_train_values(values, tmp_path, 3)
+    base = pretrained.load(sized["init_from"])
+    assert base.cfg.family == architecture.PRESETS["qwen2.5-coder-1.5b"].family and \
+        sized["preset"] == "auto"
+    plan.validate_config(trainconfig.TrainConfig(**{**sized, "out_dir": str(tmp_path / "runs")}))
+    assert "preset" not in capsys.readouterr().err
