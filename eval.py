@@ -53,6 +53,7 @@ from codelm.evaluation.config import (
 from codelm.evaluation.preference_pairs import labelled_path, write_preference_data
 from codelm.evaluation.results import (
     FORMAT_VERSION,
+    OtherEvaluation,
     examples_digest,
     file_name_of,
     finished_models,
@@ -60,6 +61,7 @@ from codelm.evaluation.results import (
     markdown_table,
     problem_paths,
     save,
+    saved_results,
     tokenizer_note,
     unique_label,
 )
@@ -343,11 +345,10 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
         raise
     try:
         _refuse_others_pairs(cfg, out)
-        if cfg.load_generations is not None or any(is_endpoint(spec) for spec in specs):
-            _refuse_results(out)  # these save once, at the end: no results to resume
-        if cfg.load_generations is not None:
-            results = _evaluate_generations(cfg, settings, out)
+        if cfg.load_generations is not None:  # saved once, at the end: done, or to do whole
+            results = _scored_generations(cfg, out) or _evaluate_generations(cfg, settings, out)
         elif any(is_endpoint(spec) for spec in specs):
+            _refuse_results(out)  # these save once, at the end: no results to resume
             results = _evaluate_endpoints(cfg, settings, [parse_endpoint(spec) for spec in specs],
                                           out, progress)
         else:
@@ -509,6 +510,26 @@ def _refuse_results(out: Path) -> None:
     if (out / "results.json").exists():
         raise ValueError(f"{out} holds an evaluation's results (results.json): name another "
                          "--out-dir")
+
+
+def _scored_generations(cfg: EvalConfig, out: Path) -> dict | None:
+    """The results ``out`` holds of this --load-generations evaluation (the same settings and
+    generations file, complete), said so; None where it holds none. Another's are refused."""
+    path = out / "results.json"
+    remedy = "name another --out-dir"
+    saved = saved_results(path, asdict(cfg), remedy)
+    if saved is None:
+        return None
+    file = Path(cfg.load_generations)
+    recorded = saved.get("generations")
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    if not isinstance(recorded, dict) or recorded.get("sha256") != digest \
+            or saved.get("complete") is not True:
+        raise OtherEvaluation(f"{path}: the results of a different evaluation (another "
+                              f"generations file, or unfinished); {remedy}")
+    print(f"note: {out} holds these generations' scores (results.json): shown as saved",
+          file=sys.stderr)
+    return saved
 
 
 def _evaluate_generations(cfg: EvalConfig, settings: TaskSettings, out: Path) -> dict:

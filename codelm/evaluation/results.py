@@ -163,7 +163,7 @@ _RESUME_IGNORES = ("models", "runs_dir", "out_dir", "progress", "workers", "batc
                    "sandbox_may_read_all_files", "compile", "preference_pairs")
 
 
-def _saved_results(path: Path, config: dict, remedy: str, skip_unset: bool = False
+def saved_results(path: Path, config: dict, remedy: str, skip_unset: bool = False
                    ) -> dict | None:
     """The results at ``path`` (None: none yet), refused when made with settings other than
     ``config``'s (``skip_unset``: those left None are not compared)."""
@@ -201,14 +201,14 @@ def _other_evaluation(path: Path, differs: str, remedy: str) -> OtherEvaluation:
 def check_settings_unchanged(cfg: EvalConfig, remedy: str) -> None:
     """Refuse, before a caller's long work, an ``out_dir`` holding results of other settings."""
     if cfg.out_dir is not None:
-        _saved_results(Path(cfg.out_dir) / "results.json", asdict(cfg), remedy, skip_unset=True)
+        saved_results(Path(cfg.out_dir) / "results.json", asdict(cfg), remedy, skip_unset=True)
 
 
 def finished_models(out: Path, results: dict, remedy: str,
                      replace_other_weights: bool = False) -> tuple[list[dict], list[dict]]:
     """Rows and records already saved in ``out`` by the same evaluation; another's are refused."""
     path = out / "results.json"
-    if (old := _saved_results(path, results["config"], remedy)) is None:
+    if (old := saved_results(path, results["config"], remedy)) is None:
         return [], []
     _check_keys(old, ("models", "examples_digest", "rows"), path, remedy)
     if not _same_models(old["models"], results["models"]):
