@@ -681,11 +681,11 @@ def as_flags(options: dict) -> str:
     return " ".join(f"{settings.flag_of(key)} {value}" for key, value in options.items())
 
 
-def training_flags(flags: dict, tokenizer: list[str], block_size: int) -> str:
+def training_flags(flags: dict, tokenizer_flags: list[str], block_size: int | None) -> str:
     """trainingmanager.py's flags for the data dataset.py's ``flags`` prepare (its --data, --task,
-    the other DataConfig keys given as --data-options; with a tokenizer (``tokenizer_words``),
-    the examples' context, ``block_size``, which keys them), so that a run reads this
-    preparation from the cache."""
+    the other DataConfig keys given as --data-options; where a tokenizer built the examples,
+    ``tokenizer_flags`` (``tokenizer_words``) and the examples' context, ``block_size``, which
+    keys them), so that a run reads this preparation from the cache."""
     options = {key: value for key, value in flags.items()
                if key not in ("sources", "val_sources", "test_sources", "task", "block_size",
                               "progress")}
@@ -695,11 +695,11 @@ def training_flags(flags: dict, tokenizer: list[str], block_size: int) -> str:
             words += [flag, *map(shlex.quote, flags[key])]
     if "task" in flags:
         words += ["--task", flags["task"]]
-    if tokenizer:  # the task's examples are cut to it: a run's own would differ
+    if block_size is not None:  # the task's examples are cut to it: a run's own would differ
         words += ["--block-size", str(block_size)]
     if options:
         words += ["--data-options", shlex.quote(json.dumps(options))]
-    return " ".join(words + tokenizer)
+    return " ".join(words + tokenizer_flags)
 
 
 def shown_examples(examples: Dataset, tokenizer: CodeTokenizer | BPETokenizer, n: int) -> str:
@@ -814,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
                 place = tokenizer_cache_dir(cfg, training.tokenizer_min_freq,
                                             training.tokenizer_max_vocab, training.tokenizer_kind)
                 print(f"tokenizer kept at {place}", file=sys.stderr)
+            else:
+                print("note: --no-use-cache: the tokenizer is not kept (a run trains its own "
+                      "again); --use-cache keeps it", file=sys.stderr)
         data = prepare(cfg, tokenizer)
         print(json.dumps(printed_stats(data.stats, cfg), indent=1))  # the counts of every stage
         by_fraction = not (cfg.val_sources or cfg.test_sources)
@@ -834,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         if data.cache_path is not None:
             print(f"cached at {data.cache_path}", file=sys.stderr)  # stdout: the JSON alone
             same = training_flags(flags, tokenizer_words(tokenizer_path, training),
-                                  cfg.block_size)
+                                  None if tokenizer is None else cfg.block_size)
             print(f"trainingmanager.py prepares the same: {same}", file=sys.stderr)
 
     return process.run_tool(work, "interrupted: whole shards are kept, no half-built cache "

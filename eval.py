@@ -517,16 +517,19 @@ def _scored_generations(cfg: EvalConfig, out: Path) -> dict | None:
     generations file, complete), said so; None where it holds none. Another's are refused."""
     path = out / "results.json"
     remedy = "name another --out-dir"
-    saved = saved_results(path, asdict(cfg), remedy)
-    if saved is None:
-        return None
     file = Path(cfg.load_generations)
+    settings_now = asdict(cfg)
+    del settings_now["load_generations"]  # the file as its path and bytes say, below
+    saved = saved_results(path, settings_now, remedy)
+    if saved is None or not file.is_file():  # a missing file: named as a new run names it
+        return None
     recorded = saved.get("generations")
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()
-    if not isinstance(recorded, dict) or recorded.get("sha256") != digest \
-            or saved.get("complete") is not True:
-        raise OtherEvaluation(f"{path}: the results of a different evaluation (another "
-                              f"generations file, or unfinished); {remedy}")
+    if not isinstance(recorded, dict) or saved.get("complete") is not True:
+        raise OtherEvaluation(f"{path}: the results of an unfinished evaluation; {remedy}")
+    if recorded.get("path") != str(file.resolve()) \
+            or recorded.get("sha256") != hashlib.sha256(file.read_bytes()).hexdigest():
+        raise OtherEvaluation(f"{path}: the scores of another generations file "
+                              f"({recorded.get('path')}, or its bytes then); {remedy}")
     print(f"note: {out} holds these generations' scores (results.json): shown as saved",
           file=sys.stderr)
     return saved

@@ -341,12 +341,14 @@ def run_task(spec: str) -> str | None:
 
 
 def trained_task(directory: Path) -> str | None:
-    """The task an HF checkpoint's config.json says codelm trained it on (None: it names none)."""
+    """The task an HF checkpoint's config.json says codelm trained it on (None: it names none,
+    or one this codelm lacks, said so: its prompts then start as a base checkpoint's)."""
     task = pretrained.trained_task(directory)
     if task is not None and task not in trainconfig.ALL_TASKS:
-        raise ValueError(f"{directory / 'config.json'}: {pretrained.TASK_KEY} {task!r} is no "
-                         f"codelm task ({', '.join(trainconfig.ALL_TASKS)}): fix it, or delete "
-                         "the key to read prompts as a base checkpoint's")
+        print(f"warning: {directory / 'config.json'}: {pretrained.TASK_KEY} {task!r} is no "
+              f"codelm task ({', '.join(trainconfig.ALL_TASKS)}): its prompts start as a base "
+              "checkpoint's", file=sys.stderr)
+        return None
     return task
 
 

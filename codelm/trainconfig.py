@@ -70,9 +70,10 @@ class TrainConfig:
     #   least this often)
     tokenizer_max_vocab: int | None = TokenizerTraining.tokenizer_max_vocab  # a trained
     #   tokenizer's cap on learned pieces (its byte and special tokens come on top)
-    tokenizer_kind: str = TokenizerTraining.tokenizer_kind  # the tokenizer a from-scratch run trains: code (codelm's
-    #   CodeTokenizer) or bpe (byte-level BPE in HF's tokenizer.json, StarCoder's pre-tokenizer
-    #   and special tokens: transformers and llama.cpp read it, so GGUF export takes it)
+    tokenizer_kind: str = TokenizerTraining.tokenizer_kind  # the tokenizer a from-scratch run
+    #   trains: code (codelm's CodeTokenizer) or bpe (byte-level BPE in HF's tokenizer.json,
+    #   StarCoder's pre-tokenizer and special tokens: transformers and llama.cpp read it, so
+    #   GGUF export takes it)
     # LoRA (r = 0: full training) and a quantized frozen base (QLoRA)
     lora_r: int = 0  # adapter rank; needs init_from (a random base is not worth freezing)
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r

@@ -3682,6 +3682,10 @@ def test_dataset_py_trains_the_tokenizer_a_run_from_scratch_takes(tmp_path, caps
     context = run.block_size or trainconfig.default_block_size(run)
     prepared = dataset.prepare(trainconfig.data_config(run, context), tok)
     assert str(prepared.cache_path) == cached and prepared.stats["cache_hit"]
+    assert dataset.main([*argv[:argv.index("--tokenizer-kind")], "--task", "completion"]) == 0
+    err = capsys.readouterr().err  # the default tokenizer: its flags are none, the context is
+    flags = shlex.split(err.split("trainingmanager.py prepares the same: ")[1].splitlines()[0])
+    assert "--block-size" in flags and not any(f.startswith("--tokenizer") for f in flags)
     for bad, message in ((["--tokenizer-kind", "bpe"], "--tokenizer-kind sets the tokenizer "
                                                         "--train-tokenizer trains"),
                          (["--train-tokenizer", "--tokenizer", str(kept)], "give one"),

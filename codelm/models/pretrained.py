@@ -504,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
         model = load(args.checkpoint, dtype=args.dtype)
         shard = args.max_shard_gb * 2**30  # inf: one file
-        export_checkpoint(args.out, partial(save, model, max_shard_bytes=shard), args.checkpoint)
+        task = trained_task(args.checkpoint)  # its prompts start as its training's
+        export_checkpoint(args.out, partial(save, model, max_shard_bytes=shard, task=task),
+                          args.checkpoint)
         print(f"wrote {args.out} ({model.cfg.family}, {model.wte.weight.dtype})")
 
     return process.run_tool(convert, "interrupted: nothing written")
