@@ -10,6 +10,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from codelm.runtime import process
 from codelm.runtime.console import progress_bar
@@ -129,19 +131,44 @@ def _say_installed_code(root: Path, installed: list[str]) -> None:
                 shown, root / installed[0])
 
 
-def _source_key(source: str) -> tuple[str, Path | None]:
-    """(the key a finished source is recorded under, its directory or None for a git URL)."""
+def repository_of_url(url: str) -> str:
+    """The ``repo`` of a git URL's records (``url`` without credentials): its path on the host
+    without ``.git`` (``owner/name``, as the GitHub scraper names a repository); a ``file://``
+    URL whole, the one name of a repository on this machine."""
+    if url.startswith("file:"):
+        return url
+    if _SCP_LIKE.match(url):  # git@github.com:owner/name.git
+        path = url.split(":", 1)[1]
+    else:
+        path = urlsplit(url).path
+    return path.strip("/").removesuffix(".git").strip("/")
+
+
+class Source(NamedTuple):
+    """A source of the command line, checked: the key its finished state is recorded under,
+    the ``repo`` of its records, and its directory (None: a git URL or bare repository, cloned)."""
+
+    given: str
+    key: str
+    repo: str
+    root: Path | None
+
+
+def _source(source: str) -> Source:
+    """``source`` checked, with its key and repository name."""
     if "://" in source or _SCP_LIKE.match(source):
-        return redact_url(source), None
+        key = redact_url(source)
+        return Source(source, key, repository_of_url(key), None)
     if is_git_source(source):  # a bare repository on disk: one key however its path is spelled
-        return Path(source).resolve().as_uri(), None
+        key = Path(source).resolve().as_uri()
+        return Source(source, key, repository_of_url(key), None)
     if not Path(source).is_dir():
         raise ValueError(f"{source}: not a directory or a git URL")
     root = Path(source).resolve()
     if not is_utf8(root.name):
         raise ValueError(f"{source!r}: the directory name, which names the repo of its records, "
                          "is not valid UTF-8; rename it")
-    return str(root), root
+    return Source(source, str(root), root.name, root)
 
 
 def collect_local(cfg: LocalConfig) -> Summary:
@@ -156,12 +183,13 @@ def collect_local(cfg: LocalConfig) -> Summary:
         raise ValueError(f"--license {license_id} is not one of --licenses: every source "
                          "would be skipped")
     out, state = output_paths(cfg.out, cfg.state)
-    sources = [(source, *_source_key(source)) for source in cfg.sources]  # all checked up front
-    names = [root.name for _, _, root in sources if root is not None]
+    sources = [_source(source) for source in cfg.sources]  # all checked up front
+    names = [source.repo for source in sources]
     if twice := sorted({name for name in names if names.count(name) > 1}):
-        raise ValueError(f"two directories named {twice[0]}: a directory's name is the repo of "
-                         "its records, so the two would be read as one repository; collect them "
-                         "apart (another --out) or rename one")
+        given = [source.given for source in sources if source.repo == twice[0]]
+        raise ValueError(f"{given[0]} and {given[1]} are both repository {twice[0]!r} (a "
+                         "directory's name, a URL's path), so the two would be read as one; "
+                         "collect them apart (another --out), or rename a directory")
     settings = {"extensions": list(file_filter.extensions), "min_bytes": cfg.min_bytes,
                 "max_bytes": cfg.max_bytes, "branch": cfg.branch,
                 "license": license_id or LICENSE_FROM_FILES,
@@ -178,18 +206,18 @@ def collect_local(cfg: LocalConfig) -> Summary:
             return "collected", collect_directory(root, repo, file_filter, source_license,
                                                   summary, store.shas, cfg.progress)
 
-        for source, key, root in sources:
-            if key in store.done:
+        for source in sources:
+            if source.key in store.done:
                 summary.repos["already_done"] += 1
                 continue
-            if root is None:
+            if source.root is None:
                 # cleanup errors ignored: git's children may still write after an interrupt
                 with tempfile.TemporaryDirectory(prefix=CLONE_PREFIX + process.owner_tag(),
                                                  ignore_cleanup_errors=True) as tmp:
-                    shallow_clone(source, Path(tmp) / "repo", cfg.branch)
-                    how, records = read_source(Path(tmp) / "repo", key)
+                    shallow_clone(source.given, Path(tmp) / "repo", cfg.branch)
+                    how, records = read_source(Path(tmp) / "repo", source.repo)
             else:
-                how, records = read_source(root, root.name)
-            store.commit(key, records)
+                how, records = read_source(source.root, source.repo)
+            store.commit(source.key, records)
             summary.repos[how] += 1
     return summary

@@ -719,17 +719,31 @@ def test_installed_code_left_out_is_said_where_a_source_gives_nothing_else(tmp_p
     assert summary.files["kept"] == 1
 
 
-def test_two_local_directories_of_one_name_are_refused_before_any_is_read(tmp_path):
-    """A directory's name is the repo of its records: two folders named alike would be read
-    as one repository by --task project, so collecting them together is refused, naming it."""
+def test_two_local_sources_of_one_repository_name_are_refused_before_any_is_read(tmp_path):
+    """A directory's name is the repo of its records: two sources named alike would be read as
+    one repository by --task project, so collecting them together is refused, naming both."""
     for parent in ("a", "b"):
         _source_tree(tmp_path / parent / "proj")
     out = tmp_path / "local.jsonl"
-    with pytest.raises(ValueError, match="two directories named proj"):
+    with pytest.raises(ValueError, match=r"a/proj and \S*b/proj are both repository 'proj'"):
         collect_local(LocalConfig(sources=[str(tmp_path / "a" / "proj"),
                                            str(tmp_path / "b" / "proj")], out=str(out),
                                   extensions=["kt"], license="MIT", progress=False))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("url, repo", [
+    ("https://github.com/square/okio.git", "square/okio"),
+    ("https://user:token@github.com/square/okio", "square/okio"),
+    ("git@github.com:square/okio.git", "square/okio"),
+    ("ssh://git@gitlab.com/group/sub/proj.git/", "group/sub/proj"),
+    ("file:///srv/mirrors/okio.git", "file:///srv/mirrors/okio.git")])
+def test_a_git_urls_records_name_its_repository_as_the_github_scraper_does(url, repo):
+    """The repo of a URL's records is its path on the host (GitHub's owner/name, as `scraping
+    github` writes it); a file:// URL, the one name of a repository on the machine, is whole."""
+    from scraping.local import repository_of_url
+
+    assert repository_of_url(url) == repo
 
 
 def test_local_git_url_is_shallow_cloned_and_removed(tmp_path, capsys):
