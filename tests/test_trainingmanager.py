@@ -4138,7 +4138,8 @@ def test_a_resume_keeps_no_best_from_past_its_checkpoint(assets, tmp_path, monke
     """Killed after best/ took step 6's weights and before step 6's checkpoint: resumed from
     step 4 to end there, the run exports step 4's weights where step 4 was its best (best/
     rewritten from the checkpoint), and its last weights, said so, where its best (step 2)
-    is no longer kept; never step 6's, which the resumed run did not reach."""
+    is no longer kept; never step 6's, which the resumed run did not reach, and which are set
+    aside, not deleted (best-step-6-<time>)."""
     import shutil
 
     from safetensors.torch import load_file
@@ -4150,7 +4151,10 @@ def test_a_resume_keeps_no_best_from_past_its_checkpoint(assets, tmp_path, monke
     assert json.loads((run_dir / "best" / "metrics.json").read_text())["step"] == 6
     shutil.rmtree(run_dir / "checkpoints" / "step-6")  # the kill came before it was written
     step4 = load_file(run_dir / "checkpoints" / "step-4" / "model.safetensors")
+    best6 = load_file(run_dir / "best" / "model.safetensors")
     result = tm.train(dataclasses.replace(cfg, resume=str(run_dir), max_steps=4, export=True))
+    [aside] = run_dir.glob("best-step-6-*")
+    assert_bit_equal(best6, load_file(aside / "model.safetensors"))
     assert result.step == 4 and result.best_step == (4 if best_kept else 2)
     exported = json.loads((run_dir / "export" / rundir.EXPORT_RECORD).read_text())
     best = run_dir / "best" / "metrics.json"

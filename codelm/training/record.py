@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import json
 import resource
-import shutil
 import sys
 import time
 import typing
@@ -26,7 +25,7 @@ from codelm.runs.rundir import list_checkpoints
 from codelm.runs.trackers import RunLog
 from codelm.runtime import distributed, process
 from codelm.runtime.console import duration, progress_bar
-from codelm.runtime.distributed import Dist, all_gather, main_first
+from codelm.runtime.distributed import Dist, all_gather, barrier, main_first
 from codelm.runtime.rng import rng_state
 
 if typing.TYPE_CHECKING:
@@ -170,8 +169,9 @@ class RunRecord:
     def best_as_checkpointed(self, state: RunState, model: torch.nn.Module) -> None:
         """best/ as the resumed checkpoint (``state``, ``model`` its weights) knows it
         (collective). One that an evaluation after the checkpoint wrote (the interrupted run's,
-        whose log lines are trimmed) is rewritten from the checkpoint's weights where they are
-        its best, else removed: best/ never holds weights the resumed run has not reached."""
+        whose log lines are trimmed) is set aside as best-step-N-<time>, and best/ written again
+        from the checkpoint's weights where they are its best: best/ never holds weights the
+        resumed run has not reached, and no weights are deleted."""
         written, metrics = None, None
         if self.dist.main:  # read once: every rank acts on what the main one read
             written = rundir.best_step(self.run_dir)
@@ -180,17 +180,22 @@ class RunRecord:
         written, metrics = all_gather((written, metrics), self.dist)[0]
         if written is None or written <= state.step:
             return
+        aside = f"best-step-{written}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if self.dist.main:
+            (self.run_dir / rundir.BEST_DIR).rename(self.run_dir / aside)
+        barrier(self.dist)  # best/ is gone before any rank writes it again
         if metrics is not None:
             self.best(state.step, metrics, model)
-            what = f"rewritten from the checkpoint's weights, its best (step {state.step})"
+            what = f"best/ holds the checkpoint's weights, its best (step {state.step})"
+        elif state.best_step is None:
+            what = ("no best/ (no evaluation before the checkpoint): the run exports its last "
+                    "weights unless an evaluation writes one")
         else:
-            if self.dist.main:
-                shutil.rmtree(self.run_dir / rundir.BEST_DIR)
-            what = (f"removed (the checkpoint's best, step {state.best_step}, is not kept): "
+            what = (f"no best/ (the checkpoint's best, step {state.best_step}, was not kept): "
                     "the run exports its last weights unless it evaluates better")
         if self.dist.main:
             print(f"note: best/ held step {written}'s weights, past the checkpoint resumed "
-                  f"(step {state.step}): {what}")
+                  f"(step {state.step}): set aside as {aside}; {what}")
 
     def _write_best(self, step: int, metrics: dict, tensors: dict) -> None:
         if bad := checkpoint.nonfinite_tensor(tensors):  # best/ holds finite weights only
