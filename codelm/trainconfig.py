@@ -265,6 +265,21 @@ def load_config_file(path: str | os.PathLike) -> dict:
     return values
 
 
+def _resumed_config(run: Path) -> dict:
+    """The checked config.json of the run ``--resume`` names; a damaged one names the copy its
+    newest checkpoint holds, which restores it."""
+    try:
+        return load_config_file(run / rundir.CONFIG_FILE)
+    except ValueError as err:
+        copies = [c / rundir.CONFIG_FILE for c in rundir.list_checkpoints(run)]
+        intact = [copy for copy in copies if copy.is_file()
+                  and not process.manifest_problem(copy.parent, [rundir.CONFIG_FILE])]
+        if not intact:
+            raise
+        raise ValueError(f"{err}; its newest checkpoint holds the run's settings: copy "
+                         f"{intact[-1]} over it") from None
+
+
 # Hugging Face Trainer's spellings of the same settings: accepted, not shown by --help.
 HF_FLAGS = {"lr": ["--learning_rate"], "batch_size": ["--per_device_train_batch_size"],
             "grad_accum": ["--gradient_accumulation_steps"], "epochs": ["--num_train_epochs"],
@@ -320,7 +335,7 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
             raise ValueError(f"--resume {run}: no {rundir.CONFIG_FILE}: not a run directory, or "
                              "its run is starting or stopped before writing it (nothing to "
                              "resume: run the command that started it again)")
-        resumed = load_config_file(saved)
+        resumed = _resumed_config(run)
         # the paths it gives the run must exist (its own copy of an adapter's config replaces it)
         owned = ("init_adapter",) if rundir.adapter_copy(run) else ()
         paths = ("init_from", "init_adapter", "data", "val_data", "test_data")

@@ -1495,6 +1495,24 @@ def test_broken_checkpoint_falls_back_to_the_one_before_and_then_fails_clearly(a
     assert "Traceback" not in err and "weights_only" not in err
 
 
+def test_a_damaged_run_config_names_the_checkpoints_copy_that_restores_it(assets, tmp_path,
+                                                                           capsys):
+    """A run's config.json cut short: --resume names the file and line, and the copy its newest
+    checkpoint holds; that copy put back, the run resumes."""
+    config = _tiny_config_file(assets, tmp_path, max_steps=8)
+    assert tm.main(["--config", config]) == 0
+    run = tmp_path / "runs" / "run"
+    saved = run / rundir.CONFIG_FILE
+    saved.write_text(saved.read_text()[:50])
+    capsys.readouterr()
+    assert tm.main(["--resume", str(run), "--max-steps", "9"]) == 2
+    err = capsys.readouterr().err
+    copy = run / "checkpoints" / "step-8" / rundir.CONFIG_FILE
+    assert f"{saved}: invalid JSON at line" in err and f"copy {copy} over it" in err, err
+    shutil.copyfile(copy, saved)
+    assert tm.main(["--resume", str(run), "--max-steps", "9"]) == 0
+
+
 @pytest.mark.parametrize("name", [rundir.MODEL_FILE, rundir.STATE_FILE, rundir.CONFIG_FILE])
 def test_a_checkpoint_with_flipped_bytes_is_set_aside_and_the_one_before_used(assets, tmp_path,
                                                                               capsys, name):
