@@ -79,9 +79,11 @@ def shallow_clone(url: str, dest: Path, branch: str | None = None) -> None:
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
     result = subprocess.run(cmd + ["--", url, str(dest)], capture_output=True, text=True, env=env,
                             timeout=3600)  # no git installed: an OSError naming it
-    if result.returncode != 0:
-        message = result.stderr.strip().replace(url, redact_url(url))
-        raise ValueError(f"git clone {redact_url(url)} failed: {message}")
+    if result.returncode != 0:  # git's first line says why; the rest is its advice
+        lines = [line for line in result.stderr.splitlines() if line.strip()] or ["no message"]
+        why = lines[0].replace(url, redact_url(url))
+        raise ValueError(f"git clone {redact_url(url)} failed: {why}; check the URL and access "
+                         "to it, or name a checkout's directory")
 
 
 def collect_directory(root: Path, repo: str, file_filter: FileFilter, license_id: str | None,

@@ -772,6 +772,8 @@ def test_local_git_url_is_shallow_cloned_and_removed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a directory or a git URL" in err and "git clone" in err
     assert "Traceback" not in err
+    assert "does not appear to be a git repository; check the URL" in err, err
+    assert err.count("\n") == 2  # one line each
 
 
 # The clone waits once its directory exists, so that a signal lands mid-clone.
