@@ -551,8 +551,12 @@ class MLP(nn.Module):
                      if gated and not self.fused else None)
         self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.mlp_bias)
         self.gated = gated
-        self.act = F.silu if cfg.mlp == "swiglu" else partial(
-            F.gelu, approximate="tanh" if cfg.mlp in ("gelu_tanh", "geglu") else "none")
+        if cfg.mlp == "swiglu":
+            self.act = F.silu
+        elif cfg.mlp in ("gelu_tanh", "geglu"):
+            self.act = partial(F.gelu, approximate="tanh")
+        else:  # gelu (exact)
+            self.act = partial(F.gelu, approximate="none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
@@ -797,16 +801,23 @@ class Transformer(nn.Module):
                 attention_mask: torch.Tensor | None = None, *, reduction: str = "mean",
                 label_smoothing: float = 0.0, grad_scale: torch.Tensor | float | None = None,
                 count_correct: bool = False, document_ids: torch.Tensor | None = None,
-                token_logps: bool = False, temperature: float = 1.0, with_entropy: bool = False):
-        """Logits (B, T, V) of the token ids idx (B, T); attention_mask (B, T), True = real
-        token, for left-padded batches (right padding needs none: attention is causal);
-        document_ids (B, T) for packed rows: each run of equal ids a document of its own, its
-        positions from 0 and its tokens seeing only each other. With targets (B, T)
-        (IGNORE_INDEX where nothing is counted), the next-token cross-entropy instead (see
-        head_loss), never forming the whole logits: the mean over counted tokens, or their
-        sum; with count_correct, (loss, how many are the top logit); with token_logps, each
-        target's log-prob (B, T) instead under the logits divided by temperature, 0 where
-        nothing is counted, and with with_entropy (log-probs, entropies) (head_logps)."""
+                token_logps: bool = False, temperature: float = 1.0, with_entropy: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The model on the token ids idx (B, T).
+
+        attention_mask (B, T): True = real token, for left-padded batches (right padding needs
+        none: attention is causal). document_ids (B, T): packed rows, each run of equal ids a
+        document of its own, its positions from 0 and its tokens seeing only each other.
+
+        Returns, by the arguments given:
+          no targets                -> the logits (B, T, V)
+          targets (B, T)            -> the next-token cross-entropy (IGNORE_INDEX: not
+                                       counted), never forming the whole logits: the mean over
+                                       counted tokens, or their sum (reduction="sum"; head_loss)
+          ... and count_correct     -> (loss, how many counted tokens are the top logit)
+          targets and token_logps   -> each target's log-prob (B, T) under the logits divided
+                                       by temperature, 0 where not counted (head_logps)
+          ... and with_entropy      -> (log-probs, entropies)"""
         if not torch.compiler.is_compiling():
             check_token_ids(idx, targets, self.cfg.vocab_size)
         B, T = idx.shape

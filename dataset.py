@@ -468,8 +468,11 @@ def _chunk_examples(docs: list[Doc], encoder: BatchEncoder, cfg: DataConfig, spl
 
 def _in_sorted(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     """Whether each of ``keys`` is in the sorted array ``sorted_keys``."""
-    at = np.minimum(np.searchsorted(sorted_keys, keys), max(len(sorted_keys) - 1, 0))
-    return sorted_keys[at] == keys if len(sorted_keys) else np.zeros(len(keys), bool)
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), bool)
+    # each key's insertion point, kept inside the array for a key past the last one
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
 
 
 def _write_example_shard(path: Path, examples: _Examples, docs: int, events: Counter
@@ -504,8 +507,10 @@ def _join_example_shards(shards: Sequence[_TaskShard], out: Path, split: str, dt
     offsets[0] = 0
     examples = tokens = 0
     for shard in shards:
-        with np.load(shard.path) as arrays:  # all but the keys
-            part_ids, part_offsets, part_lens = (arrays[name] for name in _Examples._fields[:3])
+        with np.load(shard.path) as arrays:  # not "keys": _train_keys reads those
+            part_ids = arrays["ids"]
+            part_offsets = arrays["offsets"]
+            part_lens = arrays["prompt_lens"]
         n = len(part_lens)
         ids[tokens : tokens + len(part_ids)] = part_ids
         offsets[examples + 1 : examples + n + 1] = part_offsets[1:] + tokens

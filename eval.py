@@ -110,7 +110,7 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
         return []
     specs = []
     for spec in cfg.models:  # resolved quietly: model_specs names a run found by name
-        path = loading.split_label(spec)[1]
+        _, path = loading.split_label(spec)
         specs.append(str(rundir.named_run(path, cfg.runs_dir) or path))
     try:
         specs = specs or [str(latest_run(cfg.runs_dir))]
@@ -672,7 +672,13 @@ def _corpus_items(cfg: TaskSettings, models: Sequence[LoadedModel]
     for task in tasks:
         built = registry.TASKS[task].items(task, docs, cfg, models[0].tokenizer, data_cfg)
         items.update({(task, variant): task_items for variant, task_items in built.items()})
-    return docs, data_cfg, dict(sorted(items.items(), key=lambda item: item[0][1] is not None))
+    return docs, data_cfg, dict(sorted(items.items(), key=_a_variant))
+
+
+def _a_variant(entry: tuple[tuple[str, str | None], list]) -> bool:
+    """Whether a corpus task's items (``_corpus_items``) are of a variant (a docstring prompt)."""
+    (_task, variant), _items = entry
+    return variant is not None
 
 
 def _trained_prompts(cfg: TaskSettings, models: Sequence[LoadedModel]) -> dict[str, str]:

@@ -236,9 +236,9 @@ def _after_step(run: Run, result: TrainResult, signals: StopSignals, progress: P
             result.val_metrics = _evaluate(run, progress, on_eval, memorised)
             result.early_stopped = _stops_early(run, progress)
         now = time.perf_counter()
-        over_time = (loop.max_time_s is not None and now - progress.started > loop.max_time_s
-                     or deadline is not None and now > deadline)
-        stop = signals.stop_requested(record.dist, run.device, over_time)
+        past_max_time = loop.max_time_s is not None and now - progress.started > loop.max_time_s
+        past_deadline = deadline is not None and now > deadline  # the budget's clock
+        stop = signals.stop_requested(record.dist, run.device, past_max_time or past_deadline)
     ends = bool(stop or result.early_stopped or memorised)
     if ends and not logged:  # the run's last step is always logged
         if stats is None:  # the wait for the steps still queued is training time

@@ -322,7 +322,7 @@ def run_config_of(spec: str) -> dict | None:
     """The config.json of the run a ``[LABEL=]PATH`` spec names (the run, its export/, best/ or
     a checkpoint; BASE+ the run's export/); None where it names no run (an HF directory, a hub
     id, another adapter)."""
-    path_spec = split_label(spec)[1]
+    _, path_spec = split_label(spec)
     adapter = _split_adapter(path_spec)[1]
     path = Path(adapter or path_spec)
     if not path.is_dir():

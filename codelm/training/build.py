@@ -110,23 +110,23 @@ def load_or_train_tokenizer(cfg: TrainConfig | DataSettings, dcfg: DataConfig,
     cached) on the data."""
     if saved is not None:
         return load_tokenizer(saved)
-    own = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
+    model_tok_file = Path(cfg.init_from) / TOKENIZER_FILE if cfg.init_from is not None else None
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
-        theirs = load_tokenizer(own) if own is not None and own.is_file() else tok
-        if not same_vocabulary(tok, theirs):
-            print(f"warning: --tokenizer {cfg.tokenizer} differs from {own}, the one "
+        has_model_tok = model_tok_file is not None and model_tok_file.is_file()
+        if has_model_tok and not same_vocabulary(tok, load_tokenizer(model_tok_file)):
+            print(f"warning: --tokenizer {cfg.tokenizer} differs from {model_tok_file}, the one "
                   f"--init-from {cfg.init_from} was trained with", file=sys.stderr)
         if cfg.init_from is not None:
             check_model_tokenizer(tok, tokenizer_path(cfg.tokenizer), cfg.init_from)
         return tok
-    if own is not None:
-        if not own.is_file():
+    if model_tok_file is not None:
+        if not model_tok_file.is_file():
             raise ValueError(f"--init-from {cfg.init_from}: no {TOKENIZER_FILE} in it"
                              f"{where_tokenizer_is(cfg.init_from)}; pass --tokenizer with the "
                              "tokenizer the checkpoint was trained with")
-        tok = load_tokenizer(own)
-        check_model_tokenizer(tok, own, cfg.init_from)
+        tok = load_tokenizer(model_tok_file)
+        check_model_tokenizer(tok, model_tok_file, cfg.init_from)
         return tok
     return trained_tokenizer(dcfg, TokenizerTraining(**fields_of(TokenizerTraining, cfg)))
 
@@ -213,7 +213,8 @@ class Run:
             model_settings = preference_run.without_dropout(model_settings)
         self.model_settings = model_settings
         model = loading.build_model(model_settings, self.data.tok)
-        first = self._check_model(cfg, model, run_dir, device, bool(checkpoints))
+        files_before_config = self._check_model(cfg, model, run_dir, device,
+                                                bool(checkpoints))
         if dist.enabled:  # same init everywhere, but each rank its own dropout stream
             seed_everything(cfg.seed + dist.rank)
         cfg, self.clock, length = self._size(cfg, model, device, dist, created)
@@ -229,7 +230,7 @@ class Run:
             if dist.main and cfg.resume:
                 rundir.trim_metrics(run_dir / rundir.METRICS_FILE, self.state.step,
                                     self.state.last_eval_step)
-            self.record.write_config(cfg, first)
+            self.record.write_config(cfg, files_before_config)
         if checkpoints:
             self.record.best_as_checkpointed(self.state, self.trainer.raw_model)
         self.device = device
@@ -243,11 +244,12 @@ class Run:
 
     def _check_model(self, cfg: TrainConfig, model: nn.Module, run_dir: Path,
                      device: torch.device, continued: bool) -> dict[Path, bytes]:
-        """Refuse what the model cannot export; a preference task's reference log-probs of the
-        starting weights. The files to write with config.json (first)."""
-        first = {}  # atomic, the adapter's config first: a kill mid-write leaves a run that goes on
+        """Refuse what the model cannot export, and attach a preference task's reference
+        log-probs of the starting weights. Returns the files to write before config.json."""
+        files_before_config = {}  # atomic, before config.json: a kill mid-write leaves a run
+        #   that goes on
         if cfg.init_adapter is not None and self.model_settings.adapter_copy is None:
-            first[run_dir / rundir.INIT_ADAPTER_COPY] = (
+            files_before_config[run_dir / rundir.INIT_ADAPTER_COPY] = (
                 Path(cfg.init_adapter) / adapter_config.ADAPTER_CONFIG).read_bytes()
             note = adapter_config.other_base_note(cfg.init_adapter, cfg.init_from)
             if note and process.is_rank_zero():
@@ -256,10 +258,9 @@ class Run:
         check_lora_export(cfg, model)
         check_gguf_export(cfg, model, self.data.tok)
         if cfg.task in PREFERENCE_TASKS:  # of the starting weights, before any step
-            first.update(preference_run.attach_reference(cfg, model.to(device),
-                                                         self.data.batches, run_dir, device,
-                                                         continued))
-        return first
+            files_before_config.update(preference_run.attach_reference(
+                cfg, model.to(device), self.data.batches, run_dir, device, continued))
+        return files_before_config
 
     def _size(self, cfg: TrainConfig, model: nn.Module, device: torch.device, dist: Dist,
               created: float) -> tuple[TrainConfig, BudgetClock | None, int]:

@@ -179,9 +179,11 @@ class Trainer:
         # schedules over settings.max_steps.
         self.run_state = state if state is not None else RunState(max_steps=settings.max_steps)
         self.decay_steps = settings.decay_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, settings.warmup_steps, self.run_state.max_steps, settings.min_lr_ratio,
-            self.decay_steps))
+        def lr_at(step: int) -> float:  # read live: a budgeted run moves max_steps, decay_steps
+            return lr_factor(step, settings.warmup_steps, self.run_state.max_steps,
+                             settings.min_lr_ratio, self.decay_steps)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_at)
         # Loss scaling wherever the backward runs in fp16: fp16 autocast, or a frozen fp16 base
         # under LoRA whatever the precision (its small per-token gradients would underflow).
         self.scaler = torch.amp.GradScaler(
@@ -312,7 +314,10 @@ class Trainer:
         figures.skipped = figures.loss_scaled and self.scaler.get_scale() < scale_before
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if figures.skipped else 0
+        if figures.skipped:
+            self.skipped_in_a_row += 1
+        else:
+            self.skipped_in_a_row = 0
         figures.diverged = self.skipped_in_a_row > MAX_SKIPPED_STEPS
         return figures
 
@@ -355,17 +360,22 @@ class Trainer:
         """Validation loss, perplexity and token accuracy over all tokens, unsmoothed; with
         ``token_bytes``, bits per byte too (comparable across tokenizers)."""
         model = self.eval_model
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sum_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        sum_tokens = torch.zeros_like(sum_loss)
+        sum_correct = torch.zeros_like(sum_loss)
+        sum_bytes = torch.zeros_like(sum_loss)
         for batch in self._eval_batches(batches, total):
             labels = batch["labels"]
             with autocast(self.device, self._eval_precision()):
                 loss, correct = model(batch["input_ids"], labels, reduction="sum",
                                       count_correct=True, document_ids=batch.get("document_ids"))
-            totals[0] += loss.double()
-            totals[1] += (labels != IGNORE_INDEX).sum()
-            totals[2] += correct
+            counted = labels != IGNORE_INDEX
+            sum_loss += loss.double()
+            sum_tokens += counted.sum()
+            sum_correct += correct
             if self.token_bytes is not None:
-                totals[3] += self.token_bytes[labels[labels != IGNORE_INDEX]].sum()
+                sum_bytes += self.token_bytes[labels[counted]].sum()
+        totals = torch.stack([sum_loss, sum_tokens, sum_correct, sum_bytes])  # one all-reduce
         loss_sum, n, correct, n_bytes = all_reduce_sum(totals, self.dist).tolist()
         assert n > 0, "check_next_token_labels found labelled validation tokens"
         loss = loss_sum / n
