@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -525,7 +526,7 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; loss "
             f"{first:.3f} -> {last:.4f} in {steps} steps, {time.perf_counter() - started:.0f} s")
     if last >= OVERFIT_LOSS:
-        by_step = list(enumerate(losses, 1))
+        by_step = [StepLoss(step, loss) for step, loss in enumerate(losses, 1)]
         trend = loss_trend(by_step)
         if trend == "flat":
             why = (f"the loss barely moved: raise --lr ({lr:g}), or check that gradients reach "
@@ -561,32 +562,43 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
                   f"{len(files)} files exactly.")
 
 
-def loss_trend(losses: Sequence[tuple[int, float]]) -> str:
+class StepLoss(NamedTuple):
+    step: int
+    loss: float
+
+
+def loss_trend(losses: Sequence[StepLoss]) -> str:
     """How a loss that should have reached OVERFIT_LOSS ended: "flat" (it barely moved),
     "falling" (still falling over its last quarter of steps: too few steps) or "stalled".
-    ``losses``: (step, loss) pairs, oldest first."""
-    first, last = losses[0][1], losses[-1][1]
+    ``losses``: oldest first."""
+    first = losses[0].loss
+    last = losses[-1].loss
     if last > 0.9 * first:
         return "flat"
-    return "falling" if last < 0.98 * _quarter_back(losses)[1] else "stalled"
+    if last < 0.98 * _quarter_back(losses).loss:
+        return "falling"
+    return "stalled"
 
 
-def steps_to_memorise(losses: Sequence[tuple[int, float]]) -> int:
+def steps_to_memorise(losses: Sequence[StepLoss]) -> int:
     """The step a falling loss reaches OVERFIT_LOSS at the pace of its last quarter (a
     geometric fall), rounded up to two significant digits."""
-    last_step, last = losses[-1]
-    back_step, back = _quarter_back(losses)
-    pace = math.log(last / back) / (last_step - back_step)  # < 0
-    step = last_step + math.ceil(math.log(OVERFIT_LOSS / last) / pace)
+    last = losses[-1]
+    back = _quarter_back(losses)
+    pace = math.log(last.loss / back.loss) / (last.step - back.step)  # < 0
+    step = last.step + math.ceil(math.log(OVERFIT_LOSS / last.loss) / pace)
     unit = 10 ** max(0, len(str(step)) - 2)
     return math.ceil(step / unit) * unit
 
 
-def _quarter_back(losses: Sequence[tuple[int, float]]) -> tuple[int, float]:
-    """The (step, loss) a quarter of the steps (at least 2) before the last one."""
-    last_step = losses[-1][0]
+def _quarter_back(losses: Sequence[StepLoss]) -> StepLoss:
+    """The loss a quarter of the steps (at least 2) before the last one."""
+    last_step = losses[-1].step
     back_to = last_step - max(2, last_step // 4)
-    return next(((step, loss) for step, loss in reversed(losses) if step <= back_to), losses[0])
+    for entry in reversed(losses):
+        if entry.step <= back_to:
+            return entry
+    return losses[0]
 
 
 def overfit_batches_report(cfg: TrainConfig, result: TrainResult) -> tuple[bool, str]:
@@ -620,15 +632,15 @@ def overfit_batches_report(cfg: TrainConfig, result: TrainResult) -> tuple[bool,
     return False, f"{head}: not memorised: {why}"
 
 
-def _logged_losses(run_dir: Path) -> list[tuple[int, float]]:
-    """The (step, loss) of each train line of the run's metrics.jsonl, oldest first."""
+def _logged_losses(run_dir: Path) -> list[StepLoss]:
+    """The loss of each train line of the run's metrics.jsonl, oldest first."""
     losses = []
     with contextlib.suppress(OSError):
         for line in (run_dir / rundir.METRICS_FILE).read_text("utf-8").splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 entry = json.loads(line)
                 if entry["kind"] == "train":
-                    losses.append((int(entry["step"]), float(entry["loss"])))
+                    losses.append(StepLoss(int(entry["step"]), float(entry["loss"])))
     return losses
 
 

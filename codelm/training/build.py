@@ -341,7 +341,9 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
                        if "cache_dir" in settings.data_options else None)
     saved_tok = settings.run_dir / TOKENIZER_FILE
     own_tok = settings.own_tokenizer and saved_tok.is_file()
-    tok = load_or_train_tokenizer(settings, dcfg, saved_tok if own_tok or not dist.main else None)
+    # rank 0 loads or trains the tokenizer and saves it (it runs first); the others read its copy
+    reads_saved = own_tok or not dist.main
+    tok = load_or_train_tokenizer(settings, dcfg, saved_tok if reads_saved else None)
     splits = prepare(dcfg, tok)
     if dist.main:
         print(f"data: {describe_corpus(splits.stats['corpus'])}")
@@ -354,8 +356,9 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
             print(f"note: {note}", file=sys.stderr)
     data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
                "train_examples": len(splits.train), "corpus": corpus_key(dcfg)}
-    return Data(tok, dcfg, example_batches(settings, splits, tok, dcfg.block_size, dist),
-                splits.sample_prompt, data_id, not own_tok)
+    batches = example_batches(settings, splits, tok, dcfg.block_size, dist)
+    return Data(tok=tok, dcfg=dcfg, batches=batches, sample_prompt=splits.sample_prompt,
+                data_id=data_id, new_tokenizer=not own_tok)
 
 
 def split_notes(settings: DataSettings, dcfg: DataConfig, splits: PreparedData) -> list[str]:
@@ -423,7 +426,8 @@ def prepare_problems(settings: DataSettings) -> Data:
     tok = load_or_train_tokenizer(settings, dcfg, saved_tok if own_tok else None)
     batches = rollout.problem_batches(settings)
     sample = SamplePrompt(batches.val[0]["prompt"], True)
-    return Data(tok, dcfg, batches, sample, rollout.data_id(batches), not own_tok)
+    return Data(tok=tok, dcfg=dcfg, batches=batches, sample_prompt=sample,
+                data_id=rollout.data_id(batches), new_tokenizer=not own_tok)
 
 
 def prepare_preference_data(settings: DataSettings, dist: Dist) -> Data:
@@ -434,8 +438,9 @@ def prepare_preference_data(settings: DataSettings, dist: Dist) -> Data:
     tok = load_or_train_tokenizer(settings, DataConfig(), saved_tok if own_tok else None)
     block_size = settings.block_size or default_block_size(settings)
     prepared = preference_run.prepare(settings, tok, block_size, dist)
-    return Data(tok, prepared.dcfg, prepared.batches, prepared.sample_prompt, prepared.data_id,
-                not own_tok)
+    return Data(tok=tok, dcfg=prepared.dcfg, batches=prepared.batches,
+                sample_prompt=prepared.sample_prompt, data_id=prepared.data_id,
+                new_tokenizer=not own_tok)
 
 
 def task_trainer(cfg: TrainConfig, model: nn.Module, device: torch.device, dist: Dist,
