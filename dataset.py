@@ -84,7 +84,7 @@ from codelm.data.examples import (
     examples_for,
     held_out_prompt,
 )
-from codelm.data.project import project_pairs, repository_name
+from codelm.data.project import Pair, project_pairs, repository_name
 from codelm.data.shards import SHARD_FORMAT_VERSION, python_only_note, split_fell_back
 from codelm.data.sources import Doc, plain_text
 from codelm.data.splits import Corpus, Texts, corpus_key, load_corpus, lopsided_note
@@ -259,11 +259,9 @@ def _whole_task_shard(path: Path) -> dict | None:
 # --- Supervised tasks: example shards ---
 
 def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Counter,
-                 encoder: BatchEncoder | None = None
-                 ) -> list[tuple[list[int], list[int], bool, tuple[int, int]]]:
-    """The (prompt ids, completion ids, EOS follows it, the prompt's span truncation cuts first)
-    of split ``s``'s documents ``docs`` (its consecutive ones in ``_example_order``), counting
-    skipped examples in ``events``."""
+                 encoder: BatchEncoder | None = None) -> list[Pair]:
+    """The examples of split ``s``'s documents ``docs`` (its consecutive ones in
+    ``_example_order``), counting skipped examples in ``events``."""
     pairs = []
     if _encodes_files(cfg):
         code = [d for d in docs if d.target is None]
@@ -272,9 +270,13 @@ def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Co
         if cfg.task == "fim":
             files = fim_pairs([(ids, d.id) for d, ids in zip(code, encoded)], tokenizer, cfg,
                                f"fim parts {s}", encoder)
-            pairs = [(p, c, bool(p), (0, 0)) for file_pairs in files for p, c in file_pairs]
+            for file_pairs in files:
+                for prompt, completion in file_pairs:  # no prompt: a plain stretch of the file
+                    pairs.append(Pair(prompt, completion, eos_follows=bool(prompt)))
         else:
-            pairs = [(p, c, False, (0, 0)) for ids in encoded for p, c in window_pairs(ids, cfg)]
+            for ids in encoded:
+                for prompt, completion in window_pairs(ids, cfg):
+                    pairs.append(Pair(prompt, completion, eos_follows=False))
         examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
     elif cfg.task == "project":
         room = cfg.block_size - len(prompt_prefix(tokenizer, cfg.task))
@@ -292,7 +294,7 @@ def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Co
             continue
         # a chat answer that ends with its template's end-of-turn token gets no EOS after it
         marked = cfg.task == "chat" and bool(completion) and tokenizer.is_special(completion[-1])
-        pairs.append((prompt, completion, not marked, span))
+        pairs.append(Pair(prompt, completion, eos_follows=not marked, code_span=span))
     return pairs
 
 

@@ -25,6 +25,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from codelm.data.composers import RepositoryIndex, Tokenizer, compose
 from codelm.data.config import DataConfig
@@ -32,8 +33,14 @@ from codelm.data.sources import Doc
 from codelm.runtime import process
 from codelm.tokenization.batching import MIN_PARALLEL_CHARS, encode_continuation
 
-# (prompt ids, completion ids, EOS follows, the prompt's span truncation cuts first)
-Pair = tuple[list[int], list[int], bool, tuple[int, int]]
+
+class Pair(NamedTuple):
+    """A supervised example's ids, as dataset.py stores them."""
+
+    prompt: list[int]
+    completion: list[int]
+    eos_follows: bool  # an EOS is added after the completion
+    code_span: tuple[int, int] = (0, 0)  # the prompt's span truncation cuts first
 # Units of work a worker gets on average: a large repository's files spread over the workers.
 UNITS_PER_WORKER = 4
 
@@ -71,7 +78,7 @@ def repository_sequence(index: RepositoryIndex, composer: str, block_size: int) 
     anchor = index.paths[0]
     every = compose(index, composer, anchor, index.texts[0], [], 10**12)
     ids = [*every.ids[: len(every.ids) - len(index.opening_ids(anchor))], *index.file_ids(0)]
-    return [([], ids[start : start + block_size], False, (0, 0))
+    return [Pair([], ids[start : start + block_size], eos_follows=False)
             for start in range(0, len(ids), block_size)]
 
 
@@ -99,7 +106,7 @@ def completion_pairs(index: RepositoryIndex, composer: str, cfg: DataConfig, roo
             if budget - len(prefix_ids) < overhead:  # no room for the openings: a tiny block
                 continue
             composed = compose(index, composer, path, prefix, prefix_ids, budget)
-            pairs.append((composed.ids, completion, False, (0, 0)))
+            pairs.append(Pair(composed.ids, completion, eos_follows=False))
     return pairs
 
 
