@@ -309,12 +309,15 @@ def _new_default_dir(parent: Path) -> Path:
 
 
 def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
-             remedy: str | None = None, replace_other_weights: bool = False) -> dict:
+             remedy: str | None = None, replace_other_weights: bool = False,
+             checked: bool = False) -> dict:
     """Evaluate every model of ``cfg`` on the same examples, saving after each model. ``remedy``
     ends the refusal of an out_dir holding another evaluation; ``replace_other_weights`` sets
     aside results there of the same settings but other weights (codelm.recipes' ``<run>/eval``).
-    ``cfg`` is checked first, as the command line's is (a Python caller's too)."""
-    cfg.validate()
+    ``cfg`` is checked first, as the command line's is, unless ``checked``: its caller did
+    (parse_config does)."""
+    if not checked:
+        cfg.validate()
     torch.manual_seed(cfg.seed)
     device, specs = None, []
     if cfg.load_generations is None:  # errors before out_dir is made
@@ -724,7 +727,7 @@ def _evaluate_model(lm: LoadedModel, cfg: TaskSettings, items: dict[tuple[str, s
                "batch_size": cfg.batch_size,  # may differ between models of a resumed evaluation
                "block_size": context,  # the context used: a model's own where cfg's is longer
                "metrics": dict(shared)}
-        for task in dict.fromkeys(cfg.tasks):
+        for task in cfg.tasks:  # each once: validate refuses a task named twice
             if variant is not None and (task, variant) in items:
                 run = registry.TASKS[task].run
                 metrics, task_records = run(lm, task, items[(task, variant)], cfg, variant,
@@ -790,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             if cfg.serve:
                 return serve_models(cfg)
-            results = evaluate(cfg, progress)
+            results = evaluate(cfg, progress, checked=True)  # by parse_config
     except KeyboardInterrupt as stop:
         kept = _kept_unscored(progress, getattr(stop, "unscored", None))
         return _stopped(progress, f"interrupted{kept.during}", process.interrupted_exit_code(stop),
