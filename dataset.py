@@ -53,6 +53,7 @@ from codelm.data.config import (
     REFACTOR_TEMPLATE,
     SPLITS,
     TOKENIZER_KINDS,
+    TOKENIZER_RANGES,
     DataConfig,
     DataError,
     TokenizerTraining,
@@ -758,10 +759,12 @@ def _tokenizer_training(parser: argparse.ArgumentParser, flags: dict,
         return None
     if tokenizer_path is not None:
         parser.error("--tokenizer names a tokenizer, --train-tokenizer trains one: give one")
-    for key in ("tokenizer_min_freq", "tokenizer_max_vocab"):
-        if given.get(key) is not None and given[key] < 1:
-            parser.error(f"{TOKENIZER_FLAGS[key]} {given[key]}: must be >= 1")
-    return TokenizerTraining(**given)
+    training = TokenizerTraining(**given)
+    try:
+        settings.check_ranges(training, TOKENIZER_RANGES)
+    except ValueError as err:
+        parser.error(str(err))
+    return training
 
 
 def tokenizer_words(tokenizer_path: str | None, training: TokenizerTraining | None

@@ -25,6 +25,7 @@ from codelm.data.config import (
     GRPO_TASK,
     PREFERENCE_TASKS,
     TOKENIZER_KINDS,
+    TOKENIZER_RANGES,
     DataConfig,
     TokenizerTraining,
 )
@@ -33,7 +34,7 @@ from codelm.runs.checkpoint import check_run_paths, is_sharded
 from codelm.runs.trackers import TRACKERS
 from codelm.runtime import process, settings
 from codelm.runtime.distributed import STRATEGIES
-from codelm.runtime.settings import setting
+from codelm.runtime.settings import ValueRange, setting
 
 
 @dataclass
@@ -408,17 +409,19 @@ def check_run_name(name: str | None, what: str) -> None:
                          "otherwise")
 
 
-# (keys, test, why) of the settings' own ranges; a key left unset (None) passes.
+# The settings' own ranges (a key left unset, None, passes); a trained tokenizer's are its own.
 VALUE_RANGES = (
-    (("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
-      "decay_steps", "tokenizer_min_freq", "tokenizer_max_vocab", "inject_nan_at_step",
-      "save_every", "eval_examples"), lambda v: v >= 1, "must be >= 1"),
-    (("warmup_steps", "early_stop_patience", "sample_tokens", "weight_decay", "grad_clip",
-      "early_stop_min_delta", "lora_r", "overfit_batches"), lambda v: v >= 0, "must be >= 0"),
-    (("lr", "adam_eps", "epochs", "max_time_s", "time_budget_min"), lambda v: v > 0,
-     "must be > 0"),
-    (("beta1", "beta2", "label_smoothing", "dropout", "lora_dropout"), lambda v: 0 <= v < 1,
-     "must be in [0, 1)"),
+    ValueRange(("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "keep_last",
+                "decay_steps", "inject_nan_at_step", "save_every", "eval_examples"),
+               lambda v: v >= 1, "must be >= 1"),
+    ValueRange(("warmup_steps", "early_stop_patience", "sample_tokens", "weight_decay",
+                "grad_clip", "early_stop_min_delta", "lora_r", "overfit_batches"),
+               lambda v: v >= 0, "must be >= 0"),
+    ValueRange(("lr", "adam_eps", "epochs", "max_time_s", "time_budget_min"), lambda v: v > 0,
+               "must be > 0"),
+    ValueRange(("beta1", "beta2", "label_smoothing", "dropout", "lora_dropout"),
+               lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    *TOKENIZER_RANGES,
 )
 
 
@@ -432,11 +435,7 @@ def check_values(cfg: TrainConfig, where_set: Callable[[str], str] = settings.fl
         value = getattr(cfg, key)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{setting(cfg, key, where_set)}: must be finite")
-    for keys, test, why in VALUE_RANGES:
-        for key in keys:
-            value = getattr(cfg, key)
-            if (only is None or key in only) and value is not None and not test(value):
-                raise ValueError(f"{setting(cfg, key, where_set)}: {why}")
+    settings.check_ranges(cfg, VALUE_RANGES, where_set, only)
 
 
 def check_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.flag_of

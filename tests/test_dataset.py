@@ -3689,7 +3689,8 @@ def test_dataset_py_trains_the_tokenizer_a_run_from_scratch_takes(tmp_path, caps
     for bad, message in ((["--tokenizer-kind", "bpe"], "--tokenizer-kind sets the tokenizer "
                                                         "--train-tokenizer trains"),
                          (["--train-tokenizer", "--tokenizer", str(kept)], "give one"),
-                         (["--train-tokenizer", "--tokenizer-max-vocab", "0"], "must be >= 1")):
+                         (["--train-tokenizer", "--tokenizer-max-vocab", "0"],
+                          "tokenizer_max_vocab (0, --tokenizer-max-vocab): must be >= 1")):
         with pytest.raises(SystemExit):
             dataset.main(bad)
         assert message in capsys.readouterr().err

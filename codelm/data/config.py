@@ -27,6 +27,9 @@ SPLITS = ("train", "val", "test")
 BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
                       "<repo_name>", "<file_sep>")
 TOKENIZER_KINDS = ("code", "bpe")
+# TokenizerTraining's ranges (TrainConfig's keys of the same names: trainconfig.VALUE_RANGES).
+TOKENIZER_RANGES = (settings.ValueRange(("tokenizer_min_freq", "tokenizer_max_vocab"),
+                                        lambda v: v >= 1, "must be >= 1"),)
 # Files of records, read when given as sources: no extension of the code a directory holds.
 RECORD_EXTENSIONS = (".jsonl", ".parquet")
 

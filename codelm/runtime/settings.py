@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # Top-level keys of a recipe (configs/*.json): one section per script that reads it
 # (trainingmanager.py, eval.py, hyperparam_tune.py).
@@ -452,6 +452,28 @@ def flag_of(key: str) -> str:
 def setting(cfg, key: str, where_set: Callable[[str], str] = flag_of) -> str:
     """Field ``key`` as an error names it: "warmup_steps (200, --config run.json)"."""
     return f"{key} ({getattr(cfg, key)!r}, {where_set(key)})"
+
+
+class ValueRange(NamedTuple):
+    """The range of a config's numeric keys (``check_ranges``): a value left None passes."""
+
+    keys: tuple[str, ...]
+    holds: Callable[[Any], bool]
+    why: str  # what the error says of a value outside it: "must be >= 1"
+
+
+def check_ranges(cfg: Any, ranges: Sequence[ValueRange],
+                 where_set: Callable[[str], str] = flag_of,
+                 only: Collection[str] | None = None) -> None:
+    """Each of ``cfg``'s keys ``ranges`` name (``only``: these alone) in its range, else a
+    ValueError naming the key, its value and where it was set."""
+    for value_range in ranges:
+        for key in value_range.keys:
+            value = getattr(cfg, key)
+            if only is not None and key not in only:
+                continue
+            if value is not None and not value_range.holds(value):
+                raise ValueError(f"{setting(cfg, key, where_set)}: {value_range.why}")
 
 
 def off_switch(key: str, where_set: Callable[[str], str] = flag_of) -> str:
