@@ -408,15 +408,17 @@ def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
     _settle(run, progress)
     # The time budget ends the run as it would end, but says that it is not finished.
     result.stopped_by_budget = stop == "time budget" and s.step < s.max_steps
-    if stop not in STOP_SIGNALS:
-        evaluate = s.last_eval_step != s.step
-        if evaluate:
+    if stop not in STOP_SIGNALS:  # the loop ended, or the time budget did
+        needs_eval = s.last_eval_step != s.step
+        if needs_eval:
             with progress.paused():  # no training time: its line's tok/s leaves it out
                 result.val_metrics = _evaluate(run, progress, on_eval)
         # A checkpoint written before this evaluation is written again, holding its result.
-        if evaluate or not record.saved(s.step):
+        if needs_eval or not record.saved(s.step):
             record.checkpoint(s, run.trainer, run.data.batches.order.state_dict())
-        stop = signals.stop_requested(record.dist, run.device)  # one during that evaluation
+        # From here ``stop`` is a signal that came during the evaluation or the export, or
+        # None (the time budget is result.stopped_by_budget).
+        stop = signals.stop_requested(record.dist, run.device)
         progress.close()  # the steps are done: the export's lines go below the bar's last frame
         if loop.export and stop is None:
             result.export_dir, result.sample = finish.export_run(run)

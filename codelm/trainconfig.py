@@ -323,12 +323,15 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     config = args.pop("config", None)
     given = load_config_file(config) if config is not None else {}
     resumed: dict = {}
-    resume_from = args if args.get("resume") is not None else given
-    resume_given = resume_from.get("resume")
+    flag_gave_resume = args.get("resume") is not None
+    resume_given = args["resume"] if flag_gave_resume else given.get("resume")
     out_dir = args["out_dir"] if args.get("out_dir") is not None else given.get("out_dir")
     resume = resume_dir(resume_given, out_dir)
-    if resume != resume_given:
-        resume_from["resume"] = resume
+    if resume != resume_given:  # a run's name under out_dir: its path in the name's place
+        if flag_gave_resume:
+            args["resume"] = resume
+        else:
+            given["resume"] = resume
     if resume and Path(resume).is_dir():  # else check_config says so
         check_resume_location(resume, args, given, config)
         run, saved = Path(resume), Path(resume) / rundir.CONFIG_FILE
