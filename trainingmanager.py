@@ -79,6 +79,7 @@ from codelm.training.trainer import (
 OVERFIT_CORPUS = settings.bundled("data", "overfit")
 OVERFIT_LOSS = 0.05  # "memorised": the --overfit and --overfit-batches target
 OVERFIT_LINE_S = 30.0  # --overfit says how it goes at least this often (a log file has no bar)
+OVERFIT_SHAPE = {"n_layer": 2, "n_head": 4, "n_embd": 128, "mlp_hidden": 256}  # --overfit's model
 
 
 @dataclass
@@ -486,16 +487,16 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
     batch = collate([{"input_ids": torch.tensor(s[:-1]), "labels": torch.tensor(s[1:])}
                      for s in seqs], tok.pad_id)
     block = max(map(len, seqs))  # generation re-creates the whole sequence, final EOS included
-    small = cfg.preset == "auto"  # by default a 2 x 128 model; a named preset is its own shape
+    small = cfg.preset == "auto"  # by default OVERFIT_SHAPE; a named preset is its own shape
+    preset = BUDGET_LADDER[0]["preset"] if small else cfg.preset
+    shape = {}
+    for key, small_value in OVERFIT_SHAPE.items():  # a shape flag given wins
+        shape[key] = getattr(cfg, key) or (small_value if small else None)
     ocfg = dataclasses.replace(
-        cfg, preset=BUDGET_LADDER[0]["preset"] if small else cfg.preset,
-        n_layer=cfg.n_layer or (2 if small else None), n_head=cfg.n_head or (4 if small else None),
-        n_embd=cfg.n_embd or (128 if small else None),
-        mlp_hidden=cfg.mlp_hidden or (256 if small else None), block_size=block, dropout=0.0,
-        lr=lr,
-        warmup_steps=min(20, max_steps // 10), max_steps=max_steps, weight_decay=0.0, grad_accum=1,
-        label_smoothing=0.0, lora_r=0, quantize_bits=0, init_from=None, compile=False,
-    )
+        cfg, preset=preset, **shape, block_size=block, dropout=0.0, lr=lr,
+        warmup_steps=min(20, max_steps // 10), max_steps=max_steps, weight_decay=0.0,
+        grad_accum=1, label_smoothing=0.0, lora_r=0, quantize_bits=0, init_from=None,
+        compile=False)
     seed_everything(ocfg.seed)
     model = Transformer(model_config(ocfg, tok.vocab_size, tok.bos_id, tok.eos_id))
     device = resolve_device(ocfg.device, Dist())
