@@ -495,14 +495,22 @@ def write_cache(cache: LayerCache, slots: torch.Tensor, k: torch.Tensor, v: torc
     ``slots``: (T,) the same slots in every row; (B, T) each row its own (a continuous batch,
     whose rows are at different lengths). They are stored in the cache's dtype (under autocast
     a query/key norm with fp32 weights hands back fp32 keys for a bf16 cache)."""
-    k, v = k.to(cache[0].dtype), v.to(cache[1].dtype)
+    cached_k, cached_v = cache
+    k = k.to(cached_k.dtype)
+    v = v.to(cached_v.dtype)
     if slots.dim() == 1:
-        cache[0].index_copy_(2, slots, k)
-        cache[1].index_copy_(2, slots, v)
+        cached_k.index_copy_(2, slots, k)
+        cached_v.index_copy_(2, slots, v)
         return
     rows = torch.arange(k.shape[0], device=k.device)[:, None]
-    cache[0][rows, :, slots] = k.transpose(1, 2)  # (B, T, n_kv_head, head_dim) at [row, :, slot]
-    cache[1][rows, :, slots] = v.transpose(1, 2)
+    cached_k[rows, :, slots] = k.transpose(1, 2)  # (B, T, n_kv_head, head_dim) at [row, :, slot]
+    cached_v[rows, :, slots] = v.transpose(1, 2)
+
+
+def cache_length(caches: Sequence[LayerCache]) -> int:
+    """The key slots each layer's cache holds."""
+    first_layer_keys, _ = caches[0]
+    return first_layer_keys.shape[2]
 
 
 class Attention(nn.Module):
@@ -767,10 +775,10 @@ class Transformer(nn.Module):
         x = dropout(x, cfg.embedding_dropout, self.training)
         rope = self.rope(pos, x.dtype) if self.rope is not None else None
         sliding = mask  # the sliding layers' mask: the causal one while the window covers all
-        keys = caches[0][0].shape[2] if caches is not None else idx.shape[1]
-        if cfg.sliding_window is not None and cfg.sliding_window < keys:
+        n_keys = cache_length(caches) if caches is not None else idx.shape[1]
+        if cfg.sliding_window is not None and cfg.sliding_window < n_keys:
             q_slots = slots if slots is not None else torch.arange(idx.shape[1], device=x.device)
-            sliding = window_mask(mask, q_slots, keys, cfg.sliding_window)
+            sliding = window_mask(mask, q_slots, n_keys, cfg.sliding_window)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         held = (torch.autograd.graph.save_on_cpu(pin_memory=True)
                 if recompute and self.offload_activations and x.is_cuda else nullcontext())

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from architecture import LayerCache, Transformer
+from architecture import LayerCache, Transformer, cache_length
 from codelm import kernels
 from codelm.models.generation import (
     CACHE_STEP,
@@ -266,7 +266,7 @@ def decode_step(model: Transformer, fed_ids: torch.Tensor, positions: torch.Tens
                 caches: list[LayerCache]) -> torch.Tensor:
     """One token of every row: fed_ids and positions (rows, 1), each row at its own position
     in its own cache row, attending its keys up to there. Returns the logits (rows, V)."""
-    keys = torch.arange(caches[0][0].shape[2], device=fed_ids.device)
+    keys = torch.arange(cache_length(caches), device=fed_ids.device)
     mask = (keys <= positions)[:, None, None, :]  # (rows, 1, 1, length): a row's own keys
     x = model.run_blocks(fed_ids, positions, mask, positions, caches)
     return model.logits(x[:, -1])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from architecture import LayerCache, Transformer, padded_mask, positions
+from architecture import LayerCache, Transformer, cache_length, padded_mask, positions
 from codelm import kernels
 
 # An eager decode step attends the cache up to its longest row rounded up to a multiple of this.
@@ -274,7 +274,8 @@ def _check_no_switch(model: Transformer, idx: torch.Tensor, attention_mask: torc
 
 def _prefill(model: Transformer, idx, attention_mask, caches):
     """Fill the cache with the prompt; return (last logits (B, V), key_valid (B, L), next pos)."""
-    (B, T), length = idx.shape, caches[0][0].shape[2]
+    B, T = idx.shape
+    length = cache_length(caches)
     key_valid = torch.ones(B, length, dtype=torch.bool, device=idx.device)
     if attention_mask is not None:
         key_valid[:, :T] = attention_mask.bool()
