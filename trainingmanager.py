@@ -131,19 +131,22 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
         claimed = rundir.claim_run_dir(cfg.resume, cfg.out_dir, cfg.name, cfg.run_stem,
                                        resume_hint, dist)
         run = Run(cfg, claimed, dist, device, created, resume_hint, restarts, where_set)
-        loop, s, trainer, batches, record = (run.loop, run.state, run.trainer, run.data.batches,
-                                             run.record)
-        progress = Progress(s, loop.progress, dist.main)
+        loop = run.loop
+        state = run.state  # the step loop's own: step, max_steps, best_val_loss, ...
+        trainer = run.trainer
+        batches = run.data.batches
+        record = run.record
+        progress = Progress(state, loop.progress, dist.main)
         signals = StopSignals(trainer.droppable, ends_process)
-        result = TrainResult(record.run_dir, s.best_val_loss, s.step)
+        result = TrainResult(record.run_dir, state.best_val_loss, state.step)
         clock, stop = run.clock, None
         # A budget's steps end: past it the run stops, a decay the machine slowed down cut
         # short, and its last evaluation still ends within the budget.
         deadline = None if clock is None else clock.steps_until
         raised: BaseException | None = None  # what ends the loop, if anything does
         try:
-            result.early_stopped = s.out_of_patience(loop.early_stop_patience)
-            while s.step < s.max_steps and not result.early_stopped:
+            result.early_stopped = state.out_of_patience(loop.early_stop_patience)
+            while state.step < state.max_steps and not result.early_stopped:
                 at_start = None  # where a step that a stop may drop begins
                 if trainer.droppable:
                     at_start = StepStart(batches.order.state_dict(), rng_state(device))
@@ -155,14 +158,14 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None,
                 stop_in_step = signals.for_step(
                     partial(_stop_at_once, run, at_start, result, signals, progress))
                 try:
-                    injected = loop.inject_nan_at_step == s.step + 1
+                    injected = loop.inject_nan_at_step == state.step + 1
                     figures = trainer.train_step(micro_batches, injected, stop_in_step)
                 except StepAbandoned:  # a stop mid-step: the checkpoint is of the step's start
                     stop = signals.reason
                     _drop_step(run, at_start, stop, progress)
                     break
-                s.step += 1
-                run.unread.append(UnreadStep(s.step, where, figures))
+                state.step += 1
+                run.unread.append(UnreadStep(state.step, where, figures))
                 progress.step_done()
                 stop, ends = _after_step(run, result, signals, progress, on_eval, deadline)
                 if ends:
@@ -223,10 +226,10 @@ def _after_step(run: Run, result: TrainResult, signals: StopSignals, progress: P
     """What follows a step: its train line, the evaluation, the stop check and the checkpoint
     where they are due; the steps' figures read back only there (and each step under
     --overfit-batches, whose loss ends the run). The stop asked for, and whether the run ends."""
-    loop, s, record = run.loop, run.state, run.record
-    logged = s.step % loop.log_every == 0 or s.step in (1, s.max_steps)
-    evaluates = s.step % loop.eval_every == 0 and s.step >= loop.warmup_steps
-    saves = s.step % (loop.save_every or loop.eval_every) == 0
+    loop, state, record = run.loop, run.state, run.record
+    logged = state.step % loop.log_every == 0 or state.step in (1, state.max_steps)
+    evaluates = state.step % loop.eval_every == 0 and state.step >= loop.warmup_steps
+    saves = state.step % (loop.save_every or loop.eval_every) == 0
     stats = None
     if logged or evaluates or saves or loop.overfit_batches > 0:
         stats = _settle(run, progress)
@@ -246,9 +249,9 @@ def _after_step(run: Run, result: TrainResult, signals: StopSignals, progress: P
         if stats is None:  # the wait for the steps still queued is training time
             stats = _settle(run, progress)
         _log_step(run, stats, progress)
-    if (saves or ends) and not record.saved(s.step):
+    if (saves or ends) and not record.saved(state.step):
         with progress.paused():
-            record.checkpoint(s, run.trainer, run.data.batches.order.state_dict())
+            record.checkpoint(state, run.trainer, run.data.batches.order.state_dict())
     return stop, ends
 
 
@@ -259,13 +262,13 @@ def _settle(run: Run, progress: Progress) -> StepStats | None:
     unread, run.unread = run.unread, []
     if not unread:
         return None
-    s = run.state
+    state = run.state
     stats = read_steps([step.figures for step in unread])
     for step, step_stats in zip(unread, stats):
         if step_stats.nonfinite:
             _nonfinite(run, step_stats, step.step, step.where)
-        s.tokens_seen += step_stats.tokens
-        s.train_loss = step_stats.loss
+        state.tokens_seen += step_stats.tokens
+        state.train_loss = step_stats.loss
         progress.tokens_done(step_stats.tokens)
     return stats[-1]
 
@@ -281,32 +284,32 @@ def _evaluate(run: Run, progress: Progress, on_eval: Callable[[int, dict], None]
               last: bool = False) -> dict:
     """Evaluate; count it toward early stopping; keep best/; call ``on_eval``. ``last``: the
     run ends after this evaluation (its console line shows no time left)."""
-    s, record = run.state, run.record
+    state, record = run.state, run.record
     metrics = run.trainer.evaluate(*run.data.batches.validation())
     loss = metrics["val_loss"]
     if not math.isfinite(loss):  # the last update made the weights inf or NaN
         causes = divergence_causes(run.loop.lr, run.trainer.precision,
-                                   run.loop.inject_nan_at_step == s.step)
-        record.diverged(f"non-finite validation loss ({loss}) at step {s.step}: the weights "
-                        "diverged", s.step, causes)
-    improved = s.note_evaluation(loss, run.loop.early_stop_min_delta)
-    record.log_evaluation(s, metrics, run.data.batches.epoch(s.step))
+                                   run.loop.inject_nan_at_step == state.step)
+        record.diverged(f"non-finite validation loss ({loss}) at step {state.step}: the weights "
+                        "diverged", state.step, causes)
+    improved = state.note_evaluation(loss, run.loop.early_stop_min_delta)
+    record.log_evaluation(state, metrics, run.data.batches.epoch(state.step))
     progress.eval_line(metrics, last)
     if improved:
         # Never best/ without a checkpoint: a kill between them would leave nothing to resume.
         if record.last_saved_step < 0:
-            record.checkpoint(s, run.trainer, run.data.batches.order.state_dict())
-        record.best(s.step, metrics, run.trainer.raw_model)
+            record.checkpoint(state, run.trainer, run.data.batches.order.state_dict())
+        record.best(state.step, metrics, run.trainer.raw_model)
     if on_eval is not None:
-        on_eval(s.step, dict(metrics))
+        on_eval(state.step, dict(metrics))
     return metrics
 
 
 def _stops_early(run: Run, progress: Progress) -> bool:
-    loop, s = run.loop, run.state
-    if not s.out_of_patience(loop.early_stop_patience):
+    loop, state = run.loop, run.state
+    if not state.out_of_patience(loop.early_stop_patience):
         return False
-    progress.say(f"stopped early at step {s.step} of {s.max_steps}: {loop.early_stop_patience} "
+    progress.say(f"stopped early at step {state.step} of {state.max_steps}: {loop.early_stop_patience} "
                  f"evaluation(s) without a fall of more than {loop.early_stop_min_delta:g} "
                  "(--early-stop-patience, --early-stop-min-delta)")
     return True
@@ -324,11 +327,11 @@ def _follow_clock(run: Run, clock: BudgetClock, progress: Progress) -> BudgetClo
     """A budgeted run's length before the step: in its stable phase the clock's
     (``BudgetClock.stable_length``), fixed when the clock starts the decay; the clock while the
     stable phase lasts, else None."""
-    s = run.state
-    if _decay_due(clock, s.step, progress, run.trainer.dist):
+    state = run.state
+    if _decay_due(clock, state.step, progress, run.trainer.dist):
         _start_decay(run, clock, progress)
         return None
-    s.max_steps = clock.stable_length(s.step, s.max_steps)
+    state.max_steps = clock.stable_length(state.step, state.max_steps)
     return clock
 
 
@@ -337,27 +340,27 @@ def _start_decay(run: Run, clock: BudgetClock, progress: Progress) -> None:
     at the rate its steps ran so far (evaluating and saving left out; the clock counts the
     evaluations due), which fixes the run's length, and config.json records it, which
     reproduces the run (the lr is the peak's until the decay starts, whatever the length)."""
-    s, trainer = run.state, run.trainer
+    state, trainer = run.state, run.trainer
     now = time.perf_counter()
-    step_s = progress.training_s() / max(1, s.step - progress.first_step)
-    decay = distributed.broadcast(clock.decay_steps(s.step, now, step_s), trainer.dist)
-    s.max_steps = s.step + decay
+    step_s = progress.training_s() / max(1, state.step - progress.first_step)
+    decay = distributed.broadcast(clock.decay_steps(state.step, now, step_s), trainer.dist)
+    state.max_steps = state.step + decay
     trainer.decay_steps = decay
-    run.record.follow_decay(s.max_steps, decay)
+    run.record.follow_decay(state.max_steps, decay)
     if trainer.dist.main:
-        print(f"the decay starts at step {s.step}: {step_s:.3f} s a step so far -> decay_steps "
-              f"{decay}, max_steps {s.max_steps} (planned {run.loop.max_steps}; recorded in "
+        print(f"the decay starts at step {state.step}: {step_s:.3f} s a step so far -> decay_steps "
+              f"{decay}, max_steps {state.max_steps} (planned {run.loop.max_steps}; recorded in "
               "config.json)")
 
 
 def _drop_step(run: Run, at_start: StepStart, stop: str, progress: Progress) -> None:
     """A step dropped for a stop: a checkpoint of the step before it with the data order and
     RNG of the dropped step's start, so a resume runs it exactly as it would have run."""
-    s = run.state
+    state = run.state
     _settle(run, progress)
-    if not run.record.saved(s.step):
-        run.record.checkpoint(s, run.trainer, at_start.order, at_start.rng)
-    progress.say(f"{stop}: step {s.step + 1} dropped mid-way, not applied")
+    if not run.record.saved(state.step):
+        run.record.checkpoint(state, run.trainer, at_start.order, at_start.rng)
+    progress.say(f"{stop}: step {state.step + 1} dropped mid-way, not applied")
 
 
 def _stop_at_once(run: Run, at_start: StepStart, result: TrainResult, signals: StopSignals,
@@ -394,8 +397,8 @@ def _nonfinite(run: Run, stats: StepStats, step: int, where: Where) -> None:
     batches = run.data.batches
     value = stats.loss if stats.nonfinite == "loss" else stats.grad_norm
     last = where.position + batches.examples_per_step - 1
-    place = (f"epoch {batches.epoch(step):.3g}, training {batches.unit} {where.position}..{last} of "
-             f"shuffled pass {where.shuffle} of the data; the update was not applied")
+    place = (f"epoch {batches.epoch(step):.3g}, training {batches.unit} {where.position}..{last} "
+             f"of shuffled pass {where.shuffle} of the data; the update was not applied")
     causes = divergence_causes(stats.lr, run.trainer.precision,
                                run.loop.inject_nan_at_step == step)
     run.record.diverged(f"non-finite {stats.nonfinite} ({value}) at step {step}: {place}", step,
@@ -405,18 +408,18 @@ def _nonfinite(run: Run, stats: StepStats, step: int, where: Where) -> None:
 def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
          progress: Progress, on_eval: Callable[[int, dict], None] | None) -> None:
     """After the loop: the last evaluation and checkpoint, the export, and what is left."""
-    loop, s, record = run.loop, run.state, run.record
+    loop, state, record = run.loop, run.state, run.record
     _settle(run, progress)
     # The time budget ends the run as it would end, but says that it is not finished.
-    result.stopped_by_budget = stop == "time budget" and s.step < s.max_steps
+    result.stopped_by_budget = stop == "time budget" and state.step < state.max_steps
     if stop not in STOP_SIGNALS:  # the loop ended, or the time budget did
-        needs_eval = s.last_eval_step != s.step
+        needs_eval = state.last_eval_step != state.step
         if needs_eval:
             with progress.paused():  # no training time: its line's tok/s leaves it out
                 result.val_metrics = _evaluate(run, progress, on_eval)
         # A checkpoint written before this evaluation is written again, holding its result.
-        if needs_eval or not record.saved(s.step):
-            record.checkpoint(s, run.trainer, run.data.batches.order.state_dict())
+        if needs_eval or not record.saved(state.step):
+            record.checkpoint(state, run.trainer, run.data.batches.order.state_dict())
         # From here ``stop`` is a signal that came during the evaluation or the export, or
         # None (the time budget is result.stopped_by_budget).
         stop = signals.stop_requested(record.dist, run.device)
@@ -429,23 +432,23 @@ def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
         if record.dist.main and result.export_dir is not None:
             exported = rundir.exported_step(record.run_dir)
             held = "the last weights" if exported is None else f"best/ of step {exported}"
-            print(f"\n{stop}: the run had finished (checkpoint at step {s.step}, export of "
+            print(f"\n{stop}: the run had finished (checkpoint at step {state.step}, export of "
                   f"{held}); stopping with the signal's exit code")
         elif record.dist.main:
             saved = "stopped" if record.restarts else "checkpoint saved"
-            print(f"\n{stop}: {saved} at step {s.step}; {record.what_next()}")
+            print(f"\n{stop}: {saved} at step {state.step}; {record.what_next()}")
     elif result.stopped_by_budget and record.dist.main:
         saved = "" if record.restarts else "; checkpoint saved"
         exported = ("" if result.export_dir is None else
-                    f"; export/ holds its best weights so far (step {s.best_step})")
+                    f"; export/ holds its best weights so far (step {state.best_step})")
         limit = (f"--max-time-s {loop.max_time_s:g}" if loop.max_time_s is not None else
                  "--time-budget-min, the machine slower than measured")
-        print(f"time budget ({limit}) reached at step {s.step}/{s.max_steps}: the run is not "
+        print(f"time budget ({limit}) reached at step {state.step}/{state.max_steps}: the run is not "
               f"finished{saved}{exported}; {record.what_next()}")
-    result.step = s.step
-    result.best_val_loss = s.best_val_loss
-    result.best_step = s.best_step
-    result.train_loss = s.train_loss
+    result.step = state.step
+    result.best_val_loss = state.best_val_loss
+    result.best_step = state.best_step
+    result.train_loss = state.train_loss
 
 
 # ---- --overfit: the debugging ritual as a command ----
@@ -484,8 +487,8 @@ def run_overfit(cfg: TrainConfig, max_steps: int = OVERFIT_STEPS, lr: float = 3e
     texts = [f.read_text("utf-8") for f in files]
     tok = CodeTokenizer.train(texts, min_freq=1)
     seqs = [[tok.eos_id, *tok.encode(t), tok.eos_id] for t in texts]
-    batch = collate([{"input_ids": torch.tensor(s[:-1]), "labels": torch.tensor(s[1:])}
-                     for s in seqs], tok.pad_id)
+    batch = collate([{"input_ids": torch.tensor(seq[:-1]), "labels": torch.tensor(seq[1:])}
+                     for seq in seqs], tok.pad_id)
     block = max(map(len, seqs))  # generation re-creates the whole sequence, final EOS included
     small = cfg.preset == "auto"  # by default OVERFIT_SHAPE; a named preset is its own shape
     preset = BUDGET_LADDER[0]["preset"] if small else cfg.preset
