@@ -231,12 +231,18 @@ def serve_models(cfg: EvalConfig) -> int:
     return serve(served, cfg.host, cfg.port, cfg.api_key, slots, cfg.compile)
 
 
+def _print_now(text: str) -> None:
+    """``text`` on stdout at once (a streamed completion's piece)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None
              ) -> dict[str, list[str]]:
     """``--prompt``: each model's ``cfg.num_samples`` completions of it, printed as they come;
     returned by label. Sample i is drawn from seed ``cfg.seed`` + i, as a pass@k task draws its
     first problem's samples."""
-    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    write = write or _print_now
     device = loading.device_named(cfg.device)
     specs = model_specs(cfg)
     completions = {}

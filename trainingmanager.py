@@ -459,11 +459,13 @@ def structure_diagnosis(model: nn.Module, vocab_size: int, length: int) -> str |
     earlier logits: a model breaking either still drives the loss down, yet learns nothing."""
     device = next(model.parameters()).device
     model.eval()  # run_overfit's train_step turns training back on
-    g, t = torch.Generator().manual_seed(0), max(4, min(length, 16))
-    x = torch.randint(0, vocab_size, (3, t), generator=g)
-    other, later = x.clone(), x.clone()
-    other[0] = torch.randint(0, vocab_size, (t,), generator=g)
-    later[:, t // 2:] = torch.randint(0, vocab_size, (3, t - t // 2), generator=g)
+    generator = torch.Generator().manual_seed(0)
+    t = max(4, min(length, 16))  # the probe's length
+    x = torch.randint(0, vocab_size, (3, t), generator=generator)
+    other = x.clone()  # its first sample changed
+    other[0] = torch.randint(0, vocab_size, (t,), generator=generator)
+    later = x.clone()  # its second half changed
+    later[:, t // 2:] = torch.randint(0, vocab_size, (3, t - t // 2), generator=generator)
     base = model(x.to(device))
     if not torch.allclose(model(other.to(device))[1:], base[1:], atol=1e-5):
         return ("changing one sample of a batch changed the logits of the others: the "

@@ -160,7 +160,9 @@ class Trainer:
     def __init__(self, model: nn.Module, settings: StepSettings, device: torch.device,
                  dist: Dist | None = None, token_bytes: torch.Tensor | None = None,
                  state: RunState | None = None):
-        self.settings, self.device, self.dist = settings, device, dist or Dist()
+        self.settings = settings
+        self.device = device
+        self.dist = dist or Dist()
 
         self.precision = checked_precision(settings, device)
         self.raw_model = model.to(device)
