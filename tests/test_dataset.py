@@ -3694,3 +3694,24 @@ def test_dataset_py_trains_the_tokenizer_a_run_from_scratch_takes(tmp_path, caps
         with pytest.raises(SystemExit):
             dataset.main(bad)
         assert message in capsys.readouterr().err
+
+
+def test_a_cut_prompt_keeps_its_tail_where_a_token_joins_the_code_and_the_tail():
+    """A byte-level BPE of Llama-3's pre-tokenizer reads ")\\n\\n" as one token: a docstring
+    prompt cut to fit loses the end of its code, never the newlines before "Docstring:" that
+    the token holds; an uncut prompt is the whole text's ids, as the tokenizer reads it."""
+    from codelm.data.encoding import tokenize_examples, truncate_pair
+    from codelm.tokenization.bpe import BPETokenizer
+
+    texts = [f"x{i} = f(a{i}, b)\n\nDocstring: y\n" for i in range(200)]
+    tok = BPETokenizer.train(texts, vocab_size=256 + 120, pretokenizer="llama3")
+    assert len(tok.encode(")\n\n")) == 1  # the token the code and the tail share
+    code = "".join(f"value{i} = compute(value, {i})\n" for i in range(30)) + "result = f(a, b)"
+    example = Example("Class ", "y", body=code, tail="\n\nDocstring:")
+    cfg = DataConfig(task="docstring", block_size=1024, progress=False, num_workers=1)
+    [(prompt, completion, span)] = tokenize_examples([example], tok, cfg, "test")
+    assert prompt == tok.encode(example.prompt)
+    kept, _ = truncate_pair(prompt, completion, 40, None, None, span)
+    text = tok.decode(kept)
+    assert len(kept) < len(prompt) and text.startswith("Class ")
+    assert text.endswith(")\n\nDocstring:"), text

@@ -267,12 +267,24 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
         end = start
         if e.body:
             end = max(start, len(whole) - _common_prefix(whole[::-1], tail[::-1]))
+            end = _before_shared_token(tokenizer, whole, start, end, tail)
         # With pair_special_tokens the text's own BOS goes.
         n = 0
         if reads[i] and not template_writes_start(cfg.task):
             n = len(whole) - len(_without_text_template_prefix(whole, prefix))
         out.append((whole[n:], completion, (max(0, start - n), max(0, end - n))))
     return out
+
+
+def _before_shared_token(tokenizer: CodeTokenizer | BPETokenizer, whole: list[int], start: int,
+                         end: int, tail: list[int]) -> int:
+    """The end of a prompt's body span (``start``, ``end``) moved back over a token the body
+    shares with its tail (a byte-level BPE reads ")\n\n" as one token), so that a cut of the
+    body's end never takes the tail's text with it: the prompt keeps its "\n\nDocstring:"."""
+    tail_length = len(tokenizer.decode(tail, continuation=True))
+    while end > start and len(tokenizer.decode(whole[end:], continuation=True)) < tail_length:
+        end -= 1
+    return end
 
 
 def _template_start_text(tokenizer: CodeTokenizer | BPETokenizer, task: str | None) -> str:
