@@ -2341,6 +2341,27 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
     assert "neither simple nor verbose nor a template" in capsys.readouterr().err
 
 
+def test_a_cut_prompts_prediction_record_holds_the_text_the_model_saw(tiny_models, tmp_path,
+                                                                      monkeypatch):
+    """predictions.jsonl's prompt_tail is the end of the prompt as the model was fed it: a
+    prompt cut to fit the context says so (prompt_cut), lost the end of its code and kept its
+    template's tail."""
+    monkeypatch.setattr(scoring, "generate_texts",
+                        lambda lm, prompts, cfg, *args, **kwargs: ["Doc."] * len(prompts))
+    m = tiny_models
+    out = tmp_path / "cut"
+    assert ev.main(["--models", str(m["base"]), "--data", str(m["code"]), "--tasks",
+                    "docstring", "--docstring-prompts", "simple", "--out-dir", str(out),
+                    *FAST_FLAGS, "--block-size", "48", "--max-new-tokens", "8"]) == 0
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records and all(r["prompt_cut"] is True for r in records)
+    for record in records:
+        assert record["prompt_tail"].startswith("Class class Account"), record["prompt_tail"]
+        assert record["prompt_tail"].endswith("\n\nDocstring:"), record["prompt_tail"]
+        assert len(m["tok"].encode(record["prompt_tail"])) <= 48 - 8
+
+
 def test_a_long_docstring_template_is_one_short_cell_of_the_table():
     """A template of one's own longer than 40 characters shows its start and a hash in the
     table (two long templates with one start stay apart); a short one shows whole, on one

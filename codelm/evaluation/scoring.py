@@ -156,17 +156,25 @@ def _generation(lm: LoadedModel, cfg: Scoring,
     tok, model = lm.tokenizer, lm.model
     eos = chat_stop_ids(lm) if chat else stop_ids(lm)
     new_tokens = _new_tokens(lm, cfg)
-    start = [] if chat else lm.prompt_start
-    room = prompt_room(lm, cfg, start)
-    if max_prompt_tokens is not None:
-        room = min(room, max_prompt_tokens)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     gen = GenerationConfig(new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, eos_id=eos or None, generator=generator,
                            pad_id=tok.pad_id if tok.pad_id is not None else (eos or [0])[0],
                            compile=cfg.compile, **options)
-    prompts = [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
+    prompts = prompts_as_fed(lm, cfg, prompt_ids, max_prompt_tokens, chat)
     return gen, eos, [_opened(prompt, tok.bos_id, eos) for prompt in prompts]
+
+
+def prompts_as_fed(lm: LoadedModel, cfg: Scoring,
+                   prompt_ids: Sequence[tuple[list[int], tuple[int, int]]],
+                   max_prompt_tokens: int | None = None, chat: bool = False) -> list[list[int]]:
+    """Each prompt's ids as the model is fed them: after ``LoadedModel.prompt_start`` (a chat
+    rendering whole), cut (code first, ``fit_prompt``) to leave room for the new tokens."""
+    start = [] if chat else lm.prompt_start
+    room = prompt_room(lm, cfg, start)
+    if max_prompt_tokens is not None:
+        room = min(room, max_prompt_tokens)
+    return [start + fit_prompt(ids, room, span) for ids, span in prompt_ids]
 
 
 def _opened(prompt: list[int], bos_id: int | None, eos: list[int]) -> list[int]:

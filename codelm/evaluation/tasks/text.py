@@ -248,9 +248,13 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[Example],
     ids = [(prompt, span) for prompt, _, span in trained]
     if task == "line":  # its reference is the next line that is not blank: so is its prediction
         cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, LINE_NEW_TOKENS))
-    raw = scoring.generate_texts(
-        lm, prompts, cfg, stops, desc=task, prompt_ids=ids, start=start,
-        max_prompt_tokens=data_cfg.max_prompt_tokens if data_cfg else None)
+    max_prompt_tokens = data_cfg.max_prompt_tokens if data_cfg else None
+    raw = scoring.generate_texts(lm, prompts, cfg, stops, desc=task, prompt_ids=ids, start=start,
+                                 max_prompt_tokens=max_prompt_tokens)
+    opening = len(lm.prompt_start)
+    fed = [fed_ids[opening:] for fed_ids in scoring.prompts_as_fed(lm, cfg, ids, max_prompt_tokens)]
+    cut = [len(kept) < len(prompt_ids) for kept, (prompt_ids, _) in zip(fed, ids)]
+    tails = [lm.tokenizer.decode(kept[-300:]) for kept in fed]  # the text the model saw
     preds = [clean_pred(t) for t in raw]
     empty = sum(not y for y in preds)
     if empty * 2 >= len(preds):  # scores near 0, and no bug of the evaluation's
@@ -258,9 +262,9 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[Example],
               "model's text ended, or held only whitespace, before any code)", file=sys.stderr)
     refs = [clean_ref(e.completion) for e in examples]
     records = [{"model": lm.label, "task": task, "variant": variant, "id": e.id,
-                "prompt_tail": p[-300:], "reference": r, "prediction": y,
-                "edit_sim": fuzz_ratio(_edit_form(task, y), _edit_form(task, r))}
-               for e, p, r, y in zip(examples, prompts, refs, preds)]
+                "prompt_tail": tail[-300:], "prompt_cut": was_cut, "reference": r,
+                "prediction": y, "edit_sim": fuzz_ratio(_edit_form(task, y), _edit_form(task, r))}
+               for e, tail, was_cut, r, y in zip(examples, tails, cut, refs, preds)]
     loss = {}
     if cfg.reference_loss:
         loss = {"loss": scoring.score_supervised(lm, examples, cfg, data_cfg)}
