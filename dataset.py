@@ -57,6 +57,7 @@ from codelm.data.config import (
     DataConfig,
     DataError,
     TokenizerTraining,
+    checkpoint_context,
     docstring_template,
 )
 from codelm.data.datasets import LMWindows, PreparedData, SupervisedExamples
@@ -815,6 +816,11 @@ def main(argv: list[str] | None = None) -> int:
                      "--train-tokenizer) too")
 
     def work() -> None:
+        context = checkpoint_context(tokenizer_path) if tokenizer_path else None
+        if "block_size" not in flags and context is not None:  # a model's directory
+            flags["block_size"] = context
+            print(f"note: block_size {context}: the context of {tokenizer_path}, as a run "
+                  "--init-from it takes (--block-size sets another)", file=sys.stderr)
         cfg = settings.config_from_dict(DataConfig, flags, "command line", CHOICES)
         if cfg.use_cache:
             make_cache_dir(cfg.cache_dir, "--cache-dir" if "cache_dir" in flags else None)

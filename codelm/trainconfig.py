@@ -23,11 +23,13 @@ from architecture import PRESETS, SHORT_DTYPES, ModelConfig
 from codelm.data.config import (
     ALL_TASKS,
     GRPO_TASK,
+    MAX_DEFAULT_CONTEXT,
     PREFERENCE_TASKS,
     TOKENIZER_KINDS,
     TOKENIZER_RANGES,
     DataConfig,
     TokenizerTraining,
+    checkpoint_context,
 )
 from codelm.runs import rundir
 from codelm.runs.checkpoint import check_run_paths, is_sharded
@@ -671,20 +673,12 @@ def has_final_eval(cfg: TrainConfig) -> bool:
     return cfg.final_eval and cfg.export and cfg.task == "lm" and cfg.lora_r == 0
 
 
-# The longest training sequence a pretrained model's run takes where block_size is unset.
-MAX_DEFAULT_CONTEXT = 1024
-# The keys of an HF config.json that hold the model's context, in the order families use them.
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
-
-
 def default_block_size(cfg: TrainConfig | DataSettings) -> int:
     """The preset's context from scratch; with init_from its context, at most
-    MAX_DEFAULT_CONTEXT."""
+    MAX_DEFAULT_CONTEXT (``checkpoint_context``)."""
     if cfg.init_from is None:
         return PRESETS[cfg.preset].block_size  # plan.validate_config checked the preset
-    config = settings.read_json_object(Path(cfg.init_from) / rundir.HF_CONFIG, "model config")
-    context = next((config[k] for k in CONTEXT_KEYS if k in config), MAX_DEFAULT_CONTEXT)
-    return min(int(context), MAX_DEFAULT_CONTEXT)
+    return checkpoint_context(cfg.init_from) or MAX_DEFAULT_CONTEXT
 
 
 def data_config(cfg: TrainConfig | DataSettings, block_size: int | None = None) -> DataConfig:

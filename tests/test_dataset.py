@@ -3715,3 +3715,31 @@ def test_a_cut_prompt_keeps_its_tail_where_a_token_joins_the_code_and_the_tail()
     text = tok.decode(kept)
     assert len(kept) < len(prompt) and text.startswith("Class ")
     assert text.endswith(")\n\nDocstring:"), text
+
+
+def test_dataset_py_builds_a_models_examples_at_the_context_its_run_takes(tmp_path, capsys,
+                                                                            tok):
+    """--tokenizer naming a model's directory builds the examples at the context a run
+    --init-from it takes (its own, at most 1024), said so, unless --block-size is given; the
+    run of the printed flags reads the same entry."""
+    import shlex
+
+    from tiny_hf import save_tiny_hf
+
+    from codelm import trainconfig
+    from codelm.training import plan
+
+    model = tmp_path / "model"
+    save_tiny_hf("llama", model, vocab_size=tok.vocab_size, max_position_embeddings=96)
+    tok.save(model)
+    argv = ["--sources", str(EMAIL), "--split-by", "file", "--val-frac", "0.2", "--test-frac",
+            "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--task", "completion",
+            "--tokenizer", str(model)]
+    assert dataset.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"note: block_size 96: the context of {model}" in err
+    flags = shlex.split(err.split("trainingmanager.py prepares the same: ")[1].splitlines()[0])
+    run = plan.parse_config([*flags, "--init-from", str(model), "--max-steps", "1"])
+    assert run.block_size == 96 == trainconfig.default_block_size(run)
+    assert dataset.main([*argv, "--block-size", "64"]) == 0
+    assert "note: block_size" not in capsys.readouterr().err

@@ -67,6 +67,26 @@ def _default_cache_dir() -> str:
     return str(settings.cache_root() / "data")
 
 
+# The longest training sequence a pretrained model's run takes where block_size is unset.
+MAX_DEFAULT_CONTEXT = 1024
+# The keys of an HF config.json that hold the model's context, in the order families use them.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def checkpoint_context(directory: str | Path) -> int | None:
+    """The context a run from the HF checkpoint in ``directory`` takes where block_size is
+    unset: the model's own, at most MAX_DEFAULT_CONTEXT; None where its config.json names none
+    (or it has none: a tokenizer's directory alone)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    config = settings.read_json_object(path, "model config")
+    context = next((config[k] for k in CONTEXT_KEYS if k in config), None)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+        return None
+    return min(context, MAX_DEFAULT_CONTEXT)
+
+
 @dataclass(frozen=True)
 class TokenizerTraining:
     """A tokenizer trained on a corpus's train split (``dataset.trained_tokenizer``): a
