@@ -929,6 +929,12 @@ def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path, capsys)
                          "--no-progress"]) == 0
     assert "note: split by file, not repo: the sources hold fewer repositories than splits" in (
         capsys.readouterr().err)
+    # pair records hold no repository: their split by file is no fallback to name
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"input": f"x = {i}\n", "output": f"y = {i}\n"}
+                                                   for i in range(30)])
+    assert dataset.main(["--sources", str(pairs), "--cache-dir", str(tmp_path / "cache"),
+                         "--no-progress"]) == 0
+    assert "fewer repositories" not in capsys.readouterr().err
 
 
 def test_split_by_file_has_no_file_in_two_splits_and_ignores_order(tmp_path):

@@ -385,8 +385,10 @@ def describe_corpus(stats: dict, splits: bool = True) -> str:
 
 
 def split_fell_back(stats: dict) -> bool:
-    """Whether a corpus asked to split by repository was split by file (too few repositories
-    to fill the splits)."""
+    """Whether a corpus of code asked to split by repository was split by file (too few
+    repositories to fill the splits); pair records alone have no repository to split by."""
+    if sum(stats.get("pairs") or []) >= stats["kept"]["files"]:
+        return False
     return stats.get("split_by_asked", stats.get("split_by")) != stats.get("split_by")
 
 
