@@ -479,8 +479,12 @@ class ResumableOutput:
             raise ValueError(
                 f"{self.out} is shorter than {self.state} records ({size} < {self.end} "
                 "bytes); it was changed outside the scraper. Use a new --out to start over")
-        os.truncate(self.state, good)
-        os.truncate(self.out, self.end)
+        # Cut back only what a killed run left past its last record: a file left as it is keeps
+        # its timestamp, which the data caches read (an unchanged output stays unchanged).
+        if self.state.stat().st_size != good:
+            os.truncate(self.state, good)
+        if size != self.end:
+            os.truncate(self.out, self.end)
 
     def commit(self, repo: str, records: list[dict]) -> None:
         data = encode_records(records)

@@ -1996,7 +1996,8 @@ def test_local_records_its_licence_filter_sorted(tmp_path):
 def test_local_collection_says_what_an_empty_or_finished_collection_did(tmp_path, capsys):
     """scraping local: an empty directory warns that no file was found; filters that keep
     nothing name local's own (--extensions, not github's --language); a second run into the
-    same --out says the file is unchanged, its sources collected before, not "wrote"."""
+    same --out says the file is unchanged, its sources collected before, not "wrote", and
+    leaves it so, its timestamp too (what the data caches key a source by)."""
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["local", str(empty), "--out", str(tmp_path / "e.jsonl")]) == 0
@@ -2011,7 +2012,11 @@ def test_local_collection_says_what_an_empty_or_finished_collection_did(tmp_path
     assert "warning: no file kept" in err and "(--extensions, size limits)" in err
     assert main(["local", str(code), "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().err
+    os.utime(out, ns=(10**18, 10**18))  # a timestamp the re-run would move, were it written
+    state = out.with_name(out.name + ".state")
+    os.utime(state, ns=(10**18, 10**18))
     assert main(["local", str(code), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"{out} unchanged" in err and "wrote" not in err and "warning" not in err
+    assert out.stat().st_mtime_ns == state.stat().st_mtime_ns == 10**18
     assert len(out.read_text().splitlines()) == 1
