@@ -44,8 +44,12 @@ def export(source: str, out: Path, outtype: str, tokenizer: str | None = None,
                                 what="export-gguf", unquantized=True)
     writer.check_exportable(loaded.model, loaded.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)  # as a run's --out-dir is made
+    fim = True  # a checkpoint that is no run's: its own training may hold it
+    if loaded.run_config is not None:
+        fim = writer.fills_in_middle(loaded.run_config.get("task", "lm"),
+                                     loaded.run_config.get("init_from"))
     return writer.save(loaded.model, loaded.tokenizer, out, outtype, name=loaded.label,
-                       prompt_start=loaded.prompt_start)
+                       prompt_start=loaded.prompt_start, fill_in_middle=fim)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -377,14 +377,21 @@ def _write(writer, model: Transformer, tok, outtype: str, name: str,
         writer.write_tensors_to_file(progress=progress)
 
 
-def modelfile(gguf_file: Path, tok) -> str:
+def fills_in_middle(task: str, init_from: str | None) -> bool:
+    """Whether a run's model may fill in the middle: one trained from scratch learned it under
+    the fim task alone; the checkpoint a run started from (``init_from``) may hold it."""
+    return task == "fim" or init_from is not None
+
+
+def modelfile(gguf_file: Path, tok, fill_in_middle: bool = True) -> str:
     """An Ollama Modelfile for the export: completion of the raw prompt, fill-in-the-middle in
-    the tokenizer's FIM tokens when Ollama passes a suffix, the end-of-text token as a stop; a
-    tokenizer with a chat template names no TEMPLATE, so that Ollama takes the GGUF's."""
+    the tokenizer's FIM tokens when Ollama passes a suffix (``fill_in_middle``: a model that
+    learned it, ``fills_in_middle``), the end-of-text token as a stop; a tokenizer with a chat
+    template names no TEMPLATE, so that Ollama takes the GGUF's."""
     lines = [f"FROM {_from_path(gguf_file)}"]
     fim = (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id)
     if getattr(tok, "chat_template", None) is None:
-        lines.append(_completion_template(tok, fim))
+        lines.append(_completion_template(tok, fim if fill_in_middle else (None, None, None)))
     stops = [i for i in (tok.eos_id, *fim) if i is not None]
     lines += [f'PARAMETER stop "{tok.decode([i])}"' for i in dict.fromkeys(stops)]
     return "\n".join(lines) + "\n"
@@ -434,16 +441,18 @@ def _runs(recipe: Path, out: Path) -> bool:
 
 
 def save(model: Transformer, tok, out: Path, outtype: str, name: str = "codelm",
-         prompt_start: Sequence[int] | None = None, progress: bool = True) -> Path:
+         prompt_start: Sequence[int] | None = None, progress: bool = True,
+         fill_in_middle: bool = True) -> Path:
     """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` and its Modelfile
     (``modelfile_path``) beside it, together through ``process.write_atomic_files``: a failed or
     stopped write leaves neither, nor a temporary file; return ``out``. ``prompt_start`` and
-    ``progress``: as ``write_gguf``'s."""
+    ``progress``: as ``write_gguf``'s; ``fill_in_middle``: as ``modelfile``'s."""
     out = Path(out)
     gguf_file = process.WrittenAt(partial(write_gguf, model, tok, outtype=outtype, name=name,
                                           prompt_start=prompt_start, progress=progress))
     try:
-        process.write_atomic_files({out: gguf_file, modelfile_path(out): modelfile(out, tok)})
+        recipe = modelfile(out, tok, fill_in_middle)
+        process.write_atomic_files({out: gguf_file, modelfile_path(out): recipe})
     except OSError as e:
         raise ValueError(f"{e.filename or out}: cannot write ({e.strerror or e})") from None
     return out

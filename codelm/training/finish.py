@@ -178,7 +178,8 @@ def write_gguf(settings: ExportSettings, model: nn.Module, tok: CodeTokenizer | 
         model = pretrained.load(settings.init_from, dtype="fp32", device="cpu")
         lora.load_adapter(model, export)
     return writer.save(model, tok, export / rundir.GGUF_FILE, settings.export_gguf, name,
-                       prompt_prefix(tok, settings.task), settings.progress)
+                       prompt_prefix(tok, settings.task), settings.progress,
+                       writer.fills_in_middle(settings.task, settings.init_from))
 
 
 def unsharded_copy(run: Run) -> nn.Module | None:
