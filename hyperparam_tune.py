@@ -411,13 +411,34 @@ def _tell(trial: optuna.Trial, state: TrialState, value: float | None = None) ->
 
 # --------------------------------------------------- checks before the first trial costs anything
 
+def train_config_values(path: str) -> dict:
+    """--train-config's values: a file of trainingmanager keys, or a run's directory (its
+    config.json, less the resume that names that run)."""
+    if not Path(path).is_dir():
+        return trainconfig.load_config_file(path)
+    run_config = Path(path) / rundir.CONFIG_FILE
+    if not run_config.is_file():
+        raise ValueError(f"--train-config {path}: a directory without {rundir.CONFIG_FILE}: "
+                         "name a config file, or a run's directory")
+    values = trainconfig.load_config_file(run_config)
+    values.pop("resume", None)
+    return values
+
+
+# The flags of trainingmanager's settings, which a sweep's trials take from --train-config.
+TRAINING_FLAGS = {settings.flag_of(f.name): "a training setting: give it in --train-config "
+                  "FILE.json (trainingmanager keys), or name a run's directory there"
+                  for f in dataclasses.fields(trainconfig.TrainConfig)
+                  if f.name not in {g.name for g in dataclasses.fields(TuneConfig)}}
+
+
 def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:
     """The space and the ``--train-config`` values (paths absolute), checked: an example trial
     and each choice and range bound pass the trainer's checks."""
     space = load_space(cfg.space)
     base: dict = {}
     if cfg.train_config:
-        base = trainconfig.load_config_file(cfg.train_config)
+        base = train_config_values(cfg.train_config)
         search_space.check_no_resume_or_time_budget(base, cfg.train_config)
         base = search_space.absolute_paths(base, cfg.train_config)
     if cfg.data is not None:
@@ -803,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = None
     try:
         with process.interrupt_on_sigterm():
-            cfg = parse_config(argv)
+            cfg = parse_config(argv, TRAINING_FLAGS)
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
             return tune(cfg)

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy.exc
@@ -22,7 +22,8 @@ class TuneConfig:
     # study and sampling
     study_name: str = "codelm-from-scratch"  # the Optuna study; rerunning one continues it
     space: str = "from-scratch"  # a built-in space name or a JSON file
-    train_config: str | None = None  # trainingmanager JSON config under the space's base values
+    train_config: str | None = None  # trainingmanager JSON config (or a run's directory: its
+    #   config.json), its values over the space's base values
     data: list[str] | None = None  # the trials' training data (files, directories, JSONL,
     #   Parquet; trainingmanager's --data) over --train-config's; None: theirs, or the stdlib
     n_trials: int = 12  # total finished trials the study should hold (shared by all workers)
@@ -90,19 +91,23 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TuneConfig:
     return _check_ranges(cfg, lambda key: source if key in values else settings.flag_of(key))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(foreign_flags: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The flags of TuneConfig; ``foreign_flags``: flags of other commands, each with what to
+    do instead (an unknown flag's error says it)."""
     parser = settings.ArgumentParser(
         prog="hyperparam_tune.py", argument_default=argparse.SUPPRESS,
         description="Optuna sweep over trainingmanager runs. Flags override --config; with no "
         "flags, a small from-scratch sweep on the stdlib corpus.")
+    parser.foreign_flags = dict(foreign_flags or {})
     parser.add_argument("--config", help="JSON or YAML file of TuneConfig keys; flags override it")
     settings.add_print_config(parser)
     return settings.add_config_flags(parser, TuneConfig, _CHOICES)
 
 
-def parse_config(argv: Sequence[str] | None = None) -> TuneConfig:
-    """Defaults < ``--config`` file < command-line flags."""
-    args = vars(build_parser().parse_args(argv))
+def parse_config(argv: Sequence[str] | None = None,
+                 foreign_flags: Mapping[str, str] | None = None) -> TuneConfig:
+    """Defaults < ``--config`` file < command-line flags (``foreign_flags``: build_parser's)."""
+    args = vars(build_parser(foreign_flags).parse_args(argv))
     cfg = settings.resolve_config(TuneConfig, args, section="tune", choices=_CHOICES)
     cfg = dataclasses.replace(cfg, storage=absolute_sqlite(cfg.storage))
     where = settings.where_set_in(args, "tune")

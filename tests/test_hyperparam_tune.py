@@ -2379,3 +2379,25 @@ def test_a_recipe_s_tune_section_is_read_beside_its_train_section(tmp_path):
     cfg = hyperparam_tune.parse_config(["--config", str(recipe)])
     assert (cfg.n_trials, cfg.study_name) == (3, "from-recipe")
 
+
+
+def test_a_runs_directory_is_a_train_config_and_training_flags_point_there(tmp_path, capsys):
+    """--train-config takes a run's directory (its config.json, less the resume naming that
+    run); a trainingmanager flag typed on the sweep's command line is named as a training
+    setting that goes there; a directory holding no config.json is refused."""
+    run = tmp_path / "runs" / "base-run"
+    run.mkdir(parents=True)
+    values = {"preset": "tiny", "tokenizer_kind": "bpe", "tokenizer_max_vocab": 300,
+              "resume": str(run), "block_size": 64}
+    (run / "config.json").write_text(json.dumps(values), "utf-8")
+    assert hyperparam_tune.train_config_values(str(run)) == {
+        key: value for key, value in values.items() if key != "resume"}
+    cfg = hyperparam_tune.TuneConfig(train_config=str(run), out_dir=str(tmp_path / "out"))
+    _, base = hyperparam_tune.check_before_trials(cfg)
+    assert base["tokenizer_kind"] == "bpe" and "resume" not in base
+    with pytest.raises(ValueError, match=r"a directory without config.json: name a config"):
+        hyperparam_tune.train_config_values(str(tmp_path))
+    with pytest.raises(SystemExit):
+        hyperparam_tune.main(["--tokenizer-kind", "bpe"])
+    assert ("unknown flag --tokenizer-kind: a training setting: give it in --train-config"
+            in capsys.readouterr().err)

@@ -512,6 +512,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        self.foreign_flags: dict[str, str] = {}  # another command's flag -> what to do here
 
     def error(self, message: str) -> typing.NoReturn:
         message = " ".join(message.split())  # one line, whatever a type's error holds
@@ -533,6 +534,8 @@ class ArgumentParser(argparse.ArgumentParser):
         begins or resembles, or --help."""
         if owners := self._subcommands_taking(flag):  # another subcommand's flag
             return f" here: it belongs to {' and '.join(f'`{o}`' for o in owners)}"
+        if flag in self.foreign_flags:
+            return f": {self.foreign_flags[flag]}"
         flags = self._flags()
         close = [name for name in sorted(flags) if name.startswith(flag)]  # --out: --out-dir
         close += difflib.get_close_matches(flag, sorted(flags), n=3, cutoff=0.6)
