@@ -411,6 +411,14 @@ def _tell(trial: optuna.Trial, state: TrialState, value: float | None = None) ->
 
 # --------------------------------------------------- checks before the first trial costs anything
 
+def base_overridden(space: SearchSpace, base: dict) -> str:
+    """The space's base values --train-config's ``base`` replaces, as "key (space -> file)"
+    ("" where it replaces none)."""
+    changed = [f"{key} ({space.base[key]!r} -> {base[key]!r})" for key in sorted(space.base)
+               if key in base and base[key] != space.base[key]]
+    return ", ".join(changed)
+
+
 def train_config_values(path: str) -> dict:
     """--train-config's values: a file of trainingmanager keys, or a run's directory (its
     config.json, less the resume that names that run)."""
@@ -764,6 +772,9 @@ def tune(cfg: TuneConfig) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study")
     space, base = check_before_trials(cfg)
+    if not cfg.worker and (over := base_overridden(space, base)):
+        print(f"note: --train-config {cfg.train_config} sets over the base of {space.source}: "
+              f"{over}", file=sys.stderr)
     drawn = trial_space(cfg, space, base)
     try:
         studies.study_dir(cfg).mkdir(parents=True, exist_ok=True)

@@ -2383,7 +2383,7 @@ def test_a_recipe_s_tune_section_is_read_beside_its_train_section(tmp_path):
 
 def test_a_runs_directory_is_a_train_config_and_training_flags_point_there(tmp_path, capsys):
     """--train-config takes a run's directory (its config.json, less the resume naming that
-    run); a trainingmanager flag typed on the sweep's command line is named as a training
+    run), the space's base values it replaces named; a trainingmanager flag typed on the sweep's command line is named as a training
     setting that goes there; a directory holding no config.json is refused."""
     run = tmp_path / "runs" / "base-run"
     run.mkdir(parents=True)
@@ -2393,8 +2393,11 @@ def test_a_runs_directory_is_a_train_config_and_training_flags_point_there(tmp_p
     assert hyperparam_tune.train_config_values(str(run)) == {
         key: value for key, value in values.items() if key != "resume"}
     cfg = hyperparam_tune.TuneConfig(train_config=str(run), out_dir=str(tmp_path / "out"))
-    _, base = hyperparam_tune.check_before_trials(cfg)
+    space, base = hyperparam_tune.check_before_trials(cfg)
     assert base["tokenizer_kind"] == "bpe" and "resume" not in base
+    # what the sweep says it replaces of its space's base
+    assert hyperparam_tune.base_overridden(space, base) == (
+        "block_size (128 -> 64), preset ('llama-14m' -> 'tiny')")
     with pytest.raises(ValueError, match=r"a directory without config.json: name a config"):
         hyperparam_tune.train_config_values(str(tmp_path))
     with pytest.raises(SystemExit):
