@@ -841,9 +841,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {lopsided}", file=sys.stderr)
         if python_only := python_only_note(data.stats["corpus"]):
             print(f"note: {python_only}", file=sys.stderr)
-        if split_fell_back(data.stats["corpus"]):
-            print("note: split by file, not repo: the sources hold fewer repositories than "
-                  "splits; --split-by file asks for that", file=sys.stderr)
+        if why := split_fell_back(data.stats["corpus"]):
+            print(f"note: split by file, not repo: {why}; --split-by file asks for that",
+                  file=sys.stderr)
         if tokenizer is not None and show:
             print(shown_examples(data.train, tokenizer, show), file=sys.stderr)
         if tokenizer is None:

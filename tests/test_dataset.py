@@ -923,7 +923,8 @@ def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path, capsys)
     )
     single = load_corpus(cfg(tmp_path, sources=[str(one)]))
     assert single.stats["split_by"] == "file"
-    assert "by file (fewer repositories than splits" in shards.describe_corpus(single.stats)
+    assert "by file (the sources hold fewer repositories than splits)" in shards.describe_corpus(
+        single.stats)
     assert [len(single.train), len(single.val), len(single.test)] == [22, 3, 3]
     assert dataset.main(["--sources", str(one), "--cache-dir", str(tmp_path / "cache"),
                          "--no-progress"]) == 0
@@ -3749,3 +3750,25 @@ def test_dataset_py_builds_a_models_examples_at_the_context_its_run_takes(tmp_pa
     assert run.block_size == 96 == trainconfig.default_block_size(run)
     assert dataset.main([*argv, "--block-size", "64"]) == 0
     assert "note: block_size" not in capsys.readouterr().err
+
+
+def test_directories_of_ones_own_are_repositories_as_their_scraped_records_are(tmp_path,
+                                                                               capsys):
+    """Each directory source is a repository (its name, as scraping local names a checkout's
+    records): three of them split by repository, none in two splits; the standard library
+    names none and splits by file with no note of a fallback."""
+    import shutil
+
+    roots = []
+    for name in ("json", "email", "http"):
+        shutil.copytree(stdlib_root() / name, tmp_path / "repos" / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        roots.append(str(tmp_path / "repos" / name))
+    corpus = load_corpus(cfg(tmp_path, sources=roots))
+    assert corpus.stats["split_by"] == "repo" and corpus.stats["repositories"] == 3
+    held = {s: {d.id.split("/")[0] for d in getattr(corpus, s)} for s in ("train", "val", "test")}
+    assert all(len(names) == 1 for names in held.values())
+    assert set().union(*held.values()) == {"json", "email", "http"}
+    assert dataset.main(["--max-docs", "30", "--cache-dir", str(tmp_path / "cache"),
+                         "--no-progress"]) == 0
+    assert "split by file" not in capsys.readouterr().err

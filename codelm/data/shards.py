@@ -379,17 +379,22 @@ def describe_corpus(stats: dict, splits: bool = True) -> str:
         return line
     unit = stats.get("split_by")
     by = f" by {unit}" if unit else ""
-    if split_fell_back(stats):
-        by += " (fewer repositories than splits: by file)"
+    if why := split_fell_back(stats):
+        by += f" ({why})"
     return f"{line}; split {', '.join(f'{s} {n}' for s, n in stats['split'].items())}{by}"
 
 
-def split_fell_back(stats: dict) -> bool:
-    """Whether a corpus of code asked to split by repository was split by file (too few
-    repositories to fill the splits); pair records alone have no repository to split by."""
+def split_fell_back(stats: dict) -> str | None:
+    """Why a corpus of code asked to split by repository was split by file (too few
+    repositories to fill the splits); None where it was not, or where its sources name no
+    repository to split by (the standard library, pair records)."""
     if sum(stats.get("pairs") or []) >= stats["kept"]["files"]:
-        return False
-    return stats.get("split_by_asked", stats.get("split_by")) != stats.get("split_by")
+        return None
+    if stats.get("split_by_asked", stats.get("split_by")) == stats.get("split_by"):
+        return None
+    if stats.get("repositories") == 0:  # the standard library, records without one: no choice
+        return None
+    return "the sources hold fewer repositories than splits"
 
 
 def python_only_note(stats: dict) -> str | None:

@@ -403,8 +403,11 @@ def iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator
 
 def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Counter
                 ) -> Iterator[Doc]:
-    # The name the cache key knows the folder by (its resolved path's), however it is spelled.
+    # The name the cache key knows the folder by (its resolved path's), however it is spelled;
+    # a folder of one's own is a repository (split by repo as a scraped checkout's records
+    # are), the standard library none.
     prefix = "stdlib" if source == "stdlib" else listing.root.resolve().name
+    repo = None if source == "stdlib" else prefix
     counts.update(listing.skipped)
     for p in listing.files:
         doc_id = f"{prefix}/{p.relative_to(listing.root).as_posix()}"
@@ -416,7 +419,7 @@ def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Coun
         except OSError:  # removed meanwhile, or no permission to read it
             counts["unreadable"] += 1
             continue
-        yield Doc(doc_id, data)
+        yield Doc(doc_id, data, repo=repo)
 
 
 def no_files_error(cfg: DataConfig) -> DataError:

@@ -27,7 +27,7 @@ from codelm.data.sources import Doc, plain_text, sources_fingerprint
 
 # The data cache's format version, a part of every cache key: bump it when cleaning or task
 # building changes what a cache holds.
-PIPELINE_VERSION = 25
+PIPELINE_VERSION = 26
 
 
 LOPSIDED_TRAIN_SHARE = 0.75  # a train split under this share of train_frac is noted
@@ -216,6 +216,7 @@ def _publish_corpus(cfg: DataConfig, path: Path, work: Path) -> dict:
     stats = corpus_stats(manifests, cfg)
     keys = [DocKey(*k) for m in manifests for k in m["keys"]]
     which, unit = split_assignment(keys, cfg)
+    stats["repositories"] = len({k.repo for k in keys if k.repo and not k.split})
     routes = [k.split or which[split_key(k, unit)] for k in keys]
     del keys
     if not cfg.dedupe:  # the copies it keeps: each in its first copy's split
