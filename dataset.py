@@ -102,9 +102,10 @@ def _task_options(cfg: DataConfig) -> dict:
     """The options of ``cfg.task`` (a part of its cache key)."""
     opts = {"task": cfg.task, "block_size": cfg.block_size, "seed": cfg.seed}
     if cfg.task != "lm":
-        # body_span: bump when a prompt's body span moves (how a long prompt is cut)
         opts.update(add_eos=cfg.add_eos, max_prompt_tokens=cfg.max_prompt_tokens,
-                    max_completion_tokens=cfg.max_completion_tokens, body_span=2)
+                    max_completion_tokens=cfg.max_completion_tokens)
+    if cfg.task not in ("lm", "fim"):  # body_span: bump when a prompt's body span moves
+        opts.update(body_span=2)
     if cfg.task == "completion":
         opts.update(style=cfg.completion_style)
         if cfg.completion_style == "window":

@@ -419,9 +419,15 @@ def base_overridden(space: SearchSpace, base: dict) -> str:
     return ", ".join(changed)
 
 
+# A run's own keys, which its directory as --train-config does not give the trials: its name,
+# place and length (the sweep sets each trial's).
+RUN_OWN_KEYS = ("resume", "name", "out_dir", "max_steps", "epochs", "decay_steps",
+                "time_budget_min", "max_time_s")
+
+
 def train_config_values(path: str) -> dict:
-    """--train-config's values: a file of trainingmanager keys, or a run's directory (its
-    config.json, less the resume that names that run)."""
+    """--train-config's values: a file of trainingmanager keys, or a run's directory: the
+    settings its config.json sets to other than TrainConfig's defaults, less RUN_OWN_KEYS."""
     if not Path(path).is_dir():
         return trainconfig.load_config_file(path)
     run_config = Path(path) / rundir.CONFIG_FILE
@@ -429,15 +435,30 @@ def train_config_values(path: str) -> dict:
         raise ValueError(f"--train-config {path}: a directory without {rundir.CONFIG_FILE}: "
                          "name a config file, or a run's directory")
     values = trainconfig.load_config_file(run_config)
-    values.pop("resume", None)
-    return values
+    ran = trainconfig.config_from_dict(values, str(run_config))
+    kept = {}
+    for key, value in values.items():
+        if key not in RUN_OWN_KEYS and trainconfig.is_set(ran, key):
+            kept[key] = value
+    return kept
 
 
-# The flags of trainingmanager's settings, which a sweep's trials take from --train-config.
-TRAINING_FLAGS = {settings.flag_of(f.name): "a training setting: give it in --train-config "
-                  "FILE.json (trainingmanager keys), or name a run's directory there"
-                  for f in dataclasses.fields(trainconfig.TrainConfig)
-                  if f.name not in {g.name for g in dataclasses.fields(TuneConfig)}}
+def _training_flags() -> dict[str, str]:
+    """The flags of trainingmanager's settings (HF Trainer's spellings too) that are no sweep
+    flags, each with where a sweep takes it: --train-config."""
+    sweep_keys = {f.name for f in dataclasses.fields(TuneConfig)}
+    where = ("a training setting: give it in --train-config FILE.json (trainingmanager keys), "
+             "or name a run's directory there")
+    flags = {}
+    for f in dataclasses.fields(trainconfig.TrainConfig):
+        if f.name in sweep_keys:
+            continue
+        for flag in (settings.flag_of(f.name), *trainconfig.HF_FLAGS.get(f.name, ())):
+            flags[flag] = where
+    return flags
+
+
+TRAINING_FLAGS = _training_flags()
 
 
 def check_before_trials(cfg: TuneConfig) -> tuple[SearchSpace, dict]:

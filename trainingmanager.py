@@ -309,8 +309,9 @@ def _stops_early(run: Run, progress: Progress) -> bool:
     loop, state = run.loop, run.state
     if not state.out_of_patience(loop.early_stop_patience):
         return False
-    progress.say(f"stopped early at step {state.step} of {state.max_steps}: {loop.early_stop_patience} "
-                 f"evaluation(s) without a fall of more than {loop.early_stop_min_delta:g} "
+    progress.say(f"stopped early at step {state.step} of {state.max_steps}: "
+                 f"{loop.early_stop_patience} evaluation(s) without a fall of more than "
+                 f"{loop.early_stop_min_delta:g} "
                  "(--early-stop-patience, --early-stop-min-delta)")
     return True
 
@@ -443,8 +444,8 @@ def _end(run: Run, result: TrainResult, signals: StopSignals, stop: str | None,
                     f"; export/ holds its best weights so far (step {state.best_step})")
         limit = (f"--max-time-s {loop.max_time_s:g}" if loop.max_time_s is not None else
                  "--time-budget-min, the machine slower than measured")
-        print(f"time budget ({limit}) reached at step {state.step}/{state.max_steps}: the run is not "
-              f"finished{saved}{exported}; {record.what_next()}")
+        print(f"time budget ({limit}) reached at step {state.step}/{state.max_steps}: the run is "
+              f"not finished{saved}{exported}; {record.what_next()}")
     result.step = state.step
     result.best_val_loss = state.best_val_loss
     result.best_step = state.best_step

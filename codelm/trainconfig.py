@@ -275,12 +275,22 @@ def _resumed_config(run: Path) -> dict:
         return load_config_file(run / rundir.CONFIG_FILE)
     except ValueError as err:
         copies = [c / rundir.CONFIG_FILE for c in rundir.list_checkpoints(run)]
-        intact = [copy for copy in copies if copy.is_file()
-                  and not process.manifest_problem(copy.parent, [rundir.CONFIG_FILE])]
-        if not intact:
+        readable = [copy for copy in copies if _reads_as_config(copy)]
+        if not readable:
             raise
         raise ValueError(f"{err}; its newest checkpoint holds the run's settings: copy "
-                         f"{intact[-1]} over it") from None
+                         f"{readable[-1]} over it") from None
+
+
+def _reads_as_config(path: Path) -> bool:
+    """Whether a checkpoint's copy of its run's config.json is intact and reads."""
+    if not path.is_file() or process.manifest_problem(path.parent, [rundir.CONFIG_FILE]):
+        return False
+    try:
+        load_config_file(path)
+    except ValueError:
+        return False
+    return True
 
 
 # Hugging Face Trainer's spellings of the same settings: accepted, not shown by --help.

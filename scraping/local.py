@@ -188,10 +188,11 @@ def collect_local(cfg: LocalConfig) -> Summary:
     sources = [_source(source) for source in cfg.sources]  # all checked up front
     names = [source.repo for source in sources]
     if twice := sorted({name for name in names if names.count(name) > 1}):
-        given = [source.given for source in sources if source.repo == twice[0]]
-        raise ValueError(f"{given[0]} and {given[1]} are both repository {twice[0]!r} (a "
-                         "directory's name, a URL's path), so the two would be read as one; "
-                         "collect them apart (another --out), or rename a directory")
+        named = [source for source in sources if source.repo == twice[0]]
+        rename = ", or rename a directory" if any(s.root is not None for s in named) else ""
+        raise ValueError(f"{named[0].given} and {named[1].given} are both repository "
+                         f"{twice[0]!r} (a directory's name, a URL's path), so the two would be "
+                         f"read as one; collect them apart (another --out){rename}")
     settings = {"extensions": list(file_filter.extensions), "min_bytes": cfg.min_bytes,
                 "max_bytes": cfg.max_bytes, "branch": cfg.branch,
                 "license": license_id or LICENSE_FROM_FILES,

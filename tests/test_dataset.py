@@ -3752,23 +3752,28 @@ def test_dataset_py_builds_a_models_examples_at_the_context_its_run_takes(tmp_pa
     assert "note: block_size" not in capsys.readouterr().err
 
 
-def test_directories_of_ones_own_are_repositories_as_their_scraped_records_are(tmp_path,
-                                                                               capsys):
-    """Each directory source is a repository (its name, as scraping local names a checkout's
-    records): three of them split by repository, none in two splits; the standard library
-    names none and splits by file with no note of a fallback."""
+def test_checkouts_given_as_directories_are_repositories_as_their_scraped_records_are(
+        tmp_path, capsys):
+    """A git checkout given as a directory is a repository (its name, as scraping local names
+    its records): three of them split by repository, none in two splits; a plain directory and
+    the standard library name none and split by file, with no note of a fallback."""
     import shutil
 
     roots = []
     for name in ("json", "email", "http"):
         shutil.copytree(stdlib_root() / name, tmp_path / "repos" / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
+        (tmp_path / "repos" / name / ".git").mkdir()
         roots.append(str(tmp_path / "repos" / name))
     corpus = load_corpus(cfg(tmp_path, sources=roots))
     assert corpus.stats["split_by"] == "repo" and corpus.stats["repositories"] == 3
     held = {s: {d.id.split("/")[0] for d in getattr(corpus, s)} for s in ("train", "val", "test")}
     assert all(len(names) == 1 for names in held.values())
     assert set().union(*held.values()) == {"json", "email", "http"}
+    for root in roots:
+        shutil.rmtree(Path(root) / ".git")
+    plain = load_corpus(cfg(tmp_path, sources=roots))
+    assert plain.stats["split_by"] == "file" and plain.stats["repositories"] == 0
     assert dataset.main(["--max-docs", "30", "--cache-dir", str(tmp_path / "cache"),
                          "--no-progress"]) == 0
     assert "split by file" not in capsys.readouterr().err

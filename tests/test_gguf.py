@@ -587,7 +587,7 @@ def test_a_from_scratch_run_trains_a_bpe_that_hf_and_gguf_read_as_it_does(tmp_pa
     # Modelfiles complete the prompt alone (the FIM tokens still stop a generation)
     for recipe in (run / "export" / "Modelfile", tmp_path / "Modelfile"):
         text = recipe.read_text()
-        assert 'TEMPLATE """{{ .Prompt }}"""' in text or "Suffix" not in text, text
+        assert 'TEMPLATE """{{ .Prompt }}"""\n' in text and "Suffix" not in text, text
         assert 'PARAMETER stop "<|endoftext|>"' in text
     with pytest.raises(ValueError, match=r"tokenizer_kind bpe .*or export_gguf none"):
         plan.validate_config(dataclasses.replace(cfg, tokenizer_kind="code"))

@@ -2380,18 +2380,22 @@ def test_a_recipe_s_tune_section_is_read_beside_its_train_section(tmp_path):
     assert (cfg.n_trials, cfg.study_name) == (3, "from-recipe")
 
 
-
 def test_a_runs_directory_is_a_train_config_and_training_flags_point_there(tmp_path, capsys):
-    """--train-config takes a run's directory (its config.json, less the resume naming that
-    run), the space's base values it replaces named; a trainingmanager flag typed on the sweep's command line is named as a training
-    setting that goes there; a directory holding no config.json is refused."""
+    """--train-config takes a run's directory (the settings its config.json sets, less the
+    run's own name, place and length), the space's base values it replaces named; a
+    trainingmanager flag typed on the sweep's command line is named as a training setting
+    that goes there; a directory holding no config.json is refused."""
+    from codelm import trainconfig
+
     run = tmp_path / "runs" / "base-run"
     run.mkdir(parents=True)
-    values = {"preset": "tiny", "tokenizer_kind": "bpe", "tokenizer_max_vocab": 300,
-              "resume": str(run), "block_size": 64}
-    (run / "config.json").write_text(json.dumps(values), "utf-8")
+    ran = trainconfig.TrainConfig(preset="tiny", tokenizer_kind="bpe", tokenizer_max_vocab=300,
+                                  block_size=64, resume=str(run), name="base-run",
+                                  out_dir=str(tmp_path / "runs"), max_steps=40, decay_steps=8)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(ran)), "utf-8")
+    # what the run set, not its defaults, nor its own name, place and length
     assert hyperparam_tune.train_config_values(str(run)) == {
-        key: value for key, value in values.items() if key != "resume"}
+        "preset": "tiny", "tokenizer_kind": "bpe", "tokenizer_max_vocab": 300, "block_size": 64}
     cfg = hyperparam_tune.TuneConfig(train_config=str(run), out_dir=str(tmp_path / "out"))
     space, base = hyperparam_tune.check_before_trials(cfg)
     assert base["tokenizer_kind"] == "bpe" and "resume" not in base

@@ -3,6 +3,7 @@ checks. It imports none of the data pipeline, so that configs (trainconfig.py) r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,9 +83,11 @@ def checkpoint_context(directory: str | Path) -> int | None:
         return None
     config = settings.read_json_object(path, "model config")
     context = next((config[k] for k in CONTEXT_KEYS if k in config), None)
-    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+    if not settings.is_number(context) or not math.isfinite(context) or context < 1:
         return None
-    return min(context, MAX_DEFAULT_CONTEXT)
+    if context != int(context):
+        return None
+    return min(int(context), MAX_DEFAULT_CONTEXT)
 
 
 @dataclass(frozen=True)

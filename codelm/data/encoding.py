@@ -267,7 +267,7 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
         end = start
         if e.body:
             end = max(start, len(whole) - _common_prefix(whole[::-1], tail[::-1]))
-            end = _before_shared_token(tokenizer, whole, start, end, tail)
+            end = _before_shared_token(tokenizer, whole, start, end, tail, e.tail)
         # With pair_special_tokens the text's own BOS goes.
         n = 0
         if reads[i] and not template_writes_start(cfg.task):
@@ -277,11 +277,14 @@ def tokenize_examples(examples: list[Example], tokenizer: CodeTokenizer | BPETok
 
 
 def _before_shared_token(tokenizer: CodeTokenizer | BPETokenizer, whole: list[int], start: int,
-                         end: int, tail: list[int]) -> int:
+                         end: int, tail: list[int], tail_text: str) -> int:
     """The end of a prompt's body span (``start``, ``end``) moved back over a token the body
     shares with its tail (a byte-level BPE reads ")\n\n" as one token), so that a cut of the
-    body's end never takes the tail's text with it: the prompt keeps its "\n\nDocstring:"."""
-    tail_length = len(tokenizer.decode(tail, continuation=True))
+    body's end never takes the tail's text with it: the prompt keeps its "\n\nDocstring:".
+    ``tail``: the tail's ids alone (a SentencePiece tokenizer's open with a space it adds)."""
+    if len(whole) - end >= len(tail):  # every token of the tail matched: none is shared
+        return end
+    tail_length = min(len(tail_text), len(tokenizer.decode(tail, continuation=True)))
     while end > start and len(tokenizer.decode(whole[end:], continuation=True)) < tail_length:
         end -= 1
     return end

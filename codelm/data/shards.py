@@ -388,8 +388,6 @@ def split_fell_back(stats: dict) -> str | None:
     """Why a corpus of code asked to split by repository was split by file (too few
     repositories to fill the splits); None where it was not, or where its sources name no
     repository to split by (the standard library, pair records)."""
-    if sum(stats.get("pairs") or []) >= stats["kept"]["files"]:
-        return None
     if stats.get("split_by_asked", stats.get("split_by")) == stats.get("split_by"):
         return None
     if stats.get("repositories") == 0:  # the standard library, records without one: no choice

@@ -404,10 +404,9 @@ def iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator
 def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Counter
                 ) -> Iterator[Doc]:
     # The name the cache key knows the folder by (its resolved path's), however it is spelled;
-    # a folder of one's own is a repository (split by repo as a scraped checkout's records
-    # are), the standard library none.
+    # a git checkout is the repository of that name (split by repo as its scraped records are).
     prefix = "stdlib" if source == "stdlib" else listing.root.resolve().name
-    repo = None if source == "stdlib" else prefix
+    repo = prefix if (listing.root / ".git").exists() else None
     counts.update(listing.skipped)
     for p in listing.files:
         doc_id = f"{prefix}/{p.relative_to(listing.root).as_posix()}"
@@ -524,7 +523,10 @@ def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> li
                      f"\0{st.st_ctime_ns}\n")
             names.update(entry.encode("utf-8", "surrogateescape"))  # a non-UTF-8 name: its bytes
         where = source if source == "stdlib" else str(listing.root.resolve())
-        out.append([where, names.hexdigest()])
+        entry = [where, names.hexdigest()]
+        if (listing.root / ".git").exists():  # a checkout: a repository (``_read_files``)
+            entry.append("checkout")
+        out.append(entry)
     return out
 
 

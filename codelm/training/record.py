@@ -182,6 +182,10 @@ class RunRecord:
             return
         aside = f"best-step-{written}-{time.strftime('%Y%m%d-%H%M%S')}"
         if self.dist.main:
+            n = 1
+            while (self.run_dir / aside).exists():  # another stop within the same second
+                n += 1
+                aside = f"best-step-{written}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
             (self.run_dir / rundir.BEST_DIR).rename(self.run_dir / aside)
         barrier(self.dist)  # best/ is gone before any rank writes it again
         if metrics is not None:
@@ -195,7 +199,8 @@ class RunRecord:
                     "the run exports its last weights unless it evaluates better")
         if self.dist.main:
             print(f"note: best/ held step {written}'s weights, past the checkpoint resumed "
-                  f"(step {state.step}): set aside as {aside}; {what}")
+                  f"(step {state.step}): set aside as {aside} (delete it when not needed); "
+                  f"{what}")
 
     def _write_best(self, step: int, metrics: dict, tensors: dict) -> None:
         if bad := checkpoint.nonfinite_tensor(tensors):  # best/ holds finite weights only

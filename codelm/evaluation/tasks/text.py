@@ -254,7 +254,7 @@ def run_generation_task(lm: LoadedModel, task: str, examples: Sequence[Example],
     opening = len(lm.prompt_start)
     fed = [fed_ids[opening:] for fed_ids in scoring.prompts_as_fed(lm, cfg, ids, max_prompt_tokens)]
     cut = [len(kept) < len(prompt_ids) for kept, (prompt_ids, _) in zip(fed, ids)]
-    tails = [lm.tokenizer.decode(kept[-300:]) for kept in fed]  # the text the model saw
+    tails = [lm.tokenizer.decode(kept[-300:], continuation=True) for kept in fed]  # as seen
     preds = [clean_pred(t) for t in raw]
     empty = sum(not y for y in preds)
     if empty * 2 >= len(preds):  # scores near 0, and no bug of the evaluation's
