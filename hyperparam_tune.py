@@ -793,9 +793,6 @@ def tune(cfg: TuneConfig) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study")
     space, base = check_before_trials(cfg)
-    if not cfg.worker and (over := base_overridden(space, base)):
-        print(f"note: --train-config {cfg.train_config} sets over the base of {space.source}: "
-              f"{over}", file=sys.stderr)
     drawn = trial_space(cfg, space, base)
     try:
         studies.study_dir(cfg).mkdir(parents=True, exist_ok=True)
@@ -809,6 +806,9 @@ def tune(cfg: TuneConfig) -> int:
     if not cfg.worker:
         for line in space_warnings(cfg, space, base):  # said once, by the sweep
             print(line, file=sys.stderr)
+        if over := base_overridden(space, base):
+            print(f"note: --train-config {cfg.train_config} sets over the base of "
+                  f"{space.source}: {over}", file=sys.stderr)
         return sweep(cfg, study, storage, drawn, base)
     # one of --workers N processes: share this machine's cores among them
     process.exit_with_parent(int(os.environ.get(SWEEP_PID, os.getppid())))

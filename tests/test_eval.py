@@ -1093,7 +1093,7 @@ def test_a_bad_out_dir_fails_before_any_model_runs(tmp_path, capsys, monkeypatch
 
 def test_an_os_error_naming_its_file_is_a_clear_error(capsys, monkeypatch):
     # (a full disk while writing the results: test_a_full_disk_while_writing_results_...)
-    def unreadable(cfg, progress):
+    def unreadable(cfg, progress, **options):
         raise PermissionError(13, "Permission denied", "m/model.safetensors")
 
     monkeypatch.setattr(ev, "evaluate", unreadable)
