@@ -673,3 +673,24 @@ def test_a_stop_string_in_bytes_the_whole_text_replaces_does_not_stop(family_tok
     assert cfg.decode([lone, *run]) == "\ufffd" * 22
     assert finish_reason([lone, *run], cfg) is None
     assert finish_reason(run, cfg) == "stop"
+
+
+@pytest.mark.parametrize("style", FAMILY_TOKENIZER_STYLES)
+def test_a_cut_prompt_keeps_its_templates_tail_in_every_family(style, family_tokenizers):
+    """A docstring prompt too long for its room loses the end of its code, never the template's
+    tail after it: the kept prompt reads "...\\n\\nDocstring:" in every family's tokenizer
+    (byte-level BPEs that join ")\\n\\n" into one token, SentencePiece ones whose tail encoded
+    alone opens with a space of its own), and it starts as the prompt does."""
+    from codelm.data.config import DataConfig
+    from codelm.data.encoding import tokenize_examples, truncate_pair
+    from codelm.data.examples import Example
+
+    _, ours = family_tokenizers[style]
+    code = "".join(f"value{i} = compute(value, {i})\n" for i in range(40)) + "result = f(a, b)"
+    example = Example("Class ", "A docstring.", body=code, tail="\n\nDocstring:")
+    cfg = DataConfig(task="docstring", block_size=1024, progress=False, num_workers=1)
+    [(prompt, completion, span)] = tokenize_examples([example], ours, cfg, "test")
+    kept, _ = truncate_pair(prompt, completion, 48, None, None, span)
+    text = ours.decode(kept)
+    assert len(kept) < len(prompt) and text.lstrip().startswith("Class"), (style, text)
+    assert text.endswith("\n\nDocstring:"), (style, text)
