@@ -401,12 +401,17 @@ def iter_sources(cfg: DataConfig, counts: Counter, pairs: list[int]) -> Iterator
             yield raw
 
 
+def is_checkout(root: Path) -> bool:
+    """Whether a directory source is a git checkout: the repository its name names."""
+    return (root / ".git").exists()
+
+
 def _read_files(source: str, listing: SourceFiles, cfg: DataConfig, counts: Counter
                 ) -> Iterator[Doc]:
     # The name the cache key knows the folder by (its resolved path's), however it is spelled;
     # a git checkout is the repository of that name (split by repo as its scraped records are).
     prefix = "stdlib" if source == "stdlib" else listing.root.resolve().name
-    repo = prefix if (listing.root / ".git").exists() else None
+    repo = prefix if is_checkout(listing.root) else None
     counts.update(listing.skipped)
     for p in listing.files:
         doc_id = f"{prefix}/{p.relative_to(listing.root).as_posix()}"
@@ -524,7 +529,7 @@ def sources_fingerprint(sources: Sequence[str], extensions: Sequence[str]) -> li
             names.update(entry.encode("utf-8", "surrogateescape"))  # a non-UTF-8 name: its bytes
         where = source if source == "stdlib" else str(listing.root.resolve())
         entry = [where, names.hexdigest()]
-        if (listing.root / ".git").exists():  # a checkout: a repository (``_read_files``)
+        if is_checkout(listing.root):  # a repository (``_read_files``)
             entry.append("checkout")
         out.append(entry)
     return out

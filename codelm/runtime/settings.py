@@ -469,9 +469,9 @@ def check_ranges(cfg: Any, ranges: Sequence[ValueRange],
     ValueError naming the key, its value and where it was set."""
     for value_range in ranges:
         for key in value_range.keys:
-            value = getattr(cfg, key)
             if only is not None and key not in only:
                 continue
+            value = getattr(cfg, key)
             if value is not None and not value_range.holds(value):
                 raise ValueError(f"{setting(cfg, key, where_set)}: {value_range.why}")
 
