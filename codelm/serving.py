@@ -57,6 +57,8 @@ REPORT_EVERY_S = 10.0
 CLIENT_CHECK_S = 1.0
 # A connection that sends nothing for this long is closed (seconds).
 IDLE_TIMEOUT_S = 60.0
+# How long serve() waits for a connection before it looks whether a signal asked it to stop.
+STOP_CHECK_S = 0.2
 # How many unread request field names the console notes, and how much of each it shows.
 UNREAD_NOTED = 64
 UNREAD_NAME_CHARS = 40
@@ -801,8 +803,7 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
             print("stopped at once: the requests in flight are dropped", file=sys.stderr,
                   flush=True)
             os._exit(1)
-        stopping.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        stopping.set()  # the loop below sees it within STOP_CHECK_S
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     reporter = threading.Thread(target=_report, args=(server, stopping), daemon=True)
@@ -818,8 +819,14 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000,
     print(f"try: curl {server.url}/completions -H 'Content-Type: application/json'{key} "
           f"-d '{example}'", flush=True)
     reporter.start()
+    server.timeout = STOP_CHECK_S
     try:
-        server.serve_forever(poll_interval=0.2)
+        # Served here rather than by serve_forever(), whose shutdown() must come from another
+        # thread: every thread serve() starts has ended when it returns, so none can free the
+        # models' tensors while the interpreter shuts down (a thread released from the GIL
+        # then is ended inside the tensor's C++ destructor, and the process aborts).
+        while not stopping.is_set():
+            server.handle_request()  # one connection, or none after STOP_CHECK_S
     finally:
         stopping.set()
         close_server(server)

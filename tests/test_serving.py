@@ -644,6 +644,47 @@ sys.exit(serve([served_model("tiny", model, load_tokenizer(root))], port=0, slot
 """
 
 
+# SERVE, each thread started and joined within serve() named on the last line.
+SERVE_COUNTING_THREADS = """
+import json, sys, threading
+started, joined = [], []
+start, join = threading.Thread.start, threading.Thread.join
+
+def counted_start(thread):
+    started.append(thread.name)
+    start(thread)
+
+def counted_join(thread, timeout=None):
+    joined.append(thread.name)
+    join(thread, timeout)
+
+threading.Thread.start = counted_start
+threading.Thread.join = counted_join
+""" + SERVE.replace("sys.exit(serve(", "code = (serve(") + """
+print(json.dumps({"started": started, "joined": joined}))
+sys.exit(code)
+"""
+
+
+def test_every_thread_the_server_starts_has_ended_when_it_stops(instruct):  # noqa: F811
+    """serve() returns only once each thread it started is joined: a thread left running would
+    hold the models and could free their tensors while the interpreter shuts down, which
+    aborts the process."""
+    root, _ = instruct
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_COUNTING_THREADS, str(root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # serving ... on URL: the signal handlers are set
+        proc.send_signal(15)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    threads = json.loads(out.splitlines()[-1])
+    assert len(threads["started"]) >= 2  # the engine and the console line's reporter
+    assert sorted(set(threads["started"])) == sorted(set(threads["joined"]))
+
+
 def test_sigterm_during_a_stream_ends_it_cleanly_and_exits_zero(instruct):  # noqa: F811
     root, _ = instruct
     proc = subprocess.Popen([sys.executable, "-c", SERVE, str(root)], stdout=subprocess.PIPE,
