@@ -697,8 +697,8 @@ def write_reports(study: optuna.Study, cfg: TuneConfig) -> Reports:
 
 
 def show_reports(study: optuna.Study, cfg: TuneConfig, reports: Reports) -> None:
-    """The reports' summary: the trials' table, the importances, the best trial and its
-    config, and how to train it."""
+    """The reports' summary: the trials' table, the importances, the best trial and the values
+    sampled for it, and how to train its config."""
     out = studies.study_dir(cfg)
     widths = [max(len(_short(value)) for value in column) for column in zip(*reports.rows)]
     metric = study.user_attrs.get(ATTR_METRIC, "val_bpb")
@@ -715,8 +715,10 @@ def show_reports(study: optuna.Study, cfg: TuneConfig, reports: Reports) -> None
     if reports.best is None:
         print(f"study {cfg.study_name}: no trial completed yet")
         return
-    print(f"best trial {study.best_trial.number}: {METRIC_NAMES[metric]} {study.best_value:.4f}")
-    print(json.dumps(reports.best, indent=2))
+    sampled = ", ".join(f"{name} {_short(value)}"
+                        for name, value in study.best_trial.params.items())
+    print(f"best trial {study.best_trial.number}: {METRIC_NAMES[metric]} {study.best_value:.4f}"
+          f"{f' ({sampled})' if sampled else ''}")
     print(f"best config: {out / 'best.json'}  (python trainingmanager.py --config "
           f"{out / 'best.json'}; it trains the trial's length: add --max-steps none "
           "--time-budget-min M for M minutes)")

@@ -2192,7 +2192,7 @@ def test_a_trials_value_is_its_bits_per_byte_or_its_tasks_loss_named_as_it_is(
         tmp_path, corpus, monkeypatch, capsys, metrics):
     """A trial's value is its best validation bits per byte; where its task's evaluation gives
     none (preference tuning, GRPO), its validation loss, which the table and the best trial's
-    line then name."""
+    line then name, the line with the values sampled for that trial."""
     def train(cfg, on_eval=None, resume_hint=None, **_):
         on_eval(cfg.max_steps, metrics)
         return trainingmanager.TrainResult(run_dir=Path(cfg.out_dir) / cfg.name,
@@ -2206,7 +2206,8 @@ def test_a_trials_value_is_its_bits_per_byte_or_its_tasks_loss_named_as_it_is(
     name = "validation bits per byte" if "val_bpb" in metrics else "validation loss"
     metric = "val_bpb" if "val_bpb" in metrics else "val_loss"
     assert f"value is a trial's best {name} ({metric};" in out
-    assert f"best trial 0: {name} 0.2500" in out
+    assert f"best trial 0: {name} 0.2500 (lr " in out  # with the values sampled for it
+    assert '"lr":' not in out  # best.json's path, not its whole config
 
 
 def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_path, corpus,
