@@ -67,6 +67,7 @@ from codelm.evaluation.results import (
 )
 from codelm.evaluation.tasks import passk, registry
 from codelm.evaluation.tasks.registry import TaskSettings
+from codelm.evaluation.tasks.text import GENERATION_EXAMPLES
 from codelm.loading import LoadedModel
 from codelm.models.generation import truncate_at_stops
 from codelm.openai_api import served_model
@@ -443,6 +444,7 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
     examples = {(task, variant): built for (task, variant), built in items.items()
                 if registry.TASKS[task].KIND == "examples"}
     counts = {f"{t}/{v}" if v else t: len(e) for (t, v), e in examples.items()}
+    listed = ", ".join(f"{key} {count}" for key, count in counts.items())
     counts.update({task: len(task_problems) for task, task_problems in problems.items()})
     items.update({(task, None): task_problems for task, task_problems in problems.items()})
 
@@ -459,6 +461,10 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
     if progress.saved:
         print(f"resuming {progress.out_dir}: {len(progress.saved)} of {len(models)} models "
               f"already evaluated ({', '.join(progress.saved)})", file=sys.stderr)
+    if listed:
+        most = cfg.limit or GENERATION_EXAMPLES
+        print(f"examples of the {settings.split} split: {listed} (at most {most} a task: "
+              "--limit)", file=sys.stderr)
     for lm, model_identity in zip(models, results["models"]):
         if lm.label in progress.saved:
             continue

@@ -137,17 +137,17 @@ def _run_weights(run_dir: Path, weights: Path, chosen: bool = False) -> dict:
     where = f"{weights.relative_to(run_dir).as_posix()}/"
     if training:
         print(f"note: {run_dir} is still training ({rundir.lock_holder(lock) or 'another process'}"
-              f"): scoring {where}, its weights of step {step} (results.json records the step)",
-              file=sys.stderr)
+              f"): loading {where}, its weights of step {step} (an evaluation's results.json "
+              "records the step)", file=sys.stderr)
     elif weights.parent.name == rundir.CHECKPOINTS_DIR and not chosen:
         print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
-              f"evaluation): scoring its latest checkpoint, {weights}", file=sys.stderr)
+              f"evaluation): loading its latest checkpoint, {weights}", file=sys.stderr)
     elif weights.name == rundir.BEST_DIR and not chosen and (stop := _unfinished(run_dir)):
-        print(f"note: {run_dir} {stop}: scoring {where}, its weights of step {step}",
+        print(f"note: {run_dir} {stop}: loading {where}, its weights of step {step}",
               file=sys.stderr)
     elif weights.name == rundir.BEST_DIR and not chosen and not (
             run_dir / rundir.EXPORT_DIR).is_dir():
-        print(f"note: {run_dir} has no {rundir.EXPORT_DIR}/: scoring {where}, its weights of "
+        print(f"note: {run_dir} has no {rundir.EXPORT_DIR}/: loading {where}, its weights of "
               f"step {step}", file=sys.stderr)
     return {"weights": where, "step": step, "still_training": training}
 
@@ -197,12 +197,12 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
     exported = adapter or (export / rundir.HF_CONFIG).is_file()
     as_trained = adapter and as_run and not unquantized and _reduced_base(config)
     if chosen is None and (stale := rundir.stale_export(run_dir)):
-        print(f"note: {export} is not used: {stale}; scoring best/", file=sys.stderr)
+        print(f"note: {export} is not used: {stale}; loading best/", file=sys.stderr)
     elif chosen is None and as_trained and _has_trained_weights(run_dir):
         form = quantize.base_form(config.get("quantize_bits", 0), config.get("base_dtype", ""))
-        print(f"note: {run_dir} trained on {form}: scored on it, as it trained, from its "
+        print(f"note: {run_dir} trained on {form}: loaded on it, as it trained, from its "
               f"weights beside {export} (an adapter for the full-precision base: "
-              f"BASE+{export} scores it there)", file=sys.stderr)
+              f"BASE+{export} loads it there)", file=sys.stderr)
     elif chosen is None and exported and not as_run and (
             problem := process.manifest_problem(export)):
         raise ValueError(f"{export}: {problem}; not loaded (--models {run_dir} loads the run's "
@@ -273,7 +273,7 @@ def _note_another_base(adapter: Path, base: Path) -> None:
     (refused where its family is another): scored on the given base."""
     adapter_config.check_base_family(adapter, base)
     if note := adapter_config.other_base_note(adapter, base):
-        print(f"note: {note}: scored on {base}, as given", file=sys.stderr)
+        print(f"note: {note}: loaded on {base}, as given", file=sys.stderr)
 
 
 def _run_weights_dir(run_dir: Path, chosen: Path | None) -> Path:

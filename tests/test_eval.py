@@ -2732,7 +2732,7 @@ def test_base_plus_a_runs_export_is_named_after_the_run_and_another_base_is_note
     shutil.copytree(m["base"], other)
     loading.load_model(f"{other}+{m['adapter']}", cpu)
     err = capsys.readouterr().err
-    assert f"names the base {m['base']}" in err and f"scored on {other}" in err
+    assert f"names the base {m['base']}" in err and f"loaded on {other}" in err
 
 
 def test_which_tokenizer_a_model_spec_loads(tiny_models, tmp_path):
@@ -2911,7 +2911,7 @@ def test_a_run_dir_scores_best_when_its_export_holds_an_older_best(tiny_models, 
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("note: "), err
     assert all(w in err for w in (f"{run / 'export'} is not used", "step 10", "step 30",
-                                  "scoring best/")), err
+                                  "loading best/")), err
     half = loading.load_model(str(run), torch.device("cpu"), dtype="bf16").model.state_dict()
     assert all(half[k].dtype == torch.bfloat16 and torch.equal(t.to(torch.bfloat16), half[k])
                for k, t in new.state_dict().items() if t.is_floating_point())  # --dtype: best/
@@ -3180,7 +3180,7 @@ def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_
     assert tasks("--models", str(docs), "--serve") == ["lm", "line"]
     capsys.readouterr()
     loading.load_model(str(plain), "cpu")  # a finished run without export/: its best/, said
-    assert f"{plain} has no export/: scoring best/" in capsys.readouterr().err
+    assert f"{plain} has no export/: loading best/" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -3496,7 +3496,8 @@ def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones
     assert ev.main(argv) == 2  # resumed at model b, whose results cannot be written
     captured = capsys.readouterr()
     assert captured.err.startswith(f"resuming {out}: 1 of 2 models already evaluated (a)\n"
-                                   f"error: {out}/")
+                                   "examples of the test split: line 1 (at most 2 a task")
+    assert f"--limit)\nerror: {out}/" in captured.err
     assert "predictions.jsonl: No space left on device\n  stopped at model b\n" in captured.err
     assert "\n| model | line EM |" in captured.out  # the table is not lost
     assert "| b |" in captured.out
@@ -3506,7 +3507,8 @@ def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones
 def test_a_model_whose_predictions_are_mostly_empty_is_noted(tiny_models, tmp_path,
                                                              monkeypatch, capsys):
     """Half or more of a task's predictions empty (the text ended, or held only blank lines)
-    scores near 0: a note says so, naming the model and the counts; fewer say nothing."""
+    scores near 0: a note says so, naming the model and the counts; fewer say nothing. How many
+    examples the split gave each task is said before any model runs."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     argv = ["--models", f"tuned={tiny_models['base']}", "--data", str(tiny_models["code"]),
             "--tasks", "line", "--split", "all", *FAST_FLAGS]
@@ -3520,6 +3522,7 @@ def test_a_model_whose_predictions_are_mostly_empty_is_noted(tiny_models, tmp_pa
         empty = sum(not text.strip() for text in texts)
         said = f"tuned: {empty} of 2 line predictions are empty"
         assert (said in err) == noted, err
+        assert "examples of the all split: line 2 (at most 2 a task: --limit)" in err
 
 
 def _record_models(evaluated: list):
@@ -3846,7 +3849,7 @@ def test_a_run_with_no_best_yet_scores_its_latest_checkpoint(tiny_models, tmp_pa
         os.close(fd)
     err = capsys.readouterr().err
     assert err.count("note:") == 1 and f"note: {run} is still training (" in err
-    assert "scoring checkpoints/step-10/, its weights of step 10" in err
+    assert "loading checkpoints/step-10/, its weights of step 10" in err
     shutil.rmtree(run / rundir.CHECKPOINTS_DIR)
     (run / rundir.EXPORT_DIR).mkdir()  # a run dir (is_run_dir) with no weights to load
     with pytest.raises(ValueError, match="no model in export/, and no intact best/ or checkpoint"):
@@ -3974,7 +3977,7 @@ def test_results_name_the_step_of_a_runs_scored_weights_and_whether_it_still_tra
         "weights": "best/", "step": 7, "still_training": training}
     err = capsys.readouterr().err
     assert (f"note: {run} is still training (process {os.getpid()} on " in err) == training
-    assert "scoring best/, its weights of step 7" in err  # still training, or no export/
+    assert "loading best/, its weights of step 7" in err  # still training, or no export/
     assert ("has no export/" in err) != training
 
 
@@ -4012,7 +4015,7 @@ def test_best_weights_of_a_run_stopped_short_say_where_it_stopped(tmp_path, monk
     assert loading._run_weights(run, run / rundir.BEST_DIR)["step"] == 1300
     err = capsys.readouterr().err
     assert "stopped at step 1378 of 3000" in err and "--resume" in err
-    assert "scoring best/, its weights of step 1300" in err
+    assert "loading best/, its weights of step 1300" in err
     ended_on_purpose = ({"max_steps": 1378},  # finished
                         {"max_steps": 3000, "overfit_batches": 2},  # memorised, stopped
                         {"max_steps": 3000, "early_stop_patience": 3})  # out of patience
@@ -4021,7 +4024,7 @@ def test_best_weights_of_a_run_stopped_short_say_where_it_stopped(tmp_path, monk
     for config in ended_on_purpose:  # no export/ all the same: said, and no stop
         (run / rundir.CONFIG_FILE).write_text(json.dumps(config))
         loading._run_weights(run, run / rundir.BEST_DIR)
-        assert capsys.readouterr().err == (f"note: {run} has no export/: scoring best/, its "
+        assert capsys.readouterr().err == (f"note: {run} has no export/: loading best/, its "
                                            "weights of step 1300\n")
 
 
@@ -4824,7 +4827,7 @@ def test_a_qlora_run_is_scored_on_the_quantized_base_it_trained_on(tiny_models, 
     assert not torch.allclose(on_full_base, as_trained)
     assert torch.equal(export, on_full_base)  # export/ named: the adapter as it was exported
     err = capsys.readouterr().err
-    assert "trained on an NF4 base: scored on it, as it trained" in err and "BASE+" in err
+    assert "trained on an NF4 base: loaded on it, as it trained" in err and "BASE+" in err
 
 
 def test_eval_py_loads_each_model_in_the_dtype_its_flag_names(tiny_models, tmp_path, monkeypatch):

@@ -3742,7 +3742,7 @@ def test_eval_scores_best_when_a_resume_trained_past_the_export(assets, tmp_path
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("note: "), err
     assert all(w in err for w in (f"{run / 'export'} is not used", f"step {exported}",
-                                  f"step {best}", "scoring best/")), err
+                                  f"step {best}", "loading best/")), err
     assert_bit_equal(checkpoint.model_tensors(loaded, False),
                      load_file(run / "best" / rundir.MODEL_FILE))
 
