@@ -993,6 +993,31 @@ def _repo_docs(files_per_repo: dict[str, int]) -> list[Doc]:
             for repo, n in files_per_repo.items() for i in range(n)]
 
 
+def test_a_repository_holding_most_of_the_text_outside_train_is_noted(tmp_path, capsys):
+    """Ten repositories split 8/1/1 by count, the one drawn to val holding most of the text:
+    the train split holds far less than train_frac of the text (its JSONL bytes, recorded per
+    split), which dataset.py says with the fixes; repositories of one size say nothing."""
+    repos = [f"u/r{r}" for r in range(10)]
+    val_repo = next(repo for repo, split in assign_splits(repos, (0.8, 0.1, 0.1), 42).items()
+                    if split == "val")
+
+    def records(big: str | None) -> Path:
+        rows = [{"text": f"def f(x):\n    return x + {r}\n" * (400 if repo == big else 20),
+                 "repo": repo, "path": "m.py"} for r, repo in enumerate(repos)]
+        return write_jsonl(tmp_path / f"{big is not None}.jsonl", rows)
+
+    argv = ["--cache-dir", str(tmp_path / "cache"), "--no-progress", "--sources"]
+    assert dataset.main([*argv, str(records(None))]) == 0
+    assert "the train split holds" not in capsys.readouterr().err
+    assert dataset.main([*argv, str(records(val_repo))]) == 0
+    err = capsys.readouterr().err
+    assert "the train split holds 31% of the text (8 of 10 files/records)" in err, err
+    assert "train_frac 0.8" in err and "--split-by file" in err
+    corpus = load_corpus(cfg(tmp_path, sources=[str(tmp_path / "True.jsonl")]))
+    sizes = corpus.stats["split_bytes"]
+    assert sizes == {s: getattr(corpus, s).path.stat().st_size for s in ("train", "val", "test")}
+
+
 def test_a_split_by_repo_near_its_fractions(capsys):
     """Twenty repos of one size: 16 / 2 / 2 repos are the 80 / 10 / 10 asked."""
     out, unit = split_corpus(_repo_docs({f"u/r{r}": 3 for r in range(20)}), DataConfig())

@@ -40,22 +40,29 @@ def data_options_flag(options: dict) -> str:
 
 def lopsided_note(corpus_stats: dict, cfg: DataConfig,
                   spelled: Callable[[dict], str] = data_options_flag) -> str | None:
-    """A note where the train split holds far fewer files than train_frac of them (a corpus of
-    a few files or repositories: val and test take whole ones, at least one each), naming the
-    fixes as ``spelled`` writes DataConfig keys (a script's flags); None where it is near
-    train_frac."""
+    """A note where the train split holds far less than train_frac of the files, or of the
+    text (a corpus of a few files or repositories, or one repository far larger than the
+    others: val and test take whole ones, at least one each), naming the fixes as ``spelled``
+    writes DataConfig keys (a script's flags); None where it is near train_frac."""
     counts = corpus_stats["split"]
     kept = sum(counts.values())
-    if counts["train"] >= LOPSIDED_TRAIN_SHARE * cfg.train_frac * kept:
+    least = LOPSIDED_TRAIN_SHARE * cfg.train_frac
+    sizes = corpus_stats.get("split_bytes")  # a cache entry written without it has none
+    text = sum(sizes.values()) if sizes else 0
+    if counts["train"] < least * kept:
+        held = f"{counts['train']} of {kept} files/records"
+    elif text and sizes["train"] < least * text:
+        held = (f"{sizes['train'] / text:.0%} of the text ({counts['train']} of {kept} "
+                "files/records)")
+    else:
         return None
     unit = corpus_stats.get("split_by", "file")
     whole = spelled({"train_frac": 1, "val_frac": 0, "test_frac": 0})
     by_file = (f"; or {spelled({'split_by': 'file'})} splits the repositories' files"
                if unit == "repo" else "")
-    return (f"the train split holds {counts['train']} of {kept} files/records, not about "
-            f"train_frac {cfg.train_frac:g} of them: val and test take whole {unit}s, at least "
-            f"one each; add data, or give --val-data DIR with {whole} to train on all of "
-            f"it{by_file}")
+    return (f"the train split holds {held}, not about train_frac {cfg.train_frac:g} of "
+            f"it: val and test take whole {unit}s, at least one each; add data, or give "
+            f"--val-data DIR with {whole} to train on all of it{by_file}")
 
 
 def split_key(doc: Doc, split_by: str) -> str:
@@ -232,6 +239,7 @@ def _publish_corpus(cfg: DataConfig, path: Path, work: Path) -> dict:
                    for s in SPLITS}
             for (line, _), split in zip(shard_docs(work, manifests), routes, strict=True):
                 out[split].write(line)
+        stats["split_bytes"] = {s: (tmp / f"{s}.jsonl").stat().st_size for s in SPLITS}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
 
     publish_cache_entry(path, write, replace=not cfg.use_cache, marker="stats.json")
