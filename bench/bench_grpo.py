@@ -11,7 +11,8 @@ state (the model, the AdamW moments of the adapters), measured apart:
   under the model, TRL's dapo loss of random advantages), on-policy, no KL term;
 - GRPO, beta 0.04: the same with the KL term, the reference the base with the adapters off.
 Peak: lora_peak.step_peak (CUDA's peak allocation, or on the CPU the step's own peak above
-what it started with, from the profiler's record of each allocation and free). Ratio = GRPO's peak / SFT's (issue 66's target: <= 1.1).
+what it started with, from the profiler's record of each allocation and free).
+Ratio = GRPO's peak / SFT's (the target: at most 1.1).
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def test_recipe_smoke_end_to_end(name, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow  # ~15 s: autopep8 over the scrape
 def test_code_completion_trains_on_the_fake_github_scrape(tmp_path, monkeypatch):
-    """Issue 9: the from-scratch recipe's train section on the scraper's output (shrunk model)."""
+    """The from-scratch recipe's train section trains on the scraper's output (shrunk model)."""
     from fake_github import write_fake_scrape
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))

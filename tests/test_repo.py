@@ -475,7 +475,7 @@ def test_scripts_the_readme_says_list_flags_by_section_do():
     config dataclass sits under a group title (hyperparam_tune.py's included)."""
     readme = " ".join((ROOT / "README.md").read_text().split())
     claim = re.search(r"Those of (.*?) list their flags by section", readme)
-    assert claim, "README.md no longer says which scripts list their flags by section"
+    assert claim, "README.md names no scripts that list their flags by section"
     scripts = re.findall(r"`(\w+\.py)`", claim.group(1))
     assert "hyperparam_tune.py" in scripts and len(scripts) >= 4
     for script in scripts:
