@@ -342,8 +342,12 @@ def _proxy(name, calls, answers, crossing):
                                f"limit, during {name}()")
         if type(answer) is not tuple or len(answer) != 4 or answer[0] not in ("value", "raised"):
             raise RuntimeError(f"{name}(): the candidate's answer is malformed")
-        after = answer[3] if answer[0] == "raised" else answer[2]
-        same = answer[3] if answer[0] == "value" else None
+        returned = answer[0] == "value"
+        if returned:
+            _, value, after, same = answer
+        else:
+            _, raised_kinds, message, after = answer
+            same = None
         # one object reached twice (an argument given twice, a list holding itself) has no
         # one value to write back: that call crosses as values alone
         shared = (crossing.shared and (after is not None or type(same) is int)
@@ -352,14 +356,14 @@ def _proxy(name, calls, answers, crossing):
             crossing.changed = True
             if shared:
                 _write_back(args, kwargs, after)
-        if answer[0] == "value":
+        if returned:
             if (shared and type(same) is int and 0 <= same < len(args)
                     and not isinstance(args[same], collections.abc.Iterator)):  # read to cross
                 return args[same]
-            return answer[1]
-        if type(answer[1]) is not list:
+            return value
+        if type(raised_kinds) is not list:
             raise RuntimeError(f"{name}(): the candidate's answer is malformed")
-        error = _rebuilt_error([str(kind) for kind in answer[1]], str(answer[2]))
+        error = _rebuilt_error([str(kind) for kind in raised_kinds], str(message))
         error.add_note(f"raised by the candidate's {name}()")
         raise error
     call.__name__ = name

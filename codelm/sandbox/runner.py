@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from codelm.runtime import process
 from codelm.sandbox import bootstrap, crossing
@@ -174,7 +174,14 @@ def _tail(drain: _Drain, limit: int, skip: int = 0) -> str:
     return data.decode("utf-8", errors="replace")[-limit:] if limit > 0 else ""
 
 
-def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
+class DiskUse(NamedTuple):
+    """What a run's directory holds."""
+
+    bytes: int  # allocated, in whole blocks
+    entries: int  # files and directories
+
+
+def _disk_use(directory: Path, max_files: int) -> DiskUse | None:
     """Bytes and entries beneath ``directory`` (up to ``max_files``); None if it cannot be listed."""
     used = entries = 0
     pending = [str(directory)]
@@ -191,7 +198,7 @@ def _disk_use(directory: Path, max_files: int) -> tuple[int, int] | None:
             continue
         except OSError:
             return None
-    return used, entries
+    return DiskUse(used, entries)
 
 
 def _sample_user(workdir: Path) -> list[int] | None:
@@ -300,7 +307,7 @@ def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxCo
             if time.monotonic() >= deadline:
                 return "timeout"
             use = _disk_use(workdir, cfg.max_files)
-            if use is None or use[0] > cfg.disk_mb * 2**20 or use[1] > cfg.max_files:
+            if use is None or use.bytes > cfg.disk_mb * 2**20 or use.entries > cfg.max_files:
                 return "disk"
     finally:
         if pidfd is not None:
