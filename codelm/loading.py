@@ -140,8 +140,8 @@ def _run_weights(run_dir: Path, weights: Path, chosen: bool = False) -> dict:
               f"): loading {where}, its weights of step {step} (an evaluation's results.json "
               "records the step)", file=sys.stderr)
     elif weights.parent.name == rundir.CHECKPOINTS_DIR and not chosen:
-        print(f"note: {run_dir} has no {rundir.BEST_DIR}/ yet (it stopped before its first "
-              f"evaluation): loading its latest checkpoint, {weights}", file=sys.stderr)
+        print(f"note: {run_dir} has no {rundir.BEST_DIR}/: loading its latest checkpoint, "
+              f"{weights}", file=sys.stderr)
     elif weights.name == rundir.BEST_DIR and not chosen and (stop := _unfinished(run_dir)):
         print(f"note: {run_dir} {stop}: loading {where}, its weights of step {step}",
               file=sys.stderr)
@@ -168,8 +168,19 @@ def _unfinished(run_dir: Path) -> str | None:
         with contextlib.suppress(ValueError):  # an unreadable checkpoint: said as stopped
             if checkpoint.read_state(checkpoints[-1], mmap=True).out_of_patience(patience):
                 return None
-    return (f"stopped at step {stopped_at} of {max_steps} (python trainingmanager.py --resume "
-            f"{run_dir} continues it)")
+    return f"stopped at step {stopped_at} of {max_steps} ({_resume_command(run_dir)} continues it)"
+
+
+def _resume_command(run_dir: Path) -> str:
+    """The command that continues ``run_dir`` from its latest checkpoint: on as many processes
+    as wrote it, under torchrun where more than one did or where the run shards its model."""
+    config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
+    writers = 1
+    with contextlib.suppress(ValueError):  # an unreadable checkpoint: the plain command
+        writers = len(checkpoint.read_state(rundir.list_checkpoints(run_dir)[-1], mmap=True).rng)
+    if writers == 1 and config.get("strategy") != "fsdp":
+        return f"python trainingmanager.py --resume {run_dir}"
+    return f"torchrun --nproc-per-node {writers} trainingmanager.py --resume {run_dir}"
 
 
 def _intact(weights_dir: Path) -> bool:

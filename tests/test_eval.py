@@ -4003,7 +4003,8 @@ def test_a_runs_export_and_checkpoint_are_recorded_with_the_step_they_hold(tmp_p
 def test_best_weights_of_a_run_stopped_short_say_where_it_stopped(tmp_path, monkeypatch,
                                                                   capsys):
     """A run with best/ and no export whose latest checkpoint is short of its max_steps: the
-    note names the step scored, where the run stopped and --resume; a finished run, an
+    note names the step scored, where the run stopped and the command that resumes it (under
+    torchrun on as many processes as wrote its checkpoint); a finished run, an
     --overfit-batches check and an early-stopped run, no stop (their note: no export/)."""
     import json
 
@@ -4014,8 +4015,13 @@ def test_best_weights_of_a_run_stopped_short_say_where_it_stopped(tmp_path, monk
     (run / rundir.CONFIG_FILE).write_text(json.dumps({"max_steps": 3000}))
     assert loading._run_weights(run, run / rundir.BEST_DIR)["step"] == 1300
     err = capsys.readouterr().err
-    assert "stopped at step 1378 of 3000" in err and "--resume" in err
+    assert f"stopped at step 1378 of 3000 (python trainingmanager.py --resume {run} " in err
     assert "loading best/, its weights of step 1300" in err
+    two_ranks = checkpoint_module.RunState(rng=[{}, {}])  # written by two processes
+    monkeypatch.setattr(checkpoint_module, "read_state", lambda path, mmap=False: two_ranks)
+    loading._run_weights(run, run / rundir.BEST_DIR)
+    assert f"(torchrun --nproc-per-node 2 trainingmanager.py --resume {run} continues it)" in (
+        capsys.readouterr().err)
     ended_on_purpose = ({"max_steps": 1378},  # finished
                         {"max_steps": 3000, "overfit_batches": 2},  # memorised, stopped
                         {"max_steps": 3000, "early_stop_patience": 3})  # out of patience

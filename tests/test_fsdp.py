@@ -491,6 +491,50 @@ def test_a_sharded_checkpoint_at_another_step_or_with_nonfinite_moments_is_not_g
                                 distributed.Dist())
 
 
+def test_a_sharded_save_whose_peer_ended_fails_with_its_own_error(tmp_path, monkeypatch):
+    """Rank 0's sharded save whose other rank ended mid-write (the collective fails): the
+    save's own error, one line naming the checkpoint, reaches the run, not that of telling the
+    ended rank (which fails as well), and nothing is published."""
+    import torch.distributed.checkpoint as dcp
+
+    told = []
+
+    def broadcast(value, dist):
+        told.append(value)
+        if value == "failed":
+            raise RuntimeError("Connection closed by peer")
+        return value
+
+    def save(state, checkpoint_id):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(checkpoint, "broadcast", broadcast)
+    monkeypatch.setattr(checkpoint, "all_gather", lambda value, dist: [value, None])
+    monkeypatch.setattr(dcp, "save", save)
+    model = torch.nn.Linear(4, 3)
+    step = tmp_path / "run" / rundir.CHECKPOINTS_DIR / "step-2"
+    with pytest.raises(OSError, match=r"step-2: could not write it.*Connection closed by peer"):
+        checkpoint.save_sharded(step, checkpoint.RunState(step=2), {}, model,
+                                torch.optim.AdamW(model.parameters()), False,
+                                distributed.Dist(0, 2, 0))
+    assert told[-1] == "failed" and not step.exists()
+
+
+def test_a_sharded_checkpoint_moves_only_to_process_counts_that_share_its_batch(tmp_path):
+    """A sharded checkpoint of a global batch of 8 continues on 4 processes of 2 (not bit-exact:
+    other RNG states) and on 1 of 8; 3 processes cannot share 8 examples evenly: refused, naming
+    the counts that can."""
+    step = tmp_path / "step-6"
+    (step / checkpoint.SHARDED_DIR).mkdir(parents=True)
+    (step / checkpoint.CONFIG_FILE).write_text(json.dumps({"batch_size": 4, "grad_accum": 1}))
+    assert checkpoint.check_writers(step, writers=2, world=2, per_process=4)
+    assert not checkpoint.check_writers(step, writers=2, world=4, per_process=2)
+    assert not checkpoint.check_writers(step, writers=2, world=1, per_process=8)
+    with pytest.raises(ValueError, match=r"batch of 8 .* 3 processes cannot share evenly: "
+                                         r"resume it on 1, 2, 4, 8 "):
+        checkpoint.check_writers(step, writers=2, world=3, per_process=3)
+
+
 def test_resume_of_a_sharded_checkpoint_directory_names_its_run(tmp_path):
     """--resume RUN/checkpoints/step-N of a sharded checkpoint (a config.json, no .safetensors)
     is weights, not a run: refused naming the run, as a one-file checkpoint is."""

@@ -3795,7 +3795,8 @@ def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, t
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert all(w in err for w in (str(run / "config.json"), "data 'corpus'", "not found")), err
+    assert all(w in err for w in (str(run / "config.json"), "data 'corpus'", "not found",
+                                  "put it back there")), err
     monkeypatch.chdir(root)
     assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 0
     assert json.loads((run / "config.json").read_text())["data"] == ["corpus"]
@@ -4629,11 +4630,16 @@ def test_evaluations_that_fall_inside_the_warmup_are_warned_of(assets, tmp_path,
     (1, None)])
 def test_a_warmup_as_long_as_the_run_is_warned_of(assets, tmp_path, capsys, warmup, warned):
     """A short fine-tune under the default warmup of 50 steps would end at a fraction of --lr:
-    the run warns of it."""
-    tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=warmup))
+    the run warns of it, with the fix it may take (a resumed run, more steps)."""
+    result = tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=warmup))
     err = capsys.readouterr().err
     assert (f"warning: {warned}: the learning rate never reaches lr 0.003 (nor decays); lower "
             "warmup_steps\n" in err) == (warned is not None)
+    if warned:  # a resumed run keeps its warmup_steps: the fix is its length
+        tm.train(tiny_cfg(assets, tmp_path, max_steps=2, eval_every=2, warmup_steps=warmup,
+                          resume=str(result.run_dir)))
+        assert f"(nor decays); give more steps than its warmup_steps {warmup}\n" in (
+            capsys.readouterr().err)
 
 
 def test_a_callers_warnings_name_its_own_settings(assets, tmp_path, capsys):

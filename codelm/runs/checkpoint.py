@@ -3,6 +3,7 @@ resumed run continues bit-exactly; and whether the resumed run's settings may co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pickle
@@ -352,7 +353,8 @@ def save_sharded(path: Path, state: RunState, config: dict, model: nn.Module,
     try:
         write_dir_atomically(path, write)
     except BaseException:
-        broadcast("failed" if shared else None, dist)
+        with contextlib.suppress(Exception):  # a rank that has ended hears nothing: its own
+            broadcast("failed" if shared else None, dist)  # end stops the others' save
         raise
     broadcast(None, dist)
     return None
@@ -648,6 +650,10 @@ def check_precision(path: Path, trained: str, now: str, setting: str, device: to
                          "precision needs a new run")
 
 
+# The largest process count a refusal lists among those a checkpoint could continue on.
+MOST_PROCESSES = 64
+
+
 def check_writers(path: Path, writers: int, world: int, per_process: int) -> bool:
     """A checkpoint continues on as many processes as wrote it (one RNG state each); a sharded
     one on any number whose global batch (``per_process`` examples a step each) is the one it
@@ -655,6 +661,12 @@ def check_writers(path: Path, writers: int, world: int, per_process: int) -> boo
     if is_sharded(path):
         saved = json.loads((path / CONFIG_FILE).read_text())
         then = saved["batch_size"] * saved["grad_accum"] * writers
+        if then % world:
+            counts = [str(n) for n in range(1, min(then, MOST_PROCESSES) + 1) if then % n == 0]
+            raise ValueError(f"{path} trained with a global batch of {then} examples a step "
+                             f"({writers} process(es)), which {world} processes cannot share "
+                             f"evenly: resume it on {', '.join(counts)} (counts that divide "
+                             f"{then})")
         if then != per_process * world:
             raise ValueError(f"{path} trained with a global batch of {then} examples a step "
                              f"({writers} process(es)); this run's is {per_process * world} "

@@ -689,17 +689,21 @@ def announce(run: Run, cfg: TrainConfig, where_set: Callable[[str], str] = setti
           f"({plan.millions(n_train)} trainable){adapters_on(cfg)}, {size}, {planned} steps "
           f"({batches.epoch(planned):.3g} epochs of {epoch}), {trainer.precision} on "
           f"{run.device}{processes}")
+    resumed = cfg.resume is not None  # its warmup_steps are the checkpoint's (RESUME_MAY_CHANGE)
     if cfg.warmup_steps >= planned:
         length = setting(cfg, "max_steps" if cfg.epochs is None else "epochs", where_set)
+        fix = (f"give more steps than its warmup_steps {cfg.warmup_steps}" if resumed
+               else "lower warmup_steps")
         print(f"warning: {setting(cfg, 'warmup_steps', where_set)} >= the run's {planned} steps "
-              f"({length}): the learning rate never reaches lr {cfg.lr:g} (nor decays); lower "
-              "warmup_steps", file=sys.stderr)
+              f"({length}): the learning rate never reaches lr {cfg.lr:g} (nor decays); {fix}",
+              file=sys.stderr)
     if cfg.eval_every < cfg.warmup_steps < planned and run.state.step < cfg.eval_every:
         first = min(math.ceil(cfg.warmup_steps / cfg.eval_every) * cfg.eval_every, planned)
+        fix = "raise eval_every" if resumed else "lower warmup_steps or raise eval_every"
         print(f"warning: {setting(cfg, 'eval_every', where_set)} < "
               f"{setting(cfg, 'warmup_steps', where_set)}: no "
-              f"evaluation runs during the warmup, so the first is at step {first}; lower "
-              "warmup_steps or raise eval_every", file=sys.stderr)
+              f"evaluation runs during the warmup, so the first is at step {first}; {fix}",
+              file=sys.stderr)
     epochs = batches.epoch(planned)
     if epochs > MAX_EPOCHS and not cfg.overfit_batches and run.state.step == 0:
         print(f"note: {planned} steps are {epochs:.3g} epochs of the training data: past about "
