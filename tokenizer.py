@@ -416,7 +416,11 @@ def _check_code_hf_sections(spec: dict, source: str) -> None:
                          f"give other ids or text{hint}")
 
 
-def load_tokenizer(path: str | os.PathLike) -> CodeTokenizer | BPETokenizer:
+# Either kind of tokenizer load_tokenizer gives.
+Tokenizer = CodeTokenizer | BPETokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer.json (HF byte-level BPE), a codelm tokenizer file, or a dir with one."""
     directory = Path(path) if Path(path).is_dir() else None
     path = tokenizer_path(path)

@@ -246,11 +246,13 @@ def _completion_logprobs(served: ServedModel, events: list[Token], chat: bool, a
     text offset of the first (the length of the choice's text before it)."""
     text, raw = served.token_text, served.token_bytes
     if chat:
-        return {"content": [{"token": text(e.token), "logprob": e.logprob,
-                             "bytes": list(raw(e.token)),
-                             "top_logprobs": [{"token": text(t), "logprob": lp,
-                                               "bytes": list(raw(t))}
-                                              for t, lp in e.top_logprobs]} for e in events]}
+        content = []
+        for e in events:
+            top = [{"token": text(t), "logprob": lp, "bytes": list(raw(t))}
+                   for t, lp in e.top_logprobs]
+            content.append({"token": text(e.token), "logprob": e.logprob,
+                            "bytes": list(raw(e.token)), "top_logprobs": top})
+        return {"content": content}
     offsets = []
     for e in events:
         offsets.append(at)

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from codelm.data import history
-from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.source import line_comment
-from tokenizer import CodeTokenizer
+from tokenizer import Tokenizer
 
 # Each family's spelling of its repository tokens (repository name, file separator): StarCoder2
 # writes <repo_name>NAME<file_sep>PATH\nCODE..., Qwen2.5-Coder puts a newline after the name
@@ -47,9 +46,6 @@ JVM_EXTENSIONS = (".kt", ".kts", ".java")
 _PACKAGE = re.compile(r"^[ \t]*package[ \t]+([\w.]+)", re.M)
 _JVM_IMPORT = re.compile(r"^[ \t]*import[ \t]+(?:static[ \t]+)?([\w.]+?)(?:\.\*)?[ \t]*"
                          r"(?:;|$|as[ \t]|//|/\*)", re.M)
-
-Tokenizer = CodeTokenizer | BPETokenizer
-
 
 def identifiers(text: str) -> list[str]:
     """The identifiers of a text (keywords left out): the terms BM25 matches on."""

@@ -33,7 +33,7 @@ from codelm.tokenization.batching import (
     continuation_ids,
 )
 from codelm.tokenization.bpe import BPETokenizer
-from tokenizer import ENCODING_VERSION, CodeTokenizer
+from tokenizer import ENCODING_VERSION, CodeTokenizer, Tokenizer
 
 
 def supervised_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], max_length: int,
@@ -74,7 +74,7 @@ def fit_prompt(prompt_ids: Sequence[int], room: int, code: tuple[int, int] = (0,
     return prompt[len(prompt) - room :]
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     """Hash of the tokenizer's saved files, role ids and ``ENCODING_VERSION``: the cache changes
     when the ids can."""
     with tempfile.TemporaryDirectory(prefix="codelm-tokenizer-") as d:
@@ -109,7 +109,7 @@ def reads_special_tokens(task: str | None, pair_special_tokens: object) -> bool:
     return task == "chat" or (bool(pair_special_tokens) and task != "lm")
 
 
-def encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
+def encode(tokenizer: Tokenizer, texts: list[str], cfg: DataConfig, desc: str,
             specials: Sequence[bool] = (), encoder: BatchEncoder | None = None
             ) -> list[list[int]]:
     """The texts' ids, encoded in chunks of about 16M characters (bounded memory, a progress
@@ -135,7 +135,7 @@ def encode(tokenizer, texts: list[str], cfg: DataConfig, desc: str,
     return out
 
 
-def token_dtype(tokenizer) -> str:
+def token_dtype(tokenizer: Tokenizer) -> str:
     return "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
 
 
@@ -370,7 +370,7 @@ def _fim_plan(ids: list[int], doc_id: str, size: int, tokenizer, cfg: DataConfig
     return plan
 
 
-def fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
+def fim_pairs(docs: list[tuple[list[int], str]], tokenizer: Tokenizer, cfg: DataConfig,
                desc: str = "fim parts", encoder: BatchEncoder | None = None
                ) -> list[list[tuple[list[int], list[int]]]]:
     """(prompt, completion) pairs of each file ``(ids, doc id)``: plain LM chunks, and a
@@ -395,7 +395,7 @@ def fim_pairs(docs: list[tuple[list[int], str]], tokenizer, cfg: DataConfig,
     return [[pair(item) for item in plan] for plan in plans]
 
 
-def fim_prompt(tokenizer, prefix: list[int], suffix: list[int], max_prompt_tokens: int
+def fim_prompt(tokenizer: Tokenizer, prefix: list[int], suffix: list[int], max_prompt_tokens: int
                ) -> list[int]:
     """A prefix-suffix-middle prompt in the tokenizer's own FIM tokens (PREFIX prefix SUFFIX
     suffix MIDDLE), prefix and suffix cut to fit ``max_prompt_tokens`` (training and eval.py)."""
@@ -404,7 +404,7 @@ def fim_prompt(tokenizer, prefix: list[int], suffix: list[int], max_prompt_token
             + [tokenizer.fim_middle_id])
 
 
-def without_stripping(tokenizer):
+def without_stripping(tokenizer: Tokenizer) -> Tokenizer:
     """``tokenizer`` without comment stripping: PSM parts are already stripped text, and a part
     stripped alone can lose code (a string's tail read as a comment)."""
     if not getattr(tokenizer, "strip_comments", False):

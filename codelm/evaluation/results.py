@@ -239,11 +239,15 @@ def _same_models(old: list[dict], new: list[dict]) -> bool:
     """Same labels and sources in order, a run's same weights (directory and training step: a
     resumed run's few small updates move the norms less than rounding), and weight norms equal
     to float rounding."""
-    return len(old) == len(new) and all(
-        a["label"] == b["label"] and a["source"] == b["source"]
-        and a.get("weights") == b.get("weights") and a.get("step") == b.get("step")
-        and all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(a["weight_norms"], b["weight_norms"]))
-        for a, b in zip(old, new))
+    if len(old) != len(new):
+        return False
+    for a, b in zip(old, new):
+        same_place = (a["label"] == b["label"] and a["source"] == b["source"]
+                      and a.get("weights") == b.get("weights") and a.get("step") == b.get("step"))
+        norms = zip(a["weight_norms"], b["weight_norms"])
+        if not same_place or not all(math.isclose(x, y, rel_tol=1e-5) for x, y in norms):
+            return False
+    return True
 
 
 def file_name_of(label: str) -> str:

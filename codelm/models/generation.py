@@ -404,21 +404,23 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
         cand = (scores[..., None] + logp.view(B, K, V)).view(B, K * V)
         top, ids = (t.tolist() for t in cand.topk(min(pool, K * V), dim=1))
         new_scores, new_beam, new_tok = ([[v] * K for _ in range(B)] for v in (-1e9, 0, fill))
-        for b in range(B):
+        for row in range(B):
             live = 0
-            for r, (c, s) in enumerate(zip(ids[b], top[b])):
-                if closed[b] or live == K:
+            for rank, (candidate, score) in enumerate(zip(ids[row], top[row])):
+                if closed[row] or live == K:
                     break
-                src, t = divmod(c, V)
-                if t not in cfg.eos_id:
-                    new_scores[b][live], new_beam[b][live], new_tok[b][live] = s, src, t
+                beam, token = divmod(candidate, V)
+                if token not in cfg.eos_id:
+                    new_scores[row][live] = score
+                    new_beam[row][live] = beam
+                    new_tok[row][live] = token
                     live += 1
-                elif r < K:
-                    hyp = torch.cat((seqs[b * K + src], seqs.new_tensor([t])))
-                    done[b].append((s / (i + 1) ** lp, hyp))
-            done[b] = sorted(done[b], key=lambda h: -h[0])[:K]
-            best_live = max(new_scores[b]) / (i + 1) ** lp
-            closed[b] = closed[b] or len(done[b]) == K and done[b][-1][0] >= best_live
+                elif rank < K:
+                    hypothesis = torch.cat((seqs[row * K + beam], seqs.new_tensor([token])))
+                    done[row].append((score / (i + 1) ** lp, hypothesis))
+            done[row] = sorted(done[row], key=lambda h: -h[0])[:K]
+            best_live = max(new_scores[row]) / (i + 1) ** lp
+            closed[row] = closed[row] or len(done[row]) == K and done[row][-1][0] >= best_live
         rows = (base + torch.tensor(new_beam, device=dev)).view(-1)
         tok = torch.tensor(new_tok, device=dev).view(-1, 1)
         seqs, scores = torch.cat((seqs[rows], tok), dim=1), torch.tensor(new_scores, device=dev)
@@ -429,10 +431,11 @@ def _beam_search(model: Transformer, idx, cfg: GenerationConfig, attention_mask)
         key_valid, pos = key_valid[rows], pos[rows]
         logits = _step(model, tok, pos, torch.tensor([T + i], device=dev), key_valid, caches)
         pos = pos + 1
-    for b in range(B):  # a row still open: its live beams count as finished
-        if not closed[b]:
-            done[b] += [(float(scores[b, k]) / max(seqs.shape[1], 1) ** lp, seqs[b * K + k])
-                        for k in range(K)]
+    for row in range(B):  # a row still open: its live beams count as finished
+        if not closed[row]:
+            length = max(seqs.shape[1], 1)
+            for beam in range(K):
+                done[row].append((float(scores[row, beam]) / length ** lp, seqs[row * K + beam]))
     best = [max(hyps, key=lambda h: h[0])[1] for hyps in done]
     # as wide as the longest returned hypothesis, as HF and the greedy path
     return torch.cat((idx, pad_sequence(best, batch_first=True, padding_value=fill)), dim=1)

@@ -624,12 +624,15 @@ def check_resume_config(cfg, run_dir: Path, checkpoints: list[Path], resume_hint
     # (check_writers): the batch may be regrouped.
     sharded = bool(checkpoints) and is_sharded(checkpoints[-1])
     regrouped = ("batch_size", "grad_accum") if sharded else ()
-    # precision "auto" names a precision only with a device: check_precision compares that.
-    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
-               if k not in ("name", "out_dir", "resume", *RESUME_MAY_CHANGE, *regrouped)
-               and k in saved
-               and not unset(k, now[k]) and comparable(saved, k) != comparable(now, k)
-               and not (k == "precision" and "auto" in (saved[k], now[k]))]
+    free = ("name", "out_dir", "resume", *RESUME_MAY_CHANGE, *regrouped)
+    changed = []
+    for k in now:
+        if k in free or k not in saved or unset(k, now[k]):
+            continue
+        if k == "precision" and "auto" in (saved[k], now[k]):
+            continue  # "auto" names a precision only with a device: check_precision compares it
+        if comparable(saved, k) != comparable(now, k):
+            changed.append(f"{k}={saved[k]!r} (now {now[k]!r})")
     if changed:
         raise ValueError(f"{source}: the run was trained with other settings: "
                          f"{'; '.join(changed)} (now: the flags given, else "
