@@ -359,9 +359,9 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
             check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}],
                             str(saved))
         except ValueError as err:
-            raise ValueError(f"{err}: a resumed run reads what it trained with where it was "
-                             "(its documents are named by their paths, which its split "
-                             "follows); put it back there, or link it there") from None
+            raise ValueError(f"{err}: a resumed run reads the files it trained with where they "
+                             "were (a corpus names its documents by their paths); put it back "
+                             "there, or link it there") from None
     base = {**resumed, **settings.updated_over(resumed, given)}
     _length_typed_over(args, base, f"--config {config}" if config else "", given)
     cfg = settings.resolve_config(TrainConfig, args, "train", base=base,

@@ -165,7 +165,8 @@ def _source(source: str) -> Source:
         key = Path(source).resolve().as_uri()
         return Source(source, key, repository_of_url(key), None)
     if not Path(source).is_dir():
-        raise ValueError(f"{source}: not a directory or a git URL")
+        raise ValueError(f"{source}: not a directory or a git URL: give a directory of code, a "
+                         "git checkout or a repository's URL")
     root = Path(source).resolve()
     if not is_utf8(root.name):
         raise ValueError(f"{source!r}: the directory name, which names the repo of its records, "

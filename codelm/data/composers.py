@@ -410,4 +410,4 @@ def compose(index: RepositoryIndex, composer: str, path: str, prefix: str,
 
 def _too_small(budget: int, needed: int, path: str) -> str:
     return (f"context budget {budget} tokens is smaller than the prefix of {path} ({needed} "
-            "tokens with its opening): give a larger budget or a shorter prefix")
+            "tokens with its opening): give a larger budget (--block-size) or a shorter prefix")

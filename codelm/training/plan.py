@@ -172,7 +172,8 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
     if copy is not None:  # a continued run reads its own copy of the adapter's config
         path, config_name = copy.parent, copy.name
     if not path.is_dir():
-        raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory")
+        raise ValueError(f"{setting(cfg, 'init_adapter', where_set)}: not a directory: give the "
+                         f"directory of a PEFT adapter (its {config_name})")
     adapter = adapter_config.read_adapter_config(path, config_name)
     theirs = {key: getattr(adapter, name) for name, key in adapter_config.ADAPTER_KEYS.items()}
     base = cfg.init_from or str(adapter_config.adapter_base(

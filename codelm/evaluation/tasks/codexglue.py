@@ -79,7 +79,8 @@ def load_codexglue_methods(path: str | Path, limit: int | None = None) -> list[d
         problems.append({"id": str(record.get("id") or where), "prompt": prompt,
                          "reference": record["body"]})
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        raise ValueError(f"{path}: no problems: give a JSONL file of CodeXGLUE method-generation "
+                         "records (signature, docstring, body)")
     return problems[:limit]
 
 

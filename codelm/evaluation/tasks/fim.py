@@ -41,7 +41,8 @@ def load_fim_problems(path: str | Path, limit: int | None = None) -> list[dict]:
                          "prefix": record["prompt"], "suffix": record["suffix"],
                          "middle": record["canonical_solution"]})
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        raise ValueError(f"{path}: no problems: give a JSONL file of infilling records "
+                         "(prompt, suffix, canonical_solution)")
     return problems[:limit]
 
 

@@ -43,7 +43,8 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: LmSettings) -> dict:
     stream = stream[:want]
     chunks = [torch.tensor(stream[s : s + context + 1]) for s in range(0, len(stream) - 1, context)]
     if not chunks:
-        raise ValueError("the lm task found no text to score in the chosen split")
+        raise ValueError("the lm task found no text to score in the chosen split: choose another "
+                         "--split, or other --data")
     windows = [{"input_ids": chunk[:-1], "labels": chunk[1:]} for chunk in chunks]
     if (eos := _apart_at(lm)) is not None:
         windows = [files_apart(window, eos) for window in windows]
