@@ -463,7 +463,7 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
               f"already evaluated ({', '.join(progress.saved)})", file=sys.stderr)
     if listed:
         most = cfg.limit or GENERATION_EXAMPLES
-        print(f"examples of the {settings.split} split: {listed} (at most {most} a task: "
+        print(f"examples of the {settings.split} split: {listed} (at most {most} each: "
               "--limit)", file=sys.stderr)
     for lm, model_identity in zip(models, results["models"]):
         if lm.label in progress.saved:

@@ -175,10 +175,14 @@ def _resume_command(run_dir: Path) -> str:
     """The command that continues ``run_dir`` from its latest checkpoint: on as many processes
     as wrote it, under torchrun where more than one did or where the run shards its model."""
     config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
-    writers = 1
-    with contextlib.suppress(ValueError):  # an unreadable checkpoint: the plain command
-        writers = len(checkpoint.read_state(rundir.list_checkpoints(run_dir)[-1], mmap=True).rng)
-    if writers == 1 and config.get("strategy") != "fsdp":
+    writers = None  # of the newest readable checkpoint, the one a resume continues from
+    for path in reversed(rundir.list_checkpoints(run_dir)):
+        with contextlib.suppress(checkpoint.CorruptCheckpointError):
+            writers = len(checkpoint.read_state(path, mmap=True).rng)
+            break
+    if writers is None and config.get("strategy") == "fsdp":
+        return f"torchrun --nproc-per-node N trainingmanager.py --resume {run_dir}"
+    if writers is None or writers == 1:
         return f"python trainingmanager.py --resume {run_dir}"
     return f"torchrun --nproc-per-node {writers} trainingmanager.py --resume {run_dir}"
 

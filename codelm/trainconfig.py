@@ -355,13 +355,15 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
         # the paths it gives the run must exist (its own copy of an adapter's config replaces it)
         owned = ("init_adapter",) if rundir.adapter_copy(run) else ()
         paths = ("init_from", "init_adapter", "data", "val_data", "test_data")
-        try:
-            check_run_paths(resumed, [k for k in paths if k not in {*args, *given, *owned}],
-                            str(saved))
-        except ValueError as err:
-            raise ValueError(f"{err}: a resumed run reads the files it trained with where they "
-                             "were (a corpus names its documents by their paths); put it back "
-                             "there, or link it there") from None
+        unset_here = [k for k in paths if k not in {*args, *given, *owned}]
+        models = [k for k in unset_here if k in ("init_from", "init_adapter")]
+        data = [k for k in unset_here if k not in models]
+        for keys, why in ((models, ""), (data, " (a corpus names its documents by their paths)")):
+            try:
+                check_run_paths(resumed, keys, str(saved))
+            except ValueError as err:
+                raise ValueError(f"{err}: a resumed run reads the files it trained with where "
+                                 f"they were{why}; put it back there, or link it there") from None
     base = {**resumed, **settings.updated_over(resumed, given)}
     _length_typed_over(args, base, f"--config {config}" if config else "", given)
     cfg = settings.resolve_config(TrainConfig, args, "train", base=base,

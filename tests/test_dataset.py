@@ -995,8 +995,9 @@ def _repo_docs(files_per_repo: dict[str, int]) -> list[Doc]:
 
 def test_a_repository_holding_most_of_the_text_outside_train_is_noted(tmp_path, capsys):
     """Ten repositories split 8/1/1 by count, the one drawn to val holding most of the text:
-    the train split holds far less than train_frac of the text (its JSONL bytes, recorded per
-    split), which dataset.py says with the fixes; repositories of one size say nothing."""
+    the train split holds far less than train_frac of the corpus's bytes (its JSONL bytes,
+    recorded per split), which dataset.py says with the fixes; repositories of one size say
+    nothing."""
     repos = [f"u/r{r}" for r in range(10)]
     val_repo = next(repo for repo, split in assign_splits(repos, (0.8, 0.1, 0.1), 42).items()
                     if split == "val")
@@ -1011,7 +1012,7 @@ def test_a_repository_holding_most_of_the_text_outside_train_is_noted(tmp_path, 
     assert "the train split holds" not in capsys.readouterr().err
     assert dataset.main([*argv, str(records(val_repo))]) == 0
     err = capsys.readouterr().err
-    assert "the train split holds 31% of the text (8 of 10 files/records)" in err, err
+    assert "the train split holds 31% of the corpus's bytes (8 of 10 files/records)" in err, err
     assert "train_frac 0.8" in err and "--split-by file" in err
     corpus = load_corpus(cfg(tmp_path, sources=[str(tmp_path / "True.jsonl")]))
     sizes = corpus.stats["split_bytes"]

@@ -3496,7 +3496,7 @@ def test_a_full_disk_while_writing_results_names_the_file_and_keeps_the_old_ones
     assert ev.main(argv) == 2  # resumed at model b, whose results cannot be written
     captured = capsys.readouterr()
     assert captured.err.startswith(f"resuming {out}: 1 of 2 models already evaluated (a)\n"
-                                   "examples of the test split: line 1 (at most 2 a task")
+                                   "examples of the test split: line 1 (at most 2 each")
     assert f"--limit)\nerror: {out}/" in captured.err
     assert "predictions.jsonl: No space left on device\n  stopped at model b\n" in captured.err
     assert "\n| model | line EM |" in captured.out  # the table is not lost
@@ -3522,7 +3522,7 @@ def test_a_model_whose_predictions_are_mostly_empty_is_noted(tiny_models, tmp_pa
         empty = sum(not text.strip() for text in texts)
         said = f"tuned: {empty} of 2 line predictions are empty"
         assert (said in err) == noted, err
-        assert "examples of the all split: line 2 (at most 2 a task: --limit)" in err
+        assert "examples of the all split: line 2 (at most 2 each: --limit)" in err
 
 
 def _record_models(evaluated: list):
@@ -4022,6 +4022,16 @@ def test_best_weights_of_a_run_stopped_short_say_where_it_stopped(tmp_path, monk
     loading._run_weights(run, run / rundir.BEST_DIR)
     assert f"(torchrun --nproc-per-node 2 trainingmanager.py --resume {run} continues it)" in (
         capsys.readouterr().err)
+
+    def unreadable(path, mmap=False):
+        raise checkpoint_module.CorruptCheckpointError(f"{path}: torn")
+
+    monkeypatch.setattr(checkpoint_module, "read_state", unreadable)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps({"max_steps": 3000, "strategy": "fsdp"}))
+    loading._run_weights(run, run / rundir.BEST_DIR)  # how many wrote it is not known
+    assert f"(torchrun --nproc-per-node N trainingmanager.py --resume {run} " in (
+        capsys.readouterr().err)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps({"max_steps": 3000}))
     ended_on_purpose = ({"max_steps": 1378},  # finished
                         {"max_steps": 3000, "overfit_batches": 2},  # memorised, stopped
                         {"max_steps": 3000, "early_stop_patience": 3})  # out of patience

@@ -531,7 +531,8 @@ def test_a_sharded_checkpoint_moves_only_to_process_counts_that_share_its_batch(
     assert not checkpoint.check_writers(step, writers=2, world=4, per_process=2)
     assert not checkpoint.check_writers(step, writers=2, world=1, per_process=8)
     with pytest.raises(ValueError, match=r"batch of 8 .* 3 processes cannot share evenly: "
-                                         r"resume it on 1, 2, 4, 8 "):
+                                         r"resume it on N of 1, 2, 4, 8 \(the counts that divide 8\), "
+                                         r"with batch_size x grad_accum = 8 / N"):
         checkpoint.check_writers(step, writers=2, world=3, per_process=3)
 
 

@@ -52,8 +52,8 @@ def lopsided_note(corpus_stats: dict, cfg: DataConfig,
     if counts["train"] < least * kept:
         held = f"{counts['train']} of {kept} files/records"
     elif text and sizes["train"] < least * text:
-        held = (f"{sizes['train'] / text:.0%} of the text ({counts['train']} of {kept} "
-                "files/records)")
+        held = (f"{sizes['train'] / text:.0%} of the corpus's bytes ({counts['train']} of "
+                f"{kept} files/records)")
     else:
         return None
     unit = corpus_stats.get("split_by", "file")

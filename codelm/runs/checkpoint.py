@@ -666,10 +666,11 @@ def check_writers(path: Path, writers: int, world: int, per_process: int) -> boo
         then = saved["batch_size"] * saved["grad_accum"] * writers
         if then % world:
             counts = [str(n) for n in range(1, min(then, MOST_PROCESSES) + 1) if then % n == 0]
+            listed = "" if then <= MOST_PROCESSES else f" up to {MOST_PROCESSES}"
             raise ValueError(f"{path} trained with a global batch of {then} examples a step "
                              f"({writers} process(es)), which {world} processes cannot share "
-                             f"evenly: resume it on {', '.join(counts)} (counts that divide "
-                             f"{then})")
+                             f"evenly: resume it on N of {', '.join(counts)} (the counts{listed} "
+                             f"that divide {then}), with batch_size x grad_accum = {then} / N")
         if then != per_process * world:
             raise ValueError(f"{path} trained with a global batch of {then} examples a step "
                              f"({writers} process(es)); this run's is {per_process * world} "
