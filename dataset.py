@@ -443,7 +443,8 @@ def _chunk_examples(docs: list[Doc], encoder: BatchEncoder, cfg: DataConfig, spl
         if template_writes_start(cfg.task):  # its own start (a BOS) stays when history goes
             own = template_start_length(prompt, tokenizer)
             head, prompt = prompt[:own], prompt[own:]
-            code_span = (max(0, code_span[0] - own), max(0, code_span[1] - own))
+            code_start, code_end = code_span
+            code_span = (max(0, code_start - own), max(0, code_end - own))
         # A plain LM chunk of the fim task, or a piece of the project task's repository
         # sequences, is not cut: its cut tokens would be in no example.
         limit = cfg.max_completion_tokens if prompt or cfg.task not in ("fim", "project") else None

@@ -338,7 +338,7 @@ def run_config_of(spec: str) -> dict | None:
     a checkpoint; BASE+ the run's export/); None where it names no run (an HF directory, a hub
     id, another adapter)."""
     _, path_spec = split_label(spec)
-    adapter = _split_adapter(path_spec)[1]
+    _, adapter = _split_adapter(path_spec)
     path = Path(adapter or path_spec)
     if not path.is_dir():
         return None

@@ -371,7 +371,9 @@ def parse_config(argv: Sequence[str] | None = None,
     ``runs_tasks`` finds (eval.py: the tasks its runs trained on), if any."""
     args = vars(build_parser().parse_args(argv))
     cfg = settings.resolve_config(EvalConfig, args, "eval", aliases=HARNESS_FLAGS)
-    in_file = settings.read_config_file(args["config"], "eval")[0] if "config" in args else {}
+    in_file = {}
+    if "config" in args:
+        in_file, _ = settings.read_config_file(args["config"], "eval")
     if "tasks" not in args and "tasks" not in in_file:
         named = problem_tasks(cfg.problems) or (runs_tasks(cfg) if runs_tasks else [])
         if named:

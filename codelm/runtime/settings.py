@@ -139,7 +139,8 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
         if key not in known:
             raise ValueError(f"{source}: unknown key {key!r}; "
                              f"{key_hint(key, known, cls.__name__, aliases)}")
-        if isinstance(value, str) and _field_type(hints[key])[0] == list[str]:
+        base, _ = _field_type(hints[key])
+        if isinstance(value, str) and base == list[str]:
             value = checked[key] = [value]  # one item written alone, as its flag takes one
         if problem := type_error(hints[key], value):
             raise ValueError(f"{source}: key {key!r} {problem}")
@@ -147,7 +148,6 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
         if value is not None and allowed is not None and value not in allowed:
             raise ValueError(f"{source}: key {key!r} must be one of {tuple(allowed)}, "
                              f"got {value!r}")
-        base = _field_type(hints[key])[0]
         if value is not None and base is float:
             checked[key] = float(value)
         if value is not None and (typing.get_origin(base) or base) is tuple:
@@ -488,7 +488,9 @@ def where_set_in(args: Mapping[str, Any], section: str, rest: str | None = None,
     it where another spelling was typed: ``--learning_rate``), else the ``--config`` file when
     that sets it, else ``rest`` (a resumed run's config.json), else its flag."""
     config = args.get("config")
-    in_file = read_config_file(config, section)[0] if config is not None else {}
+    in_file = {}
+    if config is not None:
+        in_file, _ = read_config_file(config, section)
 
     def where(key: str) -> str:
         if key in args and key != "config":
