@@ -1,4 +1,5 @@
-"""One decoder-only transformer for StarCoder (GPTBigCode), CodeGen, Phi-1.5, Llama-3.2 and the
+"""One decoder-only transformer for every family of FAMILIES (StarCoder's GPTBigCode, CodeGen,
+Phi-1.5, Phi-3, Llama, Qwen2 and Qwen3, Mistral, StarCoder2, Gemma and Gemma 2, StableLM) and the
 from-scratch models of the research path.
 
 The families differ only in flags of `ModelConfig`; `Transformer` is the one model class. Every op
@@ -816,6 +817,8 @@ class Transformer(nn.Module):
         attention_mask (B, T): True = real token, for left-padded batches (right padding needs
         none: attention is causal). document_ids (B, T): packed rows, each run of equal ids a
         document of its own, its positions from 0 and its tokens seeing only each other.
+        grad_scale: what the caller's backward multiplies the loss's gradient by (head_loss:
+        the fused head forms its gradient in the forward).
 
         Returns, by the arguments given:
           no targets                -> the logits (B, T, V)

@@ -463,8 +463,8 @@ def _evaluate(cfg: EvalConfig, settings: TaskSettings, device: torch.device,
               f"already evaluated ({', '.join(progress.saved)})", file=sys.stderr)
     if listed:
         most = cfg.limit or GENERATION_EXAMPLES
-        print(f"examples of the {settings.split} split: {listed} (at most {most} each: "
-              "--limit)", file=sys.stderr)
+        print(f"data: examples of the {settings.split} split: {listed} (at most {most} each: "
+              "--limit)")
     for lm, model_identity in zip(models, results["models"]):
         if lm.label in progress.saved:
             continue

@@ -3701,7 +3701,7 @@ def test_a_run_without_weights_needs_its_adapter_directory_not_its_copy(tmp_path
     shutil.rmtree(adapter)
     assert rundir.adapter_copy(run) is None
     with pytest.raises(ValueError, match=rf"init_adapter {re.escape(repr(str(adapter)))} not "
-                                         "found$"):
+                                         "found: .*put it back there"):
         plan.parse_config(["--resume", str(run)])
     (run / rundir.BEST_DIR).mkdir()
     assert rundir.adapter_copy(run) == run / rundir.INIT_ADAPTER_COPY

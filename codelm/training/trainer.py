@@ -113,6 +113,7 @@ class StepStop(NamedTuple):
 @dataclass
 class StepStats:
     loss: float  # token-weighted mean over the whole (global) step, as validation computes it
+    #   (with label_smoothing, the smoothed loss: validation's is not)
     grad_norm: float
     tokens: int  # input positions processed by all ranks (padding included: it is computed)
     lr: float  # the learning rate this step used (the scheduler has moved on by the time it logs)
@@ -467,7 +468,8 @@ class StopSignals:
     def stop_requested(self, dist: Dist, device: torch.device, over_time: bool = False
                        ) -> str | None:
         """Why every rank stops now (collective): a signal any rank received, or the time
-        budget (``over_time``)."""
+        budget (``over_time``). Under torchrun the ranks' flags are summed and read back each
+        call: the host waits there for the device's work queued before it."""
         signalled = self.reason is not None
         if dist.enabled:  # one process reads its own flags: no tensor, no wait on the device
             flags = torch.tensor([signalled, over_time], dtype=torch.float32, device=device)
