@@ -1720,8 +1720,9 @@ def test_a_held_out_file_scores_whole_with_split_all_and_a_split_of_it_is_named(
     assert json.loads((tmp_path / "all" / "results.json").read_text())["examples"] == {
         "refactor": 20}
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: ")]
-    assert len(lines) == 2 and "split" not in lines[0], lines  # no split is scored
+    assert len(lines) == 3 and "split" not in lines[0], lines  # no split is scored
     assert lines[1] == f"data: scoring all 20 documents of {pairs} (--split all)"
+    assert lines[2].startswith("data: examples of the all split: refactor 20 ")
 
 
 def test_results_record_the_context_each_model_was_scored_with(tiny_models, tmp_path,
