@@ -3361,11 +3361,10 @@ def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
     cfg = trainconfig.TrainConfig(init_from=str(export), lora_r=4)
     with pytest.raises(ValueError) as refused:
         plan.validate_config(cfg)
-    assert str(refused.value) == (
-        f"init_from ({str(export)!r}, --init-from): a LoRA adapter (adapter_config.json), not a "
-        "model: use its base, or the merged model (a run with --export-merged writes it to "
-        "export/merged); to train that adapter on, set init_adapter (--init-adapter) to "
-        f"{export}")
+    said = str(refused.value)
+    assert said.startswith(f"init_from ({str(export)!r}, --init-from): a LoRA adapter")
+    assert all(words in said for words in ("use its base", "--export-merged", "export/merged",
+                                           f"init_adapter (--init-adapter) to {export}"))
     shutil.copytree(base, export / "merged")
     plan.validate_config(dataclasses.replace(cfg, init_from=str(export / "merged")))
     assert "its export/merged/" in " ".join(trainconfig.build_parser().format_help().split())
@@ -4046,10 +4045,10 @@ def test_a_time_budget_stop_says_the_run_is_not_finished(assets, tmp_path, monke
     result = tm.train(cfg)
     run = Path(cfg.out_dir) / "run"
     assert result.stopped_by_budget and result.step == 3 and result.interrupted is None
-    assert (
-        f"time budget (--max-time-s 2.5) reached at step 3/12: the run is not finished; "
-        f"checkpoint saved; export/ holds its best weights so far (step 3); continue with "
-        f"--resume {run}") in capsys.readouterr().out
+    said = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("time budget (--max-time-s 2.5) reached at step 3/12"))
+    assert all(words in said for words in ("not finished", "checkpoint saved",
+                                           "best weights so far (step 3)", f"--resume {run}"))
     assert _train_steps(run) == [1, 3] and rundir.list_checkpoints(run)[-1].name == "step-3"
     resumed = tm.train(dataclasses.replace(cfg, resume=str(run), max_time_s=None))
     assert not resumed.stopped_by_budget and resumed.step == 12
@@ -4146,8 +4145,9 @@ def test_resume_keeps_the_best_validation_loss_so_best_is_not_overwritten(assets
     capsys.readouterr()
     result = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), max_steps=8))
     assert (result.best_step, result.best_val_loss) == (4, 2.0)
-    assert ("note: the run planned 4 steps and now runs 8: its learning-rate schedule is "
-            "planned anew over 8 steps from step 4 on\n") in capsys.readouterr().out
+    said = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("note: the run planned 4 steps and now runs 8"))
+    assert "schedule is planned anew over 8 steps from step 4" in said
     best = json.loads((first.run_dir / "best" / "metrics.json").read_text())
     assert (best["step"], best["val_loss"]) == (4, 2.0)
 
