@@ -168,15 +168,16 @@ def _unfinished(run_dir: Path) -> str | None:
         with contextlib.suppress(ValueError):  # an unreadable checkpoint: said as stopped
             if checkpoint.read_state(checkpoints[-1], mmap=True).out_of_patience(patience):
                 return None
-    return f"stopped at step {stopped_at} of {max_steps} ({_resume_command(run_dir)} continues it)"
+    resume = _resume_command(run_dir, config, checkpoints)
+    return f"stopped at step {stopped_at} of {max_steps} ({resume} continues it)"
 
 
-def _resume_command(run_dir: Path) -> str:
-    """The command that continues ``run_dir`` from its latest checkpoint: on as many processes
-    as wrote it, under torchrun where more than one did or where the run shards its model."""
-    config = settings.read_json_object(run_dir / rundir.CONFIG_FILE, "run config")
+def _resume_command(run_dir: Path, config: dict, checkpoints: list[Path]) -> str:
+    """The command that continues ``run_dir`` (its ``config`` and ``checkpoints``, oldest
+    first) from its latest checkpoint: on as many processes as wrote it, under torchrun where
+    more than one did or where the run shards its model."""
     writers = None  # of the newest readable checkpoint, the one a resume continues from
-    for path in reversed(rundir.list_checkpoints(run_dir)):
+    for path in reversed(checkpoints):
         with contextlib.suppress(checkpoint.CorruptCheckpointError):
             writers = len(checkpoint.read_state(path, mmap=True).rng)
             break
