@@ -16,7 +16,7 @@ from architecture import Transformer
 from codelm.endpoints import MAX_CHOICES
 from codelm.models.generation import MIN_TEMPERATURE, GenerationConfig
 from codelm.tool_calls import writes_calls
-from tokenizer import decode_generated, generation_eos_ids
+from tokenizer import Tokenizer, decode_generated, generation_eos_ids
 
 # The limits on the lists a request may give: OpenAI's, but for stops (OpenAI takes 4; this
 # server takes more, as vLLM does: the HumanEval harness stops at 7 strings).
@@ -62,7 +62,7 @@ class ServedModel:
         return self.chat_eos_ids if chat else self.eos_ids
 
 
-def served_model(name: str, model: Transformer, tokenizer,
+def served_model(name: str, model: Transformer, tokenizer: Tokenizer,
                  encode: Callable[[str], list[int]] | None = None, start: int = 0,
                  eos_ids: list[int] | None = None, chat_eos_ids: list[int] | None = None,
                  context: int | None = None, weights: str | None = None) -> ServedModel:

@@ -18,7 +18,7 @@ from pathlib import Path
 from codelm.runtime import process
 
 
-def hash_json(obj) -> str:
+def hash_json(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -342,7 +342,7 @@ def _general_name(name: str, tok) -> str:
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
-def write_gguf(model: Transformer, tok, out: Path, outtype: str = "f16",
+def write_gguf(model: Transformer, tok: BPETokenizer, out: Path, outtype: str = "f16",
                name: str = "codelm", prompt_start: Sequence[int] | None = None,
                progress: bool = True) -> Path:
     """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` as GGUF; return ``out``.
@@ -383,7 +383,7 @@ def fills_in_middle(task: str, init_from: str | None) -> bool:
     return task == "fim" or init_from is not None
 
 
-def modelfile(gguf_file: Path, tok, fill_in_middle: bool = True) -> str:
+def modelfile(gguf_file: Path, tok: BPETokenizer, fill_in_middle: bool = True) -> str:
     """An Ollama Modelfile for the export: completion of the raw prompt, fill-in-the-middle in
     the tokenizer's FIM tokens when Ollama passes a suffix (``fill_in_middle``: a model that
     learned it, ``fills_in_middle``), the end-of-text token as a stop; a tokenizer with a chat
@@ -440,7 +440,7 @@ def _runs(recipe: Path, out: Path) -> bool:
     return (recipe.parent / named).resolve() == out.resolve()
 
 
-def save(model: Transformer, tok, out: Path, outtype: str, name: str = "codelm",
+def save(model: Transformer, tok: BPETokenizer, out: Path, outtype: str, name: str = "codelm",
          prompt_start: Sequence[int] | None = None, progress: bool = True,
          fill_in_middle: bool = True) -> Path:
     """Write ``model`` (LoRA merged in) and ``tok`` to ``out`` and its Modelfile

@@ -449,7 +449,7 @@ def flag_of(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def setting(cfg, key: str, where_set: Callable[[str], str] = flag_of) -> str:
+def setting(cfg: object, key: str, where_set: Callable[[str], str] = flag_of) -> str:
     """Field ``key`` as an error names it: "warmup_steps (200, --config run.json)"."""
     return f"{key} ({getattr(cfg, key)!r}, {where_set(key)})"
 

@@ -213,7 +213,7 @@ def with_init_adapter(cfg: TrainConfig, typed: Collection[str] = (),
         "lora_targets": cfg.lora_targets or (targets if isinstance(targets, list) else None)})
 
 
-def check_lora_targets(cfg: TrainConfig, model_cfg) -> None:
+def check_lora_targets(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """The adapters the run adds, added to the checkpoint's shape on the meta device (no
     weights): a target that matches no module, or DoRA where it cannot go, is refused before
     the data is prepared, as the build would refuse it after."""

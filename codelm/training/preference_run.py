@@ -40,6 +40,7 @@ from codelm.trainconfig import DataSettings, ModelSettings, StepSettings, TrainC
 from codelm.training import preference
 from codelm.training.preference_batches import PreferenceBatches, PreferenceRows
 from codelm.training.trainer import StepFigures, StepStop, Trainer, autocast, checked_precision
+from tokenizer import Tokenizer
 
 REFERENCE_FILE = "reference_logps.pt"  # in the run directory: (n, 2) of each split's rows
 
@@ -60,7 +61,7 @@ class PreferenceData(NamedTuple):
     data_id: dict  # what checkpoints record of the data
 
 
-def prepare(cfg: TrainConfig | DataSettings, tok, block_size: int, dist: Dist) -> PreferenceData:
+def prepare(cfg: TrainConfig | DataSettings, tok: Tokenizer, block_size: int, dist: Dist) -> PreferenceData:
     """The run's records (``--data``; validation ``--val-data``, else val_frac of them), encoded
     for ``block_size`` and batched; what was cut is said."""
     dcfg = DataConfig(sources=list(cfg.data), block_size=block_size,

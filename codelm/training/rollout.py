@@ -40,7 +40,7 @@ from codelm.trainconfig import GRPO_TASK, DataSettings, GRPOSettings, StepSettin
 from codelm.training import grpo, rewards
 from codelm.training.batches import BatchOrder, Where
 from codelm.training.trainer import StepFigures, StepStop, Trainer, autocast
-from tokenizer import decode_generated, generation_eos_ids
+from tokenizer import Tokenizer, decode_generated, generation_eos_ids
 
 STOPS = FUNCTION_STOPS  # a completion ends with its function, as eval's pass@k cuts it
 # Steps in a row whose every group earned equal rewards (no advantage, nothing learned) before
@@ -289,7 +289,7 @@ class Sampler:
         return self.engine
 
 
-def check_stops(tok, eos: list[int], settings: GRPOSettings) -> None:
+def check_stops(tok: Tokenizer, eos: list[int], settings: GRPOSettings) -> None:
     """The tokenizer must end a completion: an end-of-text token, and the stop strings written
     as themselves (a tokenizer that cannot write a newline never stops a function)."""
     source = setting(settings, "init_from" if settings.init_from else "tokenizer")
