@@ -923,6 +923,7 @@ class ExportSettings:
     TrainConfig: the fields of these names, documented there."""
 
     task: str
+    data_options: dict
     sample_prompt: str | None
     sample_tokens: int
     max_completion_tokens: int

@@ -47,7 +47,8 @@ def export(source: str, out: Path, outtype: str, tokenizer: str | None = None,
     fim = True  # a checkpoint that is no run's: its own training may hold it
     if loaded.run_config is not None:
         fim = writer.fills_in_middle(loaded.run_config.get("task", "lm"),
-                                     loaded.run_config.get("init_from"))
+                                     loaded.run_config.get("init_from"),
+                                     loaded.run_config.get("data_options", {}))
     return writer.save(loaded.model, loaded.tokenizer, out, outtype, name=loaded.label,
                        prompt_start=loaded.prompt_start, fill_in_middle=fim)
 

@@ -377,10 +377,13 @@ def _write(writer, model: Transformer, tok, outtype: str, name: str,
         writer.write_tensors_to_file(progress=progress)
 
 
-def fills_in_middle(task: str, init_from: str | None) -> bool:
+def fills_in_middle(task: str, init_from: str | None, data_options: dict) -> bool:
     """Whether a run's model may fill in the middle: one trained from scratch learned it under
-    the fim task alone; the checkpoint a run started from (``init_from``) may hold it."""
-    return task == "fim" or init_from is not None
+    the fim task alone, unless its ``data_options`` set fim_rate 0 (no FIM example); the
+    checkpoint a run started from (``init_from``) may hold it."""
+    if init_from is not None:
+        return True
+    return task == "fim" and data_options.get("fim_rate") != 0
 
 
 def modelfile(gguf_file: Path, tok: BPETokenizer, fill_in_middle: bool = True) -> str:

@@ -179,7 +179,8 @@ def write_gguf(settings: ExportSettings, model: nn.Module, tok: CodeTokenizer | 
         lora.load_adapter(model, export)
     return writer.save(model, tok, export / rundir.GGUF_FILE, settings.export_gguf, name,
                        prompt_prefix(tok, settings.task), settings.progress,
-                       writer.fills_in_middle(settings.task, settings.init_from))
+                       writer.fills_in_middle(settings.task, settings.init_from,
+                                               settings.data_options))
 
 
 def unsharded_copy(run: Run) -> nn.Module | None:

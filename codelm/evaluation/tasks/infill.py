@@ -18,14 +18,13 @@ from codelm.data.sources import Doc
 from codelm.evaluation.metrics import edit_sim, fuzz_ratio
 from codelm.evaluation.scoring import Scoring
 from codelm.evaluation.tasks import fim
+from codelm.evaluation.tasks.text import GENERATION_EXAMPLES
 from codelm.loading import LoadedModel
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.source import line_comment
 from tokenizer import CodeTokenizer
 
 KIND = "examples"
-# Problems scored where --limit is unset (the generation tasks' own number).
-INFILL_PROBLEMS = 100
 
 
 class InfillSettings(Scoring, Protocol):
@@ -37,10 +36,10 @@ class InfillSettings(Scoring, Protocol):
 
 
 def infill_problems(docs: Sequence[Doc], cfg: InfillSettings) -> list[dict]:
-    """The first ``cfg.limit`` problems of the split's code files: in each, the lines that line
+    """The first ``cfg.limit`` (default GENERATION_EXAMPLES) problems of the split's code files: in each, the lines that line
     completion draws (``cfg.lines_per_file``, seeded), each a middle between the file's text
     before it and after it."""
-    limit = INFILL_PROBLEMS if cfg.limit is None else cfg.limit
+    limit = GENERATION_EXAMPLES if cfg.limit is None else cfg.limit
     problems = []
     for doc in docs:
         if doc.target is not None:  # a pair record: no file to fill in
