@@ -3,9 +3,11 @@ atomic checkpoints, the run directory, and the --overfit ritual (a transposed ba
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fcntl
+import gc
 import json
 import math
 import os
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -164,6 +167,30 @@ def _trainer(cfg: trainconfig.TrainConfig, vocab: int = 64) -> trainer_module.Tr
     torch.manual_seed(0)
     model = Transformer(trainconfig.model_config(cfg, vocab, None, None))
     return trainer_module.Trainer(model, _ready(cfg), torch.device("cpu"))
+
+
+def test_a_model_outlives_its_trainer_without_keeping_it_or_its_hooks():
+    """A Trainer's stop hooks on the model's blocks hold it weakly and go with it: a second
+    Trainer on one model (a notebook's) leaves the first's optimizer state free to be collected
+    and one stop check a block, and the second's stop still drops a step."""
+    cfg = trainconfig.TrainConfig(preset="tiny", max_steps=4)
+    first = _trainer(cfg)
+    model = first.raw_model
+    gone = weakref.ref(first)
+    first.train_step([{"input_ids": torch.zeros(1, 8, dtype=torch.long),
+                       "labels": torch.zeros(1, 8, dtype=torch.long)}])
+    second = trainer_module.Trainer(model, _ready(cfg), torch.device("cpu"))
+    del first
+    gc.collect()
+    assert gone() is None
+    for block in model.blocks:
+        assert len(block.attn._forward_pre_hooks) == len(block.mlp._forward_pre_hooks) == 1
+    stop = trainer_module.StepStop(lambda: True, contextlib.nullcontext())
+    batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long),
+             "labels": torch.zeros(1, 8, dtype=torch.long)}
+    with pytest.raises(trainer_module.StepAbandoned):
+        second.train_step([batch], stop=stop)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_accumulation_equals_one_big_batch_and_validation_equals_training_loss(tmp_path):

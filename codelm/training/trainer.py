@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -155,6 +156,11 @@ def _stats(step: StepFigures, loss: float, norm: float, positions: float) -> Ste
     return StepStats(loss, norm, int(positions), step.lr, step.skipped, nonfinite, step.metrics)
 
 
+def _remove_hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 class Trainer:
     """Model, optimizer, schedule and loss scaler: one training step, one evaluation."""
 
@@ -197,9 +203,7 @@ class Trainer:
         self.stop_pending: Callable[[], bool] | None = None  # set during a droppable step
         self.droppable = not self.dist.enabled and not settings.compile
         if self.droppable:
-            for block in getattr(self.raw_model, "blocks", ()):
-                block.attn.register_forward_pre_hook(self._check_stop)
-                block.mlp.register_forward_pre_hook(self._check_stop)
+            self._hook_blocks()
         self.sharded = distributed.is_sharded(self.raw_model)
         # The optimizer takes torch's found_inf (fused AdamW): it skips a step on the device.
         self.skips_on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
@@ -213,6 +217,23 @@ class Trainer:
         processes."""
         values = to_device(torch.tensor([float(count) for count in counts]), self.device)
         return all_reduce_sum(values, self.dist)
+
+    def _hook_blocks(self) -> None:
+        """``_check_stop`` before each block's attention and MLP. The hooks hold the trainer
+        weakly and go with it: a model outlives its trainers (a notebook's second Trainer on
+        one model), and a hook must not keep a dropped trainer's optimizer state alive."""
+        check_stop = weakref.WeakMethod(self._check_stop)
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            method = check_stop()
+            if method is not None:
+                method(module, args)
+
+        handles = []
+        for block in getattr(self.raw_model, "blocks", ()):
+            handles.append(block.attn.register_forward_pre_hook(hook))
+            handles.append(block.mlp.register_forward_pre_hook(hook))
+        weakref.finalize(self, _remove_hooks, handles)
 
     def _check_stop(self, module: nn.Module, args: tuple) -> None:
         """Before a module's forward, and once its backward is done: a pending stop drops the
