@@ -51,6 +51,9 @@ def _prepare(instruct, tmp_path, **options):
 
 
 def test_each_assistant_turn_is_an_example_trained_on_its_answer_alone(instruct, tmp_path):
+    """Each assistant turn is an example: its prompt is the conversation before it as
+    apply_chat_template renders it with the generation prompt, and only the answer and its one
+    end-of-turn marker are labelled, so the model learns answers, not the user's turns."""
     tok, data = _prepare(instruct, tmp_path)
     examples = [data.train[i] for i in range(len(data.train))]
     assert len(examples) == 2 * round(0.8 * len(CONVERSATIONS))  # two answers a conversation
@@ -95,6 +98,8 @@ PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{
 
 
 def test_an_answer_without_an_end_of_turn_token_is_trained_to_end_with_eos(instruct, tmp_path):
+    """Where the template writes no end-of-turn marker, each answer's labels end with the eos: the
+    fine-tuned model learns to stop after its answer instead of running on."""
     root, _ = instruct
     tok = load_tokenizer(root)
     tok.chat_template = PLAIN_TEMPLATE
@@ -180,6 +185,8 @@ def test_one_conversation_offered_other_tools_is_no_duplicate(instruct, tmp_path
 
 
 def test_a_template_error_names_the_conversation_line(instruct, tmp_path):
+    """A conversation the chat template cannot render (this ChatML knows no tool role) is refused
+    with its file:line and the template's own message: the record can be found and corrected."""
     root, data = instruct
     bad = tmp_path / "tool.jsonl"
     bad.write_text(data.read_text().splitlines()[0] + "\n" + json.dumps({"messages": [
@@ -191,6 +198,8 @@ def test_a_template_error_names_the_conversation_line(instruct, tmp_path):
 
 
 def test_code_files_or_a_template_less_tokenizer_are_refused_naming_the_fix(instruct, tmp_path):
+    """The chat task refuses code files (it needs JSONL conversation records) and a tokenizer
+    without a chat template (it needs an instruct model's), each message naming what it needs."""
     root, _ = instruct
     tok = load_tokenizer(root)
     code = DataConfig(task="chat", sources=["stdlib"], cache_dir=str(tmp_path), progress=False,
@@ -220,6 +229,9 @@ def test_code_files_or_a_template_less_tokenizer_are_refused_naming_the_fix(inst
      r"messages\[0\]\.role 'human': ShareGPT's name.*'user'"),
 ])
 def test_a_malformed_conversation_is_refused_naming_its_line(record, message, tmp_path):
+    """A record that is no conversation (no messages, a non-string content, tools not a list, no
+    assistant turn, a misspelt, capitalized or ShareGPT role) is refused at its file:line with the
+    likely role: a misspelt assistant turn would be read as context and never trained."""
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n" + json.dumps(record) + "\n")
     cfg = DataConfig(task="chat", sources=[str(data)], cache_dir=str(tmp_path), progress=False)

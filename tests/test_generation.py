@@ -16,6 +16,9 @@ from codelm.models import generation, pretrained
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kv_cache_decode_equals_full_forward(shape):
+    """Prefill and then one cached step a token give each position the logits the full forward
+    gives it (within 1e-5), for every architecture shape: the KV cache changes speed, not
+    output."""
     model = _model(shape)
     idx = _ids(2, 40)
     full = model(idx)
@@ -32,6 +35,8 @@ def test_kv_cache_decode_equals_full_forward(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_left_padded_batch_equals_unpadded_runs(shape):
+    """Rows of different lengths, left-padded under a mask, get the logits and the greedy
+    continuation each row gets alone: batching prompts does not change what is generated."""
     model = _model(shape)
     rows = [_ids(1, n, seed=n)[0] for n in (20, 13, 7)]
     width = max(len(r) for r in rows)
@@ -70,6 +75,8 @@ def test_prefill_without_padding_attends_causally_to_the_prompt_alone(monkeypatc
 
 
 def test_greedy_is_argmax_of_forward():
+    """Each greedy token is the argmax of forward's logits on the text before it, and the output is
+    an ordinary tensor (not an inference-mode one) that a caller can backpropagate through."""
     model = _model("phi")
     idx = _ids(2, 10)
     out = gen(model, idx, 6)
@@ -105,6 +112,8 @@ def test_a_query_key_norm_model_decodes_under_autocast():
 
 
 def test_sampling_filters_and_seed():
+    """top_k samples only among the k likeliest tokens and top_p only within the nucleus; one
+    generator seed repeats the same text, and top_k=1 is greedy."""
     model = _model("llama")
     idx = _ids(1, 10).repeat(400, 1)
     last = model(idx[:1])[0, -1]
@@ -131,6 +140,8 @@ def _lively(shape):
 
 
 def test_eos_ends_each_row_separately():
+    """A row that generates eos is filled with eos from there while the other row runs on
+    unchanged, and generation ends once every row has: each row of a batch finishes on its own."""
     model = _lively("codegen")
     idx = _ids(2, 8, seed=5)
     free = gen(model, idx, 10)
@@ -146,6 +157,8 @@ def test_eos_ends_each_row_separately():
 
 
 def test_stop_ids_and_strings():
+    """A stop id sequence ends the row right after it is generated, a stop string once the decoded
+    text holds it; a stop string without decode= is refused, as nothing could match it."""
     model = _lively("gpt_bigcode")
     idx = _ids(1, 8, seed=6)
     seq = gen(model, idx, 12)[0, 8:].tolist()
@@ -187,6 +200,8 @@ def test_a_stop_id_sequence_ends_a_row_only_where_the_whole_sequence_is_generate
 
 
 def test_stream_yields_what_generate_returns():
+    """Streaming yields, step by step, the tokens generate returns for the same prompt: a streamed
+    answer equals a batch one."""
     model = _model("llama")
     idx = _ids(2, 8)
     streamed = torch.stack(list(gen_stream(model, idx, 9)), dim=1)
@@ -194,8 +209,8 @@ def test_stream_yields_what_generate_returns():
 
 
 def test_generations_running_at_once_do_not_share_a_cache():
-    # Each generation has its own KV cache, not the model's: a second stream must not replace
-    # the first one's (wrong tokens, no error), nor a generate() inside a stream crash it.
+    """Each generation has its own KV cache, not the model's: a second stream does not replace the
+    first one's (wrong tokens, no error), nor does a generate() inside a stream break it."""
     model = _model("codegen")
     a, b = _ids(1, 6), _ids(2, 5)[1:]
     want_a, want_b = gen(model, a, 8)[0, 6:], gen(model, b, 8)[0, 5:]
@@ -210,6 +225,9 @@ def test_generations_running_at_once_do_not_share_a_cache():
 
 
 def test_beam_search_scores_at_least_greedy():
+    """Beam search's sequences score at least greedy's log-probability under the model (greedy's
+    path is among those searched); beams with a temperature are refused, beam search being
+    deterministic."""
     model = _model("phi")
     idx = _ids(2, 8)
     greedy = gen(model, idx, 6)
@@ -236,6 +254,9 @@ def test_beam_search_scores_at_least_greedy():
     (torch.tensor([[3, 96]]), "outside .* max 96"),
 ])
 def test_generation_refuses_what_are_no_token_ids(ids, message):
+    """A prompt that is a list, a float or bool tensor, or holds ids outside the vocabulary is
+    refused by generate and stream alike, naming the dtype or the ids' range, instead of
+    F.embedding's cryptic error (a device-side assert on CUDA)."""
     model = _model("llama")
     with pytest.raises(ValueError, match=message):
         gen(model, ids, 2)
@@ -244,6 +265,7 @@ def test_generation_refuses_what_are_no_token_ids(ids, message):
 
 
 def test_attention_mask_must_be_a_tensor():
+    """An attention_mask given as a list is refused, naming what it got, greedy and beam alike."""
     model = _model("llama")
     for beams in (1, 2):
         with pytest.raises(ValueError, match="attention_mask must be a tensor .*got a list"):
@@ -251,6 +273,9 @@ def test_attention_mask_must_be_a_tensor():
 
 
 def test_input_errors():
+    """Too long for block_size, 1-D, no room for max_new_tokens, empty, ids out of range, a mask of
+    another shape, an eos_id that is no id: each is refused naming the numbers, the shapes the
+    caller passed (not beam-expanded ones)."""
     model = _model("llama")
     with pytest.raises(AssertionError, match="block_size 64"):
         model(_ids(1, 65))
@@ -273,6 +298,8 @@ def test_input_errors():
 
 
 def test_eos_and_stop_ids_as_numpy_or_tensor_values():
+    """eos and stop ids given as numpy scalars, arrays or tensors end generation as the same ints
+    do, greedy and beam: ids can come straight from a tokenizer's arrays."""
 
     model = _lively("codegen")
     idx = _ids(2, 8, seed=5)
@@ -715,6 +742,8 @@ def test_a_stop_string_is_matched_in_the_generated_text_only(hf_tokenizer, tmp_p
 
 @pytest.mark.slow
 def test_compiled_decode_matches_eager():
+    """torch.compile's decode step gives eager decoding's tokens exactly, on a left-padded batch
+    and on a second shape (a recompile): compile=True changes speed only."""
     model = _model("llama")
     for batch, length in ((2, 8), (3, 11)):  # a second shape must work too
         idx = _ids(batch, length)
@@ -737,6 +766,8 @@ def _compiled_batch1_decode(shape: str) -> None:
 
 
 def test_compiled_batch1_decode_fuses_the_matmuls_and_matches_eager():
+    """At batch 1 the compiled step turns every Linear (here with biases: addmm) into a fused
+    multiply-reduce, no matmul kernel call left in inductor's code, and decodes eager's tokens."""
     _compiled_batch1_decode("phi")  # biases: the addmm path
 
 
@@ -764,10 +795,14 @@ def test_copies_and_pickles_leave_the_compiled_decode_step_behind():
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", ["gpt_bigcode", "codegen", "llama"])
 def test_compiled_batch1_decode_every_family(shape):
+    """The fused batch-1 decode holds for the multi-query, CodeGen and Llama shapes too: no matmul
+    call left, eager's tokens."""
     _compiled_batch1_decode(shape)
 
 
 def test_zero_new_tokens_return_the_prompt_and_bad_beams_are_refused():
+    """max_new_tokens=0 returns the prompt as it is, greedy or beam, with or without an eos;
+    num_beams below 1 is refused naming the value."""
     model = _model("llama")
     idx = _ids(2, 5)
     for beams in (1, 3):
@@ -879,6 +914,9 @@ def test_prompt_lookup_drafts_what_transformers_drafts():
 
 
 def test_a_draft_model_gives_greedys_tokens_and_transformers(hf_dirs, tmp_path, monkeypatch):
+    """Decoding with a draft model gives plain greedy's tokens, which are transformers'
+    generate(assistant_model=...)'s; with the model as its own draft every draft holds, so the
+    model runs the prompt and then one forward per 4 drafted tokens."""
     from tiny_hf import save_tiny_hf
 
     path, hf = hf_dirs["llama"]
@@ -897,6 +935,8 @@ def test_a_draft_model_gives_greedys_tokens_and_transformers(hf_dirs, tmp_path, 
 
 
 def test_drafted_decoding_stops_where_greedy_stops(hf_dirs):
+    """With prompt lookup, an eos or a stop sequence inside an accepted draft ends the row where
+    greedy ends it: no drafted tokens after the stop slip in."""
     path, _ = hf_dirs["llama"]
     model = pretrained.load(path).eval()
     idx = _ids(1, 6, seed=0, vocab=256).repeat(1, 3)
@@ -916,11 +956,15 @@ def test_drafted_decoding_stops_where_greedy_stops(hf_dirs):
     (dict(draft_tokens=0), "draft_tokens must be >= 1"),
 ])
 def test_drafted_decoding_arguments_are_checked(kw, message):
+    """Drafted decoding with sampling or beams is refused (it is greedy), as are a negative
+    prompt_lookup and draft_tokens below 1, when the GenerationConfig is made."""
     with pytest.raises(ValueError, match=message):
         generation.GenerationConfig(8, **kw)
 
 
 def test_drafted_decoding_takes_one_unpadded_row():
+    """A batch of two with prompt lookup is refused, naming the one unpadded prompt drafted
+    decoding takes."""
     model = _model("llama")
     with pytest.raises(ValueError, match="one unpadded prompt"):
         gen(model, _ids(2, 5), 4, prompt_lookup=3)

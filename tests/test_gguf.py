@@ -99,6 +99,9 @@ def _export(checkpoint: Path, tmp_path: Path, outtype: str = "f32") -> Path:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_reader_finds_each_familys_hyperparameters_and_tokenizer(name, checkpoints, tmp_path):
+    """Read back by llama.cpp's own reader, each family's file holds its architecture, context,
+    widths, head counts, rope base, norm epsilon and soft-capping under llama.cpp's keys, and its
+    vocabulary, eos and FIM ids: what llama.cpp builds the model and its tokenizer from."""
     arch = CASES[name].arch
     model = pretrained.load(checkpoints[name])
     cfg = model.cfg
@@ -224,6 +227,9 @@ def test_llama_tensors_hold_the_weights_with_q_and_k_rows_interleaved(checkpoint
 
 @pytest.mark.parametrize("outtype, tol", [("f16", 1e-3), ("bf16", 1e-2), ("q8_0", 1e-2)])
 def test_each_outtype_holds_the_weights_to_its_precision(outtype, tol, checkpoints, tmp_path):
+    """f16, bf16 and q8_0 files dequantize to the model's weights within each type's rounding:
+    matrices in the type asked for, vectors (norms, biases) F32, as llama.cpp's converter writes
+    them."""
     from gguf.quants import dequantize
 
     reader = gguf.GGUFReader(_export(checkpoints["qwen2"], tmp_path, outtype))
@@ -240,6 +246,9 @@ def test_each_outtype_holds_the_weights_to_its_precision(outtype, tol, checkpoin
 
 def test_a_modelfile_completes_and_fills_in_the_middle_with_the_tokenizers_tokens(checkpoints,
                                                                                    tmp_path):
+    """The Modelfile beside the file points Ollama at it, wraps a prompt that has a suffix in the
+    tokenizer's own FIM tokens (plain completion without one) and stops at its eos: Ollama
+    completes and fills in the middle with the export as it is."""
     out = _export(checkpoints["starcoder2"], tmp_path)
     text = (tmp_path / "Modelfile").read_text()
     assert text.startswith(f"FROM ./{out.name}\n")
@@ -380,6 +389,9 @@ def _with_tokenizer(checkpoint: Path, path: Path, change) -> Path:
 
 
 def test_bad_input_is_one_line_naming_what_and_why(checkpoints, tmp_path, capsys):
+    """A checkpoint llama.cpp has no architecture for, an output that is no NAME.gguf, a missing
+    checkpoint, or a tokenizer llama.cpp would tokenize otherwise (an NFKC normalizer, no byte
+    fallback) is one line of error, exit 2, naming which and why; missing directories are made."""
     codegen = tmp_path / "codegen"
     tokenizer = checkpoints["phi"] / "tokenizer.json"
     tok = load_tokenizer(tokenizer)  # its eos the config's, as CodeGen-350M's 50256
@@ -414,6 +426,8 @@ def test_bad_input_is_one_line_naming_what_and_why(checkpoints, tmp_path, capsys
 
 
 def test_a_codelm_tokenizer_is_refused_with_what_to_use_instead():
+    """codelm's own CodeTokenizer matches pieces greedily, which no llama.cpp tokenizer does: the
+    export refuses it, naming --tokenizer as the way to a tokenizer llama.cpp reads."""
     tok = CodeTokenizer.train(["def f(x):\n    return x\n"] * 20, min_freq=2)
     model = Transformer(PRESETS["tiny"])
     with pytest.raises(ValueError, match=r"CodeTokenizer.*--tokenizer"):
@@ -673,6 +687,8 @@ def test_export_gguf_is_refused_before_training_naming_the_setting(checkpoints, 
 
 
 def test_the_runs_choices_are_the_writers_outtypes():
+    """trainingmanager's --export-gguf offers exactly the writer's outtypes: a run can ask for
+    every type the export writes and none it does not."""
     flag = next(a for a in trainconfig.build_parser()._actions
                 if "--export-gguf" in a.option_strings)
     assert [c for c in flag.choices if c is not None] == list(families.OUTTYPES)
@@ -761,6 +777,8 @@ def test_a_path_with_a_space_is_quoted_in_the_modelfile_and_its_hint(checkpoints
 
 def test_position_embeddings_stay_f32_as_llama_cpps_converter_keeps_them(checkpoints,
                                                                           tmp_path):
+    """In a q8_0 file a learned position-embedding table stays F32 while the token embedding is
+    quantized, as llama.cpp's convert_hf_to_gguf writes it."""
     reader = gguf.GGUFReader(_export(checkpoints["gpt_bigcode"], tmp_path, "q8_0"))
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["position_embd.weight"] == "F32" and kinds["token_embd.weight"] == "Q8_0"

@@ -32,6 +32,9 @@ def reference() -> dict:
 
 
 def test_the_prompt_prefixes_and_stops_are_evalplus_defaults(reference):
+    """The instruction and response prefixes are EvalPlus 0.3.1's own (the version the reference
+    records), and a chat answer stops where its code block closes, so scores compare with
+    EvalPlus's."""
     from evalplus_reference import INSTRUCTION_PREFIX, RESPONSE_PREFIX
 
     assert reference["evalplus"] == "0.3.1"
@@ -77,6 +80,8 @@ def chat_tokenizers(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_the_chat_prompt_is_evalplus_make_raw_chat_prompt(chat_tokenizers, reference, name):
+    """With each chat template, a problem's prompt is the text EvalPlus's make_raw_chat_prompt
+    rendered for it (in evalplus_reference.json): the model sees what EvalPlus shows it."""
     problems = {p["task_id"]: p for p in humaneval_problems()}
     for task_id in CHAT_PROBLEMS:
         assert instruct.chat_prompt(chat_tokenizers[name], problems[task_id]["prompt"]) == (
@@ -209,12 +214,16 @@ def _codelm_tokenizer(directory):
     (["--tasks", "humaneval", "--serve"], ("chat", "serve")),
 ])
 def test_chat_is_refused_where_it_does_not_apply(flags, words):
+    """--chat with a task that is no pass@k task, a --prompt or --serve is refused at validation,
+    the message naming --chat and the setting it clashes with, before any model loads."""
     with pytest.raises(ValueError) as err:
         parse_config(["--chat", *flags]).validate()
     assert all(word in str(err.value) for word in words)
 
 
 def test_chat_refuses_a_model_without_a_chat_template(tmp_path):
+    """--chat on a base model (its tokenizer has no chat template) is an error naming the chat
+    template, not prompts rendered without the turns the model would expect."""
     from tiny_hf import save_tiny_hf
 
     from tokenizer import CodeTokenizer
