@@ -83,6 +83,8 @@ def gen_stream(model, idx, max_new_tokens, attention_mask=None, **kw):
     (dict(post_norms=True, parallel_residual=True), r"post_norms=True: needs sequential"),
 ])
 def test_config_rejects_bad_values(change, message):
+    """Each impossible ModelConfig value is a ValueError naming the field and the rule it breaks,
+    at construction, before a model is built from it."""
     with pytest.raises(ValueError, match=message):
         ModelConfig(**change)
 
@@ -111,6 +113,7 @@ def test_ids_the_model_cannot_read_are_a_value_error_naming_them(kernels_on, mon
 
 
 def test_config_eos_id_may_be_one_id_or_a_list():
+    """eos_id keeps one id or a list of ids as given (Llama-3 chat models end on several)."""
     assert ModelConfig(eos_id=[5, 2]).eos_id == [5, 2] and ModelConfig(eos_id=5).eos_id == 5
 
 
@@ -128,10 +131,15 @@ def test_model_owns_a_deep_copy_of_its_config():
 
 
 def test_odd_head_dim_is_fine_without_rotary_embeddings():
+    """An odd head_dim (7) is allowed with learned positions: the even-size rule is rotary's
+    alone."""
     assert ModelConfig(n_embd=42, n_head=6, positions="learned").head_dim == 7
 
 
 def test_contract_module_paths():
+    """The module paths and shapes docs/contracts.md lists (blocks[i].attn.qkv rows [Q | K | V],
+    attn.proj, mlp.fc/gate/proj, a tied lm_head, wpe where positions are learned) hold: LoRA,
+    quantization and optimizers address them."""
     cfg = SHAPES["llama"]
     model = Transformer(cfg)
     hd = cfg.head_dim
@@ -179,6 +187,8 @@ def test_left_padding_leaks_no_nan_where_a_masked_row_is_nan(shape, monkeypatch)
 
 
 def test_right_padding_needs_no_mask():
+    """Pad tokens after a sequence change none of its logits without a mask: causal attention keeps
+    the real positions from seeing them."""
     model = _model("llama")
     idx = _ids(1, 20)
     padded = torch.cat((idx, torch.zeros(1, 5, dtype=torch.long)), dim=1)
@@ -203,12 +213,14 @@ def _spy_sdpa(monkeypatch) -> list[dict]:
 
 
 def test_int32_ids_give_the_logits_of_long_ids():
+    """int32 token ids give exactly the logits of int64 ones."""
     model, ids = _model("llama"), _ids(2, 5)
     assert torch.equal(model(ids.int()), model(ids))
 
 
 @pytest.mark.slow  # dynamo's first trace: ~15 s
 def test_forward_compiles_as_one_graph():
+    """The forward traces with fullgraph=True (no graph break) and gives the eager logits."""
     model, ids = _model("llama"), _ids(2, 5)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(ids), model(ids))
@@ -216,6 +228,7 @@ def test_forward_compiles_as_one_graph():
 
 @pytest.mark.slow
 def test_torch_compile_training_step_matches_eager():
+    """A torch.compile'd training step gives the eager gradients within 1e-5."""
     model = _model("phi").train()
     compiled = torch.compile(model)
     idx, y = _ids(2, 32), _ids(2, 32, seed=1)
@@ -228,6 +241,8 @@ def test_torch_compile_training_step_matches_eager():
 
 
 def test_init_gpt2_style_and_xavier():
+    """The default init is GPT-2's: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer),
+    norm weights 1; init="xavier" is uniform within sqrt(6 / (fan_in + fan_out))."""
     cfg = PRESETS["llama-14m"]
     torch.manual_seed(0)
     model = Transformer(dataclasses.replace(cfg, n_layer=2))
@@ -368,6 +383,8 @@ def test_gradient_checkpointing_same_gradients_fraction_of_the_saved_activations
 
 
 def test_dropout_only_in_training():
+    """Dropout (residual and attention) makes two training forwards differ and leaves eval forwards
+    identical."""
     cfg = dataclasses.replace(SHAPES["gpt_bigcode"], dropout=0.2, attn_dropout=0.2)
     model = Transformer(cfg)
     idx = _ids(2, 16)

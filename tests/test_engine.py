@@ -50,6 +50,8 @@ def test_greedy_requests_joining_a_running_batch_get_their_tokens_alone(shape):
 
 
 def test_greedy_equals_transformers_generate(hf_dirs):  # noqa: F811
+    """Six prompts through four slots decode greedily to transformers' generate tokens for each
+    prompt alone, with learned positions (gpt_bigcode) and rotary ones (llama)."""
     for family in ("gpt_bigcode", "llama"):
         path, hf = hf_dirs[family]
         model = pretrained.load(path).eval()
@@ -151,6 +153,8 @@ def _fed_shapes(monkeypatch) -> list[torch.Size]:
 
 
 def test_samples_of_one_prompt_share_its_prefill_and_differ_by_seed(monkeypatch):
+    """Four samples of one prompt run one prefill between them, and each draws, by its own seed,
+    generate's tokens at batch 1: the samples differ."""
     model = _model("llama")
     prompt = _prompts(1)[0]
     runs = _fed_shapes(monkeypatch)
@@ -184,6 +188,8 @@ def test_a_sample_admitted_beside_a_running_one_of_its_prompt_copies_its_keys(mo
 
 
 def test_eos_stop_ids_and_stop_strings_end_a_request_as_generate_ends_it():
+    """An EOS, a stop id sequence and a stop string end a request where generate ends it, finished
+    "stop"; a request that runs out of budget is finished "length"."""
     model = _model("codegen")
     prompts = _prompts(5)
     free = [_alone(model, p, 20) for p in prompts]
@@ -217,6 +223,8 @@ def test_eos_stop_ids_and_stop_strings_end_a_request_as_generate_ends_it():
 
 
 def test_logprobs_are_the_models_own_distribution():
+    """Each token's logprob and top_logprobs are the log-softmax of the model's logits at its
+    position (1e-4), the top k in order, the greedy token first."""
     model = _model("llama")
     prompt = _prompts(1)[0]
     engine = Engine(model, slots=2)
@@ -234,6 +242,8 @@ def test_logprobs_are_the_models_own_distribution():
 
 
 def test_a_cancelled_request_frees_its_slot_for_the_next():
+    """A cancelled request yields nothing more and its slot takes the waiting request, which
+    decodes the tokens it decodes alone."""
     model = _model("llama")
     prompts = _prompts(2)
     engine = Engine(model, slots=1)
@@ -256,6 +266,9 @@ def test_a_cancelled_request_frees_its_slot_for_the_next():
     ([1, 2], GenerationConfig(4, eos_id=500), "outside the vocabulary"),
 ])
 def test_a_request_the_engine_cannot_run_is_refused_when_added(prompt, cfg, message):
+    """A request the engine cannot run (an empty or too long prompt, ids or an EOS outside the
+    vocabulary, beam search, compile per request, no new tokens) is refused at add, and the engine
+    stays idle."""
     engine = Engine(_model("llama"), slots=1)
     with pytest.raises(ValueError, match=message):
         engine.add(prompt, cfg)

@@ -30,6 +30,8 @@ def _hf_greedy(hf, idx, new_tokens, attention_mask=None):
 
 @pytest.mark.parametrize("name", MODERN)
 def test_logits_match_transformers_on_inputs_longer_than_the_window(checkpoints, name):
+    """Over 200 positions, past the sliding window (48), each modern family's logits are within
+    1e-5 of transformers': sliding layers see only their window, the others everything before."""
     _, hf, model = checkpoints[name]
     idx = _ids(2, 200)  # 200 > WINDOW: the sliding layers see only their last 48 positions
     with torch.no_grad():
@@ -43,6 +45,8 @@ def test_logits_match_transformers_on_inputs_longer_than_the_window(checkpoints,
 
 @pytest.mark.parametrize("name", MODERN)
 def test_greedy_generation_matches_transformers_past_the_window(checkpoints, name):
+    """64 greedy tokens after a 16-token prompt, past the 48-position window, are transformers':
+    the cached decode hides what the window hides."""
     _, hf, model = checkpoints[name]
     idx = _ids(2, 16, seed=1)
     ref = _hf_greedy(hf, idx, 64)  # 16 + 64 positions, past the 48 of the window
@@ -114,6 +118,8 @@ def test_left_padded_generation_matches_transformers(checkpoints, name):
 
 @pytest.mark.parametrize("name", MODERN)
 def test_export_loads_in_transformers_with_the_same_logits(checkpoints, name, tmp_path):
+    """Each modern family exports to a checkpoint transformers loads as the same model class, with
+    the original's logits, and codelm reads back the same config."""
     import transformers
 
     _, hf, model = checkpoints[name]
@@ -164,6 +170,9 @@ def test_released_gemma_gelu_reads_as_gelu_tanh_as_transformers_reads_it(tmp_pat
 
 
 def test_gemma2_scalar_equal_to_head_dim_is_the_default_scale_and_written_back(tmp_path):
+    """Gemma 2's query_pre_attn_scalar equal to head_dim is the default 1/sqrt(head_dim) scale
+    (attn_scale None); the export writes it back (Gemma2Config's default is 256), so transformers
+    computes the same logits."""
     import transformers
 
     save_tiny_hf("gemma2", tmp_path)
@@ -180,6 +189,9 @@ def test_gemma2_scalar_equal_to_head_dim_is_the_default_scale_and_written_back(t
 
 
 def test_sliding_layers_are_read_as_transformers_lays_them_out(checkpoints):
+    """Which layers slide is read as transformers lays them out: Gemma 2 every other layer from the
+    first, Qwen2 from max_window_layers on, Mistral every layer, Qwen2 without use_sliding_window
+    none."""
     assert checkpoints["gemma2"][2].cfg.sliding_layers == [True, False, True]
     assert checkpoints["qwen2-window"][2].cfg.sliding_layers == [False, True, True]
     assert checkpoints["mistral"][2].cfg.sliding_window == WINDOW
@@ -195,6 +207,8 @@ def test_sliding_layers_are_read_as_transformers_lays_them_out(checkpoints):
     ({"rope_type": "linear"}, r"linear rope scaling lacks \['factor'\]"),
 ])
 def test_unsupported_rope_scaling_is_one_line_naming_the_file(tmp_path, rope, message):
+    """A rope scaling codelm cannot compute (mrope), LongRoPE factors of the wrong length, or a
+    scaling without its factor is a ValueError naming config.json and what is wrong."""
     save_tiny_hf("mistral", tmp_path)
     config = tmp_path / "config.json"
     values = json.loads(config.read_text())

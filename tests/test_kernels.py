@@ -281,6 +281,8 @@ def test_lora_decodes_through_packed_base_weights(monkeypatch):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
                                         (torch.float64, 1e-12)])
 def test_one_row_matmul_rewrite_equals_linear(dtype, tol):
+    """The compiled decode step's batch-1 matmul rewrites equal F.linear in fp32, bf16 and fp64,
+    and return NotImplemented (inductor's own lowering) for several rows or beta != 1."""
     from codelm.kernels import _addmm_one_row, _mm_one_row
 
     g = torch.Generator().manual_seed(0)
@@ -658,6 +660,8 @@ def test_head_loss_under_fp16_autocast_forms_gradients_at_the_loss_scale():
 
 
 def test_the_fused_head_loss_takes_one_backward_per_forward():
+    """The fused head loss scales its saved gradients in place in backward: a second backward
+    through the same graph is an assertion, not gradients scaled twice."""
     head = torch.nn.Linear(8, 20)
     loss = head_loss(torch.randn(3, 8, requires_grad=True), head, torch.tensor([1, 2, 3]))[0]
     loss.backward(retain_graph=True)
@@ -778,6 +782,8 @@ def test_with_the_kernels_off_the_plain_ops_compute_the_same(shape, monkeypatch)
 
 
 def test_cpu_dropout_drops_p_and_scales_the_rest_as_torch():
+    """The CPU dropout drops a fraction p (within 1%) and scales the rest by 1/(1-p), as torch's
+    does, the gradient with the same mask; in eval or at p 0 the input passes through."""
     x = torch.ones(200_000, requires_grad=True)
     out = kernels.dropout(x, 0.25, True)
     kept = out != 0

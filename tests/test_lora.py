@@ -103,6 +103,8 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_codelm_adapter_loads_in_peft(case, tmp_path):
+    """An adapter codelm trains and saves loads in PEFT on the transformers model with codelm's
+    logits (within 1e-4), for every family and row layout, with PEFT's trainable count."""
     hf, model, setting = _pair(case, tmp_path)
     report = apply_lora(model, LoRAConfig(**setting))
     _train(model, steps=3)
@@ -118,6 +120,8 @@ def test_codelm_adapter_loads_in_peft(case, tmp_path):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_adapter_loads_in_codelm(case, tmp_path):
+    """An adapter PEFT writes (every weight non-zero) loads in codelm with PEFT's logits and
+    trainable count, for every family and row layout."""
     hf, model, setting = _pair(case, tmp_path)
     peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(setting))
     with torch.no_grad():  # PEFT starts B (embedding: A) at zero; make every adapter count
@@ -264,8 +268,8 @@ def test_a_tensor_codelm_shares_is_trained_only_with_all_its_modules(tmp_path):
     """codelm fuses q/k/v and ties Llama's head to its embedding: PEFT would train one part alone,
     so that is refused, and two saved copies of a tied weight that differ are refused on load."""
     _, model, _ = _pair("phi", tmp_path)
-    with pytest.raises(ValueError, match=r"q_proj.base_layer.bias: codelm holds it in one "
-                                         r"tensor with .*k_proj.bias.*add them to modules_to_save"):
+    with pytest.raises(ValueError, match=r"q_proj.base_layer.bias: .*one tensor with "
+                                         r".*k_proj.bias.*modules_to_save"):
         apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
     hf = save_tiny_hf("llama", tmp_path / "llama")
     with pytest.raises(ValueError, match=r"lm_head\.weight: .*one tensor.*embed_tokens\.weight"):
@@ -284,6 +288,8 @@ def test_a_tensor_codelm_shares_is_trained_only_with_all_its_modules(tmp_path):
 
 
 def test_dora_on_an_embedding_is_refused(tmp_path):
+    """DoRA on an embedding is refused naming the module: codelm's DoRA adapts Linear layers
+    only."""
     _, model, _ = _pair("llama", tmp_path)
     with pytest.raises(ValueError, match="embed_tokens is an embedding.*DoRA.*Linear"):
         apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "embed_tokens"],
@@ -291,7 +297,8 @@ def test_dora_on_an_embedding_is_refused(tmp_path):
 
 
 def test_peft_adapter_with_targets_the_model_lacks_loads(tmp_path):
-    # PEFT's rule: a target list is fine when one name matches (Llama's MLP names on Phi).
+    """PEFT's rule: a target list is fine when one name matches (Llama's MLP names on Phi). The
+    adapter loads on the names the model has, with PEFT's logits."""
     hf, model, _ = _pair("phi", tmp_path)
     setting = dict(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                  "gate_proj", "up_proj", "down_proj"])
@@ -310,8 +317,9 @@ def test_peft_adapter_with_targets_the_model_lacks_loads(tmp_path):
 @pytest.mark.parametrize("family,targets", [("llama", ["q_proj", "v_proj", "wte"]),
                                             ("gpt_bigcode", ["c_attn", "proj"])])
 def test_peft_adapter_targets_match_hf_names_only(tmp_path, family, targets):
-    # 'wte' and 'proj' are codelm module names; PEFT, reading the file, matches HF names only and
-    # skips them. Matching codelm's names here would add adapters the file has no weights for.
+    """'wte' and 'proj' are codelm module names; PEFT, reading the file, matches HF names only and
+    skips them. Matching codelm's names here would add adapters the file has no weights for: the
+    logits are PEFT's."""
     hf, model, _ = _pair(family, tmp_path)
     peft_model = get_peft_model(copy.deepcopy(hf), _peft_config(dict(r=4, alpha=8,
                                                                       target_modules=targets)))
@@ -392,6 +400,8 @@ def test_apply_adapter_layout_from_a_renamed_config_is_where_peft_puts_the_adapt
 
 
 def test_loading_into_a_model_with_adapters_is_refused(tmp_path):
+    """load_adapter on a model that already has adapters is refused (once per model): a second set
+    on top would add both updates."""
     _, model, setting = _pair("phi", tmp_path)
     apply_lora(model, LoRAConfig(**setting))
     save_adapter(model, tmp_path / "a")
@@ -405,9 +415,9 @@ def test_loading_into_a_model_with_adapters_is_refused(tmp_path):
                                        ("alora_invocation_tokens", [7, 8]),
                                        ("velora_config", {"num_groups": 4})])
 def test_adapters_peft_reads_differently_are_refused(tmp_path, key, value):
-    # PiSSA/OLoRA adapters change the base weights when PEFT loads them; MiCA trains A alone;
-    # aLoRA applies only after its invocation tokens; VeLoRA adds tensors of its own. Loading
-    # them as plain LoRA would give other logits or train other weights.
+    """PiSSA/OLoRA adapters change the base weights when PEFT loads them; MiCA trains A alone;
+    aLoRA applies only after its invocation tokens; VeLoRA adds tensors of its own. Loaded as plain
+    LoRA they would give other logits or train other weights: refused, naming the key."""
     _, model, setting = _pair("llama", tmp_path)
     apply_lora(model, LoRAConfig(**setting))
     save_adapter(model, tmp_path / "a")
@@ -471,6 +481,8 @@ REAL = {
 
 @pytest.mark.parametrize("seed", list(REAL))
 def test_trainable_params_equal_peft_on_real_shapes(seed):
+    """On the published shapes of the seed models (built on the meta device) apply_lora's trainable
+    count equals PEFT's for the same setting, and only LoRA parameters train."""
     hf_config, preset, setting = REAL[seed]
     with torch.device("meta"):
         hf = tf.AutoModelForCausalLM.from_config(hf_config())
@@ -482,6 +494,8 @@ def test_trainable_params_equal_peft_on_real_shapes(seed):
 
 
 def test_codelm_names_select_the_hf_modules_inside_them(tmp_path):
+    """A codelm module name as a target adapts the HF modules inside it (qkv: q/k/v_proj), and a
+    dotted name matches as a suffix: "attn.proj" adapts o_proj and leaves mlp.proj alone."""
     _, model, _ = _pair("llama", tmp_path)
     report = apply_lora(model, LoRAConfig(r=2, target_modules=["qkv", "attn.proj"]))
     names = report.targets["qkv"]
@@ -492,6 +506,9 @@ def test_codelm_names_select_the_hf_modules_inside_them(tmp_path):
 
 
 def test_unknown_target_is_an_error_listing_the_model_names(tmp_path):
+    """Targets the model lacks (GPT-2 names on CodeGen) are an error naming them and the model's
+    own module names, and a LayerNorm target is refused; nothing is half-applied: no adapter,
+    requires_grad as it was."""
     _, model, _ = _pair("codegen", tmp_path)
     trainable = [p.requires_grad for p in model.parameters()]
     # The CodeGen recipe of seed 003 asks for GPT-2 names that CodeGen does not have.
@@ -510,6 +527,9 @@ def test_unknown_target_is_an_error_listing_the_model_names(tmp_path):
 
 
 def test_merge_unmerge_exact_and_idempotent(tmp_path):
+    """merge_lora folds the adapters into the base keeping the logits (1e-5) and unmerge_lora
+    restores the base weights (1e-6), each a no-op when repeated; a merged model still counts as
+    having adapters."""
     _, model, _ = _pair("codegen", tmp_path)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=[
@@ -540,6 +560,8 @@ def test_merge_unmerge_exact_and_idempotent(tmp_path):
 
 
 def test_merge_of_bf16_base_is_done_in_fp32(tmp_path):
+    """On a bf16 base the update B @ A * scale is added in fp32 and rounded once: a small update
+    that a bf16 sum would round away still reaches the merged weights."""
     save_tiny_hf("llama", tmp_path / "hf")
     model = pretrained.load(tmp_path / "hf", dtype=torch.bfloat16)
     apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["k_proj"]))
@@ -592,6 +614,8 @@ def test_lora_on_a_bf16_base_without_autocast_trains_in_fp32(tmp_path):
 
 
 def test_merging_into_a_tied_embedding_is_refused(tmp_path):
+    """An embedding adapter on a model whose head is tied to it is refused at merge: merging would
+    change the output head too."""
     _, model, _ = _pair("llama", tmp_path)  # tiny Llama ties lm_head to embed_tokens
     apply_lora(model, LoRAConfig(target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match="tied"):
@@ -599,6 +623,8 @@ def test_merging_into_a_tied_embedding_is_refused(tmp_path):
 
 
 def test_merge_and_export_writes_a_checkpoint_transformers_loads(tmp_path):
+    """merge_and_export writes a plain HF checkpoint with the adapted model's logits in
+    transformers (1e-4), and the model keeps its logits."""
     _, model, setting = _pair("codegen", tmp_path)
     apply_lora(model, LoRAConfig(**setting))
     _train(model, steps=2)
@@ -611,6 +637,9 @@ def test_merge_and_export_writes_a_checkpoint_transformers_loads(tmp_path):
 
 
 def test_adapter_file_errors_name_the_file(tmp_path):
+    """A missing adapter_config.json, fields codelm cannot honour, targets that match no module and
+    weights the targets do not cover are each a ValueError naming the file; a refused load leaves
+    the model as it was."""
     _, model, setting = _pair("phi", tmp_path)
     with pytest.raises(ValueError, match="adapter_config.json: not found"):
         load_adapter(model, tmp_path)
@@ -757,7 +786,9 @@ def test_a_failed_save_leaves_the_earlier_adapter_whole(tmp_path):
 
 
 def test_partial_suffix_target_is_saved_exactly(tmp_path):
-    # "attn.c_proj" must not become PEFT's "c_proj", which would also select mlp.c_proj.
+    """The target attn.c_proj is saved as written, not as PEFT's "c_proj", which would also
+    select mlp.c_proj: PEFT loads the adapter on the same modules, with the same count and
+    logits."""
     hf, model, _ = _pair("gpt_bigcode", tmp_path)
     report = apply_lora(model, LoRAConfig(r=4, target_modules=["attn.c_proj"]))
     _train(model, steps=2)
@@ -771,6 +802,8 @@ def test_partial_suffix_target_is_saved_exactly(tmp_path):
 
 
 def test_lora_linear_init_and_scale():
+    """A new adapter starts as PEFT's does: A kaiming-uniform within 1/sqrt(fan_in), B zero (the
+    layer computes its base), and rsLoRA's scale alpha / sqrt(r)."""
     base = torch.nn.Linear(32, 48)
     layer = LoRALinear(base, r=8, scale=LoRAConfig(r=8, alpha=16, use_rslora=True).scale,
                        dropout=0.0)
@@ -785,6 +818,8 @@ def test_lora_linear_init_and_scale():
 
 
 def test_dropout_acts_on_the_input_of_A_in_training_only():
+    """LoRA dropout masks the adapter's input (x before A), not the base path, keeping 0 or
+    1/(1-p), and only in training: in eval the output is base(x) + B A x."""
     base = torch.nn.Linear(16, 16)
     layer = LoRALinear(base, r=4, scale=1.0, dropout=0.5)
     layer.add_adapter("a", "a", None)
@@ -813,12 +848,17 @@ NF4_PUBLISHED = [  # the NF4 table as published with QLoRA (bitsandbytes)
 
 
 def test_nf4_levels_are_qloras():
+    """The 16 NF4 levels are QLoRA's published table (bitsandbytes) within 1e-6: 4-bit checkpoints
+    mean the same numbers here as there."""
     torch.testing.assert_close(quantize.nf4_levels(), torch.tensor(NF4_PUBLISHED), atol=1e-6,
                                rtol=0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_linear_roundtrip_and_gradient(bits):
+    """Dequantized weights lie within half a step of the originals (int8: row absmax / 127; NF4:
+    block absmax times half the widest gap), a padded last block included; the input's gradient is
+    the dequantized Linear's."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)  # 96 * 40 is not a multiple of the block: padding
     q = QuantLinear(linear, bits)
@@ -841,6 +881,8 @@ def test_quantized_linear_roundtrip_and_gradient(bits):
 
 @pytest.mark.parametrize("bits,limit", [(8, 0.55), (4, 0.30)])
 def test_quantized_base_memory_and_logits(bits, limit, tmp_path):
+    """quantize_base quantizes every block Linear but lm_head, the weights in at most 0.55x
+    (8-bit) or 0.30x (4-bit) of their bf16 bytes, the logits within 2% or 15% relative error."""
     _, model, _ = _pair("llama", tmp_path)
     ids = _ids(6)
     reference = _logits(model, ids)
@@ -854,6 +896,8 @@ def test_quantized_base_memory_and_logits(bits, limit, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_qlora_on_nf4_base_lowers_the_loss(family, tmp_path):
+    """QLoRA (NF4 base, adapters on every linear layer) halves the loss of a bigram task in 15
+    steps, the quantized weights frozen; merging into a quantized base is refused."""
     _, model, _ = _pair(family, tmp_path)
     quantize_base(model, bits=4)
     # QLoRA's recipe: every linear layer (the output head stays in full precision).
@@ -873,6 +917,8 @@ def test_qlora_on_nf4_base_lowers_the_loss(family, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_on_cuda_bf16_autocast(tmp_path):
+    """On CUDA under bf16 autocast an NF4 base with adapters runs forward and backward, and the
+    adapters get gradients."""
     _, model, _ = _pair("llama", tmp_path)
     model.cuda()
     quantize_base(model, bits=4)
@@ -885,6 +931,8 @@ def test_qlora_on_cuda_bf16_autocast(tmp_path):
 
 
 def test_quantize_then_lora_matches_peft_count(tmp_path):
+    """On a 4-bit base apply_lora's trainable and total counts are PEFT's on the full-precision
+    model: the quantized weights count as the parameters they stand for."""
     hf = tiny_hf_model("phi")
     save_tiny_hf("phi", tmp_path / "hf")
     model = pretrained.load(tmp_path / "hf")
@@ -898,6 +946,8 @@ def test_quantize_then_lora_matches_peft_count(tmp_path):
 
 @pytest.mark.parametrize("layout", ["slices_with_gap", "permuted", "scattered"])
 def test_lora_linear_row_layouts_match_explicit_sum(layout):
+    """Adapters on rows of a fused Linear (slices with a gap, permuted, scattered) add each update
+    to its own rows, as the explicit sum does, and merge() writes that sum into the base."""
     torch.manual_seed(0)
     base = torch.nn.Linear(8, 12)
     rows = {"slices_with_gap": {"q": torch.arange(0, 4), "v": torch.arange(8, 12)},
@@ -918,6 +968,8 @@ def test_lora_linear_row_layouts_match_explicit_sum(layout):
 
 
 def test_legacy_pickled_peft_adapter_loads(tmp_path):
+    """A PEFT adapter saved as adapter_model.bin (safe_serialization=False, the older form) loads
+    with PEFT's logits."""
     hf, model, _ = _pair("llama", tmp_path)
     peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=2, target_modules=["v_proj"]))
     with torch.no_grad():
@@ -932,6 +984,8 @@ def test_legacy_pickled_peft_adapter_loads(tmp_path):
 
 
 def test_quantize_base_keeps_tied_head_and_can_take_an_untied_one(tmp_path):
+    """Even with skip=() a tied head stays full precision (it is the embedding), an untied one is
+    quantized; the loss through it, LoRA-wrapped or not, is the cross-entropy of its logits."""
     _, llama, _ = _pair("llama", tmp_path / "llama")  # lm_head tied to embed_tokens
     assert "lm_head" not in quantize_base(llama, bits=4, skip=()).modules
     assert llama.lm_head.weight is llama.wte.weight
@@ -1053,6 +1107,8 @@ def test_quantized_linear_keeps_the_base_dtype_and_follows_autocast_like_nn_line
 
 
 def test_quantize_base_skips_a_dotted_suffix_of_a_module_name(tmp_path):
+    """skip takes a dotted suffix ("mlp.proj") and keeps exactly those Linears in full precision; a
+    second call with nothing left to quantize is an error."""
     _, model, _ = _pair("llama", tmp_path)
     report = quantize_base(model, bits=8, skip=("lm_head", "mlp.proj"))
     assert not any(name.endswith("mlp.proj") for name in report.modules)
@@ -1094,6 +1150,8 @@ def test_qlora_trains_a_module_saved_whole_in_full_precision(tmp_path):
 
 
 def test_apply_lora_twice_and_save_without_adapters_are_refused(tmp_path):
+    """save_adapter on a model without adapters is refused, writing nothing, and a second
+    apply_lora is refused, the first adapters left as they were."""
     _, model, _ = _pair("llama", tmp_path)
     with pytest.raises(ValueError, match="the model has no LoRA adapters"):
         save_adapter(model, tmp_path / "a")
@@ -1125,6 +1183,9 @@ def _edit_adapter(adapter_dir, config=None, tensors=None):
 
 
 def test_adapter_of_another_peft_type_or_without_alpha_is_refused(tmp_path):
+    """An adapter_config.json of another PEFT type (LOHA) or with a null lora_alpha is refused
+    naming the file and field, and no adapter is attached: read as LoRA it would compute something
+    else."""
     _, fresh = _saved_adapter(tmp_path)
     _edit_adapter(tmp_path / "a", config={"peft_type": "LOHA"})
     with pytest.raises(ValueError, match=r"adapter_config.json: peft_type 'LOHA' is not LORA"):
@@ -1218,6 +1279,9 @@ def test_cli_merges_a_peft_adapter_into_a_checkpoint_transformers_loads(tmp_path
 
 def test_cli_without_a_local_base_asks_for_base_and_writes_nothing(tmp_path, capsys,
                                                                    offline_hub):
+    """lora.py with a base that is neither a directory nor in the hub cache exits 2 naming the
+    base, its download command and --base; a directory holding no adapter (a base, a run) is named
+    likewise; nothing is written. With --base it merges."""
     hf, model, _ = _pair("phi", tmp_path)
     apply_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["fc1"]))
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path="microsoft/phi-1_5")
@@ -1528,6 +1592,8 @@ def test_a_base_layer_tensor_of_a_fused_modules_rows_loads_where_peft_puts_it(tm
 
 
 def test_an_adapter_directory_without_weights_is_an_error_naming_it(tmp_path):
+    """An adapter directory with a config and no weights is an error naming the directory and both
+    weight files PEFT writes; the model gets no adapters."""
     _, fresh = _saved_adapter(tmp_path)
     (tmp_path / "a" / adapter_config.ADAPTER_WEIGHTS).unlink()
     with pytest.raises(ValueError, match=r"a: no adapter_model\.safetensors.*adapter_model\.bin"):
@@ -1554,6 +1620,8 @@ def test_every_embedding_slot_covers_its_whole_table():
     ({lora.FORMAT_KEY: "2"}, True),
 ])
 def test_an_adapter_of_another_format_version_is_refused(tmp_path, metadata, refused):
+    """save_adapter records codelm's format version in the safetensors metadata: a file of another
+    version is refused naming both versions, one with none (PEFT's own) or this one loads."""
     _, fresh = _saved_adapter(tmp_path)
     weights = tmp_path / "a" / adapter_config.ADAPTER_WEIGHTS
     with open(weights, "rb") as f:

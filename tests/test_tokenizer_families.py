@@ -103,6 +103,8 @@ def held_out() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("style", FAMILY_TOKENIZER_STYLES)
 def test_ids_equal_hf_on_held_out_code(style, family_tokenizers, held_out):
+    """On held-out Python files and the JavaScript and C sources each family's tokenizer gives HF
+    tokenizers' ids; the first mismatch is reported."""
     hf, ours = family_tokenizers[style]
     assert isinstance(ours, BPETokenizer)
     names = [n for n, _ in held_out]
@@ -115,6 +117,9 @@ def test_ids_equal_hf_on_held_out_code(style, family_tokenizers, held_out):
 
 @pytest.mark.parametrize("style", FAMILY_TOKENIZER_STYLES)
 def test_ids_and_text_equal_hf_on_edge_strings(style, family_tokenizers):
+    """On the edge strings, with and without special tokens, the ids and the decoded text (specials
+    kept or skipped) are HF's; where HF's decode gives the text back, ours does, for more than half
+    of them."""
     hf, ours = family_tokenizers[style]
     for add in (False, True):
         _assert_ids_equal_hf(hf, ours, FAMILY_EDGE_CASES, add_special_tokens=add)
@@ -235,6 +240,8 @@ def test_sentencepiece_text_is_cut_only_where_no_token_can_span_the_cut(family_t
 
 
 def test_qwen2_special_tokens_and_nfc(family_tokenizers):
+    """Qwen2's special tokens have HF's ids, and NFC composes a decomposed "é" as HF does; N'Ko
+    with U+07FD (Unicode 11) keeps the order HF's Unicode-9 NFC keeps, not Python's."""
     hf, ours = family_tokenizers["qwen2"]
     for token in QWEN2_SPECIALS:
         assert ours.token_to_id(token) == hf.token_to_id(token)
@@ -246,6 +253,8 @@ def test_qwen2_special_tokens_and_nfc(family_tokenizers):
 
 
 def test_pickled_or_in_workers_the_tokenizers_encode_alike(family_tokenizers, held_out):
+    """A tokenizer pickled and loaded again (as DataLoader workers get it) encodes as the original,
+    and encode_batch's workers (over a MB of text) give encode's ids."""
     texts = [t for _, t in held_out]
     for _, ours in family_tokenizers.values():
         assert pickle.loads(pickle.dumps(ours)).encode(texts[0]) == ours.encode(texts[0])
@@ -261,6 +270,8 @@ def test_pickled_or_in_workers_the_tokenizers_encode_alike(family_tokenizers, he
 ])
 def test_an_unsupported_normalizer_is_one_line_naming_it(normalizer, message, family_tokenizers,
                                                          tmp_path):
+    """A tokenizer.json normalizer codelm does not implement (Lowercase, a regex Replace) is a
+    ValueError naming the file and the normalizer, not ids that differ from HF's."""
     hf, _ = family_tokenizers["spm"]
     spec = json.loads(hf.to_str())
     spec["normalizer"] = normalizer
@@ -338,6 +349,8 @@ def chat_tokenizers(family_tokenizers, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("name", ["chatml", "llama3"])
 def test_chat_templates_render_as_transformers_renders_them(chat_tokenizers, name):
+    """A ChatML (Qwen2.5-Coder-Instruct's) and a Llama-3 chat template render each conversation,
+    with and without the generation prompt, to transformers' text exactly."""
     theirs, ours = chat_tokenizers[name]
     for messages in CONVERSATIONS:
         for prompt in (False, True):
@@ -403,6 +416,8 @@ def test_chat_turns_are_the_generation_prompt_then_the_answer_and_its_end_marker
 
 
 def test_a_template_error_is_one_line_naming_the_chat_template(chat_tokenizers):
+    """A template's raise_exception is a ValueError naming chat_template with its message, and a
+    tokenizer without a template says it has no chat_template."""
     _, ours = chat_tokenizers["chatml"]
     with pytest.raises(ValueError, match=r"chat_template: unknown role: tool"):
         ours.apply_chat_template([{"role": "tool", "content": "42"}])
