@@ -208,9 +208,9 @@ def test_code_files_or_a_template_less_tokenizer_are_refused_naming_the_fix(inst
         dataset.prepare(code, tok)
     tok.chat_template = None
     with pytest.raises(ValueError, match=r"chat task needs the tokenizer of an instruct model"):
-        _, _ = tok, dataset.prepare(DataConfig(task="chat", sources=[str(instruct[1])],
-                                               cache_dir=str(tmp_path / "b"), progress=False,
-                                               split_by="file", min_bytes=0, min_lines=0), tok)
+        dataset.prepare(DataConfig(task="chat", sources=[str(instruct[1])],
+                                   cache_dir=str(tmp_path / "b"), progress=False,
+                                   split_by="file", min_bytes=0, min_lines=0), tok)
 
 
 @pytest.mark.parametrize("record, message", [

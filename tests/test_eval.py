@@ -598,7 +598,7 @@ def test_early_exit_does_not_count_as_a_pass():
     """A sample that exits with status 0 before its test ends (os._exit(0), sys.exit(0)) fails: a
     pass needs the test run to its end, not a clean exit status."""
     problem = passk.load_problems()[0]
-    result = passk.run_check(problem, "    import os\n    os._exit(0)\n" )
+    result = passk.run_check(problem, "    import os\n    os._exit(0)\n")
     assert result.status == "failed"
     assert passk.run_check(problem, "    import sys\n    sys.exit(0)\n").status == "failed"
 
@@ -1062,7 +1062,7 @@ def test_a_bare_problems_path_is_the_one_pass_at_k_tasks_and_the_file_is_named(
     (["--data-options", '{"no_such_option": 1}'], "data_options"),
     (["--prompt", ""], "prompt"),
     (["--seed", str(2**64)], "seed"),
-    (["--temperature", "1e-300"], "temperature"),  # torch's multinomial error, mid-evaluation  # torch's overflow error, after the model loaded
+    (["--temperature", "1e-300"], "temperature"),  # else torch's overflow, once loaded
 ])
 def test_bad_settings_are_rejected_before_any_work(flags, key, capsys, monkeypatch):
     """Each bad setting (out of range, an unknown device or dtype, a sampling option greedy
@@ -1122,7 +1122,7 @@ def test_the_tasks_help_names_every_task_of_the_registry():
 def test_sampling_options_are_taken_with_a_temperature():
     """top_p and top_k given with a temperature are read as they are, not refused as options greedy
     decoding ignores."""
-    cfg = config_from_dict({"temperature": 0.7, "top_p": 0.9, "top_k": 50})  # seed 004's
+    cfg = config_from_dict({"temperature": 0.7, "top_p": 0.9, "top_k": 50})
     assert (cfg.temperature, cfg.top_p, cfg.top_k) == (0.7, 0.9, 50)
 
 
