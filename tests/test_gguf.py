@@ -244,6 +244,21 @@ def test_each_outtype_holds_the_weights_to_its_precision(outtype, tol, checkpoin
     assert kinds == {(outtype.upper(), 2), ("F32", 1)}
 
 
+@pytest.mark.parametrize("task, init_from, data_options, fills", [
+    ("fim", None, {}, True),  # fim_rate's default: half the chunks are FIM examples
+    ("fim", None, {"fim_rate": 0.1}, True),
+    ("fim", None, {"fim_rate": 0}, False),  # every chunk a plain LM chunk
+    ("lm", None, {}, False),
+    ("lm", "base", {}, True),  # the checkpoint it started from may have learned FIM
+    ("fim", "base", {"fim_rate": 0}, True),
+])
+def test_a_modelfile_fills_in_the_middle_only_for_a_model_that_may_have_learned_it(
+        task, init_from, data_options, fills):
+    """A run from scratch learned FIM only under the fim task with a fim_rate above 0; a run
+    from a checkpoint keeps what that checkpoint learned: its Modelfile's FIM template (Ollama's
+    suffix prompts) is written only for those."""
+    assert gguf_writer.fills_in_middle(task, init_from, data_options) is fills
+
 def test_a_modelfile_completes_and_fills_in_the_middle_with_the_tokenizers_tokens(checkpoints,
                                                                                    tmp_path):
     """The Modelfile beside the file points Ollama at it, wraps a prompt that has a suffix in the
