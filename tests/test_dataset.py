@@ -136,6 +136,8 @@ def scraped_records() -> list[dict]:
 
 
 def test_stdlib_files_skip_site_packages_and_pycache(tmp_path):
+    """stdlib_files lists a root's .py files in order, leaving out site-packages, dist-packages and
+    __pycache__; on the real standard library it finds at least 98% of what os.walk finds."""
     for rel in (
         "os.py",
         "json/__init__.py",
@@ -212,6 +214,9 @@ def test_directory_source_follows_links_to_files_and_reads_extensions_in_any_cas
 
 
 def test_cleaning_counts_every_drop_by_reason(tmp_path):
+    """Each file cleaning drops (binary, a copy, a long line or literal, not UTF-8, too
+    few lines, too large) is counted under its reason, and each licence header removed
+    too: the stats say where files went."""
     src = tmp_path / "src"
     src.mkdir()
     good = (EMAIL / "quoprimime.py").read_text("utf-8")
@@ -563,6 +568,8 @@ def test_a_long_docstring_is_no_long_literal(tmp_path):
 
 
 def test_license_header_forms():
+    """A licence notice at the top, in each phrasing real projects use, goes and is reported
+    removed; a comment that only mentions a licence is the code's own and stays."""
     kotlin = (
         "/*\n * Copyright 2010-2024 JetBrains s.r.o.\n * Apache 2.0 license.\n */\n\npackage a\n"
     )
@@ -702,6 +709,8 @@ def test_a_licence_header_after_shebang_and_coding_line_keeps_both():
 
 
 def test_strip_comments_and_docstrings_on_stdlib_file():
+    """On a real stdlib file, stripping leaves valid Python with no comment token and no docstring,
+    its AST equal to the original's without docstrings: the code does what it did."""
     source = (EMAIL / "base64mime.py").read_text("utf-8")
     stripped = strip_comments_and_docstrings(source, strict=True)
     tree = ast.parse(stripped)  # still valid Python
@@ -733,6 +742,9 @@ def test_python_cleaning_options_keep_other_languages_files_and_count_them():
 
 
 def test_deeply_nested_file_is_dropped_as_a_syntax_error_not_a_crash(tmp_path, tok):
+    """A file nested past the parser's limit is dropped as syntax_error by the
+    Python cleaning options and skipped, counted, by the docstring and method tasks:
+    one odd file does not stop a build."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "good.py").write_text((EMAIL / "quoprimime.py").read_text("utf-8"))
@@ -755,6 +767,8 @@ def test_deeply_nested_file_is_dropped_as_a_syntax_error_not_a_crash(tmp_path, t
 
 
 def test_autopep8_formats(tmp_path):
+    """autopep8=True rewrites a file's indentation, argument spacing and blank lines in PEP 8
+    layout, and the corpus stats count it as autopep8_changed."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "ugly.py").write_text("import os\ndef f( a,b ):\n  return a+b\nx=f(1,2)\n")
@@ -766,6 +780,8 @@ def test_autopep8_formats(tmp_path):
 
 
 def test_near_duplicates_found_exact_ones_kept_apart(tmp_path):
+    """near_duplicates flags the later of two texts that differ by one renamed function, and not a
+    different file: only the copy is marked, the first of the pair is kept."""
     base = (EMAIL / "charset.py").read_text("utf-8")
     variant = base.replace("def get_body_encoding", "def body_encoding_of", 1)
     other = (EMAIL / "utils.py").read_text("utf-8")
@@ -902,6 +918,9 @@ def test_parallel_cleaning_matches_serial(tmp_path, email_with_drops):
 
 
 def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path, capsys):
+    """Split by repo, no repository has files in two splits and a second load
+    gives the same splits; a source of one repo is split by file, with a note
+    saying why, which pair records never get."""
     scraped = write_jsonl(tmp_path / "scraped.jsonl", scraped_records())
     c = cfg(tmp_path, sources=[str(scraped)], use_cache=False)
     first = load_corpus(c)
@@ -928,8 +947,8 @@ def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path, capsys)
     assert [len(single.train), len(single.val), len(single.test)] == [22, 3, 3]
     assert dataset.main(["--sources", str(one), "--cache-dir", str(tmp_path / "cache"),
                          "--no-progress"]) == 0
-    assert "note: split by file, not repo: the sources hold fewer repositories than splits" in (
-        capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert "note: split by file, not repo" in err and "fewer repositories than splits" in err, err
     # pair records hold no repository: their split by file is no fallback to name
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"input": f"x = {i}\n", "output": f"y = {i}\n"}
                                                    for i in range(30)])
@@ -939,6 +958,9 @@ def test_split_by_repo_has_no_repo_in_two_splits_and_is_stable(tmp_path, capsys)
 
 
 def test_split_by_file_has_no_file_in_two_splits_and_ignores_order(tmp_path):
+    """Split by file, each document is in one split (22/3/3 of the email
+    package), and assign_splits depends on the keys and the seed, not their
+    order: the same files give the same splits."""
     corpus = load_corpus(cfg(tmp_path, split_by="file"))
     ids = [d.id for s in ("train", "val", "test") for d in getattr(corpus, s)]
     assert len(ids) == len(set(ids)) == corpus.stats["kept"]["files"]
@@ -1012,7 +1034,7 @@ def test_a_repository_holding_most_of_the_text_outside_train_is_noted(tmp_path, 
     assert "the train split holds" not in capsys.readouterr().err
     assert dataset.main([*argv, str(records(val_repo))]) == 0
     err = capsys.readouterr().err
-    assert "the train split holds 31% of the corpus's bytes (8 of 10 files/records)" in err, err
+    assert "train split holds 31% of the corpus's bytes" in err and "(8 of 10 " in err, err
     assert "train_frac 0.8" in err and "--split-by file" in err
     corpus = load_corpus(cfg(tmp_path, sources=[str(tmp_path / "True.jsonl")]))
     sizes = corpus.stats["split_bytes"]
@@ -1027,6 +1049,8 @@ def test_a_split_by_repo_near_its_fractions(capsys):
 
 
 def test_negative_split_fractions_are_refused_even_when_they_sum_to_one(tmp_path):
+    """Fractions 1.2, -0.1 and -0.1 sum to 1 and are still refused: no split holds a negative
+    share, and the error says each must be >= 0."""
     with pytest.raises(DataError, match=r"split fractions must be >= 0 and sum to 1"):
         cfg(tmp_path, train_frac=1.2, val_frac=-0.1, test_frac=-0.1).validate()
 
@@ -1160,6 +1184,8 @@ def test_git_lfs_pointers_are_dropped_as_the_collectors_drop_them(tmp_path):
 
 
 def test_split_is_the_same_in_another_process_and_hash_seed():
+    """assign_splits gives the same splits in another process with another PYTHONHASHSEED: the
+    splits rest on a stable hash, so val and test stay held out from run to run."""
     keys = [f"repo{i}/file.py" for i in range(50)]
     here = assign_splits(keys)
     code = ("import json; from codelm.data.splits import assign_splits; "
@@ -1179,6 +1205,9 @@ def test_split_is_the_same_in_another_process_and_hash_seed():
 
 
 def test_supervised_example_masks_prompt_and_cuts_it_from_the_left():
+    """A supervised example's prompt labels are -100, and a prompt too long loses its left
+    end; a completion longer than the window keeps its start beside half a window of
+    prompt, after max_completion_tokens."""
     prompt, completion = list(range(10, 20)), [31, 32, 33]
     ex = supervised_example(prompt, completion, max_length=8)
     seq = prompt[-6:] + completion  # 9 tokens = max_length + 1; the prompt lost its left end
@@ -1211,6 +1240,9 @@ def test_supervised_example_start_is_kept_within_the_context():
 
 
 def test_fit_prompt_cuts_only_what_does_not_fit():
+    """A prompt that fits is kept whole, at any room from its length up; one that
+    does not loses the end of its code span first, so the instruction around the
+    code survives, then its left end."""
     prompt = list(range(10))
     for room in (10, 11, 19, 100):  # room for all of it (between 1x and 2x too, not only the tail)
         assert fit_prompt(prompt, room) == prompt
@@ -1222,6 +1254,9 @@ def test_fit_prompt_cuts_only_what_does_not_fit():
 
 
 def test_collate_pads_right_with_pad_id_and_ignored_labels():
+    """collate pads inputs on the right with pad_id and labels with -100, as long
+    tensors, so a batch's shifted-label cross-entropy is the mean NLL of its completion
+    tokens alone (computed by hand)."""
     a = supervised_example([5, 6, 7], [8, 9], max_length=16)
     b = supervised_example([5], [8], max_length=16)
     batch = collate([a, b], pad_id=0)
@@ -1280,6 +1315,9 @@ def test_data_preparation_without_bars_says_where_each_stage_is(tmp_path, tok, m
 
 
 def test_lm_packs_files_with_eos_and_windows_tile_the_split(tmp_path, tok):
+    """The lm task joins each split's files, each followed by EOS, into one token
+    stream: train windows start at every token, val and test windows cover each token
+    once, and val decodes back to its texts."""
     data = prepare(cfg(tmp_path, task="lm", block_size=64), tok)
     corpus = load_corpus(cfg(tmp_path))
     for split in ("train", "val", "test"):
@@ -1300,6 +1338,9 @@ def test_lm_packs_files_with_eos_and_windows_tile_the_split(tmp_path, tok):
 
 
 def test_window_completion_pairs_are_contiguous_file_tokens(tmp_path, tok):
+    """A window completion example is at most 40 prompt tokens then 1 to 12
+    completion tokens without EOS, which run on together in one training file: the
+    model learns to continue real code."""
     data = prepare(
         cfg(tmp_path, task="completion", window_prompt_tokens=40, window_completion_tokens=12), tok
     )
@@ -1333,6 +1374,8 @@ def _contains(haystack: list[int], needle: list[int]) -> bool:
 
 
 def test_line_completion_predicts_the_next_line(tmp_path, tok):
+    """Line completion gives lines_per_file examples a file, each a prefix of a file and, as
+    completion, the one nonblank line that follows it there, ended by EOS."""
     data = prepare(
         cfg(tmp_path, task="completion", completion_style="line", block_size=128, lines_per_file=3),
         tok,
@@ -1348,6 +1391,9 @@ def test_line_completion_predicts_the_next_line(tmp_path, tok):
 
 
 def test_method_task_signature_and_docstring_to_body(tmp_path, tok):
+    """A method example's prompt is a function's signature and docstring and its
+    completion the rest of the body: together they parse as one whole function
+    whose body lies in the completion."""
     data = prepare(cfg(tmp_path, task="method", block_size=512), tok)
     assert len(data.train) > 50
     for i in range(0, len(data.train), 13):
@@ -1386,6 +1432,9 @@ def test_docstring_tasks_refuse_a_tokenizer_that_strips_comments(tmp_path, monke
 
 
 def test_docstring_task_follows_seed_004(tmp_path, tok):
+    """The docstring task, with the simple and the verbose prompt, asks for a class's docstring:
+    the prompt is the template around the class's code without it (at most
+    docstring_code_tokens), the completion the docstring."""
     for style in ("simple", "verbose"):
         data = prepare(
             cfg(
@@ -1435,8 +1484,8 @@ def test_a_block_that_cuts_many_prompts_is_noted(tmp_path, tok, capsys):
     with the counts and the remedy; a block that holds them says nothing."""
     prepare(cfg(tmp_path, task="docstring", block_size=64, docstring_code_tokens=400), tok)
     said = capsys.readouterr().err
-    assert re.search(r"note: \d+ of \d+ docstring examples lost part of their prompt to "
-                     r"block_size 64: a larger --block-size", said), said
+    assert re.search(r"note: \d+ of \d+ docstring examples .*block_size 64.*--block-size",
+                     said), said
     prepare(cfg(tmp_path, task="docstring", block_size=700, docstring_code_tokens=100), tok)
     assert "lost part of their prompt" not in capsys.readouterr().err
 
@@ -1727,6 +1776,9 @@ def test_val_and_test_hold_no_example_identical_to_a_train_example(tmp_path, tok
 
 
 def test_refactor_pairs_use_the_seed_000_template(tmp_path, tok):
+    """Each refactor record trains as REFACTOR_TEMPLATE around its input with its
+    output as the completion, in whichever split it lands: the prompt opens with
+    the seed_000 refactor instruction."""
     before = (EMAIL / "encoders.py").read_text("utf-8")
     records = [
         {"input": before, "output": before.replace("    ", "  ")},
@@ -1749,6 +1801,9 @@ def test_refactor_pairs_use_the_seed_000_template(tmp_path, tok):
 
 
 def test_fim_examples_rebuild_the_file(tmp_path, tok):
+    """A FIM example is its sentinels around prefix and suffix with the middle as the
+    completion: prefix + middle + suffix decodes to a stretch of a source file, and at
+    fim_rate 0.5 many examples are FIM."""
     data = prepare(cfg(tmp_path, task="fim", block_size=96, fim_rate=0.5), tok)
     n_fim = 0
     texts = list(email_texts().values())
@@ -2288,8 +2343,8 @@ def test_user_prompts_read_special_token_text_as_their_model_learned_it(tmp_path
         hf(p, split_special_tokens=True)["input_ids"] for p in prompts]
     err = capsys.readouterr().err
     assert err.count("note:") == 1 and err.endswith(" (REMEDY)\n")
-    assert "2 prompt(s) hold the text of special token(s) of the tokenizer " \
-           "(<|begin_of_text|>, <|eot_id|>)" in err
+    assert "2 prompt(s)" in err and "special token(s)" in err
+    assert "(<|begin_of_text|>, <|eot_id|>)" in err
     assert encode_prompts(tok, [code], False) == [text[2]]
     assert capsys.readouterr().err == ""
 
@@ -2301,8 +2356,8 @@ def test_the_prompts_note_counts_a_repeated_prompt_once(tmp_path, capsys):
     tok, _ = _instruct_tokenizers(tmp_path)
     prompts = ["def f(x):\n"] + ["a<|eot_id|>"] * 20 + ["b<|eot_id|>"]
     encode_prompts(tok, prompts, False)
-    assert "note: 2 prompt(s) hold the text of special token(s) of the tokenizer (<|eot_id|>)" \
-        in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: 2 prompt(s)" in err and "special token(s)" in err and "(<|eot_id|>)" in err, err
 
 
 def test_a_pair_prompts_read_bos_moves_its_body_span_with_it(tmp_path):
@@ -2406,6 +2461,9 @@ def test_jsonl_nested_too_deeply_for_json_is_a_malformed_line(tmp_path, capsys):
 
 
 def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
+    """A file whose name is not UTF-8 is dropped and counted; a JSONL value holding a
+    lone surrogate is an error naming the file, line and key (with skip_bad, a dropped
+    line): such text cannot be written."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "ok.py").write_text("x = 1\ny = 2\n")
@@ -2431,6 +2489,9 @@ def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
 
 
 def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
+    """A DataConfig value out of range, or of the wrong type in a config file, is
+    refused naming the key and what it must be (an extension without its dot is shown
+    with one): the user sees what to change."""
     for key, value, message in (
         ("extensions", [".py", "kt"], "['kt'] must each be a suffix with its dot: ['.kt']"),
         ("extensions", ["rs", "."], "['rs', '.'] must each be a suffix with its dot: ['.rs']"),
@@ -2461,6 +2522,8 @@ def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
 
 
 def test_empty_corpus_and_missing_source_are_clear_errors(tmp_path):
+    """A corpus that cleaning leaves empty, a source that does not exist (a relative one with where
+    it was looked for) and an unknown task are each a DataError that says which."""
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.py").write_text("")
@@ -2521,6 +2584,9 @@ def test_pairs_under_the_lm_task_get_one_note_per_source(tmp_path, tok, capsys):
 
 
 def test_second_prepare_loads_from_cache_and_keys_cover_options(tmp_path, tok):
+    """A second prepare with the same options loads the same data from the cache;
+    another tokenizer, min_lines or block_size gives another cache entry, so data built
+    for other options is never reused."""
     c = cfg(tmp_path, task="lm", block_size=32)
     first = prepare(c, tok)
     assert first.stats["cache_hit"] is False
@@ -2625,6 +2691,9 @@ def _dead_pid() -> int:
 
 
 def test_a_build_removes_what_dead_builders_of_this_machine_left(tmp_path):
+    """A build removes temporary entries of dead processes of this host and PID
+    namespace, and keeps those of a live build, another machine or another
+    namespace: only leftovers known dead go."""
     cache = tmp_path / "cache"
     host, dead = socket.gethostname(), _dead_pid()
     ns = process.owner_tag().split("@")[2]
@@ -2704,6 +2773,8 @@ def test_a_full_disk_under_the_cache_names_the_cache_dir_and_codelm_cache(tmp_pa
 
 
 def test_an_interrupted_corpus_write_leaves_no_temp_dir(tmp_path, monkeypatch):
+    """A Ctrl-C while the corpus is written leaves the cache directory empty: no half-written
+    temporary entry stays behind to fill the disk."""
     real_asdict = asdict
 
     def interrupted(obj):
@@ -2763,6 +2834,8 @@ def test_an_interrupted_build_exits_cleanly_and_leaves_nothing(tmp_path, tok, si
 
 
 def test_every_option_that_changes_the_data_changes_a_cache_key(tmp_path):
+    """Changing any DataConfig field that is not a runtime setting changes the corpus key or the
+    task's key: no option alters the data and still hits an entry built without it."""
     base = cfg(tmp_path)
     task_of = {
         "completion_style": "completion",
@@ -2836,6 +2909,9 @@ def test_the_trained_tokenizer_cache_is_keyed_by_the_encoding_version(tmp_path, 
 
 
 def test_kotlin_sources_lose_copyright_and_long_literals(tmp_path, tok):
+    """Kotlin sources read with extensions ['.kt'] lose their copyright headers, a file
+    with a very long literal is dropped, a .py file beside them is not read, and the
+    completion task builds from the rest."""
     src = tmp_path / "kotlin"
     (src / "core").mkdir(parents=True)
     header = "/*\n * Copyright 2010-2023 JetBrains s.r.o. and Kotlin Programming Language\n"
@@ -2866,6 +2942,8 @@ def test_kotlin_sources_lose_copyright_and_long_literals(tmp_path, tok):
 
 
 def test_tokenizer_free_pass_gives_split_texts(tmp_path):
+    """prepare without a tokenizer gives each split's cleaned texts (the corpus's, licence headers
+    gone), and max_docs limits the files read: the texts a tokenizer is trained on."""
     data = prepare(cfg(tmp_path), None)
     corpus = load_corpus(cfg(tmp_path))
     assert list(data.train) == corpus.texts("train") and len(data.val) == len(corpus.val)
@@ -2876,6 +2954,8 @@ def test_tokenizer_free_pass_gives_split_texts(tmp_path):
 
 
 def test_cli_prints_counts_and_exits_2_on_bad_input(tmp_path, capsys):
+    """dataset.py prints the stats as JSON on stdout (29 email files read, 22/3/3 split by file)
+    and exits 2 with an error line for a source that does not exist."""
     assert (
         dataset.main(["--sources", str(EMAIL), "--cache-dir", str(tmp_path), "--no-progress"]) == 0
     )
@@ -2889,6 +2969,9 @@ def test_cli_prints_counts_and_exits_2_on_bad_input(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_full_stdlib_pipeline_builds_lm_and_hits_cache(tmp_path, capsys):
+    """The whole standard library, every file read and a non-UTF-8 one dropped,
+    builds an lm dataset of over a million tokens; a second build and the
+    command line load it from the cache."""
     c = DataConfig(cache_dir=str(tmp_path), progress=False, num_workers=2)
     texts = prepare(c, None)
     tok = CodeTokenizer.train(texts.train, min_freq=10)
@@ -2949,8 +3032,8 @@ def test_an_empty_jsonl_source_is_named_as_holding_nothing(tmp_path, tok):
     check the extensions (which apply to directories only) and the cleaning limits."""
     empty = tmp_path / "kt.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match=r"^sources \[.*kt\.jsonl'\] hold no files with "
-                       r"extensions \['\.py'\] and no JSONL records \(an empty \.jsonl"):
+    with pytest.raises(DataError, match=r"^sources \[.*kt\.jsonl'\] .*no JSONL records.*"
+                                        r"an empty \.jsonl"):
         prepare(cfg(tmp_path, sources=[str(empty)]), tok)
 
 
@@ -3235,6 +3318,8 @@ def test_each_key_of_a_pem_chain_is_redacted_on_its_own():
 
 
 def test_a_private_keys_body_of_sixteen_characters_is_redacted_and_shorter_is_not():
+    """A private key's body of 16 characters between its BEGIN and END lines is redacted and one of
+    15 is not: the threshold keeps short placeholders as written and takes real keys out."""
     begin, end = "-----BEGIN EC PRIVATE KEY-----", "-----END EC PRIVATE KEY-----"
     assert redact_secrets(begin + "A" * 16 + end) == (begin + "<PRIVATE_KEY>" + end, 1)
     assert redact_secrets(begin + "A" * 15 + end) == (begin + "A" * 15 + end, 0)
@@ -3248,6 +3333,8 @@ def test_a_private_key_with_a_quote_inside_is_not_redacted():
 
 
 def test_an_email_address_on_a_subdomain_is_redacted_whole(tmp_path):
+    """redact_emails replaces an address on a multi-part domain (mail.example.co.uk) whole with
+    <EMAIL>: no piece of the domain is left beside the placeholder."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.py").write_text('# ann.lee@mail.example.co.uk\nx = 1\n')
@@ -3317,8 +3404,9 @@ def test_the_repository_columns_of_published_corpora_name_a_records_repo(tmp_pat
         held = {doc.repo for doc in docs["val"] + docs["test"]}
         assert held and held.isdisjoint(doc.repo for doc in docs["train"]), source
     load_corpus(cfg(tmp_path, sources=[str(stack2)], text_column="content", extensions=[".js"]))
-    assert (f"note: {stack2}: its records are all read: extensions ['.js'] choose the files of "
-            "code directories only") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"note: {stack2}: its records are all read" in err, err
+    assert "extensions ['.js']" in err and "code directories only" in err, err
 
 
 @pytest.mark.parametrize("damage", ["garbage", "cut"])
@@ -3458,6 +3546,9 @@ def test_a_folder_gives_the_same_ids_and_split_however_its_path_is_spelled(tmp_p
 
 
 def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_path):
+    """Parquet and datasets records are read from text_column, repo and path making their ids; a
+    missing column, a row without text or with a non-string one, and a whole DatasetDict are
+    errors naming file, row and remedy."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -3472,8 +3563,8 @@ def test_code_records_read_their_text_column_and_bad_rows_name_file_and_row(tmp_
     with pytest.raises(DataError, match=r"code\.parquet: no column 'text'.*content, repo, path"
                                         r".*text_column"):
         load_corpus(cfg(tmp_path, sources=[str(parquet)], text_column="text"))
-    with pytest.raises(DataError, match=r"code.parquet: row 1: record has none of the keys.*"
-                                        r"it has 'content', 'repo', 'path'.*text_column"):
+    with pytest.raises(DataError, match=r"code\.parquet: row 1: .*none of the keys.*"
+                                        r"'content', 'repo', 'path'.*text_column"):
         load_corpus(cfg(tmp_path, sources=[str(parquet)]))
     pq.write_table(pa.table({"text": [texts[0], None, texts[2]]}), parquet)
     with pytest.raises(DataError, match=r"code.parquet: row 2: key 'text' must be a string"):
@@ -3572,6 +3663,8 @@ def test_a_folder_with_a_state_json_of_its_own_is_read_as_code(tmp_path):
 
 
 def test_one_folder_given_twice_is_refused_as_the_same_folder(tmp_path):
+    """A folder given twice, once with a trailing slash, is refused as the same folder: its files
+    would otherwise be read twice, the second time dropped as duplicates."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.py").write_text("def a():\n    return 1\n")

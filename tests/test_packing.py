@@ -42,12 +42,16 @@ def _next_tokens(example: torch.Tensor) -> torch.Tensor:
 
 
 def test_positions_restart_at_each_document():
+    """document_positions counts from 0 again at each new document id of a row, and a row of one
+    document counts to its end: each packed example gets the positions it has alone."""
     docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 5, 5, 5]])
     assert document_positions(docs).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3], list(range(9))]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_packed_rows_logits_are_each_examples_own(checkpoints, name):
+    """For every family, a row packing four examples (one longer than the sliding window) gives
+    each the logits it has run alone, within 1e-5: packed examples do not see each other."""
     _, _, model = checkpoints[name]
     examples = _examples(0)
     idx, docs = _packed(examples)
@@ -104,6 +108,9 @@ def test_first_fit_rows_hold_every_example_once_within_the_row():
 
 
 def test_a_packed_row_is_its_examples_one_after_another():
+    """A PackedExamples row is its examples' inputs and labels one after another,
+    document ids numbering them, and collate pads a shorter row's document ids with
+    -1: padding is part of no example."""
     import numpy as np
 
     from codelm.training.batches import PackedExamples
@@ -149,6 +156,8 @@ def test_lm_windows_keep_each_file_to_itself(checkpoints, tmp_path):
 
 
 def test_packing_is_on_by_default_where_a_row_holds_two_examples_or_more():
+    """Left unset, packing is on where examples average at most half the block (two fit a row) and
+    off where they are longer; set, it is as given."""
     import numpy as np
 
     from codelm.training import build

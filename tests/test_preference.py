@@ -148,6 +148,8 @@ def _dpo_case(cfg: PreferenceConfig, seed: int) -> None:
 @pytest.mark.parametrize("loss_type", preference.DPO_LOSS_TYPES)
 @pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
 def test_dpo_equals_trls(loss_type, beta):
+    """For every DPO loss type at three betas (and the robust loss's label smoothings), the loss,
+    its gradient and each logged metric equal TRL's DPOTrainer on the same tensors."""
     smoothings = [0.0, 0.1, 0.3] if loss_type == "robust" else [0.0]
     for smoothing in smoothings:
         cfg = PreferenceConfig(method="dpo", loss_type=loss_type, beta=beta,
@@ -232,6 +234,8 @@ def test_kto_equals_trls(weights, beta, labels):
 
 
 def test_kto_clamps_a_negative_kl_estimate_as_trl():
+    """A KL estimate below 0 is clamped to 0 in the KTO loss, as TRL's KTOTrainer clamps it: the
+    loss, its gradient and the metrics equal TRL's."""
     cfg = PreferenceConfig(method="kto", beta=0.3)
     _kto_case(cfg, torch.tensor([1, 0, 0, 1, 1, 0]).bool(), seed=5, kl_shift=5.0)
 
@@ -357,6 +361,8 @@ def test_the_lora_reference_is_the_base_without_a_second_model(tmp_path):
 
 
 def test_a_missing_reference_is_refused(tmp_path):
+    """A loss called without what it needs (a reference model or ref_logps for DPO, KTO through the
+    pair loss, IPO or cpo_alpha where they do not apply) is a ValueError saying what to pass."""
     save_tiny_hf("llama", tmp_path / "hf")
     model = pretrained.load(tmp_path / "hf").eval()
     _, ids, attention, completion = _pairs(torch.Generator().manual_seed(2))
@@ -393,12 +399,17 @@ def test_a_missing_reference_is_refused(tmp_path):
     (dict(method="orpo", label_smoothing=0.1), "label_smoothing 0.1: orpo ignores it"),
 ])
 def test_bad_settings_are_refused_in_one_line(settings, message):
+    """Each invalid PreferenceConfig (an unknown method or loss type, a beta or weight
+    out of range, a setting the method ignores) is refused in one line naming the
+    setting, its value and the rule."""
     with pytest.raises(ValueError) as caught:
         PreferenceConfig(**settings)
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_only_dpo_and_kto_need_a_reference():
+    """needs_reference holds for DPO and KTO and not for ORPO and SimPO: only the first two load a
+    frozen reference model beside the policy."""
     assert [PreferenceConfig(method=m).needs_reference for m in preference.METHODS] == [
         True, True, False, False]
 

@@ -71,6 +71,9 @@ TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add tw
                                     {**PLAIN, "rejected": ""}, {**PLAIN, "rejected": "\n"}],
                          ids=["plain", "conversational", "ends-with-eos", "empty", "blank"])
 def test_pairs_tokenize_as_trls_dpo_trainer(record, instruct):
+    """Plain and conversational pairs, one ending in the EOS text and ones with an
+    empty or blank rejected, give the prompt and completion ids TRL's DPOTrainer
+    gives: training sees TRL's data."""
     from trl import DPOTrainer
 
     ours = tokenized(check_record(record, "x.jsonl:1", unpaired=False), load_tokenizer(instruct))
@@ -174,6 +177,8 @@ def test_labelled_completions_tokenize_as_trls_kto_trainer(records, instruct, tm
 
 
 def test_parquet_and_a_cached_dataset_id_read_as_jsonl(tmp_path, offline_hub):
+    """The same pairs read from JSONL, from parquet and from a dataset id in the offline hub cache
+    are the same records: a source's format does not change the data."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -225,6 +230,9 @@ def test_a_cached_dataset_id_reads_its_train_split_not_train_prefs_or_train_sft(
     ({"prompt": "p", "completion": "c", "label": True}, "a labelled completion"),
 ])
 def test_a_bad_pair_is_refused_in_one_line_naming_file_and_line(record, message, tmp_path):
+    """Each kind of bad pair (a field missing or of the wrong type, chosen equal
+    to rejected, a labelled completion where pairs are read) is one line opening
+    with file:line and naming the fault."""
     path = _write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, record])
     with pytest.raises(DataError) as caught:
         read_preferences([str(path)], False, DataConfig(progress=False))
@@ -237,6 +245,8 @@ def test_a_bad_pair_is_refused_in_one_line_naming_file_and_line(record, message,
     ({"prompt": "p", "completion": "c", "label": 1}, "'label' must be true"),
 ])
 def test_a_bad_labelled_completion_is_refused_naming_its_line(record, message, tmp_path):
+    """A labelled completion without a label, or with one that is not a boolean, is refused
+    naming its file:line and the field."""
     path = _write_jsonl(tmp_path / "kto.jsonl", [record])
     with pytest.raises(DataError, match=rf"^{path}:1: .*{message}"):
         read_preferences([str(path)], True, DataConfig(progress=False))
@@ -257,6 +267,8 @@ def test_skip_bad_drops_the_records_encoding_refuses_too(instruct, tmp_path):
 
 
 def test_skip_bad_drops_bad_records_and_max_docs_keeps_the_first(tmp_path, capsys):
+    """skip_bad drops a bad record, the others keeping their own line numbers, and says how many
+    went; max_docs keeps the first records read."""
     path = _write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, {"prompt": "p"}, PLAIN, PLAIN])
     read = read_preferences([str(path)], False, DataConfig(skip_bad=True, progress=False))
     assert [r.where for r in read] == [f"{path}:{n}" for n in (1, 3, 4)]
@@ -265,6 +277,9 @@ def test_skip_bad_drops_bad_records_and_max_docs_keeps_the_first(tmp_path, capsy
 
 
 def test_a_prompt_that_fills_the_block_is_refused_and_long_completions_cut(instruct, tmp_path):
+    """A prompt of block_size tokens is refused naming its line, its length and
+    --block-size; with room left, completions are cut to fit and counted, and a cut leaving
+    chosen equal to rejected is refused."""
     tok = load_tokenizer(instruct)
     long = check_record({**PLAIN, "prompt": "x = 1\n" * 40}, f"{tmp_path}/p.jsonl:7", False)
     n = len(tokenized(long, tok)[0])
@@ -279,6 +294,9 @@ def test_a_prompt_that_fills_the_block_is_refused_and_long_completions_cut(instr
 
 
 def test_conversations_need_a_chat_template_and_a_user_turn_last(instruct):
+    """A conversational prompt ending with an assistant turn is refused naming its
+    line, and so is a conversation when the tokenizer has no chat template: the
+    prompt must end where a reply starts."""
     tok = load_tokenizer(instruct)
     ends_with_assistant = check_record({**CHAT, "prompt": CHAT["prompt"] + CHAT["chosen"]},
                                        "c.jsonl:3", False)
@@ -334,9 +352,9 @@ def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):
                     "--num-samples", "4", "--out-dir", str(tmp_path / "eval"), "--no-progress",
                     "--preference-pairs", str(out)]) == 0
     said = capsys.readouterr().out
-    assert (f"preference pairs: 2 pairs from 1 of 3 problems in {out}; no pair from 1 whose "
-            "samples all passed and 1 whose samples all failed; 7 labelled completions (kto) in "
-            f"{tmp_path / 'pairs' / 'out.kto.jsonl'}") in said
+    assert f"preference pairs: 2 pairs from 1 of 3 problems in {out}" in said, said
+    assert "1 whose samples all passed" in said and "1 whose samples all failed" in said, said
+    assert f"7 labelled completions (kto) in {tmp_path / 'pairs' / 'out.kto.jsonl'}" in said, said
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     prompt = problems[0]["prompt"]
     cut = truncate_at_stops(cheat[len(prompt):], passk.PASSK.stops)
@@ -428,8 +446,8 @@ def test_the_summary_counts_each_models_samples_of_a_problem(tmp_path):
                 records.append({**_sample(prediction, status), "model": model, "id": task_id})
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     said = write_preference_data(tmp_path / "pairs.jsonl", tmp_path, ["passk"])
-    assert said.startswith("preference pairs: 4 pairs from 4 of 4 problems' samples "
-                           "(2 problems x 2 models)"), said
+    assert said.startswith("preference pairs: 4 pairs from 4 of 4 problems"), said
+    assert "(2 problems x 2 models)" in said, said
     one_model = [r for r in records if r["model"] == "a"]
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in one_model))
     said = write_preference_data(tmp_path / "pairs.jsonl", tmp_path, ["passk"])
@@ -456,6 +474,8 @@ def test_samples_that_all_fail_give_no_pair_and_say_what_gives_some(tmp_path, ca
 
 
 def test_preference_pairs_need_a_pass_at_k_task_sampled_twice():
+    """--preference-pairs is refused for a name not ending in .jsonl, without a pass@k task, or
+    with one sample a problem; a --pass-k over num_samples is refused saying what to change."""
     from codelm.evaluation.config import parse_config
 
     with pytest.raises(ValueError, match="written as JSONL: name a file ending in .jsonl"):
@@ -468,6 +488,6 @@ def test_preference_pairs_need_a_pass_at_k_task_sampled_twice():
     with pytest.raises(ValueError, match=r"set num_samples \(1, --num-samples\) to 2 or more"):
         parse_config(["--tasks", "passk", "--preference-pairs", "p.jsonl"])
     with pytest.raises(ValueError, match=r"each k must be in \[1, num_samples \(4, "
-                                         r"--num-samples\)\]: raise num_samples, or leave out 8$"):
+                                         r"--num-samples\)\].*raise num_samples.*leave out 8$"):
         parse_config(["--tasks", "passk", "--num-samples", "4", "--temperature", "0.8",
                       "--pass-k", "1", "8"])

@@ -73,6 +73,9 @@ def logged(run_dir: Path, kind: str) -> list[dict]:
     ("simpo", {"pref_beta": 2.0, "simpo_gamma": 0.5})])
 def test_each_preference_task_learns_a_toy_preference_in_the_one_loop(assets, tmp_path,
                                                                       task, overrides):
+    """DPO, KTO, ORPO and SimPO each learn a toy preference in 24 steps of the
+    shared loop: loss and val loss fall, the margin grows, val accuracy passes 0.9
+    (KTO logs none), a checkpoint is saved."""
     result = tm.train(pref_cfg(assets, tmp_path, task, **overrides))
     train, val = logged(result.run_dir, "train"), logged(result.run_dir, "val")
     assert len(train) == 24 and len(val) == 2
@@ -447,6 +450,8 @@ def test_a_resume_on_other_pairs_computes_their_reference_and_refuses_a_damaged_
     (["--task", "kto", "--packing"], "packing (True, --packing): the kto task reads its KL"),
 ])
 def test_bad_preference_settings_are_refused_naming_their_flag(assets, flags, message):
+    """A bad preference setting (beta 0, a setting the task ignores, preference settings on the lm
+    task, packing under kto) is refused in one line naming the setting, its value and its flag."""
     with pytest.raises(ValueError) as caught:
         plan.parse_config(["--data", assets["pairs"], "--tokenizer", assets["tokenizer"],
                            "--max-steps", "2", *flags])
@@ -454,6 +459,8 @@ def test_bad_preference_settings_are_refused_naming_their_flag(assets, flags, me
 
 
 def test_a_preference_task_needs_its_data_and_a_tokenizer(assets):
+    """A preference task without --data is refused saying it trains on preference records, and one
+    without --init-from or --tokenizer saying it tunes a model's preferences."""
     with pytest.raises(ValueError, match=r"^task \('dpo', --task\): trains on preference "
                                          "records"):
         plan.parse_config(["--task", "dpo", "--max-steps", "2"])
@@ -462,6 +469,8 @@ def test_a_preference_task_needs_its_data_and_a_tokenizer(assets):
 
 
 def test_a_bad_record_stops_the_command_in_one_line(assets, tmp_path, capsys):
+    """A record whose chosen equals its rejected stops train.py with exit 2 and one error line
+    naming its file, line and fault, before any run directory is written."""
     data = tmp_path / "bad.jsonl"
     shutil.copy(assets["pairs"], data)
     with data.open("a") as f:

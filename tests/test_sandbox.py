@@ -48,12 +48,16 @@ def test_the_bootstrap_imports_the_standard_library_alone(path):
 
 
 def test_plain_program_passes_and_output_is_captured():
+    """A program that runs to its end passes with exit 0, and its stdout comes back exactly as
+    printed: what a caller shows or compares is the program's own output."""
     result = run_python("print('hello', 6 * 7)", FAST)
     assert result.passed and result.returncode == 0
     assert result.stdout == "hello 42\n"
 
 
 def test_failing_program_fails_with_its_traceback():
+    """A failed assertion makes the run fail, and stderr keeps the exception's line with its
+    message: what a user reads to see why a sample failed."""
     result = run_python("assert 1 + 1 == 3, 'arithmetic'", FAST)
     assert result.status == "failed"
     assert "AssertionError: arithmetic" in result.stderr
@@ -69,6 +73,8 @@ def test_a_program_holding_a_lone_surrogate_fails_and_raises_nothing():
 
 
 def test_infinite_loop_is_killed_at_the_time_limit():
+    """A busy loop ends at timeout_s, within half a second of it, with status timeout: a sample
+    that never ends costs the evaluator its limit and no more."""
     start = time.monotonic()
     result = run_python("while True:\n    pass", SandboxConfig(timeout_s=1.0))
     elapsed = time.monotonic() - start
@@ -77,6 +83,8 @@ def test_infinite_loop_is_killed_at_the_time_limit():
 
 
 def test_sleeping_program_is_killed_at_the_time_limit():
+    """A program that sleeps, using no CPU, still ends at the time limit with status timeout: the
+    limit is wall-clock time, not CPU time alone."""
     result = run_python("import time\ntime.sleep(60)", SandboxConfig(timeout_s=1.0))
     assert result.status == "timeout" and 1.0 <= result.duration_s < 1.5
 
@@ -88,6 +96,8 @@ def test_what_a_program_printed_before_its_timeout_is_in_its_output():
 
 
 def test_kill_running_ends_a_run_that_another_thread_waits_on():
+    """kill_running() ends a run a worker thread waits on, with status killed, within seconds:
+    Ctrl-C reaches only the main thread, and this is how it stops the workers' runs."""
     # An interrupt reaches only the main thread; the evaluator's workers wait on their runs.
     with ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(run_python, "import time\ntime.sleep(60)", SandboxConfig(timeout_s=60))
@@ -154,6 +164,9 @@ def test_a_batch_run_that_starts_after_an_interrupts_kill_is_killed_at_once(monk
     "s = 'x'\nwhile True:\n    s = s + s",
 ])
 def test_memory_bomb_is_stopped(bomb):
+    """One huge allocation, many small ones and a doubling string each end with
+    status memory under a 256 MiB limit: a sample cannot take the machine's memory,
+    and the status says why it ended."""
     result = run_python(bomb, SandboxConfig(timeout_s=10.0, memory_mb=256))
     assert result.status == "memory", result.stderr
 
@@ -172,6 +185,9 @@ def test_the_memory_limit_is_memory_mb():
     "raise ValueError('x') from MemoryError()",
 ])
 def test_a_failure_that_mentions_memory_error_is_a_failure(program):
+    """A program that fails with MemoryError only in its text (a message, a stderr
+    line, a chained cause) is failed, not memory: the status comes from how the run
+    ended, not from words it printed."""
     result = run_python(program, FAST)
     assert result.status == "failed", result.stderr
 
@@ -194,6 +210,9 @@ def test_output_is_no_file_its_flood_keeps_a_bounded_tail():
 
 
 def test_writes_inside_the_working_directory_work():
+    """Inside its working directory a program creates, renames and reads files and
+    directories, uses tempfile and writes to /dev/null: ordinary file-using
+    solutions pass under the confinement."""
     program = (
         "import os, tempfile\n"
         "open('a.txt', 'w').write('x')\n"
@@ -220,6 +239,9 @@ def test_writes_inside_the_working_directory_work():
     "import os\nos.system('echo pwned > ' + TARGET)",
 ])
 def test_writing_outside_the_working_directory_fails(tmp_path, attempt):
+    """Every route to a file outside the working directory (open, os.open, pathlib, a
+    symlink, a dir_fd, shutil.move, a shell) fails with a refusal and creates nothing: a
+    sample cannot change the evaluator's machine."""
     target = tmp_path / "outside.txt"
     result = run_python(f"TARGET = {str(target)!r}\n{attempt}", FAST)
     assert result.status == "failed"
@@ -228,6 +250,8 @@ def test_writing_outside_the_working_directory_fails(tmp_path, attempt):
 
 
 def test_deleting_outside_the_working_directory_fails(tmp_path):
+    """Removing a file outside the working directory fails and the file keeps its contents: a
+    sample cannot destroy the evaluator's data."""
     victim = tmp_path / "keep.txt"
     victim.write_text("precious")
     result = run_python(f"import os\nos.remove({str(victim)!r})", FAST)
@@ -236,6 +260,9 @@ def test_deleting_outside_the_working_directory_fails(tmp_path):
 
 
 def test_kernel_confinement_holds_when_the_audit_hook_is_fooled(tmp_path):
+    """With the audit hook's path check fooled, Landlock still refuses a write outside
+    the working directory (the kernel's PermissionError, not the hook's "sandbox:" one):
+    the kernel layer holds on its own."""
     probe = run_python("pass", FAST)
     if not probe.landlock:
         pytest.skip("this kernel does not offer Landlock; only the in-process guard is active")
@@ -253,6 +280,8 @@ def test_kernel_confinement_holds_when_the_audit_hook_is_fooled(tmp_path):
 
 
 def test_environment_secrets_are_not_inherited(monkeypatch):
+    """A sample sees a short allow-list of environment variables (thread counts pinned to 1), and
+    neither os.environ nor its parent's /proc environ shows the evaluator's secrets."""
     monkeypatch.setenv("CODELM_TEST_SECRET", "s3cr3t-value")
     direct = run_python("import os\nprint(os.environ['CODELM_TEST_SECRET'])", FAST)
     assert direct.status == "failed" and "KeyError" in direct.stderr
@@ -268,6 +297,9 @@ def test_environment_secrets_are_not_inherited(monkeypatch):
 
 
 def test_evaluator_survives_hostile_samples():
+    """Killing the parent or its process group, forking, sys.exit and an early
+    os._exit(0) each end as failed, and the next sample still runs: no sample ends an
+    evaluation or passes by exiting."""
     hostile = [
         "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
         "import os, signal\nos.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
@@ -283,6 +315,8 @@ def test_evaluator_survives_hostile_samples():
 
 
 def test_completion_is_signalled_only_when_the_program_ran_to_its_end():
+    """completed is set only for a program that reached its end; an early exit with status 0 or an
+    exception leaves it unset, and the completion signal never shows in the captured output."""
     done = run_python("print('hello')", FAST)
     assert done.passed and done.completed
     assert done.stdout == "hello\n" and done.stderr == ""  # the signal is not in the output
@@ -293,6 +327,9 @@ def test_completion_is_signalled_only_when_the_program_ran_to_its_end():
 
 
 def test_completion_token_cannot_be_read_by_the_program():
+    """The completion token is in none of the places a program can read (its file,
+    argv, environment, stdin): echoing every candidate in the signal's form
+    completes nothing, so no pass is forged."""
     # Every place a program could look for the token: its file, argv, environment, stdin. Each
     # candidate is echoed both on stdout and in the exact form of the completion signal.
     program = (
@@ -330,6 +367,9 @@ def _evaluate_elsewhere(sources: list[str], landlock_cap: int) -> list[str]:
 
 
 def test_evaluator_survives_signals_without_audit_events_on_older_kernels():
+    """On Landlock ABI 4 (Linux 6.7-6.11), which does not scope signals, signalling the
+    evaluator through a pidfd, SIGIO ownership or prlimit is refused by the sandbox:
+    the evaluator survives there too."""
     # Landlock ABI 4 (Linux 6.7-6.11, e.g. Ubuntu 24.04) does not scope signals; none of these
     # calls raises an audit event of its own, or the one it raises is not checked.
     hostile = [
@@ -347,6 +387,9 @@ def test_evaluator_survives_signals_without_audit_events_on_older_kernels():
 
 
 def test_kernel_filter_holds_when_the_hook_is_fooled():
+    """Fresh copies of the posix and _signal modules get past the functions the bootstrap
+    replaced, and the seccomp filter still refuses pidfd_send_signal with EPERM: the
+    kernel filter guards the evaluator."""
     if not run_python("pass", FAST).seccomp:
         pytest.skip("no seccomp filter on this machine; only the in-process guard is active")
     # Fresh copies of the C modules still hold the functions the bootstrap replaced.
@@ -389,6 +432,8 @@ def _filter_alone(probe: str) -> list[str]:
 
 
 def test_kernel_filter_keeps_signals_to_the_sample_and_limits_as_they_are():
+    """Under the seccomp filter alone, signalling or limiting another process and changing any
+    limit (its own too) are refused, while signalling itself and reading its own limits work."""
     # Probing this process harmlessly: signal 0, reading a limit, an owner for a pipe that never
     # gets O_ASYNC. Limits are set before the filter: no change of them, even of its own.
     lines = _filter_alone("""
@@ -414,6 +459,9 @@ def test_kernel_filter_keeps_signals_to_the_sample_and_limits_as_they_are():
 
 
 def test_kernel_filter_allows_threads_but_no_process_program_or_network():
+    """Under the seccomp filter alone, threads run and a connected Unix socket
+    pair (asyncio's self-pipe) works; fork, spawn, exec, network sockets, other
+    socket pairs and memfd are refused."""
     # Each refusal is harmless where it is not made: the child exits at once, a socket is only
     # created, and the exec (last) would end the probe with its output incomplete. A connected
     # pair of Unix sockets (asyncio's self-pipe) reaches nothing outside the process.
@@ -467,6 +515,9 @@ def _without_guard(monkeypatch, tmp_path: Path) -> None:
 
 def test_kernel_refuses_processes_network_memfd_and_limits_when_the_hook_is_fooled(tmp_path,
                                                                                      monkeypatch):
+    """With the audit hook never installed, the kernel still refuses fork, a UDP
+    socket, memfd_create, setrlimit and exec, and the descriptor limit stays MAX_FDS:
+    each refusal holds without the hook."""
     if not run_python("pass", FAST).seccomp:
         pytest.skip("no seccomp filter on this machine; only the in-process guard is active")
     _without_guard(monkeypatch, tmp_path)
@@ -677,6 +728,9 @@ def test_a_named_module_of_one_file_and_a_package_with_bundled_libraries_are_imp
 
 @pytest.mark.parametrize("module", ["_posixsubprocess", "_ctypes"])
 def test_a_denied_module_loaded_under_a_dotted_name_is_refused(module):
+    """A denied C module (_posixsubprocess, _ctypes) loaded from its file under a
+    dotted name is still refused, naming the import: the loader takes the init
+    function from the name's last part."""
     # The "import" audit event names the spec; the loader finds PyInit_<last part of the name>.
     import importlib.util
 
@@ -694,6 +748,8 @@ def test_a_denied_module_loaded_under_a_dotted_name_is_refused(module):
 
 
 def test_a_root_evaluators_sample_runs_unprivileged():
+    """Under a root evaluator, a sample runs as SAMPLE_UID and SAMPLE_GID with no supplementary
+    groups and no capabilities: root's powers never reach generated code."""
     if os.geteuid() != 0:
         pytest.skip("the evaluator is not root: its samples run as its own user")
     result = run_python("import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n", FAST)
@@ -705,6 +761,8 @@ def test_a_root_evaluators_sample_runs_unprivileged():
 @pytest.mark.parametrize("landlock_cap", [None, 0])
 @pytest.mark.parametrize("userns", [False, True])
 def test_evaluators_environment_is_out_of_reach_when_the_hook_is_fooled(landlock_cap, userns):
+    """With the hook's path check fooled, with or without Landlock and as root of a user namespace,
+    reading the evaluator's /proc environ fails with the kernel's refusal and shows no secret."""
     # /proc/<pid>/environ shows a process's environment as it started: a separate evaluator,
     # started with the secret. Landlock alone does not refuse it everywhere (a root sample).
     # userns: root in a user namespace that maps root alone, where the sample cannot be nobody
@@ -779,6 +837,8 @@ def test_disk_use_in_total_is_bounded():
 
 
 def test_completion_token_is_in_no_frame_the_program_runs_beneath():
+    """Walking up every frame the program runs beneath and echoing each string local in the
+    signal's form completes nothing: no frame the program can reach holds the token."""
     # A frame walk from the program up through the bootstrap, echoing every string local in the
     # exact form of the completion signal (best effort: the token is still in memory).
     program = (
@@ -814,6 +874,9 @@ def test_completion_token_is_in_no_frame_the_program_runs_beneath():
     "import os\nopen('x', 'w').close()\nfd = os.open('.', os.O_RDONLY)\nos.remove('x', dir_fd=fd)",
 ])
 def test_without_landlock_c_level_writers_stay_inside(tmp_path, monkeypatch, attempt):
+    """Without Landlock (the audit hook alone), writers from C that open no file
+    the hook sees (sqlite, mkfifo, mknod, dbm, readline, shared memory, dir_fd
+    paths) fail and leave nothing outside."""
     # The documented fallback (no Landlock: old kernels, gVisor, seccomp profiles): only the
     # audit hook guards, and these write from C without an open() it sees.
     monkeypatch.setattr(runner, "_LANDLOCK_ABI_CAP", 0)
@@ -824,6 +887,8 @@ def test_without_landlock_c_level_writers_stay_inside(tmp_path, monkeypatch, att
 
 @pytest.mark.parametrize("landlock_cap", [None, 0])
 def test_c_level_writers_work_inside_the_working_directory(monkeypatch, landlock_cap):
+    """With and without Landlock, sqlite, dbm, mkfifo and mknod work inside the working directory:
+    the guards that stop them outside leave programs that use them at home alone."""
     monkeypatch.setattr(runner, "_LANDLOCK_ABI_CAP", landlock_cap)
     program = (
         "import dbm, os, sqlite3\n"
@@ -847,6 +912,8 @@ def test_c_level_writers_work_inside_the_working_directory(monkeypatch, landlock
 
 
 def test_sample_dies_with_its_evaluator_and_a_later_run_removes_its_directory(monkeypatch):
+    """A SIGKILLed evaluator takes its running sample with it within 2 s, and the next evaluator's
+    first run removes the dead run's directory: no orphan runs on or fills the temp directory."""
     # The wall-clock limit lives in the evaluator: SIGKILLed (the OOM killer), it takes the
     # sample with it, and the directory it could not remove goes at the next evaluator's run.
     run = ("import os, time\nopen('pid.tmp', 'w').write(str(os.getpid()))\n"
@@ -984,6 +1051,8 @@ def test_max_files_is_the_number_of_entries_allowed():
 
 
 def test_a_memory_error_the_program_left_uncaught_exits_with_exit_memory():
+    """An uncaught allocation past the limit ends with exit status EXIT_MEMORY and status memory:
+    the bootstrap's own exit code tells it apart from an ordinary failure."""
     result = run_python("x = bytearray(10 ** 11)", SandboxConfig(timeout_s=10.0, memory_mb=256))
     assert result.status == "memory" and result.returncode == bootstrap.EXIT_MEMORY
 
@@ -1083,6 +1152,9 @@ def _needs_landlock() -> None:
 
 @pytest.mark.parametrize("guarded", [True, False])
 def test_a_sample_reads_no_file_outside_what_it_needs(tmp_path, monkeypatch, guarded):
+    """With or without the audit hook, a sample cannot read a world-readable file,
+    a 0600 key, the repository, /etc files or an environ, nor list /: the
+    machine's secrets stay out of its output."""
     # Secrets an evaluator's machine holds: a world-readable file, a 0600 key file, the
     # repository, the system's files and the evaluator's environment; each read is echoed.
     _needs_landlock()
@@ -1103,6 +1175,9 @@ def test_a_sample_reads_no_file_outside_what_it_needs(tmp_path, monkeypatch, gua
 
 
 def test_a_confined_sample_still_has_the_standard_library():
+    """Under Landlock a sample still imports the standard library (compression, hashing,
+    sqlite, ssl), writes and reads its own directory and reads its own file;
+    confinement() reports nothing missing."""
     _needs_landlock()
     program = (
         "import bz2, datetime, decimal, hashlib, json, lzma, sqlite3, ssl, unicodedata, zlib\n"
@@ -1118,6 +1193,8 @@ def test_a_confined_sample_still_has_the_standard_library():
 
 
 def test_without_landlock_confinement_says_why(monkeypatch):
+    """Without Landlock, confinement() gives a reason naming Landlock and reads: callers that
+    require full confinement (pass@k, GRPO) can tell the user what is missing."""
     monkeypatch.setattr(runner, "_LANDLOCK_ABI_CAP", 0)
     runner.confinement.cache_clear()
     try:
@@ -1172,12 +1249,17 @@ FAKE_PASSES = {
 
 @pytest.mark.parametrize("attack", sorted(FAKE_PASSES))
 def test_a_program_cannot_fake_a_pass(attack):
+    """Each known way to forge completion (the caller's locals, a heap scan,
+    raising the event, rerunning the bootstrap, swapping sys, an early exit, a
+    trace jump) ends failed, not completed."""
     result = run_python(FAKE_PASSES[attack], FAST)
     assert result.status == "failed" and not result.completed, (attack, result)
     assert "sandbox: completed" not in result.stderr
 
 
 def test_the_command_line_never_calls_an_unfinished_run_passed(tmp_path, capsys):
+    """The command line exits 1 for a program that exits 0 before its end and says "failed (exit
+    code 0)": a user is never told that an unfinished program passed."""
     program = tmp_path / "early.py"
     program.write_text("import os\nos._exit(0)\nassert 1 == 2\n")
     assert command.main([str(program)]) == 1
@@ -1190,6 +1272,8 @@ ADD_TEST = TrustedTest(prelude="def add(a, b):\n    pass\n", functions=("add",),
 
 
 def test_a_trusted_test_passes_a_correct_program_and_fails_a_wrong_one():
+    """A trusted test passes a correct add and fails a wrong one, with the AssertionError in
+    stderr: the test run beside the candidate decides the outcome."""
     assert run_python("def add(a, b):\n    return a + b\n", FAST, ADD_TEST).passed
     wrong = run_python("def add(a, b):\n    return a - b\n", FAST, ADD_TEST)
     assert wrong.status == "failed" and "AssertionError" in wrong.stderr
@@ -1222,6 +1306,9 @@ PLAIN_VALUES = [None, True, False, 0, -2**100, 1.5, float("inf"), -0.0, 3 - 4j, 
 
 
 def test_plain_data_round_trips_by_exact_type():
+    """Every plain value (None, bools, big ints, special floats, complex,
+    strings with lone surrogates, bytes, containers) decodes equal and of the
+    same type: True does not come back as 1."""
     decoded = plain_decode(plain_encode(PLAIN_VALUES))
     assert decoded == PLAIN_VALUES
     assert [type(v) for v in decoded] == [type(v) for v in PLAIN_VALUES]
@@ -1494,6 +1581,8 @@ def test_a_subclass_crosses_as_its_base_type_and_only_as_that():
 
 @pytest.mark.parametrize("value", [object(), [lambda: 0], {"k": memoryview}])
 def test_only_plain_data_is_encoded(value):
+    """An object, a function or a type anywhere in a value is refused with a TypeError saying it is
+    not plain data: nothing that carries code crosses between candidate and test."""
     with pytest.raises(TypeError, match="not plain data"):
         plain_encode(value)
 
@@ -1543,6 +1632,8 @@ def test_without_landlock_the_tests_process_is_out_of_the_candidates_reach(monke
 @pytest.mark.parametrize("text", ["", "x", "i1;extra", "s5:ab", "l2:N", "D1:N", "s-1:", "i;",
                                   "q1;0;", "m3:abc", "K1:l0:", "E1:N"])
 def test_anything_but_plain_data_is_refused_when_decoded(text):
+    """Empty, truncated, overlong or unknown encodings raise ValueError: the decoder takes only
+    what the encoder makes, so a candidate cannot hand the test a forged value."""
     with pytest.raises(ValueError):
         plain_decode(text)
 
