@@ -779,7 +779,7 @@ def test_autopep8_formats(tmp_path):
     assert corpus.stats["modified"] == {"autopep8_changed": 1}
 
 
-def test_near_duplicates_found_exact_ones_kept_apart(tmp_path):
+def test_a_near_copy_is_flagged_and_a_different_file_is_not():
     """near_duplicates flags the later of two texts that differ by one renamed function, and not a
     different file: only the copy is marked, the first of the pair is kept."""
     base = (EMAIL / "charset.py").read_text("utf-8")
@@ -1403,7 +1403,7 @@ def test_method_task_signature_and_docstring_to_body(tmp_path, tok):
         head, body = tok.decode(prompt), tok.decode(completion[:-1])
         fn = ast.parse(head + body).body[0]  # prompt + completion is one whole function
         assert isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
-        assert ast.get_docstring(fn) and '"""' in head or "'''" in head
+        assert ast.get_docstring(fn) and ('"""' in head or "'''" in head)
         assert fn.body[1].lineno > head.count("\n")  # the body lies in the completion
 
 

@@ -300,7 +300,7 @@ def test_conversations_need_a_chat_template_and_a_user_turn_last(instruct):
     tok = load_tokenizer(instruct)
     ends_with_assistant = check_record({**CHAT, "prompt": CHAT["prompt"] + CHAT["chosen"]},
                                        "c.jsonl:3", False)
-    with pytest.raises(DataError, match="^c.jsonl:3: the prompt ends with a assistant message"):
+    with pytest.raises(DataError, match="^c.jsonl:3: the prompt ends with a message of role 'assistant'"):
         tokenized(ends_with_assistant, tok)
     tok.chat_template = None
     with pytest.raises(DataError, match="^c.jsonl:3: conversational records need"):

@@ -63,8 +63,6 @@ def test_failing_program_fails_with_its_traceback():
     assert "AssertionError: arithmetic" in result.stderr
 
 
-# A run ends within 0.03 s of its limit even with four CPU burners on two cores (measured); the
-# bounds leave room for a loaded CI machine and still catch a limit twice too long.
 def test_a_program_holding_a_lone_surrogate_fails_and_raises_nothing():
     """JSON carries lone surrogates ("\\ud800"); Python refuses such source, so the run fails
     as exec would, and a batch of samples goes on."""
@@ -72,6 +70,8 @@ def test_a_program_holding_a_lone_surrogate_fails_and_raises_nothing():
     assert result.status == "failed" and "utf-8" in result.stderr
 
 
+# A run ends within 0.03 s of its limit even with four CPU burners on two cores (measured); the
+# bounds leave room for a loaded CI machine and still catch a limit twice too long.
 def test_infinite_loop_is_killed_at_the_time_limit():
     """A busy loop ends at timeout_s, within half a second of it, with status timeout: a sample
     that never ends costs the evaluator its limit and no more."""

@@ -278,9 +278,9 @@ def tokenized(record: PreferenceRecord, tok: CodeTokenizer | BPETokenizer
                             "instruct model, whose tokenizer_config.json holds a chat_template "
                             "(--init-from, --tokenizer)")
         if record.prompt[-1]["role"] not in ("user", "tool"):
-            raise DataError(f"{record.where}: the prompt ends with a {record.prompt[-1]['role']} "
-                            "message: it must end with the user's (or a tool's), which the "
-                            "completions answer")
+            raise DataError(f"{record.where}: the prompt ends with a message of role "
+                            f"{record.prompt[-1]['role']!r}: it must end with the user's (or a "
+                            "tool's), which the completions answer")
         try:
             prompt = tok.encode(tok.apply_chat_template(record.prompt, True, record.tools))
             wholes = [tok.encode(tok.apply_chat_template(record.prompt + completion, False,
