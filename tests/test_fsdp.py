@@ -114,8 +114,9 @@ def test_fsdp_two_ranks_train_like_one_process_and_the_sharded_checkpoint_goes_o
     whole = _torchrun("trainingmanager.py", "--resume", str(single.run_dir), "--strategy",
                       "fsdp", "--max-steps", "9")  # one process's checkpoint
     assert whole.returncode != 0
-    assert "step-6 is a whole checkpoint (one process's or --strategy ddp's): continue it with " \
-           "--strategy ddp" in whole.stdout + whole.stderr, (whole.stdout + whole.stderr)[:1500]
+    said = whole.stdout + whole.stderr
+    assert all(w in said for w in ("step-6 is a whole checkpoint",
+                                   "continue it with --strategy ddp")), said[:1500]
     tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4,
                       **{**common, "max_steps": 9}, resume=str(single.run_dir)))
     tm.train(dataclasses.replace(cfg, resume=str(run), strategy="ddp", batch_size=4,
@@ -530,9 +531,8 @@ def test_a_sharded_checkpoint_moves_only_to_process_counts_that_share_its_batch(
     assert checkpoint.check_writers(step, writers=2, world=2, per_process=4)
     assert not checkpoint.check_writers(step, writers=2, world=4, per_process=2)
     assert not checkpoint.check_writers(step, writers=2, world=1, per_process=8)
-    with pytest.raises(ValueError, match=r"batch of 8 .* 3 processes cannot share evenly: "
-                                         r"resume it on N of 1, 2, 4, 8 \(the counts that divide 8\), "
-                                         r"with batch_size x grad_accum = 8 / N"):
+    with pytest.raises(ValueError, match=r"batch of 8 .* 3 processes .*N of 1, 2, 4, 8 .*"
+                                         r"batch_size x grad_accum = 8 / N"):
         checkpoint.check_writers(step, writers=2, world=3, per_process=3)
 
 

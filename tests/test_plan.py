@@ -339,8 +339,8 @@ def test_preset_auto_times_no_rung_whose_step_is_beyond_the_machine(monkeypatch,
     assert 4 not in timed and timed == [1, 2]
     assert measured[0] == 1 and set(measured[1:]) == {4}
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("preset auto: measuring this cpu to size the model to a 600-min budget "
-                        "(a --preset skips it)")
+    assert all(w in lines[0] for w in ("preset auto: measuring this cpu", "600-min budget",
+                                       "--preset skips")), lines[0]
     assert [line for line in lines if line.startswith("preset auto: timing")] == [
         "preset auto: timing tiny (context 32, batch 1) on cpu",
         "preset auto: timing tiny (context 32, batch 2) on cpu"]
@@ -437,8 +437,8 @@ def test_a_run_length_typed_replaces_the_other_one_a_config_file_sets(tmp_path, 
     config.write_text(json.dumps({"preset": "tiny", "epochs": 3}))
     cfg = plan.parse_config(["--config", str(config), "--max-steps", "10"])
     assert (cfg.max_steps, cfg.epochs) == (10, None)
-    assert (f"note: --max-steps 10 sets the run's length in place of epochs 3 (--config {config})"
-            in capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert all(w in err for w in ("--max-steps 10", "in place of epochs 3", f"--config {config}"))
     config.write_text(json.dumps({"preset": "tiny", "max_steps": 40}))
     cfg = plan.parse_config(["--config", str(config), "--epochs", "2"])
     assert (cfg.max_steps, cfg.epochs) == (None, 2.0)

@@ -90,6 +90,9 @@ def run_scrape(out: Path, faults=(), max_per_page=3, raw=True, token=None, **kw)
 
 
 def test_scrape_keeps_exactly_the_expected_files_through_every_failure(tmp_path, caplog):
+    """Through every injected failure (5xx, 403/429 rate limits, dropped connections, a truncated
+    tree), a scrape keeps exactly the wanted files, once, with their bytes, blob SHA, licence and
+    stars; odd paths write nothing outside --out, and the token is in no file or log line."""
     caplog.set_level(logging.INFO, logger="scraping")
     out = tmp_path / "out" / "code.jsonl"
     fake, summary, expected, sleep = run_scrape(out, DEFAULT_FAULTS, token=TOKEN)
@@ -131,6 +134,8 @@ def test_scrape_keeps_exactly_the_expected_files_through_every_failure(tmp_path,
 
 
 def test_blob_api_path_without_raw_host_gives_the_same_output(tmp_path):
+    """Without a raw host, files come through the blob API, to the byte-identical output the raw
+    host gives."""
     run_scrape(tmp_path / "raw.jsonl")
     fake, _, _, _ = run_scrape(tmp_path / "blob.jsonl", raw=False)
     assert not any(p.startswith("/raw/") for p in fake.requests)
@@ -172,6 +177,8 @@ def test_git_blob_sha_is_the_id_git_gives_the_content(tmp_path):
 
 
 def test_search_splits_date_range_past_the_result_cap():
+    """A search returns at most `cap` results: a date range holding more repos is split until each
+    slice fits, so every repo is found, once (unsplit, only the first 4)."""
     repos = [FakeRepo(f"o/r{i:02d}", 200 + i, f"20{16 + i // 3}-0{1 + i % 9}-0{1 + i % 7}")
              for i in range(17)]
     start = datetime(2015, 1, 1, tzinfo=timezone.utc)
@@ -238,6 +245,8 @@ def test_a_search_slice_read_short_is_read_again_and_no_repo_is_missed(tmp_path)
 
 @pytest.mark.parametrize("max_repos", [None, 2])
 def test_a_repo_that_gains_stars_mid_scrape_is_scraped_exactly_once(tmp_path, max_repos):
+    """A repo that moves up the star ranking while the scrape runs is scraped once: in one run,
+    and across a run stopped by max_repos and its resume."""
     # o/r3 gains stars while page 1 (o/r0..o/r2) is being scraped, so it moves to page 1; with
     # max_repos=2 the run stops there and a second run resumes with the new order.
     out = tmp_path / "out.jsonl"
@@ -304,6 +313,8 @@ def test_a_file_repeated_inside_one_repo_is_downloaded_and_kept_once(tmp_path):
 
 
 def test_license_allow_list(tmp_path):
+    """--licenses permissive keeps only permissively licensed repos: the GPL-3.0 one and the one
+    with no licence are skipped, and counted."""
     out = tmp_path / "p.jsonl"
     _, summary, expected, _ = run_scrape(out, licenses=["permissive"])
     repos = {r["repo"] for r in read_jsonl(out)}
@@ -375,6 +386,8 @@ def test_a_resume_on_a_later_day_keeps_the_first_runs_until(tmp_path, monkeypatc
 
 
 def test_resume_after_a_crash_between_output_and_state(tmp_path):
+    """A crash after an output append but before its state line, or half-way through either, is
+    resumed to the bytes an uninterrupted run writes; rerunning a finished run adds nothing."""
     reference = tmp_path / "ref.jsonl"
     run_scrape(reference)
     out = tmp_path / "out.jsonl"
@@ -410,6 +423,8 @@ def test_a_resume_drops_a_cut_off_state_line_before_appending(tmp_path):
 
 
 def test_resume_with_other_settings_is_a_clear_error(tmp_path, capsys):
+    """Resuming an output with other settings (--min-stars) would mix two scrapes in one file: it
+    is refused naming the setting, on the CLI as one exit-2 error line."""
     out = tmp_path / "out.jsonl"
     run_scrape(out, max_repos=1)
     with pytest.raises(ValueError, match="min_stars"):
@@ -436,6 +451,8 @@ def test_a_resume_with_any_other_output_setting_is_refused(tmp_path, setting, va
 
 
 def test_output_changed_behind_the_scrapers_back_is_refused(tmp_path):
+    """An output its state file does not account for (another program's file, or one cut shorter
+    than the state says) is refused, not appended to."""
     out = tmp_path / "out.jsonl"
     out.write_text('{"text": "someone else\'s file"}\n')
     with pytest.raises(ValueError, match="state file"):
@@ -448,6 +465,9 @@ def test_output_changed_behind_the_scrapers_back_is_refused(tmp_path):
 
 
 def test_kill_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    """The CLI killed (SIGKILL) mid-scrape, then run again: the output is byte-identical to an
+    uninterrupted run's, the summary counts the repos already done, and the token is in no output,
+    log or state."""
     reference = tmp_path / "ref.jsonl"
     run_scrape(reference)
     out = tmp_path / "out.jsonl"
@@ -491,6 +511,8 @@ def test_a_token_with_a_space_inside_is_refused_without_showing_it():
 
 
 def test_client_retries_are_bounded_with_exponential_jittered_backoff():
+    """A failing request is tried retries + 1 times, then raises saying so; the waits double with
+    equal jitter (in [d/2, d]), so many workers do not retry in step."""
     repo = FakeRepo("a/b", 500, "2020-01-01")
     with FakeGitHub([repo], faults=[("/branches/", "500")] * 10) as fake:
         sleep = RecordingSleep()
@@ -505,6 +527,8 @@ def test_client_retries_are_bounded_with_exponential_jittered_backoff():
 
 
 def test_client_refuses_waits_longer_than_max_wait_and_names_bad_credentials():
+    """A rate limit asking for a wait past max_wait raises naming --max-wait rather than sleeping;
+    a wrong token raises naming GITHUB_TOKEN, without the token itself."""
     repo = FakeRepo("a/b", 500, "2020-01-01")
     with FakeGitHub([repo], token=TOKEN, faults=[("/branches/", "429")]) as fake:
         client = GitHubClient(fake.api_url, TOKEN, max_wait=0.5, sleep=lambda s: None)
@@ -517,6 +541,8 @@ def test_client_refuses_waits_longer_than_max_wait_and_names_bad_credentials():
 
 
 def test_client_waits_for_the_reset_when_the_quota_runs_out():
+    """Once a response says its quota is spent, the next request of that quota waits for the reset
+    first, with no 403 needed; a request of another quota (search) does not wait."""
     repo = FakeRepo("a/b", 500, "2020-01-01")
     with FakeGitHub([repo], faults=[("/branches/", "remaining_0")]) as fake:
         sleep, now = RecordingSleep(), time.time()
@@ -638,6 +664,9 @@ class RateLimitedUntil(FakeGitHub):
 
 @pytest.mark.parametrize("skew", [5.0, -600.0, -7200.0])
 def test_client_waits_out_a_rate_limit_whatever_the_clock_skew(skew):
+    """A rate limit's reset is measured against the response's Date, not the local clock: with the
+    clock fast or slow by seconds or hours, every retry comes after a pause and the wait stays near
+    the reset's 1.5 s."""
     # GitHub's quota resets 1.5 s from now on its clock; the local clock is `skew` s off. A
     # fast clock must not make the reset look past, sending every retry in the same millisecond;
     # a slow one must not wait its lag on top (nor past --max-wait): the reset is measured
@@ -671,6 +700,9 @@ def _source_tree(root: Path) -> dict[str, bytes]:
 
 
 def test_local_directory(tmp_path):
+    """A local directory yields its files of the wanted extensions, with the given licence, its
+    name as repo and no stars; symlinks (which may point outside), .git, non-UTF-8 text and
+    repeated content are skipped and counted."""
     src = tmp_path / "myrepo"
     files = _source_tree(src)
     secret = tmp_path / "outside.kt"
@@ -747,6 +779,9 @@ def test_a_git_urls_records_name_its_repository_as_the_github_scraper_does(url, 
 
 
 def test_local_git_url_is_shallow_cloned_and_removed(tmp_path, capsys):
+    """A git URL source is cloned to a temporary directory, collected with the URL as repo, and
+    the clone removed; a missing path and a failing clone are one error line each, saying what
+    to do."""
     work = tmp_path / "work"
     work.mkdir()
     files = _source_tree(work)
@@ -833,10 +868,14 @@ def test_a_stopped_clone_is_removed_at_once_or_by_the_next_run(tmp_path, monkeyp
     ("file:///srv/repo.git", "file:///srv/repo.git"),
 ])
 def test_redact_url_removes_the_credentials_and_nothing_else(url, redacted):
+    """A URL's user:password goes, however it is encoded and whatever the host (IPv6, a port,
+    ssh); the rest (query, fragment, case) is kept, so messages can name the repo."""
     assert redact_url(url) == redacted
 
 
 def test_a_failing_clone_names_its_url_without_the_credentials(tmp_path, capsys, monkeypatch):
+    """A clone that fails is named by its URL without the credentials, in the error and in every
+    file; it leaves no output or state behind, so --out can be retried with other flags."""
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
                  "all_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -875,6 +914,9 @@ def test_file_size_bounds_are_inclusive(tmp_path):
 
 
 def test_local_keeps_finished_sources_when_a_later_one_fails_and_resumes(tmp_path, capsys):
+    """A source that fails keeps what the earlier sources collected, and the next run resumes
+    past them; a missing source is refused before any work, and other --extensions on a resume
+    are refused naming the setting."""
     first, second = tmp_path / "first", tmp_path / "second"
     for root, name in ((first, "a.py"), (second, "b.py")):
         root.mkdir()
@@ -898,6 +940,8 @@ def test_local_keeps_finished_sources_when_a_later_one_fails_and_resumes(tmp_pat
 
 
 def test_cli_help_and_bad_flags(tmp_path, capsys):
+    """--help lists the subcommands; a bad date, a flag missing its value and --min-bytes above
+    --max-bytes exit 2 naming the flag, without a traceback."""
     help_run = subprocess.run([sys.executable, "-m", "scraping", "--help"], cwd=ROOT,
                               capture_output=True, text=True)
     assert help_run.returncode == 0 and "github" in help_run.stdout
@@ -974,6 +1018,8 @@ def test_flags_read_lists_and_none_as_every_scripts_do():
 
 
 def test_local_skips_names_that_are_not_utf8(tmp_path):
+    """A file whose name is not UTF-8 cannot be written as a JSON path: it is skipped and counted
+    (not_utf8_name), and the rest of the tree is kept."""
     src = tmp_path / "repo"
     src.mkdir()
     (src / "ok.py").write_text("x = 1\n")
@@ -1065,6 +1111,8 @@ def test_an_unreadable_directory_git_ignores_is_no_loss(tmp_path, monkeypatch, c
 
 
 def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path, capsys):
+    """An --out that is a directory, or lies under a file, is refused naming --out before any
+    source is read or request sent, and nothing is created."""
     src = tmp_path / "repo"
     src.mkdir()
     (src / "ok.py").write_text("x = 1\n")
@@ -1308,6 +1356,8 @@ def test_a_malformed_reply_leaves_its_repo_for_the_next_run(tmp_path, capsys, ca
 
 
 def test_a_search_reply_without_its_total_stops_the_run_resumably(tmp_path, capsys):
+    """A search reply lacking total_count (not GitHub's shape) stops the run, exit 1, saying that
+    progress is saved; the rerun then finishes every repo."""
     out = tmp_path / "out.jsonl"
     repos, expected = fake_corpus()
     with FakeGitHub(repos, faults=[("/search/repositories", 'body:{"items": []}')],
@@ -1392,6 +1442,8 @@ def test_an_empty_licence_list_is_refused(tmp_path, capsys):
 
 
 def test_licences_are_stored_as_github_spells_them_so_a_rerun_in_another_case_resumes(tmp_path):
+    """Licence names match in any case and are stored as GitHub spells them (MIT, Apache-2.0), so
+    the same filter typed in another case resumes instead of reading as other settings."""
     assert expand_licenses(["mit", "APACHE-2.0"]) == {"MIT", "Apache-2.0"}
     out = tmp_path / "out.jsonl"
     run_scrape(out, licenses=["MIT", "Apache-2.0"], max_repos=1)
@@ -1618,6 +1670,9 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
         "LICENSE.BSD", "unknown", "GPL+LESSER", "dual", "agree", "notice-beside",
         "notice-alone", "not-a-licence-name", "none-at-top"])
 def test_a_trees_licence_is_read_from_its_top_level_licence_files(tmp_path, files, expected):
+    """A local tree's licence is read from its top-level licence files (LICENSE, COPYING, ...):
+    a known text gives its SPDX id, an unknown text or two different licences NOASSERTION, and
+    code, nested and README files are never read as one."""
     assert detect_license(_tree(tmp_path / "src", files)) == expected
 
 
@@ -1691,6 +1746,8 @@ def test_local_licenses_filters_sources_as_github_does(tmp_path, capsys):
     ({"format_version": 1}, ("out.jsonl.state:1", "not a scraper state file", "new --out")),
 ])
 def test_a_state_file_of_another_format_is_refused(tmp_path, capsys, head, words):
+    """A state file of another format_version, or no scraper state file at all, is refused naming
+    the file, what it holds and the way out (a new --out); the output is left as it was."""
     src = _tree(tmp_path / "src", {"a.py": "a = 1\n"})
     out = tmp_path / "out.jsonl"
     out.write_text("")
@@ -1702,6 +1759,8 @@ def test_a_state_file_of_another_format_is_refused(tmp_path, capsys, head, words
 
 
 def test_a_multi_word_language_is_one_search_term(tmp_path):
+    """A language of two words ("Jupyter Notebook") is quoted in the search query, one term, so
+    only that language's repos are scraped."""
     repos = [FakeRepo("o/nb", 500, "2020-01-01", language="Jupyter Notebook",
                       files={"a.py": b"x = 1\n"}), *_ranked_repos(2)]
     cfg = GitHubConfig(out="x.jsonl", language="Jupyter Notebook")

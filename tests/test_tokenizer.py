@@ -136,6 +136,8 @@ def _assert_ids_equal_hf(hf: Tokenizer, ours, texts: list[str], add_special_toke
     *[pytest.param(style, 0, 1, marks=pytest.mark.slow) for style in PRETOKENIZER_STYLES],
 ])
 def test_parity_on_every_stdlib_file(style, start, every, references, stdlib_texts):
+    """Ids equal HF tokenizers' on the Python standard library's files, for every pre-tokenizer
+    style: real code in bulk, through encode_batch's worker processes."""
     _, hf, ours = references[style]
     sample = stdlib_texts[start::every]
     names = [n for n, _ in sample]
@@ -150,6 +152,8 @@ def test_parity_on_every_stdlib_file(style, start, every, references, stdlib_tex
 
 @pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
 def test_parity_with_special_tokens(style, references, stdlib_texts):
+    """With add_special_tokens, the template's tokens are added as HF adds them (none by
+    ByteLevel's post-processor), and special-token strings spliced into code match as HF's do."""
     _, hf, ours = references[style]
     sample = stdlib_texts[::50]
     names = [n for n, _ in sample]
@@ -208,6 +212,8 @@ EDGE_CASES = [
 
 @pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
 def test_parity_edge_cases(style, references, stdlib_texts):
+    """The edge cases and a 1 MB line encode to HF's ids and decode back to the text (Qwen2's as
+    its NFC normalizer left it)."""
     _, hf, ours = references[style]
     for add, texts in ((True, EDGE_CASES), (False, [*EDGE_CASES, _one_mb_line(stdlib_texts)])):
         got = _assert_ids_equal_hf(hf, ours, texts, add_special_tokens=add)
@@ -227,6 +233,8 @@ def test_ids_equal_hf_on_the_edge_corpus(style, references):
 
 @pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
 def test_decode_vocab_and_ids_match_hf(style, references, stdlib_texts):
+    """vocab_size, token_to_id and decode (with and without special tokens) agree with HF for
+    every token, for real text, and for random ids that split multi-byte characters."""
     _, hf, ours = references[style]
     assert ours.vocab_size == hf.get_vocab_size(with_added_tokens=True)
     for token, i in hf.get_vocab(with_added_tokens=True).items():
@@ -255,6 +263,9 @@ def test_decode_bytes_spelling_a_surrogate_like_hf(references, code_tok, code_to
 
 
 def test_special_role_and_fim_ids(references, tmp_path):
+    """bos, eos, pad and the FIM ids are the tokens HF's file names: StarCoder's by their names,
+    Llama-3's bos from its template; a tokenizer_config.json beside it sets the roles, as
+    transformers reads them."""
     _, hf, star = references["starcoder"]
     assert star.eos_id == star.bos_id == hf.token_to_id("<|endoftext|>")
     assert star.fim_prefix_id == hf.token_to_id("<fim_prefix>")
@@ -427,6 +438,8 @@ def _with_split_regex(references, tmp_path, pattern: str):
 def test_split_regexes_oniguruma_reads_differently_are_refused(
     pattern, construct, references, tmp_path
 ):
+    """A Split regex with a construct that Oniguruma (HF) and Python's regex read differently is
+    refused naming the construct and the file, rather than loaded to give other ids than HF."""
     path, hf = _with_split_regex(references, tmp_path, pattern)
     with pytest.raises(ValueError, match=construct) as info:
         load_tokenizer(path)
@@ -459,6 +472,8 @@ def test_a_split_regex_that_can_match_the_empty_string_is_refused(pattern, refer
 @pytest.mark.parametrize("pattern", [O200K_PATTERN, QWEN2_PATTERN, r"\p{N}{1,2}?|[]\d]|\D"])
 def test_real_split_regexes_still_read_as_hf_reads_them(pattern, references, stdlib_texts,
                                                           tmp_path):
+    """Those refusals spare real pre-tokenizer regexes (o200k, Qwen2, a lazy repeat, a set that
+    starts with ]): they load, with HF's ids."""
     path, hf = _with_split_regex(references, tmp_path, pattern)
     ours = load_tokenizer(path)
     texts = [t for _, t in stdlib_texts[::150]] + EDGE_CASES
@@ -620,6 +635,8 @@ def test_characters_missing_from_vocab_leave_their_neighbours_one_word_as_in_hf(
 
 @pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
 def test_trained_here_loads_in_hf_with_identical_ids(style, stdlib_texts, tmp_path):
+    """A BPE tokenizer trained by codelm saves a tokenizer.json that HF loads to the same ids on
+    held-out text, the same vocab size and the same special-token ids."""
     train = [t for _, t in stdlib_texts[::60]]
     ours = BPETokenizer.train(train, 1200, pretokenizer=style, special_tokens=STARCODER_SPECIALS)
     path = ours.save(tmp_path)
@@ -659,6 +676,8 @@ def test_split_special_tokens_encodes_their_text_as_hf_does(references, stdlib_t
 
 
 def test_saved_directory_loads_in_transformers_with_roles(references, tmp_path):
+    """A saved tokenizer directory loads in transformers' AutoTokenizer with HF's ids and the bos,
+    eos and pad roles codelm gave it, and reloads in codelm with the same roles."""
     from transformers import AutoTokenizer
 
     path, hf, ours = references["llama3"]
@@ -691,6 +710,8 @@ def test_bpe_training_min_frequency_boundary_as_hf(min_frequency, merged):
 
 
 def test_bpe_training_learns_frequent_words():
+    """BPE training makes a frequent word one token ("Ġreturn"); a vocab_size with no room past
+    the byte alphabet and an unknown pre-tokenizer style are refused naming them."""
     texts = ["def return self " * 50, "import numpy as np\n" * 30]
     tok = BPETokenizer.train(texts, 300, special_tokens=["<|endoftext|>"])
     assert tok.token_to_id("Ġreturn") is not None
@@ -770,10 +791,11 @@ def test_a_tokenizer_config_role_neither_a_token_nor_null_is_an_error_naming_it(
     _hf_bpe_file(tmp_path)
     config = tmp_path / "tokenizer_config.json"
     config.write_text(json.dumps({"pad_token": "<a>", "eos_token": value}))
-    with pytest.raises(ValueError, match=regex.escape(
-            f"{config}: eos_token must be a token string, an AddedToken object (its content a "
-            f"string) or null for none, got {json.dumps(value)}")):
+    with pytest.raises(ValueError) as info:
         load_tokenizer(tmp_path)
+    said = str(info.value)
+    assert said.startswith(f"{config}: eos_token must be a token string"), said
+    assert "null" in said and said.endswith(f"got {json.dumps(value)}"), said
 
 
 def test_a_tokenizer_config_role_naming_no_token_of_the_vocabulary_is_an_error_naming_it(
@@ -889,11 +911,12 @@ def test_a_slow_format_directory_is_refused_saying_how_transformers_converts_it(
     slow.mkdir()
     hf.model.save(str(slow))  # vocab.json and merges.txt, as GPT-2's hub repo holds them
     for load in (load_tokenizer, BPETokenizer.from_file):
-        with pytest.raises(ValueError, match=regex.escape(
-                f"{slow}: holds vocab.json and merges.txt (the slow tokenizer format) but no "
-                f"tokenizer.json, the file codelm reads; write one with transformers: "
-                f"AutoTokenizer.from_pretrained({str(slow)!r}).save_pretrained({str(slow)!r})")):
+        with pytest.raises(ValueError) as info:
             load(slow)
+        said = str(info.value)
+        assert said.startswith(f"{slow}: ") and "no tokenizer.json" in said, said
+        assert (f"AutoTokenizer.from_pretrained({str(slow)!r}).save_pretrained({str(slow)!r})"
+                in said), said
     fast = GPT2TokenizerFast.from_pretrained(str(slow))  # no config: AutoTokenizer cannot tell
     fast.save_pretrained(str(slow))
     text = "def f(x):\n    return x + 1  # éλ"
@@ -954,6 +977,9 @@ def test_code_tokenizer_longest_match_reaches_the_longest_piece():
 
 
 def test_code_tokenizer_vocab_min_freq_and_specials(code_tok, code_tok_hf, stdlib_texts):
+    """A CodeTokenizer's vocabulary is exactly the pieces seen min_freq times or more; it holds
+    the common pieces of code (indents, keywords) and six distinct special ids, with bos and eos
+    around an encoded text."""
     train = [t for _, t in stdlib_texts[::40]]  # HF's pre_tokenize_str is slow in Python
     tok = CodeTokenizer.train(train, min_freq=10)
     counts = Counter(piece for text in train for piece in _hf_pieces(code_tok_hf, text))
@@ -968,6 +994,8 @@ def test_code_tokenizer_vocab_min_freq_and_specials(code_tok, code_tok_hf, stdli
 
 
 def test_code_tokenizer_lossless_on_held_out_files(code_tok, stdlib_texts):
+    """On held-out files decode(encode(x)) is x and encode_batch agrees with encode, at over 2
+    characters a token with under 1% byte tokens; rare text falls back to bytes and round-trips."""
     held_out = [t for _, t in stdlib_texts[1::8]]
     all_ids = code_tok.encode_batch(held_out, num_workers=2)
     assert all_ids == [code_tok.encode(t) for t in held_out[:50]] + all_ids[50:]
@@ -985,6 +1013,8 @@ def test_code_tokenizer_lossless_on_held_out_files(code_tok, stdlib_texts):
 
 
 def test_code_tokenizer_save_load(code_tok, stdlib_texts, tmp_path):
+    """A CodeTokenizer saved to a file or a directory loads back (load_tokenizer) as a
+    CodeTokenizer with the same vocabulary and ids."""
     path = code_tok.save(tmp_path / "tok.json")
     for loaded in (load_tokenizer(path),):
         assert isinstance(loaded, CodeTokenizer)
@@ -1088,13 +1118,15 @@ def test_decode_refuses_a_batch_or_a_single_id_saying_so(tmp_path):
     ids = hf.encode("def f(x):\n    return x + 1\n").ids
     for wrong in (torch.tensor([ids]), np.array([ids, ids]), [ids], [torch.tensor(ids)], ids[0],
                   torch.tensor(ids[0]), [1.0]):
-        with pytest.raises(ValueError, match=r"^decode takes one sequence of integer token ids, "
-                                             r"got .* \(a batch: decode each row"):
+        with pytest.raises(ValueError, match=r"^decode takes one sequence.* got .*"
+                                             r"decode each row"):
             tok.decode(wrong)
     assert tok.decode(torch.tensor(ids)) == tok.decode(tuple(ids)) == hf.decode(ids)
 
 
 def test_encode_batch_refuses_one_str_instead_of_encoding_each_character(tmp_path):
+    """encode_batch given one str would encode each character as a text: it is refused pointing
+    to encode(text), and a list of one text encodes as HF does."""
     hf, path = _hf_bpe_file(tmp_path)
     tok = load_tokenizer(path)
     with pytest.raises(ValueError, match=r"^encode_batch .*list of texts, got a str.*"
@@ -1380,6 +1412,9 @@ def test_encode_batch_inside_a_daemon_process_encodes_in_process(code_tok, stdli
 
 
 def test_strip_comments_and_docstrings(stdlib_texts):
+    """Stripping removes comments and docstrings and nothing else: a string holding '#' stays, an
+    emptied body gets pass, code that does not parse is left as it is, and on the standard library
+    the result parses, with no comment or docstring left."""
     source = (
         '"""Module doc."""\n'
         "import os  # why\n"
@@ -1425,6 +1460,8 @@ def test_strip_comments_and_docstrings(stdlib_texts):
 
 
 def test_strip_options_strict_mode_and_pathological_nesting():
+    """comments=False and docstrings=False keep that kind; nesting too deep for the parser leaves
+    the text unchanged, and with strict=True raises one of the errors every caller catches."""
     source = 'def f():\n    """Doc."""\n    return 1  # one\n# alone\n'
     assert strip_comments_and_docstrings(source, docstrings=False) == (
         'def f():\n    """Doc."""\n    return 1\n')
@@ -1487,6 +1524,8 @@ def test_strict_stripping_refuses_output_that_does_not_parse(monkeypatch):
 
 
 def test_code_tokenizer_strip_option_round_trips_stripped_text(strip_tok, stdlib_texts, tmp_path):
+    """A CodeTokenizer saved with strip_comments keeps the option when loaded, and
+    decode(encode(x)) is x stripped of comments and docstrings."""
     tok = load_tokenizer(strip_tok.save(tmp_path / "t.json"))
     assert tok.strip_comments
     for _, text in stdlib_texts[5::120]:
@@ -1539,6 +1578,8 @@ ROUND_TRIP = settings(max_examples=200, deadline=None, suppress_health_check=[He
 @ROUND_TRIP
 @given(text=st.one_of(TEXTS, CODE_WITH_SPECIALS))
 def test_round_trip_code_tokenizer(code_tok, code_tok_hf, text):
+    """For any text, and code holding special-token strings, decode(encode(x)) is x and the HF
+    export gives the same ids: a special token's string in the text is text."""
     ids = code_tok.encode(text)
     assert code_tok.decode(ids) == text
     assert code_tok_hf.encode(text).ids == ids
@@ -1568,6 +1609,8 @@ def test_round_trip_with_stripping(strip_tok, stdlib_texts, index, comment, text
 @settings(max_examples=100, deadline=None)
 @given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=50))
 def test_round_trip_strings_with_surrogates(code_tok, references, text):
+    """A lone surrogate, which HF cannot take, encodes, and decodes to U+FFFD for each of its
+    three bytes: decoded text can always be written as UTF-8."""
     # Lone surrogates cannot reach HF at all; here they encode, and decode to writable text.
     replaced = text + "\ufffd" * 3
     text = text + "\ud800"
@@ -1626,6 +1669,9 @@ def _write_spec(tmp_path, references, edit):
     ],
 )
 def test_unsupported_or_malformed_tokenizer_json(edit, message, references, tmp_path):
+    """A tokenizer.json with a part codelm does not implement, or a malformed one, is refused by a
+    ValueError naming the file and the part, not loaded to give other ids than HF's, nor a bare
+    KeyError."""
     path = _write_spec(tmp_path, references, edit)
     with pytest.raises(ValueError, match=message) as info:
         load_tokenizer(path)
@@ -1686,6 +1732,8 @@ def _code_vocab_edits():
 
 @pytest.mark.parametrize("edit, message", _code_vocab_edits())
 def test_malformed_code_tokenizer_json_says_what_is_wrong(edit, message, code_tok, tmp_path):
+    """A CodeTokenizer export with a broken model.vocab, or a model or pre_tokenizer of the
+    wrong JSON type, is refused naming the file and what is wrong with it."""
     spec = code_tok.to_hf()
     edit(spec["model"]["vocab"])
     path = tmp_path / "tokenizer.json"
@@ -1799,6 +1847,9 @@ def test_hf_rewrites_of_a_code_tokenizer_json_load(code_tok, tmp_path):
 
 
 def test_broken_files_name_the_file(tmp_path, references):
+    """Invalid JSON (with its line), a non-object, bytes that are not UTF-8, a missing file, a
+    codelm file of another format or a bad key is a ValueError naming the file; decode refuses an
+    id out of range, and encode bytes."""
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"model": {"type": "BPE",\n  "vocab": {', "utf-8")
     with pytest.raises(ValueError, match=r"tokenizer.json: invalid JSON at line 2"):
@@ -1896,6 +1947,8 @@ def test_cli_special_tokens_are_the_templates_start_as_a_model_is_fed(references
 
 
 def test_training_on_one_str_is_refused_not_split_into_characters():
+    """Training on one str rather than a list of texts would learn from its characters: both
+    trainers refuse it, and a negative max_vocab is refused."""
     with pytest.raises(ValueError, match="got one str"):
         CodeTokenizer.train("def f(x):\n    return x\n" * 10, min_freq=1)
     with pytest.raises(ValueError, match="got one str"):
@@ -1905,6 +1958,8 @@ def test_training_on_one_str_is_refused_not_split_into_characters():
 
 
 def test_cli_errors_name_the_file(tmp_path, capsys):
+    """The tokenizer CLI's errors are one line naming the file: a missing tokenizer, an
+    unsupported tokenizer.json, and a --file that is not UTF-8 (with the byte where it fails)."""
     import tokenizer
 
     bad = tmp_path / "latin1.py"
@@ -2198,6 +2253,8 @@ def test_a_runs_directories_without_tokenizer_name_the_one_that_holds_it(tmp_pat
 
 
 def test_a_runs_directory_names_every_run_below_that_holds_a_tokenizer(tmp_path):
+    """Given a runs directory, the hint names every run below it that holds a tokenizer, in
+    order, so the user can pick one."""
     import tokenizer
 
     runs = tmp_path / "runs"
