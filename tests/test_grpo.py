@@ -186,6 +186,9 @@ def test_the_loss_equals_trls(loss_type, scale, level, beta, mask_truncated):
     dict(loss_type="dr_grpo", epsilon_low=0.1, epsilon_high=None),
 ])
 def test_two_sided_clipping_and_the_uncorrected_kl_equal_trls(settings):
+    """Under each of these settings (two-sided delta clipping, sequence-level ratios, the KL
+    without bias correction, an uncapped high epsilon) our advantages, loss, gradient and metrics
+    equal TRL's GRPOTrainer on the same batch, the reference the loss is checked against."""
     _case(GRPOConfig(**settings), seed=7)
 
 
@@ -428,6 +431,9 @@ def test_the_lora_reference_scores_without_dropout_while_the_policy_trains(tmp_p
 
 
 def test_a_reference_that_is_not_the_base_is_refused(tmp_path):
+    """With no reference model the LoRA base is the KL's reference: a model with no adapters, one
+    whose LoRA trains base tensors (bias), or one merged are refused, as their base is not the
+    starting model."""
     save_tiny_hf("llama", tmp_path / "hf")
     model = pretrained.load(tmp_path / "hf").eval()
     ids, prompt_mask, completion_mask = _prompted(torch.Generator().manual_seed(2))
@@ -457,12 +463,16 @@ def test_a_reference_that_is_not_the_base_is_refused(tmp_path):
     (dict(temperature=0.0), "temperature 0.0: must be > 0"),
 ])
 def test_bad_settings_are_refused_in_one_line(settings, message):
+    """A GRPOConfig setting out of its range or choices is refused in one line naming the setting,
+    its value and what it takes, before any sampling."""
     with pytest.raises(ValueError) as caught:
         GRPOConfig(**settings)
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_bad_groups_and_a_missing_reference_are_refused():
+    """A group of one, rewards that do not split into whole groups, an unknown reward scale, and a
+    KL weight without reference log-probs are each refused saying what is wrong."""
     with pytest.raises(ValueError, match="^group size 1: GRPO compares at least 2"):
         grpo.group_advantages(torch.ones(4), 1, "group")
     with pytest.raises(ValueError, match=r"^\(6,\) rewards: .* groups of 4$"):

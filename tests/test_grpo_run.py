@@ -268,6 +268,8 @@ def test_partial_credit_counts_the_asserts_that_hold_and_no_exploit_earns_any():
 
 
 def test_a_test_with_no_assert_at_its_top_passes_or_fails_whole():
+    """A test whose asserts sit in a loop, none at the top of check's body, is left as it is and
+    passes or fails whole; top-level asserts are each counted toward partial credit, of 2."""
     test = "def check(candidate):\n    for x in range(3):\n        assert candidate(x) == x\n"
     assert rewards.counting_test(test, "f", "M:") == test
     counted = rewards.counting_test("assert f(1) == 1\nassert f(2) == 2\n", None, "M:")
@@ -416,6 +418,8 @@ def grpo_argv(assets, tmp_path, *more: str, model: tuple[str, ...] | None = None
 
 
 def test_a_group_of_one_is_refused(assets, tmp_path, capsys):
+    """--num-generations 1 is refused naming the flag and 2 or more: a group of one has no
+    advantage to learn from."""
     line = fails(grpo_argv(assets, tmp_path, "--num-generations", "1"), capsys)
     assert "num_generations (1, --num-generations)" in line and "2 or more" in line
 
@@ -430,11 +434,15 @@ def test_packing_is_refused_for_grpo(assets, tmp_path, capsys):
                                          ("--reward-timeout-s", "nan")])
 def test_a_setting_that_is_not_a_finite_number_is_refused_by_its_flag(assets, tmp_path, capsys,
                                                                       flag, value):
+    """An inf or nan beta, temperature or reward timeout is refused naming its flag, before it
+    turns every loss or wait into nan or forever."""
     line = fails(grpo_argv(assets, tmp_path, flag, value), capsys)
     assert f"{flag})" in line and "must be finite" in line
 
 
 def test_grpo_settings_need_task_grpo_and_a_length(assets, tmp_path, capsys):
+    """GRPO's settings without --task grpo are refused naming them and the task to set, and a GRPO
+    run with no max_steps or epochs is told to set one, not run without end."""
     line = fails(["--num-generations", "4", "--partial-credit", "--max-steps", "1"], capsys)
     assert "num_generations" in line and "partial_credit" in line and "set task grpo" in line
     assert "set max_steps or epochs" in fails(grpo_argv(assets, tmp_path, length=()), capsys)
@@ -442,6 +450,8 @@ def test_grpo_settings_need_task_grpo_and_a_length(assets, tmp_path, capsys):
 
 def test_a_problem_whose_solution_fails_its_test_is_refused_before_training(assets, tmp_path,
                                                                             capsys):
+    """A problem whose canonical solution fails its own test is refused naming the file, --problems
+    and the problem, before training: its reward would teach nothing."""
     broken = {**problem(9), "canonical_solution": "2\n"}
     path = write_jsonl(tmp_path / "broken.jsonl", [problem(0), broken])
     argv = grpo_argv(assets, tmp_path, "--problems", path)
@@ -452,6 +462,8 @@ def test_a_problem_whose_solution_fails_its_test_is_refused_before_training(asse
 
 
 def test_a_tokenizer_without_an_end_of_text_token_is_refused(assets, tmp_path, capsys):
+    """A tokenizer with no end-of-text token is refused saying to use one with an EOS: a GRPO sample could never end
+    before its length."""
     texts = [problem(i)["prompt"] + "1\n" for i in range(8)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -516,6 +528,8 @@ def test_a_resumed_run_without_signal_is_warned_too(assets, tmp_path, capsys):
 
 
 def test_a_sandbox_that_cannot_confine_is_refused(assets, tmp_path, capsys, monkeypatch):
+    """Where the sandbox cannot confine the generated code (no Landlock) GRPO is refused with the
+    reason and the kernel it needs, not run unconfined."""
     monkeypatch.setattr(runner, "confinement", lambda: "this kernel offers no Landlock")
     line = fails(grpo_argv(assets, tmp_path), capsys)
     assert "cannot confine" in line and "no Landlock" in line and "Landlock (5.13+)" in line

@@ -108,6 +108,8 @@ def assert_distinct_trials(trials, n: int) -> None:
 
 
 def test_two_local_workers_share_one_journal(tmp_path, corpus, capfd):
+    """--workers 2 share one journal file: each runs trials of its own, none sampled twice, and the
+    sweep leaves trials.csv, the importances and best.json, which trainingmanager trains as is."""
     space = tiny_space(tmp_path, corpus)
     argv = tune_args(tmp_path, space, study_name="two", n_trials=6, workers=2, pruner="none")
     assert hyperparam_tune.main(argv) == 0
@@ -116,8 +118,9 @@ def test_two_local_workers_share_one_journal(tmp_path, corpus, capfd):
     evals = [line for line in out.splitlines() if "eval step" in line]
     assert evals and all(re.match(r"trial \d+: eval step", line) for line in evals), evals
     assert "(pip install optuna-dashboard)" in out  # not in the requirements
-    assert ("parameter importances (over 6 complete trials; with so few, a rough guide "
-            "at best): lr ") in out
+    (importances,) = [line for line in out.splitlines() if "parameter importances" in line]
+    assert "over 6 complete trials" in importances and "rough guide" in importances
+    assert "): lr " in importances
 
     trials = load_study(journal(tmp_path, "two"), "two").get_trials()
     assert_distinct_trials(trials, 6)
@@ -241,8 +244,9 @@ def test_a_trial_declared_dead_elsewhere_is_left_and_the_worker_goes_on(tmp_path
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="dead", n_trials=2)
     assert hyperparam_tune.main(argv) == 0
     err = capsys.readouterr().err
-    assert err.splitlines() == ["trial 0: another worker declared it dead (no heartbeat within "
-                                "--grace-period); this worker goes on"]
+    (line,) = err.splitlines()
+    assert line.startswith("trial 0: ") and "declared it dead" in line, line
+    assert "--grace-period" in line and "goes on" in line, line
     states = [t.state for t in load_study(storage, "dead").get_trials()]
     assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
@@ -402,6 +406,8 @@ def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corp
 
 @pytest.mark.slow
 def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path, corpus):
+    """SIGINT mid-trial exits 130 and queues the trial again once; the same command continues its
+    run from the checkpoint the stop wrote, no step trained twice."""
     space = tiny_space(tmp_path, corpus)
     argv = tune_args(tmp_path, space, study_name="int", n_trials=2, max_steps=60, eval_every=4)
     storage = journal(tmp_path, "int")
@@ -672,6 +678,8 @@ def test_a_trial_continued_on_another_kind_of_machine_keeps_the_precision_it_tra
 @pytest.mark.skipif(POSTGRES_URL is None, reason="no PostgreSQL server: CODELM_TEST_POSTGRES_URL "
                     "is unset (.ci/run starts one; it could not start here)")
 def test_two_workers_on_postgresql(tmp_path, corpus):
+    """Two workers on one PostgreSQL storage split the trials, none sampled twice, as workers on
+    several machines share one database."""
     name = f"pg-{uuid.uuid4().hex[:12]}"
     space = tiny_space(tmp_path, corpus)
     argv = tune_args(tmp_path, space, study_name=name, n_trials=4, workers=2, pruner="none",
@@ -684,6 +692,8 @@ def test_two_workers_on_postgresql(tmp_path, corpus):
 
 
 def test_hopeless_trial_is_pruned_early(tmp_path, corpus):
+    """A trial worse than the median at an early evaluation is pruned there, its run stopped short
+    of --max-steps: the budget goes to trials that may win."""
     space = tiny_space(tmp_path, corpus)
     storage = journal(tmp_path, "prune")
     study = optuna.create_study(study_name="prune", storage=storage)
@@ -763,6 +773,8 @@ def test_prune_warmup_steps_reach_the_median_pruner(tmp_path, corpus, monkeypatc
 
 
 def test_nan_trial_is_failed_with_reason_and_the_study_goes_on(tmp_path, corpus):
+    """A non-finite loss fails its trial with the step and the likely causes, and no resume advice
+    (a NaN trial is never continued); the next trial runs, and best.json is its config."""
     space = tiny_space(tmp_path, corpus, {
         "inject_nan_at_step": {"type": "categorical", "choices": [None, 2]}})
     storage = journal(tmp_path, "nan")
@@ -802,6 +814,8 @@ def test_out_of_memory_trial_is_failed_with_reason(tmp_path, corpus, monkeypatch
 
 
 def test_builtin_spaces_are_valid_trainingmanager_values():
+    """The shipped spaces sample TrainConfig keys and hold the batch fixed in their base (a sampled batch
+    would win by the data it saw); lora needs init_from, a misspelled name gets the close one."""
     for name in ("from-scratch", "lora"):
         space = hyperparam_tune.load_space(name)
         assert {"lr", "warmup_steps", "weight_decay", "label_smoothing"} <= set(space.params)
@@ -893,6 +907,8 @@ def test_readme_example_space_passes_the_checks_before_the_first_trial(tmp_path)
     ({"save_every": {"type": "int", "low": 1, "high": 4}}, "params.save_every: the sweep sets"),
 ])
 def test_bad_space_is_a_clear_error(tmp_path, params, message):
+    """Each malformed space is refused before any trial, naming its file and the dotted key of what
+    is wrong (params.lr.low), not with Optuna's traceback mid-sweep."""
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"params": params}))
     with pytest.raises(ValueError, match=message) as e:
@@ -950,6 +966,8 @@ def test_a_time_budget_is_refused(tmp_path, corpus, capsys, where):
 
 
 def test_bad_space_field_type_exits_2_with_one_line(tmp_path, capsys):
+    """A string where the space wants an integer exits 2 with one line naming the file, the key and
+    the value, not a TypeError's traceback."""
     space = tmp_path / "step.json"
     space.write_text(json.dumps({"params": {"warmup_steps": {
         "type": "int", "low": 0, "high": 30, "step": "5"}}}))
@@ -986,6 +1004,8 @@ def test_space_of_wrong_top_level_types_is_a_clear_error(tmp_path, top, message)
     ("velocity", "TrainConfig keys are: adam_eps, base_dtype, "),
 ])
 def test_a_misspelled_space_param_gets_the_close_key(tmp_path, name, hint):
+    """A space param that is no TrainConfig key is refused with the close key (HF's learning_rate
+    reads as lr), or with the whole list where none is close."""
     path = tmp_path / "space.json"
     path.write_text(json.dumps({"params": {name: {"type": "float", "low": 1e-4, "high": 1e-2}}}))
     with pytest.raises(ValueError) as e:
@@ -994,10 +1014,11 @@ def test_a_misspelled_space_param_gets_the_close_key(tmp_path, name, hint):
 
 
 def test_a_misspelled_key_of_a_param_names_the_keys_it_takes(tmp_path):
+    """A param's unknown key (lo for low) is refused with the keys its type takes, so the message
+    says what to write."""
     path = tmp_path / "space.json"
     path.write_text(json.dumps({"params": {"lr": {"type": "float", "lo": 1e-4, "high": 1e-2}}}))
-    with pytest.raises(ValueError, match=r"params\.lr: unknown key\(s\) \['lo'\]; a float "
-                                         r"parameter's keys are high, log, low, step, type"):
+    with pytest.raises(ValueError, match=r"params\.lr: .*\['lo'\].*high, log, low, step, type"):
         hyperparam_tune.load_space(str(path))
 
 
@@ -1035,6 +1056,7 @@ def test_study_name_is_one_directory_under_out_dir(tmp_path, capsys, name):
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
+    """An unknown key in --config's file exits 2 naming the file and the key, with no traceback."""
     config = tmp_path / "tune.json"
     config.write_text(json.dumps({"n_trials": 3, "workerz": 2}))
     assert hyperparam_tune.main(["--config", str(config)]) == 2
@@ -1046,6 +1068,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
                                           ("hyperband", optuna.pruners.HyperbandPruner),
                                           ("none", optuna.pruners.NopPruner)])
 def test_pruner_flag(tmp_path, pruner, kind):
+    """--pruner median, hyperband and none open the study with Optuna's pruner of that name."""
     cfg = hyperparam_tune.parse_config(["--pruner", pruner, "--out-dir", str(tmp_path)])
     study = studies.open_study(cfg, studies.open_storage(cfg))
     assert isinstance(study.pruner, kind)
@@ -1124,6 +1147,8 @@ def test_hyperband_brackets_span_one_evaluation_to_the_whole_budget(tmp_path):
     ("heartbeat_interval", 0, 1), ("worker", -1, 0), ("max_retry", -1, 0),
     ("prune_startup_trials", -1, 0), ("prune_warmup_steps", -1, 0)])
 def test_counts_and_intervals_below_their_least_are_refused(key, value, least):
+    """A count or interval below its least (0 trials, a negative worker index) is refused naming
+    the key, its value, the file and the least, before a sweep that could not run starts."""
     with pytest.raises(ValueError, match=rf"{key} \({value}, tune.json\): must be at least "
                                          f"{least}$"):
         tuneconfig.config_from_dict({key: value}, "tune.json")
@@ -1352,6 +1377,8 @@ def test_builtin_lora_space_sweeps_a_pretrained_model(tmp_path, corpus):
 
 
 def test_sweep_keys_are_every_key_the_sweep_sets():
+    """SWEEP_KEYS holds every key a trial's run sets over its recipe: a space sampling one of them
+    is refused by it, else the sampled value would be overwritten unseen."""
     cfg = hyperparam_tune.TuneConfig()
     space = hyperparam_tune.load_space("from-scratch")
     recipe = hyperparam_tune.trial_recipe(cfg, space, {},
@@ -1503,8 +1530,9 @@ def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is
     check([4])
     with pytest.raises(ValueError) as refused:
         check([4, 16])
-    assert (f"params.lora_alpha=16: lora_alpha (16.0, the range of params.lora_alpha in "
-            f"{tmp_path / 'space.json'} (now choices [4, 16])) {fixes}") in str(refused.value)
+    message = str(refused.value)
+    assert "params.lora_alpha=16: lora_alpha (16.0, " in message and fixes in message
+    assert f"{tmp_path / 'space.json'}" in message and "choices [4, 16]" in message, message
     check([], lora_alpha=4)
     with pytest.raises(ValueError) as refused:
         check([], lora_alpha=16)
@@ -1519,6 +1547,9 @@ def test_a_swept_lora_value_at_its_default_that_differs_from_the_init_adapter_is
 
 def test_config_error_in_a_trial_stops_the_sweep_and_is_not_counted(tmp_path, corpus, capsys,
                                                                     monkeypatch):
+    """A configuration error in a trial (missing data) stops the sweep in one line, exit 2, as
+    every trial would fail alike; the trial is failed, not counted toward n_trials, so the rerun
+    runs one."""
     def missing_data(cfg, on_eval=None, resume_hint=None, **_):
         raise DataError("data source not found: /gone")
 
@@ -1608,8 +1639,8 @@ def test_a_step_budgets_trials_draw_their_warmup_below_it(tmp_path, corpus, monk
     with pytest.raises(ValueError, match=r"draws nothing below 10.*--max-steps 10"):
         hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=10), late, {})
     fixed = hyperparam_tune.SearchSpace(params={}, base={"warmup_steps": 30}, source="s")
-    with pytest.raises(ValueError, match=r"warmup_steps 30 \(the base of s\) >= --max-steps 10: "
-                                         r"no trial would reach its lr"):
+    with pytest.raises(ValueError, match=r"warmup_steps 30 \(the base of s\) >= --max-steps 10"
+                                         r".*raise --max-steps"):
         hyperparam_tune.trial_space(hyperparam_tune.TuneConfig(max_steps=10), fixed, {})
     with pytest.raises(ValueError, match=r"warmup_steps 12 \(mine.json\) >= --max-steps 10"):
         hyperparam_tune.trial_space(
@@ -1702,6 +1733,8 @@ def test_a_time_budget_trial_continues_as_its_budget_sized_it(tmp_path, corpus, 
 
 
 def test_space_that_does_not_fit_the_study_is_refused_before_a_trial(tmp_path, corpus, capsys):
+    """A space whose param changed kind since the study's trials (float to categorical) is refused
+    before a trial, naming the file, the param and the study, which could not mix the two."""
     space = tiny_space(tmp_path, corpus)
     study = optuna.create_study(study_name="kind", storage=journal(tmp_path, "kind"))
     study.add_trial(optuna.trial.create_trial(
@@ -1835,6 +1868,8 @@ def _study_settings_of_another_version(tmp_path):
     (_study_settings_of_another_version, ("study 'fmt'", "format_version None", "--study-name")),
 ])
 def test_a_study_of_another_format_version_is_refused(tmp_path, corpus, capsys, write, words):
+    """A study written under another format version is refused in one line naming the study, its
+    version and --study-name, the way to start a new one."""
     write(tmp_path)
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="fmt", n_trials=2)
     assert hyperparam_tune.main(argv) == 2
@@ -1843,6 +1878,8 @@ def test_a_study_of_another_format_version_is_refused(tmp_path, corpus, capsys, 
 
 
 def test_study_dir_belongs_to_one_storage(tmp_path, corpus, capsys):
+    """A study's run directory belongs to the storage that made it: another storage's trial 0 would
+    train into trial-0000, so it is refused saying to move it away, the run left in place."""
     space = tiny_space(tmp_path, corpus)
     argv = tune_args(tmp_path, space, study_name="own", n_trials=1)
     assert hyperparam_tune.main(argv) == 0
@@ -1860,6 +1897,8 @@ def test_study_dir_belongs_to_one_storage(tmp_path, corpus, capsys):
 
 @pytest.mark.parametrize("flag", ["--out-dir", "--storage"])
 def test_unusable_path_is_a_clear_error(tmp_path, corpus, capsys, flag):
+    """An --out-dir or --storage below a file exits 2 with one line naming the path, not an
+    OSError's traceback."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     path = str(blocker / ("runs" if flag == "--out-dir" else "journal.log"))
@@ -1973,6 +2012,9 @@ def test_last_line_a_worker_is_appending_is_waited_for(tmp_path):
 ])
 def test_storage_that_is_another_file_is_refused_untouched(tmp_path, corpus, capsys, content,
                                                            told):
+    """A --storage file that is no Optuna journal (an SQLite database, notes) is refused and left
+    as it was, as journal lines appended would spoil it; the database is told its sqlite:///
+    URL."""
     path = tmp_path / "mine.db"
     path.write_bytes(content)
     argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="other", n_trials=1)
@@ -2301,6 +2343,8 @@ def test_an_interrupted_trial_is_always_queued_again_and_a_dead_one_max_retry_ti
                                         ("sqlite:///:memory:", "an in-memory database"),
                                         ("sqlite:/rel.db", "not a database URL")])
 def test_a_storage_url_that_keeps_no_study_is_one_line(url, words):
+    """An in-memory SQLite URL keeps no study past its worker, and sqlite:/rel.db is no database
+    URL: each is refused in one line naming --storage."""
     with pytest.raises(ValueError, match=f"--storage {re.escape(url)}: {words}"):
         hyperparam_tune.parse_config(["--storage", url])
 

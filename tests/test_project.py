@@ -417,6 +417,9 @@ def test_bm25_scores_equal_bm25s_lucene():
 
 
 def test_composers_rank_the_files_each_says_and_never_the_completion_file():
+    """Each composer orders the repository's files by its own measure (none, path distance, the
+    prefix's imports, BM25), and none puts in the file being completed: it would leak the
+    answer."""
     files = {"pkg/core.py": "old", "pkg/models.py": "class Model: pass\n",
              "pkg/sub/deep.py": "def unrelated(): pass\n", "other/io.py": "def reader(): pass\n",
              "pkg/views.py": "def render(model): pass\n"}
@@ -483,6 +486,8 @@ def test_kotlin_and_java_imports_rank_the_files_declaring_what_they_import():
 
 
 def test_relative_imports_resolve_against_the_completion_files_package():
+    """Relative imports resolve against the completed file's package (. is x.y, .. is x), as Python
+    resolves them, so the imports composer finds the files they name."""
     assert comp.imported_modules("from . import a\nfrom ..b import c\n", "x/y/m.py") == [
         "x.y", "x.y.a", "x.b", "x.b.c"]
 
@@ -518,6 +523,8 @@ def test_compose_writes_starcoder2s_repository_format_most_relevant_file_last():
 
 
 def test_compose_fills_the_budget_cutting_the_least_relevant_file_at_its_left():
+    """The context fills the budget exactly, the most relevant file last by the prefix, and the
+    least relevant cut at its left, keeping its end: no token of the budget is wasted."""
     tok = _tokenizer()
     files = {"pkg/util.py": UTIL, "far/away/file.py": EXTRA * 20}
     index = comp.RepositoryIndex("proj", files, tok)
@@ -533,6 +540,8 @@ def test_compose_fills_the_budget_cutting_the_least_relevant_file_at_its_left():
 
 
 def test_a_budget_smaller_than_the_prefix_is_one_line():
+    """A budget smaller than the prefix is refused in one line by every composer, not a cut
+    prefix."""
     tok = _tokenizer()
     index = comp.RepositoryIndex("proj", {"pkg/util.py": UTIL}, tok)
     ids = tok.encode(CORE_TEXT)
@@ -576,6 +585,8 @@ def test_the_index_is_built_once_and_composes_every_file(files):
 
 
 def test_records_of_a_case_name_its_commit_and_lines(repo):
+    """A case's lines survive a JSON round trip and its id names the repository's commit and the
+    file, so a record points to the code it was scored on."""
     case = _core_case(repo)
     assert json.loads(json.dumps(case.lines)) == case.lines
     assert case.id.startswith("proj@") and case.id.endswith(":pkg/core.py")
@@ -712,6 +723,8 @@ def test_exact_match_is_a_percentage_averaged_per_file_then_over_files():
 
 
 def test_eval_refuses_project_completion_without_repositories(capsys):
+    """eval.py --tasks project-completion without repositories is refused naming --data
+    REPO_DIR."""
     import eval as ev
 
     assert ev.main(["--tasks", "project-completion"]) == 2
@@ -778,6 +791,8 @@ def test_project_examples_are_the_same_on_worker_processes(monkeypatch):
 
 
 def test_project_pieces_fit_the_block():
+    """Every project training pair fits the block, the completion in at most half of it and holding
+    lines after its first: the context the model learns from is never cut away."""
     from codelm.data.config import DataConfig
     from codelm.data.project import project_pairs
 

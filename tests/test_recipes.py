@@ -71,6 +71,9 @@ def _ids(vocab_size: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_smoke_end_to_end(name, tmp_path, monkeypatch, capsys):
+    """Each shipped recipe's --smoke run trains with the recipe's settings, its loss falls, the
+    table has the seed's rows, and the export loads in transformers (and PEFT, for a LoRA recipe)
+    with our logits: the recipe works end to end before its real run costs hours."""
     import transformers
 
     from codelm.models import pretrained
@@ -229,6 +232,9 @@ def _trainingmanager_reads_sections() -> bool:
 @pytest.mark.skipif(not _trainingmanager_reads_sections(),
                     reason="trainingmanager.py --config does not read recipe sections yet")
 def test_trainingmanager_cli_runs_the_recipe_on_the_scrape(tmp_path):
+    """trainingmanager.py --config configs/code_completion.json trains the recipe's train section
+    on a scrape in a process of its own and exports the run, as a user training the recipe alone
+    does."""
     from fake_github import write_fake_scrape
 
     scrape = tmp_path / "github_py.jsonl"
@@ -248,6 +254,8 @@ def test_trainingmanager_cli_runs_the_recipe_on_the_scrape(tmp_path):
 
 
 def test_every_recipe_validates_and_eval_config_reads_its_section(tmp_path, capsys):
+    """Every shipped recipe loads and eval.py --config reads its eval section; an unknown key of
+    either section is refused naming the file and the section, not ignored."""
     for name in RECIPES:
         recipe = recipes.load_recipe(CONFIGS / f"{name}.json")
         assert json.loads((CONFIGS / f"{name}.json").read_text())["_seed"]
@@ -265,6 +273,8 @@ def test_every_recipe_validates_and_eval_config_reads_its_section(tmp_path, caps
 
 def test_recipe_placeholders_name_the_flag_that_replaces_them(tmp_path, capsys, monkeypatch,
                                                               offline_hub):
+    """A recipe's placeholder paths (a hub model not downloaded, its data files) are refused with
+    the command that gets them and the flag that replaces them (--model, --val-data)."""
     monkeypatch.chdir(tmp_path)
     assert recipes.main([str(CONFIGS / "refactotron.json")]) == 2
     err = capsys.readouterr().err
@@ -292,6 +302,9 @@ def test_a_later_stage_without_its_earlier_stages_model_names_that_recipe(tmp_pa
 
 
 def test_recipe_refuses_a_checkpoint_of_another_family(tmp_path, capsys):
+    """A --model of another family than the recipe's (llama for phi-1_5) is refused naming both, as
+    is any --model for a recipe that trains from scratch; a codelm run directory is named as
+    one."""
     model = tmp_path / "llama"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -318,6 +331,8 @@ def tiny_starcoder(tmp_path_factory):
 
 
 def test_refactor_loss_equals_transformers_teacher_forced_loss(tiny_starcoder):
+    """The refactor task's supervised loss equals transformers' teacher-forced cross-entropy over
+    the reference and its EOS, the figure it is read against."""
     import transformers
 
     base, _ = tiny_starcoder
@@ -341,6 +356,8 @@ def test_refactor_loss_equals_transformers_teacher_forced_loss(tiny_starcoder):
 
 
 def test_completion_task_uses_the_training_windows(tiny_starcoder):
+    """The completion task cuts its examples as training cuts its windows (the prompt within
+    window_prompt_tokens), distinct and seeded: the same file gives the same examples."""
     base, texts = tiny_starcoder
     tok = loading.load_model(str(base), torch.device("cpu")).tokenizer
     doc = Doc("pkg/mod.kt", texts[0])
@@ -355,6 +372,9 @@ def test_completion_task_uses_the_training_windows(tiny_starcoder):
 
 
 def test_set_overrides_and_eval_model_placeholders(tmp_path, capsys):
+    """--set replaces one key of a section, the nested keys beside it kept, typed and checked as
+    the file's are; eval's model placeholders resolve to the run and the base; a set max_steps
+    replaces the recipe's epochs, with a note."""
     recipe = recipes.load_recipe(CONFIGS / "airflow_docstrings.json")
     recipes.apply_setting(recipe, "train.data_options.docstring_prompt=verbose")
     recipes.apply_setting(recipe, "train.lr=3e-4")
@@ -374,11 +394,14 @@ def test_set_overrides_and_eval_model_placeholders(tmp_path, capsys):
     lengths = recipes.load_recipe(CONFIGS / "airflow_docstrings.json")
     recipes.apply_setting(lengths, "train.max_steps=2")
     assert (lengths.train["max_steps"], lengths.train["epochs"]) == (2, None)
-    assert ("note: --set train.max_steps=2 sets the run's length in place of the recipe's "
-            "epochs 3") in capsys.readouterr().err
+    note = capsys.readouterr().err
+    assert note.startswith("note: --set train.max_steps=2 ") and "epochs 3" in note, note
 
 
 def test_git_url_data_is_collected_into_scraper_jsonl(tmp_path):
+    """A git URL among a recipe's data is cloned and its files of the extensions written as scraper
+    JSONL; a re-run reuses that file without a clone, and other extensions get a file of their
+    own."""
     work = tmp_path / "kotlin"
     (work / "src").mkdir(parents=True)
     (work / "src" / "Main.kt").write_text("fun main() {\n    println(\"hi\")\n}\n")
@@ -443,6 +466,8 @@ def test_git_sources_follow_scrapings_rule(tmp_path, monkeypatch, capsys):
 
 def test_completion_eval_of_a_base_model_on_kotlin_files(tiny_starcoder, tmp_path, monkeypatch,
                                                          capsys):
+    """eval.py scores a base model's completions on a directory of Kotlin files split by file (edit
+    similarity and BLEU); a misspelled data option is refused naming --data-options."""
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
     base, texts = tiny_starcoder
     code = tmp_path / "kotlin"
@@ -463,6 +488,8 @@ def test_completion_eval_of_a_base_model_on_kotlin_files(tiny_starcoder, tmp_pat
 
 
 def test_trainingmanager_config_reads_the_train_section_and_names_bad_keys(tmp_path):
+    """trainingmanager's --config reads a recipe's train section, its _-keys as notes; an unknown
+    key there is refused naming the file and the section."""
     import json
 
     good = tmp_path / "good.json"
@@ -497,7 +524,8 @@ def test_the_execution_recipes_smoke_on_generated_problems(name, steps, tmp_path
     assert heldout and all(p["task_id"].startswith("generated-1/") for p in heldout)
     if config["task"] == "grpo":
         assert Path(config["problems"]).parent == inputs and config["data"] is None
-        assert "GRPO mean reward (first vs last steps): 0.000 -> 0.000 (a random model" in printed
+        assert "GRPO mean reward" in printed and "0.000 -> 0.000" in printed
+        assert "a random model solves nothing" in printed
     if config["task"] == "dpo":
         [source] = config["data"]
         pairs = [json.loads(line) for line in Path(source).read_text().splitlines()]
@@ -552,8 +580,8 @@ def test_a_shipped_recipe_is_named_by_its_name(tmp_path):
     neither a file nor a shipped recipe is refused listing the shipped ones."""
     assert recipes.load_recipe("refactotron").path == CONFIGS / "refactotron.json"
     assert recipes.load_recipe(CONFIGS / "kotlin_phi.json").train["name"] == "kotlin_phi"
-    with pytest.raises(ValueError, match=r"recipe nope: no such file; the shipped recipes, by "
-                                         r"name: airflow_docstrings, code_completion, .*refactotron"):
+    with pytest.raises(ValueError, match=r"recipe nope: no such file.*airflow_docstrings, "
+                                         r"code_completion, .*refactotron"):
         recipes.load_recipe("nope")
 
 
@@ -695,9 +723,9 @@ def test_a_budget_stop_and_an_early_interrupt_say_what_is_left(tmp_path, capsys,
     says there is nothing to resume, not to --resume a run that does not exist."""
     train = tm.TrainResult(tmp_path, 5.0, 41, best_step=41, stopped_by_budget=True)
     report = recipes.RecipeResult(tmp_path, train, None, [9.0, 8.0])
-    assert ("time budget (train.max_time_s) reached at step 41: the run is not finished; "
-            "continue with the same `python -m codelm.recipes` command plus --resume") in (
-                recipes.summary(report))
+    told = recipes.summary(report)
+    assert "train.max_time_s" in told and "step 41" in told and "not finished" in told
+    assert "python -m codelm.recipes" in told and "--resume" in told
 
     data = tmp_path / "data"
     data.mkdir()
@@ -974,6 +1002,8 @@ def test_smoke_data_leaves_out_the_stdlibs_own_tests():
 @pytest.mark.parametrize("sections", [{"train": {}}, {"train": {}, "eval": []},
                                       {"train": None, "eval": {}}])
 def test_a_recipe_without_a_train_or_eval_object_is_refused_naming_it(tmp_path, sections):
+    """A recipe whose train or eval section is missing or not an object is refused naming that
+    section, not with a TypeError deep in the run."""
     path = tmp_path / "r.json"
     path.write_text(json.dumps(sections))
     missing = "train" if sections["train"] is None else "eval"
@@ -983,6 +1013,8 @@ def test_a_recipe_without_a_train_or_eval_object_is_refused_naming_it(tmp_path, 
 
 
 def test_an_out_dir_that_cannot_be_created_is_an_error_naming_the_flag(tmp_path, capsys):
+    """An --out-dir below a file exits 2 with one error naming the path, the reason and
+    --out-dir."""
     (tmp_path / "file").write_text("in the way")
     assert recipes.main([str(CONFIGS / "code_completion.json"), "--out-dir",
                          str(tmp_path / "file" / "runs")]) == 2
@@ -1006,6 +1038,8 @@ def test_a_recipe_with_an_unknown_top_level_key_is_refused(tmp_path):
     ("train.lr.x=1", "--set train.lr.x=1: lr is not an object"),
 ])
 def test_a_malformed_set_is_refused_with_its_form(setting, message):
+    """A --set that is not SECTION.KEY=VALUE is refused showing the form it takes; a key below a
+    value that is not an object is refused naming that value."""
     recipe = recipes.load_recipe(CONFIGS / "airflow_docstrings.json")
     with pytest.raises(ValueError, match=re.escape(message)):
         recipes.apply_setting(recipe, setting)
@@ -1037,6 +1071,8 @@ def test_the_recipes_base_in_eval_models_is_the_model_given(tmp_path, monkeypatc
 
 
 def test_smoke_refuses_resume_before_touching_the_previous_run(tmp_path, capsys):
+    """--smoke with --resume is refused, saying to run it again, before the last run is
+    touched: a smoke run always starts afresh."""
     recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"]})
     assert recipes.main([str(recipe), "--smoke", "--resume", "--out-dir", str(tmp_path / "runs"),
                          "--no-progress"]) == 2
@@ -1050,8 +1086,8 @@ def test_smoke_of_a_pretrained_recipe_needs_a_known_preset(tmp_path, capsys):
     assert recipes.main([str(recipe), "--smoke", "--out-dir", str(tmp_path / "runs"),
                          "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "--smoke builds a tiny checkpoint of the family of train.preset, which must name one" \
-        in err and err.count("\n") == 1
+    assert "--smoke" in err and "train.preset" in err and "--set train.preset=NAME" in err, err
+    assert err.count("\n") == 1
     assert not (tmp_path / "runs" / "tiny-smoke-inputs").exists()
 
 
@@ -1082,6 +1118,8 @@ def test_smoke_sizes_only_shrink_the_recipes_batch_and_need_no_cuda(tmp_path):
 
 
 def test_smoke_eval_limits_cap_the_recipes_values_and_keep_smaller_ones():
+    """--smoke caps the recipe's eval sizes at SMOKE_EVAL_LIMITS and keeps its smaller ones: a
+    smoke eval stays short and never grows past the recipe's."""
     defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
     values = recipes.smoke_eval_values({"tasks": ["lm"], "limit": 2, "max_new_tokens": 256})
     expected = {key: cap if defaults[key] is None else min(defaults[key], cap)
@@ -1116,6 +1154,8 @@ def test_the_stdlib_data_source_is_no_missing_path(tmp_path, monkeypatch):
 
 
 def test_a_loss_that_stayed_level_is_told_as_not_decreasing(tmp_path):
+    """A loss equal at its first and last logged steps is told as DID NOT DECREASE, not as
+    decreased."""
     report = recipes.RecipeResult(tmp_path, tm.TrainResult(tmp_path, None, 2), None,
                                   [7.5, 7.5], smoke=True)
     assert "7.5000 -> 7.5000 (DID NOT DECREASE)" in recipes.summary(report)
@@ -1301,6 +1341,8 @@ def _without_docstrings(tree: ast.AST) -> str:
 
 
 def test_refactor_pairs_of_every_function_strip_only_comments_and_docstrings():
+    """A refactor pair's output is its input less comments and docstrings: the same program by ast,
+    no comment left by tokenize; pairs of plain copying are among them."""
     pairs = recipes.refactor_pairs(300, every_function=True)
     assert len(pairs) == 300
     undocumented = 0
@@ -1340,6 +1382,8 @@ def test_smoke_values_take_a_null_batch_size_and_the_recipes_file_type(tmp_path)
 @pytest.mark.parametrize("typed, message", [({"max_steps": None}, "--smoke-steps"),
                                             ({"epochs": 1}, "drop --set train.epochs")])
 def test_smoke_refuses_a_set_length_it_cannot_run_naming_the_flag(tmp_path, typed, message):
+    """A --set length --smoke cannot run (max_steps null, epochs) is refused naming the flag to
+    give or drop, as a smoke run is --smoke-steps long."""
     with pytest.raises(ValueError, match=message):
         recipes.smoke_train_values({"task": "lm", **typed}, tmp_path, 5, typed=set(typed))
 

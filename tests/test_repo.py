@@ -25,6 +25,8 @@ def _readme_commands() -> list[str]:
 
 
 def test_readme_opens_with_two_setup_commands():
+    """The README opens with two commands: one that ends by training (python trainingmanager.py)
+    and one that installs the dev requirements and runs the tests, a new user's first steps."""
     commands = _readme_commands()
     assert len(commands) == 2
     assert commands[0].endswith("python trainingmanager.py")
@@ -58,11 +60,14 @@ def test_the_readme_is_a_page_of_at_most_150_lines():
 
 
 def test_ci_runs_the_readme_test_command():
+    """CI runs the README's test command as written, so the command a user copies is the one that
+    passes."""
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _readme_commands()[1] in ci
 
 
 def test_torch_pinned_exactly():
+    """requirements.txt pins torch to one version, the one the bit-exact checks were made under."""
     reqs = (ROOT / "requirements.txt").read_text().splitlines()
     assert "torch==2.13.0" in reqs
 

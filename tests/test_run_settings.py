@@ -110,6 +110,8 @@ def test_a_parts_settings_are_the_config_fields_it_reads(kind):
 
 
 def test_fields_of_takes_the_config_the_given_and_the_defaults():
+    """A settings object takes each field from what is given, else the config, else its default; a
+    name given that is no field is a TypeError naming it; a field with no default must be there."""
     cfg = TrainConfig(preset="tiny", lora_r=4)
     settings = ModelSettings(**fields_of(ModelSettings, cfg))
     assert (settings.preset, settings.lora_r, settings.adapter_copy) == ("tiny", 4, None)

@@ -78,6 +78,8 @@ def _greedy(loaded, ids, n, stops=()):
 
 
 def test_a_completion_equals_codelms_greedy_generation(server, loaded):
+    """A temperature-0 completion's text and token counts equal codelm's own greedy generation from
+    the prompt: the server adds nothing to what eval would generate."""
     client = _client(server)
     tok = loaded[1]
     for prompt in PROMPTS[:3]:
@@ -91,6 +93,8 @@ def test_a_completion_equals_codelms_greedy_generation(server, loaded):
 
 
 def test_a_chat_completion_follows_the_template_and_equals_greedy_generation(server, loaded):
+    """A chat completion's prompt is the messages under the tokenizer's chat template, and its
+    temperature-0 answer equals greedy generation from it, as the assistant's message."""
     client = _client(server)
     tok = loaded[1]
     messages = [{"role": "system", "content": "You write Python."},
@@ -236,6 +240,8 @@ def test_a_hermes_tool_call_in_the_answer_comes_as_tool_calls(loaded, monkeypatc
 
 
 def test_a_stream_concatenates_to_the_whole_answer(server):
+    """A streamed completion or chat answer, its pieces joined, is the whole answer, stops
+    included, with the same finish_reason; include_usage brings the usage in the last chunk."""
     client = _client(server)
     for stop in (None, ["\n"]):
         kwargs = dict(model="tiny", prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=stop)
@@ -258,6 +264,8 @@ def test_a_stream_concatenates_to_the_whole_answer(server):
 
 
 def test_n_seeded_choices_differ_and_repeat(server):
+    """n seeded choices differ from each other, repeat under the same seed, and choice i equals one
+    of seed + i alone, as eval seeds its samples: a served pass@k is reproducible."""
     client = _client(server)
     kwargs = dict(model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=1.0, n=4, seed=7)
     first = [c.text for c in client.completions.create(**kwargs).choices]
@@ -285,6 +293,8 @@ def test_streamed_logprobs_cover_every_token_of_the_whole_answer(server):
 
 
 def test_stop_cuts_as_eval_cuts(server, loaded):
+    """A stop string cuts the answer where eval's truncate_at_stops cuts greedy generation, with
+    finish_reason stop: served and local scoring see the same text."""
     client = _client(server)
     tok = loaded[1]
     free, _ = _greedy(loaded, tok.encode(PROMPTS[2]), 24)
@@ -296,6 +306,8 @@ def test_stop_cuts_as_eval_cuts(server, loaded):
 
 
 def test_logprobs_name_the_chosen_tokens(server):
+    """logprobs gives each generated token its log-prob and at most the asked top ones, the greedy
+    token the likeliest among them, as OpenAI's clients read them."""
     client = _client(server)
     got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=5,
                                     temperature=0, logprobs=3)
@@ -307,6 +319,8 @@ def test_logprobs_name_the_chosen_tokens(server):
 
 
 def test_sixteen_concurrent_clients_are_all_answered_correctly(server, loaded):
+    """Sixteen clients at once each get greedy generation from their own prompt: batched requests
+    never mix their rows."""
     tok = loaded[1]
     want = {p: _greedy(loaded, tok.encode(p), 16)[0] for p in PROMPTS}
 
@@ -339,6 +353,9 @@ def _post(server, path, data: bytes, headers=None):
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, loaded):
+    """A body that is no JSON, a model not served, a length past the context and a bad parameter
+    get OpenAI's error (400 or 404, naming the parameter), and the server answers the next
+    request."""
     status, body = _post(server, "/completions", b"{not json")
     assert status == 400 and "not JSON" in body["error"]["message"]
     client = _client(server)
@@ -686,6 +703,8 @@ def test_every_thread_the_server_starts_has_ended_when_it_stops(instruct):  # no
 
 
 def test_sigterm_during_a_stream_ends_it_cleanly_and_exits_zero(instruct):  # noqa: F811
+    """SIGTERM during a stream lets it end with its finish_reason and the server exit 0: a client
+    mid-answer gets a whole answer, and a service manager sees a clean stop."""
     root, _ = instruct
     proc = subprocess.Popen([sys.executable, "-c", SERVE, str(root)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -935,6 +954,8 @@ def test_an_endpoint_that_lists_no_models_is_asked_for_the_model_it_was_named(mo
 
 
 def test_beam_search_is_refused_for_an_endpoint():
+    """--num-beams for a model served at an endpoint is refused naming the flag: beam search runs
+    only on a local model."""
     from codelm.evaluation.config import parse_config
 
     with pytest.raises(ValueError, match=r"^num_beams \(2, --num-beams\): an endpoint .* local"):

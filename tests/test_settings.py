@@ -54,6 +54,8 @@ def _parse(argv, tmp_path=None):
 
 
 def test_flags_mirror_fields_and_lists_take_both_forms():
+    """Every field has its flag: a bool takes --x and --no-x, a list takes commas or several
+    values, a dict takes JSON; with no flags, the defaults."""
     cfg = _parse(["--lr", "0.5", "--fast", "--targets", "q_proj,k_proj", "v_proj",
                   "--ks", "1,10", "--options", '{"a": 1}', "--name", "x"])
     assert cfg == Demo(lr=0.5, fast=True, targets=["q_proj", "k_proj", "v_proj"], ks=[1, 10],
@@ -73,6 +75,8 @@ def test_a_scripts_flags_alone_make_its_settings(capsys):
 
 
 def test_file_then_flags_with_recipe_sections(tmp_path):
+    """--config's values lie under the flags given with it; a recipe's train section reads as the
+    file, its _-keys as notes, and an integer in the file reads as a float field's float."""
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"_seed": "doc", "train": {"steps": 3, "lr": 2, "_why": "x"},
                                   "eval": {"anything": 1}}))
@@ -110,6 +114,8 @@ def test_a_dict_flag_updates_the_files_dict_key_by_key(tmp_path):
     ({"train": [1]}, r"section must be a JSON object"),
 ])
 def test_errors_name_the_file_and_the_key(tmp_path, content, message):
+    """A bad value in a config file is refused naming the file, the section and the key with what
+    it takes (the close key for a typo), so the user edits that line."""
     path = tmp_path / "c.json"
     path.write_text(json.dumps(content))
     with pytest.raises(ValueError, match=message):
@@ -117,6 +123,8 @@ def test_errors_name_the_file_and_the_key(tmp_path, content, message):
 
 
 def test_unreadable_files_are_named(tmp_path):
+    """A config file missing, not JSON (its line and column), not one object, or not UTF-8 is
+    refused naming the file, not with json's bare exception."""
     with pytest.raises(ValueError, match="missing.json: config file not found"):
         _parse(["--config", str(tmp_path / "missing.json")])
     bad = tmp_path / "bad.json"
@@ -136,8 +144,8 @@ def test_a_recipe_shaped_config_refuses_unknown_top_level_keys(tmp_path):
     """A key beside a recipe's sections would be ignored by --config: it is refused."""
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"_note": "doc", "train": {"steps": 3}, "eval": {}, "lr": 5}))
-    with pytest.raises(ValueError, match=r"r\.json: unknown top-level key\(s\) \['lr'\]; a "
-                                         r"recipe has 'train', 'eval', 'tune' and '_'-prefixed"):
+    with pytest.raises(ValueError, match=r"r\.json: unknown top-level key\(s\) \['lr'\]; "
+                                         r".*'train', 'eval', 'tune'"):
         _parse(["--config", str(recipe)])
 
 
@@ -161,6 +169,8 @@ def test_a_config_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
 
 
 def test_bad_flag_values_exit_2(capsys):
+    """A flag value of the wrong type or outside the choices exits 2, argparse's usage error, not a
+    traceback."""
     for argv in (["--ks", "1,x"], ["--options", "[1]"], ["--steps", "1.5"], ["--mode", "z"]):
         with pytest.raises(SystemExit) as exit_info:
             _parse(argv)
@@ -177,6 +187,8 @@ def test_optional_fields_take_none_on_the_command_line(word):
 
 
 def test_optional_fields_still_take_values_and_refuse_bad_ones(capsys):
+    """A field that may be None still takes a typed value from its flag and refuses a bad one;
+    'none' reads as None only where the field may be None."""
     cfg = _parse(["--limit", "3", "--share", "0.5", "--kind", "y", "--paths", "none,b",
                   "--extra", '{"a": 1}'])
     assert (cfg.limit, cfg.share, cfg.kind, cfg.paths, cfg.extra) == (3, 0.5, "y", ["none", "b"],
@@ -200,6 +212,8 @@ def test_help_says_which_flags_take_none():
 
 
 def test_trainingmanager_eval_examples_none_is_the_whole_split():
+    """trainingmanager's --eval-examples is 80 by default, and 'none' evaluates the whole
+    validation split."""
     assert plan.parse_config([]).eval_examples == 80
     assert plan.parse_config(["--eval-examples", "none"]).eval_examples is None
 
@@ -221,6 +235,7 @@ def test_help_comes_from_the_field_comments_grouped_by_section():
 
 
 def test_every_flag_of_the_scripts_explains_itself():
+    """Every field of the scripts' configs has a help comment, so --help explains each flag."""
     import hyperparam_tune
     from codelm.evaluation.config import EvalConfig
     from codelm.recipes import RecipeOptions
@@ -279,6 +294,8 @@ def test_a_json_flag_that_is_no_json_says_how_json_is_quoted(capsys):
 
 def test_an_unknown_flag_is_one_line_naming_the_closest_flags(capsys):
 
+    """An unknown flag exits 2 with one line naming the closest flags (one it begins first), a
+    prefix never taken as an abbreviation; a flag with none close points to --help."""
     for typed, near in ((["--max-stpes", "5"], "--max-steps"), (["--max-step", "5"], "--max-steps"),
                         (["--out", "runs"], "--out-dir or")):  # a flag it begins comes first
         with pytest.raises(SystemExit) as stop:  # a prefix is no abbreviation either
@@ -303,6 +320,8 @@ def test_a_flag_error_is_said_once_for_a_torchrun_job(argv, capsys, monkeypatch)
 
 
 def test_hugging_face_trainer_spellings_are_aliases_of_the_codelm_flags():
+    """Hugging Face Trainer's flags (--learning_rate, --bf16, ...) read as the codelm flags they
+    spell, for users coming from it; --help lists only codelm's."""
     from codelm import trainconfig
 
     hf = plan.parse_config([
@@ -381,6 +400,8 @@ def test_every_unknown_flag_of_a_command_is_answered_at_once(capsys):
 
 def test_yaml_config_files_read_as_json_ones_do(tmp_path):
 
+    """A YAML config (as litgpt users write one) reads as the same JSON does, recipes included, and
+    its errors name the file as JSON's do: a typo's close key, a key given twice, the line."""
     config = tmp_path / "run.yaml"
     config.write_text("# as litgpt users write it\nmax_steps: 3\nlr: 2e-3\n"
                       "data_options:\n  val_frac: 0.1\n")
@@ -401,6 +422,8 @@ def test_yaml_config_files_read_as_json_ones_do(tmp_path):
 @pytest.mark.parametrize("script, flag", [("eval", "--seed"), ("hyperparam_tune", "--sampler-seed")])
 def test_print_config_of_eval_and_tune_reads_back_to_the_same_settings(script, flag, tmp_path,
                                                                        capsys):
+    """--print-config yaml of eval.py and hyperparam_tune.py prints a file that, given to --config,
+    makes the same settings: a run's settings are saved to be run again."""
     import importlib
 
     module = importlib.import_module(script)

@@ -32,6 +32,9 @@ ARGUMENTS = json.dumps({"city": "Zürich", "unit": "celsius"}, ensure_ascii=Fals
 ])
 def test_an_answers_calls_and_content_are_read_as_the_hermes_parser_reads_them(
         answer, content, calls):
+    """An answer's <tool_call> blocks read as vLLM's hermes parser reads them (a call cut by the
+    end of turn still a call, a block that is no call left as text), whole or streamed in any
+    pieces."""
     assert read_calls(answer) == (content, calls)
     for size in (1, 2, 3, 7, len(answer)):  # the same, streamed in pieces of each size
         stream = CallStream()
@@ -53,5 +56,7 @@ def test_a_stream_holds_back_only_what_may_still_open_a_call():
 
 
 def test_a_template_that_teaches_the_calls_is_told_apart():
+    """A chat template that writes <tool_call> blocks for its tools is told apart from one that
+    does not, or none: only the first has its answers read for calls."""
     assert writes_calls("{% for tool in tools %}...<tool_call>\n{{ tool }}\n</tool_call>")
     assert not writes_calls("{{ messages }}") and not writes_calls(None)

@@ -25,6 +25,9 @@ def _venv_with_these_dependencies(path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("editable", [True, False])
 def test_the_console_scripts_run_from_another_directory(tmp_path, editable):
+    """Installed (editable or not), every console script answers --help and codelm-train trains
+    from another directory, finding the shipped data and spaces, as a user's pip install runs
+    them."""
     python = _venv_with_these_dependencies(tmp_path / "venv")
     install = [python, "-m", "pip", "install", "-q", "--no-deps", *(["-e"] if editable else []),
                str(ROOT)]

@@ -34,6 +34,8 @@ def test_sigterm_is_an_interrupt_with_its_own_exit_code(name, code, capsys):
 
 
 def test_a_hangup_ignored_by_nohup_stays_ignored_under_interrupt_on_sigterm():
+    """A SIGHUP ignored by nohup stays ignored inside interrupt_on_sigterm and stops_deferred and
+    after them: a run started under nohup survives its terminal closing."""
     import os
     import signal
 
@@ -139,6 +141,8 @@ def test_each_stop_handler_leaves_a_hung_up_terminal_before_its_stop(monkeypatch
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
 def test_a_forked_worker_ends_on_sigterm_without_a_traceback(capfd, name):
+    """A fork pool's worker that gets SIGTERM or SIGHUP dies of that signal, with no traceback: the
+    parent's handler it inherits does not turn it into a KeyboardInterrupt."""
     # multiprocessing ends a fork pool's workers with SIGTERM: a worker must die of it, not raise
     # the parent's KeyboardInterrupt (a traceback per worker). A hangup's SIGHUP: dies of that.
     import multiprocessing
@@ -372,6 +376,8 @@ def test_pool_workers_end_when_their_parent_is_killed():
 
 
 def test_only_dead_processes_of_this_machine_and_pid_namespace_are_dead_owners():
+    """An owner tag is dead only where its process is gone on this machine in this PID namespace:
+    another machine's or container's process may live, so its lock or temp is kept."""
     import os
     import re
     import socket
@@ -395,6 +401,8 @@ def test_only_dead_processes_of_this_machine_and_pid_namespace_are_dead_owners()
 
 
 def test_write_atomic_removes_what_killed_writers_left_never_a_live_writers_temp(tmp_path):
+    """The next atomic write of a file removes the temp a killed writer left and keeps a live
+    writer's temp, so killed runs leave no litter and a concurrent write is never broken."""
     # SIGKILL runs no cleanup: a writer killed mid-write leaves its temp. Temp names carry the
     # owner tag, and the next write of the file removes dead owners' temps only.
     import multiprocessing

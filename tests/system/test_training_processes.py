@@ -183,6 +183,8 @@ def test_a_closed_terminal_saves_a_checkpoint_and_exits_129(assets, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_bit_exact(assets, tmp_path):
+    """SIGTERM mid-run saves a checkpoint at the step it reached and exits 143; --resume from it
+    ends with weights bit-equal to a run never stopped, so a preempted job loses nothing."""
     common = dict(dropout=0.1, max_steps=10)
     straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
     cfg = tiny_cfg(assets, tmp_path, name="stopped", **common)
@@ -261,6 +263,9 @@ def _on_two_ranks(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, tmp_path):
+    """Two DDP processes train the weights, validation losses and epochs of one process with the
+    same global batch, rank 0 reporting; resuming their run on one process is refused, as it would
+    halve the global batch."""
     # adam_eps 1e-6: with 1e-8, Adam turns gradients of ~1e-8 into ~lr-sized updates, so the
     # reduction-order rounding of any two correct summations would show up in the weights.
     common = dict(max_steps=6, grad_accum=2, eval_every=3, save_every=3, adam_eps=1e-6,
