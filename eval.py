@@ -69,7 +69,7 @@ from codelm.evaluation.tasks import passk, registry
 from codelm.evaluation.tasks.registry import TaskSettings
 from codelm.evaluation.tasks.text import GENERATION_EXAMPLES
 from codelm.loading import LoadedModel
-from codelm.models.generation import truncate_at_stops
+from codelm.models.generation import SEED_SPREAD, seed_of_sample, truncate_at_stops
 from codelm.openai_api import served_model
 from codelm.runs import rundir
 from codelm.runtime import process, settings
@@ -241,8 +241,8 @@ def _print_now(text: str) -> None:
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None
              ) -> dict[str, list[str]]:
     """``--prompt``: each model's ``cfg.num_samples`` completions of it, printed as they come;
-    returned by label. Sample i is drawn from seed ``cfg.seed`` + i, as a pass@k task draws its
-    first problem's samples."""
+    returned by label. Sample i is drawn from seed_of_sample(cfg.seed, i), as a pass@k
+    task draws its first problem's samples."""
     write = write or _print_now
     device = loading.device_named(cfg.device)
     specs = model_specs(cfg)
@@ -257,11 +257,10 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None
             print(f"note: {note}", file=sys.stderr, flush=True)
         samples = []
         for i in range(cfg.num_samples):
-            seed = (cfg.seed + i) % 2**64  # as a pass@k task seeds its samples
             if cfg.num_samples > 1:
-                write(f"--- sample {i + 1} of {cfg.num_samples} (seed {seed})\n")
+                write(f"--- sample {i + 1} of {cfg.num_samples}\n")
             write(cfg.prompt)
-            sampled = replace(cfg, seed=seed)
+            sampled = replace(cfg, seed=seed_of_sample(cfg.seed, i))  # as pass@k seeds them
             samples.append(scoring.stream_completion(lm, cfg.prompt, sampled, write))
             write("\n")
         completions[lm.label] = samples
@@ -634,7 +633,7 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
     in flight, each cut at the task's stops as a local model's are. As a local model samples
     them: at most half the context (--block-size, at most the one the endpoint lists) new and
     the prompt cut at its left to the rest (vLLM's truncate_prompt_tokens), problem p's sample j
-    seeded cfg.seed + p x num_samples + j."""
+    seeded seed_of_sample(cfg.seed, p x num_samples + j)."""
     stops = () if cfg.chat else passk_task.stops
     model = endpoint_model(endpoint)
     new_tokens, keep = cfg.max_new_tokens, None
@@ -648,7 +647,7 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
 
     def ask(index: int) -> list[str]:
         sampling = Sampling(new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, n,
-                            (cfg.seed + index * n) % 2**64, tuple(stops), keep)
+                            seed_of_sample(cfg.seed, index * n), tuple(stops), keep)
         problem = problems[index]
         return complete_at(endpoint, model.name, problem.get("chat_prompt", problem["prompt"]),
                            sampling, cfg.chat)
@@ -658,8 +657,8 @@ def _endpoint_samples(endpoint: Endpoint, label: str, passk_task: passk.PasskTas
         "url": endpoint.url, "served_model": model.name, "weights": model.weights,
         "prompts": journal.digest(prompts), "max_new_tokens": new_tokens,
         "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-        "num_samples": n, "seed": cfg.seed, "stop": list(stops), "prompt_room": keep,
-        "chat": cfg.chat})
+        "num_samples": n, "seed": cfg.seed, "seed_spread": SEED_SPREAD, "stop": list(stops),
+        "prompt_room": keep, "chat": cfg.chat})
     texts = journal.kept_outputs(kept_in, len(problems), f"{label} {passk_task.name}")
     rest = [index for index in range(len(problems)) if index not in texts]
     with (ThreadPoolExecutor(max_workers=cfg.batch_size) as pool,

@@ -6,7 +6,8 @@ server): eval scores the completions in its own sandbox, as it scores a local mo
                      Sampling(max_tokens=128, n=4, seed=0))
 
 Choice i of a request seeded s is seeded s + i (codelm's server's rule), so a problem's samples
-asked at eval's seeds are the texts eval samples from the same model locally.
+asked at the seed of eval's first sample of it are the texts eval samples from the same model
+locally.
 
 An endpoint that asks for an API key (a server started with --api-key, a hosted one) gets
 $OPENAI_API_KEY as its bearer token. Standard library only: no client package is needed to

@@ -246,9 +246,9 @@ def flag(body: dict, key: str) -> bool:
 
 
 def choice_seeds(seed: int, n: int) -> list[int]:
-    """The seeds of a request's n choices: choice i's is seed + i, as eval seeds a local
-    model's sample i (so an endpoint asked for a problem's samples at eval's seeds samples
-    eval's texts)."""
+    """The seeds of a request's n choices: choice i's is seed + i, so eval, asking for problem
+    p's samples at the seed of its sample p x n (generation.seed_of_sample), gets the texts it
+    samples from the same model locally."""
     return [(seed + i) % 2**64 for i in range(n)]
 
 

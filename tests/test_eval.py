@@ -50,7 +50,7 @@ from codelm.evaluation.tasks import passk, registry
 from codelm.evaluation.tasks import project as project_task
 from codelm.evaluation.tasks import text as text_task
 from codelm.models import adapter_config, quantize
-from codelm.models.generation import FUNCTION_STOPS, truncate_at_stops
+from codelm.models.generation import FUNCTION_STOPS, seed_of_sample, truncate_at_stops
 from codelm.runs import checkpoint as checkpoint_module
 from codelm.runs import rundir
 from codelm.runtime import console, distributed, process
@@ -1639,8 +1639,8 @@ def test_prompt_keeps_the_completions_of_models_with_one_label(tiny_models, tmp_
 
 def test_prompt_streams_num_samples_as_a_pass_at_k_task_draws_them(tiny_models):
     """--prompt with --num-samples 3 --temperature 0.8 streams three completions, each headed
-    by its number and seed: those a pass@k task draws for one problem of that prompt (sample i
-    from seed + i, through the engine)."""
+    by its number: those a pass@k task draws for one problem of that prompt (sample i from
+    seed_of_sample(seed, i), through the engine)."""
     import torch
 
     base = str(tiny_models["base"])
@@ -1652,8 +1652,28 @@ def test_prompt_streams_num_samples_as_a_pass_at_k_task_draws_them(tiny_models):
     assert samples == scoring.generate_texts(lm, [cfg.prompt] * 3, cfg)
     assert len(set(samples)) > 1
     text = "".join(shown)
-    assert "--- sample 3 of 3 (seed 6)" in text and text.count(cfg.prompt) == 3
+    assert "--- sample 3 of 3\n" in text and text.count(cfg.prompt) == 3
 
+
+
+def test_evaluations_at_neighbouring_seeds_draw_independent_samples(tiny_models):
+    """The samples of one prompt drawn at --seed 0 and at --seed 1 share none: each seed owns
+    its own stream of sample seeds (seed_of_sample), so pass@k at several seeds measures the
+    spread of independent draws, not of one draw shifted by a sample."""
+    import torch
+
+    lm = loading.load_model(str(tiny_models["base"]), torch.device("cpu"))
+    prompts = ["def add(a, b):"] * 4
+    cfg = EvalConfig(max_new_tokens=12, temperature=1.0, batch_size=2, progress=False)
+    at_0 = scoring.generate_texts(lm, prompts, cfg)
+    at_1 = scoring.generate_texts(lm, prompts, dataclasses.replace(cfg, seed=1))
+    assert len(set(at_0)) == len(set(at_1)) == 4
+    assert not set(at_0) & set(at_1)
+    assert scoring.generate_texts(lm, prompts, cfg) == at_0  # a seed repeats its draws
+    assert [seed_of_sample(0, i) for i in range(3)] == [0, 1, 2]
+    assert seed_of_sample(7, 10) + 5 == seed_of_sample(7, 15)  # an endpoint's choice i
+    starts = sorted(seed_of_sample(seed, 0) for seed in range(1000))
+    assert min(b - a for a, b in zip(starts, starts[1:])) > 2**32  # streams never meet
 
 def test_a_streamed_completion_never_shows_half_a_character(tiny_models, monkeypatch):
     """A character split over several byte tokens is shown once all its bytes have come, not
@@ -4834,8 +4854,8 @@ def test_compile_decodes_as_the_eager_step_does(tiny_models, tmp_path, capsys, m
 def test_sampled_texts_through_the_compiled_engine_do_not_depend_on_the_batch(tiny_models,
                                                                               monkeypatch):
     """Sampled through --compile's engine, prompt i draws from its own generator seeded
-    seed + i: the texts at 2 slots and at 1 equal the eager engine's (the compiled step stood in
-    by the eager one, so the draws are what is compared)."""
+    seed_of_sample(seed, i): the texts at 2 slots and at 1 equal the eager engine's (the
+    compiled step stood in by the eager one, so the draws are what is compared)."""
     import torch
 
     from codelm import kernels

@@ -12,6 +12,7 @@ import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import openai
 import pytest
@@ -22,7 +23,13 @@ from tiny_hf import train_family_tokenizer
 from codelm.data.sources import stdlib_files
 from codelm.models import pretrained
 from codelm.models.engine import Token
-from codelm.models.generation import GenerationConfig, generate, truncate_at_stops
+from codelm.models.generation import (
+    SEED_SPREAD,
+    GenerationConfig,
+    generate,
+    seed_of_sample,
+    truncate_at_stops,
+)
 from codelm.openai_api import served_model
 from codelm.serving import _Choice, close_server, make_server
 from tokenizer import decode_generated, load_tokenizer
@@ -899,8 +906,9 @@ def test_top_k_is_served_and_one_is_greedy(server, loaded):
 
 def test_an_endpoint_is_asked_as_eval_samples_a_local_model(monkeypatch):
     """eval asks an endpoint for each problem's samples with the local path's settings: new
-    tokens capped at half the context (the listed one, or --block-size within it), top_k, problem p's samples from seed s + p x n;
-    n past MAX_CHOICES asked in requests of MAX_CHOICES, each seeded at its first choice."""
+    tokens capped at half the context (the listed one, or --block-size within it), top_k,
+    problem p's samples from the seed of the local path's sample p x n; n past MAX_CHOICES
+    asked in requests of MAX_CHOICES, each seeded at its first choice."""
     import eval as ev
     from codelm import endpoints
     from codelm.evaluation.config import EvalConfig
@@ -921,15 +929,16 @@ def test_an_endpoint_is_asked_as_eval_samples_a_local_model(monkeypatch):
     cfg = EvalConfig(max_new_tokens=500, temperature=0.8, top_k=7, num_samples=130, seed=5,
                      batch_size=1, progress=False)
     texts = ev._endpoint_samples(endpoint, "x", passk.PASSK, problems, cfg)
+    seed = partial(seed_of_sample, 5)
     assert [(b["prompt"], b["n"], b["seed"], b["max_tokens"], b["top_k"]) for b in asked] == [
-        ("a", 128, 5, 128, 7), ("a", 2, 133, 128, 7),
-        ("b", 128, 135, 128, 7), ("b", 2, 263, 128, 7)]
+        ("a", 128, seed(0), 128, 7), ("a", 2, seed(128), 128, 7),
+        ("b", 128, seed(130), 128, 7), ("b", 2, seed(258), 128, 7)]
     assert {b["truncate_prompt_tokens"] for b in asked} == {256 - 128}  # the prompt's room
-    assert texts[1][:2] == ["135", "136"] and texts[0][-1] == "134"
+    assert texts[1][:2] == [str(seed(130)), str(seed(131))] and texts[0][-1] == str(seed(129))
     asked.clear()  # seeds wrap at 64 bits, as a local model's do
     ev._endpoint_samples(endpoint, "x", passk.PASSK, problems[:1],
-                         dataclasses.replace(cfg, seed=2**64 - 100))
-    assert [b["seed"] for b in asked] == [2**64 - 100, 28]
+                         dataclasses.replace(cfg, seed=2**64 - 1))
+    assert [b["seed"] for b in asked] == [2**64 - SEED_SPREAD, 2**64 - SEED_SPREAD + 128]
     asked.clear()  # --block-size is the scoring context, as a local model's: new and prompt fit it
     ev._endpoint_samples(endpoint, "x", passk.PASSK, problems[:1],
                          dataclasses.replace(cfg, block_size=64, num_samples=1))

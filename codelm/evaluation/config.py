@@ -81,7 +81,7 @@ class EvalConfig:
     #   also spelt --load_generations_path, as the harness does
     # generation
     prompt: str | None = None  # stream each model's completion of this text instead of the tasks
-    #   (with temperature > 0, num_samples of them, sample i from seed + i)
+    #   (with temperature > 0, num_samples of them, drawn as a pass@k task draws them)
     max_new_tokens: int | None = None  # per generated completion (None: 128; with chat 768,
     #   EvalPlus's: an instruct model writes the whole function, its docstring too)
     temperature: float = 0.0  # 0: greedy

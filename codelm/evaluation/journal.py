@@ -5,10 +5,11 @@ eval.py opens a journal for each model or endpoint it evaluates (``journaled``);
 generations inside it append each finished sequence's new tokens, an endpoint's each problem's
 texts, to a file named by a digest of everything that decides them: the model's weights and
 dtype (an endpoint's URL and served model), the task, the prompts, the sampling settings and
-the seed. Prompt i samples with its own generator (seed + i) in a batch it does not depend on,
-so a generation continued from the journal gives the tokens an uninterrupted one gives. A file
-of another digest is never read (its first line, the settings that named it, says which of them
-differ); a torn last line (a kill mid-write) is generated again."""
+the seed. Prompt i samples with its own generator (seeded ``seed_of_sample``) in a batch it
+does not depend on, so a generation continued from the journal gives the tokens an
+uninterrupted one gives. A file of another digest is never read (its first line, the settings
+that named it, says which of them differ); a torn last line (a kill mid-write) is generated
+again."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
-from codelm.models.generation import GenerationConfig
+from codelm.models.generation import SEED_SPREAD, GenerationConfig
 
 
 class JournalFile(NamedTuple):
@@ -79,6 +80,7 @@ def generation_file(task: str, prompts: Sequence[Sequence[int]], gen: Generation
     """The file the open journal keeps this generation's sequences in (None: no journal open)."""
     return task_file(task, {
         "prompts": digest(list(map(list, prompts))), "chat": chat, "seed": seed,
+        "seed_spread": SEED_SPREAD,
         "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_k": gen.top_k,
         "top_p": gen.top_p, "eos_id": gen.eos_id, "stop": gen.stop, "pad_id": gen.pad_id})
 

@@ -27,7 +27,13 @@ from codelm.data.examples import Example, stop_ids_of
 from codelm.evaluation import journal
 from codelm.loading import LoadedModel
 from codelm.models.engine import Engine, pool_length
-from codelm.models.generation import GenerationConfig, generate, stream, truncate_at_stops
+from codelm.models.generation import (
+    GenerationConfig,
+    generate,
+    seed_of_sample,
+    stream,
+    truncate_at_stops,
+)
 from codelm.runtime.console import progress_bar
 from tokenizer import decode_generated, generation_eos_ids
 
@@ -248,8 +254,8 @@ def generate_texts(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring,
 
 
 def _prompt_generator(seed: int, prompt: int, device: torch.device) -> torch.Generator:
-    """The generator prompt number ``prompt`` samples with: seeded seed + prompt."""
-    return torch.Generator(device).manual_seed((seed + prompt) % 2**64)
+    """The generator prompt number ``prompt`` samples with (seeded ``seed_of_sample``)."""
+    return torch.Generator(device).manual_seed(seed_of_sample(seed, prompt))
 
 
 def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConfig,
@@ -258,8 +264,9 @@ def _engine_texts(lm: LoadedModel, encoded: list[list[int]], gen: GenerationConf
                   kept_in: journal.JournalFile | None = None) -> list[str]:
     """``generate_texts`` through the continuous-batching engine (cfg.batch_size slots, its step
     compiled where cfg.compile asks): prompt i samples with its own generator, seeded
-    cfg.seed + i, so its text does not depend on the batch it ran in. ``kept_in``: the journal
-    file whose finished prompts are not generated again, and which keeps each one finishing."""
+    seed_of_sample(cfg.seed, i), so its text does not depend on the batch it ran in.
+    ``kept_in``: the journal file whose finished prompts are not generated again, and which
+    keeps each one finishing."""
     new_ids = journal.kept_outputs(kept_in, len(encoded), f"{lm.label} {desc}")
     rest = [i for i in range(len(encoded)) if i not in new_ids]
     if rest:

@@ -35,6 +35,20 @@ MIN_TEMPERATURE = 1e-10
 # (a split character's replacement marks, a dropped leading space), with room to spare.
 CUT_MARGIN = 8
 # HumanEval's stop sequences: a function's completion ends where top-level code starts again.
+# Seed s of a run of samples (an evaluation's) draws sample i with seed s x SEED_SPREAD + i
+# (Fibonacci hashing, at 64 bits): a one-to-one map that puts consecutive seeds' streams
+# 2**64 / phi apart, so the samples of runs at seeds 0, 1, 2 are drawn independently, not one
+# run's shifted by a sample.
+SEED_SPREAD = 0x9E3779B97F4A7C15
+
+
+def seed_of_sample(seed: int, index: int) -> int:
+    """The seed of sample (or prompt) number ``index`` of a run of samples seeded ``seed``: seed
+    0's are 0, 1, 2, ...; seed_of_sample(s, k) + i is seed_of_sample(s, k + i), as an endpoint
+    asked for n choices at seed_of_sample(s, k) seeds its choice i (codelm's server's rule)."""
+    return (seed * SEED_SPREAD + index) % 2**64
+
+
 FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\nassert ")
 
 
