@@ -112,7 +112,8 @@ def test_a_labelled_line_reaches_the_stream_in_one_write(monkeypatch):
 
 def test_duration_reads_as_minutes_and_hours():
     """A duration reads as minutes and seconds under an hour and as hours and minutes from there,
-    the seconds rounded first; a plain line comes at least every 30 s of a log's progress."""
-    assert [console.duration(s) for s in (5, 65.4, 3599.6, 3720)] == [
-        "0m05s", "1m05s", "1h00m", "1h02m"]
+    rounded to its last unit (1h01m for an hour and 59 s); a plain line comes at least every
+    30 s of a log's progress."""
+    assert [console.duration(s) for s in (5, 65.4, 3599.6, 3659, 3720, 7199.9)] == [
+        "0m05s", "1m05s", "1h00m", "1h01m", "1h02m", "2h00m"]
     assert console.HEARTBEAT_S == 30

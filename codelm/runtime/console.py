@@ -69,10 +69,11 @@ def line_label() -> str:
 
 
 def duration(seconds: float) -> str:
-    """A time span as a console line gives it: 4m05s, 1h02m."""
+    """A time span as a console line gives it, rounded to its last unit: 4m05s, 1h02m."""
     minutes, secs = divmod(round(seconds), 60)
     if minutes >= 60:
-        return f"{minutes // 60}h{minutes % 60:02d}m"
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s"
 
 
