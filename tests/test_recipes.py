@@ -220,17 +220,7 @@ def test_interrupted_evaluation_says_the_training_is_saved(tmp_path, sig, code):
     assert "--resume" in err
 
 
-def _trainingmanager_reads_sections() -> bool:
-    try:
-        trainconfig.load_config_file(CONFIGS / "code_completion.json")
-    except ValueError:
-        return False
-    return True
-
-
 @pytest.mark.slow  # a training subprocess (~20 s); the same recipe trains in-process above
-@pytest.mark.skipif(not _trainingmanager_reads_sections(),
-                    reason="trainingmanager.py --config does not read recipe sections yet")
 def test_trainingmanager_cli_runs_the_recipe_on_the_scrape(tmp_path):
     """trainingmanager.py --config configs/code_completion.json trains the recipe's train section
     on a scrape in a process of its own and exports the run, as a user training the recipe alone
