@@ -267,15 +267,6 @@ def test_partial_credit_counts_the_asserts_that_hold_and_no_exploit_earns_any():
     assert len(earned[4:]) >= 25 and set(earned[4:]) == {0.0}
 
 
-def test_a_test_with_no_assert_at_its_top_passes_or_fails_whole():
-    """A test whose asserts sit in a loop, none at the top of check's body, is left as it is and
-    passes or fails whole; top-level asserts are each counted toward partial credit, of 2."""
-    test = "def check(candidate):\n    for x in range(3):\n        assert candidate(x) == x\n"
-    assert rewards.counting_test(test, "f", "M:") == test
-    counted = rewards.counting_test("assert f(1) == 1\nassert f(2) == 2\n", None, "M:")
-    assert counted.count("_codelm_passed[0] += 1") == 2 and "'/2'" in counted
-
-
 def test_the_control_arm_permutes_the_rewards_within_the_step(assets, tmp_path):
     """shuffle_rewards: the loss sees the step's rewards permuted (the same ones, drawn from the
     run's seed and the step); the logged rewards stay the true ones."""

@@ -273,3 +273,12 @@ def test_an_assertion_comparing_the_candidate_with_itself_earns_no_credit():
     counted = rewards.counting_test("def check(candidate):\n    assert f(1) == candidate(1)\n"
                                     "    assert candidate(1) == 2\n", "f", "M:")
     assert "'/1'" in counted
+
+
+def test_a_test_with_no_assert_at_its_top_passes_or_fails_whole():
+    """A test whose asserts sit in a loop, none at the top of check's body, is left as it is and
+    passes or fails whole; top-level asserts are each counted toward partial credit, of 2."""
+    test = "def check(candidate):\n    for x in range(3):\n        assert candidate(x) == x\n"
+    assert rewards.counting_test(test, "f", "M:") == test
+    counted = rewards.counting_test("assert f(1) == 1\nassert f(2) == 2\n", None, "M:")
+    assert counted.count("_codelm_passed[0] += 1") == 2 and "'/2'" in counted
