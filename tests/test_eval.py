@@ -2189,7 +2189,8 @@ def test_a_generated_id_past_the_tokenizer_decodes_to_nothing_as_transformers(ti
             assert streamed == hf_tok.decode(out)
 
 
-def test_passk_task_executes_samples(tiny_models, tmp_path, monkeypatch):
+def test_passk_runs_each_sample_against_its_test_and_scores_the_passes(tiny_models, tmp_path,
+                                                                        monkeypatch):
     """pass@k runs each sample against its problem's test: two canonical solutions pass and two
     `return None` bodies fail, so pass@1 is 50."""
     import json

@@ -1016,11 +1016,11 @@ def test_code_tokenizer_save_load(code_tok, stdlib_texts, tmp_path):
     """A CodeTokenizer saved to a file or a directory loads back (load_tokenizer) as a
     CodeTokenizer with the same vocabulary and ids."""
     path = code_tok.save(tmp_path / "tok.json")
-    for loaded in (load_tokenizer(path),):
-        assert isinstance(loaded, CodeTokenizer)
-        assert loaded.vocab_size == code_tok.vocab_size
-        text = stdlib_texts[5][1]
-        assert loaded.encode(text) == code_tok.encode(text)
+    loaded = load_tokenizer(path)
+    assert isinstance(loaded, CodeTokenizer)
+    assert loaded.vocab_size == code_tok.vocab_size
+    text = stdlib_texts[5][1]
+    assert loaded.encode(text) == code_tok.encode(text)
     code_tok.save(tmp_path)
     assert load_tokenizer(tmp_path).encode("x = 1") == code_tok.encode("x = 1")
 

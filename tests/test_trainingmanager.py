@@ -4981,14 +4981,13 @@ def test_default_block_size_is_the_init_froms_context_up_to_1024(tmp_path, hf_co
     (max_position_embeddings, else n_positions, else n_ctx) up to 1024, and 1024 when its config
     names none."""
     (tmp_path / rundir.HF_CONFIG).write_text(json.dumps(hf_config))
-    run = types.SimpleNamespace(cfg=trainconfig.TrainConfig(init_from=str(tmp_path)))
-    assert trainconfig.default_block_size(run.cfg) == expected
+    cfg = trainconfig.TrainConfig(init_from=str(tmp_path))
+    assert trainconfig.default_block_size(cfg) == expected
 
 
 def test_default_block_size_from_scratch_is_the_presets():
     """With no block_size and no init_from, a run takes its preset's context (tiny: 128)."""
-    run = types.SimpleNamespace(cfg=trainconfig.TrainConfig(preset="tiny"))
-    assert trainconfig.default_block_size(run.cfg) == 128
+    assert trainconfig.default_block_size(trainconfig.TrainConfig(preset="tiny")) == 128
 
 
 def test_eval_precision_fp32_evaluates_without_autocast_whatever_the_training_precision():
