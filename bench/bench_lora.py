@@ -143,7 +143,7 @@ def bench_memory(args) -> None:
         full_ratio = (outside + full_layers * per_block) / (outside + full_layers * per_block_bf16)
         name = ("int8" if bits == 8 else "nf4") + ("" if skip else " +head")
         print(f"{name:>10} {report.quantized_bytes / 2**20:>11.1f} {report.bf16_bytes / 2**20:>9.1f}"
-              f" {report.ratio:>6.3f} {full_ratio:>21.3f}")
+              f" {report.ratio_to_bf16:>6.3f} {full_ratio:>21.3f}")
         del model
     print("\nrelative error (fp32 reference) of a quantized base, bench-size random llama; and its "
           "LoRA step (seed 004 setting) against the same step on the fp32 base:")

@@ -113,7 +113,8 @@ class QuantReport:
     model_bytes: int
 
     @property
-    def ratio(self) -> float:
+    def ratio_to_bf16(self) -> float:
+        """The quantized Linear weights' bytes over the same weights' in bf16 (not the model's)."""
         return self.quantized_bytes / max(self.bf16_bytes, 1)
 
 
