@@ -1089,6 +1089,15 @@ def test_an_empty_pass_k_is_refused_not_run_to_report_nothing():
         config_from_dict({"tasks": ["passk"], "pass_k": []})
 
 
+def test_a_pass_k_over_num_samples_is_refused_saying_what_to_change():
+    """pass@k needs k samples a problem: a --pass-k over --num-samples is refused naming the
+    range, and the two fixes (more samples, or leaving that k out)."""
+    with pytest.raises(ValueError, match=r"each k must be in \[1, num_samples \(4, "
+                                         r"--num-samples\)\].*raise num_samples.*leave out 8$"):
+        parse_config(["--tasks", "passk", "--num-samples", "4", "--temperature", "0.8",
+                      "--pass-k", "1", "8"])
+
+
 def test_a_model_directory_whose_name_holds_a_plus_is_one_path(tiny_models, tmp_path):
     """load_model does not split every path at "+" (BASE+ADAPTER): runs/run+lora loads, alone
     and as the base of an adapter, and so does a directory whose name ends with one; a BASE+
