@@ -30,6 +30,7 @@ from codelm.runtime.settings import fields_of
 from codelm.sandbox import runner
 from codelm.sandbox.runner import SandboxConfig
 from codelm.training import grpo, rewards, rollout
+from codelm.training.trainer import StepAbandoned
 from tokenizer import CodeTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,14 +287,16 @@ def test_the_control_arm_permutes_the_rewards_within_the_step(assets, tmp_path):
 
 def test_the_reference_copy_holds_the_model_not_a_copy_of_the_trainer(assets, tmp_path):
     """A full fine-tune's frozen reference is a copy of the model alone: its blocks' stop
-    hooks are the trainer's own (a stop during its forward is seen), no second trainer."""
+    hooks reach the trainer's own stop (a stop during its forward is seen), not a copy's."""
     cfg = grpo_cfg(assets, tmp_path, grpo_beta=0.1)
     tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
     trainer = grpo_trainer(pretrained.load(assets["model"], device="cpu"), cfg, tok,
                            [problem(i) for i in range(2)])
-    owners = {id(hook.__self__) for module in trainer.reference.modules()
-              for hook in module._forward_pre_hooks.values() if hasattr(hook, "__self__")}
-    assert owners == {id(trainer)}
+    ids = torch.zeros((1, 4), dtype=torch.long)
+    trainer.reference(ids)  # no stop pending: the forward runs
+    trainer.stop_pending = lambda: True
+    with pytest.raises(StepAbandoned):
+        trainer.reference(ids)
 
 
 def test_equal_reward_groups_counts_the_true_rewards_in_the_control_arm(assets, tmp_path):

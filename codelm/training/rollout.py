@@ -365,9 +365,9 @@ class GRPOTrainer(Trainer):
                 raise ValueError(f"{setting(self.grpo_settings, 'grpo_beta')} needs the base as "
                                  f"the reference: {e}; or set grpo_beta 0") from None
             return None
-        # The blocks' stop hooks are this trainer's methods: the copy's call this trainer too
-        # (the memo keeps deepcopy from copying the trainer, its optimizer and sampler).
-        reference = copy.deepcopy(self.raw_model, {id(self): self}).eval()
+        # The blocks' stop hooks (Trainer._hook_blocks) hold this trainer weakly; the copy's are
+        # the same functions, so they see this trainer's stop too.
+        reference = copy.deepcopy(self.raw_model).eval()
         if self.grpo_settings.init_adapter is not None:
             lora.load_adapter_weights(reference, self.grpo_settings.init_adapter)
         reference.requires_grad_(False)
