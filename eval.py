@@ -241,8 +241,7 @@ def _print_now(text: str) -> None:
 def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None
              ) -> dict[str, list[str]]:
     """``--prompt``: each model's ``cfg.num_samples`` completions of it, printed as they come;
-    returned by label. Sample i is drawn from seed_of_sample(cfg.seed, i), as a pass@k
-    task draws its first problem's samples."""
+    returned by label. Sample i is drawn as a pass@k task draws its first problem's sample i."""
     write = write or _print_now
     device = loading.device_named(cfg.device)
     specs = model_specs(cfg)
@@ -260,8 +259,7 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None
             if cfg.num_samples > 1:
                 write(f"--- sample {i + 1} of {cfg.num_samples}\n")
             write(cfg.prompt)
-            sampled = replace(cfg, seed=seed_of_sample(cfg.seed, i))  # as pass@k seeds them
-            samples.append(scoring.stream_completion(lm, cfg.prompt, sampled, write))
+            samples.append(scoring.stream_completion(lm, cfg.prompt, cfg, write, sample=i))
             write("\n")
         completions[lm.label] = samples
         del lm

@@ -117,11 +117,14 @@ def keep_scale(p: float) -> float:
 def dropped(shape: torch.Size, p: float, device: torch.device,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """A boolean mask of ``shape``, True where dropout drops (at ``drop_rate(p)``)."""
+    threshold = round(p * DROP_LEVELS) - 2**15
+    if threshold >= 2**15:  # p rounds to 1: above every int16 draw (an int16 compare would wrap)
+        return torch.ones(shape, dtype=torch.bool, device=device)
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-2**63, 2**63 - 1, generator=generator)
     draws = words.view(torch.int16)[:n].view(shape)
-    return draws < round(p * DROP_LEVELS) - 2**15
+    return draws < threshold
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

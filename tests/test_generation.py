@@ -968,3 +968,14 @@ def test_drafted_decoding_takes_one_unpadded_row():
     model = _model("llama")
     with pytest.raises(ValueError, match="one unpadded prompt"):
         gen(model, _ids(2, 5), 4, prompt_lookup=3)
+
+
+def test_a_draft_model_with_a_shorter_context_is_refused_before_decoding():
+    """A draft model reads the whole text: a prompt and new tokens past its context are refused
+    naming both lengths and the fix, not an index error deep in its rotary tables."""
+    model = _model("llama")
+    draft = _model("llama")
+    draft.cfg.block_size = 16
+    with pytest.raises(ValueError, match=r"20 \+ max_new_tokens 8 exceeds the draft model's "
+                                         r"context length block_size=16 .*longer context"):
+        gen(model, _ids(1, 20), 8, draft_model=draft)

@@ -803,6 +803,7 @@ def test_dropout_at_a_rate_that_rounds_to_one_drops_everything_as_torch(p):
     x = torch.randn(8, 16, requires_grad=True)
     weight = torch.randn(4, 16)
     seed = kernels.dropout_seed()
+    assert bool(kernels.dropped(x.shape, p, x.device).all())  # the mask too, not the scale alone
     assert torch.equal(kernels.dropout(x, p, True), F.dropout(x, 1.0, True))
     assert torch.equal(x * kernels.dropout_keep(x, p, seed, x.dtype), torch.zeros_like(x))
     for op in (kernels.dropped_linear, dropped_linear.__wrapped__):

@@ -329,19 +329,21 @@ def completion_room_notes(lm: LoadedModel, prompt: str, cfg: Scoring) -> list[st
 
 @torch.no_grad()
 def stream_completion(lm: LoadedModel, prompt: str, cfg: Scoring,
-                      write: Callable[[str], object]) -> str:
-    """Continue ``prompt`` as ``generate_texts`` does, handing ``write`` the new text token by
-    token; return the whole completion."""
+                      write: Callable[[str], object], sample: int = 0) -> str:
+    """Continue ``prompt`` as ``generate_texts`` continues its prompt number ``sample`` (its
+    generator seeded alike), handing ``write`` the new text token by token; return the whole
+    completion."""
     if cfg.num_beams > 1:  # a beam's text is known only once the search ends
         (text,) = generate_texts(lm, [prompt], replace(cfg, progress=False))
         write(text)
         return text
     (prompt_ids,) = _prompt_ids(lm, [prompt], cfg)
     gen, eos, (ids,) = _generation(lm, cfg, [(prompt_ids, (0, 0))])
+    device = next(lm.model.parameters()).device
+    gen = replace(gen, generator=_prompt_generator(cfg.seed, sample, device))
     new: list[int] = []
     shown = ""
-    for step in stream(lm.model, torch.tensor([ids], device=next(lm.model.parameters()).device),
-                       gen):
+    for step in stream(lm.model, torch.tensor([ids], device=device), gen):
         if int(step[0]) in eos:
             break
         new.append(int(step[0]))

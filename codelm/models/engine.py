@@ -127,12 +127,20 @@ class Engine:
         generator = cfg.generator
         if isinstance(generator, (list, tuple)):
             raise ValueError("a request samples with one generator, not one a row")
+        if generator is not None and any(r.generator is generator for r in self._requests()):
+            raise ValueError("the request's generator is another queued or running request's: "
+                             "give each request its own (shared, a request's draws would depend "
+                             "on what runs beside it)")
         if generator is None and cfg.temperature > 0:
             seed = int(torch.randint(2**62, (), dtype=torch.long))
             generator = torch.Generator(self.device).manual_seed(seed)
         request = _Request(next(self.ids), prompt, cfg, generator, logprobs)
         self.waiting.append(request)
         return request.id
+
+    def _requests(self) -> list[_Request]:
+        """The requests queued or running."""
+        return [*self.waiting, *(row for row in self.rows if row is not None)]
 
     def cancel(self, request: int) -> None:
         """Drop a request, queued or running (its client went away); its slot frees now."""
@@ -153,8 +161,8 @@ class Engine:
             yield from self.step()
 
     def step(self) -> list[Token]:
-        """Admit the waiting requests that fit (their first token), then one token of every
-        request that was running."""
+        """One token of every running request, then the first token of each waiting request
+        that fits (admitted to a free slot)."""
         with torch.inference_mode():
             # training and the compiled step want row-major weights
             layout = not (self.model.training or self.compiled)
@@ -325,8 +333,8 @@ def generate_all(model: Transformer, prompts: Sequence[Sequence[int]],
                  cfgs: GenerationConfig | Sequence[GenerationConfig], slots: int = 8,
                  compile: bool = False) -> list[list[int]]:
     """Each prompt's new tokens (up to and with its EOS or stop), decoded through one engine of
-    ``slots`` rows (``compile``: its step compiled); ``cfgs``: one config for all prompts or
-    one each."""
+    ``slots`` rows (``compile``: its step compiled); ``cfgs``: one config for all prompts (a
+    sampled one without a generator: each prompt draws its own) or one each."""
     if isinstance(cfgs, GenerationConfig):
         cfgs = [cfgs] * len(prompts)
     longest = max((len(p) + c.max_new_tokens for p, c in zip(prompts, cfgs)), default=1)

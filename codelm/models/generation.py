@@ -34,7 +34,6 @@ MIN_TEMPERATURE = 1e-10
 # Characters a text decoded from a cut of ids may differ from the whole's at its start
 # (a split character's replacement marks, a dropped leading space), with room to spare.
 CUT_MARGIN = 8
-# HumanEval's stop sequences: a function's completion ends where top-level code starts again.
 # Seed s of a run of samples (an evaluation's) draws sample i with seed s x SEED_SPREAD + i
 # (Fibonacci hashing, at 64 bits): a one-to-one map that puts consecutive seeds' streams
 # 2**64 / phi apart, so the samples of runs at seeds 0, 1, 2 are drawn independently, not one
@@ -49,6 +48,7 @@ def seed_of_sample(seed: int, index: int) -> int:
     return (seed * SEED_SPREAD + index) % 2**64
 
 
+# HumanEval's stop sequences: a function's completion ends where top-level code starts again.
 FUNCTION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\nassert ")
 
 
@@ -469,6 +469,11 @@ def _drafted(model: Transformer, idx, cfg: GenerationConfig, attention_mask) -> 
         _need(cfg.draft_model.cfg.vocab_size == model.cfg.vocab_size,
               f"the draft model's vocabulary ({cfg.draft_model.cfg.vocab_size}) differs from "
               f"the model's ({model.cfg.vocab_size}): a draft must share the tokenizer")
+        draft_block = cfg.draft_model.cfg.block_size
+        _need(idx.shape[1] + cfg.max_new_tokens <= draft_block + 1,
+              f"prompt length {idx.shape[1]} + max_new_tokens {cfg.max_new_tokens} exceeds the "
+              f"draft model's context length block_size={draft_block} + 1: a draft model reads "
+              "the whole text; use one with a longer context, or fewer new tokens")
         draft = _DraftModel(cfg.draft_model, idx.shape[1] + cfg.max_new_tokens)
     idx = idx.long()  # as every other decoding returns its tokens
     seq = idx[0].tolist()
