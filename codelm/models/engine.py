@@ -97,6 +97,7 @@ class Engine:
                                                            kernels.ENABLED)
         self.rows: list[_Request | None] = [None] * slots
         self.waiting: deque[_Request] = deque()
+        self.generators_held: set[int] = set()  # id() of each queued or running request's
         self.ids = itertools.count()
 
     # ------------------------------------------------------------------------ requests
@@ -127,7 +128,7 @@ class Engine:
         generator = cfg.generator
         if isinstance(generator, (list, tuple)):
             raise ValueError("a request samples with one generator, not one a row")
-        if generator is not None and any(r.generator is generator for r in self._requests()):
+        if generator is not None and id(generator) in self.generators_held:
             raise ValueError("the request's generator is another queued or running request's: "
                              "give each request its own (shared, a request's draws would depend "
                              "on what runs beside it)")
@@ -136,17 +137,24 @@ class Engine:
             generator = torch.Generator(self.device).manual_seed(seed)
         request = _Request(next(self.ids), prompt, cfg, generator, logprobs)
         self.waiting.append(request)
+        if generator is not None:
+            self.generators_held.add(id(generator))
         return request.id
 
-    def _requests(self) -> list[_Request]:
-        """The requests queued or running."""
-        return [*self.waiting, *(row for row in self.rows if row is not None)]
+    def _release(self, request: _Request) -> None:
+        """A request ends (finished or cancelled): its generator is free for another."""
+        if request.generator is not None:
+            self.generators_held.discard(id(request.generator))
 
     def cancel(self, request: int) -> None:
         """Drop a request, queued or running (its client went away); its slot frees now."""
+        for queued in self.waiting:
+            if queued.id == request:
+                self._release(queued)
         self.waiting = deque(r for r in self.waiting if r.id != request)
         for slot, row in enumerate(self.rows):
             if row is not None and row.id == request:
+                self._release(row)
                 self.rows[slot] = None
 
     @property
@@ -265,6 +273,7 @@ class Engine:
             if request.logprobs is not None:
                 event.logprob, event.top_logprobs = _logprobs(logits[i], token, request.logprobs)
             if event.finished is not None:
+                self._release(request)
                 self.rows[request.slot] = None
             events.append(event)
         return events
