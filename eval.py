@@ -556,8 +556,9 @@ def _evaluate_generations(cfg: EvalConfig, settings: TaskSettings, out: Path) ->
     benchmarks = registry.load_benchmarks(settings)
     problems = passk.prompted_problems(passk_task, benchmarks.problems[task])
     file = Path(cfg.load_generations)
-    samples = passk.read_generations(file, passk_task, problems, settings.num_samples)
-    metrics, records = passk.score_passk(file.stem, passk_task, problems, samples, settings)
+    programs = passk.read_generations(file, passk_task, problems, settings.num_samples)
+    metrics, records = passk.score_passk(file.stem, passk_task, passk.whole_programs(problems),
+                                         programs, settings)
     row = {"model": file.stem, "source": str(file.resolve()), "prompt": None,
            "metrics": {f"{task}/{key}": value for key, value in metrics.items()}}
     results = {"format_version": FORMAT_VERSION, "complete": True, "pending": [],

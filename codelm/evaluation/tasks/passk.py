@@ -26,7 +26,7 @@ from codelm.evaluation.metrics import pass_at_k
 from codelm.evaluation.scoring import Scoring
 from codelm.evaluation.tasks.problems import problem_records
 from codelm.loading import LoadedModel
-from codelm.models.generation import FUNCTION_STOPS, truncate_at_stops
+from codelm.models.generation import FUNCTION_STOPS
 from codelm.runtime import process, settings
 from codelm.runtime.console import progress_bar
 from codelm.sandbox import runner
@@ -364,7 +364,8 @@ def run_check(problem: dict, completion: str, config: SandboxConfig | None = Non
     if problem.get("trusted", True):
         entry = problem["entry_point"]
         functions = problem.get("functions") or ([entry] if entry is not None else [])
-        test = TrustedTest(problem["prompt"], problem["test"], tuple(functions), entry)
+        prelude = problem.get("prelude", problem["prompt"])  # the prompt's definitions
+        test = TrustedTest(prelude, problem["test"], tuple(functions), entry)
         return run_python(program, config, test, as_main=False)
     program += f"\n{problem['test']}\n"
     if problem["entry_point"] is not None:
@@ -517,10 +518,11 @@ def score_passk(label: str, passk_task: PasskTask, problems: Sequence[dict],
 
 def read_generations(path: str | Path, passk_task: PasskTask, problems: Sequence[dict], n: int
                      ) -> list[list[str]]:
-    """The completions in bigcode-evaluation-harness's generations.json (one list per problem,
+    """The generations in bigcode-evaluation-harness's generations.json (one list per problem,
     in the problems' order, each generation the prompt and its completion): the first ``n`` of
-    each problem's, post-processed as the harness's ``postprocess_generation`` does (the
-    prompt's length cut off the front, the rest cut at the task's first stop sequence)."""
+    each problem's, as they are. The harness's ``--load_generations_path`` runs each one, then
+    the problem's test, without post-processing (``postprocess_generation`` runs only while it
+    generates); score them with ``whole_programs(problems)``."""
     try:
         generations = settings.read_json(path, "generations file")
     except ValueError:
@@ -542,22 +544,26 @@ def read_generations(path: str | Path, passk_task: PasskTask, problems: Sequence
     if len(generations) > len(problems):
         print(f"note: {path}: the first {len(problems)} of its {len(generations)} problems' "
               "generations scored (--limit)", file=sys.stderr)
-    stops = passk_task.stops
-    completions, unprompted = [], []
+    programs, unprompted = [], []
     for problem, group in zip(problems, generations):
         if len(group) < n:
             raise ValueError(f"{path}: {problem['task_id']} has {len(group)} generation(s); "
                              f"--num-samples {n} scores the first {n} of each problem's")
-        prompt = problem["prompt"]
-        unprompted += [(problem, g) for g in group[:n] if not g.startswith(prompt)]
-        completions.append([truncate_at_stops(g[len(prompt):], stops) for g in group[:n]])
+        prompt = problem["prompt"].strip()
+        unprompted += [(problem, g) for g in group[:n] if not g.lstrip().startswith(prompt)]
+        programs.append(group[:n])
     if unprompted:
-        print(unprompted_warning(path, passk_task, unprompted, len(problems) * n),
-              file=sys.stderr)
+        print(unprompted_note(path, passk_task, unprompted, len(problems) * n), file=sys.stderr)
     sizes = [len(group) for group in generations[: len(problems)]]
     if max(sizes) > n:  # as the harness keeps its --n_samples first
         print(generations_left_note(path, n, min(sizes), max(sizes)), file=sys.stderr)
-    return completions
+    return programs
+
+
+def whole_programs(problems: Sequence[dict]) -> list[dict]:
+    """``problems`` whose samples are whole programs (loaded generations), run as they are: no
+    prompt before them; the prompt's definitions stay the trusted test's prelude."""
+    return [{**problem, "prompt": "", "prelude": problem["prompt"]} for problem in problems]
 
 
 def _is_samples_file(path: str | Path) -> bool:
@@ -581,26 +587,17 @@ def generations_left_note(path: str | Path, n: int, fewest: int, most: int) -> s
     return f"{note} (problems have {fewest} to {most})"
 
 
-def unprompted_warning(path: str | Path, passk_task: PasskTask,
-                       unprompted: Sequence[tuple[dict, str]], total: int) -> str:
-    """The warning for generations that do not start with their problem's prompt as
-    ``passk_task`` gives it (``unprompted``: (prompted problem, generation) pairs): the
-    convention, the first one's beginning against its prompt's, and how to write the file."""
+def unprompted_note(path: str | Path, passk_task: PasskTask,
+                    unprompted: Sequence[tuple[dict, str]], total: int) -> str:
+    """The note for generations that do not start with their problem's prompt (``unprompted``:
+    (prompted problem, generation) pairs): they run as they are, as the harness runs them,
+    which fails a completion without its prompt and a file of other problems or their order."""
     problem, generation = unprompted[0]
-    prompt = problem["prompt"]
-    if passk_task.strip_prompt:
-        convention, which = "prompt.strip() + completion", "stripped prompt"
-    else:
-        convention, which = "prompt + completion", "prompt"
-    if generation.lstrip().startswith(prompt):  # the raw prompt's leading whitespace
-        fix = "strip each generation's leading whitespace (generation.lstrip())"
-    else:
-        fix = f"write each generation as its problem's {convention}"
-    return (f"warning: {path}: {len(unprompted)} of {total} generation(s) do not start with "
-            f"their problem's {passk_task.name} {which} (bigcode-evaluation-harness's "
-            f"convention: each is {convention}, and the {which}'s length is cut off its front, "
-            f"so these score wrongly): {problem['task_id']}'s begins {generation[:40]!r}, its "
-            f"{which} {prompt[:40]!r}; {fix} (the formats: docs/evaluation.md)")
+    return (f"note: {path}: {len(unprompted)} of {total} generation(s) do not start with their "
+            f"problem's {passk_task.name} prompt: each runs as it is, then the test, as "
+            f"bigcode-evaluation-harness runs it ({problem['task_id']}'s begins "
+            f"{generation[:40]!r}, its prompt {problem['prompt'].strip()[:40]!r}); a generation "
+            "is its problem's prompt + completion, in the problems' order (docs/evaluation.md)")
 
 
 def source() -> Path:
