@@ -3316,8 +3316,8 @@ def test_a_supervised_run_is_scored_on_its_own_task_by_default(tiny_models, tmp_
 def test_the_lm_task_on_a_runs_val_split_is_its_val_loss(tmp_path, monkeypatch, packing,
                                                          capsys):
     """eval.py's lm task on a run's whole val split gives the val loss and token count the run
-    logged: with --packing its files keep to themselves (no attention across an EOS, nothing
-    counted at one), as the run trained and validated."""
+    logged: with --packing its files keep to themselves (each attends only to itself and the EOS
+    that opens it), as the run trained and validated."""
     import trainingmanager as tm
 
     monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))

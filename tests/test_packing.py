@@ -2,11 +2,14 @@
 attention within it), give every example the logits, loss and gradients it has alone, for
 every family codelm loads, sliding windows and learned positions included."""
 
+import types
+
 import pytest
 import torch
 from tiny_hf import FAMILIES, MODERN, WINDOW, tiny_checkpoints
 
 from architecture import IGNORE_INDEX, document_positions
+from codelm.data import encoding
 from codelm.data.datasets import LMWindows, SupervisedExamples, collate
 
 NAMES = FAMILIES + MODERN
@@ -134,8 +137,10 @@ def test_a_packed_row_is_its_examples_one_after_another():
 
 
 def test_lm_windows_keep_each_file_to_itself(checkpoints, tmp_path):
-    """DocumentWindows: a document starts after every EOS, nothing is counted at an EOS, and
-    the model gives a file's tokens the logits they have from the file's own start."""
+    """DocumentWindows: a document starts at every EOS, so a file ends by predicting its EOS
+    and its successor's first token is predicted from that EOS alone, and the model gives a
+    file's tokens the logits they have after an EOS alone: what generation feeds an lm run's
+    model (its prompts start after an EOS)."""
     import numpy as np
 
     from codelm.training.batches import DocumentWindows
@@ -146,13 +151,15 @@ def test_lm_windows_keep_each_file_to_itself(checkpoints, tmp_path):
     tokens.tofile(path)
     windows = DocumentWindows(LMWindows(path, "uint16", len(tokens), 10, 10), eos)
     item = windows[0]
-    assert item["document_ids"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 2]
-    assert item["labels"].tolist() == [8, 9, eos, IGNORE_INDEX, 11, 12, 13, eos, IGNORE_INDEX, 15]
+    assert item["document_ids"].tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 2, 2]
+    assert item["labels"].tolist() == [8, 9, eos, 10, 11, 12, 13, eos, 14, 15]
+    tok = types.SimpleNamespace(eos_id=eos, template_prefix=[])
+    assert encoding.prompt_prefix(tok, "lm") == [eos]  # as an lm run's prompt starts
     _, _, model = checkpoints["llama"]
     with torch.no_grad():
         packed = model(item["input_ids"][None], document_ids=item["document_ids"][None])[0]
-        alone = model(item["input_ids"][None, 4:9])[0]
-    assert (packed[4:9] - alone).abs().max().item() <= 1e-5
+        alone = model(torch.tensor([[eos, 10, 11, 12, 13]]))[0]
+    assert (packed[3:8] - alone).abs().max().item() <= 1e-5
 
 
 def test_packing_is_on_by_default_where_a_row_holds_two_examples_or_more():

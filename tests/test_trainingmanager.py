@@ -1289,8 +1289,8 @@ def test_a_packed_run_counts_its_rows_as_rows(assets, tmp_path, capsys):
 
 def test_an_lm_run_with_packing_keeps_each_file_to_itself(assets, tmp_path):
     """--packing on the lm task: the windows stay as they are, their files told apart (each
-    attends only to itself; nothing counted at an EOS): the run trains, and its validation
-    counts fewer tokens than the unpacked run's, the EOS positions'."""
+    attends only to itself and the EOS that opens it): the run trains, and its validation loss
+    differs from the unpacked run's, whose files see the files before them."""
     common = dict(task="lm", max_steps=4, eval_every=4, save_every=4)
     packed = tm.train(tiny_cfg(assets, tmp_path, name="packed", packing=True, **common))
     plain = tm.train(tiny_cfg(assets, tmp_path, name="plain", **common))

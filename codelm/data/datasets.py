@@ -103,13 +103,11 @@ def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int | None
 
 def files_apart(window: dict[str, torch.Tensor], eos_id: int) -> dict[str, torch.Tensor]:
     """An lm window (input_ids, labels) whose files keep to themselves, as an lm run with
-    packing trains and validates on them: a document starts after every EOS (document_ids),
-    and nothing is counted at an EOS (the next file's first token is not the file's to
-    predict)."""
-    ends = window["input_ids"] == eos_id
-    labels = window["labels"].clone()
-    labels[ends] = IGNORE_INDEX
-    return {**window, "labels": labels, "document_ids": ends.long().cumsum(0) - ends.long()}
+    packing trains and validates on them: a document starts at every EOS (document_ids), so a
+    file ends by predicting its EOS and the next file's first token is predicted from that EOS
+    alone, as generation prompts the model (the lm task's prompts start after an EOS)."""
+    starts = window["input_ids"] == eos_id
+    return {**window, "document_ids": starts.long().cumsum(0)}
 
 
 @dataclass

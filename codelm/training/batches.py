@@ -216,9 +216,9 @@ class PackedExamples(Dataset):
 
 
 class DocumentWindows(Dataset):
-    """lm windows (LMWindows, or a Subset of them) whose files keep to themselves:
-    a document starts after every EOS, and nothing is counted at an EOS (the next file's first
-    token is not the file's to predict)."""
+    """lm windows (LMWindows, or a Subset of them) whose files keep to themselves
+    (``files_apart``): a document starts at every EOS, the EOS that opens a file as it opens a
+    prompt."""
 
     def __init__(self, windows: Dataset, eos_id: int):
         self.windows = windows
