@@ -126,7 +126,7 @@ def _task_options(cfg: DataConfig) -> dict:
                     project_cut=2)
     if cfg.task == "fim":
         # fim_cut: bump when the PSM cut changes the ids (rebuilds the fim entries only)
-        opts.update(fim_rate=cfg.fim_rate, fim_cut=3)
+        opts.update(fim_rate=cfg.fim_rate, fim_cut=4)
     if reads_special_tokens(cfg.task, cfg.pair_special_tokens):
         opts.update(pair_special_tokens=True)
     return opts

@@ -1847,7 +1847,7 @@ def test_fim_prompts_cut_to_max_prompt_tokens_keep_their_sentinels(tmp_path, tok
     for i in range(len(data.train)):
         prompt, completion = prompt_and_completion(data.train[i])
         assert len(prompt) <= 32
-        if not prompt:
+        if prompt[0] != tok.fim_prefix_id:  # a plain chunk (a file's last, too short to cut)
             continue
         n_fim += 1
         assert [t for t in prompt if t in sentinels] == [
@@ -1894,20 +1894,21 @@ def check_fim_pairs_against_hf(hf, tok, text: str, doc_id: str, block_size: int,
     ids of the whole file; a plain chunk is those ids; a PSM chunk's text (from HF's character
     offsets, so a cut inside a character takes all of it) is prefix + middle + suffix, each of
     them HF's encoding of its text alone, the prompt cut by ids only so that the example fits
-    block_size. Returns counts of the kinds of chunk seen."""
+    block_size; a plain chunk after a file's first opens with the token before it. Returns
+    counts of the kinds of chunk seen."""
     c = DataConfig(task="fim", fim_rate=fim_rate, block_size=block_size)
     pre, suf, mid = (hf.token_to_id(t) for t in ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
     enc = hf.encode(text, add_special_tokens=False)
     ids, starts = enc.ids, [o[0] for o in enc.offsets] + [len(text)]
     size = block_size + 1 - 4
-    chunks = [s for s in range(0, len(ids), size) if len(ids[s : s + size]) >= 2]
+    chunks = [s for s in range(0, len(ids), size) if len(ids[max(0, s - 1) : s + size]) >= 2]
     pairs = fim_pairs([(ids, doc_id)], tok, c)[0]
     assert len(pairs) == len(chunks)
     seen = Counter()
     for s, (prompt, middle) in zip(chunks, pairs):
         chunk = ids[s : s + size]
         if not prompt:
-            assert middle == chunk
+            assert middle == ids[max(0, s - 1) : s + size]
             seen["plain"] += 1
             continue
         assert prompt[0] == pre and prompt[-1] == mid and prompt.count(suf) == 1
@@ -2003,8 +2004,9 @@ def test_a_docstring_sharing_its_line_with_code_makes_no_docstring_example():
 
 def test_fim_plain_chunks_get_no_eos_in_the_built_data(tmp_path, tok):
     """fim_rate=0: every chunk is a plain LM chunk, its tokens as the file has them with no EOS
-    added (it is no completion that ends the text), chunks of block_size + 1 - 4 tokens.
-    Reference: slices of tok.encode of the file."""
+    added (it is no completion that ends the text), chunks of block_size + 1 - 4 tokens, each
+    after the first opening with the token before it: every token after the file's first is a
+    target once, as in lm windows. Reference: slices of tok.encode of the file."""
     src = tmp_path / "src"
     src.mkdir()
     text = (EMAIL / "quoprimime.py").read_text("utf-8")
@@ -2012,11 +2014,12 @@ def test_fim_plain_chunks_get_no_eos_in_the_built_data(tmp_path, tok):
     data = prepare(cfg(tmp_path, sources=[str(src)], task="fim", fim_rate=0.0, block_size=32,
                        min_lines=1, strip_license=False, **WHOLE), tok)
     ids = tok.encode(text)
-    chunks = [ids[s : s + 29] for s in range(0, len(ids), 29)]
+    chunks = [ids[max(0, s - 1) : s + 29] for s in range(0, len(ids), 29)]
     expected = [(ch[:-1], ch[1:]) for ch in chunks if len(ch) >= 2]
     got = [(data.train[i]["input_ids"].tolist(), data.train[i]["labels"].tolist())
            for i in range(len(data.train))]
     assert got == expected
+    assert [t for _, labels in got for t in labels] == ids[1:]
 
 
 def test_add_eos_false_leaves_completions_without_eos(tmp_path, tok):

@@ -344,8 +344,9 @@ def _char_start(raw: bytes, x: int) -> int:
 
 def _fim_plan(ids: list[int], doc_id: str, size: int, tokenizer, cfg: DataConfig,
               byte_lengths: np.ndarray) -> list[list[int] | tuple[str, str, str]]:
-    """A file's chunks of ``size`` tokens: plain LM chunks (ids) or, for a seeded ``fim_rate``
-    share, the texts of prefix, middle and suffix cut at two tokens moved to character starts."""
+    """A file's chunks of ``size`` tokens: plain LM chunks (ids, after the first one token more:
+    the one before it) or, for a seeded ``fim_rate`` share, the texts of prefix, middle and
+    suffix cut at two tokens moved to character starts."""
     rng = random.Random(f"{cfg.seed}\0fim\0{doc_id}")
     table = tokenizer._id_to_bytes
     offsets = None
@@ -365,8 +366,11 @@ def _fim_plan(ids: list[int], doc_id: str, size: int, tokenizer, cfg: DataConfig
                 y += 1  # both cuts in one character: the middle takes that character
             plan.append(tuple(raw[i:j].decode("utf-8", "replace")
                               for i, j in ((start, x), (x, y), (y, end))))
-        elif len(chunk) >= 2:
-            plan.append(chunk)
+        else:  # plain: after the first, the token before it opens it (where no template start
+            # does), so that its own first token is a target too, as in an lm window
+            lead = ids[s - 1 : s] if s and not tokenizer.template_prefix else []
+            if len(lead) + len(chunk) >= 2:
+                plan.append(lead + chunk)
     return plan
 
 
