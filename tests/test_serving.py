@@ -12,7 +12,6 @@ import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import openai
 import pytest
@@ -929,12 +928,20 @@ def test_an_endpoint_is_asked_as_eval_samples_a_local_model(monkeypatch):
     cfg = EvalConfig(max_new_tokens=500, temperature=0.8, top_k=7, num_samples=130, seed=5,
                      batch_size=1, progress=False)
     texts = ev._endpoint_samples(endpoint, "x", passk.PASSK, problems, cfg)
-    seed = partial(seed_of_sample, 5)
+    def seed(index: int) -> int:  # sent signed, as vLLM takes a seed: the same torch stream
+        unsigned = seed_of_sample(5, index)
+        return unsigned - 2**64 if unsigned >= 2**63 else unsigned
+
     assert [(b["prompt"], b["n"], b["seed"], b["max_tokens"], b["top_k"]) for b in asked] == [
         ("a", 128, seed(0), 128, 7), ("a", 2, seed(128), 128, 7),
         ("b", 128, seed(130), 128, 7), ("b", 2, seed(258), 128, 7)]
+    assert all(-2**63 <= b["seed"] < 2**63 for b in asked)
     assert {b["truncate_prompt_tokens"] for b in asked} == {256 - 128}  # the prompt's room
     assert texts[1][:2] == [str(seed(130)), str(seed(131))] and texts[0][-1] == str(seed(129))
+    asked.clear()  # a seed of 2**63 or more is sent signed (vLLM takes at most 2**63 - 1)
+    ev._endpoint_samples(endpoint, "x", passk.PASSK, problems[:1],
+                         dataclasses.replace(cfg, seed=1))
+    assert [b["seed"] for b in asked] == [SEED_SPREAD - 2**64, SEED_SPREAD - 2**64 + 128]
     asked.clear()  # seeds wrap at 64 bits, as a local model's do
     ev._endpoint_samples(endpoint, "x", passk.PASSK, problems[:1],
                          dataclasses.replace(cfg, seed=2**64 - 1))

@@ -99,7 +99,7 @@ def prompt_cell(prompt: str | None) -> str:
 
 
 # results.json's format, and the definitions of the metrics in it: another is never resumed.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 _NORM_SLICE = 1 << 24  # values per float64 copy in `identity` (128 MiB, however big the tensor)
 
 
@@ -290,9 +290,10 @@ def save(out: Path, results: dict, records: Sequence[dict]) -> None:
     ``evaluate_functional_correctness`` re-scores, and in
     bigcode-evaluation-harness's
     (generations-*.json: prompt and completion, one list per problem), which its
-    ``--load_generations_path`` re-scores; an instruct model's (``--chat``) as EvalPlus's
-    samples (samples-*.jsonl with each program as its ``solution``), which ``evalplus.evaluate``
-    re-scores."""
+    ``--load_generations_path`` re-scores; a program run whole (an instruct model's answer,
+    ``--chat``, or a loaded generation) as EvalPlus's samples (samples-*.jsonl with each program
+    as its ``solution``), which ``evalplus.evaluate`` re-scores, and an instruct model's in no
+    generations-*.json (no prompt + completion for the harness)."""
     process.write_atomic(out / "predictions.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     names = _sample_file_names(records)
@@ -306,7 +307,7 @@ def save(out: Path, results: dict, records: Sequence[dict]) -> None:
             process.write_atomic(out / f"samples-{name}.jsonl",
                                  "".join(json.dumps(s, ensure_ascii=False) + "\n"
                                          for s in samples))
-            if "solution" in mine[0]:
+            if "messages" in mine[0]:
                 continue  # instruct answers: no prompt + completion for the harness
             programs: dict[str, list[str]] = {}
             for r in mine:

@@ -97,7 +97,7 @@ class Engine:
                                                            kernels.ENABLED)
         self.rows: list[_Request | None] = [None] * slots
         self.waiting: deque[_Request] = deque()
-        self.generators_held: set[int] = set()  # id() of each queued or running request's
+        self.generators_held: set[torch.Generator] = set()  # the sampled requests' own
         self.ids = itertools.count()
 
     # ------------------------------------------------------------------------ requests
@@ -128,7 +128,8 @@ class Engine:
         generator = cfg.generator
         if isinstance(generator, (list, tuple)):
             raise ValueError("a request samples with one generator, not one a row")
-        if generator is not None and id(generator) in self.generators_held:
+        sampled = cfg.temperature > 0
+        if sampled and generator is not None and generator in self.generators_held:
             raise ValueError("the request's generator is another queued or running request's: "
                              "give each request its own (shared, a request's draws would depend "
                              "on what runs beside it)")
@@ -137,14 +138,14 @@ class Engine:
             generator = torch.Generator(self.device).manual_seed(seed)
         request = _Request(next(self.ids), prompt, cfg, generator, logprobs)
         self.waiting.append(request)
-        if generator is not None:
-            self.generators_held.add(id(generator))
+        if sampled and generator is not None:
+            self.generators_held.add(generator)
         return request.id
 
     def _release(self, request: _Request) -> None:
         """A request ends (finished or cancelled): its generator is free for another."""
         if request.generator is not None:
-            self.generators_held.discard(id(request.generator))
+            self.generators_held.discard(request.generator)
 
     def cancel(self, request: int) -> None:
         """Drop a request, queued or running (its client went away); its slot frees now."""

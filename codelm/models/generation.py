@@ -43,8 +43,9 @@ SEED_SPREAD = 0x9E3779B97F4A7C15
 
 def seed_of_sample(seed: int, index: int) -> int:
     """The seed of sample (or prompt) number ``index`` of a run of samples seeded ``seed``: seed
-    0's are 0, 1, 2, ...; seed_of_sample(s, k) + i is seed_of_sample(s, k + i), as an endpoint
-    asked for n choices at seed_of_sample(s, k) seeds its choice i (codelm's server's rule)."""
+    0's are 0, 1, 2, ...; seed_of_sample(s, k) + i is seed_of_sample(s, k + i) (mod 2**64), as
+    an endpoint asked for n choices at seed_of_sample(s, k) seeds its choice i (codelm's
+    server's rule)."""
     return (seed * SEED_SPREAD + index) % 2**64
 
 

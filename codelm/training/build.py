@@ -356,6 +356,8 @@ def prepare_data(settings: DataSettings, dist: Dist) -> Data:
             print(f"note: {note}", file=sys.stderr)
     data_id = {"entry": splits.cache_path.name if splits.cache_path else None,
                "train_examples": len(splits.train), "corpus": corpus_key(dcfg)}
+    if settings.task == "lm" and settings.packing:  # files_apart's rule: bump when it changes
+        data_id["files_apart"] = 2
     batches = example_batches(settings, splits, tok, dcfg.block_size, dist)
     return Data(tok=tok, dcfg=dcfg, batches=batches, sample_prompt=splits.sample_prompt,
                 data_id=data_id, new_tokenizer=not own_tok)

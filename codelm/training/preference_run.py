@@ -61,7 +61,8 @@ class PreferenceData(NamedTuple):
     data_id: dict  # what checkpoints record of the data
 
 
-def prepare(cfg: TrainConfig | DataSettings, tok: Tokenizer, block_size: int, dist: Dist) -> PreferenceData:
+def prepare(cfg: TrainConfig | DataSettings, tok: Tokenizer, block_size: int, dist: Dist
+            ) -> PreferenceData:
     """The run's records (``--data``; validation ``--val-data``, else val_frac of them), encoded
     for ``block_size`` and batched; what was cut is said."""
     dcfg = DataConfig(sources=list(cfg.data), block_size=block_size,

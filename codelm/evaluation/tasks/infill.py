@@ -36,9 +36,9 @@ class InfillSettings(Scoring, Protocol):
 
 
 def infill_problems(docs: Sequence[Doc], cfg: InfillSettings) -> list[dict]:
-    """The first ``cfg.limit`` (default GENERATION_EXAMPLES) problems of the split's code files: in each, the lines that line
-    completion draws (``cfg.lines_per_file``, seeded), each a middle between the file's text
-    before it and after it."""
+    """The first ``cfg.limit`` (default GENERATION_EXAMPLES) problems of the split's code files:
+    in each, the lines that line completion draws (``cfg.lines_per_file``, seeded), each a
+    middle between the file's text before it and after it."""
     limit = GENERATION_EXAMPLES if cfg.limit is None else cfg.limit
     problems = []
     for doc in docs:

@@ -60,8 +60,8 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: LmSettings) -> dict:
 
 
 def _apart_at(lm: LoadedModel) -> int | None:
-    """The EOS after which a run's files keep to themselves (an lm run with packing trained
-    and validated so: encoding.files_apart), else None."""
+    """The EOS that opens each of a run's files, which keep to themselves (an lm run with
+    packing trained and validated so: datasets.files_apart), else None."""
     run = lm.run_config or {}
     if run.get("task", "lm") != "lm" or not run.get("packing"):
         return None

