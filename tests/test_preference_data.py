@@ -329,12 +329,11 @@ def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):
     """`eval.py --preference-pairs` on scored samples of the bundled problems (a generations
     file: the sandbox runs each with its test): a problem with passing and failing samples gives
     pairs (distinct programs, passing over failing, the verdicts with them), one that always
-    passes or always fails gives none and is counted; an exploit's program (cut where the
-    function ends, as every sample is) fails; the files read back as preference data, and
-    another evaluation does not write over them."""
+    passes or always fails gives none and is counted; an exploit's program (run whole, as a
+    loaded generation is) fails; each pair is the prompt's completions; the files read back as
+    preference data, and another evaluation does not write over them."""
     import eval as ev
     from codelm.evaluation.tasks import passk
-    from codelm.models.generation import truncate_at_stops
     from codelm.training import rewards
 
     problems = passk.load_problems()[:3]
@@ -357,9 +356,9 @@ def test_eval_writes_pairs_of_samples_the_sandbox_checked(tmp_path, capsys):
     assert f"7 labelled completions (kto) in {tmp_path / 'pairs' / 'out.kto.jsonl'}" in said, said
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     prompt = problems[0]["prompt"]
-    cut = truncate_at_stops(cheat[len(prompt):], passk.PASSK.stops)
-    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
-        (right[0][len(prompt):], wrong[0][len(prompt):]), ((right[0] + "\n")[len(prompt):], cut)]
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+        (prompt, right[0][len(prompt):], wrong[0][len(prompt):]),
+        (prompt, (right[0] + "\n")[len(prompt):], cheat[len(prompt):])]
     assert {(p["task_id"], p["task"], p["chosen_status"], p["rejected_status"])
             for p in pairs} == {(problems[0]["task_id"], "passk", "passed", "failed")}
     labelled = [json.loads(line) for line in (tmp_path / "pairs" / "out.kto.jsonl").read_text()

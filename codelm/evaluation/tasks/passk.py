@@ -488,7 +488,8 @@ def score_passk(label: str, passk_task: PasskTask, problems: Sequence[dict],
                 samples: Sequence[Sequence[str]], cfg: PasskSettings) -> tuple[dict, list[dict]]:
     """Each problem's completions (``samples``, in the problems' order) run in the sandbox with
     its test; the unbiased pass@k of each problem, averaged. A chat problem's (``run_chat``)
-    are answers, whose record also has the program run (``solution``)."""
+    are answers, and a ``whole_programs`` problem's loaded generations: their records also have
+    the program run (``solution``)."""
     task = passk_task.name
     jobs, answers = [], []
     for problem, completions in zip(problems, samples, strict=True):
@@ -508,6 +509,9 @@ def score_passk(label: str, passk_task: PasskTask, problems: Sequence[dict],
             record.update(solution=program, messages=problem["messages"],
                           answer_opening=problem["answer_opening"])
         elif "prelude" in problem:  # a loaded generation: the program run as it is
+            prompt = problem["prelude"]
+            if program.startswith(prompt):  # read as its prompt's completion (pairs, samples)
+                record.update(prompt=prompt, prediction=program[len(prompt):])
             record["solution"] = program
         records.append(record)
     metrics = {}
