@@ -4159,6 +4159,16 @@ def test_checkpoints_hold_the_training_gpus_rng_and_resume_where_fewer_are_visib
     assert torch.equal(gpus[1].get_state(), untouched)
 
 
+def test_each_ranks_seed_is_its_own_across_neighbouring_run_seeds():
+    """Rank 0 keeps the run's seed (a one-process run's streams); the other ranks' seeds are
+    distinct from every rank's of the runs at neighbouring seeds: seed + rank would give seed
+    1's rank 0 the dropout stream of seed 0's rank 1."""
+    seeds = [rng.rank_seed(seed, rank) for seed in range(8) for rank in range(8)]
+    assert len(set(seeds)) == len(seeds)
+    assert [rng.rank_seed(seed, 0) for seed in range(3)] == [0, 1, 2]
+    assert all(0 <= seed < 2**63 for seed in seeds)
+
+
 def test_a_resume_keeps_the_precision_auto_trained_in(assets, tmp_path, monkeypatch, capsys):
     """precision "auto" is not resolved again on resume (a bf16 run resumed on a T4 would train
     on in fp16, on the CPU in fp32, silently). The checkpoint records what it trained in; another

@@ -15,6 +15,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s own streams in a run seeded ``seed``: ``seed`` itself for
+    rank 0 (a one-process run's), else NumPy's SeedSequence of the two, so that the ranks of
+    runs at neighbouring seeds share no stream (seed + rank would: seed 1's rank 0 drawing
+    seed 0's rank 1's dropout)."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] % 2**63)
+
+
 def rng_state(device: torch.device | None = None) -> dict:
     """This process's RNG state; on a CUDA ``device``, that GPU's generator only."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()

@@ -40,7 +40,7 @@ from codelm.runs.checkpoint import (
 )
 from codelm.runtime import process, settings
 from codelm.runtime.distributed import Dist, all_gather, barrier, broadcast, main_first
-from codelm.runtime.rng import rng_state, seed_everything, set_rng_state
+from codelm.runtime.rng import rank_seed, rng_state, seed_everything, set_rng_state
 from codelm.runtime.settings import fields_of, setting
 from codelm.tokenization.bpe import BPETokenizer
 from codelm.tokenization.files import TOKENIZER_FILE, tokenizer_path
@@ -216,7 +216,7 @@ class Run:
         files_before_config = self._check_model(cfg, model, run_dir, device,
                                                 bool(checkpoints))
         if dist.enabled:  # same init everywhere, but each rank its own dropout stream
-            seed_everything(cfg.seed + dist.rank)
+            seed_everything(rank_seed(cfg.seed, dist.rank))
         cfg, self.clock, length = self._size(cfg, model, device, dist, created)
         self.state = RunState(precision=checked_precision(cfg, device), max_steps=length,
                               data=self.data.data_id)
