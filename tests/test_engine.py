@@ -295,6 +295,11 @@ def test_a_generator_another_request_holds_is_refused():
     engine.add([5, 6, 7], greedy)
     engine.add([8, 9], greedy)
     assert len(list(engine.run())) == 8
+    engine.add([5, 6, 7], cfg)  # a greedy request that ends frees no sampled one's generator
+    engine.add([8], GenerationConfig(1, generator=shared))
+    list(engine.step())
+    with pytest.raises(ValueError, match="another queued or running request's"):
+        engine.add([8, 9], cfg)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

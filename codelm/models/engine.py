@@ -128,31 +128,34 @@ class Engine:
         generator = cfg.generator
         if isinstance(generator, (list, tuple)):
             raise ValueError("a request samples with one generator, not one a row")
-        sampled = cfg.temperature > 0
-        if sampled and generator is not None and generator in self.generators_held:
-            raise ValueError("the request's generator is another queued or running request's: "
-                             "give each request its own (shared, a request's draws would depend "
-                             "on what runs beside it)")
-        if generator is None and cfg.temperature > 0:
-            seed = int(torch.randint(2**62, (), dtype=torch.long))
-            generator = torch.Generator(self.device).manual_seed(seed)
+        if cfg.temperature > 0:  # a sampled request draws from a generator of its own
+            if generator in self.generators_held:
+                raise ValueError("the request's generator is another queued or running "
+                                 "request's: give each request its own (shared, a request's "
+                                 "draws would depend on what runs beside it)")
+            if generator is None:
+                seed = int(torch.randint(2**62, (), dtype=torch.long))
+                generator = torch.Generator(self.device).manual_seed(seed)
+            self.generators_held.add(generator)
         request = _Request(next(self.ids), prompt, cfg, generator, logprobs)
         self.waiting.append(request)
-        if sampled and generator is not None:
-            self.generators_held.add(generator)
         return request.id
 
     def _release(self, request: _Request) -> None:
-        """A request ends (finished or cancelled): its generator is free for another."""
-        if request.generator is not None:
+        """A request ends (finished or cancelled): a sampled one's generator is free for
+        another (a greedy one's was never held: it draws nothing)."""
+        if request.cfg.temperature > 0:
             self.generators_held.discard(request.generator)
 
     def cancel(self, request: int) -> None:
         """Drop a request, queued or running (its client went away); its slot frees now."""
+        waiting = deque()
         for queued in self.waiting:
             if queued.id == request:
                 self._release(queued)
-        self.waiting = deque(r for r in self.waiting if r.id != request)
+            else:
+                waiting.append(queued)
+        self.waiting = waiting
         for slot, row in enumerate(self.rows):
             if row is not None and row.id == request:
                 self._release(row)
