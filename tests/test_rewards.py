@@ -244,6 +244,24 @@ def test_partial_credit_counts_every_assertion_however_check_ends():
     assert earned == [1.0, 1.0, 1.0, 0.5, 1.0, 0.5]
 
 
+def test_a_test_opening_with_future_imports_earns_partial_credit():
+    """Python takes ``from __future__`` imports only at a module's opening: the counting test
+    keeps them there, in HumanEval's form and in MBPP's, so the canonical solution earns all of
+    the credit (as it passes the test whole) and a wrong answer its share."""
+    future = '"""The tests."""\nfrom __future__ import annotations\n'
+    asserts = "assert candidate(1) == 2\nassert candidate(3) == 6\n"
+    humaneval_form = {"task_id": "t/future", "prompt": "def f(x):\n", "entry_point": "f",
+                      "test": future + "\ndef check(candidate):\n"
+                              + asserts.replace("assert", "    assert")}
+    mbpp_form = {**humaneval_form, "entry_point": None, "functions": ["f"],
+                 "test": future + asserts.replace("candidate", "f")}
+    jobs = [(problem, answer) for problem in (humaneval_form, mbpp_form)
+            for answer in ("    return 2 * x\n", "    return 2\n")]
+    assert rewards.rewards(jobs, passk.run_check, SANDBOX, workers=2) == [1.0, 0.0, 1.0, 0.0]
+    earned = rewards.partial_rewards(jobs, passk.run_check, SANDBOX, workers=2)
+    assert earned == [1.0, 0.5, 1.0, 0.5]
+
+
 def test_an_assertion_of_constants_is_no_partial_credit():
     """HumanEval's `assert True, "This prints if this assert fails..."` holds whatever the
     program does: a program that only raises earns nothing on those problems, the canonical

@@ -118,23 +118,25 @@ def counting_test(test: str, entry_point: str | None, marker: str) -> str:
     (HumanEval's ``assert True, "..."``), or one comparing the candidate's result with itself
     (HumanEval/33's ``candidate(x) == sort_third(x)``, where both names are the candidate)."""
     tree = ast.parse(test)
-    owner = tree
+    first = _after_future_imports(tree.body)  # they must open the module: they stay first
+    owner, statements = tree, tree.body[first:]
     if entry_point is not None:
         checks = [node for node in tree.body
                   if isinstance(node, ast.FunctionDef) and node.name == "check"]
         if not checks:
             return test
         owner = checks[-1]
-    live = next((i for i, node in enumerate(owner.body) if isinstance(node, ast.Return)),
-                len(owner.body))
-    counts = [i < live and _counts(node, entry_point) for i, node in enumerate(owner.body)]
+        statements = owner.body
+    live = next((i for i, node in enumerate(statements) if isinstance(node, ast.Return)),
+                len(statements))
+    counts = [i < live and _counts(node, entry_point) for i, node in enumerate(statements)]
     total = sum(counts)
     if total == 0:
         return test
     counted = ast.parse(f"try:\n    pass\nexcept Exception:\n    pass\nelse:\n"
                         f"    {COUNTER}[0] += 1\n").body[0]
     body = []
-    for node, count in zip(owner.body, counts):
+    for node, count in zip(statements, counts):
         if count:
             wrapped = ast.parse(ast.unparse(counted)).body[0]
             wrapped.body = [node]
@@ -144,9 +146,22 @@ def counting_test(test: str, entry_point: str | None, marker: str) -> str:
     reported.body = body
     reported.finalbody = ast.parse(
         f"print({marker!r} + str({COUNTER}[0]) + '/{total}', flush=True)").body
-    owner.body = [reported]
-    tree.body[:0] = ast.parse(f"{COUNTER} = [0]").body
+    owner.body = [*owner.body[:first], reported] if owner is tree else [reported]
+    tree.body[first:first] = ast.parse(f"{COUNTER} = [0]").body
     return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
+
+
+def _after_future_imports(body: list[ast.stmt]) -> int:
+    """Where a module's opening docstring and ``from __future__`` imports end: Python takes
+    those imports only there."""
+    end = 0
+    for i, node in enumerate(body):
+        docstring = (i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                     and isinstance(node.value.value, str))
+        if not (docstring or isinstance(node, ast.ImportFrom) and node.module == "__future__"):
+            break
+        end = i + 1
+    return end
 
 
 def _counts(node: ast.stmt, entry_point: str | None) -> bool:
