@@ -437,6 +437,7 @@ def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -
         if cfg.use_dora and isinstance(module, nn.Embedding):
             raise ValueError(f"LoRA target {name} is an embedding: codelm's DoRA adapts Linear "
                              "modules only; leave it out of the targets")
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
@@ -451,9 +452,14 @@ def _attach(model: nn.Module, cfg: LoRAConfig, resolved: dict[str, list[str]]) -
         module.add_adapter(name.rsplit(".", 1)[-1], name, rows)
     for _, module in lora_modules(model):
         module.train(model.training)  # new layers join an eval-mode model in eval mode
-    for tensor, _ in _saved_base_tensors(model, cfg).values():
-        tensor.requires_grad_(True)
     model.lora_config = cfg
+    try:  # bias and modules_to_save are checked against the adapted model
+        saved = _saved_base_tensors(model, cfg)
+    except ValueError:
+        _detach(model, trainable)  # a refused config leaves the model as it was
+        raise
+    for tensor, _ in saved.values():
+        tensor.requires_grad_(True)
     return _report(model, resolved)
 
 

@@ -264,6 +264,29 @@ def test_a_modules_to_save_entry_that_names_no_module_is_refused(tmp_path):
                    LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["layer_norm"]))
 
 
+def test_a_config_refused_for_its_saved_tensors_leaves_the_model_as_it_was(tmp_path):
+    """bias and modules_to_save are checked once the adapters are placed; a refusal there, from
+    apply_lora or from load_adapter, takes them off again: no LoRA layer stays, every parameter
+    trains as before, and a corrected config applies to the same model."""
+    save_tiny_hf("llama", tmp_path / "llama")
+    model = pretrained.load(tmp_path / "llama")
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    bad = LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["layer_norm"])
+    with pytest.raises(ValueError, match=r"modules_to_save \['layer_norm'\]"):
+        apply_lora(model, bad)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+         "modules_to_save": ["layer_norm"]}))
+    with pytest.raises(ValueError, match=r"adapter_config\.json: modules_to_save"):
+        load_adapter(model, adapter)
+    assert not list(lora_modules(model)) and not hasattr(model, "lora_config")
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    report = apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    assert report.modules == [f"blocks.{i}.attn.qkv" for i in range(model.cfg.n_layer)]
+
+
 def test_a_tensor_codelm_shares_is_trained_only_with_all_its_modules(tmp_path):
     """codelm fuses q/k/v and ties Llama's head to its embedding: PEFT would train one part alone,
     so that is refused, and two saved copies of a tied weight that differ are refused on load."""
