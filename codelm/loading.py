@@ -504,4 +504,6 @@ def _add_lora(model: nn.Module, model_settings: trainconfig.ModelSettings) -> No
         for _, module in lora.lora_modules(model):  # (plan.with_init_adapter chose it)
             if isinstance(module, lora.LoRALinear):
                 module.dropout = model_settings.lora_dropout
+        # the export's adapter_config.json records the dropout the run trained with
+        model.lora_config = replace(model.lora_config, dropout=model_settings.lora_dropout)
 

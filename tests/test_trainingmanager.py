@@ -3481,6 +3481,28 @@ def test_init_adapter_starts_from_a_peft_adapter_as_peft_computes_it(assets, tmp
         torch.testing.assert_close(model(ids), peft_model(ids).logits, atol=1e-5, rtol=1e-4)
 
 
+def test_init_adapter_run_records_the_dropout_it_trains_with(assets, tmp_path):
+    """A given --lora-dropout replaces the adapter's (0.05) in training, and the adapter the run
+    saves records that dropout, the one PEFT trains on with (is_trainable=True)."""
+    import transformers
+    from peft import PeftModel
+
+    import lora
+
+    base = tiny_llama(tmp_path)
+    _peft_adapter(base, tmp_path / "peft")
+    cfg = plan.with_init_adapter(tiny_cfg(assets, tmp_path, init_adapter=str(tmp_path / "peft"),
+                                          lora_dropout=0.1))
+    model = loading.build_model(model_settings(cfg), load_tokenizer(assets["tokenizer"]))
+    assert {module.dropout for _, module in lora.lora_modules(model)} == {0.1}
+    lora.save_adapter(model, tmp_path / "saved", base_model_name_or_path=str(base))
+    config = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0.1
+    peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                           tmp_path / "saved", is_trainable=True)
+    assert peft_model.peft_config["default"].lora_dropout == 0.1
+
+
 def test_init_adapter_trains_on_and_exports_an_adapter_peft_loads_on_the_same_base(
         assets, tmp_path):
     """A few steps move the PEFT adapter's weights (by AdamW's few lr-sized steps: on from
