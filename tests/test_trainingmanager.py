@@ -4298,6 +4298,36 @@ def test_a_resume_keeps_no_best_from_past_its_checkpoint(assets, tmp_path, monke
         assert not best.exists() and exported["best_step"] is None
 
 
+def test_a_resume_writes_best_of_its_checkpoint_where_the_kill_came_before_best(
+        assets, tmp_path, monkeypatch):
+    """The first evaluation writes its checkpoint, then best/: killed between the two, the
+    resume from that checkpoint (its best: its own step) writes best/ from its weights, so the
+    run exports the weights of its best step (2) as the uninterrupted run does, not its last."""
+    from safetensors.torch import load_file
+
+    fake_val_losses(monkeypatch, [2.0, 3.0])
+    cfg = tiny_cfg(assets, tmp_path, max_steps=4, eval_every=2, save_every=50, warmup_steps=0)
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt  # the kill: nothing after it is written
+
+    write_best = record.RunRecord._write_best
+    monkeypatch.setattr(record.RunRecord, "_write_best", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tm.train(cfg)
+    monkeypatch.setattr(record.RunRecord, "_write_best", write_best)
+    run_dir = tmp_path / "runs" / "run"
+    assert [p.name for p in rundir.list_checkpoints(run_dir)] == ["step-2"]
+    assert not (run_dir / "best").exists()
+    step2 = load_file(run_dir / "checkpoints" / "step-2" / "model.safetensors")
+    result = tm.train(dataclasses.replace(cfg, resume=str(run_dir), export=True))
+    assert (result.step, result.best_step) == (4, 2)
+    metrics = json.loads((run_dir / "best" / "metrics.json").read_text())
+    assert (metrics["step"], metrics["val_loss"]) == (2, 2.0)
+    assert_bit_equal(step2, load_file(run_dir / "best" / "model.safetensors"))
+    assert json.loads((run_dir / "export" / rundir.EXPORT_RECORD).read_text())["best_step"] == 2
+
+
 def test_resume_keeps_early_stoppings_count(assets, tmp_path, monkeypatch):
     """Flat losses, patience 3, a resume after two evaluations without improvement: the run
     stops at the next one (step 4), not three evaluations later: patience does not restart at

@@ -171,7 +171,9 @@ class RunRecord:
         (collective). One that an evaluation after the checkpoint wrote (the interrupted run's,
         whose log lines are trimmed) is set aside as best-step-N-<time>, and best/ written again
         from the checkpoint's weights where they are its best: best/ never holds weights the
-        resumed run has not reached, and no weights are deleted."""
+        resumed run has not reached, and no weights are deleted. Where the checkpoint's best is
+        its own step and best/ lacks it (a kill between the checkpoint and best/), best/ is
+        written from the checkpoint's weights."""
         written, metrics = None, None
         if self.dist.main:  # read once: every rank acts on what the main one read
             written = rundir.best_step(self.run_dir)
@@ -179,6 +181,8 @@ class RunRecord:
                 metrics = rundir.evaluation_at(self.run_dir / rundir.METRICS_FILE, state.step)
         written, metrics = all_gather((written, metrics), self.dist)[0]
         if written is None or written <= state.step:
+            if metrics is not None and written != state.step:
+                self.best(state.step, metrics, model)
             return
         aside = f"best-step-{written}-{time.strftime('%Y%m%d-%H%M%S')}"
         if self.dist.main:
