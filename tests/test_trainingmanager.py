@@ -275,6 +275,35 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_applied():
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.params))
 
 
+def test_a_resumed_trainer_counts_the_overflow_skips_in_a_row_before_its_checkpoint():
+    """fp16 steps that all overflow: the trainer declares the run diverged at the step after
+    MAX_SKIPPED_STEPS skips in a row. A trainer resumed from the state of one that skipped 20
+    declares it at the same step as the uninterrupted one: the count is part of its state."""
+    cfg = trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=16, precision="fp16")
+    batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
+
+    def overflowing() -> trainer_module.Trainer:
+        trainer = _trainer(cfg)
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+        return trainer
+
+    def diverged_at(trainer: trainer_module.Trainer, done: int) -> int | None:
+        for step in range(done + 1, 2 * trainer_module.MAX_SKIPPED_STEPS):
+            if trainer.train_step([batch]).diverged:
+                return step
+        return None
+
+    straight = diverged_at(overflowing(), 0)
+    assert straight == trainer_module.MAX_SKIPPED_STEPS + 1
+    first = overflowing()
+    for _ in range(20):
+        assert first.train_step([batch]).skipped
+    resumed = overflowing()
+    resumed.load_state_dict(checkpoint.RunState(step=20, **first.state_dict()))
+    assert resumed.scaler.get_scale() == first.scaler.get_scale()
+    assert diverged_at(resumed, 20) == straight
+
+
 def test_lora_on_an_fp16_base_scales_the_loss_at_any_precision():
     """The backward through a frozen fp16 base underflows without loss scaling: at 8192 target
     tokens per step the adapters' gradients would be ~40% off with precision fp32 (CPU's auto),

@@ -28,6 +28,7 @@ from codelm.trainconfig import GRPO_TASK, StepSettings, TrainConfig
 from codelm.training.optim import build_optimizer
 
 MAX_SKIPPED_STEPS = 25  # consecutive fp16 overflow skips before the run is declared diverged
+SKIPPED_KEY = "skipped_in_a_row"  # the count so far, kept beside the loss scaler's state
 # A stop that a step has not acted on this long after it came (one of its operations runs on) is
 # carried out without the step, where the caller lets the stop end the process (StopSignals).
 STOP_GRACE_S = 2.0
@@ -413,8 +414,11 @@ class Trainer:
         """What a checkpoint's state.pt keeps of the trainer; a sharded optimizer's moments are
         saved with the model's shards (checkpoint.save_sharded)."""
         optimizer = {} if self.sharded else self.optimizer.state_dict()
+        scaler = self.scaler.state_dict()  # {} where no loss scaling runs
+        if scaler:  # the overflow skips in a row so far count toward MAX_SKIPPED_STEPS
+            scaler[SKIPPED_KEY] = self.skipped_in_a_row
         return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+                "scaler": scaler}
 
     def load_state_dict(self, state: RunState) -> None:
         if state.optimizer:  # else a sharded checkpoint's, loaded with the model
@@ -428,6 +432,7 @@ class Trainer:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)
+            self.skipped_in_a_row = state.scaler.get(SKIPPED_KEY, 0)
 
 
 STOP_SIGNALS = tuple(sig.name for sig in process.STOP_SIGNALS)  # SIGINT, SIGTERM, SIGHUP
