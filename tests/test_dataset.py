@@ -2491,6 +2491,23 @@ def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
         load_corpus(cfg(tmp_path, sources=[str(seed_002)]))
 
 
+def test_a_conversations_tools_holding_a_lone_surrogate_are_named_or_skipped(tmp_path):
+    """A conversation's ``tools`` are written with its messages: a lone surrogate in them
+    (JSON can spell one) is an error naming the file, line and key, and with skip_bad a
+    dropped line, as in its messages; the other conversations are kept."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    tool = {"type": "function", "function": {"name": "f", "description": "x\ud800"}}
+    good = {"messages": [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "yo"}]}
+    for tools in ([tool], json.dumps([tool])):  # a list, or its JSON text
+        bad = write_jsonl(tmp_path / "chat.jsonl", [good, {"messages": chat, "tools": tools}])
+        with pytest.raises(DataError, match=r"chat\.jsonl:2: 'tools' holds a lone surrogate"):
+            load_corpus(cfg(tmp_path, task="chat", sources=[str(bad)], **WHOLE))
+        corpus = load_corpus(cfg(tmp_path, task="chat", sources=[str(bad)], skip_bad=True,
+                                 **WHOLE))
+        assert corpus.stats["dropped"] == {"bad_jsonl_line": 1}
+        assert corpus.stats["kept"]["files"] == 1
+
+
 def test_config_values_of_the_wrong_type_or_range_name_the_key(tmp_path):
     """A DataConfig value out of range, or of the wrong type in a config file, is
     refused naming the key and what it must be (an extension without its dot is shown

@@ -375,6 +375,8 @@ def checked_tools(record: dict, where: str) -> list[dict] | None:
     if tools is not None and not (isinstance(tools, list)
                                   and all(isinstance(tool, dict) for tool in tools)):
         raise DataError(f"{where}: 'tools' must be a list of function definitions (objects)")
+    if tools is not None and not is_utf8(json.dumps(tools, ensure_ascii=False)):
+        raise DataError(f"{where}: 'tools' holds a lone surrogate (not valid UTF-8)")
     return tools
 
 
