@@ -2491,6 +2491,17 @@ def test_names_and_strings_that_are_not_utf8_are_skipped_or_named(tmp_path):
         load_corpus(cfg(tmp_path, sources=[str(seed_002)]))
 
 
+def test_a_record_file_whose_name_is_not_utf8_is_refused_naming_it(tmp_path):
+    """A record's id holds its file's name (``file.jsonl:1``), and ids are written as
+    UTF-8: a record file whose name is not UTF-8 is a DataError saying to rename it,
+    before anything is read."""
+    raw = os.path.join(os.fsencode(tmp_path), b"\xffpairs.jsonl")
+    with open(raw, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"input": "a b c", "output": "d e f"}) + "\n")
+    with pytest.raises(DataError, match=r"not valid UTF-8; rename"):
+        load_corpus(cfg(tmp_path, task="completion", sources=[os.fsdecode(raw)], **WHOLE))
+
+
 def test_a_conversations_tools_holding_a_lone_surrogate_are_named_or_skipped(tmp_path):
     """A conversation's ``tools`` are written with its messages: a lone surrogate in them
     (JSON can spell one) is an error naming the file, line and key, and with skip_bad a

@@ -87,6 +87,9 @@ def source_listing(source: str, extensions: Sequence[str]) -> SourceFiles:
     ``extensions``: the stdlib, or a directory)."""
     records = record_files(source)
     if records is not None:
+        if named := next((f for f in records if not is_utf8(f.name)), None):
+            raise DataError(f"data source {source}: the file name {named.name!r}, which names "
+                            "its records, is not valid UTF-8; rename the file")
         return SourceFiles(records=True, root=None, files=records, skipped=Counter())
     if source == "stdlib":
         return SourceFiles(records=False, root=stdlib_root(), files=stdlib_files(),
