@@ -1122,6 +1122,17 @@ def test_cli_runs_a_file_and_says_how_it_ended(tmp_path, capsys):
     assert f"{tmp_path / 'none.py'}: No such file" in err, err
 
 
+def test_cli_runs_a_file_opening_with_a_byte_order_mark_as_python_does(tmp_path, capsys):
+    """A UTF-8 file that opens with a byte order mark (as some editors save one) is a program
+    Python runs: the sandbox runs it too, with the output Python's own run of it gives."""
+    program = tmp_path / "bom.py"
+    program.write_bytes(b"\xef\xbb\xbfprint('caf\xc3\xa9', 6 * 7)\n")
+    reference = subprocess.run([sys.executable, str(program)], capture_output=True, check=True)
+    assert command.main([str(program)]) == 0
+    out, err = capsys.readouterr()
+    assert out == reference.stdout.decode() and "sandbox: passed" in err, err
+
+
 def test_cli_refuses_limits_no_program_could_run_under_and_a_non_utf8_file(tmp_path, capsys):
     """Refused: a memory limit below an interpreter's needs (every program would fail, exit 1, as
     if it were wrong), an infinite timeout (no limit), a negative file limit, a negative output

@@ -552,7 +552,7 @@ def main():
     trusted = cfg["trusted_test"]
     if not trusted:
         _take_stdin(sys._getframe())
-    with open(program, encoding="utf-8") as f:
+    with open(program, encoding="utf-8-sig") as f:  # a leading BOM, as Python reads a file
         source = f.read()
     workdir = os.path.realpath(os.getcwd())
     _limits(cfg)
