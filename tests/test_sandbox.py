@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import json
 import os
@@ -814,6 +815,32 @@ def test_disk_use_of_a_directory_removed_meanwhile_is_nothing(tmp_path):
     assert runner._disk_use(tmp_path / "gone", 10) == (0, 0)
     used, entries = runner._disk_use(tmp_path, 10)
     assert entries == 1 and used >= 5000
+
+
+def test_disk_use_counts_the_rest_of_a_directory_past_an_entry_removed_once_listed(
+        tmp_path, monkeypatch):
+    """A sample may remove a file between the listing of its directory and the file's stat: the
+    directory's other files and subdirectories still count in full (the budget sees them)."""
+    (tmp_path / "sub").mkdir()
+    for path in (tmp_path / "big", tmp_path / "sub" / "deep"):
+        path.write_bytes(bytes(1 << 20))
+    (tmp_path / "gone").write_bytes(b"x")
+    listing = os.scandir
+
+    @contextlib.contextmanager
+    def removing_gone_once_listed(path):
+        with listing(path) as found:
+            entries = sorted(found, key=lambda entry: entry.name != "gone")
+        for entry in entries:
+            if entry.name == "gone":
+                os.remove(entry.path)
+        yield iter(entries)
+
+    kept = [tmp_path / "sub", tmp_path / "big", tmp_path / "sub" / "deep"]
+    expected = sum(os.lstat(path).st_blocks * 512 for path in kept)
+    monkeypatch.setattr(runner.os, "scandir", removing_gone_once_listed)
+    used, entries = runner._disk_use(tmp_path, 10)
+    assert used == expected and entries == 4
 
 
 def test_disk_use_in_total_is_bounded():

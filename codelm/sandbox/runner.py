@@ -190,7 +190,10 @@ def _disk_use(directory: Path, max_files: int) -> DiskUse | None:
             with os.scandir(pending.pop()) as found:
                 for entry in found:
                     entries += 1
-                    info = entry.stat(follow_symlinks=False)
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # removed since listed: the rest still counts
+                        continue
                     used += info.st_blocks * 512
                     if stat.S_ISDIR(info.st_mode):
                         pending.append(entry.path)
