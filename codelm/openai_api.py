@@ -343,17 +343,26 @@ def chat_prompts(served: ServedModel, body: dict) -> list[Prompt]:
 
 def _template_message(message: dict) -> dict:
     """A message as a chat template reads it (as vLLM gives it one): its content as text, and
-    a tool call's arguments, JSON text on the wire, as the object they spell."""
+    a tool call's arguments, JSON text on the wire, as the object they spell; tool_calls that
+    are not a list of calls (each a function naming its name and arguments) are refused, as
+    the API's schema refuses them."""
     out = {**message, "content": _message_text(message.get("content"))}
     calls = message.get("tool_calls")
-    if isinstance(calls, list):
-        out["tool_calls"] = [_arguments_read(call) for call in calls]
+    if calls is None:
+        return out
+    if not isinstance(calls, list):
+        raise ApiError(400, "a message's 'tool_calls' must be a list of tool calls", "messages")
+    out["tool_calls"] = [_arguments_read(call) for call in calls]
     return out
 
 
 def _arguments_read(call) -> dict:
     function = call.get("function") if isinstance(call, dict) else None
-    if not (isinstance(function, dict) and isinstance(function.get("arguments"), str)):
+    if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+            and "arguments" in function):
+        raise ApiError(400, "a tool call must be {'type': 'function', 'function': {'name': "
+                       "NAME, 'arguments': JSON}}", "messages")
+    if not isinstance(function["arguments"], str):
         return call
     try:
         arguments = json.loads(function["arguments"])

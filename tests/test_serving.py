@@ -245,6 +245,39 @@ def test_a_hermes_tool_call_in_the_answer_comes_as_tool_calls(loaded, monkeypatc
         _stop(server, thread)
 
 
+def test_tool_calls_sent_back_malformed_are_refused_with_a_400(loaded, monkeypatch):
+    """An assistant message's tool_calls that are not a list of calls, or a call without a
+    function naming its name and arguments (the fields the openai package's
+    ChatCompletionMessageToolCallParam requires), are a bad request: a 400 naming 'messages',
+    whatever the template would make of them, and the server serves on."""
+    import typing
+
+    from openai.types.chat.chat_completion_message_tool_call_param import Function
+    from test_chat import TOOLS, TOOLS_TEMPLATE
+
+    required = {key for key, kind in typing.get_type_hints(Function, include_extras=True).items()
+                if typing.get_origin(kind) is typing.Required}
+    assert required == {"name", "arguments"}
+    model, tok = loaded
+    monkeypatch.setattr(tok, "chat_template", TOOLS_TEMPLATE)
+    server, thread = _start(loaded, slots=1)
+    try:
+        user = {"role": "user", "content": "Weather in Paris?"}
+        for calls in ("get_weather", [{"type": "function"}], ["get_weather"],
+                      [{"type": "function", "function": {"name": "get_weather"}}],
+                      [{"type": "function", "function": {"arguments": "{}"}}]):
+            body = {"model": "tiny", "tools": TOOLS, "max_tokens": 2, "messages": [
+                user, {"role": "assistant", "content": None, "tool_calls": calls}]}
+            status, answer = _post(server, "/chat/completions", json.dumps(body).encode())
+            assert status == 400 and answer["error"]["param"] == "messages", (calls, answer)
+            assert "tool call" in answer["error"]["message"]
+        client = _client(server)
+        assert client.chat.completions.create(model="tiny", messages=[user], tools=TOOLS,
+                                              max_tokens=2).choices
+    finally:
+        _stop(server, thread)
+
+
 def test_a_stream_concatenates_to_the_whole_answer(server):
     """A streamed completion or chat answer, its pieces joined, is the whole answer, stops
     included, with the same finish_reason; include_usage brings the usage in the last chunk."""
