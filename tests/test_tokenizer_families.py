@@ -614,6 +614,27 @@ def test_an_added_token_that_is_normalized_is_found_as_the_normalizer_writes_it(
     assert ours.token_content(i) == token  # tokenizer_config.json names it as written
 
 
+def test_special_runs_of_one_character_are_text_with_split_special_tokens(family_tokenizers,
+                                                                          tmp_path):
+    """Special added tokens for every run of newlines up to six (as Gemma's, but special): with
+    split_special_tokens their text is text, encoded by the model as HF's
+    encode_special_tokens encodes it; without it they are found as HF finds them."""
+    from tokenizers import AddedToken, Tokenizer
+
+    hf, _ = family_tokenizers["gemma"]
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    added = Tokenizer.from_file(str(path))
+    added.add_special_tokens([AddedToken("\n" * n, normalized=False) for n in range(1, 7)])
+    added.save(str(path))
+    ours = load_tokenizer(path)
+    texts = ["x\n\n\n\n\ny", "def f():\n\n\n\n\n\n    return 1\n", "\n" * 5]
+    for split in (True, False):
+        added.encode_special_tokens = split
+        ref = [added.encode(t, add_special_tokens=False).ids for t in texts]
+        assert [ours.encode(t, split_special_tokens=split) for t in texts] == ref, split
+
+
 @pytest.mark.parametrize("style", ["metaspace", "spm"])
 def test_an_id_in_a_gap_of_the_vocabulary_decodes_to_nothing_as_in_hf(style, family_tokenizers,
                                                                       tmp_path):

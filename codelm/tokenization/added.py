@@ -148,9 +148,10 @@ class AddedTokens:
 
     def _runs_of_one_character(self) -> tuple[str, regex.Pattern | None]:
         """(``run_chars``, the other tokens of the one-pass way): characters every run of
-        which HF cuts into added tokens (there is one for each length up to some n, as Gemma's
-        newlines and tabs) and no other added token holds; such a run never reaches the
-        model, so a run of them can be a piece of its own (``run_ids`` gives its ids)."""
+        which HF cuts into added tokens that are not special (there is one for each length up
+        to some n, as Gemma's newlines and tabs) and no other added token holds; such a run
+        never reaches the model, even with split_special_tokens, so a run of them can be a
+        piece of its own (``run_ids`` gives its ids)."""
         if self._quick is None or self._quick.split is None:
             return "", None
         tokens = [t for t in self.flags if not any(c in t for c in self._quick.absent)]
@@ -159,7 +160,8 @@ class AddedTokens:
         for char in sorted({t[0] for t in tokens if t == t[0] * len(t)} - set(replaced)):
             runs = {t for t in tokens if t == char * len(t)}
             every_length = {char * n for n in range(1, max(map(len, runs)) + 1)} == runs
-            if every_length and not any(char in t for t in tokens if t not in runs):
+            plain = not any(self.flags[t]["special"] for t in runs)  # split_special_tokens
+            if every_length and plain and not any(char in t for t in tokens if t not in runs):
                 run_chars += char
         others = [t for t in tokens if not (t[0] in run_chars and t == t[0] * len(t))]
         return run_chars, longest_first(others) if others else None
