@@ -4,6 +4,7 @@ SentencePiece BPE with byte fallback, as Llama-2/CodeLlama/Mistral/Phi-3 write i
 Replace to U+2581) and in its Metaspace form: the same ids on Python, JavaScript, C and edge
 strings, the same decoded text, and decode(encode(x)) == x where HF's round-trips."""
 
+import copy
 import itertools
 import json
 import pickle
@@ -393,6 +394,27 @@ def test_a_request_with_tools_renders_the_named_tool_use_template_as_transformer
             assert ours.apply_chat_template(messages, True, given) == theirs.apply_chat_template(
                 messages, tools=given, tokenize=False, add_generation_prompt=True)
     assert "<tools>" in load_tokenizer(saved).apply_chat_template(messages, True, tools)
+
+
+# Llama 3.1's test for a tool call: whether the message has the key.
+HAS_KEY_TEMPLATE = ("{%- for message in messages %}<|im_start|>{{ message.role }}\n"
+                    "{%- if 'tool_calls' in message %}{{ message.tool_calls | length }} call"
+                    "{%- else %}{{ message.content }}{%- endif %}<|im_end|>\n{%- endfor %}")
+
+
+def test_a_messages_null_keys_are_undefined_in_the_template_as_in_transformers(chat_tokenizers):
+    """A message's keys whose value is null (a dataset's rows share their keys, filled with
+    null) are not given to the template: a test for the key and the value printed render as
+    transformers' apply_chat_template renders them."""
+    theirs, ours = chat_tokenizers["chatml"]
+    ours = copy.copy(ours)
+    ours.chat_template = HAS_KEY_TEMPLATE
+    messages = [{"role": "user", "content": "Weather?", "tool_calls": None},
+                {"role": "assistant", "content": None, "tool_calls": None}]
+    rendered = ours.apply_chat_template(messages)
+    assert rendered == theirs.apply_chat_template(messages, chat_template=HAS_KEY_TEMPLATE,
+                                                  tokenize=False)
+    assert "None" not in rendered
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama3"])

@@ -134,18 +134,26 @@ def _with_reasoning_names(message: dict) -> dict:
     return {"thinking": given[0], **message, "reasoning_content": given[0]}
 
 
+def _without_nulls(message: dict) -> dict:
+    """``message`` without its keys whose value is None, as transformers' apply_chat_template
+    gives it to the template (a dataset's null ``tool_calls`` is then undefined, not None)."""
+    if not isinstance(message, dict):
+        return message
+    return {key: value for key, value in message.items() if value is not None}
+
+
 def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: bool = False,
                 tools: Sequence[dict] | None = None, **special_tokens: str | None) -> str:
     """``messages`` rendered by a chat ``template`` as transformers renders them (``tools``:
     the function definitions it offers the model; bos_token, eos_token, ... given as
-    ``special_tokens``; one that is None is left undefined, which renders as nothing); the
-    template's own errors are ValueErrors."""
+    ``special_tokens``; one that is None is left undefined, which renders as nothing, as is a
+    message's key whose value is None); the template's own errors are ValueErrors."""
     import jinja2
 
     defined = {name: token for name, token in special_tokens.items() if token is not None}
     try:
         return _compiled_chat_template(template).render(
-            messages=[_with_reasoning_names(message) for message in messages],
+            messages=[_with_reasoning_names(_without_nulls(message)) for message in messages],
             tools=None if tools is None else list(tools),
             documents=None, add_generation_prompt=add_generation_prompt, **defined)
     except jinja2.exceptions.TemplateError as e:
