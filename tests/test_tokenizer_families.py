@@ -9,9 +9,11 @@ import itertools
 import json
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 from edge_corpus import LONE_SURROGATES, edge_texts
@@ -497,6 +499,20 @@ def test_a_big_tokenizer_json_is_read_from_its_kept_compiled_form(family_tokeniz
     path.write_text(path.read_text("utf-8") + "\n", "utf-8")  # another file
     assert BPETokenizer.from_kept(path) is None
     assert load_tokenizer(path).encode(texts[0]) == ids[0]
+
+
+def test_the_kept_forms_code_digest_covers_the_reader_of_vocab_and_merges(tmp_path, monkeypatch):
+    """A kept form is named by the code that derived its tables, bpe.py's reading of the
+    vocab and merges included: other code there makes the form again."""
+    from codelm.tokenization import compiled
+
+    for name in ("compiled.py", "bpe.py"):
+        shutil.copy(Path(compiled.__file__).with_name(name), tmp_path / name)
+    monkeypatch.setattr(compiled, "__file__", str(tmp_path / "compiled.py"))
+    before = compiled._code.__wrapped__()
+    with open(tmp_path / "bpe.py", "a", encoding="utf-8") as f:
+        f.write("# other code\n")
+    assert compiled._code.__wrapped__() != before
 
 
 def test_storing_the_compiled_form_leaves_no_temporary_file(family_tokenizers, tmp_path,

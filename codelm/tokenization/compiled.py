@@ -55,11 +55,13 @@ def digest(path: Path) -> str | None:
 @functools.cache
 def _code() -> str:
     """The SHA-256 of the code that derives the kept tables: a form kept by other code is
-    made again."""
+    made again. bpe.py, which reads a model's vocab and merges, imports this module: it is
+    named by its path."""
     sha = hashlib.sha256()
-    for module in (sys.modules[__name__], merges, spiece):
-        with contextlib.suppress(OSError, TypeError):
-            sha.update(Path(module.__file__).read_bytes())
+    files = [Path(module.__file__) for module in (sys.modules[__name__], merges, spiece)]
+    for file in [*files, Path(__file__).with_name("bpe.py")]:
+        with contextlib.suppress(OSError):
+            sha.update(file.read_bytes())
     return sha.hexdigest()
 
 
