@@ -722,6 +722,44 @@ def test_exact_match_is_a_percentage_averaged_per_file_then_over_files():
     assert "| bm25 | 3.000 | n/a | 75.0 (87.5) |" in table
 
 
+def test_a_composers_perplexity_is_the_mean_of_its_files_perplexities(tiny_model):
+    """As LCA's evaluation scores a composer (each completion file's perplexity, the exponent
+    of its scored tokens' mean loss, then their mean over files): a long file and a short one
+    count alike, whatever their tokens, checked against the model's logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from codelm import loading
+    from codelm.evaluation.config import EvalConfig
+    from codelm.evaluation.tasks.project import composer_perplexity
+
+    lm = loading.load_model(str(tiny_model), "cpu")
+    context = 128
+    cfg = EvalConfig(block_size=context, batch_size=2, progress=False)
+    index = comp.RepositoryIndex("proj", {"pkg/util.py": UTIL}, lm.tokenizer)
+    cases = [{"id": "core", "path": "pkg/core.py", "text": CORE_TEXT},
+             {"id": "extra", "path": "pkg/extra.py", "text": EXTRA}]
+    composers = ["empty", "path_distance"]
+    got = composer_perplexity(lm, cases, composers, cfg, {"core": index, "extra": index})
+    budget = context + 1 - len(lm.prompt_start)
+    for composer in composers:
+        perplexities = []
+        for case in cases:
+            room = budget - index.openings_length(case["path"])
+            file_ids = lm.tokenizer.encode(case["text"], split_special_tokens=True)
+            file_ids = file_ids[: min(context // 2, room)]
+            composed = comp.compose(index, composer, case["path"], case["text"], file_ids,
+                                    budget)
+            ids = torch.tensor([*lm.prompt_start, *composed.ids])
+            with torch.no_grad():
+                logits = lm.model(ids[None, :-1])[0]
+            first = len(lm.prompt_start) + composed.prefix_start  # predicts the second token
+            loss = F.cross_entropy(logits[first:].float(), ids[first + 1 :])
+            perplexities.append(float(torch.exp(loss)))
+        assert perplexities[0] != pytest.approx(perplexities[1])
+        assert got[composer] == pytest.approx(sum(perplexities) / len(perplexities), rel=1e-5)
+
+
 def test_eval_refuses_project_completion_without_repositories(capsys):
     """eval.py --tasks project-completion without repositories is refused naming --data
     REPO_DIR."""

@@ -28,12 +28,14 @@ import torch
 
 from codelm.data.composers import Composed, IndexCache, RepositoryIndex, compose
 from codelm.data.config import DataConfig
+from codelm.data.datasets import collate
 from codelm.data.history import CATEGORIES, GitRepo, completion_cases, snapshot
 from codelm.evaluation import scoring
 from codelm.evaluation.metrics import fuzz_ratio
 from codelm.evaluation.scoring import Scoring
 from codelm.kernels import IGNORE_INDEX
 from codelm.loading import LoadedModel
+from codelm.runtime.console import progress_bar
 
 KIND = "repository"  # completion cases read from the git repositories of --data
 CASES = 100  # completion files per repository where --limit is not given
@@ -129,11 +131,11 @@ def _fitting(lm: LoadedModel, cases: Sequence[dict], indexes: dict, budget: int
 @torch.no_grad()
 def composer_perplexity(lm: LoadedModel, cases: Sequence[dict], composers: Sequence[str],
                         cfg: ProjectSettings, indexes: dict) -> dict[str, float]:
-    """Each composer's perplexity of the completion files: the loss of a file's tokens (its
-    first half-context of them, fewer where the openings leave less room, less its first token,
-    the same for every composer) after the composed context, as LCA scores a composer (its
-    ranking reads the whole file, as LCA's composers do; the prompt holds only the scored
-    tokens of it)."""
+    """Each composer's perplexity of the completion files, as LCA scores a composer: each
+    file's perplexity (the exponent of the mean loss of its tokens: its first half-context of
+    them, fewer where the openings leave less room, less its first token, the same for every
+    composer) after the composed context, then their mean over files (its ranking reads the
+    whole file, as LCA's composers do; the prompt holds only the scored tokens of it)."""
     start = lm.prompt_start
     context = scoring.context(lm, cfg)
     budget = context + 1 - len(start)
@@ -146,8 +148,25 @@ def composer_perplexity(lm: LoadedModel, cases: Sequence[dict], composers: Seque
             file_ids = _encode(lm, case["text"])[: min(context // 2, room)]
             composed = compose(index, composer, case["path"], case["text"], file_ids, budget)
             windows.append(_scored_window(start, composed))
-        total, _, count = scoring.summed_loss(lm, windows, cfg, f"perplexity {composer}")
-        out[composer] = math.exp(min(total / count, 700.0))
+        perplexities = _file_perplexities(lm, windows, cfg, f"perplexity {composer}")
+        out[composer] = sum(perplexities) / len(perplexities)
+    return out
+
+
+def _file_perplexities(lm: LoadedModel, windows: Sequence[dict], cfg: ProjectSettings,
+                       desc: str) -> list[float]:
+    """Each window's perplexity: the exponent of the mean loss of its scored tokens."""
+    device = next(lm.model.parameters()).device
+    out: list[float] = []
+    with progress_bar(total=len(windows), desc=f"{lm.label} {desc}", unit="example",
+                      enabled=cfg.progress, leave=False) as bar:
+        for i in range(0, len(windows), cfg.batch_size):
+            batch = collate(windows[i : i + cfg.batch_size], lm.tokenizer.pad_id)
+            labels = batch["labels"].to(device)
+            logps = lm.model(batch["input_ids"].to(device), targets=labels, token_logps=True)
+            losses = -logps.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1)
+            out += [math.exp(min(loss, 700.0)) for loss in losses.tolist()]
+            bar.update(len(labels))
     return out
 
 
