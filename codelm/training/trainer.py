@@ -494,15 +494,19 @@ class StopSignals:
     def stop_requested(self, dist: Dist, device: torch.device, over_time: bool = False
                        ) -> str | None:
         """Why every rank stops now (collective): a signal any rank received, or the time
-        budget (``over_time``). Under torchrun the ranks' flags are summed and read back each
-        call: the host waits there for the device's work queued before it."""
-        signalled = self.reason is not None
+        budget (``over_time``). Under torchrun the ranks' flags (one a stop signal, then the
+        budget's) are summed and read back each call: the host waits there for the device's work
+        queued before it. Every rank names the same signal, the first of STOP_SIGNALS received."""
+        reason = self.reason
         if dist.enabled:  # one process reads its own flags: no tensor, no wait on the device
-            flags = torch.tensor([signalled, over_time], dtype=torch.float32, device=device)
-            signalled, over_time = all_reduce_sum(flags, dist).tolist()
-        if signalled:
+            flags = [reason == name for name in STOP_SIGNALS] + [over_time]
+            summed = all_reduce_sum(torch.tensor(flags, dtype=torch.float32, device=device),
+                                    dist).tolist()
+            reason = next((name for name, n in zip(STOP_SIGNALS, summed) if n), None)
+            over_time = bool(summed[-1])
+        if reason is not None:
             # Under way on every rank: this rank's own SIGTERM, coming later (a scheduler's to
             # each process, the watch of a killed torchrun), is a repeat and changes nothing.
-            process.note_stop(self.reason or "SIGTERM")
-            return self.reason or "SIGTERM"
+            process.note_stop(reason)
+            return reason
         return "time budget" if over_time else None

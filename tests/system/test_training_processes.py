@@ -505,13 +505,19 @@ def test_a_ctrl_c_after_a_stop_interrupts_with_its_own_code_a_repeated_sigterm_n
     assert process.interrupted_exit_code(stop.value) == 130
 
 
+def _another_rank_received(name: str):
+    """An all_reduce_sum of StopSignals' flags (one a stop signal, then the time budget's) that
+    adds another rank's, which received signal ``name``."""
+    theirs = torch.tensor([float(sig == name) for sig in trainer_module.STOP_SIGNALS] + [0.0])
+    return lambda flags, dist: flags + theirs
+
+
 def test_a_stop_another_rank_received_is_under_way_on_this_one_too(monkeypatch):
     """A SIGTERM reaches the ranks each at its own moment (a scheduler's to every process, each
     rank's watch of a killed torchrun), and they agree to stop at the first one's: a rank's own
     SIGTERM after that agreement is a repeat, as on one process, and leaves the checkpoint
     under way and the stop's exit code as they are."""
-    monkeypatch.setattr(trainer_module, "all_reduce_sum",  # the other rank's SIGTERM
-                        lambda flags, dist: flags + torch.tensor([1.0, 0.0]))
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", _another_rank_received("SIGTERM"))
     with process.interrupt_on_sigterm():
         signals = trainer_module.StopSignals()
         try:
@@ -524,6 +530,29 @@ def test_a_stop_another_rank_received_is_under_way_on_this_one_too(monkeypatch):
         except KeyboardInterrupt:
             pytest.fail("this rank's own SIGTERM interrupted the stop under way")
 
+
+def _agreed_stop(monkeypatch, mine: str | None, theirs: str) -> str | None:
+    """What StopSignals.stop_requested returns on rank 0 of two, which received ``mine`` (None:
+    no signal) while the other rank received ``theirs``."""
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", _another_rank_received(theirs))
+    signals = trainer_module.StopSignals()
+    signals.reason = mine
+    try:
+        return signals.stop_requested(distributed.Dist(rank=0, world=2), torch.device("cpu"))
+    finally:
+        signals.restore(taken=True)
+        process.forget_stop()
+
+
+def test_every_rank_names_the_signal_another_rank_received(monkeypatch):
+    """A SIGHUP to one rank alone stops every rank as that SIGHUP: rank 0 names it in its line
+    and exits with its code (129), as the rank that received it does; ranks that received
+    different signals agree on one of them."""
+    stop = _agreed_stop(monkeypatch, None, "SIGHUP")
+    assert stop == "SIGHUP"
+    assert process.interrupted_exit_code(stop) == 129
+    assert (_agreed_stop(monkeypatch, "SIGTERM", "SIGHUP")
+            == _agreed_stop(monkeypatch, "SIGHUP", "SIGTERM"))
 
 def test_the_lock_names_a_live_holder_only(tmp_path):
     """The lock file keeps its last holder's tag after that run ends: a dead one holds nothing."""
