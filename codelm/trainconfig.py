@@ -160,7 +160,8 @@ class TrainConfig:
     #   (pref_loss_type robust) and simpo: the chance a pair's label is flipped (TRL's)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs with native bf16, fp16
     #   on older ones such as the T4, fp32 on CPU; preset auto: bf16 on a CPU measured faster in it)
-    eval_precision: str = "fp32"  # fp32 (no autocast) | same (as training)
+    eval_precision: str = "fp32"  # fp32 (no autocast) | same (as training); FSDP in bf16
+    #   gathers bf16 weights for validation too
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory
     offload_activations: bool = False  # with gradient_checkpointing on a GPU: the blocks' saved
