@@ -182,7 +182,8 @@ def refuse_unserved(body: dict) -> None:
             raise ApiError(400, f"'{key}' is not served by codelm's server (its text would not "
                            "be what was asked); leave it out", key)
     best_of = body.get("best_of")
-    if best_of is not None and best_of != body.get("n", 1):
+    choices = 1 if body.get("n") is None else body["n"]  # null reads as unset, as everywhere
+    if best_of is not None and best_of != choices:
         raise ApiError(400, "'best_of' is not served: ask for 'n' choices and pick", "best_of")
 
 

@@ -477,7 +477,8 @@ def test_a_prompt_cut_to_its_last_tokens_keeps_its_start_as_eval_cuts_it(loaded)
 def test_parameters_not_served_are_refused_not_ignored_and_a_model_is_retrieved(server):
     """logit_bias, penalties, best_of, suffix or a JSON response_format would change the text,
     as would vLLM's sampling extensions a vLLM client sends (repetition_penalty, min_p,
-    stop_token_ids, ...): each set is a 400 naming it (their defaults pass); GET /v1/models/ID
+    stop_token_ids, ...): each set is a 400 naming it (their defaults pass, best_of 1 with n
+    null too: null reads as unset); GET /v1/models/ID
     answers the openai client's models.retrieve, an unknown ID a 404."""
     client = _client(server)
     for unserved in ({"logit_bias": {"5": 100}}, {"frequency_penalty": 0.5},
@@ -492,7 +493,7 @@ def test_parameters_not_served_are_refused_not_ignored_and_a_model_is_retrieved(
         assert status == 400 and body["error"]["param"] == next(iter(unserved)), body
     defaults = {"logit_bias": {}, "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1,
                 "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "ignore_eos": False,
-                "stop_token_ids": []}
+                "stop_token_ids": [], "n": None}
     status, body = _post(server, "/completions", json.dumps(
         {"model": "tiny", "prompt": "x", "max_tokens": 2, **defaults}).encode())
     assert status == 200 and body["choices"]
