@@ -419,6 +419,17 @@ def test_a_messages_null_keys_are_undefined_in_the_template_as_in_transformers(c
     assert "None" not in rendered
 
 
+def test_a_templates_type_error_on_a_message_is_a_value_error_naming_the_template(chat_tokenizers):
+    """A template expression that fails on the messages it is given (text plus a number) is a
+    ValueError naming the chat template, which the data reader turns into a one-line error
+    naming the record."""
+    _, ours = chat_tokenizers["chatml"]
+    ours = copy.copy(ours)
+    ours.chat_template = "{{ messages[0].content + 1 }}"
+    with pytest.raises(ValueError, match="chat_template"):
+        ours.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 @pytest.mark.parametrize("name", ["chatml", "llama3"])
 def test_chat_turns_are_the_generation_prompt_then_the_answer_and_its_end_marker(
         chat_tokenizers, name):

@@ -147,7 +147,8 @@ def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: 
     """``messages`` rendered by a chat ``template`` as transformers renders them (``tools``:
     the function definitions it offers the model; bos_token, eos_token, ... given as
     ``special_tokens``; one that is None is left undefined, which renders as nothing, as is a
-    message's key whose value is None); the template's own errors are ValueErrors."""
+    message's key whose value is None); the template's own errors, and the TypeErrors of its
+    expressions on the messages it is given (``None|length``), are ValueErrors."""
     import jinja2
 
     defined = {name: token for name, token in special_tokens.items() if token is not None}
@@ -156,5 +157,5 @@ def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: 
             messages=[_with_reasoning_names(_without_nulls(message)) for message in messages],
             tools=None if tools is None else list(tools),
             documents=None, add_generation_prompt=add_generation_prompt, **defined)
-    except jinja2.exceptions.TemplateError as e:
+    except (jinja2.exceptions.TemplateError, TypeError) as e:
         raise ValueError(f"chat_template: {e}") from None
