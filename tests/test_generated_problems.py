@@ -67,10 +67,16 @@ def test_seeds_share_no_problem_and_no_function():
             assert a == b or not functions[a] & functions[b]
 
 
-def test_every_form_appears_and_every_canonical_solution_passes_in_the_sandbox():
+@pytest.fixture(scope="module")
+def seed_0() -> list[dict]:
+    """generate_problems(400, 0), made once for the tests that read it (none changes it)."""
+    return generate_problems(400, 0)
+
+
+def test_every_form_appears_and_every_canonical_solution_passes_in_the_sandbox(seed_0):
     """One problem of each form, run through the reward path's trusted test: each canonical
     solution earns its reward."""
-    problems = generate_problems(400, 0)
+    problems = seed_0
     first = {}
     for problem in problems:
         first.setdefault(problem["entry_point"], problem)
@@ -83,16 +89,18 @@ def test_the_command_writes_a_file_evals_pass_at_k_reads(tmp_path, capsys):
     """`python -m codelm.data.problems --n N --seed S --out FILE` writes JSONL that eval.py's
     loader reads as --problems passk=FILE, each canonical solution passing its test apart from
     the candidate (none needs the candidate's interpreter); its folder is made (the docs'
-    data/exec/ is no folder of a fresh clone)."""
+    data/exec/ is no folder of a fresh clone). Every form's canonical solution passing apart
+    is test_every_form_appears_and_every_canonical_solution_passes_in_the_sandbox's; here 12
+    problems go through the command and the loader."""
     out = tmp_path / "exec" / "heldout.jsonl"
-    assert generated.main(["--n", "40", "--seed", "5", "--out", str(out)]) == 0
-    assert f"wrote 40 problems of seed 5 to {out}" in capsys.readouterr().out
+    assert generated.main(["--n", "12", "--seed", "5", "--out", str(out)]) == 0
+    assert f"wrote 12 problems of seed 5 to {out}" in capsys.readouterr().out
     lines = out.read_text().splitlines()
-    assert [json.loads(line) for line in lines] == generate_problems(40, 5)
+    assert [json.loads(line) for line in lines] == generate_problems(12, 5)
     cfg = EvalConfig(tasks=["passk"], problems=[f"passk={out}"])
     file = registry.problem_files(cfg)["passk"]
     loaded = passk.load_problems(file, SandboxConfig(timeout_s=10.0), workers=2)
-    assert len(loaded) == 40
+    assert len(loaded) == 12
     assert all(problem.get("trusted", True) for problem in loaded)
 
 
@@ -189,11 +197,11 @@ def _body_constants(solution: str) -> set[int]:
             and id(node) not in in_slices}
 
 
-def test_described_problems_name_every_constant_and_pass_in_the_sandbox():
+def test_described_problems_name_every_constant_and_pass_in_the_sandbox(seed_0):
     """--describe: the same functions, examples and tests as without it, the docstring's first
     line the function in words, naming every integer of the body (in the body's order for the
     drawn ones); one canonical solution of each form passes its test through the reward path."""
-    plain = generate_problems(400, 0)
+    plain = seed_0
     described = generate_problems(400, 0, describe=True)
     assert described == generate_problems(400, 0, describe=True)
     assert generate_problems(20, 0, describe=True) == described[:20]
