@@ -776,7 +776,7 @@ def test_eval_scores_codelms_own_server_as_it_scores_the_model(instruct, tmp_pat
                             stderr=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().split(" on ")[1].split()[0]
-        common = ["--tasks", "humaneval", "--limit", "4", "--max-new-tokens", "24",
+        common = ["--tasks", "humaneval", "--limit", "3", "--max-new-tokens", "24",
                   "--no-progress", "--runs-dir", str(tmp_path / "runs")]
         assert ev.main(["--models", f"x=openai:{url}", "--out-dir", str(tmp_path / "a"),
                         *common]) == 0
