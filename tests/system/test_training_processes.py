@@ -112,13 +112,28 @@ def test_the_next_tokenizer_cache_write_removes_what_a_killed_one_left(assets, t
     assert load_tokenizer(entry).vocab_size == tok.vocab_size
 
 
+# Dropout and accumulation on, so RNG state and data position must both come back.
+STRAIGHT = dict(dropout=0.1, grad_accum=2, max_steps=10)
+
+
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory) -> Path:
+    """The run directory of a run of STRAIGHT never stopped, checkpoints every 4 steps: the
+    weights, optimizer state and metrics every stopped-and-resumed run of STRAIGHT ends on."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-exact comparisons between processes
+    try:
+        return tm.train(tiny_cfg(assets, tmp_path_factory.mktemp("straight"), name="straight",
+                                 **STRAIGHT)).run_dir
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("mode", ["step", "write"])
-def test_resume_after_kill_9_is_bit_exact(assets, tmp_path, mode):
-    """Dropout and accumulation on, so RNG state and data position must both come back; the
-    resumed run's metrics lines go on with the epochs the uninterrupted run logged."""
-    common = dict(dropout=0.1, grad_accum=2, max_steps=10)
-    straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
-    cfg = tiny_cfg(assets, tmp_path, name="killed", **common)
+def test_resume_after_kill_9_is_bit_exact(assets, tmp_path, straight, mode):
+    """Dropout and accumulation on (STRAIGHT), so RNG state and data position must both come
+    back; the resumed run's metrics lines go on with the epochs the uninterrupted run logged."""
+    cfg = tiny_cfg(assets, tmp_path, name="killed", **STRAIGHT)
     proc, run = _interrupted_then_resumed(cfg, tmp_path, mode, 7 if mode == "step" else 8)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4"]
@@ -126,14 +141,14 @@ def test_resume_after_kill_9_is_bit_exact(assets, tmp_path, mode):
         assert any(p.name.startswith(".step-8.tmp-") for p in (run / "checkpoints").iterdir())
     _resume(run)
     assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())
-    assert_bit_equal(final_weights(straight.run_dir, 10), final_weights(run, 10))
-    a = torch.load(straight.run_dir / "checkpoints/step-10/state.pt", weights_only=True)
+    assert_bit_equal(final_weights(straight, 10), final_weights(run, 10))
+    a = torch.load(straight / "checkpoints/step-10/state.pt", weights_only=True)
     b = torch.load(run / "checkpoints/step-10/state.pt", weights_only=True)
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
     assert {k: v for k, v in a.items() if k not in ("optimizer", "rng")} == {
         k: v for k, v in b.items() if k not in ("optimizer", "rng")}
-    assert logged_epochs(run) == logged_epochs(straight.run_dir)
+    assert logged_epochs(run) == logged_epochs(straight)
     assert logged_epochs(run)[-1][2] > 0
 
 
@@ -225,15 +240,14 @@ sys.exit(tm.main(sys.argv[3:]))
 """
 
 
-def test_a_stop_while_one_operation_of_a_step_runs_on_ends_the_run_at_once(assets, tmp_path):
+def test_a_stop_while_one_operation_of_a_step_runs_on_ends_the_run_at_once(assets, tmp_path,
+                                                                          straight):
     """SIGTERM while step 6 is inside an operation that never returns (Python runs a signal's
     handler only between operations): the run ends all the same, exit 143, within the wait's
     bound, having dropped the step: the checkpoint is of step 5 with step 6's data order and
     RNG, metrics.jsonl is whole up to step 5, and the resume ends bit-equal to a run never
-    stopped."""
-    common = dict(dropout=0.1, grad_accum=2, max_steps=8, save_every=4)
-    straight = tm.train(tiny_cfg(assets, tmp_path, name="straight", **common))
-    cfg = tiny_cfg(assets, tmp_path, name="stopped", **common)
+    stopped (dropout and accumulation on: STRAIGHT)."""
+    cfg = tiny_cfg(assets, tmp_path, name="stopped", **STRAIGHT)
     config = write_config(cfg, tmp_path / "stopped.json")
     ready = tmp_path / "inside-the-operation"
     proc = popen([sys.executable, "-c", STUCK_IN_A_STEP, str(ready), "6", "--config",
@@ -247,7 +261,7 @@ def test_a_stop_while_one_operation_of_a_step_runs_on_ends_the_run_at_once(asset
     assert [p.name for p in rundir.list_checkpoints(run)] == ["step-4", "step-5"]
     assert [step for step, kind, _ in logged_epochs(run) if kind == "train"] == [1, 2, 3, 4, 5]
     _resume(run)
-    assert_bit_equal(final_weights(straight.run_dir, 8), final_weights(run, 8))
+    assert_bit_equal(final_weights(straight, 10), final_weights(run, 10))
 
 
 def _torchrun(nproc: int, *args: str, env: dict = ENV) -> subprocess.CompletedProcess:
@@ -268,7 +282,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, 
     halve the global batch."""
     # adam_eps 1e-6: with 1e-8, Adam turns gradients of ~1e-8 into ~lr-sized updates, so the
     # reduction-order rounding of any two correct summations would show up in the weights.
-    common = dict(max_steps=6, grad_accum=2, eval_every=3, save_every=3, adam_eps=1e-6,
+    common = dict(max_steps=4, grad_accum=2, eval_every=2, save_every=2, adam_eps=1e-6,
                   device="cpu")  # as the two gloo ranks
     single = tm.train(tiny_cfg(assets, tmp_path, name="single", batch_size=4, **common))
     cfg = tiny_cfg(assets, tmp_path, name="ddp", batch_size=2, **common)
@@ -277,12 +291,12 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(assets, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Warning" not in proc.stderr, proc.stderr  # torch 2.13: broadcast_buffers deprecated
     run = Path(cfg.out_dir) / "ddp"
-    a, b = final_weights(single.run_dir, 6), final_weights(run, 6)
+    a, b = final_weights(single.run_dir, 4), final_weights(run, 4)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
     assert not torch.equal(a["wte.weight"], load_file(
-        single.run_dir / "checkpoints/step-3" / rundir.MODEL_FILE)["wte.weight"])
+        single.run_dir / "checkpoints/step-2" / rundir.MODEL_FILE)["wte.weight"])
     val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
            if '"val"' in x]
     ref = [json.loads(x) for x in (single.run_dir / "metrics.jsonl").read_text().splitlines()
