@@ -105,20 +105,45 @@ def logged(run_dir: Path, kind: str) -> list[dict]:
     return [entry for entry in map(json.loads, lines) if entry["kind"] == kind]
 
 
-def test_a_grpo_run_samples_scores_and_logs_each_step(assets, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory):
+    """An uninterrupted run of grpo_cfg's 4 steps, its problems checked afresh (as
+    own_problem_checks does for a test): its run directory and what it printed."""
+    import contextlib
+    import io
+
+    from codelm.evaluation.tasks import passk
+
+    tmp = tmp_path_factory.mktemp("straight")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out, err = io.StringIO(), io.StringIO()
+    checks_path = passk.checks_path
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            monkeypatch.setattr(passk, "checks_path", lambda problems, sandbox: (
+                tmp / "problem-checks" / checks_path(problems, sandbox).name))
+            result = tm.train(grpo_cfg(assets, tmp, name="straight"))
+    finally:
+        torch.set_num_threads(before)
+    return {"run_dir": result.run_dir, "out": out.getvalue(), "err": err.getvalue()}
+
+
+def test_a_grpo_run_samples_scores_and_logs_each_step(straight):
     """Each step's line holds the rewards, pass rate, KL-free loss metrics, timings and
     throughput; the samples differ in reward, so the loss moves the weights; an evaluation
-    scores the held-out problems' greedy pass@1. The problems' check before it is announced."""
-    result = tm.train(grpo_cfg(assets, tmp_path))
-    train = logged(result.run_dir, "train")
+    scores the held-out problems' greedy pass@1. The problems' check before it is announced.
+    (The run: ``straight``, grpo_cfg's.)"""
+    train = logged(straight["run_dir"], "train")
     assert [entry["step"] for entry in train] == [1, 2, 3, 4]
     for entry in train:
         assert set(METRICS) <= entry.keys(), set(METRICS) - entry.keys()
         assert 0.0 <= entry["reward_mean"] <= 1.0 and entry["hack_rate"] == 0.0
     assert any(entry["reward_std"] > 0 and entry["loss"] != 0 for entry in train)
-    (val,) = logged(result.run_dir, "val")
+    (val,) = logged(straight["run_dir"], "val")
     assert val["val_pass@1"] in (0.0, 0.5, 1.0) and val["val_loss"] == 1.0 - val["val_pass@1"]
-    out, err = capsys.readouterr()
+    out, err = straight["out"], straight["err"]
     assert "| reward_mean " in out and "val pass@1 " in out
     assert re.search(r"\b6 training problems, 4 steps \(\S+ epochs of 6 problems\)", out)
     for key, n in (("problems", 6), ("val_problems", 2)):  # the check before training
@@ -268,18 +293,33 @@ def test_partial_credit_counts_the_asserts_that_hold_and_no_exploit_earns_any():
     assert len(earned[4:]) >= 25 and set(earned[4:]) == {0.0}
 
 
-def test_the_control_arm_permutes_the_rewards_within_the_step(assets, tmp_path):
+def test_the_control_arm_permutes_the_rewards_within_the_step(assets, tmp_path, monkeypatch):
     """shuffle_rewards: the loss sees the step's rewards permuted (the same ones, drawn from the
-    run's seed and the step); the logged rewards stay the true ones."""
+    run's seed and the step); the logged rewards stay the true ones. The sandbox scores the
+    completions twice (the same rewards both times); steps 1 to 5 permute those verdicts."""
     cfg = grpo_cfg(assets, tmp_path, shuffle_rewards=True, num_generations=8)
     tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
     problems = [problem(i) for i in range(2)]
     trainer = grpo_trainer(pretrained.load(assets["model"], device="cpu"), cfg, tok, problems)
     completions = trainer.sample(problems, 1)
+    verdicts = {}
+
+    def keeping(name: str):
+        real = getattr(rewards, name)
+
+        def kept(*args, **kwargs):
+            verdicts[name] = real(*args, **kwargs)
+            return verdicts[name]
+        return kept
+
+    for name in ("scores", "hacks"):  # the sandbox's verdicts of these completions, kept
+        monkeypatch.setattr(rewards, name, keeping(name))
     first = trainer.score(problems, completions, 1)
     again = trainer.score(problems, completions, 1)
     assert torch.equal(first.rewards, again.rewards)
     assert sorted(first.rewards.tolist()) == sorted(first.true_rewards.tolist())
+    for name in ("scores", "hacks"):  # the later steps permute the same verdicts, not run again
+        monkeypatch.setattr(rewards, name, lambda *args, _name=name, **kwargs: verdicts[_name])
     orders = {tuple(trainer.score(problems, completions, step).rewards.tolist())
               for step in range(1, 6)}
     assert len(orders) > 1
@@ -507,15 +547,15 @@ def test_rewards_lost_after_earlier_ones_are_named_a_collapse(capsys):
 
 
 def test_a_resumed_run_without_signal_is_warned_too(assets, tmp_path, capsys):
-    """The warning counts the steps a process trains: resumed with 2 of 4 steps left, every
+    """The warning counts the steps a process trains: resumed with 2 of 3 steps left, every
     reward 0, the run is warned after those 2."""
     path = write_jsonl(tmp_path / "threes.jsonl", [problem(i, answer=3) for i in range(4)])
     argv = grpo_argv(assets, tmp_path, "--problems", path, "--save-every", "1", "--keep-last",
-                     "4", "--name", "r", length=("--max-steps", "4"))
+                     "3", "--name", "r", length=("--max-steps", "3"))
     assert tm.main(argv) == 0
-    assert "equal rewards for 4 step(s) in a row" in capsys.readouterr().err
+    assert "equal rewards for 3 step(s) in a row" in capsys.readouterr().err
     run_dir = tmp_path / "runs" / "r"
-    for step in (3, 4):  # killed after step 2's checkpoint
+    for step in (2, 3):  # killed after step 1's checkpoint
         shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
     assert tm.main(["--resume", str(run_dir), "--no-progress"]) == 0
     assert "equal rewards for 2 step(s) in a row" in capsys.readouterr().err
@@ -551,15 +591,9 @@ sys.exit(tm.main(sys.argv[4:]))
 """
 
 
-@pytest.fixture(scope="module")
-def straight(assets, tmp_path_factory):
-    """An uninterrupted run of 5 steps: its final weights."""
-    tmp = tmp_path_factory.mktemp("straight")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    result = tm.train(grpo_cfg(assets, tmp, name="straight", max_steps=5, eval_every=5))
-    torch.set_num_threads(before)
-    return load_file(result.run_dir / "checkpoints" / "step-5" / "model.safetensors")
+def straight_weights(straight) -> dict:
+    """The uninterrupted run's final weights (step 4)."""
+    return load_file(straight["run_dir"] / "checkpoints" / "step-4" / "model.safetensors")
 
 
 @pytest.mark.parametrize("phase", [
@@ -568,8 +602,8 @@ def straight(assets, tmp_path_factory):
 def test_kill_9_then_resume_ends_on_the_uninterrupted_runs_weights(assets, tmp_path, straight,
                                                                    phase):
     """SIGKILL inside step 4's sampling, verdicts or update (the checkpoint of step 2 the last):
-    --resume replays steps 3 to 5, sampling what the straight run sampled."""
-    cfg = grpo_cfg(assets, tmp_path, name="killed", max_steps=5, eval_every=5)
+    --resume replays steps 3 and 4, sampling what the straight run sampled."""
+    cfg = grpo_cfg(assets, tmp_path, name="killed")
     config = tmp_path / "killed.json"
     config.write_text(json.dumps(dataclasses.asdict(cfg)))
     proc = subprocess.run([sys.executable, "-c", KILLER, phase, "4", "SIGKILL", "--config",
@@ -579,10 +613,11 @@ def test_kill_9_then_resume_ends_on_the_uninterrupted_runs_weights(assets, tmp_p
     run = Path(cfg.out_dir) / "killed"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
     assert tm.main(["--resume", str(run)]) == 0
-    resumed = load_file(run / "checkpoints" / "step-5" / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
+    resumed = load_file(run / "checkpoints" / "step-4" / "model.safetensors")
+    weights = straight_weights(straight)
+    assert weights.keys() == resumed.keys()
+    for name in weights:
+        assert torch.equal(weights[name], resumed[name]), name
 
 
 @pytest.mark.slow
@@ -590,7 +625,7 @@ def test_sigterm_during_sampling_drops_the_step_and_resumes_bit_exactly(assets, 
                                                                          straight):
     """SIGTERM as step 4 starts sampling: the step is dropped before any update, a checkpoint
     of step 3 keeps the step's start, and --resume ends on the straight run's weights."""
-    cfg = grpo_cfg(assets, tmp_path, name="stopped", max_steps=5, eval_every=5)
+    cfg = grpo_cfg(assets, tmp_path, name="stopped")
     config = tmp_path / "stopped.json"
     config.write_text(json.dumps(dataclasses.asdict(cfg)))
     proc = subprocess.run([sys.executable, "-c", KILLER, "sample", "4", "SIGTERM", "--config",
@@ -601,6 +636,7 @@ def test_sigterm_during_sampling_drops_the_step_and_resumes_bit_exactly(assets, 
     run = Path(cfg.out_dir) / "stopped"
     assert (run / "checkpoints" / "step-3").is_dir()
     assert tm.main(["--resume", str(run)]) == 0
-    resumed = load_file(run / "checkpoints" / "step-5" / "model.safetensors")
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
+    resumed = load_file(run / "checkpoints" / "step-4" / "model.safetensors")
+    weights = straight_weights(straight)
+    for name in weights:
+        assert torch.equal(weights[name], resumed[name]), name
