@@ -234,10 +234,10 @@ def synthetic_corpus(root: Path, files: int, size: int) -> Path:
 
 def test_memory_follows_the_shard_not_the_corpus(tmp_path, monkeypatch):
     """Python's allocations at their peak while the corpus is cleaned and split (one worker:
-    all in this process) stay near a shard's size, far below the corpus's 6 MB."""
-    src = synthetic_corpus(tmp_path / "src", 300, 20_000)
+    all in this process) stay near a shard's size, far below the corpus's 3.4 MB (34 shards)."""
+    src = synthetic_corpus(tmp_path / "src", 150, 20_000)
     corpus_bytes = sum(p.stat().st_size for p in src.iterdir())
-    monkeypatch.setattr(shards, "SHARD_DOCS", 10)  # about 200 KB a shard
+    monkeypatch.setattr(shards, "SHARD_DOCS", 5)  # about 100 KB a shard
     tracemalloc.start()
     try:
         corpus = load_corpus(config(tmp_path / "cache", src, num_workers=1,
@@ -245,7 +245,7 @@ def test_memory_follows_the_shard_not_the_corpus(tmp_path, monkeypatch):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert corpus.stats["kept"]["files"] == 300
+    assert corpus.stats["kept"]["files"] == 150
     assert peak < corpus_bytes / 4, (peak, corpus_bytes)
 
 
@@ -372,7 +372,11 @@ def files_of(directory: Path) -> dict:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.iterdir()}
 
 
-@pytest.mark.parametrize("stage", ["corpus", "lm", "method"])
+@pytest.mark.parametrize("stage", [
+    "corpus", "lm",
+    # quick cover: [lm] (the same sweep and task shard writer) and
+    # test_an_interrupted_supervised_build_continues_after_its_whole_shards (example shards)
+    pytest.param("method", marks=pytest.mark.slow)])
 def test_the_shards_a_kill_left_beside_a_published_entry_go_with_the_next_run(
         tmp_path, source, tokenizer, monkeypatch, stage):
     """SIGKILL after an entry is published and before its shards are removed: the next run, a
@@ -534,10 +538,10 @@ def test_data_workers_default_to_every_usable_core_and_one_in_a_daemon(tmp_path,
     assert corpus.stats["kept"]["files"] == 20
 
 
-@pytest.fixture
-def pairs(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
     """Input/output pair records: each top-level function of the email package, and the same
-    function indented by two spaces."""
+    function indented by two spaces (a file the tests only read)."""
     records = []
     for path in sorted(EMAIL.glob("*.py")):
         text = path.read_text("utf-8")
@@ -545,7 +549,7 @@ def pairs(tmp_path) -> Path:
             if isinstance(node, ast.FunctionDef):
                 code = ast.get_source_segment(text, node)
                 records.append({"input": code, "output": code.replace("    ", "  ")})
-    path = tmp_path / "pairs.jsonl"
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -584,9 +588,14 @@ SUPERVISED = {  # task options, and whether the pair records come first among th
     "refactor": (dict(task="refactor", block_size=256), None),  # the pairs alone
     "fim, pairs first": (dict(task="fim", block_size=96, fim_rate=0.5), True),
 }
+# quick cover: [method], whose examples come from the same parsed Python files through the same
+# example shards
+SLOW_SUPERVISED = {"docstring"}
 
 
-@pytest.mark.parametrize("name", SUPERVISED)
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_SUPERVISED else name
+    for name in SUPERVISED])
 def test_a_supervised_task_writes_the_same_bytes_in_small_shards_and_in_one(
         tmp_path, source, pairs, tokenizer, monkeypatch, name):
     """Each split's examples, built from a few documents a shard, are the files and counts of one
