@@ -262,14 +262,16 @@ print("done", flush=True)
 """
 
 
-def test_pools_started_and_ended_many_times_under_cpu_burners_never_hang():
-    """Pools ended after their work and on an error, 40 times while 3 processes burn the CPU
-    (a busy machine widens every race): the script ends, within a generous watchdog."""
+@pytest.mark.parametrize("rounds", [20, pytest.param(40, marks=pytest.mark.slow)])
+def test_pools_started_and_ended_many_times_under_cpu_burners_never_hang(rounds):
+    """Pools ended after their work and on an error, ``rounds`` times (half each way) while 3
+    processes burn the CPU (a busy machine widens every race): the script ends, within a
+    generous watchdog."""
     import sys
 
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
     try:
-        done = subprocess.run([sys.executable, "-c", _POOLS_UNDER_LOAD, "40"], cwd=ROOT,
+        done = subprocess.run([sys.executable, "-c", _POOLS_UNDER_LOAD, str(rounds)], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
     finally:
         for burner in burners:
