@@ -20,6 +20,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from tiny_hf import save_tiny_hf, train_family_tokenizer, train_hf_tokenizer
+from tokenizers import Tokenizer
 
 from architecture import PRESETS, Transformer
 from codelm import loading, trainconfig
@@ -65,12 +66,21 @@ def _texts() -> list[str]:
     return [p.read_text("utf-8", "replace") for p in stdlib_files()[::40]]
 
 
-def make_checkpoint(case: Case, path: Path, texts: list[str]) -> Path:
-    """A tiny random checkpoint of ``case``'s family with a trained tokenizer of its kind."""
+def make_checkpoint(case: Case, path: Path, texts: list[str],
+                    trained: dict[str, Path] | None = None) -> Path:
+    """A tiny random checkpoint of ``case``'s family with a trained tokenizer of its kind;
+    ``trained``: style -> a tokenizer.json of that style already trained on ``texts``, which is
+    copied (the families of one style share one tokenizer), filled with the one trained here."""
     path.mkdir(parents=True)
-    byte_level = case.style in ("llama3", "starcoder", "gpt2")
-    train = train_hf_tokenizer if byte_level else train_family_tokenizer
-    hf_tok = train(case.style, texts, path / "tokenizer.json")
+    trained = {} if trained is None else trained
+    if case.style in trained:
+        shutil.copyfile(trained[case.style], path / "tokenizer.json")
+    else:
+        byte_level = case.style in ("llama3", "starcoder", "gpt2")
+        train = train_hf_tokenizer if byte_level else train_family_tokenizer
+        train(case.style, texts, path / "tokenizer.json")
+        trained[case.style] = path / "tokenizer.json"
+    hf_tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok = load_tokenizer(path / "tokenizer.json")
     overrides = {"starcoder2": {"sliding_window": None}, "phi3": {"sliding_window": None},
                  # llama.cpp's Gemma 2 below 27B scales queries by 1/sqrt(head_dim)
@@ -84,7 +94,9 @@ def make_checkpoint(case: Case, path: Path, texts: list[str]) -> Path:
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     texts = _texts()
     root = tmp_path_factory.mktemp("gguf")
-    return {name: make_checkpoint(case, root / name, texts) for name, case in CASES.items()}
+    trained = {}  # one tokenizer per style: families sharing a style share its training
+    return {name: make_checkpoint(case, root / name, texts, trained)
+            for name, case in CASES.items()}
 
 
 def _field(reader, key: str):
@@ -152,8 +164,6 @@ def test_a_sentencepiece_vocabulary_has_byte_tokens_scores_in_merge_order_and_it
     """Against HF tokenizers: each id's token, <0xNN> as byte tokens, <unk> and the specials
     typed so, scores falling along the merges (llama.cpp's SPM merges the best-scoring pair
     first), the ▁ before a text exactly where HF puts one, BOS first."""
-    from tokenizers import Tokenizer
-
     hf = Tokenizer.from_file(str(checkpoints[name] / "tokenizer.json"))
     reader = gguf.GGUFReader(_export(checkpoints[name], tmp_path))
     tokens = _field(reader, "tokenizer.ggml.tokens")
