@@ -1911,11 +1911,12 @@ def test_unusable_path_is_a_clear_error(tmp_path, corpus, capsys, flag):
     assert err.startswith(named) and "Traceback" not in err
 
 
+# hyperparam_tune's parse_config and storage, without the torch that hyperparam_tune imports
 _DIES_HOLDING_THE_JOURNAL_LOCK = """
 import os, signal, sys
-import hyperparam_tune
 from codelm import studies
-cfg = hyperparam_tune.parse_config(sys.argv[1:])
+from codelm.tuneconfig import parse_config
+cfg = parse_config(sys.argv[1:])
 studies.open_storage(cfg)._backend._lock.acquire()  # as mid-write, then SIGKILL/OOM
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -2057,12 +2058,12 @@ FAKE_WORKER = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import hyperparam_tune, trainingmanager
-if sys.argv[-1] == "2" and {fault!r} == "error":
+if sys.argv[-1] == "2" and {fault!r} == "error":  # before the imports, which load torch
     print("error: worker 2 cannot run", file=sys.stderr)
     sys.exit(2)
 if sys.argv[-1] == "2" and {fault!r} == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
+import hyperparam_tune, trainingmanager
 def train(cfg, on_eval=None, resume_hint=None, **_):
     run_dir = Path(cfg.out_dir) / cfg.name
     return trainingmanager.TrainResult(run_dir=run_dir, best_val_loss=cfg.lr, step=cfg.max_steps)
@@ -2114,14 +2115,14 @@ FAKE_STOPPED_WORKER = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import hyperparam_tune, trainingmanager
 started = Path({started!r})
-if sys.argv[-1] == "2":  # a configuration error, met while worker 1 trains
+if sys.argv[-1] == "2":  # a configuration error, met while worker 1 trains (no torch loaded)
     deadline = time.monotonic() + 60
     while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     print("error: worker 2 cannot run", file=sys.stderr)
     sys.exit(2)
+import hyperparam_tune, trainingmanager
 def train(cfg, on_eval=None, resume_hint=None, **_):
     started.touch()
     time.sleep(20)
