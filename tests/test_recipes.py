@@ -69,7 +69,12 @@ def _ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("name", RECIPES)
+# qwen_coder_completion is slow: a LoRA lm + line recipe as fastapi_codegen is (quick cover:
+# test_recipe_smoke_end_to_end[fastapi_codegen]), on the qwen2 family whose adapter loads in PEFT
+# with the same logits in test_lora's test_all_linear_adapts_what_peft_adapts_and_loads_there.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
+                                  if name == "qwen_coder_completion" else name
+                                  for name in RECIPES])
 def test_recipe_smoke_end_to_end(name, tmp_path, monkeypatch, capsys):
     """Each shipped recipe's --smoke run trains with the recipe's settings, its loss falls, the
     table has the seed's rows, and the export loads in transformers (and PEFT, for a LoRA recipe)
