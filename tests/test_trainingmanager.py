@@ -2147,21 +2147,22 @@ def test_a_budget_one_evaluation_would_fill_is_refused_before_training(assets, t
 
 
 def test_steps_past_max_epochs_of_the_data_are_noted(assets, tmp_path, capsys):
-    """--max-steps that see the training data more than MAX_EPOCHS times: one note naming the
-    epochs, best/ and --early-stop-patience; fewer steps, none."""
+    """--max-steps that see the training data more than MAX_EPOCHS times: one note, as the run
+    is built (before its first step), naming the epochs, best/ and --early-stop-patience; fewer
+    steps, none."""
     small = tmp_path / "small"
     small.mkdir()
     for f in sorted(Path(assets["corpus"]).iterdir())[:4]:
         shutil.copy(f, small / f.name)
     cfg = tiny_cfg(assets, tmp_path, data=[str(small)], name="many", max_steps=240,
                    eval_every=1000)
-    tm.train(cfg)
+    closed(built_run(cfg))  # the note is the built run's, said before its first step
     captured = capsys.readouterr()
     epochs = float(re.search(r"240 steps \(([\d.]+) epochs", captured.out).group(1))
     assert epochs > budget.MAX_EPOCHS
     assert f"note: 240 steps are {epochs:.3g} epochs" in captured.err
     assert "--early-stop-patience" in captured.err
-    tm.train(dataclasses.replace(cfg, name="few", max_steps=2))
+    closed(built_run(dataclasses.replace(cfg, name="few", max_steps=2)))
     assert "epochs of the training data" not in capsys.readouterr().err
 
 
