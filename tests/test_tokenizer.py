@@ -1378,8 +1378,8 @@ def test_training_counts_pieces_the_same_on_one_or_two_workers(stdlib_texts, mon
     pieces in the same order as counting them in this process."""
     import tokenizer
 
-    monkeypatch.setattr(tokenizer, "_COUNT_BATCH_CHARS", 50_000)
-    texts = [t for _, t in stdlib_texts[::40]]
+    monkeypatch.setattr(tokenizer, "_COUNT_BATCH_CHARS", 20_000)
+    texts = [t for _, t in stdlib_texts[::100]]
     assert sum(map(len, texts)) > 10 * tokenizer._COUNT_BATCH_CHARS
     one = CodeTokenizer.train(texts, min_freq=3, strip_comments=strip_comments, num_workers=1)
     two = CodeTokenizer.train(iter(texts), min_freq=3, strip_comments=strip_comments,
