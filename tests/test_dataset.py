@@ -1874,18 +1874,37 @@ def test_fim_decisions_are_drawn_per_document(tok):
     assert 60 <= psm <= 140
 
 
+def _hf_trained_on_email(tmp_path_factory, style: str) -> Path:
+    """A ``style``-shaped tokenizer.json trained by HF's own BpeTrainer on the email package;
+    tests read it (never write it) with HF's Tokenizer and codelm's load_tokenizer."""
+    from tiny_hf import train_hf_tokenizer
+
+    path = tmp_path_factory.mktemp(style) / "tokenizer.json"
+    train_hf_tokenizer(style, list(email_texts().values()), path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def starcoder_tok(tmp_path_factory):
+def starcoder_json(tmp_path_factory) -> Path:
+    return _hf_trained_on_email(tmp_path_factory, "starcoder")
+
+
+@pytest.fixture(scope="module")
+def llama3_json(tmp_path_factory) -> Path:
+    return _hf_trained_on_email(tmp_path_factory, "llama3")
+
+
+@pytest.fixture(scope="module")
+def starcoder_tok(starcoder_json):
     """A StarCoder-shaped tokenizer.json trained by HF on the email package: (HF's Tokenizer,
     reading special-token text as text as dataset.py does, and codelm's load of the file)."""
-    from tiny_hf import train_hf_tokenizer
+    from tokenizers import Tokenizer
 
     from tokenizer import load_tokenizer
 
-    path = tmp_path_factory.mktemp("starcoder") / "tokenizer.json"
-    hf = train_hf_tokenizer("starcoder", list(email_texts().values()), path)
+    hf = Tokenizer.from_file(str(starcoder_json))
     hf.encode_special_tokens = True
-    return hf, load_tokenizer(path)
+    return hf, load_tokenizer(starcoder_json)
 
 
 def check_fim_pairs_against_hf(hf, tok, text: str, doc_id: str, block_size: int,
@@ -2094,14 +2113,14 @@ def test_method_task_reads_targets_from_python_files_only(tmp_path, tok):
                 tok)
 
 
-def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path):
+def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path, starcoder_json):
     """A StarCoder-shaped tokenizer.json (trained by HF): packed lm tokens and FIM ids are HF's."""
-    from tiny_hf import train_hf_tokenizer
+    from tokenizers import Tokenizer
 
     from tokenizer import load_tokenizer
 
-    hf = train_hf_tokenizer("starcoder", list(email_texts().values()), tmp_path / "tokenizer.json")
-    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    hf = Tokenizer.from_file(str(starcoder_json))
+    tok = load_tokenizer(starcoder_json)
     assert tok.eos_id == hf.token_to_id("<|endoftext|>")
 
     data = prepare(cfg(tmp_path, task="lm", block_size=64), tok)
@@ -2118,19 +2137,17 @@ def test_pretrained_bpe_tokenizer_ids_match_hf_tokenizers(tmp_path):
     assert hf.token_to_id("<fim_suffix>") in prompt and completion[-1] == eos
 
 
-def test_llama3_text_starts_with_its_bos_as_transformers_encodes_it(tmp_path):
+def test_llama3_text_starts_with_its_bos_as_transformers_encodes_it(tmp_path, llama3_json):
     """Llama-3's tokenizer.json template puts <|begin_of_text|> before every text, so
     transformers' tokenizer(text) (what the model was pretrained on, and what HF fine-tuning
     feeds it) starts with it. Each packed file and each supervised example starts so too, also
     when its prompt is cut, and prompt_prefix (eval.py's prompts) agrees."""
-    from tiny_hf import train_hf_tokenizer
     from transformers import PreTrainedTokenizerFast
 
     from tokenizer import load_tokenizer
 
-    train_hf_tokenizer("llama3", list(email_texts().values()), tmp_path / "tokenizer.json")
-    tok = load_tokenizer(tmp_path / "tokenizer.json")
-    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(llama3_json)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(llama3_json))
     bos, eos = hf.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>"])
     assert tok.template_prefix == [bos] and tok.eos_id == eos
     assert prompt_prefix(tok, "lm") == [eos, bos]
@@ -2159,16 +2176,16 @@ def test_llama3_text_starts_with_its_bos_as_transformers_encodes_it(tmp_path):
         assert len(prompt) + len(completion) == 9  # the context (8 inputs) filled, BOS included
 
 
-def test_special_token_text_in_a_document_is_text(tmp_path):
+def test_special_token_text_in_a_document_is_text(tmp_path, starcoder_json):
     """A BPE tokenizer reads ``<|endoftext|>`` quoted in scraped code as text, not as EOS (a
     false document end), and ``<fim_middle>`` not as a sentinel; special ids go in by id only."""
-    from tiny_hf import train_hf_tokenizer
+    from tokenizers import Tokenizer
 
     from tokenizer import load_tokenizer
 
     texts = email_texts()
-    hf = train_hf_tokenizer("starcoder", list(texts.values()), tmp_path / "tokenizer.json")
-    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    hf = Tokenizer.from_file(str(starcoder_json))
+    tok = load_tokenizer(starcoder_json)
     src = tmp_path / "src"
     src.mkdir()
     for name, text in list(texts.items())[:8]:
@@ -2189,17 +2206,18 @@ def test_special_token_text_in_a_document_is_text(tmp_path):
         assert sum(t in sentinels for t in prompt + completion) in (0, 3)
 
 
-def test_chat_formatted_pairs_are_encoded_as_text_and_a_note_says_so(tmp_path, capsys):
+def test_chat_formatted_pairs_are_encoded_as_text_and_a_note_says_so(tmp_path, capsys,
+                                                                     llama3_json):
     """A pair record written with Llama-3-Instruct's chat template holds <|eot_id|> as text:
     transformers' tokenizer(prompt) makes it the special id, dataset.py keeps it text (its rule
     for every record), so the model would never see its chat format; a note says so, on a cache
     hit too, and plain records get none."""
-    from tiny_hf import train_hf_tokenizer
+    from tokenizers import Tokenizer
 
     from tokenizer import load_tokenizer
 
-    hf = train_hf_tokenizer("llama3", list(email_texts().values()), tmp_path / "tokenizer.json")
-    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    hf = Tokenizer.from_file(str(llama3_json))
+    tok = load_tokenizer(llama3_json)
     eot = hf.token_to_id("<|eot_id|>")
     chat = [{"prompt": f"<|begin_of_text|>user\n\nscale by {i}<|eot_id|>assistant\n\n",
              "completion": f"return x * {i}"} for i in range(4)]
