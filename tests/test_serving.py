@@ -12,6 +12,7 @@ import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import openai
 import pytest
@@ -723,33 +724,25 @@ sys.exit(code)
 """
 
 
-def test_every_thread_the_server_starts_has_ended_when_it_stops(instruct):  # noqa: F811
-    """serve() returns only once each thread it started is joined: a thread left running would
-    hold the models and could free their tensors while the interpreter shuts down, which
-    aborts the process."""
+class StoppedMidStream(NamedTuple):
+    """A server (SERVE_COUNTING_THREADS) sent SIGTERM during a stream: the stream's chunks, the
+    server's exit code, and the threads it started and joined (its last line of output)."""
+
+    chunks: list
+    returncode: int
+    threads: dict
+    err: str
+
+
+@pytest.fixture(scope="module")
+def stopped_mid_stream(instruct) -> StoppedMidStream:  # noqa: F811
+    """One server process, stopped by SIGTERM while it streams an answer: what the stream, the
+    exit code and the server's thread counts were. Tests read it and change none of it."""
     root, _ = instruct
     proc = subprocess.Popen([sys.executable, "-c", SERVE_COUNTING_THREADS, str(root)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc.stdout.readline()  # serving ... on URL: the signal handlers are set
-        proc.send_signal(15)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    threads = json.loads(out.splitlines()[-1])
-    assert len(threads["started"]) >= 2  # the engine and the console line's reporter
-    assert sorted(set(threads["started"])) == sorted(set(threads["joined"]))
-
-
-def test_sigterm_during_a_stream_ends_it_cleanly_and_exits_zero(instruct):  # noqa: F811
-    """SIGTERM during a stream lets it end with its finish_reason and the server exit 0: a client
-    mid-answer gets a whole answer, and a service manager sees a clean stop."""
-    root, _ = instruct
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(root)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
+        line = proc.stdout.readline()  # serving ... on URL: the signal handlers are set
         url = line.split(" on ")[1].split()[0]
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
         stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=40,
@@ -757,11 +750,29 @@ def test_sigterm_during_a_stream_ends_it_cleanly_and_exits_zero(instruct):  # no
         chunks = [next(iter(stream))]
         proc.send_signal(15)
         chunks += list(stream)
-        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-        assert proc.wait(timeout=120) == 0
+        out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
         proc.wait()
+    threads = json.loads(out.splitlines()[-1]) if proc.returncode == 0 else {}
+    return StoppedMidStream(chunks, proc.returncode, threads, err)
+
+
+def test_every_thread_the_server_starts_has_ended_when_it_stops(stopped_mid_stream):
+    """serve() returns only once each thread it started is joined (the stream's request
+    handler's too): a thread left running would hold the models and could free their tensors
+    while the interpreter shuts down, which aborts the process."""
+    assert stopped_mid_stream.returncode == 0, stopped_mid_stream.err[-3000:]
+    threads = stopped_mid_stream.threads
+    assert len(threads["started"]) >= 2  # the engine and the console line's reporter
+    assert sorted(set(threads["started"])) == sorted(set(threads["joined"]))
+
+
+def test_sigterm_during_a_stream_ends_it_cleanly_and_exits_zero(stopped_mid_stream):
+    """SIGTERM during a stream lets it end with its finish_reason and the server exit 0: a client
+    mid-answer gets a whole answer, and a service manager sees a clean stop."""
+    assert stopped_mid_stream.chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert stopped_mid_stream.returncode == 0, stopped_mid_stream.err[-3000:]
 
 
 def test_eval_scores_codelms_own_server_as_it_scores_the_model(instruct, tmp_path):  # noqa: F811
