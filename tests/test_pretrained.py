@@ -691,20 +691,22 @@ def test_dtype_names_as_transformers_reads_them(tmp_path, stored):
             pretrained.load(tmp_path, dtype=bad)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])  # rotary; learned positions
-def test_load_imports_no_symbolic_machinery(checkpoints, family):
+def test_load_imports_no_symbolic_machinery(checkpoints):
     """Meta-device init must not reach torch's Python meta kernels: they import sympy, 65 MiB
-    of RSS on top of the weights (the load's memory goal is 1.1x the file)."""
+    of RSS on top of the weights (the load's memory goal is 1.1x the file). One fresh process
+    loads and runs a rotary family (llama), then one of learned positions (gpt_bigcode): sympy
+    is absent after each, so neither load imported it."""
     import subprocess
     import sys
 
-    path = checkpoints[family][0]
-    code = ("import sys, torch; from codelm.models import pretrained; "
-            f"m = pretrained.load({str(path)!r}); m(torch.tensor([[3, 4]])); "
-            "print('sympy' in sys.modules)")
+    paths = [str(checkpoints[family][0]) for family in ("llama", "gpt_bigcode")]
+    code = ("import sys, torch; from codelm.models import pretrained\n"
+            f"for path in {paths!r}:\n"
+            "    m = pretrained.load(path); m(torch.tensor([[3, 4]]))\n"
+            "    print('sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1])
-    assert out.stdout.split()[-1] == "False"
+    assert out.stdout.split()[-2:] == ["False", "False"]
 
 
 @pytest.mark.parametrize("stored, loaded", [(torch.bfloat16, torch.bfloat16),
