@@ -2173,9 +2173,9 @@ def test_a_time_budget_larger_than_the_data_ends_after_max_epochs(assets, tmp_pa
     _one_second_a_step(monkeypatch)
     monkeypatch.setattr(build, "time_a_step", lambda *args: (1.0, 2.0))
     monkeypatch.setattr(build, "budget_left", lambda cfg, created: 10_000.0)
-    small = tmp_path / "small"  # 4 files: 8 epochs of them are few steps
+    small = tmp_path / "small"  # the 4 smallest files: 8 epochs of them are few steps
     small.mkdir()
-    for f in sorted(Path(assets["corpus"]).iterdir())[:4]:
+    for f in sorted(Path(assets["corpus"]).iterdir(), key=lambda f: f.stat().st_size)[:4]:
         shutil.copy(f, small / f.name)
     cfg = tiny_cfg(assets, tmp_path, data=[str(small)], name="data", time_budget_min=200.0,
                    warmup_steps=None, max_steps=None)
