@@ -2621,7 +2621,8 @@ def test_an_epochs_run_rounds_its_steps_up_and_its_cosine_ends_there(assets, tmp
 
     common = dict(task="completion", batch_size=4, grad_accum=2, warmup_steps=2,
                   max_steps=trainconfig.TrainConfig().max_steps)
-    probe = built_run(tiny_cfg(assets, tmp_path, name="probe", **common))
+    # the probe reads the data alone: a fixed length, so no budget times its steps
+    probe = built_run(tiny_cfg(assets, tmp_path, name="probe", **{**common, "max_steps": 1}))
     n = len(probe.data.batches.train)  # supervised pairs: an epoch is each of them once
     closed(probe)
     steps, per_step = 5, 4 * 2  # batch_size x grad_accum
