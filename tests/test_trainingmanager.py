@@ -4115,31 +4115,31 @@ def test_a_failed_start_in_a_directory_of_the_users_leaves_their_files(assets, t
 
 
 def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
-    """--resume RUN --max-steps 5 on a checkpoint at step 8 is refused, naming the key, before
-    anything is written (not training nothing, exiting 0, with max_steps 5 in config.json);
+    """--resume RUN --max-steps 3 on a checkpoint at step 4 is refused, naming the key, before
+    anything is written (not training nothing, exiting 0, with max_steps 3 in config.json);
     the checkpoint's own length still ends the run (no second line for its last step)."""
-    config = _tiny_config_file(assets, tmp_path, max_steps=8)
+    config = _tiny_config_file(assets, tmp_path, max_steps=4)
     assert tm.main(["--config", config]) == 0
     run = tmp_path / "runs" / "run"
     kept = {p: p.read_bytes() for p in (run / "config.json", run / "metrics.jsonl")}
     capsys.readouterr()
-    assert tm.main(["--resume", str(run), "--max-steps", "5"]) == 2
+    assert tm.main(["--resume", str(run), "--max-steps", "3"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert all(w in err for w in ("max_steps (5, --max-steps)", "checkpoint", "(8)",
-                                  "set max_steps to 8 or more")), err
+    assert all(w in err for w in ("max_steps (3, --max-steps)", "checkpoint", "(4)",
+                                  "set max_steps to 4 or more")), err
     for unset in ([], ["--max-steps", "none"]):  # typed, it replaces the run's max_steps
         assert tm.main(["--resume", str(run), "--epochs", "0.001", *unset]) == 2
         err = capsys.readouterr().err
         assert "epochs (0.001, --epochs): " in err and "below the step of the checkpoint " in err
         assert "set a larger epochs" in err
     low = tmp_path / "low.json"  # set in a --config file beside --resume: named as that file
-    low.write_text(json.dumps({"max_steps": 5}))
+    low.write_text(json.dumps({"max_steps": 3}))
     assert tm.main(["--resume", str(run), "--config", str(low)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: max_steps (5, --config {low}): ")
+    assert capsys.readouterr().err.startswith(f"error: max_steps (3, --config {low}): ")
     assert all(p.read_bytes() == data for p, data in kept.items())
-    assert tm.main(["--resume", str(run), "--max-steps", "8"]) == 0
-    assert _train_steps(run) == list(range(1, 9))
+    assert tm.main(["--resume", str(run), "--max-steps", "4"]) == 0
+    assert _train_steps(run) == list(range(1, 5))
 
 
 def _one_second_a_step(monkeypatch, slower_after: int | None = None) -> list[float]:
