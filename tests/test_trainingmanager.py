@@ -5645,6 +5645,7 @@ def test_wandb_with_a_key_or_offline_starts_without_asking(tmp_path, monkeypatch
         trackers.check_ready(["wandb"])
 
 
+@pytest.mark.slow  # quick cover: test_the_three_trackers_hold_the_same_series_and_config_across_a_resume
 def test_wandb_offline_gets_the_config_and_scalars_and_a_resume_continues_its_run(
         assets, tmp_path, monkeypatch):
     """report_to wandb (offline) logs the config and the validation scalars at their steps, and a
@@ -5830,7 +5831,9 @@ def test_tensorboard_holds_an_evaluation_killed_before_it_reached_the_tracker(as
 def test_the_three_trackers_hold_the_same_series_and_config_across_a_resume(assets, tmp_path,
                                                                           monkeypatch):
     """--report-to tensorboard wandb mlflow: each read back by its own library holds the val
-    loss series of metrics.jsonl and the config, one run each continued by --resume."""
+    loss series of metrics.jsonl and the config, one run each continued by --resume (W&B's
+    offline files: one run id, a file per attempt, each opening with the run's name and
+    config)."""
     mlflow = pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -5856,8 +5859,15 @@ def test_the_three_trackers_hold_the_same_series_and_config_across_a_resume(asse
                                                                        "val_val_loss")}
     assert json.loads(client.get_run(ids["mlflow"]).data.params["lr"]) == cfg.lr
     wandb_series = {}
-    for file in sorted(run_dir.glob(f"wandb/offline-run-*-{ids['wandb']}/*.wandb")):
-        for r in _wandb_records(file):
+    files = sorted(run_dir.glob(f"wandb/offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb"))
+    assert len(files) == 2  # one W&B run, continued
+    for file in files:
+        records = _wandb_records(file)
+        runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert runs[0].run_id == ids["wandb"] and runs[0].display_name == "run"
+        config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
+        assert config["lr"] == cfg.lr and config["preset"] == "tiny"
+        for r in records:
             items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
             if "val/val_loss" in items:
                 wandb_series[int(items["_step"])] = json.loads(items["val/val_loss"])
