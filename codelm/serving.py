@@ -134,9 +134,11 @@ class EngineThread:
             return True
 
     def _add(self, request: _Submitted) -> None:
+        """Queue a request on the engine. A refusal or failure goes to its request alone: the
+        engine changes nothing before it accepts one, and serves the others on."""
         try:
             request.id = self.engine.add(request.prompt, request.cfg, request.logprobs)
-        except ValueError as e:  # checked before it came here: a model's own limit
+        except Exception as e:
             request.events.put((request.choice, e))
             return
         self.requests[request.id] = request

@@ -573,6 +573,31 @@ def test_a_failure_of_the_server_is_a_500_and_in_a_stream_an_error_event(loaded,
         _stop(server, thread)
 
 
+def test_a_failure_to_queue_a_request_answers_it_alone_and_the_engine_serves_on(loaded,
+                                                                             monkeypatch):
+    """Any error the engine raises as it takes a request (not only a refusal) is that request's
+    500; the engine thread lives on and answers the next request."""
+    from codelm.models import engine
+
+    server, thread = _start(loaded, slots=2)
+    try:
+        client = _client(server)
+        real = engine.Engine.add
+
+        def failing(self, prompt, cfg, logprobs=None):
+            raise RuntimeError("no generator on this device")
+
+        monkeypatch.setattr(engine.Engine, "add", failing)
+        with pytest.raises(openai.InternalServerError, match="no generator on this device"):
+            client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4)
+        monkeypatch.setattr(engine.Engine, "add", real)
+        answer = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=3)
+        assert answer.usage.completion_tokens >= 1
+        assert server.engines["tiny"].thread.is_alive()
+    finally:
+        _stop(server, thread)
+
+
 def test_a_cancel_from_before_an_engine_failure_leaves_the_next_request_alone(loaded,
                                                                           monkeypatch):
     """After a failure a fresh engine numbers its requests from 0 again: the failed request's

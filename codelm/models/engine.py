@@ -136,8 +136,9 @@ class Engine:
             if generator is None:
                 seed = int(torch.randint(2**62, (), dtype=torch.long))
                 generator = torch.Generator(self.device).manual_seed(seed)
-            self.generators_held.add(generator)
         request = _Request(next(self.ids), prompt, cfg, generator, logprobs)
+        if cfg.temperature > 0:
+            self.generators_held.add(generator)
         self.waiting.append(request)
         return request.id
 
