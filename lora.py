@@ -93,7 +93,6 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.magnitude = nn.ParameterDict() if dora else None  # DoRA: PEFT's magnitude vector
-        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: what unmerging divides by
         self.names: dict[str, str] = {}       # adapter key -> module name in the adapter file
         self._place: dict[str, AdapterPlace] = {}
         self._segments: list[str | int] | None = []
@@ -261,10 +260,14 @@ class LoRALinear(nn.Module):
         own = self._own_rows(key, w32, 0)
         if sign > 0:
             factor = self._dora_factor(key, delta)
-            self._merged_norms[key] = self._in_place_order(key, self.magnitude[key]) / factor
+            # what unmerging divides by: a buffer, so that it moves and casts with the module
+            norms = self._in_place_order(key, self.magnitude[key]) / factor
+            self.register_buffer(f"merged_norms_{key}", norms, persistent=False)
             new = factor[:, None] * (own + delta)
         else:
-            factor = self._in_place_order(key, self.magnitude[key]) / self._merged_norms.pop(key)
+            norms = getattr(self, f"merged_norms_{key}")
+            delattr(self, f"merged_norms_{key}")
+            factor = self._in_place_order(key, self.magnitude[key]) / norms
             new = own / factor[:, None] - delta
         if self._place[key].scatter:
             w32.index_copy_(0, self.rows(key), new)

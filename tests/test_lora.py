@@ -199,6 +199,29 @@ def test_dora_adapters_load_both_ways_with_peft_and_merge(family, tmp_path):
     torch.testing.assert_close(_logits(ours, ids), trained, atol=1e-5, rtol=0)
 
 
+def test_merged_dora_unmerges_after_the_model_moves_or_casts(tmp_path):
+    """The row norms a DoRA merge keeps for its unmerge move and cast with the model (the meta
+    device stands in for an accelerator): unmerging after ``.to(...)`` neither fails on a
+    device mismatch nor leaves them behind in the state dict."""
+    save_tiny_hf("codegen", tmp_path / "hf")
+    model = pretrained.load(tmp_path / "hf")
+    apply_lora(model, LoRAConfig(**DORA_CASES["codegen"], use_dora=True))
+    _train(model, steps=2)
+    ids = _ids(3)
+    trained = _logits(model, ids)
+    keys = set(model.state_dict())
+    merge_lora(model)
+    assert set(model.state_dict()) == keys
+    model.double()
+    unmerge_lora(model)
+    torch.testing.assert_close(_logits(model, ids), trained, atol=1e-5, rtol=0)
+    merge_lora(model)
+    model.to("meta")
+    unmerge_lora(model)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert not [name for name, _ in model.named_buffers() if "merged_norms" in name]
+
+
 # PEFT's bias and modules_to_save: extra base tensors trained and saved with the adapter.
 SAVED_BASE_CASES = [
     ("gpt_bigcode", dict(target_modules=["c_attn"], bias="lora_only")),
