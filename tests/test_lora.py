@@ -1101,6 +1101,25 @@ def test_quantizing_a_model_that_already_has_adapters_keeps_the_head_and_names_h
     assert isinstance(model.lm_head.base, torch.nn.Linear)
 
 
+def test_quantizing_after_lora_keeps_the_biases_lora_trains(tmp_path):
+    """bias="lora_only" trains the adapted modules' biases: quantizing the base afterwards
+    keeps them trainable (the same parameters), and a step changes them."""
+    _, model, _ = _pair("phi", tmp_path)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+                                 bias="lora_only"))
+    trained = {name: p for name, p in model.named_parameters()
+               if name.endswith("bias") and p.requires_grad}
+    assert trained
+    quantize_base(model, bits=4)
+    after = {name: p for name, p in model.named_parameters()
+             if name.endswith("bias") and p.requires_grad}
+    assert after.keys() == trained.keys()
+    assert all(after[name] is p for name, p in trained.items())
+    start = {name: p.detach().clone() for name, p in after.items()}
+    _train(model, steps=1)
+    assert all(not torch.equal(p, start[name]) for name, p in after.items())
+
+
 def test_the_saved_adapter_config_records_the_training_settings(tmp_path):
     """adapter_config.json carries r, lora_alpha and lora_dropout as trained: PEFT reads
     lora_dropout when the adapter is trained further (is_trainable=True)."""

@@ -78,9 +78,7 @@ class QuantLinear(nn.Module):
             byte = torch.arange(256, device=w.device)
             self.register_buffer("pairs", torch.stack((levels[byte >> 4], levels[byte & 15]), -1),
                                  persistent=False)
-        self.bias = None
-        if linear.bias is not None:
-            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = linear.bias  # the Linear's own: trained still where LoRA's bias setting says
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full weight (out, in) in ``dtype`` (default: the dtype it was quantized from)."""
