@@ -282,6 +282,32 @@ def test_a_file_copied_from_an_unchanged_file_and_edited_is_no_case(tmp_path):
     assert history.copied_from(new_test, "tests/test_orders.py", tests, tests.get) is None
 
 
+def test_a_text_added_again_or_on_two_branches_is_one_case_the_newest(tmp_path):
+    """A file removed and added again as it was, and a file two branches add alike, are each
+    one case (the newest commit's): its lines are scored once."""
+    root = tmp_path / "again"
+    root.mkdir()
+    _git(root, "init", "-q", "-b", "main")
+    _commit(root, {"pkg/base.py": _functions("base")}, "start")
+    _commit(root, {"pkg/tool.py": _functions("tool")}, "add tool")
+    _git(root, "rm", "-q", "pkg/tool.py")
+    _commit(root, {}, "remove tool")
+    _commit(root, {"pkg/tool.py": _functions("tool")}, "add tool again")
+    _git(root, "checkout", "-q", "-b", "side")
+    _commit(root, {"pkg/shared.py": _functions("shared")}, "shared on side")
+    _git(root, "checkout", "-q", "main")
+    _commit(root, {"pkg/shared.py": _functions("shared"), "pkg/own.py": _functions("own")},
+            "shared on main")
+    _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "merge", "-q", "--no-edit", "side")
+    cases = history.completion_cases(root, [".py"], 10, 2, 0, min_lines=10)
+    assert sorted(case.path for case in cases) == ["pkg/own.py", "pkg/shared.py", "pkg/tool.py"]
+    log = subprocess.run(["git", "-C", str(root), "log", "--format=%H %s"], check=True,
+                         capture_output=True, text=True).stdout
+    subjects = dict(line.split(" ", 1) for line in log.splitlines())
+    (tool,) = [case for case in cases if case.path == "pkg/tool.py"]
+    assert subjects[tool.commit] == "add tool again"
+
+
 def test_a_file_moved_off_a_name_that_gets_a_new_file_is_no_case(tmp_path):
     """One commit moves (and edits) pkg/config.py to pkg/legacy.py and writes a new
     pkg/config.py: git sees a change of config.py, not a rename, so legacy.py is found as a

@@ -19,7 +19,9 @@ body); prose (a README) declares nothing, and no keyword is a name. A file the c
 the parent already holds (moved, or copied whole), that shares half the informative lines of the
 larger of the two with one file the parent holds (copied and edited), four in five of its own (a
 part of it copied), or half of whose informative lines the commit takes out of one (code moved),
-is no case: its answer would be in its own context."""
+is no case: its answer would be in its own context. A file whose text a newer case completes
+already (added again after its removal, or by a commit on each of two branches) is no second
+case: each text is scored once."""
 
 from __future__ import annotations
 
@@ -486,6 +488,7 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
     commit's other added files, and ``per_category`` lines of each category drawn."""
     repo = GitRepo(root)
     cases: list[CompletionCase] = []
+    completed: set[str] = set()  # the blobs of the cases taken: each text is one case
     commits = 0
     copies = 0  # added files of the size asked for that copy one of the parent's
     for commit, parent, added in repo.adding_commits():
@@ -504,6 +507,8 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
             text = added_texts.get(path)
             if text is None or len(text.split("\n")) < min_lines:
                 continue
+            if added_files[path] in completed:
+                continue
             if not parent_tree:
                 parent_tree = repo.tree(parent)
             if any(sha == added_files[path] for sha, _ in parent_tree.values()):
@@ -519,6 +524,7 @@ def completion_cases(root: str | Path, extensions: Sequence[str], limit: int,
             categories = line_categories(text, path, parent_files, committed)
             case.lines = sample_lines(categories, per_category, f"{seed}\0{case.id}")
             cases.append(case)
+            completed.add(added_files[path])
             if len(cases) >= limit:
                 return cases
     if not cases:
