@@ -17,10 +17,14 @@ from urllib.parse import urlsplit
 
 from codelm.runtime import process
 
-# Licences that allow reuse with attribution only; ``--licenses permissive`` expands to these.
+# ``--licenses permissive``: the ids GitHub reports that The Stack counts permissive (the Blue
+# Oak Council's permissive list and ScanCode's permissive and public-domain categories): no
+# copyleft, weak or strong.
 PERMISSIVE_LICENSES = frozenset(
     {"MIT", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "ISC", "Unlicense", "0BSD", "Zlib",
-     "MIT-0", "BSL-1.0", "PSF-2.0", "CC0-1.0", "NCSA"}
+     "MIT-0", "BSL-1.0", "PSF-2.0", "CC0-1.0", "NCSA", "AFL-3.0", "Artistic-2.0",
+     "BlueOak-1.0.0", "BSD-2-Clause-Patent", "BSD-3-Clause-Clear", "BSD-4-Clause", "CC-BY-4.0",
+     "ECL-2.0", "LPPL-1.3c", "MS-PL", "PostgreSQL", "UPL-1.0", "Vim", "WTFPL"}
 )
 
 # Every id GitHub reports as a repository's ``license.spdx_id`` (NOASSERTION: a licence file it

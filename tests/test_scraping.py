@@ -322,6 +322,21 @@ def test_license_allow_list(tmp_path):
     assert summary.repos["license"] == 2  # GPL-3.0 and no licence at all
 
 
+def test_permissive_is_the_stacks_permissive_ids_and_no_copyleft():
+    """'permissive' holds the ids GitHub reports that The Stack counts permissive (those of
+    the Blue Oak Council's list among them), and none of the copyleft families."""
+    from scraping.common import KNOWN_LICENSES, PERMISSIVE_LICENSES, expand_licenses
+
+    assert PERMISSIVE_LICENSES <= KNOWN_LICENSES
+    assert {"MIT", "Apache-2.0", "BSD-3-Clause-Clear", "UPL-1.0", "BlueOak-1.0.0",
+            "BSD-2-Clause-Patent", "PostgreSQL", "ECL-2.0", "AFL-3.0"} <= PERMISSIVE_LICENSES
+    copyleft = ("GPL", "LGPL", "AGPL", "MPL", "EPL", "EUPL", "CC-BY-SA", "OSL", "MS-RL",
+                "CECILL", "CERN-OHL-S", "CERN-OHL-W", "ODbL", "GFDL")
+    assert not [name for name in PERMISSIVE_LICENSES if name.startswith(copyleft)]
+    assert "NOASSERTION" not in PERMISSIVE_LICENSES
+    assert expand_licenses(["permissive"]) == PERMISSIVE_LICENSES
+
+
 def test_licenses_none_is_the_repos_without_a_licence_not_any_licence(tmp_path):
     """`--licenses none` is the repos GitHub detects no licence in (`license` null), alone or
     beside ids, and --help says so: not the settings module's word for None, the default (any
