@@ -5,7 +5,7 @@ or batches for beam search) or streamed, and the loss of reference completions."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Protocol
 
@@ -25,6 +25,7 @@ from codelm.data.encoding import (
 )
 from codelm.data.examples import Example, stop_ids_of
 from codelm.evaluation import journal
+from codelm.kernels import IGNORE_INDEX
 from codelm.loading import LoadedModel
 from codelm.models.engine import Engine, pool_length
 from codelm.models.generation import (
@@ -85,25 +86,32 @@ def _prompt_ids(lm: LoadedModel, prompts: Sequence[str], cfg: Scoring) -> list[l
                           "as the tokens)", why)
 
 
-def summed_loss(lm: LoadedModel, examples: Sequence[dict], cfg: Scoring, desc: str
-                ) -> tuple[float, float, float]:
-    """(summed loss, correct next tokens, scored tokens) of ``collate`` batches."""
+def scored_batches(lm: LoadedModel, examples: Sequence[dict], cfg: Scoring, desc: str
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """The examples in ``collate`` batches of ``cfg.batch_size`` on the model's device, a
+    progress bar counting them."""
     device = next(lm.model.parameters()).device
-    total = correct = count = 0.0
     with progress_bar(total=len(examples), desc=f"{lm.label} {desc}", unit="example",
                       enabled=cfg.progress, leave=False) as bar:
         for i in range(0, len(examples), cfg.batch_size):
             batch = collate(examples[i : i + cfg.batch_size], lm.tokenizer.pad_id)
-            # No mask (collate pads right): SDPA may use its fused causal kernels (flash on CUDA)
-            labels = batch["labels"].to(device)
-            documents = batch.get("document_ids")  # windows whose files keep apart
-            loss, right = lm.model(batch["input_ids"].to(device), targets=labels,
-                                   reduction="sum", count_correct=True,
-                                   document_ids=None if documents is None else documents.to(device))
-            total += float(loss)
-            correct += float(right)
-            count += float((labels != -100).sum())
-            bar.update(len(labels))
+            yield {key: tensor.to(device) for key, tensor in batch.items()}
+            bar.update(len(batch["labels"]))
+
+
+def summed_loss(lm: LoadedModel, examples: Sequence[dict], cfg: Scoring, desc: str
+                ) -> tuple[float, float, float]:
+    """(summed loss, correct next tokens, scored tokens) of ``collate`` batches."""
+    total = correct = count = 0.0
+    for batch in scored_batches(lm, examples, cfg, desc):
+        # No mask (collate pads right): SDPA may use its fused causal kernels (flash on CUDA)
+        labels = batch["labels"]
+        loss, right = lm.model(batch["input_ids"], targets=labels, reduction="sum",
+                               count_correct=True,
+                               document_ids=batch.get("document_ids"))  # files kept apart
+        total += float(loss)
+        correct += float(right)
+        count += float((labels != IGNORE_INDEX).sum())
     return total, correct, count
 
 

@@ -28,14 +28,12 @@ import torch
 
 from codelm.data.composers import Composed, IndexCache, RepositoryIndex, compose
 from codelm.data.config import DataConfig
-from codelm.data.datasets import collate
 from codelm.data.history import CATEGORIES, GitRepo, completion_cases, snapshot
 from codelm.evaluation import scoring
 from codelm.evaluation.metrics import fuzz_ratio
 from codelm.evaluation.scoring import Scoring
 from codelm.kernels import IGNORE_INDEX
 from codelm.loading import LoadedModel
-from codelm.runtime.console import progress_bar
 
 KIND = "repository"  # completion cases read from the git repositories of --data
 CASES = 100  # completion files per repository where --limit is not given
@@ -156,17 +154,12 @@ def composer_perplexity(lm: LoadedModel, cases: Sequence[dict], composers: Seque
 def _file_perplexities(lm: LoadedModel, windows: Sequence[dict], cfg: ProjectSettings,
                        desc: str) -> list[float]:
     """Each window's perplexity: the exponent of the mean loss of its scored tokens."""
-    device = next(lm.model.parameters()).device
     out: list[float] = []
-    with progress_bar(total=len(windows), desc=f"{lm.label} {desc}", unit="example",
-                      enabled=cfg.progress, leave=False) as bar:
-        for i in range(0, len(windows), cfg.batch_size):
-            batch = collate(windows[i : i + cfg.batch_size], lm.tokenizer.pad_id)
-            labels = batch["labels"].to(device)
-            logps = lm.model(batch["input_ids"].to(device), targets=labels, token_logps=True)
-            losses = -logps.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1)
-            out += [math.exp(min(loss, 700.0)) for loss in losses.tolist()]
-            bar.update(len(labels))
+    for batch in scoring.scored_batches(lm, windows, cfg, desc):
+        labels = batch["labels"]
+        logps = lm.model(batch["input_ids"], targets=labels, token_logps=True)
+        losses = -logps.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1)
+        out += [math.exp(min(loss, 700.0)) for loss in losses.tolist()]
     return out
 
 
