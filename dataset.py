@@ -123,7 +123,7 @@ def _task_options(cfg: DataConfig) -> dict:
     if cfg.task == "project":
         # project_cut: bump when the examples' ids change (rebuilds the project entries only)
         opts.update(composer=cfg.project_composer, lines_per_file=cfg.lines_per_file,
-                    project_cut=2)
+                    project_cut=3)
     if cfg.task == "fim":
         # fim_cut: bump when the PSM cut changes the ids (rebuilds the fim entries only)
         opts.update(fim_rate=cfg.fim_rate, fim_cut=4)

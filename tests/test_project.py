@@ -870,6 +870,28 @@ def test_project_pieces_fit_the_block():
     assert any(tok.decode(c).count("\n") > 1 for c in completions)  # lines after the line
 
 
+def test_repository_pieces_train_every_token_after_the_first_once():
+    """A repository's text cut into pieces of any size trains each of its tokens after the
+    first exactly once, as lm windows do: a piece after the first opens with the last token of
+    the one before (the token that predicts its first), and no piece is a lone token with
+    nothing to predict (sizes that leave one token over included). Reference: the text in one
+    piece."""
+    from codelm.data.config import DataConfig
+    from codelm.data.project import project_pairs
+
+    tok = _tokenizer()
+    assert tok.template_prefix == []
+    docs = _docs({"pkg/core.py": CORE_TEXT, "pkg/util.py": UTIL}, prefix="r")
+    cfg = DataConfig(task="project", lines_per_file=0)
+    [whole] = [c for _, c, _, _ in project_pairs(docs, tok, cfg, 10**6)]
+    rooms = [*range(8, 41), (len(whole) - 1) // 2, len(whole) - 1]
+    assert any(len(whole) % room == 1 for room in rooms)
+    for room in rooms:
+        pieces = [c for _, c, _, _ in project_pairs(docs, tok, cfg, room)]
+        assert all(2 <= len(piece) <= room for piece in pieces), room
+        assert [t for piece in pieces for t in piece[1:]] == whole[1:], room
+
+
 def test_max_completion_tokens_cuts_completions_and_never_the_repository_text():
     """max_completion_tokens bounds what a prompted example trains on; the repository
     sequences (pieces with no prompt) are text trained whole: a cut piece's tokens would be

@@ -72,14 +72,19 @@ def repositories(docs: Sequence[Doc]) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def repository_sequence(index: RepositoryIndex, composer: str, block_size: int) -> list[Pair]:
-    """The repository as one text in the composer's order, in block-size pieces."""
+    """The repository as one text in the composer's order, in pieces of at most ``block_size``
+    tokens; where no template start opens a piece, each after the first opens with the last
+    token of the one before (as the fim task's plain chunks): every token after the text's
+    first is a target once, and every piece has one."""
     if not len(index):
         return []
     anchor = index.paths[0]
     every = compose(index, composer, anchor, index.texts[0], [], 10**12)
     ids = [*every.ids[: len(every.ids) - len(index.opening_ids(anchor))], *index.file_ids(0)]
+    lead = 0 if index.tok.template_prefix else 1  # the token a piece repeats from the last
+    step = max(1, block_size - lead)
     return [Pair([], ids[start : start + block_size], eos_follows=False)
-            for start in range(0, len(ids), block_size)]
+            for start in range(0, len(ids) - lead, step)]
 
 
 def completion_pairs(index: RepositoryIndex, composer: str, cfg: DataConfig, room: int,
