@@ -109,8 +109,9 @@ def _task_options(cfg: DataConfig) -> dict:
     if cfg.task == "completion":
         opts.update(style=cfg.completion_style)
         if cfg.completion_style == "window":
+            # window_cut: bump when window_pairs's windows change (rebuilds these entries)
             opts.update(p=cfg.window_prompt_tokens, c=cfg.window_completion_tokens,
-                        s=cfg.window_stride)
+                        s=cfg.window_stride, window_cut=1)
         else:
             opts.update(lines_per_file=cfg.lines_per_file)
     if cfg.task == "docstring":

@@ -1367,6 +1367,19 @@ def test_default_windows_do_not_overlap_and_a_short_file_still_gives_one():
     assert list(window_pairs(ids[:10], short)) == [(ids[:7], ids[7:10])]
 
 
+def test_a_window_at_a_files_last_token_completes_that_token():
+    """A window may start at a file's last token: its completion is that one token, so the
+    file's end is trained, windows of stride C train every token from the P-th on once, and a
+    two-token file gives its one pair. Reference: hand-computed positions."""
+    ids = list(range(17))
+    c = DataConfig(window_prompt_tokens=4, window_completion_tokens=2)
+    assert list(window_pairs(ids, c)) == [
+        (ids[0:4], ids[4:6]), (ids[6:10], ids[10:12]), (ids[12:16], ids[16:17])]
+    tiled = DataConfig(window_prompt_tokens=4, window_completion_tokens=2, window_stride=2)
+    assert [t for _, completion in window_pairs(ids, tiled) for t in completion] == ids[4:]
+    assert list(window_pairs([7, 8], c)) == [([7], [8])]
+
+
 def _contains(haystack: list[int], needle: list[int]) -> bool:
     return any(
         haystack[i : i + len(needle)] == needle for i in range(len(haystack) - len(needle) + 1)

@@ -325,10 +325,11 @@ def _bodies_cut(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer
 
 
 def window_pairs(ids: list[int], cfg: DataConfig) -> Iterator[tuple[list[int], list[int]]]:
-    """A sliding window: up to P tokens of context -> the next C tokens."""
+    """A sliding window: up to P tokens of context -> the next C tokens (at least one: a
+    window may start at the file's last token)."""
     p, c = cfg.window_prompt_tokens, cfg.window_completion_tokens
     stride = cfg.window_stride or (p + c)
-    for s in range(min(p, max(1, len(ids) - c)), len(ids) - 1, stride):
+    for s in range(min(p, max(1, len(ids) - c)), len(ids), stride):
         prompt, completion = ids[max(0, s - p) : s], ids[s : s + c]
         if prompt and completion:
             yield prompt, completion
