@@ -621,17 +621,56 @@ def _command(script: str) -> list[str]:
     return [str(ROOT / name), *args]
 
 
-def test_a_command_line_mistake_is_one_line_on_stderr_in_every_script():
+# The mistakes run as the user runs them in the quick suite: one of each kind the parser's
+# error tells apart (an unknown flag; a bad value, a missing value or operand, of a script and
+# of a subcommand), the scripts that do not load torch among them; the rest, each a process
+# importing torch, in the slow suite.
+QUICK_MISTAKES = {"trainingmanager.py", "architecture.py", "scraping/__main__.py", "tokenizer.py",
+                  "codelm/sandbox/__main__.py", "codelm/data/problems.py"}
+
+
+@pytest.mark.parametrize("scripts", [
+    QUICK_MISTAKES,
+    pytest.param(set(SCRIPTS) - QUICK_MISTAKES, marks=pytest.mark.slow),
+    # quick cover: test_every_scripts_parser_answers_its_mistake_in_one_line
+], ids=["quick", "rest"])
+def test_a_command_line_mistake_is_one_line_on_stderr_in_every_script(scripts):
     """Each script (and subcommand) answers a mistake with one stderr line and exit 2: the
     usage block of every flag would bury it."""
     assert {script.split()[0] for script, _ in MISTAKES} == set(SCRIPTS)
+    mistakes = [(script, said) for script, said in MISTAKES if script.split()[0] in scripts]
     procs = [subprocess.Popen([sys.executable, *_command(script)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
-             for script, _ in MISTAKES]  # all at once: each spends its seconds importing torch
-    for (script, said), proc in zip(MISTAKES, procs, strict=True):
+             for script, _ in mistakes]  # all at once: each spends its seconds importing torch
+    for (script, said), proc in zip(mistakes, procs, strict=True):
         out, err = proc.communicate(timeout=120)
         assert (proc.returncode, out, err.count("\n")) == (2, "", 1), (script, err)
         assert said in err and "usage:" not in err, (script, err)
+
+
+def test_every_scripts_parser_answers_its_mistake_in_one_line(capsys):
+    """The parser each script's main builds (read in this process, torch loaded once) is
+    settings.ArgumentParser, and it answers that script's MISTAKES line with exit 2 and the one
+    line, without the usage block: what the command does in its own process above."""
+    from codelm.runtime import settings
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handlers = [signal.getsignal(sig) for sig in stops]  # a script's start-up guard sets them
+    try:
+        for script, said in MISTAKES:
+            name, *args = script.split()
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                parser = _script_parser(ROOT / name, monkeypatch)
+            assert isinstance(parser, settings.ArgumentParser), script
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as stop:
+                parser.parse_args(args)
+            out, err = capsys.readouterr()
+            assert (stop.value.code, out, err.count("\n")) == (2, "", 1), (script, err)
+            assert said in err and "usage:" not in err, (script, err)
+    finally:
+        for sig, handler in zip(stops, handlers, strict=True):
+            signal.signal(sig, handler)
 
 
 STARTING = "interrupted while starting: nothing was written\n"
