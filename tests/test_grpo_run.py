@@ -547,18 +547,18 @@ def test_rewards_lost_after_earlier_ones_are_named_a_collapse(capsys):
 
 
 def test_a_resumed_run_without_signal_is_warned_too(assets, tmp_path, capsys):
-    """The warning counts the steps a process trains: resumed with 2 of 3 steps left, every
-    reward 0, the run is warned after those 2."""
+    """The warning counts the steps a process trains: resumed with 1 of 2 steps left, every
+    reward 0, the run is warned after that 1, not after the run's 2."""
     path = write_jsonl(tmp_path / "threes.jsonl", [problem(i, answer=3) for i in range(4)])
     argv = grpo_argv(assets, tmp_path, "--problems", path, "--save-every", "1", "--keep-last",
-                     "3", "--name", "r", length=("--max-steps", "3"))
+                     "2", "--name", "r", length=("--max-steps", "2"))
     assert tm.main(argv) == 0
-    assert "equal rewards for 3 step(s) in a row" in capsys.readouterr().err
-    run_dir = tmp_path / "runs" / "r"
-    for step in (2, 3):  # killed after step 1's checkpoint
-        shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
-    assert tm.main(["--resume", str(run_dir), "--no-progress"]) == 0
     assert "equal rewards for 2 step(s) in a row" in capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "r"
+    shutil.rmtree(run_dir / "checkpoints" / "step-2")  # killed after step 1's checkpoint
+    assert tm.main(["--resume", str(run_dir), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "equal rewards for 1 step(s) in a row" in err and "2 step(s)" not in err
 
 
 def test_a_sandbox_that_cannot_confine_is_refused(assets, tmp_path, capsys, monkeypatch):
@@ -601,12 +601,12 @@ def straight_weights(straight) -> dict:
     pytest.param("backward", marks=pytest.mark.slow)])
 def test_kill_9_then_resume_ends_on_the_uninterrupted_runs_weights(assets, tmp_path, straight,
                                                                    phase):
-    """SIGKILL inside step 4's sampling, verdicts or update (the checkpoint of step 2 the last):
+    """SIGKILL inside step 3's sampling, verdicts or update (the checkpoint of step 2 the last):
     --resume replays steps 3 and 4, sampling what the straight run sampled."""
     cfg = grpo_cfg(assets, tmp_path, name="killed")
     config = tmp_path / "killed.json"
     config.write_text(json.dumps(dataclasses.asdict(cfg)))
-    proc = subprocess.run([sys.executable, "-c", KILLER, phase, "4", "SIGKILL", "--config",
+    proc = subprocess.run([sys.executable, "-c", KILLER, phase, "3", "SIGKILL", "--config",
                            str(config)], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
