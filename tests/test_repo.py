@@ -631,12 +631,13 @@ QUICK_MISTAKES = {"trainingmanager.py", "architecture.py", "scraping/__main__.py
 
 @pytest.mark.parametrize("scripts", [
     QUICK_MISTAKES,
-    pytest.param(set(SCRIPTS) - QUICK_MISTAKES, marks=pytest.mark.slow),
-    # quick cover: test_every_scripts_parser_answers_its_mistake_in_one_line
+    pytest.param(set(SCRIPTS) - QUICK_MISTAKES, marks=pytest.mark.slow),  # quick cover:
+    #   test_every_scripts_parser_answers_its_mistake_in_one_line
 ], ids=["quick", "rest"])
 def test_a_command_line_mistake_is_one_line_on_stderr_in_every_script(scripts):
     """Each script (and subcommand) answers a mistake with one stderr line and exit 2: the
-    usage block of every flag would bury it."""
+    usage block of every flag would bury it. Each of ``scripts`` runs its MISTAKES line in its
+    own process, as the user types it."""
     assert {script.split()[0] for script, _ in MISTAKES} == set(SCRIPTS)
     mistakes = [(script, said) for script, said in MISTAKES if script.split()[0] in scripts]
     procs = [subprocess.Popen([sys.executable, *_command(script)], stdout=subprocess.PIPE,
