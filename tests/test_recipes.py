@@ -593,8 +593,8 @@ def test_smoke_trains_with_the_set_values_over_its_toy_sizes(tmp_path, capsys, m
         raise ValueError("stopped before training")
 
     monkeypatch.setattr(tm, "train", train)
-    flags = [str(CONFIGS / "refactotron.json"), "--smoke", "--out-dir", str(tmp_path / "runs"),
-             "--no-progress"]
+    flags = [str(CONFIGS / "airflow_docstrings.json"), "--smoke", "--out-dir",
+             str(tmp_path / "runs"), "--no-progress"]  # a recipe that counts epochs, grad_accum 8
     settings = ["--set", "train.lr=0.002", "--set", "train.batch_size=2",
                 "--set", "train.max_steps=5", "--set", "train.warmup_steps=1"]
     assert recipes.main([*flags, *settings]) == 2  # the recipe counts epochs; smoke does not
