@@ -739,6 +739,23 @@ def test_a_stop_string_is_found_at_the_token_the_whole_texts_check_finds_it(
         assert ends == whole, (ids, whole, ends)
 
 
+def test_a_stop_string_is_found_through_a_decoder_that_drops_the_first_tokens_spaces(
+        family_tokenizers):
+    """A Metaspace decoder (tokenizer.decode, not a continuation's) drops every ▁ of a text's
+    first token, so the last token decoded alone can read far shorter than it reads in the
+    text: a stop string ending at the start of an 8-space token is still found at that token,
+    where a check of the whole decoded text finds it."""
+    from codelm.models.generation import GenerationConfig, finish_reason
+
+    _, tok = family_tokenizers["metaspace"]
+    spaces = tok.token_to_id("▁" * 8)
+    ids = [tok.token_to_id("x"), spaces]
+    assert tok.decode(ids) == "x" + " " * 8 and tok.decode([spaces]) == ""
+    cfg = GenerationConfig(10**6, stop=["x "], decode=tok.decode)
+    assert finish_reason(ids[:1], cfg) is None
+    assert finish_reason(ids, cfg) == "stop"
+
+
 def test_a_lines_stop_is_found_where_the_next_lines_indentation_shares_its_token(tmp_path):
     """Eval's line task stops at "\n" once its answer has started (``answer``: past leading
     blank lines): a byte-level BPE's "\n" + indentation is one token, which the answer's start

@@ -587,8 +587,10 @@ def finish_reason(new: list[int], cfg: GenerationConfig) -> str | None:
     if strings:
         # A stop string the text holds now and did not a token before ends in the last token's
         # text, or in a character that token completes: the text's end decides, decoded once
-        # for all the stop strings (decoding it all each token grows with the answer).
-        reach = max(len(stop) for stop in strings) + len(cfg.decode(new[-1:])) + 3
+        # for all the stop strings (decoding it all each token grows with the answer). The last
+        # token's text is measured after the one before it: a decoder may drop characters of a
+        # text's first token (Metaspace drops its every ▁), never of a later one.
+        reach = max(len(stop) for stop in strings) + len(cfg.decode(new[-2:])) + 3
         end = _text_end(new, cfg.decode, reach)
         # The whole text confirms a stop its end shows: bytes that make no character are
         # grouped as the whole answer groups them (a stop holding U+FFFD is always checked so).
