@@ -665,8 +665,10 @@ def head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
     logits = head(hidden).float()
     if cap is not None:
         logits = softcap(logits, cap)
-    loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           label_smoothing=label_smoothing, reduction="sum")
+    # long ids: cross_entropy refuses int32 labels, which the fused op and head_logps take
+    loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten().long(),
+                           ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
+                           reduction="sum")
     if not count_correct:
         return loss, None
     return loss, ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()

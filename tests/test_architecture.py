@@ -301,6 +301,22 @@ def test_loss_is_cross_entropy_of_the_logits_with_smoothing_and_masks():
     assert int(correct) == int((logits.argmax(-1)[keep] == labels[keep]).sum())
 
 
+@pytest.mark.parametrize("cap", [None, 30.0])  # the fused head loss; the plain one (soft cap)
+def test_int32_targets_give_the_loss_of_long_targets(cap):
+    """int32 targets are token ids as int32 idx are: the loss, smoothed or not, and the correct
+    count are those of int64 targets, on the fused head loss and on the plain one that a soft
+    cap (Gemma 2) runs."""
+    model = Transformer(dataclasses.replace(PRESETS["tiny"], logit_softcap=cap)).eval()
+    idx, labels = _ids(2, 12), _ids(2, 12, seed=1)
+    labels[0, :3] = IGNORE_INDEX
+    for eps in (0.0, 0.1):
+        loss, correct = model(idx, labels, label_smoothing=eps, count_correct=True)
+        loss32, correct32 = model(idx.int(), labels.int(), label_smoothing=eps,
+                                  count_correct=True)
+        torch.testing.assert_close(loss32, loss)
+        assert int(correct32) == int(correct)
+
+
 def test_the_head_loss_ignores_masked_positions():
     """Masked (prompt) positions cannot move the loss or receive gradient, smoothing included."""
     from architecture import head_loss
