@@ -864,13 +864,14 @@ class Transformer(nn.Module):
 
 
 def check_token_ids(idx: torch.Tensor, targets: torch.Tensor | None, vocab_size: int) -> None:
-    """A ValueError for ids a model cannot read: idx of a dtype other than an integer's, and, on
-    the CPU, an id of idx or targets outside [0, vocab_size) (a target may be IGNORE_INDEX). On
-    an accelerator the range is left to the embedding's own check: reading it here would wait
-    for the device at every step."""
+    """A ValueError for ids a model cannot read: idx or targets of a dtype other than int64 or
+    int32 (the embedding's), and, on the CPU, an id of idx or targets outside [0, vocab_size) (a
+    target may be IGNORE_INDEX). On an accelerator the range is left to the embedding's own
+    check: reading it here would wait for the device at every step."""
     for name, ids in (("idx", idx), ("targets", targets)):
-        if ids is not None and (ids.dtype.is_floating_point or ids.dtype == torch.bool):
-            raise ValueError(f"{name}: token ids are integers, got a {ids.dtype} tensor")
+        if ids is not None and ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name}: token ids are int64 or int32 tensors, got a {ids.dtype} "
+                             "tensor")
     if idx.device.type != "cpu" or idx.numel() == 0:
         return
     low, high = torch.aminmax(idx)

@@ -103,8 +103,12 @@ def test_ids_the_model_cannot_read_are_a_value_error_naming_them(kernels_on, mon
     targets = ids.clone()
     targets[0, :3] = IGNORE_INDEX
     assert torch.isfinite(model(ids, targets))  # IGNORE_INDEX counts nothing
-    with pytest.raises(ValueError, match=r"^idx: token ids are integers, got a torch.float32"):
+    with pytest.raises(ValueError, match=r"^idx: token ids are int64 or int32.*torch.float32"):
         model(ids.float())
+    with pytest.raises(ValueError, match=r"^idx: token ids are int64 or int32.*torch.uint8"):
+        model(ids.to(torch.uint8))  # the embedding takes int64 and int32 ids only
+    with pytest.raises(ValueError, match=r"^targets: token ids are int64 or int32.*torch.int16"):
+        model(ids, targets.to(torch.int16))
     with pytest.raises(ValueError, match=r"^idx: ids from \d+ to 70, outside .*\[0, 64\)"):
         model(torch.cat([ids, torch.tensor([[70] * 8])]))
     targets[1, 0] = -5
