@@ -41,6 +41,7 @@ from tokenizers import (
 from codelm.data import encoding
 from codelm.data.encoding import tokenizer_fingerprint
 from codelm.data.sources import stdlib_files, stdlib_root
+from codelm.tokenization import batching
 from codelm.tokenization.bpe import BYTE_TO_UNICODE, PRETOKENIZER_STYLES, BPETokenizer
 from codelm.tokenization.source import (
     PYTHON_PARSE_ERRORS,
@@ -1333,34 +1334,45 @@ def test_a_nul_piece_survives_the_hf_round_trip(tmp_path):
     assert back.encode(text) == tok.encode(text) == Tokenizer.from_file(str(path)).encode(text).ids
 
 
-def test_parallel_encode_batch_returns_every_text_in_order(code_tok, stdlib_texts):
-    """encode_batch over worker processes (over 1 MiB, texts of uneven lengths so the chunks do
-    not divide evenly) returns one id list per text, in order, as encode does (guards against
-    losing the last partial chunk)."""
+@pytest.fixture
+def parallel_from_128k(monkeypatch) -> int:
+    """Batches over 128 KiB go to the workers (1 MiB by default): the same pool and the same
+    code path, on an eighth of the text to encode twice."""
+    monkeypatch.setattr(batching, "MIN_PARALLEL_CHARS", 1 << 17)
+    return batching.MIN_PARALLEL_CHARS
+
+
+def test_parallel_encode_batch_returns_every_text_in_order(code_tok, stdlib_texts,
+                                                           parallel_from_128k):
+    """encode_batch over worker processes (over the parallel threshold, texts of uneven lengths
+    so the chunks do not divide evenly) returns one id list per text, in order, as encode does
+    (guards against losing the last partial chunk)."""
     base = _some_stdlib_texts(stdlib_texts, 30)
-    texts = [(base[i % len(base)] * 8)[: 5000 + 7919 * i % 60000] for i in range(60)]
-    assert sum(map(len, texts)) > (1 << 20)
+    texts = [(base[i % len(base)] * 8)[: 600 + 7919 * i % 6000] for i in range(60)]
+    assert sum(map(len, texts)) > parallel_from_128k
     out = code_tok.encode_batch(texts, num_workers=2)
     assert out == [code_tok.encode(t) for t in texts]
 
 
-def test_parallel_encode_batch_adds_special_tokens_in_the_workers_too():
-    """Over 1 MiB the workers encode, with the caller's add_special_tokens (each option reaching
-    the workers as itself, not as the other). Reference: encode one text at a time."""
+def test_parallel_encode_batch_adds_special_tokens_in_the_workers_too(parallel_from_128k):
+    """Over the parallel threshold the workers encode, with the caller's add_special_tokens (each
+    option reaching the workers as itself, not as the other). Reference: encode one text at a
+    time."""
     tok = CodeTokenizer.train(["def f(x):\n    return x + 1\n"] * 3, min_freq=1)
-    texts = ["def f(x):\n    return x + 1\n" * 40000, "x = 1\n" * 1000]
-    assert sum(map(len, texts)) > (1 << 20)
+    texts = ["def f(x):\n    return x + 1\n" * 5000, "x = 1\n" * 1000]
+    assert sum(map(len, texts)) > parallel_from_128k
     out = tok.encode_batch(texts, num_workers=2, add_special_tokens=True)
     assert out == [tok.encode(t, add_special_tokens=True) for t in texts]
     assert out[1][0] == tok.bos_id and out[1][-1] == tok.eos_id
 
 
-def test_a_batch_encoder_keeps_one_pool_across_batches(code_tok, stdlib_texts):
-    """BatchEncoder starts its workers at the first batch over 1 MiB and encodes later batches on
-    the same pool (warm piece caches), each text's ids as encode gives them; leaving the context
-    stops the pool."""
-    texts = [t * 8 for t in _some_stdlib_texts(stdlib_texts, 20)]
-    assert sum(map(len, texts)) > (1 << 20)
+def test_a_batch_encoder_keeps_one_pool_across_batches(code_tok, stdlib_texts,
+                                                      parallel_from_128k):
+    """BatchEncoder starts its workers at the first batch over the parallel threshold and encodes
+    later batches on the same pool (warm piece caches), each text's ids as encode gives them;
+    leaving the context stops the pool."""
+    texts = _some_stdlib_texts(stdlib_texts, 20)
+    assert sum(map(len, texts[:2])) < parallel_from_128k < sum(map(len, texts))
     with code_tok.batch_encoder(num_workers=2) as encode:
         assert encode(texts[:2]) == [code_tok.encode(t) for t in texts[:2]]  # small: in-process
         assert encode._pool is None
@@ -1396,13 +1408,15 @@ def _encode_in_daemon(tok, texts, queue):
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def test_encode_batch_inside_a_daemon_process_encodes_in_process(code_tok, stdlib_texts):
+def test_encode_batch_inside_a_daemon_process_encodes_in_process(code_tok, stdlib_texts,
+                                                                 parallel_from_128k):
     """A DataLoader worker is a daemon process, which may not start children: encode_batch there
-    encodes in-process (guards against "daemonic processes are not allowed to have children")."""
+    of a batch over the parallel threshold (the forked child inherits it) encodes in-process
+    (guards against "daemonic processes are not allowed to have children")."""
     import multiprocessing
 
-    texts = [t * 8 for t in _some_stdlib_texts(stdlib_texts, 20)]
-    assert sum(map(len, texts)) > (1 << 20)
+    texts = _some_stdlib_texts(stdlib_texts, 20)
+    assert sum(map(len, texts)) > parallel_from_128k
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_encode_in_daemon, args=(code_tok, texts, queue), daemon=True)
@@ -1442,7 +1456,7 @@ def test_strip_comments_and_docstrings(stdlib_texts):
         "def g(): pass; return 1\n"
     )
     assert strip_comments_and_docstrings("def broken(:\n  # c\n") == "def broken(:\n  # c\n"
-    for name, text in stdlib_texts[::60]:
+    for name, text in stdlib_texts[::120]:
         stripped = strip_comments_and_docstrings(text)
         try:
             original = ast.parse(text)
