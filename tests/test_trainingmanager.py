@@ -2267,7 +2267,9 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
         assets, tmp_path, monkeypatch, capsys):
     """Preset auto probes BUDGET_LADDER's rungs, smallest first, and takes the largest that sees
     TOKENS_PER_PARAM tokens a parameter in the budget, in bf16 on a CPU that measures it faster;
-    config.json records the choices and a resume keeps them."""
+    config.json records the choices and a resume keeps them. The machine is a fixed one (a
+    quiet CPU, a 10 ms first step with memory to spare) and the run's clock a fake one (1 s a
+    step, twice what was timed): the choice is the ladder's, whatever else keeps the CPU busy."""
     params, tokens = build.measure_speed(tiny_cfg(assets, tmp_path), torch.device("cpu"),
                                          distributed.Dist())
     assert params > 0 and tokens > 0  # the real probe trains the rung's model here
@@ -2284,6 +2286,10 @@ def test_preset_auto_takes_the_largest_rung_the_budget_trains_and_a_resume_keeps
 
     monkeypatch.setattr(trainconfig, "BUDGET_LADDER", ladder)
     monkeypatch.setattr(build, "measure_speed", probe)
+    monkeypatch.setattr(build, "measure_step_cost", lambda cfg, device, dist: budget.StepMeasure(
+        budget.StepCost(10**6, 0.01), 10**12))
+    monkeypatch.setattr(plan, "others_running", lambda: 0)
+    _one_second_a_step(monkeypatch)
     monkeypatch.setattr(build, "time_a_step", lambda *args: (0.5, 2.0))
     monkeypatch.setattr(build, "budget_left", lambda cfg, created: 20.0)
     cfg = tiny_cfg(assets, tmp_path, name="auto", preset="auto", time_budget_min=1.0,
