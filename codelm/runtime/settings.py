@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import os
@@ -378,7 +379,14 @@ def _list_flag(item: type, optional: bool = False) -> type[argparse.Action]:
 def field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
     """(help, section) of the dataclass's fields from its source comments: a field's trailing
     comment, continued on "#   " lines below it (else ``metadata["help"]``); any other comment
-    line titles the fields below it."""
+    line titles the fields below it. Read once a class (a parser is built several times a
+    run), each caller given its own dicts."""
+    helps, sections = _field_docs(cls)
+    return dict(helps), dict(sections)
+
+
+@functools.lru_cache(maxsize=64)
+def _field_docs(cls: type) -> tuple[dict[str, str], dict[str, str]]:
     try:
         lines, _ = inspect.getsourcelines(cls)
     except (OSError, TypeError):  # no source (a frozen or interactive class): metadata only
