@@ -358,7 +358,6 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
                 return
             trial = None
             if finished + running < cfg.n_trials or waiting:
-                studies.seed_for_next_trial(study, cfg.sampler_seed)
                 trial = study.ask(space.distributions())  # a queued retry first
                 _claim(trial, storage if heartbeats else None)
             elif not (heartbeats or any(studies.local_owner_alive(t, cfg) for t in study.get_trials(

@@ -99,18 +99,41 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
         pruner = optuna.pruners.NopPruner()
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
                                 pruner=pruner, load_if_exists=True)
-    study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed)  # reseeded per trial
+    study.sampler = (optuna.samplers.TPESampler() if cfg.sampler_seed is None
+                     else TrialSeededTPE(cfg.sampler_seed))
     return study
 
 
-def seed_for_next_trial(study: optuna.Study, seed: int | None) -> None:
-    """With --sampler-seed, the sampler's stream for the trial about to be asked: one of the
-    seed and that trial's number together (trial_seed), unique in the study (asked under the
-    claim lock), so every worker and every command joining the study draws its own,
-    reproducibly."""
-    if seed is not None:  # (TPE keeps no state but its random stream: the trials are stored)
-        number = len(study.get_trials(deepcopy=False))
-        study.sampler = optuna.samplers.TPESampler(seed=trial_seed(seed, number))
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """With --sampler-seed: Optuna's TPE seeded for each trial with the seed and that trial's
+    number together (trial_seed), made as the trial begins (TPE keeps no state but its random
+    streams: the trials are stored). The storage numbers a study's trials one by one whichever
+    worker or machine asks, so none draws another's stream, and a sweep of one seed samples
+    the same in every run. A worker samples one trial at a time."""
+
+    def __init__(self, seed: int) -> None:
+        self.sweep_seed = seed
+        self.tpe = optuna.samplers.TPESampler(seed=seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.tpe = optuna.samplers.TPESampler(seed=trial_seed(self.sweep_seed, trial.number))
+        self.tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict
+                        ) -> dict:
+        return self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: optuna.distributions.BaseDistribution
+                           ) -> typing.Any:
+        return self.tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self.tpe.after_trial(study, trial, state, values)
 
 
 def trial_seed(seed: int, number: int) -> int:

@@ -1155,26 +1155,40 @@ def test_counts_and_intervals_below_their_least_are_refused(key, value, least):
 
 
 def test_each_trial_draws_its_own_reproducible_stream(tmp_path):
-    """--sampler-seed: the sampler is seeded with the seed and the number of the trial it is
-    about to ask, so a study samples the same in every sweep (reproducible), workers or
-    commands joining one study, which ask in turn under its claim lock, never draw one
-    stream twice (they would run the same trials), and the sweeps of neighbouring seeds draw
-    none of each other's trials (repeated sweeps measure variance)."""
+    """--sampler-seed: the sampler is seeded with the seed and the number of the trial it
+    samples, so a study samples the same in every sweep (reproducible), and the sweeps of
+    neighbouring seeds draw none of each other's trials (repeated sweeps measure variance)."""
     lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
 
     def lrs(name: str, trials: int, seed: int = 7) -> list[float]:
         cfg = tuneconfig.config_from_dict({"out_dir": str(tmp_path), "study_name": name,
                                                 "sampler_seed": seed})
         study = studies.open_study(cfg, studies.open_storage(cfg))
-        drawn = []
-        for _ in range(trials):
-            studies.seed_for_next_trial(study, cfg.sampler_seed)
-            drawn.append(study.ask({"lr": lr}).params["lr"])
-        return drawn
+        return [study.ask({"lr": lr}).params["lr"] for _ in range(trials)]
 
     first, again = lrs("a", 3), lrs("b", 3)
     assert first == again and len(set(first)) == 3
     assert not set(lrs("c", 4, seed=8)) & set(lrs("d", 4, seed=9))
+
+
+def test_machines_asking_at_once_draw_their_own_trials(tmp_path):
+    """Two machines on one database share no claim lock: each may create its trial before the
+    other samples. Each trial still draws its own number's stream, as it would in a lone
+    study of that seed, so the two never run the same parameters."""
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def study_of(out_dir: str, storage: str | None = url) -> optuna.Study:
+        cfg = tuneconfig.config_from_dict({"out_dir": str(tmp_path / out_dir), "sampler_seed": 7,
+                                           "storage": storage})
+        return studies.open_study(cfg, studies.open_storage(cfg))
+
+    first, second = study_of("machine-a"), study_of("machine-b")
+    trials = [first.ask(), second.ask()]  # both created before either samples
+    drawn = [trial.suggest_float("lr", 1e-4, 1e-2, log=True) for trial in reversed(trials)]
+    lone = study_of("lone", storage=None)
+    assert drawn[::-1] == [lone.ask({"lr": lr}).params["lr"] for _ in range(2)]
+    assert drawn[0] != drawn[1]
 
 
 def test_a_live_worker_of_another_user_is_alive(monkeypatch):
