@@ -6,6 +6,7 @@ worker's), and which died with their worker."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import shlex
 import typing
@@ -202,7 +203,9 @@ class QueueAgain:
         deaths = sum(attempts[n].user_attrs.get(ATTR_REASON) != INTERRUPTED
                      for n in history if n in attempts)
         if self.max_retry is None or deaths <= self.max_retry:
-            RetryHeartbeatStaleTrialCallback()(study, trial)
+            # a copy, as Optuna's fail_stale_trials passes: the callback appends to the
+            # retry_history list it is given, which a storage's cached record would share
+            RetryHeartbeatStaleTrialCallback()(study, copy.deepcopy(trial))
 
 
 def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,

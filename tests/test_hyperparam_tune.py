@@ -188,6 +188,30 @@ def test_a_trial_whose_worker_died_before_naming_itself_is_queued_again(tmp_path
     assert retry.state == TrialState.WAITING and retry.params == trials[orphan.number].params
 
 
+def test_queueing_a_retry_again_leaves_the_retried_trials_record_as_stored(tmp_path):
+    """A retry whose worker died is queued again from its record, which the process reading the
+    journal keeps: its retry history stays as the journal holds it (a fresh reader's), so the
+    reports still say which trial continued the first."""
+    cfg = hyperparam_tune.TuneConfig(out_dir=str(tmp_path / "runs"), study_name="chain")
+    storage = journal(tmp_path, "chain")
+    study = optuna.create_study(study_name="chain", storage=storage)
+    first = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    first.set_user_attr(studies.ATTR_REASON, studies.INTERRUPTED)
+    studies.queue_interrupted(study, first, cfg)
+    study.tell(first, state=TrialState.FAIL)
+    study.ask()  # the retry, its worker killed before naming itself
+    studies.recover_dead_trials(study, storage, cfg)
+
+    def histories(trials) -> list:
+        return [t.system_attrs.get("retry_history") for t in trials]
+
+    stored = load_study(journal(tmp_path, "chain"), "chain").get_trials()
+    assert histories(study.get_trials()) == histories(stored) == [None, [0], [0, 1]]
+    rows = hyperparam_tune.write_reports(study, cfg).rows
+    assert "queued again as trial 1" in rows[1][-1]
+    assert "queued again as trial 2" in rows[2][-1]
+
+
 @pytest.mark.slow  # ~20 s: three processes train; recover_dead_trials is tested in-process above
 @pytest.mark.parametrize("storage_kind", ["sqlite", "journal"])
 def test_killed_worker_trial_fails_and_is_retried(tmp_path, corpus, storage_kind):
