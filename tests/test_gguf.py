@@ -192,6 +192,28 @@ def test_a_sentencepiece_vocabulary_has_byte_tokens_scores_in_merge_order_and_it
     assert _field(reader, "tokenizer.ggml.add_bos_token") is True
 
 
+def test_a_user_defined_tokens_text_is_what_hf_decodes_it_to(checkpoints, tmp_path):
+    """llama.cpp prints a user-defined token's text as it is: Gemma's added runs of \u2581 (not
+    special) are written as the spaces HF decodes them to, user-defined, while a control token
+    keeps its text."""
+    from tokenizers import AddedToken
+
+    changed = tmp_path / "changed"
+    shutil.copytree(checkpoints["gemma"], changed)
+    hf = Tokenizer.from_file(str(changed / "tokenizer.json"))
+    hf.add_tokens([AddedToken("\u2581\u2581", normalized=False)])  # in the vocabulary already
+    hf.save(str(changed / "tokenizer.json"))
+    (tmp_path / "out").mkdir()
+    reader = gguf.GGUFReader(_export(changed, tmp_path / "out"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    run = hf.token_to_id("\u2581\u2581")
+    assert tokens[run] == hf.decode([run]) == "  "
+    assert types[run] == gguf.TokenType.USER_DEFINED
+    eos = hf.token_to_id("</s>")
+    assert (tokens[eos], types[eos]) == ("</s>", gguf.TokenType.CONTROL)
+
+
 def test_a_token_no_merge_makes_is_named_in_a_warning(checkpoints, tmp_path, capsys):
     """llama.cpp's SPM tokenizer joins any two pieces whose text is a token, HF only the pairs its
     merges list: an export of a vocabulary holding a token no merge makes says so, naming it;

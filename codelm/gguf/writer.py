@@ -169,7 +169,8 @@ def _metadata(writer, cfg, family: GgufFamily) -> None:
 
 def _token_table(tok, vocab_size: int, byte_tokens: bool
                  ) -> tuple[list[str], list[gguf.TokenType]]:
-    """Tokens in id order (ids the tokenizer lacks as unused padding entries) and their types;
+    """Tokens in id order (ids the tokenizer lacks as unused padding entries) and their types,
+    a user-defined added token's \u2581 as a space (as llama.cpp's converter writes it);
     ``byte_tokens``: <0xNN> tokens are byte fallback's."""
     model = tok.spec["model"]
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
@@ -180,8 +181,12 @@ def _token_table(tok, vocab_size: int, byte_tokens: bool
         types[i] = gguf.TokenType.BYTE if is_byte else gguf.TokenType.NORMAL
     for added in tok.spec.get("added_tokens") or []:
         i = tok.token_to_id(added["content"])
-        tokens[i] = added["content"]
-        types[i] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        if added.get("special"):
+            tokens[i] = added["content"]
+            types[i] = gguf.TokenType.CONTROL
+        else:  # llama.cpp writes a user-defined token's text as it is: its spaces as spaces
+            tokens[i] = added["content"].replace(SPIECE_SPACE, " ")
+            types[i] = gguf.TokenType.USER_DEFINED
     if model.get("unk_token") is not None:
         types[tok.token_to_id(model["unk_token"])] = gguf.TokenType.UNKNOWN
     return tokens, types
