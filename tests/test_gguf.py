@@ -276,6 +276,30 @@ def test_each_outtype_holds_the_weights_to_its_precision(outtype, tol, checkpoin
     assert kinds == {(outtype.upper(), 2), ("F32", 1)}
 
 
+@pytest.mark.parametrize("outtype, value, kind", [("f16", 1e5, "F32"), ("q8_0", 1e5, "Q8_0"),
+                                                  ("q8_0", 1e7, "F32")])
+def test_a_matrix_past_f16s_range_is_written_f32_not_inf(outtype, value, kind, checkpoints,
+                                                         tmp_path, capsys):
+    """f16 holds up to 65504 and q8_0's block scales are f16: a matrix holding a value past what
+    the outtype holds is written f32, named in a warning, and dequantizes to the model's weights
+    (no inf); one q8_0's scales hold stays q8_0."""
+    from gguf.quants import dequantize
+
+    model = pretrained.load(checkpoints["qwen2"])
+    with torch.no_grad():
+        model.blocks[0].mlp.fc.weight[0, 0] = value
+    want = gguf_writer.gguf_tensors(model)["blk.0.ffn_up.weight"]
+    out = gguf_writer.write_gguf(model, load_tokenizer(checkpoints["qwen2"]),
+                                 tmp_path / "model.gguf", outtype)
+    tensor = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.ffn_up.weight")
+    got = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).reshape(want.shape)
+    assert tensor.tensor_type.name == kind
+    assert torch.isfinite(got).all()
+    assert ((got - want).abs().max() / value).item() <= 1e-2
+    warned = "blk.0.ffn_up.weight" in capsys.readouterr().err
+    assert warned == (kind == "F32")
+
+
 @pytest.mark.parametrize("task, init_from, data_options, fills", [
     ("fim", None, {}, True),  # fim_rate's default: half the chunks are FIM examples
     ("fim", None, {"fim_rate": 0.1}, True),

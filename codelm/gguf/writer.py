@@ -324,14 +324,29 @@ KEPT_F32 = ("position_embd.weight",)
 
 def _encoded(name: str, tensor: torch.Tensor, outtype: str):
     """(data, raw dtype or None) of one tensor: vectors and KEPT_F32 stay f32, as llama.cpp's
-    converter keeps them; a matrix whose rows do not fill q8_0's blocks of 32 is written f16."""
+    converter keeps them; a matrix whose rows do not fill q8_0's blocks of 32 is written f16;
+    one holding a value past f16's range (q8_0's: its f16 block scales') is written f32."""
     data = tensor.numpy()
     if data.ndim < 2 or outtype == "f32" or name in KEPT_F32:
+        return data.astype(np.float32), None
+    if outtype in ("f16", "q8_0") and _past_f16(name, data, outtype):
         return data.astype(np.float32), None
     if outtype == "f16" or (outtype == "q8_0" and data.shape[-1] % 32):
         return data.astype(np.float16), None
     kind = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
     return gguf.quants.quantize(data, kind), kind
+
+
+def _past_f16(name: str, data: np.ndarray, outtype: str) -> bool:
+    """Whether matrix ``data`` holds a value that ``outtype`` would write as inf (f16's largest
+    is 65504; a q8_0 block's scale, its largest value / 127, is an f16), saying so on stderr."""
+    blocks = outtype == "q8_0" and data.shape[-1] % 32 == 0
+    limit = float(np.finfo(np.float16).max) * (127 if blocks else 1)
+    if not np.any(np.abs(data) > limit):
+        return False
+    print(f"gguf: warning: {name} holds {float(np.nanmax(np.abs(data))):g}, past what "
+          f"{outtype} holds (it would be inf): written f32", file=sys.stderr)
+    return True
 
 
 def _general_name(name: str, tok) -> str:
