@@ -419,6 +419,54 @@ def test_an_answer_ends_at_the_first_marker_after_its_text_and_a_tool_call_keeps
     assert chat_answer("a <|user|> b<|end|>\n", "a <|user|> b", phi3) == "a <|user|> b<|end|>"
     tool_call = '[TOOL_CALLS] [{"name": "get_weather"}]</s>'
     assert chat_answer(tool_call, "", ["</s>", "[TOOL_CALLS]"]) == tool_call
+    assert chat_answer("end<|end|>\n<|endoftext|>", "end", phi3) == "end<|end|>"
+
+
+# gpt-oss's way with reasoning: the last answer's thinking in an analysis channel ended by
+# <|end|>, then its final channel ended by <|return|>; {% generation %} marks what TRL trains.
+GPT_OSS_TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'user' %}<|start|>user<|message|>{{ m.content }}"
+    "<|end|>{% elif loop.last %}<|start|>assistant{% generation %}{% if m.thinking %}"
+    "<|channel|>analysis<|message|>{{ m.thinking }}<|end|><|start|>assistant{% endif %}"
+    "<|channel|>final<|message|>{{ m.content }}<|return|>{% endgeneration %}{% else %}"
+    "<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+
+def test_an_answer_its_reasoning_quotes_is_trained_through_its_final_channel(tmp_path):
+    """An answer whose reasoning holds the answer's text ("4" in "2+2 is 4") is labelled
+    through its final channel and <|return|>: the labelled tokens are those transformers'
+    return_assistant_tokens_mask marks in the {% generation %} block, as TRL trains them."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>",
+                "<|return|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([json.dumps(m) for m in CONVERSATIONS] * 5, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|return|>",
+        "chat_template": GPT_OSS_TEMPLATE}))
+    messages = [{"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4", "thinking": "2+2 is 4, so say 4."}]
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": messages}) + "\n")
+    cfg = DataConfig(task="chat", sources=[str(data)], block_size=128,
+                     cache_dir=str(tmp_path / "cache"), progress=False, split_by="file",
+                     min_bytes=0, min_lines=0, train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    prepared = dataset.prepare(cfg, load_tokenizer(tmp_path))
+    labels = prepared.train[0]["labels"].tolist()
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    marked = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                    return_assistant_tokens_mask=True)
+    want = [i for i, m in zip(marked["input_ids"], marked["assistant_masks"]) if m]
+    assert [label for label in labels if label != IGNORE_INDEX] == want
+    assert hf.decode(want).endswith("<|channel|>final<|message|>4<|return|>")
 
 
 def test_a_chat_run_stops_at_the_end_of_turn_its_answers_were_trained_to_end_with(

@@ -357,14 +357,14 @@ def chat_answer(rendered: str, content: str, markers: Sequence[str]) -> str:
     """What an assistant turn answers, of the text its template renders after the generation
     prompt: up to the first end-of-turn marker (a special token's text, ``markers``) after its
     ``content``, that marker included; what follows (a newline, a template's end-of-text) is
-    the template's glue or ending, not the answer's. Where the content is empty or not found
-    as it is (a tool call, a template that reshapes it), or no marker follows it: the text,
-    stripped."""
+    the template's glue or ending, not the answer's. The content is its last rendering that
+    cuts no marker in two: the turn's reasoning, rendered before it, can hold its text. Where
+    the content is empty or not found as it is (a tool call, a template that reshapes it), or
+    no marker follows it: the text, stripped."""
     text = content.strip()
-    found = rendered.find(text) if text else -1
-    if found < 0:
+    start = _content_end(rendered, text, markers) if text else None
+    if start is None:
         return rendered.rstrip()
-    start = found + len(text)
     found_markers = []  # (where, -length, marker): the first, at one place the longest
     for marker in markers:
         at = rendered.find(marker, start)
@@ -374,6 +374,24 @@ def chat_answer(rendered: str, content: str, markers: Sequence[str]) -> str:
         return rendered.rstrip()
     at, _, marker = min(found_markers)
     return rendered[: at + len(marker)]
+
+
+def _content_end(rendered: str, text: str, markers: Sequence[str]) -> int | None:
+    """Where the last occurrence of ``text`` in ``rendered`` ends, of those that start and end
+    outside every marker's text; None where there is none."""
+    spans = []
+    for marker in markers:
+        at = rendered.find(marker)
+        while at >= 0:
+            spans.append((at, at + len(marker)))
+            at = rendered.find(marker, at + 1)
+    found = rendered.rfind(text)
+    while found >= 0:
+        end = found + len(text)
+        if not any(a < found < b or a < end < b for a, b in spans):
+            return end
+        found = rendered.rfind(text, 0, end - 1)
+    return None
 
 
 def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str) -> list[Example]:
