@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import NamedTuple
 
@@ -212,6 +213,24 @@ def test_a_user_defined_tokens_text_is_what_hf_decodes_it_to(checkpoints, tmp_pa
     assert types[run] == gguf.TokenType.USER_DEFINED
     eos = hf.token_to_id("</s>")
     assert (tokens[eos], types[eos]) == ("</s>", gguf.TokenType.CONTROL)
+
+
+def test_an_added_token_that_looks_special_is_a_control_token():
+    """llama.cpp's converter writes an added token that is not marked special but looks it
+    (its does_token_look_special: <|...|>, DeepSeek's <\uff5c...\uff5c>, <pad>, <unusedN>) as a
+    control token, its text unchanged; a plain added word stays user-defined."""
+    from codelm.gguf.writer import _token_table
+
+    looking = ["<|fim_pad|>", "<pad>", "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<unused7>"]
+    words = ["a", "b", *looking, "plain\u2581word"]
+    spec = {"model": {"vocab": {"a": 0, "b": 1}},
+            "added_tokens": [{"content": text, "special": False} for text in words[2:]]}
+    tok = types.SimpleNamespace(spec=spec, token_to_id=words.index)
+    tokens, kinds = _token_table(tok, len(words), byte_tokens=False)
+    for text in looking:
+        assert (tokens[words.index(text)], kinds[words.index(text)]) == (
+            text, gguf.TokenType.CONTROL)
+    assert (tokens[-1], kinds[-1]) == ("plain word", gguf.TokenType.USER_DEFINED)
 
 
 def test_a_token_no_merge_makes_is_named_in_a_warning(checkpoints, tmp_path, capsys):

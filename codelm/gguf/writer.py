@@ -167,10 +167,24 @@ def _metadata(writer, cfg, family: GgufFamily) -> None:
         writer.add_final_logit_softcapping(cfg.logit_softcap)
 
 
+# Added tokens llama.cpp's converter writes as control tokens though not marked special
+# (DeepSeek-Coder's <pad>, Gemma's <mask>, ...): does_token_look_special's names and shapes.
+LOOKS_SPECIAL = ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+LOOKS_SPECIAL_SHAPES = (("<|", "|>"), ("<\uff5c", "\uff5c>"), ("<unused", ">"))
+
+
+def looks_special(text: str) -> bool:
+    """Whether llama.cpp's converter takes an added token for a control token by its text."""
+    shaped = any(text.startswith(start) and text.endswith(end)
+                 for start, end in LOOKS_SPECIAL_SHAPES)
+    return text in LOOKS_SPECIAL or shaped
+
+
 def _token_table(tok, vocab_size: int, byte_tokens: bool
                  ) -> tuple[list[str], list[gguf.TokenType]]:
     """Tokens in id order (ids the tokenizer lacks as unused padding entries) and their types,
-    a user-defined added token's \u2581 as a space (as llama.cpp's converter writes it);
+    an added token that is special or looks it (``looks_special``) a control token, a
+    user-defined one's \u2581 as a space (as llama.cpp's converter writes them);
     ``byte_tokens``: <0xNN> tokens are byte fallback's."""
     model = tok.spec["model"]
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
@@ -181,7 +195,7 @@ def _token_table(tok, vocab_size: int, byte_tokens: bool
         types[i] = gguf.TokenType.BYTE if is_byte else gguf.TokenType.NORMAL
     for added in tok.spec.get("added_tokens") or []:
         i = tok.token_to_id(added["content"])
-        if added.get("special"):
+        if added.get("special") or looks_special(added["content"]):
             tokens[i] = added["content"]
             types[i] = gguf.TokenType.CONTROL
         else:  # llama.cpp writes a user-defined token's text as it is: its spaces as spaces
