@@ -91,6 +91,26 @@ def test_sleeping_program_is_killed_at_the_time_limit():
     assert result.status == "timeout" and 1.0 <= result.duration_s < 1.5
 
 
+def test_the_time_limit_counts_from_the_programs_start_not_its_interpreters(monkeypatch):
+    """An interpreter slow to start (a loaded machine) leaves the program its whole time limit,
+    as the harnesses' limit runs in a started process: a start-up longer than the limit is no
+    timeout. A start that never reaches the program ends at _STARTUP_S plus the limit."""
+    real = runner._start
+
+    def slow_start(command, *args):
+        return real(["/bin/sh", "-c", 'sleep "$0"; exec "$@"', str(delay), *command], *args)
+
+    monkeypatch.setattr(runner, "_start", slow_start)
+    delay = 5
+    result = run_python("print('ran')", SandboxConfig(timeout_s=4.0))
+    assert (result.status, result.stdout) == ("passed", "ran\n")
+    assert result.duration_s < 4.0
+    monkeypatch.setattr(runner, "_STARTUP_S", 0.5)
+    delay = 60
+    result = run_python("print('ran')", SandboxConfig(timeout_s=0.5))
+    assert result.status == "timeout" and result.stdout == ""
+
+
 def test_what_a_program_printed_before_its_timeout_is_in_its_output():
     """The sample runs unbuffered: a line printed before the kill is there to debug it."""
     result = run_python("import time\nprint('reached')\ntime.sleep(60)", SandboxConfig(timeout_s=1.0))

@@ -69,6 +69,9 @@ SAMPLE_UID = SAMPLE_GID = 65534  # nobody: who a root evaluator's samples run as
 _DISK_POLL_S = 0.1  # how often a run's working directory is measured
 _DRAIN_GRACE_S = 1.0  # how long a killed run's output is read on, should its pipes stay open
 _DRAIN_POLL_S = 0.05  # how often a drain waiting on a pipe looks at its deadline
+# The longest a run's interpreter may take to start and confine itself (a loaded machine): the
+# time limit counts from the program's start, as the harnesses' limits run in a started process.
+_STARTUP_S = 60.0
 _LANDLOCK_ABI_CAP: int | None = None  # tests emulate older kernels: the highest ABI to use
 BOOTSTRAP = Path(bootstrap.__file__)  # the program a run starts, copied into its control directory
 CROSSING = Path(crossing.__file__)  # what it loads from beside itself there
@@ -78,7 +81,8 @@ CROSSING = Path(crossing.__file__)  # what it loads from beside itself there
 class SandboxConfig:
     """Limits for one sandboxed run."""
 
-    timeout_s: float = 5.0  # wall clock; the process group is killed at this point
+    timeout_s: float = 5.0  # wall clock from the program's start (its interpreter's start-up
+    #   not counted); the process group is killed at this point
     memory_mb: int = 1024  # address-space limit (RLIMIT_AS)
     file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE); stdout/stderr are pipes
     max_output_chars: int = 20_000  # tail of stdout/stderr kept in the result
@@ -96,7 +100,7 @@ class SandboxResult:
     returncode: int | None
     stdout: str
     stderr: str
-    duration_s: float
+    duration_s: float  # from the program's start (its interpreter's start-up not counted)
     landlock: bool  # reads and writes confined by the kernel
     completed: bool = False  # the program ran to its end (no early exit of any kind)
     seccomp: bool = False  # the kernel filter (signals, processes, sockets, ...) was active
@@ -123,6 +127,7 @@ class _Drain(threading.Thread):
         self.found = False
         self._carry = b""  # the last bytes read: the start of a marker a chunk cuts
         self.stop_at: float | None = None  # set when the run is dead
+        self.first_line_at: float | None = None  # when the first line had come (monotonic)
 
     def run(self) -> None:
         try:
@@ -134,6 +139,8 @@ class _Drain(threading.Thread):
                     break
                 if self.size < 200:
                     self.head += chunk[: 200 - self.size]
+                    if self.first_line_at is None and b"\n" in self.head:
+                        self.first_line_at = time.monotonic()
                 self._look_for_marker(chunk)
                 self.size += len(chunk)
                 self.tail += chunk
@@ -297,16 +304,20 @@ def map_runs(run: Callable[[T], R], items: Sequence[T], workers: int,
             raise
 
 
-def _wait(proc: subprocess.Popen, deadline: float, workdir: Path, cfg: SandboxConfig
+def _wait(proc: subprocess.Popen, start: float, err: _Drain, workdir: Path, cfg: SandboxConfig
           ) -> str | None:
-    """Wait for the run to end by itself (None), or say why it is to be stopped. Its end wakes
-    the wait at once through a pidfd (subprocess's own wait with a timeout polls in sleeps)."""
+    """Wait for the run to end by itself (None), or say why it is to be stopped: its time limit
+    counts from the bootstrap's first line (the program starts), or from _STARTUP_S after
+    ``start`` where that line has not come. Its end wakes the wait at once through a pidfd
+    (subprocess's own wait with a timeout polls in sleeps)."""
     try:
         pidfd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):  # before Linux 5.3
         pidfd = None
     try:
         while True:
+            began = err.first_line_at
+            deadline = (start + _STARTUP_S if began is None else began) + cfg.timeout_s
             timeout = max(0.0, min(_DISK_POLL_S, deadline - time.monotonic()))
             if _ended(proc, pidfd, timeout):
                 return None
@@ -409,7 +420,7 @@ def run_python(source: str, config: SandboxConfig | None = None,
             with contextlib.suppress(OSError):  # an interpreter dead at startup: its status
                 proc.stdin.write(stdin)  # the bootstrap reads it before the program runs
                 proc.stdin.close()
-            stopped = _wait(proc, start + cfg.timeout_s, workdir, cfg)
+            stopped = _wait(proc, start, err, workdir, cfg)
         finally:  # at the timeout, on an interrupt, and whatever it left running
             _kill_group(proc.pid)
             proc.wait()
@@ -419,7 +430,7 @@ def run_python(source: str, config: SandboxConfig | None = None,
                 drain.stop_at = time.monotonic() + _DRAIN_GRACE_S
             for drain in (out, err):
                 drain.join()
-        duration = time.monotonic() - start
+        duration = time.monotonic() - (err.first_line_at or start)
         stdout = _tail(out, cfg.max_output_chars)
         line = err.first_line  # the bootstrap's line comes first
         header = re.fullmatch(rb"sandbox: landlock=(\d+) seccomp=(\d) caps=([0-9a-f]+)\n", line)
