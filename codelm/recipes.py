@@ -29,6 +29,7 @@ import torch
 import eval as ev
 import trainingmanager as tm
 from codelm import trainconfig
+from codelm.data.config import DataConfig
 from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.evaluation.config import EvalConfig, config_from_dict
 from codelm.evaluation.results import check_settings_unchanged
@@ -152,6 +153,13 @@ def apply_setting(recipe: Recipe, setting: str) -> None:
 
 
 # ------------------------------------------------------- data sources that need collecting first
+
+def code_extensions(values: Mapping) -> list[str]:
+    """The code files' extensions of train ``values``: data_options' (one given alone, as a
+    list), else Python's."""
+    options = settings.option_values(DataConfig, values.get("data_options") or {})
+    return options.get("extensions") or [".py"]
+
 
 def collect_git_sources(sources: Sequence[str], extensions: Sequence[str], out_dir: Path,
                         progress: bool) -> list[str]:
@@ -456,7 +464,7 @@ def smoke_train_values(values: dict, work: Path, steps: int, typed: Collection[s
         raise ValueError("--smoke runs --smoke-steps steps: drop --set train.epochs (or give "
                          "--set train.max_steps=N)")
     task, scratch = values.get("task", "lm"), values.get("init_from") is None
-    extensions = values.get("data_options", {}).get("extensions") or [".py"]
+    extensions = code_extensions(values)
     grpo_files = {"problems": work / "data" / "problems.jsonl",
                   "val_problems": work / "data" / "val_problems.jsonl"}
     if task == trainconfig.GRPO_TASK:  # generated problems, their tests the rewards
@@ -740,7 +748,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
         init_cfg = trainconfig.config_from_dict(values, f"{opts.recipe} (train section)")
         plan.with_init_adapter(init_cfg, typed=set(recipe.train), where_set=where_set)
     if values.get("data"):
-        extensions = values.get("data_options", {}).get("extensions", [".py"])
+        extensions = code_extensions(values)
         values["data"] = collect_git_sources(values["data"], extensions, out_dir / f"{name}-data",
                                              opts.progress)
     cfg = trainconfig.config_from_dict(values, f"{opts.recipe} (train section)")

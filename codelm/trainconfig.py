@@ -215,6 +215,11 @@ class TrainConfig:
     #   (OVERFIT_STEPS; --max-steps), no export, sample or final evaluation (--export)
     inject_nan_at_step: int | None = None  # fault injection: make this step's loss NaN
 
+    def __post_init__(self) -> None:
+        # data_options as DataConfig holds them: a list key's one item alone made a list
+        if isinstance(self.data_options, dict):
+            self.data_options = settings.option_values(DataConfig, self.data_options)
+
     @property
     def run_stem(self) -> str:
         """What an unnamed new run's directory is called before its timestamp."""

@@ -398,6 +398,26 @@ def test_every_unknown_flag_of_a_command_is_answered_at_once(capsys):
     assert "; --learning-rate: did you mean --lr?; --max-stepz: did you mean --max-steps" in err
 
 
+def test_a_data_options_list_given_as_its_one_string_reads_as_that_list(tmp_path):
+    """data_options' list keys take their one item alone, as the top-level ones do (the check
+    reads them so): the run's DataConfig, eval.py's project files and a recipe's collected
+    sources all get the one-item list, never the string's characters."""
+    from codelm import recipes
+    from codelm.evaluation.config import parse_config as eval_config
+    from codelm.evaluation.tasks import project
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"data_options": {"extensions": ".kt"}}))
+    cfg = trainconfig.read_config(["--config", str(config)]).cfg
+    checked = settings.config_from_dict(DataConfig, {"extensions": ".kt"})
+    assert cfg.data_options == {"extensions": [".kt"]}
+    assert trainconfig.data_config(cfg).extensions == checked.extensions == [".kt"]
+    flagged = eval_config(["--tasks", "project-completion", "--data", str(tmp_path),
+                           "--models", "m", "--data-options", '{"extensions": ".kt"}'])
+    assert project.extensions(flagged) == [".kt"]
+    assert recipes.code_extensions({"data_options": {"extensions": ".kt"}}) == [".kt"]
+
+
 def test_yaml_config_files_read_as_json_ones_do(tmp_path):
 
     """A YAML config (as litgpt users write one) reads as the same JSON does, recipes included, and

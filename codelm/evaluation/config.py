@@ -121,6 +121,8 @@ class EvalConfig:
     api_key: str | None = None  # requests must send "Authorization: Bearer API_KEY"
 
     def __post_init__(self) -> None:
+        if isinstance(self.data_options, dict):  # a list key's one item alone made a list
+            self.data_options = settings.option_values(DataConfig, self.data_options)
         if self.max_new_tokens is None:  # one number from here on, which results.json records
             self.max_new_tokens = CHAT_NEW_TOKENS if self.chat else NEW_TOKENS
         if self.batch_size is None and not self.serve:  # the server sizes its own to memory

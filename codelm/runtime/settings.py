@@ -156,6 +156,17 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
     return cls(**checked)
 
 
+def option_values(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Options for the dataclass ``cls`` (a config's ``data_options``) as ``config_from_dict``
+    takes them: a list-of-strings key's one string made that list; the other keys as given."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        if isinstance(value, str) and key in hints and _field_type(hints[key])[0] == list[str]:
+            out[key] = [value]
+    return out
+
+
 def fields_of(kind: type, config: Any, **given: Any) -> dict[str, Any]:
     """The values of dataclass ``kind``'s fields: ``given``'s, the others ``config``'s of the
     same names, where it has them, else their defaults (``Kind(**fields_of(Kind, cfg))``: the
