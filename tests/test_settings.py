@@ -455,6 +455,23 @@ def test_print_config_of_eval_and_tune_reads_back_to_the_same_settings(script, f
     assert module.parse_config(["--config", str(printed)]) == module.parse_config(argv)
 
 
+@pytest.mark.parametrize("script, flag, key", [("eval", "--models", "models"),
+                                               ("hyperparam_tune", "--study-name", "study_name")])
+def test_print_config_yaml_keeps_text_that_reads_as_a_number_text(script, flag, key, tmp_path,
+                                                                  capsys):
+    """Text that --config's YAML reads as a number (2e3: an exponent without a dot) is printed
+    quoted by --print-config yaml, so the file reads back to the same text, as its JSON does."""
+    import importlib
+
+    module = importlib.import_module(script)
+    for fmt in ("json", "yaml"):
+        assert module.main([flag, "2e3", "--print-config", fmt]) == 0
+        printed = tmp_path / f"printed.{fmt}"
+        printed.write_text(capsys.readouterr().out)
+        value = getattr(module.parse_config(["--config", str(printed)]), key)
+        assert value in ("2e3", ["2e3"])
+
+
 def _with_subcommand() -> settings.ArgumentParser:
     parser = settings.ArgumentParser(prog="tool")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -275,15 +275,20 @@ def _yaml_object(text: str, path: Path) -> Any:
                 raise _RepeatedKey(repeated)
             return super().construct_mapping(node, deep)
 
-    # YAML 1.1 reads 2e-3 (no dot) as text; YAML 1.2 and every user read it as a number
-    UniqueKeys.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-        r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+    _read_exponents_as_floats(UniqueKeys)
     try:
         return yaml.load(text, UniqueKeys)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ValueError(f"{path}: invalid YAML{at}: {getattr(err, 'problem', err)}") from None
+
+
+def _read_exponents_as_floats(cls: type) -> None:
+    """A YAML loader or dumper class taking 2e-3 (no dot) for a number: YAML 1.1 reads it as
+    text; YAML 1.2 and every user read it as a number (a dumper then quotes such text)."""
+    cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
 
 
 class _RepeatedKey(Exception):
@@ -339,7 +344,11 @@ def printed_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, 
     elif fmt == "yaml":
         import yaml
 
-        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+        class Dumper(yaml.SafeDumper):
+            pass
+
+        _read_exponents_as_floats(Dumper)  # text such as "2e3" quoted, as --config reads it
+        print(yaml.dump(dataclasses.asdict(cfg), Dumper=Dumper, sort_keys=False), end="")
     return bool(fmt)
 
 
