@@ -719,6 +719,9 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     own_base = str(recipe.train.get("init_from") or "").rstrip("/")
     for setting in opts.set:
         apply_setting(recipe, setting)
+    # a list key's one item alone (data: src/) as the list it stands for, as --config reads it
+    recipe.train = settings.option_values(trainconfig.TrainConfig, recipe.train)
+    recipe.eval = settings.option_values(EvalConfig, recipe.eval)
     typed = set_train_keys(opts.set)
     if opts.smoke and "max_steps" in typed:  # a smoke run counts steps, not the recipe's epochs
         recipe.train["epochs"] = None

@@ -815,6 +815,22 @@ def test_the_recipes_own_run_in_eval_models_is_the_run_just_trained(tmp_path, mo
     assert seen == [[f"tuned={runs / 'other'}"]]
 
 
+def test_a_recipes_list_key_given_as_its_one_string_reads_as_that_list(tmp_path, monkeypatch):
+    """A recipe's list keys take their one item alone, as --config files do (data: src/): the
+    run trains on that one source (not on each character of its path) and the evaluation
+    scores that one model."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "models": "tuned=runs/tiny"},
+                          data=str(tmp_path / "data"))
+    seen = _evaluated_models(monkeypatch)
+    trained = []
+    monkeypatch.setattr(tm, "train", lambda cfg, **kw: trained.append(cfg) or _trained_at_once(cfg))
+    runs = tmp_path / "runs"
+    assert recipes.main([str(recipe), "--out-dir", str(runs), "--no-progress"]) == 0
+    assert trained[0].data == [str(tmp_path / "data")]
+    assert seen == [[f"tuned={runs / 'tiny'}"]]
+
+
 def test_resume_continues_the_run_and_evaluates_it_without_training_again(tmp_path, monkeypatch,
                                                                           capsys):
     """Every interrupt and budget message says "the same command plus --resume": it must

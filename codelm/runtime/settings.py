@@ -157,8 +157,9 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "<dict>
 
 
 def option_values(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Options for the dataclass ``cls`` (a config's ``data_options``) as ``config_from_dict``
-    takes them: a list-of-strings key's one string made that list; the other keys as given."""
+    """JSON-like values for the dataclass ``cls`` (a config's ``data_options``, a recipe's
+    section) as ``config_from_dict`` takes them: a list-of-strings key's one string made that
+    list; the other keys as given."""
     hints = typing.get_type_hints(cls)
     out = dict(values)
     for key, value in values.items():
