@@ -48,8 +48,8 @@ class Recipe:
     eval: dict  # EvalConfig values, validated
 
 
-# The recipes shipped with the repository: configs/NAME.json.
-SHIPPED = Path(__file__).resolve().parents[1] / "configs"
+# The recipes shipped with codelm: configs/NAME.json (in an install, under <prefix>/share/codelm).
+SHIPPED = settings.bundled("configs")
 
 
 def recipe_path(recipe: str | Path) -> Path:

@@ -568,6 +568,22 @@ def test_the_package_installs_every_top_level_module():
     assert packages == {".".join(p.parent.relative_to(ROOT).parts) for p in found}
 
 
+def test_the_package_ships_the_recipes_where_codelm_recipes_finds_them():
+    """pyproject's data-files put every recipe of configs/ under share/codelm/configs, the
+    directory ``settings.bundled("configs")`` names outside a checkout, and codelm.recipes looks
+    for a recipe named alone there: ``pip install .`` then runs ``codelm-recipe refactotron``."""
+    from codelm import recipes
+    from codelm.runtime import settings
+
+    text = (ROOT / "pyproject.toml").read_text()
+    data_files = text.split("[tool.setuptools.data-files]", 1)[1].split("\n[", 1)[0]
+    shipped = dict(re.findall(r'^"([^"]+)" = \[(.*)\]$', data_files, flags=re.MULTILINE))
+    globs = re.findall(r'"([^"]+)"', shipped.get("share/codelm/configs", ""))
+    installed = {p for pattern in globs for p in ROOT.glob(pattern)}
+    assert installed == set((ROOT / "configs").glob("*.json"))
+    assert recipes.SHIPPED == settings.bundled("configs")
+
+
 SCRIPTS = ["trainingmanager.py", "eval.py", "dataset.py", "hyperparam_tune.py", "codelm/recipes.py",
            "scraping/__main__.py", "tokenizer.py", "architecture.py", "lora.py",
            "codelm/sandbox/__main__.py", "codelm/gguf/__main__.py", "codelm/models/pretrained.py",

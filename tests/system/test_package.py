@@ -53,4 +53,8 @@ def test_the_console_scripts_run_from_another_directory(tmp_path, editable):
                              capture_output=True, text=True, cwd=elsewhere, check=True)
     *found, module = shipped.stdout.split()
     assert found == ["True", "True", "True"]
+    recipe = subprocess.run([python, "-c", "from codelm import recipes; "
+                             "print(recipes.recipe_path('refactotron').is_file())"],
+                            capture_output=True, text=True, cwd=elsewhere, check=True)
+    assert recipe.stdout.split() == ["True"]
     assert (Path(module).parent == ROOT) is editable  # else the installed copy's
