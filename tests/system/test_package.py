@@ -47,8 +47,9 @@ def test_the_console_scripts_run_from_another_directory(tmp_path, editable):
         cwd=elsewhere, timeout=600)
     assert train.returncode == 0, train.stderr[-2000:]
     assert (elsewhere / "runs" / "pk" / "config.json").is_file()
-    shipped = subprocess.run([python, "-c", "import eval, hyperparam_tune, trainingmanager as t; "
-                              "print(eval.PROBLEMS_FILE.is_file(), hyperparam_tune.SPACES_DIR."
+    shipped = subprocess.run([python, "-c", "from codelm.evaluation.tasks import passk; "
+                              "from codelm import search_space; import trainingmanager as t; "
+                              "print(passk.PROBLEMS_FILE.is_file(), search_space.SPACES_DIR."
                               "is_dir(), t.OVERFIT_CORPUS.is_dir(), t.__file__)"],
                              capture_output=True, text=True, cwd=elsewhere, check=True)
     *found, module = shipped.stdout.split()
