@@ -243,7 +243,8 @@ def _after_step(run: Run, result: TrainResult, signals: StopSignals, progress: P
         now = time.perf_counter()
         past_max_time = loop.max_time_s is not None and now - progress.started > loop.max_time_s
         past_deadline = deadline is not None and now > deadline  # the budget's clock
-        stop = signals.stop_requested(record.dist, run.device, past_max_time or past_deadline)
+        stop = signals.stop_requested(record.dist, run.device, past_max_time or past_deadline,
+                                      lagged=True)
     ends = bool(stop or result.early_stopped or memorised)
     if ends and not logged:  # the run's last step is always logged
         if stats is None:  # the wait for the steps still queued is training time

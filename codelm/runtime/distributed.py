@@ -10,7 +10,7 @@ import gc
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +116,37 @@ def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     if dist.enabled:
         td.all_reduce(t, op=td.ReduceOp.SUM)
     return t
+
+
+@dataclass
+class PendingSum:
+    """A sum over the ranks on its way to this host."""
+
+    summed: torch.Tensor  # on the host; holds the sum once ``arrived`` returns
+    arrived: Callable[[], None]
+
+    def values(self) -> list[float]:
+        """The sum, waiting for it (and on a GPU for nothing queued after it)."""
+        self.arrived()
+        return self.summed.tolist()
+
+
+def all_reduce_sum_later(values: list[float], dist: Dist, device: torch.device) -> PendingSum:
+    """Start summing ``values`` over the ranks (on ``device``, where the group's collectives run)
+    without waiting for the sum: on a GPU the copies to and from the device are queued on the
+    stream around the all-reduce, and the host waits for them alone when it reads the sum."""
+    host = torch.tensor(values, dtype=torch.float32)
+    if device.type != "cuda":
+        work = td.all_reduce(host, op=td.ReduceOp.SUM, async_op=True)
+        return PendingSum(host, work.wait)
+    host = host.pin_memory()
+    on_device = host.to(device, non_blocking=True)
+    work = td.all_reduce(on_device, op=td.ReduceOp.SUM, async_op=True)
+    work.wait()  # NCCL: the stream waits for the all-reduce, the host does not
+    host.copy_(on_device, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return PendingSum(host, copied.synchronize)
 
 
 def all_gather(value, dist: Dist) -> list:

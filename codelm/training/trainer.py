@@ -22,7 +22,7 @@ from codelm.data.config import PREFERENCE_TASKS
 from codelm.runs.checkpoint import RunState
 from codelm.runtime import console, distributed, process
 from codelm.runtime.console import progress_bar
-from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum
+from codelm.runtime.distributed import Dist, all_gather, all_reduce_sum, all_reduce_sum_later
 from codelm.runtime.settings import setting
 from codelm.trainconfig import GRPO_TASK, StepSettings, TrainConfig
 from codelm.training.optim import build_optimizer
@@ -448,6 +448,7 @@ class StopSignals:
         self.reason: str | None = None
         self.mid_step = mid_step  # a stop is acted on inside a step (Trainer.droppable)
         self._previous: dict = {}
+        self._in_flight: distributed.PendingSum | None = None  # a lagged check's sum
         if threading.current_thread() is threading.main_thread():
             for sig in process.STOP_SIGNALS:
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # `cmd &` in a script, nohup
@@ -461,8 +462,11 @@ class StopSignals:
         if self.reason is None:
             self.reason = signal.Signals(signum).name
             process.note_stop(self.reason)
-            where = ("the next layer's attention or MLP (or the end of an evaluation under "
-                     "way)" if self.mid_step else "the end of this step or evaluation")
+            where = "the end of this step or evaluation"
+            if self.mid_step:
+                where = "the next layer's attention or MLP (or the end of an evaluation under way)"
+            elif distributed.this_process().enabled:  # the ranks agree on it a step later
+                where = "the end of the next step or evaluation"
             message = (f"\n{console.line_label()}{self.reason}: stopping at {where}, then saving "
                        "a checkpoint\n")
             if process.is_rank_zero():  # under torchrun rank 0 reports for all
@@ -491,17 +495,19 @@ class StopSignals:
             process.forget_stop()
             signal.raise_signal(signal.Signals[self.reason])
 
-    def stop_requested(self, dist: Dist, device: torch.device, over_time: bool = False
-                       ) -> str | None:
+    def stop_requested(self, dist: Dist, device: torch.device, over_time: bool = False,
+                       lagged: bool = False) -> str | None:
         """Why every rank stops now (collective): a signal any rank received, or the time
         budget (``over_time``). Under torchrun the ranks' flags (one a stop signal, then the
-        budget's) are summed and read back each call: the host waits there for the device's work
-        queued before it. Every rank names the same signal, the first of STOP_SIGNALS received."""
+        budget's) are summed: read back at once, the host waits for the device's work queued
+        before them; ``lagged`` (the check after each step) reads back the sum started by the
+        call before and starts this call's, so no step waits for the device and every rank
+        stops one step later, at the same step. Every rank names the same signal, the first of
+        STOP_SIGNALS received."""
         reason = self.reason
         if dist.enabled:  # one process reads its own flags: no tensor, no wait on the device
-            flags = [reason == name for name in STOP_SIGNALS] + [over_time]
-            summed = all_reduce_sum(torch.tensor(flags, dtype=torch.float32, device=device),
-                                    dist).tolist()
+            flags = [float(reason == name) for name in STOP_SIGNALS] + [float(over_time)]
+            summed = self._summed_flags(flags, dist, device, lagged)
             reason = next((name for name, n in zip(STOP_SIGNALS, summed) if n), None)
             over_time = bool(summed[-1])
         if reason is not None:
@@ -510,3 +516,18 @@ class StopSignals:
             process.note_stop(reason)
             return reason
         return "time budget" if over_time else None
+
+    def _summed_flags(self, flags: list[float], dist: Dist, device: torch.device, lagged: bool
+                      ) -> list[float]:
+        """The ranks' summed ``flags``; ``lagged``: those of the previous lagged call (none
+        before the first), this call's started. A sum still in flight is read before a sum read
+        at once, and once a lagged one stops the run: the run ends with none in flight."""
+        earlier, self._in_flight = self._in_flight, None
+        summed = earlier.values() if earlier is not None else [0.0] * len(flags)
+        if not lagged:
+            return all_reduce_sum(torch.tensor(flags, device=device), dist).tolist()
+        self._in_flight = all_reduce_sum_later(flags, dist, device)
+        if any(summed):
+            self._in_flight.values()
+            self._in_flight = None
+        return summed

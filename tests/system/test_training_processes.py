@@ -568,6 +568,58 @@ def test_every_rank_names_the_signal_another_rank_received(monkeypatch):
     assert (_agreed_stop(monkeypatch, "SIGTERM", "SIGHUP")
             == _agreed_stop(monkeypatch, "SIGHUP", "SIGTERM"))
 
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A gloo process group of this process alone: its all-reduce sums this rank's flags."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
+                                         rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_the_check_after_each_step_agrees_on_a_stop_a_check_later_with_nothing_left_in_flight(
+        gloo_group, monkeypatch):
+    """Under torchrun the check after each step reads back the flags summed at the check before
+    and starts its own sum (no wait on the device's queued work): a SIGTERM, and the time
+    budget, stop the run at the next check, the same one on every rank; every sum a check
+    starts is read before the run ends. A check that reads at once (the run's end) sees a stop
+    at once."""
+    started = []
+
+    def recorded(flags, dist, device):
+        pending = distributed.all_reduce_sum_later(flags, dist, device)
+
+        def arrived():
+            pending.arrived()
+            started.remove(read)
+
+        read = distributed.PendingSum(pending.summed, arrived)
+        started.append(read)
+        return read
+
+    monkeypatch.setattr(trainer_module, "all_reduce_sum_later", recorded)
+    dist, cpu = distributed.Dist(rank=0, world=2), torch.device("cpu")
+    signals = trainer_module.StopSignals()
+    try:
+        assert signals.stop_requested(dist, cpu, lagged=True) is None
+        signals.reason = "SIGTERM"
+        assert signals.stop_requested(dist, cpu, lagged=True) is None  # its sum is on its way
+        assert len(started) == 1
+        assert signals.stop_requested(dist, cpu, lagged=True) == "SIGTERM"
+        assert started == []
+        signals.reason = None
+        assert signals.stop_requested(dist, cpu, over_time=True, lagged=True) is None
+        assert signals.stop_requested(dist, cpu, lagged=True) == "time budget"
+        assert started == []
+        assert signals.stop_requested(dist, cpu, lagged=True) is None
+        signals.reason = "SIGHUP"
+        assert signals.stop_requested(dist, cpu) == "SIGHUP"
+        assert started == []
+    finally:
+        signals.restore(taken=True)
+        process.forget_stop()
+
+
 def test_the_lock_names_a_live_holder_only(tmp_path):
     """The lock file keeps its last holder's tag after that run ends: a dead one holds nothing."""
     lock = tmp_path / rundir.LOCK_FILE
