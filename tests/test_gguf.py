@@ -789,6 +789,9 @@ def test_the_runs_choices_are_the_writers_outtypes():
     ("gemma2", dict(attn_logit_softcapping=None, query_pre_attn_scalar=32), r"soft-capping.*always soft-caps"),
     ("gemma2", dict(final_logit_softcapping=None, query_pre_attn_scalar=32), r"soft-capping.*always soft-caps"),
     ("gemma2", dict(sliding_window=None, query_pre_attn_scalar=32), r"every other layer"),
+    ("gemma", dict(tie_word_embeddings=False), r"tie_word_embeddings false.*token embedding"),
+    ("gemma2", dict(tie_word_embeddings=False, query_pre_attn_scalar=32),
+     r"tie_word_embeddings false.*token embedding"),
     ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 8.0,
                                  "original_max_position_embeddings": 64}),
      r"yarn with beta_fast=8.0.*factor and original context only"),
@@ -796,9 +799,11 @@ def test_the_runs_choices_are_the_writers_outtypes():
 def test_a_model_llama_cpp_would_compute_otherwise_is_refused_before_writing(
         family, overrides, message, tmp_path):
     """llama.cpp's starcoder reads a multi-query fused qkv only, its gemma2 always soft-caps
-    (50 and 30 where the file names nothing) and slides every other layer, and its GGUF keys
-    carry YaRN's factor and original context only: a file of such a model would load and
-    compute another model, so the export refuses it, naming the setting."""
+    (50 and 30 where the file names nothing) and slides every other layer, its gemma and gemma2
+    compute the logits with the token embedding (a separate lm_head has no place in the file),
+    and its GGUF keys carry YaRN's factor and original context only: a file of such a model
+    would not load or would compute another model, so the export refuses it, naming the
+    setting."""
     from tiny_hf import tiny_hf_config
 
     tiny_hf_config(family, **overrides).save_pretrained(tmp_path)

@@ -764,6 +764,7 @@ class GgufFamily:
     permute_qk: bool = False  # llama.cpp rotates pairs (0,1),(2,3): HF's half-split q/k rows move
     sliding: bool = False  # llama.cpp honours a sliding window (else every layer sees it all)
     parallel_key: bool = False  # its converter writes use_parallel_residual
+    tied_head: bool = False  # llama.cpp computes the logits with the token embedding
 
 
 # codelm family -> llama.cpp architecture (CodeGen has none).
@@ -776,8 +777,8 @@ GGUF_FAMILIES = {
     "gpt_bigcode": GgufFamily("starcoder"),
     "phi": GgufFamily("phi2"),
     "phi3": GgufFamily("phi3"),
-    "gemma": GgufFamily("gemma"),
-    "gemma2": GgufFamily("gemma2", sliding=True),
+    "gemma": GgufFamily("gemma", tied_head=True),
+    "gemma2": GgufFamily("gemma2", sliding=True, tied_head=True),
     "stablelm": GgufFamily("stablelm", parallel_key=True),
 }
 
@@ -804,6 +805,10 @@ def check_architecture(cfg: ModelConfig) -> None:
     if cfg.family == "gpt_bigcode" and cfg.n_kv_head != 1:
         raise ValueError(f"GPTBigCode with {cfg.n_kv_head} key/value heads (multi_query false): "
                          "llama.cpp's starcoder reads a multi-query model's fused qkv only")
+    if GGUF_FAMILIES[cfg.family].tied_head and not cfg.tie_embeddings:
+        raise ValueError(f"{cfg.family} with an lm_head apart from its embedding "
+                         f"(tie_word_embeddings false): llama.cpp's {GGUF_FAMILIES[cfg.family].arch}"
+                         " computes logits with the token embedding")
     if GGUF_FAMILIES[cfg.family].sliding:
         _check_gemma2(cfg)
 
