@@ -812,6 +812,22 @@ def test_a_model_llama_cpp_would_compute_otherwise_is_refused_before_writing(
         families.check_architecture(cfg)
 
 
+@pytest.mark.parametrize("family", ["phi", "stablelm"])
+def test_a_tied_head_is_written_as_output_weight_where_llama_cpp_loads_one(family, tmp_path):
+    """llama.cpp's phi2 and stablelm load output.weight whatever the config ties (no fallback
+    to token_embd), so a tied model's head goes in as the embedding once more: the logits'
+    matrix and bias are transformers' output embedding."""
+    from tiny_hf import save_tiny_hf
+
+    hf = save_tiny_hf(family, tmp_path, tie_word_embeddings=True)
+    tensors = gguf_writer.gguf_tensors(pretrained.load(tmp_path))
+    head = hf.get_output_embeddings()
+    assert torch.equal(tensors["output.weight"], head.weight.float())
+    assert torch.equal(tensors["token_embd.weight"], head.weight.float())
+    if head.bias is not None:
+        assert torch.equal(tensors["output.bias"], head.bias.float())
+
+
 def test_an_instruct_models_chat_template_is_written_for_llama_cpp_and_ollama(tmp_path):
     """The tokenizer's chat template goes under tokenizer.chat_template, as llama.cpp's
     converter writes it (gguf's SpecialVocab reads the same template from the HF directory),

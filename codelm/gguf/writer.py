@@ -318,6 +318,8 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
         if name.endswith("norm.weight") and cfg.norm_offset:  # llama.cpp scales by the weight
             tensor = tensor + cfg.norm_offset
         tensors[name] = tensor
+    if cfg.tie_embeddings and family.head_required:  # the embedding, written again as the head
+        tensors["output.weight"] = tensors["token_embd.weight"]
     if (cfg.rope_scaling or {}).get("rope_type") == "llama3":  # per-frequency divisors
         plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
         tensors["rope_freqs.weight"] = plain / rope_inv_freq(cfg)

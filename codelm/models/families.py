@@ -765,6 +765,7 @@ class GgufFamily:
     sliding: bool = False  # llama.cpp honours a sliding window (else every layer sees it all)
     parallel_key: bool = False  # its converter writes use_parallel_residual
     tied_head: bool = False  # llama.cpp computes the logits with the token embedding
+    head_required: bool = False  # llama.cpp loads output.weight, a tied head's too
 
 
 # codelm family -> llama.cpp architecture (CodeGen has none).
@@ -775,11 +776,11 @@ GGUF_FAMILIES = {
     "qwen3": GgufFamily("qwen3"),
     "starcoder2": GgufFamily("starcoder2"),
     "gpt_bigcode": GgufFamily("starcoder"),
-    "phi": GgufFamily("phi2"),
+    "phi": GgufFamily("phi2", head_required=True),
     "phi3": GgufFamily("phi3"),
     "gemma": GgufFamily("gemma", tied_head=True),
     "gemma2": GgufFamily("gemma2", sliding=True, tied_head=True),
-    "stablelm": GgufFamily("stablelm", parallel_key=True),
+    "stablelm": GgufFamily("stablelm", parallel_key=True, head_required=True),
 }
 
 
