@@ -18,6 +18,7 @@ import optuna
 import sqlalchemy.exc
 from filelock import FileLock
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
 from codelm.runtime import workers
@@ -219,7 +220,10 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
                 and trial.user_attrs.get(ATTR_REASON) == INTERRUPTED):
             retry(study, trial)
     if isinstance(storage, optuna.storages.RDBStorage):  # open_storage enables heartbeats,
-        optuna.storages.fail_stale_trials(study)  # the first sent as a trial is claimed
+        # the first sent as a trial is claimed, or here for one whose worker died before
+        running = [t._trial_id for t in trials if t.state == TrialState.RUNNING]
+        beat_for_silent_trials(storage, running)
+        optuna.storages.fail_stale_trials(study)
         return
     # The claim lock is held from creating a trial to naming its owner: no owner, no worker.
     for trial in trials:
@@ -229,6 +233,22 @@ def recover_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorag
                 storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, WORKER_DIED)
                 if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                     retry(study, storage.get_trial(trial._trial_id))
+
+
+def beat_for_silent_trials(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int]
+                           ) -> None:
+    """A heartbeat for each of these trials that has none yet: Optuna never finds a trial
+    without one stale, and one whose worker died between asking for it and claiming it would
+    run forever. Its worker, alive, sends its own at once and then one every interval."""
+    session = storage.scoped_session()
+    try:
+        beaten = {row.trial_id for row in session.query(models.TrialHeartbeatModel.trial_id)
+                  .filter(models.TrialHeartbeatModel.trial_id.in_(trial_ids))}
+    finally:
+        session.close()
+    for trial_id in trial_ids:
+        if trial_id not in beaten:
+            storage.record_heartbeat(trial_id)
 
 
 def queue_interrupted(study: optuna.Study, trial: optuna.Trial, cfg: TuneConfig) -> None:

@@ -7,6 +7,7 @@ heartbeats) and, where .ci/run could start one, a PostgreSQL server.
 import concurrent.futures
 import csv
 import dataclasses
+import datetime
 import fcntl
 import json
 import os
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb import models
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 from procs import popen, signal_when
@@ -1283,6 +1286,41 @@ def test_a_database_trial_is_judged_by_its_heartbeat_sent_as_it_is_claimed(tmp_p
     named(studies.ATTR_WORKER, f"{host}:{pid}:{int(started) + 1}:{namespace}")
     studies.recover_dead_trials(study, storage, cfg)
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING]
+
+
+def test_a_database_trial_whose_worker_died_before_its_first_heartbeat_is_queued_again(
+        tmp_path):
+    """In a database a worker killed between asking for its trial and claiming it leaves a
+    RUNNING trial with no heartbeat, which Optuna never finds stale: the next recovery sends one
+    for it, so that it fails once the grace period passes and is queued again, else the study
+    would never finish. A trial's own heartbeat is left as it is (a dead worker's goes stale)."""
+    cfg = hyperparam_tune.TuneConfig(storage=f"sqlite:///{tmp_path / 'study.db'}",
+                                     out_dir=str(tmp_path), study_name="silent")
+    storage = studies.open_storage(cfg)
+    study = optuna.create_study(study_name="silent", storage=storage)
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    claimed = study.ask(space)
+    hyperparam_tune._claim(claimed, storage)
+    silent = study.ask(space)  # its worker killed before _claim
+    past = datetime.datetime(2000, 1, 1)
+
+    def age_heartbeats() -> None:
+        with storage.engine.begin() as connection:
+            connection.execute(sqlalchemy.update(models.TrialHeartbeatModel).values(
+                heartbeat=past))
+
+    age_heartbeats()
+    studies.recover_dead_trials(study, storage, cfg)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[claimed.number] == TrialState.FAIL
+    assert states[silent.number] == TrialState.RUNNING  # its grace period starts now
+    age_heartbeats()
+    studies.recover_dead_trials(study, storage, cfg)
+    trials = study.get_trials()
+    assert trials[silent.number].state == TrialState.FAIL
+    retried = [t.system_attrs.get("failed_trial") for t in trials if t.state == TrialState.WAITING]
+    assert sorted(retried) == [claimed.number, silent.number]
+    assert studies.study_progress(study) == studies.StudyProgress(0, 0, 2)
 
 
 def test_a_workers_mark_beside_the_study_tells_whether_it_lives_in_any_container(tmp_path):
