@@ -249,6 +249,25 @@ def _check_trial(train_cfg: TrainConfig, where_is: Callable[[str], str]) -> None
         trainconfig.model_config(train_cfg, 1, None, None)
 
 
+def _trial_value(trial: optuna.Trial, metrics: dict) -> tuple[str, float]:
+    """The METRIC_NAMES metric an evaluation's ``metrics`` value the trial by, and its value;
+    recorded on the study (ATTR_METRIC)."""
+    metric = "val_bpb" if "val_bpb" in metrics else "val_loss"
+    if trial.study.user_attrs.get(ATTR_METRIC) != metric:
+        trial.study.set_user_attr(ATTR_METRIC, metric)
+    return metric, metrics[metric]
+
+
+def _logged_best(trial: optuna.Trial, result: trainingmanager.TrainResult) -> float:
+    """The trial's value of its run's best evaluation as metrics.jsonl logs it: a continued run
+    whose worker died between an evaluation and its report has no report of it, nor evaluates
+    again where it checkpointed after it. Infinite where none is logged."""
+    if result.best_step is None:
+        return math.inf
+    logged = rundir.evaluation_at(result.run_dir / rundir.METRICS_FILE, result.best_step)
+    return math.inf if logged is None else _trial_value(trial, logged)[1]
+
+
 def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
               trial: optuna.Trial) -> tuple[TrialState, float | None]:
     """Train the trial: the state and value to tell (a failure's reason recorded and told). The
@@ -257,10 +276,7 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
 
     def on_eval(step: int, metrics: dict) -> None:
         nonlocal best
-        metric = "val_bpb" if "val_bpb" in metrics else "val_loss"
-        if trial.study.user_attrs.get(ATTR_METRIC) != metric:
-            trial.study.set_user_attr(ATTR_METRIC, metric)
-        value = metrics[metric]
+        metric, value = _trial_value(trial, metrics)
         best = min(best, value)
         trial.set_user_attr(ATTR_STEP, step)
         trial.report(value, step)
@@ -313,7 +329,8 @@ def run_trial(cfg: TuneConfig, space: SearchSpace, base: dict,
         if result.stopped_by_budget:
             tqdm.write(f"trial {trial.number}: ranked at step {result.step}, where its time "
                        "budget ended it (a sweep does not continue it)", file=sys.stderr)
-        if not math.isfinite(best):  # no evaluation reported: the run's best loss
+        best = min(best, _logged_best(trial, result))  # one whose report a dead worker lost
+        if not math.isfinite(best):  # no evaluation reported or logged: the run's best loss
             best = result.best_val_loss if result.best_val_loss is not None else math.nan
         if math.isfinite(best):
             return TrialState.COMPLETE, best

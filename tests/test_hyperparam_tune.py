@@ -373,6 +373,38 @@ def test_a_trial_declared_dead_after_its_last_write_is_left_and_nothing_is_lost(
     assert retry.intermediate_values == {2: 3.0, 4: 2.5}
 
 
+def test_a_retry_of_a_run_evaluated_at_its_end_but_not_reported_is_valued_by_the_log(
+        tmp_path, corpus, monkeypatch):
+    """A worker declared dead (or killed) between its run's last evaluation and that
+    evaluation's report leaves a checkpoint after it: the retry continues the run at its end,
+    evaluates nothing, and is valued by the evaluation metrics.jsonl logs there, in the study's
+    metric (bits per byte), not by the run's best validation loss."""
+    storage, calls = journal(tmp_path, "unreported"), []
+    logged = {"val_loss": 2.5, "val_bpb": 3.75}
+
+    def train(cfg, on_eval=None, resume_hint=None, **_):
+        calls.append(cfg)
+        run = Path(cfg.out_dir) / cfg.name
+        if len(calls) == 1:  # its whole budget, evaluated and checkpointed at step 4
+            (run / "checkpoints" / f"{rundir.CHECKPOINT_PREFIX}4").mkdir(parents=True)
+            (run / rundir.CONFIG_FILE).write_text("{}")
+            line = {"step": 4, "kind": "val", **logged, "best_val_loss": 2.5, "epoch": 0.1}
+            (run / rundir.METRICS_FILE).write_text(json.dumps(line) + "\n")
+            _declare_dead(storage, "unreported")
+            on_eval(4, dict(logged))  # the report the failed trial refuses
+        return trainingmanager.TrainResult(run_dir=run, best_val_loss=2.5, step=4, best_step=4)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="unreported",
+                     n_trials=1, pruner="none", eval_every=4)
+    assert hyperparam_tune.main(argv) == 0
+    study = load_study(storage, "unreported")
+    first, retry = study.get_trials()
+    assert first.intermediate_values == {} and calls[1].resume is not None
+    assert retry.state == TrialState.COMPLETE and retry.value == logged["val_bpb"]
+    assert study.user_attrs[hyperparam_tune.ATTR_METRIC] == "val_bpb"
+
+
 def test_a_retry_waits_while_another_process_still_trains_its_run(tmp_path, corpus, capsys,
                                                                  monkeypatch):
     """A trial queued again may find its run directory held by a live process: the worker of a
