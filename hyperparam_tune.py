@@ -250,8 +250,8 @@ def _check_trial(train_cfg: TrainConfig, where_is: Callable[[str], str]) -> None
 
 
 def _trial_value(trial: optuna.Trial, metrics: dict) -> tuple[str, float]:
-    """The METRIC_NAMES metric an evaluation's ``metrics`` value the trial by, and its value;
-    recorded on the study (ATTR_METRIC)."""
+    """Which of an evaluation's ``metrics`` values the trial (one of METRIC_NAMES, recorded on
+    the study as ATTR_METRIC), and its value."""
     metric = "val_bpb" if "val_bpb" in metrics else "val_loss"
     if trial.study.user_attrs.get(ATTR_METRIC) != metric:
         trial.study.set_user_attr(ATTR_METRIC, metric)
