@@ -689,7 +689,7 @@ def head_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         logits = logits / temperature
     ignored = labels == IGNORE_INDEX
     normalizer = logits.logsumexp(-1)
-    picked = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    picked = logits.gather(-1, labels.masked_fill(ignored, 0)[..., None])[..., 0]
     logps = (picked - normalizer).masked_fill(ignored, 0.0)
     if not with_entropy:
         return logps

@@ -386,8 +386,10 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     del logits  # under autocast the matmul's output, freed once copied to fp32
     keep = labels != IGNORE_INDEX
-    rows, target = torch.arange(len(labels), device=z.device), labels.clamp(min=0)
-    picked = z[rows, target]  # the labels' logits (read before z changes in place)
+    rows, target = torch.arange(len(labels), device=z.device), labels.masked_fill(~keep, 0)
+    # The labels' logits, read before z changes in place. gather refuses a negative label as
+    # F.cross_entropy does (an error on the CPU, a device assert on CUDA, compiled or not).
+    picked = z.gather(-1, target[:, None])[:, 0]
     correct = ((z.argmax(-1) == labels) & keep).sum() if count_correct else None
     top = z.amax(-1)
     z.sub_(top[:, None])  # logits shifted by their max: exp cannot overflow
@@ -547,7 +549,8 @@ class _HeadLogprobsFunction(torch.autograd.Function):
                 z = _chunk_logits(h[s:s + step], w, b, acc, temperature)
                 top = z.amax(-1, keepdim=True)
                 z.sub_(top)  # in place, as the loss's chunks: no second (rows, V) temporary
-                picked = z.gather(-1, labels[s:s + step, None].clamp(min=0))[:, 0]
+                target = labels[s:s + step].masked_fill(labels[s:s + step] == IGNORE_INDEX, 0)
+                picked = z.gather(-1, target[:, None])[:, 0]  # refuses a negative label
                 sumexp = z.exp_().sum(-1)
                 log_sum = sumexp.log()
                 logps[s:s + step] = picked - log_sum

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_architecture import SHAPES, _ids, _model, _spy_sdpa, gen
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from architecture import Transformer, head_loss, split_heads
+from architecture import Transformer, head_logps, head_loss, split_heads
 from codelm import kernels
 
 
@@ -678,6 +678,29 @@ def test_head_loss_takes_full_label_smoothing_as_torch():
     ref = F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), label_smoothing=1.0,
                           reduction="sum")  # (the head's loss is the sum)
     torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_a_negative_label_besides_ignore_index_is_refused_as_cross_entropy_refuses_it(
+        kernels_on, monkeypatch):
+    """A label of -1 is no token: the head's loss and log-probs, fused or plain, refuse it where
+    F.cross_entropy does (an IndexError or RuntimeError naming the bound), and never read it as
+    token 0 or the last token; IGNORE_INDEX beside it still counts nothing."""
+    monkeypatch.setattr(kernels, "ENABLED", kernels_on)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 20)
+    hidden = torch.randn(5, 8)
+    labels = torch.tensor([3, kernels.IGNORE_INDEX, 7, -1, 0])
+    with pytest.raises(IndexError, match="out of bounds"):  # the reference
+        F.cross_entropy(head(hidden), labels, ignore_index=kernels.IGNORE_INDEX)
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        head_loss(hidden, head, labels)
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        head_logps(hidden, head, labels)
+    labels[3] = 1
+    ref = F.cross_entropy(head(hidden), labels, ignore_index=kernels.IGNORE_INDEX,
+                          reduction="sum")
+    torch.testing.assert_close(head_loss(hidden, head, labels)[0], ref)
 
 
 def test_a_head_that_is_no_plain_linear_counts_correct_tokens_as_the_logits_say():
