@@ -469,6 +469,60 @@ def test_an_answer_its_reasoning_quotes_is_trained_through_its_final_channel(tmp
     assert hf.decode(want).endswith("<|channel|>final<|message|>4<|return|>")
 
 
+def test_a_template_whose_generation_prompt_opens_a_think_block_trains_the_reasoning(tmp_path):
+    """DeepSeek-R1-Distill's template prompts with <｜Assistant｜><think>\n and drops a past
+    turn's reasoning: a turn whose content opens with <think>\n is prompted as generation is
+    and trained on its reasoning, answer and end-of-sentence, the ids and labels of TRL's
+    training template (return_assistant_tokens_mask) after that prompt; a turn without the
+    opening is refused naming it."""
+    import pathlib
+
+    import transformers
+    import trl
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from trl.chat_template_utils import get_training_chat_template
+
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                "<think>", "</think>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([json.dumps(m) for m in CONVERSATIONS] * 5, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    template = pathlib.Path(trl.__file__).parent / "chat_templates" / "deepseek_r1_distill.jinja"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0],
+        "eos_token": specials[1], "chat_template": template.read_text()}))
+    messages = [{"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "<think>\n2+2 is 4.\n</think>\n\n4"}]
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": messages}) + "\n")
+    cfg = DataConfig(task="chat", sources=[str(data)], block_size=128,
+                     cache_dir=str(tmp_path / "cache"), progress=False, split_by="file",
+                     min_bytes=0, min_lines=0, train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    prepared = dataset.prepare(cfg, load_tokenizer(tmp_path))
+    ids = prepared.train[0]["input_ids"].tolist()
+    labels = prepared.train[0]["labels"].tolist()
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    marked = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                    return_assistant_tokens_mask=True,
+                                    chat_template=get_training_chat_template(hf))
+    prompt = hf.apply_chat_template(messages[:1], tokenize=True, return_dict=False,
+                                    add_generation_prompt=True)
+    counted = [j for j, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert ids[: counted[0] + 1] == list(prompt)
+    assert [*ids[: counted[-1] + 1], labels[counted[-1]]] == marked["input_ids"]  # labels: next ids
+    assert [labels[j] for j in counted] == marked["input_ids"][len(prompt):]
+    assert all(marked["assistant_masks"][len(prompt):])
+    plain = [messages[0], {"role": "assistant", "content": "4"}]
+    data.write_text(json.dumps({"messages": plain}) + "\n")
+    cfg = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache2"))
+    with pytest.raises(ValueError, match=r"chats\.jsonl:1.*generation prompt.*<think>"):
+        dataset.prepare(cfg, load_tokenizer(tmp_path))
+
+
 def test_a_chat_run_stops_at_the_end_of_turn_its_answers_were_trained_to_end_with(
         instruct, tmp_path):
     """A base checkpoint's tokenizer (eos <|endoftext|>) with ChatML's template: chat training

@@ -5,6 +5,7 @@ prompt of a run's end-of-run sample."""
 from __future__ import annotations
 
 import ast
+import os
 import random
 import tokenize
 import typing
@@ -317,16 +318,31 @@ def chat_turns(tok: BPETokenizer, messages: Sequence[dict],
             continue
         prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
         turn = tok.apply_chat_template(messages[: i + 1], tools=tools)
-        if not turn.startswith(prompt):
-            raise ValueError("chat_template: the text before an assistant turn is not a prefix "
-                             "of the conversation's text: the assistant's tokens cannot be told "
-                             "apart")
         content = message.get("content")
         if not isinstance(content, str) or message.get("tool_calls"):
             content = ""  # the template writes the call: the turn's whole text is the answer
-        answer = chat_answer(turn[len(prompt):], content, markers)
+        if turn.startswith(prompt):
+            answer = chat_answer(turn[len(prompt):], content, markers)
+        else:
+            answer = _prefilled_answer(prompt, turn, content, markers)
         turns.append(ChatTurn(prompt, answer))
     return turns
+
+
+def _prefilled_answer(prompt: str, turn: str, content: str, markers: Sequence[str]) -> str:
+    """The answer to a generation prompt that opens a block its template drops from a rendered
+    turn (DeepSeek-R1's ``<think>\n``, the reasoning cut from past turns): the content after
+    that opening, which it starts with, then the end-of-turn marker the template writes after
+    the turn's text (as TRL's training template for it renders the reasoning kept)."""
+    shared = len(os.path.commonprefix([prompt, turn]))
+    opening = prompt[shared:]
+    rendered = chat_answer(turn[shared:], content, markers)
+    ends = [m for m in markers if rendered.endswith(m)]
+    if not content.startswith(opening) or not ends:
+        raise ValueError(f"chat_template: the generation prompt ends with {opening!r}, which the "
+                         "conversation's text of an assistant turn lacks: give the turn's "
+                         f"content starting with {opening!r} (its reasoning, then the answer)")
+    return content[len(opening):] + max(ends, key=len)
 
 
 def stop_ids_of(tok, eos_ids: Sequence[int], task: str | None) -> list[int]:
