@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 import random
@@ -6048,6 +6049,22 @@ def test_an_evalplus_release_record_is_refused_naming_the_dataset_that_tests_it(
     file = _write_jsonl(tmp_path / "HumanEvalPlus.jsonl", [record])
     with pytest.raises(ValueError, match=r"EvalPlus release record .* \(evalplus/humanevalplus\)"):
         passk.load_problems(file)
+
+
+def test_an_mbpp_plus_release_record_is_refused_naming_the_dataset_that_tests_it(tmp_path):
+    """EvalPlus's MbppPlus.jsonl (gzipped or not) lists a problem's inputs and no test: it is
+    refused on its line, naming the Hugging Face dataset whose records carry the test, as a
+    HumanEval+ release record is."""
+    record = {"task_id": "Mbpp/2", "prompt": '"""\nWrite a function.\n"""\n',
+              "entry_point": "f", "canonical_solution": "def f(a):\n    return a\n",
+              "contract": "", "base_input": [[1]], "plus_input": [[2]], "atol": 0}
+    plain = _write_jsonl(tmp_path / "MbppPlus.jsonl", [record])
+    packed = tmp_path / "MbppPlus.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    for file in (plain, packed):
+        with pytest.raises(ValueError, match=rf"{file.name}:1: .*EvalPlus release record"
+                                             r".* \(evalplus/mbppplus\)"):
+            passk.load_problems(file, passk_task=mbpp_plus_task.PASSK)
 
 
 def test_sample_files_of_two_models_never_overwrite_each_other(tmp_path):

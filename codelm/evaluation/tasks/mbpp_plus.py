@@ -14,6 +14,10 @@ def _mbpp_plus_problem(record: dict, where: str) -> dict:
     """An MBPP+ record (EvalPlus: task_id, prompt the description, code, test_list, test the
     whole test) as the harness's ``mbppplus`` prompts and runs it: MBPP's prompt, then ``test``,
     its float comparisons checking shapes first."""
+    if "plus_input" in record:  # EvalPlus's inputs, without a test that runs them
+        raise ValueError(f"{where}: an EvalPlus release record (base_input, plus_input), which "
+                         "holds no test: use EvalPlus's Hugging Face dataset "
+                         f"({EVALPLUS_DATASETS['mbpp-plus']}), whose test runs every input")
     tests = checked_tests(record, where, ("prompt", "code", "test"))
     problem = {"task_id": f"Mbpp/{record['task_id']}",
                "prompt": f'"""\n{record["prompt"]}\n{tests[0]}\n"""\n',
