@@ -63,6 +63,36 @@ def test_flags_mirror_fields_and_lists_take_both_forms():
     assert _parse([]) == Demo()
 
 
+@dataclass
+class TriState:
+    packing: bool | None = None  # None: where it pays
+
+
+def test_an_optional_bool_flag_sets_true_false_or_back_to_its_default_over_a_file(
+        tmp_path, capsys):
+    """An Optional bool (packing: None where it pays) takes --packing (True), --no-packing
+    (False) and --packing none (None, its default), each over a --config file that sets it,
+    as every other Optional field's flag takes 'none'; another value is a usage error."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"packing": False}))
+
+    def parse(*argv: str) -> TriState:
+        parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+        parser.add_argument("--config")
+        settings.add_config_flags(parser, TriState)
+        return settings.resolve_config(TriState, vars(parser.parse_args(argv)), "train")
+
+    assert parse().packing is None
+    assert parse("--config", str(config)).packing is False
+    assert parse("--config", str(config), "--packing").packing is True
+    assert parse("--config", str(config), "--packing", "none").packing is None
+    assert parse("--config", str(config), "--packing=null").packing is None
+    assert parse("--packing", "--no-packing").packing is False
+    with pytest.raises(SystemExit):
+        parse("--packing", "auto")
+    assert "--packing: expected no value or none, got 'auto'" in capsys.readouterr().err
+
+
 def test_a_scripts_flags_alone_make_its_settings(capsys):
     """parse_config_flags: the typed flags over the defaults, no config file; a value outside
     the choices is argparse's usage error."""

@@ -379,6 +379,13 @@ def _or_none(convert: Any) -> Any:
     return parse
 
 
+def _none_word(text: str) -> None:
+    """An Optional bool field's flag value: a word of ``NONE_WORDS`` (None, the default)."""
+    if not _is_none(text):
+        raise argparse.ArgumentTypeError(f"expected no value or none, got {text!r}")
+    return None
+
+
 def _list_flag(item: type, optional: bool = False) -> type[argparse.Action]:
     """A list field's action: ``--flag a b`` and ``--flag a,b`` give ``[a, b]``; a lone ``none``
     gives None for an Optional field."""
@@ -457,6 +464,8 @@ def _flag_kwargs(f: dataclasses.Field, base: Any, optional: bool,
                  allowed: Sequence | None) -> dict[str, Any]:
     """How argparse reads a field's flag, by the field's type."""
     origin = typing.get_origin(base) or base
+    if origin is bool and optional:  # --x True, --x none None; --no-x (add_config_flags) False
+        return {"nargs": "?", "const": True, "type": _none_word, "metavar": "none"}
     if origin is bool:
         return {"action": argparse.BooleanOptionalAction}
     if origin is list and f.metadata.get("repeat"):  # JSON values hold commas: no splitting
@@ -625,7 +634,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
         optional = optional and not f.metadata.get("none_is_a_value")
         default = (f.default if f.default_factory is dataclasses.MISSING
                    else f.default_factory())  # MISSING: the user must give it
-        help_text = _help_text(helps.get(f.name, ""), default, optional and base is not bool)
+        help_text = _help_text(helps.get(f.name, ""), default, optional)
         title = sections.get(f.name)
         if title not in groups:
             groups[title] = parser.add_argument_group(title) if title else parser
@@ -642,6 +651,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
         hidden = f.metadata.get("hidden")  # a flag the program passes itself
         target.add_argument(flag_of(f.name), help=argparse.SUPPRESS if hidden else help_text,
                             required=default is dataclasses.MISSING, **kwargs)
+        if base is bool and optional:  # the Optional bool's False
+            target.add_argument("--no-" + flag_of(f.name)[2:], dest=f.name, action="store_const",
+                                const=False, help=argparse.SUPPRESS if hidden else f"{f.name}: False")
         for alias in (aliases or {}).get(f.name, ()):
             target.add_argument(alias, dest=f.name, help=argparse.SUPPRESS, **kwargs)
     return parser
