@@ -511,6 +511,20 @@ def test_kotlin_and_java_imports_rank_the_files_declaring_what_they_import():
                                                 "com.acme.util.Action", "com.acme.util.flat"]
 
 
+def test_kotlin_imports_are_read_whatever_the_files_line_endings():
+    """A Kotlin import ends at its line's end, LF or CRLF alike (a file written on Windows):
+    the imports composer reads the same names, and ranks the same file first, in either."""
+    prefix = "package com.acme\n\nimport com.acme.util.Strings\nimport com.acme.db.Repo\n"
+    crlf = prefix.replace("\n", "\r\n")
+    assert comp.jvm_imports(crlf) == comp.jvm_imports(prefix) == [
+        "com.acme.util.Strings", "com.acme.db.Repo"]
+    files = {"app/App.kt": "old", "app/Near.kt": "package com.acme\nclass Near\n",
+             "lib/util/Strings.kt": "package com.acme.util\r\n\r\nclass Strings\r\n"}
+    index = comp.RepositoryIndex("r", files, _tokenizer())
+    ranked = comp.rank_imports(index, "app/App.kt", crlf)
+    assert index.paths[ranked[0]] == "lib/util/Strings.kt"
+
+
 def test_relative_imports_resolve_against_the_completion_files_package():
     """Relative imports resolve against the completed file's package (. is x.y, .. is x), as Python
     resolves them, so the imports composer finds the files they name."""

@@ -41,11 +41,11 @@ _KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist)
 _IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+"
                      r"(?:\(([^)]*)\)?|([\w., \t]*))|import[ \t]+([\w., \t]+))", re.M)
 # Kotlin and Java: a file's package, and its imports (import a.b.C, a.b.*, a.b.f as g, a comment
-# after it; Java's import static a.B.m)
+# after it; Java's import static a.B.m), a line ending in LF or CRLF
 JVM_EXTENSIONS = (".kt", ".kts", ".java")
 _PACKAGE = re.compile(r"^[ \t]*package[ \t]+([\w.]+)", re.M)
 _JVM_IMPORT = re.compile(r"^[ \t]*import[ \t]+(?:static[ \t]+)?([\w.]+?)(?:\.\*)?[ \t]*"
-                         r"(?:;|$|as[ \t]|//|/\*)", re.M)
+                         r"(?:;|\r?$|as[ \t]|//|/\*)", re.M)
 
 def identifiers(text: str) -> list[str]:
     """The identifiers of a text (keywords left out): the terms BM25 matches on."""
