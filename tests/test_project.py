@@ -1044,6 +1044,19 @@ def test_a_string_holding_a_comment_mark_keeps_the_rest_of_its_line_in_other_lan
     assert lines["inproject"] == [1, 2, 3]
 
 
+def test_a_hash_opens_no_comment_in_languages_whose_comments_open_with_slashes():
+    """In JavaScript, C and Rust "#" opens no comment (a private member, a preprocessor line,
+    an attribute): the names after it on its line are read, so a line calling the project's
+    function after `this.#cache` is inproject; in Python "#" still opens one."""
+    snapshot = {"src/util.js": "export function computeValue(key) {\n  return key;\n}\n"}
+    text = ("class Store {\n  get(key) {\n    this.#cache.set(key, computeValue(key));\n"
+            "  }\n}\n")
+    assert "computeValue" in history.line_names(text, "src/store.js")[2]
+    assert history.line_categories(text, "src/store.js", snapshot, {})["inproject"] == [2]
+    assert history.line_names("#define TWICE(x) helper(x)\n", "a.c")[0] >= {"helper"}
+    assert history.line_names("x = 1  # helper(x)\n", "a.py")[0] == {"x"}
+
+
 def test_files_whose_path_fills_a_short_context_are_left_out_and_named(tmp_path, tiny_model,
                                                                          capsys):
     """A model of a short context and a completion file whose repository name and path take it

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from codelm.tokenization.source import line_comment
 from scraping.common import is_utf8
 
 # LCA's list of common API names (lca-baselines, project_level_code_completion/eval).
@@ -102,6 +103,17 @@ _NAME = re.compile(r"[A-Za-z_]\w*")
 # String literals (triple-quoted first) and comments (block, #, //), left to right.
 _STRINGS_AND_COMMENTS = re.compile(r'/\*[\s\S]*?\*/|"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\''
                                    r'|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|#[^\n]*|//[^\n]*')
+# The same where # opens no comment (line_comment's // languages: a C preprocessor line, a Rust
+# attribute, a JavaScript private member `this.#count`).
+_STRINGS_AND_SLASH_COMMENTS = re.compile(_STRINGS_AND_COMMENTS.pattern.replace(r"|#[^\n]*", ""))
+
+
+def _strings_and_comments(path: str) -> re.Pattern:
+    """The string literals and comments of ``path``'s language."""
+    slash = line_comment(path) == "//"
+    return _STRINGS_AND_SLASH_COMMENTS if slash else _STRINGS_AND_COMMENTS
+
+
 # Languages whose string literals hold code, and that code: ${expression} (one level of
 # braces inside) or $name.
 TEMPLATE_EXTENSIONS = (".kt", ".kts", ".groovy", ".scala", ".dart")
@@ -132,7 +144,7 @@ def declared_names(text: str, path: str = "x.py") -> frozenset[str]:
         else:
             return frozenset(node.name for node in ast.walk(tree) if isinstance(
                 node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef))
-    code = _STRINGS_AND_COMMENTS.sub("", text)  # prose declares nothing
+    code = _strings_and_comments(path).sub("", text)  # prose declares nothing
     return frozenset(name for name in _declarations(code, path) if not keyword.iskeyword(name))
 
 
@@ -191,7 +203,7 @@ def _blanked(text: str, path: str = "x.py") -> str:
             code = " ".join(expr or name for expr, name in _TEMPLATE.findall(literal))
         return code + "\n" * literal.count("\n")
 
-    return _STRINGS_AND_COMMENTS.sub(blank, text)
+    return _strings_and_comments(path).sub(blank, text)
 
 
 def line_names(text: str, path: str = "x.py") -> list[set[str]]:
