@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="families timed (default: all four)")
     parser.add_argument("--layers", type=int, default=4, help="blocks (default: 4)")
     parser.add_argument("--width", type=int, default=512,
-                        help="model width, a multiple of 128 (default: 512)")
+                        help="model width, a multiple of 128 (of 256 with codegen) "
+                        "(default: 512)")
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary (default: 8192)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: 128)")
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.width <= 0 or args.width % 128:
         parser.error(f"--width {args.width}: must be a positive multiple of 128 (64-wide "
                      "attention heads, two per key/value head in Llama's grouped-query attention)")
+    if "codegen" in args.families and args.width % 256:
+        parser.error(f"--width {args.width}: codegen needs a multiple of 256 (its heads, width / "
+                     "64, are laid out in 4 chunks)")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"CPU, {torch.get_num_threads()} threads; {args.layers} layers x {args.width} wide, "

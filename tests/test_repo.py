@@ -123,6 +123,17 @@ def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch)
     assert "--width 64: must be a positive multiple of 128" in capsys.readouterr().err
 
 
+def test_bench_lora_refuses_a_width_codegens_heads_do_not_divide(capsys, monkeypatch):
+    """--width 128 gives CodeGen two heads, which its qkv_proj's 4 chunks cannot hold: refused
+    as a usage error before any model is built; the other families still take that width."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its folders first
+    main = runpy.run_path(str(ROOT / "bench" / "bench_lora.py"))["main"]
+    with pytest.raises(SystemExit) as stop:
+        main(["--width", "128", "--steps", "1", "--families", "codegen", "--skip-memory"])
+    assert stop.value.code == 2
+    assert "--width 128: codegen needs a multiple of 256" in capsys.readouterr().err
+
+
 # docs/contracts.md's import floors: what each project module may import directly at import
 # time (settings and process, the ground-floor utilities, are open to all). A module may also load what those
 # load.
