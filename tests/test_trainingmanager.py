@@ -2674,11 +2674,11 @@ def test_an_lm_epoch_is_the_side_by_side_windows_in_the_logged_epoch_too(assets,
                    save_every=100)
     result = tm.train(cfg)
     out = capsys.readouterr().out
-    n_tokens = int(re.search(r"(\d+) training tokens", out).group(1))
+    n_tokens = int(re.search(r"([\d,]+) training tokens", out).group(1).replace(",", ""))
     per_epoch, per_step = (n_tokens - 1) // 32, 2 * 2  # block_size targets a window
     assert result.step == math.ceil(per_epoch / per_step) > 2
     assert (f"{result.step} steps ({result.step * per_step / per_epoch:.3g} epochs of "
-            f"{per_epoch} windows of 32 tokens)") in out  # the run's first line
+            f"{per_epoch:,} windows of 32 tokens)") in out  # the run's first line
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     train_epochs = [m["epoch"] for m in lines if m["kind"] == "train"]
     assert len(train_epochs) == result.step  # log_every 1
@@ -4724,7 +4724,7 @@ def test_an_lm_run_counts_its_training_tokens_not_windows(assets, tmp_path, caps
     packed train.bin), not millions of overlapping 'examples'."""
     tm.train(tiny_cfg(assets, tmp_path, max_steps=1, eval_every=1))
     out, err = capsys.readouterr()
-    n = int(re.search(r"(\d+) training tokens", out).group(1))
+    n = int(re.search(r"([\d,]+) training tokens", out).group(1).replace(",", ""))
     packed = {p.stat().st_size // 2 for p in Path(assets["cache"]).rglob("train.bin")}
     assert n in packed and "training examples" not in out
     assert "fp16 on cpu" not in err

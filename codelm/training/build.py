@@ -676,8 +676,8 @@ def announce(run: Run, cfg: TrainConfig, where_set: Callable[[str], str] = setti
     n_train = sum(p.numel() for p in trainer.params)
     n = batches.examples_per_epoch
     if batches.windows_at_every_token:
-        size = f"{batches.train.n_tokens} training tokens"
-        epoch = f"{n} windows of {run.data.dcfg.block_size} tokens"
+        size = f"{batches.train.n_tokens:,} training tokens"
+        epoch = f"{n:,} windows of {run.data.dcfg.block_size} tokens"
     elif batches.unit == "rows":
         size = f"{len(batches.train)} training rows ({len(batches.train.examples)} examples packed)"
         epoch = f"{n} rows"
