@@ -20,7 +20,8 @@ class Clock:
 
 def test_a_heartbeat_says_where_its_phase_is_once_30_seconds_have_passed(capsys):
     """No line before HEARTBEAT_S (30 s) of the phase, one at the first update after, with the
-    count, its total, the unit and the time; the next 30 s after that line."""
+    count, its total, the unit, the time and the time left at the rate so far; the next 30 s
+    after that line."""
     clock = Clock()
     beat = console.Heartbeat("base humaneval", total=164, unit="prompt", clock=clock)
     for _ in range(3):  # 29 s: quiet
@@ -29,13 +30,26 @@ def test_a_heartbeat_says_where_its_phase_is_once_30_seconds_have_passed(capsys)
     assert capsys.readouterr().err == ""
     clock.now += 1.0
     beat.update(8)
-    assert capsys.readouterr().err == "base humaneval: 32/164 prompts, 0m30s\n"
+    assert capsys.readouterr().err == "base humaneval: 32/164 prompts, 0m30s, about 2m04s left\n"
     clock.now += 29.0
     beat.update(8)
     assert capsys.readouterr().err == ""
     clock.now += 61.0
     beat.update(2)
-    assert capsys.readouterr().err == "base humaneval: 42/164 prompts, 2m00s\n"
+    assert capsys.readouterr().err == "base humaneval: 42/164 prompts, 2m00s, about 5m49s left\n"
+
+
+def test_a_resumed_phase_estimates_its_time_left_from_what_it_did_itself():
+    """A phase that starts with work done before (a resumed evaluation) takes its rate from the
+    work since it began: 10 of 50 left done in 10 s leaves 40 s; a phase without a total, or
+    at its total, names no time left."""
+    beat = console.Heartbeat("score", total=100, unit="prompt", initial=50, clock=lambda: 0.0)
+    beat.n = 60
+    assert beat.line(10.0) == "score: 60/100 prompts, 0m10s, about 0m40s left"
+    beat.n = 100
+    assert beat.line(10.0) == "score: 100/100 prompts, 0m10s"
+    assert console.Heartbeat("read", unit="file", clock=lambda: 0.0).line(10.0) == (
+        "read: 0 files, 0m10s")
 
 
 def test_a_hidden_bar_counts_and_keeps_a_heartbeat_a_shown_one_does_not(monkeypatch, capsys):

@@ -90,7 +90,8 @@ HEARTBEAT_S = 30.0
 
 
 class Heartbeat:
-    """A long phase's plain line on stderr ("tokenize train: 1200/5000 texts, 1m30s"), at the
+    """A long phase's plain line on stderr ("tokenize train: 1200/5000 texts, 1m30s, about 4m53s
+    left"), at the
     first update ``every`` seconds (HEARTBEAT_S) after the phase began or its last line: what a
     log gets of a phase whose progress bar is hidden (--no-progress hides bars, not the log).
     ``clock``: seconds, monotonic (a test's fake)."""
@@ -102,6 +103,7 @@ class Heartbeat:
         self.total = total
         self.unit = unit
         self.n = initial
+        self.initial = initial  # done before the phase began (a resumed one's): no rate of its
         self.every = HEARTBEAT_S if every is None else every
         self.clock = clock
         self.started = self.last = clock()
@@ -120,7 +122,13 @@ class Heartbeat:
         count = _figure(self.n) if self.total is None else f"{_figure(self.n)}/{_figure(self.total)}"
         plural = "es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s"  # batches
         unit = "" if self.unit == "it" else f" {self.unit}{plural}"
-        return f"{self.desc or 'working'}: {count}{unit}, {duration(now - self.started)}"
+        elapsed = now - self.started
+        line = f"{self.desc or 'working'}: {count}{unit}, {duration(elapsed)}"
+        done = self.n - self.initial
+        if self.total is None or done <= 0 or self.n >= self.total:
+            return line
+        left = (self.total - self.n) * elapsed / done  # at the phase's rate so far
+        return f"{line}, about {duration(left)} left"
 
 
 def progress_bar(*args, enabled: bool = True, lines: bool = True, **kwargs):
