@@ -711,6 +711,19 @@ def test_bpe_training_min_frequency_boundary_as_hf(min_frequency, merged):
     assert {t for t in ours.spec["model"]["vocab"] if len(t) > 1} - specials == ref == merged
 
 
+@pytest.mark.parametrize("texts", [["abc abc d d"], ["bcaac bcaac bcbac bca cdcb cdcb bddca"]])
+def test_bpe_training_breaks_ties_by_token_ids_as_hf(texts):
+    """Pairs seen equally often merge in the order of their token ids, as HF's BpeTrainer
+    orders them: after a|b, ab|c and Ġ|d are both seen twice, and Ġ (a byte) has a lower id
+    than ab (a merge), though "ab" sorts before "Ġ" as text. Reference: HF's merges."""
+    ours = BPETokenizer.train(texts, 1000, min_frequency=2)
+    hf = trained_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), texts, vocab_size=1000,
+                     min_frequency=2)
+    ref = [tuple(m) for m in json.loads(hf.to_str())["model"]["merges"]]
+    assert [tuple(m) for m in ours.spec["model"]["merges"]] == ref
+    assert ours.spec["model"]["vocab"] == hf.get_vocab(with_added_tokens=False)
+
+
 def test_bpe_training_learns_frequent_words():
     """BPE training makes a frequent word one token ("Ġreturn"); a vocab_size with no room past
     the byte alphabet and an unknown pre-tokenizer style are refused naming them."""

@@ -506,7 +506,8 @@ class BPETokenizer(BatchEncodeMixin):
               special_tokens: Sequence[str] = ("<|endoftext|>",), min_frequency: int = 2
               ) -> BPETokenizer:
         """Learn a byte-level BPE (ids: specials, 256 bytes, then one per merge, the most frequent
-        pair first, ties by text); ``save()`` writes a tokenizer.json HF loads as is."""
+        pair first, ties to the least ids, as HF's BpeTrainer); ``save()`` writes a tokenizer.json
+        HF loads as is."""
         if isinstance(texts, str):
             raise ValueError("BPETokenizer.train expects texts (a list of str), got one str")
         pre_tokenizer = _pretokenizer_json(pretokenizer)
@@ -816,7 +817,8 @@ def _merge_pair(word: list[str], first: str, second: str) -> list[str]:
 
 def _learn_merges(words: list[str], freqs: list[int], vocab: dict[str, int], vocab_size: int,
                   min_frequency: int) -> list[tuple[str, str]]:
-    """Greedy BPE: repeatedly merge the most frequent adjacent pair, updating counts in place."""
+    """Greedy BPE: repeatedly merge the most frequent adjacent pair, updating counts in place.
+    Ties go to the pair of least token ids (first, then second), as in HF's BpeTrainer."""
     symbols = [list(w) for w in words]
     pair_counts: dict[tuple[str, str], int] = defaultdict(int)
     pair_words: dict[tuple[str, str], set[int]] = defaultdict(set)
@@ -824,11 +826,11 @@ def _learn_merges(words: list[str], freqs: list[int], vocab: dict[str, int], voc
         for pair in zip(word, word[1:]):
             pair_counts[pair] += freq
             pair_words[pair].add(wi)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heap = [(-count, vocab[pair[0]], vocab[pair[1]], pair) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
     merges = []
     while len(vocab) < vocab_size and heap:
-        neg_count, pair = heapq.heappop(heap)
+        neg_count, _, _, pair = heapq.heappop(heap)
         count = pair_counts.get(pair, 0)
         if count != -neg_count:
             continue  # stale: the current count was pushed when it changed
@@ -854,6 +856,6 @@ def _learn_merges(words: list[str], freqs: list[int], vocab: dict[str, int], voc
             symbols[wi] = new
         for p in touched:
             if pair_counts[p] > 0 and p != pair:
-                heapq.heappush(heap, (-pair_counts[p], p))
+                heapq.heappush(heap, (-pair_counts[p], vocab[p[0]], vocab[p[1]], p))
         pair_counts.pop(pair, None)
     return merges
