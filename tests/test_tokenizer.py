@@ -620,6 +620,28 @@ def test_characters_missing_from_vocab_follow_hf(stdlib_texts, tmp_path):
         assert [ours.encode(t) for t in texts] == _hf_ids(hf, texts), (unk, fuse)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_unk_token_goes_after_byte_fallback_tokens_that_follow_it_as_in_hf(fuse):
+    """With byte_fallback and only some <0xNN> tokens, HF places an unk_token when the next
+    character in the vocabulary (or the word's end) comes: é's fallback bytes after x (which
+    has no token and no fallback) go before x's unk_token, and with fuse_unk a later unknown
+    character joins that unk_token. Reference: HF's ids on the same file."""
+    vocab = {"<unk>": 0, "a": 1, "y": 2, "<0xC3>": 3, "<0xA9>": 4}
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+            "normalizer": None, "pre_tokenizer": None, "post_processor": None,
+            "decoder": {"type": "Sequence",
+                        "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>",
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "fuse_unk": fuse, "byte_fallback": True, "ignore_merges": False,
+                      "vocab": vocab, "merges": []}}
+    hf = Tokenizer.from_str(json.dumps(spec))
+    texts = ["xé", "xéy", "éxé", "xéxa", "axéxéy"]
+    ref = _hf_ids(hf, texts)
+    assert ref[0] == [3, 4, 0]
+    assert [BPETokenizer(spec).encode(t) for t in texts] == ref
+
+
 @pytest.mark.parametrize("unk", [None, "<unk>"])
 def test_characters_missing_from_vocab_leave_their_neighbours_one_word_as_in_hf(unk):
     """Without unk_token HF drops a character missing from the vocabulary and merges across

@@ -114,18 +114,26 @@ class WordEncoder:
         tokens (byte_fallback, where they all exist; a lone surrogate's as Python's
         surrogatepass spells it, which HF's str cannot hold), else unk_token (consecutive ones
         fused with fuse_unk), else it is dropped (its neighbours merge as one word). No merge
-        crosses an unk_token."""
+        crosses an unk_token. As in HF, an unk_token is placed when the next character in the
+        vocabulary (or the word's end) comes: byte-fallback tokens between go before it, and
+        with fuse_unk it takes in the unknown characters after them."""
         vocab = self._vocab
         unk = self._merges.no_pair  # in no pair, until it becomes unk_token's id
         ids: list[int] = []
+        pending = False  # an unk_token not placed yet
         for c in word:
             if (i := vocab.get(c)) is not None:
-                ids.append(i)
+                ids += [unk, i] if pending else [i]
+                pending = False
                 continue
             spelled = c.encode("utf-8", "surrogatepass") if self._byte_fallback else b""
             fallback = [vocab.get(f"<0x{b:02X}>") for b in spelled]
             if fallback and None not in fallback:
                 ids += fallback
-            elif self._unk_id is not None and not (self._fuse_unk and ids and ids[-1] == unk):
-                ids.append(unk)
+            elif self._unk_id is not None:
+                if pending and not self._fuse_unk:
+                    ids.append(unk)
+                pending = True
+        if pending:
+            ids.append(unk)
         return [self._unk_id if i == unk else i for i in self._merges(ids)]
