@@ -581,17 +581,20 @@ def _evaluate_endpoints(cfg: EvalConfig, settings: TaskSettings, endpoints: Sequ
     model's are; one row an endpoint, saved once all have run (each endpoint's samples kept in
     its journal as they come); ``settings``: what the tasks read of ``cfg``."""
     benchmarks = registry.load_benchmarks(settings)
-    rows, records = [], []
+    rows, records, served = [], [], []
     seen: Counter = Counter()
     for endpoint in endpoints:
         label = unique_label(endpoint.label, seen)
+        served.append(endpoint_model(endpoint))  # the model it serves, as results.json names it
         progress.running = label
         progress.journal = out / JOURNAL_DIR / file_name_of(label)
         with journal.journaled(progress.journal, json.dumps([label, endpoint.url])):
             rows.append(_endpoint_row(endpoint, label, settings, benchmarks, records))
     results = {"format_version": FORMAT_VERSION, "complete": True, "pending": [],
                "config": asdict(cfg),
-               "models": [{"label": row["model"], "source": row["source"]} for row in rows],
+               "models": [{"label": row["model"], "source": row["source"],
+                           "served_model": model.name, "served_weights": model.weights}
+                          for row, model in zip(rows, served)],
                "problems": problem_paths(benchmarks.files),
                "examples": {task: len(benchmarks.problems[task]) for task in settings.tasks},
                "tests_in_the_candidates_interpreter": passk.shared_interpreter_tests(

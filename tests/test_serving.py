@@ -1236,6 +1236,33 @@ def test_a_stopped_endpoint_evaluation_asks_again_only_for_what_its_journal_lack
     assert rows[0] == rows[1]
 
 
+def test_an_endpoints_results_name_the_model_it_served_and_its_weights(tmp_path, monkeypatch):
+    """An endpoint named by its URL alone is labelled by its host and port; results.json's
+    models entry still names the model /v1/models listed (the one asked) and the weights
+    fingerprint it gave, so results of two models served at one URL tell them apart."""
+    import json
+
+    import eval as ev
+    from codelm import endpoints
+
+    asked_for = set()
+
+    def request(url, body=None):
+        if body is None:
+            return {"data": [{"id": "coder-7b", "max_model_len": 512, "codelm_weights": "w1"}]}
+        asked_for.add(body["model"])
+        return {"choices": [{"index": i, "text": "    return 1\n"} for i in range(body["n"])]}
+
+    monkeypatch.setattr(endpoints, "_request", request)
+    out = tmp_path / "out"
+    assert ev.main(["--models", "openai:http://127.0.0.1:1/v1", "--tasks", "passk", "--limit",
+                    "1", "--no-progress", "--out-dir", str(out)]) == 0
+    (entry,) = json.loads((out / "results.json").read_text())["models"]
+    assert entry["label"] == "127.0.0.1:1" and entry["source"] == "http://127.0.0.1:1/v1"
+    assert asked_for == {entry["served_model"]} == {"coder-7b"}
+    assert entry["served_weights"] == "w1"
+
+
 def test_eval_chat_asks_an_endpoint_as_evalplus_asks_one(server, tmp_path):
     """eval.py --chat --models x=openai:URL asks each problem as EvalPlus's OpenAI decoder does
     (one user message: the instruction, then the problem in a python block; no stop strings):
