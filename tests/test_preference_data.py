@@ -453,6 +453,20 @@ def test_the_summary_counts_each_models_samples_of_a_problem(tmp_path):
     assert said.startswith("preference pairs: 2 pairs from 2 of 2 problems in"), said
 
 
+def test_pairs_of_samples_holding_a_lone_surrogate_are_written_and_read_back(tmp_path):
+    """predictions.jsonl carries a loaded sample's lone surrogate as its JSON escape: the pairs
+    and labelled files carry it so too, and read back to the same text."""
+    from codelm.evaluation.preference_pairs import labelled_path, write_preference_data
+
+    records = [_sample("right", "passed"), _sample("wrong\ud800", "failed")]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_preference_data(tmp_path / "pairs.jsonl", tmp_path, ["passk"])
+    pairs = (tmp_path / "pairs.jsonl").read_text("utf-8").splitlines()
+    assert [json.loads(line)["rejected"] for line in pairs] == ["wrong\ud800"]
+    labelled = labelled_path(tmp_path / "pairs.jsonl").read_text("utf-8").splitlines()
+    assert {json.loads(line)["completion"] for line in labelled} == {"right", "wrong\ud800"}
+
+
 def test_samples_that_all_fail_give_no_pair_and_say_what_gives_some(tmp_path, capsys):
     """A weak model's samples all fail: no pair is written, and the summary says what makes
     pairs; DPO on that empty file says where its records come from."""
