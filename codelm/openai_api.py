@@ -31,10 +31,10 @@ class ServedModel:
     the model (its start tokens included); ``decode``: generated ids' text; ``chat_prompt``: a
     conversation's ids with the generation prompt, None where the tokenizer has no chat
     template; ``token_text``: an id's own text (logprobs name tokens by it); ``token_bytes``:
-    the bytes it decodes to (part of a character where it is); ``reads_calls``: its template
-    teaches Hermes tool calls, read from its answers into ``tool_calls``; ``joining_ids``: the
-    ids whose text the ids after them can change (byte-fallback tokens: a run of them decodes
-    as one)."""
+    the bytes it decodes to (part of a character where it is); ``reads_calls``: the template
+    a request with tools renders (its "tool_use" one where it has one) teaches Hermes tool
+    calls, read from its answers into ``tool_calls``; ``joining_ids``: the ids whose text the
+    ids after them can change (byte-fallback tokens: a run of them decodes as one)."""
 
     name: str
     model: Transformer
@@ -81,13 +81,16 @@ def served_model(name: str, model: Transformer, tokenizer: Tokenizer,
         return tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b""
 
     template = getattr(tokenizer, "chat_template", None)
+    # a request with tools is rendered by the tokenizer's "tool_use" template where it has one
+    tools_template = getattr(tokenizer, "tool_use_template", None) or template
     eos_ids = eos_ids or generation_eos_ids(tokenizer, model.cfg.eos_id, model.name_or_path)
     return ServedModel(name, model, encode or tokenizer.encode,
                        lambda ids: decode_generated(tokenizer, ids),
                        lambda i: decode_generated(tokenizer, [i]), token_bytes,
                        eos_ids, chat_eos_ids or eos_ids,
                        chat_prompt if template is not None else None, start,
-                       writes_calls(template), getattr(tokenizer, "byte_fallback_ids", frozenset()),
+                       writes_calls(tools_template),
+                       getattr(tokenizer, "byte_fallback_ids", frozenset()),
                        context, weights)
 
 

@@ -246,6 +246,40 @@ def test_a_hermes_tool_call_in_the_answer_comes_as_tool_calls(loaded, monkeypatc
         _stop(server, thread)
 
 
+def test_calls_taught_by_a_named_tool_use_template_come_as_tool_calls(loaded, monkeypatch):
+    """A tokenizer whose default template is plain ChatML and whose named "tool_use" template
+    teaches Hermes calls (as Hermes-2-Pro and Hermes-3 ship them) renders a request with tools
+    by the tool_use one, so the answer's <tool_call> block comes as the message's tool_calls,
+    as vLLM's hermes parser reads it."""
+    from test_chat import CHATML_TEMPLATE, TOOLS, TOOLS_TEMPLATE
+
+    from codelm.models import engine
+
+    model, tok = loaded
+    monkeypatch.setattr(tok, "chat_template", CHATML_TEMPLATE)
+    monkeypatch.setattr(tok, "tool_use_template", TOOLS_TEMPLATE, raising=False)
+    answer = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    script = tok.encode(answer)
+    eos = served_model("tiny", model, tok).eos_ids[0]
+
+    def scripted(requests, logits):  # the answer, then the end of the turn
+        return [script[len(r.generated)] if len(r.generated) < len(script) else eos
+                for r in requests]
+
+    monkeypatch.setattr(engine, "_next_tokens", scripted)
+    server, thread = _start(loaded, slots=1)
+    try:
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        got = _client(server).chat.completions.create(
+            model="tiny", messages=messages, tools=TOOLS, max_tokens=len(script) + 4).choices[0]
+        assert got.finish_reason == "tool_calls" and got.message.content is None
+        [call] = got.message.tool_calls
+        assert call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+    finally:
+        _stop(server, thread)
+
+
 def test_tool_calls_sent_back_malformed_are_refused_with_a_400(loaded, monkeypatch):
     """An assistant message's tool_calls that are not a list of calls, or a call without a
     function naming its name and arguments (the fields the openai package's
