@@ -261,8 +261,17 @@ def _completion_logprobs(served: ServedModel, events: list[Token], chat: bool, a
         at += len(text(e.token))
     return {"tokens": [text(e.token) for e in events],
             "token_logprobs": [e.logprob for e in events],
-            "top_logprobs": [{text(t): lp for t, lp in e.top_logprobs} for e in events],
+            "top_logprobs": [_completion_top(e, text) for e in events],
             "text_offset": offsets}
+
+
+def _completion_top(event: Token, text: Callable[[int], str]) -> dict[str, float]:
+    """A token's top_logprobs in the completions form: the chosen token's, then the likeliest
+    asked for (up to logprobs + 1 entries, as OpenAI's API and vLLM give them)."""
+    top = {text(event.token): event.logprob}
+    for token, logprob in event.top_logprobs:  # likeliest first: a text keeps its first
+        top.setdefault(text(token), logprob)
+    return top
 
 
 # -------------------------------------------------------------------------------------- handler

@@ -392,6 +392,21 @@ def test_logprobs_name_the_chosen_tokens(server):
         assert top[token] == pytest.approx(logprob, abs=1e-5)  # greedy: the likeliest
 
 
+def test_completion_top_logprobs_always_hold_the_sampled_token(server):
+    """A completion's top_logprobs hold the sampled token with its log-prob beside the
+    likeliest asked for, up to logprobs + 1 entries, as OpenAI's API defines them and vLLM
+    gives them: logprobs 0 gives the sampled token alone, and a sampled token outside the top
+    ones is still named."""
+    client = _client(server)
+    for logprobs in (0, 1):
+        got = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8,
+                                        temperature=1.0, seed=3, logprobs=logprobs)
+        lp = got.choices[0].logprobs
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            assert top[token] == pytest.approx(logprob, abs=1e-5)
+            assert len(top) <= logprobs + 1
+
+
 def test_sixteen_concurrent_clients_are_all_answered_correctly(server, loaded):
     """Sixteen clients at once each get greedy generation from their own prompt: batched requests
     never mix their rows."""
