@@ -196,12 +196,11 @@ def read_params(body: dict, chat: bool, room: int) -> Params:
     refuse_unserved(body)
     default_tokens = room if chat else 16
     newer = chat and body.get("max_completion_tokens") is not None  # null: not set
-    max_tokens = number_field(body, "max_completion_tokens" if newer else "max_tokens",
-                         default_tokens, int, 1)
+    key = "max_completion_tokens" if newer else "max_tokens"
+    max_tokens = number_field(body, key, default_tokens, int, 1)
     if max_tokens > room:
-        raise ApiError(400, f"max_tokens {max_tokens} is past the model's context: the prompt "
-                       f"leaves room for {room} new tokens", "max_tokens",
-                       "context_length_exceeded")
+        raise ApiError(400, f"{key} {max_tokens} is past the model's context: the prompt "
+                       f"leaves room for {room} new tokens", key, "context_length_exceeded")
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]

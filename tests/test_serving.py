@@ -950,6 +950,20 @@ def test_a_null_max_completion_tokens_leaves_max_tokens_in_force(server):
     assert status == 200 and body["usage"]["completion_tokens"] <= 3
 
 
+def test_a_length_past_the_context_names_the_parameter_the_request_set(server, loaded):
+    """A length past the context is refused naming the field the request set it with:
+    max_completion_tokens where a chat request gives it, else max_tokens, so that a client's
+    error points at its own parameter."""
+    block = loaded[0].cfg.block_size
+    messages = [{"role": "user", "content": "hi"}]
+    for key in ("max_completion_tokens", "max_tokens"):
+        status, body = _post(server, "/chat/completions", json.dumps(
+            {"model": "tiny", "messages": messages, key: block + 5}).encode())
+        assert status == 400 and body["error"]["param"] == key
+        assert body["error"]["code"] == "context_length_exceeded"
+        assert key in body["error"]["message"]
+
+
 def test_the_client_check_takes_a_connection_of_any_descriptor_number():
     """A server holding over 1024 descriptors (many clients) still checks each connection:
     select() refuses descriptors past 1023."""
