@@ -1307,6 +1307,23 @@ def test_error_shard_file_missing(checkpoints, tmp_path):
         pretrained.load(tmp_path)
 
 
+@pytest.mark.parametrize("weight_map", [None, [["lm_head.weight", "model.safetensors"]],
+                                        {"lm_head.weight": 3}])
+def test_error_shard_index_without_a_weight_map_of_file_names(checkpoints, tmp_path, weight_map):
+    """An index whose weight_map is absent, not an object, or maps a tensor to no file name is
+    refused naming the index: the shards it lists cannot be known."""
+    checkpoints["llama"][1].save_pretrained(tmp_path, max_shard_size="100KB")
+    index_file = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    if weight_map is None:
+        del index["weight_map"]
+    else:
+        index["weight_map"] = weight_map
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index.json: expected a weight_map object"):
+        pretrained.load(tmp_path)
+
+
 def test_config_dtype_wins_over_torch_dtype_as_in_transformers(tmp_path):
     """transformers 5 reads `dtype` first; `torch_dtype` is the older name of the same field."""
     import transformers

@@ -148,7 +148,11 @@ class TensorSource:
 
     @staticmethod
     def _shards(index: Path) -> list[Path]:
-        weight_map = settings.read_json_object(index, "shard index")["weight_map"]
+        weight_map = settings.read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str)
+                                                       for f in weight_map.values()):
+            raise ValueError(f"{index}: expected a weight_map object of tensor names -> shard "
+                             "file names; download or save the checkpoint again")
         shards = [index.parent / f for f in dict.fromkeys(weight_map.values())]
         if missing := [str(s) for s in shards if not s.exists()]:
             raise ValueError(f"{index}: shard files missing: {missing}")
