@@ -202,13 +202,16 @@ def test_sliding_layers_are_read_as_transformers_lays_them_out(checkpoints):
 @pytest.mark.parametrize("rope, message", [
     ({"rope_type": "mrope", "mrope_section": [4, 2, 2]},
      r"rope_type 'mrope' is not supported \(supported: default, llama3, linear"),
+    ({"rope_type": ["yarn"], "factor": 2.0},
+     r"rope_type \['yarn'\] is not supported \(supported: default, llama3, linear"),
     ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
      r"ModelConfig.rope_scaling=.*: short_factor needs rotary_dim / 2 = 8 values"),
     ({"rope_type": "linear"}, r"linear rope scaling lacks \['factor'\]"),
 ])
 def test_unsupported_rope_scaling_is_one_line_naming_the_file(tmp_path, rope, message):
-    """A rope scaling codelm cannot compute (mrope), LongRoPE factors of the wrong length, or a
-    scaling without its factor is a ValueError naming config.json and what is wrong."""
+    """A rope scaling codelm cannot compute (mrope, a rope_type that is no name), LongRoPE
+    factors of the wrong length, or a scaling without its factor is a ValueError naming
+    config.json and what is wrong."""
     save_tiny_hf("mistral", tmp_path)
     config = tmp_path / "config.json"
     values = json.loads(config.read_text())

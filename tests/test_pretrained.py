@@ -825,11 +825,13 @@ def test_a_field_absent_from_config_json_means_what_it_means_to_transformers(che
     assert checked >= 3, checked  # fields whose absence changes something were tried
 
 
-def test_error_unknown_model_type(checkpoints, tmp_path):
-    """A model_type codelm has no family table for is refused naming config.json and the type,
-    before any weight is read."""
-    d = _edit_config(checkpoints["llama"][0], tmp_path / "m", model_type="gpt_neox")
-    with pytest.raises(ValueError, match=r"config.json: unknown model_type 'gpt_neox'"):
+@pytest.mark.parametrize("model_type", ["gpt_neox", ["llama"], {"llama": 1}])
+def test_error_unknown_model_type(checkpoints, tmp_path, model_type):
+    """A model_type codelm has no family table for (a string, or no string at all) is refused
+    naming config.json and the type, before any weight is read."""
+    d = _edit_config(checkpoints["llama"][0], tmp_path / "m", model_type=model_type)
+    with pytest.raises(ValueError, match=rf"config.json: unknown model_type "
+                                         rf"{re.escape(repr(model_type))}"):
         pretrained.load(d)
 
 

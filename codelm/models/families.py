@@ -262,7 +262,7 @@ def _rope(hf: dict, default_partial: float = 1.0) -> dict:
 
 def _rope_scaling(hf: dict, params: dict, rope_type: str) -> dict:
     """ModelConfig.rope_scaling of a scaled rope (``params``: the config's rope dict)."""
-    if rope_type not in ROPE_SCALING_KEYS:
+    if not isinstance(rope_type, str) or rope_type not in ROPE_SCALING_KEYS:
         raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, "
                          f"{', '.join(ROPE_SCALING_KEYS)})")
     src = dict(params)
@@ -720,7 +720,7 @@ def read_config(directory: str | Path) -> CheckpointConfig:
                              f"{run}")
         raise ValueError(f"{directory}: {what}, not an HF checkpoint; load its export {export}, "
                          f"or continue it with --resume {run}")
-    if model_type not in TABLES:
+    if not isinstance(model_type, str) or model_type not in TABLES:
         raise ValueError(f"{path}: unknown model_type {model_type!r}; supported: "
                          f"{', '.join(FAMILIES)}")
     if qc := hf.get("quantization_config"):
