@@ -207,11 +207,13 @@ def test_sliding_layers_are_read_as_transformers_lays_them_out(checkpoints):
     ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
      r"ModelConfig.rope_scaling=.*: short_factor needs rotary_dim / 2 = 8 values"),
     ({"rope_type": "linear"}, r"linear rope scaling lacks \['factor'\]"),
+    ({"rope_type": "yarn", "original_max_position_embeddings": "64"},
+     r"original_max_position_embeddings='64': expected an integer"),
 ])
 def test_unsupported_rope_scaling_is_one_line_naming_the_file(tmp_path, rope, message):
     """A rope scaling codelm cannot compute (mrope, a rope_type that is no name), LongRoPE
-    factors of the wrong length, or a scaling without its factor is a ValueError naming
-    config.json and what is wrong."""
+    factors of the wrong length, a scaling without its factor, or a context length that is no
+    integer is a ValueError naming config.json and what is wrong."""
     save_tiny_hf("mistral", tmp_path)
     config = tmp_path / "config.json"
     values = json.loads(config.read_text())

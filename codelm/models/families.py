@@ -270,7 +270,7 @@ def _rope_scaling(hf: dict, params: dict, rope_type: str) -> dict:
     if rope_type in ("llama3", "yarn", "longrope"):  # transformers prefers the top-level key
         src[top] = hf[top] if top in hf else src.get(top, hf.get("max_position_embeddings"))
     if rope_type in ("yarn", "longrope") and src.get("factor") is None and src.get(top):
-        src["factor"] = _get(hf, "max_position_embeddings") / src[top]
+        src["factor"] = _get(hf, "max_position_embeddings") / _typed(top, src[top], int)
     if missing := [k for k in ROPE_SCALING_KEYS[rope_type] if src.get(k) is None]:
         raise ValueError(f"{rope_type} rope scaling lacks {missing}")
     scaling = {"rope_type": rope_type}
