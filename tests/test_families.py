@@ -188,6 +188,17 @@ def test_gemma2_scalar_equal_to_head_dim_is_the_default_scale_and_written_back(t
         assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("scalar", [0, -1, -64.0])
+def test_gemma2_scalar_that_is_not_positive_is_one_line_naming_the_file(tmp_path, scalar):
+    """Gemma 2's query_pre_attn_scalar scales the scores by its inverse square root, which only a
+    positive number has: another is a ValueError naming config.json and the key."""
+    save_tiny_hf("gemma2", tmp_path)
+    _edit_config(tmp_path, query_pre_attn_scalar=scalar)
+    with pytest.raises(ValueError, match=rf"config\.json: query_pre_attn_scalar={scalar!r}: "
+                                         "must be a positive number"):
+        families.read_config(tmp_path)
+
+
 def test_sliding_layers_are_read_as_transformers_lays_them_out(checkpoints):
     """Which layers slide is read as transformers lays them out: Gemma 2 every other layer from the
     first, Qwen2 from max_window_layers on, Mistral every layer, Qwen2 without use_sliding_window

@@ -471,6 +471,9 @@ def _read_gemma2(hf: dict) -> ModelConfig:
     _require(hf, "use_bidirectional_attention", False, "attention is causal")
     f = _fields(hf, "gemma2")
     scalar = _get(hf, "query_pre_attn_scalar", kind=float, default=256.0)
+    if not scalar > 0:  # its inverse square root scales the scores
+        raise ValueError(f"query_pre_attn_scalar={hf['query_pre_attn_scalar']!r}: must be a "
+                         "positive number")
     return ModelConfig(
         **_shared(hf, "gemma2", tie_default=True), **f, **_full_rope(hf, "gemma2"),
         **_windows(hf, "gemma2", f["n_layer"]), norm="rmsnorm", norm_offset=1.0, post_norms=True,
