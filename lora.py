@@ -746,6 +746,9 @@ def _copy_adapter(model: nn.Module, file: Path, tensors: dict[str, torch.Tensor]
     writes: list[Callable[[], object]] = []
     first_key: dict[int, str] = {}  # a tensor of the model -> the file's first key for it
     for key, tensor in tensors.items():
+        if not tensor.dtype.is_floating_point:  # integers would be copied as numbers
+            raise ValueError(f"{file}: tensor {key!r} is {tensor.dtype}: an adapter's weights "
+                             "are floating point")
         if key in base:  # an adapted embedding's or head's weight, a bias, a saved module
             path, target, rows = base[key]
             shape = tuple(target.shape) if rows is None else (len(rows), *target.shape[1:])

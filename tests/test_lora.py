@@ -474,6 +474,28 @@ def test_adapters_peft_reads_differently_are_refused(tmp_path, key, value):
         load_adapter(fresh, tmp_path / "a")
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.uint8])
+def test_an_adapter_of_integer_tensors_is_refused_naming_the_file(tmp_path, dtype):
+    """An adapter file whose tensors are integers (a quantized file's codes) is refused naming
+    the file, the key and the dtype, and the model keeps no adapters: copied into float
+    parameters, the codes would load as numbers, an update of nonsense."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, model, setting = _pair("llama", tmp_path)
+    apply_lora(model, LoRAConfig(**setting))
+    weights = save_adapter(model, tmp_path / "a") / "adapter_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: (t * 100).to(dtype) for k, t in load_file(weights).items()}
+    save_file(tensors, weights, metadata=metadata)
+    _, fresh, _ = _pair("llama", tmp_path / "other")
+    with pytest.raises(ValueError, match=rf"adapter_model.safetensors: tensor .* is {dtype}: "
+                                         "an adapter's weights are floating point"):
+        load_adapter(fresh, tmp_path / "a")
+    assert not any("lora_" in name for name, _ in fresh.named_parameters())
+
+
 def test_every_field_of_peft_lora_config_is_read_refused_or_known_to_change_nothing():
     """A field PEFT adds later is neither read, refused nor ignored: this names it, so that
     its meaning is decided before an adapter using it loads as a plain one."""
