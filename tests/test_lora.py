@@ -1533,6 +1533,24 @@ def test_save_adapter_records_a_path_base_as_a_string(tmp_path):
     assert adapter_config.adapter_base(tmp_path / "a", "") == hf_dir
 
 
+@pytest.mark.parametrize("named", [5, ["hf"], {"path": "hf"}])
+def test_a_base_named_by_no_string_is_one_line_or_no_note(tmp_path, named):
+    """An adapter_config.json whose base_model_name_or_path is no string: alone, the adapter
+    is a ValueError naming the file, the key and the remedy; with its base given beside it
+    (BASE+ADAPTER), the config names no other base, so no note and no family check refuse it."""
+    _, model, _ = _pair("llama", tmp_path)
+    apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    config_file = tmp_path / "a" / adapter_config.ADAPTER_CONFIG
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": named}))
+    with pytest.raises(ValueError, match=rf"adapter_config.json: base_model_name_or_path="
+                                         rf"{re.escape(repr(named))}: expected a string.*; give it"):
+        adapter_config.adapter_base(tmp_path / "a", "give it")
+    assert adapter_config.other_base_note(tmp_path / "a", tmp_path / "hf") is None
+    adapter_config.check_base_family(tmp_path / "a", tmp_path / "hf")
+
+
 def test_save_adapter_records_a_relative_local_base_as_found_from_anywhere(tmp_path,
                                                                           monkeypatch):
     """A local base named relative to the current directory is recorded absolute: the adapter

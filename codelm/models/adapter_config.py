@@ -163,6 +163,9 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
     file = Path(adapter_dir) / config_name
     config = settings.read_json_object(file, "adapter config")
     base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"{file}: base_model_name_or_path={base!r}: expected a string (the "
+                         f"base's directory or hub id); {remedy}")
     revision = config.get("revision")
     if base and revision and hub.is_hub_id(base) and "@" not in base:  # the commit it names
         base = f"{base}@{revision}"
@@ -178,11 +181,12 @@ def adapter_base(adapter_dir: str | Path, remedy: str, config_name: str = ADAPTE
 
 def _other_named_base(adapter_dir: Path, base: Path, config_name: str) -> Path | None:
     """The local directory an adapter's config names as its base, where it is not ``base``;
-    None where it is, or the config names none or a hub id (not looked up: nothing is
-    downloaded for a check)."""
+    None where it is, or the config names none (no string) or a hub id (not looked up: nothing
+    is downloaded for a check)."""
     config = settings.read_json_object(adapter_dir / config_name, "adapter config")
     named = config.get("base_model_name_or_path")
-    if not named or not Path(named).is_dir() or Path(named).resolve() == base.resolve():
+    if not isinstance(named, str) or not named or not Path(named).is_dir() or (
+            Path(named).resolve() == base.resolve()):
         return None
     return Path(named)
 
