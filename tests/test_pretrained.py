@@ -1261,6 +1261,31 @@ def test_auto_dtype_of_a_bin_checkpoint_without_a_config_dtype_is_its_weights(tm
         torch.bfloat16}
 
 
+@pytest.mark.parametrize("shard_size", [None, "100KB"])
+def test_auto_dtype_of_mixed_weights_without_a_config_dtype_is_transformers_choice(tmp_path,
+                                                                                  shard_size):
+    """dtype="auto", config.json naming no dtype, bf16 matrices beside fp32 norms (which a
+    safetensors file stores first): the first float tensor's dtype by name in the first file,
+    bf16, as transformers resolves it, whole or sharded."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf_model("llama").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path, max_shard_size=shard_size or "5GB")
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for file in tmp_path.glob("*.safetensors"):
+        tensors = {name: t.float() if "norm" in name else t
+                   for name, t in load_file(file).items()}
+        save_file(tensors, file, metadata={"format": "pt"})
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    loaded = pretrained.load(tmp_path, dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {p.dtype for p in ref.parameters()} == {
+        torch.bfloat16}
+
+
 def test_export_checkpoint_loses_to_another_writer_of_the_same_directory(checkpoints, tmp_path):
     """Two conversions into one new directory: the one that lands first stays whole, the other
     is an error and leaves no copy of its own beside it."""

@@ -136,7 +136,9 @@ class TensorSource:
         if found is None:
             raise ValueError(f"{directory}: no weights (model.safetensors, "
                              "model.safetensors.index.json, pytorch_model.bin or its index)")
-        for path in self._shards(found) if found.name.endswith(".index.json") else [found]:
+        paths = self._shards(found) if found.name.endswith(".index.json") else [found]
+        self.first_file = min(paths)  # where transformers' dtype="auto" looks
+        for path in paths:
             if path.suffix == ".safetensors":
                 f = SafetensorsFile(path)
                 self.files.update(dict.fromkeys(f.entries, f))
@@ -157,6 +159,14 @@ class TensorSource:
         if missing := [str(s) for s in shards if not s.exists()]:
             raise ValueError(f"{index}: shard files missing: {missing}")
         return shards
+
+    def first_file_dtypes(self) -> list[torch.dtype]:
+        """The dtypes of ``first_file``'s tensors in the order transformers reads them (a
+        safetensors file's by name, a pickle's as saved)."""
+        names = [name for name, path in self.origin.items() if path == self.first_file]
+        if self.first_file.suffix == ".safetensors":
+            names.sort()
+        return [self.tensors[name].dtype for name in names]
 
     def whole(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The tensor in dtype on device: the view of the file map when nothing changes, else
@@ -200,10 +210,11 @@ def _auto_dtype(hf: dict, device: torch.device) -> torch.dtype:
 
 def _requested_dtype(dtype: torch.dtype | str | None, hf: dict,
                      source: TensorSource) -> torch.dtype | None:
-    """The `dtype` argument as a torch dtype; "auto": the config's, else the first float tensor's."""
+    """The `dtype` argument as a torch dtype; "auto": the config's, else the first float tensor's
+    (transformers': of the first file, in its order)."""
     resolved = dtype
     if dtype == "auto":
-        found = (t.dtype for t in source.tensors.values())
+        found = source.first_file_dtypes()
         resolved = _config_dtype(hf) or next((d for d in found if d.is_floating_point),
                                              torch.float32)
     elif isinstance(dtype, str):
