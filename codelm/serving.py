@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import select
 import signal
 import socket
@@ -62,6 +63,8 @@ STOP_CHECK_S = 0.2
 # How many unread request field names the console notes, and how much of each it shows.
 UNREAD_NOTED = 64
 UNREAD_NAME_CHARS = 40
+# A chunk size line of a chunked body: hex digits alone (HTTP/1.1's chunk-size).
+HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]+")
 
 
 
@@ -417,10 +420,9 @@ class _Handler(BaseHTTPRequestHandler):
         data = b""
         while True:
             line = self.rfile.readline(1024).split(b";")[0].strip()
-            try:
-                size = int(line, 16)
-            except ValueError:
-                raise ApiError(400, f"a chunk size {line[:20]!r} is not hexadecimal") from None
+            if not HEX_DIGITS.fullmatch(line):  # int() takes signs, 0x and underscores too
+                raise ApiError(400, f"a chunk size {line[:20]!r} is not hexadecimal")
+            size = int(line, 16)
             if size == 0:
                 while self.rfile.readline(1024).strip():
                     pass

@@ -6,6 +6,7 @@ OpenAI's error JSON while the server keeps serving, and SIGTERM ends a stream cl
 import dataclasses
 import json
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -1158,6 +1159,20 @@ def test_a_method_not_served_and_a_chunked_body_get_json_answers(server):
         assert reply.status == 200 and json.loads(reply.read())["choices"]
     finally:
         connection.close()
+
+
+def test_a_chunk_size_that_is_not_hex_digits_is_refused_at_once(server):
+    """A chunked body's size line is hex digits alone (HTTP/1.1's chunk-size): one with a sign
+    (which int() would read, -1 then reading to the connection's end) is a 400 naming it, with
+    the connection still open to send it."""
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=120) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n-1\r\n")
+        reply = connection.makefile("rb").read()
+    status, _, body = reply.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.0 400") or status.startswith(b"HTTP/1.1 400"), status
+    assert "hexadecimal" in json.loads(body)["error"]["message"]
 
 
 class _OddEndpoint:
