@@ -58,7 +58,6 @@ from codelm.evaluation.results import (
     file_name_of,
     finished_models,
     identity,
-    json_text,
     markdown_table,
     problem_paths,
     save,
@@ -771,7 +770,7 @@ def _kept_unscored(progress: EvalProgress, unscored: passk.UnscoredSamples | Non
     path = unscored_file(progress.out_dir, unscored.label, unscored.task)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        process.write_atomic(path, json_text(unscored.programs))
+        process.write_atomic(path, process.json_text(unscored.programs))
     except OSError as err:  # a full disk: the stop is still reported
         return KeptUnscored(during, f"its samples could not be kept "
                                     f"({process.os_error_message(err)})")

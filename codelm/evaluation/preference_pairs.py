@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from codelm.evaluation.results import json_text
 from codelm.runtime import process
 
 
@@ -103,7 +102,7 @@ def write_preference_data(path: str | Path, out_dir: Path, tasks: Sequence[str])
     data = preference_data(map(json.loads, lines), tasks)
     path.parent.mkdir(parents=True, exist_ok=True)
     for file, rows in ((path, data.pairs), (labelled_path(path), data.labelled)):
-        process.write_atomic(file, "".join(json_text(r) + "\n" for r in rows))
+        process.write_atomic(file, "".join(process.json_text(r) + "\n" for r in rows))
     c = data.counts
     total = c["paired"] + c["all_passed"] + c["all_failed"] + c["untrusted"]
     untrusted = (f", nothing from {c['untrusted']} whose test ran in the candidate's interpreter"

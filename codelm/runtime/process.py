@@ -757,6 +757,17 @@ class WrittenAt(NamedTuple):
 FileContent = str | bytes | Callable[[BinaryIO], object] | WrittenAt
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(value: object) -> str:
+    """``value`` as JSON, its text as it is but for a lone surrogate (JSON carries one, as a
+    loaded generation or problem can hold it; UTF-8 has none): that as its ``\\u`` escape, the
+    form json.dumps's ASCII output gives it, so the text reads back the same."""
+    text = json.dumps(value, ensure_ascii=False)
+    return _SURROGATE.sub(lambda found: f"\\u{ord(found[0]):04x}", text)
+
+
 def write_atomic(path: str | Path, data: FileContent) -> None:
     """Write ``data`` beside ``path`` and rename it over: a kill or a full disk leaves the old
     file whole."""
