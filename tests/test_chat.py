@@ -5,6 +5,7 @@ an instruct checkpoint on them."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -433,33 +434,46 @@ GPT_OSS_TEMPLATE = (
     "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
 
 
-def test_an_answer_its_reasoning_quotes_is_trained_through_its_final_channel(tmp_path):
-    """An answer whose reasoning holds the answer's text ("4" in "2+2 is 4") is labelled
-    through its final channel and <|return|>: the labelled tokens are those transformers'
-    return_assistant_tokens_mask marks in the {% generation %} block, as TRL trains them."""
-    import transformers
+
+def _chat_tokenizer(directory: Path, specials: list[str], config: dict) -> None:
+    """A byte-level BPE trained by HF tokenizers on the conversations, with ``specials``, saved
+    in ``directory`` beside a tokenizer_config.json of ``config`` (its chat template, eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    specials = ["<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>",
-                "<|return|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([json.dumps(m) for m in CONVERSATIONS] * 5, trainer)
-    tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|return|>",
-        "chat_template": GPT_OSS_TEMPLATE}))
-    messages = [{"role": "user", "content": "What is 2+2?"},
-                {"role": "assistant", "content": "4", "thinking": "2+2 is 4, so say 4."}]
-    data = tmp_path / "chats.jsonl"
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", **config}))
+
+
+def _one_chat_prepared(directory: Path, messages: list[dict]):
+    """The chat task's data of one conversation (chats.jsonl in ``directory``) prepared with the
+    tokenizer there, all of it trained on: its DataConfig and the prepared data."""
+    data = directory / "chats.jsonl"
     data.write_text(json.dumps({"messages": messages}) + "\n")
     cfg = DataConfig(task="chat", sources=[str(data)], block_size=128,
-                     cache_dir=str(tmp_path / "cache"), progress=False, split_by="file",
+                     cache_dir=str(directory / "cache"), progress=False, split_by="file",
                      min_bytes=0, min_lines=0, train_frac=1.0, val_frac=0.0, test_frac=0.0)
-    prepared = dataset.prepare(cfg, load_tokenizer(tmp_path))
+    return cfg, dataset.prepare(cfg, load_tokenizer(directory))
+
+def test_an_answer_its_reasoning_quotes_is_trained_through_its_final_channel(tmp_path):
+    """An answer whose reasoning holds the answer's text ("4" in "2+2 is 4") is labelled
+    through its final channel and <|return|>: the labelled tokens are those transformers'
+    return_assistant_tokens_mask marks in the {% generation %} block, as TRL trains them."""
+    import transformers
+
+    specials = ["<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>",
+                "<|return|>"]
+    _chat_tokenizer(tmp_path, specials, {"eos_token": "<|return|>",
+                                         "chat_template": GPT_OSS_TEMPLATE})
+    messages = [{"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4", "thinking": "2+2 is 4, so say 4."}]
+    cfg, prepared = _one_chat_prepared(tmp_path, messages)
     labels = prepared.train[0]["labels"].tolist()
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     marked = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
@@ -475,34 +489,18 @@ def test_a_template_whose_generation_prompt_opens_a_think_block_trains_the_reaso
     and trained on its reasoning, answer and end-of-sentence, the ids and labels of TRL's
     training template (return_assistant_tokens_mask) after that prompt; a turn without the
     opening is refused naming it."""
-    import pathlib
-
     import transformers
     import trl
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from trl.chat_template_utils import get_training_chat_template
 
     specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
                 "<think>", "</think>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([json.dumps(m) for m in CONVERSATIONS] * 5, trainer)
-    tok.save(str(tmp_path / "tokenizer.json"))
-    template = pathlib.Path(trl.__file__).parent / "chat_templates" / "deepseek_r1_distill.jinja"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0],
-        "eos_token": specials[1], "chat_template": template.read_text()}))
+    template = Path(trl.__file__).parent / "chat_templates" / "deepseek_r1_distill.jinja"
+    _chat_tokenizer(tmp_path, specials, {"bos_token": specials[0], "eos_token": specials[1],
+                                         "chat_template": template.read_text()})
     messages = [{"role": "user", "content": "What is 2+2?"},
                 {"role": "assistant", "content": "<think>\n2+2 is 4.\n</think>\n\n4"}]
-    data = tmp_path / "chats.jsonl"
-    data.write_text(json.dumps({"messages": messages}) + "\n")
-    cfg = DataConfig(task="chat", sources=[str(data)], block_size=128,
-                     cache_dir=str(tmp_path / "cache"), progress=False, split_by="file",
-                     min_bytes=0, min_lines=0, train_frac=1.0, val_frac=0.0, test_frac=0.0)
-    prepared = dataset.prepare(cfg, load_tokenizer(tmp_path))
+    cfg, prepared = _one_chat_prepared(tmp_path, messages)
     ids = prepared.train[0]["input_ids"].tolist()
     labels = prepared.train[0]["labels"].tolist()
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -517,7 +515,7 @@ def test_a_template_whose_generation_prompt_opens_a_think_block_trains_the_reaso
     assert [labels[j] for j in counted] == marked["input_ids"][len(prompt):]
     assert all(marked["assistant_masks"][len(prompt):])
     plain = [messages[0], {"role": "assistant", "content": "4"}]
-    data.write_text(json.dumps({"messages": plain}) + "\n")
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": plain}) + "\n")
     cfg = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache2"))
     with pytest.raises(ValueError, match=r"chats\.jsonl:1.*generation prompt.*<think>"):
         dataset.prepare(cfg, load_tokenizer(tmp_path))

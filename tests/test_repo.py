@@ -112,26 +112,20 @@ def test_bench_train_drives_the_real_train_loop(tmp_path):
     assert "manager overhead vs bare loop" in out.stdout
 
 
-def test_bench_lora_refuses_a_width_its_heads_do_not_divide(capsys, monkeypatch):
-    """--width 64 gives Llama no key/value head: refused as a usage error, not left to a
-    ZeroDivisionError deep in transformers."""
+@pytest.mark.parametrize(("family", "width", "said"), [
+    ("llama", "64", "--width 64: must be a positive multiple of 128"),
+    ("codegen", "128", "--width 128: codegen needs a multiple of 256")])
+def test_bench_lora_refuses_a_width_the_familys_heads_do_not_divide(family, width, said, capsys,
+                                                                     monkeypatch):
+    """A width whose heads a family cannot lay out is a usage error before any model is built:
+    64 gives Llama no key/value head (not a ZeroDivisionError deep in transformers), 128 gives
+    CodeGen two heads, which its qkv_proj's 4 chunks cannot hold."""
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its folders first
     main = runpy.run_path(str(ROOT / "bench" / "bench_lora.py"))["main"]
     with pytest.raises(SystemExit) as stop:
-        main(["--width", "64", "--steps", "1", "--families", "llama", "--skip-memory"])
+        main(["--width", width, "--steps", "1", "--families", family, "--skip-memory"])
     assert stop.value.code == 2
-    assert "--width 64: must be a positive multiple of 128" in capsys.readouterr().err
-
-
-def test_bench_lora_refuses_a_width_codegens_heads_do_not_divide(capsys, monkeypatch):
-    """--width 128 gives CodeGen two heads, which its qkv_proj's 4 chunks cannot hold: refused
-    as a usage error before any model is built; the other families still take that width."""
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its folders first
-    main = runpy.run_path(str(ROOT / "bench" / "bench_lora.py"))["main"]
-    with pytest.raises(SystemExit) as stop:
-        main(["--width", "128", "--steps", "1", "--families", "codegen", "--skip-memory"])
-    assert stop.value.code == 2
-    assert "--width 128: codegen needs a multiple of 256" in capsys.readouterr().err
+    assert said in capsys.readouterr().err
 
 
 # docs/contracts.md's import floors: what each project module may import directly at import

@@ -187,26 +187,35 @@ def test_a_chat_answer_ends_at_the_templates_end_of_turn_where_eos_is_another_to
         _stop(server, thread)
 
 
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def _scripted_answer(monkeypatch, model, tok, answer: str) -> list[int]:
+    """The engine answers every request with ``answer``'s ids, then the end of the turn; the
+    ids."""
+    from codelm.models import engine
+
+    script = tok.encode(answer)
+    eos = served_model("tiny", model, tok).eos_ids[0]
+
+    def scripted(requests, logits):
+        return [script[len(r.generated)] if len(r.generated) < len(script) else eos
+                for r in requests]
+
+    monkeypatch.setattr(engine, "_next_tokens", scripted)
+    return script
+
+
 def test_a_hermes_tool_call_in_the_answer_comes_as_tool_calls(loaded, monkeypatch):
     """Where the template teaches Hermes calls and the request offers tools, the answer's
     <tool_call> block comes as the message's tool_calls (finish_reason tool_calls), whole and
     streamed, as vLLM's hermes parser gives it; tool_choice "none" or no tools: the text."""
     from test_chat import TOOLS, TOOLS_TEMPLATE
 
-    from codelm.models import engine
-
     model, tok = loaded
     monkeypatch.setattr(tok, "chat_template", TOOLS_TEMPLATE)
-    answer = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    script = tok.encode(answer)
-    assert decode_generated(tok, script) == answer
-    eos = served_model("tiny", model, tok).eos_ids[0]
-
-    def scripted(requests, logits):  # the answer, then the end of the turn
-        return [script[len(r.generated)] if len(r.generated) < len(script) else eos
-                for r in requests]
-
-    monkeypatch.setattr(engine, "_next_tokens", scripted)
+    script = _scripted_answer(monkeypatch, model, tok, WEATHER_CALL)
+    assert decode_generated(tok, script) == WEATHER_CALL
     server, thread = _start(loaded, slots=2)
     try:
         client = _client(server)
@@ -229,7 +238,7 @@ def test_a_hermes_tool_call_in_the_answer_comes_as_tool_calls(loaded, monkeypatc
             "city": "Paris"}
         for unread in ({"tool_choice": "none"}, {"tools": None}):
             got = client.chat.completions.create(**{**asked, **unread}).choices[0]
-            assert got.message.content == answer and not got.message.tool_calls
+            assert got.message.content == WEATHER_CALL and not got.message.tool_calls
             assert got.finish_reason == "stop"
         # the call sent back: its arguments, JSON text on the wire, reach the template as the
         # object they spell (as vLLM gives them)
@@ -254,20 +263,10 @@ def test_calls_taught_by_a_named_tool_use_template_come_as_tool_calls(loaded, mo
     as vLLM's hermes parser reads it."""
     from test_chat import CHATML_TEMPLATE, TOOLS, TOOLS_TEMPLATE
 
-    from codelm.models import engine
-
     model, tok = loaded
     monkeypatch.setattr(tok, "chat_template", CHATML_TEMPLATE)
     monkeypatch.setattr(tok, "tool_use_template", TOOLS_TEMPLATE, raising=False)
-    answer = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    script = tok.encode(answer)
-    eos = served_model("tiny", model, tok).eos_ids[0]
-
-    def scripted(requests, logits):  # the answer, then the end of the turn
-        return [script[len(r.generated)] if len(r.generated) < len(script) else eos
-                for r in requests]
-
-    monkeypatch.setattr(engine, "_next_tokens", scripted)
+    script = _scripted_answer(monkeypatch, model, tok, WEATHER_CALL)
     server, thread = _start(loaded, slots=1)
     try:
         messages = [{"role": "user", "content": "Weather in Paris?"}]
