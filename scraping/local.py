@@ -146,6 +146,13 @@ def repository_of_url(url: str) -> str:
     return path.strip("/").removesuffix(".git").strip("/")
 
 
+def _recorded_repo(key: str) -> str:
+    """The ``repo`` of the records of the source finished under ``key`` (a ``Source.key``)."""
+    if "://" in key or _SCP_LIKE.match(key):
+        return repository_of_url(key)
+    return Path(key).name
+
+
 class Source(NamedTuple):
     """A source of the command line, checked: the key its finished state is recorded under,
     the ``repo`` of its records, and its directory (None: a git URL or bare repository, cloned)."""
@@ -172,6 +179,18 @@ def _source(source: str) -> Source:
         raise ValueError(f"{source!r}: the directory name, which names the repo of its records, "
                          "is not valid UTF-8; rename it")
     return Source(source, str(root), root.name, root)
+
+
+def _refuse_names_collected_before(sources: list[Source], done: set[str], out: Path) -> None:
+    """Refuse a source whose repository name a source finished into ``out`` under another key
+    already holds: their records would be read as one repository."""
+    earlier = {_recorded_repo(key): key for key in done}
+    for source in sources:
+        key = earlier.get(source.repo)
+        if key is not None and source.key not in done:
+            raise ValueError(f"{source.given} is repository {source.repo!r}, as {key} "
+                             f"collected into {out} before (a directory's name, a URL's path), "
+                             "so the two would be read as one; collect it into another --out")
 
 
 def collect_local(cfg: LocalConfig) -> Summary:
@@ -201,6 +220,7 @@ def collect_local(cfg: LocalConfig) -> Summary:
     summary = Summary()
     process.remove_dead_owners(tempfile.gettempdir(), CLONE_PREFIX)
     with ResumableOutput(out, state, settings) as store:
+        _refuse_names_collected_before(sources, store.done, out)
 
         def read_source(root: Path, repo: str) -> tuple[str, list[dict]]:
             """(how the source ends, its records): ``license`` when outside --licenses."""

@@ -779,6 +779,27 @@ def test_two_local_sources_of_one_repository_name_are_refused_before_any_is_read
     assert not out.exists()
 
 
+def test_a_source_named_as_one_collected_into_the_output_before_is_refused(tmp_path):
+    """A re-run may add sources to an output, but one whose repository name a source collected
+    into it before already holds would put two repositories' files under one repo (records of
+    one repo and path twice): it is refused before any is read, naming the earlier source."""
+    for parent in ("a", "b"):
+        _source_tree(tmp_path / parent / "proj")
+    out = tmp_path / "local.jsonl"
+
+    def collect(parent: str) -> None:
+        collect_local(LocalConfig(sources=[str(tmp_path / parent / "proj")], out=str(out),
+                                  extensions=["kt"], license="MIT", progress=False))
+
+    collect("a")
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match=r"b/proj is repository 'proj', as \S*a/proj collected"):
+        collect("b")
+    assert out.read_bytes() == before
+    collect("a")  # the same source again resumes
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize("url, repo", [
     ("https://github.com/square/okio.git", "square/okio"),
     ("https://user:token@github.com/square/okio", "square/okio"),
