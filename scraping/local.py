@@ -69,9 +69,20 @@ def is_git_source(source: str) -> bool:
     return p.is_dir() and (p / "HEAD").is_file() and (p / "objects").is_dir()
 
 
+# A clone's checkout writes each file as its blob holds it: no end-of-line conversion, $Id$
+# expansion, filter (Git LFS's smudge) or re-encoding that the repository's .gitattributes or
+# the user's git config asks for ($GIT_DIR/info/attributes outranks .gitattributes).
+_BLOB_BYTES_ATTRIBUTES = "* -text -eol -ident -filter -working-tree-encoding\n"
+
+
 def shallow_clone(url: str, dest: Path, branch: str | None = None) -> None:
-    """``git clone --depth 1``; a failure is a ValueError carrying git's own message."""
-    cmd = ["git", "clone", "--quiet", "--depth", "1", "--single-branch"]
+    """``git clone --depth 1`` whose files are their blobs' bytes (as GitHub serves them); a
+    failure is a ValueError carrying git's own message."""
+    template = dest.with_name(dest.name + ".template")  # copied into the clone's .git
+    (template / "info").mkdir(parents=True, exist_ok=True)
+    (template / "info" / "attributes").write_text(_BLOB_BYTES_ATTRIBUTES)
+    cmd = ["git", "clone", "--quiet", "--depth", "1", "--single-branch", "--template",
+           str(template)]
     if branch:
         cmd += ["--branch", branch]
     if "://" not in url and not _SCP_LIKE.match(url):

@@ -1885,6 +1885,24 @@ def _git_repo(root: Path, files: dict[str, str], commit: tuple[str, ...]) -> Pat
     return root
 
 
+def test_a_cloned_files_record_is_its_blob_whatever_gitattributes_ask_of_a_checkout(tmp_path):
+    """A git URL's records hold each file's blob bytes and git's blob id, as GitHub serves them:
+    end-of-line conversion and $Id$ expansion that .gitattributes asks of a checkout are not
+    applied (git's own `rev-parse` and `cat-file` are the reference)."""
+    src = _git_repo(tmp_path / "src", {".gitattributes": "*.py text eol=crlf ident\n",
+                                       "a.py": "# $Id$\nx = 1\n"}, (".",))
+    out = tmp_path / "out.jsonl"
+    collect_local(LocalConfig(sources=[src.as_uri()], out=str(out), progress=False))
+    [record] = read_jsonl(out)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=src, check=True, capture_output=True,
+                              text=True).stdout
+
+    assert record["sha"] == git("rev-parse", "HEAD:a.py").strip()
+    assert record["text"] == git("cat-file", "blob", "HEAD:a.py") == "# $Id$\nx = 1\n"
+
+
 def test_a_repository_inside_a_repository_is_skipped_and_one_in_a_plain_directory_kept(
         tmp_path):
     """A submodule, or a repository cloned inside another, is another repository's code under
