@@ -113,6 +113,7 @@ def collect_directory(root: Path, repo: str, file_filter: FileFilter, license_id
         try:
             reason = reason or file_filter.reject_reason(rel, path.stat().st_size)
             data = b"" if reason else path.read_bytes()
+            reason = reason or file_filter.reject_reason(rel, len(data))  # the bytes kept
         except OSError as e:
             log.warning("%s: cannot read it (%s); left out", path, e.strerror or e)
             reason = "unreadable"

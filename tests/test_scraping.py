@@ -949,6 +949,27 @@ def test_file_size_bounds_are_inclusive(tmp_path):
     assert (summary.files["too_small"], summary.files["too_large"]) == (1, 1)
 
 
+def test_the_size_bounds_hold_for_the_bytes_read_not_the_size_listed(tmp_path, monkeypatch):
+    """A file that grows or shrinks between its listing and its read (a log being written) is
+    judged by the bytes read, the ones a record would keep: out of the bounds, it is skipped."""
+    root = tmp_path / "src"
+    root.mkdir()
+    for name in ("grows.py", "shrinks.py", "steady.py"):
+        (root / name).write_text("x = 1\n")  # 6 bytes, in the bounds when listed
+    read_bytes = Path.read_bytes
+    changed = {"grows.py": b"x = 1\n" * 10, "shrinks.py": b"x\n"}
+
+    def read_changed(self):
+        return changed.get(self.name) or read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_changed)
+    out = tmp_path / "out.jsonl"
+    summary = collect_local(LocalConfig(sources=[str(root)], out=str(out), min_bytes=5,
+                                        max_bytes=20, progress=False))
+    assert [r["path"] for r in read_jsonl(out)] == ["steady.py"]
+    assert summary.files["too_large"] == summary.files["too_small"] == 1
+
+
 def test_local_keeps_finished_sources_when_a_later_one_fails_and_resumes(tmp_path, capsys):
     """A source that fails keeps what the earlier sources collected, and the next run resumes
     past them; a missing source is refused before any work, and other --extensions on a resume
