@@ -1339,6 +1339,55 @@ def test_the_execution_recipes_with_bugs_start_from_their_own_supervised_stage()
     assert shuffled == arm.train
 
 
+# The generator of the execution problems, as recipes' _data and docs/training.md call it.
+_PROBLEMS_CMD = "python -m codelm.data.problems"
+
+
+def _problem_files(text: str) -> dict[str, dict[str, list[str]]]:
+    """The files ``text``'s codelm.data.problems commands write (``--out``), each with its other
+    flags; ``;`` or a new line ends a command, notes in brackets are skipped, ``NAME='...'``
+    defines ``$NAME``, and a part that opens with a flag goes on from the command before it,
+    changing the flags it names."""
+    names = dict(re.findall(r"(\w+)=[\"']([^\"']*)[\"']", text))
+    text = re.sub(r"\([^()]*\)", " ", text.replace("\\\n", " "))
+    files: dict[str, dict[str, list[str]]] = {}
+    flags: dict[str, list[str]] = {}
+    for part in re.split(r"[;\n]", text):
+        words = [names.get(w[1:], w) if w.startswith("$") else w for w in part.split()]
+        words = " ".join(words).split()
+        if " ".join(words[:3]) == _PROBLEMS_CMD:
+            flags, words = {}, words[3:]
+        elif not words or not words[0].startswith("--"):
+            continue
+        flag = None
+        for word in words:
+            if word.startswith("--"):
+                flag = word
+                flags[flag] = []
+            else:
+                flags[flag].append(word)
+        if "--out" in flags:  # a part without --out of its own writes nothing
+            files[flags.pop("--out")[0]] = dict(flags)
+    return files
+
+
+def test_the_execution_recipes_write_the_problems_docs_training_measured():
+    """Each execution recipe's ``_data`` writes its problem files with the generator flags of
+    docs/training.md's commands (forms, seeds, counts): the recipes share data/exec/'s files, so
+    one that wrote other forms would change the others' training and held-out problems."""
+    docs = (ROOT / "docs" / "training.md").read_text()
+    docs = docs.replace("$GEN", f"{_PROBLEMS_CMD} --describe")
+    measured = _problem_files(docs)
+    checked = set()
+    for path in sorted(CONFIGS.glob("exec_*.json")):
+        for out, flags in _problem_files(json.loads(path.read_text())["_data"]).items():
+            assert out in measured, (path.name, out)
+            assert flags == measured[out], (path.name, out)
+            checked.add(out)
+    assert {"data/exec/train.jsonl", "data/exec/val.jsonl", "data/exec/heldout.jsonl",
+            "data/exec/sft.jsonl", "data/exec/sft_focus.jsonl"} <= checked
+
+
 def _without_docstrings(tree: ast.AST) -> str:
     """The AST dump of ``tree`` with every docstring gone (a lone one left as ``pass``)."""
     for node in ast.walk(tree):
