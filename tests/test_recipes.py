@@ -1339,6 +1339,26 @@ def test_the_execution_recipes_with_bugs_start_from_their_own_supervised_stage()
     assert shuffled == arm.train
 
 
+
+def test_the_execution_arms_report_the_supervised_stage_their_eval_scores():
+    """An execution recipe's ``_reported`` that names a supervised stage by number ("stage 3")
+    names the stage its eval scores as ``sft``, by the numbers the stages' own recipes give
+    themselves ("supervised stage 3 of 3"): the table's sft row is that stage's model."""
+    stages = {}
+    for path in CONFIGS.glob("exec_sft*.json"):
+        if found := re.search(r"supervised stage (\d) of", json.loads(path.read_text())["_seed"]):
+            stages[found.group(1)] = f"runs/{path.stem}/export"
+    assert len(stages) == 3
+    named = 0
+    for path in sorted(CONFIGS.glob("exec_*.json")):
+        recipe = json.loads(path.read_text())
+        scored = dict(spec.split("=", 1) for spec in recipe["eval"]["models"]).get("sft")
+        for number in re.findall(r"\bstage (\d)\b", recipe["_reported"]["metrics"]):
+            assert stages[number] == scored, (path.name, number, scored)
+            named += 1
+    assert named
+
+
 # The generator of the execution problems, as recipes' _data and docs/training.md call it.
 _PROBLEMS_CMD = "python -m codelm.data.problems"
 
