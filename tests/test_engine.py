@@ -275,6 +275,23 @@ def test_a_request_the_engine_cannot_run_is_refused_when_added(prompt, cfg, mess
     assert not engine.busy
 
 
+@pytest.mark.parametrize("logprobs", [-1, 97, 2.5])
+def test_a_logprobs_count_outside_the_vocabulary_is_refused_when_added(logprobs):
+    """A request's logprobs (the likeliest ids given beside each token) is a count in
+    [0, vocab_size]: another is refused at add, and the requests already queued run on to the
+    tokens they decode alone; the whole vocabulary is a count the engine gives."""
+    model = _model("llama")
+    prompt = _prompts(1)[0]
+    engine = Engine(model, slots=2)
+    engine.add(prompt, GenerationConfig(4))
+    with pytest.raises(ValueError, match=r"logprobs must be an integer in \[0, vocab_size=96\]"):
+        engine.add(prompt, GenerationConfig(4), logprobs=logprobs)
+    assert [e.token for e in engine.run()] == _alone(model, prompt, 4)
+    engine.add(prompt, GenerationConfig(1), logprobs=96)
+    (event,) = engine.run()
+    assert len(event.top_logprobs) == 96
+
+
 def test_a_generator_another_request_holds_is_refused():
     """Two sampled requests given one generator would draw their noise from it in row order,
     so each one's tokens would depend on the other: the second is refused naming the fix, and

@@ -24,6 +24,7 @@ the whole cache, so its shapes never change): on CUDA one CUDA graph replayed a 
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +126,10 @@ class Engine:
         stop_ids = [i for s in cfg.stop if not isinstance(s, str) for i in s]
         if not all(0 <= i < vocab for i in [*cfg.eos_id, *stop_ids]):
             raise ValueError(f"an EOS or stop id is outside the vocabulary [0, {vocab})")
+        if logprobs is not None and not (isinstance(logprobs, numbers.Integral)
+                                         and 0 <= logprobs <= vocab):
+            raise ValueError(f"logprobs must be an integer in [0, vocab_size={vocab}] (the "
+                             f"likeliest ids given beside each token), got {logprobs!r}")
         generator = cfg.generator
         if isinstance(generator, (list, tuple)):
             raise ValueError("a request samples with one generator, not one a row")
