@@ -292,6 +292,16 @@ def test_a_logprobs_count_outside_the_vocabulary_is_refused_when_added(logprobs)
     assert len(event.top_logprobs) == 96
 
 
+def test_generate_all_refuses_a_config_count_other_than_the_prompts():
+    """generate_all takes one config for all prompts or one for each: a list of another length
+    is refused naming both counts (a shorter one would leave prompts without an answer)."""
+    model = _model("llama")
+    prompts = _prompts(3)
+    with pytest.raises(ValueError, match=r"each of the 3 prompts, got 2"):
+        generate_all(model, prompts, [GenerationConfig(2)] * 2)
+    assert len(generate_all(model, prompts, [GenerationConfig(2)] * 3)) == 3
+
+
 def test_a_generator_another_request_holds_is_refused():
     """Two sampled requests given one generator would draw their noise from it in row order,
     so each one's tokens would depend on the other: the second is refused naming the fix, and

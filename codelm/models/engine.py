@@ -356,6 +356,9 @@ def generate_all(model: Transformer, prompts: Sequence[Sequence[int]],
     sampled one without a generator: each prompt draws its own) or one each."""
     if isinstance(cfgs, GenerationConfig):
         cfgs = [cfgs] * len(prompts)
+    if len(cfgs) != len(prompts):
+        raise ValueError(f"cfgs: one config for all prompts or one for each of the "
+                         f"{len(prompts)} prompts, got {len(cfgs)}")
     longest = max((len(p) + c.max_new_tokens for p, c in zip(prompts, cfgs)), default=1)
     engine = Engine(model, slots, max_len=pool_length(longest, model.cfg.block_size),
                     compile=compile)
