@@ -265,3 +265,26 @@ def test_a_phi3_rope_scaling_transformers_refuses_is_refused(tmp_path):
     _edit_config(tmp_path, rope_parameters=None, rope_scaling={"type": "linear", "factor": 4.0})
     with pytest.raises(ValueError, match=r"config\.json: rope scaling 'linear' .* phi3"):
         families.read_config(tmp_path)
+
+
+def test_phi3_longrope_without_a_top_level_original_context_takes_phi3_config_default(tmp_path):
+    """A Phi-3 config.json naming LongRoPE's original context only inside rope_scaling: Phi3Config
+    takes its own top-level default (4096) over the rope dict's, so transformers keeps the short
+    factors over 100 positions; codelm's logits are transformers'."""
+    import transformers
+
+    save_tiny_hf("phi3", tmp_path)
+    config = tmp_path / "config.json"
+    values = json.loads(config.read_text())
+    rope = values.pop("rope_parameters")
+    del values["original_max_position_embeddings"]
+    values["rope_scaling"] = {"type": "longrope", "short_factor": rope["short_factor"],
+                              "long_factor": rope["long_factor"],
+                              "original_max_position_embeddings": 64}
+    config.write_text(json.dumps(values))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = pretrained.load(tmp_path)
+    assert model.cfg.rope_scaling["original_max_position_embeddings"] == 4096
+    idx = _ids(1, 100, seed=8)  # past the rope dict's 64
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5

@@ -439,10 +439,16 @@ def _read_starcoder2(hf: dict) -> ModelConfig:
                        positions="rope", attn_proj_bias=f["qkv_bias"], mlp_bias=f["qkv_bias"])
 
 
+# Phi3Config's original_max_position_embeddings where config.json leaves it out.
+PHI3_ORIGINAL_CONTEXT = 4096
+
+
 def _read_phi3(hf: dict) -> ModelConfig:
     _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
     f = _fields(hf, "phi3")
-    rope = _rope(hf)
+    # Phi3Config always has a top-level original context (4096 where config.json names none),
+    # and transformers takes it over the rope dict's
+    rope = _rope({"original_max_position_embeddings": PHI3_ORIGINAL_CONTEXT, **hf})
     scaling = rope["rope_scaling"]
     if scaling is not None and scaling["rope_type"] != "longrope":
         raise ValueError(f"rope scaling {scaling['rope_type']!r} cannot be honoured for phi3: "
