@@ -288,3 +288,35 @@ def test_phi3_longrope_without_a_top_level_original_context_takes_phi3_config_de
     idx = _ids(1, 100, seed=8)  # past the rope dict's 64
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
+
+
+def test_key_value_heads_left_out_of_config_json_are_the_config_class_default(tmp_path):
+    """A StarCoder2 config.json without num_key_value_heads: Starcoder2Config's default is 2
+    key/value heads (not one per query head), so transformers loads the 2-head checkpoint; codelm
+    reads the same number and its logits are transformers'."""
+    import transformers
+
+    save_tiny_hf("starcoder2", tmp_path)  # 4 query heads, 2 key/value heads
+    config = tmp_path / "config.json"
+    values = json.loads(config.read_text())
+    del values["num_key_value_heads"]
+    config.write_text(json.dumps(values))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf.config.num_key_value_heads == 2
+    model = pretrained.load(tmp_path)
+    assert model.cfg.n_kv_head == 2
+    idx = _ids(1, 60, seed=9)
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
+
+
+def test_a_null_key_value_heads_is_one_per_query_head_as_qwen2_config_reads_it(tmp_path):
+    """num_key_value_heads null in a Qwen2 config.json: Qwen2Config's __post_init__ gives one
+    key/value head per query head (not its default 32), and so does codelm."""
+    import transformers
+
+    save_tiny_hf("qwen2", tmp_path, num_key_value_heads=4)
+    _edit_config(tmp_path, num_key_value_heads=None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf.config.num_key_value_heads == 4
+    assert pretrained.load(tmp_path).cfg.n_kv_head == 4

@@ -141,32 +141,41 @@ _GPT_LIKE = {"n_layer": (("n_layer", "num_hidden_layers"), _REQUIRED),
              "n_head": (("n_head", "num_attention_heads"), _REQUIRED),
              "mlp_hidden": (("n_inner",), lambda f: 4 * f["n_embd"]),
              "norm_eps": (("layer_norm_epsilon",), 1e-5)}
+# num_key_value_heads where config.json leaves it out: the class's own number where it has one
+# (Llama's, Phi's: one per query head); a null is one per query head (_fields).
+def _kv_heads(default: int) -> dict:
+    return {"n_kv_head": (("num_key_value_heads",), default)}
+
+
 # head_dim where config.json leaves it out: hidden size / heads (transformers' getattr default).
 _HEAD_DIM = {"head_dim": (("head_dim",), lambda f: f["n_embd"] // f["n_head"])}
 HF_FIELDS = {
     "llama": {**_LLAMA_LIKE, **_HEAD_DIM,
               "norm_eps": (("rms_norm_eps",), 1e-6), "qkv_bias": (("attention_bias",), False),
               "mlp_bias": (("mlp_bias",), False)},
-    "qwen2": {**_LLAMA_LIKE, **_HEAD_DIM, "block_size": (("max_position_embeddings",), 32768),
+    "qwen2": {**_LLAMA_LIKE, **_kv_heads(32), **_HEAD_DIM,
+              "block_size": (("max_position_embeddings",), 32768),
               "norm_eps": (("rms_norm_eps",), 1e-6)},
-    "qwen3": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 32768),
+    "qwen3": {**_LLAMA_LIKE, **_kv_heads(32), "block_size": (("max_position_embeddings",), 32768),
               "head_dim": (("head_dim",), 128), "norm_eps": (("rms_norm_eps",), 1e-6),
               "qkv_bias": (("attention_bias",), False)},
-    "mistral": {**_LLAMA_LIKE, **_HEAD_DIM, "block_size": (("max_position_embeddings",), 131072),
+    "mistral": {**_LLAMA_LIKE, **_kv_heads(8), **_HEAD_DIM,
+                "block_size": (("max_position_embeddings",), 131072),
                 "norm_eps": (("rms_norm_eps",), 1e-6)},
-    "starcoder2": {**_LLAMA_LIKE, **_HEAD_DIM, "block_size": (("max_position_embeddings",), 4096),
+    "starcoder2": {**_LLAMA_LIKE, **_kv_heads(2), **_HEAD_DIM,
+                   "block_size": (("max_position_embeddings",), 4096),
                    "norm_eps": (("norm_epsilon",), 1e-5), "qkv_bias": (("use_bias",), True)},
     "phi3": {**_LLAMA_LIKE, **_HEAD_DIM, "block_size": (("max_position_embeddings",), 4096),
              "norm_eps": (("rms_norm_eps",), 1e-5)},
-    "gemma": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 8192),
+    "gemma": {**_LLAMA_LIKE, **_kv_heads(16), "block_size": (("max_position_embeddings",), 8192),
               "head_dim": (("head_dim",), 256), "norm_eps": (("rms_norm_eps",), 1e-6),
               "qkv_bias": (("attention_bias",), False)},
-    "gemma2": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 8192),
+    "gemma2": {**_LLAMA_LIKE, **_kv_heads(4), "block_size": (("max_position_embeddings",), 8192),
                "head_dim": (("head_dim",), 256), "norm_eps": (("rms_norm_eps",), 1e-6),
                "qkv_bias": (("attention_bias",), False)},
     "phi": {**_LLAMA_LIKE, **_HEAD_DIM, "norm_eps": (("layer_norm_eps",), 1e-5)},
     # StableLM: head_dim is always hidden size / heads (transformers reads no head_dim key)
-    "stablelm": {**_LLAMA_LIKE, "block_size": (("max_position_embeddings",), 4096),
+    "stablelm": {**_LLAMA_LIKE, **_kv_heads(32), "block_size": (("max_position_embeddings",), 4096),
                  "norm_eps": (("layer_norm_eps",), 1e-5), "qkv_bias": (("use_qkv_bias",), False),
                  "parallel_residual": (("use_parallel_residual",), False)},
     "codegen": {"block_size": (("n_positions", "max_position_embeddings"), 2048), **_GPT_LIKE,
@@ -202,6 +211,8 @@ def _fields(hf: dict, family: str) -> dict:
     out = {}
     for field, (keys, default) in HF_FIELDS[family].items():
         default = default(out) if callable(default) else default
+        if field == "n_kv_head" and any(k in hf and hf[k] is None for k in keys):
+            default = out["n_head"]  # a null: one key/value head per query head
         out[field] = _get(hf, *keys, kind=int if default is _REQUIRED else type(default),
                           default=default)
         if field == "n_head" and out[field] < 1:  # the width is divided by it
