@@ -320,3 +320,17 @@ def test_a_null_key_value_heads_is_one_per_query_head_as_qwen2_config_reads_it(t
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert hf.config.num_key_value_heads == 4
     assert pretrained.load(tmp_path).cfg.n_kv_head == 4
+
+
+def test_llama_longrope_decoding_past_the_switch_keeps_its_cache_as_transformers_does(tmp_path):
+    """A Llama with LongRoPE (original context 64): transformers' Llama keeps the cache when
+    decoding passes the original context (earlier keys rotated the short way, later ones the
+    long way; only its Phi-3 recomputes the cache there); greedy decoding from 16 to 86
+    positions gives transformers' tokens."""
+    longrope = {"rope_type": "longrope", "original_max_position_embeddings": 64,
+                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [1.0 + 1.5 * i for i in range(8)]}
+    hf = save_tiny_hf("llama-linear", tmp_path, rope_scaling=longrope)
+    model = pretrained.load(tmp_path)
+    idx = _ids(2, 16, seed=1)
+    assert torch.equal(gen(model, idx, 70), _hf_greedy(hf, idx, 70))

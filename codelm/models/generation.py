@@ -264,11 +264,14 @@ def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCach
 
 # ---------------------------------------------------------------------------------- decoding
 def longrope_switch(model: Transformer) -> int | None:
-    """The position whose token turns a LongRoPE model's sequence to its long frequencies
-    (Phi-3's original context), else None. Decoding that token, transformers recomputes the
-    cache from the start (keys rotated the long way); decoding here does the same."""
+    """The position whose token turns a Phi-3 LongRoPE sequence to its long frequencies (its
+    original context), else None. Decoding that token, transformers' Phi-3 recomputes the cache
+    from the start (keys rotated the long way); decoding here does the same. Its other families
+    keep the cache (keys rotated the short way), and so does decoding here for them."""
     rope = model.rope
-    return None if rope is None or rope.long_inv_freq is None else rope.long_from
+    if rope is None or rope.long_inv_freq is None or model.cfg.family != "phi3":
+        return None
+    return rope.long_from
 
 
 def _check_no_switch(model: Transformer, idx: torch.Tensor, attention_mask: torch.Tensor | None,
