@@ -79,6 +79,8 @@ class ModelConfig:
     rope_interleaved: bool = False  # pairs (0,1),(2,3).. as in CodeGen/GPT-J; else half-split
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": one of ROPE_SCALING_KEYS, and its keys}
+    longrope_reprefill: bool = False  # decoding past the original context recomputes the cache
+    # with LongRoPE's long frequencies (transformers' Phi-3; its other families keep the cache)
     # -- attention
     sliding_window: int | None = None  # a query sees this many latest positions, its own included
     sliding_layers: list[bool] | None = None  # which layers slide; None: all (with a window)

@@ -467,7 +467,8 @@ def _read_phi3(hf: dict) -> ModelConfig:
     return ModelConfig(**_shared(hf, "phi3"), **f, **_windows(hf, "phi3", f["n_layer"]),
                        norm="rmsnorm", mlp="swiglu", fused_gate_up=True, positions="rope",
                        rotary_dim=int(f["head_dim"] * rope["partial"]),
-                       rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"])
+                       rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
+                       longrope_reprefill=True)
 
 
 def _read_gemma(hf: dict) -> ModelConfig:

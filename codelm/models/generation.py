@@ -264,12 +264,12 @@ def _graph_caches(model: Transformer, batch: int, length: int) -> list[LayerCach
 
 # ---------------------------------------------------------------------------------- decoding
 def longrope_switch(model: Transformer) -> int | None:
-    """The position whose token turns a Phi-3 LongRoPE sequence to its long frequencies (its
-    original context), else None. Decoding that token, transformers' Phi-3 recomputes the cache
-    from the start (keys rotated the long way); decoding here does the same. Its other families
-    keep the cache (keys rotated the short way), and so does decoding here for them."""
+    """The position whose token turns a LongRoPE sequence to its long frequencies (its original
+    context) where decoding it recomputes the cache from the start (keys rotated the long way),
+    as transformers' Phi-3 does (``longrope_reprefill``), else None: its other families keep
+    the cache (keys rotated the short way), and so does decoding here for them."""
     rope = model.rope
-    if rope is None or rope.long_inv_freq is None or model.cfg.family != "phi3":
+    if rope is None or rope.long_inv_freq is None or not model.cfg.longrope_reprefill:
         return None
     return rope.long_from
 
