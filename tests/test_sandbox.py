@@ -1278,6 +1278,23 @@ FAKE_PASSES = {
     "                os.write(2, c.cell_contents)\n"
     "os._exit(0)\n",
     "raising the event itself": "import os, sys\nsys.audit('sandbox.completed')\nos._exit(0)\n",
+    "a hook of its own reading the completion hook's frame": "import os, sys\n"
+    "found, busy = [], []\n"
+    "def spy(event, args):\n"
+    "    if busy or found:\n"
+    "        return\n"
+    "    busy.append(1)\n"
+    "    frame = sys._getframe(1)\n"
+    "    while frame is not None:\n"
+    "        if isinstance(frame.f_locals.get('marker'), bytes):\n"
+    "            found.append(frame.f_locals['marker'])\n"
+    "        frame = frame.f_back\n"
+    "    busy.pop()\n"
+    "sys.addaudithook(spy)\n"
+    "sys.audit('sandbox.completed')\n"
+    "for marker in found:\n"
+    "    os.write(2, marker)\n"
+    "os._exit(0)\n",
     "the bootstrap run again": "import os, sys\n"
     "if not getattr(sys, 'again', False):\n"
     "    sys.again = True\n"
@@ -1309,8 +1326,9 @@ FAKE_PASSES = {
 @pytest.mark.parametrize("attack", sorted(FAKE_PASSES))
 def test_a_program_cannot_fake_a_pass(attack):
     """Each known way to forge completion (the caller's locals, a heap scan,
-    raising the event, rerunning the bootstrap, swapping sys, an early exit, a
-    trace jump) ends failed, not completed."""
+    raising the event, a hook of its own walking the stack while the completion hook runs,
+    rerunning the bootstrap, swapping sys, an early exit, a trace jump) ends failed, not
+    completed."""
     result = run_python(FAKE_PASSES[attack], FAST)
     assert result.status == "failed" and not result.completed, (attack, result)
     assert "sandbox: completed" not in result.stderr

@@ -500,13 +500,16 @@ def _confine_sqlite(authorizer):
 
 def _completion_hook(token, main_frame):
     """An audit hook, held by the interpreter alone, that writes the completion marker once, when
-    ``main_frame`` (the bootstrap, after the program) raises "sandbox.completed"."""
+    "sandbox.completed" is raised while ``main_frame`` (the bootstrap's main) is on its last
+    line, past the program. It raises no audit event itself (sys._getframe would): a hook the
+    program added never runs while this one's frame, and the marker in it, is on the stack."""
     marker = f"\nsandbox: completed {token}\n".encode()
     done = []
-    caller, write = sys._getframe, os.write  # its own: the program can reach this module's
+    write = os.write  # its own: the program can reach this module's
+    last_line = max(line for *_, line in main_frame.f_code.co_lines() if line is not None)
 
     def hook(event, args):
-        if event == "sandbox.completed" and not done and caller(1) is main_frame:
+        if event == "sandbox.completed" and not done and main_frame.f_lineno == last_line:
             done.append(True)
             write(2, marker)
     sys.addaudithook(hook)
@@ -591,7 +594,7 @@ def main():
         _run_program(program, source, cfg["as_main"])
     sys.stdout.flush()
     sys.stderr.flush()
-    sys.audit("sandbox.completed")
+    sys.audit("sandbox.completed")  # main's last line: the completion hook looks for it
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ send elsewhere, or send descriptors) and signals.
 (the audit hook then guards writes alone) and ``eval.py`` runs pass@k only when told to.
 
 A run passes only when its program ran to its end and exited 0: the bootstrap (the program a
-run starts, ``codelm.sandbox.bootstrap``) then triggers an audit hook holding a secret token, the hook checks that the bootstrap's own frame called it, and
-writes the token for the evaluator. No Python object refers to that hook, and gc's object scans
+run starts, ``codelm.sandbox.bootstrap``) then triggers an audit hook holding a secret token, the
+hook checks that the bootstrap's main is on its last line (past the program) and writes the
+token for the evaluator; it raises no audit event meanwhile, so no hook the program adds runs
+while the token is on the stack. No Python object refers to that hook, and gc's object scans
 and trace functions are refused, so no Python object leads the program to the token or the hook
 (raw memory is another way: below).
 
