@@ -1310,6 +1310,24 @@ FAKE_PASSES = {
     "        return main\n"
     "names['sys'] = Fake()\nreal.audit('sandbox.completed')\nnames['sys'] = real\n"
     "os._exit(0)\n",
+    "another thread reading the completion hook's frame as it runs": "import os, sys, threading\n"
+    "main, found = threading.get_ident(), []\n"
+    "def watch():\n"
+    "    while not found:\n"
+    "        try:\n"
+    "            frame = sys._current_frames().get(main)\n"
+    "        except PermissionError:\n"
+    "            found.append(b'')\n"
+    "            return\n"
+    "        while frame is not None and not found:\n"
+    "            if isinstance(frame.f_locals.get('marker'), bytes):\n"
+    "                found.append(frame.f_locals['marker'])\n"
+    "            frame = frame.f_back\n"
+    "threading.Thread(target=watch, daemon=True).start()\n"
+    "while not found:\n"
+    "    sys.audit('tick')\n"
+    "os.write(2, found[0])\n"
+    "os._exit(0)\n",
     "os._exit before the test": "import os\nos._exit(0)\nassert 1 == 2\n",
     "sys.exit before the test": "import sys\nsys.exit(0)\nassert 1 == 2\n",
     "a trace function skipping the test": "import sys\n"
@@ -1327,8 +1345,8 @@ FAKE_PASSES = {
 def test_a_program_cannot_fake_a_pass(attack):
     """Each known way to forge completion (the caller's locals, a heap scan,
     raising the event, a hook of its own walking the stack while the completion hook runs,
-    rerunning the bootstrap, swapping sys, an early exit, a trace jump) ends failed, not
-    completed."""
+    another thread reading that hook's frame, rerunning the bootstrap, swapping sys, an early
+    exit, a trace jump) ends failed, not completed."""
     result = run_python(FAKE_PASSES[attack], FAST)
     assert result.status == "failed" and not result.completed, (attack, result)
     assert "sandbox: completed" not in result.stderr

@@ -335,7 +335,9 @@ _DENIED_EVENTS = frozenset({
     # run's output pipes open past its end)
     "socket.bind", "socket.connect", "socket.sendto", "socket.sendmsg"})
 _REACHING_THE_HOOK = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents",
-                                "sys.settrace", "sys.setprofile"})
+                                "sys.settrace", "sys.setprofile",
+                                # another thread's frames: the hook's own, as it runs
+                                "sys._current_frames"})
 
 
 # A denied import raises ImportError, as a module not installed does: code that falls back
