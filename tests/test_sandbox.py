@@ -1328,6 +1328,47 @@ FAKE_PASSES = {
     "    sys.audit('tick')\n"
     "os.write(2, found[0])\n"
     "os._exit(0)\n",
+    "a signal handler reading the frame it interrupts": "import os, signal, sys, time\n"
+    "found = []\n"
+    "def handler(signum, frame):\n"
+    "    while frame is not None:\n"
+    "        if isinstance(frame.f_locals.get('marker'), bytes):\n"
+    "            found.append(frame.f_locals['marker'])\n"
+    "        frame = frame.f_back\n"
+    "signal.signal(signal.SIGALRM, handler)\n"
+    "signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)\n"
+    "end = time.monotonic() + 1.5\n"
+    "while not found and time.monotonic() < end:\n"
+    "    sys.audit('tick')\n"
+    "signal.setitimer(signal.ITIMER_REAL, 0)\n"
+    "for marker in found[:1]:\n"
+    "    os.write(2, marker)\n"
+    "os._exit(0)\n",
+    "an interrupt of the main thread raised in the completion hook":
+    "import _thread, os, sys, threading, time\n"
+    "found, ready = [], []\n"
+    "def poke():\n"
+    "    end = time.monotonic() + 1.5\n"
+    "    while not found and time.monotonic() < end:\n"
+    "        if ready:\n"
+    "            ready.clear()\n"
+    "            _thread.interrupt_main()\n"
+    "        time.sleep(0.0001)\n"
+    "    found.append(b'')\n"
+    "threading.Thread(target=poke, daemon=True).start()\n"
+    "while not found:\n"
+    "    try:\n"
+    "        ready.append(True)\n"
+    "        while not found:\n"
+    "            sys.audit('tick')\n"
+    "    except KeyboardInterrupt as error:\n"
+    "        tb = error.__traceback__\n"
+    "        while tb is not None:\n"
+    "            if isinstance(tb.tb_frame.f_locals.get('marker'), bytes):\n"
+    "                found.insert(0, tb.tb_frame.f_locals['marker'])\n"
+    "            tb = tb.tb_next\n"
+    "os.write(2, found[0])\n"
+    "os._exit(0)\n",
     "os._exit before the test": "import os\nos._exit(0)\nassert 1 == 2\n",
     "sys.exit before the test": "import sys\nsys.exit(0)\nassert 1 == 2\n",
     "a trace function skipping the test": "import sys\n"
@@ -1345,8 +1386,9 @@ FAKE_PASSES = {
 def test_a_program_cannot_fake_a_pass(attack):
     """Each known way to forge completion (the caller's locals, a heap scan,
     raising the event, a hook of its own walking the stack while the completion hook runs,
-    another thread reading that hook's frame, rerunning the bootstrap, swapping sys, an early
-    exit, a trace jump) ends failed, not completed."""
+    another thread reading that hook's frame, a signal handler or a KeyboardInterrupt reaching
+    it, rerunning the bootstrap, swapping sys, an early exit, a trace jump) ends failed, not
+    completed."""
     result = run_python(FAKE_PASSES[attack], FAST)
     assert result.status == "failed" and not result.completed, (attack, result)
     assert "sandbox: completed" not in result.stderr

@@ -15,8 +15,9 @@ run starts, ``codelm.sandbox.bootstrap``) then triggers an audit hook holding a 
 hook checks that the bootstrap's main is on its last line (past the program) and writes the
 token for the evaluator; it raises no audit event meanwhile, so no hook the program adds runs
 while the token is on the stack. No Python object refers to that hook, and gc's object scans,
-trace functions and other threads' frames are refused, so no Python object leads the program to
-the token or the hook (raw memory is another way: below).
+trace functions, other threads' frames and Python signal handlers (SIGINT: the system's default)
+are refused, so no Python object leads the program to the token or the hook (raw memory is
+another way: below).
 
 With a ``TrustedTest`` the test runs apart from the program: the bootstrap forks after Landlock
 and before seccomp, the child runs the program (it never reads the token or the test, which
