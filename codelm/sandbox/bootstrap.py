@@ -438,25 +438,25 @@ def _install_guard(workdir, landlock, seccomp, holds_hook=True):
             deny(f"{event} command {args[1]:#x} (SIGIO to another process)")
 
     _replace_unaudited(deny, inside)
-    if holds_hook:
-        _no_signal_handlers(deny)
     if not landlock:  # nothing else stops sqlite's own ATTACH and VACUUM INTO: checked there
         _confine_sqlite(sqlite_authorizer)
     sys.addaudithook(guard)
 
 
-def _no_signal_handlers(deny):
+def _no_signal_handlers():
     """No Python signal handler where the completion hook is held: a handler runs, and SIGINT's
     KeyboardInterrupt is raised, in whatever frame is running, the hook's too. SIGINT is the
     system's default (``_thread.interrupt_main`` then does nothing), and ``_signal.signal``
-    (which signal.signal calls) takes SIG_DFL and SIG_IGN alone."""
+    (which signal.signal calls) takes SIG_DFL and SIG_IGN alone. Called before the guard, which
+    refuses importing _signal."""
     import _signal
 
     install = _signal.signal
 
     def signal_without_handlers(signalnum, handler):
         if callable(handler):
-            deny("a Python signal handler (where the completion hook is held)")
+            raise PermissionError("sandbox: a Python signal handler (where the completion hook "
+                                  "is held) is not allowed")
         return install(signalnum, handler)
 
     install(_signal.SIGINT, _signal.SIG_DFL)
@@ -607,6 +607,7 @@ def main():
     sys.stderr.write(f"sandbox: landlock={abi} seccomp={int(seccomp)} caps={caps:x}\n")
     sys.stderr.flush()
     if not trusted:  # the test's side runs only the trusted test (which may import packages)
+        _no_signal_handlers()
         _install_guard(workdir, abi > 0, seccomp)
     _importable(cfg["packages"])  # what the test (and program) may import
     if trusted:
