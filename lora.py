@@ -479,12 +479,13 @@ def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
     """Adapter-file key -> (base parameter, rows) of what PEFT's ``bias`` and ``modules_to_save``
     train and save. A parameter codelm shares between HF modules (a fused qkv, a tied head) is
     trained only when the adapter saves every module sharing it, as PEFT's copies would be."""
-    if cfg.bias == "none" and not cfg.modules_to_save:
-        return {}
     adapted = {name for _, m in lora_modules(model) for name in getattr(m, "names", {}).values()}
     adapted |= {m.name for _, m in lora_modules(model) if isinstance(m, LoRAEmbedding)}
-    saved, holders = {}, {}
     slots = families.hf_module_slots(model.cfg)
+    tied_whole = _tied_to_saved_embedding(model, cfg, slots, adapted)
+    if cfg.bias == "none" and not cfg.modules_to_save:
+        return {}
+    saved, holders = {}, {}
     unmatched = [t for t in cfg.modules_to_save or [] if not any(
         _saved_whole([t], name) for name in slots)]
     if unmatched:
@@ -494,6 +495,7 @@ def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
         module = model.get_submodule(path)
         module = getattr(module, "base", module)
         whole = bool(cfg.modules_to_save) and _saved_whole(cfg.modules_to_save, name)
+        whole = whole or name in tied_whole
         if whole and isinstance(module, QuantLinear):
             raise ValueError(f"modules_to_save {name}: quantized with the base (QLoRA), it "
                              "cannot train whole; leave it out, or train without quantize_bits")
@@ -515,6 +517,31 @@ def _saved_base_tensors(model: nn.Module, cfg: LoRAConfig
                              "which the adapter would not train: add them to modules_to_save "
                              "(or bias 'all'), or leave it out")
     return saved
+
+
+def _tied_to_saved_embedding(model: nn.Module, cfg: LoRAConfig, slots: dict,
+                             adapted: set[str]) -> set[str]:
+    """The modules PEFT's ensure_weight_tying trains whole with the embedding, as one tensor:
+    where the embedding's weight is tied and modules_to_save names one module sharing it, every
+    module sharing it. A tied module adapted by LoRA under it is refused: PEFT ties a LoRA on
+    the head to the embedding's, which codelm does not compute."""
+    if not cfg.ensure_weight_tying:
+        return set()
+    weight = getattr(model.wte, "base", model.wte).weight
+    tied = set()
+    for name, (path, _) in slots.items():
+        module = model.get_submodule(path)
+        if getattr(getattr(module, "base", module), "weight", None) is weight:
+            tied.add(name)
+    if len(tied) < 2:  # an untied embedding: PEFT ties nothing
+        return set()
+    if any(_saved_whole(cfg.modules_to_save or [], name) for name in tied):
+        return tied
+    if adapted_tied := sorted(adapted & tied):
+        raise ValueError(f"LoRA on {', '.join(adapted_tied)} with ensure_weight_tying: PEFT ties "
+                         "the head's adapter to the embedding's, which codelm does not compute; "
+                         "set ensure_weight_tying false, or leave them out of the targets")
+    return set()
 
 
 def _detach(model: nn.Module, trainable: dict[str, bool]) -> None:
@@ -678,6 +705,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         "modules_to_save": cfg.modules_to_save,
         "use_rslora": cfg.use_rslora, "init_lora_weights": True, "inference_mode": True,
         **UNSUPPORTED_PEFT_KEYS, "use_dora": cfg.use_dora,
+        "ensure_weight_tying": _trains_tied(model, cfg),
     }
     out.mkdir(parents=True, exist_ok=True)
     # As a set (config last, as save_pretrained): a failed save leaves the last adapter whole.
@@ -687,6 +715,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         out / ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True) + "\n",
     })
     return out
+
+
+def _trains_tied(model: nn.Module, cfg: LoRAConfig) -> bool:
+    """Whether the adapter trains a tensor that modules share (a tied embedding and head): codelm
+    trains it as one, so its file asks PEFT for ensure_weight_tying, which trains them so too."""
+    tied = shared_parameters(model)
+    return any(id(tensor) in tied for tensor, _ in _saved_base_tensors(model, cfg).values())
 
 
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:

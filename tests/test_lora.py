@@ -19,7 +19,7 @@ from tiny_hf import save_tiny_hf, tiny_hf_config, tiny_hf_model
 
 import lora
 from architecture import PRESETS, Transformer
-from codelm import kernels
+from codelm import kernels, trainconfig
 from codelm.models import adapter_config, families, pretrained, quantize
 from codelm.models.adapter_config import LoRAConfig
 from codelm.models.quantize import QuantLinear, quantize_base
@@ -234,6 +234,11 @@ SAVED_BASE_CASES = [
     ("phi", dict(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])),
     ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"],
                    modules_to_save=["down_proj"])),
+    # PEFT's ensure_weight_tying: a tied embedding and head train as one tensor, named by either
+    ("llama", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                   ensure_weight_tying=True)),
+    ("gpt_bigcode", dict(target_modules=["c_attn"], modules_to_save=["lm_head"],
+                         ensure_weight_tying=True)),
 ]
 
 
@@ -262,6 +267,27 @@ def test_bias_and_modules_to_save_round_trip_with_peft(family, setting, tmp_path
     save_adapter(ours, tmp_path / "ours")
     theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
     torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), atol=1e-5, rtol=0)
+
+
+def test_a_tied_embedding_trained_whole_is_one_tensor_in_peft_too(tmp_path):
+    """codelm trains a tied embedding and head as one tensor, so its adapter file asks PEFT for
+    ensure_weight_tying: PEFT continues it with one trainable copy, not two. A run's settings
+    naming the embedding alone train it so; a LoRA on a tied embedding under ensure_weight_tying
+    (PEFT ties a head adapter to it) is refused."""
+    hf = save_tiny_hf("llama", tmp_path / "hf")
+    settings = trainconfig.TrainConfig(lora_r=2, lora_targets=["q_proj"],
+                                       lora_modules_to_save=["embed_tokens"])
+    ours = pretrained.load(tmp_path / "hf")
+    apply_lora(ours, adapter_config.lora_config(settings))
+    save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())[
+        "ensure_weight_tying"] is True
+    theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours", is_trainable=True)
+    whole = [n for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert whole == ["base_model.model.model.embed_tokens.modules_to_save.default.weight"]
+    with pytest.raises(ValueError, match=r"LoRA on .*embed_tokens.*ensure_weight_tying"):
+        apply_lora(pretrained.load(tmp_path / "hf"), LoRAConfig(
+            r=2, target_modules=["embed_tokens"], ensure_weight_tying=True))
 
 
 def test_targets_all_saved_whole_are_refused_and_counted_as_apply_lora_counts(tmp_path):
@@ -720,8 +746,7 @@ def test_adapter_file_errors_name_the_file(tmp_path):
         load_adapter(fresh, tmp_path / "a")
     for key, value in (("use_bdlora", {"target_modules_bd_a": ["o_proj"]}),
                        ("kasa_config", {"on": True}), ("monteclora_config", {"n_experts": 2}),
-                       ("layers_to_transform", 0),  # layer 0 only: read as "unused" (0 == False)
-                       ("ensure_weight_tying", True)):  # lm_head weights its targets omit
+                       ("layers_to_transform", 0)):  # layer 0 only: read as "unused" (0 == False)
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(ValueError, match=rf"adapter_config.json: {key}=.* is not supported"):
             load_adapter(fresh, tmp_path / "a")
@@ -1209,7 +1234,7 @@ def test_qlora_trains_a_module_saved_whole_in_full_precision(tmp_path):
     """QLoRA with modules_to_save: the named module stays unquantized and trains whole, its
     weights in the adapter file as without quantization; a module quantized before the adapter
     is refused by name, not left untrained."""
-    from codelm import loading, trainconfig
+    from codelm import loading
     from codelm.runtime.settings import fields_of
 
     hf = tmp_path / "hf"

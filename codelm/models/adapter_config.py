@@ -29,8 +29,11 @@ UNSUPPORTED_PEFT_KEYS = {
     "target_parameters": None, "exclude_modules": None, "layer_replication": None,
     "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
     "use_bdlora": None, "kasa_config": None, "monteclora_config": None, "arrow_config": None,
-    "ensure_weight_tying": False, "velora_config": None,
+    "velora_config": None,
 }
+# The module names whose presence in modules_to_save makes PEFT's ensure_weight_tying tie the
+# embedding's saved copy to every module sharing its weight (PEFT's EMBEDDING_LAYER_NAMES).
+TYING_NAMES = ("embed_tokens", "lm_head")
 # PEFT keys that change neither the loaded adapter's forward nor what trains: how it was made
 # (its initialization's settings, Megatron's layers), and the file's own metadata.
 IGNORED_PEFT_KEYS = (
@@ -57,6 +60,9 @@ class LoRAConfig:
     modules_to_save: list[str] | None = None  # PEFT's: modules trained whole and saved
     use_rslora: bool = False
     use_dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output row
+    # PEFT's: modules_to_save naming an embed_tokens or lm_head trains the embedding and every
+    # module tied to it as one tensor (codelm holds tied weights as one, so it trains them so)
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         """Each field as PEFT's adapter_config.json may hold it (_PEFT_FIELDS), else ValueError;
@@ -82,9 +88,17 @@ class LoRAConfig:
 
 def lora_config(settings) -> LoRAConfig:
     """The LoRAConfig of a run's settings (a TrainConfig or its ModelSettings: lora_r,
-    lora_alpha, ...); without lora_targets, LoRAConfig's default targets."""
-    return LoRAConfig(**{name: getattr(settings, key) for name, key in ADAPTER_KEYS.items()
-                         if key != "lora_targets" or settings.lora_targets})
+    lora_alpha, ...); without lora_targets, LoRAConfig's default targets. A run trains a tied
+    embedding and head as one tensor: PEFT's ensure_weight_tying where it applies."""
+    values = {name: getattr(settings, key) for name, key in ADAPTER_KEYS.items()
+              if key != "lora_targets" or settings.lora_targets}
+    return LoRAConfig(**values, ensure_weight_tying=ties_embedding(values["modules_to_save"]))
+
+
+def ties_embedding(modules_to_save: list[str] | None) -> bool:
+    """Whether PEFT's ensure_weight_tying acts on this modules_to_save: it names a module
+    whose last dotted part is one of TYING_NAMES."""
+    return any(m.rsplit(".", 1)[-1] in TYING_NAMES for m in modules_to_save or ())
 
 
 def _unused(value: object, unused: object) -> bool:
@@ -124,6 +138,8 @@ _PEFT_FIELDS = {
         isinstance(v, list) and all(isinstance(m, str) for m in v)), "a list of module names"),
     "use_rslora": ("use_rslora", False, lambda v: isinstance(v, bool), "true/false"),
     "use_dora": ("use_dora", False, lambda v: isinstance(v, bool), "true/false"),
+    "ensure_weight_tying": ("ensure_weight_tying", False, lambda v: isinstance(v, bool),
+                            "true/false"),
 }
 
 
