@@ -110,6 +110,32 @@ def files_apart(window: dict[str, torch.Tensor], eos_id: int) -> dict[str, torch
     return {**window, "document_ids": starts.long().cumsum(0)}
 
 
+class LabelBytes:
+    """The UTF-8 bytes of the text a batch's labels stand for, the denominator of bits per byte:
+    each token's bytes (a special token's none), less the space a SentencePiece dummy prefix
+    opens each document with (its first token follows a special token, BOS or EOS), which the
+    document's text does not hold. Called with a batch's input ids and labels."""
+
+    def __init__(self, tokenizer, device: torch.device | str = "cpu") -> None:
+        dummy_prefix = tokenizer.continuation_anchor is not None
+        special = []
+        opens_with_space = []
+        for i in range(tokenizer.vocab_size):
+            special.append(tokenizer.is_special(i))
+            opens_with_space.append(dummy_prefix and not special[-1]
+                                    and tokenizer.token_bytes(i).startswith(b" "))
+        self.lengths = torch.tensor(tokenizer.token_byte_lengths(), device=device)
+        self.special = torch.tensor(special, device=device)
+        self.opens_with_space = torch.tensor(opens_with_space, device=device)
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The labelled positions' bytes, summed (a 0-d tensor on the labels' device)."""
+        counted = labels != IGNORE_INDEX
+        targets = labels[counted]
+        dummy_space = self.opens_with_space[targets] & self.special[input_ids[counted]]
+        return self.lengths[targets].sum() - dummy_space.sum()
+
+
 @dataclass
 class PreparedData:
     """The three splits of one task: Datasets, or without a tokenizer texts (to train one on)."""

@@ -26,7 +26,7 @@ from architecture import Transformer
 from codelm import loading
 from codelm.data.cache import make_cache_dir
 from codelm.data.config import PREFERENCE_TASKS, DataConfig, TokenizerTraining
-from codelm.data.datasets import PreparedData
+from codelm.data.datasets import LabelBytes, PreparedData
 from codelm.data.examples import SamplePrompt
 from codelm.data.shards import describe_corpus
 from codelm.data.splits import corpus_key, lopsided_note
@@ -286,8 +286,8 @@ class Run:
         """The task's trainer of ``model``: GRPO's, a preference task's, or the next-token one."""
         data = self.data
         if cfg.task != GRPO_TASK:
-            return task_trainer(cfg, model, device, dist,
-                                torch.tensor(data.tok.token_byte_lengths()), self.state)
+            return task_trainer(cfg, model, device, dist, LabelBytes(data.tok, device),
+                                self.state)
         step_settings = StepSettings(**fields_of(StepSettings, cfg))
         grpo_settings = GRPOSettings(**fields_of(GRPOSettings, cfg))
         return rollout.GRPOTrainer(model, step_settings, grpo_settings, device, data.tok,
@@ -446,14 +446,14 @@ def prepare_preference_data(settings: DataSettings, dist: Dist) -> Data:
 
 
 def task_trainer(cfg: TrainConfig, model: nn.Module, device: torch.device, dist: Dist,
-                 token_bytes: torch.Tensor | None, state: RunState) -> Trainer:
+                 label_bytes: LabelBytes | None, state: RunState) -> Trainer:
     """The trainer of ``cfg.task`` (not grpo): a preference task's loss, or the next-token
     loss."""
     step_settings = StepSettings(**fields_of(StepSettings, cfg))
     if cfg.task in PREFERENCE_TASKS:
         return preference_run.PreferenceTrainer(model, step_settings, preference.config_of(cfg),
-                                                device, dist, token_bytes, state)
-    return Trainer(model, step_settings, device, dist, token_bytes, state)
+                                                device, dist, label_bytes, state)
+    return Trainer(model, step_settings, device, dist, label_bytes, state)
 
 
 def packing_pays(packing: bool | None, examples: Dataset, block_size: int) -> bool:

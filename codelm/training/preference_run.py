@@ -39,7 +39,14 @@ from codelm.runtime.distributed import Dist, all_reduce_sum
 from codelm.trainconfig import DataSettings, ModelSettings, StepSettings, TrainConfig
 from codelm.training import preference
 from codelm.training.preference_batches import PreferenceBatches, PreferenceRows
-from codelm.training.trainer import StepFigures, StepStop, Trainer, autocast, checked_precision
+from codelm.training.trainer import (
+    LabelBytes,
+    StepFigures,
+    StepStop,
+    Trainer,
+    autocast,
+    checked_precision,
+)
 from tokenizer import Tokenizer
 
 REFERENCE_FILE = "reference_logps.pt"  # in the run directory: (n, 2) of each split's rows
@@ -269,9 +276,9 @@ class PreferenceTrainer(Trainer):
 
     def __init__(self, model: nn.Module, settings: StepSettings,
                  preference_config: preference.PreferenceConfig, device: torch.device,
-                 dist: Dist | None = None, token_bytes: torch.Tensor | None = None,
+                 dist: Dist | None = None, label_bytes: LabelBytes | None = None,
                  state=None):
-        super().__init__(model, settings, device, dist, token_bytes, state)
+        super().__init__(model, settings, device, dist, label_bytes, state)
         self.preference = preference_config
         self.metric_names = METRICS[preference_config.method]
         if preference_config.method == "kto":  # its completions, then its KL rows

@@ -162,11 +162,15 @@ def _remove_hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
         handle.remove()
 
 
+# A batch's labelled text's UTF-8 bytes, from its input ids and labels (datasets.LabelBytes).
+LabelBytes = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class Trainer:
     """Model, optimizer, schedule and loss scaler: one training step, one evaluation."""
 
     def __init__(self, model: nn.Module, settings: StepSettings, device: torch.device,
-                 dist: Dist | None = None, token_bytes: torch.Tensor | None = None,
+                 dist: Dist | None = None, label_bytes: LabelBytes | None = None,
                  state: RunState | None = None):
         self.settings = settings
         self.device = device
@@ -174,8 +178,7 @@ class Trainer:
 
         self.precision = checked_precision(settings, device)
         self.raw_model = model.to(device)
-        # each id's UTF-8 bytes: the loss per byte
-        self.token_bytes = None if token_bytes is None else token_bytes.to(device)
+        self.label_bytes = label_bytes  # the bytes of a batch's labelled text: the loss per byte
         self.eval_model = torch.compile(self.raw_model) if settings.compile else self.raw_model
         # The strategy's one decision (replicated or sharded), before the optimizer: sharding
         # replaces the parameters.
@@ -383,7 +386,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
         """Validation loss, perplexity and token accuracy over all tokens, unsmoothed; with
-        ``token_bytes``, bits per byte too (comparable across tokenizers)."""
+        ``label_bytes``, bits per byte too (comparable across tokenizers)."""
         model = self.eval_model
         sum_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         sum_tokens = torch.zeros_like(sum_loss)
@@ -398,8 +401,8 @@ class Trainer:
             sum_loss += loss.double()
             sum_tokens += counted.sum()
             sum_correct += correct
-            if self.token_bytes is not None:
-                sum_bytes += self.token_bytes[labels[counted]].sum()
+            if self.label_bytes is not None:
+                sum_bytes += self.label_bytes(batch["input_ids"], labels)
         totals = torch.stack([sum_loss, sum_tokens, sum_correct, sum_bytes])  # one all-reduce
         loss_sum, n, correct, n_bytes = all_reduce_sum(totals, self.dist).tolist()
         assert n > 0, "check_next_token_labels found labelled validation tokens"

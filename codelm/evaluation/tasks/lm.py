@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from codelm.data.config import DataConfig
-from codelm.data.datasets import files_apart
+from codelm.data.datasets import LabelBytes, files_apart
 from codelm.data.encoding import encode_text, packed_document
 from codelm.data.sources import Doc, plain_text
 from codelm.evaluation import scoring
@@ -52,8 +52,8 @@ def score_lm(lm: LoadedModel, texts: Sequence[str], cfg: LmSettings) -> dict:
     loss = total / count
     scores = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
               "token_accuracy": correct / count, "tokens": int(count)}
-    byte_lengths = torch.tensor(tok.token_byte_lengths())  # special tokens: none
-    n_bytes = sum(int(byte_lengths[w["labels"][w["labels"] != -100]].sum()) for w in windows)
+    label_bytes = LabelBytes(tok)
+    n_bytes = sum(int(label_bytes(w["input_ids"], w["labels"])) for w in windows)
     if n_bytes:  # as training's val_bpb: comparable across tokenizers
         scores["bits_per_byte"] = total / n_bytes / math.log(2)
     return scores
