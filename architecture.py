@@ -256,7 +256,11 @@ def lacks_native_bf16(device: torch.device) -> bool:
 # ------------------------------------------------------------------------- the ops of the model
 @kernels.faster(kernels.rms_norm)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    """x / rms(x) in (at least) fp32, cast back to x's dtype, then times weight: Llama's order
+    (HF's LlamaRMSNorm), where in bf16 or fp16 the weight multiplies the rounded normalized x."""
+    if x.dtype == torch.promote_types(x.dtype, torch.float32):  # one fused call, the same values
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 @kernels.faster(kernels.linear)

@@ -377,6 +377,34 @@ def test_rmsnorm_backward_equals_autograd_of_the_composite():
             assert torch.equal(norm(xs), _RMSNormFunction.apply(xs, norm.weight, 1e-5))
 
 
+@pytest.mark.parametrize("x_dtype, w_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_rmsnorm_equals_llamas_norm_with_the_kernels_on_and_off(x_dtype, w_dtype, kernels_on,
+                                                                  monkeypatch):
+    """RMSNorm, fast or plain, is transformers' LlamaRMSNorm bit for bit and in its dtype: x
+    normalized in fp32 and cast to x's dtype before the weight multiplies it, so in bf16 and
+    fp16 the switch changes no value."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from architecture import RMSNorm
+
+    monkeypatch.setattr(kernels, "ENABLED", kernels_on)
+    torch.manual_seed(0)
+    ref = LlamaRMSNorm(256, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.3 * torch.randn(256))
+    ref = ref.to(w_dtype)
+    norm = RMSNorm(256, 1e-6).to(w_dtype)
+    norm.load_state_dict(ref.state_dict())
+    x = (3 * torch.randn(4, 7, 256)).to(x_dtype)
+    with torch.no_grad():
+        want, got = ref(x), norm(x)
+    assert got.dtype == want.dtype
+    assert torch.equal(got, want)
+
+
 def _unfused(hidden, labels, head, smoothing=0.0):
     logits = head(hidden.flatten(0, -2))
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
