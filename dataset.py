@@ -698,10 +698,11 @@ def training_flags(flags: dict, tokenizer_flags: list[str], block_size: int | No
     """trainingmanager.py's flags for the data dataset.py's ``flags`` prepare (its --data, --task,
     the other DataConfig keys given as --data-options; where a tokenizer built the examples,
     ``tokenizer_flags`` (``tokenizer_words``) and the examples' context, ``block_size``, which
-    keys them), so that a run reads this preparation from the cache."""
+    keys them), so that a run reads this preparation from the cache: --no-use-cache, which
+    rebuilt it, is not passed on."""
     options = {key: value for key, value in flags.items()
                if key not in ("sources", "val_sources", "test_sources", "task", "block_size",
-                              "progress")}
+                              "progress", "use_cache")}
     words = ["--data", *map(shlex.quote, flags.get("sources", ["stdlib"]))]
     for key, flag in (("val_sources", "--val-data"), ("test_sources", "--test-data")):
         if flags.get(key):

@@ -3840,6 +3840,28 @@ def test_dataset_py_names_the_training_flags_that_read_its_preparation(tmp_path,
     assert str(prepared.cache_path) == cached and prepared.stats["cache_hit"]
 
 
+def test_the_training_flags_after_no_use_cache_read_the_rebuilt_entry(tmp_path, capsys, tok):
+    """dataset.py --no-use-cache rebuilds the entry and publishes it: the trainingmanager.py
+    flags it prints read that entry from the cache (use_cache is not passed on, as a run
+    with it would build the same entry again)."""
+    import shlex
+
+    from codelm import trainconfig
+    from codelm.training import plan
+
+    tok.save(tmp_path / "tok")
+    argv = ["--sources", str(EMAIL), "--split-by", "file", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--no-use-cache", "--tokenizer", str(tmp_path / "tok")]
+    assert dataset.main(argv) == 0
+    err = capsys.readouterr().err
+    cached = re.search(r"cached at (\S+)", err).group(1)
+    flags = shlex.split(err.split("trainingmanager.py prepares the same: ")[1].splitlines()[0])
+    run = plan.parse_config([*flags, "--preset", "tiny", "--max-steps", "1"])
+    context = run.block_size or trainconfig.default_block_size(run)
+    prepared = dataset.prepare(trainconfig.data_config(run, context), tok)
+    assert str(prepared.cache_path) == cached and prepared.stats["cache_hit"]
+
+
 def test_dataset_py_trains_the_tokenizer_a_run_from_scratch_takes(tmp_path, capsys):
     """--train-tokenizer trains the tokenizer trainingmanager.py's from-scratch run of the same
     data trains, kept where that run reads it (HF tokenizers reads it with the same ids), and
