@@ -92,7 +92,7 @@ from codelm.data.sources import Doc, plain_text
 from codelm.data.splits import Corpus, Texts, corpus_key, load_corpus, lopsided_note
 from codelm.kernels import IGNORE_INDEX
 from codelm.runtime import process, settings
-from codelm.runtime.console import progress_bar
+from codelm.runtime.console import parts_of_a_phase, progress_bar
 from codelm.tokenization.batching import BatchEncoder, text_batches
 from codelm.tokenization.bpe import BPETokenizer
 from tokenizer import CodeTokenizer, load_tokenizer
@@ -413,7 +413,8 @@ def _example_shards(docs: Sequence[Doc], encoder: BatchEncoder, cfg: DataConfig,
                       enabled=cfg.progress) as bar:
         ordered = itertools.islice(_example_order(docs, cfg), skip, None)
         for chunk in _document_chunks(ordered, cfg):
-            examples, events = _chunk_examples(chunk, encoder, quiet, split, in_train)
+            with parts_of_a_phase():
+                examples, events = _chunk_examples(chunk, encoder, quiet, split, in_train)
             path = _task_shard_path(work, split, len(done), ".npz")
             done.append(_write_example_shard(path, examples, len(chunk), events))
             chars += sum(map(_doc_chars, chunk))

@@ -27,7 +27,7 @@ from codelm.data.config import DataConfig
 from codelm.data.encoding import packed_document
 from codelm.data.sources import stdlib_root
 from codelm.data.splits import corpus_key, load_corpus
-from codelm.runtime import process
+from codelm.runtime import console, process
 from codelm.tokenization.batching import BatchEncoder
 from dataset import prepare
 from tokenizer import CodeTokenizer, load_tokenizer
@@ -610,6 +610,24 @@ def test_a_supervised_task_writes_the_same_bytes_in_small_shards_and_in_one(
     assert small == whole and small_counts == whole_counts
     assert max(one.values()) == 1 and min(several[s] for s in ("train", "val", "test")) >= 2
     assert whole_counts["task"]["examples"]["train"] > 20
+
+
+def test_a_supervised_build_with_hidden_bars_counts_each_split_in_its_own_lines(
+        tmp_path, source, tokenizer, monkeypatch, capsys):
+    """With its bars hidden (--no-progress, a log; a line at each update here: HEARTBEAT_S 0), a
+    supervised build's lines count each split's documents, up to all of them; what it does a
+    shard at a time (the shard's texts tokenized) gives no line, whose count would be a
+    shard's, not the split's."""
+    monkeypatch.setattr(console, "HEARTBEAT_S", 0)
+    small_shards(monkeypatch)
+    c = config(tmp_path / "cache", source, task="completion")
+    train = len(load_corpus(c).train)
+    capsys.readouterr()
+    prepare(c, tokenizer)
+    lines = capsys.readouterr().err.splitlines()
+    counted = [line.split(",")[0] for line in lines if line.startswith("completion train: ")]
+    assert len(counted) > 2 and counted[-1] == f"completion train: {train}/{train} docs"
+    assert not [line for line in lines if line.startswith("tokenize ")]
 
 
 instruct = test_chat.instruct  # a tiny instruct model and its conversation records

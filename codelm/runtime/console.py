@@ -131,12 +131,28 @@ class Heartbeat:
         return f"{line}, about {duration(left)} left"
 
 
+_PARTS_OPEN = [0]  # the ``parts_of_a_phase`` blocks under way
+
+
+@contextlib.contextmanager
+def parts_of_a_phase() -> Iterator[None]:
+    """Within: the bars made count parts of a phase whose own bar, made outside, says where
+    the phase is: they keep no ``Heartbeat`` (a part's line would give its count as the
+    phase's)."""
+    _PARTS_OPEN[0] += 1
+    try:
+        yield
+    finally:
+        _PARTS_OPEN[0] -= 1
+
+
 def progress_bar(*args, enabled: bool = True, lines: bool = True, **kwargs):
     """A tqdm bar, shown only when asked for and stderr is a terminal: a log file gets no frames.
     A hidden bar counts all the same and, unless ``lines`` is False (a caller with lines of its
-    own), keeps a ``Heartbeat``: a plain line at least every HEARTBEAT_S seconds of updates."""
-    return _bar_class()(*args, disable=not (enabled and sys.stderr.isatty()), lines=lines,
-                        **kwargs)
+    own) or it is made within ``parts_of_a_phase``, keeps a ``Heartbeat``: a plain line at
+    least every HEARTBEAT_S seconds of updates."""
+    return _bar_class()(*args, disable=not (enabled and sys.stderr.isatty()),
+                        lines=lines and not _PARTS_OPEN[0], **kwargs)
 
 
 @cache
