@@ -142,6 +142,38 @@ def test_an_interrupted_corpus_build_continues_after_its_whole_shards(tmp_path, 
     assert not work.exists()
 
 
+def test_the_read_and_clean_lines_count_the_records_read_fresh_or_continued(tmp_path,
+                                                                           monkeypatch, capsys):
+    """The read-and-clean phase's lines (bar hidden; a line at each update here: HEARTBEAT_S 0)
+    end at the files and records the corpus's stats say were read, malformed records skipped
+    (skip_bad) among them, in a fresh build and in one continued after whole shards."""
+    monkeypatch.setattr(console, "HEARTBEAT_S", 0)
+    records = [{"repo": f"r{i % 5}", "path": f"f{i}.py", "text": f"def f{i}(x):\n    return x\n"}
+               for i in range(40)]
+    lines = ["{bad" if i % 4 == 0 else json.dumps(r) for i, r in enumerate(records)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    small_shards(monkeypatch)
+
+    def read_and_clean_lines(c: DataConfig) -> tuple[list[str], int]:
+        capsys.readouterr()
+        corpus = load_corpus(c)
+        err = capsys.readouterr().err.splitlines()
+        counts = [line.split(",")[0] for line in err if line.startswith("read and clean: ")]
+        return counts, corpus.stats["read"]["files"]
+
+    options = {"sources": [str(tmp_path / "a.jsonl")], "skip_bad": True, "progress": False}
+    counts, read = read_and_clean_lines(DataConfig(cache_dir=str(tmp_path / "ref"), **options))
+    assert read == 40 and counts[-1] == "read and clean: 40 files"
+    c = DataConfig(cache_dir=str(tmp_path / "cache"), **options)
+    real = shards._write_shard
+    interrupt_after(monkeypatch, shards, "_write_shard", 3)
+    with pytest.raises(Interrupted):
+        load_corpus(c)
+    monkeypatch.setattr(shards, "_write_shard", real)
+    counts, read = read_and_clean_lines(c)
+    assert read == 40 and counts[-1] == "read and clean: 40 files"
+
+
 def _killing_on(name: str, real, cache: Path):
     """shards.clean_one that, in a worker, kills its own process on the document ``name`` (as
     the out-of-memory killer would) once the build has written its first whole shard under

@@ -321,9 +321,10 @@ def build_corpus_shards(cfg: DataConfig, work: Path) -> list[dict]:
           progress_bar(desc="read and clean", unit="file", initial=already,
                        enabled=cfg.progress) as bar):
         for cleaned in results:
+            counted = shard.files
             shard.count_read(cleaned.read)
             dedupe.keep(cleaned, shard)
-            bar.update(not cleaned.read.last)
+            bar.update(shard.files - counted)  # the files and records read, as the stats count
             if shard.full:
                 done.append(_write_shard(work, shard))
                 shard = _Shard(len(done), n_sources)
