@@ -5630,6 +5630,19 @@ def test_fim_needs_a_tokenizer_with_fim_tokens(tmp_path):
         fim_task.run_fim(lm, problems, EvalConfig(tasks=["fim"]))
 
 
+def test_a_problems_id_of_0_is_its_id_and_a_missing_one_its_place(tmp_path):
+    """A FIM record's name and a CodeXGLUE record's id name the problem in predictions, 0 too;
+    a record without one (absent or null) is named by its file and line."""
+    from codelm.evaluation.tasks.codexglue import load_codexglue_methods
+
+    fim = [{**FIM_RECORDS[0], "name": 0}, {**FIM_RECORDS[1], "name": None}]
+    ids = [p["id"] for p in fim_task.load_fim_problems(_write_jsonl(tmp_path / "f.jsonl", fim))]
+    assert ids == ["0", f"{tmp_path / 'f.jsonl'}:2"]
+    methods = [{**CODEXGLUE_METHODS[2], "id": 0}, {**CODEXGLUE_METHODS[2], "id": ""}]
+    problems = load_codexglue_methods(_write_jsonl(tmp_path / "m.jsonl", methods))
+    assert [p["id"] for p in problems] == ["0", f"{tmp_path / 'm.jsonl'}:2"]
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
     import json
 

@@ -20,7 +20,7 @@ from codelm.evaluation.metrics import (
     fuzz_ratio,
 )
 from codelm.evaluation.scoring import Scoring
-from codelm.evaluation.tasks.problems import problem_records
+from codelm.evaluation.tasks.problems import problem_records, record_id
 from codelm.evaluation.tasks.text import GENERATION_EXAMPLES, method_body
 from codelm.loading import LoadedModel
 from codelm.models.generation import FUNCTION_STOPS
@@ -76,7 +76,7 @@ def load_codexglue_methods(path: str | Path, limit: int | None = None) -> list[d
             raise ValueError(f"{where}: missing string field(s) {missing}")
         docstring = _docstring_body(record["docstring"])
         prompt = f'{_literal_code(record["signature"])}\n    """{docstring}"""\n'
-        problems.append({"id": str(record.get("id") or where), "prompt": prompt,
+        problems.append({"id": record_id(record, "id", where), "prompt": prompt,
                          "reference": record["body"]})
     if not problems:
         raise ValueError(f"{path}: no problems: give a JSONL file of CodeXGLUE method-generation "

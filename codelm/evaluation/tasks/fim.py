@@ -12,7 +12,7 @@ from codelm.data.config import DataConfig
 from codelm.data.encoding import encode_text, fim_prompt, without_stripping
 from codelm.evaluation import scoring
 from codelm.evaluation.scoring import Scoring
-from codelm.evaluation.tasks.problems import problem_records
+from codelm.evaluation.tasks.problems import problem_records, record_id
 from codelm.loading import LoadedModel
 from codelm.tokenization.bpe import FIM_TOKENS
 
@@ -36,7 +36,7 @@ def load_fim_problems(path: str | Path, limit: int | None = None) -> list[dict]:
     for where, record in problem_records(path, SPLIT_FILES, "fim"):
         if missing := [k for k in FIM_KEYS if not isinstance(record.get(k), str)]:
             raise ValueError(f"{where}: missing string field(s) {missing}")
-        problems.append({"id": str(record.get("name") or where),
+        problems.append({"id": record_id(record, "name", where),
                          "language": str(record.get("language") or "unknown"),
                          "prefix": record["prompt"], "suffix": record["suffix"],
                          "middle": record["canonical_solution"]})

@@ -72,6 +72,13 @@ def problem_records(path: str | Path, split_files: Sequence[str], task: str
     return records
 
 
+def record_id(record: dict, key: str, where: str) -> str:
+    """A record's ``key`` as its id (0 included), or ``where`` it is in its file where it has
+    none (absent, null or empty)."""
+    value = record.get(key)
+    return where if value is None or value == "" else str(value)
+
+
 def _file_records(path: Path) -> list[tuple[str, dict]]:
     """("file:line" or "file: row N", record) of one JSONL or parquet file."""
     if path.suffix == ".parquet":
