@@ -259,8 +259,8 @@ def test_an_explicit_head_dim_is_read_as_transformers_reads_it_and_written_back(
 
 
 def test_a_phi3_rope_scaling_transformers_refuses_is_refused(tmp_path):
-    """Phi3Config takes longrope alone: linear or yarn on a Phi-3 is refused in one line, never
-    loaded and exported as a checkpoint transformers cannot open."""
+    """Phi3Config takes longrope alone: linear on a Phi-3 is refused in one line, never loaded
+    and exported as a checkpoint transformers cannot open."""
     save_tiny_hf("phi3", tmp_path)
     _edit_config(tmp_path, rope_parameters=None, rope_scaling={"type": "linear", "factor": 4.0})
     with pytest.raises(ValueError, match=r"config\.json: rope scaling 'linear' .* phi3"):
@@ -286,6 +286,29 @@ def test_phi3_longrope_without_a_top_level_original_context_takes_phi3_config_de
     model = pretrained.load(tmp_path)
     assert model.cfg.rope_scaling["original_max_position_embeddings"] == 4096
     idx = _ids(1, 100, seed=8)  # past the rope dict's 64
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["su", "yarn"])
+def test_a_phi3_rope_dict_of_type_su_or_yarn_is_longrope(name, tmp_path):
+    """Phi-3's first config.json files name LongRoPE "su" (or "yarn"), which Phi3Config reads as
+    longrope: codelm loads them as LongRoPE too, and its logits past the original context are
+    transformers'."""
+    import transformers
+
+    save_tiny_hf("phi3", tmp_path)
+    config = tmp_path / "config.json"
+    values = json.loads(config.read_text())
+    rope = values.pop("rope_parameters")
+    values["rope_scaling"] = {"type": name, "short_factor": rope["short_factor"],
+                              "long_factor": rope["long_factor"],
+                              "original_max_position_embeddings": 64}
+    config.write_text(json.dumps(values))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = pretrained.load(tmp_path)
+    assert model.cfg.rope_scaling["rope_type"] == "longrope"
+    idx = _ids(1, 100, seed=8)  # past the original context, on the long factors
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-5
 

@@ -454,8 +454,21 @@ def _read_starcoder2(hf: dict) -> ModelConfig:
 PHI3_ORIGINAL_CONTEXT = 4096
 
 
+def _phi3_rope_names(hf: dict) -> dict:
+    """``hf`` with a rope dict of type "su" or "yarn" (Phi-3's first configs) named longrope,
+    as Phi3Config renames it."""
+    out = dict(hf)
+    for key in ("rope_scaling", "rope_parameters"):
+        params = hf.get(key)
+        if isinstance(params, dict) and (params.get("rope_type") or params.get("type")) in (
+                "su", "yarn"):
+            out[key] = {**params, "rope_type": "longrope", "type": "longrope"}
+    return out
+
+
 def _read_phi3(hf: dict) -> ModelConfig:
     _require(hf, "hidden_act", "silu", "codelm's SwiGLU uses silu")
+    hf = _phi3_rope_names(hf)
     f = _fields(hf, "phi3")
     # Phi3Config always has a top-level original context (4096 where config.json names none),
     # and transformers takes it over the rope dict's
