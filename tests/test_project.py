@@ -1057,6 +1057,19 @@ def test_a_hash_opens_no_comment_in_languages_whose_comments_open_with_slashes()
     assert history.line_names("x = 1  # helper(x)\n", "a.py")[0] == {"x"}
 
 
+def test_a_rust_lifetime_opens_no_char_literal():
+    """In Rust a quote opens a char literal of one character or escape, else a lifetime
+    (`&'a str`), which is code: the names after a lifetime are read, so a line calling the
+    project's function after one is inproject, and a char literal's text is still left out."""
+    snapshot = {"src/store.rs": "pub fn lookup(items: &[u8]) -> u8 {\n    items[0]\n}\n"}
+    text = ("fn first<'a>(items: &'a [u8]) -> &'a u8 {\n"
+            "    let k: &'a u8 = lookup(items, 'x', '\\n', '\\u{1F600}', '\\'');\n"
+            "    k\n}\n")
+    assert history.line_names(text, "src/main.rs")[1] == {"let", "k", "a", "u8", "lookup",
+                                                          "items"}
+    assert history.line_categories(text, "src/main.rs", snapshot, {})["inproject"] == [1]
+
+
 def test_files_whose_path_fills_a_short_context_are_left_out_and_named(tmp_path, tiny_model,
                                                                          capsys):
     """A model of a short context and a completion file whose repository name and path take it

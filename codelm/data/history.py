@@ -101,15 +101,30 @@ _NOT_DECLARED = frozenset({"if", "for", "while", "switch", "catch", "return", "e
                            "this", "assert", "with", "when", "fixed", "constructor"})
 _NAME = re.compile(r"[A-Za-z_]\w*")
 # String literals (triple-quoted first) and comments (block, #, //), left to right.
-_STRINGS_AND_COMMENTS = re.compile(r'/\*[\s\S]*?\*/|"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\''
-                                   r'|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|#[^\n]*|//[^\n]*')
+_BLOCK_COMMENT = r"/\*[\s\S]*?\*/"
+_TRIPLE_QUOTED = r'"""[\s\S]*?"""|' + r"'''[\s\S]*?'''"
+_DOUBLE_QUOTED = r'"(?:\\.|[^"\\\n])*"'
+_SINGLE_QUOTED = r"'(?:\\.|[^'\\\n])*'"
+# Rust's: a quote opens a char literal of one character or escape ('a', '\n', '\u{1F600}'),
+# else a lifetime (`&'a str`), which is code.
+_RUST_CHAR = r"'(?:\\(?:x[0-9a-fA-F]{2}|u\{[0-9a-fA-F]{1,6}\}|[^\n])|[^'\\\n])'"
+_HASH_COMMENT = r"#[^\n]*"
+_SLASH_COMMENT = r"//[^\n]*"
+_STRINGS_AND_COMMENTS = re.compile("|".join((
+    _BLOCK_COMMENT, _TRIPLE_QUOTED, _DOUBLE_QUOTED, _SINGLE_QUOTED, _HASH_COMMENT,
+    _SLASH_COMMENT)))
 # The same where # opens no comment (line_comment's // languages: a C preprocessor line, a Rust
 # attribute, a JavaScript private member `this.#count`).
-_STRINGS_AND_SLASH_COMMENTS = re.compile(_STRINGS_AND_COMMENTS.pattern.replace(r"|#[^\n]*", ""))
+_STRINGS_AND_SLASH_COMMENTS = re.compile("|".join((
+    _BLOCK_COMMENT, _TRIPLE_QUOTED, _DOUBLE_QUOTED, _SINGLE_QUOTED, _SLASH_COMMENT)))
+_RUST_STRINGS_AND_COMMENTS = re.compile("|".join((
+    _BLOCK_COMMENT, _TRIPLE_QUOTED, _DOUBLE_QUOTED, _RUST_CHAR, _SLASH_COMMENT)))
 
 
 def _strings_and_comments(path: str) -> re.Pattern:
     """The string literals and comments of ``path``'s language."""
+    if path.endswith(".rs"):
+        return _RUST_STRINGS_AND_COMMENTS
     slash = line_comment(path) == "//"
     return _STRINGS_AND_SLASH_COMMENTS if slash else _STRINGS_AND_COMMENTS
 
