@@ -5655,7 +5655,8 @@ def test_wandb_with_a_key_or_offline_starts_without_asking(tmp_path, monkeypatch
 def test_wandb_offline_gets_the_config_and_scalars_and_a_resume_continues_its_run(
         assets, tmp_path, monkeypatch):
     """report_to wandb (offline) logs the config and the validation scalars at their steps, and a
-    resume continues the same W&B run (trackers.json keeps its id) rather than starting another."""
+    resume continues the same W&B run (trackers.json keeps its id) rather than starting another,
+    sending no config: the run keeps the one it started with, as the other trackers do."""
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -5666,18 +5667,20 @@ def test_wandb_offline_gets_the_config_and_scalars_and_a_resume_continues_its_ru
     run_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]
     files = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 2  # one W&B run, continued
-    val_steps = []
+    val_steps, configs = [], []
     for records in map(_wandb_records, files):
         runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         assert runs[0].run_id == run_id and runs[0].display_name == "run"
-        config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
-        assert config["lr"] == cfg.lr and config["preset"] == "tiny"
+        configs.append({i.key: json.loads(i.value_json) for i in runs[0].config.update})
         for r in records:
             items = {i.key or "/".join(i.nested_key): i.value_json  # "val/x" is nested
                      for i in r.history.item}  # empty in other records
             if "val/val_loss" in items:
                 val_steps.append(int(items["_step"]))
     assert val_steps == [4, 8]
+    started, resumed = configs
+    assert started["lr"] == cfg.lr and started["preset"] == "tiny" and started["max_steps"] == 4
+    assert not {key for key in resumed if not key.startswith("_")}
 
 
 def test_mlflow_gets_the_config_and_scalars_and_a_resume_continues_its_run(

@@ -69,8 +69,9 @@ def _after_the_newest_event_file(path: Path) -> None:
 
 
 class _WandB:
-    """A W&B run named after the run directory; a resume continues it (its id in the run dir).
-    WANDB_MODE=offline keeps it in the run directory; WANDB_PROJECT names the project."""
+    """A W&B run named after the run directory; a resume continues it (its id in the run dir)
+    and keeps the config it started with. WANDB_MODE=offline keeps it in the run directory;
+    WANDB_PROJECT names the project."""
 
     def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
         import wandb
@@ -80,7 +81,7 @@ class _WandB:
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "codelm"),
                                   dir=run_dir, name=run_dir.name, id=run_id, resume="allow",
-                                  config=config)
+                                  config=config if resume_step is None else None)
         except wandb.errors.UsageError as e:  # no API key: a login, or offline
             raise ValueError(_wandb_not_ready(e)) from None
 
