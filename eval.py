@@ -134,7 +134,7 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
     if "infill" in tasks and set(trained) != {"fim"}:  # other models may have no FIM tokens
         fim_runs = [spec for spec, task in zip(specs, trained) if task == "fim"]
         print(f"note: {', '.join(fim_runs)} trained on fim: --tasks infill scores their "
-              "held-out lines, for every model with FIM tokens", file=sys.stderr)
+              "held-out lines (every model evaluated with it needs FIM tokens)", file=sys.stderr)
         tasks.remove("infill")
         runs = [spec for spec in runs if spec not in fim_runs]
     if tasks:
