@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from codelm.data.examples import SamplePrompt
 from codelm.kernels import IGNORE_INDEX
+from codelm.tokenization.batching import BatchEncodeMixin
 
 
 class LMWindows(Dataset):
@@ -116,7 +117,8 @@ class LabelBytes:
     opens each document with (its first token follows a special token, BOS or EOS), which the
     document's text does not hold. Called with a batch's input ids and labels."""
 
-    def __init__(self, tokenizer, device: torch.device | str = "cpu") -> None:
+    def __init__(self, tokenizer: BatchEncodeMixin, device: torch.device | str = "cpu"
+                 ) -> None:
         dummy_prefix = tokenizer.continuation_anchor is not None
         special = []
         opens_with_space = []
