@@ -9,6 +9,7 @@ import json
 import posixpath
 import re
 import tokenize
+from collections.abc import Iterator
 from dataclasses import replace
 
 from codelm.data.sources import Doc
@@ -231,7 +232,8 @@ def _autopep8(text: str) -> tuple[str, str | None]:
 
 
 def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
-    """``texts`` (a document, or a pair's two) with credentials (and e-mails) replaced; the mods."""
+    """``texts`` (a document, a pair's two, or a conversation's) with credentials (and
+    e-mails) replaced; the mods."""
     mods = []
     if opt["redact_secrets"]:
         texts, counts = zip(*map(redact_secrets, texts))
@@ -242,6 +244,29 @@ def _redact(texts: list[str], opt: dict) -> tuple[list[str], list[str]]:
         if any(counts):
             mods.append("emails_redacted")
     return list(texts), mods
+
+
+def _strings_in(value: object) -> list[str]:
+    """Every string a message's JSON value holds (not its keys), in order: the content, a tool
+    call's arguments, the reasoning, each of which a chat template can render."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [text for item in value for text in _strings_in(item)]
+    return []
+
+
+def _with_strings(value: object, texts: Iterator[str]) -> object:
+    """``value`` with its strings replaced, in ``_strings_in``'s order, by the next of ``texts``."""
+    if isinstance(value, str):
+        return next(texts)
+    if isinstance(value, dict):
+        return {key: _with_strings(item, texts) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_with_strings(item, texts) for item in value]
+    return value
 
 
 def _answers(message: dict) -> bool:
@@ -263,11 +288,8 @@ def clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]
         messages = raw.messages
         if not any(_answers(m) for m in messages):
             return None, "empty_chat", mods
-        contents, mods = _redact([m.get("content") or "" for m in messages], opt)
-        redacted = []
-        for message, content in zip(messages, contents):
-            has_text = isinstance(message.get("content"), str)  # else a tool call's null
-            redacted.append({**message, "content": content} if has_text else message)
+        texts, mods = _redact(_strings_in(messages), opt)
+        redacted = _with_strings(messages, iter(texts))
         return replace(raw, text=json.dumps(redacted, ensure_ascii=False)), None, mods
     text, reason = decode_source(raw.text)
     if text is None:
