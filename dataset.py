@@ -111,7 +111,7 @@ def _task_options(cfg: DataConfig) -> dict:
         if cfg.completion_style == "window":
             # window_cut: bump when window_pairs's windows change (rebuilds these entries)
             opts.update(p=cfg.window_prompt_tokens, c=cfg.window_completion_tokens,
-                        s=cfg.window_stride, window_cut=1)
+                        s=cfg.window_stride, window_cut=2)
         else:
             opts.update(lines_per_file=cfg.lines_per_file)
     if cfg.task == "docstring":
@@ -127,7 +127,7 @@ def _task_options(cfg: DataConfig) -> dict:
                     project_cut=3)
     if cfg.task == "fim":
         # fim_cut: bump when the PSM cut changes the ids (rebuilds the fim entries only)
-        opts.update(fim_rate=cfg.fim_rate, fim_cut=4)
+        opts.update(fim_rate=cfg.fim_rate, fim_cut=5)
     if reads_special_tokens(cfg.task, cfg.pair_special_tokens):
         opts.update(pair_special_tokens=True)
     return opts
@@ -269,8 +269,8 @@ def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Co
     ``_example_order``), counting skipped examples in ``events``."""
     pairs = []
     if _encodes_files(cfg):
-        code = [d for d in docs if d.target is None]
-        encoded = encode(tokenizer, [d.text for d in code], cfg, f"tokenize {s}",
+        code = [d for d in docs if d.target is None]  # a conversation: its text, as lm reads it
+        encoded = encode(tokenizer, [plain_text(d) for d in code], cfg, f"tokenize {s}",
                           encoder=encoder)
         if cfg.task == "fim":
             files = fim_pairs([(ids, d.id) for d, ids in zip(code, encoded)], tokenizer, cfg,

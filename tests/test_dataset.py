@@ -2054,6 +2054,35 @@ def test_fim_plain_chunks_get_no_eos_in_the_built_data(tmp_path, tok):
     assert [t for _, labels in got for t in labels] == ids[1:]
 
 
+def test_fim_and_window_tasks_read_a_conversation_as_its_text(tmp_path, tok):
+    """A conversation record in a task that cuts files into chunks or windows (fim, window
+    completion) is read as the lm task reads it, its messages' text one after another, never
+    the JSON that holds it ("role" keys, escaped newlines). Reference: the plain chunks and the
+    windows of tok.encode of that text."""
+    messages = [{"role": "user", "content": "Write a function that adds one to x."},
+                {"role": "assistant", "content": "def add_one(x):\n    return x + 1\n"}]
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": messages}])
+    ids = tok.encode("\n".join(m["content"] for m in messages))
+    fim = prepare(cfg(tmp_path, sources=[str(chats)], task="fim", fim_rate=0.0, block_size=8,
+                      **WHOLE), tok)
+    assert [t for i in range(len(fim.train)) for t in fim.train[i]["labels"].tolist()] == ids[1:]
+    windows = cfg(tmp_path, sources=[str(chats)], task="completion", block_size=16,
+                  window_prompt_tokens=4, window_completion_tokens=3, **WHOLE)
+    built = prepare(windows, tok).train
+    got = [built[i]["input_ids"].tolist() + built[i]["labels"].tolist()[-1:]
+           for i in range(len(built))]
+    assert got == [prompt + completion for prompt, completion in window_pairs(ids, windows)]
+    # eval.py's completion task scores those windows
+    from codelm.evaluation.config import EvalConfig
+    from codelm.evaluation.tasks.text import completion_examples
+
+    doc = Doc("chats.jsonl:1", json.dumps(messages), chat=True)
+    scored = completion_examples(doc, tok, windows, EvalConfig(lines_per_file=99, progress=False))
+    assert [(e.head, e.completion) for e in scored] == [
+        (tok.decode(prompt), tok.decode(completion))
+        for prompt, completion in window_pairs(ids, windows)]
+
+
 def test_add_eos_false_leaves_completions_without_eos(tmp_path, tok):
     """add_eos=False: each supervised completion is its tokens alone. Reference: tok.encode."""
     records = [{"input": f"x{i}  =  {i}\n", "output": f"x{i} = {i}\n"} for i in range(4)]

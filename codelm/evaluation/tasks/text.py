@@ -27,7 +27,7 @@ from codelm.data.examples import (
     method_examples,
     refactor_example,
 )
-from codelm.data.sources import Doc
+from codelm.data.sources import Doc, plain_text
 from codelm.evaluation import scoring
 from codelm.evaluation.metrics import (
     chrf,
@@ -124,7 +124,7 @@ def completion_examples(doc: Doc, tok: CodeTokenizer | BPETokenizer | None, data
                         cfg: TextSettings) -> list[Example]:
     """``cfg.lines_per_file`` of a file's training windows, chosen by a seeded draw."""
     assert tok is not None, "the completion task cuts token windows"
-    pairs = list(window_pairs(encode_text(tok, doc.text), data_cfg))  # the training windows
+    pairs = list(window_pairs(encode_text(tok, plain_text(doc)), data_cfg))  # the training windows
     rng = random.Random(f"{cfg.seed}\0{doc.id}")
     chosen = sorted(rng.sample(range(len(pairs)), min(cfg.lines_per_file, len(pairs))))
     return [Example(tok.decode(pairs[j][0]), tok.decode(pairs[j][1]), id=f"{doc.id}#{j}",
