@@ -118,7 +118,7 @@ def _task_options(cfg: DataConfig) -> dict:
         # sample_cut: bump when meta.json's sample prompt changes (rebuilds docstring entries)
         opts.update(targets=cfg.docstring_targets, min_tokens=cfg.docstring_min_tokens,
                     code_tokens=cfg.docstring_code_tokens,
-                    prompt=docstring_template(cfg.docstring_prompt), sample_cut=1)
+                    prompt=docstring_template(cfg.docstring_prompt), sample_cut=2)
     if cfg.task == "refactor":
         opts.update(template=REFACTOR_TEMPLATE)
     if cfg.task == "project":

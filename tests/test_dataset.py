@@ -46,6 +46,7 @@ from codelm.data.encoding import (
     encode_prompts,
     fim_pairs,
     fit_prompt,
+    fitted_prompt,
     prompt_prefix,
     supervised_example,
     tokenize_examples,
@@ -1992,6 +1993,26 @@ def test_fim_cuts_inside_multibyte_characters_keep_the_text_whole(starcoder_tok)
     for i in range(4):
         seen += check_fim_pairs_against_hf(hf, tok, text, f"unicode_{i}.py", block_size=12)
     assert seen["psm"] > 400 and seen["psm_cut_to_fit"] > 10
+
+
+def test_a_docstring_prompts_code_cut_inside_a_character_drops_that_character(starcoder_tok):
+    """The code of a docstring prompt cut to docstring_code_tokens can end inside a character
+    this vocabulary spells in bytes: the cut drops the character, never writing U+FFFD, which
+    the source does not hold, in training's prompt and eval.py's alike. Reference: HF's decode
+    of the most of the first budget ids that decode whole, and HF's encoding of that prompt."""
+    hf, tok = starcoder_tok
+    src = ('class Größe:\n    """Holds the size of a thing."""\n\n    def maß(self):\n'
+           '        return "日本語のテキスト"\n')
+    [whole] = docstring_examples(Doc("a.py", src), "class", "simple", 10**6)
+    ids = hf.encode(whole.body, add_special_tokens=False).ids
+    c = DataConfig(task="docstring", block_size=4096, progress=False)
+    for budget in range(1, len(ids)):
+        [example] = docstring_examples(Doc("a.py", src), "class", "simple", budget)
+        kept = max(k for k in range(budget + 1) if "\ufffd" not in hf.decode(ids[:k]))
+        expected = whole.head + hf.decode(ids[:kept]) + whole.tail
+        assert fitted_prompt(example, tok) == expected
+        [(prompt, _, _)] = tokenize_examples([example], tok, c, "docstring")
+        assert prompt == hf.encode(expected, add_special_tokens=False).ids
 
 
 def test_built_fim_middles_are_each_encoded_alone(tmp_path, starcoder_tok):

@@ -208,8 +208,21 @@ def fitted_prompt(example: Example, tokenizer: CodeTokenizer | BPETokenizer) -> 
     """``example``'s prompt as text, its body cut to ``body_budget`` tokens (``encode_text``'s)."""
     body = example.body
     if example.body_budget is not None:
-        body = tokenizer.decode(encode_text(tokenizer, body)[: example.body_budget])
+        body = _body_cut(tokenizer, body, encode_text(tokenizer, body), example.body_budget)
     return example.head + body + example.tail
+
+
+def _body_cut(tokenizer: CodeTokenizer | BPETokenizer, body: str, ids: Sequence[int],
+              budget: int) -> str:
+    """``body`` cut to the first ``budget`` of its ``ids`` as text, less a character the cut
+    splits (a byte-level token can hold part of one): the decoded ids would end it with U+FFFD,
+    which the body does not hold."""
+    n = min(budget, len(ids))
+    text = tokenizer.decode(ids[:n])
+    while n > 0 and text.endswith("\ufffd") and "\ufffd" not in body:
+        n -= 1
+        text = tokenizer.decode(ids[:n])
+    return text
 
 
 def ended(completion_ids: list[int], eos_id: int | None, ends: bool,
@@ -309,8 +322,8 @@ def _head_cut(head: str, chars: int, start_text: str) -> str:
 def _bodies_cut(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer,
                 cfg: DataConfig, desc: str, reads: list[bool], encoder: BatchEncoder | None
                 ) -> list[Example]:
-    """The examples, each body with a token budget cut to it as text: the decoded first
-    ``body_budget`` ids of the body, as ``fitted_prompt`` cuts it."""
+    """The examples, each body with a token budget cut to it as text (``_body_cut``), as
+    ``fitted_prompt`` cuts it."""
     budgeted = [i for i, e in enumerate(examples) if e.body_budget is not None]
     if not budgeted:
         return examples
@@ -319,7 +332,7 @@ def _bodies_cut(examples: list[Example], tokenizer: CodeTokenizer | BPETokenizer
     ids = encode(tokenizer, bodies, cfg, desc, [reads[i] for i in budgeted], encoder)
     cut = list(examples)
     for i, body in zip(budgeted, ids):
-        text = tokenizer.decode(body[: examples[i].body_budget])
+        text = _body_cut(tokenizer, examples[i].body, body, examples[i].body_budget)
         cut[i] = dataclasses.replace(examples[i], body=text, body_budget=None)
     return cut
 
