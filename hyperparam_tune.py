@@ -401,13 +401,14 @@ def run_worker(cfg: TuneConfig, study: optuna.Study, storage: optuna.storages.Ba
 def _claim(trial: optuna.Trial, heartbeats: optuna.storages.RDBStorage | None) -> None:
     """Make a trial just asked this worker's: in a database its first heartbeat sent at once
     (a trial without one is never found stale), its worker named, before other workers (which
-    judge RUNNING trials by them) look at it; a retried trial's predecessor's reason cleared.
-    A stop meanwhile fails it as interrupted."""
+    judge RUNNING trials by them) look at it; what a retried trial took over of its
+    predecessor's record (its reason, its re-run from the start) cleared. A stop meanwhile fails
+    it as interrupted."""
     try:
         if heartbeats is not None:
             heartbeats.record_heartbeat(trial._trial_id)
         trial.set_user_attr(studies.ATTR_WORKER, workers.worker_id())
-        for key in (studies.ATTR_REASON, studies.ATTR_STOPPED):
+        for key in (studies.ATTR_REASON, studies.ATTR_STOPPED, ATTR_FRESH):
             if trial.user_attrs.get(key) is not None:
                 trial.set_user_attr(key, None)
     except BaseException:
@@ -644,9 +645,16 @@ def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.St
 
 # --------------------------------------------------- reports: best config, trials, importances
 
+def _predecessor(trial: FrozenTrial) -> int | None:
+    """The trial this one was queued again for (the last of its retry history; Optuna's
+    failed_trial names the first); None where it runs none again."""
+    history = trial.system_attrs.get("retry_history") or [None]
+    return history[-1]
+
+
 def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
     if trial.state == TrialState.WAITING:  # its attributes are those it continues
-        retried = trial.system_attrs.get("failed_trial")
+        retried = _predecessor(trial)
         return "queued" if retried is None else f"queued to continue trial {retried}"
     if trial.state == TrialState.PRUNED:
         return f"pruned at step {trial.last_step}"
@@ -655,7 +663,7 @@ def trial_reason(trial: FrozenTrial, retried_by: dict[int, int]) -> str:
         return f"{reason or 'worker died'}; queued again as trial {retried_by[trial.number]}"
     if trial.state == TrialState.FAIL and not studies.counts(trial, set()):
         return f"{reason or 'no reason recorded'}; not counted toward n_trials"
-    continued = trial.system_attrs.get("failed_trial")
+    continued = _predecessor(trial)
     if continued is not None and not reason:
         if trial.user_attrs.get(ATTR_FRESH):
             return f"re-runs trial {continued} from its start"

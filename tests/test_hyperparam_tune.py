@@ -621,6 +621,43 @@ def test_a_trial_stopped_before_its_run_began_is_rerun_from_its_start(tmp_path, 
     assert rows[2].startswith("1,COMPLETE") and rows[2].endswith("re-runs trial 0 from its start")
 
 
+def test_a_continued_fresh_rerun_is_reported_as_continuing_its_own_run(tmp_path, corpus,
+                                                                       monkeypatch):
+    """A re-run from the start (trial 1, its own run trial-0001) stopped in turn is continued by
+    trial 2 from trial-0001's checkpoint: trials.csv names trial 1 as the trial whose run it
+    continues and is queued for, as the console says, never a re-run of trial 0 from its
+    start (a retry takes over its predecessor's attributes; the fresh mark is not its own)."""
+    calls = []
+
+    def train(cfg, on_eval=None, resume_hint=None, **_):
+        calls.append((cfg.name, cfg.resume))
+        run = Path(cfg.out_dir) / cfg.name
+        if len(calls) == 1:  # stopped before the trainer wrote anything
+            raise KeyboardInterrupt("SIGINT")
+        if len(calls) == 2:  # trains to a checkpoint at step 2, then is stopped
+            run.mkdir(parents=True)
+            (run / "config.json").write_text("{}")
+            (run / "checkpoints" / f"{rundir.CHECKPOINT_PREFIX}2").mkdir(parents=True)
+            on_eval(2, {"val_loss": 3.0})
+            return trainingmanager.TrainResult(run_dir=run, best_val_loss=3.0, step=2,
+                                               interrupted="SIGTERM")
+        on_eval(4, {"val_loss": 2.0})
+        return trainingmanager.TrainResult(run_dir=run, best_val_loss=2.0, step=4)
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="chain", n_trials=1)
+    assert hyperparam_tune.main(argv) == 130
+    assert hyperparam_tune.main(argv) == 143
+    queued = load_study(journal(tmp_path, "chain"), "chain").get_trials()[2]
+    assert hyperparam_tune.trial_reason(queued, {}) == "queued to continue trial 1"
+    assert hyperparam_tune.main(argv) == 0
+    first_rerun = tmp_path / "runs" / "chain" / "trials" / "trial-0001"
+    assert calls[2] == ("trial-0001", str(first_rerun))
+    rows = (tmp_path / "runs" / "chain" / "trials.csv").read_text().splitlines()
+    assert rows[3].startswith("2,COMPLETE")
+    assert rows[3].endswith("continues trial 1's run (duration_s: this part)")
+
+
 def test_a_sweep_that_ends_short_of_n_trials_exits_1_even_with_a_best(tmp_path, corpus,
                                                                        monkeypatch, capsys):
     """The last trial runs on another machine (no heartbeats: nobody would see it die): this
