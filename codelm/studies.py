@@ -101,6 +101,12 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
         pruner = optuna.pruners.NopPruner()
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
                                 pruner=pruner, load_if_exists=True)
+    # A study the storage already holds keeps its own directions (Optuna loads it as it is).
+    directions = [d.name.lower() for d in study.directions]
+    if directions != ["minimize"]:
+        raise ValueError(f"study {cfg.study_name!r}: its storage holds it with direction(s) "
+                         f"{directions}, but a sweep minimizes its trials' validation loss: use "
+                         "another --study-name")
     study.sampler = (optuna.samplers.TPESampler() if cfg.sampler_seed is None
                      else TrialSeededTPE(cfg.sampler_seed))
     return study

@@ -2040,6 +2040,23 @@ def test_study_dir_belongs_to_one_storage(tmp_path, corpus, capsys):
     assert (tmp_path / "runs" / "own" / "trials" / "trial-0000" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("directions", [["maximize"], ["minimize", "minimize"]])
+def test_a_stored_study_of_another_direction_is_refused(tmp_path, corpus, capsys, directions):
+    """Optuna loads a stored study with the directions it was created with, whatever
+    create_study asks: a sweep ranks validation losses, lowest first, so a study kept to
+    maximize (or of several objectives) is refused before a trial runs; Optuna's own record of
+    the study names the directions."""
+    storage = journal(tmp_path, "other")
+    optuna.create_study(study_name="other", storage=storage, directions=directions)
+    stored = [d.name.lower() for d in load_study(storage, "other").directions]
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="other", n_trials=1)
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"direction(s) {stored}" in err and "minimizes" in err, err
+    assert "--study-name" in err and "Traceback" not in err
+    assert load_study(storage, "other").get_trials() == []
+
+
 @pytest.mark.parametrize("flag", ["--out-dir", "--storage"])
 def test_unusable_path_is_a_clear_error(tmp_path, corpus, capsys, flag):
     """An --out-dir or --storage below a file exits 2 with one line naming the path, not an
