@@ -105,8 +105,8 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
     directions = [d.name.lower() for d in study.directions]
     if directions != ["minimize"]:
         raise ValueError(f"study {cfg.study_name!r}: its storage holds it with direction(s) "
-                         f"{directions}, but a sweep minimizes its trials' validation loss: use "
-                         "another --study-name")
+                         f"{directions}, but a sweep minimizes its trials' values (a loss, bits "
+                         "per byte): use another --study-name")
     study.sampler = (optuna.samplers.TPESampler() if cfg.sampler_seed is None
                      else TrialSeededTPE(cfg.sampler_seed))
     return study
