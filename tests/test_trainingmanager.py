@@ -5875,7 +5875,8 @@ def test_the_three_trackers_hold_the_same_series_and_config_across_a_resume(asse
         runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         assert runs[0].run_id == ids["wandb"] and runs[0].display_name == "run"
         config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
-        assert config["lr"] == cfg.lr and config["preset"] == "tiny"
+        if file == files[0]:  # the config the run started with; its resume sends none
+            assert config["lr"] == cfg.lr and config["preset"] == "tiny"
         for r in records:
             items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
             if "val/val_loss" in items:
