@@ -521,6 +521,28 @@ def test_a_sharded_save_whose_peer_ended_fails_with_its_own_error(tmp_path, monk
     assert told[-1] == "failed" and not step.exists()
 
 
+def test_a_sharded_save_on_a_full_disk_fails_with_one_oserror_naming_the_checkpoint(
+        tmp_path, monkeypatch):
+    """DCP's own failure (its CheckpointException, a BaseException) of a shard write on a full
+    disk reaches the run as the one-line OSError every checkpoint write gives, naming the
+    checkpoint and the full disk, and nothing is published."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full)
+    model = torch.nn.Linear(4, 3)
+    step = tmp_path / "run" / rundir.CHECKPOINTS_DIR / "step-2"
+    with pytest.raises(OSError, match=r"step-2: could not write it: the disk is full"):
+        checkpoint.save_sharded(step, checkpoint.RunState(step=2), {}, model,
+                                torch.optim.AdamW(model.parameters()), False,
+                                distributed.Dist())
+    assert not step.exists()
+
+
 def test_a_sharded_checkpoint_moves_only_to_process_counts_that_share_its_batch(tmp_path):
     """A sharded checkpoint of a global batch of 8 continues on 4 processes of 2 (not bit-exact:
     other RNG states) and on 1 of 8; 3 processes cannot share 8 examples evenly: refused, naming

@@ -326,8 +326,6 @@ def save_sharded(path: Path, state: RunState, config: dict, model: nn.Module,
     rank 0's temporary directory, rank 0 adds state.pt (``state``: no weights, no optimizer),
     the config and the manifest, and publishes it atomically. Returns the name of a tensor
     holding inf or NaN instead, writing nothing."""
-    import torch.distributed.checkpoint as dcp
-
     shards = _shards(model, optimizer, trainable_only)
     if bad := _nonfinite_shard(shards, dist):
         return bad
@@ -335,7 +333,11 @@ def save_sharded(path: Path, state: RunState, config: dict, model: nn.Module,
         tmp = broadcast(None, dist)
         if tmp is None:
             raise RankZeroFailed("rank 0 failed (its error says why)")
-        dcp.save(shards, checkpoint_id=Path(tmp) / SHARDED_DIR)
+        try:  # a failed write fails on every rank (DCP's collective): rank 0 reports it
+            _save_shards(shards, Path(tmp) / SHARDED_DIR)
+        except Exception:
+            broadcast(None, dist)  # rank 0's word that its save failed
+            raise RankZeroFailed("rank 0 failed (its error says why)") from None
         if broadcast(None, dist) is not None:
             raise RankZeroFailed("rank 0 failed (its error says why)")
         return None
@@ -346,7 +348,7 @@ def save_sharded(path: Path, state: RunState, config: dict, model: nn.Module,
     def write(tmp: Path) -> None:
         broadcast(str(tmp), dist)
         shared.append(tmp)
-        dcp.save(shards, checkpoint_id=tmp / SHARDED_DIR)
+        _save_shards(shards, tmp / SHARDED_DIR)
         torch.save({"format_version": SHARDED_FORMAT_VERSION, **rest}, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
 
@@ -358,6 +360,21 @@ def save_sharded(path: Path, state: RunState, config: dict, model: nn.Module,
         raise
     broadcast(None, dist)
     return None
+
+
+def _save_shards(shards: dict, directory: Path) -> None:
+    """``dcp.save`` of ``shards`` into ``directory`` (collective). A write that fails on any
+    rank fails on every rank with the first failed rank's own exception (a full disk's OSError):
+    DCP raises its CheckpointException, a BaseException that ``except Exception`` lets by."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.save(shards, checkpoint_id=directory)
+    except dcp.CheckpointException as e:
+        cause = e.failures[min(e.failures)][0] if e.failures else None
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise RuntimeError(str(e).splitlines()[0]) from None
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
