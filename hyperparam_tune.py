@@ -444,7 +444,8 @@ RUN_OWN_KEYS = ("resume", "name", "out_dir", "max_steps", "epochs", "decay_steps
 
 def train_config_values(path: str) -> dict:
     """--train-config's values: a file of trainingmanager keys, or a run's directory: the
-    settings its config.json sets to other than TrainConfig's defaults, less RUN_OWN_KEYS."""
+    settings its config.json sets to other than TrainConfig's defaults, less RUN_OWN_KEYS and
+    those the run sized for its own length (``_sized_by_the_run``)."""
     if not Path(path).is_dir():
         return trainconfig.load_config_file(path)
     run_config = Path(path) / rundir.CONFIG_FILE
@@ -453,11 +454,22 @@ def train_config_values(path: str) -> dict:
                          "name a config file, or a run's directory")
     values = trainconfig.load_config_file(run_config)
     ran = trainconfig.config_from_dict(values, str(run_config))
+    left_out = set(RUN_OWN_KEYS) | _sized_by_the_run(ran)
     kept = {}
     for key, value in values.items():
-        if key not in RUN_OWN_KEYS and trainconfig.is_set(ran, key):
+        if key not in left_out and trainconfig.is_set(ran, key):
             kept[key] = value
     return kept
+
+
+def _sized_by_the_run(ran: TrainConfig) -> set[str]:
+    """{"warmup_steps"} where a run's config.json holds the warmup the run sized for its own
+    steps (plan.warmup_for's, or a time budget's share of them), which each trial sizes for
+    its own length; else nothing. (A budget's other sized values are the sweep's own keys.)"""
+    if ran.max_steps is None:
+        return set()
+    sized = (plan.warmup_for(ran.max_steps), int(budget.WARMUP_SHARE * ran.max_steps))
+    return {"warmup_steps"} if ran.warmup_steps in sized else set()
 
 
 def _training_flags() -> dict[str, str]:

@@ -23,7 +23,8 @@ class TuneConfig:
     study_name: str = "codelm-from-scratch"  # the Optuna study; rerunning one continues it
     space: str = "from-scratch"  # a built-in space name or a JSON file
     train_config: str | None = None  # trainingmanager JSON config (or a run's directory: its
-    #   config.json), its values over the space's base values
+    #   config.json, less its name, place, length and the warmup it sized), its values over
+    #   the space's base values
     data: list[str] | None = None  # the trials' training data (files, directories, JSONL,
     #   Parquet; trainingmanager's --data) over --train-config's; None: theirs, or the stdlib
     n_trials: int = 12  # total finished trials the study should hold (shared by all workers)

@@ -2578,6 +2578,26 @@ def test_a_train_config_setting_what_the_sweep_sets_is_warned_of(tmp_path):
     assert not any(w in said[0] for w in ("keep_last", "name", "out_dir"))
 
 
+@pytest.mark.parametrize("ran, kept", [
+    (dict(max_steps=40, warmup_steps=4), {}),  # plan.warmup_for(40): the run sized it
+    (dict(max_steps=40, warmup_steps=7), {"warmup_steps": 7}),  # set for the run: kept
+    (dict(time_budget_min=None, max_steps=900, warmup_steps=18), {}),  # a budget's 2%
+])
+def test_a_runs_directory_gives_no_setting_the_run_sized_for_its_own_length(ran, kept,
+                                                                            tmp_path):
+    """A run's config.json records the warmup it sized for its own steps (a fixed run's or a
+    time budget's): as a --train-config it is left to each trial, which sizes its own for its
+    length; a warmup the run was given is kept."""
+    from codelm import trainconfig
+
+    run = tmp_path / "runs" / "base-run"
+    run.mkdir(parents=True)
+    config = trainconfig.TrainConfig(preset="tiny", resume=str(run), name="base-run",
+                                     out_dir=str(tmp_path / "runs"), **ran)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(config)), "utf-8")
+    assert hyperparam_tune.train_config_values(str(run)) == {"preset": "tiny", **kept}
+
+
 def test_a_recipe_s_tune_section_is_read_beside_its_train_section(tmp_path):
     """A recipe holds one section per script: hyperparam_tune.py reads its "tune" one (the
     training settings beside it are trainingmanager.py's)."""
