@@ -346,6 +346,18 @@ def test_metrics_refuse_a_str(metric):
             metric(preds, refs)
 
 
+@pytest.mark.parametrize("metric", [exact_match, codexglue_bleu, code_to_text_bleu,
+                                    edit_sim, chrf, rouge_l, semantic_similarity])
+def test_metrics_refuse_an_item_that_is_no_str(metric):
+    """Each prediction and reference is one string: a None, a number or bytes among them is a
+    ValueError naming the list and the index, as every user mistake is."""
+    for preds, refs, where in (([None], ["x"], r"preds\[0\] is a NoneType"),
+                               (["x", "y"], ["x", 3], r"refs\[1\] is a int"),
+                               ([b"x"], ["x"], r"preds\[0\] is a bytes")):
+        with pytest.raises(ValueError, match=where + ", not a str"):
+            metric(preds, refs)
+
+
 # ---- ROUGE-L ------------------------------------------------------------------------------
 
 def test_rouge_l_equals_rouge_score():

@@ -17,13 +17,19 @@ from rapidfuzz.distance import Indel
 
 
 def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
-    """A str would be scored one character per example."""
+    """A str would be scored one character per example, and an item that is no str would fail
+    deep inside a metric or be scored as another text."""
     if isinstance(preds, str) or isinstance(refs, str):
         raise ValueError("preds and refs are lists of strings, not a str; score one example as "
                          "a list of one: exact_match([pred], [ref])")
     if len(preds) != len(refs) or not preds:
         raise ValueError(f"{len(preds)} predictions but {len(refs)} references; they must pair "
                          "up, at least one")
+    for side, texts in (("preds", preds), ("refs", refs)):
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"{side}[{i}] is a {type(text).__name__}, not a str; each "
+                                 "prediction and reference is one string")
 
 
 def _ngrams(tokens: Sequence[str], max_order: int) -> Counter:
