@@ -837,6 +837,7 @@ class Transformer(nn.Module):
           targets and token_logps   -> each target's log-prob (B, T) under the logits divided
                                        by temperature, 0 where not counted (head_logps)
           ... and with_entropy      -> (log-probs, entropies)"""
+        check_batch_shapes(idx, targets, reduction)
         if not torch.compiler.is_compiling():
             check_token_ids(idx, targets, self.cfg.vocab_size)
         B, T = idx.shape
@@ -857,8 +858,6 @@ class Transformer(nn.Module):
         if token_logps:
             return head_logps(x, self.lm_head, targets, self.cfg.logit_softcap, temperature,
                               with_entropy)
-        # a (time, batch) batch of the same size would be a silently wrong loss
-        assert targets.shape == idx.shape and reduction in ("mean", "sum")
         count = (targets != IGNORE_INDEX).sum() if reduction == "mean" else None
         if count is not None and grad_scale is not None:  # the mean's gradient: the sum's / count
             grad_scale = grad_scale / count.clamp(min=1)
@@ -867,6 +866,20 @@ class Transformer(nn.Module):
         if count is not None:
             loss = loss / count
         return (loss, correct) if count_correct else loss
+
+
+def check_batch_shapes(idx: torch.Tensor, targets: torch.Tensor | None, reduction: str) -> None:
+    """A ValueError for a batch the model would misread: idx not (batch, time), targets of
+    another shape (a (time, batch) batch of the same size would be a silently wrong loss or
+    log-prob), or a reduction other than mean and sum. Shapes only: nothing waits for the
+    device."""
+    if idx.dim() != 2:
+        raise ValueError(f"idx: token ids of shape (batch, time), got shape {tuple(idx.shape)}")
+    if targets is not None and targets.shape != idx.shape:
+        raise ValueError(f"targets: shape {tuple(targets.shape)}, not idx's (batch, time) "
+                         f"{tuple(idx.shape)}: labels are one (batch, time) row per input row")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction {reduction!r}: must be 'mean' or 'sum'")
 
 
 def check_token_ids(idx: torch.Tensor, targets: torch.Tensor | None, vocab_size: int) -> None:

@@ -368,10 +368,17 @@ def test_offloaded_activations_leave_the_gpu_and_give_the_same_gradients():
 
 
 def test_loss_refuses_targets_that_do_not_fit_idx():
-    """A transposed (time, batch) batch of the same size is a loud error, never a wrong loss."""
+    """A transposed (time, batch) batch of the same size is a ValueError naming both shapes,
+    never a wrong loss or wrong log-probs (the GRPO and preference losses read token_logps);
+    so are ids that are not (batch, time) and a reduction the loss does not compute."""
     model, idx = _model("llama"), _ids(2, 7)
-    with pytest.raises(AssertionError):
-        model(idx, idx.t())
+    for options in ({}, {"reduction": "sum"}, {"token_logps": True}):
+        with pytest.raises(ValueError, match=r"targets: shape \(7, 2\), not idx's .* \(2, 7\)"):
+            model(idx, idx.t(), **options)
+    with pytest.raises(ValueError, match=r"idx: .*\(batch, time\), got shape \(7,\)"):
+        model(idx[0])
+    with pytest.raises(ValueError, match="reduction 'none'"):
+        model(idx, idx, reduction="none")
 
 
 def test_gradient_checkpointing_same_gradients_fraction_of_the_saved_activations():
