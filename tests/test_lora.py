@@ -1008,6 +1008,17 @@ def test_qlora_on_nf4_base_lowers_the_loss(family, tmp_path):
         merge_and_export(model, tmp_path / "merged")
 
 
+@pytest.mark.parametrize("bits", [3, 16, True, 4.5])
+def test_quantize_base_refuses_other_bits_before_changing_the_model(bits):
+    """quantize_base takes 8 (int8) or 4 (NF4) bits alone: another value is a ValueError naming
+    it, and the model keeps every nn.Linear as it was (no module half replaced)."""
+    model = Transformer(PRESETS["tiny"])
+    before = {name: type(module) for name, module in model.named_modules()}
+    with pytest.raises(ValueError, match=rf"bits {bits!r}: must be 8 .* or 4"):
+        quantize_base(model, bits=bits)
+    assert {name: type(module) for name, module in model.named_modules()} == before
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_on_cuda_bf16_autocast(tmp_path):
     """On CUDA under bf16 autocast an NF4 base with adapters runs forward and backward, and the

@@ -151,7 +151,10 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def quantize_base(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("lm_head",)) -> QuantReport:
     """Replace every frozen-base ``nn.Linear`` (also those under LoRA) by a ``QuantLinear``,
-    except ``skip`` (as bitsandbytes, the head) and weights tied to another module."""
+    except ``skip`` (as bitsandbytes, the head) and weights tied to another module. ``bits``:
+    8 (int8) or 4 (NF4), else a ValueError before anything changes."""
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"quantize_base: bits {bits!r}: must be 8 (int8) or 4 (NF4)")
     tied = shared_parameters(model)
     names, quant_bytes, bf16_bytes = [], 0, 0
     for path, module in list(model.named_modules()):
