@@ -345,7 +345,10 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     resume_given = args["resume"] if flag_gave_resume else given.get("resume")
     out_dir = args["out_dir"] if args.get("out_dir") is not None else given.get("out_dir")
     resume = resume_dir(resume_given, out_dir)
-    if resume != resume_given:  # a run's name under out_dir: its path in the name's place
+    named_under_out_dir = resume != resume_given
+    if resume:  # a config file's ~ (or --resume=~/...), which no shell expands
+        resume = os.path.expanduser(resume)
+    if resume != resume_given:  # a run's name under out_dir, or ~: its path in its place
         if flag_gave_resume:
             args["resume"] = resume
         else:
@@ -374,7 +377,7 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     _length_typed_over(args, base, f"--config {config}" if config else "", given)
     cfg = settings.resolve_config(TrainConfig, args, "train", base=base,
                                    choices=_CHOICES, aliases=HF_FLAGS)
-    return ReadConfig(cfg, {*args, *given}, resume_given if resume != resume_given else None)
+    return ReadConfig(cfg, {*args, *given}, resume_given if named_under_out_dir else None)
 
 
 # The two keys that set a run's length, each with the other one it replaces where given.

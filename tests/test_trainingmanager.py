@@ -5608,6 +5608,24 @@ def test_resume_takes_a_runs_name_under_out_dir(tmp_path, monkeypatch, capsys):
         trainconfig.read_config(["--resume", "small"])
 
 
+def test_resume_under_the_home_directory_reads_that_run(tmp_path, monkeypatch):
+    """A --resume that starts with ~ where no shell expands it (a --config file's, or
+    --resume=~/...) names that run under the home directory: its settings are read, and the
+    run continued is that directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = tmp_path / "runs" / "small"
+    run.mkdir(parents=True)
+    saved = dataclasses.asdict(trainconfig.TrainConfig(lr=2e-3, out_dir=str(run.parent)))
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(saved))
+    config = tmp_path / "resume.json"
+    config.write_text(json.dumps({"resume": "~/runs/small"}))
+    monkeypatch.chdir(tmp_path / "runs")  # no ~ directory here
+    for argv in (["--config", str(config)], ["--resume=~/runs/small"]):
+        read = trainconfig.read_config(argv)
+        assert (read.cfg.resume, read.cfg.lr, read.resume_name) == (str(run), 2e-3, None)
+        trainconfig.check_config(read.cfg)
+
+
 @pytest.mark.parametrize("mistake", ["missing", "kotlin", "refactor"])
 def test_data_a_run_cannot_read_is_refused_before_it_plans(tmp_path, monkeypatch, capsys,
                                                             mistake):
