@@ -337,7 +337,6 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     value of its type (codelm.training.plan.parse_config checks them together and against the
     files)."""
     args = vars(build_parser().parse_args(argv))
-    check_options(args)  # the flags'; load_config_file checks the --config file's
     config = args.pop("config", None)
     given = load_config_file(config) if config is not None else {}
     resumed: dict = {}
@@ -377,6 +376,9 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     _length_typed_over(args, base, f"--config {config}" if config else "", given)
     cfg = settings.resolve_config(TrainConfig, args, "train", base=base,
                                    choices=_CHOICES, aliases=HF_FLAGS)
+    # the flags' options as they update those below them (load_config_file checks the file's)
+    check_options({key: getattr(cfg, key) for key in ("data_options", "model_options")
+                   if key in args})
     return ReadConfig(cfg, {*args, *given}, resume_given if named_under_out_dir else None)
 
 

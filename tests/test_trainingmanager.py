@@ -4492,6 +4492,23 @@ def test_resume_in_a_config_file_reads_the_runs_settings_as_the_flag_does(tmp_pa
         trainconfig.read_config(["--config", str(path), "--name", "other"])
 
 
+def test_data_options_flag_is_checked_as_it_updates_the_files(tmp_path):
+    """--data-options updates the --config file's data_options key by key, so its values are
+    checked together with the file's: a split or a pair of columns that the two complete is
+    taken; one that the result leaves incomplete is refused, naming the flag."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"data_options": {
+        "train_frac": 0.6, "val_frac": 0.2, "test_frac": 0.2,
+        "input_column": "question", "output_column": "answer"}}))
+    flag = {"train_frac": 0.5, "val_frac": 0.3, "output_column": "reply"}
+    cfg = trainconfig.read_config(["--config", str(path), "--data-options",
+                                   json.dumps(flag)]).cfg
+    assert cfg.data_options == {"train_frac": 0.5, "val_frac": 0.3, "test_frac": 0.2,
+                                "input_column": "question", "output_column": "reply"}
+    with pytest.raises(ValueError, match=r"^--data-options: .*sum to 1"):
+        trainconfig.read_config(["--data-options", json.dumps(flag)])
+
+
 @pytest.mark.parametrize("key", sorted(RESUME_MUST_REFUSE))
 def test_resume_refuses_a_change_of(tmp_path, key):
     """A changed seed, task, schedule or validation split is refused, naming the key."""
