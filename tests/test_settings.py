@@ -428,6 +428,16 @@ def test_every_unknown_flag_of_a_command_is_answered_at_once(capsys):
     assert "; --learning-rate: did you mean --lr?; --max-stepz: did you mean --max-steps" in err
 
 
+@pytest.mark.parametrize("value", ["-1e-3", "-2.5E+2", "-.5e1", "-7", "-inf", "-Infinity"])
+def test_a_negative_number_in_any_float_spelling_is_a_flags_value(value):
+    """A flag's value that Python's float reads as a negative number (an exponent, inf) is
+    that value, not a flag: its range check then names the key, as --lr -1 is named."""
+    read = trainconfig.read_config(["--lr", value, "--max-steps", "5"])
+    assert read.cfg.lr == float(value) and read.cfg.max_steps == 5
+    with pytest.raises(ValueError, match=r"^lr \(.*, --lr\): must be"):
+        plan.parse_config(["--lr", value])
+
+
 def test_a_data_options_list_given_as_its_one_string_reads_as_that_list(tmp_path):
     """data_options' list keys take their one item alone, as the top-level ones do (the check
     reads them so): the run's DataConfig, eval.py's project files and a recipe's collected

@@ -542,6 +542,9 @@ def where_set_in(args: Mapping[str, Any], section: str, rest: str | None = None,
 
 # a value among unrecognized arguments, not a flag
 _NEGATIVE_NUMBER = re.compile(r"-(\.?\d|inf|nan)", re.IGNORECASE)
+# a flag's value, not a flag: argparse's own pattern takes -1 and -.5, not -1e-3 or -inf
+_NEGATIVE_VALUE = re.compile(r"^-(\d+\.?\d*(e[-+]?\d+)?|\.\d+(e[-+]?\d+)?|inf(inity)?|nan)$",
+                             re.IGNORECASE)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -552,6 +555,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_VALUE  # --lr -1e-3: the value, then its check
         self.foreign_flags: dict[str, str] = {}  # another command's flag -> what to do here
 
     def error(self, message: str) -> typing.NoReturn:
