@@ -2511,6 +2511,16 @@ def test_docstring_prompt_variants_make_rows(tiny_models, tmp_path, monkeypatch,
     assert "neither simple nor verbose nor a template" in capsys.readouterr().err
 
 
+def test_a_docstring_template_on_the_command_line_keeps_its_commas():
+    """--docstring-prompts takes each template whole, its commas part of its text (as a --config
+    file's list gives it), beside the named prompts; other list flags still split at commas."""
+    template = "Write the docstring of the class below, in NumPy style.\n{source_code}\n"
+    cfg = parse_config(["--models", "m", "--tasks", "docstring", "lm,line",
+                        "--docstring-prompts", "simple", template])
+    assert cfg.docstring_prompts == ["simple", template]
+    assert cfg.tasks == ["docstring", "lm", "line"]
+
+
 def test_a_cut_prompts_prediction_record_holds_the_text_the_model_saw(tiny_models, tmp_path,
                                                                       monkeypatch):
     """predictions.jsonl's prompt_tail is the end of the prompt as the model was fed it: a

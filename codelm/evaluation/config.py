@@ -66,9 +66,10 @@ class EvalConfig:
     block_size: int | None = None  # context for scoring and prompts (default: the smallest of
     #   the models', a run's being its training block_size); a shorter model uses its own;
     #   --serve: the tokens a sequence may hold (vLLM's --max-model-len; default each model's)
-    docstring_prompts: list[str] | None = None  # docstring prompt variants, each model asked
-    #   in each (None: each run in the one it trained with, its docstring_prompt data option;
-    #   else simple): simple, verbose, or a template of your own holding {source_code}
+    docstring_prompts: list[str] | None = field(default=None, metadata={"whole_items": True})
+    #   docstring prompt variants, each model asked in each (None: each run in the one it
+    #   trained with, its docstring_prompt data option; else simple): simple, verbose, or a
+    #   template of your own holding {source_code} (each given whole: its commas are its text)
     reference_loss: bool = False  # generation tasks: also the loss of the reference
     problems: list[str] = field(default_factory=list)  # TASK=PATH: a benchmark task's problems,
     #   TASK one of tasks (tasks unset: the tasks named here); a bare PATH: the one pass@k task

@@ -386,13 +386,13 @@ def _none_word(text: str) -> None:
     return None
 
 
-def _list_flag(item: type, optional: bool = False) -> type[argparse.Action]:
-    """A list field's action: ``--flag a b`` and ``--flag a,b`` give ``[a, b]``; a lone ``none``
-    gives None for an Optional field."""
+def _list_flag(item: type, optional: bool = False, split: bool = True) -> type[argparse.Action]:
+    """A list field's action: ``--flag a b`` and ``--flag a,b`` give ``[a, b]`` (``split``
+    False: each item whole, commas and all); a lone ``none`` gives None for an Optional field."""
 
     class ListFlag(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
-            parts = [x for v in values for x in v.split(",") if x]
+            parts = [x for v in values for x in (v.split(",") if split else [v]) if x]
             if optional and len(parts) == 1 and _is_none(parts[0]):
                 setattr(namespace, self.dest, None)
                 return
@@ -471,7 +471,9 @@ def _flag_kwargs(f: dataclasses.Field, base: Any, optional: bool,
     if origin is list and f.metadata.get("repeat"):  # JSON values hold commas: no splitting
         return {"action": "append", "type": _item_type(base)}
     if _is_sequence(base):
-        return {"nargs": "+", "action": _list_flag(_item_type(base), optional), "metavar": "ITEM"}
+        split = not f.metadata.get("whole_items")
+        return {"nargs": "+", "action": _list_flag(_item_type(base), optional, split),
+                "metavar": "ITEM"}
     if origin is dict:
         return {"type": _or_none(_json_object) if optional else _json_object, "metavar": "JSON"}
     if optional and allowed is not None:
@@ -627,7 +629,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type,
     """One flag per dataclass field, helped and grouped by ``field_docs``; a field without a
     default is required, or an operand if in ``positional``. The parser needs
     ``argument_default=argparse.SUPPRESS`` (only typed flags override the file). Field metadata:
-    ``repeat`` (given once per item), ``metavar``, ``choices``, ``none_is_a_value``, ``hidden``
+    ``repeat`` (given once per item), ``whole_items`` (items never split at commas: text),
+    ``metavar``, ``choices``, ``none_is_a_value``, ``hidden``
     (a flag the program passes itself, left out of --help). ``aliases``:
     hidden other spellings of a flag."""
     hints = typing.get_type_hints(cls)
