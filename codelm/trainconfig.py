@@ -219,6 +219,7 @@ class TrainConfig:
         # data_options as DataConfig holds them: a list key's one item alone made a list
         if isinstance(self.data_options, dict):
             self.data_options = settings.option_values(DataConfig, self.data_options)
+        self.out_dir = settings.home_expanded(self.out_dir)
 
     @property
     def run_stem(self) -> str:

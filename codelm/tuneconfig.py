@@ -55,6 +55,7 @@ class TuneConfig:
     def __post_init__(self) -> None:
         if self.max_steps is None and self.time_budget_min is None:  # one number from here on
             self.max_steps = TRIAL_STEPS
+        self.out_dir = settings.home_expanded(self.out_dir)
 
 
 TRIAL_STEPS = 150  # a trial's steps where neither max_steps nor time_budget_min is given

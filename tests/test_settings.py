@@ -428,6 +428,25 @@ def test_every_unknown_flag_of_a_command_is_answered_at_once(capsys):
     assert "; --learning-rate: did you mean --lr?; --max-stepz: did you mean --max-steps" in err
 
 
+def test_a_directory_setting_under_the_home_directory_is_that_directory(tmp_path, monkeypatch):
+    """A ~ that no shell expanded (a config file's, --out-dir=~/...) is the home directory in
+    each script's directory settings, as it is in the paths of models and data: no directory
+    named ~ is made where the command runs."""
+    from codelm import tuneconfig
+    from codelm.evaluation.config import parse_config as eval_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "run.yaml"
+    config.write_text("out_dir: ~/runs\n")
+    assert trainconfig.read_config(["--config", str(config)]).cfg.out_dir == str(tmp_path / "runs")
+    assert trainconfig.read_config(["--out-dir=~/b"]).cfg.out_dir == str(tmp_path / "b")
+    evaluated = eval_config(["--models", "m", "--runs-dir=~/runs", "--out-dir=~/scores"])
+    assert (evaluated.runs_dir, evaluated.out_dir) == (str(tmp_path / "runs"),
+                                                       str(tmp_path / "scores"))
+    tuned = tuneconfig.parse_config(["--out-dir=~/studies"])
+    assert tuned.out_dir == str(tmp_path / "studies")
+
+
 @pytest.mark.parametrize("value", ["-1e-3", "-2.5E+2", "-.5e1", "-7", "-inf", "-Infinity"])
 def test_a_negative_number_in_any_float_spelling_is_a_flags_value(value):
     """A flag's value that Python's float reads as a negative number (an exponent, inf) is

@@ -42,6 +42,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("CODELM_CACHE") or "~/.cache/codelm").expanduser()
 
 
+def home_expanded(path: Any) -> Any:
+    """A directory setting's ``path`` with a leading ``~`` made the home directory, as a shell
+    makes it of a word it expands (a config file's value, ``--out-dir=~/runs``: none does);
+    anything but a string as it is."""
+    return os.path.expanduser(path) if isinstance(path, str) else path
+
+
 def bundled(*parts: str) -> Path:
     """A file shipped with codelm (data/, configs/): at the root of a checkout or an editable
     install, else under ``<prefix>/share/codelm`` (where ``pip install .`` puts it)."""
