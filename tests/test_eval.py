@@ -1054,6 +1054,17 @@ def test_problems_alone_choose_the_tasks_they_name(tmp_path):
     assert registry.problem_sources(cfg)["humaneval"] == "dir/a=b.jsonl"
 
 
+def test_a_problems_path_under_the_home_directory_is_read_there(tmp_path, monkeypatch):
+    """--problems TASK=~/PATH, whose ~ no shell expands, names the file under the home
+    directory, as --models LABEL=~/DIR names a model there; its problems are read."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.jsonl").write_text(_problem_line("mine/0") + _problem_line("mine/1"))
+    cfg = parse_config(["--models", "m", "--tasks", "passk", "--problems", "passk=~/mine.jsonl"])
+    assert registry.problem_files(cfg) == {"passk": tmp_path / "mine.jsonl"}
+    problems = passk.load_problems(registry.problem_sources(cfg)["passk"])
+    assert [problem["task_id"] for problem in problems] == ["mine/0", "mine/1"]
+
+
 def test_a_bare_problems_path_is_the_one_pass_at_k_tasks_and_the_file_is_named(
         tiny_models, tmp_path, monkeypatch, capsys):
     """``--tasks humaneval --problems FILE`` scores FILE's problems as HumanEval's, and

@@ -36,8 +36,9 @@ def problem_file(source: str | Path, split_files: Sequence[str], task: str) -> P
     """Where ``task`` reads its problems from: ``source``, or, for a directory or a Hugging
     Face dataset id (from the hub cache), the split in it (``split_files``: where a dataset
     snapshot holds it, first match first): its file, or the directory where the split is
-    several shards (``problem_records`` reads them all, in order)."""
-    path = Path(source)
+    several shards (``problem_records`` reads them all, in order). A leading ``~`` is the home
+    directory (TASK=~/PATH: no shell expands it), as in --models LABEL=~/DIR."""
+    path = Path(source).expanduser()
     if not path.exists() and hub.is_hub_id(str(path)):
         path = hub.checkpoint_dir(str(path), f"{task}'s problems (--problems {task}=PATH):",
                                   repo_type="dataset",
