@@ -56,6 +56,8 @@ class TuneConfig:
         if self.max_steps is None and self.time_budget_min is None:  # one number from here on
             self.max_steps = TRIAL_STEPS
         self.out_dir = settings.home_expanded(self.out_dir)
+        self.train_config = settings.home_expanded(self.train_config)
+        self.space = settings.home_expanded(self.space)
 
 
 TRIAL_STEPS = 150  # a trial's steps where neither max_steps nor time_budget_min is given

@@ -447,6 +447,26 @@ def test_a_directory_setting_under_the_home_directory_is_that_directory(tmp_path
     assert tuned.out_dir == str(tmp_path / "studies")
 
 
+def test_a_config_file_under_the_home_directory_is_read_there(tmp_path, monkeypatch):
+    """--config=~/FILE (no shell expands that ~) reads the file under the home directory, in
+    each script; hyperparam_tune's --train-config and --space name their files there too."""
+    import hyperparam_tune
+    from codelm import tuneconfig
+    from codelm.evaluation.config import parse_config as eval_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run.json").write_text(json.dumps({"lr": 2e-3, "max_steps": 7}))
+    (tmp_path / "eval.json").write_text(json.dumps({"models": ["m"], "tasks": ["lm"]}))
+    (tmp_path / "tune.json").write_text(json.dumps({"train_config": "~/run.json",
+                                                    "space": "~/space.json"}))
+    assert trainconfig.read_config(["--config=~/run.json"]).cfg.lr == 2e-3
+    assert eval_config(["--config=~/eval.json"]).tasks == ["lm"]
+    tuned = tuneconfig.parse_config(["--config=~/tune.json"])
+    assert tuned.space == str(tmp_path / "space.json")
+    assert hyperparam_tune.train_config_values(tuned.train_config) == {"lr": 2e-3,
+                                                                        "max_steps": 7}
+
+
 @pytest.mark.parametrize("value", ["-1e-3", "-2.5E+2", "-.5e1", "-7", "-inf", "-Infinity"])
 def test_a_negative_number_in_any_float_spelling_is_a_flags_value(value):
     """A flag's value that Python's float reads as a negative number (an exponent, inf) is

@@ -323,9 +323,10 @@ def check_recipe_keys(recipe: Mapping[str, Any], path: str | Path) -> None:
 
 
 def read_config_file(path: str | Path, section: str) -> tuple[dict, str]:
-    """(values, source name) of a config file: a recipe's ``section``, else the whole object,
-    without the ``_``-prefixed notes."""
-    path = Path(path)
+    """(values, source name) of a config file (a leading ``~``: the home directory, which no
+    shell expands in ``--config=~/...``): a recipe's ``section``, else the whole object, without
+    the ``_``-prefixed notes."""
+    path = Path(path).expanduser()
     values = read_json_object(path, "config file", strict=True)
     source = str(path)
     if section in values:
