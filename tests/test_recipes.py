@@ -831,6 +831,28 @@ def test_a_recipes_list_key_given_as_its_one_string_reads_as_that_list(tmp_path,
     assert seen == [[f"tuned={runs / 'tiny'}"]]
 
 
+def test_an_out_dir_under_the_home_directory_holds_the_run_and_its_evaluation(tmp_path,
+                                                                              monkeypatch):
+    """--out-dir=~/runs (no shell expands that ~) puts the run, its collected data and its
+    evaluation under the home directory, where training puts the run: no directory named ~
+    is made where the command runs."""
+    monkeypatch.setenv("CODELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = _tiny_recipe(tmp_path, {"tasks": ["lm"], "models": ["tuned=runs/tiny"]})
+    evaluated = []
+    monkeypatch.setattr(tm, "train", _trained_at_once)
+    monkeypatch.setattr(ev, "evaluate", lambda cfg, *a, **k: evaluated.append(cfg) or {
+        "table": "", "out_dir": cfg.out_dir})
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert recipes.main([str(recipe), "--out-dir=~/runs", "--no-progress"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert (run / rundir.METRICS_FILE).is_file()
+    assert evaluated[0].models == [f"tuned={run}"]
+    assert evaluated[0].out_dir == str(run / rundir.EVAL_DIR)
+    assert not list((tmp_path / "here").iterdir())
+
+
 def test_resume_continues_the_run_and_evaluates_it_without_training_again(tmp_path, monkeypatch,
                                                                           capsys):
     """Every interrupt and budget message says "the same command plus --resume": it must
