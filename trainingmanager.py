@@ -55,8 +55,6 @@ from codelm.trainconfig import (
     data_config,
     has_final_eval,
     model_config,
-    overfit_ignored,
-    overfit_settings,
     read_config,
     where_set_of,
 )
@@ -64,7 +62,7 @@ from codelm.training import build, finish, plan
 from codelm.training.batches import Where
 from codelm.training.budget import BudgetClock
 from codelm.training.build import Run, UnreadStep
-from codelm.training.plan import parse_config
+from codelm.training.plan import overfit_ignored, overfit_settings, parse_config
 from codelm.training.record import NonFiniteLossError, Progress, divergence_causes
 from codelm.training.trainer import (
     STOP_SIGNALS,

@@ -951,35 +951,6 @@ class ExportSettings:
 # has a step budget of its own, never the time budget's.
 OVERFIT_STEPS = 400
 
-# What --overfit (a small model memorising the bundled corpus) honours, and what means nothing
-# to it (no run directory, no validation); any other setting is refused, not dropped.
-OVERFIT_HONOURS = ("overfit", "max_steps", "lr", "preset", "n_layer", "n_head", "n_embd",
-                   "mlp_hidden", "model_options", "seed", "device", "precision", "progress",
-                   "min_lr_ratio", "beta1", "beta2", "adam_eps", "grad_clip")
-OVERFIT_IGNORES = ("name", "out_dir", "eval_every", "eval_examples", "eval_precision",
-                   "early_stop_patience", "early_stop_min_delta", "log_every", "save_every",
-                   "keep_last", "max_time_s", "time_budget_min", "export", "export_merged",
-                   "export_gguf", "sample_prompt", "sample_tokens", "final_eval", "force")
-
-
-def overfit_settings(cfg: TrainConfig) -> dict:
-    """``run_overfit``'s max_steps and lr; a ValueError naming any setting it cannot honour."""
-    refused = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-               if f.name not in OVERFIT_HONOURS + OVERFIT_IGNORES and is_set(cfg, f.name)]
-    if refused:
-        raise ValueError(f"--overfit trains a small model on the bundled corpus: it cannot honour "
-                         f"{', '.join(refused)}; --overfit-batches K memorises that setup's data")
-    check_values(cfg, only=("max_steps", "lr"))
-    return {"max_steps": OVERFIT_STEPS if cfg.max_steps is None else cfg.max_steps,
-            "lr": 3e-3 if cfg.lr is None else cfg.lr}
-
-
-def overfit_ignored(cfg: TrainConfig) -> list[str]:
-    """The keys of ``cfg`` that --overfit drops (set, and meaningless to a check that writes no
-    run)."""
-    return [key for key in OVERFIT_IGNORES if is_set(cfg, key)]
-
-
 def where_set_of(argv: Sequence[str] | None) -> Callable[[str], str]:
     """Where a key of this command line was set: its flag, its ``--config`` file, else the
     ``--resume`` run's config.json."""
