@@ -124,8 +124,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data_options, dict):  # a list key's one item alone made a list
             self.data_options = settings.option_values(DataConfig, self.data_options)
-        self.runs_dir = settings.home_expanded(self.runs_dir)
-        self.out_dir = settings.home_expanded(self.out_dir)
+        for key in ("runs_dir", "out_dir", "load_generations", "preference_pairs"):
+            setattr(self, key, settings.home_expanded(getattr(self, key)))
         if self.max_new_tokens is None:  # one number from here on, which results.json records
             self.max_new_tokens = CHAT_NEW_TOKENS if self.chat else NEW_TOKENS
         if self.batch_size is None and not self.serve:  # the server sizes its own to memory
