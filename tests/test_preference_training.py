@@ -519,3 +519,49 @@ def test_a_kto_run_on_undesirable_completions_alone_says_so(assets, tmp_path, ca
     tm.train(pref_cfg(assets, tmp_path, task="kto", data=[str(failed)], max_steps=1,
                       eval_every=1, warmup_steps=0))
     assert "every training completion is undesirable" in capsys.readouterr().err
+
+
+def test_kto_metrics_are_the_means_over_each_labels_completions():
+    """KTO's rewards/chosen and logps/chosen are means over every desirable completion the
+    batches hold (.../rejected over the undesirable ones, TRL's sums over its counts), and
+    rewards/margins their difference, however the batches split the labels: validation over
+    two batches of differing label mixes gives the metrics of all their completions at once."""
+    from architecture import PRESETS, Transformer
+    from codelm.data.preferences import Preference
+    from codelm.runtime.settings import fields_of
+    from codelm.training import preference
+    from codelm.training.preference_batches import PreferenceRows, collate_preferences
+
+    g = torch.Generator().manual_seed(0)
+    labels = [True, False, False, False, True, True, True, False]
+    records = [Preference(torch.randint(64, (3 + i,), generator=g).tolist(),
+                          (torch.randint(64, (2 + i % 3,), generator=g).tolist(),), label)
+               for i, label in enumerate(labels)]
+    rows = PreferenceRows(records, 24, unpaired=True)
+    rows.set_reference(torch.linspace(-40.0, -20.0, 16).reshape(8, 2))
+    items = [rows[i] for i in range(len(rows))]
+    cfg = plan.with_fallbacks(trainconfig.TrainConfig(task="kto", preset="tiny", max_steps=10,
+                                                      warmup_steps=1))
+    settings = trainconfig.StepSettings(**fields_of(trainconfig.StepSettings, cfg))
+    torch.manual_seed(0)
+    shape = dataclasses.replace(PRESETS["tiny"], vocab_size=64, block_size=24, dropout=0.0)
+    model = Transformer(shape)
+    trainer = preference_run.PreferenceTrainer(model, settings,
+                                               preference.PreferenceConfig(method="kto"),
+                                               torch.device("cpu"))
+    metrics = trainer.evaluate([collate_preferences(items[:4], 0),
+                                collate_preferences(items[4:], 0)])
+    whole = collate_preferences(items, 0)
+    n = len(items)
+    with torch.no_grad():
+        logps = preference.sequence_logps(
+            preference.token_logps(model.eval(), whole["ids"][:n], whole["attention_mask"][:n]),
+            whole["completion_mask"][:n])
+    rewards = 0.1 * (logps - whole["ref_logps"][:n])
+    desirable = whole["desirable"]
+    expected = {"rewards/chosen": rewards[desirable].mean(),
+                "rewards/rejected": rewards[~desirable].mean(),
+                "rewards/margins": rewards[desirable].mean() - rewards[~desirable].mean(),
+                "logps/chosen": logps[desirable].mean(), "logps/rejected": logps[~desirable].mean()}
+    for name, value in expected.items():
+        assert metrics[f"val_{name}"] == pytest.approx(float(value), abs=1e-5), name

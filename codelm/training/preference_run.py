@@ -304,28 +304,49 @@ class PreferenceTrainer(Trainer):
                     if inject_nan:
                         loss = loss * float("nan")
                     self.scaler.scale(loss * share * self.dist.world).backward()
-                sums += self._weighted(loss, metrics, share)
+                sums += self._weighted(loss, metrics, share, self._weights(batch, share))
         sums = all_reduce_sum(sums, self.dist)
         stats = self.update(sums[0], n_positions)
         stats.metrics = self._averaged(sums[1:])
         return stats
 
-    def _weighted(self, loss: torch.Tensor, metrics: dict, share: torch.Tensor
+    def _weights(self, batch: dict, share: torch.Tensor) -> dict:
+        """Each metric's weight in one micro-batch: its ``share`` of the pairs; KTO's chosen
+        and rejected means by the batch's desirable and undesirable completions (the means over
+        a step's completions of each label, as TRL's counts over processes take them), its
+        margin none (``_averaged`` takes it from those means)."""
+        share = torch.as_tensor(share, dtype=torch.float32, device=self.device)
+        weights = dict.fromkeys(self.metric_names, share)
+        if self.preference.method == "kto":
+            desirable = batch["desirable"].float().sum()
+            undesirable = len(batch["desirable"]) - desirable
+            for kind, count in (("chosen", desirable), ("rejected", undesirable)):
+                weights[f"rewards/{kind}"] = count
+                weights[f"logps/{kind}"] = count
+            weights["rewards/margins"] = torch.zeros_like(share)
+        return weights
+
+    def _weighted(self, loss: torch.Tensor, metrics: dict, share: torch.Tensor, weights: dict
                   ) -> torch.Tensor:
-        """[loss, metric, its weight, ...] of one micro-batch, weighted by its ``share`` of the
-        pairs (a metric it lacks, KTO's of a batch of one label, weighs nothing)."""
+        """[loss, metric, its weight, ...] of one micro-batch: the loss weighted by its
+        ``share`` of the pairs, each metric by its ``weights`` (_weights'; a metric it lacks,
+        KTO's of a batch of one label, weighs nothing)."""
+        zero = torch.zeros((), device=self.device)
         row = [loss.detach().float() * share]
         for name in self.metric_names:
             if name in metrics:
-                row += [metrics[name].float() * share, share]
+                row += [metrics[name].float() * weights[name], weights[name]]
             else:
-                row += [torch.zeros_like(share), torch.zeros_like(share)]
+                row += [zero, zero]
         return torch.stack(row)
 
     def _averaged(self, sums: torch.Tensor) -> dict:
         values = sums.tolist()
-        return {name: values[2 * k] / values[2 * k + 1]
-                for k, name in enumerate(self.metric_names) if values[2 * k + 1] > 0}
+        means = {name: values[2 * k] / values[2 * k + 1]
+                 for k, name in enumerate(self.metric_names) if values[2 * k + 1] > 0}
+        if self.preference.method == "kto" and {"rewards/chosen", "rewards/rejected"} <= means.keys():
+            means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+        return {name: means[name] for name in self.metric_names if name in means}
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None
@@ -339,7 +360,8 @@ class PreferenceTrainer(Trainer):
             with autocast(self.device, self._eval_precision()):
                 loss, metrics = preference.batch_loss(self.eval_model, batch, self.preference)
             n = len(batch["ids"]) // 2
-            sums += self._weighted(loss, metrics, torch.tensor(float(n), device=self.device))
+            share = torch.tensor(float(n), device=self.device)
+            sums += self._weighted(loss, metrics, share, self._weights(batch, share))
             pairs += n
         sums = all_reduce_sum(sums, self.dist)
         n = all_reduce_sum(torch.tensor(float(pairs), device=self.device), self.dist).item()
