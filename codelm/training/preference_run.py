@@ -344,7 +344,8 @@ class PreferenceTrainer(Trainer):
         values = sums.tolist()
         means = {name: values[2 * k] / values[2 * k + 1]
                  for k, name in enumerate(self.metric_names) if values[2 * k + 1] > 0}
-        if self.preference.method == "kto" and {"rewards/chosen", "rewards/rejected"} <= means.keys():
+        both = {"rewards/chosen", "rewards/rejected"} <= means.keys()
+        if self.preference.method == "kto" and both:
             means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
         return {name: means[name] for name in self.metric_names if name in means}
 
