@@ -732,7 +732,7 @@ def _run_recipe(opts: RecipeOptions) -> RecipeResult:
     trainconfig.check_run_name(name, f"--name {name}" if opts.name
                                else f"{opts.recipe}: train.name {name}")
     smoke_dir = "runs/smoke" if opts.smoke and "out_dir" not in typed else None  # a --set's kept
-    # ~: the home directory (--out-dir=~/runs, a recipe's out_dir), as the run's own out_dir reads it
+    # ~: the home directory (--out-dir=~/runs, a recipe's out_dir), as a run's out_dir reads it
     out_dir = Path(opts.out_dir or smoke_dir or values.get("out_dir", "runs")).expanduser()
     values.update(name=name, out_dir=str(out_dir), device=opts.device, progress=opts.progress,
                   resume=str(out_dir / name) if opts.resume else None)
