@@ -1522,6 +1522,28 @@ def test_a_file_changed_since_codelm_wrote_it_is_refused_naming_both_fixes(check
     assert pretrained.load(out).cfg.n_layer >= 1
 
 
+def test_saving_again_into_a_directory_codelm_wrote_keeps_its_manifest_true(checkpoints,
+                                                                             tmp_path):
+    """save into a directory with a manifest (a converted or exported checkpoint) records the
+    bytes it wrote there, shards and the single file they replace alike, so the directory loads
+    back with the new weights; a file changed by anyone else is still refused."""
+    out = tmp_path / "out"
+    assert pretrained.main([str(checkpoints["llama"][0]), str(out)]) == 0
+    model = pretrained.load(out)
+    with torch.no_grad():
+        model.wte.weight.mul_(2)
+    pretrained.save(model, out, max_shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    back = pretrained.load(out)
+    assert torch.equal(back.wte.weight, model.wte.weight)
+    pretrained.save(back, out)
+    assert not (out / "model.safetensors.index.json").exists()
+    assert torch.equal(pretrained.load(out).wte.weight, model.wte.weight)
+    (out / "generation_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"generation_config.json: its bytes differ"):
+        pretrained.load(out)
+
+
 def test_cli_stopped_while_writing_leaves_no_output_directory(checkpoints, tmp_path, capsys,
                                                               monkeypatch):
     """Ctrl-C in the middle of the weights: exit 130 and no half-written OUT (which a rerun

@@ -362,8 +362,9 @@ def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 def save(model: Transformer, directory: str | Path, max_shard_bytes: float = 5 * 2**30,
          task: str | None = None) -> None:
     """Write config.json + model.safetensors (or shards + index) in the family's HF layout, all
-    files in full before any replaces the last save's (config.json last); ``task``: the codelm
-    task the weights were trained on, kept in config.json's TASK_KEY (``trained_task``)."""
+    files in full before any replaces the last save's (config.json last), and a manifest there
+    (``process.write_manifest``) brought up to date; ``task``: the codelm task the weights were
+    trained on, kept in config.json's TASK_KEY (``trained_task``)."""
     directory = Path(directory)
     check_output_dir(directory, "save_pretrained")
     config = hf_config(model.cfg, model.wte.weight.dtype)
@@ -374,11 +375,15 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: float = 5 *
     directory.mkdir(parents=True, exist_ok=True)
     process.write_atomic_files({directory / name: data for name, data in files.items()})
     # The last save's weight files go: a single file left beside new shards would load instead.
+    removed = []
     for pattern in ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model*.bin",
                     "model.safetensors.index.json", "pytorch_model.bin.index.json"):
         for stale in directory.glob(pattern):
             if stale.name not in files:
                 stale.unlink()
+                removed.append(stale.name)
+    # A directory codelm wrote (an export) records these files' bytes: now the new ones.
+    process.update_manifest(directory, [*files, *removed])
 
 
 def check_output_dir(directory: Path, writer: str, adapter: bool = False) -> None:

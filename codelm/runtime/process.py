@@ -854,6 +854,27 @@ def write_manifest(directory: Path) -> None:
                                                        indent=1))
 
 
+def update_manifest(directory: Path, names: Iterable[str]) -> None:
+    """Where ``directory`` holds a readable manifest: the entries of ``names`` (relative paths)
+    recorded anew from the files as they are now, those no longer there dropped; the other
+    entries kept as they are, so that a file changed by anyone else is still found."""
+    path = directory / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):  # none, or unreadable: manifest_problem names the latter
+        return
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return
+    for name in names:
+        file = directory / name
+        if file.is_file():
+            files[name] = {"bytes": file.stat().st_size, "blake3": file_digest(file)}
+        else:
+            files.pop(name, None)
+    write_atomic(path, json.dumps(manifest, indent=1))
+
+
 def manifest_problem(directory: Path, names: Sequence[str] | None = None,
                      sizes_only: bool = False) -> str | None:
     """Why ``directory``'s files (``names``, or all it lists) differ from its manifest, or None
