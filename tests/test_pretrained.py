@@ -9,12 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from test_architecture import gen, gen_stream
-from tiny_hf import FAMILIES, save_tiny_hf, tiny_checkpoints, tiny_hf_model
+from tiny_hf import (
+    FAMILIES,
+    save_tiny_hf,
+    save_tiny_llama3_instruct,
+    tiny_checkpoints,
+    tiny_hf_model,
+)
 
 from architecture import PRESETS, ModelConfig, Transformer
 from codelm import trainconfig
 from codelm.models import adapter_config, families, pretrained, quantize
 from codelm.runtime import hub
+from tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -1503,6 +1510,45 @@ def test_cli_copies_every_tokenizer_and_generation_file_and_nothing_else(checkpo
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "model.safetensors", "manifest.json", *companions])
     assert all((out / name).read_text() == f"the {name} of src" for name in companions)
+
+
+def _with_a_tool_use_template(path: Path) -> None:
+    """An instruct checkpoint in ``path`` whose tokenizer transformers saved with a second,
+    named chat template (additional_chat_templates/tool_use.jinja)."""
+    import transformers as tf
+
+    save_tiny_llama3_instruct(path, ["def f(x):\n    return x + 1\n", "hello world"] * 20)
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    tok.chat_template = {"default": tok.chat_template,
+                         "tool_use": "TOOLS {{ tools | tojson }}{{ messages[0]['content'] }}"}
+    tok.save_pretrained(path)
+    assert (path / "additional_chat_templates" / "tool_use.jinja").is_file()
+
+
+def _tool_prompt(directory: Path) -> str:
+    import transformers as tf
+
+    tool = {"type": "function", "function": {"name": "f", "description": "d",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    return tf.AutoTokenizer.from_pretrained(directory).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tools=[tool], tokenize=False)
+
+
+def test_exports_keep_the_named_chat_templates_transformers_saved(tmp_path):
+    """transformers 5 saves chat templates beyond the default as
+    additional_chat_templates/NAME.jinja: the converted checkpoint and a run's export carry
+    them, so transformers renders a prompt with tools as it does from the source."""
+    src = tmp_path / "src"
+    _with_a_tool_use_template(src)
+    want = _tool_prompt(src)
+    assert want.startswith("TOOLS ")
+    assert pretrained.main([str(src), str(tmp_path / "out")]) == 0
+    assert _tool_prompt(tmp_path / "out") == want
+    run_export = tmp_path / "export"
+    tok = load_tokenizer(src)
+    tok.save(run_export)
+    pretrained.copy_hf_companions(None, str(src), tok, run_export, weights=True)
+    assert _tool_prompt(run_export) == want
 
 
 def test_a_file_changed_since_codelm_wrote_it_is_refused_naming_both_fixes(checkpoints,

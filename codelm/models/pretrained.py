@@ -450,12 +450,22 @@ HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_
 GENERATION_CONFIG = "generation_config.json"
 COMPANION_FILES = ("tokenizer.json", *HF_TOKENIZER_FILES, "vocab.json", "merges.txt",
                    "added_tokens.json", "tokenizer.model", "spiece.model", GENERATION_CONFIG)
+# transformers 5's named chat templates besides chat_template.jinja (tool_use.jinja, ...).
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
+
+
+def copy_chat_templates(source: Path, out: Path) -> None:
+    """Copy ``source``'s CHAT_TEMPLATES_DIR, where it has one, into ``out``."""
+    if (source / CHAT_TEMPLATES_DIR).is_dir():
+        shutil.copytree(source / CHAT_TEMPLATES_DIR, out / CHAT_TEMPLATES_DIR,
+                        dirs_exist_ok=True)
 
 
 def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
                       companions: str | Path, generation_from: str | Path | None = None) -> Path:
     """Write the new directory ``out`` whole or not at all: the model (``save_weights``) and the
-    COMPANION_FILES of ``companions`` (generation_config.json of ``generation_from`` if given)."""
+    COMPANION_FILES and CHAT_TEMPLATES_DIR of ``companions`` (generation_config.json of
+    ``generation_from`` if given)."""
     out = Path(out)
     if os.path.lexists(out):  # a dangling link too
         raise ValueError(f"{out} already exists: name a new directory")
@@ -467,6 +477,7 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
                           else companions)
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
+        copy_chat_templates(Path(companions), tmp)
         process.write_manifest(tmp)
 
     if not process.write_dir_atomically(out, build, replace=False):
@@ -490,6 +501,7 @@ def copy_hf_companions(tokenizer: str | None, init_from: str | None, tok, out: P
         for name in HF_TOKENIZER_FILES:
             if (where / name).is_file():
                 shutil.copyfile(where / name, out / name)
+        copy_chat_templates(where, out)
         config = out / HF_TOKENIZER_FILES[0]
         if (where / config.name).is_file():
             written = json.loads(config.read_text("utf-8"))
