@@ -1645,6 +1645,19 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(tmp_path, offline_hub, monkey
     assert hub.checkpoint_dir("runs/mistyped") == Path("runs/mistyped")
 
 
+def test_cli_converts_a_hub_id_with_its_tokenizer_and_generation_files(tmp_path, offline_hub):
+    """The converter reads `org/name` from the hub cache as load does, and the new directory
+    holds the snapshot's tokenizer and generation files beside the weights, as a directory's
+    conversion does."""
+    from tiny_hf import hub_cache
+
+    save_tiny_llama3_instruct(tmp_path / "dir", ["def f(x):\n    return x + 1\n"] * 20)
+    hub_cache(offline_hub, "org/tiny", tmp_path / "dir")
+    assert pretrained.main(["org/tiny", str(tmp_path / "out")]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "dir" / name).read_bytes()
+
+
 @pytest.mark.parametrize("family", ["gemma", "llama", "gpt_bigcode"])
 def test_the_pad_tokens_embedding_row_trains_as_in_transformers(tmp_path, family):
     """Where HF's embedding has padding_idx (Llama, Gemma, ...: pad_token_id's row gets no

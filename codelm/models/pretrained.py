@@ -537,11 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     def convert() -> None:
         if not args.max_shard_gb > 0:
             raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
-        model = load(args.checkpoint, dtype=args.dtype)
+        checkpoint = checkpoint_dir(args.checkpoint)  # a hub id: its snapshot's files
+        model = load(checkpoint, dtype=args.dtype)
         shard = args.max_shard_gb * 2**30  # inf: one file
-        task = trained_task(args.checkpoint)  # its prompts start as its training's
+        task = trained_task(checkpoint)  # its prompts start as its training's
         export_checkpoint(args.out, partial(save, model, max_shard_bytes=shard, task=task),
-                          args.checkpoint)
+                          checkpoint)
         print(f"wrote {args.out} ({model.cfg.family}, {model.wte.weight.dtype})")
 
     return process.run_tool(convert, "interrupted: nothing written")
