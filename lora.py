@@ -887,7 +887,8 @@ def main(argv: list[str] | None = None) -> int:
     def merge() -> None:
         adapter = Path(args.adapter)
         read_adapter_config(adapter)  # a bad adapter is named before the base loads
-        base = Path(args.base) if args.base else adapter_base(adapter, "name it with --base")
+        base = (hub.checkpoint_dir(args.base, "--base") if args.base  # a hub id: its snapshot
+                else adapter_base(adapter, "name it with --base"))
         check_base_family(adapter, base)
         if note := other_base_note(adapter, base):
             print(f"note: {note}: merged into {base}, as given", file=sys.stderr)

@@ -1391,6 +1391,19 @@ def test_cli_merge_of_a_chat_runs_export_stops_at_the_end_of_turn(tmp_path, task
     assert eos == ([end, eot] if task == "chat" else end)
 
 
+def test_cli_merges_into_a_base_given_as_a_hub_id_with_its_files(tmp_path, offline_hub):
+    """--base org/name is the snapshot in the hub cache, as load reads it: the merged directory
+    holds its tokenizer and generation files beside the weights, as a directory's merge does."""
+    from tiny_hf import hub_cache, save_random_adapter, save_tiny_llama3_instruct
+
+    save_tiny_llama3_instruct(tmp_path / "dir", ["def f(x):\n    return x + 1\n"] * 20)
+    hub_cache(offline_hub, "org/tiny", tmp_path / "dir")
+    save_random_adapter(tmp_path / "dir", tmp_path / "adapter")
+    assert lora.main([str(tmp_path / "adapter"), str(tmp_path / "out"), "--base", "org/tiny"]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "dir" / name).read_bytes()
+
+
 def test_cli_merges_a_peft_adapter_into_a_checkpoint_transformers_loads(tmp_path, capsys):
     """`python lora.py ADAPTER OUT`: the base named by the adapter's config, the adapter merged,
     written as a plain HF checkpoint with the adapter's tokenizer file: transformers loads it
