@@ -863,15 +863,6 @@ def tokenizer_size(path: Path) -> int | None:
     return max(ids) + 1 if ids else None
 
 
-def _stop_at_end_of_turn(tokenizer_dir: Path, out: Path) -> None:
-    """A chat run's merged model stops at its template's end-of-turn token, as the run's
-    export/merged does (``finish.stop_at_end_of_turn``)."""
-    from codelm.training.finish import stop_at_end_of_turn  # finish imports this module
-    from tokenizer import load_tokenizer
-
-    stop_at_end_of_turn(load_tokenizer(tokenizer_dir), out)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = settings.ArgumentParser(
         description="Merge a LoRA adapter (codelm's or PEFT's) into its base model and write a "
@@ -903,9 +894,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = rundir.run_of_weights(adapter)  # a run's export/: its task goes with the model
         task = None if run_dir is None else settings.read_json_object(
             run_dir / rundir.CONFIG_FILE, "run config").get("task", "lm")
-        finish = partial(_stop_at_end_of_turn, tokenizer_dir) if task == "chat" else None
         pretrained.export_checkpoint(args.out, partial(merge_and_export, model, task=task),
-                                     tokenizer_dir, generation_from=base, finish=finish)
+                                     tokenizer_dir, generation_from=base)
         # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).
         adapted = {name for hits in report.targets.values() for name in hits}
         print(f"wrote {args.out}: the LoRA of {adapter} on {len(adapted)} modules "

@@ -1369,28 +1369,6 @@ def test_a_merged_checkpoint_keeps_the_bases_chat_template_and_sentencepiece_fil
         assert (tmp_path / "merged" / name).read_text() == (tmp_path / "hf" / name).read_text()
 
 
-@pytest.mark.parametrize("task", ["chat", "lm"])
-def test_cli_merge_of_a_chat_runs_export_stops_at_the_end_of_turn(tmp_path, task):
-    """Merging a chat run's export/ gives the generation_config.json its export/merged gets:
-    the base's EOS and the template's end-of-turn token (<|eot_id|>), so that transformers'
-    generate stops where the run's answers end; another task's keeps the base's file."""
-    from tiny_hf import save_random_adapter, save_tiny_llama3_instruct
-
-    from tokenizer import load_tokenizer
-
-    base, export = tmp_path / "base", tmp_path / "run" / "export"
-    _, hf_tok, _ = save_tiny_llama3_instruct(base, ["def f(x):\n    return x + 1\n"] * 20)
-    end, eot = hf_tok.token_to_id("<|end_of_text|>"), hf_tok.token_to_id("<|eot_id|>")
-    tf.GenerationConfig(eos_token_id=end).save_pretrained(base)  # a base model's: EOS alone
-    save_random_adapter(base, export)
-    load_tokenizer(base).save(export)
-    (export.parent / "config.json").write_text(json.dumps(
-        {"preset": "tiny", "lr": 1e-3, "max_steps": 1, "task": task}))
-    assert lora.main([str(export), str(tmp_path / "out")]) == 0
-    eos = tf.GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id
-    assert eos == ([end, eot] if task == "chat" else end)
-
-
 def test_cli_merges_into_a_base_given_as_a_hub_id_with_its_files(tmp_path, offline_hub):
     """--base org/name is the snapshot in the hub cache, as load reads it: the merged directory
     holds its tokenizer and generation files beside the weights, as a directory's merge does."""

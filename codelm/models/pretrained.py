@@ -462,11 +462,10 @@ def copy_chat_templates(source: Path, out: Path) -> None:
 
 
 def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
-                      companions: str | Path, generation_from: str | Path | None = None,
-                      finish: Callable[[Path], object] | None = None) -> Path:
+                      companions: str | Path, generation_from: str | Path | None = None) -> Path:
     """Write the new directory ``out`` whole or not at all: the model (``save_weights``) and the
     COMPANION_FILES and CHAT_TEMPLATES_DIR of ``companions`` (generation_config.json of
-    ``generation_from`` if given), then ``finish`` on the directory, if given."""
+    ``generation_from`` if given)."""
     out = Path(out)
     if os.path.lexists(out):  # a dangling link too
         raise ValueError(f"{out} already exists: name a new directory")
@@ -479,8 +478,6 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         copy_chat_templates(Path(companions), tmp)
-        if finish is not None:
-            finish(tmp)
         process.write_manifest(tmp)
 
     if not process.write_dir_atomically(out, build, replace=False):
