@@ -3390,19 +3390,23 @@ def test_pair_records_are_redacted_as_documents_are(tmp_path):
 
 
 def test_conversations_are_redacted_in_every_text_a_template_renders(tmp_path):
-    """A chat template renders a tool call's arguments and an answer's reasoning as it renders
-    the content, so a chat run learns a key from any of them: each gets the placeholder, the
-    conversation counted once. Reference: the record with the key replaced by hand."""
+    """A chat template renders a tool call's arguments, an answer's reasoning and the tools'
+    definitions as it renders the content, so a chat run learns a key from any of them: each
+    gets the placeholder, the conversation counted once. Reference: the record with the key
+    replaced by hand."""
     key = "ghp_" + "z" * 36
     call = {"type": "function", "function": {"name": "push", "arguments": {"token": key}}}
     messages = [{"role": "user", "content": f"push with {key}"},
                 {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "content": "ok"},
                 {"role": "assistant", "content": "Done.", "reasoning_content": f"I sent {key}"}]
-    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": messages}])
+    tools = [{"type": "function", "function": {"name": "push", "description": f"e.g. {key}"}}]
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": messages, "tools": tools}])
     docs, stats = clean_corpus(cfg(tmp_path, sources=[str(chats)]))
     expected = json.loads(json.dumps(messages).replace(key, "<GITHUB_TOKEN>"))
     assert [d.messages for d in docs] == [expected]
+    assert [d.tools for d in docs] == [json.loads(json.dumps(tools).replace(key,
+                                                                           "<GITHUB_TOKEN>"))]
     assert stats["modified"] == {"secrets_redacted": 1}
 
 

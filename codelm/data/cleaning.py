@@ -284,13 +284,13 @@ def clean_one(args: tuple[Doc, dict]) -> tuple[Doc | None, str | None, list[str]
             return None, "empty_pair", mods
         (prompt, target), mods = _redact([raw.text, raw.target], opt)
         return replace(raw, text=prompt, target=target), None, mods
-    if raw.chat:  # a conversation: its messages' texts redacted, never otherwise rewritten
+    if raw.chat:  # a conversation: its messages' and tools' texts redacted, never rewritten
         messages = raw.messages
         if not any(_answers(m) for m in messages):
             return None, "empty_chat", mods
-        texts, mods = _redact(_strings_in(messages), opt)
-        redacted = _with_strings(messages, iter(texts))
-        return replace(raw, text=json.dumps(redacted, ensure_ascii=False)), None, mods
+        texts, mods = _redact(_strings_in([messages, raw.tools]), opt)
+        redacted, tools = _with_strings([messages, raw.tools], iter(texts))
+        return replace(raw, text=json.dumps(redacted, ensure_ascii=False), tools=tools), None, mods
     text, reason = decode_source(raw.text)
     if text is None:
         return None, reason, mods
