@@ -58,6 +58,8 @@ class TuneConfig:
         self.out_dir = settings.home_expanded(self.out_dir)
         self.train_config = settings.home_expanded(self.train_config)
         self.space = settings.home_expanded(self.space)
+        if self.storage is not None and "://" not in self.storage:  # a journal file's path
+            self.storage = settings.home_expanded(self.storage)
 
 
 TRIAL_STEPS = 150  # a trial's steps where neither max_steps nor time_budget_min is given

@@ -430,8 +430,9 @@ def test_every_unknown_flag_of_a_command_is_answered_at_once(capsys):
 
 def test_a_directory_setting_under_the_home_directory_is_that_directory(tmp_path, monkeypatch):
     """A ~ that no shell expanded (a config file's, --out-dir=~/...) is the home directory in
-    each script's directory settings and eval.py's generations and preference-pair files, as it
-    is in the paths of models and data: no directory named ~ is made where the command runs."""
+    each script's directory settings (the data cache's too), a journal storage and eval.py's
+    generations and preference-pair files, as it is in the paths of models and data: no
+    directory named ~ is made where the command runs."""
     from codelm import tuneconfig
     from codelm.evaluation.config import parse_config as eval_config
 
@@ -445,6 +446,8 @@ def test_a_directory_setting_under_the_home_directory_is_that_directory(tmp_path
                                                        str(tmp_path / "scores"))
     tuned = tuneconfig.parse_config(["--out-dir=~/studies"])
     assert tuned.out_dir == str(tmp_path / "studies")
+    assert tuneconfig.parse_config(["--storage=~/j.log"]).storage == str(tmp_path / "j.log")
+    assert DataConfig(cache_dir="~/cache").cache_dir == str(tmp_path / "cache")
     files = eval_config(["--tasks", "humaneval", "--load-generations=~/g.json"])
     assert files.load_generations == str(tmp_path / "g.json")
     pairs = eval_config(["--models", "m", "--tasks", "humaneval", "--num-samples", "2",

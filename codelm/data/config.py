@@ -180,6 +180,9 @@ class DataConfig:
     num_workers: int | None = None  # processes cleaning and tokenizing; None: every core
     progress: bool = True  # progress bars
 
+    def __post_init__(self) -> None:
+        self.cache_dir = settings.home_expanded(self.cache_dir)  # a config file's ~: home
+
     @property
     def workers(self) -> int:
         """The processes that clean and tokenize (``process.worker_count``)."""
