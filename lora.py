@@ -693,7 +693,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     tensors = {PEFT_PREFIX + k: p.detach().float().cpu().contiguous()
                for k, p in _adapter_parameters(model).items()}
     written = {_KEY_RE.match(k)["module"] for k in tensors}
-    for key, (tensor, rows) in _saved_base_tensors(model, cfg).items():
+    saved = _saved_base_tensors(model, cfg)
+    for key, (tensor, rows) in saved.items():
         rows = slice(None) if rows is None else rows.to(tensor.device)
         tensors[PEFT_PREFIX + key] = tensor.detach()[rows].float().cpu().contiguous()
     config = {
@@ -705,7 +706,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
         "modules_to_save": cfg.modules_to_save,
         "use_rslora": cfg.use_rslora, "init_lora_weights": True, "inference_mode": True,
         **UNSUPPORTED_PEFT_KEYS, "use_dora": cfg.use_dora,
-        "ensure_weight_tying": _trains_tied(model, cfg),
+        "ensure_weight_tying": _trains_tied(model, saved),
     }
     out.mkdir(parents=True, exist_ok=True)
     # As a set (config last, as save_pretrained): a failed save leaves the last adapter whole.
@@ -717,11 +718,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path,
     return out
 
 
-def _trains_tied(model: nn.Module, cfg: LoRAConfig) -> bool:
-    """Whether the adapter trains a tensor that modules share (a tied embedding and head): codelm
-    trains it as one, so its file asks PEFT for ensure_weight_tying, which trains them so too."""
+def _trains_tied(model: nn.Module, saved: dict[str, tuple[nn.Parameter, torch.Tensor | None]]
+                 ) -> bool:
+    """Whether the adapter's ``saved`` base tensors (``_saved_base_tensors``) hold one that
+    modules share (a tied embedding and head): codelm trains it as one, so its file asks PEFT
+    for ensure_weight_tying, which trains them so too."""
     tied = shared_parameters(model)
-    return any(id(tensor) in tied for tensor, _ in _saved_base_tensors(model, cfg).values())
+    return any(id(tensor) in tied for tensor, _ in saved.values())
 
 
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:

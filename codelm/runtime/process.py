@@ -845,11 +845,17 @@ def file_digest(path: str | Path) -> str:
     return hasher.hexdigest()
 
 
+def _manifest_entry(path: Path) -> dict:
+    """What a manifest records of one file: its size and digest."""
+    return {"bytes": path.stat().st_size, "blake3": file_digest(path)}
+
+
 def write_manifest(directory: Path) -> None:
     """Record the size and digest of every file beneath ``directory`` in its manifest."""
-    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size,
-                                                   "blake3": file_digest(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file() and p != directory / MANIFEST_FILE}
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path != directory / MANIFEST_FILE:
+            files[path.relative_to(directory).as_posix()] = _manifest_entry(path)
     write_atomic(directory / MANIFEST_FILE, json.dumps({"format_version": 1, "files": files},
                                                        indent=1))
 
@@ -869,7 +875,7 @@ def update_manifest(directory: Path, names: Iterable[str]) -> None:
     for name in names:
         file = directory / name
         if file.is_file():
-            files[name] = {"bytes": file.stat().st_size, "blake3": file_digest(file)}
+            files[name] = _manifest_entry(file)
         else:
             files.pop(name, None)
     write_atomic(path, json.dumps(manifest, indent=1))
