@@ -330,6 +330,16 @@ def test_a_generator_another_request_holds_is_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cpu_generator_for_a_cuda_engine_is_refused_when_added():
+    """A request's noise is drawn on the engine's device: a CPU generator there would fail at
+    its first draw, in the middle of other requests' steps, so add refuses it naming the fix."""
+    engine = Engine(_model("llama").cuda(), slots=2)
+    cfg = GenerationConfig(4, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"generator is on cpu and the model on cuda"):
+        engine.add([5, 6, 7], cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_samples_equal_generates_and_a_decode_step_waits_on_the_device_once():
     """On CUDA, each request's noise from its own CUDA generator gives generate's samples at
     batch 1; a decode step of eight sampled rows reads the device back once (the tokens)."""

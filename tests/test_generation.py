@@ -372,6 +372,20 @@ def test_a_generator_at_temperature_zero_is_greedy():
                        gen(model, idx, 4))
 
 
+def test_a_generator_of_another_device_than_the_models_is_refused_before_generating():
+    """torch refuses a CPU generator's draw on a CUDA tensor only at the first sample, after the
+    prompt's forward: generate checks each generator's device against the model's first (a
+    model on the meta device stands in for an accelerator here), and names the fix."""
+    model = _model("llama").to("meta")
+    idx = _ids(2, 5)
+    for generator in (torch.Generator(), [torch.Generator(), torch.Generator()]):
+        with pytest.raises(ValueError, match=r"generator is on cpu and the model on meta"):
+            gen(model, idx, 4, temperature=1.0, generator=generator)
+    with pytest.raises(ValueError, match=r"torch.Generator\('cuda'\)"):
+        generation.check_generator_device(torch.Generator(), torch.device("cuda"))
+    generation.check_generator_device(None, torch.device("cuda"))  # its own draws: no check
+
+
 def test_generation_refuses_right_padded_or_empty_rows():
     """generate continues each row from its last position: a right-padded row (as training
     batches are padded) would continue its pads, and an all-padding row has no prompt."""

@@ -2,9 +2,10 @@
 finish, so a batch never waits for its longest row and a new prompt never waits for a batch.
 
     engine = Engine(model, slots=16)
-    for prompt in prompts:
+    for seed, prompt in enumerate(prompts):
+        generator = torch.Generator(engine.device).manual_seed(seed)
         engine.add(prompt, GenerationConfig(256, temperature=0.8, top_p=0.95, eos_id=eos,
-                                             generator=torch.Generator().manual_seed(seed)))
+                                             generator=generator))
     for event in engine.run():  # until every request has finished
         print(event.request, event.token, event.finished)
 
@@ -36,6 +37,7 @@ from codelm import kernels
 from codelm.models.generation import (
     CACHE_STEP,
     GenerationConfig,
+    check_generator_device,
     finish_reason,
     longrope_switch,
     new_caches,
@@ -133,6 +135,7 @@ class Engine:
         generator = cfg.generator
         if isinstance(generator, (list, tuple)):
             raise ValueError("a request samples with one generator, not one a row")
+        check_generator_device(generator, self.device)
         if cfg.temperature > 0:  # a sampled request draws from a generator of its own
             if generator in self.generators_held:
                 raise ValueError("the request's generator is another queued or running "

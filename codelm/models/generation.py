@@ -192,6 +192,8 @@ def _prepare(model: Transformer, idx: torch.Tensor, cfg: GenerationConfig,
     row_generators = cfg.generator if isinstance(cfg.generator, (list, tuple)) else None
     _need(row_generators is None or len(row_generators) == B,
           f"generator: one for the batch or one a row ({B}), got {len(row_generators or [])}")
+    for generator in row_generators or [cfg.generator]:
+        check_generator_device(generator, model.wte.weight.device)
     _need(T + cfg.max_new_tokens <= block + 1, f"prompt length {T} + max_new_tokens "
           f"{cfg.max_new_tokens} exceeds the context length block_size={block} + 1 (the last "
           "new token is never fed back)")
@@ -678,6 +680,15 @@ def _hit_stop(generated, cfg: GenerationConfig, finished) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ argument parsing
+def check_generator_device(generator: torch.Generator | None, device: torch.device) -> None:
+    """A sample drawn on ``device`` needs a generator of its device type: torch refuses a CPU
+    generator for a CUDA tensor only at the first draw, mid-generation."""
+    if generator is None or generator.device.type == device.type:
+        return
+    raise ValueError(f"the generator is on {generator.device.type} and the model on "
+                     f"{device.type}: make it with torch.Generator({device.type!r})")
+
+
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
