@@ -898,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         task = None if run_dir is None else settings.read_json_object(
             run_dir / rundir.CONFIG_FILE, "run config").get("task", "lm")
         pretrained.export_checkpoint(args.out, partial(merge_and_export, model, task=task),
-                                     tokenizer_dir, generation_from=base)
+                                     tokenizer_dir, generation_from=base, chat=task == "chat")
         # The adapter's own count (PEFT's q_proj, k_proj, v_proj are one fused qkv here).
         adapted = {name for hits in report.targets.values() for name in hits}
         print(f"wrote {args.out}: the LoRA of {adapter} on {len(adapted)} modules "

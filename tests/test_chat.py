@@ -413,7 +413,7 @@ def test_a_long_history_loses_its_start_but_not_the_templates_bos(tmp_path):
 def test_an_answer_ends_at_the_first_marker_after_its_text_and_a_tool_call_keeps_all():
     """The answer is cut after the first end-of-turn marker that follows its content; a turn
     whose content is empty (a tool call the template writes itself) keeps its whole text."""
-    from codelm.data.examples import chat_answer
+    from codelm.tokenization.chat import chat_answer
 
     phi3 = ["<|end|>", "<|endoftext|>", "<|user|>"]
     assert chat_answer("Hello!\n<|end|>\n<|endoftext|>", "Hello!\n", phi3) == "Hello!\n<|end|>"
@@ -521,30 +521,36 @@ def test_a_template_whose_generation_prompt_opens_a_think_block_trains_the_reaso
         dataset.prepare(cfg, load_tokenizer(tmp_path))
 
 
+def _base_checkpoint(instruct, base: Path) -> Path:
+    """The instruct checkpoint as a base model's: its tokenizer's and config's EOS
+    <|endoftext|>, its ChatML template kept (ending a turn at <|im_end|>)."""
+    import shutil
+
+    shutil.copytree(instruct[0], base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                            "eos_token": "<|endoftext|>"}))
+    eos = load_tokenizer(base).eos_id
+    for name in ("config.json", "generation_config.json"):  # a base model's: EOS alone
+        values = json.loads((base / name).read_text())
+        (base / name).write_text(json.dumps({**values, "eos_token_id": eos}))
+    return base
+
+
 def test_a_chat_run_stops_at_the_end_of_turn_its_answers_were_trained_to_end_with(
         instruct, tmp_path):
     """A base checkpoint's tokenizer (eos <|endoftext|>) with ChatML's template: chat training
     ends each answer at <|im_end|>, so eval, the server and the run's sample stop there too
     (not at EOS alone: the text would run on into the next turn); a model not trained on
     conversations keeps its EOS ids alone, as transformers' generate."""
-    import shutil
-
     from codelm import loading
-    from codelm.data.examples import end_of_turn_ids
     from codelm.evaluation import scoring
+    from codelm.tokenization.chat import end_of_turn_ids
 
-    root, _ = instruct
-    base = tmp_path / "base"
-    shutil.copytree(root, base)
-    config = json.loads((base / "tokenizer_config.json").read_text())
-    (base / "tokenizer_config.json").write_text(json.dumps({**config,
-                                                            "eos_token": "<|endoftext|>"}))
+    base = _base_checkpoint(instruct, tmp_path / "base")
     tok = load_tokenizer(base)
     end = tok.token_to_id("<|im_end|>")
     assert end_of_turn_ids(tok) == [end] and tok.eos_id != end
-    for name in ("config.json", "generation_config.json"):  # a base model's: EOS alone
-        values = json.loads((base / name).read_text())
-        (base / name).write_text(json.dumps({**values, "eos_token_id": tok.eos_id}))
     model = torch.nn.Linear(1, 1)
     model.cfg = type("Cfg", (), {"eos_id": None})()
     model.name_or_path = None
@@ -575,6 +581,49 @@ def test_a_chat_run_stops_at_the_end_of_turn_its_answers_were_trained_to_end_wit
     assert process.manifest_problem(merged.parent) is None  # the manifest holds the rewrite
 
 
+def test_lora_py_merges_a_chat_runs_adapter_to_stop_at_the_end_of_turn_as_its_export(
+        instruct, tmp_path):
+    """`python lora.py` merging the adapter a chat run exports writes the generation_config.json
+    of the run's own export/merged: the template's end-of-turn token beside the base's EOS, as
+    transformers reads it, so that generate and vLLM stop where the answers end. The run's
+    config.json names its task: the adapter of a run of another task merges with the base's
+    generation_config.json as it is."""
+    import shutil
+
+    import transformers
+
+    import lora
+    import trainingmanager as tm
+
+    base = _base_checkpoint(instruct, tmp_path / "base")
+    tok = load_tokenizer(base)
+    end = tok.token_to_id("<|im_end|>")
+    cfg = trainconfig.TrainConfig(task="chat", init_from=str(base), data=[str(instruct[1])],
+                                  block_size=128, batch_size=8, max_steps=1, warmup_steps=0,
+                                  out_dir=str(tmp_path / "runs"), name="chat", lora_r=4,
+                                  export_merged=True, progress=False, precision="fp32",
+                                  sample_tokens=0,
+                                  data_options={"split_by": "file", "min_bytes": 0,
+                                                "min_lines": 0, "cache_dir": str(tmp_path / "c")})
+    run = tm.train(cfg).run_dir
+    assert lora.main([str(run / "export"), str(tmp_path / "merged")]) == 0
+    written = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    exported = json.loads((run / "export" / "merged" / "generation_config.json").read_text())
+    assert written["eos_token_id"] == exported["eos_token_id"] == [tok.eos_id, end]
+    read = transformers.GenerationConfig.from_pretrained(tmp_path / "merged")
+    assert read.eos_token_id == [tok.eos_id, end]
+    from codelm.runtime import process
+
+    assert process.manifest_problem(tmp_path / "merged") is None  # the manifest holds the rewrite
+    other = tmp_path / "runs" / "completion"
+    shutil.copytree(run, other)
+    settings = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**settings, "task": "completion"}))
+    assert lora.main([str(other / "export"), str(tmp_path / "plain")]) == 0
+    plain = (tmp_path / "plain" / "generation_config.json").read_bytes()
+    assert plain == (base / "generation_config.json").read_bytes()
+
+
 def test_an_export_without_a_generation_config_gets_the_models_ids_and_the_end_of_turn(
         instruct, tmp_path):
     """No generation_config.json beside the weights (a base without one, a tokenizer from
@@ -582,7 +631,7 @@ def test_an_export_without_a_generation_config_gets_the_models_ids_and_the_end_o
     derives them, and the end-of-turn token after the EOS."""
     import transformers
 
-    from codelm.training.finish import stop_at_end_of_turn
+    from codelm.models.pretrained import stop_at_end_of_turn
 
     root, _ = instruct
     tok = load_tokenizer(root)

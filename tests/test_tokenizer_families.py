@@ -28,9 +28,9 @@ from tiny_hf import (
 
 from codelm.data.datasets import LabelBytes
 from codelm.data.encoding import encode_text, packed_document
-from codelm.data.examples import chat_turns
 from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.tokenization.bpe import BPETokenizer
+from codelm.tokenization.chat import chat_turns
 from codelm.tokenization.spiece import cut_pattern
 from tokenizer import decode_generated, load_tokenizer
 

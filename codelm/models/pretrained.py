@@ -38,6 +38,7 @@ from codelm.runs import rundir
 from codelm.runtime import process, settings
 from codelm.runtime.hub import checkpoint_dir
 from codelm.tokenization.bpe import BPETokenizer
+from codelm.tokenization.chat import ChatTokenizer, end_of_turn_ids
 from codelm.tokenization.files import tokenizer_path
 
 # ------------------------------------------------------------------------- weight plan
@@ -462,10 +463,12 @@ def copy_chat_templates(source: Path, out: Path) -> None:
 
 
 def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
-                      companions: str | Path, generation_from: str | Path | None = None) -> Path:
+                      companions: str | Path, generation_from: str | Path | None = None,
+                      chat: bool = False) -> Path:
     """Write the new directory ``out`` whole or not at all: the model (``save_weights``) and the
     COMPANION_FILES and CHAT_TEMPLATES_DIR of ``companions`` (generation_config.json of
-    ``generation_from`` if given)."""
+    ``generation_from`` if given); ``chat``: a chat run's model, whose generation stops at the
+    end-of-turn token of the tokenizer written beside it too (``stop_at_end_of_turn``)."""
     out = Path(out)
     if os.path.lexists(out):  # a dangling link too
         raise ValueError(f"{out} already exists: name a new directory")
@@ -478,11 +481,33 @@ def export_checkpoint(out: str | Path, save_weights: Callable[[Path], object],
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         copy_chat_templates(Path(companions), tmp)
+        if chat and tokenizer_path(tmp).is_file():
+            stop_at_end_of_turn(BPETokenizer.from_file(tmp), tmp)
         process.write_manifest(tmp)
 
     if not process.write_dir_atomically(out, build, replace=False):
         raise ValueError(f"{out} was written by another process meanwhile; name a new directory")
     return out
+
+
+def stop_at_end_of_turn(tok: ChatTokenizer, directory: Path) -> None:
+    """A chat run's exported model: its generation_config.json's eos_token_id lists the
+    template's end-of-turn token beside the EOS (as Qwen2.5-Instruct's lists <|im_end|>), so
+    that transformers' generate and vLLM stop where the run's answers end."""
+    ends = end_of_turn_ids(tok)
+    if not ends:
+        return
+    path = directory / GENERATION_CONFIG
+    if path.is_file():
+        config = json.loads(path.read_text("utf-8"))
+    else:  # as transformers' GenerationConfig.from_model_config takes the model's ids
+        model = json.loads((directory / rundir.HF_CONFIG).read_text("utf-8"))
+        config = {key: model[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if model.get(key) is not None}
+    eos = config.get("eos_token_id")
+    listed = eos if isinstance(eos, list) else [eos]
+    config["eos_token_id"] = [i for i in dict.fromkeys([*listed, *ends]) if i is not None]
+    path.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
 
 
 def copy_hf_companions(tokenizer: str | None, init_from: str | None, tok, out: Path,

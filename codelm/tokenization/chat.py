@@ -1,10 +1,13 @@
-"""Chat templates: the roles and template beside a tokenizer file, and ``render_chat``
-(a sandboxed jinja2 render, as HF renders it)."""
+"""Chat templates: the roles and template beside a tokenizer file, ``render_chat`` (a
+sandboxed jinja2 render, as HF renders it), and a rendered conversation cut into its assistant
+turns (``chat_turns``) and the template's end-of-turn token (``end_of_turn_ids``)."""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -159,3 +162,123 @@ def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: 
             documents=None, add_generation_prompt=add_generation_prompt, **defined)
     except (jinja2.exceptions.TemplateError, TypeError) as e:
         raise ValueError(f"chat_template: {e}") from None
+
+
+class ChatTokenizer(typing.Protocol):
+    """What cutting turns reads of a tokenizer (``codelm.tokenization.bpe.BPETokenizer``'s)."""
+
+    chat_template: str | None
+
+    @property
+    def matched_special_tokens(self) -> list[str]: ...
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                            tools: Sequence[dict] | None = None) -> str: ...
+
+    def token_to_id(self, token: str) -> int | None: ...
+
+
+class ChatTurn(typing.NamedTuple):
+    """One assistant turn of a conversation, as text."""
+
+    prompt: str  # the conversation before it, rendered with the generation prompt
+    answer: str  # the assistant's text, up to the template's end-of-turn marker
+
+
+def chat_turns(tok: ChatTokenizer, messages: Sequence[dict],
+               tools: Sequence[dict] | None = None) -> list[ChatTurn]:
+    """Each assistant turn of a conversation after its first message: what generation is
+    prompted with (``tools``, the functions offered, rendered by the template), and what it is
+    to answer (``chat_answer``; a tool call too). A conversation's opening assistant message (a
+    greeting) follows nothing to be prompted by: the conversation only."""
+    markers = tok.matched_special_tokens
+    turns = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant" or i == 0:
+            continue
+        prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
+        turn = tok.apply_chat_template(messages[: i + 1], tools=tools)
+        content = message.get("content")
+        if not isinstance(content, str) or message.get("tool_calls"):
+            content = ""  # the template writes the call: the turn's whole text is the answer
+        if turn.startswith(prompt):
+            answer = chat_answer(turn[len(prompt):], content, markers)
+        else:
+            answer = _prefilled_answer(prompt, turn, content, markers)
+        turns.append(ChatTurn(prompt, answer))
+    return turns
+
+
+def _prefilled_answer(prompt: str, turn: str, content: str, markers: Sequence[str]) -> str:
+    """The answer to a generation prompt that opens a block its template drops from a rendered
+    turn (DeepSeek-R1's ``<think>\n``, the reasoning cut from past turns): the content after
+    that opening, which it starts with, then the end-of-turn marker the template writes after
+    the turn's text (as TRL's training template for it renders the reasoning kept)."""
+    shared = len(os.path.commonprefix([prompt, turn]))
+    opening = prompt[shared:]
+    rendered = chat_answer(turn[shared:], content, markers)
+    ends = [m for m in markers if rendered.endswith(m)]
+    if not content.startswith(opening) or not ends:
+        raise ValueError(f"chat_template: the generation prompt ends with {opening!r}, which the "
+                         "conversation's text of an assistant turn lacks: give the turn's "
+                         f"content starting with {opening!r} (its reasoning, then the answer)")
+    return content[len(opening):] + max(ends, key=len)
+
+
+
+def end_of_turn_ids(tok: ChatTokenizer) -> list[int]:
+    """The id of the special token that ends an assistant turn in the tokenizer's chat
+    template (as ``chat_turns`` cuts an answer there: what a chat run learns to end with);
+    none without a template or such a token."""
+    if getattr(tok, "chat_template", None) is None:
+        return []
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        [turn] = chat_turns(tok, probe)
+    except ValueError:  # a template that refuses the probe ends nothing here
+        return []
+    ends = [m for m in tok.matched_special_tokens if turn.answer.endswith(m)]
+    ids = [tok.token_to_id(m) for m in ends]
+    return [i for i in ids if i is not None]
+
+
+def chat_answer(rendered: str, content: str, markers: Sequence[str]) -> str:
+    """What an assistant turn answers, of the text its template renders after the generation
+    prompt: up to the first end-of-turn marker (a special token's text, ``markers``) after its
+    ``content``, that marker included; what follows (a newline, a template's end-of-text) is
+    the template's glue or ending, not the answer's. The content is its last rendering that
+    cuts no marker in two: the turn's reasoning, rendered before it, can hold its text. Where
+    the content is empty or not found as it is (a tool call, a template that reshapes it), or
+    no marker follows it: the text, stripped."""
+    text = content.strip()
+    start = _content_end(rendered, text, markers) if text else None
+    if start is None:
+        return rendered.rstrip()
+    found_markers = []  # (where, -length, marker): the first, at one place the longest
+    for marker in markers:
+        at = rendered.find(marker, start)
+        if at >= 0:
+            found_markers.append((at, -len(marker), marker))
+    if not found_markers:
+        return rendered.rstrip()
+    at, _, marker = min(found_markers)
+    return rendered[: at + len(marker)]
+
+
+def _content_end(rendered: str, text: str, markers: Sequence[str]) -> int | None:
+    """Where the last occurrence of ``text`` in ``rendered`` ends, of those that start and end
+    outside every marker's text; None where there is none."""
+    spans = []
+    for marker in markers:
+        at = rendered.find(marker)
+        while at >= 0:
+            spans.append((at, at + len(marker)))
+            at = rendered.find(marker, at + 1)
+    found = rendered.rfind(text)
+    while found >= 0:
+        end = found + len(text)
+        if not any(a < found < b or a < end < b for a, b in spans):
+            return end
+        found = rendered.rfind(text, 0, end - 1)
+    return None
+

@@ -29,7 +29,7 @@ from codelm.data.encoding import (
     reads_special_tokens,
     template_writes_start,
 )
-from codelm.data.examples import SamplePrompt, end_of_turn_ids, stop_ids_of
+from codelm.data.examples import SamplePrompt, stop_ids_of
 from codelm.evaluation.results import OtherEvaluation
 from codelm.evaluation.tasks.text import GENERATION_EXAMPLES, NoExamples
 from codelm.gguf import writer
@@ -146,12 +146,12 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
                 pretrained.copy_hf_companions(settings.tokenizer, settings.init_from, tok,
                                                tmp / rundir.MERGED_DIR, weights=True)
                 if settings.task == "chat":
-                    stop_at_end_of_turn(tok, tmp / rundir.MERGED_DIR)
+                    pretrained.stop_at_end_of_turn(tok, tmp / rundir.MERGED_DIR)
         tok.save(tmp)
         pretrained.copy_hf_companions(settings.tokenizer, settings.init_from, tok, tmp,
                                       weights=settings.lora_r == 0)
         if settings.task == "chat" and settings.lora_r == 0:
-            stop_at_end_of_turn(tok, tmp)
+            pretrained.stop_at_end_of_turn(tok, tmp)
         if settings.export_gguf is not None:
             write_gguf(settings, model, tok, tmp, run_dir.name)
         # Which best/ it holds: eval.py scores best/ instead once a resume trains past it.
@@ -237,26 +237,6 @@ def sample_completion(model: nn.Module, tok: CodeTokenizer | BPETokenizer, promp
             break
     text = decode_generated(tok, new[:end])
     return truncate_at_stops(text, stops)
-
-
-def stop_at_end_of_turn(tok: CodeTokenizer | BPETokenizer, directory: Path) -> None:
-    """A chat run's exported model: its generation_config.json's eos_token_id lists the
-    template's end-of-turn token beside the EOS (as Qwen2.5-Instruct's lists <|im_end|>), so
-    that transformers' generate and vLLM stop where the run's answers end."""
-    ends = end_of_turn_ids(tok)
-    if not ends:
-        return
-    path = directory / pretrained.GENERATION_CONFIG
-    if path.is_file():
-        config = json.loads(path.read_text("utf-8"))
-    else:  # as transformers' GenerationConfig.from_model_config takes the model's ids
-        model = json.loads((directory / rundir.HF_CONFIG).read_text("utf-8"))
-        config = {key: model[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
-                  if model.get(key) is not None}
-    eos = config.get("eos_token_id")
-    listed = eos if isinstance(eos, list) else [eos]
-    config["eos_token_id"] = [i for i in dict.fromkeys([*listed, *ends]) if i is not None]
-    path.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
 
 
 # A budgeted run's final evaluation keeps to the budget's share for it (budget.FINAL_EVAL_SHARE):
