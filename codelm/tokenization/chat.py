@@ -225,7 +225,6 @@ def _prefilled_answer(prompt: str, turn: str, content: str, markers: Sequence[st
     return content[len(opening):] + max(ends, key=len)
 
 
-
 def end_of_turn_ids(tok: ChatTokenizer) -> list[int]:
     """The id of the special token that ends an assistant turn in the tokenizer's chat
     template (as ``chat_turns`` cuts an answer there: what a chat run learns to end with);
@@ -281,4 +280,3 @@ def _content_end(rendered: str, text: str, markers: Sequence[str]) -> int | None
             return end
         found = rendered.rfind(text, 0, end - 1)
     return None
-
