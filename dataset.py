@@ -288,7 +288,7 @@ def _split_pairs(docs: list[Doc], tokenizer, cfg: DataConfig, s: str, events: Co
         pairs = project_pairs(docs, tokenizer, cfg, room)
         examples = [Example(d.text, d.target, pair=True) for d in docs if d.target is not None]
     elif cfg.task == "chat":
-        examples = chat_examples(docs, tokenizer, cfg, s)
+        examples = chat_examples(docs, tokenizer, cfg, s, events)
     else:
         examples = [e for d in progress_bar(docs, desc=f"{cfg.task} {s}", enabled=cfg.progress)
                     for e in examples_for(d, cfg, events)]

@@ -93,6 +93,61 @@ def test_an_opening_assistant_greeting_is_context_not_an_example(instruct, tmp_p
     assert "Hi, how can I help?" in prompt
 
 
+GREETING_ONLY = [{"role": "assistant", "content": "Hi, how can I help?"},
+                 {"role": "user", "content": "Nothing, thanks."}]
+
+
+def test_a_conversation_whose_one_answer_opens_it_is_counted_as_skipped(instruct, tmp_path):
+    """A conversation whose only assistant message is its opening greeting has no answer that
+    follows a prompt: it makes no example, and the build's events count it by that reason, so
+    every conversation read is accounted for (a build of such conversations alone names it)."""
+    root, _ = instruct
+    data = tmp_path / "greeting.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n"
+                            for m in (GREETING_ONLY, CONVERSATIONS[0])))
+    whole = {"train_frac": 1.0, "val_frac": 0.0, "test_frac": 0.0}
+    _, prepared = _prepare((root, data), tmp_path, **whole)
+    assert len(prepared.train) == 2
+    assert prepared.stats["task"]["events"]["train"] == {"skipped_answer_opens_conversation": 1}
+    alone = tmp_path / "alone.jsonl"
+    alone.write_text(json.dumps({"messages": GREETING_ONLY}) + "\n")
+    with pytest.raises(ValueError, match=r"no training examples.*1 answer opens conversation"):
+        _prepare((root, alone), tmp_path / "alone", **whole)
+
+
+# Mistral's and Llama 2's rule: the roles alternate, the user's first.
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_refuses_an_opening_answer_refuses_its_conversation(instruct, tmp_path):
+    """A template whose roles must alternate from the user's refuses a conversation that opens
+    with the assistant's greeting, as transformers' rendering of it does: the conversation is
+    refused at its line with the template's message, whether or not an answer follows."""
+    from jinja2.exceptions import TemplateError
+    from transformers import AutoTokenizer
+
+    root, _ = instruct
+    with pytest.raises(TemplateError, match="must alternate"):
+        AutoTokenizer.from_pretrained(root).apply_chat_template(
+            GREETING_ONLY, chat_template=ALTERNATING_TEMPLATE, tokenize=False)
+    tok = load_tokenizer(root)
+    tok.chat_template = ALTERNATING_TEMPLATE
+    answered = [*GREETING_ONLY, {"role": "assistant", "content": "Bye."}]
+    for n, messages in enumerate([GREETING_ONLY, answered]):
+        data = tmp_path / f"greeting{n}.jsonl"
+        data.write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n"
+                        + json.dumps({"messages": messages}) + "\n")
+        cfg = DataConfig(task="chat", sources=[str(data)], cache_dir=str(tmp_path / str(n)),
+                         progress=False, split_by="file", min_bytes=0, min_lines=0,
+                         train_frac=1.0, val_frac=0.0, test_frac=0.0)
+        with pytest.raises(ValueError, match=rf"greeting{n}\.jsonl:2: chat_template: .*alternate"):
+            dataset.prepare(cfg, tok)
+
+
 # A template that writes no end-of-turn token: an answer is its message text alone.
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                   "{% if add_generation_prompt %}assistant: {% endif %}")

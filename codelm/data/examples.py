@@ -305,9 +305,14 @@ def stop_ids_of(tok, eos_ids: Sequence[int], task: str | None) -> list[int]:
     return list(dict.fromkeys([*eos_ids, *end_of_turn_ids(tok)]))
 
 
-def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str) -> list[Example]:
+def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str, events: Counter
+                  ) -> list[Example]:
     """One example an assistant turn of each conversation (``chat_turns``): the
-    conversation before it, rendered with the model's chat template, then the answer."""
+    conversation before it, rendered with the model's chat template, then the answer. A
+    conversation whose one answer opens it (a greeting, no answer after the user's turn) makes
+    none: counted in ``events`` (``skipped_answer_opens_conversation``) where its template
+    renders it, refused with the template's own error where not (roles that must alternate,
+    as Mistral's and Llama 2's templates check)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("the chat task needs the tokenizer of an instruct model, whose "
                         "tokenizer_config.json holds a chat_template (--init-from, --tokenizer)")
@@ -319,8 +324,12 @@ def chat_examples(docs: list[Doc], tokenizer, cfg: DataConfig, split: str) -> li
                             "not one")
         try:
             turns = chat_turns(tokenizer, doc.messages, doc.tools)
+            if not turns:  # rendered whole, as TRL's SFT renders a conversation
+                tokenizer.apply_chat_template(doc.messages, tools=doc.tools)
         except ValueError as e:  # the template's own error (raise_exception, an unknown role)
             raise DataError(f"{doc.id}: {e}") from None
+        if not turns:
+            events["skipped_answer_opens_conversation"] += 1
         for turn in turns:
             examples.append(Example(turn.prompt, turn.answer, pair=True))
     return examples
