@@ -195,6 +195,58 @@ def test_bits_per_byte_counts_the_bytes_of_each_document_as_hf_decodes_it(
     assert int(LabelBytes(ours)(stream[:-1], stream[1:])) == expected
 
 
+# Mistral v3's chat template: [INST] and [/INST] are special tokens, an answer follows a space.
+MISTRAL_V3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }}"
+    "[/INST]{% else %} {{ m.content }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def test_bits_per_byte_counts_a_chat_answers_own_space_after_a_special_token(tmp_path):
+    """Mistral v3's template writes each answer after its [/INST] token and a space that is
+    text of the rendered conversation (transformers' ids of it read the space into the answer's
+    first token): LabelBytes counts the UTF-8 bytes of the text a chat example's labels cover,
+    that space included, and still none for the dummy prefix of a document after BOS."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from codelm.data.config import DataConfig
+    from codelm.data.encoding import tokenize_examples
+    from codelm.data.examples import Example
+    from codelm.kernels import IGNORE_INDEX
+
+    texts = [p.read_text("utf-8", "replace") for p in stdlib_files()[::400]]
+    hf = train_family_tokenizer("metaspace", texts, tmp_path / "tokenizer.json")
+    hf.add_special_tokens([AddedToken(t, normalized=False) for t in ("[INST]", "[/INST]")])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": MISTRAL_V3_TEMPLATE,
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+    theirs, ours = AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    messages = [{"role": "user", "content": "Add two numbers."},
+                {"role": "assistant", "content": "return a + b"},
+                {"role": "user", "content": "And a comment?"},
+                {"role": "assistant", "content": "return a + b  # é"}]
+    cfg = DataConfig(task="chat", block_size=256, progress=False)
+    for i, turn in zip((1, 3), chat_turns(ours, messages)):
+        [(prompt, completion, _)] = tokenize_examples([Example(turn.prompt, turn.answer,
+                                                               pair=True)], ours, cfg, "test")
+        ids = torch.tensor(prompt + completion)
+        assert ids.tolist() == theirs.apply_chat_template(messages[: i + 1], tokenize=True,
+                                                          return_dict=False)
+        labels = ids[1:].clone()
+        labels[: len(prompt) - 1] = IGNORE_INDEX
+        before = theirs.apply_chat_template(messages[:i], tokenize=False,
+                                            add_generation_prompt=True)
+        text = theirs.apply_chat_template(messages[: i + 1], tokenize=False)[len(before):]
+        assert text == f" {messages[i]['content']}</s>"
+        covered = text.removesuffix("</s>").encode("utf-8")
+        assert int(LabelBytes(ours)(ids[:-1], labels)) == len(covered)
+    document = "return a + b"
+    stream = torch.tensor(packed_document(ours, encode_text(ours, document)))
+    assert ours.decode(stream[1:2].tolist(), continuation=True).startswith(" ")  # a dummy space
+    assert int(LabelBytes(ours)(stream[:-1], stream[1:])) == len(document.encode("utf-8"))
+
+
 def test_normalization_is_hfs_unicode_9_on_every_code_point_it_can_change():
     """NFC, NFD, NFKC and NFKD as HF's normalizers (Unicode 9.0.0's tables) on each code point
     Python's tables decompose, give a combining class or assign after 9.0, alone and among

@@ -114,27 +114,32 @@ def files_apart(window: dict[str, torch.Tensor], eos_id: int) -> dict[str, torch
 class LabelBytes:
     """The UTF-8 bytes of the text a batch's labels stand for, the denominator of bits per byte:
     each token's bytes (a special token's none), less the space a SentencePiece dummy prefix
-    opens each document with (its first token follows a special token, BOS or EOS), which the
-    document's text does not hold. Called with a batch's input ids and labels."""
+    opens each text encoded on its own with, which the text does not hold: a document (its first
+    token follows BOS or EOS) and a FIM part (it follows a FIM sentinel). A token after another
+    special token continues the text around it (a chat answer after Mistral's ``[/INST]``), its
+    space the text's own. Called with a batch's input ids and labels."""
 
     def __init__(self, tokenizer: BatchEncodeMixin, device: torch.device | str = "cpu"
                  ) -> None:
         dummy_prefix = tokenizer.continuation_anchor is not None
-        special = []
+        opening_ids = {*tokenizer.template_prefix, tokenizer.bos_id, tokenizer.eos_id,
+                       tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id}
+        opens_text = []
         opens_with_space = []
         for i in range(tokenizer.vocab_size):
-            special.append(tokenizer.is_special(i))
-            opens_with_space.append(dummy_prefix and not special[-1]
+            special = tokenizer.is_special(i)
+            opens_text.append(special and i in opening_ids)
+            opens_with_space.append(dummy_prefix and not special
                                     and tokenizer.token_bytes(i).startswith(b" "))
         self.lengths = torch.tensor(tokenizer.token_byte_lengths(), device=device)
-        self.special = torch.tensor(special, device=device)
+        self.opens_text = torch.tensor(opens_text, device=device)
         self.opens_with_space = torch.tensor(opens_with_space, device=device)
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The labelled positions' bytes, summed (a 0-d tensor on the labels' device)."""
         counted = labels != IGNORE_INDEX
         targets = labels[counted]
-        dummy_space = self.opens_with_space[targets] & self.special[input_ids[counted]]
+        dummy_space = self.opens_with_space[targets] & self.opens_text[input_ids[counted]]
         return self.lengths[targets].sum() - dummy_space.sum()
 
 
