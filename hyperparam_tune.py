@@ -629,30 +629,34 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
 
 
 def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
-    """A study fixes each parameter's kind, log scale and choices at its first trial; a trial
-    to run again (queued, or interrupted) runs with the parameters it was drawn with, so the
-    space must still have each of them."""
-    trials = study.get_trials(deepcopy=False)
-    retried = studies.retried_numbers(trials)
-    for trial in trials:
-        queued_retry = (trial.state == TrialState.WAITING
-                        and "failed_trial" in trial.system_attrs)  # not a user's enqueue_trial
-        again = queued_retry or (
-            trial.state == TrialState.FAIL and trial.number not in retried
-            and trial.user_attrs.get(studies.ATTR_REASON) == studies.INTERRUPTED)
-        if again and set(trial.params) != set(space.params):
-            raise ValueError(
-                f"{space.source}: study {cfg.study_name!r} runs trial {trial.number} again with "
-                f"the parameters {sorted(trial.params)}, the space now {sorted(space.params)}: "
-                "keep them in params until it has run, or use another --study-name")
-    for trial in trials:
-        for name in [n for n in space.params if n in trial.distributions]:
-            try:
-                optuna.distributions.check_distribution_compatibility(
-                    trial.distributions[name], search_space.distribution(space.params[name]))
-            except ValueError as e:
+    """A study ranks its trials against each other, so all are drawn from one space: a
+    continuation's space samples the keys every trial of the study was drawn with (finished, or
+    queued again: it runs with its parameters), each from the same distribution. A trial
+    without any (enqueued by hand) is drawn as it runs."""
+    drawn = space.distributions()
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.WAITING)
+    for trial in study.get_trials(deepcopy=False, states=states):
+        if not trial.distributions:
+            continue
+        for name in sorted(set(drawn) | set(trial.distributions)):
+            misfit = _misfit(trial.distributions.get(name), drawn.get(name))
+            if misfit:
                 raise ValueError(f"{space.source}: params.{name} does not fit study "
-                                 f"{cfg.study_name!r} ({e}): use another --study-name") from None
+                                 f"{cfg.study_name!r} (trial {trial.number}): {misfit}, or use "
+                                 "another --study-name")
+
+
+def _misfit(before: optuna.distributions.BaseDistribution | None,
+            now: optuna.distributions.BaseDistribution | None) -> str:
+    """How a parameter's distribution in the space (``now``; None: not sampled) differs from a
+    trial's (``before``), as the fix to name; "" where they are the same."""
+    if before is None:
+        return "its trials were drawn without it: remove it from params"
+    if now is None:
+        return "its trials sample it: keep it in params"
+    if before != now:
+        return f"its trials drew it from {before}, the space now from {now}: restore that"
+    return ""
 
 
 # --------------------------------------------------- reports: best config, trials, importances
@@ -839,8 +843,8 @@ def tune(cfg: TuneConfig) -> int:
                          f"({err.strerror}); give a writable directory") from None
     storage = studies.open_storage(cfg)
     study = studies.open_study(cfg, storage)
+    check_study_settings(cfg, drawn, base, study)  # first: a changed --max-steps clips a space
     check_space_fits_study(cfg, drawn, study)
-    check_study_settings(cfg, drawn, base, study)
     if not cfg.worker:
         for line in space_warnings(cfg, space, base):  # said once, by the sweep
             print(line, file=sys.stderr)

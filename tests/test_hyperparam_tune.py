@@ -1894,6 +1894,45 @@ def test_space_that_does_not_fit_the_study_is_refused_before_a_trial(tmp_path, c
     assert len(load_study(journal(tmp_path, "kind"), "kind").get_trials()) == 1
 
 
+WEIGHT_DECAY = {"type": "float", "low": 0.0, "high": 0.1}
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"weight_decay": WEIGHT_DECAY}, "params.weight_decay does not fit study 'grown' (trial 0): "
+     "its trials were drawn without it: remove it from params"),
+    ({"lr": None, "weight_decay": WEIGHT_DECAY}, "params.lr does not fit study 'grown' (trial 0): "
+     "its trials sample it: keep it in params"),
+    ({"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
+     "params.lr does not fit study 'grown' (trial 0): its trials drew it from FloatDistribution("),
+], ids=["added", "removed", "range"])
+def test_a_continued_study_refuses_a_space_that_samples_other_keys_or_ranges(
+        tmp_path, corpus, capsys, monkeypatch, params, words):
+    """A continued study ranks its new trials against those it holds, so its space samples the
+    same keys from the same distributions: a param added, removed, or given another range (which
+    Optuna itself lets a study change) is refused in one line naming the param and another
+    --study-name, before a trial runs; the same space continues the study."""
+    def trained(cfg, on_eval=None, resume_hint=None, **_):
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4)
+
+    monkeypatch.setattr(trainingmanager, "train", trained)
+    space = tiny_space(tmp_path, corpus)
+    assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="grown", n_trials=1)) == 0
+    original = Path(space).read_text()
+    changed = json.loads(original)
+    changed["params"] = {k: v for k, v in {**changed["params"], **params}.items() if v is not None}
+    Path(space).write_text(json.dumps(changed))
+    capsys.readouterr()
+    argv = tune_args(tmp_path, space, study_name="grown", n_trials=2)
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "--study-name" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert len(load_study(journal(tmp_path, "grown"), "grown").get_trials()) == 1
+    Path(space).write_text(original)
+    assert hyperparam_tune.main(argv) == 0
+    assert len(load_study(journal(tmp_path, "grown"), "grown").get_trials()) == 2
+
+
 def test_a_trial_to_run_again_refuses_a_space_without_its_parameters(tmp_path, corpus,
                                                                       capsys):
     """An interrupted trial runs again with the parameters it was drawn with: a space that has
@@ -1909,7 +1948,7 @@ def test_a_trial_to_run_again_refuses_a_space_without_its_parameters(tmp_path, c
     space = tiny_space(tmp_path, corpus)  # lr alone: n_layer is the base's now
     assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="moved", n_trials=2)) == 2
     err = capsys.readouterr().err
-    assert "runs trial 0 again with the parameters ['lr', 'n_layer']" in err, err
+    assert "params.n_layer does not fit study 'moved' (trial 0): its trials sample it" in err
     assert len(load_study(journal(tmp_path, "moved"), "moved").get_trials()) == 1
     queued = optuna.create_study(study_name="queued", storage=journal(tmp_path, "queued"))
     queued.add_trial(optuna.trial.create_trial(
@@ -1917,7 +1956,7 @@ def test_a_trial_to_run_again_refuses_a_space_without_its_parameters(tmp_path, c
         distributions={"lr": lr, "n_layer": layers}))  # its worker died: queued again
     studies.QueueAgain(max_retry=None)(queued, queued.get_trials()[0])
     assert hyperparam_tune.main(tune_args(tmp_path, space, study_name="queued", n_trials=2)) == 2
-    assert "runs trial 1 again with the parameters ['lr', 'n_layer']" in capsys.readouterr().err
+    assert "params.n_layer does not fit study 'queued'" in capsys.readouterr().err
 
 
 def test_continuing_with_another_budget_or_base_is_refused(tmp_path, corpus, capsys,
