@@ -630,12 +630,12 @@ def check_study_settings(cfg: TuneConfig, space: SearchSpace, base: dict,
 
 def check_space_fits_study(cfg: TuneConfig, space: SearchSpace, study: optuna.Study) -> None:
     """A study ranks its trials against each other, so all are drawn from one space: a
-    continuation's space samples the keys every trial of the study was drawn with (finished, or
-    queued again: it runs with its parameters), each from the same distribution. A trial
-    without any (enqueued by hand) is drawn as it runs."""
+    continuation's space samples the keys every trial of the study was drawn with (finished,
+    queued again, or running: a killed sweep's trial, failed by recover_dead_trials, runs again
+    with its parameters), each from the same distribution. A trial without any (enqueued by
+    hand) is drawn as it runs."""
     drawn = space.distributions()
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.WAITING)
-    for trial in study.get_trials(deepcopy=False, states=states):
+    for trial in study.get_trials(deepcopy=False):
         if not trial.distributions:
             continue
         for name in sorted(set(drawn) | set(trial.distributions)):

@@ -1959,6 +1959,38 @@ def test_a_trial_to_run_again_refuses_a_space_without_its_parameters(tmp_path, c
     assert "params.n_layer does not fit study 'queued'" in capsys.readouterr().err
 
 
+def test_a_killed_sweeps_running_trial_refuses_a_space_without_its_parameters(
+        tmp_path, corpus, capsys, monkeypatch):
+    """A sweep killed outright (SIGKILL) leaves its trial RUNNING in the storage; the next sweep
+    fails it (its worker is dead) and runs it again with the parameters it was drawn with, so a
+    space that has dropped one of them is refused before anything runs, naming the param and
+    the trial; with its parameters kept, the study continues and runs the trial again."""
+    def trained(cfg, on_eval=None, resume_hint=None, **_):
+        return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=1.0, step=4)
+
+    monkeypatch.setattr(trainingmanager, "train", trained)
+    host, pid, started, namespace = workers.worker_id().split(":")
+    killed = f"{host}:{pid}:{int(started) + 1}:{namespace}"  # this pid's earlier process
+    study = optuna.create_study(study_name="killed", storage=journal(tmp_path, "killed"))
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.RUNNING, params={"lr": 1e-3, "n_layer": 2},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                       "n_layer": optuna.distributions.IntDistribution(1, 4)},
+        user_attrs={studies.ATTR_WORKER: killed}))
+    space = tiny_space(tmp_path, corpus)  # lr alone: n_layer is the base's now
+    argv = tune_args(tmp_path, space, study_name="killed", n_trials=1)
+    assert hyperparam_tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "params.n_layer does not fit study 'killed' (trial 0): its trials sample it" in err
+    assert [t.state for t in load_study(journal(tmp_path, "killed"), "killed").get_trials()] == [
+        TrialState.RUNNING]
+    kept = tiny_space(tmp_path, corpus, {"n_layer": {"type": "int", "low": 1, "high": 4}})
+    assert hyperparam_tune.main(tune_args(tmp_path, kept, study_name="killed", n_trials=1)) == 0
+    (dead, rerun) = load_study(journal(tmp_path, "killed"), "killed").get_trials()
+    assert dead.state == TrialState.FAIL and rerun.state == TrialState.COMPLETE
+    assert rerun.params == dead.params
+
+
 def test_continuing_with_another_budget_or_base_is_refused(tmp_path, corpus, capsys,
                                                           monkeypatch):
     """Trials of one study are ranked against each other, so a continuation that changes what
