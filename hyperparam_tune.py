@@ -402,13 +402,13 @@ def _claim(trial: optuna.Trial, heartbeats: optuna.storages.RDBStorage | None) -
     """Make a trial just asked this worker's: in a database its first heartbeat sent at once
     (a trial without one is never found stale), its worker named, before other workers (which
     judge RUNNING trials by them) look at it; what a retried trial took over of its
-    predecessor's record (its reason, its re-run from the start) cleared. A stop meanwhile fails
-    it as interrupted."""
+    predecessor's record (its reason, its re-run from the start, the step it reached) cleared.
+    A stop meanwhile fails it as interrupted."""
     try:
         if heartbeats is not None:
             heartbeats.record_heartbeat(trial._trial_id)
         trial.set_user_attr(studies.ATTR_WORKER, workers.worker_id())
-        for key in (studies.ATTR_REASON, studies.ATTR_STOPPED, ATTR_FRESH):
+        for key in (studies.ATTR_REASON, studies.ATTR_STOPPED, ATTR_FRESH, ATTR_STEP):
             if trial.user_attrs.get(key) is not None:
                 trial.set_user_attr(key, None)
     except BaseException:

@@ -658,6 +658,34 @@ def test_a_continued_fresh_rerun_is_reported_as_continuing_its_own_run(tmp_path,
     assert rows[3].endswith("continues trial 1's run (duration_s: this part)")
 
 
+def test_a_retry_that_fails_before_its_first_evaluation_has_no_steps(tmp_path, corpus,
+                                                                     monkeypatch):
+    """A retry takes over its predecessor's attributes as Optuna queues it, but trains steps of
+    its own: one that fails before its first evaluation has none, in its record and in
+    trials.csv's steps column, while the interrupted trial keeps the step it reached."""
+    calls = []
+
+    def train(cfg, on_eval=None, resume_hint=None, **_):
+        calls.append(cfg.name)
+        if len(calls) == 1:  # evaluated at step 2, then stopped
+            on_eval(2, {"val_loss": 3.0})
+            return trainingmanager.TrainResult(run_dir=tmp_path, best_val_loss=3.0, step=2,
+                                               interrupted="SIGTERM")
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(trainingmanager, "train", train)
+    argv = tune_args(tmp_path, tiny_space(tmp_path, corpus), study_name="steps", n_trials=1)
+    assert hyperparam_tune.main(argv) == 143
+    assert hyperparam_tune.main(argv) == 1
+    (stopped, retry) = load_study(journal(tmp_path, "steps"), "steps").get_trials()[:2]
+    assert stopped.user_attrs[hyperparam_tune.ATTR_STEP] == 2
+    assert retry.system_attrs["retry_history"] == [0] and retry.state == TrialState.FAIL
+    assert retry.user_attrs.get(hyperparam_tune.ATTR_STEP) is None
+    with open(tmp_path / "runs" / "steps" / "trials.csv", newline="") as table:
+        rows = list(csv.DictReader(table))
+    assert [(row["number"], row["steps"]) for row in rows[:2]] == [("0", "2"), ("1", "")]
+
+
 def test_a_sweep_that_ends_short_of_n_trials_exits_1_even_with_a_best(tmp_path, corpus,
                                                                        monkeypatch, capsys):
     """The last trial runs on another machine (no heartbeats: nobody would see it die): this
