@@ -109,13 +109,8 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
     if cfg.prompt is not None or cfg.serve or cfg.load_generations is not None or any(
             is_endpoint(model) for model in cfg.models):
         return []
-    specs = []
-    for spec in cfg.models:  # resolved quietly: model_specs names a run found by name
-        _, path = loading.split_label(spec)
-        specs.append(str(rundir.named_run(path, cfg.runs_dir) or path))
     try:
-        specs = specs or [str(latest_run(cfg.runs_dir))]
-        configs = [loading.run_config_of(spec) for spec in specs]
+        specs, configs = _run_configs(cfg)
     except (ValueError, OSError):  # the evaluation reports it where it loads the models
         return []
     trained = [None if config is None else config.get("task", "lm") for config in configs]
@@ -141,6 +136,33 @@ def runs_own_tasks(cfg: EvalConfig) -> list[str]:
         print(f"tasks: {' '.join(tasks)}, for what {', '.join(runs)} trained on (--tasks names "
               "others)", file=sys.stderr)
     return tasks
+
+
+def _run_configs(cfg: EvalConfig) -> tuple[list[str], list[dict | None]]:
+    """The specs of the models evaluated (a run named under ``cfg.runs_dir`` resolved quietly:
+    model_specs names it) and each one's run config.json (None: no run)."""
+    specs = []
+    for spec in cfg.models:
+        _, path = loading.split_label(spec)
+        specs.append(str(rundir.named_run(path, cfg.runs_dir) or path))
+    specs = specs or [str(latest_run(cfg.runs_dir))]
+    return specs, [loading.run_config_of(spec) for spec in specs]
+
+
+def runs_data_options(cfg: EvalConfig) -> dict:
+    """The data options ``cfg.data_options`` are laid over: those of the first model that is
+    a run trained on a corpus, as corpus.corpus_config reads its data; {} where none is (or
+    the models do not load: the evaluation reports it where it loads them)."""
+    if cfg.load_generations is not None or any(is_endpoint(model) for model in cfg.models):
+        return {}
+    try:
+        _, configs = _run_configs(cfg)
+    except (ValueError, OSError):
+        return {}
+    for config in configs:
+        if config is not None and config.get("task", "lm") not in NO_CORPUS_TASKS:
+            return corpus.run_data_options(config)
+    return {}
 
 
 class ScoredBy(NamedTuple):
@@ -321,7 +343,7 @@ def evaluate(cfg: EvalConfig, progress: EvalProgress | None = None,
     ``cfg`` is checked first, as the command line's is, unless ``checked``: its caller did
     (parse_config does)."""
     if not checked:
-        cfg.validate()
+        cfg.validate(run_options=runs_data_options(cfg))
     torch.manual_seed(cfg.seed)
     device, specs = None, []
     if cfg.load_generations is None:  # errors before out_dir is made
@@ -795,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = EvalProgress()
     try:
         with process.interrupt_on_sigterm():  # so finished models are saved, samples killed
-            cfg = parse_config(argv, runs_own_tasks)
+            cfg = parse_config(argv, runs_own_tasks, runs_data_options)
             if settings.printed_config(build_parser(), argv, cfg):
                 return 0
             for unused in (mode_unused(cfg), limit_unused(cfg), reference_loss_unused(cfg)):

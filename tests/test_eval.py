@@ -6183,6 +6183,32 @@ def test_data_options_are_refused_as_training_refuses_them(options, message):
         "split_by": "file"}
 
 
+def test_data_options_are_checked_as_laid_over_the_runs_own(tmp_path):
+    """--data-options update the evaluated run's own data options key by key, as
+    corpus_config reads its data, so the merged options are what is checked: fractions that
+    sum to 1 with the run's train_frac alone pass, ones that sum to 1 with DataConfig's
+    train_frac alone are refused, in one line naming --data-options."""
+    run = tmp_path / "runs" / "r"
+    (run / rundir.EXPORT_DIR).mkdir(parents=True)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(run_config(
+        data_options={"train_frac": 0.85, "val_frac": 0.1, "test_frac": 0.05})))
+
+    def parsed(options: str) -> EvalConfig:
+        argv = ["--models", "r", "--runs-dir", str(tmp_path / "runs"), "--tasks", "lm",
+                "--data-options", options]
+        return parse_config(argv, ev.runs_own_tasks, ev.runs_data_options)
+
+    cfg = parsed('{"val_frac": 0.05, "test_frac": 0.1}')
+    model = loading.LoadedModel("r", str(run), torch.nn.Linear(1, 1), None, run_dir=run,
+                                run_config=json.loads((run / rundir.CONFIG_FILE).read_text()))
+    read = eval_corpus.corpus_config(cfg, [model])
+    read.validate()
+    assert (read.train_frac, read.val_frac, read.test_frac) == (0.85, 0.05, 0.1)
+    with pytest.raises(ValueError, match=r"^data_options \(.*--data-options\): .*sum to 1, "
+                                         r"got \(0\.85, 0\.1, 0\.1\)"):
+        parsed('{"val_frac": 0.1, "test_frac": 0.1}')
+
+
 def test_evaluations_started_in_one_second_each_get_their_own_default_directory(tmp_path,
                                                                                 monkeypatch):
     """The default out-dir is named by the second an evaluation starts: a second one started

@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
+from typing import Any
 
 from codelm.data.composers import COMPOSERS
 from codelm.data.config import DataConfig, docstring_prompt_problem
@@ -131,14 +132,16 @@ class EvalConfig:
         if self.batch_size is None and not self.serve:  # the server sizes its own to memory
             self.batch_size = BATCH_SIZE
 
-    def validate(self, where_set: Callable[[str], str] = settings.flag_of) -> None:
-        """Refuse impossible settings, naming each key, its value and where the user set it."""
+    def validate(self, where_set: Callable[[str], str] = settings.flag_of,
+                 run_options: Mapping[str, Any] | None = None) -> None:
+        """Refuse impossible settings, naming each key, its value and where the user set it;
+        ``data_options`` as laid over ``run_options`` (the evaluated run's own data options)."""
         named = partial(settings.setting, self, where_set=where_set)
         greedy = self.temperature == 0
         known = {f.name for f in fields(DataConfig)} - {"task", "sources", "block_size", "progress"}
         option = next((k for k in self.data_options if k not in known), None)
         problems_why = self._problems_error(named)
-        options_why = self._options_error() if option is None else None
+        options_why = self._options_error(run_options or {}) if option is None else None
         prompt_why = next(filter(None, map(docstring_prompt_problem, self.docstring_prompts or [])),
                           None)
         endpoints = [m for m in self.models if is_endpoint(m)]
@@ -261,10 +264,12 @@ class EvalConfig:
         close = None if unknown is None else settings.closest_key(unknown, TASKS)
         return f"{unknown!r}: did you mean {close!r}? " if close else ""
 
-    def _options_error(self) -> str | None:
-        """Why the data options' values are not DataConfig's (None: they are)."""
+    def _options_error(self, run_options: Mapping[str, Any]) -> str | None:
+        """Why the data options laid over ``run_options`` are not DataConfig's values (None:
+        they are)."""
+        options = {**run_options, **self.data_options}
         try:
-            settings.config_from_dict(DataConfig, dict(self.data_options), "data_options").validate()
+            settings.config_from_dict(DataConfig, options, "data_options").validate()
         except ValueError as e:
             return str(e)
         return None
@@ -370,10 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Sequence[str] | None = None,
-                 runs_tasks: Callable[[EvalConfig], list[str]] | None = None) -> EvalConfig:
+                 runs_tasks: Callable[[EvalConfig], list[str]] | None = None,
+                 runs_options: Callable[[EvalConfig], dict] | None = None) -> EvalConfig:
     """Defaults < ``--config`` file (a recipe's ``eval`` section) < command-line flags; with
     tasks set by neither, the tasks ``--problems`` names as TASK=PATH, else those
-    ``runs_tasks`` finds (eval.py: the tasks its runs trained on), if any."""
+    ``runs_tasks`` finds (eval.py: the tasks its runs trained on), if any. The data options
+    are checked as laid over those ``runs_options`` finds (eval.py: its run's own)."""
     args = vars(build_parser().parse_args(argv))
     cfg = settings.resolve_config(EvalConfig, args, "eval", aliases=HARNESS_FLAGS)
     in_file = {}
@@ -383,5 +390,6 @@ def parse_config(argv: Sequence[str] | None = None,
         named = problem_tasks(cfg.problems) or (runs_tasks(cfg) if runs_tasks else [])
         if named:
             cfg = replace(cfg, tasks=named)
-    cfg.validate(settings.where_set_in(args, "eval"))
+    run_options = runs_options(cfg) if runs_options else None
+    cfg.validate(settings.where_set_in(args, "eval"), run_options)
     return cfg

@@ -64,11 +64,17 @@ def trained_corpus(run_dir: Path) -> str | None:
     return None
 
 
+def run_data_options(run: dict) -> dict:
+    """The data options of a run's config.json that its corpus is read with here, below
+    ``--data-options`` (not the task, block size or progress bars it trained with)."""
+    known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
+    return {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
+
+
 def _corpus_config(cfg: CorpusSettings, run: dict | None, run_source: str = "run config"
                    ) -> DataConfig:
     run = run or {}
-    known = {f.name for f in fields(DataConfig)} - {"task", "block_size", "progress"}
-    options = {k: v for k, v in (run.get("data_options") or {}).items() if k in known}
+    options = run_data_options(run)
     if run and cfg.data is None:  # the run's predefined splits shape its split too
         try:
             checkpoint.check_run_paths(run, ["data", "val_data", "test_data"], run_source)
