@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 class ReadConfig(NamedTuple):
     cfg: TrainConfig
     typed: set[str]  # the keys the command line or its --config file gave, defaults included
+    #   (with --resume: those given a value other than the run's config.json holds)
     resume_name: str | None = None  # --resume as given, where it named a run under --out-dir
 
 
@@ -380,7 +381,16 @@ def read_config(argv: Sequence[str] | None = None) -> ReadConfig:
     # the flags' options as they update those below them (load_config_file checks the file's)
     check_options({key: getattr(cfg, key) for key in ("data_options", "model_options")
                    if key in args})
-    return ReadConfig(cfg, {*args, *given}, resume_given if named_under_out_dir else None)
+    return ReadConfig(cfg, _changed_keys(cfg, {*args, *given}, resumed),
+                      resume_given if named_under_out_dir else None)
+
+
+def _changed_keys(cfg: TrainConfig, typed: set[str], resumed: dict) -> set[str]:
+    """The keys of ``typed`` whose value in ``cfg`` is not the one the resumed run's
+    config.json (``resumed``; empty: no resume) holds, compared as JSON holds them: the run's
+    own value typed again changes nothing."""
+    values = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return {key for key in typed if key not in resumed or values.get(key) != resumed[key]}
 
 
 # The two keys that set a run's length, each with the other one it replaces where given.

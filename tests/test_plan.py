@@ -469,3 +469,29 @@ def test_a_time_budget_beside_a_fixed_length_is_refused_where_it_sizes_no_model(
                                   time_budget_min=1.0)
     with pytest.raises(ValueError, match=r"drop --time-budget-min.*resumed run.*--max-steps"):
         plan.check_length(cfg, {"time_budget_min"}, lambda key: "--" + key)
+
+
+def test_a_resumed_runs_own_value_typed_again_changes_nothing(tmp_path):
+    """On --resume, a flag (or --config key) given the value the run's config.json holds is no
+    change of setting: the resume passes as the run alone does, and as check_resume_config,
+    which compares values, passes it; another value of it is refused."""
+    import dataclasses
+
+    from codelm.runs import checkpoint, rundir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = trainconfig.TrainConfig(preset="tiny", max_steps=1000, time_budget_min=30.0)
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(saved)))
+    file = tmp_path / "again.json"
+    file.write_text(json.dumps({"time_budget_min": 30}))
+    for again in (["--time-budget-min", "30"], ["--config", str(file), "--max-steps", "1000"]):
+        cfg = plan.parse_config(["--resume", str(run), *again])
+        assert (cfg.time_budget_min, cfg.max_steps) == (30.0, 1000)
+        assert checkpoint.check_resume_config(cfg, run, [], "--resume run") is not None
+    typed = trainconfig.read_config(["--resume", str(run), "--time-budget-min", "30",
+                                     "--lr", "0.01"]).typed
+    assert typed == {"resume", "lr"}
+    with pytest.raises(ValueError, match=r"time_budget_min \(20\.0, --time-budget-min\).*"
+                                         r"drop --time-budget-min"):
+        plan.parse_config(["--resume", str(run), "--time-budget-min", "20"])
