@@ -818,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with process.interrupt_on_sigterm():  # so finished models are saved, samples killed
             cfg = parse_config(argv, runs_own_tasks, runs_data_options)
-            if settings.printed_config(build_parser(), argv, cfg):
+            if settings.printed_config(build_parser(), argv, cfg, "eval"):
                 return 0
             for unused in (mode_unused(cfg), limit_unused(cfg), reference_loss_unused(cfg)):
                 if unused is not None:

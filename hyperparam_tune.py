@@ -899,7 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with process.interrupt_on_sigterm():
             cfg = parse_config(argv, TRAINING_FLAGS)
-            if settings.printed_config(build_parser(), argv, cfg):
+            if settings.printed_config(build_parser(), argv, cfg, "tune"):
                 return 0
             return tune(cfg)
     except (ValueError, OSError) as e:  # OSError: e.g. an --out-dir that cannot be made

@@ -670,7 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with process.interrupt_on_sigterm():  # outside the step loop: data, tokenizer, export
             # --print-config: the merged config, checked for its keys and types only (no
             # checkpoint is looked for, no hub id fetched)
-            if settings.printed_config(build_parser(), argv, read_config(argv).cfg):
+            if settings.printed_config(build_parser(), argv, read_config(argv).cfg,
+                                       "train"):
                 return 0
             cfg = parse_config(argv)
             if cfg.overfit:

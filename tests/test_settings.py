@@ -542,6 +542,31 @@ def test_print_config_of_eval_and_tune_reads_back_to_the_same_settings(script, f
     assert module.parse_config(["--config", str(printed)]) == module.parse_config(argv)
 
 
+@pytest.mark.parametrize("script, beside, key, derived", [
+    ("eval", ["--serve"], "batch_size", 8),
+    ("eval", ["--chat", "--tasks", "humaneval"], "max_new_tokens", 128),
+    ("hyperparam_tune", ["--time-budget-min", "5"], "max_steps", 150)])
+def test_a_printed_config_leaves_a_derived_default_to_the_flags_beside_it(script, beside, key,
+                                                                          derived, tmp_path,
+                                                                          capsys):
+    """A value derived where none is given (eval.py's batch_size and max_new_tokens, a sweep's
+    max_steps) is printed null by --print-config, so the printed file with --serve, --chat or
+    --time-budget-min beside it makes the settings those flags make alone; the same value
+    given is printed as given."""
+    import importlib
+
+    module = importlib.import_module(script)
+    for fmt in ("json", "yaml"):
+        assert module.main(["--print-config", fmt]) == 0
+        printed = tmp_path / f"printed.{fmt}"
+        printed.write_text(capsys.readouterr().out)
+        assert module.parse_config(["--config", str(printed)]) == module.parse_config([])
+        assert module.parse_config(["--config", str(printed), *beside]) == \
+            module.parse_config(beside)
+    assert module.main([settings.flag_of(key), str(derived), "--print-config", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[key] == derived
+
+
 @pytest.mark.parametrize("script, flag, key", [("eval", "--models", "models"),
                                                ("hyperparam_tune", "--study-name", "study_name")])
 def test_print_config_yaml_keeps_text_that_reads_as_a_number_text(script, flag, key, tmp_path,

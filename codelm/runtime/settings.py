@@ -345,11 +345,19 @@ def add_print_config(parser: argparse.ArgumentParser) -> None:
                         "back to the same settings) and do nothing else")
 
 
-def printed_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, cfg: Any) -> bool:
-    """Whether ``argv`` asked for --print-config; if so ``cfg`` is printed as a --config file."""
-    fmt = vars(parser.parse_args(argv)).get("print_config")
+def printed_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, cfg: Any,
+                   section: str) -> bool:
+    """Whether ``argv`` asked for --print-config; if so ``cfg`` is printed as a --config file
+    (``section``: the recipe section --config reads), a value derived where none is given
+    printed unset (``printed_values``)."""
+    args = vars(parser.parse_args(argv))
+    fmt = args.get("print_config")
+    given = {key for key in args if key not in ("config", "print_config")}
+    if fmt and args.get("config") is not None:
+        given |= read_config_file(args["config"], section)[0].keys()
+    values = printed_values(cfg, given) if fmt else {}
     if fmt == "json":
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        print(json.dumps(values, indent=1))
     elif fmt == "yaml":
         import yaml
 
@@ -357,8 +365,21 @@ def printed_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, 
             pass
 
         _read_exponents_as_floats(Dumper)  # text such as "2e3" quoted, as --config reads it
-        print(yaml.dump(dataclasses.asdict(cfg), Dumper=Dumper, sort_keys=False), end="")
+        print(yaml.dump(values, Dumper=Dumper, sort_keys=False), end="")
     return bool(fmt)
+
+
+def printed_values(cfg: Any, given: Collection[str]) -> dict[str, Any]:
+    """The dataclass ``cfg``'s values as a --config file holds them: each as it is, but a value
+    its ``__post_init__`` derives from None (eval.py's max_new_tokens, chat's or not) that no
+    key of ``given`` set is None, so that the file derives it again beside other flags."""
+    values = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.name in given or not f.init or f.default is not None or values[f.name] is None:
+            continue
+        if getattr(dataclasses.replace(cfg, **{f.name: None}), f.name) == getattr(cfg, f.name):
+            values[f.name] = None
+    return values
 
 
 def _json_object(text: str) -> dict:
