@@ -370,6 +370,46 @@ def test_hugging_face_trainer_spellings_are_aliases_of_the_codelm_flags():
     assert "learning_rate" not in trainconfig.build_parser().format_help()
 
 
+@dataclass
+class Switches:
+    fast: bool = False  # a switch
+    packing: bool | None = None  # None: where it pays
+
+
+@pytest.mark.parametrize("word", ["true", "True", "TRUE", "1", "yes", "Y", "t",
+                                  "false", "False", "0", "no", "n", "F"])
+def test_a_switch_takes_a_true_or_false_word_as_hf_trainer_flags_do(word):
+    """A bool field's flag (its --no- flag too) and an Optional bool's take a true/false word
+    after them or after '=', read as HfArgumentParser's string_to_bool reads it (HF Trainer's
+    users type --bf16 True); alone, each is still true."""
+    from transformers.hf_argparser import string_to_bool
+
+    def parse(*argv: str) -> Switches:
+        parser = settings.ArgumentParser(argument_default=argparse.SUPPRESS)
+        settings.add_config_flags(parser, Switches)
+        return Switches(**vars(parser.parse_args(argv)))
+
+    truth = string_to_bool(word)
+    assert parse("--fast", word) == parse(f"--fast={word}") == Switches(fast=truth)
+    assert parse("--no-fast", word) == Switches(fast=not truth)
+    assert parse("--packing", word) == parse(f"--packing={word}") == Switches(packing=truth)
+    assert parse("--fast", "--packing") == Switches(fast=True, packing=True)
+
+
+def test_hf_trainer_switches_take_true_and_false_words(capsys):
+    """trainingmanager.py reads HF Trainer's --bf16 True and --gradient_checkpointing False as
+    HF does; --bf16 false, a precision it cannot turn off, is one line naming it; a word that
+    is no true/false word after a switch is not its value."""
+    assert plan.parse_config(["--bf16", "True", "--gradient_checkpointing", "False"]) == \
+        plan.parse_config(["--bf16", "--no-gradient-checkpointing"])
+    for argv in (["--bf16", "false"], ["--progress", "maybe"]):
+        with pytest.raises(SystemExit):
+            plan.parse_config(argv)
+    err = capsys.readouterr().err
+    assert "--bf16 false: --bf16 has no false value" in err
+    assert "unrecognized arguments: maybe" in err
+
+
 @pytest.mark.parametrize(("argv", "named"), [
     (["--learning_rate", "-1"], "lr (-1.0, --learning_rate): must be > 0"),
     (["--per_device_train_batch_size=0"], "batch_size (0, --per_device_train_batch_size)"),

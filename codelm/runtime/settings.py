@@ -578,9 +578,15 @@ _NEGATIVE_VALUE = re.compile(r"^-(\d+\.?\d*(e[-+]?\d+)?|\.\d+(e[-+]?\d+)?|inf(in
                              re.IGNORECASE)
 
 
+# A switch's value, as HF's HfArgumentParser reads one (string_to_bool, any case): true or false.
+TRUE_WORDS = ("yes", "true", "t", "y", "1")
+FALSE_WORDS = ("no", "false", "f", "n", "0")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse as every script (and its subcommands: ``add_subparsers`` makes parsers of the
-    parent's class) uses it: no prefix abbreviation (``--max-step`` is not ``--max-steps``), and
+    parent's class) uses it: no prefix abbreviation (``--max-step`` is not ``--max-steps``), a
+    switch given a true/false word as HF Trainer's flags take one (``--bf16 True``), and
     a mistake on the command line answered in one line, exit 2, without the usage block: an
     unknown flag naming the closest flags, any other the error and a pointer to ``--help``."""
 
@@ -588,6 +594,49 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
         self._negative_number_matcher = _NEGATIVE_VALUE  # --lr -1e-3: the value, then its check
         self.foreign_flags: dict[str, str] = {}  # another command's flag -> what to do here
+
+    def parse_known_args(self, args=None, namespace=None):
+        words = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(self._switches_alone(words), namespace)
+
+    def _switches_alone(self, words: list[str]) -> list[str]:
+        """``words`` with each switch given a word of TRUE_WORDS or FALSE_WORDS (``--bf16 True``,
+        ``--progress=false``) written as a switch alone: a true one as typed, a false one as
+        its other flag (``--no-progress``); words after ``--`` as they are."""
+        end = words.index("--") if "--" in words else len(words)
+        out = []
+        i = 0
+        while i < end:
+            flag, equals, value = words[i].partition("=")
+            taken = 1 if equals else 2  # the words the switch and its value fill
+            if not equals:
+                value = words[i + 1] if i + 1 < end else ""
+            if not self._is_switch(flag) or value.lower() not in (*TRUE_WORDS, *FALSE_WORDS):
+                out.append(words[i])
+                i += 1
+                continue
+            out.append(flag if value.lower() in TRUE_WORDS else self._other_switch(flag, value))
+            i += taken
+        return out + words[end:]
+
+    def _is_switch(self, flag: str) -> bool:
+        """Whether ``flag`` is a switch of this parser: a bool field's (``--x``/``--no-x``, or
+        an Optional one's ``--x``) or another flag that stores a constant (``--bf16``)."""
+        action = self._option_string_actions.get(flag)
+        if action is None or not flag.startswith("--"):
+            return False
+        optional_bool = action.nargs == "?" and action.const is True
+        return optional_bool or isinstance(action, (argparse.BooleanOptionalAction,
+                                                    argparse._StoreConstAction))
+
+    def _other_switch(self, flag: str, value: str) -> str:
+        """The flag that turns switch ``flag`` the other way (``--no-x`` of ``--x``, ``--x`` of
+        ``--no-x``); a switch without one is refused, ``value`` named."""
+        other = "--" + flag[5:] if flag.startswith("--no-") else "--no-" + flag[2:]
+        action = self._option_string_actions.get(other)
+        if action is None or action.dest != self._option_string_actions[flag].dest:
+            self._refuse(f"{flag} {value}: {flag} has no false value; leave it out")
+        return other
 
     def error(self, message: str) -> typing.NoReturn:
         message = " ".join(message.split())  # one line, whatever a type's error holds
