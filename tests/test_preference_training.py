@@ -320,8 +320,9 @@ def test_packed_pairs_give_the_padded_pairs_loss_and_gradients(method):
 
 
 def test_a_kto_batch_takes_its_kl_estimate_over_every_process(monkeypatch):
-    """Under several processes a KTO batch's KL estimate is summed over them (a collective) and
-    averaged: its loss is kto_loss's with that mean."""
+    """Under several processes a KTO batch's KL estimate is the mean over the KL rows of every
+    process's batch: each process's sum and count of rows summed (a collective), so that the
+    processes' batches together estimate as one batch holding them all."""
     from architecture import PRESETS, Transformer
     from codelm.runtime.distributed import Dist
     from codelm.training import preference
@@ -334,11 +335,12 @@ def test_a_kto_batch_takes_its_kl_estimate_over_every_process(monkeypatch):
     torch.manual_seed(0)
     shape = dataclasses.replace(PRESETS["tiny"], vocab_size=64, block_size=24, dropout=0.0)
     model = Transformer(shape).eval()
-    other = 7.0  # the other process's KL estimate
+    other = torch.tensor([21.0, 3.0])  # the other process: 3 KL rows of log-ratio 7 in all
     monkeypatch.setattr(preference, "all_reduce_sum", lambda t, dist: t + other)
     _, alone = preference.batch_loss(model, batch, cfg)
     _, together = preference.batch_loss(model, batch, cfg, Dist(rank=0, world=2))
-    assert together["kl"] == pytest.approx((float(alone["kl"]) + other) / 2)
+    n = len(rows)
+    assert together["kl"] == pytest.approx((float(alone["kl"]) * n + 21.0) / (n + 3))
 
 
 def test_a_resumed_run_from_an_adapter_computes_its_reference_again_from_that_adapter(
@@ -565,3 +567,106 @@ def test_kto_metrics_are_the_means_over_each_labels_completions():
                 "logps/chosen": logps[desirable].mean(), "logps/rejected": logps[~desirable].mean()}
     for name, value in expected.items():
         assert metrics[f"val_{name}"] == pytest.approx(float(value), abs=1e-5), name
+
+
+def kto_validation(batch_size: int, dist: Dist) -> tuple[dict, preference_run.PreferenceTrainer,
+                                                         list[dict]]:
+    """A tiny model's KTO validation of 11 labelled completions in batches of ``batch_size`` a
+    process (``dist``'s share of them: one process's batches, or a torchrun rank's), its
+    trainer and the batches this process took."""
+    from architecture import PRESETS, Transformer
+    from codelm.data.preferences import Preference
+    from codelm.runtime.settings import fields_of
+    from codelm.training import preference
+    from codelm.training.preference_batches import PreferenceBatches, PreferenceRows
+
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(11):
+        prompt = torch.randint(64, (3 + i % 5,), generator=g).tolist()
+        completion = torch.randint(64, (2 + i % 3,), generator=g).tolist()
+        records.append(Preference(prompt, (completion,), i % 3 == 0))
+    rows = PreferenceRows(records, 24, unpaired=True)
+    rows.set_reference(torch.linspace(-60.0, -20.0, 2 * len(records)).reshape(-1, 2))
+    batches = PreferenceBatches(rows, rows, 0, batch_size, 1, 0, rank=dist.rank,
+                                world=dist.world)
+    cfg = plan.with_fallbacks(trainconfig.TrainConfig(task="kto", preset="tiny", max_steps=10,
+                                                      warmup_steps=1, device="cpu"))
+    settings = trainconfig.StepSettings(**fields_of(trainconfig.StepSettings, cfg))
+    torch.manual_seed(0)
+    shape = dataclasses.replace(PRESETS["tiny"], vocab_size=64, block_size=24, dropout=0.0)
+    trainer = preference_run.PreferenceTrainer(Transformer(shape), settings,
+                                               preference.PreferenceConfig(method="kto"),
+                                               torch.device("cpu"), dist)
+    val, total = batches.validation()
+    taken = list(val)
+    return trainer.evaluate(taken, total), trainer, taken
+
+
+KTO_VALIDATION_ON_RANKS = """
+import json, sys
+import torch
+sys.path.insert(0, "tests")
+from test_preference_training import kto_validation
+from codelm.runtime import distributed
+torch.set_num_threads(1)
+dist = distributed.this_process()
+distributed.join(dist, torch.device("cpu"))
+metrics, _, _ = kto_validation(int(sys.argv[1]), dist)
+if dist.main:
+    print(json.dumps(metrics))
+distributed.leave()
+"""
+
+
+def test_kto_validates_alike_on_two_ranks_of_half_the_batch_and_as_trls_loss(tmp_path):
+    """KTO's validation loss depends on the global batch alone: 2 gloo ranks of batch 4 (their
+    batches dealt 2 and 1, the rank with fewer joining the KL estimate's collective with none)
+    give one process's loss at batch 8, each batch's KL estimate taken over the rows of every
+    rank's batch of that turn. That one-process loss is TRL's KTOTrainer._compute_loss on the
+    same log-probs, each batch weighted by its completions."""
+    import subprocess
+    import sys
+
+    from test_preference import _fused_output, _kto_trainer
+    from test_trainingmanager import ENV, ROOT
+    from trl import KTOTrainer
+
+    from codelm.training import preference
+
+    script = tmp_path / "kto_validation.py"
+    script.write_text(KTO_VALIDATION_ON_RANKS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script), "4"], cwd=ROOT,
+                          env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    on_ranks = json.loads(proc.stdout.strip().splitlines()[-1])
+    alone, trainer, taken = kto_validation(8, Dist())
+    assert len(taken) == 2 and on_ranks["val_pairs"] == alone["val_pairs"] == 11
+    assert on_ranks["val_loss"] == pytest.approx(alone["val_loss"], rel=0, abs=1e-6)
+    assert on_ranks["val_kl"] == pytest.approx(alone["val_kl"], rel=0, abs=1e-5)
+
+    model = trainer.eval_model.eval()
+    trl = _kto_trainer(trainer.preference)
+    trl.model.training = False
+    weighted = 0.0
+    for batch in taken:
+        n = len(batch["desirable"])
+        ids, attention, completion = (batch[key] for key in ("ids", "attention_mask",
+                                                             "completion_mask"))
+        with torch.no_grad():
+            token_logps = preference.token_logps(model, ids, attention) * completion[:, 1:]
+        trl_batch = {"input_ids": ids[:n], "attention_mask": attention[:n],
+                     "completion_mask": completion[:n], "KL_input_ids": ids[n:],
+                     "KL_attention_mask": attention[n:], "KL_completion_mask": completion[n:],
+                     "label": batch["desirable"], "ref_logps": batch["ref_logps"][:n],
+                     "ref_KL_logps": batch["ref_logps"][n:]}
+
+        def stub(input_ids, token_logps=token_logps, kl_ids=trl_batch["KL_input_ids"], n=n,
+                 **kwargs):
+            """TRL's model: the completions' per-token log-probs, or the KL rows'."""
+            return _fused_output(token_logps[n:] if input_ids is kl_ids else token_logps[:n])
+
+        weighted += float(KTOTrainer._compute_loss(trl, stub, trl_batch, return_outputs=False)) * n
+    assert alone["val_loss"] == pytest.approx(weighted / 11, rel=0, abs=1e-6)

@@ -198,8 +198,8 @@ def batch_loss(model: Transformer, batch: dict, cfg: PreferenceConfig,
     """The loss of one collated batch (codelm.training.preference_batches: ids, attention_mask,
     completion_mask, and ref_logps, desirable where they belong) by ``cfg.method``, and its
     metrics: pairs by pair_loss; KTO's completions by kto_loss, the KL rows (its second half)
-    through the policy without gradient, as TRL computes them, their KL estimate the mean of
-    every process's (``dist``; TRL gathers it)."""
+    through the policy without gradient, as TRL computes them, their KL estimate taken over the
+    KL rows of every process's batch (``dist``: kl_estimate; TRL gathers it)."""
     ids, attention, completion = batch["ids"], batch["attention_mask"], batch["completion_mask"]
     ref = batch.get("ref_logps")
     if cfg.needs_reference and ref is None:
@@ -213,10 +213,25 @@ def batch_loss(model: Transformer, batch: dict, cfg: PreferenceConfig,
     with torch.no_grad():
         kl_logps = sequence_logps(token_logps(model, ids[n:], attention[n:]), completion[n:])
     ref_logps, ref_kl_logps = ref.chunk(2)
-    kl = (kl_logps - ref_kl_logps).mean()
-    if dist is not None and dist.enabled:
-        kl = all_reduce_sum(kl.clone(), dist) / dist.world
+    kl = kl_estimate(kl_logps, ref_kl_logps, dist)
     return kto_loss(logps, ref_logps, batch["desirable"], kl_logps, ref_kl_logps, cfg, kl)
+
+
+def kl_estimate(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, dist: Dist | None = None
+                ) -> torch.Tensor:
+    """KTO's KL estimate, unclamped: the mean of ``kl_logps - ref_kl_logps`` (the policy's and
+    reference's log-probs of the KL rows) over the rows of every process (``dist``: their sum
+    and count summed, a collective each process joins, one with no batch of its own with empty
+    tensors). Batches of equal size on every process (training's) give the mean of the
+    processes' means, TRL's gathered estimate; a validation split whose last batches are
+    short or missing on some processes gives the mean of the rows the processes hold, the
+    estimate of one process holding them all."""
+    diffs = (kl_logps - ref_kl_logps).detach()
+    if dist is None or not dist.enabled:
+        return diffs.mean()
+    count = torch.tensor(float(len(diffs)), device=diffs.device)
+    totals = all_reduce_sum(torch.stack([diffs.float().sum(), count]), dist)
+    return totals[0] / totals[1]
 
 
 def pair_loss(logps: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,

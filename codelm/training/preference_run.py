@@ -310,6 +310,21 @@ class PreferenceTrainer(Trainer):
         stats.metrics = self._averaged(sums[1:])
         return stats
 
+    def _kl_over_ranks(self) -> bool:
+        """Whether each batch's KTO KL estimate is a collective over the ranks."""
+        return self.preference.method == "kto" and self.dist.enabled
+
+    def _eval_in_lockstep(self) -> bool:
+        return super()._eval_in_lockstep() or self._kl_over_ranks()
+
+    def _idle_eval_batch(self) -> None:
+        """An idle batch's forwards (a sharded model's), then, for KTO, no KL rows to the
+        estimate's collective."""
+        super()._idle_eval_batch()
+        if self._kl_over_ranks():
+            nothing = torch.zeros(0, device=self.device)
+            preference.kl_estimate(nothing, nothing, self.dist)
+
     def _weights(self, batch: dict, share: torch.Tensor) -> dict:
         """Each metric's weight in one micro-batch: its ``share`` of the pairs; KTO's chosen
         and rejected means by the batch's desirable and undesirable completions (the means over
@@ -354,12 +369,16 @@ class PreferenceTrainer(Trainer):
                  ) -> dict:
         """The validation loss (the training loss, on the validation pairs, each batch weighted
         by its pairs) and its metrics: val_accuracy the implicit reward's (where the method has
-        it), val_<metric> the rest."""
+        it), val_<metric> the rest. KTO's ranks go through the batches in lockstep, each
+        batch's KL estimate taken over the ranks' batches of that turn, as in a training step:
+        the global batch of one turn is the batch one process of the global batch size takes,
+        so every layout of one global batch size validates alike."""
         sums = torch.zeros(1 + 2 * len(self.metric_names), device=self.device)
         pairs = 0
         for batch in self._eval_batches(batches, total):
             with autocast(self.device, self._eval_precision()):
-                loss, metrics = preference.batch_loss(self.eval_model, batch, self.preference)
+                loss, metrics = preference.batch_loss(self.eval_model, batch, self.preference,
+                                                      self.dist)
             n = len(batch["ids"]) // 2
             share = torch.tensor(float(n), device=self.device)
             sums += self._weighted(loss, metrics, share, self._weights(batch, share))

@@ -356,13 +356,13 @@ class Trainer:
     def _eval_batches(self, batches: Iterator[dict] | Sequence[dict], total: int | None
                       ) -> Iterator[dict]:
         """The validation batches on the device, under a progress bar, with the eval model in
-        eval mode until the last is done; a sharded model then runs idle forwards until this
-        rank has run as many as the rank with the most batches (``eval_forwards`` a batch: each
-        forward gathers every block's shards, so all ranks take part; the most is agreed before
-        the first forward, a collective of its own, from ``total``, which must be this rank's
-        exact count of ``batches``), and the model goes back to its mode."""
+        eval mode until the last is done; where the ranks go in lockstep (``_eval_in_lockstep``)
+        this rank then runs idle batches (``_idle_eval_batch``) until it has run as many as the
+        rank with the most batches (agreed before the first forward, a collective of its own,
+        from ``total``, which must be this rank's exact count of ``batches``), and the model
+        goes back to its mode."""
         most = 0
-        if self.sharded:
+        if self._eval_in_lockstep():
             if total is None:
                 batches = list(batches)
                 total = len(batches)
@@ -377,11 +377,24 @@ class Trainer:
         for batch in batches:
             forwards += 1
             yield self._to_device(batch)
-        if self.sharded:
-            idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-            for _ in range((most - forwards) * self.eval_forwards):
-                model(idle)
+        for _ in range(most - forwards):
+            self._idle_eval_batch()
         model.train(was_training)
+
+    def _eval_in_lockstep(self) -> bool:
+        """Whether every rank takes part in each validation batch (its collectives), so that a
+        rank with fewer batches runs idle ones: a sharded model's forwards gather every block's
+        shards."""
+        return self.sharded
+
+    def _idle_eval_batch(self) -> None:
+        """A validation batch's collectives, run by a rank with no batch left: a sharded
+        model's ``eval_forwards`` forwards of one token."""
+        if not self.sharded:
+            return
+        idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        for _ in range(self.eval_forwards):
+            self.eval_model(idle)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict] | Sequence[dict], total: int | None = None) -> dict:
