@@ -43,6 +43,24 @@ def test_logits_match_transformers_on_inputs_longer_than_the_window(checkpoints,
     assert (got - ref).abs().max().item() <= 1e-5
 
 
+# No family's class default: each family's reader must take it from config.json.
+ROPE_THETA = 123456.0
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_each_family_rotates_by_the_rope_theta_its_config_names(name, tmp_path):
+    """A rope_theta that no config class defaults to reaches every modern family's rotation: over
+    100 positions the logits are within 1e-5 of transformers', which a rotation by the class
+    default (10000) would move by more than that."""
+    hf = save_tiny_hf(name, tmp_path, rope_theta=ROPE_THETA)
+    model = pretrained.load(tmp_path)
+    assert model.cfg.rope_theta == ROPE_THETA
+    idx = _ids(1, 100, seed=4)
+    with torch.no_grad():
+        ref = hf(idx).logits
+    assert (model(idx) - ref).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("name", MODERN)
 def test_greedy_generation_matches_transformers_past_the_window(checkpoints, name):
     """64 greedy tokens after a 16-token prompt, past the 48-position window, are transformers':
