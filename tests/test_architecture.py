@@ -321,6 +321,32 @@ def test_int32_targets_give_the_loss_of_long_targets(cap):
         assert int(correct32) == int(correct)
 
 
+
+def test_a_soft_capped_models_loss_and_token_log_probs_are_those_of_its_capped_logits():
+    """With logit_softcap (Gemma 2's final cap, its logits checked against transformers in
+    test_families.py) the loss is F.cross_entropy of the capped logits and token_logps their
+    log_softmax: a cap of 0.1 moves both away from those of the uncapped logits."""
+    cfg = dataclasses.replace(PRESETS["tiny"], logit_softcap=0.1)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    uncapped = Transformer(dataclasses.replace(cfg, logit_softcap=None)).eval()
+    uncapped.load_state_dict(model.state_dict())
+    idx, labels = _ids(2, 12), _ids(2, 12, seed=1)
+    labels[0, :3] = IGNORE_INDEX
+    keep = labels != IGNORE_INDEX
+    with torch.no_grad():
+        logits = model(idx)
+        loss = model(idx, labels, reduction="sum")
+        logps = model(idx, labels, token_logps=True)
+    assert logits.abs().max() <= 0.1
+    ref = F.cross_entropy(logits[keep], labels[keep], reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    picked = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(logps, picked * keep)
+    with torch.no_grad():
+        assert abs(float(uncapped(idx, labels, reduction="sum") - loss)) > 0.1
+        assert (uncapped(idx, labels, token_logps=True) - logps).abs().max() > 0.1
+
 def test_the_head_loss_ignores_masked_positions():
     """Masked (prompt) positions cannot move the loss or receive gradient, smoothing included."""
     from architecture import head_loss
