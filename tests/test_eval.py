@@ -2737,6 +2737,19 @@ def _prediction(task: str, generated: str) -> str:
     return spec.clean_pred(truncate_at_stops((spec.start or str)(generated), spec.stops))
 
 
+def test_the_line_task_undoes_literal_placeholders_in_prediction_and_reference():
+    """The line task scores as CodeXGLUE's line completion evaluator does: the prediction
+    (stripped) and the reference each pass its literal post-processing before exact match and
+    edit similarity, so a line written with placeholders is the line with its literals."""
+    written = "print(<STR_LIT:hello>, <NUM_LIT>)"
+    restored = "print(hello, 0)"
+    pred = _prediction("line", f" {written} \t\nx = 1")
+    ref = text_task._GENERATION["line"].clean_ref(f"{written}\n")
+    assert pred == ref == restored
+    assert text_task._generation_metrics("line", [pred], [restored]) == {"EM": 100.0,
+                                                                        "edit_sim": 100.0}
+
+
 def test_a_docstring_written_in_its_quotes_is_its_text():
     """A base model may open the docstring with triple quotes: its text is what follows them,
     up to the closing ones, scored as the reference it equals."""
