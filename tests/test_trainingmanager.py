@@ -229,6 +229,31 @@ def test_accumulation_equals_one_big_batch_and_validation_equals_training_loss(t
     assert abs(float(naive) - stats_one.loss) > 1e-3
 
 
+
+def test_validation_accuracy_is_the_share_of_counted_labels_the_logits_rank_first():
+    """Trainer.evaluate's val_accuracy is, over all its batches, the share of counted labels
+    that the model's logits rank first (their argmax), and val_tokens the count: a masked label
+    counts in neither. Half the labels are the argmax here, so the share is far from 0."""
+    trainer = _trainer(trainconfig.TrainConfig(preset="tiny", dropout=0.0, block_size=16))
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    correct = counted = 0
+    for rows in (2, 1):
+        ids = torch.randint(0, 64, (rows, 16), generator=g)
+        with torch.no_grad():
+            top = trainer.raw_model(ids).argmax(-1)
+        labels = torch.where(torch.rand(rows, 16, generator=g) < 0.5, top,
+                             torch.randint(0, 64, (rows, 16), generator=g))
+        labels[:, :3] = kernels.IGNORE_INDEX
+        keep = labels != kernels.IGNORE_INDEX
+        correct += int((top[keep] == labels[keep]).sum())
+        counted += int(keep.sum())
+        batches.append({"input_ids": ids, "labels": labels})
+    metrics = trainer.evaluate(batches)
+    assert metrics["val_tokens"] == counted
+    assert correct > counted // 4
+    assert metrics["val_accuracy"] == pytest.approx(correct / counted, rel=1e-12)
+
 def test_a_nonfinite_step_is_skipped_on_the_device_and_reads_as_nonfinite():
     """Fused AdamW takes the step's verdict as torch's found_inf: a NaN step leaves every
     weight, moment and step count as it was with no read of the device, its figures read as a
