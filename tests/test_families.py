@@ -43,6 +43,25 @@ def test_logits_match_transformers_on_inputs_longer_than_the_window(checkpoints,
     assert (got - ref).abs().max().item() <= 1e-5
 
 
+
+@pytest.mark.parametrize("name", ["gemma2", "qwen2-window"])
+def test_a_config_without_layer_types_slides_the_layers_transformers_derives(name, tmp_path):
+    """A config.json without layer_types (an older transformers writes none) slides the layers
+    transformers derives: Gemma 2's every other one from the first, Qwen2's from
+    max_window_layers on. Over 200 positions, past the window, the logits are transformers'."""
+    import transformers
+
+    save_tiny_hf(name, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = pretrained.load(tmp_path)
+    idx = _ids(1, 200, seed=5)
+    with torch.no_grad():
+        ref = hf(idx).logits
+    assert (model(idx) - ref).abs().max().item() <= 1e-5
+
 # No family's class default: each family's reader must take it from config.json.
 ROPE_THETA = 123456.0
 
