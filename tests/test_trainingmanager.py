@@ -6000,6 +6000,32 @@ def test_muon_steps_as_torchs_own_adamw_and_muon_side_by_side():
     assert len(optimizer.state_dict()["state"]) == len(list(ours.parameters()))
 
 
+def test_adamw_steps_with_the_configs_betas_and_eps():
+    """optimizer adamw takes beta1, beta2 and adam_eps from the config: with values off the
+    defaults its steps give the same weights, bit for bit, as torch's AdamW built by hand with
+    them (eps 1e-3 is large enough that a default eps would change every update)."""
+    from architecture import PRESETS, Transformer
+    from codelm.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    ours = Transformer(PRESETS["tiny"])
+    theirs = copy.deepcopy(ours)
+    cfg = trainconfig.TrainConfig(lr=1e-2, weight_decay=0.1, beta1=0.8, beta2=0.9,
+                                  adam_eps=1e-3)
+    optimizer = build_optimizer(ours, list(ours.parameters()), cfg)
+    reference = torch.optim.AdamW(
+        [{"params": [p for p in theirs.parameters() if p.dim() >= 2]},
+         {"params": [p for p in theirs.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=1e-2, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.1, fused=True)
+    for _ in range(3):
+        ids = torch.randint(512, (2, 17))
+        for model, stepper in ((ours, optimizer), (theirs, reference)):
+            model(ids[:, :-1], ids[:, 1:]).backward()
+            stepper.step()
+            stepper.zero_grad()
+    assert_bit_equal(ours.state_dict(), theirs.state_dict())
+
+
 def test_a_muon_run_resumes_bit_exactly_and_a_lora_run_refuses_it(assets, tmp_path,
                                                                    monkeypatch):
     """Muon's momentum is saved with AdamW's moments: a run stopped mid-way and resumed ends on
