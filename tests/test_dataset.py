@@ -396,10 +396,12 @@ def test_python_only_cleaning_leaves_other_languages_as_they_are(tmp_path):
 
 def test_pairs_with_one_prompt_and_different_targets_are_all_kept(tmp_path):
     """A pair is its prompt and its target: another answer to the same prompt is new data, the
-    same answer again is a duplicate (reference: the distinct (input, output) tuples)."""
+    same answer again is a duplicate, and a copy is byte for byte (a prompt with one more blank
+    line is another prompt; reference: the distinct (input, output) tuples)."""
     records = [{"input": "def add(a, b):\n", "output": "    return a + b\n"},
                {"input": "def add(a, b):\n", "output": "    return b + a\n"},
                {"input": "def add(a, b):\n", "output": "    return a + b\n"},  # a copy
+               {"input": "def add(a, b):\n\n", "output": "    return a + b\n"},
                {"input": "def plus(a, b):\n", "output": "    return a + b\n"}]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
     docs, stats = clean_corpus(cfg(tmp_path, sources=[str(pairs)]))
