@@ -181,6 +181,22 @@ def test_grpo_raises_the_reward_and_the_shuffled_control_does_not(assets, tmp_pa
     assert late(real) > late(control) + 0.2
 
 
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_a_step_batch_masks_truncated_completions_only_when_asked(mask_truncated):
+    """completion_batch lays each prompt left-padded before its completion, and its completion
+    mask counts a completion's tokens, none of one the length limit cut off where
+    mask_truncated_completions is on (TRL's rule: the mask times not is_truncated)."""
+    completions = [rollout.Completion([5, 6], [7, 8, 9], False, "a"),
+                   rollout.Completion([5], [7, 8, 9, 10], True, "b"),
+                   rollout.Completion([5, 6, 7], [8], False, "c")]
+    batch = rollout.completion_batch(completions, torch.device("cpu"), mask_truncated)
+    assert batch.ids.tolist() == [[0, 5, 6, 7, 8, 9, 0], [0, 0, 5, 7, 8, 9, 10],
+                                  [5, 6, 7, 8, 0, 0, 0]]
+    assert batch.prompt_mask.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]]
+    cut = [0, 0, 0, 0] if mask_truncated else [1, 1, 1, 1]
+    assert batch.completion_mask.tolist() == [[1, 1, 1, 0], cut, [1, 0, 0, 0]]
+
+
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 def test_micro_batches_give_the_whole_batchs_loss_and_gradient(assets, tmp_path, loss_type):
     """grad_accum 3 over a step's completions of a real model: the summed loss and the
