@@ -197,6 +197,21 @@ def test_a_step_batch_masks_truncated_completions_only_when_asked(mask_truncated
     assert batch.completion_mask.tolist() == [[1, 1, 1, 0], cut, [1, 0, 0, 0]]
 
 
+def test_the_trainers_loss_takes_each_grpo_setting_of_the_run(assets, tmp_path):
+    """Every loss setting of a run's config, each off its default, reaches the GRPO trainer's
+    loss config under TRL's name: none of them is dropped on the way to the policy loss."""
+    cfg = grpo_cfg(assets, tmp_path, grpo_loss_type="bnpo", scale_rewards="batch",
+                   epsilon_low=0.1, epsilon_high=0.3, grpo_beta=0.05, mask_truncated=True,
+                   max_completion_tokens=5, temperature=0.7)
+    tok = load_tokenizer(Path(assets["model"]) / "tokenizer.json")
+    model = pretrained.load(assets["model"], device="cpu")
+    trainer = grpo_trainer(model, cfg, tok, [problem(0)])
+    expected = grpo.GRPOConfig(loss_type="bnpo", scale_rewards="batch", epsilon_low=0.1,
+                               epsilon_high=0.3, beta=0.05, mask_truncated_completions=True,
+                               max_completion_length=5, temperature=0.7)
+    assert trainer.loss_cfg == expected
+
+
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 def test_micro_batches_give_the_whole_batchs_loss_and_gradient(assets, tmp_path, loss_type):
     """grad_accum 3 over a step's completions of a real model: the summed loss and the
