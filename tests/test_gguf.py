@@ -193,6 +193,38 @@ def test_a_sentencepiece_vocabulary_has_byte_tokens_scores_in_merge_order_and_it
     assert _field(reader, "tokenizer.ggml.add_bos_token") is True
 
 
+def _spm_pieces(text: str, vocab: dict[str, int], scores: list[float]) -> list[str]:
+    """llama.cpp's SPM merging: the adjacent pair whose joined text is the best-scoring token
+    merges first (the leftmost of equals), until no pair joins into a token."""
+    pieces = list(text)
+    while True:
+        best = None
+        for i in range(len(pieces) - 1):
+            joined = pieces[i] + pieces[i + 1]
+            if joined not in vocab:
+                continue
+            if best is None or scores[vocab[joined]] > scores[vocab[pieces[best] + pieces[best + 1]]]:
+                best = i
+        if best is None:
+            return pieces
+        pieces[best : best + 2] = [pieces[best] + pieces[best + 1]]
+
+
+def test_a_token_two_merges_make_scores_as_its_first_merge_so_llama_cpp_merges_as_hf():
+    """xyz is made by merge 1 (x + yz) and again by merge 4 (xy + z): its score is merge 1's,
+    so llama.cpp's best-score-first merging splits xyzw as HF's BPE does (xyz + w), where a
+    score by merge 4 would let yz + w (merge 2) win first."""
+    from tokenizers import models
+
+    merges = [("y", "z"), ("x", "yz"), ("yz", "w"), ("x", "y"), ("xy", "z")]
+    vocab = {t: i for i, t in enumerate(["x", "y", "z", "w", "yz", "xyz", "yzw", "xy"])}
+    spec = {"model": {"vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}}
+    scores = gguf_writer._merge_scores(spec, len(vocab))
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    for text in ("xyzw", "xyz", "yzw", "xyw"):
+        assert _spm_pieces(text, vocab, scores) == hf.encode(text).tokens, text
+
+
 def test_a_user_defined_tokens_text_is_what_hf_decodes_it_to(checkpoints, tmp_path):
     """llama.cpp prints a user-defined token's text as it is: Gemma's added runs of \u2581 (not
     special) are written as the spaces HF decodes them to, user-defined, while a control token
