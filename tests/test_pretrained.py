@@ -124,6 +124,24 @@ def test_beam_search_length_penalty_matches_transformers(checkpoints, length_pen
         assert got.shape == ref.shape and torch.equal(got, ref), seed
 
 
+@pytest.mark.parametrize("length_penalty", [0.5, -1.0])
+def test_beam_search_ranks_an_early_finished_hypothesis_by_length_penalty(checkpoints,
+                                                                          length_penalty):
+    """The runner-up first token is the EOS: a one-token hypothesis finishes at the first step
+    and competes with longer ones, so its score / 1 ** lp against theirs / length ** lp decides
+    the output as in transformers."""
+    _, hf, model = checkpoints["llama"]
+    for seed in (0, 1):
+        idx = _ids(2, 10, seed=seed)
+        with torch.no_grad():
+            eos = int(model(idx)[0, -1].topk(2).indices[1])
+        ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12,
+                          do_sample=False, num_beams=3, eos_token_id=eos, pad_token_id=eos,
+                          length_penalty=length_penalty)
+        got = gen(model, idx, 12, num_beams=3, eos_id=eos, length_penalty=length_penalty)
+        assert got.shape == ref.shape and torch.equal(got, ref), seed
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_beam_search_with_several_eos_ids_matches_transformers(checkpoints, seed):
     """EOS ids crowding the top candidates: HF keeps (1 + #EOS) * num_beams candidates a step so
