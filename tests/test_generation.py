@@ -927,6 +927,37 @@ def test_prompt_lookup_drafts_what_transformers_drafts():
             lookup.extend(text[end : end + 1])
 
 
+def test_prompt_lookup_drafts_during_decoding_what_transformers_drafts(hf_dirs, monkeypatch):
+    """Every draft checked while decoding is the one transformers' candidate generator finds in
+    the prompt plus every token kept so far (accepted draft tokens included), capped by the
+    room left: the lookup's text grows with the decoded text, token for token."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    path, _ = hf_dirs["llama"]
+    model = pretrained.load(path).eval()
+    n = 30
+    real = generation._check_draft
+    checked = []
+
+    def recording(model, last, proposed, at, caches):
+        checked.append((at, list(proposed)))
+        return real(model, last, proposed, at, caches)
+
+    for seed in range(3):
+        idx = _ids(1, 6, seed=seed, vocab=256).repeat(1, 4)
+        checked.clear()
+        monkeypatch.setattr(generation, "_check_draft", recording)
+        out = gen(model, idx, n, prompt_lookup=5)
+        monkeypatch.undo()
+        hf = PromptLookupCandidateGenerator(torch.tensor([-1]), num_output_tokens=5,
+                                            max_length=idx.shape[1] + n)
+        assert checked
+        for at, proposed in checked:
+            room = idx.shape[1] + n - (at + 1) - 1  # the model's own token follows the draft
+            ref = hf.get_candidates(out[:, : at + 1])[0][0, at + 1 :].tolist()
+            assert proposed == ref[:room], (seed, at)
+
+
 def test_a_draft_model_gives_greedys_tokens_and_transformers(hf_dirs, tmp_path, monkeypatch):
     """Decoding with a draft model gives plain greedy's tokens, which are transformers'
     generate(assistant_model=...)'s; with the model as its own draft every draft holds, so the
