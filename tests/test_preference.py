@@ -297,6 +297,20 @@ def _logits_case(cfg: PreferenceConfig, trainer: SimpleNamespace, cls, seed: int
     _check(ours, theirs, ours_leaf, theirs_leaf, metrics, logged)
 
 
+def test_log1mexp_keeps_its_precision_on_either_side_of_minus_log_2():
+    """log1mexp(x) = log(1 - exp(x)) within 1e-12 relative of a 50-digit mpmath value, both for
+    x far below 0 (1 - exp(x) rounds to 1) and for x just below 0 (1 - exp(x) cancels): the
+    log-odds of ORPO take it of mean log-probs anywhere in that range."""
+    import mpmath
+
+    xs = [-60.0, -30.0, -5.0, -0.7, -0.69, -0.3, -1e-5, -1e-12]
+    got = preference.log1mexp(torch.tensor(xs, dtype=torch.float64)).tolist()
+    for x, value in zip(xs, got):
+        with mpmath.workdps(50):
+            ref = float(mpmath.log(1 - mpmath.exp(mpmath.mpf(x))))
+        assert value == pytest.approx(ref, rel=1e-12, abs=0), x
+
+
 @pytest.mark.parametrize("orpo_lambda", [0.05, 0.1, 0.5, 1.0])
 def test_orpo_equals_trls(orpo_lambda):
     """The odds-ratio term weighted by lambda (TRL's ORPO beta) and the chosen rows' NLL over
