@@ -478,6 +478,17 @@ def test_an_answer_ends_at_the_first_marker_after_its_text_and_a_tool_call_keeps
     assert chat_answer("end<|end|>\n<|endoftext|>", "end", phi3) == "end<|end|>"
 
 
+def test_of_markers_that_start_at_one_place_the_answer_keeps_the_longest():
+    """Two end-of-turn markers found at the same place, one the other's prefix: the answer ends
+    after the longer, whole, whichever order they are listed in; a marker cut short would
+    leave the rest of a special token's text outside the answer."""
+    from codelm.tokenization.chat import chat_answer
+
+    rendered = "Hi<|end|><|eos|>\n"
+    for markers in (["<|end|>", "<|end|><|eos|>"], ["<|end|><|eos|>", "<|end|>"]):
+        assert chat_answer(rendered, "Hi", markers) == "Hi<|end|><|eos|>"
+
+
 # gpt-oss's way with reasoning: the last answer's thinking in an analysis channel ended by
 # <|end|>, then its final channel ended by <|return|>; {% generation %} marks what TRL trains.
 GPT_OSS_TEMPLATE = (
