@@ -4228,6 +4228,25 @@ def _simulated_gpus(monkeypatch, count: int) -> tuple[torch.Generator, ...]:
     return generators
 
 
+def test_a_restored_rng_state_draws_again_what_python_numpy_and_torch_drew(tmp_path):
+    """rng_state, saved and loaded as a checkpoint holds it (weights_only), then given back by
+    set_rng_state: Python's, NumPy's and torch's streams each draw the very numbers they drew
+    after it was taken, so a resumed run's dropout and sampling repeat the unbroken run's."""
+    import random
+
+    import numpy as np
+
+    rng.seed_everything(7)
+    torch.save(rng.rng_state(), tmp_path / "rng.pt")
+    first = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    rng.seed_everything(8)  # other streams in between, as a new process has
+    rng.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    assert again[0] == first[0]
+    assert again[1] == first[1]
+    assert torch.equal(again[2], first[2])
+
+
 def test_checkpoints_hold_the_training_gpus_rng_and_resume_where_fewer_are_visible(
         monkeypatch):
     """Only the training GPU's generator is saved: saving every visible one (8 on an 8-GPU node)
