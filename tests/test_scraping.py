@@ -73,20 +73,33 @@ def make_client(fake: FakeGitHub, sleep=None, token=None, retries=4) -> GitHubCl
 
 
 def config(fake: FakeGitHub, out: Path, **kw) -> GitHubConfig:
-    kw = {"since": RANGE[0], "until": RANGE[1], **kw}
-    return GitHubConfig(out=str(out), api_url=fake.api_url, raw_url=fake.raw_url,
-                        progress=False, **kw)
+    kw = {"since": RANGE[0], "until": RANGE[1], "api_url": fake.api_url, "raw_url": fake.raw_url,
+          **kw}
+    return GitHubConfig(out=str(out), progress=False, **kw)
 
 
-def run_scrape(out: Path, faults=(), max_per_page=3, raw=True, token=None, **kw):
+def run_scrape(out: Path, faults=(), max_per_page=3, raw=True, token=None, fake=None, **kw):
+    """One scrape of the fake corpus into ``out``: on its own fake GitHub, or on ``fake`` (one
+    GitHub at one address for every scrape that resumes an output) with ``faults`` queued."""
     repos, expected = fake_corpus()
+    if fake is None:
+        with FakeGitHub(repos, max_per_page=max_per_page, token=token) as own:
+            return run_scrape(out, faults, raw=raw, token=token, fake=own, **kw)
+    fake.faults = list(faults)
     sleep = RecordingSleep()
-    with FakeGitHub(repos, faults=list(faults), max_per_page=max_per_page, token=token) as fake:
-        cfg = config(fake, out, **kw)
-        if not raw:
-            cfg.raw_url = None
-        summary = scrape_github(cfg, make_client(fake, sleep, token=token))
+    cfg = config(fake, out, **kw)
+    if not raw:
+        cfg.raw_url = None
+    summary = scrape_github(cfg, make_client(fake, sleep, token=token))
     return fake, summary, expected, sleep
+
+
+@pytest.fixture
+def github():
+    """A fake GitHub serving the fake corpus for the whole test: a resumed output names the
+    --api-url it was started with."""
+    with FakeGitHub(fake_corpus()[0], max_per_page=3) as fake:
+        yield fake
 
 
 def test_scrape_keeps_exactly_the_expected_files_through_every_failure(tmp_path, caplog):
@@ -400,13 +413,13 @@ def test_a_resume_on_a_later_day_keeps_the_first_runs_until(tmp_path, monkeypatc
     assert read_jsonl(out.with_name("out.jsonl.state"))[0]["settings"]["until"] == "2024-05-01"
 
 
-def test_resume_after_a_crash_between_output_and_state(tmp_path):
+def test_resume_after_a_crash_between_output_and_state(tmp_path, github):
     """A crash after an output append but before its state line, or half-way through either, is
     resumed to the bytes an uninterrupted run writes; rerunning a finished run adds nothing."""
     reference = tmp_path / "ref.jsonl"
     run_scrape(reference)
     out = tmp_path / "out.jsonl"
-    run_scrape(out, max_repos=3)
+    run_scrape(out, max_repos=3, fake=github)
     done = read_jsonl(out.with_name("out.jsonl.state"))[1:]
     assert [d["repo"] for d in done] == ["alpha/jsonish", "beta/webkit", "gamma/mailer"]
     # A kill after the output append but before the state line, and one half-way through both.
@@ -414,9 +427,10 @@ def test_resume_after_a_crash_between_output_and_state(tmp_path):
         f.write(b'{"repo": "delta/evil", "path": "ok.py"}\n{"repo": "delta/ev')
     with open(out.with_name("out.jsonl.state"), "ab") as f:
         f.write(b'{"repo": "delta/evil", "end": 99')
-    run_scrape(out)
+    run_scrape(out, fake=github)
     assert out.read_bytes() == reference.read_bytes()
-    run_scrape(out)  # a finished run re-run adds nothing
+    run_scrape(out, fake=github, api_url=github.api_url + "/")  # a finished run re-run (its
+    #   --api-url typed with a trailing slash) adds nothing
     assert out.read_bytes() == reference.read_bytes()
 
 
@@ -437,13 +451,13 @@ def test_a_resume_drops_a_cut_off_state_line_before_appending(tmp_path):
         assert store.done == {"o/a", "o/c"} and store.shas == {"1", "2"}
 
 
-def test_resume_with_other_settings_is_a_clear_error(tmp_path, capsys):
+def test_resume_with_other_settings_is_a_clear_error(tmp_path, capsys, github):
     """Resuming an output with other settings (--min-stars) would mix two scrapes in one file: it
     is refused naming the setting, on the CLI as one exit-2 error line."""
     out = tmp_path / "out.jsonl"
-    run_scrape(out, max_repos=1)
-    with pytest.raises(ValueError, match="min_stars"):
-        run_scrape(out, min_stars=10)
+    run_scrape(out, max_repos=1, fake=github)
+    with pytest.raises(ValueError, match=r"\(those that differ: min_stars\)"):
+        run_scrape(out, min_stars=10, fake=github)
     code = main(["github", "--out", str(out), "--min-stars", "10", "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err
@@ -453,30 +467,32 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize("setting, value", [
     ("min_bytes", 10), ("max_bytes", 50_000), ("extensions", [".py", ".pyi"]),
     ("language", "go"), ("since", "2016-01-01"), ("date_field", "pushed"),
-    ("licenses", ["MIT"]), ("extra_query", "archived:false")])
-def test_a_resume_with_any_other_output_setting_is_refused(tmp_path, setting, value):
+    ("licenses", ["MIT"]), ("extra_query", "archived:false"),
+    ("api_url", "https://ghe.example.com/api/v3")])
+def test_a_resume_with_any_other_output_setting_is_refused(tmp_path, github, setting, value):
     """Every setting that decides which files the output holds must match on resume: one left
-    out of the state (max_bytes, say) would mix files of two filters in one output."""
+    out of the state (max_bytes, say) would mix files of two filters in one output, and another
+    --api-url (another GitHub Enterprise host) would skip its repos named as the first's."""
     out = tmp_path / "out.jsonl"
-    run_scrape(out, max_repos=1)
+    run_scrape(out, max_repos=1, fake=github)
     before = out.read_bytes()
     with pytest.raises(ValueError, match=rf"\(those that differ: {setting}\)"):
-        run_scrape(out, **{setting: value})
+        run_scrape(out, fake=github, **{setting: value})
     assert out.read_bytes() == before
 
 
-def test_output_changed_behind_the_scrapers_back_is_refused(tmp_path):
+def test_output_changed_behind_the_scrapers_back_is_refused(tmp_path, github):
     """An output its state file does not account for (another program's file, or one cut shorter
     than the state says) is refused, not appended to."""
     out = tmp_path / "out.jsonl"
     out.write_text('{"text": "someone else\'s file"}\n')
     with pytest.raises(ValueError, match="state file"):
-        run_scrape(out)
+        run_scrape(out, fake=github)
     out.unlink()
-    run_scrape(out, max_repos=2)
+    run_scrape(out, max_repos=2, fake=github)
     out.write_bytes(out.read_bytes()[:10])
     with pytest.raises(ValueError, match="shorter than"):
-        run_scrape(out)
+        run_scrape(out, fake=github)
 
 
 def test_kill_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path):
@@ -1468,10 +1484,11 @@ def test_repos_refused_for_good_are_no_outage_and_never_stall_a_rerun(tmp_path):
     bad = [f"o/r{i}" for i in range(1, 6)]
     faults = [(f"/{repo}/", "404") for repo in bad for _ in range(40)]
     out = tmp_path / "out.jsonl"
-    for _ in range(2):
-        with FakeGitHub(_ranked_repos(), faults=list(faults)) as fake:
+    with FakeGitHub(_ranked_repos()) as fake:
+        for _ in range(2):
+            fake.faults = list(faults)
             summary = scrape_github(config(fake, out, min_bytes=1), make_client(fake, retries=0))
-        assert summary.repos["unavailable"] == 5
+            assert summary.repos["unavailable"] == 5
     assert sorted({r["repo"] for r in read_jsonl(out)}) == ["o/r0", "o/r6", "o/r7", "o/r8"]
 
 
@@ -1509,13 +1526,14 @@ def test_an_empty_licence_list_is_refused(tmp_path, capsys):
     assert not (tmp_path / "y.jsonl").exists()
 
 
-def test_licences_are_stored_as_github_spells_them_so_a_rerun_in_another_case_resumes(tmp_path):
+def test_licences_are_stored_as_github_spells_them_so_a_rerun_in_another_case_resumes(
+        tmp_path, github):
     """Licence names match in any case and are stored as GitHub spells them (MIT, Apache-2.0), so
     the same filter typed in another case resumes instead of reading as other settings."""
     assert expand_licenses(["mit", "APACHE-2.0"]) == {"MIT", "Apache-2.0"}
     out = tmp_path / "out.jsonl"
-    run_scrape(out, licenses=["MIT", "Apache-2.0"], max_repos=1)
-    run_scrape(out, licenses=["mit", "apache-2.0"])  # not "those that differ: licenses"
+    run_scrape(out, licenses=["MIT", "Apache-2.0"], max_repos=1, fake=github)
+    run_scrape(out, licenses=["mit", "apache-2.0"], fake=github)  # not "those that differ: licenses"
 
 
 def test_local_license_is_one_id_of_the_github_table(tmp_path, capsys):
