@@ -3300,7 +3300,8 @@ def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
         assets, tmp_path, monkeypatch, capsys):
     """The validation loss falls 0.006 per evaluation with min_delta 0.01: every two
     evaluations it falls more than min_delta, so patience 3 never runs out (a small fall does
-    not move the reference); best/ follows the true minimum."""
+    not move the reference); best/ follows the true minimum. A loss equal to the reference is
+    no fall (Keras's strict comparison), at the default min_delta 0 too."""
     fake_val_losses(monkeypatch, [3.0 - 0.006 * i for i in range(20)])
     result = tm.train(tiny_cfg(assets, tmp_path, max_steps=10, eval_every=1, warmup_steps=0,
                                early_stop_patience=3, early_stop_min_delta=0.01))
@@ -3311,6 +3312,10 @@ def test_early_stopping_keeps_its_reference_until_a_fall_larger_than_min_delta(
     assert result.early_stopped and result.step == 4 and result.best_step == 4
     assert re.search(r"stopped early at step 4 of 10: 3 evaluation\(s\) .*0\.01 .*"
                      r"--early-stop-patience, --early-stop-min-delta", capsys.readouterr().out)
+    fake_val_losses(monkeypatch, [3.0, 3.0, 3.0, 3.0, 2.5])  # ties: no fall
+    result = tm.train(tiny_cfg(assets, tmp_path, name="tied", max_steps=10, eval_every=1,
+                               warmup_steps=0, early_stop_patience=3))
+    assert result.early_stopped and result.step == 4 and result.best_step == 1
 
 
 def test_max_steps_beside_epochs_is_refused_naming_both(assets, tmp_path, capsys):
