@@ -495,3 +495,22 @@ def test_a_resumed_runs_own_value_typed_again_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"time_budget_min \(20\.0, --time-budget-min\).*"
                                          r"drop --time-budget-min"):
         plan.parse_config(["--resume", str(run), "--time-budget-min", "20"])
+
+
+@pytest.mark.parametrize("bf16_speedup, precision", [(1.1, "fp32"), (1.2, "bf16"), (1.3, "bf16")])
+def test_a_cpu_trains_in_bf16_only_where_it_measures_well_ahead_of_fp32(bf16_speedup, precision):
+    """Preset auto times fp32 and bf16 on the ladder's code-4x192 rung and takes bf16 where it
+    reaches CPU_BF16_SPEEDUP (1.2) times fp32's tokens a second: a smaller lead is within the
+    timing's noise, and bf16's rounding is then bought for nothing."""
+    from codelm.trainconfig import TrainConfig
+
+    timed = []
+
+    def probe(cfg):
+        timed.append((cfg.preset, cfg.block_size, cfg.batch_size, cfg.precision))
+        tokens_per_s = 1000.0 * (bf16_speedup if cfg.precision == "bf16" else 1.0)
+        return plan.Probe(params=1, tokens_per_s=tokens_per_s)
+
+    cfg = TrainConfig(preset="auto", block_size=None, batch_size=None, lr=None)
+    assert plan.cpu_precision(cfg, probe) == precision
+    assert timed == [("code-4x192", 256, 16, "fp32"), ("code-4x192", 256, 16, "bf16")]
