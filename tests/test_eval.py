@@ -3576,8 +3576,8 @@ def test_a_stopped_evaluation_samples_only_what_it_had_not_and_scores_as_one_uns
 
 
 def test_a_journal_file_is_named_by_everything_that_decides_its_generations(tmp_path):
-    """Another model's weights, task, prompt, seed, sampling setting or prompt format names
-    another file, so a continued evaluation reads only generations it would sample itself;
+    """Another model's weights, task, prompt, seed, sampling setting, stop or padding, or prompt
+    format names another file, so a continued evaluation reads only generations it would sample itself;
     outside an evaluation's journal nothing is kept."""
     from codelm.evaluation.journal import generation_file, journaled
     from codelm.models.generation import GenerationConfig
@@ -3595,6 +3595,9 @@ def test_a_journal_file_is_named_by_everything_that_decides_its_generations(tmp_
                                   0, False),
                   generation_file("line", [[5, 6]], dataclasses.replace(gen, temperature=0.8, top_p=0.9), 0,
                                   False)]
+        for setting in ({"temperature": 0.8, "top_k": 5}, {"eos_id": [2, 3]}, {"stop": [7]}, {"pad_id": 0}):
+            others.append(generation_file("line", [[5, 6]], dataclasses.replace(gen, **setting), 0,
+                                          False))
         assert generation_file("line", [[5, 6]], gen, 0, False) == same
     with journaled(tmp_path, "weights b"):
         others.append(generation_file("line", [[5, 6]], gen, 0, False))
