@@ -43,6 +43,7 @@ from codelm.data.encoding import tokenizer_fingerprint
 from codelm.data.sources import stdlib_files, stdlib_root
 from codelm.tokenization import batching
 from codelm.tokenization.bpe import BYTE_TO_UNICODE, PRETOKENIZER_STYLES, BPETokenizer
+from codelm.tokenization.merges import _LIST_SYMBOLS
 from codelm.tokenization.source import (
     PYTHON_PARSE_ERRORS,
     docstring_statement,
@@ -744,6 +745,20 @@ def test_bpe_training_breaks_ties_by_token_ids_as_hf(texts):
     ref = [tuple(m) for m in json.loads(hf.to_str())["model"]["merges"]]
     assert [tuple(m) for m in ours.spec["model"]["merges"]] == ref
     assert ours.spec["model"]["vocab"] == hf.get_vocab(with_added_tokens=False)
+
+
+@pytest.mark.parametrize("texts", [["aa aa aa"], ["aa aa aaa aaa aaaaa xyx xyx yxy"]])
+def test_words_past_the_heap_threshold_merge_leftmost_first_as_hf(texts):
+    """A word of more symbols than _LIST_SYMBOLS takes the heap; where one merge can apply at
+    overlapping places (a run of one character, odd or even long) the leftmost goes first, as
+    in HF's BPE, on either side of the threshold. Reference: HF's ids."""
+    hf = trained_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), texts, vocab_size=1000)
+    ours = BPETokenizer(json.loads(hf.to_str()))
+    words = []
+    for length in range(_LIST_SYMBOLS - 3, _LIST_SYMBOLS + 6):
+        words += ["a" * length, "xy" * length + "x", "yx" * length, "a" * length + "b"]
+    for word in words:
+        assert ours.encode(word) == hf.encode(word).ids, (len(word), word[:3])
 
 
 def test_bpe_training_learns_frequent_words():
