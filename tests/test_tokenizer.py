@@ -226,6 +226,19 @@ def test_parity_edge_cases(style, references, stdlib_texts):
 
 
 @pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
+def test_pieces_equal_hf_pre_tokenizers_on_the_edge_cases(style, references):
+    """Each style's pre-tokenizer cuts text where HF's own pre-tokenizer does (contractions,
+    digits one by one or by threes, runs of whitespace and newlines), whatever ids the trained
+    merges happen to give a piece. Reference: HF's pre_tokenize_str offsets (after Qwen2's NFC)."""
+    _, hf, ours = references[style]
+    texts = [*EDGE_CASES, *edge_texts(), "we'll 12345 1234567 x  =  1\n\n  y", "IT'S they'RE"]
+    for text in texts:
+        if style == "qwen2":
+            text = unicodedata.normalize("NFC", text)
+        assert ours._pretokenize(text) == _hf_pieces(hf, text), repr(text[:40])
+
+
+@pytest.mark.parametrize("style", PRETOKENIZER_STYLES)
 def test_ids_equal_hf_on_the_edge_corpus(style, references):
     """Every general category, combining sequences, emoji ZWJ sequences and whitespace runs
     (tests/edge_corpus.py), with and without the template's special tokens."""
@@ -460,6 +473,7 @@ QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
 
 
 @pytest.mark.parametrize("pattern", [r"\p{L}*|\s+|.", r"(?=\s)|\S+|\s"])
