@@ -475,6 +475,22 @@ QWEN2_PATTERN = (
 )
 
 
+def test_qwen2_style_writes_qwens_split_regex():
+    """What codelm trains in the qwen2 style splits as Qwen2's file does: its Split regex is
+    QWEN2_PATTERN above (copied from Qwen2.5-Coder's tokenizer.json), digits one by one and
+    contractions of either case; the ids equal HF's with HF's pre-tokenizer built from it."""
+    split = pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated")
+    assert [p for p, _ in split.pre_tokenize_str("x = 123")] == ["x", " =", " ", "1", "2", "3"]
+    texts = ["n = 12345 + 678 * 9012345\n" * 20, "It'S THEY'LL we've 3.14159\n" * 5]
+    ours = BPETokenizer.train(texts, 320, pretokenizer="qwen2")
+    assert ours.spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] == {"Regex": QWEN2_PATTERN}
+    hf = Tokenizer.from_str(json.dumps(ours.spec))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    probe = ["x = 12345", "1234567 89 0", "YOU'RE", *texts]
+    assert [ours.encode(t) for t in probe] == _hf_ids(hf, probe)
+
 
 @pytest.mark.parametrize("pattern", [r"\p{L}*|\s+|.", r"(?=\s)|\S+|\s"])
 def test_a_split_regex_that_can_match_the_empty_string_is_refused(pattern, references, tmp_path):
