@@ -5533,9 +5533,10 @@ def test_fim_prompts_are_the_familys_tokens_as_hf_encodes_the_harness_prompt(
 def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp_path,
                                                                            monkeypatch):
     """--tasks fim on the task's records (a JSONL file or its dataset's parquet directory):
-    a middle counts when it is the canonical one up to surrounding whitespace (a trailing
-    newline or space is no miss), as the harness counts it (``g.strip() == reference.strip()``);
-    a middle of other text is; 3 of 4 overall, 2 of 3 py, 1 of 1 js."""
+    a middle counts when it is the canonical one up to surrounding whitespace (a leading or
+    trailing newline or space is no miss), as the harness counts it (``g.strip() ==
+    reference.strip()``); a middle of other text is; 3 of 4 overall, 2 of 3 py, 1 of 1 js. Each
+    prompt is the ids HF gives the harness's text (PREFIX prefix SUFFIX suffix MIDDLE)."""
     import json
 
     import pyarrow as pa
@@ -5555,6 +5556,7 @@ def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp
     answers = {r["prompt"]: r["canonical_solution"] for r in FIM_RECORDS}
     answers["def square(x):\n"] = "    return x + x"
     answers["for i in range(3):\n"] += "  \n"
+    answers["function inc(x) {\n  return "] = "\n x + 1"
     seen = []
 
     def generate(lm, prompts, cfg, stops=(), desc="", prompt_ids=None, **kw):
@@ -5569,8 +5571,10 @@ def test_fim_exact_match_is_the_hand_computed_share_overall_and_per_language(tmp
                     "--out-dir", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "results.json").read_text())["rows"][0]["metrics"]
     assert metrics == {"fim/EM": 75.0, "fim/EM_js": 100.0, "fim/EM_py": pytest.approx(200 / 3)}
-    fim_prefix = Tokenizer.from_file(str(model_dir / "tokenizer.json")).token_to_id("<fim_prefix>")
-    assert len(seen) == 4 and all(ids[0] == fim_prefix for ids in seen)
+    hf = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    harness_texts = [f"<fim_prefix>{r['prompt']}<fim_suffix>{r['suffix']}<fim_middle>"
+                     for r in FIM_RECORDS]
+    assert seen == [hf.encode(text, add_special_tokens=False).ids for text in harness_texts]
 
 
 def test_infill_scores_held_out_lines_as_the_fim_task_scores_the_same_records(tmp_path,
