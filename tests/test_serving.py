@@ -1478,6 +1478,27 @@ def test_streamed_pieces_join_to_the_whole_text_through_byte_runs_and_stops(stre
         assert "".join(pieces) == choice.text(), (trial, ids)
 
 
+@pytest.mark.parametrize("style", ["spm", "qwen2"])
+def test_a_token_holding_two_stop_strings_cuts_at_the_one_that_begins_first(stream_tokenizers,
+                                                                           style):
+    """Where one token's text holds two stop strings, the stream cuts where the earlier in the
+    text begins, whatever the order of the stop list: the pieces sent equal eval's
+    truncate_at_stops of the whole text."""
+    tok = stream_tokenizers[style]
+    eos = tok.eos_id if tok.eos_id is not None else tok.vocab_size - 1
+    ids = tok.encode("x = 1\nreturn value\n")
+    word = max((tok.decode([i]) for i in ids), key=len).strip()
+    assert len(word) >= 4, word
+    stops = [word[2:4], word[:2]]  # the later one in the text listed first
+    choice = _Choice(served_model("t", None, tok, eos_ids=[eos]), stops, [eos])
+    pieces = []
+    for position, token in enumerate(ids):
+        choice.add(Token(0, token, "length" if position == len(ids) - 1 else None))
+        pieces.append(choice.new_text())
+    text = decode_generated(tok, ids)
+    assert "".join(pieces) == truncate_at_stops(text, stops) == text[:text.index(word)]
+
+
 def test_a_long_stream_decodes_each_token_a_bounded_number_of_times(stream_tokenizers):
     """A stream decodes the tokens since its last settled one, not its whole answer, at each
     token: 2,000 tokens cost a few thousand token decodes, not two million."""
