@@ -224,21 +224,30 @@ def test_eos_stop_ids_and_stop_strings_end_a_request_as_generate_ends_it():
 
 def test_logprobs_are_the_models_own_distribution():
     """Each token's logprob and top_logprobs are the log-softmax of the model's logits at its
-    position (1e-4), the top k in order, the greedy token first."""
+    position (1e-4), the top k in order, the greedy token first; a sampled token's logprob is
+    its own, below the likeliest's where the draw took another."""
     model = _model("llama")
     prompt = _prompts(1)[0]
     engine = Engine(model, slots=2)
-    engine.add(prompt, GenerationConfig(3), logprobs=4)
+    greedy = engine.add(prompt, GenerationConfig(3), logprobs=4)
+    sampled = engine.add(prompt, GenerationConfig(
+        12, temperature=3.0, generator=torch.Generator().manual_seed(0)), logprobs=1)
     events = list(engine.run())
-    idx = torch.tensor([prompt + [e.token for e in events]])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(idx)[0].float(), dim=-1)
-    for i, event in enumerate(events):
-        row = logp[len(prompt) - 1 + i]
-        assert abs(event.logprob - float(row[event.token])) < 1e-4
-        top = row.topk(4)
-        assert [t for t, _ in event.top_logprobs] == top.indices.tolist()
-        assert event.top_logprobs[0][0] == event.token  # greedy: the likeliest
+    unlikeliest = 0.0
+    for request in (greedy, sampled):
+        mine = [e for e in events if e.request == request]
+        idx = torch.tensor([prompt + [e.token for e in mine]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(idx)[0].float(), dim=-1)
+        for i, event in enumerate(mine):
+            row = logp[len(prompt) - 1 + i]
+            assert abs(event.logprob - float(row[event.token])) < 1e-4
+            top = row.topk(4 if request == greedy else 1)
+            assert [t for t, _ in event.top_logprobs] == top.indices.tolist()
+            unlikeliest = min(unlikeliest, event.logprob - float(top.values[0]))
+            if request == greedy:
+                assert event.top_logprobs[0][0] == event.token  # the likeliest
+    assert unlikeliest < -0.1  # a sampled token other than the likeliest was drawn
 
 
 def test_a_cancelled_request_frees_its_slot_for_the_next():
