@@ -222,6 +222,27 @@ def test_eos_stop_ids_and_stop_strings_end_a_request_as_generate_ends_it():
         assert tokens[ids[i]][: len(ref)] == ref[: len(tokens[ids[i]])]
 
 
+def test_an_eos_drawn_as_the_last_token_max_new_tokens_allows_finishes_stop():
+    """An EOS that is also the max_new_tokens-th token ends its request "stop", as OpenAI's API
+    and vLLM report an answer the model ended; the same tokens without that EOS end "length"."""
+    model = _model("codegen")
+    prompt = _prompts(1)[0]
+    free = _alone(model, prompt, 8)
+    eos = free[5]
+    last = free.index(eos) + 1  # the EOS's first place: the budget ends there too
+    engine = Engine(model, slots=2)
+    ended = engine.add(prompt, GenerationConfig(last, eos_id=eos))
+    ran_out = engine.add(prompt, GenerationConfig(last))
+    tokens: dict[int, list[int]] = {ended: [], ran_out: []}
+    reasons = {}
+    for event in engine.run():
+        tokens[event.request].append(event.token)
+        if event.finished:
+            reasons[event.request] = event.finished
+    assert tokens[ended] == tokens[ran_out] == free[:last]
+    assert reasons == {ended: "stop", ran_out: "length"}
+
+
 def test_logprobs_are_the_models_own_distribution():
     """Each token's logprob and top_logprobs are the log-softmax of the model's logits at its
     position (1e-4), the top k in order, the greedy token first; a sampled token's logprob is
