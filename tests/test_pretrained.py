@@ -217,11 +217,20 @@ def test_config_values_other_than_the_tiny_defaults_load_and_export_as_in_transf
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_loads_in_transformers_with_same_logits(checkpoints, family, tmp_path):
     """pretrained.save writes a checkpoint transformers loads with codelm's logits (within 1e-5),
-    and codelm reads it back as the same ModelConfig: the round trip loses nothing."""
+    and codelm reads it back as the same ModelConfig: the round trip loses nothing. Its tensors
+    are the names and shapes transformers' save_pretrained writes (a tied head once, as the
+    embedding)."""
     import transformers
+    from safetensors import safe_open
 
-    _, _, model = checkpoints[family]
+    _, hf, model = checkpoints[family]
     pretrained.save(model, tmp_path)
+    hf.save_pretrained(tmp_path / "hf")
+    shapes = {}
+    for directory in (tmp_path, tmp_path / "hf"):
+        with safe_open(directory / "model.safetensors", "pt") as f:
+            shapes[directory] = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert shapes[tmp_path] == shapes[tmp_path / "hf"]
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     idx = _ids(2, 64, seed=4)
     with torch.no_grad():
