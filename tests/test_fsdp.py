@@ -67,6 +67,13 @@ def _val_losses(run_dir: Path) -> list[float]:
     return [m["val_loss"] for m in map(json.loads, lines) if m["kind"] == "val"]
 
 
+def _token_counts(run_dir: Path) -> list[tuple[str, int]]:
+    """Each train line's tokens_seen and each validation line's val_tokens, in order."""
+    lines = (run_dir / rundir.METRICS_FILE).read_text().splitlines()
+    keys = {"train": "tokens_seen", "val": "val_tokens"}
+    return [(m["kind"], m[keys[m["kind"]]]) for m in map(json.loads, lines) if m["kind"] in keys]
+
+
 def _sharded(path: Path) -> dict:
     """A sharded checkpoint's model and optimizer tensors, whole (DCP's own reader)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -89,7 +96,8 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 def test_fsdp_two_ranks_train_like_one_process_and_the_sharded_checkpoint_goes_on_in_one(
         assets, tmp_path):
     """Two FSDP ranks of batch 2 against one process of batch 4: the same losses step by step
-    (the validation's 3 batches dealt 2 and 1: the ranks still meet in every collective), and
+    (the validation's 3 batches dealt 2 and 1: the ranks still meet in every collective), the
+    same tokens counted (the ranks' counts summed, not averaged), and
     the sharded checkpoint of step 6 (each rank wrote its shards) continued by one process,
     regrouped to batch 4, ends on the weights the one-process run reaches."""
     common = dict(max_steps=6, eval_every=6, save_every=6, eval_examples=6, **COMMON)
@@ -102,6 +110,7 @@ def test_fsdp_two_ranks_train_like_one_process_and_the_sharded_checkpoint_goes_o
     assert not (step_6 / rundir.MODEL_FILE).exists()
     assert _losses(run) == pytest.approx(_losses(single.run_dir), rel=1e-5)
     assert _val_losses(run) == pytest.approx(_val_losses(single.run_dir), rel=1e-5)
+    assert _token_counts(run) == _token_counts(single.run_dir)
     # best/ holds the whole model, gathered to rank 0
     best, reference = load_file(run / rundir.BEST_DIR / rundir.MODEL_FILE), final_weights(
         single.run_dir, 6)
