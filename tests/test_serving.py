@@ -964,6 +964,21 @@ def test_a_length_past_the_context_names_the_parameter_the_request_set(server, l
         assert key in body["error"]["message"]
 
 
+def test_max_tokens_may_fill_the_context_and_one_more_is_refused(server, loaded):
+    """The last new token is never fed back, so a prompt of P tokens leaves context + 1 - P
+    new tokens (the engine's own bound): max_tokens equal to that is served, one more is
+    refused as context_length_exceeded."""
+    block = loaded[0].cfg.block_size
+    first = _client(server).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=1)
+    room = block + 1 - first.usage.prompt_tokens
+    status, body = _post(server, "/completions", json.dumps(
+        {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": room, "temperature": 0}).encode())
+    assert status == 200 and 0 < body["usage"]["completion_tokens"] <= room
+    status, body = _post(server, "/completions", json.dumps(
+        {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": room + 1}).encode())
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+
+
 def test_the_client_check_takes_a_connection_of_any_descriptor_number():
     """A server holding over 1024 descriptors (many clients) still checks each connection:
     select() refuses descriptors past 1023."""
