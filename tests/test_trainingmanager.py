@@ -5112,6 +5112,19 @@ def test_resume_accepts_a_change_of_data_option(tmp_path, option, value):
                                    rundir.list_checkpoints(run), "hint")
 
 
+@pytest.mark.parametrize("option, value", [
+    ("split_by", "file"), ("seed", 7), ("val_frac", 0.2), ("dedupe", False),
+    ("near_dedupe", True), ("max_bytes", 1000), ("strip_comments", True), ("max_docs", 10),
+    ("completion_style", "line"), ("lines_per_file", 2)])
+def test_resume_refuses_a_data_option_that_decides_the_data(tmp_path, option, value):
+    """An option that decides which documents land in which split, or what an example holds,
+    is refused on resume: the checkpoint's data position would index other data."""
+    cfg, run = _saved_run(tmp_path)
+    with pytest.raises(ValueError, match=rf"other settings: data_options=.*'{option}'"):
+        checkpoint.check_resume_config(dataclasses.replace(cfg, data_options={option: value}),
+                                       run, rundir.list_checkpoints(run), "hint")
+
+
 def test_data_options_progress_beats_the_runs_progress():
     """data_options.progress, when given, decides the data pipeline's progress bars; otherwise they
     follow the run's progress setting."""
