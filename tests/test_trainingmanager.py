@@ -5112,6 +5112,20 @@ def test_resume_accepts_a_change_of_data_option(tmp_path, option, value):
                                    rundir.list_checkpoints(run), "hint")
 
 
+def test_a_config_json_without_a_setting_resumes_at_that_settings_default(tmp_path):
+    """A run's config.json that lacks a key (written before that setting existed) trained with
+    its default: a resume leaving it unset continues, one setting it otherwise is refused."""
+    cfg, run = _saved_run(tmp_path)
+    saved = json.loads((run / rundir.CONFIG_FILE).read_text())
+    del saved["label_smoothing"]
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(saved))
+    checkpoints = rundir.list_checkpoints(run)
+    assert checkpoint.check_resume_config(cfg, run, checkpoints, "hint")["label_smoothing"] == 0.0
+    with pytest.raises(ValueError, match=r"label_smoothing=0\.0 \(now 0\.1\)"):
+        checkpoint.check_resume_config(dataclasses.replace(cfg, label_smoothing=0.1), run,
+                                       checkpoints, "hint")
+
+
 @pytest.mark.parametrize("option, value", [
     ("split_by", "file"), ("seed", 7), ("val_frac", 0.2), ("dedupe", False),
     ("near_dedupe", True), ("max_bytes", 1000), ("strip_comments", True), ("max_docs", 10),

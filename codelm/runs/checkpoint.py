@@ -629,6 +629,8 @@ def check_resume_config(cfg, run_dir: Path, checkpoints: list[Path], resume_hint
         return None
     saved, source = settings.read_config_file(saved_path, "train")
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # JSON's view, as config.json holds it
+    defaults = json.loads(json.dumps(dataclasses.asdict(type(cfg)())))
+    saved = {**defaults, **saved}  # a key its file lacks: the run trained with the default
 
     def comparable(values: dict, key: str):  # paths as the files they name
         if key == "data_options":
@@ -644,7 +646,7 @@ def check_resume_config(cfg, run_dir: Path, checkpoints: list[Path], resume_hint
     free = ("name", "out_dir", "resume", *RESUME_MAY_CHANGE, *regrouped)
     changed = []
     for k in now:
-        if k in free or k not in saved or unset(k, now[k]):
+        if k in free or unset(k, now[k]):
             continue
         if k == "precision" and "auto" in (saved[k], now[k]):
             continue  # "auto" names a precision only with a device: check_precision compares it
