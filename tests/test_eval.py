@@ -5283,6 +5283,9 @@ def test_loaded_generations_beyond_num_samples_are_named_as_not_scored(tmp_path,
                     "--out-dir", str(tmp_path / "out"), "--no-progress", "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert "first 1 of each problem's generations" in err and "--num-samples 3" in err
+    # the first of each: all wrong, then a canonical solution
+    scored = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["metrics"]
+    assert scored == {"humaneval/pass@1": 50.0}
     assert ev.main(["--tasks", "humaneval", "--limit", "2", "--load-generations", str(file),
                     "--num-samples", "3", "--out-dir", str(tmp_path / "all"), "--no-progress",
                     "--workers", "2"]) == 0
