@@ -505,6 +505,64 @@ def test_a_messages_null_keys_are_undefined_in_the_template_as_in_transformers(c
     assert "None" not in rendered
 
 
+# Templates as their families ship them: Zephyr's one block tag a line (its newlines cut by
+# trim_blocks), the same indented (the indent cut by lstrip_blocks), Gemma's and Phi-3's; and
+# a tools listing by tojson, which keeps non-ASCII text as it is.
+FAMILY_TEMPLATES = {
+    "zephyr": (
+        "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+        "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+        "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + "
+        "eos_token }}\n{% elif message['role'] == 'assistant' %}\n"
+        "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+        "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
+        "{% endfor %}"),
+    "indented": (
+        "{% for message in messages %}\n    {% if message['role'] == 'user' %}\n"
+        "<|user|>{{ message['content'] }}\n    {% else %}\n"
+        "<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}\n    {% endif %}\n"
+        "{% endfor %}\n    {% if add_generation_prompt %}\n<|assistant|>\n    {% endif %}\n"),
+    "gemma": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{% continue %}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+        "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' "
+        "+ message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt"
+        " %}{{'<start_of_turn>model\n'}}{% endif %}"),
+    "phi3": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + "
+        "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + "
+        "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+        "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"),
+    "tools": (
+        "{% if tools %}{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}{% endif %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"),
+}
+FAMILY_TOOLS = [{"type": "function", "function": {"name": "größe", "description": "中文 ok"}}]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
+def test_family_templates_render_as_transformers_renders_them(family_tokenizers, tmp_path, name):
+    """Each family's template renders each conversation, with and without the generation
+    prompt, to transformers' text exactly: the newline after a block tag and a block tag's
+    indent dropped (trim_blocks, lstrip_blocks), the bos and eos texts, and tools as JSON that
+    keeps non-ASCII characters."""
+    from transformers import AutoTokenizer
+
+    family_tokenizers["qwen2"][0].save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+         "chat_template": FAMILY_TEMPLATES[name], "tokenizer_class": "PreTrainedTokenizerFast"}))
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    tools = FAMILY_TOOLS if name == "tools" else None
+    for messages in CONVERSATIONS:
+        for prompt in (False, True):
+            rendered = ours.apply_chat_template(messages, prompt, tools)
+            assert rendered == theirs.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=prompt)
+
+
 def test_a_templates_type_error_on_a_message_is_a_value_error_naming_the_template(chat_tokenizers):
     """A template expression that fails on the messages it is given (text plus a number) is a
     ValueError naming the chat template, which the data reader turns into a one-line error
