@@ -1601,6 +1601,29 @@ def test_broken_checkpoint_falls_back_to_the_one_before_and_then_fails_clearly(a
     assert "Traceback" not in err and "weights_only" not in err
 
 
+class _RunsCode:
+    """An object whose unpickling runs a command (touches ``marker``)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_state_pt_whose_pickle_would_run_code_is_refused_and_never_run(tmp_path):
+    """A checkpoint's state.pt is read as tensors and plain data alone (weights_only): one
+    holding an object whose unpickling runs a command is a corrupt checkpoint, and the command
+    never runs."""
+    marker = tmp_path / "ran"
+    step = tmp_path / "step-4"
+    step.mkdir()
+    torch.save({"format_version": _RunsCode(marker)}, step / rundir.STATE_FILE)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"step-4: corrupt .*state\.pt"):
+        checkpoint.read_state(step)
+    assert not marker.exists()
+
+
 def test_a_damaged_run_config_names_the_checkpoints_copy_that_restores_it(assets, tmp_path,
                                                                            capsys):
     """A run's config.json cut short: --resume names the file and line, and the copy its newest
