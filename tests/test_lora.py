@@ -199,6 +199,39 @@ def test_dora_adapters_load_both_ways_with_peft_and_merge(family, tmp_path):
     torch.testing.assert_close(_logits(ours, ids), trained, atol=1e-5, rtol=0)
 
 
+def _sgd_step(model, ids: torch.Tensor, lr: float) -> None:
+    """One plain SGD step of the model's trainable parameters on next-token loss of ``ids``."""
+    out = model(ids[:, :-1])
+    logits = out.logits if hasattr(out, "logits") else out
+    F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.sub_(lr * p.grad)
+                p.grad = None
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
+def test_dora_trains_as_peft_with_the_row_norm_held_constant(family, tmp_path):
+    """One SGD step on PEFT's DoRA adapter moves codelm's logits as it moves PEFT's: the
+    gradients of A, B and the magnitude treat ||W + scale B A|| as a constant (PEFT's detach,
+    DoRA's paper), so the update is PEFT's."""
+    setting = DORA_CASES[family]
+    hf = save_tiny_hf(family, tmp_path / "hf")
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(
+        r=setting["r"], lora_alpha=setting["alpha"], target_modules=setting["target_modules"],
+        use_dora=True, init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = pretrained.load(tmp_path / "hf").eval()
+    load_adapter(model, tmp_path / "peft")
+    ids = _ids(5)
+    for trained in (peft_model, model):
+        _sgd_step(trained, ids, lr=2.0)
+    want = _logits(peft_model, ids)
+    assert (want - _logits(hf, ids)).abs().max() > 1e-2
+    torch.testing.assert_close(_logits(model, ids), want, atol=1e-5, rtol=0)
+
+
 def test_merged_dora_unmerges_after_the_model_moves_or_casts(tmp_path):
     """The row norms a DoRA merge keeps for its unmerge move and cast with the model (the meta
     device stands in for an accelerator): unmerging after ``.to(...)`` neither fails on a
