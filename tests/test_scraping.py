@@ -2076,6 +2076,9 @@ def test_only_a_file_under_1024_bytes_can_be_an_lfs_pointer():
     assert decode_source(pointer.encode()) == (None, "lfs_pointer")
     doc = first + "# " + "x" * 1100 + "\n"
     assert decode_source(doc.encode()) == (doc, None) and decode_source(doc) == (doc, None)
+    longest = first + "x" * (1023 - len(first))  # 1,023 bytes: a pointer's size
+    assert decode_source(longest.encode()) == (None, "lfs_pointer")
+    assert decode_source(longest + "x") == (longest + "x", None)  # 1,024 bytes: source
 
 
 def test_an_lgpl_2_1_licence_beside_the_gpl_2_0_it_extends_is_the_lgpl(tmp_path):
