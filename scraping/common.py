@@ -325,8 +325,8 @@ def decode_source(data: bytes | str) -> tuple[str | None, str | None]:
             data = data.decode("utf-8")
         except UnicodeDecodeError:
             return None, "not_utf8"
-    if len(data) < 1024 and data.startswith(_LFS_POINTER):
-        return None, "lfs_pointer"
+    if data.startswith(_LFS_POINTER) and len(data.encode("utf-8", "surrogatepass")) < 1024:
+        return None, "lfs_pointer"  # under 1,024 bytes, as Git LFS's spec sizes a pointer
     return data, None
 
 

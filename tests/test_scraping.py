@@ -2068,9 +2068,9 @@ def test_both_collectors_skip_git_lfs_pointers(tmp_path):
 
 
 def test_only_a_file_under_1024_bytes_can_be_an_lfs_pointer():
-    """Git LFS pointers are under 1,024 bytes (its spec): a larger file that happens to start
-    with the pointer's first line (documentation about LFS, say) is source, kept by both
-    collectors' and dataset.py's one rule."""
+    """Git LFS pointers are under 1,024 bytes (its spec; bytes of UTF-8, not characters): a
+    larger file that happens to start with the pointer's first line (documentation about LFS,
+    say) is source, kept by both collectors' and dataset.py's one rule."""
     first = "version https://git-lfs.github.com/spec/v1\n"
     pointer = first + "oid sha256:" + "4d7a2146" * 8 + "\nsize 12345\n"
     assert decode_source(pointer.encode()) == (None, "lfs_pointer")
@@ -2079,6 +2079,8 @@ def test_only_a_file_under_1024_bytes_can_be_an_lfs_pointer():
     longest = first + "x" * (1023 - len(first))  # 1,023 bytes: a pointer's size
     assert decode_source(longest.encode()) == (None, "lfs_pointer")
     assert decode_source(longest + "x") == (longest + "x", None)  # 1,024 bytes: source
+    wide = first + "# " + "\u4e2d" * 400 + "\n"  # 446 characters, 1,246 bytes: source
+    assert decode_source(wide.encode()) == (wide, None) and decode_source(wide) == (wide, None)
 
 
 def test_an_lgpl_2_1_licence_beside_the_gpl_2_0_it_extends_is_the_lgpl(tmp_path):
