@@ -457,17 +457,17 @@ TOOL_USE_TEMPLATE = ("{%- for message in messages %}<|im_start|>{{ message.role 
 def test_a_request_with_tools_renders_the_named_tool_use_template_as_transformers(
         family_tokenizers, tmp_path):
     """tokenizer_config.json's named templates (default and tool_use, as Hermes and Command-R
-    ship): with tools the tool_use one renders, without them the default, as transformers
-    chooses, read from the list or from transformers' saved layout; both survive the
-    tokenizer's save."""
+    ship): with tools the tool_use one renders, without them the one named default (not the
+    list's first), as transformers chooses, read from the list or from transformers' saved
+    layout; both survive the tokenizer's save."""
     from transformers import AutoTokenizer
 
     hf, _ = family_tokenizers["qwen2"]
     hf.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast",
-         "chat_template": [{"name": "default", "template": CHATML_TEMPLATE},
-                           {"name": "tool_use", "template": TOOL_USE_TEMPLATE}]}))
+         "chat_template": [{"name": "tool_use", "template": TOOL_USE_TEMPLATE},
+                           {"name": "default", "template": CHATML_TEMPLATE}]}))
     theirs = AutoTokenizer.from_pretrained(tmp_path)
     saved = tmp_path / "saved"
     load_tokenizer(tmp_path).save(saved)
