@@ -537,8 +537,21 @@ FAMILY_TEMPLATES = {
     "tools": (
         "{% if tools %}{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}{% endif %}"
         "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"),
+    "reasoning": (  # Qwen3's reasoning_content and gpt-oss's thinking
+        "{% for m in messages %}{{ m.role }}: {% if m.reasoning_content %}<think>"
+        "{{ m.reasoning_content }}</think>{% endif %}{% if m.thinking %}[{{ m.thinking }}]"
+        "{% endif %}{{ m.content }}\n{% endfor %}"),
 }
 FAMILY_TOOLS = [{"type": "function", "function": {"name": "größe", "description": "中文 ok"}}]
+# A message's reasoning under an older name, and under two names that differ: the first of
+# transformers' names fills both that templates read.
+REASONING_CONVERSATION = [
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4", "reasoning": "two and two"},
+    {"role": "user", "content": "3+3?"},
+    {"role": "assistant", "content": "6", "thinking": "three and three",
+     "reasoning_content": "3 + 3 = 6"},
+]
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
@@ -546,7 +559,7 @@ def test_family_templates_render_as_transformers_renders_them(family_tokenizers,
     """Each family's template renders each conversation, with and without the generation
     prompt, to transformers' text exactly: the newline after a block tag and a block tag's
     indent dropped (trim_blocks, lstrip_blocks), the bos and eos texts, and tools as JSON that
-    keeps non-ASCII characters."""
+    keeps non-ASCII characters, and a message's reasoning under the names templates read."""
     from transformers import AutoTokenizer
 
     family_tokenizers["qwen2"][0].save(str(tmp_path / "tokenizer.json"))
@@ -556,7 +569,7 @@ def test_family_templates_render_as_transformers_renders_them(family_tokenizers,
     theirs = AutoTokenizer.from_pretrained(tmp_path)
     ours = load_tokenizer(tmp_path)
     tools = FAMILY_TOOLS if name == "tools" else None
-    for messages in CONVERSATIONS:
+    for messages in [*CONVERSATIONS, REASONING_CONVERSATION]:
         for prompt in (False, True):
             rendered = ours.apply_chat_template(messages, prompt, tools)
             assert rendered == theirs.apply_chat_template(
