@@ -1624,6 +1624,22 @@ def test_a_state_pt_whose_pickle_would_run_code_is_refused_and_never_run(tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("version", [checkpoint.FORMAT_VERSION,
+                                     checkpoint.SHARDED_FORMAT_VERSION])
+def test_a_state_pt_whose_format_and_shards_disagree_is_a_corrupt_checkpoint(tmp_path, version):
+    """A state.pt's format_version says whether the checkpoint's weights are shards: the
+    one-file version beside a sharded/ directory, or the sharded one without it, is a corrupt
+    checkpoint naming both."""
+    step = tmp_path / "step-4"
+    step.mkdir()
+    if version == checkpoint.FORMAT_VERSION:
+        (step / checkpoint.SHARDED_DIR).mkdir()
+    torch.save({"format_version": version}, step / rundir.STATE_FILE)
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=rf"step-4: corrupt .*format_version {version} and sharded/ disagree"):
+        checkpoint.read_state(step)
+
+
 def test_a_damaged_run_config_names_the_checkpoints_copy_that_restores_it(assets, tmp_path,
                                                                            capsys):
     """A run's config.json cut short: --resume names the file and line, and the copy its newest
