@@ -489,6 +489,44 @@ def test_of_markers_that_start_at_one_place_the_answer_keeps_the_longest():
         assert chat_answer(rendered, "Hi", markers) == "Hi<|end|><|eos|>"
 
 
+class _TemplateOnly:
+    """A tokenizer as chat_turns reads one: a chat template and its special tokens' texts."""
+
+    def __init__(self, template: str, markers: list[str]):
+        self.chat_template = template
+        self.matched_special_tokens = markers
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tools=None):
+        from codelm.tokenization.chat import render_chat
+
+        return render_chat(self.chat_template, messages, add_generation_prompt, tools)
+
+    def token_to_id(self, token):
+        return self.matched_special_tokens.index(token)
+
+
+# A generation prompt that opens a think block a rendered turn drops (DeepSeek-R1's way), and
+# a turn ended by two special tokens' texts, one the other's end.
+THINK_PROMPT_TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'user' %}U:{{ m.content }}{% else %}"
+    "A:{{ m.content.split('</think>')[-1] }}<|end|><|eos|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}A:<think>\n{% endif %}")
+
+
+def test_a_prefilled_answer_ends_with_the_longest_marker_its_turn_ends_with():
+    """An answer after a generation prompt that opens a think block is its content after that
+    opening and the end-of-turn marker the turn ends with: of two markers that both end it,
+    one the other's end, the longer, whole, whichever order they are listed in."""
+    from codelm.tokenization.chat import chat_turns
+
+    messages = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "<think>\nsum\n</think>4"}]
+    for markers in (["<|eos|>", "<|end|><|eos|>"], ["<|end|><|eos|>", "<|eos|>"]):
+        [turn] = chat_turns(_TemplateOnly(THINK_PROMPT_TEMPLATE, markers), messages)
+        assert turn.prompt == "U:2+2?A:<think>\n"
+        assert turn.answer == "sum\n</think>4<|end|><|eos|>"
+
+
 # gpt-oss's way with reasoning: the last answer's thinking in an analysis channel ended by
 # <|end|>, then its final channel ended by <|return|>; {% generation %} marks what TRL trains.
 GPT_OSS_TEMPLATE = (
