@@ -1164,6 +1164,25 @@ def test_a_model_directory_whose_name_holds_a_plus_is_one_path(tiny_models, tmp_
         loading.load_model(f"{tiny_models['base']}+", torch.device("cpu"))
 
 
+def test_a_model_whose_weights_hold_nan_is_refused_before_scoring(tiny_models, tmp_path):
+    """A checkpoint with a NaN weight (a run that diverged) is refused by load_model saying so
+    and naming the fix, never scored into numbers of nonsense."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["base"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"holds inf or NaN: the model diverged; score a "
+                                         r"checkpoint with finite weights"):
+        loading.load_model(str(broken), torch.device("cpu"))
+
+
 def test_the_tasks_help_names_every_task_of_the_registry():
     """eval.py --help's --tasks lists every task registry.TASKS holds: a new task module and its
     registry line are named there too (EvalConfig's tasks comment)."""
