@@ -16,6 +16,7 @@ import random
 import tokenize
 import unicodedata
 from collections import Counter
+from typing import NamedTuple
 
 import pytest
 import regex
@@ -411,23 +412,6 @@ def test_added_token_ids_are_derived_as_hf_derives_them(references, tmp_path):
         load_tokenizer(tmp_path / "tokenizer.json")
 
 
-def test_llama3_style_writes_metas_split_regex():
-    """What codelm trains in the llama3 style splits as Meta's Llama-3 file does: its Split regex
-    is tiny_hf's literal (copied from Meta's tokenizer.json), which HF's own Split reads as
-    digits by threes; the ids equal HF's with HF's pre-tokenizer built from that literal."""
-    split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
-    assert [p for p, _ in split.pre_tokenize_str("x = 12345")] == ["x", " =", " ", "123", "45"]
-    texts = ["n = 12345 + 678 * 9012345\n" * 20, "pi = 3.14159; v2 = 1234567\n" * 5]
-    ours = BPETokenizer.train(texts, 320, pretokenizer="llama3")
-    assert ours.spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] == {"Regex": LLAMA3_PATTERN}
-    hf = Tokenizer.from_str(json.dumps(ours.spec))
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    probe = ["x = 12345", "1234567 89 0", *texts]
-    assert [ours.encode(t) for t in probe] == _hf_ids(hf, probe)
-
-
 def _with_split_regex(references, tmp_path, pattern: str):
     """The Llama-3 reference with its Split regex replaced: (path, HF tokenizer reading it)."""
     spec = json.loads(references["llama3"][0].read_text("utf-8"))
@@ -475,15 +459,37 @@ QWEN2_PATTERN = (
 )
 
 
-def test_qwen2_style_writes_qwens_split_regex():
-    """What codelm trains in the qwen2 style splits as Qwen2's file does: its Split regex is
-    QWEN2_PATTERN above (copied from Qwen2.5-Coder's tokenizer.json), digits one by one and
-    contractions of either case; the ids equal HF's with HF's pre-tokenizer built from it."""
-    split = pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated")
-    assert [p for p, _ in split.pre_tokenize_str("x = 123")] == ["x", " =", " ", "1", "2", "3"]
-    texts = ["n = 12345 + 678 * 9012345\n" * 20, "It'S THEY'LL we've 3.14159\n" * 5]
-    ours = BPETokenizer.train(texts, 320, pretokenizer="qwen2")
-    assert ours.spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] == {"Regex": QWEN2_PATTERN}
+class SplitStyle(NamedTuple):
+    """A training style whose Split regex is a family's own: the regex, a text and the pieces
+    HF's Split cuts it into, and a line of training text."""
+
+    pattern: str
+    text: str
+    pieces: list[str]
+    training_line: str
+
+
+SPLIT_STYLES = {
+    # Meta's Llama-3 file (tiny_hf's literal): digits by threes
+    "llama3": SplitStyle(LLAMA3_PATTERN, "x = 12345", ["x", " =", " ", "123", "45"],
+                         "pi = 3.14159; v2 = 1234567\n"),
+    # Qwen2.5-Coder's file (QWEN2_PATTERN above): digits one by one, contractions of any case
+    "qwen2": SplitStyle(QWEN2_PATTERN, "x = 123", ["x", " =", " ", "1", "2", "3"],
+                        "It'S THEY'LL we've 3.14159\n"),
+}
+
+
+@pytest.mark.parametrize("style", sorted(SPLIT_STYLES))
+def test_a_family_style_writes_the_familys_split_regex(style):
+    """What codelm trains in the llama3 or qwen2 style splits as that family's file does: its
+    Split regex is the file's literal, which HF's own Split reads as the family does (digits by
+    threes, or one by one); the ids equal HF's with HF's pre-tokenizer built from that literal."""
+    pattern, text, pieces, training_line = SPLIT_STYLES[style]
+    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    assert [p for p, _ in split.pre_tokenize_str(text)] == pieces
+    texts = ["n = 12345 + 678 * 9012345\n" * 20, training_line * 5]
+    ours = BPETokenizer.train(texts, 320, pretokenizer=style)
+    assert ours.spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] == {"Regex": pattern}
     hf = Tokenizer.from_str(json.dumps(ours.spec))
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
