@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import errno
 import io
+import itertools
 import json
 import os
 import random
@@ -1888,6 +1889,30 @@ def test_fim_decisions_are_drawn_per_document(tok):
     psm = sum(bool(prompt) for i in range(200)
               for prompt, _ in fim_pairs([(ids, f"src/file_{i}.py")], tok, c)[0])
     assert 60 <= psm <= 140
+
+
+def test_fim_cuts_are_two_distinct_tokens_drawn_uniformly(tok):
+    """A PSM chunk of n tokens is cut at two distinct tokens drawn uniformly from 1 to n - 1,
+    as the FIM paper draws its two split points (here at tokens, so that no part is empty):
+    each of the C(5, 2) = 10 pairs of a 6-token chunk is about a tenth of 2000 files.
+    Reference: binomial(2000, 0.1) (mean 200, sd 13.4), inside [120, 280] with probability
+    1 - 1e-8 for each pair."""
+    c = DataConfig(task="fim", fim_rate=1.0, block_size=64)
+    ids = tok.encode("value = first + second")[:6]
+    pieces = [tok.decode([i]) for i in ids]
+    assert len(ids) == 6 and all(p.isascii() for p in pieces)  # a character a byte
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + len(piece))
+    byte_lengths = np.fromiter(map(len, tok._id_to_bytes), np.int64)
+    cuts = Counter()
+    for i in range(2000):
+        [(prefix, middle, suffix)] = encoding._fim_plan(ids, f"src/file_{i}.py", len(ids), tok,
+                                                        c, byte_lengths)
+        assert prefix + middle + suffix == "".join(pieces)
+        cuts[starts.index(len(prefix)), starts.index(len(prefix) + len(middle))] += 1
+    assert set(cuts) == set(itertools.combinations(range(1, 6), 2))
+    assert all(120 <= n <= 280 for n in cuts.values()), cuts
 
 
 def _hf_trained_on_email(tmp_path_factory, style: str) -> Path:
