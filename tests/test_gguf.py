@@ -152,6 +152,16 @@ def test_the_reader_finds_each_familys_hyperparameters_and_tokenizer(name, check
     assert all(tokens[i] == t for t, i in json.loads(
         (checkpoints[name] / "tokenizer.json").read_text())["model"]["vocab"].items())
     assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_id
+    # the start token HF's tokenizer opens a text with is the one llama.cpp adds, and no other
+    opened = Tokenizer.from_file(str(checkpoints[name] / "tokenizer.json")).encode("x")
+    start = []  # the special tokens its post-processor puts before the text
+    for token, special in zip(opened.ids, opened.special_tokens_mask):
+        if not special:
+            break
+        start.append(token)
+    assert _field(reader, "tokenizer.ggml.add_bos_token") == bool(start)
+    if start:
+        assert _field(reader, "tokenizer.ggml.bos_token_id") == start[-1]
     if name == "phi3":  # llama.cpp looks up Phi-3's </s> in a model named so
         assert "phi3" not in _field(reader, "general.name")
     if tok.fim_prefix_id is not None:
