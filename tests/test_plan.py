@@ -54,24 +54,28 @@ def test_fit_budget_plans_the_steps_and_a_clock_that_keeps_the_budget():
     assert clock.decay_due(step=1, now=train_s * (1 - budget.DECAY_SHARE))  # a slowed machine
 
 
+@pytest.mark.parametrize("step_s", [0.1, 0.5])
 @pytest.mark.parametrize(("eval_s", "evaluations"), [(1.0, 4), (10.0, 2), (30.0, 1), (62.0, 1)])
 def test_a_slow_evaluation_gets_fewer_evaluations_and_the_steps_keep_the_budget(eval_s,
-                                                                              evaluations):
+                                                                              evaluations,
+                                                                              step_s):
     """Four evaluations where they fit in EVAL_SHARE of the training time, fewer where one takes
     long, down to the last alone, which no step before the end makes (eval_every beyond the
-    run's reach): the steps fill the rest of the budget, and the clock keeps the last
-    evaluation's time after the steps."""
+    run's reach): the steps fill the rest of the budget less its DRIFT_SHARE (kept for a
+    machine slower than measured), and the clock keeps the last evaluation's time after the
+    steps."""
     from codelm.trainconfig import TrainConfig
 
     cfg = TrainConfig(preset="tiny", max_steps=None, export=False)
     sized, clock, train_s, _, planned = budget.fit_budget(cfg, now=0.0, seconds_left=100.0,
-                                                          step_s=0.1, eval_s=eval_s,
+                                                          step_s=step_s, eval_s=eval_s,
                                                           data_steps=10**6)
     assert planned == evaluations
     assert evaluations * eval_s <= budget.EVAL_SHARE * train_s or evaluations == 1
-    steps_s = sized.max_steps * 0.1
-    assert train_s * (1 - budget.DRIFT_SHARE) - evaluations * eval_s - 0.1 * evaluations < steps_s
-    assert steps_s + evaluations * eval_s <= train_s
+    steps_s = sized.max_steps * step_s
+    kept = train_s * (1 - budget.DRIFT_SHARE) - evaluations * eval_s
+    assert kept - step_s * evaluations < steps_s
+    assert steps_s + evaluations * eval_s <= train_s * (1 - budget.DRIFT_SHARE)
     if evaluations > 1:
         assert sized.max_steps == sized.eval_every * evaluations
     else:
