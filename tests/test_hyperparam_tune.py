@@ -2561,6 +2561,47 @@ def test_reports_hold_each_trials_values_and_best_json_is_the_best_recipe(tmp_pa
     assert sum(importances.values()) == pytest.approx(1.0)
 
 
+def test_the_reports_rows_and_importances_are_optunas_own_of_the_study(tmp_path):
+    """On a study whose value depends on lr alone, trials.csv's rows hold what Optuna's
+    trials_dataframe holds (number, state, value, duration in seconds, each parameter under its
+    name) and importances.json is optuna.importance.get_param_importances of the same study:
+    the same order, lr first, and the same shares."""
+    study = optuna.create_study(study_name="imp")
+    space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+             "warmup_steps": optuna.distributions.IntDistribution(0, 10)}
+    start = datetime.datetime(2026, 1, 1)
+    for i in range(12):
+        params = {"lr": 1e-4 * 100 ** (i / 11), "warmup_steps": (i * 7) % 11}
+        trial = optuna.trial.create_trial(
+            params=params, distributions=space, value=1.0 + 100 * params["lr"],
+            user_attrs={hyperparam_tune.ATTR_CONFIG: {"lr": params["lr"]}})
+        trial.datetime_start = start
+        trial.datetime_complete = start + datetime.timedelta(seconds=30 + 7 * i)
+        study.add_trial(trial)
+    cfg = hyperparam_tune.TuneConfig(out_dir=str(tmp_path / "runs"), study_name="imp")
+    out = tmp_path / "runs" / "imp"
+    out.mkdir(parents=True)
+    hyperparam_tune.write_reports(study, cfg)
+
+    with open(out / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    frame = study.trials_dataframe()
+    assert len(rows) == len(frame)
+    for row, (_, expected) in zip(rows, frame.iterrows()):
+        assert int(row["number"]) == expected["number"]
+        assert row["state"] == expected["state"]
+        assert float(row["value"]) == pytest.approx(expected["value"])
+        assert float(row["duration_s"]) == pytest.approx(expected["duration"].total_seconds())
+        assert float(row["lr"]) == pytest.approx(expected["params_lr"])
+        assert int(row["warmup_steps"]) == expected["params_warmup_steps"]
+
+    ours = json.loads((out / "importances.json").read_text())
+    reference = optuna.importance.get_param_importances(study)
+    assert list(ours) == list(reference) == ["lr", "warmup_steps"]
+    for name, share in reference.items():
+        assert ours[name] == pytest.approx(share, abs=0.02)
+
+
 def test_a_sweep_setting_is_named_where_it_was_set(tmp_path, capsys):
     """With --config, each key in an error names its own source: a flag typed beside the file
     is named, not the file; the grace period's error names the flag and the file's
