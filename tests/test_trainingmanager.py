@@ -2290,6 +2290,23 @@ def test_a_machine_that_slows_during_the_decay_still_ends_within_the_budget(
     assert now[0] <= 100.0 and "--time-budget-min, the machine slower than measured" in out
 
 
+def test_a_slowed_machines_steps_stop_in_time_for_the_last_evaluation(
+        assets, tmp_path, monkeypatch, capsys):
+    """1 s a step as measured until step 80, then 2 s (a fake clock), and 5 s an evaluation:
+    the steps stop at the first to end past the budget's training time less that evaluation
+    (BudgetClock.steps_until), so the last evaluation still ends within the training time."""
+    now = _one_second_a_step(monkeypatch, slower_after=80, slow_s=2.0)
+    monkeypatch.setattr(build, "time_a_step", lambda *args: (1.0, 5.0))
+    monkeypatch.setattr(build, "budget_left", lambda cfg, created: 100.0)
+    cfg = tiny_cfg(assets, tmp_path, name="slowing", time_budget_min=2.0, warmup_steps=None,
+                   max_steps=None, eval_every=None, save_every=None)
+    run = tm.train(cfg)
+    train_s = budget.fit_budget(cfg, 0.0, 100.0, 1.0, 5.0, 10**6).train_s
+    assert run.stopped_by_budget
+    assert now[0] - 2.0 <= train_s - 5.0 < now[0]  # the last step's start, its end
+    capsys.readouterr()
+
+
 def test_a_budgeted_run_stopped_past_its_plan_resumes_to_the_length_it_records(
         assets, tmp_path, monkeypatch, capsys):
     """A machine faster than its measure (2 s a step measured, 1 s on a fake clock) takes a
@@ -4217,9 +4234,10 @@ def test_resume_refuses_a_length_below_its_checkpoint(assets, tmp_path, capsys):
     assert _train_steps(run) == list(range(1, 5))
 
 
-def _one_second_a_step(monkeypatch, slower_after: int | None = None) -> list[float]:
-    """A fake clock for the trainer on which each training step takes 1 s (10 s after the
-    first ``slower_after`` steps); returns its time, a one-item list."""
+def _one_second_a_step(monkeypatch, slower_after: int | None = None,
+                       slow_s: float = 10.0) -> list[float]:
+    """A fake clock for the trainer on which each training step takes 1 s (``slow_s`` after
+    the first ``slower_after`` steps); returns its time, a one-item list."""
     import types
 
     now = [0.0]
@@ -4232,7 +4250,7 @@ def _one_second_a_step(monkeypatch, slower_after: int | None = None) -> list[flo
     def timed(self, *args, **kwargs):
         steps[0] += 1
         slow = slower_after is not None and steps[0] > slower_after
-        now[0] += 10.0 if slow else 1.0
+        now[0] += slow_s if slow else 1.0
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", timed)
