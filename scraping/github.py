@@ -289,7 +289,8 @@ class GitHubScraper:
         keys = ("language", "min_stars", "since", "date_field", "extra_query", "min_bytes",
                 "max_bytes")
         settings = {k: asdict(self.cfg)[k] for k in keys}
-        settings.update(api_url=self.cfg.api_url.rstrip("/"), until=until, extensions=list(self.filter.extensions),
+        settings.update(api_url=self.cfg.api_url.rstrip("/"), until=until,
+                        extensions=list(self.filter.extensions),
                         licenses=sorted(self.allowed) if self.allowed is not None else None)
         return settings
 
