@@ -617,6 +617,11 @@ def unset(key: str, value: object) -> bool:
     return key in CHOSEN_BY_THE_RUN and value in (None, "auto")
 
 
+def _as_config_json(cfg) -> dict:
+    """A TrainConfig's values as a run's config.json holds them (JSON's view)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
 def check_resume_config(cfg, run_dir: Path, checkpoints: list[Path], resume_hint: str
                         ) -> dict | None:
     """Refuse a resumed run whose settings (a TrainConfig) differ from those of its newest
@@ -628,9 +633,8 @@ def check_resume_config(cfg, run_dir: Path, checkpoints: list[Path], resume_hint
     if not saved_path.is_file():
         return None
     saved, source = settings.read_config_file(saved_path, "train")
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # JSON's view, as config.json holds it
-    defaults = json.loads(json.dumps(dataclasses.asdict(type(cfg)())))
-    saved = {**defaults, **saved}  # a key its file lacks: the run trained with the default
+    now = _as_config_json(cfg)
+    saved = {**_as_config_json(type(cfg)()), **saved}  # a key its file lacks: its default
 
     def comparable(values: dict, key: str):  # paths as the files they name
         if key == "data_options":
