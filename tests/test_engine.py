@@ -97,7 +97,9 @@ def _joining_requests(device: str = "cpu") -> tuple[list[list[int]], list[Genera
 
 def test_the_compiled_engine_decodes_what_the_eager_one_decodes():
     """The decode step compiled over the whole pool (every slot, the whole cache) gives the
-    eager engine's tokens, greedy and sampled, as requests join and leave three slots."""
+    eager engine's tokens, greedy and sampled, as requests join and leave three slots; after
+    the weights change in place (as an optimizer step changes them) the compiled step reads
+    the new ones."""
     model = _model("llama")
     prompts, cfgs = _joining_requests()
     eager = generate_all(model, prompts, cfgs, slots=3)
@@ -106,6 +108,14 @@ def test_the_compiled_engine_decodes_what_the_eager_one_decodes():
     for prompt, cfg, tokens in zip(prompts[::2], cfgs[::2], eager[::2]):  # the greedy ones
         assert tokens == _alone(model, prompt, cfg.max_new_tokens, eos_id=cfg.eos_id[0]
                                 if cfg.eos_id else None)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+    prompts, cfgs = _joining_requests()
+    changed = generate_all(model, prompts, cfgs, slots=3)
+    assert changed != eager
+    prompts, cfgs = _joining_requests()
+    assert generate_all(model, prompts, cfgs, slots=3, compile=True) == changed
 
 
 @pytest.mark.slow  # ten compilations
