@@ -16,6 +16,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import tokenizers
 import torch
 from edge_corpus import LONE_SURROGATES, edge_texts
 from test_tokenizer import EDGE_CASES, _assert_ids_equal_hf, _first_mismatch, _hf_ids
@@ -293,6 +294,29 @@ def test_byte_fallback_spells_unknown_characters_as_hf_does(style, family_tokeni
     # bytes that are no UTF-8 character: one U+FFFD each, as HF's ByteFallback decoder
     bad = [ours.token_to_id("<0xF0>"), ours.token_to_id("<0x9F>"), ours.token_to_id("x")]
     assert ours.decode(bad) == hf.decode(bad) == "\ufffd\ufffdx"
+
+
+@pytest.mark.parametrize("style", ["spm", "metaspace", "gemma"])
+@pytest.mark.parametrize("fuse_unk", [True, False])
+def test_without_byte_fallback_unknown_characters_are_unk_as_in_hf(style, fuse_unk,
+                                                                    family_tokenizers, tmp_path):
+    """A SentencePiece tokenizer without byte fallback writes a character outside its alphabet as
+    <unk>, a run of them as one <unk> where fuse_unk is set: HF's ids, and HF's text back (the
+    <unk> written out, or left out with the special tokens)."""
+    spec = json.loads(family_tokenizers[style][0].to_str())
+    spec["model"]["byte_fallback"] = False
+    spec["model"]["fuse_unk"] = fuse_unk
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    hf, ours = tokenizers.Tokenizer.from_file(str(path)), load_tokenizer(path)
+    texts = ["x = '🙂 中文'", "ab🙂🙂c", "🙂", " 🙂x", "a\x00b", "return '€€'"]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False).ids, text
+        for skip in (False, True):
+            assert ours.decode(ids, skip) == hf.decode(ids, skip_special_tokens=skip), text
+    unk = ours.token_to_id("<unk>")
+    assert ours.encode("ab🙂🙂c").count(unk) == (1 if fuse_unk else 2)
 
 
 @pytest.mark.parametrize("style", ["spm", "spm-words", "metaspace"])
