@@ -73,7 +73,7 @@ from codelm.models.generation import SEED_SPREAD, seed_of_sample, truncate_at_st
 from codelm.openai_api import served_model
 from codelm.runs import rundir
 from codelm.runtime import process, settings
-from codelm.runtime.console import progress_bar
+from codelm.runtime.console import blank_text, progress_bar
 from codelm.serving import check_address, pool_slots, serve
 
 # ---- Models, served or completing a prompt -------------------------------------------------
@@ -281,11 +281,23 @@ def complete(cfg: EvalConfig, write: Callable[[str], object] | None = None
             if cfg.num_samples > 1:
                 write(f"--- sample {i + 1} of {cfg.num_samples}\n")
             write(cfg.prompt)
-            samples.append(scoring.stream_completion(lm, cfg.prompt, cfg, write, sample=i))
+            sample = scoring.stream_completion(lm, cfg.prompt, cfg, write, sample=i)
+            samples.append(sample)
             write("\n")
+            _note_blank(sample, lm.label, f" {i + 1}" if cfg.num_samples > 1 else "")
         completions[lm.label] = samples
         del lm
     return completions
+
+
+def _note_blank(completion: str, label: str, number: str) -> None:
+    """A note on stderr for a streamed completion a console shows as nothing: empty (the model
+    wrote its end of text first) or whitespace alone."""
+    blank = blank_text(completion)
+    if blank is None:
+        return
+    said = "is empty: the model wrote its end of text first" if not completion else f"holds {blank}"
+    print(f"note: {label}: completion{number} {said}", file=sys.stderr, flush=True)
 
 
 # ---- Running a comparison ------------------------------------------------------------------

@@ -1793,6 +1793,35 @@ def test_a_streamed_completion_ends_at_eos(tiny_models, monkeypatch):
     assert "".join(shown) == "return 1"
 
 
+def test_a_completion_a_console_shows_as_nothing_is_noted(tiny_models, monkeypatch, capsys):
+    """--prompt notes a completion that is empty (its first token the EOS) or whitespace alone,
+    numbered among several samples: streamed, either shows as nothing. A completion with code
+    gets no note."""
+    import torch
+
+    tok = tiny_models["tok"]
+    said = {"": "completion is empty: the model wrote its end of text first",
+            "\n\n    ": r"completion holds only whitespace: 6 characters, '\n\n    '",
+            "return 1": None}
+    for text, note in said.items():
+        ids = tok.encode(text) if text else []
+
+        def stream(model, idx, cfg, attention_mask=None, ids=ids):
+            for i in [*ids, tok.eos_id]:
+                yield torch.tensor([i])
+
+        monkeypatch.setattr(scoring, "stream", stream)
+        cfg = EvalConfig(models=[str(tiny_models["base"])], prompt="x = ", max_new_tokens=20,
+                         progress=False)
+        assert ev.complete(cfg, [].append) == {"base": [text]}
+        err = capsys.readouterr().err
+        assert (note in err) if note else "note:" not in err, (text, err)
+    eos_first = [torch.tensor([tok.eos_id])]
+    monkeypatch.setattr(scoring, "stream", lambda *args, **kwargs: iter(eos_first))
+    ev.complete(dataclasses.replace(cfg, num_samples=2), [].append)
+    assert "completion 2 is empty" in capsys.readouterr().err
+
+
 def test_models_base_and_finetuned_print_one_table(tiny_models, tmp_path, monkeypatch, capsys):
     """A base and the base plus its LoRA adapter print one table, a row each, and table.md holds it
     as printed; the adapter changes the loss, and both score the same examples, so the rows

@@ -1,7 +1,7 @@
 """The console of every script: progress bars shown only on a terminal, with plain lines at
 least every HEARTBEAT_S seconds in a log instead (``progress_bar``, ``Heartbeat``), a sweep
-worker's labelled lines (``labelled_lines``, ``line_label``), and time spans as lines give
-them (``duration``)."""
+worker's labelled lines (``labelled_lines``, ``line_label``), and time spans, sizes and blank
+texts as lines give them (``duration``, ``byte_size``, ``blank_text``)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,18 @@ def duration(seconds: float) -> str:
         hours, minutes = divmod(round(seconds / 60), 60)
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s"
+
+
+def blank_text(text: str) -> str | None:
+    """What a console shows in place of a text that holds only whitespace (a run of spaces or
+    newlines shows nothing there): its length and its first characters, escaped; None for a
+    text with any other character."""
+    if text.strip():
+        return None
+    if not text:
+        return "empty"
+    shown = repr(text[:20]) + ("..." if len(text) > 20 else "")
+    return f"only whitespace: {len(text)} characters, {shown}"
 
 
 def byte_size(n_bytes: float) -> str:

@@ -39,6 +39,7 @@ from codelm.runs import checkpoint, rundir
 from codelm.runs.checkpoint import load_model_tensors, write_dir_atomically
 from codelm.runs.rundir import best_step
 from codelm.runtime import distributed, process
+from codelm.runtime.console import blank_text
 from codelm.runtime.settings import read_json_object
 from codelm.trainconfig import GRPO_TASK, ExportSettings
 from codelm.training.build import Run
@@ -82,9 +83,8 @@ def shown_sample(prompt: str, sample: str, weights: str) -> str:
         heading += f" (its last {PROMPT_LINES_SHOWN} of {len(lines)} lines)"
     shown = "\n".join(lines[-PROMPT_LINES_SHOWN:])
     completion = ended[-PARTIAL_LINE_SHOWN:] + sample
-    if not sample.strip():  # blank: on a console a run of spaces or newlines shows nothing
-        shown_blank = repr(sample[:20]) + ("..." if len(sample) > 20 else "")
-        completion = f"[only whitespace: {len(sample)} characters, {shown_blank}]"
+    if (blank := blank_text(sample)) is not None:
+        completion = f"[{blank}]"
     continued = ", after the prompt's last line repeated" if ended and sample.strip() else ""
     return (f"{heading}:\n{shown}\nsample completion (greedy, {weights}{continued}):\n"
             f"{REPEATED_LINE.sub(once, BLANK_RUN.sub(counted, completion))}")
