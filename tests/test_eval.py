@@ -6140,6 +6140,44 @@ def test_a_generated_literal_is_kept_as_codexglues_literal_list_keeps_it():
         assert codexglue_method_normalize(body, strings, numbers) == normalized, body
 
 
+def test_a_listed_comma_or_space_literal_is_kept_in_codexglues_spelled_form():
+    """CodeXGLUE's preprocessing spells a string's commas U+002C and spaces U+0020, and its
+    literal list holds those spellings (", " is U+002CU+0020): such a generated literal is
+    kept as the reference keeps it, not written bare."""
+    from codelm.evaluation.metrics import codexglue_method_normalize
+    from codelm.evaluation.tasks import codexglue
+
+    listed = json.loads(codexglue.LITERALS_FILE.read_text("utf-8"))
+    body = '    return ", ".join(x) + " " + ","\n'
+    expected = ('return "<STR_LIT:U+002CU+0020>".join(x) + "<STR_LIT:U+0020>" + '
+                '"<STR_LIT:U+002C>"<EOL>')
+    assert codexglue_method_normalize(body, set(listed["str"]), set(listed["num"])) == expected
+
+
+def test_a_comment_line_adds_nothing_to_a_normalized_body():
+    """Comments are dropped, and so is the line that held only a comment: the body normalizes
+    as the same body without it, one <EOL> a line of code."""
+    from codelm.evaluation.metrics import codexglue_method_normalize
+
+    plain = "    if x:\n        y = 1\n    z = 2\n"
+    commented = "    if x:\n        # why\n        y = 1\n        # end\n    z = 2\n"
+    expected = "if x:<EOL><INDENT>y = <NUM_LIT:1><EOL><DEDENT>z = <NUM_LIT:2><EOL>"
+    assert codexglue_method_normalize(plain, set(), {"1", "2"}) == expected
+    assert codexglue_method_normalize(commented, set(), {"1", "2"}) == expected
+
+
+def test_method_post_process_equals_codexglues_evaluator_wherever_the_markers_stand():
+    """<INDENT> and <DEDENT> are each a space in CodeXGLUE's evaluator, so a marker between two
+    tokens keeps them apart even where no <EOL> precedes it."""
+    from codelm.evaluation.metrics import codexglue_method_post_process
+
+    for code in ("a<DEDENT>b", "a<INDENT>b", "x<EOL><DEDENT>y", "f(<NUM_LIT>)<STR_LIT:s>",
+                 "if x:<EOL><INDENT>y<EOL><DEDENT><DEDENT>z"):
+        expected = _codexglue_evaluator_post_process(code)
+        assert codexglue_method_post_process(code) == expected, code
+    assert codexglue_method_post_process("a<DEDENT>b") == "a b"
+
+
 def test_a_codexglue_prompt_parses_whatever_its_docstring_ends_with(tmp_path):
     """A docstring ending in a quote, in a backslash or holding \"\"\": the prompt built from it is
     still a function's start that Python parses (a broken one would be continued instead)."""
