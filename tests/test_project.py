@@ -542,6 +542,41 @@ def test_a_parenthesized_import_over_several_lines_names_each_module():
         "app.core", "app.core.config"]
 
 
+def test_the_imports_composer_ranks_the_files_outside_its_directory_by_path_distance():
+    """Past the imported files and those of the completion file's directory, the imports
+    composer takes the nearest files first, a tie in the paths' order."""
+    files = {"a/b/m.py": "old", "a/b/n.py": "", "a/c/d/e.py": "", "a/x.py": "", "z.py": "",
+             "q.py": ""}
+    index = comp.RepositoryIndex("r", files, _tokenizer())
+    ranked = [index.paths[i] for i in comp.rank_imports(index, "a/b/m.py", "x = 1\n")]
+    assert ranked == ["a/b/n.py", "a/x.py", "q.py", "z.py", "a/c/d/e.py"]
+
+
+def test_a_package_is_imported_by_its_directorys_name():
+    """A package's __init__.py answers to its directory's dotted name (and each shorter tail),
+    as Python imports it, so ``import pkg`` ranks pkg/__init__.py first."""
+    assert comp._module_names("src/pkg/__init__.py") == ["src.pkg", "pkg"]
+    assert comp._module_names("src/pkg/mod.py") == ["src.pkg.mod", "pkg.mod", "mod"]
+    files = {"app/main.py": "old", "app/near.py": "", "pkg/__init__.py": "X = 1\n",
+             "pkg/other.py": ""}
+    index = comp.RepositoryIndex("r", files, _tokenizer())
+    ranked = comp.rank_imports(index, "app/main.py", "import pkg\n")
+    assert index.paths[ranked[0]] == "pkg/__init__.py"
+
+
+def test_keywords_are_no_bm25_terms():
+    """BM25 matches on identifiers: a language keyword shared by every file says nothing of
+    relevance, so a keyword-only prefix matches no file and the files follow by path
+    distance."""
+    assert comp.identifiers("def f(self): return None if x else y") == ["f", "self", "x", "y"]
+    files = {"pkg/core.py": "old", "pkg/near.py": "x = 1\n",
+             "far/away.py": "def g():\n    return None if True else False\n"}
+    index = comp.RepositoryIndex("r", files, _tokenizer())
+    assert not index.bm25_scores(comp.identifiers("return None")).any()
+    ranked = comp.rank_bm25(index, "pkg/core.py", "return None")
+    assert [index.paths[i] for i in ranked] == ["pkg/near.py", "far/away.py"]
+
+
 def test_compose_writes_starcoder2s_repository_format_most_relevant_file_last():
     """With <repo_name>/<file_sep>: StarCoder2's layout, text for text; the most relevant file
     nearest the prefix; the whole prompt within the budget."""
@@ -560,6 +595,64 @@ def test_compose_writes_starcoder2s_repository_format_most_relevant_file_last():
                                             _tokenizer().encode(prefix), 10_000).ids)
     assert text == ("# repository: proj\n# docs/notes.md\nnotes\n# pkg/util.py\n" + UTIL
                     + "# pkg/core.py\n" + prefix)
+
+
+def test_compose_writes_qwen25_coders_repository_format_a_newline_after_name_and_file():
+    """With <|repo_name|>/<|file_sep|>: Qwen2.5-Coder's layout, a newline after the
+    repository's name and after a file's code where the code lacks one; a tokenizer holding
+    one repository token alone writes path comments."""
+    tok = _tokenizer("<|repo_name|>", "<|file_sep|>")
+    files = {"pkg/util.py": UTIL, "docs/notes.md": "notes"}
+    index = comp.RepositoryIndex("proj", files, tok)
+    prefix = "from pkg.util import helper\n"
+    composed = comp.compose(index, "path_distance", "pkg/core.py", prefix, tok.encode(prefix),
+                            10_000)
+    expected = ("<|repo_name|>proj\n<|file_sep|>docs/notes.md\nnotes\n<|file_sep|>pkg/util.py\n"
+                + UTIL + "<|file_sep|>pkg/core.py\n" + prefix)
+    assert tok.decode(composed.ids) == expected
+    assert comp.repo_format(_tokenizer("<repo_name>")) == comp.RepoFormat(None, None, "\n")
+    assert comp.repo_format(_tokenizer("<file_sep>")) == comp.RepoFormat(None, None, "\n")
+
+
+def test_the_prefix_starts_at_prefix_start_and_a_budget_of_the_prefix_alone_holds_it():
+    """``prefix_start`` is where the completion file's prefix begins in the composed ids, after
+    the context and the file's opening (0 for ``empty``); a budget equal to what the prompt
+    needs is enough."""
+    tok = _tokenizer()
+    index = comp.RepositoryIndex("proj", {"pkg/util.py": UTIL}, tok)
+    ids = tok.encode(CORE_TEXT)
+    for composer in comp.COMPOSERS:
+        composed = comp.compose(index, composer, "pkg/core.py", CORE_TEXT, ids, 10_000)
+        assert composed.ids[composed.prefix_start:] == ids, composer
+        openings = 0 if composer == "empty" else index.openings_length("pkg/core.py")
+        exact = comp.compose(index, composer, "pkg/core.py", CORE_TEXT, ids, len(ids) + openings)
+        assert exact.ids[exact.prefix_start:] == ids and exact.files == [], composer
+    empty = comp.compose(index, "empty", "pkg/core.py", CORE_TEXT, ids, 10_000)
+    assert empty.prefix_start == 0
+
+
+def test_a_files_text_spelling_a_repository_token_stays_text(tmp_path):
+    """A file whose code spells <file_sep> (a data-preparation script) is encoded as text, as
+    data building encodes it: the composed ids hold one separator a file, not one more where
+    the code spells it."""
+    from tiny_hf import train_hf_tokenizer
+    from tokenizers import AddedToken
+
+    from tokenizer import load_tokenizer
+
+    hf = train_hf_tokenizer("starcoder", [UTIL, EXTRA, CORE_TEXT] * 5, tmp_path / "t.json")
+    hf.add_special_tokens([AddedToken("<repo_name>", special=True),
+                           AddedToken("<file_sep>", special=True)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    script = 'SEP = "<file_sep>"\n'
+    index = comp.RepositoryIndex("proj", {"pkg/util.py": UTIL, "tools/pack.py": script}, tok)
+    prefix = "x = 1\n"
+    composed = comp.compose(index, "path_distance", "pkg/core.py", prefix,
+                            tok.encode(prefix, split_special_tokens=True), 10_000)
+    separator = tok.token_to_id("<file_sep>")
+    assert composed.ids.count(separator) == 3  # two files and the completion file
+    assert tok.decode(composed.ids).count("<file_sep>") == 4
 
 
 def test_compose_fills_the_budget_cutting_the_least_relevant_file_at_its_left():
