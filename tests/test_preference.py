@@ -125,12 +125,14 @@ def _dpo_trainer(cfg: PreferenceConfig) -> SimpleNamespace:
         _total_train_tokens=0, _tp_size=1, args=SimpleNamespace(gradient_checkpointing_kwargs=None))
 
 
-def _dpo_case(cfg: PreferenceConfig, seed: int) -> None:
+def _dpo_case(cfg: PreferenceConfig, seed: int, spread: float = 2.0) -> None:
+    """B pairs whose reference log-probs differ from the policy's by ``spread`` standard
+    normals (0: the policy is the reference, every reward 0)."""
     gen = torch.Generator().manual_seed(seed)
     _, ids, attention, completion = _pairs(gen)
     logps = -3 * torch.rand(2 * B, ids.shape[1] - 1, generator=gen)
     sums = (logps * completion[:, 1:]).sum(-1)
-    ref = sums + 2 * torch.randn(2 * B, generator=gen)  # some pairs ranked wrong
+    ref = sums + spread * torch.randn(2 * B, generator=gen)  # some pairs ranked wrong
     inputs = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion,
               "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:]}
 
@@ -155,6 +157,14 @@ def test_dpo_equals_trls(loss_type, beta):
         cfg = PreferenceConfig(method="dpo", loss_type=loss_type, beta=beta,
                                label_smoothing=smoothing)
         _dpo_case(cfg, seed=zlib.crc32(repr(cfg).encode()))
+
+
+@pytest.mark.parametrize("loss_type", preference.DPO_LOSS_TYPES)
+def test_dpo_at_the_reference_counts_no_pair_accurate_as_trl(loss_type):
+    """A policy equal to its reference (a LoRA run's first step) gives every pair the same
+    reward on both sides: no chosen earns the higher reward, so rewards/accuracies is 0, and
+    the loss and other metrics are TRL's."""
+    _dpo_case(PreferenceConfig(method="dpo", loss_type=loss_type), seed=3, spread=0.0)
 
 
 # ----------------------------------------------------------------------------- KTO

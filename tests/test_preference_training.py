@@ -319,6 +319,30 @@ def test_packed_pairs_give_the_padded_pairs_loss_and_gradients(method):
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_packed_token_logps_equal_the_padded_ones_and_are_0_at_pads():
+    """token_logps of packed rows reads back each padded row's log-probs, 0 at its pads as in
+    the padded layout, so a sum over any mask of the rows is the padded one."""
+    from architecture import PRESETS, Transformer
+    from codelm.training import preference
+    from codelm.training.preference_batches import PreferenceRows, collate_preferences
+
+    rows = PreferenceRows(_varied_pairs(), block_size=24, unpaired=False)
+    items = [rows[i] for i in range(len(rows))]
+    torch.manual_seed(0)
+    shape = dataclasses.replace(PRESETS["tiny"], vocab_size=64, block_size=24, dropout=0.0)
+    model = Transformer(shape).eval()
+    padded = collate_preferences(items, 0)
+    packed = collate_preferences(items, 0, pack_into=24)
+    with torch.no_grad():
+        expected = preference.token_logps(model, padded["ids"], padded["attention_mask"])
+        got = preference.token_logps(model, packed["ids"], packed["attention_mask"],
+                                     preference.packed_rows(packed))
+    pads = padded["attention_mask"][:, 1:] == 0
+    assert pads.any()
+    assert not got[pads].any()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_kto_batch_takes_its_kl_estimate_over_every_process(monkeypatch):
     """Under several processes a KTO batch's KL estimate is the mean over the KL rows of every
     process's batch: each process's sum and count of rows summed (a collective), so that the
