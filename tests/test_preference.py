@@ -456,6 +456,25 @@ def test_token_logps_of_a_model_are_the_log_softmax_of_its_logits(tmp_path):
         torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_each_run_setting_reaches_the_loss_setting_it_names():
+    """A run's preference settings (TrainConfig's --pref-beta, --kto-desirable-weight, ...)
+    become the loss's settings of the same meaning, each its own."""
+    from codelm import trainconfig
+
+    kto = trainconfig.TrainConfig(task="kto", pref_beta=0.2, kto_desirable_weight=1.33,
+                                  kto_undesirable_weight=0.75)
+    assert preference.config_of(kto) == PreferenceConfig(
+        method="kto", beta=0.2, desirable_weight=1.33, undesirable_weight=0.75)
+    simpo = trainconfig.TrainConfig(task="simpo", pref_beta=2.5, label_smoothing=0.2,
+                                    simpo_gamma=0.7, cpo_alpha=0.4)
+    assert preference.config_of(simpo) == PreferenceConfig(
+        method="simpo", beta=2.5, label_smoothing=0.2, simpo_gamma=0.7, cpo_alpha=0.4)
+    orpo = trainconfig.TrainConfig(task="orpo", orpo_lambda=0.3)
+    assert preference.config_of(orpo) == PreferenceConfig(method="orpo", orpo_lambda=0.3)
+    dpo = trainconfig.TrainConfig(task="dpo", pref_loss_type="ipo", pref_beta=0.4)
+    assert preference.config_of(dpo) == PreferenceConfig(loss_type="ipo", beta=0.4)
+
+
 def test_the_runs_preference_loss_choices_are_the_losses_own():
     """--pref-loss-type offers exactly the DPO-family losses the loss computes."""
     from codelm import trainconfig
