@@ -293,6 +293,34 @@ def test_a_prompt_that_fills_the_block_is_refused_and_long_completions_cut(instr
         encode_preferences([long], tok, block_size=n + 1)
 
 
+def test_a_completion_of_exactly_the_room_left_is_kept_whole_and_not_counted_cut(instruct):
+    """A completion of as many tokens as the block leaves after the prompt fits: it is kept
+    whole and not counted in completion_truncated; one token less of room cuts it."""
+    tok = load_tokenizer(instruct)
+    record = check_record(PLAIN, "x.jsonl:1", False)
+    prompt, completions = tokenized(record, tok)
+    longest = max(len(ids) for ids in completions)
+    (kept,), events = encode_preferences([record], tok, block_size=len(prompt) + longest)
+    assert list(kept.completions) == completions and events["completion_truncated"] == 0
+    _, events = encode_preferences([record], tok, block_size=len(prompt) + longest - 1)
+    assert events["completion_truncated"] >= 1
+
+
+def test_a_prompt_token_merging_with_one_completion_is_left_to_both_as_trl_leaves_it(instruct):
+    """A prompt ending in a space that merges with the chosen completion's first word but not
+    with the rejected one's: the prompt's ids end where every completion's whole ids still
+    agree with them, and the prompt and completion ids are DPOTrainer's."""
+    from trl import DPOTrainer
+
+    record = {"prompt": PLAIN["prompt"] + " ", "chosen": "a + b\n", "rejected": "\n"}
+    tok = load_tokenizer(instruct)
+    prompt, (chosen, rejected) = tokenized(check_record(record, "x.jsonl:1", False), tok)
+    assert len(prompt) == len([*tok.template_prefix, *tok.encode(record["prompt"])]) - 1
+    theirs = _trl_tokenized(DPOTrainer, [record], instruct)[0]
+    assert (prompt, [chosen, rejected]) == (theirs["prompt_ids"],
+                                            [theirs["chosen_ids"], theirs["rejected_ids"]])
+
+
 def test_conversations_need_a_chat_template_and_a_user_turn_last(instruct):
     """A conversational prompt ending with an assistant turn is refused naming its
     line, and so is a conversation when the tokenizer has no chat template: the
