@@ -839,6 +839,62 @@ def test_a_text_near_only_a_dropped_near_copy_is_kept():
     assert near_duplicates([a, b, c], threshold=0.45, num_perm=256) == {1}
 
 
+def test_a_candidate_sharing_a_band_with_another_kept_signature_is_still_compared():
+    """Two kept signatures equal in one band are both candidates of a signature equal to them
+    there, and the best estimate decides: C, equal to A in band 0 and in 7 of 8 values of every
+    other band (datasketch's estimate 0.879), is a near copy of A at 0.85 though B, kept after
+    A, shares band 0 too and estimates 8/256 alone."""
+    import datasketch
+    import numpy as np
+
+    from codelm.data.dedupe import NearDuplicateIndex
+
+    index = NearDuplicateIndex(0.85)
+    assert index.rows == 8
+    a = np.arange(256, dtype=np.uint32)
+    b = a.copy()
+    b[8:] += 1000
+    c = a.copy()
+    c[8::8] += 2000  # the first value of every band but band 0
+    assert index.keep_if_new(a) and index.keep_if_new(b)
+    scheme = minhash("x").scheme  # the signatures' own hashing
+    estimate = datasketch.MinHash(num_perm=256, hashvalues=a, scheme=scheme).jaccard(
+        datasketch.MinHash(num_perm=256, hashvalues=c, scheme=scheme))
+    assert estimate == pytest.approx(225 / 256) and estimate >= 0.85
+    assert not index.keep_if_new(c)
+
+
+def test_lsh_bands_are_the_longest_a_pair_at_the_threshold_shares_one_of_at_0_999():
+    """Each threshold's band length is the longest power of two at which a pair of Jaccard
+    exactly the threshold still shares some band with probability 0.999 (1 - (1 - t^r)^(b)),
+    so a near copy at the threshold is missed at most once in a thousand: 8 values at 0.85, 2
+    at 0.45."""
+    from codelm.data.dedupe import _band_rows
+
+    def shares_a_band(t: float, rows: int) -> float:
+        return 1 - (1 - t ** rows) ** (256 // rows)
+
+    assert (_band_rows(0.85, 256), _band_rows(0.45, 256)) == (8, 2)
+    for t in (0.95, 0.9, 0.85, 0.8, 0.7, 0.5, 0.45):
+        rows = _band_rows(t, 256)
+        assert shares_a_band(t, rows) >= 0.999 > shares_a_band(t, 2 * rows), t
+
+
+def test_a_text_shorter_than_a_shingle_is_one_shingle_and_no_copy_of_another():
+    """A text of fewer than five words is one shingle of them all, so two different short
+    texts are no near copies (an empty set would make every short text alike), and the same
+    one is."""
+    assert shingles("x = 1") == {"x = 1"}
+    assert near_duplicates(["x = 1", "y = 2", "x = 1"]) == {2}
+
+
+def test_shingles_count_punctuation_marks_as_words():
+    """Operators and brackets are words of a shingle, so code differing only in its operators
+    has other shingles."""
+    assert shingles("f(a, b)") == {"f ( a , b", "( a , b )"}
+    assert not shingles("return a + b - c") & shingles("return a * b / c")
+
+
 def test_a_crowd_of_similar_files_keeps_those_below_the_threshold():
     """2,000 migrations sharing their boilerplate, none a near copy of another (true Jaccard
     of each to any other about 0.6, at most 0.8): each meets hundreds of candidates, and the
