@@ -314,6 +314,20 @@ def test_a_file_exactly_at_a_cleaning_limit_is_kept(tmp_path, limit, size, past)
         clean_corpus(cfg(tmp_path, sources=[str(src)], **{limit: past}))
 
 
+def test_min_bytes_counts_a_files_utf8_bytes_not_its_characters(tmp_path):
+    """min_bytes is a size in bytes, as max_bytes: a file of 28 characters whose é are two
+    UTF-8 bytes each is 42 bytes, kept at min_bytes 42 and dropped at 43."""
+    src = tmp_path / "src"
+    src.mkdir()
+    text = "x = 1\ny = 2\n# " + "é" * 14
+    assert (len(text), len(text.encode())) == (28, 42)
+    (src / "a.py").write_text(text, encoding="utf-8")
+    docs, stats = clean_corpus(cfg(tmp_path, sources=[str(src)], min_bytes=42))
+    assert [d.id for d in docs] == ["src/a.py"] and stats["dropped"] == {}
+    with pytest.raises(DataError, match="no data left"):
+        clean_corpus(cfg(tmp_path, sources=[str(src)], min_bytes=43))
+
+
 def test_min_lines_counts_lines_of_code_not_blank_lines(tmp_path):
     """min_lines drops files with fewer non-blank lines: trailing blank lines do not lift a
     one-line file over it. Reference: a hand count (one line of code, then two)."""
