@@ -240,6 +240,26 @@ def test_one_conversation_offered_other_tools_is_no_duplicate(instruct, tmp_path
     assert len(load_corpus(cfg).train) == 2  # the third repeats the first
 
 
+def test_a_conversation_answered_by_a_tool_call_alone_is_kept(tmp_path):
+    """An assistant turn with no text but a tool call is an answer to learn: its conversation
+    is kept, and one whose assistant says nothing and calls nothing is dropped as empty."""
+    from codelm.data.splits import load_corpus
+
+    called = [{"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "content": "", "tool_calls": [CALL]}]
+    silent = [{"role": "user", "content": "Weather in Rome?"},
+              {"role": "assistant", "content": " "}]
+    data = tmp_path / "calls.jsonl"
+    data.write_text("".join(json.dumps({"messages": m, "tools": TOOLS}) + "\n"
+                            for m in (called, silent)))
+    cfg = DataConfig(task="chat", sources=[str(data)], block_size=256, cache_dir=str(tmp_path),
+                     progress=False, split_by="file", min_bytes=0, min_lines=0,
+                     train_frac=1.0, val_frac=0.0, test_frac=0.0)
+    corpus = load_corpus(cfg)
+    assert [json.loads(doc.text)[0]["content"] for doc in corpus.train] == ["Weather in Paris?"]
+    assert corpus.stats["dropped"] == {"empty_chat": 1}
+
+
 def test_a_template_error_names_the_conversation_line(instruct, tmp_path):
     """A conversation the chat template cannot render (this ChatML knows no tool role) is refused
     with its file:line and the template's own message: the record can be found and corrected."""
