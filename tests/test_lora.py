@@ -1224,6 +1224,49 @@ def test_the_saved_adapter_config_records_the_training_settings(tmp_path):
     assert peft.peft_config["default"].lora_dropout == 0.05
 
 
+def test_dora_with_dropout_in_training_equals_peft_under_the_same_mask(monkeypatch):
+    """In training with dropout, DoRA's base term is W of the dropped-out input, without the
+    bias, as PEFT's DoRA layer computes it: with PEFT's dropout drawing codelm's mask, one
+    layer's output equals PEFT's."""
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.q(x)
+
+    torch.manual_seed(0)
+    base = Tiny()
+    peft_model = get_peft_model(Tiny(), LoraConfig(
+        r=2, lora_alpha=1, target_modules=["q"], use_dora=True, lora_dropout=0.3,
+        init_lora_weights=False))
+    layer = peft_model.base_model.model.q
+    layer.base_layer.load_state_dict(base.q.state_dict())
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1.5)
+    ours = lora.LoRALinear(base.q, 2, 0.5, 0.3, dora=True)
+    ours.add_adapter("q", "q", None)
+    with torch.no_grad():
+        ours.lora_A["q"].copy_(layer.lora_A["default"].weight)
+        ours.lora_B["q"].copy_(layer.lora_B["default"].weight)
+        ours.magnitude["q"].copy_(layer.lora_magnitude_vector["default"].weight)
+    x = torch.randn(3, 6)
+    mask = kernels.dropout_keep(x, 0.3, 1234, torch.float32)
+
+    class Masked(torch.nn.Module):
+        def forward(self, t):
+            return t * mask
+
+    layer.lora_dropout["default"] = Masked()
+    monkeypatch.setattr(kernels, "dropout_seed", lambda: 1234)
+    peft_model.train()
+    ours.train()
+    assert layer.scaling["default"] == ours.scale == 0.5
+    assert base.q.bias.abs().min() > 0
+    torch.testing.assert_close(ours(x), peft_model(x), atol=1e-6, rtol=0)
+
+
 def test_each_adapter_of_a_fused_module_draws_its_own_dropout_mask():
     """As each PEFT module does: one shared mask would correlate the q and v updates."""
     base = torch.nn.Linear(16, 6)
