@@ -532,6 +532,19 @@ def test_relative_imports_resolve_against_the_completion_files_package():
         "x.y", "x.y.a", "x.b", "x.b.c"]
 
 
+def test_an_aliased_import_names_the_module_not_its_alias():
+    """``import a.b as c`` imports a.b: the alias is no module name, for a plain import as for
+    a from-import, so the imports composer finds the aliased module's file."""
+    assert comp.imported_modules("import pkg.util as u, os\n", "app/main.py") == [
+        "pkg.util", "os"]
+    assert comp.imported_modules("from pkg import util as u\n", "app/main.py") == [
+        "pkg", "pkg.util"]
+    files = {"app/main.py": "old", "app/near.py": "", "pkg/util.py": UTIL}
+    index = comp.RepositoryIndex("r", files, _tokenizer())
+    ranked = comp.rank_imports(index, "app/main.py", "import pkg.util as u\n")
+    assert index.paths[ranked[0]] == "pkg/util.py"
+
+
 def test_a_parenthesized_import_over_several_lines_names_each_module():
     """Black's form of a long import: every name of the list (its comments left out), and a
     prefix that ends inside the list names those before its end."""
