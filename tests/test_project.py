@@ -582,6 +582,9 @@ def test_keywords_are_no_bm25_terms():
     relevance, so a keyword-only prefix matches no file and the files follow by path
     distance."""
     assert comp.identifiers("def f(self): return None if x else y") == ["f", "self", "x", "y"]
+    # soft keywords are names too, on every Python version
+    assert comp.identifiers("match = re.match(p, type(s)); case _") == [
+        "match", "re", "match", "p", "type", "s", "case", "_"]
     files = {"pkg/core.py": "old", "pkg/near.py": "x = 1\n",
              "far/away.py": "def g():\n    return None if True else False\n"}
     index = comp.RepositoryIndex("r", files, _tokenizer())

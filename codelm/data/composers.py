@@ -36,7 +36,9 @@ BM25_K1 = 1.2  # Lucene's defaults (BM25Similarity)
 BM25_B = 0.75
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist)
+# Python's keywords; its soft keywords (match, case, type, _) are names in most code, and which
+# words are soft keywords depends on the Python version (type from 3.12): they stay terms.
+_KEYWORDS = frozenset(keyword.kwlist)
 # from SOURCE import NAMES (a parenthesized list may span lines), or import MODULES
 _IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+"
                      r"(?:\(([^)]*)\)?|([\w., \t]*))|import[ \t]+([\w., \t]+))", re.M)

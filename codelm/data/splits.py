@@ -27,7 +27,7 @@ from codelm.data.sources import Doc, plain_text, sources_fingerprint
 
 # The data cache's format version, a part of every cache key: bump it when cleaning or task
 # building changes what a cache holds.
-PIPELINE_VERSION = 29
+PIPELINE_VERSION = 30
 
 
 LOPSIDED_TRAIN_SHARE = 0.75  # a train split under this share of train_frac is noted
