@@ -89,7 +89,8 @@ def test_a_packed_batchs_loss_and_gradients_are_the_unpacked_batchs(checkpoints,
 
 def test_first_fit_rows_hold_every_example_once_within_the_row():
     """The packer places each example once, in the first open row with room for it (over a
-    seeded shuffle), never past the row's capacity; the same seed gives the same rows."""
+    seeded shuffle; only the OPEN_ROWS latest rows are open), never past the row's capacity;
+    the same seed gives the same rows."""
     from codelm.training.batches import OPEN_ROWS, first_fit_rows
 
     generator = torch.Generator().manual_seed(3)
@@ -106,6 +107,7 @@ def test_first_fit_rows_hold_every_example_once_within_the_row():
     for i in order:  # no open row before the one it went to had room for it
         first_open = max(0, created - OPEN_ROWS)
         assert all(64 - used[r] < lengths[i] for r in range(first_open, row_of[i]))
+        assert row_of[i] >= first_open  # a closed row takes nothing more
         created = max(created, row_of[i] + 1)
         used[row_of[i]] += lengths[i]
 
@@ -134,6 +136,26 @@ def test_a_packed_row_is_its_examples_one_after_another():
     short = {key: value[:4] for key, value in row.items()}
     batch = collate([row, short], pad_id=0)
     assert batch["document_ids"][1, 4:].eq(-1).all()
+
+
+def test_rows_count_input_tokens_and_fill_to_exactly_their_capacity():
+    """An example of n + 1 stored tokens is n input tokens (its labels the same n shifted), so
+    SupervisedExamples.lengths reads n off the offsets, and examples whose inputs sum to the
+    capacity share one row."""
+    import numpy as np
+
+    from codelm.training.batches import PackedExamples
+
+    seqs = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    examples = SupervisedExamples.__new__(SupervisedExamples)  # three examples, in memory
+    examples.ids = np.array([t for s in seqs for t in s], dtype=np.int64)
+    examples.offsets = np.cumsum([0] + [len(s) for s in seqs])
+    examples.prompt_lens = np.array([2, 1, 3])
+    assert examples.lengths.tolist() == [len(examples[i]["input_ids"]) for i in range(3)]
+    assert examples.lengths.tolist() == [3, 2, 4]
+    packed = PackedExamples(examples, capacity=9, seed=0)
+    assert len(packed) == 1
+    assert len(packed[0]["input_ids"]) == 9
 
 
 def test_lm_windows_keep_each_file_to_itself(checkpoints, tmp_path):

@@ -248,6 +248,31 @@ def test_bits_per_byte_counts_a_chat_answers_own_space_after_a_special_token(tmp
     assert int(LabelBytes(ours)(stream[:-1], stream[1:])) == len(document.encode("utf-8"))
 
 
+def test_bits_per_byte_counts_a_fim_middles_bytes_without_its_dummy_space(tmp_path):
+    """A prefix-suffix-middle example encodes its middle alone, after the FIM middle sentinel:
+    a SentencePiece tokenizer opens it with a dummy space the file does not hold at that
+    point, so LabelBytes counts the middle's own UTF-8 bytes over its labels, none for that
+    space and none for EOS."""
+    from tokenizers import AddedToken
+
+    from codelm.data.encoding import fim_prompt, supervised_example
+
+    texts = [p.read_text("utf-8", "replace") for p in stdlib_files()[::400]]
+    hf = train_family_tokenizer("spm", texts, tmp_path / "tokenizer.json")
+    fim = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+    hf.add_special_tokens([AddedToken(t, normalized=False) for t in fim])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path)
+    assert ours.fim_middle_id is not None
+    prefix, middle, suffix = "def add(a, b):\n    ", "return a + b  # é", "\n\nprint(add(1, 2))\n"
+    middle_ids = encode_text(ours, middle)
+    assert ours.token_bytes(middle_ids[0]).startswith(b" ")  # the dummy space
+    prompt = fim_prompt(ours, encode_text(ours, prefix), encode_text(ours, suffix), 64)
+    example = supervised_example(prompt, [*middle_ids, ours.eos_id], max_length=64)
+    labels = example["labels"]
+    assert int(LabelBytes(ours)(example["input_ids"], labels)) == len(middle.encode("utf-8"))
+
+
 def test_normalization_is_hfs_unicode_9_on_every_code_point_it_can_change():
     """NFC, NFD, NFKC and NFKD as HF's normalizers (Unicode 9.0.0's tables) on each code point
     Python's tables decompose, give a combining class or assign after 9.0, alone and among

@@ -5118,6 +5118,27 @@ def test_every_example_of_each_pass_trains_once_when_the_batch_does_not_divide_i
     assert seen[:10] != seen[10:]
 
 
+def test_the_ranks_validation_batches_are_each_batch_once_and_in_file_order():
+    """Validation splits its batches between the ranks, batch b to rank b mod world: over two
+    ranks, five examples in batches of two are rank 0's [0, 1] and [4], rank 1's [2, 3], each
+    example validated once, on one rank, and ``eval_examples`` keeps the first ones."""
+    val = [{"input_ids": torch.tensor([i]), "labels": torch.tensor([i])} for i in range(5)]
+    seen = []
+    for rank, expected in ((0, [[0, 1], [4]]), (1, [[2, 3]])):
+        batches = Batches(val, val, pad_id=0, batch_size=2, grad_accum=1, seed=0, rank=rank,
+                          world=2)
+        out, count = batches.validation()
+        ids = [batch["input_ids"][:, 0].tolist() for batch in out]
+        assert ids == expected
+        assert count == len(expected)
+        seen += [i for batch in ids for i in batch]
+    assert sorted(seen) == list(range(5))
+    first = Batches(val, val, pad_id=0, batch_size=2, grad_accum=1, seed=0, eval_examples=3,
+                    rank=1, world=2)
+    out, count = first.validation()
+    assert [batch["input_ids"][:, 0].tolist() for batch in out] == [[2]]
+
+
 def test_batch_order_restored_in_a_later_epoch_continues_that_epochs_order():
     """A checkpoint taken in epoch 1 resumes on epoch 1's permutation, not epoch 0's."""
     order = BatchOrder(10, 4, seed=3)
