@@ -1115,6 +1115,24 @@ def test_a_repository_holding_most_of_the_text_outside_train_is_noted(tmp_path, 
     assert sizes == {s: getattr(corpus, s).path.stat().st_size for s in ("train", "val", "test")}
 
 
+def test_the_lopsided_note_is_for_a_train_split_under_three_quarters_of_train_frac():
+    """The note's bound is 0.75 x train_frac of the files: with train_frac 0.5, 38 of 100
+    files in train is near the 37.5 asked for and says nothing, 37 is noted; with 0.8 the bound
+    is 60 files (61 says nothing). The same bound holds for the corpus's bytes."""
+    from codelm.data.splits import lopsided_note
+
+    def stats(train: int, train_bytes: int = 100) -> dict:
+        return {"split": {"train": train, "val": 100 - train, "test": 0},
+                "split_bytes": {"train": train_bytes, "val": 100 - train_bytes, "test": 0}}
+
+    half = DataConfig(train_frac=0.5, val_frac=0.25, test_frac=0.25)
+    assert lopsided_note(stats(38, 38), half) is None
+    assert "37 of 100 files/records" in lopsided_note(stats(37), half)
+    assert "37% of the corpus's bytes" in lopsided_note(stats(38, 37), half)
+    assert lopsided_note(stats(61, 61), DataConfig()) is None
+    assert "59 of 100" in lopsided_note(stats(59), DataConfig())
+
+
 def test_a_split_by_repo_near_its_fractions(capsys):
     """Twenty repos of one size: 16 / 2 / 2 repos are the 80 / 10 / 10 asked."""
     out, unit = split_corpus(_repo_docs({f"u/r{r}": 3 for r in range(20)}), DataConfig())
