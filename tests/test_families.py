@@ -4,6 +4,7 @@ linear, dynamic and YaRN rope scalings: logits over inputs longer than the slidi
 greedy generation past it, export back into transformers, bf16."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -394,3 +395,19 @@ def test_llama_longrope_decoding_past_the_switch_keeps_its_cache_as_transformers
     model = pretrained.load(tmp_path)
     idx = _ids(2, 16, seed=1)
     assert torch.equal(gen(model, idx, 70), _hf_greedy(hf, idx, 70))
+
+
+def test_yarn_with_mscale_and_mscale_all_dim_scales_attention_as_transformers_does(tmp_path):
+    """YaRN's attention factor with both ``mscale`` and ``mscale_all_dim`` (DeepSeek's form) is
+    (0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim ln(factor) + 1); the logits over 100
+    positions are within 1e-5 of transformers' Llama with that scaling."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+            "mscale": 2.0, "mscale_all_dim": 0.5}
+    hf = save_tiny_hf("llama-yarn", tmp_path, rope_scaling=yarn)
+    model = pretrained.load(tmp_path)
+    expected = (0.2 * math.log(4.0) + 1) / (0.05 * math.log(4.0) + 1)
+    assert model.rope.attention_factor == pytest.approx(expected, rel=1e-12)
+    idx = _ids(1, 100, seed=4)
+    with torch.no_grad():
+        ref = hf(idx).logits
+    assert (model(idx) - ref).abs().max().item() <= 1e-5
