@@ -933,3 +933,20 @@ def test_dropout_draws_drop_every_position_at_the_rate():
     drops = kernels.dropped(torch.Size([400_000, 4]), 0.3, torch.device("cpu"))
     assert (drops.float().mean(0) - kernels.drop_rate(0.3)).abs().max() < 0.005
     assert abs(kernels.drop_rate(0.1) - 0.1) <= 1 / 2**17
+
+
+def test_dropout_scales_kept_values_by_the_rounded_rate_and_draws_at_its_ends():
+    """At p 0.1 dropout drops at drop_rate(0.1) = 6554/65536 and multiplies a kept value by
+    65536/58982, 1 / (1 - that rate), so each value's expectation is kept exactly. The drawn
+    rate holds at the ends of the 16-bit draws too: at p 0 no value of 2**22 drops, and at
+    p 1 - 2**-16 about one in 65536 is kept (64 expected)."""
+    assert kernels.drop_rate(0.1) == 6554 / 65536
+    assert kernels.keep_scale(0.1) == 65536 / 58982
+    x = torch.ones(1000)
+    out = kernels.dropout(x, 0.1, True)
+    assert set(out.unique().tolist()) == {0.0, torch.tensor(65536 / 58982).item()}
+    generator = torch.Generator().manual_seed(0)
+    n = torch.Size([2**22])
+    assert not kernels.dropped(n, 0.0, torch.device("cpu"), generator).any()
+    kept = int((~kernels.dropped(n, 1 - 2**-16, torch.device("cpu"), generator)).sum())
+    assert 32 <= kept <= 110
