@@ -1005,6 +1005,54 @@ def test_quantized_linear_roundtrip_and_gradient(bits):
     torch.testing.assert_close(x.grad, x2.grad)
 
 
+def test_nf4_takes_each_blocks_own_absmax_and_the_nearest_level_a_padded_block_included():
+    """NF4 scales each block of 64 weights by its absmax and stores the nearest level: a Linear
+    of 7 x 10 weights is one full block and a last block of 6 (padded with zeros, which change
+    neither its absmax nor its weights). Block 1 (absmax 2): 0.08 / 2 = 0.04 lies past the
+    midpoint 0.0398 of levels 0 and 0.0796 and comes back as 2 x 0.0796, 0.078 as 0. Block 2
+    (absmax 0.5) holds half of six levels: each comes back exactly."""
+    levels = torch.tensor(NF4_PUBLISHED)
+    linear = torch.nn.Linear(10, 7, bias=False)
+    first = torch.zeros(64)
+    first[:3] = torch.tensor([2.0, 0.08, 0.078])
+    last = 0.5 * levels[[0, 2, 7, 9, 14, 15]]
+    with torch.no_grad():
+        linear.weight.copy_(torch.cat([first, last]).view(7, 10))
+    deq = QuantLinear(linear, 4).dequantize().flatten()
+    expected_first = torch.zeros(64)
+    expected_first[:2] = torch.tensor([2.0, 2 * NF4_PUBLISHED[8]])
+    torch.testing.assert_close(deq[:64], expected_first, atol=1e-6, rtol=0)
+    torch.testing.assert_close(deq[64:], last, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_base_cast_to_bf16_keeps_its_fp32_scales_and_weights(bits):
+    """cast_model casts the base, not a quantized Linear's scales: they stay fp32 (a bf16 scale
+    rounds every weight of its row or block), so the weight dequantized in bf16 is the fp32
+    dequantized weight rounded once."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    quantize_base(model, bits)
+    layer = model[0]
+    before = layer.dequantize(torch.float32)
+    quantize.cast_model(model, torch.bfloat16)
+    assert layer.scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.dequantize(), before.to(torch.bfloat16))
+
+
+def test_the_quantization_report_counts_codes_and_scales_against_bf16():
+    """One 64 x 64 Linear: NF4 holds 2048 bytes of codes (two a byte) and 64 fp32 block scales,
+    2304 bytes; int8 4096 bytes of codes and 64 fp32 row scales, 4352; the same weights in bf16
+    are 8192 bytes, the ratios 0.28125 and 0.53125."""
+    for bits, quantized in ((4, 2304), (8, 4352)):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False))
+        report = quantize_base(model, bits)
+        assert report.quantized_bytes == quantized
+        assert report.bf16_bytes == 8192
+        assert report.ratio_to_bf16 == quantized / 8192
+
+
 @pytest.mark.parametrize("bits,limit", [(8, 0.55), (4, 0.30)])
 def test_quantized_base_memory_and_logits(bits, limit, tmp_path):
     """quantize_base quantizes every block Linear but lm_head, the weights in at most 0.55x
