@@ -1331,6 +1331,23 @@ def test_supervised_example_start_is_kept_within_the_context():
     assert long["labels"].tolist() == [-100, *bare["labels"].tolist()]
 
 
+def test_a_template_written_prompt_keeps_its_template_prefix_else_its_bos_as_its_start():
+    """The start a chat prompt keeps when a long history is cut: the tokenizer's template
+    prefix where the ids open with it, else one BOS where they open with it, else nothing."""
+    import types
+
+    from codelm.data.encoding import template_start_length
+
+    bos_only = types.SimpleNamespace(template_prefix=[], bos_id=1)
+    assert template_start_length([1, 5, 6], bos_only) == 1
+    assert template_start_length([5, 1, 6], bos_only) == 0
+    with_prefix = types.SimpleNamespace(template_prefix=[1, 9], bos_id=1)
+    assert template_start_length([1, 9, 5], with_prefix) == 2
+    assert template_start_length([1, 5, 9], with_prefix) == 1
+    no_bos = types.SimpleNamespace(template_prefix=[], bos_id=None)
+    assert template_start_length([1, 5], no_bos) == 0
+
+
 def test_fit_prompt_cuts_only_what_does_not_fit():
     """A prompt that fits is kept whole, at any room from its length up; one that
     does not loses the end of its code span first, so the instruction around the

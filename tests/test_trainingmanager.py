@@ -2783,6 +2783,16 @@ def test_an_lm_epoch_is_the_windows_that_fit_side_by_side_and_at_least_one():
         assert batches.epoch(5) == 5 * 1 * 3 / per_epoch
 
 
+def test_a_step_trains_every_ranks_batches_in_the_epoch_count():
+    """Over two ranks a step trains batch_size x grad_accum x world = 2 x 3 x 2 = 12 of 40
+    examples: 5 steps are 1.5 epochs, and one epoch takes ceil(40 / 12) = 4 steps."""
+    batches = Batches(list(range(40)), [], pad_id=0, batch_size=2, grad_accum=3, seed=0,
+                      rank=1, world=2)
+    assert batches.examples_per_step == 12
+    assert batches.epoch(5) == 1.5
+    assert batches.steps_for(1.0) == 4
+
+
 def test_the_progress_bar_shows_the_epoch_its_metrics_line_logs():
     """The bar's postfix carries the epoch (examples seen over one epoch) as the train line."""
     batches = Batches(list(range(40)), [], pad_id=0, batch_size=2, grad_accum=3, seed=0)
