@@ -986,7 +986,7 @@ def test_quantized_linear_roundtrip_and_gradient(bits):
     block absmax times half the widest gap), a padded last block included; the input's gradient is
     the dequantized Linear's."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(96, 40)  # 96 * 40 is not a multiple of the block: padding
+    linear = torch.nn.Linear(100, 40)  # 4,000 weights: 62.5 blocks of 64, the last padded
     q = QuantLinear(linear, bits)
     w, deq = linear.weight.detach(), q.dequantize()
     if bits == 8:
@@ -998,7 +998,7 @@ def test_quantized_linear_roundtrip_and_gradient(bits):
         half_gap = (torch.tensor(NF4_PUBLISHED).diff().max() / 2).item()
         err = F.pad((w - deq).flatten(), (0, -w.numel() % 64)).view(-1, 64).abs()
         assert (err <= absmax * half_gap + 1e-6).all()
-    x = torch.randn(5, 96, requires_grad=True)
+    x = torch.randn(5, 100, requires_grad=True)
     q(x).pow(2).sum().backward()
     x2 = x.detach().clone().requires_grad_()
     F.linear(x2, deq, linear.bias).pow(2).sum().backward()

@@ -46,7 +46,7 @@ def lopsided_note(corpus_stats: dict, cfg: DataConfig,
     writes DataConfig keys (a script's flags); None where it is near train_frac."""
     counts = corpus_stats["split"]
     kept = sum(counts.values())
-    least = LOPSIDED_TRAIN_SHARE * cfg.train_frac
+    least = round(LOPSIDED_TRAIN_SHARE * cfg.train_frac, 9)  # 0.6 at 0.8, not 0.6000000000000001
     sizes = corpus_stats.get("split_bytes")  # a cache entry written without it has none
     text = sum(sizes.values()) if sizes else 0
     if counts["train"] < least * kept:
