@@ -1,3 +1,4 @@
+import compileall
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +20,18 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # The suite's models are toys: one thread avoids oversubscribing the 2-core CI machine, where
 # a second thread makes a tiny generate 30-100x slower under load. Tests that need more set it.
 torch.set_num_threads(1)
+
+
+def pytest_sessionstart(session):
+    """The project's sources compiled once, before any test: the scripts and workers the tests
+    start (hundreds) would each compile them anew where PYTHONDONTWRITEBYTECODE keeps Python
+    from caching them, about a second a process. A pytest-xdist worker leaves it to the
+    controller, which compiles before it starts them."""
+    if hasattr(session.config, "workerinput"):
+        return
+    compileall.compile_dir(ROOT, maxlevels=0, quiet=1)  # the scripts
+    for package in ("codelm", "scraping", "tests"):
+        compileall.compile_dir(ROOT / package, quiet=1)
 
 
 @pytest.fixture(autouse=True)
