@@ -593,39 +593,35 @@ def test_keywords_are_no_bm25_terms():
     assert [index.paths[i] for i in ranked] == ["pkg/near.py", "far/away.py"]
 
 
-def test_compose_writes_starcoder2s_repository_format_most_relevant_file_last():
-    """With <repo_name>/<file_sep>: StarCoder2's layout, text for text; the most relevant file
-    nearest the prefix; the whole prompt within the budget."""
-    tok = _tokenizer("<repo_name>", "<file_sep>")
-    files = {"pkg/util.py": UTIL, "docs/notes.md": "notes\n"}
-    index = comp.RepositoryIndex("proj", files, tok)
-    prefix = "from pkg.util import helper\n"
-    composed = comp.compose(index, "path_distance", "pkg/core.py", prefix, tok.encode(prefix),
-                            10_000)
-    expected = ("<repo_name>proj<file_sep>docs/notes.md\nnotes\n<file_sep>pkg/util.py\n" + UTIL
-                + "<file_sep>pkg/core.py\n" + prefix)
-    assert tok.decode(composed.ids) == expected
-    assert composed.files == ["docs/notes.md", "pkg/util.py"]
-    plain = comp.RepositoryIndex("proj", files, _tokenizer())
-    text = _tokenizer().decode(comp.compose(plain, "path_distance", "pkg/core.py", prefix,
-                                            _tokenizer().encode(prefix), 10_000).ids)
-    assert text == ("# repository: proj\n# docs/notes.md\nnotes\n# pkg/util.py\n" + UTIL
-                    + "# pkg/core.py\n" + prefix)
-
-
-def test_compose_writes_qwen25_coders_repository_format_a_newline_after_name_and_file():
-    """With <|repo_name|>/<|file_sep|>: Qwen2.5-Coder's layout, a newline after the
-    repository's name and after a file's code where the code lacks one; a tokenizer holding
-    one repository token alone writes path comments."""
-    tok = _tokenizer("<|repo_name|>", "<|file_sep|>")
+@pytest.mark.parametrize("repo, sep, after", [("<repo_name>", "<file_sep>", ""),
+                                               ("<|repo_name|>", "<|file_sep|>", "\n")])
+def test_compose_writes_the_familys_repository_format_most_relevant_file_last(repo, sep, after):
+    """With <repo_name>/<file_sep>, StarCoder2's layout; with <|repo_name|>/<|file_sep|>,
+    Qwen2.5-Coder's, a newline after the repository's name and after a file's code where the
+    code lacks one: text for text, the most relevant file nearest the prefix, the whole prompt
+    within the budget."""
+    tok = _tokenizer(repo, sep)
     files = {"pkg/util.py": UTIL, "docs/notes.md": "notes"}
     index = comp.RepositoryIndex("proj", files, tok)
     prefix = "from pkg.util import helper\n"
     composed = comp.compose(index, "path_distance", "pkg/core.py", prefix, tok.encode(prefix),
                             10_000)
-    expected = ("<|repo_name|>proj\n<|file_sep|>docs/notes.md\nnotes\n<|file_sep|>pkg/util.py\n"
-                + UTIL + "<|file_sep|>pkg/core.py\n" + prefix)
+    expected = (f"{repo}proj{after}{sep}docs/notes.md\nnotes{after}{sep}pkg/util.py\n{UTIL}"
+                f"{sep}pkg/core.py\n{prefix}")
     assert tok.decode(composed.ids) == expected
+    assert composed.files == ["docs/notes.md", "pkg/util.py"]
+
+
+def test_compose_writes_path_comments_without_both_repository_tokens():
+    """A tokenizer without repository tokens writes a path comment before each file and the
+    repository's name first; one holding a single repository token writes them too."""
+    files = {"pkg/util.py": UTIL, "docs/notes.md": "notes\n"}
+    prefix = "from pkg.util import helper\n"
+    plain = comp.RepositoryIndex("proj", files, _tokenizer())
+    text = _tokenizer().decode(comp.compose(plain, "path_distance", "pkg/core.py", prefix,
+                                            _tokenizer().encode(prefix), 10_000).ids)
+    assert text == ("# repository: proj\n# docs/notes.md\nnotes\n# pkg/util.py\n" + UTIL
+                    + "# pkg/core.py\n" + prefix)
     assert comp.repo_format(_tokenizer("<repo_name>")) == comp.RepoFormat(None, None, "\n")
     assert comp.repo_format(_tokenizer("<file_sep>")) == comp.RepoFormat(None, None, "\n")
 
