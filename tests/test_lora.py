@@ -1005,6 +1005,65 @@ def test_quantized_linear_roundtrip_and_gradient(bits):
     torch.testing.assert_close(x.grad, x2.grad)
 
 
+def _saved_for_backward(loss: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors ``loss``'s graph keeps for its backward, each storage once, the model's own
+    parameters and buffers left out (they are held anyway)."""
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved, seen, nodes = {}, set(), [loss.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        tensors = list(getattr(node, "saved_tensors", None) or ())
+        tensors += [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in held:
+                saved[t.untyped_storage().data_ptr()] = t
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return list(saved.values())
+
+
+def test_a_compiled_nf4_base_keeps_no_dequantized_weight_for_the_backward():
+    """Compiled, a QLoRA step keeps what the eager step keeps for its backward (the activations,
+    not the NF4 weights dequantized: those are computed again in the backward), and its adapters'
+    gradients equal the eager step's. The backend is inductor's partitioner and decompositions
+    without its code generation; 8 tokens a row of width 256, so that the weights outweigh the
+    activations."""
+    import dataclasses
+
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(PRESETS["tiny"], n_embd=256, head_dim=64,
+                                            rotary_dim=64, mlp_hidden=1024, vocab_size=64,
+                                            n_layer=1))
+    quantize_base(model, bits=4)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["qkv", "proj"]))
+    model.train()
+    ids = _ids(batch=1, T=8) % 64
+    weights = [2 * q.in_features * q.out_features for q in model.modules()
+               if isinstance(q, QuantLinear)]  # each dequantized, in bf16
+    kept, grads = {}, {}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager_decomp_partition")
+    for name, run in (("eager", model), ("compiled", compiled)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = run(ids, ids)
+        kept[name] = _saved_for_backward(loss, model)
+        loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+    sizes = {name: sum(t.untyped_storage().nbytes() for t in tensors)
+             for name, tensors in kept.items()}
+    assert sizes["eager"] < sum(weights) / 8  # what the comparison rests on
+    assert sizes["compiled"] < sizes["eager"] + min(weights) / 2, sizes
+    assert not [t.shape for t in kept["compiled"] if 2 * t.numel() >= min(weights)]
+    for n, grad in grads["eager"].items():  # bf16 rounding apart
+        torch.testing.assert_close(grads["compiled"][n], grad, rtol=2e-2,
+                                   atol=1e-2 * grad.abs().max().item())
+
+
 def test_nf4_takes_each_blocks_own_absmax_and_the_nearest_level_a_padded_block_included():
     """NF4 scales each block of 64 weights by its absmax and stores the nearest level: a Linear
     of 7 x 10 weights is one full block and a last block of 6 (padded with zeros, which change

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def nf4_levels() -> torch.Tensor:
@@ -92,8 +93,17 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        out = _DequantLinear.apply(x, self)
+        if torch.compiler.is_compiling():
+            # One traced graph holds the forward's dequantization and the backward's as one
+            # (common subexpressions merge), and the partitioner would keep that full weight
+            # for the backward; in a checkpointed region it dequantizes again instead.
+            out = checkpoint(self._dequantized_linear, x, use_reentrant=False)
+        else:
+            out = _DequantLinear.apply(x, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype))
 
     def extra_repr(self) -> str:
         kind = "int8" if self.bits == 8 else "nf4"
