@@ -94,16 +94,14 @@ class QuantLinear(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if torch.compiler.is_compiling():
-            # One traced graph holds the forward's dequantization and the backward's as one
-            # (common subexpressions merge), and the partitioner would keep that full weight
-            # for the backward; in a checkpointed region it dequantizes again instead.
-            out = checkpoint(self._dequantized_linear, x, use_reentrant=False)
+            # Traced, the forward's dequantization and the backward's merge into one, and the
+            # partitioner would keep that full weight for the backward. Checkpointed (the
+            # dequantization alone: the product is saved or recomputed as for any Linear), it is
+            # computed again in the backward instead.
+            out = F.linear(x, checkpoint(self.dequantize, x.dtype, use_reentrant=False))
         else:
             out = _DequantLinear.apply(x, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
-
-    def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype))
 
     def extra_repr(self) -> str:
         kind = "int8" if self.bits == 8 else "nf4"
