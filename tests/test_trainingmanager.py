@@ -4039,10 +4039,13 @@ def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, t
     ({}, ""), ({"lora_r": 8}, ", LoRA r 8 on an fp32 base"),
     ({"lora_r": 8, "quantize_bits": 4}, ", LoRA r 8 on an NF4 base"),
     ({"lora_r": 8, "quantize_bits": 8}, ", LoRA r 8 on an int8 base"),
+    ({"lora_r": 8, "quantize_bits": 4, "base_dtype": "bf16"},
+     ", LoRA r 8 on an NF4 base (the rest bf16)"),
     ({"lora_r": 16, "lora_dora": True, "base_dtype": "bf16"}, ", DoRA r 16 on a bf16 base")])
 def test_a_runs_first_line_names_its_adapters_and_the_base_they_train_on(values, said):
     """The first line of a LoRA run says so, with the form of the frozen base (QLoRA's NF4 or
-    int8, a bf16 base): what the log alone tells of the run's memory and numerics."""
+    int8, a bf16 base, and the dtype --base-dtype holds a quantized base's other weights in):
+    what the log alone tells of the run's memory and numerics."""
     assert build.adapters_on(trainconfig.TrainConfig(**values)) == said
 
 

@@ -27,9 +27,12 @@ NF4_BLOCK = 64
 
 def base_form(quantize_bits: int, base_dtype: str) -> str:
     """A LoRA run's frozen base as its log and notes name it, with its article: "an NF4 base",
-    "an int8 base", "a bf16 base", "an fp32 base"."""
+    "an int8 base", "a bf16 base", "an fp32 base"; a quantized base loaded in another dtype than
+    fp32 names it too ("an NF4 base (the rest bf16)"): its embeddings, norms and head are held
+    in it, and its quantized Linears are rounded from it."""
     if quantize_bits:
-        return "an NF4 base" if quantize_bits == 4 else "an int8 base"
+        form = "an NF4 base" if quantize_bits == 4 else "an int8 base"
+        return form if base_dtype in ("fp32", "") else f"{form} (the rest {base_dtype})"
     return f"{'a' if base_dtype == 'bf16' else 'an'} {base_dtype} base"
 
 
