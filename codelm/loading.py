@@ -224,6 +224,10 @@ def _load_run(run_dir: Path, device: torch.device, tokenizer: str | None = None,
         raise ValueError(f"{export}: {problem}; not loaded (--models {run_dir} loads the run's "
                          "best/ or its latest intact checkpoint)")
     elif chosen is None and exported and _intact(export):
+        if adapter and not as_run and not unquantized and _reduced_base(config):
+            form = quantize.base_form(config.get("quantize_bits", 0), config.get("base_dtype", ""))
+            print(f"note: {export}: an adapter trained on {form}, loaded on the full-precision "
+                  f"base (--models {run_dir} scores it as it trained)", file=sys.stderr)
         base = Path(_run_base(run_dir, config)) if adapter else export
         model = _load_hf(base, device, dtype, export if adapter else None)
         tok_dir = _export_tokenizer(run_dir, tok_dir, tokenizer)

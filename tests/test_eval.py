@@ -5102,7 +5102,8 @@ def test_a_qlora_run_is_scored_on_the_quantized_base_it_trained_on(tiny_models, 
     """A QLoRA run given by its directory is scored as it trained, its best/ adapter on the NF4
     base (the same model as its best/ given alone), not its export/'s adapter on the
     full-precision base (BASE+ADAPTER), with a note naming both; its export/ named alone is that
-    adapter, as exported."""
+    adapter, as exported, with a note that it is not scored on the base it trained on (the scores
+    differ) and naming the run that is."""
     import shutil
 
     import torch
@@ -5128,12 +5129,15 @@ def test_a_qlora_run_is_scored_on_the_quantized_base_it_trained_on(tiny_models, 
         best = loading.load_model(str(run / rundir.BEST_DIR), "cpu").model.eval()(ids)[0]
         full = loading.load_model(f"{m['base']}+{run / rundir.EXPORT_DIR}", "cpu").model
         on_full_base = full.eval()(ids)[0]
+        err = capsys.readouterr().err
         export = loading.load_model(str(run / rundir.EXPORT_DIR), "cpu").model.eval()(ids)[0]
     assert torch.equal(scored, as_trained) and torch.equal(best, as_trained)
     assert not torch.allclose(on_full_base, as_trained)
     assert torch.equal(export, on_full_base)  # export/ named: the adapter as it was exported
-    err = capsys.readouterr().err
     assert "trained on an NF4 base: loaded on it, as it trained" in err and "BASE+" in err
+    note = capsys.readouterr().err  # export/ named: a note says which base it is scored on
+    assert "an adapter trained on an NF4 base, loaded on the full-precision base" in note
+    assert f"--models {run} scores it as it trained" in note
 
 
 def test_eval_py_loads_each_model_in_the_dtype_its_flag_names(tiny_models, tmp_path, monkeypatch):
