@@ -56,7 +56,8 @@ class TrainConfig:
     #   vocab_size follows the tokenizer); auto: the largest BUDGET_LADDER model this machine
     #   trains well in time_budget_min
     init_from: str | None = None  # an HF checkpoint: a local directory (a run's export/ or, of
-    #   a LoRA run, its export/merged/) or a hub id (the local hub cache, else downloaded)
+    #   a LoRA run, its export/merged/, which --export-merged writes) or a hub id (the local hub
+    #   cache, else downloaded)
     n_layer: int | None = None  # overrides the preset (from-scratch models only)
     n_head: int | None = None  # n_kv_head follows it unless model_options sets it
     n_embd: int | None = None  # model width
@@ -89,9 +90,11 @@ class TrainConfig:
     #   default: the attention projections (qkv, attn.proj)
     init_adapter: str | None = None  # a LoRA adapter directory (PEFT's, or a LoRA run's
     #   export/) to train on; its adapter_config.json sets the base and the lora_* settings
-    quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4); needs lora_r > 0
+    quantize_bits: int = 0  # 0, 8 (int8) or 4 (NF4): the frozen base's Linears but lm_head;
+    #   needs lora_r > 0
     base_dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the frozen base under LoRA (the
-    #   adapters stay fp32); fp16 turns on loss scaling
+    #   adapters stay fp32; with quantize_bits, its unquantized weights); fp16 turns on loss
+    #   scaling
     # data (dataset.py): task and sources (None: the Python standard library)
     task: str = "lm"  # lm (the next token of code files) | completion (100 tokens of a file
     #   -> its next 35; data_options {"completion_style": "line"}: a file's prefix -> its next

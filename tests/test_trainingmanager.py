@@ -3555,9 +3555,10 @@ def test_lora_settings_without_lora_r_are_refused(capsys, tmp_path):
         plan.validate_config(dataclasses.replace(cfg, init_from=stand_in))
 
 
-def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
+def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path, monkeypatch):
     """A LoRA run's export/ (an adapter) given to --init-from is refused at once, saying to use
-    its base, its export/merged/ (as --help says) or --init-adapter, not failing later with
+    its base, its export/merged/ (as --help says, and that --export-merged writes it) or
+    --init-adapter, not failing later with
     "config.json: not found (is it an HF checkpoint directory?)"."""
     from tiny_hf import save_tiny_hf
 
@@ -3576,7 +3577,18 @@ def test_init_from_a_lora_adapter_says_what_to_load_instead(tmp_path):
                                            f"init_adapter (--init-adapter) to {export}"))
     shutil.copytree(base, export / "merged")
     plan.validate_config(dataclasses.replace(cfg, init_from=str(export / "merged")))
-    assert "its export/merged/" in " ".join(trainconfig.build_parser().format_help().split())
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at a hyphen too
+    help_text = " ".join(trainconfig.build_parser().format_help().split())
+    assert "its export/merged/, which --export-merged writes" in help_text
+
+
+def test_help_says_what_quantize_bits_quantizes_and_what_base_dtype_holds_under_it():
+    """--help says which weights --quantize-bits quantizes (the base's Linears, the head kept)
+    and that --base-dtype, beside it, is the dtype of the weights left unquantized: the two
+    flags combine, and the run's first line names both."""
+    help_text = " ".join(trainconfig.build_parser().format_help().split())
+    assert "4 (NF4): the frozen base's Linears but lm_head" in help_text
+    assert "with quantize_bits, its unquantized weights" in help_text
 
 
 def _peft_adapter(base: Path, out: Path, target_modules=("q_proj", "v_proj")):
