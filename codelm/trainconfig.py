@@ -531,9 +531,10 @@ def check_config(cfg: TrainConfig, where_set: Callable[[str], str] = settings.fl
          f"LoRA needs a pretrained base (init_from, {where_set('init_from')}): a from-scratch "
          "model has nothing frozen worth keeping, so only the adapters of a random model would "
          "train; set init_from, or lora_r 0 to train every weight")
+    on_a_base = "" if cfg.init_from is not None else f" and init_from ({where_set('init_from')})"
     need(cfg.quantize_bits == 0 or cfg.lora_r > 0, "quantize_bits",
          f"a quantized base is frozen: it needs LoRA, but {named('lora_r')} trains every "
-         "weight: set lora_r > 0")
+         f"weight: set lora_r > 0{on_a_base}")
     need(cfg.base_dtype == "fp32" or cfg.lora_r > 0, "base_dtype",
          f"only a frozen base can be held in 16 bits, and {named('lora_r')} trains every "
          f"weight (in fp32): set lora_r > 0 for LoRA, or precision bf16 "

@@ -5110,13 +5110,16 @@ def test_a_budget_reached_on_the_last_step_is_a_finished_run(assets, tmp_path, m
     ({"max_steps": 10, "decay_steps": 11}, r"decay_steps \(11, --decay-steps\): exceeds max_steps"),
     ({"max_steps": 100, "warmup_steps": 50, "decay_steps": 80},
      r"decay_steps \(80, --decay-steps\): exceeds max_steps \(100\) less warmup_steps \(50\)"),
-    ({"quantize_bits": 4}, r"quantize_bits \(4, --quantize-bits\): a quantized base is frozen"),
+    ({"quantize_bits": 4}, r"quantize_bits \(4, --quantize-bits\): a quantized base is frozen.*"
+                           r"set lora_r > 0 and init_from \(--init-from\)$"),
+    ({"quantize_bits": 4, "init_from": "/nonexistent"}, r"frozen.*set lora_r > 0$"),
     ({"init_from": "/nonexistent", "n_layer": 2}, r"n_layer \(.*\): the shape .* cannot"),
     ({"init_from": "/nonexistent", "n_embd": 64}, r"n_embd \(.*\): the shape .* cannot"),
 ])
 def test_validate_config_refuses(values, message):
     """Range bounds and cross-key refusals beyond the five keys above; --init-from with a
-    shape flag would otherwise train the full model, ignoring the flag."""
+    shape flag would otherwise train the full model, ignoring the flag. --quantize-bits alone
+    names both flags it needs, --lora-r and --init-from, in one refusal."""
     with pytest.raises(ValueError, match=message):
         plan.validate_config(trainconfig.TrainConfig(**values))
 
