@@ -4061,6 +4061,16 @@ def test_a_runs_first_line_names_its_adapters_and_the_base_they_train_on(values,
     assert build.adapters_on(trainconfig.TrainConfig(**values)) == said
 
 
+def test_the_memory_docs_quote_a_qlora_runs_first_line_as_it_is_written():
+    """docs/training.md's Memory section says what --quantize-bits quantizes and what
+    --base-dtype holds beside it, quoting the run's first line: the quote is the line's words."""
+    docs = " ".join((ROOT / "docs" / "training.md").read_text().split())
+    said = build.adapters_on(trainconfig.TrainConfig(lora_r=8, quantize_bits=4, base_dtype="bf16"))
+    assert "holds its Linears in NF4" in docs
+    assert f'"on {quantize.base_form(4, "bf16")}"' in docs and said.endswith(
+        quantize.base_form(4, "bf16"))
+
+
 def test_final_eval_typed_for_a_run_that_makes_none_says_why_and_what_scores_it(tmp_path, capsys):
     """--final-eval on a LoRA run (or another task, or no export) would be ignored: a note says
     why and names eval.py's command; a from-scratch lm run takes it without a word."""
