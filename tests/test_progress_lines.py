@@ -20,8 +20,8 @@ class Clock:
 
 def test_a_heartbeat_says_where_its_phase_is_once_30_seconds_have_passed(capsys):
     """No line before HEARTBEAT_S (30 s) of the phase, one at the first update after, with the
-    count, its total, the unit, the time and the time left at the rate so far; the next 30 s
-    after that line."""
+    count, its total, the unit, the time and the time left at the rate since the first update;
+    the next 30 s after that line."""
     clock = Clock()
     beat = console.Heartbeat("base humaneval", total=164, unit="prompt", clock=clock)
     for _ in range(3):  # 29 s: quiet
@@ -30,24 +30,37 @@ def test_a_heartbeat_says_where_its_phase_is_once_30_seconds_have_passed(capsys)
     assert capsys.readouterr().err == ""
     clock.now += 1.0
     beat.update(8)
-    assert capsys.readouterr().err == "base humaneval: 32/164 prompts, 0m30s, about 2m04s left\n"
+    # 24 prompts in the 20.4 s since the first update: 132 left take 112 s
+    assert capsys.readouterr().err == "base humaneval: 32/164 prompts, 0m30s, about 1m52s left\n"
     clock.now += 29.0
     beat.update(8)
     assert capsys.readouterr().err == ""
     clock.now += 61.0
     beat.update(2)
-    assert capsys.readouterr().err == "base humaneval: 42/164 prompts, 2m00s, about 5m49s left\n"
+    assert capsys.readouterr().err == "base humaneval: 42/164 prompts, 2m00s, about 6m36s left\n"
 
 
-def test_a_resumed_phase_estimates_its_time_left_from_what_it_did_itself():
-    """A phase that starts with work done before (a resumed evaluation) takes its rate from the
-    work since it began: 10 of 50 left done in 10 s leaves 40 s; a phase without a total, or
-    at its total, names no time left."""
-    beat = console.Heartbeat("score", total=100, unit="prompt", initial=50, clock=lambda: 0.0)
-    beat.n = 60
-    assert beat.line(10.0) == "score: 60/100 prompts, 0m10s, about 0m40s left"
-    beat.n = 100
-    assert beat.line(10.0) == "score: 100/100 prompts, 0m10s"
+def test_the_time_left_is_at_the_rate_since_the_first_update():
+    """The first update's time holds the phase's warm-up (a compiled model's first batch
+    compiles it), and a resumed phase's work done before it began is no rate of its own: the
+    time left counts from the first update, and after that update alone the line names none;
+    nor does a phase without a total, or at its total."""
+    clock = Clock()
+    beat = console.Heartbeat("eval", total=20, unit="batch", clock=clock)
+    clock.now += 32.0  # the first batch compiles the model
+    beat.update(1)
+    assert beat.line(clock.now) == "eval: 1/20 batches, 0m32s"
+    clock.now += 2.0
+    beat.update(2)
+    assert beat.line(clock.now) == "eval: 3/20 batches, 0m34s, about 0m17s left"
+    resumed = console.Heartbeat("score", total=100, unit="prompt", initial=50, clock=clock)
+    clock.now += 2.0
+    resumed.update(5)
+    clock.now += 10.0
+    resumed.update(5)  # 5 in 10 s since the first update: 40 left take 80 s
+    assert resumed.line(clock.now) == "score: 60/100 prompts, 0m12s, about 1m20s left"
+    resumed.update(40)
+    assert resumed.line(clock.now) == "score: 100/100 prompts, 0m12s"
     assert console.Heartbeat("read", unit="file", clock=lambda: 0.0).line(10.0) == (
         "read: 0 files, 0m10s")
 

@@ -103,10 +103,12 @@ HEARTBEAT_S = 30.0
 
 class Heartbeat:
     """A long phase's plain line on stderr ("tokenize train: 1200/5000 texts, 1m30s, about 4m53s
-    left"), at the
-    first update ``every`` seconds (HEARTBEAT_S) after the phase began or its last line: what a
-    log gets of a phase whose progress bar is hidden (--no-progress hides bars, not the log).
-    ``clock``: seconds, monotonic (a test's fake)."""
+    left"), at the first update ``every`` seconds (HEARTBEAT_S) after the phase began or its
+    last line: what a log gets of a phase whose progress bar is hidden (--no-progress hides
+    bars, not the log). The time left is at the rate since the first update: the time before
+    it holds the phase's warm-up (a compilation, a cache filled), and the work done before the
+    phase began (a resumed one's) is no rate of its own. ``clock``: seconds, monotonic (a
+    test's fake)."""
 
     def __init__(self, desc: str, total: float | None = None, unit: str = "it",
                  initial: float = 0, every: float | None = None,
@@ -115,15 +117,17 @@ class Heartbeat:
         self.total = total
         self.unit = unit
         self.n = initial
-        self.initial = initial  # done before the phase began (a resumed one's): no rate of its
         self.every = HEARTBEAT_S if every is None else every
         self.clock = clock
         self.started = self.last = clock()
+        self.first_update: tuple[float, float] | None = None  # (time, count) at the first update
 
     def update(self, n: float = 1) -> None:
         """``n`` more done; the line, if ``every`` seconds passed since the last."""
         self.n += n
         now = self.clock()
+        if self.first_update is None:
+            self.first_update = (now, self.n)
         if now - self.last >= self.every:
             self.last = now
             from tqdm import tqdm
@@ -136,10 +140,12 @@ class Heartbeat:
         unit = "" if self.unit == "it" else f" {self.unit}{plural}"
         elapsed = now - self.started
         line = f"{self.desc or 'working'}: {count}{unit}, {duration(elapsed)}"
-        done = self.n - self.initial
-        if self.total is None or done <= 0 or self.n >= self.total:
+        if self.total is None or self.first_update is None or self.n >= self.total:
             return line
-        left = (self.total - self.n) * elapsed / done  # at the phase's rate so far
+        first_time, first_count = self.first_update
+        if self.n <= first_count or now <= first_time:  # one update so far: no rate past warm-up
+            return line
+        left = (self.total - self.n) * (now - first_time) / (self.n - first_count)
         return f"{line}, about {duration(left)} left"
 
 
