@@ -4559,17 +4559,19 @@ def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(assets, t
     the last evaluated step is restored, so no second val line and no second on_eval (which
     the sweep would report to Optuna twice). Also where the last step was saved (save_every)
     before its evaluation: the checkpoint is written again with it, else a resume would evaluate
-    it again and forget it."""
+    it again and forget it. Resumed with --compile, it says nothing of compiling, which no step
+    does."""
     cfg = tiny_cfg(assets, tmp_path, **settings)
     first = tm.train(cfg)
     steps = [settings["eval_every"], settings["max_steps"]]
     assert _val_steps(first.run_dir) == steps
     seen = []
-    again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir)),
+    again = tm.train(dataclasses.replace(cfg, resume=str(first.run_dir), compile=True),
                      on_eval=lambda step, metrics: seen.append(step))
     assert again.step == steps[-1] and seen == [] and _val_steps(first.run_dir) == steps
-    assert f"the run had trained its {steps[-1]} steps: nothing is trained" in (
-        capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    assert f"the run had trained its {steps[-1]} steps: nothing is trained" in out
+    assert "resumed" in out and "compiling" not in err
 
 
 def test_a_budget_stops_best_is_kept_by_the_resume(assets, tmp_path, monkeypatch):

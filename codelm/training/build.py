@@ -716,7 +716,7 @@ def announce(run: Run, cfg: TrainConfig, where_set: Callable[[str], str] = setti
         print(f"note: {setting(cfg, 'label_smoothing', where_set)}: the train loss is the "
               "smoothed one, above the true loss the val loss reports (compare runs by val "
               "loss)", file=sys.stderr)
-    if cfg.compile:
+    if cfg.compile and run.state.step < planned:  # a finished run resumed trains nothing
         print("compiling the model: the first steps take a while", file=sys.stderr)
     if trainer.precision == "fp16" and run.device.type == "cpu":
         print(f"warning: {setting(cfg, 'precision', where_set)} on cpu computes many times "
