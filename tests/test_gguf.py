@@ -783,7 +783,10 @@ def test_a_lora_run_with_export_gguf_writes_its_merged_weights_and_a_modelfile(c
         compared += 1
     assert compared == len(got) - ("rope_freqs.weight" in got)
     assert (export / "Modelfile").read_text().startswith("FROM ./model.gguf\n")
-    assert f"ollama create NAME -f {export / 'Modelfile'}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"ollama create NAME -f {export / 'Modelfile'}" in said
+    assert f"the adapter merged into {base}" in said  # which base the file holds
+    assert "merged into" not in gguf_writer.ollama_hint(export / "model.gguf", "f16")
 
 
 def test_export_gguf_is_refused_before_training_naming_the_setting(checkpoints, tmp_path,

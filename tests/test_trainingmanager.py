@@ -4047,25 +4047,32 @@ def test_a_run_saves_its_paths_absolute_and_resumes_from_any_directory(assets, t
     assert json.loads((run / "config.json").read_text())["data"] == ["corpus"]
 
 
-@pytest.mark.parametrize("values, said", [
-    ({}, ""), ({"lora_r": 8}, ", LoRA r 8 on an fp32 base"),
-    ({"lora_r": 8, "quantize_bits": 4}, ", LoRA r 8 on an NF4 base"),
-    ({"lora_r": 8, "quantize_bits": 8}, ", LoRA r 8 on an int8 base"),
-    ({"lora_r": 8, "quantize_bits": 4, "base_dtype": "bf16"},
-     ", LoRA r 8 on an NF4 base (the rest bf16)"),
-    ({"lora_r": 16, "lora_dora": True, "base_dtype": "bf16"}, ", DoRA r 16 on a bf16 base")])
-def test_a_runs_first_line_names_its_adapters_and_the_base_they_train_on(values, said):
-    """The first line of a LoRA run says so, with the form of the frozen base (QLoRA's NF4 or
+ADAPTED = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.attn.qkv", "blocks.1.attn.proj"]
+
+
+@pytest.mark.parametrize("values, adapted, said", [
+    ({}, [], ""),
+    ({"lora_r": 8}, ADAPTED, ", LoRA r 8 in 4 modules (qkv, proj) on an fp32 base"),
+    ({"lora_r": 8, "quantize_bits": 4}, ADAPTED[:1], ", LoRA r 8 in 1 module (qkv) on an NF4 base"),
+    ({"lora_r": 8, "quantize_bits": 8}, ADAPTED, ", LoRA r 8 in 4 modules (qkv, proj) on an int8 base"),
+    ({"lora_r": 8, "quantize_bits": 4, "base_dtype": "bf16"}, ["tok_emb", *ADAPTED[2:]],
+     ", LoRA r 8 in 3 modules (tok_emb, qkv, proj) on an NF4 base (the rest bf16)"),
+    ({"lora_r": 16, "lora_dora": True, "base_dtype": "bf16"}, ADAPTED,
+     ", DoRA r 16 in 4 modules (qkv, proj) on a bf16 base")])
+def test_a_runs_first_line_names_its_adapters_and_the_base_they_train_on(values, adapted, said):
+    """The first line of a LoRA run says so: how many modules the adapters adapt and which
+    (each name once, in the model's order), and the form of the frozen base (QLoRA's NF4 or
     int8, a bf16 base, and the dtype --base-dtype holds a quantized base's other weights in):
     what the log alone tells of the run's memory and numerics."""
-    assert build.adapters_on(trainconfig.TrainConfig(**values)) == said
+    assert build.adapters_on(trainconfig.TrainConfig(**values), adapted) == said
 
 
 def test_the_memory_docs_quote_a_qlora_runs_first_line_as_it_is_written():
     """docs/training.md's Memory section says what --quantize-bits quantizes and what
     --base-dtype holds beside it, quoting the run's first line: the quote is the line's words."""
     docs = " ".join((ROOT / "docs" / "training.md").read_text().split())
-    said = build.adapters_on(trainconfig.TrainConfig(lora_r=8, quantize_bits=4, base_dtype="bf16"))
+    said = build.adapters_on(trainconfig.TrainConfig(lora_r=8, quantize_bits=4, base_dtype="bf16"),
+                             ADAPTED)
     assert "holds its Linears in NF4" in docs
     assert f'"on {quantize.base_form(4, "bf16")}"' in docs and said.endswith(
         quantize.base_form(4, "bf16"))
@@ -4108,8 +4115,11 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     base = tiny_llama(tmp_path)
     assert tm.main(["--config", config, "--lora-r", "4", "--init-from", str(base)]) == 0
     out = capsys.readouterr().out
-    trainable = re.search(r"\((\S+) trainable\), LoRA r 4 on an fp32 base,", out).group(1)
-    assert re.fullmatch(r"\d{1,3}(,\d{3})*", trainable), trainable  # not "0.00M"
+    said = re.search(r"\((\S+) trainable\), LoRA r 4 in (\d+) modules \(qkv, proj\) on an "
+                     r"fp32 base,", out)
+    assert re.fullmatch(r"\d{1,3}(,\d{3})*", said.group(1)), said.group(1)  # not "0.00M"
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    assert int(said.group(2)) == 2 * layers  # the default targets: each block's qkv and proj
     run = tmp_path / "runs" / "run"
     # no final evaluation for LoRA: the last line says how to score it beside its base
     assert out.splitlines()[-1] == f"score it: python eval.py --models base={base} {run}"

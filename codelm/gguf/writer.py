@@ -497,11 +497,13 @@ def save(model: Transformer, tok: BPETokenizer, out: Path, outtype: str, name: s
     return out
 
 
-def ollama_hint(out: Path, outtype: str) -> str:
-    """What a written export is and how Ollama takes it in."""
+def ollama_hint(out: Path, outtype: str, merged_into: str | None = None) -> str:
+    """What a written export is (``merged_into``: the base a LoRA adapter was merged into) and
+    how Ollama takes it in."""
     recipe = modelfile_path(out)
     kept = ""
     if recipe.name != MODELFILE:
         kept = f" ({out.with_name(MODELFILE)} runs another file: left as it is)"
-    return (f"wrote {out} ({outtype}) and {recipe}{kept}: ollama create NAME -f "
+    made = "" if merged_into is None else f", the adapter merged into {merged_into}"
+    return (f"wrote {out} ({outtype}{made}) and {recipe}{kept}: ollama create NAME -f "
             f"{shlex.quote(str(recipe))}")

@@ -653,13 +653,21 @@ def restore_checkpoint(cfg: TrainConfig, path: Path, trainer: Trainer, data: Dat
     return state
 
 
-def adapters_on(cfg: TrainConfig) -> str:
-    """A LoRA run's adapters and the form of the frozen base they train on, for its first line:
-    ", LoRA r 8 on an NF4 base"; nothing for a run that trains every weight."""
+def adapters_on(cfg: TrainConfig, adapted: list[str]) -> str:
+    """A LoRA run's adapters (``adapted``: the paths of the modules they adapt) and the form of
+    the frozen base they train on, for its first line: ", LoRA r 8 in 24 modules (qkv, proj) on
+    an NF4 base"; nothing for a run that trains every weight."""
     if cfg.lora_r == 0:
         return ""
     kind = "DoRA" if cfg.lora_dora else "LoRA"
-    return f", {kind} r {cfg.lora_r} on {quantize.base_form(cfg.quantize_bits, cfg.base_dtype)}"
+    names = []  # the modules' own names, each once, in the model's order
+    for path in adapted:
+        name = path.rsplit(".", 1)[-1]
+        if name not in names:
+            names.append(name)
+    modules = f"{len(adapted)} module{'s' if len(adapted) != 1 else ''} ({', '.join(names)})"
+    base = quantize.base_form(cfg.quantize_bits, cfg.base_dtype)
+    return f", {kind} r {cfg.lora_r} in {modules} on {base}"
 
 
 # What a task's training example is, as the run's first line counts them.
@@ -674,6 +682,7 @@ def announce(run: Run, cfg: TrainConfig, where_set: Callable[[str], str] = setti
     trainer, batches, planned = run.trainer, run.data.batches, run.state.max_steps
     n_params = quantize.parameter_count(trainer.raw_model)
     n_train = sum(p.numel() for p in trainer.params)
+    adapted = [path for path, _ in lora.lora_modules(trainer.raw_model)]
     n = batches.examples_per_epoch
     if batches.windows_at_every_token:
         size = f"{batches.train.n_tokens:,} training tokens"
@@ -688,7 +697,7 @@ def announce(run: Run, cfg: TrainConfig, where_set: Callable[[str], str] = setti
     processes = (f" x {trainer.dist.world} processes ({cfg.strategy})" if trainer.dist.enabled
                  else "")
     print(f"run {run.record.run_dir}: {plan.millions(n_params)} parameters "
-          f"({plan.millions(n_train)} trainable){adapters_on(cfg)}, {size}, {planned} steps "
+          f"({plan.millions(n_train)} trainable){adapters_on(cfg, adapted)}, {size}, {planned} steps "
           f"({batches.epoch(planned):.3g} epochs of {epoch}), {trainer.precision} on "
           f"{run.device}{processes}")
     resumed = cfg.resume is not None  # its warmup_steps are the checkpoint's (RESUME_MAY_CHANGE)

@@ -165,7 +165,8 @@ def export_run(run: Run) -> tuple[Path | None, str | None]:
         print(f"exported to {export}: {best_quality(settings.task, best_loss)} at step "
               f"{exported_step}")
     if settings.export_gguf is not None:
-        print(writer.ollama_hint(export / rundir.GGUF_FILE, settings.export_gguf))
+        merged_into = settings.init_from if settings.lora_r > 0 else None
+        print(writer.ollama_hint(export / rundir.GGUF_FILE, settings.export_gguf, merged_into))
     return export, sample
 
 
