@@ -317,7 +317,9 @@ dataset.prepare(cfg, None if stage == "corpus" else load_tokenizer(tokenizer))
 """
 
 
-@pytest.mark.parametrize("stage", ["corpus", "tokens"])
+# [tokens] is slow; quick cover: [corpus] (the same shard renames) and
+# test_an_interrupted_lm_build_continues_after_its_whole_token_shards (the token shards)
+@pytest.mark.parametrize("stage", ["corpus", pytest.param("tokens", marks=pytest.mark.slow)])
 def test_a_build_killed_with_sigkill_continues_after_its_whole_shards(tmp_path, source, tokenizer,
                                                                       monkeypatch, stage):
     """SIGKILL (no handler runs) while a third shard's files are half renamed: the next build

@@ -779,6 +779,10 @@ def _compiled_batch1_decode(shape: str) -> None:
     assert not re.search(r"(extern_kernels|aten)\.(add)?mm(\.default)?\(", step_code)
 
 
+# slow; quick cover: test_copies_and_pickles_leave_the_compiled_decode_step_behind (a compiled
+# batch-1 generate decodes eager's tokens; not the fusion) and test_engine's
+# test_the_compiled_engine_decodes_what_the_eager_one_decodes
+@pytest.mark.slow
 def test_compiled_batch1_decode_fuses_the_matmuls_and_matches_eager():
     """At batch 1 the compiled step turns every Linear (here with biases: addmm) into a fused
     multiply-reduce, no matmul kernel call left in inductor's code, and decodes eager's tokens."""
@@ -786,14 +790,16 @@ def test_compiled_batch1_decode_fuses_the_matmuls_and_matches_eager():
 
 
 def test_copies_and_pickles_leave_the_compiled_decode_step_behind():
-    """The compiled step is not kept on the instance: a deep copy decodes with its own weights,
-    not the original's, and the model pickles after a compiled generate."""
+    """The compiled step decodes eager's tokens and is not kept on the instance: a deep copy
+    decodes with its own weights, not the original's, and the model pickles after a compiled
+    generate."""
     import copy
     import io
     import pickle
 
     model, idx = _model("phi"), _ids(1, 7)
     want = gen(model, idx, 12, compile=True)
+    assert torch.equal(want, gen(model, idx, 12))
     twin = copy.deepcopy(model)
     with torch.no_grad():  # the original now always picks token 5
         model.lm_head.bias[5] = 1e4

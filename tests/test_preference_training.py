@@ -643,6 +643,9 @@ distributed.leave()
 """
 
 
+# slow; quick cover: test_a_kto_batch_takes_its_kl_estimate_over_every_process (the collective)
+# and test_preference.py's test_kto_equals_trls (the loss)
+@pytest.mark.slow
 def test_kto_validates_alike_on_two_ranks_of_half_the_batch_and_as_trls_loss(tmp_path):
     """KTO's validation loss depends on the global batch alone: 2 gloo ranks of batch 4 (their
     batches dealt 2 and 1, the rank with fewer joining the KL estimate's collective with none)

@@ -69,11 +69,17 @@ def _ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
-# qwen_coder_completion is slow: a LoRA lm + line recipe as fastapi_codegen is (quick cover:
-# test_recipe_smoke_end_to_end[fastapi_codegen]), on the qwen2 family whose adapter loads in PEFT
-# with the same logits in test_lora's test_all_linear_adapts_what_peft_adapts_and_loads_there.
+# Slow, each with its quick cover: qwen_coder_completion, a LoRA lm + line recipe as
+# fastapi_codegen is ([fastapi_codegen]), on the qwen2 family whose adapter loads in PEFT with the
+# same logits in test_lora's test_all_linear_adapts_what_peft_adapts_and_loads_there;
+# refactotron and airflow_docstrings, LoRA recipes as [fastapi_codegen] and [kotlin_phi] are,
+# whose tasks train end to end in test_trainingmanager (refactor pairs) and are scored in
+# test_eval (docstring), on families whose adapters load in PEFT with the same logits (test_lora).
+SLOW_RECIPES = {"qwen_coder_completion", "refactotron", "airflow_docstrings"}
+
+
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
-                                  if name == "qwen_coder_completion" else name
+                                  if name in SLOW_RECIPES else name
                                   for name in RECIPES])
 def test_recipe_smoke_end_to_end(name, tmp_path, monkeypatch, capsys):
     """Each shipped recipe's --smoke run trains with the recipe's settings, its loss falls, the

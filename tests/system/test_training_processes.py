@@ -129,7 +129,10 @@ def straight(assets, tmp_path_factory) -> Path:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("mode", ["step", "write"])
+# [write] is slow; quick cover: [step] (kill -9, then a bit-exact resume) and test_trainingmanager's
+# test_a_writer_killed_between_its_renames_leaves_the_old_copy_for_the_next_write (a kill inside
+# a checkpoint's write)
+@pytest.mark.parametrize("mode", ["step", pytest.param("write", marks=pytest.mark.slow)])
 def test_resume_after_kill_9_is_bit_exact(assets, tmp_path, straight, mode):
     """Dropout and accumulation on (STRAIGHT), so RNG state and data position must both come
     back; the resumed run's metrics lines go on with the epochs the uninterrupted run logged."""
