@@ -6170,6 +6170,17 @@ def test_a_comment_line_adds_nothing_to_a_normalized_body():
     assert codexglue_method_normalize(commented, set(), {"1", "2"}) == expected
 
 
+def test_the_spaces_before_an_inline_comment_stay_as_codexglues_data_keeps_them():
+    """CodeXGLUE's preprocessing writes the gap before each token, a dropped comment's too: the
+    spaces between code and its inline comment stay before the line's <EOL>, and a reference
+    holding them is matched exactly only by a body normalized alike."""
+    from codelm.evaluation.metrics import codexglue_method_normalize
+
+    body = "    x = 1  # one\n    return x # done\n"
+    expected = "x = <NUM_LIT:1>  <EOL>return x <EOL>"
+    assert codexglue_method_normalize(body, set(), {"1"}) == expected
+
+
 def test_method_post_process_equals_codexglues_evaluator_wherever_the_markers_stand():
     """<INDENT> and <DEDENT> are each a space in CodeXGLUE's evaluator, so a marker between two
     tokens keeps them apart even where no <EOL> precedes it."""
