@@ -232,12 +232,13 @@ def test_a_cached_dataset_id_reads_its_train_split_not_train_prefs_or_train_sft(
 def test_a_bad_pair_is_refused_in_one_line_naming_file_and_line(record, message, tmp_path):
     """Each kind of bad pair (a field missing or of the wrong type, chosen equal
     to rejected, a labelled completion where pairs are read) is one line opening
-    with file:line and naming the fault."""
+    with file:line, naming the fault and the data option that skips such records."""
     path = _write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, record])
     with pytest.raises(DataError) as caught:
         read_preferences([str(path)], False, DataConfig(progress=False))
     assert str(caught.value).startswith(f"{path}:2: ") and message in str(caught.value)
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and '--data-options \'{"skip_bad": true}\'' in str(
+        caught.value)
 
 
 @pytest.mark.parametrize("record, message", [

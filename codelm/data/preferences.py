@@ -35,6 +35,8 @@ from tokenizer import CodeTokenizer
 
 PAIRED = ("prompt", "chosen", "rejected")
 UNPAIRED = ("prompt", "completion", "label")
+# What a refused record's line ends with: the data option that skips and counts such records.
+SKIP_BAD_HINT = "(to skip such records and count them: --data-options '{\"skip_bad\": true}')"
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,9 @@ def read_preferences(sources: Sequence[str], unpaired: bool, cfg: DataConfig
             try:
                 record = check_record(json_object(raw, where) if isinstance(raw, bytes)
                                       else raw, where, unpaired)
-            except DataError:
+            except DataError as exc:
                 if not cfg.skip_bad:
-                    raise
+                    raise DataError(f"{exc} {SKIP_BAD_HINT}") from None
                 skipped += 1
                 continue
             records += unpair(record) if unpaired and record.label is None else [record]
