@@ -224,15 +224,19 @@ def test_a_cached_dataset_id_reads_its_train_split_not_train_prefs_or_train_sft(
                                                                   "content": "b"}]},
      "'prompt' must be a string or a non-empty list"),  # no message shared: no prompt
     ({"chosen": 3, "rejected": "b"}, "no 'prompt' field"),
+    ({"prompt": "p", "choosen": "a", "rejected": "b"},
+     "no 'chosen' field (its fields: prompt, choosen, rejected;"),  # a misspelt key, shown
+    ({**PLAIN, "chosen": None}, "'chosen' is null"),
     ({**PLAIN, "rejected": PLAIN["chosen"]}, "'chosen' and 'rejected' are the same"),
     ({**PLAIN, "chosen": 3}, "'chosen' must be a string or a non-empty list"),
     ({**PLAIN, "chosen": CHAT["chosen"]}, "'chosen' and 'prompt' must both be text"),
     ({"prompt": "p", "completion": "c", "label": True}, "a labelled completion"),
 ])
 def test_a_bad_pair_is_refused_in_one_line_naming_file_and_line(record, message, tmp_path):
-    """Each kind of bad pair (a field missing or of the wrong type, chosen equal
+    """Each kind of bad pair (a field missing, null or of the wrong type, chosen equal
     to rejected, a labelled completion where pairs are read) is one line opening
-    with file:line, naming the fault and the data option that skips such records."""
+    with file:line, naming the fault and the data option that skips such records; a missing
+    field's line lists the fields the record has, so that a misspelt key shows."""
     path = _write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, record])
     with pytest.raises(DataError) as caught:
         read_preferences([str(path)], False, DataConfig(progress=False))

@@ -123,8 +123,9 @@ def check_record(record: dict, where: str, unpaired: bool) -> PreferenceRecord:
     keys = PAIRED if is_pair or not unpaired else UNPAIRED
     required = keys[1:] if is_pair else keys  # a pair's prompt may be implicit (TRL's)
     if missing := [key for key in required if key not in record or record[key] is None]:
-        raise DataError(f"{where}: no {missing[0]!r} field (a record needs {', '.join(keys)}; "
-                        "TRL's format)")
+        fault = f"{missing[0]!r} is null" if missing[0] in record else f"no {missing[0]!r} field"
+        raise DataError(f"{where}: {fault} (its fields: {', '.join(list(record)[:8]) or 'none'}; "
+                        f"a record needs {', '.join(keys)}: TRL's format)")
     if is_pair and record.get("prompt") is None:
         if not all(isinstance(record[key], str | list) and record[key] for key in required):
             raise DataError(f"{where}: no 'prompt' field, and 'chosen' and 'rejected' are not "
