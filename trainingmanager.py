@@ -741,9 +741,11 @@ def _after_training(cfg: TrainConfig, result: TrainResult) -> int:
 
 def eval_command(cfg: TrainConfig, run_dir: Path) -> evaluation.ScoredBy:
     """The eval.py command that scores a run making no final evaluation on the tasks of what
-    it trained for (a run on no corpus: the tasks that score it), beside the base it
-    fine-tuned; and a note on it ("" for none)."""
-    base = f"base={shlex.quote(cfg.init_from)} " if cfg.init_from else ""
+    it trained for (a run on no corpus: the tasks that score it), beside the model it started
+    from (an --init-adapter run's adapter, else the base it fine-tuned), the same on a resume,
+    which reads the adapter's base into init_from; and a note on it ("" for none)."""
+    label, start = ("start", cfg.init_adapter) if cfg.init_adapter else ("base", cfg.init_from)
+    base = f"{label}={shlex.quote(start)} " if start else ""
     command = f"python eval.py --models {base}{shlex.quote(str(run_dir))}"
     if cfg.task not in NO_CORPUS_TASKS:
         return evaluation.ScoredBy(command, "")

@@ -4127,6 +4127,22 @@ def test_lora_without_a_pretrained_base_is_refused(assets, tmp_path, capsys):
     assert rundir.list_checkpoints(run)[-1].name == "step-3"
 
 
+def test_an_init_adapter_runs_closing_hint_scores_it_beside_that_adapter_on_a_resume_too():
+    """A run that trained an --init-adapter on is scored beside that adapter, the model it
+    started from, whether its base is named (a resume reads it into init_from) or not; a run
+    from a base alone, beside the base."""
+    for task, data in (("dpo", ["pairs.jsonl"]), ("completion", None)):
+        for base in (None, "models/base"):
+            config = trainconfig.TrainConfig(task=task, data=data, init_from=base,
+                                             init_adapter="runs/sft/export")
+            command, _ = tm.eval_command(config, Path("runs/tuned"))
+            assert "--models start=runs/sft/export runs/tuned" in command
+            assert "base=" not in command
+    lora = trainconfig.TrainConfig(task="dpo", data=["pairs.jsonl"], init_from="models/base",
+                                   lora_r=8)
+    assert "--models base=models/base runs/tuned" in tm.eval_command(lora, Path("runs/tuned"))[0]
+
+
 def test_lora_targets_that_match_nothing_are_refused_before_the_data(assets, tmp_path,
                                                                      capsys):
     """The adapters a LoRA run adds are added to its base's shape on the meta device as the
