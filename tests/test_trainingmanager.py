@@ -4078,6 +4078,26 @@ def test_the_memory_docs_quote_a_qlora_runs_first_line_as_it_is_written():
         quantize.base_form(4, "bf16"))
 
 
+def test_the_preference_docs_say_what_a_lora_supervised_runs_export_gives(tmp_path):
+    """docs/training.md's preference commands take the supervised run's export: for a LoRA run
+    that is an adapter, which --init-from refuses, so the docs name the two ways on that the
+    refusal names (its export/merged/, or --init-adapter)."""
+    docs = " ".join((ROOT / "docs" / "training.md").read_text().split())
+    section = docs[docs.index("## Preference tuning"):docs.index("## Packing")]
+    assert "`export/merged/` (`--export-merged` writes it)" in section
+    assert "`--init-adapter SFT_EXPORT` in place of `--init-from SFT_EXPORT --lora-r 16`" in section
+    base = tiny_llama(tmp_path)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / adapter_config.ADAPTER_CONFIG).write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": str(base), "r": 4, "lora_alpha": 8,
+         "target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError) as refused:
+        plan.parse_config(["--task", "dpo", "--data", "p.jsonl", "--init-from", str(adapter),
+                           "--lora-r", "16"])
+    assert "--export-merged" in str(refused.value) and "--init-adapter" in str(refused.value)
+
+
 def test_final_eval_typed_for_a_run_that_makes_none_says_why_and_what_scores_it(tmp_path, capsys):
     """--final-eval on a LoRA run (or another task, or no export) would be ignored: a note says
     why and names eval.py's command; a from-scratch lm run takes it without a word."""
