@@ -39,6 +39,11 @@ UNPAIRED = ("prompt", "completion", "label")
 SKIP_BAD_HINT = "(to skip such records and count them: --data-options '{\"skip_bad\": true}')"
 
 
+class OtherTaskRecord(DataError):
+    """A record of the other task's kind (a labelled completion where pairs are read): the file
+    is another task's, which skipping its records would not mend."""
+
+
 @dataclass(frozen=True)
 class PreferenceRecord:
     """One record as read: its prompt and completions, each a text or a list of messages;
@@ -87,7 +92,8 @@ def read_preferences(sources: Sequence[str], unpaired: bool, cfg: DataConfig
                                       else raw, where, unpaired)
             except DataError as exc:
                 if not cfg.skip_bad:
-                    raise DataError(f"{exc} {SKIP_BAD_HINT}") from None
+                    hint = "" if isinstance(exc, OtherTaskRecord) else f" {SKIP_BAD_HINT}"
+                    raise DataError(f"{exc}{hint}") from None
                 skipped += 1
                 continue
             records += unpair(record) if unpaired and record.label is None else [record]
@@ -118,8 +124,9 @@ def check_record(record: dict, where: str, unpaired: bool) -> PreferenceRecord:
     is_pair = "chosen" in record or "rejected" in record
     if not is_pair and not unpaired:
         if "completion" in record and "label" in record:
-            raise DataError(f"{where}: a labelled completion (prompt, completion, label): the "
-                            "kto task trains on those; a pair needs prompt, chosen and rejected")
+            raise OtherTaskRecord(f"{where}: a labelled completion (prompt, completion, label): "
+                                  "--task kto trains on those; a pair needs prompt, chosen and "
+                                  "rejected")
     keys = PAIRED if is_pair or not unpaired else UNPAIRED
     required = keys[1:] if is_pair else keys  # a pair's prompt may be implicit (TRL's)
     if missing := [key for key in required if key not in record or record[key] is None]:
