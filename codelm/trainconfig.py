@@ -105,7 +105,8 @@ class TrainConfig:
     #   | fim (fill in the middle) | chat (conversation JSONL, in the tokenizer's
     #   chat template) | project (repository-shaped sequences and cross-file line completion);
     #   grpo (reinforcement learning from problems' tests); or preference tuning on TRL's
-    #   preference records: dpo | kto | orpo | simpo
+    #   preference records: dpo | kto | orpo | simpo (JSONL of {"prompt", "chosen", "rejected"};
+    #   kto also {"prompt", "completion", "label"}: docs/training.md, "Preference tuning")
     data: list[str] | None = None  # "stdlib", directories (git checkouts too), JSONL of code,
     #   pairs or conversations, parquet files, datasets save_to_disk directories, hub dataset ids
     val_data: list[str] | None = None  # predefined validation files (None: split from data)

@@ -3591,6 +3591,16 @@ def test_help_says_what_quantize_bits_quantizes_and_what_base_dtype_holds_under_
     assert "with quantize_bits, its unquantized weights" in help_text
 
 
+def test_help_names_the_fields_of_the_preference_tasks_records(monkeypatch):
+    """--help's --task names the fields a preference task's JSONL records hold (a pair's, and
+    KTO's labelled completion) and where the format is told, so that a hand-written file can be
+    made from the help alone."""
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at a hyphen too
+    help_text = " ".join(trainconfig.build_parser().format_help().split())
+    assert '{"prompt", "chosen", "rejected"}' in help_text
+    assert '{"prompt", "completion", "label"}' in help_text and '"Preference tuning"' in help_text
+
+
 def _peft_adapter(base: Path, out: Path, target_modules=("q_proj", "v_proj")):
     """An adapter made by PEFT on the HF checkpoint ``base`` (B random too, so that it changes
     the logits), saved to ``out`` naming ``base``; returns the PEFT model in eval mode."""
