@@ -568,11 +568,13 @@ def test_yaml_config_files_read_as_json_ones_do(tmp_path):
 
 @pytest.mark.parametrize("script, flag", [("eval", "--seed"), ("hyperparam_tune", "--sampler-seed")])
 def test_print_config_of_eval_and_tune_reads_back_to_the_same_settings(script, flag, tmp_path,
-                                                                       capsys):
+                                                                       capsys, monkeypatch):
     """--print-config yaml of eval.py and hyperparam_tune.py prints a file that, given to --config,
-    makes the same settings: a run's settings are saved to be run again."""
+    makes the same settings: a run's settings are saved to be run again. It runs in a directory
+    of its own: eval.py's default model is the latest run under ./runs."""
     import importlib
 
+    monkeypatch.chdir(tmp_path)
     module = importlib.import_module(script)
     argv = [flag, "7", "--config", str(tmp_path / "first.yaml")]
     (tmp_path / "first.yaml").write_text("progress: false\n")
@@ -588,13 +590,15 @@ def test_print_config_of_eval_and_tune_reads_back_to_the_same_settings(script, f
     ("hyperparam_tune", ["--time-budget-min", "5"], "max_steps", 150)])
 def test_a_printed_config_leaves_a_derived_default_to_the_flags_beside_it(script, beside, key,
                                                                           derived, tmp_path,
-                                                                          capsys):
+                                                                          capsys, monkeypatch):
     """A value derived where none is given (eval.py's batch_size and max_new_tokens, a sweep's
     max_steps) is printed null by --print-config, so the printed file with --serve, --chat or
     --time-budget-min beside it makes the settings those flags make alone; the same value
-    given is printed as given."""
+    given is printed as given. It runs in a directory of its own: eval.py's default model is
+    the latest run under ./runs."""
     import importlib
 
+    monkeypatch.chdir(tmp_path)
     module = importlib.import_module(script)
     for fmt in ("json", "yaml"):
         assert module.main(["--print-config", fmt]) == 0
