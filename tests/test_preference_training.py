@@ -90,16 +90,18 @@ def test_each_preference_task_learns_a_toy_preference_in_the_one_loop(assets, tm
 
 def test_dpo_starts_at_log_2_with_the_starting_model_as_reference(assets, tmp_path, capsys):
     """Before the first update the policy is its reference: every margin 0, the loss log 2
-    (TRL's sigmoid loss at a zero margin), the rewards 0; the console shows them."""
+    (TRL's sigmoid loss at a zero margin), the rewards 0; the console shows them, the accuracy
+    and margin named as the implicit reward's (an SFT run's acc is the next token's)."""
     result = tm.train(pref_cfg(assets, tmp_path, max_steps=1, eval_every=1, lr=1e-9))
     first = logged(result.run_dir, "train")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert logged(result.run_dir, "val")[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-4)
     out = capsys.readouterr().out
-    assert "step 1/1 | loss 0.6931 | acc 0.000 | margin 0.000 | logp_chosen" in out
+    assert "step 1/1 | loss 0.6931 | reward_acc 0.000 | reward_margin 0.000 | logp_chosen" in out
     # (after the step: margins of about 1e-9, whose signs make any accuracy)
-    assert re.search(r"val loss 0\.6931 \| acc \d\.\d{3} \| margin -?0\.000 \|", out)
+    assert re.search(r"val loss 0\.6931 \| reward_acc \d\.\d{3} \| reward_margin -?0\.000 \|",
+                     out)
     assert "perplexity" not in out
 
 

@@ -283,7 +283,7 @@ def divergence_causes(lr: float, precision: str, injected: bool) -> list[str]:
 CONSOLE_METRICS = {"reward_mean": "reward_mean", "pass_rate": "pass_rate",
                    "hack_rate": "hack_rate", "kl": "kl", "completion_length": "completion_length",
                    "samples_per_s": "samples_per_s",
-                   "rewards/accuracies": "acc", "rewards/margins": "margin",
+                   "rewards/accuracies": "reward_acc", "rewards/margins": "reward_margin",
                    "logps/chosen": "logp_chosen", "logps/rejected": "logp_rejected"}
 
 
@@ -349,9 +349,10 @@ class Progress:
             quality = f"val pass@1 {metrics['val_pass@1']:.3f}"
         else:
             ppl = f" | ppl {metrics['val_ppl']:.2f}" if "val_ppl" in metrics else ""
-            acc = f" | acc {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
-            margin = metrics.get("val_rewards/margins")
-            margin = f" | margin {margin:.3f}" if margin is not None else ""
+            margin = metrics.get("val_rewards/margins")  # a preference task's: its accuracy
+            acc_name = "acc" if margin is None else "reward_acc"  # is the implicit reward's
+            acc = f" | {acc_name} {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
+            margin = f" | reward_margin {margin:.3f}" if margin is not None else ""
             quality = f"val loss {metrics['val_loss']:.4f}{bpb}{ppl}{acc}{margin}"
         left = "" if last or state.step >= state.max_steps else f" | ETA {duration(eta)}"
         rate = ""  # none before this process trained a step
