@@ -75,7 +75,8 @@ def test_each_preference_task_learns_a_toy_preference_in_the_one_loop(assets, tm
                                                                       task, overrides):
     """DPO, KTO, ORPO and SimPO each learn a toy preference in 24 steps of the
     shared loop: loss and val loss fall, the margin grows, val accuracy passes 0.9
-    (KTO logs none), a checkpoint is saved."""
+    (KTO logs none), a checkpoint is saved. Validation counts what it scored in the task's
+    unit: pairs, or KTO's labelled completions."""
     result = tm.train(pref_cfg(assets, tmp_path, task, **overrides))
     train, val = logged(result.run_dir, "train"), logged(result.run_dir, "val")
     assert len(train) == 24 and len(val) == 2
@@ -86,6 +87,8 @@ def test_each_preference_task_learns_a_toy_preference_in_the_one_loop(assets, tm
     if task != "kto":  # KTO's rewards have no accuracy (TRL logs none)
         assert val[-1]["val_accuracy"] > 0.9 and "rewards/accuracies" in train[0]
     assert (result.run_dir / "checkpoints" / "step-24").is_dir()
+    counted, other = ("val_completions", "val_pairs")[::1 if task == "kto" else -1]
+    assert val[-1][counted] > 0 and other not in val[-1]
 
 
 def test_dpo_starts_at_log_2_with_the_starting_model_as_reference(assets, tmp_path, capsys):
@@ -672,7 +675,7 @@ def test_kto_validates_alike_on_two_ranks_of_half_the_batch_and_as_trls_loss(tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     on_ranks = json.loads(proc.stdout.strip().splitlines()[-1])
     alone, trainer, taken = kto_validation(8, Dist())
-    assert len(taken) == 2 and on_ranks["val_pairs"] == alone["val_pairs"] == 11
+    assert len(taken) == 2 and on_ranks["val_completions"] == alone["val_completions"] == 11
     assert on_ranks["val_loss"] == pytest.approx(alone["val_loss"], rel=0, abs=1e-6)
     assert on_ranks["val_kl"] == pytest.approx(alone["val_kl"], rel=0, abs=1e-5)
 

@@ -390,5 +390,5 @@ class PreferenceTrainer(Trainer):
         for name, value in self._averaged(sums[1:]).items():
             key = "val_accuracy" if name == "rewards/accuracies" else f"val_{name}"
             metrics[key] = value
-        metrics["val_pairs"] = int(n)
+        metrics["val_completions" if self.preference.method == "kto" else "val_pairs"] = int(n)
         return metrics
