@@ -504,12 +504,14 @@ def test_scripts_the_readme_says_list_flags_by_section_do():
 
 def test_docs_point_only_at_what_the_repository_holds():
     """A `runs/NAME` the README or docs name is a directory a recipe really writes (its own
-    name, or the `--name NAME` a command of the same doc gives it), and no doc sends the reader
-    outside the repository (../shared/ is not shipped)."""
+    name, the `--name NAME` a command of the same doc gives it, or the `Path("runs/NAME")` a
+    snippet of that doc writes), and no doc sends the reader outside the repository
+    (../shared/ is not shipped)."""
     names = {json.loads(p.read_text())["train"]["name"] for p in (ROOT / "configs").glob("*.json")}
     for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         text = doc.read_text()
         named = set(re.findall(r"--name ([\w-]+)", text))
+        named |= set(re.findall(r'Path\("runs/([\w-]+)"\)', text))
         for name in re.findall(r"runs/([\w-]+)", text):
             assert name in names | named | {"smoke", "eval"}, f"{doc.name}: runs/{name}"  # eval.py's
         assert "../shared" not in text, doc.name

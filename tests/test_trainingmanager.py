@@ -4094,7 +4094,7 @@ def test_the_preference_docs_say_what_a_lora_supervised_runs_export_gives(tmp_pa
     refusal names (its export/merged/, or --init-adapter)."""
     docs = " ".join((ROOT / "docs" / "training.md").read_text().split())
     section = docs[docs.index("## Preference tuning"):docs.index("## Packing")]
-    assert "`export/merged/` (`--export-merged` writes it)" in section
+    assert "`export/merged/` (written by `--export-merged`)" in section
     assert "`--init-adapter SFT_EXPORT` in place of `--init-from SFT_EXPORT --lora-r 16`" in section
     base = tiny_llama(tmp_path)
     adapter = tmp_path / "adapter"
