@@ -21,6 +21,7 @@ from pathlib import Path
 
 from codelm.data.config import DataConfig, DataError
 from codelm.data.sources import (
+    SKIP_BAD,
     checked_messages,
     checked_tools,
     is_jsonl,
@@ -35,8 +36,6 @@ from tokenizer import CodeTokenizer
 
 PAIRED = ("prompt", "chosen", "rejected")
 UNPAIRED = ("prompt", "completion", "label")
-# What a refused record's line ends with: the data option that skips and counts such records.
-SKIP_BAD_HINT = "(to skip such records and count them: --data-options '{\"skip_bad\": true}')"
 
 
 class OtherTaskRecord(DataError):
@@ -92,7 +91,7 @@ def read_preferences(sources: Sequence[str], unpaired: bool, cfg: DataConfig
                                       else raw, where, unpaired)
             except DataError as exc:
                 if not cfg.skip_bad:
-                    hint = "" if isinstance(exc, OtherTaskRecord) else f" {SKIP_BAD_HINT}"
+                    hint = "" if isinstance(exc, OtherTaskRecord) else f" ({SKIP_BAD})"
                     raise DataError(f"{exc}{hint}") from None
                 skipped += 1
                 continue

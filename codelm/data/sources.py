@@ -173,6 +173,10 @@ def _hub_files(source: str, snapshot: Path) -> list[Path]:
     return train or files
 
 
+# What a refused record's line ends with: the data option that skips and counts such records.
+SKIP_BAD = "to skip such records and count them: --data-options '{\"skip_bad\": true}'"
+
+
 def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]:
     """The code or pair records of a JSONL, parquet or datasets Arrow file, as documents."""
     rows = jsonl_lines(path) if is_jsonl(path) else table_rows(path, cfg)
@@ -182,8 +186,7 @@ def _read_records(path: Path, cfg: DataConfig, counts: Counter) -> Iterator[Doc]
             doc = _record_to_doc(record, cfg, f"{path.name}:{number}", where)
         except DataError as exc:
             if not cfg.skip_bad:
-                raise DataError(f"{exc} (to skip such records and count them: --data-options "
-                                "'{\"skip_bad\": true}', dataset.py's --skip-bad)") from None
+                raise DataError(f"{exc} ({SKIP_BAD}, dataset.py's --skip-bad)") from None
             counts["bad_jsonl_line" if is_jsonl(path) else "bad_record"] += 1
             continue
         yield doc

@@ -349,10 +349,10 @@ class Progress:
             quality = f"val pass@1 {metrics['val_pass@1']:.3f}"
         else:
             ppl = f" | ppl {metrics['val_ppl']:.2f}" if "val_ppl" in metrics else ""
-            margin = metrics.get("val_rewards/margins")  # a preference task's: its accuracy
-            acc_name = "acc" if margin is None else "reward_acc"  # is the implicit reward's
+            reward_margin = metrics.get("val_rewards/margins")  # a preference task's: its
+            acc_name = "acc" if reward_margin is None else "reward_acc"  # accuracy is the reward's
             acc = f" | {acc_name} {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
-            margin = f" | reward_margin {margin:.3f}" if margin is not None else ""
+            margin = "" if reward_margin is None else f" | reward_margin {reward_margin:.3f}"
             quality = f"val loss {metrics['val_loss']:.4f}{bpb}{ppl}{acc}{margin}"
         left = "" if last or state.step >= state.max_steps else f" | ETA {duration(eta)}"
         rate = ""  # none before this process trained a step
